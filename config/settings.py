@@ -1,0 +1,265 @@
+"""Load and validate the settings: defaults, then a site file, then the environment.
+
+The defaults live in ``config/defaults.toml``; every key must appear there.
+``VIDEOCONSULT_CONFIG_FILE`` may name a site TOML file that overrides some of
+them, and ``VIDEOCONSULT_<SECTION>_<KEY>`` (or ``VIDEOCONSULT_<KEY>`` for a
+top-level key) overrides both. The result is one frozen :class:`Settings`.
+
+Any problem raises :class:`SettingsError` with one line that names the
+setting, where the bad value came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import enum
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+ENV_PREFIX = "VIDEOCONSULT_"
+CONFIG_FILE_ENV = "VIDEOCONSULT_CONFIG_FILE"
+# Variables with the prefix that are not settings: they steer loading itself,
+# or belong to the test suite.
+RESERVED_ENV = frozenset({CONFIG_FILE_ENV})
+RESERVED_ENV_PREFIXES = ("VIDEOCONSULT_TEST_",)
+MASTER_KEY_BYTES = 32
+
+
+class SettingsError(ValueError):
+    """A setting is unknown, missing or has a value that is not allowed."""
+
+
+class Mode(enum.Enum):
+    # Plain HTTP on localhost, console logs, a generated master key allowed.
+    DEVELOPMENT = "development"
+    # JSON logs, a configured master key required.
+    PRODUCTION = "production"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    shutdown_timeout_s: float = Field(gt=0, le=300)
+
+
+class DatabaseSettings(_Section):
+    url: str
+    migrate_on_start: bool
+    connect_timeout_s: float = Field(gt=0, le=120)
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, url: str) -> str:
+        allowed = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+        if url and not url.startswith(allowed):
+            raise ValueError(
+                "must be empty (SQLite in data_dir) or start with "
+                "sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        return url
+
+
+class RedisSettings(_Section):
+    url: str
+    connect_timeout_s: float = Field(gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must be empty (no Redis) or start with redis://, rediss:// or unix://"
+            )
+        return url
+
+
+class SecuritySettings(_Section):
+    master_key: SecretStr
+
+    @field_validator("master_key")
+    @classmethod
+    def _thirty_two_bytes(cls, key: SecretStr) -> SecretStr:
+        raw = key.get_secret_value()
+        if raw and len(_decode_key(raw)) != MASTER_KEY_BYTES:
+            raise ValueError(f"must decode to exactly {MASTER_KEY_BYTES} bytes")
+        return key
+
+    def master_key_bytes(self) -> bytes | None:
+        """Return the configured master key, or None when none is set."""
+        raw = self.master_key.get_secret_value()
+        return _decode_key(raw) if raw else None
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"]
+    format: Literal["auto", "json", "console"]
+
+
+class Settings(_Section):
+    mode: Mode
+    data_dir: Path
+    server: ServerSettings
+    database: DatabaseSettings
+    redis: RedisSettings
+    security: SecuritySettings
+    logging: LoggingSettings
+
+    @model_validator(mode="after")
+    def _production_needs_master_key(self) -> Settings:
+        if self.mode is Mode.PRODUCTION and self.security.master_key_bytes() is None:
+            raise ValueError(
+                "production mode needs a master key: set security.master_key "
+                f"({ENV_PREFIX}SECURITY_MASTER_KEY) to {MASTER_KEY_BYTES} random bytes, "
+                "URL-safe base64"
+            )
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.mode is Mode.PRODUCTION
+
+    @property
+    def log_format(self) -> Literal["json", "console"]:
+        if self.logging.format == "auto":
+            return "json" if self.is_production else "console"
+        return self.logging.format
+
+
+def _decode_key(raw: str) -> bytes:
+    try:
+        return base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError("must be URL-safe base64") from err
+
+
+@dataclass(frozen=True)
+class _Value:
+    value: Any
+    source: str
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, defaults_file: Path = DEFAULTS_FILE
+) -> Settings:
+    """Build the settings from the defaults file, a site file and ``environ``.
+
+    ``environ`` defaults to ``os.environ``. Raises :class:`SettingsError`.
+    """
+    env = os.environ if environ is None else environ
+    defaults = _read_toml(defaults_file)
+    values = _flatten(defaults, source=str(defaults_file))
+    known = set(values)
+
+    site_file = env.get(CONFIG_FILE_ENV, "")
+    if site_file:
+        site = _flatten(_read_toml(Path(site_file)), source=site_file)
+        for key, value in site.items():
+            if key not in known:
+                raise SettingsError(f"unknown setting {key!r} in {site_file}{_suggest(key, known)}")
+            values[key] = value
+
+    env_names = env_var_names(known)
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or _reserved(name):
+            continue
+        setting = env_names.get(name)
+        if setting is None:
+            hint = _suggest(name, env_names)
+            raise SettingsError(f"unknown environment variable {name}{hint}")
+        values[setting] = _Value(raw, f"environment variable {name}")
+
+    try:
+        return Settings.model_validate(_nest({k: v.value for k, v in values.items()}))
+    except ValidationError as err:
+        raise SettingsError(_describe(err, values)) from None
+
+
+def env_var_names(keys: set[str] | None = None) -> dict[str, str]:
+    """Map each ``VIDEOCONSULT_*`` variable name to its dotted setting key."""
+    if keys is None:
+        keys = set(_flatten(_read_toml(DEFAULTS_FILE), source=""))
+    return {ENV_PREFIX + key.replace(".", "_").upper(): key for key in sorted(keys)}
+
+
+def _reserved(name: str) -> bool:
+    return name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as err:
+        raise SettingsError(f"cannot read settings file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(f"settings file {path} is not valid TOML: {err}") from None
+
+
+def _flatten(table: Mapping[str, Any], *, source: str, prefix: str = "") -> dict[str, _Value]:
+    flat: dict[str, _Value] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, source=source, prefix=f"{dotted}."))
+        else:
+            flat[dotted] = _Value(value, source)
+    return flat
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *sections, leaf = dotted.split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[leaf] = value
+    return nested
+
+
+def _suggest(name: str, candidates: Mapping[str, Any] | set[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _hide_password(value: Any) -> Any:
+    """Mask the password of a URL such as ``postgresql+asyncpg://user:pw@host/db``."""
+    if isinstance(value, str):
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
+    return value
+
+
+def _describe(err: ValidationError, values: Mapping[str, _Value]) -> str:
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:
+        # A whole-model rule (production needs a key) names its settings itself.
+        return f"invalid settings: {message}"
+    if loc not in values:
+        return f"invalid setting {loc}: {message} (missing from {DEFAULTS_FILE.name}?)"
+    origin = values[loc]
+    shown = "(hidden)" if "key" in loc else repr(_hide_password(origin.value))
+    return f"invalid setting {loc} = {shown} from {origin.source}: {message}"

@@ -1,0 +1,151 @@
+"""Shared fixtures: settings on a temporary data directory, real PostgreSQL and Redis.
+
+A test that needs PostgreSQL or Redis skips with the reason when the server
+cannot be reached, except under ``CI=true``, where it fails: CI never passes
+on skipped real-service tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from sqlalchemy.engine import make_url
+
+from config import Settings, load_settings
+
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+POSTGRES_ADMIN_URL = os.environ.get(
+    "VIDEOCONSULT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("VIDEOCONSULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+SettingsFactory = Callable[..., Settings]
+
+_reachability: dict[str, str | None] = {}
+
+
+def service_unavailable(service: str, reason: str) -> NoReturn:
+    """Skip the test, or under CI=true fail it, because ``service`` is missing."""
+    if IN_CI:
+        pytest.fail(f"{service} is required when CI=true, but {reason}", pytrace=False)
+    pytest.skip(f"{service} not reachable ({reason}); start it to run this test")
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _postgres_problem() -> str | None:
+    if "postgres" not in _reachability:
+        try:
+            connection = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=3)
+            await connection.close()
+            _reachability["postgres"] = None
+        except (OSError, asyncpg.PostgresError, TimeoutError) as err:
+            _reachability["postgres"] = f"{POSTGRES_ADMIN_URL}: {type(err).__name__}: {err}"
+    return _reachability["postgres"]
+
+
+async def _redis_problem() -> str | None:
+    if "redis" not in _reachability:
+        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        try:
+            await client.ping()
+            _reachability["redis"] = None
+        except (OSError, aioredis.RedisError) as err:
+            _reachability["redis"] = f"{REDIS_URL}: {type(err).__name__}: {err}"
+        finally:
+            await client.aclose()
+    return _reachability["redis"]
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for this test; dropped afterwards."""
+    problem = await _postgres_problem()
+    if problem:
+        service_unavailable("PostgreSQL", problem)
+    name = f"vc_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    """The URL of the real Redis server (a database number of its own for tests)."""
+    problem = await _redis_problem()
+    if problem:
+        service_unavailable("Redis", problem)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each database test runs twice: on SQLite (empty URL) and on PostgreSQL."""
+    if request.param == "sqlite":
+        return ""
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def make_settings(data_dir: Path) -> SettingsFactory:
+    """Build settings from the real defaults, with a temporary data directory.
+
+    Keyword arguments are settings by their environment name without the
+    prefix: ``make_settings(database_url=..., redis_url=...)``.
+    """
+
+    def _make(**overrides: Any) -> Settings:
+        environ = {"VIDEOCONSULT_DATA_DIR": str(data_dir)}
+        for name, value in overrides.items():
+            environ[f"VIDEOCONSULT_{name.upper()}"] = str(value)
+        return load_settings(environ)
+
+    return _make
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """Undo any logging set-up a test made, so tests cannot leak into each other."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").disabled = False

@@ -1,0 +1,182 @@
+"""Settings: defaults from TOML, a site file, environment overrides, one clear error."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from config import Mode, Settings, SettingsError, env_var_names, load_settings
+from config.settings import DEFAULTS_FILE
+
+GOOD_KEY = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def load_error(environ: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    message = str(caught.value)
+    assert "\n" not in message, "a settings error is one line"
+    return message
+
+
+def test_defaults_file_gives_a_development_server_on_loopback() -> None:
+    settings = load_settings({})
+    assert settings.mode is Mode.DEVELOPMENT
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8080
+    assert settings.database.url == ""
+    assert settings.redis.url == ""
+    assert settings.log_format == "console"
+
+
+def test_environment_variables_override_defaults_with_types_converted() -> None:
+    settings = load_settings(
+        {
+            "VIDEOCONSULT_SERVER_PORT": "9000",
+            "VIDEOCONSULT_DATABASE_MIGRATE_ON_START": "false",
+            "VIDEOCONSULT_DATA_DIR": "/srv/vc",
+            "VIDEOCONSULT_DATABASE_URL": "postgresql+asyncpg://vc@db:5432/vc",
+        }
+    )
+    assert settings.server.port == 9000
+    assert settings.database.migrate_on_start is False
+    assert settings.data_dir == Path("/srv/vc")
+    assert settings.database.url.startswith("postgresql+asyncpg://")
+
+
+def test_site_file_overrides_defaults_and_environment_overrides_site_file(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('[server]\nport = 8181\nhost = "127.0.0.2"\n[logging]\nlevel = "debug"\n')
+    settings = load_settings(
+        {"VIDEOCONSULT_CONFIG_FILE": str(site), "VIDEOCONSULT_SERVER_PORT": "8282"}
+    )
+    assert settings.server.host == "127.0.0.2"
+    assert settings.logging.level == "debug"
+    assert settings.server.port == 8282
+
+
+def test_unknown_environment_variable_is_refused_with_a_suggestion() -> None:
+    message = load_error({"VIDEOCONSULT_SERVER_PROT": "9000"})
+    assert "unknown environment variable VIDEOCONSULT_SERVER_PROT" in message
+    assert "did you mean VIDEOCONSULT_SERVER_PORT?" in message
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    settings = load_settings({"HOME": "/root", "VIDEOCONSULT_TEST_POSTGRES_URL": "x"})
+    assert settings.server.port == 8080
+
+
+def test_unknown_key_in_site_file_is_refused(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text("[server]\nprot = 1\n")
+    message = load_error({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+    assert f"unknown setting 'server.prot' in {site}" in message
+    assert "server.port" in message
+
+
+def test_site_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text("[server\nport = 1\n")
+    assert f"settings file {site} is not valid TOML" in load_error(
+        {"VIDEOCONSULT_CONFIG_FILE": str(site)}
+    )
+
+
+def test_missing_site_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    assert f"cannot read settings file {missing}" in load_error(
+        {"VIDEOCONSULT_CONFIG_FILE": str(missing)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("VIDEOCONSULT_SERVER_PORT", "70000", "less than or equal to 65535"),
+        ("VIDEOCONSULT_SERVER_PORT", "0", "greater than or equal to 1"),
+        ("VIDEOCONSULT_SERVER_PORT", "eighty", "valid integer"),
+        ("VIDEOCONSULT_MODE", "prod", "'development' or 'production'"),
+        ("VIDEOCONSULT_DATABASE_MIGRATE_ON_START", "maybe", "valid boolean"),
+        ("VIDEOCONSULT_DATABASE_CONNECT_TIMEOUT_S", "-1", "greater than 0"),
+        ("VIDEOCONSULT_LOGGING_LEVEL", "loud", "'debug', 'info', 'warning' or 'error'"),
+        ("VIDEOCONSULT_DATABASE_URL", "mysql://db/vc", "postgresql+asyncpg://"),
+        ("VIDEOCONSULT_REDIS_URL", "http://cache", "redis://"),
+    ],
+)
+def test_bad_value_names_the_setting_its_source_and_what_is_allowed(
+    variable: str, value: str, expected: str
+) -> None:
+    message = load_error({variable: value})
+    dotted = env_var_names()[variable]
+    assert message.startswith(f"invalid setting {dotted} = ")
+    assert f"from environment variable {variable}" in message
+    assert expected in message
+
+
+def test_wrong_type_in_site_file_names_the_file(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('[server]\nport = "many"\n')
+    message = load_error({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+    assert f"invalid setting server.port = 'many' from {site}" in message
+
+
+def test_production_mode_without_master_key_is_refused() -> None:
+    message = load_error({"VIDEOCONSULT_MODE": "production"})
+    assert "production mode needs a master key" in message
+    assert "VIDEOCONSULT_SECURITY_MASTER_KEY" in message
+
+
+def test_production_mode_with_master_key_logs_json() -> None:
+    settings = load_settings(
+        {"VIDEOCONSULT_MODE": "production", "VIDEOCONSULT_SECURITY_MASTER_KEY": GOOD_KEY}
+    )
+    assert settings.is_production
+    assert settings.security.master_key_bytes() == base64.urlsafe_b64decode(GOOD_KEY)
+    assert settings.log_format == "json"
+
+
+@pytest.mark.parametrize("bad_key", ["c2hvcnQ", "not base64 at all!", GOOD_KEY + "AAAA"])
+def test_master_key_of_wrong_size_is_refused_and_never_shown(bad_key: str) -> None:
+    message = load_error({"VIDEOCONSULT_SECURITY_MASTER_KEY": bad_key})
+    assert "security.master_key" in message
+    assert bad_key not in message
+    assert "(hidden)" in message
+
+
+def test_master_key_never_appears_in_the_settings_repr() -> None:
+    settings = load_settings({"VIDEOCONSULT_SECURITY_MASTER_KEY": GOOD_KEY})
+    assert GOOD_KEY not in repr(settings)
+    assert GOOD_KEY not in str(settings)
+
+
+def test_database_password_is_masked_in_errors() -> None:
+    message = load_error({"VIDEOCONSULT_DATABASE_URL": "mysql://vc:s3cretpw@db/vc"})
+    assert "s3cretpw" not in message
+    assert "vc:***@db" in message
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(pydantic.ValidationError):
+        settings.server.port = 1  # type: ignore[misc]
+
+
+def test_every_setting_has_its_own_environment_name_and_a_default() -> None:
+    names = env_var_names()
+    assert len(set(names.values())) == len(names)
+    assert "VIDEOCONSULT_DATABASE_URL" in names
+    assert "VIDEOCONSULT_MODE" in names
+    # Every field of the model is in the defaults file: nothing has a hidden default.
+    assert isinstance(load_settings({}, defaults_file=DEFAULTS_FILE), Settings)
+
+
+def test_defaults_file_missing_a_key_is_refused(tmp_path: Path) -> None:
+    trimmed = tmp_path / "defaults.toml"
+    text = DEFAULTS_FILE.read_text().replace("port = 8080\n", "")
+    trimmed.write_text(text)
+    with pytest.raises(SettingsError, match=r"server\.port.*Field required"):
+        load_settings({}, defaults_file=trimmed)
