@@ -1,0 +1,83 @@
+"""The database engine: SQLite by default, PostgreSQL when configured.
+
+Both run SQLAlchemy's asyncio engine. On SQLite the driver is told to leave
+transactions to SQLAlchemy, so that schema changes are transactional there
+too: a failed migration leaves no half-created schema on either backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from audit.errors import DatabaseUnavailable
+from config import Settings
+
+SQLITE_FILE_NAME = "videoconsult.db"
+
+
+def database_url(settings: Settings, data_dir: Path) -> URL:
+    """Return the configured URL, or the SQLite file in ``data_dir``."""
+    if settings.database.url:
+        return make_url(settings.database.url)
+    return make_url(f"sqlite+aiosqlite:///{data_dir / SQLITE_FILE_NAME}")
+
+
+def describe_url(url: URL) -> str:
+    """Render ``url`` for a message: no password, no driver noise."""
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+
+
+def create_engine(url: URL, *, connect_timeout_s: float) -> AsyncEngine:
+    """Create the async engine for ``url`` (nothing is connected yet)."""
+    # asyncpg: how long to wait for the connection; sqlite3: for a lock.
+    connect_args: dict[str, Any] = {"timeout": connect_timeout_s}
+    engine = create_async_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    if url.get_backend_name() == "sqlite":
+        _make_sqlite_transactional(engine)
+    return engine
+
+
+def _make_sqlite_transactional(engine: AsyncEngine) -> None:
+    # The recipe from SQLAlchemy's SQLite dialect notes: pysqlite's own
+    # transaction handling skips DDL, so it is switched off and SQLAlchemy
+    # emits BEGIN itself.
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+async def check_connection(engine: AsyncEngine, *, timeout_s: float) -> None:
+    """Run ``SELECT 1``; raise :class:`DatabaseUnavailable` naming the cause."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+    except TimeoutError:
+        reason = f"no answer within {timeout_s:g} s"
+    except (OSError, sa.exc.SQLAlchemyError) as err:
+        reason = _cause(err)
+    else:
+        return
+    raise DatabaseUnavailable(
+        f"cannot reach the database at {describe_url(engine.url)}: {reason}", reason=reason
+    )
+
+
+def _cause(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip().splitlines()
+    first = text[0] if text else type(orig).__name__
+    return first[:300]

@@ -1,0 +1,48 @@
+"""The architecture's rules, checked on the source: dependencies point one way."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("config", "audit", "signaling", "server")
+# server → signaling → audit → config; server may also use audit directly.
+ALLOWED = {
+    "config": set(),
+    "audit": {"config"},
+    "signaling": {"audit", "config"},
+    "server": {"signaling", "audit", "config"},
+}
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_only_the_layers_below_it(package: str) -> None:
+    assert modules_of(package), f"{package}/ has no modules"
+    for module in modules_of(package):
+        ours = imported_top_levels(module) & set(PACKAGES) - {package}
+        forbidden = ours - ALLOWED[package]
+        assert not forbidden, f"{module.relative_to(ROOT)} imports {sorted(forbidden)}"
+
+
+@pytest.mark.parametrize("package", ["config", "audit"])
+def test_lower_layers_import_no_web_framework(package: str) -> None:
+    for module in modules_of(package):
+        assert "aiohttp" not in imported_top_levels(module), module.relative_to(ROOT)
