@@ -1,0 +1,25 @@
+"""Typed keys for everything the application object holds.
+
+Declared in one place so that every module agrees on the type behind a key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.keys import MasterKey
+from config import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+# The absolute data directory, checked and created at start-up.
+DATA_DIR = web.AppKey("data_dir", Path)
+MASTER_KEY = web.AppKey("master_key", MasterKey)
+DB_ENGINE = web.AppKey("db_engine", AsyncEngine)
+# None when no Redis is configured (one node, everything in-process).
+REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
+# Every open WebSocket, so that shutdown can close them with 1001.
+WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")

@@ -1,0 +1,65 @@
+"""The ``videoconsult`` command line.
+
+Each command lives in its own module in this package and is listed in
+``COMMANDS``; later commands (``user``, ``audit``, ``retention``,
+``recording``) are added the same way. Every failure ends with one line on
+stderr and a non-zero exit code, never a traceback:
+
+- 2: bad usage or bad settings (argparse's own messages, SettingsError);
+- 1: the command could not do its work (database unreachable, port in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from audit import AuditError
+from config import SettingsError, load_settings
+from server.cli import db, serve
+from server.cli.base import CliError, CommandModule
+from server.process_log import configure_process_logging
+
+COMMANDS: tuple[CommandModule, ...] = (serve, db)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser with every registered command."""
+    parser = argparse.ArgumentParser(
+        prog="videoconsult",
+        description=(
+            "Privacy-first signaling server for medical video consultations. "
+            "Settings come from config/defaults.toml, the file named by "
+            "VIDEOCONSULT_CONFIG_FILE, and VIDEOCONSULT_* environment variables."
+        ),
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        return _fail(str(err), EXIT_USAGE)
+    configure_process_logging(level=settings.logging.level, log_format=settings.log_format)
+    try:
+        code: int = args.run(settings, args)
+    except (CliError, AuditError) as err:
+        return _fail(str(err), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    return code
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"videoconsult: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,52 @@
+"""``videoconsult db``: the database schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from audit import current_revision, describe_url, head_revision, open_database, prepare_data_dir
+from config import Settings
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "db",
+        help="manage the database schema",
+        description="Manage the database schema (SQLite in the data directory by default).",
+    )
+    commands = parser.add_subparsers(title="db commands", metavar="DB_COMMAND", required=True)
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="apply every pending migration (all or nothing)",
+        description="Apply every pending migration in one transaction.",
+    )
+    upgrade.set_defaults(run=run_upgrade)
+    current = commands.add_parser(
+        "current",
+        help="show the schema revision of the database",
+        description="Show the database's schema revision and the newest one this code knows.",
+    )
+    current.set_defaults(run=run_current)
+
+
+def run_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    return asyncio.run(_report(settings, migrate=True))
+
+
+def run_current(settings: Settings, _args: argparse.Namespace) -> int:
+    return asyncio.run(_report(settings, migrate=False))
+
+
+async def _report(settings: Settings, *, migrate: bool) -> int:
+    data_dir = prepare_data_dir(settings.data_dir)
+    engine = await open_database(settings, data_dir, migrate=migrate)
+    try:
+        revision = await current_revision(engine)
+    finally:
+        await engine.dispose()
+    head = head_revision()
+    where = describe_url(engine.url)
+    state = "up to date" if revision == head else f"behind, newest is {head}"
+    print(f"database {where}: revision {revision or 'none'} ({state})")
+    return 0

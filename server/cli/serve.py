@@ -1,0 +1,81 @@
+"""``videoconsult serve``: run the server until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from aiohttp import web
+
+from config import Settings
+from server.access_log import RouteAccessLogger
+from server.app import create_app
+from server.cli.base import CliError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the server (applies database migrations first)",
+        description="Run the server. Pending database migrations are applied at start.",
+    )
+    parser.add_argument("--host", type=_host, help="address to listen on (setting server.host)")
+    parser.add_argument("--port", type=_port, help="port to listen on (setting server.port)")
+    parser.set_defaults(run=run)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not between 1 and 65535")
+    return port
+
+
+def _host(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the host must not be empty")
+    return text.strip()
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    server = settings.server.model_copy(
+        update={
+            "host": args.host or settings.server.host,
+            "port": args.port or settings.server.port,
+        }
+    )
+    settings = settings.model_copy(update={"server": server})
+    url_host = f"[{server.host}]" if ":" in server.host else server.host
+    url = f"http://{url_host}:{server.port}/"
+    try:
+        web.run_app(
+            create_app(settings),
+            host=server.host,
+            port=server.port,
+            access_log_class=RouteAccessLogger,
+            shutdown_timeout=server.shutdown_timeout_s,
+            print=lambda _banner: _announce(url),
+        )
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"port {server.port} on {server.host} is already in use: stop the other "
+                "server or choose another port with --port"
+            ) from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise CliError(f"cannot listen on {server.host}: no such local address") from None
+        if err.errno == errno.EACCES:
+            raise CliError(
+                f"not allowed to listen on port {server.port}: pick one above 1023"
+            ) from None
+        raise CliError(f"cannot listen on {server.host}:{server.port}: {err.strerror}") from None
+    return 0
+
+
+def _announce(url: str) -> None:
+    # Plain stdout, not the log: this line is for the person at the terminal.
+    print(f"videoconsult is running: open {url} (Ctrl+C stops it)", flush=True, file=sys.stdout)

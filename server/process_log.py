@@ -1,0 +1,183 @@
+"""Process logs: structlog to stdout, with personal data taken out.
+
+Process logs are read by whoever runs the server, kept by whatever collects
+stdout, and never expire. So they carry no personal data at all: values under
+sensitive keys are dropped, and IP addresses, e-mail addresses, tokens and
+one-time codes are masked wherever else they turn up, including in messages
+and tracebacks from other libraries. Personal diagnostics belong in the
+24-hour technical log instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[redacted]"
+
+# A key is sensitive when any of its underscore-separated parts is one of
+# these (``client_ip``, ``patient_name``, ``invite_token``, ``user_agent``).
+SENSITIVE_KEY_PARTS = frozenset(
+    {
+        "addr",
+        "address",
+        "agent",
+        "authorization",
+        "candidate",
+        "cookie",
+        "email",
+        "ip",
+        "mail",
+        "name",
+        "otp",
+        "passwd",
+        "password",
+        "peername",
+        "phone",
+        "sdp",
+        "secret",
+        "ticket",
+        "token",
+        "totp",
+    }
+)
+# Whole keys that are sensitive though their parts are ordinary words.
+SENSITIVE_KEYS = frozenset({"code", "remote", "host_ip", "x_forwarded_for", "forwarded"})
+# Keys structlog and logging fill in themselves.
+FRAMEWORK_KEYS = frozenset({"event", "level", "timestamp", "logger", "exception"})
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+# Candidates only; ipaddress decides (so "15:36:44" stays a time of day).
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+# Invite tokens, session ids, tickets: long runs of URL-safe characters that
+# mix letters and digits. Pseudonymous UUIDs are allowed and kept.
+_TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}(?![\w-])")
+# One-time codes are 6 to 8 digits standing alone.
+_CODE = re.compile(r"(?<![\w.:-])\d{6,8}(?![\w.:-])")
+
+
+def mask_text(text: str) -> str:
+    """Return ``text`` with IP and e-mail addresses, tokens and codes masked."""
+    text = _EMAIL.sub("[email]", text)
+    text = _IPV4.sub(_mask_ip, text)
+    text = _IPV6.sub(_mask_ip, text)
+    text = _TOKEN.sub(_mask_token, text)
+    return _CODE.sub("[code]", text)
+
+
+def _mask_ip(match: re.Match[str]) -> str:
+    candidate = match.group(0)
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        return candidate
+    # The server's own loopback and wildcard addresses say nothing about anyone.
+    if address.is_loopback or address.is_unspecified:
+        return candidate
+    return "[ip]"
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    candidate = match.group(0)
+    return candidate if _UUID.fullmatch(candidate) else "[token]"
+
+
+def is_sensitive_key(key: str) -> bool:
+    """Say whether a value logged under ``key`` is personal data by its name."""
+    lowered = key.lower().replace("-", "_")
+    if lowered in FRAMEWORK_KEYS:
+        return False
+    return lowered in SENSITIVE_KEYS or any(
+        part in SENSITIVE_KEY_PARTS for part in lowered.split("_")
+    )
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if is_sensitive_key(str(key)) else _scrub(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(item) for item in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    # Anything else (an exception, a request, a URL object) is logged by its
+    # text, so mask that text.
+    return mask_text(str(value))
+
+
+def redact_personal_data(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: drop sensitive keys, mask personal data in the rest."""
+    for key in list(event_dict):
+        if key.startswith("_"):
+            continue  # structlog's own bookkeeping (the stdlib record)
+        if is_sensitive_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+def configure_process_logging(
+    *,
+    level: str,
+    log_format: Literal["json", "console"],
+    stream: TextIO | None = None,
+) -> None:
+    """Send structlog and stdlib logging through one redacting chain to ``stream``.
+
+    ``stream`` defaults to stdout. Call once at start-up (the CLI does).
+    """
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=bool(getattr(stream or sys.stdout, "isatty", lambda: False)()),
+            exception_formatter=structlog.dev.plain_traceback,
+        )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # Tracebacks become text first, so that the redaction sees them.
+            structlog.processors.format_exc_info,
+            redact_personal_data,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log prints client addresses and full paths (with
+    # invite tokens); server.access_log replaces it.
+    logging.getLogger("aiohttp.access").disabled = True
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,36 @@
+"""Open WebSockets the application knows about, so shutdown can close them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import WSCloseCode, web
+
+from server.app_keys import WEBSOCKETS
+
+
+@asynccontextmanager
+async def tracked_websocket(
+    request: web.Request, *, max_msg_size: int = 64 * 1024, heartbeat_s: float | None = 20.0
+) -> AsyncIterator[web.WebSocketResponse]:
+    """Accept a WebSocket and keep it in the app's set until the block ends."""
+    websocket = web.WebSocketResponse(max_msg_size=max_msg_size, heartbeat=heartbeat_s)
+    await websocket.prepare(request)
+    sockets = request.app[WEBSOCKETS]
+    sockets.add(websocket)
+    try:
+        yield websocket
+    finally:
+        sockets.discard(websocket)
+
+
+async def close_websockets(app: web.Application) -> None:
+    """on_shutdown hook: close every open WebSocket with 1001 (going away)."""
+    sockets = app[WEBSOCKETS]
+    open_sockets = list(sockets)
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in open_sockets),
+        return_exceptions=True,
+    )

@@ -1,0 +1,191 @@
+"""The command line, run as a user runs it: as a separate process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+EXECUTABLE = shutil.which("videoconsult", path=str(Path(sys.executable).parent))
+
+
+def cli_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOCONSULT_")}
+    environ["VIDEOCONSULT_DATA_DIR"] = str(data_dir)
+    for name, value in settings.items():
+        environ[f"VIDEOCONSULT_{name.upper()}"] = value
+    return environ
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    assert EXECUTABLE, "the videoconsult console script is not installed next to this Python"
+    return subprocess.run(
+        [EXECUTABLE, *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_help_lists_every_command(data_dir: Path) -> None:
+    result = run_cli("--help", env=cli_env(data_dir))
+    assert result.returncode == 0
+    for command in ("serve", "db"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["serve", "--help"], "--port"),
+        (["db", "--help"], "upgrade"),
+        (["db", "upgrade", "--help"], "one transaction"),
+        (["db", "current", "--help"], "revision"),
+    ],
+)
+def test_every_command_has_help(data_dir: Path, args: list[str], expected: str) -> None:
+    result = run_cli(*args, env=cli_env(data_dir))
+    assert result.returncode == 0
+    assert expected in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+        (["serve", "--port", "99999"], "99999 is not between 1 and 65535"),
+        (["serve", "--port", "http"], "'http' is not a port number"),
+        (["fly"], "invalid choice: 'fly'"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_usage_ends_with_one_message_and_exit_2(
+    data_dir: Path, args: list[str], expected: str
+) -> None:
+    result = run_cli(*args, env=cli_env(data_dir))
+    assert result.returncode == 2
+    assert_one_clear_error(result, expected)
+
+
+def test_bad_setting_ends_with_one_line_naming_it(data_dir: Path) -> None:
+    result = run_cli("db", "upgrade", env=cli_env(data_dir, server_port="seventy"))
+    assert result.returncode == 2
+    assert_one_clear_error(result, "server.port", "VIDEOCONSULT_SERVER_PORT", "valid integer")
+
+
+def test_production_without_master_key_refuses_to_start(data_dir: Path) -> None:
+    result = run_cli("serve", env=cli_env(data_dir, mode="production"))
+    assert result.returncode == 2
+    assert_one_clear_error(result, "production mode needs a master key")
+    assert not data_dir.exists()
+
+
+def test_db_upgrade_then_current_report_the_newest_revision(
+    data_dir: Path, database_url: str
+) -> None:
+    env = cli_env(data_dir, database_url=database_url)
+    upgrade = run_cli("db", "upgrade", env=env)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "revision 0001 (up to date)" in upgrade.stdout
+    current = run_cli("db", "current", env=env)
+    assert current.returncode == 0
+    assert "revision 0001 (up to date)" in current.stdout
+
+
+def test_unreachable_database_fails_cleanly_and_creates_nothing(
+    data_dir: Path, free_port: int
+) -> None:
+    url = f"postgresql+asyncpg://vc:hidden-pw@127.0.0.1:{free_port}/vc"
+    result = run_cli("db", "upgrade", env=cli_env(data_dir, database_url=url))
+    assert result.returncode == 1
+    assert_one_clear_error(result, "cannot reach the database", str(free_port))
+    assert "hidden-pw" not in result.stderr
+    assert [p.name for p in data_dir.iterdir()] == []
+
+
+def test_data_directory_that_cannot_be_created_fails_cleanly(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli("db", "upgrade", env=cli_env(blocker / "data"))
+    assert result.returncode == 1
+    assert_one_clear_error(result, "cannot create data directory", str(blocker / "data"))
+
+
+def test_data_directory_that_is_a_file_fails_cleanly(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli("serve", env=cli_env(blocker))
+    assert result.returncode == 1
+    assert_one_clear_error(result, "exists but is not a directory")
+
+
+def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    process.kill()
+    pytest.fail(f"{needle!r} not printed within {timeout_s} s; output: {''.join(seen)}")
+
+
+def test_serve_answers_healthz_within_seconds_and_stops_on_sigterm(
+    data_dir: Path, free_port: int
+) -> None:
+    assert EXECUTABLE
+    started = time.monotonic()
+    with subprocess.Popen(
+        [EXECUTABLE, "serve", "--port", str(free_port)],
+        env=cli_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            output = wait_for_line(process, "videoconsult is running", timeout_s=20)
+            assert f"open http://127.0.0.1:{free_port}/" in output
+            assert "DEVELOPMENT MASTER KEY" in output
+            url = f"http://127.0.0.1:{free_port}/healthz"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                assert answer.status == 200
+            assert time.monotonic() - started < 15
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.stdout is not None
+        rest = process.stdout.read()
+    assert "Traceback" not in output + rest
+    assert "route=/healthz" in rest
+
+
+def test_serve_on_a_port_in_use_fails_cleanly(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), env=cli_env(data_dir))
+    assert result.returncode == 1
+    assert_one_clear_error(result, f"port {port} on 127.0.0.1 is already in use")

@@ -1,0 +1,167 @@
+"""Process logs carry no personal data, whoever logs it and however."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from server.access_log import RouteAccessLogger
+from server.process_log import configure_process_logging, is_sensitive_key, mask_text
+
+
+@pytest.fixture
+def json_log() -> io.StringIO:
+    stream = io.StringIO()
+    configure_process_logging(level="debug", log_format="json", stream=stream)
+    return stream
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line]
+
+
+@pytest.mark.parametrize(
+    ("text", "personal", "mask"),
+    [
+        ("login failed for anna.de.vries+x@example.nl", "anna.de.vries+x@example.nl", "[email]"),
+        ("peer 203.0.113.7 connected", "203.0.113.7", "[ip]"),
+        ("peer 2001:db8::42 connected", "2001:db8::42", "[ip]"),
+        ("via [fe80::1ff:fe23:4567:890a]:5000", "fe80::1ff:fe23:4567:890a", "[ip]"),
+        ("GET /invite/q3Zt8Vb1pR-Y7mK2xN0wLs9e?x", "q3Zt8Vb1pR-Y7mK2xN0wLs9e", "[token]"),
+        ("code 492817 was refused", "492817", "[code]"),
+    ],
+)
+def test_personal_data_in_text_is_masked(text: str, personal: str, mask: str) -> None:
+    masked = mask_text(text)
+    assert personal not in masked
+    assert mask in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "listening on 127.0.0.1 and ::1 and 0.0.0.0",
+        "consult 123e4567-e89b-12d3-a456-426614174000 ended",
+        "started at 15:36:44 after 120 ms on port 8080",
+        "status 404 for route /consults/{consult_id}",
+    ],
+)
+def test_ordinary_operational_text_is_left_alone(text: str) -> None:
+    assert mask_text(text) == text
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "ip",
+        "client_ip",
+        "email",
+        "patient_name",
+        "display_name",
+        "invite_token",
+        "totp_code",
+        "code",
+        "user_agent",
+        "password",
+        "sdp",
+        "remote",
+    ],
+)
+def test_sensitive_keys_are_recognised(key: str) -> None:
+    assert is_sensitive_key(key)
+
+
+@pytest.mark.parametrize("key", ["status_code", "close_code", "consult_id", "route", "event"])
+def test_operational_keys_are_not_sensitive(key: str) -> None:
+    assert not is_sensitive_key(key)
+
+
+def test_structlog_call_site_values_are_dropped_or_masked(json_log: io.StringIO) -> None:
+    structlog.get_logger("t").warning(
+        "login failed",
+        email="anna@example.nl",
+        client_ip="203.0.113.7",
+        totp_code=123456,
+        status_code=401,
+        detail={"remote": "198.51.100.1", "note": "from 198.51.100.2"},
+        tried=["a@b.nl", 3],
+    )
+    [entry] = lines(json_log)
+    text = json.dumps(entry)
+    for personal in ("anna@example.nl", "203.0.113.7", "123456", "198.51.100", "a@b.nl"):
+        assert personal not in text
+    assert entry["email"] == "[redacted]"
+    assert entry["totp_code"] == "[redacted]"
+    assert entry["status_code"] == 401
+    assert entry["detail"] == {"remote": "[redacted]", "note": "from [ip]"}
+
+
+def test_stdlib_records_from_other_libraries_are_masked_too(json_log: io.StringIO) -> None:
+    logging.getLogger("aiohttp.server").error("Error handling request from %s", "203.0.113.9")
+    [entry] = lines(json_log)
+    assert entry["event"] == "Error handling request from [ip]"
+    assert entry["logger"] == "aiohttp.server"
+
+
+def test_tracebacks_are_masked(json_log: io.StringIO) -> None:
+    try:
+        raise ConnectionError("no route to 203.0.113.11 for bob@example.org")
+    except ConnectionError:
+        structlog.get_logger("t").exception("relay failed")
+    [entry] = lines(json_log)
+    assert "ConnectionError" in str(entry["exception"])
+    assert "203.0.113.11" not in str(entry["exception"])
+    assert "bob@example.org" not in str(entry["exception"])
+
+
+def test_console_format_is_masked_as_well() -> None:
+    stream = io.StringIO()
+    configure_process_logging(level="info", log_format="console", stream=stream)
+    structlog.get_logger("t").info("hello 203.0.113.7", email="x@y.nl")
+    output = stream.getvalue()
+    assert "hello [ip]" in output
+    assert "x@y.nl" not in output
+    assert not output.lstrip().startswith("{")
+
+
+def test_level_setting_filters_lower_levels() -> None:
+    stream = io.StringIO()
+    configure_process_logging(level="warning", log_format="json", stream=stream)
+    structlog.get_logger("t").info("quiet")
+    structlog.get_logger("t").warning("loud")
+    assert [entry["event"] for entry in lines(stream)] == ["loud"]
+
+
+async def test_access_log_names_the_route_template_never_the_path_or_address(
+    json_log: io.StringIO, aiohttp_client
+) -> None:
+    async def join(_request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/invite/{token}", join)
+    server = TestServer(app)
+    await server.start_server(access_log_class=RouteAccessLogger)
+    client = await aiohttp_client(server)
+    token = "q3Zt8Vb1pR-Y7mK2xN0wLs9eUa"
+    response = await client.get(f"/invite/{token}?lang=nl", headers={"User-Agent": "Phone/1.0"})
+    assert response.status == 200
+    missing = await client.get("/no/such/path")
+    assert missing.status == 404
+
+    access = [entry for entry in lines(json_log) if entry["logger"] == "videoconsult.access"]
+    assert [(e["route"], e["status"]) for e in access] == [
+        ("/invite/{token}", 200),
+        ("(no route)", 404),
+    ]
+    text = json_log.getvalue()
+    assert token not in text
+    assert "127.0.0.1" not in text
+    assert "Phone/1.0" not in text
+    assert "/no/such/path" not in text
