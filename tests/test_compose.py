@@ -1,0 +1,344 @@
+"""docker-compose.yml, the Dockerfile and coturn's config fit together and fit the settings.
+
+No Docker engine runs where the tests run, so these tests read the files and
+check their structure: the four services and how they wait for each other,
+that the server's environment names real settings and passes validation, and
+that the image, the volume and the published port agree on paths and ports.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from config import Mode, env_var_names, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+# Compose interpolation: ${NAME}, ${NAME:?message}, ${NAME:-default}, ...;
+# "$$" is a literal dollar sign.
+INTERPOLATION = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+)
+# What an operator would put in .env; the master key is a valid 32-byte key.
+PLACEHOLDERS = {
+    "POSTGRES_PASSWORD": "placeholder-password",
+    "MASTER_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode(),
+    "TURN_SECRET": "placeholder-turn-secret",
+}
+
+
+def load_compose() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    return compose
+
+
+def service(name: str) -> dict[str, Any]:
+    services: dict[str, dict[str, Any]] = load_compose()["services"]
+    return services[name]
+
+
+def environment(name: str) -> dict[str, str]:
+    """A service's environment as a mapping, whichever of the two forms it uses."""
+    env = service(name).get("environment", {})
+    if isinstance(env, list):
+        return dict(entry.split("=", 1) for entry in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def interpolate(text: str, variables: dict[str, str]) -> str:
+    """Substitute ``${...}`` references the way docker compose does."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group("name"), match.group("op"), match.group("arg")
+        value = variables.get(name)
+        unset = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op in ("?", ":?") and unset:
+            raise KeyError(f"{name} is required: {arg}")
+        if op in ("-", ":-") and unset:
+            return arg
+        return value or ""
+
+    return INTERPOLATION.sub(replace, text)
+
+
+def strings(node: Any) -> Iterator[str]:
+    """Every string value in the parsed compose file, however deeply nested."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+
+
+def references() -> list[re.Match[str]]:
+    """Every ``${...}`` reference in the compose file's values (comments excluded)."""
+    return [
+        match
+        for text in strings(load_compose())
+        for match in INTERPOLATION.finditer(text)
+        if match.group("name")
+    ]
+
+
+def interpolate_compose(variables: dict[str, str]) -> list[str]:
+    """Interpolate every value of the compose file, as ``docker compose up`` does."""
+    return [interpolate(text, variables) for text in strings(load_compose())]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The final stage's instructions as (INSTRUCTION, arguments), continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        keyword, _, arguments = (pending + line).partition(" ")
+        pending = ""
+        if keyword.upper() == "FROM":
+            instructions = []
+        instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def dockerfile_args(keyword: str) -> list[str]:
+    return [arguments for name, arguments in dockerfile_instructions() if name == keyword]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for arguments in dockerfile_args("ENV"):
+        for pair in shlex.split(arguments):
+            key, _, value = pair.partition("=")
+            env[key] = value
+    return env
+
+
+def healthcheck_command(test: Any) -> list[str]:
+    """The command of a compose ``healthcheck.test``; empty when there is none."""
+    if isinstance(test, str):
+        return shlex.split(test)
+    if isinstance(test, list) and test and test[0] in ("CMD", "CMD-SHELL"):
+        return [str(part) for part in test[1:]]
+    return []
+
+
+def coturn_config() -> dict[str, list[str]]:
+    """turnserver.conf as option -> values (flags have the value "")."""
+    volumes: list[str] = service("coturn")["volumes"]
+    (source,) = [v.split(":")[0] for v in volumes if v.split(":")[1].endswith("turnserver.conf")]
+    options: dict[str, list[str]] = {}
+    for raw in (ROOT / source).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            options.setdefault(key.strip(), []).append(value.strip())
+    return options
+
+
+def server_environ() -> dict[str, str]:
+    """The server container's environment: the image's ENV, then compose's."""
+    environ = {k: v for k, v in dockerfile_env().items() if k.startswith("VIDEOCONSULT_")}
+    environ.update({k: interpolate(v, PLACEHOLDERS) for k, v in environment("server").items()})
+    return environ
+
+
+def test_compose_defines_server_postgres_redis_and_coturn() -> None:
+    assert set(load_compose()["services"]) == {"server", "postgres", "redis", "coturn"}
+
+
+def test_server_is_built_from_the_dockerfile_in_the_project_root() -> None:
+    build = service("server")["build"]
+    context = build if isinstance(build, str) else build["context"]
+    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+    assert context == "."
+    assert (ROOT / context / dockerfile).resolve() == DOCKERFILE
+    assert DOCKERFILE.is_file()
+
+
+def test_every_service_has_a_healthcheck_command() -> None:
+    for name, definition in load_compose()["services"].items():
+        healthcheck = definition.get("healthcheck", {})
+        assert not healthcheck.get("disable", False), f"{name}: healthcheck disabled"
+        assert healthcheck_command(healthcheck.get("test")), f"{name}: no healthcheck command"
+
+
+def test_server_waits_for_healthy_postgres_and_redis() -> None:
+    depends_on = service("server")["depends_on"]
+    assert isinstance(depends_on, dict), "the list form cannot wait for health"
+    for dependency in ("postgres", "redis"):
+        assert depends_on[dependency]["condition"] == "service_healthy"
+
+
+def test_server_uses_postgresql_via_asyncpg_on_the_postgres_service() -> None:
+    url = make_url(interpolate(environment("server")["VIDEOCONSULT_DATABASE_URL"], PLACEHOLDERS))
+    postgres = environment("postgres")
+    assert url.drivername == "postgresql+asyncpg"
+    assert url.host == "postgres"
+    assert url.port in (None, 5432)
+    assert url.username == postgres["POSTGRES_USER"]
+    assert url.database == postgres["POSTGRES_DB"]
+    # The same variable feeds the server's URL and PostgreSQL's password.
+    assert url.password == interpolate(postgres["POSTGRES_PASSWORD"], PLACEHOLDERS)
+    assert service("postgres")["image"].startswith("postgres:16")
+
+
+def test_server_uses_the_redis_service() -> None:
+    url = environment("server")["VIDEOCONSULT_REDIS_URL"]
+    assert url.startswith("redis://redis:6379/")
+
+
+def test_redis_keeps_nothing_on_disk() -> None:
+    redis = service("redis")
+    command = redis["command"]
+    args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    assert redis["image"].startswith("redis:7")
+    assert args[args.index("--save") + 1] == ""
+    assert args[args.index("--appendonly") + 1] == "no"
+    assert not redis.get("volumes")
+
+
+def test_every_videoconsult_variable_in_compose_and_image_is_a_real_setting() -> None:
+    known = env_var_names()
+    for name, definition in load_compose()["services"].items():
+        env = environment(name) if definition.get("environment") else {}
+        unknown = [key for key in env if key.startswith("VIDEOCONSULT_") and key not in known]
+        assert not unknown, f"{name}: no such settings: {unknown}"
+    image_unknown = [
+        key for key in dockerfile_env() if key.startswith("VIDEOCONSULT_") and key not in known
+    ]
+    assert not image_unknown, f"Dockerfile: no such settings: {image_unknown}"
+
+
+def test_compose_server_environment_passes_settings_validation() -> None:
+    settings = load_settings(server_environ())
+    assert settings.mode is Mode.PRODUCTION
+    assert make_url(settings.database.url).get_backend_name() == "postgresql"
+    assert settings.redis.url == "redis://redis:6379/0"
+    assert settings.security.master_key_bytes() == bytes(range(32))
+    assert settings.data_dir == Path("/var/lib/videoconsult")
+
+
+def test_secrets_are_required_variables_listed_in_env_example() -> None:
+    found = references()
+    assert {match.group("name") for match in found} == set(PLACEHOLDERS)
+    for match in found:
+        assert match.group("op") == ":?", f"{match.group(0)}: compose must refuse to start"
+    example = {
+        line.split("=", 1)[0]
+        for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
+    assert example == set(PLACEHOLDERS)
+    for name in PLACEHOLDERS:
+        for value in (None, ""):
+            variables = {k: v for k, v in PLACEHOLDERS.items() if k != name}
+            if value is not None:
+                variables[name] = value
+            with pytest.raises(KeyError, match=name):
+                interpolate_compose(variables)
+
+
+def test_data_volume_is_a_named_volume_at_the_configured_data_dir() -> None:
+    data_dir = environment("server")["VIDEOCONSULT_DATA_DIR"]
+    mounts = [entry.split(":") for entry in service("server")["volumes"]]
+    sources = [source for source, target, *_ in mounts if target == data_dir]
+    assert len(sources) == 1, f"nothing mounted at {data_dir}"
+    assert sources[0] in load_compose()["volumes"], "the data directory must be a named volume"
+    assert dockerfile_env()["VIDEOCONSULT_DATA_DIR"] == data_dir
+    assert data_dir in json.loads(dockerfile_args("VOLUME")[0])
+
+
+def test_server_port_is_published_on_loopback_only() -> None:
+    cmd: list[str] = json.loads(dockerfile_args("CMD")[0])
+    container_port = cmd[cmd.index("--port") + 1]
+    ports = service("server")["ports"]
+    assert ports, "the server publishes its port for a local reverse proxy"
+    for entry in ports:
+        host_ip, _host_port, target = str(entry).rsplit(":", 2)
+        assert host_ip == "127.0.0.1"
+        assert target == container_port
+
+
+def test_dockerfile_runs_videoconsult_serve_as_non_root_with_a_healthz_check() -> None:
+    froms = [arguments for name, arguments in dockerfile_instructions() if name == "FROM"]
+    assert froms[0].split()[0] == "python:3.11-slim"
+    cmd: list[str] = json.loads(dockerfile_args("CMD")[0])
+    assert cmd[:2] == ["videoconsult", "serve"]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    (user,) = dockerfile_args("USER")
+    assert user.split(":")[0] not in ("root", "0")
+    (healthcheck,) = dockerfile_args("HEALTHCHECK")
+    assert "/healthz" in healthcheck
+    assert "urllib" in healthcheck
+    assert f":{cmd[cmd.index('--port') + 1]}/healthz" in healthcheck
+    assert "[test]" not in " ".join(dockerfile_args("RUN")), "no test extras in the image"
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out_of_the_image() -> None:
+    patterns = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".env", ".venv", "data", ".git"} <= patterns
+    assert not {"pyproject.toml", "README.md", "LICENSE", "server", "config"} & patterns
+
+
+def test_coturn_uses_shared_secret_auth_from_the_mounted_config() -> None:
+    assert service("coturn")["image"].startswith("coturn/coturn")
+    options = coturn_config()
+    assert "use-auth-secret" in options
+    assert "static-auth-secret" not in options, "the secret comes from .env, not the file"
+    assert options["listening-port"] == ["3478"]
+    for flag in ("fingerprint", "no-cli", "no-tlsv1"):
+        assert flag in options
+    command = " ".join(service("coturn")["command"])
+    assert "--static-auth-secret=${TURN_SECRET:?" in command
+
+
+def test_coturn_relays_to_no_private_or_loopback_peers() -> None:
+    denied = []
+    for entry in coturn_config()["denied-peer-ip"]:
+        first, _, last = entry.partition("-")
+        denied.append((ipaddress.ip_address(first), ipaddress.ip_address(last or first)))
+    addresses = ("10.1.2.3", "172.18.0.2", "192.168.1.1", "127.0.0.1", "169.254.169.254")
+    for address in (*addresses, "::1", "fd00::1", "fe80::1"):
+        ip = ipaddress.ip_address(address)
+        assert any(
+            low.version == ip.version and int(low) <= int(ip) <= int(high) for low, high in denied
+        ), f"coturn may relay to {address}"
+
+
+def test_coturn_relay_ports_are_a_small_published_range() -> None:
+    options = coturn_config()
+    low, high = int(options["min-port"][0]), int(options["max-port"][0])
+    assert 0 < high - low <= 1000
+    coturn = service("coturn")
+    if coturn.get("network_mode") != "host":
+        published = " ".join(str(entry) for entry in coturn.get("ports", []))
+        assert f"{low}-{high}" in published
+        assert "3478" in published
