@@ -1,0 +1,27 @@
+# Sourced by scripts/serve and scripts/test (the latter sets
+# venv_extras=test first): make .venv and install the
+# project into it, once per change of pyproject.toml.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+extras="${venv_extras:-}"
+
+if ! command -v python3 >/dev/null; then
+  echo "videoconsult needs python3 (3.11 or newer)" >&2
+  exit 1
+fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "videoconsult needs Python 3.11 or newer; python3 is $(python3 --version)" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  echo "Creating the virtual environment in .venv ..." >&2
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.installed-$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)${extras:+-$extras}"
+if [ ! -f "$stamp" ]; then
+  echo "Installing videoconsult${extras:+ with [$extras]} into .venv (first run takes a minute) ..." >&2
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$root${extras:+[$extras]}"
+  touch "$stamp"
+fi
