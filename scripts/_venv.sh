@@ -21,7 +21,14 @@ fi
 stamp="$venv/.installed-$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)${extras:+-$extras}"
 if [ ! -f "$stamp" ]; then
   echo "Installing videoconsult${extras:+ with [$extras]} into .venv (first run takes a minute) ..." >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root${extras:+[$extras]}"
+  log="$venv/install.log"
+  # pip's output goes to a log, shown only when the installation fails.
+  if ! { "$venv/bin/python" -m pip install --upgrade pip \
+      && "$venv/bin/python" -m pip install -e "$root${extras:+[$extras]}"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "Installing into .venv failed; the output above is also in $log" >&2
+    exit 1
+  fi
+  rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
