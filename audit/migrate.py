@@ -21,6 +21,8 @@ from audit.errors import MigrationFailed
 from config import Settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# The advisory lock that serialises migrations on PostgreSQL ("vcmigrat").
+_LOCK_KEY = int.from_bytes(b"vcmigrat", "big") >> 1
 
 
 def alembic_config(*extra_version_locations: Path) -> Config:
@@ -57,6 +59,10 @@ async def upgrade(engine: AsyncEngine, *, config: Config | None = None) -> None:
     config = config or alembic_config()
 
     def _upgrade(connection: sa.Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            # Several nodes may start at once: one migrates, the others wait
+            # for its commit and then find nothing left to do.
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,25 @@ def test_serve_on_a_port_in_use_fails_cleanly(data_dir: Path) -> None:
         result = run_cli("serve", "--port", str(port), env=cli_env(data_dir))
     assert result.returncode == 1
     assert_one_clear_error(result, f"port {port} on 127.0.0.1 is already in use")
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nobody may write in, root included (the immutable attribute)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(locked)], check=False).returncode:
+        pytest.skip("chattr +i is not available here to make a directory unwritable for root")
+    try:
+        yield locked
+    finally:
+        subprocess.run([chattr, "-i", str(locked)], check=True)
+
+
+def test_data_directory_that_cannot_be_written_fails_cleanly(unwritable_dir: Path) -> None:
+    result = run_cli("db", "upgrade", env=cli_env(unwritable_dir))
+    assert result.returncode == 1
+    assert_one_clear_error(result, str(unwritable_dir))
+    assert "not permitted" in result.stderr or "not readable and writable" in result.stderr
+    assert list(unwritable_dir.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,3 +183,20 @@ async def test_postgresql_login_to_a_missing_database_is_reported(
     settings = make_settings(database_url=missing)
     with pytest.raises(DatabaseUnavailable, match="vc_no_such_database"):
         await open_database(settings, prepare_data_dir(data_dir), migrate=True)
+
+
+async def test_nodes_starting_at_once_migrate_postgresql_exactly_once(
+    make_settings: SettingsFactory, data_dir: Path, postgres_url: str
+) -> None:
+    settings = make_settings(database_url=postgres_url)
+    engines = [
+        create_engine(configured_url(settings, data_dir), connect_timeout_s=5) for _ in range(4)
+    ]
+    try:
+        # Without the lock this deadlocks or fails on a duplicate table; the
+        # timeout turns a hang into a failure.
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(upgrade(engine) for engine in engines))
+        assert await current_revision(engines[0]) == head_revision()
+    finally:
+        await asyncio.gather(*(engine.dispose() for engine in engines))
