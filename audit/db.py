@@ -8,6 +8,7 @@ too: a failed migration leaves no half-created schema on either backend.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ def create_engine(url: URL, *, connect_timeout_s: float) -> AsyncEngine:
 def _make_sqlite_transactional(engine: AsyncEngine) -> None:
     # The recipe from SQLAlchemy's SQLite dialect notes: pysqlite's own
     # transaction handling skips DDL, so it is switched off and SQLAlchemy
-    # emits BEGIN itself.
+    # emits BEGIN itself. IMMEDIATE takes the write lock at the start: a
+    # deferred transaction that reads and then writes gets "database is
+    # locked" at once when another writer is busy, instead of waiting its turn.
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -56,28 +59,68 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 async def check_connection(engine: AsyncEngine, *, timeout_s: float) -> None:
-    """Run ``SELECT 1``; raise :class:`DatabaseUnavailable` naming the cause."""
+    """Run ``SELECT 1``; raise :class:`DatabaseUnavailable` naming the cause.
+
+    The exception's ``reason`` is one of a few fixed phrases, fit to show to
+    anyone (``/readyz``); its message adds the URL and the driver's words.
+    """
     try:
         async with asyncio.timeout(timeout_s):
             async with engine.connect() as connection:
                 await connection.execute(sa.text("SELECT 1"))
     except TimeoutError:
-        reason = f"no answer within {timeout_s:g} s"
-    except (OSError, sa.exc.SQLAlchemyError) as err:
-        reason = _cause(err)
+        reason = detail = f"no answer within {timeout_s:g} s"
+    except (OSError, ValueError, TypeError, sa.exc.SQLAlchemyError) as err:
+        reason, detail = _classify(err), first_line(err)
     else:
         return
     raise DatabaseUnavailable(
-        f"cannot reach the database at {describe_url(engine.url)}: {reason}", reason=reason
+        f"cannot reach the database at {describe_url(engine.url)}: {detail}", reason=reason
     )
 
 
-def _cause(err: BaseException) -> str:
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip().splitlines()
-    first = text[0] if text else type(orig).__name__
-    return first[:300]
+# PostgreSQL's SQLSTATE codes for the failures a person can act on.
+_SQLSTATE_REASONS = {
+    "28P01": "login refused (wrong password)",
+    "28000": "login refused",
+    "3D000": "database does not exist",
+    "57P03": "database is starting up or shutting down",
+    "53300": "too many connections",
+}
+
+
+def _classify(err: BaseException) -> str:
+    for cause in _chain(err):
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate in _SQLSTATE_REASONS:
+            return _SQLSTATE_REASONS[sqlstate]
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "host name not found"
+        if isinstance(cause, OSError):
+            return "network error"
+        if isinstance(cause, ValueError | TypeError):
+            return "the database URL is not usable"
+    return "database error"
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return seen
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of the innermost driver error, without SQL or links."""
+    innermost = _chain(err)[-1]
+    lines = str(innermost).strip().splitlines()
+    return (lines[0] if lines else type(innermost).__name__)[:300]

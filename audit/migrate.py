@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.db import check_connection, create_engine, database_url
+from audit.db import check_connection, create_engine, database_url, first_line
 from audit.errors import MigrationFailed
 from config import Settings
 
@@ -70,7 +70,9 @@ async def upgrade(engine: AsyncEngine, *, config: Config | None = None) -> None:
         async with engine.begin() as connection:
             await connection.run_sync(_upgrade)
     except Exception as err:
-        raise MigrationFailed(f"schema migration failed and was rolled back: {err}") from err
+        raise MigrationFailed(
+            f"schema migration failed and was rolled back: {first_line(err)}"
+        ) from err
 
 
 async def open_database(

@@ -18,7 +18,10 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "Creating the virtual environment in .venv ..." >&2
   python3 -m venv "$venv"
 fi
-stamp="$venv/.installed-$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)${extras:+-$extras}"
+hash="$(sha256sum < "$root/pyproject.toml" | cut -c1-16)"
+stamp="$venv/.installed-$hash${extras:+-$extras}"
+# The test extras include everything serve needs.
+[ -z "$extras" ] && [ -f "$stamp-test" ] && stamp="$stamp-test"
 if [ ! -f "$stamp" ]; then
   echo "Installing videoconsult${extras:+ with [$extras]} into .venv (first run takes a minute) ..." >&2
   log="$venv/install.log"
@@ -29,6 +32,7 @@ if [ ! -f "$stamp" ]; then
     echo "Installing into .venv failed; the output above is also in $log" >&2
     exit 1
   fi
-  rm -f "$venv"/.installed-*
+  # Stamps of an older pyproject.toml are stale; those of this one stay.
+  find "$venv" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash*" -delete
   touch "$stamp"
 fi

@@ -18,12 +18,22 @@ class RouteAccessLogger(AbstractAccessLogger):
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        resource = getattr(getattr(request, "match_info", None), "route", None)
-        template = getattr(getattr(resource, "resource", None), "canonical", None)
         _log.info(
             "request",
             method=request.method,
-            route=template or "(no route)",
+            route=route_template(request),
             status=response.status,
             duration_ms=round(time * 1000, 1),
         )
+
+
+def route_template(request: web.BaseRequest) -> str:
+    """The matched route's template, or "(no route)" for requests that never
+    reached the router (malformed requests answered by the HTTP parser)."""
+    if not isinstance(request, web.Request):
+        return "(no route)"
+    try:
+        resource = request.match_info.route.resource
+    except (AssertionError, AttributeError):
+        return "(no route)"
+    return resource.canonical if resource is not None else "(no route)"

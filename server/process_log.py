@@ -30,22 +30,31 @@ SENSITIVE_KEY_PARTS = frozenset(
         "address",
         "agent",
         "authorization",
+        "birth",
+        "bsn",
         "candidate",
         "cookie",
         "email",
+        "firstname",
         "ip",
+        "lastname",
         "mail",
         "name",
         "otp",
         "passwd",
         "password",
+        "patient",
         "peername",
         "phone",
         "sdp",
         "secret",
+        "session",
+        "surname",
         "ticket",
         "token",
         "totp",
+        "user",
+        "username",
     }
 )
 # Whole keys that are sensitive though their parts are ordinary words.
@@ -53,21 +62,38 @@ SENSITIVE_KEYS = frozenset({"code", "remote", "host_ip", "x_forwarded_for", "for
 # Keys structlog and logging fill in themselves.
 FRAMEWORK_KEYS = frozenset({"event", "level", "timestamp", "logger", "exception"})
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+_EMAIL = re.compile(r"(?:\"[^\"\n]*\"|[\w.+'%-]+)@[\w-]+(?:\.[\w-]+)+")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)")
 # Candidates only; ipaddress decides (so "15:36:44" stays a time of day).
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_IPV6 = re.compile(
+    r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})(?![\w:])"
+)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # Invite tokens, session ids, tickets: long runs of URL-safe characters that
 # mix letters and digits. Pseudonymous UUIDs are allowed and kept.
 _TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}(?![\w-])")
-# One-time codes are 6 to 8 digits standing alone.
-_CODE = re.compile(r"(?<![\w.:-])\d{6,8}(?![\w.:-])")
+# One-time codes are 6 to 8 digits standing alone (a trailing full stop is
+# punctuation; a decimal point followed by digits is not).
+_CODE = re.compile(r"(?<![\w.])\d{6,8}(?!\w|[.,]\d)")
+# Header lines that carry credentials: everything after the name goes.
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie)(\s*[:=]\s*)[^\n]*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer|basic|digest)\s+[\w.~+/=-]{8,}")
+# key=value and key: value in free text, where the key names a secret.
+_SECRET_PAIR = re.compile(
+    r"(?i)\b([\w-]*(?:password|passwd|secret|token|ticket|session|totp|otp|e-?mail)[\w-]*)"
+    r"(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,]+)"
+)
 
 
 def mask_text(text: str) -> str:
     """Return ``text`` with IP and e-mail addresses, tokens and codes masked."""
-    text = _EMAIL.sub("[email]", text)
+    text = _CREDENTIAL_HEADER.sub(r"\1\2[redacted]", text)
+    text = _BEARER.sub(r"\1 [redacted]", text)
+    text = _SECRET_PAIR.sub(r"\1\2[redacted]", text)
+    # %40 is "@" in a URL: an address in a query string is still an address.
+    text = _EMAIL.sub("[email]", text.replace("%40", "@"))
     text = _IPV4.sub(_mask_ip, text)
     text = _IPV6.sub(_mask_ip, text)
     text = _TOKEN.sub(_mask_token, text)
@@ -106,7 +132,7 @@ def _scrub(value: Any) -> Any:
         return mask_text(value)
     if isinstance(value, Mapping):
         return {
-            key: REDACTED if is_sensitive_key(str(key)) else _scrub(item)
+            mask_text(str(key)): REDACTED if is_sensitive_key(str(key)) else _scrub(item)
             for key, item in value.items()
         }
     if isinstance(value, list | tuple | set | frozenset):
@@ -174,6 +200,10 @@ def configure_process_logging(
     # aiohttp's own access log prints client addresses and full paths (with
     # invite tokens); server.access_log replaces it.
     logging.getLogger("aiohttp.access").disabled = True
+    # These log every SQL statement with its parameters at debug level:
+    # addresses, hashes, names. Never, whatever the level.
+    for chatty in ("aiosqlite", "sqlalchemy.engine", "sqlalchemy.pool", "asyncpg"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

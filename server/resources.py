@@ -12,7 +12,14 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from audit import load_master_key, open_database, prepare_data_dir
+from audit import (
+    current_revision,
+    head_revision,
+    load_master_key,
+    open_database,
+    prepare_data_dir,
+)
+from audit.errors import SchemaOutOfDate
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, REDIS, SETTINGS
 
 _log = structlog.get_logger("videoconsult.server")
@@ -40,6 +47,15 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     engine = await open_database(
         settings, app[DATA_DIR], migrate=settings.database.migrate_on_start
     )
+    if not settings.database.migrate_on_start:
+        revision, head = await current_revision(engine), head_revision()
+        if revision != head:
+            await engine.dispose()
+            raise SchemaOutOfDate(
+                f"the database schema is at revision {revision or 'none'}, this version "
+                f"needs {head}: run `videoconsult db upgrade` (database.migrate_on_start "
+                "is off)"
+            )
     app[DB_ENGINE] = engine
     try:
         yield

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from audit import head_revision
+
 EXECUTABLE = shutil.which("videoconsult", path=str(Path(sys.executable).parent))
 
 
@@ -103,10 +105,10 @@ def test_db_upgrade_then_current_report_the_newest_revision(
     env = cli_env(data_dir, database_url=database_url)
     upgrade = run_cli("db", "upgrade", env=env)
     assert upgrade.returncode == 0, upgrade.stderr
-    assert "revision 0001 (up to date)" in upgrade.stdout
+    assert f"revision {head_revision()} (up to date)" in upgrade.stdout
     current = run_cli("db", "current", env=env)
     assert current.returncode == 0
-    assert "revision 0001 (up to date)" in current.stdout
+    assert f"revision {head_revision()} (up to date)" in current.stdout
 
 
 def test_unreachable_database_fails_cleanly_and_creates_nothing(
@@ -212,3 +214,30 @@ def test_data_directory_that_cannot_be_written_fails_cleanly(unwritable_dir: Pat
     assert_one_clear_error(result, str(unwritable_dir))
     assert "not permitted" in result.stderr or "not readable and writable" in result.stderr
     assert list(unwritable_dir.iterdir()) == []
+
+
+def test_db_current_on_a_fresh_data_directory_creates_no_database(data_dir: Path) -> None:
+    result = run_cli("db", "current", env=cli_env(data_dir))
+    assert result.returncode == 0
+    assert "none yet" in result.stdout
+    assert list(data_dir.iterdir()) == []
+
+
+def test_files_the_server_creates_are_private(data_dir: Path) -> None:
+    result = run_cli("db", "upgrade", env=cli_env(data_dir))
+    assert result.returncode == 0
+    database = data_dir / "videoconsult.db"
+    assert database.stat().st_mode & 0o077 == 0
+
+
+def test_failed_migration_error_is_one_short_line(data_dir: Path) -> None:
+    import sqlite3
+
+    data_dir.mkdir(mode=0o700)
+    with sqlite3.connect(data_dir / "videoconsult.db") as conn:
+        conn.execute("CREATE TABLE organisations (id INTEGER)")
+    result = run_cli("db", "upgrade", env=cli_env(data_dir))
+    assert result.returncode == 1
+    assert_one_clear_error(result, "schema migration failed and was rolled back")
+    assert "[SQL:" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

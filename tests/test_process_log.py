@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -35,6 +36,20 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
         ("via [fe80::1ff:fe23:4567:890a]:5000", "fe80::1ff:fe23:4567:890a", "[ip]"),
         ("GET /invite/q3Zt8Vb1pR-Y7mK2xN0wLs9e?x", "q3Zt8Vb1pR-Y7mK2xN0wLs9e", "[token]"),
         ("code 492817 was refused", "492817", "[code]"),
+        ("connection from 203.0.113.5.", "203.0.113.5", "[ip]"),
+        ("Your code is 123456.", "123456", "[code]"),
+        ("code-123456", "123456", "[code]"),
+        ("totp:123456", "123456", "[redacted]"),
+        ("Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz", "[redacted]"),
+        ("sent Bearer abcdefghijklmnopqrstuvwxyzABCDEF", "abcdefghijklmn", "[redacted]"),
+        ("token=abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnop", "[redacted]"),
+        ("password=hunter2", "hunter2", "[redacted]"),
+        ("Cookie: vc_session=Zx9Kq2Lm3; lang=nl", "Zx9Kq2Lm3", "[redacted]"),
+        ("GET /x?email=jan%40example.nl", "jan", "[redacted]"),
+        ('"jan de vries"@example.nl wrote', "jan de vries", "[email]"),
+        ("o'brien@example.nl wrote", "brien", "[email]"),
+        ("from ::ffff:203.0.113.9 now", "203.0.113.9", "[ip]"),
+        ("raw b'Cookie: vc_session=Zx9Kq2Lm; email=x\\x01'", "Zx9Kq2Lm", "[redacted]"),
     ],
 )
 def test_personal_data_in_text_is_masked(text: str, personal: str, mask: str) -> None:
@@ -50,6 +65,8 @@ def test_personal_data_in_text_is_masked(text: str, personal: str, mask: str) ->
         "consult 123e4567-e89b-12d3-a456-426614174000 ended",
         "started at 15:36:44 after 120 ms on port 8080",
         "status 404 for route /consults/{consult_id}",
+        "status_code=401 close_code=1001",
+        "timestamp 2026-11-23T15:40:58.066776Z took 1.123456 s",
     ],
 )
 def test_ordinary_operational_text_is_left_alone(text: str) -> None:
@@ -71,6 +88,10 @@ def test_ordinary_operational_text_is_left_alone(text: str) -> None:
         "password",
         "sdp",
         "remote",
+        "username",
+        "patient",
+        "session_id",
+        "surname",
     ],
 )
 def test_sensitive_keys_are_recognised(key: str) -> None:
@@ -90,6 +111,7 @@ def test_structlog_call_site_values_are_dropped_or_masked(json_log: io.StringIO)
         totp_code=123456,
         status_code=401,
         detail={"remote": "198.51.100.1", "note": "from 198.51.100.2"},
+        per_client={"198.51.100.3": 12},
         tried=["a@b.nl", 3],
     )
     [entry] = lines(json_log)
@@ -100,6 +122,7 @@ def test_structlog_call_site_values_are_dropped_or_masked(json_log: io.StringIO)
     assert entry["totp_code"] == "[redacted]"
     assert entry["status_code"] == 401
     assert entry["detail"] == {"remote": "[redacted]", "note": "from [ip]"}
+    assert entry["per_client"] == {"[ip]": 12}
 
 
 def test_stdlib_records_from_other_libraries_are_masked_too(json_log: io.StringIO) -> None:
@@ -165,3 +188,33 @@ async def test_access_log_names_the_route_template_never_the_path_or_address(
     assert "127.0.0.1" not in text
     assert "Phone/1.0" not in text
     assert "/no/such/path" not in text
+
+
+async def test_malformed_http_requests_are_logged_without_crash_or_secrets(
+    json_log: io.StringIO,
+) -> None:
+    app = web.Application()
+    server = TestServer(app)
+    await server.start_server(access_log_class=RouteAccessLogger)
+    try:
+        for raw in (
+            b"G\x01T /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nCookie: vc_session=Zx9Kq2Lm\x01\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(raw)
+            await writer.drain()
+            answer = await reader.read(1024)
+            assert answer.split(b" ")[1] == b"400"
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        await server.close()
+    text = json_log.getvalue()
+    # The access logger used to crash here (match_info of an unrouted request).
+    assert "AssertionError" not in text
+    assert "access_log.py" not in text
+    assert "Zx9Kq2Lm" not in text
+    access = [entry for entry in lines(json_log) if entry["logger"] == "videoconsult.access"]
+    assert [(entry["route"], entry["status"]) for entry in access] == [("(no route)", 400)] * 3

@@ -167,7 +167,9 @@ def test_settings_are_frozen() -> None:
 
 def test_every_setting_has_its_own_environment_name_and_a_default() -> None:
     names = env_var_names()
-    assert len(set(names.values())) == len(names)
+    keys = set(_flatten_defaults())
+    assert len(names) == len(keys)
+    assert set(names.values()) == keys
     assert "VIDEOCONSULT_DATABASE_URL" in names
     assert "VIDEOCONSULT_MODE" in names
     # Every field of the model is in the defaults file: nothing has a hidden default.
@@ -180,3 +182,71 @@ def test_defaults_file_missing_a_key_is_refused(tmp_path: Path) -> None:
     trimmed.write_text(text)
     with pytest.raises(SettingsError, match=r"server\.port.*Field required"):
         load_settings({}, defaults_file=trimmed)
+
+
+def _flatten_defaults() -> list[str]:
+    import tomllib
+
+    def walk(table: dict[str, object], prefix: str = "") -> list[str]:
+        keys = []
+        for key, value in table.items():
+            if isinstance(value, dict):
+                keys += walk(value, f"{prefix}{key}.")
+            else:
+                keys.append(f"{prefix}{key}")
+        return keys
+
+    return walk(tomllib.loads(DEFAULTS_FILE.read_text()))
+
+
+def test_two_settings_that_would_share_an_environment_name_are_refused() -> None:
+    with pytest.raises(SettingsError, match="would share VIDEOCONSULT_SERVER_PORT"):
+        env_var_names({"server.port", "server_port"})
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[server]\nport = true\n", "server.port = True from"),
+        ("[server]\nport = 8080.0\n", "must be a whole number"),
+        ('[database]\nmigrate_on_start = "false"\n', "must be true or false"),
+        ("[server]\nhost = 5\n", "must be a text in quotes"),
+    ],
+)
+def test_site_file_values_must_have_the_settings_type(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(toml)
+    assert expected in load_error({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+
+
+def test_site_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_bytes(b'[server]\nhost = "\xff"\n')
+    assert "is not UTF-8 text" in load_error({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("VIDEOCONSULT_DATA_DIR", "", "must name a directory"),
+        ("VIDEOCONSULT_SERVER_HOST", " ", "without spaces"),
+        (
+            "VIDEOCONSULT_DATABASE_URL",
+            "postgresql+asyncpg://vc@db:5432/vc?sslmode=require",
+            "must not carry query arguments",
+        ),
+        ("VIDEOCONSULT_DATABASE_URL", "postgresql+asyncpg://vc@db:notaport/vc", "not a valid"),
+        ("VIDEOCONSULT_SERVER_PUBLIC_URL", "https://video.example/path", "no path"),
+        ("VIDEOCONSULT_SESSIONS_IDLE_TIMEOUT_S", "50000", "must not exceed"),
+    ],
+)
+def test_blank_or_unusable_values_are_refused(variable: str, value: str, expected: str) -> None:
+    assert expected in load_error({variable: value})
+
+
+def test_passwords_with_slashes_or_at_signs_stay_hidden() -> None:
+    message = load_error({"VIDEOCONSULT_DATABASE_URL": "mysql://vc:pa/ss@w@db/vc"})
+    assert "pa/ss" not in message
+    assert "ss@w" not in message

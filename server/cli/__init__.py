@@ -12,6 +12,7 @@ stderr and a non-zero exit code, never a traceback:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:
         return _fail(str(err), EXIT_USAGE)
     configure_process_logging(level=settings.logging.level, log_format=settings.log_format)
+    # Everything this process creates (database, keys, recordings) is for it alone.
+    os.umask(0o077)
     try:
         code: int = args.run(settings, args)
     except (CliError, AuditError) as err:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
-from audit import current_revision, describe_url, head_revision, open_database, prepare_data_dir
+from audit import (
+    current_revision,
+    database_url,
+    describe_url,
+    head_revision,
+    open_database,
+    prepare_data_dir,
+)
 from config import Settings
 
 
@@ -35,6 +43,11 @@ def run_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def run_current(settings: Settings, _args: argparse.Namespace) -> int:
+    url = database_url(settings, prepare_data_dir(settings.data_dir))
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        # Looking must not create: no empty database file from `db current`.
+        print(f"database {describe_url(url)}: none yet (run `videoconsult db upgrade`)")
+        return 0
     return asyncio.run(_report(settings, migrate=False))
 
 
