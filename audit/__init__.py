@@ -14,6 +14,7 @@ from audit.errors import (
     DatabaseUnavailable,
     DataDirError,
     MigrationFailed,
+    SchemaOutOfDate,
 )
 from audit.keys import DEV_MASTER_KEY_FILE, load_master_key
 from audit.migrate import current_revision, head_revision, open_database, upgrade
@@ -25,6 +26,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "MigrationFailed",
+    "SchemaOutOfDate",
     "check_connection",
     "create_engine",
     "current_revision",

@@ -2,9 +2,14 @@
 
     AuditError
      ├── DataDirError          the data directory cannot be created, read or written
-     └── DatabaseError
-          ├── DatabaseUnavailable   the database cannot be reached in time
-          └── MigrationFailed       a schema migration failed; nothing was applied
+     ├── DatabaseError
+     │    ├── DatabaseUnavailable   the database cannot be reached in time
+     │    ├── MigrationFailed       a schema migration failed; nothing was applied
+     │    └── SchemaOutOfDate       the schema is older than the code and may not be migrated
+     ├── NotFound              no such record (or not in the asker's organisation)
+     ├── Conflict              the change breaks a storage rule (e-mail taken, last admin)
+     ├── InvalidValue          a value is not acceptable (e.g. a malformed e-mail address)
+     └── SealError             a sealed secret does not open (audit.sealing)
 
 Messages name the place (a path, a URL without its password) and the cause;
 they never carry personal data, so the edge may show them as they are.
@@ -37,3 +42,24 @@ class DatabaseUnavailable(DatabaseError):
 
 class MigrationFailed(DatabaseError):
     """A schema migration failed and was rolled back."""
+
+
+class SchemaOutOfDate(DatabaseError):
+    """The database's schema is not the one this code needs."""
+
+
+class NotFound(AuditError):
+    """The thing asked for does not exist, or not for this asker.
+
+    Deliberately the same answer for both, so that nobody learns what exists
+    in another organisation.
+    """
+
+
+class Conflict(AuditError):
+    """The change would break a rule about what is stored (a taken e-mail
+    address, an organisation without an admin)."""
+
+
+class InvalidValue(AuditError):
+    """A value offered for storage is not acceptable; the message says why."""

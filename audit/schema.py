@@ -1,12 +1,39 @@
 """The tables, as SQLAlchemy Core metadata. Alembic migrations create them.
 
 Every change here comes with a new revision in ``audit/migrations/versions``;
-``tests/test_migrations.py`` fails when the two drift apart.
+``tests/test_database.py`` fails when the two drift apart.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import sqlalchemy as sa
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    SQLite keeps no offset and hands back naive values; this type refuses
+    naive input and always returns aware UTC, so comparisons never mix the two.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 # Stable constraint names, so that migrations can refer to them on every backend.
 metadata = sa.MetaData(
@@ -26,6 +53,119 @@ organisations = sa.Table(
     metadata,
     sa.Column("id", sa.Uuid(), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.UniqueConstraint("name"),
+)
+
+# An autoincrementing 64-bit key on PostgreSQL; SQLite only autoincrements INTEGER.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+ROLES = ("therapist", "support", "admin")
+
+# A professional: therapist, support or admin, of exactly one organisation.
+# Enrolled once a password and a confirmed TOTP secret are set.
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "organisation_id",
+        sa.Uuid(),
+        sa.ForeignKey("organisations.id", ondelete="RESTRICT"),
+        nullable=False,
+        index=True,
+    ),
+    # Normalised: ASCII, lower case (see audit.accounts.normalise_email).
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.String(255), nullable=True),
+    # AES-GCM under a key derived from the master key; see audit.sealing.
+    sa.Column("totp_secret_sealed", sa.LargeBinary(), nullable=True),
+    # The last TOTP time step accepted: a code is good once.
+    sa.Column("totp_last_step", sa.BigInteger(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("enrolled_at", UtcDateTime(), nullable=True),
+    sa.Column("disabled_at", UtcDateTime(), nullable=True),
+    sa.UniqueConstraint("email"),
+    sa.CheckConstraint(f"role IN {ROLES!r}", name="role"),
+)
+
+# A one-time link to set a password and enrol a TOTP app. Only the token's
+# hash is kept. The password and secret chosen in the first step wait here
+# until a valid code confirms them.
+enrolment_links = sa.Table(
+    "enrolment_links",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "account_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    sa.Column("used_at", UtcDateTime(), nullable=True),
+    sa.Column("pending_password_hash", sa.String(255), nullable=True),
+    sa.Column("pending_totp_secret_sealed", sa.LargeBinary(), nullable=True),
+)
+
+# A logged-in browser. Only the hash of the cookie's value is kept.
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "account_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("last_seen_at", UtcDateTime(), nullable=False),
+)
+
+# Failed logins, for lockouts. Neither the e-mail address nor the client
+# address is kept: both are keyed hashes (HMAC under a key derived from the
+# master key), enough to count, useless to read back.
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("subject_hash", sa.String(64), nullable=False, index=True),
+    sa.Column("client_hash", sa.String(64), nullable=False, index=True),
+    sa.Column("failed_at", UtcDateTime(), nullable=False, index=True),
+)
+
+# Who looked at or changed what (NEN 7513 fields). Append-only: the code
+# has no update or delete path for it.
+access_log = sa.Table(
+    "access_log",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("organisation_id", sa.Uuid(), nullable=True, index=True),
+    sa.Column("actor_id", sa.Uuid(), nullable=True),
+    sa.Column("actor_role", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("object_type", sa.String(32), nullable=False),
+    sa.Column("object_id", sa.String(64), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("client_type", sa.String(16), nullable=False),
+)
+
+# Connection diagnostics and failed logins, for technical support. Entries
+# may hold personal data (IP address, browser) and are readable for 24 hours
+# only; a purge task deletes them after that.
+technical_log = sa.Table(
+    "technical_log",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime(), nullable=False, index=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    # A pseudonymous id: account or consult UUID, never a name or address.
+    sa.Column("subject", sa.String(64), nullable=True, index=True),
+    sa.Column("detail", sa.JSON(), nullable=False),
 )

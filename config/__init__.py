@@ -6,12 +6,14 @@ setting and what is allowed.
 """
 
 from config.settings import (
+    AccountSettings,
     DatabaseSettings,
     LoggingSettings,
     Mode,
     RedisSettings,
     SecuritySettings,
     ServerSettings,
+    SessionSettings,
     Settings,
     SettingsError,
     env_var_names,
@@ -19,12 +21,14 @@ from config.settings import (
 )
 
 __all__ = [
+    "AccountSettings",
     "DatabaseSettings",
     "LoggingSettings",
     "Mode",
     "RedisSettings",
     "SecuritySettings",
     "ServerSettings",
+    "SessionSettings",
     "Settings",
     "SettingsError",
     "env_var_names",

@@ -32,6 +32,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 ENV_PREFIX = "VIDEOCONSULT_"
@@ -59,9 +61,63 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
-    host: str = Field(min_length=1)
+    host: str
     port: int = Field(ge=1, le=65535)
+    public_url: str
+    max_body_bytes: int = Field(ge=1024, le=16 * 1024 * 1024)
     shutdown_timeout_s: float = Field(gt=0, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_blank(cls, host: str) -> str:
+        if not host.strip() or host != host.strip():
+            raise ValueError("must be a host name or address without spaces")
+        return host
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin_only(cls, url: str) -> str:
+        if not url:
+            return url
+        match = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?/?", url)
+        if match is None:
+            raise ValueError(
+                "must be empty or an origin such as https://video.clinic.example "
+                "(http or https, a host, an optional port, no path)"
+            )
+        return url.rstrip("/")
+
+    @property
+    def public_origin(self) -> str | None:
+        """The configured origin (scheme://host[:port]), or None."""
+        return self.public_url or None
+
+    @property
+    def behind_tls(self) -> bool:
+        return self.public_url.startswith("https://")
+
+
+class AccountSettings(_Section):
+    argon2_time_cost: int = Field(ge=1, le=20)
+    argon2_memory_kib: int = Field(ge=8, le=4 * 1024 * 1024)
+    argon2_parallelism: int = Field(ge=1, le=64)
+    password_min_length: int = Field(ge=12, le=128)
+    enrolment_link_ttl_s: int = Field(ge=60, le=30 * 86400)
+    max_failures: int = Field(ge=1, le=100)
+    failure_window_s: int = Field(ge=1, le=86400)
+    lockout_s: int = Field(ge=1, le=86400)
+    client_max_failures: int = Field(ge=1, le=10000)
+
+
+class SessionSettings(_Section):
+    idle_timeout_s: int = Field(ge=60, le=86400)
+    absolute_timeout_s: int = Field(ge=60, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _idle_within_absolute(self) -> SessionSettings:
+        if self.idle_timeout_s > self.absolute_timeout_s:
+            raise ValueError("sessions.idle_timeout_s must not exceed sessions.absolute_timeout_s")
+        return self
 
 
 class DatabaseSettings(_Section):
@@ -73,10 +129,25 @@ class DatabaseSettings(_Section):
     @classmethod
     def _known_driver(cls, url: str) -> str:
         allowed = ("sqlite+aiosqlite://", "postgresql+asyncpg://")
-        if url and not url.startswith(allowed):
+        if not url:
+            return url
+        if not url.startswith(allowed):
             raise ValueError(
                 "must be empty (SQLite in data_dir) or start with "
                 "sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        try:
+            parsed = make_url(url)
+            port = parsed.port  # parsing the port is lazy; a bad one raises here
+        except (ValueError, ArgumentError):
+            raise ValueError("is not a valid database URL") from None
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("has a port outside 1-65535")
+        if parsed.query:
+            # asyncpg takes none of libpq's URL options (sslmode=...); a
+            # silently ignored one would be worse than this refusal.
+            raise ValueError(
+                "must not carry query arguments such as ?sslmode=; the driver does not take them"
             )
         return url
 
@@ -124,7 +195,16 @@ class Settings(_Section):
     database: DatabaseSettings
     redis: RedisSettings
     security: SecuritySettings
+    accounts: AccountSettings
+    sessions: SessionSettings
     logging: LoggingSettings
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_not_blank(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a directory; it is empty")
+        return value
 
     @model_validator(mode="after")
     def _production_needs_master_key(self) -> Settings:
@@ -190,6 +270,9 @@ def load_settings(
             raise SettingsError(f"unknown environment variable {name}{hint}")
         values[setting] = _Value(raw, f"environment variable {name}")
 
+    for key, item in values.items():
+        if not item.source.startswith("environment variable"):
+            _check_toml_type(key, item)
     try:
         return Settings.model_validate(_nest({k: v.value for k, v in values.items()}))
     except ValidationError as err:
@@ -197,10 +280,53 @@ def load_settings(
 
 
 def env_var_names(keys: set[str] | None = None) -> dict[str, str]:
-    """Map each ``VIDEOCONSULT_*`` variable name to its dotted setting key."""
+    """Map each ``VIDEOCONSULT_*`` variable name to its dotted setting key.
+
+    Raises :class:`SettingsError` if two keys would share one name.
+    """
     if keys is None:
         keys = set(_flatten(_read_toml(DEFAULTS_FILE), source=""))
-    return {ENV_PREFIX + key.replace(".", "_").upper(): key for key in sorted(keys)}
+    names: dict[str, str] = {}
+    for key in sorted(keys):
+        name = ENV_PREFIX + key.replace(".", "_").upper()
+        if name in names:
+            raise SettingsError(f"settings {names[name]} and {key} would share {name}")
+        names[name] = key
+    return names
+
+
+def _field_type(key: str) -> Any:
+    model: Any = Settings
+    *sections, leaf = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    field = model.model_fields.get(leaf)
+    return None if field is None else field.annotation
+
+
+def _check_toml_type(key: str, item: _Value) -> None:
+    """TOML values carry their own type; take them only in the field's type.
+
+    (Environment variables are text and are converted by the model.)
+    """
+    expected = _field_type(key)
+    value = item.value
+    if expected is bool:
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "a whole number"
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        wanted = "a number"
+    else:
+        ok = isinstance(value, str)
+        wanted = "a text in quotes"
+    if not ok:
+        raise SettingsError(
+            f"invalid setting {key} = {value!r} from {item.source}: must be {wanted}"
+        )
 
 
 def _reserved(name: str) -> bool:
@@ -215,6 +341,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"cannot read settings file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise SettingsError(f"settings file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"settings file {path} is not UTF-8 text") from None
 
 
 def _flatten(table: Mapping[str, Any], *, source: str, prefix: str = "") -> dict[str, _Value]:
@@ -246,17 +374,21 @@ def _suggest(name: str, candidates: Mapping[str, Any] | set[str]) -> str:
 
 def _hide_password(value: Any) -> Any:
     """Mask the password of a URL such as ``postgresql+asyncpg://user:pw@host/db``."""
-    if isinstance(value, str):
-        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
-    return value
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
+        return make_url(value).render_as_string(hide_password=True)
+    except (ValueError, ArgumentError):
+        # Unparseable: keep the scheme only, rather than risk showing a password.
+        return value.split("://", 1)[0] + "://(hidden)"
 
 
 def _describe(err: ValidationError, values: Mapping[str, _Value]) -> str:
     first = err.errors(include_url=False)[0]
     loc = ".".join(str(part) for part in first["loc"])
     message = str(first["msg"]).removeprefix("Value error, ")
-    if not loc:
-        # A whole-model rule (production needs a key) names its settings itself.
+    if not loc or any(key.startswith(f"{loc}.") for key in values):
+        # A rule over several settings (production needs a key) names them itself.
         return f"invalid settings: {message}"
     if loc not in values:
         return f"invalid setting {loc}: {message} (missing from {DEFAULTS_FILE.name}?)"

@@ -4,18 +4,35 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from audit.clock import Clock, SystemClock
 from config import Settings
-from server import health
-from server.app_keys import SETTINGS, WEBSOCKETS
+from server import health, pages
+from server.api import admin_views, auth_views
+from server.api.errors import error_middleware
+from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, WEBSOCKETS
+from server.auth.passwords import PasswordHasher
+from server.background import background_task
+from server.housekeeping import run_housekeeping
 from server.resources import data_dir_context, database_context, redis_context
+from server.web_security import add_security_headers, origin_check_middleware
 from server.websockets import close_websockets
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the aiohttp application for ``settings``; nothing starts until it runs."""
-    app = web.Application()
+def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
+    """Build the aiohttp application for ``settings``; nothing starts until it runs.
+
+    ``clock`` is for tests; the service runs on the system clock.
+    """
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        # The error middleware is outermost, so even a refused Origin answers in JSON.
+        middlewares=[error_middleware, origin_check_middleware],
+    )
     app[SETTINGS] = settings
+    app[CLOCK] = clock or SystemClock()
+    app[PASSWORD_HASHER] = PasswordHasher(settings.accounts)
     app[WEBSOCKETS] = set()
+    app.on_response_prepare.append(add_security_headers)
     setup_resources(app)
     setup_routes(app)
     return app
@@ -23,7 +40,14 @@ def create_app(settings: Settings) -> web.Application:
 
 def setup_resources(app: web.Application) -> None:
     """Register resources in start order; they are torn down in reverse."""
-    app.cleanup_ctx.extend([data_dir_context, database_context, redis_context])
+    app.cleanup_ctx.extend(
+        [
+            data_dir_context,
+            database_context,
+            redis_context,
+            background_task("housekeeping", run_housekeeping),
+        ]
+    )
     # Sockets close first, while the database is still there for their last writes.
     app.on_shutdown.append(close_websockets)
 
@@ -31,3 +55,6 @@ def setup_resources(app: web.Application) -> None:
 def setup_routes(app: web.Application) -> None:
     """Attach every route of the application."""
     app.router.add_routes(health.routes)
+    app.router.add_routes(pages.routes)
+    app.router.add_routes(auth_views.routes)
+    app.router.add_routes(admin_views.routes)

@@ -11,8 +11,10 @@ from aiohttp import web
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.clock import Clock
 from audit.keys import MasterKey
 from config import Settings
+from server.auth.passwords import PasswordHasher
 
 SETTINGS = web.AppKey("settings", Settings)
 # The absolute data directory, checked and created at start-up.
@@ -23,3 +25,6 @@ DB_ENGINE = web.AppKey("db_engine", AsyncEngine)
 REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
 # Every open WebSocket, so that shutdown can close them with 1001.
 WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
+# The time, for every rule that depends on it; tests put a ManualClock here.
+CLOCK = web.AppKey("clock", Clock)
+PASSWORD_HASHER = web.AppKey("password_hasher", PasswordHasher)

@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +21,10 @@ import redis.asyncio as aioredis
 import structlog
 from sqlalchemy.engine import make_url
 
+from audit.clock import ManualClock
 from config import Settings, load_settings
+from server import create_app
+from tests.harness import Harness
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -29,6 +33,14 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("VIDEOCONSULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 SettingsFactory = Callable[..., Settings]
+
+# argon2id at its production cost takes ~0.1 s per hash; tests hash a lot.
+# test_passwords.py checks the production defaults separately.
+CHEAP_PASSWORD_HASHING = {
+    "VIDEOCONSULT_ACCOUNTS_ARGON2_TIME_COST": "1",
+    "VIDEOCONSULT_ACCOUNTS_ARGON2_MEMORY_KIB": "1024",
+    "VIDEOCONSULT_ACCOUNTS_ARGON2_PARALLELISM": "1",
+}
 
 _reachability: dict[str, str | None] = {}
 
@@ -120,7 +132,7 @@ def make_settings(data_dir: Path) -> SettingsFactory:
     """
 
     def _make(**overrides: Any) -> Settings:
-        environ = {"VIDEOCONSULT_DATA_DIR": str(data_dir)}
+        environ = {"VIDEOCONSULT_DATA_DIR": str(data_dir), **CHEAP_PASSWORD_HASHING}
         for name, value in overrides.items():
             environ[f"VIDEOCONSULT_{name.upper()}"] = str(value)
         return load_settings(environ)
@@ -149,3 +161,28 @@ def _reset_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = False
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(datetime(2026, 11, 23, 9, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def harness(
+    make_settings: SettingsFactory, database_url: str, clock: ManualClock, aiohttp_client: Any
+) -> Harness:
+    """The real app on SQLite and on PostgreSQL, with a manual clock."""
+    app = create_app(make_settings(database_url=database_url), clock=clock)
+    client = await aiohttp_client(app)
+    return Harness(app, client, clock)
+
+
+@pytest.fixture
+async def sqlite_harness(
+    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+) -> Harness:
+    """The real app on SQLite only, for tests about HTTP rather than storage."""
+    app = create_app(make_settings(), clock=clock)
+    client = await aiohttp_client(app)
+    return Harness(app, client, clock)

@@ -1,0 +1,1 @@
+"""The JSON API under ``/api/``: errors, request bodies, and the views."""

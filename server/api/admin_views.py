@@ -1,0 +1,191 @@
+"""Account administration for admins, limited to their own organisation."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from audit.access_log import Outcome
+from audit.accounts import Account, Role, get_account, list_accounts, parse_role
+from audit.errors import NotFound
+from server.api.body import RequestBody, read_json
+from server.api.errors import NotFoundError
+from server.api.representations import account_json, iso
+from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.auth.admin import (
+    AccountChange,
+    Actor,
+    EnrolmentInvitation,
+    add_account,
+    change_account,
+    change_role,
+    record,
+)
+from server.auth.sessions import Principal, require_role
+from server.web_security import expected_origin
+
+routes = web.RouteTableDef()
+
+ACCOUNT_PATH = "/api/admin/accounts/{account_id}"
+
+
+class NewAccountBody(RequestBody):
+    email: str
+    role: str
+
+
+class RoleBody(RequestBody):
+    role: str
+
+
+def _actor(principal: Principal) -> Actor:
+    return Actor(principal.account.id, principal.account.role.value, "api")
+
+
+def _account_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["account_id"])
+    except ValueError:
+        raise NotFoundError("no such account") from None
+
+
+def _invitation_json(request: web.Request, invitation: EnrolmentInvitation) -> dict[str, Any]:
+    return {
+        "account": account_json(invitation.account),
+        "enrolment_token": invitation.token,
+        "enrolment_url": f"{expected_origin(request)}/enrol/{invitation.token}",
+        "enrolment_expires_at": iso(invitation.expires_at),
+    }
+
+
+async def _own_account(request: web.Request, principal: Principal, action: str) -> Account:
+    """The account named in the path, if it is in the admin's organisation (else 404).
+
+    A miss is recorded as a refused access in its own transaction, so the
+    record survives the error that follows.
+    """
+    app = request.app
+    account_id = _account_id(request)
+    organisation_id = principal.account.organisation_id
+    try:
+        async with app[DB_ENGINE].connect() as conn:
+            return await get_account(conn, account_id, organisation_id=organisation_id)
+    except NotFound:
+        async with app[DB_ENGINE].begin() as conn:
+            await record(
+                conn,
+                _actor(principal),
+                organisation_id=organisation_id,
+                action=action,
+                object_id=account_id,
+                now=app[CLOCK].now(),
+                outcome=Outcome.REFUSED,
+            )
+        raise
+
+
+@routes.get("/api/admin/accounts")
+async def accounts_list(request: web.Request) -> web.Response:
+    """List the organisation's accounts."""
+    principal = await require_role(request, Role.ADMIN, action="account.list")
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await list_accounts(conn, organisation_id)
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action="account.list",
+            object_id=None,
+            object_type="organisation",
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response({"accounts": [account_json(account) for account in found]})
+
+
+@routes.post("/api/admin/accounts")
+async def accounts_create(request: web.Request) -> web.Response:
+    """Create an account; the answer holds its one-time enrolment link."""
+    principal = await require_role(request, Role.ADMIN, action="account.create")
+    body = await read_json(request, NewAccountBody)
+    role = parse_role(body.role)
+    app = request.app
+    async with app[DB_ENGINE].begin() as conn:
+        invitation = await add_account(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            email=body.email,
+            role=role,
+            now=app[CLOCK].now(),
+            link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
+        )
+    return web.json_response(_invitation_json(request, invitation), status=201)
+
+
+@routes.get(ACCOUNT_PATH)
+async def account_show(request: web.Request) -> web.Response:
+    principal = await require_role(request, Role.ADMIN, action="account.read")
+    account = await _own_account(request, principal, "account.read")
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=account.organisation_id,
+            action="account.read",
+            object_id=account.id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response({"account": account_json(account)})
+
+
+@routes.patch(ACCOUNT_PATH)
+async def account_set_role(request: web.Request) -> web.Response:
+    """Change an account's role (never the organisation's last active admin)."""
+    principal = await require_role(request, Role.ADMIN, action="account.set-role")
+    body = await read_json(request, RoleBody)
+    role = parse_role(body.role)
+    account = await _own_account(request, principal, "account.set-role")
+    async with request.app[DB_ENGINE].begin() as conn:
+        changed = await change_role(
+            conn, _actor(principal), account, role, now=request.app[CLOCK].now()
+        )
+    return web.json_response({"account": account_json(changed)})
+
+
+async def _change(request: web.Request, change: AccountChange) -> web.Response:
+    action = f"account.{change.value}"
+    principal = await require_role(request, Role.ADMIN, action=action)
+    account = await _own_account(request, principal, action)
+    app = request.app
+    async with app[DB_ENGINE].begin() as conn:
+        result = await change_account(
+            conn,
+            _actor(principal),
+            account,
+            change,
+            now=app[CLOCK].now(),
+            link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
+        )
+    if isinstance(result, EnrolmentInvitation):
+        return web.json_response(_invitation_json(request, result))
+    return web.json_response({"account": account_json(result)})
+
+
+@routes.post(ACCOUNT_PATH + "/disable")
+async def account_disable(request: web.Request) -> web.Response:
+    """Disable the account; its sessions end at once."""
+    return await _change(request, AccountChange.DISABLE)
+
+
+@routes.post(ACCOUNT_PATH + "/enable")
+async def account_enable(request: web.Request) -> web.Response:
+    return await _change(request, AccountChange.ENABLE)
+
+
+@routes.post(ACCOUNT_PATH + "/reset-totp")
+async def account_reset_totp(request: web.Request) -> web.Response:
+    """Forget the TOTP secret: the user enrols again through the new link."""
+    return await _change(request, AccountChange.RESET_TOTP)

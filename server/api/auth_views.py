@@ -1,0 +1,159 @@
+"""Login, logout, the current session, and enrolment."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import Field, StringConstraints
+
+from audit import accounts as stored_accounts
+from audit.sessions import Session, create_session, end_session
+from server.api.body import RequestBody, read_json
+from server.api.errors import TooManyRequests, Unauthorized
+from server.api.representations import account_json, iso
+from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.auth.enrolment import Enroller
+from server.auth.login import Authenticator, LoginAttempt, LoginLocked, LoginRefused
+from server.auth.passwords import MAX_PASSWORD_LENGTH
+from server.auth.sessions import (
+    authenticate,
+    clear_session_cookie,
+    session_ends_at,
+    set_session_cookie,
+)
+from server.services import authenticator, enroller
+
+routes = web.RouteTableDef()
+
+Code = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
+Password = Annotated[str, Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)]
+Email = Annotated[str, Field(min_length=1, max_length=stored_accounts.MAX_EMAIL_LENGTH)]
+# Enrolment tokens are 43 URL-safe characters; anything else is not one.
+TOKEN_PATTERN = r"[A-Za-z0-9_-]{20,100}"  # noqa: S105 - a pattern, not a secret
+
+LOGIN_REFUSED = "The e-mail address, password or code is not right."
+
+
+class LoginBody(RequestBody):
+    email: Email
+    password: Password
+    code: Code
+
+
+class PasswordBody(RequestBody):
+    password: Password
+
+
+class CodeBody(RequestBody):
+    code: Code
+
+
+@routes.post("/api/login")
+async def login(request: web.Request) -> web.Response:
+    """Log in with e-mail address, password and TOTP code; start a new session."""
+    body = await read_json(request, LoginBody)
+    auth: Authenticator = authenticator(request.app)
+    attempt = LoginAttempt(body.email, body.password, body.code, request.remote or "unknown")
+    try:
+        account = await auth.login(attempt)
+    except LoginLocked as locked:
+        raise TooManyRequests(
+            "Too many failed attempts. Wait a while before trying again.",
+            retry_after_s=locked.retry_after_s,
+            code="login_locked",
+        ) from None
+    except LoginRefused:
+        raise Unauthorized(LOGIN_REFUSED, code="login_failed") from None
+
+    app = request.app
+    now = app[CLOCK].now()
+    previous = await authenticate(request)
+    async with app[DB_ENGINE].begin() as conn:
+        # A fresh id at every login: a session id planted before login is worthless.
+        if previous is not None:
+            await end_session(conn, previous.session.id_hash)
+        session_id, session = await create_session(conn, account.id, now=now)
+    response = web.json_response(_session_json(request, account, session))
+    set_session_cookie(request, response, session_id)
+    return response
+
+
+@routes.post("/api/logout")
+async def logout(request: web.Request) -> web.Response:
+    """End the session on the server and drop the cookie (also when none is open)."""
+    principal = await authenticate(request)
+    if principal is not None:
+        async with request.app[DB_ENGINE].begin() as conn:
+            await end_session(conn, principal.session.id_hash)
+    response = web.Response(status=204)
+    clear_session_cookie(request, response)
+    return response
+
+
+@routes.get("/api/session")
+async def current_session(request: web.Request) -> web.Response:
+    """Who is logged in, and when the session ends if left alone."""
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized("not logged in (or the session timed out)")
+    return web.json_response(_session_json(request, principal.account, principal.session))
+
+
+def _session_json(
+    request: web.Request, account: stored_accounts.Account, session: Session
+) -> dict[str, object]:
+    settings = request.app[SETTINGS].sessions
+    now = request.app[CLOCK].now()
+    return {
+        "account": account_json(account),
+        "session": {
+            "ends_at": iso(session_ends_at(session, now=now, settings=settings)),
+            "absolute_end_at": iso(
+                session.created_at + timedelta(seconds=settings.absolute_timeout_s)
+            ),
+            "idle_timeout_s": settings.idle_timeout_s,
+        },
+    }
+
+
+def _token(request: web.Request) -> str:
+    return request.match_info["token"]
+
+
+@routes.get("/api/enrolment/{token:" + TOKEN_PATTERN + "}")
+async def enrolment_status(request: web.Request) -> web.Response:
+    """What the link is for: the address and role being enrolled, and until when."""
+    link = await enroller(request.app).open(_token(request))
+    return web.json_response(
+        {
+            "email": link.account.email,
+            "role": link.account.role.value,
+            "expires_at": iso(link.expires_at),
+            "password_chosen": link.pending_password_hash is not None,
+        }
+    )
+
+
+@routes.post("/api/enrolment/{token:" + TOKEN_PATTERN + "}/password")
+async def enrolment_password(request: web.Request) -> web.Response:
+    """Set the password; answer with the new TOTP secret and its QR code (shown once)."""
+    body = await read_json(request, PasswordBody)
+    setup = await enroller(request.app).choose_password(_token(request), body.password)
+    return web.json_response(
+        {
+            "totp_secret": setup.secret,
+            "provisioning_uri": setup.provisioning_uri,
+            "qr_code": setup.qr_code,
+        }
+    )
+
+
+@routes.post("/api/enrolment/{token:" + TOKEN_PATTERN + "}/confirm")
+async def enrolment_confirm(request: web.Request) -> web.Response:
+    """Confirm one code from the app; the account becomes active and can log in."""
+    body = await read_json(request, CodeBody)
+    service: Enroller = enroller(request.app)
+    account = await service.confirm(_token(request), body.code)
+    return web.json_response({"account": account_json(account)})

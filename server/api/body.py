@@ -1,0 +1,55 @@
+"""Reading and validating JSON request bodies against pydantic models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from server.api.errors import BadRequest, PayloadTooLarge, Unprocessable
+from server.app_keys import SETTINGS
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class RequestBody(BaseModel):
+    """Base of every request body: unknown fields refused, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+async def read_json(request: web.Request, model: type[Model]) -> Model:
+    """Return the body as ``model``; 400, 413 or 422 with the reason otherwise."""
+    if request.content_type != "application/json":
+        raise BadRequest(
+            f"send the body as application/json (got {request.content_type or 'nothing'})"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].server.max_body_bytes
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    try:
+        data: Any = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object", code="malformed_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise Unprocessable(describe_validation_error(err)) from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """Name the first bad field and what is wrong with it, without echoing values."""
+    first = err.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"field {where!r} is required"
+    if first["type"] == "extra_forbidden":
+        return f"field {where!r} is not expected here"
+    return f"field {where!r}: {message}"

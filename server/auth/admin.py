@@ -1,0 +1,150 @@
+"""Account administration, shared by the admin API and the command line.
+
+Every change is written to the access log in the same transaction as the
+change itself: no change without its record, no record without its change.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.access_log import AccessRecord, Outcome, append_access
+from audit.accounts import (
+    Account,
+    Role,
+    create_account,
+    disable_account,
+    enable_account,
+    issue_enrolment_link,
+    reset_totp,
+    set_role,
+)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change: an admin's account, or the operator at the command line."""
+
+    account_id: uuid.UUID | None
+    role: str
+    client_type: str
+
+    @classmethod
+    def operator(cls) -> Actor:
+        return cls(None, "operator", "cli")
+
+
+@dataclass(frozen=True)
+class EnrolmentInvitation:
+    account: Account
+    token: str
+    expires_at: datetime
+
+
+class AccountChange(enum.Enum):
+    DISABLE = "disable"
+    ENABLE = "enable"
+    RESET_TOTP = "reset-totp"
+
+
+async def record(
+    conn: AsyncConnection,
+    actor: Actor,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_id: uuid.UUID | None,
+    now: datetime,
+    object_type: str = "account",
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    await append_access(
+        conn,
+        AccessRecord(
+            at=now,
+            organisation_id=organisation_id,
+            actor_id=actor.account_id,
+            actor_role=actor.role,
+            action=action,
+            object_type=object_type,
+            object_id=str(object_id) if object_id else None,
+            outcome=outcome,
+            client_type=actor.client_type,
+        ),
+    )
+
+
+async def add_account(
+    conn: AsyncConnection,
+    actor: Actor,
+    *,
+    organisation_id: uuid.UUID,
+    email: str,
+    role: Role,
+    now: datetime,
+    link_ttl_s: int,
+) -> EnrolmentInvitation:
+    """Create an account and its first enrolment link."""
+    account = await create_account(
+        conn, organisation_id=organisation_id, email=email, role=role, now=now
+    )
+    token, expires_at = await issue_enrolment_link(conn, account, now=now, ttl_s=link_ttl_s)
+    await record(
+        conn,
+        actor,
+        organisation_id=organisation_id,
+        action="account.create",
+        object_id=account.id,
+        now=now,
+    )
+    return EnrolmentInvitation(account, token, expires_at)
+
+
+async def change_account(
+    conn: AsyncConnection,
+    actor: Actor,
+    account: Account,
+    change: AccountChange,
+    *,
+    now: datetime,
+    link_ttl_s: int,
+) -> EnrolmentInvitation | Account:
+    """Disable, enable or reset TOTP; a reset returns a new enrolment link."""
+    result: EnrolmentInvitation | Account
+    if change is AccountChange.DISABLE:
+        result = await disable_account(conn, account, now=now)
+    elif change is AccountChange.ENABLE:
+        result = await enable_account(conn, account)
+    else:
+        reset = await reset_totp(conn, account)
+        token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
+        result = EnrolmentInvitation(reset, token, expires_at)
+    await record(
+        conn,
+        actor,
+        organisation_id=account.organisation_id,
+        action=f"account.{change.value}",
+        object_id=account.id,
+        now=now,
+    )
+    return result
+
+
+async def change_role(
+    conn: AsyncConnection, actor: Actor, account: Account, role: Role, *, now: datetime
+) -> Account:
+    changed = await set_role(conn, account, role)
+    await record(
+        conn,
+        actor,
+        organisation_id=account.organisation_id,
+        action="account.set-role",
+        object_id=account.id,
+        now=now,
+    )
+    return changed

@@ -1,0 +1,163 @@
+"""Logging in: password and TOTP code on every login, with lockouts.
+
+Whatever goes wrong (unknown address, wrong password, wrong or replayed
+code, account not enrolled or disabled) the caller learns only "refused",
+and every path verifies one argon2 hash, so timing tells nothing either.
+Failures are counted per e-mail address and per client address under keyed
+hashes, so an unknown address locks exactly like a known one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit.accounts import (
+    Account,
+    AccountStatus,
+    claim_totp_step,
+    find_account_by_email,
+    normalise_email,
+    update_password_hash,
+)
+from audit.clock import Clock
+from audit.errors import InvalidValue
+from audit.keys import MasterKey
+from audit.sealing import keyed_hash, unseal
+from audit.sessions import login_failures_since, record_login_failure
+from audit.technical_log import write_technical
+from config import AccountSettings
+from server.auth import totp
+from server.auth.lockout import locked_until, lookback
+from server.auth.passwords import PasswordHasher
+
+TOTP_PURPOSE = "totp-secret"
+
+
+class LoginRefused(Exception):
+    """The login failed; deliberately says no more."""
+
+
+class LoginLocked(Exception):
+    """Too many failures: no login is tried until ``retry_after_s`` have passed."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("too many failed logins")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    email: str
+    password: str
+    code: str
+    # The client's address: counted under a keyed hash, kept only in the
+    # 24-hour technical log.
+    client_address: str
+
+
+@dataclass(frozen=True)
+class Authenticator:
+    engine: AsyncEngine
+    clock: Clock
+    master_key: MasterKey
+    hasher: PasswordHasher
+    settings: AccountSettings
+
+    async def login(self, attempt: LoginAttempt) -> Account:
+        """Return the account if password and code are right; raise otherwise."""
+        now = self.clock.now()
+        try:
+            email = normalise_email(attempt.email)
+        except InvalidValue:
+            email = attempt.email.strip().lower()
+        subject_hash = keyed_hash(self.master_key.key, "login-subject", email)
+        client_hash = keyed_hash(self.master_key.key, "login-client", attempt.client_address)
+
+        async with self.engine.begin() as conn:
+            until = await self._locked_until(conn, subject_hash, client_hash, now)
+            if until is not None:
+                await write_technical(
+                    conn,
+                    "login.locked",
+                    now=now,
+                    detail={"client_address": attempt.client_address, "until": until.isoformat()},
+                )
+            account = await find_account_by_email(conn, email)
+        if until is not None:
+            raise LoginLocked((until - now).total_seconds())
+
+        password_ok = await self.hasher.verify(
+            account.password_hash if account else None, attempt.password
+        )
+        reason = self._reason(account, password_ok)
+        step = None
+        if reason is None and account is not None and account.totp_secret_sealed is not None:
+            secret = unseal(
+                self.master_key.key,
+                TOTP_PURPOSE,
+                account.totp_secret_sealed,
+                bound_to=str(account.id),
+            ).decode()
+            step = totp.matching_step(secret, attempt.code, now=now)
+            reason = "wrong code" if step is None else None
+
+        async with self.engine.begin() as conn:
+            if reason is None and account is not None and step is not None:
+                if await claim_totp_step(conn, account.id, step):
+                    if account.password_hash and self.hasher.needs_rehash(account.password_hash):
+                        new_hash = await self.hasher.hash(attempt.password)
+                        await update_password_hash(conn, account.id, new_hash)
+                    return account
+                reason = "replayed code"
+            await record_login_failure(
+                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
+            )
+            await write_technical(
+                conn,
+                "login.failed",
+                now=now,
+                subject=str(account.id) if account else None,
+                detail={"reason": reason, "client_address": attempt.client_address},
+            )
+        raise LoginRefused
+
+    @staticmethod
+    def _reason(account: Account | None, password_ok: bool) -> str | None:
+        if account is None:
+            return "unknown account"
+        if not password_ok:
+            return "wrong password"
+        if account.status is AccountStatus.DISABLED:
+            return "account disabled"
+        if account.status is AccountStatus.ENROLLING:
+            return "not enrolled"
+        return None
+
+    async def _locked_until(
+        self, conn: AsyncConnection, subject_hash: str, client_hash: str, now: datetime
+    ) -> datetime | None:
+        since = now - lookback(
+            window_s=self.settings.failure_window_s, lockout_s=self.settings.lockout_s
+        )
+        by_subject = await login_failures_since(conn, since, subject_hash=subject_hash)
+        by_client = await login_failures_since(conn, since, client_hash=client_hash)
+        locks = [
+            locked_until(
+                by_subject,
+                now=now,
+                max_failures=self.settings.max_failures,
+                window_s=self.settings.failure_window_s,
+                lockout_s=self.settings.lockout_s,
+            ),
+            locked_until(
+                by_client,
+                now=now,
+                max_failures=self.settings.client_max_failures,
+                window_s=self.settings.failure_window_s,
+                lockout_s=self.settings.lockout_s,
+            ),
+        ]
+        return max((lock for lock in locks if lock is not None), default=None)

@@ -1,0 +1,133 @@
+"""The session cookie and the logged-in account of a request.
+
+Sessions live on the server (:mod:`audit.sessions`); the cookie holds only a
+random id. Every authenticated request checks the idle and absolute
+timeouts and the account's status, so a disabled account is out at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from aiohttp import web
+
+from audit.access_log import AccessRecord, Outcome, append_access
+from audit.accounts import Account, AccountStatus, Role, get_account
+from audit.errors import NotFound
+from audit.sessions import Session, end_session, find_session, touch_session
+from config import SessionSettings
+from server.api.errors import Forbidden, Unauthorized
+from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.web_security import served_over_tls
+
+# The __Host- prefix (over TLS) pins the cookie to this exact host and path.
+COOKIE_NAME = "vc_session"
+TLS_COOKIE_NAME = "__Host-vc_session"
+MAX_COOKIE_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is making the request."""
+
+    account: Account
+    session: Session
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+_CHECKED = web.RequestKey("session_checked", bool)
+
+
+def cookie_name(request: web.Request) -> str:
+    return TLS_COOKIE_NAME if served_over_tls(request) else COOKIE_NAME
+
+
+def set_session_cookie(request: web.Request, response: web.StreamResponse, session_id: str) -> None:
+    settings = request.app[SETTINGS]
+    response.set_cookie(
+        cookie_name(request),
+        session_id,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=served_over_tls(request),
+        max_age=settings.sessions.absolute_timeout_s,
+    )
+
+
+def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    response.del_cookie(cookie_name(request), path="/")
+
+
+def session_expired(session: Session, *, now: datetime, settings: SessionSettings) -> bool:
+    idle_end = session.last_seen_at + timedelta(seconds=settings.idle_timeout_s)
+    absolute_end = session.created_at + timedelta(seconds=settings.absolute_timeout_s)
+    return now >= idle_end or now >= absolute_end
+
+
+def session_ends_at(session: Session, *, now: datetime, settings: SessionSettings) -> datetime:
+    """When the session ends if nothing else happens (idle or absolute, earlier)."""
+    idle_end = now + timedelta(seconds=settings.idle_timeout_s)
+    absolute_end = session.created_at + timedelta(seconds=settings.absolute_timeout_s)
+    return min(idle_end, absolute_end)
+
+
+async def authenticate(request: web.Request) -> Principal | None:
+    """Return the logged-in account of this request, or None; checked once per request."""
+    if request.get(_CHECKED):
+        return request.get(PRINCIPAL)
+    request[_CHECKED] = True
+    session_id = request.cookies.get(cookie_name(request))
+    if not session_id or len(session_id) > MAX_COOKIE_LENGTH:
+        return None
+    app = request.app
+    now = app[CLOCK].now()
+    async with app[DB_ENGINE].begin() as conn:
+        session = await find_session(conn, session_id)
+        if session is None:
+            return None
+        if session_expired(session, now=now, settings=app[SETTINGS].sessions):
+            await end_session(conn, session.id_hash)
+            return None
+        try:
+            account = await get_account(conn, session.account_id)
+        except NotFound:
+            return None
+        if account.status is not AccountStatus.ACTIVE:
+            await end_session(conn, session.id_hash)
+            return None
+        await touch_session(conn, session, now=now)
+    principal = Principal(account, session)
+    request[PRINCIPAL] = principal
+    return principal
+
+
+async def require_role(request: web.Request, *roles: Role, action: str) -> Principal:
+    """Return the principal if logged in with one of ``roles``; else 401 or 403.
+
+    A refusal for the wrong role is written to the access log as ``action``.
+    """
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized("log in first")
+    if principal.account.role not in roles:
+        app = request.app
+        async with app[DB_ENGINE].begin() as conn:
+            await append_access(
+                conn,
+                AccessRecord(
+                    at=app[CLOCK].now(),
+                    organisation_id=principal.account.organisation_id,
+                    actor_id=principal.account.id,
+                    actor_role=principal.account.role.value,
+                    action=action,
+                    object_type="endpoint",
+                    object_id=None,
+                    outcome=Outcome.REFUSED,
+                    client_type="api",
+                ),
+            )
+        allowed = " or ".join(role.value for role in roles)
+        raise Forbidden(f"this needs the role {allowed}")
+    return principal

@@ -1,0 +1,55 @@
+"""Periodic clean-up: technical log entries past 24 hours, dead sessions, old failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from audit.sessions import purge_login_failures, purge_sessions
+from audit.technical_log import purge_technical_log
+from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.auth.lockout import lookback
+
+_log = structlog.get_logger("videoconsult.housekeeping")
+
+# Often enough that nothing outlives its limit by more than a few minutes;
+# reads filter by time anyway, so this bounds only what sits on disk.
+INTERVAL_S = 300.0
+
+
+async def purge_expired(app: web.Application) -> dict[str, int]:
+    """Delete everything past its time once; return how many rows of each kind."""
+    settings = app[SETTINGS]
+    now = app[CLOCK].now()
+    async with app[DB_ENGINE].begin() as conn:
+        return {
+            "technical_log": await purge_technical_log(conn, now=now),
+            "sessions": await purge_sessions(
+                conn,
+                now=now,
+                idle_timeout_s=settings.sessions.idle_timeout_s,
+                absolute_timeout_s=settings.sessions.absolute_timeout_s,
+            ),
+            "login_failures": await purge_login_failures(
+                conn,
+                before=now
+                - lookback(
+                    window_s=settings.accounts.failure_window_s,
+                    lockout_s=settings.accounts.lockout_s,
+                ),
+            ),
+        }
+
+
+async def run_housekeeping(app: web.Application) -> None:
+    """Background task: purge at start and then every few minutes."""
+    while True:
+        try:
+            counts = await purge_expired(app)
+            if any(counts.values()):
+                _log.info("purged expired records", **counts)
+        except Exception:
+            _log.exception("housekeeping failed; trying again later")
+        await asyncio.sleep(INTERVAL_S)

@@ -1,0 +1,82 @@
+"""Web hygiene for every response and every state-changing request.
+
+- Security headers on every response, errors and WebSocket upgrades included.
+- A strict Origin check on every state-changing request: the request must say
+  it comes from our own origin. Together with ``SameSite=Strict`` cookies this
+  keeps another site's page from acting with a professional's session (CSRF).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.api.errors import Handler, error_response
+from server.app_keys import SETTINGS
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# No inline script or style anywhere; media from the camera and peers is
+# handled as blobs; nothing may frame the pages.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' blob:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+PERMISSIONS_POLICY = (
+    "camera=(self), microphone=(self), display-capture=(self), fullscreen=(self), "
+    "geolocation=(), payment=(), usb=(), interest-cohort=()"
+)
+HSTS = "max-age=63072000; includeSubDomains"
+
+
+def expected_origin(request: web.Request) -> str:
+    """Our own origin: the configured public URL, or else the request's own."""
+    configured = request.app[SETTINGS].server.public_origin
+    if configured:
+        return configured
+    return f"{request.scheme}://{request.host}"
+
+
+def served_over_tls(request: web.Request) -> bool:
+    return request.app[SETTINGS].server.behind_tls or request.secure
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: the same headers on every response."""
+    headers = response.headers
+    headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    headers["X-Content-Type-Options"] = "nosniff"
+    # Invite and enrolment tokens live in URLs: never send them onwards.
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Permissions-Policy"] = PERMISSIONS_POLICY
+    headers["X-Frame-Options"] = "DENY"
+    headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    if request.path.startswith("/api/"):
+        headers.setdefault("Cache-Control", "no-store")
+    if served_over_tls(request):
+        headers["Strict-Transport-Security"] = HSTS
+
+
+@web.middleware
+async def origin_check_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse state-changing requests that do not come from our own origin."""
+    if request.method in SAFE_METHODS:
+        return await handler(request)
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return error_response(
+            403, "origin_required", "state-changing requests must carry an Origin header"
+        )
+    if origin != expected_origin(request):
+        return error_response(403, "origin_refused", "requests from another site are not accepted")
+    return await handler(request)
