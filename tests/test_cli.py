@@ -241,3 +241,28 @@ def test_failed_migration_error_is_one_short_line(data_dir: Path) -> None:
     assert_one_clear_error(result, "schema migration failed and was rolled back")
     assert "[SQL:" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_waiting_for_the_database_stops_at_once(data_dir: Path) -> None:
+    # A server that accepts TCP connections and never answers: the driver
+    # would wait for its whole connect timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        env = cli_env(
+            data_dir,
+            database_url=f"postgresql+asyncpg://vc@127.0.0.1:{port}/vc",
+            database_connect_timeout_s="30",
+        )
+        assert EXECUTABLE
+        with subprocess.Popen(
+            [EXECUTABLE, "db", "upgrade"], env=env, stderr=subprocess.PIPE, text=True
+        ) as process:
+            time.sleep(2)  # started and waiting for the database
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=10) == 130
+            assert time.monotonic() - started < 5
+            assert process.stderr is not None
+            assert "interrupted; the database is unchanged" in process.stderr.read()
