@@ -17,7 +17,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.db import check_connection, create_engine, database_url, first_line
-from audit.errors import MigrationFailed
+from audit.errors import MigrationFailed, SchemaOutOfDate
 from config import Settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -85,7 +85,7 @@ async def open_database(
     again, so a failed start never leaves a half-created database behind.
     """
     url = database_url(settings, data_dir)
-    new_sqlite_file = _missing_sqlite_file(url)
+    new_sqlite_file = missing_sqlite_file(url)
     engine = create_engine(url, connect_timeout_s=settings.database.connect_timeout_s)
     try:
         await check_connection(engine, timeout_s=settings.database.connect_timeout_s)
@@ -100,9 +100,19 @@ async def open_database(
     return engine
 
 
-def _missing_sqlite_file(url: URL) -> Path | None:
+def missing_sqlite_file(url: URL) -> Path | None:
     """Return the SQLite file ``url`` names if it does not exist yet."""
     if url.get_backend_name() != "sqlite" or not url.database:
         return None
     path = Path(url.database)
     return None if path.exists() else path
+
+
+async def ensure_current(engine: AsyncEngine) -> None:
+    """Raise :class:`SchemaOutOfDate` unless the schema is at the newest revision."""
+    revision, head = await current_revision(engine), head_revision()
+    if revision != head:
+        raise SchemaOutOfDate(
+            f"the database schema is at revision {revision or 'none'}, this version "
+            f"needs {head}: run `videoconsult db upgrade`"
+        )

@@ -204,6 +204,8 @@ def configure_process_logging(
     # addresses, hashes, names. Never, whatever the level.
     for chatty in ("aiosqlite", "sqlalchemy.engine", "sqlalchemy.pool", "asyncpg"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # Alembic narrates every look at the schema; the CLI reports the outcome.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

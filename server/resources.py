@@ -12,14 +12,9 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from audit import (
-    current_revision,
-    head_revision,
-    load_master_key,
-    open_database,
-    prepare_data_dir,
-)
+from audit import load_master_key, open_database, prepare_data_dir
 from audit.errors import SchemaOutOfDate
+from audit.migrate import ensure_current
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, REDIS, SETTINGS
 
 _log = structlog.get_logger("videoconsult.server")
@@ -48,14 +43,11 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
         settings, app[DATA_DIR], migrate=settings.database.migrate_on_start
     )
     if not settings.database.migrate_on_start:
-        revision, head = await current_revision(engine), head_revision()
-        if revision != head:
+        try:
+            await ensure_current(engine)
+        except SchemaOutOfDate:
             await engine.dispose()
-            raise SchemaOutOfDate(
-                f"the database schema is at revision {revision or 'none'}, this version "
-                f"needs {head}: run `videoconsult db upgrade` (database.migrate_on_start "
-                "is off)"
-            )
+            raise
     app[DB_ENGINE] = engine
     try:
         yield

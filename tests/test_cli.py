@@ -266,3 +266,61 @@ def test_ctrl_c_while_waiting_for_the_database_stops_at_once(data_dir: Path) -> 
             assert time.monotonic() - started < 5
             assert process.stderr is not None
             assert "interrupted; the database is unchanged" in process.stderr.read()
+
+
+def test_operator_adds_an_organisation_and_an_account_with_an_enrolment_link(
+    data_dir: Path,
+) -> None:
+    env = cli_env(data_dir, server_public_url="https://video.praktijk-noord.example")
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    added = run_cli("org", "add", "Praktijk Noord", env=env)
+    assert added.returncode == 0, added.stderr
+    again = run_cli("org", "add", "Praktijk Noord", env=env)
+    assert_one_clear_error(again, "exists already")
+
+    user = run_cli(
+        "user",
+        "add",
+        "--org",
+        "Praktijk Noord",
+        "--role",
+        "admin",
+        "--email",
+        "Ad@Noord.example",
+        env=env,
+    )
+    assert user.returncode == 0, user.stderr
+    assert "https://video.praktijk-noord.example/enrol/" in user.stdout
+    listing = run_cli("user", "list", "--org", "Praktijk Noord", env=env)
+    assert "admin      enrolling  ad@noord.example" in listing.stdout
+
+    reset = run_cli("user", "reset-totp", "ad@noord.example", env=env)
+    assert "/enrol/" in reset.stdout
+    disabled = run_cli("user", "disable", "ad@noord.example", env=env)
+    assert "is now disabled" in disabled.stdout
+    role = run_cli("user", "set-role", "ad@noord.example", "support", env=env)
+    assert "now has the role support" in role.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["user", "add", "--org", "Nope", "--role", "admin", "--email", "a@b.nl"], "no organis"),
+        (["user", "add", "--org", "X", "--role", "king", "--email", "a@b.nl"], "invalid choice"),
+        (["user", "disable", "nobody@example.nl"], "no account with the e-mail address"),
+        (["user", "disable", "\u0430nna@example.nl"], "U+0430"),
+    ],
+)
+def test_user_commands_refuse_bad_input_with_one_line(
+    data_dir: Path, args: list[str], expected: str
+) -> None:
+    env = cli_env(data_dir)
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    result = run_cli(*args, env=env)
+    assert_one_clear_error(result, expected)
+
+
+def test_user_commands_need_an_up_to_date_schema(data_dir: Path) -> None:
+    result = run_cli("org", "list", env=cli_env(data_dir))
+    assert_one_clear_error(result, "run `videoconsult db upgrade`")
+    assert list(data_dir.iterdir()) == []

@@ -315,3 +315,36 @@ async def test_invalid_json_and_huge_bodies_are_refused(sqlite_harness: Harness)
     )
     assert huge.status == 413
     assert (await huge.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_address_takes_as_long_as_a_wrong_password(
+    make_settings, clock, aiohttp_client
+) -> None:
+    """With production argon2 costs the dummy hash makes both paths slow alike.
+
+    Without it an unknown address answers in about a millisecond and a known
+    one in tens of milliseconds, so the bound below is far from both.
+    """
+    import time
+
+    from server import create_app
+
+    settings = make_settings(
+        accounts_argon2_time_cost=3, accounts_argon2_memory_kib=65536, accounts_argon2_parallelism=4
+    )
+    app = create_app(settings, clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+
+    async def timed(email: str) -> float:
+        started = time.perf_counter()
+        response = await harness.post(
+            "/api/login", {"email": email, "password": "wrong password!!", "code": "123456"}
+        )
+        assert response.status == 401
+        return time.perf_counter() - started
+
+    known = sorted([await timed(anna.email) for _ in range(3)])[1]
+    unknown = sorted([await timed(f"nobody{n}@example.nl") for n in range(3)])[1]
+    assert unknown > known * 0.5, (known, unknown)
+    assert known > 0.01  # the production costs really are in force

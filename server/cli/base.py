@@ -7,9 +7,14 @@ sets ``run=`` to a function ``(settings, args) -> int`` (the exit code).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Protocol
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit import SchemaOutOfDate, database_url, open_database, prepare_data_dir
+from audit.migrate import ensure_current, missing_sqlite_file
 from config import Settings
 
 Run = Callable[[Settings, argparse.Namespace], int]
@@ -22,3 +27,31 @@ class CliError(Exception):
 class CommandModule(Protocol):
     def register(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         """Add this module's command (and its subcommands) to ``subparsers``."""
+
+
+@asynccontextmanager
+async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The database, if its schema is current (else SchemaOutOfDate); disposed after."""
+    data_dir = prepare_data_dir(settings.data_dir)
+    new_file = missing_sqlite_file(database_url(settings, data_dir))
+    engine = await open_database(settings, data_dir, migrate=False)
+    try:
+        try:
+            await ensure_current(engine)
+        except SchemaOutOfDate:
+            await engine.dispose()
+            if new_file is not None:
+                new_file.unlink(missing_ok=True)  # looking must not create a database
+            raise
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def public_origin(settings: Settings) -> str:
+    """The origin links should use: server.public_url, or where serve listens."""
+    if settings.server.public_origin:
+        return settings.server.public_origin
+    host = settings.server.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.server.port}"

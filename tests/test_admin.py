@@ -1,0 +1,240 @@
+"""Account administration: admins only, own organisation only, every change logged."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from audit.accounts import Role
+from audit.schema import access_log, sessions
+from server.app_keys import DB_ENGINE
+from tests.harness import Harness
+
+ADMIN_ROUTES = [
+    ("GET", "/api/admin/accounts"),
+    ("POST", "/api/admin/accounts"),
+    ("GET", "/api/admin/accounts/{id}"),
+    ("PATCH", "/api/admin/accounts/{id}"),
+    ("POST", "/api/admin/accounts/{id}/disable"),
+    ("POST", "/api/admin/accounts/{id}/enable"),
+    ("POST", "/api/admin/accounts/{id}/reset-totp"),
+]
+
+
+async def call(harness: Harness, method: str, path: str, body: object = None):
+    return await harness.client.request(method, path, json=body, headers=harness.headers)
+
+
+async def access_records(harness: Harness) -> list[sa.Row[tuple[object, ...]]]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return list(await conn.execute(sa.select(access_log).order_by(access_log.c.id)))
+
+
+@pytest.mark.parametrize(("method", "template"), ADMIN_ROUTES)
+async def test_admin_routes_refuse_anonymous_callers(
+    sqlite_harness: Harness, method: str, template: str
+) -> None:
+    response = await call(sqlite_harness, method, template.format(id=uuid.uuid4()), {})
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "not_logged_in"
+
+
+@pytest.mark.parametrize("role", [Role.THERAPIST, Role.SUPPORT])
+@pytest.mark.parametrize(("method", "template"), ADMIN_ROUTES)
+async def test_admin_routes_refuse_therapists_and_support_and_log_it(
+    sqlite_harness: Harness, role: Role, method: str, template: str
+) -> None:
+    someone = await sqlite_harness.professional("someone@praktijk-noord.example", role)
+    await sqlite_harness.logged_in(someone)
+    target = template.format(id=someone.account_id)
+    response = await call(sqlite_harness, method, target, {"role": "admin"})
+    assert response.status == 403
+    assert (await response.json())["error"]["code"] == "forbidden"
+    [record] = [r for r in await access_records(sqlite_harness) if r.outcome == "refused"]
+    assert record.actor_id == someone.account_id
+    assert record.actor_role == role.value
+    # Nothing changed: still the same role.
+    async with sqlite_harness.app[DB_ENGINE].connect() as conn:
+        from audit.accounts import get_account
+
+        assert (await get_account(conn, someone.account_id)).role is role
+
+
+async def test_admin_creates_an_account_that_enrols_through_its_link(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    created = await harness.post(
+        "/api/admin/accounts", {"email": "Bram@Praktijk-Noord.example", "role": "therapist"}
+    )
+    assert created.status == 201
+    body = await created.json()
+    assert body["account"]["email"] == "bram@praktijk-noord.example"
+    assert body["account"]["status"] == "enrolling"
+    assert body["enrolment_url"].endswith(f"/enrol/{body['enrolment_token']}")
+    await harness.post("/api/logout")
+    secret = await harness.enrol(body["enrolment_token"])
+    bram = await harness.post(
+        "/api/login",
+        {
+            "email": "bram@praktijk-noord.example",
+            "password": "correct horse battery staple",
+            "code": harness.code(secret),
+        },
+    )
+    assert bram.status == 200
+
+
+async def test_taken_email_and_unknown_role_are_refused(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    taken = await harness.post("/api/admin/accounts", {"email": admin.email, "role": "support"})
+    assert taken.status == 409
+    role = await harness.post(
+        "/api/admin/accounts", {"email": "x@praktijk-noord.example", "role": "superuser"}
+    )
+    assert role.status == 422
+    assert "unknown role 'superuser'" in (await role.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("email", "fragment"),
+    [
+        ("\u0430nna@praktijk-noord.example", "U+0430"),  # Cyrillic a
+        ("an\u200bna@praktijk-noord.example", "U+200B"),  # zero-width space
+        ("anna@praktijk\u202enoord.example", "U+202E"),  # right-to-left override
+        ("anna@ex\u0430mple.nl", "U+0430"),
+        ("anna at example.nl", "not valid"),
+        ("", "empty"),
+        ("a" * 250 + "@example.nl", "longer than 254"),
+    ],
+)
+async def test_unicode_tricks_and_malformed_addresses_are_refused(
+    sqlite_harness: Harness, email: str, fragment: str
+) -> None:
+    admin = await sqlite_harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await sqlite_harness.logged_in(admin)
+    response = await sqlite_harness.post("/api/admin/accounts", {"email": email, "role": "support"})
+    assert response.status == 422
+    assert fragment in (await response.json())["error"]["message"]
+    listing = await (await sqlite_harness.client.get("/api/admin/accounts")).json()
+    assert len(listing["accounts"]) == 1
+
+
+async def test_admins_never_see_or_touch_another_organisation(harness: Harness) -> None:
+    north_admin = await harness.professional("admin@noord.example", Role.ADMIN, "Praktijk Noord")
+    south_admin = await harness.professional("admin@zuid.example", Role.ADMIN, "Praktijk Zuid")
+    south_therapist = await harness.professional(
+        "therapist@zuid.example", Role.THERAPIST, "Praktijk Zuid"
+    )
+    await harness.logged_in(north_admin)
+    listing = await (await harness.client.get("/api/admin/accounts")).json()
+    assert [account["email"] for account in listing["accounts"]] == ["admin@noord.example"]
+    for method, template in ADMIN_ROUTES[2:]:
+        for victim in (south_admin, south_therapist):
+            response = await call(
+                harness, method, template.format(id=victim.account_id), {"role": "admin"}
+            )
+            assert response.status == 404, (method, template)
+    # The other organisation is untouched, and its people can still log in.
+    await harness.post("/api/logout")
+    assert (await harness.login(south_therapist)).status == 200
+
+
+async def test_disabling_an_account_ends_its_sessions_at_once(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    anna_cookie = (await harness.login(anna)).cookies["vc_session"].value
+    harness.clock.advance(30)
+    harness.client.session.cookie_jar.clear()
+    await harness.logged_in(admin)
+    disabled = await harness.post(f"/api/admin/accounts/{anna.account_id}/disable")
+    assert disabled.status == 200
+    assert (await disabled.json())["account"]["status"] == "disabled"
+    assert (await harness.session_with_cookie(anna_cookie)).status == 401
+    async with harness.app[DB_ENGINE].connect() as conn:
+        left = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(sessions)
+            .where(sessions.c.account_id == anna.account_id)
+        )
+    assert left == 0
+
+
+async def test_enabling_lets_a_disabled_account_log_in_again(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    await harness.post(f"/api/admin/accounts/{anna.account_id}/disable")
+    enabled = await harness.post(f"/api/admin/accounts/{anna.account_id}/enable")
+    assert (await enabled.json())["account"]["status"] == "active"
+    await harness.post("/api/logout")
+    assert (await harness.login(anna)).status == 200
+
+
+async def test_reset_totp_forces_a_new_enrolment(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    reset = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    assert reset.status == 200
+    body = await reset.json()
+    assert body["account"]["status"] == "enrolling"
+    await harness.post("/api/logout")
+    assert (await harness.login(anna)).status == 401  # the old app's codes are worthless
+    new_secret = await harness.enrol(body["enrolment_token"])
+    assert new_secret != anna.secret
+    anna.secret = new_secret
+    assert (await harness.login(anna)).status == 200
+
+
+async def test_the_last_active_admin_cannot_be_disabled_demoted_or_reset(
+    harness: Harness,
+) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    base = f"/api/admin/accounts/{admin.account_id}"
+    for response in (
+        await harness.post(f"{base}/disable"),
+        await harness.post(f"{base}/reset-totp"),
+        await harness.patch(base, {"role": "therapist"}),
+    ):
+        assert response.status == 409
+        assert "last active admin" in (await response.json())["error"]["message"]
+    second = await harness.professional("second@praktijk-noord.example", Role.ADMIN)
+    demoted = await harness.patch(f"/api/admin/accounts/{second.account_id}", {"role": "support"})
+    assert (await demoted.json())["account"]["role"] == "support"
+
+
+async def test_every_admin_change_and_read_is_in_the_access_log(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    await harness.client.get("/api/admin/accounts")
+    await harness.client.get(f"/api/admin/accounts/{anna.account_id}")
+    await harness.patch(f"/api/admin/accounts/{anna.account_id}", {"role": "support"})
+    await harness.post(f"/api/admin/accounts/{anna.account_id}/disable")
+    await harness.post(f"/api/admin/accounts/{anna.account_id}/enable")
+    await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    await harness.client.get(f"/api/admin/accounts/{uuid.uuid4()}")
+
+    records = [r for r in await access_records(harness) if r.actor_id == admin.account_id]
+    assert [(r.action, r.outcome) for r in records] == [
+        ("account.list", "allowed"),
+        ("account.read", "allowed"),
+        ("account.set-role", "allowed"),
+        ("account.disable", "allowed"),
+        ("account.enable", "allowed"),
+        ("account.reset-totp", "allowed"),
+        ("account.read", "refused"),
+    ]
+    assert all(r.client_type == "api" and r.actor_role == "admin" for r in records)
+    assert {r.object_id for r in records[1:6]} == {str(anna.account_id)}
+
+
+async def test_malformed_account_ids_answer_404(sqlite_harness: Harness) -> None:
+    admin = await sqlite_harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await sqlite_harness.logged_in(admin)
+    response = await sqlite_harness.client.get("/api/admin/accounts/not-a-uuid")
+    assert response.status == 404

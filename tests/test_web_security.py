@@ -1,0 +1,113 @@
+"""Web hygiene: CSRF protection by strict Origin check, security headers everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from audit.accounts import Role
+from server import create_app
+from server.web_security import CONTENT_SECURITY_POLICY
+from tests.conftest import SettingsFactory
+from tests.harness import Harness
+
+
+async def test_state_changing_request_from_our_own_origin_is_accepted(
+    sqlite_harness: Harness,
+) -> None:
+    anna = await sqlite_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    response = await sqlite_harness.login(anna)  # carries Origin: our own
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("origin", "code"),
+    [
+        (None, "origin_required"),
+        ("https://evil.example", "origin_refused"),
+        ("null", "origin_refused"),
+        ("http://127.0.0.1:1", "origin_refused"),
+    ],
+)
+async def test_state_changing_request_from_elsewhere_is_refused(
+    sqlite_harness: Harness, origin: str | None, code: str
+) -> None:
+    anna = await sqlite_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await sqlite_harness.logged_in(anna)
+    headers = {} if origin is None else {"Origin": origin}
+    logout = await sqlite_harness.client.post("/api/logout", headers=headers)
+    assert logout.status == 403
+    assert (await logout.json())["error"]["code"] == code
+    # The session survived the forged request.
+    assert (await sqlite_harness.client.get("/api/session")).status == 200
+
+
+async def test_reads_need_no_origin(sqlite_harness: Harness) -> None:
+    assert (await sqlite_harness.client.get("/api/session")).status == 401
+
+
+def assert_security_headers(headers: Any) -> None:
+    assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert "'unsafe-inline'" not in headers["Content-Security-Policy"]
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert "camera=(self)" in headers["Permissions-Policy"]
+    assert "microphone=(self)" in headers["Permissions-Policy"]
+    assert headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/", 200),
+        ("GET", "/healthz", 200),
+        ("GET", "/api/session", 401),
+        ("GET", "/no/such/page", 404),
+        ("POST", "/api/login", 403),
+        ("GET", "/api/enrolment/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", 404),
+    ],
+)
+async def test_every_response_carries_the_security_headers(
+    sqlite_harness: Harness, method: str, path: str, status: int
+) -> None:
+    response = await sqlite_harness.client.request(method, path)
+    assert response.status == status
+    assert_security_headers(response.headers)
+    assert "Strict-Transport-Security" not in response.headers  # plain HTTP here
+    if path.startswith("/api/"):
+        assert response.headers["Cache-Control"] == "no-store"
+
+
+async def test_behind_tls_hsts_is_sent_and_the_cookie_is_secure(
+    make_settings: SettingsFactory, clock: Any, aiohttp_client: Any
+) -> None:
+    public = "https://video.praktijk-noord.example"
+    app = create_app(make_settings(server_public_url=public), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    harness.origin = public
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    response = await harness.login(anna)
+    assert response.status == 200
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert_security_headers(response.headers)
+    cookie = response.cookies["__Host-vc_session"]
+    assert cookie["secure"]
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Strict"
+    # Behind TLS the configured origin is the only one accepted.
+    harness.origin = str(harness.client.make_url("/")).rstrip("/")
+    refused = await harness.login(anna)
+    assert refused.status == 403
+
+
+async def test_request_bodies_over_the_limit_are_refused_before_parsing(
+    sqlite_harness: Harness,
+) -> None:
+    response = await sqlite_harness.post(
+        "/api/login",
+        data=b"x" * (70 * 1024),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status == 413
