@@ -23,6 +23,19 @@ class Outcome(enum.Enum):
     REFUSED = "refused"
 
 
+class ClientType(enum.Enum):
+    # The JSON API (a browser page or another HTTP client).
+    API = "api"
+    # The videoconsult command line, run by the operator.
+    CLI = "cli"
+    # The signaling WebSocket.
+    WEBSOCKET = "websocket"
+
+
+# The actor role of changes made at the command line.
+OPERATOR = "operator"
+
+
 @dataclass(frozen=True)
 class AccessRecord:
     at: datetime
@@ -36,8 +49,7 @@ class AccessRecord:
     # A pseudonymous id (a UUID), never a name or an address.
     object_id: str | None
     outcome: Outcome
-    # "api", "cli", "websocket".
-    client_type: str
+    client_type: ClientType
 
 
 async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
@@ -52,7 +64,7 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
             object_type=record.object_type,
             object_id=record.object_id,
             outcome=record.outcome.value,
-            client_type=record.client_type,
+            client_type=record.client_type.value,
         )
     )
 
@@ -77,7 +89,7 @@ async def read_access_log(
             object_type=row.object_type,
             object_id=row.object_id,
             outcome=Outcome(row.outcome),
-            client_type=row.client_type,
+            client_type=ClientType(row.client_type),
         )
         for row in rows
     ]

@@ -18,19 +18,12 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import Conflict, InvalidValue, NotFound
+from audit.roles import ROLE_NAMES
+from audit.roles import Role as Role  # re-exported: callers think of roles with accounts
 from audit.schema import accounts, enrolment_links, organisations, sessions
 from audit.sealing import token_hash
 
 MAX_EMAIL_LENGTH = 254
-
-
-class Role(enum.Enum):
-    # Runs consults: creates them, admits patients, ends them.
-    THERAPIST = "therapist"
-    # Sees pseudonymous consult metadata and the 24-hour technical log.
-    SUPPORT = "support"
-    # Manages accounts, roles, retention and keys of the organisation.
-    ADMIN = "admin"
 
 
 class AccountStatus(enum.Enum):
@@ -110,7 +103,7 @@ def parse_role(raw: str) -> Role:
     try:
         return Role(raw)
     except ValueError:
-        allowed = ", ".join(role.value for role in Role)
+        allowed = ", ".join(ROLE_NAMES)
         raise InvalidValue(f"unknown role {raw!r}; allowed: {allowed}") from None
 
 
@@ -219,6 +212,17 @@ async def list_accounts(conn: AsyncConnection, organisation_id: uuid.UUID) -> li
 async def _ensure_another_active_admin(conn: AsyncConnection, account: Account) -> None:
     if account.role is not Role.ADMIN or account.status is not AccountStatus.ACTIVE:
         return
+    # Lock the organisation's admin rows first (PostgreSQL; SQLite's
+    # transactions are serial anyway): two admins disabling each other at
+    # the same moment must not both see the other as the one who remains.
+    await conn.execute(
+        sa.select(accounts.c.id)
+        .where(
+            accounts.c.organisation_id == account.organisation_id,
+            accounts.c.role == Role.ADMIN.value,
+        )
+        .with_for_update()
+    )
     others = await conn.scalar(
         sa.select(sa.func.count())
         .select_from(accounts)
@@ -393,3 +397,13 @@ async def complete_enrolment(
         )
     )
     return await get_account(conn, link.account.id)
+
+
+async def purge_enrolment_links(conn: AsyncConnection, *, now: datetime) -> int:
+    """Delete links that are used or expired (with any pending password or secret)."""
+    result = await conn.execute(
+        enrolment_links.delete().where(
+            sa.or_(enrolment_links.c.used_at.is_not(None), enrolment_links.c.expires_at <= now)
+        )
+    )
+    return result.rowcount

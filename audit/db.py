@@ -38,7 +38,11 @@ def create_engine(url: URL, *, connect_timeout_s: float) -> AsyncEngine:
     """Create the async engine for ``url`` (nothing is connected yet)."""
     # asyncpg: how long to wait for the connection; sqlite3: for a lock.
     connect_args: dict[str, Any] = {"timeout": connect_timeout_s}
-    engine = create_async_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    # hide_parameters: a failing statement's error never carries the values
+    # (addresses, names) into a log or a message.
+    engine = create_async_engine(
+        url, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
+    )
     if url.get_backend_name() == "sqlite":
         _make_sqlite_transactional(engine)
     return engine

@@ -11,6 +11,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from audit.roles import ROLE_NAMES
+
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on every backend.
@@ -60,7 +62,6 @@ organisations = sa.Table(
 # An autoincrementing 64-bit key on PostgreSQL; SQLite only autoincrements INTEGER.
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-ROLES = ("therapist", "support", "admin")
 
 # A professional: therapist, support or admin, of exactly one organisation.
 # Enrolled once a password and a confirmed TOTP secret are set.
@@ -87,7 +88,7 @@ accounts = sa.Table(
     sa.Column("enrolled_at", UtcDateTime(), nullable=True),
     sa.Column("disabled_at", UtcDateTime(), nullable=True),
     sa.UniqueConstraint("email"),
-    sa.CheckConstraint(f"role IN {ROLES!r}", name="role"),
+    sa.CheckConstraint(f"role IN {ROLE_NAMES!r}", name="role"),
 )
 
 # A one-time link to set a password and enrol a TOTP app. Only the token's

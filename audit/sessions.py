@@ -74,30 +74,45 @@ async def purge_sessions(
     return result.rowcount
 
 
-async def record_login_failure(
+async def record_login_attempt(
     conn: AsyncConnection, *, subject_hash: str, client_hash: str, now: datetime
-) -> None:
-    await conn.execute(
-        login_failures.insert().values(
-            subject_hash=subject_hash, client_hash=client_hash, failed_at=now
-        )
+) -> int:
+    """Record an attempt as failed before it is checked; return its id.
+
+    Counting attempts up front, and forgiving them on success
+    (:func:`forget_login_attempt`), means a burst of parallel attempts is
+    counted as it arrives, not after the slow password checks are done.
+    """
+    result = await conn.execute(
+        login_failures.insert()
+        .values(subject_hash=subject_hash, client_hash=client_hash, failed_at=now)
+        .returning(login_failures.c.id)
     )
+    return int(result.scalar_one())
 
 
-async def login_failures_since(
+async def forget_login_attempt(conn: AsyncConnection, attempt_id: int) -> None:
+    await conn.execute(login_failures.delete().where(login_failures.c.id == attempt_id))
+
+
+async def login_failures_before(
     conn: AsyncConnection,
+    attempt_id: int,
     since: datetime,
     *,
     subject_hash: str | None = None,
     client_hash: str | None = None,
 ) -> list[datetime]:
-    """Return the times of failures since ``since`` for a subject or a client, oldest first."""
-    query = sa.select(login_failures.c.failed_at).where(login_failures.c.failed_at > since)
+    """Return the times of failures recorded before ``attempt_id`` and after
+    ``since``, for a subject or a client, oldest first."""
+    query = sa.select(login_failures.c.failed_at).where(
+        login_failures.c.failed_at > since, login_failures.c.id < attempt_id
+    )
     if subject_hash is not None:
         query = query.where(login_failures.c.subject_hash == subject_hash)
     if client_hash is not None:
         query = query.where(login_failures.c.client_hash == client_hash)
-    return list(await conn.scalars(query.order_by(login_failures.c.failed_at)))
+    return list(await conn.scalars(query.order_by(login_failures.c.id)))
 
 
 async def purge_login_failures(conn: AsyncConnection, *, before: datetime) -> int:

@@ -15,6 +15,7 @@ import base64
 import binascii
 import difflib
 import enum
+import ipaddress
 import os
 import re
 import tomllib
@@ -64,6 +65,7 @@ class ServerSettings(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     public_url: str
+    trusted_proxies: str
     max_body_bytes: int = Field(ge=1024, le=16 * 1024 * 1024)
     shutdown_timeout_s: float = Field(gt=0, le=300)
 
@@ -86,6 +88,21 @@ class ServerSettings(_Section):
                 "(http or https, a host, an optional port, no path)"
             )
         return url.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in filter(None, (item.strip() for item in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"{part!r} is not an address or network") from None
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        parts = filter(None, (item.strip() for item in self.trusted_proxies.split(",")))
+        return tuple(ipaddress.ip_network(part, strict=False) for part in parts)
 
     @property
     def public_origin(self) -> str | None:
@@ -213,6 +230,12 @@ class Settings(_Section):
                 "production mode needs a master key: set security.master_key "
                 f"({ENV_PREFIX}SECURITY_MASTER_KEY) to {MASTER_KEY_BYTES} random bytes, "
                 "URL-safe base64"
+            )
+        if self.mode is Mode.PRODUCTION and not self.server.public_url:
+            raise ValueError(
+                "production mode needs server.public_url "
+                f"({ENV_PREFIX}SERVER_PUBLIC_URL), the address people use, e.g. "
+                "https://video.clinic.example"
             )
         return self
 

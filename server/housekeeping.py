@@ -1,4 +1,5 @@
-"""Periodic clean-up: technical log entries past 24 hours, dead sessions, old failures."""
+"""Periodic clean-up: technical log entries past 24 hours, dead sessions, old
+failures, used or expired enrolment links."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from audit.accounts import purge_enrolment_links
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
@@ -26,6 +28,7 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
     async with app[DB_ENGINE].begin() as conn:
         return {
             "technical_log": await purge_technical_log(conn, now=now),
+            "enrolment_links": await purge_enrolment_links(conn, now=now),
             "sessions": await purge_sessions(
                 conn,
                 now=now,

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from aiohttp import web
 
 from server.api.errors import Handler, error_response
@@ -80,3 +82,37 @@ async def origin_check_middleware(request: web.Request, handler: Handler) -> web
     if origin != expected_origin(request):
         return error_response(403, "origin_refused", "requests from another site are not accepted")
     return await handler(request)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy,
+    the nearest address in X-Forwarded-For that is not a trusted proxy."""
+    remote = request.remote or "unknown"
+    networks = request.app[SETTINGS].server.trusted_proxy_networks
+    if not networks or not _within(remote, networks):
+        return remote
+    hops = [
+        hop.strip()
+        for header in request.headers.getall("X-Forwarded-For", [])
+        for hop in header.split(",")
+    ]
+    for hop in reversed(hops):
+        if not _within(hop, networks):
+            return hop if _is_address(hop) else remote
+    return remote
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _within(text: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

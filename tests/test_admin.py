@@ -176,12 +176,16 @@ async def test_enabling_lets_a_disabled_account_log_in_again(harness: Harness) -
 async def test_reset_totp_forces_a_new_enrolment(harness: Harness) -> None:
     admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    anna_cookie = (await harness.login(anna)).cookies["vc_session"].value
+    harness.clock.advance(30)
+    harness.client.session.cookie_jar.clear()
     await harness.logged_in(admin)
     reset = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
     assert reset.status == 200
     body = await reset.json()
     assert body["account"]["status"] == "enrolling"
-    await harness.post("/api/logout")
+    assert (await harness.session_with_cookie(anna_cookie)).status == 401  # ended at once
+    harness.client.session.cookie_jar.clear()
     assert (await harness.login(anna)).status == 401  # the old app's codes are worthless
     new_secret = await harness.enrol(body["enrolment_token"])
     assert new_secret != anna.secret
@@ -238,3 +242,41 @@ async def test_malformed_account_ids_answer_404(sqlite_harness: Harness) -> None
     await sqlite_harness.logged_in(admin)
     response = await sqlite_harness.client.get("/api/admin/accounts/not-a-uuid")
     assert response.status == 404
+
+
+async def test_two_admins_disabling_each_other_at_once_leave_one_active(
+    harness: Harness,
+) -> None:
+    import asyncio
+
+    from audit.access_log import ClientType
+    from audit.accounts import get_account
+    from server.auth.admin import AccountChange, Actor, change_account
+
+    first = await harness.professional("first@praktijk-noord.example", Role.ADMIN)
+    second = await harness.professional("second@praktijk-noord.example", Role.ADMIN)
+    engine = harness.app[DB_ENGINE]
+
+    async def disable(target: uuid.UUID, actor: uuid.UUID) -> str:
+        try:
+            async with engine.begin() as conn:
+                account = await get_account(conn, target)
+                await change_account(
+                    conn,
+                    Actor(actor, "admin", ClientType.API),
+                    account,
+                    AccountChange.DISABLE,
+                    now=harness.clock.now(),
+                )
+        except Exception as err:  # the loser's refusal
+            return type(err).__name__
+        return "disabled"
+
+    outcomes = await asyncio.gather(
+        disable(second.account_id, first.account_id),
+        disable(first.account_id, second.account_id),
+    )
+    assert sorted(outcomes) == ["Conflict", "disabled"]
+    async with engine.connect() as conn:
+        states = [(await get_account(conn, who.account_id)).status.value for who in (first, second)]
+    assert sorted(states) == ["active", "disabled"]

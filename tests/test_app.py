@@ -119,7 +119,9 @@ async def test_configured_master_key_is_used_and_no_key_file_is_written(
 ) -> None:
     key = secrets.token_bytes(32)
     settings = make_settings(
-        mode="production", security_master_key=base64.urlsafe_b64encode(key).decode()
+        mode="production",
+        security_master_key=base64.urlsafe_b64encode(key).decode(),
+        server_public_url="https://video.clinic.example",
     )
     app = create_app(settings)
     await aiohttp_client(app)

@@ -36,6 +36,7 @@ INTERPOLATION = re.compile(
 )
 # What an operator would put in .env; the master key is a valid 32-byte key.
 PLACEHOLDERS = {
+    "PUBLIC_URL": "https://video.clinic.example",
     "POSTGRES_PASSWORD": "placeholder-password",
     "MASTER_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode(),
     "TURN_SECRET": "placeholder-turn-secret",

@@ -62,3 +62,22 @@ async def test_purge_removes_dead_sessions_and_old_failures_and_keeps_live_ones(
     assert purged["login_failures"] == 1
     assert await count(harness, sessions) == 0
     assert await count(harness, login_failures) == 0
+
+
+async def test_used_and_expired_enrolment_links_are_purged_with_their_pending_secrets(
+    harness: Harness,
+) -> None:
+    from audit.schema import enrolment_links
+
+    await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)  # used link
+    pending = await harness.invite("bram@praktijk-noord.example", Role.SUPPORT)
+    await harness.post(f"/api/enrolment/{pending}/password", {"password": "x" * 8 + "abcd"})
+    live = await harness.invite("cees@praktijk-noord.example", Role.SUPPORT)
+    assert await count(harness, enrolment_links) == 3
+
+    purged = await purge_expired(harness.app)
+    assert purged["enrolment_links"] == 1  # the used one
+    harness.clock.advance(3601)  # the harness's links live an hour
+    purged = await purge_expired(harness.app)
+    assert purged["enrolment_links"] == 2
+    assert (await harness.client.get(f"/api/enrolment/{live}")).status == 404

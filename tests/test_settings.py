@@ -132,7 +132,11 @@ def test_production_mode_without_master_key_is_refused() -> None:
 
 def test_production_mode_with_master_key_logs_json() -> None:
     settings = load_settings(
-        {"VIDEOCONSULT_MODE": "production", "VIDEOCONSULT_SECURITY_MASTER_KEY": GOOD_KEY}
+        {
+            "VIDEOCONSULT_MODE": "production",
+            "VIDEOCONSULT_SECURITY_MASTER_KEY": GOOD_KEY,
+            "VIDEOCONSULT_SERVER_PUBLIC_URL": "https://video.clinic.example",
+        }
     )
     assert settings.is_production
     assert settings.security.master_key_bytes() == base64.urlsafe_b64decode(GOOD_KEY)
@@ -250,3 +254,18 @@ def test_passwords_with_slashes_or_at_signs_stay_hidden() -> None:
     message = load_error({"VIDEOCONSULT_DATABASE_URL": "mysql://vc:pa/ss@w@db/vc"})
     assert "pa/ss" not in message
     assert "ss@w" not in message
+
+
+def test_production_mode_without_public_url_is_refused() -> None:
+    message = load_error(
+        {"VIDEOCONSULT_MODE": "production", "VIDEOCONSULT_SECURITY_MASTER_KEY": GOOD_KEY}
+    )
+    assert "production mode needs server.public_url" in message
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    ok = load_settings({"VIDEOCONSULT_SERVER_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8, ::1"})
+    assert len(ok.server.trusted_proxy_networks) == 3
+    assert "'proxy.local' is not an address" in load_error(
+        {"VIDEOCONSULT_SERVER_TRUSTED_PROXIES": "10.0.0.1, proxy.local"}
+    )

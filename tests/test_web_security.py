@@ -43,6 +43,22 @@ async def test_state_changing_request_from_elsewhere_is_refused(
     assert (await sqlite_harness.client.get("/api/session")).status == 200
 
 
+async def test_patch_from_another_site_is_refused_before_anything_changes(
+    sqlite_harness: Harness,
+) -> None:
+    admin = await sqlite_harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await sqlite_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await sqlite_harness.logged_in(admin)
+    response = await sqlite_harness.client.patch(
+        f"/api/admin/accounts/{anna.account_id}",
+        json={"role": "admin"},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert response.status == 403
+    listing = await (await sqlite_harness.client.get("/api/admin/accounts")).json()
+    assert {a["email"]: a["role"] for a in listing["accounts"]}[anna.email] == "therapist"
+
+
 async def test_reads_need_no_origin(sqlite_harness: Harness) -> None:
     assert (await sqlite_harness.client.get("/api/session")).status == 401
 
@@ -67,6 +83,9 @@ def assert_security_headers(headers: Any) -> None:
         ("GET", "/no/such/page", 404),
         ("POST", "/api/login", 403),
         ("GET", "/api/enrolment/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", 404),
+        ("PUT", "/api/login", 403),
+        ("GET", "/api/login", 405),
+        ("HEAD", "/", 200),
     ],
 )
 async def test_every_response_carries_the_security_headers(
@@ -111,3 +130,4 @@ async def test_request_bodies_over_the_limit_are_refused_before_parsing(
         headers={"Content-Type": "application/json"},
     )
     assert response.status == 413
+    assert_security_headers(response.headers)

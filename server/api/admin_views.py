@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.access_log import Outcome
+from audit.access_log import ClientType, Outcome
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
-from audit.errors import NotFound
+from audit.errors import Conflict, NotFound
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError
 from server.api.representations import account_json, iso
@@ -22,6 +22,7 @@ from server.auth.admin import (
     change_account,
     change_role,
     record,
+    reset_account_totp,
 )
 from server.auth.sessions import Principal, require_role
 from server.web_security import expected_origin
@@ -41,7 +42,7 @@ class RoleBody(RequestBody):
 
 
 def _actor(principal: Principal) -> Actor:
-    return Actor(principal.account.id, principal.account.role.value, "api")
+    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
 
 
 def _account_id(request: web.Request) -> uuid.UUID:
@@ -112,16 +113,32 @@ async def accounts_create(request: web.Request) -> web.Response:
     body = await read_json(request, NewAccountBody)
     role = parse_role(body.role)
     app = request.app
-    async with app[DB_ENGINE].begin() as conn:
-        invitation = await add_account(
-            conn,
-            _actor(principal),
-            organisation_id=principal.account.organisation_id,
-            email=body.email,
-            role=role,
-            now=app[CLOCK].now(),
-            link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
-        )
+    organisation_id = principal.account.organisation_id
+    try:
+        async with app[DB_ENGINE].begin() as conn:
+            invitation = await add_account(
+                conn,
+                _actor(principal),
+                organisation_id=organisation_id,
+                email=body.email,
+                role=role,
+                now=app[CLOCK].now(),
+                link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
+            )
+    except Conflict:
+        # Login names are unique in the whole installation, so this answer can
+        # tell an admin that an address is in use elsewhere: keep a record.
+        async with app[DB_ENGINE].begin() as conn:
+            await record(
+                conn,
+                _actor(principal),
+                organisation_id=organisation_id,
+                action="account.create",
+                object_id=None,
+                now=app[CLOCK].now(),
+                outcome=Outcome.REFUSED,
+            )
+        raise
     return web.json_response(_invitation_json(request, invitation), status=201)
 
 
@@ -159,19 +176,11 @@ async def _change(request: web.Request, change: AccountChange) -> web.Response:
     action = f"account.{change.value}"
     principal = await require_role(request, Role.ADMIN, action=action)
     account = await _own_account(request, principal, action)
-    app = request.app
-    async with app[DB_ENGINE].begin() as conn:
-        result = await change_account(
-            conn,
-            _actor(principal),
-            account,
-            change,
-            now=app[CLOCK].now(),
-            link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
+    async with request.app[DB_ENGINE].begin() as conn:
+        changed = await change_account(
+            conn, _actor(principal), account, change, now=request.app[CLOCK].now()
         )
-    if isinstance(result, EnrolmentInvitation):
-        return web.json_response(_invitation_json(request, result))
-    return web.json_response({"account": account_json(result)})
+    return web.json_response({"account": account_json(changed)})
 
 
 @routes.post(ACCOUNT_PATH + "/disable")
@@ -188,4 +197,15 @@ async def account_enable(request: web.Request) -> web.Response:
 @routes.post(ACCOUNT_PATH + "/reset-totp")
 async def account_reset_totp(request: web.Request) -> web.Response:
     """Forget the TOTP secret: the user enrols again through the new link."""
-    return await _change(request, AccountChange.RESET_TOTP)
+    principal = await require_role(request, Role.ADMIN, action="account.reset-totp")
+    account = await _own_account(request, principal, "account.reset-totp")
+    app = request.app
+    async with app[DB_ENGINE].begin() as conn:
+        invitation = await reset_account_totp(
+            conn,
+            _actor(principal),
+            account,
+            now=app[CLOCK].now(),
+            link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
+        )
+    return web.json_response(_invitation_json(request, invitation))

@@ -15,7 +15,8 @@ from server.api.errors import TooManyRequests, Unauthorized
 from server.api.representations import account_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.enrolment import Enroller
-from server.auth.login import Authenticator, LoginAttempt, LoginLocked, LoginRefused
+from server.auth.errors import LoginLocked, LoginRefused
+from server.auth.login import Authenticator, LoginAttempt
 from server.auth.passwords import MAX_PASSWORD_LENGTH
 from server.auth.sessions import (
     authenticate,
@@ -24,6 +25,7 @@ from server.auth.sessions import (
     set_session_cookie,
 )
 from server.services import authenticator, enroller
+from server.web_security import client_address
 
 routes = web.RouteTableDef()
 
@@ -55,7 +57,7 @@ async def login(request: web.Request) -> web.Response:
     """Log in with e-mail address, password and TOTP code; start a new session."""
     body = await read_json(request, LoginBody)
     auth: Authenticator = authenticator(request.app)
-    attempt = LoginAttempt(body.email, body.password, body.code, request.remote or "unknown")
+    attempt = LoginAttempt(body.email, body.password, body.code, client_address(request))
     try:
         account = await auth.login(attempt)
     except LoginLocked as locked:

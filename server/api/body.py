@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from server.api.errors import BadRequest, PayloadTooLarge, Unprocessable
 from server.app_keys import SETTINGS
@@ -15,9 +16,20 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class RequestBody(BaseModel):
-    """Base of every request body: unknown fields refused, no type coercion."""
+    """Base of every request body: unknown fields refused, no type coercion,
+    and no control characters in any text (NUL and friends have no business
+    in an address or a password, and some databases refuse them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            for char in value:
+                if unicodedata.category(char) == "Cc":
+                    raise ValueError(f"must not contain control characters (U+{ord(char):04X})")
+        return value
 
 
 async def read_json(request: web.Request, model: type[Model]) -> Model:
@@ -35,6 +47,12 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
         data: Any = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
+    except (ValueError, RecursionError):
+        # Numbers with thousands of digits, or nesting thousands deep.
+        raise BadRequest(
+            "the body is not acceptable JSON (a number too long or nesting too deep)",
+            code="malformed_json",
+        ) from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object", code="malformed_json")
     try:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import AccessRecord, Outcome, append_access
+from audit.access_log import OPERATOR, AccessRecord, ClientType, Outcome, append_access
 from audit.accounts import (
     Account,
     Role,
@@ -32,11 +32,11 @@ class Actor:
 
     account_id: uuid.UUID | None
     role: str
-    client_type: str
+    client_type: ClientType
 
     @classmethod
     def operator(cls) -> Actor:
-        return cls(None, "operator", "cli")
+        return cls(None, OPERATOR, ClientType.CLI)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class EnrolmentInvitation:
 class AccountChange(enum.Enum):
     DISABLE = "disable"
     ENABLE = "enable"
-    RESET_TOTP = "reset-totp"
 
 
 async def record(
@@ -112,18 +111,12 @@ async def change_account(
     change: AccountChange,
     *,
     now: datetime,
-    link_ttl_s: int,
-) -> EnrolmentInvitation | Account:
-    """Disable, enable or reset TOTP; a reset returns a new enrolment link."""
-    result: EnrolmentInvitation | Account
+) -> Account:
+    """Disable or enable an account (disabling ends its sessions)."""
     if change is AccountChange.DISABLE:
-        result = await disable_account(conn, account, now=now)
-    elif change is AccountChange.ENABLE:
-        result = await enable_account(conn, account)
+        changed = await disable_account(conn, account, now=now)
     else:
-        reset = await reset_totp(conn, account)
-        token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
-        result = EnrolmentInvitation(reset, token, expires_at)
+        changed = await enable_account(conn, account)
     await record(
         conn,
         actor,
@@ -132,7 +125,24 @@ async def change_account(
         object_id=account.id,
         now=now,
     )
-    return result
+    return changed
+
+
+async def reset_account_totp(
+    conn: AsyncConnection, actor: Actor, account: Account, *, now: datetime, link_ttl_s: int
+) -> EnrolmentInvitation:
+    """Forget the account's TOTP secret and end its sessions; return a new enrolment link."""
+    reset = await reset_totp(conn, account)
+    token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
+    await record(
+        conn,
+        actor,
+        organisation_id=account.organisation_id,
+        action="account.reset-totp",
+        object_id=account.id,
+        now=now,
+    )
+    return EnrolmentInvitation(reset, token, expires_at)
 
 
 async def change_role(

@@ -25,8 +25,9 @@ from audit.keys import MasterKey
 from audit.sealing import seal, unseal
 from config import AccountSettings
 from server.auth import totp
+from server.auth.errors import PasswordPolicyError
 from server.auth.login import TOTP_PURPOSE
-from server.auth.passwords import PasswordHasher, PasswordPolicyError, check_password_policy
+from server.auth.passwords import PasswordHasher, check_password_policy
 
 
 @dataclass(frozen=True)

@@ -26,26 +26,15 @@ from audit.clock import Clock
 from audit.errors import InvalidValue
 from audit.keys import MasterKey
 from audit.sealing import keyed_hash, unseal
-from audit.sessions import login_failures_since, record_login_failure
+from audit.sessions import forget_login_attempt, login_failures_before, record_login_attempt
 from audit.technical_log import write_technical
 from config import AccountSettings
 from server.auth import totp
+from server.auth.errors import LoginLocked, LoginRefused
 from server.auth.lockout import locked_until, lookback
 from server.auth.passwords import PasswordHasher
 
 TOTP_PURPOSE = "totp-secret"
-
-
-class LoginRefused(Exception):
-    """The login failed; deliberately says no more."""
-
-
-class LoginLocked(Exception):
-    """Too many failures: no login is tried until ``retry_after_s`` have passed."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__("too many failed logins")
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -76,9 +65,17 @@ class Authenticator:
         subject_hash = keyed_hash(self.master_key.key, "login-subject", email)
         client_hash = keyed_hash(self.master_key.key, "login-client", attempt.client_address)
 
+        # The attempt counts as a failure from the start, committed before any
+        # check, so that parallel attempts see each other; success forgives it.
         async with self.engine.begin() as conn:
-            until = await self._locked_until(conn, subject_hash, client_hash, now)
+            attempt_id = await record_login_attempt(
+                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
+            )
+        async with self.engine.begin() as conn:
+            until = await self._locked_until(conn, attempt_id, subject_hash, client_hash, now)
             if until is not None:
+                # Refused unchecked: it must not stretch the lock.
+                await forget_login_attempt(conn, attempt_id)
                 await write_technical(
                     conn,
                     "login.locked",
@@ -107,14 +104,12 @@ class Authenticator:
         async with self.engine.begin() as conn:
             if reason is None and account is not None and step is not None:
                 if await claim_totp_step(conn, account.id, step):
+                    await forget_login_attempt(conn, attempt_id)
                     if account.password_hash and self.hasher.needs_rehash(account.password_hash):
                         new_hash = await self.hasher.hash(attempt.password)
                         await update_password_hash(conn, account.id, new_hash)
                     return account
                 reason = "replayed code"
-            await record_login_failure(
-                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
-            )
             await write_technical(
                 conn,
                 "login.failed",
@@ -137,13 +132,19 @@ class Authenticator:
         return None
 
     async def _locked_until(
-        self, conn: AsyncConnection, subject_hash: str, client_hash: str, now: datetime
+        self,
+        conn: AsyncConnection,
+        attempt_id: int,
+        subject_hash: str,
+        client_hash: str,
+        now: datetime,
     ) -> datetime | None:
+        """Until when the failures recorded before this attempt lock it out, or None."""
         since = now - lookback(
             window_s=self.settings.failure_window_s, lockout_s=self.settings.lockout_s
         )
-        by_subject = await login_failures_since(conn, since, subject_hash=subject_hash)
-        by_client = await login_failures_since(conn, since, client_hash=client_hash)
+        by_subject = await login_failures_before(conn, attempt_id, since, subject_hash=subject_hash)
+        by_client = await login_failures_before(conn, attempt_id, since, client_hash=client_hash)
         locks = [
             locked_until(
                 by_subject,

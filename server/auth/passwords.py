@@ -9,13 +9,10 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from config import AccountSettings
+from server.auth.errors import PasswordPolicyError
 
 # Long enough for any passphrase; short enough that hashing stays cheap.
 MAX_PASSWORD_LENGTH = 1024
-
-
-class PasswordPolicyError(ValueError):
-    """The password does not meet the policy; the message says what to change."""
 
 
 def check_password_policy(password: str, *, min_length: int) -> None:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
-from audit.access_log import AccessRecord, Outcome, append_access
+from audit.access_log import AccessRecord, ClientType, Outcome, append_access
 from audit.accounts import Account, AccountStatus, Role, get_account
 from audit.errors import NotFound
 from audit.sessions import Session, end_session, find_session, touch_session
@@ -57,7 +57,14 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, sessi
 
 
 def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    response.del_cookie(cookie_name(request), path="/")
+    # Browsers ignore a __Host- cookie without Secure, deletion included.
+    response.del_cookie(
+        cookie_name(request),
+        path="/",
+        secure=served_over_tls(request),
+        httponly=True,
+        samesite="Strict",
+    )
 
 
 def session_expired(session: Session, *, now: datetime, settings: SessionSettings) -> bool:
@@ -125,7 +132,7 @@ async def require_role(request: web.Request, *roles: Role, action: str) -> Princ
                     object_type="endpoint",
                     object_id=None,
                     outcome=Outcome.REFUSED,
-                    client_type="api",
+                    client_type=ClientType.API,
                 ),
             )
         allowed = " or ".join(role.value for role in roles)

@@ -21,6 +21,7 @@ from audit.accounts import (
 )
 from audit.clock import SystemClock
 from audit.errors import InvalidValue, NotFound
+from audit.roles import ROLE_NAMES
 from config import Settings
 from server.auth.admin import (
     AccountChange,
@@ -30,10 +31,9 @@ from server.auth.admin import (
     change_account,
     change_role,
     record,
+    reset_account_totp,
 )
 from server.cli.base import CliError, current_database, public_origin
-
-ROLES = ("therapist", "support", "admin")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Create an account and print its one-time enrolment link (shown once).",
     )
     add.add_argument("--org", required=True, help="the organisation's name")
-    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--role", required=True, choices=ROLE_NAMES)
     add.add_argument("--email", required=True, help="the login name")
     add.set_defaults(run=run_add)
 
@@ -63,17 +63,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for change, text in (
         (AccountChange.DISABLE, "disable an account and end its sessions"),
         (AccountChange.ENABLE, "enable a disabled account"),
-        (AccountChange.RESET_TOTP, "forget the TOTP app; print a new enrolment link"),
     ):
         command = commands.add_parser(change.value, help=text, description=text.capitalize() + ".")
         command.add_argument("email")
         command.set_defaults(run=run_change, change=change)
+    reset = commands.add_parser(
+        "reset-totp",
+        help="forget the TOTP app; print a new enrolment link",
+        description="Forget the account's TOTP app and end its sessions; print a new link.",
+    )
+    reset.add_argument("email")
+    reset.set_defaults(run=run_reset_totp)
 
     set_role = commands.add_parser(
         "set-role", help="change an account's role", description="Change an account's role."
     )
     set_role.add_argument("email")
-    set_role.add_argument("role", choices=ROLES)
+    set_role.add_argument("role", choices=ROLE_NAMES)
     set_role.set_defaults(run=run_set_role)
 
 
@@ -146,23 +152,31 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_change(settings: Settings, args: argparse.Namespace) -> int:
-    async def _change() -> EnrolmentInvitation | Account:
+    async def _change() -> Account:
         async with current_database(settings) as engine, engine.begin() as conn:
             account = await _account(conn, args.email)
             return await change_account(
+                conn, Actor.operator(), account, args.change, now=SystemClock().now()
+            )
+
+    changed = asyncio.run(_change())
+    print(f"account {changed.email} is now {changed.status.value}")
+    return 0
+
+
+def run_reset_totp(settings: Settings, args: argparse.Namespace) -> int:
+    async def _reset() -> EnrolmentInvitation:
+        async with current_database(settings) as engine, engine.begin() as conn:
+            account = await _account(conn, args.email)
+            return await reset_account_totp(
                 conn,
                 Actor.operator(),
                 account,
-                args.change,
                 now=SystemClock().now(),
                 link_ttl_s=settings.accounts.enrolment_link_ttl_s,
             )
 
-    result = asyncio.run(_change())
-    if isinstance(result, EnrolmentInvitation):
-        _print_invitation(settings, result)
-    else:
-        print(f"account {result.email} is now {result.status.value}")
+    _print_invitation(settings, asyncio.run(_reset()))
     return 0
 
 
