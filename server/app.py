@@ -56,5 +56,6 @@ def setup_routes(app: web.Application) -> None:
     """Attach every route of the application."""
     app.router.add_routes(health.routes)
     app.router.add_routes(pages.routes)
+    pages.setup_static(app)
     app.router.add_routes(auth_views.routes)
     app.router.add_routes(admin_views.routes)

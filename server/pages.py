@@ -15,3 +15,14 @@ routes = web.RouteTableDef()
 async def index(_request: web.Request) -> web.FileResponse:
     """The start page."""
     return web.FileResponse(STATIC_DIR / "index.html")
+
+
+@routes.get("/enrol/{token}")
+async def enrol(_request: web.Request) -> web.FileResponse:
+    """The enrolment page; its script reads the token from the address."""
+    return web.FileResponse(STATIC_DIR / "enrol.html")
+
+
+def setup_static(app: web.Application) -> None:
+    """Serve the pages' scripts and styles from /static/ (no outside CDN)."""
+    app.router.add_static("/static/", STATIC_DIR, append_version=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from aiohttp import web
 
 from server import create_app
 from tests.conftest import SettingsFactory
@@ -29,7 +30,10 @@ def served_routes(make_settings: SettingsFactory) -> set[tuple[str, str]]:
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
-        if route.resource is not None and route.method not in IMPLICIT
+        if route.resource is not None
+        and route.method not in IMPLICIT
+        # Static files (scripts, styles) are not API.
+        and not isinstance(route.resource, web.StaticResource)
     }
 
 

@@ -131,3 +131,28 @@ async def test_request_bodies_over_the_limit_are_refused_before_parsing(
     )
     assert response.status == 413
     assert_security_headers(response.headers)
+
+
+async def test_enrolment_link_opens_a_page_that_loads_only_our_own_script(
+    sqlite_harness: Harness,
+) -> None:
+    import re
+
+    token = await sqlite_harness.invite("anna@praktijk-noord.example", Role.THERAPIST)
+    page = await sqlite_harness.client.get(f"/enrol/{token}")
+    assert page.status == 200
+    html = await page.text()
+    assert_security_headers(page.headers)
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.S)
+    assert scripts, "the page has a script"
+    for attributes, body in scripts:
+        assert body.strip() == "", "no inline script (the CSP forbids it)"
+        assert 'src="/static/' in attributes
+    assert "http://" not in html
+    assert "https://" not in html
+    for asset in ("/static/enrol.js", "/static/style.css"):
+        response = await sqlite_harness.client.get(asset)
+        assert response.status == 200
+        assert_security_headers(response.headers)
+    script = await (await sqlite_harness.client.get("/static/enrol.js")).text()
+    assert "/api/enrolment/" in script
