@@ -170,3 +170,44 @@ technical_log = sa.Table(
     sa.Column("subject", sa.String(64), nullable=True, index=True),
     sa.Column("detail", sa.JSON(), nullable=False),
 )
+
+# A consult: who ran it, when it started and ended, how long it lasted, and
+# nothing else (the promise "metadata only"; tests/test_consults.py fails if
+# another column appears). The therapist link is cut on erasure of the
+# account; the record stays, pseudonymous, until its retention ends.
+consults = sa.Table(
+    "consults",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "therapist_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="SET NULL"),
+        nullable=True,
+        index=True,
+    ),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=True),
+    sa.Column("ended_at", UtcDateTime(), nullable=True),
+    sa.Column("duration_s", sa.Integer(), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+)
+
+# The patient's way in. Only the token's hash is kept; the row goes when the
+# consult ends.
+invites = sa.Table(
+    "invites",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    sa.Column("first_used_at", UtcDateTime(), nullable=True),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+)

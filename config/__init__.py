@@ -7,6 +7,7 @@ setting and what is allowed.
 
 from config.settings import (
     AccountSettings,
+    ConsultSettings,
     DatabaseSettings,
     LoggingSettings,
     Mode,
@@ -16,12 +17,15 @@ from config.settings import (
     SessionSettings,
     Settings,
     SettingsError,
+    SignalingSettings,
+    TurnSettings,
     env_var_names,
     load_settings,
 )
 
 __all__ = [
     "AccountSettings",
+    "ConsultSettings",
     "DatabaseSettings",
     "LoggingSettings",
     "Mode",
@@ -31,6 +35,8 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "SettingsError",
+    "SignalingSettings",
+    "TurnSettings",
     "env_var_names",
     "load_settings",
 ]

@@ -200,6 +200,61 @@ class SecuritySettings(_Section):
         return _decode_key(raw) if raw else None
 
 
+class ConsultSettings(_Section):
+    invite_validity_s: int = Field(ge=60, le=90 * 86400)
+    max_duration_s: int = Field(ge=60, le=86400)
+    grace_s: int = Field(ge=1, le=600)
+    ticket_ttl_s: int = Field(ge=5, le=600)
+
+
+class SignalingSettings(_Section):
+    heartbeat_s: float = Field(ge=1, le=300)
+    rate_per_s: float = Field(gt=0, le=10000)
+    burst: int = Field(ge=1, le=100000)
+    max_refused: int = Field(ge=1, le=100000)
+
+
+def _url_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class TurnSettings(_Section):
+    stun_urls: str
+    turn_urls: str
+    secret: SecretStr
+    credential_ttl_s: int = Field(ge=60, le=7 * 86400)
+
+    @field_validator("stun_urls")
+    @classmethod
+    def _stun(cls, value: str) -> str:
+        for url in _url_list(value):
+            if not url.startswith(("stun:", "stuns:")):
+                raise ValueError(f"{url!r} is not a stun: or stuns: URL")
+        return value
+
+    @field_validator("turn_urls")
+    @classmethod
+    def _turn(cls, value: str) -> str:
+        for url in _url_list(value):
+            if not url.startswith(("turn:", "turns:")):
+                raise ValueError(f"{url!r} is not a turn: or turns: URL")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_with_turn(self) -> TurnSettings:
+        if self.turn_urls and not self.secret.get_secret_value():
+            raise ValueError("turn.turn_urls needs turn.secret (coturn's static-auth-secret)")
+        return self
+
+    @property
+    def stun_url_list(self) -> list[str]:
+        return _url_list(self.stun_urls)
+
+    @property
+    def turn_url_list(self) -> list[str]:
+        return _url_list(self.turn_urls)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["auto", "json", "console"]
@@ -214,6 +269,9 @@ class Settings(_Section):
     security: SecuritySettings
     accounts: AccountSettings
     sessions: SessionSettings
+    consults: ConsultSettings
+    signaling: SignalingSettings
+    turn: TurnSettings
     logging: LoggingSettings
 
     @field_validator("data_dir", mode="before")
@@ -416,5 +474,5 @@ def _describe(err: ValidationError, values: Mapping[str, _Value]) -> str:
     if loc not in values:
         return f"invalid setting {loc}: {message} (missing from {DEFAULTS_FILE.name}?)"
     origin = values[loc]
-    shown = "(hidden)" if "key" in loc else repr(_hide_password(origin.value))
+    shown = "(hidden)" if "key" in loc or "secret" in loc else repr(_hide_password(origin.value))
     return f"invalid setting {loc} = {shown} from {origin.source}: {message}"

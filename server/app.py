@@ -6,14 +6,20 @@ from aiohttp import web
 
 from audit.clock import Clock, SystemClock
 from config import Settings
-from server import health, pages
-from server.api import admin_views, auth_views
+from server import health, pages, signaling_ws
+from server.api import admin_views, auth_views, consult_views
 from server.api.errors import error_middleware
 from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, WEBSOCKETS
 from server.auth.passwords import PasswordHasher
 from server.background import background_task
 from server.housekeeping import run_housekeeping
-from server.resources import data_dir_context, database_context, redis_context
+from server.resources import (
+    data_dir_context,
+    database_context,
+    redis_context,
+    run_room_timers,
+    signaling_context,
+)
 from server.web_security import add_security_headers, origin_check_middleware
 from server.websockets import close_websockets
 
@@ -45,7 +51,9 @@ def setup_resources(app: web.Application) -> None:
             data_dir_context,
             database_context,
             redis_context,
+            signaling_context,
             background_task("housekeeping", run_housekeeping),
+            background_task("room-timers", run_room_timers),
         ]
     )
     # Sockets close first, while the database is still there for their last writes.
@@ -59,3 +67,5 @@ def setup_routes(app: web.Application) -> None:
     pages.setup_static(app)
     app.router.add_routes(auth_views.routes)
     app.router.add_routes(admin_views.routes)
+    app.router.add_routes(consult_views.routes)
+    app.router.add_routes(signaling_ws.routes)

@@ -15,6 +15,8 @@ from audit.clock import Clock
 from audit.keys import MasterKey
 from config import Settings
 from server.auth.passwords import PasswordHasher
+from signaling.rooms import ConsultRooms
+from signaling.tickets import TicketStore
 
 SETTINGS = web.AppKey("settings", Settings)
 # The absolute data directory, checked and created at start-up.
@@ -28,3 +30,7 @@ WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
 # The time, for every rule that depends on it; tests put a ManualClock here.
 CLOCK = web.AppKey("clock", Clock)
 PASSWORD_HASHER = web.AppKey("password_hasher", PasswordHasher)
+# The consult rooms (created once the database is open).
+ROOMS = web.AppKey("rooms", ConsultRooms)
+# Single-use WebSocket tickets for patients.
+TICKETS = web.AppKey("tickets", TicketStore)

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from audit.accounts import purge_enrolment_links
+from audit.consults import close_abandoned, purge_expired_invites
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
@@ -29,6 +30,8 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
         return {
             "technical_log": await purge_technical_log(conn, now=now),
             "enrolment_links": await purge_enrolment_links(conn, now=now),
+            "abandoned_consults": await close_abandoned(conn, now=now),
+            "invites": await purge_expired_invites(conn, now=now),
             "sessions": await purge_sessions(
                 conn,
                 now=now,

@@ -6,6 +6,7 @@ reverse (background tasks first, then Redis, then the database).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import structlog
@@ -15,9 +16,16 @@ from redis.asyncio import Redis
 from audit import load_master_key, open_database, prepare_data_dir
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, REDIS, SETTINGS
+from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, MASTER_KEY, REDIS, ROOMS, SETTINGS, TICKETS
+from signaling.broker import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.rooms import ConsultRooms, RoomSettings
+from signaling.tickets import InProcessTicketStore
 
 _log = structlog.get_logger("videoconsult.server")
+
+# How often due room timers are looked for: a grace period ends at most this
+# much late.
+TIMER_POLL_S = 0.25
 
 
 async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
@@ -76,3 +84,32 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await client.aclose()
+
+
+async def signaling_context(app: web.Application) -> AsyncIterator[None]:
+    """The consult rooms on the in-process broker (Redis across nodes comes later)."""
+    settings = app[SETTINGS]
+    app[ROOMS] = ConsultRooms(
+        engine=app[DB_ENGINE],
+        clock=app[CLOCK],
+        broker=InProcessBroker(),
+        store=InProcessRoomStore(),
+        timers=InProcessTimers(),
+        settings=RoomSettings(
+            grace_s=settings.consults.grace_s,
+            max_duration_s=settings.consults.max_duration_s,
+            heartbeat_s=settings.signaling.heartbeat_s,
+        ),
+    )
+    app[TICKETS] = InProcessTicketStore()
+    yield
+
+
+async def run_room_timers(app: web.Application) -> None:
+    """Background task: act on due grace periods and maximum durations."""
+    while True:
+        try:
+            await app[ROOMS].fire_due_timers()
+        except Exception:
+            _log.exception("room timers failed; trying again")
+        await asyncio.sleep(TIMER_POLL_S)

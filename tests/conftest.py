@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
-from tests.harness import Harness
+from tests.harness import Harness, Sockets
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -186,3 +186,17 @@ async def sqlite_harness(
     app = create_app(make_settings(), clock=clock)
     client = await aiohttp_client(app)
     return Harness(app, client, clock)
+
+
+@pytest.fixture
+async def sockets(harness: Harness) -> AsyncIterator[Sockets]:
+    helper = Sockets(harness)
+    yield helper
+    await helper.close()
+
+
+@pytest.fixture
+async def sqlite_sockets(sqlite_harness: Harness) -> AsyncIterator[Sockets]:
+    helper = Sockets(sqlite_harness)
+    yield helper
+    await helper.close()

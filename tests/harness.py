@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyotp
-from aiohttp import web
+from aiohttp import ClientSession, ClientWebSocketResponse, web
 from aiohttp.test_utils import TestClient
 
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
@@ -114,3 +114,72 @@ class Harness:
         response = await self.login(who)
         assert response.status == 200, await response.text()
         self.clock.advance(30)
+
+
+@dataclass
+class ConsultSetup:
+    therapist: Professional
+    consult_id: str
+    invite_token: str
+
+
+class Sockets:
+    """WebSocket helpers: a therapist's socket (cookie) and patients' (ticket),
+    each patient on a client session of its own, like a separate browser."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.harness = harness
+        self._sessions: list[ClientSession] = []
+        self._sockets: list[ClientWebSocketResponse] = []
+
+    async def close(self) -> None:
+        for socket in self._sockets:
+            await socket.close()
+        for session in self._sessions:
+            await session.close()
+
+    async def therapist(self, consult_id: str) -> ClientWebSocketResponse:
+        socket = await self.harness.client.ws_connect(
+            f"/ws?consult={consult_id}", headers=self.harness.headers
+        )
+        self._sockets.append(socket)
+        return socket
+
+    async def ticket(self, invite_token: str, session: ClientSession | None = None) -> str:
+        session = session or await self.session()
+        async with session.post(
+            f"/api/invites/{invite_token}/ticket", headers=self.harness.headers
+        ) as response:
+            assert response.status == 200, await response.text()
+            ticket: str = (await response.json())["ticket"]
+        return ticket
+
+    async def session(self) -> ClientSession:
+        session = ClientSession(base_url=self.harness.client.make_url("/"))
+        self._sessions.append(session)
+        return session
+
+    async def patient(self, invite_token: str) -> ClientWebSocketResponse:
+        session = await self.session()
+        ticket = await self.ticket(invite_token, session)
+        socket = await session.ws_connect(f"/ws?ticket={ticket}", headers=self.harness.headers)
+        self._sockets.append(socket)
+        return socket
+
+
+async def new_consult(
+    harness: Harness, email: str = "therapist@praktijk-noord.example", **body: Any
+) -> ConsultSetup:
+    therapist = await harness.professional(email, Role.THERAPIST)
+    await harness.logged_in(therapist)
+    response = await harness.post("/api/consults", body)
+    assert response.status == 201, await response.text()
+    created = await response.json()
+    return ConsultSetup(therapist, created["consult"]["id"], created["invite_token"])
+
+
+async def receive(socket: ClientWebSocketResponse, kind: str, *, timeout_s: float = 5) -> Any:
+    """The next message of ``kind``; fails on anything else first."""
+    message = await socket.receive_json(timeout=timeout_s)
+    assert message["type"] == kind, message
+    return message

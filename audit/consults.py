@@ -1,0 +1,279 @@
+"""Consult records and their invites, at rest.
+
+A consult record holds who ran it, created, started, ended, duration and
+status, and nothing else. Its start is set once (when the therapist first
+admits the patient) and never moves; its end once. Invites keep only a hash
+of their token and go when the consult ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.errors import Conflict, NotFound
+from audit.schema import consults, invites
+from audit.sealing import token_hash
+
+
+class ConsultStatus(enum.Enum):
+    # Made by the therapist; the patient has not been admitted yet.
+    CREATED = "created"
+    # The therapist admitted the patient: the consult has started.
+    ACTIVE = "active"
+    # Started and then ended.
+    ENDED = "ended"
+    # Closed without ever starting (ended before admission, or abandoned).
+    NOT_STARTED = "not_started"
+
+
+class InviteProblem(enum.Enum):
+    # What is wrong with an invite token; told to the patient in plain words.
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    CONSULT_OVER = "consult_over"
+
+
+class InviteInvalid(NotFound):
+    """The invite cannot be used; ``problem`` says why (about this token only)."""
+
+    def __init__(self, problem: InviteProblem) -> None:
+        super().__init__(f"this invite link cannot be used ({problem.value})")
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Consult:
+    id: uuid.UUID
+    therapist_id: uuid.UUID | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration_s: int | None
+    status: ConsultStatus
+
+    @property
+    def is_over(self) -> bool:
+        return self.status in (ConsultStatus.ENDED, ConsultStatus.NOT_STARTED)
+
+
+@dataclass(frozen=True)
+class Invite:
+    token_hash: str
+    consult_id: uuid.UUID
+    expires_at: datetime
+
+
+def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
+    m = row._mapping
+    return Consult(
+        id=m["id"],
+        therapist_id=m["therapist_id"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        ended_at=m["ended_at"],
+        duration_s=m["duration_s"],
+        status=ConsultStatus(m["status"]),
+    )
+
+
+async def create_consult(
+    conn: AsyncConnection, *, therapist_id: uuid.UUID, now: datetime
+) -> Consult:
+    consult_id = uuid.uuid4()
+    await conn.execute(
+        consults.insert().values(
+            id=consult_id,
+            therapist_id=therapist_id,
+            created_at=now,
+            status=ConsultStatus.CREATED.value,
+        )
+    )
+    return await get_consult(conn, consult_id)
+
+
+async def get_consult(
+    conn: AsyncConnection, consult_id: uuid.UUID, *, therapist_id: uuid.UUID | None = None
+) -> Consult:
+    """Return the consult; with ``therapist_id``, only if it is that therapist's."""
+    query = sa.select(consults).where(consults.c.id == consult_id)
+    if therapist_id is not None:
+        query = query.where(consults.c.therapist_id == therapist_id)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise NotFound("no such consult")
+    return _consult(row)
+
+
+async def list_consults(
+    conn: AsyncConnection, therapist_id: uuid.UUID, *, limit: int = 100
+) -> list[Consult]:
+    """The therapist's own consults, newest first."""
+    rows = await conn.execute(
+        sa.select(consults)
+        .where(consults.c.therapist_id == therapist_id)
+        .order_by(consults.c.created_at.desc())
+        .limit(limit)
+    )
+    return [_consult(row) for row in rows]
+
+
+async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
+    """Set the start once; a later admission (after a reconnect) keeps the first."""
+    await conn.execute(
+        consults.update()
+        .where(
+            consults.c.id == consult_id,
+            consults.c.started_at.is_(None),
+            consults.c.status == ConsultStatus.CREATED.value,
+        )
+        .values(started_at=now, status=ConsultStatus.ACTIVE.value)
+    )
+    return await get_consult(conn, consult_id)
+
+
+async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
+    """Close the consult once: ended with its duration, or never started.
+
+    Its invites go with it. Ending an ended consult changes nothing.
+    """
+    consult = await get_consult(conn, consult_id)
+    if consult.is_over:
+        return consult
+    if consult.started_at is None:
+        values: dict[str, object] = {
+            "ended_at": now,
+            "status": ConsultStatus.NOT_STARTED.value,
+        }
+    else:
+        duration = max(0, round((now - consult.started_at).total_seconds()))
+        values = {"ended_at": now, "duration_s": duration, "status": ConsultStatus.ENDED.value}
+    await conn.execute(
+        consults.update()
+        .where(consults.c.id == consult_id, consults.c.ended_at.is_(None))
+        .values(**values)
+    )
+    await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
+    return await get_consult(conn, consult_id)
+
+
+async def issue_invite(
+    conn: AsyncConnection, consult: Consult, *, now: datetime, expires_at: datetime
+) -> tuple[str, Invite]:
+    """Make a new invite for the consult; earlier ones stop working.
+
+    Returns the token (shown once, never stored) and the invite.
+    """
+    if consult.is_over:
+        raise Conflict("the consult is over; it needs no invite")
+    await conn.execute(
+        invites.update()
+        .where(invites.c.consult_id == consult.id, invites.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    # 256 bits, URL-safe; only the hash is kept.
+    token = secrets.token_urlsafe(32)
+    invite = Invite(token_hash(token), consult.id, expires_at)
+    await conn.execute(
+        invites.insert().values(
+            token_hash=invite.token_hash,
+            consult_id=consult.id,
+            created_at=now,
+            expires_at=expires_at,
+        )
+    )
+    return token, invite
+
+
+async def revoke_invites(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> int:
+    result = await conn.execute(
+        invites.update()
+        .where(invites.c.consult_id == consult_id, invites.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return result.rowcount
+
+
+async def open_invite(conn: AsyncConnection, token: str, *, now: datetime) -> Invite:
+    """Return the invite if it can be used now; :class:`InviteInvalid` says why not."""
+    return await open_invite_by_hash(conn, token_hash(token), now=now)
+
+
+async def open_invite_by_hash(conn: AsyncConnection, invite_hash: str, *, now: datetime) -> Invite:
+    """Like :func:`open_invite`, by the stored hash (checked again on every reconnect)."""
+    row = (
+        await conn.execute(sa.select(invites).where(invites.c.token_hash == invite_hash))
+    ).first()
+    if row is None:
+        raise InviteInvalid(InviteProblem.UNKNOWN)
+    if row.revoked_at is not None:
+        raise InviteInvalid(InviteProblem.REVOKED)
+    if row.expires_at <= now:
+        raise InviteInvalid(InviteProblem.EXPIRED)
+    consult = await get_consult(conn, row.consult_id)
+    if consult.is_over:
+        raise InviteInvalid(InviteProblem.CONSULT_OVER)
+    return Invite(row.token_hash, row.consult_id, row.expires_at)
+
+
+async def note_invite_used(conn: AsyncConnection, invite: Invite, *, now: datetime) -> None:
+    await conn.execute(
+        invites.update()
+        .where(invites.c.token_hash == invite.token_hash, invites.c.first_used_at.is_(None))
+        .values(first_used_at=now)
+    )
+
+
+def invite_expiry(*, now: datetime, scheduled_at: datetime | None, validity_s: int) -> datetime:
+    """An invite is good until ``validity_s`` after creation or after the scheduled time."""
+    base = max(now, scheduled_at) if scheduled_at is not None else now
+    return base + timedelta(seconds=validity_s)
+
+
+async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
+    """Delete invites that expired or were revoked; the consult keeps its record."""
+    result = await conn.execute(
+        invites.delete().where(
+            sa.or_(invites.c.expires_at <= now, invites.c.revoked_at.is_not(None))
+        )
+    )
+    return result.rowcount
+
+
+async def close_abandoned(conn: AsyncConnection, *, now: datetime) -> int:
+    """Record as never started the consults whose last invite expired unused.
+
+    A consult that was never admitted and can no longer be joined is over;
+    it stays in the records as such (with no start, end time now).
+    """
+    live_invite = (
+        sa.select(invites.c.token_hash)
+        .where(
+            invites.c.consult_id == consults.c.id,
+            invites.c.expires_at > now,
+            invites.c.revoked_at.is_(None),
+        )
+        .exists()
+    )
+    expired_invite = (
+        sa.select(invites.c.token_hash)
+        .where(invites.c.consult_id == consults.c.id, invites.c.expires_at <= now)
+        .exists()
+    )
+    abandoned = await conn.scalars(
+        sa.select(consults.c.id).where(
+            consults.c.status == ConsultStatus.CREATED.value, ~live_invite, expired_invite
+        )
+    )
+    count = 0
+    for consult_id in list(abandoned):
+        await mark_ended(conn, consult_id, now=now)
+        count += 1
+    return count

@@ -1,0 +1,230 @@
+"""Consults for therapists, and the patient's side of an invite link."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import Field
+
+from audit.access_log import ClientType
+from audit.consults import (
+    Consult,
+    InviteInvalid,
+    InviteProblem,
+    create_consult,
+    get_consult,
+    invite_expiry,
+    issue_invite,
+    list_consults,
+    note_invite_used,
+    open_invite,
+    revoke_invites,
+)
+from audit.errors import NotFound
+from audit.roles import Role
+from server.api.body import RequestBody, read_json
+from server.api.errors import ApiError, NotFoundError, Unprocessable
+from server.api.representations import iso
+from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
+from server.auth.admin import Actor, record
+from server.auth.sessions import Principal, require_role
+from server.web_security import expected_origin
+from signaling.tickets import TicketGrant
+
+routes = web.RouteTableDef()
+
+CONSULT_PATH = "/api/consults/{consult_id}"
+INVITE_TOKEN = r"{token:[A-Za-z0-9_-]{20,100}}"  # noqa: S105 - a route pattern
+
+# Plain words for a patient holding a link that does not work.
+INVITE_ANSWERS = {
+    InviteProblem.UNKNOWN: (404, "This link is not known. Check that you copied all of it."),
+    InviteProblem.EXPIRED: (410, "This link has expired. Ask your therapist for a new one."),
+    InviteProblem.REVOKED: (
+        410,
+        "This link is no longer valid. Your therapist may have sent you a new one.",
+    ),
+    InviteProblem.CONSULT_OVER: (410, "This consultation has ended."),
+}
+
+
+class NewConsultBody(RequestBody):
+    scheduled_at: str | None = None
+    display_name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+
+
+class InviteGone(ApiError):
+    def __init__(self, problem: InviteProblem) -> None:
+        status, message = INVITE_ANSWERS[problem]
+        super().__init__(message, code=f"invite_{problem.value}")
+        self.status = status
+
+
+def consult_json(consult: Consult) -> dict[str, Any]:
+    return {
+        "id": str(consult.id),
+        "status": consult.status.value,
+        "created_at": iso(consult.created_at),
+        "started_at": iso(consult.started_at),
+        "ended_at": iso(consult.ended_at),
+        "duration_s": consult.duration_s,
+    }
+
+
+def _actor(principal: Principal) -> Actor:
+    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise Unprocessable("field 'scheduled_at' must be an ISO 8601 date and time") from None
+    if moment.tzinfo is None:
+        raise Unprocessable("field 'scheduled_at' needs a time zone offset (e.g. +01:00 or Z)")
+    return moment
+
+
+async def _own_consult(request: web.Request, principal: Principal) -> Consult:
+    try:
+        consult_id = uuid.UUID(request.match_info["consult_id"])
+        async with request.app[DB_ENGINE].connect() as conn:
+            return await get_consult(conn, consult_id, therapist_id=principal.account.id)
+    except (ValueError, NotFound):
+        raise NotFoundError("no such consult") from None
+
+
+def _invite_json(request: web.Request, token: str, expires_at: datetime) -> dict[str, Any]:
+    return {
+        "invite_token": token,
+        "invite_url": f"{expected_origin(request)}/join/{token}",
+        "invite_expires_at": iso(expires_at),
+    }
+
+
+@routes.post("/api/consults")
+async def consults_create(request: web.Request) -> web.Response:
+    """Create a consult and its invite link (shown once)."""
+    principal = await require_role(request, Role.THERAPIST, action="consult.create")
+    body = await read_json(request, NewConsultBody)
+    scheduled_at = _parse_time(body.scheduled_at)
+    app = request.app
+    now = app[CLOCK].now()
+    expires_at = invite_expiry(
+        now=now, scheduled_at=scheduled_at, validity_s=app[SETTINGS].consults.invite_validity_s
+    )
+    async with app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(conn, therapist_id=principal.account.id, now=now)
+        token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
+    await app[ROOMS].prepare(consult.id, display_name=body.display_name)
+    return web.json_response(
+        {"consult": consult_json(consult), **_invite_json(request, token, expires_at)}, status=201
+    )
+
+
+@routes.get("/api/consults")
+async def consults_list(request: web.Request) -> web.Response:
+    """The therapist's own consults, newest first."""
+    principal = await require_role(request, Role.THERAPIST, action="consult.list")
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await list_consults(conn, principal.account.id)
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action="consult.list",
+            object_type="therapist",
+            object_id=principal.account.id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response({"consults": [consult_json(consult) for consult in found]})
+
+
+@routes.get(CONSULT_PATH)
+async def consult_show(request: web.Request) -> web.Response:
+    principal = await require_role(request, Role.THERAPIST, action="consult.read")
+    consult = await _own_consult(request, principal)
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action="consult.read",
+            object_type="consult",
+            object_id=consult.id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response({"consult": consult_json(consult)})
+
+
+@routes.post(CONSULT_PATH + "/end")
+async def consult_end(request: web.Request) -> web.Response:
+    """End the consult for everyone connected; its invites stop working."""
+    principal = await require_role(request, Role.THERAPIST, action="consult.end")
+    consult = await _own_consult(request, principal)
+    await request.app[ROOMS].end(consult.id, reason="ended_by_therapist")
+    async with request.app[DB_ENGINE].connect() as conn:
+        ended = await get_consult(conn, consult.id)
+    return web.json_response({"consult": consult_json(ended)})
+
+
+@routes.post(CONSULT_PATH + "/invite")
+async def consult_reissue_invite(request: web.Request) -> web.Response:
+    """Make a new invite link; the old one stops working."""
+    principal = await require_role(request, Role.THERAPIST, action="consult.invite")
+    consult = await _own_consult(request, principal)
+    app = request.app
+    now = app[CLOCK].now()
+    expires_at = invite_expiry(
+        now=now, scheduled_at=None, validity_s=app[SETTINGS].consults.invite_validity_s
+    )
+    async with app[DB_ENGINE].begin() as conn:
+        token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
+    return web.json_response(_invite_json(request, token, expires_at))
+
+
+@routes.delete(CONSULT_PATH + "/invite")
+async def consult_revoke_invite(request: web.Request) -> web.Response:
+    """Revoke the invite link: it no longer opens the consult, nor lets anyone back in."""
+    principal = await require_role(request, Role.THERAPIST, action="consult.invite")
+    consult = await _own_consult(request, principal)
+    async with request.app[DB_ENGINE].begin() as conn:
+        await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
+    return web.Response(status=204)
+
+
+async def _open(request: web.Request) -> Any:
+    try:
+        async with request.app[DB_ENGINE].begin() as conn:
+            return await open_invite(
+                conn, request.match_info["token"], now=request.app[CLOCK].now()
+            )
+    except InviteInvalid as err:
+        raise InviteGone(err.problem) from None
+
+
+@routes.get("/api/invites/" + INVITE_TOKEN)
+async def invite_status(request: web.Request) -> web.Response:
+    """Whether the link works, in words a patient understands; nothing about anyone."""
+    invite = await _open(request)
+    return web.json_response({"valid": True, "expires_at": iso(invite.expires_at)})
+
+
+@routes.post("/api/invites/" + INVITE_TOKEN + "/ticket")
+async def invite_ticket(request: web.Request) -> web.Response:
+    """A single-use ticket to open the signaling socket (``/ws?ticket=...``)."""
+    invite = await _open(request)
+    app = request.app
+    now = app[CLOCK].now()
+    async with app[DB_ENGINE].begin() as conn:
+        await note_invite_used(conn, invite, now=now)
+    ttl_s = app[SETTINGS].consults.ticket_ttl_s
+    ticket = await app[TICKETS].issue(
+        TicketGrant(invite.consult_id, invite.token_hash), now=now, ttl_s=ttl_s
+    )
+    return web.json_response({"ticket": ticket, "expires_in_s": ttl_s})

@@ -1,0 +1,165 @@
+"""The signaling protocol, version 1: message schemas, parsing, building.
+
+Pure: no sockets, no aiohttp. Every inbound frame goes through
+:func:`parse_inbound`, which returns a typed message or raises
+:class:`ProtocolError` whose ``code`` and message name the problem. The
+wire format is documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+VERSION = 1
+# A whole frame; larger ones are closed with 1009 by the transport.
+MAX_FRAME_BYTES = 64 * 1024
+# An SDP of a call with audio, video and screen share is a few KB; this
+# leaves room for many codecs and candidates, not for abuse.
+MAX_SDP_CHARS = 32 * 1024
+MAX_CANDIDATE_CHARS = 1024
+
+
+class ParticipantRole(enum.Enum):
+    THERAPIST = "therapist"
+    PATIENT = "patient"
+
+    @property
+    def other(self) -> ParticipantRole:
+        if self is ParticipantRole.THERAPIST:
+            return ParticipantRole.PATIENT
+        return ParticipantRole.THERAPIST
+
+
+class ErrorCode(enum.Enum):
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    NOT_IN_CONSULT = "not_in_consult"
+    NOT_ALLOWED = "not_allowed"
+    NOT_ADMITTED = "not_admitted"
+    PEER_ABSENT = "peer_absent"
+    NO_PATIENT_WAITING = "no_patient_waiting"
+    RATE_LIMITED = "rate_limited"
+    CONSULT_OVER = "consult_over"
+
+
+class ProtocolError(Exception):
+    """An inbound message is not acceptable; the connection goes on."""
+
+    def __init__(self, code: ErrorCode, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        # The type of the message that caused it, when known.
+        self.ref = ref
+
+
+class _Inbound(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    v: Literal[1]
+    # Optional: a client may name its consult; naming another one is an error.
+    consult: str | None = Field(default=None, max_length=64)
+
+
+class Ping(_Inbound):
+    type: Literal["ping"]
+
+
+class Admit(_Inbound):
+    type: Literal["admit"]
+
+
+class Deny(_Inbound):
+    type: Literal["deny"]
+
+
+class End(_Inbound):
+    type: Literal["end"]
+
+
+class Bye(_Inbound):
+    type: Literal["bye"]
+
+
+class Offer(_Inbound):
+    type: Literal["offer"]
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
+
+
+class Answer(_Inbound):
+    type: Literal["answer"]
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
+
+
+class Candidate(_Inbound):
+    type: Literal["candidate"]
+    # An empty string marks the end of candidates.
+    candidate: str = Field(max_length=MAX_CANDIDATE_CHARS)
+    sdpMid: str | None = Field(default=None, max_length=64)
+    sdpMLineIndex: int | None = Field(default=None, ge=0, le=64)
+
+
+InboundMessage = Annotated[
+    Ping | Admit | Deny | End | Bye | Offer | Answer | Candidate, Field(discriminator="type")
+]
+INBOUND_TYPES = ("ping", "admit", "deny", "end", "bye", "offer", "answer", "candidate")
+# What only the therapist may send.
+THERAPIST_ONLY = frozenset({"admit", "deny", "end"})
+# What is relayed to the other participant as it is.
+RELAYED = frozenset({"offer", "answer", "candidate"})
+
+_adapter: TypeAdapter[InboundMessage] = TypeAdapter(InboundMessage)
+
+
+def parse_inbound(frame: str) -> InboundMessage:
+    """Parse and validate one text frame; raise :class:`ProtocolError` naming the problem."""
+    try:
+        data: Any = json.loads(frame)
+    except (json.JSONDecodeError, ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "the message is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "the message must be a JSON object")
+    kind = data.get("type")
+    ref = kind if isinstance(kind, str) and len(kind) <= 32 else None
+    if data.get("v") != VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"field 'v' must be {VERSION} (the protocol version)",
+            ref=ref,
+        )
+    if kind not in INBOUND_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type; expected one of {', '.join(INBOUND_TYPES)}",
+            ref=ref,
+        )
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "message"
+        if first["type"] == "extra_forbidden":
+            text = f"field {where!r} is not part of a {kind} message"
+        elif first["type"] == "missing":
+            text = f"field {where!r} is required in a {kind} message"
+        else:
+            text = f"field {where!r}: {first['msg']}"
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, text, ref=ref) from None
+
+
+def outbound(kind: str, **fields: Any) -> dict[str, Any]:
+    """Build an outbound message."""
+    return {"v": VERSION, "type": kind, **fields}
+
+
+def error_message(err: ProtocolError) -> dict[str, Any]:
+    fields: dict[str, Any] = {"code": err.code.value, "message": err.message}
+    if err.ref is not None:
+        fields["ref"] = err.ref
+    return outbound("error", **fields)
