@@ -142,7 +142,9 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
 async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
     """Close the consult once: ended with its duration, or never started.
 
-    Its invites go with it. Ending an ended consult changes nothing.
+    Its invites stop working at once (they answer "the consult has ended")
+    and are deleted by the purge a day later. Ending an ended consult
+    changes nothing.
     """
     consult = await get_consult(conn, consult_id)
     if consult.is_over:
@@ -160,7 +162,6 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
         .where(consults.c.id == consult_id, consults.c.ended_at.is_(None))
         .values(**values)
     )
-    await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
     return await get_consult(conn, consult_id)
 
 

@@ -40,6 +40,7 @@ PLACEHOLDERS = {
     "POSTGRES_PASSWORD": "placeholder-password",
     "MASTER_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode(),
     "TURN_SECRET": "placeholder-turn-secret",
+    "TURN_HOST": "turn.clinic.example",
 }
 
 
@@ -343,3 +344,15 @@ def test_coturn_relay_ports_are_a_small_published_range() -> None:
         published = " ".join(str(entry) for entry in coturn.get("ports", []))
         assert f"{low}-{high}" in published
         assert "3478" in published
+
+
+def test_server_hands_out_turn_over_udp_tcp_and_tls_on_443() -> None:
+    environ = {k: interpolate(v, PLACEHOLDERS) for k, v in environment("server").items()}
+    urls = [url.strip() for url in environ["VIDEOCONSULT_TURN_TURN_URLS"].split(",")]
+    assert "turn:turn.clinic.example:3478?transport=udp" in urls
+    assert "turn:turn.clinic.example:3478?transport=tcp" in urls
+    assert "turns:turn.clinic.example:443?transport=tcp" in urls
+    assert environ["VIDEOCONSULT_TURN_SECRET"] == PLACEHOLDERS["TURN_SECRET"]
+    conf = (ROOT / "deploy" / "coturn" / "turnserver.conf").read_text()
+    assert "tls-listening-port=443" in conf
+    assert "use-auth-secret" in conf
