@@ -1,0 +1,182 @@
+"""The consults API: own consults only, invites shown once, never-started consults recorded."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from audit.accounts import Role
+from audit.schema import access_log, invites
+from server.app_keys import DB_ENGINE
+from server.housekeeping import purge_expired
+from tests.harness import Harness, Sockets, new_consult, receive
+
+
+async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(
+    harness: Harness,
+) -> None:
+    setup = await new_consult(harness)
+    async with harness.app[DB_ENGINE].connect() as conn:
+        [row] = (await conn.execute(sa.select(invites))).all()
+    assert setup.invite_token not in row.token_hash
+    assert len(setup.invite_token) >= 43  # 256 bits, URL-safe base64
+    listing = await (await harness.client.get("/api/consults")).json()
+    assert setup.invite_token not in str(listing)
+    [consult] = listing["consults"]
+    assert consult["status"] == "created"
+    assert set(consult) == {"id", "status", "created_at", "started_at", "ended_at", "duration_s"}
+
+
+async def test_invite_expires_a_day_after_creation_or_after_the_scheduled_time(
+    harness: Harness,
+) -> None:
+    now = harness.clock.now()
+    plain = await new_consult(harness)
+    created = await harness.post(
+        "/api/consults", {"scheduled_at": (now + timedelta(days=3)).isoformat()}
+    )
+    scheduled = await created.json()
+    assert scheduled["invite_expires_at"] == (now + timedelta(days=4)).isoformat()
+    harness.clock.advance(24 * 3600 + 1)
+    expired = await harness.client.get(f"/api/invites/{plain.invite_token}")
+    assert expired.status == 410
+    assert (await expired.json())["error"]["code"] == "invite_expired"
+    still = await harness.client.get(f"/api/invites/{scheduled['invite_token']}")
+    assert still.status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"scheduled_at": "next tuesday"}, "ISO 8601"),
+        ({"scheduled_at": "2026-12-01T10:00:00"}, "time zone"),
+        ({"display_name": ""}, "display_name"),
+        ({"display_name": "x" * 81}, "display_name"),
+        ({"display_name": 5}, "display_name"),
+        ({"patient_email": "a@b.nl"}, "not expected"),
+    ],
+)
+async def test_bad_consult_bodies_are_refused(
+    sqlite_harness: Harness, body: dict[str, object], fragment: str
+) -> None:
+    therapist = await sqlite_harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await sqlite_harness.logged_in(therapist)
+    response = await sqlite_harness.post("/api/consults", body)
+    assert response.status == 422
+    assert fragment in (await response.json())["error"]["message"]
+    assert (await (await sqlite_harness.client.get("/api/consults")).json())["consults"] == []
+
+
+async def test_reissuing_the_invite_voids_the_old_link(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    reissued = await harness.post(f"/api/consults/{setup.consult_id}/invite")
+    assert reissued.status == 200
+    new_token = (await reissued.json())["invite_token"]
+    assert new_token != setup.invite_token
+    old = await harness.client.get(f"/api/invites/{setup.invite_token}")
+    assert (await old.json())["error"]["code"] == "invite_revoked"
+    assert (await harness.client.get(f"/api/invites/{new_token}")).status == 200
+
+
+async def test_unknown_links_say_so_plainly_and_leak_nothing(sqlite_harness: Harness) -> None:
+    response = await sqlite_harness.client.get("/api/invites/" + "A" * 43)
+    assert response.status == 404
+    body = await response.json()
+    assert body == {
+        "error": {
+            "code": "invite_unknown",
+            "message": "This link is not known. Check that you copied all of it.",
+        }
+    }
+
+
+async def test_therapists_see_and_touch_only_their_own_consults(harness: Harness) -> None:
+    mine = await new_consult(harness, email="mine@praktijk-noord.example")
+    harness.client.session.cookie_jar.clear()
+    theirs = await new_consult(harness, email="theirs@praktijk-noord.example")
+    listing = await (await harness.client.get("/api/consults")).json()
+    assert [c["id"] for c in listing["consults"]] == [theirs.consult_id]
+    for method, suffix in (
+        ("GET", ""),
+        ("POST", "/end"),
+        ("POST", "/invite"),
+        ("DELETE", "/invite"),
+    ):
+        response = await harness.client.request(
+            method, f"/api/consults/{mine.consult_id}{suffix}", headers=harness.headers
+        )
+        assert response.status == 404, (method, suffix)
+    assert (await harness.client.get(f"/api/invites/{mine.invite_token}")).status == 200
+
+
+@pytest.mark.parametrize("role", [Role.SUPPORT, Role.ADMIN])
+async def test_only_therapists_create_consults(sqlite_harness: Harness, role: Role) -> None:
+    other = await sqlite_harness.professional("x@praktijk-noord.example", role)
+    await sqlite_harness.logged_in(other)
+    response = await sqlite_harness.post("/api/consults", {})
+    assert response.status == 403
+
+
+async def test_ending_before_admission_records_a_consult_that_never_started(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+    body = (await ended.json())["consult"]
+    assert body["status"] == "not_started"
+    assert body["started_at"] is None
+    assert body["duration_s"] is None
+    assert body["ended_at"] is not None
+    assert (await receive(patient, "consult-ended"))["reason"] == "ended_by_therapist"
+
+
+async def test_an_unused_invite_that_expires_leaves_a_never_started_record(
+    harness: Harness,
+) -> None:
+    setup = await new_consult(harness)
+    harness.clock.advance(24 * 3600 + 60)
+    purged = await purge_expired(harness.app)
+    assert purged["abandoned_consults"] == 1
+    await harness.logged_in(setup.therapist)  # a day later: the session timed out
+    consult = await (await harness.client.get(f"/api/consults/{setup.consult_id}")).json()
+    assert consult["consult"]["status"] == "not_started"
+
+
+async def test_reading_consults_is_in_the_access_log(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    await harness.client.get("/api/consults")
+    await harness.client.get(f"/api/consults/{setup.consult_id}")
+    async with harness.app[DB_ENGINE].connect() as conn:
+        rows = (await conn.execute(sa.select(access_log).order_by(access_log.c.id))).all()
+    actions = [(row.action, row.object_id) for row in rows if row.action.startswith("consult.")]
+    assert actions == [
+        ("consult.list", str(setup.therapist.account_id)),
+        ("consult.read", setup.consult_id),
+    ]
+
+
+async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None:
+    setup = await new_consult(sqlite_harness)
+    assert setup.consult_id
+    for path in ("/api/consults/not-a-uuid", f"/api/consults/{uuid.uuid4()}"):
+        assert (await sqlite_harness.client.get(path)).status == 404
+
+
+async def test_a_disabled_therapist_cannot_reopen_the_consult_socket(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    first = await sockets.therapist(setup.consult_id)
+    await receive(first, "welcome")
+    from audit.accounts import disable_account, get_account
+
+    async with harness.app[DB_ENGINE].begin() as conn:
+        account = await get_account(conn, setup.therapist.account_id)
+        await disable_account(conn, account, now=harness.clock.now())
+    response = await harness.client.get(f"/ws?consult={setup.consult_id}", headers=harness.headers)
+    assert response.status == 401
