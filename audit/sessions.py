@@ -41,9 +41,11 @@ async def create_session(
 
 
 async def find_session(conn: AsyncConnection, session_id: str) -> Session | None:
-    row = (
-        await conn.execute(sa.select(sessions).where(sessions.c.id_hash == token_hash(session_id)))
-    ).first()
+    return await find_session_by_hash(conn, token_hash(session_id))
+
+
+async def find_session_by_hash(conn: AsyncConnection, id_hash: str) -> Session | None:
+    row = (await conn.execute(sa.select(sessions).where(sessions.c.id_hash == id_hash))).first()
     if row is None:
         return None
     return Session(row.id_hash, row.account_id, row.created_at, row.last_seen_at)

@@ -17,6 +17,7 @@ connection goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 import uuid
@@ -29,8 +30,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.errors import NotFound
 from audit.roles import Role
+from audit.sessions import Session
 from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
-from server.auth.sessions import authenticate
+from server.auth.sessions import authenticate, session_still_valid
 from server.web_security import expected_origin
 from server.websockets import tracked_websocket
 from signaling.broker import Subscription
@@ -52,6 +54,10 @@ routes = web.RouteTableDef()
 
 # How long a closing handshake the server started may take.
 CLOSE_HANDSHAKE_S = 2.0
+# How often a therapist's socket checks that the login session still holds.
+SESSION_CHECK_S = 10.0
+# The login session ended (logout, account disabled, timeout): log in again.
+CLOSE_SESSION_ENDED = 4002
 
 
 class _Refused(Exception):
@@ -64,7 +70,7 @@ class _Refused(Exception):
 async def signaling_socket(request: web.Request) -> web.StreamResponse:
     """Open the signaling socket of one participant of one consult."""
     try:
-        participant = await _admit_connection(request)
+        participant, session = await _admit_connection(request)
     except _Refused as refused:
         return web.json_response(
             {"error": {"code": refused.code, "message": refused.message}}, status=refused.status
@@ -84,7 +90,10 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
         request, max_msg_size=MAX_FRAME_BYTES, heartbeat_s=settings.signaling.heartbeat_s
     ) as websocket:
         first, subscription = await rooms.connect(participant, ice_servers=servers)
-        async with _forwarding(websocket, subscription, participant):
+        async with (
+            _forwarding(websocket, subscription, participant),
+            _watching_session(request, websocket, session),
+        ):
             for message in first:
                 await websocket.send_json(message)
             await _read(request, websocket, participant)
@@ -92,7 +101,7 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     return websocket
 
 
-async def _admit_connection(request: web.Request) -> Participant:
+async def _admit_connection(request: web.Request) -> tuple[Participant, Session | None]:
     if request.headers.get("Origin") != expected_origin(request):
         raise _Refused(403, "origin_refused", "the socket must be opened from our own pages")
     app = request.app
@@ -107,7 +116,7 @@ async def _admit_connection(request: web.Request) -> Participant:
                 await open_invite_by_hash(conn, grant.invite_hash, now=app[CLOCK].now())
         except InviteInvalid as err:
             raise _Refused(403, f"invite_{err.problem.value}", str(err)) from None
-        return Participant(grant.consult_id, ParticipantRole.PATIENT, connection_id)
+        return Participant(grant.consult_id, ParticipantRole.PATIENT, connection_id), None
 
     principal = await authenticate(request)
     if principal is None:
@@ -122,7 +131,10 @@ async def _admit_connection(request: web.Request) -> Participant:
         raise _Refused(404, "not_found", "no such consult") from None
     if consult.is_over:
         raise _Refused(409, "consult_over", "the consult has ended")
-    return Participant(consult.id, ParticipantRole.THERAPIST, connection_id)
+    return (
+        Participant(consult.id, ParticipantRole.THERAPIST, connection_id),
+        principal.session,
+    )
 
 
 async def _read(
@@ -204,3 +216,29 @@ async def _forwarding(
         except ConnectionError:
             _log.info("forwarding stopped: connection lost")
         await subscription.close()
+
+
+@asynccontextmanager
+async def _watching_session(
+    request: web.Request, websocket: web.WebSocketResponse, session: Session | None
+) -> AsyncIterator[None]:
+    """For a therapist: close the socket once the login session ends (logout,
+    disabled account, absolute timeout), checked every SESSION_CHECK_S."""
+    if session is None:
+        yield
+        return
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(SESSION_CHECK_S)
+            if not await session_still_valid(request.app, session):
+                await websocket.close(code=CLOSE_SESSION_ENDED, message=b"session ended")
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await task

@@ -167,16 +167,39 @@ async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None
         assert (await sqlite_harness.client.get(path)).status == 404
 
 
-async def test_a_disabled_therapist_cannot_reopen_the_consult_socket(
-    harness: Harness, sockets: Sockets
+async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import server.signaling_ws
+    from audit.accounts import disable_account, get_account
+
+    monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
     setup = await new_consult(harness)
     first = await sockets.therapist(setup.consult_id)
     await receive(first, "welcome")
-    from audit.accounts import disable_account, get_account
-
     async with harness.app[DB_ENGINE].begin() as conn:
         account = await get_account(conn, setup.therapist.account_id)
         await disable_account(conn, account, now=harness.clock.now())
+    closing = await first.receive(timeout=5)
+    assert closing.data == 4002  # the session ended
     response = await harness.client.get(f"/ws?consult={setup.consult_id}", headers=harness.headers)
     assert response.status == 401
+
+
+async def test_an_open_consult_socket_keeps_the_session_alive(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import server.signaling_ws
+
+    monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
+    setup = await new_consult(harness)
+    socket = await sockets.therapist(setup.consult_id)
+    await receive(socket, "welcome")
+    for _ in range(4):  # 40 minutes of call, no other request
+        harness.clock.advance(10 * 60)
+        await asyncio.sleep(0.15)  # let the session check run
+    await socket.send_json({"v": 1, "type": "ping"})
+    await receive(socket, "pong")
+    assert (await harness.client.get("/api/session")).status == 200
