@@ -12,7 +12,7 @@ import enum
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -248,12 +248,12 @@ async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
     return result.rowcount
 
 
-async def close_abandoned(conn: AsyncConnection, *, now: datetime) -> int:
-    """Record as never started the consults whose last invite expired unused.
-
-    A consult that was never admitted and can no longer be joined is over;
-    it stays in the records as such (with no start, end time now).
-    """
+async def abandoned_consults(
+    conn: AsyncConnection, *, now: datetime, validity_s: int
+) -> list[uuid.UUID]:
+    """Consults never started that can no longer be joined: no live invite,
+    and made longer ago than an invite lives. The caller ends them (as
+    never started) through the rooms, so connected sockets hear of it."""
     live_invite = (
         sa.select(invites.c.token_hash)
         .where(
@@ -263,18 +263,27 @@ async def close_abandoned(conn: AsyncConnection, *, now: datetime) -> int:
         )
         .exists()
     )
-    expired_invite = (
-        sa.select(invites.c.token_hash)
-        .where(invites.c.consult_id == consults.c.id, invites.c.expires_at <= now)
-        .exists()
-    )
-    abandoned = await conn.scalars(
+    rows = await conn.scalars(
         sa.select(consults.c.id).where(
-            consults.c.status == ConsultStatus.CREATED.value, ~live_invite, expired_invite
+            consults.c.status == ConsultStatus.CREATED.value,
+            consults.c.created_at <= now - timedelta(seconds=validity_s),
+            ~live_invite,
         )
     )
-    count = 0
-    for consult_id in list(abandoned):
-        await mark_ended(conn, consult_id, now=now)
-        count += 1
-    return count
+    return list(rows)
+
+
+async def live_invite_expiry(
+    conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime
+) -> datetime | None:
+    """The expiry of the consult's live invite, if it has one."""
+    expiry: datetime | None = await conn.scalar(
+        sa.select(sa.func.max(invites.c.expires_at)).where(
+            invites.c.consult_id == consult_id,
+            invites.c.expires_at > now,
+            invites.c.revoked_at.is_(None),
+        )
+    )
+    if expiry is not None and expiry.tzinfo is None:
+        expiry = expiry.replace(tzinfo=UTC)  # SQLite's aggregate loses the column type
+    return expiry

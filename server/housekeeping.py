@@ -9,10 +9,10 @@ import structlog
 from aiohttp import web
 
 from audit.accounts import purge_enrolment_links
-from audit.consults import close_abandoned, purge_expired_invites
+from audit.consults import abandoned_consults, purge_expired_invites
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
-from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS
 from server.auth.lockout import lookback
 
 _log = structlog.get_logger("videoconsult.housekeeping")
@@ -26,11 +26,17 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
     """Delete everything past its time once; return how many rows of each kind."""
     settings = app[SETTINGS]
     now = app[CLOCK].now()
+    async with app[DB_ENGINE].connect() as conn:
+        abandoned = await abandoned_consults(
+            conn, now=now, validity_s=settings.consults.invite_validity_s
+        )
+    for consult_id in abandoned:
+        await app[ROOMS].end(consult_id, reason="not_joined")
     async with app[DB_ENGINE].begin() as conn:
         return {
             "technical_log": await purge_technical_log(conn, now=now),
             "enrolment_links": await purge_enrolment_links(conn, now=now),
-            "abandoned_consults": await close_abandoned(conn, now=now),
+            "abandoned_consults": len(abandoned),
             "invites": await purge_expired_invites(conn, now=now),
             "sessions": await purge_sessions(
                 conn,

@@ -42,10 +42,11 @@ from signaling.protocol import (
     ParticipantRole,
     ProtocolError,
     error_message,
+    outbound,
     parse_inbound,
 )
 from signaling.ratelimit import TokenBucket
-from signaling.rooms import Participant
+from signaling.rooms import CLOSE_ENDED, Participant, RoomClosed
 from signaling.turn import ice_servers
 
 _log = structlog.get_logger("videoconsult.signaling")
@@ -89,15 +90,24 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     async with tracked_websocket(
         request, max_msg_size=MAX_FRAME_BYTES, heartbeat_s=settings.signaling.heartbeat_s
     ) as websocket:
-        first, subscription = await rooms.connect(participant, ice_servers=servers)
-        async with (
-            _forwarding(websocket, subscription, participant),
-            _watching_session(request, websocket, session),
-        ):
-            for message in first:
-                await websocket.send_json(message)
-            await _read(request, websocket, participant)
-        await rooms.disconnect(participant)
+        try:
+            first, subscription = await rooms.connect(participant, ice_servers=servers)
+        except RoomClosed:
+            await websocket.send_json(outbound("consult-ended", reason="consult_over"))
+            await websocket.close(code=CLOSE_ENDED)
+            return websocket
+        try:
+            async with (
+                _forwarding(websocket, subscription, participant),
+                _watching_session(request, websocket, session),
+            ):
+                for message in first:
+                    await websocket.send_json(message)
+                await _read(request, websocket, participant)
+        finally:
+            # Whatever ended the socket (a reset, a failing write, shutdown),
+            # the room must hear of it, or the peer waits for a ghost.
+            await asyncio.shield(rooms.disconnect(participant))
     return websocket
 
 
@@ -145,21 +155,14 @@ async def _read(
     bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
     refused_in_a_row = 0
     async for frame in websocket:
-        if frame.type is not WSMsgType.TEXT:
-            if frame.type is WSMsgType.BINARY:
-                refused_in_a_row += 1
-                await websocket.send_json(
-                    error_message(
-                        ProtocolError(
-                            ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
-                        )
-                    )
-                )
-            continue
         try:
             if not bucket.allow(time.monotonic()):
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, "too many messages; this one was dropped"
+                )
+            if frame.type is not WSMsgType.TEXT:
+                raise ProtocolError(
+                    ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
             message = parse_inbound(frame.data)
             replies = await rooms.handle(participant, message)

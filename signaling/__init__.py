@@ -1,8 +1,16 @@
 """The WebSocket signaling protocol, consult rooms and the message broker.
 
-Empty until the signaling issue: it will hold the protocol schemas, the
-consult state machine and the broker (in-process, Redis). Imports ``audit``
-and ``config``, never ``server``.
+- :mod:`signaling.protocol`: message schemas, parsing and building (pure).
+- :mod:`signaling.rooms`: :class:`~signaling.rooms.ConsultRooms`, the waiting
+  room, admission, relay, reconnect grace and the end of a consult.
+- :mod:`signaling.broker`: the Broker, RoomStore and Timers interfaces and
+  their in-process implementations.
+- :mod:`signaling.tickets`, :mod:`signaling.turn`, :mod:`signaling.ratelimit`:
+  patient tickets, TURN credentials, per-connection rate limits.
+
+Imports ``audit`` and ``config``, never ``server``.
 """
 
-__all__: list[str] = []
+from signaling.rooms import ConsultRooms, Participant, RoomClosed, RoomSettings
+
+__all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]

@@ -7,8 +7,9 @@ Redis implementations (several nodes) come later and slot in behind them:
   of one consult, wherever they are connected.
 - :class:`RoomStore` keeps each room's state; changes happen under a
   per-consult lock, so two nodes never interleave a read-modify-write.
-- :class:`Timers` keeps deadlines (reconnect grace, maximum duration) and
-  hands each due timer out exactly once, to whichever node asks first.
+- :class:`Timers` keeps deadlines (reconnect grace, maximum duration,
+  forgetting a room) and hands each due timer out exactly once, to whichever
+  node asks first.
 
 No code outside these may assume that both participants are connected to
 this process, or that a deadline lives in this process's memory only.
@@ -17,18 +18,20 @@ this process, or that a deadline lives in this process's memory only.
 from __future__ import annotations
 
 import asyncio
+import enum
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from signaling.protocol import ParticipantRole
+from signaling.protocol import ErrorCode, ParticipantRole, ProtocolError, error_message
 
-# Messages waiting for a slow connection; beyond this it is dropped (closed).
+# Messages waiting for a slow connection; beyond this it is closed.
 SUBSCRIPTION_QUEUE_LIMIT = 256
+CLOSE_POLICY = 1008
 
 
 @dataclass(frozen=True)
@@ -60,25 +63,43 @@ class Broker(Protocol):
         """Start receiving deliveries for ``role`` in ``consult_id``."""
 
 
-@dataclass
+class RoomPhase(enum.Enum):
+    # Before admission: the patient may be in the waiting room.
+    WAITING = "waiting"
+    # The therapist admitted the patient: the consult runs.
+    ACTIVE = "active"
+    # Ended; kept a while so that late connects and disconnects find it over.
+    OVER = "over"
+
+
+class Link(enum.Enum):
+    # The participant's socket is open.
+    CONNECTED = "connected"
+    # The socket dropped; the participant is in the reconnect grace period.
+    RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True)
 class Presence:
     connection_id: str
-    # False while the participant is in its reconnect grace period.
-    connected: bool = True
+    link: Link = Link.CONNECTED
+    # When the socket dropped (for the end time when nobody comes back).
+    left_at: datetime | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.link is Link.CONNECTED
 
 
 @dataclass
 class RoomState:
     """What a consult room knows beyond the database record."""
 
+    phase: RoomPhase = RoomPhase.WAITING
     therapist: Presence | None = None
     patient: Presence | None = None
-    # The patient is in the waiting room (connected, not yet admitted).
-    patient_waiting: bool = False
-    admitted: bool = False
     # Shown to the therapist in the waiting room; never stored on disk.
     display_name: str | None = None
-    over: bool = False
 
     def presence(self, role: ParticipantRole) -> Presence | None:
         return self.therapist if role is ParticipantRole.THERAPIST else self.patient
@@ -89,17 +110,30 @@ class RoomState:
         else:
             self.patient = presence
 
+    def present(self, role: ParticipantRole) -> bool:
+        presence = self.presence(role)
+        return presence is not None and presence.connected
+
+    @property
+    def patient_waiting(self) -> bool:
+        return self.phase is RoomPhase.WAITING and self.present(ParticipantRole.PATIENT)
+
+    def copy(self) -> RoomState:
+        return replace(self)
+
 
 class RoomStore(Protocol):
-    def locked(self, consult_id: uuid.UUID) -> Any:
-        """Async context manager yielding the room's state under a lock; changes
-        made to it are saved when the block ends without an error."""
+    def locked(
+        self, consult_id: uuid.UUID, *, create: bool = False
+    ) -> AbstractAsyncContextManager[RoomState | None]:
+        """Yield the room's state under a lock (None if there is no room and
+        ``create`` is false); changes are saved when the block ends cleanly."""
 
-    async def peek(self, consult_id: uuid.UUID) -> RoomState:
-        """A copy of the room's state, without the lock."""
+    async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        """A copy of the room's state without the lock, or None."""
 
-    async def discard(self, consult_id: uuid.UUID) -> None:
-        """Forget the room (the consult is over)."""
+    async def forget(self, consult_id: uuid.UUID) -> None:
+        """Drop the room altogether."""
 
 
 class Timers(Protocol):
@@ -118,13 +152,33 @@ class _QueueSubscription:
         self._owner = owner
         self._key = key
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=SUBSCRIPTION_QUEUE_LIMIT)
+        self.dead = False
 
     async def get(self) -> Delivery:
         return await self.queue.get()
 
+    def offer(self, delivery: Delivery) -> None:
+        if self.dead:
+            return
+        try:
+            self.queue.put_nowait(delivery)
+        except asyncio.QueueFull:
+            # A connection that does not read is closed, not waited for: one
+            # stuck client must not hold up the consult or eat memory.
+            self.dead = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            too_slow = ProtocolError(
+                ErrorCode.TOO_SLOW, "messages arrived faster than this connection read them"
+            )
+            self.queue.put_nowait(Delivery(error_message(too_slow), close_code=CLOSE_POLICY))
+
     async def close(self) -> None:
-        self._owner._subscribers[self._key].discard(self)
-        if not self._owner._subscribers[self._key]:
+        subscribers = self._owner._subscribers.get(self._key)
+        if subscribers is None:
+            return
+        subscribers.discard(self)
+        if not subscribers:
             del self._owner._subscribers[self._key]
 
 
@@ -140,15 +194,7 @@ class InProcessBroker:
         self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
     ) -> None:
         for subscription in list(self._subscribers.get((consult_id, role), ())):
-            try:
-                subscription.queue.put_nowait(delivery)
-            except asyncio.QueueFull:
-                # A connection that does not read is closed, not waited for:
-                # one stuck client must not hold up the consult.
-                subscription.queue.get_nowait()
-                subscription.queue.put_nowait(
-                    Delivery({"v": 1, "type": "error", "code": "too_slow"}, close_code=1008)
-                )
+            subscription.offer(delivery)
 
     async def subscribe(self, consult_id: uuid.UUID, role: ParticipantRole) -> Subscription:
         subscription = _QueueSubscription(self, (consult_id, role))
@@ -167,30 +213,30 @@ class InProcessRoomStore:
         self._rooms: dict[uuid.UUID, _Room] = {}
 
     @asynccontextmanager
-    async def locked(self, consult_id: uuid.UUID) -> AsyncIterator[RoomState]:
-        room = self._rooms.setdefault(consult_id, _Room())
-        async with room.lock:
-            working = _copy(room.state)
-            yield working
-            room.state = working
-
-    async def peek(self, consult_id: uuid.UUID) -> RoomState:
+    async def locked(
+        self, consult_id: uuid.UUID, *, create: bool = False
+    ) -> AsyncIterator[RoomState | None]:
         room = self._rooms.get(consult_id)
-        return _copy(room.state) if room else RoomState()
+        if room is None:
+            if not create:
+                yield None
+                return
+            room = self._rooms.setdefault(consult_id, _Room())
+        async with room.lock:
+            working = room.state.copy()
+            yield working
+            if self._rooms.get(consult_id) is room:
+                room.state = working
 
-    async def discard(self, consult_id: uuid.UUID) -> None:
+    async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        room = self._rooms.get(consult_id)
+        return room.state.copy() if room else None
+
+    async def forget(self, consult_id: uuid.UUID) -> None:
         self._rooms.pop(consult_id, None)
 
-
-def _copy(state: RoomState) -> RoomState:
-    return RoomState(
-        therapist=Presence(**vars(state.therapist)) if state.therapist else None,
-        patient=Presence(**vars(state.patient)) if state.patient else None,
-        patient_waiting=state.patient_waiting,
-        admitted=state.admitted,
-        display_name=state.display_name,
-        over=state.over,
-    )
+    def __len__(self) -> int:
+        return len(self._rooms)
 
 
 class InProcessTimers:
@@ -208,3 +254,6 @@ class InProcessTimers:
         for key, _payload in due:
             del self._due[key]
         return due
+
+    def __len__(self) -> int:
+        return len(self._due)

@@ -8,15 +8,16 @@ values; everything for the other participant goes through the
 server nodes. Deadlines go through :class:`~signaling.broker.Timers`.
 
 The therapist's client is always the one that makes offers: after an
-admission (``peer-joined``) and after either side reconnects
-(``peer-rejoined``, or a ``welcome`` that says the peer is there).
+admission (``peer-joined``), after the patient comes back
+(``peer-rejoined``), and after its own reconnect when ``welcome`` says the
+patient is there.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -25,7 +26,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.clock import Clock
 from audit.consults import mark_ended, mark_started
 from audit.technical_log import write_technical
-from signaling.broker import Broker, Delivery, Presence, RoomStore, Subscription, Timers
+from signaling.broker import (
+    Broker,
+    Delivery,
+    Link,
+    Presence,
+    RoomPhase,
+    RoomStore,
+    Subscription,
+    Timers,
+)
 from signaling.protocol import (
     RELAYED,
     THERAPIST_ONLY,
@@ -44,10 +54,18 @@ from signaling.protocol import (
 _log = structlog.get_logger("videoconsult.signaling")
 
 # WebSocket close codes of the protocol (4000-4999 are the application's).
-CLOSE_NORMAL = 1000
 CLOSE_REPLACED = 4001
 CLOSE_DENIED = 4003
 CLOSE_ENDED = 4004
+
+# An ended room is kept this long, so late connects find it over.
+ENDED_ROOM_KEPT = timedelta(hours=1)
+# A timer whose action failed (say, the database was away) is tried again.
+TIMER_RETRY = timedelta(seconds=5)
+
+
+class RoomClosed(Exception):
+    """The consult is over: the connection gets ``consult-ended`` and closes."""
 
 
 @dataclass(frozen=True)
@@ -85,61 +103,80 @@ class ConsultRooms:
         self._timers = timers
         self._settings = settings
 
+    async def prepare(
+        self, consult_id: uuid.UUID, *, display_name: str | None, until: datetime
+    ) -> None:
+        """Open the room of a new consult with the therapist's note for the waiting room.
+
+        The room is forgotten after ``until`` (the invite's expiry) unless it is in use.
+        """
+        async with self._store.locked(consult_id, create=True) as state:
+            assert state is not None
+            state.display_name = display_name
+        await self._timers.schedule(_forget_key(consult_id), until, {"consult": str(consult_id)})
+
     async def connect(
         self, participant: Participant, *, ice_servers: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], Subscription]:
-        """Join the room; return the first messages for this connection and its subscription."""
+        """Join the room; return the first messages for this connection and its subscription.
+
+        Raises :class:`RoomClosed` when the consult is already over.
+        """
         # Subscribe before anything is announced, so no reply can be missed.
         subscription = await self._broker.subscribe(participant.consult_id, participant.role)
-        role, other = participant.role, participant.role.other
-        to_self: list[dict[str, Any]] = []
-        async with self._store.locked(participant.consult_id) as state:
+        try:
+            to_self = await self._join(participant, ice_servers)
+        except BaseException:
+            await subscription.close()
+            raise
+        await self._note(participant, "signaling.connected")
+        return to_self, subscription
+
+    async def _join(
+        self, participant: Participant, ice_servers: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        consult_id, role, other = participant.consult_id, participant.role, participant.role.other
+        async with self._store.locked(consult_id, create=True) as state:
+            assert state is not None
+            if state.phase is RoomPhase.OVER:
+                raise RoomClosed
             previous = state.presence(role)
-            rejoined = previous is not None
             if previous is not None and previous.connected:
                 # The same participant on a second device: the newer one wins.
                 await self._send(
-                    participant.consult_id,
+                    consult_id,
                     role,
                     outbound("replaced"),
                     connection_id=previous.connection_id,
                     close_code=CLOSE_REPLACED,
                 )
             state.set_presence(role, Presence(participant.connection_id))
-            await self._timers.cancel(_grace_key(participant.consult_id, role))
-            peer = state.presence(other)
-            peer_present = peer is not None and peer.connected
-
-            if role is ParticipantRole.PATIENT and not state.admitted:
-                state.patient_waiting = True
+            await self._timers.cancel(_grace_key(consult_id, role))
+            if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
                 await self._send(
-                    participant.consult_id,
-                    other,
-                    outbound("patient-waiting", display_name=state.display_name),
+                    consult_id, other, outbound("patient-waiting", display_name=state.display_name)
                 )
-            elif state.admitted and rejoined and peer_present:
-                await self._send(
-                    participant.consult_id, other, outbound("peer-rejoined", role=role.value)
-                )
-
-            to_self.append(
+            elif state.phase is RoomPhase.ACTIVE and state.present(other):
+                # Back after a drop, a reload, the grace period or a bye: the
+                # therapist makes a new offer either way.
+                await self._send(consult_id, other, outbound("peer-rejoined", role=role.value))
+            to_self = [
                 outbound(
                     "welcome",
                     protocol=1,
                     role=role.value,
-                    consult=str(participant.consult_id),
+                    consult=str(consult_id),
                     connection=participant.connection_id,
-                    state="active" if state.admitted else "waiting",
-                    peer_present=peer_present,
+                    state=state.phase.value,
+                    peer_present=state.present(other),
                     ice_servers=ice_servers,
                     heartbeat_s=self._settings.heartbeat_s,
                     grace_s=self._settings.grace_s,
                 )
-            )
+            ]
             if role is ParticipantRole.THERAPIST and state.patient_waiting:
                 to_self.append(outbound("patient-waiting", display_name=state.display_name))
-        await self._note(participant, "signaling.connected", rejoined=rejoined)
-        return to_self, subscription
+        return to_self
 
     async def handle(
         self, participant: Participant, message: InboundMessage
@@ -183,70 +220,98 @@ class ConsultRooms:
         await self._leave(participant, grace=True)
 
     async def fire_due_timers(self) -> int:
-        """Act on every due timer (grace periods, maximum duration); return how many."""
-        due = await self._timers.claim_due(self._clock.now())
+        """Act on every due timer (grace periods, maximum duration); return how many.
+
+        A timer whose action fails is tried again a little later; the others
+        due at the same time go ahead regardless.
+        """
+        now = self._clock.now()
+        due = await self._timers.claim_due(now)
         for key, payload in due:
-            consult_id = uuid.UUID(payload["consult"])
-            if key.startswith("max:"):
-                await self.end(consult_id, reason="max_duration")
-            else:
-                await self._grace_over(
-                    consult_id, ParticipantRole(payload["role"]), payload["connection"]
-                )
+            try:
+                await self._fire(key, payload)
+            except Exception:
+                _log.exception("room timer failed; trying again", timer=key.split(":")[0])
+                await self._timers.schedule(key, now + TIMER_RETRY, payload)
         return len(due)
 
-    async def prepare(self, consult_id: uuid.UUID, *, display_name: str | None) -> None:
-        """Open the room of a new consult with the therapist's name for the patient."""
-        async with self._store.locked(consult_id) as state:
-            state.display_name = display_name
+    async def _fire(self, key: str, payload: dict[str, Any]) -> None:
+        consult_id = uuid.UUID(payload["consult"])
+        kind = key.split(":", 1)[0]
+        if kind == "max":
+            await self.end(consult_id, reason="max_duration")
+        elif kind == "grace":
+            await self._grace_over(
+                consult_id, ParticipantRole(payload["role"]), payload["connection"]
+            )
+        elif kind == "forget":
+            await self._forget(consult_id)
 
-    async def end(self, consult_id: uuid.UUID, *, reason: str) -> None:
-        """End the consult for both: record the end, tell them, close their sockets."""
+    async def end(self, consult_id: uuid.UUID, *, reason: str, at: datetime | None = None) -> None:
+        """End the consult for both: record the end, tell them, close their sockets.
+
+        ``at`` is the end time to record (default now): when both left, the
+        moment the last one went, not the end of the grace period.
+        """
+        ended_at = at or self._clock.now()
         async with self._engine.begin() as conn:
-            await mark_ended(conn, consult_id, now=self._clock.now())
-        async with self._store.locked(consult_id) as state:
-            state.over = True
+            await mark_ended(conn, consult_id, now=ended_at)
+        async with self._store.locked(consult_id, create=True) as state:
+            assert state is not None
+            already_over = state.phase is RoomPhase.OVER
+            state.phase = RoomPhase.OVER
+            state.therapist = state.patient = None
+            state.display_name = None
+        if already_over:
+            return
         for role in ParticipantRole:
             await self._send(
                 consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
             )
             await self._timers.cancel(_grace_key(consult_id, role))
         await self._timers.cancel(_max_key(consult_id))
-        await self._store.discard(consult_id)
+        await self._timers.schedule(
+            _forget_key(consult_id),
+            self._clock.now() + ENDED_ROOM_KEPT,
+            {"consult": str(consult_id)},
+        )
         _log.info("consult ended", consult_id=str(consult_id), reason=reason)
 
     async def _admit(self, participant: Participant) -> list[dict[str, Any]]:
         consult_id = participant.consult_id
+        record_closed = False
         async with self._store.locked(consult_id) as state:
-            patient = state.patient
-            if not state.patient_waiting or patient is None or not patient.connected:
+            if state is None or not state.patient_waiting:
                 raise ProtocolError(
                     ErrorCode.NO_PATIENT_WAITING,
                     "no patient is waiting to be admitted",
                     ref="admit",
                 )
-            state.patient_waiting = False
-            state.admitted = True
-            now = self._clock.now()
             async with self._engine.begin() as conn:
-                consult = await mark_started(conn, consult_id, now=now)
-            started = consult.started_at or now
-            await self._timers.schedule(
-                _max_key(consult_id),
-                started + timedelta(seconds=self._settings.max_duration_s),
-                {"consult": str(consult_id)},
-            )
-            await self._send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
+                consult = await mark_started(conn, consult_id, now=self._clock.now())
+            if consult.is_over or consult.started_at is None:
+                record_closed = True
+            else:
+                state.phase = RoomPhase.ACTIVE
+                await self._timers.schedule(
+                    _max_key(consult_id),
+                    consult.started_at + timedelta(seconds=self._settings.max_duration_s),
+                    {"consult": str(consult_id)},
+                )
+                await self._send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
+        if record_closed:
+            # Closed meanwhile (by the housekeeping or another node): no call on a closed record.
+            await self.end(consult_id, reason="consult_over")
+            raise ProtocolError(ErrorCode.CONSULT_OVER, "the consult is over", ref="admit")
         return [outbound("peer-joined", role=ParticipantRole.PATIENT.value)]
 
     async def _deny(self, participant: Participant) -> list[dict[str, Any]]:
         consult_id = participant.consult_id
         async with self._store.locked(consult_id) as state:
-            if not state.patient_waiting or state.patient is None:
+            if state is None or not state.patient_waiting:
                 raise ProtocolError(
                     ErrorCode.NO_PATIENT_WAITING, "no patient is waiting to be denied", ref="deny"
                 )
-            state.patient_waiting = False
             state.patient = None
             await self._send(
                 consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CLOSE_DENIED
@@ -255,20 +320,21 @@ class ConsultRooms:
 
     async def _relay(self, participant: Participant, message: InboundMessage) -> None:
         state = await self._store.peek(participant.consult_id)
-        if not state.admitted:
+        if state is None or state.phase is RoomPhase.OVER:
+            raise ProtocolError(ErrorCode.CONSULT_OVER, "the consult is over", ref=message.type)
+        if state.phase is not RoomPhase.ACTIVE:
             raise ProtocolError(
                 ErrorCode.NOT_ADMITTED,
                 "the consult has not started: the therapist admits the patient first",
                 ref=message.type,
             )
-        peer = state.presence(participant.role.other)
-        if peer is None or not peer.connected:
+        if not state.present(participant.role.other):
             raise ProtocolError(
                 ErrorCode.PEER_ABSENT,
                 "the other participant is not connected right now",
                 ref=message.type,
             )
-        fields = message.model_dump(exclude={"v", "type", "consult"}, exclude_none=False)
+        fields = message.model_dump(exclude={"v", "type", "consult"})
         await self._send(
             participant.consult_id,
             participant.role.other,
@@ -277,26 +343,23 @@ class ConsultRooms:
 
     async def _leave(self, participant: Participant, *, grace: bool) -> None:
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
-        end_now = False
+        end_at: datetime | None = None
         async with self._store.locked(consult_id) as state:
+            if state is None or state.phase is RoomPhase.OVER:
+                return
             presence = state.presence(role)
-            if (
-                state.over
-                or presence is None
-                or presence.connection_id != participant.connection_id
-            ):
+            if presence is None or presence.connection_id != participant.connection_id:
                 return  # a replaced connection, or already gone
-            if not state.admitted:
+            now = self._clock.now()
+            if state.phase is RoomPhase.WAITING:
                 state.set_presence(role, None)
                 if role is ParticipantRole.PATIENT:
-                    state.patient_waiting = False
                     await self._send(consult_id, other, outbound("peer-left", role=role.value))
             elif grace:
-                presence.connected = False
-                deadline = self._clock.now() + timedelta(seconds=self._settings.grace_s)
+                state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=now))
                 await self._timers.schedule(
                     _grace_key(consult_id, role),
-                    deadline,
+                    now + timedelta(seconds=self._settings.grace_s),
                     {
                         "consult": str(consult_id),
                         "role": role.value,
@@ -311,27 +374,48 @@ class ConsultRooms:
             else:
                 state.set_presence(role, None)
                 await self._send(consult_id, other, outbound("peer-left", role=role.value))
-                end_now = state.presence(other) is None
+                # The other one, if in its grace period, ends it when that runs out.
+                if state.presence(other) is None:
+                    end_at = now
         await self._note(participant, "signaling.disconnected", grace=grace)
-        if end_now:
-            await self.end(consult_id, reason="both_left")
+        if end_at is not None:
+            await self.end(consult_id, reason="both_left", at=end_at)
 
     async def _grace_over(
         self, consult_id: uuid.UUID, role: ParticipantRole, connection_id: str
     ) -> None:
-        end_now = False
+        end_at: datetime | None = None
         async with self._store.locked(consult_id) as state:
-            presence = state.presence(role)
-            if state.over or presence is None or presence.connected:
-                return  # came back in time
-            if presence.connection_id != connection_id:
+            if state is None or state.phase is RoomPhase.OVER:
                 return
+            presence = state.presence(role)
+            if presence is None or presence.connected or presence.connection_id != connection_id:
+                return  # came back in time
             state.set_presence(role, None)
             await self._send(consult_id, role.other, outbound("peer-left", role=role.value))
-            other = state.presence(role.other)
-            end_now = other is None or not other.connected
-        if end_now:
-            await self.end(consult_id, reason="both_left")
+            if state.presence(role.other) is None:
+                # Both gone past their grace periods: the consult ended when
+                # this one, the last, went away.
+                end_at = presence.left_at or self._clock.now()
+        if end_at is not None:
+            await self.end(consult_id, reason="both_left", at=end_at)
+
+    async def _forget(self, consult_id: uuid.UUID) -> None:
+        state = await self._store.peek(consult_id)
+        if state is None:
+            return
+        idle = (
+            state.phase is RoomPhase.WAITING and state.therapist is None and state.patient is None
+        )
+        if state.phase is RoomPhase.OVER or idle:
+            await self._store.forget(consult_id)
+        else:
+            # In use: look again later.
+            await self._timers.schedule(
+                _forget_key(consult_id),
+                self._clock.now() + ENDED_ROOM_KEPT,
+                {"consult": str(consult_id)},
+            )
 
     async def _send(
         self,
@@ -363,3 +447,7 @@ def _grace_key(consult_id: uuid.UUID, role: ParticipantRole) -> str:
 
 def _max_key(consult_id: uuid.UUID) -> str:
     return f"max:{consult_id}"
+
+
+def _forget_key(consult_id: uuid.UUID) -> str:
+    return f"forget:{consult_id}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from audit.accounts import Role
+import server.signaling_ws
+from audit.accounts import Role, disable_account, get_account
 from audit.schema import access_log, invites
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
@@ -170,9 +172,6 @@ async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None
 async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
     harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.signaling_ws
-    from audit.accounts import disable_account, get_account
-
     monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
     setup = await new_consult(harness)
     first = await sockets.therapist(setup.consult_id)
@@ -189,10 +188,6 @@ async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out
 async def test_an_open_consult_socket_keeps_the_session_alive(
     harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asyncio
-
-    import server.signaling_ws
-
     monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
     setup = await new_consult(harness)
     socket = await sockets.therapist(setup.consult_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -197,17 +198,37 @@ async def test_after_the_grace_period_the_other_side_is_told_the_peer_left(
     assert row.status == "ended"
 
 
-async def test_both_gone_past_grace_ends_the_consult(harness: Harness, sockets: Sockets) -> None:
+async def wait_until_reconnecting(harness: Harness, consult_id: str, role: str) -> None:
+    """The server handles a client's close asynchronously: wait until it has."""
+    store = harness.app[ROOMS]._store
+    for _ in range(200):
+        state = await store.peek(uuid.UUID(consult_id))
+        assert state is not None
+        presence = state.therapist if role == "therapist" else state.patient
+        if presence is not None and not presence.connected:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server never saw the {role} go")
+
+
+async def test_both_gone_past_grace_ends_the_consult_when_the_last_one_left(
+    harness: Harness, sockets: Sockets
+) -> None:
     setup, therapist, patient = await admitted_pair(harness, sockets)
     harness.clock.advance(60)
     await patient.close()
     await receive(therapist, "peer-reconnecting")
+    harness.clock.advance(25)
     await therapist.close()
-    harness.clock.advance(31)
+    await wait_until_reconnecting(harness, setup.consult_id, "therapist")
+    harness.clock.advance(6)  # the patient's grace is over, the therapist's is not
+    await harness.app[ROOMS].fire_due_timers()
+    assert (await consult_row(harness, setup.consult_id)).status == "active"
+    harness.clock.advance(25)  # now the therapist's is over too
     await harness.app[ROOMS].fire_due_timers()
     row = await consult_row(harness, setup.consult_id)
     assert row.status == "ended"
-    assert row.duration_s == 60 + 31
+    assert row.duration_s == 60 + 25  # until the last one went, not the end of the grace
 
 
 async def test_maximum_duration_ends_the_consult(harness: Harness, sockets: Sockets) -> None:
@@ -374,7 +395,7 @@ async def test_a_patient_with_invite_a_cannot_reach_consult_b(
     await receive(b_therapist, "pong")
 
 
-async def test_another_therapist_cannot_open_or_admit_in_my_consult(
+async def test_another_therapist_cannot_open_my_consults_socket_or_end_it(
     harness: Harness, sockets: Sockets
 ) -> None:
     mine = await new_consult(harness, email="mine@praktijk-noord.example")
@@ -416,3 +437,191 @@ async def test_the_consult_table_holds_only_the_promised_metadata(harness: Harne
 
     async with harness.app[DB_ENGINE].connect() as conn:
         assert await conn.run_sync(columns) == promised
+
+
+async def test_a_socket_that_fails_still_leaves_the_room(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    rooms = harness.app[ROOMS]
+    real_handle = rooms.handle
+
+    async def broken(participant: Any, message: Any) -> Any:
+        if participant.role.value == "patient":
+            raise ConnectionResetError("the write failed")
+        return await real_handle(participant, message)
+
+    monkeypatch.setattr(rooms, "handle", broken)
+    await patient.send_json({"v": 1, "type": "ping"})
+    assert (await receive(therapist, "peer-reconnecting"))["role"] == "patient"
+
+
+async def test_a_patient_back_after_the_grace_period_is_offered_again(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    harness.clock.advance(31)
+    await harness.app[ROOMS].fire_due_timers()
+    await receive(therapist, "peer-left")
+    back = await sockets.patient(setup.invite_token)
+    welcome = await receive(back, "welcome")
+    assert (welcome["state"], welcome["peer_present"]) == ("active", True)
+    assert (await receive(therapist, "peer-rejoined"))["role"] == "patient"
+
+
+async def test_a_therapist_who_reconnects_finds_the_patient_and_offers_again(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    await therapist.close()
+    assert (await receive(patient, "peer-reconnecting"))["role"] == "therapist"
+    again = await sockets.therapist(setup.consult_id)
+    welcome = await receive(again, "welcome")
+    assert (welcome["state"], welcome["peer_present"]) == ("active", True)
+    assert (await receive(patient, "peer-rejoined"))["role"] == "therapist"
+    await again.send_json(OFFER)
+    await receive(patient, "offer")
+
+
+async def test_a_second_therapist_tab_replaces_the_first(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, first_tab, patient = await admitted_pair(harness, sockets)
+    second_tab = await sockets.therapist(setup.consult_id)
+    await receive(second_tab, "welcome")
+    await receive(first_tab, "replaced")
+    assert await closed_with(first_tab) == 4001
+    await receive(patient, "peer-rejoined")
+
+
+async def test_a_denied_patient_may_come_back_to_the_waiting_room(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    await receive(therapist, "patient-waiting")
+    await therapist.send_json({"v": 1, "type": "deny"})
+    await receive(patient, "denied")
+    again = await sockets.patient(setup.invite_token)
+    assert (await receive(again, "welcome"))["state"] == "waiting"
+    await receive(therapist, "patient-waiting")
+
+
+async def test_an_ended_room_is_forgotten_and_refuses_late_connects(
+    harness: Harness, sockets: Sockets
+) -> None:
+    from signaling.protocol import ParticipantRole
+    from signaling.rooms import Participant, RoomClosed
+
+    setup, therapist, _patient = await admitted_pair(harness, sockets)
+    await therapist.send_json({"v": 1, "type": "end"})
+    await receive(therapist, "consult-ended")
+    rooms = harness.app[ROOMS]
+    late = Participant(uuid.UUID(setup.consult_id), ParticipantRole.PATIENT, "late")
+    with pytest.raises(RoomClosed):
+        await rooms.connect(late, ice_servers=[])
+    await rooms.disconnect(late)  # a late disconnect changes nothing
+    harness.clock.advance(3601)
+    await rooms.fire_due_timers()
+    assert await rooms._store.peek(uuid.UUID(setup.consult_id)) is None
+
+
+async def test_one_failing_timer_does_not_lose_the_others(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    rooms = harness.app[ROOMS]
+    ghost = uuid.uuid4()  # no such consult: ending it fails
+    await rooms._timers.schedule(f"max:{ghost}", harness.clock.now(), {"consult": str(ghost)})
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    harness.clock.advance(31)
+    assert await rooms.fire_due_timers() == 2
+    await receive(therapist, "peer-left")  # the grace timer still did its work
+    harness.clock.advance(5)
+    assert await rooms.fire_due_timers() == 1  # the failing one is tried again
+
+
+async def test_admission_on_a_record_closed_meanwhile_ends_the_room(
+    harness: Harness, sockets: Sockets
+) -> None:
+    from audit.consults import mark_ended
+
+    setup = await new_consult(harness)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    await receive(therapist, "patient-waiting")
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
+    await therapist.send_json({"v": 1, "type": "admit"})
+    # The refusal (a reply) and the end (through the broker) may come in either order.
+    got = [await therapist.receive_json(timeout=5) for _ in range(2)]
+    assert {m["type"]: m.get("code", m.get("reason")) for m in got} == {
+        "error": "consult_over",
+        "consult-ended": "consult_over",
+    }
+    assert (await receive(patient, "consult-ended"))["reason"] == "consult_over"
+    row = await consult_row(harness, setup.consult_id)
+    assert (row.status, row.started_at) == ("not_started", None)
+
+
+async def test_binary_garbage_counts_towards_the_limits_too(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    setup = await new_consult(sqlite_harness)
+    therapist = await sqlite_sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    for _ in range(80):
+        await therapist.send_bytes(b"\x00\x01garbage")
+    while True:
+        message = await therapist.receive(timeout=5)
+        if message.type is WSMsgType.CLOSE:
+            break
+        assert json.loads(message.data)["type"] == "error"
+    assert message.data == 1008
+
+
+async def test_patient_a_cannot_relay_into_consult_b(harness: Harness, sockets: Sockets) -> None:
+    a, _a_therapist, a_patient = await admitted_pair(harness, sockets)
+    harness.client.session.cookie_jar.clear()
+    b = await new_consult(harness, email="b@praktijk-noord.example")
+    b_therapist = await sockets.therapist(b.consult_id)
+    await receive(b_therapist, "welcome")
+    await a_patient.send_json({**OFFER, "type": "answer", "consult": b.consult_id})
+    assert (await receive(a_patient, "error"))["code"] == "not_in_consult"
+    await b_therapist.send_json({"v": 1, "type": "ping"})
+    await receive(b_therapist, "pong")  # and nothing else arrived before it
+    assert a.consult_id != b.consult_id
+
+
+async def test_reissued_invite_keeps_a_scheduled_consults_late_expiry(harness: Harness) -> None:
+    from datetime import timedelta
+
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(therapist)
+    later = harness.clock.now() + timedelta(days=3)
+    created = await (
+        await harness.post("/api/consults", {"scheduled_at": later.isoformat()})
+    ).json()
+    reissued = await harness.post(f"/api/consults/{created['consult']['id']}/invite")
+    body = await reissued.json()
+    assert body["invite_expires_at"] == created["invite_expires_at"]
+
+
+async def test_tickets_per_invite_are_capped(harness: Harness, sockets: Sockets) -> None:
+    setup = await new_consult(harness)
+    session = await sockets.session()
+    tickets = [await sockets.ticket(setup.invite_token, session) for _ in range(7)]
+    for old in tickets[:2]:
+        refused = await session.get(f"/ws?ticket={old}", headers=harness.headers)
+        assert refused.status == 401
+    socket_ = await session.ws_connect(f"/ws?ticket={tickets[-1]}", headers=harness.headers)
+    await receive(socket_, "welcome")
+    await socket_.close()

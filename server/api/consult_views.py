@@ -19,6 +19,7 @@ from audit.consults import (
     invite_expiry,
     issue_invite,
     list_consults,
+    live_invite_expiry,
     note_invite_used,
     open_invite,
     revoke_invites,
@@ -121,7 +122,7 @@ async def consults_create(request: web.Request) -> web.Response:
     async with app[DB_ENGINE].begin() as conn:
         consult = await create_consult(conn, therapist_id=principal.account.id, now=now)
         token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
-    await app[ROOMS].prepare(consult.id, display_name=body.display_name)
+    await app[ROOMS].prepare(consult.id, display_name=body.display_name, until=expires_at)
     return web.json_response(
         {"consult": consult_json(consult), **_invite_json(request, token, expires_at)}, status=201
     )
@@ -180,10 +181,14 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal)
     app = request.app
     now = app[CLOCK].now()
-    expires_at = invite_expiry(
-        now=now, scheduled_at=None, validity_s=app[SETTINGS].consults.invite_validity_s
-    )
+    validity_s = app[SETTINGS].consults.invite_validity_s
     async with app[DB_ENGINE].begin() as conn:
+        # A consult scheduled days ahead keeps its late expiry; the schedule
+        # itself is not stored, the live invite's expiry carries it.
+        current = await live_invite_expiry(conn, consult.id, now=now)
+        expires_at = max(
+            invite_expiry(now=now, scheduled_at=None, validity_s=validity_s), current or now
+        )
         token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
     return web.json_response(_invite_json(request, token, expires_at))
 

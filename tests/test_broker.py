@@ -1,0 +1,84 @@
+"""The in-process broker, store and timers on their own."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from signaling.broker import (
+    SUBSCRIPTION_QUEUE_LIMIT,
+    Delivery,
+    InProcessBroker,
+    InProcessRoomStore,
+    InProcessTimers,
+)
+from signaling.protocol import ParticipantRole
+from signaling.tickets import MAX_TICKETS_PER_INVITE, InProcessTicketStore, TicketGrant
+
+
+async def test_a_connection_that_does_not_read_gets_one_close_and_nothing_more() -> None:
+    broker = InProcessBroker()
+    consult = uuid.uuid4()
+    slow = await broker.subscribe(consult, ParticipantRole.PATIENT)
+    for number in range(SUBSCRIPTION_QUEUE_LIMIT + 50):
+        await broker.publish(consult, ParticipantRole.PATIENT, Delivery({"n": number}))
+    only = await slow.get()
+    assert only.message["code"] == "too_slow"
+    assert only.message["message"]
+    assert only.close_code == 1008
+    await broker.publish(consult, ParticipantRole.PATIENT, Delivery({"n": "late"}))
+    assert slow.queue.empty()  # type: ignore[attr-defined]
+    await slow.close()
+    await slow.close()  # idempotent
+
+
+async def test_deliveries_reach_only_their_consult_and_role() -> None:
+    broker = InProcessBroker()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    a_patient = await broker.subscribe(a, ParticipantRole.PATIENT)
+    b_patient = await broker.subscribe(b, ParticipantRole.PATIENT)
+    a_therapist = await broker.subscribe(a, ParticipantRole.THERAPIST)
+    await broker.publish(a, ParticipantRole.PATIENT, Delivery({"to": "a-patient"}))
+    assert (await a_patient.get()).message == {"to": "a-patient"}
+    assert b_patient.queue.empty()  # type: ignore[attr-defined]
+    assert a_therapist.queue.empty()  # type: ignore[attr-defined]
+
+
+async def test_the_store_does_not_recreate_a_forgotten_room() -> None:
+    store = InProcessRoomStore()
+    consult = uuid.uuid4()
+    async with store.locked(consult, create=True) as state:
+        assert state is not None
+        state.display_name = "J."
+    await store.forget(consult)
+    async with store.locked(consult) as state:
+        assert state is None
+    assert len(store) == 0
+
+
+async def test_due_timers_are_handed_out_once() -> None:
+    timers = InProcessTimers()
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    await timers.schedule("a", now, {"x": 1})
+    await timers.schedule("b", now + timedelta(seconds=10), {"x": 2})
+    assert await timers.claim_due(now) == [("a", {"x": 1})]
+    assert await timers.claim_due(now) == []
+    assert await timers.claim_due(now + timedelta(seconds=10)) == [("b", {"x": 2})]
+
+
+async def test_tickets_expire_are_single_use_and_capped_per_invite() -> None:
+    store = InProcessTicketStore()
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    grant = TicketGrant(uuid.uuid4(), "hash-a")
+    ticket = await store.issue(grant, now=now, ttl_s=60)
+    assert await store.claim(ticket, now=now) == grant
+    assert await store.claim(ticket, now=now) is None
+    expired = await store.issue(grant, now=now, ttl_s=60)
+    assert await store.claim(expired, now=now + timedelta(seconds=61)) is None
+    many = [await store.issue(grant, now=now, ttl_s=60) for _ in range(20)]
+    assert len(store) == MAX_TICKETS_PER_INVITE
+    assert await store.claim(many[-1], now=now) == grant
+    await store.issue(
+        TicketGrant(uuid.uuid4(), "hash-b"), now=now + timedelta(seconds=120), ttl_s=60
+    )
+    assert len(store) == 1  # the expired ones were swept
