@@ -165,7 +165,7 @@ async def _read(
                     ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
             message = parse_inbound(frame.data)
-            replies = await rooms.handle(participant, message)
+            replies = await rooms.handle(participant, message, frame=frame.data)
         except ProtocolError as err:
             refused_in_a_row += 1
             if refused_in_a_row >= limits.max_refused:
@@ -197,7 +197,7 @@ async def _forwarding(
                 continue
             if websocket.closed:
                 return
-            await websocket.send_json(delivery.message)
+            await websocket.send_str(delivery.encoded())
             if delivery.close_code is not None:
                 closing.set()
                 await websocket.close(code=delivery.close_code)

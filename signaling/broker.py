@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -43,6 +44,12 @@ class Delivery:
     connection_id: str | None = None
     # Close the receiving connection after delivering, with this code.
     close_code: int | None = None
+    # The message already encoded, when the sender has it (a relayed frame):
+    # sent as it is instead of encoding ``message`` again.
+    text: str | None = None
+
+    def encoded(self) -> str:
+        return self.text if self.text is not None else json.dumps(self.message)
 
 
 class Subscription(Protocol):

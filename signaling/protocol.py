@@ -121,6 +121,16 @@ _adapter: TypeAdapter[InboundMessage] = TypeAdapter(InboundMessage)
 def parse_inbound(frame: str) -> InboundMessage:
     """Parse and validate one text frame; raise :class:`ProtocolError` naming the problem."""
     try:
+        # The fast path: pydantic-core parses and validates in one pass. Only
+        # a frame that fails takes the slow path below, to name the problem.
+        return _adapter.validate_json(frame)
+    except ValidationError:
+        pass
+    return _explain(frame)
+
+
+def _explain(frame: str) -> InboundMessage:
+    try:
         data: Any = json.loads(frame)
     except (json.JSONDecodeError, ValueError, RecursionError):
         raise ProtocolError(ErrorCode.INVALID_JSON, "the message is not valid JSON") from None

@@ -179,9 +179,12 @@ class ConsultRooms:
         return to_self
 
     async def handle(
-        self, participant: Participant, message: InboundMessage
+        self, participant: Participant, message: InboundMessage, *, frame: str | None = None
     ) -> list[dict[str, Any]]:
         """Act on one valid message; return replies for the sender.
+
+        ``frame`` is the message's text as received; a relayed message is
+        passed on as that text plus its sender, without encoding it again.
 
         Raises :class:`ProtocolError` for messages that are valid but not
         acceptable now (wrong consult, wrong role, not admitted).
@@ -211,7 +214,7 @@ class ConsultRooms:
             await self._leave(participant, grace=False)
             return []
         if message.type in RELAYED:
-            await self._relay(participant, message)
+            await self._relay(participant, message, frame)
             return []
         raise AssertionError(f"unhandled message type {message.type}")  # pragma: no cover
 
@@ -318,7 +321,9 @@ class ConsultRooms:
             )
         return []
 
-    async def _relay(self, participant: Participant, message: InboundMessage) -> None:
+    async def _relay(
+        self, participant: Participant, message: InboundMessage, frame: str | None
+    ) -> None:
         state = await self._store.peek(participant.consult_id)
         if state is None or state.phase is RoomPhase.OVER:
             raise ProtocolError(ErrorCode.CONSULT_OVER, "the consult is over", ref=message.type)
@@ -334,12 +339,21 @@ class ConsultRooms:
                 "the other participant is not connected right now",
                 ref=message.type,
             )
-        fields = message.model_dump(exclude={"v", "type", "consult"})
-        await self._send(
-            participant.consult_id,
-            participant.role.other,
-            outbound(message.type, sender=participant.role.value, **fields),
-        )
+        sender = participant.role.value
+        if frame is None:
+            fields = message.model_dump(exclude={"v", "type", "consult"})
+            delivery = Delivery(outbound(message.type, sender=sender, **fields))
+        else:
+            # The frame is a validated JSON object with no "sender" field (unknown
+            # fields are refused), so adding one before its closing brace keeps
+            # it valid: a 3 KB SDP is not decoded and encoded again. ``message``
+            # then holds only the envelope, for logs and tests.
+            body = frame.rstrip()
+            delivery = Delivery(
+                outbound(message.type, sender=sender),
+                text=f'{body[:-1]},"sender":"{sender}"}}',
+            )
+        await self._broker.publish(participant.consult_id, participant.role.other, delivery)
 
     async def _leave(self, participant: Participant, *, grace: bool) -> None:
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
