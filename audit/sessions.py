@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.schema import login_failures, sessions
+from audit.schema import accounts, login_failures, sessions
 from audit.sealing import token_hash
 
 
@@ -120,3 +120,34 @@ async def login_failures_before(
 async def purge_login_failures(conn: AsyncConnection, *, before: datetime) -> int:
     result = await conn.execute(login_failures.delete().where(login_failures.c.failed_at <= before))
     return result.rowcount
+
+
+async def live_sessions(
+    conn: AsyncConnection,
+    id_hashes: list[str],
+    *,
+    now: datetime,
+    idle_timeout_s: int,
+    absolute_timeout_s: int,
+) -> set[str]:
+    """Of ``id_hashes``, those whose session holds (not timed out, account
+    enrolled and enabled); they are touched, as in use. One query each way."""
+    if not id_hashes:
+        return set()
+    rows = await conn.execute(
+        sa.select(sessions.c.id_hash)
+        .join(accounts, accounts.c.id == sessions.c.account_id)
+        .where(
+            sessions.c.id_hash.in_(id_hashes),
+            sessions.c.last_seen_at > now - timedelta(seconds=idle_timeout_s),
+            sessions.c.created_at > now - timedelta(seconds=absolute_timeout_s),
+            accounts.c.enrolled_at.is_not(None),
+            accounts.c.disabled_at.is_(None),
+        )
+    )
+    live = {row.id_hash for row in rows}
+    if live:
+        await conn.execute(
+            sessions.update().where(sessions.c.id_hash.in_(live)).values(last_seen_at=now)
+        )
+    return live

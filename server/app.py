@@ -9,7 +9,7 @@ from config import Settings
 from server import health, pages, signaling_ws
 from server.api import admin_views, auth_views, consult_views
 from server.api.errors import error_middleware
-from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, WEBSOCKETS
+from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, THERAPIST_SOCKETS, WEBSOCKETS
 from server.auth.passwords import PasswordHasher
 from server.background import background_task
 from server.housekeeping import run_housekeeping
@@ -38,6 +38,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app[CLOCK] = clock or SystemClock()
     app[PASSWORD_HASHER] = PasswordHasher(settings.accounts)
     app[WEBSOCKETS] = set()
+    app[THERAPIST_SOCKETS] = {}
     app.on_response_prepare.append(add_security_headers)
     setup_resources(app)
     setup_routes(app)
@@ -54,6 +55,7 @@ def setup_resources(app: web.Application) -> None:
             signaling_context,
             background_task("housekeeping", run_housekeeping),
             background_task("room-timers", run_room_timers),
+            background_task("session-checks", signaling_ws.run_session_checks),
         ]
     )
     # Sockets close first, while the database is still there for their last writes.

@@ -34,3 +34,7 @@ PASSWORD_HASHER = web.AppKey("password_hasher", PasswordHasher)
 ROOMS = web.AppKey("rooms", ConsultRooms)
 # Single-use WebSocket tickets for patients.
 TICKETS = web.AppKey("tickets", TicketStore)
+# Open therapist sockets by the hash of their login session, for the session check.
+THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKey(
+    "therapist_sockets"
+)

@@ -17,7 +17,6 @@ connection goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 import uuid
@@ -30,9 +29,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.errors import NotFound
 from audit.roles import Role
-from audit.sessions import Session
-from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
-from server.auth.sessions import authenticate, session_still_valid
+from audit.sessions import Session, live_sessions
+from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, THERAPIST_SOCKETS, TICKETS
+from server.auth.sessions import authenticate
 from server.web_security import expected_origin
 from server.websockets import tracked_websocket
 from signaling.broker import Subscription
@@ -55,8 +54,10 @@ routes = web.RouteTableDef()
 
 # How long a closing handshake the server started may take.
 CLOSE_HANDSHAKE_S = 2.0
-# How often a therapist's socket checks that the login session still holds.
+# How often the therapists' sockets are checked against their login sessions.
 SESSION_CHECK_S = 10.0
+# Sessions looked up per query.
+SESSION_CHECK_BATCH = 500
 # The login session ended (logout, account disabled, timeout): log in again.
 CLOSE_SESSION_ENDED = 4002
 
@@ -99,7 +100,7 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
         try:
             async with (
                 _forwarding(websocket, subscription, participant),
-                _watching_session(request, websocket, session),
+                _registered(request, websocket, session),
             ):
                 for message in first:
                     await websocket.send_json(message)
@@ -222,26 +223,61 @@ async def _forwarding(
 
 
 @asynccontextmanager
-async def _watching_session(
+async def _registered(
     request: web.Request, websocket: web.WebSocketResponse, session: Session | None
 ) -> AsyncIterator[None]:
-    """For a therapist: close the socket once the login session ends (logout,
-    disabled account, absolute timeout), checked every SESSION_CHECK_S."""
+    """Keep a therapist's socket in the registry the session check walks."""
     if session is None:
         yield
         return
-
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(SESSION_CHECK_S)
-            if not await session_still_valid(request.app, session):
-                await websocket.close(code=CLOSE_SESSION_ENDED, message=b"session ended")
-                return
-
-    task = asyncio.create_task(watch())
+    registry = request.app[THERAPIST_SOCKETS]
+    registry.setdefault(session.id_hash, set()).add(websocket)
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await task
+        sockets = registry.get(session.id_hash)
+        if sockets is not None:
+            sockets.discard(websocket)
+            if not sockets:
+                del registry[session.id_hash]
+
+
+async def check_therapist_sessions(app: web.Application) -> int:
+    """Close the therapist sockets whose login session ended (logout, disabled
+    account, absolute timeout) with 4002, and keep the others' sessions alive:
+    an open consult socket counts as activity. Returns how many were closed.
+
+    One query per batch of sessions, however many sockets are open.
+    """
+    registry = app[THERAPIST_SOCKETS]
+    hashes = list(registry)
+    settings = app[SETTINGS].sessions
+    now = app[CLOCK].now()
+    live: set[str] = set()
+    for start in range(0, len(hashes), SESSION_CHECK_BATCH):
+        async with app[DB_ENGINE].begin() as conn:
+            live |= await live_sessions(
+                conn,
+                hashes[start : start + SESSION_CHECK_BATCH],
+                now=now,
+                idle_timeout_s=settings.idle_timeout_s,
+                absolute_timeout_s=settings.absolute_timeout_s,
+            )
+    closed = 0
+    for id_hash in hashes:
+        if id_hash in live:
+            continue
+        for websocket in list(registry.get(id_hash, ())):
+            await websocket.close(code=CLOSE_SESSION_ENDED, message=b"session ended")
+            closed += 1
+    return closed
+
+
+async def run_session_checks(app: web.Application) -> None:
+    """Background task: :func:`check_therapist_sessions` every SESSION_CHECK_S."""
+    while True:
+        await asyncio.sleep(SESSION_CHECK_S)
+        try:
+            await check_therapist_sessions(app)
+        except Exception:
+            _log.exception("session check failed; trying again")

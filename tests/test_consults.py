@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
-import server.signaling_ws
 from audit.accounts import Role, disable_account, get_account
 from audit.schema import access_log, invites
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
+from server.signaling_ws import check_therapist_sessions
 from tests.harness import Harness, Sockets, new_consult, receive
 
 
@@ -170,15 +169,16 @@ async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None
 
 
 async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
-    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, sockets: Sockets
 ) -> None:
-    monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
     setup = await new_consult(harness)
     first = await sockets.therapist(setup.consult_id)
     await receive(first, "welcome")
+    assert await check_therapist_sessions(harness.app) == 0
     async with harness.app[DB_ENGINE].begin() as conn:
         account = await get_account(conn, setup.therapist.account_id)
         await disable_account(conn, account, now=harness.clock.now())
+    assert await check_therapist_sessions(harness.app) == 1
     closing = await first.receive(timeout=5)
     assert closing.data == 4002  # the session ended
     response = await harness.client.get(f"/ws?consult={setup.consult_id}", headers=harness.headers)
@@ -186,15 +186,14 @@ async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out
 
 
 async def test_an_open_consult_socket_keeps_the_session_alive(
-    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, sockets: Sockets
 ) -> None:
-    monkeypatch.setattr(server.signaling_ws, "SESSION_CHECK_S", 0.05)
     setup = await new_consult(harness)
     socket = await sockets.therapist(setup.consult_id)
     await receive(socket, "welcome")
     for _ in range(4):  # 40 minutes of call, no other request
         harness.clock.advance(10 * 60)
-        await asyncio.sleep(0.15)  # let the session check run
+        assert await check_therapist_sessions(harness.app) == 0
     await socket.send_json({"v": 1, "type": "ping"})
     await receive(socket, "pong")
     assert (await harness.client.get("/api/session")).status == 200

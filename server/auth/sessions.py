@@ -19,7 +19,6 @@ from audit.sessions import (
     Session,
     end_session,
     find_session,
-    find_session_by_hash,
     touch_session,
 )
 from config import SessionSettings
@@ -144,25 +143,3 @@ async def require_role(request: web.Request, *roles: Role, action: str) -> Princ
         allowed = " or ".join(role.value for role in roles)
         raise Forbidden(f"this needs the role {allowed}")
     return principal
-
-
-async def session_still_valid(app: web.Application, session: Session) -> bool:
-    """Check (and keep alive) a session held by a long-lived connection.
-
-    An open consult socket counts as activity, so a therapist in a long call
-    is not logged out by the idle timeout; the absolute timeout, logout and a
-    disabled account still end it.
-    """
-    now = app[CLOCK].now()
-    async with app[DB_ENGINE].begin() as conn:
-        current = await find_session_by_hash(conn, session.id_hash)
-        if current is None or session_expired(current, now=now, settings=app[SETTINGS].sessions):
-            return False
-        try:
-            account = await get_account(conn, current.account_id)
-        except NotFound:
-            return False
-        if account.status is not AccountStatus.ACTIVE:
-            return False
-        await touch_session(conn, current, now=now)
-    return True
