@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -34,7 +35,7 @@ from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, THERAPIST_SOCKETS
 from server.auth.sessions import authenticate
 from server.web_security import expected_origin
 from server.websockets import tracked_websocket
-from signaling.broker import Subscription
+from signaling.broker import Delivery
 from signaling.protocol import (
     MAX_FRAME_BYTES,
     ErrorCode,
@@ -91,24 +92,25 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     async with tracked_websocket(
         request, max_msg_size=MAX_FRAME_BYTES, heartbeat_s=settings.signaling.heartbeat_s
     ) as websocket:
+        outbox = _Outbox(request, websocket, participant.connection_id)
         try:
-            first, subscription = await rooms.connect(participant, ice_servers=servers)
+            first, subscription = await rooms.connect(
+                participant, ice_servers=servers, deliver=outbox.deliver
+            )
         except RoomClosed:
             await websocket.send_json(outbound("consult-ended", reason="consult_over"))
             await websocket.close(code=CLOSE_ENDED)
             return websocket
         try:
-            async with (
-                _forwarding(websocket, subscription, participant),
-                _registered(request, websocket, session),
-            ):
-                for message in first:
-                    await websocket.send_json(message)
+            async with _registered(request, websocket, session):
+                await outbox.open(first)
                 await _read(request, websocket, participant)
         finally:
+            await subscription.close()
             # Whatever ended the socket (a reset, a failing write, shutdown),
             # the room must hear of it, or the peer waits for a ghost.
             await asyncio.shield(rooms.disconnect(participant))
+            await outbox.finish()
     return websocket
 
 
@@ -183,43 +185,75 @@ async def _read(
             await websocket.send_json(reply)
 
 
-@asynccontextmanager
-async def _forwarding(
-    websocket: web.WebSocketResponse, subscription: Subscription, participant: Participant
-) -> AsyncIterator[None]:
-    """Forward the broker's deliveries to the socket while the block runs."""
+class _Outbox:
+    """What the broker hands to one socket.
 
-    closing = asyncio.Event()
+    Deliveries are written by the publisher's own task, straight to this
+    socket: no queue and no task per connection. They wait only until the
+    ``welcome`` is out, so it is always the first message. A client that does
+    not read (its send buffer would pass the transport's high-water mark) is
+    closed with 1008 rather than waited for; closes run in the background, so
+    that the publisher never waits for a closing handshake.
+    """
 
-    async def forward() -> None:
-        while True:
-            delivery = await subscription.get()
-            if delivery.connection_id not in (None, participant.connection_id):
-                continue
-            if websocket.closed:
+    def __init__(
+        self, request: web.Request, websocket: web.WebSocketResponse, connection_id: str
+    ) -> None:
+        self._request = request
+        self._websocket = websocket
+        self._connection_id = connection_id
+        self._ready = False
+        self._pending: list[Delivery] = []
+        self._closing: asyncio.Task[bool] | None = None
+
+    async def deliver(self, delivery: Delivery) -> None:
+        if delivery.connection_id not in (None, self._connection_id):
+            return
+        if self._closing is not None or self._websocket.closed:
+            return
+        if not self._ready:
+            self._pending.append(delivery)
+            return
+        await self._write(delivery)
+
+    async def open(self, first: list[dict[str, Any]]) -> None:
+        """Send the first messages, then what arrived meanwhile; from then on write at once."""
+        for message in first:
+            await self._websocket.send_json(message)
+        while self._pending:
+            await self._write(self._pending.pop(0))
+        self._ready = True
+
+    async def finish(self) -> None:
+        """Let a close this outbox started finish its handshake (the peer would see 1006)."""
+        if self._closing is not None:
+            done, _pending = await asyncio.wait({self._closing}, timeout=CLOSE_HANDSHAKE_S)
+            if not done:
+                self._closing.cancel()
+
+    async def _write(self, delivery: Delivery) -> None:
+        text = delivery.encoded()
+        transport = self._request.transport
+        if transport is not None:
+            # Bytes wait in user space only once the kernel's buffer is full,
+            # i.e. when the client has stopped reading. A write past the
+            # transport's high-water mark would make the publisher (the other
+            # participant's task) wait for this client: close it instead.
+            queued = transport.get_write_buffer_size()
+            _low, high = transport.get_write_buffer_limits()
+            if queued > 0 and queued + len(text) > high:
+                self._close_later(WSCloseCode.POLICY_VIOLATION)
                 return
-            await websocket.send_str(delivery.encoded())
-            if delivery.close_code is not None:
-                closing.set()
-                await websocket.close(code=delivery.close_code)
-                return
-
-    task = asyncio.create_task(forward())
-    try:
-        yield
-    finally:
-        if closing.is_set():
-            # The reader stops as soon as the close begins; let the close
-            # handshake finish rather than cut it off (the peer would see 1006).
-            await asyncio.wait({task}, timeout=CLOSE_HANDSHAKE_S)
-        task.cancel()
         try:
-            await task
-        except asyncio.CancelledError:
-            pass
+            await self._websocket.send_str(text)
         except ConnectionError:
-            _log.info("forwarding stopped: connection lost")
-        await subscription.close()
+            return  # gone; the reader notices and the room hears of it
+        if delivery.close_code is not None:
+            self._close_later(delivery.close_code)
+
+    def _close_later(self, code: int) -> None:
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._websocket.close(code=code))
 
 
 @asynccontextmanager

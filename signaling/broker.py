@@ -22,17 +22,17 @@ import enum
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from signaling.protocol import ErrorCode, ParticipantRole, ProtocolError, error_message
+import structlog
 
-# Messages waiting for a slow connection; beyond this it is closed.
-SUBSCRIPTION_QUEUE_LIMIT = 256
-CLOSE_POLICY = 1008
+from signaling.protocol import ParticipantRole
+
+_log = structlog.get_logger("videoconsult.signaling")
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,13 @@ class Delivery:
         return self.text if self.text is not None else json.dumps(self.message)
 
 
-class Subscription(Protocol):
-    async def get(self) -> Delivery:
-        """Wait for the next delivery."""
+# Hands one delivery to one connection; awaited by the publisher. It must
+# not raise for a connection that went away, and must not wait on a client
+# that does not read (the edge closes such a connection instead).
+Deliver = Callable[[Delivery], Awaitable[None]]
 
+
+class Subscription(Protocol):
     async def close(self) -> None:
         """Stop receiving; idempotent."""
 
@@ -66,8 +69,10 @@ class Broker(Protocol):
     ) -> None:
         """Deliver to every subscription of ``role`` in ``consult_id``, on any node."""
 
-    async def subscribe(self, consult_id: uuid.UUID, role: ParticipantRole) -> Subscription:
-        """Start receiving deliveries for ``role`` in ``consult_id``."""
+    async def subscribe(
+        self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
+    ) -> Subscription:
+        """Call ``deliver`` for each delivery to ``role`` in ``consult_id`` from now on."""
 
 
 class RoomPhase(enum.Enum):
@@ -154,31 +159,13 @@ class Timers(Protocol):
         """Return the timers due at ``now`` and remove them: each is handed out once."""
 
 
-class _QueueSubscription:
-    def __init__(self, owner: InProcessBroker, key: tuple[uuid.UUID, ParticipantRole]) -> None:
+class _DirectSubscription:
+    def __init__(
+        self, owner: InProcessBroker, key: tuple[uuid.UUID, ParticipantRole], deliver: Deliver
+    ) -> None:
         self._owner = owner
         self._key = key
-        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=SUBSCRIPTION_QUEUE_LIMIT)
-        self.dead = False
-
-    async def get(self) -> Delivery:
-        return await self.queue.get()
-
-    def offer(self, delivery: Delivery) -> None:
-        if self.dead:
-            return
-        try:
-            self.queue.put_nowait(delivery)
-        except asyncio.QueueFull:
-            # A connection that does not read is closed, not waited for: one
-            # stuck client must not hold up the consult or eat memory.
-            self.dead = True
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            too_slow = ProtocolError(
-                ErrorCode.TOO_SLOW, "messages arrived faster than this connection read them"
-            )
-            self.queue.put_nowait(Delivery(error_message(too_slow), close_code=CLOSE_POLICY))
+        self.deliver = deliver
 
     async def close(self) -> None:
         subscribers = self._owner._subscribers.get(self._key)
@@ -190,21 +177,31 @@ class _QueueSubscription:
 
 
 class InProcessBroker:
-    """One process: deliveries go straight into the subscribers' queues."""
+    """One process: a delivery is handed straight to the receiving connection.
+
+    No queue and no task per connection: the publisher's own task writes to
+    the other socket, as a single-process relay should.
+    """
 
     def __init__(self) -> None:
         self._subscribers: defaultdict[
-            tuple[uuid.UUID, ParticipantRole], set[_QueueSubscription]
+            tuple[uuid.UUID, ParticipantRole], set[_DirectSubscription]
         ] = defaultdict(set)
 
     async def publish(
         self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
     ) -> None:
         for subscription in list(self._subscribers.get((consult_id, role), ())):
-            subscription.offer(delivery)
+            try:
+                await subscription.deliver(delivery)
+            except Exception:
+                # One broken receiver must not stop the others or the sender.
+                _log.exception("delivery failed")
 
-    async def subscribe(self, consult_id: uuid.UUID, role: ParticipantRole) -> Subscription:
-        subscription = _QueueSubscription(self, (consult_id, role))
+    async def subscribe(
+        self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
+    ) -> Subscription:
+        subscription = _DirectSubscription(self, (consult_id, role), deliver)
         self._subscribers[(consult_id, role)].add(subscription)
         return subscription
 

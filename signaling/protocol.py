@@ -46,7 +46,6 @@ class ErrorCode(enum.Enum):
     NO_PATIENT_WAITING = "no_patient_waiting"
     RATE_LIMITED = "rate_limited"
     CONSULT_OVER = "consult_over"
-    TOO_SLOW = "too_slow"
 
 
 class ProtocolError(Exception):

@@ -28,6 +28,7 @@ from audit.consults import mark_ended, mark_started
 from audit.technical_log import write_technical
 from signaling.broker import (
     Broker,
+    Deliver,
     Delivery,
     Link,
     Presence,
@@ -116,14 +117,17 @@ class ConsultRooms:
         await self._timers.schedule(_forget_key(consult_id), until, {"consult": str(consult_id)})
 
     async def connect(
-        self, participant: Participant, *, ice_servers: list[dict[str, Any]]
+        self, participant: Participant, *, ice_servers: list[dict[str, Any]], deliver: Deliver
     ) -> tuple[list[dict[str, Any]], Subscription]:
-        """Join the room; return the first messages for this connection and its subscription.
+        """Join the room; return the first messages for this connection and its subscription,
+        through which ``deliver`` receives what is sent to this participant.
 
         Raises :class:`RoomClosed` when the consult is already over.
         """
         # Subscribe before anything is announced, so no reply can be missed.
-        subscription = await self._broker.subscribe(participant.consult_id, participant.role)
+        subscription = await self._broker.subscribe(
+            participant.consult_id, participant.role, deliver
+        )
         try:
             to_self = await self._join(participant, ice_servers)
         except BaseException:

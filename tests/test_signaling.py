@@ -523,8 +523,12 @@ async def test_an_ended_room_is_forgotten_and_refuses_late_connects(
     await receive(therapist, "consult-ended")
     rooms = harness.app[ROOMS]
     late = Participant(uuid.UUID(setup.consult_id), ParticipantRole.PATIENT, "late")
+
+    async def ignore(_delivery: Any) -> None:
+        return None
+
     with pytest.raises(RoomClosed):
-        await rooms.connect(late, ice_servers=[])
+        await rooms.connect(late, ice_servers=[], deliver=ignore)
     await rooms.disconnect(late)  # a late disconnect changes nothing
     harness.clock.advance(3601)
     await rooms.fire_due_timers()
@@ -625,3 +629,62 @@ async def test_tickets_per_invite_are_capped(harness: Harness, sockets: Sockets)
     socket_ = await session.ws_connect(f"/ws?ticket={tickets[-1]}", headers=harness.headers)
     await receive(socket_, "welcome")
     await socket_.close()
+
+
+async def test_a_patient_who_stops_reading_is_closed_and_the_therapist_goes_on(
+    make_settings: Any, clock: Any, aiohttp_client: Any
+) -> None:
+    import base64
+    import os
+
+    from server import create_app
+
+    app = create_app(make_settings(signaling_rate_per_s=10000, signaling_burst=10000), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    writer = None
+    try:
+        setup = await new_consult(harness)
+        therapist = await sockets.therapist(setup.consult_id)
+        await receive(therapist, "welcome")
+        # The patient: a raw connection that completes the handshake and then
+        # never reads another byte.
+        ticket = await sockets.ticket(setup.invite_token)
+        url = harness.client.make_url("/")
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /ws?ticket={ticket} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+                f"Origin: {harness.origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        await receive(therapist, "patient-waiting")
+        await therapist.send_json({"v": 1, "type": "admit"})
+        await receive(therapist, "peer-joined")
+
+        big_offer = {"v": 1, "type": "offer", "sdp": "a=x-pad:" + "x" * 30_000}
+        gone = False
+        for _ in range(2000):  # at most 60 MB, never reached: the patient is closed long before
+            await therapist.send_json(big_offer)
+            try:
+                message = await therapist.receive_json(timeout=0.001)
+            except TimeoutError:
+                continue
+            if message["type"] == "peer-reconnecting":
+                gone = True
+                break
+        assert gone, "the server kept writing to a client that does not read"
+        await therapist.send_json({"v": 1, "type": "ping"})
+        for _ in range(5):
+            if (await therapist.receive_json(timeout=5))["type"] == "pong":
+                break
+        else:
+            raise AssertionError("the therapist's socket stopped answering")
+    finally:
+        if writer is not None:
+            writer.close()
+        await sockets.close()
