@@ -34,7 +34,8 @@ async def consult_row(harness: Harness, consult_id: str) -> sa.Row[tuple[object,
         ).one()
 
 
-async def admitted_pair(harness: Harness, sockets: Sockets, **body: Any):
+async def waiting_pair(harness: Harness, sockets: Sockets, **body: Any):
+    """A new consult with its therapist connected and its patient in the waiting room."""
     setup = await new_consult(harness, **body)
     therapist = await sockets.therapist(setup.consult_id)
     welcome = await receive(therapist, "welcome")
@@ -42,6 +43,12 @@ async def admitted_pair(harness: Harness, sockets: Sockets, **body: Any):
     patient = await sockets.patient(setup.invite_token)
     assert (await receive(patient, "welcome"))["state"] == "waiting"
     await receive(therapist, "patient-waiting")
+    return setup, therapist, patient
+
+
+async def admitted_pair(harness: Harness, sockets: Sockets, **body: Any):
+    """As :func:`waiting_pair`, and the therapist has admitted the patient."""
+    setup, therapist, patient = await waiting_pair(harness, sockets, **body)
     await therapist.send_json({"v": 1, "type": "admit"})
     await receive(patient, "admitted")
     await receive(therapist, "peer-joined")
@@ -126,12 +133,7 @@ async def test_patient_cannot_admit_deny_or_end(harness: Harness, sockets: Socke
 
 
 async def test_denied_patient_is_told_and_disconnected(harness: Harness, sockets: Sockets) -> None:
-    setup = await new_consult(harness)
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    await receive(therapist, "patient-waiting")
+    setup, therapist, patient = await waiting_pair(harness, sockets)
     await therapist.send_json({"v": 1, "type": "deny"})
     await receive(patient, "denied")
     assert await closed_with(patient) == 4003
@@ -499,12 +501,7 @@ async def test_a_second_therapist_tab_replaces_the_first(
 async def test_a_denied_patient_may_come_back_to_the_waiting_room(
     harness: Harness, sockets: Sockets
 ) -> None:
-    setup = await new_consult(harness)
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    await receive(therapist, "patient-waiting")
+    setup, therapist, patient = await waiting_pair(harness, sockets)
     await therapist.send_json({"v": 1, "type": "deny"})
     await receive(patient, "denied")
     again = await sockets.patient(setup.invite_token)
@@ -556,12 +553,7 @@ async def test_admission_on_a_record_closed_meanwhile_ends_the_room(
 ) -> None:
     from audit.consults import mark_ended
 
-    setup = await new_consult(harness)
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    await receive(therapist, "patient-waiting")
+    setup, therapist, patient = await waiting_pair(harness, sockets)
     async with harness.app[DB_ENGINE].begin() as conn:
         await mark_ended(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
     await therapist.send_json({"v": 1, "type": "admit"})
