@@ -854,7 +854,7 @@ def start_profiler(pid: int, seconds: float, out: Path) -> subprocess.Popen[byte
     """py-spy on the server for ``seconds``: collapsed stacks, by function."""
     spy = shutil.which("py-spy") or str(VIDEOCONSULT.parent / "py-spy")
     argv = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds)))]
-    argv += ["--rate", "250", "--function", "--format", "raw", "-o", str(out)]
+    argv += ["--rate", "250", "--native", "--function", "--format", "raw", "-o", str(out)]
     return PROCESSES.start(argv, env=dict(os.environ), log=out.with_suffix(".log"))
 
 

@@ -17,7 +17,9 @@ connection goes on.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,7 +106,7 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
         try:
             async with _registered(request, websocket, session):
                 await outbox.open(first)
-                await _read(request, websocket, participant)
+                await _read(request, websocket, outbox, participant)
         finally:
             await subscription.close()
             # Whatever ended the socket (a reset, a failing write, shutdown),
@@ -151,7 +153,10 @@ async def _admit_connection(request: web.Request) -> tuple[Participant, Session 
 
 
 async def _read(
-    request: web.Request, websocket: web.WebSocketResponse, participant: Participant
+    request: web.Request,
+    websocket: web.WebSocketResponse,
+    outbox: _Outbox,
+    participant: Participant,
 ) -> None:
     rooms = request.app[ROOMS]
     limits = request.app[SETTINGS].signaling
@@ -172,28 +177,32 @@ async def _read(
         except ProtocolError as err:
             refused_in_a_row += 1
             if refused_in_a_row >= limits.max_refused:
-                await websocket.close(
-                    code=WSCloseCode.POLICY_VIOLATION, message=b"too many refused messages"
-                )
+                await outbox.close(WSCloseCode.POLICY_VIOLATION, b"too many refused messages")
                 return
-            if websocket.closed:
-                return
-            await websocket.send_json(error_message(err))
+            outbox.send(error_message(err))
             continue
         refused_in_a_row = 0
         for reply in replies:
-            await websocket.send_json(reply)
+            outbox.send(reply)
 
 
 class _Outbox:
-    """What the broker hands to one socket.
+    """Everything this server sends on one socket, in order.
 
     Deliveries are written by the publisher's own task, straight to this
     socket: no queue and no task per connection. They wait only until the
-    ``welcome`` is out, so it is always the first message. A client that does
-    not read (its send buffer would pass the transport's high-water mark) is
-    closed with 1008 rather than waited for; closes run in the background, so
-    that the publisher never waits for a closing handshake.
+    ``welcome`` is out, so it is always the first message. Replies to the
+    socket's own messages take the same way, so nothing overtakes.
+
+    Frames written in one turn of the event loop go out together, in one
+    system call, when that turn ends: an offer and the trickle candidates
+    behind it usually arrive in one read, and are passed on in one write.
+    Nothing waits longer than the current turn.
+
+    A client that does not read (its send buffer would pass the transport's
+    high-water mark) is closed with 1008 rather than waited for; closes run
+    in the background, so that the publisher never waits for a closing
+    handshake.
     """
 
     def __init__(
@@ -205,6 +214,8 @@ class _Outbox:
         self._ready = False
         self._pending: list[Delivery] = []
         self._closing: asyncio.Task[bool] | None = None
+        self._frames: list[bytes] = []
+        self._framed_bytes = 0
 
     async def deliver(self, delivery: Delivery) -> None:
         if delivery.connection_id not in (None, self._connection_id):
@@ -214,15 +225,26 @@ class _Outbox:
         if not self._ready:
             self._pending.append(delivery)
             return
-        await self._write(delivery)
+        self._write(delivery.encoded(), close_code=delivery.close_code)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one of our own messages (a reply, an error) behind what is queued."""
+        if self._closing is None and not self._websocket.closed:
+            self._write(json.dumps(message))
 
     async def open(self, first: list[dict[str, Any]]) -> None:
         """Send the first messages, then what arrived meanwhile; from then on write at once."""
         for message in first:
-            await self._websocket.send_json(message)
-        while self._pending:
-            await self._write(self._pending.pop(0))
+            self._write(json.dumps(message))
+        for delivery in self._pending:
+            self._write(delivery.encoded(), close_code=delivery.close_code)
+        self._pending.clear()
         self._ready = True
+
+    async def close(self, code: int, message: bytes = b"") -> None:
+        """Close after what is queued has gone out."""
+        self.flush()
+        await self._websocket.close(code=code, message=message)
 
     async def finish(self) -> None:
         """Let a close this outbox started finish its handshake (the peer would see 1006)."""
@@ -231,29 +253,52 @@ class _Outbox:
             if not done:
                 self._closing.cancel()
 
-    async def _write(self, delivery: Delivery) -> None:
-        text = delivery.encoded()
+    def _write(self, text: str, *, close_code: int | None = None) -> None:
         transport = self._request.transport
-        if transport is not None:
-            # Bytes wait in user space only once the kernel's buffer is full,
-            # i.e. when the client has stopped reading. A write past the
-            # transport's high-water mark would make the publisher (the other
-            # participant's task) wait for this client: close it instead.
-            queued = transport.get_write_buffer_size()
-            _low, high = transport.get_write_buffer_limits()
-            if queued > 0 and queued + len(text) > high:
-                self._close_later(WSCloseCode.POLICY_VIOLATION)
-                return
-        try:
-            await self._websocket.send_str(text)
-        except ConnectionError:
+        if transport is None or transport.is_closing():
             return  # gone; the reader notices and the room hears of it
-        if delivery.close_code is not None:
-            self._close_later(delivery.close_code)
+        frame = _text_frame(text.encode())
+        # Bytes wait in user space only once the kernel's buffer is full,
+        # i.e. when the client has stopped reading. A write past the
+        # transport's high-water mark would make the publisher (the other
+        # participant's task) wait for this client: close it instead.
+        queued = transport.get_write_buffer_size() + self._framed_bytes
+        _low, high = transport.get_write_buffer_limits()
+        if queued > 0 and queued + len(frame) > high:
+            self._close_later(WSCloseCode.POLICY_VIOLATION)
+            return
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(frame)
+        self._framed_bytes += len(frame)
+        if close_code is not None:
+            self._close_later(close_code)
+
+    def flush(self) -> None:
+        """Write the queued frames now, in one go."""
+        if not self._frames:
+            return
+        frames, self._frames, self._framed_bytes = self._frames, [], 0
+        transport = self._request.transport
+        # After aiohttp sent a close frame, nothing else may follow it.
+        if transport is None or transport.is_closing() or self._websocket.closed:
+            return
+        transport.writelines(frames)
 
     def _close_later(self, code: int) -> None:
         if self._closing is None:
+            self.flush()
             self._closing = asyncio.create_task(self._websocket.close(code=code))
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame (RFC 6455, 5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        return struct.pack("!BB", 0x81, size) + payload
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
 @asynccontextmanager

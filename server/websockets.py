@@ -16,7 +16,11 @@ async def tracked_websocket(
     request: web.Request, *, max_msg_size: int = 64 * 1024, heartbeat_s: float | None = 20.0
 ) -> AsyncIterator[web.WebSocketResponse]:
     """Accept a WebSocket and keep it in the app's set until the block ends."""
-    websocket = web.WebSocketResponse(max_msg_size=max_msg_size, heartbeat=heartbeat_s)
+    # No per-message deflate: signaling frames are small, and a zlib context per
+    # connection would cost CPU on every message and memory on every socket.
+    websocket = web.WebSocketResponse(
+        max_msg_size=max_msg_size, heartbeat=heartbeat_s, compress=False
+    )
     await websocket.prepare(request)
     sockets = request.app[WEBSOCKETS]
     sockets.add(websocket)

@@ -142,7 +142,10 @@ class RoomStore(Protocol):
         ``create`` is false); changes are saved when the block ends cleanly."""
 
     async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
-        """A copy of the room's state without the lock, or None."""
+        """The room's state as last saved, without the lock, or None.
+
+        Read it, never change it: it may be the saved state itself (changes
+        go through :meth:`locked`)."""
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         """Drop the room altogether."""
@@ -233,8 +236,10 @@ class InProcessRoomStore:
                 room.state = working
 
     async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        # No copy: ``locked`` works on a copy and swaps it in, so a saved state
+        # is never changed afterwards, and this is the hot path of every relay.
         room = self._rooms.get(consult_id)
-        return room.state.copy() if room else None
+        return room.state if room else None
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         self._rooms.pop(consult_id, None)

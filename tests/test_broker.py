@@ -73,6 +73,27 @@ async def test_the_store_does_not_recreate_a_forgotten_room() -> None:
     assert len(store) == 0
 
 
+async def test_a_peeked_state_never_changes_afterwards() -> None:
+    # peek hands out the saved state without copying it; that is only safe
+    # because a change under the lock is made on a copy and swapped in.
+    store = InProcessRoomStore()
+    consult = uuid.uuid4()
+    async with store.locked(consult, create=True) as state:
+        assert state is not None
+        state.display_name = "before"
+    seen = await store.peek(consult)
+    assert seen is not None
+    assert seen.display_name == "before"
+    async with store.locked(consult) as state:
+        assert state is not None
+        state.display_name = "after"
+        assert seen.display_name == "before"
+    assert seen.display_name == "before"
+    now = await store.peek(consult)
+    assert now is not None
+    assert now.display_name == "after"
+
+
 async def test_due_timers_are_handed_out_once() -> None:
     timers = InProcessTimers()
     now = datetime(2026, 11, 23, tzinfo=UTC)
