@@ -208,7 +208,6 @@ class _Outbox:
     def __init__(
         self, request: web.Request, websocket: web.WebSocketResponse, connection_id: str
     ) -> None:
-        self._request = request
         self._websocket = websocket
         self._connection_id = connection_id
         self._ready = False
@@ -216,6 +215,13 @@ class _Outbox:
         self._closing: asyncio.Task[bool] | None = None
         self._frames: list[bytes] = []
         self._framed_bytes = 0
+        # The connection's transport outlives the socket object's use of it;
+        # once the connection is lost it reports is_closing().
+        transport = request.transport
+        assert transport is not None, "a prepared WebSocket has a transport"
+        self._transport = transport
+        self._high_water = transport.get_write_buffer_limits()[1]
+        self._loop = asyncio.get_running_loop()
 
     async def deliver(self, delivery: Delivery) -> None:
         if delivery.connection_id not in (None, self._connection_id):
@@ -254,8 +260,8 @@ class _Outbox:
                 self._closing.cancel()
 
     def _write(self, text: str, *, close_code: int | None = None) -> None:
-        transport = self._request.transport
-        if transport is None or transport.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             return  # gone; the reader notices and the room hears of it
         frame = _text_frame(text.encode())
         # Bytes wait in user space only once the kernel's buffer is full,
@@ -263,12 +269,11 @@ class _Outbox:
         # transport's high-water mark would make the publisher (the other
         # participant's task) wait for this client: close it instead.
         queued = transport.get_write_buffer_size() + self._framed_bytes
-        _low, high = transport.get_write_buffer_limits()
-        if queued > 0 and queued + len(frame) > high:
+        if queued > 0 and queued + len(frame) > self._high_water:
             self._close_later(WSCloseCode.POLICY_VIOLATION)
             return
         if not self._frames:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
         self._frames.append(frame)
         self._framed_bytes += len(frame)
         if close_code is not None:
@@ -279,11 +284,10 @@ class _Outbox:
         if not self._frames:
             return
         frames, self._frames, self._framed_bytes = self._frames, [], 0
-        transport = self._request.transport
         # After aiohttp sent a close frame, nothing else may follow it.
-        if transport is None or transport.is_closing() or self._websocket.closed:
+        if self._transport.is_closing() or self._websocket.closed:
             return
-        transport.writelines(frames)
+        self._transport.writelines(frames)
 
     def _close_later(self, code: int) -> None:
         if self._closing is None:

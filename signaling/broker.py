@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -35,9 +35,12 @@ from signaling.protocol import ParticipantRole
 _log = structlog.get_logger("videoconsult.signaling")
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """A message for the connections of one participant."""
+class Delivery(NamedTuple):
+    """A message for the connections of one participant.
+
+    A named tuple, not a dataclass: one is made per relayed message, and a
+    tuple is the cheapest immutable record to make.
+    """
 
     message: dict[str, Any]
     # Only this connection (e.g. "you were replaced"); None: every connection.

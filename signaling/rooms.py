@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import structlog
@@ -40,6 +41,7 @@ from signaling.broker import (
 from signaling.protocol import (
     RELAYED,
     THERAPIST_ONLY,
+    VERSION,
     Admit,
     Bye,
     Deny,
@@ -77,6 +79,16 @@ class Participant:
     role: ParticipantRole
     # A random id per connection: tells a reconnect from the connection it replaces.
     connection_id: str
+
+    # Worked out once per connection rather than once per relayed message.
+    @cached_property
+    def other(self) -> ParticipantRole:
+        return self.role.other
+
+    @cached_property
+    def sender_field(self) -> str:
+        """What a relayed frame gets before its closing brace: ``,"sender":"<role>"}``."""
+        return f',"sender":"{self.role.value}"}}'
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,9 @@ class ConsultRooms:
                 "this connection belongs to another consult",
                 ref=message.type,
             )
+        if message.type in RELAYED:
+            await self._relay(participant, message, frame)
+            return []
         if isinstance(message, Ping):
             return [outbound("pong")]
         if message.type in THERAPIST_ONLY and participant.role is not ParticipantRole.THERAPIST:
@@ -216,9 +231,6 @@ class ConsultRooms:
             return []
         if isinstance(message, Bye):
             await self._leave(participant, grace=False)
-            return []
-        if message.type in RELAYED:
-            await self._relay(participant, message, frame)
             return []
         raise AssertionError(f"unhandled message type {message.type}")  # pragma: no cover
 
@@ -337,27 +349,25 @@ class ConsultRooms:
                 "the consult has not started: the therapist admits the patient first",
                 ref=message.type,
             )
-        if not state.present(participant.role.other):
+        if not state.present(participant.other):
             raise ProtocolError(
                 ErrorCode.PEER_ABSENT,
                 "the other participant is not connected right now",
                 ref=message.type,
             )
-        sender = participant.role.value
         if frame is None:
             fields = message.model_dump(exclude={"v", "type", "consult"})
-            delivery = Delivery(outbound(message.type, sender=sender, **fields))
+            delivery = Delivery(outbound(message.type, sender=participant.role.value, **fields))
         else:
             # The frame is a validated JSON object with no "sender" field (unknown
             # fields are refused), so adding one before its closing brace keeps
             # it valid: a 3 KB SDP is not decoded and encoded again. ``message``
             # then holds only the envelope, for logs and tests.
-            body = frame.rstrip()
             delivery = Delivery(
-                outbound(message.type, sender=sender),
-                text=f'{body[:-1]},"sender":"{sender}"}}',
+                {"v": VERSION, "type": message.type, "sender": participant.role.value},
+                text=frame.rstrip()[:-1] + participant.sender_field,
             )
-        await self._broker.publish(participant.consult_id, participant.role.other, delivery)
+        await self._broker.publish(participant.consult_id, participant.other, delivery)
 
     async def _leave(self, participant: Participant, *, grace: bool) -> None:
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other

@@ -679,3 +679,46 @@ async def test_a_patient_who_stops_reading_is_closed_and_the_therapist_goes_on(
         if writer is not None:
             writer.close()
         await sockets.close()
+
+
+async def test_the_server_declines_per_message_compression(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    # Browsers always offer permessage-deflate; the server must not take it
+    # (docs/protocol.md, "Limits"), and messages still arrive whole.
+    setup = await new_consult(sqlite_harness)
+    socket = await sqlite_harness.client.ws_connect(
+        f"/ws?consult={setup.consult_id}", headers=sqlite_harness.headers, compress=15
+    )
+    try:
+        assert socket.compress == 0
+        assert (await receive(socket, "welcome"))["role"] == "therapist"
+    finally:
+        await socket.close()
+
+
+async def test_a_burst_of_candidates_arrives_whole_and_in_order(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    # Frames relayed in one turn of the server's loop leave in one write;
+    # each must still be its own, complete frame, in the order sent, with
+    # the pings' replies in between.
+    _setup, therapist, patient = await admitted_pair(sqlite_harness, sqlite_sockets)
+    sent = [f"candidate:{n} 1 udp 2122260223 192.0.2.{n} 5{n:04d} typ host" for n in range(40)]
+    for n, candidate in enumerate(sent):
+        await patient.send_json(
+            {"v": 1, "type": "candidate", "candidate": candidate, "sdpMLineIndex": 0}
+        )
+        if n % 10 == 0:
+            await therapist.send_json({"v": 1, "type": "ping"})
+    got = []
+    pongs = 0
+    while len(got) < len(sent) or pongs < 4:
+        message = await therapist.receive_json(timeout=5)
+        if message["type"] == "pong":
+            pongs += 1
+            continue
+        assert message["type"] == "candidate"
+        assert message["sender"] == "patient"
+        got.append(message["candidate"])
+    assert got == sent
