@@ -69,6 +69,8 @@ class Invite:
     token_hash: str
     consult_id: uuid.UUID
     expires_at: datetime
+    # A parent or guardian consents too (the patient is under 16).
+    guardian_consent: bool = False
 
 
 def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
@@ -166,7 +168,12 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
 
 
 async def issue_invite(
-    conn: AsyncConnection, consult: Consult, *, now: datetime, expires_at: datetime
+    conn: AsyncConnection,
+    consult: Consult,
+    *,
+    now: datetime,
+    expires_at: datetime,
+    guardian_consent: bool = False,
 ) -> tuple[str, Invite]:
     """Make a new invite for the consult; earlier ones stop working.
 
@@ -181,13 +188,14 @@ async def issue_invite(
     )
     # 256 bits, URL-safe; only the hash is kept.
     token = secrets.token_urlsafe(32)
-    invite = Invite(token_hash(token), consult.id, expires_at)
+    invite = Invite(token_hash(token), consult.id, expires_at, guardian_consent)
     await conn.execute(
         invites.insert().values(
             token_hash=invite.token_hash,
             consult_id=consult.id,
             created_at=now,
             expires_at=expires_at,
+            guardian_consent=guardian_consent,
         )
     )
     return token, invite
@@ -221,7 +229,18 @@ async def open_invite_by_hash(conn: AsyncConnection, invite_hash: str, *, now: d
     consult = await get_consult(conn, row.consult_id)
     if consult.is_over:
         raise InviteInvalid(InviteProblem.CONSULT_OVER)
-    return Invite(row.token_hash, row.consult_id, row.expires_at)
+    return Invite(row.token_hash, row.consult_id, row.expires_at, row.guardian_consent)
+
+
+async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid.UUID) -> bool:
+    """Whether the consult's most recent invite (live or not) asked for a guardian's consent."""
+    found = await conn.scalar(
+        sa.select(invites.c.guardian_consent)
+        .where(invites.c.consult_id == consult_id)
+        .order_by(invites.c.created_at.desc())
+        .limit(1)
+    )
+    return bool(found)
 
 
 async def note_invite_used(conn: AsyncConnection, invite: Invite, *, now: datetime) -> None:

@@ -210,4 +210,7 @@ invites = sa.Table(
     sa.Column("expires_at", UtcDateTime(), nullable=False),
     sa.Column("first_used_at", UtcDateTime(), nullable=True),
     sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    # The therapist marked the patient as under 16: a parent or guardian
+    # consents too. A property of the link, not of the consult record.
+    sa.Column("guardian_consent", sa.Boolean(), nullable=False, server_default=sa.false()),
 )

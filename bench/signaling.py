@@ -747,7 +747,9 @@ class OursServer(Server):
                     headers={**self._headers, "Cookie": self.cookie},
                 )
                 await expect(therapist, "welcome")
-                status, body, _ = await self._post(session, f"/api/invites/{invite}/ticket", None)
+                status, body, _ = await self._post(
+                    session, f"/api/invites/{invite}/ticket", {"consent": True}
+                )
                 if status != 200:
                     raise RuntimeError(f"ticket: {status} {body}")
                 patient = await session.ws_connect(

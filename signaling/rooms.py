@@ -128,6 +128,11 @@ class ConsultRooms:
             state.display_name = display_name
         await self._timers.schedule(_forget_key(consult_id), until, {"consult": str(consult_id)})
 
+    async def display_name(self, consult_id: uuid.UUID) -> str | None:
+        """The therapist's note for the waiting room, while the room remembers it."""
+        state = await self._store.peek(consult_id)
+        return state.display_name if state is not None else None
+
     async def connect(
         self, participant: Participant, *, ice_servers: list[dict[str, Any]], deliver: Deliver
     ) -> tuple[list[dict[str, Any]], Subscription]:

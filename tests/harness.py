@@ -148,7 +148,9 @@ class Sockets:
     async def ticket(self, invite_token: str, session: ClientSession | None = None) -> str:
         session = session or await self.session()
         async with session.post(
-            f"/api/invites/{invite_token}/ticket", headers=self.harness.headers
+            f"/api/invites/{invite_token}/ticket",
+            json={"consent": True, "guardian_consent": True},
+            headers=self.harness.headers,
         ) as response:
             assert response.status == 200, await response.text()
             ticket: str = (await response.json())["ticket"]

@@ -28,7 +28,15 @@ async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(
     assert setup.invite_token not in str(listing)
     [consult] = listing["consults"]
     assert consult["status"] == "created"
-    assert set(consult) == {"id", "status", "created_at", "started_at", "ended_at", "duration_s"}
+    assert set(consult) == {
+        "id",
+        "status",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "display_name",
+    }
 
 
 async def test_invite_expires_a_day_after_creation_or_after_the_scheduled_time(
@@ -197,3 +205,56 @@ async def test_an_open_consult_socket_keeps_the_session_alive(
     await socket.send_json({"v": 1, "type": "ping"})
     await receive(socket, "pong")
     assert (await harness.client.get("/api/session")).status == 200
+
+
+async def test_the_display_name_is_listed_from_memory_and_never_stored(harness: Harness) -> None:
+    setup = await new_consult(harness, display_name="Mevr. de Vries")
+    listing = await (await harness.client.get("/api/consults")).json()
+    assert [c["display_name"] for c in listing["consults"]] == ["Mevr. de Vries"]
+    shown = await (await harness.client.get(f"/api/consults/{setup.consult_id}")).json()
+    assert shown["consult"]["display_name"] == "Mevr. de Vries"
+    async with harness.app[DB_ENGINE].connect() as conn:
+        for table in ("consults", "invites", "access_log", "technical_log"):
+            rows = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).all()  # noqa: S608
+            assert "Vries" not in repr(rows), table
+
+
+async def test_a_ticket_needs_the_patients_consent(sqlite_harness: Harness) -> None:
+    setup = await new_consult(sqlite_harness)
+    path = f"/api/invites/{setup.invite_token}/ticket"
+    status = await (await sqlite_harness.client.get(f"/api/invites/{setup.invite_token}")).json()
+    assert status["guardian_consent"] is False
+    refused = await sqlite_harness.post(path, {"consent": False})
+    assert refused.status == 422
+    assert (await refused.json())["error"]["code"] == "consent_required"
+    missing = await sqlite_harness.post(path, {})
+    assert missing.status == 422
+    assert "consent" in (await missing.json())["error"]["message"]
+    no_body = await sqlite_harness.client.post(path, headers=sqlite_harness.headers)
+    assert no_body.status == 400
+    granted = await sqlite_harness.post(path, {"consent": True})
+    assert granted.status == 200
+    assert (await granted.json())["ticket"]
+
+
+async def test_an_invite_for_a_minor_needs_a_guardians_consent_and_keeps_asking(
+    sqlite_harness: Harness,
+) -> None:
+    setup = await new_consult(sqlite_harness, guardian_consent=True)
+    status = await (await sqlite_harness.client.get(f"/api/invites/{setup.invite_token}")).json()
+    assert status["guardian_consent"] is True
+    path = f"/api/invites/{setup.invite_token}/ticket"
+    refused = await sqlite_harness.post(path, {"consent": True})
+    assert refused.status == 422
+    assert (await refused.json())["error"]["code"] == "guardian_consent_required"
+    assert (
+        await sqlite_harness.post(path, {"consent": True, "guardian_consent": True})
+    ).status == 200
+    # A reissued link for the same consult still asks for it.
+    reissued = await sqlite_harness.post(f"/api/consults/{setup.consult_id}/invite")
+    body = await reissued.json()
+    assert body["guardian_consent"] is True
+    again = await sqlite_harness.post(
+        f"/api/invites/{body['invite_token']}/ticket", {"consent": True}
+    )
+    assert (await again.json())["error"]["code"] == "guardian_consent_required"

@@ -711,7 +711,7 @@ async def test_a_burst_of_candidates_arrives_whole_and_in_order(
         )
         if n % 10 == 0:
             await therapist.send_json({"v": 1, "type": "ping"})
-    got = []
+    got: list[str] = []
     pongs = 0
     while len(got) < len(sent) or pongs < 4:
         message = await therapist.receive_json(timeout=5)

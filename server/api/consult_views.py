@@ -12,12 +12,14 @@ from pydantic import Field
 from audit.access_log import ClientType
 from audit.consults import (
     Consult,
+    Invite,
     InviteInvalid,
     InviteProblem,
     create_consult,
     get_consult,
     invite_expiry,
     issue_invite,
+    latest_invite_guardian_consent,
     list_consults,
     live_invite_expiry,
     note_invite_used,
@@ -55,6 +57,15 @@ INVITE_ANSWERS = {
 class NewConsultBody(RequestBody):
     scheduled_at: str | None = None
     display_name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+    # The patient is under 16: a parent or guardian consents too.
+    guardian_consent: bool = False
+
+
+class TicketBody(RequestBody):
+    # The patient (and, where the invite asks for it, a parent or guardian)
+    # agreed in the page before joining.
+    consent: bool
+    guardian_consent: bool = False
 
 
 class InviteGone(ApiError):
@@ -64,7 +75,7 @@ class InviteGone(ApiError):
         self.status = status
 
 
-def consult_json(consult: Consult) -> dict[str, Any]:
+def consult_json(consult: Consult, *, display_name: str | None = None) -> dict[str, Any]:
     return {
         "id": str(consult.id),
         "status": consult.status.value,
@@ -72,6 +83,8 @@ def consult_json(consult: Consult) -> dict[str, Any]:
         "started_at": iso(consult.started_at),
         "ended_at": iso(consult.ended_at),
         "duration_s": consult.duration_s,
+        # From the room's memory only, while the consult has one; never stored.
+        "display_name": display_name,
     }
 
 
@@ -100,11 +113,12 @@ async def _own_consult(request: web.Request, principal: Principal) -> Consult:
         raise NotFoundError("no such consult") from None
 
 
-def _invite_json(request: web.Request, token: str, expires_at: datetime) -> dict[str, Any]:
+def _invite_json(request: web.Request, token: str, invite: Invite) -> dict[str, Any]:
     return {
         "invite_token": token,
         "invite_url": f"{expected_origin(request)}/join/{token}",
-        "invite_expires_at": iso(expires_at),
+        "invite_expires_at": iso(invite.expires_at),
+        "guardian_consent": invite.guardian_consent,
     }
 
 
@@ -121,10 +135,20 @@ async def consults_create(request: web.Request) -> web.Response:
     )
     async with app[DB_ENGINE].begin() as conn:
         consult = await create_consult(conn, therapist_id=principal.account.id, now=now)
-        token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
+        token, invite = await issue_invite(
+            conn,
+            consult,
+            now=now,
+            expires_at=expires_at,
+            guardian_consent=body.guardian_consent,
+        )
     await app[ROOMS].prepare(consult.id, display_name=body.display_name, until=expires_at)
     return web.json_response(
-        {"consult": consult_json(consult), **_invite_json(request, token, expires_at)}, status=201
+        {
+            "consult": consult_json(consult, display_name=body.display_name),
+            **_invite_json(request, token, invite),
+        },
+        status=201,
     )
 
 
@@ -143,7 +167,15 @@ async def consults_list(request: web.Request) -> web.Response:
             object_id=principal.account.id,
             now=request.app[CLOCK].now(),
         )
-    return web.json_response({"consults": [consult_json(consult) for consult in found]})
+    rooms = request.app[ROOMS]
+    return web.json_response(
+        {
+            "consults": [
+                consult_json(consult, display_name=await rooms.display_name(consult.id))
+                for consult in found
+            ]
+        }
+    )
 
 
 @routes.get(CONSULT_PATH)
@@ -160,7 +192,8 @@ async def consult_show(request: web.Request) -> web.Response:
             object_id=consult.id,
             now=request.app[CLOCK].now(),
         )
-    return web.json_response({"consult": consult_json(consult)})
+    display_name = await request.app[ROOMS].display_name(consult.id)
+    return web.json_response({"consult": consult_json(consult, display_name=display_name)})
 
 
 @routes.post(CONSULT_PATH + "/end")
@@ -189,8 +222,12 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
         expires_at = max(
             invite_expiry(now=now, scheduled_at=None, validity_s=validity_s), current or now
         )
-        token, _invite = await issue_invite(conn, consult, now=now, expires_at=expires_at)
-    return web.json_response(_invite_json(request, token, expires_at))
+        # The new link asks for a guardian's consent when the previous one did.
+        guardian_consent = await latest_invite_guardian_consent(conn, consult.id)
+        token, invite = await issue_invite(
+            conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
+        )
+    return web.json_response(_invite_json(request, token, invite))
 
 
 @routes.delete(CONSULT_PATH + "/invite")
@@ -217,13 +254,32 @@ async def _open(request: web.Request) -> Any:
 async def invite_status(request: web.Request) -> web.Response:
     """Whether the link works, in words a patient understands; nothing about anyone."""
     invite = await _open(request)
-    return web.json_response({"valid": True, "expires_at": iso(invite.expires_at)})
+    return web.json_response(
+        {
+            "valid": True,
+            "expires_at": iso(invite.expires_at),
+            "guardian_consent": invite.guardian_consent,
+        }
+    )
 
 
 @routes.post("/api/invites/" + INVITE_TOKEN + "/ticket")
 async def invite_ticket(request: web.Request) -> web.Response:
-    """A single-use ticket to open the signaling socket (``/ws?ticket=...``)."""
+    """A single-use ticket to open the signaling socket (``/ws?ticket=...``),
+    once the patient (and where asked, a parent or guardian) has consented."""
+    body = await read_json(request, TicketBody)
     invite = await _open(request)
+    if not body.consent:
+        raise Unprocessable(
+            "field 'consent' must be true: the patient agrees before joining",
+            code="consent_required",
+        )
+    if invite.guardian_consent and not body.guardian_consent:
+        raise Unprocessable(
+            "field 'guardian_consent' must be true: this invite is for a patient under 16, "
+            "and a parent or guardian agrees before joining",
+            code="guardian_consent_required",
+        )
     app = request.app
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
