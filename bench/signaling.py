@@ -1288,6 +1288,14 @@ def make_server(name: str, args: argparse.Namespace, log_dir: Path) -> Server:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    # Ctrl+C or SIGTERM cancel the whole run; the servers are stopped in main().
+    # (An exception raised from a signal handler would land in whatever
+    # callback the event loop runs at that moment, and may be swallowed there.)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
     started = time.monotonic()
     budget_s = args.max_minutes * 60
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1512,15 +1520,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def _terminate(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _terminate)
     try:
         if uvloop is not None:
             return uvloop.run(main_async(args))
         return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:

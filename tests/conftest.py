@@ -1,8 +1,9 @@
-"""Shared fixtures: settings on a temporary data directory, real PostgreSQL and Redis.
+"""Shared fixtures: settings on a temporary data directory, real PostgreSQL and Redis,
+and a real Chromium for the browser tests.
 
-A test that needs PostgreSQL or Redis skips with the reason when the server
-cannot be reached, except under ``CI=true``, where it fails: CI never passes
-on skipped real-service tests.
+A test that needs PostgreSQL, Redis or Chromium skips with the reason when it
+cannot be reached or started, except under ``CI=true``, where it fails: CI
+never passes on skipped real-service tests.
 """
 
 from __future__ import annotations
@@ -19,11 +20,21 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from playwright.async_api import Browser, Page, async_playwright
 from sqlalchemy.engine import make_url
 
 from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
+from tests.browser import (
+    BrowserUnavailable,
+    ScreenshotSaver,
+    chromium_executable,
+    directory_for_test,
+    launch_chromium,
+    save_screenshot,
+    screenshots_dir,
+)
 from tests.harness import Harness, Sockets
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
@@ -200,3 +211,47 @@ async def sqlite_sockets(sqlite_harness: Harness) -> AsyncIterator[Sockets]:
     helper = Sockets(sqlite_harness)
     yield helper
     await helper.close()
+
+
+@pytest.fixture
+async def chromium() -> AsyncIterator[Browser]:
+    """Headless Chromium (Debian's, or ``VIDEOCONSULT_TEST_CHROMIUM``) on a fresh
+    temporary profile, with a fake camera and microphone; closed afterwards.
+
+    One per test: Playwright is bound to the event loop it started on, and
+    each test runs on a loop of its own; launching takes well under a second.
+    """
+    executable = chromium_executable()
+    problem = _reachability.get(f"chromium:{executable}")
+    if problem:
+        service_unavailable("Chromium", problem)
+    async with async_playwright() as playwright:
+        try:
+            browser = await launch_chromium(playwright, executable)
+        except BrowserUnavailable as err:
+            _reachability[f"chromium:{executable}"] = str(err)
+            service_unavailable("Chromium", str(err))
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def live_harness(sqlite_harness: Harness) -> Harness:
+    """The real app on SQLite, served by a real TestServer on 127.0.0.1 that a
+    browser reaches at ``live_harness.origin``; the Origin check accepts its
+    requests (no public_url is configured, so the request's own origin counts)."""
+    return sqlite_harness
+
+
+@pytest.fixture
+def screenshot(request: pytest.FixtureRequest) -> ScreenshotSaver:
+    """``await screenshot(page, "patient-waiting-room")`` saves a PNG under
+    screenshots_dir()/<test name>/ and returns its path."""
+    directory = screenshots_dir() / directory_for_test(request.node.name)
+
+    async def save(page: Page, name: str) -> Path:
+        return await save_screenshot(page, directory, name)
+
+    return save
