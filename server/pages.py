@@ -17,6 +17,24 @@ async def index(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+@routes.get("/login")
+async def login_page(_request: web.Request) -> web.FileResponse:
+    """The professionals' login page."""
+    return web.FileResponse(STATIC_DIR / "login.html")
+
+
+@routes.get("/app")
+async def therapist_app(_request: web.Request) -> web.FileResponse:
+    """The therapist's app: consults, invite links, the call; it asks the API who is logged in."""
+    return web.FileResponse(STATIC_DIR / "app.html")
+
+
+@routes.get("/join/{token}")
+async def join(_request: web.Request) -> web.FileResponse:
+    """The patient's page of an invite link; its script checks the link through the API."""
+    return web.FileResponse(STATIC_DIR / "join.html")
+
+
 @routes.get("/enrol/{token}")
 async def enrol(_request: web.Request) -> web.FileResponse:
     """The enrolment page; its script reads the token from the address."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +77,23 @@ def chromium_executable() -> Path:
     return Path(os.environ.get("VIDEOCONSULT_TEST_CHROMIUM") or DEFAULT_CHROMIUM)
 
 
-async def launch_chromium(playwright: Playwright, executable: Path | None = None) -> Browser:
+# A real Chromium with a fake microphone but no camera at all: its fake
+# capture factory then reports no video device (NotFoundError).
+WITHOUT_CAMERA = ("--use-fake-device-for-media-stream=device-count=0",)
+
+
+def _with_args(extra: Sequence[str]) -> list[str]:
+    """The default arguments, each replaced by an extra one of the same flag."""
+    flags = {arg.split("=", 1)[0] for arg in extra}
+    return [arg for arg in CHROMIUM_ARGS if arg.split("=", 1)[0] not in flags] + list(extra)
+
+
+async def launch_chromium(
+    playwright: Playwright, executable: Path | None = None, *, extra_args: Sequence[str] = ()
+) -> Browser:
     """Launch headless Chromium on a fresh temporary profile.
 
+    ``extra_args`` add to (or replace, flag by flag) :data:`CHROMIUM_ARGS`.
     Raises :class:`BrowserUnavailable` when the program is missing or fails
     to start.
     """
@@ -92,7 +106,7 @@ async def launch_chromium(playwright: Playwright, executable: Path | None = None
         return await playwright.chromium.launch(
             executable_path=executable,
             headless=True,
-            args=list(CHROMIUM_ARGS),
+            args=_with_args(extra_args),
             timeout=LAUNCH_TIMEOUT_MS,
         )
     except PlaywrightError as err:

@@ -27,6 +27,7 @@ from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
 from tests.browser import (
+    WITHOUT_CAMERA,
     BrowserUnavailable,
     ScreenshotSaver,
     chromium_executable,
@@ -214,20 +215,34 @@ async def sqlite_sockets(sqlite_harness: Harness) -> AsyncIterator[Sockets]:
 
 
 @pytest.fixture
-async def chromium() -> AsyncIterator[Browser]:
+async def chromium(live_harness: Harness) -> AsyncIterator[Browser]:
     """Headless Chromium (Debian's, or ``VIDEOCONSULT_TEST_CHROMIUM``) on a fresh
     temporary profile, with a fake camera and microphone; closed afterwards.
 
     One per test: Playwright is bound to the event loop it started on, and
     each test runs on a loop of its own; launching takes well under a second.
+    It depends on ``live_harness`` so that it closes before the server stops:
+    otherwise its pages would reconnect to a server that is shutting down.
     """
+    async for browser in _chromium(()):
+        yield browser
+
+
+@pytest.fixture
+async def chromium_without_camera(live_harness: Harness) -> AsyncIterator[Browser]:
+    """As ``chromium``, but the browser has a (fake) microphone and no camera."""
+    async for browser in _chromium(WITHOUT_CAMERA):
+        yield browser
+
+
+async def _chromium(extra_args: tuple[str, ...]) -> AsyncIterator[Browser]:
     executable = chromium_executable()
     problem = _reachability.get(f"chromium:{executable}")
     if problem:
         service_unavailable("Chromium", problem)
     async with async_playwright() as playwright:
         try:
-            browser = await launch_chromium(playwright, executable)
+            browser = await launch_chromium(playwright, executable, extra_args=extra_args)
         except BrowserUnavailable as err:
             _reachability[f"chromium:{executable}"] = str(err)
             service_unavailable("Chromium", str(err))

@@ -67,7 +67,8 @@ async def test_start_page_loads_cleanly_and_the_fake_camera_works(
     chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
 ) -> None:
     title, heading = start_page_texts()
-    context = await new_context(chromium, live_harness.origin)
+    # An English-speaking browser sees the page as written; a Dutch one in Dutch.
+    context = await new_context(chromium, live_harness.origin, locale="en-GB")
     page = await context.new_page()
 
     response = await page.goto("/")
@@ -85,7 +86,12 @@ async def test_start_page_loads_cleanly_and_the_fake_camera_works(
 
     path = await screenshot(page, "start-page")
     assert path.stat().st_size > 0
-    await assert_no_browser_errors(context)
+    dutch = await new_context(chromium, live_harness.origin, locale="nl-NL")
+    dutch_page = await dutch.new_page()
+    await dutch_page.goto("/")
+    assert (await dutch_page.locator("h1").inner_text()).strip() == "Videoconsulten"
+    assert await dutch_page.evaluate("document.documentElement.lang") == "nl"
+    await assert_no_browser_errors(context, dutch)
 
 
 async def test_browser_requests_pass_the_origin_check_and_keep_the_session(

@@ -1,0 +1,547 @@
+// The therapist's app at /app: consults list, new consult with its invite
+// link, the call view, logout and the idle timeout.
+import { ConsultCall } from "./call.js";
+import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
+import {
+  chime,
+  fillDeviceSelect,
+  getMedia,
+  listDevices,
+  stopStream,
+  trackDeviceId,
+  webrtcSupported,
+} from "./media.js";
+import { bindCallControls, showQuality } from "./ui.js";
+
+const $ = (id) => document.getElementById(id);
+const IDLE_WARNING_S = 60;
+const TOUCH_EVERY_MS = 60_000;
+
+let account = null;
+let idleTimeoutS = 900;
+let lastActivity = Date.now();
+let lastTouch = Date.now();
+let call = null;
+let consultId = null;
+let media = { stream: null, camera: null, microphone: null };
+let cameraTrack = null;
+let screenTrack = null;
+let createdConsultId = null;
+let titleFlash = null;
+let lastConsults = [];
+let callOver = null;
+
+// --- talking to the API ------------------------------------------------------
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    credentials: "same-origin",
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  lastTouch = Date.now();
+  if (response.status === 401) {
+    toLogin("session");
+    throw new Error("not logged in");
+  }
+  const data = response.status === 204 ? {} : await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error((data.error && data.error.message) || t("common.failed"));
+    error.code = data.error && data.error.code;
+    throw error;
+  }
+  return data;
+}
+
+function toLogin(reason) {
+  const next = location.pathname + location.search;
+  location.assign(`/login?reason=${reason}&next=${encodeURIComponent(next)}`);
+}
+
+function show(id) {
+  for (const section of document.querySelectorAll("main > section")) {
+    section.hidden = section.id !== id;
+  }
+}
+
+// --- the idle timeout ---------------------------------------------------------
+
+function activity() {
+  lastActivity = Date.now();
+  $("idle-warning").hidden = true;
+  if (Date.now() - lastTouch > TOUCH_EVERY_MS) {
+    // Keep the server's idle timer in step with a therapist who is at work.
+    api("GET", "/api/session").catch(() => {});
+  }
+}
+
+function checkIdle() {
+  // An open consult socket keeps the session alive on the server.
+  if (call && !call.finished) {
+    lastActivity = Date.now();
+    return;
+  }
+  const idleS = (Date.now() - lastActivity) / 1000;
+  if (idleS >= idleTimeoutS) {
+    toLogin("idle");
+  } else if (idleS >= idleTimeoutS - IDLE_WARNING_S) {
+    const left = Math.max(0, Math.round(idleTimeoutS - idleS));
+    $("idle-text").textContent = t("app.idle.warning", { seconds: left });
+    $("idle-warning").hidden = false;
+  }
+}
+
+// --- the list -----------------------------------------------------------------
+
+function statusLabel(status) {
+  return t(`status.${status}`);
+}
+
+function renderList(consults) {
+  lastConsults = consults;
+  const groups = $("list-groups");
+  groups.replaceChildren();
+  $("list-empty").hidden = consults.length > 0;
+  const today = new Date().toDateString();
+  const parts = [
+    ["app.list.today", consults.filter((c) => new Date(c.created_at).toDateString() === today)],
+    ["app.list.earlier", consults.filter((c) => new Date(c.created_at).toDateString() !== today)],
+  ];
+  for (const [titleKey, items] of parts) {
+    if (!items.length) continue;
+    const heading = document.createElement("h3");
+    heading.textContent = t(titleKey);
+    const table = document.createElement("table");
+    table.className = "consults";
+    const head = table.createTHead().insertRow();
+    for (const key of ["app.list.created", "app.list.name", "app.list.status", "app.list.duration", "app.list.actions"]) {
+      const cell = document.createElement("th");
+      cell.scope = "col";
+      cell.textContent = t(key);
+      head.append(cell);
+    }
+    const body = table.createTBody();
+    for (const consult of items) {
+      const row = body.insertRow();
+      row.dataset.consult = consult.id;
+      row.insertCell().textContent = formatTime(consult.created_at, titleKey === "app.list.earlier");
+      row.insertCell().textContent = consult.display_name || "—";
+      const status = row.insertCell();
+      status.textContent = statusLabel(consult.status);
+      status.className = `status status-${consult.status}`;
+      row.insertCell().textContent = consult.duration_s === null ? "" : formatDuration(consult.duration_s);
+      const actions = row.insertCell();
+      actions.className = "row-actions";
+      if (consult.status === "created" || consult.status === "active") {
+        actions.append(
+          button("app.list.open", () => openCall(consult.id)),
+          button("app.list.newLink", () => reissue(consult.id), "secondary"),
+          button("app.list.revoke", () => revoke(consult.id), "secondary"),
+          button("app.list.end", () => endFromList(consult.id), "danger"),
+        );
+      }
+    }
+    groups.append(heading, table);
+  }
+}
+
+function button(key, action, kind = "") {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = `small ${kind}`.trim();
+  element.textContent = t(key);
+  element.addEventListener("click", action);
+  return element;
+}
+
+async function loadList() {
+  const data = await api("GET", "/api/consults");
+  renderList(data.consults);
+}
+
+function showInvite(data, consult) {
+  createdConsultId = consult;
+  $("invite-url").value = data.invite_url;
+  $("copy-status").textContent = "";
+  $("invite-box").hidden = false;
+  $("invite-url").focus();
+  $("invite-url").select();
+}
+
+async function reissue(id) {
+  try {
+    showInvite(await api("POST", `/api/consults/${id}/invite`), id);
+    window.scrollTo({ top: 0, behavior: "smooth" });
+  } catch (error) {
+    alert(error.message);
+  }
+}
+
+async function revoke(id) {
+  if (!confirm(t("app.list.revokeConfirm"))) return;
+  try {
+    await api("DELETE", `/api/consults/${id}/invite`);
+    if (createdConsultId === id) $("invite-box").hidden = true;
+  } catch (error) {
+    alert(error.message);
+  }
+}
+
+async function endFromList(id) {
+  if (!confirm(t("app.call.endConfirm"))) return;
+  try {
+    await api("POST", `/api/consults/${id}/end`);
+    await loadList();
+  } catch (error) {
+    alert(error.message);
+  }
+}
+
+async function createConsult(event) {
+  event.preventDefault();
+  $("new-error").textContent = "";
+  const body = { guardian_consent: $("minor").checked };
+  const name = $("display-name").value.trim();
+  if (name) body.display_name = name;
+  $("new-button").disabled = true;
+  try {
+    const data = await api("POST", "/api/consults", body);
+    showInvite(data, data.consult.id);
+    $("display-name").value = "";
+    $("minor").checked = false;
+    await loadList();
+  } catch (error) {
+    $("new-error").textContent = error.message;
+  } finally {
+    $("new-button").disabled = false;
+  }
+}
+
+async function copyInvite() {
+  const url = $("invite-url").value;
+  try {
+    await navigator.clipboard.writeText(url);
+  } catch {
+    $("invite-url").select();
+    document.execCommand("copy");
+  }
+  $("copy-status").textContent = t("app.invite.copied");
+}
+
+// --- the call -------------------------------------------------------------------
+
+function banner(text) {
+  $("banner").textContent = text || "";
+  $("banner").hidden = !text;
+}
+
+function patientWaiting(name) {
+  $("waiting-text").textContent = name
+    ? t("app.call.waitingNamed", { name })
+    : t("app.call.waiting");
+  $("waiting-notice").hidden = false;
+  $("admit").focus();
+  chime();
+  if (!titleFlash) {
+    const original = document.title;
+    let on = false;
+    titleFlash = {
+      original,
+      timer: setInterval(() => {
+        on = !on;
+        document.title = on ? `● ${t("app.call.waitingShort")}` : original;
+      }, 1000),
+    };
+  }
+}
+
+function patientNotWaiting() {
+  $("waiting-notice").hidden = true;
+  if (titleFlash) {
+    clearInterval(titleFlash.timer);
+    document.title = titleFlash.original;
+    titleFlash = null;
+  }
+}
+
+async function refreshDevices() {
+  try {
+    const { cameras, microphones } = await listDevices();
+    fillDeviceSelect($("camera-select"), cameras, trackDeviceId(media.stream, "video"), t("common.camera"));
+    fillDeviceSelect($("mic-select"), microphones, trackDeviceId(media.stream, "audio"), t("common.microphone"));
+  } catch {
+    // Names of devices are a nicety.
+  }
+}
+
+function showDeviceProblems() {
+  const problems = [];
+  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
+  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
+  $("device-problem").textContent = problems.join(" ");
+  $("device-problem").hidden = problems.length === 0;
+  if (problems.length) $("devices").hidden = false;
+}
+
+async function openCall(id) {
+  if (!webrtcSupported()) {
+    alert(t("join.nowebrtc.title"));
+    return;
+  }
+  consultId = id;
+  callOver = null;
+  const url = new URL(location.href);
+  url.searchParams.set("consult", id);
+  history.replaceState(null, "", url);
+  show("call-view");
+  banner("");
+  patientNotWaiting();
+  $("remote-waiting").hidden = false;
+  $("remote-waiting").textContent = t("app.call.noPatient");
+  media = await getMedia();
+  cameraTrack = media.stream ? media.stream.getVideoTracks()[0] || null : null;
+  $("local-video").srcObject = media.stream;
+  showDeviceProblems();
+  refreshDevices();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  call = new ConsultCall({
+    role: "therapist",
+    socketUrl: async () => `${scheme}//${location.host}/ws?consult=${encodeURIComponent(id)}`,
+    onEvent: onCallEvent,
+  });
+  call.setLocalStream(media.stream);
+  window.videoconsult = { call };
+  call.connect();
+}
+
+function onCallEvent(type, detail) {
+  switch (type) {
+    case "welcome":
+      banner("");
+      if (detail.state === "waiting" && !detail.peer_present) {
+        $("remote-waiting").textContent = t("app.call.noPatient");
+      }
+      break;
+    case "patient-waiting":
+      patientWaiting(detail.display_name);
+      break;
+    case "peer-joined":
+      patientNotWaiting();
+      $("remote-waiting").textContent = t("call.connecting");
+      break;
+    case "peer-left":
+      patientNotWaiting();
+      banner(t("call.peerLeft.patient"));
+      $("remote-waiting").hidden = false;
+      $("remote-waiting").textContent = t("app.call.noPatient");
+      break;
+    case "peer-reconnecting":
+      banner(t("call.peerReconnecting.patient"));
+      break;
+    case "peer-rejoined":
+      banner("");
+      break;
+    case "reconnecting":
+      banner(t("call.selfReconnecting"));
+      break;
+    case "protocol-error":
+      if (detail.code === "no_patient_waiting") patientNotWaiting();
+      break;
+    case "remote-stream":
+      $("remote-video").srcObject = detail.stream;
+      break;
+    case "connection":
+      $("remote-waiting").hidden = detail.state === "connected";
+      if (detail.state === "connected") banner("");
+      break;
+    case "quality":
+      showQuality($("quality"), detail);
+      break;
+    case "ended":
+      closeCall("ended", t(`ended.${detail.reason}`, {}, ""));
+      break;
+    case "replaced":
+      closeCall("replaced", t("app.over.replaced"));
+      break;
+    case "session-ended":
+      closeCall(null, "");
+      toLogin("session");
+      break;
+    case "left":
+      closeCall(null, "");
+      backToList();
+      break;
+    default:
+      break;
+  }
+}
+
+function closeCall(kind, text) {
+  patientNotWaiting();
+  stopStream(media.stream);
+  if (screenTrack) screenTrack.stop();
+  screenTrack = null;
+  media = { stream: null, camera: null, microphone: null };
+  for (const video of document.querySelectorAll("video")) video.srcObject = null;
+  banner("");
+  if (kind) {
+    callOver = { kind, text };
+    $("call-over-title").textContent = t(kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
+    $("call-over-text").textContent = text;
+    show("call-over");
+  }
+}
+
+function backToList() {
+  const url = new URL(location.href);
+  url.searchParams.delete("consult");
+  history.replaceState(null, "", url);
+  consultId = null;
+  call = null;
+  callOver = null;
+  show("dashboard");
+  loadList().catch(() => {});
+}
+
+async function switchDevice(kind) {
+  const select = kind === "video" ? $("camera-select") : $("mic-select");
+  const constraints = kind === "video" ? { video: { deviceId: { exact: select.value } } } : { audio: { deviceId: { exact: select.value } } };
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia(constraints);
+  } catch (error) {
+    $("device-problem").textContent = t(`devices.${kind === "video" ? "camera" : "microphone"}.busy`);
+    $("device-problem").hidden = false;
+    return;
+  }
+  const track = stream.getTracks()[0];
+  const old = media.stream && media.stream.getTracks().find((t2) => t2.kind === kind);
+  if (call) await call.replaceTrack(kind, kind === "video" && screenTrack ? screenTrack : track);
+  if (old) {
+    media.stream.removeTrack(old);
+    old.stop();
+  }
+  if (!media.stream) media.stream = new MediaStream();
+  media.stream.addTrack(track);
+  if (kind === "video") cameraTrack = track;
+  $("local-video").srcObject = media.stream;
+}
+
+async function toggleShare() {
+  if (screenTrack) {
+    screenTrack.stop();
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getDisplayMedia({ video: true });
+  } catch {
+    return; // the therapist cancelled the picker
+  }
+  const track = stream.getVideoTracks()[0];
+  if (!call || !(await call.replaceTrack("video", track))) {
+    track.stop();
+    alert(t("app.call.shareNeedsCamera"));
+    return;
+  }
+  screenTrack = track;
+  $("share").setAttribute("aria-pressed", "true");
+  $("share").textContent = t("app.call.stopShare");
+  track.addEventListener("ended", async () => {
+    screenTrack = null;
+    $("share").setAttribute("aria-pressed", "false");
+    $("share").textContent = t("app.call.share");
+    if (call && cameraTrack) await call.replaceTrack("video", cameraTrack);
+  });
+}
+
+// --- start ----------------------------------------------------------------------
+
+function wire() {
+  $("new-form").addEventListener("submit", createConsult);
+  $("copy-invite").addEventListener("click", copyInvite);
+  $("open-new").addEventListener("click", () => createdConsultId && openCall(createdConsultId));
+  $("logout").addEventListener("click", async () => {
+    if (call && !call.finished) call.leave();
+    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
+    location.assign("/login?reason=logout");
+  });
+  $("idle-stay").addEventListener("click", () => {
+    lastTouch = 0;
+    activity();
+  });
+  $("admit").addEventListener("click", () => {
+    call && call.admit();
+    patientNotWaiting();
+  });
+  $("deny").addEventListener("click", () => {
+    call && call.deny();
+    patientNotWaiting();
+  });
+  $("end").addEventListener("click", async () => {
+    if (!confirm(t("app.call.endConfirm"))) return;
+    if (!(call && call.end())) {
+      await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
+      closeCall("ended", t("ended.ended_by_therapist"));
+    }
+  });
+  $("back").addEventListener("click", () => {
+    if (call && !call.finished) call.leave();
+    else backToList();
+  });
+  $("over-back").addEventListener("click", backToList);
+  $("share").addEventListener("click", toggleShare);
+  $("devices-toggle").addEventListener("click", () => {
+    const open = $("devices").hidden;
+    $("devices").hidden = !open;
+    $("devices-toggle").setAttribute("aria-expanded", String(open));
+  });
+  $("camera-select").addEventListener("change", () => switchDevice("video"));
+  $("mic-select").addEventListener("change", () => switchDevice("audio"));
+  bindCallControls({ getStream: () => media.stream, muteButton: $("mute"), cameraButton: $("camera") });
+  for (const kind of ["pointerdown", "keydown", "touchstart", "wheel"]) {
+    window.addEventListener(kind, activity, { passive: true });
+  }
+  setInterval(checkIdle, 1000);
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) $("share").hidden = true;
+}
+
+async function start() {
+  let session;
+  try {
+    const response = await fetch("/api/session", { credentials: "same-origin" });
+    if (response.status === 401) {
+      toLogin("login");
+      return;
+    }
+    session = await response.json();
+  } catch {
+    $("loading").querySelector("p").textContent = t("common.offline");
+    setTimeout(start, 3000);
+    return;
+  }
+  account = session.account;
+  idleTimeoutS = session.session.idle_timeout_s;
+  $("who").textContent = account.email;
+  if (account.role !== "therapist") {
+    $("loading").querySelector("p").textContent = t("app.notTherapist");
+    return;
+  }
+  const wanted = new URLSearchParams(location.search).get("consult");
+  if (wanted) {
+    await openCall(wanted);
+    return;
+  }
+  show("dashboard");
+  await loadList();
+}
+
+setupLanguage($("language"), () => {
+  translatePage();
+  if (!$("dashboard").hidden) renderList(lastConsults);
+  if (callOver) $("call-over-text").textContent = callOver.text;
+});
+translatePage();
+wire();
+start();

@@ -1,0 +1,421 @@
+// The call engine shared by the therapist's and the patient's page: the
+// signaling socket (docs/protocol.md) with reconnects and a heartbeat, and
+// the RTCPeerConnection with trickle ICE, ICE restarts and quality figures.
+//
+// Who offers: the therapist, always (after peer-joined, after peer-rejoined,
+// and after its own reconnect when the patient is there). An offer or answer
+// from a peer that reloaded its page carries a new DTLS fingerprint; the
+// side that sees one starts over with a new RTCPeerConnection.
+
+const FINAL_CLOSE_CODES = new Map([
+  [4001, "replaced"],
+  [4002, "session-ended"],
+  [4003, "denied"],
+  [4004, "ended"],
+]);
+const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
+const STATS_EVERY_MS = 2000;
+
+export class LinkProblem extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+function fingerprintOf(sdp) {
+  const match = /^a=fingerprint:(.+)$/m.exec(sdp || "");
+  return match ? match[1].trim() : null;
+}
+
+export class ConsultCall {
+  // role: "therapist" | "patient"; socketUrl: async () => ws URL (a fresh
+  // ticket for a patient; may throw LinkProblem); onEvent(type, detail).
+  constructor({ role, socketUrl, onEvent }) {
+    this.role = role;
+    this.socketUrl = socketUrl;
+    this.onEvent = onEvent;
+    this.ws = null;
+    this.pc = null;
+    this.localStream = null;
+    this.remoteStream = null;
+    this.iceServers = [];
+    this.remoteFingerprint = null;
+    this.pendingCandidates = [];
+    this.attempt = 0;
+    this.finished = false;
+    this.heartbeatMs = 20000;
+    this.lastHeard = 0;
+    this.timers = new Set();
+    this.stats = { level: "unknown", bytesReceived: 0, bytesSent: 0, rttMs: null, loss: 0 };
+    this.previousCounts = null;
+  }
+
+  emit(type, detail = {}) {
+    try {
+      this.onEvent(type, detail);
+    } catch (error) {
+      console.error("event handler failed", type, error);
+    }
+  }
+
+  later(ms, action) {
+    const id = setTimeout(() => {
+      this.timers.delete(id);
+      action();
+    }, ms);
+    this.timers.add(id);
+    return id;
+  }
+
+  // --- the socket -------------------------------------------------------
+
+  async connect() {
+    if (this.finished) return;
+    let url;
+    try {
+      url = await this.socketUrl();
+    } catch (error) {
+      if (error instanceof LinkProblem) {
+        this.finish("link-problem", { code: error.code, message: error.message });
+        return;
+      }
+      this.retry();
+      return;
+    }
+    if (this.finished) return;
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    ws.addEventListener("message", (event) => {
+      if (ws !== this.ws) return;
+      this.lastHeard = Date.now();
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      this.handle(message).catch((error) => console.error("signaling", message.type, error));
+    });
+    ws.addEventListener("close", (event) => {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      const final = FINAL_CLOSE_CODES.get(event.code);
+      if (final) {
+        this.finish(final, { code: event.code });
+      } else {
+        this.retry();
+      }
+    });
+  }
+
+  retry() {
+    if (this.finished) return;
+    const base = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
+    this.attempt += 1;
+    this.emit("reconnecting", { attempt: this.attempt });
+    this.later(base / 2 + Math.random() * base, () => this.connect());
+  }
+
+  send(message) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ v: 1, ...message }));
+      return true;
+    }
+    return false;
+  }
+
+  heartbeat() {
+    if (this.finished) return;
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      if (Date.now() - this.lastHeard > this.heartbeatMs * 2.5) {
+        // Nothing heard for long: the connection is dead without knowing it
+        // (a laptop lid, a network change). Drop it and reconnect.
+        const dead = this.ws;
+        this.ws = null;
+        dead.close();
+        this.retry();
+      } else {
+        this.send({ type: "ping" });
+      }
+    }
+    this.later(this.heartbeatMs, () => this.heartbeat());
+  }
+
+  // --- messages ---------------------------------------------------------
+
+  async handle(message) {
+    switch (message.type) {
+      case "welcome":
+        this.attempt = 0;
+        this.iceServers = message.ice_servers || [];
+        if (!this.heartbeatStarted) {
+          this.heartbeatStarted = true;
+          this.heartbeatMs = Math.max(5, Math.min(message.heartbeat_s || 20, 60)) * 1000;
+          this.later(this.heartbeatMs, () => this.heartbeat());
+          this.later(STATS_EVERY_MS, () => this.collectStats());
+        }
+        this.emit("welcome", message);
+        if (this.role === "therapist" && message.state === "active" && message.peer_present) {
+          await this.offer({ restart: Boolean(this.pc) });
+        }
+        break;
+      case "peer-joined":
+        this.emit(message.type, message);
+        if (this.role === "therapist") await this.offer({ restart: false });
+        break;
+      case "peer-rejoined":
+        this.emit(message.type, message);
+        if (this.role === "therapist") await this.offer({ restart: Boolean(this.pc) });
+        break;
+      case "offer":
+        if (this.role === "patient") await this.answerOffer(message.sdp);
+        break;
+      case "answer":
+        if (this.role === "therapist") await this.acceptAnswer(message.sdp);
+        break;
+      case "candidate":
+        await this.addCandidate(message);
+        break;
+      case "consult-ended":
+        this.finish("ended", { reason: message.reason });
+        break;
+      case "denied":
+        this.finish("denied", {});
+        break;
+      case "replaced":
+        this.finish("replaced", {});
+        break;
+      case "error":
+        console.warn("signaling refused a message:", message.code, message.message);
+        this.emit("protocol-error", message);
+        break;
+      case "pong":
+        break;
+      default:
+        this.emit(message.type, message);
+    }
+  }
+
+  // --- the peer connection ----------------------------------------------
+
+  localTrack(kind) {
+    return this.localStream ? this.localStream.getTracks().find((t) => t.kind === kind) : null;
+  }
+
+  // The offerer lays out one audio and one video transceiver; the answerer
+  // gets its transceivers from the offer and puts its tracks on them.
+  newPeerConnection({ offerer }) {
+    if (this.pc) this.pc.close();
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    this.pc = pc;
+    this.remoteFingerprint = null;
+    this.pendingCandidates = [];
+    this.previousCounts = null;
+    this.remoteStream = new MediaStream();
+    if (offerer) {
+      for (const kind of ["audio", "video"]) {
+        const track = this.localTrack(kind);
+        if (track) {
+          pc.addTransceiver(track, { direction: "sendrecv", streams: [this.localStream] });
+        } else {
+          // No camera (or no microphone): still receive the other side's.
+          pc.addTransceiver(kind, { direction: "recvonly" });
+        }
+      }
+    }
+    pc.addEventListener("track", (event) => {
+      if (pc !== this.pc) return;
+      this.remoteStream.addTrack(event.track);
+      this.emit("remote-stream", { stream: this.remoteStream });
+    });
+    pc.addEventListener("icecandidate", (event) => {
+      if (pc !== this.pc) return;
+      const c = event.candidate;
+      this.send({
+        type: "candidate",
+        candidate: c ? c.candidate : "",
+        sdpMid: c ? c.sdpMid : null,
+        sdpMLineIndex: c ? c.sdpMLineIndex : null,
+      });
+    });
+    pc.addEventListener("connectionstatechange", () => {
+      if (pc !== this.pc) return;
+      this.emit("connection", { state: pc.connectionState });
+      if (pc.connectionState === "failed" && this.role === "therapist") {
+        this.offer({ restart: true }).catch((error) => console.error("ICE restart", error));
+      }
+    });
+    this.emit("remote-stream", { stream: this.remoteStream });
+    return pc;
+  }
+
+  async offer({ restart }) {
+    const pc = restart && this.pc ? this.pc : this.newPeerConnection({ offerer: true });
+    const offer = await pc.createOffer({ iceRestart: restart });
+    if (pc !== this.pc) return;
+    await pc.setLocalDescription(offer);
+    this.send({ type: "offer", sdp: pc.localDescription.sdp });
+  }
+
+  async answerOffer(sdp) {
+    const fingerprint = fingerprintOf(sdp);
+    let pc = this.pc;
+    if (!pc || fingerprint !== this.remoteFingerprint || pc.signalingState !== "stable") {
+      pc = this.newPeerConnection({ offerer: false });
+    }
+    await pc.setRemoteDescription({ type: "offer", sdp });
+    if (pc !== this.pc) return;
+    this.remoteFingerprint = fingerprint;
+    for (const transceiver of pc.getTransceivers()) {
+      const kind = transceiver.receiver.track.kind;
+      const track = this.localTrack(kind);
+      if (track && transceiver.sender.track !== track) {
+        await transceiver.sender.replaceTrack(track);
+        transceiver.sender.setStreams(this.localStream);
+      }
+      transceiver.direction = track ? "sendrecv" : "recvonly";
+    }
+    await this.flushCandidates();
+    const answer = await pc.createAnswer();
+    if (pc !== this.pc) return;
+    await pc.setLocalDescription(answer);
+    this.send({ type: "answer", sdp: pc.localDescription.sdp });
+  }
+
+  async acceptAnswer(sdp) {
+    const pc = this.pc;
+    if (!pc || pc.signalingState !== "have-local-offer") return;
+    const fingerprint = fingerprintOf(sdp);
+    if (this.remoteFingerprint && fingerprint !== this.remoteFingerprint) {
+      // The patient's page started over (a reload): so do we.
+      await this.offer({ restart: false });
+      return;
+    }
+    await pc.setRemoteDescription({ type: "answer", sdp });
+    this.remoteFingerprint = fingerprint;
+    await this.flushCandidates();
+  }
+
+  async addCandidate(message) {
+    const candidate = {
+      candidate: message.candidate,
+      sdpMid: message.sdpMid,
+      sdpMLineIndex: message.sdpMLineIndex,
+    };
+    if (!this.pc || !this.pc.remoteDescription) {
+      this.pendingCandidates.push(candidate);
+      return;
+    }
+    try {
+      await this.pc.addIceCandidate(candidate);
+    } catch (error) {
+      // A candidate of a connection that was replaced meanwhile: harmless.
+      console.debug("candidate not used", error.message);
+    }
+  }
+
+  async flushCandidates() {
+    const pending = this.pendingCandidates;
+    this.pendingCandidates = [];
+    for (const candidate of pending) {
+      try {
+        await this.pc.addIceCandidate(candidate);
+      } catch (error) {
+        console.debug("candidate not used", error.message);
+      }
+    }
+  }
+
+  // --- media ------------------------------------------------------------
+
+  setLocalStream(stream) {
+    this.localStream = stream;
+  }
+
+  // Put another track (another camera or microphone, a shared screen) on
+  // the wire without renegotiating.
+  async replaceTrack(kind, track) {
+    if (!this.pc) return false;
+    const transceiver = this.pc
+      .getTransceivers()
+      .find((t) => t.receiver.track && t.receiver.track.kind === kind);
+    // Without a track of this kind at the start, there is nothing to replace
+    // (that would need a new negotiation).
+    if (!transceiver || transceiver.direction === "recvonly") return false;
+    await transceiver.sender.replaceTrack(track);
+    return true;
+  }
+
+  async collectStats() {
+    if (this.finished) return;
+    this.later(STATS_EVERY_MS, () => this.collectStats());
+    const pc = this.pc;
+    if (!pc) return;
+    let report;
+    try {
+      report = await pc.getStats();
+    } catch {
+      return;
+    }
+    let bytesReceived = 0;
+    let bytesSent = 0;
+    let packetsReceived = 0;
+    let packetsLost = 0;
+    let rtt = null;
+    report.forEach((entry) => {
+      if (entry.type === "inbound-rtp") {
+        bytesReceived += entry.bytesReceived || 0;
+        packetsReceived += entry.packetsReceived || 0;
+        packetsLost += Math.max(0, entry.packetsLost || 0);
+      } else if (entry.type === "outbound-rtp") {
+        bytesSent += entry.bytesSent || 0;
+      } else if (entry.type === "candidate-pair" && entry.nominated && entry.state === "succeeded") {
+        if (typeof entry.currentRoundTripTime === "number") rtt = entry.currentRoundTripTime;
+      }
+    });
+    const before = this.previousCounts || { packetsReceived: 0, packetsLost: 0, bytesReceived: 0 };
+    this.previousCounts = { packetsReceived, packetsLost, bytesReceived };
+    const received = packetsReceived - before.packetsReceived;
+    const lost = packetsLost - before.packetsLost;
+    const loss = received + lost > 0 ? lost / (received + lost) : 0;
+    let level = "unknown";
+    if (pc.connectionState === "connected") {
+      if (bytesReceived === before.bytesReceived) level = "poor";
+      else if (loss < 0.02 && (rtt === null || rtt < 0.3)) level = "good";
+      else if (loss < 0.08 && (rtt === null || rtt < 0.6)) level = "fair";
+      else level = "poor";
+    }
+    this.stats = { level, bytesReceived, bytesSent, rttMs: rtt === null ? null : rtt * 1000, loss };
+    this.emit("quality", this.stats);
+  }
+
+  // --- the end ----------------------------------------------------------
+
+  admit() { return this.send({ type: "admit" }); }
+  deny() { return this.send({ type: "deny" }); }
+  end() { return this.send({ type: "end" }); }
+
+  // Leave for good (no grace period): bye, then close.
+  leave() {
+    this.send({ type: "bye" });
+    this.finish("left", {});
+  }
+
+  finish(kind, detail) {
+    if (this.finished) return;
+    this.finished = true;
+    for (const id of this.timers) clearTimeout(id);
+    this.timers.clear();
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.close(1000);
+    }
+    if (this.pc) {
+      this.pc.close();
+      this.pc = null;
+    }
+    this.emit(kind, detail);
+  }
+}

@@ -1,0 +1,263 @@
+// The patient's page at /join/<token>: link check, explanation, device
+// check, consent, waiting room, call, and the end. No inline script (CSP).
+import { ConsultCall, LinkProblem } from "./call.js";
+import { setupLanguage, t, translatePage } from "./i18n.js";
+import {
+  fillDeviceSelect,
+  getMedia,
+  listDevices,
+  showLevel,
+  stopStream,
+  trackDeviceId,
+  webrtcSupported,
+} from "./media.js";
+import { bindCallControls, showQuality } from "./ui.js";
+
+const token = decodeURIComponent(location.pathname.split("/").pop() || "");
+const inviteApi = `/api/invites/${encodeURIComponent(token)}`;
+// Survives a reload of this tab (not a new tab): back into the same consult.
+const joinedKey = `videoconsult.joined.${token}`;
+const $ = (id) => document.getElementById(id);
+
+let invite = null;
+let media = { stream: null, camera: null, microphone: null };
+let stopMeter = () => {};
+let call = null;
+let lastLinkProblem = null;
+
+function show(id) {
+  for (const section of document.querySelectorAll("main > section")) {
+    section.hidden = section.id !== id;
+  }
+  const heading = $(id).querySelector("h1");
+  if (heading) {
+    heading.tabIndex = -1;
+    heading.focus({ preventScroll: true });
+  }
+}
+
+function linkProblem(code) {
+  lastLinkProblem = code;
+  $("link-problem-text").textContent = t(`invite.${code}`, {}, t("invite.invite_unknown"));
+  show("link-problem");
+}
+
+async function checkLink() {
+  let response;
+  try {
+    response = await fetch(inviteApi, { credentials: "same-origin" });
+  } catch {
+    $("checking").querySelector("p").textContent = t("common.offline");
+    setTimeout(checkLink, 3000);
+    return;
+  }
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    linkProblem((data.error && data.error.code) || "invite_unknown");
+    return;
+  }
+  invite = data;
+  $("guardian-row").hidden = !invite.guardian_consent;
+  $("guardian-box").required = Boolean(invite.guardian_consent);
+  const saved = sessionStorage.getItem(joinedKey);
+  if (saved) {
+    // A reload in the middle of the consult: straight back in.
+    await acquireMedia();
+    join(JSON.parse(saved));
+    return;
+  }
+  show("intro");
+}
+
+// --- devices ---------------------------------------------------------------
+
+async function acquireMedia(choice = {}) {
+  stopMeter();
+  stopStream(media.stream);
+  media = await getMedia(choice);
+  $("preview").srcObject = media.stream;
+  $("preview-off").hidden = Boolean(media.stream && media.stream.getVideoTracks().length);
+  stopMeter = showLevel(media.stream, $("mic-level"));
+  const problems = [];
+  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
+  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
+  if (media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
+  $("device-problem").textContent = problems.join(" ");
+  $("device-problem").hidden = problems.length === 0;
+  try {
+    const { cameras, microphones } = await listDevices();
+    fillDeviceSelect($("camera-select"), cameras, trackDeviceId(media.stream, "video"), t("common.camera"));
+    fillDeviceSelect($("mic-select"), microphones, trackDeviceId(media.stream, "audio"), t("common.microphone"));
+  } catch {
+    // Device names are a nicety; the check goes on without them.
+  }
+}
+
+async function deviceCheck() {
+  show("device-check");
+  await acquireMedia();
+}
+
+// --- joining -----------------------------------------------------------------
+
+async function ticketUrl(consent) {
+  const response = await fetch(`${inviteApi}/ticket`, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(consent),
+  });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const code = (data.error && data.error.code) || "invite_unknown";
+    if (response.status === 404 || response.status === 410 || response.status === 422) {
+      throw new LinkProblem(code, (data.error && data.error.message) || "");
+    }
+    throw new Error(`ticket: ${response.status}`);
+  }
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws?ticket=${encodeURIComponent(data.ticket)}`;
+}
+
+function join(consent) {
+  stopMeter();
+  sessionStorage.setItem(joinedKey, JSON.stringify(consent));
+  $("local-video").srcObject = media.stream;
+  show("waiting");
+  call = new ConsultCall({
+    role: "patient",
+    socketUrl: () => ticketUrl(consent),
+    onEvent: onCallEvent,
+  });
+  call.setLocalStream(media.stream);
+  window.videoconsult = { call };
+  call.connect();
+}
+
+function banner(text) {
+  $("banner").textContent = text || "";
+  $("banner").hidden = !text;
+}
+
+function onCallEvent(type, detail) {
+  switch (type) {
+    case "welcome":
+      banner("");
+      $("waiting-status").textContent = "";
+      if (detail.state === "active") show("call");
+      else show("waiting");
+      break;
+    case "admitted":
+      show("call");
+      break;
+    case "reconnecting":
+      if (!$("call").hidden) banner(t("call.selfReconnecting"));
+      else $("waiting-status").textContent = t("call.selfReconnecting");
+      break;
+    case "peer-reconnecting":
+      banner(t("call.peerReconnecting.therapist"));
+      break;
+    case "peer-rejoined":
+      banner("");
+      break;
+    case "peer-left":
+      banner(t("call.peerLeft.therapist"));
+      break;
+    case "remote-stream":
+      $("remote-video").srcObject = detail.stream;
+      break;
+    case "connection":
+      $("remote-waiting").hidden = detail.state === "connected";
+      if (detail.state === "connected") banner("");
+      break;
+    case "quality":
+      showQuality($("quality"), detail);
+      break;
+    case "ended":
+      finish("ended");
+      $("ended-text").textContent = t(`ended.${detail.reason}`, {}, t("join.ended.text"));
+      break;
+    case "denied":
+      finish("denied");
+      break;
+    case "replaced":
+      finish("replaced");
+      break;
+    case "left":
+      finish("left");
+      break;
+    case "link-problem":
+      finish(null);
+      if (detail.code === "consent_required" || detail.code === "guardian_consent_required") {
+        show("consent");
+        $("consent-error").textContent = t(`consent.${detail.code}`);
+      } else {
+        linkProblem(detail.code);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+function finish(section) {
+  sessionStorage.removeItem(joinedKey);
+  stopStream(media.stream);
+  media = { stream: null, camera: null, microphone: null };
+  for (const video of document.querySelectorAll("video")) video.srcObject = null;
+  banner("");
+  if (section) show(section);
+}
+
+// --- wiring ------------------------------------------------------------------
+
+function wire() {
+  $("intro-next").addEventListener("click", deviceCheck);
+  $("devices-retry").addEventListener("click", () =>
+    acquireMedia({ cameraId: $("camera-select").value || null, microphoneId: $("mic-select").value || null }),
+  );
+  for (const id of ["camera-select", "mic-select"]) {
+    $(id).addEventListener("change", () =>
+      acquireMedia({ cameraId: $("camera-select").value || null, microphoneId: $("mic-select").value || null }),
+    );
+  }
+  $("devices-next").addEventListener("click", () => show("consent"));
+  $("consent-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!$("consent-box").checked) {
+      $("consent-error").textContent = t("consent.consent_required");
+      return;
+    }
+    if (invite.guardian_consent && !$("guardian-box").checked) {
+      $("consent-error").textContent = t("consent.guardian_consent_required");
+      return;
+    }
+    $("consent-error").textContent = "";
+    join({ consent: true, guardian_consent: Boolean(invite.guardian_consent) });
+  });
+  const leave = () => call && call.leave();
+  $("waiting-leave").addEventListener("click", leave);
+  $("leave").addEventListener("click", leave);
+  $("rejoin").addEventListener("click", () => {
+    show("checking");
+    checkLink();
+  });
+  bindCallControls({
+    getStream: () => media.stream,
+    muteButton: $("mute"),
+    cameraButton: $("camera"),
+  });
+  window.addEventListener("pagehide", () => stopMeter());
+}
+
+setupLanguage($("language"), () => {
+  translatePage();
+  if (lastLinkProblem) linkProblem(lastLinkProblem);
+});
+translatePage();
+wire();
+if (!webrtcSupported()) {
+  show("no-webrtc");
+} else {
+  checkLink();
+}

@@ -1,0 +1,69 @@
+// The professional's login: e-mail address, password and a TOTP code.
+import { setupLanguage, t, translatePage } from "./i18n.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+
+function nextPage() {
+  const next = params.get("next") || "/app";
+  // Only our own pages: never an address elsewhere.
+  return next.startsWith("/") && !next.startsWith("//") ? next : "/app";
+}
+
+function notice() {
+  const reason = params.get("reason");
+  if (reason) {
+    $("login-notice").textContent = t(`login.reason.${reason}`, {}, "");
+    $("login-notice").hidden = !$("login-notice").textContent;
+  }
+}
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const error = $("login-error");
+  const body = {
+    email: $("email").value.trim(),
+    password: $("password").value,
+    code: $("code").value.trim(),
+  };
+  if (!body.email || !body.password) {
+    error.textContent = t("login.missing");
+    return;
+  }
+  if (!/^[0-9]{6}$/.test(body.code)) {
+    error.textContent = t("login.codeDigits");
+    return;
+  }
+  $("login-button").disabled = true;
+  try {
+    const response = await fetch("/api/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (response.ok) {
+      location.assign(nextPage());
+      return;
+    }
+    const data = await response.json().catch(() => ({}));
+    const code = data.error && data.error.code;
+    if (code === "login_locked") error.textContent = t("login.locked");
+    else if (code === "login_failed") error.textContent = t("login.failed");
+    else error.textContent = (data.error && data.error.message) || t("common.failed");
+  } catch {
+    error.textContent = t("common.offline");
+  } finally {
+    $("login-button").disabled = false;
+  }
+});
+
+setupLanguage($("language"), () => {
+  translatePage();
+  notice();
+});
+translatePage();
+notice();
+fetch("/api/session", { credentials: "same-origin" }).then((response) => {
+  if (response.ok) location.replace(nextPage());
+});

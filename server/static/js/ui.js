@@ -1,0 +1,36 @@
+// Small pieces both pages use: the mute and camera buttons, the quality badge.
+import { t } from "./i18n.js";
+
+function setToggle(button, pressed, onKey, offKey) {
+  button.setAttribute("aria-pressed", String(pressed));
+  button.dataset.i18n = pressed ? offKey : onKey;
+  button.textContent = t(button.dataset.i18n);
+}
+
+export function bindCallControls({ getStream, muteButton, cameraButton }) {
+  muteButton.addEventListener("click", () => {
+    const stream = getStream();
+    const tracks = stream ? stream.getAudioTracks() : [];
+    const muted = muteButton.getAttribute("aria-pressed") !== "true";
+    for (const track of tracks) track.enabled = !muted;
+    setToggle(muteButton, muted, "call.mute", "call.unmute");
+  });
+  cameraButton.addEventListener("click", () => {
+    const stream = getStream();
+    const tracks = stream ? stream.getVideoTracks() : [];
+    const off = cameraButton.getAttribute("aria-pressed") !== "true";
+    for (const track of tracks) track.enabled = !off;
+    setToggle(cameraButton, off, "call.cameraOff", "call.cameraOn");
+  });
+}
+
+export function showQuality(element, stats) {
+  element.dataset.level = stats.level;
+  element.dataset.bytesReceived = String(stats.bytesReceived);
+  element.dataset.bytesSent = String(stats.bytesSent);
+  element.textContent = t(`quality.${stats.level}`);
+  const details = [];
+  if (stats.rttMs !== null) details.push(t("quality.rtt", { ms: Math.round(stats.rttMs) }));
+  details.push(t("quality.loss", { percent: (stats.loss * 100).toFixed(1) }));
+  element.title = details.join(", ");
+}

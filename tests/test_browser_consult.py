@@ -1,0 +1,316 @@
+"""The browser app end to end: a therapist and a patient in real Chromium
+(fake camera and microphone), against the real server on 127.0.0.1.
+
+Each test drives the pages as people would: log in with a TOTP code, create a
+consult, open the invite link, check devices, consent, wait, be admitted, and
+talk; WebRTC media flows between the two browser contexts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, expect
+
+from audit.roles import Role
+from audit.schema import consults
+from server.app_keys import DB_ENGINE
+from tests.browser import ScreenshotSaver, assert_no_browser_errors, new_context
+from tests.harness import Harness, Professional
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+MEDIA_TIMEOUT_MS = 30_000
+# Chromium logs every HTTP error response as a console error; these are planned.
+EXPECTED_HTTP_ERRORS = [r"status of 401 .*", r"status of 410 .*", r"status of 404 .*"]
+
+
+async def therapist_logs_in(
+    harness: Harness, browser: Browser, email: str = "anna@praktijk-noord.example"
+) -> tuple[Professional, BrowserContext, Page]:
+    anna = await harness.professional(email, Role.THERAPIST)
+    context = await new_context(browser, harness.origin, locale="en-GB")
+    page = await context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    await page.goto("/app")
+    await page.wait_for_url("**/login?**")
+    await page.fill("#email", anna.email)
+    await page.fill("#password", anna.password)
+    await page.fill("#code", harness.code(anna.secret))
+    await page.click("#login-button")
+    await page.wait_for_url("**/app*")
+    await expect(page.locator("#dashboard")).to_be_visible()
+    return anna, context, page
+
+
+async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> tuple[str, str]:
+    """Create a consult in the dashboard; return its id and invite link."""
+    if name:
+        await page.fill("#display-name", name)
+    if minor:
+        await page.check("#minor")
+    await page.click("#new-button")
+    await expect(page.locator("#invite-box")).to_be_visible()
+    url = await page.input_value("#invite-url")
+    consult_id = await page.locator("table.consults tbody tr").first.get_attribute("data-consult")
+    assert consult_id is not None
+    return consult_id, url
+
+
+async def patient_opens(
+    browser: Browser, harness: Harness, url: str, *, viewport: ViewportSize | None = None
+) -> tuple[BrowserContext, Page]:
+    context = await new_context(browser, harness.origin, locale="en-GB", viewport=viewport)
+    page = await context.new_page()
+    await page.goto(url)
+    return context, page
+
+
+async def patient_joins(
+    page: Page, screenshot: ScreenshotSaver | None = None, *, guardian: bool = False
+) -> None:
+    await expect(page.locator("#intro")).to_be_visible()
+    if screenshot:
+        await screenshot(page, "patient-intro")
+    await page.click("#intro-next")
+    await expect(page.locator("#device-check")).to_be_visible()
+    await page.wait_for_function(
+        "() => document.getElementById('preview').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
+    )
+    if screenshot:
+        await screenshot(page, "patient-device-check")
+    await page.click("#devices-next")
+    await expect(page.locator("#consent")).to_be_visible()
+    await page.check("#consent-box")
+    if guardian:
+        await page.check("#guardian-box")
+    if screenshot:
+        await screenshot(page, "patient-consent")
+    await page.click("#join-button")
+    await expect(page.locator("#waiting")).to_be_visible()
+
+
+async def open_consult(page: Page, consult_id: str) -> None:
+    await page.locator(f'tr[data-consult="{consult_id}"] button', has_text="Open").click()
+    await expect(page.locator("#call-view")).to_be_visible()
+
+
+async def wait_for_remote_video(page: Page) -> None:
+    await page.wait_for_function(
+        "() => document.getElementById('remote-video').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
+    )
+
+
+async def bytes_received(page: Page) -> int:
+    stats: dict[str, Any] = await page.evaluate("() => window.videoconsult.call.stats")
+    return int(stats["bytesReceived"])
+
+
+async def inbound_media_grows(page: Page) -> None:
+    """The inbound RTP byte count of the page's call grows (stats every 2 s)."""
+    await page.wait_for_function(
+        "() => window.videoconsult && window.videoconsult.call.stats.bytesReceived > 0",
+        timeout=MEDIA_TIMEOUT_MS,
+    )
+    before = await bytes_received(page)
+    await page.wait_for_function(
+        f"() => window.videoconsult.call.stats.bytesReceived > {before}",
+        timeout=MEDIA_TIMEOUT_MS,
+    )
+
+
+async def consult_row(harness: Harness, consult_id: str) -> Any:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return (
+            await conn.execute(sa.select(consults).where(consults.c.id == uuid.UUID(consult_id)))
+        ).one()
+
+
+async def test_a_whole_consult_from_login_to_the_end_screen(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    await screenshot(therapist, "therapist-dashboard-empty")
+    consult_id, invite_url = await create_consult(therapist, name="Mevr. Jansen")
+    assert invite_url.startswith(f"{harness.origin}/join/")
+    await screenshot(therapist, "therapist-new-consult")
+    await open_consult(therapist, consult_id)
+    await expect(therapist.locator("#remote-waiting")).to_have_text("Waiting for the patient…")
+
+    patient_context, patient = await patient_opens(chromium, harness, invite_url)
+    await patient_joins(patient, screenshot)
+    await screenshot(patient, "patient-waiting-room")
+
+    notice = therapist.locator("#waiting-notice")
+    await expect(notice).to_be_visible()
+    await expect(notice).to_contain_text("Mevr. Jansen is in the waiting room.")
+    await screenshot(therapist, "therapist-patient-waiting")
+    await therapist.click("#admit")
+
+    await expect(patient.locator("#call")).to_be_visible()
+    await wait_for_remote_video(therapist)
+    await wait_for_remote_video(patient)
+    await inbound_media_grows(therapist)
+    await inbound_media_grows(patient)
+    await expect(therapist.locator("#quality")).not_to_have_attribute("data-level", "unknown")
+    await screenshot(therapist, "therapist-in-call")
+    await screenshot(patient, "patient-in-call")
+    started = await consult_row(harness, consult_id)
+    assert started.status == "active"
+    assert started.started_at is not None
+
+    harness.clock.advance(25 * 60)
+    await therapist.click("#end")
+    await expect(patient.locator("#ended")).to_be_visible()
+    await expect(patient.locator("#ended-text")).to_contain_text("ended the consultation")
+    await screenshot(patient, "patient-end-screen")
+    await expect(therapist.locator("#call-over")).to_be_visible()
+    await screenshot(therapist, "therapist-consult-ended")
+
+    row = await consult_row(harness, consult_id)
+    assert row.status == "ended"
+    assert row.started_at == started.started_at
+    assert row.duration_s == 25 * 60
+    assert (row.ended_at - row.started_at).total_seconds() == 25 * 60
+    # Nothing else about the consult, and the waiting-room name nowhere on disk.
+    assert set(row._mapping) == {
+        "id",
+        "therapist_id",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "status",
+    }
+    async with harness.app[DB_ENGINE].connect() as conn:
+        for table in ("consults", "invites", "access_log", "technical_log", "sessions"):
+            rows = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).all()  # noqa: S608
+            assert "Jansen" not in repr(rows), table
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_a_patient_on_a_phone_reloads_mid_call_and_is_back_in_the_same_consult(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context, patient = await patient_opens(chromium, harness, invite_url, viewport=PHONE)
+    await patient_joins(patient)
+    await screenshot(patient, "phone-waiting-room")
+    await therapist.click("#admit")
+    await wait_for_remote_video(patient)
+    await wait_for_remote_video(therapist)
+    await screenshot(patient, "phone-in-call")
+    # The page fits the phone: nothing wider than the screen.
+    width = await patient.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"]
+    started_at = (await consult_row(harness, consult_id)).started_at
+
+    await patient.reload()
+    # Straight back into the consult, without the intro and consent again.
+    await expect(patient.locator("#call")).to_be_visible()
+    await wait_for_remote_video(patient)
+    await inbound_media_grows(patient)
+    await inbound_media_grows(therapist)
+    await expect(therapist.locator("#banner")).to_be_hidden()
+    row = await consult_row(harness, consult_id)
+    assert (row.status, row.started_at) == ("active", started_at)
+
+    # The therapist's page survives a reload too.
+    await therapist.reload()
+    await expect(therapist.locator("#call-view")).to_be_visible()
+    await wait_for_remote_video(therapist)
+    await inbound_media_grows(therapist)
+    await inbound_media_grows(patient)
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_a_denied_patient_sees_a_clear_page(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context, patient = await patient_opens(chromium, harness, invite_url)
+    await patient_joins(patient)
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    await therapist.click("#deny")
+    await expect(patient.locator("#denied")).to_be_visible()
+    await screenshot(patient, "patient-denied")
+    await expect(therapist.locator("#waiting-notice")).to_be_hidden()
+    assert (await consult_row(harness, consult_id)).status == "created"
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_expired_and_unknown_links_say_so_plainly(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    _consult_id, invite_url = await create_consult(therapist)
+    harness.clock.advance(25 * 3600)
+    patient_context, patient = await patient_opens(chromium, harness, invite_url)
+    await expect(patient.locator("#link-problem")).to_be_visible()
+    await expect(patient.locator("#link-problem-text")).to_have_text(
+        "This link has expired. Ask your therapist for a new one."
+    )
+    await screenshot(patient, "patient-link-expired")
+    await patient.goto(f"/join/{'x' * 43}")
+    await expect(patient.locator("#link-problem-text")).to_have_text(
+        "This link is not known. Check that you copied all of it."
+    )
+    # In Dutch, for a Dutch browser.
+    dutch = await new_context(chromium, harness.origin, locale="nl-NL")
+    dutch_page = await dutch.new_page()
+    await dutch_page.goto(invite_url)
+    await expect(dutch_page.locator("#link-problem-text")).to_have_text(
+        "Deze link is verlopen. Vraag uw therapeut om een nieuwe."
+    )
+    await screenshot(dutch_page, "patient-link-expired-nl")
+    await assert_no_browser_errors(
+        therapist_context, patient_context, dutch, allow=EXPECTED_HTTP_ERRORS
+    )
+
+
+async def test_without_a_camera_the_patient_joins_with_sound_only(
+    chromium: Browser,
+    chromium_without_camera: Browser,
+    live_harness: Harness,
+    screenshot: ScreenshotSaver,
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist, minor=True)
+    await open_consult(therapist, consult_id)
+    patient_context = await new_context(chromium_without_camera, harness.origin, locale="en-GB")
+    patient = await patient_context.new_page()
+    await patient.goto(invite_url)
+    await patient.click("#intro-next")
+    problem = patient.locator("#device-problem")
+    await expect(problem).to_be_visible()
+    await expect(problem).to_contain_text("No camera was found.")
+    await expect(problem).to_contain_text("sound only")
+    await expect(patient.locator("#preview-off")).to_be_visible()
+    await screenshot(patient, "patient-no-camera")
+    await patient.click("#devices-next")
+    # The invite is for a minor: the guardian's consent is asked, and needed.
+    await expect(patient.locator("#guardian-row")).to_be_visible()
+    await patient.check("#consent-box")
+    await patient.click("#join-button")
+    await expect(patient.locator("#consent-error")).to_contain_text("parent or guardian")
+    await screenshot(patient, "patient-guardian-consent")
+    await patient.check("#guardian-box")
+    await patient.click("#join-button")
+    await expect(patient.locator("#waiting")).to_be_visible()
+    await therapist.click("#admit")
+    # The therapist hears the patient and the patient sees the therapist.
+    await wait_for_remote_video(patient)
+    await inbound_media_grows(therapist)
+    await inbound_media_grows(patient)
+    assert (await consult_row(harness, consult_id)).status == "active"
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

@@ -1,0 +1,108 @@
+"""The browser app's files: every string translated, no inline script or
+style, nothing loaded from elsewhere; and the pages are served."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from audit.consults import ConsultStatus, InviteProblem
+from server.pages import STATIC_DIR
+from tests.harness import Harness
+
+I18N = STATIC_DIR / "js" / "i18n.js"
+HTML = sorted(STATIC_DIR.glob("*.html"))
+SCRIPTS = sorted((STATIC_DIR / "js").glob("*.js"))
+# Families of keys the scripts build at run time (t(`invite.${code}`) etc.).
+DYNAMIC_KEYS = (
+    [f"invite.invite_{problem.value}" for problem in InviteProblem]
+    + [f"status.{status.value}" for status in ConsultStatus]
+    + [
+        f"ended.{reason}"
+        for reason in (
+            "ended_by_therapist",
+            "both_left",
+            "max_duration",
+            "not_joined",
+            "consult_over",
+        )
+    ]
+    + [
+        f"devices.{kind}.{problem}"
+        for kind in ("camera", "microphone")
+        for problem in ("blocked", "missing", "busy")
+    ]
+    + [f"quality.{level}" for level in ("unknown", "good", "fair", "poor")]
+    + [f"login.reason.{reason}" for reason in ("idle", "session", "logout", "login")]
+    + [f"consent.{code}" for code in ("consent_required", "guardian_consent_required")]
+    + [
+        f"call.{key}.{role}"
+        for key in ("peerReconnecting", "peerLeft", "remoteLabel")
+        for role in ("therapist", "patient")
+    ]
+)
+
+
+def messages() -> dict[str, set[str]]:
+    """The keys of each language in i18n.js."""
+    text = I18N.read_text()
+    blocks = re.split(r"^  (en|nl): \{$", text, flags=re.MULTILINE)
+    found: dict[str, set[str]] = {}
+    for language, block in zip(blocks[1::2], blocks[2::2], strict=True):
+        body = block.split("\n  },", 1)[0]
+        found[language] = set(re.findall(r'^\s+"([\w.]+)": ', body, flags=re.MULTILINE))
+    return found
+
+
+def used_keys() -> set[str]:
+    keys: set[str] = set()
+    for page in HTML:
+        keys |= set(re.findall(r'data-i18n(?:-aria)?="([\w.]+)"', page.read_text()))
+    for script in SCRIPTS:
+        keys |= set(re.findall(r'\bt\("([\w.]+)"', script.read_text()))
+    return keys
+
+
+def test_both_languages_have_the_same_keys() -> None:
+    found = messages()
+    assert set(found) == {"en", "nl"}
+    assert len(found["en"]) > 100
+    assert found["en"] - found["nl"] == set(), "missing in Dutch"
+    assert found["nl"] - found["en"] == set(), "missing in English"
+
+
+def test_every_string_the_pages_use_is_translated() -> None:
+    known = messages()["en"]
+    used = used_keys() | set(DYNAMIC_KEYS)
+    assert len(used) > 100
+    assert used - known == set()
+
+
+@pytest.mark.parametrize("path", HTML + SCRIPTS + [STATIC_DIR / "style.css"], ids=lambda p: p.name)
+def test_no_inline_code_and_nothing_from_elsewhere(path: Path) -> None:
+    text = path.read_text()
+    if path.suffix == ".html":
+        for tag in re.findall(r"<script\b[^>]*>", text):
+            assert "src=" in tag, f"inline script in {path.name}: {tag}"
+        assert not re.search(r"\sstyle=", text), f"inline style in {path.name}"
+        assert not re.search(r"\son[a-z]+=", text), f"inline event handler in {path.name}"
+        assert "<style" not in text
+    # Every asset from our own server: no CDN, no fonts or scripts elsewhere.
+    assert not re.search(r"(src|href)=\"(https?:)?//", text), path.name
+    assert not re.search(r"url\((['\"]?)(https?:)?//", text), path.name
+    assert not re.search(r"import .* from \"(https?:)?//", text), path.name
+
+
+@pytest.mark.parametrize("path", ["/", "/login", "/app", "/join/" + "A" * 43])
+async def test_the_pages_are_served_with_the_strict_policy(
+    sqlite_harness: Harness, path: str
+) -> None:
+    response = await sqlite_harness.client.get(path)
+    assert response.status == 200
+    assert response.content_type == "text/html"
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy
+    assert "unsafe-inline" not in policy
+    assert '<script type="module" src="/static/js/' in await response.text()
