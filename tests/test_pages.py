@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from audit.consults import ConsultStatus, InviteProblem
+from audit.roles import Role
 from server.pages import STATIC_DIR
 from tests.harness import Harness
 
@@ -37,6 +38,7 @@ DYNAMIC_KEYS = (
     + [f"quality.{level}" for level in ("unknown", "good", "fair", "poor")]
     + [f"login.reason.{reason}" for reason in ("idle", "session", "logout", "login")]
     + [f"consent.{code}" for code in ("consent_required", "guardian_consent_required")]
+    + [f"role.{role.value}" for role in Role]
     + [
         f"call.{key}.{role}"
         for key in ("peerReconnecting", "peerLeft", "remoteLabel")
@@ -59,7 +61,7 @@ def messages() -> dict[str, set[str]]:
 def used_keys() -> set[str]:
     keys: set[str] = set()
     for page in HTML:
-        keys |= set(re.findall(r'data-i18n(?:-aria)?="([\w.]+)"', page.read_text()))
+        keys |= set(re.findall(r'data-i18n(?:-aria|-alt)?="([\w.]+)"', page.read_text()))
     for script in SCRIPTS:
         keys |= set(re.findall(r'\bt\("([\w.]+)"', script.read_text()))
     return keys

@@ -150,9 +150,9 @@ async def test_enrolment_link_opens_a_page_that_loads_only_our_own_script(
         assert 'src="/static/' in attributes
     assert "http://" not in html
     assert "https://" not in html
-    for asset in ("/static/enrol.js", "/static/style.css"):
+    for asset in ("/static/js/enrol.js", "/static/style.css"):
         response = await sqlite_harness.client.get(asset)
         assert response.status == 200
         assert_security_headers(response.headers)
-    script = await (await sqlite_harness.client.get("/static/enrol.js")).text()
+    script = await (await sqlite_harness.client.get("/static/js/enrol.js")).text()
     assert "/api/enrolment/" in script

@@ -54,7 +54,11 @@ async function api(method, path, body) {
   return data;
 }
 
-function toLogin(reason) {
+async function toLogin(reason) {
+  if (reason === "idle") {
+    // Walked away from the screen: end the session on the server too.
+    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
+  }
   const next = location.pathname + location.search;
   location.assign(`/login?reason=${reason}&next=${encodeURIComponent(next)}`);
 }
@@ -84,6 +88,7 @@ function checkIdle() {
   }
   const idleS = (Date.now() - lastActivity) / 1000;
   if (idleS >= idleTimeoutS) {
+    lastActivity = Date.now();
     toLogin("idle");
   } else if (idleS >= idleTimeoutS - IDLE_WARNING_S) {
     const left = Math.max(0, Math.round(idleTimeoutS - idleS));

@@ -1,6 +1,7 @@
 // Every visible string, in English and Dutch. The language comes from the
 // visitor's choice (kept in localStorage), else from the browser, else English.
-// Elements carry data-i18n="key" (text) or data-i18n-aria="key" (aria-label).
+// Elements carry data-i18n="key" (text), data-i18n-aria="key" (aria-label)
+// or data-i18n-alt="key" (alt).
 
 const MESSAGES = {
   en: {
@@ -32,6 +33,30 @@ const MESSAGES = {
     "login.reason.session": "Your session has ended. Please log in again.",
     "login.reason.logout": "You are logged out.",
     "login.reason.login": "",
+
+    "enrol.title": "Set up your account – videoconsult",
+    "enrol.heading": "Set up your account",
+    "enrol.checking": "Checking your link…",
+    "enrol.invalid.title": "This link does not work",
+    "enrol.invalid.text": "It may have been used already, or it has expired. Ask your practice's administrator for a new one.",
+    "enrol.account": "You are setting up the account",
+    "enrol.password": "Choose a password (at least 12 characters)",
+    "enrol.passwordAgain": "Type it again",
+    "enrol.passwordShort": "The password needs at least 12 characters.",
+    "enrol.passwordDiffers": "The two passwords are not the same.",
+    "enrol.totp.title": "Connect your authenticator app",
+    "enrol.totp.text": "Scan this code with an authenticator app on your phone (for example FreeOTP, Aegis, Google or Microsoft Authenticator). You will need a code from it every time you log in.",
+    "enrol.totp.qrAlt": "QR code for your authenticator app",
+    "enrol.totp.manual": "Cannot scan? Type this key into the app instead:",
+    "enrol.totp.code": "Enter the 6-digit code the app shows now",
+    "enrol.totp.once": "This key is shown only now. It is stored encrypted and never shown again.",
+    "enrol.finish": "Finish",
+    "enrol.done.title": "Your account is ready",
+    "enrol.done.text": "From now on you log in with your e-mail address, your password and a fresh code from the app. Wait for the app to show the next code before you log in for the first time.",
+    "enrol.done.login": "Go to the login page",
+    "role.therapist": "therapist",
+    "role.support": "support staff",
+    "role.admin": "administrator",
 
     "app.title": "Consults – videoconsult",
     "app.logout": "Log out",
@@ -189,6 +214,30 @@ const MESSAGES = {
     "login.reason.session": "Uw sessie is beëindigd. Log opnieuw in.",
     "login.reason.logout": "U bent uitgelogd.",
     "login.reason.login": "",
+
+    "enrol.title": "Uw account instellen – videoconsult",
+    "enrol.heading": "Uw account instellen",
+    "enrol.checking": "Uw link wordt gecontroleerd…",
+    "enrol.invalid.title": "Deze link werkt niet",
+    "enrol.invalid.text": "Misschien is hij al gebruikt of verlopen. Vraag de beheerder van uw praktijk om een nieuwe.",
+    "enrol.account": "U stelt dit account in:",
+    "enrol.password": "Kies een wachtwoord (minstens 12 tekens)",
+    "enrol.passwordAgain": "Typ het nog een keer",
+    "enrol.passwordShort": "Het wachtwoord moet minstens 12 tekens hebben.",
+    "enrol.passwordDiffers": "De twee wachtwoorden zijn niet gelijk.",
+    "enrol.totp.title": "Koppel uw authenticator-app",
+    "enrol.totp.text": "Scan deze code met een authenticator-app op uw telefoon (bijvoorbeeld FreeOTP, Aegis, Google of Microsoft Authenticator). U hebt er bij elke keer inloggen een code uit nodig.",
+    "enrol.totp.qrAlt": "QR-code voor uw authenticator-app",
+    "enrol.totp.manual": "Lukt scannen niet? Typ dan deze sleutel in de app:",
+    "enrol.totp.code": "Vul de code van 6 cijfers in die de app nu laat zien",
+    "enrol.totp.once": "Deze sleutel is alleen nu te zien. Hij wordt versleuteld bewaard en nooit meer getoond.",
+    "enrol.finish": "Afronden",
+    "enrol.done.title": "Uw account is klaar",
+    "enrol.done.text": "Voortaan logt u in met uw e-mailadres, uw wachtwoord en een verse code uit de app. Wacht tot de app de volgende code laat zien voordat u de eerste keer inlogt.",
+    "enrol.done.login": "Naar de inlogpagina",
+    "role.therapist": "therapeut",
+    "role.support": "ondersteuning",
+    "role.admin": "beheerder",
 
     "app.title": "Consulten – videoconsult",
     "app.logout": "Uitloggen",
@@ -357,6 +406,9 @@ export function translatePage(root = document) {
   }
   for (const element of root.querySelectorAll("[data-i18n-aria]")) {
     element.setAttribute("aria-label", t(element.dataset.i18nAria));
+  }
+  for (const element of root.querySelectorAll("[data-i18n-alt]")) {
+    element.setAttribute("alt", t(element.dataset.i18nAlt));
   }
   const title = document.querySelector("title[data-i18n]");
   if (title) document.title = t(title.dataset.i18n);

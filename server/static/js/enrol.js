@@ -1,12 +1,14 @@
 // Enrolment page: set a password, connect an authenticator app, confirm a code.
 // Talks to /api/enrolment/{token}; no inline script (the CSP forbids it).
-"use strict";
+import { setupLanguage, t, translatePage } from "./i18n.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const api = `/api/enrolment/${encodeURIComponent(token)}`;
+const $ = (id) => document.getElementById(id);
+let role = null;
 
 function show(id) {
-  for (const section of document.querySelectorAll("main > section")) {
+  for (const section of document.querySelectorAll("main section")) {
     section.hidden = section.id !== id;
   }
 }
@@ -23,26 +25,42 @@ async function call(path, body) {
 }
 
 function message(result) {
-  return (result.data && result.data.error && result.data.error.message) || "Something went wrong; please try again.";
+  return (result.data && result.data.error && result.data.error.message) || t("common.failed");
+}
+
+function showRole() {
+  if (role) $("account-role").textContent = t(`role.${role}`, {}, role);
 }
 
 async function start() {
-  const status = await call(api);
+  let status;
+  try {
+    status = await call(api);
+  } catch {
+    $("checking").querySelector("p").textContent = t("common.offline");
+    setTimeout(start, 3000);
+    return;
+  }
   if (!status.ok) {
     show("invalid");
     return;
   }
-  document.getElementById("account-email").textContent = status.data.email;
-  document.getElementById("account-role").textContent = status.data.role;
+  $("account-email").textContent = status.data.email;
+  role = status.data.role;
+  showRole();
   show("password-step");
 }
 
-document.getElementById("password-form").addEventListener("submit", async (event) => {
+$("password-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const error = document.getElementById("password-error");
-  const password = document.getElementById("password").value;
-  if (password !== document.getElementById("password-again").value) {
-    error.textContent = "The two passwords are not the same.";
+  const error = $("password-error");
+  const password = $("password").value;
+  if (password.length < 12) {
+    error.textContent = t("enrol.passwordShort");
+    return;
+  }
+  if (password !== $("password-again").value) {
+    error.textContent = t("enrol.passwordDiffers");
     return;
   }
   const result = await call(`${api}/password`, { password });
@@ -54,18 +72,18 @@ document.getElementById("password-form").addEventListener("submit", async (event
     error.textContent = message(result);
     return;
   }
-  document.getElementById("qr-code").src = result.data.qr_code;
-  document.getElementById("totp-secret").textContent = result.data.totp_secret;
+  $("qr-code").src = result.data.qr_code;
+  $("totp-secret").textContent = result.data.totp_secret;
   show("totp-step");
-  document.getElementById("code").focus();
+  $("code").focus();
 });
 
-document.getElementById("code-form").addEventListener("submit", async (event) => {
+$("code-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const error = document.getElementById("code-error");
-  const code = document.getElementById("code").value.trim();
+  const error = $("code-error");
+  const code = $("code").value.trim();
   if (!/^[0-9]{6}$/.test(code)) {
-    error.textContent = "The code has 6 digits.";
+    error.textContent = t("login.codeDigits");
     return;
   }
   const result = await call(`${api}/confirm`, { code });
@@ -80,4 +98,9 @@ document.getElementById("code-form").addEventListener("submit", async (event) =>
   show("done");
 });
 
+setupLanguage($("language"), () => {
+  translatePage();
+  showRole();
+});
+translatePage();
 start();
