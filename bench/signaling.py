@@ -856,6 +856,7 @@ def start_profiler(pid: int, seconds: float, out: Path) -> subprocess.Popen[byte
     """py-spy on the server for ``seconds``: collapsed stacks, by function."""
     spy = shutil.which("py-spy") or str(VIDEOCONSULT.parent / "py-spy")
     argv = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds)))]
+    # --native: time in C (uvloop, system calls, pydantic-core) is shown as such.
     argv += ["--rate", "250", "--native", "--function", "--format", "raw", "-o", str(out)]
     return PROCESSES.start(argv, env=dict(os.environ), log=out.with_suffix(".log"))
 
@@ -1060,7 +1061,12 @@ CATEGORIES = [
     ("json encode (stdlib json.dumps in send_json)", ("json/encoder.py", "dumps (json/")),
     ("database (SQLAlchemy/asyncpg/aiosqlite)", ("sqlalchemy/", "asyncpg/", "aiosqlite/")),
     ("logging (structlog/logging)", ("structlog/", "logging/")),
-    ("socket writes (transport.write: send syscalls)", ("_SelectorSocketTransport.write",)),
+    (
+        "socket writes (write/writev system calls)",
+        ("_SelectorSocketTransport.write", "writev (libc", "write (libc"),
+    ),
+    ("socket reads (read system calls)", ("read (libc",)),
+    ("cycle collector (gc)", ("gc_collect",)),
     ("aiohttp WebSocket frame writing", ("_websocket/writer", "send_frame", "send_str")),
     (
         "aiohttp reading: HTTP/WS frame parsing, receive",
@@ -1088,8 +1094,12 @@ def analyse_profile(path: Path, top: int = 30) -> str:
             continue
         n = int(count)
         frames = [_short(f) for f in stack.split(";")]
-        if frames[-1].startswith("_worker (concurrent/futures/thread.py"):
-            continue  # an idle thread-pool worker waiting for work, not CPU
+        if any(f.startswith("_worker (concurrent/futures/thread.py") for f in frames) and not any(
+            f.startswith("run (concurrent/futures/thread.py") for f in frames
+        ):
+            # An idle thread-pool worker waiting for work (with --native its
+            # innermost frame is the futex wait in libc), not CPU.
+            continue
         total += n
         own[frames[-1]] += n
         for frame in set(frames):

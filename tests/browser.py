@@ -80,6 +80,8 @@ def chromium_executable() -> Path:
 # A real Chromium with a fake microphone but no camera at all: its fake
 # capture factory then reports no video device (NotFoundError).
 WITHOUT_CAMERA = ("--use-fake-device-for-media-stream=device-count=0",)
+# Two fake cameras, for switching devices in a call.
+TWO_CAMERAS = ("--use-fake-device-for-media-stream=device-count=2",)
 
 
 def _with_args(extra: Sequence[str]) -> list[str]:

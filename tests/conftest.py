@@ -27,6 +27,7 @@ from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
 from tests.browser import (
+    TWO_CAMERAS,
     WITHOUT_CAMERA,
     BrowserUnavailable,
     ScreenshotSaver,
@@ -232,6 +233,13 @@ async def chromium(live_harness: Harness) -> AsyncIterator[Browser]:
 async def chromium_without_camera(live_harness: Harness) -> AsyncIterator[Browser]:
     """As ``chromium``, but the browser has a (fake) microphone and no camera."""
     async for browser in _chromium(WITHOUT_CAMERA):
+        yield browser
+
+
+@pytest.fixture
+async def chromium_two_cameras(live_harness: Harness) -> AsyncIterator[Browser]:
+    """As ``chromium``, with two fake cameras to choose from."""
+    async for browser in _chromium(TWO_CAMERAS):
         yield browser
 
 

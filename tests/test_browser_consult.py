@@ -22,8 +22,13 @@ from tests.harness import Harness, Professional
 
 PHONE: ViewportSize = {"width": 390, "height": 844}
 MEDIA_TIMEOUT_MS = 30_000
-# Chromium logs every HTTP error response as a console error; these are planned.
-EXPECTED_HTTP_ERRORS = [r"status of 401 .*", r"status of 410 .*", r"status of 404 .*"]
+# Chromium logs every HTTP error response as a console error; these are
+# planned: /api/session before login, and the invite check of a dead link.
+EXPECTED_HTTP_ERRORS = [
+    r"status of 401 .*/api/session",
+    r"status of 410 .*/api/invites/",
+    r"status of 404 .*/api/invites/",
+]
 
 
 async def therapist_logs_in(
@@ -120,6 +125,20 @@ async def inbound_media_grows(page: Page) -> None:
     )
 
 
+UNLABELLED_CONTROLS = """() => Array.from(
+  document.querySelectorAll("button, input, select, video, meter, a[href]")
+).filter((el) => el.getClientRects().length > 0)
+ .filter((el) => !(
+   (el.labels && el.labels.length) || el.getAttribute("aria-label") || el.textContent.trim()
+ ))
+ .map((el) => el.id || el.outerHTML.slice(0, 60))"""
+
+
+async def assert_controls_labelled(page: Page) -> None:
+    """Every visible control has a name a screen reader can say."""
+    assert await page.evaluate(UNLABELLED_CONTROLS) == []
+
+
 async def consult_row(harness: Harness, consult_id: str) -> Any:
     async with harness.app[DB_ENGINE].connect() as conn:
         return (
@@ -133,6 +152,7 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     harness = live_harness
     _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
     await screenshot(therapist, "therapist-dashboard-empty")
+    await assert_controls_labelled(therapist)
     consult_id, invite_url = await create_consult(therapist, name="Mevr. Jansen")
     assert invite_url.startswith(f"{harness.origin}/join/")
     await screenshot(therapist, "therapist-new-consult")
@@ -157,6 +177,8 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     await expect(therapist.locator("#quality")).not_to_have_attribute("data-level", "unknown")
     await screenshot(therapist, "therapist-in-call")
     await screenshot(patient, "patient-in-call")
+    await assert_controls_labelled(therapist)
+    await assert_controls_labelled(patient)
     started = await consult_row(harness, consult_id)
     assert started.status == "active"
     assert started.started_at is not None
@@ -313,4 +335,38 @@ async def test_without_a_camera_the_patient_joins_with_sound_only(
     await inbound_media_grows(therapist)
     await inbound_media_grows(patient)
     assert (await consult_row(harness, consult_id)).status == "active"
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_a_patient_can_join_with_the_keyboard_alone(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context, patient = await patient_opens(chromium, harness, invite_url)
+
+    async def tab_to(element_id: str) -> None:
+        for _ in range(15):
+            await patient.keyboard.press("Tab")
+            if await patient.evaluate("() => document.activeElement.id") == element_id:
+                return
+        raise AssertionError(f"#{element_id} cannot be reached with Tab")
+
+    await expect(patient.locator("#intro")).to_be_visible()
+    await assert_controls_labelled(patient)
+    await tab_to("intro-next")
+    await patient.keyboard.press("Enter")
+    await expect(patient.locator("#device-check")).to_be_visible()
+    await assert_controls_labelled(patient)
+    await tab_to("devices-next")
+    await patient.keyboard.press("Enter")
+    await expect(patient.locator("#consent")).to_be_visible()
+    await tab_to("consent-box")
+    await patient.keyboard.press("Space")
+    await tab_to("join-button")
+    await patient.keyboard.press("Enter")
+    await expect(patient.locator("#waiting")).to_be_visible()
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

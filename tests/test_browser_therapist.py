@@ -52,13 +52,16 @@ async def test_enrolment_in_dutch_then_the_first_login(
     harness.clock.advance(30)  # the confirming code is used up
 
     await page.get_by_role("link", name="Naar de inlogpagina").click()
+    await page.wait_for_url("**/login")
+    # A crafted "next" cannot send the professional to another site after login.
+    await page.goto("/login?next=/%5Cevil.example/login")
     await page.get_by_label("E-mailadres").fill("bram@praktijk-noord.example")
     await page.get_by_label("Wachtwoord").fill(PASSWORD)
     await page.get_by_label("Code uit uw authenticator-app").fill(
         pyotp.TOTP(secret).at(harness.clock.now())
     )
     await page.get_by_role("button", name="Inloggen").click()
-    await page.wait_for_url("**/app")
+    await page.wait_for_url(f"{harness.origin}/app")
     await expect(page.get_by_role("heading", name="Nieuw consult")).to_be_visible()
     await screenshot(page, "therapist-dashboard-dutch")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
@@ -149,3 +152,60 @@ async def test_a_dropped_patient_shows_reconnecting_and_the_call_restarts_ice(
         patient_context,
         allow=[*EXPECTED_HTTP_ERRORS, r"net::ERR_FAILED", r"Failed to fetch"],
     )
+
+
+async def test_mute_camera_off_and_switching_camera_mid_call(
+    chromium_two_cameras: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    browser = chromium_two_cameras
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, browser)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context, patient = await patient_opens(browser, harness, invite_url)
+    await patient_joins(patient)
+    await therapist.get_by_role("button", name="Admit").click()
+    await wait_for_remote_video(patient)
+    local = (
+        "(kind) => window.videoconsult.call.localStream.getTracks().find((t) => t.kind === kind)"
+    )
+
+    await therapist.get_by_role("button", name="Mute").click()
+    await expect(therapist.get_by_role("button", name="Unmute")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    assert await therapist.evaluate(f"({local})('audio').enabled") is False
+
+    await therapist.get_by_role("button", name="Devices").click()
+    cameras = therapist.get_by_label("Camera", exact=True)
+    options = await cameras.locator("option").all()
+    assert len(options) == 2
+    first = await therapist.evaluate(f"({local})('video').getSettings().deviceId")
+    second = next(
+        value
+        for value in [await option.get_attribute("value") for option in options]
+        if value != first
+    )
+    await cameras.select_option(second)
+    await therapist.wait_for_function(
+        f"() => ({local})('video').getSettings().deviceId === {second!r}"
+    )
+    # The new camera is what the patient receives (the sender's track), and
+    # the microphone is still muted.
+    assert (
+        await therapist.evaluate(
+            "() => window.videoconsult.call.pc.getSenders()"
+            ".find((s) => s.track && s.track.kind === 'video').track.getSettings().deviceId"
+        )
+        == second
+    )
+    assert await therapist.evaluate(f"({local})('audio').enabled") is False
+    await inbound_media_grows(patient)
+    await screenshot(therapist, "therapist-devices")
+
+    await therapist.get_by_role("button", name="Camera off").click()
+    assert await therapist.evaluate(f"({local})('video').enabled") is False
+    await therapist.get_by_role("button", name="Camera on").click()
+    await therapist.get_by_role("button", name="Unmute").click()
+    assert await therapist.evaluate(f"({local})('audio').enabled") is True
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

@@ -63,7 +63,13 @@ def used_keys() -> set[str]:
     for page in HTML:
         keys |= set(re.findall(r'data-i18n(?:-aria|-alt)?="([\w.]+)"', page.read_text()))
     for script in SCRIPTS:
-        keys |= set(re.findall(r'\bt\("([\w.]+)"', script.read_text()))
+        if script == I18N:
+            continue
+        # Every string literal shaped like a key ("app.call.admit"), wherever it
+        # is passed (t(), button(), arrays), but not storage keys.
+        for literal in re.findall(r'"([a-z][a-zA-Z]*(?:\.[a-zA-Z_]+)+)"', script.read_text()):
+            if not literal.startswith("videoconsult."):
+                keys.add(literal)
     return keys
 
 

@@ -1,6 +1,6 @@
 // The therapist's app at /app: consults list, new consult with its invite
 // link, the call view, logout and the idle timeout.
-import { ConsultCall } from "./call.js";
+import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
 import {
   chime,
@@ -14,8 +14,12 @@ import {
 import { bindCallControls, showQuality } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
-const IDLE_WARNING_S = 60;
-const TOUCH_EVERY_MS = 60_000;
+const IDLE_WARNING_S = 90;
+// The server's idle clock restarts with every request; touching it this often
+// keeps it at most this far behind the page's own.
+const TOUCH_EVERY_MS = 30_000;
+// Shared by the therapist's tabs: activity in one keeps the others awake.
+const ACTIVITY_KEY = "videoconsult.activity";
 
 let account = null;
 let idleTimeoutS = 900;
@@ -73,6 +77,7 @@ function show(id) {
 
 function activity() {
   lastActivity = Date.now();
+  localStorage.setItem(ACTIVITY_KEY, String(lastActivity));
   $("idle-warning").hidden = true;
   if (Date.now() - lastTouch > TOUCH_EVERY_MS) {
     // Keep the server's idle timer in step with a therapist who is at work.
@@ -81,10 +86,16 @@ function activity() {
 }
 
 function checkIdle() {
-  // An open consult socket keeps the session alive on the server.
+  // An open consult socket keeps the session alive on the server, and counts
+  // as activity for every tab.
   if (call && !call.finished) {
-    lastActivity = Date.now();
+    activity();
     return;
+  }
+  const shared = Number(localStorage.getItem(ACTIVITY_KEY)) || 0;
+  if (shared > lastActivity) {
+    lastActivity = shared;
+    $("idle-warning").hidden = true;
   }
   const idleS = (Date.now() - lastActivity) / 1000;
   if (idleS >= idleTimeoutS) {
@@ -141,7 +152,7 @@ function renderList(consults) {
       if (consult.status === "created" || consult.status === "active") {
         actions.append(
           button("app.list.open", () => openCall(consult.id)),
-          button("app.list.newLink", () => reissue(consult.id), "secondary"),
+          button("app.list.newLink", () => reissue(consult), "secondary"),
           button("app.list.revoke", () => revoke(consult.id), "secondary"),
           button("app.list.end", () => endFromList(consult.id), "danger"),
         );
@@ -174,7 +185,9 @@ function showInvite(data, consult) {
   $("invite-url").select();
 }
 
-async function reissue(id) {
+async function reissue(consult) {
+  const id = consult.id;
+  if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
   try {
     showInvite(await api("POST", `/api/consults/${id}/invite`), id);
     window.scrollTo({ top: 0, behavior: "smooth" });
@@ -236,9 +249,12 @@ async function copyInvite() {
 
 // --- the call -------------------------------------------------------------------
 
-function banner(text) {
-  $("banner").textContent = text || "";
-  $("banner").hidden = !text;
+let bannerKey = null;
+
+function banner(key) {
+  bannerKey = key || null;
+  $("banner").textContent = key ? t(key) : "";
+  $("banner").hidden = !key;
 }
 
 function patientWaiting(name) {
@@ -289,6 +305,33 @@ function showDeviceProblems() {
   if (problems.length) $("devices").hidden = false;
 }
 
+// Before each (re)connect: is the consult still there, and are we logged in?
+// A refused upgrade shows the page only a closed socket (1006), so ask first.
+async function therapistSocketUrl(id, scheme) {
+  const response = await fetch(`/api/consults/${encodeURIComponent(id)}`, { credentials: "same-origin" });
+  lastTouch = Date.now();
+  if (response.status === 401) throw new LinkProblem("not_logged_in", "");
+  if (response.status === 404) throw new LinkProblem("not_found", "");
+  if (!response.ok) throw new Error(`consult: ${response.status}`);
+  const { consult } = await response.json();
+  if (consult.status === "ended" || consult.status === "not_started") {
+    throw new LinkProblem("consult_over", "");
+  }
+  return `${scheme}//${location.host}/ws?consult=${encodeURIComponent(id)}`;
+}
+
+function resetCallControls() {
+  for (const [id, key] of [["mute", "call.mute"], ["camera", "call.cameraOff"]]) {
+    $(id).setAttribute("aria-pressed", "false");
+    $(id).dataset.i18n = key;
+    $(id).textContent = t(key);
+  }
+  $("share").setAttribute("aria-pressed", "false");
+  $("share").textContent = t("app.call.share");
+  $("quality").dataset.level = "unknown";
+  $("quality").textContent = t("quality.unknown");
+}
+
 async function openCall(id) {
   if (!webrtcSupported()) {
     alert(t("join.nowebrtc.title"));
@@ -301,6 +344,7 @@ async function openCall(id) {
   history.replaceState(null, "", url);
   show("call-view");
   banner("");
+  resetCallControls();
   patientNotWaiting();
   $("remote-waiting").hidden = false;
   $("remote-waiting").textContent = t("app.call.noPatient");
@@ -312,9 +356,13 @@ async function openCall(id) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   call = new ConsultCall({
     role: "therapist",
-    socketUrl: async () => `${scheme}//${location.host}/ws?consult=${encodeURIComponent(id)}`,
-    onEvent: onCallEvent,
+    socketUrl: () => therapistSocketUrl(id, scheme),
+    onEvent: (type, detail) => {
+      // Only the current call's events; a finished one may still report.
+      if (thisCall === call) onCallEvent(type, detail);
+    },
   });
+  const thisCall = call;
   call.setLocalStream(media.stream);
   window.videoconsult = { call };
   call.connect();
@@ -337,18 +385,18 @@ function onCallEvent(type, detail) {
       break;
     case "peer-left":
       patientNotWaiting();
-      banner(t("call.peerLeft.patient"));
+      banner("call.peerLeft.patient");
       $("remote-waiting").hidden = false;
       $("remote-waiting").textContent = t("app.call.noPatient");
       break;
     case "peer-reconnecting":
-      banner(t("call.peerReconnecting.patient"));
+      banner("call.peerReconnecting.patient");
       break;
     case "peer-rejoined":
       banner("");
       break;
     case "reconnecting":
-      banner(t("call.selfReconnecting"));
+      banner("call.selfReconnecting");
       break;
     case "protocol-error":
       if (detail.code === "no_patient_waiting") patientNotWaiting();
@@ -377,6 +425,14 @@ function onCallEvent(type, detail) {
       closeCall(null, "");
       backToList();
       break;
+    case "link-problem":
+      if (detail.code === "not_logged_in") {
+        closeCall(null, "");
+        toLogin("session");
+      } else {
+        closeCall("ended", t(detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over"));
+      }
+      break;
     default:
       break;
   }
@@ -384,9 +440,14 @@ function onCallEvent(type, detail) {
 
 function closeCall(kind, text) {
   patientNotWaiting();
+  if (call && !call.finished) call.finish("closed", {});
   stopStream(media.stream);
   if (screenTrack) screenTrack.stop();
   screenTrack = null;
+  // A reload of the end page must not open the consult again.
+  const url = new URL(location.href);
+  url.searchParams.delete("consult");
+  history.replaceState(null, "", url);
   media = { stream: null, camera: null, microphone: null };
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
   banner("");
@@ -421,6 +482,9 @@ async function switchDevice(kind) {
     return;
   }
   const track = stream.getTracks()[0];
+  // Muted or camera off stays so with the new device.
+  const toggle = kind === "video" ? $("camera") : $("mute");
+  track.enabled = toggle.getAttribute("aria-pressed") !== "true";
   const old = media.stream && media.stream.getTracks().find((t2) => t2.kind === kind);
   if (call) await call.replaceTrack(kind, kind === "video" && screenTrack ? screenTrack : track);
   if (old) {
@@ -433,9 +497,19 @@ async function switchDevice(kind) {
   $("local-video").srcObject = media.stream;
 }
 
+async function stopShare() {
+  if (!screenTrack) return;
+  const track = screenTrack;
+  screenTrack = null;
+  track.stop();
+  $("share").setAttribute("aria-pressed", "false");
+  $("share").textContent = t("app.call.share");
+  if (call && cameraTrack) await call.replaceTrack("video", cameraTrack);
+}
+
 async function toggleShare() {
   if (screenTrack) {
-    screenTrack.stop();
+    await stopShare();
     return;
   }
   let stream;
@@ -453,11 +527,9 @@ async function toggleShare() {
   screenTrack = track;
   $("share").setAttribute("aria-pressed", "true");
   $("share").textContent = t("app.call.stopShare");
-  track.addEventListener("ended", async () => {
-    screenTrack = null;
-    $("share").setAttribute("aria-pressed", "false");
-    $("share").textContent = t("app.call.share");
-    if (call && cameraTrack) await call.replaceTrack("video", cameraTrack);
+  // The browser's own "Stop sharing" button ends the track.
+  track.addEventListener("ended", () => {
+    if (screenTrack === track) stopShare();
   });
 }
 
@@ -487,6 +559,7 @@ function wire() {
   $("end").addEventListener("click", async () => {
     if (!confirm(t("app.call.endConfirm"))) return;
     if (!(call && call.end())) {
+      // No socket right now: end it through the API.
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
       closeCall("ended", t("ended.ended_by_therapist"));
     }
@@ -539,11 +612,17 @@ async function start() {
     return;
   }
   show("dashboard");
-  await loadList();
+  try {
+    await loadList();
+  } catch {
+    $("list-empty").hidden = false;
+    $("list-empty").textContent = t("common.failed");
+  }
 }
 
 setupLanguage($("language"), () => {
   translatePage();
+  banner(bannerKey);
   if (!$("dashboard").hidden) renderList(lastConsults);
   if (callOver) $("call-over-text").textContent = callOver.text;
 });

@@ -49,6 +49,7 @@ export class ConsultCall {
     this.timers = new Set();
     this.stats = { level: "unknown", bytesReceived: 0, bytesSent: 0, rttMs: null, loss: 0 };
     this.previousCounts = null;
+    this.queue = Promise.resolve();
   }
 
   emit(type, detail = {}) {
@@ -95,7 +96,11 @@ export class ConsultCall {
       } catch {
         return;
       }
-      this.handle(message).catch((error) => console.error("signaling", message.type, error));
+      // One message after another: an offer must be answered before the
+      // candidates behind it are added.
+      this.queue = this.queue
+        .then(() => this.handle(message))
+        .catch((error) => console.error("signaling", message.type, error));
     });
     ws.addEventListener("close", (event) => {
       if (ws !== this.ws) return;
@@ -252,6 +257,8 @@ export class ConsultCall {
 
   async offer({ restart }) {
     const pc = restart && this.pc ? this.pc : this.newPeerConnection({ offerer: true });
+    // The latest welcome brought fresh TURN credentials.
+    if (restart) pc.setConfiguration({ iceServers: this.iceServers });
     const offer = await pc.createOffer({ iceRestart: restart });
     if (pc !== this.pc) return;
     await pc.setLocalDescription(offer);
@@ -263,6 +270,8 @@ export class ConsultCall {
     let pc = this.pc;
     if (!pc || fingerprint !== this.remoteFingerprint || pc.signalingState !== "stable") {
       pc = this.newPeerConnection({ offerer: false });
+    } else {
+      pc.setConfiguration({ iceServers: this.iceServers });
     }
     await pc.setRemoteDescription({ type: "offer", sdp });
     if (pc !== this.pc) return;
@@ -276,7 +285,7 @@ export class ConsultCall {
       }
       transceiver.direction = track ? "sendrecv" : "recvonly";
     }
-    await this.flushCandidates();
+    await this.flushCandidates(pc);
     const answer = await pc.createAnswer();
     if (pc !== this.pc) return;
     await pc.setLocalDescription(answer);
@@ -293,8 +302,9 @@ export class ConsultCall {
       return;
     }
     await pc.setRemoteDescription({ type: "answer", sdp });
+    if (pc !== this.pc) return;
     this.remoteFingerprint = fingerprint;
-    await this.flushCandidates();
+    await this.flushCandidates(pc);
   }
 
   async addCandidate(message) {
@@ -315,12 +325,13 @@ export class ConsultCall {
     }
   }
 
-  async flushCandidates() {
+  async flushCandidates(pc) {
+    if (pc !== this.pc) return;
     const pending = this.pendingCandidates;
     this.pendingCandidates = [];
     for (const candidate of pending) {
       try {
-        await this.pc.addIceCandidate(candidate);
+        await pc.addIceCandidate(candidate);
       } catch (error) {
         console.debug("candidate not used", error.message);
       }

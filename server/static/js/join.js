@@ -16,7 +16,8 @@ import { bindCallControls, showQuality } from "./ui.js";
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const inviteApi = `/api/invites/${encodeURIComponent(token)}`;
 // Survives a reload of this tab (not a new tab): back into the same consult.
-const joinedKey = `videoconsult.joined.${token}`;
+// Keyed by a hash of the token, so the token itself is not stored.
+let joinedKey = "videoconsult.joined";
 const $ = (id) => document.getElementById(id);
 
 let invite = null;
@@ -52,8 +53,14 @@ async function checkLink() {
     return;
   }
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) {
+  if (response.status === 404 || response.status === 410) {
     linkProblem((data.error && data.error.code) || "invite_unknown");
+    return;
+  }
+  if (!response.ok) {
+    // The server is busy or restarting: not the link's fault. Try again.
+    $("checking").querySelector("p").textContent = t("common.offline");
+    setTimeout(checkLink, 3000);
     return;
   }
   invite = data;
@@ -78,12 +85,7 @@ async function acquireMedia(choice = {}) {
   $("preview").srcObject = media.stream;
   $("preview-off").hidden = Boolean(media.stream && media.stream.getVideoTracks().length);
   stopMeter = showLevel(media.stream, $("mic-level"));
-  const problems = [];
-  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
-  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
-  if (media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
-  $("device-problem").textContent = problems.join(" ");
-  $("device-problem").hidden = problems.length === 0;
+  showDeviceProblems();
   try {
     const { cameras, microphones } = await listDevices();
     fillDeviceSelect($("camera-select"), cameras, trackDeviceId(media.stream, "video"), t("common.camera"));
@@ -91,6 +93,15 @@ async function acquireMedia(choice = {}) {
   } catch {
     // Device names are a nicety; the check goes on without them.
   }
+}
+
+function showDeviceProblems() {
+  const problems = [];
+  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
+  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
+  if (media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
+  $("device-problem").textContent = problems.join(" ");
+  $("device-problem").hidden = problems.length === 0;
 }
 
 async function deviceCheck() {
@@ -134,9 +145,13 @@ function join(consent) {
   call.connect();
 }
 
-function banner(text) {
-  $("banner").textContent = text || "";
-  $("banner").hidden = !text;
+let bannerKey = null;
+let endedKey = null;
+
+function banner(key) {
+  bannerKey = key || null;
+  $("banner").textContent = key ? t(key) : "";
+  $("banner").hidden = !key;
 }
 
 function onCallEvent(type, detail) {
@@ -151,17 +166,17 @@ function onCallEvent(type, detail) {
       show("call");
       break;
     case "reconnecting":
-      if (!$("call").hidden) banner(t("call.selfReconnecting"));
+      if (!$("call").hidden) banner("call.selfReconnecting");
       else $("waiting-status").textContent = t("call.selfReconnecting");
       break;
     case "peer-reconnecting":
-      banner(t("call.peerReconnecting.therapist"));
+      banner("call.peerReconnecting.therapist");
       break;
     case "peer-rejoined":
       banner("");
       break;
     case "peer-left":
-      banner(t("call.peerLeft.therapist"));
+      banner("call.peerLeft.therapist");
       break;
     case "remote-stream":
       $("remote-video").srcObject = detail.stream;
@@ -175,7 +190,8 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       finish("ended");
-      $("ended-text").textContent = t(`ended.${detail.reason}`, {}, t("join.ended.text"));
+      endedKey = `ended.${detail.reason}`;
+      $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
       break;
     case "denied":
       finish("denied");
@@ -238,10 +254,12 @@ function wire() {
   const leave = () => call && call.leave();
   $("waiting-leave").addEventListener("click", leave);
   $("leave").addEventListener("click", leave);
-  $("rejoin").addEventListener("click", () => {
-    show("checking");
-    checkLink();
-  });
+  for (const id of ["rejoin", "denied-retry"]) {
+    $(id).addEventListener("click", () => {
+      show("checking");
+      checkLink();
+    });
+  }
   bindCallControls({
     getStream: () => media.stream,
     muteButton: $("mute"),
@@ -253,11 +271,23 @@ function wire() {
 setupLanguage($("language"), () => {
   translatePage();
   if (lastLinkProblem) linkProblem(lastLinkProblem);
+  banner(bannerKey);
+  if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
+  showDeviceProblems();
 });
 translatePage();
 wire();
 if (!webrtcSupported()) {
   show("no-webrtc");
 } else {
-  checkLink();
+  tokenKey().then((key) => {
+    joinedKey = key;
+    checkLink();
+  });
+}
+
+async function tokenKey() {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(token));
+  const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+  return `videoconsult.joined.${hex.slice(0, 32)}`;
 }

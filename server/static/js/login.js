@@ -5,9 +5,14 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
 function nextPage() {
-  const next = params.get("next") || "/app";
-  // Only our own pages: never an address elsewhere.
-  return next.startsWith("/") && !next.startsWith("//") ? next : "/app";
+  // Only our own pages: never an address elsewhere (not "//host", "/\\host"…).
+  try {
+    const next = new URL(params.get("next") || "/app", location.origin);
+    if (next.origin === location.origin) return next.pathname + next.search;
+  } catch {
+    // not an address at all
+  }
+  return "/app";
 }
 
 function notice() {

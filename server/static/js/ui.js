@@ -25,10 +25,12 @@ export function bindCallControls({ getStream, muteButton, cameraButton }) {
 }
 
 export function showQuality(element, stats) {
-  element.dataset.level = stats.level;
-  element.dataset.bytesReceived = String(stats.bytesReceived);
-  element.dataset.bytesSent = String(stats.bytesSent);
-  element.textContent = t(`quality.${stats.level}`);
+  // The badge is a live region: change its text only when the level changes.
+  if (element.dataset.level !== stats.level) {
+    element.dataset.level = stats.level;
+    element.dataset.i18n = `quality.${stats.level}`;
+    element.textContent = t(element.dataset.i18n);
+  }
   const details = [];
   if (stats.rttMs !== null) details.push(t("quality.rtt", { ms: Math.round(stats.rttMs) }));
   details.push(t("quality.loss", { percent: (stats.loss * 100).toFixed(1) }));
