@@ -40,6 +40,17 @@ DYNAMIC_KEYS = (
     + [f"consent.{code}" for code in ("consent_required", "guardian_consent_required")]
     + [f"role.{role.value}" for role in Role]
     + [
+        f"apiError.{code}"
+        for code in (
+            "conflict",
+            "not_found",
+            "forbidden",
+            "invalid_field",
+            "too_many_requests",
+            "internal_error",
+        )
+    ]
+    + [
         f"call.{key}.{role}"
         for key in ("peerReconnecting", "peerLeft", "remoteLabel")
         for role in ("therapist", "patient")

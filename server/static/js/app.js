@@ -51,8 +51,10 @@ async function api(method, path, body) {
   }
   const data = response.status === 204 ? {} : await response.json().catch(() => ({}));
   if (!response.ok) {
-    const error = new Error((data.error && data.error.message) || t("common.failed"));
-    error.code = data.error && data.error.code;
+    const code = data.error && data.error.code;
+    // In the page's language where we know the code; the server's words otherwise.
+    const error = new Error(t(`apiError.${code}`, {}, (data.error && data.error.message) || t("common.failed")));
+    error.code = code;
     throw error;
   }
   return data;
