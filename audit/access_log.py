@@ -1,16 +1,27 @@
 """The access log: who looked at or changed what, when, and with what outcome.
 
 One record per read of personal data and per administrative change, with
-the fields NEN 7513 asks for. Records are only ever appended. (The audit
-issue adds the hash chain and its verification on top of this table.)
+the fields NEN 7513 asks for. Records are only ever appended, and they form
+a hash chain: each record holds the hash of the one before it
+(``prev_hash``) and its own hash over a canonical encoding of its fields and
+``prev_hash``. Changing, deleting, inserting or reordering a record breaks
+the chain at that point; :func:`verify_chain` finds the first break.
+
+Appends are serialized, so that two appending at once never chain to the
+same predecessor: on PostgreSQL by a transaction-level advisory lock (also
+across server nodes), on SQLite by its single writer (every transaction
+begins IMMEDIATE, see ``audit/db.py``).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -52,8 +63,96 @@ class AccessRecord:
     client_type: ClientType
 
 
+# The predecessor of the first record.
+GENESIS_HASH = "0" * 64
+# pg_advisory_xact_lock key of the access log's appends ("vc-audit" in ASCII).
+APPEND_LOCK_KEY = 0x76632D6175646974
+
+
+def record_hash(fields: dict[str, object], prev_hash: str) -> str:
+    """SHA-256 over the canonical encoding of a record's fields and its predecessor's hash.
+
+    Canonical: JSON with sorted keys, no whitespace, ASCII only; times in UTC
+    with microseconds, ids as their text. The record's position (``seq``) is
+    not part of it: the chain itself fixes the order.
+    """
+    canonical = json.dumps(
+        {**fields, "prev_hash": prev_hash}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _canonical_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def canonical_fields(
+    *,
+    at: datetime,
+    organisation_id: uuid.UUID | None,
+    actor_id: uuid.UUID | None,
+    actor_role: str,
+    action: str,
+    object_type: str,
+    object_id: str | None,
+    outcome: str,
+    client_type: str,
+) -> dict[str, object]:
+    return {
+        "at": _canonical_time(at),
+        "organisation_id": str(organisation_id) if organisation_id else None,
+        "actor_id": str(actor_id) if actor_id else None,
+        "actor_role": actor_role,
+        "action": action,
+        "object_type": object_type,
+        "object_id": object_id,
+        "outcome": outcome,
+        "client_type": client_type,
+    }
+
+
+def _row_fields(row: sa.Row[tuple[object, ...]]) -> dict[str, object]:
+    m = row._mapping
+    return canonical_fields(
+        at=m["at"],
+        organisation_id=m["organisation_id"],
+        actor_id=m["actor_id"],
+        actor_role=m["actor_role"],
+        action=m["action"],
+        object_type=m["object_type"],
+        object_id=m["object_id"],
+        outcome=m["outcome"],
+        client_type=m["client_type"],
+    )
+
+
 async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
-    """Append one record. There is no update or delete counterpart, on purpose."""
+    """Append one record to the chain. There is no update or delete counterpart, on purpose.
+
+    Must run inside the caller's transaction (``engine.begin()``): the lock
+    and the link to the last record hold until it commits.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(APPEND_LOCK_KEY)))
+    last = (
+        await conn.execute(
+            sa.select(access_log.c.seq, access_log.c.hash)
+            .order_by(access_log.c.seq.desc())
+            .limit(1)
+        )
+    ).first()
+    seq, prev_hash = (last.seq + 1, last.hash) if last is not None else (1, GENESIS_HASH)
+    fields = canonical_fields(
+        at=record.at,
+        organisation_id=record.organisation_id,
+        actor_id=record.actor_id,
+        actor_role=record.actor_role,
+        action=record.action,
+        object_type=record.object_type,
+        object_id=record.object_id,
+        outcome=record.outcome.value,
+        client_type=record.client_type.value,
+    )
     await conn.execute(
         access_log.insert().values(
             at=record.at,
@@ -65,7 +164,102 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
             object_id=record.object_id,
             outcome=record.outcome.value,
             client_type=record.client_type.value,
+            seq=seq,
+            prev_hash=prev_hash,
+            hash=record_hash(fields, prev_hash),
         )
+    )
+
+
+class Break(enum.Enum):
+    # The record's contents do not match its own hash.
+    MODIFIED = "modified"
+    # Records are missing before this one.
+    DELETED = "deleted"
+    # Records before this one do not belong to the chain.
+    INSERTED = "inserted"
+    # This record follows one that comes later in the log.
+    REORDERED = "reordered"
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    seq: int
+    kind: Break
+    detail: str
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    records: int
+    last_hash: str
+    broken: ChainBreak | None
+
+    @property
+    def intact(self) -> bool:
+        return self.broken is None
+
+
+async def _rows_in_order(
+    conn: AsyncConnection, batch: int
+) -> AsyncIterator[sa.Row[tuple[object, ...]]]:
+    """All records in ``seq`` order, fetched in batches (a million fit in little memory)."""
+    after = 0
+    while True:
+        rows = (
+            await conn.execute(
+                sa.select(access_log)
+                .where(access_log.c.seq > after)
+                .order_by(access_log.c.seq)
+                .limit(batch)
+            )
+        ).all()
+        for row in rows:
+            yield row
+        if len(rows) < batch:
+            return
+        after = rows[-1].seq
+
+
+async def verify_chain(conn: AsyncConnection, *, batch: int = 10_000) -> ChainReport:
+    """Walk the chain from the first record; report the first broken link, if any."""
+    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
+    async for row in _rows_in_order(conn, batch):
+        m = row._mapping
+        seq = int(m["seq"])
+        if record_hash(_row_fields(row), m["prev_hash"]) != m["hash"]:
+            detail = "its contents do not match its hash (changed after it was written)"
+            return ChainReport(count, prev_hash, ChainBreak(seq, Break.MODIFIED, detail))
+        if m["prev_hash"] != prev_hash:
+            broken = await _explain_link(conn, seq, expected_seq, m["prev_hash"])
+            return ChainReport(count, prev_hash, broken)
+        if seq != expected_seq:
+            detail = f"records {expected_seq} to {seq - 1} are missing"
+            return ChainReport(count, prev_hash, ChainBreak(seq, Break.DELETED, detail))
+        prev_hash, expected_seq, count = m["hash"], seq + 1, count + 1
+    return ChainReport(count, prev_hash, None)
+
+
+async def _explain_link(
+    conn: AsyncConnection, seq: int, expected_seq: int, points_to: str
+) -> ChainBreak:
+    """A record whose predecessor is not the record before it: say what happened."""
+    target = await conn.scalar(sa.select(access_log.c.seq).where(access_log.c.hash == points_to))
+    if target is not None and target > seq:
+        return ChainBreak(
+            seq, Break.REORDERED, f"it was written after record {target}, which now follows it"
+        )
+    if target is not None:
+        return ChainBreak(
+            seq,
+            Break.INSERTED,
+            f"it was written right after record {target}; the records between do not belong",
+        )
+    if seq != expected_seq or points_to == GENESIS_HASH:
+        missing = f"records {expected_seq} to {seq - 1}" if seq != expected_seq else "records"
+        return ChainBreak(seq, Break.DELETED, f"the record it follows is gone ({missing} missing)")
+    return ChainBreak(
+        seq, Break.INSERTED, "it follows a record that was never in the log (inserted)"
     )
 
 

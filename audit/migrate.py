@@ -54,8 +54,8 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await connection.run_sync(_current)
 
 
-async def upgrade(engine: AsyncEngine, *, config: Config | None = None) -> None:
-    """Bring the schema to the newest revision, all or nothing."""
+async def upgrade(engine: AsyncEngine, *, config: Config | None = None, to: str = "head") -> None:
+    """Bring the schema to the newest revision (or ``to``), all or nothing."""
     config = config or alembic_config()
 
     def _upgrade(connection: sa.Connection) -> None:
@@ -64,7 +64,7 @@ async def upgrade(engine: AsyncEngine, *, config: Config | None = None) -> None:
             # for its commit and then find nothing left to do.
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, to)
 
     try:
         async with engine.begin() as connection:

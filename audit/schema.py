@@ -155,6 +155,11 @@ access_log = sa.Table(
     sa.Column("object_id", sa.String(64), nullable=True),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("client_type", sa.String(16), nullable=False),
+    # The hash chain (audit/access_log.py): position, the predecessor's hash,
+    # and this record's own hash.
+    sa.Column("seq", sa.BigInteger(), nullable=False, unique=True),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False, index=True),
 )
 
 # Connection diagnostics and failed logins, for technical support. Entries
