@@ -18,7 +18,9 @@ from server.resources import (
     database_context,
     redis_context,
     run_room_timers,
+    run_technical_log_writer,
     signaling_context,
+    technical_log_context,
 )
 from server.web_security import add_security_headers, origin_check_middleware
 from server.websockets import close_websockets
@@ -51,8 +53,10 @@ def setup_resources(app: web.Application) -> None:
         [
             data_dir_context,
             database_context,
+            technical_log_context,
             redis_context,
             signaling_context,
+            background_task("technical-log", run_technical_log_writer),
             background_task("housekeeping", run_housekeeping),
             background_task("room-timers", run_room_timers),
             background_task("session-checks", signaling_ws.run_session_checks),

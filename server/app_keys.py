@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.keys import MasterKey
+from audit.technical_log import TechnicalLog
 from config import Settings
 from server.auth.passwords import PasswordHasher
 from signaling.rooms import ConsultRooms
@@ -38,3 +39,5 @@ TICKETS = web.AppKey("tickets", TicketStore)
 THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKey(
     "therapist_sockets"
 )
+# The technical log's sink: connection diagnostics, kept 24 hours.
+TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)

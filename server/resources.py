@@ -16,7 +16,18 @@ from redis.asyncio import Redis
 from audit import load_master_key, open_database, prepare_data_dir
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
-from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, MASTER_KEY, REDIS, ROOMS, SETTINGS, TICKETS
+from audit.technical_log import TechnicalLog
+from server.app_keys import (
+    CLOCK,
+    DATA_DIR,
+    DB_ENGINE,
+    MASTER_KEY,
+    REDIS,
+    ROOMS,
+    SETTINGS,
+    TECHNICAL_LOG,
+    TICKETS,
+)
 from signaling.broker import InProcessBroker, InProcessRoomStore, InProcessTimers
 from signaling.rooms import ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
@@ -26,6 +37,8 @@ _log = structlog.get_logger("videoconsult.server")
 # How often due room timers are looked for: a grace period ends at most this
 # much late.
 TIMER_POLL_S = 0.25
+# How often the technical log's pending entries are written.
+TECHNICAL_FLUSH_S = 1.0
 
 
 async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
@@ -86,6 +99,30 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
+async def technical_log_context(app: web.Application) -> AsyncIterator[None]:
+    """The technical log's sink; what is still pending is written before the database closes."""
+    technical = TechnicalLog(app[CLOCK])
+    app[TECHNICAL_LOG] = technical
+    try:
+        yield
+    finally:
+        try:
+            await technical.flush(app[DB_ENGINE])
+        except Exception:
+            _log.exception("technical log: last entries not written")
+
+
+async def run_technical_log_writer(app: web.Application) -> None:
+    """Background task: write the technical log's pending entries every second."""
+    technical = app[TECHNICAL_LOG]
+    while True:
+        await asyncio.sleep(TECHNICAL_FLUSH_S)
+        try:
+            await technical.flush(app[DB_ENGINE])
+        except Exception:
+            _log.exception("technical log: writing failed; trying again")
+
+
 async def signaling_context(app: web.Application) -> AsyncIterator[None]:
     """The consult rooms on the in-process broker (Redis across nodes comes later)."""
     settings = app[SETTINGS]
@@ -100,6 +137,7 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
             max_duration_s=settings.consults.max_duration_s,
             heartbeat_s=settings.signaling.heartbeat_s,
         ),
+        technical=app[TECHNICAL_LOG],
     )
     app[TICKETS] = InProcessTicketStore()
     yield

@@ -33,9 +33,17 @@ from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.errors import NotFound
 from audit.roles import Role
 from audit.sessions import Session, live_sessions
-from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, THERAPIST_SOCKETS, TICKETS
+from server.app_keys import (
+    CLOCK,
+    DB_ENGINE,
+    ROOMS,
+    SETTINGS,
+    TECHNICAL_LOG,
+    THERAPIST_SOCKETS,
+    TICKETS,
+)
 from server.auth.sessions import authenticate
-from server.web_security import expected_origin
+from server.web_security import client_address, expected_origin
 from server.websockets import tracked_websocket
 from signaling.broker import Delivery
 from signaling.protocol import (
@@ -74,12 +82,27 @@ class _Refused(Exception):
 @routes.get("/ws")
 async def signaling_socket(request: web.Request) -> web.StreamResponse:
     """Open the signaling socket of one participant of one consult."""
+    technical = request.app[TECHNICAL_LOG].log
+    address = client_address(request)
+    user_agent = request.headers.get("User-Agent", "")[:300]
     try:
         participant, session = await _admit_connection(request)
     except _Refused as refused:
+        # For support: why a patient's browser could not get in (24 hours).
+        technical.info(
+            "signaling.refused", reason=refused.code, address=address, user_agent=user_agent
+        )
         return web.json_response(
             {"error": {"code": refused.code, "message": refused.message}}, status=refused.status
         )
+    technical.info(
+        "signaling.client",
+        subject=str(participant.consult_id),
+        role=participant.role.value,
+        connection=participant.connection_id,
+        address=address,
+        user_agent=user_agent,
+    )
     settings = request.app[SETTINGS]
     rooms = request.app[ROOMS]
     now = request.app[CLOCK].now()

@@ -105,10 +105,34 @@ class Candidate(_Inbound):
     sdpMLineIndex: int | None = Field(default=None, ge=0, le=64)
 
 
+# What a client may report for the technical log (kept 24 hours).
+REPORT_EVENTS = (
+    "ice-state",
+    "connection-state",
+    "call-failed",
+    "media-error",
+    "stats",
+)
+MAX_REPORT_FIELDS = 20
+ReportValue = Annotated[str, Field(max_length=200)] | int | float | bool | None
+
+
+class Report(_Inbound):
+    """A diagnostic from the client's page (ICE state, a failed call's stats,
+    a camera error) for the technical log; not relayed."""
+
+    type: Literal["report"]
+    event: Literal["ice-state", "connection-state", "call-failed", "media-error", "stats"]
+    detail: dict[Annotated[str, Field(max_length=40)], ReportValue] = Field(
+        default_factory=dict, max_length=MAX_REPORT_FIELDS
+    )
+
+
 InboundMessage = Annotated[
-    Ping | Admit | Deny | End | Bye | Offer | Answer | Candidate, Field(discriminator="type")
+    Ping | Admit | Deny | End | Bye | Offer | Answer | Candidate | Report,
+    Field(discriminator="type"),
 ]
-INBOUND_TYPES = ("ping", "admit", "deny", "end", "bye", "offer", "answer", "candidate")
+INBOUND_TYPES = ("ping", "admit", "deny", "end", "bye", "offer", "answer", "candidate", "report")
 # What only the therapist may send.
 THERAPIST_ONLY = frozenset({"admit", "deny", "end"})
 # What is relayed to the other participant as it is.

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import mark_ended, mark_started
-from audit.technical_log import write_technical
+from audit.technical_log import TechnicalLog
 from signaling.broker import (
     Broker,
     Deliver,
@@ -51,6 +51,7 @@ from signaling.protocol import (
     ParticipantRole,
     Ping,
     ProtocolError,
+    Report,
     outbound,
 )
 
@@ -108,6 +109,7 @@ class ConsultRooms:
         store: RoomStore,
         timers: Timers,
         settings: RoomSettings,
+        technical: TechnicalLog,
     ) -> None:
         self._engine = engine
         self._clock = clock
@@ -115,6 +117,7 @@ class ConsultRooms:
         self._store = store
         self._timers = timers
         self._settings = settings
+        self._technical = technical
 
     async def prepare(
         self, consult_id: uuid.UUID, *, display_name: str | None, until: datetime
@@ -221,6 +224,9 @@ class ConsultRooms:
             return []
         if isinstance(message, Ping):
             return [outbound("pong")]
+        if isinstance(message, Report):
+            await self._note(participant, f"client.{message.event}", dict(message.detail))
+            return []
         if message.type in THERAPIST_ONLY and participant.role is not ParticipantRole.THERAPIST:
             raise ProtocolError(
                 ErrorCode.NOT_ALLOWED,
@@ -410,7 +416,7 @@ class ConsultRooms:
                 # The other one, if in its grace period, ends it when that runs out.
                 if state.presence(other) is None:
                     end_at = now
-        await self._note(participant, "signaling.disconnected", grace=grace)
+        await self._note(participant, "signaling.disconnected", {"grace": grace})
         if end_at is not None:
             await self.end(consult_id, reason="both_left", at=end_at)
 
@@ -463,15 +469,17 @@ class ConsultRooms:
             consult_id, role, Delivery(message, connection_id=connection_id, close_code=close_code)
         )
 
-    async def _note(self, participant: Participant, kind: str, **detail: Any) -> None:
-        async with self._engine.begin() as conn:
-            await write_technical(
-                conn,
-                kind,
-                now=self._clock.now(),
-                subject=str(participant.consult_id),
-                detail={"role": participant.role.value, **detail},
-            )
+    async def _note(
+        self, participant: Participant, kind: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """A diagnostic for the technical log (24 hours), tied to the consult."""
+        self._technical.log.info(
+            kind,
+            subject=str(participant.consult_id),
+            role=participant.role.value,
+            connection=participant.connection_id,
+            detail=detail or {},
+        )
 
 
 def _grace_key(consult_id: uuid.UUID, role: ParticipantRole) -> str:

@@ -16,7 +16,8 @@ from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, ex
 
 from audit.roles import Role
 from audit.schema import consults
-from server.app_keys import DB_ENGINE
+from audit.technical_log import read_technical
+from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from tests.browser import ScreenshotSaver, assert_no_browser_errors, new_context
 from tests.harness import Harness, Professional
 
@@ -335,6 +336,16 @@ async def test_without_a_camera_the_patient_joins_with_sound_only(
     await inbound_media_grows(therapist)
     await inbound_media_grows(patient)
     assert (await consult_row(harness, consult_id)).status == "active"
+    # The pages told the technical log what support needs to know.
+    await harness.app[TECHNICAL_LOG].flush(harness.app[DB_ENGINE])
+    async with harness.app[DB_ENGINE].connect() as conn:
+        found = await read_technical(conn, now=harness.clock.now(), subject=consult_id)
+    reports = {(entry.kind, entry.detail["role"]) for entry in found}
+    assert ("client.media-error", "patient") in reports
+    assert ("client.connection-state", "therapist") in reports
+    assert ("client.ice-state", "patient") in reports
+    media_error = next(entry for entry in found if entry.kind == "client.media-error")
+    assert media_error.detail["detail"] == {"camera": "missing", "microphone": None}
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
 
 

@@ -365,7 +365,7 @@ async function openCall(id) {
     },
   });
   const thisCall = call;
-  call.setLocalStream(media.stream);
+  call.setLocalStream(media.stream, { camera: media.camera, microphone: media.microphone });
   window.videoconsult = { call };
   call.connect();
 }

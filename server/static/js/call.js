@@ -161,6 +161,13 @@ export class ConsultCall {
           this.later(STATS_EVERY_MS, () => this.collectStats());
         }
         this.emit("welcome", message);
+        if (this.mediaProblems && (this.mediaProblems.camera || this.mediaProblems.microphone)) {
+          this.report("media-error", {
+            camera: this.mediaProblems.camera || null,
+            microphone: this.mediaProblems.microphone || null,
+          });
+          this.mediaProblems = null;
+        }
         if (this.role === "therapist" && message.state === "active" && message.peer_present) {
           await this.offer({ restart: Boolean(this.pc) });
         }
@@ -244,8 +251,13 @@ export class ConsultCall {
         sdpMLineIndex: c ? c.sdpMLineIndex : null,
       });
     });
+    pc.addEventListener("iceconnectionstatechange", () => {
+      if (pc === this.pc) this.report("ice-state", { state: pc.iceConnectionState });
+    });
     pc.addEventListener("connectionstatechange", () => {
       if (pc !== this.pc) return;
+      this.report("connection-state", { state: pc.connectionState });
+      if (pc.connectionState === "failed") this.reportFailure(pc);
       this.emit("connection", { state: pc.connectionState });
       if (pc.connectionState === "failed" && this.role === "therapist") {
         this.offer({ restart: true }).catch((error) => console.error("ICE restart", error));
@@ -340,8 +352,45 @@ export class ConsultCall {
 
   // --- media ------------------------------------------------------------
 
-  setLocalStream(stream) {
+  // problems: { camera, microphone } as media.js names them ("blocked",
+  // "missing", "busy" or null); reported once the socket is open.
+  setLocalStream(stream, problems = {}) {
     this.localStream = stream;
+    this.mediaProblems = problems;
+  }
+
+  // A diagnostic for the technical log (docs/protocol.md, "report"); never
+  // anything personal: states, counts, candidate types, error names.
+  report(event, detail) {
+    this.send({ type: "report", event, detail });
+  }
+
+  async reportFailure(pc) {
+    const detail = { ice: pc.iceConnectionState, gathering: pc.iceGatheringState };
+    try {
+      const report = await pc.getStats();
+      let pair = null;
+      report.forEach((entry) => {
+        if (entry.type === "candidate-pair" && (entry.nominated || entry.selected)) pair = entry;
+      });
+      if (pair) {
+        const local = report.get(pair.localCandidateId);
+        const remote = report.get(pair.remoteCandidateId);
+        detail.pairState = pair.state;
+        detail.local = local ? `${local.candidateType}/${local.protocol}` : null;
+        detail.remote = remote ? `${remote.candidateType}/${remote.protocol}` : null;
+        detail.bytesReceived = pair.bytesReceived || 0;
+        detail.bytesSent = pair.bytesSent || 0;
+      }
+      let candidates = 0;
+      report.forEach((entry) => {
+        if (entry.type === "local-candidate") candidates += 1;
+      });
+      detail.localCandidates = candidates;
+    } catch (error) {
+      detail.statsError = String(error.name || "error");
+    }
+    this.report("call-failed", detail);
   }
 
   // Put another track (another camera or microphone, a shared screen) on

@@ -140,7 +140,7 @@ function join(consent) {
     socketUrl: () => ticketUrl(consent),
     onEvent: onCallEvent,
   });
-  call.setLocalStream(media.stream);
+  call.setLocalStream(media.stream, { camera: media.camera, microphone: media.microphone });
   window.videoconsult = { call };
   call.connect();
 }

@@ -1,0 +1,175 @@
+"""The technical log's sink: diagnostics go to the 24-hour table, never to
+stdout; clients report ICE and media trouble over the socket."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from audit.clock import ManualClock
+from audit.technical_log import TechnicalLog, read_technical
+from server.app_keys import DB_ENGINE, TECHNICAL_LOG
+from tests.harness import Harness, Sockets, new_consult, receive
+from tests.test_signaling import admitted_pair
+
+
+async def flushed(harness: Harness) -> None:
+    await harness.app[TECHNICAL_LOG].flush(harness.app[DB_ENGINE])
+
+
+async def entries(
+    harness: Harness, subject: str | None = None
+) -> list[tuple[str, dict[str, object]]]:
+    await flushed(harness)
+    async with harness.app[DB_ENGINE].connect() as conn:
+        found = await read_technical(conn, now=harness.clock.now(), subject=subject)
+    return [(entry.kind, dict(entry.detail)) for entry in reversed(found)]
+
+
+def test_the_sink_keeps_entries_and_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    clock = ManualClock()
+    technical = TechnicalLog(clock, max_pending=3)
+    consult = uuid.uuid4()
+    technical.log.info("ice-state", subject=consult, state="failed", address="192.0.2.7")
+    clock.advance(5)
+    technical.log.warning("media-error", subject=consult, name="NotAllowedError")
+    assert technical.pending == 2
+    for n in range(3):
+        technical.log.info("filler", n=n)
+    assert (technical.pending, technical.dropped) == (3, 2)
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
+
+
+async def test_entries_are_written_in_one_go_and_read_for_24_hours(harness: Harness) -> None:
+    technical = harness.app[TECHNICAL_LOG]
+    subject = str(uuid.uuid4())
+    technical.log.info("ice-state", subject=subject, state="checking", address="192.0.2.7")
+    technical.log.info("ice-state", subject=subject, state="failed")
+    assert await entries(harness, subject) == [
+        ("ice-state", {"state": "checking", "address": "192.0.2.7"}),
+        ("ice-state", {"state": "failed"}),
+    ]
+    assert technical.pending == 0
+    harness.clock.advance(24 * 3600 + 1)
+    assert await entries(harness, subject) == []
+
+
+async def test_a_failed_write_keeps_the_entries_for_the_next_try(harness: Harness) -> None:
+    technical = TechnicalLog(harness.clock)
+    technical.log.info("ice-state", subject="x", state="failed")
+    broken = create_async_engine("sqlite+aiosqlite:////nonexistent/dir/db.sqlite")
+    with pytest.raises(sa.exc.OperationalError):
+        await technical.flush(broken)
+    await broken.dispose()
+    assert technical.pending == 1
+    assert await technical.flush(harness.app[DB_ENGINE]) == 1
+
+
+async def test_sockets_note_address_and_browser_and_refusals(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    therapist = await harness.client.ws_connect(
+        f"/ws?consult={setup.consult_id}",
+        headers={**harness.headers, "User-Agent": "TestBrowser/1.0"},
+    )
+    await receive(therapist, "welcome")
+    found = await entries(harness, setup.consult_id)
+    client = next(detail for kind, detail in found if kind == "signaling.client")
+    assert client["role"] == "therapist"
+    assert client["user_agent"] == "TestBrowser/1.0"
+    assert client["address"] == "127.0.0.1"
+    assert any(kind == "signaling.connected" for kind, _ in found)
+    refused = await harness.client.get("/ws?ticket=nonsense", headers=harness.headers)
+    assert refused.status == 401
+    everything = await entries(harness)
+    assert ("signaling.refused", "ticket_invalid") in [
+        (kind, detail.get("reason")) for kind, detail in everything
+    ]
+    await therapist.close()
+
+
+async def test_clients_report_ice_and_media_trouble_and_nothing_is_relayed(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    await patient.send_json(
+        {
+            "v": 1,
+            "type": "report",
+            "event": "call-failed",
+            "detail": {
+                "ice": "failed",
+                "candidatePair": "relay/udp",
+                "bytesReceived": 0,
+                "rttMs": None,
+            },
+        }
+    )
+    await patient.send_json(
+        {"v": 1, "type": "report", "event": "media-error", "detail": {"camera": "NotAllowedError"}}
+    )
+    await patient.send_json({"v": 1, "type": "ping"})
+    await receive(patient, "pong")
+    found = await entries(harness, setup.consult_id)
+    reports = [
+        (kind, detail["detail"], detail["role"])
+        for kind, detail in found
+        if kind.startswith("client.")
+    ]
+    assert reports == [
+        (
+            "client.call-failed",
+            {"ice": "failed", "candidatePair": "relay/udp", "bytesReceived": 0, "rttMs": None},
+            "patient",
+        ),
+        ("client.media-error", {"camera": "NotAllowedError"}, "patient"),
+    ]
+    # The therapist got none of it.
+    await therapist.send_json({"v": 1, "type": "ping"})
+    assert (await therapist.receive_json(timeout=5))["type"] == "pong"
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ({"event": "gossip"}, "field 'event'"),
+        ({"event": "stats", "detail": {"x": "y" * 201}}, "detail"),
+        ({"event": "stats", "detail": {f"k{n}": n for n in range(21)}}, "detail"),
+        ({"event": "stats", "detail": {"nested": {"a": 1}}}, "detail"),
+        ({"event": "stats", "extra": 1}, "'extra' is not part of a report message"),
+    ],
+)
+async def test_bad_reports_get_an_error_naming_the_problem(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, report: dict[str, object], expected: str
+) -> None:
+    setup = await new_consult(sqlite_harness)
+    therapist = await sqlite_sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    await therapist.send_json({"v": 1, "type": "report", **report})
+    error = await receive(therapist, "error")
+    assert error["code"] == "invalid_message"
+    assert error["ref"] == "report"
+    assert expected in error["message"]
+    assert not any(kind.startswith("client.") for kind, _ in await entries(sqlite_harness))
+
+
+async def test_the_writer_task_writes_without_being_asked(harness: Harness) -> None:
+    import asyncio
+
+    subject = str(uuid.uuid4())
+    harness.app[TECHNICAL_LOG].log.info("ice-state", subject=subject, state="new")
+    for _ in range(50):
+        async with harness.app[DB_ENGINE].connect() as conn:
+            found = await read_technical(conn, now=harness.clock.now(), subject=subject)
+        if found:
+            break
+        await asyncio.sleep(0.1)
+    assert [entry.kind for entry in found] == ["ice-state"]
+    assert found[0].at == harness.clock.now()
+    assert harness.clock.now() - found[0].at < timedelta(seconds=1)
