@@ -61,6 +61,9 @@ class AccessRecord:
     object_id: str | None
     outcome: Outcome
     client_type: ClientType
+    # Set on records read back from the log.
+    seq: int | None = None
+    hash: str | None = None
 
 
 # The predecessor of the first record.
@@ -264,15 +267,17 @@ async def _explain_link(
 
 
 async def read_access_log(
-    conn: AsyncConnection, organisation_id: uuid.UUID, *, limit: int = 100
+    conn: AsyncConnection,
+    organisation_id: uuid.UUID,
+    *,
+    limit: int = 100,
+    before_seq: int | None = None,
 ) -> list[AccessRecord]:
-    """Return an organisation's newest records first."""
-    rows = await conn.execute(
-        sa.select(access_log)
-        .where(access_log.c.organisation_id == organisation_id)
-        .order_by(access_log.c.id.desc())
-        .limit(limit)
-    )
+    """Return an organisation's records, newest first (older than ``before_seq``, if given)."""
+    query = sa.select(access_log).where(access_log.c.organisation_id == organisation_id)
+    if before_seq is not None:
+        query = query.where(access_log.c.seq < before_seq)
+    rows = await conn.execute(query.order_by(access_log.c.seq.desc()).limit(limit))
     return [
         AccessRecord(
             at=row.at,
@@ -284,6 +289,8 @@ async def read_access_log(
             object_id=row.object_id,
             outcome=Outcome(row.outcome),
             client_type=ClientType(row.client_type),
+            seq=row.seq,
+            hash=row.hash,
         )
         for row in rows
     ]

@@ -7,11 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.access_log import ClientType, Outcome
+from audit.access_log import AccessRecord, ClientType, Outcome, read_access_log, verify_chain
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
 from server.api.body import RequestBody, read_json
-from server.api.errors import NotFoundError
+from server.api.errors import NotFoundError, Unprocessable
 from server.api.representations import account_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.admin import (
@@ -209,3 +209,82 @@ async def account_reset_totp(request: web.Request) -> web.Response:
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
         )
     return web.json_response(_invitation_json(request, invitation))
+
+
+ACCESS_LOG_PAGE = 100
+
+
+def _access_record_json(entry: AccessRecord) -> dict[str, Any]:
+    return {
+        "seq": entry.seq,
+        "at": iso(entry.at),
+        "actor_id": str(entry.actor_id) if entry.actor_id else None,
+        "actor_role": entry.actor_role,
+        "action": entry.action,
+        "object_type": entry.object_type,
+        "object_id": entry.object_id,
+        "outcome": entry.outcome.value,
+        "client_type": entry.client_type.value,
+        "hash": entry.hash,
+    }
+
+
+@routes.get("/api/admin/access-log")
+async def access_log_read(request: web.Request) -> web.Response:
+    """The organisation's access-log records, newest first, a page at a time."""
+    principal = await require_role(request, Role.ADMIN, action="access_log.read")
+    before = request.query.get("before")
+    before_seq: int | None = None
+    if before is not None:
+        if not before.isdigit() or len(before) > 18:
+            raise Unprocessable("parameter 'before' must be a record's seq (a positive number)")
+        before_seq = int(before)
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await read_access_log(
+            conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq
+        )
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action="access_log.read",
+            object_id=organisation_id,
+            object_type="organisation",
+            now=request.app[CLOCK].now(),
+        )
+    more = len(found) == ACCESS_LOG_PAGE
+    return web.json_response(
+        {
+            "records": [_access_record_json(entry) for entry in found],
+            "next_before": found[-1].seq if more else None,
+        }
+    )
+
+
+@routes.get("/api/admin/access-log/verify")
+async def access_log_verify(request: web.Request) -> web.Response:
+    """Walk the whole access log's hash chain (as `videoconsult audit verify` does)."""
+    principal = await require_role(request, Role.ADMIN, action="access_log.verify")
+    async with request.app[DB_ENGINE].connect() as conn:
+        report = await verify_chain(conn)
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action="access_log.verify",
+            object_id=None,
+            object_type="access_log",
+            now=request.app[CLOCK].now(),
+        )
+    broken = report.broken
+    return web.json_response(
+        {
+            "intact": broken is None,
+            "records": report.records,
+            "broken": None
+            if broken is None
+            else {"seq": broken.seq, "kind": broken.kind.value, "detail": broken.detail},
+        }
+    )

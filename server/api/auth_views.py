@@ -9,11 +9,13 @@ from aiohttp import web
 from pydantic import Field, StringConstraints
 
 from audit import accounts as stored_accounts
+from audit.access_log import ClientType
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
 from server.api.errors import TooManyRequests, Unauthorized
 from server.api.representations import account_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.auth.admin import Actor, record
 from server.auth.enrolment import Enroller
 from server.auth.errors import LoginLocked, LoginRefused
 from server.auth.login import Authenticator, LoginAttempt
@@ -26,6 +28,33 @@ from server.auth.sessions import (
 )
 from server.services import authenticator, enroller
 from server.web_security import client_address
+
+# The actor role of whoever holds an enrolment link (not logged in yet).
+LINK_HOLDER = "link_holder"
+
+
+async def _log_read(
+    request: web.Request,
+    account: stored_accounts.Account,
+    action: str,
+    *,
+    actor_role: str | None = None,
+) -> None:
+    """One access-log record for a read of ``account``'s own data."""
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            Actor(
+                None if actor_role == LINK_HOLDER else account.id,
+                actor_role or account.role.value,
+                ClientType.API,
+            ),
+            organisation_id=account.organisation_id,
+            action=action,
+            object_id=account.id,
+            now=request.app[CLOCK].now(),
+        )
+
 
 routes = web.RouteTableDef()
 
@@ -77,6 +106,7 @@ async def login(request: web.Request) -> web.Response:
         if previous is not None:
             await end_session(conn, previous.session.id_hash)
         session_id, session = await create_session(conn, account.id, now=now)
+    await _log_read(request, account, "session.login")
     response = web.json_response(_session_json(request, account, session))
     set_session_cookie(request, response, session_id)
     return response
@@ -100,7 +130,16 @@ async def current_session(request: web.Request) -> web.Response:
     principal = await authenticate(request)
     if principal is None:
         raise Unauthorized("not logged in (or the session timed out)")
+    await _log_read(request, principal.account, "session.read")
     return web.json_response(_session_json(request, principal.account, principal.session))
+
+
+@routes.post("/api/session/touch")
+async def touch(request: web.Request) -> web.Response:
+    """Keep the session alive (the page saw the professional at work); answers nothing else."""
+    if await authenticate(request) is None:
+        raise Unauthorized("not logged in (or the session timed out)")
+    return web.Response(status=204)
 
 
 def _session_json(
@@ -128,6 +167,7 @@ def _token(request: web.Request) -> str:
 async def enrolment_status(request: web.Request) -> web.Response:
     """What the link is for: the address and role being enrolled, and until when."""
     link = await enroller(request.app).open(_token(request))
+    await _log_read(request, link.account, "enrolment.read", actor_role=LINK_HOLDER)
     return web.json_response(
         {
             "email": link.account.email,
@@ -142,7 +182,10 @@ async def enrolment_status(request: web.Request) -> web.Response:
 async def enrolment_password(request: web.Request) -> web.Response:
     """Set the password; answer with the new TOTP secret and its QR code (shown once)."""
     body = await read_json(request, PasswordBody)
-    setup = await enroller(request.app).choose_password(_token(request), body.password)
+    service: Enroller = enroller(request.app)
+    setup = await service.choose_password(_token(request), body.password)
+    link = await service.open(_token(request))
+    await _log_read(request, link.account, "enrolment.password", actor_role=LINK_HOLDER)
     return web.json_response(
         {
             "totp_secret": setup.secret,
@@ -158,4 +201,5 @@ async def enrolment_confirm(request: web.Request) -> web.Response:
     body = await read_json(request, CodeBody)
     service: Enroller = enroller(request.app)
     account = await service.confirm(_token(request), body.code)
+    await _log_read(request, account, "enrolment.confirm", actor_role=LINK_HOLDER)
     return web.json_response({"account": account_json(account)})

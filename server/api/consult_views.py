@@ -104,6 +104,21 @@ def _parse_time(text: str | None) -> datetime | None:
     return moment
 
 
+async def _log(
+    request: web.Request, principal: Principal, action: str, consult_id: uuid.UUID
+) -> None:
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action=action,
+            object_type="consult",
+            object_id=consult_id,
+            now=request.app[CLOCK].now(),
+        )
+
+
 async def _own_consult(request: web.Request, principal: Principal) -> Consult:
     try:
         consult_id = uuid.UUID(request.match_info["consult_id"])
@@ -143,6 +158,7 @@ async def consults_create(request: web.Request) -> web.Response:
             guardian_consent=body.guardian_consent,
         )
     await app[ROOMS].prepare(consult.id, display_name=body.display_name, until=expires_at)
+    await _log(request, principal, "consult.create", consult.id)
     return web.json_response(
         {
             "consult": consult_json(consult, display_name=body.display_name),
@@ -204,6 +220,7 @@ async def consult_end(request: web.Request) -> web.Response:
     await request.app[ROOMS].end(consult.id, reason="ended_by_therapist")
     async with request.app[DB_ENGINE].connect() as conn:
         ended = await get_consult(conn, consult.id)
+    await _log(request, principal, "consult.end", consult.id)
     return web.json_response({"consult": consult_json(ended)})
 
 
@@ -227,6 +244,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
         token, invite = await issue_invite(
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
+    await _log(request, principal, "consult.invite", consult.id)
     return web.json_response(_invite_json(request, token, invite))
 
 
@@ -237,6 +255,7 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal)
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
+    await _log(request, principal, "consult.invite.revoke", consult.id)
     return web.Response(status=204)
 
 

@@ -83,7 +83,7 @@ function activity() {
   $("idle-warning").hidden = true;
   if (Date.now() - lastTouch > TOUCH_EVERY_MS) {
     // Keep the server's idle timer in step with a therapist who is at work.
-    api("GET", "/api/session").catch(() => {});
+    api("POST", "/api/session/touch").catch(() => {});
   }
 }
 

@@ -1,0 +1,220 @@
+"""Every route that returns personal data writes the access log.
+
+The test walks the application's route table: each route must be listed
+below, either with a request that returns personal data (and then an
+access-log record with the named action must appear) or with the reason it
+returns none. A new route fails this test until it is classified.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audit.roles import Role
+from audit.schema import access_log
+from server.app_keys import DB_ENGINE
+from tests.harness import PASSWORD, Harness, new_consult
+
+Scenario = Callable[[Harness], Awaitable[Any]]
+
+# Routes that return no personal data, and why.
+NOT_PERSONAL = {
+    ("GET", "/"): "a static page",
+    ("GET", "/login"): "a static page",
+    ("GET", "/app"): "a static page; its script asks the API",
+    ("GET", "/join/{token}"): "a static page; its script asks the API",
+    ("GET", "/enrol/{token}"): "a static page; its script asks the API",
+    ("GET", "/healthz"): "liveness only",
+    ("GET", "/readyz"): "readiness only, a fixed vocabulary of reasons",
+    ("POST", "/api/logout"): "answers nothing",
+    ("POST", "/api/session/touch"): "answers nothing (204)",
+    ("GET", "/api/invites/{token}"): "whether the link works; nothing about anyone",
+    ("POST", "/api/invites/{token}/ticket"): "a ticket; nothing about anyone",
+    ("GET", "/ws"): "the signaling socket of the consult's own participants; "
+    "each connection is noted in the 24-hour technical log",
+}
+
+
+async def _therapist(harness: Harness) -> Any:
+    return await new_consult(harness)
+
+
+async def _admin(harness: Harness) -> Any:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    target = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    return target
+
+
+async def login(h: Harness) -> Any:
+    anna = await h.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    return await h.login(anna)
+
+
+async def session(h: Harness) -> Any:
+    await _therapist(h)
+    return await h.client.get("/api/session")
+
+
+async def enrolment_read(h: Harness) -> Any:
+    token = await h.invite("new@praktijk-noord.example", Role.THERAPIST)
+    return await h.client.get(f"/api/enrolment/{token}")
+
+
+async def enrolment_password(h: Harness) -> Any:
+    token = await h.invite("new@praktijk-noord.example", Role.THERAPIST)
+    return await h.post(f"/api/enrolment/{token}/password", {"password": PASSWORD})
+
+
+async def enrolment_confirm(h: Harness) -> Any:
+    token = await h.invite("new@praktijk-noord.example", Role.THERAPIST)
+    chosen = await (await h.post(f"/api/enrolment/{token}/password", {"password": PASSWORD})).json()
+    return await h.post(f"/api/enrolment/{token}/confirm", {"code": h.code(chosen["totp_secret"])})
+
+
+async def accounts_list(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/accounts")
+
+
+async def accounts_create(h: Harness) -> Any:
+    await _admin(h)
+    return await h.post(
+        "/api/admin/accounts", {"email": "c@praktijk-noord.example", "role": "support"}
+    )
+
+
+async def account_read(h: Harness) -> Any:
+    target = await _admin(h)
+    return await h.client.get(f"/api/admin/accounts/{target.account_id}")
+
+
+async def account_patch(h: Harness) -> Any:
+    target = await _admin(h)
+    return await h.patch(f"/api/admin/accounts/{target.account_id}", {"role": "support"})
+
+
+async def account_disable(h: Harness) -> Any:
+    target = await _admin(h)
+    return await h.post(f"/api/admin/accounts/{target.account_id}/disable")
+
+
+async def account_enable(h: Harness) -> Any:
+    target = await _admin(h)
+    await h.post(f"/api/admin/accounts/{target.account_id}/disable")
+    return await h.post(f"/api/admin/accounts/{target.account_id}/enable")
+
+
+async def account_reset_totp(h: Harness) -> Any:
+    target = await _admin(h)
+    return await h.post(f"/api/admin/accounts/{target.account_id}/reset-totp")
+
+
+async def access_log_read(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/access-log")
+
+
+async def access_log_verify(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/access-log/verify")
+
+
+async def consult_create(h: Harness) -> Any:
+    await _therapist(h)
+    return await h.post("/api/consults", {"display_name": "Mevr. J."})
+
+
+async def consult_list(h: Harness) -> Any:
+    await _therapist(h)
+    return await h.client.get("/api/consults")
+
+
+async def consult_read(h: Harness) -> Any:
+    setup = await _therapist(h)
+    return await h.client.get(f"/api/consults/{setup.consult_id}")
+
+
+async def consult_end(h: Harness) -> Any:
+    setup = await _therapist(h)
+    return await h.post(f"/api/consults/{setup.consult_id}/end")
+
+
+async def consult_reissue(h: Harness) -> Any:
+    setup = await _therapist(h)
+    return await h.post(f"/api/consults/{setup.consult_id}/invite")
+
+
+async def consult_revoke(h: Harness) -> Any:
+    setup = await _therapist(h)
+    return await h.client.delete(f"/api/consults/{setup.consult_id}/invite", headers=h.headers)
+
+
+# Routes that return (or change) personal data: the request, and the action logged.
+PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
+    ("POST", "/api/login"): (login, "session.login"),
+    ("GET", "/api/session"): (session, "session.read"),
+    ("GET", "/api/enrolment/{token}"): (enrolment_read, "enrolment.read"),
+    ("POST", "/api/enrolment/{token}/password"): (enrolment_password, "enrolment.password"),
+    ("POST", "/api/enrolment/{token}/confirm"): (enrolment_confirm, "enrolment.confirm"),
+    ("GET", "/api/admin/accounts"): (accounts_list, "account.list"),
+    ("POST", "/api/admin/accounts"): (accounts_create, "account.create"),
+    ("GET", "/api/admin/accounts/{account_id}"): (account_read, "account.read"),
+    ("PATCH", "/api/admin/accounts/{account_id}"): (account_patch, "account.set-role"),
+    ("POST", "/api/admin/accounts/{account_id}/disable"): (account_disable, "account.disable"),
+    ("POST", "/api/admin/accounts/{account_id}/enable"): (account_enable, "account.enable"),
+    ("POST", "/api/admin/accounts/{account_id}/reset-totp"): (
+        account_reset_totp,
+        "account.reset-totp",
+    ),
+    ("GET", "/api/admin/access-log"): (access_log_read, "access_log.read"),
+    ("GET", "/api/admin/access-log/verify"): (access_log_verify, "access_log.verify"),
+    ("POST", "/api/consults"): (consult_create, "consult.create"),
+    ("GET", "/api/consults"): (consult_list, "consult.list"),
+    ("GET", "/api/consults/{consult_id}"): (consult_read, "consult.read"),
+    ("POST", "/api/consults/{consult_id}/end"): (consult_end, "consult.end"),
+    ("POST", "/api/consults/{consult_id}/invite"): (consult_reissue, "consult.invite"),
+    ("DELETE", "/api/consults/{consult_id}/invite"): (consult_revoke, "consult.invite.revoke"),
+}
+
+
+def routes_of(harness: Harness) -> set[tuple[str, str]]:
+    found = set()
+    for route in harness.app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter") or info.get("prefix")
+        if route.method == "HEAD" or path is None or str(path).startswith("/static"):
+            continue
+        # Route patterns with a regular expression: {token:[A-Za-z]+} -> {token}
+        found.add((route.method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", str(path))))
+    return found
+
+
+async def test_every_route_is_classified(sqlite_harness: Harness) -> None:
+    routes = routes_of(sqlite_harness)
+    classified = set(NOT_PERSONAL) | set(PERSONAL)
+    assert routes - classified == set(), "classify these routes in this test"
+    assert classified - routes == set(), "these routes no longer exist"
+
+
+async def actions(harness: Harness) -> list[str]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return list((await conn.execute(sa.select(access_log.c.action))).scalars())
+
+
+@pytest.mark.parametrize("route", sorted(PERSONAL), ids=lambda r: f"{r[0]} {r[1]}")
+async def test_each_personal_data_route_writes_the_access_log(
+    sqlite_harness: Harness, route: tuple[str, str]
+) -> None:
+    scenario, action = PERSONAL[route]
+    response = await scenario(sqlite_harness)
+    assert 200 <= response.status < 300, await response.text()
+    logged = await actions(sqlite_harness)
+    # The action of the request itself: the last record of its kind.
+    assert action in logged, (action, logged)
+    assert logged[-1] == action, logged[-3:]
