@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.schema import access_log
+from audit.schema import access_log, access_log_checkpoints
 
 
 class Outcome(enum.Enum):
@@ -66,10 +66,10 @@ class AccessRecord:
     hash: str | None = None
 
 
-# The predecessor of the first record.
+# The predecessor of the first record of a chain.
 GENESIS_HASH = "0" * 64
-# pg_advisory_xact_lock key of the access log's appends ("vc-audit" in ASCII).
-APPEND_LOCK_KEY = 0x76632D6175646974
+# The chain of records that belong to no organisation (the operator's).
+INSTALLATION_CHAIN = "installation"
 
 
 def record_hash(fields: dict[str, object], prev_hash: str) -> str:
@@ -129,22 +129,38 @@ def _row_fields(row: sa.Row[tuple[object, ...]]) -> dict[str, object]:
     )
 
 
+def chain_of(organisation_id: uuid.UUID | None) -> str:
+    """The chain a record belongs to: its organisation's, or the installation's."""
+    return str(organisation_id) if organisation_id is not None else INSTALLATION_CHAIN
+
+
+def _lock_key(chain: str) -> int:
+    """A signed 64-bit advisory-lock key per chain."""
+    digest = hashlib.sha256(f"videoconsult-access-log:{chain}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
-    """Append one record to the chain. There is no update or delete counterpart, on purpose.
+    """Append one record to its chain. There is no update or delete counterpart, on purpose.
 
     Must run inside the caller's transaction (``engine.begin()``): the lock
-    and the link to the last record hold until it commits.
+    and the link to the chain's last record hold until it commits.
     """
+    chain = chain_of(record.organisation_id)
     if conn.dialect.name == "postgresql":
-        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(APPEND_LOCK_KEY)))
+        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(chain))))
     last = (
         await conn.execute(
             sa.select(access_log.c.seq, access_log.c.hash)
+            .where(access_log.c.chain == chain)
             .order_by(access_log.c.seq.desc())
             .limit(1)
         )
     ).first()
-    seq, prev_hash = (last.seq + 1, last.hash) if last is not None else (1, GENESIS_HASH)
+    if last is not None:
+        seq, prev_hash = last.seq + 1, last.hash
+    else:
+        seq, prev_hash = await _chain_start(conn, chain)
     fields = canonical_fields(
         at=record.at,
         organisation_id=record.organisation_id,
@@ -167,11 +183,28 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
             object_id=record.object_id,
             outcome=record.outcome.value,
             client_type=record.client_type.value,
+            chain=chain,
             seq=seq,
             prev_hash=prev_hash,
             hash=record_hash(fields, prev_hash),
         )
     )
+
+
+async def _chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
+    """Where a chain (re)starts: after its newest checkpoint (records purged by
+    retention), or at the beginning."""
+    checkpoint = (
+        await conn.execute(
+            sa.select(access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash)
+            .where(access_log_checkpoints.c.chain == chain)
+            .order_by(access_log_checkpoints.c.through_seq.desc())
+            .limit(1)
+        )
+    ).first()
+    if checkpoint is None:
+        return 1, GENESIS_HASH
+    return checkpoint.through_seq + 1, checkpoint.through_hash
 
 
 class Break(enum.Enum):
@@ -187,6 +220,7 @@ class Break(enum.Enum):
 
 @dataclass(frozen=True)
 class ChainBreak:
+    chain: str
     seq: int
     kind: Break
     detail: str
@@ -194,8 +228,9 @@ class ChainBreak:
 
 @dataclass(frozen=True)
 class ChainReport:
+    # Records verified (in every chain walked, up to the first break).
     records: int
-    last_hash: str
+    chains: int
     broken: ChainBreak | None
 
     @property
@@ -204,15 +239,14 @@ class ChainReport:
 
 
 async def _rows_in_order(
-    conn: AsyncConnection, batch: int
+    conn: AsyncConnection, chain: str, after: int, batch: int
 ) -> AsyncIterator[sa.Row[tuple[object, ...]]]:
-    """All records in ``seq`` order, fetched in batches (a million fit in little memory)."""
-    after = 0
+    """A chain's records in ``seq`` order, fetched in batches (a million fit in little memory)."""
     while True:
         rows = (
             await conn.execute(
                 sa.select(access_log)
-                .where(access_log.c.seq > after)
+                .where(access_log.c.chain == chain, access_log.c.seq > after)
                 .order_by(access_log.c.seq)
                 .limit(batch)
             )
@@ -224,45 +258,78 @@ async def _rows_in_order(
         after = rows[-1].seq
 
 
-async def verify_chain(conn: AsyncConnection, *, batch: int = 10_000) -> ChainReport:
-    """Walk the chain from the first record; report the first broken link, if any."""
-    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
-    async for row in _rows_in_order(conn, batch):
+async def chains(conn: AsyncConnection) -> list[str]:
+    found = await conn.execute(
+        sa.select(access_log.c.chain)
+        .distinct()
+        .union(sa.select(access_log_checkpoints.c.chain).distinct())
+    )
+    return sorted(found.scalars())
+
+
+async def verify_chain(
+    conn: AsyncConnection, *, chain: str | None = None, batch: int = 10_000
+) -> ChainReport:
+    """Walk one chain (or every chain) from its start; report the first broken link."""
+    walked, total = 0, 0
+    for name in [chain] if chain is not None else await chains(conn):
+        count, broken = await _verify_one(conn, name, batch)
+        walked, total = walked + 1, total + count
+        if broken is not None:
+            return ChainReport(total, walked, broken)
+    return ChainReport(total, walked, None)
+
+
+async def _verify_one(
+    conn: AsyncConnection, chain: str, batch: int
+) -> tuple[int, ChainBreak | None]:
+    expected_seq, prev_hash = await _chain_start(conn, chain)
+    count = 0
+    async for row in _rows_in_order(conn, chain, expected_seq - 1, batch):
         m = row._mapping
         seq = int(m["seq"])
         if record_hash(_row_fields(row), m["prev_hash"]) != m["hash"]:
             detail = "its contents do not match its hash (changed after it was written)"
-            return ChainReport(count, prev_hash, ChainBreak(seq, Break.MODIFIED, detail))
+            return count, ChainBreak(chain, seq, Break.MODIFIED, detail)
         if m["prev_hash"] != prev_hash:
-            broken = await _explain_link(conn, seq, expected_seq, m["prev_hash"])
-            return ChainReport(count, prev_hash, broken)
+            return count, await _explain_link(conn, chain, seq, expected_seq, m["prev_hash"])
         if seq != expected_seq:
             detail = f"records {expected_seq} to {seq - 1} are missing"
-            return ChainReport(count, prev_hash, ChainBreak(seq, Break.DELETED, detail))
+            return count, ChainBreak(chain, seq, Break.DELETED, detail)
         prev_hash, expected_seq, count = m["hash"], seq + 1, count + 1
-    return ChainReport(count, prev_hash, None)
+    return count, None
 
 
 async def _explain_link(
-    conn: AsyncConnection, seq: int, expected_seq: int, points_to: str
+    conn: AsyncConnection, chain: str, seq: int, expected_seq: int, points_to: str
 ) -> ChainBreak:
     """A record whose predecessor is not the record before it: say what happened."""
-    target = await conn.scalar(sa.select(access_log.c.seq).where(access_log.c.hash == points_to))
+    target = await conn.scalar(
+        sa.select(access_log.c.seq).where(
+            access_log.c.chain == chain, access_log.c.hash == points_to
+        )
+    )
     if target is not None and target > seq:
         return ChainBreak(
-            seq, Break.REORDERED, f"it was written after record {target}, which now follows it"
+            chain,
+            seq,
+            Break.REORDERED,
+            f"it was written after record {target}, which now follows it",
         )
     if target is not None:
         return ChainBreak(
+            chain,
             seq,
             Break.INSERTED,
             f"it was written right after record {target}; the records between do not belong",
         )
     if seq != expected_seq or points_to == GENESIS_HASH:
         missing = f"records {expected_seq} to {seq - 1}" if seq != expected_seq else "records"
-        return ChainBreak(seq, Break.DELETED, f"the record it follows is gone ({missing} missing)")
+        return ChainBreak(
+            chain, seq, Break.DELETED, f"the record it follows is gone ({missing} missing)"
+        )
     return ChainBreak(
-        seq, Break.INSERTED, "it follows a record that was never in the log (inserted)"
+        chain, seq, Break.INSERTED, "it follows a record that was never in the log (inserted)"
     )
 
 
@@ -274,7 +341,7 @@ async def read_access_log(
     before_seq: int | None = None,
 ) -> list[AccessRecord]:
     """Return an organisation's records, newest first (older than ``before_seq``, if given)."""
-    query = sa.select(access_log).where(access_log.c.organisation_id == organisation_id)
+    query = sa.select(access_log).where(access_log.c.chain == chain_of(organisation_id))
     if before_seq is not None:
         query = query.where(access_log.c.seq < before_seq)
     rows = await conn.execute(query.order_by(access_log.c.seq.desc()).limit(limit))

@@ -209,7 +209,7 @@ async def list_accounts(conn: AsyncConnection, organisation_id: uuid.UUID) -> li
     return [_account(row) for row in rows]
 
 
-async def _ensure_another_active_admin(conn: AsyncConnection, account: Account) -> None:
+async def ensure_another_active_admin(conn: AsyncConnection, account: Account) -> None:
     if account.role is not Role.ADMIN or account.status is not AccountStatus.ACTIVE:
         return
     # Lock the organisation's admin rows first (PostgreSQL; SQLite's
@@ -241,7 +241,7 @@ async def _ensure_another_active_admin(conn: AsyncConnection, account: Account) 
 async def set_role(conn: AsyncConnection, account: Account, role: Role) -> Account:
     """Change the role; never leaves an organisation without an active admin."""
     if role is not account.role:
-        await _ensure_another_active_admin(conn, account)
+        await ensure_another_active_admin(conn, account)
         await conn.execute(
             accounts.update().where(accounts.c.id == account.id).values(role=role.value)
         )
@@ -251,7 +251,7 @@ async def set_role(conn: AsyncConnection, account: Account, role: Role) -> Accou
 async def disable_account(conn: AsyncConnection, account: Account, *, now: datetime) -> Account:
     """Disable the account and end all its sessions at once."""
     if account.status is not AccountStatus.DISABLED:
-        await _ensure_another_active_admin(conn, account)
+        await ensure_another_active_admin(conn, account)
         await conn.execute(
             accounts.update().where(accounts.c.id == account.id).values(disabled_at=now)
         )
@@ -269,7 +269,7 @@ async def enable_account(conn: AsyncConnection, account: Account) -> Account:
 async def reset_totp(conn: AsyncConnection, account: Account) -> Account:
     """Forget the TOTP secret: the account must enrol again; its sessions end."""
     if account.status is AccountStatus.ACTIVE:
-        await _ensure_another_active_admin(conn, account)
+        await ensure_another_active_admin(conn, account)
     await conn.execute(
         accounts.update()
         .where(accounts.c.id == account.id)

@@ -155,11 +155,27 @@ access_log = sa.Table(
     sa.Column("object_id", sa.String(64), nullable=True),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("client_type", sa.String(16), nullable=False),
-    # The hash chain (audit/access_log.py): position, the predecessor's hash,
+    # The hash chains (audit/access_log.py): one per organisation (its id) and
+    # one for the installation; position in the chain, the predecessor's hash,
     # and this record's own hash.
-    sa.Column("seq", sa.BigInteger(), nullable=False, unique=True),
+    sa.Column("chain", sa.String(40), nullable=False),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False, index=True),
+    sa.UniqueConstraint("chain", "seq"),
+)
+
+# Where a chain continues after retention purged its oldest records: the
+# last purged record's position and hash.
+access_log_checkpoints = sa.Table(
+    "access_log_checkpoints",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("chain", sa.String(40), nullable=False, index=True),
+    sa.Column("through_seq", sa.BigInteger(), nullable=False),
+    sa.Column("through_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("records_purged", sa.BigInteger(), nullable=False),
 )
 
 # Connection diagnostics and failed logins, for technical support. Entries

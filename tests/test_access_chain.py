@@ -27,12 +27,15 @@ from audit.access_log import (
     verify_chain,
 )
 from audit.db import database_url as configured_url
-from audit.schema import access_log
+from audit.roles import Role
+from audit.schema import access_log, access_log_checkpoints
 from tests.conftest import SettingsFactory
 from tests.harness import Harness, new_consult
 from tests.test_cli import cli_env, run_cli
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+# The chain of the organisation every test record belongs to.
+CHAIN = str(uuid.UUID(int=1))
 
 
 @pytest.fixture
@@ -85,14 +88,14 @@ async def row(engine: AsyncEngine, seq: int) -> sa.Row[tuple[object, ...]]:
 async def test_an_untouched_chain_verifies(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         empty = await verify_chain(conn)
-    assert (empty.intact, empty.records, empty.last_hash) == (True, 0, GENESIS_HASH)
+    assert (empty.intact, empty.records, empty.chains) == (True, 0, 0)
     await append_many(engine, 10)
     report = await verify(engine)
     assert report.intact
     assert report.records == 10
-    first, last = await row(engine, 1), await row(engine, 10)
+    first = await row(engine, 1)
     assert first.prev_hash == GENESIS_HASH
-    assert report.last_hash == last.hash
+    assert (report.chains, first.chain) == (1, str(uuid.UUID(int=1)))
     # The hash is over the canonical encoding of exactly these fields.
     fields = canonical_fields(
         at=first.at,
@@ -176,6 +179,7 @@ async def test_an_inserted_record_is_named(engine: AsyncEngine) -> None:
                 object_id=forged.object_id,
                 outcome=forged.outcome.value,
                 client_type=forged.client_type.value,
+                chain=CHAIN,
                 seq=4,
                 prev_hash=three.hash,
                 hash=record_hash(fields, str(three.hash)),
@@ -192,8 +196,10 @@ async def test_a_record_appended_by_hand_is_found(engine: AsyncEngine) -> None:
     await sql(
         engine,
         "INSERT INTO access_log (at, actor_role, action, object_type, outcome, client_type,"
-        " seq, prev_hash, hash) VALUES (:at, 'admin', 'x', 'y', 'allowed', 'api', 4, :prev, :h)",
+        " chain, seq, prev_hash, hash)"
+        " VALUES (:at, 'admin', 'x', 'y', 'allowed', 'api', :chain, 4, :prev, :h)",
         at=T0,
+        chain=CHAIN,
         prev="f" * 64,
         h="e" * 64,
     )
@@ -285,14 +291,111 @@ def test_the_command_line_verifies_and_names_the_break(data_dir: Path) -> None:
     assert run_cli("org", "add", "Praktijk Zuid", env=env).returncode == 0
     intact = run_cli("audit", "verify", env=env)
     assert intact.returncode == 0, intact.stderr
-    assert "access log intact: 2 records" in intact.stdout
+    assert "access log intact: 2 records in 2 chains" in intact.stdout
 
     import sqlite3
 
     [database] = list(data_dir.glob("*.db")) or list(data_dir.glob("*.sqlite*"))
     with sqlite3.connect(database) as db:
-        db.execute("UPDATE access_log SET actor_role = 'admin' WHERE seq = 2")
+        [chain] = db.execute(
+            "SELECT chain FROM access_log WHERE action = 'organisation.create' LIMIT 1 OFFSET 1"
+        ).fetchone()
+        db.execute("UPDATE access_log SET actor_role = 'admin' WHERE chain = ?", (chain,))
     broken = run_cli("audit", "verify", env=env)
     assert broken.returncode == 1
-    assert "access log BROKEN at record 2 (modified)" in broken.stdout
+    assert f"access log BROKEN in chain {chain} at record 1 (modified)" in broken.stdout
     assert "Traceback" not in broken.stderr
+
+
+async def test_each_organisation_has_its_own_chain(engine: AsyncEngine) -> None:
+    other = uuid.UUID(int=7)
+    for n in range(6):
+        record = a_record(n)
+        if n % 2:
+            record = AccessRecord(**{**record.__dict__, "organisation_id": other})
+        async with engine.begin() as conn:
+            await append_access(conn, record)
+    async with engine.connect() as conn:
+        report = await verify_chain(conn)
+        seqs = (
+            await conn.execute(
+                sa.select(access_log.c.chain, access_log.c.seq).order_by(access_log.c.id)
+            )
+        ).all()
+    assert (report.intact, report.records, report.chains) == (True, 6, 2)
+    assert [tuple(row) for row in seqs] == [
+        (CHAIN, 1),
+        (str(other), 1),
+        (CHAIN, 2),
+        (str(other), 2),
+        (CHAIN, 3),
+        (str(other), 3),
+    ]
+    # Tampering with one organisation's chain shows in that chain only.
+    await sql(engine, "DELETE FROM access_log WHERE chain = :c AND seq = 2", c=str(other))
+    async with engine.connect() as conn:
+        mine = await verify_chain(conn, chain=CHAIN)
+        theirs = await verify_chain(conn, chain=str(other))
+    assert mine.intact
+    assert theirs.broken is not None
+    assert (theirs.broken.chain, theirs.broken.seq, theirs.broken.kind) == (
+        str(other),
+        3,
+        Break.DELETED,
+    )
+
+
+async def test_a_chain_continues_from_a_checkpoint_after_its_oldest_records_go(
+    engine: AsyncEngine,
+) -> None:
+    # What the retention purge will do: delete a chain's oldest records and
+    # leave a checkpoint with the last purged record's position and hash.
+    await append_many(engine, 6)
+    three = await row(engine, 3)
+    async with engine.begin() as conn:
+        await conn.execute(
+            access_log_checkpoints.insert().values(
+                chain=CHAIN,
+                through_seq=3,
+                through_hash=three.hash,
+                created_at=T0,
+                records_purged=3,
+            )
+        )
+        await conn.execute(
+            access_log.delete().where(access_log.c.chain == CHAIN, access_log.c.seq <= 3)
+        )
+    report = await verify(engine)
+    assert (report.intact, report.records) == (True, 3)
+    # Appends go on after it, and deleting past the checkpoint is still found.
+    await append_many(engine, 1)
+    await sql(engine, "DELETE FROM access_log WHERE seq = 4")
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind) == (5, Break.DELETED)
+
+
+async def test_admins_read_and_verify_their_organisations_log(harness: Harness) -> None:
+    from server.app_keys import DB_ENGINE
+
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    for _ in range(3):
+        await harness.client.get("/api/admin/accounts")
+    page = await (await harness.client.get("/api/admin/access-log")).json()
+    actions = [record["action"] for record in page["records"]]
+    assert actions[:4] == ["account.list", "account.list", "account.list", "session.login"]
+    assert page["next_before"] is None
+    assert all(len(record["hash"]) == 64 for record in page["records"])
+    bad = await harness.client.get("/api/admin/access-log?before=soon")
+    assert bad.status == 422
+    verified = await (await harness.client.get("/api/admin/access-log/verify")).json()
+    assert verified["intact"] is True
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE access_log SET action = 'account.read' WHERE action = 'account.list'")
+        )
+    verified = await (await harness.client.get("/api/admin/access-log/verify")).json()
+    assert verified["intact"] is False
+    assert verified["broken"]["kind"] == "modified"
+    assert verified["broken"]["chain"] == str(admin.organisation.id)

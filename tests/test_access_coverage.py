@@ -155,6 +155,16 @@ async def consult_revoke(h: Harness) -> Any:
     return await h.client.delete(f"/api/consults/{setup.consult_id}/invite", headers=h.headers)
 
 
+async def account_export(h: Harness) -> Any:
+    await _therapist(h)
+    return await h.client.get("/api/account/export")
+
+
+async def account_erase(h: Harness) -> Any:
+    target = await _admin(h)
+    return await h.post(f"/api/admin/accounts/{target.account_id}/erase")
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -172,6 +182,8 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
         account_reset_totp,
         "account.reset-totp",
     ),
+    ("GET", "/api/account/export"): (account_export, "account.export"),
+    ("POST", "/api/admin/accounts/{account_id}/erase"): (account_erase, "account.erase"),
     ("GET", "/api/admin/access-log"): (access_log_read, "access_log.read"),
     ("GET", "/api/admin/access-log/verify"): (access_log_verify, "access_log.verify"),
     ("POST", "/api/consults"): (consult_create, "consult.create"),

@@ -7,7 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.access_log import AccessRecord, ClientType, Outcome, read_access_log, verify_chain
+from audit.access_log import (
+    AccessRecord,
+    ClientType,
+    Outcome,
+    chain_of,
+    read_access_log,
+    verify_chain,
+)
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
 from server.api.body import RequestBody, read_json
@@ -41,7 +48,7 @@ class RoleBody(RequestBody):
     role: str
 
 
-def _actor(principal: Principal) -> Actor:
+def admin_actor(principal: Principal) -> Actor:
     return Actor(principal.account.id, principal.account.role.value, ClientType.API)
 
 
@@ -61,7 +68,7 @@ def _invitation_json(request: web.Request, invitation: EnrolmentInvitation) -> d
     }
 
 
-async def _own_account(request: web.Request, principal: Principal, action: str) -> Account:
+async def own_account(request: web.Request, principal: Principal, action: str) -> Account:
     """The account named in the path, if it is in the admin's organisation (else 404).
 
     A miss is recorded as a refused access in its own transaction, so the
@@ -77,7 +84,7 @@ async def _own_account(request: web.Request, principal: Principal, action: str) 
         async with app[DB_ENGINE].begin() as conn:
             await record(
                 conn,
-                _actor(principal),
+                admin_actor(principal),
                 organisation_id=organisation_id,
                 action=action,
                 object_id=account_id,
@@ -96,7 +103,7 @@ async def accounts_list(request: web.Request) -> web.Response:
         found = await list_accounts(conn, organisation_id)
         await record(
             conn,
-            _actor(principal),
+            admin_actor(principal),
             organisation_id=organisation_id,
             action="account.list",
             object_id=None,
@@ -118,7 +125,7 @@ async def accounts_create(request: web.Request) -> web.Response:
         async with app[DB_ENGINE].begin() as conn:
             invitation = await add_account(
                 conn,
-                _actor(principal),
+                admin_actor(principal),
                 organisation_id=organisation_id,
                 email=body.email,
                 role=role,
@@ -131,7 +138,7 @@ async def accounts_create(request: web.Request) -> web.Response:
         async with app[DB_ENGINE].begin() as conn:
             await record(
                 conn,
-                _actor(principal),
+                admin_actor(principal),
                 organisation_id=organisation_id,
                 action="account.create",
                 object_id=None,
@@ -145,11 +152,11 @@ async def accounts_create(request: web.Request) -> web.Response:
 @routes.get(ACCOUNT_PATH)
 async def account_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.read")
-    account = await _own_account(request, principal, "account.read")
+    account = await own_account(request, principal, "account.read")
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
-            _actor(principal),
+            admin_actor(principal),
             organisation_id=account.organisation_id,
             action="account.read",
             object_id=account.id,
@@ -164,10 +171,10 @@ async def account_set_role(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.set-role")
     body = await read_json(request, RoleBody)
     role = parse_role(body.role)
-    account = await _own_account(request, principal, "account.set-role")
+    account = await own_account(request, principal, "account.set-role")
     async with request.app[DB_ENGINE].begin() as conn:
         changed = await change_role(
-            conn, _actor(principal), account, role, now=request.app[CLOCK].now()
+            conn, admin_actor(principal), account, role, now=request.app[CLOCK].now()
         )
     return web.json_response({"account": account_json(changed)})
 
@@ -175,10 +182,10 @@ async def account_set_role(request: web.Request) -> web.Response:
 async def _change(request: web.Request, change: AccountChange) -> web.Response:
     action = f"account.{change.value}"
     principal = await require_role(request, Role.ADMIN, action=action)
-    account = await _own_account(request, principal, action)
+    account = await own_account(request, principal, action)
     async with request.app[DB_ENGINE].begin() as conn:
         changed = await change_account(
-            conn, _actor(principal), account, change, now=request.app[CLOCK].now()
+            conn, admin_actor(principal), account, change, now=request.app[CLOCK].now()
         )
     return web.json_response({"account": account_json(changed)})
 
@@ -198,12 +205,12 @@ async def account_enable(request: web.Request) -> web.Response:
 async def account_reset_totp(request: web.Request) -> web.Response:
     """Forget the TOTP secret: the user enrols again through the new link."""
     principal = await require_role(request, Role.ADMIN, action="account.reset-totp")
-    account = await _own_account(request, principal, "account.reset-totp")
+    account = await own_account(request, principal, "account.reset-totp")
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
         invitation = await reset_account_totp(
             conn,
-            _actor(principal),
+            admin_actor(principal),
             account,
             now=app[CLOCK].now(),
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
@@ -246,7 +253,7 @@ async def access_log_read(request: web.Request) -> web.Response:
         )
         await record(
             conn,
-            _actor(principal),
+            admin_actor(principal),
             organisation_id=organisation_id,
             action="access_log.read",
             object_id=organisation_id,
@@ -264,14 +271,14 @@ async def access_log_read(request: web.Request) -> web.Response:
 
 @routes.get("/api/admin/access-log/verify")
 async def access_log_verify(request: web.Request) -> web.Response:
-    """Walk the whole access log's hash chain (as `videoconsult audit verify` does)."""
+    """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
     principal = await require_role(request, Role.ADMIN, action="access_log.verify")
     async with request.app[DB_ENGINE].connect() as conn:
-        report = await verify_chain(conn)
+        report = await verify_chain(conn, chain=chain_of(principal.account.organisation_id))
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
-            _actor(principal),
+            admin_actor(principal),
             organisation_id=principal.account.organisation_id,
             action="access_log.verify",
             object_id=None,
@@ -285,6 +292,11 @@ async def access_log_verify(request: web.Request) -> web.Response:
             "records": report.records,
             "broken": None
             if broken is None
-            else {"seq": broken.seq, "kind": broken.kind.value, "detail": broken.detail},
+            else {
+                "chain": broken.chain,
+                "seq": broken.seq,
+                "kind": broken.kind.value,
+                "detail": broken.detail,
+            },
         }
     )

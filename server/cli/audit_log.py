@@ -23,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "verify",
         help="walk the access log's hash chain and name the first broken link",
         description=(
-            "Walk the access log's hash chain from its first record. Exit 0 when it is "
-            "intact; otherwise name the first broken link (a record modified, deleted, "
-            "inserted or reordered) and exit 1."
+            "Walk the access log's hash chains (one per organisation, one for the "
+            "installation) from their start. Exit 0 when all are intact; otherwise name "
+            "the first broken link (a record modified, deleted, inserted or reordered) "
+            "and exit 1."
         ),
     )
     verify.set_defaults(run=run_verify)
@@ -36,12 +37,12 @@ def run_verify(settings: Settings, _args: argparse.Namespace) -> int:
         async with current_database(settings) as engine, engine.connect() as conn:
             report = await verify_chain(conn)
         if report.broken is None:
-            print(f"access log intact: {report.records} records, last hash {report.last_hash}")
+            print(f"access log intact: {report.records} records in {report.chains} chains")
             return 0
         broken = report.broken
         print(
-            f"access log BROKEN at record {broken.seq} ({broken.kind.value}): {broken.detail}; "
-            f"the {report.records} records before it are intact"
+            f"access log BROKEN in chain {broken.chain} at record {broken.seq} "
+            f"({broken.kind.value}): {broken.detail}; the records before it are intact"
         )
         return EXIT_BROKEN
 

@@ -1,0 +1,165 @@
+"""Data subjects' rights of professionals: everything held about them, and erasure.
+
+Patients have no identity in the system beyond a consult's lifetime (the
+waiting-room name lives in memory only, the invite token only as a hash), so
+these functions are about professional accounts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.accounts import Account, ensure_another_active_admin
+from audit.schema import (
+    access_log,
+    accounts,
+    consults,
+    enrolment_links,
+    login_failures,
+    organisations,
+    sessions,
+    technical_log,
+)
+from audit.technical_log import RETENTION
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+async def export_account(
+    conn: AsyncConnection, account: Account, *, now: datetime
+) -> dict[str, Any]:
+    """Everything held about ``account``, as JSON-ready data.
+
+    Credentials are named, not handed out: the password hash and the sealed
+    TOTP secret are said to exist, not copied.
+    """
+    organisation = await conn.scalar(
+        sa.select(organisations.c.name).where(organisations.c.id == account.organisation_id)
+    )
+    own_sessions = await conn.execute(
+        sa.select(sessions.c.created_at, sessions.c.last_seen_at)
+        .where(sessions.c.account_id == account.id)
+        .order_by(sessions.c.created_at)
+    )
+    own_consults = await conn.execute(
+        sa.select(consults)
+        .where(consults.c.therapist_id == account.id)
+        .order_by(consults.c.created_at)
+    )
+    records = await conn.execute(
+        sa.select(access_log)
+        .where(
+            sa.or_(
+                access_log.c.actor_id == account.id,
+                access_log.c.object_id == str(account.id),
+            )
+        )
+        .order_by(access_log.c.seq)
+    )
+    diagnostics = await conn.execute(
+        sa.select(technical_log)
+        .where(technical_log.c.subject == str(account.id), technical_log.c.at > now - RETENTION)
+        .order_by(technical_log.c.id)
+    )
+    return {
+        "exported_at": now.isoformat(),
+        "account": {
+            "id": str(account.id),
+            "email": account.email,
+            "role": account.role.value,
+            "status": account.status.value,
+            "organisation": {"id": str(account.organisation_id), "name": organisation},
+            "created_at": _iso(account.created_at),
+            "enrolled_at": _iso(account.enrolled_at),
+            "disabled_at": _iso(account.disabled_at),
+            "credentials": {
+                "password_hash_stored": account.password_hash is not None,
+                "totp_secret_stored_encrypted": account.totp_secret_sealed is not None,
+            },
+        },
+        "sessions": [
+            {"created_at": _iso(row.created_at), "last_seen_at": _iso(row.last_seen_at)}
+            for row in own_sessions
+        ],
+        "consults": [
+            {
+                "id": str(row.id),
+                "status": row.status,
+                "created_at": _iso(row.created_at),
+                "started_at": _iso(row.started_at),
+                "ended_at": _iso(row.ended_at),
+                "duration_s": row.duration_s,
+            }
+            for row in own_consults
+        ],
+        "access_log": [
+            {
+                "seq": row.seq,
+                "at": _iso(row.at),
+                "actor_id": str(row.actor_id) if row.actor_id else None,
+                "actor_role": row.actor_role,
+                "action": row.action,
+                "object_type": row.object_type,
+                "object_id": row.object_id,
+                "outcome": row.outcome,
+                "client_type": row.client_type,
+            }
+            for row in records
+        ],
+        "technical_log_last_24_hours": [
+            {"at": _iso(row.at), "kind": row.kind, "detail": row.detail} for row in diagnostics
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Erasure:
+    account_id: uuid.UUID
+    consults_unlinked: int
+    sessions: int
+    enrolment_links: int
+    login_failures: int
+    technical_entries: int
+
+
+async def erase_account(
+    conn: AsyncConnection, account: Account, *, login_subject_hash: str
+) -> Erasure:
+    """Remove the account and everything personal about it; keep its consult
+    records, unlinked from it (pseudonymous), until their retention ends.
+
+    The access log keeps its records (it is append-only and hash-chained);
+    they name the account only by its id, which after this resolves to no one.
+    Refuses (Conflict) to erase an organisation's last active admin.
+    """
+    await ensure_another_active_admin(conn, account)
+    unlinked = await conn.execute(
+        consults.update().where(consults.c.therapist_id == account.id).values(therapist_id=None)
+    )
+    ended = await conn.execute(sessions.delete().where(sessions.c.account_id == account.id))
+    links = await conn.execute(
+        enrolment_links.delete().where(enrolment_links.c.account_id == account.id)
+    )
+    failures = await conn.execute(
+        login_failures.delete().where(login_failures.c.subject_hash == login_subject_hash)
+    )
+    entries = await conn.execute(
+        technical_log.delete().where(technical_log.c.subject == str(account.id))
+    )
+    await conn.execute(accounts.delete().where(accounts.c.id == account.id))
+    return Erasure(
+        account_id=account.id,
+        consults_unlinked=unlinked.rowcount,
+        sessions=ended.rowcount,
+        enrolment_links=links.rowcount,
+        login_failures=failures.rowcount,
+        technical_entries=entries.rowcount,
+    )

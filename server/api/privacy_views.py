@@ -1,0 +1,79 @@
+"""Data subjects' rights of professionals: export of everything held, and erasure."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from audit.access_log import ClientType
+from audit.accounts import Role
+from audit.sealing import keyed_hash
+from audit.subject_rights import erase_account, export_account
+from server.api.admin_views import ACCOUNT_PATH, admin_actor, own_account
+from server.api.errors import Unauthorized
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.auth.admin import Actor, record
+from server.auth.sessions import authenticate, require_role
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/account/export")
+async def account_export(request: web.Request) -> web.Response:
+    """Everything held about the logged-in professional, as a JSON download."""
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized("log in first")
+    account = principal.account
+    app = request.app
+    now = app[CLOCK].now()
+    async with app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            Actor(account.id, account.role.value, ClientType.API),
+            organisation_id=account.organisation_id,
+            action="account.export",
+            object_id=account.id,
+            now=now,
+        )
+        exported = await export_account(conn, account, now=now)
+    return web.Response(
+        text=json.dumps(exported, indent=2, ensure_ascii=False),
+        content_type="application/json",
+        headers={
+            "Content-Disposition": f'attachment; filename="videoconsult-export-{account.id}.json"'
+        },
+    )
+
+
+@routes.post(ACCOUNT_PATH + "/erase")
+async def account_erase(request: web.Request) -> web.Response:
+    """Erase a professional's account on their request: personal data goes, their
+    consult records stay unlinked (pseudonymous) until their retention ends."""
+    principal = await require_role(request, Role.ADMIN, action="account.erase")
+    account = await own_account(request, principal, "account.erase")
+    app = request.app
+    subject_hash = keyed_hash(app[MASTER_KEY].key, "login-subject", account.email)
+    async with app[DB_ENGINE].begin() as conn:
+        erasure = await erase_account(conn, account, login_subject_hash=subject_hash)
+        await record(
+            conn,
+            admin_actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action="account.erase",
+            object_id=account.id,
+            now=app[CLOCK].now(),
+        )
+    return web.json_response(
+        {
+            "erased": {
+                "account_id": str(erasure.account_id),
+                "consults_unlinked": erasure.consults_unlinked,
+                "sessions_ended": erasure.sessions,
+                "enrolment_links": erasure.enrolment_links,
+                "login_failures": erasure.login_failures,
+                "technical_entries": erasure.technical_entries,
+            }
+        }
+    )
