@@ -29,6 +29,13 @@ async def therapist_app(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "app.html")
 
 
+@routes.get("/support")
+async def support_page(_request: web.Request) -> web.FileResponse:
+    """The support view: consults of the organisation, charts, technical logs; its
+    script asks the API, which answers only a support account."""
+    return web.FileResponse(STATIC_DIR / "support.html")
+
+
 @routes.get("/join/{token}")
 async def join(_request: web.Request) -> web.FileResponse:
     """The patient's page of an invite link; its script checks the link through the API."""

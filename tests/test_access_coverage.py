@@ -29,6 +29,7 @@ NOT_PERSONAL = {
     ("GET", "/app"): "a static page; its script asks the API",
     ("GET", "/join/{token}"): "a static page; its script asks the API",
     ("GET", "/enrol/{token}"): "a static page; its script asks the API",
+    ("GET", "/support"): "a static page; its script asks the API",
     ("GET", "/healthz"): "liveness only",
     ("GET", "/readyz"): "readiness only, a fixed vocabulary of reasons",
     ("POST", "/api/logout"): "answers nothing",
@@ -165,6 +166,33 @@ async def account_erase(h: Harness) -> Any:
     return await h.post(f"/api/admin/accounts/{target.account_id}/erase")
 
 
+async def _support(harness: Harness) -> Any:
+    setup = await new_consult(harness)
+    support = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)
+    await harness.logged_in(support)
+    return setup
+
+
+async def support_consults(h: Harness) -> Any:
+    await _support(h)
+    return await h.client.get("/api/support/consults")
+
+
+async def support_chart_days(h: Harness) -> Any:
+    await _support(h)
+    return await h.client.get("/api/support/charts/consults-per-day.svg")
+
+
+async def support_chart_durations(h: Harness) -> Any:
+    await _support(h)
+    return await h.client.get("/api/support/charts/durations.svg")
+
+
+async def support_technical_log(h: Harness) -> Any:
+    setup = await _support(h)
+    return await h.client.get(f"/api/support/consults/{setup.consult_id}/technical-log")
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -185,6 +213,19 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("GET", "/api/account/export"): (account_export, "account.export"),
     ("POST", "/api/admin/accounts/{account_id}/erase"): (account_erase, "account.erase"),
     ("GET", "/api/admin/access-log"): (access_log_read, "access_log.read"),
+    ("GET", "/api/support/consults"): (support_consults, "support.consult.list"),
+    ("GET", "/api/support/charts/consults-per-day.svg"): (
+        support_chart_days,
+        "support.chart.consults_per_day",
+    ),
+    ("GET", "/api/support/charts/durations.svg"): (
+        support_chart_durations,
+        "support.chart.durations",
+    ),
+    ("GET", "/api/support/consults/{consult_id}/technical-log"): (
+        support_technical_log,
+        "support.technical_log.read",
+    ),
     ("GET", "/api/admin/access-log/verify"): (access_log_verify, "access_log.verify"),
     ("POST", "/api/consults"): (consult_create, "consult.create"),
     ("GET", "/api/consults"): (consult_list, "consult.list"),

@@ -225,6 +225,7 @@ async def test_every_admin_change_and_read_is_in_the_access_log(harness: Harness
 
     records = [r for r in await access_records(harness) if r.actor_id == admin.account_id]
     assert [(r.action, r.outcome) for r in records] == [
+        ("session.login", "allowed"),
         ("account.list", "allowed"),
         ("account.read", "allowed"),
         ("account.set-role", "allowed"),
@@ -234,7 +235,7 @@ async def test_every_admin_change_and_read_is_in_the_access_log(harness: Harness
         ("account.read", "refused"),
     ]
     assert all(r.client_type == "api" and r.actor_role == "admin" for r in records)
-    assert {r.object_id for r in records[1:6]} == {str(anna.account_id)}
+    assert {r.object_id for r in records[2:7]} == {str(anna.account_id)}
 
 
 async def test_malformed_account_ids_answer_404(sqlite_harness: Harness) -> None:

@@ -164,6 +164,7 @@ async def test_reading_consults_is_in_the_access_log(harness: Harness) -> None:
         rows = (await conn.execute(sa.select(access_log).order_by(access_log.c.id))).all()
     actions = [(row.action, row.object_id) for row in rows if row.action.startswith("consult.")]
     assert actions == [
+        ("consult.create", setup.consult_id),
         ("consult.list", str(setup.therapist.account_id)),
         ("consult.read", setup.consult_id),
     ]

@@ -4,15 +4,31 @@ import { setupLanguage, t, translatePage } from "./i18n.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
-function nextPage() {
-  // Only our own pages: never an address elsewhere (not "//host", "/\\host"…).
+// Each role's own page; a role without one gets the therapist's, which says so.
+const HOME = { therapist: "/app", support: "/support" };
+
+function nextPage(role) {
+  const home = HOME[role] || "/app";
+  // Only our own pages (never an address elsewhere: not "//host", "/\\host"…),
+  // and only the role's own page, so a stale "next" cannot land on another's.
   try {
-    const next = new URL(params.get("next") || "/app", location.origin);
-    if (next.origin === location.origin) return next.pathname + next.search;
+    const next = new URL(params.get("next") || home, location.origin);
+    if (next.origin === location.origin && next.pathname === home) return next.pathname + next.search;
   } catch {
     // not an address at all
   }
-  return "/app";
+  return home;
+}
+
+// Where to go once logged in: the session says which role this account has.
+async function goOn(replace = false) {
+  const response = await fetch("/api/session", { credentials: "same-origin" });
+  if (!response.ok) return false;
+  const session = await response.json().catch(() => ({}));
+  const target = nextPage(session.account && session.account.role);
+  if (replace) location.replace(target);
+  else location.assign(target);
+  return true;
 }
 
 function notice() {
@@ -47,10 +63,7 @@ $("login-form").addEventListener("submit", async (event) => {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
     });
-    if (response.ok) {
-      location.assign(nextPage());
-      return;
-    }
+    if (response.ok && (await goOn())) return;
     const data = await response.json().catch(() => ({}));
     const code = data.error && data.error.code;
     if (code === "login_locked") error.textContent = t("login.locked");
@@ -69,6 +82,4 @@ setupLanguage($("language"), () => {
 });
 translatePage();
 notice();
-fetch("/api/session", { credentials: "same-origin" }).then((response) => {
-  if (response.ok) location.replace(nextPage());
-});
+goOn(true).catch(() => {});

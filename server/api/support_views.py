@@ -1,0 +1,371 @@
+"""The support view: pseudonymous consult metadata of the organisation, two
+charts, and the technical log of one consult for the last 24 hours.
+
+Every route needs role ``support`` (therapists and admins are refused with
+403, and the refusal is access-logged) and sees only the support user's own
+organisation. Every read writes one access-log record in the transaction
+that reads. Query parameters are checked strictly: an unknown, repeated or
+malformed one answers 422 ``invalid_field`` naming it.
+
+A date range is given in days (``from``, ``to``, both included) of the time
+zone ``tz`` (default UTC). Without ``from`` and ``to`` it is the last 30
+days up to today; with only ``from``, up to today; with only ``to``, the 30
+days up to it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from audit import support
+from audit.access_log import ClientType, Outcome
+from audit.consults import ConsultStatus
+from audit.errors import NotFound
+from audit.roles import Role
+from audit.technical_log import RETENTION
+from server.api.errors import NotFoundError, Unprocessable
+from server.api.representations import iso
+from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.auth.admin import Actor, record
+from server.auth.sessions import Principal, require_role
+
+routes = web.RouteTableDef()
+
+ACTION_LIST = "support.consult.list"
+ACTION_PER_DAY = "support.chart.consults_per_day"
+ACTION_DURATIONS = "support.chart.durations"
+ACTION_TECHNICAL_LOG = "support.technical_log.read"
+
+DEFAULT_DAYS = 30
+# A chart of more days than this has bars thinner than a pixel.
+MAX_CHART_DAYS = 366
+DEFAULT_PER_PAGE = 25
+MAX_PER_PAGE = 100
+MAX_PAGE = 100_000
+# A consult writes a few dozen entries a day; this is far beyond a normal one.
+TECHNICAL_LOG_LIMIT = 500
+# Dates outside this range are typing errors, and their day boundaries overflow.
+EARLIEST_DAY, LATEST_DAY = date(2000, 1, 1), date(2999, 12, 31)
+
+FILTER_PARAMS = frozenset({"from", "to", "status", "therapist", "tz"})
+LIST_PARAMS = FILTER_PARAMS | {"page", "per_page"}
+CHART_PARAMS = FILTER_PARAMS | {"lang"}
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_NUMBER = re.compile(r"[0-9]{1,6}")
+# IANA names ("Europe/Amsterdam", "Etc/GMT+1"): no dots, so never a path upwards.
+_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
+_STATUSES = ", ".join(status.value for status in ConsultStatus)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The parsed filters of a request."""
+
+    first_day: date
+    last_day: date
+    zone: tzinfo
+    zone_name: str
+    status: ConsultStatus | None
+    therapist: str | None
+
+    def consult_filter(self, organisation_id: uuid.UUID) -> support.ConsultFilter:
+        return support.ConsultFilter(
+            organisation_id=organisation_id,
+            since=_day_start(self.first_day, self.zone),
+            until=_day_start(self.last_day + timedelta(days=1), self.zone),
+            status=self.status,
+            therapist=self.therapist,
+        )
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "from": self.first_day.isoformat(),
+            "to": self.last_day.isoformat(),
+            "tz": self.zone_name,
+            "status": self.status.value if self.status else None,
+            "therapist": self.therapist,
+        }
+
+
+def _day_start(day: date, zone: tzinfo) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+
+
+def _params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
+    """The query's parameters, each at most once and each one we know."""
+    query = request.rel_url.query
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        expected = ", ".join(sorted(allowed)) or "none"
+        raise Unprocessable(f"unknown parameter '{unknown[0][:40]}' (expected: {expected})")
+    for name in query:
+        if len(query.getall(name)) > 1:
+            raise Unprocessable(f"parameter '{name}' is given more than once")
+    return {name: query[name] for name in query}
+
+
+def _date(params: dict[str, str], name: str) -> date | None:
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        if not _DATE.fullmatch(text):
+            raise ValueError(text)
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise Unprocessable(
+            f"parameter '{name}' must be a date as YYYY-MM-DD, e.g. 2026-11-23"
+        ) from None
+    if not EARLIEST_DAY <= day <= LATEST_DAY:
+        raise Unprocessable(f"parameter '{name}' must lie between {EARLIEST_DAY} and {LATEST_DAY}")
+    return day
+
+
+def _zone(params: dict[str, str]) -> tuple[tzinfo, str]:
+    name = params.get("tz", "UTC")
+    if name == "UTC":
+        return UTC, name
+    problem = (
+        "parameter 'tz' must be an IANA time zone such as Europe/Amsterdam "
+        "that this server knows, or UTC"
+    )
+    if len(name) > 64 or not _ZONE.fullmatch(name):
+        raise Unprocessable(problem)
+    try:
+        return ZoneInfo(name), name
+    except (KeyError, ValueError, OSError):
+        raise Unprocessable(problem) from None
+
+
+def _number(params: dict[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    text = params.get(name)
+    if text is None:
+        return default
+    if not _NUMBER.fullmatch(text) or not low <= int(text) <= high:
+        raise Unprocessable(f"parameter '{name}' must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def _selection(request: web.Request, params: dict[str, str], *, max_days: int | None) -> Selection:
+    zone, zone_name = _zone(params)
+    first, last = _date(params, "from"), _date(params, "to")
+    today = request.app[CLOCK].now().astimezone(zone).date()
+    if last is None:
+        last = today
+    if first is None:
+        first = max(last - timedelta(days=DEFAULT_DAYS - 1), EARLIEST_DAY)
+    if first > last:
+        raise Unprocessable(f"parameter 'from' ({first}) is after 'to' ({last})")
+    if max_days is not None and (last - first).days + 1 > max_days:
+        raise Unprocessable(f"parameters 'from' and 'to': a chart spans at most {max_days} days")
+    status = None
+    if "status" in params:
+        try:
+            status = ConsultStatus(params["status"])
+        except ValueError:
+            raise Unprocessable(f"parameter 'status' must be one of {_STATUSES}") from None
+    therapist = params.get("therapist")
+    if therapist is not None and not support.PSEUDONYM_PATTERN.fullmatch(therapist):
+        raise Unprocessable(
+            "parameter 'therapist' must be a therapist pseudonym such as T-4F2A91C03B7E"
+        )
+    return Selection(first, last, zone, zone_name, status, therapist)
+
+
+def _actor(principal: Principal) -> Actor:
+    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
+
+
+def _pseudonyms(request: web.Request) -> support.TherapistPseudonyms:
+    return support.TherapistPseudonyms(request.app[MASTER_KEY].key)
+
+
+def consult_json(consult: support.SupportConsult) -> dict[str, Any]:
+    """A consult as support sees it: no name, no account id, no invite."""
+    return {
+        "id": str(consult.id),
+        "status": consult.status.value,
+        "created_at": iso(consult.created_at),
+        "started_at": iso(consult.started_at),
+        "ended_at": iso(consult.ended_at),
+        "duration_s": consult.duration_s,
+        "therapist": consult.therapist,
+    }
+
+
+@routes.get("/api/support/consults")
+async def support_consults(request: web.Request) -> web.Response:
+    """One page of the organisation's consults, newest first, with the filters applied."""
+    principal = await require_role(request, Role.SUPPORT, action=ACTION_LIST)
+    params = _params(request, LIST_PARAMS)
+    selection = _selection(request, params, max_days=None)
+    page = _number(params, "page", default=1, low=1, high=MAX_PAGE)
+    per_page = _number(params, "per_page", default=DEFAULT_PER_PAGE, low=1, high=MAX_PER_PAGE)
+    organisation_id = principal.account.organisation_id
+    pseudonyms = _pseudonyms(request)
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await support.list_consults(
+            conn,
+            pseudonyms,
+            selection.consult_filter(organisation_id),
+            page=page,
+            per_page=per_page,
+        )
+        therapists = await support.therapists(conn, pseudonyms, organisation_id)
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action=ACTION_LIST,
+            object_type="organisation",
+            object_id=organisation_id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response(
+        {
+            "consults": [consult_json(consult) for consult in found.consults],
+            "page": found.page,
+            "per_page": found.per_page,
+            "total": found.total,
+            "pages": found.pages,
+            "filters": selection.json(),
+            "therapists": therapists,
+        }
+    )
+
+
+def _svg(text: str) -> web.Response:
+    return web.Response(text=text, content_type="image/svg+xml", charset="utf-8")
+
+
+def _lang(params: dict[str, str]) -> str:
+    lang = params.get("lang", "en")
+    if lang not in LANGUAGES:
+        raise Unprocessable(f"parameter 'lang' must be one of {', '.join(LANGUAGES)}")
+    return lang
+
+
+@routes.get("/api/support/charts/consults-per-day.svg")
+async def support_chart_per_day(request: web.Request) -> web.Response:
+    """A bar per day of the range: how many consults had their moment then."""
+    principal = await require_role(request, Role.SUPPORT, action=ACTION_PER_DAY)
+    params = _params(request, CHART_PARAMS)
+    selection = _selection(request, params, max_days=MAX_CHART_DAYS)
+    lang = _lang(params)
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        days = await support.consults_per_day(
+            conn,
+            _pseudonyms(request),
+            selection.consult_filter(organisation_id),
+            first_day=selection.first_day,
+            last_day=selection.last_day,
+            zone=selection.zone,
+        )
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action=ACTION_PER_DAY,
+            object_type="organisation",
+            object_id=organisation_id,
+            now=request.app[CLOCK].now(),
+        )
+    return _svg(consults_per_day_svg(days, lang=lang))
+
+
+@routes.get("/api/support/charts/durations.svg")
+async def support_chart_durations(request: web.Request) -> web.Response:
+    """A bar per duration bucket, over the consults of the range that ended."""
+    principal = await require_role(request, Role.SUPPORT, action=ACTION_DURATIONS)
+    params = _params(request, CHART_PARAMS)
+    selection = _selection(request, params, max_days=MAX_CHART_DAYS)
+    lang = _lang(params)
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await support.durations(
+            conn, _pseudonyms(request), selection.consult_filter(organisation_id)
+        )
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action=ACTION_DURATIONS,
+            object_type="organisation",
+            object_id=organisation_id,
+            now=request.app[CLOCK].now(),
+        )
+    return _svg(
+        durations_svg(
+            support.duration_histogram(found),
+            found,
+            first_day=selection.first_day,
+            last_day=selection.last_day,
+            lang=lang,
+        )
+    )
+
+
+@routes.get("/api/support/consults/{consult_id}/technical-log")
+async def support_technical_log(request: web.Request) -> web.Response:
+    """The consult's technical-log entries of the last 24 hours, newest first.
+
+    A consult of another organisation answers 404, as an unknown one does,
+    and the attempt is access-logged as refused.
+    """
+    principal = await require_role(request, Role.SUPPORT, action=ACTION_TECHNICAL_LOG)
+    _params(request, frozenset())
+    try:
+        consult_id: uuid.UUID | None = uuid.UUID(request.match_info["consult_id"])
+    except ValueError:
+        consult_id = None
+    app = request.app
+    now = app[CLOCK].now()
+    organisation_id = principal.account.organisation_id
+    consult: support.SupportConsult | None = None
+    entries = []
+    async with app[DB_ENGINE].begin() as conn:
+        if consult_id is not None:
+            try:
+                consult = await support.get_consult(
+                    conn, _pseudonyms(request), organisation_id, consult_id
+                )
+            except NotFound:
+                consult = None
+        if consult is not None:
+            entries = await support.technical_log_of(
+                conn, consult.id, now=now, limit=TECHNICAL_LOG_LIMIT
+            )
+        # The refusal is recorded in the same transaction, so it survives the 404.
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=organisation_id,
+            action=ACTION_TECHNICAL_LOG,
+            object_type="consult",
+            object_id=consult_id,
+            now=now,
+            outcome=Outcome.ALLOWED if consult is not None else Outcome.REFUSED,
+        )
+    if consult is None:
+        raise NotFoundError("no such consult")
+    return web.json_response(
+        {
+            "consult": consult_json(consult),
+            "since": iso(now - RETENTION),
+            "entries": [
+                {"at": iso(entry.at), "kind": entry.kind, "detail": dict(entry.detail)}
+                for entry in entries
+            ],
+            "truncated": len(entries) == TECHNICAL_LOG_LIMIT,
+        }
+    )
