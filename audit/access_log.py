@@ -20,11 +20,12 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.schema import access_log, access_log_checkpoints
 
@@ -238,19 +239,36 @@ class ChainReport:
         return self.broken is None
 
 
+# Verification reads from a connection (inside the caller's transaction), or
+# from an engine: then each batch is read in a short transaction of its own,
+# so that a long walk never holds SQLite's lock (it begins IMMEDIATE) and
+# appends go on meanwhile.
+Source = AsyncConnection | AsyncEngine
+
+
+@asynccontextmanager
+async def _reading(source: Source) -> AsyncIterator[AsyncConnection]:
+    if isinstance(source, AsyncEngine):
+        async with source.connect() as conn:
+            yield conn
+    else:
+        yield source
+
+
 async def _rows_in_order(
-    conn: AsyncConnection, chain: str, after: int, batch: int
+    source: Source, chain: str, after: int, batch: int
 ) -> AsyncIterator[sa.Row[tuple[object, ...]]]:
     """A chain's records in ``seq`` order, fetched in batches (a million fit in little memory)."""
     while True:
-        rows = (
-            await conn.execute(
-                sa.select(access_log)
-                .where(access_log.c.chain == chain, access_log.c.seq > after)
-                .order_by(access_log.c.seq)
-                .limit(batch)
-            )
-        ).all()
+        async with _reading(source) as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(access_log)
+                    .where(access_log.c.chain == chain, access_log.c.seq > after)
+                    .order_by(access_log.c.seq)
+                    .limit(batch)
+                )
+            ).all()
         for row in rows:
             yield row
         if len(rows) < batch:
@@ -258,41 +276,47 @@ async def _rows_in_order(
         after = rows[-1].seq
 
 
-async def chains(conn: AsyncConnection) -> list[str]:
-    found = await conn.execute(
-        sa.select(access_log.c.chain)
-        .distinct()
-        .union(sa.select(access_log_checkpoints.c.chain).distinct())
-    )
-    return sorted(found.scalars())
+async def chains(source: Source) -> list[str]:
+    async with _reading(source) as conn:
+        found = await conn.execute(
+            sa.select(access_log.c.chain)
+            .distinct()
+            .union(sa.select(access_log_checkpoints.c.chain).distinct())
+        )
+        return sorted(found.scalars())
 
 
 async def verify_chain(
-    conn: AsyncConnection, *, chain: str | None = None, batch: int = 10_000
+    source: Source, *, chain: str | None = None, batch: int = 10_000
 ) -> ChainReport:
-    """Walk one chain (or every chain) from its start; report the first broken link."""
+    """Walk one chain (or every chain) from its start; report the first broken link.
+
+    Pass the engine rather than a connection for a long walk that must not
+    block writers (see :data:`Source`).
+    """
     walked, total = 0, 0
-    for name in [chain] if chain is not None else await chains(conn):
-        count, broken = await _verify_one(conn, name, batch)
+    for name in [chain] if chain is not None else await chains(source):
+        count, broken = await _verify_one(source, name, batch)
         walked, total = walked + 1, total + count
         if broken is not None:
             return ChainReport(total, walked, broken)
     return ChainReport(total, walked, None)
 
 
-async def _verify_one(
-    conn: AsyncConnection, chain: str, batch: int
-) -> tuple[int, ChainBreak | None]:
-    expected_seq, prev_hash = await _chain_start(conn, chain)
+async def _verify_one(source: Source, chain: str, batch: int) -> tuple[int, ChainBreak | None]:
+    async with _reading(source) as conn:
+        expected_seq, prev_hash = await _chain_start(conn, chain)
     count = 0
-    async for row in _rows_in_order(conn, chain, expected_seq - 1, batch):
+    async for row in _rows_in_order(source, chain, expected_seq - 1, batch):
         m = row._mapping
         seq = int(m["seq"])
         if record_hash(_row_fields(row), m["prev_hash"]) != m["hash"]:
             detail = "its contents do not match its hash (changed after it was written)"
             return count, ChainBreak(chain, seq, Break.MODIFIED, detail)
         if m["prev_hash"] != prev_hash:
-            return count, await _explain_link(conn, chain, seq, expected_seq, m["prev_hash"])
+            async with _reading(source) as conn:
+                broken = await _explain_link(conn, chain, seq, expected_seq, m["prev_hash"])
+            return count, broken
         if seq != expected_seq:
             detail = f"records {expected_seq} to {seq - 1} are missing"
             return count, ChainBreak(chain, seq, Break.DELETED, detail)

@@ -235,3 +235,21 @@ invites = sa.Table(
     # consents too. A property of the link, not of the consult record.
     sa.Column("guardian_consent", sa.Boolean(), nullable=False, server_default=sa.false()),
 )
+
+
+# An organisation's retention (the "central setting"), in days; without a
+# row the installation's defaults (settings [retention]) apply.
+retention_settings = sa.Table(
+    "retention_settings",
+    metadata,
+    sa.Column(
+        "organisation_id",
+        sa.Uuid(),
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("consult_days", sa.Integer(), nullable=False),
+    sa.Column("recording_days", sa.Integer(), nullable=False),
+    sa.Column("access_log_days", sa.Integer(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)

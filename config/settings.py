@@ -207,6 +207,13 @@ class ConsultSettings(_Section):
     ticket_ttl_s: int = Field(ge=5, le=600)
 
 
+class RetentionSettings(_Section):
+    consult_days: int = Field(ge=1, le=36500)
+    recording_days: int = Field(ge=1, le=36500)
+    access_log_days: int = Field(ge=1, le=36500)
+    purge_interval_s: int = Field(ge=60, le=7 * 86400)
+
+
 class SignalingSettings(_Section):
     heartbeat_s: float = Field(ge=1, le=300)
     rate_per_s: float = Field(gt=0, le=10000)
@@ -270,6 +277,7 @@ class Settings(_Section):
     accounts: AccountSettings
     sessions: SessionSettings
     consults: ConsultSettings
+    retention: RetentionSettings
     signaling: SignalingSettings
     turn: TurnSettings
     logging: LoggingSettings

@@ -12,7 +12,7 @@ from server.api.errors import error_middleware
 from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, THERAPIST_SOCKETS, WEBSOCKETS
 from server.auth.passwords import PasswordHasher
 from server.background import background_task
-from server.housekeeping import run_housekeeping
+from server.housekeeping import run_housekeeping, run_retention_purge
 from server.resources import (
     data_dir_context,
     database_context,
@@ -58,6 +58,7 @@ def setup_resources(app: web.Application) -> None:
             signaling_context,
             background_task("technical-log", run_technical_log_writer),
             background_task("housekeeping", run_housekeeping),
+            background_task("retention", run_retention_purge),
             background_task("room-timers", run_room_timers),
             background_task("session-checks", signaling_ws.run_session_checks),
         ]

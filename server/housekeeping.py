@@ -10,6 +10,7 @@ from aiohttp import web
 
 from audit.accounts import purge_enrolment_links
 from audit.consults import abandoned_consults, purge_expired_invites
+from audit.retention import Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS
@@ -65,3 +66,23 @@ async def run_housekeeping(app: web.Application) -> None:
         except Exception:
             _log.exception("housekeeping failed; trying again later")
         await asyncio.sleep(INTERVAL_S)
+
+
+async def run_retention_purge(app: web.Application) -> None:
+    """Background task: the retention purge, every ``retention.purge_interval_s``
+    (one node at a time; the others find the lock taken and skip)."""
+    settings = app[SETTINGS].retention
+    defaults = Retention(settings.consult_days, settings.recording_days, settings.access_log_days)
+    while True:
+        try:
+            async with app[DB_ENGINE].begin() as conn:
+                report = await purge(conn, now=app[CLOCK].now(), defaults=defaults)
+            if report.consults or report.access_log_records:
+                _log.info(
+                    "retention purge",
+                    consults=report.consults,
+                    access_log_records=report.access_log_records,
+                )
+        except Exception:
+            _log.exception("retention purge failed; trying again later")
+        await asyncio.sleep(settings.purge_interval_s)

@@ -399,3 +399,28 @@ async def test_admins_read_and_verify_their_organisations_log(harness: Harness) 
     assert verified["intact"] is False
     assert verified["broken"]["kind"] == "modified"
     assert verified["broken"]["chain"] == str(admin.organisation.id)
+
+
+async def test_a_long_verify_from_the_engine_does_not_hold_up_appends(
+    engine: AsyncEngine,
+) -> None:
+    # Each batch is read in its own short transaction: an append that comes
+    # in meanwhile is written before the walk ends (on SQLite a single long
+    # read would hold the write lock all along).
+    await append_many(engine, 40)
+    order: list[str] = []
+
+    async def walk() -> ChainReport:
+        report = await verify_chain(engine, batch=1)
+        order.append("verified")
+        return report
+
+    async def append_meanwhile() -> None:
+        await asyncio.sleep(0.02)
+        async with engine.begin() as conn:
+            await append_access(conn, a_record(99))
+        order.append("appended")
+
+    report, _ = await asyncio.gather(walk(), append_meanwhile())
+    assert order == ["appended", "verified"]
+    assert report.intact

@@ -9,6 +9,7 @@ returns none. A new route fails this test until it is classified.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -193,6 +194,17 @@ async def support_technical_log(h: Harness) -> Any:
     return await h.client.get(f"/api/support/consults/{setup.consult_id}/technical-log")
 
 
+async def retention_read(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/retention")
+
+
+async def retention_update(h: Harness) -> Any:
+    await _admin(h)
+    body = {"consult_days": 90, "recording_days": 7, "access_log_days": 3650}
+    return await h.client.put("/api/admin/retention", json=body, headers=h.headers)
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -213,6 +225,8 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("GET", "/api/account/export"): (account_export, "account.export"),
     ("POST", "/api/admin/accounts/{account_id}/erase"): (account_erase, "account.erase"),
     ("GET", "/api/admin/access-log"): (access_log_read, "access_log.read"),
+    ("GET", "/api/admin/retention"): (retention_read, "retention.read"),
+    ("PUT", "/api/admin/retention"): (retention_update, "retention.update"),
     ("GET", "/api/support/consults"): (support_consults, "support.consult.list"),
     ("GET", "/api/support/charts/consults-per-day.svg"): (
         support_chart_days,
@@ -271,3 +285,45 @@ async def test_each_personal_data_route_writes_the_access_log(
     # The action of the request itself: the last record of its kind.
     assert action in logged, (action, logged)
     assert logged[-1] == action, logged[-3:]
+
+
+# What support staff may reach (DESIGN.md, roles table): the support view, and
+# what every professional may do with their own account.
+OPEN_TO_EVERY_PROFESSIONAL = {
+    ("POST", "/api/login"),
+    ("GET", "/api/session"),
+    ("GET", "/api/account/export"),
+    ("GET", "/api/enrolment/{token}"),
+    ("POST", "/api/enrolment/{token}/password"),
+    ("POST", "/api/enrolment/{token}/confirm"),
+}
+ROLE_ROUTES = sorted(
+    route
+    for route in PERSONAL
+    if route not in OPEN_TO_EVERY_PROFESSIONAL and not route[1].startswith("/api/support/")
+)
+
+
+def concrete(path: str) -> str:
+    return path.replace("{account_id}", str(uuid.uuid4())).replace(
+        "{consult_id}", str(uuid.uuid4())
+    )
+
+
+@pytest.mark.parametrize("route", ROLE_ROUTES, ids=lambda r: f"{r[0]} {r[1]}")
+async def test_support_is_refused_outside_its_row_and_each_refusal_is_logged(
+    sqlite_harness: Harness, route: tuple[str, str]
+) -> None:
+    harness = sqlite_harness
+    sam = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)
+    await harness.logged_in(sam)
+    method, path = route
+    response = await harness.client.request(
+        method, concrete(path), json={}, headers=harness.headers
+    )
+    assert response.status == 403, (route, response.status, await response.text())
+    async with harness.app[DB_ENGINE].connect() as conn:
+        last = (
+            await conn.execute(sa.select(access_log).order_by(access_log.c.id.desc()).limit(1))
+        ).one()
+    assert (last.actor_id, last.actor_role, last.outcome) == (sam.account_id, "support", "refused")

@@ -73,11 +73,12 @@ async def test_used_and_expired_enrolment_links_are_purged_with_their_pending_se
     pending = await harness.invite("bram@praktijk-noord.example", Role.SUPPORT)
     await harness.post(f"/api/enrolment/{pending}/password", {"password": "x" * 8 + "abcd"})
     live = await harness.invite("cees@praktijk-noord.example", Role.SUPPORT)
-    assert await count(harness, enrolment_links) == 3
-
-    purged = await purge_expired(harness.app)
-    assert purged["enrolment_links"] == 1  # the used one
+    # The server's own housekeeping may run meanwhile (it starts with the app),
+    # so look at what is left rather than at who purged it.
+    await purge_expired(harness.app)
+    assert await count(harness, enrolment_links) == 2  # the used one went
+    assert (await harness.client.get(f"/api/enrolment/{live}")).status == 200
     harness.clock.advance(3601)  # the harness's links live an hour
-    purged = await purge_expired(harness.app)
-    assert purged["enrolment_links"] == 2
+    await purge_expired(harness.app)
+    assert await count(harness, enrolment_links) == 0
     assert (await harness.client.get(f"/api/enrolment/{live}")).status == 404

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from audit.access_log import (
     AccessRecord,
@@ -17,6 +18,7 @@ from audit.access_log import (
 )
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
+from audit.retention import Retention, retention_of, set_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.representations import account_json, iso
@@ -273,8 +275,10 @@ async def access_log_read(request: web.Request) -> web.Response:
 async def access_log_verify(request: web.Request) -> web.Response:
     """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
     principal = await require_role(request, Role.ADMIN, action="access_log.verify")
-    async with request.app[DB_ENGINE].connect() as conn:
-        report = await verify_chain(conn, chain=chain_of(principal.account.organisation_id))
+    # From the engine: each batch in its own short transaction, so appends go on.
+    report = await verify_chain(
+        request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
+    )
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
@@ -300,3 +304,63 @@ async def access_log_verify(request: web.Request) -> web.Response:
             },
         }
     )
+
+
+class RetentionBody(RequestBody):
+    consult_days: int = Field(ge=1, le=36500)
+    recording_days: int = Field(ge=1, le=36500)
+    access_log_days: int = Field(ge=1, le=36500)
+
+
+def _retention_json(retention: Retention) -> dict[str, int]:
+    return {
+        "consult_days": retention.consult_days,
+        "recording_days": retention.recording_days,
+        "access_log_days": retention.access_log_days,
+    }
+
+
+def default_retention(request: web.Request) -> Retention:
+    settings = request.app[SETTINGS].retention
+    return Retention(settings.consult_days, settings.recording_days, settings.access_log_days)
+
+
+@routes.get("/api/admin/retention")
+async def retention_read(request: web.Request) -> web.Response:
+    """The organisation's retention, in days (the installation's defaults until set)."""
+    principal = await require_role(request, Role.ADMIN, action="retention.read")
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        retention = await retention_of(conn, organisation_id, defaults=default_retention(request))
+        await record(
+            conn,
+            admin_actor(principal),
+            organisation_id=organisation_id,
+            action="retention.read",
+            object_id=organisation_id,
+            object_type="organisation",
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response(_retention_json(retention))
+
+
+@routes.put("/api/admin/retention")
+async def retention_update(request: web.Request) -> web.Response:
+    """Set the organisation's retention; the next purge applies it."""
+    principal = await require_role(request, Role.ADMIN, action="retention.update")
+    body = await read_json(request, RetentionBody)
+    organisation_id = principal.account.organisation_id
+    retention = Retention(body.consult_days, body.recording_days, body.access_log_days)
+    now = request.app[CLOCK].now()
+    async with request.app[DB_ENGINE].begin() as conn:
+        await set_retention(conn, organisation_id, retention, now=now)
+        await record(
+            conn,
+            admin_actor(principal),
+            organisation_id=organisation_id,
+            action="retention.update",
+            object_id=organisation_id,
+            object_type="organisation",
+            now=now,
+        )
+    return web.json_response(_retention_json(retention))

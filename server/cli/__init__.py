@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 from audit import AuditError
 from config import SettingsError, load_settings
-from server.cli import audit_log, db, org, serve, user
+from server.cli import audit_log, db, org, retention, serve, user
 from server.cli.base import CliError, CommandModule
 from server.process_log import configure_process_logging
 
-COMMANDS: tuple[CommandModule, ...] = (serve, db, org, user, audit_log)
+COMMANDS: tuple[CommandModule, ...] = (serve, db, org, user, audit_log, retention)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

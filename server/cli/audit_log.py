@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_verify(settings: Settings, _args: argparse.Namespace) -> int:
     async def _verify() -> int:
-        async with current_database(settings) as engine, engine.connect() as conn:
-            report = await verify_chain(conn)
+        async with current_database(settings) as engine:
+            report = await verify_chain(engine)
         if report.broken is None:
             print(f"access log intact: {report.records} records in {report.chains} chains")
             return 0

@@ -1,0 +1,284 @@
+"""Retention and destruction: each organisation's settings, and the purge.
+
+What has passed its organisation's retention is deleted, irreversibly:
+
+- consult records (and their invites), counted from when the consult ended
+  (or was closed without starting); a consult whose therapist was erased
+  belongs to no organisation any more and follows the installation's
+  defaults;
+- access-log records, counted from when they were written: the oldest part
+  of each organisation's chain goes, a checkpoint keeps the position and
+  hash of the last record purged (so the chain still verifies), and a
+  chained ``access_log.purge`` record says what was removed;
+- recordings: none exist yet (they arrive with the recording feature, which
+  destroys the wrapped key first, then the file).
+
+Only one node purges at a time: on PostgreSQL the purge takes a
+transaction-level advisory lock and skips when another node holds it; on
+SQLite transactions are serial anyway.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.access_log import (
+    AccessRecord,
+    ClientType,
+    Outcome,
+    append_access,
+    chain_of,
+)
+from audit.consults import ConsultStatus
+from audit.schema import (
+    access_log,
+    access_log_checkpoints,
+    accounts,
+    consults,
+    organisations,
+    retention_settings,
+)
+
+# pg_try_advisory_xact_lock key: one purge at a time across nodes.
+PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
+# Rows deleted per statement (and per progress step).
+BATCH = 1000
+# The actor role of what the purge writes to the access log.
+SYSTEM = "system"
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Retention:
+    consult_days: int
+    recording_days: int
+    access_log_days: int
+
+
+@dataclass
+class PurgedOrganisation:
+    organisation_id: uuid.UUID | None
+    consults: int = 0
+    access_log_records: int = 0
+    # The last access-log record purged (the new checkpoint), if any.
+    checkpoint_seq: int | None = None
+
+
+@dataclass
+class PurgeReport:
+    dry_run: bool
+    # False when another node was purging at the time (nothing was done).
+    ran: bool = True
+    organisations: list[PurgedOrganisation] = field(default_factory=list)
+
+    @property
+    def consults(self) -> int:
+        return sum(org.consults for org in self.organisations)
+
+    @property
+    def access_log_records(self) -> int:
+        return sum(org.access_log_records for org in self.organisations)
+
+
+async def retention_of(
+    conn: AsyncConnection, organisation_id: uuid.UUID, *, defaults: Retention
+) -> Retention:
+    row = (
+        await conn.execute(
+            sa.select(retention_settings).where(
+                retention_settings.c.organisation_id == organisation_id
+            )
+        )
+    ).first()
+    if row is None:
+        return defaults
+    return Retention(row.consult_days, row.recording_days, row.access_log_days)
+
+
+async def set_retention(
+    conn: AsyncConnection, organisation_id: uuid.UUID, retention: Retention, *, now: datetime
+) -> None:
+    values = {
+        "consult_days": retention.consult_days,
+        "recording_days": retention.recording_days,
+        "access_log_days": retention.access_log_days,
+        "updated_at": now,
+    }
+    updated = await conn.execute(
+        retention_settings.update()
+        .where(retention_settings.c.organisation_id == organisation_id)
+        .values(**values)
+    )
+    if updated.rowcount == 0:
+        await conn.execute(
+            retention_settings.insert().values(organisation_id=organisation_id, **values)
+        )
+
+
+def _expired_consults(
+    organisation_id: uuid.UUID | None, cutoff: datetime
+) -> sa.Select[tuple[uuid.UUID]]:
+    over = consults.c.status.in_([ConsultStatus.ENDED.value, ConsultStatus.NOT_STARTED.value])
+    closed = sa.func.coalesce(consults.c.ended_at, consults.c.created_at)
+    if organisation_id is None:
+        owner = consults.c.therapist_id.is_(None)
+    else:
+        owner = consults.c.therapist_id.in_(
+            sa.select(accounts.c.id).where(accounts.c.organisation_id == organisation_id)
+        )
+    return sa.select(consults.c.id).where(owner, over, closed < cutoff)
+
+
+async def _purge_consults(
+    conn: AsyncConnection,
+    organisation_id: uuid.UUID | None,
+    cutoff: datetime,
+    *,
+    dry_run: bool,
+    progress: Progress | None,
+) -> int:
+    ids = list((await conn.execute(_expired_consults(organisation_id, cutoff))).scalars())
+    if dry_run:
+        return len(ids)
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start : start + BATCH]
+        # Invites go with them (ON DELETE CASCADE).
+        await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
+        if progress is not None:
+            progress(len(chunk))
+    return len(ids)
+
+
+async def _purge_chain(
+    conn: AsyncConnection,
+    organisation_id: uuid.UUID | None,
+    cutoff: datetime,
+    *,
+    now: datetime,
+    dry_run: bool,
+    progress: Progress | None,
+) -> tuple[int, int | None]:
+    """Delete the oldest part of a chain written before ``cutoff``; return how
+    many records and the last purged seq."""
+    chain = chain_of(organisation_id)
+    # The chain is in time order: purge up to the first record still inside
+    # its retention (never past it, so what remains is one unbroken piece).
+    first_kept = await conn.scalar(
+        sa.select(sa.func.min(access_log.c.seq)).where(
+            access_log.c.chain == chain, access_log.c.at >= cutoff
+        )
+    )
+    bound = access_log.c.seq < first_kept if first_kept is not None else sa.true()
+    last = (
+        await conn.execute(
+            sa.select(access_log.c.seq, access_log.c.hash)
+            .where(access_log.c.chain == chain, bound)
+            .order_by(access_log.c.seq.desc())
+            .limit(1)
+        )
+    ).first()
+    if last is None:
+        return 0, None
+    count = int(
+        await conn.scalar(sa.select(sa.func.count()).where(access_log.c.chain == chain, bound)) or 0
+    )
+    if dry_run:
+        return count, last.seq
+    await conn.execute(
+        access_log_checkpoints.insert().values(
+            chain=chain,
+            through_seq=last.seq,
+            through_hash=last.hash,
+            created_at=now,
+            records_purged=count,
+        )
+    )
+    lowest = int(
+        await conn.scalar(
+            sa.select(sa.func.min(access_log.c.seq)).where(access_log.c.chain == chain)
+        )
+    )
+    for start in range(lowest, last.seq + 1, BATCH):
+        deleted = await conn.execute(
+            access_log.delete().where(
+                access_log.c.chain == chain,
+                access_log.c.seq >= start,
+                access_log.c.seq < min(start + BATCH, last.seq + 1),
+            )
+        )
+        if progress is not None:
+            progress(deleted.rowcount)
+    await append_access(
+        conn,
+        AccessRecord(
+            at=now,
+            organisation_id=organisation_id,
+            actor_id=None,
+            actor_role=SYSTEM,
+            action="access_log.purge",
+            object_type="access_log",
+            object_id=f"through {last.seq}",
+            outcome=Outcome.ALLOWED,
+            client_type=ClientType.CLI,
+        ),
+    )
+    return count, last.seq
+
+
+async def count_expired(conn: AsyncConnection, *, now: datetime, defaults: Retention) -> int:
+    """How many rows a purge now would delete (for a progress bar's total)."""
+    report = await purge(conn, now=now, defaults=defaults, dry_run=True)
+    return report.consults + report.access_log_records
+
+
+async def purge(
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    defaults: Retention,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> PurgeReport:
+    """Delete what has passed its retention, in the caller's transaction."""
+    report = PurgeReport(dry_run=dry_run)
+    if conn.dialect.name == "postgresql" and not dry_run:
+        got = await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(PURGE_LOCK_KEY)))
+        if not got:
+            report.ran = False
+            return report
+    owners: list[uuid.UUID | None] = [
+        *(await conn.execute(sa.select(organisations.c.id).order_by(organisations.c.id))).scalars(),
+        None,
+    ]
+    for organisation_id in owners:
+        retention = (
+            await retention_of(conn, organisation_id, defaults=defaults)
+            if organisation_id is not None
+            else defaults
+        )
+        purged = PurgedOrganisation(organisation_id)
+        purged.consults = await _purge_consults(
+            conn,
+            organisation_id,
+            now - timedelta(days=retention.consult_days),
+            dry_run=dry_run,
+            progress=progress,
+        )
+        purged.access_log_records, purged.checkpoint_seq = await _purge_chain(
+            conn,
+            organisation_id,
+            now - timedelta(days=retention.access_log_days),
+            now=now,
+            dry_run=dry_run,
+            progress=progress,
+        )
+        if purged.consults or purged.access_log_records:
+            report.organisations.append(purged)
+    return report
