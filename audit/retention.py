@@ -10,8 +10,11 @@ What has passed its organisation's retention is deleted, irreversibly:
   of each organisation's chain goes, a checkpoint keeps the position and
   hash of the last record purged (so the chain still verifies), and a
   chained ``access_log.purge`` record says what was removed;
-- recordings: none exist yet (they arrive with the recording feature, which
-  destroys the wrapped key first, then the file).
+- recordings, counted from when their consult ended (and with their
+  consult record when that goes first): the wrapped data key is destroyed
+  first (the row goes in this transaction), the file only after the commit
+  (:attr:`PurgeReport.files`, for :meth:`audit.recordings.FileStore.delete_files`),
+  so a file that outlives a crash can no longer be decrypted.
 
 Only one node purges at a time: on PostgreSQL the purge takes a
 transaction-level advisory lock and skips when another node holds it; on
@@ -36,12 +39,14 @@ from audit.access_log import (
     chain_of,
 )
 from audit.consults import ConsultStatus
+from audit.recordings import expired_recordings, shred
 from audit.schema import (
     access_log,
     access_log_checkpoints,
     accounts,
     consults,
     organisations,
+    recordings,
     retention_settings,
 )
 
@@ -65,6 +70,7 @@ class Retention:
 @dataclass
 class PurgedOrganisation:
     organisation_id: uuid.UUID | None
+    recordings: int = 0
     consults: int = 0
     access_log_records: int = 0
     # The last access-log record purged (the new checkpoint), if any.
@@ -77,6 +83,12 @@ class PurgeReport:
     # False when another node was purging at the time (nothing was done).
     ran: bool = True
     organisations: list[PurgedOrganisation] = field(default_factory=list)
+    # Encrypted files whose keys this purge destroyed: delete them after commit.
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def recordings(self) -> int:
+        return sum(org.recordings for org in self.organisations)
 
     @property
     def consults(self) -> int:
@@ -143,12 +155,18 @@ async def _purge_consults(
     *,
     dry_run: bool,
     progress: Progress | None,
+    files: list[str],
 ) -> int:
     ids = list((await conn.execute(_expired_consults(organisation_id, cutoff))).scalars())
     if dry_run:
         return len(ids)
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
+        # A consult's recordings go before it: keys first, files after commit.
+        of_these = (
+            await conn.execute(sa.select(recordings.c.id).where(recordings.c.consult_id.in_(chunk)))
+        ).scalars()
+        files += await shred(conn, of_these)
         # Invites go with them (ON DELETE CASCADE).
         await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
         if progress is not None:
@@ -235,7 +253,7 @@ async def _purge_chain(
 async def count_expired(conn: AsyncConnection, *, now: datetime, defaults: Retention) -> int:
     """How many rows a purge now would delete (for a progress bar's total)."""
     report = await purge(conn, now=now, defaults=defaults, dry_run=True)
-    return report.consults + report.access_log_records
+    return report.recordings + report.consults + report.access_log_records
 
 
 async def purge(
@@ -264,12 +282,21 @@ async def purge(
             else defaults
         )
         purged = PurgedOrganisation(organisation_id)
+        expired = await expired_recordings(
+            conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
+        )
+        purged.recordings = len(expired)
+        if not dry_run:
+            report.files += await shred(conn, expired)
+            if progress is not None and expired:
+                progress(len(expired))
         purged.consults = await _purge_consults(
             conn,
             organisation_id,
             now - timedelta(days=retention.consult_days),
             dry_run=dry_run,
             progress=progress,
+            files=report.files,
         )
         purged.access_log_records, purged.checkpoint_seq = await _purge_chain(
             conn,
@@ -279,6 +306,6 @@ async def purge(
             dry_run=dry_run,
             progress=progress,
         )
-        if purged.consults or purged.access_log_records:
+        if purged.recordings or purged.consults or purged.access_log_records:
             report.organisations.append(purged)
     return report

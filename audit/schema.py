@@ -253,3 +253,29 @@ retention_settings = sa.Table(
     sa.Column("access_log_days", sa.Integer(), nullable=False),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
 )
+
+
+# A recording of a consult in the encrypted file store (audit/filestore.py):
+# the file holds only ciphertext; its data key lives here, wrapped by the
+# master key named by key_id. Deleting the row destroys the key
+# (crypto-shredding); the file goes after that.
+recordings = sa.Table(
+    "recordings",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="RESTRICT"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("ended_at", UtcDateTime(), nullable=True),
+    # recording, complete or incomplete (the writer died before the end).
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("key_id", sa.String(16), nullable=False),
+    sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
+    sa.Column("file_name", sa.String(64), nullable=False),
+    sa.Column("plaintext_bytes", sa.BigInteger(), nullable=True),
+)

@@ -10,10 +10,11 @@ from aiohttp import web
 
 from audit.accounts import purge_enrolment_links
 from audit.consults import abandoned_consults, purge_expired_invites
+from audit.recordings import FileStore
 from audit.retention import Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
-from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS
+from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, ROOMS, SETTINGS
 from server.auth.lockout import lookback
 
 _log = structlog.get_logger("videoconsult.housekeeping")
@@ -68,21 +69,30 @@ async def run_housekeeping(app: web.Application) -> None:
         await asyncio.sleep(INTERVAL_S)
 
 
+def recording_store(app: web.Application) -> FileStore:
+    return FileStore(app[DATA_DIR] / "recordings")
+
+
 async def run_retention_purge(app: web.Application) -> None:
     """Background task: the retention purge, every ``retention.purge_interval_s``
-    (one node at a time; the others find the lock taken and skip)."""
+    after start (one node at a time; the others find the lock taken and skip)."""
     settings = app[SETTINGS].retention
     defaults = Retention(settings.consult_days, settings.recording_days, settings.access_log_days)
     while True:
+        # First a full interval: nothing is so urgent that a start should wait
+        # on it, and several nodes starting together do not all try at once.
+        await asyncio.sleep(settings.purge_interval_s)
         try:
             async with app[DB_ENGINE].begin() as conn:
                 report = await purge(conn, now=app[CLOCK].now(), defaults=defaults)
-            if report.consults or report.access_log_records:
+            # The keys are gone (committed); now the files.
+            recording_store(app).delete_files(report.files)
+            if report.recordings or report.consults or report.access_log_records:
                 _log.info(
                     "retention purge",
+                    recordings=report.recordings,
                     consults=report.consults,
                     access_log_records=report.access_log_records,
                 )
         except Exception:
             _log.exception("retention purge failed; trying again later")
-        await asyncio.sleep(settings.purge_interval_s)

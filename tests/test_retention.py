@@ -185,10 +185,13 @@ def test_the_command_line_runs_the_purge(data_dir: Path) -> None:
     assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
     dry = run_cli("retention", "run", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert "dry run: would delete 0 consult records and 0 access-log records in all" in dry.stdout
+    assert (
+        "dry run: would delete 0 recordings, 0 consult records and 0 access-log records in all"
+        in dry.stdout
+    )
     real = run_cli("retention", "run", env=env)
     assert real.returncode == 0, real.stderr
-    assert "deleted 0 consult records and 0 access-log records in all" in real.stdout
+    assert "deleted 0 recordings, 0 consult records and 0 access-log records in all" in real.stdout
     assert run_cli("audit", "verify", env=env).returncode == 0
 
 

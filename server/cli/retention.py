@@ -8,7 +8,9 @@ import sys
 
 from tqdm import tqdm
 
+from audit import prepare_data_dir
 from audit.clock import SystemClock
+from audit.recordings import FileStore
 from audit.retention import Retention, count_expired, purge
 from config import Settings
 from server.cli.base import current_database
@@ -66,6 +68,8 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 report = await purge(
                     conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
                 )
+        # The keys are gone (committed); now the files.
+        FileStore(prepare_data_dir(settings.data_dir) / "recordings").delete_files(report.files)
         if not report.ran:
             print("another node is purging right now; nothing done")
             return 0
@@ -78,11 +82,12 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 else ""
             )
             print(
-                f"{owner}: {verb} {org.consults} consult records and "
-                f"{org.access_log_records} access-log records{checkpoint}"
+                f"{owner}: {verb} {org.recordings} recordings, {org.consults} consult records "
+                f"and {org.access_log_records} access-log records{checkpoint}"
             )
         print(
-            f"{'dry run: ' if args.dry_run else ''}{verb} {report.consults} consult records and "
+            f"{'dry run: ' if args.dry_run else ''}{verb} {report.recordings} recordings, "
+            f"{report.consults} consult records and "
             f"{report.access_log_records} access-log records in all"
         )
         return 0

@@ -1,0 +1,220 @@
+"""The encrypted file store: a streaming, chunked authenticated encryption format.
+
+Every file has its own random 256-bit data key (AES-256-GCM). The data key
+never touches the disk in the clear: it is wrapped (sealed) by the master key
+and kept in the database, next to the id of the master key that wrapped it.
+Destroying the wrapped key makes the file unreadable for good
+(crypto-shredding), whatever happens to the file afterwards.
+
+Layout (all integers big-endian)::
+
+    header:  b"VCENC" | version (1 byte, 1) | file id (16 bytes, a UUID)
+             | nonce prefix (4 random bytes) | chunk size (4 bytes)
+    chunk*:  flag (1 byte: 0 = more follow, 1 = final) | length (4 bytes)
+             | ciphertext (length bytes: the chunk's plaintext + 16-byte tag)
+
+Chunk ``i`` (from 0) is encrypted with the nonce ``prefix | i`` (8 bytes) and
+the associated data ``header | i | flag``. So a modified byte anywhere, a
+chunk moved, dropped or taken from another file, and a changed header fail
+authentication; a file that ends without a final chunk is truncated, and is
+reported as such (what came before it still decrypts). Plaintext chunks are
+``chunk size`` bytes, the last one possibly shorter (or empty).
+
+The writer is a file-like object (``write``/``close``) that encrypts as it
+goes: plaintext exists only in memory, one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from audit.errors import AuditError
+
+MAGIC = b"VCENC"
+VERSION = 1
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+_HEADER = struct.Struct(">5sB16s4sI")
+_CHUNK_HEAD = struct.Struct(">BI")
+_TAG = 16
+HEADER_SIZE = _HEADER.size
+
+
+class StoreError(AuditError):
+    """An encrypted file does not open; the message says how."""
+
+
+class Tampered(StoreError):
+    """A chunk or the header fails authentication (changed, moved, dropped, foreign)."""
+
+
+class Truncated(StoreError):
+    """The file ends without its final chunk (e.g. the writer died)."""
+
+    def __init__(self, message: str, *, plaintext_bytes: int) -> None:
+        super().__init__(message)
+        self.plaintext_bytes = plaintext_bytes
+
+
+def new_data_key() -> bytes:
+    return AESGCM.generate_key(bit_length=256)
+
+
+def _nonce(prefix: bytes, index: int) -> bytes:
+    return prefix + struct.pack(">Q", index)
+
+
+def _aad(header: bytes, index: int, final: bool) -> bytes:
+    return header + struct.pack(">QB", index, 1 if final else 0)
+
+
+class EncryptingWriter:
+    """Write plaintext; what reaches ``sink`` is already encrypted.
+
+    ``close()`` writes the final chunk; a writer that is never closed leaves
+    a truncated file, which the reader reports.
+    """
+
+    def __init__(
+        self,
+        sink: BinaryIO,
+        data_key: bytes,
+        file_id: uuid.UUID,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        owns_sink: bool = False,
+    ) -> None:
+        """``owns_sink``: close ``sink`` too on :meth:`close`."""
+        if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size must be 16 to {MAX_CHUNK_SIZE} bytes")
+        self._sink = sink
+        self._aead = AESGCM(data_key)
+        self._prefix = os.urandom(4)
+        self._chunk_size = chunk_size
+        self._header = _HEADER.pack(MAGIC, VERSION, file_id.bytes, self._prefix, chunk_size)
+        self._buffer = bytearray()
+        self._index = 0
+        self._closed = False
+        self._owns_sink = owns_sink
+        self.plaintext_bytes = 0
+        sink.write(self._header)
+
+    # File-like enough for PyAV and shutil.copyfileobj.
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._closed:
+            raise ValueError("write to a closed encrypted file")
+        self._buffer += data
+        self.plaintext_bytes += len(data)
+        while len(self._buffer) > self._chunk_size:
+            self._emit(bytes(self._buffer[: self._chunk_size]), final=False)
+            del self._buffer[: self._chunk_size]
+        return len(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._emit(bytes(self._buffer), final=True)
+        self._buffer.clear()
+        self._closed = True
+        self._sink.flush()
+        if self._owns_sink:
+            self._sink.close()
+
+    def _emit(self, plaintext: bytes, *, final: bool) -> None:
+        ciphertext = self._aead.encrypt(
+            _nonce(self._prefix, self._index), plaintext, _aad(self._header, self._index, final)
+        )
+        self._sink.write(_CHUNK_HEAD.pack(1 if final else 0, len(ciphertext)) + ciphertext)
+        self._index += 1
+
+    def __enter__(self) -> EncryptingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_header(source: BinaryIO) -> tuple[uuid.UUID, bytes]:
+    """The file id and the raw header; raises :class:`StoreError` for a foreign file."""
+    header = source.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        raise Truncated("the file ends inside its header", plaintext_bytes=0)
+    magic, version, file_id, _prefix, chunk_size = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise StoreError("not an encrypted videoconsult file")
+    if version != VERSION:
+        raise StoreError(f"encrypted file version {version} is not known (expected {VERSION})")
+    if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise Tampered("the header's chunk size is out of range")
+    return uuid.UUID(bytes=file_id), header
+
+
+def decrypt_chunks(
+    source: BinaryIO, data_key: bytes, *, file_id: uuid.UUID | None = None
+) -> Iterator[bytes]:
+    """Yield the plaintext chunk by chunk (memory independent of file size).
+
+    Raises :class:`Tampered` at the first chunk that fails authentication,
+    :class:`Truncated` when the file ends without its final chunk (after
+    yielding everything before it), :class:`StoreError` for a foreign file.
+    """
+    found_id, header = read_header(source)
+    if file_id is not None and found_id != file_id:
+        raise Tampered(f"this file belongs to {found_id}, not to {file_id}")
+    _magic, _version, _id, prefix, chunk_size = _HEADER.unpack(header)
+    aead = AESGCM(data_key)
+    index, produced = 0, 0
+    while True:
+        head = source.read(_CHUNK_HEAD.size)
+        if len(head) < _CHUNK_HEAD.size:
+            raise Truncated(
+                f"the file ends after {index} chunks without its final chunk; "
+                f"{produced} bytes decrypted before the cut",
+                plaintext_bytes=produced,
+            )
+        flag, length = _CHUNK_HEAD.unpack(head)
+        if flag not in (0, 1) or not _TAG <= length <= chunk_size + _TAG:
+            raise Tampered(f"chunk {index} has a damaged frame")
+        ciphertext = source.read(length)
+        if len(ciphertext) < length:
+            raise Truncated(
+                f"the file ends inside chunk {index}; {produced} bytes decrypted before the cut",
+                plaintext_bytes=produced,
+            )
+        final = flag == 1
+        try:
+            plaintext = aead.decrypt(_nonce(prefix, index), ciphertext, _aad(header, index, final))
+        except InvalidTag:
+            raise Tampered(
+                f"chunk {index} fails authentication (changed, moved, dropped or not this file's)"
+            ) from None
+        produced += len(plaintext)
+        yield plaintext
+        if final:
+            if source.read(1):
+                raise Tampered(f"data follows the final chunk ({index})")
+            return
+        index += 1

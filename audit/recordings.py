@@ -1,0 +1,199 @@
+"""Recordings in the encrypted file store: keys, files, crypto-shredding.
+
+A recording's file (``<data dir>/recordings/<id>.vcenc``) holds only
+ciphertext in the format of :mod:`audit.filestore`. Its data key is wrapped by
+the master key (``seal`` with purpose ``recording-key``, bound to the
+recording's id) and kept in the ``recordings`` row, with the id of the master
+key that wrapped it. Deleting the row destroys the key: the file can never be
+decrypted again, and it is removed right after (:func:`delete_files`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.errors import NotFound
+from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
+from audit.schema import accounts, consults, recordings
+from audit.sealing import derive_key, seal, unseal
+
+KEY_PURPOSE = "recording-key"
+FILE_SUFFIX = ".vcenc"
+
+
+class RecordingStatus(enum.Enum):
+    RECORDING = "recording"
+    COMPLETE = "complete"
+    # The writer stopped before the end (the server died): readable up to
+    # the last full chunk, and reported as truncated.
+    INCOMPLETE = "incomplete"
+
+
+def master_key_id(master_key: bytes) -> str:
+    """A short, public id of a master key (which key wrapped a data key)."""
+    return hashlib.sha256(derive_key(master_key, "key-id")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Recording:
+    id: uuid.UUID
+    consult_id: uuid.UUID
+    created_at: datetime
+    status: RecordingStatus
+    key_id: str
+    file_name: str
+
+
+class FileStore:
+    """The directory of encrypted files (created private)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, file_name: str) -> Path:
+        return self.root / file_name
+
+    def create(self, file_name: str) -> BinaryIO:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # O_EXCL: never write into a file that exists; 0600: the owner only.
+        fd = os.open(self.path(file_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.fdopen(fd, "wb")
+
+    def open(self, file_name: str) -> BinaryIO:
+        return open(self.path(file_name), "rb")
+
+    def delete_files(self, file_names: Iterable[str]) -> int:
+        """Remove files whose keys are already destroyed; return how many were there."""
+        removed = 0
+        for name in file_names:
+            try:
+                self.path(name).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+async def start_recording(
+    conn: AsyncConnection,
+    store: FileStore,
+    master_key: bytes,
+    consult_id: uuid.UUID,
+    *,
+    now: datetime,
+) -> tuple[Recording, EncryptingWriter]:
+    """A new recording: its key wrapped in the database, its file open for ciphertext."""
+    recording_id = uuid.uuid4()
+    data_key = new_data_key()
+    file_name = f"{recording_id}{FILE_SUFFIX}"
+    recording = Recording(
+        recording_id,
+        consult_id,
+        now,
+        RecordingStatus.RECORDING,
+        master_key_id(master_key),
+        file_name,
+    )
+    await conn.execute(
+        recordings.insert().values(
+            id=recording_id,
+            consult_id=consult_id,
+            created_at=now,
+            status=RecordingStatus.RECORDING.value,
+            key_id=recording.key_id,
+            wrapped_key=seal(master_key, KEY_PURPOSE, data_key, bound_to=str(recording_id)),
+            file_name=file_name,
+        )
+    )
+    return recording, EncryptingWriter(
+        store.create(file_name), data_key, recording_id, owns_sink=True
+    )
+
+
+async def finish_recording(
+    conn: AsyncConnection, recording_id: uuid.UUID, writer: EncryptingWriter, *, now: datetime
+) -> None:
+    writer.close()
+    await conn.execute(
+        recordings.update()
+        .where(recordings.c.id == recording_id)
+        .values(
+            status=RecordingStatus.COMPLETE.value,
+            ended_at=now,
+            plaintext_bytes=writer.plaintext_bytes,
+        )
+    )
+
+
+async def data_key_of(
+    conn: AsyncConnection, master_key: bytes, recording_id: uuid.UUID
+) -> tuple[str, bytes]:
+    """The recording's file name and unwrapped data key (NotFound once shredded)."""
+    row = (
+        await conn.execute(
+            sa.select(recordings.c.file_name, recordings.c.wrapped_key).where(
+                recordings.c.id == recording_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise NotFound("no such recording (or it was deleted)")
+    key = unseal(master_key, KEY_PURPOSE, row.wrapped_key, bound_to=str(recording_id))
+    return row.file_name, key
+
+
+def plaintext(
+    store: FileStore, file_name: str, data_key: bytes, recording_id: uuid.UUID
+) -> Iterator[bytes]:
+    """The decrypted recording, chunk by chunk (see :func:`audit.filestore.decrypt_chunks`)."""
+    with store.open(file_name) as source:
+        yield from decrypt_chunks(source, data_key, file_id=recording_id)
+
+
+async def shred(conn: AsyncConnection, recording_ids: Iterable[uuid.UUID]) -> list[str]:
+    """Destroy the recordings' keys (delete their rows); return their file names,
+    to be removed with :meth:`FileStore.delete_files` once this commits."""
+    ids = list(recording_ids)
+    if not ids:
+        return []
+    names = list(
+        (
+            await conn.execute(sa.select(recordings.c.file_name).where(recordings.c.id.in_(ids)))
+        ).scalars()
+    )
+    await conn.execute(recordings.delete().where(recordings.c.id.in_(ids)))
+    return names
+
+
+async def expired_recordings(
+    conn: AsyncConnection, organisation_id: uuid.UUID | None, *, cutoff: datetime
+) -> list[uuid.UUID]:
+    """Recordings of the organisation's consults that ended before ``cutoff``."""
+    closed = sa.func.coalesce(consults.c.ended_at, consults.c.created_at)
+    if organisation_id is None:
+        owner = consults.c.therapist_id.is_(None)
+    else:
+        owner = consults.c.therapist_id.in_(
+            sa.select(accounts.c.id).where(accounts.c.organisation_id == organisation_id)
+        )
+    query = (
+        sa.select(recordings.c.id)
+        .join(consults, consults.c.id == recordings.c.consult_id)
+        .where(owner, consults.c.ended_at.is_not(None), closed < cutoff)
+    )
+    return list((await conn.execute(query)).scalars())
+
+
+def recording_cutoff(now: datetime, days: int) -> datetime:
+    return now - timedelta(days=days)

@@ -1,0 +1,227 @@
+"""The encrypted file store: the format detects every kind of damage, no
+plaintext reaches the disk, and crypto-shredding leaves no key that opens a file."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from audit.consults import mark_ended
+from audit.errors import NotFound
+from audit.filestore import (
+    HEADER_SIZE,
+    EncryptingWriter,
+    StoreError,
+    Tampered,
+    Truncated,
+    decrypt_chunks,
+    new_data_key,
+)
+from audit.recordings import (
+    FileStore,
+    data_key_of,
+    finish_recording,
+    master_key_id,
+    plaintext,
+    start_recording,
+)
+from audit.retention import Retention, purge
+from audit.schema import metadata, recordings
+from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY
+from server.housekeeping import recording_store
+from tests.harness import Harness, new_consult
+
+CHUNK = 64
+
+
+def encrypt(data: bytes, key: bytes, file_id: uuid.UUID, *, close: bool = True) -> bytes:
+    sink = io.BytesIO()
+    writer = EncryptingWriter(sink, key, file_id, chunk_size=CHUNK)
+    # In uneven pieces, as a muxer writes.
+    for start in range(0, len(data), 37):
+        writer.write(data[start : start + 37])
+    if close:
+        writer.close()
+    return sink.getvalue()
+
+
+def decrypt(blob: bytes, key: bytes, file_id: uuid.UUID | None = None) -> bytes:
+    return b"".join(decrypt_chunks(io.BytesIO(blob), key, file_id=file_id))
+
+
+def collect(pieces: Iterator[bytes], into: list[bytes]) -> None:
+    for piece in pieces:
+        into.append(piece)
+
+
+def decrypt_file(path: Path, key: bytes, file_id: uuid.UUID) -> bytes:
+    with open(path, "rb") as source:
+        return b"".join(decrypt_chunks(source, key, file_id=file_id))
+
+
+def chunks_of(blob: bytes) -> list[bytes]:
+    """The framed chunks (flag, length, ciphertext) after the header."""
+    found, at = [], HEADER_SIZE
+    while at < len(blob):
+        _flag, length = struct.unpack(">BI", blob[at : at + 5])
+        found.append(blob[at : at + 5 + length])
+        at += 5 + length
+    return found
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 10 * CHUNK, 10 * CHUNK + 17])
+def test_what_goes_in_comes_out(size: int) -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    data = os.urandom(size)
+    blob = encrypt(data, key, file_id)
+    assert decrypt(blob, key, file_id) == data
+    assert data[:16] not in blob or size < 16
+
+
+def test_a_flipped_byte_anywhere_is_found() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    blob = encrypt(os.urandom(5 * CHUNK), key, file_id)
+    for position in (HEADER_SIZE + 20, len(blob) // 2, len(blob) - 1, 10):
+        damaged = bytearray(blob)
+        damaged[position] ^= 0x01
+        with pytest.raises(StoreError):
+            decrypt(bytes(damaged), key, file_id)
+    damaged = bytearray(blob)
+    damaged[HEADER_SIZE + 30] ^= 0x80
+    with pytest.raises(Tampered, match="chunk 0 fails authentication"):
+        decrypt(bytes(damaged), key, file_id)
+
+
+def test_dropped_reordered_and_foreign_chunks_are_found() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    blob = encrypt(os.urandom(5 * CHUNK), key, file_id)
+    header, parts = blob[:HEADER_SIZE], chunks_of(blob)
+    assert len(parts) == 5  # the fifth, full, is the final one
+    dropped = header + b"".join(parts[:2] + parts[3:])
+    with pytest.raises(Tampered, match="chunk 2"):
+        decrypt(dropped, key, file_id)
+    reordered = header + b"".join([parts[1], parts[0], *parts[2:]])
+    with pytest.raises(Tampered, match="chunk 0"):
+        decrypt(reordered, key, file_id)
+    other = encrypt(os.urandom(5 * CHUNK), key, uuid.uuid4())
+    spliced = header + b"".join([parts[0], chunks_of(other)[1], *parts[2:]])
+    with pytest.raises(Tampered, match="chunk 1"):
+        decrypt(spliced, key, file_id)
+    with pytest.raises(Tampered, match="belongs to"):
+        decrypt(other, key, file_id)
+    with pytest.raises(Tampered, match="follows the final chunk"):
+        decrypt(blob + parts[-1], key, file_id)
+    with pytest.raises(Tampered):
+        decrypt(blob, new_data_key(), file_id)
+
+
+def test_a_truncated_file_gives_what_it_has_and_says_it_is_cut() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    data = os.urandom(5 * CHUNK + 10)
+    blob = encrypt(data, key, file_id)
+    parts = chunks_of(blob)
+    # Cut at a chunk boundary, and inside a chunk: what came before decrypts.
+    for cut, whole_chunks in ((HEADER_SIZE + len(parts[0]) + len(parts[1]), 2), (len(blob) - 3, 5)):
+        got: list[bytes] = []
+        with pytest.raises(Truncated) as caught:
+            collect(decrypt_chunks(io.BytesIO(blob[:cut]), key, file_id=file_id), got)
+        assert b"".join(got) == data[: whole_chunks * CHUNK]
+        assert caught.value.plaintext_bytes == whole_chunks * CHUNK
+    # A writer that died before close() leaves exactly such a file.
+    unfinished = encrypt(data, key, file_id, close=False)
+    with pytest.raises(Truncated, match="without its final chunk"):
+        decrypt(unfinished, key, file_id)
+    with pytest.raises(StoreError, match="not an encrypted videoconsult file"):
+        decrypt(b"RIFF" + blob[4:], key, file_id)
+
+
+def test_no_plaintext_reaches_the_disk(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "recordings")
+    key, file_id = new_data_key(), uuid.uuid4()
+    marker = b"PLAINTEXT-MEDIA-" * 5000
+    writer = EncryptingWriter(
+        store.create("x.vcenc"), key, file_id, chunk_size=4096, owns_sink=True
+    )
+    writer.write(marker)
+    writer.close()
+    files = list(tmp_path.rglob("*"))
+    assert [f.name for f in files if f.is_file()] == ["x.vcenc"]
+    stored = (tmp_path / "recordings" / "x.vcenc").read_bytes()
+    assert b"PLAINTEXT-MEDIA-" not in stored
+    assert oct((tmp_path / "recordings" / "x.vcenc").stat().st_mode & 0o777) == "0o600"
+    with store.open("x.vcenc") as source:
+        assert b"".join(decrypt_chunks(source, key, file_id=file_id)) == marker
+
+
+async def test_a_recording_round_trips_and_crypto_shredding_leaves_no_key(
+    harness: Harness, tmp_path: Path
+) -> None:
+    setup = await new_consult(harness)
+    consult_id = uuid.UUID(setup.consult_id)
+    engine, master = harness.app[DB_ENGINE], harness.app[MASTER_KEY].key
+    store = recording_store(harness.app)
+    assert store.root == harness.app[DATA_DIR] / "recordings"
+    media = os.urandom(300_000)
+    async with engine.begin() as conn:
+        recording, writer = await start_recording(
+            conn, store, master, consult_id, now=harness.clock.now()
+        )
+    writer.write(media)
+    async with engine.begin() as conn:
+        await finish_recording(conn, recording.id, writer, now=harness.clock.now())
+    async with engine.connect() as conn:
+        file_name, data_key = await data_key_of(conn, master, recording.id)
+        row = (await conn.execute(sa.select(recordings))).one()
+    assert b"".join(plaintext(store, file_name, data_key, recording.id)) == media
+    assert (row.status, row.key_id, row.plaintext_bytes) == (
+        "complete",
+        master_key_id(master),
+        len(media),
+    )
+    assert data_key not in row.wrapped_key  # only wrapped
+
+    # Keep a copy of the file, as a backup or a crash between the steps would.
+    kept = tmp_path / "kept.vcenc"
+    shutil.copy(store.path(file_name), kept)
+
+    # The consult ended long ago: retention destroys the key, then the file.
+    async with engine.begin() as conn:
+        await mark_ended(conn, consult_id, now=harness.clock.now())
+    harness.clock.advance(timedelta(days=31).total_seconds())
+    async with engine.begin() as conn:
+        report = await purge(
+            conn,
+            now=harness.clock.now(),
+            defaults=Retention(consult_days=730, recording_days=30, access_log_days=1825),
+        )
+    assert report.recordings == 1
+    assert report.files == [file_name]
+    assert store.delete_files(report.files) == 1
+    assert not store.path(file_name).exists()
+    async with engine.connect() as conn:
+        with pytest.raises(NotFound):
+            await data_key_of(conn, master, recording.id)
+        # No key anywhere in the database opens the kept copy, and the data
+        # key itself is nowhere.
+        dump = []
+        for table in metadata.sorted_tables:
+            dump.append(repr((await conn.execute(sa.select(table))).all()))
+    assert data_key.hex() not in "".join(dump)
+    assert repr(data_key)[2:-1] not in "".join(dump)
+    with pytest.raises(NotFound):
+        async with engine.connect() as conn:
+            await data_key_of(conn, master, recording.id)
+    # The consult record itself stays until its own retention.
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
+    with pytest.raises(Tampered):
+        decrypt_file(kept, new_data_key(), recording.id)
