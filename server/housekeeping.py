@@ -22,6 +22,8 @@ _log = structlog.get_logger("videoconsult.housekeeping")
 # Often enough that nothing outlives its limit by more than a few minutes;
 # reads filter by time anyway, so this bounds only what sits on disk.
 INTERVAL_S = 300.0
+# The first run, after start.
+FIRST_RUN_S = 60.0
 
 
 async def purge_expired(app: web.Application) -> dict[str, int]:
@@ -58,7 +60,10 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
 
 
 async def run_housekeeping(app: web.Application) -> None:
-    """Background task: purge at start and then every few minutes."""
+    """Background task: purge every few minutes, the first time a little after
+    start (not at once: a start should not wait on it, and what it removes is
+    already hidden from every read)."""
+    await asyncio.sleep(FIRST_RUN_S)
     while True:
         try:
             counts = await purge_expired(app)

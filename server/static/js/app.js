@@ -2,16 +2,14 @@
 // link, the call view, logout and the idle timeout.
 import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
+import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import {
-  chime,
-  fillDeviceSelect,
-  getMedia,
-  listDevices,
-  stopStream,
-  trackDeviceId,
-  webrtcSupported,
-} from "./media.js";
-import { bindCallControls, showQuality } from "./ui.js";
+  bindCallControls,
+  showDeviceProblems,
+  showQuality,
+  showSection,
+  toLogin,
+} from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const IDLE_WARNING_S = 90;
@@ -60,20 +58,7 @@ async function api(method, path, body) {
   return data;
 }
 
-async function toLogin(reason) {
-  if (reason === "idle") {
-    // Walked away from the screen: end the session on the server too.
-    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
-  }
-  const next = location.pathname + location.search;
-  location.assign(`/login?reason=${reason}&next=${encodeURIComponent(next)}`);
-}
-
-function show(id) {
-  for (const section of document.querySelectorAll("main > section")) {
-    section.hidden = section.id !== id;
-  }
-}
+const show = showSection;
 
 // --- the idle timeout ---------------------------------------------------------
 
@@ -288,23 +273,15 @@ function patientNotWaiting() {
   }
 }
 
-async function refreshDevices() {
-  try {
-    const { cameras, microphones } = await listDevices();
-    fillDeviceSelect($("camera-select"), cameras, trackDeviceId(media.stream, "video"), t("common.camera"));
-    fillDeviceSelect($("mic-select"), microphones, trackDeviceId(media.stream, "audio"), t("common.microphone"));
-  } catch {
-    // Names of devices are a nicety.
-  }
+function refreshDevices() {
+  return showDevices(media.stream, $("camera-select"), $("mic-select"), {
+    camera: t("common.camera"),
+    microphone: t("common.microphone"),
+  });
 }
 
-function showDeviceProblems() {
-  const problems = [];
-  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
-  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
-  $("device-problem").textContent = problems.join(" ");
-  $("device-problem").hidden = problems.length === 0;
-  if (problems.length) $("devices").hidden = false;
+function showProblems() {
+  if (showDeviceProblems($("device-problem"), media)) $("devices").hidden = false;
 }
 
 // Before each (re)connect: is the consult still there, and are we logged in?
@@ -353,7 +330,7 @@ async function openCall(id) {
   media = await getMedia();
   cameraTrack = media.stream ? media.stream.getVideoTracks()[0] || null : null;
   $("local-video").srcObject = media.stream;
-  showDeviceProblems();
+  showProblems();
   refreshDevices();
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   call = new ConsultCall({

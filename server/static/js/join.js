@@ -2,16 +2,8 @@
 // check, consent, waiting room, call, and the end. No inline script (CSP).
 import { ConsultCall, LinkProblem } from "./call.js";
 import { setupLanguage, t, translatePage } from "./i18n.js";
-import {
-  fillDeviceSelect,
-  getMedia,
-  listDevices,
-  showLevel,
-  stopStream,
-  trackDeviceId,
-  webrtcSupported,
-} from "./media.js";
-import { bindCallControls, showQuality } from "./ui.js";
+import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
+import { bindCallControls, showDeviceProblems, showQuality } from "./ui.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const inviteApi = `/api/invites/${encodeURIComponent(token)}`;
@@ -85,23 +77,15 @@ async function acquireMedia(choice = {}) {
   $("preview").srcObject = media.stream;
   $("preview-off").hidden = Boolean(media.stream && media.stream.getVideoTracks().length);
   stopMeter = showLevel(media.stream, $("mic-level"));
-  showDeviceProblems();
-  try {
-    const { cameras, microphones } = await listDevices();
-    fillDeviceSelect($("camera-select"), cameras, trackDeviceId(media.stream, "video"), t("common.camera"));
-    fillDeviceSelect($("mic-select"), microphones, trackDeviceId(media.stream, "audio"), t("common.microphone"));
-  } catch {
-    // Device names are a nicety; the check goes on without them.
-  }
+  showProblems();
+  await showDevices(media.stream, $("camera-select"), $("mic-select"), {
+    camera: t("common.camera"),
+    microphone: t("common.microphone"),
+  });
 }
 
-function showDeviceProblems() {
-  const problems = [];
-  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
-  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
-  if (media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
-  $("device-problem").textContent = problems.join(" ");
-  $("device-problem").hidden = problems.length === 0;
+function showProblems() {
+  showDeviceProblems($("device-problem"), media, { audioOnlyNote: true });
 }
 
 async function deviceCheck() {
@@ -273,7 +257,7 @@ setupLanguage($("language"), () => {
   if (lastLinkProblem) linkProblem(lastLinkProblem);
   banner(bannerKey);
   if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
-  showDeviceProblems();
+  showProblems();
 });
 translatePage();
 wire();

@@ -132,3 +132,14 @@ export function chime() {
   });
   setTimeout(() => context.close(), 1200);
 }
+
+// Fill the camera and microphone <select>s, the stream's own devices chosen.
+export async function showDevices(stream, cameraSelect, microphoneSelect, labels) {
+  try {
+    const { cameras, microphones } = await listDevices();
+    fillDeviceSelect(cameraSelect, cameras, trackDeviceId(stream, "video"), labels.camera);
+    fillDeviceSelect(microphoneSelect, microphones, trackDeviceId(stream, "audio"), labels.microphone);
+  } catch {
+    // Device names are a nicety; everything works without them.
+  }
+}

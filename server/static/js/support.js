@@ -3,6 +3,7 @@
 // server as SVG, and the technical log of one consult for the last 24 hours.
 // The filters live in the address, so a reload or a shared link shows the same.
 import { language, setupLanguage, t, translatePage } from "./i18n.js";
+import { showSection, toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const STATUSES = [
@@ -54,19 +55,7 @@ function sessionTouched() {
   idleTimer = setTimeout(() => toLogin("idle"), idleTimeoutS * 1000);
 }
 
-async function toLogin(reason) {
-  if (reason === "idle") {
-    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
-  }
-  const next = location.pathname + location.search;
-  location.assign(`/login?reason=${reason}&next=${encodeURIComponent(next)}`);
-}
-
-function show(id) {
-  for (const section of document.querySelectorAll("main > section")) {
-    section.hidden = section.id !== id;
-  }
-}
+const show = showSection;
 
 // --- formatting ----------------------------------------------------------------
 

@@ -36,3 +36,32 @@ export function showQuality(element, stats) {
   details.push(t("quality.loss", { percent: (stats.loss * 100).toFixed(1) }));
   element.title = details.join(", ");
 }
+
+// Show one <section> of <main> and hide the others.
+export function showSection(id) {
+  for (const section of document.querySelectorAll("main > section")) {
+    section.hidden = section.id !== id;
+  }
+}
+
+// Back to the login page, saying why; an idle professional is logged out on
+// the server first. The page to come back to goes along as "next".
+export async function toLogin(reason) {
+  if (reason === "idle") {
+    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
+  }
+  const next = location.pathname + location.search;
+  location.assign(`/login?reason=${reason}&next=${encodeURIComponent(next)}`);
+}
+
+// What is wrong with the camera and the microphone, in words (media.js names
+// the problems); with audioOnlyNote, that the consult can go on with sound.
+export function showDeviceProblems(element, media, { audioOnlyNote = false } = {}) {
+  const problems = [];
+  if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
+  if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
+  if (audioOnlyNote && media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
+  element.textContent = problems.join(" ");
+  element.hidden = problems.length === 0;
+  return problems.length > 0;
+}
