@@ -15,6 +15,7 @@ begins IMMEDIATE, see ``audit/db.py``).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import json
@@ -69,6 +70,8 @@ class AccessRecord:
 
 # The predecessor of the first record of a chain.
 GENESIS_HASH = "0" * 64
+# A long verification gives the event loop a turn after this many records.
+YIELD_EVERY = 1000
 # The chain of records that belong to no organisation (the operator's).
 INSTALLATION_CHAIN = "installation"
 
@@ -308,6 +311,9 @@ async def _verify_one(source: Source, chain: str, batch: int) -> tuple[int, Chai
         expected_seq, prev_hash = await _chain_start(conn, chain)
     count = 0
     async for row in _rows_in_order(source, chain, expected_seq - 1, batch):
+        if count % YIELD_EVERY == YIELD_EVERY - 1:
+            # Let the event loop serve requests in the middle of a long walk.
+            await asyncio.sleep(0)
         m = row._mapping
         seq = int(m["seq"])
         if record_hash(_row_fields(row), m["prev_hash"]) != m["hash"]:

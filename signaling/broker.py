@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import json
 import uuid
 from collections import defaultdict
@@ -252,19 +253,36 @@ class InProcessRoomStore:
 
 
 class InProcessTimers:
+    """Deadlines in a heap: finding the due ones costs O(log n) each, not a
+    scan of every timer (thousands of rooms each keep a timer or two)."""
+
     def __init__(self) -> None:
-        self._due: dict[str, tuple[datetime, dict[str, Any]]] = {}
+        self._due: dict[str, tuple[datetime, dict[str, Any], int]] = {}
+        # (due at, sequence, key); entries of moved or cancelled timers stay
+        # behind until they come up, and are skipped then.
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._sequence = 0
 
     async def schedule(self, key: str, due_at: datetime, payload: dict[str, Any]) -> None:
-        self._due[key] = (due_at, payload)
+        self._sequence += 1
+        self._due[key] = (due_at, payload, self._sequence)
+        heapq.heappush(self._heap, (due_at, self._sequence, key))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            # Many stale entries: rebuild from the live timers.
+            self._heap = [(at, seq, k) for k, (at, _payload, seq) in self._due.items()]
+            heapq.heapify(self._heap)
 
     async def cancel(self, key: str) -> None:
         self._due.pop(key, None)
 
     async def claim_due(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
-        due = [(key, payload) for key, (at, payload) in self._due.items() if at <= now]
-        for key, _payload in due:
-            del self._due[key]
+        due: list[tuple[str, dict[str, Any]]] = []
+        while self._heap and self._heap[0][0] <= now:
+            _at, sequence, key = heapq.heappop(self._heap)
+            live = self._due.get(key)
+            if live is not None and live[2] == sequence:
+                del self._due[key]
+                due.append((key, live[1]))
         return due
 
     def __len__(self) -> int:

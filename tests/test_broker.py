@@ -104,6 +104,25 @@ async def test_due_timers_are_handed_out_once() -> None:
     assert await timers.claim_due(now + timedelta(seconds=10)) == [("b", {"x": 2})]
 
 
+async def test_moved_and_cancelled_timers_fire_once_at_their_last_time_or_never() -> None:
+    timers = InProcessTimers()
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    await timers.schedule("grace", now + timedelta(seconds=30), {"n": 1})
+    await timers.schedule("grace", now + timedelta(seconds=60), {"n": 2})  # moved later
+    await timers.schedule("max", now + timedelta(seconds=5), {"n": 3})
+    await timers.cancel("max")
+    await timers.schedule("early", now + timedelta(seconds=1), {"n": 4})
+    assert await timers.claim_due(now + timedelta(seconds=45)) == [("early", {"n": 4})]
+    assert await timers.claim_due(now + timedelta(seconds=60)) == [("grace", {"n": 2})]
+    assert len(timers) == 0
+    # Rescheduling one timer again and again keeps a bounded heap and one timer.
+    for n in range(1000):
+        await timers.schedule("busy", now + timedelta(seconds=n), {"n": n})
+    assert len(timers) == 1
+    assert len(timers._heap) <= 2 * 1 + 64 + 1
+    assert await timers.claim_due(now + timedelta(seconds=2000)) == [("busy", {"n": 999})]
+
+
 async def test_tickets_expire_are_single_use_and_capped_per_invite() -> None:
     store = InProcessTicketStore()
     now = datetime(2026, 11, 23, tzinfo=UTC)
