@@ -213,6 +213,34 @@ async def test_session_ends_after_idle_timeout(harness: Harness) -> None:
     assert (await harness.client.get("/api/session")).status == 401
 
 
+async def test_a_touch_keeps_the_session_alive_and_reads_nothing(
+    sqlite_harness: Harness,
+) -> None:
+    from audit.schema import access_log
+
+    harness = sqlite_harness
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(anna)
+
+    async def records() -> int:
+        async with harness.app[DB_ENGINE].connect() as conn:
+            return int(await conn.scalar(sa.select(sa.func.count()).select_from(access_log)) or 0)
+
+    before = await records()
+    for _ in range(3):
+        harness.clock.advance(14 * 60)
+        touched = await harness.client.post("/api/session/touch", headers=harness.headers)
+        assert touched.status == 204
+        assert await touched.read() == b""
+    assert await records() == before  # it returns no personal data, so no read is logged
+    # Without a valid Origin it is refused like every other POST.
+    assert (await harness.client.post("/api/session/touch")).status == 403
+    harness.clock.advance(15 * 60 + 1)
+    expired = await harness.client.post("/api/session/touch", headers=harness.headers)
+    assert expired.status == 401
+    assert (await expired.json())["error"]["code"] == "not_logged_in"
+
+
 async def test_session_ends_after_absolute_timeout_despite_activity(harness: Harness) -> None:
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
     await harness.logged_in(anna)  # logs in, then the harness moves on 30 s

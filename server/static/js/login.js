@@ -21,14 +21,16 @@ function nextPage(role) {
 }
 
 // Where to go once logged in: the session says which role this account has.
-async function goOn(replace = false) {
-  const response = await fetch("/api/session", { credentials: "same-origin" });
-  if (!response.ok) return false;
-  const session = await response.json().catch(() => ({}));
+function goTo(session, replace = false) {
   const target = nextPage(session.account && session.account.role);
   if (replace) location.replace(target);
   else location.assign(target);
-  return true;
+}
+
+// Already logged in (a bookmark of this page, the back button): go on at once.
+async function goOnIfLoggedIn() {
+  const response = await fetch("/api/session", { credentials: "same-origin" });
+  if (response.ok) goTo(await response.json(), true);
 }
 
 function notice() {
@@ -63,8 +65,12 @@ $("login-form").addEventListener("submit", async (event) => {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
     });
-    if (response.ok && (await goOn())) return;
     const data = await response.json().catch(() => ({}));
+    // The login's answer is the new session: no second request for the role.
+    if (response.ok && data.account) {
+      goTo(data);
+      return;
+    }
     const code = data.error && data.error.code;
     if (code === "login_locked") error.textContent = t("login.locked");
     else if (code === "login_failed") error.textContent = t("login.failed");
@@ -82,4 +88,4 @@ setupLanguage($("language"), () => {
 });
 translatePage();
 notice();
-goOn(true).catch(() => {});
+goOnIfLoggedIn().catch(() => {});
