@@ -2,16 +2,20 @@
 
 A recording's file (``<data dir>/recordings/<id>.vcenc``) holds only
 ciphertext in the format of :mod:`audit.filestore`. Its data key is wrapped by
-the master key (``seal`` with purpose ``recording-key``, bound to the
-recording's id) and kept in the ``recordings`` row, with the id of the master
-key that wrapped it. Deleting the row destroys the key: the file can never be
-decrypted again, and it is removed right after (:func:`delete_files`).
+the current key of the master key ring (:mod:`audit.keyring`; ``seal`` with
+purpose ``recording-key``, bound to the recording's id) and kept in the
+``recordings`` row, with the id of the key that wrapped it. Deleting the row
+destroys the key: the file can never be decrypted again, and it is removed
+right after (:meth:`FileStore.delete_files`).
+
+The row also keeps the consent the recording was made under (when the
+therapist asked, when the patient or guardian agreed, and which of the two)
+and why it stopped.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -25,10 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import NotFound
 from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
+from audit.keyring import KeyRing, WrappingKey, key_id_of, load_ring
 from audit.schema import accounts, consults, recordings
-from audit.sealing import derive_key, seal, unseal
 
-KEY_PURPOSE = "recording-key"
 FILE_SUFFIX = ".vcenc"
 
 
@@ -40,9 +43,36 @@ class RecordingStatus(enum.Enum):
     INCOMPLETE = "incomplete"
 
 
+class ConsentBy(enum.Enum):
+    PATIENT = "patient"
+    # For a patient under 16 (the invite says so): a parent or guardian.
+    GUARDIAN = "guardian"
+
+
+class StopReason(enum.Enum):
+    STOPPED_BY_THERAPIST = "stopped_by_therapist"
+    STOPPED_BY_PATIENT = "stopped_by_patient"
+    # A participant's connection went away (a reconnect never restarts it).
+    PARTICIPANT_LEFT = "participant_left"
+    CONSULT_ENDED = "consult_ended"
+    # The file store's disk is full: the recording stops, the consult goes on.
+    STORAGE_FULL = "storage_full"
+    # The recorder could not receive or encode media.
+    RECORDER_FAILED = "recorder_failed"
+    # The server stopped (or died) while recording.
+    SERVER_RESTART = "server_restart"
+
+
+@dataclass(frozen=True)
+class Consent:
+    requested_at: datetime
+    consented_at: datetime
+    by: ConsentBy
+
+
 def master_key_id(master_key: bytes) -> str:
     """A short, public id of a master key (which key wrapped a data key)."""
-    return hashlib.sha256(derive_key(master_key, "key-id")).hexdigest()[:16]
+    return key_id_of(master_key)
 
 
 @dataclass(frozen=True)
@@ -88,12 +118,22 @@ class FileStore:
 async def start_recording(
     conn: AsyncConnection,
     store: FileStore,
-    master_key: bytes,
+    master_key: bytes | WrappingKey,
     consult_id: uuid.UUID,
     *,
     now: datetime,
+    consent: Consent | None = None,
 ) -> tuple[Recording, EncryptingWriter]:
-    """A new recording: its key wrapped in the database, its file open for ciphertext."""
+    """A new recording: its key wrapped in the database, its file open for ciphertext.
+
+    ``master_key`` is the ring's current key (:func:`audit.keyring.load_ring`),
+    or the root key itself (then the ring is loaded here).
+    """
+    wrapping = (
+        master_key
+        if isinstance(master_key, WrappingKey)
+        else (await load_ring(conn, master_key)).current
+    )
     recording_id = uuid.uuid4()
     data_key = new_data_key()
     file_name = f"{recording_id}{FILE_SUFFIX}"
@@ -102,7 +142,7 @@ async def start_recording(
         consult_id,
         now,
         RecordingStatus.RECORDING,
-        master_key_id(master_key),
+        wrapping.id,
         file_name,
     )
     await conn.execute(
@@ -111,9 +151,12 @@ async def start_recording(
             consult_id=consult_id,
             created_at=now,
             status=RecordingStatus.RECORDING.value,
-            key_id=recording.key_id,
-            wrapped_key=seal(master_key, KEY_PURPOSE, data_key, bound_to=str(recording_id)),
+            key_id=wrapping.id,
+            wrapped_key=wrapping.wrap(data_key, recording_id=str(recording_id)),
             file_name=file_name,
+            requested_at=consent.requested_at if consent else None,
+            consented_at=consent.consented_at if consent else None,
+            consent_by=consent.by.value if consent else None,
         )
     )
     return recording, EncryptingWriter(
@@ -122,34 +165,83 @@ async def start_recording(
 
 
 async def finish_recording(
-    conn: AsyncConnection, recording_id: uuid.UUID, writer: EncryptingWriter, *, now: datetime
+    conn: AsyncConnection,
+    recording_id: uuid.UUID,
+    writer: EncryptingWriter | None,
+    *,
+    now: datetime,
+    reason: StopReason | None = None,
+    complete: bool = True,
+    plaintext_bytes: int | None = None,
 ) -> None:
-    writer.close()
+    """Close the file (its final chunk) and mark the recording done.
+
+    ``complete=False`` when the file could not be closed properly (the disk
+    filled up, the writer failed): it is then marked incomplete, readable up
+    to its last full chunk.
+    """
+    if writer is not None and complete:
+        writer.close()
+    written = writer.plaintext_bytes if writer is not None else plaintext_bytes
     await conn.execute(
         recordings.update()
         .where(recordings.c.id == recording_id)
         .values(
-            status=RecordingStatus.COMPLETE.value,
+            status=(RecordingStatus.COMPLETE if complete else RecordingStatus.INCOMPLETE).value,
             ended_at=now,
-            plaintext_bytes=writer.plaintext_bytes,
+            plaintext_bytes=written,
+            stop_reason=reason.value if reason else None,
         )
     )
 
 
+async def mark_interrupted(conn: AsyncConnection, *, now: datetime) -> list[uuid.UUID]:
+    """Mark every recording still "recording" as incomplete (the server that
+    wrote it stopped without finishing it); return their ids.
+
+    Run at start-up, before any new recording begins. One node only: with
+    several nodes this would also catch another node's live recordings.
+    """
+    ids = list(
+        (
+            await conn.execute(
+                sa.select(recordings.c.id).where(
+                    recordings.c.status == RecordingStatus.RECORDING.value
+                )
+            )
+        ).scalars()
+    )
+    if ids:
+        await conn.execute(
+            recordings.update()
+            .where(recordings.c.id.in_(ids))
+            .values(
+                status=RecordingStatus.INCOMPLETE.value,
+                ended_at=now,
+                stop_reason=StopReason.SERVER_RESTART.value,
+            )
+        )
+    return ids
+
+
 async def data_key_of(
-    conn: AsyncConnection, master_key: bytes, recording_id: uuid.UUID
+    conn: AsyncConnection, master_key: bytes | KeyRing, recording_id: uuid.UUID
 ) -> tuple[str, bytes]:
-    """The recording's file name and unwrapped data key (NotFound once shredded)."""
+    """The recording's file name and unwrapped data key (NotFound once shredded).
+
+    ``master_key`` is the configured root key (the ring is loaded) or the ring.
+    """
     row = (
         await conn.execute(
-            sa.select(recordings.c.file_name, recordings.c.wrapped_key).where(
+            sa.select(recordings.c.file_name, recordings.c.key_id, recordings.c.wrapped_key).where(
                 recordings.c.id == recording_id
             )
         )
     ).first()
     if row is None:
         raise NotFound("no such recording (or it was deleted)")
-    key = unseal(master_key, KEY_PURPOSE, row.wrapped_key, bound_to=str(recording_id))
+    ring = master_key if isinstance(master_key, KeyRing) else await load_ring(conn, master_key)
+    key = ring.get(row.key_id).unwrap(row.wrapped_key, recording_id=str(recording_id))
     return row.file_name, key
 
 

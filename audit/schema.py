@@ -278,4 +278,26 @@ recordings = sa.Table(
     sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
     sa.Column("file_name", sa.String(64), nullable=False),
     sa.Column("plaintext_bytes", sa.BigInteger(), nullable=True),
+    # The consent it was made under: when the therapist asked, when the
+    # patient (or, for a patient under 16, the guardian) agreed, and who.
+    # No name: "patient" or "guardian" is all that is known of them.
+    sa.Column("requested_at", UtcDateTime(), nullable=True),
+    sa.Column("consented_at", UtcDateTime(), nullable=True),
+    sa.Column("consent_by", sa.String(16), nullable=True),
+    # Why it stopped: stopped_by_therapist, stopped_by_patient, storage_full,
+    # participant_left, consult_ended, recorder_failed, server_restart.
+    sa.Column("stop_reason", sa.String(32), nullable=True),
+)
+
+
+# The master key ring (audit/keyring.py): keys that wrap recordings' data
+# keys, each sealed by the configured root key. The newest is current;
+# ``videoconsult keys rotate`` adds one and re-wraps every data key under it;
+# an old one is retired (its row deleted) once no data key needs it.
+master_keys = sa.Table(
+    "master_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
 )
