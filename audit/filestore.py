@@ -26,6 +26,7 @@ goes: plaintext exists only in memory, one chunk at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import uuid
@@ -142,6 +143,18 @@ class EncryptingWriter:
         self._sink.flush()
         if self._owns_sink:
             self._sink.close()
+
+    def abort(self) -> None:
+        """Close without the final chunk (the disk filled up, the writer failed):
+        the file then reads as truncated, up to its last whole chunk."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        if self._owns_sink:
+            # A full disk may refuse the flush of the last bytes too.
+            with contextlib.suppress(OSError):
+                self._sink.close()
 
     def _emit(self, plaintext: bytes, *, final: bool) -> None:
         ciphertext = self._aead.encrypt(

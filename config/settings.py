@@ -262,6 +262,14 @@ class TurnSettings(_Section):
         return _url_list(self.turn_urls)
 
 
+class RecordingSettings(_Section):
+    enabled: bool
+    video_width: int = Field(ge=160, le=1920, multiple_of=2)
+    video_height: int = Field(ge=120, le=1080, multiple_of=2)
+    start_timeout_s: float = Field(ge=1, le=120)
+    first_frame_timeout_s: float = Field(gt=0, le=30)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["auto", "json", "console"]
@@ -280,6 +288,7 @@ class Settings(_Section):
     retention: RetentionSettings
     signaling: SignalingSettings
     turn: TurnSettings
+    recording: RecordingSettings
     logging: LoggingSettings
 
     @field_validator("data_dir", mode="before")

@@ -20,6 +20,7 @@ from server.resources import (
     run_room_timers,
     run_technical_log_writer,
     signaling_context,
+    stop_recordings,
     technical_log_context,
 )
 from server.web_security import add_security_headers, origin_check_middleware
@@ -63,7 +64,9 @@ def setup_resources(app: web.Application) -> None:
             background_task("session-checks", signaling_ws.run_session_checks),
         ]
     )
-    # Sockets close first, while the database is still there for their last writes.
+    # Recordings are finished first (their end is not a participant leaving),
+    # then sockets close, while the database is still there for their last writes.
+    app.on_shutdown.append(stop_recordings)
     app.on_shutdown.append(close_websockets)
 
 

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from audit import load_master_key, open_database, prepare_data_dir
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
+from audit.recordings import FileStore, StopReason, mark_interrupted
 from audit.technical_log import TechnicalLog
 from server.app_keys import (
     CLOCK,
@@ -29,6 +30,8 @@ from server.app_keys import (
     TICKETS,
 )
 from signaling.broker import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.recorder import RecorderSettings
+from signaling.recording import RecordingServices
 from signaling.rooms import ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
 
@@ -123,9 +126,38 @@ async def run_technical_log_writer(app: web.Application) -> None:
             _log.exception("technical log: writing failed; trying again")
 
 
-async def signaling_context(app: web.Application) -> AsyncIterator[None]:
-    """The consult rooms on the in-process broker (Redis across nodes comes later)."""
+def recording_services(app: web.Application) -> RecordingServices | None:
+    """What the recorder needs, or None when recording is switched off."""
     settings = app[SETTINGS]
+    if not settings.recording.enabled:
+        return None
+    return RecordingServices(
+        engine=app[DB_ENGINE],
+        files=FileStore(app[DATA_DIR] / "recordings"),
+        root_key=app[MASTER_KEY].key,
+        recorder=RecorderSettings(
+            video_width=settings.recording.video_width,
+            video_height=settings.recording.video_height,
+            first_frame_timeout_s=settings.recording.first_frame_timeout_s,
+        ),
+        start_timeout_s=settings.recording.start_timeout_s,
+    )
+
+
+async def signaling_context(app: web.Application) -> AsyncIterator[None]:
+    """The consult rooms on the in-process broker (Redis across nodes comes later).
+
+    Recordings left "recording" by a server that died are marked incomplete
+    first: nothing writes them any more (one node; see docs/recording.md).
+    """
+    settings = app[SETTINGS]
+    async with app[DB_ENGINE].begin() as conn:
+        interrupted = await mark_interrupted(conn, now=app[CLOCK].now())
+    if interrupted:
+        _log.warning(
+            "recordings interrupted by the last shutdown marked incomplete",
+            count=len(interrupted),
+        )
     app[ROOMS] = ConsultRooms(
         engine=app[DB_ENGINE],
         clock=app[CLOCK],
@@ -138,9 +170,19 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
             heartbeat_s=settings.signaling.heartbeat_s,
         ),
         technical=app[TECHNICAL_LOG],
+        recording=recording_services(app),
     )
     app[TICKETS] = InProcessTicketStore()
-    yield
+    try:
+        yield
+    finally:
+        # Normally done on shutdown already (stop_recordings); this is the last net.
+        await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
+
+
+async def stop_recordings(app: web.Application) -> None:
+    """On shutdown, before the sockets close: finish every recording cleanly."""
+    await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
 
 
 async def run_room_timers(app: web.Application) -> None:

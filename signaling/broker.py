@@ -88,6 +88,17 @@ class RoomPhase(enum.Enum):
     OVER = "over"
 
 
+class RecordingPhase(enum.Enum):
+    # Not recording, and no request open.
+    OFF = "off"
+    # The therapist asked; the patient has not answered yet.
+    REQUESTED = "requested"
+    # The patient agreed; the browsers connect their media to the recorder.
+    STARTING = "starting"
+    # The recorder writes the file.
+    ON = "on"
+
+
 class Link(enum.Enum):
     # The participant's socket is open.
     CONNECTED = "connected"
@@ -116,6 +127,7 @@ class RoomState:
     patient: Presence | None = None
     # Shown to the therapist in the waiting room; never stored on disk.
     display_name: str | None = None
+    recording: RecordingPhase = RecordingPhase.OFF
 
     def presence(self, role: ParticipantRole) -> Presence | None:
         return self.therapist if role is ParticipantRole.THERAPIST else self.patient

@@ -46,6 +46,10 @@ class ErrorCode(enum.Enum):
     NO_PATIENT_WAITING = "no_patient_waiting"
     RATE_LIMITED = "rate_limited"
     CONSULT_OVER = "consult_over"
+    # Recording: not offered by this server, or not possible in this state.
+    RECORDING_UNAVAILABLE = "recording_unavailable"
+    RECORDING_STATE = "recording_state"
+    GUARDIAN_CONSENT_REQUIRED = "guardian_consent_required"
 
 
 class ProtocolError(Exception):
@@ -105,6 +109,35 @@ class Candidate(_Inbound):
     sdpMLineIndex: int | None = Field(default=None, ge=0, le=64)
 
 
+class RecordRequest(_Inbound):
+    """The therapist asks to record; the patient is asked for consent."""
+
+    type: Literal["record-request"]
+
+
+class RecordConsent(_Inbound):
+    """The patient's answer to a ``record-request``; ``by`` says who agreed
+    (a guardian, when the invite is for a patient under 16)."""
+
+    type: Literal["record-consent"]
+    agree: bool
+    by: Literal["patient", "guardian"] = "patient"
+
+
+class RecordStop(_Inbound):
+    """Either participant stops the recording (or withdraws the request)."""
+
+    type: Literal["record-stop"]
+
+
+class RecorderOffer(_Inbound):
+    """An offer for the participant's connection to the server's recorder:
+    its own camera and microphone, send-only, with every ICE candidate."""
+
+    type: Literal["recorder-offer"]
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
+
+
 # What a client may report for the technical log (kept 24 hours).
 REPORT_EVENTS = (
     "ice-state",
@@ -129,12 +162,40 @@ class Report(_Inbound):
 
 
 InboundMessage = Annotated[
-    Ping | Admit | Deny | End | Bye | Offer | Answer | Candidate | Report,
+    Ping
+    | Admit
+    | Deny
+    | End
+    | Bye
+    | Offer
+    | Answer
+    | Candidate
+    | Report
+    | RecordRequest
+    | RecordConsent
+    | RecordStop
+    | RecorderOffer,
     Field(discriminator="type"),
 ]
-INBOUND_TYPES = ("ping", "admit", "deny", "end", "bye", "offer", "answer", "candidate", "report")
+INBOUND_TYPES = (
+    "ping",
+    "admit",
+    "deny",
+    "end",
+    "bye",
+    "offer",
+    "answer",
+    "candidate",
+    "report",
+    "record-request",
+    "record-consent",
+    "record-stop",
+    "recorder-offer",
+)
 # What only the therapist may send.
-THERAPIST_ONLY = frozenset({"admit", "deny", "end"})
+THERAPIST_ONLY = frozenset({"admit", "deny", "end", "record-request"})
+# What only the patient may send.
+PATIENT_ONLY = frozenset({"record-consent"})
 # What is relayed to the other participant as it is.
 RELAYED = frozenset({"offer", "answer", "candidate"})
 

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import mark_ended, mark_started
+from audit.recordings import StopReason
 from audit.technical_log import TechnicalLog
 from signaling.broker import (
     Broker,
@@ -39,6 +40,7 @@ from signaling.broker import (
     Timers,
 )
 from signaling.protocol import (
+    PATIENT_ONLY,
     RELAYED,
     THERAPIST_ONLY,
     VERSION,
@@ -51,9 +53,14 @@ from signaling.protocol import (
     ParticipantRole,
     Ping,
     ProtocolError,
+    RecordConsent,
+    RecorderOffer,
+    RecordRequest,
+    RecordStop,
     Report,
     outbound,
 )
+from signaling.recording import RecordingControl, RecordingServices
 
 _log = structlog.get_logger("videoconsult.signaling")
 
@@ -110,6 +117,7 @@ class ConsultRooms:
         timers: Timers,
         settings: RoomSettings,
         technical: TechnicalLog,
+        recording: RecordingServices | None = None,
     ) -> None:
         self._engine = engine
         self._clock = clock
@@ -118,6 +126,14 @@ class ConsultRooms:
         self._timers = timers
         self._settings = settings
         self._technical = technical
+        self.recording = RecordingControl(
+            services=recording,
+            engine=engine,
+            clock=clock,
+            store=store,
+            send=self._send,
+            technical=technical,
+        )
 
     async def prepare(
         self, consult_id: uuid.UUID, *, display_name: str | None, until: datetime
@@ -196,6 +212,7 @@ class ConsultRooms:
                     ice_servers=ice_servers,
                     heartbeat_s=self._settings.heartbeat_s,
                     grace_s=self._settings.grace_s,
+                    recording=state.recording.value,
                 )
             ]
             if role is ParticipantRole.THERAPIST and state.patient_waiting:
@@ -233,6 +250,14 @@ class ConsultRooms:
                 f"only the therapist may send {message.type}",
                 ref=message.type,
             )
+        if message.type in PATIENT_ONLY and participant.role is not ParticipantRole.PATIENT:
+            raise ProtocolError(
+                ErrorCode.NOT_ALLOWED,
+                f"only the patient may send {message.type}",
+                ref=message.type,
+            )
+        if isinstance(message, RecordRequest | RecordConsent | RecordStop | RecorderOffer):
+            return await self.recording.handle(participant.consult_id, participant.role, message)
         if isinstance(message, Admit):
             return await self._admit(participant)
         if isinstance(message, Deny):
@@ -294,6 +319,8 @@ class ConsultRooms:
             state.display_name = None
         if already_over:
             return
+        if self.recording.is_active(consult_id):
+            await self.recording.stop(consult_id, StopReason.CONSULT_ENDED)
         for role in ParticipantRole:
             await self._send(
                 consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
@@ -417,6 +444,10 @@ class ConsultRooms:
                 if state.presence(other) is None:
                     end_at = now
         await self._note(participant, "signaling.disconnected", {"grace": grace})
+        if self.recording.is_active(consult_id):
+            # A participant who drops out stops the recording; coming back
+            # never restarts it (the therapist asks again, the patient agrees again).
+            await self.recording.stop(consult_id, StopReason.PARTICIPANT_LEFT)
         if end_at is not None:
             await self.end(consult_id, reason="both_left", at=end_at)
 

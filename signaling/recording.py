@@ -1,0 +1,366 @@
+"""Recording with consent: the protocol's side of it, one consult at a time.
+
+The phases (:class:`~signaling.broker.RecordingPhase`, kept in the room's
+state) and the messages that move between them::
+
+    off ── record-request (therapist) ──▶ requested
+    requested ── record-consent agree=false ──▶ off        ("refused")
+    requested ── record-consent agree=true ───▶ starting   (consent noted)
+    starting ── both recorder connections up ──▶ on        (file opened)
+    requested | starting | on ── record-stop, a participant leaving,
+        the consult's end, a full disk, a failed recorder ──▶ off
+
+Every change is announced to both participants as a ``recording`` message
+with the new ``state``. Nothing is recorded before the consent, and nothing
+ever leaves ``off`` except by a new ``record-request``: a participant who
+reconnects after a stop finds the recording off.
+
+A refusal is final until the therapist asks again; a guardian's consent is
+needed when the consult's invite is for a patient under 16.
+
+The recorder itself (aiortc, PyAV) is :mod:`signaling.recorder`; this
+module runs one per recording on this node and stores the file through
+:mod:`audit.recordings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.clock import Clock
+from audit.consults import latest_invite_guardian_consent
+from audit.filestore import EncryptingWriter
+from audit.recordings import (
+    Consent,
+    ConsentBy,
+    FileStore,
+    StopReason,
+    finish_recording,
+    start_recording,
+)
+from audit.technical_log import TechnicalLog
+from signaling.broker import RecordingPhase, RoomPhase, RoomStore
+from signaling.protocol import (
+    ErrorCode,
+    ParticipantRole,
+    ProtocolError,
+    RecordConsent,
+    RecorderOffer,
+    RecordRequest,
+    RecordStop,
+    outbound,
+)
+from signaling.recorder import ConsultRecorder, Failure, RecorderError, RecorderSettings
+
+_log = structlog.get_logger("videoconsult.recording")
+
+BOTH = frozenset(ParticipantRole)
+
+Send = Callable[[uuid.UUID, ParticipantRole, dict[str, Any]], Awaitable[None]]
+RecordingMessage = RecordRequest | RecordConsent | RecordStop | RecorderOffer
+
+
+@dataclass(frozen=True)
+class RecordingServices:
+    """What recording needs; without it (``recording.enabled = false``) requests are refused."""
+
+    engine: AsyncEngine
+    files: FileStore
+    root_key: bytes
+    recorder: RecorderSettings
+    start_timeout_s: float
+
+
+@dataclass
+class _Live:
+    """One recording on this node, from the consent to the stop."""
+
+    recorder: ConsultRecorder
+    requested_at: datetime
+    consent: Consent | None = None
+    offers_in: asyncio.Event = field(default_factory=asyncio.Event)
+    starter: asyncio.Task[None] | None = None
+    recording_id: uuid.UUID | None = None
+    writer: EncryptingWriter | None = None
+    started_at: datetime | None = None
+
+
+class RecordingControl:
+    def __init__(
+        self,
+        *,
+        services: RecordingServices | None,
+        engine: AsyncEngine,
+        clock: Clock,
+        store: RoomStore,
+        send: Send,
+        technical: TechnicalLog,
+    ) -> None:
+        self._services = services
+        self._engine = engine
+        self._clock = clock
+        self._store = store
+        self._send = send
+        self._technical = technical
+        self._live: dict[uuid.UUID, _Live] = {}
+        self._requested_at: dict[uuid.UUID, datetime] = {}
+
+    @property
+    def live_count(self) -> int:
+        """Recordings running (or starting) on this node."""
+        return len(self._live)
+
+    async def handle(
+        self, consult_id: uuid.UUID, role: ParticipantRole, message: RecordingMessage
+    ) -> list[dict[str, Any]]:
+        """Act on one recording message; return replies for the sender."""
+        if isinstance(message, RecorderOffer):
+            return await self._offer(consult_id, role, message.sdp)
+        if isinstance(message, RecordRequest):
+            await self._request(consult_id)
+        elif isinstance(message, RecordConsent):
+            await self._consent(consult_id, message)
+        else:
+            reason = (
+                StopReason.STOPPED_BY_THERAPIST
+                if role is ParticipantRole.THERAPIST
+                else StopReason.STOPPED_BY_PATIENT
+            )
+            if not await self.stop(consult_id, reason):
+                raise ProtocolError(
+                    ErrorCode.RECORDING_STATE, "nothing is being recorded", ref="record-stop"
+                )
+        return []
+
+    async def _request(self, consult_id: uuid.UUID) -> None:
+        if self._services is None:
+            raise ProtocolError(
+                ErrorCode.RECORDING_UNAVAILABLE,
+                "recording is not enabled on this server",
+                ref="record-request",
+            )
+        async with self._store.locked(consult_id) as state:
+            if state is None or state.phase is RoomPhase.OVER:
+                raise ProtocolError(
+                    ErrorCode.CONSULT_OVER, "the consult is over", ref="record-request"
+                )
+            if state.phase is not RoomPhase.ACTIVE:
+                raise ProtocolError(
+                    ErrorCode.NOT_ADMITTED,
+                    "the consult has not started: admit the patient first",
+                    ref="record-request",
+                )
+            if not all(state.present(role) for role in ParticipantRole):
+                raise ProtocolError(
+                    ErrorCode.PEER_ABSENT,
+                    "the patient is not connected right now",
+                    ref="record-request",
+                )
+            if state.recording is not RecordingPhase.OFF:
+                raise ProtocolError(
+                    ErrorCode.RECORDING_STATE,
+                    f"recording is {state.recording.value} already",
+                    ref="record-request",
+                )
+            async with self._engine.connect() as conn:
+                guardian = await latest_invite_guardian_consent(conn, consult_id)
+            state.recording = RecordingPhase.REQUESTED
+            self._requested_at[consult_id] = self._clock.now()
+            await self._announce(consult_id, "requested", guardian_required=guardian)
+
+    async def _consent(self, consult_id: uuid.UUID, message: RecordConsent) -> None:
+        services = self._services
+        async with self._store.locked(consult_id) as state:
+            if state is None or state.recording is not RecordingPhase.REQUESTED:
+                raise ProtocolError(
+                    ErrorCode.RECORDING_STATE,
+                    "no recording request is waiting for an answer",
+                    ref="record-consent",
+                )
+            if not message.agree:
+                state.recording = RecordingPhase.OFF
+                self._requested_at.pop(consult_id, None)
+                await self._announce(consult_id, "refused")
+                self._note(consult_id, "recording.refused")
+                return
+            async with self._engine.connect() as conn:
+                guardian = await latest_invite_guardian_consent(conn, consult_id)
+            if guardian and message.by != ConsentBy.GUARDIAN.value:
+                raise ProtocolError(
+                    ErrorCode.GUARDIAN_CONSENT_REQUIRED,
+                    "this patient is under 16: a parent or guardian must agree "
+                    '(record-consent with "by": "guardian")',
+                    ref="record-consent",
+                )
+            assert services is not None, "a request was made, so recording is enabled"
+            now = self._clock.now()
+            live = _Live(
+                recorder=ConsultRecorder(
+                    settings=services.recorder,
+                    on_failure=lambda failure, detail: self._failed(consult_id, failure, detail),
+                ),
+                requested_at=self._requested_at.pop(consult_id, now),
+            )
+            live.consent = Consent(live.requested_at, now, ConsentBy(message.by))
+            self._live[consult_id] = live
+            state.recording = RecordingPhase.STARTING
+            live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
+            await self._announce(consult_id, "starting")
+        self._note(consult_id, "recording.consented", {"by": message.by})
+
+    async def _offer(
+        self, consult_id: uuid.UUID, role: ParticipantRole, sdp: str
+    ) -> list[dict[str, Any]]:
+        live = self._live.get(consult_id)
+        state = await self._store.peek(consult_id)
+        if live is None or state is None or state.recording is not RecordingPhase.STARTING:
+            raise ProtocolError(
+                ErrorCode.RECORDING_STATE,
+                "no recording is starting: the recorder takes offers only after the "
+                "patient's consent",
+                ref="recorder-offer",
+            )
+        try:
+            answer = await live.recorder.accept_offer(role, sdp)
+        except RecorderError as err:
+            raise ProtocolError(ErrorCode.RECORDING_STATE, str(err), ref="recorder-offer") from err
+        except ValueError as err:
+            # aiortc's SDP parser names what it could not read.
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"the recorder offer's SDP does not parse: {str(err)[:200]}",
+                ref="recorder-offer",
+            ) from err
+        if live.recorder.roles == BOTH:
+            live.offers_in.set()
+        return [outbound("recorder-answer", sdp=answer)]
+
+    async def _start_when_ready(self, consult_id: uuid.UUID, live: _Live) -> None:
+        services = self._services
+        assert services is not None
+        try:
+            async with asyncio.timeout(services.start_timeout_s):
+                await live.offers_in.wait()
+                await live.recorder.wait_connected(BOTH)
+        except TimeoutError:
+            self._note(consult_id, "recording.start-timeout")
+            await self.stop(consult_id, StopReason.RECORDER_FAILED)
+            return
+        now = self._clock.now()
+        try:
+            async with services.engine.begin() as conn:
+                recording, writer = await start_recording(
+                    conn,
+                    services.files,
+                    services.root_key,
+                    consult_id,
+                    now=now,
+                    consent=live.consent,
+                )
+        except OSError as err:
+            _log.error("recording: the file store refused a new file", error=err.strerror)
+            await self.stop(consult_id, StopReason.STORAGE_FULL)
+            return
+        live.recording_id, live.writer = recording.id, writer
+        await live.recorder.start(writer)
+        async with self._store.locked(consult_id) as state:
+            if state is None or self._live.get(consult_id) is not live:
+                return  # stopped meanwhile: the stop finishes the file
+            state.recording = RecordingPhase.ON
+            live.started_at = now
+            await self._announce(
+                consult_id, "on", started_at=now.isoformat(), recording=str(recording.id)
+            )
+        _log.info("recording started", consult_id=str(consult_id), recording_id=str(recording.id))
+
+    async def stop(self, consult_id: uuid.UUID, reason: StopReason) -> bool:
+        """Stop whatever recording (or request) the consult has; tell both.
+
+        Returns whether there was anything to stop. Safe to call from any
+        path (a message, a leave, the end, a failure) and more than once.
+        """
+        previous = RecordingPhase.OFF
+        async with self._store.locked(consult_id) as state:
+            if state is not None:
+                previous = state.recording
+                state.recording = RecordingPhase.OFF
+        self._requested_at.pop(consult_id, None)
+        live = self._live.pop(consult_id, None)
+        if previous is RecordingPhase.OFF and live is None:
+            return False
+        if live is not None:
+            await self._finish(consult_id, live, reason)
+        await self._announce(consult_id, "off", reason=reason.value)
+        self._note(consult_id, "recording.stopped", {"reason": reason.value})
+        return True
+
+    async def _finish(self, consult_id: uuid.UUID, live: _Live, reason: StopReason) -> None:
+        starter = live.starter
+        if starter is not None and starter is not asyncio.current_task():
+            starter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starter
+        result = await live.recorder.stop()
+        if live.recording_id is None:
+            return  # never started: no file, no row
+        complete = result.complete
+        if live.writer is not None and not live.writer.closed:
+            # Stopped between opening the file and starting the recorder.
+            live.writer.close()
+            complete = True
+        async with self._engine.begin() as conn:
+            await finish_recording(
+                conn,
+                live.recording_id,
+                None,
+                now=self._clock.now(),
+                reason=reason,
+                complete=complete,
+                plaintext_bytes=result.plaintext_bytes,
+            )
+        _log.info(
+            "recording stopped",
+            consult_id=str(consult_id),
+            recording_id=str(live.recording_id),
+            reason=reason.value,
+            complete=complete,
+            frames=result.frames,
+        )
+
+    async def stop_all(self, reason: StopReason) -> None:
+        """Stop every recording of this node (shutdown)."""
+        for consult_id in list(self._live):
+            try:
+                await self.stop(consult_id, reason)
+            except Exception:
+                _log.exception("recording: stopping failed", consult_id=str(consult_id))
+
+    def is_active(self, consult_id: uuid.UUID) -> bool:
+        """Whether the consult has a recording, or a request, to stop."""
+        return consult_id in self._live or consult_id in self._requested_at
+
+    async def _failed(self, consult_id: uuid.UUID, failure: Failure, detail: str) -> None:
+        reason = (
+            StopReason.STORAGE_FULL
+            if failure is Failure.STORAGE_FULL
+            else StopReason.RECORDER_FAILED
+        )
+        self._note(consult_id, "recording.failed", {"failure": failure.value, "detail": detail})
+        await self.stop(consult_id, reason)
+
+    async def _announce(self, consult_id: uuid.UUID, state: str, **fields: Any) -> None:
+        message = outbound("recording", state=state, **fields)
+        for role in ParticipantRole:
+            await self._send(consult_id, role, message)
+
+    def _note(self, consult_id: uuid.UUID, kind: str, detail: dict[str, Any] | None = None) -> None:
+        self._technical.log.info(kind, subject=str(consult_id), detail=detail or {})
