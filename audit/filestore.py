@@ -18,7 +18,9 @@ the associated data ``header | i | flag``. So a modified byte anywhere, a
 chunk moved, dropped or taken from another file, and a changed header fail
 authentication; a file that ends without a final chunk is truncated, and is
 reported as such (what came before it still decrypts). Plaintext chunks are
-``chunk size`` bytes, the last one possibly shorter (or empty).
+at most ``chunk size`` bytes: full ones, shorter ones where the writer was told
+to put what it had on disk (:meth:`EncryptingWriter.write_pending`), and the
+final one, possibly empty.
 
 The writer is a file-like object (``write``/``close``) that encrypts as it
 goes: plaintext exists only in memory, one chunk at a time.
@@ -132,6 +134,20 @@ class EncryptingWriter:
         return len(data)
 
     def flush(self) -> None:
+        self._sink.flush()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Plaintext held in memory, not yet in a chunk on disk."""
+        return len(self._buffer)
+
+    def write_pending(self) -> None:
+        """Write what is buffered now as a (shorter) chunk and flush it to disk,
+        so that a writer that dies loses no more than came after this call."""
+        if self._closed or not self._buffer:
+            return
+        self._emit(bytes(self._buffer), final=False)
+        self._buffer.clear()
         self._sink.flush()
 
     def close(self) -> None:

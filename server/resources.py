@@ -138,7 +138,6 @@ def recording_services(app: web.Application) -> RecordingServices | None:
         recorder=RecorderSettings(
             video_width=settings.recording.video_width,
             video_height=settings.recording.video_height,
-            first_frame_timeout_s=settings.recording.first_frame_timeout_s,
         ),
         start_timeout_s=settings.recording.start_timeout_s,
     )

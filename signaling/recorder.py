@@ -12,12 +12,14 @@ participant without a camera has no video stream).
 Two traps of ``MediaRecorder`` (aiortc 1.16, PyAV 18) are handled here,
 not hoped away:
 
-- A video stream takes its size from its first frame. If an audio packet is
-  muxed first, the container header is written, every codec is opened, and
-  the video task dies on "Cannot change width after codec is open": the
-  file silently holds no video. So audio is held back (and dropped) until
-  every video stream has been set up by its first frame, and a video stream
-  whose first frame does not come in time starts with a black picture.
+- A video stream takes its size from its first frame, when that frame is
+  encoded. But the first packet muxed by *any* stream (audio, or another
+  party's video) writes the container header and opens every codec; a video
+  stream that gets its first frame after that dies on "Cannot change width
+  after codec is open", and the file silently holds no video of it. So the
+  video streams are sized before the recorder starts (the configured size;
+  PyAV scales every frame to it) and MediaRecorder is told they have started
+  (:func:`_prepare_video_streams`).
 - A stream task that dies for any other reason dies silently too. A
   watchdog notices a stream that stopped asking for frames and reports the
   recording as failed instead of letting it run on without that stream.
@@ -52,11 +54,21 @@ _log = structlog.get_logger("videoconsult.recorder")
 
 CONTAINER_FORMAT = "matroska"
 MEDIA_TYPE = "video/x-matroska"
+# The matroska muxer keeps a whole cluster in memory before writing it
+# (by default up to 5 s): a server that dies loses that much. One second.
+CONTAINER_OPTIONS = {"cluster_time_limit": "1000"}
+# libx264's defaults (preset medium, 40 frames of look-ahead) cost several
+# times the CPU and hold frames back, so a stop waits for them; a live
+# recording of a consult needs neither.
+VIDEO_CODEC_OPTIONS = {"preset": "veryfast", "tune": "zerolatency"}
 # How often the watchdog looks at the streams, and how long a stream may go
 # without asking for a frame before its task is taken for dead (a live task
 # asks again as soon as it has encoded the last frame).
 WATCHDOG_INTERVAL_S = 0.5
 STALLED_STREAM_S = 3.0
+# What the encrypting writer holds in memory goes to disk at least this
+# often: a server that dies loses at most this, plus the muxer's cluster.
+PENDING_FLUSH_S = 1.0
 VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 
 
@@ -73,7 +85,6 @@ class StreamKind(enum.Enum):
 class RecorderSettings:
     video_width: int
     video_height: int
-    first_frame_timeout_s: float
 
 
 class Timeline:
@@ -86,45 +97,20 @@ class Timeline:
         return time.monotonic() - self.started
 
 
-class VideoGate:
-    """Opens once every video stream has been set up by its first frame."""
-
-    def __init__(self, videos: int) -> None:
-        self._waiting = videos
-        self.opened = asyncio.Event()
-        if videos == 0:
-            self.opened.set()
-
-    def video_ready(self) -> None:
-        self._waiting -= 1
-        if self._waiting <= 0:
-            self.opened.set()
-
-
 class RecordedTrack(MediaStreamTrack):
     """One participant's track as the recorder sees it: rebased timestamps,
-    audio held back until the video streams are set up, a fixed picture size
-    from the first frame on, and counts of what went into the file."""
+    and counts of what went into the file."""
 
     def __init__(
-        self,
-        source: MediaStreamTrack,
-        *,
-        role: ParticipantRole,
-        timeline: Timeline,
-        gate: VideoGate,
-        settings: RecorderSettings,
+        self, source: MediaStreamTrack, *, role: ParticipantRole, timeline: Timeline
     ) -> None:
         super().__init__()
         self.kind = source.kind
         self.role = role
         self._source = source
         self._timeline = timeline
-        self._gate = gate
-        self._settings = settings
         self._offset: int | None = None
         self._last_pts: int | None = None
-        self._calls = 0
         self.frames = 0
         # Whether MediaRecorder's task is waiting in recv() now, and when it
         # last got a frame: a task that neither waits nor came back is dead.
@@ -138,64 +124,15 @@ class RecordedTrack(MediaStreamTrack):
     async def recv(self) -> AudioFrame | VideoFrame:
         self.in_recv = True
         try:
-            self._calls += 1
-            frame: AudioFrame | VideoFrame
-            if self.kind == StreamKind.VIDEO.value:
-                if self._calls == 2:
-                    # MediaRecorder came back for a second frame, so it has
-                    # sized its stream by the first one: audio may follow.
-                    self._gate.video_ready()
-                frame = await self._next_video()
-            else:
-                frame = await self._next_audio()
+            received = await self._source.recv()
+            if not isinstance(received, AudioFrame | VideoFrame):
+                raise MediaStreamError("the recorder takes decoded audio and video frames only")
+            frame: AudioFrame | VideoFrame = self._rebased(received)
             self.frames += 1
             return frame
         finally:
             self.in_recv = False
             self.last_return = time.monotonic()
-
-    async def _next_video(self) -> VideoFrame:
-        if self._calls == 1:
-            try:
-                first = await asyncio.wait_for(
-                    self._source.recv(), timeout=self._settings.first_frame_timeout_s
-                )
-            except TimeoutError:
-                frame = self._black_frame()
-            else:
-                assert isinstance(first, VideoFrame)
-                frame = self._rebased(first)
-            # The stream's size is taken from this frame; PyAV scales later ones.
-            sized: VideoFrame = frame.reformat(
-                width=self._settings.video_width,
-                height=self._settings.video_height,
-                format="yuv420p",
-            )
-            sized.pts, sized.time_base = frame.pts, frame.time_base
-            return sized
-        received = await self._source.recv()
-        assert isinstance(received, VideoFrame)
-        rebased: VideoFrame = self._rebased(received)
-        return rebased
-
-    async def _next_audio(self) -> AudioFrame:
-        while True:
-            received = await self._source.recv()
-            # Dropped, not queued, while the video streams are being set up:
-            # a packet muxed now would kill them (see the module docstring).
-            if self._gate.opened.is_set():
-                assert isinstance(received, AudioFrame)
-                rebased: AudioFrame = self._rebased(received)
-                return rebased
-
-    def _black_frame(self) -> VideoFrame:
-        frame = VideoFrame(width=self._settings.video_width, height=self._settings.video_height)
-        for index, plane in enumerate(frame.planes):
-            plane.update(bytes([16 if index == 0 else 128]) * plane.buffer_size)
-        frame.time_base = VIDEO_TIME_BASE
-        frame.pts = round(self._timeline.elapsed_s() / VIDEO_TIME_BASE)
-        self._last_pts = frame.pts
-        return frame
 
     def _rebased(self, frame: Any) -> Any:
         time_base = frame.time_base
@@ -238,21 +175,56 @@ class _GuardedSink:
         return False
 
     def write(self, data: bytes) -> int:
-        if self.error is None:
-            try:
-                self._writer.write(data)
-            except OSError as err:
-                self.error = err
-                self._on_error(err)
+        def write() -> None:
+            self._writer.write(data)
+
+        self._guarded(write)
         return len(data)
 
     def flush(self) -> None:
+        self._guarded(self._writer.flush)
+
+    def write_pending(self) -> None:
+        self._guarded(self._writer.write_pending)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
         if self.error is None:
             try:
-                self._writer.flush()
+                action()
             except OSError as err:
                 self.error = err
                 self._on_error(err)
+
+
+def open_recorder(
+    sink: Any, tracks: list[RecordedTrack], settings: RecorderSettings
+) -> MediaRecorder:
+    """A MediaRecorder writing ``tracks`` (in this order) as matroska into ``sink``;
+    call ``start()`` on it."""
+    media = MediaRecorder(sink, format=CONTAINER_FORMAT, options=CONTAINER_OPTIONS)
+    for track in tracks:
+        media.addTrack(track)
+    _prepare_video_streams(media, settings)
+    return media
+
+
+def _prepare_video_streams(media: MediaRecorder, settings: RecorderSettings) -> None:
+    """Size the video streams and tune their encoders before anything is muxed.
+
+    MediaRecorder has no parameters for either, so this reaches into its
+    private per-track contexts (aiortc is pinned below 2; tests/test_recording.py
+    fails loudly if the attribute moves). Marking a context started keeps
+    MediaRecorder from resizing the stream at its first frame, which is what
+    kills a stream whose codec another stream's first packet already opened.
+    """
+    contexts = media._MediaRecorder__tracks  # type: ignore[attr-defined]
+    for track, context in contexts.items():
+        if track.kind != "video":
+            continue
+        context.stream.width = settings.video_width
+        context.stream.height = settings.video_height
+        context.stream.codec_context.options = dict(VIDEO_CODEC_OPTIONS)
+        context.started = True
 
 
 class Failure(enum.Enum):
@@ -359,18 +331,14 @@ class ConsultRecorder:
             writer, lambda err: self._report(Failure.STORAGE_FULL, err.strerror or str(err))
         )
         timeline = Timeline()
-        ordered: list[tuple[ParticipantRole, MediaStreamTrack]] = []
         for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT):
             for kind in ("audio", "video"):
-                ordered += [(role, t) for t in self._tracks.get(role, []) if t.kind == kind]
-        gate = VideoGate(sum(1 for _role, track in ordered if track.kind == "video"))
-        self._media = MediaRecorder(self._sink, format=CONTAINER_FORMAT)
-        for role, track in ordered:
-            recorded = RecordedTrack(
-                track, role=role, timeline=timeline, gate=gate, settings=self._settings
-            )
-            self._recorded.append(recorded)
-            self._media.addTrack(recorded)
+                self._recorded += [
+                    RecordedTrack(track, role=role, timeline=timeline)
+                    for track in self._tracks.get(role, [])
+                    if track.kind == kind
+                ]
+        self._media = open_recorder(self._sink, self._recorded, self._settings)
         await self._media.start()
         self._watchdog = asyncio.create_task(self._watch())
 
@@ -415,9 +383,13 @@ class ConsultRecorder:
         )
 
     async def _watch(self) -> None:
+        flushed = time.monotonic()
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
+            if now - flushed >= PENDING_FLUSH_S and self._sink is not None:
+                self._sink.write_pending()
+                flushed = now
             for track in self._recorded:
                 if not track.in_recv and now - track.last_return > STALLED_STREAM_S:
                     self._report(

@@ -144,6 +144,39 @@ def test_a_truncated_file_gives_what_it_has_and_says_it_is_cut() -> None:
         decrypt(b"RIFF" + blob[4:], key, file_id)
 
 
+def test_what_the_writer_was_told_to_put_on_disk_survives_its_death() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    sink = io.BytesIO()
+    writer = EncryptingWriter(sink, key, file_id, chunk_size=CHUNK)
+    writer.write(b"a" * (CHUNK + 10))  # one full chunk out, 10 bytes held
+    assert writer.pending_bytes == 10
+    writer.write_pending()  # a shorter chunk, as the recorder asks each second
+    assert writer.pending_bytes == 0
+    writer.write(b"b" * 5)  # then the writer dies with these in memory
+    got: list[bytes] = []
+    with pytest.raises(Truncated) as caught:
+        collect(decrypt_chunks(io.BytesIO(sink.getvalue()), key, file_id=file_id), got)
+    assert b"".join(got) == b"a" * (CHUNK + 10)
+    assert caught.value.plaintext_bytes == CHUNK + 10
+    # Shorter chunks in the middle are authenticated like any other.
+    writer.close()
+    assert decrypt(sink.getvalue(), key, file_id) == b"a" * (CHUNK + 10) + b"b" * 5
+    assert [len(chunk) - 5 - 16 for chunk in chunks_of(sink.getvalue())] == [CHUNK, 10, 5]
+
+
+def test_an_aborted_writer_leaves_a_file_that_reads_as_truncated() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    sink = io.BytesIO()
+    writer = EncryptingWriter(sink, key, file_id, chunk_size=CHUNK)
+    writer.write(b"c" * (2 * CHUNK + 1))
+    writer.abort()  # the disk filled up: no final chunk
+    assert writer.closed
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(b"more")
+    with pytest.raises(Truncated, match="without its final chunk"):
+        decrypt(sink.getvalue(), key, file_id)
+
+
 def test_no_plaintext_reaches_the_disk(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "recordings")
     key, file_id = new_data_key(), uuid.uuid4()

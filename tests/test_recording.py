@@ -15,6 +15,7 @@ import contextlib
 import fractions
 import io
 import itertools
+import os
 import time
 import uuid
 from collections import Counter
@@ -33,7 +34,7 @@ from audit.recordings import FileStore, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
 from signaling.protocol import ParticipantRole
-from signaling.recorder import RecordedTrack, RecorderSettings, Timeline, VideoGate
+from signaling.recorder import RecordedTrack, RecorderSettings, Timeline, open_recorder
 from tests.harness import Harness, Sockets, new_consult, receive
 from tests.test_webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
 
@@ -41,17 +42,22 @@ RECORD_FOR_S = 5.0
 
 
 class SizedVideo(SyntheticVideo):
-    """Synthetic video of a given size (each party's camera differs)."""
+    """Synthetic video of a given size (each party's camera differs); ``noisy``
+    pictures cost the encoders as much as a real camera's, or more."""
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, *, noisy: bool = False) -> None:
         super().__init__()
         self.width, self.height = width, height
+        self.noisy = noisy
 
     async def recv(self) -> VideoFrame:
         pts, time_base = await self.next_timestamp()
         frame = VideoFrame(width=self.width, height=self.height)
         for plane in frame.planes:
-            plane.update(bytes([(pts // 3000) % 256]) * plane.buffer_size)
+            if self.noisy:
+                plane.update(os.urandom(plane.buffer_size))
+            else:
+                plane.update(bytes([(pts // 3000) % 256]) * plane.buffer_size)
         frame.pts, frame.time_base = pts, time_base
         return frame
 
@@ -59,11 +65,11 @@ class SizedVideo(SyntheticVideo):
 class RecorderLink:
     """A participant's send-only connection to the server's recorder."""
 
-    def __init__(self, *, video: tuple[int, int] | None = (320, 240)) -> None:
+    def __init__(self, *, video: tuple[int, int] | None = (320, 240), noisy: bool = False) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[MediaStreamTrack] = [AudioStreamTrack()]
         if video is not None:
-            self.tracks.append(SizedVideo(*video))
+            self.tracks.append(SizedVideo(*video, noisy=noisy))
         for track in self.tracks:
             self.pc.addTrack(track)
         for transceiver in self.pc.getTransceivers():
@@ -129,6 +135,7 @@ async def consent_and_connect(
     *,
     therapist_video: tuple[int, int] | None = (320, 240),
     patient_video: tuple[int, int] | None = (160, 120),
+    noisy: bool = False,
 ) -> dict[str, Any]:
     """Ask, agree, connect both recorder links; return the ``on`` message."""
     await call.therapist.send("record-request")
@@ -139,7 +146,7 @@ async def consent_and_connect(
     for side in (call.therapist, call.patient):
         await expect_recording(side, "starting")
     for side, video in ((call.therapist, therapist_video), (call.patient, patient_video)):
-        link = linked(call.stack, RecorderLink(video=video))
+        link = linked(call.stack, RecorderLink(video=video, noisy=noisy))
         await side.send("recorder-offer", sdp=await link.offer())
         await link.accept((await side.expect("recorder-answer"))["sdp"])
     on = await expect_recording(call.therapist, "on")
@@ -404,63 +411,55 @@ async def record_locally(tracks: list[MediaStreamTrack], seconds: float) -> byte
 
 async def test_plain_media_recorder_loses_the_video_when_audio_comes_first() -> None:
     """The trap itself (aiortc 1.16, PyAV 18): no error, and no video in the file.
-    If this starts failing, aiortc fixed it and the gate in RecordedTrack may go."""
+    If this starts failing, aiortc fixed it and _prepare_video_streams may go."""
     media = await record_locally([AudioStreamTrack(), LateVideo(0.3)], 1.5)
     counts = {s.kind: s.frames for s in count_streams(media)}
     assert counts["audio"] > 10
     assert counts["video"] == 0
 
 
-async def test_recorded_tracks_keep_the_video_when_audio_comes_first() -> None:
-    settings = RecorderSettings(video_width=640, video_height=480, first_frame_timeout_s=3.0)
-    timeline, gate = Timeline(), VideoGate(videos=1)
-    tracks: list[MediaStreamTrack] = [
-        RecordedTrack(
-            source,
-            role=ParticipantRole.THERAPIST,
-            timeline=timeline,
-            gate=gate,
-            settings=settings,
-        )
-        for source in (AudioStreamTrack(), LateVideo(0.3))
+async def record_through_our_recorder(
+    sources: list[MediaStreamTrack], seconds: float, settings: RecorderSettings
+) -> bytes:
+    sink = CountingSink()
+    timeline = Timeline()
+    tracks = [
+        RecordedTrack(source, role=ParticipantRole.THERAPIST, timeline=timeline)
+        for source in sources
     ]
-    media = await record_locally(tracks, 1.5)
+    recorder = open_recorder(sink, tracks, settings)
+    await recorder.start()
+    await asyncio.sleep(seconds)
+    await recorder.stop()
+    return bytes(sink.data)
+
+
+async def test_our_recorder_keeps_the_video_when_audio_comes_first() -> None:
+    settings = RecorderSettings(video_width=640, video_height=480)
+    media = await record_through_our_recorder([AudioStreamTrack(), LateVideo(0.3)], 1.5, settings)
     counts = {s.kind: s.frames for s in count_streams(media)}
     assert counts["audio"] > 10
     assert counts["video"] > 10
 
 
-async def test_a_camera_that_sends_nothing_is_recorded_as_a_black_picture() -> None:
-    settings = RecorderSettings(video_width=320, video_height=240, first_frame_timeout_s=0.3)
-    timeline, gate = Timeline(), VideoGate(videos=1)
-    tracks: list[MediaStreamTrack] = [
-        RecordedTrack(
-            source,
-            role=ParticipantRole.PATIENT,
-            timeline=timeline,
-            gate=gate,
-            settings=settings,
-        )
-        for source in (AudioStreamTrack(), LateVideo(1.0))
-    ]
-    media = await record_locally(tracks, 2.0)
-    streams = {s.kind: s for s in count_streams(media)}
-    assert streams["audio"].frames > 10
-    # The black picture at 0.3 s, then the camera's from 1 s on.
-    assert streams["video"].frames > 5
-    assert streams["video"].width == 320
+async def test_our_recorder_keeps_every_video_when_one_starts_late() -> None:
+    """With a low-latency encoder the first video's first packet opens every
+    codec at once; the late camera's stream must survive that."""
+    settings = RecorderSettings(video_width=320, video_height=240)
+    media = await record_through_our_recorder(
+        [AudioStreamTrack(), SizedVideo(320, 240), AudioStreamTrack(), LateVideo(0.5)],
+        2.0,
+        settings,
+    )
+    streams = count_streams(media)
+    assert [s.kind for s in streams] == ["audio", "video", "audio", "video"]
+    assert all(s.frames > 10 for s in streams), streams
+    # Every picture in the configured size, whatever the camera sent.
+    assert [s.width for s in streams if s.kind == "video"] == [320, 320]
 
 
 def test_frames_keep_their_spacing_but_count_from_the_start() -> None:
-    settings = RecorderSettings(video_width=160, video_height=120, first_frame_timeout_s=1)
-    timeline = Timeline()
-    track = RecordedTrack(
-        AudioStreamTrack(),
-        role=ParticipantRole.PATIENT,
-        timeline=timeline,
-        gate=VideoGate(videos=0),
-        settings=settings,
-    )
+    track = RecordedTrack(AudioStreamTrack(), role=ParticipantRole.PATIENT, timeline=Timeline())
     base = 3_000_000_000  # RTP timestamps start anywhere
     rebased = []
     for index in range(3):

@@ -1,0 +1,267 @@
+"""Recording faults, for real: a full disk, and a server killed mid-recording.
+
+The full disk is a real one: a 512 KiB tmpfs mounted over the file store's
+directory (root only; elsewhere the test skips, and fails under CI=true).
+The killed server is a real ``videoconsult serve`` process, killed with
+SIGKILL while it records, and started again on the same data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import av
+import pytest
+import sqlalchemy as sa
+from aiohttp import ClientSession
+
+from audit.clock import ManualClock
+from audit.filestore import Truncated
+from audit.recordings import FileStore, data_key_of, plaintext
+from audit.schema import recordings
+from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
+from tests.conftest import CHEAP_PASSWORD_HASHING, service_unavailable
+from tests.harness import Harness, Sockets, new_consult, receive
+from tests.test_cli import EXECUTABLE, cli_env
+from tests.test_recording import (
+    Call,
+    consent_and_connect,
+    expect_recording,
+    recording_row,
+    start_call,
+)
+from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
+
+# Small enough to fill within a few seconds of two 640x480 streams.
+TMPFS_SIZE = "512k"
+
+
+@pytest.fixture
+def full_disk_store(sqlite_harness: Harness) -> Iterator[Path]:
+    """The file store's directory on a tiny tmpfs of its own."""
+    store_dir: Path = sqlite_harness.app[DATA_DIR] / "recordings"
+    store_dir.mkdir(mode=0o700, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(store_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        service_unavailable("a small tmpfs (root)", mounted.stderr.strip() or "mount failed")
+    try:
+        yield store_dir
+    finally:
+        subprocess.run(["umount", "-l", str(store_dir)], check=False)
+
+
+def tolerant_counts(media: bytes) -> Counter[str]:
+    """Frames per stream kind in media that may end mid-cluster (a cut file)."""
+    frames: Counter[str] = Counter()
+    with (
+        av.open(io.BytesIO(media), mode="r") as container,
+        contextlib.suppress(av.error.FFmpegError),
+    ):
+        for packet in container.demux():
+            if packet.size:
+                with contextlib.suppress(av.error.FFmpegError):
+                    frames[packet.stream.type] += len(packet.decode())
+    return frames
+
+
+def read_cut(store: FileStore, recording_id: uuid.UUID, key: bytes) -> tuple[bytes, str]:
+    """Everything that decrypts, and the truncation report (which must come)."""
+    parts: list[bytes] = []
+    with pytest.raises(Truncated) as cut:
+        parts.extend(plaintext(store, f"{recording_id}.vcenc", key, recording_id))
+    assert cut.value.plaintext_bytes == sum(map(len, parts))
+    return b"".join(parts), str(cut.value)
+
+
+async def test_a_full_disk_stops_the_recording_cleanly_and_the_consult_goes_on(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, full_disk_store: Path
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await consent_and_connect(call, noisy=True)
+        for side in (call.therapist, call.patient):
+            off = await expect_recording(side, "off")
+            assert off["reason"] == "storage_full"
+        # Both still in the consult: signaling answers, media keeps flowing.
+        for side in (call.therapist, call.patient):
+            await side.send("ping")
+            await side.expect("pong")
+        before = sum(call.therapist.peer.frames.values())
+        await all_receive_media(call.therapist.peer, at_least=before // 2 + 20)
+        # And the therapist may ask again (it fails again, cleanly, on this disk).
+        assert sqlite_harness.app[ROOMS].recording.live_count == 0
+
+    row = await recording_row(sqlite_harness)
+    assert (row.status, row.stop_reason) == ("incomplete", "storage_full")
+    async with sqlite_harness.app[DB_ENGINE].connect() as conn:
+        _name, key = await data_key_of(conn, sqlite_harness.app[MASTER_KEY].key, row.id)
+    media, report = read_cut(FileStore(full_disk_store), row.id, key)
+    assert "without its final chunk" in report or "inside chunk" in report
+    assert len(media) >= 64 * 1024  # at least the first whole chunk
+    # What made it to the disk plays: the streams' header and whole clusters.
+    counts = tolerant_counts(media)
+    assert counts["video"] > 0, counts
+    assert counts["audio"] > 0, counts
+
+
+# -- the server killed mid-recording ----------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    # The server process runs on the real clock: sessions and invites made
+    # through the harness must be fresh by that clock too.
+    return ManualClock(datetime.now(UTC).replace(microsecond=0))
+
+
+class ServerProcess:
+    """``videoconsult serve`` on the harness's data directory."""
+
+    def __init__(self, data_dir: Path, port: int, log: Path) -> None:
+        self.port = port
+        self.origin = f"http://127.0.0.1:{port}"
+        assert EXECUTABLE
+        cheap = {
+            name.removeprefix("VIDEOCONSULT_").lower(): value
+            for name, value in CHEAP_PASSWORD_HASHING.items()
+        }
+        env = cli_env(data_dir, **cheap)
+        self._log = log.open("a")
+        self.process = subprocess.Popen(
+            [EXECUTABLE, "serve", "--port", str(port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}")
+            url = f"{self.origin}/healthz"  # always http://127.0.0.1
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310
+                if answer.status == 200:
+                    return
+            time.sleep(0.2)
+        pytest.fail(f"the server did not answer /healthz within {timeout_s} s")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if not self._log.closed:
+            self._log.close()
+
+
+def session_cookie(harness: Harness) -> str:
+    for cookie in harness.client.session.cookie_jar:
+        if cookie.key == "vc_session":
+            return cookie.value
+    raise AssertionError("the harness is not logged in")
+
+
+async def test_a_recording_cut_by_a_killed_server_is_marked_incomplete_and_still_plays(
+    sqlite_harness: Harness, free_port: int, tmp_path: Path
+) -> None:
+    setup = await new_consult(sqlite_harness)
+    cookie = session_cookie(sqlite_harness)
+    data_dir = sqlite_harness.app[DATA_DIR]
+    log = tmp_path / "server.log"
+    server = ServerProcess(data_dir, free_port, log)
+    try:
+        await asyncio.to_thread(server.wait_healthy)
+        headers = {"Origin": server.origin}
+        async with contextlib.AsyncExitStack() as stack:
+            therapist_http = await stack.enter_async_context(ClientSession())
+            patient_http = await stack.enter_async_context(ClientSession())
+            therapist_socket = await therapist_http.ws_connect(
+                f"{server.origin}/ws?consult={setup.consult_id}",
+                headers={**headers, "Cookie": f"vc_session={cookie}"},
+            )
+            await receive(therapist_socket, "welcome")
+            async with patient_http.post(
+                f"{server.origin}/api/invites/{setup.invite_token}/ticket",
+                json={"consent": True},
+                headers=headers,
+            ) as answer:
+                assert answer.status == 200, await answer.text()
+                ticket = (await answer.json())["ticket"]
+            patient_socket = await patient_http.ws_connect(
+                f"{server.origin}/ws?ticket={ticket}", headers=headers
+            )
+            await receive(patient_socket, "welcome")
+            await receive(therapist_socket, "patient-waiting")
+            therapist = opened(stack, Peer("therapist"))
+            patient = opened(stack, Peer("patient"))
+            call = Call(
+                setup,
+                opened(stack, Signaller(therapist_socket, therapist)),
+                opened(stack, Signaller(patient_socket, patient)),
+                stack,
+            )
+            await call.therapist.send("admit")
+            await call.patient.expect("admitted")
+            await call.therapist.expect("peer-joined")
+            await call.therapist.send("offer", sdp=await therapist.offer())
+            await all_receive_media(therapist, patient)
+            on = await consent_and_connect(call)
+            await asyncio.sleep(3.0)
+            server.kill()
+
+        recording_id = uuid.UUID(on["recording"])
+        async with sqlite_harness.app[DB_ENGINE].connect() as conn:
+            status = await conn.scalar(
+                sa.select(recordings.c.status).where(recordings.c.id == recording_id)
+            )
+        assert status == "recording"  # nobody finished it
+
+        # The restart marks it incomplete, before anything else.
+        server = ServerProcess(data_dir, free_port, log)
+        await asyncio.to_thread(server.wait_healthy)
+    finally:
+        server.stop()
+
+    row = await recording_row(sqlite_harness)
+    assert (row.status, row.stop_reason) == ("incomplete", "server_restart")
+    assert row.ended_at is not None
+    assert "marked incomplete" in log.read_text()
+    async with sqlite_harness.app[DB_ENGINE].connect() as conn:
+        _name, key = await data_key_of(conn, sqlite_harness.app[MASTER_KEY].key, row.id)
+    media, report = read_cut(FileStore(data_dir / "recordings"), row.id, key)
+    assert "decrypted before the cut" in report
+    # Up to the last full chunk, it plays: both parties' audio and video.
+    counts = tolerant_counts(media)
+    assert counts["video"] > 30, counts
+    assert counts["audio"] > 30, counts
+    assert stream_kinds(media) == ["audio", "video", "audio", "video"]
+
+
+def stream_kinds(media: bytes) -> list[str]:
+    """The stream layout of a (cut) file: its header is whole."""
+    with av.open(io.BytesIO(media), mode="r") as container:
+        return [stream.type for stream in container.streams]
