@@ -73,7 +73,11 @@ VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 
 
 class RecorderError(Exception):
-    """The recorder cannot do what was asked; the message names the state."""
+    """The recorder cannot do what was asked now; the message names the state."""
+
+
+class InvalidOffer(RecorderError):
+    """A recorder offer that does not parse or does not send what a recording needs."""
 
 
 class StreamKind(enum.Enum):
@@ -296,15 +300,21 @@ class ConsultRecorder:
             state = peer.connectionState
             if state == "connected":
                 connected.set()
-            elif state in ("failed", "closed") and not self._stopped:
+            elif state in ("failed", "closed") and self._peers.get(role) is peer:
                 self._report(Failure.RECORDER_FAILED, f"the {role.value}'s connection {state}")
 
         self._peers[role] = peer
         try:
-            await peer.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            try:
+                await peer.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            except Exception as err:
+                # aiortc's parser raises what it happens to raise (ValueError,
+                # KeyError, ...); to the client it is one thing: a bad offer.
+                problem = str(err)[:200] or type(err).__name__
+                raise InvalidOffer(f"the recorder offer's SDP is not usable: {problem}") from err
             kinds = sorted(track.kind for track in tracks)
             if kinds not in (["audio"], ["audio", "video"]):
-                raise RecorderError(
+                raise InvalidOffer(
                     "a recorder offer sends one microphone and at most one camera; "
                     f"this one sends {kinds or 'nothing'}"
                 )

@@ -59,7 +59,13 @@ from signaling.protocol import (
     RecordStop,
     outbound,
 )
-from signaling.recorder import ConsultRecorder, Failure, RecorderError, RecorderSettings
+from signaling.recorder import (
+    ConsultRecorder,
+    Failure,
+    InvalidOffer,
+    RecorderError,
+    RecorderSettings,
+)
 
 _log = structlog.get_logger("videoconsult.recording")
 
@@ -231,15 +237,10 @@ class RecordingControl:
             )
         try:
             answer = await live.recorder.accept_offer(role, sdp)
+        except InvalidOffer as err:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(err), ref="recorder-offer") from err
         except RecorderError as err:
             raise ProtocolError(ErrorCode.RECORDING_STATE, str(err), ref="recorder-offer") from err
-        except ValueError as err:
-            # aiortc's SDP parser names what it could not read.
-            raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE,
-                f"the recorder offer's SDP does not parse: {str(err)[:200]}",
-                ref="recorder-offer",
-            ) from err
         if live.recorder.roles == BOTH:
             live.offers_in.set()
         return [outbound("recorder-answer", sdp=answer)]

@@ -300,6 +300,46 @@ async def test_without_consent_nothing_is_recorded(
     assert sqlite_harness.app[ROOMS].recording.live_count == 0
 
 
+async def test_a_bad_recorder_offer_gets_a_clear_error_and_the_recording_still_starts(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await call.therapist.send("record-request")
+        for side in (call.therapist, call.patient):
+            await expect_recording(side, "requested")
+        await call.patient.send("record-consent", agree=True)
+        for side in (call.therapist, call.patient):
+            await expect_recording(side, "starting")
+        for garbage in ("garbage", "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"):
+            await call.therapist.send("recorder-offer", sdp=garbage)
+            error = await call.therapist.expect("error")
+            assert (error["code"], error["ref"]) == ("invalid_message", "recorder-offer")
+            assert "recorder offer" in error["message"]
+        # A video-only offer is refused too: a recording needs the microphone.
+        video_only = linked(stack, RecorderLink())
+        video_only.pc.getTransceivers()[0].sender.replaceTrack(None)
+        video_only.pc.getTransceivers()[0].direction = "inactive"
+        await call.therapist.send("recorder-offer", sdp=await video_only.offer())
+        error = await call.therapist.expect("error")
+        assert error["code"] == "invalid_message"
+        assert "microphone" in error["message"]
+        # The offers that follow are fine, and the recording starts.
+        for side in (call.therapist, call.patient):
+            link = linked(stack, RecorderLink())
+            await side.send("recorder-offer", sdp=await link.offer())
+            await link.accept((await side.expect("recorder-answer"))["sdp"])
+        await expect_recording(call.therapist, "on")
+        await expect_recording(call.patient, "on")
+        # A second offer of the same participant is refused by state.
+        await call.patient.send("recorder-offer", sdp=await linked(stack, RecorderLink()).offer())
+        assert (await call.patient.expect("error"))["code"] == "recording_state"
+        await call.patient.send("record-stop")
+        for side in (call.therapist, call.patient):
+            assert (await expect_recording(side, "off"))["reason"] == "stopped_by_patient"
+    assert (await recording_row(sqlite_harness)).status == "complete"
+
+
 async def test_a_patient_under_16_needs_the_guardians_consent(
     sqlite_harness: Harness, sqlite_sockets: Sockets
 ) -> None:
