@@ -23,6 +23,7 @@ from audit.schema import (
     enrolment_links,
     login_failures,
     organisations,
+    recordings,
     sessions,
     technical_log,
 )
@@ -53,6 +54,12 @@ async def export_account(
         sa.select(consults)
         .where(consults.c.therapist_id == account.id)
         .order_by(consults.c.created_at)
+    )
+    own_recordings = await conn.execute(
+        sa.select(recordings)
+        .join(consults, consults.c.id == recordings.c.consult_id)
+        .where(consults.c.therapist_id == account.id)
+        .order_by(recordings.c.created_at)
     )
     records = await conn.execute(
         sa.select(access_log)
@@ -99,6 +106,23 @@ async def export_account(
                 "duration_s": row.duration_s,
             }
             for row in own_consults
+        ],
+        # What is known of each recording of one's consults; the media itself
+        # is downloaded separately (GET /api/recordings/{id}/download).
+        "recordings": [
+            {
+                "id": str(row.id),
+                "consult_id": str(row.consult_id),
+                "status": row.status,
+                "created_at": _iso(row.created_at),
+                "ended_at": _iso(row.ended_at),
+                "requested_at": _iso(row.requested_at),
+                "consented_at": _iso(row.consented_at),
+                "consent_by": row.consent_by,
+                "stop_reason": row.stop_reason,
+                "plaintext_bytes": row.plaintext_bytes,
+            }
+            for row in own_recordings
         ],
         "access_log": [
             {

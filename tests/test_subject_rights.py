@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+
 import sqlalchemy as sa
 
 from audit.access_log import verify_chain
+from audit.recordings import Consent, ConsentBy, FileStore, finish_recording, start_recording
 from audit.roles import Role
 from audit.schema import access_log, consults, metadata
 from audit.sealing import keyed_hash
-from server.app_keys import DB_ENGINE, MASTER_KEY, TECHNICAL_LOG
+from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, TECHNICAL_LOG
 from tests.harness import Harness, new_consult
 
 
@@ -23,9 +26,26 @@ async def everything_stored(harness: Harness) -> str:
     return "\n".join(dump)
 
 
+async def record_something(harness: Harness, consult_id: uuid.UUID) -> None:
+    """A finished recording of the consult, made as the recorder makes one."""
+    now = harness.clock.now()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        recording, writer = await start_recording(
+            conn,
+            FileStore(harness.app[DATA_DIR] / "recordings"),
+            harness.app[MASTER_KEY].key,
+            consult_id,
+            now=now,
+            consent=Consent(now, now, ConsentBy.PATIENT),
+        )
+        writer.write(b"media")
+        await finish_recording(conn, recording.id, writer, now=now)
+
+
 async def test_a_professional_downloads_everything_held_about_them(harness: Harness) -> None:
     first = await new_consult(harness, display_name="Mevr. J.")
     second = await harness.post("/api/consults", {})
+    await record_something(harness, uuid.UUID(first.consult_id))
     response = await harness.client.get("/api/account/export")
     assert response.status == 200
     assert "attachment" in response.headers["Content-Disposition"]
@@ -45,6 +65,10 @@ async def test_a_professional_downloads_everything_held_about_them(harness: Harn
         first.consult_id,
         (await second.json())["consult"]["id"],
     }
+    # The metadata of a recording of one's consult (consent included), not its media.
+    assert [r["consult_id"] for r in exported["recordings"]] == [first.consult_id]
+    assert exported["recordings"][0]["consent_by"] == "patient"
+    assert exported["recordings"][0]["status"] == "complete"
     actions = [record["action"] for record in exported["access_log"]]
     assert "session.login" in actions
     assert actions.count("consult.create") == 2
