@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.errors import Conflict, NotFound
 from audit.schema import master_keys, recordings
@@ -93,9 +94,15 @@ async def load_ring(conn: AsyncConnection, root_key: bytes) -> KeyRing:
         )
     ).all()
     for row in rows:
-        ring_key = WrappingKey(
-            row.id, unseal(root_key, RING_KEY_PURPOSE, row.wrapped_key, bound_to=row.id)
-        )
+        try:
+            key = unseal(root_key, RING_KEY_PURPOSE, row.wrapped_key, bound_to=row.id)
+        except SealError:
+            raise SealError(
+                f"master key {row.id} of the ring does not open with the configured root key "
+                f"{root.id} (security.master_key): it was sealed under another root key, "
+                "or its row was altered"
+            ) from None
+        ring_key = WrappingKey(row.id, key)
         keys[ring_key.id] = ring_key
         current = ring_key
     return KeyRing(root.id, current, keys)
@@ -149,12 +156,49 @@ async def rewrap_all(conn: AsyncConnection, ring: KeyRing) -> Counter[str]:
     return moved
 
 
+async def rotate(
+    engine: AsyncEngine,
+    root_key: bytes,
+    *,
+    now: datetime,
+    note: Callable[[AsyncConnection, WrappingKey], Awaitable[None]] | None = None,
+) -> Rotation:
+    """Add a new ring key, then re-wrap every data key under it; the files stay as they are.
+
+    The key is added in a transaction of its own (with ``note``, which writes
+    the change's access-log record, so there is no key without its record),
+    then the data keys move over a batch per transaction. Interrupted, it
+    leaves every data key wrapped by one key of the ring or the other; run it
+    again (the key it added is then unused and can be retired).
+    """
+    async with engine.begin() as conn:
+        added = await add_ring_key(conn, root_key, now=now)
+        if note is not None:
+            await note(conn, added)
+    moved = await rewrap_remaining(engine, root_key)
+    return Rotation(added.id, dict(moved))
+
+
+async def rewrap_remaining(engine: AsyncEngine, root_key: bytes) -> Counter[str]:
+    """Re-wrap, a batch per transaction, every data key the current key does not
+    wrap yet; return the counts by previous key id."""
+    total: Counter[str] = Counter()
+    while True:
+        async with engine.begin() as conn:
+            # Loaded per batch: a rotation running at the same time makes
+            # a newer key current, and both then move everything to it.
+            moved = await rewrap_all(conn, await load_ring(conn, root_key))
+        if not moved:
+            return total
+        total.update(moved)
+
+
 async def key_usage(conn: AsyncConnection) -> dict[str, int]:
     """How many data keys each master key wraps now."""
     rows = await conn.execute(
         sa.select(recordings.c.key_id, sa.func.count()).group_by(recordings.c.key_id)
     )
-    return {key_id: count for key_id, count in rows.tuples()}
+    return {key_id: count for key_id, count in rows}
 
 
 async def retire(conn: AsyncConnection, root_key: bytes, key_id: str) -> None:

@@ -10,7 +10,9 @@ right after (:meth:`FileStore.delete_files`).
 
 The row also keeps the consent the recording was made under (when the
 therapist asked, when the patient or guardian agreed, and which of the two)
-and why it stopped.
+and why it stopped; :func:`get_recording` and :func:`list_recordings` read
+that back with the consult's therapist and organisation, for whoever decides
+who may see it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import enum
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -247,8 +249,9 @@ async def data_key_of(
 
 def plaintext(
     store: FileStore, file_name: str, data_key: bytes, recording_id: uuid.UUID
-) -> Iterator[bytes]:
-    """The decrypted recording, chunk by chunk (see :func:`audit.filestore.decrypt_chunks`)."""
+) -> Generator[bytes, None, None]:
+    """The decrypted recording, chunk by chunk (see :func:`audit.filestore.decrypt_chunks`);
+    ``close()`` it when stopping early, which closes the file."""
     with store.open(file_name) as source:
         yield from decrypt_chunks(source, data_key, file_id=recording_id)
 
@@ -289,3 +292,97 @@ async def expired_recordings(
 
 def recording_cutoff(now: datetime, days: int) -> datetime:
     return now - timedelta(days=days)
+
+
+@dataclass(frozen=True)
+class RecordingEntry:
+    """What is known of a recording besides its key: for its list and its owner."""
+
+    id: uuid.UUID
+    consult_id: uuid.UUID
+    # None once the therapist's account was erased (the consult stays, unlinked).
+    therapist_id: uuid.UUID | None
+    organisation_id: uuid.UUID | None
+    created_at: datetime
+    ended_at: datetime | None
+    status: RecordingStatus
+    consent: Consent | None
+    stop_reason: StopReason | None
+    # The plaintext written, as the writer counted it (None while recording).
+    plaintext_bytes: int | None
+    key_id: str
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.ended_at is None:
+            return None
+        return (self.ended_at - self.created_at).total_seconds()
+
+
+def _entries() -> sa.Select[tuple[object, ...]]:
+    return (
+        sa.select(
+            recordings.c.id,
+            recordings.c.consult_id,
+            consults.c.therapist_id,
+            accounts.c.organisation_id,
+            recordings.c.created_at,
+            recordings.c.ended_at,
+            recordings.c.status,
+            recordings.c.requested_at,
+            recordings.c.consented_at,
+            recordings.c.consent_by,
+            recordings.c.stop_reason,
+            recordings.c.plaintext_bytes,
+            recordings.c.key_id,
+        )
+        .join(consults, consults.c.id == recordings.c.consult_id)
+        .outerjoin(accounts, accounts.c.id == consults.c.therapist_id)
+        .order_by(recordings.c.created_at.desc(), recordings.c.id)
+    )
+
+
+def _entry(row: sa.Row[tuple[object, ...]]) -> RecordingEntry:
+    m = row._mapping
+    consent = (
+        Consent(m["requested_at"], m["consented_at"], ConsentBy(m["consent_by"]))
+        if m["requested_at"] is not None
+        and m["consented_at"] is not None
+        and m["consent_by"] is not None
+        else None
+    )
+    return RecordingEntry(
+        id=m["id"],
+        consult_id=m["consult_id"],
+        therapist_id=m["therapist_id"],
+        organisation_id=m["organisation_id"],
+        created_at=m["created_at"],
+        ended_at=m["ended_at"],
+        status=RecordingStatus(m["status"]),
+        consent=consent,
+        stop_reason=StopReason(m["stop_reason"]) if m["stop_reason"] else None,
+        plaintext_bytes=m["plaintext_bytes"],
+        key_id=m["key_id"],
+    )
+
+
+async def get_recording(conn: AsyncConnection, recording_id: uuid.UUID) -> RecordingEntry:
+    """One recording (NotFound once shredded); who may see it is the caller's rule."""
+    row = (await conn.execute(_entries().where(recordings.c.id == recording_id))).first()
+    if row is None:
+        raise NotFound("no such recording (or it was deleted)")
+    return _entry(row)
+
+
+async def list_recordings(conn: AsyncConnection, therapist_id: uuid.UUID) -> list[RecordingEntry]:
+    """The recordings of the therapist's consults, newest first."""
+    rows = await conn.execute(_entries().where(consults.c.therapist_id == therapist_id))
+    return [_entry(row) for row in rows]
+
+
+async def organisation_recordings(
+    conn: AsyncConnection, organisation_id: uuid.UUID
+) -> list[RecordingEntry]:
+    """The recordings of the organisation's consults, newest first."""
+    rows = await conn.execute(_entries().where(accounts.c.organisation_id == organisation_id))
+    return [_entry(row) for row in rows]

@@ -7,7 +7,14 @@ from aiohttp import web
 from audit.clock import Clock, SystemClock
 from config import Settings
 from server import health, pages, signaling_ws
-from server.api import admin_views, auth_views, consult_views, privacy_views, support_views
+from server.api import (
+    admin_views,
+    auth_views,
+    consult_views,
+    privacy_views,
+    recording_views,
+    support_views,
+)
 from server.api.errors import error_middleware
 from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, THERAPIST_SOCKETS, WEBSOCKETS
 from server.auth.passwords import PasswordHasher
@@ -78,6 +85,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(auth_views.routes)
     app.router.add_routes(admin_views.routes)
     app.router.add_routes(consult_views.routes)
+    app.router.add_routes(recording_views.routes)
     app.router.add_routes(privacy_views.routes)
     app.router.add_routes(support_views.routes)
     app.router.add_routes(signaling_ws.routes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +13,11 @@ from aiohttp.test_utils import TestClient
 
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
 from audit.clock import ManualClock
-from server.app_keys import DB_ENGINE
+from audit.keyring import WrappingKey
+from audit.recordings import StopReason, finish_recording, start_recording
+from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.auth.admin import Actor, add_account
+from server.housekeeping import recording_store
 
 PASSWORD = "correct horse battery staple"
 
@@ -185,3 +189,40 @@ async def receive(socket: ClientWebSocketResponse, kind: str, *, timeout_s: floa
     message = await socket.receive_json(timeout=timeout_s)
     assert message["type"] == kind, message
     return message
+
+
+async def stored_recording(
+    harness: Harness,
+    consult_id: str | uuid.UUID,
+    media: bytes | Iterable[bytes],
+    *,
+    complete: bool = True,
+    wrapping: WrappingKey | None = None,
+) -> uuid.UUID:
+    """A recording of ``media`` in the app's file store, as the recorder makes one:
+    finished (``complete``), or cut off like a writer that died (incomplete).
+    ``wrapping`` is a ring key to wrap its data key (default: the current one)."""
+    engine = harness.app[DB_ENGINE]
+    async with engine.begin() as conn:
+        recording, writer = await start_recording(
+            conn,
+            recording_store(harness.app),
+            wrapping or harness.app[MASTER_KEY].key,
+            uuid.UUID(str(consult_id)),
+            now=harness.clock.now(),
+        )
+    for piece in [media] if isinstance(media, bytes) else media:
+        writer.write(piece)
+    if not complete:
+        writer.abort()
+    harness.clock.advance(60)
+    async with engine.begin() as conn:
+        await finish_recording(
+            conn,
+            recording.id,
+            writer,
+            now=harness.clock.now(),
+            reason=StopReason.STOPPED_BY_THERAPIST,
+            complete=complete,
+        )
+    return recording.id

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from audit.roles import Role
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
-from tests.harness import PASSWORD, Harness, new_consult
+from tests.harness import PASSWORD, Harness, new_consult, stored_recording
 
 Scenario = Callable[[Harness], Awaitable[Any]]
 
@@ -205,6 +205,26 @@ async def retention_update(h: Harness) -> Any:
     return await h.client.put("/api/admin/retention", json=body, headers=h.headers)
 
 
+async def _recording(harness: Harness) -> Any:
+    setup = await new_consult(harness)
+    return await stored_recording(harness, setup.consult_id, b"matroska bytes")
+
+
+async def recording_list(h: Harness) -> Any:
+    await _recording(h)
+    return await h.client.get("/api/recordings")
+
+
+async def recording_download(h: Harness) -> Any:
+    recording_id = await _recording(h)
+    return await h.client.get(f"/api/recordings/{recording_id}/download")
+
+
+async def recording_delete(h: Harness) -> Any:
+    recording_id = await _recording(h)
+    return await h.client.delete(f"/api/recordings/{recording_id}", headers=h.headers)
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -247,6 +267,9 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/consults/{consult_id}/end"): (consult_end, "consult.end"),
     ("POST", "/api/consults/{consult_id}/invite"): (consult_reissue, "consult.invite"),
     ("DELETE", "/api/consults/{consult_id}/invite"): (consult_revoke, "consult.invite.revoke"),
+    ("GET", "/api/recordings"): (recording_list, "recording.list"),
+    ("GET", "/api/recordings/{recording_id}/download"): (recording_download, "recording.download"),
+    ("DELETE", "/api/recordings/{recording_id}"): (recording_delete, "recording.delete"),
 }
 
 
@@ -305,9 +328,9 @@ ROLE_ROUTES = sorted(
 
 
 def concrete(path: str) -> str:
-    return path.replace("{account_id}", str(uuid.uuid4())).replace(
-        "{consult_id}", str(uuid.uuid4())
-    )
+    for name in ("{account_id}", "{consult_id}", "{recording_id}"):
+        path = path.replace(name, str(uuid.uuid4()))
+    return path
 
 
 @pytest.mark.parametrize("route", ROLE_ROUTES, ids=lambda r: f"{r[0]} {r[1]}")

@@ -1,9 +1,8 @@
 """The ``videoconsult`` command line.
 
 Each command lives in its own module in this package and is listed in
-``COMMANDS``; later commands (``user``, ``audit``, ``retention``,
-``recording``) are added the same way. Every failure ends with one line on
-stderr and a non-zero exit code, never a traceback:
+``COMMANDS``. Every failure ends with one line on stderr and a non-zero exit
+code, never a traceback:
 
 - 2: bad usage or bad settings (argparse's own messages, SettingsError);
 - 1: the command could not do its work (database unreachable, port in use).
@@ -18,11 +17,20 @@ from collections.abc import Sequence
 
 from audit import AuditError
 from config import SettingsError, load_settings
-from server.cli import audit_log, db, org, retention, serve, user
+from server.cli import audit_log, db, keys, org, recording, retention, serve, user
 from server.cli.base import CliError, CommandModule
 from server.process_log import configure_process_logging
 
-COMMANDS: tuple[CommandModule, ...] = (serve, db, org, user, audit_log, retention)
+COMMANDS: tuple[CommandModule, ...] = (
+    serve,
+    db,
+    org,
+    user,
+    audit_log,
+    retention,
+    keys,
+    recording,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

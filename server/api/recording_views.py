@@ -1,0 +1,314 @@
+"""A therapist's own recordings: the list, the download (decrypted as it streams), deletion.
+
+Only the therapist whose consult was recorded may list, download or delete a
+recording. Another therapist of the organisation gets 403; a recording of
+another organisation answers 404, like one that does not exist, so that
+nobody learns what exists elsewhere. Support staff and admins get 403 from
+the role check. Every read and every refusal is written to the access log
+(actions ``recording.list``, ``recording.download``, ``recording.delete``).
+
+A download is decrypted chunk by chunk in a worker thread and written as it
+comes (chunked transfer, so no length is promised up front): memory does not
+grow with the file. The access-log record is written before the first byte
+leaves. A file that fails authentication (or ends early although the
+recording was finished) after bytes went out cannot be answered with an
+error any more: the connection is closed without the transfer's end, so the
+client sees a failed download, never a short file that looks whole; and
+``recording.download.failed`` is logged. A recording marked incomplete (the
+writer stopped before its end) is sent up to its last whole chunk, with
+``X-Recording-Status: incomplete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Generator
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from audit.access_log import ClientType, Outcome
+from audit.errors import NotFound
+from audit.filestore import StoreError, Truncated
+from audit.recordings import (
+    RecordingEntry,
+    RecordingStatus,
+    data_key_of,
+    get_recording,
+    list_recordings,
+    plaintext,
+    shred,
+)
+from audit.roles import Role
+from audit.sealing import SealError
+from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
+from server.api.representations import iso
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.auth.admin import Actor, record
+from server.auth.sessions import Principal, require_role
+from server.housekeeping import recording_store
+
+routes = web.RouteTableDef()
+
+_log = structlog.get_logger("videoconsult.recordings")
+
+RECORDING_PATH = "/api/recordings/{recording_id}"
+MEDIA_TYPE = "video/x-matroska"
+STATUS_HEADER = "X-Recording-Status"
+
+ACTION_LIST = "recording.list"
+ACTION_DOWNLOAD = "recording.download"
+ACTION_DOWNLOAD_FAILED = "recording.download.failed"
+ACTION_DELETE = "recording.delete"
+
+# What next() answers once the file's final chunk is through.
+_END: Final = object()
+
+
+class RecordingUnreadable(ApiError):
+    status, code = 500, "recording_unreadable"
+
+
+def recording_json(entry: RecordingEntry) -> dict[str, Any]:
+    consent = entry.consent
+    return {
+        "id": str(entry.id),
+        "consult_id": str(entry.consult_id),
+        "created_at": iso(entry.created_at),
+        "ended_at": iso(entry.ended_at),
+        "status": entry.status.value,
+        "duration_s": entry.duration_s,
+        "consent": None
+        if consent is None
+        else {
+            "requested_at": iso(consent.requested_at),
+            "consented_at": iso(consent.consented_at),
+            "consent_by": consent.by.value,
+        },
+        "stop_reason": entry.stop_reason.value if entry.stop_reason else None,
+        "plaintext_bytes": entry.plaintext_bytes,
+    }
+
+
+def download_name(entry: RecordingEntry) -> str:
+    """A file name of ASCII letters, digits and dashes only: the start time and the id."""
+    return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}.mkv"
+
+
+def _actor(principal: Principal) -> Actor:
+    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
+
+
+async def _log_access(
+    request: web.Request,
+    principal: Principal,
+    action: str,
+    recording_id: uuid.UUID | None,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action=action,
+            object_type="recording",
+            object_id=recording_id,
+            now=request.app[CLOCK].now(),
+            outcome=outcome,
+        )
+
+
+async def _own_recording(request: web.Request, principal: Principal, action: str) -> RecordingEntry:
+    """The principal's own recording, finished; every refusal is logged as ``action``.
+
+    404 for an unknown id and for another organisation's recording, 403 for
+    another therapist's, 409 while it is still being recorded.
+    """
+    try:
+        recording_id: uuid.UUID | None = uuid.UUID(request.match_info["recording_id"])
+    except ValueError:
+        recording_id = None
+    entry: RecordingEntry | None = None
+    if recording_id is not None:
+        try:
+            async with request.app[DB_ENGINE].connect() as conn:
+                entry = await get_recording(conn, recording_id)
+        except NotFound:
+            entry = None
+    problem: ApiError | None = None
+    if entry is None or entry.organisation_id != principal.account.organisation_id:
+        problem = NotFoundError("no such recording")
+    elif entry.therapist_id != principal.account.id:
+        problem = Forbidden("only the therapist whose consult was recorded may do this")
+    elif entry.status is RecordingStatus.RECORDING:
+        problem = ConflictError("this recording is still running; stop it first")
+    if problem is not None:
+        await _log_access(request, principal, action, recording_id, Outcome.REFUSED)
+        raise problem
+    assert entry is not None
+    return entry
+
+
+@routes.get("/api/recordings")
+async def recordings_list(request: web.Request) -> web.Response:
+    """The recordings of the therapist's own consults, newest first."""
+    principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await list_recordings(conn, principal.account.id)
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action=ACTION_LIST,
+            object_type="therapist",
+            object_id=principal.account.id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.json_response({"recordings": [recording_json(entry) for entry in found]})
+
+
+# No HEAD: it would decrypt the whole file to send nothing, and log a download.
+@routes.get(RECORDING_PATH + "/download", allow_head=False)
+async def recording_download(request: web.Request) -> web.StreamResponse:
+    """The decrypted recording (matroska), streamed as it is decrypted."""
+    principal = await require_role(request, Role.THERAPIST, action=ACTION_DOWNLOAD)
+    entry = await _own_recording(request, principal, ACTION_DOWNLOAD)
+    app = request.app
+    try:
+        async with app[DB_ENGINE].connect() as conn:
+            file_name, data_key = await data_key_of(conn, app[MASTER_KEY].key, entry.id)
+    except SealError as err:
+        _log.error(
+            "a recording's data key does not open", recording_id=str(entry.id), error=str(err)
+        )
+        raise RecordingUnreadable("this recording's key does not open on this server") from None
+    await _log_access(request, principal, ACTION_DOWNLOAD, entry.id)
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": MEDIA_TYPE,
+            "Content-Disposition": f'attachment; filename="{download_name(entry)}"',
+            STATUS_HEADER: entry.status.value,
+        }
+    )
+    chunks = _ChunksInThread(plaintext(recording_store(app), file_name, data_key, entry.id))
+    problem: Exception | None = None
+    try:
+        while True:
+            try:
+                piece = await chunks.next()
+            except Truncated as err:
+                # Expected for an incomplete recording: it ends at its last whole chunk.
+                if entry.status is not RecordingStatus.INCOMPLETE:
+                    problem = err
+                break
+            except (StoreError, OSError) as err:
+                problem = err
+                break
+            if piece is None:
+                break
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(piece)
+    except ConnectionError:
+        _log.info("a recording download was ended by the client", recording_id=str(entry.id))
+        return response
+    finally:
+        chunks.close()
+
+    if problem is None:
+        if not response.prepared:
+            await response.prepare(request)  # an empty recording, or an incomplete one
+        # aiohttp writes the end of the transfer (and copes with a client gone by then).
+        return response
+    _log.error(
+        "a recording's file is damaged or missing; download stopped",
+        recording_id=str(entry.id),
+        error=str(problem),
+        after_first_byte=response.prepared,
+    )
+    await _log_access(request, principal, ACTION_DOWNLOAD_FAILED, entry.id)
+    if not response.prepared:
+        raise RecordingUnreadable(
+            "this recording's file is damaged or missing and cannot be decrypted; nothing was sent"
+        )
+    _abort(request, response)
+    return response
+
+
+class _ChunksInThread:
+    """A blocking generator of chunks, read one chunk at a time in a worker thread.
+
+    Closed only when no read is in flight: a download cancelled mid-read
+    leaves its thread running, and the generator (with its open file) is
+    closed when that read is done.
+    """
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self._pending: asyncio.Future[object] | None = None
+
+    async def next(self) -> bytes | None:
+        """The next chunk, or None after the final one; raises what decryption raises."""
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, next, self._chunks, _END)
+        # Shielded: cancelling the download must not pretend the thread stopped.
+        piece = await asyncio.shield(self._pending)
+        if piece is _END:
+            return None
+        assert isinstance(piece, bytes)
+        return piece
+
+    def close(self) -> None:
+        pending = self._pending
+        if pending is None or pending.done():
+            self._chunks.close()
+        else:
+            pending.add_done_callback(self._close_after)
+
+    def _close_after(self, read: asyncio.Future[object]) -> None:
+        if not read.cancelled():
+            read.exception()  # the download is gone; what the read found does not matter
+        self._chunks.close()
+
+
+def _abort(request: web.Request, response: web.StreamResponse) -> None:
+    """End the connection without the chunked transfer's last chunk: the client
+    sees an incomplete payload, not a short file that looks whole."""
+    response.force_close()
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+@routes.delete(RECORDING_PATH)
+async def recording_delete(request: web.Request) -> web.Response:
+    """Destroy the recording: its key first (crypto-shredding), then its file."""
+    principal = await require_role(request, Role.THERAPIST, action=ACTION_DELETE)
+    entry = await _own_recording(request, principal, ACTION_DELETE)
+    app = request.app
+    async with app[DB_ENGINE].begin() as conn:
+        file_names = await shred(conn, [entry.id])
+        await record(
+            conn,
+            _actor(principal),
+            organisation_id=principal.account.organisation_id,
+            action=ACTION_DELETE,
+            object_type="recording",
+            object_id=entry.id,
+            now=app[CLOCK].now(),
+        )
+    # The key is gone (committed): the file can never be decrypted again,
+    # whether or not it can be removed right now.
+    try:
+        recording_store(app).delete_files(file_names)
+    except OSError as err:
+        _log.warning(
+            "the file of a deleted recording could not be removed; its key is destroyed",
+            recording_id=str(entry.id),
+            error=err.strerror,
+        )
+    return web.Response(status=204)
