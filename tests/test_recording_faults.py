@@ -1,6 +1,6 @@
 """Recording faults, for real: a full disk, and a server killed mid-recording.
 
-The full disk is a real one: a 512 KiB tmpfs mounted over the file store's
+The full disk is a real one: a 2 MiB tmpfs mounted over the file store's
 directory (root only; elsewhere the test skips, and fails under CI=true).
 The killed server is a real ``videoconsult serve`` process, killed with
 SIGKILL while it records, and started again on the same data directory.
@@ -44,7 +44,7 @@ from tests.test_recording import (
 from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
 
 # Small enough to fill within a few seconds of two 640x480 streams.
-TMPFS_SIZE = "512k"
+TMPFS_SIZE = "2m"
 
 
 @pytest.fixture
