@@ -272,7 +272,13 @@ class RecordingControl:
             await self.stop(consult_id, StopReason.STORAGE_FULL)
             return
         live.recording_id, live.writer = recording.id, writer
-        await live.recorder.start(writer)
+        try:
+            await live.recorder.start(writer)
+        except Exception:
+            # Never a silent half-start: both are told, the row is finished.
+            _log.exception("recording: the recorder did not start", consult_id=str(consult_id))
+            await self.stop(consult_id, StopReason.RECORDER_FAILED)
+            return
         async with self._store.locked(consult_id) as state:
             if state is None or self._live.get(consult_id) is not live:
                 return  # stopped meanwhile: the stop finishes the file

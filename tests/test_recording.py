@@ -23,18 +23,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import av
+import pytest
 import sqlalchemy as sa
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRecorder
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
+from audit.clock import ManualClock
 from audit.filestore import Truncated
 from audit.recordings import FileStore, data_key_of, plaintext
 from audit.schema import recordings
+from server.app import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
 from signaling.protocol import ParticipantRole
 from signaling.recorder import RecordedTrack, RecorderSettings, Timeline, open_recorder
+from tests.conftest import SettingsFactory
 from tests.harness import Harness, Sockets, new_consult, receive
 from tests.test_webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
 
@@ -338,6 +342,61 @@ async def test_a_bad_recorder_offer_gets_a_clear_error_and_the_recording_still_s
         for side in (call.therapist, call.patient):
             assert (await expect_recording(side, "off"))["reason"] == "stopped_by_patient"
     assert (await recording_row(sqlite_harness)).status == "complete"
+
+
+@pytest.fixture
+async def impatient_harness(
+    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+) -> Harness:
+    """The real app whose recorder waits only 2 s for the browsers' media."""
+    app = create_app(make_settings(recording_start_timeout_s=2), clock=clock)
+    return Harness(app, await aiohttp_client(app), clock)
+
+
+async def test_a_recorder_connection_that_never_comes_gives_the_recording_up(
+    impatient_harness: Harness,
+) -> None:
+    sockets = Sockets(impatient_harness)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            call = await start_call(impatient_harness, sockets, stack)
+            await call.therapist.send("record-request")
+            for side in (call.therapist, call.patient):
+                await expect_recording(side, "requested")
+            await call.patient.send("record-consent", agree=True)
+            for side in (call.therapist, call.patient):
+                await expect_recording(side, "starting")
+            # Only the therapist's page connects; the patient's never does.
+            link = linked(stack, RecorderLink())
+            await call.therapist.send("recorder-offer", sdp=await link.offer())
+            await link.accept((await call.therapist.expect("recorder-answer"))["sdp"])
+            for side in (call.therapist, call.patient):
+                assert (await expect_recording(side, "off"))["reason"] == "recorder_failed"
+            # The consult goes on, and the therapist may ask again.
+            await call.therapist.send("record-request")
+            await expect_recording(call.therapist, "requested")
+    finally:
+        await sockets.close()
+    async with impatient_harness.app[DB_ENGINE].connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
+    assert impatient_harness.app[ROOMS].recording.live_count == 0
+
+
+async def test_recording_switched_off_refuses_requests(
+    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+) -> None:
+    app = create_app(make_settings(recording_enabled="false"), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            call = await start_call(harness, sockets, stack)
+            await call.therapist.send("record-request")
+            error = await call.therapist.expect("error")
+            assert error["code"] == "recording_unavailable"
+            call.patient.assert_nothing_unexpected()
+    finally:
+        await sockets.close()
 
 
 async def test_a_patient_under_16_needs_the_guardians_consent(
