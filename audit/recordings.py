@@ -63,6 +63,8 @@ class StopReason(enum.Enum):
     RECORDER_FAILED = "recorder_failed"
     # The server stopped (or died) while recording.
     SERVER_RESTART = "server_restart"
+    # The request could not be carried out: the node records as many as it may.
+    SERVER_BUSY = "server_busy"
 
 
 @dataclass(frozen=True)

@@ -267,6 +267,7 @@ class RecordingSettings(_Section):
     video_width: int = Field(ge=160, le=1920, multiple_of=2)
     video_height: int = Field(ge=120, le=1080, multiple_of=2)
     start_timeout_s: float = Field(ge=1, le=120)
+    max_concurrent: int = Field(ge=1, le=1000)
 
 
 class LoggingSettings(_Section):

@@ -140,6 +140,7 @@ def recording_services(app: web.Application) -> RecordingServices | None:
             video_height=settings.recording.video_height,
         ),
         start_timeout_s=settings.recording.start_timeout_s,
+        max_concurrent=settings.recording.max_concurrent,
     )
 
 

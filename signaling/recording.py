@@ -84,6 +84,8 @@ class RecordingServices:
     root_key: bytes
     recorder: RecorderSettings
     start_timeout_s: float
+    # Recordings at once on this node: encoding is the expensive part.
+    max_concurrent: int = 2
 
 
 @dataclass
@@ -177,6 +179,13 @@ class RecordingControl:
                     f"recording is {state.recording.value} already",
                     ref="record-request",
                 )
+            if len(self._live) >= self._services.max_concurrent:
+                raise ProtocolError(
+                    ErrorCode.RECORDING_UNAVAILABLE,
+                    f"this server records {self._services.max_concurrent} consults at once "
+                    "already; try again later",
+                    ref="record-request",
+                )
             async with self._engine.connect() as conn:
                 guardian = await latest_invite_guardian_consent(conn, consult_id)
             state.recording = RecordingPhase.REQUESTED
@@ -208,6 +217,13 @@ class RecordingControl:
                     ref="record-consent",
                 )
             assert services is not None, "a request was made, so recording is enabled"
+            if len(self._live) >= services.max_concurrent:
+                # Full since the request: the request is gone, both are told
+                # (the state change is kept: this block ends cleanly).
+                state.recording = RecordingPhase.OFF
+                self._requested_at.pop(consult_id, None)
+                await self._announce(consult_id, "off", reason=StopReason.SERVER_BUSY.value)
+                return
             now = self._clock.now()
             live = _Live(
                 recorder=ConsultRecorder(

@@ -382,6 +382,43 @@ async def test_a_recorder_connection_that_never_comes_gives_the_recording_up(
     assert impatient_harness.app[ROOMS].recording.live_count == 0
 
 
+async def test_a_node_records_no_more_consults_at_once_than_it_may(
+    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+) -> None:
+    app = create_app(make_settings(recording_max_concurrent=1), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            first = await start_call(harness, sockets, stack)
+            second = await start_call(
+                harness, sockets, stack, email="second@praktijk-noord.example"
+            )
+            for call in (first, second):
+                await call.therapist.send("record-request")
+                for side in (call.therapist, call.patient):
+                    await expect_recording(side, "requested")
+            await first.patient.send("record-consent", agree=True)
+            for side in (first.therapist, first.patient):
+                await expect_recording(side, "starting")
+            # The one slot is taken: the second consult's consent cannot be carried out.
+            await second.patient.send("record-consent", agree=True)
+            for side in (second.therapist, second.patient):
+                assert (await expect_recording(side, "off"))["reason"] == "server_busy"
+            await second.therapist.send("record-request")
+            error = await second.therapist.expect("error")
+            assert error["code"] == "recording_unavailable"
+            assert "1 consults at once" in error["message"]
+            # The slot comes free with the first recording's end.
+            await first.therapist.send("record-stop")
+            for side in (first.therapist, first.patient):
+                await expect_recording(side, "off")
+            await second.therapist.send("record-request")
+            await expect_recording(second.therapist, "requested")
+    finally:
+        await sockets.close()
+
+
 async def test_recording_switched_off_refuses_requests(
     make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
 ) -> None:
