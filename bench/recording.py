@@ -1,0 +1,914 @@
+#!/usr/bin/env python3
+"""Recording benchmark: CPU per minute of a recorded consult, consults one core records, store MB/s.
+
+Run from the repository root (see docs/benchmarks.md, "Recording"):
+
+    .venv/bin/python bench/recording.py --runs 3
+
+A *consult* here is the server's recording path without the network: four
+synthetic source tracks (therapist microphone and camera, patient
+microphone and camera) at real-time pace, handed to
+``signaling.recorder.ConsultRecorder`` as its peer connections would hand
+over the received tracks, so that ``start`` wraps them in ``RecordedTrack``
+(one ``Timeline``), opens aiortc's ``MediaRecorder`` (matroska, libx264
+``veryfast``/``zerolatency`` at the configured 640x480, AAC) and writes into
+an ``audit.filestore.EncryptingWriter`` over a real file created by
+``audit.recordings.FileStore`` in a new temp directory (removed afterwards),
+its watchdog flushing pending ciphertext every second, as in the server.
+What the network adds in the server (ICE, SRTP, the jitter buffer, decoding
+VP8/Opus) is not measured.
+
+The sources: a microphone as aiortc's Opus decoder delivers it (20 ms
+frames of 48 kHz stereo s16; a voice-like tone, not silence) and a 30 fps
+camera of 640x480 pictures with moving content (FFmpeg's ``testsrc2`` with
+temporal noise, 90 pictures rendered once and played back and forth), paced
+like aiortc's ``VideoStreamTrack``.
+
+Per run, each measurement in a fresh child process (its CPU time is the
+consult's alone; ``time.process_time`` counts every thread, libx264's too):
+
+- *generate*: one consult's sources read by a plain loop for
+  ``--seconds``, no recording: the cost of the synthetic frames;
+- *record*: one consult recorded for ``--seconds``: the recorder's CPU per
+  minute is (record - generate) CPU per second x 60; the file size per
+  minute; the frames in the decrypted file, counted by decoding it;
+- *PyAV alone*: the same media (both cameras, both microphones, as many
+  frames as ``--seconds`` of a consult) encoded with PyAV alone into
+  matroska in memory, as fast as it goes, no aiortc, asyncio or encryption;
+  the frame generation is timed separately and subtracted;
+- *capacity*: the child pinned to one core (``--cpu``), N consults at once
+  for ``--capacity-seconds``, N = 1, 2, ... until one fails or
+  ``--max-consults``. A run passes when every stream of every file holds at
+  least 95 % of the frames a real-time source produces in the time (video
+  30/s, AAC 48000/1024 per second), no source is more than 0.5 s behind its
+  schedule at the stop, and no recorder reported a failure;
+- *store*: ``EncryptingWriter`` writing ``--store-mib`` MiB in 64 KiB writes
+  (its default chunk size: 64 KiB) to a null sink (AES-GCM and framing
+  only), to a real file (page cache, as the store writes; and once more with
+  an ``fsync`` at the end), ``decrypt_chunks`` reading the file back, and
+  ``AESGCM.encrypt`` alone over the same chunks as the reference.
+
+Every loop is bounded by a count or a deadline, every child by a time-out,
+the invocation by ``--max-minutes``. Results go to
+``bench/results/<timestamp>-recording/`` (``results.json``, ``summary.md``).
+Exit status 1 when a measurement could not run or was skipped, or the
+one-consult recording lost frames; a capacity step that fails is a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import datetime as dt
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+# Run as a script, bench/ comes first on sys.path, and bench/audit.py would
+# shadow the audit package.
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != BENCH]
+sys.path.insert(0, str(ROOT))
+
+import aiortc  # noqa: E402
+import av  # noqa: E402
+import cryptography  # noqa: E402
+from aiortc.mediastreams import (  # noqa: E402
+    MediaStreamError,
+    MediaStreamTrack,
+    VideoStreamTrack,
+)
+from av import AudioFrame, VideoFrame  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+
+from audit.filestore import (  # noqa: E402
+    DEFAULT_CHUNK_SIZE,
+    EncryptingWriter,
+    decrypt_chunks,
+    new_data_key,
+)
+from audit.recordings import FileStore  # noqa: E402
+from signaling.protocol import ParticipantRole  # noqa: E402
+from signaling.recorder import (  # noqa: E402
+    CONTAINER_FORMAT,
+    CONTAINER_OPTIONS,
+    VIDEO_CODEC_OPTIONS,
+    ConsultRecorder,
+    Failure,
+    RecorderSettings,
+)
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - a dependency of the project on Linux
+    uvloop = None  # type: ignore[assignment]
+
+RESULTS = BENCH / "results"
+WIDTH, HEIGHT, FPS = 640, 480, 30
+AUDIO_RATE, AUDIO_SAMPLES = 48000, 960  # what aiortc's Opus decoder hands over
+AAC_FRAME_SAMPLES = 1024
+# The testsrc2 pattern (moving bars, a counter, a moving gradient) with
+# temporal noise of a webcam indoors; 90 pictures = 3 s, played back and forth
+# so that the motion has no jump.
+CAMERA_GRAPH = f"testsrc2=s={WIDTH}x{HEIGHT}:r={FPS},noise=alls=6:allf=t+u,format=yuv420p"
+CAMERA_PICTURES = 90
+PASS_FRAME_SHARE = 0.95
+PASS_BACKLOG_S = 0.5
+
+# --------------------------------------------------------------------------
+# Synthetic sources.
+# --------------------------------------------------------------------------
+
+
+def camera_pictures() -> list[tuple[bytes, ...]]:
+    """The camera's pictures as plane bytes, rendered once by FFmpeg's lavfi."""
+    pictures: list[tuple[bytes, ...]] = []
+    with av.open(CAMERA_GRAPH, format="lavfi") as source:
+        for frame in source.decode(video=0):
+            pictures.append(tuple(bytes(plane) for plane in frame.planes))
+            if len(pictures) == CAMERA_PICTURES:
+                break
+    blank = VideoFrame(width=WIDTH, height=HEIGHT)
+    if [len(p) for p in pictures[0]] != [p.buffer_size for p in blank.planes]:
+        raise RuntimeError("lavfi's planes are not laid out as a new VideoFrame's")
+    return pictures
+
+
+def voice_samples() -> bytes:
+    """Two seconds of a voice-like sound (a 150 Hz tone with harmonics, syllables
+    at 4 Hz), s16 stereo interleaved; AAC on silence would cost next to nothing."""
+    samples = array.array("h")
+    for n in range(2 * AUDIO_RATE):
+        t = n / AUDIO_RATE
+        envelope = 0.5 + 0.5 * math.sin(2 * math.pi * 4 * t)
+        value = sum(math.sin(2 * math.pi * 150 * k * t) / k for k in (1, 2, 3, 5))
+        sample = int(6000 * envelope * value)
+        samples.extend((sample, sample))
+    return samples.tobytes()
+
+
+def picture_at(pictures: list[tuple[bytes, ...]], index: int) -> tuple[bytes, ...]:
+    period = 2 * len(pictures) - 2
+    step = index % period
+    return pictures[step if step < len(pictures) else period - step]
+
+
+def video_frame(pictures: list[tuple[bytes, ...]], index: int) -> VideoFrame:
+    frame = VideoFrame(width=WIDTH, height=HEIGHT)
+    for plane, data in zip(frame.planes, picture_at(pictures, index), strict=True):
+        plane.update(data)
+    return frame
+
+
+def audio_frame(voice: bytes, index: int) -> AudioFrame:
+    frame = AudioFrame(format="s16", layout="stereo", samples=AUDIO_SAMPLES)
+    size = AUDIO_SAMPLES * 4
+    start = (index * size) % len(voice)
+    frame.planes[0].update(voice[start : start + size])
+    frame.sample_rate = AUDIO_RATE
+    return frame
+
+
+@dataclass
+class Pace:
+    """How far behind its real-time schedule a source handed over each frame."""
+
+    lags_s: list[float] = field(default_factory=list)
+
+    def figures(self) -> dict[str, float | int]:
+        ordered = sorted(self.lags_s) or [0.0]
+        return {
+            "produced": len(self.lags_s),
+            "lag_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+            "lag_max_s": round(ordered[-1], 4),
+            "backlog_at_stop_s": round(self.lags_s[-1] if self.lags_s else 0.0, 4),
+        }
+
+
+class SyntheticCamera(VideoStreamTrack):
+    """640x480 at 30 fps with aiortc's pacing and timestamps (90 kHz)."""
+
+    def __init__(self, pictures: list[tuple[bytes, ...]]) -> None:
+        super().__init__()
+        self._pictures = pictures
+        self.pace = Pace()
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        self.pace.lags_s.append(time.time() - (self._start + pts * float(time_base)))
+        frame = video_frame(self._pictures, len(self.pace.lags_s))
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+class SyntheticMicrophone(MediaStreamTrack):
+    """20 ms frames of 48 kHz stereo, paced like aiortc's AudioStreamTrack."""
+
+    kind = "audio"
+
+    def __init__(self, voice: bytes) -> None:
+        super().__init__()
+        self._voice = voice
+        self._start: float | None = None
+        self._timestamp = 0
+        self.pace = Pace()
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.time()
+        else:
+            self._timestamp += AUDIO_SAMPLES
+            await asyncio.sleep(self._start + self._timestamp / AUDIO_RATE - time.time())
+        self.pace.lags_s.append(time.time() - (self._start + self._timestamp / AUDIO_RATE))
+        frame = audio_frame(self._voice, len(self.pace.lags_s))
+        frame.pts, frame.time_base = self._timestamp, Fraction(1, AUDIO_RATE)
+        return frame
+
+
+SourceTrack = SyntheticCamera | SyntheticMicrophone
+
+
+def consult_sources(
+    pictures: list[tuple[bytes, ...]], voice: bytes
+) -> dict[ParticipantRole, list[SourceTrack]]:
+    return {
+        role: [SyntheticMicrophone(voice), SyntheticCamera(pictures)]
+        for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
+    }
+
+
+# --------------------------------------------------------------------------
+# The measurements (each runs in a child process).
+# --------------------------------------------------------------------------
+
+
+def core_jiffies(cpu: int | None) -> tuple[int, int]:
+    """(busy, total) jiffies of one core (or the host) from /proc/stat."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
+    for line in Path("/proc/stat").read_text().splitlines():
+        parts = line.split()
+        if parts[0] == name:
+            fields = [int(x) for x in parts[1:]]
+            return sum(fields[:8]) - fields[3] - fields[4], sum(fields[:8])
+    raise RuntimeError(f"/proc/stat has no {name}")
+
+
+class Meter:
+    """Wall time, this process's CPU (all threads) and the core's (or host's) busy share."""
+
+    def __init__(self, cpu: int | None) -> None:
+        self._cpu = cpu
+
+    def __enter__(self) -> Meter:
+        self._jiffies = core_jiffies(self._cpu)
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self.wall0
+        self.cpu_s = time.process_time() - self.cpu0
+        busy1, total1 = core_jiffies(self._cpu)
+        self.busy_pct = 100 * (busy1 - self._jiffies[0]) / max(1, total1 - self._jiffies[1])
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
+            "cpu_pct_of_core": round(100 * self.cpu_s / self.wall_s, 1),
+            "busy_pct": round(self.busy_pct, 1),
+        }
+
+
+async def generate(params: dict[str, Any]) -> dict[str, Any]:
+    """The sources of ``consults`` consults read by a plain loop: the frames' cost."""
+    pictures, voice = camera_pictures(), voice_samples()
+    sources = [
+        t
+        for _ in range(params["consults"])
+        for ts in consult_sources(pictures, voice).values()
+        for t in ts
+    ]
+
+    async def drain(track: SourceTrack) -> None:
+        while True:
+            await track.recv()
+
+    with Meter(params.get("cpu")) as meter:
+        readers = [asyncio.create_task(drain(t)) for t in sources]
+        await asyncio.sleep(params["seconds"])
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for track in sources:
+            track.stop()
+    return {**meter.figures(), "sources": [t.pace.figures() for t in sources]}
+
+
+@dataclass
+class BenchConsult:
+    """One consult's recording into a real encrypted file."""
+
+    store: FileStore
+    pictures: list[tuple[bytes, ...]]
+    voice: bytes
+
+    def __post_init__(self) -> None:
+        self.file_id = uuid.uuid4()
+        self.file_name = f"{self.file_id}.vcenc"
+        self.key = new_data_key()
+        self.sources = consult_sources(self.pictures, self.voice)
+        self.failures: list[str] = []
+        self.recorder = ConsultRecorder(
+            settings=RecorderSettings(video_width=WIDTH, video_height=HEIGHT),
+            on_failure=self._failed,
+        )
+        # What accept_offer collects from a participant's peer connection
+        # ("track" events); start() takes it from here, so everything after
+        # the network is the server's own code.
+        self.recorder._tracks = {role: list(ts) for role, ts in self.sources.items()}
+
+    async def _failed(self, failure: Failure, detail: str) -> None:
+        self.failures.append(f"{failure.value}: {detail}")
+
+    async def start(self) -> None:
+        # As audit.recordings.start_recording opens it.
+        writer = EncryptingWriter(
+            self.store.create(self.file_name), self.key, self.file_id, owns_sink=True
+        )
+        self.started = time.monotonic()
+        await self.recorder.start(writer)
+
+    async def stop(self) -> dict[str, Any]:
+        self.elapsed_s = time.monotonic() - self.started
+        result = await self.recorder.stop()
+        return {"complete": result.complete, "handed_to_recorder": result.frames}
+
+    def sources_in_file_order(self) -> list[tuple[str, SourceTrack]]:
+        """(label, source) in the order of the file's streams."""
+        return [
+            (f"{role.value} {kind}", t)
+            for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
+            for kind in ("audio", "video")
+            for t in self.sources[role]
+            if t.kind == kind
+        ]
+
+
+def count_frames(media: bytes) -> list[dict[str, Any]]:
+    """Decode every stream of a matroska file; frames per stream."""
+    out = []
+    with av.open(io.BytesIO(media), mode="r") as container:
+        frames = {s.index: 0 for s in container.streams}
+        for packet in container.demux():
+            if packet.size:
+                frames[packet.stream.index] += len(packet.decode())
+        for stream in container.streams:
+            out.append({"kind": stream.type, "frames": frames[stream.index]})
+    return out
+
+
+async def record(params: dict[str, Any]) -> dict[str, Any]:
+    """``consults`` consults recorded at once for ``seconds``; then their files checked."""
+    pictures, voice = camera_pictures(), voice_samples()
+    directory = Path(tempfile.mkdtemp(prefix="vc-bench-recording-"))
+    try:
+        store = FileStore(directory / "recordings")
+        consults = [BenchConsult(store, pictures, voice) for _ in range(params["consults"])]
+        with Meter(params.get("cpu")) as meter:
+            for consult in consults:
+                await consult.start()
+            await asyncio.sleep(params["seconds"])
+            stops = [await consult.stop() for consult in consults]
+        # Outside the measurement: decrypt and decode, on every core again.
+        os.sched_setaffinity(0, os.sched_getaffinity(os.getppid()))
+        files = []
+        for consult, stop in zip(consults, stops, strict=True):
+            path = store.path(consult.file_name)
+            with store.open(consult.file_name) as source:
+                media = b"".join(decrypt_chunks(source, consult.key, file_id=consult.file_id))
+            streams = count_frames(media)
+            for stream, (label, source_track) in zip(
+                streams, consult.sources_in_file_order(), strict=True
+            ):
+                stream["label"] = label
+                rate = FPS if stream["kind"] == "video" else AUDIO_RATE / AAC_FRAME_SAMPLES
+                stream["expected"] = round(consult.elapsed_s * rate, 1)
+                stream["share"] = round(stream["frames"] / stream["expected"], 4)
+                stream.update(source_track.pace.figures())
+            files.append(
+                {
+                    **stop,
+                    "elapsed_s": round(consult.elapsed_s, 3),
+                    "file_bytes": path.stat().st_size,
+                    "plaintext_bytes": len(media),
+                    "streams": streams,
+                    "failures": consult.failures,
+                }
+            )
+        return {**meter.figures(), "files": files}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def pyav_alone(params: dict[str, Any]) -> dict[str, Any]:
+    """The same media encoded by PyAV alone, as fast as it goes, into memory."""
+    pictures, voice = camera_pictures(), voice_samples()
+    video_frames = round(params["seconds"] * FPS)
+    audio_per_video = AUDIO_RATE / AUDIO_SAMPLES / FPS  # 50 / 30
+
+    def frames() -> Iterator[tuple[int, AudioFrame | VideoFrame]]:
+        """(stream, frame) in time order: cameras at 30/s, microphones at 50/s."""
+        audio_sent = 0
+        for index in range(video_frames):
+            for stream in (1, 3):
+                picture = video_frame(pictures, index)
+                picture.pts, picture.time_base = index * 3000, Fraction(1, 90000)
+                yield stream, picture
+            while audio_sent < (index + 1) * audio_per_video:
+                for stream in (0, 2):
+                    sound = audio_frame(voice, audio_sent)
+                    sound.pts = audio_sent * AUDIO_SAMPLES
+                    sound.time_base = Fraction(1, AUDIO_RATE)
+                    yield stream, sound
+                audio_sent += 1
+
+    with Meter(None) as making:
+        made = sum(1 for _ in frames())
+    sink = io.BytesIO()
+    container = av.open(sink, mode="w", format=CONTAINER_FORMAT, options=CONTAINER_OPTIONS)
+    with Meter(None) as encoding, container as out:
+        streams: list[Any] = []
+        for kind in ("audio", "video", "audio", "video"):
+            if kind == "audio":
+                streams.append(out.add_stream("aac"))
+            else:
+                stream = out.add_stream("libx264", rate=FPS)
+                stream.pix_fmt, stream.width, stream.height = "yuv420p", WIDTH, HEIGHT
+                stream.codec_context.options = {
+                    **VIDEO_CODEC_OPTIONS,
+                    "preset": params.get("preset", VIDEO_CODEC_OPTIONS["preset"]),
+                }
+                streams.append(stream)
+        for index, frame in frames():
+            for packet in streams[index].encode(frame):
+                out.mux(packet)
+        for stream in streams:
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return {
+        "preset": params.get("preset", VIDEO_CODEC_OPTIONS["preset"]),
+        "media_s": params["seconds"],
+        "frames": made,
+        "making_cpu_s": round(making.cpu_s, 3),
+        "encoding_cpu_s": round(encoding.cpu_s, 3),
+        "encoding_wall_s": round(encoding.wall_s, 3),
+        "bytes": sink.tell(),
+    }
+
+
+class NullSink(io.RawIOBase):
+    """Counts what it is given and keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def store_throughput(params: dict[str, Any]) -> dict[str, Any]:
+    """EncryptingWriter and decrypt_chunks over ``mib`` MiB in 64 KiB pieces."""
+    piece = os.urandom(64 * 1024)
+    pieces = int(params["mib"]) * 16
+    total = pieces * len(piece)
+    key, file_id = new_data_key(), uuid.uuid4()
+    figures: dict[str, Any] = {"plaintext_bytes": total, "chunk_size": DEFAULT_CHUNK_SIZE}
+
+    def mb_per_s(meter: Meter) -> float:
+        return round(total / meter.wall_s / 1e6, 1)
+
+    aead = AESGCM(key)
+    with Meter(None) as meter:
+        for index in range(pieces):
+            aead.encrypt(index.to_bytes(12, "big"), piece, None)
+    figures["aesgcm_alone_mb_s"] = mb_per_s(meter)
+
+    with Meter(None) as meter:
+        writer = EncryptingWriter(cast(BinaryIO, NullSink()), key, file_id)
+        for _ in range(pieces):
+            writer.write(piece)
+        writer.close()
+    figures["writer_null_mb_s"] = mb_per_s(meter)
+
+    directory = Path(tempfile.mkdtemp(prefix="vc-bench-store-"))
+    try:
+        store = FileStore(directory / "recordings")
+        for name, sync in (("writer_file", False), ("writer_file_fsync", True)):
+            file_name = f"{name}.vcenc"
+            with Meter(None) as meter:
+                sink = store.create(file_name)
+                writer = EncryptingWriter(sink, key, file_id)
+                for _ in range(pieces):
+                    writer.write(piece)
+                writer.close()
+                if sync:
+                    os.fsync(sink.fileno())
+                sink.close()
+            figures[f"{name}_mb_s"] = mb_per_s(meter)
+            figures[f"{name}_cpu_pct"] = round(100 * meter.cpu_s / meter.wall_s, 1)
+        figures["file_bytes"] = store.path("writer_file.vcenc").stat().st_size
+        with Meter(None) as meter, store.open("writer_file.vcenc") as source:
+            read = sum(len(c) for c in decrypt_chunks(source, key, file_id=file_id))
+        if read != total:
+            raise RuntimeError(f"decrypted {read} bytes of {total}")
+        figures["decrypt_file_mb_s"] = mb_per_s(meter)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return figures
+
+
+def child_main(mode: str, params: dict[str, Any]) -> int:
+    """Run one measurement in this (child) process; print its figures as JSON."""
+    cpu = params.get("cpu")
+    if cpu is not None:
+        # Every thread there is now; threads made later (libx264's) inherit it.
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), {cpu})
+    if mode == "pyav":
+        result = pyav_alone(params)
+    elif mode == "store":
+        result = store_throughput(params)
+    else:
+        run = generate if mode == "generate" else record
+        result = uvloop.run(run(params)) if uvloop is not None else asyncio.run(run(params))
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The parent: runs the children, judges, reports.
+# --------------------------------------------------------------------------
+
+
+def in_child(mode: str, params: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", mode, "--params", json.dumps(params)]
+    done = subprocess.run(  # noqa: S603 - our own interpreter and script
+        command, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=ROOT
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            return result
+    raise RuntimeError(f"{mode} {params} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+
+
+def judge(run: dict[str, Any]) -> list[str]:
+    """Why a capacity run fails (empty: it passes)."""
+    problems = []
+    for number, file in enumerate(run["files"], 1):
+        if not file["complete"]:
+            problems.append(f"consult {number}: file not complete")
+        problems += [f"consult {number}: {f}" for f in file["failures"]]
+        for stream in file["streams"]:
+            name = f"consult {number} {stream['label']}"
+            if stream["share"] < PASS_FRAME_SHARE:
+                problems.append(f"{name}: {stream['frames']} of {stream['expected']} frames")
+            if stream["backlog_at_stop_s"] > PASS_BACKLOG_S:
+                problems.append(f"{name}: source {stream['backlog_at_stop_s']} s behind")
+    return problems
+
+
+def consult_figures(
+    rep: int, gen: dict[str, Any], rec: dict[str, Any], refs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    file = rec["files"][0]
+    gen_rate = gen["cpu_s"] / gen["wall_s"]
+    rec_rate = rec["cpu_s"] / rec["wall_s"]
+    figures: dict[str, Any] = {
+        "run": rep,
+        "recorder_cpu_s_per_min": round(60 * (rec_rate - gen_rate), 2),
+        "record_total_cpu_s_per_min": round(60 * rec_rate, 2),
+        "generate_cpu_s_per_min": round(60 * gen_rate, 2),
+        "file_mb_per_min": round(file["file_bytes"] / file["elapsed_s"] * 60 / 1e6, 2),
+    }
+    for ref in refs:
+        cpu_s = (ref["encoding_cpu_s"] - ref["making_cpu_s"]) / ref["media_s"]
+        figures[f"pyav_{ref['preset']}_cpu_s_per_min"] = round(60 * cpu_s, 2)
+        figures[f"pyav_{ref['preset']}_mb_per_min"] = round(
+            ref["bytes"] / ref["media_s"] * 60 / 1e6, 2
+        )
+    return {
+        **figures,
+        "min_frame_share": min(s["share"] for s in file["streams"]),
+        "video_frames": [s["frames"] for s in file["streams"] if s["kind"] == "video"],
+        "host_busy_pct": rec["busy_pct"],
+        "problems": judge(rec),
+    }
+
+
+def number(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    text = number(statistics.median(values))
+    if len(values) > 1 and min(values) != max(values):
+        text += f" [{number(min(values))}, {number(max(values))}]"
+    return text
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    consults, capacity, store = results["consults"], results["capacity"], results["store"]
+    s = results["settings"]
+    lines = [
+        f"One consult ({s['seconds']:.0f} s per run, not pinned)",
+        "",
+        "| median [min, max] | value |",
+        "|---|---|",
+    ]
+
+    def row(label: str, values: list[float]) -> None:
+        lines.append(f"| {label} | {cell(values)} |")
+
+    def of(key: str) -> list[float]:
+        return [c[key] for c in consults]
+
+    row("recorder CPU s per minute of consult", of("recorder_cpu_s_per_min"))
+    row("  recording process in all (with the sources)", of("record_total_cpu_s_per_min"))
+    row("  the synthetic sources alone", of("generate_cpu_s_per_min"))
+    for preset in s["reference_presets"]:
+        row(
+            f"  reference: PyAV alone, same media, x264 {preset}, CPU s per minute",
+            of(f"pyav_{preset}_cpu_s_per_min"),
+        )
+    row("encrypted file MB per minute", of("file_mb_per_min"))
+    for preset in s["reference_presets"]:
+        row(
+            f"  reference: PyAV alone, x264 {preset}, MB per minute",
+            of(f"pyav_{preset}_mb_per_min"),
+        )
+    row("lowest share of frames in the file", of("min_frame_share"))
+    row("host busy during the recording (% of all cores)", of("host_busy_pct"))
+    row(
+        f"consults one core records at once (largest N that passed; cpu{s['cpu']})",
+        [r["largest_passing"] for r in results["capacity_runs"]],
+    )
+    row(
+        "  CPU-bound estimate: 100 % / one consult's share of the pinned core",
+        [100 / c["cpu_pct_of_core"] for c in capacity if c["consults"] == 1],
+    )
+    lines += [
+        "",
+        f"N consults at once, pinned to cpu{s['cpu']} ({s['capacity_seconds']:.0f} s per run)",
+        "",
+        "| N | passed | process CPU (% of the core) | core busy (%) | others on the core (%) "
+        "| lowest frame share | worst backlog at stop (s) | worst source lag p99 (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({c["consults"] for c in capacity}):
+        rows = [c for c in capacity if c["consults"] == n]
+        passed = sum(1 for c in rows if not c["problems"])
+        keys = (
+            "cpu_pct_of_core",
+            "busy_pct",
+            "others_pct",
+            "min_frame_share",
+            "worst_backlog_s",
+            "worst_lag_p99_s",
+        )
+        lines.append(
+            f"| {n} | {passed} of {len(rows)} | "
+            + " | ".join(cell([c[k] for c in rows]) for k in keys)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Store, {s['store_mib']} MiB of plaintext in 64 KiB writes (chunk size 64 KiB)",
+        "",
+        "| MB/s (10^6 bytes of plaintext per second) | median [min, max] |",
+        "|---|---|",
+    ]
+    for key, label in (
+        ("aesgcm_alone_mb_s", "reference: AESGCM.encrypt alone, 64 KiB chunks"),
+        ("writer_null_mb_s", "EncryptingWriter to a null sink"),
+        ("writer_file_mb_s", "EncryptingWriter to a file (page cache)"),
+        ("writer_file_fsync_mb_s", "EncryptingWriter to a file, fsync at the end"),
+        ("decrypt_file_mb_s", "decrypt_chunks from the file"),
+    ):
+        row(label, [r[key] for r in store])
+    text = "\n".join(lines) + "\n"
+    for problem in results["failures"]:
+        text += f"\nFAILED: {problem}"
+    return text + "\n"
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+
+    def git(*argv: str) -> str:
+        return subprocess.run(  # noqa: S603 - git, with our own arguments
+            ["git", *argv],  # noqa: S607
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "signaling", "audit")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiortc": aiortc.__version__,
+        "av": av.__version__,
+        "ffmpeg": {k: ".".join(map(str, v)) for k, v in av.library_versions.items()},
+        "cryptography": cryptography.__version__,
+        "openssl": backend.openssl_version_text(),
+        "loop": "uvloop" if uvloop is not None else "asyncio",
+        "tmp": tempfile.gettempdir(),
+        "commit": git("rev-parse", "--short", "HEAD")
+        + (" (signaling/ or audit/ modified)" if dirty else ""),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, json.loads(args.params))
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = RESULTS / f"{stamp}-recording"
+    results: dict[str, Any] = {
+        "machine": machine(args),
+        "settings": dict(vars(args)),
+        "consults": [],
+        "capacity": [],
+        "capacity_runs": [],
+        "store": [],
+        "raw": [],
+        "failures": [],
+    }
+    print(f"bench: {json.dumps(results['machine'])}", flush=True)
+
+    def save() -> None:
+        if not args.no_save:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+    def over_budget(what: str) -> bool:
+        if time.monotonic() - started > args.max_minutes * 60:
+            results["failures"].append(f"time budget spent; skipped {what}")
+            print(f"bench: time budget spent; skipping {what}", flush=True)
+            return True
+        return False
+
+    def child(mode: str, **params: Any) -> dict[str, Any]:
+        timeout = params.get("seconds", 0) * 3 + 120
+        result = in_child(mode, params, timeout)
+        results["raw"].append({"mode": mode, "params": params, "result": result})
+        return result
+
+    # The measurements alternate within each repetition, so that drift of the
+    # shared machine hits all of them alike.
+    for rep in range(1, args.runs + 1):
+        if not over_budget(f"consult run {rep}"):
+            try:
+                gen = child("generate", consults=1, seconds=args.seconds)
+                rec = child("record", consults=1, seconds=args.seconds)
+                refs = [
+                    child("pyav", seconds=args.seconds, preset=preset)
+                    for preset in args.reference_presets
+                ]
+                figures = consult_figures(rep, gen, rec, refs)
+                results["consults"].append(figures)
+                results["failures"] += [f"consult run {rep}: {p}" for p in figures["problems"]]
+                print(f"bench: run {rep} consult: {figures}", flush=True)
+            except Exception as err:
+                traceback.print_exc()
+                results["failures"].append(f"consult run {rep}: {err!r}")
+        largest = 0
+        for n in range(1, args.max_consults + 1):
+            if over_budget(f"capacity run {rep} N={n}"):
+                break
+            try:
+                run = child("record", consults=n, seconds=args.capacity_seconds, cpu=args.cpu)
+            except Exception as err:
+                traceback.print_exc()
+                results["failures"].append(f"capacity run {rep} N={n}: {err!r}")
+                break
+            streams = [s for f in run["files"] for s in f["streams"]]
+            figures = {
+                "run": rep,
+                "consults": n,
+                "cpu_pct_of_core": run["cpu_pct_of_core"],
+                "busy_pct": run["busy_pct"],
+                "others_pct": round(max(0.0, run["busy_pct"] - run["cpu_pct_of_core"]), 1),
+                "min_frame_share": min(s["share"] for s in streams),
+                "worst_backlog_s": max(s["backlog_at_stop_s"] for s in streams),
+                "worst_lag_p99_s": max(s["lag_p99_s"] for s in streams),
+                "problems": judge(run),
+            }
+            results["capacity"].append(figures)
+            print(f"bench: run {rep} capacity: {figures}", flush=True)
+            if figures["problems"]:
+                break
+            largest = n
+        results["capacity_runs"].append({"run": rep, "largest_passing": largest})
+        if not over_budget(f"store run {rep}"):
+            try:
+                store = child("store", mib=args.store_mib)
+                results["store"].append({"run": rep, **store})
+                print(f"bench: run {rep} store: {store}", flush=True)
+            except Exception as err:
+                traceback.print_exc()
+                results["failures"].append(f"store run {rep}: {err!r}")
+        save()
+
+    results["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
+    save()
+    table = summary_table(results)
+    print("\n" + table, flush=True)
+    if not args.no_save:
+        (out_dir / "summary.md").write_text(table)
+        print(f"bench: results in {out_dir.relative_to(ROOT)}", flush=True)
+    print(f"bench: {results['total_minutes']} min", flush=True)
+    return 1 if results["failures"] else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="repetitions of every measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="length of the one-consult CPU runs"
+    )
+    parser.add_argument(
+        "--capacity-seconds", type=float, default=15.0, help="length of each capacity run"
+    )
+    parser.add_argument(
+        "--max-consults", type=int, default=8, help="the largest N the capacity runs try"
+    )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="the core the capacity runs are pinned to (default: the last one)",
+    )
+    parser.add_argument(
+        "--reference-presets",
+        nargs="+",
+        default=["veryfast", "ultrafast"],
+        help="x264 presets of the PyAV-alone reference (the recorder's is veryfast)",
+    )
+    parser.add_argument("--store-mib", type=int, default=256, help="MiB through the store")
+    parser.add_argument(
+        "--max-minutes", type=float, default=15.0, help="no new measurement starts after this"
+    )
+    parser.add_argument("--no-save", action="store_true", help="print only, no bench/results/")
+    parser.add_argument(
+        "--child", choices=["generate", "record", "pyav", "store"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
