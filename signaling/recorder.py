@@ -275,8 +275,9 @@ class ConsultRecorder:
 
     @property
     def roles(self) -> frozenset[ParticipantRole]:
-        """The participants whose offers were accepted."""
-        return frozenset(self._peers)
+        """The participants whose offers were answered (not those still being
+        answered: two pages usually offer within milliseconds of each other)."""
+        return frozenset(self._tracks)
 
     async def accept_offer(self, role: ParticipantRole, offer_sdp: str) -> str:
         """Answer a participant's recorder offer; return the answer's SDP.

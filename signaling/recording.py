@@ -262,6 +262,16 @@ class RecordingControl:
         return [outbound("recorder-answer", sdp=answer)]
 
     async def _start_when_ready(self, consult_id: uuid.UUID, live: _Live) -> None:
+        """Open the file and start the recorder once both pages are connected;
+        whatever goes wrong, the recording stops and both are told, rather
+        than staying "starting"."""
+        try:
+            await self._start(consult_id, live)
+        except Exception:
+            _log.exception("recording: the start failed", consult_id=str(consult_id))
+            await self.stop(consult_id, StopReason.RECORDER_FAILED)
+
+    async def _start(self, consult_id: uuid.UUID, live: _Live) -> None:
         services = self._services
         assert services is not None
         try:

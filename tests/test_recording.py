@@ -149,9 +149,15 @@ async def consent_and_connect(
     await call.patient.send("record-consent", agree=True)
     for side in (call.therapist, call.patient):
         await expect_recording(side, "starting")
-    for side, video in ((call.therapist, therapist_video), (call.patient, patient_video)):
-        link = linked(call.stack, RecorderLink(video=video, noisy=noisy))
-        await side.send("recorder-offer", sdp=await link.offer())
+    links = {
+        side: linked(call.stack, RecorderLink(video=video, noisy=noisy))
+        for side, video in ((call.therapist, therapist_video), (call.patient, patient_video))
+    }
+    offers = {side: await link.offer() for side, link in links.items()}
+    # Both offers go out before either answer is read, as two pages do.
+    for side, sdp in offers.items():
+        await side.send("recorder-offer", sdp=sdp)
+    for side, link in links.items():
         await link.accept((await side.expect("recorder-answer"))["sdp"])
     on = await expect_recording(call.therapist, "on")
     assert (await expect_recording(call.patient, "on"))["recording"] == on["recording"]

@@ -3,6 +3,7 @@
 import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
+import { RecordingView } from "./recording.js";
 import {
   bindCallControls,
   showDeviceProblems,
@@ -32,6 +33,7 @@ let createdConsultId = null;
 let titleFlash = null;
 let lastConsults = [];
 let callOver = null;
+let recording = null;
 
 // --- talking to the API ------------------------------------------------------
 
@@ -324,6 +326,7 @@ async function openCall(id) {
   show("call-view");
   banner("");
   resetCallControls();
+  recording.reset();
   patientNotWaiting();
   $("remote-waiting").hidden = false;
   $("remote-waiting").textContent = t("app.call.noPatient");
@@ -351,6 +354,7 @@ function onCallEvent(type, detail) {
   switch (type) {
     case "welcome":
       banner("");
+      recording.welcome(detail.recording);
       if (detail.state === "waiting" && !detail.peer_present) {
         $("remote-waiting").textContent = t("app.call.noPatient");
       }
@@ -364,6 +368,7 @@ function onCallEvent(type, detail) {
       break;
     case "peer-left":
       patientNotWaiting();
+      recording.setConnected(false);
       banner("call.peerLeft.patient");
       $("remote-waiting").hidden = false;
       $("remote-waiting").textContent = t("app.call.noPatient");
@@ -379,6 +384,13 @@ function onCallEvent(type, detail) {
       break;
     case "protocol-error":
       if (detail.code === "no_patient_waiting") patientNotWaiting();
+      recording.error(detail);
+      break;
+    case "recording":
+      recording.update(detail);
+      break;
+    case "recorder":
+      recording.recorderProblem(detail.state);
       break;
     case "remote-stream":
       $("remote-video").srcObject = detail.stream;
@@ -386,6 +398,7 @@ function onCallEvent(type, detail) {
     case "connection":
       $("remote-waiting").hidden = detail.state === "connected";
       if (detail.state === "connected") banner("");
+      recording.setConnected(detail.state === "connected");
       break;
     case "quality":
       showQuality($("quality"), detail);
@@ -419,6 +432,7 @@ function onCallEvent(type, detail) {
 
 function closeCall(kind, text) {
   patientNotWaiting();
+  recording.reset();
   if (call && !call.finished) call.finish("closed", {});
   stopStream(media.stream);
   if (screenTrack) screenTrack.stop();
@@ -465,7 +479,11 @@ async function switchDevice(kind) {
   const toggle = kind === "video" ? $("camera") : $("mute");
   track.enabled = toggle.getAttribute("aria-pressed") !== "true";
   const old = media.stream && media.stream.getTracks().find((t2) => t2.kind === kind);
-  if (call) await call.replaceTrack(kind, kind === "video" && screenTrack ? screenTrack : track);
+  if (call) {
+    await call.replaceTrack(kind, kind === "video" && screenTrack ? screenTrack : track);
+    // The recording keeps the camera, even while the screen is shared.
+    await call.replaceRecorderTrack(kind, track);
+  }
   if (old) {
     media.stream.removeTrack(old);
     old.stop();
@@ -515,6 +533,7 @@ async function toggleShare() {
 // --- start ----------------------------------------------------------------------
 
 function wire() {
+  recording = new RecordingView({ role: "therapist", getCall: () => call });
   $("new-form").addEventListener("submit", createConsult);
   $("copy-invite").addEventListener("click", copyInvite);
   $("open-new").addEventListener("click", () => createdConsultId && openCall(createdConsultId));

@@ -6,6 +6,14 @@
 // and after its own reconnect when the patient is there). An offer or answer
 // from a peer that reloaded its page carries a new DTLS fingerprint; the
 // side that sees one starts over with a new RTCPeerConnection.
+//
+// Recording: the server's "recording" messages are passed on to the page;
+// at "starting" (sent only after the patient's consent) the engine opens a
+// second connection to the recorder (recorder.js), and closes it at "off".
+// It never opens one on its own: a page that reconnects or reloads follows
+// the state the server tells it, and a stopped recording stays stopped.
+
+import { RecorderLink } from "./recorder.js";
 
 const FINAL_CLOSE_CODES = new Map([
   [4001, "replaced"],
@@ -15,6 +23,8 @@ const FINAL_CLOSE_CODES = new Map([
 ]);
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
 const STATS_EVERY_MS = 2000;
+// The recording's states in which a recorder connection may be open.
+const RECORDER_STATES = new Set(["starting", "on"]);
 
 export class LinkProblem extends Error {
   constructor(code, message) {
@@ -50,6 +60,8 @@ export class ConsultCall {
     this.stats = { level: "unknown", bytesReceived: 0, bytesSent: 0, rttMs: null, loss: 0 };
     this.previousCounts = null;
     this.queue = Promise.resolve();
+    this.recorder = null;
+    this.recording = "off";
   }
 
   emit(type, detail = {}) {
@@ -160,6 +172,7 @@ export class ConsultCall {
           this.later(this.heartbeatMs, () => this.heartbeat());
           this.later(STATS_EVERY_MS, () => this.collectStats());
         }
+        this.followRecording(message.recording || "off", { live: false });
         this.emit("welcome", message);
         if (this.mediaProblems && (this.mediaProblems.camera || this.mediaProblems.microphone)) {
           this.report("media-error", {
@@ -197,6 +210,13 @@ export class ConsultCall {
         break;
       case "replaced":
         this.finish("replaced", {});
+        break;
+      case "recording":
+        this.followRecording(message.state, { live: true });
+        this.emit("recording", message);
+        break;
+      case "recorder-answer":
+        if (this.recorder) await this.recorder.accept(message.sdp);
         break;
       case "error":
         console.warn("signaling refused a message:", message.code, message.message);
@@ -450,6 +470,67 @@ export class ConsultCall {
     this.emit("quality", this.stats);
   }
 
+  // --- the recording ----------------------------------------------------
+
+  requestRecording() { return this.send({ type: "record-request" }); }
+  stopRecording() { return this.send({ type: "record-stop" }); }
+
+  // by: "patient" or "guardian" (the invite says which the server needs).
+  answerRecording(agree, by) {
+    return this.send({ type: "record-consent", agree, by });
+  }
+
+  // The server's word on the recording. live: a change announced just now
+  // (a "recording" message), not the state a welcome reports.
+  followRecording(state, { live }) {
+    this.recording = state;
+    if (!RECORDER_STATES.has(state)) this.closeRecorder();
+    else if (live && state === "starting" && !this.recorder) this.openRecorder();
+  }
+
+  openRecorder() {
+    const tracks = { audio: this.localTrack("audio"), video: this.localTrack("video") };
+    if (!tracks.audio) {
+      // The recorder refuses a recording without sound: say so, stop it.
+      this.report("media-error", { recorder: "no-microphone" });
+      this.stopRecording();
+      this.emit("recorder", { state: "no-microphone" });
+      return;
+    }
+    const link = new RecorderLink({
+      iceServers: this.iceServers,
+      tracks,
+      onState: (state) => {
+        if (link !== this.recorder) return;
+        this.report("connection-state", { link: "recorder", state });
+        this.emit("recorder", { state });
+      },
+    });
+    this.recorder = link;
+    link
+      .offer()
+      .then((sdp) => {
+        if (sdp && link === this.recorder) this.send({ type: "recorder-offer", sdp });
+      })
+      .catch((error) => {
+        console.error("recorder offer", error);
+        if (link === this.recorder) this.report("call-failed", { link: "recorder", error: String(error.name || "error") });
+      });
+  }
+
+  closeRecorder() {
+    if (!this.recorder) return;
+    const link = this.recorder;
+    this.recorder = null;
+    link.close();
+  }
+
+  // Another camera or microphone for the recording (never a shared screen:
+  // the recording shows the people, as they agreed to).
+  async replaceRecorderTrack(kind, track) {
+    if (this.recorder) await this.recorder.replaceTrack(kind, track);
+  }
+
   // --- the end ----------------------------------------------------------
 
   admit() { return this.send({ type: "admit" }); }
@@ -476,6 +557,7 @@ export class ConsultCall {
       this.pc.close();
       this.pc = null;
     }
+    this.closeRecorder();
     this.emit(kind, detail);
   }
 }

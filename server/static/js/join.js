@@ -3,6 +3,7 @@
 import { ConsultCall, LinkProblem } from "./call.js";
 import { setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
+import { RecordingView } from "./recording.js";
 import { bindCallControls, showDeviceProblems, showQuality } from "./ui.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
@@ -17,6 +18,7 @@ let media = { stream: null, camera: null, microphone: null };
 let stopMeter = () => {};
 let call = null;
 let lastLinkProblem = null;
+let recording = null;
 
 function show(id) {
   for (const section of document.querySelectorAll("main > section")) {
@@ -142,6 +144,7 @@ function onCallEvent(type, detail) {
   switch (type) {
     case "welcome":
       banner("");
+      recording.welcome(detail.recording);
       $("waiting-status").textContent = "";
       if (detail.state === "active") show("call");
       else show("waiting");
@@ -171,6 +174,15 @@ function onCallEvent(type, detail) {
       break;
     case "quality":
       showQuality($("quality"), detail);
+      break;
+    case "recording":
+      recording.update(detail);
+      break;
+    case "recorder":
+      recording.recorderProblem(detail.state);
+      break;
+    case "protocol-error":
+      recording.error(detail);
       break;
     case "ended":
       finish("ended");
@@ -202,6 +214,7 @@ function onCallEvent(type, detail) {
 
 function finish(section) {
   sessionStorage.removeItem(joinedKey);
+  recording.reset();
   stopStream(media.stream);
   media = { stream: null, camera: null, microphone: null };
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
@@ -212,6 +225,11 @@ function finish(section) {
 // --- wiring ------------------------------------------------------------------
 
 function wire() {
+  recording = new RecordingView({
+    role: "patient",
+    getCall: () => call,
+    guardianDefault: () => Boolean(invite && invite.guardian_consent),
+  });
   $("intro-next").addEventListener("click", deviceCheck);
   $("devices-retry").addEventListener("click", () =>
     acquireMedia({ cameraId: $("camera-select").value || null, microphoneId: $("mic-select").value || null }),
