@@ -134,6 +134,19 @@ async def expect_recording(signals: Signaller, state: str) -> dict[str, Any]:
     return message
 
 
+async def both_see(call: Call, state: str) -> list[dict[str, Any]]:
+    return [await expect_recording(side, state) for side in (call.therapist, call.patient)]
+
+
+async def ask_and_agree(call: Call) -> None:
+    """The therapist asks, both see it, the patient agrees, both see ``starting``."""
+    await call.therapist.send("record-request")
+    for requested in await both_see(call, "requested"):
+        assert requested["guardian_required"] is False
+    await call.patient.send("record-consent", agree=True)
+    await both_see(call, "starting")
+
+
 async def consent_and_connect(
     call: Call,
     *,
@@ -142,13 +155,7 @@ async def consent_and_connect(
     noisy: bool = False,
 ) -> dict[str, Any]:
     """Ask, agree, connect both recorder links; return the ``on`` message."""
-    await call.therapist.send("record-request")
-    for side in (call.therapist, call.patient):
-        requested = await expect_recording(side, "requested")
-        assert requested["guardian_required"] is False
-    await call.patient.send("record-consent", agree=True)
-    for side in (call.therapist, call.patient):
-        await expect_recording(side, "starting")
+    await ask_and_agree(call)
     links = {
         side: linked(call.stack, RecorderLink(video=video, noisy=noisy))
         for side, video in ((call.therapist, therapist_video), (call.patient, patient_video))
@@ -315,12 +322,7 @@ async def test_a_bad_recorder_offer_gets_a_clear_error_and_the_recording_still_s
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(sqlite_harness, sqlite_sockets, stack)
-        await call.therapist.send("record-request")
-        for side in (call.therapist, call.patient):
-            await expect_recording(side, "requested")
-        await call.patient.send("record-consent", agree=True)
-        for side in (call.therapist, call.patient):
-            await expect_recording(side, "starting")
+        await ask_and_agree(call)
         for garbage in ("garbage", "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"):
             await call.therapist.send("recorder-offer", sdp=garbage)
             error = await call.therapist.expect("error")
@@ -366,12 +368,7 @@ async def test_a_recorder_connection_that_never_comes_gives_the_recording_up(
     try:
         async with contextlib.AsyncExitStack() as stack:
             call = await start_call(impatient_harness, sockets, stack)
-            await call.therapist.send("record-request")
-            for side in (call.therapist, call.patient):
-                await expect_recording(side, "requested")
-            await call.patient.send("record-consent", agree=True)
-            for side in (call.therapist, call.patient):
-                await expect_recording(side, "starting")
+            await ask_and_agree(call)
             # Only the therapist's page connects; the patient's never does.
             link = linked(stack, RecorderLink())
             await call.therapist.send("recorder-offer", sdp=await link.offer())

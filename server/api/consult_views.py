@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import Field
 
-from audit.access_log import ClientType
 from audit.consults import (
     Consult,
     Invite,
@@ -88,10 +87,6 @@ def consult_json(consult: Consult, *, display_name: str | None = None) -> dict[s
     }
 
 
-def _actor(principal: Principal) -> Actor:
-    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
-
-
 def _parse_time(text: str | None) -> datetime | None:
     if text is None:
         return None
@@ -110,7 +105,7 @@ async def _log(
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action=action,
             object_type="consult",
@@ -176,7 +171,7 @@ async def consults_list(request: web.Request) -> web.Response:
         found = await list_consults(conn, principal.account.id)
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action="consult.list",
             object_type="therapist",
@@ -201,7 +196,7 @@ async def consult_show(request: web.Request) -> web.Response:
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action="consult.read",
             object_type="consult",

@@ -29,7 +29,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from audit.access_log import ClientType, Outcome
+from audit.access_log import Outcome
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.recordings import (
@@ -97,10 +97,6 @@ def download_name(entry: RecordingEntry) -> str:
     return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}.mkv"
 
 
-def _actor(principal: Principal) -> Actor:
-    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
-
-
 async def _log_access(
     request: web.Request,
     principal: Principal,
@@ -111,7 +107,7 @@ async def _log_access(
     async with request.app[DB_ENGINE].begin() as conn:
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action=action,
             object_type="recording",
@@ -160,7 +156,7 @@ async def recordings_list(request: web.Request) -> web.Response:
         found = await list_recordings(conn, principal.account.id)
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action=ACTION_LIST,
             object_type="therapist",
@@ -294,7 +290,7 @@ async def recording_delete(request: web.Request) -> web.Response:
         file_names = await shred(conn, [entry.id])
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action=ACTION_DELETE,
             object_type="recording",

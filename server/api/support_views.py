@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from audit import support
-from audit.access_log import ClientType, Outcome
+from audit.access_log import Outcome
 from audit.consults import ConsultStatus
 from audit.errors import NotFound
 from audit.roles import Role
@@ -35,7 +35,7 @@ from server.api.representations import iso
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.admin import Actor, record
-from server.auth.sessions import Principal, require_role
+from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
 
@@ -181,10 +181,6 @@ def _selection(request: web.Request, params: dict[str, str], *, max_days: int | 
     return Selection(first, last, zone, zone_name, status, therapist)
 
 
-def _actor(principal: Principal) -> Actor:
-    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
-
-
 def _pseudonyms(request: web.Request) -> support.TherapistPseudonyms:
     return support.TherapistPseudonyms(request.app[MASTER_KEY].key)
 
@@ -223,7 +219,7 @@ async def support_consults(request: web.Request) -> web.Response:
         therapists = await support.therapists(conn, pseudonyms, organisation_id)
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action=ACTION_LIST,
             object_type="organisation",
@@ -273,7 +269,7 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
         )
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action=ACTION_PER_DAY,
             object_type="organisation",
@@ -297,7 +293,7 @@ async def support_chart_durations(request: web.Request) -> web.Response:
         )
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action=ACTION_DURATIONS,
             object_type="organisation",
@@ -348,7 +344,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
         # The refusal is recorded in the same transaction, so it survives the 404.
         await record(
             conn,
-            _actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action=ACTION_TECHNICAL_LOG,
             object_type="consult",

@@ -38,6 +38,11 @@ class Actor:
     def operator(cls) -> Actor:
         return cls(None, OPERATOR, ClientType.CLI)
 
+    @classmethod
+    def api(cls, account: Account) -> Actor:
+        """A logged-in professional acting through the HTTP API."""
+        return cls(account.id, account.role.value, ClientType.API)
+
 
 @dataclass(frozen=True)
 class EnrolmentInvitation:
