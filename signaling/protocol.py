@@ -122,6 +122,8 @@ class RecordConsent(_Inbound):
     type: Literal["record-consent"]
     agree: bool
     by: Literal["patient", "guardian"] = "patient"
+    # The ``request`` of the ``recording`` "requested" message being answered.
+    request: str | None = Field(default=None, min_length=1, max_length=32)
 
 
 class RecordStop(_Inbound):

@@ -319,7 +319,12 @@ class ConsultRecorder:
                     "a recorder offer sends one microphone and at most one camera; "
                     f"this one sends {kinds or 'nothing'}"
                 )
-            await peer.setLocalDescription(await peer.createAnswer())
+            try:
+                await peer.setLocalDescription(await peer.createAnswer())
+            except Exception as err:
+                raise InvalidOffer(
+                    f"the recorder cannot answer this offer: {str(err)[:200] or type(err).__name__}"
+                ) from err
         except BaseException:
             del self._peers[role]
             await peer.close()
@@ -361,7 +366,7 @@ class ConsultRecorder:
         self._stopped = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._watchdog
         complete = self._media is not None
         if self._media is not None:
@@ -398,9 +403,14 @@ class ConsultRecorder:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
-            if now - flushed >= PENDING_FLUSH_S and self._sink is not None:
-                self._sink.write_pending()
-                flushed = now
+            try:
+                if now - flushed >= PENDING_FLUSH_S and self._sink is not None:
+                    self._sink.write_pending()
+                    flushed = now
+            except Exception as err:
+                # Not silently: a watchdog that died would flush and watch no more.
+                self._report(Failure.RECORDER_FAILED, f"writing failed: {type(err).__name__}")
+                return
             for track in self._recorded:
                 if not track.in_recv and now - track.last_return > STALLED_STREAM_S:
                     self._report(

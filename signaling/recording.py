@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class _Live:
     starter: asyncio.Task[None] | None = None
     recording_id: uuid.UUID | None = None
     writer: EncryptingWriter | None = None
+    # Past the wait for the pages: the file and its row are being made.
+    creating: bool = False
     started_at: datetime | None = None
 
 
@@ -121,6 +124,8 @@ class RecordingControl:
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
         self._requested_at: dict[uuid.UUID, datetime] = {}
+        # The id of each open question, which a consent may name.
+        self._request_ids: dict[uuid.UUID, str] = {}
 
     @property
     def live_count(self) -> int:
@@ -190,7 +195,11 @@ class RecordingControl:
                 guardian = await latest_invite_guardian_consent(conn, consult_id)
             state.recording = RecordingPhase.REQUESTED
             self._requested_at[consult_id] = self._clock.now()
-            await self._announce(consult_id, "requested", guardian_required=guardian)
+            request = secrets.token_urlsafe(8)
+            self._request_ids[consult_id] = request
+            await self._announce(
+                consult_id, "requested", guardian_required=guardian, request=request
+            )
 
     async def _consent(self, consult_id: uuid.UUID, message: RecordConsent) -> None:
         services = self._services
@@ -201,9 +210,16 @@ class RecordingControl:
                     "no recording request is waiting for an answer",
                     ref="record-consent",
                 )
+            if message.request is not None and message.request != self._request_ids.get(consult_id):
+                raise ProtocolError(
+                    ErrorCode.RECORDING_STATE,
+                    "this answer is to an earlier question; the therapist has asked again",
+                    ref="record-consent",
+                )
             if not message.agree:
                 state.recording = RecordingPhase.OFF
                 self._requested_at.pop(consult_id, None)
+                self._request_ids.pop(consult_id, None)
                 await self._announce(consult_id, "refused")
                 self._note(consult_id, "recording.refused")
                 return
@@ -222,6 +238,7 @@ class RecordingControl:
                 # (the state change is kept: this block ends cleanly).
                 state.recording = RecordingPhase.OFF
                 self._requested_at.pop(consult_id, None)
+                self._request_ids.pop(consult_id, None)
                 await self._announce(consult_id, "off", reason=StopReason.SERVER_BUSY.value)
                 return
             now = self._clock.now()
@@ -232,6 +249,7 @@ class RecordingControl:
                 ),
                 requested_at=self._requested_at.pop(consult_id, now),
             )
+            self._request_ids.pop(consult_id, None)
             live.consent = Consent(live.requested_at, now, ConsentBy(message.by))
             self._live[consult_id] = live
             state.recording = RecordingPhase.STARTING
@@ -282,6 +300,9 @@ class RecordingControl:
             self._note(consult_id, "recording.start-timeout")
             await self.stop(consult_id, StopReason.RECORDER_FAILED)
             return
+        if self._live.get(consult_id) is not live:
+            return  # stopped meanwhile
+        live.creating = True
         now = self._clock.now()
         try:
             async with services.engine.begin() as conn:
@@ -327,46 +348,74 @@ class RecordingControl:
                 previous = state.recording
                 state.recording = RecordingPhase.OFF
         self._requested_at.pop(consult_id, None)
+        self._request_ids.pop(consult_id, None)
         live = self._live.pop(consult_id, None)
         if previous is RecordingPhase.OFF and live is None:
             return False
-        if live is not None:
-            await self._finish(consult_id, live, reason)
+        # Told first: a new request may follow at once, and must not be
+        # overtaken by this "off" (the file is finished after).
         await self._announce(consult_id, "off", reason=reason.value)
         self._note(consult_id, "recording.stopped", {"reason": reason.value})
+        if live is not None:
+            await self._finish(consult_id, live, reason)
         return True
 
     async def _finish(self, consult_id: uuid.UUID, live: _Live, reason: StopReason) -> None:
+        """Stop the recorder and finish the row; never raises (a stop is part of
+        the consult's end, which must go on), marks the row incomplete instead."""
         starter = live.starter
         if starter is not None and starter is not asyncio.current_task():
-            starter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starter
-        result = await live.recorder.stop()
+            if live.creating:
+                # The file and its row are being made: let that finish, so
+                # that they are closed and marked below, not orphaned.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await starter
+            else:
+                starter.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await starter
+        complete, plaintext_bytes, frames = False, 0, {}
+        try:
+            result = await live.recorder.stop()
+            complete, plaintext_bytes, frames = (
+                result.complete,
+                result.plaintext_bytes,
+                result.frames,
+            )
+            if live.writer is not None and not live.writer.closed:
+                # Stopped between opening the file and starting the recorder.
+                live.writer.close()
+                complete = True
+        except Exception:
+            _log.exception("recording: stopping the recorder failed", consult_id=str(consult_id))
+            if live.writer is not None:
+                live.writer.abort()
         if live.recording_id is None:
             return  # never started: no file, no row
-        complete = result.complete
-        if live.writer is not None and not live.writer.closed:
-            # Stopped between opening the file and starting the recorder.
-            live.writer.close()
-            complete = True
-        async with self._engine.begin() as conn:
-            await finish_recording(
-                conn,
-                live.recording_id,
-                None,
-                now=self._clock.now(),
-                reason=reason,
-                complete=complete,
-                plaintext_bytes=result.plaintext_bytes,
+        try:
+            async with self._engine.begin() as conn:
+                await finish_recording(
+                    conn,
+                    live.recording_id,
+                    None,
+                    now=self._clock.now(),
+                    reason=reason,
+                    complete=complete,
+                    plaintext_bytes=plaintext_bytes,
+                )
+        except Exception:
+            # The row stays "recording"; the next start marks it incomplete.
+            _log.exception(
+                "recording: marking it finished failed", recording_id=str(live.recording_id)
             )
+            return
         _log.info(
             "recording stopped",
             consult_id=str(consult_id),
             recording_id=str(live.recording_id),
             reason=reason.value,
             complete=complete,
-            frames=result.frames,
+            frames=frames,
         )
 
     async def stop_all(self, reason: StopReason) -> None:

@@ -165,22 +165,29 @@ class ConsultRooms:
             participant.consult_id, participant.role, deliver
         )
         try:
-            to_self = await self._join(participant, ice_servers)
+            to_self, replaced = await self._join(participant, ice_servers)
         except BaseException:
             await subscription.close()
             raise
         await self._note(participant, "signaling.connected")
+        if replaced and self.recording.is_active(participant.consult_id):
+            # The page that was recording is gone (another device took over,
+            # or it dropped unnoticed): as with any leave, the recording stops.
+            await self._stop_recording(participant.consult_id, StopReason.PARTICIPANT_LEFT)
         return to_self, subscription
 
     async def _join(
         self, participant: Participant, ice_servers: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The first messages for the new connection, and whether it replaced
+        a live connection of the same participant."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
             if state.phase is RoomPhase.OVER:
                 raise RoomClosed
             previous = state.presence(role)
+            replaced = previous is not None and previous.connected
             if previous is not None and previous.connected:
                 # The same participant on a second device: the newer one wins.
                 await self._send(
@@ -217,7 +224,7 @@ class ConsultRooms:
             ]
             if role is ParticipantRole.THERAPIST and state.patient_waiting:
                 to_self.append(outbound("patient-waiting", display_name=state.display_name))
-        return to_self
+        return to_self, replaced
 
     async def handle(
         self, participant: Participant, message: InboundMessage, *, frame: str | None = None
@@ -320,7 +327,7 @@ class ConsultRooms:
         if already_over:
             return
         if self.recording.is_active(consult_id):
-            await self.recording.stop(consult_id, StopReason.CONSULT_ENDED)
+            await self._stop_recording(consult_id, StopReason.CONSULT_ENDED)
         for role in ParticipantRole:
             await self._send(
                 consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
@@ -447,7 +454,7 @@ class ConsultRooms:
         if self.recording.is_active(consult_id):
             # A participant who drops out stops the recording; coming back
             # never restarts it (the therapist asks again, the patient agrees again).
-            await self.recording.stop(consult_id, StopReason.PARTICIPANT_LEFT)
+            await self._stop_recording(consult_id, StopReason.PARTICIPANT_LEFT)
         if end_at is not None:
             await self.end(consult_id, reason="both_left", at=end_at)
 
@@ -486,6 +493,14 @@ class ConsultRooms:
                 self._clock.now() + ENDED_ROOM_KEPT,
                 {"consult": str(consult_id)},
             )
+
+    async def _stop_recording(self, consult_id: uuid.UUID, reason: StopReason) -> None:
+        """Stop the consult's recording; a failure there never stops the
+        consult's own end or leave from going on."""
+        try:
+            await self.recording.stop(consult_id, reason)
+        except Exception:
+            _log.exception("recording: stopping failed", consult_id=str(consult_id))
 
     async def _send(
         self,

@@ -317,6 +317,48 @@ async def test_without_consent_nothing_is_recorded(
     assert sqlite_harness.app[ROOMS].recording.live_count == 0
 
 
+async def test_a_late_answer_to_an_earlier_question_is_not_consent_to_the_next(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await call.therapist.send("record-request")
+        first = (await both_see(call, "requested"))[1]["request"]
+        # Withdrawn and asked again at once: "off" comes before the new question.
+        await call.therapist.send("record-stop")
+        await call.therapist.send("record-request")
+        for side in (call.therapist, call.patient):
+            assert (await expect_recording(side, "off"))["reason"] == "stopped_by_therapist"
+        second = (await both_see(call, "requested"))[1]["request"]
+        assert first != second
+        await call.patient.send("record-consent", agree=True, request=first)
+        error = await call.patient.expect("error")
+        assert (error["code"], error["ref"]) == ("recording_state", "record-consent")
+        assert "earlier question" in error["message"]
+        await call.patient.send("record-consent", agree=True, request=second)
+        await both_see(call, "starting")
+        await call.therapist.send("record-stop")
+        await both_see(call, "off")
+
+
+async def test_a_second_device_of_the_patient_stops_the_recording(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await consent_and_connect(call)
+        await asyncio.sleep(1.0)
+        phone = await sqlite_sockets.patient(call.setup.invite_token)
+        await receive(phone, "welcome")  # says "on": the stop comes right after it
+        assert (await receive(phone, "recording"))["state"] == "off"
+        await call.patient.expect("replaced")
+        seen = [await call.therapist.expect("peer-rejoined")]
+        seen.append(await expect_recording(call.therapist, "off"))
+        assert seen[-1]["reason"] == "participant_left"
+    row = await recording_row(sqlite_harness)
+    assert (row.status, row.stop_reason) == ("complete", "participant_left")
+
+
 async def test_a_bad_recorder_offer_gets_a_clear_error_and_the_recording_still_starts(
     sqlite_harness: Harness, sqlite_sockets: Sockets
 ) -> None:

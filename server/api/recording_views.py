@@ -180,6 +180,8 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
         _log.error(
             "a recording's data key does not open", recording_id=str(entry.id), error=str(err)
         )
+        # A read that was attempted and failed is in the access log too.
+        await _log_access(request, principal, ACTION_DOWNLOAD_FAILED, entry.id)
         raise RecordingUnreadable("this recording's key does not open on this server") from None
     await _log_access(request, principal, ACTION_DOWNLOAD, entry.id)
 

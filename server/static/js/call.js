@@ -212,6 +212,9 @@ export class ConsultCall {
         this.finish("replaced", {});
         break;
       case "recording":
+        // The question being answered, so that a late answer to an earlier
+        // one is not taken for consent to this one.
+        if (message.state === "requested") this.recordingRequest = message.request;
         this.followRecording(message.state, { live: true });
         this.emit("recording", message);
         break;
@@ -477,7 +480,9 @@ export class ConsultCall {
 
   // by: "patient" or "guardian" (the invite says which the server needs).
   answerRecording(agree, by) {
-    return this.send({ type: "record-consent", agree, by });
+    const answer = { type: "record-consent", agree, by };
+    if (this.recordingRequest) answer.request = this.recordingRequest;
+    return this.send(answer);
   }
 
   // The server's word on the recording. live: a change announced just now
