@@ -37,7 +37,13 @@ from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
 from signaling.protocol import ParticipantRole
-from signaling.recorder import RecordedTrack, RecorderSettings, Timeline, open_recorder
+from signaling.recorder import (
+    ConsultRecorder,
+    RecordedTrack,
+    RecorderSettings,
+    Timeline,
+    open_recorder,
+)
 from tests.conftest import SettingsFactory
 from tests.harness import Harness, Sockets, new_consult, receive
 from tests.test_webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
@@ -637,6 +643,29 @@ async def test_our_recorder_keeps_every_video_when_one_starts_late() -> None:
     assert all(s.frames > 10 for s in streams), streams
     # Every picture in the configured size, whatever the camera sent.
     assert [s.width for s in streams if s.kind == "video"] == [320, 320]
+
+
+async def test_an_offer_still_being_answered_does_not_count_as_connected() -> None:
+    """Two pages offer within milliseconds; only answered offers may count,
+    or the start waits on a connection that is not there yet."""
+    recorder = ConsultRecorder(
+        settings=RecorderSettings(video_width=320, video_height=240),
+        on_failure=lambda failure, detail: asyncio.sleep(0),
+    )
+    link = RecorderLink()
+    try:
+        answering = asyncio.create_task(
+            recorder.accept_offer(ParticipantRole.THERAPIST, await link.offer())
+        )
+        # Until the answer is ready (ICE gathering takes a moment), it is not counted.
+        while not answering.done():
+            assert recorder.roles == frozenset()
+            await asyncio.sleep(0)
+        await link.accept(await answering)
+        assert recorder.roles == {ParticipantRole.THERAPIST}
+    finally:
+        await recorder.stop()
+        await link.close()
 
 
 def test_frames_keep_their_spacing_but_count_from_the_start() -> None:
