@@ -206,6 +206,11 @@ def configure_process_logging(
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # Alembic narrates every look at the schema; the CLI reports the outcome.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # The recorder's peers: aioice narrates every ICE check with the
+    # participants' addresses and ports (masked, but a dozen lines per
+    # recording); connection diagnostics belong in the technical log.
+    for media in ("aioice", "aiortc"):
+        logging.getLogger(media).setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

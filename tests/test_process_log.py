@@ -132,6 +132,13 @@ def test_stdlib_records_from_other_libraries_are_masked_too(json_log: io.StringI
     assert entry["logger"] == "aiohttp.server"
 
 
+def test_the_recorders_ice_chatter_stays_out_even_at_debug(json_log: io.StringIO) -> None:
+    logging.getLogger("aioice.ice").info("Check CandidatePair(('192.0.2.7', 50272)) WAITING")
+    logging.getLogger("aiortc.rtcdtlstransport").debug("DTLS handshake with 192.0.2.7")
+    logging.getLogger("aioice.ice").warning("Consent to send expired")
+    assert [entry["event"] for entry in lines(json_log)] == ["Consent to send expired"]
+
+
 def test_tracebacks_are_masked(json_log: io.StringIO) -> None:
     try:
         raise ConnectionError("no route to 203.0.113.11 for bob@example.org")
