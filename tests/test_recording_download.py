@@ -194,6 +194,30 @@ async def test_an_unknown_recording_is_404_and_the_refusal_is_logged(harness: Ha
     assert (await harness.client.get("/api/recordings/not-a-uuid/download")).status == 404
 
 
+async def test_without_login_or_from_another_site_nothing_is_read_or_deleted(
+    harness: Harness,
+) -> None:
+    rec = await recorded(harness, os.urandom(1000))
+    # Another site's page, with the therapist's cookie: the delete is refused.
+    forged = await harness.client.delete(
+        f"/api/recordings/{rec.id}", headers={"Origin": "https://evil.example"}
+    )
+    assert forged.status == 403
+    assert file_of(harness, rec.id).exists()
+    harness.client.session.cookie_jar.clear()
+    for method, path in (
+        ("GET", "/api/recordings"),
+        ("GET", rec.download),
+        ("DELETE", f"/api/recordings/{rec.id}"),
+    ):
+        response = await harness.client.request(method, path, headers=harness.headers)
+        assert response.status == 401, (method, path)
+        assert (await response.json())["error"]["code"]
+    assert file_of(harness, rec.id).exists()
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 1
+
+
 async def test_a_flipped_byte_makes_the_transfer_fail(harness: Harness) -> None:
     media = os.urandom(8 * CHUNK)
     rec = await recorded(harness, media)

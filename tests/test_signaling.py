@@ -267,6 +267,23 @@ async def test_same_link_on_a_second_device_replaces_the_first(
         ('{"v": 1, "type": "offer"}', "invalid_message"),
         ('{"v": 1, "type": "ping", "extra": true}', "invalid_message"),
         ('{"v": 1, "type": "candidate", "candidate": "x", "sdpMLineIndex": -1}', "invalid_message"),
+        # The recording messages: wrong types, unknown values, too long.
+        ('{"v": 1, "type": "record-consent"}', "invalid_message"),
+        ('{"v": 1, "type": "record-consent", "agree": "yes"}', "invalid_message"),
+        ('{"v": 1, "type": "record-consent", "agree": true, "by": "aunt"}', "invalid_message"),
+        ('{"v": 1, "type": "record-consent", "agree": true, "request": ""}', "invalid_message"),
+        (
+            '{"v": 1, "type": "record-consent", "agree": true, "request": "' + "r" * 33 + '"}',
+            "invalid_message",
+        ),
+        ('{"v": 1, "type": "record-request", "now": true}', "invalid_message"),
+        ('{"v": 1, "type": "record-stop", "reason": "x"}', "invalid_message"),
+        ('{"v": 1, "type": "recorder-offer"}', "invalid_message"),
+        ('{"v": 1, "type": "recorder-offer", "sdp": ""}', "invalid_message"),
+        (
+            '{"v": 1, "type": "recorder-offer", "sdp": "' + "a" * (32 * 1024 + 1) + '"}',
+            "invalid_message",
+        ),
     ],
 )
 async def test_bad_messages_get_an_error_naming_the_problem_and_the_socket_goes_on(

@@ -27,6 +27,7 @@ from audit.consults import (
 )
 from audit.errors import NotFound
 from audit.roles import Role
+from server.api.access import log_api_access
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, NotFoundError, Unprocessable
 from server.api.representations import iso
@@ -102,16 +103,9 @@ def _parse_time(text: str | None) -> datetime | None:
 async def _log(
     request: web.Request, principal: Principal, action: str, consult_id: uuid.UUID
 ) -> None:
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
-            action=action,
-            object_type="consult",
-            object_id=consult_id,
-            now=request.app[CLOCK].now(),
-        )
+    await log_api_access(
+        request, principal, action=action, object_type="consult", object_id=consult_id
+    )
 
 
 async def _own_consult(request: web.Request, principal: Principal) -> Consult:

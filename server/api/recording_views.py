@@ -43,6 +43,7 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
+from server.api.access import log_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import iso
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
@@ -104,17 +105,14 @@ async def _log_access(
     recording_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
-            action=action,
-            object_type="recording",
-            object_id=recording_id,
-            now=request.app[CLOCK].now(),
-            outcome=outcome,
-        )
+    await log_api_access(
+        request,
+        principal,
+        action=action,
+        object_type="recording",
+        object_id=recording_id,
+        outcome=outcome,
+    )
 
 
 async def _own_recording(request: web.Request, principal: Principal, action: str) -> RecordingEntry:

@@ -1,0 +1,36 @@
+"""The access-log record of a professional's own API request, in a transaction of its own."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from audit.access_log import Outcome
+from server.app_keys import CLOCK, DB_ENGINE
+from server.auth.admin import Actor, record
+from server.auth.sessions import Principal
+
+
+async def log_api_access(
+    request: web.Request,
+    principal: Principal,
+    *,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | None,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    """Write who (the logged-in professional) did ``action`` on which object, and
+    how it ended, to their organisation's access log; committed at once."""
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record(
+            conn,
+            Actor.api(principal.account),
+            organisation_id=principal.account.organisation_id,
+            action=action,
+            object_type=object_type,
+            object_id=object_id,
+            now=request.app[CLOCK].now(),
+            outcome=outcome,
+        )
