@@ -89,6 +89,12 @@ class RecordingServices:
     max_concurrent: int = 2
 
 
+@dataclass(frozen=True)
+class _Question:
+    asked_at: datetime
+    id: str
+
+
 @dataclass
 class _Live:
     """One recording on this node, from the consent to the stop."""
@@ -123,9 +129,9 @@ class RecordingControl:
         self._send = send
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
-        self._requested_at: dict[uuid.UUID, datetime] = {}
-        # The id of each open question, which a consent may name.
-        self._request_ids: dict[uuid.UUID, str] = {}
+        # The open question of each consult: when it was asked, and its id,
+        # which a consent may name.
+        self._questions: dict[uuid.UUID, _Question] = {}
 
     @property
     def live_count(self) -> int:
@@ -194,9 +200,8 @@ class RecordingControl:
             async with self._engine.connect() as conn:
                 guardian = await latest_invite_guardian_consent(conn, consult_id)
             state.recording = RecordingPhase.REQUESTED
-            self._requested_at[consult_id] = self._clock.now()
             request = secrets.token_urlsafe(8)
-            self._request_ids[consult_id] = request
+            self._questions[consult_id] = _Question(self._clock.now(), request)
             await self._announce(
                 consult_id, "requested", guardian_required=guardian, request=request
             )
@@ -210,7 +215,7 @@ class RecordingControl:
                     "no recording request is waiting for an answer",
                     ref="record-consent",
                 )
-            if message.request is not None and message.request != self._request_ids.get(consult_id):
+            if message.request is not None and message.request != self._question_id(consult_id):
                 raise ProtocolError(
                     ErrorCode.RECORDING_STATE,
                     "this answer is to an earlier question; the therapist has asked again",
@@ -218,8 +223,7 @@ class RecordingControl:
                 )
             if not message.agree:
                 state.recording = RecordingPhase.OFF
-                self._requested_at.pop(consult_id, None)
-                self._request_ids.pop(consult_id, None)
+                self._questions.pop(consult_id, None)
                 await self._announce(consult_id, "refused")
                 self._note(consult_id, "recording.refused")
                 return
@@ -237,25 +241,28 @@ class RecordingControl:
                 # Full since the request: the request is gone, both are told
                 # (the state change is kept: this block ends cleanly).
                 state.recording = RecordingPhase.OFF
-                self._requested_at.pop(consult_id, None)
-                self._request_ids.pop(consult_id, None)
+                self._questions.pop(consult_id, None)
                 await self._announce(consult_id, "off", reason=StopReason.SERVER_BUSY.value)
                 return
             now = self._clock.now()
+            question = self._questions.pop(consult_id, None)
             live = _Live(
                 recorder=ConsultRecorder(
                     settings=services.recorder,
                     on_failure=lambda failure, detail: self._failed(consult_id, failure, detail),
                 ),
-                requested_at=self._requested_at.pop(consult_id, now),
+                requested_at=question.asked_at if question else now,
             )
-            self._request_ids.pop(consult_id, None)
             live.consent = Consent(live.requested_at, now, ConsentBy(message.by))
             self._live[consult_id] = live
             state.recording = RecordingPhase.STARTING
             live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
             await self._announce(consult_id, "starting")
         self._note(consult_id, "recording.consented", {"by": message.by})
+
+    def _question_id(self, consult_id: uuid.UUID) -> str | None:
+        question = self._questions.get(consult_id)
+        return question.id if question else None
 
     async def _offer(
         self, consult_id: uuid.UUID, role: ParticipantRole, sdp: str
@@ -347,8 +354,7 @@ class RecordingControl:
             if state is not None:
                 previous = state.recording
                 state.recording = RecordingPhase.OFF
-        self._requested_at.pop(consult_id, None)
-        self._request_ids.pop(consult_id, None)
+        self._questions.pop(consult_id, None)
         live = self._live.pop(consult_id, None)
         if previous is RecordingPhase.OFF and live is None:
             return False
@@ -428,7 +434,7 @@ class RecordingControl:
 
     def is_active(self, consult_id: uuid.UUID) -> bool:
         """Whether the consult has a recording, or a request, to stop."""
-        return consult_id in self._live or consult_id in self._requested_at
+        return consult_id in self._live or consult_id in self._questions
 
     async def _failed(self, consult_id: uuid.UUID, failure: Failure, detail: str) -> None:
         reason = (
