@@ -62,7 +62,7 @@ async def record(
     *,
     organisation_id: uuid.UUID | None,
     action: str,
-    object_id: uuid.UUID | None,
+    object_id: uuid.UUID | str | None,
     now: datetime,
     object_type: str = "account",
     outcome: Outcome = Outcome.ALLOWED,

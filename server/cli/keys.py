@@ -15,7 +15,6 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit import load_master_key, prepare_data_dir
-from audit.access_log import OPERATOR, AccessRecord, ClientType, Outcome, append_access
 from audit.clock import SystemClock
 from audit.keyring import (
     KeyRing,
@@ -28,6 +27,7 @@ from audit.keyring import (
     rotate,
 )
 from config import Settings
+from server.auth.admin import Actor, record
 from server.cli.base import current_database
 
 
@@ -74,19 +74,15 @@ def _root_key(settings: Settings) -> bytes:
 
 
 async def _note(conn: AsyncConnection, action: str, key_id: str, *, now: datetime) -> None:
-    await append_access(
+    """The key operation in the installation's access log, by the operator."""
+    await record(
         conn,
-        AccessRecord(
-            at=now,
-            organisation_id=None,
-            actor_id=None,
-            actor_role=OPERATOR,
-            action=action,
-            object_type="master_key",
-            object_id=key_id,
-            outcome=Outcome.ALLOWED,
-            client_type=ClientType.CLI,
-        ),
+        Actor.operator(),
+        organisation_id=None,
+        action=action,
+        object_type="master_key",
+        object_id=key_id,
+        now=now,
     )
 
 
