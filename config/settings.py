@@ -172,6 +172,9 @@ class DatabaseSettings(_Section):
 class RedisSettings(_Section):
     url: str
     connect_timeout_s: float = Field(gt=0, le=60)
+    # Every key and channel this service uses starts with it: several
+    # deployments (or test runs) can share one Redis without colliding.
+    key_prefix: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
     @field_validator("url")
     @classmethod
