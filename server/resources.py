@@ -7,17 +7,23 @@ reverse (background tasks first, then Redis, then the database).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
+from audit.clock import Clock
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
 from audit.technical_log import TechnicalLog
+from config import Settings
 from server.app_keys import (
     CLOCK,
     DATA_DIR,
@@ -29,10 +35,16 @@ from server.app_keys import (
     TECHNICAL_LOG,
     TICKETS,
 )
-from signaling.broker import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.broker import (
+    InProcessBroker,
+    InProcessRoomStore,
+    InProcessTimers,
+    StateUnavailable,
+)
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
-from signaling.rooms import ConsultRooms, RoomSettings
+from signaling.redis_broker import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
+from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
 
 _log = structlog.get_logger("videoconsult.server")
@@ -40,6 +52,15 @@ _log = structlog.get_logger("videoconsult.server")
 # How often due room timers are looked for: a grace period ends at most this
 # much late.
 TIMER_POLL_S = 0.25
+# Another interval for the timer task (tests on a manual clock fire the
+# timers themselves, and set it to hours).
+ROOM_TIMER_POLL = web.AppKey("room_timer_poll_s", float)
+# Longest wait between looks for due timers while Redis is away.
+TIMER_BACKOFF_MAX_S = 5.0
+# Each node's heartbeat; a node silent for NODE_DEAD_AFTER_S is dead, and its
+# participants' grace periods start (well inside consults.grace_s, 30 s).
+NODE_BEAT_S = 1.0
+NODE_DEAD_AFTER_S = 5.0
 # How often the technical log's pending entries are written.
 TECHNICAL_FLUSH_S = 1.0
 
@@ -145,25 +166,51 @@ def recording_services(app: web.Application) -> RecordingServices | None:
 
 
 async def signaling_context(app: web.Application) -> AsyncIterator[None]:
-    """The consult rooms on the in-process broker (Redis across nodes comes later).
+    """The consult rooms: in-process for one node, on Redis when it is configured.
 
-    Recordings left "recording" by a server that died are marked incomplete
-    first: nothing writes them any more (one node; see docs/recording.md).
+    One node: recordings left "recording" by a server that died are marked
+    incomplete first, since nothing writes them any more. With Redis, another
+    node may be writing them, so that is left alone (docs/scaling.md).
     """
     settings = app[SETTINGS]
-    async with app[DB_ENGINE].begin() as conn:
-        interrupted = await mark_interrupted(conn, now=app[CLOCK].now())
-    if interrupted:
-        _log.warning(
-            "recordings interrupted by the last shutdown marked incomplete",
-            count=len(interrupted),
+    client = app[REDIS]
+    node_id = secrets.token_hex(6)
+    heartbeat: asyncio.Task[None] | None = None
+    cluster: tuple[RedisBroker, RedisNodes, RedisRoomStore] | None = None
+    broker: InProcessBroker | RedisBroker
+    store: InProcessRoomStore | RedisRoomStore
+    timers: InProcessTimers | RedisTimers
+    if client is None:
+        async with app[DB_ENGINE].begin() as conn:
+            interrupted = await mark_interrupted(conn, now=app[CLOCK].now())
+        if interrupted:
+            _log.warning(
+                "recordings interrupted by the last shutdown marked incomplete",
+                count=len(interrupted),
+            )
+        broker, store, timers = InProcessBroker(), InProcessRoomStore(), InProcessTimers()
+        app[TICKETS] = InProcessTicketStore()
+    else:
+        prefix = settings.redis.key_prefix
+        cluster = (
+            RedisBroker(client, prefix=prefix, node_id=node_id),
+            RedisNodes(
+                client,
+                prefix=prefix,
+                node_id=node_id,
+                dead_after=timedelta(seconds=NODE_DEAD_AFTER_S),
+            ),
+            RedisRoomStore(client, prefix=prefix, state_ttl=room_state_ttl(settings)),
         )
+        broker, store = cluster[0], cluster[2]
+        timers = RedisTimers(client, prefix=prefix)
+        app[TICKETS] = InProcessTicketStore()
     app[ROOMS] = ConsultRooms(
         engine=app[DB_ENGINE],
         clock=app[CLOCK],
-        broker=InProcessBroker(),
-        store=InProcessRoomStore(),
-        timers=InProcessTimers(),
+        broker=broker,
+        store=store,
+        timers=timers,
         settings=RoomSettings(
             grace_s=settings.consults.grace_s,
             max_duration_s=settings.consults.max_duration_s,
@@ -171,13 +218,78 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
         ),
         technical=app[TECHNICAL_LOG],
         recording=recording_services(app),
+        node_id=node_id if client is not None else "",
     )
-    app[TICKETS] = InProcessTicketStore()
+    if cluster is not None:
+        # At once if Redis answers, so the first socket can subscribe;
+        # otherwise run_node keeps trying.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await cluster[0].start()
+        heartbeat = asyncio.create_task(
+            run_node(app[ROOMS], *cluster, app[CLOCK]), name="node-heartbeat"
+        )
+        _log.info("signaling on Redis: several nodes", node=node_id)
     try:
         yield
     finally:
         # Normally done on shutdown already (stop_recordings); this is the last net.
         await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await cluster[0].close()
+            with contextlib.suppress(StateUnavailable):
+                await cluster[1].leave()
+
+
+def room_state_ttl(settings: Settings) -> timedelta:
+    """How long Redis keeps a room's state past its last change: longer than
+    any room lives (an invite's validity, then the longest consult, then the
+    hour an ended room is kept), so that only a dead node's leftovers expire."""
+    consults = settings.consults
+    return timedelta(seconds=consults.invite_validity_s + consults.max_duration_s) + (
+        ENDED_ROOM_KEPT
+    )
+
+
+async def run_node(
+    rooms: ConsultRooms,
+    broker: RedisBroker,
+    nodes: RedisNodes,
+    store: RedisRoomStore,
+    clock: Clock,
+) -> None:
+    """This node's part in the cluster, every NODE_BEAT_S: its heartbeat, the
+    grace periods of dead nodes' participants, and telling Redis again what
+    it lost (after a Redis restart, or after this node was taken for dead).
+
+    Redis trouble is logged once when it starts and once when it ends."""
+    await broker.start_when_reachable()
+    trouble = False
+    while True:
+        try:
+            if await nodes.beat(clock.now()) or trouble:
+                repaired = await rooms.reconcile()
+                if repaired:
+                    _log.info("rooms told Redis again who is connected here", rooms=repaired)
+            for node, last_seen in await nodes.claim_dead(clock.now()):
+                lost = 0
+                for consult_id in await store.consult_ids():
+                    lost += await rooms.node_lost(consult_id, node, last_seen=last_seen)
+                _log.warning("a node stopped answering; its participants may reconnect", lost=lost)
+            if trouble:
+                _log.info("Redis is back")
+            trouble = False
+        except StateUnavailable as err:
+            if not trouble:
+                _log.warning("Redis unavailable; this node carries on alone", error=str(err))
+            trouble = True
+        except Exception:
+            _log.exception("node heartbeat failed; trying again")
+        await asyncio.sleep(NODE_BEAT_S)
 
 
 async def stop_recordings(app: web.Application) -> None:
@@ -186,10 +298,22 @@ async def stop_recordings(app: web.Application) -> None:
 
 
 async def run_room_timers(app: web.Application) -> None:
-    """Background task: act on due grace periods and maximum durations."""
+    """Background task: act on due grace periods and maximum durations.
+
+    While Redis is away, looked for less often (backing off to 5 s), and
+    said once rather than four times a second."""
+    every_s = app.get(ROOM_TIMER_POLL, TIMER_POLL_S)
+    poll_s = every_s
     while True:
         try:
             await app[ROOMS].fire_due_timers()
+            if poll_s != every_s:
+                _log.info("room timers running again")
+            poll_s = every_s
+        except StateUnavailable:
+            if poll_s == every_s:
+                _log.warning("room timers wait for Redis")
+            poll_s = max(every_s, min(poll_s * 2, TIMER_BACKOFF_MAX_S))
         except Exception:
             _log.exception("room timers failed; trying again")
-        await asyncio.sleep(TIMER_POLL_S)
+        await asyncio.sleep(poll_s)

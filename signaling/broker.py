@@ -1,7 +1,7 @@
 """Where consult rooms keep their state and deliver their messages.
 
-Three small interfaces, each with an in-process implementation here; the
-Redis implementations (several nodes) come later and slot in behind them:
+Three small interfaces, each with an in-process implementation here (one
+node) and one on Redis in :mod:`signaling.redis_broker` (several nodes):
 
 - :class:`Broker` delivers messages to the connections of one participant
   of one consult, wherever they are connected.
@@ -34,6 +34,14 @@ import structlog
 from signaling.protocol import ParticipantRole
 
 _log = structlog.get_logger("videoconsult.signaling")
+
+
+class StateUnavailable(Exception):
+    """The shared state (Redis) cannot be reached, or did not answer in time.
+
+    Raised by the Redis implementations instead of the client's own errors;
+    nothing was changed. The caller tells the client to try again.
+    """
 
 
 class Delivery(NamedTuple):
@@ -112,6 +120,9 @@ class Presence:
     link: Link = Link.CONNECTED
     # When the socket dropped (for the end time when nobody comes back).
     left_at: datetime | None = None
+    # The server node holding the socket ("" for one node): when that node
+    # dies, another one starts this participant's grace period.
+    node: str = ""
 
     @property
     def connected(self) -> bool:
@@ -128,6 +139,9 @@ class RoomState:
     # Shown to the therapist in the waiting room; never stored on disk.
     display_name: str | None = None
     recording: RecordingPhase = RecordingPhase.OFF
+    # Keep the room at least until then (a consult booked days ahead); a
+    # store whose entries expire keeps it that long past this.
+    keep_until: datetime | None = None
 
     def presence(self, role: ParticipantRole) -> Presence | None:
         return self.therapist if role is ParticipantRole.THERAPIST else self.patient
@@ -165,6 +179,9 @@ class RoomStore(Protocol):
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         """Drop the room altogether."""
+
+    async def consult_ids(self) -> list[uuid.UUID]:
+        """Every consult with a room (for the sweep after a node died)."""
 
 
 class Timers(Protocol):
@@ -259,6 +276,9 @@ class InProcessRoomStore:
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         self._rooms.pop(consult_id, None)
+
+    async def consult_ids(self) -> list[uuid.UUID]:
+        return list(self._rooms)
 
     def __len__(self) -> int:
         return len(self._rooms)

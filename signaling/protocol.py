@@ -50,6 +50,8 @@ class ErrorCode(enum.Enum):
     RECORDING_UNAVAILABLE = "recording_unavailable"
     RECORDING_STATE = "recording_state"
     GUARDIAN_CONSENT_REQUIRED = "guardian_consent_required"
+    # The shared state of several nodes (Redis) cannot be reached: try again.
+    UNAVAILABLE = "unavailable"
 
 
 class ProtocolError(Exception):

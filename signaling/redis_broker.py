@@ -30,28 +30,56 @@ already copes with lost peers (reconnect grace, renegotiation).
 (``{prefix}:timers:payloads``); a Lua script claims due timers and removes
 them in one step, so each is handed out exactly once across nodes.
 
-Both take a ``redis.asyncio.Redis`` client, with or without
-``decode_responses``, and let :class:`redis.RedisError` through from
-``publish``, ``schedule``, ``cancel`` and ``claim_due``.
+:class:`RedisRoomStore` keeps each room's state as JSON with a lock per
+room, and :class:`RedisNodes` which nodes are alive (heartbeats), so that a
+dead node's participants get their grace period from another node.
+
+All take a ``redis.asyncio.Redis`` client, with or without
+``decode_responses``, and raise :class:`~signaling.broker.StateUnavailable`
+(never the client's own errors) when Redis cannot be reached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
 import uuid
-from datetime import UTC, datetime
-from typing import Any
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from signaling.broker import Deliver, Delivery, Subscription
+from signaling.broker import (
+    Deliver,
+    Delivery,
+    Link,
+    Presence,
+    RecordingPhase,
+    RoomPhase,
+    RoomState,
+    StateUnavailable,
+    Subscription,
+)
 from signaling.protocol import ParticipantRole
 
-__all__ = ["RedisBroker", "RedisTimers", "decode_delivery", "encode_delivery"]
+__all__ = [
+    "RedisBroker",
+    "RedisNodes",
+    "RedisRoomStore",
+    "RedisTimers",
+    "decode_delivery",
+    "decode_room_state",
+    "encode_delivery",
+    "encode_room_state",
+]
 
 _log = structlog.get_logger("videoconsult.signaling")
 
@@ -66,16 +94,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CLAIM_BATCH = 500
 
 
-def encode_delivery(delivery: Delivery) -> str:
+def encode_delivery(delivery: Delivery, *, origin: str = "") -> str:
     """Serialise a delivery for the wire: a JSON header line, then the text.
 
-    The header holds ``message``, ``connection_id`` and ``close_code`` and
-    never a raw newline (JSON escapes them), so the first newline ends it.
-    A pre-encoded text (a relayed SDP of a few KB) follows as it is, rather
-    than escaped inside the JSON again.
+    The header holds the publishing node (``origin``, first, so that a node
+    recognises its own deliveries without decoding them), ``message``,
+    ``connection_id`` and ``close_code``, and never a raw newline (JSON
+    escapes them), so the first newline ends it. A pre-encoded text (a
+    relayed SDP of a few KB) follows as it is, rather than escaped inside
+    the JSON again.
     """
     header = json.dumps(
         {
+            "origin": origin,
             "message": delivery.message,
             "connection_id": delivery.connection_id,
             "close_code": delivery.close_code,
@@ -118,6 +149,11 @@ def _glob_escaped(text: str) -> str:
     return text
 
 
+def _origin_marker(node_id: str) -> str:
+    """How :func:`encode_delivery`'s output from ``node_id`` begins."""
+    return '{"origin":' + json.dumps(node_id) + ","
+
+
 def _as_str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -151,9 +187,11 @@ class RedisBroker:
     client that does not read.
     """
 
-    def __init__(self, client: Redis, *, prefix: str) -> None:
+    def __init__(self, client: Redis, *, prefix: str, node_id: str = "") -> None:
         self._client = client
         self._prefix = prefix
+        self._node_id = node_id or uuid.uuid4().hex
+        self._own = _origin_marker(self._node_id)
         self._subscribers: dict[str, set[_RedisSubscription]] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -184,6 +222,24 @@ class RedisBroker:
         self._pubsub = pubsub
         self._listener = asyncio.create_task(self._listen(pubsub), name="redis-broker-listener")
 
+    @property
+    def started(self) -> bool:
+        return self._listener is not None
+
+    async def start_when_reachable(self) -> None:
+        """:meth:`start`, tried again with backoff until Redis answers (a
+        node may start while Redis is away)."""
+        retry_in_s = _RETRY_MIN_S
+        while self._listener is None:
+            try:
+                await self.start()
+            except (RedisError, OSError, TimeoutError) as err:
+                _log.warning(
+                    "broker cannot subscribe yet", error=type(err).__name__, retry_in_s=retry_in_s
+                )
+                await asyncio.sleep(retry_in_s)
+                retry_in_s = min(retry_in_s * 2, _RETRY_MAX_S)
+
     async def close(self) -> None:
         """Stop the listener and close the pub/sub connection; idempotent.
 
@@ -209,16 +265,36 @@ class RedisBroker:
         if errors:
             raise errors[0]
 
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
     async def publish(
         self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
     ) -> None:
-        await self._client.publish(self.channel(consult_id, role), encode_delivery(delivery))
+        """Deliver to this node's subscribers at once, and through Redis to the others'.
+
+        This node skips its own deliveries when Redis echoes them. When
+        Redis cannot be reached, a delivery that reached a subscriber here
+        counts as done (two participants on one node go on talking); one
+        that reached nobody raises :class:`StateUnavailable`.
+        """
+        channel = self.channel(consult_id, role)
+        local = self._subscribers.get(channel)
+        if local:
+            await self._deliver_all(local, delivery)
+        try:
+            await self._client.publish(channel, encode_delivery(delivery, origin=self._node_id))
+        except (RedisError, OSError) as err:
+            if not local:
+                raise StateUnavailable("Redis is unreachable: the delivery went nowhere") from err
+            _log.debug("delivery kept to this node: Redis unreachable", error=type(err).__name__)
 
     async def subscribe(
         self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
     ) -> Subscription:
         if self._listener is None:
-            raise RuntimeError("RedisBroker is not started; call start() before subscribe()")
+            raise StateUnavailable("the Redis broker is not started (Redis unreachable so far?)")
         channel = self.channel(consult_id, role)
         subscription = _RedisSubscription(self, channel, deliver)
         self._subscribers.setdefault(channel, set()).add(subscription)
@@ -248,11 +324,18 @@ class RedisBroker:
         if not subscribers:
             return
         try:
-            delivery = decode_delivery(_as_str(data))
+            text = _as_str(data)
+            if text.startswith(self._own):
+                return  # published here, and delivered here already
+            delivery = decode_delivery(text)
         except (ValueError, UnicodeDecodeError) as err:
             # Logged without the data: it may hold what a participant said.
             _log.warning("undecodable delivery dropped", error=type(err).__name__)
             return
+        await self._deliver_all(subscribers, delivery)
+
+    @staticmethod
+    async def _deliver_all(subscribers: set[_RedisSubscription], delivery: Delivery) -> None:
         for subscription in list(subscribers):
             if subscription.closed:
                 continue
@@ -315,24 +398,27 @@ class RedisTimers:
         score = _score_us(due_at)
         encoded = json.dumps(payload, separators=(",", ":"))
         # One transaction: a claim never sees the new time with the old payload.
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._due_key, {key: score})
-            pipe.hset(self._payloads_key, key, encoded)
-            await pipe.execute()
+        with _redis_trouble("setting a timer"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._due_key, {key: score})
+                pipe.hset(self._payloads_key, key, encoded)
+                await pipe.execute()
 
     async def cancel(self, key: str) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._due_key, key)
-            pipe.hdel(self._payloads_key, key)
-            await pipe.execute()
+        with _redis_trouble("cancelling a timer"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._due_key, key)
+                pipe.hdel(self._payloads_key, key)
+                await pipe.execute()
 
     async def claim_due(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
         score = _score_us(now)
         due: list[tuple[str, dict[str, Any]]] = []
         while True:
-            claimed: list[str | bytes] = await self._claim_due(
-                keys=[self._due_key, self._payloads_key], args=[score, _CLAIM_BATCH]
-            )
+            with _redis_trouble("claiming timers"):
+                claimed: list[str | bytes] = await self._claim_due(
+                    keys=[self._due_key, self._payloads_key], args=[score, _CLAIM_BATCH]
+                )
             for index in range(0, len(claimed), 2):
                 key, payload = _as_str(claimed[index]), _as_str(claimed[index + 1])
                 try:
@@ -344,3 +430,302 @@ class RedisTimers:
                     _log.warning("timer with an undecodable payload dropped", timer=key)
             if len(claimed) < 2 * _CLAIM_BATCH:
                 return due
+
+
+@contextlib.contextmanager
+def _redis_trouble(what: str) -> Iterator[None]:
+    """Turn the client's errors into :class:`StateUnavailable`, naming ``what`` failed."""
+    try:
+        yield
+    except (RedisError, OSError) as err:
+        raise StateUnavailable(f"Redis is unreachable ({what}): {type(err).__name__}") from err
+
+
+def _moment(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"a time is a {type(value).__name__}")
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError("a time without a time zone")
+    return moment
+
+
+def _presence_dict(presence: Presence | None) -> dict[str, Any] | None:
+    if presence is None:
+        return None
+    return {
+        "connection": presence.connection_id,
+        "link": presence.link.value,
+        "left_at": presence.left_at.isoformat() if presence.left_at else None,
+        "node": presence.node,
+    }
+
+
+def _presence(value: Any) -> Presence | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"a presence is a {type(value).__name__}")
+    connection_id, node = value.get("connection"), value.get("node", "")
+    if not isinstance(connection_id, str) or not isinstance(node, str):
+        raise ValueError("a presence's connection and node are strings")
+    return Presence(
+        connection_id, Link(value.get("link")), left_at=_moment(value.get("left_at")), node=node
+    )
+
+
+def encode_room_state(state: RoomState) -> str:
+    """A room's state as JSON (the display name included: Redis keeps nothing on disk)."""
+    return json.dumps(
+        {
+            "phase": state.phase.value,
+            "therapist": _presence_dict(state.therapist),
+            "patient": _presence_dict(state.patient),
+            "display_name": state.display_name,
+            "recording": state.recording.value,
+            "keep_until": state.keep_until.isoformat() if state.keep_until else None,
+        },
+        separators=(",", ":"),
+    )
+
+
+def decode_room_state(data: str | bytes) -> RoomState:
+    """Rebuild :func:`encode_room_state`'s output; ValueError when it is not one."""
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError(f"a room state is a {type(value).__name__}")
+    display_name = value.get("display_name")
+    if display_name is not None and not isinstance(display_name, str):
+        raise ValueError("a room's display name is a string")
+    return RoomState(
+        phase=RoomPhase(value.get("phase")),
+        therapist=_presence(value.get("therapist")),
+        patient=_presence(value.get("patient")),
+        display_name=display_name,
+        recording=RecordingPhase(value.get("recording", RecordingPhase.OFF.value)),
+        keep_until=_moment(value.get("keep_until")),
+    )
+
+
+# KEYS: lock, state. ARGV: token, state (JSON), state TTL (ms).
+# Saves the state and releases the lock only while the lock is still ours:
+# a holder whose lock ran out (it stalled past the lock's TTL, and another
+# node may have changed the room since) saves nothing.
+_SAVE_AND_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: lock. ARGV: token. Releases the lock only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Rooms remembered for a Redis outage (see RedisRoomStore.peek).
+_CACHED_ROOMS = 10_000
+_LOCK_POLL_MIN_S = 0.002
+_LOCK_POLL_MAX_S = 0.05
+
+
+class RedisRoomStore:
+    """Each room's state as JSON under ``{prefix}:roomstate:{consult}``, with
+    a lock per room, ``{prefix}:roomlock:{consult}``.
+
+    Both expire: the state ``state_ttl`` after its last change, or that long
+    after its ``keep_until`` (a consult booked ahead), so longer than a room
+    lives (an invite's validity, a consult's maximum duration, the hour an
+    ended room is kept); the lock ``lock_ttl_s`` after it was taken.
+    A node that dies leaves nothing behind for longer than that.
+
+    The lock is a token under ``SET NX PX``; saving the state and releasing
+    the lock is one script that checks the token first, so a holder that
+    stalled past the lock's expiry saves nothing (and gets
+    :class:`StateUnavailable`) instead of overwriting a newer change.
+    redis-py's ``Lock`` could take the lock but not save under it in one step.
+
+    ``peek`` falls back on the last state this node saw of the room when
+    Redis cannot be reached, so consults whose participants are both on
+    this node keep relaying through an outage. Everything else raises
+    :class:`StateUnavailable` then.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str,
+        state_ttl: timedelta,
+        lock_ttl_s: float = 10.0,
+        lock_wait_s: float = 5.0,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._state_ttl_ms = int(state_ttl.total_seconds() * 1000)
+        self._lock_ttl_ms = int(lock_ttl_s * 1000)
+        self._lock_wait_s = lock_wait_s
+        self._save_and_release = client.register_script(_SAVE_AND_RELEASE)
+        self._release = client.register_script(_RELEASE)
+        self._seen: OrderedDict[uuid.UUID, RoomState] = OrderedDict()
+
+    def state_key(self, consult_id: uuid.UUID) -> str:
+        return f"{self._prefix}:roomstate:{consult_id}"
+
+    def lock_key(self, consult_id: uuid.UUID) -> str:
+        return f"{self._prefix}:roomlock:{consult_id}"
+
+    @asynccontextmanager
+    async def locked(
+        self, consult_id: uuid.UUID, *, create: bool = False
+    ) -> AsyncIterator[RoomState | None]:
+        lock_key, state_key = self.lock_key(consult_id), self.state_key(consult_id)
+        token = secrets.token_hex(16)
+        await self._acquire(lock_key, token)
+        saved = False
+        try:
+            with _redis_trouble("reading a room"):
+                raw = await self._client.get(state_key)
+            if raw is None and not create:
+                yield None
+                return
+            state = RoomState() if raw is None else self._decode(consult_id, raw)
+            yield state
+            with _redis_trouble("saving a room"):
+                saved = bool(
+                    await self._save_and_release(
+                        keys=[lock_key, state_key],
+                        args=[token, encode_room_state(state), self._ttl_ms(state)],
+                    )
+                )
+            if not saved:
+                raise StateUnavailable("the room's lock ran out before its change was saved")
+            self._remember(consult_id, state.copy())
+        finally:
+            if not saved:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(keys=[lock_key], args=[token])
+
+    async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        try:
+            raw = await self._client.get(self.state_key(consult_id))
+        except (RedisError, OSError) as err:
+            seen = self._seen.get(consult_id)
+            if seen is None:
+                raise StateUnavailable(
+                    f"Redis is unreachable (reading a room): {type(err).__name__}"
+                ) from err
+            return seen
+        if raw is None:
+            self._seen.pop(consult_id, None)
+            return None
+        state = self._decode(consult_id, raw)
+        self._remember(consult_id, state)
+        return state
+
+    async def forget(self, consult_id: uuid.UUID) -> None:
+        with _redis_trouble("forgetting a room"):
+            await self._client.delete(self.state_key(consult_id))
+        self._seen.pop(consult_id, None)
+
+    async def consult_ids(self) -> list[uuid.UUID]:
+        found: list[uuid.UUID] = []
+        start = len(self.state_key(uuid.UUID(int=0))) - 36
+        with _redis_trouble("listing rooms"):
+            async for key in self._client.scan_iter(
+                match=f"{_glob_escaped(self._prefix)}:roomstate:*", count=500
+            ):
+                with contextlib.suppress(ValueError):
+                    found.append(uuid.UUID(_as_str(key)[start:]))
+        return found
+
+    def _ttl_ms(self, state: RoomState) -> int:
+        if state.keep_until is None:
+            return self._state_ttl_ms
+        until_ms = (state.keep_until - datetime.now(UTC)).total_seconds() * 1000
+        return self._state_ttl_ms + max(0, int(until_ms))
+
+    async def _acquire(self, lock_key: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lock_wait_s
+        poll_s = _LOCK_POLL_MIN_S
+        while True:
+            with _redis_trouble("locking a room"):
+                if await self._client.set(lock_key, token, nx=True, px=self._lock_ttl_ms):
+                    return
+            if loop.time() + poll_s > deadline:
+                raise StateUnavailable(
+                    f"a room stayed locked for {self._lock_wait_s:g} s (another node holds it)"
+                )
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 2, _LOCK_POLL_MAX_S)
+
+    def _decode(self, consult_id: uuid.UUID, raw: str | bytes) -> RoomState:
+        try:
+            return decode_room_state(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            # Never written by this code; logged without the data (a display name).
+            _log.error("room state in Redis is unreadable", error=type(err).__name__)
+            raise StateUnavailable("the room's state in Redis is unreadable") from err
+
+    def _remember(self, consult_id: uuid.UUID, state: RoomState) -> None:
+        self._seen[consult_id] = state
+        self._seen.move_to_end(consult_id)
+        while len(self._seen) > _CACHED_ROOMS:
+            self._seen.popitem(last=False)
+
+
+class RedisNodes:
+    """Which server nodes are alive: a sorted set of node ids by the time of
+    their last heartbeat, ``{prefix}:nodes``.
+
+    Each node calls :meth:`beat` every few seconds. A node that has not
+    beaten for ``dead_after`` is dead; :meth:`claim_dead` hands each dead
+    node to exactly one caller (the one whose ``ZREM`` removed it), which
+    then starts the grace periods of that node's participants.
+    """
+
+    def __init__(self, client: Redis, *, prefix: str, node_id: str, dead_after: timedelta) -> None:
+        self._client = client
+        self._key = f"{prefix}:nodes"
+        self.node_id = node_id
+        self._dead_after = dead_after
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    async def beat(self, now: datetime) -> bool:
+        """Record this node alive at ``now``; True when Redis did not know it
+        (the first beat, Redis lost its data, or another node declared this
+        one dead meanwhile): the node then tells Redis again who is here."""
+        with _redis_trouble("heartbeat"):
+            added = await self._client.zadd(self._key, {self.node_id: _score_us(now)})
+        return bool(added)
+
+    async def claim_dead(self, now: datetime) -> list[tuple[str, datetime]]:
+        """The nodes dead at ``now`` that this caller claimed, with their last heartbeat."""
+        with _redis_trouble("looking for dead nodes"):
+            stale = await self._client.zrangebyscore(
+                self._key, "-inf", _score_us(now - self._dead_after), withscores=True
+            )
+            claimed: list[tuple[str, datetime]] = []
+            for member, score in cast(list[tuple[str | bytes, float]], stale):
+                node = _as_str(member)
+                if node == self.node_id:
+                    continue  # this node stalled; its next beat puts it back
+                if await self._client.zrem(self._key, member):
+                    claimed.append((node, _EPOCH + timedelta(microseconds=int(score))))
+        return claimed
+
+    async def leave(self) -> None:
+        """Off the list (a clean shutdown; its sockets were closed as usual)."""
+        with _redis_trouble("leaving"):
+            await self._client.zrem(self._key, self.node_id)

@@ -15,17 +15,21 @@ patient is there.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import mark_ended, mark_started
+from audit.consults import get_consult, mark_ended, mark_started
+from audit.errors import NotFound
 from audit.recordings import StopReason
 from audit.technical_log import TechnicalLog
 from signaling.broker import (
@@ -35,7 +39,9 @@ from signaling.broker import (
     Link,
     Presence,
     RoomPhase,
+    RoomState,
     RoomStore,
+    StateUnavailable,
     Subscription,
     Timers,
 )
@@ -63,6 +69,8 @@ from signaling.protocol import (
 from signaling.recording import RecordingControl, RecordingServices
 
 _log = structlog.get_logger("videoconsult.signaling")
+
+T = TypeVar("T")
 
 # WebSocket close codes of the protocol (4000-4999 are the application's).
 CLOSE_REPLACED = 4001
@@ -118,8 +126,20 @@ class ConsultRooms:
         settings: RoomSettings,
         technical: TechnicalLog,
         recording: RecordingServices | None = None,
+        node_id: str = "",
     ) -> None:
         self._engine = engine
+        # This server node, in each presence it records ("" for one node).
+        self.node_id = node_id
+        # The connections open on this node, by connection id.
+        self._here: dict[str, Participant] = {}
+        # Disconnects the shared state could not take (Redis away), with
+        # when they happened: told again by ``reconcile``.
+        self._missed_leaves: dict[str, tuple[Participant, datetime]] = {}
+        # Timers that came due but neither fired nor could be set again.
+        self._unsaved_timers: dict[str, dict[str, Any]] = {}
+        # Changes that run to their end whoever waits for them (_finish_anyway).
+        self._finishing: set[asyncio.Task[Any]] = set()
         self._clock = clock
         self._broker = broker
         self._store = store
@@ -145,6 +165,7 @@ class ConsultRooms:
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
             state.display_name = display_name
+            state.keep_until = until
         await self._timers.schedule(_forget_key(consult_id), until, {"consult": str(consult_id)})
 
     async def display_name(self, consult_id: uuid.UUID) -> str | None:
@@ -164,11 +185,17 @@ class ConsultRooms:
         subscription = await self._broker.subscribe(
             participant.consult_id, participant.role, deliver
         )
+        joining = self._finish_anyway(self._join(participant, ice_servers))
         try:
-            to_self, replaced = await self._join(participant, ice_servers)
+            to_self, replaced = await asyncio.shield(joining)
         except BaseException:
             await subscription.close()
+            if not joining.done():
+                # The socket went while it joined: once in, it leaves, as
+                # any socket that goes does.
+                self._finish_anyway(self._leave_once_joined(joining, participant))
             raise
+        self._here[participant.connection_id] = participant
         await self._note(participant, "signaling.connected")
         if replaced and self.recording.is_active(participant.consult_id):
             # The page that was recording is gone (another device took over,
@@ -197,7 +224,7 @@ class ConsultRooms:
                     connection_id=previous.connection_id,
                     close_code=CLOSE_REPLACED,
                 )
-            state.set_presence(role, Presence(participant.connection_id))
+            state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
             await self._timers.cancel(_grace_key(consult_id, role))
             if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
                 await self._send(
@@ -235,8 +262,27 @@ class ConsultRooms:
         passed on as that text plus its sender, without encoding it again.
 
         Raises :class:`ProtocolError` for messages that are valid but not
-        acceptable now (wrong consult, wrong role, not admitted).
+        acceptable now (wrong consult, wrong role, not admitted), and with
+        ``unavailable`` when the shared state cannot be reached (Redis away).
         """
+        try:
+            if message.type in RELAYED:
+                # The hot path, and a relay is one step: nothing to cut in half.
+                return await self._handle(participant, message, frame)
+            return await self._to_the_end(self._handle(participant, message, frame))
+        except StateUnavailable as err:
+            _log.warning(
+                "message not handled: shared state unavailable", type=message.type, error=str(err)
+            )
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "the server cannot do this right now; try again in a moment",
+                ref=message.type,
+            ) from err
+
+    async def _handle(
+        self, participant: Participant, message: InboundMessage, frame: str | None
+    ) -> list[dict[str, Any]]:
         if message.consult is not None and message.consult != str(participant.consult_id):
             raise ProtocolError(
                 ErrorCode.NOT_IN_CONSULT,
@@ -277,9 +323,58 @@ class ConsultRooms:
             return []
         raise AssertionError(f"unhandled message type {message.type}")  # pragma: no cover
 
+    def _finish_anyway(self, change: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``change`` as a task of its own, kept until it is done: it
+        finishes even when the socket that asked for it goes meanwhile (its
+        handler is then cancelled), so no room is left half changed, e.g. a
+        consult ended for one participant and not the other."""
+        task = asyncio.ensure_future(change)
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    async def _to_the_end(self, change: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.shield(self._finish_anyway(change))
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._finishing.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(
+            error, ProtocolError | RoomClosed | StateUnavailable
+        ):
+            # Also raised to the caller, if it still waits; said here for when it does not.
+            _log.warning("a room change failed", error=type(error).__name__)
+
+    async def _leave_once_joined(
+        self, joining: asyncio.Task[tuple[list[dict[str, Any]], bool]], participant: Participant
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await joining
+            await self._leave(participant, grace=True)
+
     async def disconnect(self, participant: Participant) -> None:
-        """The connection went away: start the grace period, or leave the waiting room."""
-        await self._leave(participant, grace=True)
+        """The connection went away: start the grace period, or leave the waiting room.
+
+        When the shared state cannot take it (Redis away), the leave is kept
+        and told again by :meth:`reconcile`, with the time it happened.
+        """
+        self._here.pop(participant.connection_id, None)
+        try:
+            await self._leave(participant, grace=True)
+        except StateUnavailable as err:
+            _log.warning("disconnect kept for later: shared state unavailable", error=str(err))
+            self._missed_leaves[participant.connection_id] = (participant, self._clock.now())
+
+    @property
+    def connected_here(self) -> list[Participant]:
+        """The participants connected to this node."""
+        return list(self._here.values())
+
+    async def room_state(self, consult_id: uuid.UUID) -> RoomState | None:
+        """The room's state as last saved (read only), or None."""
+        return await self._store.peek(consult_id)
 
     async def fire_due_timers(self) -> int:
         """Act on every due timer (grace periods, maximum duration); return how many.
@@ -288,13 +383,23 @@ class ConsultRooms:
         due at the same time go ahead regardless.
         """
         now = self._clock.now()
+        for key, payload in list(self._unsaved_timers.items()):
+            await self._timers.schedule(key, now, payload)
+            del self._unsaved_timers[key]
         due = await self._timers.claim_due(now)
         for key, payload in due:
             try:
                 await self._fire(key, payload)
-            except Exception:
-                _log.exception("room timer failed; trying again", timer=key.split(":")[0])
-                await self._timers.schedule(key, now + TIMER_RETRY, payload)
+            except Exception as err:
+                if isinstance(err, StateUnavailable):
+                    _log.warning("room timer postponed: shared state unavailable")
+                else:
+                    _log.exception("room timer failed; trying again", timer=key.split(":")[0])
+                try:
+                    await self._timers.schedule(key, now + TIMER_RETRY, payload)
+                except StateUnavailable:
+                    # Claimed, so nobody else has it: kept here until Redis is back.
+                    self._unsaved_timers[key] = payload
         return len(due)
 
     async def _fire(self, key: str, payload: dict[str, Any]) -> None:
@@ -414,7 +519,10 @@ class ConsultRooms:
             )
         await self._broker.publish(participant.consult_id, participant.other, delivery)
 
-    async def _leave(self, participant: Participant, *, grace: bool) -> None:
+    async def _leave(
+        self, participant: Participant, *, grace: bool, left_at: datetime | None = None
+    ) -> None:
+        """``left_at``: when the socket went (default now), if that was a while ago."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         end_at: datetime | None = None
         async with self._store.locked(consult_id) as state:
@@ -423,13 +531,16 @@ class ConsultRooms:
             presence = state.presence(role)
             if presence is None or presence.connection_id != participant.connection_id:
                 return  # a replaced connection, or already gone
+            if not presence.connected and grace:
+                return  # in its grace period already
             now = self._clock.now()
+            left = left_at or now
             if state.phase is RoomPhase.WAITING:
                 state.set_presence(role, None)
                 if role is ParticipantRole.PATIENT:
                     await self._send(consult_id, other, outbound("peer-left", role=role.value))
             elif grace:
-                state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=now))
+                state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
                     _grace_key(consult_id, role),
                     now + timedelta(seconds=self._settings.grace_s),
@@ -449,7 +560,7 @@ class ConsultRooms:
                 await self._send(consult_id, other, outbound("peer-left", role=role.value))
                 # The other one, if in its grace period, ends it when that runs out.
                 if state.presence(other) is None:
-                    end_at = now
+                    end_at = left
         await self._note(participant, "signaling.disconnected", {"grace": grace})
         if self.recording.is_active(consult_id):
             # A participant who drops out stops the recording; coming back
@@ -457,6 +568,87 @@ class ConsultRooms:
             await self._stop_recording(consult_id, StopReason.PARTICIPANT_LEFT)
         if end_at is not None:
             await self.end(consult_id, reason="both_left", at=end_at)
+
+    async def node_lost(self, consult_id: uuid.UUID, node: str, *, last_seen: datetime) -> int:
+        """Another node died: its participants in this room drop out as if
+        their sockets had closed at ``last_seen`` (grace periods start, the
+        others are told). Returns how many participants it held here."""
+        state = await self._store.peek(consult_id)
+        if state is None or state.phase is RoomPhase.OVER:
+            return 0
+        lost = 0
+        for role in ParticipantRole:
+            presence = state.presence(role)
+            if presence is not None and presence.connected and presence.node == node:
+                lost += 1
+                await self._leave(
+                    Participant(consult_id, role, presence.connection_id),
+                    grace=True,
+                    left_at=last_seen,
+                )
+        return lost
+
+    async def reconcile(self) -> int:
+        """Tell the shared state again what this node knows: the disconnects
+        it could not record, and every connection open here (after Redis
+        lost its data, or this node was taken for dead). Returns how many
+        rooms were repaired.
+
+        Raises :class:`StateUnavailable` while Redis is still away; what is
+        left is tried again next time.
+        """
+        for connection_id, (participant, at) in list(self._missed_leaves.items()):
+            await self._leave(participant, grace=True, left_at=at)
+            del self._missed_leaves[connection_id]
+        repaired = 0
+        for participant in list(self._here.values()):
+            if await self._reassert(participant):
+                repaired += 1
+        return repaired
+
+    async def _reassert(self, participant: Participant) -> bool:
+        """Put this node's connection back into its room if the room lost it."""
+        consult_id, role, other = participant.consult_id, participant.role, participant.role.other
+        try:
+            async with self._engine.connect() as conn:
+                consult = await get_consult(conn, consult_id)
+        except NotFound:
+            return False
+        if consult.is_over:
+            await self.end(consult_id, reason="consult_over")
+            return True
+        async with self._store.locked(consult_id, create=True) as state:
+            assert state is not None
+            if state.phase is RoomPhase.OVER or participant.connection_id not in self._here:
+                return False
+            presence = state.presence(role)
+            if presence is not None and presence.connection_id != participant.connection_id:
+                return False  # replaced by a newer connection, elsewhere
+            if (
+                presence is not None
+                and presence.connected
+                and (state.phase is RoomPhase.ACTIVE or consult.started_at is None)
+            ):
+                return False  # nothing lost
+            state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
+            await self._timers.cancel(_grace_key(consult_id, role))
+            if consult.started_at is not None and state.phase is RoomPhase.WAITING:
+                # The room was lost with Redis's data: the record says it runs.
+                state.phase = RoomPhase.ACTIVE
+                await self._timers.schedule(
+                    _max_key(consult_id),
+                    consult.started_at + timedelta(seconds=self._settings.max_duration_s),
+                    {"consult": str(consult_id)},
+                )
+            if state.phase is RoomPhase.ACTIVE and state.present(other):
+                # The other may have been told this one left (its node taken
+                # for dead); an offer more is harmless either way.
+                await self._send(consult_id, other, outbound("peer-rejoined", role=role.value))
+            elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
+                await self._send(
+                    consult_id, other, outbound("patient-waiting", display_name=state.display_name)
+                )
+        return True
 
     async def _grace_over(
         self, consult_id: uuid.UUID, role: ParticipantRole, connection_id: str

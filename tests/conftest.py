@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
+from server.resources import ROOM_TIMER_POLL
 from tests.browser import (
     TWO_CAMERAS,
     WITHOUT_CAMERA,
@@ -122,13 +123,60 @@ async def redis_url() -> str:
     return REDIS_URL
 
 
+# What the tests of a module marked ``signaling_backends`` run on: the two
+# databases with the in-process broker, and PostgreSQL with the Redis broker,
+# room store and timers (as several nodes would).
+WITH_REDIS = "postgresql+redis"
+SIGNALING_BACKENDS = ("sqlite", "postgresql", WITH_REDIS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "signaling_backends: run the module's harness tests on the in-process broker "
+        "(SQLite, PostgreSQL) and on the real Redis",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixture's own params are applied
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "signaling_backends"
+    ):
+        # As a marker, which pytest then treats as the test's own parametrize
+        # (it replaces the fixture's params instead of clashing with them).
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("database_url", SIGNALING_BACKENDS, indirect=True)
+        )
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> str:
-    """Each database test runs twice: on SQLite (empty URL) and on PostgreSQL."""
+    """Each database test runs twice: on SQLite (empty URL) and on PostgreSQL
+    (and, in modules marked ``signaling_backends``, once more with Redis)."""
     if request.param == "sqlite":
         return ""
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+def _backend(request: pytest.FixtureRequest) -> str:
+    callspec = getattr(request.node, "callspec", None)
+    params: dict[str, object] = callspec.params if callspec is not None else {}
+    return str(params.get("database_url", ""))
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own on the real Redis; its keys are deleted afterwards."""
+    prefix = f"vc-test-{secrets.token_hex(6)}"
+    yield prefix
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}:*", count=500):
+            await client.delete(key)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -182,11 +230,28 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def harness(
-    make_settings: SettingsFactory, database_url: str, clock: ManualClock, aiohttp_client: Any
-) -> Harness:
-    """The real app on SQLite and on PostgreSQL, with a manual clock."""
-    app = create_app(make_settings(database_url=database_url), clock=clock)
+def harness_settings(
+    make_settings: SettingsFactory, database_url: str, request: pytest.FixtureRequest
+) -> Settings:
+    """The ``harness``'s settings: its database, and Redis under a prefix of its own
+    when the test runs on Redis."""
+    overrides: dict[str, str] = {"database_url": database_url}
+    if _backend(request) == WITH_REDIS:
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+        overrides["redis_key_prefix"] = request.getfixturevalue("redis_prefix")
+    return make_settings(**overrides)
+
+
+@pytest.fixture
+async def harness(harness_settings: Settings, clock: ManualClock, aiohttp_client: Any) -> Harness:
+    """The real app on SQLite and on PostgreSQL, with a manual clock (and in
+    modules marked ``signaling_backends``, on PostgreSQL and the real Redis).
+
+    ``harness_settings`` comes first: the app stops before Redis keys are deleted."""
+    app = create_app(harness_settings, clock=clock)
+    # The tests move the manual clock and fire the due timers themselves: the
+    # app's own timer task, on Redis, would race them for each timer.
+    app[ROOM_TIMER_POLL] = 3600.0
     client = await aiohttp_client(app)
     return Harness(app, client, clock)
 

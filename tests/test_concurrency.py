@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.harness import Harness, Sockets, new_consult, receive
+
+# Each harness test runs on the in-process broker and on the real Redis.
+pytestmark = pytest.mark.signaling_backends
 
 
 async def test_many_patients_getting_tickets_and_connecting_at_once(

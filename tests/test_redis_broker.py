@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from signaling.broker import Delivery
+from signaling.broker import Delivery, StateUnavailable
 from signaling.protocol import ParticipantRole
 from signaling.redis_broker import RedisBroker, RedisTimers, decode_delivery, encode_delivery
 
@@ -189,7 +189,7 @@ async def test_subscribing_before_start_is_refused(
     nodes: tuple[aioredis.Redis, ...], prefix: str
 ) -> None:
     broker = RedisBroker(nodes[0], prefix=prefix)
-    with pytest.raises(RuntimeError, match="not started"):
+    with pytest.raises(StateUnavailable, match="not started"):
         await broker.subscribe(uuid.uuid4(), ParticipantRole.PATIENT, Recorder().deliver)
     await broker.close()  # closing a broker never started is fine
 

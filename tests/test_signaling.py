@@ -16,6 +16,9 @@ from audit.schema import consults
 from server.app_keys import DB_ENGINE, ROOMS
 from tests.harness import Harness, Sockets, new_consult, receive
 
+# Each harness test runs on the in-process broker and on the real Redis.
+pytestmark = pytest.mark.signaling_backends
+
 OFFER = {"v": 1, "type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\n"}
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from aiohttp import WSMsgType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.harness import Harness, Sockets, new_consult, receive
+
+# Each harness test runs on the in-process broker and on the real Redis.
+pytestmark = pytest.mark.signaling_backends
 
 VICTIM = "__victim_consult__"
 

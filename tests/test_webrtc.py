@@ -20,6 +20,7 @@ import functools
 from collections import Counter
 from typing import Any, TypeVar
 
+import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiortc import (
     MediaStreamTrack,
@@ -33,6 +34,9 @@ from av import VideoFrame
 
 from tests.harness import Harness, Sockets, new_consult, receive
 from tests.test_signaling import consult_row
+
+# Each harness test runs on the in-process broker and on the real Redis.
+pytestmark = pytest.mark.signaling_backends
 
 PeerOrSignaller = TypeVar("PeerOrSignaller", "Peer", "Signaller")
 
