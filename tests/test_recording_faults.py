@@ -133,7 +133,10 @@ def clock() -> ManualClock:
 class ServerProcess:
     """``videoconsult serve`` on the harness's data directory."""
 
-    def __init__(self, data_dir: Path, port: int, log: Path) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, log: Path, settings: dict[str, str] | None = None
+    ) -> None:
+        """``settings``: more settings by their environment name without the prefix."""
         self.port = port
         self.origin = f"http://127.0.0.1:{port}"
         assert EXECUTABLE
@@ -141,7 +144,7 @@ class ServerProcess:
             name.removeprefix("VIDEOCONSULT_").lower(): value
             for name, value in CHEAP_PASSWORD_HASHING.items()
         }
-        env = cli_env(data_dir, **cheap)
+        env = cli_env(data_dir, **cheap, **(settings or {}))
         self._log = log.open("a")
         self.process = subprocess.Popen(
             [EXECUTABLE, "serve", "--port", str(port)],

@@ -199,12 +199,12 @@ def opened(stack: contextlib.AsyncExitStack, item: PeerOrSignaller) -> PeerOrSig
 
 
 async def test_therapist_and_patient_exchange_media_through_our_signaling(
-    sqlite_harness: Harness, sqlite_sockets: Sockets
+    harness: Harness, sockets: Sockets
 ) -> None:
-    setup = await new_consult(sqlite_harness, display_name="Mevr. J.")
-    therapist_socket = await sqlite_sockets.therapist(setup.consult_id)
+    setup = await new_consult(harness, display_name="Mevr. J.")
+    therapist_socket = await sockets.therapist(setup.consult_id)
     await receive(therapist_socket, "welcome")
-    patient_socket = await sqlite_sockets.patient(setup.invite_token)
+    patient_socket = await sockets.patient(setup.invite_token)
     assert (await receive(patient_socket, "welcome"))["state"] == "waiting"
     await receive(therapist_socket, "patient-waiting")
 
@@ -228,12 +228,12 @@ async def test_therapist_and_patient_exchange_media_through_our_signaling(
 
 
 async def test_after_the_patient_reconnects_an_ice_restart_brings_media_back(
-    sqlite_harness: Harness, sqlite_sockets: Sockets
+    harness: Harness, sockets: Sockets
 ) -> None:
-    setup = await new_consult(sqlite_harness)
-    therapist_socket = await sqlite_sockets.therapist(setup.consult_id)
+    setup = await new_consult(harness)
+    therapist_socket = await sockets.therapist(setup.consult_id)
     await receive(therapist_socket, "welcome")
-    patient_socket = await sqlite_sockets.patient(setup.invite_token)
+    patient_socket = await sockets.patient(setup.invite_token)
     await receive(patient_socket, "welcome")
     await receive(therapist_socket, "patient-waiting")
 
@@ -247,7 +247,7 @@ async def test_after_the_patient_reconnects_an_ice_restart_brings_media_back(
         await therapist_signals.expect("peer-joined")
         await therapist_signals.send("offer", sdp=await therapist.offer())
         await all_receive_media(therapist, patient)
-        started_at = (await consult_row(sqlite_harness, setup.consult_id)).started_at
+        started_at = (await consult_row(harness, setup.consult_id)).started_at
         assert started_at is not None
 
         # The patient's page reloads: its socket and its peer connection are gone.
@@ -255,10 +255,10 @@ async def test_after_the_patient_reconnects_an_ice_restart_brings_media_back(
         await patient.close()
         reconnecting = await therapist_signals.expect("peer-reconnecting")
         assert reconnecting["role"] == "patient"
-        sqlite_harness.clock.advance(10)  # well within the grace period
+        harness.clock.advance(10)  # well within the grace period
 
         patient_again = opened(stack, Peer("patient, reconnected"))
-        reconnected_socket = await sqlite_sockets.patient(setup.invite_token)
+        reconnected_socket = await sockets.patient(setup.invite_token)
         patient_signals_again = opened(stack, Signaller(reconnected_socket, patient_again))
         welcome = await patient_signals_again.expect("welcome")
         assert welcome["state"] == "active"
@@ -277,6 +277,6 @@ async def test_after_the_patient_reconnects_an_ice_restart_brings_media_back(
         await all_receive_media(therapist_again, patient_again)
         assert therapist_again.pc.connectionState == "connected"
         assert patient_again.pc.connectionState == "connected"
-        assert (await consult_row(sqlite_harness, setup.consult_id)).started_at == started_at
+        assert (await consult_row(harness, setup.consult_id)).started_at == started_at
         therapist_signals.assert_nothing_unexpected()
         patient_signals_again.assert_nothing_unexpected()
