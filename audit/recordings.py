@@ -199,22 +199,23 @@ async def finish_recording(
     )
 
 
-async def mark_interrupted(conn: AsyncConnection, *, now: datetime) -> list[uuid.UUID]:
-    """Mark every recording still "recording" as incomplete (the server that
-    wrote it stopped without finishing it); return their ids.
+async def mark_interrupted(
+    conn: AsyncConnection, *, now: datetime, consult_id: uuid.UUID | None = None
+) -> list[uuid.UUID]:
+    """Mark every recording still "recording" (of ``consult_id``, if given) as
+    incomplete: the server that wrote it stopped without finishing it; return
+    their ids.
 
-    Run at start-up, before any new recording begins. One node only: with
-    several nodes this would also catch another node's live recordings.
+    Without ``consult_id``, run at start-up before any new recording begins,
+    and on one node only: with several nodes it would also catch another
+    node's live recordings. With it, when the node recording that consult died.
     """
-    ids = list(
-        (
-            await conn.execute(
-                sa.select(recordings.c.id).where(
-                    recordings.c.status == RecordingStatus.RECORDING.value
-                )
-            )
-        ).scalars()
+    query = sa.select(recordings.c.id).where(
+        recordings.c.status == RecordingStatus.RECORDING.value
     )
+    if consult_id is not None:
+        query = query.where(recordings.c.consult_id == consult_id)
+    ids = list((await conn.execute(query)).scalars())
     if ids:
         await conn.execute(
             recordings.update()

@@ -46,6 +46,7 @@ from audit.recordings import (
     FileStore,
     StopReason,
     finish_recording,
+    mark_interrupted,
     start_recording,
 )
 from audit.technical_log import TechnicalLog
@@ -188,6 +189,17 @@ class RecordingControl:
                 raise ProtocolError(
                     ErrorCode.RECORDING_STATE,
                     f"recording is {state.recording.value} already",
+                    ref="record-request",
+                )
+            if state.therapist is not None and state.patient is not None and (
+                state.therapist.node != state.patient.node
+            ):
+                # The recorder runs on one node and takes both pages' media
+                # there, with the consent it saw itself (docs/scaling.md).
+                raise ProtocolError(
+                    ErrorCode.RECORDING_UNAVAILABLE,
+                    "you and the patient are connected to different server nodes; this "
+                    "consult cannot be recorded right now",
                     ref="record-request",
                 )
             if len(self._live) >= self._services.max_concurrent:
@@ -444,6 +456,21 @@ class RecordingControl:
         )
         self._note(consult_id, "recording.failed", {"failure": failure.value, "detail": detail})
         await self.stop(consult_id, reason)
+
+    async def node_lost(self, consult_id: uuid.UUID, *, now: datetime) -> bool:
+        """The node that recorded this consult (or was about to) died: the
+        recording is off, its row incomplete, and whoever is left is told.
+        Returns whether there was one."""
+        async with self._store.locked(consult_id) as state:
+            if state is None or state.recording is RecordingPhase.OFF:
+                return False
+            state.recording = RecordingPhase.OFF
+            self._questions.pop(consult_id, None)
+            async with self._engine.begin() as conn:
+                await mark_interrupted(conn, now=now, consult_id=consult_id)
+            await self._announce(consult_id, "off", reason=StopReason.SERVER_RESTART.value)
+        self._note(consult_id, "recording.node_lost")
+        return True
 
     async def _announce(self, consult_id: uuid.UUID, state: str, **fields: Any) -> None:
         message = outbound("recording", state=state, **fields)

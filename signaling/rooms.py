@@ -586,6 +586,9 @@ class ConsultRooms:
                     grace=True,
                     left_at=last_seen,
                 )
+        if lost:
+            # A recording runs on its participants' node: it died with it.
+            await self.recording.node_lost(consult_id, now=self._clock.now())
         return lost
 
     async def reconcile(self) -> int:

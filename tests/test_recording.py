@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fractions
 import io
 import itertools
@@ -32,10 +33,11 @@ from av import AudioFrame, VideoFrame
 
 from audit.clock import ManualClock
 from audit.filestore import Truncated
-from audit.recordings import FileStore, data_key_of, plaintext
+from audit.recordings import FileStore, data_key_of, plaintext, start_recording
 from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
+from signaling.broker import RecordingPhase
 from signaling.protocol import ParticipantRole
 from signaling.recorder import (
     ConsultRecorder,
@@ -682,3 +684,63 @@ def test_frames_keep_their_spacing_but_count_from_the_start() -> None:
     frame = AudioFrame(format="s16", layout="mono", samples=960)
     frame.pts, frame.time_base = base, fractions.Fraction(1, 48000)
     assert track._rebased(frame).pts == rebased[-1] + 1
+
+
+async def on_nodes(harness: Harness, consult_id: str, *, therapist: str, patient: str) -> None:
+    """Make the room say its participants are connected to these nodes (as
+    they would be with several nodes sharing Redis)."""
+    async with harness.app[ROOMS]._store.locked(uuid.UUID(consult_id)) as state:
+        assert state is not None
+        assert state.therapist is not None
+        assert state.patient is not None
+        state.therapist = dataclasses.replace(state.therapist, node=therapist)
+        state.patient = dataclasses.replace(state.patient, node=patient)
+
+
+async def test_participants_on_two_server_nodes_cannot_be_recorded(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await on_nodes(sqlite_harness, call.setup.consult_id, therapist="", patient="node-b")
+        await call.therapist.send("record-request")
+        error = await call.therapist.expect("error")
+        assert error["code"] == "recording_unavailable"
+        assert "different server nodes" in error["message"]
+        call.patient.assert_nothing_unexpected()
+
+
+async def test_a_recording_on_a_node_that_died_is_marked_incomplete_and_the_other_is_told(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    rooms = sqlite_harness.app[ROOMS]
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        consult_id = uuid.UUID(call.setup.consult_id)
+        # As it stands in Redis when the node recording this consult dies:
+        # the phase "on", the row "recording", both participants on that node.
+        async with sqlite_harness.app[DB_ENGINE].begin() as conn:
+            recording, writer = await start_recording(
+                conn,
+                FileStore(sqlite_harness.app[DATA_DIR] / "recordings"),
+                sqlite_harness.app[MASTER_KEY].key,
+                consult_id,
+                now=sqlite_harness.clock.now(),
+            )
+        writer.write(b"media before the node died")
+        writer.write_pending()
+        async with rooms._store.locked(consult_id) as state:
+            assert state is not None
+            state.recording = RecordingPhase.ON
+        await on_nodes(sqlite_harness, call.setup.consult_id, therapist="", patient="dead")
+
+        assert await rooms.node_lost(consult_id, "dead", last_seen=sqlite_harness.clock.now()) == 1
+        reconnecting = await call.therapist.expect("peer-reconnecting")
+        assert reconnecting["role"] == "patient"
+        off = await expect_recording(call.therapist, "off")
+        assert off["reason"] == "server_restart"
+        # Another node's sweep finds nothing more to do.
+        assert await rooms.node_lost(consult_id, "dead", last_seen=sqlite_harness.clock.now()) == 0
+    row = await recording_row(sqlite_harness)
+    assert row.id == recording.id
+    assert (row.status, row.stop_reason) == ("incomplete", "server_restart")
