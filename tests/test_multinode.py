@@ -23,15 +23,17 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyotp
 import pytest
 import sqlalchemy as sa
 from aiohttp import ClientSession, ClientWebSocketResponse
 
 from audit.clock import ManualClock
+from audit.roles import Role
 from audit.schema import consults
 from server import create_app
 from server.app_keys import DB_ENGINE
@@ -413,3 +415,65 @@ async def test_redis_restarting_mid_consult_degrades_and_recovers(
     assert node_a.process.poll() is None
     assert node_b.process.poll() is None
     assert "Traceback" not in cluster.log_text()
+
+
+async def test_logins_lockouts_sessions_and_codes_hold_across_nodes(cluster: Cluster) -> None:
+    """Spreading attempts over nodes gains an attacker nothing: every node
+    keeps these in the one shared database (docs/scaling.md says why there
+    and not in Redis)."""
+    harness = cluster.harness
+    who = await harness.professional("therapist@praktijk-noord.example", Role.THERAPIST)
+    node_a, node_b = cluster.start("a"), cluster.start("b")
+    await started(node_a, node_b)
+
+    def login_body(password: str, moment: datetime) -> dict[str, str]:
+        return {"email": who.email, "password": password, "code": pyotp.TOTP(who.secret).at(moment)}
+
+    async def post(http: ClientSession, node: ServerProcess, path: str, body: Any) -> Any:
+        async with http.post(
+            f"{node.origin}{path}", json=body, headers={"Origin": node.origin}
+        ) as r:
+            return r.status, await r.json() if r.content_type == "application/json" else None
+
+    # Enrolment used the current TOTP step: the next one is good (one step of drift).
+    step = datetime.now(UTC) + timedelta(seconds=30)
+    async with ClientSession() as first, ClientSession() as second:
+        async with first.post(
+            f"{node_a.origin}/api/login",
+            json=login_body(who.password, step),
+            headers={"Origin": node_a.origin},
+        ) as answer:
+            assert answer.status == 200, await answer.text()
+            cookie = answer.cookies["vc_session"].value
+        # The same code again, on the other node: a replay, refused.
+        status, body = await post(second, node_b, "/api/login", login_body(who.password, step))
+        assert (status, body["error"]["code"]) == (401, "login_failed")
+        # The session made on A is good on B; ended on B, it is gone on A.
+        for node in (node_b, node_a):
+            async with second.get(
+                f"{node.origin}/api/session", headers={"Cookie": f"vc_session={cookie}"}
+            ) as answer:
+                assert answer.status == 200
+        async with second.post(
+            f"{node_b.origin}/api/logout",
+            headers={"Origin": node_b.origin, "Cookie": f"vc_session={cookie}"},
+        ) as answer:
+            assert answer.status == 204
+        async with second.get(
+            f"{node_a.origin}/api/session", headers={"Cookie": f"vc_session={cookie}"}
+        ) as answer:
+            assert answer.status == 401
+
+    # Failed logins spread over both nodes lock the account on both. The
+    # replayed code above was the first failure; four more make five
+    # (accounts.max_failures).
+    async with ClientSession() as attacker:
+        for attempt in range(4):
+            node = (node_a, node_b)[attempt % 2]
+            status, _ = await post(attacker, node, "/api/login", login_body("wrong", step))
+            assert status == 401
+        for node in (node_a, node_b):
+            status, body = await post(
+                attacker, node, "/api/login", login_body(who.password, step + timedelta(seconds=30))
+            )
+            assert (status, body["error"]["code"]) == (429, "login_locked")
