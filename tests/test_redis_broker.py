@@ -1,4 +1,5 @@
-"""The Redis broker and timers against the real Redis, as two nodes would use them.
+"""The Redis broker, timers, room store and heartbeats against the real Redis,
+as two nodes would use them.
 
 Each test works under a prefix of its own and deletes its keys afterwards.
 Two clients stand for two server nodes: what one publishes or schedules,
@@ -8,6 +9,7 @@ the other receives or claims.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,9 +18,26 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from signaling.broker import Delivery, StateUnavailable
+from signaling.broker import (
+    Delivery,
+    Link,
+    Presence,
+    RecordingPhase,
+    RoomPhase,
+    RoomState,
+    StateUnavailable,
+)
 from signaling.protocol import ParticipantRole
-from signaling.redis_broker import RedisBroker, RedisTimers, decode_delivery, encode_delivery
+from signaling.redis_broker import (
+    RedisBroker,
+    RedisNodes,
+    RedisRoomStore,
+    RedisTimers,
+    decode_delivery,
+    decode_room_state,
+    encode_delivery,
+    encode_room_state,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -297,3 +316,212 @@ async def test_nodes_claiming_at_once_get_each_timer_exactly_once(
     assert set(everything) == {f"timer-{n}" for n in range(500)}  # none lost
     for key in one.keys:
         assert await nodes[0].exists(key) == 0
+
+
+# The room store.
+
+
+def stores(
+    nodes: tuple[aioredis.Redis, ...], prefix: str, **options: float
+) -> tuple[RedisRoomStore, RedisRoomStore]:
+    first, second = (
+        RedisRoomStore(client, prefix=prefix, state_ttl=timedelta(hours=1), **options)
+        for client in nodes
+    )
+    return first, second
+
+
+def sample_state() -> RoomState:
+    return RoomState(
+        phase=RoomPhase.ACTIVE,
+        therapist=Presence("t-1", node="node-a"),
+        patient=Presence(
+            "p-1", link=Link.RECONNECTING, left_at=NOW + timedelta(seconds=3), node="node-b"
+        ),
+        display_name='Mevr. J. \u00e9\u00e8 "quoted"',
+        recording=RecordingPhase.REQUESTED,
+        keep_until=NOW + timedelta(days=3),
+    )
+
+
+def test_room_state_survives_the_round_trip_and_garbage_is_refused() -> None:
+    state = sample_state()
+    assert decode_room_state(encode_room_state(state)) == state
+    assert decode_room_state(encode_room_state(RoomState())) == RoomState()
+    for garbage in (
+        "[]",
+        '{"phase": "dancing"}',
+        '{"phase": "active", "therapist": {"connection": 7, "link": "connected"}}',
+        '{"phase": "active", "patient": {"connection": "p", "link": "gone"}}',
+        '{"phase": "active", "display_name": 3}',
+        '{"phase": "active", "keep_until": "2026-11-23T09:00:00"}',  # no time zone
+    ):
+        with pytest.raises(ValueError):  # noqa: PT011 - each is a different problem
+            decode_room_state(garbage)
+
+
+async def test_a_room_changed_on_one_node_is_seen_on_the_other(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    first, second = stores(nodes, prefix)
+    consult = uuid.uuid4()
+    async with first.locked(consult) as missing:
+        assert missing is None  # not made without create=True
+    assert await second.peek(consult) is None
+    async with first.locked(consult, create=True) as state:
+        assert state == RoomState()
+        assert state is not None
+        state.phase = RoomPhase.ACTIVE
+        state.therapist = Presence("t-1", node="node-a")
+    seen = await second.peek(consult)
+    assert seen is not None
+    assert (seen.phase, seen.therapist) == (RoomPhase.ACTIVE, Presence("t-1", node="node-a"))
+    assert await first.consult_ids() == [consult]
+    await second.forget(consult)
+    assert await first.peek(consult) is None
+    assert await first.consult_ids() == []
+
+
+async def test_a_change_that_fails_is_not_saved_and_frees_the_lock(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    first, second = stores(nodes, prefix)
+    consult = uuid.uuid4()
+
+    async def change_half_way() -> None:
+        async with first.locked(consult, create=True) as state:
+            assert state is not None
+            state.phase = RoomPhase.OVER
+            raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        await change_half_way()
+    assert await second.peek(consult) is None
+    async with asyncio.timeout(1):  # the lock was released at once, not left to expire
+        async with second.locked(consult, create=True) as state:
+            assert state is not None
+
+
+async def test_two_nodes_never_change_one_room_at_the_same_time(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    first, second = stores(nodes, prefix)
+    consult = uuid.uuid4()
+    async with first.locked(consult, create=True) as state:
+        assert state is not None
+        state.display_name = "0"
+
+    async def bump(store: RedisRoomStore) -> None:
+        async with store.locked(consult) as state:
+            assert state is not None
+            value = int(state.display_name or "0")
+            await asyncio.sleep(0.001)  # a read-modify-write with a gap in it
+            state.display_name = str(value + 1)
+
+    await asyncio.gather(*(bump(store) for _ in range(20) for store in (first, second)))
+    state = await first.peek(consult)
+    assert state is not None
+    assert state.display_name == "40"  # no increment lost
+
+
+async def test_a_holder_that_outlived_its_lock_saves_nothing(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    slow, fast = stores(nodes, prefix, lock_ttl_s=0.2)
+    consult = uuid.uuid4()
+
+    async def stall() -> None:
+        async with slow.locked(consult, create=True) as state:
+            assert state is not None
+            state.display_name = "stale"
+            await asyncio.sleep(0.3)  # the lock expires; another node moves in
+            async with fast.locked(consult, create=True) as newer:
+                assert newer is not None
+                newer.display_name = "newer"
+
+    with pytest.raises(StateUnavailable, match="lock ran out"):
+        await stall()
+    state = await fast.peek(consult)
+    assert state is not None
+    assert state.display_name == "newer"
+
+
+async def test_a_room_locked_too_long_is_reported_not_waited_for_forever(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    holder, waiter = stores(nodes, prefix, lock_wait_s=0.2)
+    consult = uuid.uuid4()
+    async with holder.locked(consult, create=True):
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable, match="stayed locked"):
+            async with waiter.locked(consult, create=True):
+                pass
+        assert time.monotonic() - started < 1
+
+
+async def test_room_states_expire_and_a_booked_room_lives_until_its_time(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    store, _other = stores(nodes, prefix)
+    plain, booked = uuid.uuid4(), uuid.uuid4()
+    async with store.locked(plain, create=True):
+        pass
+    async with store.locked(booked, create=True) as state:
+        assert state is not None
+        state.keep_until = datetime.now(UTC) + timedelta(days=7)
+    client = nodes[0]
+    plain_ttl = await client.pttl(store.state_key(plain))
+    booked_ttl = await client.pttl(store.state_key(booked))
+    assert 3_500_000 < plain_ttl <= 3_600_000  # state_ttl: an hour
+    assert booked_ttl > 7 * 86_400_000  # a week, plus that hour
+
+
+async def test_while_redis_is_away_peek_answers_from_what_this_node_saw(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    store, _other = stores(nodes, prefix)
+    consult, unseen = uuid.uuid4(), uuid.uuid4()
+    async with store.locked(consult, create=True) as state:
+        assert state is not None
+        state.phase = RoomPhase.ACTIVE
+    away = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        cut_off = RedisRoomStore(away, prefix=prefix, state_ttl=timedelta(hours=1))
+        cut_off._seen = store._seen  # the same node's memory, its Redis gone
+        seen = await cut_off.peek(consult)
+        assert seen is not None
+        assert seen.phase is RoomPhase.ACTIVE
+        with pytest.raises(StateUnavailable, match="unreachable"):
+            await cut_off.peek(unseen)
+        with pytest.raises(StateUnavailable, match="unreachable"):
+            async with cut_off.locked(consult):
+                pass
+    finally:
+        await away.aclose()
+
+
+# Node heartbeats.
+
+
+async def test_a_silent_node_is_claimed_dead_by_exactly_one_other(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    after = timedelta(seconds=5)
+    a, b, c = (
+        RedisNodes(client, prefix=prefix, node_id=name, dead_after=after)
+        for client, name in ((nodes[0], "a"), (nodes[1], "b"), (nodes[0], "c"))
+    )
+    assert await a.beat(NOW) is True  # new to Redis
+    assert await a.beat(NOW) is False
+    await b.beat(NOW)
+    await c.beat(NOW)
+    later = NOW + timedelta(seconds=6)
+    await b.beat(later)
+    await c.beat(later)
+    claims = await asyncio.gather(b.claim_dead(later), c.claim_dead(later))
+    assert sorted(claim for found in claims for claim in found) == [("a", NOW)]
+    # The node itself, silent too long, is never its own claim; its next beat
+    # puts it back and says so.
+    much_later = later + timedelta(seconds=60)
+    assert await b.claim_dead(much_later) == [("c", later)]
+    assert await a.beat(much_later) is True
