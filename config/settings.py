@@ -44,6 +44,8 @@ CONFIG_FILE_ENV = "VIDEOCONSULT_CONFIG_FILE"
 RESERVED_ENV = frozenset({CONFIG_FILE_ENV})
 RESERVED_ENV_PREFIXES = ("VIDEOCONSULT_TEST_",)
 MASTER_KEY_BYTES = 32
+# A shorter bearer token for /metrics could be guessed.
+METRICS_TOKEN_MIN_CHARS = 16
 
 
 class SettingsError(ValueError):
@@ -59,6 +61,21 @@ class Mode(enum.Enum):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """Parse a comma-separated list of addresses or networks ("10.0.0.0/8, ::1");
+    raise ValueError naming the first part that is neither."""
+    networks: list[Network] = []
+    for part in filter(None, (item.strip() for item in value.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an address or network") from None
+    return tuple(networks)
 
 
 class ServerSettings(_Section):
@@ -92,17 +109,12 @@ class ServerSettings(_Section):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
-        for part in filter(None, (item.strip() for item in value.split(","))):
-            try:
-                ipaddress.ip_network(part, strict=False)
-            except ValueError:
-                raise ValueError(f"{part!r} is not an address or network") from None
+        parse_networks(value)
         return value
 
     @property
-    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        parts = filter(None, (item.strip() for item in self.trusted_proxies.split(",")))
-        return tuple(ipaddress.ip_network(part, strict=False) for part in parts)
+    def trusted_proxy_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
 
     @property
     def public_origin(self) -> str | None:
@@ -273,6 +285,33 @@ class RecordingSettings(_Section):
     max_concurrent: int = Field(ge=1, le=1000)
 
 
+class MetricsSettings(_Section):
+    enabled: bool
+    allowed_networks: str
+    token: SecretStr
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr) -> SecretStr:
+        raw = token.get_secret_value()
+        if raw and (len(raw) < METRICS_TOKEN_MIN_CHARS or raw != raw.strip()):
+            raise ValueError(
+                f"must be empty or at least {METRICS_TOKEN_MIN_CHARS} characters "
+                "without surrounding spaces"
+            )
+        return token
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.allowed_networks)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["auto", "json", "console"]
@@ -292,6 +331,7 @@ class Settings(_Section):
     signaling: SignalingSettings
     turn: TurnSettings
     recording: RecordingSettings
+    metrics: MetricsSettings
     logging: LoggingSettings
 
     @field_validator("data_dir", mode="before")
@@ -494,5 +534,6 @@ def _describe(err: ValidationError, values: Mapping[str, _Value]) -> str:
     if loc not in values:
         return f"invalid setting {loc}: {message} (missing from {DEFAULTS_FILE.name}?)"
     origin = values[loc]
-    shown = "(hidden)" if "key" in loc or "secret" in loc else repr(_hide_password(origin.value))
+    hidden = any(word in loc for word in ("key", "secret", "token"))
+    shown = "(hidden)" if hidden else repr(_hide_password(origin.value))
     return f"invalid setting {loc} = {shown} from {origin.source}: {message}"

@@ -16,10 +16,18 @@ from server.api import (
     support_views,
 )
 from server.api.errors import error_middleware
-from server.app_keys import CLOCK, PASSWORD_HASHER, SETTINGS, THERAPIST_SOCKETS, WEBSOCKETS
+from server.app_keys import (
+    CLOCK,
+    METRICS,
+    PASSWORD_HASHER,
+    SETTINGS,
+    THERAPIST_SOCKETS,
+    WEBSOCKETS,
+)
 from server.auth.passwords import PasswordHasher
 from server.background import background_task
 from server.housekeeping import run_housekeeping, run_retention_purge
+from server.metrics import Metrics
 from server.resources import (
     data_dir_context,
     database_context,
@@ -49,6 +57,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app[PASSWORD_HASHER] = PasswordHasher(settings.accounts)
     app[WEBSOCKETS] = set()
     app[THERAPIST_SOCKETS] = {}
+    # Counted whether or not /metrics is served: the edge never asks.
+    app[METRICS] = Metrics()
     app.on_response_prepare.append(add_security_headers)
     setup_resources(app)
     setup_routes(app)
@@ -80,6 +90,8 @@ def setup_resources(app: web.Application) -> None:
 def setup_routes(app: web.Application) -> None:
     """Attach every route of the application."""
     app.router.add_routes(health.routes)
+    if app[SETTINGS].metrics.enabled:
+        app.router.add_routes(health.metrics_routes)
     app.router.add_routes(pages.routes)
     pages.setup_static(app)
     app.router.add_routes(auth_views.routes)

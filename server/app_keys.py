@@ -16,6 +16,7 @@ from audit.keys import MasterKey
 from audit.technical_log import TechnicalLog
 from config import Settings
 from server.auth.passwords import PasswordHasher
+from server.metrics import Metrics
 from signaling.rooms import ConsultRooms
 from signaling.tickets import TicketStore
 
@@ -41,3 +42,5 @@ THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKe
 )
 # The technical log's sink: connection diagnostics, kept 24 hours.
 TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)
+# This node's Prometheus metrics, in a registry of the app's own.
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,16 +1,26 @@
-"""Liveness and readiness: ``/healthz`` and ``/readyz``."""
+"""Operations endpoints: liveness (``/healthz``), readiness (``/readyz``) and
+this node's Prometheus metrics (``/metrics``, in :data:`metrics_routes`, served
+when ``metrics.enabled``)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from audit import DatabaseUnavailable, check_connection
-from server.app_keys import DB_ENGINE, REDIS, SETTINGS
+from config.settings import Network
+from server.api.errors import Forbidden
+from server.app_keys import DB_ENGINE, METRICS, REDIS, ROOMS, SETTINGS
 
 routes = web.RouteTableDef()
+metrics_routes = web.RouteTableDef()
+# Headers with which a proxy says it passed a request on.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 @routes.get("/healthz")
@@ -58,3 +68,54 @@ async def _check_redis(app: web.Application, checks: dict[str, str]) -> bool:
         return False
     checks["redis"] = "ok"
     return True
+
+
+@metrics_routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """This node's metrics in the Prometheus text format, for clients in
+    ``metrics.allowed_networks`` or with ``metrics.token``; 403 for others."""
+    if not scrape_allowed(request):
+        # Without saying why: a scanner learns nothing of the networks or the token.
+        raise Forbidden("not allowed")
+    app = request.app
+    body = await app[METRICS].render(app[ROOMS], app[REDIS])
+    return web.Response(
+        body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"}
+    )
+
+
+def scrape_allowed(request: web.Request) -> bool:
+    """Whether the request carries the metrics token, or comes straight from
+    an allowed network."""
+    settings = request.app[SETTINGS].metrics
+    token = settings.token.get_secret_value()
+    if token and _bearer_matches(request, token):
+        return True
+    # The direct peer counts, never X-Forwarded-For: a reverse proxy inside
+    # the allowed networks (often on loopback, next to the server) passes on
+    # anyone's request, and X-Forwarded-For says whatever the client wrote.
+    # A request that says it was passed on therefore gets in by the token only.
+    if any(name in request.headers for name in FORWARDING_HEADERS):
+        return False
+    return _within(request.remote, settings.networks)
+
+
+def _bearer_matches(request: web.Request, token: str) -> bool:
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # Constant time, so the token cannot be guessed a character at a time.
+    return hmac.compare_digest(
+        presented.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    )
+
+
+def _within(remote: str | None, networks: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False  # a Unix socket, or no peer at all
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
