@@ -210,9 +210,7 @@ async def mark_interrupted(
     and on one node only: with several nodes it would also catch another
     node's live recordings. With it, when the node recording that consult died.
     """
-    query = sa.select(recordings.c.id).where(
-        recordings.c.status == RecordingStatus.RECORDING.value
-    )
+    query = sa.select(recordings.c.id).where(recordings.c.status == RecordingStatus.RECORDING.value)
     if consult_id is not None:
         query = query.where(recordings.c.consult_id == consult_id)
     ids = list((await conn.execute(query)).scalars())

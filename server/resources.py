@@ -45,7 +45,7 @@ from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
 from signaling.redis_broker import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
 from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings
-from signaling.tickets import InProcessTicketStore
+from signaling.tickets import InProcessTicketStore, RedisTicketStore
 
 _log = structlog.get_logger("videoconsult.server")
 
@@ -204,7 +204,7 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
         )
         broker, store = cluster[0], cluster[2]
         timers = RedisTimers(client, prefix=prefix)
-        app[TICKETS] = InProcessTicketStore()
+        app[TICKETS] = RedisTicketStore(client, prefix=prefix)
     app[ROOMS] = ConsultRooms(
         engine=app[DB_ENGINE],
         clock=app[CLOCK],

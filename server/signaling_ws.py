@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
+from redis.exceptions import RedisError
 
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.errors import NotFound
@@ -36,6 +37,7 @@ from audit.sessions import Session, live_sessions
 from server.app_keys import (
     CLOCK,
     DB_ENGINE,
+    METRICS,
     ROOMS,
     SETTINGS,
     TECHNICAL_LOG,
@@ -45,9 +47,10 @@ from server.app_keys import (
 from server.auth.sessions import authenticate
 from server.web_security import client_address, expected_origin
 from server.websockets import tracked_websocket
-from signaling.broker import Delivery
+from signaling.broker import Delivery, StateUnavailable
 from signaling.protocol import (
     MAX_FRAME_BYTES,
+    RELAYED,
     ErrorCode,
     ParticipantRole,
     ProtocolError,
@@ -83,11 +86,13 @@ class _Refused(Exception):
 async def signaling_socket(request: web.Request) -> web.StreamResponse:
     """Open the signaling socket of one participant of one consult."""
     technical = request.app[TECHNICAL_LOG].log
+    metrics = request.app[METRICS]
     address = client_address(request)
     user_agent = request.headers.get("User-Agent", "")[:300]
     try:
         participant, session = await _admit_connection(request)
     except _Refused as refused:
+        metrics.record_refused(refused.code)
         # For support: why a patient's browser could not get in (24 hours).
         technical.info(
             "signaling.refused", reason=refused.code, address=address, user_agent=user_agent
@@ -123,9 +128,25 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
                 participant, ice_servers=servers, deliver=outbox.deliver
             )
         except RoomClosed:
+            metrics.record_refused("consult_over")
             await websocket.send_json(outbound("consult-ended", reason="consult_over"))
             await websocket.close(code=CLOSE_ENDED)
             return websocket
+        except StateUnavailable:
+            metrics.record_refused("unavailable")
+            metrics.record_error(ErrorCode.UNAVAILABLE)
+            # Redis is away: the client's usual reconnect tries again shortly.
+            await websocket.send_json(
+                error_message(
+                    ProtocolError(
+                        ErrorCode.UNAVAILABLE,
+                        "the server cannot open the consult right now; trying again",
+                    )
+                )
+            )
+            await websocket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"try again")
+            return websocket
+        metrics.record_opened(participant.role)
         try:
             async with _registered(request, websocket, session):
                 await outbox.open(first)
@@ -146,7 +167,12 @@ async def _admit_connection(request: web.Request) -> tuple[Participant, Session 
     connection_id = secrets.token_urlsafe(12)
     ticket = request.query.get("ticket")
     if ticket is not None:
-        grant = await app[TICKETS].claim(ticket[:100], now=app[CLOCK].now())
+        try:
+            grant = await app[TICKETS].claim(ticket[:100], now=app[CLOCK].now())
+        except (StateUnavailable, RedisError):
+            raise _Refused(
+                503, "unavailable", "the server cannot check the ticket right now; try again"
+            ) from None
         if grant is None:
             raise _Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
         try:
@@ -182,12 +208,14 @@ async def _read(
     participant: Participant,
 ) -> None:
     rooms = request.app[ROOMS]
+    metrics = request.app[METRICS]
     limits = request.app[SETTINGS].signaling
     bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
     refused_in_a_row = 0
     async for frame in websocket:
+        received = time.monotonic()
         try:
-            if not bucket.allow(time.monotonic()):
+            if not bucket.allow(received):
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, "too many messages; this one was dropped"
                 )
@@ -203,7 +231,10 @@ async def _read(
                 await outbox.close(WSCloseCode.POLICY_VIOLATION, b"too many refused messages")
                 return
             outbox.send(error_message(err))
+            metrics.record_error(err.code)
             continue
+        if message.type in RELAYED:
+            metrics.record_relayed(message.type, time.monotonic() - received)
         refused_in_a_row = 0
         for reply in replies:
             outbox.send(reply)

@@ -191,8 +191,10 @@ class RecordingControl:
                     f"recording is {state.recording.value} already",
                     ref="record-request",
                 )
-            if state.therapist is not None and state.patient is not None and (
-                state.therapist.node != state.patient.node
+            if (
+                state.therapist is not None
+                and state.patient is not None
+                and (state.therapist.node != state.patient.node)
             ):
                 # The recorder runs on one node and takes both pages' media
                 # there, with the consent it saw itself (docs/scaling.md).

@@ -132,17 +132,23 @@ async def therapist_socket(
 
 
 async def patient_socket(
-    http: ClientSession, node: ServerProcess, setup: ConsultSetup
+    http: ClientSession,
+    node: ServerProcess,
+    setup: ConsultSetup,
+    *,
+    ticket_from: ServerProcess | None = None,
 ) -> ClientWebSocketResponse:
-    headers = {"Origin": node.origin}
+    issuer = ticket_from or node
     async with http.post(
-        f"{node.origin}/api/invites/{setup.invite_token}/ticket",
+        f"{issuer.origin}/api/invites/{setup.invite_token}/ticket",
         json={"consent": True},
-        headers=headers,
+        headers={"Origin": issuer.origin},
     ) as answer:
         assert answer.status == 200, await answer.text()
         ticket = (await answer.json())["ticket"]
-    return await http.ws_connect(f"{node.origin}/ws?ticket={ticket}", headers=headers)
+    return await http.ws_connect(
+        f"{node.origin}/ws?ticket={ticket}", headers={"Origin": node.origin}
+    )
 
 
 async def consult_rows(harness: Harness) -> list[sa.Row[Any]]:
@@ -160,10 +166,11 @@ async def test_a_consult_across_two_nodes_survives_the_death_of_one(cluster: Clu
     async with contextlib.AsyncExitStack() as stack:
         therapist_http = await stack.enter_async_context(ClientSession())
         patient_http = await stack.enter_async_context(ClientSession())
-        # The therapist on node A, the patient on node B.
+        # The therapist on node A, the patient on node B (with a ticket made
+        # on node A: the page may get it through another node than its socket).
         t_socket = await therapist_socket(therapist_http, node_a, setup, cookie)
         await receive(t_socket, "welcome")
-        p_socket = await patient_socket(patient_http, node_b, setup)
+        p_socket = await patient_socket(patient_http, node_b, setup, ticket_from=node_a)
         assert (await receive(p_socket, "welcome"))["state"] == "waiting"
         await receive(t_socket, "patient-waiting")  # from B to A, through Redis
 
@@ -328,6 +335,18 @@ async def until(condition: Any, *, timeout_s: float, what: str) -> Any:
         await asyncio.sleep(0.2)
 
 
+async def receive_after_rejoins(
+    socket: ClientWebSocketResponse, kind: str, *, timeout_s: float = 5
+) -> Any:
+    """The next message of ``kind``, past any ``peer-rejoined``: after Redis
+    lost its data the nodes put the rooms back, and say so (docs/scaling.md)."""
+    while True:
+        message = await socket.receive_json(timeout=timeout_s)
+        if message["type"] != "peer-rejoined":
+            assert message["type"] == kind, message
+            return message
+
+
 async def test_redis_restarting_mid_consult_degrades_and_recovers(
     cluster: Cluster, private_redis: PrivateRedis
 ) -> None:
@@ -377,6 +396,19 @@ async def test_redis_restarting_mid_consult_degrades_and_recovers(
         await across_t.send_json(offer)
         refused = await receive(across_t, "error")
         assert (refused["code"], refused["ref"]) == ("unavailable", "offer")
+        # No new tickets, no new sockets meanwhile: a clear "try again".
+        async with sessions[3].post(
+            f"{node_a.origin}/api/invites/{across.invite_token}/ticket",
+            json={"consent": True},
+            headers={"Origin": node_a.origin},
+        ) as answer:
+            assert answer.status == 503
+            assert (await answer.json())["error"]["code"] == "unavailable"
+            assert answer.headers["Retry-After"] == "2"
+        late = await therapist_socket(sessions[0], node_b, local, cookie)
+        assert (await receive(late, "error"))["code"] == "unavailable"
+        await late.receive()
+        assert late.close_code == 1013  # try again later: the page retries by itself
 
         # Redis comes back, empty (it keeps nothing on disk): the nodes tell it
         # again who is connected where, and the consult across nodes relays again.
@@ -385,7 +417,7 @@ async def test_redis_restarting_mid_consult_degrades_and_recovers(
         async def relayed_across() -> bool:
             await across_t.send_json(offer)
             try:
-                got = await receive(across_p, "offer", timeout_s=1)
+                got = await receive_after_rejoins(across_p, "offer", timeout_s=1)
             except TimeoutError:
                 # The refusal went to the therapist's socket: drop it and retry.
                 with contextlib.suppress(TimeoutError):
@@ -400,7 +432,7 @@ async def test_redis_restarting_mid_consult_degrades_and_recovers(
         status, body = await asyncio.to_thread(ready, node_a)
         assert status == 200, body
         await local_t.send_json(offer)
-        assert (await receive(local_p, "offer"))["sdp"] == offer["sdp"]
+        assert (await receive_after_rejoins(local_p, "offer"))["sdp"] == offer["sdp"]
 
         for t, p in pairs:
             await t.send_json({"v": 1, "type": "end"})

@@ -11,7 +11,9 @@
      └── TooManyRequests   429   with Retry-After
 
 Domain errors from :mod:`audit` are translated here too (NotFound → 404,
-Conflict → 409, InvalidValue → 422), so views raise whichever is natural.
+Conflict → 409, InvalidValue → 422), so views raise whichever is natural,
+and so is Redis being away (several nodes): 503 ``unavailable`` with
+Retry-After, never a 500.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from audit import errors as audit_errors
 from server.access_log import route_template
+from signaling.broker import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Retry-After of a 503 while Redis is away.
+UNAVAILABLE_RETRY_S = 2
 
 
 class ApiError(Exception):
@@ -115,6 +122,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(409, "conflict", str(err))
     except audit_errors.InvalidValue as err:
         return error_response(422, "invalid_field", str(err))
+    except (StateUnavailable, RedisError) as err:
+        # By type only: the shared state of several nodes is away for now.
+        _log.warning(
+            "shared state unavailable", route=route_template(request), error=type(err).__name__
+        )
+        return error_response(
+            503,
+            "unavailable",
+            "The service cannot do this right now. Try again in a moment.",
+            {"Retry-After": str(UNAVAILABLE_RETRY_S)},
+        )
     except web.HTTPException as err:
         if err.status < 400:
             raise
