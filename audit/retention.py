@@ -18,7 +18,9 @@ What has passed its organisation's retention is deleted, irreversibly:
 
 Only one node purges at a time: on PostgreSQL the purge takes a
 transaction-level advisory lock and skips when another node holds it; on
-SQLite transactions are serial anyway.
+SQLite transactions are serial anyway. (With Redis, the server's purge job
+also takes a Redis lock first, so that the other nodes skip without
+opening a transaction: :func:`server.housekeeping.retention_round`.)
 """
 
 from __future__ import annotations

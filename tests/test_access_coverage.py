@@ -33,6 +33,7 @@ NOT_PERSONAL = {
     ("GET", "/support"): "a static page; its script asks the API",
     ("GET", "/healthz"): "liveness only",
     ("GET", "/readyz"): "readiness only, a fixed vocabulary of reasons",
+    ("GET", "/metrics"): "counts under fixed labels only (docs/metrics.md), no personal data",
     ("POST", "/api/logout"): "answers nothing",
     ("POST", "/api/session/touch"): "answers nothing (204)",
     ("GET", "/api/invites/{token}"): "whether the link works; nothing about anyone",

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -50,9 +51,13 @@ async def stored(client: aioredis.Redis, prefix: str) -> dict[bytes, bytes]:
     async for key in client.scan_iter(match=f"{prefix}:*"):
         kind = await client.type(key)
         if kind == b"string":
-            found[key] = await client.get(key)
+            value = await client.get(key)
+            assert isinstance(value, bytes)
+            found[key] = value
         elif kind == b"list":
-            found[key] = b"\n".join(await client.lrange(key, 0, -1))
+            entries = await client.lrange(key, 0, -1)
+            assert all(isinstance(entry, bytes) for entry in entries)
+            found[key] = b"\n".join(cast(list[bytes], entries))
         else:
             raise AssertionError(f"unexpected {kind!r} at {key!r}")
     return found
