@@ -35,7 +35,7 @@ RUN groupadd --system --gid 10001 videoconsult \
  && useradd --system --uid 10001 --gid videoconsult \
         --home-dir /var/lib/videoconsult --no-create-home --shell /usr/sbin/nologin \
         videoconsult \
- && install -d -m 0700 -o videoconsult -g videoconsult /var/lib/videoconsult
+ && install -d -m 0700 -o videoconsult -g videoconsult /var/lib/videoconsult /var/lib/videoconsult/recordings
 
 COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels

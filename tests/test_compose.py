@@ -1,9 +1,13 @@
-"""docker-compose.yml, the Dockerfile and coturn's config fit together and fit the settings.
+"""docker-compose.yml, the Dockerfile, nginx's and coturn's configs fit together
+and fit the settings.
 
 No Docker engine runs where the tests run, so these tests read the files and
-check their structure: the four services and how they wait for each other,
-that the server's environment names real settings and passes validation, and
-that the image, the volume and the published port agree on paths and ports.
+check their structure: the services and how they wait for each other, that
+both nodes get one and the same environment, which names real settings and
+passes validation, that only the proxy publishes a port, that nginx's
+upstreams and the trusted proxies name the compose addresses, and that the
+image and the volumes agree on paths and ports. tests/test_proxy.py runs the
+nginx config for real.
 """
 
 from __future__ import annotations
@@ -16,18 +20,35 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from sqlalchemy.engine import make_url
 
-from config import Mode, env_var_names, load_settings
+from config import Mode, Settings, env_var_names, load_settings
+from server.app_keys import SETTINGS
+from server.web_security import client_address
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / ".env.example"
+NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
+NODES = ("server-a", "server-b")
+# What every node must share (README, "Scaling out: several nodes").
+SHARED_SETTINGS = (
+    "database.url",
+    "redis.url",
+    "redis.key_prefix",
+    "security.master_key",
+    "turn.secret",
+    "server.public_url",
+    "server.trusted_proxies",
+)
 
 # Compose interpolation: ${NAME}, ${NAME:?message}, ${NAME:-default}, ...;
 # "$$" is a literal dollar sign.
@@ -161,24 +182,108 @@ def coturn_config() -> dict[str, list[str]]:
     return options
 
 
-def server_environ() -> dict[str, str]:
-    """The server container's environment: the image's ENV, then compose's."""
+def server_environ(node: str) -> dict[str, str]:
+    """A node container's environment: the image's ENV, then compose's."""
     environ = {k: v for k, v in dockerfile_env().items() if k.startswith("VIDEOCONSULT_")}
-    environ.update({k: interpolate(v, PLACEHOLDERS) for k, v in environment("server").items()})
+    environ.update({k: interpolate(v, PLACEHOLDERS) for k, v in environment(node).items()})
     return environ
 
 
-def test_compose_defines_server_postgres_redis_and_coturn() -> None:
-    assert set(load_compose()["services"]) == {"server", "postgres", "redis", "coturn"}
+def node_settings(node: str) -> Settings:
+    return load_settings(server_environ(node))
 
 
-def test_server_is_built_from_the_dockerfile_in_the_project_root() -> None:
-    build = service("server")["build"]
+def setting(settings: Settings, dotted: str) -> Any:
+    value: Any = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def container_port() -> str:
+    """The port the image's server listens on."""
+    cmd: list[str] = json.loads(dockerfile_args("CMD")[0])
+    return cmd[cmd.index("--port") + 1]
+
+
+def mounts(name: str) -> dict[str, tuple[str, list[str]]]:
+    """A service's volumes as target -> (source, options)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for entry in service(name).get("volumes", []):
+        source, target, *options = entry.split(":")
+        found[target] = (source, options)
+    return found
+
+
+def address(name: str) -> ipaddress.IPv4Address:
+    """A service's fixed address on the compose network."""
+    return ipaddress.IPv4Address(service(name)["networks"]["default"]["ipv4_address"])
+
+
+def network_config() -> dict[str, str]:
+    (config,) = load_compose()["networks"]["default"]["ipam"]["config"]
+    return {key: str(value) for key, value in config.items()}
+
+
+def nginx_config() -> str:
+    """nginx.conf without its comments."""
+    text = NGINX_CONF.read_text(encoding="utf-8")
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def nginx_directives(name: str, text: str | None = None) -> list[list[str]]:
+    """The arguments of every ``name`` directive (blocks not told apart)."""
+    pattern = re.compile(rf"(?<![\w$.-]){re.escape(name)}\s+([^;{{}}]*);")
+    return [shlex.split(match.group(1)) for match in pattern.finditer(text or nginx_config())]
+
+
+def nginx_upstream_servers() -> list[str]:
+    """host:port of every server in nginx's upstream block."""
+    (block,) = re.findall(r"upstream\s+\w+\s*\{([^}]*)\}", nginx_config())
+    return [arguments[0] for arguments in nginx_directives("server", block)]
+
+
+def nginx_listen_port() -> str:
+    (listen,) = nginx_directives("listen")
+    return listen[0].rsplit(":", 1)[-1]
+
+
+def test_compose_defines_two_nodes_a_proxy_postgres_redis_and_coturn() -> None:
+    assert set(load_compose()["services"]) == {*NODES, "proxy", "postgres", "redis", "coturn"}
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_node_is_built_from_the_dockerfile_in_the_project_root(node: str) -> None:
+    build = service(node)["build"]
     context = build if isinstance(build, str) else build["context"]
     dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
     assert context == "."
     assert (ROOT / context / dockerfile).resolve() == DOCKERFILE
     assert DOCKERFILE.is_file()
+
+
+def test_both_nodes_run_the_same_image_with_the_same_environment() -> None:
+    a, b = (service(node) for node in NODES)
+    assert a["image"] == b["image"], "one version (and one set of migrations) on every node"
+    assert a["build"] == b["build"]
+    assert environment("server-a") == environment("server-b")
+
+
+@pytest.mark.parametrize("dotted", SHARED_SETTINGS)
+def test_both_nodes_share_the_settings_every_node_must_share(dotted: str) -> None:
+    a, b = (setting(node_settings(node), dotted) for node in NODES)
+    assert a == b
+    assert a not in ("", None), f"{dotted} must be set, and the same, on every node"
+
+
+def test_both_nodes_migrate_on_start_which_is_safe_because_migrations_take_a_lock() -> None:
+    # Both may run migrations at once: audit/migrate.py takes PostgreSQL's
+    # advisory lock; tests/test_proxy.py starts two nodes at once on an
+    # empty database.
+    migrate_source = (ROOT / "audit" / "migrate.py").read_text(encoding="utf-8")
+    assert "pg_advisory_xact_lock" in migrate_source
+    for node in NODES:
+        assert node_settings(node).database.migrate_on_start
 
 
 def test_every_service_has_a_healthcheck_command() -> None:
@@ -188,15 +293,23 @@ def test_every_service_has_a_healthcheck_command() -> None:
         assert healthcheck_command(healthcheck.get("test")), f"{name}: no healthcheck command"
 
 
-def test_server_waits_for_healthy_postgres_and_redis() -> None:
-    depends_on = service("server")["depends_on"]
+@pytest.mark.parametrize("node", NODES)
+def test_node_waits_for_healthy_postgres_and_redis(node: str) -> None:
+    depends_on = service(node)["depends_on"]
     assert isinstance(depends_on, dict), "the list form cannot wait for health"
     for dependency in ("postgres", "redis"):
         assert depends_on[dependency]["condition"] == "service_healthy"
 
 
+@pytest.mark.parametrize("node", NODES)
+def test_node_health_is_its_readiness_on_its_own_port(node: str) -> None:
+    command = " ".join(healthcheck_command(service(node)["healthcheck"]["test"]))
+    assert f"http://127.0.0.1:{container_port()}/readyz" in command
+    assert "urllib" in command
+
+
 def test_server_uses_postgresql_via_asyncpg_on_the_postgres_service() -> None:
-    url = make_url(interpolate(environment("server")["VIDEOCONSULT_DATABASE_URL"], PLACEHOLDERS))
+    url = make_url(interpolate(environment("server-a")["VIDEOCONSULT_DATABASE_URL"], PLACEHOLDERS))
     postgres = environment("postgres")
     assert url.drivername == "postgresql+asyncpg"
     assert url.host == "postgres"
@@ -209,7 +322,7 @@ def test_server_uses_postgresql_via_asyncpg_on_the_postgres_service() -> None:
 
 
 def test_server_uses_the_redis_service() -> None:
-    url = environment("server")["VIDEOCONSULT_REDIS_URL"]
+    url = environment("server-a")["VIDEOCONSULT_REDIS_URL"]
     assert url.startswith("redis://redis:6379/")
 
 
@@ -235,8 +348,9 @@ def test_every_videoconsult_variable_in_compose_and_image_is_a_real_setting() ->
     assert not image_unknown, f"Dockerfile: no such settings: {image_unknown}"
 
 
-def test_compose_server_environment_passes_settings_validation() -> None:
-    settings = load_settings(server_environ())
+@pytest.mark.parametrize("node", NODES)
+def test_compose_node_environment_passes_settings_validation(node: str) -> None:
+    settings = node_settings(node)
     assert settings.mode is Mode.PRODUCTION
     assert make_url(settings.database.url).get_backend_name() == "postgresql"
     assert settings.redis.url == "redis://redis:6379/0"
@@ -264,25 +378,127 @@ def test_secrets_are_required_variables_listed_in_env_example() -> None:
                 interpolate_compose(variables)
 
 
-def test_data_volume_is_a_named_volume_at_the_configured_data_dir() -> None:
-    data_dir = environment("server")["VIDEOCONSULT_DATA_DIR"]
-    mounts = [entry.split(":") for entry in service("server")["volumes"]]
-    sources = [source for source, target, *_ in mounts if target == data_dir]
-    assert len(sources) == 1, f"nothing mounted at {data_dir}"
-    assert sources[0] in load_compose()["volumes"], "the data directory must be a named volume"
-    assert dockerfile_env()["VIDEOCONSULT_DATA_DIR"] == data_dir
-    assert data_dir in json.loads(dockerfile_args("VOLUME")[0])
+def test_each_node_has_a_named_data_volume_of_its_own_at_the_configured_data_dir() -> None:
+    sources = []
+    for node in NODES:
+        data_dir = environment(node)["VIDEOCONSULT_DATA_DIR"]
+        assert data_dir in mounts(node), f"{node}: nothing mounted at {data_dir}"
+        source, _options = mounts(node)[data_dir]
+        assert source in load_compose()["volumes"], "the data directory must be a named volume"
+        sources.append(source)
+        assert dockerfile_env()["VIDEOCONSULT_DATA_DIR"] == data_dir
+        assert data_dir in json.loads(dockerfile_args("VOLUME")[0])
+    assert len(set(sources)) == len(NODES), "a data volume per node"
 
 
-def test_server_port_is_published_on_loopback_only() -> None:
-    cmd: list[str] = json.loads(dockerfile_args("CMD")[0])
-    container_port = cmd[cmd.index("--port") + 1]
-    ports = service("server")["ports"]
-    assert ports, "the server publishes its port for a local reverse proxy"
+def test_every_node_mounts_one_shared_recordings_volume_at_data_dir_recordings() -> None:
+    # A recording is written on the node that records and downloaded from
+    # whichever node the proxy picks.
+    sources = set()
+    for node in NODES:
+        recordings = str(node_settings(node).data_dir / "recordings")
+        assert recordings in mounts(node), f"{node}: nothing mounted at {recordings}"
+        source, options = mounts(node)[recordings]
+        assert "ro" not in options
+        sources.add(source)
+    (shared,) = sources
+    assert shared in load_compose()["volumes"]
+
+
+def test_the_image_owns_the_recordings_mount_point_so_a_fresh_volume_is_writable() -> None:
+    # Docker gives a fresh named volume the owner and mode of the directory
+    # it is mounted over; a mount point the image lacks becomes root's.
+    recordings = str(node_settings("server-a").data_dir / "recordings")
+    user = dockerfile_args("USER")[0].split(":")[0]
+    created = [
+        arguments
+        for arguments in dockerfile_args("RUN")
+        if "install -d" in arguments and recordings in arguments.split()
+    ]
+    assert created, f"the image does not create {recordings}"
+    assert any(f"-o {name}" in created[0] for name in (user, "videoconsult"))
+    assert "-m 0700" in created[0]
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_nodes_publish_no_ports(node: str) -> None:
+    assert not service(node).get("ports"), "the nodes are reached through the proxy only"
+    assert service(node).get("network_mode") is None
+
+
+def test_proxy_is_nginx_with_our_config_mounted_read_only() -> None:
+    proxy = service("proxy")
+    assert proxy["image"].split(":")[0] == "nginx"
+    source, options = mounts("proxy")["/etc/nginx/nginx.conf"]
+    assert (ROOT / source).resolve() == NGINX_CONF
+    assert options == ["ro"]
+
+
+def test_only_the_proxy_publishes_a_port_and_on_loopback_only() -> None:
+    ports = service("proxy")["ports"]
+    assert ports, "the proxy publishes its port for the TLS proxy in front"
     for entry in ports:
-        host_ip, _host_port, target = str(entry).rsplit(":", 2)
+        host_ip, host_port, target = str(entry).rsplit(":", 2)
         assert host_ip == "127.0.0.1"
-        assert target == container_port
+        assert host_port == "8080"
+        assert target == nginx_listen_port()
+    published = [name for name, s in load_compose()["services"].items() if s.get("ports")]
+    assert published == ["proxy"]
+
+
+def test_nginx_sends_requests_to_the_nodes_by_their_fixed_addresses() -> None:
+    # By address, not by name: nginx resolves names once, at start, and
+    # refuses to start while one (a stopped node) does not resolve.
+    expected = [f"{address(node)}:{container_port()}" for node in NODES]
+    assert nginx_upstream_servers() == expected
+
+
+def test_fixed_addresses_lie_in_the_subnet_outside_the_range_docker_hands_out() -> None:
+    config = network_config()
+    subnet = ipaddress.IPv4Network(config["subnet"])
+    dynamic = ipaddress.IPv4Network(config["ip_range"])
+    gateway = ipaddress.IPv4Address(config["gateway"])
+    fixed = [address(name) for name in (*NODES, "proxy")]
+    assert len(set(fixed)) == len(fixed)
+    for found in fixed:
+        assert found in subnet
+        assert found not in dynamic, "docker could give it to another container first"
+        assert found != gateway
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_nodes_trust_exactly_the_proxy_and_the_host_in_front_of_it(node: str) -> None:
+    trusted = set(node_settings(node).server.trusted_proxy_networks)
+    gateway = ipaddress.IPv4Address(network_config()["gateway"])
+    assert trusted == {
+        ipaddress.IPv4Network(address("proxy")),
+        ipaddress.IPv4Network(gateway),
+    }
+
+
+def test_nodes_see_the_browsers_address_behind_the_host_proxy_and_nginx() -> None:
+    # The browser reaches the TLS proxy on the host, which adds the browser's
+    # address and connects to nginx's published port (from the gateway
+    # address); nginx appends that one and connects to the node.
+    app = web.Application()
+    app[SETTINGS] = node_settings("server-a")
+    peer = (str(address("proxy")), 40000)
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        peer if name == "peername" else default
+    )
+    forwarded = f"203.0.113.7, {network_config()['gateway']}"
+    request = make_mocked_request(
+        "POST", "/api/login", headers={"X-Forwarded-For": forwarded}, app=app, transport=transport
+    )
+    assert client_address(request) == "203.0.113.7"
+
+
+def test_proxy_waits_for_the_nodes_to_start_but_not_to_be_healthy() -> None:
+    depends_on = service("proxy")["depends_on"]
+    assert {name: dependency["condition"] for name, dependency in depends_on.items()} == {
+        node: "service_started" for node in NODES
+    }
 
 
 def test_dockerfile_runs_videoconsult_serve_as_non_root_with_a_healthz_check() -> None:
@@ -346,8 +562,9 @@ def test_coturn_relay_ports_are_a_small_published_range() -> None:
         assert "3478" in published
 
 
-def test_server_hands_out_turn_over_udp_tcp_and_tls_on_443() -> None:
-    environ = {k: interpolate(v, PLACEHOLDERS) for k, v in environment("server").items()}
+@pytest.mark.parametrize("node", NODES)
+def test_node_hands_out_turn_over_udp_tcp_and_tls_on_443(node: str) -> None:
+    environ = {k: interpolate(v, PLACEHOLDERS) for k, v in environment(node).items()}
     urls = [url.strip() for url in environ["VIDEOCONSULT_TURN_TURN_URLS"].split(",")]
     assert "turn:turn.clinic.example:3478?transport=udp" in urls
     assert "turn:turn.clinic.example:3478?transport=tcp" in urls
