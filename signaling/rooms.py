@@ -433,10 +433,9 @@ class ConsultRooms:
             return
         if self.recording.is_active(consult_id):
             await self._stop_recording(consult_id, StopReason.CONSULT_ENDED)
+        # The timers first: once told, a participant may act at once (connect
+        # again, or, in a test, move the clock), and must find them set.
         for role in ParticipantRole:
-            await self._send(
-                consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
-            )
             await self._timers.cancel(_grace_key(consult_id, role))
         await self._timers.cancel(_max_key(consult_id))
         await self._timers.schedule(
@@ -444,6 +443,10 @@ class ConsultRooms:
             self._clock.now() + ENDED_ROOM_KEPT,
             {"consult": str(consult_id)},
         )
+        for role in ParticipantRole:
+            await self._send(
+                consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
+            )
         _log.info("consult ended", consult_id=str(consult_id), reason=reason)
 
     async def _admit(self, participant: Participant) -> list[dict[str, Any]]:

@@ -259,13 +259,17 @@ def test_ctrl_c_while_waiting_for_the_database_stops_at_once(data_dir: Path) -> 
         with subprocess.Popen(
             [EXECUTABLE, "db", "upgrade"], env=env, stderr=subprocess.PIPE, text=True
         ) as process:
-            time.sleep(2)  # started and waiting for the database
+            # Started and waiting for the database: its connection came in
+            # (on a busy machine the start alone can take seconds).
+            silent.settimeout(30)
+            waiting, _address = silent.accept()
             started = time.monotonic()
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=10) == 130
             assert time.monotonic() - started < 5
             assert process.stderr is not None
             assert "interrupted; the database is unchanged" in process.stderr.read()
+            waiting.close()
 
 
 def test_operator_adds_an_organisation_and_an_account_with_an_enrolment_link(
