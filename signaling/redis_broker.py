@@ -598,11 +598,16 @@ class RedisRoomStore:
                 return
             state = RoomState() if raw is None else self._decode(consult_id, raw)
             yield state
+            encoded = encode_room_state(state)
+            if raw is not None and encoded == _as_str(raw):
+                # Unchanged (most blocks only look): nothing to write.
+                self._remember(consult_id, state.copy())
+                return
             with _redis_trouble("saving a room"):
                 saved = bool(
                     await self._save_and_release(
                         keys=[lock_key, state_key],
-                        args=[token, encode_room_state(state), self._ttl_ms(state)],
+                        args=[token, encoded, self._ttl_ms(state)],
                     )
                 )
             if not saved:
@@ -631,9 +636,17 @@ class RedisRoomStore:
         return state
 
     async def forget(self, consult_id: uuid.UUID) -> None:
-        with _redis_trouble("forgetting a room"):
-            await self._client.delete(self.state_key(consult_id))
-        self._seen.pop(consult_id, None)
+        # Under the room's lock: a change begun before would otherwise save
+        # the room again right after it was dropped.
+        lock_key, token = self.lock_key(consult_id), secrets.token_hex(16)
+        await self._acquire(lock_key, token)
+        try:
+            with _redis_trouble("forgetting a room"):
+                await self._client.delete(self.state_key(consult_id))
+            self._seen.pop(consult_id, None)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(keys=[lock_key], args=[token])
 
     async def consult_ids(self) -> list[uuid.UUID]:
         found: list[uuid.UUID] = []

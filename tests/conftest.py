@@ -148,6 +148,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.definition.add_marker(
             pytest.mark.parametrize("database_url", SIGNALING_BACKENDS, indirect=True)
         )
+    if "sqlite_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "signaling_backends"
+    ):
+        metafunc.parametrize("sqlite_backend", ["in-process", "redis"], indirect=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -257,11 +261,32 @@ async def harness(harness_settings: Settings, clock: ManualClock, aiohttp_client
 
 
 @pytest.fixture
+def sqlite_backend(request: pytest.FixtureRequest) -> str:
+    """In-process, or (in modules marked ``signaling_backends``) also Redis."""
+    return str(getattr(request, "param", "in-process"))
+
+
+@pytest.fixture
+def sqlite_settings(
+    make_settings: SettingsFactory, sqlite_backend: str, request: pytest.FixtureRequest
+) -> Settings:
+    if sqlite_backend != "redis":
+        return make_settings()
+    return make_settings(
+        redis_url=request.getfixturevalue("redis_url"),
+        redis_key_prefix=request.getfixturevalue("redis_prefix"),
+    )
+
+
+@pytest.fixture
 async def sqlite_harness(
-    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+    sqlite_settings: Settings, sqlite_backend: str, clock: ManualClock, aiohttp_client: Any
 ) -> Harness:
-    """The real app on SQLite only, for tests about HTTP rather than storage."""
-    app = create_app(make_settings(), clock=clock)
+    """The real app on SQLite only, for tests about HTTP rather than storage (in
+    modules marked ``signaling_backends`` once more on Redis)."""
+    app = create_app(sqlite_settings, clock=clock)
+    if sqlite_backend == "redis":
+        app[ROOM_TIMER_POLL] = 3600.0  # as in ``harness``
     client = await aiohttp_client(app)
     return Harness(app, client, clock)
 
