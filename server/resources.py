@@ -234,6 +234,7 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
     finally:
         # Normally done on shutdown already (stop_recordings); this is the last net.
         await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
+        await app[ROOMS].drain()
         if heartbeat is not None:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -333,6 +333,12 @@ class ConsultRooms:
         task.add_done_callback(self._finished)
         return task
 
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Let the changes still running finish (on shutdown, before Redis and
+        the database close under them)."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing), timeout=timeout_s)
+
     async def _to_the_end(self, change: Coroutine[Any, Any, T]) -> T:
         return await asyncio.shield(self._finish_anyway(change))
 
@@ -362,7 +368,7 @@ class ConsultRooms:
         """
         self._here.pop(participant.connection_id, None)
         try:
-            await self._leave(participant, grace=True)
+            await self._to_the_end(self._leave(participant, grace=True))
         except StateUnavailable as err:
             _log.warning("disconnect kept for later: shared state unavailable", error=str(err))
             self._missed_leaves[participant.connection_id] = (participant, self._clock.now())
