@@ -7,8 +7,8 @@ Run from the repository root (see docs/benchmarks.md):
     .venv/bin/python bench/signaling.py --pairs 500 2000 --runs 3
 
 For every run the benchmark starts a fresh server on 127.0.0.1 (ours:
-``videoconsult serve`` with a new SQLite data directory; PeerJS: ``node
-bench/peerjs_server.cjs``), opens P pairs of sockets, lets every pair do one
+``videoconsult serve`` on a new PostgreSQL database and data directory;
+PeerJS: ``node bench/peerjs_server.cjs``), opens P pairs of sockets, lets every pair do one
 warm-up negotiation, then measures a fixed-duration phase in which each pair
 negotiates over and over (closed loop): the first side sends an offer (~3 KB
 SDP) and 8 trickle candidates (~250 B each); the other side, on the offer,
@@ -17,6 +17,12 @@ starts its next round. Every message carries the sender's monotonic clock in
 nanoseconds (ours: an ``a=x-ts:`` SDP line / an ``x-ts`` candidate extension;
 PeerJS: ``payload.ts``), so the receiver measures one-way latency; sender and
 receiver are both in this process, on the same clock.
+
+``--topology`` runs ours as one node without Redis (``single``, the
+default), one node on Redis (``single-redis``), or two nodes on the same
+PostgreSQL and Redis with every pair's therapist on one and patient on the
+other (``cross``) or both participants of a pair on one node, the pairs
+split between the two (``two-nodes``).
 
 Only addresses on 127.0.0.1 are ever contacted. Every loop is bounded by a
 count or a deadline, the whole invocation by ``--max-minutes``, and every
@@ -45,6 +51,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from array import array
 from collections import Counter
 from collections.abc import Callable
@@ -532,13 +539,24 @@ class Server:
     codec: Codec
     proc: subprocess.Popen[bytes]
     origin: str
+    topology = "single"
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
 
     @property
+    def label(self) -> str:
+        """The configuration's name in the tables: the server, and its topology if not one node."""
+        return self.name if self.topology == "single" else f"{self.name} {self.topology}"
+
+    @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """Every server process (node) of this configuration."""
+        return [self.proc.pid]
 
     async def start(self) -> None: ...
 
@@ -566,6 +584,44 @@ class Server:
         return {}
 
 
+# Our topologies: how many nodes, whether on Redis, and on which node each
+# pair's therapist and patient connect (by the pair's index).
+@dataclass(frozen=True)
+class Topology:
+    nodes: int
+    redis: bool
+    place: Callable[[int], tuple[int, int]]
+    about: str
+
+
+TOPOLOGIES: dict[str, Topology] = {
+    "single": Topology(1, False, lambda i: (0, 0), "one node, no Redis (rooms in the process)"),
+    "single-redis": Topology(1, True, lambda i: (0, 0), "one node on Redis"),
+    "cross": Topology(
+        2, True, lambda i: (0, 1), "two nodes on Redis; every therapist on A, every patient on B"
+    ),
+    "two-nodes": Topology(
+        2,
+        True,
+        lambda i: (i % 2, i % 2),
+        "two nodes on Redis; both participants of a pair on the same node, pairs split half/half",
+    ),
+}
+
+
+@dataclass
+class OursNode:
+    """One ``videoconsult serve`` process of a configuration."""
+
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
 class OursServer(Server):
     name = "ours"
     codec = OursCodec()
@@ -580,36 +636,70 @@ class OursServer(Server):
         revision: str = "working tree",
         db: str = "postgres",
         pg: str = "",
+        topology: str = "single",
+        redis_url: str = "",
     ) -> None:
         super().__init__(log_dir)
+        self.topology = topology
+        self.layout = TOPOLOGIES[topology]
+        if self.layout.nodes > 1 and db != "postgres":
+            raise ValueError(f"topology {topology} needs --db postgres (the nodes share it)")
         self.db = db
         self.pg = pg
         self.pg_db = ""
+        self.redis_url = redis_url if self.layout.redis else ""
+        # Our own key prefix per run: every key and channel of the run starts
+        # with it, and cleanup() deletes exactly those keys.
+        self.redis_prefix = f"vc-bench-{secrets.token_hex(6)}" if self.redis_url else ""
         self.source = source or ROOT
         self.revision = revision
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.data_dir: Path | None = None
-        self.port = free_port()
-        self.origin = f"http://{HOST}:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOCONSULT_")}
+        # One master key for all nodes: a session or ticket made on one is good on the others.
         key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         env.update(
             VIDEOCONSULT_MODE="production",
             VIDEOCONSULT_SECURITY_MASTER_KEY=key,
             VIDEOCONSULT_SERVER_HOST=HOST,
-            VIDEOCONSULT_SERVER_PORT=str(self.port),
-            VIDEOCONSULT_SERVER_PUBLIC_URL=self.origin,
             VIDEOCONSULT_LOGGING_LEVEL="warning",
             VIDEOCONSULT_SIGNALING_RATE_PER_S=str(rate_per_s),
             VIDEOCONSULT_SIGNALING_BURST=str(burst),
         )
+        if self.redis_url:
+            env.update(
+                VIDEOCONSULT_REDIS_URL=self.redis_url,
+                VIDEOCONSULT_REDIS_KEY_PREFIX=self.redis_prefix,
+            )
         if source is not None:
             # A snapshot of one commit: its packages come before the editable install.
             env["PYTHONPATH"] = str(source)
-        self.env = env
+        self.nodes: list[OursNode] = []
+        for _ in range(self.layout.nodes):
+            port = free_port()
+            node_env = dict(env)
+            node_env.update(
+                VIDEOCONSULT_SERVER_PORT=str(port),
+                VIDEOCONSULT_SERVER_PUBLIC_URL=f"http://{HOST}:{port}",
+            )
+            self.nodes.append(OursNode(port, node_env))
+        # Accounts and consults are made through the first node.
+        self.env = self.nodes[0].env
+        self.port = self.nodes[0].port
+        self.origin = self.nodes[0].origin
         self.cookie = ""
         self.enrol_token = ""
+
+    @property
+    def pid(self) -> int:
+        proc = self.nodes[0].proc
+        assert proc is not None
+        return proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [node.proc.pid for node in self.nodes if node.proc is not None]
 
     def _cli(self, *args: str) -> str:
         done = subprocess.run(  # noqa: S603 - our own command
@@ -627,14 +717,17 @@ class OursServer(Server):
 
     async def start(self) -> None:
         # A fresh data dir per run, on tmpfs: only the setup writes to the
-        # database (sessions, consults, connect notes), never the relay.
+        # database (sessions, consults, connect notes), never the relay. The
+        # nodes share it (and the master key), as tests/test_multinode.py does.
         base = SHM_DIR
         self.data_dir = Path(tempfile.mkdtemp(prefix="vc-bench-", dir=base))
-        self.env["VIDEOCONSULT_DATA_DIR"] = str(self.data_dir)
+        extra = {"VIDEOCONSULT_DATA_DIR": str(self.data_dir)}
         if self.db == "postgres":
             self.pg_db = f"vc_bench_{secrets.token_hex(6)}"
             await pg_admin(self.pg, f'CREATE DATABASE "{self.pg_db}"')
-            self.env["VIDEOCONSULT_DATABASE_URL"] = f"postgresql+asyncpg://{self.pg}/{self.pg_db}"
+            extra["VIDEOCONSULT_DATABASE_URL"] = f"postgresql+asyncpg://{self.pg}/{self.pg_db}"
+        for node in self.nodes:
+            node.env.update(extra)
         await asyncio.to_thread(self._cli, "db", "upgrade")
         await asyncio.to_thread(self._cli, "org", "add", ORG)
         out = await asyncio.to_thread(
@@ -644,18 +737,26 @@ class OursServer(Server):
         if found is None:
             raise RuntimeError(f"no enrolment link in: {out!r}")
         self.enrol_token = found.group(1)
-        self.proc = PROCESSES.start(
-            [str(VIDEOCONSULT), "serve"], env=self.env, log=self.log_dir / "ours-server.log"
-        )
-        await wait_http(f"{self.origin}/healthz", self.proc)
+        for k, node in enumerate(self.nodes):
+            log = "ours-server.log" if len(self.nodes) == 1 else f"ours-server-{'ab'[k]}.log"
+            node.proc = PROCESSES.start(
+                [str(VIDEOCONSULT), "serve"], env=node.env, log=self.log_dir / log
+            )
+        for node in self.nodes:
+            assert node.proc is not None
+            # /readyz: on Redis, 200 only once the node reaches it.
+            await wait_http(f"{node.origin}/{'readyz' if self.redis_url else 'healthz'}", node.proc)
 
     def stop(self) -> None:
-        if getattr(self, "proc", None) is not None:
-            super().stop()
+        for node in self.nodes:
+            if node.proc is not None:
+                PROCESSES.stop(node.proc)
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     async def cleanup(self) -> None:
+        """Stop the nodes, then drop the run's database and delete its Redis keys;
+        every step runs even when one fails."""
         self.stop()
         if self.pg_db:
             name, self.pg_db = self.pg_db, ""
@@ -663,31 +764,52 @@ class OursServer(Server):
                 await pg_admin(self.pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except Exception as err:
                 print(f"bench: could not drop database {name}: {err!r}", file=sys.stderr)
+        if self.redis_prefix:
+            prefix, self.redis_prefix = self.redis_prefix, ""
+            try:
+                await redis_delete_prefix(self.redis_url, prefix)
+            except Exception as err:
+                print(f"bench: could not delete Redis keys {prefix}:*: {err!r}", file=sys.stderr)
 
     def describe(self) -> dict[str, Any]:
         return {
             "code": self.revision,
+            "topology": f"{self.topology}: {self.layout.about}",
             "database": (
                 f"PostgreSQL, a fresh database per run at {self.pg}"
                 if self.db == "postgres"
                 else "SQLite (the default) in a fresh data dir on tmpfs"
+            ),
+            "redis": (
+                f"{self.redis_url}, a key prefix of its own per run" if self.redis_url else "none"
             ),
             "mode": "production, logging.level=warning",
             "signaling.rate_per_s": self.rate_per_s,
             "signaling.burst": self.burst,
         }
 
+    @staticmethod
+    def _headers_for(node: OursNode) -> dict[str, str]:
+        return {"Origin": node.origin}
+
     @property
     def _headers(self) -> dict[str, str]:
-        return {"Origin": self.origin}
+        return self._headers_for(self.nodes[0])
 
     async def _post(
-        self, session: aiohttp.ClientSession, path: str, body: Any, *, auth: bool = False
+        self,
+        session: aiohttp.ClientSession,
+        path: str,
+        body: Any,
+        *,
+        auth: bool = False,
+        node: OursNode | None = None,
     ) -> tuple[int, Any, aiohttp.ClientResponse]:
-        headers = dict(self._headers)
+        node = node or self.nodes[0]
+        headers = self._headers_for(node)
         if auth:
             headers["Cookie"] = self.cookie
-        async with session.post(self.origin + path, json=body, headers=headers) as resp:
+        async with session.post(node.origin + path, json=body, headers=headers) as resp:
             return resp.status, await resp.json(content_type=None), resp
 
     async def prepare(self, session: aiohttp.ClientSession, n_pairs: int, concurrency: int) -> Any:
@@ -732,7 +854,6 @@ class OursServer(Server):
         on_pair: Callable[[Pair], None],
     ) -> list[Pair]:
         gate = asyncio.Semaphore(concurrency)
-        ws_origin = f"ws://{HOST}:{self.port}"
 
         async def expect(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
             message = await ws.receive_json(timeout=60)
@@ -741,19 +862,23 @@ class OursServer(Server):
             return message
 
         async def one(index: int, consult_id: str, invite: str) -> Pair:
+            therapist_at, patient_at = (self.nodes[k] for k in self.layout.place(index))
             async with gate:
                 therapist = await session.ws_connect(
-                    f"{ws_origin}/ws?consult={consult_id}",
-                    headers={**self._headers, "Cookie": self.cookie},
+                    f"ws://{HOST}:{therapist_at.port}/ws?consult={consult_id}",
+                    headers={**self._headers_for(therapist_at), "Cookie": self.cookie},
                 )
                 await expect(therapist, "welcome")
+                # The ticket from the node the patient's socket goes to, as the
+                # patient's page would get it through the same proxy.
                 status, body, _ = await self._post(
-                    session, f"/api/invites/{invite}/ticket", {"consent": True}
+                    session, f"/api/invites/{invite}/ticket", {"consent": True}, node=patient_at
                 )
                 if status != 200:
                     raise RuntimeError(f"ticket: {status} {body}")
                 patient = await session.ws_connect(
-                    f"{ws_origin}/ws?ticket={body['ticket']}", headers=self._headers
+                    f"ws://{HOST}:{patient_at.port}/ws?ticket={body['ticket']}",
+                    headers=self._headers_for(patient_at),
                 )
                 await expect(patient, "welcome")
                 await expect(therapist, "patient-waiting")
@@ -872,12 +997,15 @@ async def measure_phase(
 ) -> dict[str, Any]:
     """One measured phase on open, warmed-up pairs: closed loop (interval 0) or paced."""
     work.reset()
-    cpu_before = proc_cpu_s(server.pid)
+    pids = server.pids
+    cpu_before = [proc_cpu_s(pid) for pid in pids]
     client_before = proc_cpu_s(os.getpid())
+    redis_before = redis_cpu_s()
     host_before = host_cpu()
-    profiler = None
+    profilers = []
     if profile_to is not None:
-        profiler = start_profiler(server.pid, args.duration, profile_to)
+        for pid, out in zip(pids, profile_paths(profile_to, len(pids)), strict=True):
+            profilers.append(start_profiler(pid, args.duration, out))
     elapsed = await work.drive(
         pairs,
         duration_s=args.duration,
@@ -887,18 +1015,28 @@ async def measure_phase(
         round_timeout_s=args.round_timeout,
     )
     host_after = host_cpu()
-    cpu_after = proc_cpu_s(server.pid)
+    cpu_after = [proc_cpu_s(pid) for pid in pids]
     client_after = proc_cpu_s(os.getpid())
-    if profiler is not None:
+    redis_after = redis_cpu_s()
+    for profiler in profilers:
         try:
             await asyncio.to_thread(profiler.wait, 60)
         finally:
             PROCESSES.stop(profiler)
     stats = work.stats
     lat = sorted(stats.latencies_ns)
-    server_cpu = cpu_after - cpu_before
+    node_cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
+    server_cpu = sum(node_cpu)
     busy = (host_after[0] - host_before[0]) / max(1, host_after[1] - host_before[1])
-    return {
+    extra: dict[str, Any] = {}
+    if len(pids) > 1:
+        # Per node; server_cpu_* above are the sum over the nodes.
+        extra["node_cpu_pct"] = [round(cpu / elapsed * 100, 1) for cpu in node_cpu]
+        extra["busiest_node_cpu_pct"] = max(extra["node_cpu_pct"])
+    if redis_before is not None and redis_after is not None:
+        # The whole Redis server: it is shared, other sessions' use is in it too.
+        extra["redis_cpu_pct"] = round((redis_after - redis_before) / elapsed * 100, 1)
+    return extra | {
         "elapsed_s": round(elapsed, 2),
         "sent": stats.sent,
         "relayed": stats.received,
@@ -917,13 +1055,19 @@ async def measure_phase(
         "server_cpu_pct": round(server_cpu / elapsed * 100, 1),
         "client_cpu_pct": round((client_after - client_before) / elapsed * 100, 1),
         "host_busy_pct": round(busy * 100, 1),
+        "negotiations_per_s": round(stats.received / elapsed / (2 * work.per_side), 1),
     }
 
 
 async def measured_run(
     server: Server, args: argparse.Namespace, n_pairs: int, profile_to: Path | None = None
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"server": server.name, "pairs": n_pairs}
+    result: dict[str, Any] = {
+        "server": server.name,
+        "topology": server.topology,
+        "config": server.label,
+        "pairs": n_pairs,
+    }
     t0 = time.monotonic()
     readers: list[asyncio.Task[None]] = []
     try:
@@ -951,13 +1095,17 @@ async def measured_run(
                     f"messages, {warm.errors} errors: {warm.error_samples}"
                 )
             await asyncio.sleep(0.5)
-            result["server_rss_mb_before"] = round(proc_rss(server.pid) / 2**20, 1)
+            result["server_rss_mb_before"] = round(sum(map(proc_rss, server.pids)) / 2**20, 1)
             # Saturation: every pair negotiates again as soon as its last one completed.
             result.update(
                 await measure_phase(server, work, pairs, args, interval_s=0, profile_to=profile_to)
             )
-            result["server_rss_mb_after"] = round(proc_rss(server.pid) / 2**20, 1)
-            result["server_peak_rss_mb"] = round(proc_peak_rss(server.pid) / 2**20, 1)
+            # All nodes together: the service's memory.
+            result["server_rss_mb_after"] = round(sum(map(proc_rss, server.pids)) / 2**20, 1)
+            result["server_peak_rss_mb"] = round(sum(map(proc_peak_rss, server.pids)) / 2**20, 1)
+            redis_clients = await redis_connected_clients()
+            if redis_clients is not None and server.topology != "single":
+                result["redis_clients"] = redis_clients
             if args.paced_interval > 0 and profile_to is None:
                 # The same offered load for both servers: one negotiation per pair
                 # every paced_interval seconds, so latency is compared at equal load.
@@ -1073,6 +1221,8 @@ CATEGORIES = [
         ("web_protocol.py", "_websocket/reader", "web_ws.py"),
     ),
     ("room store / broker (signaling/broker.py)", ("signaling/broker.py",)),
+    ("room store / broker on Redis (signaling/redis_broker.py)", ("signaling/redis_broker.py",)),
+    ("Redis client (redis-py: commands, reply parsing, pool)", ("redis/",)),
     ("rate limiter", ("signaling/ratelimit.py",)),
     (
         "rooms logic (signaling/rooms.py, protocol.py)",
@@ -1128,12 +1278,15 @@ def analyse_profile(path: Path, top: int = 30) -> str:
 
 METRICS = [
     ("msgs_per_s", "saturated: relayed msg/s"),
+    ("negotiations_per_s", "saturated: negotiations/s (18 messages each)"),
     ("p50_ms", "saturated: latency p50 (ms)"),
     ("p99_ms", "saturated: latency p99 (ms)"),
     ("lost", "saturated: lost messages"),
     ("errors", "saturated: error replies"),
     ("server_cpu_us_per_msg", "saturated: server CPU per msg (µs)"),
     ("server_cpu_pct", "saturated: server CPU (% of a core)"),
+    ("busiest_node_cpu_pct", "saturated: busiest node's CPU (% of a core)"),
+    ("redis_cpu_pct", "saturated: Redis server CPU (% of a core)"),
     ("client_cpu_pct", "saturated: load generator CPU (% of a core)"),
     ("host_busy_pct", "saturated: host CPU busy (% of 2 cores)"),
     ("paced_msgs_per_s", "paced: relayed msg/s"),
@@ -1142,8 +1295,10 @@ METRICS = [
     ("paced_lost", "paced: lost messages"),
     ("paced_server_cpu_us_per_msg", "paced: server CPU per msg (µs)"),
     ("paced_server_cpu_pct", "paced: server CPU (% of a core)"),
+    ("paced_redis_cpu_pct", "paced: Redis server CPU (% of a core)"),
     ("paced_host_busy_pct", "paced: host CPU busy (% of 2 cores)"),
-    ("server_peak_rss_mb", "server peak RSS (MB)"),
+    ("server_peak_rss_mb", "server peak RSS (MB, all nodes)"),
+    ("redis_clients", "Redis connections after the saturated phase (all clients)"),
     ("setup_s", "setup time (s)"),
 ]
 
@@ -1176,9 +1331,9 @@ def summary_table(results: dict[str, Any]) -> str:
     runs = results["runs"]
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for run in runs:
-        cells.setdefault((run["server"], run["pairs"]), []).append(run)
+        cells.setdefault((run.get("config", run["server"]), run["pairs"]), []).append(run)
     pairs = sorted({p for _, p in cells})
-    servers = [s for s in ("ours", "peerjs") if any(k[0] == s for k in cells)]
+    servers = list(dict.fromkeys(s for s, _ in cells))  # configurations, as they ran
     head = ["metric: median [min, max]"] + [f"{s} @ {p}" for p in pairs for s in servers]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in METRICS:
@@ -1186,12 +1341,14 @@ def summary_table(results: dict[str, Any]) -> str:
         for p in pairs:
             for s in servers:
                 row.append(cell(cells.get((s, p)), key))
-        out.append("| " + " | ".join(row) + " |")
+        if any(c != "-" for c in row[1:]):
+            out.append("| " + " | ".join(row) + " |")
     row = ["runs"]
     for p in pairs:
         for s in servers:
             row.append(str(len(cells.get((s, p), []))))
     out.append("| " + " | ".join(row) + " |")
+    out += against_single(cells, pairs, servers)
     idle = results.get("idle", [])
     if idle:
         out += [
@@ -1210,6 +1367,40 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"{cell(rs, 'idle_cpu_pct')} | {len(rs)} |"
             )
     return "\n".join(out) + "\n"
+
+
+def against_single(
+    cells: dict[tuple[str, int], list[dict[str, Any]]], pairs: list[int], configs: list[str]
+) -> list[str]:
+    """Our other topologies against one node without Redis: throughput ratio and
+    latency added (differences of the medians), per P."""
+    others = [c for c in configs if c.startswith("ours ")]
+    if "ours" not in configs or not others:
+        return []
+    head = ["against ours (one node, no Redis), medians"] + [
+        f"{c} @ {p}" for p in pairs for c in others
+    ]
+    rows = [
+        ("msgs_per_s", "saturated throughput (x one node)", "ratio"),
+        ("p50_ms", "saturated p50 added (ms)", "diff"),
+        ("p99_ms", "saturated p99 added (ms)", "diff"),
+        ("paced_p50_ms", "paced p50 added (ms)", "diff"),
+        ("paced_p99_ms", "paced p99 added (ms)", "diff"),
+        ("server_cpu_us_per_msg", "server CPU per msg, all nodes (x one node)", "ratio"),
+    ]
+    out = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, how in rows:
+        row = [label]
+        for p in pairs:
+            base = median_of(cells.get(("ours", p), []), key)
+            for c in others:
+                value = median_of(cells.get((c, p), []), key)
+                if how == "ratio":
+                    row.append(f"{value / base:.2f}" if base else "-")
+                else:
+                    row.append(number(value - base))
+        out.append("| " + " | ".join(row) + " |")
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -1257,6 +1448,90 @@ async def pg_admin(server: str, statement: str) -> None:
         await conn.close()
 
 
+def loopback_redis(url: str) -> str:
+    """``url`` if it names a Redis server on loopback; the benchmark talks to no other."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "redis" or parsed.hostname not in (HOST, "localhost"):
+        raise ValueError(f"the benchmark only uses a Redis server on {HOST}, not {url!r}")
+    return url
+
+
+# The Redis server the benchmark's nodes use: its URL, and its process id
+# when it runs on this host and can be read (for its CPU time).
+REDIS_SERVER: dict[str, Any] = {}
+
+
+async def find_redis(url: str) -> None:
+    """Note ``url`` and its server's process; raises when Redis does not answer."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        info = await client.info("server")
+    finally:
+        await client.aclose()
+    REDIS_SERVER.update(url=url, version=str(info.get("redis_version", "?")), pid=None)
+    pid = int(info.get("process_id", 0))
+    with contextlib.suppress(psutil.Error):
+        if pid and "redis" in psutil.Process(pid).name():
+            psutil.Process(pid).cpu_times()  # readable?
+            REDIS_SERVER["pid"] = pid
+
+
+def redis_cpu_s() -> float | None:
+    pid = REDIS_SERVER.get("pid")
+    if pid is None:
+        return None
+    try:
+        return proc_cpu_s(pid)
+    except psutil.Error:
+        return None
+
+
+async def redis_connected_clients() -> int | None:
+    """Connections to the Redis server now (all of its clients, not only ours)."""
+    if "url" not in REDIS_SERVER:
+        return None
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(REDIS_SERVER["url"], socket_connect_timeout=5, socket_timeout=5)
+    try:
+        return int((await client.info("clients"))["connected_clients"])
+    except Exception:
+        return None
+    finally:
+        await client.aclose()
+
+
+async def redis_delete_prefix(url: str, prefix: str) -> int:
+    """Delete the keys ``{prefix}:*`` (one run's), never anything else; returns how many."""
+    from redis.asyncio import Redis
+
+    if not re.fullmatch(r"vc-bench-[0-9a-f]{12}", prefix):
+        raise ValueError(f"not a benchmark run's key prefix: {prefix!r}")
+    client = Redis.from_url(loopback_redis(url), socket_connect_timeout=5, socket_timeout=10)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await client.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += await client.delete(*batch)
+    finally:
+        await client.aclose()
+    return deleted
+
+
+def profile_paths(base: Path, n_nodes: int) -> list[Path]:
+    """Where py-spy writes each node's stacks: ``base``, or one file per node."""
+    if n_nodes == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-node-{'ab'[k]}{base.suffix}") for k in range(n_nodes)]
+
+
 def snapshot(ref: str) -> tuple[Path, str]:
     """Export commit ``ref`` (read-only ``git archive``) into a temp dir, once."""
     if "path" not in SNAPSHOT:
@@ -1279,7 +1554,23 @@ def snapshot(ref: str) -> tuple[Path, str]:
     return SNAPSHOT["path"], SNAPSHOT["commit"]
 
 
-def make_server(name: str, args: argparse.Namespace, log_dir: Path) -> Server:
+def configurations(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(server, topology) of every measured configuration, in the order of a repetition.
+
+    PeerJS has one topology, a single process: it runs once per repetition,
+    when ``single`` is among the topologies.
+    """
+    return [
+        (name, topology)
+        for topology in args.topology
+        for name in args.servers
+        if name == "ours" or topology == "single"
+    ]
+
+
+def make_server(
+    name: str, args: argparse.Namespace, log_dir: Path, topology: str = "single"
+) -> Server:
     if name == "ours":
         source, revision = None, "working tree"
         if args.ref:
@@ -1293,6 +1584,8 @@ def make_server(name: str, args: argparse.Namespace, log_dir: Path) -> Server:
             revision=revision,
             db=args.db,
             pg=args.pg,
+            topology=topology,
+            redis_url=args.redis,
         )
     return PeerJSServer(log_dir)
 
@@ -1316,13 +1609,18 @@ async def main_async(args: argparse.Namespace) -> int:
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items()},
         "fd_limit": fds,
+        # The machine is shared: how busy it was around the runs.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "runs": [],
         "idle": [],
         "skipped": [],
     }
-    results["servers"] = {
-        name: make_server(name, args, out_dir).describe() for name in args.servers
-    }
+    configs = configurations(args)
+    if any(TOPOLOGIES[topology].redis for _, topology in configs):
+        await find_redis(args.redis)
+        results["redis"] = {k: v for k, v in REDIS_SERVER.items() if k != "url"}
+    described = (make_server(name, args, out_dir, topology) for name, topology in configs)
+    results["servers"] = {server.label: server.describe() for server in described}
 
     def over_budget(what: str) -> bool:
         if time.monotonic() - started > budget_s:
@@ -1334,19 +1632,19 @@ async def main_async(args: argparse.Namespace) -> int:
     def save() -> None:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
 
-    # Alternate the servers within each repetition so drift of the shared
-    # machine hits both alike.
+    # Alternate the configurations within each repetition so drift of the
+    # shared machine hits all alike.
     for n_pairs in args.pairs:
         for rep in range(args.runs):
-            for name in args.servers:
-                what = f"{name} pairs={n_pairs} run={rep + 1}"
+            for name, topology in configs:
+                server = make_server(name, args, out_dir, topology)
+                what = f"{server.label} pairs={n_pairs} run={rep + 1}"
                 if over_budget(what):
                     continue
                 print(f"bench: {what} ...", flush=True)
                 try:
                     run = await asyncio.wait_for(
-                        measured_run(make_server(name, args, out_dir), args, n_pairs),
-                        timeout=args.run_timeout,
+                        measured_run(server, args, n_pairs), timeout=args.run_timeout
                     )
                 except Exception as err:
                     print(f"bench: {what} failed: {err!r}", flush=True)
@@ -1361,7 +1659,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     "bench:   {msgs_per_s} msg/s, p50 {p50_ms} ms, p99 {p99_ms} ms, lost {lost}, "
                     "errors {errors}, server {server_cpu_us_per_msg} µs/msg "
                     "({server_cpu_pct}% core), client {client_cpu_pct}%, host {host_busy_pct}%, "
-                    "peak RSS {server_peak_rss_mb} MB, setup {setup_s} s".format(**run),
+                    "peak RSS {server_peak_rss_mb} MB, setup {setup_s} s".format(**run)
+                    + (f", nodes {run['node_cpu_pct']}%" if "node_cpu_pct" in run else "")
+                    + (f", Redis {run['redis_cpu_pct']}%" if "redis_cpu_pct" in run else ""),
                     flush=True,
                 )
 
@@ -1400,26 +1700,32 @@ async def main_async(args: argparse.Namespace) -> int:
                     flush=True,
                 )
 
-    if args.profile and "ours" in args.servers and not over_budget("profile"):
+    # One profiled run of ours per topology (every node under py-spy).
+    for topology in args.topology if args.profile and "ours" in args.servers else []:
+        if over_budget(f"profile {topology}"):
+            break
         n_pairs = args.profile_pairs or max(args.pairs)
-        raw = out_dir / f"profile-ours-{n_pairs}.txt"
-        print(f"bench: profiling ours at {n_pairs} pairs with py-spy ...", flush=True)
+        tag = "ours" if topology == "single" else f"ours-{topology}"
+        raw = out_dir / f"profile-{tag}-{n_pairs}.txt"
+        print(f"bench: profiling {tag} at {n_pairs} pairs with py-spy ...", flush=True)
         try:
+            server = make_server("ours", args, out_dir, topology)
             run = await asyncio.wait_for(
-                measured_run(make_server("ours", args, out_dir), args, n_pairs, profile_to=raw),
-                timeout=args.run_timeout,
+                measured_run(server, args, n_pairs, profile_to=raw), timeout=args.run_timeout
             )
             run["profiled"] = True
-            results["profile_run"] = run
-            if raw.exists():
-                report = analyse_profile(raw)
-                (out_dir / f"profile-ours-{n_pairs}-summary.txt").write_text(report)
-                print(report, flush=True)
+            results.setdefault("profile_runs", []).append(run)
+            for path in profile_paths(raw, TOPOLOGIES[topology].nodes):
+                if path.exists():
+                    report = analyse_profile(path)
+                    path.with_name(f"{path.stem}-summary.txt").write_text(report)
+                    print(f"bench: {path.name}\n{report}", flush=True)
         except Exception as err:
-            print(f"bench: profile failed: {err!r}", flush=True)
+            print(f"bench: profile {topology} failed: {err!r}", flush=True)
             traceback.print_exc()
-            results["skipped"].append(f"profile: failed: {err!r}")
+            results["skipped"].append(f"profile {topology}: failed: {err!r}")
     results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
     table = summary_table(results)
     (out_dir / "summary.md").write_text(table)
@@ -1444,6 +1750,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every configuration")
     parser.add_argument(
         "--servers", nargs="+", choices=["ours", "peerjs"], default=["ours", "peerjs"]
+    )
+    parser.add_argument(
+        "--topology",
+        nargs="+",
+        choices=list(TOPOLOGIES),
+        default=["single"],
+        help="our nodes: "
+        + "; ".join(f"{name}: {t.about}" for name, t in TOPOLOGIES.items())
+        + " (PeerJS runs in single only)",
+    )
+    parser.add_argument(
+        "--redis",
+        default=f"redis://{HOST}:6379/0?max_connections=5000",
+        help="the Redis server of the topologies on Redis (loopback only); every run uses "
+        "a key prefix of its own and deletes its keys afterwards. The URL goes to the nodes "
+        "as redis.url: max_connections raises redis-py's pool (100 by default in redis-py 8; "
+        "a node needs more from about 50 pairs on; see docs/benchmarks.md)",
     )
     parser.add_argument(
         "--duration", type=float, default=12.0, help="seconds of the measured phase of each run"
@@ -1524,7 +1847,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes", type=float, default=19.0, help="no new run starts after this many minutes"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        loopback_redis(args.redis)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.db != "postgres" and any(TOPOLOGIES[t].nodes > 1 for t in args.topology):
+        parser.error("two nodes share one database: --topology cross/two-nodes need --db postgres")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
