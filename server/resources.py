@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
@@ -52,6 +52,8 @@ _log = structlog.get_logger("videoconsult.server")
 # How often due room timers are looked for: a grace period ends at most this
 # much late.
 TIMER_POLL_S = 0.25
+# Connections per node to Redis: about two per consult in flight under load.
+REDIS_MAX_CONNECTIONS = 2000
 # Another interval for the timer task (tests on a manual clock fire the
 # timers themselves, and set it to hours).
 ROOM_TIMER_POLL = web.AppKey("room_timer_poll_s", float)
@@ -111,11 +113,18 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = None
         yield
         return
-    client: Redis = Redis.from_url(
+    # A blocking pool: under load a command waits (up to the timeout) for a
+    # free connection. redis-py's default pool holds 100 and fails at once
+    # when they are busy, which a node took for "Redis unreachable" at a
+    # few hundred consults (docs/benchmarks.md, "Several nodes").
+    pool = BlockingConnectionPool.from_url(
         settings.redis.url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=settings.redis.connect_timeout_s,
         socket_connect_timeout=settings.redis.connect_timeout_s,
         socket_timeout=settings.redis.connect_timeout_s,
     )
+    client: Redis = Redis.from_pool(pool)
     app[REDIS] = client
     try:
         yield

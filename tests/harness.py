@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -137,8 +141,8 @@ class Sockets:
         self._sockets: list[ClientWebSocketResponse] = []
 
     async def close(self) -> None:
-        for socket in self._sockets:
-            await socket.close()
+        for websocket in self._sockets:
+            await websocket.close()
         for session in self._sessions:
             await session.close()
 
@@ -226,3 +230,21 @@ async def stored_recording(
             complete=complete,
         )
     return recording.id
+
+
+def wait_until_listening(
+    name: str, port: int, process: subprocess.Popen[Any], *, timeout_s: float = 10
+) -> None:
+    """Until ``process`` (a server a test started) accepts TCP connections on
+    127.0.0.1:``port``; fails the test if it exits or takes longer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{name} exited with {process.returncode}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not listen on port {port} within {timeout_s:g} s")

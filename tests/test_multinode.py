@@ -38,7 +38,7 @@ from audit.schema import consults
 from server import create_app
 from server.app_keys import DB_ENGINE
 from tests.conftest import SettingsFactory, service_unavailable
-from tests.harness import ConsultSetup, Harness, new_consult, receive
+from tests.harness import ConsultSetup, Harness, new_consult, receive, wait_until_listening
 from tests.test_recording_faults import ServerProcess, session_cookie
 from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
 
@@ -298,15 +298,7 @@ class PrivateRedis:
         self._process = subprocess.Popen(
             self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.05)
-        pytest.fail("the private redis-server did not start")
+        wait_until_listening("the private redis-server", self.port, self._process)
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import pwd
 import re
@@ -44,7 +43,7 @@ from audit.migrate import ensure_current
 from config import load_settings
 from server import create_app
 from tests.conftest import SettingsFactory, service_unavailable
-from tests.harness import Harness, new_consult, receive
+from tests.harness import Harness, new_consult, receive, wait_until_listening
 from tests.test_compose import NGINX_CONF, nginx_config, nginx_directives, nginx_upstream_servers
 from tests.test_recording_faults import ServerProcess, session_cookie
 
@@ -158,17 +157,10 @@ class Proxy:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"nginx exited with {self.process.returncode}: {self.startup_log()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.05)
-        pytest.fail("nginx did not listen within 10 s")
+        try:
+            wait_until_listening("nginx", self.port, self.process)
+        except AssertionError as err:
+            pytest.fail(f"{err}: {self.startup_log()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
