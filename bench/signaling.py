@@ -1762,11 +1762,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--redis",
-        default=f"redis://{HOST}:6379/0?max_connections=5000",
+        default=f"redis://{HOST}:6379/0",
         help="the Redis server of the topologies on Redis (loopback only); every run uses "
         "a key prefix of its own and deletes its keys afterwards. The URL goes to the nodes "
-        "as redis.url: max_connections raises redis-py's pool (100 by default in redis-py 8; "
-        "a node needs more from about 50 pairs on; see docs/benchmarks.md)",
+        "as redis.url",
     )
     parser.add_argument(
         "--duration", type=float, default=12.0, help="seconds of the measured phase of each run"

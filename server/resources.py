@@ -212,6 +212,7 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
             RedisRoomStore(client, prefix=prefix, state_ttl=room_state_ttl(settings)),
         )
         broker, store = cluster[0], cluster[2]
+        broker.watch_rooms(store)
         timers = RedisTimers(client, prefix=prefix)
         app[TICKETS] = RedisTicketStore(client, prefix=prefix)
     app[ROOMS] = ConsultRooms(

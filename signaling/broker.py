@@ -77,9 +77,17 @@ class Subscription(Protocol):
 
 class Broker(Protocol):
     async def publish(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        delivery: Delivery,
+        *,
+        where: str | None = None,
     ) -> None:
-        """Deliver to every subscription of ``role`` in ``consult_id``, on any node."""
+        """Deliver to every subscription of ``role`` in ``consult_id``, on any node.
+
+        ``where``: the node the receiver is on, when the caller knows it (a
+        hint: a broker may then skip the other nodes)."""
 
     async def subscribe(
         self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
@@ -225,7 +233,12 @@ class InProcessBroker:
         ] = defaultdict(set)
 
     async def publish(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        delivery: Delivery,
+        *,
+        where: str | None = None,
     ) -> None:
         for subscription in list(self._subscribers.get((consult_id, role), ())):
             try:

@@ -49,6 +49,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -142,6 +143,15 @@ def decode_delivery(data: str) -> Delivery:
     )
 
 
+# A room's changes are published on {prefix}:room:{consult}:state, which the
+# brokers' pattern subscription receives with the deliveries.
+_STATE_SUFFIX = ":state"
+
+
+def _state_channel(prefix: str, consult_id: uuid.UUID) -> str:
+    return f"{prefix}:room:{consult_id}{_STATE_SUFFIX}"
+
+
 def _glob_escaped(text: str) -> str:
     """``text`` matched literally in a PSUBSCRIBE pattern."""
     for special in "\\*?[]":
@@ -195,6 +205,17 @@ class RedisBroker:
         self._subscribers: dict[str, set[_RedisSubscription]] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._rooms: RedisRoomStore | None = None
+        self._room_ids_from = len(f"{prefix}:room:")
+
+    def watch_rooms(self, store: RedisRoomStore) -> None:
+        """Feed ``store`` the room changes published on any node, so that it
+        can answer ``peek`` from memory (see :class:`RedisRoomStore`).
+
+        The store is told each time the feed may have missed changes: when
+        the listener loses Redis and when it (re)subscribes.
+        """
+        self._rooms = store
 
     def channel(self, consult_id: uuid.UUID, role: ParticipantRole) -> str:
         return f"{self._prefix}:room:{consult_id}:{role.value}"
@@ -219,6 +240,8 @@ class RedisBroker:
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
             raise
+        if self._rooms is not None:
+            self._rooms.feed_restarted()
         self._pubsub = pubsub
         self._listener = asyncio.create_task(self._listen(pubsub), name="redis-broker-listener")
 
@@ -248,6 +271,8 @@ class RedisBroker:
         """
         listener, self._listener = self._listener, None
         pubsub, self._pubsub = self._pubsub, None
+        if self._rooms is not None:
+            self._rooms.feed_stopped()
         errors: list[BaseException] = []
         if listener is not None:
             listener.cancel()
@@ -270,19 +295,28 @@ class RedisBroker:
         return self._node_id
 
     async def publish(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        delivery: Delivery,
+        *,
+        where: str | None = None,
     ) -> None:
         """Deliver to this node's subscribers at once, and through Redis to the others'.
 
-        This node skips its own deliveries when Redis echoes them. When
-        Redis cannot be reached, a delivery that reached a subscriber here
-        counts as done (two participants on one node go on talking); one
-        that reached nobody raises :class:`StateUnavailable`.
+        ``where``: the node the receiver is on, when the caller knows it.
+        When that is this node and a subscriber is here, Redis is skipped
+        altogether. This node skips its own deliveries when Redis echoes
+        them. When Redis cannot be reached, a delivery that reached a
+        subscriber here counts as done (two participants on one node go on
+        talking); one that reached nobody raises :class:`StateUnavailable`.
         """
         channel = self.channel(consult_id, role)
         local = self._subscribers.get(channel)
         if local:
             await self._deliver_all(local, delivery)
+            if where == self._node_id:
+                return
         try:
             await self._client.publish(channel, encode_delivery(delivery, origin=self._node_id))
         except (RedisError, OSError) as err:
@@ -308,6 +342,8 @@ class RedisBroker:
                 # none when blocking); reconnects and re-subscribes on its own.
                 message = await pubsub.get_message(timeout=None)
             except (RedisError, OSError) as err:
+                if self._rooms is not None:
+                    self._rooms.feed_stopped()
                 _log.warning(
                     "broker listener lost Redis", error=type(err).__name__, retry_in_s=retry_in_s
                 )
@@ -315,11 +351,23 @@ class RedisBroker:
                 retry_in_s = min(retry_in_s * 2, _RETRY_MAX_S)
                 continue
             retry_in_s = _RETRY_MIN_S
-            if message is None or message["type"] != "pmessage":
+            if message is None:
+                continue
+            if message["type"] == "psubscribe":
+                # redis-py reconnected and subscribed again on its own:
+                # room changes published in between never reached us.
+                if self._rooms is not None:
+                    self._rooms.feed_restarted()
+                continue
+            if message["type"] != "pmessage":
                 continue
             await self._dispatch(_as_str(message["channel"]), message["data"])
 
     async def _dispatch(self, channel: str, data: str | bytes) -> None:
+        if channel.endswith(_STATE_SUFFIX):
+            if self._rooms is not None:
+                self._room_changed(channel, data)
+            return
         subscribers = self._subscribers.get(channel)
         if not subscribers:
             return
@@ -333,6 +381,16 @@ class RedisBroker:
             _log.warning("undecodable delivery dropped", error=type(err).__name__)
             return
         await self._deliver_all(subscribers, delivery)
+
+    def _room_changed(self, channel: str, data: str | bytes) -> None:
+        assert self._rooms is not None
+        try:
+            consult_id = uuid.UUID(channel[self._room_ids_from : -len(_STATE_SUFFIX)])
+            self._rooms.changed(consult_id, _as_str(data))
+        except (ValueError, UnicodeDecodeError, StateUnavailable) as err:
+            # Never published by this code; the room is read from Redis again.
+            _log.warning("undecodable room change dropped", error=type(err).__name__)
+            self._rooms.feed_restarted()
 
     @staticmethod
     async def _deliver_all(subscribers: set[_RedisSubscription], delivery: Delivery) -> None:
@@ -509,18 +567,58 @@ def decode_room_state(data: str | bytes) -> RoomState:
     )
 
 
-# KEYS: lock, state. ARGV: token, state (JSON), state TTL (ms).
-# Saves the state and releases the lock only while the lock is still ours:
-# a holder whose lock ran out (it stalled past the lock's TTL, and another
-# node may have changed the room since) saves nothing.
-_SAVE_AND_RELEASE = """
+# Each saved room state is stored and published as "{version} {json}"; a
+# dropped room is published as "{version} " (nothing after the space). The
+# version comes from the room clock, {prefix}:roomclock: Redis's own time in
+# microseconds, or one more than the last version handed out if that is
+# later, so versions only grow, across rooms and across a Redis restart
+# that lost every key, and each node can tell an older change from a newer.
+_NEXT_VERSION = """
+local function next_version(clock_key)
+  local now = redis.call('TIME')
+  local version = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local last = tonumber(redis.call('GET', clock_key) or '0')
+  if last >= version then
+    version = last + 1
+  end
+  local text = string.format('%.0f', version)
+  redis.call('SET', clock_key, text)
+  return text
+end
+"""
+
+# KEYS: lock, state, clock. ARGV: token, state (JSON), state TTL (ms), channel.
+# Saves the state, publishes it and releases the lock only while the lock is
+# still ours: a holder whose lock ran out (it stalled past the lock's TTL,
+# and another node may have changed the room since) saves nothing, and gets
+# 0. Otherwise returns the version (a string).
+_SAVE_AND_RELEASE = (
+    _NEXT_VERSION
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local value = next_version(KEYS[3]) .. ' ' .. ARGV[2]
+redis.call('SET', KEYS[2], value, 'PX', ARGV[3])
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], value)
+return value
+"""
+)
+
+# KEYS: lock, state, clock. ARGV: token, channel. Drops the room, publishes
+# that, and releases the lock if it is still ours.
+_FORGET_AND_RELEASE = (
+    _NEXT_VERSION
+    + """
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], next_version(KEYS[3]) .. ' ')
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
 return 1
 """
+)
 
 # KEYS: lock. ARGV: token. Releases the lock only if it is still ours.
 _RELEASE = """
@@ -530,10 +628,37 @@ end
 return 0
 """
 
-# Rooms remembered for a Redis outage (see RedisRoomStore.peek).
+# Rooms remembered (see RedisRoomStore).
 _CACHED_ROOMS = 10_000
+# How long a remembered room answers peek before it is read again, even
+# with no change heard: bounds what a change the feed never saw (a room
+# that expired in Redis) can leave wrong.
+_CACHE_FRESH_S = 5.0
 _LOCK_POLL_MIN_S = 0.002
 _LOCK_POLL_MAX_S = 0.05
+
+
+def _versioned(value: str | bytes) -> tuple[int, str]:
+    """Split a stored or published room value into its version and JSON
+    ("" for a dropped room); ValueError when it is neither."""
+    text = _as_str(value)
+    if text.startswith("{"):
+        return 0, text  # saved before rooms had versions
+    version, space, state = text.partition(" ")
+    if not space:
+        raise ValueError("a room value has no version")
+    return int(version), state
+
+
+@dataclass
+class _Remembered:
+    state: RoomState | None
+    version: int
+    # The feed's generation when this was read: changes are heard for it
+    # only while the feed has not restarted since.
+    generation: int
+    # When (event loop time).
+    at: float
 
 
 class RedisRoomStore:
@@ -552,9 +677,18 @@ class RedisRoomStore:
     :class:`StateUnavailable`) instead of overwriting a newer change.
     redis-py's ``Lock`` could take the lock but not save under it in one step.
 
-    ``peek`` falls back on the last state this node saw of the room when
-    Redis cannot be reached, so consults whose participants are both on
-    this node keep relaying through an outage. Everything else raises
+    ``peek`` (each relayed message asks it) answers from memory when it can.
+    The same script that saves a room publishes the new state, with a
+    version, on ``{prefix}:room:{consult}:state``; a :class:`RedisBroker`
+    that :meth:`~RedisBroker.watch_rooms` this store feeds those changes to
+    it, in the order Redis made them and before any delivery published
+    after them. A remembered room answers while the feed has run without a
+    break since it was read, and for at most a few seconds; otherwise peek
+    reads Redis. Without a broker feeding it, every peek reads Redis.
+
+    When Redis cannot be reached, ``peek`` answers from the last state this
+    node saw of the room, so consults whose participants are both on this
+    node keep relaying through an outage. Everything else raises
     :class:`StateUnavailable` then.
     """
 
@@ -566,21 +700,47 @@ class RedisRoomStore:
         state_ttl: timedelta,
         lock_ttl_s: float = 10.0,
         lock_wait_s: float = 5.0,
+        fresh_s: float = _CACHE_FRESH_S,
     ) -> None:
         self._client = client
         self._prefix = prefix
+        self._fresh_s = fresh_s
+        self._clock_key = f"{prefix}:roomclock"
         self._state_ttl_ms = int(state_ttl.total_seconds() * 1000)
         self._lock_ttl_ms = int(lock_ttl_s * 1000)
         self._lock_wait_s = lock_wait_s
         self._save_and_release = client.register_script(_SAVE_AND_RELEASE)
+        self._forget_and_release = client.register_script(_FORGET_AND_RELEASE)
         self._release = client.register_script(_RELEASE)
-        self._seen: OrderedDict[uuid.UUID, RoomState] = OrderedDict()
+        self._seen: OrderedDict[uuid.UUID, _Remembered] = OrderedDict()
+        self._fed = False
+        self._generation = 0
 
     def state_key(self, consult_id: uuid.UUID) -> str:
         return f"{self._prefix}:roomstate:{consult_id}"
 
     def lock_key(self, consult_id: uuid.UUID) -> str:
         return f"{self._prefix}:roomlock:{consult_id}"
+
+    def feed_restarted(self) -> None:
+        """The feed of changes (re)started: changes may have been missed, so
+        nothing remembered before answers ``peek`` until read again."""
+        self._fed = True
+        self._generation += 1
+
+    def feed_stopped(self) -> None:
+        """The feed of changes stopped: every ``peek`` reads Redis until it
+        restarts (and answers from memory only when Redis cannot be reached)."""
+        self._fed = False
+        self._generation += 1
+
+    def changed(self, consult_id: uuid.UUID, value: str) -> None:
+        """A change to the room heard on the feed (a published value).
+
+        Raises ValueError (or StateUnavailable) when it is unreadable."""
+        version, encoded = _versioned(value)
+        state = self._decode(consult_id, encoded) if encoded else None
+        self._remember(consult_id, state, version, self._generation)
 
     @asynccontextmanager
     async def locked(
@@ -591,34 +751,53 @@ class RedisRoomStore:
         await self._acquire(lock_key, token)
         saved = False
         try:
+            generation = self._generation
             with _redis_trouble("reading a room"):
                 raw = await self._client.get(state_key)
             if raw is None and not create:
                 yield None
                 return
-            state = RoomState() if raw is None else self._decode(consult_id, raw)
+            if raw is None:
+                version, before, state = 0, None, RoomState()
+            else:
+                version, before = self._read(consult_id, raw)
+                state = self._decode(consult_id, before)
             yield state
             encoded = encode_room_state(state)
-            if raw is not None and encoded == _as_str(raw):
+            if encoded == before:
                 # Unchanged (most blocks only look): nothing to write.
-                self._remember(consult_id, state.copy())
+                self._remember(consult_id, state.copy(), version, generation)
                 return
             with _redis_trouble("saving a room"):
-                saved = bool(
-                    await self._save_and_release(
-                        keys=[lock_key, state_key],
-                        args=[token, encoded, self._ttl_ms(state)],
-                    )
+                value = await self._save_and_release(
+                    keys=[lock_key, state_key, self._clock_key],
+                    args=[
+                        token,
+                        encoded,
+                        self._ttl_ms(state),
+                        _state_channel(self._prefix, consult_id),
+                    ],
                 )
+            saved = value != 0
             if not saved:
                 raise StateUnavailable("the room's lock ran out before its change was saved")
-            self._remember(consult_id, state.copy())
+            version, _ = self._read(consult_id, value)
+            self._remember(consult_id, state.copy(), version, generation)
         finally:
             if not saved:
                 with contextlib.suppress(RedisError, OSError):
                     await self._release(keys=[lock_key], args=[token])
 
     async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        seen = self._seen.get(consult_id)
+        if (
+            seen is not None
+            and self._fed
+            and seen.generation == self._generation
+            and asyncio.get_running_loop().time() - seen.at < self._fresh_s
+        ):
+            return seen.state
+        generation, started = self._generation, asyncio.get_running_loop().time()
         try:
             raw = await self._client.get(self.state_key(consult_id))
         except (RedisError, OSError) as err:
@@ -627,13 +806,11 @@ class RedisRoomStore:
                 raise StateUnavailable(
                     f"Redis is unreachable (reading a room): {type(err).__name__}"
                 ) from err
-            return seen
+            return seen.state
         if raw is None:
-            self._seen.pop(consult_id, None)
-            return None
-        state = self._decode(consult_id, raw)
-        self._remember(consult_id, state)
-        return state
+            return self._remember(consult_id, None, 0, generation, missing_since=started)
+        version, encoded = self._read(consult_id, raw)
+        return self._remember(consult_id, self._decode(consult_id, encoded), version, generation)
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         # Under the room's lock: a change begun before would otherwise save
@@ -642,11 +819,15 @@ class RedisRoomStore:
         await self._acquire(lock_key, token)
         try:
             with _redis_trouble("forgetting a room"):
-                await self._client.delete(self.state_key(consult_id))
+                await self._forget_and_release(
+                    keys=[lock_key, self.state_key(consult_id), self._clock_key],
+                    args=[token, _state_channel(self._prefix, consult_id)],
+                )
             self._seen.pop(consult_id, None)
-        finally:
+        except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await self._release(keys=[lock_key], args=[token])
+            raise
 
     async def consult_ids(self) -> list[uuid.UUID]:
         found: list[uuid.UUID] = []
@@ -680,7 +861,14 @@ class RedisRoomStore:
             await asyncio.sleep(poll_s)
             poll_s = min(poll_s * 2, _LOCK_POLL_MAX_S)
 
-    def _decode(self, consult_id: uuid.UUID, raw: str | bytes) -> RoomState:
+    def _read(self, consult_id: uuid.UUID, raw: str | bytes) -> tuple[int, str]:
+        try:
+            return _versioned(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            _log.error("room state in Redis is unreadable", error=type(err).__name__)
+            raise StateUnavailable("the room's state in Redis is unreadable") from err
+
+    def _decode(self, consult_id: uuid.UUID, raw: str) -> RoomState:
         try:
             return decode_room_state(raw)
         except (ValueError, UnicodeDecodeError) as err:
@@ -688,11 +876,38 @@ class RedisRoomStore:
             _log.error("room state in Redis is unreadable", error=type(err).__name__)
             raise StateUnavailable("the room's state in Redis is unreadable") from err
 
-    def _remember(self, consult_id: uuid.UUID, state: RoomState) -> None:
-        self._seen[consult_id] = state
+    def _remember(
+        self,
+        consult_id: uuid.UUID,
+        state: RoomState | None,
+        version: int,
+        generation: int,
+        *,
+        missing_since: float | None = None,
+    ) -> RoomState | None:
+        """Keep ``state`` unless a newer version of the room is known; return
+        whichever is newer, remembered from now (and so answering ``peek``
+        for a while if ``generation`` is the feed's).
+
+        Versions only grow, so they order changes heard on the feed and read
+        from Redis alike. A room Redis did not have (it may have expired)
+        has no version: ``missing_since`` is when the read began, and only a
+        change heard after that is newer."""
+        loop = asyncio.get_running_loop()
+        seen = self._seen.get(consult_id)
+        if seen is not None:
+            if missing_since is None and seen.version > version:
+                return seen.state
+            if missing_since is not None and seen.at >= missing_since:
+                return seen.state
+            if seen.version == version:
+                # The same version again: known current for the later feed.
+                generation = max(generation, seen.generation)
+        self._seen[consult_id] = _Remembered(state, version, generation, loop.time())
         self._seen.move_to_end(consult_id)
         while len(self._seen) > _CACHED_ROOMS:
             self._seen.popitem(last=False)
+        return state
 
 
 class RedisNodes:

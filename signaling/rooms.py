@@ -508,7 +508,8 @@ class ConsultRooms:
                 "the consult has not started: the therapist admits the patient first",
                 ref=message.type,
             )
-        if not state.present(participant.other):
+        receiver = state.presence(participant.other)
+        if receiver is None or not receiver.connected:
             raise ProtocolError(
                 ErrorCode.PEER_ABSENT,
                 "the other participant is not connected right now",
@@ -526,7 +527,9 @@ class ConsultRooms:
                 {"v": VERSION, "type": message.type, "sender": participant.role.value},
                 text=frame.rstrip()[:-1] + participant.sender_field,
             )
-        await self._broker.publish(participant.consult_id, participant.other, delivery)
+        await self._broker.publish(
+            participant.consult_id, participant.other, delivery, where=receiver.node
+        )
 
     async def _leave(
         self, participant: Participant, *, grace: bool, left_at: datetime | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -498,6 +498,264 @@ async def test_while_redis_is_away_peek_answers_from_what_this_node_saw(
                 pass
     finally:
         await away.aclose()
+
+
+# Room changes heard over pub/sub: peek answers from memory.
+
+
+class ReadCounter:
+    """Counts the GETs a client sends (a spy: each still goes to Redis)."""
+
+    def __init__(self, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_get = client.get
+
+        async def counted_get(name: str) -> object:
+            self.count += 1
+            return await real_get(name)
+
+        monkeypatch.setattr(client, "get", counted_get)
+
+
+@pytest.fixture
+async def fed(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> AsyncIterator[list[tuple[RedisBroker, RedisRoomStore]]]:
+    """Two nodes, each with a broker feeding its room store."""
+    pairs: list[tuple[RedisBroker, RedisRoomStore]] = []
+    for client in nodes:
+        broker = RedisBroker(client, prefix=prefix)
+        store = RedisRoomStore(client, prefix=prefix, state_ttl=timedelta(hours=1))
+        broker.watch_rooms(store)
+        await broker.start()
+        pairs.append((broker, store))
+    try:
+        yield pairs
+    finally:
+        for broker, _store in pairs:
+            await broker.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``check`` (a peek, which no event announces) until it holds."""
+    async with asyncio.timeout(WAIT_S):
+        for _ in range(int(WAIT_S / 0.005) + 1):
+            if await check():
+                return
+            await asyncio.sleep(0.005)
+    raise AssertionError(f"{check.__name__} did not hold within {WAIT_S} s")
+
+
+async def test_a_node_hears_room_changes_instead_of_reading_them(
+    fed: list[tuple[RedisBroker, RedisRoomStore]],
+    nodes: tuple[aioredis.Redis, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (_a, here), (_b, there) = fed
+    reads = ReadCounter(nodes[1], monkeypatch)
+    consult = uuid.uuid4()
+    async with here.locked(consult, create=True) as state:
+        assert state is not None
+        state.phase = RoomPhase.ACTIVE
+        state.therapist = Presence("t-1", node="node-a")
+    for _ in range(50):
+        seen = await there.peek(consult)
+        assert seen is not None
+        assert seen.phase is RoomPhase.ACTIVE
+    assert reads.count == 1  # read once, then answered from memory
+    async with here.locked(consult) as state:
+        assert state is not None
+        state.patient = Presence("p-1", node="node-a")
+
+    async def patient_seen() -> bool:
+        seen = await there.peek(consult)
+        return seen is not None and seen.patient == Presence("p-1", node="node-a")
+
+    await until(patient_seen)
+    await here.forget(consult)
+
+    async def gone() -> bool:
+        return await there.peek(consult) is None
+
+    await until(gone)
+    assert reads.count == 1  # both changes were heard, not read
+
+
+async def test_a_change_is_known_before_a_delivery_sent_after_it(
+    fed: list[tuple[RedisBroker, RedisRoomStore]],
+) -> None:
+    (sender, here), (receiver, there) = fed
+    consult = uuid.uuid4()
+    async with here.locked(consult, create=True) as state:
+        assert state is not None
+        state.display_name = "-1"
+    assert await there.peek(consult) is not None  # remembered from here on
+    names: list[str | None] = []
+    arrived = Recorder()
+
+    async def deliver(delivery: Delivery) -> None:
+        state = await there.peek(consult)
+        names.append(state.display_name if state else None)
+        await arrived.deliver(delivery)
+
+    await receiver.subscribe(consult, ParticipantRole.PATIENT, deliver)
+    for n in range(30):
+        async with here.locked(consult) as state:
+            assert state is not None
+            state.display_name = str(n)
+        await sender.publish(consult, ParticipantRole.PATIENT, Delivery({"n": n}))
+    await arrived.wait_for(30)
+    # Each delivery found the change made just before it was sent.
+    assert names == [str(n) for n in range(30)]
+
+
+async def test_versions_grow_even_across_lost_keys_and_an_older_change_loses(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    store, _other = stores(nodes, prefix)
+    client, consult = nodes[0], uuid.uuid4()
+
+    async def saved_version(name: str) -> int:
+        async with store.locked(consult, create=True) as state:
+            assert state is not None
+            state.display_name = name
+        raw = await client.get(store.state_key(consult))
+        return int(raw.split(b" ", 1)[0])
+
+    first = await saved_version("first")
+    second = await saved_version("second")
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    await client.delete(*keys)  # as a Redis restart without persistence would
+    third = await saved_version("third")
+    assert first < second < third
+    # Heard out of order: the older change never replaces the newer.
+    store.feed_restarted()
+    store.changed(consult, f"{third + 10} " + encode_room_state(RoomState(display_name="new")))
+    store.changed(consult, f"{third + 5} " + encode_room_state(RoomState(display_name="old")))
+    seen = await store.peek(consult)
+    assert seen is not None
+    assert seen.display_name == "new"
+    with pytest.raises(ValueError, match="no version"):
+        store.changed(consult, "garbage")
+
+
+async def test_peek_reads_redis_again_after_a_while_and_after_the_feed_restarted(
+    nodes: tuple[aioredis.Redis, ...], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = nodes[0]
+    broker = RedisBroker(client, prefix=prefix)
+    store = RedisRoomStore(client, prefix=prefix, state_ttl=timedelta(hours=1), fresh_s=0.3)
+    broker.watch_rooms(store)
+    await broker.start()
+    try:
+        reads = ReadCounter(client, monkeypatch)
+        consult = uuid.uuid4()
+        async with store.locked(consult, create=True):
+            pass
+        assert reads.count == 1  # the read under the lock
+        assert await store.peek(consult) is not None
+        assert reads.count == 1
+        # Expired in Redis, which publishes nothing: unheard, but read again
+        # once the remembered state is older than fresh_s.
+        await client.delete(store.state_key(consult))
+        assert await store.peek(consult) is not None
+        await asyncio.sleep(0.35)
+        assert await store.peek(consult) is None
+        assert reads.count == 2
+        assert await store.peek(consult) is None
+        assert reads.count == 2
+        store.feed_restarted()
+        assert await store.peek(consult) is None
+        assert reads.count == 3
+    finally:
+        await broker.close()
+    # A closed broker feeds nothing: every peek reads.
+    await store.peek(consult)
+    await store.peek(consult)
+    assert reads.count == 5
+
+
+async def test_a_feed_that_lost_its_connection_reads_again_and_hears_again(
+    fed: list[tuple[RedisBroker, RedisRoomStore]],
+    nodes: tuple[aioredis.Redis, ...],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (_a, here), (_b, there) = fed
+    consult = uuid.uuid4()
+    async with here.locked(consult, create=True):
+        pass
+    reads = ReadCounter(nodes[1], monkeypatch)
+    assert await there.peek(consult) is not None
+    assert reads.count == 1
+    # Redis drops every pub/sub connection (what a restart does to them).
+    await nodes[0].client_kill_filter(_type="pubsub")
+
+    async def read_again() -> bool:
+        await there.peek(consult)
+        return reads.count > 1
+
+    # Within far less than the 5 s a remembered room lasts: the reconnect
+    # itself made the node forget what it may have missed.
+    started = time.monotonic()
+    await until(read_again)
+    assert time.monotonic() - started < 4
+
+    async def answered_from_memory_again() -> bool:
+        before = reads.count
+        await there.peek(consult)
+        return reads.count == before
+
+    await until(answered_from_memory_again)  # subscribed again
+    async with here.locked(consult) as state:
+        assert state is not None
+        state.display_name = "after the reconnect"
+
+    async def heard() -> bool:
+        seen = await there.peek(consult)
+        return seen is not None and seen.display_name == "after the reconnect"
+
+    count = reads.count
+    await until(heard)
+    assert reads.count == count
+
+
+async def test_a_delivery_to_a_receiver_on_this_node_skips_redis(
+    brokers: tuple[RedisBroker, RedisBroker], nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    receiver = brokers[1]
+    consult = uuid.uuid4()
+    here = Recorder()
+    await receiver.subscribe(consult, ParticipantRole.PATIENT, here.deliver)
+    wire = nodes[0].pubsub()
+    await wire.subscribe(receiver.channel(consult, ParticipantRole.PATIENT))
+    try:
+        await receiver.publish(
+            consult, ParticipantRole.PATIENT, Delivery({"n": 1}), where=receiver.node_id
+        )
+        await receiver.publish(consult, ParticipantRole.PATIENT, Delivery({"n": 2}), where="other")
+        assert [d.message for d in await here.wait_for(2)] == [{"n": 1}, {"n": 2}]
+        on_the_wire: list[bytes] = []
+        async with asyncio.timeout(WAIT_S):
+            while not on_the_wire:
+                message = await wire.get_message(timeout=WAIT_S)
+                if message is not None and message["type"] == "message":
+                    on_the_wire.append(message["data"])
+        assert len(on_the_wire) == 1
+        assert decode_delivery(on_the_wire[0].decode()).message == {"n": 2}
+        # No subscriber here after all (the receiver moved): Redis carries it.
+        other = uuid.uuid4()
+        await wire.subscribe(receiver.channel(other, ParticipantRole.PATIENT))
+        await receiver.publish(
+            other, ParticipantRole.PATIENT, Delivery({"n": 3}), where=receiver.node_id
+        )
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                message = await wire.get_message(timeout=WAIT_S)
+                if message is not None and message["type"] == "message":
+                    break
+        assert decode_delivery(message["data"].decode()).message == {"n": 3}
+    finally:
+        await wire.aclose()
 
 
 # Node heartbeats.
