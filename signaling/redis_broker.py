@@ -186,6 +186,65 @@ class _RedisSubscription:
             del self._owner._subscribers[self.channel]
 
 
+class _Publisher:
+    """Sends publishes in pipelines: whatever was queued while the last
+    pipeline was on its way goes in the next one, in the order queued.
+
+    One pipeline at a time, so deliveries to a channel keep their order;
+    under load one round trip carries many deliveries instead of one each,
+    on one pooled connection instead of one each.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._queue: list[tuple[str, str, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def publish(self, channel: str, data: str) -> None:
+        """Publish ``data`` on ``channel``; :class:`StateUnavailable` when
+        Redis did not take it."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((channel, data, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name="redis-broker-publisher")
+        await future
+
+    async def close(self) -> None:
+        """Wait for what is queued to be sent (or fail)."""
+        sender = self._sender
+        if sender is not None:
+            await asyncio.shield(sender)
+
+    async def _send(self) -> None:
+        batch: list[tuple[str, str, asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for channel, data, _future in batch:
+                            pipe.publish(channel, data)
+                        await pipe.execute()
+                except (RedisError, OSError) as err:
+                    _fail(batch, f"Redis is unreachable (publishing): {type(err).__name__}")
+                else:
+                    for _channel, _data, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+                batch = []
+        finally:
+            self._sender = None
+            # Cancelled (the loop closing): nothing queued waits forever.
+            _fail(batch + self._queue, "the delivery was not sent: the broker is closing")
+            self._queue = []
+
+
+def _fail(batch: list[tuple[str, str, asyncio.Future[None]]], why: str) -> None:
+    for _channel, _data, future in batch:
+        if not future.done():
+            future.set_exception(StateUnavailable(why))
+
+
 class RedisBroker:
     """Deliveries between nodes over Redis pub/sub; see the module docstring.
 
@@ -205,6 +264,7 @@ class RedisBroker:
         self._subscribers: dict[str, set[_RedisSubscription]] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._publisher = _Publisher(client)
         self._rooms: RedisRoomStore | None = None
         self._room_ids_from = len(f"{prefix}:room:")
 
@@ -287,6 +347,10 @@ class RedisBroker:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
             except Exception as err:
                 errors.append(err)
+        try:
+            await self._publisher.close()
+        except Exception as err:
+            errors.append(err)
         if errors:
             raise errors[0]
 
@@ -318,11 +382,11 @@ class RedisBroker:
             if where == self._node_id:
                 return
         try:
-            await self._client.publish(channel, encode_delivery(delivery, origin=self._node_id))
-        except (RedisError, OSError) as err:
+            await self._publisher.publish(channel, encode_delivery(delivery, origin=self._node_id))
+        except StateUnavailable as err:
             if not local:
-                raise StateUnavailable("Redis is unreachable: the delivery went nowhere") from err
-            _log.debug("delivery kept to this node: Redis unreachable", error=type(err).__name__)
+                raise StateUnavailable(f"the delivery went nowhere: {err}") from err
+            _log.debug("delivery kept to this node: Redis unreachable")
 
     async def subscribe(
         self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver

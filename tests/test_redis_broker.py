@@ -204,6 +204,47 @@ async def test_a_failing_receiver_stops_neither_the_others_nor_the_listener(
     assert "symptom" not in repr(logged)
 
 
+async def test_deliveries_published_at_once_all_arrive_each_sender_in_order(
+    brokers: tuple[RedisBroker, RedisBroker],
+) -> None:
+    sender, receiver = brokers
+    consults = [uuid.uuid4() for _ in range(20)]
+    recorders = [Recorder() for _ in consults]
+    for consult, recorder in zip(consults, recorders, strict=True):
+        await receiver.subscribe(consult, ParticipantRole.PATIENT, recorder.deliver)
+
+    async def talk(consult: uuid.UUID) -> None:
+        for n in range(25):
+            await sender.publish(consult, ParticipantRole.PATIENT, Delivery({"n": n}))
+
+    # 20 senders at once: their deliveries share pipelines.
+    await asyncio.gather(*(talk(consult) for consult in consults))
+    for recorder in recorders:
+        got = await recorder.wait_for(25)
+        assert [d.message for d in got] == [{"n": n} for n in range(25)]
+
+
+async def test_a_delivery_that_reaches_nobody_with_redis_away_is_an_error(
+    prefix: str,
+) -> None:
+    away = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    broker = RedisBroker(away, prefix=prefix)
+    try:
+        consult = uuid.uuid4()
+        results = await asyncio.gather(
+            *(
+                broker.publish(consult, ParticipantRole.PATIENT, Delivery({"n": n}))
+                for n in range(5)
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(result, StateUnavailable) for result in results), results
+        assert all("went nowhere" in str(result) for result in results)
+    finally:
+        await broker.close()
+        await away.aclose()
+
+
 async def test_subscribing_before_start_is_refused(
     nodes: tuple[aioredis.Redis, ...], prefix: str
 ) -> None:
