@@ -52,7 +52,9 @@ _log = structlog.get_logger("videoconsult.server")
 # How often due room timers are looked for: a grace period ends at most this
 # much late.
 TIMER_POLL_S = 0.25
-# Connections per node to Redis: about two per consult in flight under load.
+# Connections per node to Redis at most: deliveries share pipelines, and
+# room changes and timers take one each while in flight (about 26 for 200
+# busy consults in docs/benchmarks.md); far more only when Redis is slow.
 REDIS_MAX_CONNECTIONS = 2000
 # Another interval for the timer task (tests on a manual clock fire the
 # timers themselves, and set it to hours).

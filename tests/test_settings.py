@@ -105,6 +105,11 @@ def test_missing_site_file_is_named(tmp_path: Path) -> None:
         ("VIDEOCONSULT_LOGGING_LEVEL", "loud", "'debug', 'info', 'warning' or 'error'"),
         ("VIDEOCONSULT_DATABASE_URL", "mysql://db/vc", "postgresql+asyncpg://"),
         ("VIDEOCONSULT_REDIS_URL", "http://cache", "redis://"),
+        # Keys and channels are "{prefix}:...": a colon or a glob character
+        # in the prefix would reach another deployment's rooms.
+        ("VIDEOCONSULT_REDIS_KEY_PREFIX", "vc:prod", "should match pattern"),
+        ("VIDEOCONSULT_REDIS_KEY_PREFIX", "vc*", "should match pattern"),
+        ("VIDEOCONSULT_REDIS_KEY_PREFIX", "", "at least 1 character"),
     ],
 )
 def test_bad_value_names_the_setting_its_source_and_what_is_allowed(
