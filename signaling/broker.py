@@ -200,7 +200,13 @@ class Timers(Protocol):
         """Remove the timer ``key`` if it is set."""
 
     async def claim_due(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
-        """Return the timers due at ``now`` and remove them: each is handed out once."""
+        """Return the timers due at ``now`` and claim them: each is handed out
+        once, and again only if its claimer never called :meth:`done` (it
+        died), so the actions must be safe to repeat."""
+
+    async def done(self, key: str) -> None:
+        """The action of the claimed timer ``key`` is done (unless it was set
+        again meanwhile: then the new one stays)."""
 
 
 class _DirectSubscription:
@@ -329,6 +335,10 @@ class InProcessTimers:
                 del self._due[key]
                 due.append((key, live[1]))
         return due
+
+    async def done(self, key: str) -> None:
+        # Removed when claimed: in one process, nobody dies holding one.
+        return None
 
     def __len__(self) -> int:
         return len(self._due)

@@ -27,8 +27,10 @@ already copes with lost peers (reconnect grace, renegotiation).
 
 :class:`RedisTimers` keeps deadlines in a sorted set of keys by due time
 (``{prefix}:timers:due``) and their payloads in a hash
-(``{prefix}:timers:payloads``); a Lua script claims due timers and removes
-them in one step, so each is handed out exactly once across nodes.
+(``{prefix}:timers:payloads``); a Lua script claims due timers in one step,
+moving them to a sorted set of claims by when they run out
+(``{prefix}:timers:claimed``), so each is handed to one node, and again
+only if that node never said it was done (it died).
 
 :class:`RedisRoomStore` keeps each room's state as JSON with a lock per
 room, and :class:`RedisNodes` which nodes are alive (heartbeats), so that a
@@ -469,23 +471,41 @@ class RedisBroker:
                 _log.warning("delivery failed", error=type(err).__name__)
 
 
-# KEYS: due set, payload hash. ARGV: now (µs since the epoch), batch size.
-# Returns key, payload, key, payload, ... in due order. Atomic, as every
-# script is: two nodes claiming at once never see the same timer.
+# KEYS: due set, payload hash, claimed set. ARGV: now (µs since the epoch),
+# batch size, lease end (µs). Claims the timers due at ``now`` and those
+# whose claim ran out (their claimer died before it was done): each moves
+# to the claimed set until the lease end, its payload stays until done.
+# Returns more, key, payload, key, payload, ...; ``more`` is 1 when a batch
+# was full. Atomic, as every script is: two nodes claiming at once never
+# see the same timer.
 _CLAIM_DUE = """
-local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-if #keys == 0 then
-  return {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local claimed = {0}
+if #due == tonumber(ARGV[2]) or #lapsed == tonumber(ARGV[2]) then
+  claimed[1] = 1
 end
-local payloads = redis.call('HMGET', KEYS[2], unpack(keys))
-redis.call('ZREM', KEYS[1], unpack(keys))
-redis.call('HDEL', KEYS[2], unpack(keys))
-local claimed = {}
-for i, key in ipairs(keys) do
-  claimed[2 * i - 1] = key
-  claimed[2 * i] = payloads[i] or ''
+for _, batch in ipairs({due, lapsed}) do
+  if #batch > 0 then
+    local payloads = redis.call('HMGET', KEYS[2], unpack(batch))
+    for i, key in ipairs(batch) do
+      redis.call('ZREM', KEYS[1], key)
+      redis.call('ZADD', KEYS[3], ARGV[3], key)
+      claimed[#claimed + 1] = key
+      claimed[#claimed + 1] = payloads[i] or ''
+    end
+  end
 end
 return claimed
+"""
+
+# KEYS: claimed set, payload hash. ARGV: key. A timer set again after its
+# claim is no longer in the claimed set, and keeps its new payload.
+_DONE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
 """
 
 
@@ -499,59 +519,76 @@ def _score_us(moment: datetime) -> int:
 
 
 class RedisTimers:
-    """Deadlines in Redis, each handed out once to whichever node claims it first.
+    """Deadlines in Redis, each handed out to whichever node claims it first.
 
-    Times must be time-zone aware (a naive time is refused with ValueError:
-    its meaning would depend on each node's local zone).
+    A claim lasts ``lease``: a timer whose claimer has not called
+    :meth:`done` by then (the node died while acting on it) is handed out
+    again, once. Times must be time-zone aware (a naive time is refused
+    with ValueError: its meaning would depend on each node's local zone).
     """
 
-    def __init__(self, client: Redis, *, prefix: str) -> None:
+    def __init__(
+        self, client: Redis, *, prefix: str, lease: timedelta = timedelta(seconds=30)
+    ) -> None:
         self._client = client
         self._due_key = f"{prefix}:timers:due"
         self._payloads_key = f"{prefix}:timers:payloads"
+        self._claimed_key = f"{prefix}:timers:claimed"
+        self._lease = lease
         self._claim_due = client.register_script(_CLAIM_DUE)
+        self._done = client.register_script(_DONE)
 
     @property
-    def keys(self) -> tuple[str, str]:
+    def keys(self) -> tuple[str, str, str]:
         """The Redis keys this uses (for tests and clean-up)."""
-        return (self._due_key, self._payloads_key)
+        return (self._due_key, self._payloads_key, self._claimed_key)
 
     async def schedule(self, key: str, due_at: datetime, payload: dict[str, Any]) -> None:
         score = _score_us(due_at)
         encoded = json.dumps(payload, separators=(",", ":"))
-        # One transaction: a claim never sees the new time with the old payload.
+        # One transaction: a claim never sees the new time with the old
+        # payload, and a timer set again is no longer claimed.
         with _redis_trouble("setting a timer"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zadd(self._due_key, {key: score})
                 pipe.hset(self._payloads_key, key, encoded)
+                pipe.zrem(self._claimed_key, key)
                 await pipe.execute()
 
     async def cancel(self, key: str) -> None:
         with _redis_trouble("cancelling a timer"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._due_key, key)
+                pipe.zrem(self._claimed_key, key)
                 pipe.hdel(self._payloads_key, key)
                 await pipe.execute()
 
     async def claim_due(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
-        score = _score_us(now)
+        score, lease_end = _score_us(now), _score_us(now + self._lease)
         due: list[tuple[str, dict[str, Any]]] = []
         while True:
             with _redis_trouble("claiming timers"):
-                claimed: list[str | bytes] = await self._claim_due(
-                    keys=[self._due_key, self._payloads_key], args=[score, _CLAIM_BATCH]
+                claimed: list[int | str | bytes] = await self._claim_due(
+                    keys=[self._due_key, self._payloads_key, self._claimed_key],
+                    args=[score, _CLAIM_BATCH, lease_end],
                 )
-            for index in range(0, len(claimed), 2):
-                key, payload = _as_str(claimed[index]), _as_str(claimed[index + 1])
+            more, items = claimed[0] == 1, cast(list[str | bytes], claimed[1:])
+            for index in range(0, len(items), 2):
+                key, payload = _as_str(items[index]), _as_str(items[index + 1])
                 try:
                     # An empty payload: the hash lost it (never by our own
                     # writes, which are transactions); the key still tells.
                     due.append((key, json.loads(payload) if payload else {}))
                 except ValueError:
-                    # Claimed and gone: handing it out half-read would be worse.
+                    # Handing it out half-read would be worse; done with it.
                     _log.warning("timer with an undecodable payload dropped", timer=key)
-            if len(claimed) < 2 * _CLAIM_BATCH:
+                    await self.done(key)
+            if not more:
                 return due
+
+    async def done(self, key: str) -> None:
+        with _redis_trouble("finishing a timer"):
+            await self._done(keys=[self._claimed_key, self._payloads_key], args=[key])
 
 
 @contextlib.contextmanager

@@ -396,6 +396,12 @@ class ConsultRooms:
         for key, payload in due:
             try:
                 await self._fire(key, payload)
+                try:
+                    await self._timers.done(key)
+                except StateUnavailable:
+                    # Its claim runs out and it fires again: the actions
+                    # find their work done and change nothing.
+                    _log.warning("room timer done, but Redis did not hear it")
             except Exception as err:
                 if isinstance(err, StateUnavailable):
                     _log.warning("room timer postponed: shared state unavailable")
@@ -673,14 +679,23 @@ class ConsultRooms:
             if state is None or state.phase is RoomPhase.OVER:
                 return
             presence = state.presence(role)
-            if presence is None or presence.connected or presence.connection_id != connection_id:
+            if (
+                presence is None
+                and state.phase is RoomPhase.ACTIVE
+                and not state.presence(role.other)
+            ):
+                # Both gone, and yet not over: a node died between this
+                # timer's first try and the end it led to. Ended now.
+                end_at = self._clock.now()
+            elif presence is None or presence.connected or presence.connection_id != connection_id:
                 return  # came back in time
-            state.set_presence(role, None)
-            await self._send(consult_id, role.other, outbound("peer-left", role=role.value))
-            if state.presence(role.other) is None:
-                # Both gone past their grace periods: the consult ended when
-                # this one, the last, went away.
-                end_at = presence.left_at or self._clock.now()
+            else:
+                state.set_presence(role, None)
+                await self._send(consult_id, role.other, outbound("peer-left", role=role.value))
+                if state.presence(role.other) is None:
+                    # Both gone past their grace periods: the consult ended when
+                    # this one, the last, went away.
+                    end_at = presence.left_at or self._clock.now()
         if end_at is not None:
             await self.end(consult_id, reason="both_left", at=end_at)
 

@@ -304,6 +304,8 @@ async def test_moved_and_cancelled_timers_fire_once_at_their_last_time_or_never(
         ("early", {"n": 4}),
     ]
     assert await one.claim_due(NOW + timedelta(seconds=60)) == [("grace", {"n": 2})]
+    for key in ("earlier", "early", "grace"):
+        await other.done(key)
     for key in one.keys:
         assert await nodes[0].exists(key) == 0  # nothing left behind
 
@@ -355,8 +357,46 @@ async def test_nodes_claiming_at_once_get_each_timer_exactly_once(
     everything = [key for result in results for key in result]
     assert len(everything) == 500  # no timer twice
     assert set(everything) == {f"timer-{n}" for n in range(500)}  # none lost
+    for key in everything:
+        await one.done(key)
     for key in one.keys:
         assert await nodes[0].exists(key) == 0
+    # Done, so never handed out again, even long after the claims ran out.
+    assert await other.claim_due(NOW + timedelta(hours=1)) == []
+
+
+async def test_a_timer_whose_claimer_died_is_handed_out_again_once(
+    timers: tuple[RedisTimers, RedisTimers], nodes: tuple[aioredis.Redis, ...]
+) -> None:
+    dead, alive = timers
+    await dead.schedule("grace", NOW, {"n": 1})
+    assert await dead.claim_due(NOW) == [("grace", {"n": 1})]
+    # The claimer dies before it is done: nobody else gets it while its
+    # claim (30 s) lasts, then exactly one node does, once.
+    assert await alive.claim_due(NOW + timedelta(seconds=29)) == []
+    assert await alive.claim_due(NOW + timedelta(seconds=31)) == [("grace", {"n": 1})]
+    assert await dead.claim_due(NOW + timedelta(seconds=32)) == []
+    await alive.done("grace")
+    assert await dead.claim_due(NOW + timedelta(hours=1)) == []
+    for key in alive.keys:
+        assert await nodes[0].exists(key) == 0
+
+
+async def test_a_timer_set_again_or_cancelled_after_its_claim(
+    timers: tuple[RedisTimers, RedisTimers],
+) -> None:
+    one, other = timers
+    await one.schedule("max", NOW, {"n": 1})
+    await one.schedule("grace", NOW, {"n": 2})
+    assert len(await one.claim_due(NOW)) == 2
+    # Set again while claimed (a retry, a moved deadline): the new one
+    # stays, whatever the first claimer's done says.
+    await other.schedule("max", NOW + timedelta(seconds=60), {"n": 3})
+    await one.done("max")
+    # Cancelled while claimed: never handed out again.
+    await other.cancel("grace")
+    assert await other.claim_due(NOW + timedelta(seconds=45)) == []
+    assert await other.claim_due(NOW + timedelta(seconds=60)) == [("max", {"n": 3})]
 
 
 # The room store.

@@ -197,6 +197,8 @@ async def test_after_the_grace_period_the_other_side_is_told_the_peer_left(
     assert await harness.app[ROOMS].fire_due_timers() == 1
     assert (await receive(therapist, "peer-left"))["role"] == "patient"
     assert (await consult_row(harness, setup.consult_id)).status == "active"
+    harness.clock.advance(60)  # past any claim on the timer: done is done
+    assert await harness.app[ROOMS].fire_due_timers() == 0
     await therapist.send_json({"v": 1, "type": "bye"})
     await receive(therapist, "consult-ended")
     row = await consult_row(harness, setup.consult_id)
@@ -234,6 +236,29 @@ async def test_both_gone_past_grace_ends_the_consult_when_the_last_one_left(
     row = await consult_row(harness, setup.consult_id)
     assert row.status == "ended"
     assert row.duration_s == 60 + 25  # until the last one went, not the end of the grace
+
+
+async def test_a_grace_timer_handed_out_again_finishes_an_end_left_undone(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    consult_id = uuid.UUID(setup.consult_id)
+    rooms = harness.app[ROOMS]
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    await therapist.close()
+    await wait_until_reconnecting(harness, setup.consult_id, "therapist")
+    # What a node that died half-way through the last grace period leaves:
+    # both presences cleared and saved, the consult not ended; the timers
+    # are handed out again once their claims run out.
+    async with rooms._store.locked(consult_id) as state:
+        assert state is not None
+        state.therapist = state.patient = None
+    harness.clock.advance(31)
+    await rooms.fire_due_timers()
+    row = await consult_row(harness, setup.consult_id)
+    assert row.status == "ended"
+    assert row.duration_s == 31
 
 
 async def test_maximum_duration_ends_the_consult(harness: Harness, sockets: Sockets) -> None:
