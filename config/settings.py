@@ -200,6 +200,7 @@ class RedisSettings(_Section):
 
 class SecuritySettings(_Section):
     master_key: SecretStr
+    client_requests_per_min: int = Field(ge=0, le=1_000_000)
 
     @field_validator("master_key")
     @classmethod

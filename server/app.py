@@ -26,6 +26,7 @@ from server.app_keys import (
 )
 from server.auth.passwords import PasswordHasher
 from server.background import background_task
+from server.client_limits import client_limit_middleware, client_limits_context
 from server.housekeeping import run_housekeeping, run_retention_purge
 from server.metrics import Metrics
 from server.resources import (
@@ -50,7 +51,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         # The error middleware is outermost, so even a refused Origin answers in JSON.
-        middlewares=[error_middleware, origin_check_middleware],
+        middlewares=[error_middleware, client_limit_middleware, origin_check_middleware],
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
@@ -73,6 +74,7 @@ def setup_resources(app: web.Application) -> None:
             database_context,
             technical_log_context,
             redis_context,
+            client_limits_context,
             signaling_context,
             background_task("technical-log", run_technical_log_writer),
             background_task("housekeeping", run_housekeeping),

@@ -6,6 +6,7 @@ Declared in one place so that every module agrees on the type behind a key.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -19,6 +20,9 @@ from server.auth.passwords import PasswordHasher
 from server.metrics import Metrics
 from signaling.rooms import ConsultRooms
 from signaling.tickets import TicketStore
+
+if TYPE_CHECKING:  # it needs these keys itself
+    from server.client_limits import ClientLimiter
 
 SETTINGS = web.AppKey("settings", Settings)
 # The absolute data directory, checked and created at start-up.
@@ -36,6 +40,8 @@ PASSWORD_HASHER = web.AppKey("password_hasher", PasswordHasher)
 ROOMS = web.AppKey("rooms", ConsultRooms)
 # Single-use WebSocket tickets for patients.
 TICKETS = web.AppKey("tickets", TicketStore)
+# Requests a minute per client address where no login is needed.
+CLIENT_LIMITER: web.AppKey[ClientLimiter] = web.AppKey("client_limiter")
 # Open therapist sockets by the hash of their login session, for the session check.
 THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKey(
     "therapist_sockets"

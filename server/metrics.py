@@ -80,6 +80,7 @@ REFUSAL_REASONS = (
     "not_found",
     "consult_over",
     "unavailable",
+    "too_many_requests",
     REFUSAL_OTHER,
 )
 

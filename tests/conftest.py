@@ -197,7 +197,13 @@ def make_settings(data_dir: Path) -> SettingsFactory:
     """
 
     def _make(**overrides: Any) -> Settings:
-        environ = {"VIDEOCONSULT_DATA_DIR": str(data_dir), **CHEAP_PASSWORD_HASHING}
+        environ = {
+            "VIDEOCONSULT_DATA_DIR": str(data_dir),
+            **CHEAP_PASSWORD_HASHING,
+            # Tests make hundreds of requests from 127.0.0.1 in one app;
+            # tests/test_client_limits.py sets the limit it tests.
+            "VIDEOCONSULT_SECURITY_CLIENT_REQUESTS_PER_MIN": "0",
+        }
         for name, value in overrides.items():
             environ[f"VIDEOCONSULT_{name.upper()}"] = str(value)
         return load_settings(environ)

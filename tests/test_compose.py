@@ -48,6 +48,7 @@ SHARED_SETTINGS = (
     "turn.secret",
     "server.public_url",
     "server.trusted_proxies",
+    "security.client_requests_per_min",
 )
 
 # Compose interpolation: ${NAME}, ${NAME:?message}, ${NAME:-default}, ...;
