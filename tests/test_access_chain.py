@@ -40,7 +40,9 @@ CHAIN = str(uuid.UUID(int=1))
 
 @pytest.fixture
 async def engine(make_settings: SettingsFactory, database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = make_settings(database_url=database_url)
+    # On SQLite this is also how long a writer waits for the lock: 300
+    # appends at once on a busy host once took longer than the default 5 s.
+    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
     engine = create_engine(
         configured_url(settings, prepare_data_dir(settings.data_dir)),
         connect_timeout_s=settings.database.connect_timeout_s,

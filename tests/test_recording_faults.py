@@ -66,6 +66,15 @@ def full_disk_store(sqlite_harness: Harness) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(store_dir)], check=False)
 
 
+async def grown_to(path: Path, size: int, *, within_s: float) -> None:
+    """Poll until the file another process writes has ``size`` bytes."""
+    for _ in range(int(within_s / 0.1)):
+        if path.exists() and path.stat().st_size >= size:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path.name} stayed under {size} bytes for {within_s:g} s")
+
+
 def tolerant_counts(media: bytes) -> Counter[str]:
     """Frames per stream kind in media that may end mid-cluster (a cut file)."""
     frames: Counter[str] = Counter()
@@ -233,7 +242,12 @@ async def test_a_recording_cut_by_a_killed_server_is_marked_incomplete_and_still
             await call.therapist.send("offer", sdp=await therapist.offer())
             await all_receive_media(therapist, patient)
             on = await consent_and_connect(call)
-            await asyncio.sleep(3.0)
+            # Killed once a few chunks are on disk (not after a fixed time:
+            # a busy host records more slowly, and a cut too early holds
+            # nothing that plays).
+            # About two seconds of both parties' media, here.
+            written = data_dir / "recordings" / f"{on['recording']}.vcenc"
+            await grown_to(written, 24 * 1024, within_s=60)
             server.kill()
 
         recording_id = uuid.UUID(on["recording"])
