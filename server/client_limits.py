@@ -11,8 +11,10 @@ With Redis the count is shared by every node (``{prefix}:rate:{client}``,
 an ``INCR`` with the window as its expiry), so spreading requests over
 nodes gains nothing. The client part of the key is an HMAC of the address
 under a key derived from the master key, so no address is readable in
-Redis. When Redis cannot be reached each node counts on its own: the
-limit then holds per node, and nobody is refused for Redis's trouble.
+Redis. When Redis cannot be reached each node counts on its own for the
+next few seconds before it asks Redis again: the limit then holds per
+node, nobody is refused for Redis's trouble, and a Redis that does not
+answer does not hold every login up.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ WINDOW_S = 60
 # Client addresses counted in memory at most (the oldest windows go first).
 _REMEMBERED = 100_000
 # The endpoints an outsider can reach without a login.
-_LIMITED_PREFIXES = ("/api/login", "/api/enrolment/", "/api/invites/")
+_LIMITED_PREFIXES = ("/api/enrolment/", "/api/invites/")
 _LIMITED_PATHS = ("/api/login", "/ws")
+# After Redis failed to count, how long each node counts on its own before
+# it asks Redis again: a Redis that does not answer would otherwise hold
+# every login up for the connect timeout.
+_REDIS_RETRY_S = 5.0
 
 # KEYS: the client's counter. ARGV: window (ms). Returns the count so far
 # in this window and the window's milliseconds left.
@@ -110,6 +116,8 @@ class ClientLimiter:
         self._prefix = prefix
         self._key = derive_key(master_key, "client-rate-limit")
         self._hit = redis.register_script(_HIT) if redis is not None else None
+        self._now = now
+        self._redis_again_at = 0.0
         self._local = _Windows(now)
 
     @property
@@ -129,13 +137,14 @@ class ClientLimiter:
         return None if count <= self._per_min else max(left_s, 1.0)
 
     async def _count(self, address: str) -> tuple[int, float]:
-        if self._hit is not None:
+        if self._hit is not None and self._now() >= self._redis_again_at:
             try:
                 count, left_ms = await self._hit(
                     keys=[self.redis_key(address)], args=[WINDOW_S * 1000]
                 )
                 return int(count), int(left_ms) / 1000
             except (RedisError, OSError) as err:
+                self._redis_again_at = self._now() + _REDIS_RETRY_S
                 _log.debug(
                     "client limit counted on this node: Redis unreachable",
                     error=type(err).__name__,

@@ -708,16 +708,18 @@ return value
 )
 
 # KEYS: lock, state, clock. ARGV: token, channel. Drops the room, publishes
-# that, and releases the lock if it is still ours.
+# that, and releases the lock if it is still ours; returns the published
+# value.
 _FORGET_AND_RELEASE = (
     _NEXT_VERSION
     + """
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[2], next_version(KEYS[3]) .. ' ')
+local value = next_version(KEYS[3]) .. ' '
+redis.call('PUBLISH', ARGV[2], value)
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
-return 1
+return value
 """
 )
 
@@ -919,12 +921,15 @@ class RedisRoomStore:
         lock_key, token = self.lock_key(consult_id), secrets.token_hex(16)
         await self._acquire(lock_key, token)
         try:
+            generation = self._generation
             with _redis_trouble("forgetting a room"):
-                await self._forget_and_release(
+                value = await self._forget_and_release(
                     keys=[lock_key, self.state_key(consult_id), self._clock_key],
                     args=[token, _state_channel(self._prefix, consult_id)],
                 )
-            self._seen.pop(consult_id, None)
+            # Gone, at this version: a change heard late from before it loses.
+            version, _ = self._read(consult_id, value)
+            self._remember(consult_id, None, version, generation)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await self._release(keys=[lock_key], args=[token])

@@ -682,7 +682,7 @@ class ConsultRooms:
             if (
                 presence is None
                 and state.phase is RoomPhase.ACTIVE
-                and not state.presence(role.other)
+                and state.presence(role.other) is None
             ):
                 # Both gone, and yet not over: a node died between this
                 # timer's first try and the end it led to. Ended now.

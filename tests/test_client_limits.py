@@ -136,3 +136,33 @@ async def test_with_redis_unreachable_each_node_counts_alone(
         for _ in range(6)
     ]
     assert statuses == [404] * 5 + [429]  # never a 500, and still limited
+
+
+async def test_a_redis_that_failed_is_asked_again_only_after_a_few_seconds(
+    free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    away = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port}/0", socket_connect_timeout=0.2)
+    limiter = ClientLimiter(
+        per_min=3, master_key=secrets.token_bytes(32), redis=away, prefix="vc", now=lambda: now[0]
+    )
+    asked = 0
+    script = limiter._hit
+    assert script is not None
+
+    async def counted(**arguments: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        return await script(**arguments)
+
+    monkeypatch.setattr(limiter, "_hit", counted)
+    try:
+        results = [await limiter.hit("203.0.113.7") for _ in range(4)]
+        assert results[:3] == [None, None, None]
+        assert results[3] is not None  # counted on this node meanwhile
+        assert asked == 1  # one failure, then not asked for a while
+        now[0] += 5
+        await limiter.hit("203.0.113.7")
+        assert asked == 2
+    finally:
+        await away.aclose()
