@@ -9,6 +9,10 @@
 # URL-safe base64). Without a database URL it keeps a SQLite file in the data
 # volume; docker-compose.yml wires it to PostgreSQL and Redis instead.
 
+# Every package comes from requirements/runtime.txt (exact versions, checked
+# against their hashes; ./scripts/lock makes it): the image holds the set the
+# tests ran with, whichever day it is built.
+
 # --- build: turn the source tree into a wheel (no dev or test extras) ---------
 FROM python:3.11-slim AS build
 
@@ -16,8 +20,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
+COPY requirements/runtime.txt requirements/runtime.txt
+# The locked pip and setuptools build the wheel; nothing unlocked is fetched for it.
+RUN pip install --require-hashes --no-deps -r requirements/runtime.txt
 COPY . .
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # --- runtime -------------------------------------------------------------------
 FROM python:3.11-slim
@@ -37,8 +44,11 @@ RUN groupadd --system --gid 10001 videoconsult \
         videoconsult \
  && install -d -m 0700 -o videoconsult -g videoconsult /var/lib/videoconsult /var/lib/videoconsult/recordings
 
+COPY requirements/runtime.txt /tmp/runtime.txt
 COPY --from=build /wheels /tmp/wheels
-RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
+RUN pip install --require-hashes --no-deps -r /tmp/runtime.txt \
+ && pip install --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels /tmp/runtime.txt
 
 WORKDIR /var/lib/videoconsult
 VOLUME ["/var/lib/videoconsult"]

@@ -3,7 +3,8 @@
 
 Run from the repository root (see docs/benchmarks.md):
 
-    .venv/bin/pip install -r bench/requirements.txt && (cd bench && npm ci)
+    .venv/bin/pip install --require-hashes --no-deps -r requirements/bench.txt
+    (cd bench && npm ci)
     .venv/bin/python bench/signaling.py --pairs 500 2000 --runs 3
 
 For every run the benchmark starts a fresh server on 127.0.0.1 (ours:
@@ -66,7 +67,7 @@ import pyotp
 
 try:
     import uvloop
-except ImportError:  # pragma: no cover - bench/requirements.txt installs it
+except ImportError:  # pragma: no cover - requirements/bench.txt installs it
     uvloop = None
 
 BENCH = Path(__file__).resolve().parent

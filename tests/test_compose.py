@@ -129,8 +129,9 @@ def interpolate_compose(variables: dict[str, str]) -> list[str]:
     return [interpolate(text, variables) for text in strings(load_compose())]
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """The final stage's instructions as (INSTRUCTION, arguments), continuations joined."""
+def dockerfile_instructions(all_stages: bool = False) -> list[tuple[str, str]]:
+    """The final stage's (or every stage's) instructions as (INSTRUCTION, arguments),
+    continuations joined."""
     instructions: list[tuple[str, str]] = []
     pending = ""
     for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
@@ -142,14 +143,14 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
             continue
         keyword, _, arguments = (pending + line).partition(" ")
         pending = ""
-        if keyword.upper() == "FROM":
+        if keyword.upper() == "FROM" and not all_stages:
             instructions = []
         instructions.append((keyword.upper(), arguments.strip()))
     return instructions
 
 
-def dockerfile_args(keyword: str) -> list[str]:
-    return [arguments for name, arguments in dockerfile_instructions() if name == keyword]
+def dockerfile_args(keyword: str, all_stages: bool = False) -> list[str]:
+    return [arguments for name, arguments in dockerfile_instructions(all_stages) if name == keyword]
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -574,3 +575,29 @@ def test_node_hands_out_turn_over_udp_tcp_and_tls_on_443(node: str) -> None:
     conf = (ROOT / "deploy" / "coturn" / "turnserver.conf").read_text()
     assert "tls-listening-port=443" in conf
     assert "use-auth-secret" in conf
+
+
+def test_the_image_installs_exactly_the_runtime_lock() -> None:
+    """Every pip run in the image takes its packages from requirements/runtime.txt
+    (hash-checked) or installs our own wheel without dependencies, so no build
+    fetches whatever was newest that day."""
+    pip_runs = [
+        command.strip()
+        for arguments in dockerfile_args("RUN", all_stages=True)
+        for command in arguments.split("&&")
+        if re.match(r"\s*pip (install|wheel)\b", command)
+    ]
+    assert pip_runs
+    locked = [c for c in pip_runs if "--require-hashes" in c]
+    assert len(locked) == 2, "the build stage and the image each install the lock"
+    for command in pip_runs:
+        words = shlex.split(command)
+        assert "--no-deps" in words, f"pip resolves on its own: {command!r}"
+        if "--require-hashes" in words:
+            assert words[words.index("-r") + 1].endswith("runtime.txt"), command
+        elif words[1] == "wheel":
+            assert "--no-build-isolation" in words, f"the build fetches setuptools: {command!r}"
+        else:
+            assert words[-1].endswith(".whl"), f"not the locked set or our wheel: {command!r}"
+    copies = " ".join(dockerfile_args("COPY", all_stages=True))
+    assert "requirements/runtime.txt" in copies
