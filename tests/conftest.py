@@ -8,26 +8,23 @@ never passes on skipped real-service tests.
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import structlog
 from playwright.async_api import Browser, Page, async_playwright
-from sqlalchemy.engine import make_url
 
 from audit.clock import ManualClock
 from config import Settings, load_settings
 from server import create_app
 from server.resources import ROOM_TIMER_POLL
-from tests.browser import (
+from tests.support.browser import (
     TWO_CAMERAS,
     WITHOUT_CAMERA,
     BrowserUnavailable,
@@ -38,86 +35,74 @@ from tests.browser import (
     save_screenshot,
     screenshots_dir,
 )
-from tests.harness import Harness, Sockets
-
-IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-POSTGRES_ADMIN_URL = os.environ.get(
-    "VIDEOCONSULT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+from tests.support.databases import (
+    PostgresCopies,
+    copy_sqlite_template,
+    create_database,
+    drop_database,
+    make_postgres_template,
+    make_sqlite_template,
+    run_outside_the_test_loop,
 )
-REDIS_URL = os.environ.get("VIDEOCONSULT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-SettingsFactory = Callable[..., Settings]
-
-# argon2id at its production cost takes ~0.1 s per hash; tests hash a lot.
-# test_passwords.py checks the production defaults separately.
-CHEAP_PASSWORD_HASHING = {
-    "VIDEOCONSULT_ACCOUNTS_ARGON2_TIME_COST": "1",
-    "VIDEOCONSULT_ACCOUNTS_ARGON2_MEMORY_KIB": "1024",
-    "VIDEOCONSULT_ACCOUNTS_ARGON2_PARALLELISM": "1",
-}
-
-_reachability: dict[str, str | None] = {}
-
-
-def service_unavailable(service: str, reason: str) -> NoReturn:
-    """Skip the test, or under CI=true fail it, because ``service`` is missing."""
-    if IN_CI:
-        pytest.fail(f"{service} is required when CI=true, but {reason}", pytrace=False)
-    pytest.skip(f"{service} not reachable ({reason}); start it to run this test")
-
-
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _postgres_problem() -> str | None:
-    if "postgres" not in _reachability:
-        try:
-            connection = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=3)
-            await connection.close()
-            _reachability["postgres"] = None
-        except (OSError, asyncpg.PostgresError, TimeoutError) as err:
-            _reachability["postgres"] = f"{POSTGRES_ADMIN_URL}: {type(err).__name__}: {err}"
-    return _reachability["postgres"]
-
-
-async def _redis_problem() -> str | None:
-    if "redis" not in _reachability:
-        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-        try:
-            await client.ping()
-            _reachability["redis"] = None
-        except (OSError, aioredis.RedisError) as err:
-            _reachability["redis"] = f"{REDIS_URL}: {type(err).__name__}: {err}"
-        finally:
-            await client.aclose()
-    return _reachability["redis"]
+from tests.support.harness import Harness, Sockets
+from tests.support.services import (
+    POSTGRES_ADMIN_URL,
+    REDIS_URL,
+    postgres_problem,
+    reachability,
+    redis_problem,
+    service_unavailable,
+)
+from tests.support.settings import CHEAP_PASSWORD_HASHING, SettingsFactory
 
 
 @pytest.fixture
 async def postgres_url() -> AsyncIterator[str]:
     """A fresh, empty PostgreSQL database for this test; dropped afterwards."""
-    problem = await _postgres_problem()
+    problem = await postgres_problem()
     if problem:
         service_unavailable("PostgreSQL", problem)
-    name = f"vc_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
+    url = await create_database(POSTGRES_ADMIN_URL)
+    yield url
+    await drop_database(POSTGRES_ADMIN_URL, url)
+
+
+@pytest.fixture(scope="session")
+def postgres_copies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCopies]:
+    """Copies of a PostgreSQL database migrated to head once per session."""
+    problem = run_outside_the_test_loop(postgres_problem)
+    if problem:
+        service_unavailable("PostgreSQL", problem)
+    template = run_outside_the_test_loop(
+        lambda: make_postgres_template(POSTGRES_ADMIN_URL, tmp_path_factory.mktemp("pg-template"))
+    )
+    copies = PostgresCopies(POSTGRES_ADMIN_URL, template)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield copies
     finally:
-        await admin.close()
-    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    admin = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=5)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+        copies.close()
+        run_outside_the_test_loop(lambda: drop_database(POSTGRES_ADMIN_URL, template))
+
+
+@pytest.fixture
+async def migrated_postgres_url(postgres_copies: PostgresCopies) -> AsyncIterator[str]:
+    """A PostgreSQL database of this test's own at the current schema (a copy of
+    the session's template); dropped afterwards."""
+    url = await postgres_copies.take()
+    yield url
+    postgres_copies.drop(url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database file migrated to head once per session, for copies."""
+    return make_sqlite_template(tmp_path_factory.mktemp("sqlite-template"))
 
 
 @pytest.fixture
 async def redis_url() -> str:
     """The URL of the real Redis server (a database number of its own for tests)."""
-    problem = await _redis_problem()
+    problem = await redis_problem()
     if problem:
         service_unavailable("Redis", problem)
     return REDIS_URL
@@ -138,6 +123,22 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Tests with these markers take seconds each; they are slow too, so that
+# ``-m "not slow"`` is the quick check (README, "Running part of the tests").
+IMPLY_SLOW = ("browser", "webrtc", "multinode")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in IMPLY_SLOW):
+            item.add_marker(pytest.mark.slow)
+            # With pytest-xdist (./scripts/test) these run one after another
+            # in one worker, as they would alone: two of them encoding video,
+            # starting browsers or server processes at once on two cores
+            # would race their own timeouts. The other workers take the rest.
+            item.add_marker(pytest.mark.xdist_group("media"))
+
+
 @pytest.hookimpl(tryfirst=True)  # before the fixture's own params are applied
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
@@ -155,9 +156,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    """Each database test runs twice: on SQLite (empty URL) and on PostgreSQL
-    (and, in modules marked ``signaling_backends``, once more with Redis)."""
+def database_url(request: pytest.FixtureRequest, data_dir: Path) -> str:
+    """Each database test runs twice: on SQLite (empty URL: the file in
+    ``data_dir``) and on PostgreSQL (and, in modules marked
+    ``signaling_backends``, once more with Redis). The database is already at
+    the current schema, a copy of the session's template, so the app migrates
+    nothing at its start; tests of migrating use ``empty_database_url``."""
+    if request.param == "sqlite":
+        copy_sqlite_template(request.getfixturevalue("sqlite_template"), data_dir)
+        return ""
+    url: str = request.getfixturevalue("migrated_postgres_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest) -> str:
+    """As ``database_url``, but the database is empty: no table, no revision."""
     if request.param == "sqlite":
         return ""
     url: str = request.getfixturevalue("postgres_url")
@@ -274,8 +288,14 @@ def sqlite_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def sqlite_settings(
-    make_settings: SettingsFactory, sqlite_backend: str, request: pytest.FixtureRequest
+    make_settings: SettingsFactory,
+    sqlite_backend: str,
+    sqlite_template: Path,
+    data_dir: Path,
+    request: pytest.FixtureRequest,
 ) -> Settings:
+    """Settings on a SQLite database at the current schema (a copy of the template)."""
+    copy_sqlite_template(sqlite_template, data_dir)
     if sqlite_backend != "redis":
         return make_settings()
     return make_settings(
@@ -341,14 +361,14 @@ async def chromium_two_cameras(live_harness: Harness) -> AsyncIterator[Browser]:
 
 async def _chromium(extra_args: tuple[str, ...]) -> AsyncIterator[Browser]:
     executable = chromium_executable()
-    problem = _reachability.get(f"chromium:{executable}")
+    problem = reachability.get(f"chromium:{executable}")
     if problem:
         service_unavailable("Chromium", problem)
     async with async_playwright() as playwright:
         try:
             browser = await launch_chromium(playwright, executable, extra_args=extra_args)
         except BrowserUnavailable as err:
-            _reachability[f"chromium:{executable}"] = str(err)
+            reachability[f"chromium:{executable}"] = str(err)
             service_unavailable("Chromium", str(err))
         try:
             yield browser

@@ -29,9 +29,9 @@ from audit.access_log import (
 from audit.db import database_url as configured_url
 from audit.roles import Role
 from audit.schema import access_log, access_log_checkpoints
-from tests.conftest import SettingsFactory
-from tests.harness import Harness, new_consult
-from tests.test_cli import cli_env, run_cli
+from tests.support.cli import cli_env, run_cli
+from tests.support.harness import Harness, new_consult
+from tests.support.settings import SettingsFactory
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 # The chain of the organisation every test record belongs to.
@@ -257,9 +257,9 @@ async def test_records_the_app_writes_form_a_chain(harness: Harness) -> None:
 
 
 async def test_records_from_before_the_chain_are_chained_by_the_migration(
-    make_settings: SettingsFactory, database_url: str
+    make_settings: SettingsFactory, empty_database_url: str
 ) -> None:
-    settings = make_settings(database_url=database_url)
+    settings = make_settings(database_url=empty_database_url)
     engine = create_engine(
         configured_url(settings, prepare_data_dir(settings.data_dir)),
         connect_timeout_s=settings.database.connect_timeout_s,

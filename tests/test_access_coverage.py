@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from audit.roles import Role
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
-from tests.harness import PASSWORD, Harness, new_consult, stored_recording
+from tests.support.harness import PASSWORD, Harness, new_consult, stored_recording
 
 Scenario = Callable[[Harness], Awaitable[Any]]
 

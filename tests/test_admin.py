@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from audit.accounts import Role
 from audit.schema import access_log, sessions
 from server.app_keys import DB_ENGINE
-from tests.harness import Harness
+from tests.support.harness import Harness
 
 ADMIN_ROUTES = [
     ("GET", "/api/admin/accounts"),

@@ -22,7 +22,8 @@ from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY, WEBSOCKETS
 from server.background import background_task
 from server.websockets import tracked_websocket
-from tests.conftest import SettingsFactory, _asyncpg_dsn
+from tests.support.services import asyncpg_dsn
+from tests.support.settings import SettingsFactory
 
 
 async def test_healthz_answers_while_the_process_runs(
@@ -35,9 +36,9 @@ async def test_healthz_answers_while_the_process_runs(
 
 
 async def test_start_applies_migrations_to_the_configured_database(
-    make_settings: SettingsFactory, database_url: str, aiohttp_client
+    make_settings: SettingsFactory, empty_database_url: str, aiohttp_client
 ) -> None:
-    app = create_app(make_settings(database_url=database_url))
+    app = create_app(make_settings(database_url=empty_database_url))
     await aiohttp_client(app)
     assert await current_revision(app[DB_ENGINE]) == head_revision()
 
@@ -87,7 +88,7 @@ async def test_readyz_is_503_when_the_database_goes_away(
     assert (await client.get("/readyz")).status == 200
 
     name = postgres_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(_asyncpg_dsn(postgres_url.rsplit("/", 1)[0] + "/test"))
+    admin = await asyncpg.connect(asyncpg_dsn(postgres_url.rsplit("/", 1)[0] + "/test"))
     try:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:

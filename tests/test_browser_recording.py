@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import sqlalchemy as sa
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from audit.schema import recordings
 from server.app_keys import DB_ENGINE, ROOMS
-from tests.browser import ScreenshotSaver, assert_no_browser_errors
-from tests.harness import Harness
-from tests.test_browser_consult import (
+from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     PHONE,
+    ScreenshotSaver,
+    assert_no_browser_errors,
     create_consult,
     inbound_media_grows,
     open_consult,
@@ -29,7 +30,10 @@ from tests.test_browser_consult import (
     therapist_logs_in,
     wait_for_remote_video,
 )
-from tests.test_recording import count_streams, data_key, decrypted, recording_row
+from tests.support.harness import Harness
+from tests.support.recording import count_streams, data_key, decrypted, recording_row
+
+pytestmark = pytest.mark.browser
 
 RECORD_FOR_S = 3.0
 # Consent to "on": both recorder links gather ICE and connect.

@@ -12,13 +12,15 @@ from playwright.async_api import Browser
 from audit.accounts import Role
 from server.pages import STATIC_DIR
 from server.web_security import CONTENT_SECURITY_POLICY
-from tests.browser import (
+from tests.support.browser import (
     ScreenshotSaver,
     assert_no_browser_errors,
     browser_problems,
     new_context,
 )
-from tests.harness import Harness
+from tests.support.harness import Harness
+
+pytestmark = pytest.mark.browser
 
 GET_USER_MEDIA = """async () => {
   const stream = await navigator.mediaDevices.getUserMedia({video: true, audio: true});

@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
@@ -19,8 +20,10 @@ from audit.schema import access_log
 from audit.support import TherapistPseudonyms
 from audit.technical_log import write_technical
 from server.app_keys import DB_ENGINE, MASTER_KEY
-from tests.browser import ScreenshotSaver, assert_no_browser_errors, new_context
-from tests.harness import Harness, Professional
+from tests.support.browser import ScreenshotSaver, assert_no_browser_errors, new_context
+from tests.support.harness import Harness, Professional
+
+pytestmark = pytest.mark.browser
 
 # The login page asks who is logged in before anyone is.
 EXPECTED_HTTP_ERRORS = [r"status of 401 .*/api/session"]

@@ -4,21 +4,26 @@ idle timeout, logout, and a patient's dropped connection during a call."""
 from __future__ import annotations
 
 import pyotp
+import pytest
 from playwright.async_api import Browser, expect
 
 from audit.roles import Role
-from tests.browser import ScreenshotSaver, assert_no_browser_errors, new_context
-from tests.harness import PASSWORD, Harness
-from tests.test_browser_consult import (
+from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
+    ScreenshotSaver,
+    assert_no_browser_errors,
     create_consult,
     inbound_media_grows,
+    new_context,
     open_consult,
     patient_joins,
     patient_opens,
     therapist_logs_in,
     wait_for_remote_video,
 )
+from tests.support.harness import PASSWORD, Harness
+
+pytestmark = pytest.mark.browser
 
 
 async def test_enrolment_in_dutch_then_the_first_login(

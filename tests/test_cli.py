@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,34 +14,7 @@ from pathlib import Path
 import pytest
 
 from audit import head_revision
-
-EXECUTABLE = shutil.which("videoconsult", path=str(Path(sys.executable).parent))
-
-
-def cli_env(data_dir: Path, **settings: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOCONSULT_")}
-    environ["VIDEOCONSULT_DATA_DIR"] = str(data_dir)
-    for name, value in settings.items():
-        environ[f"VIDEOCONSULT_{name.upper()}"] = value
-    return environ
-
-
-def run_cli(
-    *args: str, env: dict[str, str], timeout_s: float = 60
-) -> subprocess.CompletedProcess[str]:
-    assert EXECUTABLE, "the videoconsult console script is not installed next to this Python"
-    return subprocess.run(
-        [EXECUTABLE, *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
-
-
-def assert_one_clear_error(result: subprocess.CompletedProcess[str], *expected: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1, result.stderr
-    for text in expected:
-        assert text in errors[0], errors[0]
+from tests.support.cli import EXECUTABLE, assert_one_clear_error, cli_env, run_cli
 
 
 def test_help_lists_every_command(data_dir: Path) -> None:
@@ -100,9 +71,9 @@ def test_production_without_master_key_refuses_to_start(data_dir: Path) -> None:
 
 
 def test_db_upgrade_then_current_report_the_newest_revision(
-    data_dir: Path, database_url: str
+    data_dir: Path, empty_database_url: str
 ) -> None:
-    env = cli_env(data_dir, database_url=database_url)
+    env = cli_env(data_dir, database_url=empty_database_url)
     upgrade = run_cli("db", "upgrade", env=env)
     assert upgrade.returncode == 0, upgrade.stderr
     assert f"revision {head_revision()} (up to date)" in upgrade.stdout

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from audit.clock import ManualClock
 from server.app import create_app
 from server.client_limits import WINDOW_S, ClientLimiter, limited_path
-from tests.conftest import SettingsFactory
+from tests.support.settings import SettingsFactory
 
 UNKNOWN_INVITE = "/api/invites/" + "x" * 32
 

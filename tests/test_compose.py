@@ -31,13 +31,13 @@ from sqlalchemy.engine import make_url
 from config import Mode, Settings, env_var_names, load_settings
 from server.app_keys import SETTINGS
 from server.web_security import client_address
+from tests.support import ROOT
+from tests.support.deploy import NGINX_CONF, nginx_directives, nginx_upstream_servers
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_EXAMPLE = ROOT / ".env.example"
-NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 NODES = ("server-a", "server-b")
 # What every node must share (README, "Scaling out: several nodes").
 SHARED_SETTINGS = (
@@ -225,24 +225,6 @@ def address(name: str) -> ipaddress.IPv4Address:
 def network_config() -> dict[str, str]:
     (config,) = load_compose()["networks"]["default"]["ipam"]["config"]
     return {key: str(value) for key, value in config.items()}
-
-
-def nginx_config() -> str:
-    """nginx.conf without its comments."""
-    text = NGINX_CONF.read_text(encoding="utf-8")
-    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-
-
-def nginx_directives(name: str, text: str | None = None) -> list[list[str]]:
-    """The arguments of every ``name`` directive (blocks not told apart)."""
-    pattern = re.compile(rf"(?<![\w$.-]){re.escape(name)}\s+([^;{{}}]*);")
-    return [shlex.split(match.group(1)) for match in pattern.finditer(text or nginx_config())]
-
-
-def nginx_upstream_servers() -> list[str]:
-    """host:port of every server in nginx's upstream block."""
-    (block,) = re.findall(r"upstream\s+\w+\s*\{([^}]*)\}", nginx_config())
-    return [arguments[0] for arguments in nginx_directives("server", block)]
 
 
 def nginx_listen_port() -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import Harness, Sockets, new_consult, receive
 
 # Each harness test runs on the in-process broker and on the real Redis.
 pytestmark = pytest.mark.signaling_backends

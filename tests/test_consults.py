@@ -13,7 +13,7 @@ from audit.schema import access_log, invites
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
 from server.signaling_ws import check_therapist_sessions
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import Harness, Sockets, new_consult, receive
 
 
 async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(

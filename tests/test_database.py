@@ -27,7 +27,7 @@ from audit import (
 from audit.db import database_url as configured_url
 from audit.migrate import alembic_config
 from audit.schema import metadata
-from tests.conftest import SettingsFactory
+from tests.support.settings import SettingsFactory
 
 FAILING_REVISION = '''
     """A migration that creates a table and then fails (for tests)."""
@@ -52,8 +52,11 @@ FAILING_REVISION = '''
 
 
 @pytest.fixture
-async def engine(make_settings: SettingsFactory, database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = make_settings(database_url=database_url)
+async def engine(
+    make_settings: SettingsFactory, empty_database_url: str
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on an empty database: these tests migrate it themselves."""
+    settings = make_settings(database_url=empty_database_url)
     data_dir = prepare_data_dir(settings.data_dir)
     engine = create_engine(
         configured_url(settings, data_dir), connect_timeout_s=settings.database.connect_timeout_s

@@ -38,7 +38,7 @@ from audit.retention import Retention, purge
 from audit.schema import metadata, recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY
 from server.housekeeping import recording_store
-from tests.harness import Harness, new_consult
+from tests.support.harness import Harness, new_consult
 
 CHUNK = 64
 

@@ -29,8 +29,8 @@ from server.housekeeping import (
     single_runner,
 )
 from server.resources import ROOM_TIMER_POLL
-from tests.conftest import SettingsFactory
-from tests.harness import Harness
+from tests.support.harness import Harness
+from tests.support.settings import SettingsFactory
 
 
 async def count(harness: Harness, table: sa.Table) -> int:

@@ -20,8 +20,8 @@ from audit.schema import access_log, master_keys, recordings
 from audit.sealing import SealError
 from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.housekeeping import recording_store
-from tests.harness import Harness, new_consult, stored_recording
-from tests.test_cli import assert_one_clear_error, cli_env, run_cli
+from tests.support.cli import assert_one_clear_error, cli_env, run_cli
+from tests.support.harness import Harness, new_consult, stored_recording
 
 
 def root_of(harness: Harness) -> bytes:

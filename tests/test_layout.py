@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 PACKAGES = ("config", "audit", "signaling", "server")
 # server → signaling → audit → config; server may also use audit directly.
 ALLOWED = {

@@ -24,7 +24,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 REQUIREMENTS = ROOT / "requirements"
 LOCKS = ("runtime", "test", "bench")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))

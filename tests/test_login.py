@@ -14,7 +14,7 @@ from audit.accounts import Role
 from audit.schema import accounts, login_failures, technical_log
 from server.app_keys import DB_ENGINE
 from server.process_log import configure_process_logging
-from tests.harness import PASSWORD, Harness
+from tests.support.harness import PASSWORD, Harness
 
 REFUSED = {
     "error": {

@@ -19,8 +19,8 @@ from server.metrics import REDIS_TIMEOUT_S, count_rooms
 from signaling.broker import Link, Presence, RoomPhase, RoomState
 from signaling.protocol import ParticipantRole
 from signaling.rooms import Participant
-from tests.conftest import SettingsFactory
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.settings import SettingsFactory
 
 TOKEN = "metrics-token-for-the-tests-0123456789"
 OFFER = {"v": 1, "type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\n"}

@@ -37,10 +37,13 @@ from audit.roles import Role
 from audit.schema import consults
 from server import create_app
 from server.app_keys import DB_ENGINE
-from tests.conftest import SettingsFactory, service_unavailable
-from tests.harness import ConsultSetup, Harness, new_consult, receive, wait_until_listening
-from tests.test_recording_faults import ServerProcess, session_cookie
-from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
+from tests.support.harness import ConsultSetup, Harness, new_consult, receive, wait_until_listening
+from tests.support.processes import ServerProcess, session_cookie
+from tests.support.services import service_unavailable
+from tests.support.settings import SettingsFactory
+from tests.support.webrtc import Peer, Signaller, all_receive_media, opened
+
+pytestmark = [pytest.mark.webrtc, pytest.mark.multinode]
 
 # resources.NODE_DEAD_AFTER_S plus a heartbeat or two: by then a killed
 # node's participants are in their grace period.

@@ -8,7 +8,7 @@ import yaml
 from aiohttp import web
 
 from server import create_app
-from tests.conftest import SettingsFactory
+from tests.support.settings import SettingsFactory
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 # Methods aiohttp adds by itself (HEAD for every GET).

@@ -11,7 +11,7 @@ import pytest
 from audit.consults import ConsultStatus, InviteProblem
 from audit.roles import Role
 from server.pages import STATIC_DIR
-from tests.harness import Harness
+from tests.support.harness import Harness
 
 I18N = STATIC_DIR / "js" / "i18n.js"
 HTML = sorted(STATIC_DIR.glob("*.html"))

@@ -42,10 +42,13 @@ from audit.db import create_engine
 from audit.migrate import ensure_current
 from config import load_settings
 from server import create_app
-from tests.conftest import SettingsFactory, service_unavailable
-from tests.harness import Harness, new_consult, receive, wait_until_listening
-from tests.test_compose import NGINX_CONF, nginx_config, nginx_directives, nginx_upstream_servers
-from tests.test_recording_faults import ServerProcess, session_cookie
+from tests.support.deploy import NGINX_CONF, nginx_config, nginx_directives, nginx_upstream_servers
+from tests.support.harness import Harness, new_consult, receive, wait_until_listening
+from tests.support.processes import ServerProcess, session_cookie
+from tests.support.services import service_unavailable
+from tests.support.settings import SettingsFactory
+
+pytestmark = pytest.mark.multinode
 
 NGINX = "/usr/sbin/nginx"
 DEFAULTS = load_settings({})

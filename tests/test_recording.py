@@ -16,24 +16,18 @@ import dataclasses
 import fractions
 import io
 import itertools
-import os
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-import av
 import pytest
 import sqlalchemy as sa
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRecorder
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
 from audit.clock import ManualClock
-from audit.filestore import Truncated
-from audit.recordings import FileStore, data_key_of, plaintext, start_recording
+from audit.recordings import FileStore, start_recording
 from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
@@ -46,200 +40,26 @@ from signaling.recorder import (
     Timeline,
     open_recorder,
 )
-from tests.conftest import SettingsFactory
-from tests.harness import Harness, Sockets, new_consult, receive
-from tests.test_webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
+from tests.support.harness import Harness, Sockets, receive
+from tests.support.recording import (
+    RecorderLink,
+    SizedVideo,
+    ask_and_agree,
+    both_see,
+    consent_and_connect,
+    count_streams,
+    data_key,
+    decrypted,
+    expect_recording,
+    linked,
+    recording_row,
+    start_call,
+)
+from tests.support.settings import SettingsFactory
+
+pytestmark = pytest.mark.webrtc
 
 RECORD_FOR_S = 5.0
-
-
-class SizedVideo(SyntheticVideo):
-    """Synthetic video of a given size (each party's camera differs); ``noisy``
-    pictures cost the encoders as much as a real camera's, or more."""
-
-    def __init__(self, width: int, height: int, *, noisy: bool = False) -> None:
-        super().__init__()
-        self.width, self.height = width, height
-        self.noisy = noisy
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = VideoFrame(width=self.width, height=self.height)
-        for plane in frame.planes:
-            if self.noisy:
-                plane.update(os.urandom(plane.buffer_size))
-            else:
-                plane.update(bytes([(pts // 3000) % 256]) * plane.buffer_size)
-        frame.pts, frame.time_base = pts, time_base
-        return frame
-
-
-class RecorderLink:
-    """A participant's send-only connection to the server's recorder."""
-
-    def __init__(self, *, video: tuple[int, int] | None = (320, 240), noisy: bool = False) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.tracks: list[MediaStreamTrack] = [AudioStreamTrack()]
-        if video is not None:
-            self.tracks.append(SizedVideo(*video, noisy=noisy))
-        for track in self.tracks:
-            self.pc.addTrack(track)
-        for transceiver in self.pc.getTransceivers():
-            transceiver.direction = "sendonly"
-
-    async def offer(self) -> str:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        return str(self.pc.localDescription.sdp)
-
-    async def accept(self, answer_sdp: str) -> None:
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for track in self.tracks:
-            track.stop()
-
-
-def linked(stack: contextlib.AsyncExitStack, link: RecorderLink) -> RecorderLink:
-    stack.push_async_callback(link.close)
-    return link
-
-
-@dataclass
-class Call:
-    setup: Any
-    therapist: Signaller
-    patient: Signaller
-    stack: contextlib.AsyncExitStack
-
-
-async def start_call(
-    harness: Harness, sockets: Sockets, stack: contextlib.AsyncExitStack, **consult: Any
-) -> Call:
-    """A consult with media flowing between the two aiortc peers."""
-    setup = await new_consult(harness, **consult)
-    therapist_socket = await sockets.therapist(setup.consult_id)
-    welcome = await receive(therapist_socket, "welcome")
-    assert welcome["recording"] == "off"
-    patient_socket = await sockets.patient(setup.invite_token)
-    await receive(patient_socket, "welcome")
-    await receive(therapist_socket, "patient-waiting")
-    therapist = opened(stack, Peer("therapist"))
-    patient = opened(stack, Peer("patient"))
-    therapist_signals = opened(stack, Signaller(therapist_socket, therapist))
-    patient_signals = opened(stack, Signaller(patient_socket, patient))
-    await therapist_signals.send("admit")
-    await patient_signals.expect("admitted")
-    await therapist_signals.expect("peer-joined")
-    await therapist_signals.send("offer", sdp=await therapist.offer())
-    await all_receive_media(therapist, patient)
-    return Call(setup, therapist_signals, patient_signals, stack)
-
-
-async def expect_recording(signals: Signaller, state: str) -> dict[str, Any]:
-    message = await signals.expect("recording")
-    assert message["state"] == state, message
-    return message
-
-
-async def both_see(call: Call, state: str) -> list[dict[str, Any]]:
-    return [await expect_recording(side, state) for side in (call.therapist, call.patient)]
-
-
-async def ask_and_agree(call: Call) -> None:
-    """The therapist asks, both see it, the patient agrees, both see ``starting``."""
-    await call.therapist.send("record-request")
-    for requested in await both_see(call, "requested"):
-        assert requested["guardian_required"] is False
-    await call.patient.send("record-consent", agree=True)
-    await both_see(call, "starting")
-
-
-async def consent_and_connect(
-    call: Call,
-    *,
-    therapist_video: tuple[int, int] | None = (320, 240),
-    patient_video: tuple[int, int] | None = (160, 120),
-    noisy: bool = False,
-) -> dict[str, Any]:
-    """Ask, agree, connect both recorder links; return the ``on`` message."""
-    await ask_and_agree(call)
-    links = {
-        side: linked(call.stack, RecorderLink(video=video, noisy=noisy))
-        for side, video in ((call.therapist, therapist_video), (call.patient, patient_video))
-    }
-    offers = {side: await link.offer() for side, link in links.items()}
-    # Both offers go out before either answer is read, as two pages do.
-    for side, sdp in offers.items():
-        await side.send("recorder-offer", sdp=sdp)
-    for side, link in links.items():
-        await link.accept((await side.expect("recorder-answer"))["sdp"])
-    on = await expect_recording(call.therapist, "on")
-    assert (await expect_recording(call.patient, "on"))["recording"] == on["recording"]
-    return on
-
-
-async def recording_row(harness: Harness) -> Any:
-    async with harness.app[DB_ENGINE].connect() as conn:
-        rows = (await conn.execute(sa.select(recordings))).all()
-    assert len(rows) == 1, rows
-    return rows[0]
-
-
-def decrypted(harness: Harness, recording_id: uuid.UUID, key: bytes) -> tuple[bytes, str | None]:
-    """The file's plaintext, and the truncation message if it has one."""
-    store = FileStore(harness.app[DATA_DIR] / "recordings")
-    parts: list[bytes] = []
-    try:
-        parts.extend(plaintext(store, f"{recording_id}.vcenc", key, recording_id))
-    except Truncated as cut:
-        return b"".join(parts), str(cut)
-    return b"".join(parts), None
-
-
-async def data_key(harness: Harness, recording_id: uuid.UUID) -> bytes:
-    async with harness.app[DB_ENGINE].connect() as conn:
-        _name, key = await data_key_of(conn, harness.app[MASTER_KEY].key, recording_id)
-    return key
-
-
-@dataclass
-class StreamCount:
-    kind: str
-    frames: int
-    duration_s: float
-    width: int | None
-
-
-def count_streams(media: bytes) -> list[StreamCount]:
-    """Decode every packet of every stream; frames and end time per stream."""
-    counts: list[StreamCount] = []
-    with av.open(io.BytesIO(media), mode="r") as container:
-        streams = list(container.streams)
-        frames: Counter[int] = Counter()
-        ends: dict[int, float] = {}
-        for packet in container.demux():
-            if packet.size == 0:
-                continue
-            for frame in packet.decode():
-                frames[packet.stream.index] += 1
-                if (
-                    isinstance(frame, AudioFrame | VideoFrame)
-                    and frame.pts is not None
-                    and frame.time_base is not None
-                ):
-                    end = float(frame.pts * frame.time_base)
-                    ends[packet.stream.index] = max(ends.get(packet.stream.index, 0.0), end)
-        for stream in streams:
-            counts.append(
-                StreamCount(
-                    stream.type,
-                    frames[stream.index],
-                    ends.get(stream.index, 0.0),
-                    getattr(stream.codec_context, "width", None),
-                )
-            )
-    return counts
 
 
 async def test_a_consented_recording_holds_audio_and_video_of_both_parties(

@@ -31,8 +31,8 @@ from audit.roles import Role
 from audit.schema import access_log, recordings
 from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.housekeeping import recording_store
-from tests.harness import Harness, Professional, new_consult, stored_recording
-from tests.test_cli import assert_one_clear_error, cli_env, run_cli
+from tests.support.cli import assert_one_clear_error, cli_env, run_cli
+from tests.support.harness import Harness, Professional, new_consult, stored_recording
 
 CHUNK = DEFAULT_CHUNK_SIZE
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import signal
 import subprocess
-import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -31,17 +28,19 @@ from audit.filestore import Truncated
 from audit.recordings import FileStore, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
-from tests.conftest import CHEAP_PASSWORD_HASHING, service_unavailable
-from tests.harness import Harness, Sockets, new_consult, receive
-from tests.test_cli import EXECUTABLE, cli_env
-from tests.test_recording import (
+from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.processes import ServerProcess, session_cookie
+from tests.support.recording import (
     Call,
     consent_and_connect,
     expect_recording,
     recording_row,
     start_call,
 )
-from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
+from tests.support.services import service_unavailable
+from tests.support.webrtc import Peer, Signaller, all_receive_media, opened
+
+pytestmark = pytest.mark.webrtc
 
 # Small enough to fill within a few seconds of two 640x480 streams.
 TMPFS_SIZE = "2m"
@@ -137,64 +136,6 @@ def clock() -> ManualClock:
     # The server process runs on the real clock: sessions and invites made
     # through the harness must be fresh by that clock too.
     return ManualClock(datetime.now(UTC).replace(microsecond=0))
-
-
-class ServerProcess:
-    """``videoconsult serve`` on the harness's data directory."""
-
-    def __init__(
-        self, data_dir: Path, port: int, log: Path, settings: dict[str, str] | None = None
-    ) -> None:
-        """``settings``: more settings by their environment name without the prefix."""
-        self.port = port
-        self.origin = f"http://127.0.0.1:{port}"
-        assert EXECUTABLE
-        cheap = {
-            name.removeprefix("VIDEOCONSULT_").lower(): value
-            for name, value in CHEAP_PASSWORD_HASHING.items()
-        }
-        env = cli_env(data_dir, **cheap, **(settings or {}))
-        self._log = log.open("a")
-        self.process = subprocess.Popen(
-            [EXECUTABLE, "serve", "--port", str(port)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_healthy(self, timeout_s: float = 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}")
-            url = f"{self.origin}/healthz"  # always http://127.0.0.1
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310
-                if answer.status == 200:
-                    return
-            time.sleep(0.2)
-        pytest.fail(f"the server did not answer /healthz within {timeout_s} s")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if not self._log.closed:
-            self._log.close()
-
-
-def session_cookie(harness: Harness) -> str:
-    for cookie in harness.client.session.cookie_jar:
-        if cookie.key == "vc_session":
-            return cookie.value
-    raise AssertionError("the harness is not logged in")
 
 
 async def test_a_recording_cut_by_a_killed_server_is_marked_incomplete_and_still_plays(

@@ -16,8 +16,8 @@ from audit.retention import PurgeReport, Retention, purge
 from audit.roles import Role
 from audit.schema import access_log, access_log_checkpoints, consults
 from server.app_keys import DB_ENGINE
-from tests.harness import Harness, new_consult
-from tests.test_cli import cli_env, run_cli
+from tests.support.cli import cli_env, run_cli
+from tests.support.harness import Harness, new_consult
 
 DEFAULTS = Retention(consult_days=730, recording_days=30, access_log_days=1825)
 

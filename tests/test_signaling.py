@@ -14,7 +14,15 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from audit.accounts import Role
 from audit.schema import consults
 from server.app_keys import DB_ENGINE, ROOMS
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import (
+    Harness,
+    Sockets,
+    admitted_pair,
+    consult_row,
+    new_consult,
+    receive,
+    waiting_pair,
+)
 
 # Each harness test runs on the in-process broker and on the real Redis.
 pytestmark = pytest.mark.signaling_backends
@@ -28,34 +36,6 @@ async def closed_with(socket: ClientWebSocketResponse) -> int:
     assert message.type is WSMsgType.CLOSE, message
     code: int = message.data
     return code
-
-
-async def consult_row(harness: Harness, consult_id: str) -> sa.Row[tuple[object, ...]]:
-    async with harness.app[DB_ENGINE].connect() as conn:
-        return (
-            await conn.execute(sa.select(consults).where(consults.c.id == uuid.UUID(consult_id)))
-        ).one()
-
-
-async def waiting_pair(harness: Harness, sockets: Sockets, **body: Any):
-    """A new consult with its therapist connected and its patient in the waiting room."""
-    setup = await new_consult(harness, **body)
-    therapist = await sockets.therapist(setup.consult_id)
-    welcome = await receive(therapist, "welcome")
-    assert welcome["role"] == "therapist"
-    patient = await sockets.patient(setup.invite_token)
-    assert (await receive(patient, "welcome"))["state"] == "waiting"
-    await receive(therapist, "patient-waiting")
-    return setup, therapist, patient
-
-
-async def admitted_pair(harness: Harness, sockets: Sockets, **body: Any):
-    """As :func:`waiting_pair`, and the therapist has admitted the patient."""
-    setup, therapist, patient = await waiting_pair(harness, sockets, **body)
-    await therapist.send_json({"v": 1, "type": "admit"})
-    await receive(patient, "admitted")
-    await receive(therapist, "peer-joined")
-    return setup, therapist, patient
 
 
 async def test_waiting_room_then_admission_starts_the_consult(

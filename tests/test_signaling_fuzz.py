@@ -10,7 +10,7 @@ from aiohttp import WSMsgType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import Harness, Sockets, new_consult, receive
 
 # Each harness test runs on the in-process broker and on the real Redis.
 pytestmark = pytest.mark.signaling_backends

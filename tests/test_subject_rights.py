@@ -12,7 +12,7 @@ from audit.roles import Role
 from audit.schema import access_log, consults, metadata
 from audit.sealing import keyed_hash
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, TECHNICAL_LOG
-from tests.harness import Harness, new_consult
+from tests.support.harness import Harness, new_consult
 
 
 async def everything_stored(harness: Harness) -> str:

@@ -20,7 +20,7 @@ from audit.support import DurationBucket, duration_histogram
 from audit.technical_log import write_technical
 from server.api.support_charts import Bar, bar_chart
 from server.app_keys import DB_ENGINE
-from tests.harness import Harness, Professional, new_consult
+from tests.support.harness import Harness, Professional, new_consult
 
 SVG = "{http://www.w3.org/2000/svg}"
 NORTH, SOUTH = "Praktijk Noord", "Praktijk Zuid"

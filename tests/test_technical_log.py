@@ -13,8 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from audit.clock import ManualClock
 from audit.technical_log import TechnicalLog, read_technical
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
-from tests.harness import Harness, Sockets, new_consult, receive
-from tests.test_signaling import admitted_pair
+from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 
 
 async def flushed(harness: Harness) -> None:

@@ -24,8 +24,11 @@ from aiortc import (
 
 from server import create_app
 from signaling.turn import ice_servers, turn_credentials
-from tests.conftest import SettingsFactory, service_unavailable
-from tests.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.services import service_unavailable
+from tests.support.settings import SettingsFactory
+
+pytestmark = pytest.mark.webrtc
 
 SECRET = "test-turn-secret-0123456789"
 

@@ -9,8 +9,8 @@ import pytest
 from audit.accounts import Role
 from server import create_app
 from server.web_security import CONTENT_SECURITY_POLICY
-from tests.conftest import SettingsFactory
-from tests.harness import Harness
+from tests.support.harness import Harness
+from tests.support.settings import SettingsFactory
 
 
 async def test_state_changing_request_from_our_own_origin_is_accepted(

@@ -28,10 +28,14 @@ from playwright.async_api import (
     Page,
     Playwright,
     ViewportSize,
+    expect,
 )
 from playwright.async_api import Error as PlaywrightError
 
-ROOT = Path(__file__).resolve().parent.parent
+from audit.roles import Role
+from tests.support import ROOT
+from tests.support.harness import Harness, Professional
+
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 DEFAULT_SCREENSHOTS = ROOT / "test-output" / "screenshots"
 
@@ -264,3 +268,126 @@ async def save_screenshot(page: Page, directory: Path, name: str) -> Path:
     path = directory / f"{name}.png"
     await page.screenshot(path=path, full_page=True)
     return path
+
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+MEDIA_TIMEOUT_MS = 30_000
+
+
+# Chromium logs every HTTP error response as a console error; these are
+# planned: /api/session before login, and the invite check of a dead link.
+EXPECTED_HTTP_ERRORS = [
+    r"status of 401 .*/api/session",
+    r"status of 410 .*/api/invites/",
+    r"status of 404 .*/api/invites/",
+]
+
+
+async def therapist_logs_in(
+    harness: Harness, browser: Browser, email: str = "anna@praktijk-noord.example"
+) -> tuple[Professional, BrowserContext, Page]:
+    anna = await harness.professional(email, Role.THERAPIST)
+    context = await new_context(browser, harness.origin, locale="en-GB")
+    page = await context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    await page.goto("/app")
+    await page.wait_for_url("**/login?**")
+    await page.fill("#email", anna.email)
+    await page.fill("#password", anna.password)
+    await page.fill("#code", harness.code(anna.secret))
+    await page.click("#login-button")
+    await page.wait_for_url("**/app*")
+    await expect(page.locator("#dashboard")).to_be_visible()
+    return anna, context, page
+
+
+async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> tuple[str, str]:
+    """Create a consult in the dashboard; return its id and invite link."""
+    if name:
+        await page.fill("#display-name", name)
+    if minor:
+        await page.check("#minor")
+    await page.click("#new-button")
+    await expect(page.locator("#invite-box")).to_be_visible()
+    url = await page.input_value("#invite-url")
+    consult_id = await page.locator("table.consults tbody tr").first.get_attribute("data-consult")
+    assert consult_id is not None
+    return consult_id, url
+
+
+async def patient_opens(
+    browser: Browser, harness: Harness, url: str, *, viewport: ViewportSize | None = None
+) -> tuple[BrowserContext, Page]:
+    context = await new_context(browser, harness.origin, locale="en-GB", viewport=viewport)
+    page = await context.new_page()
+    await page.goto(url)
+    return context, page
+
+
+async def patient_joins(
+    page: Page, screenshot: ScreenshotSaver | None = None, *, guardian: bool = False
+) -> None:
+    await expect(page.locator("#intro")).to_be_visible()
+    if screenshot:
+        await screenshot(page, "patient-intro")
+    await page.click("#intro-next")
+    await expect(page.locator("#device-check")).to_be_visible()
+    await page.wait_for_function(
+        "() => document.getElementById('preview').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
+    )
+    if screenshot:
+        await screenshot(page, "patient-device-check")
+    await page.click("#devices-next")
+    await expect(page.locator("#consent")).to_be_visible()
+    await page.check("#consent-box")
+    if guardian:
+        await page.check("#guardian-box")
+    if screenshot:
+        await screenshot(page, "patient-consent")
+    await page.click("#join-button")
+    await expect(page.locator("#waiting")).to_be_visible()
+
+
+async def open_consult(page: Page, consult_id: str) -> None:
+    await page.locator(f'tr[data-consult="{consult_id}"] button', has_text="Open").click()
+    await expect(page.locator("#call-view")).to_be_visible()
+
+
+async def wait_for_remote_video(page: Page) -> None:
+    await page.wait_for_function(
+        "() => document.getElementById('remote-video').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
+    )
+
+
+async def bytes_received(page: Page) -> int:
+    stats: dict[str, Any] = await page.evaluate("() => window.videoconsult.call.stats")
+    return int(stats["bytesReceived"])
+
+
+async def inbound_media_grows(page: Page) -> None:
+    """The inbound RTP byte count of the page's call grows (stats every 2 s)."""
+    await page.wait_for_function(
+        "() => window.videoconsult && window.videoconsult.call.stats.bytesReceived > 0",
+        timeout=MEDIA_TIMEOUT_MS,
+    )
+    before = await bytes_received(page)
+    await page.wait_for_function(
+        f"() => window.videoconsult.call.stats.bytesReceived > {before}",
+        timeout=MEDIA_TIMEOUT_MS,
+    )
+
+
+UNLABELLED_CONTROLS = """() => Array.from(
+  document.querySelectorAll("button, input, select, video, meter, a[href]")
+).filter((el) => el.getClientRects().length > 0)
+ .filter((el) => !(
+   (el.labels && el.labels.length) || el.getAttribute("aria-label") || el.textContent.trim()
+ ))
+ .map((el) => el.id || el.outerHTML.slice(0, 60))"""
+
+
+async def assert_controls_labelled(page: Page) -> None:
+    """Every visible control has a name a screen reader can say."""
+    assert await page.evaluate(UNLABELLED_CONTROLS) == []

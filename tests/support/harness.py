@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyotp
+import sqlalchemy as sa
 from aiohttp import ClientSession, ClientWebSocketResponse, web
 from aiohttp.test_utils import TestClient
 
@@ -19,6 +20,7 @@ from audit.accounts import Organisation, Role, create_organisation, find_account
 from audit.clock import ManualClock
 from audit.keyring import WrappingKey
 from audit.recordings import StopReason, finish_recording, start_recording
+from audit.schema import consults
 from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.auth.admin import Actor, add_account
 from server.housekeeping import recording_store
@@ -248,3 +250,31 @@ def wait_until_listening(
             return
         time.sleep(0.05)
     raise AssertionError(f"{name} did not listen on port {port} within {timeout_s:g} s")
+
+
+async def consult_row(harness: Harness, consult_id: str) -> sa.Row[tuple[object, ...]]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return (
+            await conn.execute(sa.select(consults).where(consults.c.id == uuid.UUID(consult_id)))
+        ).one()
+
+
+async def waiting_pair(harness: Harness, sockets: Sockets, **body: Any):
+    """A new consult with its therapist connected and its patient in the waiting room."""
+    setup = await new_consult(harness, **body)
+    therapist = await sockets.therapist(setup.consult_id)
+    welcome = await receive(therapist, "welcome")
+    assert welcome["role"] == "therapist"
+    patient = await sockets.patient(setup.invite_token)
+    assert (await receive(patient, "welcome"))["state"] == "waiting"
+    await receive(therapist, "patient-waiting")
+    return setup, therapist, patient
+
+
+async def admitted_pair(harness: Harness, sockets: Sockets, **body: Any):
+    """As :func:`waiting_pair`, and the therapist has admitted the patient."""
+    setup, therapist, patient = await waiting_pair(harness, sockets, **body)
+    await therapist.send_json({"v": 1, "type": "admit"})
+    await receive(patient, "admitted")
+    await receive(therapist, "peer-joined")
+    return setup, therapist, patient

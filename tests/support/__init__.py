@@ -1,0 +1,18 @@
+"""What the tests share, so no test module imports another.
+
+- ``services``: reaching PostgreSQL, Redis, Chromium; skip, or fail under CI=true.
+- ``databases``: databases migrated once per session, copied for each test.
+- ``settings``: the settings factory's type and cheap password hashing.
+- ``harness``: the real app driven over HTTP and WebSocket, accounts, consults.
+- ``cli``: running the ``videoconsult`` command line.
+- ``processes``: a server in a process of its own.
+- ``webrtc``: aiortc peers and a signalling client.
+- ``recording``: a recorded call and reading its encrypted file.
+- ``browser``: Chromium through Playwright, and the pages' common steps.
+- ``deploy``: reading the nginx config of deploy/.
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+"""The repository's root folder."""
