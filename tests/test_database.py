@@ -32,7 +32,7 @@ from audit import (
 from audit.access_log import verify_chain
 from audit.db import database_url as configured_url
 from audit.migrate import MIGRATIONS_DIR, alembic_config
-from audit.schema import metadata
+from audit.schema import access_log, metadata
 from tests.conftest import SettingsFactory
 
 FAILING_REVISION = '''
@@ -277,19 +277,6 @@ async def main(url: str, revision: str) -> None:
 asyncio.run(main(*sys.argv[1:]))
 """
 
-# The access log as revision 0002 created it, before the chain.
-ACCESS_LOG_0002 = sa.table(
-    "access_log",
-    sa.column("at", sa.DateTime(timezone=True)),
-    sa.column("organisation_id", sa.Uuid()),
-    sa.column("actor_id", sa.Uuid()),
-    sa.column("actor_role", sa.String()),
-    sa.column("action", sa.String()),
-    sa.column("object_type", sa.String()),
-    sa.column("object_id", sa.String()),
-    sa.column("outcome", sa.String()),
-    sa.column("client_type", sa.String()),
-)
 PRACTICES = (uuid.UUID(int=0x0B01), uuid.UUID(int=0x0B02), None)
 
 
@@ -365,7 +352,8 @@ async def test_every_migration_runs_from_empty_without_todays_code(engine: Async
     await upgrade_without_todays_code(engine, "0004")
     legacy = records_before_the_chain()
     async with engine.begin() as connection:
-        await connection.execute(ACCESS_LOG_0002.insert(), legacy)
+        # The columns revision 0002 made: as the application wrote them then.
+        await connection.execute(access_log.insert(), legacy)
     await upgrade_without_todays_code(engine, "head")
 
     assert await current_revision(engine) == head_revision()
