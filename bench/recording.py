@@ -60,14 +60,12 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import datetime as dt
 import io
 import json
 import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,33 +78,37 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# Run as a script, bench/ comes first on sys.path, and bench/audit.py would
-# shadow the audit package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != BENCH]
-sys.path.insert(0, str(ROOT))
-
-import aiortc  # noqa: E402
-import av  # noqa: E402
-import cryptography  # noqa: E402
-from aiortc.mediastreams import (  # noqa: E402
+import aiortc
+import av
+import cryptography
+from _common import (
+    LOOP,
+    ROOT,
+    Invocation,
+    cell,
+    commit,
+    cpu_jiffies,
+    cpu_model,
+    loadavg,
+    run_loop,
+)
+from aiortc.mediastreams import (
     MediaStreamError,
     MediaStreamTrack,
     VideoStreamTrack,
 )
-from av import AudioFrame, VideoFrame  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from av import AudioFrame, VideoFrame
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from audit.filestore import (  # noqa: E402
+from audit.filestore import (
     DEFAULT_CHUNK_SIZE,
     EncryptingWriter,
     decrypt_chunks,
     new_data_key,
 )
-from audit.recordings import FileStore  # noqa: E402
-from signaling.protocol import ParticipantRole  # noqa: E402
-from signaling.recorder import (  # noqa: E402
+from audit.recordings import FileStore
+from signaling.protocol import ParticipantRole
+from signaling.recorder import (
     CONTAINER_FORMAT,
     CONTAINER_OPTIONS,
     VIDEO_CODEC_OPTIONS,
@@ -115,12 +117,6 @@ from signaling.recorder import (  # noqa: E402
     RecorderSettings,
 )
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - a dependency of the project on Linux
-    uvloop = None  # type: ignore[assignment]
-
-RESULTS = BENCH / "results"
 WIDTH, HEIGHT, FPS = 640, 480, 30
 AUDIO_RATE, AUDIO_SAMPLES = 48000, 960  # what aiortc's Opus decoder hands over
 AAC_FRAME_SAMPLES = 1024
@@ -261,17 +257,6 @@ def consult_sources(
 # --------------------------------------------------------------------------
 
 
-def core_jiffies(cpu: int | None) -> tuple[int, int]:
-    """(busy, total) jiffies of one core (or the host) from /proc/stat."""
-    name = "cpu" if cpu is None else f"cpu{cpu}"
-    for line in Path("/proc/stat").read_text().splitlines():
-        parts = line.split()
-        if parts[0] == name:
-            fields = [int(x) for x in parts[1:]]
-            return sum(fields[:8]) - fields[3] - fields[4], sum(fields[:8])
-    raise RuntimeError(f"/proc/stat has no {name}")
-
-
 class Meter:
     """Wall time, this process's CPU (all threads) and the core's (or host's) busy share."""
 
@@ -279,14 +264,14 @@ class Meter:
         self._cpu = cpu
 
     def __enter__(self) -> Meter:
-        self._jiffies = core_jiffies(self._cpu)
+        self._jiffies = cpu_jiffies(self._cpu)
         self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall_s = time.perf_counter() - self.wall0
         self.cpu_s = time.process_time() - self.cpu0
-        busy1, total1 = core_jiffies(self._cpu)
+        busy1, total1 = cpu_jiffies(self._cpu)
         self.busy_pct = 100 * (busy1 - self._jiffies[0]) / max(1, total1 - self._jiffies[1])
 
     def figures(self) -> dict[str, float]:
@@ -564,7 +549,7 @@ def child_main(mode: str, params: dict[str, Any]) -> int:
         result = store_throughput(params)
     else:
         run = generate if mode == "generate" else record
-        result = uvloop.run(run(params)) if uvloop is not None else asyncio.run(run(params))
+        result = run_loop(run(params))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -589,12 +574,12 @@ def in_child(mode: str, params: dict[str, Any], timeout_s: float) -> dict[str, A
 def judge(run: dict[str, Any]) -> list[str]:
     """Why a capacity run fails (empty: it passes)."""
     problems = []
-    for number, file in enumerate(run["files"], 1):
+    for consult, file in enumerate(run["files"], 1):
         if not file["complete"]:
-            problems.append(f"consult {number}: file not complete")
-        problems += [f"consult {number}: {f}" for f in file["failures"]]
+            problems.append(f"consult {consult}: file not complete")
+        problems += [f"consult {consult}: {f}" for f in file["failures"]]
         for stream in file["streams"]:
-            name = f"consult {number} {stream['label']}"
+            name = f"consult {consult} {stream['label']}"
             if stream["share"] < PASS_FRAME_SHARE:
                 problems.append(f"{name}: {stream['frames']} of {stream['expected']} frames")
             if stream["backlog_at_stop_s"] > PASS_BACKLOG_S:
@@ -628,23 +613,6 @@ def consult_figures(
         "host_busy_pct": rec["busy_pct"],
         "problems": judge(rec),
     }
-
-
-def number(value: float) -> str:
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    text = number(statistics.median(values))
-    if len(values) > 1 and min(values) != max(values):
-        text += f" [{number(min(values))}, {number(max(values))}]"
-    return text
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -729,31 +697,17 @@ def summary_table(results: dict[str, Any]) -> str:
     text = "\n".join(lines) + "\n"
     for problem in results["failures"]:
         text += f"\nFAILED: {problem}"
+    for what in results["skipped"]:
+        text += f"\nSKIPPED (time budget spent): {what}"
     return text + "\n"
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
     from cryptography.hazmat.backends.openssl.backend import backend
 
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def git(*argv: str) -> str:
-        return subprocess.run(  # noqa: S603 - git, with our own arguments
-            ["git", *argv],  # noqa: S607
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "signaling", "audit")
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiortc": aiortc.__version__,
@@ -761,11 +715,10 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "ffmpeg": {k: ".".join(map(str, v)) for k, v in av.library_versions.items()},
         "cryptography": cryptography.__version__,
         "openssl": backend.openssl_version_text(),
-        "loop": "uvloop" if uvloop is not None else "asyncio",
+        "loop": LOOP,
         "tmp": tempfile.gettempdir(),
-        "commit": git("rev-parse", "--short", "HEAD")
-        + (" (signaling/ or audit/ modified)" if dirty else ""),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "commit": commit("signaling", "audit"),
+        "loadavg_at_start": loadavg(),
     }
 
 
@@ -773,9 +726,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child, json.loads(args.params))
-    started = time.monotonic()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / f"{stamp}-recording"
     results: dict[str, Any] = {
         "machine": machine(args),
         "settings": dict(vars(args)),
@@ -785,20 +735,13 @@ def main(argv: list[str] | None = None) -> int:
         "store": [],
         "raw": [],
         "failures": [],
+        "skipped": [],
     }
+    invocation = Invocation(
+        results, kind="recording", max_minutes=args.max_minutes, save=not args.no_save
+    )
+    over_budget, save = invocation.over_budget, invocation.save
     print(f"bench: {json.dumps(results['machine'])}", flush=True)
-
-    def save() -> None:
-        if not args.no_save:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-
-    def over_budget(what: str) -> bool:
-        if time.monotonic() - started > args.max_minutes * 60:
-            results["failures"].append(f"time budget spent; skipped {what}")
-            print(f"bench: time budget spent; skipping {what}", flush=True)
-            return True
-        return False
 
     def child(mode: str, **params: Any) -> dict[str, Any]:
         timeout = params.get("seconds", 0) * 3 + 120
@@ -862,16 +805,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["failures"].append(f"store run {rep}: {err!r}")
         save()
 
-    results["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
-    save()
-    table = summary_table(results)
-    print("\n" + table, flush=True)
-    if not args.no_save:
-        (out_dir / "summary.md").write_text(table)
-        print(f"bench: results in {out_dir.relative_to(ROOT)}", flush=True)
-    print(f"bench: {results['total_minutes']} min", flush=True)
-    return 1 if results["failures"] else 0
+    results["machine"]["loadavg_at_end"] = loadavg()
+    invocation.finish(summary_table)
+    return 1 if results["failures"] or results["skipped"] else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

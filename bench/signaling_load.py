@@ -5,7 +5,7 @@ Run from the repository root (see docs/benchmarks.md):
 
     .venv/bin/pip install --require-hashes --no-deps -r requirements/bench.txt
     (cd bench && npm ci)
-    .venv/bin/python bench/signaling.py --pairs 500 2000 --runs 3
+    .venv/bin/python bench/signaling_load.py --pairs 500 2000 --runs 3
 
 For every run the benchmark starts a fresh server on 127.0.0.1 (ours:
 ``videoconsult serve`` on a new PostgreSQL database and data directory;
@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import datetime as dt
 import json
 import os
 import random
@@ -64,16 +63,23 @@ import aiohttp
 import orjson
 import psutil
 import pyotp
+from _common import (
+    BENCH,
+    HOST,
+    LOOP,
+    ROOT,
+    Invocation,
+    cancel_on_signals,
+    cell,
+    cpu_jiffies,
+    cpu_model,
+    memory_gib,
+    number,
+    pg_execute,
+    proc_status_kb,
+    run_main,
+)
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - requirements/bench.txt installs it
-    uvloop = None
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-RESULTS = BENCH / "results"
-HOST = "127.0.0.1"  # the only address this benchmark ever talks to
 VIDEOCONSULT = Path(sys.executable).parent / "videoconsult"
 PEERJS_SCRIPT = BENCH / "peerjs_server.cjs"
 # Our data dirs go on tmpfs where there is one: only the setup writes there.
@@ -217,13 +223,18 @@ class Codec:
 
     name: str
 
-    def offer(self, pair: Pair, side: int, ts: int) -> str: ...
-    def answer(self, pair: Pair, side: int, ts: int) -> str: ...
-    def candidate(self, pair: Pair, side: int, ts: int) -> str: ...
+    def offer(self, pair: Pair, side: int, ts: int) -> str:
+        raise NotImplementedError
+
+    def answer(self, pair: Pair, side: int, ts: int) -> str:
+        raise NotImplementedError
+
+    def candidate(self, pair: Pair, side: int, ts: int) -> str:
+        raise NotImplementedError
 
     def decode(self, text: str) -> tuple[str, int | None]:
         """(kind, send timestamp) of a received frame; kind in offer/answer/candidate/other."""
-        ...
+        raise NotImplementedError
 
 
 class OursCodec(Codec):
@@ -379,18 +390,7 @@ def proc_rss(pid: int) -> int:
 
 def proc_peak_rss(pid: int) -> int:
     """VmHWM: the kernel's own high-water mark of the process's resident memory."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def host_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole host from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])  # guest time is already part of user
-    return total - idle, total
+    return proc_status_kb("VmHWM", pid) * 1024
 
 
 # --------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class Stats:
     errors: int = 0
     other: int = 0
     sent_bytes: int = 0
-    latencies_ns: array = field(default_factory=lambda: array("q"))
+    latencies_ns: array[int] = field(default_factory=lambda: array("q"))
     error_samples: list[str] = field(default_factory=list)
     round_timeouts: int = 0
 
@@ -413,7 +413,12 @@ class Stats:
 class Pair:
     """Side 0 (therapist / first peer) offers; side 1 (patient / second peer) answers."""
 
-    def __init__(self, index: int, sockets: list[aiohttp.ClientWebSocketResponse], ids=("", "")):
+    def __init__(
+        self,
+        index: int,
+        sockets: list[aiohttp.ClientWebSocketResponse],
+        ids: tuple[str, str] = ("", ""),
+    ) -> None:
         self.index = index
         self.sockets = sockets
         self.ids = ids
@@ -559,7 +564,8 @@ class Server:
         """Every server process (node) of this configuration."""
         return [self.proc.pid]
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        raise NotImplementedError
 
     async def prepare(self, session: aiohttp.ClientSession, n_pairs: int, concurrency: int) -> Any:
         """Whatever must exist before sockets open (ours: the consults)."""
@@ -572,7 +578,8 @@ class Server:
         n_pairs: int,
         concurrency: int,
         on_pair: Callable[[Pair], None],
-    ) -> list[Pair]: ...
+    ) -> list[Pair]:
+        raise NotImplementedError
 
     def stop(self) -> None:
         if getattr(self, "proc", None) is not None:
@@ -862,7 +869,7 @@ class OursServer(Server):
         gate = asyncio.Semaphore(concurrency)
 
         async def expect(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
-            message = await ws.receive_json(timeout=60)
+            message: dict[str, Any] = await ws.receive_json(timeout=60)
             if message.get("type") != kind:
                 raise RuntimeError(f"expected {kind}, got {message}")
             return message
@@ -1007,7 +1014,7 @@ async def measure_phase(
     cpu_before = [proc_cpu_s(pid) for pid in pids]
     client_before = proc_cpu_s(os.getpid())
     redis_before = redis_cpu_s()
-    host_before = host_cpu()
+    host_before = cpu_jiffies()
     profilers = []
     if profile_to is not None:
         for pid, out in zip(pids, profile_paths(profile_to, len(pids)), strict=True):
@@ -1020,7 +1027,7 @@ async def measure_phase(
         interval_s=interval_s,
         round_timeout_s=args.round_timeout,
     )
-    host_after = host_cpu()
+    host_after = cpu_jiffies()
     cpu_after = [proc_cpu_s(pid) for pid in pids]
     client_after = proc_cpu_s(os.getpid())
     redis_after = redis_cpu_s()
@@ -1314,23 +1321,9 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def cell(runs: list[dict[str, Any]] | None, key: str) -> str:
-    """The median, and the range when there were several runs."""
-    values = [r[key] for r in runs or [] if key in r]
-    if not values:
-        return "-"
-    text = number(statistics.median(values))
-    if len(values) > 1 and min(values) != max(values):
-        text += f" [{number(min(values))}, {number(max(values))}]"
-    return text
-
-
-def number(value: float) -> str:
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
+def runs_cell(runs: list[dict[str, Any]] | None, key: str) -> str:
+    """The median of ``key`` over ``runs``, and the range when there were several."""
+    return cell([r[key] for r in runs or [] if key in r])
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -1346,7 +1339,7 @@ def summary_table(results: dict[str, Any]) -> str:
         row = [label]
         for p in pairs:
             for s in servers:
-                row.append(cell(cells.get((s, p)), key))
+                row.append(runs_cell(cells.get((s, p)), key))
         if any(c != "-" for c in row[1:]):
             out.append("| " + " | ".join(row) + " |")
     row = ["runs"]
@@ -1368,9 +1361,9 @@ def summary_table(results: dict[str, Any]) -> str:
             by_server.setdefault(r["server"], []).append(r)
         for s, rs in by_server.items():
             out.append(
-                f"| {rs[0]['connections']} | {s} | {cell(rs, 'kb_per_connection')} | "
+                f"| {rs[0]['connections']} | {s} | {runs_cell(rs, 'kb_per_connection')} | "
                 f"{median_of(rs, 'rss_mb_before'):g} → {median_of(rs, 'rss_mb_after'):g} | "
-                f"{cell(rs, 'idle_cpu_pct')} | {len(rs)} |"
+                f"{runs_cell(rs, 'idle_cpu_pct')} | {len(rs)} |"
             )
     return "\n".join(out) + "\n"
 
@@ -1410,19 +1403,14 @@ def against_single(
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_model": cpu_model(),
+        "memory_gib": memory_gib(),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "aiohttp": aiohttp.__version__,
-        "client_loop": "uvloop" if uvloop else "asyncio",
+        "client_loop": LOOP,
     }
 
 
@@ -1439,19 +1427,11 @@ SNAPSHOT: dict[str, Any] = {}
 
 async def pg_admin(server: str, statement: str) -> None:
     """One statement on the PostgreSQL server's maintenance database (loopback only)."""
-    import asyncpg
-
     user, _, hostport = server.partition("@")
     host, _, port = hostport.partition(":")
     if host not in (HOST, "localhost"):
         raise RuntimeError(f"the benchmark only uses a PostgreSQL server on {HOST}")
-    conn = await asyncpg.connect(
-        host=host, port=int(port or 5432), user=user, database="postgres", timeout=10
-    )
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
+    await pg_execute(f"postgresql://{user}@{host}:{int(port or 5432)}/postgres", statement)
 
 
 def loopback_redis(url: str) -> str:
@@ -1598,18 +1578,7 @@ def make_server(
 
 async def main_async(args: argparse.Namespace) -> int:
     # Ctrl+C or SIGTERM cancel the whole run; the servers are stopped in main().
-    # (An exception raised from a signal handler would land in whatever
-    # callback the event loop runs at that moment, and may be swallowed there.)
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    started = time.monotonic()
-    budget_s = args.max_minutes * 60
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / stamp
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cancel_on_signals()
     fds = raise_fd_limit(4 * max(args.idle, 2 * max(args.pairs)) + 1000)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -1621,22 +1590,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "idle": [],
         "skipped": [],
     }
+    invocation = Invocation(results, kind="", max_minutes=args.max_minutes)
+    over_budget, save, out_dir = invocation.over_budget, invocation.save, invocation.out_dir
     configs = configurations(args)
     if any(TOPOLOGIES[topology].redis for _, topology in configs):
         await find_redis(args.redis)
         results["redis"] = {k: v for k, v in REDIS_SERVER.items() if k != "url"}
     described = (make_server(name, args, out_dir, topology) for name, topology in configs)
     results["servers"] = {server.label: server.describe() for server in described}
-
-    def over_budget(what: str) -> bool:
-        if time.monotonic() - started > budget_s:
-            results["skipped"].append(what)
-            print(f"bench: time budget spent; skipping {what}", flush=True)
-            return True
-        return False
-
-    def save() -> None:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
 
     # Alternate the configurations within each repetition so drift of the
     # shared machine hits all alike.
@@ -1730,16 +1691,8 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"bench: profile {topology} failed: {err!r}", flush=True)
             traceback.print_exc()
             results["skipped"].append(f"profile {topology}: failed: {err!r}")
-    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    save()
-    table = summary_table(results)
-    (out_dir / "summary.md").write_text(table)
-    print("\n" + table, flush=True)
-    print(
-        f"bench: results in {out_dir.relative_to(ROOT)} ({results['total_minutes']} min)",
-        flush=True,
-    )
+    invocation.finish(summary_table)
     lost = sum(r["lost"] for r in results["runs"])
     return 1 if lost or results["skipped"] else 0
 
@@ -1862,20 +1815,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cleanup() -> None:
+    """Stop every server this run started and remove the snapshot of --ref."""
+    PROCESSES.stop_all()
+    if "path" in SNAPSHOT:
+        shutil.rmtree(SNAPSHOT["path"], ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    try:
-        if uvloop is not None:
-            return uvloop.run(main_async(args))
-        return asyncio.run(main_async(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        PROCESSES.stop_all()
-        if "path" in SNAPSHOT:
-            shutil.rmtree(SNAPSHOT["path"], ignore_errors=True)
+    return run_main(main_async(args), cleanup)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Run from the repository root (see docs/benchmarks.md, "Access log"):
 
-    .venv/bin/python bench/audit.py --runs 3
+    .venv/bin/python bench/access_chain.py --runs 3
 
 Targets: SQLite (a fresh file in a new temp directory; by default once on the
 system temp dir, a disk, and once on tmpfs ``/dev/shm`` where there is one)
@@ -38,7 +38,7 @@ short probe starts one more verify and, a second into it, one append, to
 see whether a verify holds up writers.
 
 Every loop is bounded by a count and a deadline; the whole invocation by
-``--max-minutes``. Results go to ``bench/results/<timestamp>-audit/``
+``--max-minutes``. Results go to ``bench/results/<timestamp>-access-chain/``
 (``results.json``, ``summary.md``). Exit status 1 when a chain is broken,
 an append failed, or a phase could not run.
 """
@@ -57,7 +57,6 @@ import secrets
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,22 +71,25 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
+from _common import (
+    HOST,
+    LOOP,
+    Invocation,
+    cancel_on_signals,
+    cell,
+    commit,
+    cpu_jiffies,
+    cpu_model,
+    loadavg,
+    memory_gib,
+    pg_execute,
+    proc_status_kb,
+    run_main,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - a dependency of the project on Linux
-    uvloop = None  # type: ignore[assignment]
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# This file is bench/audit.py: run as a script, its own directory comes first
-# on sys.path and would shadow the audit package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != BENCH]
-sys.path.insert(0, str(ROOT))
-
-from audit.access_log import (  # noqa: E402
+from audit.access_log import (
     GENESIS_HASH,
     OPERATOR,
     AccessRecord,
@@ -100,12 +102,10 @@ from audit.access_log import (  # noqa: E402
     record_hash,
     verify_chain,
 )
-from audit.db import create_engine  # noqa: E402
-from audit.migrate import upgrade  # noqa: E402
-from audit.schema import access_log  # noqa: E402
+from audit.db import create_engine
+from audit.migrate import upgrade
+from audit.schema import access_log
 
-RESULTS = BENCH / "results"
-HOST = "127.0.0.1"  # the only PostgreSQL server this benchmark talks to
 SHM_DIR = "/dev/shm"  # noqa: S108 - a new directory is made inside, and removed
 SQLITE_FILE = "videoconsult.db"
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -212,13 +212,6 @@ def chain_batches(total: int, batch: int, orgs: int) -> Iterator[list[tuple[Any,
 # --------------------------------------------------------------------------
 
 
-def proc_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux: ``5`` into clear_refs)."""
     try:
@@ -228,35 +221,23 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def host_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole host from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    return total - idle, total
-
-
 def self_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads (aiosqlite's too)
     return usage.ru_utime + usage.ru_stime
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 class Meter:
     """Wall time, this process's CPU and the host's CPU over a phase."""
 
     def __enter__(self) -> Meter:
-        self.wall0, self.cpu0, self.host0 = time.perf_counter(), self_cpu_s(), host_cpu()
+        self.wall0, self.cpu0, self.host0 = time.perf_counter(), self_cpu_s(), cpu_jiffies()
         self.load_start = loadavg()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.wall0
         self.cpu = self_cpu_s() - self.cpu0
-        busy1, total1 = host_cpu()
+        busy1, total1 = cpu_jiffies()
         busy0, total0 = self.host0
         self.host_busy_pct = 100 * (busy1 - busy0) / max(1, total1 - total0)
         self.load_end = loadavg()
@@ -311,11 +292,7 @@ def pg_dsn(args: argparse.Namespace, database: str) -> str:
 
 
 async def pg_admin(args: argparse.Namespace, statement: str) -> None:
-    conn = await asyncpg.connect(pg_dsn(args, args.pg_admin_db), timeout=10)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
+    await pg_execute(pg_dsn(args, args.pg_admin_db), statement)
 
 
 async def drop_pg_database(args: argparse.Namespace, name: str) -> None:
@@ -705,24 +682,6 @@ async def verify_target(
 # --------------------------------------------------------------------------
 
 
-def number(value: float) -> str:
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def cell(rows: list[dict[str, Any]], key: str) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return "-"
-    text = number(statistics.median(values))
-    if len(values) > 1 and min(values) != max(values):
-        text += f" [{number(min(values))}, {number(max(values))}]"
-    return text
-
-
 def summary_table(results: dict[str, Any]) -> str:
     targets = [t["name"] for t in results["targets"]]
     runs = results["runs"]
@@ -741,7 +700,8 @@ def summary_table(results: dict[str, Any]) -> str:
     ]
 
     def row(label: str, rows_of: Any, key: str) -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(rows_of(t), key) for t in targets) + " |")
+        cells = [cell([r[key] for r in rows_of(t) if r.get(key) is not None]) for t in targets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     settings = results["settings"]
     row("sequential appends/s", lambda t: of(runs, t), "seq_appends_per_s")
@@ -801,41 +761,18 @@ def summary_table(results: dict[str, Any]) -> str:
 def machine(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
     import aiosqlite
 
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "audit"],  # noqa: S607
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(mem_kb / 2**20, 1),
+        "cpu_model": cpu_model(),
+        "memory_gib": memory_gib(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "sqlalchemy": sa.__version__,
         "asyncpg": asyncpg.__version__,
         "aiosqlite": getattr(aiosqlite, "__version__", "?"),
         "sqlite": sqlite3.sqlite_version,
-        "loop": "uvloop" if uvloop is not None else "asyncio",
-        "commit": commit + (" (audit/ modified)" if dirty else ""),
+        "loop": LOOP,
+        "commit": commit("audit"),
         "loadavg_at_start": loadavg(),
         "targets": [t.describe() for t in targets],
     }
@@ -872,16 +809,7 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    started = time.monotonic()
-    budget_s = args.max_minutes * 60
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / f"{stamp}-audit"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cancel_on_signals()
     targets = make_targets(args)
     results: dict[str, Any] = {
         "machine": machine(args, targets),
@@ -895,19 +823,11 @@ async def main_async(args: argparse.Namespace) -> int:
         "failures": [],
         "skipped": [],
     }
+    invocation = Invocation(results, kind="access-chain", max_minutes=args.max_minutes)
+    over_budget, save = invocation.over_budget, invocation.save
     if any(t.backend == "postgres" for t in targets):
         results["machine"]["postgres"] = await postgres_settings(args)
     print(f"bench: {json.dumps(results['machine'])}", flush=True)
-
-    def save() -> None:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-
-    def over_budget(what: str) -> bool:
-        if time.monotonic() - started > budget_s:
-            results["skipped"].append(what)
-            print(f"bench: time budget spent; skipping {what}", flush=True)
-            return True
-        return False
 
     # Appends: the targets alternate within each repetition, so drift of the
     # shared machine hits all alike.
@@ -943,7 +863,7 @@ async def main_async(args: argparse.Namespace) -> int:
             if over_budget(what):
                 continue
             try:
-                await verify_target(target, args, out_dir, results)
+                await verify_target(target, args, invocation.out_dir, results)
             except Exception as err:
                 traceback.print_exc()
                 results["failures"].append(f"{what}: {err!r}")
@@ -956,15 +876,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 )
 
     results["machine"]["loadavg_at_end"] = loadavg()
-    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
-    save()
-    table = summary_table(results)
-    (out_dir / "summary.md").write_text(table)
-    print("\n" + table, flush=True)
-    print(
-        f"bench: results in {out_dir.relative_to(ROOT)} ({results['total_minutes']} min)",
-        flush=True,
-    )
+    invocation.finish(summary_table)
     return 1 if results["failures"] or results["skipped"] else 0
 
 
@@ -1058,15 +970,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if uvloop is not None:
-            return uvloop.run(main_async(args))
-        return asyncio.run(main_async(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        cleanup(args)
+    return run_main(main_async(args), lambda: cleanup(args))
 
 
 if __name__ == "__main__":
