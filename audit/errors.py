@@ -7,9 +7,13 @@
      │    ├── MigrationFailed       a schema migration failed; nothing was applied
      │    └── SchemaOutOfDate       the schema is older than the code and may not be migrated
      ├── NotFound              no such record (or not in the asker's organisation)
+     │    └── InviteInvalid         an invite link cannot be used; says why (audit.consults)
      ├── Conflict              the change breaks a storage rule (e-mail taken, last admin)
      ├── InvalidValue          a value is not acceptable (e.g. a malformed e-mail address)
-     └── SealError             a sealed secret does not open (audit.sealing)
+     ├── SealError             a sealed secret does not open (audit.sealing)
+     └── StoreError            an encrypted file does not open (audit.filestore)
+          ├── Tampered              a chunk or the header fails authentication
+          └── Truncated             the file ends without its final chunk (the writer died)
 
 Messages name the place (a path, a URL without its password) and the cause;
 they never carry personal data, so the edge may show them as they are.

@@ -1,5 +1,5 @@
 // The PeerJS signaling server (npm package `peer`) the benchmark compares
-// against, on 127.0.0.1 only. Started by bench/signaling.py:
+// against, on 127.0.0.1 only. Started by bench/signaling_load.py:
 //   node bench/peerjs_server.cjs PORT
 // Defaults of `peer` 1.0.x except two limits the benchmark would hit:
 // concurrent_limit (5000 peers) and alive_timeout (90 s without a HEARTBEAT

@@ -58,16 +58,11 @@ one-consult recording lost frames; a capacity step that fails is a result.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
-import datetime as dt
 import io
 import json
-import math
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,38 +70,46 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# Run as a script, bench/ comes first on sys.path, and bench/audit.py would
-# shadow the audit package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != BENCH]
-sys.path.insert(0, str(ROOT))
-
-import aiortc  # noqa: E402
-import av  # noqa: E402
-import cryptography  # noqa: E402
-from aiortc.mediastreams import (  # noqa: E402
-    MediaStreamError,
-    MediaStreamTrack,
-    VideoStreamTrack,
+import av
+from _common import (
+    ROOT,
+    Invocation,
+    cpu_jiffies,
+    loadavg,
+    run_loop,
 )
-from av import AudioFrame, VideoFrame  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from _recording_report import consult_figures, judge, machine, summary_table
+from _recording_sources import (
+    AAC_FRAME_SAMPLES,
+    AUDIO_RATE,
+    AUDIO_SAMPLES,
+    FPS,
+    HEIGHT,
+    WIDTH,
+    SourceTrack,
+    audio_frame,
+    camera_pictures,
+    consult_sources,
+    video_frame,
+    voice_samples,
+)
+from av import AudioFrame, VideoFrame
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from audit.filestore import (  # noqa: E402
+from audit.filestore import (
     DEFAULT_CHUNK_SIZE,
     EncryptingWriter,
     decrypt_chunks,
     new_data_key,
 )
-from audit.recordings import FileStore  # noqa: E402
-from signaling.protocol import ParticipantRole  # noqa: E402
-from signaling.recorder import (  # noqa: E402
+from audit.recordings import FileStore
+from signaling.protocol import ParticipantRole
+from signaling.recorder import (
     CONTAINER_FORMAT,
     CONTAINER_OPTIONS,
     VIDEO_CODEC_OPTIONS,
@@ -115,161 +118,9 @@ from signaling.recorder import (  # noqa: E402
     RecorderSettings,
 )
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - a dependency of the project on Linux
-    uvloop = None  # type: ignore[assignment]
-
-RESULTS = BENCH / "results"
-WIDTH, HEIGHT, FPS = 640, 480, 30
-AUDIO_RATE, AUDIO_SAMPLES = 48000, 960  # what aiortc's Opus decoder hands over
-AAC_FRAME_SAMPLES = 1024
-# The testsrc2 pattern (moving bars, a counter, a moving gradient) with
-# temporal noise of a webcam indoors; 90 pictures = 3 s, played back and forth
-# so that the motion has no jump.
-CAMERA_GRAPH = f"testsrc2=s={WIDTH}x{HEIGHT}:r={FPS},noise=alls=6:allf=t+u,format=yuv420p"
-CAMERA_PICTURES = 90
-PASS_FRAME_SHARE = 0.95
-PASS_BACKLOG_S = 0.5
-
-# --------------------------------------------------------------------------
-# Synthetic sources.
-# --------------------------------------------------------------------------
-
-
-def camera_pictures() -> list[tuple[bytes, ...]]:
-    """The camera's pictures as plane bytes, rendered once by FFmpeg's lavfi."""
-    pictures: list[tuple[bytes, ...]] = []
-    with av.open(CAMERA_GRAPH, format="lavfi") as source:
-        for frame in source.decode(video=0):
-            pictures.append(tuple(bytes(plane) for plane in frame.planes))
-            if len(pictures) == CAMERA_PICTURES:
-                break
-    blank = VideoFrame(width=WIDTH, height=HEIGHT)
-    if [len(p) for p in pictures[0]] != [p.buffer_size for p in blank.planes]:
-        raise RuntimeError("lavfi's planes are not laid out as a new VideoFrame's")
-    return pictures
-
-
-def voice_samples() -> bytes:
-    """Two seconds of a voice-like sound (a 150 Hz tone with harmonics, syllables
-    at 4 Hz), s16 stereo interleaved; AAC on silence would cost next to nothing."""
-    samples = array.array("h")
-    for n in range(2 * AUDIO_RATE):
-        t = n / AUDIO_RATE
-        envelope = 0.5 + 0.5 * math.sin(2 * math.pi * 4 * t)
-        value = sum(math.sin(2 * math.pi * 150 * k * t) / k for k in (1, 2, 3, 5))
-        sample = int(6000 * envelope * value)
-        samples.extend((sample, sample))
-    return samples.tobytes()
-
-
-def picture_at(pictures: list[tuple[bytes, ...]], index: int) -> tuple[bytes, ...]:
-    period = 2 * len(pictures) - 2
-    step = index % period
-    return pictures[step if step < len(pictures) else period - step]
-
-
-def video_frame(pictures: list[tuple[bytes, ...]], index: int) -> VideoFrame:
-    frame = VideoFrame(width=WIDTH, height=HEIGHT)
-    for plane, data in zip(frame.planes, picture_at(pictures, index), strict=True):
-        plane.update(data)
-    return frame
-
-
-def audio_frame(voice: bytes, index: int) -> AudioFrame:
-    frame = AudioFrame(format="s16", layout="stereo", samples=AUDIO_SAMPLES)
-    size = AUDIO_SAMPLES * 4
-    start = (index * size) % len(voice)
-    frame.planes[0].update(voice[start : start + size])
-    frame.sample_rate = AUDIO_RATE
-    return frame
-
-
-@dataclass
-class Pace:
-    """How far behind its real-time schedule a source handed over each frame."""
-
-    lags_s: list[float] = field(default_factory=list)
-
-    def figures(self) -> dict[str, float | int]:
-        ordered = sorted(self.lags_s) or [0.0]
-        return {
-            "produced": len(self.lags_s),
-            "lag_p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
-            "lag_max_s": round(ordered[-1], 4),
-            "backlog_at_stop_s": round(self.lags_s[-1] if self.lags_s else 0.0, 4),
-        }
-
-
-class SyntheticCamera(VideoStreamTrack):
-    """640x480 at 30 fps with aiortc's pacing and timestamps (90 kHz)."""
-
-    def __init__(self, pictures: list[tuple[bytes, ...]]) -> None:
-        super().__init__()
-        self._pictures = pictures
-        self.pace = Pace()
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        self.pace.lags_s.append(time.time() - (self._start + pts * float(time_base)))
-        frame = video_frame(self._pictures, len(self.pace.lags_s))
-        frame.pts, frame.time_base = pts, time_base
-        return frame
-
-
-class SyntheticMicrophone(MediaStreamTrack):
-    """20 ms frames of 48 kHz stereo, paced like aiortc's AudioStreamTrack."""
-
-    kind = "audio"
-
-    def __init__(self, voice: bytes) -> None:
-        super().__init__()
-        self._voice = voice
-        self._start: float | None = None
-        self._timestamp = 0
-        self.pace = Pace()
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        else:
-            self._timestamp += AUDIO_SAMPLES
-            await asyncio.sleep(self._start + self._timestamp / AUDIO_RATE - time.time())
-        self.pace.lags_s.append(time.time() - (self._start + self._timestamp / AUDIO_RATE))
-        frame = audio_frame(self._voice, len(self.pace.lags_s))
-        frame.pts, frame.time_base = self._timestamp, Fraction(1, AUDIO_RATE)
-        return frame
-
-
-SourceTrack = SyntheticCamera | SyntheticMicrophone
-
-
-def consult_sources(
-    pictures: list[tuple[bytes, ...]], voice: bytes
-) -> dict[ParticipantRole, list[SourceTrack]]:
-    return {
-        role: [SyntheticMicrophone(voice), SyntheticCamera(pictures)]
-        for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
-    }
-
-
 # --------------------------------------------------------------------------
 # The measurements (each runs in a child process).
 # --------------------------------------------------------------------------
-
-
-def core_jiffies(cpu: int | None) -> tuple[int, int]:
-    """(busy, total) jiffies of one core (or the host) from /proc/stat."""
-    name = "cpu" if cpu is None else f"cpu{cpu}"
-    for line in Path("/proc/stat").read_text().splitlines():
-        parts = line.split()
-        if parts[0] == name:
-            fields = [int(x) for x in parts[1:]]
-            return sum(fields[:8]) - fields[3] - fields[4], sum(fields[:8])
-    raise RuntimeError(f"/proc/stat has no {name}")
 
 
 class Meter:
@@ -279,14 +130,14 @@ class Meter:
         self._cpu = cpu
 
     def __enter__(self) -> Meter:
-        self._jiffies = core_jiffies(self._cpu)
+        self._jiffies = cpu_jiffies(self._cpu)
         self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall_s = time.perf_counter() - self.wall0
         self.cpu_s = time.process_time() - self.cpu0
-        busy1, total1 = core_jiffies(self._cpu)
+        busy1, total1 = cpu_jiffies(self._cpu)
         self.busy_pct = 100 * (busy1 - self._jiffies[0]) / max(1, total1 - self._jiffies[1])
 
     def figures(self) -> dict[str, float]:
@@ -564,7 +415,7 @@ def child_main(mode: str, params: dict[str, Any]) -> int:
         result = store_throughput(params)
     else:
         run = generate if mode == "generate" else record
-        result = uvloop.run(run(params)) if uvloop is not None else asyncio.run(run(params))
+        result = run_loop(run(params))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -586,196 +437,10 @@ def in_child(mode: str, params: dict[str, Any], timeout_s: float) -> dict[str, A
     raise RuntimeError(f"{mode} {params} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
 
 
-def judge(run: dict[str, Any]) -> list[str]:
-    """Why a capacity run fails (empty: it passes)."""
-    problems = []
-    for number, file in enumerate(run["files"], 1):
-        if not file["complete"]:
-            problems.append(f"consult {number}: file not complete")
-        problems += [f"consult {number}: {f}" for f in file["failures"]]
-        for stream in file["streams"]:
-            name = f"consult {number} {stream['label']}"
-            if stream["share"] < PASS_FRAME_SHARE:
-                problems.append(f"{name}: {stream['frames']} of {stream['expected']} frames")
-            if stream["backlog_at_stop_s"] > PASS_BACKLOG_S:
-                problems.append(f"{name}: source {stream['backlog_at_stop_s']} s behind")
-    return problems
-
-
-def consult_figures(
-    rep: int, gen: dict[str, Any], rec: dict[str, Any], refs: list[dict[str, Any]]
-) -> dict[str, Any]:
-    file = rec["files"][0]
-    gen_rate = gen["cpu_s"] / gen["wall_s"]
-    rec_rate = rec["cpu_s"] / rec["wall_s"]
-    figures: dict[str, Any] = {
-        "run": rep,
-        "recorder_cpu_s_per_min": round(60 * (rec_rate - gen_rate), 2),
-        "record_total_cpu_s_per_min": round(60 * rec_rate, 2),
-        "generate_cpu_s_per_min": round(60 * gen_rate, 2),
-        "file_mb_per_min": round(file["file_bytes"] / file["elapsed_s"] * 60 / 1e6, 2),
-    }
-    for ref in refs:
-        cpu_s = (ref["encoding_cpu_s"] - ref["making_cpu_s"]) / ref["media_s"]
-        figures[f"pyav_{ref['preset']}_cpu_s_per_min"] = round(60 * cpu_s, 2)
-        figures[f"pyav_{ref['preset']}_mb_per_min"] = round(
-            ref["bytes"] / ref["media_s"] * 60 / 1e6, 2
-        )
-    return {
-        **figures,
-        "min_frame_share": min(s["share"] for s in file["streams"]),
-        "video_frames": [s["frames"] for s in file["streams"] if s["kind"] == "video"],
-        "host_busy_pct": rec["busy_pct"],
-        "problems": judge(rec),
-    }
-
-
-def number(value: float) -> str:
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    text = number(statistics.median(values))
-    if len(values) > 1 and min(values) != max(values):
-        text += f" [{number(min(values))}, {number(max(values))}]"
-    return text
-
-
-def summary_table(results: dict[str, Any]) -> str:
-    consults, capacity, store = results["consults"], results["capacity"], results["store"]
-    s = results["settings"]
-    lines = [
-        f"One consult ({s['seconds']:.0f} s per run, not pinned)",
-        "",
-        "| median [min, max] | value |",
-        "|---|---|",
-    ]
-
-    def row(label: str, values: list[float]) -> None:
-        lines.append(f"| {label} | {cell(values)} |")
-
-    def of(key: str) -> list[float]:
-        return [c[key] for c in consults]
-
-    row("recorder CPU s per minute of consult", of("recorder_cpu_s_per_min"))
-    row("  recording process in all (with the sources)", of("record_total_cpu_s_per_min"))
-    row("  the synthetic sources alone", of("generate_cpu_s_per_min"))
-    for preset in s["reference_presets"]:
-        row(
-            f"  reference: PyAV alone, same media, x264 {preset}, CPU s per minute",
-            of(f"pyav_{preset}_cpu_s_per_min"),
-        )
-    row("encrypted file MB per minute", of("file_mb_per_min"))
-    for preset in s["reference_presets"]:
-        row(
-            f"  reference: PyAV alone, x264 {preset}, MB per minute",
-            of(f"pyav_{preset}_mb_per_min"),
-        )
-    row("lowest share of frames in the file", of("min_frame_share"))
-    row("host busy during the recording (% of all cores)", of("host_busy_pct"))
-    row(
-        f"consults one core records at once (largest N that passed; cpu{s['cpu']})",
-        [r["largest_passing"] for r in results["capacity_runs"]],
-    )
-    row(
-        "  CPU-bound estimate: 100 % / one consult's share of the pinned core",
-        [100 / c["cpu_pct_of_core"] for c in capacity if c["consults"] == 1],
-    )
-    lines += [
-        "",
-        f"N consults at once, pinned to cpu{s['cpu']} ({s['capacity_seconds']:.0f} s per run)",
-        "",
-        "| N | passed | process CPU (% of the core) | core busy (%) | others on the core (%) "
-        "| lowest frame share | worst backlog at stop (s) | worst source lag p99 (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for n in sorted({c["consults"] for c in capacity}):
-        rows = [c for c in capacity if c["consults"] == n]
-        passed = sum(1 for c in rows if not c["problems"])
-        keys = (
-            "cpu_pct_of_core",
-            "busy_pct",
-            "others_pct",
-            "min_frame_share",
-            "worst_backlog_s",
-            "worst_lag_p99_s",
-        )
-        lines.append(
-            f"| {n} | {passed} of {len(rows)} | "
-            + " | ".join(cell([c[k] for c in rows]) for k in keys)
-            + " |"
-        )
-    lines += [
-        "",
-        f"Store, {s['store_mib']} MiB of plaintext in 64 KiB writes (chunk size 64 KiB)",
-        "",
-        "| MB/s (10^6 bytes of plaintext per second) | median [min, max] |",
-        "|---|---|",
-    ]
-    for key, label in (
-        ("aesgcm_alone_mb_s", "reference: AESGCM.encrypt alone, 64 KiB chunks"),
-        ("writer_null_mb_s", "EncryptingWriter to a null sink"),
-        ("writer_file_mb_s", "EncryptingWriter to a file (page cache)"),
-        ("writer_file_fsync_mb_s", "EncryptingWriter to a file, fsync at the end"),
-        ("decrypt_file_mb_s", "decrypt_chunks from the file"),
-    ):
-        row(label, [r[key] for r in store])
-    text = "\n".join(lines) + "\n"
-    for problem in results["failures"]:
-        text += f"\nFAILED: {problem}"
-    return text + "\n"
-
-
-def machine(args: argparse.Namespace) -> dict[str, Any]:
-    from cryptography.hazmat.backends.openssl.backend import backend
-
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def git(*argv: str) -> str:
-        return subprocess.run(  # noqa: S603 - git, with our own arguments
-            ["git", *argv],  # noqa: S607
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "signaling", "audit")
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "aiortc": aiortc.__version__,
-        "av": av.__version__,
-        "ffmpeg": {k: ".".join(map(str, v)) for k, v in av.library_versions.items()},
-        "cryptography": cryptography.__version__,
-        "openssl": backend.openssl_version_text(),
-        "loop": "uvloop" if uvloop is not None else "asyncio",
-        "tmp": tempfile.gettempdir(),
-        "commit": git("rev-parse", "--short", "HEAD")
-        + (" (signaling/ or audit/ modified)" if dirty else ""),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child, json.loads(args.params))
-    started = time.monotonic()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / f"{stamp}-recording"
     results: dict[str, Any] = {
         "machine": machine(args),
         "settings": dict(vars(args)),
@@ -785,20 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         "store": [],
         "raw": [],
         "failures": [],
+        "skipped": [],
     }
+    invocation = Invocation(
+        results, kind="recording", max_minutes=args.max_minutes, save=not args.no_save
+    )
+    over_budget, save = invocation.over_budget, invocation.save
     print(f"bench: {json.dumps(results['machine'])}", flush=True)
-
-    def save() -> None:
-        if not args.no_save:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-
-    def over_budget(what: str) -> bool:
-        if time.monotonic() - started > args.max_minutes * 60:
-            results["failures"].append(f"time budget spent; skipped {what}")
-            print(f"bench: time budget spent; skipping {what}", flush=True)
-            return True
-        return False
 
     def child(mode: str, **params: Any) -> dict[str, Any]:
         timeout = params.get("seconds", 0) * 3 + 120
@@ -862,16 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["failures"].append(f"store run {rep}: {err!r}")
         save()
 
-    results["machine"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
-    save()
-    table = summary_table(results)
-    print("\n" + table, flush=True)
-    if not args.no_save:
-        (out_dir / "summary.md").write_text(table)
-        print(f"bench: results in {out_dir.relative_to(ROOT)}", flush=True)
-    print(f"bench: {results['total_minutes']} min", flush=True)
-    return 1 if results["failures"] else 0
+    results["machine"]["loadavg_at_end"] = loadavg()
+    invocation.finish(summary_table)
+    return 1 if results["failures"] or results["skipped"] else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import os
+import sys
 import textwrap
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,9 +29,10 @@ from audit import (
     prepare_data_dir,
     upgrade,
 )
+from audit.access_log import verify_chain
 from audit.db import database_url as configured_url
-from audit.migrate import alembic_config
-from audit.schema import metadata
+from audit.migrate import MIGRATIONS_DIR, alembic_config
+from audit.schema import access_log, metadata
 from tests.support.settings import SettingsFactory
 
 FAILING_REVISION = '''
@@ -98,14 +104,19 @@ async def test_upgrade_twice_changes_nothing(engine: AsyncEngine) -> None:
     assert await current_revision(engine) == head_revision()
 
 
-async def test_migrated_schema_matches_the_table_definitions(engine: AsyncEngine) -> None:
-    await upgrade(engine)
+async def schema_differences(engine: AsyncEngine) -> list[object]:
+    """What the database's schema lacks or has beyond the table definitions of today."""
 
     def differences(sync: sa.Connection) -> list[object]:
         return list(compare_metadata(MigrationContext.configure(sync), metadata))
 
     async with engine.connect() as connection:
-        assert await connection.run_sync(differences) == []
+        return await connection.run_sync(differences)
+
+
+async def test_migrated_schema_matches_the_table_definitions(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    assert await schema_differences(engine) == []
 
 
 async def test_failed_migration_on_an_empty_database_leaves_no_table_behind(
@@ -205,3 +216,153 @@ async def test_nodes_starting_at_once_migrate_postgresql_exactly_once(
         assert await current_revision(engines[0]) == head_revision()
     finally:
         await asyncio.gather(*(engine.dispose() for engine in engines))
+
+
+# --------------------------------------------------------------------------
+# Migrations are frozen in time: a revision carries copies of what it needs,
+# so that a later change to the schema or the domain code cannot change what
+# a fresh install runs.
+# --------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+REVISIONS = sorted((MIGRATIONS_DIR / "versions").glob("*.py"))
+PROJECT_PACKAGES = frozenset(path.parent.name for path in ROOT.glob("*/__init__.py"))
+
+# Runs the real migration runner (audit.migrate, audit.db, config) with
+# every other module of the project replaced by a stand-in that fails when a
+# migration uses it. env.py names the schema as the target of autogenerate,
+# which an upgrade never reads: an empty one stands in for it.
+UPGRADE_WITHOUT_TODAYS_CODE = """
+import asyncio
+import sys
+import types
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+import audit
+from audit.db import create_engine
+from audit.migrate import upgrade
+
+
+class TodaysModule(types.ModuleType):
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):  # the import system's probes (__path__)
+            raise AttributeError(name)
+        raise ImportError(f"a migration used today's {self.__name__}.{name}")
+
+
+runner = set(sys.modules)
+stand_ins = ["server", "signaling", "tests"] + [
+    f"audit.{path.stem}" for path in Path(audit.__file__).parent.glob("*.py")
+]
+for name in stand_ins:
+    if name in {"audit.schema", "audit.access_log"} and name in runner:
+        sys.exit(f"the migration runner itself imports {name}; this test cannot replace it")
+    if name in runner:
+        continue
+    sys.modules[name] = TodaysModule(name)
+    package, _, child = name.rpartition(".")
+    if package:
+        setattr(sys.modules[package], child, sys.modules[name])
+sys.modules["audit.schema"].metadata = sa.MetaData()
+
+
+async def main(url: str, revision: str) -> None:
+    engine = create_engine(make_url(url), connect_timeout_s=10)
+    try:
+        await upgrade(engine, to=revision)
+    finally:
+        await engine.dispose()
+
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+PRACTICES = (uuid.UUID(int=0x0B01), uuid.UUID(int=0x0B02), None)
+
+
+def records_before_the_chain() -> list[dict[str, object]]:
+    """Records of two organisations and of the operator, interleaved, as the
+    application wrote them before revision 0005 (times in UTC)."""
+    start = datetime(2026, 11, 20, 23, 59, 58, 123456, tzinfo=UTC)
+    return [
+        {
+            "at": start + timedelta(seconds=n, microseconds=n),
+            "organisation_id": PRACTICES[n % 3],
+            "actor_id": None if PRACTICES[n % 3] is None else uuid.UUID(int=0x0A00 + n),
+            "actor_role": "operator" if PRACTICES[n % 3] is None else "admin",
+            "action": "account.create",
+            "object_type": "account",
+            "object_id": None if n == 4 else str(uuid.UUID(int=0x0C00 + n)),
+            "outcome": "refused" if n == 5 else "allowed",
+            "client_type": "cli" if PRACTICES[n % 3] is None else "api",
+        }
+        for n in range(8)
+    ]
+
+
+async def upgrade_without_todays_code(engine: AsyncEngine, revision: str) -> None:
+    """Upgrade ``engine``'s database in a process where the project's domain
+    modules fail on use; fail the test with that process's error."""
+    environ = dict(os.environ)
+    # Far from UTC: a migration that read SQLite's offset-less times as local
+    # times would hash other times than the application verifies.
+    environ["TZ"] = "XST-13:45"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        UPGRADE_WITHOUT_TODAYS_CODE,
+        engine.url.render_as_string(hide_password=False),
+        revision,
+        cwd=ROOT,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(120):
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode(errors="replace")
+
+
+def imported_modules(revision: Path) -> set[str]:
+    """The modules ``revision`` imports, wherever in the file."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(revision.read_text(), str(revision))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_the_project_packages_are_known() -> None:
+    assert {"audit", "config", "server", "signaling", "tests"} <= PROJECT_PACKAGES
+
+
+@pytest.mark.parametrize("revision", REVISIONS, ids=lambda path: path.stem)
+def test_no_migration_imports_the_project(revision: Path) -> None:
+    project = {
+        name
+        for name in imported_modules(revision)
+        if name.startswith(".") or name.split(".")[0] in PROJECT_PACKAGES
+    }
+    assert project == set(), f"{revision.name} imports today's code: {sorted(project)}"
+
+
+async def test_every_migration_runs_from_empty_without_todays_code(engine: AsyncEngine) -> None:
+    await upgrade_without_todays_code(engine, "0004")
+    legacy = records_before_the_chain()
+    async with engine.begin() as connection:
+        # The columns revision 0002 made: as the application wrote them then.
+        await connection.execute(access_log.insert(), legacy)
+    await upgrade_without_todays_code(engine, "head")
+
+    assert await current_revision(engine) == head_revision()
+    assert await schema_differences(engine) == []
+    # The chains revision 0005 made of the older records verify with today's code.
+    async with engine.connect() as connection:
+        report = await verify_chain(connection)
+    assert report.intact, report.broken
+    assert (report.records, report.chains) == (len(legacy), len(PRACTICES))

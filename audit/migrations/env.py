@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+# Today's tables, as the target of autogenerate only: an upgrade never reads
+# them. The revisions import nothing of the project; each carries copies of
+# what it needs (tests/test_database.py runs them with today's code away).
 from audit.schema import metadata
 
 connection = context.config.attributes.get("connection")

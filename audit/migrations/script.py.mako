@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 ${imports if imports else ""}
+# Frozen in time: import nothing of the project; copy here what this revision needs.
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}

@@ -7,9 +7,21 @@ Create Date: 2026-11-23
 Records written before this revision are chained in the order they were
 written (by id), each in its organisation's chain (or the installation's),
 so every chain verifies from its first record.
+
+Frozen in time: the chain's rules (genesis hash, canonical fields, record
+hash, chain names) and the table are copies of ``audit/access_log.py`` and
+``audit/schema.py`` as they were at this revision, so that a later change to
+either cannot change what a fresh install runs. The chain's encoding is a
+contract: ``tests/test_database.py`` checks that today's verifier accepts
+the chains this revision makes.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -19,13 +31,65 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
+# The predecessor of the first record of a chain.
+GENESIS_HASH = "0" * 64
+# The chain of records that belong to no organisation (the operator's).
+INSTALLATION_CHAIN = "installation"
+
+# The access log as revision 0002 made it, with the columns this one adds.
+access_log = sa.table(
+    "access_log",
+    sa.column("id", sa.BigInteger()),
+    sa.column("at", sa.DateTime(timezone=True)),
+    sa.column("organisation_id", sa.Uuid()),
+    sa.column("actor_id", sa.Uuid()),
+    sa.column("actor_role", sa.String()),
+    sa.column("action", sa.String()),
+    sa.column("object_type", sa.String()),
+    sa.column("object_id", sa.String()),
+    sa.column("outcome", sa.String()),
+    sa.column("client_type", sa.String()),
+    sa.column("chain", sa.String()),
+    sa.column("seq", sa.BigInteger()),
+    sa.column("prev_hash", sa.String()),
+    sa.column("hash", sa.String()),
+)
+
+
+def chain_of(organisation_id: uuid.UUID | None) -> str:
+    return str(organisation_id) if organisation_id is not None else INSTALLATION_CHAIN
+
+
+def canonical_time(moment: datetime) -> str:
+    # The application stores UTC; SQLite hands it back without the offset.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def canonical_fields(row: sa.Row[tuple[object, ...]]) -> dict[str, object]:
+    return {
+        "at": canonical_time(row.at),
+        "organisation_id": str(row.organisation_id) if row.organisation_id else None,
+        "actor_id": str(row.actor_id) if row.actor_id else None,
+        "actor_role": row.actor_role,
+        "action": row.action,
+        "object_type": row.object_type,
+        "object_id": row.object_id,
+        "outcome": row.outcome,
+        "client_type": row.client_type,
+    }
+
+
+def record_hash(fields: dict[str, object], prev_hash: str) -> str:
+    """SHA-256 over JSON with sorted keys, no whitespace, ASCII only."""
+    canonical = json.dumps(
+        {**fields, "prev_hash": prev_hash}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
 
 def upgrade() -> None:
-    # Imported here: the canonical encoding is part of the chain's contract,
-    # and the same functions must both write and verify it.
-    from audit.access_log import GENESIS_HASH, canonical_fields, chain_of, record_hash
-    from audit.schema import access_log
-
     with op.batch_alter_table("access_log") as batch:
         batch.add_column(sa.Column("chain", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("seq", sa.BigInteger(), nullable=True))
@@ -33,28 +97,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("hash", sa.String(length=64), nullable=True))
 
     bind = op.get_bind()
-    # The application's table definition: its column types read the stored
-    # times and ids exactly as the application will when it verifies.
-    table = access_log
     heads: dict[str, tuple[int, str]] = {}
-    for row in bind.execute(sa.select(table).order_by(table.c.id)).all():
+    for row in bind.execute(sa.select(access_log).order_by(access_log.c.id)).all():
         chain = chain_of(row.organisation_id)
         seq, prev = heads.get(chain, (0, GENESIS_HASH))
-        fields = canonical_fields(
-            at=row.at,
-            organisation_id=row.organisation_id,
-            actor_id=row.actor_id,
-            actor_role=row.actor_role,
-            action=row.action,
-            object_type=row.object_type,
-            object_id=row.object_id,
-            outcome=row.outcome,
-            client_type=row.client_type,
-        )
-        digest = record_hash(fields, prev)
+        digest = record_hash(canonical_fields(row), prev)
         bind.execute(
-            table.update()
-            .where(table.c.id == row.id)
+            access_log.update()
+            .where(access_log.c.id == row.id)
             .values(chain=chain, seq=seq + 1, prev_hash=prev, hash=digest)
         )
         heads[chain] = (seq + 1, digest)

@@ -3,7 +3,7 @@
 
 Run from the repository root (see docs/benchmarks.md, "Access log"):
 
-    .venv/bin/python bench/audit.py --runs 3
+    .venv/bin/python bench/access_chain.py --runs 3
 
 Targets: SQLite (a fresh file in a new temp directory; by default once on the
 system temp dir, a disk, and once on tmpfs ``/dev/shm`` where there is one)
@@ -38,7 +38,7 @@ short probe starts one more verify and, a second into it, one append, to
 see whether a verify holds up writers.
 
 Every loop is bounded by a count and a deadline; the whole invocation by
-``--max-minutes``. Results go to ``bench/results/<timestamp>-audit/``
+``--max-minutes``. Results go to ``bench/results/<timestamp>-access-chain/``
 (``results.json``, ``summary.md``). Exit status 1 when a chain is broken,
 an append failed, or a phase could not run.
 """
@@ -51,315 +51,51 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
-import resource
-import secrets
-import shutil
 import signal
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from _access_chain_report import machine, postgres_settings, summary_table
+from _access_chain_setup import (
+    COLUMNS,
+    CREATED_DBS,
+    CREATED_DIRS,
+    Database,
+    Meter,
+    Target,
+    bench_record,
+    chain_batches,
+    drop_pg_database,
+    fresh_database,
+    remove_dir,
+    reset_peak_rss,
+)
+from _common import (
+    Invocation,
+    cancel_on_signals,
+    loadavg,
+    proc_status_kb,
+    run_main,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - a dependency of the project on Linux
-    uvloop = None  # type: ignore[assignment]
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# This file is bench/audit.py: run as a script, its own directory comes first
-# on sys.path and would shadow the audit package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != BENCH]
-sys.path.insert(0, str(ROOT))
-
-from audit.access_log import (  # noqa: E402
-    GENESIS_HASH,
-    OPERATOR,
-    AccessRecord,
+from audit.access_log import (
     ChainReport,
-    ClientType,
-    Outcome,
     append_access,
-    canonical_fields,
-    chain_of,
-    record_hash,
     verify_chain,
 )
-from audit.db import create_engine  # noqa: E402
-from audit.migrate import upgrade  # noqa: E402
-from audit.schema import access_log  # noqa: E402
+from audit.schema import access_log
 
-RESULTS = BENCH / "results"
-HOST = "127.0.0.1"  # the only PostgreSQL server this benchmark talks to
 SHM_DIR = "/dev/shm"  # noqa: S108 - a new directory is made inside, and removed
-SQLITE_FILE = "videoconsult.db"
 PY_SPY = Path(sys.executable).parent / "py-spy"
-
-# The columns a record is written with (``id`` is the database's own).
-COLUMNS = (
-    "at",
-    "organisation_id",
-    "actor_id",
-    "actor_role",
-    "action",
-    "object_type",
-    "object_id",
-    "outcome",
-    "client_type",
-    "chain",
-    "seq",
-    "prev_hash",
-    "hash",
-)
-
-# --------------------------------------------------------------------------
-# Records: a plausible mix of organisations, actors, actions and outcomes.
-# --------------------------------------------------------------------------
-
-T0 = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
-# Organisation ids: record n belongs to organisation n % orgs, except every
-# 97th, which is the operator's (no organisation: the installation's chain).
-ORG_BASE = 0x0B0000
-ACTORS = [uuid.UUID(int=0x0A0000 + i) for i in range(400)]
-ACTIONS = [
-    ("consult.read", "consult"),
-    ("consult.start", "consult"),
-    ("account.read", "account"),
-    ("invite.create", "invite"),
-    ("account.disable", "account"),
-]
-CLIENTS = [ClientType.API, ClientType.API, ClientType.WEBSOCKET, ClientType.CLI]
-
-
-def bench_record(n: int, orgs: int, at: dt.datetime | None = None) -> AccessRecord:
-    """Record ``n``: of one of ``orgs`` organisations (1: all in one chain)."""
-    action, object_type = ACTIONS[n % len(ACTIONS)]
-    by_operator = orgs > 1 and n % 97 == 0
-    return AccessRecord(
-        # Distinct times with microseconds, as real ones have.
-        at=at or T0 + dt.timedelta(microseconds=n * 1_000 + n % 997),
-        organisation_id=None if by_operator else uuid.UUID(int=ORG_BASE + n % orgs),
-        actor_id=None if by_operator else ACTORS[n % len(ACTORS)],
-        actor_role=OPERATOR if by_operator else ("therapist" if n % 5 else "admin"),
-        action=action,
-        object_type=object_type,
-        object_id=str(uuid.UUID(int=(0x0C << 64) + n)),
-        outcome=Outcome.REFUSED if n % 23 == 0 else Outcome.ALLOWED,
-        client_type=ClientType.CLI if by_operator else CLIENTS[n % len(CLIENTS)],
-    )
-
-
-def chain_batches(total: int, batch: int, orgs: int) -> Iterator[list[tuple[Any, ...]]]:
-    """The rows (in COLUMNS order) of ``total`` records in their chains, ``batch`` at a time."""
-    heads: dict[str, tuple[int, str]] = {}
-    for start in range(1, total + 1, batch):
-        rows = []
-        for n in range(start, min(start + batch, total + 1)):
-            r = bench_record(n, orgs)
-            chain = chain_of(r.organisation_id)
-            seq, prev = heads.get(chain, (0, GENESIS_HASH))
-            seq += 1
-            fields = canonical_fields(
-                at=r.at,
-                organisation_id=r.organisation_id,
-                actor_id=r.actor_id,
-                actor_role=r.actor_role,
-                action=r.action,
-                object_type=r.object_type,
-                object_id=r.object_id,
-                outcome=r.outcome.value,
-                client_type=r.client_type.value,
-            )
-            digest = record_hash(fields, prev)
-            rows.append(
-                (
-                    r.at,
-                    r.organisation_id,
-                    r.actor_id,
-                    r.actor_role,
-                    r.action,
-                    r.object_type,
-                    r.object_id,
-                    r.outcome.value,
-                    r.client_type.value,
-                    chain,
-                    seq,
-                    prev,
-                    digest,
-                )
-            )
-            heads[chain] = (seq, digest)
-        yield rows
-
-
-# --------------------------------------------------------------------------
-# The process and the host.
-# --------------------------------------------------------------------------
-
-
-def proc_status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: ``5`` into clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def host_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole host from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    return total - idle, total
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads (aiosqlite's too)
-    return usage.ru_utime + usage.ru_stime
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-class Meter:
-    """Wall time, this process's CPU and the host's CPU over a phase."""
-
-    def __enter__(self) -> Meter:
-        self.wall0, self.cpu0, self.host0 = time.perf_counter(), self_cpu_s(), host_cpu()
-        self.load_start = loadavg()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.wall0
-        self.cpu = self_cpu_s() - self.cpu0
-        busy1, total1 = host_cpu()
-        busy0, total0 = self.host0
-        self.host_busy_pct = 100 * (busy1 - busy0) / max(1, total1 - total0)
-        self.load_end = loadavg()
-
-    def figures(self, prefix: str) -> dict[str, Any]:
-        return {
-            f"{prefix}_s": round(self.wall, 3),
-            f"{prefix}_self_cpu_pct": round(100 * self.cpu / max(self.wall, 1e-9), 1),
-            f"{prefix}_host_busy_pct": round(self.host_busy_pct, 1),
-            f"{prefix}_loadavg_1m": [self.load_start[0], self.load_end[0]],
-        }
-
-
-def fs_type(path: str) -> str:
-    """The file system type of the mount that holds ``path``."""
-    best, kind = "", "?"
-    real = os.path.realpath(path)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        mount = parts[1]
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) > len(best):
-            best, kind = mount, parts[2]
-    return kind
-
-
-# --------------------------------------------------------------------------
-# Targets: where a fresh, migrated database comes from, and goes again.
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    name: str  # "sqlite", "sqlite-shm", "postgres"
-    backend: str  # "sqlite" or "postgres"
-    directory: str = ""  # SQLite: where the temp directories go
-
-    def describe(self) -> str:
-        if self.backend == "sqlite":
-            return f"SQLite file in {self.directory} ({fs_type(self.directory)})"
-        return f"PostgreSQL on {HOST}:5432"
-
-
-# PostgreSQL databases and temp directories this process made and has not
-# removed yet: main() removes whatever is left, also after Ctrl+C.
-CREATED_DBS: set[str] = set()
-CREATED_DIRS: set[str] = set()
-
-
-def pg_dsn(args: argparse.Namespace, database: str) -> str:
-    return f"postgresql://{args.pg_user}@{HOST}:{args.pg_port}/{database}"
-
-
-async def pg_admin(args: argparse.Namespace, statement: str) -> None:
-    conn = await asyncpg.connect(pg_dsn(args, args.pg_admin_db), timeout=10)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def drop_pg_database(args: argparse.Namespace, name: str) -> None:
-    await pg_admin(args, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    CREATED_DBS.discard(name)
-
-
-def remove_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    CREATED_DIRS.discard(path)
-
-
-@dataclass
-class Database:
-    target: Target
-    engine: AsyncEngine
-    location: str  # the SQLite file, or the PostgreSQL database's name
-
-
-@contextlib.asynccontextmanager
-async def fresh_database(target: Target, args: argparse.Namespace) -> AsyncIterator[Database]:
-    """A new, migrated database on ``target``; removed again on the way out."""
-    if target.backend == "sqlite":
-        directory = tempfile.mkdtemp(prefix="vc-bench-audit-", dir=target.directory)
-        CREATED_DIRS.add(directory)
-        location = str(Path(directory) / SQLITE_FILE)
-        url = make_url(f"sqlite+aiosqlite:///{location}")
-    else:
-        location = f"vc_bench_audit_{secrets.token_hex(6)}"
-        CREATED_DBS.add(location)
-        await pg_admin(args, f'CREATE DATABASE "{location}"')
-        url = make_url(f"postgresql+asyncpg://{args.pg_user}@{HOST}:{args.pg_port}/{location}")
-    engine = create_engine(url, connect_timeout_s=args.connect_timeout)
-    try:
-        await upgrade(engine)
-        yield Database(target, engine, location)
-    finally:
-        # Shielded: a Ctrl+C during the run must not leave the database behind.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(engine.dispose())
-        if target.backend == "sqlite":
-            remove_dir(str(Path(location).parent))
-        else:
-            await asyncio.shield(drop_pg_database(args, location))
 
 
 # --------------------------------------------------------------------------
@@ -701,158 +437,6 @@ async def verify_target(
 
 
 # --------------------------------------------------------------------------
-# The report.
-# --------------------------------------------------------------------------
-
-
-def number(value: float) -> str:
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def cell(rows: list[dict[str, Any]], key: str) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return "-"
-    text = number(statistics.median(values))
-    if len(values) > 1 and min(values) != max(values):
-        text += f" [{number(min(values))}, {number(max(values))}]"
-    return text
-
-
-def summary_table(results: dict[str, Any]) -> str:
-    targets = [t["name"] for t in results["targets"]]
-    runs = results["runs"]
-    verifies = results["verifies"]
-    big = results["settings"]["big_batch"]
-    n = results["settings"]["verify_records"]
-
-    def of(rows: list[dict[str, Any]], target: str, **match: Any) -> list[dict[str, Any]]:
-        return [
-            r for r in rows if r["target"] == target and all(r[k] == v for k, v in match.items())
-        ]
-
-    lines = [
-        "| median [min, max] | " + " | ".join(targets) + " |",
-        "|---|" + "---|" * len(targets),
-    ]
-
-    def row(label: str, rows_of: Any, key: str) -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(rows_of(t), key) for t in targets) + " |")
-
-    settings = results["settings"]
-    row("sequential appends/s", lambda t: of(runs, t), "seq_appends_per_s")
-    row("  sequential append p50 (ms)", lambda t: of(runs, t), "seq_p50_ms")
-    row("  sequential append p99 (ms)", lambda t: of(runs, t), "seq_p99_ms")
-    row("  host CPU busy, sequential (% of all cores)", lambda t: of(runs, t), "seq_host_busy_pct")
-    c, orgs = settings["concurrency"], settings["orgs"]
-    for prefix, label in (("conc", f"{orgs} organisations"), ("one", "one organisation")):
-        row(
-            f"concurrent appends/s ({c} tasks, {label})",
-            lambda t: of(runs, t),
-            f"{prefix}_appends_per_s",
-        )
-        row("  append p50 (ms)", lambda t: of(runs, t), f"{prefix}_p50_ms")
-        row("  append p99 (ms)", lambda t: of(runs, t), f"{prefix}_p99_ms")
-        row("  host CPU busy (% of all cores)", lambda t: of(runs, t), f"{prefix}_host_busy_pct")
-    for batch in [10_000, *([big] if big else [])]:
-        row(
-            f"verify {n:,} (s), batch {batch:,}",
-            lambda t, b=batch: of(verifies, t, batch=b),
-            "verify_s",
-        )
-        row(
-            f"  records/s, batch {batch:,}",
-            lambda t, b=batch: of(verifies, t, batch=b),
-            "records_per_s",
-        )
-        row(
-            f"  peak RSS during verify (MB), batch {batch:,}",
-            lambda t, b=batch: of(verifies, t, batch=b),
-            "peak_rss_mb",
-        )
-        row(
-            f"  RSS before verify (MB), batch {batch:,}",
-            lambda t, b=batch: of(verifies, t, batch=b),
-            "rss_before_mb",
-        )
-        row(
-            f"  host CPU busy, verify (% of all cores), batch {batch:,}",
-            lambda t, b=batch: of(verifies, t, batch=b),
-            "verify_host_busy_pct",
-        )
-    row(f"fill {n:,} (s, setup)", lambda t: of(results["fills"], t), "fill_s")
-    text = "\n".join(lines) + "\n"
-    for probe in results["probes"]:
-        text += (
-            f"\n{probe['target']}: an append a second into a verify: {probe['append_outcome']} "
-            f"after {probe['append_wait_s']} s"
-        )
-    if results["probes"]:
-        text += "\n"
-    for failure in results["failures"]:
-        text += f"\nFAILED: {failure}"
-    return text + "\n"
-
-
-def machine(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
-    import aiosqlite
-
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            mem_kb = int(line.split()[1])
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "audit"],  # noqa: S607
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "sqlalchemy": sa.__version__,
-        "asyncpg": asyncpg.__version__,
-        "aiosqlite": getattr(aiosqlite, "__version__", "?"),
-        "sqlite": sqlite3.sqlite_version,
-        "loop": "uvloop" if uvloop is not None else "asyncio",
-        "commit": commit + (" (audit/ modified)" if dirty else ""),
-        "loadavg_at_start": loadavg(),
-        "targets": [t.describe() for t in targets],
-    }
-
-
-async def postgres_settings(args: argparse.Namespace) -> dict[str, str]:
-    conn = await asyncpg.connect(pg_dsn(args, args.pg_admin_db), timeout=10)
-    try:
-        out = {}
-        for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers"):
-            out[name] = str(await conn.fetchval(f"SHOW {name}"))
-        return out
-    finally:
-        await conn.close()
-
-
-# --------------------------------------------------------------------------
 # Main.
 # --------------------------------------------------------------------------
 
@@ -872,16 +456,7 @@ def make_targets(args: argparse.Namespace) -> list[Target]:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    started = time.monotonic()
-    budget_s = args.max_minutes * 60
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / f"{stamp}-audit"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cancel_on_signals()
     targets = make_targets(args)
     results: dict[str, Any] = {
         "machine": machine(args, targets),
@@ -895,19 +470,11 @@ async def main_async(args: argparse.Namespace) -> int:
         "failures": [],
         "skipped": [],
     }
+    invocation = Invocation(results, kind="access-chain", max_minutes=args.max_minutes)
+    over_budget, save = invocation.over_budget, invocation.save
     if any(t.backend == "postgres" for t in targets):
         results["machine"]["postgres"] = await postgres_settings(args)
     print(f"bench: {json.dumps(results['machine'])}", flush=True)
-
-    def save() -> None:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-
-    def over_budget(what: str) -> bool:
-        if time.monotonic() - started > budget_s:
-            results["skipped"].append(what)
-            print(f"bench: time budget spent; skipping {what}", flush=True)
-            return True
-        return False
 
     # Appends: the targets alternate within each repetition, so drift of the
     # shared machine hits all alike.
@@ -943,7 +510,7 @@ async def main_async(args: argparse.Namespace) -> int:
             if over_budget(what):
                 continue
             try:
-                await verify_target(target, args, out_dir, results)
+                await verify_target(target, args, invocation.out_dir, results)
             except Exception as err:
                 traceback.print_exc()
                 results["failures"].append(f"{what}: {err!r}")
@@ -956,15 +523,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 )
 
     results["machine"]["loadavg_at_end"] = loadavg()
-    results["total_minutes"] = round((time.monotonic() - started) / 60, 1)
-    save()
-    table = summary_table(results)
-    (out_dir / "summary.md").write_text(table)
-    print("\n" + table, flush=True)
-    print(
-        f"bench: results in {out_dir.relative_to(ROOT)} ({results['total_minutes']} min)",
-        flush=True,
-    )
+    invocation.finish(summary_table)
     return 1 if results["failures"] or results["skipped"] else 0
 
 
@@ -1058,15 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if uvloop is not None:
-            return uvloop.run(main_async(args))
-        return asyncio.run(main_async(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        cleanup(args)
+    return run_main(main_async(args), lambda: cleanup(args))
 
 
 if __name__ == "__main__":
