@@ -316,7 +316,12 @@ async def test_every_read_writes_one_access_log_record(harness: Harness, now: da
         (PER_DAY, {"lang": "fr"}, "'lang'"),
         (PER_DAY, {"page": "2"}, "'page'"),
         (DURATIONS, {"status": "ENDED"}, "'status'"),
-        (f"{CONSULTS}/{uuid.uuid4()}/technical-log", {"since": "2026-11-01"}, "'since'"),
+        # A fixed id: pytest-xdist's workers must collect the same test names.
+        (
+            f"{CONSULTS}/7f0c2d4e-5b1a-4c3d-9e8f-a1b2c3d4e5f6/technical-log",
+            {"since": "2026-11-01"},
+            "'since'",
+        ),
     ],
 )
 async def test_bad_parameters_answer_422_naming_the_parameter(
