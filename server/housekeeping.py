@@ -25,6 +25,7 @@ from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, REDIS, ROOMS, SETTINGS
 from server.auth.lockout import lookback
 from signaling.broker import StateUnavailable
+from signaling.protocol import EndReason
 
 _log = structlog.get_logger("videoconsult.housekeeping")
 
@@ -130,7 +131,7 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
     ended = 0
     for consult_id in abandoned:
         try:
-            await app[ROOMS].end(consult_id, reason="not_joined")
+            await app[ROOMS].end(consult_id, reason=EndReason.NOT_JOINED)
             ended += 1
         except (StateUnavailable, RedisError) as err:
             # The record was ended first, in the database; only telling the

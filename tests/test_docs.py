@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_configuration_reference_lists_every_setting(variable: str, setting: str) -> None:
     reference = (ROOT / "docs" / "configuration.md").read_text()
     assert f"| `{setting}` | `{variable}` |" in reference
+
+
+def protocol_reference() -> str:
+    return (ROOT / "docs" / "protocol.md").read_text()
+
+
+def test_protocol_reference_lists_every_close_code_and_no_other() -> None:
+    from signaling.protocol import CloseCode
+
+    section = protocol_reference().split("## Close codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d{4}) \|", section, re.MULTILINE)}
+    assert documented == set(CloseCode)
+
+
+def test_protocol_reference_lists_every_end_reason_and_no_other() -> None:
+    from signaling.protocol import EndReason
+
+    (row,) = [
+        line for line in protocol_reference().splitlines() if line.startswith("| `consult-ended`")
+    ]
+    reasons = row.split("|")[3].removeprefix(" `reason` (")
+    assert set(re.findall(r"`([a-z_]+)`", reasons)) == set(EndReason)
