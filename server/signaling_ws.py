@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
@@ -63,8 +62,6 @@ from signaling.protocol import (
 from signaling.ratelimit import TokenBucket
 from signaling.rooms import Participant, RoomClosed
 from signaling.turn import ice_servers
-
-_log = structlog.get_logger("videoconsult.signaling")
 
 routes = web.RouteTableDef()
 
@@ -408,13 +405,3 @@ async def check_therapist_sessions(app: web.Application) -> int:
             await websocket.close(code=CloseCode.SESSION_ENDED, message=b"session ended")
             closed += 1
     return closed
-
-
-async def run_session_checks(app: web.Application) -> None:
-    """Background task: :func:`check_therapist_sessions` every SESSION_CHECK_S."""
-    while True:
-        await asyncio.sleep(SESSION_CHECK_S)
-        try:
-            await check_therapist_sessions(app)
-        except Exception:
-            _log.exception("session check failed; trying again")

@@ -42,7 +42,7 @@ from tests.harness import ConsultSetup, Harness, new_consult, receive, wait_unti
 from tests.test_recording_faults import ServerProcess, session_cookie
 from tests.test_webrtc import Peer, Signaller, all_receive_media, opened
 
-# resources.NODE_DEAD_AFTER_S plus a heartbeat or two: by then a killed
+# cluster.NODE_DEAD_AFTER_S plus a heartbeat or two: by then a killed
 # node's participants are in their grace period.
 DEATH_NOTICED_S = 8.0
 
