@@ -127,6 +127,17 @@ class UnknownTimerKind(ValueError):
         )
 
 
+class RecordingState(enum.StrEnum):
+    """The ``state`` of a ``recording`` message (docs/protocol.md, "Recording")."""
+
+    REQUESTED = "requested"
+    # The patient said no; the request is gone.
+    REFUSED = "refused"
+    STARTING = "starting"
+    ON = "on"
+    OFF = "off"
+
+
 class PeerConnectionState(enum.StrEnum):
     """An ``RTCPeerConnection``'s ``connectionState`` (W3C WebRTC), as aiortc
     reports it; converted once, where it enters our code."""

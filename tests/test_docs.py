@@ -38,3 +38,10 @@ def test_protocol_reference_lists_every_end_reason_and_no_other() -> None:
     ]
     reasons = row.split("|")[3].removeprefix(" `reason` (")
     assert set(re.findall(r"`([a-z_]+)`", reasons)) == set(EndReason)
+
+
+def test_protocol_reference_shows_every_recording_state_and_no_other() -> None:
+    from signaling.protocol import RecordingState
+
+    shown = re.findall(r'recording \{state: "([a-z]+)"', protocol_reference())
+    assert set(shown) == set(RecordingState)
