@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 import pytest
 from aiohttp import web
 from aiohttp.web_app import CleanupError
@@ -33,6 +36,18 @@ def runner(step: Step, failed: list[JobName], **job: object) -> JobRunner:
     )
 
 
+async def rounds(job: JobRunner, count: int) -> list[MutableMapping[str, Any]]:
+    """Run ``count`` rounds of ``job``; what they logged."""
+    with capture_logs() as logs:
+        for _ in range(count):
+            await job.run_once()
+    return logs
+
+
+def said(logs: list[MutableMapping[str, Any]]) -> list[tuple[str, str]]:
+    return [(entry["log_level"], entry["event"]) for entry in logs]
+
+
 async def test_a_failing_step_is_counted_and_tried_again_after_a_doubling_wait() -> None:
     failed: list[JobName] = []
     job = runner(Step(*(RuntimeError("broke") for _ in range(5))), failed, backoff_max_s=10.0)
@@ -51,11 +66,8 @@ async def test_a_job_backs_off_no_less_than_its_interval() -> None:
 
 
 async def test_an_unexpected_failure_is_logged_with_its_traceback_each_time() -> None:
-    job = runner(Step(RuntimeError("broke"), RuntimeError("again")), [])
-    with capture_logs() as logs:
-        for _ in range(3):
-            await job.run_once()
-    assert [(entry["log_level"], entry["event"]) for entry in logs] == [
+    logs = await rounds(runner(Step(RuntimeError("broke"), RuntimeError("again")), []), 3)
+    assert said(logs) == [
         ("error", "background job failed; trying again"),
         ("error", "background job failed; trying again"),
         ("info", "background job running again"),
@@ -68,11 +80,8 @@ async def test_an_unexpected_failure_is_logged_with_its_traceback_each_time() ->
 async def test_an_expected_failure_is_said_once_until_the_job_runs_again() -> None:
     failed: list[JobName] = []
     away = StateUnavailable("Redis is unreachable")
-    job = runner(Step(away, away, away), failed, expected=(StateUnavailable,))
-    with capture_logs() as logs:
-        for _ in range(4):
-            await job.run_once()
-    assert [(entry["log_level"], entry["event"]) for entry in logs] == [
+    logs = await rounds(runner(Step(away, away, away), failed, expected=(StateUnavailable,)), 4)
+    assert said(logs) == [
         ("warning", "background job waits; trying again"),
         ("info", "background job running again"),
     ]
