@@ -43,8 +43,9 @@ async def write_technical_log(app: web.Application) -> None:
     """Write the technical log's pending entries.
 
     Shielded: the job is cancelled at shutdown, and a write cut in half
-    leaves SQLite's lock with a connection nobody finishes, so that the
-    last write (``technical_log_context``) would wait for it in vain.
+    seems to leave SQLite's write lock held for a while: the last write
+    (``technical_log_context``, which raises its failure) once waited for
+    it in vain, under load. Finished, the write just happens to be early.
     """
     await asyncio.shield(app[TECHNICAL_LOG].flush(app[DB_ENGINE]))
 
