@@ -25,16 +25,14 @@ from server.app_keys import (
     WEBSOCKETS,
 )
 from server.auth.passwords import PasswordHasher
-from server.background import background_task
+from server.background import periodic
 from server.client_limits import client_limit_middleware, client_limits_context
-from server.housekeeping import run_housekeeping, run_retention_purge
+from server.jobs import JOBS
 from server.metrics import Metrics
 from server.resources import (
     data_dir_context,
     database_context,
     redis_context,
-    run_room_timers,
-    run_technical_log_writer,
     signaling_context,
     stop_recordings,
     technical_log_context,
@@ -76,11 +74,8 @@ def setup_resources(app: web.Application) -> None:
             redis_context,
             client_limits_context,
             signaling_context,
-            background_task("technical-log", run_technical_log_writer),
-            background_task("housekeeping", run_housekeeping),
-            background_task("retention", run_retention_purge),
-            background_task("room-timers", run_room_timers),
-            background_task("session-checks", signaling_ws.run_session_checks),
+            # After everything they use, so that they stop first.
+            *(periodic(job) for job in JOBS),
         ]
     )
     # Recordings are finished first (their end is not a participant leaving),

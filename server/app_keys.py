@@ -17,12 +17,13 @@ from audit.keys import MasterKey
 from audit.technical_log import TechnicalLog
 from config import Settings
 from server.auth.passwords import PasswordHasher
-from server.metrics import Metrics
 from signaling.rooms import ConsultRooms
 from signaling.tickets import TicketStore
 
-if TYPE_CHECKING:  # it needs these keys itself
+if TYPE_CHECKING:  # they need these keys themselves (through the background jobs)
     from server.client_limits import ClientLimiter
+    from server.cluster import Cluster
+    from server.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
 # The absolute data directory, checked and created at start-up.
@@ -31,6 +32,8 @@ MASTER_KEY = web.AppKey("master_key", MasterKey)
 DB_ENGINE = web.AppKey("db_engine", AsyncEngine)
 # None when no Redis is configured (one node, everything in-process).
 REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
+# This node's parts of the shared state on Redis; None without Redis.
+CLUSTER: web.AppKey[Cluster | None] = web.AppKey("cluster")
 # Every open WebSocket, so that shutdown can close them with 1001.
 WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
 # The time, for every rule that depends on it; tests put a ManualClock here.
@@ -49,4 +52,4 @@ THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKe
 # The technical log's sink: connection diagnostics, kept 24 hours.
 TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)
 # This node's Prometheus metrics, in a registry of the app's own.
-METRICS = web.AppKey("metrics", Metrics)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

@@ -8,7 +8,6 @@ and a node that finds it taken skips that round.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, REDIS, ROOMS, SETTINGS
 from server.auth.lockout import lookback
 from signaling.broker import StateUnavailable
+from signaling.protocol import EndReason
 
 _log = structlog.get_logger("videoconsult.housekeeping")
 
@@ -130,7 +130,7 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
     ended = 0
     for consult_id in abandoned:
         try:
-            await app[ROOMS].end(consult_id, reason="not_joined")
+            await app[ROOMS].end(consult_id, reason=EndReason.NOT_JOINED)
             ended += 1
         except (StateUnavailable, RedisError) as err:
             # The record was ended first, in the database; only telling the
@@ -160,19 +160,11 @@ async def housekeeping_round(app: web.Application) -> dict[str, int] | None:
         return await purge_expired(app)
 
 
-async def run_housekeeping(app: web.Application) -> None:
-    """Background task: purge every few minutes, the first time a little after
-    start (not at once: a start should not wait on it, and what it removes is
-    already hidden from every read)."""
-    await asyncio.sleep(FIRST_RUN_S)
-    while True:
-        try:
-            counts = await housekeeping_round(app)
-            if counts is not None and any(counts.values()):
-                _log.info("purged expired records", **counts)
-        except Exception:
-            _log.exception("housekeeping failed; trying again later")
-        await asyncio.sleep(INTERVAL_S)
+async def housekeeping_step(app: web.Application) -> None:
+    """The housekeeping job's round: purge, and say how much went."""
+    counts = await housekeeping_round(app)
+    if counts is not None and any(counts.values()):
+        _log.info("purged expired records", **counts)
 
 
 def recording_store(app: web.Application) -> FileStore:
@@ -205,24 +197,15 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
         return report
 
 
-async def run_retention_purge(app: web.Application) -> None:
-    """Background task: the retention purge, every ``retention.purge_interval_s``
-    after start (one node at a time; the others find a lock taken and skip)."""
-    interval_s = app[SETTINGS].retention.purge_interval_s
-    while True:
-        # First a full interval: nothing is so urgent that a start should wait
-        # on it, and several nodes starting together do not all try at once.
-        await asyncio.sleep(interval_s)
-        try:
-            report = await retention_round(app)
-            if report is not None and (
-                report.recordings or report.consults or report.access_log_records
-            ):
-                _log.info(
-                    "retention purge",
-                    recordings=report.recordings,
-                    consults=report.consults,
-                    access_log_records=report.access_log_records,
-                )
-        except Exception:
-            _log.exception("retention purge failed; trying again later")
+async def retention_step(app: web.Application) -> None:
+    """The retention job's round, every ``retention.purge_interval_s`` (one
+    node at a time; the others find a lock taken and skip): purge, and say
+    how much went."""
+    report = await retention_round(app)
+    if report is not None and (report.recordings or report.consults or report.access_log_records):
+        _log.info(
+            "retention purge",
+            recordings=report.recordings,
+            consults=report.consults,
+            access_log_records=report.access_log_records,
+        )

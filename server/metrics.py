@@ -1,8 +1,9 @@
-"""Prometheus metrics of one server node: its participants, relays, refusals and Redis.
+"""Prometheus metrics of one server node: its participants, relays, refusals,
+background jobs and Redis.
 
 No label or value carries personal data: labels come only from small fixed
 sets (a role, a relayed message type, a protocol error code, a refusal
-reason), never a consult id, connection id, address or name. Every metric
+reason, a background job's name), never a consult id, connection id, address or name. Every metric
 is this node's own; Prometheus adds the ``instance`` and sums over nodes
 (``docs/metrics.md`` lists them all).
 
@@ -38,6 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from audit.consults import InviteProblem
+from server.background import JobName
 from signaling.broker import RoomPhase, RoomState, StateUnavailable
 from signaling.protocol import RELAYED, ErrorCode, ParticipantRole
 from signaling.rooms import ConsultRooms, Participant
@@ -132,6 +134,7 @@ class Metrics:
         self._errors = dict.fromkeys(ErrorCode, 0)
         self._opened = dict.fromkeys(ParticipantRole, 0)
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._background_failures = dict.fromkeys(JobName, 0)
         self._node = NodeState()
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -154,6 +157,10 @@ class Metrics:
     def record_refused(self, reason: str) -> None:
         """A signaling socket was refused; an unknown ``reason`` counts as "other"."""
         self._refused[reason if reason in self._refused else REFUSAL_OTHER] += 1
+
+    def record_background_failure(self, job: JobName) -> None:
+        """A round of the background job ``job`` failed."""
+        self._background_failures[job] += 1
 
     async def render(self, rooms: ConsultRooms, redis: Redis | None) -> bytes:
         """Read this node's state and return the metrics in the text exposition format."""
@@ -205,6 +212,12 @@ class Metrics:
             "Signaling sockets refused or closed before joining their room, by reason.",
             "reason",
             self._refused.items(),
+        )
+        yield _counter(
+            "videoconsult_background_failures",
+            "Rounds of a background job that failed (and were tried again later), by job.",
+            "job",
+            ((job.value, count) for job, count in self._background_failures.items()),
         )
 
 

@@ -1,12 +1,14 @@
-"""Resources that live as long as the application: each a ``cleanup_ctx`` entry.
+"""Resources that live as long as the application: each a ``cleanup_ctx`` entry,
+start-up before its ``yield`` and tear-down after.
 
 Order matters: ``create_app`` registers them so that teardown runs in
-reverse (background tasks first, then Redis, then the database).
+reverse (background jobs first, then Redis, then the database). A tear-down
+of several steps runs them all and then raises what failed, as aiohttp's
+cleanup does across the entries (:func:`~server.background.run_all`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -18,7 +20,6 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
-from audit.clock import Clock
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
@@ -26,6 +27,7 @@ from audit.technical_log import TechnicalLog
 from config import Settings
 from server.app_keys import (
     CLOCK,
+    CLUSTER,
     DATA_DIR,
     DB_ENGINE,
     MASTER_KEY,
@@ -35,38 +37,30 @@ from server.app_keys import (
     TECHNICAL_LOG,
     TICKETS,
 )
+from server.background import run_all
+from server.cluster import Cluster
 from signaling.broker import (
+    Broker,
     InProcessBroker,
     InProcessRoomStore,
     InProcessTimers,
-    StateUnavailable,
+    RoomStore,
+    Timers,
 )
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
-from signaling.redis_broker import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
 from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings
-from signaling.tickets import InProcessTicketStore, RedisTicketStore
+from signaling.tickets import InProcessTicketStore
 
 _log = structlog.get_logger("videoconsult.server")
 
-# How often due room timers are looked for: a grace period ends at most this
-# much late.
-TIMER_POLL_S = 0.25
 # Connections per node to Redis at most: deliveries share pipelines, and
 # room changes and timers take one each while in flight (about 26 for 200
 # busy consults in docs/benchmarks.md); far more only when Redis is slow.
 REDIS_MAX_CONNECTIONS = 2000
-# Another interval for the timer task (tests on a manual clock fire the
+# Another interval for the room-timers job (tests on a manual clock fire the
 # timers themselves, and set it to hours).
 ROOM_TIMER_POLL = web.AppKey("room_timer_poll_s", float)
-# Longest wait between looks for due timers while Redis is away.
-TIMER_BACKOFF_MAX_S = 5.0
-# Each node's heartbeat; a node silent for NODE_DEAD_AFTER_S is dead, and its
-# participants' grace periods start (well inside consults.grace_s, 30 s).
-NODE_BEAT_S = 1.0
-NODE_DEAD_AFTER_S = 5.0
-# How often the technical log's pending entries are written.
-TECHNICAL_FLUSH_S = 1.0
 
 
 async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
@@ -135,27 +129,12 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def technical_log_context(app: web.Application) -> AsyncIterator[None]:
-    """The technical log's sink; what is still pending is written before the database closes."""
+    """The technical log's sink; what is still pending is written before the
+    database closes (a failure there is raised, not swallowed)."""
     technical = TechnicalLog(app[CLOCK])
     app[TECHNICAL_LOG] = technical
-    try:
-        yield
-    finally:
-        try:
-            await technical.flush(app[DB_ENGINE])
-        except Exception:
-            _log.exception("technical log: last entries not written")
-
-
-async def run_technical_log_writer(app: web.Application) -> None:
-    """Background task: write the technical log's pending entries every second."""
-    technical = app[TECHNICAL_LOG]
-    while True:
-        await asyncio.sleep(TECHNICAL_FLUSH_S)
-        try:
-            await technical.flush(app[DB_ENGINE])
-        except Exception:
-            _log.exception("technical log: writing failed; trying again")
+    yield
+    await technical.flush(app[DB_ENGINE])
 
 
 def recording_services(app: web.Application) -> RecordingServices | None:
@@ -185,12 +164,7 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
     """
     settings = app[SETTINGS]
     client = app[REDIS]
-    node_id = secrets.token_hex(6)
-    heartbeat: asyncio.Task[None] | None = None
-    cluster: tuple[RedisBroker, RedisNodes, RedisRoomStore] | None = None
-    broker: InProcessBroker | RedisBroker
-    store: InProcessRoomStore | RedisRoomStore
-    timers: InProcessTimers | RedisTimers
+    cluster: Cluster | None = None
     if client is None:
         async with app[DB_ENGINE].begin() as conn:
             interrupted = await mark_interrupted(conn, now=app[CLOCK].now())
@@ -199,25 +173,46 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
                 "recordings interrupted by the last shutdown marked incomplete",
                 count=len(interrupted),
             )
-        broker, store, timers = InProcessBroker(), InProcessRoomStore(), InProcessTimers()
+        rooms = _rooms(app, InProcessBroker(), InProcessRoomStore(), InProcessTimers())
         app[TICKETS] = InProcessTicketStore()
     else:
-        prefix = settings.redis.key_prefix
-        cluster = (
-            RedisBroker(client, prefix=prefix, node_id=node_id),
-            RedisNodes(
-                client,
-                prefix=prefix,
-                node_id=node_id,
-                dead_after=timedelta(seconds=NODE_DEAD_AFTER_S),
-            ),
-            RedisRoomStore(client, prefix=prefix, state_ttl=room_state_ttl(settings)),
+        cluster = Cluster.on(
+            client,
+            prefix=settings.redis.key_prefix,
+            node_id=secrets.token_hex(6),
+            state_ttl=room_state_ttl(settings),
         )
-        broker, store = cluster[0], cluster[2]
-        broker.watch_rooms(store)
-        timers = RedisTimers(client, prefix=prefix)
-        app[TICKETS] = RedisTicketStore(client, prefix=prefix)
-    app[ROOMS] = ConsultRooms(
+        rooms = _rooms(app, cluster.broker, cluster.rooms, cluster.timers, node_id=cluster.node_id)
+        app[TICKETS] = cluster.tickets
+    app[ROOMS] = rooms
+    app[CLUSTER] = cluster
+    if cluster is not None:
+        # At once if Redis answers, so the first socket can subscribe;
+        # otherwise the node job keeps trying.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await cluster.broker.start()
+        _log.info("signaling on Redis: several nodes", node=cluster.node_id)
+    yield
+    teardown = [
+        # Normally done on shutdown already (stop_recordings); this is the last net.
+        lambda: rooms.recording.stop_all(StopReason.SERVER_RESTART),
+        rooms.drain,
+    ]
+    if cluster is not None:
+        teardown.append(cluster.close)
+    await run_all(teardown)
+
+
+def _rooms(
+    app: web.Application,
+    broker: Broker,
+    store: RoomStore,
+    timers: Timers,
+    *,
+    node_id: str = "",
+) -> ConsultRooms:
+    settings = app[SETTINGS]
+    return ConsultRooms(
         engine=app[DB_ENGINE],
         clock=app[CLOCK],
         broker=broker,
@@ -230,32 +225,8 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
         ),
         technical=app[TECHNICAL_LOG],
         recording=recording_services(app),
-        node_id=node_id if client is not None else "",
+        node_id=node_id,
     )
-    if cluster is not None:
-        # At once if Redis answers, so the first socket can subscribe;
-        # otherwise run_node keeps trying.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await cluster[0].start()
-        heartbeat = asyncio.create_task(
-            run_node(app[ROOMS], *cluster, app[CLOCK]), name="node-heartbeat"
-        )
-        _log.info("signaling on Redis: several nodes", node=node_id)
-    try:
-        yield
-    finally:
-        # Normally done on shutdown already (stop_recordings); this is the last net.
-        await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
-        await app[ROOMS].drain()
-        if heartbeat is not None:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        if cluster is not None:
-            with contextlib.suppress(Exception):
-                await cluster[0].close()
-            with contextlib.suppress(StateUnavailable):
-                await cluster[1].leave()
 
 
 def room_state_ttl(settings: Settings) -> timedelta:
@@ -268,65 +239,6 @@ def room_state_ttl(settings: Settings) -> timedelta:
     )
 
 
-async def run_node(
-    rooms: ConsultRooms,
-    broker: RedisBroker,
-    nodes: RedisNodes,
-    store: RedisRoomStore,
-    clock: Clock,
-) -> None:
-    """This node's part in the cluster, every NODE_BEAT_S: its heartbeat, the
-    grace periods of dead nodes' participants, and telling Redis again what
-    it lost (after a Redis restart, or after this node was taken for dead).
-
-    Redis trouble is logged once when it starts and once when it ends."""
-    await broker.start_when_reachable()
-    trouble = False
-    while True:
-        try:
-            if await nodes.beat(clock.now()) or trouble:
-                repaired = await rooms.reconcile()
-                if repaired:
-                    _log.info("rooms told Redis again who is connected here", rooms=repaired)
-            for node, last_seen in await nodes.claim_dead(clock.now()):
-                lost = 0
-                for consult_id in await store.consult_ids():
-                    lost += await rooms.node_lost(consult_id, node, last_seen=last_seen)
-                _log.warning("a node stopped answering; its participants may reconnect", lost=lost)
-            if trouble:
-                _log.info("Redis is back")
-            trouble = False
-        except StateUnavailable as err:
-            if not trouble:
-                _log.warning("Redis unavailable; this node carries on alone", error=str(err))
-            trouble = True
-        except Exception:
-            _log.exception("node heartbeat failed; trying again")
-        await asyncio.sleep(NODE_BEAT_S)
-
-
 async def stop_recordings(app: web.Application) -> None:
     """On shutdown, before the sockets close: finish every recording cleanly."""
     await app[ROOMS].recording.stop_all(StopReason.SERVER_RESTART)
-
-
-async def run_room_timers(app: web.Application) -> None:
-    """Background task: act on due grace periods and maximum durations.
-
-    While Redis is away, looked for less often (backing off to 5 s), and
-    said once rather than four times a second."""
-    every_s = app.get(ROOM_TIMER_POLL, TIMER_POLL_S)
-    poll_s = every_s
-    while True:
-        try:
-            await app[ROOMS].fire_due_timers()
-            if poll_s != every_s:
-                _log.info("room timers running again")
-            poll_s = every_s
-        except StateUnavailable:
-            if poll_s == every_s:
-                _log.warning("room timers wait for Redis")
-            poll_s = max(every_s, min(poll_s * 2, TIMER_BACKOFF_MAX_S))
-        except Exception:
-            _log.exception("room timers failed; trying again")
-        await asyncio.sleep(poll_s)

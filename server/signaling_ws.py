@@ -26,8 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
@@ -51,6 +50,8 @@ from signaling.broker import Delivery, StateUnavailable
 from signaling.protocol import (
     MAX_FRAME_BYTES,
     RELAYED,
+    CloseCode,
+    EndReason,
     ErrorCode,
     ParticipantRole,
     ProtocolError,
@@ -59,10 +60,8 @@ from signaling.protocol import (
     parse_inbound,
 )
 from signaling.ratelimit import TokenBucket
-from signaling.rooms import CLOSE_ENDED, Participant, RoomClosed
+from signaling.rooms import Participant, RoomClosed
 from signaling.turn import ice_servers
-
-_log = structlog.get_logger("videoconsult.signaling")
 
 routes = web.RouteTableDef()
 
@@ -72,8 +71,6 @@ CLOSE_HANDSHAKE_S = 2.0
 SESSION_CHECK_S = 10.0
 # Sessions looked up per query.
 SESSION_CHECK_BATCH = 500
-# The login session ended (logout, account disabled, timeout): log in again.
-CLOSE_SESSION_ENDED = 4002
 
 
 class _Refused(Exception):
@@ -129,8 +126,8 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
             )
         except RoomClosed:
             metrics.record_refused("consult_over")
-            await websocket.send_json(outbound("consult-ended", reason="consult_over"))
-            await websocket.close(code=CLOSE_ENDED)
+            await websocket.send_json(outbound("consult-ended", reason=EndReason.CONSULT_OVER))
+            await websocket.close(code=CloseCode.ENDED)
             return websocket
         except StateUnavailable:
             metrics.record_refused("unavailable")
@@ -144,7 +141,7 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
                     )
                 )
             )
-            await websocket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"try again")
+            await websocket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"try again")
             return websocket
         metrics.record_opened(participant.role)
         try:
@@ -228,7 +225,7 @@ async def _read(
         except ProtocolError as err:
             refused_in_a_row += 1
             if refused_in_a_row >= limits.max_refused:
-                await outbox.close(WSCloseCode.POLICY_VIOLATION, b"too many refused messages")
+                await outbox.close(CloseCode.POLICY_VIOLATION, b"too many refused messages")
                 return
             outbox.send(error_message(err))
             metrics.record_error(err.code)
@@ -301,7 +298,7 @@ class _Outbox:
         self._pending.clear()
         self._ready = True
 
-    async def close(self, code: int, message: bytes = b"") -> None:
+    async def close(self, code: CloseCode, message: bytes = b"") -> None:
         """Close after what is queued has gone out."""
         self.flush()
         await self._websocket.close(code=code, message=message)
@@ -324,7 +321,7 @@ class _Outbox:
         # participant's task) wait for this client: close it instead.
         queued = transport.get_write_buffer_size() + self._framed_bytes
         if queued > 0 and queued + len(frame) > self._high_water:
-            self._close_later(WSCloseCode.POLICY_VIOLATION)
+            self._close_later(CloseCode.POLICY_VIOLATION)
             return
         if not self._frames:
             self._loop.call_soon(self.flush)
@@ -381,7 +378,7 @@ async def _registered(
 
 async def check_therapist_sessions(app: web.Application) -> int:
     """Close the therapist sockets whose login session ended (logout, disabled
-    account, absolute timeout) with 4002, and keep the others' sessions alive:
+    account, absolute timeout) with ``SESSION_ENDED`` (4002), and keep the others' sessions alive:
     an open consult socket counts as activity. Returns how many were closed.
 
     One query per batch of sessions, however many sockets are open.
@@ -405,16 +402,6 @@ async def check_therapist_sessions(app: web.Application) -> int:
         if id_hash in live:
             continue
         for websocket in list(registry.get(id_hash, ())):
-            await websocket.close(code=CLOSE_SESSION_ENDED, message=b"session ended")
+            await websocket.close(code=CloseCode.SESSION_ENDED, message=b"session ended")
             closed += 1
     return closed
-
-
-async def run_session_checks(app: web.Application) -> None:
-    """Background task: :func:`check_therapist_sessions` every SESSION_CHECK_S."""
-    while True:
-        await asyncio.sleep(SESSION_CHECK_S)
-        try:
-            await check_therapist_sessions(app)
-        except Exception:
-            _log.exception("session check failed; trying again")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -52,6 +53,107 @@ class ErrorCode(enum.Enum):
     GUARDIAN_CONSENT_REQUIRED = "guardian_consent_required"
     # The shared state of several nodes (Redis) cannot be reached: try again.
     UNAVAILABLE = "unavailable"
+
+
+class EndReason(enum.StrEnum):
+    """Why a consult ended: the ``reason`` of ``consult-ended``."""
+
+    ENDED_BY_THERAPIST = "ended_by_therapist"
+    # Both participants left: by ``bye``, or their grace periods ran out.
+    BOTH_LEFT = "both_left"
+    MAX_DURATION = "max_duration"
+    # The invite ran out and nobody joined (the housekeeping ends it).
+    NOT_JOINED = "not_joined"
+    # The record was closed elsewhere (another node, the housekeeping).
+    CONSULT_OVER = "consult_over"
+
+
+class CloseCode(enum.IntEnum):
+    """The WebSocket close codes the server sends; 4000-4999 are this protocol's own."""
+
+    NORMAL = 1000
+    # The server is shutting down: reconnect.
+    GOING_AWAY = 1001
+    # Too many refused messages, or a client that does not read what it is sent.
+    POLICY_VIOLATION = 1008
+    # A frame over MAX_FRAME_BYTES (sent by the transport).
+    MESSAGE_TOO_BIG = 1009
+    # The consult cannot be opened now (Redis away): reconnect shortly.
+    TRY_AGAIN_LATER = 1013
+    # A newer connection of the same participant took over.
+    REPLACED = 4001
+    # The therapist's login session ended: log in again.
+    SESSION_ENDED = 4002
+    DENIED = 4003
+    ENDED = 4004
+
+
+class TimerKind(enum.StrEnum):
+    """What a room timer does when it is due; the first part of its key."""
+
+    # A participant's grace period to reconnect ran out.
+    GRACE = "grace"
+    # The consult reached its maximum duration.
+    MAX_DURATION = "max"
+    # The room is forgotten (ended an hour ago, or its invite ran out unused).
+    FORGET = "forget"
+
+    def key(self, consult_id: uuid.UUID, role: ParticipantRole | None = None) -> str:
+        """The timer's key: one timer of each kind per consult (per role for a grace period)."""
+        if role is None:
+            return f"{self.value}:{consult_id}"
+        return f"{self.value}:{consult_id}:{role.value}"
+
+    @classmethod
+    def of_key(cls, key: str) -> TimerKind:
+        """The kind of a stored timer's key; raises :class:`UnknownTimerKind`
+        when this version knows no such kind."""
+        kind = key.split(":", 1)[0]
+        try:
+            return cls(kind)
+        except ValueError:
+            raise UnknownTimerKind(kind) from None
+
+
+class UnknownTimerKind(ValueError):
+    """A stored timer whose kind this version does not know (say, one a newer
+    node left behind during an upgrade)."""
+
+    def __init__(self, kind: str) -> None:
+        # The kind alone: the rest of a key is a consult id.
+        self.kind = kind[:32]
+        super().__init__(
+            f"unknown room timer kind {self.kind!r}; expected one of {', '.join(TimerKind)}"
+        )
+
+
+class RecordingState(enum.StrEnum):
+    """The ``state`` of a ``recording`` message (docs/protocol.md, "Recording")."""
+
+    REQUESTED = "requested"
+    # The patient said no; the request is gone.
+    REFUSED = "refused"
+    STARTING = "starting"
+    ON = "on"
+    OFF = "off"
+
+
+class PeerConnectionState(enum.StrEnum):
+    """An ``RTCPeerConnection``'s ``connectionState`` (W3C WebRTC), as aiortc
+    reports it; converted once, where it enters our code."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    # aiortc never reports this one; browsers do.
+    DISCONNECTED = "disconnected"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+    @property
+    def is_over(self) -> bool:
+        """Whether the connection is gone for good."""
+        return self in (PeerConnectionState.FAILED, PeerConnectionState.CLOSED)
 
 
 class ProtocolError(Exception):

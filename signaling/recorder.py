@@ -48,7 +48,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
 from audit.filestore import EncryptingWriter
-from signaling.protocol import ParticipantRole
+from signaling.protocol import ParticipantRole, PeerConnectionState
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -80,7 +80,9 @@ class InvalidOffer(RecorderError):
     """A recorder offer that does not parse or does not send what a recording needs."""
 
 
-class StreamKind(enum.Enum):
+class StreamKind(enum.StrEnum):
+    """A track's ``kind`` as aiortc gives it; the file holds them in this order."""
+
     AUDIO = "audio"
     VIDEO = "video"
 
@@ -223,7 +225,7 @@ def _prepare_video_streams(media: MediaRecorder, settings: RecorderSettings) -> 
     """
     contexts = media._MediaRecorder__tracks  # type: ignore[attr-defined]
     for track, context in contexts.items():
-        if track.kind != "video":
+        if track.kind != StreamKind.VIDEO:
             continue
         context.stream.width = settings.video_width
         context.stream.height = settings.video_height
@@ -298,10 +300,10 @@ class ConsultRecorder:
 
         @peer.on("connectionstatechange")
         def _state_changed() -> None:
-            state = peer.connectionState
-            if state == "connected":
+            state = PeerConnectionState(peer.connectionState)
+            if state is PeerConnectionState.CONNECTED:
                 connected.set()
-            elif state in ("failed", "closed") and self._peers.get(role) is peer:
+            elif state.is_over and self._peers.get(role) is peer:
                 self._report(Failure.RECORDER_FAILED, f"the {role.value}'s connection {state}")
 
         self._peers[role] = peer
@@ -348,7 +350,7 @@ class ConsultRecorder:
         )
         timeline = Timeline()
         for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT):
-            for kind in ("audio", "video"):
+            for kind in StreamKind:
                 self._recorded += [
                     RecordedTrack(track, role=role, timeline=timeline)
                     for track in self._tracks.get(role, [])

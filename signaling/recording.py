@@ -57,6 +57,7 @@ from signaling.protocol import (
     ProtocolError,
     RecordConsent,
     RecorderOffer,
+    RecordingState,
     RecordRequest,
     RecordStop,
     outbound,
@@ -217,7 +218,7 @@ class RecordingControl:
             request = secrets.token_urlsafe(8)
             self._questions[consult_id] = _Question(self._clock.now(), request)
             await self._announce(
-                consult_id, "requested", guardian_required=guardian, request=request
+                consult_id, RecordingState.REQUESTED, guardian_required=guardian, request=request
             )
 
     async def _consent(self, consult_id: uuid.UUID, message: RecordConsent) -> None:
@@ -238,7 +239,7 @@ class RecordingControl:
             if not message.agree:
                 state.recording = RecordingPhase.OFF
                 self._questions.pop(consult_id, None)
-                await self._announce(consult_id, "refused")
+                await self._announce(consult_id, RecordingState.REFUSED)
                 self._note(consult_id, "recording.refused")
                 return
             async with self._engine.connect() as conn:
@@ -256,7 +257,9 @@ class RecordingControl:
                 # (the state change is kept: this block ends cleanly).
                 state.recording = RecordingPhase.OFF
                 self._questions.pop(consult_id, None)
-                await self._announce(consult_id, "off", reason=StopReason.SERVER_BUSY.value)
+                await self._announce(
+                    consult_id, RecordingState.OFF, reason=StopReason.SERVER_BUSY.value
+                )
                 return
             now = self._clock.now()
             question = self._questions.pop(consult_id, None)
@@ -271,7 +274,7 @@ class RecordingControl:
             self._live[consult_id] = live
             state.recording = RecordingPhase.STARTING
             live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
-            await self._announce(consult_id, "starting")
+            await self._announce(consult_id, RecordingState.STARTING)
         self._note(consult_id, "recording.consented", {"by": message.by})
 
     def _question_id(self, consult_id: uuid.UUID) -> str | None:
@@ -353,7 +356,10 @@ class RecordingControl:
             state.recording = RecordingPhase.ON
             live.started_at = now
             await self._announce(
-                consult_id, "on", started_at=now.isoformat(), recording=str(recording.id)
+                consult_id,
+                RecordingState.ON,
+                started_at=now.isoformat(),
+                recording=str(recording.id),
             )
         _log.info("recording started", consult_id=str(consult_id), recording_id=str(recording.id))
 
@@ -374,7 +380,7 @@ class RecordingControl:
             return False
         # Told first: a new request may follow at once, and must not be
         # overtaken by this "off" (the file is finished after).
-        await self._announce(consult_id, "off", reason=reason.value)
+        await self._announce(consult_id, RecordingState.OFF, reason=reason.value)
         self._note(consult_id, "recording.stopped", {"reason": reason.value})
         if live is not None:
             await self._finish(consult_id, live, reason)
@@ -470,11 +476,13 @@ class RecordingControl:
             self._questions.pop(consult_id, None)
             async with self._engine.begin() as conn:
                 await mark_interrupted(conn, now=now, consult_id=consult_id)
-            await self._announce(consult_id, "off", reason=StopReason.SERVER_RESTART.value)
+            await self._announce(
+                consult_id, RecordingState.OFF, reason=StopReason.SERVER_RESTART.value
+            )
         self._note(consult_id, "recording.node_lost")
         return True
 
-    async def _announce(self, consult_id: uuid.UUID, state: str, **fields: Any) -> None:
+    async def _announce(self, consult_id: uuid.UUID, state: RecordingState, **fields: Any) -> None:
         message = outbound("recording", state=state, **fields)
         for role in ParticipantRole:
             await self._send(consult_id, role, message)

@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -52,8 +52,10 @@ from signaling.protocol import (
     VERSION,
     Admit,
     Bye,
+    CloseCode,
     Deny,
     End,
+    EndReason,
     ErrorCode,
     InboundMessage,
     ParticipantRole,
@@ -64,6 +66,8 @@ from signaling.protocol import (
     RecordRequest,
     RecordStop,
     Report,
+    TimerKind,
+    UnknownTimerKind,
     outbound,
 )
 from signaling.recording import RecordingControl, RecordingServices
@@ -71,11 +75,6 @@ from signaling.recording import RecordingControl, RecordingServices
 _log = structlog.get_logger("videoconsult.signaling")
 
 T = TypeVar("T")
-
-# WebSocket close codes of the protocol (4000-4999 are the application's).
-CLOSE_REPLACED = 4001
-CLOSE_DENIED = 4003
-CLOSE_ENDED = 4004
 
 # An ended room is kept this long, so late connects find it over.
 ENDED_ROOM_KEPT = timedelta(hours=1)
@@ -166,7 +165,9 @@ class ConsultRooms:
             assert state is not None
             state.display_name = display_name
             state.keep_until = until
-        await self._timers.schedule(_forget_key(consult_id), until, {"consult": str(consult_id)})
+        await self._timers.schedule(
+            TimerKind.FORGET.key(consult_id), until, {"consult": str(consult_id)}
+        )
 
     async def display_name(self, consult_id: uuid.UUID) -> str | None:
         """The therapist's note for the waiting room, while the room remembers it."""
@@ -222,10 +223,10 @@ class ConsultRooms:
                     role,
                     outbound("replaced"),
                     connection_id=previous.connection_id,
-                    close_code=CLOSE_REPLACED,
+                    close_code=CloseCode.REPLACED,
                 )
             state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
-            await self._timers.cancel(_grace_key(consult_id, role))
+            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
             if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
                 await self._send(
                     consult_id, other, outbound("patient-waiting", display_name=state.display_name)
@@ -316,7 +317,7 @@ class ConsultRooms:
         if isinstance(message, Deny):
             return await self._deny(participant)
         if isinstance(message, End):
-            await self.end(participant.consult_id, reason="ended_by_therapist")
+            await self.end(participant.consult_id, reason=EndReason.ENDED_BY_THERAPIST)
             return []
         if isinstance(message, Bye):
             await self._leave(participant, grace=False)
@@ -395,38 +396,51 @@ class ConsultRooms:
         due = await self._timers.claim_due(now)
         for key, payload in due:
             try:
-                await self._fire(key, payload)
+                kind = TimerKind.of_key(key)
+            except UnknownTimerKind as err:
+                # Kept, not dropped: a node that knows the kind may fire it.
+                _log.error("room timer of an unknown kind; kept for later", kind=err.kind)
+                await self._retry_timer(key, payload, now)
+                continue
+            try:
+                await self._fire(kind, payload)
                 try:
                     await self._timers.done(key)
                 except StateUnavailable:
                     # Its claim runs out and it fires again: the actions
                     # find their work done and change nothing.
                     _log.warning("room timer done, but Redis did not hear it")
-            except Exception as err:
-                if isinstance(err, StateUnavailable):
-                    _log.warning("room timer postponed: shared state unavailable")
-                else:
-                    _log.exception("room timer failed; trying again", timer=key.split(":")[0])
-                try:
-                    await self._timers.schedule(key, now + TIMER_RETRY, payload)
-                except StateUnavailable:
-                    # Claimed, so nobody else has it: kept here until Redis is back.
-                    self._unsaved_timers[key] = payload
+            except StateUnavailable:
+                _log.warning("room timer postponed: shared state unavailable")
+                await self._retry_timer(key, payload, now)
+            except Exception:
+                _log.exception("room timer failed; trying again", timer=kind.value)
+                await self._retry_timer(key, payload, now)
         return len(due)
 
-    async def _fire(self, key: str, payload: dict[str, Any]) -> None:
+    async def _retry_timer(self, key: str, payload: dict[str, Any], now: datetime) -> None:
+        try:
+            await self._timers.schedule(key, now + TIMER_RETRY, payload)
+        except StateUnavailable:
+            # Claimed, so nobody else has it: kept here until Redis is back.
+            self._unsaved_timers[key] = payload
+
+    async def _fire(self, kind: TimerKind, payload: dict[str, Any]) -> None:
         consult_id = uuid.UUID(payload["consult"])
-        kind = key.split(":", 1)[0]
-        if kind == "max":
-            await self.end(consult_id, reason="max_duration")
-        elif kind == "grace":
+        if kind is TimerKind.MAX_DURATION:
+            await self.end(consult_id, reason=EndReason.MAX_DURATION)
+        elif kind is TimerKind.GRACE:
             await self._grace_over(
                 consult_id, ParticipantRole(payload["role"]), payload["connection"]
             )
-        elif kind == "forget":
+        elif kind is TimerKind.FORGET:
             await self._forget(consult_id)
+        else:
+            assert_never(kind)
 
-    async def end(self, consult_id: uuid.UUID, *, reason: str, at: datetime | None = None) -> None:
+    async def end(
+        self, consult_id: uuid.UUID, *, reason: EndReason, at: datetime | None = None
+    ) -> None:
         """End the consult for both: record the end, tell them, close their sockets.
 
         ``at`` is the end time to record (default now): when both left, the
@@ -448,16 +462,19 @@ class ConsultRooms:
         # The timers first: once told, a participant may act at once (connect
         # again, or, in a test, move the clock), and must find them set.
         for role in ParticipantRole:
-            await self._timers.cancel(_grace_key(consult_id, role))
-        await self._timers.cancel(_max_key(consult_id))
+            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
+        await self._timers.cancel(TimerKind.MAX_DURATION.key(consult_id))
         await self._timers.schedule(
-            _forget_key(consult_id),
+            TimerKind.FORGET.key(consult_id),
             self._clock.now() + ENDED_ROOM_KEPT,
             {"consult": str(consult_id)},
         )
         for role in ParticipantRole:
             await self._send(
-                consult_id, role, outbound("consult-ended", reason=reason), close_code=CLOSE_ENDED
+                consult_id,
+                role,
+                outbound("consult-ended", reason=reason),
+                close_code=CloseCode.ENDED,
             )
         _log.info("consult ended", consult_id=str(consult_id), reason=reason)
 
@@ -478,14 +495,14 @@ class ConsultRooms:
             else:
                 state.phase = RoomPhase.ACTIVE
                 await self._timers.schedule(
-                    _max_key(consult_id),
+                    TimerKind.MAX_DURATION.key(consult_id),
                     consult.started_at + timedelta(seconds=self._settings.max_duration_s),
                     {"consult": str(consult_id)},
                 )
                 await self._send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
         if record_closed:
             # Closed meanwhile (by the housekeeping or another node): no call on a closed record.
-            await self.end(consult_id, reason="consult_over")
+            await self.end(consult_id, reason=EndReason.CONSULT_OVER)
             raise ProtocolError(ErrorCode.CONSULT_OVER, "the consult is over", ref="admit")
         return [outbound("peer-joined", role=ParticipantRole.PATIENT.value)]
 
@@ -498,7 +515,7 @@ class ConsultRooms:
                 )
             state.patient = None
             await self._send(
-                consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CLOSE_DENIED
+                consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED
             )
         return []
 
@@ -560,7 +577,7 @@ class ConsultRooms:
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
-                    _grace_key(consult_id, role),
+                    TimerKind.GRACE.key(consult_id, role),
                     now + timedelta(seconds=self._settings.grace_s),
                     {
                         "consult": str(consult_id),
@@ -585,7 +602,7 @@ class ConsultRooms:
             # never restarts it (the therapist asks again, the patient agrees again).
             await self._stop_recording(consult_id, StopReason.PARTICIPANT_LEFT)
         if end_at is not None:
-            await self.end(consult_id, reason="both_left", at=end_at)
+            await self.end(consult_id, reason=EndReason.BOTH_LEFT, at=end_at)
 
     async def node_lost(self, consult_id: uuid.UUID, node: str, *, last_seen: datetime) -> int:
         """Another node died: its participants in this room drop out as if
@@ -636,7 +653,7 @@ class ConsultRooms:
         except NotFound:
             return False
         if consult.is_over:
-            await self.end(consult_id, reason="consult_over")
+            await self.end(consult_id, reason=EndReason.CONSULT_OVER)
             return True
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
@@ -652,12 +669,12 @@ class ConsultRooms:
             ):
                 return False  # nothing lost
             state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
-            await self._timers.cancel(_grace_key(consult_id, role))
+            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
             if consult.started_at is not None and state.phase is RoomPhase.WAITING:
                 # The room was lost with Redis's data: the record says it runs.
                 state.phase = RoomPhase.ACTIVE
                 await self._timers.schedule(
-                    _max_key(consult_id),
+                    TimerKind.MAX_DURATION.key(consult_id),
                     consult.started_at + timedelta(seconds=self._settings.max_duration_s),
                     {"consult": str(consult_id)},
                 )
@@ -697,7 +714,7 @@ class ConsultRooms:
                     # this one, the last, went away.
                     end_at = presence.left_at or self._clock.now()
         if end_at is not None:
-            await self.end(consult_id, reason="both_left", at=end_at)
+            await self.end(consult_id, reason=EndReason.BOTH_LEFT, at=end_at)
 
     async def _forget(self, consult_id: uuid.UUID) -> None:
         state = await self._store.peek(consult_id)
@@ -711,7 +728,7 @@ class ConsultRooms:
         else:
             # In use: look again later.
             await self._timers.schedule(
-                _forget_key(consult_id),
+                TimerKind.FORGET.key(consult_id),
                 self._clock.now() + ENDED_ROOM_KEPT,
                 {"consult": str(consult_id)},
             )
@@ -731,7 +748,7 @@ class ConsultRooms:
         message: dict[str, Any],
         *,
         connection_id: str | None = None,
-        close_code: int | None = None,
+        close_code: CloseCode | None = None,
     ) -> None:
         await self._broker.publish(
             consult_id, role, Delivery(message, connection_id=connection_id, close_code=close_code)
@@ -748,15 +765,3 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
-
-
-def _grace_key(consult_id: uuid.UUID, role: ParticipantRole) -> str:
-    return f"grace:{consult_id}:{role.value}"
-
-
-def _max_key(consult_id: uuid.UUID) -> str:
-    return f"max:{consult_id}"
-
-
-def _forget_key(consult_id: uuid.UUID) -> str:
-    return f"forget:{consult_id}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from audit import DEV_MASTER_KEY_FILE, current_revision, head_revision
 from audit.schema import organisations
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY, WEBSOCKETS
-from server.background import background_task
+from server.background import Job, JobName, periodic
 from server.websockets import tracked_websocket
 from tests.support.services import asyncpg_dsn
 from tests.support.settings import SettingsFactory
@@ -167,7 +168,7 @@ async def test_shutdown_closes_open_websockets_with_going_away(
     assert app[WEBSOCKETS] == set()
 
 
-async def test_background_tasks_finish_their_write_before_the_database_closes(
+async def test_background_jobs_finish_their_write_before_the_database_closes(
     make_settings: SettingsFactory, database_url: str, aiohttp_client
 ) -> None:
     started = asyncio.Event()
@@ -187,7 +188,9 @@ async def test_background_tasks_finish_their_write_before_the_database_closes(
 
     settings = make_settings(database_url=database_url)
     app = create_app(settings)
-    app.cleanup_ctx.append(background_task("writer", writes_on_cancel))
+    app.cleanup_ctx.append(
+        periodic(Job(JobName.HOUSEKEEPING, writes_on_cancel, 3600.0, first_after_s=0.0))
+    )
     server = TestServer(app)
     await aiohttp_client(server)
     await asyncio.wait_for(started.wait(), 5)
@@ -203,14 +206,18 @@ async def test_background_tasks_finish_their_write_before_the_database_closes(
         assert list(names) == ["written on shutdown"]
 
 
-async def test_a_crashed_background_task_does_not_stop_the_other_cleanup(
+async def test_a_failing_background_step_is_counted_and_stops_nothing_else(
     make_settings: SettingsFactory, aiohttp_client
 ) -> None:
     later_cleanup_ran = asyncio.Event()
     crashed = asyncio.Event()
+    calls = 0
 
     async def crashes(_app: web.Application) -> None:
-        crashed.set()
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            crashed.set()
         raise RuntimeError("task broke")
 
     async def marks_cleanup(_app: web.Application) -> AsyncIterator[None]:
@@ -219,11 +226,19 @@ async def test_a_crashed_background_task_does_not_stop_the_other_cleanup(
 
     app = create_app(make_settings())
     app.cleanup_ctx.append(marks_cleanup)
-    app.cleanup_ctx.append(background_task("crasher", crashes))
+    app.cleanup_ctx.append(
+        periodic(Job(JobName.RETENTION, crashes, 0.01, first_after_s=0.0, backoff_max_s=0.02))
+    )
     server = TestServer(app)
     client = await aiohttp_client(server)
-    await asyncio.wait_for(crashed.wait(), 5)
+    await asyncio.wait_for(crashed.wait(), 5)  # tried again after failing
     assert (await client.get("/healthz")).status == 200
+    metrics = await (await client.get("/metrics")).text()
+    counted = re.search(
+        r'^videoconsult_background_failures_total\{job="retention"\} (\S+)$', metrics, re.M
+    )
+    assert counted is not None
+    assert 2 <= float(counted.group(1)) <= calls
     await server.close()
     assert later_cleanup_ran.is_set()
 

@@ -45,7 +45,7 @@ from tests.support.webrtc import Peer, Signaller, all_receive_media, opened
 
 pytestmark = [pytest.mark.webrtc, pytest.mark.multinode]
 
-# resources.NODE_DEAD_AFTER_S plus a heartbeat or two: by then a killed
+# cluster.NODE_DEAD_AFTER_S plus a heartbeat or two: by then a killed
 # node's participants are in their grace period.
 DEATH_NOTICED_S = 8.0
 

@@ -573,6 +573,29 @@ async def test_one_failing_timer_does_not_lose_the_others(
     assert await rooms.fire_due_timers() == 1  # the failing one is tried again
 
 
+async def test_a_timer_of_an_unknown_kind_is_logged_as_an_error_and_kept(
+    harness: Harness, sockets: Sockets
+) -> None:
+    from structlog.testing import capture_logs
+
+    # A request first: by its answer, the app's own first look for due
+    # timers (at start) is over and cannot claim this one.
+    await new_consult(harness)
+    rooms = harness.app[ROOMS]
+    consult_id = uuid.uuid4()
+    # As a newer node might leave behind during a rolling upgrade.
+    await rooms._timers.schedule(
+        f"reminder:{consult_id}", harness.clock.now(), {"consult": str(consult_id)}
+    )
+    with capture_logs() as logs:
+        assert await rooms.fire_due_timers() == 1
+    errors = [entry for entry in logs if entry["log_level"] == "error"]
+    assert [entry.get("kind") for entry in errors] == ["reminder"]
+    assert not any(str(consult_id) in str(entry) for entry in logs)
+    harness.clock.advance(5)
+    assert await rooms.fire_due_timers() == 1  # not dropped: still there, tried again
+
+
 async def test_admission_on_a_record_closed_meanwhile_ends_the_room(
     harness: Harness, sockets: Sockets
 ) -> None:

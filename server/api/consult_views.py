@@ -35,6 +35,7 @@ from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
 from server.auth.admin import Actor, record
 from server.auth.sessions import Principal, require_role
 from server.web_security import expected_origin
+from signaling.protocol import EndReason
 from signaling.tickets import TicketGrant
 
 routes = web.RouteTableDef()
@@ -206,7 +207,7 @@ async def consult_end(request: web.Request) -> web.Response:
     """End the consult for everyone connected; its invites stop working."""
     principal = await require_role(request, Role.THERAPIST, action="consult.end")
     consult = await _own_consult(request, principal)
-    await request.app[ROOMS].end(consult.id, reason="ended_by_therapist")
+    await request.app[ROOMS].end(consult.id, reason=EndReason.ENDED_BY_THERAPIST)
     async with request.app[DB_ENGINE].connect() as conn:
         ended = await get_consult(conn, consult.id)
     await _log(request, principal, "consult.end", consult.id)
