@@ -46,10 +46,9 @@ from audit.sealing import SealError
 from server.api.access import log_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import iso
-from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.admin import Actor, record
 from server.auth.sessions import Principal, require_role
-from server.housekeeping import recording_store
 
 routes = web.RouteTableDef()
 
@@ -190,7 +189,7 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
             STATUS_HEADER: entry.status.value,
         }
     )
-    chunks = _ChunksInThread(plaintext(recording_store(app), file_name, data_key, entry.id))
+    chunks = _ChunksInThread(plaintext(app[FILE_STORE], file_name, data_key, entry.id))
     problem: Exception | None = None
     try:
         while True:
@@ -300,7 +299,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     # The key is gone (committed): the file can never be decrypted again,
     # whether or not it can be removed right now.
     try:
-        recording_store(app).delete_files(file_names)
+        app[FILE_STORE].delete_files(file_names)
     except OSError as err:
         _log.warning(
             "the file of a deleted recording could not be removed; its key is destroyed",

@@ -97,7 +97,7 @@ def _recording_id(raw: str) -> uuid.UUID:
 
 
 def _store(settings: Settings) -> FileStore:
-    return FileStore(prepare_data_dir(settings.data_dir) / "recordings")
+    return FileStore.in_data_dir(prepare_data_dir(settings.data_dir))
 
 
 def _finished(entry: RecordingEntry) -> RecordingEntry:
