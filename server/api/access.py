@@ -6,9 +6,8 @@ import uuid
 
 from aiohttp import web
 
-from audit.access_log import Outcome
+from audit.access_log import Actor, Outcome, record_access
 from server.app_keys import CLOCK, DB_ENGINE
-from server.auth.admin import Actor, record
 from server.auth.sessions import Principal
 
 
@@ -24,7 +23,7 @@ async def log_api_access(
     """Write who (the logged-in professional) did ``action`` on which object, and
     how it ended, to their organisation's access log; committed at once."""
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,

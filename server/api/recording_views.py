@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Generator
-from typing import Any, Final
+from typing import Final
 
 import structlog
 from aiohttp import web
 
-from audit.access_log import Outcome
+from audit.access_log import Actor, Outcome, record_access
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.recordings import (
@@ -45,9 +45,8 @@ from audit.roles import Role
 from audit.sealing import SealError
 from server.api.access import log_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
-from server.api.representations import iso
+from server.api.representations import recording_json
 from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
-from server.auth.admin import Actor, record
 from server.auth.sessions import Principal, require_role
 
 routes = web.RouteTableDef()
@@ -69,27 +68,6 @@ _END: Final = object()
 
 class RecordingUnreadable(ApiError):
     status, code = 500, "recording_unreadable"
-
-
-def recording_json(entry: RecordingEntry) -> dict[str, Any]:
-    consent = entry.consent
-    return {
-        "id": str(entry.id),
-        "consult_id": str(entry.consult_id),
-        "created_at": iso(entry.created_at),
-        "ended_at": iso(entry.ended_at),
-        "status": entry.status.value,
-        "duration_s": entry.duration_s,
-        "consent": None
-        if consent is None
-        else {
-            "requested_at": iso(consent.requested_at),
-            "consented_at": iso(consent.consented_at),
-            "consent_by": consent.by.value,
-        },
-        "stop_reason": entry.stop_reason.value if entry.stop_reason else None,
-        "plaintext_bytes": entry.plaintext_bytes,
-    }
 
 
 def download_name(entry: RecordingEntry) -> str:
@@ -151,7 +129,7 @@ async def recordings_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_recordings(conn, principal.account.id)
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
@@ -287,7 +265,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
         file_names = await shred(conn, [entry.id])
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,

@@ -16,13 +16,14 @@ import sqlalchemy as sa
 from aiohttp import ClientSession, ClientWebSocketResponse, web
 from aiohttp.test_utils import TestClient
 
+from audit.access_log import Actor
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
 from audit.clock import ManualClock
 from audit.keyring import WrappingKey
 from audit.recordings import StopReason, finish_recording, start_recording
 from audit.schema import consults
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
-from server.auth.admin import Actor, add_account
+from server.auth.admin import add_account
 
 PASSWORD = "correct horse battery staple"
 
