@@ -1,11 +1,16 @@
 """The access log: who looked at or changed what, when, and with what outcome.
 
-One record per read of personal data and per administrative change, with
-the fields NEN 7513 asks for. Records are only ever appended, and they form
-a hash chain: each record holds the hash of the one before it
-(``prev_hash``) and its own hash over a canonical encoding of its fields and
-``prev_hash``. Changing, deleting, inserting or reordering a record breaks
-the chain at that point; :func:`verify_chain` finds the first break.
+One access record per read of personal data and per administrative change,
+with the fields NEN 7513 asks for; whoever reads or changes something names
+its :class:`Actor` and calls :func:`record_access` in the same transaction.
+(Not the server's request log, a process-log line per HTTP request with no
+personal data and no chain.)
+
+Records are only ever appended, and they form a hash chain: each record
+holds the hash of the one before it (``prev_hash``) and its own hash over a
+canonical encoding of its fields and ``prev_hash``. Changing, deleting,
+inserting or reordering a record breaks the chain at that point;
+:func:`verify_chain` finds the first break.
 
 Appends are serialized, so that two appending at once never chain to the
 same predecessor: on PostgreSQL by a transaction-level advisory lock (also

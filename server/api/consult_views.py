@@ -27,7 +27,7 @@ from audit.consults import (
 )
 from audit.errors import NotFound
 from audit.roles import Role
-from server.api.access import log_api_access
+from server.api.access_records import record_api_access
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, NotFoundError, Unprocessable
 from server.api.representations import consult_json, invite_json, iso
@@ -89,7 +89,7 @@ def _parse_time(text: str | None) -> datetime | None:
 async def _log(
     request: web.Request, principal: Principal, action: str, consult_id: uuid.UUID
 ) -> None:
-    await log_api_access(
+    await record_api_access(
         request, principal, action=action, object_type="consult", object_id=consult_id
     )
 

@@ -43,7 +43,7 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
-from server.api.access import log_api_access
+from server.api.access_records import record_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
 from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
@@ -82,7 +82,7 @@ async def _log_access(
     recording_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    await log_api_access(
+    await record_api_access(
         request,
         principal,
         action=action,

@@ -1,4 +1,4 @@
-"""The access-log record of a professional's own API request, in a transaction of its own."""
+"""The access record of a professional's own API request, in a transaction of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import Principal
 
 
-async def log_api_access(
+async def record_api_access(
     request: web.Request,
     principal: Principal,
     *,
@@ -20,7 +20,7 @@ async def log_api_access(
     object_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    """Write who (the logged-in professional) did ``action`` on which object, and
+    """Append who (the logged-in professional) did ``action`` on which object, and
     how it ended, to their organisation's access log; committed at once."""
     async with request.app[DB_ENGINE].begin() as conn:
         await record_access(
