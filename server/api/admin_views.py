@@ -218,7 +218,7 @@ ACCESS_LOG_PAGE = 100
 
 @routes.get("/api/admin/access-log")
 async def access_log_read(request: web.Request) -> web.Response:
-    """The organisation's access-log records, newest first, a page at a time."""
+    """The organisation's access records, newest first, a page at a time."""
     principal = await require_role(request, Role.ADMIN, action="access_log.read")
     before = request.query.get("before")
     before_seq: int | None = None

@@ -37,7 +37,7 @@ async def _log_read(
     *,
     actor_role: str | None = None,
 ) -> None:
-    """One access-log record for a read of ``account``'s own data."""
+    """One access record for a read of ``account``'s own data."""
     async with request.app[DB_ENGINE].begin() as conn:
         await record_access(
             conn,

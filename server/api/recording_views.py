@@ -9,7 +9,7 @@ the role check. Every read and every refusal is written to the access log
 
 A download is decrypted chunk by chunk in a worker thread and written as it
 comes (chunked transfer, so no length is promised up front): memory does not
-grow with the file. The access-log record is written before the first byte
+grow with the file. The access record is written before the first byte
 leaves. A file that fails authentication (or ends early although the
 recording was finished) after bytes went out cannot be answered with an
 error any more: the connection is closed without the transfer's end, so the

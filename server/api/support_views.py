@@ -3,7 +3,7 @@ charts, and the technical log of one consult for the last 24 hours.
 
 Every route needs role ``support`` (therapists and admins are refused with
 403, and the refusal is access-logged) and sees only the support user's own
-organisation. Every read writes one access-log record in the transaction
+organisation. Every read writes one access record in the transaction
 that reads. Query parameters are checked strictly: an unknown, repeated or
 malformed one answers 422 ``invalid_field`` naming it.
 
