@@ -140,6 +140,15 @@ async def touch(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _session_json(
+    request: web.Request, account: stored_accounts.Account, session: Session
+) -> dict[str, object]:
+    """The session's answer, at the app's time and with its session settings."""
+    return session_json(
+        account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
+    )
+
+
 def _token(request: web.Request) -> str:
     return request.match_info["token"]
 
@@ -184,11 +193,3 @@ async def enrolment_confirm(request: web.Request) -> web.Response:
     account = await service.confirm(_token(request), body.code)
     await _log_read(request, account, "enrolment.confirm", actor_role=LINK_HOLDER)
     return web.json_response({"account": account_json(account)})
-
-
-def _session_json(
-    request: web.Request, account: stored_accounts.Account, session: Session
-) -> dict[str, object]:
-    return session_json(
-        account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
-    )
