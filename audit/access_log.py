@@ -1,11 +1,16 @@
 """The access log: who looked at or changed what, when, and with what outcome.
 
-One record per read of personal data and per administrative change, with
-the fields NEN 7513 asks for. Records are only ever appended, and they form
-a hash chain: each record holds the hash of the one before it
-(``prev_hash``) and its own hash over a canonical encoding of its fields and
-``prev_hash``. Changing, deleting, inserting or reordering a record breaks
-the chain at that point; :func:`verify_chain` finds the first break.
+One access record per read of personal data and per administrative change,
+with the fields NEN 7513 asks for; whoever reads or changes something names
+its :class:`Actor` and calls :func:`record_access` in the same transaction.
+(Not the server's request log, a process-log line per HTTP request with no
+personal data and no chain.)
+
+Records are only ever appended, and they form a hash chain: each record
+holds the hash of the one before it (``prev_hash``) and its own hash over a
+canonical encoding of its fields and ``prev_hash``. Changing, deleting,
+inserting or reordering a record breaks the chain at that point;
+:func:`verify_chain` finds the first break.
 
 Appends are serialized, so that two appending at once never chain to the
 same predecessor: on PostgreSQL by a transaction-level advisory lock (also
@@ -24,11 +29,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.schema import access_log, access_log_checkpoints
+
+if TYPE_CHECKING:
+    from audit.accounts import Account
 
 
 class Outcome(enum.Enum):
@@ -66,6 +75,56 @@ class AccessRecord:
     # Set on records read back from the log.
     seq: int | None = None
     hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who reads or changes something: a professional, or the operator at the command line."""
+
+    account_id: uuid.UUID | None
+    role: str
+    client_type: ClientType
+
+    @classmethod
+    def operator(cls) -> Actor:
+        return cls(None, OPERATOR, ClientType.CLI)
+
+    @classmethod
+    def api(cls, account: Account) -> Actor:
+        """A logged-in professional acting through the HTTP API."""
+        return cls(account.id, account.role.value, ClientType.API)
+
+
+async def record_access(
+    conn: AsyncConnection,
+    actor: Actor,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | str | None,
+    now: datetime,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    """Append ``actor``'s access record to the organisation's chain (see :func:`append_access`).
+
+    Must run inside the caller's transaction, the one that makes the change
+    or the read: no change without its record, no record without its change.
+    """
+    await append_access(
+        conn,
+        AccessRecord(
+            at=now,
+            organisation_id=organisation_id,
+            actor_id=actor.account_id,
+            actor_role=actor.role,
+            action=action,
+            object_type=object_type,
+            object_id=str(object_id) if object_id else None,
+            outcome=outcome,
+            client_type=actor.client_type,
+        ),
+    )
 
 
 # The predecessor of the first record of a chain.

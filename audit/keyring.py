@@ -166,7 +166,7 @@ async def rotate(
     """Add a new ring key, then re-wrap every data key under it; the files stay as they are.
 
     The key is added in a transaction of its own (with ``note``, which writes
-    the change's access-log record, so there is no key without its record),
+    the change's access record, so there is no key without its record),
     then the data keys move over a batch per transaction. Interrupted, it
     leaves every data key wrapped by one key of the ring or the other; run it
     again (the key it added is then unused and can be retired).

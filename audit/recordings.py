@@ -95,6 +95,11 @@ class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> FileStore:
+        """The recordings' store: the one place that says where in the data directory it is."""
+        return cls(data_dir / "recordings")
+
     def path(self, file_name: str) -> Path:
         return self.root / file_name
 

@@ -6,7 +6,7 @@ What has passed its organisation's retention is deleted, irreversibly:
   (or was closed without starting); a consult whose therapist was erased
   belongs to no organisation any more and follows the installation's
   defaults;
-- access-log records, counted from when they were written: the oldest part
+- access records, counted from when they were written: the oldest part
   of each organisation's chain goes, a checkpoint keeps the position and
   hash of the last record purged (so the chain still verifies), and a
   chained ``access_log.purge`` record says what was removed;
@@ -75,7 +75,7 @@ class PurgedOrganisation:
     recordings: int = 0
     consults: int = 0
     access_log_records: int = 0
-    # The last access-log record purged (the new checkpoint), if any.
+    # The last access record purged (the new checkpoint), if any.
     checkpoint_seq: int | None = None
 
 

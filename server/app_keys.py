@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.keys import MasterKey
+from audit.recordings import FileStore
 from audit.technical_log import TechnicalLog
 from config import Settings
 from server.auth.passwords import PasswordHasher
@@ -53,3 +54,5 @@ THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKe
 TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)
 # This node's Prometheus metrics, in a registry of the app's own.
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+# The recordings' encrypted file store, in the data directory.
+FILE_STORE = web.AppKey("file_store", FileStore)

@@ -17,11 +17,10 @@ from redis.exceptions import LockNotOwnedError, RedisError
 
 from audit.accounts import purge_enrolment_links
 from audit.consults import abandoned_consults, purge_expired_invites
-from audit.recordings import FileStore
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
-from server.app_keys import CLOCK, DATA_DIR, DB_ENGINE, REDIS, ROOMS, SETTINGS
+from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, REDIS, ROOMS, SETTINGS
 from server.auth.lockout import lookback
 from signaling.broker import StateUnavailable
 from signaling.protocol import EndReason
@@ -167,10 +166,6 @@ async def housekeeping_step(app: web.Application) -> None:
         _log.info("purged expired records", **counts)
 
 
-def recording_store(app: web.Application) -> FileStore:
-    return FileStore(app[DATA_DIR] / "recordings")
-
-
 async def retention_round(app: web.Application) -> PurgeReport | None:
     """Run the retention purge once unless another node holds its Redis lock;
     the report, or None if skipped.
@@ -193,7 +188,7 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
         async with app[DB_ENGINE].begin() as conn:
             report = await purge(conn, now=app[CLOCK].now(), defaults=defaults)
         # The keys are gone (committed); now the files.
-        recording_store(app).delete_files(report.files)
+        app[FILE_STORE].delete_files(report.files)
         return report
 
 

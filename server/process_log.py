@@ -197,8 +197,8 @@ def configure_process_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiohttp's own access log prints client addresses and full paths (with
-    # invite tokens); server.access_log replaces it.
+    # aiohttp's own request log (its "access log") prints client addresses and
+    # full paths (with invite tokens); server.request_log replaces it.
     logging.getLogger("aiohttp.access").disabled = True
     # These log every SQL statement with its parameters at debug level:
     # addresses, hashes, names. Never, whatever the level.

@@ -30,6 +30,7 @@ from server.app_keys import (
     CLUSTER,
     DATA_DIR,
     DB_ENGINE,
+    FILE_STORE,
     MASTER_KEY,
     REDIS,
     ROOMS,
@@ -68,6 +69,7 @@ async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     data_dir = prepare_data_dir(settings.data_dir)
     app[DATA_DIR] = data_dir
+    app[FILE_STORE] = FileStore.in_data_dir(data_dir)
     master_key = load_master_key(settings, data_dir)
     app[MASTER_KEY] = master_key
     if master_key.dev_key_file is not None:
@@ -144,7 +146,7 @@ def recording_services(app: web.Application) -> RecordingServices | None:
         return None
     return RecordingServices(
         engine=app[DB_ENGINE],
-        files=FileStore(app[DATA_DIR] / "recordings"),
+        files=app[FILE_STORE],
         root_key=app[MASTER_KEY].key,
         recorder=RecorderSettings(
             video_width=settings.recording.video_width,

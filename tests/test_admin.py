@@ -250,9 +250,9 @@ async def test_two_admins_disabling_each_other_at_once_leave_one_active(
 ) -> None:
     import asyncio
 
-    from audit.access_log import ClientType
+    from audit.access_log import Actor, ClientType
     from audit.accounts import get_account
-    from server.auth.admin import AccountChange, Actor, change_account
+    from server.auth.admin import AccountChange, change_account
 
     first = await harness.professional("first@praktijk-noord.example", Role.ADMIN)
     second = await harness.professional("second@praktijk-noord.example", Role.ADMIN)

@@ -36,8 +36,7 @@ from audit.recordings import (
 )
 from audit.retention import Retention, purge
 from audit.schema import metadata, recordings
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY
-from server.housekeeping import recording_store
+from server.app_keys import DATA_DIR, DB_ENGINE, FILE_STORE, MASTER_KEY
 from tests.support.harness import Harness, new_consult
 
 CHUNK = 64
@@ -201,7 +200,7 @@ async def test_a_recording_round_trips_and_crypto_shredding_leaves_no_key(
     setup = await new_consult(harness)
     consult_id = uuid.UUID(setup.consult_id)
     engine, master = harness.app[DB_ENGINE], harness.app[MASTER_KEY].key
-    store = recording_store(harness.app)
+    store = harness.app[FILE_STORE]
     assert store.root == harness.app[DATA_DIR] / "recordings"
     media = os.urandom(300_000)
     async with engine.begin() as conn:

@@ -18,8 +18,7 @@ from audit.keyring import key_id_of, key_usage, load_ring, retire, rotate
 from audit.recordings import data_key_of, plaintext
 from audit.schema import access_log, master_keys, recordings
 from audit.sealing import SealError
-from server.app_keys import DB_ENGINE, MASTER_KEY
-from server.housekeeping import recording_store
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
 from tests.support.cli import assert_one_clear_error, cli_env, run_cli
 from tests.support.harness import Harness, new_consult, stored_recording
 
@@ -31,11 +30,11 @@ def root_of(harness: Harness) -> bytes:
 async def read_back(harness: Harness, recording_id: uuid.UUID) -> bytes:
     async with harness.app[DB_ENGINE].connect() as conn:
         file_name, data_key = await data_key_of(conn, root_of(harness), recording_id)
-    return b"".join(plaintext(recording_store(harness.app), file_name, data_key, recording_id))
+    return b"".join(plaintext(harness.app[FILE_STORE], file_name, data_key, recording_id))
 
 
 def file_hashes(harness: Harness) -> dict[str, str]:
-    root = recording_store(harness.app).root
+    root = harness.app[FILE_STORE].root
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in root.iterdir()}
 
 

@@ -12,8 +12,8 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from server.access_log import RouteAccessLogger
 from server.process_log import configure_process_logging, is_sensitive_key, mask_text
+from server.request_log import RequestLogger
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_level_setting_filters_lower_levels() -> None:
     assert [entry["event"] for entry in lines(stream)] == ["loud"]
 
 
-async def test_access_log_names_the_route_template_never_the_path_or_address(
+async def test_request_log_names_the_route_template_never_the_path_or_address(
     json_log: io.StringIO, aiohttp_client
 ) -> None:
     async def join(_request: web.Request) -> web.Response:
@@ -177,7 +177,7 @@ async def test_access_log_names_the_route_template_never_the_path_or_address(
     app = web.Application()
     app.router.add_get("/invite/{token}", join)
     server = TestServer(app)
-    await server.start_server(access_log_class=RouteAccessLogger)
+    await server.start_server(access_log_class=RequestLogger)
     client = await aiohttp_client(server)
     token = "q3Zt8Vb1pR-Y7mK2xN0wLs9eUa"
     response = await client.get(f"/invite/{token}?lang=nl", headers={"User-Agent": "Phone/1.0"})
@@ -202,7 +202,7 @@ async def test_malformed_http_requests_are_logged_without_crash_or_secrets(
 ) -> None:
     app = web.Application()
     server = TestServer(app)
-    await server.start_server(access_log_class=RouteAccessLogger)
+    await server.start_server(access_log_class=RequestLogger)
     try:
         for raw in (
             b"G\x01T /x HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -219,9 +219,9 @@ async def test_malformed_http_requests_are_logged_without_crash_or_secrets(
     finally:
         await server.close()
     text = json_log.getvalue()
-    # The access logger used to crash here (match_info of an unrouted request).
+    # The request logger used to crash here (match_info of an unrouted request).
     assert "AssertionError" not in text
-    assert "access_log.py" not in text
+    assert "request_log.py" not in text
     assert "Zx9Kq2Lm" not in text
     access = [entry for entry in lines(json_log) if entry["logger"] == "videoconsult.access"]
     assert [(entry["route"], entry["status"]) for entry in access] == [("(no route)", 400)] * 3

@@ -27,10 +27,10 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
 from audit.clock import ManualClock
-from audit.recordings import FileStore, start_recording
+from audit.recordings import start_recording
 from audit.schema import recordings
 from server.app import create_app
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
 from signaling.broker import RecordingPhase
 from signaling.protocol import ParticipantRole
 from signaling.recorder import (
@@ -140,7 +140,7 @@ async def test_without_consent_nothing_is_recorded(
 
     async with sqlite_harness.app[DB_ENGINE].connect() as conn:
         assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
-    store_dir = sqlite_harness.app[DATA_DIR] / "recordings"
+    store_dir = sqlite_harness.app[FILE_STORE].root
     assert not store_dir.exists() or not any(store_dir.iterdir())
     assert sqlite_harness.app[ROOMS].recording.live_count == 0
 
@@ -542,7 +542,7 @@ async def test_a_recording_on_a_node_that_died_is_marked_incomplete_and_the_othe
         async with sqlite_harness.app[DB_ENGINE].begin() as conn:
             recording, writer = await start_recording(
                 conn,
-                FileStore(sqlite_harness.app[DATA_DIR] / "recordings"),
+                sqlite_harness.app[FILE_STORE],
                 sqlite_harness.app[MASTER_KEY].key,
                 consult_id,
                 now=sqlite_harness.clock.now(),

@@ -29,8 +29,7 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.schema import access_log, recordings
-from server.app_keys import DB_ENGINE, MASTER_KEY
-from server.housekeeping import recording_store
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
 from tests.support.cli import assert_one_clear_error, cli_env, run_cli
 from tests.support.harness import Harness, Professional, new_consult, stored_recording
 
@@ -65,7 +64,7 @@ async def last_record(harness: Harness) -> Any:
 
 
 def file_of(harness: Harness, recording_id: uuid.UUID) -> Path:
-    return recording_store(harness.app).path(f"{recording_id}.vcenc")
+    return harness.app[FILE_STORE].path(f"{recording_id}.vcenc")
 
 
 def flip_byte(path: Path, position: int) -> None:
@@ -359,7 +358,7 @@ async def test_a_running_recording_is_neither_downloaded_nor_deleted(harness: Ha
     async with engine.begin() as conn:
         recording, writer = await start_recording(
             conn,
-            recording_store(harness.app),
+            harness.app[FILE_STORE],
             harness.app[MASTER_KEY].key,
             uuid.UUID(setup.consult_id),
             now=harness.clock.now(),

@@ -27,7 +27,7 @@ from audit.clock import ManualClock
 from audit.filestore import Truncated
 from audit.recordings import FileStore, data_key_of, plaintext
 from audit.schema import recordings
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
+from server.app_keys import DATA_DIR, DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.recording import (
@@ -49,7 +49,7 @@ TMPFS_SIZE = "2m"
 @pytest.fixture
 def full_disk_store(sqlite_harness: Harness) -> Iterator[Path]:
     """The file store's directory on a tiny tmpfs of its own."""
-    store_dir: Path = sqlite_harness.app[DATA_DIR] / "recordings"
+    store_dir: Path = sqlite_harness.app[FILE_STORE].root
     store_dir.mkdir(mode=0o700, exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(store_dir)],

@@ -7,11 +7,11 @@ import uuid
 import sqlalchemy as sa
 
 from audit.access_log import verify_chain
-from audit.recordings import Consent, ConsentBy, FileStore, finish_recording, start_recording
+from audit.recordings import Consent, ConsentBy, finish_recording, start_recording
 from audit.roles import Role
 from audit.schema import access_log, consults, metadata
 from audit.sealing import keyed_hash
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, TECHNICAL_LOG
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, TECHNICAL_LOG
 from tests.support.harness import Harness, new_consult
 
 
@@ -32,7 +32,7 @@ async def record_something(harness: Harness, consult_id: uuid.UUID) -> None:
     async with harness.app[DB_ENGINE].begin() as conn:
         recording, writer = await start_recording(
             conn,
-            FileStore(harness.app[DATA_DIR] / "recordings"),
+            harness.app[FILE_STORE],
             harness.app[MASTER_KEY].key,
             consult_id,
             now=now,

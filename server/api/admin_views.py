@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from aiohttp import web
 from pydantic import Field
 
 from audit.access_log import (
-    AccessRecord,
-    ClientType,
+    Actor,
     Outcome,
     chain_of,
     read_access_log,
+    record_access,
     verify_chain,
 )
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
@@ -21,16 +20,18 @@ from audit.errors import Conflict, NotFound
 from audit.retention import Retention, retention_of, set_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, Unprocessable
-from server.api.representations import account_json, iso
+from server.api.representations import (
+    access_record_json,
+    account_json,
+    invitation_json,
+    retention_json,
+)
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.admin import (
     AccountChange,
-    Actor,
-    EnrolmentInvitation,
     add_account,
     change_account,
     change_role,
-    record,
     reset_account_totp,
 )
 from server.auth.sessions import Principal, require_role
@@ -50,24 +51,11 @@ class RoleBody(RequestBody):
     role: str
 
 
-def admin_actor(principal: Principal) -> Actor:
-    return Actor(principal.account.id, principal.account.role.value, ClientType.API)
-
-
 def _account_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["account_id"])
     except ValueError:
         raise NotFoundError("no such account") from None
-
-
-def _invitation_json(request: web.Request, invitation: EnrolmentInvitation) -> dict[str, Any]:
-    return {
-        "account": account_json(invitation.account),
-        "enrolment_token": invitation.token,
-        "enrolment_url": f"{expected_origin(request)}/enrol/{invitation.token}",
-        "enrolment_expires_at": iso(invitation.expires_at),
-    }
 
 
 async def own_account(request: web.Request, principal: Principal, action: str) -> Account:
@@ -84,11 +72,12 @@ async def own_account(request: web.Request, principal: Principal, action: str) -
             return await get_account(conn, account_id, organisation_id=organisation_id)
     except NotFound:
         async with app[DB_ENGINE].begin() as conn:
-            await record(
+            await record_access(
                 conn,
-                admin_actor(principal),
+                Actor.api(principal.account),
                 organisation_id=organisation_id,
                 action=action,
+                object_type="account",
                 object_id=account_id,
                 now=app[CLOCK].now(),
                 outcome=Outcome.REFUSED,
@@ -103,9 +92,9 @@ async def accounts_list(request: web.Request) -> web.Response:
     organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_accounts(conn, organisation_id)
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action="account.list",
             object_id=None,
@@ -127,7 +116,7 @@ async def accounts_create(request: web.Request) -> web.Response:
         async with app[DB_ENGINE].begin() as conn:
             invitation = await add_account(
                 conn,
-                admin_actor(principal),
+                Actor.api(principal.account),
                 organisation_id=organisation_id,
                 email=body.email,
                 role=role,
@@ -138,17 +127,20 @@ async def accounts_create(request: web.Request) -> web.Response:
         # Login names are unique in the whole installation, so this answer can
         # tell an admin that an address is in use elsewhere: keep a record.
         async with app[DB_ENGINE].begin() as conn:
-            await record(
+            await record_access(
                 conn,
-                admin_actor(principal),
+                Actor.api(principal.account),
                 organisation_id=organisation_id,
                 action="account.create",
+                object_type="account",
                 object_id=None,
                 now=app[CLOCK].now(),
                 outcome=Outcome.REFUSED,
             )
         raise
-    return web.json_response(_invitation_json(request, invitation), status=201)
+    return web.json_response(
+        invitation_json(invitation, origin=expected_origin(request)), status=201
+    )
 
 
 @routes.get(ACCOUNT_PATH)
@@ -156,11 +148,12 @@ async def account_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.read")
     account = await own_account(request, principal, "account.read")
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=account.organisation_id,
             action="account.read",
+            object_type="account",
             object_id=account.id,
             now=request.app[CLOCK].now(),
         )
@@ -176,7 +169,7 @@ async def account_set_role(request: web.Request) -> web.Response:
     account = await own_account(request, principal, "account.set-role")
     async with request.app[DB_ENGINE].begin() as conn:
         changed = await change_role(
-            conn, admin_actor(principal), account, role, now=request.app[CLOCK].now()
+            conn, Actor.api(principal.account), account, role, now=request.app[CLOCK].now()
         )
     return web.json_response({"account": account_json(changed)})
 
@@ -187,7 +180,7 @@ async def _change(request: web.Request, change: AccountChange) -> web.Response:
     account = await own_account(request, principal, action)
     async with request.app[DB_ENGINE].begin() as conn:
         changed = await change_account(
-            conn, admin_actor(principal), account, change, now=request.app[CLOCK].now()
+            conn, Actor.api(principal.account), account, change, now=request.app[CLOCK].now()
         )
     return web.json_response({"account": account_json(changed)})
 
@@ -212,35 +205,20 @@ async def account_reset_totp(request: web.Request) -> web.Response:
     async with app[DB_ENGINE].begin() as conn:
         invitation = await reset_account_totp(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             account,
             now=app[CLOCK].now(),
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
         )
-    return web.json_response(_invitation_json(request, invitation))
+    return web.json_response(invitation_json(invitation, origin=expected_origin(request)))
 
 
 ACCESS_LOG_PAGE = 100
 
 
-def _access_record_json(entry: AccessRecord) -> dict[str, Any]:
-    return {
-        "seq": entry.seq,
-        "at": iso(entry.at),
-        "actor_id": str(entry.actor_id) if entry.actor_id else None,
-        "actor_role": entry.actor_role,
-        "action": entry.action,
-        "object_type": entry.object_type,
-        "object_id": entry.object_id,
-        "outcome": entry.outcome.value,
-        "client_type": entry.client_type.value,
-        "hash": entry.hash,
-    }
-
-
 @routes.get("/api/admin/access-log")
 async def access_log_read(request: web.Request) -> web.Response:
-    """The organisation's access-log records, newest first, a page at a time."""
+    """The organisation's access records, newest first, a page at a time."""
     principal = await require_role(request, Role.ADMIN, action="access_log.read")
     before = request.query.get("before")
     before_seq: int | None = None
@@ -253,9 +231,9 @@ async def access_log_read(request: web.Request) -> web.Response:
         found = await read_access_log(
             conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq
         )
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action="access_log.read",
             object_id=organisation_id,
@@ -265,7 +243,7 @@ async def access_log_read(request: web.Request) -> web.Response:
     more = len(found) == ACCESS_LOG_PAGE
     return web.json_response(
         {
-            "records": [_access_record_json(entry) for entry in found],
+            "records": [access_record_json(entry) for entry in found],
             "next_before": found[-1].seq if more else None,
         }
     )
@@ -280,9 +258,9 @@ async def access_log_verify(request: web.Request) -> web.Response:
         request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
     )
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action="access_log.verify",
             object_id=None,
@@ -312,14 +290,6 @@ class RetentionBody(RequestBody):
     access_log_days: int = Field(ge=1, le=36500)
 
 
-def _retention_json(retention: Retention) -> dict[str, int]:
-    return {
-        "consult_days": retention.consult_days,
-        "recording_days": retention.recording_days,
-        "access_log_days": retention.access_log_days,
-    }
-
-
 def default_retention(request: web.Request) -> Retention:
     settings = request.app[SETTINGS].retention
     return Retention(settings.consult_days, settings.recording_days, settings.access_log_days)
@@ -332,16 +302,16 @@ async def retention_read(request: web.Request) -> web.Response:
     organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
         retention = await retention_of(conn, organisation_id, defaults=default_retention(request))
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action="retention.read",
             object_id=organisation_id,
             object_type="organisation",
             now=request.app[CLOCK].now(),
         )
-    return web.json_response(_retention_json(retention))
+    return web.json_response(retention_json(retention))
 
 
 @routes.put("/api/admin/retention")
@@ -354,13 +324,13 @@ async def retention_update(request: web.Request) -> web.Response:
     now = request.app[CLOCK].now()
     async with request.app[DB_ENGINE].begin() as conn:
         await set_retention(conn, organisation_id, retention, now=now)
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=organisation_id,
             action="retention.update",
             object_id=organisation_id,
             object_type="organisation",
             now=now,
         )
-    return web.json_response(_retention_json(retention))
+    return web.json_response(retention_json(retention))

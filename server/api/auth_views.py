@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
 from pydantic import Field, StringConstraints
 
 from audit import accounts as stored_accounts
-from audit.access_log import ClientType
+from audit.access_log import Actor, ClientType, record_access
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
 from server.api.errors import TooManyRequests, Unauthorized
-from server.api.representations import account_json, iso
+from server.api.representations import account_json, iso, session_json
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
-from server.auth.admin import Actor, record
 from server.auth.enrolment import Enroller
 from server.auth.errors import LoginLocked, LoginRefused
 from server.auth.login import Authenticator, LoginAttempt
@@ -23,7 +21,6 @@ from server.auth.passwords import MAX_PASSWORD_LENGTH
 from server.auth.sessions import (
     authenticate,
     clear_session_cookie,
-    session_ends_at,
     set_session_cookie,
 )
 from server.services import authenticator, enroller
@@ -40,9 +37,9 @@ async def _log_read(
     *,
     actor_role: str | None = None,
 ) -> None:
-    """One access-log record for a read of ``account``'s own data."""
+    """One access record for a read of ``account``'s own data."""
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
             Actor(
                 None if actor_role == LINK_HOLDER else account.id,
@@ -51,6 +48,7 @@ async def _log_read(
             ),
             organisation_id=account.organisation_id,
             action=action,
+            object_type="account",
             object_id=account.id,
             now=request.app[CLOCK].now(),
         )
@@ -145,18 +143,10 @@ async def touch(request: web.Request) -> web.Response:
 def _session_json(
     request: web.Request, account: stored_accounts.Account, session: Session
 ) -> dict[str, object]:
-    settings = request.app[SETTINGS].sessions
-    now = request.app[CLOCK].now()
-    return {
-        "account": account_json(account),
-        "session": {
-            "ends_at": iso(session_ends_at(session, now=now, settings=settings)),
-            "absolute_end_at": iso(
-                session.created_at + timedelta(seconds=settings.absolute_timeout_s)
-            ),
-            "idle_timeout_s": settings.idle_timeout_s,
-        },
-    }
+    """The session's answer, at the app's time and with its session settings."""
+    return session_json(
+        account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
+    )
 
 
 def _token(request: web.Request) -> str:

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import Field
 
+from audit.access_log import Actor, record_access
 from audit.consults import (
     Consult,
-    Invite,
     InviteInvalid,
     InviteProblem,
     create_consult,
@@ -27,12 +27,11 @@ from audit.consults import (
 )
 from audit.errors import NotFound
 from audit.roles import Role
-from server.api.access import log_api_access
+from server.api.access_records import record_api_access
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, NotFoundError, Unprocessable
-from server.api.representations import iso
+from server.api.representations import consult_json, invite_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
-from server.auth.admin import Actor, record
 from server.auth.sessions import Principal, require_role
 from server.web_security import expected_origin
 from signaling.protocol import EndReason
@@ -76,19 +75,6 @@ class InviteGone(ApiError):
         self.status = status
 
 
-def consult_json(consult: Consult, *, display_name: str | None = None) -> dict[str, Any]:
-    return {
-        "id": str(consult.id),
-        "status": consult.status.value,
-        "created_at": iso(consult.created_at),
-        "started_at": iso(consult.started_at),
-        "ended_at": iso(consult.ended_at),
-        "duration_s": consult.duration_s,
-        # From the room's memory only, while the consult has one; never stored.
-        "display_name": display_name,
-    }
-
-
 def _parse_time(text: str | None) -> datetime | None:
     if text is None:
         return None
@@ -104,7 +90,7 @@ def _parse_time(text: str | None) -> datetime | None:
 async def _log(
     request: web.Request, principal: Principal, action: str, consult_id: uuid.UUID
 ) -> None:
-    await log_api_access(
+    await record_api_access(
         request, principal, action=action, object_type="consult", object_id=consult_id
     )
 
@@ -116,15 +102,6 @@ async def _own_consult(request: web.Request, principal: Principal) -> Consult:
             return await get_consult(conn, consult_id, therapist_id=principal.account.id)
     except (ValueError, NotFound):
         raise NotFoundError("no such consult") from None
-
-
-def _invite_json(request: web.Request, token: str, invite: Invite) -> dict[str, Any]:
-    return {
-        "invite_token": token,
-        "invite_url": f"{expected_origin(request)}/join/{token}",
-        "invite_expires_at": iso(invite.expires_at),
-        "guardian_consent": invite.guardian_consent,
-    }
 
 
 @routes.post("/api/consults")
@@ -152,7 +129,7 @@ async def consults_create(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "consult": consult_json(consult, display_name=body.display_name),
-            **_invite_json(request, token, invite),
+            **invite_json(token, invite, origin=expected_origin(request)),
         },
         status=201,
     )
@@ -164,7 +141,7 @@ async def consults_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.list")
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_consults(conn, principal.account.id)
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
@@ -189,7 +166,7 @@ async def consult_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.read")
     consult = await _own_consult(request, principal)
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
@@ -235,7 +212,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
     await _log(request, principal, "consult.invite", consult.id)
-    return web.json_response(_invite_json(request, token, invite))
+    return web.json_response(invite_json(token, invite, origin=expected_origin(request)))
 
 
 @routes.delete(CONSULT_PATH + "/invite")

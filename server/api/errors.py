@@ -26,7 +26,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from audit import errors as audit_errors
-from server.access_log import route_template
+from server.request_log import route_template
 from signaling.broker import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.api")

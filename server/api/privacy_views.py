@@ -6,14 +6,13 @@ import json
 
 from aiohttp import web
 
-from audit.access_log import ClientType
+from audit.access_log import Actor, record_access
 from audit.accounts import Role
 from audit.sealing import keyed_hash
 from audit.subject_rights import erase_account, export_account
-from server.api.admin_views import ACCOUNT_PATH, admin_actor, own_account
+from server.api.admin_views import ACCOUNT_PATH, own_account
 from server.api.errors import Unauthorized
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
-from server.auth.admin import Actor, record
 from server.auth.sessions import authenticate, require_role
 
 routes = web.RouteTableDef()
@@ -29,11 +28,12 @@ async def account_export(request: web.Request) -> web.Response:
     app = request.app
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
-            Actor(account.id, account.role.value, ClientType.API),
+            Actor.api(account),
             organisation_id=account.organisation_id,
             action="account.export",
+            object_type="account",
             object_id=account.id,
             now=now,
         )
@@ -57,11 +57,12 @@ async def account_erase(request: web.Request) -> web.Response:
     subject_hash = keyed_hash(app[MASTER_KEY].key, "login-subject", account.email)
     async with app[DB_ENGINE].begin() as conn:
         erasure = await erase_account(conn, account, login_subject_hash=subject_hash)
-        await record(
+        await record_access(
             conn,
-            admin_actor(principal),
+            Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
             action="account.erase",
+            object_type="account",
             object_id=account.id,
             now=app[CLOCK].now(),
         )

@@ -9,7 +9,7 @@ the role check. Every read and every refusal is written to the access log
 
 A download is decrypted chunk by chunk in a worker thread and written as it
 comes (chunked transfer, so no length is promised up front): memory does not
-grow with the file. The access-log record is written before the first byte
+grow with the file. The access record is written before the first byte
 leaves. A file that fails authentication (or ends early although the
 recording was finished) after bytes went out cannot be answered with an
 error any more: the connection is closed without the transfer's end, so the
@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Generator
-from typing import Any, Final
+from typing import Final
 
 import structlog
 from aiohttp import web
 
-from audit.access_log import Outcome
+from audit.access_log import Actor, Outcome, record_access
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.recordings import (
@@ -43,13 +43,11 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
-from server.api.access import log_api_access
+from server.api.access_records import record_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
-from server.api.representations import iso
-from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
-from server.auth.admin import Actor, record
+from server.api.representations import recording_json
+from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
-from server.housekeeping import recording_store
 
 routes = web.RouteTableDef()
 
@@ -72,27 +70,6 @@ class RecordingUnreadable(ApiError):
     status, code = 500, "recording_unreadable"
 
 
-def recording_json(entry: RecordingEntry) -> dict[str, Any]:
-    consent = entry.consent
-    return {
-        "id": str(entry.id),
-        "consult_id": str(entry.consult_id),
-        "created_at": iso(entry.created_at),
-        "ended_at": iso(entry.ended_at),
-        "status": entry.status.value,
-        "duration_s": entry.duration_s,
-        "consent": None
-        if consent is None
-        else {
-            "requested_at": iso(consent.requested_at),
-            "consented_at": iso(consent.consented_at),
-            "consent_by": consent.by.value,
-        },
-        "stop_reason": entry.stop_reason.value if entry.stop_reason else None,
-        "plaintext_bytes": entry.plaintext_bytes,
-    }
-
-
 def download_name(entry: RecordingEntry) -> str:
     """A file name of ASCII letters, digits and dashes only: the start time and the id."""
     return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}.mkv"
@@ -105,7 +82,7 @@ async def _log_access(
     recording_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    await log_api_access(
+    await record_api_access(
         request,
         principal,
         action=action,
@@ -152,7 +129,7 @@ async def recordings_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_recordings(conn, principal.account.id)
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
@@ -190,7 +167,7 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
             STATUS_HEADER: entry.status.value,
         }
     )
-    chunks = _ChunksInThread(plaintext(recording_store(app), file_name, data_key, entry.id))
+    chunks = _ChunksInThread(plaintext(app[FILE_STORE], file_name, data_key, entry.id))
     problem: Exception | None = None
     try:
         while True:
@@ -288,7 +265,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
         file_names = await shred(conn, [entry.id])
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,
@@ -300,7 +277,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     # The key is gone (committed): the file can never be decrypted again,
     # whether or not it can be removed right now.
     try:
-        recording_store(app).delete_files(file_names)
+        app[FILE_STORE].delete_files(file_names)
     except OSError as err:
         _log.warning(
             "the file of a deleted recording could not be removed; its key is destroyed",

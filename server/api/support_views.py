@@ -3,7 +3,7 @@ charts, and the technical log of one consult for the last 24 hours.
 
 Every route needs role ``support`` (therapists and admins are refused with
 403, and the refusal is access-logged) and sees only the support user's own
-organisation. Every read writes one access-log record in the transaction
+organisation. Every read writes one access record in the transaction
 that reads. Query parameters are checked strictly: an unknown, repeated or
 malformed one answers 422 ``invalid_field`` naming it.
 
@@ -25,16 +25,15 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from audit import support
-from audit.access_log import Outcome
+from audit.access_log import Actor, Outcome, record_access
 from audit.consults import ConsultStatus
 from audit.errors import NotFound
 from audit.roles import Role
 from audit.technical_log import RETENTION
 from server.api.errors import NotFoundError, Unprocessable
-from server.api.representations import iso
+from server.api.representations import iso, support_consult_json
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
-from server.auth.admin import Actor, record
 from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
@@ -185,19 +184,6 @@ def _pseudonyms(request: web.Request) -> support.TherapistPseudonyms:
     return support.TherapistPseudonyms(request.app[MASTER_KEY].key)
 
 
-def consult_json(consult: support.SupportConsult) -> dict[str, Any]:
-    """A consult as support sees it: no name, no account id, no invite."""
-    return {
-        "id": str(consult.id),
-        "status": consult.status.value,
-        "created_at": iso(consult.created_at),
-        "started_at": iso(consult.started_at),
-        "ended_at": iso(consult.ended_at),
-        "duration_s": consult.duration_s,
-        "therapist": consult.therapist,
-    }
-
-
 @routes.get("/api/support/consults")
 async def support_consults(request: web.Request) -> web.Response:
     """One page of the organisation's consults, newest first, with the filters applied."""
@@ -217,7 +203,7 @@ async def support_consults(request: web.Request) -> web.Response:
             per_page=per_page,
         )
         therapists = await support.therapists(conn, pseudonyms, organisation_id)
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=organisation_id,
@@ -228,7 +214,7 @@ async def support_consults(request: web.Request) -> web.Response:
         )
     return web.json_response(
         {
-            "consults": [consult_json(consult) for consult in found.consults],
+            "consults": [support_consult_json(consult) for consult in found.consults],
             "page": found.page,
             "per_page": found.per_page,
             "total": found.total,
@@ -267,7 +253,7 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
             last_day=selection.last_day,
             zone=selection.zone,
         )
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=organisation_id,
@@ -291,7 +277,7 @@ async def support_chart_durations(request: web.Request) -> web.Response:
         found = await support.durations(
             conn, _pseudonyms(request), selection.consult_filter(organisation_id)
         )
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=organisation_id,
@@ -342,7 +328,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
                 conn, consult.id, now=now, limit=TECHNICAL_LOG_LIMIT
             )
         # The refusal is recorded in the same transaction, so it survives the 404.
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=organisation_id,
@@ -356,7 +342,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
         raise NotFoundError("no such consult")
     return web.json_response(
         {
-            "consult": consult_json(consult),
+            "consult": support_consult_json(consult),
             "since": iso(now - RETENTION),
             "entries": [
                 {"at": iso(entry.at), "kind": entry.kind, "detail": dict(entry.detail)}

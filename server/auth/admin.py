@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import OPERATOR, AccessRecord, ClientType, Outcome, append_access
+from audit.access_log import Actor, record_access
 from audit.accounts import (
     Account,
     Role,
@@ -27,24 +27,6 @@ from audit.accounts import (
 
 
 @dataclass(frozen=True)
-class Actor:
-    """Who makes a change: an admin's account, or the operator at the command line."""
-
-    account_id: uuid.UUID | None
-    role: str
-    client_type: ClientType
-
-    @classmethod
-    def operator(cls) -> Actor:
-        return cls(None, OPERATOR, ClientType.CLI)
-
-    @classmethod
-    def api(cls, account: Account) -> Actor:
-        """A logged-in professional acting through the HTTP API."""
-        return cls(account.id, account.role.value, ClientType.API)
-
-
-@dataclass(frozen=True)
 class EnrolmentInvitation:
     account: Account
     token: str
@@ -54,33 +36,6 @@ class EnrolmentInvitation:
 class AccountChange(enum.Enum):
     DISABLE = "disable"
     ENABLE = "enable"
-
-
-async def record(
-    conn: AsyncConnection,
-    actor: Actor,
-    *,
-    organisation_id: uuid.UUID | None,
-    action: str,
-    object_id: uuid.UUID | str | None,
-    now: datetime,
-    object_type: str = "account",
-    outcome: Outcome = Outcome.ALLOWED,
-) -> None:
-    await append_access(
-        conn,
-        AccessRecord(
-            at=now,
-            organisation_id=organisation_id,
-            actor_id=actor.account_id,
-            actor_role=actor.role,
-            action=action,
-            object_type=object_type,
-            object_id=str(object_id) if object_id else None,
-            outcome=outcome,
-            client_type=actor.client_type,
-        ),
-    )
 
 
 async def add_account(
@@ -98,11 +53,12 @@ async def add_account(
         conn, organisation_id=organisation_id, email=email, role=role, now=now
     )
     token, expires_at = await issue_enrolment_link(conn, account, now=now, ttl_s=link_ttl_s)
-    await record(
+    await record_access(
         conn,
         actor,
         organisation_id=organisation_id,
         action="account.create",
+        object_type="account",
         object_id=account.id,
         now=now,
     )
@@ -122,11 +78,12 @@ async def change_account(
         changed = await disable_account(conn, account, now=now)
     else:
         changed = await enable_account(conn, account)
-    await record(
+    await record_access(
         conn,
         actor,
         organisation_id=account.organisation_id,
         action=f"account.{change.value}",
+        object_type="account",
         object_id=account.id,
         now=now,
     )
@@ -139,11 +96,12 @@ async def reset_account_totp(
     """Forget the account's TOTP secret and end its sessions; return a new enrolment link."""
     reset = await reset_totp(conn, account)
     token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
-    await record(
+    await record_access(
         conn,
         actor,
         organisation_id=account.organisation_id,
         action="account.reset-totp",
+        object_type="account",
         object_id=account.id,
         now=now,
     )
@@ -154,11 +112,12 @@ async def change_role(
     conn: AsyncConnection, actor: Actor, account: Account, role: Role, *, now: datetime
 ) -> Account:
     changed = await set_role(conn, account, role)
-    await record(
+    await record_access(
         conn,
         actor,
         organisation_id=account.organisation_id,
         action="account.set-role",
+        object_type="account",
         object_id=account.id,
         now=now,
     )

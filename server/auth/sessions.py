@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from aiohttp import web
 
-from audit.access_log import AccessRecord, ClientType, Outcome, append_access
+from audit.access_log import Actor, Outcome, record_access
 from audit.accounts import Account, AccountStatus, Role, get_account
 from audit.errors import NotFound
 from audit.sessions import (
@@ -126,19 +126,15 @@ async def require_role(request: web.Request, *roles: Role, action: str) -> Princ
     if principal.account.role not in roles:
         app = request.app
         async with app[DB_ENGINE].begin() as conn:
-            await append_access(
+            await record_access(
                 conn,
-                AccessRecord(
-                    at=app[CLOCK].now(),
-                    organisation_id=principal.account.organisation_id,
-                    actor_id=principal.account.id,
-                    actor_role=principal.account.role.value,
-                    action=action,
-                    object_type="endpoint",
-                    object_id=None,
-                    outcome=Outcome.REFUSED,
-                    client_type=ClientType.API,
-                ),
+                Actor.api(principal.account),
+                organisation_id=principal.account.organisation_id,
+                action=action,
+                object_type="endpoint",
+                object_id=None,
+                now=app[CLOCK].now(),
+                outcome=Outcome.REFUSED,
             )
         allowed = " or ".join(role.value for role in roles)
         raise Forbidden(f"this needs the role {allowed}")

@@ -15,6 +15,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit import load_master_key, prepare_data_dir
+from audit.access_log import Actor, record_access
 from audit.clock import SystemClock
 from audit.keyring import (
     KeyRing,
@@ -27,7 +28,6 @@ from audit.keyring import (
     rotate,
 )
 from config import Settings
-from server.auth.admin import Actor, record
 from server.cli.base import current_database
 
 
@@ -75,7 +75,7 @@ def _root_key(settings: Settings) -> bytes:
 
 async def _note(conn: AsyncConnection, action: str, key_id: str, *, now: datetime) -> None:
     """The key operation in the installation's access log, by the operator."""
-    await record(
+    await record_access(
         conn,
         Actor.operator(),
         organisation_id=None,

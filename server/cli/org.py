@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from audit.access_log import Actor, record_access
 from audit.accounts import create_organisation, list_organisations
 from audit.clock import SystemClock
 from config import Settings
-from server.auth.admin import Actor, record
 from server.cli.base import current_database
 
 
@@ -33,7 +33,7 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
         async with current_database(settings) as engine, engine.begin() as conn:
             now = SystemClock().now()
             organisation = await create_organisation(conn, args.name, now=now)
-            await record(
+            await record_access(
                 conn,
                 Actor.operator(),
                 organisation_id=organisation.id,

@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import load_master_key, prepare_data_dir
+from audit.access_log import Actor, record_access
 from audit.accounts import get_organisation_by_name
 from audit.clock import SystemClock
 from audit.errors import NotFound
@@ -41,7 +42,6 @@ from audit.recordings import (
     shred,
 )
 from config import Settings
-from server.auth.admin import Actor, record
 from server.cli.base import CliError, current_database
 
 
@@ -97,7 +97,7 @@ def _recording_id(raw: str) -> uuid.UUID:
 
 
 def _store(settings: Settings) -> FileStore:
-    return FileStore(prepare_data_dir(settings.data_dir) / "recordings")
+    return FileStore.in_data_dir(prepare_data_dir(settings.data_dir))
 
 
 def _finished(entry: RecordingEntry) -> RecordingEntry:
@@ -114,7 +114,7 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
             except NotFound as err:
                 raise CliError(str(err)) from None
             found = await organisation_recordings(conn, organisation.id)
-            await record(
+            await record_access(
                 conn,
                 Actor.operator(),
                 organisation_id=organisation.id,
@@ -221,7 +221,7 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _note(engine: AsyncEngine, entry: RecordingEntry, action: str) -> None:
     async with engine.begin() as conn:
-        await record(
+        await record_access(
             conn,
             Actor.operator(),
             organisation_id=entry.organisation_id,
@@ -239,7 +239,7 @@ def run_delete(settings: Settings, args: argparse.Namespace) -> int:
         async with current_database(settings) as engine, engine.begin() as conn:
             entry = _finished(await get_recording(conn, recording_id))
             names = await shred(conn, [recording_id])
-            await record(
+            await record_access(
                 conn,
                 Actor.operator(),
                 organisation_id=entry.organisation_id,

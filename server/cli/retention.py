@@ -69,7 +69,7 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                     conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
                 )
         # The keys are gone (committed); now the files.
-        FileStore(prepare_data_dir(settings.data_dir) / "recordings").delete_files(report.files)
+        FileStore.in_data_dir(prepare_data_dir(settings.data_dir)).delete_files(report.files)
         if not report.ran:
             print("another node is purging right now; nothing done")
             return 0

@@ -11,9 +11,9 @@ import sys
 from aiohttp import web
 
 from config import Settings
-from server.access_log import RouteAccessLogger
 from server.app import create_app
 from server.cli.base import CliError
+from server.request_log import RequestLogger
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,7 +61,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             loop=_event_loop(),
             host=server.host,
             port=server.port,
-            access_log_class=RouteAccessLogger,
+            access_log_class=RequestLogger,
             shutdown_timeout=server.shutdown_timeout_s,
             print=lambda _banner: _announce(url),
         )

@@ -11,6 +11,7 @@ import asyncio
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.access_log import Actor, record_access
 from audit.accounts import (
     Account,
     find_account_by_email,
@@ -25,12 +26,10 @@ from audit.roles import ROLE_NAMES
 from config import Settings
 from server.auth.admin import (
     AccountChange,
-    Actor,
     EnrolmentInvitation,
     add_account,
     change_account,
     change_role,
-    record,
     reset_account_totp,
 )
 from server.cli.base import CliError, current_database, public_origin
@@ -135,7 +134,7 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
             except NotFound as err:
                 raise CliError(str(err)) from None
             accounts = await list_accounts(conn, organisation.id)
-            await record(
+            await record_access(
                 conn,
                 Actor.operator(),
                 organisation_id=organisation.id,

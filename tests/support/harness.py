@@ -16,14 +16,14 @@ import sqlalchemy as sa
 from aiohttp import ClientSession, ClientWebSocketResponse, web
 from aiohttp.test_utils import TestClient
 
+from audit.access_log import Actor
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
 from audit.clock import ManualClock
 from audit.keyring import WrappingKey
 from audit.recordings import StopReason, finish_recording, start_recording
 from audit.schema import consults
-from server.app_keys import DB_ENGINE, MASTER_KEY
-from server.auth.admin import Actor, add_account
-from server.housekeeping import recording_store
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
+from server.auth.admin import add_account
 
 PASSWORD = "correct horse battery staple"
 
@@ -212,7 +212,7 @@ async def stored_recording(
     async with engine.begin() as conn:
         recording, writer = await start_recording(
             conn,
-            recording_store(harness.app),
+            harness.app[FILE_STORE],
             wrapping or harness.app[MASTER_KEY].key,
             uuid.UUID(str(consult_id)),
             now=harness.clock.now(),

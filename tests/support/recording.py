@@ -18,9 +18,9 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
 from audit.filestore import Truncated
-from audit.recordings import FileStore, data_key_of, plaintext
+from audit.recordings import data_key_of, plaintext
 from audit.schema import recordings
-from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
 
@@ -160,7 +160,7 @@ async def recording_row(harness: Harness) -> Any:
 
 def decrypted(harness: Harness, recording_id: uuid.UUID, key: bytes) -> tuple[bytes, str | None]:
     """The file's plaintext, and the truncation message if it has one."""
-    store = FileStore(harness.app[DATA_DIR] / "recordings")
+    store = harness.app[FILE_STORE]
     parts: list[bytes] = []
     try:
         parts.extend(plaintext(store, f"{recording_id}.vcenc", key, recording_id))

@@ -1,4 +1,4 @@
-"""The access-log record of a professional's own API request, in a transaction of its own."""
+"""The access record of a professional's own API request, in a transaction of its own."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import uuid
 
 from aiohttp import web
 
-from audit.access_log import Outcome
+from audit.access_log import Actor, Outcome, record_access
 from server.app_keys import CLOCK, DB_ENGINE
-from server.auth.admin import Actor, record
 from server.auth.sessions import Principal
 
 
-async def log_api_access(
+async def record_api_access(
     request: web.Request,
     principal: Principal,
     *,
@@ -21,10 +20,10 @@ async def log_api_access(
     object_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    """Write who (the logged-in professional) did ``action`` on which object, and
+    """Append who (the logged-in professional) did ``action`` on which object, and
     how it ended, to their organisation's access log; committed at once."""
     async with request.app[DB_ENGINE].begin() as conn:
-        await record(
+        await record_access(
             conn,
             Actor.api(principal.account),
             organisation_id=principal.account.organisation_id,

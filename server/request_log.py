@@ -1,4 +1,8 @@
-"""An access log without personal data: route templates, never paths or addresses."""
+"""The request log: one process-log line per HTTP request, without personal data.
+
+Route templates, never paths or addresses. Not to be confused with the access
+log (:mod:`audit.access_log`), the hash-chained record of who read personal data.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+# The logger keeps its first name: log pipelines select these lines by it.
 _log = structlog.get_logger("videoconsult.access")
 
 
-class RouteAccessLogger(AbstractAccessLogger):
+class RequestLogger(AbstractAccessLogger):
     """Log method, route template, status and duration of each request.
 
-    aiohttp's default access log writes the client address and the full path;
+    aiohttp's default request log (its "access log") writes the client address and the full path;
     paths carry invite tokens, so only the matched route's template
     (``/invite/{token}``) is logged, and no address at all.
     """
