@@ -35,15 +35,11 @@ from server.app_keys import (
     TECHNICAL_LOG,
     TICKETS,
 )
-from signaling.broker import (
-    InProcessBroker,
-    InProcessRoomStore,
-    InProcessTimers,
-    StateUnavailable,
-)
+from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.ports import StateUnavailable
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
-from signaling.redis_broker import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
+from signaling.redis import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
 from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore, RedisTicketStore
 

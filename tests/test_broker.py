@@ -5,12 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from signaling.broker import (
-    Delivery,
-    InProcessBroker,
-    InProcessRoomStore,
-    InProcessTimers,
-)
+from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.ports import Delivery
 from signaling.protocol import ParticipantRole
 from signaling.tickets import MAX_TICKETS_PER_INVITE, InProcessTicketStore, TicketGrant
 

@@ -37,7 +37,6 @@ from audit.recordings import FileStore, data_key_of, plaintext, start_recording
 from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, MASTER_KEY, ROOMS
-from signaling.broker import RecordingPhase
 from signaling.protocol import ParticipantRole
 from signaling.recorder import (
     ConsultRecorder,
@@ -46,6 +45,7 @@ from signaling.recorder import (
     Timeline,
     open_recorder,
 )
+from signaling.state import RecordingPhase
 from tests.conftest import SettingsFactory
 from tests.harness import Harness, Sockets, new_consult, receive
 from tests.test_webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened

@@ -18,26 +18,16 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from signaling.broker import (
-    Delivery,
-    Link,
-    Presence,
-    RecordingPhase,
-    RoomPhase,
-    RoomState,
-    StateUnavailable,
-)
+from signaling.ports import Delivery, StateUnavailable
 from signaling.protocol import ParticipantRole
-from signaling.redis_broker import (
-    RedisBroker,
-    RedisNodes,
-    RedisRoomStore,
-    RedisTimers,
+from signaling.redis import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
+from signaling.redis.codec import (
     decode_delivery,
     decode_room_state,
     encode_delivery,
     encode_room_state,
 )
+from signaling.state import Link, Presence, RecordingPhase, RoomPhase, RoomState
 
 pytestmark = pytest.mark.redis
 
