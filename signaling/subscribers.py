@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from signaling.ports import Deliver, Delivery
+from signaling.ports import Deliver, Delivery, Subscription
 
 __all__ = ["LocalSubscribers"]
 
@@ -44,7 +44,7 @@ class LocalSubscribers(Generic[Channel]):
     def __init__(self) -> None:
         self._by_channel: dict[Channel, set[_LocalSubscription[Channel]]] = {}
 
-    def add(self, channel: Channel, deliver: Deliver) -> _LocalSubscription[Channel]:
+    def add(self, channel: Channel, deliver: Deliver) -> Subscription:
         """Call ``deliver`` for each delivery on ``channel`` from now on,
         until the returned subscription is closed."""
         subscription = _LocalSubscription(self, channel, deliver)
