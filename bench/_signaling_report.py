@@ -51,8 +51,12 @@ CATEGORIES = [
         "aiohttp reading: HTTP/WS frame parsing, receive",
         ("web_protocol.py", "_websocket/reader", "web_ws.py"),
     ),
-    ("room store / broker (signaling/broker.py)", ("signaling/broker.py",)),
-    ("room store / broker on Redis (signaling/redis_broker.py)", ("signaling/redis_broker.py",)),
+    (
+        "room store / broker in process (signaling/inprocess.py, subscribers.py)",
+        ("signaling/inprocess.py", "signaling/subscribers.py"),
+    ),
+    # Before redis-py's own "redis/", which these paths contain too.
+    ("room store / broker on Redis (signaling/redis/)", ("signaling/redis/",)),
     ("Redis client (redis-py: commands, reply parsing, pool)", ("redis/",)),
     ("rate limiter", ("signaling/ratelimit.py",)),
     (

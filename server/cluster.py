@@ -15,8 +15,8 @@ import structlog
 from redis.asyncio import Redis
 
 from server.background import run_all
-from signaling.broker import StateUnavailable
-from signaling.redis_broker import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
+from signaling.ports import StateUnavailable
+from signaling.redis import RedisBroker, RedisNodes, RedisRoomStore, RedisTimers
 from signaling.tickets import RedisTicketStore
 
 _log = structlog.get_logger("videoconsult.server")

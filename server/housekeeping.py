@@ -22,7 +22,7 @@ from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
 from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, REDIS, ROOMS, SETTINGS
 from server.auth.lockout import lookback
-from signaling.broker import StateUnavailable
+from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
 
 _log = structlog.get_logger("videoconsult.housekeeping")

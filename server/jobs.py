@@ -20,7 +20,7 @@ from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
 from server.resources import ROOM_TIMER_POLL
 from server.signaling_ws import SESSION_CHECK_S, check_therapist_sessions
-from signaling.broker import StateUnavailable
+from signaling.ports import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.server")
 

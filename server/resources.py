@@ -40,14 +40,8 @@ from server.app_keys import (
 )
 from server.background import run_all
 from server.cluster import Cluster
-from signaling.broker import (
-    Broker,
-    InProcessBroker,
-    InProcessRoomStore,
-    InProcessTimers,
-    RoomStore,
-    Timers,
-)
+from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
+from signaling.ports import Broker, RoomStore, Timers
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
 from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings

@@ -46,7 +46,7 @@ from server.app_keys import (
 from server.auth.sessions import authenticate
 from server.web_security import client_address, expected_origin
 from server.websockets import tracked_websocket
-from signaling.broker import Delivery, StateUnavailable
+from signaling.ports import Delivery, StateUnavailable
 from signaling.protocol import (
     MAX_FRAME_BYTES,
     RELAYED,

@@ -3,15 +3,21 @@
 - :mod:`signaling.protocol`: message schemas, parsing and building (pure).
 - :mod:`signaling.rooms`: :class:`~signaling.rooms.ConsultRooms`, the waiting
   room, admission, relay, reconnect grace and the end of a consult.
-- :mod:`signaling.broker`: the Broker, RoomStore and Timers interfaces and
-  their in-process implementations; :mod:`signaling.redis_broker`, the
-  Broker and Timers on Redis (not wired into the app yet).
+- :mod:`signaling.state`: what a room knows (its phases, who is connected
+  where), pure data.
+- :mod:`signaling.ports`: the Broker, RoomStore and Timers interfaces the
+  rooms work through, and :class:`~signaling.ports.StateUnavailable`;
+  :mod:`signaling.inprocess` implements them for one node (the default),
+  :mod:`signaling.redis` on Redis for several nodes (with ``redis.url`` set);
+  both hand deliveries to a node's sockets through
+  :mod:`signaling.subscribers`.
 - :mod:`signaling.recording`: consent and the recording's phases per consult;
   :mod:`signaling.recorder`: the server-side recorder (aiortc, PyAV).
 - :mod:`signaling.tickets`, :mod:`signaling.turn`, :mod:`signaling.ratelimit`:
   patient tickets, TURN credentials, per-connection rate limits.
 
-Imports ``audit`` and ``config``, never ``server``.
+Exports the rooms, what the server builds them with. Imports ``audit`` and
+``config``, never ``server``.
 """
 
 from signaling.rooms import ConsultRooms, Participant, RoomClosed, RoomSettings

@@ -1,6 +1,6 @@
 """Recording with consent: the protocol's side of it, one consult at a time.
 
-The phases (:class:`~signaling.broker.RecordingPhase`, kept in the room's
+The phases (:class:`~signaling.state.RecordingPhase`, kept in the room's
 state) and the messages that move between them::
 
     off ── record-request (therapist) ──▶ requested
@@ -50,7 +50,7 @@ from audit.recordings import (
     start_recording,
 )
 from audit.technical_log import TechnicalLog
-from signaling.broker import RecordingPhase, RoomPhase, RoomStore
+from signaling.ports import RoomStore
 from signaling.protocol import (
     ErrorCode,
     ParticipantRole,
@@ -69,6 +69,7 @@ from signaling.recorder import (
     RecorderError,
     RecorderSettings,
 )
+from signaling.state import RecordingPhase, RoomPhase
 
 _log = structlog.get_logger("videoconsult.recording")
 

@@ -4,8 +4,8 @@
 ``disconnect``) and their messages (``handle``) by the WebSocket edge, which
 has already authenticated them. Replies to the sender come back as return
 values; everything for the other participant goes through the
-:class:`~signaling.broker.Broker`, so the two may be connected to different
-server nodes. Deadlines go through :class:`~signaling.broker.Timers`.
+:class:`~signaling.ports.Broker`, so the two may be connected to different
+server nodes. Deadlines go through :class:`~signaling.ports.Timers`.
 
 The therapist's client is always the one that makes offers: after an
 admission (``peer-joined``), after the patient comes back
@@ -32,14 +32,10 @@ from audit.consults import get_consult, mark_ended, mark_started
 from audit.errors import NotFound
 from audit.recordings import StopReason
 from audit.technical_log import TechnicalLog
-from signaling.broker import (
+from signaling.ports import (
     Broker,
     Deliver,
     Delivery,
-    Link,
-    Presence,
-    RoomPhase,
-    RoomState,
     RoomStore,
     StateUnavailable,
     Subscription,
@@ -71,6 +67,7 @@ from signaling.protocol import (
     outbound,
 )
 from signaling.recording import RecordingControl, RecordingServices
+from signaling.state import Link, Presence, RoomPhase, RoomState
 
 _log = structlog.get_logger("videoconsult.signaling")
 

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from server.background import Job, JobName, JobRunner, run_all
 from server.jobs import JOBS
-from signaling.broker import StateUnavailable
+from signaling.ports import StateUnavailable
 
 
 class Step:

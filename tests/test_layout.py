@@ -47,3 +47,40 @@ def test_package_imports_only_the_layers_below_it(package: str) -> None:
 def test_lower_layers_import_no_web_framework(package: str) -> None:
     for module in modules_of(package):
         assert "aiohttp" not in imported_top_levels(module), module.relative_to(ROOT)
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+# signaling/ by concept: the room's state model and the ports are pure, the
+# one-node implementations need no Redis, and the Redis codec only parses
+# and serialises; none of them needs the web framework or a database.
+SIGNALING_WITHOUT_CLIENTS = [
+    "signaling/state.py",
+    "signaling/ports.py",
+    "signaling/subscribers.py",
+    "signaling/inprocess.py",
+    "signaling/redis/codec.py",
+]
+
+
+@pytest.mark.parametrize("module", SIGNALING_WITHOUT_CLIENTS)
+def test_state_ports_and_in_process_kind_need_no_redis_web_or_database(module: str) -> None:
+    clients = {"redis", "aiohttp", "sqlalchemy", "aiortc"}
+    assert not imported_top_levels(ROOT / module) & clients
+
+
+@pytest.mark.parametrize("module", ["signaling/rooms.py", "signaling/recording.py"])
+def test_rooms_work_through_the_ports_not_an_implementation(module: str) -> None:
+    implementations = {"signaling.inprocess", "signaling.redis"}
+    imported = imported_modules(ROOT / module)
+    chosen = {name for name in imported for kind in implementations if name.startswith(kind)}
+    assert not chosen, f"{module} imports {sorted(chosen)}"

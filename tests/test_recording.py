@@ -31,7 +31,6 @@ from audit.recordings import start_recording
 from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
-from signaling.broker import RecordingPhase
 from signaling.protocol import ParticipantRole
 from signaling.recorder import (
     ConsultRecorder,
@@ -40,6 +39,7 @@ from signaling.recorder import (
     Timeline,
     open_recorder,
 )
+from signaling.state import RecordingPhase
 from tests.support.harness import Harness, Sockets, receive
 from tests.support.recording import (
     RecorderLink,

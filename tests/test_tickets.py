@@ -112,6 +112,31 @@ async def test_a_used_ticket_no_longer_counts_towards_the_limit(store: TicketSto
         assert await store.claim(ticket, now=NOW) == GRANT
 
 
+# The in-process store on its own.
+
+
+async def test_tickets_expire_are_single_use_and_capped_per_invite() -> None:
+    # Expired tickets are swept as new ones are issued: memory stays bounded.
+    store = InProcessTicketStore()
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    grant = TicketGrant(uuid.uuid4(), "hash-a")
+    ticket = await store.issue(grant, now=now, ttl_s=60)
+    assert await store.claim(ticket, now=now) == grant
+    assert await store.claim(ticket, now=now) is None
+    expired = await store.issue(grant, now=now, ttl_s=60)
+    assert await store.claim(expired, now=now + timedelta(seconds=61)) is None
+    many = [await store.issue(grant, now=now, ttl_s=60) for _ in range(20)]
+    assert len(store) == MAX_TICKETS_PER_INVITE
+    assert await store.claim(many[-1], now=now) == grant
+    await store.issue(
+        TicketGrant(uuid.uuid4(), "hash-b"), now=now + timedelta(seconds=120), ttl_s=60
+    )
+    assert len(store) == 1  # the expired ones were swept
+
+
+# Several nodes on Redis.
+
+
 async def test_two_nodes_claiming_one_ticket_at_once_get_it_once(
     redis_url: str, redis_prefix: str
 ) -> None:

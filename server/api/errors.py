@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from audit import errors as audit_errors
 from server.request_log import route_template
-from signaling.broker import StateUnavailable
+from signaling.ports import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.api")
 

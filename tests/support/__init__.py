@@ -10,6 +10,7 @@
 - ``recording``: a recorded call and reading its encrypted file.
 - ``browser``: Chromium through Playwright, and the pages' common steps.
 - ``deploy``: reading the nginx config of deploy/.
+- ``deliveries``: a receiver that keeps what a broker delivered, for broker tests.
 """
 
 from pathlib import Path

@@ -1,0 +1,83 @@
+"""This process's receivers of deliveries, by channel: where every broker's
+delivery ends.
+
+Both brokers keep their local ``deliver`` callbacks here (the in-process one
+by consult and role, the Redis one by pub/sub channel), so that closing a
+subscription and isolating a failing receiver work the same on one node and
+on many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+import structlog
+
+from signaling.ports import Deliver, Delivery, Subscription
+
+__all__ = ["LocalSubscribers"]
+
+_log = structlog.get_logger("videoconsult.signaling")
+
+Channel = TypeVar("Channel", bound=Hashable)
+
+
+class _LocalSubscription(Generic[Channel]):
+    def __init__(
+        self, owner: LocalSubscribers[Channel], channel: Channel, deliver: Deliver
+    ) -> None:
+        self._owner = owner
+        self.channel = channel
+        self.deliver = deliver
+        self.closed = False
+
+    async def close(self) -> None:
+        # Marked first: a delivery already under way skips it from here on.
+        self.closed = True
+        self._owner._remove(self)
+
+
+class LocalSubscribers(Generic[Channel]):
+    """The ``deliver`` callbacks of this process, by channel."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[Channel, set[_LocalSubscription[Channel]]] = {}
+
+    def add(self, channel: Channel, deliver: Deliver) -> Subscription:
+        """Call ``deliver`` for each delivery on ``channel`` from now on,
+        until the returned subscription is closed."""
+        subscription = _LocalSubscription(self, channel, deliver)
+        self._by_channel.setdefault(channel, set()).add(subscription)
+        return subscription
+
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._by_channel
+
+    async def deliver(self, channel: Channel, delivery: Delivery) -> bool:
+        """Hand ``delivery`` to each open subscription of ``channel``, one
+        after another; False when ``channel`` had none.
+
+        A receiver that raises stops neither the others nor the caller: it
+        is logged by the error's type only, as its message may quote the
+        delivery (what a participant said).
+        """
+        subscriptions = self._by_channel.get(channel)
+        if not subscriptions:
+            return False
+        for subscription in list(subscriptions):
+            if subscription.closed:
+                continue
+            try:
+                await subscription.deliver(delivery)
+            except Exception as err:
+                _log.warning("delivery failed", error=type(err).__name__)
+        return True
+
+    def _remove(self, subscription: _LocalSubscription[Channel]) -> None:
+        subscriptions = self._by_channel.get(subscription.channel)
+        if subscriptions is None:
+            return
+        subscriptions.discard(subscription)
+        if not subscriptions:
+            del self._by_channel[subscription.channel]
