@@ -11,7 +11,6 @@ import sys
 from aiohttp import web
 
 from config import Settings
-from server.app import create_app
 from server.cli.base import CliError
 from server.request_log import RequestLogger
 
@@ -53,6 +52,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     settings = settings.model_copy(update={"server": server})
     url_host = f"[{server.host}]" if ":" in server.host else server.host
     url = f"http://{url_host}:{server.port}/"
+    from server.app import create_app  # the web app's imports, for this command only
+
     app = create_app(settings)
     app.on_startup.append(_settle_garbage_collector)
     try:
