@@ -286,6 +286,7 @@ async def test_records_from_before_the_chain_are_chained_by_the_migration(
         await engine.dispose()
 
 
+@pytest.mark.slow  # runs the command line in processes of its own
 def test_the_command_line_verifies_and_names_the_break(data_dir: Path) -> None:
     env = cli_env(data_dir)
     assert run_cli("db", "upgrade", env=env).returncode == 0

@@ -16,6 +16,9 @@ import pytest
 from audit import head_revision
 from tests.support.cli import EXECUTABLE, assert_one_clear_error, cli_env, run_cli
 
+# Every test here runs the command line in a process of its own (about a second each).
+pytestmark = pytest.mark.slow
+
 
 def test_help_lists_every_command(data_dir: Path) -> None:
     result = run_cli("--help", env=cli_env(data_dir))

@@ -195,6 +195,7 @@ async def installation_actions(harness: Harness) -> list[tuple[str, str | None, 
         return [tuple(row) for row in rows]
 
 
+@pytest.mark.slow  # runs the command line in processes of its own
 async def test_keys_commands_list_rotate_and_retire_and_are_logged(
     harness: Harness, data_dir: Path, database_url: str
 ) -> None:

@@ -385,6 +385,7 @@ async def operator_actions(harness: Harness) -> list[tuple[str, str | None, str]
     ]
 
 
+@pytest.mark.slow  # runs the command line in processes of its own
 async def test_the_operator_exports_lists_and_deletes_on_the_command_line(
     harness: Harness, data_dir: Path, database_url: str, tmp_path: Path
 ) -> None:
@@ -425,6 +426,7 @@ async def test_the_operator_exports_lists_and_deletes_on_the_command_line(
     ]
 
 
+@pytest.mark.slow  # runs the command line in processes of its own
 async def test_an_export_is_all_or_nothing(
     harness: Harness, data_dir: Path, database_url: str, tmp_path: Path
 ) -> None:

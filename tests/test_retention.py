@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from audit.access_log import verify_chain
@@ -179,6 +180,7 @@ async def test_only_one_purge_runs_at_a_time(harness: Harness) -> None:
     assert purges >= 1
 
 
+@pytest.mark.slow  # runs the command line in processes of its own
 def test_the_command_line_runs_the_purge(data_dir: Path) -> None:
     env = cli_env(data_dir, retention_access_log_days="1")
     assert run_cli("db", "upgrade", env=env).returncode == 0

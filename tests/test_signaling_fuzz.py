@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from tests.support.harness import Harness, Sockets, new_consult, receive
 
 # Each harness test runs on the in-process broker and on the real Redis.
-pytestmark = pytest.mark.signaling_backends
+# Each run sends thousands of random frames: seconds, not milliseconds.
+pytestmark = [pytest.mark.signaling_backends, pytest.mark.slow]
 
 VICTIM = "__victim_consult__"
 
