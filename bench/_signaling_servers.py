@@ -328,7 +328,7 @@ class OursServer(Server):
             return resp.status, await resp.json(content_type=None), resp
 
     async def prepare(self, session: aiohttp.ClientSession, n_pairs: int, concurrency: int) -> Any:
-        # Enrol the therapist through the API (as tests/harness.py does), then log in once.
+        # Enrol the therapist through the API (as tests/support/harness.py does), then log in once.
         token = self.enrol_token
         status, body, _ = await self._post(
             session, f"/api/enrolment/{token}/password", {"password": PASSWORD}
