@@ -60,10 +60,16 @@ CATEGORIES = [
     ("Redis client (redis-py: commands, reply parsing, pool)", ("redis/",)),
     ("rate limiter", ("signaling/ratelimit.py",)),
     (
-        "rooms logic (signaling/rooms.py, protocol.py)",
-        ("signaling/rooms.py", "signaling/protocol.py"),
+        "rooms logic (signaling/rooms.py, deadlines.py, changes.py, state.py, protocol.py)",
+        (
+            "signaling/rooms.py",
+            "signaling/deadlines.py",
+            "signaling/changes.py",
+            "signaling/state.py",
+            "signaling/protocol.py",
+        ),
     ),
-    ("socket glue (server/signaling_ws.py)", ("server/signaling_ws.py",)),
+    ("socket glue (server/ws/)", ("server/ws/",)),
     ("asyncio event loop, epoll, callbacks", ("asyncio/", "selectors.py")),
 ]
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from audit.clock import Clock, SystemClock
 from config import Settings
-from server import health, pages, signaling_ws
+from server import health, pages
 from server.api import (
     admin_views,
     auth_views,
@@ -38,7 +38,8 @@ from server.resources import (
     technical_log_context,
 )
 from server.web_security import add_security_headers, origin_check_middleware
-from server.websockets import close_websockets
+from server.ws import endpoint as ws_endpoint
+from server.ws.registry import close_websockets
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
@@ -97,4 +98,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(recording_views.routes)
     app.router.add_routes(privacy_views.routes)
     app.router.add_routes(support_views.routes)
-    app.router.add_routes(signaling_ws.routes)
+    app.router.add_routes(ws_endpoint.routes)

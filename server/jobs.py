@@ -19,7 +19,7 @@ from server.app_keys import CLOCK, CLUSTER, DB_ENGINE, ROOMS, SETTINGS, TECHNICA
 from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
 from server.resources import ROOM_TIMER_POLL
-from server.signaling_ws import SESSION_CHECK_S, check_therapist_sessions
+from server.ws.session_check import SESSION_CHECK_S, check_therapist_sessions
 from signaling.ports import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.server")

@@ -42,8 +42,8 @@ from audit.consults import InviteProblem
 from server.background import JobName
 from signaling.ports import StateUnavailable
 from signaling.protocol import RELAYED, ErrorCode, ParticipantRole
-from signaling.rooms import ConsultRooms, Participant
-from signaling.state import RoomPhase, RoomState
+from signaling.rooms import ConsultRooms
+from signaling.state import Participant, RoomPhase, RoomState
 
 # From a frame's arrival to its hand-off to the broker: tens of microseconds
 # in one process, a Redis round trip or two across nodes.

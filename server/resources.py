@@ -40,11 +40,12 @@ from server.app_keys import (
 )
 from server.background import run_all
 from server.cluster import Cluster
+from signaling.deadlines import ENDED_ROOM_KEPT
 from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
 from signaling.ports import Broker, RoomStore, Timers
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
-from signaling.rooms import ENDED_ROOM_KEPT, ConsultRooms, RoomSettings
+from signaling.rooms import ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
 
 _log = structlog.get_logger("videoconsult.server")

@@ -2,9 +2,13 @@
 
 - :mod:`signaling.protocol`: message schemas, parsing and building (pure).
 - :mod:`signaling.rooms`: :class:`~signaling.rooms.ConsultRooms`, the waiting
-  room, admission, relay, reconnect grace and the end of a consult.
+  room, admission, relay, reconnect grace and the end of a consult; its
+  deadlines (grace periods, maximum duration) fire in :mod:`signaling.deadlines`,
+  repairs after a failure (a dead node, Redis away) are made in
+  :mod:`signaling.recovery`, and each change runs to its end
+  (:mod:`signaling.changes`) even when the socket that asked for it goes.
 - :mod:`signaling.state`: what a room knows (its phases, who is connected
-  where), pure data.
+  where) and who a connection is (:class:`~signaling.state.Participant`), pure data.
 - :mod:`signaling.ports`: the Broker, RoomStore and Timers interfaces the
   rooms work through, and :class:`~signaling.ports.StateUnavailable`;
   :mod:`signaling.inprocess` implements them for one node (the default),

@@ -18,20 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from functools import cached_property
-from typing import Any, TypeVar, assert_never
+from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import get_consult, mark_ended, mark_started
-from audit.errors import NotFound
+from audit.consults import mark_ended, mark_started
 from audit.recordings import StopReason
 from audit.technical_log import TechnicalLog
+from signaling.changes import Changes
+from signaling.deadlines import RoomDeadlines
 from signaling.ports import (
     Broker,
     Deliver,
@@ -63,44 +62,19 @@ from signaling.protocol import (
     RecordStop,
     Report,
     TimerKind,
-    UnknownTimerKind,
     outbound,
 )
 from signaling.recording import RecordingControl, RecordingServices
-from signaling.state import Link, Presence, RoomPhase, RoomState
+from signaling.recovery import Recovery
+from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
+
+__all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]
 
 _log = structlog.get_logger("videoconsult.signaling")
-
-T = TypeVar("T")
-
-# An ended room is kept this long, so late connects find it over.
-ENDED_ROOM_KEPT = timedelta(hours=1)
-# A timer whose action failed (say, the database was away) is tried again.
-TIMER_RETRY = timedelta(seconds=5)
 
 
 class RoomClosed(Exception):
     """The consult is over: the connection gets ``consult-ended`` and closes."""
-
-
-@dataclass(frozen=True)
-class Participant:
-    """One authenticated connection of one participant of one consult."""
-
-    consult_id: uuid.UUID
-    role: ParticipantRole
-    # A random id per connection: tells a reconnect from the connection it replaces.
-    connection_id: str
-
-    # Worked out once per connection rather than once per relayed message.
-    @cached_property
-    def other(self) -> ParticipantRole:
-        return self.role.other
-
-    @cached_property
-    def sender_field(self) -> str:
-        """What a relayed frame gets before its closing brace: ``,"sender":"<role>"}``."""
-        return f',"sender":"{self.role.value}"}}'
 
 
 @dataclass(frozen=True)
@@ -129,13 +103,7 @@ class ConsultRooms:
         self.node_id = node_id
         # The connections open on this node, by connection id.
         self._here: dict[str, Participant] = {}
-        # Disconnects the shared state could not take (Redis away), with
-        # when they happened: told again by ``reconcile``.
-        self._missed_leaves: dict[str, tuple[Participant, datetime]] = {}
-        # Timers that came due but neither fired nor could be set again.
-        self._unsaved_timers: dict[str, dict[str, Any]] = {}
-        # Changes that run to their end whoever waits for them (_finish_anyway).
-        self._finishing: set[asyncio.Task[Any]] = set()
+        self._changes = Changes(expected=(ProtocolError, RoomClosed, StateUnavailable))
         self._clock = clock
         self._broker = broker
         self._store = store
@@ -147,8 +115,19 @@ class ConsultRooms:
             engine=engine,
             clock=clock,
             store=store,
-            send=self._send,
+            send=self.send,
             technical=technical,
+        )
+        self.deadlines = RoomDeadlines(
+            clock=clock, store=store, timers=timers, end=self.end, send=self.send
+        )
+        self.recovery = Recovery(
+            self,
+            engine=engine,
+            clock=clock,
+            store=store,
+            timers=timers,
+            max_duration_s=settings.max_duration_s,
         )
 
     async def prepare(
@@ -183,7 +162,7 @@ class ConsultRooms:
         subscription = await self._broker.subscribe(
             participant.consult_id, participant.role, deliver
         )
-        joining = self._finish_anyway(self._join(participant, ice_servers))
+        joining = self._changes.start(self._join(participant, ice_servers))
         try:
             to_self, replaced = await asyncio.shield(joining)
         except BaseException:
@@ -191,7 +170,7 @@ class ConsultRooms:
             if not joining.done():
                 # The socket went while it joined: once in, it leaves, as
                 # any socket that goes does.
-                self._finish_anyway(self._leave_once_joined(joining, participant))
+                self._changes.start(self._leave_once_joined(joining, participant))
             raise
         self._here[participant.connection_id] = participant
         await self._note(participant, "signaling.connected")
@@ -215,7 +194,7 @@ class ConsultRooms:
             replaced = previous is not None and previous.connected
             if previous is not None and previous.connected:
                 # The same participant on a second device: the newer one wins.
-                await self._send(
+                await self.send(
                     consult_id,
                     role,
                     outbound("replaced"),
@@ -225,13 +204,13 @@ class ConsultRooms:
             state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
             await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
             if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                await self._send(
+                await self.send(
                     consult_id, other, outbound("patient-waiting", display_name=state.display_name)
                 )
             elif state.phase is RoomPhase.ACTIVE and state.present(other):
                 # Back after a drop, a reload, the grace period or a bye: the
                 # therapist makes a new offer either way.
-                await self._send(consult_id, other, outbound("peer-rejoined", role=role.value))
+                await self.send(consult_id, other, outbound("peer-rejoined", role=role.value))
             to_self = [
                 outbound(
                     "welcome",
@@ -267,7 +246,7 @@ class ConsultRooms:
             if message.type in RELAYED:
                 # The hot path, and a relay is one step: nothing to cut in half.
                 return await self._handle(participant, message, frame)
-            return await self._to_the_end(self._handle(participant, message, frame))
+            return await self._changes.to_the_end(self._handle(participant, message, frame))
         except StateUnavailable as err:
             _log.warning(
                 "message not handled: shared state unavailable", type=message.type, error=str(err)
@@ -317,46 +296,16 @@ class ConsultRooms:
             await self.end(participant.consult_id, reason=EndReason.ENDED_BY_THERAPIST)
             return []
         if isinstance(message, Bye):
-            await self._leave(participant, grace=False)
+            await self.leave(participant, grace=False)
             return []
         raise AssertionError(f"unhandled message type {message.type}")  # pragma: no cover
-
-    def _finish_anyway(self, change: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Run ``change`` as a task of its own, kept until it is done: it
-        finishes even when the socket that asked for it goes meanwhile (its
-        handler is then cancelled), so no room is left half changed, e.g. a
-        consult ended for one participant and not the other."""
-        task = asyncio.ensure_future(change)
-        self._finishing.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    async def drain(self, timeout_s: float = 5.0) -> None:
-        """Let the changes still running finish (on shutdown, before Redis and
-        the database close under them)."""
-        if self._finishing:
-            await asyncio.wait(set(self._finishing), timeout=timeout_s)
-
-    async def _to_the_end(self, change: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.shield(self._finish_anyway(change))
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._finishing.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None and not isinstance(
-            error, ProtocolError | RoomClosed | StateUnavailable
-        ):
-            # Also raised to the caller, if it still waits; said here for when it does not.
-            _log.warning("a room change failed", error=type(error).__name__)
 
     async def _leave_once_joined(
         self, joining: asyncio.Task[tuple[list[dict[str, Any]], bool]], participant: Participant
     ) -> None:
         with contextlib.suppress(Exception):
             await joining
-            await self._leave(participant, grace=True)
+            await self.leave(participant, grace=True)
 
     async def disconnect(self, participant: Participant) -> None:
         """The connection went away: start the grace period, or leave the waiting room.
@@ -366,10 +315,10 @@ class ConsultRooms:
         """
         self._here.pop(participant.connection_id, None)
         try:
-            await self._to_the_end(self._leave(participant, grace=True))
+            await self._changes.to_the_end(self.leave(participant, grace=True))
         except StateUnavailable as err:
             _log.warning("disconnect kept for later: shared state unavailable", error=str(err))
-            self._missed_leaves[participant.connection_id] = (participant, self._clock.now())
+            self.recovery.missed_leave(participant)
 
     @property
     def connected_here(self) -> list[Participant]:
@@ -380,60 +329,25 @@ class ConsultRooms:
         """The room's state as last saved (read only), or None."""
         return await self._store.peek(consult_id)
 
+    def is_here(self, participant: Participant) -> bool:
+        """Whether this connection is still open on this node."""
+        return participant.connection_id in self._here
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Let the room changes still running finish (on shutdown)."""
+        await self._changes.drain(timeout_s)
+
     async def fire_due_timers(self) -> int:
-        """Act on every due timer (grace periods, maximum duration); return how many.
+        """Act on every due deadline (grace periods, maximum duration); return how many."""
+        return await self.deadlines.fire_due()
 
-        A timer whose action fails is tried again a little later; the others
-        due at the same time go ahead regardless.
-        """
-        now = self._clock.now()
-        for key, payload in list(self._unsaved_timers.items()):
-            await self._timers.schedule(key, now, payload)
-            del self._unsaved_timers[key]
-        due = await self._timers.claim_due(now)
-        for key, payload in due:
-            try:
-                kind = TimerKind.of_key(key)
-            except UnknownTimerKind as err:
-                # Kept, not dropped: a node that knows the kind may fire it.
-                _log.error("room timer of an unknown kind; kept for later", kind=err.kind)
-                await self._retry_timer(key, payload, now)
-                continue
-            try:
-                await self._fire(kind, payload)
-                try:
-                    await self._timers.done(key)
-                except StateUnavailable:
-                    # Its claim runs out and it fires again: the actions
-                    # find their work done and change nothing.
-                    _log.warning("room timer done, but Redis did not hear it")
-            except StateUnavailable:
-                _log.warning("room timer postponed: shared state unavailable")
-                await self._retry_timer(key, payload, now)
-            except Exception:
-                _log.exception("room timer failed; trying again", timer=kind.value)
-                await self._retry_timer(key, payload, now)
-        return len(due)
+    async def reconcile(self) -> int:
+        """Tell the shared state again what this node knows (see :class:`Recovery`)."""
+        return await self.recovery.reconcile()
 
-    async def _retry_timer(self, key: str, payload: dict[str, Any], now: datetime) -> None:
-        try:
-            await self._timers.schedule(key, now + TIMER_RETRY, payload)
-        except StateUnavailable:
-            # Claimed, so nobody else has it: kept here until Redis is back.
-            self._unsaved_timers[key] = payload
-
-    async def _fire(self, kind: TimerKind, payload: dict[str, Any]) -> None:
-        consult_id = uuid.UUID(payload["consult"])
-        if kind is TimerKind.MAX_DURATION:
-            await self.end(consult_id, reason=EndReason.MAX_DURATION)
-        elif kind is TimerKind.GRACE:
-            await self._grace_over(
-                consult_id, ParticipantRole(payload["role"]), payload["connection"]
-            )
-        elif kind is TimerKind.FORGET:
-            await self._forget(consult_id)
-        else:
-            assert_never(kind)
+    async def node_lost(self, consult_id: uuid.UUID, node: str, *, last_seen: datetime) -> int:
+        """Another node died: its participants here drop out (see :class:`Recovery`)."""
+        return await self.recovery.node_lost(consult_id, node, last_seen=last_seen)
 
     async def end(
         self, consult_id: uuid.UUID, *, reason: EndReason, at: datetime | None = None
@@ -461,13 +375,9 @@ class ConsultRooms:
         for role in ParticipantRole:
             await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
         await self._timers.cancel(TimerKind.MAX_DURATION.key(consult_id))
-        await self._timers.schedule(
-            TimerKind.FORGET.key(consult_id),
-            self._clock.now() + ENDED_ROOM_KEPT,
-            {"consult": str(consult_id)},
-        )
+        await self.deadlines.forget_later(consult_id)
         for role in ParticipantRole:
-            await self._send(
+            await self.send(
                 consult_id,
                 role,
                 outbound("consult-ended", reason=reason),
@@ -496,7 +406,7 @@ class ConsultRooms:
                     consult.started_at + timedelta(seconds=self._settings.max_duration_s),
                     {"consult": str(consult_id)},
                 )
-                await self._send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
+                await self.send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
         if record_closed:
             # Closed meanwhile (by the housekeeping or another node): no call on a closed record.
             await self.end(consult_id, reason=EndReason.CONSULT_OVER)
@@ -511,7 +421,7 @@ class ConsultRooms:
                     ErrorCode.NO_PATIENT_WAITING, "no patient is waiting to be denied", ref="deny"
                 )
             state.patient = None
-            await self._send(
+            await self.send(
                 consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED
             )
         return []
@@ -551,7 +461,7 @@ class ConsultRooms:
             participant.consult_id, participant.other, delivery, where=receiver.node
         )
 
-    async def _leave(
+    async def leave(
         self, participant: Participant, *, grace: bool, left_at: datetime | None = None
     ) -> None:
         """``left_at``: when the socket went (default now), if that was a while ago."""
@@ -570,7 +480,7 @@ class ConsultRooms:
             if state.phase is RoomPhase.WAITING:
                 state.set_presence(role, None)
                 if role is ParticipantRole.PATIENT:
-                    await self._send(consult_id, other, outbound("peer-left", role=role.value))
+                    await self.send(consult_id, other, outbound("peer-left", role=role.value))
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
@@ -582,14 +492,14 @@ class ConsultRooms:
                         "connection": participant.connection_id,
                     },
                 )
-                await self._send(
+                await self.send(
                     consult_id,
                     other,
                     outbound("peer-reconnecting", role=role.value, grace_s=self._settings.grace_s),
                 )
             else:
                 state.set_presence(role, None)
-                await self._send(consult_id, other, outbound("peer-left", role=role.value))
+                await self.send(consult_id, other, outbound("peer-left", role=role.value))
                 # The other one, if in its grace period, ends it when that runs out.
                 if state.presence(other) is None:
                     end_at = left
@@ -601,135 +511,6 @@ class ConsultRooms:
         if end_at is not None:
             await self.end(consult_id, reason=EndReason.BOTH_LEFT, at=end_at)
 
-    async def node_lost(self, consult_id: uuid.UUID, node: str, *, last_seen: datetime) -> int:
-        """Another node died: its participants in this room drop out as if
-        their sockets had closed at ``last_seen`` (grace periods start, the
-        others are told). Returns how many participants it held here."""
-        state = await self._store.peek(consult_id)
-        if state is None or state.phase is RoomPhase.OVER:
-            return 0
-        lost = 0
-        for role in ParticipantRole:
-            presence = state.presence(role)
-            if presence is not None and presence.connected and presence.node == node:
-                lost += 1
-                await self._leave(
-                    Participant(consult_id, role, presence.connection_id),
-                    grace=True,
-                    left_at=last_seen,
-                )
-        if lost:
-            # A recording runs on its participants' node: it died with it.
-            await self.recording.node_lost(consult_id, now=self._clock.now())
-        return lost
-
-    async def reconcile(self) -> int:
-        """Tell the shared state again what this node knows: the disconnects
-        it could not record, and every connection open here (after Redis
-        lost its data, or this node was taken for dead). Returns how many
-        rooms were repaired.
-
-        Raises :class:`StateUnavailable` while Redis is still away; what is
-        left is tried again next time.
-        """
-        for connection_id, (participant, at) in list(self._missed_leaves.items()):
-            await self._leave(participant, grace=True, left_at=at)
-            del self._missed_leaves[connection_id]
-        repaired = 0
-        for participant in list(self._here.values()):
-            if await self._reassert(participant):
-                repaired += 1
-        return repaired
-
-    async def _reassert(self, participant: Participant) -> bool:
-        """Put this node's connection back into its room if the room lost it."""
-        consult_id, role, other = participant.consult_id, participant.role, participant.role.other
-        try:
-            async with self._engine.connect() as conn:
-                consult = await get_consult(conn, consult_id)
-        except NotFound:
-            return False
-        if consult.is_over:
-            await self.end(consult_id, reason=EndReason.CONSULT_OVER)
-            return True
-        async with self._store.locked(consult_id, create=True) as state:
-            assert state is not None
-            if state.phase is RoomPhase.OVER or participant.connection_id not in self._here:
-                return False
-            presence = state.presence(role)
-            if presence is not None and presence.connection_id != participant.connection_id:
-                return False  # replaced by a newer connection, elsewhere
-            if (
-                presence is not None
-                and presence.connected
-                and (state.phase is RoomPhase.ACTIVE or consult.started_at is None)
-            ):
-                return False  # nothing lost
-            state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
-            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
-            if consult.started_at is not None and state.phase is RoomPhase.WAITING:
-                # The room was lost with Redis's data: the record says it runs.
-                state.phase = RoomPhase.ACTIVE
-                await self._timers.schedule(
-                    TimerKind.MAX_DURATION.key(consult_id),
-                    consult.started_at + timedelta(seconds=self._settings.max_duration_s),
-                    {"consult": str(consult_id)},
-                )
-            if state.phase is RoomPhase.ACTIVE and state.present(other):
-                # The other may have been told this one left (its node taken
-                # for dead); an offer more is harmless either way.
-                await self._send(consult_id, other, outbound("peer-rejoined", role=role.value))
-            elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                await self._send(
-                    consult_id, other, outbound("patient-waiting", display_name=state.display_name)
-                )
-        return True
-
-    async def _grace_over(
-        self, consult_id: uuid.UUID, role: ParticipantRole, connection_id: str
-    ) -> None:
-        end_at: datetime | None = None
-        async with self._store.locked(consult_id) as state:
-            if state is None or state.phase is RoomPhase.OVER:
-                return
-            presence = state.presence(role)
-            if (
-                presence is None
-                and state.phase is RoomPhase.ACTIVE
-                and state.presence(role.other) is None
-            ):
-                # Both gone, and yet not over: a node died between this
-                # timer's first try and the end it led to. Ended now.
-                end_at = self._clock.now()
-            elif presence is None or presence.connected or presence.connection_id != connection_id:
-                return  # came back in time
-            else:
-                state.set_presence(role, None)
-                await self._send(consult_id, role.other, outbound("peer-left", role=role.value))
-                if state.presence(role.other) is None:
-                    # Both gone past their grace periods: the consult ended when
-                    # this one, the last, went away.
-                    end_at = presence.left_at or self._clock.now()
-        if end_at is not None:
-            await self.end(consult_id, reason=EndReason.BOTH_LEFT, at=end_at)
-
-    async def _forget(self, consult_id: uuid.UUID) -> None:
-        state = await self._store.peek(consult_id)
-        if state is None:
-            return
-        idle = (
-            state.phase is RoomPhase.WAITING and state.therapist is None and state.patient is None
-        )
-        if state.phase is RoomPhase.OVER or idle:
-            await self._store.forget(consult_id)
-        else:
-            # In use: look again later.
-            await self._timers.schedule(
-                TimerKind.FORGET.key(consult_id),
-                self._clock.now() + ENDED_ROOM_KEPT,
-                {"consult": str(consult_id)},
-            )
-
     async def _stop_recording(self, consult_id: uuid.UUID, reason: StopReason) -> None:
         """Stop the consult's recording; a failure there never stops the
         consult's own end or leave from going on."""
@@ -738,7 +519,7 @@ class ConsultRooms:
         except Exception:
             _log.exception("recording: stopping failed", consult_id=str(consult_id))
 
-    async def _send(
+    async def send(
         self,
         consult_id: uuid.UUID,
         role: ParticipantRole,

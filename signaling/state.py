@@ -8,12 +8,14 @@ store's lock.
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cached_property
 
 from signaling.protocol import ParticipantRole
 
-__all__ = ["Link", "Presence", "RecordingPhase", "RoomPhase", "RoomState"]
+__all__ = ["Link", "Participant", "Presence", "RecordingPhase", "RoomPhase", "RoomState"]
 
 
 class RoomPhase(enum.Enum):
@@ -94,3 +96,23 @@ class RoomState:
     def copy(self) -> RoomState:
         """A shallow copy; enough, as every field is immutable."""
         return replace(self)
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One authenticated connection of one participant of one consult."""
+
+    consult_id: uuid.UUID
+    role: ParticipantRole
+    # A random id per connection: tells a reconnect from the connection it replaces.
+    connection_id: str
+
+    # Worked out once per connection rather than once per relayed message.
+    @cached_property
+    def other(self) -> ParticipantRole:
+        return self.role.other
+
+    @cached_property
+    def sender_field(self) -> str:
+        """What a relayed frame gets before its closing brace: ``,"sender":"<role>"}``."""
+        return f',"sender":"{self.role.value}"}}'

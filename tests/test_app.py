@@ -22,7 +22,7 @@ from audit.schema import organisations
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY, WEBSOCKETS
 from server.background import Job, JobName, periodic
-from server.websockets import tracked_websocket
+from server.ws.registry import tracked_websocket
 from tests.support.services import asyncpg_dsn
 from tests.support.settings import SettingsFactory
 

@@ -12,7 +12,7 @@ from audit.accounts import Role, disable_account, get_account
 from audit.schema import access_log, invites
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
-from server.signaling_ws import check_therapist_sessions
+from server.ws.session_check import check_therapist_sessions
 from tests.support.harness import Harness, Sockets, new_consult, receive
 
 

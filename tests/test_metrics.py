@@ -17,8 +17,7 @@ from config import SettingsError, load_settings
 from server import create_app
 from server.metrics import REDIS_TIMEOUT_S, count_rooms
 from signaling.protocol import ParticipantRole
-from signaling.rooms import Participant
-from signaling.state import Link, Presence, RoomPhase, RoomState
+from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.settings import SettingsFactory
 

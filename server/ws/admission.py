@@ -1,0 +1,82 @@
+"""Who may open the signaling socket: the checks at the door, before the upgrade.
+
+- a therapist, by the session cookie, for one of their own consults
+  (``/ws?consult=<id>``);
+- a patient, by a single-use ticket made from their invite
+  (``/ws?ticket=<ticket>``), the invite checked again at every (re)connect.
+
+Either way the upgrade request must come from our own origin: a cookie alone
+must not let another site's page act as the therapist.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
+from audit.errors import NotFound
+from audit.roles import Role
+from audit.sessions import Session
+from server.app_keys import CLOCK, DB_ENGINE, TICKETS
+from server.auth.sessions import authenticate
+from server.web_security import expected_origin
+from signaling.ports import StateUnavailable
+from signaling.protocol import ParticipantRole
+from signaling.state import Participant
+
+
+class Refused(Exception):
+    """The socket is not opened: answered with ``status`` and an error ``code``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def admit_connection(request: web.Request) -> tuple[Participant, Session | None]:
+    """The participant this request may open a socket for, and (for a
+    therapist) the login session it belongs to. Raises :class:`Refused`."""
+    if request.headers.get("Origin") != expected_origin(request):
+        raise Refused(403, "origin_refused", "the socket must be opened from our own pages")
+    connection_id = secrets.token_urlsafe(12)
+    ticket = request.query.get("ticket")
+    if ticket is not None:
+        return await _patient(request.app, ticket, connection_id), None
+    principal = await authenticate(request)
+    if principal is None:
+        raise Refused(401, "not_logged_in", "log in, or use the ticket of an invite")
+    if principal.account.role is not Role.THERAPIST:
+        raise Refused(403, "forbidden", "only the consult's therapist may join it")
+    try:
+        consult_id = uuid.UUID(request.query.get("consult", ""))
+        async with request.app[DB_ENGINE].connect() as conn:
+            consult = await get_consult(conn, consult_id, therapist_id=principal.account.id)
+    except (ValueError, NotFound):
+        raise Refused(404, "not_found", "no such consult") from None
+    if consult.is_over:
+        raise Refused(409, "consult_over", "the consult has ended")
+    return (
+        Participant(consult.id, ParticipantRole.THERAPIST, connection_id),
+        principal.session,
+    )
+
+
+async def _patient(app: web.Application, ticket: str, connection_id: str) -> Participant:
+    try:
+        grant = await app[TICKETS].claim(ticket[:100], now=app[CLOCK].now())
+    except (StateUnavailable, RedisError):
+        raise Refused(
+            503, "unavailable", "the server cannot check the ticket right now; try again"
+        ) from None
+    if grant is None:
+        raise Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
+    try:
+        async with app[DB_ENGINE].connect() as conn:
+            await open_invite_by_hash(conn, grant.invite_hash, now=app[CLOCK].now())
+    except InviteInvalid as err:
+        raise Refused(403, f"invite_{err.problem.value}", str(err)) from None
+    return Participant(grant.consult_id, ParticipantRole.PATIENT, connection_id)

@@ -1,0 +1,146 @@
+"""Everything the server sends on one signaling socket, written as RFC 6455 frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+from aiohttp import web
+
+from signaling.ports import Delivery
+from signaling.protocol import CloseCode
+
+# How long a closing handshake the server started may take.
+CLOSE_HANDSHAKE_S = 2.0
+
+
+class Outbox:
+    """Everything this server sends on one socket, in order.
+
+    Deliveries are written by the publisher's own task, straight to this
+    socket: no queue and no task per connection. They wait only until the
+    ``welcome`` is out, so it is always the first message. Replies to the
+    socket's own messages take the same way, so nothing overtakes.
+
+    Frames written in one turn of the event loop go out together, in one
+    system call, when that turn ends: an offer and the trickle candidates
+    behind it usually arrive in one read, and are passed on in one write.
+    Nothing waits longer than the current turn.
+
+    The frames are made here (:func:`text_frame`), not by aiohttp's writer,
+    and go to the transport beside it. That is sound only while the
+    connection has no per-message compression, whose frames carry a flag and
+    a state shared by all of them: the outbox refuses a socket that has it.
+
+    A client that does not read (its send buffer would pass the transport's
+    high-water mark) is closed with 1008 rather than waited for; closes run
+    in the background, so that the publisher never waits for a closing
+    handshake.
+    """
+
+    def __init__(
+        self, request: web.Request, websocket: web.WebSocketResponse, connection_id: str
+    ) -> None:
+        if websocket.compress:
+            raise ValueError(
+                "the outbox writes its own frames: open the socket with compress=False"
+            )
+        self._websocket = websocket
+        self._connection_id = connection_id
+        self._ready = False
+        self._pending: list[Delivery] = []
+        self._closing: asyncio.Task[bool] | None = None
+        self._frames: list[bytes] = []
+        self._framed_bytes = 0
+        # The connection's transport outlives the socket object's use of it;
+        # once the connection is lost it reports is_closing().
+        transport = request.transport
+        if transport is None:
+            raise ValueError("the outbox needs a prepared socket: it has no transport yet")
+        self._transport = transport
+        self._high_water = transport.get_write_buffer_limits()[1]
+        self._loop = asyncio.get_running_loop()
+
+    async def deliver(self, delivery: Delivery) -> None:
+        if delivery.connection_id not in (None, self._connection_id):
+            return
+        if self._closing is not None or self._websocket.closed:
+            return
+        if not self._ready:
+            self._pending.append(delivery)
+            return
+        self._write(delivery.encoded(), close_code=delivery.close_code)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one of our own messages (a reply, an error) behind what is queued."""
+        if self._closing is None and not self._websocket.closed:
+            self._write(json.dumps(message))
+
+    async def open(self, first: list[dict[str, Any]]) -> None:
+        """Send the first messages, then what arrived meanwhile; from then on write at once."""
+        for message in first:
+            self._write(json.dumps(message))
+        for delivery in self._pending:
+            self._write(delivery.encoded(), close_code=delivery.close_code)
+        self._pending.clear()
+        self._ready = True
+
+    async def close(self, code: CloseCode, message: bytes = b"") -> None:
+        """Close after what is queued has gone out."""
+        self.flush()
+        await self._websocket.close(code=code, message=message)
+
+    async def finish(self) -> None:
+        """Let a close this outbox started finish its handshake (the peer would see 1006)."""
+        if self._closing is not None:
+            done, _pending = await asyncio.wait({self._closing}, timeout=CLOSE_HANDSHAKE_S)
+            if not done:
+                self._closing.cancel()
+
+    def _write(self, text: str, *, close_code: int | None = None) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return  # gone; the reader notices and the room hears of it
+        frame = text_frame(text.encode())
+        # Bytes wait in user space only once the kernel's buffer is full,
+        # i.e. when the client has stopped reading. A write past the
+        # transport's high-water mark would make the publisher (the other
+        # participant's task) wait for this client: close it instead.
+        queued = transport.get_write_buffer_size() + self._framed_bytes
+        if queued > 0 and queued + len(frame) > self._high_water:
+            self._close_later(CloseCode.POLICY_VIOLATION)
+            return
+        if not self._frames:
+            self._loop.call_soon(self.flush)
+        self._frames.append(frame)
+        self._framed_bytes += len(frame)
+        if close_code is not None:
+            self._close_later(close_code)
+
+    def flush(self) -> None:
+        """Write the queued frames now, in one go."""
+        if not self._frames:
+            return
+        frames, self._frames, self._framed_bytes = self._frames, [], 0
+        # After aiohttp sent a close frame, nothing else may follow it.
+        if self._transport.is_closing() or self._websocket.closed:
+            return
+        self._transport.writelines(frames)
+
+    def _close_later(self, code: int) -> None:
+        if self._closing is None:
+            self.flush()
+            self._closing = asyncio.create_task(self._websocket.close(code=code))
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame (RFC 6455, 5.2), as a server sends it:
+    FIN set, RSV1 to RSV3 clear (no compression), opcode 1."""
+    size = len(payload)
+    if size < 126:
+        return struct.pack("!BB", 0x81, size) + payload
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload

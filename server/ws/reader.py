@@ -1,0 +1,67 @@
+"""The read loop of one signaling socket: every frame limited, validated, handled."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import WSMsgType, web
+
+from server.app_keys import METRICS, ROOMS, SETTINGS
+from server.ws.outbox import Outbox
+from signaling.protocol import (
+    RELAYED,
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    error_message,
+    parse_inbound,
+)
+from signaling.ratelimit import TokenBucket
+from signaling.state import Participant
+
+
+async def read_frames(
+    request: web.Request,
+    websocket: web.WebSocketResponse,
+    outbox: Outbox,
+    participant: Participant,
+) -> None:
+    """Handle the socket's frames until it closes.
+
+    Frames are rate-limited per connection (an ``error`` for each one over);
+    a frame that is binary, not valid, or not acceptable now gets an
+    ``error`` naming the problem and the connection goes on, until
+    ``max_refused`` in a row close it with 1008. (aiohttp closes with 1009
+    a frame above the socket's size limit.)
+    """
+    rooms = request.app[ROOMS]
+    metrics = request.app[METRICS]
+    limits = request.app[SETTINGS].signaling
+    bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
+    refused_in_a_row = 0
+    async for frame in websocket:
+        received = time.monotonic()
+        try:
+            if not bucket.allow(received):
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "too many messages; this one was dropped"
+                )
+            if frame.type is not WSMsgType.TEXT:
+                raise ProtocolError(
+                    ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
+                )
+            message = parse_inbound(frame.data)
+            replies = await rooms.handle(participant, message, frame=frame.data)
+        except ProtocolError as err:
+            refused_in_a_row += 1
+            if refused_in_a_row >= limits.max_refused:
+                await outbox.close(CloseCode.POLICY_VIOLATION, b"too many refused messages")
+                return
+            outbox.send(error_message(err))
+            metrics.record_error(err.code)
+            continue
+        if message.type in RELAYED:
+            metrics.record_relayed(message.type, time.monotonic() - received)
+        refused_in_a_row = 0
+        for reply in replies:
+            outbox.send(reply)
