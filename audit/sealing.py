@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -58,6 +59,18 @@ def unseal(master_key: bytes, purpose: str, sealed: bytes, *, bound_to: str) -> 
 def keyed_hash(master_key: bytes, purpose: str, value: str) -> str:
     """Return the hex HMAC-SHA-256 of ``value`` under the key for ``purpose``."""
     return hmac.new(derive_key(master_key, purpose), value.encode(), hashlib.sha256).hexdigest()
+
+
+# What every random token we hand out looks like (secrets.token_urlsafe(32)
+# gives 43 characters): a session id, an enrolment link's or invite's token,
+# a patient's ticket. Anything else is refused before it is looked up.
+TOKEN_PATTERN = r"[A-Za-z0-9_-]{20,100}"  # noqa: S105 - a pattern, not a secret
+_TOKEN = re.compile(TOKEN_PATTERN)
+
+
+def looks_like_token(text: str) -> bool:
+    """Whether ``text`` could be one of our tokens (and so is safe to hash or look up)."""
+    return _TOKEN.fullmatch(text) is not None
 
 
 def token_hash(token: str) -> str:

@@ -33,7 +33,7 @@ from tests.support.browser import (
 from tests.support.harness import Harness
 from tests.support.recording import count_streams, data_key, decrypted, recording_row
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.recorder]
 
 RECORD_FOR_S = 3.0
 # Consent to "on": both recorder links gather ICE and connect.

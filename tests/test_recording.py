@@ -57,7 +57,7 @@ from tests.support.recording import (
 )
 from tests.support.settings import SettingsFactory
 
-pytestmark = pytest.mark.webrtc
+pytestmark = [pytest.mark.webrtc, pytest.mark.recorder]
 
 RECORD_FOR_S = 5.0
 

@@ -40,7 +40,7 @@ from tests.support.recording import (
 from tests.support.services import service_unavailable
 from tests.support.webrtc import Peer, Signaller, all_receive_media, opened
 
-pytestmark = pytest.mark.webrtc
+pytestmark = [pytest.mark.webrtc, pytest.mark.recorder]
 
 # Small enough to fill within a few seconds of two 640x480 streams.
 TMPFS_SIZE = "2m"

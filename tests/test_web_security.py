@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -156,3 +157,64 @@ async def test_enrolment_link_opens_a_page_that_loads_only_our_own_script(
         assert_security_headers(response.headers)
     script = await (await sqlite_harness.client.get("/static/js/enrol.js")).text()
     assert "/api/enrolment/" in script
+
+
+async def raw_get(harness: Harness, path: str, header_lines: list[bytes]) -> int:
+    """Send a GET with header bytes no HTTP library would build; return the status."""
+    server = harness.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        request = b"\r\n".join(
+            [
+                f"GET {path} HTTP/1.1".encode(),
+                f"Host: {server.host}:{server.port}".encode(),
+                *header_lines,
+                b"Connection: close",
+                b"",
+                b"",
+            ]
+        )
+        writer.write(request)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+# Bytes that are not UTF-8 (the finding: a UnicodeEncodeError and 500), a
+# lone surrogate's UTF-8 bytes, controls, and what survives none of those.
+BAD_COOKIE_VALUES = [b"\xff\xfe\xfd", b"abc\xc3", b"\xed\xb2\x80xyz", b"\x01\x7f", b"caf\xc3\xa9"]
+
+
+@pytest.mark.parametrize("value", BAD_COOKIE_VALUES)
+@pytest.mark.parametrize("path", ["/api/session", "/api/consults", "/ws?consult=x"])
+async def test_a_session_cookie_of_any_bytes_is_refused_never_an_error(
+    sqlite_harness: Harness, path: str, value: bytes
+) -> None:
+    origin = sqlite_harness.headers["Origin"].encode()
+    status = await raw_get(
+        sqlite_harness, path, [b"Cookie: vc_session=" + value, b"Origin: " + origin]
+    )
+    assert status in (400, 401), status
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"User-Agent: \xff\xfe", b"Origin: http://\xff.example", b"X-Forwarded-For: \xc3("],
+)
+async def test_other_headers_of_any_bytes_never_give_an_error(
+    sqlite_harness: Harness, header: bytes
+) -> None:
+    for path in ("/api/session", "/ws?consult=x", "/healthz", "/"):
+        status = await raw_get(sqlite_harness, path, [header])
+        assert status < 500, (path, status)
+
+
+@pytest.mark.parametrize("query", ["ticket=%FF%FE", "ticket=%ED%B2%80" + "a" * 40, "consult=%FF"])
+async def test_a_socket_query_of_any_bytes_is_refused_never_an_error(
+    sqlite_harness: Harness, query: str
+) -> None:
+    origin = sqlite_harness.headers["Origin"].encode()
+    status = await raw_get(sqlite_harness, f"/ws?{query}", [b"Origin: " + origin])
+    assert status in (400, 401, 404), status

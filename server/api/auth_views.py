@@ -9,6 +9,7 @@ from pydantic import Field, StringConstraints
 
 from audit import accounts as stored_accounts
 from audit.access_log import Actor, ClientType, record_access
+from audit.sealing import TOKEN_PATTERN
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
 from server.api.errors import TooManyRequests, Unauthorized
@@ -60,7 +61,6 @@ Code = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
 Password = Annotated[str, Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)]
 Email = Annotated[str, Field(min_length=1, max_length=stored_accounts.MAX_EMAIL_LENGTH)]
 # Enrolment tokens are 43 URL-safe characters; anything else is not one.
-TOKEN_PATTERN = r"[A-Za-z0-9_-]{20,100}"  # noqa: S105 - a pattern, not a secret
 
 LOGIN_REFUSED = "The e-mail address, password or code is not right."
 

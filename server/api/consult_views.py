@@ -27,6 +27,7 @@ from audit.consults import (
 )
 from audit.errors import NotFound
 from audit.roles import Role
+from audit.sealing import TOKEN_PATTERN
 from server.api.access_records import record_api_access
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, NotFoundError, Unprocessable
@@ -40,7 +41,7 @@ from signaling.tickets import TicketGrant
 routes = web.RouteTableDef()
 
 CONSULT_PATH = "/api/consults/{consult_id}"
-INVITE_TOKEN = r"{token:[A-Za-z0-9_-]{20,100}}"  # noqa: S105 - a route pattern
+INVITE_TOKEN = "{token:" + TOKEN_PATTERN + "}"
 
 # Plain words for a patient holding a link that does not work.
 INVITE_ANSWERS = {

@@ -15,6 +15,7 @@ from aiohttp import web
 from audit.access_log import Actor, Outcome, record_access
 from audit.accounts import Account, AccountStatus, Role, get_account
 from audit.errors import NotFound
+from audit.sealing import looks_like_token
 from audit.sessions import (
     Session,
     end_session,
@@ -29,7 +30,6 @@ from server.web_security import served_over_tls
 # The __Host- prefix (over TLS) pins the cookie to this exact host and path.
 COOKIE_NAME = "vc_session"
 TLS_COOKIE_NAME = "__Host-vc_session"
-MAX_COOKIE_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ async def authenticate(request: web.Request) -> Principal | None:
         return request.get(PRINCIPAL)
     request[_CHECKED] = True
     session_id = request.cookies.get(cookie_name(request))
-    if not session_id or len(session_id) > MAX_COOKIE_LENGTH:
-        return None
+    if not session_id or not looks_like_token(session_id):
+        return None  # not one of ours, whatever its bytes
     app = request.app
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:

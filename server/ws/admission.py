@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.errors import NotFound
 from audit.roles import Role
+from audit.sealing import looks_like_token
 from audit.sessions import Session
 from server.app_keys import CLOCK, DB_ENGINE, TICKETS
 from server.auth.sessions import authenticate
@@ -66,8 +67,10 @@ async def admit_connection(request: web.Request) -> tuple[Participant, Session |
 
 
 async def _patient(app: web.Application, ticket: str, connection_id: str) -> Participant:
+    if not looks_like_token(ticket):
+        raise Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
     try:
-        grant = await app[TICKETS].claim(ticket[:100], now=app[CLOCK].now())
+        grant = await app[TICKETS].claim(ticket, now=app[CLOCK].now())
     except (StateUnavailable, RedisError):
         raise Refused(
             503, "unavailable", "the server cannot check the ticket right now; try again"
