@@ -239,12 +239,17 @@ async def ensure_another_active_admin(conn: AsyncConnection, account: Account) -
 
 
 async def set_role(conn: AsyncConnection, account: Account, role: Role) -> Account:
-    """Change the role; never leaves an organisation without an active admin."""
+    """Change the role; never leaves an organisation without an active admin.
+
+    The account's sessions end: what it may do was decided at login, so it
+    logs in again with the new role (and its open consult sockets close).
+    """
     if role is not account.role:
         await ensure_another_active_admin(conn, account)
         await conn.execute(
             accounts.update().where(accounts.c.id == account.id).values(role=role.value)
         )
+        await end_sessions_of(conn, account.id)
     return await get_account(conn, account.id)
 
 

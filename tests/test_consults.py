@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiohttp import WSMsgType
 
 from audit.accounts import Role, disable_account, get_account
 from audit.schema import access_log, invites
@@ -192,6 +194,36 @@ async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out
     assert closing.data == 4002  # the session ended
     response = await harness.client.get(f"/ws?consult={setup.consult_id}", headers=harness.headers)
     assert response.status == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [("patch", "", {"role": "support"}), ("post", "/disable", None)],
+    ids=["demoted", "disabled"],
+)
+async def test_an_admins_change_closes_the_therapists_socket_at_once(
+    harness: Harness, sockets: Sockets, method: str, suffix: str, body: Any
+) -> None:
+    setup = await new_consult(harness)
+    therapist_cookie = harness.client.session.cookie_jar.filter_cookies(
+        harness.client.make_url("/")
+    )["vc_session"].value
+    socket = await sockets.therapist(setup.consult_id)
+    await receive(socket, "welcome")
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    path = f"/api/admin/accounts/{setup.therapist.account_id}{suffix}"
+    if method == "patch":
+        response = await harness.patch(path, body)
+    else:
+        response = await harness.post(path)
+    assert response.status == 200, await response.text()
+    # Closed by the change itself, not by the next periodic session check.
+    closing = await socket.receive(timeout=2)
+    assert closing.type is WSMsgType.CLOSE
+    assert closing.data == 4002  # the session ended
+    # The old login no longer opens a consult, nor the API.
+    assert (await harness.session_with_cookie(therapist_cookie)).status == 401
 
 
 async def test_an_open_consult_socket_keeps_the_session_alive(

@@ -36,6 +36,7 @@ from server.auth.admin import (
 )
 from server.auth.sessions import Principal, require_role
 from server.web_security import expected_origin
+from server.ws.session_check import check_therapist_sessions
 
 routes = web.RouteTableDef()
 
@@ -171,6 +172,9 @@ async def account_set_role(request: web.Request) -> web.Response:
         changed = await change_role(
             conn, Actor.api(principal.account), account, role, now=request.app[CLOCK].now()
         )
+    # Its sessions ended with the change: its consult sockets close now, not
+    # at the next periodic check.
+    await check_therapist_sessions(request.app)
     return web.json_response({"account": account_json(changed)})
 
 
@@ -182,6 +186,8 @@ async def _change(request: web.Request, change: AccountChange) -> web.Response:
         changed = await change_account(
             conn, Actor.api(principal.account), account, change, now=request.app[CLOCK].now()
         )
+    if change is AccountChange.DISABLE:
+        await check_therapist_sessions(request.app)  # its sockets close now
     return web.json_response({"account": account_json(changed)})
 
 
