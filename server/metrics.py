@@ -76,6 +76,7 @@ ROOM_STATE_BATCH = 50
 REFUSAL_OTHER = "other"
 REFUSAL_REASONS = (
     "origin_refused",
+    "host_unknown",
     "ticket_invalid",
     *(f"invite_{problem.value}" for problem in InviteProblem),
     "not_logged_in",

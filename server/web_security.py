@@ -12,7 +12,7 @@ import ipaddress
 
 from aiohttp import web
 
-from server.api.errors import Handler, error_response
+from server.api.errors import Forbidden, Handler, error_response
 from server.app_keys import SETTINGS
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -41,12 +41,46 @@ PERMISSIONS_POLICY = (
 HSTS = "max-age=63072000; includeSubDomains"
 
 
-def expected_origin(request: web.Request) -> str:
-    """Our own origin: the configured public URL, or else the request's own."""
+def expected_origin(request: web.Request) -> str | None:
+    """Our own origin: the configured public URL, or else (in development) the
+    request's own, if its host is a loopback one; None for any other host.
+
+    A Host header is the client's word: believed, another site's page (DNS
+    rebinding) or a forged request would pass the Origin check and have
+    invite links built on its name.
+    """
     configured = request.app[SETTINGS].server.public_origin
     if configured:
         return configured
+    if not _loopback(request.url.host):
+        return None
     return f"{request.scheme}://{request.host}"
+
+
+HOST_UNKNOWN = (
+    "this server knows its address only from server.public_url; without it, "
+    "only localhost is served (set server.public_url to the address people use)"
+)
+
+
+def link_origin(request: web.Request) -> str:
+    """The origin to build a link on (invite, enrolment); the Origin check
+    has let the request in, so it is known."""
+    origin = expected_origin(request)
+    if origin is None:
+        raise Forbidden(HOST_UNKNOWN, code="host_unknown")
+    return origin
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def served_over_tls(request: web.Request) -> bool:
@@ -79,7 +113,10 @@ async def origin_check_middleware(request: web.Request, handler: Handler) -> web
         return error_response(
             403, "origin_required", "state-changing requests must carry an Origin header"
         )
-    if origin != expected_origin(request):
+    expected = expected_origin(request)
+    if expected is None:
+        return error_response(403, "host_unknown", HOST_UNKNOWN)
+    if origin != expected:
         return error_response(403, "origin_refused", "requests from another site are not accepted")
     return await handler(request)
 

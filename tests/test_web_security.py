@@ -218,3 +218,56 @@ async def test_a_socket_query_of_any_bytes_is_refused_never_an_error(
     origin = sqlite_harness.headers["Origin"].encode()
     status = await raw_get(sqlite_harness, f"/ws?{query}", [b"Origin: " + origin])
     assert status in (400, 401, 404), status
+
+
+# In development without server.public_url, our origin is taken from the
+# request: only a loopback host (what a developer's browser uses) is believed.
+# Another Host (DNS rebinding, or a forged header) must neither pass the
+# Origin check nor become the host of an invite link.
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "10.0.0.7:8000"])
+async def test_without_a_public_url_a_foreign_host_builds_no_link(
+    sqlite_harness: Harness, host: str
+) -> None:
+    anna = await sqlite_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await sqlite_harness.logged_in(anna)
+    forged = {"Host": host, "Origin": f"http://{host}"}
+    response = await sqlite_harness.client.post("/api/consults", json={}, headers=forged)
+    assert response.status == 403
+    body = await response.json()
+    assert body["error"]["code"] == "host_unknown"
+    assert "server.public_url" in body["error"]["message"]
+    listing = await (await sqlite_harness.client.get("/api/consults")).json()
+    assert listing["consults"] == []  # nothing was created
+    for headers in (forged, {"Host": host}):  # with and without an Origin
+        socket = await sqlite_harness.client.get("/ws?consult=x", headers=headers)
+        assert socket.status == 403
+        assert (await socket.json())["error"]["code"] == "host_unknown"
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]", "127.0.0.2"])
+async def test_without_a_public_url_a_loopback_host_builds_the_link(
+    sqlite_harness: Harness, host: str
+) -> None:
+    anna = await sqlite_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await sqlite_harness.logged_in(anna)
+    own = {"Host": f"{host}:8080", "Origin": f"http://{host}:8080"}
+    response = await sqlite_harness.client.post("/api/consults", json={}, headers=own)
+    assert response.status == 201, await response.text()
+    created = await response.json()
+    assert created["invite_url"].startswith(f"http://{host}:8080/join/")
+
+
+async def test_with_a_public_url_links_use_it_whatever_the_host(
+    make_settings: SettingsFactory, clock: Any, aiohttp_client: Any
+) -> None:
+    public = "http://video.praktijk-noord.example"
+    app = create_app(make_settings(server_public_url=public), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    harness.origin = public
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(anna)
+    response = await harness.client.post(
+        "/api/consults", json={}, headers={"Host": "evil.example", "Origin": public}
+    )
+    assert response.status == 201, await response.text()
+    assert (await response.json())["invite_url"].startswith(f"{public}/join/")

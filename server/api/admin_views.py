@@ -35,7 +35,7 @@ from server.auth.admin import (
     reset_account_totp,
 )
 from server.auth.sessions import Principal, require_role
-from server.web_security import expected_origin
+from server.web_security import link_origin
 from server.ws.session_check import check_therapist_sessions
 
 routes = web.RouteTableDef()
@@ -139,9 +139,7 @@ async def accounts_create(request: web.Request) -> web.Response:
                 outcome=Outcome.REFUSED,
             )
         raise
-    return web.json_response(
-        invitation_json(invitation, origin=expected_origin(request)), status=201
-    )
+    return web.json_response(invitation_json(invitation, origin=link_origin(request)), status=201)
 
 
 @routes.get(ACCOUNT_PATH)
@@ -216,7 +214,7 @@ async def account_reset_totp(request: web.Request) -> web.Response:
             now=app[CLOCK].now(),
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
         )
-    return web.json_response(invitation_json(invitation, origin=expected_origin(request)))
+    return web.json_response(invitation_json(invitation, origin=link_origin(request)))
 
 
 ACCESS_LOG_PAGE = 100

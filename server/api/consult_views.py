@@ -34,7 +34,7 @@ from server.api.errors import ApiError, NotFoundError, Unprocessable
 from server.api.representations import consult_json, invite_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
-from server.web_security import expected_origin
+from server.web_security import link_origin
 from signaling.protocol import EndReason
 from signaling.tickets import TicketGrant
 
@@ -130,7 +130,7 @@ async def consults_create(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "consult": consult_json(consult, display_name=body.display_name),
-            **invite_json(token, invite, origin=expected_origin(request)),
+            **invite_json(token, invite, origin=link_origin(request)),
         },
         status=201,
     )
@@ -213,7 +213,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
     await _log(request, principal, "consult.invite", consult.id)
-    return web.json_response(invite_json(token, invite, origin=expected_origin(request)))
+    return web.json_response(invite_json(token, invite, origin=link_origin(request)))
 
 
 @routes.delete(CONSULT_PATH + "/invite")

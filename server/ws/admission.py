@@ -24,7 +24,7 @@ from audit.sealing import looks_like_token
 from audit.sessions import Session
 from server.app_keys import CLOCK, DB_ENGINE, TICKETS
 from server.auth.sessions import authenticate
-from server.web_security import expected_origin
+from server.web_security import HOST_UNKNOWN, expected_origin
 from signaling.ports import StateUnavailable
 from signaling.protocol import ParticipantRole
 from signaling.state import Participant
@@ -41,7 +41,10 @@ class Refused(Exception):
 async def admit_connection(request: web.Request) -> tuple[Participant, Session | None]:
     """The participant this request may open a socket for, and (for a
     therapist) the login session it belongs to. Raises :class:`Refused`."""
-    if request.headers.get("Origin") != expected_origin(request):
+    expected = expected_origin(request)
+    if expected is None:
+        raise Refused(403, "host_unknown", HOST_UNKNOWN)
+    if request.headers.get("Origin") != expected:
         raise Refused(403, "origin_refused", "the socket must be opened from our own pages")
     connection_id = secrets.token_urlsafe(12)
     ticket = request.query.get("ticket")
