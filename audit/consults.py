@@ -211,7 +211,11 @@ async def revoke_invites(conn: AsyncConnection, consult_id: uuid.UUID, *, now: d
 
 
 async def open_invite(conn: AsyncConnection, token: str, *, now: datetime) -> Invite:
-    """Return the invite if it can be used now; :class:`InviteInvalid` says why not."""
+    """Return the invite if it can be used now; :class:`InviteInvalid` says why not.
+
+    Usable: not revoked, its consult not over, and either within its validity
+    or its consult running (the patient was admitted).
+    """
     return await open_invite_by_hash(conn, token_hash(token), now=now)
 
 
@@ -224,11 +228,14 @@ async def open_invite_by_hash(conn: AsyncConnection, invite_hash: str, *, now: d
         raise InviteInvalid(InviteProblem.UNKNOWN)
     if row.revoked_at is not None:
         raise InviteInvalid(InviteProblem.REVOKED)
-    if row.expires_at <= now:
-        raise InviteInvalid(InviteProblem.EXPIRED)
     consult = await get_consult(conn, row.consult_id)
     if consult.is_over:
         raise InviteInvalid(InviteProblem.CONSULT_OVER)
+    # The link's validity bounds the wait for the consult, not the consult:
+    # once admitted (the consult runs), the patient may come back after a
+    # drop or a reload until it ends, or until the therapist revokes the link.
+    if row.expires_at <= now and consult.started_at is None:
+        raise InviteInvalid(InviteProblem.EXPIRED)
     return Invite(row.token_hash, row.consult_id, row.expires_at, row.guardian_consent)
 
 
@@ -258,10 +265,18 @@ def invite_expiry(*, now: datetime, scheduled_at: datetime | None, validity_s: i
 
 
 async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
-    """Delete invites that expired or were revoked; the consult keeps its record."""
+    """Delete invites that expired or were revoked; the consult keeps its record.
+
+    An expired invite of a running consult stays until the consult ends: its
+    admitted patient may still come back with it (see :func:`open_invite`).
+    """
+    running = sa.select(consults.c.id).where(consults.c.status == ConsultStatus.ACTIVE.value)
     result = await conn.execute(
         invites.delete().where(
-            sa.or_(invites.c.expires_at <= now, invites.c.revoked_at.is_not(None))
+            sa.or_(
+                sa.and_(invites.c.expires_at <= now, invites.c.consult_id.not_in(running)),
+                invites.c.revoked_at.is_not(None),
+            )
         )
     )
     return result.rowcount

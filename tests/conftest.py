@@ -121,6 +121,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "signaling_backends: run the module's harness tests on the in-process broker "
         "(SQLite, PostgreSQL) and on the real Redis",
     )
+    config.addinivalue_line(
+        "markers",
+        "settings(**overrides): settings of the test's harness app, by their "
+        "environment name without the prefix (consults_invite_validity_s=60)",
+    )
 
 
 # Tests with these markers take seconds each; they are slow too, so that
@@ -262,6 +267,9 @@ def harness_settings(
     """The ``harness``'s settings: its database, and Redis under a prefix of its own
     when the test runs on Redis."""
     overrides: dict[str, str] = {"database_url": database_url}
+    marker = request.node.get_closest_marker("settings")
+    if marker is not None:
+        overrides.update(marker.kwargs)
     if _backend(request) == WITH_REDIS:
         overrides["redis_url"] = request.getfixturevalue("redis_url")
         overrides["redis_key_prefix"] = request.getfixturevalue("redis_prefix")

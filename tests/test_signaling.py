@@ -14,6 +14,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from audit.accounts import Role
 from audit.schema import consults
 from server.app_keys import DB_ENGINE, ROOMS
+from server.housekeeping import purge_expired
 from tests.support.harness import (
     Harness,
     Sockets,
@@ -402,6 +403,43 @@ async def test_a_revoked_invite_cannot_come_back(harness: Harness, sockets: Sock
     status = await harness.client.get(f"/api/invites/{setup.invite_token}")
     assert status.status == 410
     assert "no longer valid" in (await status.json())["error"]["message"]
+
+
+@pytest.mark.settings(consults_invite_validity_s=60)
+async def test_an_admitted_patient_comes_back_after_the_invite_expired(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    harness.clock.advance(70)  # the link's validity is over; the consult runs
+    await purge_expired(harness.app)  # keeps the invite of a running consult
+    status = await harness.client.get(f"/api/invites/{setup.invite_token}")
+    assert status.status == 200, await status.text()
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    back = await sockets.patient(setup.invite_token)
+    welcome = await receive(back, "welcome")
+    assert welcome["state"] == "active"
+    await receive(therapist, "peer-rejoined")
+    # The therapist's revocation still wins over a running consult.
+    revoked = await harness.client.delete(
+        f"/api/consults/{setup.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    refused = await harness.client.get(f"/api/invites/{setup.invite_token}")
+    assert (await refused.json())["error"]["code"] == "invite_revoked"
+
+
+@pytest.mark.settings(consults_invite_validity_s=60)
+async def test_a_waiting_patient_is_not_let_in_after_the_invite_expired(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await waiting_pair(harness, sockets)
+    harness.clock.advance(70)
+    await patient.close()
+    await receive(therapist, "peer-left")
+    expired = await harness.client.get(f"/api/invites/{setup.invite_token}")
+    assert expired.status == 410
+    assert (await expired.json())["error"]["code"] == "invite_expired"
 
 
 async def test_a_patient_with_invite_a_cannot_reach_consult_b(
