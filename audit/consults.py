@@ -282,6 +282,16 @@ async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
     return result.rowcount
 
 
+async def running_consults(conn: AsyncConnection) -> list[tuple[uuid.UUID, datetime]]:
+    """The consults that have started and not ended, with their start."""
+    rows = await conn.execute(
+        sa.select(consults.c.id, consults.c.started_at).where(
+            consults.c.status == ConsultStatus.ACTIVE.value
+        )
+    )
+    return [(row.id, row.started_at) for row in rows]
+
+
 async def abandoned_consults(
     conn: AsyncConnection, *, now: datetime, validity_s: int
 ) -> list[uuid.UUID]:

@@ -47,6 +47,7 @@ class JobName(enum.StrEnum):
     ROOM_TIMERS = "room-timers"
     SESSION_CHECKS = "session-checks"
     NODE_HEARTBEAT = "node-heartbeat"
+    ALIVE = "alive"
 
 
 @dataclass(frozen=True)

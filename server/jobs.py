@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from server import housekeeping
+from server import alive, housekeeping
 from server.app_keys import CLOCK, CLUSTER, DB_ENGINE, ROOMS, SETTINGS, TECHNICAL_LOG
 from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
@@ -109,6 +109,8 @@ JOBS = (
         expected=REDIS_AWAY,
     ),
     Job(JobName.SESSION_CHECKS, check_therapist_sessions, SESSION_CHECK_S),
+    # When this server was last alive: where a killed server's consults end.
+    Job(JobName.ALIVE, alive.beat, alive.ALIVE_BEAT_S, first_after_s=alive.ALIVE_BEAT_S),
     Job(
         JobName.NODE_HEARTBEAT,
         node_round,

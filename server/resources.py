@@ -20,11 +20,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
+from audit.consults import running_consults
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
 from audit.technical_log import TechnicalLog
 from config import Settings
+from server.alive import last_alive, touch_alive
 from server.app_keys import (
     CLOCK,
     CLUSTER,
@@ -42,7 +44,7 @@ from server.background import run_all
 from server.cluster import Cluster
 from signaling.deadlines import ENDED_ROOM_KEPT
 from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
-from signaling.ports import Broker, RoomStore, Timers
+from signaling.ports import Broker, RoomStore, StateUnavailable, Timers
 from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
 from signaling.rooms import ConsultRooms, RoomSettings
@@ -189,7 +191,9 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await cluster.broker.start()
         _log.info("signaling on Redis: several nodes", node=cluster.node_id)
+    await resume_running_consults(app)
     yield
+    touch_alive(app[DATA_DIR])  # a clean stop: its consults were last seen now
     teardown = [
         # Normally done on shutdown already (stop_recordings); this is the last net.
         lambda: rooms.recording.stop_all(StopReason.SERVER_RESTART),
@@ -198,6 +202,32 @@ async def signaling_context(app: web.Application) -> AsyncIterator[None]:
     if cluster is not None:
         teardown.append(cluster.close)
     await run_all(teardown)
+
+
+async def resume_running_consults(app: web.Application) -> None:
+    """The consults a server that died left running resume: their participants
+    may come back within the grace period, or they end when it was last alive."""
+    now = app[CLOCK].now()
+    last_seen = min(last_alive(app[DATA_DIR]) or now, now)
+    touch_alive(app[DATA_DIR])
+    async with app[DB_ENGINE].connect() as conn:
+        running = await running_consults(conn)
+    if not running:
+        return
+    try:
+        resumed = await app[ROOMS].recovery.resume(running, last_seen=last_seen)
+    except (StateUnavailable, RedisError, OSError, TimeoutError):
+        # Their rooms are on a Redis that is away: its nodes' repairs and
+        # a later start take them up.
+        _log.warning("running consults not looked at: Redis is away", count=len(running))
+        return
+    if resumed:
+        _log.warning(
+            "consults left running by a server that stopped resume; they end "
+            "unless their participants come back within the grace period",
+            count=resumed,
+            last_seen=last_seen.isoformat(),
+        )
 
 
 def _rooms(

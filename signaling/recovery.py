@@ -6,7 +6,10 @@ what it knows for sure (its open connections, and the disconnects Redis could
 not take) and tells it again when asked (:meth:`Recovery.reconcile`, run
 periodically); a node found dead has its participants dropped out of their
 rooms as if their sockets had closed when it was last seen
-(:meth:`Recovery.node_lost`).
+(:meth:`Recovery.node_lost`). A server that starts after a crash finds the
+consults that were running without their rooms: each resumes as running, its
+participants in their grace periods from when the server was last alive
+(:meth:`Recovery.resume`), so they come back to it, or it ends.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from audit.consults import get_consult
 from audit.errors import NotFound
 from signaling.ports import RoomStore, Timers
 from signaling.protocol import EndReason, ParticipantRole, TimerKind, outbound
-from signaling.state import Participant, Presence, RoomPhase
+from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 
 if TYPE_CHECKING:
     from signaling.rooms import ConsultRooms
+
+# The connection id of a participant whose socket was lost with a server
+# that died: any real connection of theirs replaces it.
+LOST_CONNECTION = "lost-with-the-server"
 
 
 class Recovery:
@@ -38,6 +45,7 @@ class Recovery:
         store: RoomStore,
         timers: Timers,
         max_duration_s: int,
+        grace_s: int,
     ) -> None:
         self._rooms = rooms
         self._engine = engine
@@ -45,6 +53,7 @@ class Recovery:
         self._store = store
         self._timers = timers
         self._max_duration = timedelta(seconds=max_duration_s)
+        self._grace = timedelta(seconds=grace_s)
         # Disconnects the shared state could not take (Redis away), with
         # when they happened: told again by ``reconcile``.
         self._missed_leaves: dict[str, tuple[Participant, datetime]] = {}
@@ -93,6 +102,50 @@ class Recovery:
                 repaired += 1
         return repaired
 
+    async def resume(
+        self, running: list[tuple[uuid.UUID, datetime]], *, last_seen: datetime
+    ) -> int:
+        """After a start: every consult the record says is running, whose room
+        is lost (the server died with it, or Redis lost its data), runs again
+        with both participants in their grace periods, as if their sockets had
+        closed at ``last_seen``. Whoever comes back finds it running; when
+        nobody does, it ends at ``last_seen``. Returns how many resumed."""
+        resumed = 0
+        for consult_id, started_at in running:
+            async with self._store.locked(consult_id, create=True) as state:
+                assert state is not None
+                if state.phase is not RoomPhase.WAITING or state.therapist or state.patient:
+                    continue  # the room is known (kept by Redis): nothing lost
+                await self.running_again(consult_id, state, started_at)
+                for role in ParticipantRole:
+                    state.set_presence(
+                        role,
+                        Presence(LOST_CONNECTION, link=Link.RECONNECTING, left_at=last_seen),
+                    )
+                    await self._timers.schedule(
+                        TimerKind.GRACE.key(consult_id, role),
+                        self._clock.now() + self._grace,
+                        {
+                            "consult": str(consult_id),
+                            "role": role.value,
+                            "connection": LOST_CONNECTION,
+                        },
+                    )
+            resumed += 1
+        return resumed
+
+    async def running_again(
+        self, consult_id: uuid.UUID, state: RoomState, started_at: datetime
+    ) -> None:
+        """The room lost its state, but the record says the consult runs: it
+        runs again, to its maximum duration from its real start."""
+        state.phase = RoomPhase.ACTIVE
+        await self._timers.schedule(
+            TimerKind.MAX_DURATION.key(consult_id),
+            started_at + self._max_duration,
+            {"consult": str(consult_id)},
+        )
+
     async def _reassert(self, participant: Participant) -> bool:
         """Put this node's connection back into its room if the room lost it."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
@@ -110,7 +163,10 @@ class Recovery:
             if state.phase is RoomPhase.OVER or not self._rooms.is_here(participant):
                 return False
             presence = state.presence(role)
-            if presence is not None and presence.connection_id != participant.connection_id:
+            if presence is not None and presence.connection_id not in (
+                participant.connection_id,
+                LOST_CONNECTION,
+            ):
                 return False  # replaced by a newer connection, elsewhere
             if (
                 presence is not None
@@ -122,12 +178,7 @@ class Recovery:
             await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
             if consult.started_at is not None and state.phase is RoomPhase.WAITING:
                 # The room was lost with Redis's data: the record says it runs.
-                state.phase = RoomPhase.ACTIVE
-                await self._timers.schedule(
-                    TimerKind.MAX_DURATION.key(consult_id),
-                    consult.started_at + self._max_duration,
-                    {"consult": str(consult_id)},
-                )
+                await self.running_again(consult_id, state, consult.started_at)
             if state.phase is RoomPhase.ACTIVE and state.present(other):
                 # The other may have been told this one left (its node taken
                 # for dead); an offer more is harmless either way.

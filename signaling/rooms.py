@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import mark_ended, mark_started
+from audit.consults import get_consult, mark_ended, mark_started
 from audit.recordings import StopReason
 from audit.technical_log import TechnicalLog
 from signaling.changes import Changes
@@ -128,6 +128,7 @@ class ConsultRooms:
             store=store,
             timers=timers,
             max_duration_s=settings.max_duration_s,
+            grace_s=settings.grace_s,
         )
 
     async def prepare(
@@ -188,6 +189,15 @@ class ConsultRooms:
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
+            if state.phase is RoomPhase.WAITING:
+                # Before admission, or a room that lost its state (a Redis
+                # that lost its data): the record says which.
+                async with self._engine.connect() as conn:
+                    consult = await get_consult(conn, consult_id)
+                if consult.is_over:
+                    state.phase = RoomPhase.OVER
+                elif consult.started_at is not None:
+                    await self.recovery.running_again(consult_id, state, consult.started_at)
             if state.phase is RoomPhase.OVER:
                 raise RoomClosed
             previous = state.presence(role)
