@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,6 +27,8 @@ from audit.clock import Clock
 from audit.schema import technical_log
 
 RETENTION = timedelta(hours=24)
+
+_log = structlog.get_logger("videoconsult.audit")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,22 @@ async def purge_technical_log(conn: AsyncConnection, *, now: datetime) -> int:
 
 # Entries waiting for the writer; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 10_000
+# Entries the table holds at most (logging.technical_log_max_rows); beyond
+# this new ones are dropped until the 24-hour purge makes room.
+MAX_ROWS = 500_000
+
+
+class DropReason(enum.StrEnum):
+    """Why technical-log entries were not kept (the metric's ``reason`` label)."""
+
+    # More were waiting for the writer than it keeps (the database away).
+    PENDING_FULL = "pending_full"
+    # The table holds its most (logging.technical_log_max_rows).
+    STORE_FULL = "store_full"
+    # A client's reports past its connection's or consult's quota.
+    REPORT_QUOTA = "report_quota"
+
+
 # Longest text kept of one value.
 MAX_VALUE_CHARS = 500
 
@@ -97,10 +115,17 @@ class TechnicalLog:
     writes everything pending in one transaction. Nothing reaches stdout.
     """
 
-    def __init__(self, clock: Clock, *, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self, clock: Clock, *, max_pending: int = MAX_PENDING, max_rows: int = MAX_ROWS
+    ) -> None:
         self._clock = clock
         self._pending: deque[dict[str, Any]] = deque(maxlen=max_pending)
-        self.dropped = 0
+        self.dropped: Counter[DropReason] = Counter()
+        self._max_rows = max_rows
+        # Rows in the table as far as this node knows: counted at the first
+        # write and after each purge (recount), then counted along.
+        self._stored: int | None = None
+        self._full = False
         self.log: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
             None,
             processors=[self._keep],
@@ -114,7 +139,7 @@ class TechnicalLog:
         kind = str(event.pop("event", "event"))[:64]
         subject = event.pop("subject", None)
         if len(self._pending) == self._pending.maxlen:
-            self.dropped += 1
+            self.dropped[DropReason.PENDING_FULL] += 1
         self._pending.append(
             {
                 "at": self._clock.now(),
@@ -129,20 +154,50 @@ class TechnicalLog:
     def pending(self) -> int:
         return len(self._pending)
 
+    def recount(self) -> None:
+        """The table changed under this node (a purge): count its rows again."""
+        self._stored = None
+
     async def flush(self, engine: AsyncEngine) -> int:
-        """Write the pending entries; return how many. On failure they stay pending."""
+        """Write the pending entries, as far as the table has room; return how
+        many were written. On failure they stay pending."""
         if not self._pending:
             return 0
         rows = list(self._pending)
         self._pending.clear()
         try:
             async with engine.begin() as conn:
-                await conn.execute(technical_log.insert(), rows)
+                if self._stored is None:
+                    self._stored = await conn.scalar(
+                        sa.select(sa.func.count()).select_from(technical_log)
+                    )
+                rows = self._within_bound(rows)
+                if rows:
+                    await conn.execute(technical_log.insert(), rows)
         except BaseException:
             # Back in front of what arrived meanwhile, as far as there is room.
             room = max(0, (self._pending.maxlen or 0) - len(self._pending))
             keep = rows[max(0, len(rows) - room) :] if room else []
-            self.dropped += len(rows) - len(keep)
+            self.dropped[DropReason.PENDING_FULL] += len(rows) - len(keep)
             self._pending.extendleft(reversed(keep))
             raise
+        self._stored = (self._stored or 0) + len(rows)
         return len(rows)
+
+    def _within_bound(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        room = max(0, self._max_rows - (self._stored or 0))
+        if len(rows) <= room:
+            if self._full and room > 0:
+                self._full = False
+                _log.info("technical log has room again", rows=self._stored)
+            return rows
+        self.dropped[DropReason.STORE_FULL] += len(rows) - room
+        if not self._full:
+            self._full = True
+            _log.warning(
+                "technical log full: new entries are dropped until the 24-hour purge "
+                "makes room (logging.technical_log_max_rows; "
+                "metric videoconsult_technical_log_dropped_total)",
+                max_rows=self._max_rows,
+            )
+        return rows[:room]

@@ -316,6 +316,7 @@ class MetricsSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["auto", "json", "console"]
+    technical_log_max_rows: int = Field(ge=1000, le=100_000_000)
 
 
 class Settings(_Section):

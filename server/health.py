@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from audit import DatabaseUnavailable, check_connection
 from config.settings import Network
 from server.api.errors import Forbidden
-from server.app_keys import DB_ENGINE, METRICS, REDIS, ROOMS, SETTINGS
+from server.app_keys import DB_ENGINE, METRICS, REDIS, ROOMS, SETTINGS, TECHNICAL_LOG
 
 routes = web.RouteTableDef()
 metrics_routes = web.RouteTableDef()
@@ -78,7 +78,7 @@ async def metrics(request: web.Request) -> web.Response:
         # Without saying why: a scanner learns nothing of the networks or the token.
         raise Forbidden("not allowed")
     app = request.app
-    body = await app[METRICS].render(app[ROOMS], app[REDIS])
+    body = await app[METRICS].render(app[ROOMS], app[REDIS], app[TECHNICAL_LOG])
     return web.Response(
         body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"}
     )

@@ -20,7 +20,7 @@ from audit.consults import abandoned_consults, purge_expired_invites
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
-from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, REDIS, ROOMS, SETTINGS
+from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, REDIS, ROOMS, SETTINGS, TECHNICAL_LOG
 from server.auth.lockout import lookback
 from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
@@ -122,6 +122,8 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
                 ),
             ),
         }
+    # The table's bound counts from what is left (and what other nodes wrote).
+    app[TECHNICAL_LOG].recount()
     async with app[DB_ENGINE].connect() as conn:
         abandoned = await abandoned_consults(
             conn, now=now, validity_s=settings.consults.invite_validity_s

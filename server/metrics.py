@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from audit.consults import InviteProblem
+from audit.technical_log import DropReason, TechnicalLog
 from server.background import JobName
 from signaling.ports import StateUnavailable
 from signaling.protocol import RELAYED, ErrorCode, ParticipantRole
@@ -137,6 +138,7 @@ class Metrics:
         self._opened = dict.fromkeys(ParticipantRole, 0)
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._background_failures = dict.fromkeys(JobName, 0)
+        self._technical_dropped: dict[DropReason, int] = {}
         self._node = NodeState()
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -164,9 +166,12 @@ class Metrics:
         """A round of the background job ``job`` failed."""
         self._background_failures[job] += 1
 
-    async def render(self, rooms: ConsultRooms, redis: Redis | None) -> bytes:
+    async def render(
+        self, rooms: ConsultRooms, redis: Redis | None, technical: TechnicalLog
+    ) -> bytes:
         """Read this node's state and return the metrics in the text exposition format."""
         self._node = await read_node_state(rooms, redis)
+        self._technical_dropped = {reason: technical.dropped[reason] for reason in DropReason}
         # No await between reading the state and rendering it: a concurrent
         # scrape cannot swap in its own state halfway.
         return generate_latest(self.registry)
@@ -214,6 +219,14 @@ class Metrics:
             "Signaling sockets refused or closed before joining their room, by reason.",
             "reason",
             self._refused.items(),
+        )
+        yield _counter(
+            "videoconsult_technical_log_dropped",
+            "Technical-log entries not kept, by reason: the writer's queue full "
+            "(database away), the table at logging.technical_log_max_rows, or a "
+            "client's reports past their quota.",
+            "reason",
+            ((reason.value, self._technical_dropped.get(reason, 0)) for reason in DropReason),
         )
         yield _counter(
             "videoconsult_background_failures",

@@ -130,7 +130,7 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
 async def technical_log_context(app: web.Application) -> AsyncIterator[None]:
     """The technical log's sink; what is still pending is written before the
     database closes (a failure there is raised, not swallowed)."""
-    technical = TechnicalLog(app[CLOCK])
+    technical = TechnicalLog(app[CLOCK], max_rows=app[SETTINGS].logging.technical_log_max_rows)
     app[TECHNICAL_LOG] = technical
     yield
     await technical.flush(app[DB_ENGINE])

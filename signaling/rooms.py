@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.clock import Clock
 from audit.consults import get_consult, mark_ended, mark_started
 from audit.recordings import StopReason
-from audit.technical_log import TechnicalLog
+from audit.technical_log import DropReason, TechnicalLog
 from signaling.changes import Changes
 from signaling.deadlines import RoomDeadlines
 from signaling.ports import (
@@ -66,6 +67,7 @@ from signaling.protocol import (
 )
 from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
+from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 
 __all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]
@@ -104,6 +106,7 @@ class ConsultRooms:
         # The connections open on this node, by connection id.
         self._here: dict[str, Participant] = {}
         self._changes = Changes(expected=(ProtocolError, RoomClosed, StateUnavailable))
+        self.reports = ReportQuota()
         self._clock = clock
         self._broker = broker
         self._store = store
@@ -174,7 +177,7 @@ class ConsultRooms:
                 self._changes.start(self._leave_once_joined(joining, participant))
             raise
         self._here[participant.connection_id] = participant
-        await self._note(participant, "signaling.connected")
+        self._note(participant, "signaling.connected")
         if replaced and self.recording.is_active(participant.consult_id):
             # The page that was recording is gone (another device took over,
             # or it dropped unnoticed): as with any leave, the recording stops.
@@ -282,7 +285,7 @@ class ConsultRooms:
         if isinstance(message, Ping):
             return [outbound("pong")]
         if isinstance(message, Report):
-            await self._note(participant, f"client.{message.event}", dict(message.detail))
+            self._report(participant, message, frame)
             return []
         if message.type in THERAPIST_ONLY and participant.role is not ParticipantRole.THERAPIST:
             raise ProtocolError(
@@ -324,6 +327,7 @@ class ConsultRooms:
         and told again by :meth:`reconcile`, with the time it happened.
         """
         self._here.pop(participant.connection_id, None)
+        self.reports.forget_connection(participant.connection_id)
         try:
             await self._changes.to_the_end(self.leave(participant, grace=True))
         except StateUnavailable as err:
@@ -378,6 +382,7 @@ class ConsultRooms:
             state.display_name = None
         if already_over:
             return
+        self.reports.forget_consult(consult_id)
         if self.recording.is_active(consult_id):
             await self._stop_recording(consult_id, StopReason.CONSULT_ENDED)
         # The timers first: once told, a participant may act at once (connect
@@ -513,13 +518,25 @@ class ConsultRooms:
                 # The other one, if in its grace period, ends it when that runs out.
                 if state.presence(other) is None:
                     end_at = left
-        await self._note(participant, "signaling.disconnected", {"grace": grace})
+        self._note(participant, "signaling.disconnected", {"grace": grace})
         if self.recording.is_active(consult_id):
             # A participant who drops out stops the recording; coming back
             # never restarts it (the therapist asks again, the patient agrees again).
             await self._stop_recording(consult_id, StopReason.PARTICIPANT_LEFT)
         if end_at is not None:
             await self.end(consult_id, reason=EndReason.BOTH_LEFT, at=end_at)
+
+    def _report(self, participant: Participant, message: Report, frame: str | None) -> None:
+        """A client's diagnostic into the technical log, within its quotas."""
+        detail = dict(message.detail)
+        size = len(frame) if frame is not None else len(json.dumps(detail))
+        verdict = self.reports.take(participant.consult_id, participant.connection_id, size)
+        if verdict is Verdict.KEEP:
+            self._note(participant, f"client.{message.event}", detail)
+            return
+        self._technical.dropped[DropReason.REPORT_QUOTA] += 1
+        if verdict is Verdict.FIRST_DROP:
+            self._note(participant, "client.reports_dropped", {"reason": "quota"})
 
     async def _stop_recording(self, consult_id: uuid.UUID, reason: StopReason) -> None:
         """Stop the consult's recording; a failure there never stops the
@@ -542,7 +559,7 @@ class ConsultRooms:
             consult_id, role, Delivery(message, connection_id=connection_id, close_code=close_code)
         )
 
-    async def _note(
+    def _note(
         self, participant: Participant, kind: str, detail: dict[str, Any] | None = None
     ) -> None:
         """A diagnostic for the technical log (24 hours), tied to the consult."""

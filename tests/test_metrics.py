@@ -13,8 +13,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from audit.clock import ManualClock
+from audit.technical_log import DropReason
 from config import SettingsError, load_settings
 from server import create_app
+from server.app_keys import TECHNICAL_LOG
 from server.metrics import REDIS_TIMEOUT_S, count_rooms
 from signaling.protocol import ParticipantRole
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
@@ -315,3 +317,15 @@ def test_a_short_or_padded_metrics_token_is_refused_without_showing_it() -> None
 def test_a_metrics_network_that_is_not_one_is_refused() -> None:
     with pytest.raises(SettingsError, match=r"metrics\.allowed_networks.*'10\.0\.0\.0/33'"):
         load_settings({"VIDEOCONSULT_METRICS_ALLOWED_NETWORKS": "127.0.0.1, 10.0.0.0/33"})
+
+
+async def test_dropped_technical_log_entries_are_counted_by_reason(
+    make_settings: SettingsFactory, clock: ManualClock, aiohttp_client: Any
+) -> None:
+    client = await app_client(make_settings, clock, aiohttp_client)
+    before = await scrape(client)
+    for reason in DropReason:
+        assert before.value("videoconsult_technical_log_dropped_total", reason=reason.value) == 0
+    client.server.app[TECHNICAL_LOG].dropped[DropReason.REPORT_QUOTA] += 3
+    after = await scrape(client)
+    assert after.value("videoconsult_technical_log_dropped_total", reason="report_quota") == 3

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from audit.clock import ManualClock
-from audit.technical_log import TechnicalLog, read_technical
+from audit.schema import technical_log
+from audit.technical_log import DropReason, TechnicalLog, purge_technical_log, read_technical
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 
@@ -39,7 +40,7 @@ def test_the_sink_keeps_entries_and_prints_nothing(capsys: pytest.CaptureFixture
     assert technical.pending == 2
     for n in range(3):
         technical.log.info("filler", n=n)
-    assert (technical.pending, technical.dropped) == (3, 2)
+    assert (technical.pending, technical.dropped[DropReason.PENDING_FULL]) == (3, 2)
     captured = capsys.readouterr()
     assert captured.out == captured.err == ""
 
@@ -172,3 +173,55 @@ async def test_the_writer_task_writes_without_being_asked(harness: Harness) -> N
     assert [entry.kind for entry in found] == ["ice-state"]
     assert found[0].at == harness.clock.now()
     assert harness.clock.now() - found[0].at < timedelta(seconds=1)
+
+
+# A report as big as the protocol lets it be: 20 fields of 200 characters.
+BIG_DETAIL = {f"field{n}": "x" * 200 for n in range(20)}
+
+
+@pytest.mark.settings(signaling_rate_per_s=1000, signaling_burst=1000)
+async def test_a_clients_reports_past_its_quota_are_dropped_and_said_once(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    for _ in range(60):  # ~260 KB: eight times what one connection may write
+        await patient.send_json(
+            {"v": 1, "type": "report", "event": "media-error", "detail": BIG_DETAIL}
+        )
+    await patient.send_json({"v": 1, "type": "ping"})
+    await receive(patient, "pong")  # every report before it was handled
+    kinds = [kind for kind, _detail in await entries(harness, setup.consult_id)]
+    kept = kinds.count("client.media-error")
+    assert 1 <= kept <= 8  # 32 KiB of ~4.4 KB frames
+    assert kinds.count("client.reports_dropped") == 1
+    technical = harness.app[TECHNICAL_LOG]
+    assert technical.dropped[DropReason.REPORT_QUOTA] == 60 - kept
+    # The other participant's reports have a quota of their own.
+    await therapist.send_json({"v": 1, "type": "report", "event": "ice-state", "detail": {}})
+    await therapist.send_json({"v": 1, "type": "ping"})
+    await receive(therapist, "pong")
+    assert "client.ice-state" in [kind for kind, _ in await entries(harness, setup.consult_id)]
+
+
+async def test_a_full_table_keeps_what_it_holds_and_takes_more_after_the_purge(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = harness.app[DB_ENGINE]
+    clock = harness.clock
+    technical = TechnicalLog(clock, max_rows=1000)
+    for n in range(1200):
+        technical.log.info("filler", n=n)
+    assert await technical.flush(engine) == 1000
+    assert technical.dropped[DropReason.STORE_FULL] == 200
+    technical.log.info("one more")
+    assert await technical.flush(engine) == 0
+    assert technical.dropped[DropReason.STORE_FULL] == 201
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(technical_log)) == 1000
+    # A day later the purge makes room; the log takes entries again.
+    clock.advance(24 * 3600 + 1)
+    async with engine.begin() as conn:
+        assert await purge_technical_log(conn, now=clock.now()) == 1000
+    technical.recount()
+    technical.log.info("after the purge")
+    assert await technical.flush(engine) == 1
