@@ -33,6 +33,10 @@ class ConsultStatus(enum.Enum):
     NOT_STARTED = "not_started"
 
 
+# The statuses of a consult that is over, as stored.
+OVER_STATUSES = (ConsultStatus.ENDED.value, ConsultStatus.NOT_STARTED.value)
+
+
 class InviteProblem(enum.Enum):
     # What is wrong with an invite token; told to the patient in plain words.
     UNKNOWN = "unknown"
@@ -144,10 +148,12 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
 async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
     """Close the consult once: ended with its duration, or never started.
 
-    Its invites stop working at once (they answer "the consult has ended")
-    and are deleted by the purge a day later. Ending an ended consult
-    changes nothing.
+    Its invites are deleted with it, in the caller's transaction: whether a
+    guardian had to consent and when the link was first used are kept no
+    longer than the consult runs, and its link is then unknown. Ending an
+    ended consult changes nothing but to delete an invite made meanwhile.
     """
+    await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
     consult = await get_consult(conn, consult_id)
     if consult.is_over:
         return consult
@@ -219,13 +225,29 @@ async def open_invite(conn: AsyncConnection, token: str, *, now: datetime) -> In
     return await open_invite_by_hash(conn, token_hash(token), now=now)
 
 
-async def open_invite_by_hash(conn: AsyncConnection, invite_hash: str, *, now: datetime) -> Invite:
-    """Like :func:`open_invite`, by the stored hash (checked again on every reconnect)."""
+async def open_invite_by_hash(
+    conn: AsyncConnection,
+    invite_hash: str,
+    *,
+    now: datetime,
+    consult_id: uuid.UUID | None = None,
+) -> Invite:
+    """Like :func:`open_invite`, by the stored hash (checked again on every reconnect).
+
+    ``consult_id`` is the consult the invite was for, when the caller knows
+    it (a ticket made from it): the invite of a consult that is over is
+    deleted, and then it still answers that the consult is over.
+    """
     row = (
         await conn.execute(sa.select(invites).where(invites.c.token_hash == invite_hash))
     ).first()
     if row is None:
-        raise InviteInvalid(InviteProblem.UNKNOWN)
+        over = (
+            consult_id is not None
+            and await conn.scalar(sa.select(consults.c.status).where(consults.c.id == consult_id))
+            in OVER_STATUSES
+        )
+        raise InviteInvalid(InviteProblem.CONSULT_OVER if over else InviteProblem.UNKNOWN)
     if row.revoked_at is not None:
         raise InviteInvalid(InviteProblem.REVOKED)
     consult = await get_consult(conn, row.consult_id)
@@ -265,17 +287,28 @@ def invite_expiry(*, now: datetime, scheduled_at: datetime | None, validity_s: i
 
 
 async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
-    """Delete invites that expired or were revoked; the consult keeps its record.
+    """Delete invites that expired or were revoked, or whose consult is over
+    (one reissued while the consult was being ended); the consult keeps its
+    record.
 
     An expired invite of a running consult stays until the consult ends: its
     admitted patient may still come back with it (see :func:`open_invite`).
     """
     running = sa.select(consults.c.id).where(consults.c.status == ConsultStatus.ACTIVE.value)
+    consult_over = (
+        sa.select(consults.c.id)
+        .where(
+            consults.c.id == invites.c.consult_id,
+            consults.c.status.in_(OVER_STATUSES),
+        )
+        .exists()
+    )
     result = await conn.execute(
         invites.delete().where(
             sa.or_(
                 sa.and_(invites.c.expires_at <= now, invites.c.consult_id.not_in(running)),
                 invites.c.revoked_at.is_not(None),
+                consult_over,
             )
         )
     )

@@ -8,10 +8,13 @@ talk; WebRTC media flows between the two browser contexts.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import sqlalchemy as sa
 from playwright.async_api import Browser, expect
 
+from audit.consults import mark_ended
 from audit.technical_log import read_technical
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from tests.support.browser import (
@@ -185,6 +188,34 @@ async def test_expired_and_unknown_links_say_so_plainly(
     await assert_no_browser_errors(
         therapist_context, patient_context, dutch, allow=EXPECTED_HTTP_ERRORS
     )
+
+
+async def test_a_patient_back_after_the_consult_ended_is_told_it_ended(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """The invite is deleted when the consult ends, so its link is unknown to
+    the server then; the page that had joined with it says the consult is over."""
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    patient_context, patient = await patient_opens(chromium, harness, invite_url)
+    await patient_joins(patient)
+    await patient.wait_for_function(
+        "() => window.videoconsult.call.ws && window.videoconsult.call.ws.readyState === 1"
+    )
+    # Ended while the patient's page heard nothing of it (its network was
+    # away): recorded, and the invite gone with it.
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, uuid.UUID(consult_id), now=harness.clock.now())
+    await patient.reload()
+    await expect(patient.locator("#link-problem-text")).to_have_text("This consultation has ended.")
+    # A fresh page with the same link knows nothing of it, and says only that.
+    stranger = await patient_context.new_page()
+    await stranger.goto(invite_url)
+    await expect(stranger.locator("#link-problem-text")).to_have_text(
+        "This link is not known. Check that you copied all of it."
+    )
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
 
 
 async def test_without_a_camera_the_patient_joins_with_sound_only(

@@ -291,3 +291,48 @@ async def test_an_invite_for_a_minor_needs_a_guardians_consent_and_keeps_asking(
         f"/api/invites/{body['invite_token']}/ticket", {"consent": True}
     )
     assert (await again.json())["error"]["code"] == "guardian_consent_required"
+
+
+async def invite_rows(harness: Harness, consult_id: str) -> list[Any]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return list(
+            await conn.execute(
+                sa.select(invites).where(invites.c.consult_id == uuid.UUID(consult_id))
+            )
+        )
+
+
+async def test_ending_a_consult_deletes_its_invite_at_once(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness, guardian_consent=True)
+    session = await sockets.session()
+    spare_ticket = await sockets.ticket(setup.invite_token, session)
+    [row] = await invite_rows(harness, setup.consult_id)
+    assert (row.guardian_consent, row.first_used_at is not None) == (True, True)
+    ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+    assert ended.status == 200
+    # Not kept until the link would have expired: nothing of it is left.
+    assert await invite_rows(harness, setup.consult_id) == []
+    link = await harness.client.get(f"/api/invites/{setup.invite_token}")
+    assert (link.status, (await link.json())["error"]["code"]) == (404, "invite_unknown")
+    # A ticket taken before the end still hears that the consult is over.
+    refused = await session.get(f"/ws?ticket={spare_ticket}", headers=harness.headers)
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "invite_consult_over"
+
+
+async def test_every_end_of_a_consult_deletes_its_invites(harness: Harness) -> None:
+    from audit.consults import issue_invite, mark_ended, mark_started
+
+    setup = await new_consult(harness)
+    now = harness.clock.now()
+    consult_id = uuid.UUID(setup.consult_id)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await mark_started(conn, consult_id, now=now)
+        # A second link (the first one revoked): both rows go.
+        await issue_invite(conn, consult, now=now, expires_at=now + timedelta(hours=1))
+    assert len(await invite_rows(harness, setup.consult_id)) == 2
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, consult_id, now=now + timedelta(minutes=5))
+    assert await invite_rows(harness, setup.consult_id) == []

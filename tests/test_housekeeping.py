@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -103,6 +104,31 @@ async def test_used_and_expired_enrolment_links_are_purged_with_their_pending_se
     await purge_expired(harness.app)
     assert await count(harness, enrolment_links) == 0
     assert (await harness.client.get(f"/api/enrolment/{live}")).status == 404
+
+
+async def test_an_invite_left_behind_by_an_ended_consult_is_purged(harness: Harness) -> None:
+    from audit.schema import invites
+
+    therapist = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    now = harness.clock.now()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(conn, therapist_id=therapist.account_id, now=now)
+        await mark_ended(conn, consult.id, now=now)
+        # As a link reissued while the consult was being ended would leave it
+        # (or one from before invites went with the end): live, first used.
+        await conn.execute(
+            invites.insert().values(
+                token_hash="0" * 64,
+                consult_id=consult.id,
+                created_at=now,
+                expires_at=now + timedelta(days=1),
+                first_used_at=now,
+                guardian_consent=True,
+            )
+        )
+    purged = await purge_expired(harness.app)
+    assert purged["invites"] == 1
+    assert await count(harness, invites) == 0
 
 
 # Several nodes: each job on one node at a time, under a Redis lock.

@@ -138,10 +138,11 @@ async def test_therapist_ends_the_consult_for_both_and_only_metadata_is_kept(
     assert row.status == "ended"
     assert row.duration_s == 25 * 60 + 7
     assert row.ended_at - row.started_at == harness.clock.now() - row.started_at
-    # The invite stops working and says why.
+    # The invite went with the end: nothing of it is left, so its link is
+    # unknown (the page that joined with it says the consult has ended).
     gone = await harness.client.get(f"/api/invites/{setup.invite_token}")
-    assert gone.status == 410
-    assert (await gone.json())["error"]["message"] == "This consultation has ended."
+    assert gone.status == 404
+    assert (await gone.json())["error"]["code"] == "invite_unknown"
 
 
 async def test_patient_reconnects_within_grace_and_the_start_stays(

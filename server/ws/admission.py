@@ -82,7 +82,9 @@ async def _patient(app: web.Application, ticket: str, connection_id: str) -> Par
         raise Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
     try:
         async with app[DB_ENGINE].connect() as conn:
-            await open_invite_by_hash(conn, grant.invite_hash, now=app[CLOCK].now())
+            await open_invite_by_hash(
+                conn, grant.invite_hash, now=app[CLOCK].now(), consult_id=grant.consult_id
+            )
     except InviteInvalid as err:
         raise Refused(403, f"invite_{err.problem.value}", str(err)) from None
     return Participant(grant.consult_id, ParticipantRole.PATIENT, connection_id)

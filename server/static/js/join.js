@@ -19,6 +19,8 @@ let stopMeter = () => {};
 let call = null;
 let lastLinkProblem = null;
 let recording = null;
+// This tab joined the consult with the link (now, or before a reload).
+let joinedHere = false;
 
 function show(id) {
   for (const section of document.querySelectorAll("main > section")) {
@@ -32,6 +34,14 @@ function show(id) {
 }
 
 function linkProblem(code) {
+  // The server deletes an invite when its consult ends, and then knows the
+  // link no more; a link that worked in this tab belongs to a consult that
+  // is over.
+  if (code === "invite_unknown" && (joinedHere || sessionStorage.getItem(joinedKey))) {
+    code = "invite_consult_over";
+    joinedHere = true;
+    sessionStorage.removeItem(joinedKey);
+  }
   lastLinkProblem = code;
   $("link-problem-text").textContent = t(`invite.${code}`, {}, t("invite.invite_unknown"));
   show("link-problem");
@@ -118,6 +128,7 @@ async function ticketUrl(consent) {
 
 function join(consent) {
   stopMeter();
+  joinedHere = true;
   sessionStorage.setItem(joinedKey, JSON.stringify(consent));
   $("local-video").srcObject = media.stream;
   show("waiting");
