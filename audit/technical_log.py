@@ -70,6 +70,16 @@ async def purge_technical_log(conn: AsyncConnection, *, now: datetime) -> int:
     return result.rowcount
 
 
+async def count_expired_technical(conn: AsyncConnection, *, now: datetime) -> int:
+    """How many entries :func:`purge_technical_log` would delete now."""
+    found = await conn.scalar(
+        sa.select(sa.func.count())
+        .select_from(technical_log)
+        .where(technical_log.c.at <= now - RETENTION)
+    )
+    return int(found or 0)
+
+
 # Entries waiting for the writer; beyond this the oldest are dropped (and counted).
 MAX_PENDING = 10_000
 # Entries the table holds at most (logging.technical_log_max_rows); beyond

@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.access_log import verify_chain
 from audit.consults import mark_ended
+from audit.db import create_engine
+from audit.db import database_url as db_url
 from audit.retention import PurgeReport, Retention, purge
 from audit.roles import Role
-from audit.schema import access_log, access_log_checkpoints, consults
+from audit.schema import access_log, access_log_checkpoints, consults, technical_log
+from audit.technical_log import write_technical
 from server.app_keys import DB_ENGINE
 from tests.support.cli import cli_env, run_cli
 from tests.support.harness import Harness, new_consult
+from tests.support.settings import SettingsFactory
 
 DEFAULTS = Retention(consult_days=730, recording_days=30, access_log_days=1825)
 
@@ -195,6 +200,35 @@ def test_the_command_line_runs_the_purge(data_dir: Path) -> None:
     assert real.returncode == 0, real.stderr
     assert "deleted 0 recordings, 0 consult records and 0 access-log records in all" in real.stdout
     assert run_cli("audit", "verify", env=env).returncode == 0
+
+
+async def technical_kinds(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return sorted((await conn.execute(sa.select(technical_log.c.kind))).scalars())
+
+
+@pytest.mark.slow  # runs the command line in processes of its own
+async def test_the_command_line_purges_the_technical_log_too(
+    data_dir: Path, database_url: str, make_settings: SettingsFactory
+) -> None:
+    env = cli_env(data_dir, database_url=database_url)
+    url = db_url(make_settings(database_url=database_url), data_dir)
+    engine = create_engine(url, connect_timeout_s=5)
+    try:
+        now = datetime.now(UTC)
+        async with engine.begin() as conn:
+            await write_technical(conn, "ice.failed", now=now - timedelta(hours=25))
+            await write_technical(conn, "ws.opened", now=now - timedelta(hours=23))
+        dry = await asyncio.to_thread(run_cli, "retention", "run", "--dry-run", env=env)
+        assert dry.returncode == 0, dry.stderr
+        assert "would delete 1 technical-log entries older than 24 hours" in dry.stdout
+        assert await technical_kinds(engine) == ["ice.failed", "ws.opened"]
+        real = await asyncio.to_thread(run_cli, "retention", "run", env=env)
+        assert real.returncode == 0, real.stderr
+        assert "deleted 1 technical-log entries older than 24 hours" in real.stdout
+        assert await technical_kinds(engine) == ["ws.opened"]
+    finally:
+        await engine.dispose()
 
 
 async def test_nothing_expires_early(harness: Harness) -> None:

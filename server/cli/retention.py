@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import datetime
 
+from sqlalchemy.ext.asyncio import AsyncConnection
 from tqdm import tqdm
 
 from audit import prepare_data_dir
 from audit.clock import SystemClock
 from audit.recordings import FileStore
-from audit.retention import Retention, count_expired, purge
+from audit.retention import PurgeReport, Retention, count_expired, purge
+from audit.technical_log import count_expired_technical, purge_technical_log
 from config import Settings
 from server.cli.base import current_database
 
@@ -32,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "run",
         help="delete what has passed its retention now, and say what went",
         description=(
-            "Delete consult records and access-log records that have passed their "
-            "organisation's retention (the access log keeps a checkpoint so that it still "
-            "verifies). The server does this every retention.purge_interval_s by itself."
+            "Delete technical-log entries older than 24 hours, and recordings, consult "
+            "records and access-log records that have passed their organisation's "
+            "retention (the access log keeps a checkpoint so that it still verifies). "
+            "The server does this by itself: the technical log every 5 minutes, the rest "
+            "every retention.purge_interval_s."
         ),
     )
     run.add_argument(
@@ -49,31 +54,44 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
         settings.retention.recording_days,
         settings.retention.access_log_days,
     )
+    verb = "would delete" if args.dry_run else "deleted"
+
+    async def _retention_purge(conn: AsyncConnection, now: datetime) -> PurgeReport:
+        total = 0 if args.dry_run else await count_expired(conn, now=now, defaults=defaults)
+        with tqdm(
+            total=total,
+            unit="rows",
+            desc="purging",
+            disable=total < PROGRESS_FROM,
+            file=sys.stderr,
+        ) as bar:
+
+            def advance(rows: int) -> None:
+                bar.update(rows)
+
+            return await purge(
+                conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
+            )
 
     async def _run() -> int:
         now = SystemClock().now()
-        async with current_database(settings) as engine, engine.begin() as conn:
-            total = 0 if args.dry_run else await count_expired(conn, now=now, defaults=defaults)
-            with tqdm(
-                total=total,
-                unit="rows",
-                desc="purging",
-                disable=total < PROGRESS_FROM,
-                file=sys.stderr,
-            ) as bar:
-
-                def advance(rows: int) -> None:
-                    bar.update(rows)
-
-                report = await purge(
-                    conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
-                )
+        async with current_database(settings) as engine:
+            # In a transaction of its own, as the server's housekeeping does:
+            # the 24 hours wait neither for another node's retention purge
+            # nor for the outcome of this one.
+            async with engine.begin() as conn:
+                if args.dry_run:
+                    technical = await count_expired_technical(conn, now=now)
+                else:
+                    technical = await purge_technical_log(conn, now=now)
+            print(f"{verb} {technical} technical-log entries older than 24 hours")
+            async with engine.begin() as conn:
+                report = await _retention_purge(conn, now)
         # The keys are gone (committed); now the files.
         FileStore.in_data_dir(prepare_data_dir(settings.data_dir)).delete_files(report.files)
         if not report.ran:
-            print("another node is purging right now; nothing done")
+            print("another node is running the retention purge right now; nothing else done")
             return 0
-        verb = "would delete" if args.dry_run else "deleted"
         for org in report.organisations:
             owner = f"organisation {org.organisation_id}" if org.organisation_id else "installation"
             checkpoint = (
