@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
@@ -156,6 +158,41 @@ def redact_personal_data(_logger: WrappedLogger, _method: str, event_dict: Event
     return event_dict
 
 
+class ClientFaultFilter(logging.Filter):
+    """Turn aiohttp's report of a malformed request into one line at INFO.
+
+    aiohttp logs a request it cannot parse (a bad request line, header or
+    Content-Length, a broken chunk) and a body it cannot decode, when it
+    drains one after the answer, as an error with a traceback. They are the
+    client's fault, answered with 400, and anyone can send them by the
+    thousand: one line naming the error, without a traceback, and only when
+    INFO is logged at all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            status = error.code
+        elif isinstance(error, RequestPayloadError):
+            status = 400
+        else:
+            return True
+        # The logger's level was checked at ERROR; check it again at INFO.
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        # The type only: the messages of some of them quote the request.
+        record.msg, record.args = (
+            "malformed request refused: %s (%d)",
+            (
+                type(error).__name__,
+                status,
+            ),
+        )
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_process_logging(
     *,
     level: str,
@@ -200,6 +237,10 @@ def configure_process_logging(
     # aiohttp's own request log (its "access log") prints client addresses and
     # full paths (with invite tokens); server.request_log replaces it.
     logging.getLogger("aiohttp.access").disabled = True
+    server_log = logging.getLogger("aiohttp.server")
+    for old_filter in [f for f in server_log.filters if isinstance(f, ClientFaultFilter)]:
+        server_log.removeFilter(old_filter)
+    server_log.addFilter(ClientFaultFilter())
     # These log every SQL statement with its parameters at debug level:
     # addresses, hashes, names. Never, whatever the level.
     for chatty in ("aiosqlite", "sqlalchemy.engine", "sqlalchemy.pool", "asyncpg"):

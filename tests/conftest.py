@@ -248,11 +248,14 @@ def _reset_logging() -> Iterator[None]:
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    server_log = logging.getLogger("aiohttp.server")
+    server_filters = list(server_log.filters)
     yield
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = False
+    server_log.filters[:] = server_filters
 
 
 @pytest.fixture

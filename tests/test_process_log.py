@@ -6,12 +6,17 @@ import asyncio
 import io
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from audit.clock import ManualClock
+from config import Settings
+from server import create_app
 from server.process_log import configure_process_logging, is_sensitive_key, mask_text
 from server.request_log import RequestLogger
 
@@ -225,3 +230,108 @@ async def test_malformed_http_requests_are_logged_without_crash_or_secrets(
     assert "Zx9Kq2Lm" not in text
     access = [entry for entry in lines(json_log) if entry["logger"] == "videoconsult.access"]
     assert [(entry["route"], entry["status"]) for entry in access] == [("(no route)", 400)] * 3
+
+
+@dataclass(frozen=True)
+class Served:
+    host: str
+    port: int
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@pytest.fixture
+async def served(sqlite_settings: Settings, clock: ManualClock) -> AsyncIterator[Served]:
+    """The real app served as ``videoconsult serve`` serves it (web.run_app's
+    defaults: a handler is not cancelled when its client goes away, unlike
+    under aiohttp's TestServer), with the process log going to a string."""
+    runner = web.AppRunner(create_app(sqlite_settings, clock=clock), access_log_class=RequestLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield Served(host, port)
+    finally:
+        await runner.cleanup()
+
+
+def _post(served: Served, head: str, body: bytes = b"") -> bytes:
+    return (
+        f"POST /api/login HTTP/1.1\r\nHost: {served.host}:{served.port}\r\n"
+        f"Origin: {served.origin}\r\nContent-Type: application/json\r\n{head}\r\n"
+    ).encode() + body
+
+
+async def _exchange(served: Served, raw: bytes) -> bytes:
+    """Send ``raw`` and return the answer; b"" when the server waits for more,
+    and then go away (the connection closes mid-request)."""
+    reader, writer = await asyncio.open_connection(served.host, served.port)
+    try:
+        writer.write(raw)
+        return await asyncio.wait_for(reader.read(4096), timeout=1)
+    except TimeoutError:
+        return b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+MALFORMED_REQUESTS: dict[str, Callable[[Served], bytes]] = {
+    "bad Content-Length": lambda s: _post(s, "Content-Length: abc\r\n"),
+    "header line too long": lambda s: _post(s, f"X-Long: {'a' * 9000}\r\n"),
+    "space in a header name": lambda s: _post(s, "Content Length: 2\r\n", b"{}"),
+    "Content-Length and chunked": lambda s: _post(
+        s, "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"{}"
+    ),
+    "broken chunk": lambda s: _post(s, "Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n"),
+    "unknown HTTP version": lambda s: _post(s, "").replace(b"HTTP/1.1", b"HTTP/9.9", 1),
+    "invalid JSON": lambda s: _post(s, "Content-Length: 5\r\n", b"{bad}"),
+    "gzip that is not": lambda s: _post(
+        s, "Content-Encoding: gzip\r\nContent-Length: 4\r\n", b"abcd"
+    ),
+    "body cut short": lambda s: _post(s, "Content-Length: 50\r\n", b"{}"),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_REQUESTS)
+async def test_a_malformed_request_is_one_line_without_a_traceback(
+    served: Served, kind: str
+) -> None:
+    stream = io.StringIO()
+    configure_process_logging(level="debug", log_format="json", stream=stream)
+    answer = await _exchange(served, MALFORMED_REQUESTS[kind](served))
+    await asyncio.sleep(0.3)  # what the server logs after answering, or after the close
+    if kind == "body cut short":
+        assert answer == b""  # still waiting for the body when the client left
+    else:
+        assert answer.split(b" ")[1] == b"400", answer
+    said = [entry for entry in lines(stream) if entry["logger"] != "videoconsult.access"]
+    assert len(said) <= 1, said
+    for entry in said:
+        assert entry["level"] in ("debug", "info", "warning"), entry
+        assert "exception" not in entry, entry["exception"]
+    assert "Traceback" not in stream.getvalue()
+
+
+async def test_a_request_the_parser_refuses_is_named_by_its_error_only(served: Served) -> None:
+    stream = io.StringIO()
+    configure_process_logging(level="info", log_format="json", stream=stream)
+    token = "q3Zt8Vb1pR-Y7mK2xN0wLs9eUa"
+    raw = MALFORMED_REQUESTS["bad Content-Length"](served).replace(b"abc", token.encode())
+    assert (await _exchange(served, raw)).split(b" ")[1] == b"400"
+    await asyncio.sleep(0.3)
+    [entry] = [e for e in lines(stream) if e["logger"] == "aiohttp.server"]
+    assert (entry["level"], entry["event"]) == (
+        "info",
+        "malformed request refused: BadHttpMessage (400)",
+    )
+    assert token not in stream.getvalue()
+    # Below the configured level, not at all.
+    quiet = io.StringIO()
+    configure_process_logging(level="warning", log_format="json", stream=quiet)
+    assert (await _exchange(served, raw)).split(b" ")[1] == b"400"
+    await asyncio.sleep(0.3)
+    assert [e for e in lines(quiet) if e["logger"] == "aiohttp.server"] == []

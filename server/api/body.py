@@ -7,6 +7,7 @@ import unicodedata
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from server.api.errors import BadRequest, PayloadTooLarge, Unprocessable
@@ -43,6 +44,13 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].server.max_body_bytes
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    except RequestPayloadError:
+        # A broken chunk or content encoding: the client's fault, not a 500.
+        raise BadRequest("the body could not be read (a broken chunk or encoding)") from None
+    except ConnectionResetError:
+        # The client went before its body was all there; nobody hears the
+        # answer, but the request log says what became of the request.
+        raise BadRequest("the connection closed before the body was complete") from None
     try:
         data: Any = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
