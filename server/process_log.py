@@ -4,8 +4,9 @@ Process logs are read by whoever runs the server, kept by whatever collects
 stdout, and never expire. So they carry no personal data at all: values under
 sensitive keys are dropped, and IP addresses, e-mail addresses, tokens and
 one-time codes are masked wherever else they turn up, including in messages
-and tracebacks from other libraries. Personal diagnostics belong in the
-24-hour technical log instead.
+and tracebacks from other libraries. In a traceback only what the exceptions
+say is masked: the code of its frames is the program, not data, and stays as
+it is. Personal diagnostics belong in the 24-hour technical log instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import ipaddress
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import textwrap
+import traceback
+from collections.abc import Iterator, Mapping
+from types import TracebackType
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -114,6 +118,27 @@ def _mask_ip(match: re.Match[str]) -> str:
     return "[ip]"
 
 
+def mask_code(text: str) -> str:
+    """Return source code with the e-mail and IP addresses written in it masked.
+
+    Nothing else: a name is not a value, so ``session = find_session(token)``
+    and ``cookie = request.cookies`` stay as they are, and so do long names
+    with digits and numbers of six digits, which in text would pass for tokens
+    and codes.
+    """
+    text = _EMAIL.sub("[email]", text)
+    text = _IPV4.sub(_mask_ip, text)
+    return _IPV6.sub(_mask_ip_in_code, text)
+
+
+def _mask_ip_in_code(match: re.Match[str]) -> str:
+    # "::2" in ``values[::2]`` is a slice, not an address: in code, an IPv6
+    # address is taken to have two groups at least.
+    if sum(1 for group in match.group(0).split(":") if group) < 2:
+        return match.group(0)
+    return _mask_ip(match)
+
+
 def _mask_token(match: re.Match[str]) -> str:
     candidate = match.group(0)
     return candidate if _UUID.fullmatch(candidate) else "[token]"
@@ -146,8 +171,54 @@ def _scrub(value: Any) -> Any:
     return mask_text(str(value))
 
 
-def redact_personal_data(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: drop sensitive keys, mask personal data in the rest."""
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def format_traceback(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> str:
+    """Return the traceback as Python prints it, with what the exceptions say
+    masked (:func:`mask_text`) and the frames' code left as it is.
+
+    Built from its parts, not masked as text: the frames (file, line,
+    function, source line) come from the program's files, so ``session =
+    find_session(token)`` is code to keep (only addresses written in it are
+    masked, :func:`mask_code`), while a message is a value even where it
+    looks like a frame.
+    """
+    return "".join(_traceback_parts(traceback.TracebackException(exc_type, exc, tb)))
+
+
+def _traceback_parts(exc: traceback.TracebackException) -> Iterator[str]:
+    # The order and the words of traceback.TracebackException.format().
+    if exc.__cause__ is not None:
+        yield from _traceback_parts(exc.__cause__)
+        yield _CAUSE
+    elif exc.__context__ is not None and not exc.__suppress_context__:
+        yield from _traceback_parts(exc.__context__)
+        yield _CONTEXT
+    if exc.stack:
+        yield "Traceback (most recent call last):\n"
+        for frame in exc.stack.format():
+            yield mask_code(frame)
+    for line in exc.format_exception_only():
+        yield mask_text(line)
+    # An exception group's members, each indented under its number.
+    for number, member in enumerate(exc.exceptions or (), start=1):
+        yield f"+---------------- {number} ----------------\n"
+        yield textwrap.indent("".join(_traceback_parts(member)), "| ")
+
+
+_render_exception = structlog.processors.ExceptionRenderer(
+    lambda exc_info: format_traceback(*exc_info)
+)
+
+
+def redact_personal_data(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: drop sensitive keys, mask personal data in the rest,
+    and render an exception (``exc_info``) with :func:`format_traceback`."""
+    exc_info = event_dict.pop("exc_info", None)
     for key in list(event_dict):
         if key.startswith("_"):
             continue  # structlog's own bookkeeping (the stdlib record)
@@ -155,6 +226,9 @@ def redact_personal_data(_logger: WrappedLogger, _method: str, event_dict: Event
             event_dict[key] = REDACTED
         else:
             event_dict[key] = _scrub(event_dict[key])
+    if exc_info is not None:
+        event_dict["exc_info"] = exc_info
+        event_dict = _render_exception(logger, method, event_dict)
     return event_dict
 
 
@@ -221,8 +295,7 @@ def configure_process_logging(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # Tracebacks become text first, so that the redaction sees them.
-            structlog.processors.format_exc_info,
+            # It renders tracebacks too: their code kept, their values masked.
             redact_personal_data,
             renderer,
         ],

@@ -17,7 +17,12 @@ from aiohttp.test_utils import TestServer
 from audit.clock import ManualClock
 from config import Settings
 from server import create_app
-from server.process_log import configure_process_logging, is_sensitive_key, mask_text
+from server.process_log import (
+    configure_process_logging,
+    is_sensitive_key,
+    mask_code,
+    mask_text,
+)
 from server.request_log import RequestLogger
 
 
@@ -76,6 +81,24 @@ def test_personal_data_in_text_is_masked(text: str, personal: str, mask: str) ->
 )
 def test_ordinary_operational_text_is_left_alone(text: str) -> None:
     assert mask_text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("code", "masked"),
+    [
+        ("session = find_session(token)", "session = find_session(token)"),
+        (
+            "cookie = request.cookies.get('vc_session')",
+            "cookie = request.cookies.get('vc_session')",
+        ),
+        ("password: str = body.password", "password: str = body.password"),
+        ("frames = check_rfc6455_frame_length(data[::2], 1048576)", None),
+        ('connect("203.0.113.7", user="bob@example.org")', 'connect("[ip]", user="[email]")'),
+        ('connect("2001:db8::42")', 'connect("[ip]")'),
+    ],
+)
+def test_code_in_a_traceback_loses_only_its_addresses(code: str, masked: str | None) -> None:
+    assert mask_code(code) == (masked or code)
 
 
 @pytest.mark.parametrize(
@@ -153,6 +176,67 @@ def test_tracebacks_are_masked(json_log: io.StringIO) -> None:
     assert "ConnectionError" in str(entry["exception"])
     assert "203.0.113.11" not in str(entry["exception"])
     assert "bob@example.org" not in str(entry["exception"])
+
+
+# Code whose lines look like secrets to a pattern: a traceback shows them.
+SESSION_ID = "Zx9Kq2Lm3Wp8Rt5Yu1Io4Pa7"
+ACCOUNT = {"email": "anna@example.nl", "address": "203.0.113.12", "password": "hunter2"}
+
+
+def _find_session(token: str) -> str:
+    email, address, password = ACCOUNT["email"], ACCOUNT["address"], ACCOUNT["password"]
+    raise LookupError(f"no session {token} for {email} from {address}, password={password}")
+
+
+def _check_login(request_cookie: str) -> None:
+    session = _find_session(token=request_cookie.removeprefix("vc_session="))  # noqa: F841
+
+
+def _relay(token: str) -> None:
+    try:
+        _check_login(f"vc_session={token}")
+    except LookupError as err:
+        raise RuntimeError("login check failed") from err
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_tracebacks_keep_their_code_and_lose_their_values(log_format: str) -> None:
+    stream = io.StringIO()
+    configure_process_logging(level="info", log_format=log_format, stream=stream)  # type: ignore[arg-type]
+    try:
+        _relay(SESSION_ID)
+    except RuntimeError:
+        structlog.get_logger("t").exception("relay failed")
+    if log_format == "json":
+        [entry] = lines(stream)
+        text = str(entry["exception"])
+    else:
+        text = stream.getvalue()
+    # The code, as it is in the source file.
+    for line in (
+        'session = _find_session(token=request_cookie.removeprefix("vc_session="))',
+        'raise LookupError(f"no session {token} for {email} from {address}, password={password}")',
+        '_check_login(f"vc_session={token}")',
+        'raise RuntimeError("login check failed") from err',
+    ):
+        assert f"    {line}" in text, line
+    # The values, masked.
+    for personal in (SESSION_ID, *ACCOUNT.values()):
+        assert personal not in text
+    assert "LookupError: no session [token] for [email] from [ip], password=[redacted]" in text
+    assert "RuntimeError: login check failed" in text
+    assert "The above exception was the direct cause of the following exception" in text
+
+
+def test_a_message_that_looks_like_code_is_masked_all_the_same(json_log: io.StringIO) -> None:
+    forged = f'\n  File "x.py", line 1, in f\n    token = {SESSION_ID}\n    cookie: {SESSION_ID}'
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    [entry] = lines(json_log)
+    assert SESSION_ID not in str(entry["exception"])
+    assert "ValueError" in str(entry["exception"])
 
 
 def test_console_format_is_masked_as_well() -> None:
