@@ -85,6 +85,7 @@ class ServerSettings(_Section):
     trusted_proxies: str
     max_body_bytes: int = Field(ge=1024, le=16 * 1024 * 1024)
     shutdown_timeout_s: float = Field(gt=0, le=300)
+    request_timeout_s: float = Field(ge=1, le=300)
 
     @field_validator("host")
     @classmethod

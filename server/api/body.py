@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import unicodedata
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from server.api.errors import BadRequest, PayloadTooLarge, Unprocessable
+from server.api.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unprocessable
 from server.app_keys import SETTINGS
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -34,13 +35,19 @@ class RequestBody(BaseModel):
 
 
 async def read_json(request: web.Request, model: type[Model]) -> Model:
-    """Return the body as ``model``; 400, 413 or 422 with the reason otherwise."""
+    """Return the body as ``model``; 400, 408, 413 or 422 with the reason otherwise."""
     if request.content_type != "application/json":
         raise BadRequest(
             f"send the body as application/json (got {request.content_type or 'nothing'})"
         )
+    timeout_s = request.app[SETTINGS].server.request_timeout_s
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {timeout_s:g} seconds", code="request_timeout"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].server.max_body_bytes
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None

@@ -75,6 +75,10 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class RequestTimeout(ApiError):
+    status, code = 408, "request_timeout"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_field"
 

@@ -64,6 +64,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             port=server.port,
             access_log_class=RequestLogger,
             shutdown_timeout=server.shutdown_timeout_s,
+            # aiohttp closes a connection that has not sent a whole request
+            # this long after it opened or after its last answer: the bound on
+            # the time for headers (slowloris), and on idle keep-alive.
+            keepalive_timeout=server.request_timeout_s,
             print=lambda _banner: _announce(url),
         )
     except OSError as err:
