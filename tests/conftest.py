@@ -137,13 +137,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(name) for name in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("browser"):
-            # With pytest-xdist (./scripts/test) one browser at a time, in one
-            # worker: two Chromiums, each encoding the video of two fake
-            # cameras, would race their own timeouts on two cores. The other
-            # workers take the rest. (The recorder's tests run alone: see
-            # scripts/test.)
-            item.add_marker(pytest.mark.xdist_group("browser"))
+            # With pytest-xdist (./scripts/test) these run one after another
+            # in one worker, as they would alone: two of them encoding video,
+            # starting browsers or server processes at once on two cores
+            # would race their own timeouts. The other workers take the rest.
+            item.add_marker(pytest.mark.xdist_group("media"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixture's own params are applied
