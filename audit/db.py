@@ -113,6 +113,30 @@ def _classify(err: BaseException) -> str:
     return "database error"
 
 
+# SQLSTATE classes and codes that mean the database is away, not that the
+# request was wrong: connection exceptions, and the server shutting down,
+# restarting or out of connections.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether ``err`` says the database cannot be reached now (refused,
+    dropped, timed out, shutting down), as opposed to a bug or a bad query."""
+    if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
+        return True
+    for cause in _chain(err):
+        if isinstance(cause, OSError | TimeoutError | sa.exc.TimeoutError):
+            return True
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES):
+            return True
+        if type(cause).__name__ in {"ConnectionDoesNotExistError", "InterfaceError"} and (
+            "closed" in str(cause) or "connection" in str(cause).lower()
+        ):
+            return True
+    return False
+
+
 def _chain(err: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = err

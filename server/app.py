@@ -29,6 +29,7 @@ from server.background import periodic
 from server.client_limits import client_limit_middleware, client_limits_context
 from server.jobs import JOBS
 from server.metrics import Metrics
+from server.outage import DB_OUTAGE, DatabaseOutage
 from server.resources import (
     data_dir_context,
     database_context,
@@ -56,6 +57,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app[CLOCK] = clock or SystemClock()
     app[PASSWORD_HASHER] = PasswordHasher(settings.accounts)
     app[WEBSOCKETS] = set()
+    app[DB_OUTAGE] = DatabaseOutage()
+    app.on_cleanup.append(app[DB_OUTAGE].close)
     app[THERAPIST_SOCKETS] = {}
     # Counted whether or not /metrics is served: the edge never asks.
     app[METRICS] = Metrics()

@@ -24,8 +24,11 @@ from collections.abc import Awaitable, Callable, Mapping
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit import errors as audit_errors
+from audit.db import is_outage
+from server.outage import DB_OUTAGE
 from server.request_log import route_template
 from signaling.ports import StateUnavailable
 
@@ -131,12 +134,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         _log.warning(
             "shared state unavailable", route=route_template(request), error=type(err).__name__
         )
-        return error_response(
-            503,
-            "unavailable",
-            "The service cannot do this right now. Try again in a moment.",
-            {"Retry-After": str(UNAVAILABLE_RETRY_S)},
-        )
+        return _unavailable()
+    except (SQLAlchemyError, OSError, TimeoutError) as err:
+        if not is_outage(err):
+            _log.exception("unhandled error", route=route_template(request))
+            return error_response(500, "internal_error", "Something went wrong on the server.")
+        request.app[DB_OUTAGE].noticed(request.app, err)  # said once per outage
+        return _unavailable()
     except web.HTTPException as err:
         if err.status < 400:
             raise
@@ -146,3 +150,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         _log.exception("unhandled error", route=route_template(request))
         return error_response(500, "internal_error", "Something went wrong on the server.")
+
+
+def _unavailable() -> web.Response:
+    return error_response(
+        503,
+        "unavailable",
+        "The service cannot do this right now. Try again in a moment.",
+        {"Retry-After": str(UNAVAILABLE_RETRY_S)},
+    )

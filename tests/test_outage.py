@@ -1,0 +1,78 @@
+"""A PostgreSQL outage: every request that needs the database answers 503 with
+Retry-After (never a 500 with a traceback), the process log says so once, and
+the service comes back by itself. The outage is a TCP proxy to the real
+PostgreSQL, cut and restored (stopping the shared server would stop every
+other test)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+from structlog.testing import capture_logs
+
+from audit.accounts import Role
+from server import create_app
+from tests.support.harness import Harness
+from tests.support.settings import SettingsFactory
+from tests.support.tcp_proxy import CuttableProxy
+
+
+@pytest.fixture
+async def proxy(migrated_postgres_url: str) -> AsyncIterator[CuttableProxy]:
+    url = make_url(migrated_postgres_url)
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_database_outage_answers_503_says_so_once_and_heals(
+    proxy: CuttableProxy,
+    migrated_postgres_url: str,
+    make_settings: SettingsFactory,
+    clock: Any,
+    aiohttp_client: Any,
+) -> None:
+    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
+    app = create_app(
+        make_settings(database_url=proxied.render_as_string(hide_password=False)), clock=clock
+    )
+    harness = Harness(app, await aiohttp_client(app), clock)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(anna)
+    assert (await harness.client.get("/api/consults")).status == 200
+
+    with capture_logs() as logs:
+        await proxy.cut()
+        answers = []
+        for _ in range(20):
+            response = await harness.client.get("/api/consults")
+            answers.append((response.status, response.headers.get("Retry-After")))
+            assert (await response.json())["error"]["code"] == "unavailable"
+        login = await harness.login(anna)
+        ready = await harness.client.get("/readyz")
+        assert set(answers) == {(503, "2")}
+        assert login.status == 503
+        assert ready.status == 503
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while (await harness.client.get("/api/consults")).status != 200:
+            assert time.monotonic() < deadline, "the service did not come back"
+            await asyncio.sleep(0.5)
+        for _ in range(40):  # the probe's line, at most one probe interval later
+            if any(entry["event"] == "database is back" for entry in logs):
+                break
+            await asyncio.sleep(0.1)
+    said = [entry["event"] for entry in logs if entry["log_level"] in ("warning", "error")]
+    assert (
+        said.count("database unavailable: requests that need it answer 503 until it is back") == 1
+    ), said
+    assert not [entry for entry in logs if entry["log_level"] in ("error", "critical")], logs
+    back = [entry for entry in logs if entry["event"] == "database is back"]
+    assert len(back) == 1
+    assert back[0]["requests_refused"] >= 21
