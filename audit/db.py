@@ -125,7 +125,11 @@ def is_outage(err: BaseException) -> bool:
     if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
         return True
     for cause in _chain(err):
-        if isinstance(cause, OSError | TimeoutError | sa.exc.TimeoutError):
+        # Connections refused, reset or timed out, a name that does not
+        # resolve; not any OSError (a full disk is no database outage).
+        if isinstance(
+            cause, ConnectionError | TimeoutError | sa.exc.TimeoutError | socket.gaierror
+        ):
             return True
         sqlstate = getattr(cause, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES):

@@ -7,15 +7,18 @@ other test)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
 
 from audit.accounts import Role
+from audit.db import is_outage
 from server import create_app
 from tests.support.harness import Harness
 from tests.support.settings import SettingsFactory
@@ -76,3 +79,28 @@ async def test_a_database_outage_answers_503_says_so_once_and_heals(
     back = [entry for entry in logs if entry["event"] == "database is back"]
     assert len(back) == 1
     assert back[0]["requests_refused"] >= 21
+
+
+class _DriverError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"driver error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (ConnectionResetError(104, "reset by peer"), True),
+        (TimeoutError(), True),
+        (DBAPIError("SELECT 1", {}, _DriverError("08006")), True),  # connection failure
+        (DBAPIError("SELECT 1", {}, _DriverError("57P01")), True),  # admin shutdown
+        (DBAPIError("INSERT", {}, _DriverError("23505")), False),  # unique violation: a bug
+        (OSError(errno.ENOSPC, "No space left on device"), False),  # the disk, not the database
+        (ValueError("bad"), False),
+    ],
+)
+def test_only_an_unreachable_database_counts_as_an_outage(
+    error: BaseException, outage: bool
+) -> None:
+    assert is_outage(error) is outage
