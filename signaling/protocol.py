@@ -55,6 +55,23 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+# Refusals of a frame the client should never have sent (throttled, not
+# valid, not its role's or not its consult's): signaling.max_refused of them in
+# a row close the socket. The others answer what the room's state allows now
+# (the peer is away, nobody waits, not admitted yet) and never count.
+MISBEHAVIOUR = frozenset(
+    {
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.INVALID_JSON,
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.NOT_ALLOWED,
+        ErrorCode.NOT_IN_CONSULT,
+    }
+)
+
+
 class EndReason(enum.StrEnum):
     """Why a consult ended: the ``reason`` of ``consult-ended``."""
 

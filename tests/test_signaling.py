@@ -809,3 +809,21 @@ async def test_a_burst_of_candidates_arrives_whole_and_in_order(
         assert message["sender"] == "patient"
         got.append(message["candidate"])
     assert got == sent
+
+
+@pytest.mark.settings(signaling_rate_per_s=1000, signaling_burst=1000)
+async def test_refusals_of_what_the_room_does_not_allow_now_never_close_the_socket(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    # Far more than max_refused (50): nobody waits to be admitted, no peer to
+    # relay to; a client that retries is told so each time, and stays.
+    for n in range(120):
+        message = {"v": 1, "type": "admit"} if n % 2 else {"v": 1, "type": "offer", "sdp": "v=0"}
+        await therapist.send_json(message)
+        error = await receive(therapist, "error")
+        assert error["code"] in ("no_patient_waiting", "not_admitted")
+    await therapist.send_json({"v": 1, "type": "ping"})
+    await receive(therapist, "pong")

@@ -9,6 +9,7 @@ from aiohttp import WSMsgType, web
 from server.app_keys import METRICS, ROOMS, SETTINGS
 from server.ws.outbox import Outbox
 from signaling.protocol import (
+    MISBEHAVIOUR,
     RELAYED,
     CloseCode,
     ErrorCode,
@@ -30,9 +31,11 @@ async def read_frames(
 
     Frames are rate-limited per connection (an ``error`` for each one over);
     a frame that is binary, not valid, or not acceptable now gets an
-    ``error`` naming the problem and the connection goes on, until
-    ``max_refused`` in a row close it with 1008. (aiohttp closes with 1009
-    a frame above the socket's size limit.)
+    ``error`` naming the problem and the connection goes on. ``max_refused``
+    refusals in a row of frames the client should never have sent
+    (:data:`~signaling.protocol.MISBEHAVIOUR`) close it with 1008; a refusal
+    of what the room's state does not allow now (the peer away) never does.
+    (aiohttp closes with 1009 a frame above the socket's size limit.)
     """
     rooms = request.app[ROOMS]
     metrics = request.app[METRICS]
@@ -53,7 +56,8 @@ async def read_frames(
             message = parse_inbound(frame.data)
             replies = await rooms.handle(participant, message, frame=frame.data)
         except ProtocolError as err:
-            refused_in_a_row += 1
+            if err.code in MISBEHAVIOUR:
+                refused_in_a_row += 1
             if refused_in_a_row >= limits.max_refused:
                 await outbox.close(CloseCode.POLICY_VIOLATION, b"too many refused messages")
                 return
