@@ -1,8 +1,9 @@
-"""A PostgreSQL outage: every request that needs the database answers 503 with
-Retry-After (never a 500 with a traceback), the process log says so once, and
-the service comes back by itself. The outage is a TCP proxy to the real
-PostgreSQL, cut and restored (stopping the shared server would stop every
-other test)."""
+"""Outages of PostgreSQL and of Redis. The database away: every request that
+needs it answers 503 with Retry-After (never a 500 with a traceback), the
+process log says so once, and the service comes back by itself. Redis away:
+the consults API goes on without it. Each outage is a TCP proxy to the real
+server, cut and restored (stopping the shared server would stop every other
+test)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
+from yarl import URL
 
 from audit.accounts import Role
 from audit.db import is_outage
@@ -104,3 +106,57 @@ def test_only_an_unreachable_database_counts_as_an_outage(
     error: BaseException, outage: bool
 ) -> None:
     assert is_outage(error) is outage
+
+
+@pytest.fixture
+async def redis_proxy(redis_url: str) -> AsyncIterator[CuttableProxy]:
+    url = URL(redis_url)
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_working(
+    redis_proxy: CuttableProxy,
+    redis_url: str,
+    redis_prefix: str,
+    migrated_postgres_url: str,
+    make_settings: SettingsFactory,
+    clock: Any,
+    aiohttp_client: Any,
+) -> None:
+    proxied = str(URL(redis_url).with_port(redis_proxy.port))
+    app = create_app(
+        make_settings(
+            database_url=migrated_postgres_url, redis_url=proxied, redis_key_prefix=redis_prefix
+        ),
+        clock=clock,
+    )
+    harness = Harness(app, await aiohttp_client(app), clock)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(anna)
+    first = await (await harness.post("/api/consults", {"display_name": "Mevr. de Vries"})).json()
+    consult_id = first["consult"]["id"]
+
+    await redis_proxy.cut()
+    listing = await harness.client.get("/api/consults")
+    assert listing.status == 200
+    # The note for the waiting room, as this node last saw its room.
+    assert [c["display_name"] for c in (await listing.json())["consults"]] == ["Mevr. de Vries"]
+    shown = await harness.client.get(f"/api/consults/{consult_id}")
+    assert shown.status == 200
+    created = await harness.post("/api/consults", {"display_name": "Dhr. Jansen"})
+    assert created.status == 201, await created.text()
+    body = await created.json()
+    assert body["consult"]["display_name"] is None  # said, not pretended
+    assert body["invite_url"]
+    ended = await harness.post(f"/api/consults/{consult_id}/end")
+    assert ended.status == 200, await ended.text()
+    assert (await ended.json())["consult"]["status"] == "not_started"
+
+    redis_proxy.restore()
+    listing = await (await harness.client.get("/api/consults")).json()
+    statuses = {c["id"]: c["status"] for c in listing["consults"]}
+    assert statuses[consult_id] == "not_started"
+    assert statuses[body["consult"]["id"]] == "created"

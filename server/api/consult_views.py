@@ -6,8 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
+import structlog
 from aiohttp import web
 from pydantic import Field
+from redis.exceptions import RedisError
 
 from audit.access_log import Actor, record_access
 from audit.consults import (
@@ -35,6 +37,7 @@ from server.api.representations import consult_json, invite_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
 from server.web_security import link_origin
+from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
 from signaling.tickets import TicketGrant
 
@@ -125,11 +128,19 @@ async def consults_create(request: web.Request) -> web.Response:
             expires_at=expires_at,
             guardian_consent=body.guardian_consent,
         )
-    await app[ROOMS].prepare(consult.id, display_name=body.display_name, until=expires_at)
+    display_name = body.display_name
+    try:
+        await app[ROOMS].prepare(consult.id, display_name=display_name, until=expires_at)
+    except (StateUnavailable, RedisError) as err:
+        # Redis (several nodes) is away: the consult and its link stand, its
+        # room is opened when someone joins; the note for the waiting room,
+        # held only there, is not kept (the answer says so: null).
+        _log_unavailable("consult.create", err)
+        display_name = None
     await _log(request, principal, "consult.create", consult.id)
     return web.json_response(
         {
-            "consult": consult_json(consult, display_name=body.display_name),
+            "consult": consult_json(consult, display_name=display_name),
             **invite_json(token, invite, origin=link_origin(request)),
         },
         status=201,
@@ -151,14 +162,9 @@ async def consults_list(request: web.Request) -> web.Response:
             object_id=principal.account.id,
             now=request.app[CLOCK].now(),
         )
-    rooms = request.app[ROOMS]
+    names = await _display_names(request.app, [consult.id for consult in found])
     return web.json_response(
-        {
-            "consults": [
-                consult_json(consult, display_name=await rooms.display_name(consult.id))
-                for consult in found
-            ]
-        }
+        {"consults": [consult_json(consult, display_name=names[consult.id]) for consult in found]}
     )
 
 
@@ -176,8 +182,8 @@ async def consult_show(request: web.Request) -> web.Response:
             object_id=consult.id,
             now=request.app[CLOCK].now(),
         )
-    display_name = await request.app[ROOMS].display_name(consult.id)
-    return web.json_response({"consult": consult_json(consult, display_name=display_name)})
+    names = await _display_names(request.app, [consult.id])
+    return web.json_response({"consult": consult_json(consult, display_name=names[consult.id])})
 
 
 @routes.post(CONSULT_PATH + "/end")
@@ -185,7 +191,13 @@ async def consult_end(request: web.Request) -> web.Response:
     """End the consult for everyone connected; its invites stop working."""
     principal = await require_role(request, Role.THERAPIST, action="consult.end")
     consult = await _own_consult(request, principal)
-    await request.app[ROOMS].end(consult.id, reason=EndReason.ENDED_BY_THERAPIST)
+    try:
+        await request.app[ROOMS].end(consult.id, reason=EndReason.ENDED_BY_THERAPIST)
+    except (StateUnavailable, RedisError) as err:
+        # The record is ended first, and it is what counts: once Redis is
+        # back, the nodes' repair round finds the consult over and closes its
+        # participants' sockets (Recovery.reconcile).
+        _log_unavailable("consult.end", err)
     async with request.app[DB_ENGINE].connect() as conn:
         ended = await get_consult(conn, consult.id)
     await _log(request, principal, "consult.end", consult.id)
@@ -225,6 +237,27 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
     await _log(request, principal, "consult.invite.revoke", consult.id)
     return web.Response(status=204)
+
+
+async def _display_names(
+    app: web.Application, consult_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, str | None]:
+    """The waiting-room notes, held in memory (or Redis) only; all None while
+    Redis is away (asked once, not once per consult)."""
+    names: dict[uuid.UUID, str | None] = dict.fromkeys(consult_ids)
+    try:
+        for consult_id in consult_ids:
+            names[consult_id] = await app[ROOMS].display_name(consult_id)
+    except (StateUnavailable, RedisError) as err:
+        _log_unavailable("consult.display_name", err)
+        return dict.fromkeys(consult_ids)
+    return names
+
+
+def _log_unavailable(action: str, err: BaseException) -> None:
+    structlog.get_logger("videoconsult.server").warning(
+        "shared state unavailable; answered without it", action=action, error=type(err).__name__
+    )
 
 
 async def _open(request: web.Request) -> Any:
