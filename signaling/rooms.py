@@ -441,6 +441,25 @@ class ConsultRooms:
             )
         return []
 
+    async def link_revoked(self, consult_id: uuid.UUID) -> bool:
+        """The therapist revoked the invite: a patient waiting with it is sent
+        away, as by ``deny``. An admitted patient stays in the running consult
+        (the therapist ends it to end their part), but cannot come back after
+        a drop. Returns whether a waiting patient was sent away."""
+        async with self._store.locked(consult_id) as state:
+            if state is None or not state.patient_waiting:
+                return False
+            state.patient = None
+            await self.send(
+                consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED
+            )
+            await self.send(
+                consult_id,
+                ParticipantRole.THERAPIST,
+                outbound("peer-left", role=ParticipantRole.PATIENT.value),
+            )
+        return True
+
     async def _relay(
         self, participant: Participant, message: InboundMessage, frame: str | None
     ) -> None:

@@ -827,3 +827,30 @@ async def test_refusals_of_what_the_room_does_not_allow_now_never_close_the_sock
         assert error["code"] in ("no_patient_waiting", "not_admitted")
     await therapist.send_json({"v": 1, "type": "ping"})
     await receive(therapist, "pong")
+
+
+async def test_revoking_the_link_sends_a_waiting_patient_away_and_keeps_an_admitted_one(
+    harness: Harness, sockets: Sockets
+) -> None:
+    waiting, therapist, patient = await waiting_pair(harness, sockets)
+    revoked = await harness.client.delete(
+        f"/api/consults/{waiting.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    await receive(patient, "denied")
+    closing = await patient.receive(timeout=5)
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4003)
+    assert (await receive(therapist, "peer-left"))["role"] == "patient"
+
+    harness.client.session.cookie_jar.clear()
+    admitted, therapist_b, patient_b = await admitted_pair(
+        harness, sockets, email="b@praktijk-noord.example"
+    )
+    revoked = await harness.client.delete(
+        f"/api/consults/{admitted.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    await patient_b.send_json({"v": 1, "type": "ping"})
+    await receive(patient_b, "pong")  # still in the running consult
+    await therapist_b.send_json({"v": 1, "type": "offer", "sdp": "v=0"})
+    await receive(patient_b, "offer")

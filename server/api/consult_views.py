@@ -235,6 +235,12 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal)
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
+    try:
+        # A patient waiting with the link is sent away; an admitted one stays.
+        await request.app[ROOMS].link_revoked(consult.id)
+    except (StateUnavailable, RedisError) as err:
+        # The link is revoked all the same: nobody gets in or back with it.
+        _log_unavailable("consult.invite.revoke", err)
     await _log(request, principal, "consult.invite.revoke", consult.id)
     return web.Response(status=204)
 
