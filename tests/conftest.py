@@ -44,7 +44,7 @@ from tests.support.databases import (
     make_sqlite_template,
     run_outside_the_test_loop,
 )
-from tests.support.harness import Harness, ServedAsInProduction, Sockets
+from tests.support.harness import Harness, Sockets
 from tests.support.services import (
     POSTGRES_ADMIN_URL,
     REDIS_URL,
@@ -287,7 +287,7 @@ async def harness(harness_settings: Settings, clock: ManualClock, aiohttp_client
     # The tests move the manual clock and fire the due timers themselves: the
     # app's own timer task, on Redis, would race them for each timer.
     app[ROOM_TIMER_POLL] = 3600.0
-    client = await aiohttp_client(ServedAsInProduction(app))
+    client = await aiohttp_client(app)
     return Harness(app, client, clock)
 
 
@@ -324,7 +324,7 @@ async def sqlite_harness(
     app = create_app(sqlite_settings, clock=clock)
     if sqlite_backend == "redis":
         app[ROOM_TIMER_POLL] = 3600.0  # as in ``harness``
-    client = await aiohttp_client(ServedAsInProduction(app))
+    client = await aiohttp_client(app)
     return Harness(app, client, clock)
 
 

@@ -14,8 +14,7 @@ from typing import Any
 import pyotp
 import sqlalchemy as sa
 from aiohttp import ClientSession, ClientWebSocketResponse, web
-from aiohttp.test_utils import TestClient, TestServer
-from aiohttp.web_runner import BaseRunner
+from aiohttp.test_utils import TestClient
 
 from audit.access_log import Actor
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
@@ -37,18 +36,6 @@ class Professional:
     organisation: Organisation
     role: Role
     account_id: uuid.UUID
-
-
-class ServedAsInProduction(TestServer):
-    """aiohttp's TestServer, but handlers run to their end when the client
-    goes, as under ``videoconsult serve`` (aiohttp's default; the TestServer
-    cancels them). A cancelled handler is not what production does, and
-    aiohttp's static files leak their file when cancelled while opening it
-    (a browser that leaves a page mid-load)."""
-
-    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
-        kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
 
 
 class Harness:
