@@ -30,10 +30,8 @@ from tests.support.tcp_proxy import CuttableProxy
 @pytest.fixture
 async def proxy(migrated_postgres_url: str) -> AsyncIterator[CuttableProxy]:
     url = make_url(migrated_postgres_url)
-    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
+    async with CuttableProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        yield proxy
 
 
 async def test_a_database_outage_answers_503_says_so_once_and_heals(
@@ -111,10 +109,8 @@ def test_only_an_unreachable_database_counts_as_an_outage(
 @pytest.fixture
 async def redis_proxy(redis_url: str) -> AsyncIterator[CuttableProxy]:
     url = URL(redis_url)
-    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 6379)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
+    async with CuttableProxy(url.host or "127.0.0.1", url.port or 6379) as proxy:
+        yield proxy
 
 
 async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_working(

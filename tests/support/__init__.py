@@ -11,6 +11,7 @@
 - ``browser``: Chromium through Playwright, and the pages' common steps.
 - ``deploy``: reading the nginx config of deploy/.
 - ``deliveries``: a receiver that keeps what a broker delivered, for broker tests.
+- ``tcp_proxy``: a TCP proxy to a real server that a test can cut (a database or Redis outage).
 """
 
 from pathlib import Path

@@ -15,6 +15,13 @@ class CuttableProxy:
         self.is_cut = False
         self.port = 0
 
+    async def __aenter__(self) -> CuttableProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
