@@ -409,8 +409,10 @@ async def test_a_long_verify_from_the_engine_does_not_hold_up_appends(
 ) -> None:
     # Each batch is read in its own short transaction: an append that comes
     # in meanwhile is written before the walk ends (on SQLite a single long
-    # read would hold the write lock all along).
-    await append_many(engine, 40)
+    # read would hold the write lock all along). 400 one-record batches: the
+    # walk lasts far longer than the 20 ms before the append, however fast the
+    # machine (with 40, a fast run finished the walk first now and then).
+    await append_many(engine, 400)
     order: list[str] = []
 
     async def walk() -> ChainReport:
