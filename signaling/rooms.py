@@ -224,6 +224,9 @@ class ConsultRooms:
                 # Back after a drop, a reload, the grace period or a bye: the
                 # therapist makes a new offer either way.
                 await self.send(consult_id, other, outbound("peer-rejoined", role=role.value))
+            elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
+                # The waiting patient learns that the therapist is there now.
+                await self.send(consult_id, other, _therapist_presence(present=True))
             to_self = [
                 outbound(
                     "welcome",
@@ -515,6 +518,8 @@ class ConsultRooms:
                 state.set_presence(role, None)
                 if role is ParticipantRole.PATIENT:
                     await self.send(consult_id, other, outbound("peer-left", role=role.value))
+                elif state.present(other):
+                    await self.send(consult_id, other, _therapist_presence(present=False))
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
@@ -589,3 +594,8 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
+
+
+def _therapist_presence(*, present: bool) -> dict[str, Any]:
+    """To a patient in the waiting room: the therapist's socket opened or closed."""
+    return outbound("peer-presence", role=ParticipantRole.THERAPIST.value, present=present)

@@ -148,9 +148,14 @@ async def test_a_denied_patient_sees_a_clear_page(
     harness = live_harness
     _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
     consult_id, invite_url = await create_consult(therapist)
-    await open_consult(therapist, consult_id)
+    # The patient is early: the waiting room says the therapist is not there
+    # yet, then that they are.
     patient_context, patient = await patient_opens(chromium, harness, invite_url)
     await patient_joins(patient)
+    presence = patient.locator("#waiting-therapist")
+    await expect(presence).to_have_text("Your therapist is not online yet. You can wait here.")
+    await open_consult(therapist, consult_id)
+    await expect(presence).to_have_text("Your therapist is online and will let you in soon.")
     await expect(therapist.locator("#waiting-notice")).to_be_visible()
     await therapist.click("#deny")
     await expect(patient.locator("#denied")).to_be_visible()

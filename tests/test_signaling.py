@@ -66,6 +66,40 @@ async def test_waiting_room_then_admission_starts_the_consult(
     assert row.started_at == harness.clock.now()
 
 
+async def test_a_waiting_patient_hears_when_the_therapist_comes_and_goes(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    patient = await sockets.patient(setup.invite_token)
+    welcome = await receive(patient, "welcome")
+    assert (welcome["state"], welcome["peer_present"]) == ("waiting", False)
+
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    await receive(therapist, "patient-waiting")
+    here = await receive(patient, "peer-presence")
+    assert (here["role"], here["present"]) == ("therapist", True)
+
+    # A second tab of the therapist's replaces the first: still there.
+    second = await sockets.therapist(setup.consult_id)
+    await receive(second, "welcome")
+    await receive(therapist, "replaced")
+    await patient.send_json({"v": 1, "type": "ping"})
+    await receive(patient, "pong")
+
+    await second.close()
+    gone = await receive(patient, "peer-presence")
+    assert (gone["role"], gone["present"]) == ("therapist", False)
+
+    # Back again, and the patient is admitted as before.
+    again = await sockets.therapist(setup.consult_id)
+    await receive(again, "welcome")
+    await receive(again, "patient-waiting")
+    assert (await receive(patient, "peer-presence"))["present"] is True
+    await again.send_json({"v": 1, "type": "admit"})
+    await receive(patient, "admitted")
+
+
 async def test_offer_answer_and_candidates_are_relayed_between_the_two(
     harness: Harness, sockets: Sockets
 ) -> None:

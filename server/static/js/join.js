@@ -151,14 +151,26 @@ function banner(key) {
   $("banner").hidden = !key;
 }
 
+// In the waiting room: whether the therapist has the consult open now.
+let presenceKey = null;
+
+function therapistPresent(present) {
+  presenceKey = present ? "join.waiting.therapistHere" : "join.waiting.therapistAway";
+  $("waiting-therapist").textContent = t(presenceKey);
+}
+
 function onCallEvent(type, detail) {
   switch (type) {
     case "welcome":
       banner("");
       recording.welcome(detail.recording);
       $("waiting-status").textContent = "";
+      therapistPresent(detail.peer_present);
       if (detail.state === "active") show("call");
       else show("waiting");
+      break;
+    case "peer-presence":
+      therapistPresent(detail.present);
       break;
     case "admitted":
       show("call");
@@ -285,6 +297,7 @@ setupLanguage($("language"), () => {
   translatePage();
   if (lastLinkProblem) linkProblem(lastLinkProblem);
   banner(bannerKey);
+  if (presenceKey) $("waiting-therapist").textContent = t(presenceKey);
   if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
   showProblems();
 });
