@@ -271,14 +271,18 @@ async def enable_account(conn: AsyncConnection, account: Account) -> Account:
     return await get_account(conn, account.id)
 
 
-async def reset_totp(conn: AsyncConnection, account: Account) -> Account:
-    """Forget the TOTP secret: the account must enrol again; its sessions end."""
+async def reset_totp(
+    conn: AsyncConnection, account: Account, *, password_too: bool = False
+) -> Account:
+    """Forget the TOTP secret (and with ``password_too`` the password): the
+    account must enrol again; its sessions end."""
     if account.status is AccountStatus.ACTIVE:
         await ensure_another_active_admin(conn, account)
+    forget: dict[str, None] = {"totp_secret_sealed": None, "totp_last_step": None}
+    if password_too:
+        forget["password_hash"] = None
     await conn.execute(
-        accounts.update()
-        .where(accounts.c.id == account.id)
-        .values(totp_secret_sealed=None, totp_last_step=None, enrolled_at=None)
+        accounts.update().where(accounts.c.id == account.id).values(enrolled_at=None, **forget)
     )
     await end_sessions_of(conn, account.id)
     return await get_account(conn, account.id)

@@ -9,7 +9,8 @@ import sqlalchemy as sa
 
 from audit.accounts import Role
 from audit.schema import access_log, sessions
-from server.app_keys import DB_ENGINE
+from server.app_keys import DATA_DIR, DB_ENGINE, SETTINGS
+from tests.support.cli import cli_env, run_cli
 from tests.support.harness import Harness
 
 ADMIN_ROUTES = [
@@ -193,6 +194,39 @@ async def test_reset_totp_forces_a_new_enrolment(harness: Harness) -> None:
     assert (await harness.login(anna)).status == 200
 
 
+async def test_an_admin_who_resets_a_totp_cannot_become_that_therapist(harness: Harness) -> None:
+    """Issue 17, finding 3: the reset link used to set a new password as well,
+    so the admin who got it could enrol, log in as the therapist and read
+    their recordings. The reset keeps the password, and the link needs it."""
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    reset = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    token = (await reset.json())["enrolment_token"]
+    status = await (await harness.client.get(f"/api/enrolment/{token}")).json()
+    assert status["keeps_password"] is True
+
+    # The admin's own choice of password is refused: it is not Anna's.
+    harness.client.session.cookie_jar.clear()
+    chosen = await harness.post(
+        f"/api/enrolment/{token}/password", {"password": "the admin's choice 12345"}
+    )
+    assert chosen.status == 422, await chosen.text()
+    error = (await chosen.json())["error"]
+    assert "current password" in error["message"]
+    assert "totp_secret" not in await chosen.text()
+    # Guessing counts like failed logins: after the limit the link locks too.
+    for _ in range(harness.app[SETTINGS].accounts.max_failures):
+        await harness.post(f"/api/enrolment/{token}/password", {"password": "guess 1234567890"})
+    locked = await harness.post(f"/api/enrolment/{token}/password", {"password": anna.password})
+    assert locked.status == 429
+
+    # Anna, once the lock has passed, re-enrols with her own password, which stays.
+    harness.clock.advance(harness.app[SETTINGS].accounts.lockout_s + 1)
+    anna.secret = await harness.enrol(token, password=anna.password)
+    assert (await harness.login(anna)).status == 200
+
+
 async def test_the_last_active_admin_cannot_be_disabled_demoted_or_reset(
     harness: Harness,
 ) -> None:
@@ -281,3 +315,40 @@ async def test_two_admins_disabling_each_other_at_once_leave_one_active(
     async with engine.connect() as conn:
         states = [(await get_account(conn, who.account_id)).status.value for who in (first, second)]
     assert sorted(states) == ["active", "disabled"]
+
+
+@pytest.mark.slow
+async def test_the_console_resets_the_app_alone_or_the_password_too(
+    sqlite_harness: Harness,
+) -> None:
+    """``user reset-totp`` keeps the password (its link asks for it); ``user
+    reset`` forgets both, for the operator to hand its link to the holder."""
+    harness = sqlite_harness
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    env = cli_env(harness.app[DATA_DIR])
+
+    def link_token(*args: str) -> str:
+        result = run_cli("user", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("/enrol/")[1].split()[0]
+
+    token = link_token("reset-totp", anna.email)
+    status = await (await harness.client.get(f"/api/enrolment/{token}")).json()
+    assert status["keeps_password"] is True
+    refused = await harness.post(
+        f"/api/enrolment/{token}/password", {"password": "a brand new password"}
+    )
+    assert refused.status == 422
+
+    token = link_token("reset", anna.email)
+    status = await (await harness.client.get(f"/api/enrolment/{token}")).json()
+    assert status["keeps_password"] is False
+    anna.password = "a brand new password"
+    anna.secret = await harness.enrol(token, password=anna.password)
+    assert (await harness.login(anna)).status == 200
+    resets = [
+        (r.action, r.client_type)
+        for r in await access_records(harness)
+        if r.object_id == str(anna.account_id) and r.action.startswith("account.reset")
+    ]
+    assert resets == [("account.reset-totp", "cli"), ("account.reset", "cli")]

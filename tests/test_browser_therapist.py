@@ -72,6 +72,38 @@ async def test_enrolment_in_dutch_then_the_first_login(
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 
+async def test_after_an_app_reset_the_page_asks_for_the_password_that_stays(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    harness = live_harness
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    reset = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    token = (await reset.json())["enrolment_token"]
+    context = await new_context(chromium, harness.origin, locale="en-GB")
+    page = await context.new_page()
+    await page.goto(f"/enrol/{token}")
+    await expect(page.locator("#keeps-password")).to_contain_text("your password stays the same")
+    await expect(page.locator("#password-again")).to_be_hidden()
+    await page.get_by_label("Your current password").fill("not anna's password")
+    await page.get_by_role("button", name="Continue").click()
+    await expect(page.locator("#password-error")).to_contain_text("current password")
+    await page.get_by_label("Your current password").fill(anna.password)
+    await page.get_by_role("button", name="Continue").click()
+    await expect(page.get_by_role("img", name="QR code for your authenticator app")).to_be_visible()
+    secret = (await page.locator("#totp-secret").inner_text()).strip()
+    await page.fill("#code", pyotp.TOTP(secret).at(harness.clock.now()))
+    await page.get_by_role("button", name="Finish").click()
+    await expect(page.locator("#done")).to_be_visible()
+    harness.clock.advance(30)
+    anna.secret = secret
+    assert (await harness.login(anna)).status == 200
+    # The wrong password's 422, and nothing else.
+    wrong = r"status of 422 .*/api/enrolment/.*/password"
+    await assert_no_browser_errors(context, allow=[*EXPECTED_HTTP_ERRORS, wrong])
+
+
 async def test_the_idle_timeout_warns_first_then_logs_out(
     chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
 ) -> None:

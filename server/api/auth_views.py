@@ -88,11 +88,7 @@ async def login(request: web.Request) -> web.Response:
     try:
         account = await auth.login(attempt)
     except LoginLocked as locked:
-        raise TooManyRequests(
-            "Too many failed attempts. Wait a while before trying again.",
-            retry_after_s=locked.retry_after_s,
-            code="login_locked",
-        ) from None
+        raise _locked(locked) from None
     except LoginRefused:
         raise Unauthorized(LOGIN_REFUSED, code="login_failed") from None
 
@@ -149,6 +145,14 @@ def _session_json(
     )
 
 
+def _locked(locked: LoginLocked) -> TooManyRequests:
+    return TooManyRequests(
+        "Too many failed attempts. Wait a while before trying again.",
+        retry_after_s=locked.retry_after_s,
+        code="login_locked",
+    )
+
+
 def _token(request: web.Request) -> str:
     return request.match_info["token"]
 
@@ -164,6 +168,8 @@ async def enrolment_status(request: web.Request) -> web.Response:
             "role": link.account.role.value,
             "expires_at": iso(link.expires_at),
             "password_chosen": link.pending_password_hash is not None,
+            # A re-enrolment after a TOTP reset: the password stays, and is asked for.
+            "keeps_password": link.account.password_hash is not None,
         }
     )
 
@@ -173,7 +179,12 @@ async def enrolment_password(request: web.Request) -> web.Response:
     """Set the password; answer with the new TOTP secret and its QR code (shown once)."""
     body = await read_json(request, PasswordBody)
     service: Enroller = enroller(request.app)
-    setup = await service.choose_password(_token(request), body.password)
+    try:
+        setup = await service.choose_password(
+            _token(request), body.password, client_address=client_address(request)
+        )
+    except LoginLocked as locked:
+        raise _locked(locked) from None
     link = await service.open(_token(request))
     await _log_read(request, link.account, "enrolment.password", actor_role=LINK_HOLDER)
     return web.json_response(

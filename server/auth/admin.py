@@ -91,16 +91,28 @@ async def change_account(
 
 
 async def reset_account_totp(
-    conn: AsyncConnection, actor: Actor, account: Account, *, now: datetime, link_ttl_s: int
+    conn: AsyncConnection,
+    actor: Actor,
+    account: Account,
+    *,
+    now: datetime,
+    link_ttl_s: int,
+    password_too: bool = False,
 ) -> EnrolmentInvitation:
-    """Forget the account's TOTP secret and end its sessions; return a new enrolment link."""
-    reset = await reset_totp(conn, account)
+    """Forget the account's TOTP secret and end its sessions; return a new enrolment link.
+
+    The account keeps its password, and the link asks for it: whoever is
+    handed the link (an admin) cannot become the account. ``password_too``
+    forgets the password as well (the console's full reset, whose link the
+    operator hands to the account holder).
+    """
+    reset = await reset_totp(conn, account, password_too=password_too)
     token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
     await record_access(
         conn,
         actor,
         organisation_id=account.organisation_id,
-        action="account.reset-totp",
+        action="account.reset" if password_too else "account.reset-totp",
         object_type="account",
         object_id=account.id,
         now=now,

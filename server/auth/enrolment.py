@@ -26,7 +26,7 @@ from audit.sealing import seal, unseal
 from config import AccountSettings
 from server.auth import totp
 from server.auth.errors import PasswordPolicyError
-from server.auth.login import TOTP_PURPOSE
+from server.auth.login import TOTP_PURPOSE, Authenticator
 from server.auth.passwords import PasswordHasher, check_password_policy
 
 
@@ -51,14 +51,31 @@ class Enroller:
         async with self.engine.connect() as conn:
             return await open_enrolment_link(conn, token, now=self.clock.now())
 
-    async def choose_password(self, token: str, password: str) -> TotpSetup:
-        """Check and keep the password, make a TOTP secret; raise InvalidValue on policy."""
-        try:
-            check_password_policy(password, min_length=self.settings.password_min_length)
-        except PasswordPolicyError as err:
-            raise InvalidValue(str(err)) from None
+    async def choose_password(self, token: str, password: str, *, client_address: str) -> TotpSetup:
+        """Check and keep the password, make a TOTP secret; raise InvalidValue on policy.
+
+        After a TOTP reset the account keeps its password: the link asks for
+        it, so that whoever was handed the link (the admin who reset it) cannot
+        take the account over. A wrong one counts as a failed login
+        (:class:`~server.auth.errors.LoginLocked` once locked out).
+        """
         link = await self.open(token)
-        password_hash = await self.hasher.hash(password)
+        if link.account.password_hash is not None:
+            login = Authenticator(
+                self.engine, self.clock, self.master_key, self.hasher, self.settings
+            )
+            if not await login.check_password(link.account, password, client_address):
+                raise InvalidValue(
+                    "this is not the account's current password: a reset of the "
+                    "authenticator app keeps the password, enter it to go on"
+                )
+            password_hash = link.account.password_hash
+        else:
+            try:
+                check_password_policy(password, min_length=self.settings.password_min_length)
+            except PasswordPolicyError as err:
+                raise InvalidValue(str(err)) from None
+            password_hash = await self.hasher.hash(password)
         secret = totp.new_secret()
         sealed = seal(
             self.master_key.key, TOTP_PURPOSE, secret.encode(), bound_to=str(link.account.id)

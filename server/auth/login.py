@@ -119,6 +119,37 @@ class Authenticator:
             )
         raise LoginRefused
 
+    async def check_password(self, account: Account, password: str, client_address: str) -> bool:
+        """Whether ``password`` is the account's, counted like a login's password:
+        a wrong one is a failure towards the same lockouts, and while locked
+        nothing is checked (raises :class:`LoginLocked`)."""
+        now = self.clock.now()
+        subject_hash = keyed_hash(self.master_key.key, "login-subject", account.email)
+        client_hash = keyed_hash(self.master_key.key, "login-client", client_address)
+        async with self.engine.begin() as conn:
+            attempt_id = await record_login_attempt(
+                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
+            )
+        async with self.engine.begin() as conn:
+            until = await self._locked_until(conn, attempt_id, subject_hash, client_hash, now)
+            if until is not None:
+                await forget_login_attempt(conn, attempt_id)
+        if until is not None:
+            raise LoginLocked((until - now).total_seconds())
+        if await self.hasher.verify(account.password_hash, password):
+            async with self.engine.begin() as conn:
+                await forget_login_attempt(conn, attempt_id)
+            return True
+        async with self.engine.begin() as conn:
+            await write_technical(
+                conn,
+                "password.failed",
+                now=now,
+                subject=str(account.id),
+                detail={"client_address": client_address},
+            )
+        return False
+
     @staticmethod
     def _reason(account: Account | None, password_ok: bool) -> str | None:
         if account is None:

@@ -68,11 +68,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         command.set_defaults(run=run_change, change=change)
     reset = commands.add_parser(
         "reset-totp",
-        help="forget the TOTP app; print a new enrolment link",
-        description="Forget the account's TOTP app and end its sessions; print a new link.",
+        help="forget the TOTP app; print a link to connect a new one (the password stays)",
+        description=(
+            "Forget the account's TOTP app and end its sessions; print a link that "
+            "connects a new app. The account keeps its password, and the link asks for it."
+        ),
     )
     reset.add_argument("email")
-    reset.set_defaults(run=run_reset_totp)
+    reset.set_defaults(run=run_reset_totp, password_too=False)
+    full = commands.add_parser(
+        "reset",
+        help="forget password and TOTP app; print a link for the account holder only",
+        description=(
+            "Forget the account's password and TOTP app and end its sessions; print a "
+            "link that sets both anew. Whoever holds the link can become the account: "
+            "hand it to the account holder yourself, never to someone else (an admin "
+            "included)."
+        ),
+    )
+    full.add_argument("email")
+    full.set_defaults(run=run_reset_totp, password_too=True)
 
     set_role = commands.add_parser(
         "set-role", help="change an account's role", description="Change an account's role."
@@ -173,9 +188,14 @@ def run_reset_totp(settings: Settings, args: argparse.Namespace) -> int:
                 account,
                 now=SystemClock().now(),
                 link_ttl_s=settings.accounts.enrolment_link_ttl_s,
+                password_too=args.password_too,
             )
 
     _print_invitation(settings, asyncio.run(_reset()))
+    if args.password_too:
+        print("  this link sets a new password: give it to the account holder only")
+    else:
+        print("  the account keeps its password: the link asks for it")
     return 0
 
 

@@ -6,6 +6,7 @@ const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const api = `/api/enrolment/${encodeURIComponent(token)}`;
 const $ = (id) => document.getElementById(id);
 let role = null;
+let keepsPassword = false;
 
 function show(id) {
   for (const section of document.querySelectorAll("main section")) {
@@ -48,6 +49,17 @@ async function start() {
   $("account-email").textContent = status.data.email;
   role = status.data.role;
   showRole();
+  keepsPassword = Boolean(status.data.keeps_password);
+  if (keepsPassword) {
+    // After a reset of the app alone: the password stays, and proves it is them.
+    $("keeps-password").hidden = false;
+    $("password-label").dataset.i18n = "enrol.currentPassword";
+    $("password-label").textContent = t("enrol.currentPassword");
+    $("password").autocomplete = "current-password";
+    $("password").removeAttribute("minlength");
+    $("password-again").required = false;
+    $("password-again-field").hidden = true;
+  }
   show("password-step");
 }
 
@@ -55,11 +67,13 @@ $("password-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const error = $("password-error");
   const password = $("password").value;
-  if (password.length < 12) {
+  if (keepsPassword) {
+    if (!password) return;
+  } else if (password.length < 12) {
     error.textContent = t("enrol.passwordShort");
     return;
   }
-  if (password !== $("password-again").value) {
+  if (!keepsPassword && password !== $("password-again").value) {
     error.textContent = t("enrol.passwordDiffers");
     return;
   }
