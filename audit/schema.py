@@ -112,6 +112,33 @@ enrolment_links = sa.Table(
     sa.Column("pending_totp_secret_sealed", sa.LargeBinary(), nullable=True),
 )
 
+# Something the account holder must be told at their next login, such as
+# that an admin or the operator reset their credentials. Deleted once they
+# dismiss it, or with the account.
+account_notices = sa.Table(
+    "account_notices",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "account_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    # Who did it: an admin's account (null for the operator at the console,
+    # or once that account is erased), and the role they acted in.
+    sa.Column(
+        "by_account_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    sa.Column("by_role", sa.String(16), nullable=False),
+)
+
 # A logged-in browser. Only the hash of the cookie's value is kept.
 sessions = sa.Table(
     "sessions",

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.accounts import Account, ensure_another_active_admin
 from audit.schema import (
     access_log,
+    account_notices,
     accounts,
     consults,
     enrolment_links,
@@ -49,6 +50,11 @@ async def export_account(
         sa.select(sessions.c.created_at, sessions.c.last_seen_at)
         .where(sessions.c.account_id == account.id)
         .order_by(sessions.c.created_at)
+    )
+    own_notices = await conn.execute(
+        sa.select(account_notices)
+        .where(account_notices.c.account_id == account.id)
+        .order_by(account_notices.c.id)
     )
     own_consults = await conn.execute(
         sa.select(consults)
@@ -95,6 +101,11 @@ async def export_account(
         "sessions": [
             {"created_at": _iso(row.created_at), "last_seen_at": _iso(row.last_seen_at)}
             for row in own_sessions
+        ],
+        # Notices waiting for the account holder (a reset of their credentials).
+        "notices": [
+            {"kind": row.kind, "at": _iso(row.created_at), "by_role": row.by_role}
+            for row in own_notices
         ],
         "consults": [
             {
@@ -172,6 +183,7 @@ async def erase_account(
     links = await conn.execute(
         enrolment_links.delete().where(enrolment_links.c.account_id == account.id)
     )
+    await conn.execute(account_notices.delete().where(account_notices.c.account_id == account.id))
     failures = await conn.execute(
         login_failures.delete().where(login_failures.c.subject_hash == login_subject_hash)
     )

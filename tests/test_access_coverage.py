@@ -118,6 +118,15 @@ async def account_reset_totp(h: Harness) -> Any:
     return await h.post(f"/api/admin/accounts/{target.account_id}/reset-totp")
 
 
+async def notice_dismiss(h: Harness) -> Any:
+    target = await _admin(h)
+    reset = await h.post(f"/api/admin/accounts/{target.account_id}/reset-totp")
+    target.secret = await h.enrol((await reset.json())["enrolment_token"], target.password)
+    h.client.session.cookie_jar.clear()
+    notice = (await (await h.login(target)).json())["notices"][0]
+    return await h.post(f"/api/session/notices/{notice['id']}/dismiss")
+
+
 async def access_log_read(h: Harness) -> Any:
     await _admin(h)
     return await h.client.get("/api/admin/access-log")
@@ -243,6 +252,7 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
         account_reset_totp,
         "account.reset-totp",
     ),
+    ("POST", "/api/session/notices/{notice_id}/dismiss"): (notice_dismiss, "notice.dismiss"),
     ("GET", "/api/account/export"): (account_export, "account.export"),
     ("POST", "/api/admin/accounts/{account_id}/erase"): (account_erase, "account.erase"),
     ("GET", "/api/admin/access-log"): (access_log_read, "access_log.read"),
@@ -316,6 +326,7 @@ async def test_each_personal_data_route_writes_the_access_log(
 OPEN_TO_EVERY_PROFESSIONAL = {
     ("POST", "/api/login"),
     ("GET", "/api/session"),
+    ("POST", "/api/session/notices/{notice_id}/dismiss"),
     ("GET", "/api/account/export"),
     ("GET", "/api/enrolment/{token}"),
     ("POST", "/api/enrolment/{token}/password"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
@@ -352,3 +353,37 @@ async def test_the_console_resets_the_app_alone_or_the_password_too(
         if r.object_id == str(anna.account_id) and r.action.startswith("account.reset")
     ]
     assert resets == [("account.reset-totp", "cli"), ("account.reset", "cli")]
+
+
+async def test_the_account_holder_is_told_of_every_reset(harness: Harness) -> None:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    reset = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    token = (await reset.json())["enrolment_token"]
+    reset_at = harness.clock.now()
+    harness.client.session.cookie_jar.clear()
+    anna.secret = await harness.enrol(token, password=anna.password)
+
+    login = await harness.login(anna)
+    [notice] = (await login.json())["notices"]
+    assert notice["kind"] == "totp-reset"
+    assert datetime.fromisoformat(notice["at"]) == reset_at
+    assert (notice["by_role"], notice["by_email"]) == ("admin", admin.email)
+    # Until dismissed it is there at every look; only its holder can dismiss it.
+    session = await (await harness.client.get("/api/session")).json()
+    assert [n["id"] for n in session["notices"]] == [notice["id"]]
+    dismiss = f"/api/session/notices/{notice['id']}/dismiss"
+    harness.client.session.cookie_jar.clear()
+    await harness.logged_in(bram)
+    refused = await harness.post(dismiss)
+    assert refused.status == 404
+    assert (await refused.json())["error"]["code"] == "notice_not_found"
+    harness.client.session.cookie_jar.clear()
+    await harness.logged_in(anna)
+    assert (await harness.post(dismiss)).status == 204
+    assert (await (await harness.client.get("/api/session")).json())["notices"] == []
+    assert (await harness.post(dismiss)).status == 404
+    records = [(r.action, r.actor_id) for r in await access_records(harness)]
+    assert ("notice.dismiss", anna.account_id) in records

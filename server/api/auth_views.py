@@ -9,11 +9,12 @@ from pydantic import Field, StringConstraints
 
 from audit import accounts as stored_accounts
 from audit.access_log import Actor, ClientType, record_access
+from audit.notices import dismiss_notice, pending_notices
 from audit.sealing import TOKEN_PATTERN
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
-from server.api.errors import TooManyRequests, Unauthorized
-from server.api.representations import account_json, iso, session_json
+from server.api.errors import NotFoundError, TooManyRequests, Unauthorized
+from server.api.representations import account_json, iso, notice_json, session_json
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.enrolment import Enroller
 from server.auth.errors import LoginLocked, LoginRefused
@@ -101,7 +102,7 @@ async def login(request: web.Request) -> web.Response:
             await end_session(conn, previous.session.id_hash)
         session_id, session = await create_session(conn, account.id, now=now)
     await _log_read(request, account, "session.login")
-    response = web.json_response(_session_json(request, account, session))
+    response = web.json_response(await _session_answer(request, account, session))
     set_session_cookie(request, response, session_id)
     return response
 
@@ -125,7 +126,29 @@ async def current_session(request: web.Request) -> web.Response:
     if principal is None:
         raise Unauthorized("not logged in (or the session timed out)")
     await _log_read(request, principal.account, "session.read")
-    return web.json_response(_session_json(request, principal.account, principal.session))
+    return web.json_response(await _session_answer(request, principal.account, principal.session))
+
+
+@routes.post("/api/session/notices/{notice_id:[0-9]{1,18}}/dismiss")
+async def dismiss(request: web.Request) -> web.Response:
+    """The account holder has read one of their notices: it goes."""
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized("not logged in (or the session timed out)")
+    account = principal.account
+    async with request.app[DB_ENGINE].begin() as conn:
+        if not await dismiss_notice(conn, account.id, int(request.match_info["notice_id"])):
+            raise NotFoundError("you have no notice with this id", code="notice_not_found")
+        await record_access(
+            conn,
+            Actor.api(account),
+            organisation_id=account.organisation_id,
+            action="notice.dismiss",
+            object_type="account",
+            object_id=account.id,
+            now=request.app[CLOCK].now(),
+        )
+    return web.Response(status=204)
 
 
 @routes.post("/api/session/touch")
@@ -136,13 +159,18 @@ async def touch(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _session_json(
+async def _session_answer(
     request: web.Request, account: stored_accounts.Account, session: Session
 ) -> dict[str, object]:
-    """The session's answer, at the app's time and with its session settings."""
-    return session_json(
+    """The session's answer, at the app's time and with its session settings,
+    and what the account holder must be told (a reset of their credentials)."""
+    async with request.app[DB_ENGINE].connect() as conn:
+        notices = await pending_notices(conn, account.id)
+    answer = session_json(
         account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
     )
+    answer["notices"] = [notice_json(notice) for notice in notices]
+    return answer
 
 
 def _locked(locked: LoginLocked) -> TooManyRequests:

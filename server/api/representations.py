@@ -12,6 +12,7 @@ from typing import Any
 from audit.access_log import AccessRecord
 from audit.accounts import Account
 from audit.consults import Consult, Invite
+from audit.notices import Notice
 from audit.recordings import RecordingEntry
 from audit.retention import Retention
 from audit.sessions import Session
@@ -51,6 +52,17 @@ def session_json(
             ),
             "idle_timeout_s": settings.idle_timeout_s,
         },
+    }
+
+
+def notice_json(notice: Notice) -> dict[str, object]:
+    """A notice for the account holder: what happened, when, and by whom."""
+    return {
+        "id": notice.id,
+        "kind": notice.kind.value,
+        "at": iso(notice.at),
+        "by_role": notice.by_role,
+        "by_email": notice.by_email,
     }
 
 

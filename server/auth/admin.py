@@ -24,6 +24,7 @@ from audit.accounts import (
     reset_totp,
     set_role,
 )
+from audit.notices import NoticeKind, add_notice
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,22 @@ async def reset_account_totp(
     """Forget the account's TOTP secret and end its sessions; return a new enrolment link.
 
     The account keeps its password, and the link asks for it: whoever is
-    handed the link (an admin) cannot become the account. ``password_too``
+    handed the link (an admin) cannot become the account; the holder finds a
+    notice of the reset at their next login. ``password_too``
     forgets the password as well (the console's full reset, whose link the
     operator hands to the account holder).
     """
     reset = await reset_totp(conn, account, password_too=password_too)
     token, expires_at = await issue_enrolment_link(conn, reset, now=now, ttl_s=link_ttl_s)
+    # The holder is told at their next login, whoever did it.
+    await add_notice(
+        conn,
+        account.id,
+        NoticeKind.RESET if password_too else NoticeKind.TOTP_RESET,
+        by_account_id=actor.account_id,
+        by_role=actor.role,
+        now=now,
+    )
     await record_access(
         conn,
         actor,

@@ -6,6 +6,7 @@ import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./med
 import { RecordingView } from "./recording.js";
 import {
   bindCallControls,
+  showAccountNotices,
   showDeviceProblems,
   showQuality,
   showSection,
@@ -600,6 +601,7 @@ async function start() {
   account = session.account;
   idleTimeoutS = session.session.idle_timeout_s;
   $("who").textContent = account.email;
+  showAccountNotices($("account-notices"), session.notices);
   if (account.role !== "therapist") {
     $("loading").querySelector("p").textContent = t("app.notTherapist");
     return;

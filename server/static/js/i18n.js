@@ -34,6 +34,11 @@ const MESSAGES = {
     "login.reason.logout": "You are logged out.",
     "login.reason.login": "",
 
+    "notice.totp-reset": "On {at}, {by} reset your authenticator app; your password stayed the same. If you did not ask for this, tell your practice at once.",
+    "notice.reset": "On {at}, {by} reset your password and authenticator app. If you did not ask for this, tell your practice at once.",
+    "notice.by.admin": "an administrator of your practice",
+    "notice.by.operator": "the server's operator",
+    "notice.dismiss": "Understood",
     "enrol.title": "Set up your account – videoconsult",
     "enrol.heading": "Set up your account",
     "enrol.checking": "Checking your link…",
@@ -317,6 +322,11 @@ const MESSAGES = {
     "login.reason.logout": "U bent uitgelogd.",
     "login.reason.login": "",
 
+    "notice.totp-reset": "Op {at} heeft {by} uw authenticator-app opnieuw ingesteld; uw wachtwoord is hetzelfde gebleven. Hebt u hier niet om gevraagd, meld het dan meteen aan uw praktijk.",
+    "notice.reset": "Op {at} heeft {by} uw wachtwoord en authenticator-app opnieuw ingesteld. Hebt u hier niet om gevraagd, meld het dan meteen aan uw praktijk.",
+    "notice.by.admin": "een beheerder van uw praktijk",
+    "notice.by.operator": "de beheerder van de server",
+    "notice.dismiss": "Begrepen",
     "enrol.title": "Uw account instellen – videoconsult",
     "enrol.heading": "Uw account instellen",
     "enrol.checking": "Uw link wordt gecontroleerd…",

@@ -3,7 +3,7 @@
 // server as SVG, and the technical log of one consult for the last 24 hours.
 // The filters live in the address, so a reload or a shared link shows the same.
 import { language, setupLanguage, t, translatePage } from "./i18n.js";
-import { showSection, toLogin } from "./ui.js";
+import { showAccountNotices, showSection, toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const STATUSES = [
@@ -415,6 +415,7 @@ async function start() {
   idleTimeoutS = session.session.idle_timeout_s;
   sessionTouched();
   $("who").textContent = session.account.email;
+  showAccountNotices($("account-notices"), session.notices);
   if (session.account.role !== "support") {
     show("refused");
     return;

@@ -65,3 +65,31 @@ export function showDeviceProblems(element, media, { audioOnlyNote = false } = {
   element.hidden = problems.length === 0;
   return problems.length > 0;
 }
+
+// What the account holder must be told (a reset of their credentials), each
+// with a button that dismisses it on the server.
+export function showAccountNotices(container, notices) {
+  container.replaceChildren();
+  for (const notice of notices || []) {
+    const box = document.createElement("div");
+    box.className = "notice account-notice";
+    box.setAttribute("role", "alert");
+    const text = document.createElement("p");
+    const by = notice.by_email || t(`notice.by.${notice.by_role}`, {}, notice.by_role);
+    const at = new Date(notice.at).toLocaleString(document.documentElement.lang);
+    text.textContent = t(`notice.${notice.kind}`, { at, by }, notice.kind);
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "small";
+    button.textContent = t("notice.dismiss");
+    button.addEventListener("click", async () => {
+      const response = await fetch(`/api/session/notices/${notice.id}/dismiss`, {
+        method: "POST",
+        credentials: "same-origin",
+      }).catch(() => null);
+      if (response && (response.ok || response.status === 404)) box.remove();
+    });
+    box.append(text, button);
+    container.append(box);
+  }
+}
