@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import WSMsgType
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
@@ -22,7 +23,9 @@ from yarl import URL
 from audit.accounts import Role
 from audit.db import is_outage
 from server import create_app
-from tests.support.harness import Harness
+from server.jobs import node_round
+from signaling.ports import StateUnavailable
+from tests.support.harness import Harness, Sockets, admitted_pair, consult_row, receive
 from tests.support.settings import SettingsFactory
 from tests.support.tcp_proxy import CuttableProxy
 
@@ -156,3 +159,51 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
     statuses = {c["id"]: c["status"] for c in listing["consults"]}
     assert statuses[consult_id] == "not_started"
     assert statuses[body["consult"]["id"]] == "created"
+
+
+async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis_is_back(
+    redis_proxy: CuttableProxy,
+    redis_url: str,
+    redis_prefix: str,
+    migrated_postgres_url: str,
+    make_settings: SettingsFactory,
+    clock: Any,
+    aiohttp_client: Any,
+) -> None:
+    proxied = str(URL(redis_url).with_port(redis_proxy.port))
+    app = create_app(
+        make_settings(
+            database_url=migrated_postgres_url, redis_url=proxied, redis_key_prefix=redis_prefix
+        ),
+        clock=clock,
+    )
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    try:
+        setup, therapist, patient = await admitted_pair(harness, sockets)
+
+        await redis_proxy.cut()
+        with pytest.raises(StateUnavailable):
+            await node_round(app)  # the node notices: out of touch
+        clock.advance(60)
+        ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+        assert ended.status == 200, await ended.text()
+        row = await consult_row(harness, setup.consult_id)
+        ended_at = clock.now()
+        assert (row.status, row.ended_at) == ("ended", ended_at)
+        # The sockets cannot be told yet: the room lives in Redis.
+        with pytest.raises(TimeoutError):
+            await patient.receive_json(timeout=0.3)
+
+        redis_proxy.restore()
+        clock.advance(30)
+        await node_round(app)  # the repair round, as the node job runs it
+        for socket in (therapist, patient):
+            assert (await receive(socket, "consult-ended"))["reason"] == "consult_over"
+            closing = await socket.receive(timeout=5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+        # The record keeps the end it was given, not the repair's.
+        row = await consult_row(harness, setup.consult_id)
+        assert (row.status, row.ended_at) == ("ended", ended_at)
+    finally:
+        await sockets.close()
