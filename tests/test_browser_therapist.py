@@ -14,6 +14,7 @@ from tests.support.browser import (
     assert_no_browser_errors,
     create_consult,
     inbound_media_grows,
+    logs_in,
     new_context,
     open_consult,
     patient_joins,
@@ -101,11 +102,7 @@ async def test_after_an_app_reset_the_page_asks_for_the_password_that_stays(
 
     # Anna is told at her next login who reset what, until she says she read it.
     await page.goto("/login")
-    await page.get_by_label("E-mail address").fill(anna.email)
-    await page.get_by_label("Password").fill(anna.password)
-    await page.get_by_label("Code from your authenticator app").fill(harness.code(anna.secret))
-    await page.get_by_role("button", name="Log in").click()
-    await page.wait_for_url("**/app")
+    await logs_in(harness, page, anna)
     notice = page.locator(".account-notice")
     await expect(notice).to_contain_text(f"{admin.email} reset your authenticator app")
     await expect(notice).to_contain_text("your password stayed the same")

@@ -116,7 +116,8 @@ async def redis_proxy(redis_url: str) -> AsyncIterator[CuttableProxy]:
         yield proxy
 
 
-async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_working(
+@pytest.fixture
+async def behind_redis_proxy(
     redis_proxy: CuttableProxy,
     redis_url: str,
     redis_prefix: str,
@@ -124,7 +125,8 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
     make_settings: SettingsFactory,
     clock: Any,
     aiohttp_client: Any,
-) -> None:
+) -> Harness:
+    """The app on PostgreSQL, its Redis reached through ``redis_proxy``."""
     proxied = str(URL(redis_url).with_port(redis_proxy.port))
     app = create_app(
         make_settings(
@@ -132,7 +134,13 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
         ),
         clock=clock,
     )
-    harness = Harness(app, await aiohttp_client(app), clock)
+    return Harness(app, await aiohttp_client(app), clock)
+
+
+async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_working(
+    redis_proxy: CuttableProxy, behind_redis_proxy: Harness
+) -> None:
+    harness = behind_redis_proxy
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
     await harness.logged_in(anna)
     first = await (await harness.post("/api/consults", {"display_name": "Mevr. de Vries"})).json()
@@ -162,22 +170,10 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
 
 
 async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis_is_back(
-    redis_proxy: CuttableProxy,
-    redis_url: str,
-    redis_prefix: str,
-    migrated_postgres_url: str,
-    make_settings: SettingsFactory,
-    clock: Any,
-    aiohttp_client: Any,
+    redis_proxy: CuttableProxy, behind_redis_proxy: Harness
 ) -> None:
-    proxied = str(URL(redis_url).with_port(redis_proxy.port))
-    app = create_app(
-        make_settings(
-            database_url=migrated_postgres_url, redis_url=proxied, redis_key_prefix=redis_prefix
-        ),
-        clock=clock,
-    )
-    harness = Harness(app, await aiohttp_client(app), clock)
+    harness = behind_redis_proxy
+    app, clock = harness.app, harness.clock
     sockets = Sockets(harness)
     try:
         setup, therapist, patient = await admitted_pair(harness, sockets)

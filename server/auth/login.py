@@ -62,29 +62,9 @@ class Authenticator:
             email = normalise_email(attempt.email)
         except InvalidValue:
             email = attempt.email.strip().lower()
-        subject_hash = keyed_hash(self.master_key.key, "login-subject", email)
-        client_hash = keyed_hash(self.master_key.key, "login-client", attempt.client_address)
-
-        # The attempt counts as a failure from the start, committed before any
-        # check, so that parallel attempts see each other; success forgives it.
-        async with self.engine.begin() as conn:
-            attempt_id = await record_login_attempt(
-                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
-            )
-        async with self.engine.begin() as conn:
-            until = await self._locked_until(conn, attempt_id, subject_hash, client_hash, now)
-            if until is not None:
-                # Refused unchecked: it must not stretch the lock.
-                await forget_login_attempt(conn, attempt_id)
-                await write_technical(
-                    conn,
-                    "login.locked",
-                    now=now,
-                    detail={"client_address": attempt.client_address, "until": until.isoformat()},
-                )
+        attempt_id = await self._attempt(email, attempt.client_address, now)
+        async with self.engine.connect() as conn:
             account = await find_account_by_email(conn, email)
-        if until is not None:
-            raise LoginLocked((until - now).total_seconds())
 
         password_ok = await self.hasher.verify(
             account.password_hash if account else None, attempt.password
@@ -124,18 +104,7 @@ class Authenticator:
         a wrong one is a failure towards the same lockouts, and while locked
         nothing is checked (raises :class:`LoginLocked`)."""
         now = self.clock.now()
-        subject_hash = keyed_hash(self.master_key.key, "login-subject", account.email)
-        client_hash = keyed_hash(self.master_key.key, "login-client", client_address)
-        async with self.engine.begin() as conn:
-            attempt_id = await record_login_attempt(
-                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
-            )
-        async with self.engine.begin() as conn:
-            until = await self._locked_until(conn, attempt_id, subject_hash, client_hash, now)
-            if until is not None:
-                await forget_login_attempt(conn, attempt_id)
-        if until is not None:
-            raise LoginLocked((until - now).total_seconds())
+        attempt_id = await self._attempt(account.email, client_address, now)
         if await self.hasher.verify(account.password_hash, password):
             async with self.engine.begin() as conn:
                 await forget_login_attempt(conn, attempt_id)
@@ -149,6 +118,31 @@ class Authenticator:
                 detail={"client_address": client_address},
             )
         return False
+
+    async def _attempt(self, email: str, client_address: str, now: datetime) -> int:
+        """Record an attempt at ``email``'s password; raise :class:`LoginLocked`
+        (the attempt forgotten) while failures lock the address or the client."""
+        subject_hash = keyed_hash(self.master_key.key, "login-subject", email)
+        client_hash = keyed_hash(self.master_key.key, "login-client", client_address)
+        # The attempt counts as a failure from the start, committed before any
+        # check, so that parallel attempts see each other; success forgives it.
+        async with self.engine.begin() as conn:
+            attempt_id = await record_login_attempt(
+                conn, subject_hash=subject_hash, client_hash=client_hash, now=now
+            )
+        async with self.engine.begin() as conn:
+            until = await self._locked_until(conn, attempt_id, subject_hash, client_hash, now)
+            if until is None:
+                return attempt_id
+            # Refused unchecked: it must not stretch the lock.
+            await forget_login_attempt(conn, attempt_id)
+            await write_technical(
+                conn,
+                "login.locked",
+                now=now,
+                detail={"client_address": client_address, "until": until.isoformat()},
+            )
+        raise LoginLocked((until - now).total_seconds())
 
     @staticmethod
     def _reason(account: Account | None, password_ok: bool) -> str | None:

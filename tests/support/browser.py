@@ -294,13 +294,18 @@ async def therapist_logs_in(
     page.on("dialog", lambda dialog: dialog.accept())
     await page.goto("/app")
     await page.wait_for_url("**/login?**")
-    await page.fill("#email", anna.email)
-    await page.fill("#password", anna.password)
-    await page.fill("#code", harness.code(anna.secret))
+    await logs_in(harness, page, anna)
+    return anna, context, page
+
+
+async def logs_in(harness: Harness, page: Page, who: Professional) -> None:
+    """Fill in the login page open in ``page``; wait for the dashboard."""
+    await page.fill("#email", who.email)
+    await page.fill("#password", who.password)
+    await page.fill("#code", harness.code(who.secret))
     await page.click("#login-button")
     await page.wait_for_url("**/app*")
     await expect(page.locator("#dashboard")).to_be_visible()
-    return anna, context, page
 
 
 async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> tuple[str, str]:
