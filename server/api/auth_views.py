@@ -23,6 +23,7 @@ from server.auth.passwords import MAX_PASSWORD_LENGTH
 from server.auth.sessions import (
     authenticate,
     clear_session_cookie,
+    require_login,
     set_session_cookie,
 )
 from server.services import authenticator, enroller
@@ -122,9 +123,7 @@ async def logout(request: web.Request) -> web.Response:
 @routes.get("/api/session")
 async def current_session(request: web.Request) -> web.Response:
     """Who is logged in, and when the session ends if left alone."""
-    principal = await authenticate(request)
-    if principal is None:
-        raise Unauthorized("not logged in (or the session timed out)")
+    principal = await require_login(request)
     await _log_read(request, principal.account, "session.read")
     return web.json_response(await _session_answer(request, principal.account, principal.session))
 
@@ -132,10 +131,7 @@ async def current_session(request: web.Request) -> web.Response:
 @routes.post("/api/session/notices/{notice_id:[0-9]{1,18}}/dismiss")
 async def dismiss(request: web.Request) -> web.Response:
     """The account holder has read one of their notices: it goes."""
-    principal = await authenticate(request)
-    if principal is None:
-        raise Unauthorized("not logged in (or the session timed out)")
-    account = principal.account
+    account = (await require_login(request)).account
     async with request.app[DB_ENGINE].begin() as conn:
         if not await dismiss_notice(conn, account.id, int(request.match_info["notice_id"])):
             raise NotFoundError("you have no notice with this id", code="notice_not_found")
@@ -154,8 +150,7 @@ async def dismiss(request: web.Request) -> web.Response:
 @routes.post("/api/session/touch")
 async def touch(request: web.Request) -> web.Response:
     """Keep the session alive (the page saw the professional at work); answers nothing else."""
-    if await authenticate(request) is None:
-        raise Unauthorized("not logged in (or the session timed out)")
+    await require_login(request)
     return web.Response(status=204)
 
 

@@ -11,9 +11,8 @@ from audit.accounts import Role
 from audit.sealing import keyed_hash
 from audit.subject_rights import erase_account, export_account
 from server.api.admin_views import ACCOUNT_PATH, own_account
-from server.api.errors import Unauthorized
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
-from server.auth.sessions import authenticate, require_role
+from server.auth.sessions import require_login, require_role
 
 routes = web.RouteTableDef()
 
@@ -21,10 +20,7 @@ routes = web.RouteTableDef()
 @routes.get("/api/account/export")
 async def account_export(request: web.Request) -> web.Response:
     """Everything held about the logged-in professional, as a JSON download."""
-    principal = await authenticate(request)
-    if principal is None:
-        raise Unauthorized("log in first")
-    account = principal.account
+    account = (await require_login(request)).account
     app = request.app
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:

@@ -115,14 +115,20 @@ async def authenticate(request: web.Request) -> Principal | None:
     return principal
 
 
+async def require_login(request: web.Request) -> Principal:
+    """Return the principal of a live session, any role; else 401."""
+    principal = await authenticate(request)
+    if principal is None:
+        raise Unauthorized("not logged in (or the session timed out)")
+    return principal
+
+
 async def require_role(request: web.Request, *roles: Role, action: str) -> Principal:
     """Return the principal if logged in with one of ``roles``; else 401 or 403.
 
     A refusal for the wrong role is written to the access log as ``action``.
     """
-    principal = await authenticate(request)
-    if principal is None:
-        raise Unauthorized("log in first")
+    principal = await require_login(request)
     if principal.account.role not in roles:
         app = request.app
         async with app[DB_ENGINE].begin() as conn:
