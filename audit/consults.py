@@ -148,6 +148,10 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
 async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
     """Close the consult once: ended with its duration, or never started.
 
+    A started consult never ends before its start: an end time from before
+    it (where a killed server's consults end is when it was last alive, up
+    to 2 s before a consult it admitted just then) is its start.
+
     Its invites are deleted with it, in the caller's transaction: whether a
     guardian had to consent and when the link was first used are kept no
     longer than the consult runs, and its link is then unknown. Ending an
@@ -163,8 +167,13 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
             "status": ConsultStatus.NOT_STARTED.value,
         }
     else:
-        duration = max(0, round((now - consult.started_at).total_seconds()))
-        values = {"ended_at": now, "duration_s": duration, "status": ConsultStatus.ENDED.value}
+        ended_at = max(now, consult.started_at)
+        duration = round((ended_at - consult.started_at).total_seconds())
+        values = {
+            "ended_at": ended_at,
+            "duration_s": duration,
+            "status": ConsultStatus.ENDED.value,
+        }
     await conn.execute(
         consults.update()
         .where(consults.c.id == consult_id, consults.c.ended_at.is_(None))

@@ -7,8 +7,9 @@ A step that raises is logged, counted in the failures metric
 tried again after a wait that doubles with each failure in a row, up to the
 job's ``backoff_max_s``; the first success after failures says so once and
 goes back to the interval. Failures the job expects (``expected``, e.g. Redis
-away) are said once when they start, without a traceback; any other is
-logged with its traceback each time. Nothing else in the server writes
+away), and the database being away for any job (``audit.db.is_outage``, as
+requests answer 503 then), are said once when they start, without a
+traceback; any other is logged with its traceback each time. Nothing else in the server writes
 ``while True: ... except Exception``.
 
 On cleanup the job's task is cancelled and awaited, so that a step
@@ -28,6 +29,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_app import CleanupError
 
+from audit.db import is_outage
 from server.app_keys import METRICS
 
 _log = structlog.get_logger("videoconsult.background")
@@ -95,7 +97,7 @@ class JobRunner:
             self.failures_in_a_row += 1
             self._failed(job.name)
             wait_s = self.retry_in_s()
-            if not isinstance(err, job.expected):
+            if not (isinstance(err, job.expected) or is_outage(err)):
                 _log.exception(
                     "background job failed; trying again",
                     job=job.name.value,

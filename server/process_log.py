@@ -79,8 +79,9 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # mix letters and digits. Pseudonymous UUIDs are allowed and kept.
 _TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}(?![\w-])")
 # One-time codes are 6 to 8 digits standing alone (a trailing full stop is
-# punctuation; a decimal point followed by digits is not).
-_CODE = re.compile(r"(?<![\w.])\d{6,8}(?!\w|[.,]\d)")
+# punctuation; a decimal point followed by digits is not), and not the first
+# group of a UUID (kept, as above).
+_CODE = re.compile(r"(?<![\w.])\d{6,8}(?!\w|[.,]\d|-[0-9a-fA-F]{4}-)")
 # Header lines that carry credentials: everything after the name goes.
 _CREDENTIAL_HEADER = re.compile(
     r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie)(\s*[:=]\s*)[^\n]*"

@@ -45,6 +45,7 @@ from tests.support.databases import (
     run_outside_the_test_loop,
 )
 from tests.support.harness import Harness, Sockets
+from tests.support.own_postgres import OwnPostgres, own_postgres_server
 from tests.support.services import (
     POSTGRES_ADMIN_URL,
     REDIS_URL,
@@ -91,6 +92,15 @@ async def migrated_postgres_url(postgres_copies: PostgresCopies) -> AsyncIterato
     url = await postgres_copies.take()
     yield url
     postgres_copies.drop(url)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A PostgreSQL server of this test's own, for drills that restart it (the
+    shared one never is): initdb in a temporary directory, started on a free
+    port; stopped and deleted afterwards (``tests/support/own_postgres.py``)."""
+    with own_postgres_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

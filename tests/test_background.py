@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.web_app import CleanupError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from structlog.testing import capture_logs
 
 from server.background import Job, JobName, JobRunner, run_all
@@ -87,6 +88,27 @@ async def test_an_expected_failure_is_said_once_until_the_job_runs_again() -> No
     ]
     assert logs[0]["error"] == "StateUnavailable"
     assert len(failed) == 3  # counted each time all the same
+
+
+async def test_the_database_away_is_expected_of_every_job_said_once_without_a_traceback() -> None:
+    """As requests answer 503 (server/outage.py): a PostgreSQL restart is a
+    state of the world, not a bug; the fault drill's session check met it
+    (tests/test_drills.py) and logged a traceback."""
+    failed: list[JobName] = []
+    away = OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "Connection refused"))
+    logs = await rounds(runner(Step(away, away), failed), 3)
+    assert said(logs) == [
+        ("warning", "background job waits; trying again"),
+        ("info", "background job running again"),
+    ]
+    assert "exc_info" not in logs[0]
+    assert logs[0]["error"] == "OperationalError"
+    assert len(failed) == 2
+    # A database error that is a bug still comes with its traceback.
+    broken = IntegrityError("INSERT", {}, Exception("duplicate key"))
+    logs = await rounds(runner(Step(broken), []), 1)
+    assert said(logs) == [("error", "background job failed; trying again")]
+    assert logs[0]["exc_info"] is True
 
 
 async def test_the_first_round_waits_one_interval_unless_told_otherwise() -> None:

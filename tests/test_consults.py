@@ -336,3 +336,20 @@ async def test_every_end_of_a_consult_deletes_its_invites(harness: Harness) -> N
     async with harness.app[DB_ENGINE].begin() as conn:
         await mark_ended(conn, consult_id, now=now + timedelta(minutes=5))
     assert await invite_rows(harness, setup.consult_id) == []
+
+
+async def test_a_consult_never_ends_before_it_started(harness: Harness) -> None:
+    """A server killed within the alive file's 2 s of an admission was last
+    alive before that consult started; where it ends after the restart
+    (Recovery.resume) is its start then, not a moment before it (the SIGKILL
+    drill, tests/test_drills.py, met an end 0.9 s before the start)."""
+    from audit.consults import mark_ended, mark_started
+
+    setup = await new_consult(harness)
+    started = harness.clock.now()
+    consult_id = uuid.UUID(setup.consult_id)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, consult_id, now=started)
+        ended = await mark_ended(conn, consult_id, now=started - timedelta(seconds=1.5))
+    assert ended.ended_at == started
+    assert ended.duration_s == 0

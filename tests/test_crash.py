@@ -4,6 +4,7 @@ participants, or ends when nobody comes back; it never stays running for good.
 The harness makes the consult and stops; the server then runs as its own
 process on the harness's data directory and SQLite file, alone, as it would
 in a clinic (the harness's app would otherwise say it is alive there too).
+The fault drill in ``tests/test_drills.py`` does this twenty times in a row.
 """
 
 from __future__ import annotations

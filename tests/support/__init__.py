@@ -12,6 +12,7 @@
 - ``deploy``: reading the nginx config of deploy/.
 - ``deliveries``: a receiver that keeps what a broker delivered, for broker tests.
 - ``tcp_proxy``: a TCP proxy to a real server that a test can cut (a database or Redis outage).
+- ``own_postgres``: a PostgreSQL server of a test's own, to stop and restart (the fault drill).
 """
 
 from pathlib import Path
