@@ -226,7 +226,7 @@ class ConsultRooms:
                 await self.send(consult_id, other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
                 # The waiting patient learns that the therapist is there now.
-                await self.send(consult_id, other, _therapist_presence(present=True))
+                await self.send(consult_id, other, _presence(role, present=True))
             to_self = [
                 outbound(
                     "welcome",
@@ -519,7 +519,7 @@ class ConsultRooms:
                 if role is ParticipantRole.PATIENT:
                     await self.send(consult_id, other, outbound("peer-left", role=role.value))
                 elif state.present(other):
-                    await self.send(consult_id, other, _therapist_presence(present=False))
+                    await self.send(consult_id, other, _presence(role, present=False))
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
@@ -596,6 +596,5 @@ class ConsultRooms:
         )
 
 
-def _therapist_presence(*, present: bool) -> dict[str, Any]:
-    """To a patient in the waiting room: the therapist's socket opened or closed."""
-    return outbound("peer-presence", role=ParticipantRole.THERAPIST.value, present=present)
+def _presence(role: ParticipantRole, *, present: bool) -> dict[str, Any]:
+    return outbound("peer-presence", role=role.value, present=present)  # to a waiting patient
