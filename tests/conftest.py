@@ -8,9 +8,16 @@ never passes on skipped real-service tests.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import secrets
+import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+import traceback
+import types
+from collections.abc import AsyncIterator, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -152,6 +159,57 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # starting browsers or server processes at once on two cores
             # would race their own timeouts. The other workers take the rest.
             item.add_marker(pytest.mark.xdist_group("media"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, None, None]:
+    """When pytest-timeout's alarm goes off (pyproject.toml), print where every
+    task of the running event loop and every async generator (an async
+    fixture) waits, before the plugin fails the test: a hang in async code
+    waits in the loop, not in a thread, and the await it is stuck at says
+    why. It goes to the test's captured stderr, shown with the failure."""
+    yield
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return
+    fail_the_test = signal.getsignal(signal.SIGALRM)
+    if not callable(fail_the_test):
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        print_awaits(sys.stderr)
+        fail_the_test(signum, frame)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+
+
+def print_awaits(out: Any) -> None:
+    """Each task of the running loop and each async generator suspended in an
+    await, with the chain of awaits it waits in (innermost last)."""
+    try:
+        tasks = asyncio.all_tasks(asyncio.get_running_loop())
+    except RuntimeError:
+        tasks = set()
+    waiting: list[tuple[str, Any]] = [(repr(task), task.get_coro()) for task in tasks]
+    waiting += [
+        (f"async generator {agen.__qualname__}", agen)
+        for agen in gc.get_objects()
+        if isinstance(agen, types.AsyncGeneratorType) and agen.ag_await is not None
+    ]
+    print(f"\nAt the timeout, {len(waiting)} awaits:", file=out)
+    for title, awaitable in waiting:
+        print(f"--- {title}", file=out)
+        while awaitable is not None:
+            frame = _attribute(awaitable, "cr_frame", "ag_frame", "gi_frame")
+            if frame is not None:
+                print("".join(traceback.format_stack(frame, limit=1)), end="", file=out)
+            awaitable = _attribute(awaitable, "cr_await", "ag_await", "gi_yieldfrom")
+
+
+def _attribute(thing: object, *names: str) -> Any:
+    """The first of these attributes that ``thing`` has and that is not None."""
+    return next(
+        (value for name in names if (value := getattr(thing, name, None)) is not None), None
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixture's own params are applied

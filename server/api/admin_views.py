@@ -227,7 +227,8 @@ async def access_log_read(request: web.Request) -> web.Response:
     before = request.query.get("before")
     before_seq: int | None = None
     if before is not None:
-        if not before.isdigit() or len(before) > 18:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (before.isascii() and before.isdigit()) or len(before) > 18 or int(before) < 1:
             raise Unprocessable("parameter 'before' must be a record's seq (a positive number)")
         before_seq = int(before)
     organisation_id = principal.account.organisation_id

@@ -116,9 +116,14 @@ async def consults_create(request: web.Request) -> web.Response:
     scheduled_at = _parse_time(body.scheduled_at)
     app = request.app
     now = app[CLOCK].now()
-    expires_at = invite_expiry(
-        now=now, scheduled_at=scheduled_at, validity_s=app[SETTINGS].consults.invite_validity_s
-    )
+    try:
+        expires_at = invite_expiry(
+            now=now, scheduled_at=scheduled_at, validity_s=app[SETTINGS].consults.invite_validity_s
+        )
+    except OverflowError:  # the invite's end would lie past 9999-12-31
+        raise Unprocessable(
+            "field 'scheduled_at' is too far in the future: the invite would end after 9999"
+        ) from None
     async with app[DB_ENGINE].begin() as conn:
         consult = await create_consult(conn, therapist_id=principal.account.id, now=now)
         token, invite = await issue_invite(
