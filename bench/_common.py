@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -20,6 +22,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import asyncpg
 
 try:
@@ -83,9 +86,41 @@ async def pg_execute(dsn: str, statement: str) -> None:
         await conn.close()
 
 
+def client_session() -> aiohttp.ClientSession:
+    """The load generator's HTTP and WebSocket client: no connection limit, no cookies kept."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=120),
+    )
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise this process's open-file limit (inherited by the servers it starts)
+    to the hard limit, or to ``want`` where there is none; returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, want)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 # --------------------------------------------------------------------------
 # The host and the process, from /proc (Linux).
 # --------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The host and the load generator, for the results."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "memory_gib": memory_gib(),
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "aiohttp": aiohttp.__version__,
+        "client_loop": LOOP,
+    }
 
 
 def cpu_jiffies(cpu: int | None = None) -> tuple[int, int]:

@@ -327,8 +327,9 @@ class OursServer(Server):
         async with session.post(node.origin + path, json=body, headers=headers) as resp:
             return resp.status, await resp.json(content_type=None), resp
 
-    async def prepare(self, session: aiohttp.ClientSession, n_pairs: int, concurrency: int) -> Any:
-        # Enrol the therapist through the API (as tests/support/harness.py does), then log in once.
+    async def login(self, session: aiohttp.ClientSession) -> None:
+        """Enrol the therapist through the API (as tests/support/harness.py does),
+        then log in once: ``self.cookie`` is the session's cookie."""
         token = self.enrol_token
         status, body, _ = await self._post(
             session, f"/api/enrolment/{token}/password", {"password": PASSWORD}
@@ -349,14 +350,49 @@ class OursServer(Server):
         morsel = next(iter(resp.cookies.values()))
         self.cookie = f"{morsel.key}={morsel.value}"
 
+    async def create_consult(self, session: aiohttp.ClientSession) -> tuple[str, str]:
+        """A new consult of the logged-in therapist: (its id, its invite token)."""
+        status, body, _ = await self._post(session, "/api/consults", {}, auth=True)
+        if status != 201:
+            raise RuntimeError(f"create consult: {status} {body}")
+        return body["consult"]["id"], body["invite_token"]
+
+    async def open_therapist(
+        self, session: aiohttp.ClientSession, consult_id: str, node: OursNode | None = None
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The therapist's socket of a consult (its ``welcome`` not yet read)."""
+        node = node or self.nodes[0]
+        return await session.ws_connect(
+            f"ws://{HOST}:{node.port}/ws?consult={consult_id}",
+            headers={**self._headers_for(node), "Cookie": self.cookie},
+        )
+
+    async def open_patient(
+        self, session: aiohttp.ClientSession, invite: str, node: OursNode | None = None
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A ticket for the invite, then the patient's socket with it (``welcome`` not yet read).
+
+        The ticket comes from the node the socket goes to, as the patient's
+        page would get it through the same proxy.
+        """
+        node = node or self.nodes[0]
+        status, body, _ = await self._post(
+            session, f"/api/invites/{invite}/ticket", {"consent": True}, node=node
+        )
+        if status != 200:
+            raise RuntimeError(f"ticket: {status} {body}")
+        return await session.ws_connect(
+            f"ws://{HOST}:{node.port}/ws?ticket={body['ticket']}",
+            headers=self._headers_for(node),
+        )
+
+    async def prepare(self, session: aiohttp.ClientSession, n_pairs: int, concurrency: int) -> Any:
+        await self.login(session)
         gate = asyncio.Semaphore(concurrency)
 
         async def create(_i: int) -> tuple[str, str]:
             async with gate:
-                status, body, _ = await self._post(session, "/api/consults", {}, auth=True)
-            if status != 201:
-                raise RuntimeError(f"create consult: {status} {body}")
-            return body["consult"]["id"], body["invite_token"]
+                return await self.create_consult(session)
 
         return await asyncio.gather(*(create(i) for i in range(n_pairs)))
 
@@ -379,22 +415,9 @@ class OursServer(Server):
         async def one(index: int, consult_id: str, invite: str) -> Pair:
             therapist_at, patient_at = (self.nodes[k] for k in self.layout.place(index))
             async with gate:
-                therapist = await session.ws_connect(
-                    f"ws://{HOST}:{therapist_at.port}/ws?consult={consult_id}",
-                    headers={**self._headers_for(therapist_at), "Cookie": self.cookie},
-                )
+                therapist = await self.open_therapist(session, consult_id, therapist_at)
                 await expect(therapist, "welcome")
-                # The ticket from the node the patient's socket goes to, as the
-                # patient's page would get it through the same proxy.
-                status, body, _ = await self._post(
-                    session, f"/api/invites/{invite}/ticket", {"consent": True}, node=patient_at
-                )
-                if status != 200:
-                    raise RuntimeError(f"ticket: {status} {body}")
-                patient = await session.ws_connect(
-                    f"ws://{HOST}:{patient_at.port}/ws?ticket={body['ticket']}",
-                    headers=self._headers_for(patient_at),
-                )
+                patient = await self.open_patient(session, invite, patient_at)
                 await expect(patient, "welcome")
                 await expect(therapist, "patient-waiting")
                 await therapist.send_str('{"v":1,"type":"admit"}')

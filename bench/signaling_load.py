@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,16 +44,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from _common import (
     HOST,
-    LOOP,
     ROOT,
     Invocation,
     cancel_on_signals,
+    client_session,
     cpu_jiffies,
-    cpu_model,
-    memory_gib,
+    machine,
+    raise_fd_limit,
     run_main,
 )
 from _signaling_processes import (
@@ -82,14 +80,6 @@ def percentile(sorted_values: list[int], q: float) -> float:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return float(sorted_values[k])
-
-
-def client_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=120),
-    )
 
 
 async def close_sockets(pairs: list[Pair], readers: list[asyncio.Task[None]]) -> None:
@@ -301,26 +291,6 @@ async def idle_run(
             task.cancel()
         await server.cleanup()
     return result
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "memory_gib": memory_gib(),
-        "kernel": os.uname().release,
-        "python": sys.version.split()[0],
-        "aiohttp": aiohttp.__version__,
-        "client_loop": LOOP,
-    }
-
-
-def raise_fd_limit(want: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, want)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 SNAPSHOT: dict[str, Any] = {}

@@ -79,8 +79,13 @@ class InProcessTicketStore:
             return None
         grant, until = entry
         mine = self._by_invite.get(grant.invite_hash)
-        if mine is not None and ticket in mine:
-            mine.remove(ticket)
+        if mine is not None:
+            if ticket in mine:
+                mine.remove(ticket)
+            if not mine:
+                # Its last live ticket: the invite is forgotten too, or every
+                # invite ever used would leave its empty entry behind.
+                del self._by_invite[grant.invite_hash]
         return grant if until > now else None
 
     def _forget_expired(self, now: datetime) -> None:
@@ -98,6 +103,11 @@ class InProcessTicketStore:
 
     def __len__(self) -> int:
         return len(self._tickets)
+
+    @property
+    def invites(self) -> int:
+        """Invites with a live ticket here."""
+        return len(self._by_invite)
 
 
 # KEYS: the invite's list of ticket keys (oldest first), the new ticket's

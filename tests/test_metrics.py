@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -162,6 +163,44 @@ async def test_a_consult_leaves_the_gauges_when_its_sockets_close(
     assert after.value("videoconsult_signaling_participants", role="patient") == 0
     assert after.value("videoconsult_signaling_participants", role="therapist") == 1
     assert after.value("videoconsult_patients_waiting") == 0
+
+
+async def tasks_now(client: Any) -> float:
+    return (await scrape(client)).value("videoconsult_asyncio_tasks")
+
+
+async def test_the_asyncio_tasks_are_counted_and_an_ended_consult_leaves_none_behind(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    client = sqlite_harness.client
+    setup = await new_consult(sqlite_harness)
+    # The scrape's own task at least; the test's own tasks too (one process).
+    before = await tasks_now(client)
+    assert before >= 1
+
+    therapist = await sqlite_sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sqlite_sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    await receive(therapist, "patient-waiting")
+    await therapist.send_json({"v": 1, "type": "admit"})
+    await receive(patient, "admitted")
+    await receive(therapist, "peer-joined")
+    await therapist.send_json(OFFER)
+    await receive(patient, "offer")
+    # Each open socket is served by a task of its own.
+    assert await tasks_now(client) >= before + 2
+
+    await therapist.send_json({"v": 1, "type": "end"})
+    await receive(therapist, "consult-ended")
+    await receive(patient, "consult-ended")
+    # The patient's browser session goes too (its kept-alive ticket request).
+    await sqlite_sockets.close()
+    for _ in range(100):  # up to 5 s: each handler ends once its socket is closed
+        if (now := await tasks_now(client)) == before:
+            break
+        await asyncio.sleep(0.05)
+    assert now == before
 
 
 async def test_refused_sockets_are_counted_by_reason(sqlite_harness: Harness) -> None:

@@ -134,6 +134,23 @@ async def test_tickets_expire_are_single_use_and_capped_per_invite() -> None:
     assert len(store) == 1  # the expired ones were swept
 
 
+async def test_claimed_tickets_leave_nothing_of_their_invites_behind() -> None:
+    # Found by the soak (bench/soak.py): every invite whose ticket was used
+    # kept an empty entry, for as long as the server ran.
+    store = InProcessTicketStore()
+    for k in range(100):
+        grant = TicketGrant(uuid.uuid4(), f"hash-{k}")
+        tickets = [await store.issue(grant, now=NOW, ttl_s=60) for _ in range(2)]
+        for ticket in tickets:
+            assert await store.claim(ticket, now=NOW) == grant
+    assert len(store) == 0
+    assert store.invites == 0
+    # A ticket claimed too late is gone as well.
+    late = await store.issue(GRANT, now=NOW, ttl_s=60)
+    assert await store.claim(late, now=NOW + timedelta(seconds=61)) is None
+    assert store.invites == 0
+
+
 # Several nodes on Redis.
 
 

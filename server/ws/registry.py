@@ -28,6 +28,28 @@ async def tracked_websocket(
         yield websocket
     finally:
         sockets.discard(websocket)
+        _let_go(request, websocket)
+
+
+def _let_go(request: web.Request, websocket: web.WebSocketResponse) -> None:
+    """Free a finished socket now, not at the cycle collector's next full run.
+
+    aiohttp (3.14) leaves two things behind when a socket is done: the
+    socket's data callback on the connection's protocol (socket → request →
+    protocol → callback → socket, a reference cycle), and a heartbeat timer
+    that a frame arriving during the closing handshake sets again (the loop
+    holds the socket until it fires, 20 s later). Every closed socket, with
+    its request, transport and buffers, then waited for a full run of the
+    cycle collector, which under steady churn comes seldom: the server's
+    memory grew by a sixth in a 10-minute soak (bench/soak.py,
+    docs/benchmarks.md "Soak"). Both are private to aiohttp, hence the care.
+    """
+    protocol = request.protocol
+    if getattr(protocol, "_data_received_cb", None) is not None:
+        protocol._data_received_cb = None
+    cancel_heartbeat = getattr(websocket, "_cancel_heartbeat", None)
+    if callable(cancel_heartbeat):
+        cancel_heartbeat()
 
 
 async def close_websockets(app: web.Application) -> None:
