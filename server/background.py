@@ -127,9 +127,15 @@ class JobRunner:
     async def run(self) -> None:
         """Run rounds until cancelled."""
         wait_s = self.first_after_s
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(wait_s)
             wait_s = await self.run_once()
+            if task is not None and task.cancelling():
+                # The step swallowed the cancellation (a client library that
+                # catches it while reconnecting): stop as asked, or the
+                # application's cleanup waits on this task for good.
+                raise asyncio.CancelledError
 
 
 def periodic(job: Job) -> CleanupContext:

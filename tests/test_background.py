@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -145,3 +146,29 @@ async def test_several_teardown_errors_are_raised_together_as_aiohttp_does() -> 
     with pytest.raises(CleanupError) as raised:
         await run_all([fails, also_fails])
     assert [type(err) for err in raised.value.exceptions] == [OSError, RuntimeError]
+
+
+async def test_a_job_stops_when_cancelled_even_if_its_step_swallows_the_cancellation() -> None:
+    """A client library that catches CancelledError while it reconnects (seen
+    as a harness teardown hanging after a Redis outage) used to leave the job
+    asleep for good, and the application's cleanup waiting on it."""
+    entered = asyncio.Event()
+
+    async def swallowing(_app: web.Application) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return  # what the library did
+
+    job = JobRunner(
+        Job(JobName.ROOM_TIMERS, swallowing, 0.01), web.Application(), failed=lambda _name: None
+    )
+    task = asyncio.create_task(job.run())
+    await asyncio.wait_for(entered.wait(), 5)
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    try:
+        assert task.cancelled(), "the job went back to sleep"
+    finally:
+        task.cancel()  # before the fix, again: it swallows one cancellation per step
