@@ -9,13 +9,13 @@ not know is kept for a node that does.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol, assert_never
 
 import structlog
 
 from audit.clock import Clock
+from signaling.changes import ChangeThenTell
 from signaling.ports import RoomStore, StateUnavailable, Timers
 from signaling.protocol import (
     EndReason,
@@ -48,13 +48,13 @@ class RoomDeadlines:
         store: RoomStore,
         timers: Timers,
         end: EndConsult,
-        send: Callable[[uuid.UUID, ParticipantRole, dict[str, Any]], Awaitable[None]],
+        change: ChangeThenTell,
     ) -> None:
         self._clock = clock
         self._store = store
         self._timers = timers
         self._end = end
-        self._send = send
+        self._change = change
         # Timers that came due but neither fired nor could be set again.
         self._unsaved: dict[str, dict[str, Any]] = {}
 
@@ -125,7 +125,7 @@ class RoomDeadlines:
         self, consult_id: uuid.UUID, role: ParticipantRole, connection_id: str
     ) -> None:
         end_at: datetime | None = None
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or state.phase is RoomPhase.OVER:
                 return
             presence = state.presence(role)
@@ -141,7 +141,7 @@ class RoomDeadlines:
                 return  # came back in time
             else:
                 state.set_presence(role, None)
-                await self._send(consult_id, role.other, outbound("peer-left", role=role.value))
+                tell(role.other, outbound("peer-left", role=role.value))
                 if state.presence(role.other) is None:
                     # Both gone past their grace periods: the consult ended when
                     # this one, the last, went away.

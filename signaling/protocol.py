@@ -187,7 +187,8 @@ class ProtocolError(Exception):
 class _Inbound(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    v: Literal[1]
+    # The JSON integer 1: strict, so neither true nor 1.0 (Literal[1] takes both).
+    v: Annotated[int, Field(ge=VERSION, le=VERSION)]
     # Optional: a client may name its consult; naming another one is an error.
     consult: str | None = Field(default=None, max_length=64)
 
@@ -345,7 +346,8 @@ def _explain(frame: str) -> InboundMessage:
         raise ProtocolError(ErrorCode.INVALID_JSON, "the message must be a JSON object")
     kind = data.get("type")
     ref = kind if isinstance(kind, str) and len(kind) <= 32 else None
-    if data.get("v") != VERSION:
+    version = data.get("v")
+    if type(version) is not int or version != VERSION:  # true == 1 in Python
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"field 'v' must be {VERSION} (the protocol version)",

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +49,7 @@ from audit.recordings import (
     start_recording,
 )
 from audit.technical_log import TechnicalLog
+from signaling.changes import ChangeThenTell, Send
 from signaling.ports import RoomStore
 from signaling.protocol import (
     ErrorCode,
@@ -75,7 +75,6 @@ _log = structlog.get_logger("videoconsult.recording")
 
 BOTH = frozenset(ParticipantRole)
 
-Send = Callable[[uuid.UUID, ParticipantRole, dict[str, Any]], Awaitable[None]]
 RecordingMessage = RecordRequest | RecordConsent | RecordStop | RecorderOffer
 
 
@@ -130,6 +129,8 @@ class RecordingControl:
         self._clock = clock
         self._store = store
         self._send = send
+        # What a change announces goes out once it is saved (signaling.changes).
+        self._change = ChangeThenTell(store, send)
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
         # The open question of each consult: when it was asked, and its id,
@@ -170,7 +171,7 @@ class RecordingControl:
                 "recording is not enabled on this server",
                 ref="record-request",
             )
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or state.phase is RoomPhase.OVER:
                 raise ProtocolError(
                     ErrorCode.CONSULT_OVER, "the consult is over", ref="record-request"
@@ -218,13 +219,13 @@ class RecordingControl:
             state.recording = RecordingPhase.REQUESTED
             request = secrets.token_urlsafe(8)
             self._questions[consult_id] = _Question(self._clock.now(), request)
-            await self._announce(
-                consult_id, RecordingState.REQUESTED, guardian_required=guardian, request=request
+            tell.both(
+                _announcement(RecordingState.REQUESTED, guardian_required=guardian, request=request)
             )
 
     async def _consent(self, consult_id: uuid.UUID, message: RecordConsent) -> None:
         services = self._services
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or state.recording is not RecordingPhase.REQUESTED:
                 raise ProtocolError(
                     ErrorCode.RECORDING_STATE,
@@ -240,7 +241,7 @@ class RecordingControl:
             if not message.agree:
                 state.recording = RecordingPhase.OFF
                 self._questions.pop(consult_id, None)
-                await self._announce(consult_id, RecordingState.REFUSED)
+                tell.both(_announcement(RecordingState.REFUSED))
                 self._note(consult_id, "recording.refused")
                 return
             async with self._engine.connect() as conn:
@@ -258,9 +259,7 @@ class RecordingControl:
                 # (the state change is kept: this block ends cleanly).
                 state.recording = RecordingPhase.OFF
                 self._questions.pop(consult_id, None)
-                await self._announce(
-                    consult_id, RecordingState.OFF, reason=StopReason.SERVER_BUSY.value
-                )
+                tell.both(_announcement(RecordingState.OFF, reason=StopReason.SERVER_BUSY.value))
                 return
             now = self._clock.now()
             question = self._questions.pop(consult_id, None)
@@ -275,7 +274,7 @@ class RecordingControl:
             self._live[consult_id] = live
             state.recording = RecordingPhase.STARTING
             live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
-            await self._announce(consult_id, RecordingState.STARTING)
+            tell.both(_announcement(RecordingState.STARTING))
         self._note(consult_id, "recording.consented", {"by": message.by})
 
     def _question_id(self, consult_id: uuid.UUID) -> str | None:
@@ -351,16 +350,15 @@ class RecordingControl:
             _log.exception("recording: the recorder did not start", consult_id=str(consult_id))
             await self.stop(consult_id, StopReason.RECORDER_FAILED)
             return
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or self._live.get(consult_id) is not live:
                 return  # stopped meanwhile: the stop finishes the file
             state.recording = RecordingPhase.ON
             live.started_at = now
-            await self._announce(
-                consult_id,
-                RecordingState.ON,
-                started_at=now.isoformat(),
-                recording=str(recording.id),
+            tell.both(
+                _announcement(
+                    RecordingState.ON, started_at=now.isoformat(), recording=str(recording.id)
+                )
             )
         _log.info("recording started", consult_id=str(consult_id), recording_id=str(recording.id))
 
@@ -381,7 +379,10 @@ class RecordingControl:
             return False
         # Told first: a new request may follow at once, and must not be
         # overtaken by this "off" (the file is finished after).
-        await self._announce(consult_id, RecordingState.OFF, reason=reason.value)
+        for role in ParticipantRole:
+            await self._send(
+                consult_id, role, _announcement(RecordingState.OFF, reason=reason.value)
+            )
         self._note(consult_id, "recording.stopped", {"reason": reason.value})
         if live is not None:
             await self._finish(consult_id, live, reason)
@@ -470,23 +471,21 @@ class RecordingControl:
         """The node that recorded this consult (or was about to) died: the
         recording is off, its row incomplete, and whoever is left is told.
         Returns whether there was one."""
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or state.recording is RecordingPhase.OFF:
                 return False
             state.recording = RecordingPhase.OFF
             self._questions.pop(consult_id, None)
             async with self._engine.begin() as conn:
                 await mark_interrupted(conn, now=now, consult_id=consult_id)
-            await self._announce(
-                consult_id, RecordingState.OFF, reason=StopReason.SERVER_RESTART.value
-            )
+            tell.both(_announcement(RecordingState.OFF, reason=StopReason.SERVER_RESTART.value))
         self._note(consult_id, "recording.node_lost")
         return True
 
-    async def _announce(self, consult_id: uuid.UUID, state: RecordingState, **fields: Any) -> None:
-        message = outbound("recording", state=state, **fields)
-        for role in ParticipantRole:
-            await self._send(consult_id, role, message)
-
     def _note(self, consult_id: uuid.UUID, kind: str, detail: dict[str, Any] | None = None) -> None:
         self._technical.log.info(kind, subject=str(consult_id), detail=detail or {})
+
+
+def _announcement(state: RecordingState, **fields: Any) -> dict[str, Any]:
+    """The recording's state, told to both participants."""
+    return outbound("recording", state=state, **fields)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.clock import Clock
 from audit.consults import get_consult
 from audit.errors import NotFound
+from signaling.changes import ChangeThenTell
 from signaling.ports import RoomStore, Timers
 from signaling.protocol import EndReason, ParticipantRole, TimerKind, outbound
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
@@ -51,6 +52,7 @@ class Recovery:
         self._engine = engine
         self._clock = clock
         self._store = store
+        self._change = ChangeThenTell(store, rooms.send)
         self._timers = timers
         self._max_duration = timedelta(seconds=max_duration_s)
         self._grace = timedelta(seconds=grace_s)
@@ -157,8 +159,7 @@ class Recovery:
         if consult.is_over:
             await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER)
             return True
-        send = self._rooms.send
-        async with self._store.locked(consult_id, create=True) as state:
+        async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.OVER or not self._rooms.is_here(participant):
                 return False
@@ -182,9 +183,7 @@ class Recovery:
             if state.phase is RoomPhase.ACTIVE and state.present(other):
                 # The other may have been told this one left (its node taken
                 # for dead); an offer more is harmless either way.
-                await send(consult_id, other, outbound("peer-rejoined", role=role.value))
+                tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                await send(
-                    consult_id, other, outbound("patient-waiting", display_name=state.display_name)
-                )
+                tell(other, outbound("patient-waiting", display_name=state.display_name))
         return True

@@ -30,7 +30,7 @@ from audit.clock import Clock
 from audit.consults import get_consult, mark_ended, mark_started
 from audit.recordings import StopReason
 from audit.technical_log import DropReason, TechnicalLog
-from signaling.changes import Changes
+from signaling.changes import Changes, ChangeThenTell
 from signaling.deadlines import RoomDeadlines
 from signaling.ports import (
     Broker,
@@ -110,6 +110,8 @@ class ConsultRooms:
         self._clock = clock
         self._broker = broker
         self._store = store
+        # A change's messages go out once it is saved (see signaling.changes).
+        self._change = ChangeThenTell(store, self.send)
         self._timers = timers
         self._settings = settings
         self._technical = technical
@@ -122,7 +124,7 @@ class ConsultRooms:
             technical=technical,
         )
         self.deadlines = RoomDeadlines(
-            clock=clock, store=store, timers=timers, end=self.end, send=self.send
+            clock=clock, store=store, timers=timers, end=self.end, change=self._change
         )
         self.recovery = Recovery(
             self,
@@ -190,7 +192,7 @@ class ConsultRooms:
         """The first messages for the new connection, and whether it replaced
         a live connection of the same participant."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
-        async with self._store.locked(consult_id, create=True) as state:
+        async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.WAITING:
                 # Before admission, or a room that lost its state (a Redis
@@ -207,8 +209,7 @@ class ConsultRooms:
             replaced = previous is not None and previous.connected
             if previous is not None and previous.connected:
                 # The same participant on a second device: the newer one wins.
-                await self.send(
-                    consult_id,
+                tell(
                     role,
                     outbound("replaced"),
                     connection_id=previous.connection_id,
@@ -217,16 +218,14 @@ class ConsultRooms:
             state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
             await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
             if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                await self.send(
-                    consult_id, other, outbound("patient-waiting", display_name=state.display_name)
-                )
+                tell(other, outbound("patient-waiting", display_name=state.display_name))
             elif state.phase is RoomPhase.ACTIVE and state.present(other):
                 # Back after a drop, a reload, the grace period or a bye: the
                 # therapist makes a new offer either way.
-                await self.send(consult_id, other, outbound("peer-rejoined", role=role.value))
+                tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
                 # The waiting patient learns that the therapist is there now.
-                await self.send(consult_id, other, _presence(role, present=True))
+                tell(other, _presence(role, present=True))
             to_self = [
                 outbound(
                     "welcome",
@@ -406,7 +405,7 @@ class ConsultRooms:
     async def _admit(self, participant: Participant) -> list[dict[str, Any]]:
         consult_id = participant.consult_id
         record_closed = False
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or not state.patient_waiting:
                 raise ProtocolError(
                     ErrorCode.NO_PATIENT_WAITING,
@@ -424,7 +423,7 @@ class ConsultRooms:
                     consult.started_at + timedelta(seconds=self._settings.max_duration_s),
                     {"consult": str(consult_id)},
                 )
-                await self.send(consult_id, ParticipantRole.PATIENT, outbound("admitted"))
+                tell(ParticipantRole.PATIENT, outbound("admitted"))
         if record_closed:
             # Closed meanwhile (by the housekeeping or another node): no call on a closed record.
             await self.end(consult_id, reason=EndReason.CONSULT_OVER)
@@ -433,15 +432,13 @@ class ConsultRooms:
 
     async def _deny(self, participant: Participant) -> list[dict[str, Any]]:
         consult_id = participant.consult_id
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or not state.patient_waiting:
                 raise ProtocolError(
                     ErrorCode.NO_PATIENT_WAITING, "no patient is waiting to be denied", ref="deny"
                 )
             state.patient = None
-            await self.send(
-                consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED
-            )
+            tell(ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED)
         return []
 
     async def link_revoked(self, consult_id: uuid.UUID) -> bool:
@@ -449,17 +446,13 @@ class ConsultRooms:
         away, as by ``deny``. An admitted patient stays in the running consult
         (the therapist ends it to end their part), but cannot come back after
         a drop. Returns whether a waiting patient was sent away."""
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or not state.patient_waiting:
                 return False
             state.patient = None
-            await self.send(
-                consult_id, ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED
-            )
-            await self.send(
-                consult_id,
-                ParticipantRole.THERAPIST,
-                outbound("peer-left", role=ParticipantRole.PATIENT.value),
+            tell(ParticipantRole.PATIENT, outbound("denied"), close_code=CloseCode.DENIED)
+            tell(
+                ParticipantRole.THERAPIST, outbound("peer-left", role=ParticipantRole.PATIENT.value)
             )
         return True
 
@@ -504,7 +497,7 @@ class ConsultRooms:
         """``left_at``: when the socket went (default now), if that was a while ago."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         end_at: datetime | None = None
-        async with self._store.locked(consult_id) as state:
+        async with self._change(consult_id) as (state, tell):
             if state is None or state.phase is RoomPhase.OVER:
                 return
             presence = state.presence(role)
@@ -517,9 +510,9 @@ class ConsultRooms:
             if state.phase is RoomPhase.WAITING:
                 state.set_presence(role, None)
                 if role is ParticipantRole.PATIENT:
-                    await self.send(consult_id, other, outbound("peer-left", role=role.value))
+                    tell(other, outbound("peer-left", role=role.value))
                 elif state.present(other):
-                    await self.send(consult_id, other, _presence(role, present=False))
+                    tell(other, _presence(role, present=False))
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
@@ -531,17 +524,17 @@ class ConsultRooms:
                         "connection": participant.connection_id,
                     },
                 )
-                await self.send(
-                    consult_id,
-                    other,
-                    outbound("peer-reconnecting", role=role.value, grace_s=self._settings.grace_s),
-                )
+                grace_s = self._settings.grace_s
+                tell(other, outbound("peer-reconnecting", role=role.value, grace_s=grace_s))
             else:
                 state.set_presence(role, None)
-                await self.send(consult_id, other, outbound("peer-left", role=role.value))
-                # The other one, if in its grace period, ends it when that runs out.
-                if state.presence(other) is None:
+                tell(other, outbound("peer-left", role=role.value))
+                # The other one, in its grace period, ends it when that runs out, at
+                # this moment if it does not come back (this one went last).
+                if (away := state.presence(other)) is None:
                     end_at = left
+                elif not away.connected:
+                    state.set_presence(other, replace(away, left_at=left))
         self._note(participant, "signaling.disconnected", {"grace": grace})
         if self.recording.is_active(consult_id):
             # A participant who drops out stops the recording; coming back

@@ -51,7 +51,8 @@ class Presence:
 
     connection_id: str
     link: Link = Link.CONNECTED
-    # When the socket dropped (for the end time when nobody comes back).
+    # The end time when nobody comes back: when the socket dropped, or when
+    # the other participant left for good after that (the last one to go).
     left_at: datetime | None = None
     # The server node holding the socket ("" for one node): when that node
     # dies, another one starts this participant's grace period.

@@ -15,6 +15,7 @@ from audit.accounts import Role
 from audit.schema import consults
 from server.app_keys import DB_ENGINE, ROOMS
 from server.housekeeping import purge_expired
+from signaling.protocol import MAX_FRAME_BYTES
 from tests.support.harness import (
     Harness,
     Sockets,
@@ -277,6 +278,67 @@ async def test_a_grace_timer_handed_out_again_finishes_an_end_left_undone(
     assert row.duration_s == 31
 
 
+async def test_whoever_hears_of_a_drop_or_a_return_finds_the_room_changed(
+    harness: Harness, sockets: Sockets
+) -> None:
+    # Found by the soak on Redis (docs/benchmarks.md, "Soak"): the rooms told
+    # the other participant of a drop or a return before the room's new state
+    # was saved, so a message sent at once was relayed on the old state: to
+    # the closed socket, where it vanished (not refused with peer_absent), or
+    # refused with peer_absent though the peer was back.
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    for _ in range(8):
+        await patient.close()
+        await receive(therapist, "peer-reconnecting")
+        await therapist.send_json(OFFER)  # at once: the patient is away
+        refused = await receive(therapist, "error")
+        assert (refused["code"], refused["ref"]) == ("peer_absent", "offer")
+        patient = await sockets.patient(setup.invite_token)
+        await receive(patient, "welcome")
+        await receive(therapist, "peer-rejoined")
+        await therapist.send_json(OFFER)  # at once: the patient is back
+        assert (await receive(patient, "offer"))["sender"] == "therapist"
+
+
+async def test_a_bye_while_the_other_is_away_ends_the_consult_at_the_bye(
+    harness: Harness, sockets: Sockets
+) -> None:
+    # Found by the protocol fuzz (tests/test_signaling_fuzz.py): the end was
+    # recorded when the patient dropped, not when the therapist, the last to
+    # go, said bye.
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    harness.clock.advance(60)
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    harness.clock.advance(10)
+    await therapist.send_json({"v": 1, "type": "bye"})
+    assert await closed_with(therapist) == 1000
+    harness.clock.advance(30)  # the patient's grace period runs out: nobody is left
+    await harness.app[ROOMS].fire_due_timers()
+    row = await consult_row(harness, setup.consult_id)
+    assert row.status == "ended"
+    assert row.duration_s == 60 + 10
+
+
+async def test_bye_closes_the_socket_so_a_new_one_alone_speaks_for_the_participant(
+    harness: Harness, sockets: Sockets
+) -> None:
+    # Found by the protocol fuzz: after a bye the socket stayed open and
+    # subscribed, and once the therapist came back both sockets received the
+    # patient's messages (the older one was never replaced).
+    setup, therapist, patient = await admitted_pair(harness, sockets)
+    await therapist.send_json({"v": 1, "type": "bye"})
+    assert await closed_with(therapist) == 1000
+    assert (await receive(patient, "peer-left"))["role"] == "therapist"
+    again = await sockets.therapist(setup.consult_id)
+    welcome = await receive(again, "welcome")
+    assert (welcome["state"], welcome["peer_present"]) == ("active", True)
+    await receive(patient, "peer-rejoined")
+    await patient.send_json({"v": 1, "type": "answer", "sdp": "v=0\r\n"})
+    assert (await receive(again, "answer"))["sender"] == "patient"
+    assert therapist.closed
+
+
 async def test_maximum_duration_ends_the_consult(harness: Harness, sockets: Sockets) -> None:
     setup, therapist, patient = await admitted_pair(harness, sockets)
     harness.clock.advance(3 * 3600)
@@ -307,6 +369,9 @@ async def test_same_link_on_a_second_device_replaces_the_first(
         ('{"v": 1, "type": "teleport"}', "unknown_type"),
         ('{"type": "ping"}', "unsupported_version"),
         ('{"v": 2, "type": "ping"}', "unsupported_version"),
+        # Found by the protocol fuzz: JSON's true and 1.0 were taken for 1.
+        ('{"v": true, "type": "ping"}', "unsupported_version"),
+        ('{"v": 1.0, "type": "ping"}', "unsupported_version"),
         ('{"v": 1, "type": "offer", "sdp": 5}', "invalid_message"),
         ('{"v": 1, "type": "offer"}', "invalid_message"),
         ('{"v": 1, "type": "ping", "extra": true}', "invalid_message"),
@@ -352,6 +417,23 @@ async def test_a_message_for_another_consult_is_refused(
     await receive(therapist, "welcome")
     await therapist.send_json({"v": 1, "type": "ping", "consult": str(uuid.uuid4())})
     assert (await receive(therapist, "error"))["code"] == "not_in_consult"
+
+
+async def test_a_frame_of_64_kib_is_read_and_one_byte_more_closes_with_1009(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    # Found by the protocol fuzz: aiohttp's size limit is exclusive, so a
+    # frame of exactly 64 KiB, which protocol.md allows, was closed with 1009.
+    setup = await new_consult(sqlite_harness)
+    therapist = await sqlite_sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    ping = json.dumps({"v": 1, "type": "ping"})
+    at_the_limit = ping[:-1] + " " * (MAX_FRAME_BYTES - len(ping)) + "}"  # JSON's blanks
+    assert len(at_the_limit.encode()) == MAX_FRAME_BYTES
+    await therapist.send_str(at_the_limit)
+    await receive(therapist, "pong")
+    await therapist.send_str(" " + at_the_limit)
+    assert await closed_with(therapist) == 1009
 
 
 async def test_oversized_frames_close_the_socket_with_1009(

@@ -73,8 +73,10 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
         now=now,
         ttl_s=settings.turn.credential_ttl_s,
     )
+    # aiohttp refuses a frame of max_msg_size bytes itself (its limit is
+    # exclusive); the protocol's is inclusive: a frame of MAX_FRAME_BYTES passes.
     async with tracked_websocket(
-        request, max_msg_size=MAX_FRAME_BYTES, heartbeat_s=settings.signaling.heartbeat_s
+        request, max_msg_size=MAX_FRAME_BYTES + 1, heartbeat_s=settings.signaling.heartbeat_s
     ) as websocket:
         outbox = Outbox(request, websocket, participant.connection_id)
         try:

@@ -11,6 +11,7 @@ from server.ws.outbox import Outbox
 from signaling.protocol import (
     MISBEHAVIOUR,
     RELAYED,
+    Bye,
     CloseCode,
     ErrorCode,
     ProtocolError,
@@ -35,7 +36,8 @@ async def read_frames(
     refusals in a row of frames the client should never have sent
     (:data:`~signaling.protocol.MISBEHAVIOUR`) close it with 1008; a refusal
     of what the room's state does not allow now (the peer away) never does.
-    (aiohttp closes with 1009 a frame above the socket's size limit.)
+    After a ``bye`` the socket is closed (1000). (aiohttp closes with 1009 a
+    frame above the socket's size limit.)
     """
     rooms = request.app[ROOMS]
     metrics = request.app[METRICS]
@@ -69,3 +71,9 @@ async def read_frames(
         refused_in_a_row = 0
         for reply in replies:
             outbox.send(reply)
+        if isinstance(message, Bye):
+            # Left for good: the socket goes too, so that it neither hears nor
+            # speaks for the participant any more (a later connection would
+            # not replace it).
+            await outbox.close(CloseCode.NORMAL, b"bye")
+            return

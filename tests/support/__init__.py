@@ -13,6 +13,8 @@
 - ``deliveries``: a receiver that keeps what a broker delivered, for broker tests.
 - ``tcp_proxy``: a TCP proxy to a real server that a test can cut (a database or Redis outage).
 - ``own_postgres``: a PostgreSQL server of a test's own, to stop and restart (the fault drill).
+- ``frames``: random and malformed signaling frames, and what protocol.md says of each.
+- ``consult_machine``: the protocol fuzz's state machine over the consult life cycle.
 """
 
 from pathlib import Path
