@@ -28,8 +28,11 @@ from signaling.state import RoomPhase
 
 _log = structlog.get_logger("videoconsult.signaling")
 
-# An ended room is kept this long, so late connects find it over.
-ENDED_ROOM_KEPT = timedelta(hours=1)
+# An ended room is kept this long, so that the messages and reconnects of its
+# last moments find it over without asking the database; later ones are
+# refused by the consult's record (at the door, or when the room is made
+# again). An hour held a busy server's memory for nothing (the soak).
+ENDED_ROOM_KEPT = timedelta(minutes=2)
 # A timer whose action failed (say, the database was away) is tried again.
 TIMER_RETRY = timedelta(seconds=5)
 

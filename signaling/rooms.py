@@ -200,49 +200,55 @@ class ConsultRooms:
                 async with self._engine.connect() as conn:
                     consult = await get_consult(conn, consult_id)
                 if consult.is_over:
+                    # A room made again for an ended consult: kept as over,
+                    # and forgotten as every ended room is.
                     state.phase = RoomPhase.OVER
+                    await self.deadlines.forget_later(consult_id)
                 elif consult.started_at is not None:
                     await self.recovery.running_again(consult_id, state, consult.started_at)
-            if state.phase is RoomPhase.OVER:
-                raise RoomClosed
-            previous = state.presence(role)
-            replaced = previous is not None and previous.connected
-            if previous is not None and previous.connected:
-                # The same participant on a second device: the newer one wins.
-                tell(
-                    role,
-                    outbound("replaced"),
-                    connection_id=previous.connection_id,
-                    close_code=CloseCode.REPLACED,
-                )
-            state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
-            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
-            if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                tell(other, outbound("patient-waiting", display_name=state.display_name))
-            elif state.phase is RoomPhase.ACTIVE and state.present(other):
-                # Back after a drop, a reload, the grace period or a bye: the
-                # therapist makes a new offer either way.
-                tell(other, outbound("peer-rejoined", role=role.value))
-            elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
-                # The waiting patient learns that the therapist is there now.
-                tell(other, _presence(role, present=True))
-            to_self = [
-                outbound(
-                    "welcome",
-                    protocol=1,
-                    role=role.value,
-                    consult=str(consult_id),
-                    connection=participant.connection_id,
-                    state=state.phase.value,
-                    peer_present=state.present(other),
-                    ice_servers=ice_servers,
-                    heartbeat_s=self._settings.heartbeat_s,
-                    grace_s=self._settings.grace_s,
-                    recording=state.recording.value,
-                )
-            ]
-            if role is ParticipantRole.THERAPIST and state.patient_waiting:
-                to_self.append(outbound("patient-waiting", display_name=state.display_name))
+            to_self: list[dict[str, Any]] = []  # none: the consult is over
+            replaced = False
+            if state.phase is not RoomPhase.OVER:
+                previous = state.presence(role)
+                replaced = previous is not None and previous.connected
+                if previous is not None and previous.connected:
+                    # The same participant on a second device: the newer one wins.
+                    tell(
+                        role,
+                        outbound("replaced"),
+                        connection_id=previous.connection_id,
+                        close_code=CloseCode.REPLACED,
+                    )
+                state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
+                await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
+                if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
+                    tell(other, outbound("patient-waiting", display_name=state.display_name))
+                elif state.phase is RoomPhase.ACTIVE and state.present(other):
+                    # Back after a drop, a reload, the grace period or a bye: the
+                    # therapist makes a new offer either way.
+                    tell(other, outbound("peer-rejoined", role=role.value))
+                elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
+                    # The waiting patient learns that the therapist is there now.
+                    tell(other, _presence(role, present=True))
+                to_self = [
+                    outbound(
+                        "welcome",
+                        protocol=1,
+                        role=role.value,
+                        consult=str(consult_id),
+                        connection=participant.connection_id,
+                        state=state.phase.value,
+                        peer_present=state.present(other),
+                        ice_servers=ice_servers,
+                        heartbeat_s=self._settings.heartbeat_s,
+                        grace_s=self._settings.grace_s,
+                        recording=state.recording.value,
+                    )
+                ]
+                if role is ParticipantRole.THERAPIST and state.patient_waiting:
+                    to_self.append(outbound("patient-waiting", display_name=state.display_name))
+        if not to_self:
+            raise RoomClosed
         return to_self, replaced
 
     async def handle(
