@@ -124,6 +124,10 @@ def fuzz(out_dir: Path, backend: str, run: int, frames: int, steps: int, minutes
         "-p",
         "no:cacheprovider",
         f"--basetemp={scratch / 'pytest'}",
+        # The suite's 300 s per test (pytest-timeout) would cut a deep run
+        # short: this one test runs the minutes, plus its last round. A hung
+        # step still fails after 120 s (tests/support/consult_machine.py).
+        f"--timeout={round(minutes * 60) + 900}",
     ]
     print(f"bench: {backend} run {run}: up to {frames:,} frames in {minutes:.1f} min", flush=True)
     started = time.monotonic()
