@@ -318,6 +318,7 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"]
     format: Literal["auto", "json", "console"]
     technical_log_max_rows: int = Field(ge=1000, le=100_000_000)
+    loop_stall_warning_ms: int = Field(ge=10, le=60_000)
 
 
 class Settings(_Section):

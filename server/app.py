@@ -28,6 +28,7 @@ from server.auth.passwords import PasswordHasher
 from server.background import periodic
 from server.client_limits import client_limit_middleware, client_limits_context
 from server.jobs import JOBS
+from server.loop_lag import loop_lag_context
 from server.metrics import Metrics
 from server.outage import DB_OUTAGE, DatabaseOutage
 from server.resources import (
@@ -72,6 +73,8 @@ def setup_resources(app: web.Application) -> None:
     """Register resources in start order; they are torn down in reverse."""
     app.cleanup_ctx.extend(
         [
+            # First, so that it watches every other start and stop too.
+            loop_lag_context,
             data_dir_context,
             database_context,
             technical_log_context,

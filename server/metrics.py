@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 from audit.consults import InviteProblem
 from audit.technical_log import DropReason, TechnicalLog
 from server.background import JobName
+from server.loop_lag import LoopLag, empty_families
 from signaling.ports import StateUnavailable
 from signaling.protocol import RELAYED, ErrorCode, ParticipantRole
 from signaling.rooms import ConsultRooms
@@ -142,6 +143,8 @@ class Metrics:
         self._background_failures = dict.fromkeys(JobName, 0)
         self._technical_dropped: dict[DropReason, int] = {}
         self._node = NodeState()
+        # The event loop's watcher, while the application runs (server/loop_lag.py).
+        self.loop_lag: LoopLag | None = None
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
 
@@ -182,11 +185,14 @@ class Metrics:
         """The families this collector yields (for the registry's name check)."""
         everything = NodeState(rooms=RoomCounts(), redis_up=True, redis_roundtrip_s=0)
         yield from self._counter_families()
+        yield from empty_families()
         yield from _node_families(everything)
 
     def collect(self) -> Iterator[Metric]:
         """Every family, from the totals so far and the last scrape's node state."""
         yield from self._counter_families()
+        if self.loop_lag is not None:
+            yield from self.loop_lag.families()
         yield from _node_families(self._node)
 
     def _counter_families(self) -> Iterator[Metric]:

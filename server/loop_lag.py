@@ -1,0 +1,186 @@
+"""How long this node's event loop is held, measured from a thread beside it.
+
+The loop is for signaling: anything that holds it (a bulk query's row
+conversion, hashing, compression) delays every socket of the node. A
+watcher thread asks the loop, :data:`PROBE_S` after its last answer, to run a callback that
+does nothing but say it ran (``call_soon_threadsafe``) and measures how long
+that took: the loop's lag, how long whatever ran before held it. The lags
+go to ``/metrics`` (a histogram, and the most and the 99th percentile of the
+last minute: docs/metrics.md).
+
+When the loop has not answered within the threshold
+(``logging.loop_stall_warning_ms``), the watcher takes the loop thread's
+stack at that moment, and once the loop answers it logs one warning with the
+stall's length and where the loop was held: code locations (file, line,
+function) only, never a value, so no personal data reaches the process log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+from bisect import bisect_left
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from itertools import accumulate
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from server.app_keys import METRICS, SETTINGS
+
+_log = structlog.get_logger("videoconsult.loop")
+
+# The pause between an answer and the next question: 50 callbacks a second
+# cost next to nothing. A hold may start in the pause, so the probe asked
+# during it sees it short by up to this much.
+PROBE_S = 0.02
+# The window of the "most" and "p99" gauges.
+WINDOW_S = 60.0
+LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Frames of the held loop's stack named in the warning, innermost last.
+STACK_FRAMES = 8
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LoopLag:
+    """The watcher of one event loop: start it on the loop, stop it before the loop closes."""
+
+    def __init__(self, *, warn_after_s: float, probe_s: float = PROBE_S) -> None:
+        self.warn_after_s = warn_after_s
+        self._probe_s = probe_s
+        self._lock = threading.Lock()
+        # One count per bucket, not cumulative; the last is +Inf.
+        self._buckets = [0] * (len(LAG_BUCKETS_S) + 1)
+        self._sum_s = 0.0
+        self._recent: deque[tuple[float, float]] = deque()  # (when, lag)
+        self.stalls = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread_id = 0
+
+    def start(self) -> None:
+        """Watch the running loop (call this on it)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
+        self._thread = threading.Thread(target=self._watch, name="loop-lag", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        assert self._loop is not None
+        while not self._stopping.wait(self._probe_s):
+            answered = threading.Event()
+            asked = time.perf_counter()
+            try:
+                self._loop.call_soon_threadsafe(answered.set)
+            except RuntimeError:
+                return  # the loop is closed
+            where: list[str] | None = None
+            if not answered.wait(self.warn_after_s):
+                where = self._held_at()
+                while not answered.wait(self._probe_s):
+                    if self._stopping.is_set() or self._loop.is_closed():
+                        return
+            lag = time.perf_counter() - asked
+            self._record(lag)
+            if where is not None:
+                self.stalls += 1
+                _log.warning(
+                    "event loop held",
+                    held_ms=round(lag * 1000, 1),
+                    threshold_ms=round(self.warn_after_s * 1000),
+                    where=where,
+                )
+
+    def _held_at(self) -> list[str]:
+        """Where the loop's thread is now: ``file:line function``, innermost last."""
+        frame = sys._current_frames().get(self._loop_thread_id)
+        if frame is None:
+            return []
+        stack = traceback.extract_stack(frame)[-STACK_FRAMES:]
+        return [f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in stack]
+
+    def _record(self, lag: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._buckets[bisect_left(LAG_BUCKETS_S, lag)] += 1
+            self._sum_s += lag
+            self._recent.append((now, lag))
+            while self._recent and self._recent[0][0] < now - WINDOW_S:
+                self._recent.popleft()
+
+    def window(self) -> tuple[float, float]:
+        """The most and the 99th percentile of the lags of the last minute (0 if none)."""
+        with self._lock:
+            lags = sorted(lag for _when, lag in self._recent)
+        if not lags:
+            return 0.0, 0.0
+        return lags[-1], lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+
+    def families(self) -> Iterator[Metric]:
+        with self._lock:
+            cumulative = list(accumulate(self._buckets))
+            sum_s = self._sum_s
+        most, p99 = self.window()
+        yield from _families(cumulative, sum_s, most, p99)
+
+
+def empty_families() -> Iterator[Metric]:
+    """The families :meth:`LoopLag.families` yields, empty (for a registry's ``describe``)."""
+    yield from _families([0] * (len(LAG_BUCKETS_S) + 1), 0.0, 0.0, 0.0)
+
+
+def _families(cumulative: list[int], sum_s: float, most: float, p99: float) -> Iterator[Metric]:
+    bounds = [*(repr(bound) for bound in LAG_BUCKETS_S), "+Inf"]
+    yield HistogramMetricFamily(
+        "videoconsult_event_loop_lag_seconds",
+        "How long the event loop took to run a callback asked of it 20 ms after the last: "
+        "how long other work held it.",
+        buckets=list(zip(bounds, cumulative, strict=True)),
+        sum_value=sum_s,
+    )
+    yield GaugeMetricFamily(
+        "videoconsult_event_loop_lag_max_seconds",
+        "The event loop's longest lag in the last minute.",
+        value=most,
+    )
+    yield GaugeMetricFamily(
+        "videoconsult_event_loop_lag_p99_seconds",
+        "The 99th percentile of the event loop's lag in the last minute.",
+        value=p99,
+    )
+
+
+def _short(filename: str) -> str:
+    """A path inside the project relative to it; a library's from its package on."""
+    path = Path(filename)
+    try:
+        return str(path.resolve().relative_to(_ROOT))
+    except ValueError:
+        parts = path.parts
+        if "site-packages" in parts:
+            return "/".join(parts[parts.index("site-packages") + 1 :])
+        return path.name
+
+
+async def loop_lag_context(app: web.Application) -> AsyncIterator[None]:
+    """Watch the loop for the application's whole life; its figures go to /metrics."""
+    watcher = LoopLag(warn_after_s=app[SETTINGS].logging.loop_stall_warning_ms / 1000)
+    watcher.start()
+    app[METRICS].loop_lag = watcher
+    try:
+        yield
+    finally:
+        app[METRICS].loop_lag = None
+        await asyncio.to_thread(watcher.stop)

@@ -1,0 +1,87 @@
+"""The event loop's watcher: how long the loop is held, measured from a thread,
+a held loop named in a warning (code locations only), the figures in /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from structlog.testing import capture_logs
+
+from server.loop_lag import LoopLag
+from tests.support.harness import Harness
+from tests.test_metrics import scrape
+
+LOCATION = re.compile(r"^[\w./<>-]+:\d+ [\w<>]+$")
+
+
+def hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # what a bulk job in the loop's thread does to everyone else
+
+
+async def stalls_reported(watcher: LoopLag, count: int) -> None:
+    async with asyncio.timeout(5):
+        # The watcher's thread counts: no asyncio.Event to wait on.
+        while watcher.stalls < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_callback_that_holds_the_loop_is_named_with_how_long_it_held_it() -> None:
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
+    watcher.start()
+    try:
+        with capture_logs() as logs:
+            await asyncio.sleep(0.1)  # quick probes: nothing to say
+            hold_the_loop(0.3)
+            await stalls_reported(watcher, 1)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    held = [entry for entry in logs if entry["event"] == "event loop held"]
+    assert len(held) == 1, logs
+    assert held[0]["log_level"] == "warning"
+    assert 250 <= held[0]["held_ms"] < 3000
+    assert held[0]["threshold_ms"] == 50
+    where = held[0]["where"]
+    assert where[-1].startswith("tests/test_loop_lag.py:")
+    assert where[-1].endswith(" hold_the_loop")
+    # Code locations only: never a value (no personal data in the process log).
+    assert all(LOCATION.match(entry) for entry in where), where
+    most, p99 = watcher.window()
+    assert most >= 0.25
+    assert p99 <= most
+
+
+async def test_a_loop_that_is_never_held_long_gives_no_warning() -> None:
+    watcher = LoopLag(warn_after_s=0.2, probe_s=0.01)
+    watcher.start()
+    try:
+        with capture_logs() as logs:
+            for _ in range(20):
+                hold_the_loop(0.005)  # short holds, as a busy signaling loop has
+                await asyncio.sleep(0.01)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    assert [entry for entry in logs if entry["event"] == "event loop held"] == []
+    assert watcher.stalls == 0
+    most, _p99 = watcher.window()
+    assert 0.0 < most < 0.2
+
+
+async def test_the_loops_lag_is_in_the_metrics(sqlite_harness: Harness) -> None:
+    await asyncio.sleep(0.2)  # a few probes, 20 ms apart
+    hold_the_loop(0.1)
+    await asyncio.sleep(0.1)
+    scraped = await scrape(sqlite_harness.client)
+    assert scraped.value("videoconsult_event_loop_lag_seconds_count") >= 3
+    assert scraped.value("videoconsult_event_loop_lag_seconds_bucket", le="+Inf") >= 3
+    assert scraped.value("videoconsult_event_loop_lag_seconds_bucket", le="0.025") < (
+        scraped.value("videoconsult_event_loop_lag_seconds_count")
+    )  # the hold is in a bucket above 25 ms
+    # Seen short by at most the 20 ms pause, if it began in one.
+    assert scraped.value("videoconsult_event_loop_lag_max_seconds") >= 0.075
+    assert (
+        0
+        < scraped.value("videoconsult_event_loop_lag_p99_seconds")
+        <= (scraped.value("videoconsult_event_loop_lag_max_seconds"))
+    )
