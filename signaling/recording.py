@@ -67,7 +67,6 @@ from signaling.recorder import (
     Failure,
     InvalidOffer,
     RecorderError,
-    RecorderSettings,
 )
 from signaling.state import RecordingPhase, RoomPhase
 
@@ -85,9 +84,9 @@ class RecordingServices:
     engine: AsyncEngine
     files: FileStore
     root_key: bytes
-    recorder: RecorderSettings
     start_timeout_s: float
-    # Recordings at once on this node: encoding is the expensive part.
+    # Recordings at once on this node (each receives two participants' media
+    # in this process; docs/recording.md).
     max_concurrent: int = 2
 
 
@@ -265,7 +264,6 @@ class RecordingControl:
             question = self._questions.pop(consult_id, None)
             live = _Live(
                 recorder=ConsultRecorder(
-                    settings=services.recorder,
                     on_failure=lambda failure, detail: self._failed(consult_id, failure, detail),
                 ),
                 requested_at=question.asked_at if question else now,
