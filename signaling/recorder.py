@@ -400,8 +400,12 @@ class ConsultRecorder:
 
         return on_frame
 
-    def _write(self, track: ReceivedTrack, codec: RTCRtpCodecParameters, frame: JitterFrame) -> None:
-        assert self._muxer is not None and self._timeline is not None and track.index is not None
+    def _write(
+        self, track: ReceivedTrack, codec: RTCRtpCodecParameters, frame: JitterFrame
+    ) -> None:
+        assert self._muxer is not None
+        assert self._timeline is not None
+        assert track.index is not None
         if codec.name.lower() != track.codec.value:
             raise RecorderError(f"the {track.label} came as {codec.name}, not {track.codec.value}")
         track.last_frame_at = time.monotonic()
