@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
@@ -39,6 +39,12 @@ _DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 
 OnFrame = Callable[[RTCRtpCodecParameters, JitterFrame], None]
+
+
+class PictureLossFeedback(Protocol):
+    """What sends the sender a keyframe request: an ``RTCRtpReceiver``."""
+
+    async def _send_rtcp_pli(self, media_ssrc: int) -> None: ...
 
 
 class TapUnavailable(RuntimeError):
@@ -118,7 +124,7 @@ def tap_receiver(receiver: RTCRtpReceiver, on_frame: OnFrame) -> FrameTap:
     return tap
 
 
-def request_keyframe(receiver: RTCRtpReceiver, tap: FrameTap) -> asyncio.Task[None] | None:
+def request_keyframe(receiver: PictureLossFeedback, tap: FrameTap) -> asyncio.Task[None] | None:
     """Ask the sender for a keyframe (RTCP PLI, RFC 4585 6.3.1); None when its SSRC
     is not known yet (no packet came)."""
     if tap.media_ssrc is None:

@@ -59,7 +59,12 @@ from signaling.media_codecs import (
 )
 from signaling.muxer import PacketMuxer, StreamSpec
 from signaling.protocol import ParticipantRole, PeerConnectionState
-from signaling.receiver_tap import FrameTap, request_keyframe, tap_receiver
+from signaling.receiver_tap import (
+    FrameTap,
+    PictureLossFeedback,
+    request_keyframe,
+    tap_receiver,
+)
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -128,7 +133,8 @@ class ReceivedTrack:
     role: ParticipantRole
     kind: StreamKind
     codec: MediaCodec
-    receiver: RTCRtpReceiver
+    # Where keyframe requests go: the track's aiortc receiver.
+    receiver: PictureLossFeedback
     tap: FrameTap | None = None
     # The stream's index in the file, from the start on.
     index: int | None = None
@@ -350,6 +356,16 @@ class ConsultRecorder:
                 f"this one sends {kinds or 'nothing'}"
             )
         return tracks
+
+    def add_source(self, track: ReceivedTrack) -> FrameTap:
+        """Record ``track`` from the frames handed to the returned tap rather than
+        from an aiortc receiver (the benchmark's pre-encoded media, tests); before
+        the start only."""
+        if self._muxer is not None or self._stopped:
+            raise RecorderError("the recording has already started; no more tracks now")
+        track.tap = FrameTap(self._frame_handler(track))
+        self._tracks.setdefault(track.role, []).append(track)
+        return track.tap
 
     async def wait_connected(self, roles: frozenset[ParticipantRole]) -> None:
         """Return once the recorder connections of ``roles`` are connected."""

@@ -396,7 +396,7 @@ def test_frames_keep_their_spacing_but_count_from_the_start() -> None:
         role=ParticipantRole.PATIENT,
         kind=StreamKind.AUDIO,
         codec=MediaCodec.OPUS,
-        receiver=None,  # type: ignore[arg-type]  # not used by rebased()
+        receiver=None,  # type: ignore[arg-type]  # rebased() sends no feedback
         clock_rate=48000,
     )
     timeline = Timeline()

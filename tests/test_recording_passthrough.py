@@ -26,7 +26,7 @@ from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
 from audit.media_types import MATROSKA, WEBM, media_format
 from signaling.media_codecs import MediaCodec, is_keyframe, picture_size, sps_picture_size
 from signaling.protocol import ParticipantRole
-from signaling.receiver_tap import FrameTap, TapUnavailable, tap_receiver
+from signaling.receiver_tap import TapUnavailable, tap_receiver
 from signaling.recorder import ConsultRecorder, ReceivedTrack, StreamKind
 from tests.support.recording import RecorderLink, count_streams, record_links
 
@@ -147,11 +147,10 @@ async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next() ->
         role=THERAPIST,
         kind=StreamKind.VIDEO,
         codec=MediaCodec.VP8,
-        receiver=receiver,  # type: ignore[arg-type]
+        receiver=receiver,
     )
-    tap = FrameTap(recorder._frame_handler(track))
-    track.tap, tap.media_ssrc = tap, 1234
-    recorder._tracks[THERAPIST] = [track]  # what accept_offer leaves behind
+    tap = recorder.add_source(track)
+    tap.media_ssrc = 1234  # as if a packet had come
     sink, key = io.BytesIO(), new_data_key()
     file_id = uuid.uuid4()
     await recorder.start(EncryptingWriter(sink, key, file_id))
