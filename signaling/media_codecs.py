@@ -19,6 +19,9 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from audit import media_types
+from audit.media_types import MediaFormat
+
 # What the header says of a picture whose size could not be read (an H.264
 # stream whose parameter set uses what the parser below does not follow).
 # Decoders take the size from the stream itself; players may use this for
@@ -49,15 +52,19 @@ class MediaCodec(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Container:
-    """A container format: the FFmpeg muxer, the media type and the file suffix."""
+    """A container format: the FFmpeg muxer that writes it, and what the file is
+    (media type and suffix, as :mod:`audit.media_types` reads it back)."""
 
     muxer: str
-    media_type: str
-    suffix: str
+    kind: MediaFormat
+
+    @property
+    def media_type(self) -> str:
+        return self.kind.media_type
 
 
-WEBM = Container("webm", "video/webm", ".webm")
-MATROSKA = Container("matroska", "video/x-matroska", ".mkv")
+WEBM = Container("webm", media_types.WEBM)
+MATROSKA = Container("matroska", media_types.MATROSKA)
 
 
 def container_for(codecs: set[MediaCodec]) -> Container:
