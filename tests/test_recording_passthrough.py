@@ -195,6 +195,59 @@ async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next() ->
     assert times[1] - times[0] == pytest.approx(3000 / 90000, abs=0.002)
 
 
+def video_track() -> ReceivedTrack:
+    return ReceivedTrack(
+        role=THERAPIST, kind=StreamKind.VIDEO, codec=MediaCodec.VP8, receiver=FakeReceiver()
+    )
+
+
+async def started_with(track: ReceivedTrack) -> tuple[ConsultRecorder, list[str]]:
+    failures: list[str] = []
+
+    async def failed(failure: Any, detail: str) -> None:
+        failures.append(f"{failure.value}: {detail}")
+
+    recorder = ConsultRecorder(on_failure=failed)
+    recorder.add_source(track)
+    await recorder.start(EncryptingWriter(io.BytesIO(), new_data_key(), uuid.uuid4()))
+    return recorder, failures
+
+
+async def test_a_stream_that_stops_bringing_frames_fails_the_recording(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("signaling.recorder.STALLED_STREAM_S", 0.6)
+    recorder, failures = await started_with(video_track())
+    try:
+        for _ in range(40):
+            if failures:
+                break
+            await asyncio.sleep(0.1)
+        assert failures == ["recorder_failed: no video came from the therapist for 0.6 s"]
+    finally:
+        await recorder.stop()
+
+
+async def test_a_frame_that_cannot_be_written_fails_the_recording_at_once() -> None:
+    track = video_track()
+    recorder, failures = await started_with(track)
+    try:
+        assert track.tap is not None
+        # Negotiated VP8, and H.264 comes: never into the VP8 stream.
+        h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102)
+        track.tap.put((h264, JitterFrame(b"\x00\x00\x00\x01\x65" + bytes(20), 0)))
+        await asyncio.sleep(0)
+        assert failures == [
+            "recorder_failed: the therapist video stream could not be written: RecorderError"
+        ]
+        # Nothing more is written after a failure; the caller stops the recorder.
+        track.tap.put((VP8, JitterFrame(vp8_frame(key=True), 3000)))
+        assert track.frames == 0
+    finally:
+        result = await recorder.stop()
+    assert result.frames == {"therapist video": 0}
+
+
 # -- what the recorder reads of encoded frames ----------------------------------------
 
 
