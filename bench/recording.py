@@ -96,7 +96,7 @@ from audit.filestore import (
     decrypt_chunks,
     new_data_key,
 )
-from audit.recordings import FileStore
+from audit.recordings import FileStore, RecordingFile
 from signaling.media_codecs import WEBM
 from signaling.muxer import CONTAINER_OPTIONS
 from signaling.protocol import ParticipantRole
@@ -197,12 +197,12 @@ class BenchConsult:
         self.failures.append(f"{failure.value}: {detail}")
 
     async def start(self) -> None:
-        # As audit.recordings.start_recording opens it.
-        writer = EncryptingWriter(
-            self.store.create(self.file_name), self.key, self.file_id, owns_sink=True
-        )
+        # As audit.recordings.begin_recording makes it: created empty, then
+        # opened by the recorder.
+        self.store.create(self.file_name).close()
+        file = RecordingFile(str(self.store.path(self.file_name)), self.file_id, self.key)
         self.started = time.monotonic()
-        await self.recorder.start(writer)
+        await self.recorder.start(file)
         self.senders = [asyncio.create_task(source.run(tap.put)) for source, tap in self.taps]
 
     async def stop(self) -> dict[str, Any]:

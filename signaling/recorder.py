@@ -24,8 +24,9 @@ the recording started, keeping the RTP spacing between frames; so the
 streams line up and the file's duration is the time the recording ran.
 
 The interface (:class:`ConsultRecorder`) is a handful of async methods that
-take and return strings, bytes and small dataclasses, so that it can move
-behind a process boundary.
+take and return strings, bytes and small dataclasses (the file to write is
+a :class:`~audit.recordings.RecordingFile`: a path, an id and a key), so
+that it can move behind a process boundary.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription
 
 from audit.filestore import EncryptingWriter
+from audit.recordings import RecordingFile
 from signaling.media_codecs import (
     Container,
     MediaCodec,
@@ -372,11 +374,15 @@ class ConsultRecorder:
         for role in roles:
             await self._connected[role].wait()
 
-    async def start(self, writer: EncryptingWriter) -> None:
-        """Start writing every received track into ``writer``."""
+    async def start(self, file: RecordingFile) -> None:
+        """Start writing every received track into ``file`` (encrypted as it goes).
+
+        Raises OSError when the file cannot be opened (the disk or the store
+        is gone), :class:`RecorderError` when started or stopped already.
+        """
         if self._muxer is not None or self._stopped:
             raise RecorderError("the recorder has already started or stopped")
-        self._writer = writer
+        writer = self._writer = file.open_writer()
         self._sink = _GuardedSink(
             writer, lambda err: self._report(Failure.STORAGE_FULL, err.strerror or str(err))
         )

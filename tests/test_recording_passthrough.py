@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import io
-import uuid
+from pathlib import Path
 from typing import Any
 
 import aiortc.rtcrtpreceiver
@@ -22,13 +22,18 @@ from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
 from audit.media_types import MATROSKA, WEBM, media_format
 from signaling.media_codecs import MediaCodec, is_keyframe, picture_size, sps_picture_size
 from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import TapUnavailable, tap_receiver
 from signaling.recorder import ConsultRecorder, ReceivedTrack, StreamKind
-from tests.support.recording import RecorderLink, count_streams, record_links
+from tests.support.recording import (
+    RecorderLink,
+    count_streams,
+    new_recording_file,
+    read_recording_file,
+    record_links,
+)
 
 pytestmark = [pytest.mark.webrtc, pytest.mark.recorder]
 
@@ -140,7 +145,9 @@ def vp8_frame(*, key: bool, size: tuple[int, int] = (320, 240)) -> bytes:
     )
 
 
-async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next() -> None:
+async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next(
+    tmp_path: Path,
+) -> None:
     recorder = ConsultRecorder(on_failure=lambda failure, detail: asyncio.sleep(0))
     receiver = FakeReceiver()
     track = ReceivedTrack(
@@ -151,9 +158,8 @@ async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next() ->
     )
     tap = recorder.add_source(track)
     tap.media_ssrc = 1234  # as if a packet had come
-    sink, key = io.BytesIO(), new_data_key()
-    file_id = uuid.uuid4()
-    await recorder.start(EncryptingWriter(sink, key, file_id))
+    file = new_recording_file(tmp_path)
+    await recorder.start(file)
     await asyncio.sleep(0)
     assert receiver.requests == [1234]  # asked at the start
 
@@ -182,8 +188,7 @@ async def test_video_starts_at_a_keyframe_and_after_loss_waits_for_the_next() ->
     assert track.frames == 4
     result = await recorder.stop()
     assert result.complete
-    sink.seek(0)
-    media = b"".join(decrypt_chunks(sink, key, file_id=file_id))
+    media = read_recording_file(file)
     with av.open(io.BytesIO(media), mode="r") as container:
         (video,) = container.streams.video
         # The header's size is the first keyframe's.
@@ -201,7 +206,7 @@ def video_track() -> ReceivedTrack:
     )
 
 
-async def started_with(track: ReceivedTrack) -> tuple[ConsultRecorder, list[str]]:
+async def started_with(track: ReceivedTrack, directory: Path) -> tuple[ConsultRecorder, list[str]]:
     failures: list[str] = []
 
     async def failed(failure: Any, detail: str) -> None:
@@ -209,15 +214,15 @@ async def started_with(track: ReceivedTrack) -> tuple[ConsultRecorder, list[str]
 
     recorder = ConsultRecorder(on_failure=failed)
     recorder.add_source(track)
-    await recorder.start(EncryptingWriter(io.BytesIO(), new_data_key(), uuid.uuid4()))
+    await recorder.start(new_recording_file(directory))
     return recorder, failures
 
 
 async def test_a_stream_that_stops_bringing_frames_fails_the_recording(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr("signaling.recorder.STALLED_STREAM_S", 0.6)
-    recorder, failures = await started_with(video_track())
+    recorder, failures = await started_with(video_track(), tmp_path)
     try:
         for _ in range(40):
             if failures:
@@ -228,9 +233,11 @@ async def test_a_stream_that_stops_bringing_frames_fails_the_recording(
         await recorder.stop()
 
 
-async def test_a_frame_that_cannot_be_written_fails_the_recording_at_once() -> None:
+async def test_a_frame_that_cannot_be_written_fails_the_recording_at_once(
+    tmp_path: Path,
+) -> None:
     track = video_track()
-    recorder, failures = await started_with(track)
+    recorder, failures = await started_with(track, tmp_path)
     try:
         assert track.tap is not None
         # Negotiated VP8, and H.264 comes: never into the VP8 stream.

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import io
 import os
+import tempfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import av
@@ -18,8 +20,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
-from audit.filestore import EncryptingWriter, Truncated, decrypt_chunks, new_data_key
-from audit.recordings import data_key_of, plaintext
+from audit.filestore import Truncated, decrypt_chunks, new_data_key
+from audit.recordings import RecordingFile, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
 from signaling.protocol import ParticipantRole
@@ -283,13 +285,13 @@ async def record_links(
         failures.append(f"{failure.value}: {detail}")
 
     recorder = ConsultRecorder(on_failure=failed)
-    sink = io.BytesIO()
-    key, file_id = new_data_key(), uuid.uuid4()
+    directory = tempfile.TemporaryDirectory(prefix="vc-test-recording-")
+    file = new_recording_file(Path(directory.name))
     try:
         for role, link in links.items():
             await link.accept(await recorder.accept_offer(role, await link.offer()))
         await recorder.wait_connected(frozenset(links))
-        await recorder.start(EncryptingWriter(sink, key, file_id))
+        await recorder.start(file)
         began = loop_time()
         if during is not None:
             await during()
@@ -300,9 +302,23 @@ async def record_links(
         await recorder.stop()
         for link in links.values():
             await link.close()
-    sink.seek(0)
-    media = b"".join(decrypt_chunks(sink, key, file_id=file_id))
+    with directory:
+        media = read_recording_file(file)
     return DirectRecording(recorder, result, media, truth_s, failures)
+
+
+def read_recording_file(file: RecordingFile) -> bytes:
+    """The whole plaintext of a recording's file (raises what decryption raises)."""
+    with open(file.path, "rb") as source:
+        return b"".join(decrypt_chunks(source, file.data_key, file_id=file.file_id))
+
+
+def new_recording_file(directory: Path) -> RecordingFile:
+    """A recording's file as audit.recordings.begin_recording makes one: new and empty."""
+    file_id = uuid.uuid4()
+    path = directory / f"{file_id}.vcenc"
+    path.touch(mode=0o600, exist_ok=False)
+    return RecordingFile(str(path), file_id, new_data_key())
 
 
 def loop_time() -> float:
