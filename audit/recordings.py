@@ -21,7 +21,7 @@ import enum
 import os
 import uuid
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -124,7 +124,33 @@ class FileStore:
         return removed
 
 
-async def start_recording(
+@dataclass(frozen=True)
+class RecordingFile:
+    """Where a recording's ciphertext goes and the key it is encrypted with.
+
+    Plain data (a path, the file id, the data key), so that whatever writes
+    the file needs nothing else: the recorder, and later a recorder in a
+    worker process of its own. The file exists already, created empty
+    (``O_EXCL``, mode 0600) in the transaction that made the row.
+    """
+
+    path: str
+    file_id: uuid.UUID
+    data_key: bytes = field(repr=False)
+
+    def open_writer(self) -> EncryptingWriter:
+        """The encrypting writer over the file; raises OSError, and refuses a
+        file that is not empty (never write into another recording)."""
+        descriptor = os.open(self.path, os.O_WRONLY)
+        if os.fstat(descriptor).st_size != 0:
+            os.close(descriptor)
+            raise FileExistsError(f"{self.path} is not the new, empty file of a recording")
+        return EncryptingWriter(
+            os.fdopen(descriptor, "wb"), self.data_key, self.file_id, owns_sink=True
+        )
+
+
+async def begin_recording(
     conn: AsyncConnection,
     store: FileStore,
     master_key: bytes | WrappingKey,
@@ -132,11 +158,12 @@ async def start_recording(
     *,
     now: datetime,
     consent: Consent | None = None,
-) -> tuple[Recording, EncryptingWriter]:
-    """A new recording: its key wrapped in the database, its file open for ciphertext.
+) -> tuple[Recording, RecordingFile]:
+    """A new recording: its key wrapped in the database, its file created empty.
 
     ``master_key`` is the ring's current key (:func:`audit.keyring.load_ring`),
-    or the root key itself (then the ring is loaded here).
+    or the root key itself (then the ring is loaded here). A file store that
+    cannot create the file raises OSError (the transaction then makes no row).
     """
     wrapping = (
         master_key
@@ -168,9 +195,24 @@ async def start_recording(
             consent_by=consent.by.value if consent else None,
         )
     )
-    return recording, EncryptingWriter(
-        store.create(file_name), data_key, recording_id, owns_sink=True
+    store.create(file_name).close()
+    return recording, RecordingFile(str(store.path(file_name)), recording_id, data_key)
+
+
+async def start_recording(
+    conn: AsyncConnection,
+    store: FileStore,
+    master_key: bytes | WrappingKey,
+    consult_id: uuid.UUID,
+    *,
+    now: datetime,
+    consent: Consent | None = None,
+) -> tuple[Recording, EncryptingWriter]:
+    """:func:`begin_recording`, with the file open for ciphertext."""
+    recording, file = await begin_recording(
+        conn, store, master_key, consult_id, now=now, consent=consent
     )
+    return recording, file.open_writer()
 
 
 async def finish_recording(

@@ -6,41 +6,37 @@ Run from the repository root (see docs/benchmarks.md, "Recording"):
     .venv/bin/python bench/recording.py --runs 3
 
 A *consult* here is the server's recording path without the network: four
-synthetic source tracks (therapist microphone and camera, patient
-microphone and camera) at real-time pace, handed to
-``signaling.recorder.ConsultRecorder`` as its peer connections would hand
-over the received tracks, so that ``start`` wraps them in ``RecordedTrack``
-(one ``Timeline``), opens aiortc's ``MediaRecorder`` (matroska, libx264
-``veryfast``/``zerolatency`` at the configured 640x480, AAC) and writes into
-an ``audit.filestore.EncryptingWriter`` over a real file created by
+sources at real-time pace (therapist microphone and camera, patient
+microphone and camera) hand their *encoded* frames to a
+``signaling.recorder.ConsultRecorder`` (``add_source``) the way the taps on
+its aiortc receivers do after the jitter buffer, and ``start`` does the rest
+as in the server: the pass-through muxer (WebM, PyAV, no codecs) writing
+into an ``audit.filestore.EncryptingWriter`` over a real file created by
 ``audit.recordings.FileStore`` in a new temp directory (removed afterwards),
-its watchdog flushing pending ciphertext every second, as in the server.
-What the network adds in the server (ICE, SRTP, the jitter buffer, decoding
-VP8/Opus) is not measured.
+its watchdog flushing pending ciphertext every second. What the network
+adds in the server (ICE, SRTP, RTP and the jitter buffer, depayloading) is
+not measured.
 
-The sources: a microphone as aiortc's Opus decoder delivers it (20 ms
-frames of 48 kHz stereo s16; a voice-like tone, not silence) and a 30 fps
-camera of 640x480 pictures with moving content (FFmpeg's ``testsrc2`` with
-temporal noise, 90 pictures rendered once and played back and forth), paced
-like aiortc's ``VideoStreamTrack``.
+The sources (bench/_recording_sources.py): a camera of 640x480 at 30 fps as
+VP8 at about 1.5 Mbit/s (FFmpeg's ``testsrc2`` with temporal noise, encoded
+once before any measurement) and a voice-like sound as 20 ms Opus frames.
 
 Per run, each measurement in a fresh child process (its CPU time is the
-consult's alone; ``time.process_time`` counts every thread, libx264's too):
+consult's alone; ``time.process_time`` counts every thread, aiortc's too):
 
-- *generate*: one consult's sources read by a plain loop for
-  ``--seconds``, no recording: the cost of the synthetic frames;
+- *generate*: one consult's sources handing their frames to nothing for
+  ``--seconds``, no recording: the cost of the sources;
 - *record*: one consult recorded for ``--seconds``: the recorder's CPU per
   minute is (record - generate) CPU per second x 60; the file size per
   minute; the frames in the decrypted file, counted by decoding it;
-- *PyAV alone*: the same media (both cameras, both microphones, as many
-  frames as ``--seconds`` of a consult) encoded with PyAV alone into
-  matroska in memory, as fast as it goes, no aiortc, asyncio or encryption;
-  the frame generation is timed separately and subtracted;
+- *PyAV alone*: the same encoded frames (both cameras, both microphones,
+  as many as ``--seconds`` of a consult) muxed by PyAV alone into WebM in
+  memory, as fast as it goes, no aiortc, asyncio or encryption;
 - *capacity*: the child pinned to one core (``--cpu``), N consults at once
   for ``--capacity-seconds``, N = 1, 2, ... until one fails or
   ``--max-consults``. A run passes when every stream of every file holds at
   least 95 % of the frames a real-time source produces in the time (video
-  30/s, AAC 48000/1024 per second), no source is more than 0.5 s behind its
+  30/s, Opus 50/s), no source is more than 0.5 s behind its
   schedule at the stop, and no recorder reported a failure;
 - *store*: ``EncryptingWriter`` writing ``--store-mib`` MiB in 64 KiB writes
   (its default chunk size: 64 KiB) to a null sink (AES-GCM and framing
@@ -69,7 +65,6 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -85,20 +80,14 @@ from _common import (
 )
 from _recording_report import consult_figures, judge, machine, summary_table
 from _recording_sources import (
-    AAC_FRAME_SAMPLES,
     AUDIO_RATE,
     AUDIO_SAMPLES,
     FPS,
-    HEIGHT,
-    WIDTH,
-    SourceTrack,
-    audio_frame,
-    camera_pictures,
+    EncodedSource,
+    camera_frames,
     consult_sources,
-    video_frame,
-    voice_samples,
+    voice_frames,
 )
-from av import AudioFrame, VideoFrame
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from audit.filestore import (
@@ -107,16 +96,11 @@ from audit.filestore import (
     decrypt_chunks,
     new_data_key,
 )
-from audit.recordings import FileStore
+from audit.recordings import FileStore, RecordingFile
+from signaling.media_codecs import WEBM
+from signaling.muxer import CONTAINER_OPTIONS
 from signaling.protocol import ParticipantRole
-from signaling.recorder import (
-    CONTAINER_FORMAT,
-    CONTAINER_OPTIONS,
-    VIDEO_CODEC_OPTIONS,
-    ConsultRecorder,
-    Failure,
-    RecorderSettings,
-)
+from signaling.recorder import ConsultRecorder, Failure, ReceivedTrack, StreamKind
 
 # --------------------------------------------------------------------------
 # The measurements (each runs in a child process).
@@ -149,28 +133,33 @@ class Meter:
         }
 
 
+class NoFeedback:
+    """Where the benchmark's keyframe requests go: nowhere (its sources start
+    with a keyframe and send one every 6 s)."""
+
+    async def _send_rtcp_pli(self, media_ssrc: int) -> None:
+        return None
+
+
 async def generate(params: dict[str, Any]) -> dict[str, Any]:
-    """The sources of ``consults`` consults read by a plain loop: the frames' cost."""
-    pictures, voice = camera_pictures(), voice_samples()
+    """The sources of ``consults`` consults handing frames to nothing: their cost."""
+    video, audio = camera_frames(), voice_frames()
     sources = [
         t
         for _ in range(params["consults"])
-        for ts in consult_sources(pictures, voice).values()
+        for ts in consult_sources(video, audio).values()
         for t in ts
     ]
 
-    async def drain(track: SourceTrack) -> None:
-        while True:
-            await track.recv()
+    def nowhere(item: Any) -> None:
+        return None
 
     with Meter(params.get("cpu")) as meter:
-        readers = [asyncio.create_task(drain(t)) for t in sources]
+        senders = [asyncio.create_task(t.run(nowhere)) for t in sources]
         await asyncio.sleep(params["seconds"])
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        for track in sources:
-            track.stop()
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
     return {**meter.figures(), "sources": [t.pace.figures() for t in sources]}
 
 
@@ -179,41 +168,52 @@ class BenchConsult:
     """One consult's recording into a real encrypted file."""
 
     store: FileStore
-    pictures: list[tuple[bytes, ...]]
-    voice: bytes
+    video: list[bytes]
+    audio: list[bytes]
 
     def __post_init__(self) -> None:
         self.file_id = uuid.uuid4()
         self.file_name = f"{self.file_id}.vcenc"
         self.key = new_data_key()
-        self.sources = consult_sources(self.pictures, self.voice)
+        self.sources = consult_sources(self.video, self.audio)
         self.failures: list[str] = []
-        self.recorder = ConsultRecorder(
-            settings=RecorderSettings(video_width=WIDTH, video_height=HEIGHT),
-            on_failure=self._failed,
-        )
-        # What accept_offer collects from a participant's peer connection
-        # ("track" events); start() takes it from here, so everything after
-        # the network is the server's own code.
-        self.recorder._tracks = {role: list(ts) for role, ts in self.sources.items()}
+        self.recorder = ConsultRecorder(on_failure=self._failed)
+        self.taps = []
+        for role, sources in self.sources.items():
+            for source in sources:
+                track = ReceivedTrack(
+                    role=role,
+                    kind=StreamKind(source.kind),
+                    codec=source.codec,
+                    receiver=NoFeedback(),
+                    clock_rate=90000 if source.kind == "video" else AUDIO_RATE,
+                    awaiting_keyframe=source.kind == "video",
+                )
+                # What a receiver's tap would be handed, after the jitter buffer.
+                self.taps.append((source, self.recorder.add_source(track)))
+        self.senders: list[asyncio.Task[None]] = []
 
     async def _failed(self, failure: Failure, detail: str) -> None:
         self.failures.append(f"{failure.value}: {detail}")
 
     async def start(self) -> None:
-        # As audit.recordings.start_recording opens it.
-        writer = EncryptingWriter(
-            self.store.create(self.file_name), self.key, self.file_id, owns_sink=True
-        )
+        # As audit.recordings.begin_recording makes it: created empty, then
+        # opened by the recorder.
+        self.store.create(self.file_name).close()
+        file = RecordingFile(str(self.store.path(self.file_name)), self.file_id, self.key)
         self.started = time.monotonic()
-        await self.recorder.start(writer)
+        await self.recorder.start(file)
+        self.senders = [asyncio.create_task(source.run(tap.put)) for source, tap in self.taps]
 
     async def stop(self) -> dict[str, Any]:
         self.elapsed_s = time.monotonic() - self.started
+        for sender in self.senders:
+            sender.cancel()
+        await asyncio.gather(*self.senders, return_exceptions=True)
         result = await self.recorder.stop()
         return {"complete": result.complete, "handed_to_recorder": result.frames}
 
-    def sources_in_file_order(self) -> list[tuple[str, SourceTrack]]:
+    def sources_in_file_order(self) -> list[tuple[str, EncodedSource]]:
         """(label, source) in the order of the file's streams."""
         return [
             (f"{role.value} {kind}", t)
@@ -225,7 +225,8 @@ class BenchConsult:
 
 
 def count_frames(media: bytes) -> list[dict[str, Any]]:
-    """Decode every stream of a matroska file; frames per stream."""
+    """Decode every stream of the file (here, to check it: the recorder decodes
+    nothing); frames per stream."""
     out = []
     with av.open(io.BytesIO(media), mode="r") as container:
         frames = {s.index: 0 for s in container.streams}
@@ -239,11 +240,11 @@ def count_frames(media: bytes) -> list[dict[str, Any]]:
 
 async def record(params: dict[str, Any]) -> dict[str, Any]:
     """``consults`` consults recorded at once for ``seconds``; then their files checked."""
-    pictures, voice = camera_pictures(), voice_samples()
+    video, audio = camera_frames(), voice_frames()
     directory = Path(tempfile.mkdtemp(prefix="vc-bench-recording-"))
     try:
         store = FileStore(directory / "recordings")
-        consults = [BenchConsult(store, pictures, voice) for _ in range(params["consults"])]
+        consults = [BenchConsult(store, video, audio) for _ in range(params["consults"])]
         with Meter(params.get("cpu")) as meter:
             for consult in consults:
                 await consult.start()
@@ -261,7 +262,7 @@ async def record(params: dict[str, Any]) -> dict[str, Any]:
                 streams, consult.sources_in_file_order(), strict=True
             ):
                 stream["label"] = label
-                rate = FPS if stream["kind"] == "video" else AUDIO_RATE / AAC_FRAME_SAMPLES
+                rate = FPS if stream["kind"] == "video" else AUDIO_RATE / AUDIO_SAMPLES
                 stream["expected"] = round(consult.elapsed_s * rate, 1)
                 stream["share"] = round(stream["frames"] / stream["expected"], 4)
                 stream.update(source_track.pace.figures())
@@ -281,57 +282,48 @@ async def record(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def pyav_alone(params: dict[str, Any]) -> dict[str, Any]:
-    """The same media encoded by PyAV alone, as fast as it goes, into memory."""
-    pictures, voice = camera_pictures(), voice_samples()
+    """The same encoded frames muxed by PyAV alone, as fast as it goes, into memory."""
+    video, audio = camera_frames(), voice_frames()
     video_frames = round(params["seconds"] * FPS)
     audio_per_video = AUDIO_RATE / AUDIO_SAMPLES / FPS  # 50 / 30
 
-    def frames() -> Iterator[tuple[int, AudioFrame | VideoFrame]]:
-        """(stream, frame) in time order: cameras at 30/s, microphones at 50/s."""
+    def frames() -> list[tuple[int, int, bytes]]:
+        """(stream, pts, frame) in time order: cameras at 30/s, microphones at 50/s."""
+        out: list[tuple[int, int, bytes]] = []
         audio_sent = 0
         for index in range(video_frames):
             for stream in (1, 3):
-                picture = video_frame(pictures, index)
-                picture.pts, picture.time_base = index * 3000, Fraction(1, 90000)
-                yield stream, picture
+                out.append((stream, index * 3000, video[index % len(video)]))
             while audio_sent < (index + 1) * audio_per_video:
                 for stream in (0, 2):
-                    sound = audio_frame(voice, audio_sent)
-                    sound.pts = audio_sent * AUDIO_SAMPLES
-                    sound.time_base = Fraction(1, AUDIO_RATE)
-                    yield stream, sound
+                    out.append((stream, audio_sent * AUDIO_SAMPLES, audio[audio_sent % len(audio)]))
                 audio_sent += 1
+        return out
 
-    with Meter(None) as making:
-        made = sum(1 for _ in frames())
+    ordered = frames()
     sink = io.BytesIO()
-    container = av.open(sink, mode="w", format=CONTAINER_FORMAT, options=CONTAINER_OPTIONS)
-    with Meter(None) as encoding, container as out:
+    container = av.open(sink, mode="w", format=WEBM.muxer, options=dict(CONTAINER_OPTIONS))
+    with Meter(None) as muxing, container as out:
         streams: list[Any] = []
         for kind in ("audio", "video", "audio", "video"):
             if kind == "audio":
-                streams.append(out.add_stream("aac"))
+                stream = out.add_mux_stream("opus", rate=AUDIO_RATE)
+                stream.time_base = Fraction(1, AUDIO_RATE)
             else:
-                stream = out.add_stream("libx264", rate=FPS)
-                stream.pix_fmt, stream.width, stream.height = "yuv420p", WIDTH, HEIGHT
-                stream.codec_context.options = {
-                    **VIDEO_CODEC_OPTIONS,
-                    "preset": params.get("preset", VIDEO_CODEC_OPTIONS["preset"]),
-                }
-                streams.append(stream)
-        for index, frame in frames():
-            for packet in streams[index].encode(frame):
-                out.mux(packet)
-        for stream in streams:
-            for packet in stream.encode(None):
-                out.mux(packet)
+                stream = out.add_mux_stream("vp8", width=640, height=480)
+                stream.time_base = Fraction(1, 90000)
+            streams.append(stream)
+        for index, pts, data in ordered:
+            packet = av.Packet(data)
+            packet.stream = streams[index]
+            packet.time_base = streams[index].time_base
+            packet.pts = packet.dts = pts
+            out.mux(packet)
     return {
-        "preset": params.get("preset", VIDEO_CODEC_OPTIONS["preset"]),
         "media_s": params["seconds"],
-        "frames": made,
-        "making_cpu_s": round(making.cpu_s, 3),
-        "encoding_cpu_s": round(encoding.cpu_s, 3),
-        "encoding_wall_s": round(encoding.wall_s, 3),
+        "frames": len(ordered),
+        "muxing_cpu_s": round(muxing.cpu_s, 3),
+        "muxing_wall_s": round(muxing.wall_s, 3),
         "bytes": sink.tell(),
     }
 
@@ -406,7 +398,7 @@ def child_main(mode: str, params: dict[str, Any]) -> int:
     """Run one measurement in this (child) process; print its figures as JSON."""
     cpu = params.get("cpu")
     if cpu is not None:
-        # Every thread there is now; threads made later (libx264's) inherit it.
+        # Every thread there is now; threads made later (aiortc's) inherit it.
         for tid in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(tid), {cpu})
     if mode == "pyav":
@@ -471,10 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 gen = child("generate", consults=1, seconds=args.seconds)
                 rec = child("record", consults=1, seconds=args.seconds)
-                refs = [
-                    child("pyav", seconds=args.seconds, preset=preset)
-                    for preset in args.reference_presets
-                ]
+                refs = [child("pyav", seconds=args.seconds)]
                 figures = consult_figures(rep, gen, rec, refs)
                 results["consults"].append(figures)
                 results["failures"] += [f"consult run {rep}: {p}" for p in figures["problems"]]
@@ -542,12 +531,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=max(os.sched_getaffinity(0)),
         help="the core the capacity runs are pinned to (default: the last one)",
-    )
-    parser.add_argument(
-        "--reference-presets",
-        nargs="+",
-        default=["veryfast", "ultrafast"],
-        help="x264 presets of the PyAV-alone reference (the recorder's is veryfast)",
     )
     parser.add_argument("--store-mib", type=int, default=256, help="MiB through the store")
     parser.add_argument(

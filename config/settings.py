@@ -281,8 +281,6 @@ class TurnSettings(_Section):
 
 class RecordingSettings(_Section):
     enabled: bool
-    video_width: int = Field(ge=160, le=1920, multiple_of=2)
-    video_height: int = Field(ge=120, le=1080, multiple_of=2)
     start_timeout_s: float = Field(ge=1, le=120)
     max_concurrent: int = Field(ge=1, le=1000)
 
@@ -385,6 +383,15 @@ class _Value:
     source: str
 
 
+# Settings that once existed and mean nothing now: accepted (and ignored) in
+# a site file or the environment, so that an installation that set them
+# still starts. Each says why it went (docs/configuration.md, "Retired").
+RETIRED_SETTINGS = {
+    "recording.video_width": "the recorder copies the browsers' pictures unchanged (issue 18)",
+    "recording.video_height": "the recorder copies the browsers' pictures unchanged (issue 18)",
+}
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, *, defaults_file: Path = DEFAULTS_FILE
 ) -> Settings:
@@ -401,13 +408,16 @@ def load_settings(
     if site_file:
         site = _flatten(_read_toml(Path(site_file)), source=site_file)
         for key, value in site.items():
+            if key in RETIRED_SETTINGS:
+                continue
             if key not in known:
                 raise SettingsError(f"unknown setting {key!r} in {site_file}{_suggest(key, known)}")
             values[key] = value
 
     env_names = env_var_names(known)
+    retired_names = env_var_names(set(RETIRED_SETTINGS))
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or _reserved(name):
+        if not name.startswith(ENV_PREFIX) or _reserved(name) or name in retired_names:
             continue
         setting = env_names.get(name)
         if setting is None:

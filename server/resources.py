@@ -45,7 +45,6 @@ from server.cluster import Cluster
 from signaling.deadlines import ENDED_ROOM_KEPT
 from signaling.inprocess import InProcessBroker, InProcessRoomStore, InProcessTimers
 from signaling.ports import Broker, RoomStore, StateUnavailable, Timers
-from signaling.recorder import RecorderSettings
 from signaling.recording import RecordingServices
 from signaling.rooms import ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
@@ -145,10 +144,6 @@ def recording_services(app: web.Application) -> RecordingServices | None:
         engine=app[DB_ENGINE],
         files=app[FILE_STORE],
         root_key=app[MASTER_KEY].key,
-        recorder=RecorderSettings(
-            video_width=settings.recording.video_width,
-            video_height=settings.recording.video_height,
-        ),
         start_timeout_s=settings.recording.start_timeout_s,
         max_concurrent=settings.recording.max_concurrent,
     )

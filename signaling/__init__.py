@@ -16,7 +16,11 @@
   both hand deliveries to a node's sockets through
   :mod:`signaling.subscribers`.
 - :mod:`signaling.recording`: consent and the recording's phases per consult;
-  :mod:`signaling.recorder`: the server-side recorder (aiortc, PyAV).
+  :mod:`signaling.recorder`: the server-side recorder (aiortc, PyAV), which
+  copies the browsers' encoded frames into the file: it takes them from
+  aiortc's receivers with :mod:`signaling.receiver_tap`, reads what it needs
+  of them with :mod:`signaling.media_codecs` (pure) and writes them with
+  :mod:`signaling.muxer`.
 - :mod:`signaling.tickets`, :mod:`signaling.turn`, :mod:`signaling.ratelimit`:
   patient tickets, TURN credentials, per-connection rate limits.
 

@@ -2,32 +2,31 @@
 
 Each participant's browser opens a second, send-only peer connection to the
 server (``recorder-offer``), carrying its own camera and microphone. The
-recorder receives those tracks and writes them with aiortc's
-``MediaRecorder`` (PyAV) as matroska into a file-like object that encrypts
-as it goes (:class:`audit.filestore.EncryptingWriter`): plaintext media
-exists only in memory. The file holds up to four streams, in this order:
-therapist audio, therapist video, patient audio, patient video (a
+recorder copies the encoded frames it receives, unchanged, into one file:
+WebM (VP8 and Opus) or, when a browser offers only H.264, Matroska. Nothing
+is decoded and nothing is encoded (:mod:`signaling.receiver_tap` takes the
+frames from aiortc's receivers before their decoder, :mod:`signaling.muxer`
+writes them with PyAV), and the file goes into a file-like object that
+encrypts as it goes (:class:`audit.filestore.EncryptingWriter`): plaintext
+media exists only in memory. The file holds up to four streams, in this
+order: therapist audio, therapist video, patient audio, patient video (a
 participant without a camera has no video stream).
 
-Two traps of ``MediaRecorder`` (aiortc 1.16, PyAV 18) are handled here,
-not hoped away:
+Keyframes: a video stream starts at its first keyframe. When the recording
+starts, and whenever a stream waits for a keyframe (at the start, and after
+packets were lost for good), each sender is asked for one (RTCP PLI, again
+every second until it comes); the frames before it are dropped, since they
+would not decode.
 
-- A video stream takes its size from its first frame, when that frame is
-  encoded. But the first packet muxed by *any* stream (audio, or another
-  party's video) writes the container header and opens every codec; a video
-  stream that gets its first frame after that dies on "Cannot change width
-  after codec is open", and the file silently holds no video of it. So the
-  video streams are sized before the recorder starts (the configured size;
-  PyAV scales every frame to it) and MediaRecorder is told they have started
-  (:func:`_prepare_video_streams`).
-- A stream task that dies for any other reason dies silently too. A
-  watchdog notices a stream that stopped asking for frames and reports the
-  recording as failed instead of letting it run on without that stream.
+Timestamps: each stream's RTP timestamps (aiortc counts them from the
+stream's first frame) are rebased so that the stream counts from the moment
+the recording started, keeping the RTP spacing between frames; so the
+streams line up and the file's duration is the time the recording ran.
 
-Timestamps: RTP timestamps start at random values per stream. Every frame is
-rebased so that each stream counts from the moment the recording started,
-keeping the RTP spacing between frames; so the streams line up and the
-file's duration is the time the recording ran.
+The interface (:class:`ConsultRecorder`) is a handful of async methods that
+take and return strings, bytes and small dataclasses (the file to write is
+a :class:`~audit.recordings.RecordingFile`: a path, an id and a key), so
+that it can move behind a process boundary.
 """
 
 from __future__ import annotations
@@ -35,41 +34,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import fractions
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRecorder
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame, VideoFrame
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
+from aiortc.sdp import SessionDescription
 
 from audit.filestore import EncryptingWriter
+from audit.recordings import RecordingFile
+from signaling.media_codecs import (
+    Container,
+    MediaCodec,
+    container_for,
+    is_keyframe,
+    picture_size,
+)
+from signaling.muxer import PacketMuxer, StreamSpec
 from signaling.protocol import ParticipantRole, PeerConnectionState
+from signaling.receiver_tap import (
+    FrameTap,
+    PictureLossFeedback,
+    request_keyframe,
+    tap_receiver,
+)
 
 _log = structlog.get_logger("videoconsult.recorder")
 
-CONTAINER_FORMAT = "matroska"
-MEDIA_TYPE = "video/x-matroska"
-# The matroska muxer keeps a whole cluster in memory before writing it
-# (by default up to 5 s): a server that dies loses that much. One second.
-CONTAINER_OPTIONS = {"cluster_time_limit": "1000"}
-# libx264's defaults (preset medium, 40 frames of look-ahead) cost several
-# times the CPU and hold frames back, so a stop waits for them; a live
-# recording of a consult needs neither.
-VIDEO_CODEC_OPTIONS = {"preset": "veryfast", "tune": "zerolatency"}
-# How often the watchdog looks at the streams, and how long a stream may go
-# without asking for a frame before its task is taken for dead (a live task
-# asks again as soon as it has encoded the last frame).
+# How often the watchdog looks at the streams, and how long a stream may
+# bring no frame before the recording is taken for failed (a muted camera
+# or microphone still sends: black pictures, silence).
 WATCHDOG_INTERVAL_S = 0.5
-STALLED_STREAM_S = 3.0
+STALLED_STREAM_S = 10.0
 # What the encrypting writer holds in memory goes to disk at least this
 # often: a server that dies loses at most this, plus the muxer's cluster.
 PENDING_FLUSH_S = 1.0
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
+# A sender that was asked for a keyframe and sent none is asked again after this.
+KEYFRAME_REQUEST_INTERVAL_S = 1.0
+# The video codecs the recorder copies, in order of preference: VP8 fits WebM.
+VIDEO_CODECS = (MediaCodec.VP8, MediaCodec.H264)
 
 
 class RecorderError(Exception):
@@ -87,10 +99,23 @@ class StreamKind(enum.StrEnum):
     VIDEO = "video"
 
 
+class Failure(enum.Enum):
+    STORAGE_FULL = "storage_full"
+    RECORDER_FAILED = "recorder_failed"
+
+
 @dataclass(frozen=True)
-class RecorderSettings:
-    video_width: int
-    video_height: int
+class StopResult:
+    # Whether the file was closed with its final chunk.
+    complete: bool
+    plaintext_bytes: int
+    # Frames that went into the file, per stream ("therapist video": 150).
+    frames: dict[str, int]
+    # The container's media type ("video/webm"); None when nothing was started.
+    media_type: str | None = None
+
+
+OnFailure = Callable[[Failure, str], Coroutine[Any, Any, None]]
 
 
 class Timeline:
@@ -103,58 +128,42 @@ class Timeline:
         return time.monotonic() - self.started
 
 
-class RecordedTrack(MediaStreamTrack):
-    """One participant's track as the recorder sees it: rebased timestamps,
-    and counts of what went into the file."""
+@dataclass
+class ReceivedTrack:
+    """One participant's track: its receiver's frames, and its stream in the file."""
 
-    def __init__(
-        self, source: MediaStreamTrack, *, role: ParticipantRole, timeline: Timeline
-    ) -> None:
-        super().__init__()
-        self.kind = source.kind
-        self.role = role
-        self._source = source
-        self._timeline = timeline
-        self._offset: int | None = None
-        self._last_pts: int | None = None
-        self.frames = 0
-        # Whether MediaRecorder's task is waiting in recv() now, and when it
-        # last got a frame: a task that neither waits nor came back is dead.
-        self.in_recv = False
-        self.last_return = time.monotonic()
+    role: ParticipantRole
+    kind: StreamKind
+    codec: MediaCodec
+    # Where keyframe requests go: the track's aiortc receiver.
+    receiver: PictureLossFeedback
+    tap: FrameTap | None = None
+    # The stream's index in the file, from the start on.
+    index: int | None = None
+    clock_rate: int = 90000
+    offset: int | None = None
+    last_pts: int | None = None
+    awaiting_keyframe: bool = True
+    keyframe_asked_at: float = float("-inf")
+    keyframe_requests: int = 0
+    last_frame_at: float = field(default_factory=time.monotonic)
+    frames: int = 0
+    dropped: int = 0
 
     @property
     def label(self) -> str:
         return f"{self.role.value} {self.kind}"
 
-    async def recv(self) -> AudioFrame | VideoFrame:
-        self.in_recv = True
-        try:
-            received = await self._source.recv()
-            if not isinstance(received, AudioFrame | VideoFrame):
-                raise MediaStreamError("the recorder takes decoded audio and video frames only")
-            frame: AudioFrame | VideoFrame = self._rebased(received)
-            self.frames += 1
-            return frame
-        finally:
-            self.in_recv = False
-            self.last_return = time.monotonic()
-
-    def _rebased(self, frame: Any) -> Any:
-        time_base = frame.time_base
-        if frame.pts is None or time_base is None:
-            raise MediaStreamError("a received frame has no timestamp")
-        if self._offset is None:
-            self._offset = round(self._timeline.elapsed_s() / time_base) - frame.pts
-        pts = frame.pts + self._offset
-        if self._last_pts is not None and pts <= self._last_pts:
-            pts = self._last_pts + 1
-        frame.pts = self._last_pts = pts
-        return frame
-
-    def stop(self) -> None:
-        super().stop()
-        self._source.stop()
+    def rebased(self, timestamp: int, timeline: Timeline) -> int:
+        """``timestamp`` (RTP clock, from the stream's first frame) counted from
+        the recording's start; never back in time."""
+        if self.offset is None:
+            self.offset = round(timeline.elapsed_s() * self.clock_rate) - timestamp
+        pts = timestamp + self.offset
+        if self.last_pts is not None and pts <= self.last_pts:
+            pts = self.last_pts + 1
+        self.last_pts = pts
+        return pts
 
 
 class _GuardedSink:
@@ -202,57 +211,29 @@ class _GuardedSink:
                 self._on_error(err)
 
 
-def open_recorder(
-    sink: Any, tracks: list[RecordedTrack], settings: RecorderSettings
-) -> MediaRecorder:
-    """A MediaRecorder writing ``tracks`` (in this order) as matroska into ``sink``;
-    call ``start()`` on it."""
-    media = MediaRecorder(sink, format=CONTAINER_FORMAT, options=CONTAINER_OPTIONS)
-    for track in tracks:
-        media.addTrack(track)
-    _prepare_video_streams(media, settings)
-    return media
+def _offered_video_codecs(offer_sdp: str) -> set[MediaCodec]:
+    """The video codecs of ours an offer sends with (empty: no video, or none we copy)."""
+    offered: set[MediaCodec] = set()
+    for media in SessionDescription.parse(offer_sdp).media:
+        if media.kind == "video":
+            for codec in media.rtp.codecs:
+                with contextlib.suppress(ValueError):
+                    offered.add(MediaCodec.from_mime_type(codec.mimeType))
+    return offered
 
 
-def _prepare_video_streams(media: MediaRecorder, settings: RecorderSettings) -> None:
-    """Size the video streams and tune their encoders before anything is muxed.
-
-    MediaRecorder has no parameters for either, so this reaches into its
-    private per-track contexts (aiortc is pinned below 2; tests/test_recording.py
-    fails loudly if the attribute moves). Marking a context started keeps
-    MediaRecorder from resizing the stream at its first frame, which is what
-    kills a stream whose codec another stream's first packet already opened.
-    """
-    contexts = media._MediaRecorder__tracks  # type: ignore[attr-defined]
-    for track, context in contexts.items():
-        if track.kind != StreamKind.VIDEO:
-            continue
-        context.stream.width = settings.video_width
-        context.stream.height = settings.video_height
-        context.stream.codec_context.options = dict(VIDEO_CODEC_OPTIONS)
-        context.started = True
-
-
-class Failure(enum.Enum):
-    STORAGE_FULL = "storage_full"
-    RECORDER_FAILED = "recorder_failed"
-
-
-@dataclass(frozen=True)
-class StopResult:
-    # Whether the file was closed with its final chunk.
-    complete: bool
-    plaintext_bytes: int
-    # Frames that went into the file, per stream ("therapist video": 150).
-    frames: dict[str, int]
-
-
-OnFailure = Callable[[Failure, str], Coroutine[Any, Any, None]]
+def _preferences(kind: str, codec: MediaCodec) -> list[RTCRtpCodecCapability]:
+    """aiortc's capabilities of ``codec`` (every H.264 profile), and RTX for video."""
+    capabilities = RTCRtpReceiver.getCapabilities(kind)
+    assert capabilities is not None
+    wanted = [c for c in capabilities.codecs if c.mimeType.lower() == f"{kind}/{codec.value}"]
+    retransmission = [c for c in capabilities.codecs if c.mimeType.lower() == f"{kind}/rtx"]
+    return wanted + retransmission
 
 
 class ConsultRecorder:
-    """One consult's recording: a receive-only peer connection per participant
-    and one ``MediaRecorder`` writing into the encrypting writer.
+    """One consult's recording: a receive-only peer connection per participant,
+    their encoded frames copied into one file through the encrypting writer.
 
     Call :meth:`accept_offer` for each participant, then :meth:`start` once
     both are connected (:meth:`wait_connected`), and :meth:`stop` at the
@@ -260,20 +241,23 @@ class ConsultRecorder:
     a stream or connection fails; the caller then stops the recorder.
     """
 
-    def __init__(self, *, settings: RecorderSettings, on_failure: OnFailure) -> None:
-        self._settings = settings
+    def __init__(self, *, on_failure: OnFailure) -> None:
         self._on_failure = on_failure
         self._peers: dict[ParticipantRole, RTCPeerConnection] = {}
-        self._tracks: dict[ParticipantRole, list[MediaStreamTrack]] = {}
+        self._tracks: dict[ParticipantRole, list[ReceivedTrack]] = {}
         self._connected: dict[ParticipantRole, asyncio.Event] = {}
-        self._recorded: list[RecordedTrack] = []
-        self._media: MediaRecorder | None = None
+        self._recorded: list[ReceivedTrack] = []
+        self._muxer: PacketMuxer | None = None
         self._sink: _GuardedSink | None = None
         self._writer: EncryptingWriter | None = None
+        self._timeline: Timeline | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._failure_reported = False
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
+        # Keyframe requests on their way (RTCP PLI).
+        self._requests: set[asyncio.Task[None]] = set()
+        self.container: Container | None = None
 
     @property
     def roles(self) -> frozenset[ParticipantRole]:
@@ -281,22 +265,25 @@ class ConsultRecorder:
         answered: two pages usually offer within milliseconds of each other)."""
         return frozenset(self._tracks)
 
+    @property
+    def tracks(self) -> list[ReceivedTrack]:
+        """Every participant's received tracks, in the file's order once started."""
+        return self._recorded or [t for ts in self._tracks.values() for t in ts]
+
     async def accept_offer(self, role: ParticipantRole, offer_sdp: str) -> str:
         """Answer a participant's recorder offer; return the answer's SDP.
 
         Raises :class:`RecorderError` for a second offer of the same
         participant, an offer after the start, or an offer without audio.
         """
-        if self._stopped or self._media is not None:
+        if self._stopped or self._muxer is not None:
             raise RecorderError("the recording has already started; no more offers now")
         if role in self._peers:
             raise RecorderError(f"the {role.value}'s recorder connection is already set up")
         # No STUN or TURN of our own: the browser reaches the server's host
         # addresses directly or through its own TURN relay.
         peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        tracks: list[MediaStreamTrack] = []
         connected = asyncio.Event()
-        peer.on("track", tracks.append)
 
         @peer.on("connectionstatechange")
         def _state_changed() -> None:
@@ -308,19 +295,7 @@ class ConsultRecorder:
 
         self._peers[role] = peer
         try:
-            try:
-                await peer.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            except Exception as err:
-                # aiortc's parser raises what it happens to raise (ValueError,
-                # KeyError, ...); to the client it is one thing: a bad offer.
-                problem = str(err)[:200] or type(err).__name__
-                raise InvalidOffer(f"the recorder offer's SDP is not usable: {problem}") from err
-            kinds = sorted(track.kind for track in tracks)
-            if kinds not in (["audio"], ["audio", "video"]):
-                raise InvalidOffer(
-                    "a recorder offer sends one microphone and at most one camera; "
-                    f"this one sends {kinds or 'nothing'}"
-                )
+            tracks = await self._negotiate(role, peer, offer_sdp)
             try:
                 await peer.setLocalDescription(await peer.createAnswer())
             except Exception as err:
@@ -335,30 +310,164 @@ class ConsultRecorder:
         self._connected[role] = connected
         return str(peer.localDescription.sdp)
 
+    async def _negotiate(
+        self, role: ParticipantRole, peer: RTCPeerConnection, offer_sdp: str
+    ) -> list[ReceivedTrack]:
+        """Take the offer with the codecs the recorder copies (Opus; VP8, else
+        H.264) and tap each receiver; return the participant's tracks."""
+        try:
+            offered = _offered_video_codecs(offer_sdp)
+            video = next((codec for codec in VIDEO_CODECS if codec in offered), None)
+            # Made before the offer is applied, so that the answer names only
+            # the codecs the file can hold (the offer's transceivers take these).
+            peer.addTransceiver("audio", direction="recvonly").setCodecPreferences(
+                _preferences("audio", MediaCodec.OPUS)
+            )
+            if video is not None:
+                peer.addTransceiver("video", direction="recvonly").setCodecPreferences(
+                    _preferences("video", video)
+                )
+            await peer.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as err:
+            # aiortc's parser raises what it happens to raise (ValueError,
+            # KeyError, ...); to the client it is one thing: a bad offer.
+            problem = str(err)[:200] or type(err).__name__
+            raise InvalidOffer(f"the recorder offer's SDP is not usable: {problem}") from err
+        tracks: list[ReceivedTrack] = []
+        for transceiver in peer.getTransceivers():
+            receiver = transceiver.receiver
+            if receiver.track is None or transceiver.direction == "inactive":
+                continue
+            kind = StreamKind(receiver.track.kind)
+            if kind is StreamKind.VIDEO and video is None:
+                raise InvalidOffer("the recorder offer sends video in neither VP8 nor H.264")
+            track = ReceivedTrack(
+                role=role,
+                kind=kind,
+                codec=MediaCodec.OPUS if kind is StreamKind.AUDIO else video or MediaCodec.VP8,
+                receiver=receiver,
+                clock_rate=48000 if kind is StreamKind.AUDIO else 90000,
+                awaiting_keyframe=kind is StreamKind.VIDEO,
+            )
+            track.tap = tap_receiver(receiver, self._frame_handler(track))
+            tracks.append(track)
+        kinds = sorted(track.kind.value for track in tracks)
+        if kinds not in (["audio"], ["audio", "video"]):
+            raise InvalidOffer(
+                "a recorder offer sends one microphone and at most one camera; "
+                f"this one sends {kinds or 'nothing'}"
+            )
+        return tracks
+
+    def add_source(self, track: ReceivedTrack) -> FrameTap:
+        """Record ``track`` from the frames handed to the returned tap rather than
+        from an aiortc receiver (the benchmark's pre-encoded media, tests); before
+        the start only."""
+        if self._muxer is not None or self._stopped:
+            raise RecorderError("the recording has already started; no more tracks now")
+        track.tap = FrameTap(self._frame_handler(track))
+        self._tracks.setdefault(track.role, []).append(track)
+        return track.tap
+
     async def wait_connected(self, roles: frozenset[ParticipantRole]) -> None:
         """Return once the recorder connections of ``roles`` are connected."""
         for role in roles:
             await self._connected[role].wait()
 
-    async def start(self, writer: EncryptingWriter) -> None:
-        """Start writing every received track into ``writer``."""
-        if self._media is not None or self._stopped:
+    async def start(self, file: RecordingFile) -> None:
+        """Start writing every received track into ``file`` (encrypted as it goes).
+
+        Raises OSError when the file cannot be opened (the disk or the store
+        is gone), :class:`RecorderError` when started or stopped already.
+        """
+        if self._muxer is not None or self._stopped:
             raise RecorderError("the recorder has already started or stopped")
-        self._writer = writer
+        writer = self._writer = file.open_writer()
         self._sink = _GuardedSink(
             writer, lambda err: self._report(Failure.STORAGE_FULL, err.strerror or str(err))
         )
-        timeline = Timeline()
         for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT):
             for kind in StreamKind:
-                self._recorded += [
-                    RecordedTrack(track, role=role, timeline=timeline)
-                    for track in self._tracks.get(role, [])
-                    if track.kind == kind
-                ]
-        self._media = open_recorder(self._sink, self._recorded, self._settings)
-        await self._media.start()
+                self._recorded += [t for t in self._tracks.get(role, []) if t.kind is kind]
+        for index, track in enumerate(self._recorded):
+            track.index = index
+            track.last_frame_at = time.monotonic()
+        self.container = container_for({track.codec for track in self._recorded})
+        self._timeline = Timeline()
+        self._muxer = PacketMuxer(
+            self._sink,
+            [StreamSpec(track.codec, track.clock_rate) for track in self._recorded],
+            self.container,
+        )
+        for track in self._recorded:
+            if track.kind is StreamKind.VIDEO:
+                self._ask_keyframe(track)
         self._watchdog = asyncio.create_task(self._watch())
+
+    def _frame_handler(self, track: ReceivedTrack) -> Callable[[RTCRtpCodecParameters, Any], None]:
+        def on_frame(codec: RTCRtpCodecParameters, frame: JitterFrame) -> None:
+            # Called by aiortc's receiver, in the event loop: never raise into it.
+            if self._muxer is None or self._stopped or self._failure_reported:
+                return  # before the start nothing is recorded; after a failure nothing more
+            if self._sink is not None and self._sink.error is not None:
+                return
+            try:
+                self._write(track, codec, frame)
+            except Exception as err:
+                _log.exception("recorder: a frame could not be written", stream=track.label)
+                self._report(
+                    Failure.RECORDER_FAILED,
+                    f"the {track.label} stream could not be written: {type(err).__name__}",
+                )
+
+        return on_frame
+
+    def _write(
+        self, track: ReceivedTrack, codec: RTCRtpCodecParameters, frame: JitterFrame
+    ) -> None:
+        assert self._muxer is not None
+        assert self._timeline is not None
+        assert track.index is not None
+        if codec.name.lower() != track.codec.value:
+            raise RecorderError(f"the {track.label} came as {codec.name}, not {track.codec.value}")
+        track.last_frame_at = time.monotonic()
+        keyframe = is_keyframe(track.codec, frame.data)
+        if track.kind is StreamKind.VIDEO:
+            assert track.tap is not None
+            if track.tap.lost:
+                # The jitter buffer gave up on lost packets: what follows leans
+                # on a picture the file would not have.
+                track.tap.lost = False
+                track.awaiting_keyframe = True
+            if track.awaiting_keyframe:
+                if not keyframe:
+                    track.dropped += 1
+                    self._ask_keyframe(track)
+                    return
+                track.awaiting_keyframe = False
+                self._muxer.set_size(track.index, picture_size(track.codec, frame.data))
+        pts = track.rebased(frame.timestamp, self._timeline)
+        self._muxer.add(track.index, frame.data, pts, keyframe=keyframe)
+        track.frames += 1
+
+    def _ask_keyframe(self, track: ReceivedTrack) -> None:
+        now = time.monotonic()
+        if track.tap is None or now - track.keyframe_asked_at < KEYFRAME_REQUEST_INTERVAL_S:
+            return
+        task = request_keyframe(track.receiver, track.tap)
+        if task is None:
+            return  # no packet yet: the first one that comes asks
+        track.keyframe_asked_at = now
+        track.keyframe_requests += 1
+        self._requests.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._requests.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A request that did not go out (the connection is closing) is
+            # not worth more: the next one follows within a second.
+            _log.info("recorder: a keyframe request failed", error=repr(task.exception()))
 
     async def stop(self) -> StopResult:
         """Stop recording and close everything; idempotent. The writer is
@@ -370,11 +479,11 @@ class ConsultRecorder:
             self._watchdog.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._watchdog
-        complete = self._media is not None
-        if self._media is not None:
+        complete = self._muxer is not None
+        if self._muxer is not None:
             try:
-                # Cancels the stream tasks, flushes the encoders, closes the container.
-                await self._media.stop()
+                # Writes what the muxer holds and the container's end.
+                self._muxer.close()
             except Exception:
                 _log.exception("recorder: closing the container failed")
                 complete = False
@@ -385,12 +494,12 @@ class ConsultRecorder:
                 complete = False
         else:
             complete = False
-        for track in self._recorded:
-            track.stop()
         if self._writer is not None and not complete:
             # No final chunk: the file reads as truncated, up to its last whole chunk.
             self._writer.abort()
         await asyncio.gather(*(peer.close() for peer in self._peers.values()))
+        for task in list(self._requests):
+            task.cancel()
         return self._result(complete=complete)
 
     def _result(self, *, complete: bool) -> StopResult:
@@ -398,6 +507,7 @@ class ConsultRecorder:
             complete=complete,
             plaintext_bytes=self._writer.plaintext_bytes if self._writer else 0,
             frames={track.label: track.frames for track in self._recorded},
+            media_type=self.container.media_type if self.container else None,
         )
 
     async def _watch(self) -> None:
@@ -406,6 +516,8 @@ class ConsultRecorder:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
             try:
+                if self._muxer is not None:
+                    self._muxer.poll()
                 if now - flushed >= PENDING_FLUSH_S and self._sink is not None:
                     self._sink.write_pending()
                     flushed = now
@@ -414,9 +526,11 @@ class ConsultRecorder:
                 self._report(Failure.RECORDER_FAILED, f"writing failed: {type(err).__name__}")
                 return
             for track in self._recorded:
-                if not track.in_recv and now - track.last_return > STALLED_STREAM_S:
+                if now - track.last_frame_at > STALLED_STREAM_S:
                     self._report(
-                        Failure.RECORDER_FAILED, f"the {track.label} stream stopped being written"
+                        Failure.RECORDER_FAILED,
+                        f"no {track.kind} came from the {track.role.value} for "
+                        f"{STALLED_STREAM_S:g} s",
                     )
                     return
 

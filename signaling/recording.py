@@ -38,15 +38,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import latest_invite_guardian_consent
-from audit.filestore import EncryptingWriter
 from audit.recordings import (
     Consent,
     ConsentBy,
     FileStore,
     StopReason,
+    begin_recording,
     finish_recording,
     mark_interrupted,
-    start_recording,
 )
 from audit.technical_log import TechnicalLog
 from signaling.changes import ChangeThenTell, Send
@@ -67,7 +66,6 @@ from signaling.recorder import (
     Failure,
     InvalidOffer,
     RecorderError,
-    RecorderSettings,
 )
 from signaling.state import RecordingPhase, RoomPhase
 
@@ -85,9 +83,9 @@ class RecordingServices:
     engine: AsyncEngine
     files: FileStore
     root_key: bytes
-    recorder: RecorderSettings
     start_timeout_s: float
-    # Recordings at once on this node: encoding is the expensive part.
+    # Recordings at once on this node (each receives two participants' media
+    # in this process; docs/recording.md).
     max_concurrent: int = 2
 
 
@@ -107,7 +105,6 @@ class _Live:
     offers_in: asyncio.Event = field(default_factory=asyncio.Event)
     starter: asyncio.Task[None] | None = None
     recording_id: uuid.UUID | None = None
-    writer: EncryptingWriter | None = None
     # Past the wait for the pages: the file and its row are being made.
     creating: bool = False
     started_at: datetime | None = None
@@ -265,7 +262,6 @@ class RecordingControl:
             question = self._questions.pop(consult_id, None)
             live = _Live(
                 recorder=ConsultRecorder(
-                    settings=services.recorder,
                     on_failure=lambda failure, detail: self._failed(consult_id, failure, detail),
                 ),
                 requested_at=question.asked_at if question else now,
@@ -330,7 +326,7 @@ class RecordingControl:
         now = self._clock.now()
         try:
             async with services.engine.begin() as conn:
-                recording, writer = await start_recording(
+                recording, file = await begin_recording(
                     conn,
                     services.files,
                     services.root_key,
@@ -342,9 +338,13 @@ class RecordingControl:
             _log.error("recording: the file store refused a new file", error=err.strerror)
             await self.stop(consult_id, StopReason.STORAGE_FULL)
             return
-        live.recording_id, live.writer = recording.id, writer
+        live.recording_id = recording.id
         try:
-            await live.recorder.start(writer)
+            await live.recorder.start(file)
+        except OSError as err:
+            _log.error("recording: the new file does not open", error=err.strerror)
+            await self.stop(consult_id, StopReason.STORAGE_FULL)
+            return
         except Exception:
             # Never a silent half-start: both are told, the row is finished.
             _log.exception("recording: the recorder did not start", consult_id=str(consult_id))
@@ -404,20 +404,17 @@ class RecordingControl:
                     await starter
         complete, plaintext_bytes, frames = False, 0, {}
         try:
+            # Closes the file (with its final chunk when nothing failed). A
+            # recording stopped between making its file and starting the
+            # recorder leaves the file empty, and the row incomplete.
             result = await live.recorder.stop()
             complete, plaintext_bytes, frames = (
                 result.complete,
                 result.plaintext_bytes,
                 result.frames,
             )
-            if live.writer is not None and not live.writer.closed:
-                # Stopped between opening the file and starting the recorder.
-                live.writer.close()
-                complete = True
         except Exception:
             _log.exception("recording: stopping the recorder failed", consult_id=str(consult_id))
-            if live.writer is not None:
-                live.writer.abort()
         if live.recording_id is None:
             return  # never started: no file, no row
         try:

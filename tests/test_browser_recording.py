@@ -10,11 +10,13 @@ encrypted store and decoded frame by frame (helpers of test_recording.py).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import sqlalchemy as sa
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
+from audit.media_types import WEBM, media_format
 from audit.schema import recordings
 from server.app_keys import DB_ENGINE, ROOMS
 from tests.support.browser import (
@@ -35,7 +37,7 @@ from tests.support.recording import count_streams, data_key, decrypted, recordin
 
 pytestmark = [pytest.mark.browser, pytest.mark.recorder]
 
-RECORD_FOR_S = 3.0
+RECORD_FOR_S = 5.0
 # Consent to "on": both recorder links gather ICE and connect.
 RECORDING_ON_TIMEOUT_MS = 25_000
 RECORDER_STATE = """() => {
@@ -116,6 +118,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         await expect(page.locator("#recording-stop")).to_be_visible()
         assert await recorder_state(page) == "connected"
     await expect(question).to_be_hidden()
+    began = time.monotonic()
     await asyncio.sleep(RECORD_FOR_S)
     await expect(therapist.locator("#recording-elapsed")).not_to_have_text("0:00")
     await screenshot(therapist, "therapist-recording")
@@ -124,6 +127,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     assert await patient.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
 
     await patient.click("#recording-stop")
+    truth_s = time.monotonic() - began
     for page in (therapist, patient):
         await expect(page.locator("#recording-indicator")).to_be_hidden()
     await expect(therapist.locator("#recording-text")).to_have_text(
@@ -149,13 +153,20 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     )
     media, truncated = decrypted(harness, row.id, await data_key(harness, row.id))
     assert truncated is None
+    # What Chromium sent, copied unchanged: VP8 and Opus, in WebM.
+    assert media_format(media) == WEBM
     streams = count_streams(media)
     # therapist audio, therapist video, patient audio, patient video
     assert [s.kind for s in streams] == ["audio", "video", "audio", "video"]
+    assert [s.codec for s in streams] == ["opus", "vp8", "opus", "vp8"]
     for stream in streams:
-        # Fake capture sends 30 pictures (or ~47 audio frames) a second; a
+        # Fake capture sends 30 pictures (or 50 Opus frames) a second; a
         # busy machine loses some, but far more than this must be there.
         assert stream.frames >= 10 * RECORD_FOR_S, streams
+        assert stream.first_is_keyframe, streams
+        # From the indicator to the click, as the pages saw it (the server's
+        # start and stop fall a little before each).
+        assert abs(stream.duration_s - truth_s) < 0.5, (streams, truth_s)
     assert harness.app[ROOMS].recording.live_count == 0
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
 

@@ -124,6 +124,19 @@ async def test_the_owner_lists_and_downloads_exactly_what_was_recorded(harness: 
     ) == ("recording.download", rec.owner.account_id, "recording", str(rec.id), "allowed")
 
 
+async def test_a_webm_recording_downloads_as_webm(harness: Harness) -> None:
+    """The pass-through recorder writes WebM for VP8: the download says so, from
+    the file's own header (older recordings stay Matroska)."""
+    header = b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\xf7\x81\x01\x42\xf2\x81\x04"
+    media = header + b"\x42\xf3\x81\x08\x42\x82\x84webm" + os.urandom(2 * CHUNK)
+    rec = await recorded(harness, media)
+    response = await harness.client.get(rec.download)
+    assert response.status == 200, await response.text()
+    assert response.content_type == "video/webm"
+    assert response.headers["Content-Disposition"].endswith(f'-{rec.id}.webm"')
+    assert await response.read() == media
+
+
 async def test_the_list_holds_only_the_therapists_own_recordings(harness: Harness) -> None:
     rec = await recorded(harness, b"mine")
     other = await new_consult(harness, "bram@praktijk-noord.example")

@@ -78,6 +78,22 @@ def test_unknown_key_in_site_file_is_refused(tmp_path: Path) -> None:
     assert "server.port" in message
 
 
+def test_retired_recording_size_settings_still_load_and_mean_nothing(tmp_path: Path) -> None:
+    """The transcoding recorder's picture size (gone with issue 18): an
+    installation that set it still starts."""
+    site = tmp_path / "site.toml"
+    site.write_text("[recording]\nvideo_width = 1280\nvideo_height = 720\n")
+    settings = load_settings(
+        {
+            "VIDEOCONSULT_CONFIG_FILE": str(site),
+            "VIDEOCONSULT_RECORDING_VIDEO_WIDTH": "640",
+            "VIDEOCONSULT_RECORDING_VIDEO_HEIGHT": "480",
+        }
+    )
+    assert not hasattr(settings.recording, "video_width")
+    assert "VIDEOCONSULT_RECORDING_VIDEO_WIDTH" not in env_var_names()
+
+
 def test_site_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
     site = tmp_path / "site.toml"
     site.write_text("[server\nport = 1\n")

@@ -32,6 +32,7 @@ from aiohttp import web
 from audit.access_log import Actor, Outcome, record_access
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
+from audit.media_types import MATROSKA, MediaFormat, media_format
 from audit.recordings import (
     RecordingEntry,
     RecordingStatus,
@@ -54,7 +55,6 @@ routes = web.RouteTableDef()
 _log = structlog.get_logger("videoconsult.recordings")
 
 RECORDING_PATH = "/api/recordings/{recording_id}"
-MEDIA_TYPE = "video/x-matroska"
 STATUS_HEADER = "X-Recording-Status"
 
 ACTION_LIST = "recording.list"
@@ -70,9 +70,9 @@ class RecordingUnreadable(ApiError):
     status, code = 500, "recording_unreadable"
 
 
-def download_name(entry: RecordingEntry) -> str:
+def download_name(entry: RecordingEntry, kind: MediaFormat = MATROSKA) -> str:
     """A file name of ASCII letters, digits and dashes only: the start time and the id."""
-    return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}.mkv"
+    return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}{kind.suffix}"
 
 
 async def _log_access(
@@ -144,7 +144,8 @@ async def recordings_list(request: web.Request) -> web.Response:
 # No HEAD: it would decrypt the whole file to send nothing, and log a download.
 @routes.get(RECORDING_PATH + "/download", allow_head=False)
 async def recording_download(request: web.Request) -> web.StreamResponse:
-    """The decrypted recording (matroska), streamed as it is decrypted."""
+    """The decrypted recording (WebM or Matroska, as its first bytes say),
+    streamed as it is decrypted."""
     principal = await require_role(request, Role.THERAPIST, action=ACTION_DOWNLOAD)
     entry = await _own_recording(request, principal, ACTION_DOWNLOAD)
     app = request.app
@@ -160,13 +161,8 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
         raise RecordingUnreadable("this recording's key does not open on this server") from None
     await _log_access(request, principal, ACTION_DOWNLOAD, entry.id)
 
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": MEDIA_TYPE,
-            "Content-Disposition": f'attachment; filename="{download_name(entry)}"',
-            STATUS_HEADER: entry.status.value,
-        }
-    )
+    response = web.StreamResponse(headers={STATUS_HEADER: entry.status.value})
+    _describe(response, entry, MATROSKA)
     chunks = _ChunksInThread(plaintext(app[FILE_STORE], file_name, data_key, entry.id))
     problem: Exception | None = None
     try:
@@ -184,6 +180,8 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
             if piece is None:
                 break
             if not response.prepared:
+                # The first chunk holds the container's header: it names the type.
+                _describe(response, entry, media_format(piece))
                 await response.prepare(request)
             await response.write(piece)
     except ConnectionError:
@@ -210,6 +208,11 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
         )
     _abort(request, response)
     return response
+
+
+def _describe(response: web.StreamResponse, entry: RecordingEntry, kind: MediaFormat) -> None:
+    response.headers["Content-Type"] = kind.media_type
+    response.headers["Content-Disposition"] = f'attachment; filename="{download_name(entry, kind)}"'
 
 
 class _ChunksInThread:

@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "export",
         help="decrypt a recording into a new file",
         description=(
-            "Decrypt a recording (matroska video) into OUT, created new with mode 0600; an "
+            "Decrypt a recording (WebM or Matroska video) into OUT, created new with mode 0600; an "
             "existing OUT is never overwritten. A damaged recording exports nothing (exit 1); "
             "an incomplete one exports up to its last whole chunk and says so on stderr."
         ),

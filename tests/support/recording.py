@@ -3,24 +3,29 @@ the encrypted recording it leaves."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
+import tempfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import av
 import sqlalchemy as sa
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
-from audit.filestore import Truncated
-from audit.recordings import data_key_of, plaintext
+from audit.filestore import Truncated, decrypt_chunks, new_data_key
+from audit.recordings import RecordingFile, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
+from signaling.protocol import ParticipantRole
+from signaling.recorder import ConsultRecorder, Failure, StopResult
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
 
@@ -47,9 +52,19 @@ class SizedVideo(SyntheticVideo):
 
 
 class RecorderLink:
-    """A participant's send-only connection to the server's recorder."""
+    """A participant's send-only connection to the server's recorder.
 
-    def __init__(self, *, video: tuple[int, int] | None = (320, 240), noisy: bool = False) -> None:
+    ``video_codecs``: the only video codecs its offer names (``["H264"]``
+    plays a browser without VP8); by default all of aiortc's.
+    """
+
+    def __init__(
+        self,
+        *,
+        video: tuple[int, int] | None = (320, 240),
+        noisy: bool = False,
+        video_codecs: list[str] | None = None,
+    ) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[MediaStreamTrack] = [AudioStreamTrack()]
         if video is not None:
@@ -58,6 +73,22 @@ class RecorderLink:
             self.pc.addTrack(track)
         for transceiver in self.pc.getTransceivers():
             transceiver.direction = "sendonly"
+            if transceiver.kind == "video" and video_codecs is not None:
+                capabilities = RTCRtpSender.getCapabilities("video")
+                assert capabilities is not None
+                transceiver.setCodecPreferences(
+                    [
+                        codec
+                        for codec in capabilities.codecs
+                        if codec.mimeType.partition("/")[2] in [*video_codecs, "rtx"]
+                    ]
+                )
+
+    @property
+    def camera(self) -> SizedVideo:
+        camera = self.tracks[-1]
+        assert isinstance(camera, SizedVideo)
+        return camera
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -181,27 +212,38 @@ class StreamCount:
     frames: int
     duration_s: float
     width: int | None
+    codec: str = ""
+    height: int | None = None
+    # Whether the stream's first packet is marked a keyframe (and decodes on its own).
+    first_is_keyframe: bool = False
 
 
 def count_streams(media: bytes) -> list[StreamCount]:
-    """Decode every packet of every stream; frames and end time per stream."""
+    """Decode every packet of every stream, frame by frame (a decode error
+    fails); frames, end time and first packet per stream."""
     counts: list[StreamCount] = []
     with av.open(io.BytesIO(media), mode="r") as container:
         streams = list(container.streams)
         frames: Counter[int] = Counter()
         ends: dict[int, float] = {}
+        first_key: dict[int, bool] = {}
         for packet in container.demux():
             if packet.size == 0:
                 continue
-            for frame in packet.decode():
-                frames[packet.stream.index] += 1
+            index = packet.stream.index
+            decoded = packet.decode()
+            first_key.setdefault(index, bool(packet.is_keyframe) and len(decoded) > 0)
+            for frame in decoded:
+                frames[index] += 1
                 if (
                     isinstance(frame, AudioFrame | VideoFrame)
                     and frame.pts is not None
                     and frame.time_base is not None
                 ):
                     end = float(frame.pts * frame.time_base)
-                    ends[packet.stream.index] = max(ends.get(packet.stream.index, 0.0), end)
+                    if isinstance(frame, AudioFrame):
+                        end += frame.samples / frame.sample_rate
+                    ends[index] = max(ends.get(index, 0.0), end)
         for stream in streams:
             counts.append(
                 StreamCount(
@@ -209,6 +251,75 @@ def count_streams(media: bytes) -> list[StreamCount]:
                     frames[stream.index],
                     ends.get(stream.index, 0.0),
                     getattr(stream.codec_context, "width", None),
+                    codec=stream.codec_context.name,
+                    height=getattr(stream.codec_context, "height", None),
+                    first_is_keyframe=first_key.get(stream.index, False),
                 )
             )
     return counts
+
+
+@dataclass
+class DirectRecording:
+    """A recording made by a ConsultRecorder alone (no server), and its file."""
+
+    recorder: ConsultRecorder
+    result: StopResult
+    media: bytes
+    truth_s: float
+    failures: list[str]
+
+
+async def record_links(
+    links: dict[ParticipantRole, RecorderLink],
+    seconds: float,
+    *,
+    during: Any = None,
+) -> DirectRecording:
+    """Connect ``links`` to a new ConsultRecorder, record ``seconds`` into an
+    encrypting writer in memory, stop; ``during`` (async, optional) runs
+    while it records."""
+    failures: list[str] = []
+
+    async def failed(failure: Failure, detail: str) -> None:
+        failures.append(f"{failure.value}: {detail}")
+
+    recorder = ConsultRecorder(on_failure=failed)
+    directory = tempfile.TemporaryDirectory(prefix="vc-test-recording-")
+    file = new_recording_file(Path(directory.name))
+    try:
+        for role, link in links.items():
+            await link.accept(await recorder.accept_offer(role, await link.offer()))
+        await recorder.wait_connected(frozenset(links))
+        await recorder.start(file)
+        began = loop_time()
+        if during is not None:
+            await during()
+        await asyncio.sleep(max(0.0, seconds - (loop_time() - began)))
+        result = await recorder.stop()
+        truth_s = loop_time() - began
+    finally:
+        await recorder.stop()
+        for link in links.values():
+            await link.close()
+    with directory:
+        media = read_recording_file(file)
+    return DirectRecording(recorder, result, media, truth_s, failures)
+
+
+def read_recording_file(file: RecordingFile) -> bytes:
+    """The whole plaintext of a recording's file (raises what decryption raises)."""
+    with open(file.path, "rb") as source:
+        return b"".join(decrypt_chunks(source, file.data_key, file_id=file.file_id))
+
+
+def new_recording_file(directory: Path) -> RecordingFile:
+    """A recording's file as audit.recordings.begin_recording makes one: new and empty."""
+    file_id = uuid.uuid4()
+    path = directory / f"{file_id}.vcenc"
+    path.touch(mode=0o600, exist_ok=False)
+    return RecordingFile(str(path), file_id, new_data_key())
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
