@@ -70,9 +70,11 @@ from signaling.receiver_tap import (
 
 _log = structlog.get_logger("videoconsult.recorder")
 
-# How often the watchdog looks at the streams, and how long a stream may
-# bring no frame before the recording is taken for failed (a muted camera
-# or microphone still sends: black pictures, silence).
+# How often the watchdog looks at the streams, and how long all of one
+# participant's streams may bring no frame before the recording is taken for
+# failed (their media is gone). One quiet stream (a static shared screen
+# sends no new pictures) leaves a gap, not a failure; a muted camera or
+# microphone still sends (black pictures, silence).
 WATCHDOG_INTERVAL_S = 0.5
 STALLED_STREAM_S = 10.0
 # What the encrypting writer holds in memory goes to disk at least this
@@ -525,12 +527,11 @@ class ConsultRecorder:
                 # Not silently: a watchdog that died would flush and watch no more.
                 self._report(Failure.RECORDER_FAILED, f"writing failed: {type(err).__name__}")
                 return
-            for track in self._recorded:
-                if now - track.last_frame_at > STALLED_STREAM_S:
+            for role, tracks in self._tracks.items():
+                if tracks and all(now - t.last_frame_at > STALLED_STREAM_S for t in tracks):
                     self._report(
                         Failure.RECORDER_FAILED,
-                        f"no {track.kind} came from the {track.role.value} for "
-                        f"{STALLED_STREAM_S:g} s",
+                        f"no media came from the {role.value} for {STALLED_STREAM_S:g} s",
                     )
                     return
 

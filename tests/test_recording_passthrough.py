@@ -228,9 +228,46 @@ async def test_a_stream_that_stops_bringing_frames_fails_the_recording(
             if failures:
                 break
             await asyncio.sleep(0.1)
-        assert failures == ["recorder_failed: no video came from the therapist for 0.6 s"]
+        assert failures == ["recorder_failed: no media came from the therapist for 0.6 s"]
     finally:
         await recorder.stop()
+
+
+async def test_one_quiet_stream_leaves_a_gap_and_the_recording_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A static shared screen sends no new pictures for a while: the therapist's
+    # audio still comes, so their media is not gone.
+    monkeypatch.setattr("signaling.recorder.STALLED_STREAM_S", 0.6)
+    failures: list[str] = []
+
+    async def failed(failure: Any, detail: str) -> None:
+        failures.append(f"{failure.value}: {detail}")
+
+    recorder = ConsultRecorder(on_failure=failed)
+    opus = RTCRtpCodecParameters(
+        mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111
+    )
+    audio = recorder.add_source(
+        ReceivedTrack(
+            role=THERAPIST,
+            kind=StreamKind.AUDIO,
+            codec=MediaCodec.OPUS,
+            receiver=FakeReceiver(),
+            clock_rate=48000,
+        )
+    )
+    recorder.add_source(video_track())
+    await recorder.start(new_recording_file(tmp_path))
+    try:
+        for number in range(75):  # 1.5 s of 20 ms audio frames
+            audio.put((opus, JitterFrame(data=b"\xfc" + bytes(40), timestamp=number * 960)))
+            await asyncio.sleep(0.02)
+        assert failures == []
+    finally:
+        result = await recorder.stop()
+    assert result.frames["therapist audio"] >= 60
+    assert result.frames["therapist video"] == 0
 
 
 async def test_a_frame_that_cannot_be_written_fails_the_recording_at_once(
