@@ -72,7 +72,45 @@ async def postgres_url() -> AsyncIterator[str]:
         service_unavailable("PostgreSQL", problem)
     url = await create_database(POSTGRES_ADMIN_URL)
     yield url
+    collect_leaked_asyncpg_connections()
     await drop_database(POSTGRES_ADMIN_URL, url)
+
+
+def collect_leaked_asyncpg_connections() -> int:
+    """Collect the asyncpg connections a cancelled task left behind; return how many.
+
+    asyncpg leaks a connection when the task using it is cancelled while it
+    connects or closes (asyncpg #1156, SQLAlchemy #12077: known, not fixed
+    upstream); a test whose app shuts down mid-request can do that. The
+    garbage collector then reports the connection, its socket and its
+    transport as unraisable at some later test, which the suite's "error"
+    filter fails: an innocent test, now and then. Collected here, at the end
+    of the test that used the database, those three are let go; every other
+    unraisable goes on to pytest as before.
+    """
+    original = sys.unraisablehook
+    leaked = 0
+
+    def hook(unraisable: Any) -> None:
+        nonlocal leaked
+        text = str(unraisable.exc_value)
+        if "unclosed connection <asyncpg.connection.Connection" in text:
+            leaked += 1
+            return
+        # The leaked connection's own socket and transport, reported with it.
+        if leaked and (
+            text.startswith("unclosed transport <_SelectorSocketTransport")
+            or (text.startswith("unclosed <socket.socket") and "5432)>" in text)
+        ):
+            return
+        original(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = original
+    return leaked
 
 
 @pytest.fixture(scope="session")
