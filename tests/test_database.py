@@ -396,7 +396,7 @@ async def test_a_leaked_asyncpg_connection_is_collected_at_its_own_tests_end(
             def __del__(self) -> None:
                 raise RuntimeError("not asyncpg's")
 
-        noisy = [Noisy()]
+        noisy: list[object] = [Noisy()]
         noisy.append(noisy)  # a cycle: only the collector frees it
         del noisy
         assert collect_leaked_asyncpg_connections() == 0
