@@ -200,6 +200,7 @@ class WorkerRecorder:
             )
         except TimeoutError:
             _log.error("recorder worker did not stop in time; killed", worker_pid=self.pid)
+            self._kill()
         except RecorderError as err:
             _log.warning("recorder worker: the stop failed", error=str(err), worker_pid=self.pid)
         await self._shut_down()
@@ -216,10 +217,14 @@ class WorkerRecorder:
             async with asyncio.timeout(EXIT_TIMEOUT_S):
                 await process.wait()
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGKILL)
+            self._kill()
             await process.wait()
         await asyncio.gather(*self._readers, return_exceptions=True)
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGKILL)
 
     async def _read_replies(self, stdout: asyncio.StreamReader) -> None:
         while True:
