@@ -83,7 +83,7 @@ class RecordingServices:
     start_timeout_s: float
     # Recordings at once on this node (each a worker process receiving two
     # participants' media; docs/recording.md).
-    max_concurrent: int = 2
+    max_concurrent: int = 8
 
 
 @dataclass(frozen=True)
