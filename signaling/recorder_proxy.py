@@ -56,7 +56,9 @@ STOP_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 30.0
 # After its stdin is closed, how long a worker gets to exit before it is killed.
 EXIT_TIMEOUT_S = 5.0
-WORKER_COMMAND = (sys.executable, "-m", "signaling.recorder_worker")
+# -P: the server's working directory (its data directory, in the image) is
+# not put on the worker's import path; the package is installed.
+WORKER_COMMAND = (sys.executable, "-P", "-m", "signaling.recorder_worker")
 
 
 class WorkerGone(RecorderError):

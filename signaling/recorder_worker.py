@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -174,6 +175,12 @@ async def _main() -> None:
 
 def main() -> None:
     _configure_logging()
+    # A service manager's SIGTERM reaches every process of the service at
+    # once; the server then stops each recording over the channel, which
+    # closes its file whole. The worker ends when its stdin does (or is
+    # killed by the server when it hangs).
+    for ignored in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(ignored, signal.SIG_IGN)
     asyncio.run(_main())
     sys.stderr.flush()
     # The file is closed and the parent told: nothing is left to tidy, and
