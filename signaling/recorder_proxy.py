@@ -233,7 +233,11 @@ class WorkerRecorder:
             try:
                 line = await stdout.readline()
             except (ValueError, asyncio.LimitOverrunError):
-                line = b""  # a line longer than any of ours: the channel is broken
+                # A line longer than any of ours: the channel is broken, and
+                # a worker that cannot be understood is not left running.
+                _log.error("recorder worker: an overlong reply; killed", worker_pid=self.pid)
+                self._kill()
+                break
             if not line:
                 break
             try:

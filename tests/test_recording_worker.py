@@ -131,8 +131,16 @@ async def test_the_recording_is_made_outside_the_server_process(
     monkeypatch.setattr("signaling.recorder.ConsultRecorder.__init__", no_peer_here)
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(sqlite_harness, sqlite_sockets, stack)
-        await consent_and_connect(call)
-        assert worker_pid(sqlite_harness, call.setup.consult_id) != os.getpid()
+        on = await consent_and_connect(call)
+        pid = worker_pid(sqlite_harness, call.setup.consult_id)
+        assert pid != os.getpid()
+        # The data key went to it over its stdin only: not in its arguments
+        # or its environment.
+        key = await data_key(sqlite_harness, uuid.UUID(on["recording"]))
+        for exposed in ("cmdline", "environ"):
+            seen = Path(f"/proc/{pid}/{exposed}").read_bytes()
+            assert key not in seen
+            assert key.hex().encode() not in seen
         await asyncio.sleep(1.5)
         await call.therapist.send("record-stop")
         await both_see(call, "off")
