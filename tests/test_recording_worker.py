@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, ROOMS
+from signaling.recorder_proxy import WorkerRecorder
 from tests.support.harness import Harness, Sockets
 from tests.support.recording import (
     both_see,
@@ -208,3 +210,21 @@ async def test_a_worker_whose_parent_dies_exits_by_itself() -> None:
         with contextlib.suppress(ProcessLookupError):
             parent.kill()
         await parent.wait()
+
+
+async def test_the_workers_log_lines_reach_the_servers_log() -> None:
+    async def failed(failure: object, detail: str) -> None:
+        raise AssertionError(f"no failure expected: {failure} {detail}")
+
+    recorder = WorkerRecorder(on_failure=failed)
+    with structlog.testing.capture_logs() as logs:
+        await recorder.ready()
+        pid = recorder.pid
+        result = await recorder.stop()
+    assert not result.complete  # nothing was started
+    forwarded = [entry for entry in logs if entry.get("worker_pid") == pid]
+    assert {"recorder worker started", "recorder worker done"} <= {
+        entry["event"] for entry in forwarded
+    }, logs
+    assert pid is not None
+    assert has_exited(pid)
