@@ -25,6 +25,7 @@ from server.app_keys import DATA_DIR, DB_ENGINE, ROOMS
 from signaling.recorder_proxy import WorkerRecorder
 from tests.support.harness import Harness, Sockets
 from tests.support.recording import (
+    ask_and_agree,
     both_see,
     consent_and_connect,
     data_key,
@@ -228,3 +229,19 @@ async def test_the_workers_log_lines_reach_the_servers_log() -> None:
     }, logs
     assert pid is not None
     assert has_exited(pid)
+
+
+async def test_a_worker_that_does_not_start_fails_the_recording_and_the_consult_goes_on(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("signaling.recorder_proxy.WORKER_COMMAND", ("/nonexistent/python",))
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await ask_and_agree(call)
+        for off in await both_see(call, "off"):
+            assert off["reason"] == "recorder_failed"
+        for side in (call.therapist, call.patient):
+            await side.send("ping")
+            await side.expect("pong")
+        assert sqlite_harness.app[ROOMS].recording.live_count == 0
+    assert await rows(sqlite_harness) == []
