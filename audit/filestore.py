@@ -32,7 +32,9 @@ import contextlib
 import os
 import struct
 import uuid
+from bisect import bisect_right
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -246,4 +248,86 @@ def decrypt_chunks(
             if source.read(1):
                 raise Tampered(f"data follows the final chunk ({index})")
             return
+        index += 1
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    offset: int  # of its ciphertext in the file
+    length: int  # of its ciphertext
+    start: int  # of its plaintext in the whole plaintext
+    final: bool
+
+
+@dataclass(frozen=True)
+class ChunkMap:
+    """Where each chunk of a file lies, read from the chunks' heads alone (no
+    decryption): enough to decrypt any byte range without the chunks before it."""
+
+    header: bytes
+    chunks: tuple[_Chunk, ...]
+    # Whether the file ends with its final chunk (else it is truncated).
+    complete: bool
+
+    @property
+    def plaintext_size(self) -> int:
+        if not self.chunks:
+            return 0
+        last = self.chunks[-1]
+        return last.start + last.length - _TAG
+
+
+def map_chunks(source: BinaryIO, *, file_id: uuid.UUID | None = None) -> ChunkMap:
+    """Read the chunks' heads of a seekable ``source`` (a few bytes each).
+
+    A file cut inside a chunk ends at the chunk before; :class:`Tampered`
+    for a damaged frame or another file's id."""
+    found_id, header = read_header(source)
+    if file_id is not None and found_id != file_id:
+        raise Tampered(f"this file belongs to {found_id}, not to {file_id}")
+    chunk_size = _HEADER.unpack(header)[4]
+    end = source.seek(0, os.SEEK_END)
+    offset, start = HEADER_SIZE, 0
+    chunks: list[_Chunk] = []
+    while offset + _CHUNK_HEAD.size <= end:
+        source.seek(offset)
+        flag, length = _CHUNK_HEAD.unpack(source.read(_CHUNK_HEAD.size))
+        if flag not in (0, 1) or not _TAG <= length <= chunk_size + _TAG:
+            raise Tampered(f"chunk {len(chunks)} has a damaged frame")
+        body = offset + _CHUNK_HEAD.size
+        if body + length > end:
+            break  # cut inside this chunk
+        chunks.append(_Chunk(body, length, start, flag == 1))
+        start += length - _TAG
+        offset = body + length
+        if flag == 1:
+            if offset != end:
+                raise Tampered(f"data follows the final chunk ({len(chunks) - 1})")
+            return ChunkMap(header, tuple(chunks), complete=True)
+    return ChunkMap(header, tuple(chunks), complete=False)
+
+
+def decrypt_range(
+    source: BinaryIO, data_key: bytes, chunk_map: ChunkMap, first: int, last: int
+) -> Iterator[bytes]:
+    """The plaintext bytes ``first`` to ``last`` (inclusive), decrypting only
+    the chunks that hold them; :class:`Tampered` at a chunk that fails
+    authentication."""
+    prefix = _HEADER.unpack(chunk_map.header)[3]
+    aead = AESGCM(data_key)
+    starts = [chunk.start for chunk in chunk_map.chunks]
+    index = max(0, bisect_right(starts, first) - 1)
+    while index < len(chunk_map.chunks) and chunk_map.chunks[index].start <= last:
+        chunk = chunk_map.chunks[index]
+        source.seek(chunk.offset)
+        ciphertext = source.read(chunk.length)
+        try:
+            plaintext = aead.decrypt(
+                _nonce(prefix, index), ciphertext, _aad(chunk_map.header, index, chunk.final)
+            )
+        except InvalidTag:
+            raise Tampered(
+                f"chunk {index} fails authentication (changed, moved, dropped or not this file's)"
+            ) from None
+        yield plaintext[max(0, first - chunk.start) : last - chunk.start + 1]
         index += 1

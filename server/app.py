@@ -12,6 +12,7 @@ from server.api import (
     auth_views,
     consult_views,
     privacy_views,
+    recording_playback,
     recording_views,
     support_views,
 )
@@ -102,6 +103,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(admin_views.routes)
     app.router.add_routes(consult_views.routes)
     app.router.add_routes(recording_views.routes)
+    app.router.add_routes(recording_playback.routes)
     app.router.add_routes(privacy_views.routes)
     app.router.add_routes(support_views.routes)
     app.router.add_routes(ws_endpoint.routes)

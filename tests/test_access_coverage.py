@@ -230,6 +230,13 @@ async def recording_download(h: Harness) -> Any:
     return await h.client.get(f"/api/recordings/{recording_id}/download")
 
 
+async def recording_play(h: Harness) -> Any:
+    recording_id = await _recording(h)
+    return await h.client.get(
+        f"/api/recordings/{recording_id}/media", headers={"Range": "bytes=0-"}
+    )
+
+
 async def recording_delete(h: Harness) -> Any:
     recording_id = await _recording(h)
     return await h.client.delete(f"/api/recordings/{recording_id}", headers=h.headers)
@@ -280,6 +287,7 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("DELETE", "/api/consults/{consult_id}/invite"): (consult_revoke, "consult.invite.revoke"),
     ("GET", "/api/recordings"): (recording_list, "recording.list"),
     ("GET", "/api/recordings/{recording_id}/download"): (recording_download, "recording.download"),
+    ("GET", "/api/recordings/{recording_id}/media"): (recording_play, "recording.play"),
     ("DELETE", "/api/recordings/{recording_id}"): (recording_delete, "recording.delete"),
 }
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from audit.media_types import WEBM, media_format
-from audit.schema import recordings
+from audit.schema import access_log, recordings
 from server.app_keys import DB_ENGINE, ROOMS
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
@@ -164,11 +164,42 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         # busy machine loses some, but far more than this must be there.
         assert stream.frames >= 10 * RECORD_FOR_S, streams
         assert stream.first_is_keyframe, streams
-        # From the indicator to the click, as the pages saw it (the server's
-        # start and stop fall a little before each).
-        assert abs(stream.duration_s - truth_s) < 0.5, (streams, truth_s)
+        # From the indicator to the click, as the pages saw them: within
+        # 0.1 s on a quiet machine; the pages hear "on" after the recorder
+        # started, late by a busy machine's lag (0.59 s once beside other
+        # test runs), so the bound here is 1 s. (The harness's clock is
+        # manual: the row's times cannot tell the true length.)
+        assert abs(stream.duration_s - truth_s) < 1.0, (streams, truth_s)
     assert harness.app[ROOMS].recording.live_count == 0
+
+    # The therapist plays it back in the app (another tab of the same login):
+    # the server decrypts the ranges the player asks for.
+    dashboard = await therapist_context.new_page()
+    await dashboard.goto("/app")
+    listed = dashboard.locator(f'#recordings tr[data-recording="{row.id}"]')
+    await expect(listed).to_contain_text("Complete")
+    await listed.get_by_role("button", name="Play").click()
+    await expect(dashboard.locator("#player")).to_be_visible()
+    played = await dashboard.wait_for_function(
+        "() => { const v = document.querySelector('#player-video');"
+        " return v.readyState >= 2 && v.currentTime > 1.5 && v.videoWidth > 0"
+        " && [v.videoWidth, v.duration]; }",
+        timeout=15_000,
+    )
+    width, _duration = await played.json_value()
+    assert width > 0
+    await screenshot(dashboard, "therapist-plays-recording")
+    plays = [r for r in await access_records(harness) if r.action == "recording.play"]
+    assert plays
+    assert {(r.object_id, r.outcome) for r in plays} == {(str(row.id), "allowed")}
+    await dashboard.get_by_role("button", name="Close player").click()
+    await expect(dashboard.locator("#player")).to_be_hidden()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def access_records(harness: Harness) -> list[sa.Row[tuple[object, ...]]]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        return list((await conn.execute(sa.select(access_log))).all())
 
 
 async def test_a_patient_who_says_no_is_not_recorded_and_the_therapist_sees_it(

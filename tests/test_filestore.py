@@ -24,6 +24,8 @@ from audit.filestore import (
     Tampered,
     Truncated,
     decrypt_chunks,
+    decrypt_range,
+    map_chunks,
     new_data_key,
 )
 from audit.recordings import (
@@ -257,3 +259,33 @@ async def test_a_recording_round_trips_and_crypto_shredding_leaves_no_key(
         assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
     with pytest.raises(Tampered):
         decrypt_file(kept, new_data_key(), recording.id)
+
+
+def test_any_byte_range_decrypts_from_the_chunks_that_hold_it() -> None:
+    key, file_id = new_data_key(), uuid.uuid4()
+    sink = io.BytesIO()
+    writer = EncryptingWriter(sink, key, file_id, chunk_size=CHUNK)
+    data = os.urandom(7 * CHUNK + 29)
+    writer.write(data[:100])
+    writer.write_pending()  # a shorter chunk in the middle, as a recording has
+    writer.write(data[100:])
+    writer.close()
+    source = io.BytesIO(sink.getvalue())
+    chunk_map = map_chunks(source, file_id=file_id)
+    assert chunk_map.complete
+    assert chunk_map.plaintext_size == len(data)
+    for first, last in ((0, 0), (0, len(data) - 1), (63, 64), (99, 100), (130, 400), (450, 460)):
+        got = b"".join(decrypt_range(source, key, chunk_map, first, last))
+        assert got == data[first : last + 1], (first, last)
+    # A changed byte in a chunk the range needs is found; others are not read.
+    damaged = bytearray(sink.getvalue())
+    damaged[chunk_map.chunks[3].offset + 2] ^= 1
+    with pytest.raises(Tampered, match="chunk 3"):
+        b"".join(decrypt_range(io.BytesIO(bytes(damaged)), key, chunk_map, 200, 300))
+    assert b"".join(decrypt_range(io.BytesIO(bytes(damaged)), key, chunk_map, 0, 99)) == data[:100]
+    # A file cut inside its last chunks maps up to the last whole one.
+    cut = map_chunks(io.BytesIO(sink.getvalue()[:-3]), file_id=file_id)
+    assert not cut.complete
+    assert cut.plaintext_size == len(data) - (len(data) - 100) % CHUNK
+    with pytest.raises(Tampered, match="belongs to"):
+        map_chunks(io.BytesIO(sink.getvalue()), file_id=uuid.uuid4())

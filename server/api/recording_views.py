@@ -75,7 +75,7 @@ def download_name(entry: RecordingEntry, kind: MediaFormat = MATROSKA) -> str:
     return f"recording-{entry.created_at:%Y%m%d-%H%M}-{entry.id}{kind.suffix}"
 
 
-async def _log_access(
+async def log_access(
     request: web.Request,
     principal: Principal,
     action: str,
@@ -92,7 +92,7 @@ async def _log_access(
     )
 
 
-async def _own_recording(request: web.Request, principal: Principal, action: str) -> RecordingEntry:
+async def own_recording(request: web.Request, principal: Principal, action: str) -> RecordingEntry:
     """The principal's own recording, finished; every refusal is logged as ``action``.
 
     404 for an unknown id and for another organisation's recording, 403 for
@@ -117,7 +117,7 @@ async def _own_recording(request: web.Request, principal: Principal, action: str
     elif entry.status is RecordingStatus.RECORDING:
         problem = ConflictError("this recording is still running; stop it first")
     if problem is not None:
-        await _log_access(request, principal, action, recording_id, Outcome.REFUSED)
+        await log_access(request, principal, action, recording_id, Outcome.REFUSED)
         raise problem
     assert entry is not None
     return entry
@@ -147,23 +147,14 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
     """The decrypted recording (WebM or Matroska, as its first bytes say),
     streamed as it is decrypted."""
     principal = await require_role(request, Role.THERAPIST, action=ACTION_DOWNLOAD)
-    entry = await _own_recording(request, principal, ACTION_DOWNLOAD)
+    entry = await own_recording(request, principal, ACTION_DOWNLOAD)
     app = request.app
-    try:
-        async with app[DB_ENGINE].connect() as conn:
-            file_name, data_key = await data_key_of(conn, app[MASTER_KEY].key, entry.id)
-    except SealError as err:
-        _log.error(
-            "a recording's data key does not open", recording_id=str(entry.id), error=str(err)
-        )
-        # A read that was attempted and failed is in the access log too.
-        await _log_access(request, principal, ACTION_DOWNLOAD_FAILED, entry.id)
-        raise RecordingUnreadable("this recording's key does not open on this server") from None
-    await _log_access(request, principal, ACTION_DOWNLOAD, entry.id)
+    file_name, data_key = await recording_key(request, principal, entry, ACTION_DOWNLOAD_FAILED)
+    await log_access(request, principal, ACTION_DOWNLOAD, entry.id)
 
     response = web.StreamResponse(headers={STATUS_HEADER: entry.status.value})
     _describe(response, entry, MATROSKA)
-    chunks = _ChunksInThread(plaintext(app[FILE_STORE], file_name, data_key, entry.id))
+    chunks = ChunksInThread(plaintext(app[FILE_STORE], file_name, data_key, entry.id))
     problem: Exception | None = None
     try:
         while True:
@@ -201,13 +192,31 @@ async def recording_download(request: web.Request) -> web.StreamResponse:
         error=str(problem),
         after_first_byte=response.prepared,
     )
-    await _log_access(request, principal, ACTION_DOWNLOAD_FAILED, entry.id)
+    await log_access(request, principal, ACTION_DOWNLOAD_FAILED, entry.id)
     if not response.prepared:
         raise RecordingUnreadable(
             "this recording's file is damaged or missing and cannot be decrypted; nothing was sent"
         )
-    _abort(request, response)
+    abort_transfer(request, response)
     return response
+
+
+async def recording_key(
+    request: web.Request, principal: Principal, entry: RecordingEntry, failed_action: str
+) -> tuple[str, bytes]:
+    """The recording's file name and data key; a key that does not open is
+    logged as ``failed_action`` (a read attempted and failed is in the access
+    log too) and answered 500 ``recording_unreadable``."""
+    app = request.app
+    try:
+        async with app[DB_ENGINE].connect() as conn:
+            return await data_key_of(conn, app[MASTER_KEY].key, entry.id)
+    except SealError as err:
+        _log.error(
+            "a recording's data key does not open", recording_id=str(entry.id), error=str(err)
+        )
+        await log_access(request, principal, failed_action, entry.id)
+        raise RecordingUnreadable("this recording's key does not open on this server") from None
 
 
 def _describe(response: web.StreamResponse, entry: RecordingEntry, kind: MediaFormat) -> None:
@@ -215,7 +224,7 @@ def _describe(response: web.StreamResponse, entry: RecordingEntry, kind: MediaFo
     response.headers["Content-Disposition"] = f'attachment; filename="{download_name(entry, kind)}"'
 
 
-class _ChunksInThread:
+class ChunksInThread:
     """A blocking generator of chunks, read one chunk at a time in a worker thread.
 
     Closed only when no read is in flight: a download cancelled mid-read
@@ -251,7 +260,7 @@ class _ChunksInThread:
         self._chunks.close()
 
 
-def _abort(request: web.Request, response: web.StreamResponse) -> None:
+def abort_transfer(request: web.Request, response: web.StreamResponse) -> None:
     """End the connection without the chunked transfer's last chunk: the client
     sees an incomplete payload, not a short file that looks whole."""
     response.force_close()
@@ -264,7 +273,7 @@ def _abort(request: web.Request, response: web.StreamResponse) -> None:
 async def recording_delete(request: web.Request) -> web.Response:
     """Destroy the recording: its key first (crypto-shredding), then its file."""
     principal = await require_role(request, Role.THERAPIST, action=ACTION_DELETE)
-    entry = await _own_recording(request, principal, ACTION_DELETE)
+    entry = await own_recording(request, principal, ACTION_DELETE)
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
         file_names = await shred(conn, [entry.id])

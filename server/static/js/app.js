@@ -4,6 +4,7 @@ import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
+import { RecordingsList } from "./recordings.js";
 import {
   bindCallControls,
   showAccountNotices,
@@ -161,8 +162,20 @@ function button(key, action, kind = "") {
   return element;
 }
 
+let recordings = null;
+
 async function loadList() {
-  const data = await api("GET", "/api/consults");
+  recordings ??= new RecordingsList({
+    api,
+    table: $("recordings"),
+    empty: $("recordings-empty"),
+    player: $("player"),
+    video: $("player-video"),
+    caption: $("player-caption"),
+    close: $("player-close"),
+    problem: $("recordings-problem"),
+  });
+  const [data] = await Promise.all([api("GET", "/api/consults"), recordings.load()]);
   renderList(data.consults);
 }
 
@@ -624,6 +637,7 @@ setupLanguage($("language"), () => {
   translatePage();
   banner(bannerKey);
   if (!$("dashboard").hidden) renderList(lastConsults);
+  if (recordings && !$("dashboard").hidden) recordings.render();
   if (callOver) $("call-over-text").textContent = callOver.text;
 });
 translatePage();

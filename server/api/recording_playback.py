@@ -1,0 +1,169 @@
+"""Playing a recording in the page: byte ranges of the decrypted file.
+
+``GET /api/recordings/{id}/media`` answers what a ``<video>`` element asks
+for: the whole recording (200) or a byte range of it (206, ``Range:
+bytes=...``), decrypting only the chunks that hold the range, chunk by chunk
+in a worker thread (:func:`audit.filestore.decrypt_range`). The chunks'
+places come from their heads alone (:func:`audit.filestore.map_chunks`), so
+the length is known up front and the player can seek. The same rules as the
+download: the therapist's own finished recordings only, refusals logged;
+every answered request is a read of personal data and is in the access log
+(``recording.play``; a player asks a few times per viewing: at the start,
+for the file's end, and at each seek). Nothing is cached by the browser or a
+proxy (``Cache-Control: no-store``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Generator, Mapping
+
+import structlog
+from aiohttp import web
+
+from audit.filestore import ChunkMap, StoreError, decrypt_range, map_chunks
+from audit.media_types import MATROSKA, media_format
+from audit.recordings import FileStore, RecordingEntry, RecordingStatus
+from audit.roles import Role
+from server.api.errors import ApiError
+from server.api.recording_views import (
+    RECORDING_PATH,
+    STATUS_HEADER,
+    ChunksInThread,
+    RecordingUnreadable,
+    abort_transfer,
+    download_name,
+    log_access,
+    own_recording,
+    recording_key,
+)
+from server.app_keys import FILE_STORE
+from server.auth.sessions import Principal, require_role
+
+routes = web.RouteTableDef()
+
+_log = structlog.get_logger("videoconsult.recordings")
+
+ACTION_PLAY = "recording.play"
+ACTION_PLAY_FAILED = "recording.play.failed"
+
+
+class RangeNotSatisfiable(ApiError):
+    status, code = 416, "range_not_satisfiable"
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
+@routes.get(RECORDING_PATH + "/media", allow_head=False)
+async def recording_media(request: web.Request) -> web.StreamResponse:
+    """The decrypted recording, or the byte range the ``Range`` header asks for."""
+    principal = await require_role(request, Role.THERAPIST, action=ACTION_PLAY)
+    entry = await own_recording(request, principal, ACTION_PLAY)
+    file_name, data_key = await recording_key(request, principal, entry, ACTION_PLAY_FAILED)
+    store = request.app[FILE_STORE]
+    try:
+        chunk_map = await asyncio.to_thread(_map, store, file_name, entry.id)
+        if not chunk_map.complete and entry.status is not RecordingStatus.INCOMPLETE:
+            raise StoreError("the file ends without its final chunk")
+        size = chunk_map.plaintext_size
+        wanted = _wanted(request, size)
+        head = await asyncio.to_thread(_head, store, file_name, data_key, chunk_map)
+    except (StoreError, OSError) as err:
+        await _unreadable(request, entry, principal, err)
+        raise RecordingUnreadable(
+            "this recording's file is damaged or missing and cannot be decrypted"
+        ) from None
+    await log_access(request, principal, ACTION_PLAY, entry.id)
+    kind = media_format(head) if head else MATROSKA
+    response = web.StreamResponse(status=200 if wanted is None else 206)
+    response.headers.update(
+        {
+            "Content-Type": kind.media_type,
+            "Content-Disposition": f'inline; filename="{download_name(entry, kind)}"',
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "no-store",
+            STATUS_HEADER: entry.status.value,
+        }
+    )
+    first, last = wanted if wanted is not None else (0, size - 1)
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    response.content_length = last - first + 1 if size else 0
+    await response.prepare(request)
+    if not size:
+        return response
+    pieces = ChunksInThread(_read(store, file_name, data_key, chunk_map, first, last))
+    try:
+        while (piece := await pieces.next()) is not None:
+            await response.write(piece)
+    except ConnectionError:
+        return response  # the player had enough (it often asks for more than it reads)
+    except (StoreError, OSError) as err:
+        await _unreadable(request, entry, principal, err)
+        abort_transfer(request, response)
+        return response
+    finally:
+        pieces.close()
+    return response
+
+
+def _wanted(request: web.Request, size: int) -> tuple[int, int] | None:
+    """The first and last byte the ``Range`` header asks for, or None for all;
+    416 for a range outside the file or one that is not a single byte range."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        asked = request.http_range
+    except ValueError:
+        raise RangeNotSatisfiable(
+            "the Range header must ask for one range of bytes, e.g. 'bytes=0-' or 'bytes=100-199'",
+            size=size,
+        ) from None
+    start, stop = asked.start, asked.stop
+    if start is None:
+        start = 0
+    elif start < 0:  # the last -start bytes
+        start = max(0, size + start)
+    stop = size if stop is None else min(stop, size)
+    if start >= stop:
+        raise RangeNotSatisfiable(
+            f"the recording has {size} bytes; that range is outside it", size=size
+        )
+    return start, stop - 1
+
+
+def _map(store: FileStore, file_name: str, recording_id: uuid.UUID) -> ChunkMap:
+    with store.open(file_name) as source:
+        return map_chunks(source, file_id=recording_id)
+
+
+def _head(store: FileStore, file_name: str, key: bytes, chunk_map: ChunkMap) -> bytes:
+    """The first bytes, which say whether it is WebM or Matroska."""
+    return b"".join(_read(store, file_name, key, chunk_map, 0, 63))
+
+
+def _read(
+    store: FileStore, file_name: str, key: bytes, chunk_map: ChunkMap, first: int, last: int
+) -> Generator[bytes, None, None]:
+    last = min(last, chunk_map.plaintext_size - 1)
+    if last < first:
+        return
+    with store.open(file_name) as source:
+        yield from decrypt_range(source, key, chunk_map, first, last)
+
+
+async def _unreadable(
+    request: web.Request, entry: RecordingEntry, principal: Principal, err: Exception
+) -> None:
+    _log.error(
+        "a recording's file is damaged or missing; playback stopped",
+        recording_id=str(entry.id),
+        error=str(err),
+    )
+    await log_access(request, principal, ACTION_PLAY_FAILED, entry.id)

@@ -1,0 +1,91 @@
+// The therapist's recordings on the dashboard: play one in the page (the
+// server decrypts the byte ranges the player asks for, nothing is cached),
+// download it, or delete it for good.
+import { formatDuration, formatTime, t } from "./i18n.js";
+
+export class RecordingsList {
+  constructor({ api, table, empty, player, video, caption, close, problem }) {
+    Object.assign(this, { api, table, empty, player, video, caption, problem });
+    this.recordings = [];
+    this.playing = null;
+    close.addEventListener("click", () => this.close());
+    video.addEventListener("error", () => {
+      if (this.playing) this.problem.textContent = t("app.recordings.playError");
+    });
+  }
+
+  async load() {
+    const data = await this.api("GET", "/api/recordings");
+    this.render(data.recordings);
+  }
+
+  render(recordings = this.recordings) {
+    this.recordings = recordings;
+    this.empty.hidden = recordings.length > 0;
+    this.table.hidden = recordings.length === 0;
+    const body = this.table.tBodies[0];
+    body.replaceChildren();
+    for (const recording of recordings) {
+      const row = body.insertRow();
+      row.dataset.recording = recording.id;
+      row.insertCell().textContent = formatTime(recording.created_at, true);
+      row.insertCell().textContent =
+        recording.duration_s === null ? "" : formatDuration(Math.round(recording.duration_s));
+      const status = row.insertCell();
+      status.textContent = t(`app.recordings.status.${recording.status}`);
+      status.className = `status recording-${recording.status}`;
+      const actions = row.insertCell();
+      actions.className = "row-actions";
+      if (recording.status === "recording") continue;
+      const download = document.createElement("a");
+      download.className = "button small secondary";
+      download.href = `/api/recordings/${recording.id}/download`;
+      download.textContent = t("app.recordings.download");
+      actions.append(
+        this.button("app.recordings.play", () => this.play(recording)),
+        download,
+        this.button("app.recordings.delete", () => this.remove(recording), "danger"),
+      );
+    }
+  }
+
+  button(key, action, kind = "") {
+    const element = document.createElement("button");
+    element.type = "button";
+    element.className = `small ${kind}`.trim();
+    element.textContent = t(key);
+    element.addEventListener("click", action);
+    return element;
+  }
+
+  play(recording) {
+    this.playing = recording;
+    this.problem.textContent = "";
+    this.caption.textContent = t("app.recordings.playing", {
+      time: formatTime(recording.created_at, true),
+    });
+    this.video.src = `/api/recordings/${recording.id}/media`;
+    this.player.hidden = false;
+    this.video.focus();
+    this.video.play().catch(() => {});
+  }
+
+  close() {
+    this.playing = null;
+    this.video.pause();
+    this.video.removeAttribute("src");
+    this.video.load();
+    this.player.hidden = true;
+  }
+
+  async remove(recording) {
+    if (!confirm(t("app.recordings.deleteConfirm"))) return;
+    if (this.playing && this.playing.id === recording.id) this.close();
+    try {
+      await this.api("DELETE", `/api/recordings/${recording.id}`);
+    } catch (error) {
+      this.problem.textContent = error.message;
+    }
+    await this.load();
+  }
+}

@@ -1,0 +1,120 @@
+"""Playing a recording in the page: byte ranges of the decrypted file, for the
+owner only, each request in the access log, nothing cached."""
+
+from __future__ import annotations
+
+import os
+
+import aiohttp
+import pytest
+
+from audit.filestore import DEFAULT_CHUNK_SIZE
+from audit.roles import Role
+from tests.support.harness import Harness
+from tests.test_recording_download import (
+    chunk_offset,
+    file_of,
+    flip_byte,
+    last_record,
+    log_records,
+    recorded,
+)
+
+CHUNK = DEFAULT_CHUNK_SIZE
+WEBM_HEADER = (
+    b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\xf7\x81\x01\x42\xf2\x81\x04"
+    b"\x42\xf3\x81\x08\x42\x82\x84webm"
+)
+
+
+def media_of(recording_id: object) -> str:
+    return f"/api/recordings/{recording_id}/media"
+
+
+async def test_the_player_gets_the_whole_file_or_any_range_of_it(harness: Harness) -> None:
+    media = WEBM_HEADER + os.urandom(3 * CHUNK + 1234)
+    rec = await recorded(harness, media)
+    before = len(await log_records(harness))
+
+    whole = await harness.client.get(media_of(rec.id))
+    assert whole.status == 200, await whole.text()
+    assert whole.content_type == "video/webm"
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    assert whole.headers["Content-Length"] == str(len(media))
+    assert whole.headers["Cache-Control"] == "no-store"
+    assert whole.headers["Content-Disposition"].startswith('inline; filename="recording-')
+    assert await whole.read() == media
+
+    size = len(media)
+    for asked, first, last in (
+        ("bytes=0-", 0, size - 1),
+        ("bytes=0-0", 0, 0),
+        (f"bytes={CHUNK - 10}-{CHUNK + 10}", CHUNK - 10, CHUNK + 10),  # across two chunks
+        (f"bytes={2 * CHUNK + 5}-", 2 * CHUNK + 5, size - 1),  # from the middle of a chunk
+        ("bytes=-100", size - 100, size - 1),  # the last 100 bytes
+        (f"bytes=100-{10 * size}", 100, size - 1),  # past the end: up to the end
+    ):
+        part = await harness.client.get(media_of(rec.id), headers={"Range": asked})
+        assert part.status == 206, (asked, await part.text())
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/{size}", asked
+        assert part.headers["Content-Length"] == str(last - first + 1)
+        assert await part.read() == media[first : last + 1], asked
+
+    plays = (await log_records(harness))[before:]
+    assert [(r.action, r.object_id, r.outcome) for r in plays] == [
+        ("recording.play", str(rec.id), "allowed")
+    ] * 7
+
+
+@pytest.mark.parametrize("asked", ["bytes=99999999-", "bytes=5-2", "bytes=0-1,5-6", "pages=1-2"])
+async def test_a_range_outside_the_file_or_of_several_parts_is_416(
+    harness: Harness, asked: str
+) -> None:
+    rec = await recorded(harness, os.urandom(1000))
+    response = await harness.client.get(media_of(rec.id), headers={"Range": asked})
+    assert response.status == 416, await response.text()
+    assert response.headers["Content-Range"] == "bytes */1000"
+    assert (await response.json())["error"]["code"] == "range_not_satisfiable"
+
+
+async def test_nobody_but_the_owner_plays_and_the_refusal_is_logged(harness: Harness) -> None:
+    media = os.urandom(1000)
+    rec = await recorded(harness, media)
+    colleague = await harness.professional("colleague@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(colleague)
+    response = await harness.client.get(media_of(rec.id), headers={"Range": "bytes=0-"})
+    assert response.status == 403
+    assert media not in await response.read()
+    refusal = await last_record(harness)
+    assert (refusal.actor_id, refusal.action, refusal.object_id, refusal.outcome) == (
+        colleague.account_id,
+        "recording.play",
+        str(rec.id),
+        "refused",
+    )
+
+
+async def test_a_damaged_chunk_in_the_range_fails_the_transfer(harness: Harness) -> None:
+    media = os.urandom(4 * CHUNK)
+    rec = await recorded(harness, media)
+    flip_byte(file_of(harness, rec.id), chunk_offset(2) + 10)
+    # A range that does not need the damaged chunk still plays.
+    fine = await harness.client.get(media_of(rec.id), headers={"Range": f"bytes=0-{CHUNK}"})
+    assert await fine.read() == media[: CHUNK + 1]
+    response = await harness.client.get(media_of(rec.id), headers={"Range": f"bytes={CHUNK}-"})
+    assert response.status == 206
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    failed = await last_record(harness)
+    assert (failed.action, failed.object_id) == ("recording.play.failed", str(rec.id))
+
+
+async def test_an_incomplete_recording_plays_up_to_its_last_whole_chunk(harness: Harness) -> None:
+    media = os.urandom(3 * CHUNK + 500)
+    rec = await recorded(harness, media, complete=False)
+    response = await harness.client.get(media_of(rec.id))
+    assert response.status == 200
+    assert response.headers["X-Recording-Status"] == "incomplete"
+    body = await response.read()
+    assert body == media[: len(body)]
+    assert len(body) >= 3 * CHUNK
