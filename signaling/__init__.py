@@ -20,7 +20,10 @@
   copies the browsers' encoded frames into the file: it takes them from
   aiortc's receivers with :mod:`signaling.receiver_tap`, reads what it needs
   of them with :mod:`signaling.media_codecs` (pure) and writes them with
-  :mod:`signaling.muxer`.
+  :mod:`signaling.muxer`. Each recording's recorder runs in a worker
+  process of its own (:mod:`signaling.recorder_worker`), which the
+  signaling process drives through :mod:`signaling.recorder_proxy` over the
+  channel of :mod:`signaling.recorder_channel` (pure).
 - :mod:`signaling.tickets`, :mod:`signaling.turn`, :mod:`signaling.ratelimit`:
   patient tickets, TURN credentials, per-connection rate limits.
 

@@ -268,6 +268,11 @@ class ConsultRecorder:
         return frozenset(self._tracks)
 
     @property
+    def plaintext_bytes(self) -> int:
+        """The bytes of the file handed to the encrypting writer so far."""
+        return self._writer.plaintext_bytes if self._writer else 0
+
+    @property
     def tracks(self) -> list[ReceivedTrack]:
         """Every participant's received tracks, in the file's order once started."""
         return self._recorded or [t for ts in self._tracks.values() for t in ts]

@@ -19,7 +19,8 @@ A refusal is final until the therapist asks again; a guardian's consent is
 needed when the consult's invite is for a patient under 16.
 
 The recorder itself (aiortc, PyAV) is :mod:`signaling.recorder`; this
-module runs one per recording on this node and stores the file through
+module runs one per recording on this node, each in a worker process of its
+own (:mod:`signaling.recorder_proxy`), and stores the file through
 :mod:`audit.recordings`.
 """
 
@@ -61,12 +62,8 @@ from signaling.protocol import (
     RecordStop,
     outbound,
 )
-from signaling.recorder import (
-    ConsultRecorder,
-    Failure,
-    InvalidOffer,
-    RecorderError,
-)
+from signaling.recorder import Failure, InvalidOffer, RecorderError
+from signaling.recorder_proxy import WorkerRecorder
 from signaling.state import RecordingPhase, RoomPhase
 
 _log = structlog.get_logger("videoconsult.recording")
@@ -84,9 +81,9 @@ class RecordingServices:
     files: FileStore
     root_key: bytes
     start_timeout_s: float
-    # Recordings at once on this node (each receives two participants' media
-    # in this process; docs/recording.md).
-    max_concurrent: int = 2
+    # Recordings at once on this node (each a worker process receiving two
+    # participants' media; docs/recording.md).
+    max_concurrent: int = 8
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class _Question:
 class _Live:
     """One recording on this node, from the consent to the stop."""
 
-    recorder: ConsultRecorder
+    recorder: WorkerRecorder
     requested_at: datetime
     consent: Consent | None = None
     offers_in: asyncio.Event = field(default_factory=asyncio.Event)
@@ -261,11 +258,14 @@ class RecordingControl:
             now = self._clock.now()
             question = self._questions.pop(consult_id, None)
             live = _Live(
-                recorder=ConsultRecorder(
+                recorder=WorkerRecorder(
                     on_failure=lambda failure, detail: self._failed(consult_id, failure, detail),
                 ),
                 requested_at=question.asked_at if question else now,
             )
+            # Started now, so that the worker is up by the time the pages'
+            # offers come (a Python process with aiortc takes a moment).
+            live.recorder.launch()
             live.consent = Consent(live.requested_at, now, ConsentBy(message.by))
             self._live[consult_id] = live
             state.recording = RecordingPhase.STARTING
@@ -312,6 +312,13 @@ class RecordingControl:
     async def _start(self, consult_id: uuid.UUID, live: _Live) -> None:
         services = self._services
         assert services is not None
+        try:
+            # The browsers' time counts from when the worker can take them.
+            await live.recorder.ready()
+        except (TimeoutError, RecorderError) as err:
+            _log.error("recording: the recorder worker did not start", error=str(err))
+            await self.stop(consult_id, StopReason.RECORDER_FAILED)
+            return
         try:
             async with asyncio.timeout(services.start_timeout_s):
                 await live.offers_in.wait()
@@ -450,6 +457,11 @@ class RecordingControl:
                 await self.stop(consult_id, reason)
             except Exception:
                 _log.exception("recording: stopping failed", consult_id=str(consult_id))
+
+    def worker_pid(self, consult_id: uuid.UUID) -> int | None:
+        """The process id of the consult's recorder worker, while it has one."""
+        live = self._live.get(consult_id)
+        return live.recorder.pid if live is not None else None
 
     def is_active(self, consult_id: uuid.UUID) -> bool:
         """Whether the consult has a recording, or a request, to stop."""

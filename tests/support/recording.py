@@ -323,3 +323,26 @@ def new_recording_file(directory: Path) -> RecordingFile:
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
+
+
+async def grown_to(path: Path, size: int, *, within_s: float) -> None:
+    """Poll until the file another process writes has ``size`` bytes."""
+    for _ in range(int(within_s / 0.1)):
+        if path.exists() and path.stat().st_size >= size:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path.name} stayed under {size} bytes for {within_s:g} s")
+
+
+def tolerant_counts(media: bytes) -> Counter[str]:
+    """Frames per stream kind in media that may end mid-cluster (a cut file)."""
+    frames: Counter[str] = Counter()
+    with (
+        av.open(io.BytesIO(media), mode="r") as container,
+        contextlib.suppress(av.error.FFmpegError),
+    ):
+        for packet in container.demux():
+            if packet.size:
+                with contextlib.suppress(av.error.FFmpegError):
+                    frames[packet.stream.type] += len(packet.decode())
+    return frames
