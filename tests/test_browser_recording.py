@@ -166,10 +166,12 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         assert stream.first_is_keyframe, streams
         # From the indicator to the click, as the pages saw them: within
         # 0.1 s on a quiet machine; the pages hear "on" after the recorder
-        # started, late by a busy machine's lag (0.59 s once beside other
-        # test runs), so the bound here is 1 s. (The harness's clock is
-        # manual: the row's times cannot tell the true length.)
-        assert abs(stream.duration_s - truth_s) < 1.0, (streams, truth_s)
+        # (in its worker process) started, late by a busy machine's lag
+        # (0.59 s and 1.6 s once each beside other test runs), so the bound
+        # here is 2 s. The harness's clock is manual, so the row's times
+        # cannot tell the true length; tests/test_recording_passthrough.py
+        # holds the recorder itself to 0.5 s with aiortc peers.
+        assert abs(stream.duration_s - truth_s) < 2.0, (streams, truth_s)
     assert harness.app[ROOMS].recording.live_count == 0
 
     # The therapist plays it back in the app (another tab of the same login):
