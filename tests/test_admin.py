@@ -355,6 +355,38 @@ async def test_the_console_resets_the_app_alone_or_the_password_too(
     assert resets == [("account.reset-totp", "cli"), ("account.reset", "cli")]
 
 
+async def test_after_the_consoles_full_reset_no_admin_can_issue_a_link_of_their_own(
+    sqlite_harness: Harness,
+) -> None:
+    """A full reset leaves the account without a password: an app reset by an
+    admin would then hand the admin a link that sets a new one, and with it
+    the account. Only the console issues that account's link again."""
+    harness = sqlite_harness
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    result = run_cli("user", "reset", anna.email, env=cli_env(harness.app[DATA_DIR]))
+    assert result.returncode == 0, result.stderr
+    operators_token = result.stdout.split("/enrol/")[1].split()[0]
+
+    await harness.logged_in(admin)
+    refused = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")
+    assert refused.status == 409, await refused.text()
+    error = (await refused.json())["error"]
+    assert error["code"] == "reset_by_operator"
+    assert "console" in error["message"]
+    last = (await access_records(harness))[-1]
+    assert (last.action, last.actor_id, last.object_id, last.outcome) == (
+        "account.reset-totp",
+        admin.account_id,
+        str(anna.account_id),
+        "refused",
+    )
+    # The operator's link still works, for the holder.
+    status = await harness.client.get(f"/api/enrolment/{operators_token}")
+    assert status.status == 200
+    assert (await status.json())["keeps_password"] is False
+
+
 async def test_the_account_holder_is_told_of_every_reset(harness: Harness) -> None:
     admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)

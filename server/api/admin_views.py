@@ -17,9 +17,10 @@ from audit.access_log import (
 )
 from audit.accounts import Account, Role, get_account, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
+from audit.notices import NoticeKind, pending_notices
 from audit.retention import Retention, retention_of, set_retention
 from server.api.body import RequestBody, read_json
-from server.api.errors import NotFoundError, Unprocessable
+from server.api.errors import ConflictError, NotFoundError, Unprocessable
 from server.api.representations import (
     access_record_json,
     account_json,
@@ -206,6 +207,24 @@ async def account_reset_totp(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.reset-totp")
     account = await own_account(request, principal, "account.reset-totp")
     app = request.app
+    if await _reset_by_operator(app, account):
+        # No password since the console's full reset: a link of the admin's
+        # own would set one, and make the admin the account.
+        async with app[DB_ENGINE].begin() as conn:
+            await record_access(
+                conn,
+                Actor.api(principal.account),
+                organisation_id=account.organisation_id,
+                action="account.reset-totp",
+                object_type="account",
+                object_id=account.id,
+                now=app[CLOCK].now(),
+                outcome=Outcome.REFUSED,
+            )
+        raise ResetByOperator(
+            "this account was reset from the console (password and app); only the "
+            "console issues its enrolment link again (videoconsult user reset)"
+        )
     async with app[DB_ENGINE].begin() as conn:
         invitation = await reset_account_totp(
             conn,
@@ -215,6 +234,19 @@ async def account_reset_totp(request: web.Request) -> web.Response:
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
         )
     return web.json_response(invitation_json(invitation, origin=link_origin(request)))
+
+
+class ResetByOperator(ConflictError):
+    code = "reset_by_operator"
+
+
+async def _reset_by_operator(app: web.Application, account: Account) -> bool:
+    """Whether the account waits for the holder to use the console's full-reset link."""
+    if account.password_hash is not None:
+        return False
+    async with app[DB_ENGINE].connect() as conn:
+        notices = await pending_notices(conn, account.id)
+    return any(notice.kind is NoticeKind.RESET for notice in notices)
 
 
 ACCESS_LOG_PAGE = 100
