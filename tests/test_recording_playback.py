@@ -66,7 +66,9 @@ async def test_the_player_gets_the_whole_file_or_any_range_of_it(harness: Harnes
     ] * 7
 
 
-@pytest.mark.parametrize("asked", ["bytes=99999999-", "bytes=5-2", "bytes=0-1,5-6", "pages=1-2"])
+@pytest.mark.parametrize(
+    "asked", ["bytes=99999999-", "bytes=5-2", "bytes=0-1,5-6", "pages=1-2", "bytes=-0"]
+)
 async def test_a_range_outside_the_file_or_of_several_parts_is_416(
     harness: Harness, asked: str
 ) -> None:
@@ -75,6 +77,13 @@ async def test_a_range_outside_the_file_or_of_several_parts_is_416(
     assert response.status == 416, await response.text()
     assert response.headers["Content-Range"] == "bytes */1000"
     assert (await response.json())["error"]["code"] == "range_not_satisfiable"
+    # It tells the recording's length: in the access log, as refused.
+    refused = await last_record(harness)
+    assert (refused.action, refused.object_id, refused.outcome) == (
+        "recording.play",
+        str(rec.id),
+        "refused",
+    )
 
 
 async def test_nobody_but_the_owner_plays_and_the_refusal_is_logged(harness: Harness) -> None:

@@ -16,12 +16,14 @@ proxy (``Cache-Control: no-store``).
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Generator, Mapping
 
 import structlog
 from aiohttp import web
 
+from audit.access_log import Outcome
 from audit.filestore import ChunkMap, StoreError, decrypt_range, map_chunks
 from audit.media_types import MATROSKA, media_format
 from audit.recordings import FileStore, RecordingEntry, RecordingStatus
@@ -47,6 +49,7 @@ _log = structlog.get_logger("videoconsult.recordings")
 
 ACTION_PLAY = "recording.play"
 ACTION_PLAY_FAILED = "recording.play.failed"
+SUFFIX_OF_NOTHING = re.compile(r"bytes=-0+$")
 
 
 class RangeNotSatisfiable(ApiError):
@@ -72,7 +75,12 @@ async def recording_media(request: web.Request) -> web.StreamResponse:
         if not chunk_map.complete and entry.status is not RecordingStatus.INCOMPLETE:
             raise StoreError("the file ends without its final chunk")
         size = chunk_map.plaintext_size
-        wanted = _wanted(request, size)
+        try:
+            wanted = _wanted(request, size)
+        except RangeNotSatisfiable:
+            # Answered, and it tells the length: a read like any other.
+            await log_access(request, principal, ACTION_PLAY, entry.id, Outcome.REFUSED)
+            raise
         head = await asyncio.to_thread(_head, store, file_name, data_key, chunk_map)
     except (StoreError, OSError) as err:
         await _unreadable(request, entry, principal, err)
@@ -126,6 +134,9 @@ def _wanted(request: web.Request, size: int) -> tuple[int, int] | None:
             size=size,
         ) from None
     start, stop = asked.start, asked.stop
+    if SUFFIX_OF_NOTHING.match(request.headers["Range"].strip()):
+        # The last 0 bytes (aiohttp reads "-0" as the start 0, i.e. everything).
+        raise RangeNotSatisfiable("a range of the last 0 bytes holds nothing", size=size)
     if start is None:
         start = 0
     elif start < 0:  # the last -start bytes
