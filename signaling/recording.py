@@ -346,6 +346,10 @@ class RecordingControl:
             await self.stop(consult_id, StopReason.STORAGE_FULL)
             return
         live.recording_id = recording.id
+        if self._live.get(consult_id) is not live:
+            # Stopped while the file was made: both were told off, so nothing
+            # may be recorded; the stop leaves the row incomplete, its file empty.
+            return
         try:
             await live.recorder.start(file)
         except OSError as err:

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from audit.clock import ManualClock
 from audit.media_types import WEBM, media_format
-from audit.recordings import start_recording
+from audit.recordings import StopReason, start_recording
 from audit.schema import recordings
 from server.app import create_app
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
@@ -366,6 +366,46 @@ async def test_ending_the_consult_finishes_the_recording(
             await side.expect("consult-ended")
     row = await recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("complete", "consult_ended")
+
+
+async def test_a_stop_while_the_file_is_being_made_records_nothing(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consent withdrawn while the row and file are being made: both are told
+    off, and the recorder must not start after that (found in review)."""
+    import signaling.recording as control
+
+    made = control.begin_recording
+    stops: list[asyncio.Task[bool]] = []
+
+    async def stopped_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        consult_id = args[3]
+        stop = sqlite_harness.app[ROOMS].recording.stop(consult_id, StopReason.STOPPED_BY_PATIENT)
+        stops.append(asyncio.ensure_future(stop))
+        for _ in range(20):  # the stop goes as far as it can: waiting for this
+            await asyncio.sleep(0)
+        return await made(*args, **kwargs)
+
+    monkeypatch.setattr(control, "begin_recording", stopped_meanwhile)
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await ask_and_agree(call)
+        links = {
+            side: linked(call.stack, RecorderLink()) for side in (call.therapist, call.patient)
+        }
+        offers = {side: await link.offer() for side, link in links.items()}
+        for side, sdp in offers.items():
+            await side.send("recorder-offer", sdp=sdp)
+        for side, link in links.items():
+            await link.accept((await side.expect("recorder-answer"))["sdp"])
+        for side in (call.therapist, call.patient):
+            off = await expect_recording(side, "off")
+            assert off["reason"] == "stopped_by_patient"
+        assert await stops[0]
+        await asyncio.sleep(1.0)  # media keeps coming: none of it may be written
+    row = await recording_row(sqlite_harness)
+    assert (row.status, row.stop_reason) == ("incomplete", "stopped_by_patient")
+    assert not row.plaintext_bytes
 
 
 # -- the recorder alone --------------------------------------------------------------
