@@ -26,6 +26,7 @@ import itertools
 import json
 import signal
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -59,6 +60,11 @@ EXIT_TIMEOUT_S = 5.0
 # -P: the server's working directory (its data directory, in the image) is
 # not put on the worker's import path; the package is installed.
 WORKER_COMMAND = (sys.executable, "-P", "-m", "signaling.recorder_worker")
+# The worker's log lines are redacted on the signaling loop: each is cut to
+# this, and no more than this many a second are passed on.
+MAX_LOG_LINE_BYTES = 4096
+MAX_LOG_LINES_PER_S = 50
+_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 
 
 class WorkerGone(RecorderError):
@@ -245,7 +251,12 @@ class WorkerRecorder:
             except ChannelError as err:
                 _log.error("recorder worker: a bad reply", error=str(err))
                 continue
-            self._take(message)
+            try:
+                self._take(message)
+            except (KeyError, ValueError, TypeError) as err:
+                # A reply of the wrong shape is one bad reply, not the end of
+                # the reader (which fails the waiting calls when the worker goes).
+                _log.error("recorder worker: a bad reply", error=type(err).__name__)
         assert self._process is not None
         code = await self._process.wait()
         gone = WorkerGone(f"the recorder worker exited (code {code})")
@@ -282,24 +293,52 @@ class WorkerRecorder:
         task.add_done_callback(self._background.discard)
 
     async def _forward_log(self, stderr: asyncio.StreamReader, worker_pid: int) -> None:
-        """The worker's log lines, into this process's log (and its redaction)."""
+        """The worker's log lines, into this process's log (and its redaction).
+
+        Each line is cut to :data:`MAX_LOG_LINE_BYTES` (the redaction runs on
+        the signaling loop), and at most :data:`MAX_LOG_LINES_PER_S` a second
+        are passed on; the rest are counted and said once a second. The
+        reading never stops while the worker lives: a full pipe would block
+        the worker's own writes.
+        """
+        second, passed, dropped = 0, 0, 0
         while True:
             try:
                 line = await stderr.readline()
             except (ValueError, asyncio.LimitOverrunError):
                 continue
+            now = int(time.monotonic())
+            if not line or now != second:
+                if dropped:
+                    _log.warning(
+                        "recorder worker: log lines dropped", worker_pid=worker_pid, lines=dropped
+                    )
+                second, passed, dropped = now, 0, 0
             if not line:
                 return
+            if passed >= MAX_LOG_LINES_PER_S:
+                dropped += 1
+                continue
+            passed += 1
             try:
-                fields = json.loads(line)
-                event = str(fields.pop("event"))
-                level = str(fields.pop("level", "info"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                # Not one of its structlog lines (a traceback at exit, a library's print).
-                fields, event, level = {"line": line.decode(errors="replace")[:500]}, "", "warning"
-                event = "recorder worker output"
-            method = getattr(_log, level, _log.info)
-            method(event, worker_pid=worker_pid, **fields)
+                _pass_on(line[:MAX_LOG_LINE_BYTES], worker_pid)
+            except Exception as err:  # one odd line never ends the forwarding
+                _log.warning("recorder worker: a log line not passed on", error=type(err).__name__)
+
+
+def _pass_on(line: bytes, worker_pid: int) -> None:
+    try:
+        fields = json.loads(line)
+        event = str(fields.pop("event"))
+        level = str(fields.pop("level", "info"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        # Not one of its structlog lines (a traceback at exit, a library's
+        # print), or one cut short: passed on as text.
+        fields, event, level = {"line": line.decode(errors="replace")[:500]}, "", "warning"
+        event = "recorder worker output"
+    fields.pop("worker_pid", None)
+    method = getattr(_log, level if level in _LEVELS else "info")
+    method(event, worker_pid=worker_pid, **fields)
 
 
 def _raised(error: dict[str, Any]) -> Exception:

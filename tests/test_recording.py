@@ -373,9 +373,8 @@ async def test_a_stop_while_the_file_is_being_made_records_nothing(
 ) -> None:
     """Consent withdrawn while the row and file are being made: both are told
     off, and the recorder must not start after that (found in review)."""
-    import signaling.recording as control
+    from audit.recordings import begin_recording as made
 
-    made = control.begin_recording
     stops: list[asyncio.Task[bool]] = []
 
     async def stopped_meanwhile(*args: Any, **kwargs: Any) -> Any:
@@ -386,7 +385,7 @@ async def test_a_stop_while_the_file_is_being_made_records_nothing(
             await asyncio.sleep(0)
         return await made(*args, **kwargs)
 
-    monkeypatch.setattr(control, "begin_recording", stopped_meanwhile)
+    monkeypatch.setattr("signaling.recording.begin_recording", stopped_meanwhile)
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(sqlite_harness, sqlite_sockets, stack)
         await ask_and_agree(call)
