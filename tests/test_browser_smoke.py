@@ -12,6 +12,7 @@ from playwright.async_api import Browser
 from audit.accounts import Role
 from server.pages import STATIC_DIR
 from server.web_security import CONTENT_SECURITY_POLICY
+from tests.support.axe import assert_accessible
 from tests.support.browser import (
     ScreenshotSaver,
     assert_no_browser_errors,
@@ -88,10 +89,12 @@ async def test_start_page_loads_cleanly_and_the_fake_camera_works(
 
     path = await screenshot(page, "start-page")
     assert path.stat().st_size > 0
+    await assert_accessible(page, "start page")
     dutch = await new_context(chromium, live_harness.origin, locale="nl-NL")
     dutch_page = await dutch.new_page()
     await dutch_page.goto("/")
     assert (await dutch_page.locator("h1").inner_text()).strip() == "Videoconsulten"
+    await assert_accessible(dutch_page, "start page, Dutch")
     assert await dutch_page.evaluate("document.documentElement.lang") == "nl"
     await assert_no_browser_errors(context, dutch)
 
@@ -151,3 +154,24 @@ async def test_csp_violations_and_page_errors_are_caught(
     assert any(p.kind == "pageerror" and "boom from a timer" in p.text for p in problems), problems
     with pytest.raises(AssertionError, match="boom from a timer"):
         await assert_no_browser_errors(context)
+
+
+async def test_the_accessibility_check_fails_on_a_serious_violation(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """The axe-core check itself: without it the pages' clean results prove nothing."""
+    context = await new_context(chromium, live_harness.origin)
+    page = await context.new_page()
+    await page.goto("/")
+    await assert_accessible(page)
+    # An image without a text alternative: axe-core's "image-alt", critical.
+    await page.evaluate(
+        """() => {
+          const image = document.createElement("img");
+          image.src = "/static/icon.svg";
+          document.querySelector("main").append(image);
+        }"""
+    )
+    with pytest.raises(AssertionError, match="image-alt"):
+        await assert_accessible(page, "with an unlabelled image")
+    await context.close()
