@@ -44,7 +44,10 @@ DYNAMIC_KEYS = (
     + [f"admin.status.{status}" for status in ("active", "enrolling", "disabled")]
     + [f"admin.outcome.{outcome}" for outcome in ("allowed", "refused")]
     + [f"admin.verify.kind.{kind.value}" for kind in Break]
-    + [f"admin.actor.{role}" for role in ("operator", "system", "therapist", "support", "admin")]
+    + [
+        f"admin.actor.{role}"
+        for role in ("operator", "system", "link_holder", "therapist", "support", "admin")
+    ]
     + [
         f"apiError.{code}"
         for code in (

@@ -206,9 +206,11 @@ function renderAccounts() {
     status.className = `status-${account.status}`;
     cell(row, t("admin.accounts.enrolled"), account.enrolled_at ? t("admin.accounts.yes") : t("admin.accounts.no"));
     cell(row, t("admin.accounts.lastLogin"), account.last_login_on ? dayText(account.last_login_on) : t("admin.accounts.never"));
-    const actions = row.insertCell();
-    actions.className = "row-actions";
+    const actionsCell = row.insertCell();
     if (self) continue;
+    const actions = document.createElement("div");
+    actions.className = "row-actions";
+    actionsCell.append(actions);
     const who = { email: account.email };
     if (account.status === "disabled") {
       actions.append(button("admin.action.enable", () => change(account, "enable"), { label: t("admin.action.enableLabel", who) }));
