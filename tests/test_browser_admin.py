@@ -345,6 +345,8 @@ async def test_a_page_of_another_role_says_where_to_go_instead(
     await page.wait_for_url(f"**{home}*")
     # The own page has loaded (its requests done) before going elsewhere.
     await expect(page.locator("#dashboard" if role is Role.THERAPIST else "#view")).to_be_visible()
+    # (Its charts and lists too: a request cut off by leaving would be a console error.)
+    await page.wait_for_load_state("networkidle")
     await page.goto(page_path)
     section = page.locator(shown)
     # A shared machine can be slow to answer the first request of a page.
