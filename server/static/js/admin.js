@@ -4,113 +4,39 @@
 // its own settings, and the access log (filters, pages, export, verification).
 // Every rule (the last admin, the four eyes on resets) is the API's; this page
 // only says plainly what the API answered.
-import { language, setupLanguage, t, translatePage } from "./i18n.js";
+import { setupLanguage, t, translatePage } from "./i18n.js";
 import "./i18n_admin.js";
+import {
+  $,
+  api,
+  dayText,
+  momentText,
+  option,
+  problem,
+  sessionTouched,
+  stopIdleTimer,
+} from "./admin_api.js";
+import { renderAccessLog, startAccessLog, useAccounts, wireAccessLog } from "./admin_log.js";
 import { showWayHome } from "./roles.js";
 import { showAccountNotices, showSection, toLogin } from "./ui.js";
 
-const $ = (id) => document.getElementById(id);
 const ROLES = ["therapist", "support", "admin"];
 const HOUR_S = 3600;
 const VALIDITY_CHOICES_H = [1, 4, 8, 12, 24, 48, 72, 168, 336];
-const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
-// Actions an admin most often looks for; the filter takes any action, or its first part.
-// (One string: these are action names, not message keys.)
-const KNOWN_ACTIONS = (
-  "session.login account account.create account.disable account.reset-totp account.erase " +
-  "consult recording support retention practice_settings access_log"
-).split(" ");
 
 let me = null;
-let idleTimeoutS = 900;
-let idleTimer = null;
 let accounts = [];
 let retention = null;
 let lastPreview = null;
 let practice = null;
-let logFilters = {};
-let logPages = []; // the "before" of each page shown so far (null: the newest)
-let logPage = null; // the latest access-log answer
-let lastVerify = null;
 let shownLink = null;
 
-// --- talking to the API ----------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, code, message) {
-    super(message);
-    this.status = status;
-    this.code = code;
-  }
-}
-
-async function api(path, { method = "GET", body } = {}) {
-  const options = { method, credentials: "same-origin", headers: {} };
-  if (body !== undefined) {
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, options);
-  sessionTouched();
-  if (response.status === 401) {
-    toLogin("session");
-    throw new ApiError(401, "not_logged_in", "not logged in");
-  }
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    const error = data.error || {};
-    throw new ApiError(response.status, error.code, error.message || "");
-  }
-  return data;
-}
-
-function sessionTouched() {
-  clearTimeout(idleTimer);
-  idleTimer = setTimeout(() => toLogin("idle"), idleTimeoutS * 1000);
-}
-
-// What went wrong, in the page's language; the server's own words (English,
-// precise) follow where they name what to fix.
-function problem(error) {
-  if (!error.status) return t("common.offline");
-  if (error.code === "reset_by_operator") return t("admin.error.resetByOperator");
-  if (error.status === 409 && /last active admin/.test(error.message)) return t("admin.error.lastAdmin");
-  if (error.status === 409) return t("admin.error.emailTaken");
-  if (error.status === 404) return t("admin.error.notFound");
-  if (error.status === 403) return t("apiError.forbidden");
-  if (error.status === 422) return t("admin.error.invalid", { detail: error.message });
-  return t("common.failed");
-}
-
-// --- formatting ----------------------------------------------------------------------
-
-function locale() {
-  const chosen = language();
-  const preferred = navigator.languages || [navigator.language || chosen];
-  return preferred.find((tag) => tag.toLowerCase().split("-")[0] === chosen) || chosen;
-}
-
-function dayText(day) {
-  const options = { day: "numeric", month: "short", year: "numeric" };
-  return new Intl.DateTimeFormat(locale(), options).format(new Date(`${day}T12:00:00`));
-}
-
-function momentText(iso) {
-  const options = { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" };
-  return new Intl.DateTimeFormat(locale(), options).format(new Date(iso));
-}
+// --- small helpers ----------------------------------------------------------------
 
 function hoursText(seconds) {
   const hours = Math.round(seconds / HOUR_S);
   if (hours % 24 === 0 && hours >= 48) return t("admin.practice.days", { days: hours / 24 });
   return t(hours === 1 ? "admin.practice.hour" : "admin.practice.hours", { hours });
-}
-
-function option(value, text) {
-  const element = document.createElement("option");
-  element.value = value;
-  element.textContent = text;
-  return element;
 }
 
 function button(key, onClick, { danger = false, label = "" } = {}) {
@@ -122,7 +48,6 @@ function button(key, onClick, { danger = false, label = "" } = {}) {
   element.addEventListener("click", onClick);
   return element;
 }
-
 // --- a confirmation that says what happens ------------------------------------------
 
 function confirmAction({ title, text, items = [], yes }) {
@@ -165,7 +90,7 @@ async function loadAccounts() {
     return;
   }
   renderAccounts();
-  fillActorSelect();
+  useAccounts(accounts);
 }
 
 function cell(row, label, text = "") {
@@ -497,142 +422,6 @@ async function savePractice(event) {
   $("practice-status").textContent = t("admin.practice.saved");
 }
 
-// --- the access log ----------------------------------------------------------------------------
-
-function fillActorSelect() {
-  const select = $("log-actor");
-  const chosen = select.value;
-  select.replaceChildren(option("", t("admin.log.anyone")));
-  for (const account of accounts) select.append(option(account.id, account.email));
-  select.value = accounts.some((account) => account.id === chosen) ? chosen : "";
-}
-
-function filtersFromForm() {
-  const wanted = { tz: TIME_ZONE };
-  const fields = { from: "log-from", to: "log-to", actor: "log-actor", action: "log-action", object: "log-object" };
-  for (const [name, id] of Object.entries(fields)) {
-    const value = $(id).value.trim();
-    if (value) wanted[name] = value;
-  }
-  return wanted;
-}
-
-function updateExportLinks() {
-  for (const format of ["csv", "json"]) {
-    $(`export-${format}`).href = `/api/admin/access-log/export?${new URLSearchParams({ ...logFilters, format })}`;
-  }
-}
-
-async function loadLog(before = null) {
-  $("log-error").textContent = "";
-  const query = new URLSearchParams(logFilters);
-  if (before !== null) query.set("before", String(before));
-  try {
-    logPage = await api(`/api/admin/access-log?${query}`);
-  } catch (error) {
-    if (error.status !== 401) $("log-error").textContent = problem(error);
-    return false;
-  }
-  renderLog();
-  return true;
-}
-
-function actorText(record) {
-  const known = accounts.find((account) => account.id === record.actor_id);
-  if (known) return known.email;
-  const role = t(`admin.actor.${record.actor_role}`, {}, record.actor_role);
-  return record.actor_id ? `${role} ${record.actor_id.slice(0, 8)}` : role;
-}
-
-function renderLog() {
-  if (!logPage) return;
-  const rows = $("log-rows");
-  rows.replaceChildren();
-  for (const record of logPage.records) {
-    const row = rows.insertRow();
-    row.dataset.seq = record.seq;
-    row.insertCell().textContent = momentText(record.at);
-    row.insertCell().textContent = actorText(record);
-    const action = row.insertCell();
-    const code = document.createElement("code");
-    code.textContent = record.action;
-    action.append(code);
-    const object = row.insertCell();
-    object.className = "id";
-    object.textContent = record.object_id ? `${record.object_type} ${record.object_id}` : record.object_type;
-    const outcome = row.insertCell();
-    outcome.textContent = t(`admin.outcome.${record.outcome}`, {}, record.outcome);
-    outcome.className = `outcome-${record.outcome}`;
-  }
-  $("log-table").hidden = logPage.records.length === 0;
-  $("log-empty").hidden = logPage.records.length > 0;
-  $("log-older").disabled = logPage.next_before === null;
-  $("log-newest").disabled = logPages.length <= 1;
-  $("log-page-info").textContent = t("admin.log.page", { page: logPages.length });
-}
-
-async function showLog(event) {
-  if (event) event.preventDefault();
-  const from = $("log-from").value;
-  const to = $("log-to").value;
-  if (from && to && from > to) {
-    $("log-error").textContent = t("admin.log.badRange");
-    return;
-  }
-  logFilters = filtersFromForm();
-  logPages = [null];
-  updateExportLinks();
-  await loadLog();
-}
-
-async function olderPage() {
-  if (!logPage || logPage.next_before === null) return;
-  const before = logPage.next_before;
-  if (await loadLog(before)) logPages.push(before);
-  renderLog();
-}
-
-async function verifyChain() {
-  $("verify").disabled = true;
-  $("verify-result").hidden = false;
-  $("verify-result").className = "verify-result";
-  $("verify-result").textContent = t("admin.verify.running");
-  try {
-    lastVerify = await api("/api/admin/access-log/verify");
-  } catch (error) {
-    lastVerify = null;
-    if (error.status !== 401) $("verify-result").textContent = problem(error);
-    return;
-  } finally {
-    $("verify").disabled = false;
-  }
-  renderVerify();
-}
-
-function renderVerify() {
-  if (!lastVerify) return;
-  const box = $("verify-result");
-  const { intact, records, broken } = lastVerify;
-  const lines = [];
-  if (intact) {
-    box.className = "verify-result whole";
-    lines.push(t("admin.verify.whole", { records }));
-  } else {
-    box.className = "verify-result broken";
-    lines.push(t("admin.verify.broken", { seq: broken.seq, records }));
-    lines.push(t(`admin.verify.kind.${broken.kind}`, {}, broken.kind));
-    lines.push(t("admin.verify.detail", { detail: broken.detail }));
-    lines.push(t("admin.verify.after"));
-  }
-  box.replaceChildren(
-    ...lines.map((line) => {
-      const p = document.createElement("p");
-      p.textContent = line;
-      return p;
-    }),
-  );
-}
-
 // --- start --------------------------------------------------------------------------------------
 
 function fillRoleSelect() {
@@ -642,10 +431,6 @@ function fillRoleSelect() {
   select.value = chosen;
 }
 
-function fillActions() {
-  $("known-actions").replaceChildren(...KNOWN_ACTIONS.map((action) => option(action, action)));
-}
-
 function wire() {
   $("create-form").addEventListener("submit", createAccount);
   $("copy-link").addEventListener("click", copyLink);
@@ -653,16 +438,9 @@ function wire() {
   $("retention-form").addEventListener("submit", saveRetention);
   $("retention-preview").addEventListener("click", previewRetention);
   $("practice-form").addEventListener("submit", savePractice);
-  $("log-filters").addEventListener("submit", showLog);
-  $("log-reset").addEventListener("click", () => {
-    $("log-filters").reset();
-    showLog();
-  });
-  $("log-older").addEventListener("click", olderPage);
-  $("log-newest").addEventListener("click", () => showLog());
-  $("verify").addEventListener("click", verifyChain);
+  wireAccessLog();
   $("logout").addEventListener("click", async () => {
-    clearTimeout(idleTimer);
+    stopIdleTimer();
     await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
     location.assign("/login?reason=logout");
   });
@@ -683,8 +461,7 @@ async function start() {
     return;
   }
   me = session.account;
-  idleTimeoutS = session.session.idle_timeout_s;
-  sessionTouched();
+  sessionTouched(session.session.idle_timeout_s);
   $("who").textContent = me.email;
   showAccountNotices($("account-notices"), session.notices);
   if (me.role !== "admin") {
@@ -693,25 +470,19 @@ async function start() {
     return;
   }
   fillRoleSelect();
-  fillActions();
   showSection("view");
-  logPages = [null];
-  logFilters = filtersFromForm();
-  updateExportLinks();
   await loadAccounts();
-  await Promise.all([loadRetention(), loadPractice(), loadLog()]);
+  await Promise.all([loadRetention(), loadPractice(), startAccessLog()]);
 }
 
 setupLanguage($("language"), () => {
   translatePage();
   fillRoleSelect();
   renderAccounts();
-  fillActorSelect();
   renderLink();
   renderRetention();
   renderPractice();
-  renderLog();
-  renderVerify();
+  renderAccessLog();
   if (me && me.role !== "admin") showWayHome($("refused-home"), me.role);
 });
 translatePage();
