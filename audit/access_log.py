@@ -428,11 +428,34 @@ async def read_access_log(
     *,
     limit: int = 100,
     before_seq: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    actor_id: uuid.UUID | None = None,
+    action: str | None = None,
+    object_id: str | None = None,
 ) -> list[AccessRecord]:
-    """Return an organisation's records, newest first (older than ``before_seq``, if given)."""
+    """Return an organisation's records, newest first (older than ``before_seq``, if given).
+
+    The filters narrow it: written at or after ``since`` and before ``until``,
+    by ``actor_id``, of ``action`` (or an action under it: "account" takes
+    "account.create"), on ``object_id``.
+    """
     query = sa.select(access_log).where(access_log.c.chain == chain_of(organisation_id))
     if before_seq is not None:
         query = query.where(access_log.c.seq < before_seq)
+    if since is not None:
+        query = query.where(access_log.c.at >= since)
+    if until is not None:
+        query = query.where(access_log.c.at < until)
+    if actor_id is not None:
+        query = query.where(access_log.c.actor_id == actor_id)
+    if action is not None:
+        query = query.where(
+            (access_log.c.action == action)
+            | access_log.c.action.startswith(f"{action}.", autoescape=True)
+        )
+    if object_id is not None:
+        query = query.where(access_log.c.object_id == object_id)
     rows = await conn.execute(query.order_by(access_log.c.seq.desc()).limit(limit))
     return [
         AccessRecord(

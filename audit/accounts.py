@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.errors import Conflict, InvalidValue, NotFound
 from audit.roles import ROLE_NAMES
 from audit.roles import Role as Role  # re-exported: callers think of roles with accounts
-from audit.schema import accounts, enrolment_links, organisations, sessions
+from audit.schema import access_log, accounts, enrolment_links, organisations, sessions
 from audit.sealing import token_hash
 
 MAX_EMAIL_LENGTH = 254
@@ -207,6 +207,24 @@ async def list_accounts(conn: AsyncConnection, organisation_id: uuid.UUID) -> li
         .order_by(accounts.c.email)
     )
     return [_account(row) for row in rows]
+
+
+async def last_logins(
+    conn: AsyncConnection, organisation_id: uuid.UUID
+) -> dict[uuid.UUID, datetime]:
+    """When each account of the organisation last logged in, from the access
+    log (``session.login``; as far back as the log's retention keeps it)."""
+    rows = await conn.execute(
+        sa.select(access_log.c.actor_id, sa.func.max(access_log.c.at))
+        .where(
+            access_log.c.organisation_id == organisation_id,
+            access_log.c.action == "session.login",
+            access_log.c.outcome == "allowed",
+            access_log.c.actor_id.is_not(None),
+        )
+        .group_by(access_log.c.actor_id)
+    )
+    return {actor_id: at for actor_id, at in rows}
 
 
 async def ensure_another_active_admin(conn: AsyncConnection, account: Account) -> None:

@@ -252,6 +252,35 @@ async def _purge_chain(
     return count, last.seq
 
 
+async def preview_organisation(
+    conn: AsyncConnection, organisation_id: uuid.UUID, retention: Retention, *, now: datetime
+) -> PurgedOrganisation:
+    """What a purge now under ``retention`` would remove of one organisation;
+    removes nothing (a dry run, for the admin's preview)."""
+    preview = PurgedOrganisation(organisation_id)
+    expired = await expired_recordings(
+        conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
+    )
+    preview.recordings = len(expired)
+    preview.consults = await _purge_consults(
+        conn,
+        organisation_id,
+        now - timedelta(days=retention.consult_days),
+        dry_run=True,
+        progress=None,
+        files=[],
+    )
+    preview.access_log_records, preview.checkpoint_seq = await _purge_chain(
+        conn,
+        organisation_id,
+        now - timedelta(days=retention.access_log_days),
+        now=now,
+        dry_run=True,
+        progress=None,
+    )
+    return preview
+
+
 async def count_expired(conn: AsyncConnection, *, now: datetime, defaults: Retention) -> int:
     """How many rows a purge now would delete (for a progress bar's total)."""
     report = await purge(conn, now=now, defaults=defaults, dry_run=True)

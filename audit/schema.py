@@ -282,6 +282,24 @@ retention_settings = sa.Table(
 )
 
 
+# What a practice sets for itself (the admin console); without a row the
+# installation's settings apply. It can only narrow them: recording needs
+# the server's recording.enabled too, and the invite validity is at most the
+# server's consults.invite_validity_s (NULL: the server's).
+practice_settings = sa.Table(
+    "practice_settings",
+    metadata,
+    sa.Column(
+        "organisation_id",
+        sa.Uuid(),
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("recording_allowed", sa.Boolean(), nullable=False),
+    sa.Column("invite_validity_s", sa.Integer(), nullable=True),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)
+
 # A recording of a consult in the encrypted file store (audit/filestore.py):
 # the file holds only ciphertext; its data key lives here, wrapped by the
 # master key named by key_id. Deleting the row destroys the key

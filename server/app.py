@@ -8,6 +8,8 @@ from audit.clock import Clock, SystemClock
 from config import Settings
 from server import health, pages
 from server.api import (
+    admin_access_log,
+    admin_settings,
     admin_views,
     auth_views,
     consult_views,
@@ -101,6 +103,8 @@ def setup_routes(app: web.Application) -> None:
     pages.setup_static(app)
     app.router.add_routes(auth_views.routes)
     app.router.add_routes(admin_views.routes)
+    app.router.add_routes(admin_access_log.routes)
+    app.router.add_routes(admin_settings.routes)
     app.router.add_routes(consult_views.routes)
     app.router.add_routes(recording_views.routes)
     app.router.add_routes(recording_playback.routes)

@@ -36,6 +36,13 @@ async def support_page(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "support.html")
 
 
+@routes.get("/admin")
+async def admin_page(_request: web.Request) -> web.FileResponse:
+    """The admin console: accounts, retention, practice settings, the access log;
+    its script asks the API, which answers only an admin account."""
+    return web.FileResponse(STATIC_DIR / "admin.html")
+
+
 @routes.get("/join/{token}")
 async def join(_request: web.Request) -> web.FileResponse:
     """The patient's page of an invite link; its script checks the link through the API."""

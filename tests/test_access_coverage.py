@@ -31,6 +31,7 @@ NOT_PERSONAL = {
     ("GET", "/join/{token}"): "a static page; its script asks the API",
     ("GET", "/enrol/{token}"): "a static page; its script asks the API",
     ("GET", "/support"): "a static page; its script asks the API",
+    ("GET", "/admin"): "a static page; its script asks the API",
     ("GET", "/healthz"): "liveness only",
     ("GET", "/readyz"): "readiness only, a fixed vocabulary of reasons",
     ("GET", "/metrics"): "counts under fixed labels only (docs/metrics.md), no personal data",
@@ -242,6 +243,27 @@ async def recording_delete(h: Harness) -> Any:
     return await h.client.delete(f"/api/recordings/{recording_id}", headers=h.headers)
 
 
+async def access_log_export(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/access-log/export", params={"format": "json"})
+
+
+async def retention_preview(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/retention/preview")
+
+
+async def practice_read(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/practice-settings")
+
+
+async def practice_update(h: Harness) -> Any:
+    await _admin(h)
+    body = {"recording_allowed": False, "invite_validity_s": None}
+    return await h.client.put("/api/admin/practice-settings", json=body, headers=h.headers)
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -279,6 +301,10 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
         "support.technical_log.read",
     ),
     ("GET", "/api/admin/access-log/verify"): (access_log_verify, "access_log.verify"),
+    ("GET", "/api/admin/access-log/export"): (access_log_export, "access_log.export"),
+    ("GET", "/api/admin/retention/preview"): (retention_preview, "retention.preview"),
+    ("GET", "/api/admin/practice-settings"): (practice_read, "practice_settings.read"),
+    ("PUT", "/api/admin/practice-settings"): (practice_update, "practice_settings.update"),
     ("POST", "/api/consults"): (consult_create, "consult.create"),
     ("GET", "/api/consults"): (consult_list, "consult.list"),
     ("GET", "/api/consults/{consult_id}"): (consult_read, "consult.read"),

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from audit.access_log import Break
 from audit.consults import ConsultStatus, InviteProblem
 from audit.roles import Role
 from server.pages import STATIC_DIR
 from tests.support.harness import Harness
 
 I18N = STATIC_DIR / "js" / "i18n.js"
+MESSAGE_MODULES = [I18N, *sorted((STATIC_DIR / "js").glob("i18n_*.js"))]
 HTML = sorted(STATIC_DIR.glob("*.html"))
 SCRIPTS = sorted((STATIC_DIR / "js").glob("*.js"))
 # Families of keys the scripts build at run time (t(`invite.${code}`) etc.).
@@ -39,6 +41,13 @@ DYNAMIC_KEYS = (
     + [f"login.reason.{reason}" for reason in ("idle", "session", "logout", "login")]
     + [f"consent.{code}" for code in ("consent_required", "guardian_consent_required")]
     + [f"role.{role.value}" for role in Role]
+    + [f"admin.status.{status}" for status in ("active", "enrolling", "disabled")]
+    + [f"admin.outcome.{outcome}" for outcome in ("allowed", "refused")]
+    + [f"admin.verify.kind.{kind.value}" for kind in Break]
+    + [
+        f"admin.actor.{role}"
+        for role in ("operator", "system", "link_holder", "therapist", "support", "admin")
+    ]
     + [
         f"apiError.{code}"
         for code in (
@@ -59,13 +68,14 @@ DYNAMIC_KEYS = (
 
 
 def messages() -> dict[str, set[str]]:
-    """The keys of each language in i18n.js."""
-    text = I18N.read_text()
-    blocks = re.split(r"^  (en|nl): \{$", text, flags=re.MULTILINE)
+    """The keys of each language in i18n.js and the modules that add to it (i18n_*.js)."""
     found: dict[str, set[str]] = {}
-    for language, block in zip(blocks[1::2], blocks[2::2], strict=True):
-        body = block.split("\n  },", 1)[0]
-        found[language] = set(re.findall(r'^\s+"([\w.]+)": ', body, flags=re.MULTILINE))
+    for module in MESSAGE_MODULES:
+        blocks = re.split(r"^  (en|nl): \{$", module.read_text(), flags=re.MULTILINE)
+        for language, block in zip(blocks[1::2], blocks[2::2], strict=True):
+            body = block.split("\n  },", 1)[0]
+            keys = set(re.findall(r'^\s+"([\w.]+)": ', body, flags=re.MULTILINE))
+            found.setdefault(language, set()).update(keys)
     return found
 
 
@@ -74,7 +84,7 @@ def used_keys() -> set[str]:
     for page in HTML:
         keys |= set(re.findall(r'data-i18n(?:-aria|-alt)?="([\w.]+)"', page.read_text()))
     for script in SCRIPTS:
-        if script == I18N:
+        if script in MESSAGE_MODULES:
             continue
         # Every string literal shaped like a key ("app.call.admit"), wherever it
         # is passed (t(), button(), arrays), but not storage keys.
@@ -114,7 +124,7 @@ def test_no_inline_code_and_nothing_from_elsewhere(path: Path) -> None:
     assert not re.search(r"import .* from \"(https?:)?//", text), path.name
 
 
-@pytest.mark.parametrize("path", ["/", "/login", "/app", "/join/" + "A" * 43])
+@pytest.mark.parametrize("path", ["/", "/login", "/app", "/support", "/admin", "/join/" + "A" * 43])
 async def test_the_pages_are_served_with_the_strict_policy(
     sqlite_harness: Harness, path: str
 ) -> None:

@@ -7,22 +7,14 @@ import uuid
 from aiohttp import web
 from pydantic import Field
 
-from audit.access_log import (
-    Actor,
-    Outcome,
-    chain_of,
-    read_access_log,
-    record_access,
-    verify_chain,
-)
-from audit.accounts import Account, Role, get_account, list_accounts, parse_role
+from audit.access_log import Actor, Outcome, record_access
+from audit.accounts import Account, Role, get_account, last_logins, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
 from audit.notices import NoticeKind, pending_notices
 from audit.retention import Retention, retention_of, set_retention
 from server.api.body import RequestBody, read_json
-from server.api.errors import ConflictError, NotFoundError, Unprocessable
+from server.api.errors import ConflictError, NotFoundError
 from server.api.representations import (
-    access_record_json,
     account_json,
     invitation_json,
     retention_json,
@@ -94,6 +86,7 @@ async def accounts_list(request: web.Request) -> web.Response:
     organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_accounts(conn, organisation_id)
+        logins = await last_logins(conn, organisation_id)
         await record_access(
             conn,
             Actor.api(principal.account),
@@ -103,7 +96,20 @@ async def accounts_list(request: web.Request) -> web.Response:
             object_type="organisation",
             now=request.app[CLOCK].now(),
         )
-    return web.json_response({"accounts": [account_json(account) for account in found]})
+    # The day only: when exactly is in the access log, for whoever must know.
+    return web.json_response(
+        {
+            "accounts": [
+                {
+                    **account_json(account),
+                    "last_login_on": None
+                    if account.id not in logins
+                    else logins[account.id].date().isoformat(),
+                }
+                for account in found
+            ]
+        }
+    )
 
 
 @routes.post("/api/admin/accounts")
@@ -247,78 +253,6 @@ async def _reset_by_operator(app: web.Application, account: Account) -> bool:
     async with app[DB_ENGINE].connect() as conn:
         notices = await pending_notices(conn, account.id)
     return any(notice.kind is NoticeKind.RESET for notice in notices)
-
-
-ACCESS_LOG_PAGE = 100
-
-
-@routes.get("/api/admin/access-log")
-async def access_log_read(request: web.Request) -> web.Response:
-    """The organisation's access records, newest first, a page at a time."""
-    principal = await require_role(request, Role.ADMIN, action="access_log.read")
-    before = request.query.get("before")
-    before_seq: int | None = None
-    if before is not None:
-        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-        if not (before.isascii() and before.isdigit()) or len(before) > 18 or int(before) < 1:
-            raise Unprocessable("parameter 'before' must be a record's seq (a positive number)")
-        before_seq = int(before)
-    organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
-        found = await read_access_log(
-            conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq
-        )
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
-            action="access_log.read",
-            object_id=organisation_id,
-            object_type="organisation",
-            now=request.app[CLOCK].now(),
-        )
-    more = len(found) == ACCESS_LOG_PAGE
-    return web.json_response(
-        {
-            "records": [access_record_json(entry) for entry in found],
-            "next_before": found[-1].seq if more else None,
-        }
-    )
-
-
-@routes.get("/api/admin/access-log/verify")
-async def access_log_verify(request: web.Request) -> web.Response:
-    """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
-    principal = await require_role(request, Role.ADMIN, action="access_log.verify")
-    # From the engine: each batch in its own short transaction, so appends go on.
-    report = await verify_chain(
-        request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
-    )
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
-            action="access_log.verify",
-            object_id=None,
-            object_type="access_log",
-            now=request.app[CLOCK].now(),
-        )
-    broken = report.broken
-    return web.json_response(
-        {
-            "intact": broken is None,
-            "records": report.records,
-            "broken": None
-            if broken is None
-            else {
-                "chain": broken.chain,
-                "seq": broken.seq,
-                "kind": broken.kind.value,
-                "detail": broken.detail,
-            },
-        }
-    )
 
 
 class RetentionBody(RequestBody):

@@ -28,6 +28,7 @@ from audit.consults import (
     revoke_invites,
 )
 from audit.errors import NotFound
+from audit.practice import practice_settings_of
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
 from server.api.access_records import record_api_access
@@ -108,6 +109,14 @@ async def _own_consult(request: web.Request, principal: Principal) -> Consult:
         raise NotFoundError("no such consult") from None
 
 
+async def invite_validity_s(app: web.Application, principal: Principal) -> int:
+    """How long the therapist's invite links work: the practice's setting,
+    within the server's."""
+    async with app[DB_ENGINE].connect() as conn:
+        practice = await practice_settings_of(conn, principal.account.organisation_id)
+    return practice.invite_validity(app[SETTINGS].consults.invite_validity_s)
+
+
 @routes.post("/api/consults")
 async def consults_create(request: web.Request) -> web.Response:
     """Create a consult and its invite link (shown once)."""
@@ -116,10 +125,9 @@ async def consults_create(request: web.Request) -> web.Response:
     scheduled_at = _parse_time(body.scheduled_at)
     app = request.app
     now = app[CLOCK].now()
+    validity_s = await invite_validity_s(app, principal)
     try:
-        expires_at = invite_expiry(
-            now=now, scheduled_at=scheduled_at, validity_s=app[SETTINGS].consults.invite_validity_s
-        )
+        expires_at = invite_expiry(now=now, scheduled_at=scheduled_at, validity_s=validity_s)
     except OverflowError:  # the invite's end would lie past 9999-12-31
         raise Unprocessable(
             "field 'scheduled_at' is too far in the future: the invite would end after 9999"
@@ -216,7 +224,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal)
     app = request.app
     now = app[CLOCK].now()
-    validity_s = app[SETTINGS].consults.invite_validity_s
+    validity_s = await invite_validity_s(app, principal)
     async with app[DB_ENGINE].begin() as conn:
         # A consult scheduled days ahead keeps its late expiry; the schedule
         # itself is not stored, the live invite's expiry carries it.

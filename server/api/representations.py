@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import segno
+
 from audit.access_log import AccessRecord
 from audit.accounts import Account
 from audit.consults import Consult, Invite
@@ -68,11 +70,14 @@ def notice_json(notice: Notice) -> dict[str, object]:
 
 def invitation_json(invitation: EnrolmentInvitation, *, origin: str) -> dict[str, Any]:
     """A new or reset account and the link (on ``origin``) that enrols it."""
+    url = f"{origin}/enrol/{invitation.token}"
     return {
         "account": account_json(invitation.account),
         "enrolment_token": invitation.token,
-        "enrolment_url": f"{origin}/enrol/{invitation.token}",
+        "enrolment_url": url,
         "enrolment_expires_at": iso(invitation.expires_at),
+        # To scan from another device: the link as a QR code (an SVG data URL).
+        "enrolment_qr": segno.make(url, error="m").svg_data_uri(scale=4, border=2),
     }
 
 

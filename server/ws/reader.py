@@ -6,7 +6,8 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from server.app_keys import METRICS, ROOMS, SETTINGS
+from audit.practice import recording_allowed_for_consult
+from server.app_keys import DB_ENGINE, METRICS, ROOMS, SETTINGS
 from server.ws.outbox import Outbox
 from signaling.protocol import (
     MISBEHAVIOUR,
@@ -15,6 +16,7 @@ from signaling.protocol import (
     CloseCode,
     ErrorCode,
     ProtocolError,
+    RecordRequest,
     error_message,
     parse_inbound,
 )
@@ -56,6 +58,8 @@ async def read_frames(
                     ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
             message = parse_inbound(frame.data)
+            if isinstance(message, RecordRequest):
+                await check_practice_records(request.app, participant)
             replies = await rooms.handle(participant, message, frame=frame.data)
         except ProtocolError as err:
             if err.code in MISBEHAVIOUR:
@@ -77,3 +81,16 @@ async def read_frames(
             # not replace it).
             await outbox.close(CloseCode.NORMAL, b"bye")
             return
+
+
+async def check_practice_records(app: web.Application, participant: Participant) -> None:
+    """Refuse a recording request when the consult's practice does not allow
+    recording (its admin's setting; the server's recording.enabled aside)."""
+    async with app[DB_ENGINE].connect() as conn:
+        allowed = await recording_allowed_for_consult(conn, participant.consult_id)
+    if not allowed:
+        raise ProtocolError(
+            ErrorCode.RECORDING_UNAVAILABLE,
+            "your practice does not allow recording consults (its admin's setting)",
+            ref="record-request",
+        )

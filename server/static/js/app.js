@@ -5,6 +5,7 @@ import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
 import { RecordingsList } from "./recordings.js";
+import { showWayHome } from "./roles.js";
 import {
   bindCallControls,
   showAccountNotices,
@@ -617,6 +618,7 @@ async function start() {
   showAccountNotices($("account-notices"), session.notices);
   if (account.role !== "therapist") {
     $("loading").querySelector("p").textContent = t("app.notTherapist");
+    showWayHome($("loading-home"), account.role);
     return;
   }
   const wanted = new URLSearchParams(location.search).get("consult");

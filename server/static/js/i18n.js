@@ -687,3 +687,8 @@ export function formatDuration(seconds) {
 
 // For tests: every key of every language.
 export const _messages = MESSAGES;
+
+// More strings from a page's own module (i18n_admin.js): added to each language.
+export function addMessages(extra) {
+  for (const [code, texts] of Object.entries(extra)) Object.assign(MESSAGES[code], texts);
+}

@@ -1,13 +1,12 @@
 // The professional's login: e-mail address, password and a TOTP code.
 import { setupLanguage, t, translatePage } from "./i18n.js";
+import { HOME } from "./roles.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
-// Each role's own page; a role without one gets the therapist's, which says so.
-const HOME = { therapist: "/app", support: "/support" };
-
 function nextPage(role) {
+  // Each role's own page (roles.js); an unknown role gets the therapist's, which says so.
   const home = HOME[role] || "/app";
   // Only our own pages (never an address elsewhere: not "//host", "/\\host"…),
   // and only the role's own page, so a stale "next" cannot land on another's.

@@ -3,6 +3,7 @@
 // server as SVG, and the technical log of one consult for the last 24 hours.
 // The filters live in the address, so a reload or a shared link shows the same.
 import { language, setupLanguage, t, translatePage } from "./i18n.js";
+import { showWayHome } from "./roles.js";
 import { showAccountNotices, showSection, toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
@@ -417,6 +418,7 @@ async function start() {
   $("who").textContent = session.account.email;
   showAccountNotices($("account-notices"), session.notices);
   if (session.account.role !== "support") {
+    showWayHome($("refused-home"), session.account.role);
     show("refused");
     return;
   }

@@ -1,0 +1,252 @@
+"""The organisation's access log for its admins: read with filters, export, verify.
+
+An export is what a NEN 7513 request asks for (who looked at what, when,
+with what outcome): every record the filters select, as CSV or JSON,
+streamed a batch at a time so that a long log needs no more memory than
+one batch, and formatted in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from audit.access_log import (
+    AccessRecord,
+    Actor,
+    chain_of,
+    read_access_log,
+    record_access,
+    verify_chain,
+)
+from audit.accounts import Role
+from server.api.errors import Unprocessable
+from server.api.representations import access_record_json, iso
+from server.api.support_views import _date, _day_start, _params, _zone
+from server.app_keys import CLOCK, DB_ENGINE
+from server.auth.sessions import Principal, require_role
+
+routes = web.RouteTableDef()
+
+ACCESS_LOG_PAGE = 100
+EXPORT_BATCH = 1000
+FILTER_PARAMS = frozenset({"from", "to", "tz", "actor", "action", "object"})
+EXPORT_FORMATS = ("csv", "json")
+CSV_COLUMNS = (
+    "seq",
+    "at",
+    "actor_id",
+    "actor_role",
+    "action",
+    "object_type",
+    "object_id",
+    "outcome",
+    "client_type",
+    "hash",
+)
+_SEQ = re.compile(r"[0-9]{1,18}")
+_ACTION = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_OBJECT = re.compile(r"[\x21-\x7e ]{1,64}")
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """What an admin asked for: a day range (in a time zone) and who, what, which object."""
+
+    since: datetime | None
+    until: datetime | None
+    actor_id: uuid.UUID | None
+    action: str | None
+    object_id: str | None
+
+    def query(self) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "until": self.until,
+            "actor_id": self.actor_id,
+            "action": self.action,
+            "object_id": self.object_id,
+        }
+
+
+def _filter(params: dict[str, str]) -> LogFilter:
+    zone, _name = _zone(params)
+    first, last = _date(params, "from"), _date(params, "to")
+    if first is not None and last is not None and first > last:
+        raise Unprocessable("parameter 'from' must not lie after 'to'")
+    actor_id = None
+    if "actor" in params:
+        try:
+            actor_id = uuid.UUID(params["actor"])
+        except ValueError:
+            raise Unprocessable("parameter 'actor' must be an account id (a UUID)") from None
+    action = params.get("action")
+    if action is not None and (len(action) > 64 or not _ACTION.fullmatch(action)):
+        raise Unprocessable(
+            "parameter 'action' must be an action such as account.create, or its first "
+            "part (account)"
+        )
+    object_id = params.get("object")
+    if object_id is not None and not _OBJECT.fullmatch(object_id):
+        raise Unprocessable("parameter 'object' must be an object id of at most 64 characters")
+    return LogFilter(
+        since=None if first is None else _day_start(first, zone),
+        until=None if last is None else _day_start(last + timedelta(days=1), zone),
+        actor_id=actor_id,
+        action=action,
+        object_id=object_id,
+    )
+
+
+async def _log(request: web.Request, principal: Principal, action: str, object_type: str) -> None:
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        await record_access(
+            conn,
+            Actor.api(principal.account),
+            organisation_id=organisation_id,
+            action=action,
+            object_id=organisation_id if object_type == "organisation" else None,
+            object_type=object_type,
+            now=request.app[CLOCK].now(),
+        )
+
+
+@routes.get("/api/admin/access-log")
+async def access_log_read(request: web.Request) -> web.Response:
+    """The organisation's access records, newest first, a page at a time."""
+    principal = await require_role(request, Role.ADMIN, action="access_log.read")
+    params = _params(request, FILTER_PARAMS | {"before"})
+    before = params.get("before")
+    before_seq: int | None = None
+    if before is not None:
+        if not _SEQ.fullmatch(before) or int(before) < 1:
+            raise Unprocessable("parameter 'before' must be a record's seq (a positive number)")
+        before_seq = int(before)
+    chosen = _filter(params)
+    organisation_id = principal.account.organisation_id
+    async with request.app[DB_ENGINE].begin() as conn:
+        found = await read_access_log(
+            conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq, **chosen.query()
+        )
+        await record_access(
+            conn,
+            Actor.api(principal.account),
+            organisation_id=organisation_id,
+            action="access_log.read",
+            object_id=organisation_id,
+            object_type="organisation",
+            now=request.app[CLOCK].now(),
+        )
+    more = len(found) == ACCESS_LOG_PAGE
+    return web.json_response(
+        {
+            "records": [access_record_json(entry) for entry in found],
+            "next_before": found[-1].seq if more else None,
+        }
+    )
+
+
+def _csv_lines(batch: list[AccessRecord], *, header: bool) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    for entry in batch:
+        row = access_record_json(entry)
+        writer.writerow(["" if row[name] is None else row[name] for name in CSV_COLUMNS])
+    return out.getvalue().encode()
+
+
+def _json_items(batch: list[AccessRecord], *, first: bool) -> bytes:
+    items = ",\n".join(json.dumps(access_record_json(entry)) for entry in batch)
+    return (items if first else ",\n" + items).encode() if items else b""
+
+
+@routes.get("/api/admin/access-log/export")
+async def access_log_export(request: web.Request) -> web.StreamResponse:
+    """Every record the filters select, newest first, as a CSV or JSON download."""
+    principal = await require_role(request, Role.ADMIN, action="access_log.export")
+    params = _params(request, FILTER_PARAMS | {"format"})
+    export_format = params.get("format", "csv")
+    if export_format not in EXPORT_FORMATS:
+        raise Unprocessable("parameter 'format' must be csv or json")
+    chosen = _filter(params)
+    organisation_id = principal.account.organisation_id
+    now = request.app[CLOCK].now()
+    # The record comes first: an export that breaks off was still a read.
+    await _log(request, principal, "access_log.export", "organisation")
+    name = f"access-log-{now:%Y-%m-%d}.{export_format}"
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8"
+            if export_format == "csv"
+            else "application/json",
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",
+        }
+    )
+    await response.prepare(request)
+    if export_format == "json":
+        head = {
+            "organisation_id": str(organisation_id),
+            "exported_at": iso(now),
+            "filters": {key: value for key, value in params.items() if key != "format"},
+        }
+        await response.write(json.dumps(head)[:-1].encode() + b', "records": [\n')
+    before_seq: int | None = None
+    first = True
+    while True:
+        # Each batch in a short read of its own: appends go on meanwhile.
+        async with request.app[DB_ENGINE].connect() as conn:
+            batch = await read_access_log(
+                conn, organisation_id, limit=EXPORT_BATCH, before_seq=before_seq, **chosen.query()
+            )
+        if export_format == "csv":
+            chunk = await asyncio.to_thread(_csv_lines, batch, header=first)
+        else:
+            chunk = await asyncio.to_thread(_json_items, batch, first=first)
+        await response.write(chunk)
+        first = first and not batch
+        if len(batch) < EXPORT_BATCH:
+            break
+        before_seq = batch[-1].seq
+    if export_format == "json":
+        await response.write(b"\n]}\n")
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/admin/access-log/verify")
+async def access_log_verify(request: web.Request) -> web.Response:
+    """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
+    principal = await require_role(request, Role.ADMIN, action="access_log.verify")
+    # From the engine: each batch in its own short transaction, so appends go on.
+    report = await verify_chain(
+        request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
+    )
+    await _log(request, principal, "access_log.verify", "access_log")
+    broken = report.broken
+    return web.json_response(
+        {
+            "intact": broken is None,
+            "records": report.records,
+            "broken": None
+            if broken is None
+            else {
+                "chain": broken.chain,
+                "seq": broken.seq,
+                "kind": broken.kind.value,
+                "detail": broken.detail,
+            },
+        }
+    )
