@@ -271,10 +271,19 @@ class Pair:
 
 
 class Workload:
-    def __init__(self, codec: Codec, candidates: int) -> None:
+    """A negotiation is 1 + ``candidates`` messages each way. ``shape``:
+    ``burst``, each side sends its SDP and its candidates at once (the offerer
+    first, the answerer on the offer); ``pingpong``, one message in flight per
+    pair: offer, answer, then candidates in turn, each sent when the last
+    arrived (a single consult's negotiation, one round trip at a time)."""
+
+    def __init__(self, codec: Codec, candidates: int, shape: str = "burst") -> None:
+        if shape not in ("burst", "pingpong"):
+            raise ValueError(f"unknown workload shape {shape!r}")
         self.codec = codec
         self.candidates = candidates
         self.per_side = 1 + candidates
+        self.pingpong = shape == "pingpong"
         self.stats = Stats()
         self.measuring = False
 
@@ -322,6 +331,9 @@ class Workload:
                 continue
             stats.received += 1
             stats.latencies_ns.append(now - ts)
+            if self.pingpong:
+                await self._next_in_turn(pair, side)
+                continue
             if kind == "offer" and side == 1:
                 await self._send_burst(pair, 1, self.codec.answer)
             pair.got[side] += 1
@@ -333,10 +345,22 @@ class Workload:
             ):
                 pair.done.set_result(None)
 
+    async def _next_in_turn(self, pair: Pair, side: int) -> None:
+        """Ping-pong: the side that just received sends the next message."""
+        pair.got[side] += 1
+        step = pair.got[0] + pair.got[1]
+        if step < 2 * self.per_side:
+            await self._send(pair, side, self.codec.answer if step == 1 else self.codec.candidate)
+        elif pair.done is not None and not pair.done.done():
+            pair.done.set_result(None)
+
     async def round(self, pair: Pair, timeout_s: float) -> bool:
         pair.got = [0, 0]
         pair.done = asyncio.get_running_loop().create_future()
-        await self._send_burst(pair, 0, self.codec.offer)
+        if self.pingpong:
+            await self._send(pair, 0, self.codec.offer)
+        else:
+            await self._send_burst(pair, 0, self.codec.offer)
         try:
             await asyncio.wait_for(pair.done, timeout_s)
         except TimeoutError:

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from _signaling_processes import (
 )
 from _signaling_report import analyse_profile, summary_table
 from _signaling_servers import TOPOLOGIES, VIDEOCONSULT, OursServer, PeerJSServer, Server
+from _signaling_storm import storms
 from _signaling_wire import Pair, Workload
 
 # --------------------------------------------------------------------------
@@ -178,6 +180,7 @@ async def measured_run(
         "topology": server.topology,
         "config": server.label,
         "pairs": n_pairs,
+        "shape": args.shape,
     }
     t0 = time.monotonic()
     readers: list[asyncio.Task[None]] = []
@@ -187,7 +190,7 @@ async def measured_run(
             prepared = await asyncio.wait_for(
                 server.prepare(session, n_pairs, args.setup_concurrency), args.setup_timeout
             )
-            work = Workload(server.codec, args.candidates)
+            work = Workload(server.codec, args.candidates, args.shape)
             pairs = await asyncio.wait_for(
                 server.open_pairs(
                     session, prepared, n_pairs, args.setup_concurrency, work.reading(readers)
@@ -386,7 +389,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     # Alternate the configurations within each repetition so drift of the
     # shared machine hits all alike.
-    for n_pairs in args.pairs:
+    for n_pairs in [n for n in args.pairs if n]:
         for rep in range(args.runs):
             for name, topology in configs:
                 server = make_server(name, args, out_dir, topology)
@@ -452,6 +455,30 @@ async def main_async(args: argparse.Namespace) -> int:
                     flush=True,
                 )
 
+    if args.storm:
+
+        def profile_storm(pid: int) -> Callable[[], None]:
+            raw = out_dir / f"profile-ours-storm-{args.storm}.txt"
+            profiler = start_profiler(pid, args.storm_spread + 15, raw)
+
+            def report() -> None:
+                try:
+                    profiler.wait(60)
+                finally:
+                    PROCESSES.stop(profiler)
+                raw.with_name(f"{raw.stem}-summary.txt").write_text(analyse_profile(raw))
+
+            return report
+
+        await storms(
+            args,
+            lambda name: make_server(name, args, out_dir),
+            results,
+            over_budget,
+            save,
+            profile_storm if args.profile else None,
+        )
+
     # One profiled run of ours per topology (every node under py-spy).
     for topology in args.topology if args.profile and "ours" in args.servers else []:
         if over_budget(f"profile {topology}"):
@@ -478,7 +505,7 @@ async def main_async(args: argparse.Namespace) -> int:
             results["skipped"].append(f"profile {topology}: failed: {err!r}")
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     invocation.finish(summary_table)
-    lost = sum(r["lost"] for r in results["runs"])
+    lost = sum(r["lost"] for r in results["runs"] + results.get("storms", []))
     return 1 if lost or results["skipped"] else 0
 
 
@@ -529,6 +556,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--candidates", type=int, default=8, help="trickle candidates per side")
     parser.add_argument(
+        "--shape",
+        choices=["burst", "pingpong"],
+        default="burst",
+        help="burst: each side's SDP and candidates at once; pingpong: one message in "
+        "flight per pair, each sent when the last arrived",
+    )
+    parser.add_argument(
         "--round-timeout",
         type=float,
         default=30.0,
@@ -547,6 +581,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds over which the idle server's CPU is read",
     )
     parser.add_argument("--idle-runs", type=int, default=3)
+    parser.add_argument(
+        "--storm", type=int, default=0, help="admission storm: patients arriving (0: skip)"
+    )
+    parser.add_argument("--storm-spread", type=float, default=2.0, help="their arrival, seconds")
     parser.add_argument(
         "--settle",
         type=float,

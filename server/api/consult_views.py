@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from audit.access_log import Actor, record_access
 from audit.consults import (
     Consult,
+    Invite,
     InviteInvalid,
     InviteProblem,
     create_consult,
@@ -307,7 +308,25 @@ async def invite_ticket(request: web.Request) -> web.Response:
     """A single-use ticket to open the signaling socket (``/ws?ticket=...``),
     once the patient (and where asked, a parent or guardian) has consented."""
     body = await read_json(request, TicketBody)
-    invite = await _open(request)
+    app = request.app
+    now = app[CLOCK].now()
+    # One transaction for the check and the note of first use: a storm of
+    # patients arriving at once (issue 19) waits for the pool once each.
+    async with app[DB_ENGINE].begin() as conn:
+        try:
+            invite = await open_invite(conn, request.match_info["token"], now=now)
+        except InviteInvalid as err:
+            raise InviteGone(err.problem) from None
+        _consents_given(body, invite)
+        await note_invite_used(conn, invite, now=now)
+    ttl_s = app[SETTINGS].consults.ticket_ttl_s
+    ticket = await app[TICKETS].issue(
+        TicketGrant(invite.consult_id, invite.token_hash), now=now, ttl_s=ttl_s
+    )
+    return web.json_response({"ticket": ticket, "expires_in_s": ttl_s})
+
+
+def _consents_given(body: TicketBody, invite: Invite) -> None:
     if not body.consent:
         raise Unprocessable(
             "field 'consent' must be true: the patient agrees before joining",
@@ -319,12 +338,3 @@ async def invite_ticket(request: web.Request) -> web.Response:
             "and a parent or guardian agrees before joining",
             code="guardian_consent_required",
         )
-    app = request.app
-    now = app[CLOCK].now()
-    async with app[DB_ENGINE].begin() as conn:
-        await note_invite_used(conn, invite, now=now)
-    ttl_s = app[SETTINGS].consults.ticket_ttl_s
-    ticket = await app[TICKETS].issue(
-        TicketGrant(invite.consult_id, invite.token_hash), now=now, ttl_s=ttl_s
-    )
-    return web.json_response({"ticket": ticket, "expires_in_s": ttl_s})

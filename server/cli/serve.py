@@ -42,6 +42,9 @@ def _host(text: str) -> str:
     return text.strip()
 
 
+LISTEN_BACKLOG = 4096
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
     server = settings.server.model_copy(
         update={
@@ -68,6 +71,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             # this long after it opened or after its last answer: the bound on
             # the time for headers (slowloris), and on idle keep-alive.
             keepalive_timeout=server.request_timeout_s,
+            # Connections not yet accepted: a waiting room filling within
+            # seconds (2,000 patients, issue 19) overflowed aiohttp's default
+            # of 128 and had connections reset; the kernel caps it at somaxconn.
+            backlog=LISTEN_BACKLOG,
             print=lambda _banner: _announce(url),
         )
     except OSError as err:
