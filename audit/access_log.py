@@ -114,20 +114,44 @@ async def record_access(
 
     Must run inside the caller's transaction, the one that makes the change
     or the read: no change without its record, no record without its change.
+    (A read may instead be recorded through the group-commit writer,
+    :class:`audit.access_writer.AccessLogWriter`, before it is answered.)
     """
     await append_access(
         conn,
-        AccessRecord(
-            at=now,
+        access_record(
+            actor,
             organisation_id=organisation_id,
-            actor_id=actor.account_id,
-            actor_role=actor.role,
             action=action,
             object_type=object_type,
-            object_id=str(object_id) if object_id else None,
+            object_id=object_id,
+            now=now,
             outcome=outcome,
-            client_type=actor.client_type,
         ),
+    )
+
+
+def access_record(
+    actor: Actor,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | str | None,
+    now: datetime,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> AccessRecord:
+    """The record of ``actor``'s access, to append."""
+    return AccessRecord(
+        at=now,
+        organisation_id=organisation_id,
+        actor_id=actor.account_id,
+        actor_role=actor.role,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id) if object_id else None,
+        outcome=outcome,
+        client_type=actor.client_type,
     )
 
 
@@ -203,27 +227,15 @@ async def append_records(conn: AsyncConnection, records: Sequence[AccessRecord])
     """Append records in their order, each to its chain, in the caller's transaction.
 
     The chains' locks are taken in one order (sorted by name) on every node,
-    so that two batches of several chains never wait for each other.
+    so that two batches of several chains never deadlock.
     """
     by_chain: dict[str, list[AccessRecord]] = {}
     for record in records:
         by_chain.setdefault(chain_of(record.organisation_id), []).append(record)
     rows: list[dict[str, object]] = []
+    heads = await _chain_heads(conn, sorted(by_chain))
     for chain in sorted(by_chain):
-        if conn.dialect.name == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(chain))))
-        last = (
-            await conn.execute(
-                sa.select(access_log.c.seq, access_log.c.hash)
-                .where(access_log.c.chain == chain)
-                .order_by(access_log.c.seq.desc())
-                .limit(1)
-            )
-        ).first()
-        if last is not None:
-            seq, prev_hash = last.seq + 1, last.hash
-        else:
-            seq, prev_hash = await _chain_start(conn, chain)
+        seq, prev_hash = heads[chain]
         for record in by_chain[chain]:
             own_hash = _record_hash_fast(record, prev_hash)
             rows.append(
@@ -246,6 +258,32 @@ async def append_records(conn: AsyncConnection, records: Sequence[AccessRecord])
             seq, prev_hash = seq + 1, own_hash
     if rows:
         await conn.execute(access_log.insert(), rows)
+
+
+async def _chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Lock the chains (in this order) and return where each continues: its
+    next seq and the hash it chains to. Two statements for any number of
+    chains: a batch of records of many organisations costs no more round
+    trips than one."""
+    if conn.dialect.name == "postgresql":
+        # The select list is evaluated left to right: the locks in this order.
+        await conn.execute(
+            sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))
+        )
+    last_of_each = [
+        sa.select(access_log.c.chain, access_log.c.seq, access_log.c.hash)
+        .where(access_log.c.chain == name)
+        .order_by(access_log.c.seq.desc())
+        .limit(1)
+        .subquery()
+        for name in names
+    ]
+    found = await conn.execute(sa.union_all(*(sa.select(last) for last in last_of_each)))
+    heads = {row.chain: (row.seq + 1, row.hash) for row in found}
+    for name in names:
+        if name not in heads:
+            heads[name] = await _chain_start(conn, name)
+    return heads
 
 
 def _record_hash_fast(record: AccessRecord, prev_hash: str) -> str:

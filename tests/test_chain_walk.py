@@ -115,10 +115,12 @@ async def most_lag_during(engine: AsyncEngine | object, records: int) -> float:
 async def test_a_verify_from_the_engine_leaves_the_event_loop_free(engine: AsyncEngine) -> None:
     # 20,000 records: the walk on the loop holds it for a batch of 10,000 at
     # a time (tens to hundreds of ms); the worker's walk only for moments.
-    # The bound is 30 ms, not 10, for a shared machine's scheduling noise.
+    # Relative, not 10 ms: on a shared, loaded machine the loop's thread
+    # itself waits for a core now and then (30 ms seen at load 12); the
+    # benchmark measures the hold on a 1,000,000-record walk.
     await fill(engine, 20_000)
     async with engine.connect() as conn:
         on_the_loop = await most_lag_during(conn, 20_000)
     in_a_worker = await most_lag_during(engine, 20_000)
-    assert in_a_worker < 0.03
-    assert in_a_worker < on_the_loop
+    assert in_a_worker * 3 < on_the_loop
+    assert in_a_worker < 0.1
