@@ -24,6 +24,7 @@ import asyncio
 import enum
 import hashlib
 import json
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -36,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit import chain_walk
-from audit.chain_walk import WalkResult, WalkSpec, canonical_text, walk_rows
+from audit.chain_walk import WalkResult, WalkSpec, canonical_text, join, walk_rows
 from audit.errors import DatabaseError
 from audit.schema import access_log, access_log_checkpoints
 
@@ -381,13 +382,14 @@ async def chains(source: Source) -> list[str]:
 
 
 async def verify_chain(
-    source: Source, *, chain: str | None = None, batch: int = 10_000
+    source: Source, *, chain: str | None = None, batch: int = 10_000, split_over: int | None = None
 ) -> ChainReport:
     """Walk one chain (or every chain) from its start; report the first broken link.
 
     Pass the engine rather than a connection for a long walk: it then runs
     in a worker process and never blocks the event loop or writers (see
-    :data:`Source`).
+    :data:`Source`); a chain longer than ``split_over`` (default
+    :data:`SPLIT_OVER`) is then walked in parts, side by side.
     """
     names = [chain] if chain is not None else await chains(source)
     starts = []
@@ -400,9 +402,9 @@ async def verify_chain(
             await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts
         ]
     else:
-        backend, where = location
-        specs = [WalkSpec(backend, where, name, seq, h, batch) for name, seq, h in starts]
-        results = await _walk_in_worker(specs)
+        assert isinstance(source, AsyncEngine)
+        split = SPLIT_OVER if split_over is None else split_over
+        results = await _walk_in_workers(source, location, starts, batch, split)
     total = 0
     for walked, ((name, *_), result) in enumerate(zip(starts, results, strict=False), start=1):
         total += result.records
@@ -423,6 +425,61 @@ def _walk_location(source: Source) -> tuple[str, str] | None:
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         return "sqlite", str(url.database)
     return None
+
+
+# A chain longer than this is walked in parts, by worker processes side by
+# side (one per core, at most WALKERS), and the parts joined.
+SPLIT_OVER = 200_000
+WALKERS = 4
+
+
+async def _walk_in_workers(
+    engine: AsyncEngine,
+    location: tuple[str, str],
+    starts: list[tuple[str, int, str]],
+    batch: int,
+    split_over: int,
+) -> list[WalkResult]:
+    """Walk the chains in order, up to the first break: short ones together in
+    one worker, each long one in parts."""
+    backend, where = location
+    parts = max(1, min(WALKERS, os.cpu_count() or 1))
+    async with engine.connect() as conn:
+        ends = [await _last_seq(conn, name) for name, _, _ in starts]
+    results: list[WalkResult] = []
+    short: list[WalkSpec] = []
+    for (name, first, prev_hash), last in zip(starts, ends, strict=True):
+        spec = WalkSpec(backend, where, name, first, prev_hash, batch)
+        if parts == 1 or last - first < split_over:
+            short.append(spec)
+            continue
+        results += await _walk_in_worker(short)
+        short = []
+        if any(result.problem is not None for result in results):
+            return results
+        step = (last - first) // parts + 1
+        bounds = [first + step * n for n in range(parts)]
+        pieces = [
+            replace(
+                spec,
+                start_seq=bound,
+                start_hash=prev_hash if bound == first else None,
+                end_seq=bound + step if n < parts - 1 else None,
+            )
+            for n, bound in enumerate(bounds)
+        ]
+        walked = await asyncio.gather(*(_walk_in_worker([piece]) for piece in pieces))
+        results.append(join([part for [part] in walked]))
+        if results[-1].problem is not None:
+            return results
+    return results + await _walk_in_worker(short)
+
+
+async def _last_seq(conn: AsyncConnection, chain: str) -> int:
+    found = await conn.scalar(
+        sa.select(sa.func.max(access_log.c.seq)).where(access_log.c.chain == chain)
+    )
+    return int(found or 0)
 
 
 async def _walk_in_worker(specs: list[WalkSpec]) -> list[WalkResult]:

@@ -30,8 +30,8 @@ import json
 import sqlite3
 import sys
 import uuid
-from collections.abc import Generator, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -49,25 +49,30 @@ _CANONICAL = (
 Row = tuple[Any, ...]
 
 
-def _json(value: str | None) -> str:
-    return "null" if value is None else str(encode_basestring_ascii(value))
-
-
 def canonical_text(row: Row) -> str:
     """The canonical encoding of a row's fields and its ``prev_hash`` (see module docstring)."""
     _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = row[:11]
+    q = encode_basestring_ascii
     return _CANONICAL % (
-        _json(action),
-        _json(actor),
-        _json(role),
-        _json(at),
-        _json(client),
-        _json(object_id),
-        _json(object_type),
-        _json(org),
-        _json(outcome),
-        _json(prev),
+        q(action),
+        "null" if actor is None else q(actor),
+        q(role),
+        q(at),
+        q(client),
+        "null" if object_id is None else q(object_id),
+        q(object_type),
+        "null" if org is None else q(org),
+        q(outcome),
+        q(prev),
     )
+
+
+def _hash_matches(row: Row) -> bool:
+    try:
+        text = canonical_text(row)
+    except TypeError:  # a value of the wrong type (written by hand): not the record's
+        return False
+    return bool(hashlib.sha256(text.encode("ascii")).hexdigest() == row[11])
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,12 @@ class WalkSpec:
     location: str
     chain: str
     start_seq: int
-    start_hash: str
+    # None: a later part of a long chain, walked beside the part before it;
+    # its first link is checked when the parts are joined (:func:`join`).
+    start_hash: str | None
     batch: int
+    # The first seq not to walk (None: to the end of the chain).
+    end_seq: int | None = None
     timeout_s: float = 30.0
 
 
@@ -97,32 +106,82 @@ class WalkResult:
     problem: str | None = None
     seq: int = 0
     points_to: str = ""
+    # The first row walked, for joining parts (None: there was none).
+    first_seq: int | None = None
+    first_prev_hash: str | None = None
 
 
-def walk_rows(rows: Iterable[Row], expected_seq: int, prev_hash: str) -> WalkResult:
-    """Check each row's own hash and its link to the one before; stop at the first break."""
-    sha256 = hashlib.sha256
-    canonical = canonical_text
+def walk_rows(
+    rows: Iterable[Row],
+    expected_seq: int,
+    prev_hash: str | None,
+    recheck: Callable[[Row], Row | None] | None = None,
+) -> WalkResult:
+    """Check each row's own hash and its link to the one before; stop at the first break.
+
+    ``recheck`` gives a row read again the slow way (values spelt unusually)
+    when its hash does not match; ``prev_hash`` None takes the first row's
+    link on trust (see :attr:`WalkSpec.start_hash`).
+    """
     count = 0
+    first_seq: int | None = None
+    first_prev: str | None = None
     for row in rows:
         seq = row[0]
-        if sha256(canonical(row).encode("ascii")).hexdigest() != row[11]:
-            return WalkResult(count, expected_seq, prev_hash, "modified", seq)
+        if first_seq is None:
+            first_seq, first_prev = seq, row[10]
+            prev_hash = row[10] if prev_hash is None else prev_hash
+        if not _hash_matches(row):
+            again = recheck(row) if recheck is not None else None
+            if again is None or not _hash_matches(again):
+                return WalkResult(
+                    count, expected_seq, str(prev_hash), "modified", seq, "", first_seq, first_prev
+                )
         if row[10] != prev_hash:
-            return WalkResult(count, expected_seq, prev_hash, "link", seq, row[10])
+            return WalkResult(
+                count, expected_seq, str(prev_hash), "link", seq, row[10], first_seq, first_prev
+            )
         if seq != expected_seq:
-            return WalkResult(count, expected_seq, prev_hash, "deleted", seq)
+            return WalkResult(
+                count, expected_seq, str(prev_hash), "deleted", seq, "", first_seq, first_prev
+            )
         prev_hash, expected_seq, count = row[11], seq + 1, count + 1
-    return WalkResult(count, expected_seq, prev_hash)
+    return WalkResult(count, expected_seq, str(prev_hash), None, 0, "", first_seq, first_prev)
+
+
+def join(parts: list[WalkResult]) -> WalkResult:
+    """One chain's result from the results of its consecutive parts."""
+    joined = parts[0]
+    for later in parts[1:]:
+        if joined.problem is not None:
+            break
+        if later.first_seq is None:
+            continue  # nothing in this part's range: the next one joins on
+        # A break at the later part's first row: counted up to the joint.
+        at_joint = replace(
+            later, records=joined.records, next_seq=joined.next_seq, last_hash=joined.last_hash
+        )
+        if later.problem == "modified" and later.seq == later.first_seq:
+            return at_joint
+        if later.first_prev_hash != joined.last_hash:
+            return replace(
+                at_joint, problem="link", seq=later.first_seq, points_to=str(later.first_prev_hash)
+            )
+        if later.first_seq != joined.next_seq:
+            return replace(at_joint, problem="deleted", seq=later.first_seq)
+        joined = replace(later, records=joined.records + later.records)
+    return joined
 
 
 def walk(specs: list[WalkSpec]) -> list[WalkResult]:
-    """Read and check chains one after another, up to the first break."""
+    """Read and check chains (or parts) one after another, up to the first break."""
     results = []
     for spec in specs:
-        rows = _sqlite_rows(spec) if spec.backend == "sqlite" else _postgres_rows(spec)
+        reader = _SqliteReader(spec) if spec.backend == "sqlite" else None
+        rows = reader.rows() if reader is not None else _postgres_rows(spec)
         try:
-            result = walk_rows(rows, spec.start_seq, spec.start_hash)
+            recheck = reader.recheck if reader is not None else None
+            result = walk_rows(rows, spec.start_seq, spec.start_hash, recheck)
         finally:
             rows.close()  # its connection, now, also when the walk stopped early
         results.append(result)
@@ -136,29 +195,58 @@ def walk(specs: list[WalkSpec]) -> list[WalkResult]:
 # offset, UUIDs as 32 hex digits), made canonical here.
 # --------------------------------------------------------------------------
 
+# SQLite spells the usual values canonically itself (in C, in the reading
+# thread); an unusual spelling fails the hash and is read again the slow way.
 _SQLITE_QUERY = (
-    "SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,"
-    " object_id, outcome, client_type, prev_hash, hash FROM access_log"
-    " WHERE chain = ? AND seq > ? ORDER BY seq LIMIT ?"
+    "SELECT seq,"
+    " CASE WHEN length(at) = 26 AND substr(at, 11, 1) = ' '"
+    " THEN substr(at, 1, 10) || 'T' || substr(at, 12) || '+00:00' ELSE at END,"
+    " CASE WHEN length(organisation_id) = 32 THEN substr(organisation_id, 1, 8)"
+    " || '-' || substr(organisation_id, 9, 4) || '-' || substr(organisation_id, 13, 4)"
+    " || '-' || substr(organisation_id, 17, 4) || '-' || substr(organisation_id, 21, 12)"
+    " ELSE organisation_id END,"
+    " CASE WHEN length(actor_id) = 32 THEN substr(actor_id, 1, 8)"
+    " || '-' || substr(actor_id, 9, 4) || '-' || substr(actor_id, 13, 4)"
+    " || '-' || substr(actor_id, 17, 4) || '-' || substr(actor_id, 21, 12)"
+    " ELSE actor_id END,"
+    " actor_role, action, object_type, object_id, outcome, client_type, prev_hash, hash"
+    " FROM access_log WHERE chain = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"
 )
+_SQLITE_ONE_RAW = (
+    "SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,"
+    " object_id, outcome, client_type, prev_hash, hash"
+    " FROM access_log WHERE chain = ? AND seq = ?"
+)
+# An end beyond any seq (SQLite integers are 64-bit).
+_NO_END = 2**63 - 1
 
 
-def _sqlite_rows(spec: WalkSpec) -> Generator[Row]:
-    conn = sqlite3.connect(
-        f"file:{spec.location}?mode=ro", uri=True, timeout=spec.timeout_s, isolation_level=None
-    )
-    try:
-        after = spec.start_seq - 1
-        while True:
-            # One SELECT, one short implicit read transaction.
-            batch = conn.execute(_SQLITE_QUERY, (spec.chain, after, spec.batch)).fetchall()
-            for raw in batch:
-                yield _sqlite_canonical(raw)
-            if len(batch) < spec.batch:
-                return
-            after = batch[-1][0]
-    finally:
-        conn.close()
+class _SqliteReader:
+    def __init__(self, spec: WalkSpec) -> None:
+        self._spec = spec
+        self._conn = sqlite3.connect(
+            f"file:{spec.location}?mode=ro", uri=True, timeout=spec.timeout_s, isolation_level=None
+        )
+
+    def rows(self) -> Generator[Row]:
+        spec = self._spec
+        end = spec.end_seq if spec.end_seq is not None else _NO_END
+        try:
+            after = spec.start_seq - 1
+            while True:
+                # One SELECT, one short implicit read transaction.
+                query = (spec.chain, after, end, spec.batch)
+                batch = self._conn.execute(_SQLITE_QUERY, query).fetchall()
+                yield from batch
+                if len(batch) < spec.batch:
+                    return
+                after = batch[-1][0]
+        finally:
+            self._conn.close()
+
+    def recheck(self, row: Row) -> Row | None:
+        raw = self._conn.execute(_SQLITE_ONE_RAW, (self._spec.chain, row[0])).fetchone()
+        return None if raw is None else _sqlite_canonical(raw)
 
 
 def _sqlite_canonical(raw: Row) -> Row:
@@ -207,7 +295,7 @@ _POSTGRES_QUERY = (
     " to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"
     " organisation_id::text, actor_id::text, actor_role, action, object_type,"
     " object_id, outcome, client_type, prev_hash, hash FROM access_log"
-    " WHERE chain = $1 AND seq >= $2 ORDER BY seq"
+    " WHERE chain = $1 AND seq >= $2 AND seq < $3 ORDER BY seq"
 )
 
 
@@ -225,7 +313,12 @@ def _postgres_rows(spec: WalkSpec) -> Generator[Row]:
             transaction = conn.transaction(isolation="repeatable_read", readonly=True)
             loop.run_until_complete(transaction.start())
             cursor = loop.run_until_complete(
-                conn.cursor(_POSTGRES_QUERY, spec.chain, spec.start_seq)
+                conn.cursor(
+                    _POSTGRES_QUERY,
+                    spec.chain,
+                    spec.start_seq,
+                    spec.end_seq if spec.end_seq is not None else _NO_END,
+                )
             )
             while True:
                 batch = loop.run_until_complete(cursor.fetch(spec.batch))

@@ -78,12 +78,15 @@ async def sql(engine: AsyncEngine, statement: str, **params: object) -> None:
 
 
 async def verify(engine: AsyncEngine) -> ChainReport:
-    """Both walks: in a worker process from the engine, and on the loop in a transaction."""
+    """Every walk: in a worker process from the engine, in parts by workers
+    side by side (as a long chain is), and on the loop in a transaction. They
+    must agree."""
     # Small batches: the paging is walked too.
     in_worker = await verify_chain(engine, batch=3)
+    in_parts = await verify_chain(engine, batch=3, split_over=1)
     async with engine.connect() as conn:
         on_the_loop = await verify_chain(conn, batch=3)
-    assert in_worker == on_the_loop
+    assert in_worker == in_parts == on_the_loop
     return in_worker
 
 
