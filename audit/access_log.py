@@ -24,21 +24,18 @@ import asyncio
 import enum
 import hashlib
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit import chain_walk
-from audit.chain_walk import WalkResult, WalkSpec, canonical_text, join, walk_rows
-from audit.errors import DatabaseError
+from audit.chain_walk import WalkResult, canonical_text, walk_rows
+from audit.chain_workers import SPLIT_OVER, walk_in_workers, walk_location
 from audit.schema import access_log, access_log_checkpoints
 
 if TYPE_CHECKING:
@@ -389,14 +386,14 @@ async def verify_chain(
     Pass the engine rather than a connection for a long walk: it then runs
     in a worker process and never blocks the event loop or writers (see
     :data:`Source`); a chain longer than ``split_over`` (default
-    :data:`SPLIT_OVER`) is then walked in parts, side by side.
+    :data:`audit.chain_workers.SPLIT_OVER`) is then walked in parts, side by side.
     """
     names = [chain] if chain is not None else await chains(source)
     starts = []
     async with _reading(source) as conn:
         for name in names:
             starts.append((name, *await _chain_start(conn, name)))
-    location = _walk_location(source)
+    location = walk_location(source)
     if location is None:
         results = [
             await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts
@@ -404,7 +401,7 @@ async def verify_chain(
     else:
         assert isinstance(source, AsyncEngine)
         split = SPLIT_OVER if split_over is None else split_over
-        results = await _walk_in_workers(source, location, starts, batch, split)
+        results = await walk_in_workers(source, location, starts, batch, split)
     total = 0
     for walked, ((name, *_), result) in enumerate(zip(starts, results, strict=False), start=1):
         total += result.records
@@ -413,103 +410,6 @@ async def verify_chain(
                 broken = await _explain(conn, name, result)
             return ChainReport(total, walked, broken)
     return ChainReport(total, len(starts), None)
-
-
-def _walk_location(source: Source) -> tuple[str, str] | None:
-    """Where a worker process can read the log itself, if it can."""
-    if not isinstance(source, AsyncEngine):
-        return None
-    url = source.url
-    if url.get_backend_name() == "postgresql":
-        return "postgresql", url.set(drivername="postgresql").render_as_string(hide_password=False)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        return "sqlite", str(url.database)
-    return None
-
-
-# A chain longer than this is walked in parts, by worker processes side by
-# side (one per core, at most WALKERS), and the parts joined.
-SPLIT_OVER = 200_000
-WALKERS = 4
-
-
-async def _walk_in_workers(
-    engine: AsyncEngine,
-    location: tuple[str, str],
-    starts: list[tuple[str, int, str]],
-    batch: int,
-    split_over: int,
-) -> list[WalkResult]:
-    """Walk the chains in order, up to the first break: short ones together in
-    one worker, each long one in parts."""
-    backend, where = location
-    parts = max(1, min(WALKERS, os.cpu_count() or 1))
-    async with engine.connect() as conn:
-        ends = [await _last_seq(conn, name) for name, _, _ in starts]
-    results: list[WalkResult] = []
-    short: list[WalkSpec] = []
-    for (name, first, prev_hash), last in zip(starts, ends, strict=True):
-        spec = WalkSpec(backend, where, name, first, prev_hash, batch)
-        if parts == 1 or last - first < split_over:
-            short.append(spec)
-            continue
-        results += await _walk_in_worker(short)
-        short = []
-        if any(result.problem is not None for result in results):
-            return results
-        step = (last - first) // parts + 1
-        bounds = [first + step * n for n in range(parts)]
-        pieces = [
-            replace(
-                spec,
-                start_seq=bound,
-                start_hash=prev_hash if bound == first else None,
-                end_seq=bound + step if n < parts - 1 else None,
-            )
-            for n, bound in enumerate(bounds)
-        ]
-        walked = await asyncio.gather(*(_walk_in_worker([piece]) for piece in pieces))
-        results.append(join([part for [part] in walked]))
-        if results[-1].problem is not None:
-            return results
-    return results + await _walk_in_worker(short)
-
-
-async def _last_seq(conn: AsyncConnection, chain: str) -> int:
-    found = await conn.scalar(
-        sa.select(sa.func.max(access_log.c.seq)).where(access_log.c.chain == chain)
-    )
-    return int(found or 0)
-
-
-async def _walk_in_worker(specs: list[WalkSpec]) -> list[WalkResult]:
-    if not specs:
-        return []
-    # A process, not a thread: hashing a million records in a thread would
-    # take the GIL from the event loop for up to 5 ms at a time, again and
-    # again. The specs (with the database URL) go through a pipe, not argv.
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-P",
-        chain_walk.__file__,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await worker.communicate(json.dumps([asdict(s) for s in specs]).encode())
-    except BaseException:
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
-        raise
-    if worker.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        raise DatabaseError(
-            f"the access-log walk failed (exit status {worker.returncode}): "
-            f"{lines[-1][:300] if lines else 'no message'}"
-        )
-    return [WalkResult(**result) for result in json.loads(out)]
 
 
 async def _walk_on_connection(

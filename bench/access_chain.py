@@ -25,13 +25,17 @@ fresh database:
   own transaction, spread over ``--orgs`` organisations;
 - *concurrent appends, one chain*: the same, all of one organisation, so
   every append waits for the one before it;
-- the log is verified afterwards: it must be intact and hold 3 N records.
+- the same two concurrent phases through the group-commit writer
+  (``audit.access_writer.AccessLogWriter``): the records queued while a
+  batch commits are chained in the next transaction;
+- the log is verified afterwards: it must be intact and hold 5 N records.
 
 Then, per target, one fresh database is filled with ``--verify-records``
 records (by default all of one organisation: one chain of a million)
 computed here with ``canonical_fields`` and ``record_hash`` and
 bulk-inserted (SQLite: executemany in batches; PostgreSQL: COPY, then VACUUM
-ANALYZE), and ``verify_chain`` is timed end to end on it, once per run with
+ANALYZE), and ``verify_chain(engine)`` (worker processes) is timed end to end on it,
+with the event loop's longest hold meanwhile (``server.loop_lag``), once per run with
 its default batch (10,000) and once with ``--big-batch``, reading the
 process's peak RSS (VmHWM, reset before each verify) alongside. A last,
 short probe starts one more verify and, a second into it, one append, to
