@@ -25,15 +25,17 @@ import enum
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.chain_walk import WalkResult, canonical_text, walk_rows
+from audit.chain_workers import SPLIT_OVER, walk_in_workers, walk_location
 from audit.schema import access_log, access_log_checkpoints
 
 if TYPE_CHECKING:
@@ -110,27 +112,49 @@ async def record_access(
 
     Must run inside the caller's transaction, the one that makes the change
     or the read: no change without its record, no record without its change.
+    (A read may instead be recorded through the group-commit writer,
+    :class:`audit.access_writer.AccessLogWriter`, before it is answered.)
     """
     await append_access(
         conn,
-        AccessRecord(
-            at=now,
+        access_record(
+            actor,
             organisation_id=organisation_id,
-            actor_id=actor.account_id,
-            actor_role=actor.role,
             action=action,
             object_type=object_type,
-            object_id=str(object_id) if object_id else None,
+            object_id=object_id,
+            now=now,
             outcome=outcome,
-            client_type=actor.client_type,
         ),
+    )
+
+
+def access_record(
+    actor: Actor,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | str | None,
+    now: datetime,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> AccessRecord:
+    """The record of ``actor``'s access, to append."""
+    return AccessRecord(
+        at=now,
+        organisation_id=organisation_id,
+        actor_id=actor.account_id,
+        actor_role=actor.role,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id) if object_id else None,
+        outcome=outcome,
+        client_type=actor.client_type,
     )
 
 
 # The predecessor of the first record of a chain.
 GENESIS_HASH = "0" * 64
-# A long verification gives the event loop a turn after this many records.
-YIELD_EVERY = 1000
 # The chain of records that belong to no organisation (the operator's).
 INSTALLATION_CHAIN = "installation"
 
@@ -177,21 +201,6 @@ def canonical_fields(
     }
 
 
-def _row_fields(row: sa.Row[tuple[object, ...]]) -> dict[str, object]:
-    m = row._mapping
-    return canonical_fields(
-        at=m["at"],
-        organisation_id=m["organisation_id"],
-        actor_id=m["actor_id"],
-        actor_role=m["actor_role"],
-        action=m["action"],
-        object_type=m["object_type"],
-        object_id=m["object_id"],
-        outcome=m["outcome"],
-        client_type=m["client_type"],
-    )
-
-
 def chain_of(organisation_id: uuid.UUID | None) -> str:
     """The chain a record belongs to: its organisation's, or the installation's."""
     return str(organisation_id) if organisation_id is not None else INSTALLATION_CHAIN
@@ -209,49 +218,90 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
     Must run inside the caller's transaction (``engine.begin()``): the lock
     and the link to the chain's last record hold until it commits.
     """
-    chain = chain_of(record.organisation_id)
+    await append_records(conn, [record])
+
+
+async def append_records(conn: AsyncConnection, records: Sequence[AccessRecord]) -> None:
+    """Append records in their order, each to its chain, in the caller's transaction.
+
+    The chains' locks are taken in one order (sorted by name) on every node,
+    so that two batches of several chains never deadlock.
+    """
+    by_chain: dict[str, list[AccessRecord]] = {}
+    for record in records:
+        by_chain.setdefault(chain_of(record.organisation_id), []).append(record)
+    rows: list[dict[str, object]] = []
+    heads = await _chain_heads(conn, sorted(by_chain))
+    for chain in sorted(by_chain):
+        seq, prev_hash = heads[chain]
+        for record in by_chain[chain]:
+            own_hash = _record_hash_fast(record, prev_hash)
+            rows.append(
+                {
+                    "at": record.at,
+                    "organisation_id": record.organisation_id,
+                    "actor_id": record.actor_id,
+                    "actor_role": record.actor_role,
+                    "action": record.action,
+                    "object_type": record.object_type,
+                    "object_id": record.object_id,
+                    "outcome": record.outcome.value,
+                    "client_type": record.client_type.value,
+                    "chain": chain,
+                    "seq": seq,
+                    "prev_hash": prev_hash,
+                    "hash": own_hash,
+                }
+            )
+            seq, prev_hash = seq + 1, own_hash
+    if rows:
+        await conn.execute(access_log.insert(), rows)
+
+
+async def _chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Lock the chains (in this order) and return where each continues: its
+    next seq and the hash it chains to. Two statements for any number of
+    chains: a batch of records of many organisations costs no more round
+    trips than one."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(chain))))
-    last = (
+        # The select list is evaluated left to right: the locks in this order.
         await conn.execute(
-            sa.select(access_log.c.seq, access_log.c.hash)
-            .where(access_log.c.chain == chain)
-            .order_by(access_log.c.seq.desc())
-            .limit(1)
+            sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))
         )
-    ).first()
-    if last is not None:
-        seq, prev_hash = last.seq + 1, last.hash
-    else:
-        seq, prev_hash = await _chain_start(conn, chain)
-    fields = canonical_fields(
-        at=record.at,
-        organisation_id=record.organisation_id,
-        actor_id=record.actor_id,
-        actor_role=record.actor_role,
-        action=record.action,
-        object_type=record.object_type,
-        object_id=record.object_id,
-        outcome=record.outcome.value,
-        client_type=record.client_type.value,
-    )
-    await conn.execute(
-        access_log.insert().values(
-            at=record.at,
-            organisation_id=record.organisation_id,
-            actor_id=record.actor_id,
-            actor_role=record.actor_role,
-            action=record.action,
-            object_type=record.object_type,
-            object_id=record.object_id,
-            outcome=record.outcome.value,
-            client_type=record.client_type.value,
-            chain=chain,
-            seq=seq,
-            prev_hash=prev_hash,
-            hash=record_hash(fields, prev_hash),
+    last_of_each = [
+        sa.select(access_log.c.chain, access_log.c.seq, access_log.c.hash)
+        .where(access_log.c.chain == name)
+        .order_by(access_log.c.seq.desc())
+        .limit(1)
+        .subquery()
+        for name in names
+    ]
+    found = await conn.execute(sa.union_all(*(sa.select(last) for last in last_of_each)))
+    heads = {row.chain: (row.seq + 1, row.hash) for row in found}
+    for name in names:
+        if name not in heads:
+            heads[name] = await _chain_start(conn, name)
+    return heads
+
+
+def _record_hash_fast(record: AccessRecord, prev_hash: str) -> str:
+    """:func:`record_hash` of a new record, through the walk's faster encoding."""
+    text = canonical_text(
+        (
+            None,
+            _canonical_time(record.at),
+            str(record.organisation_id) if record.organisation_id else None,
+            str(record.actor_id) if record.actor_id else None,
+            record.actor_role,
+            record.action,
+            record.object_type,
+            record.object_id,
+            record.outcome.value,
+            record.client_type.value,
+            prev_hash,
         )
     )
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 async def _chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
@@ -301,10 +351,11 @@ class ChainReport:
         return self.broken is None
 
 
-# Verification reads from a connection (inside the caller's transaction), or
-# from an engine: then each batch is read in a short transaction of its own,
-# so that a long walk never holds SQLite's lock (it begins IMMEDIATE) and
-# appends go on meanwhile.
+# Verification reads from a connection (inside the caller's transaction, on
+# the event loop), or from an engine: then a worker process walks the chains
+# with the driver's own rows (audit/chain_walk.py), each batch in a short
+# read transaction of its own, so that a long walk never holds the event
+# loop nor SQLite's lock, and appends go on meanwhile.
 Source = AsyncConnection | AsyncEngine
 
 
@@ -315,27 +366,6 @@ async def _reading(source: Source) -> AsyncIterator[AsyncConnection]:
             yield conn
     else:
         yield source
-
-
-async def _rows_in_order(
-    source: Source, chain: str, after: int, batch: int
-) -> AsyncIterator[sa.Row[tuple[object, ...]]]:
-    """A chain's records in ``seq`` order, fetched in batches (a million fit in little memory)."""
-    while True:
-        async with _reading(source) as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(access_log)
-                    .where(access_log.c.chain == chain, access_log.c.seq > after)
-                    .order_by(access_log.c.seq)
-                    .limit(batch)
-                )
-            ).all()
-        for row in rows:
-            yield row
-        if len(rows) < batch:
-            return
-        after = rows[-1].seq
 
 
 async def chains(source: Source) -> list[str]:
@@ -349,44 +379,98 @@ async def chains(source: Source) -> list[str]:
 
 
 async def verify_chain(
-    source: Source, *, chain: str | None = None, batch: int = 10_000
+    source: Source, *, chain: str | None = None, batch: int = 10_000, split_over: int | None = None
 ) -> ChainReport:
     """Walk one chain (or every chain) from its start; report the first broken link.
 
-    Pass the engine rather than a connection for a long walk that must not
-    block writers (see :data:`Source`).
+    Pass the engine rather than a connection for a long walk: it then runs
+    in a worker process and never blocks the event loop or writers (see
+    :data:`Source`); a chain longer than ``split_over`` (default
+    :data:`audit.chain_workers.SPLIT_OVER`) is then walked in parts, side by side.
     """
-    walked, total = 0, 0
-    for name in [chain] if chain is not None else await chains(source):
-        count, broken = await _verify_one(source, name, batch)
-        walked, total = walked + 1, total + count
-        if broken is not None:
-            return ChainReport(total, walked, broken)
-    return ChainReport(total, walked, None)
-
-
-async def _verify_one(source: Source, chain: str, batch: int) -> tuple[int, ChainBreak | None]:
+    names = [chain] if chain is not None else await chains(source)
+    starts = []
     async with _reading(source) as conn:
-        expected_seq, prev_hash = await _chain_start(conn, chain)
-    count = 0
-    async for row in _rows_in_order(source, chain, expected_seq - 1, batch):
-        if count % YIELD_EVERY == YIELD_EVERY - 1:
-            # Let the event loop serve requests in the middle of a long walk.
-            await asyncio.sleep(0)
-        m = row._mapping
-        seq = int(m["seq"])
-        if record_hash(_row_fields(row), m["prev_hash"]) != m["hash"]:
-            detail = "its contents do not match its hash (changed after it was written)"
-            return count, ChainBreak(chain, seq, Break.MODIFIED, detail)
-        if m["prev_hash"] != prev_hash:
+        for name in names:
+            starts.append((name, *await _chain_start(conn, name)))
+    location = walk_location(source)
+    if location is None:
+        results = [
+            await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts
+        ]
+    else:
+        assert isinstance(source, AsyncEngine)
+        split = SPLIT_OVER if split_over is None else split_over
+        results = await walk_in_workers(source, location, starts, batch, split)
+    total = 0
+    for walked, ((name, *_), result) in enumerate(zip(starts, results, strict=False), start=1):
+        total += result.records
+        if result.problem is not None:
             async with _reading(source) as conn:
-                broken = await _explain_link(conn, chain, seq, expected_seq, m["prev_hash"])
-            return count, broken
-        if seq != expected_seq:
-            detail = f"records {expected_seq} to {seq - 1} are missing"
-            return count, ChainBreak(chain, seq, Break.DELETED, detail)
-        prev_hash, expected_seq, count = m["hash"], seq + 1, count + 1
-    return count, None
+                broken = await _explain(conn, name, result)
+            return ChainReport(total, walked, broken)
+    return ChainReport(total, len(starts), None)
+
+
+async def _walk_on_connection(
+    source: Source, chain: str, expected_seq: int, prev_hash: str, batch: int
+) -> WalkResult:
+    """The walk on the event loop, through SQLAlchemy (a connection in a transaction)."""
+    count, after = 0, expected_seq - 1
+    while True:
+        async with _reading(source) as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(*_WALK_COLUMNS)
+                    .where(access_log.c.chain == chain, access_log.c.seq > after)
+                    .order_by(access_log.c.seq)
+                    .limit(batch)
+                )
+            ).all()
+        result = walk_rows([_canonical_row(tuple(row)) for row in rows], expected_seq, prev_hash)
+        count += result.records
+        if result.problem is not None or len(rows) < batch:
+            return replace(result, records=count)
+        expected_seq, prev_hash, after = result.next_seq, result.last_hash, rows[-1].seq
+        # Let the event loop serve requests in the middle of a long walk.
+        await asyncio.sleep(0)
+
+
+_WALK_COLUMNS = (
+    access_log.c.seq,
+    access_log.c.at,
+    access_log.c.organisation_id,
+    access_log.c.actor_id,
+    access_log.c.actor_role,
+    access_log.c.action,
+    access_log.c.object_type,
+    access_log.c.object_id,
+    access_log.c.outcome,
+    access_log.c.client_type,
+    access_log.c.prev_hash,
+    access_log.c.hash,
+)
+
+
+def _canonical_row(row: tuple[Any, ...]) -> tuple[object, ...]:
+    seq, at, org, actor, *rest = row
+    return (
+        seq,
+        _canonical_time(at),
+        str(org) if org else None,
+        str(actor) if actor else None,
+        *rest,
+    )
+
+
+async def _explain(conn: AsyncConnection, chain: str, result: WalkResult) -> ChainBreak:
+    if result.problem == "modified":
+        detail = "its contents do not match its hash (changed after it was written)"
+        return ChainBreak(chain, result.seq, Break.MODIFIED, detail)
+    if result.problem == "deleted":
+        detail = f"records {result.next_seq} to {result.seq - 1} are missing"
+        return ChainBreak(chain, result.seq, Break.DELETED, detail)
+    return await _explain_link(conn, chain, result.seq, result.next_seq, result.points_to)
 
 
 async def _explain_link(

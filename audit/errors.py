@@ -4,6 +4,7 @@
      ├── DataDirError          the data directory cannot be created, read or written
      ├── DatabaseError
      │    ├── DatabaseUnavailable   the database cannot be reached in time
+     │    ├── AccessLogNotWritten   a batch of access records failed to commit (audit.access_writer)
      │    ├── MigrationFailed       a schema migration failed; nothing was applied
      │    └── SchemaOutOfDate       the schema is older than the code and may not be migrated
      ├── NotFound              no such record (or not in the asker's organisation)
@@ -42,6 +43,11 @@ class DatabaseUnavailable(DatabaseError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AccessLogNotWritten(DatabaseError):
+    """The transaction meant to append an access record failed: the record is
+    not in the log, so the read it records must not be answered."""
 
 
 class MigrationFailed(DatabaseError):

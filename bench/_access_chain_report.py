@@ -52,7 +52,12 @@ def summary_table(results: dict[str, Any]) -> str:
     row("  sequential append p99 (ms)", lambda t: of(runs, t), "seq_p99_ms")
     row("  host CPU busy, sequential (% of all cores)", lambda t: of(runs, t), "seq_host_busy_pct")
     c, orgs = settings["concurrency"], settings["orgs"]
-    for prefix, label in (("conc", f"{orgs} organisations"), ("one", "one organisation")):
+    for prefix, label in (
+        ("conc", f"{orgs} organisations"),
+        ("one", "one organisation"),
+        ("gc", f"{orgs} organisations, group commit"),
+        ("gcone", "one organisation, group commit"),
+    ):
         row(
             f"concurrent appends/s ({c} tasks, {label})",
             lambda t: of(runs, t),
@@ -60,6 +65,11 @@ def summary_table(results: dict[str, Any]) -> str:
         )
         row("  append p50 (ms)", lambda t: of(runs, t), f"{prefix}_p50_ms")
         row("  append p99 (ms)", lambda t: of(runs, t), f"{prefix}_p99_ms")
+        row(
+            "  appends failed",
+            lambda t: of(runs, t),
+            f"{prefix}_failed",
+        )
         row("  host CPU busy (% of all cores)", lambda t: of(runs, t), f"{prefix}_host_busy_pct")
     for batch in [10_000, *([big] if big else [])]:
         row(
@@ -71,6 +81,11 @@ def summary_table(results: dict[str, Any]) -> str:
             f"  records/s, batch {batch:,}",
             lambda t, b=batch: of(verifies, t, batch=b),
             "records_per_s",
+        )
+        row(
+            f"  event loop held at most (ms), batch {batch:,}",
+            lambda t, b=batch: of(verifies, t, batch=b),
+            "loop_lag_max_ms",
         )
         row(
             f"  peak RSS during verify (MB), batch {batch:,}",

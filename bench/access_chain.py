@@ -25,13 +25,17 @@ fresh database:
   own transaction, spread over ``--orgs`` organisations;
 - *concurrent appends, one chain*: the same, all of one organisation, so
   every append waits for the one before it;
-- the log is verified afterwards: it must be intact and hold 3 N records.
+- the same two concurrent phases through the group-commit writer
+  (``audit.access_writer.AccessLogWriter``): the records queued while a
+  batch commits are chained in the next transaction;
+- the log is verified afterwards: it must be intact and hold 5 N records.
 
 Then, per target, one fresh database is filled with ``--verify-records``
 records (by default all of one organisation: one chain of a million)
 computed here with ``canonical_fields`` and ``record_hash`` and
 bulk-inserted (SQLite: executemany in batches; PostgreSQL: COPY, then VACUUM
-ANALYZE), and ``verify_chain`` is timed end to end on it, once per run with
+ANALYZE), and ``verify_chain(engine)`` (worker processes) is timed end to end on it,
+with the event loop's longest hold meanwhile (``server.loop_lag``), once per run with
 its default batch (10,000) and once with ``--big-batch``, reading the
 process's peak RSS (VmHWM, reset before each verify) alongside. A last,
 short probe starts one more verify and, a second into it, one append, to
@@ -92,7 +96,9 @@ from audit.access_log import (
     append_access,
     verify_chain,
 )
+from audit.access_writer import AccessLogWriter
 from audit.schema import access_log
+from server.loop_lag import LoopLag
 
 SHM_DIR = "/dev/shm"  # noqa: S108 - a new directory is made inside, and removed
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -110,10 +116,21 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def timed_append(engine: AsyncEngine, n: int, orgs: int, latencies: list[float]) -> None:
+async def timed_append(
+    engine: AsyncEngine,
+    n: int,
+    orgs: int,
+    latencies: list[float],
+    writer: AccessLogWriter | None = None,
+) -> None:
+    """One append: through the group-commit writer, or in a transaction of its own."""
     t0 = time.perf_counter()
-    async with engine.begin() as conn:
-        await append_access(conn, bench_record(n, orgs, at=dt.datetime.now(dt.UTC)))
+    record = bench_record(n, orgs, at=dt.datetime.now(dt.UTC))
+    if writer is not None:
+        await writer.append(record)
+    else:
+        async with engine.begin() as conn:
+            await append_access(conn, record)
     latencies.append(time.perf_counter() - t0)
 
 
@@ -126,8 +143,11 @@ async def append_phase(
     deadline_s: float,
     first: int,
     prefix: str,
+    grouped: bool = False,
 ) -> dict[str, Any]:
-    """``count`` appends from ``tasks`` tasks (1: one after another), each its own transaction."""
+    """``count`` appends from ``tasks`` tasks (1: one after another), each its own
+    transaction, or (``grouped``) through one group-commit writer."""
+    writer = AccessLogWriter(engine) if grouped else None
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     stop = time.monotonic() + deadline_s
@@ -139,13 +159,15 @@ async def append_phase(
             if time.monotonic() > stop:
                 return
             try:
-                await timed_append(engine, base + i, orgs, latencies)
+                await timed_append(engine, base + i, orgs, latencies, writer)
             except Exception as err:
                 errors[type(err).__name__ + ": " + str(err).splitlines()[0][:120]] += 1
 
     with Meter() as meter:
         await asyncio.gather(*(worker(t) for t in range(tasks)))
     done = len(latencies)
+    if writer is not None:
+        await writer.close()
     return {
         f"{prefix}_tasks": tasks,
         f"{prefix}_orgs": orgs,
@@ -154,6 +176,7 @@ async def append_phase(
         f"{prefix}_p50_ms": round(1000 * pct(latencies, 0.5), 3),
         f"{prefix}_p99_ms": round(1000 * pct(latencies, 0.99), 3),
         f"{prefix}_errors": dict(errors),
+        f"{prefix}_failed": sum(errors.values()),
         **meter.figures(prefix),
     }
 
@@ -167,12 +190,17 @@ def pool_description(engine: AsyncEngine) -> str:
     return type(pool).__name__
 
 
-# The append phases: (key prefix, tasks, organisations) given the arguments.
-def phases(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
+# The append phases: (key prefix, tasks, organisations, label, group commit)
+# given the arguments. The first three append one record per transaction, as
+# the server did before group commit (and still does for a change's record).
+def phases(args: argparse.Namespace) -> list[tuple[str, int, int, str, bool]]:
+    c = args.concurrency
     return [
-        ("seq", 1, args.orgs, "sequential appends"),
-        ("conc", args.concurrency, args.orgs, f"appends from {args.concurrency} tasks"),
-        ("one", args.concurrency, 1, f"appends from {args.concurrency} tasks, one chain"),
+        ("seq", 1, args.orgs, "sequential appends", False),
+        ("conc", c, args.orgs, f"appends from {c} tasks", False),
+        ("one", c, 1, f"appends from {c} tasks, one chain", False),
+        ("gc", c, args.orgs, f"group-commit appends from {c} tasks", True),
+        ("gcone", c, 1, f"group-commit appends from {c} tasks, one chain", True),
     ]
 
 
@@ -181,7 +209,7 @@ async def append_run(target: Target, args: argparse.Namespace, rep: int) -> dict
         engine = db.engine
         run: dict[str, Any] = {"target": target.name, "run": rep, "pool": pool_description(engine)}
         expected = 0
-        for number_, (prefix, tasks, orgs, label) in enumerate(phases(args)):
+        for number_, (prefix, tasks, orgs, label, grouped) in enumerate(phases(args)):
             print(f"bench: {target.name} run {rep}: {args.appends} {label} ...", flush=True)
             figures = await append_phase(
                 engine,
@@ -191,6 +219,7 @@ async def append_run(target: Target, args: argparse.Namespace, rep: int) -> dict
                 deadline_s=args.phase_seconds,
                 first=1 + number_ * 1_000_000,
                 prefix=prefix,
+                grouped=grouped,
             )
             run.update(figures)
             expected += figures[f"{prefix}_appends"]
@@ -201,8 +230,7 @@ async def append_run(target: Target, args: argparse.Namespace, rep: int) -> dict
                 f"host busy {figures[f'{prefix}_host_busy_pct']} %",
                 flush=True,
             )
-        async with engine.connect() as conn:
-            report = await verify_chain(conn)
+        report = await verify_chain(engine)
         run["chain_records"] = report.records
         run["chains"] = report.chains
         run["chain_intact"] = report.intact and report.records == expected
@@ -260,19 +288,21 @@ def pg_dsn_for(db: Database) -> str:
 async def timed_verify(
     db: Database, batch: int, timeout_s: float, profile_to: Path | None = None
 ) -> tuple[ChainReport, dict[str, Any]]:
+    """Verify from the engine (a worker process walks the chains), watching the loop's lag."""
     spy: subprocess.Popen[bytes] | None = None
-    async with db.engine.connect() as conn:
-        await conn.execute(sa.select(1))  # connected (and, on SQLite, begun) first
-        rss_before = proc_status_kb("VmRSS")
-        peak_reset = reset_peak_rss()
-        if profile_to is not None:
-            spy = start_py_spy(profile_to)
-        try:
-            with Meter() as meter:
-                report = await asyncio.wait_for(verify_chain(conn, batch=batch), timeout_s)
-        finally:
-            if spy is not None:
-                stop_py_spy(spy)
+    rss_before = proc_status_kb("VmRSS")
+    peak_reset = reset_peak_rss()
+    if profile_to is not None:
+        spy = start_py_spy(profile_to)
+    watcher = LoopLag(warn_after_s=60.0, probe_s=0.005)
+    watcher.start()
+    try:
+        with Meter() as meter:
+            report = await asyncio.wait_for(verify_chain(db.engine, batch=batch), timeout_s)
+    finally:
+        watcher.stop()
+        if spy is not None:
+            stop_py_spy(spy)
     figures = {
         "batch": batch,
         "records": report.records,
@@ -281,6 +311,7 @@ async def timed_verify(
         "records_per_s": round(report.records / meter.wall),
         "rss_before_mb": round(rss_before / 1024, 1),
         "peak_rss_mb": round(proc_status_kb("VmHWM") / 1024, 1) if peak_reset else None,
+        "loop_lag_max_ms": round(1000 * watcher.window()[0], 1),
         **meter.figures("verify"),
     }
     return report, figures
@@ -357,10 +388,8 @@ async def writer_probe(db: Database, args: argparse.Namespace) -> dict[str, Any]
     started = asyncio.Event()
 
     async def verifying() -> None:
-        async with db.engine.connect() as conn:
-            await conn.execute(sa.select(1))
-            started.set()
-            await verify_chain(conn)
+        started.set()
+        await verify_chain(db.engine)
 
     task = asyncio.create_task(verifying())
     try:
@@ -426,6 +455,7 @@ async def verify_target(
                     f"bench:   {figures['records']:,} records, "
                     f"{'intact' if report.intact else 'BROKEN'}, {figures['verify_s']} s, "
                     f"{figures['records_per_s']:,}/s, peak RSS {figures['peak_rss_mb']} MB, "
+                    f"loop held at most {figures['loop_lag_max_ms']} ms, "
                     f"host busy {figures['verify_host_busy_pct']} %",
                     flush=True,
                 )
@@ -495,7 +525,7 @@ async def main_async(args: argparse.Namespace) -> int:
             results["runs"].append(run)
             if not run["chain_intact"]:
                 results["failures"].append(f"{what}: chain not intact")
-            errors = {p: run[f"{p}_errors"] for p, *_ in phases(args) if run[f"{p}_errors"]}
+            errors = {p: run[f"{p}_errors"] for p, *_ in phases(args) if run.get(f"{p}_errors")}
             if errors:
                 results["failures"].append(f"{what}: append errors {errors}")
             save()

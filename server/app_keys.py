@@ -12,6 +12,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit.access_writer import AccessLogWriter
 from audit.clock import Clock
 from audit.keys import MasterKey
 from audit.recordings import FileStore
@@ -31,6 +32,8 @@ SETTINGS = web.AppKey("settings", Settings)
 DATA_DIR = web.AppKey("data_dir", Path)
 MASTER_KEY = web.AppKey("master_key", MasterKey)
 DB_ENGINE = web.AppKey("db_engine", AsyncEngine)
+# Group commit of the access records of reads (audit/access_writer.py).
+ACCESS_LOG = web.AppKey("access_log", AccessLogWriter)
 # None when no Redis is configured (one node, everything in-process).
 REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
 # This node's parts of the shared state on Redis; None without Redis.

@@ -20,6 +20,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
+from audit.access_writer import AccessLogWriter
 from audit.consults import running_consults
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
@@ -28,6 +29,7 @@ from audit.technical_log import TechnicalLog
 from config import Settings
 from server.alive import last_alive, touch_alive
 from server.app_keys import (
+    ACCESS_LOG,
     CLOCK,
     CLUSTER,
     DATA_DIR,
@@ -90,9 +92,11 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
             await engine.dispose()
             raise
     app[DB_ENGINE] = engine
+    app[ACCESS_LOG] = writer = AccessLogWriter(engine)
     try:
         yield
     finally:
+        await writer.close()
         await engine.dispose()
 
 

@@ -78,8 +78,16 @@ async def sql(engine: AsyncEngine, statement: str, **params: object) -> None:
 
 
 async def verify(engine: AsyncEngine) -> ChainReport:
+    """Every walk: in a worker process from the engine, in parts by workers
+    side by side (as a long chain is), and on the loop in a transaction. They
+    must agree."""
+    # Small batches: the paging is walked too.
+    in_worker = await verify_chain(engine, batch=3)
+    in_parts = await verify_chain(engine, batch=3, split_over=1)
     async with engine.connect() as conn:
-        return await verify_chain(conn, batch=3)  # small batches: the paging is walked too
+        on_the_loop = await verify_chain(conn, batch=3)
+    assert in_worker == in_parts == on_the_loop
+    return in_worker
 
 
 async def row(engine: AsyncEngine, seq: int) -> sa.Row[tuple[object, ...]]:
@@ -225,6 +233,49 @@ async def test_the_first_break_is_the_one_reported(engine: AsyncEngine) -> None:
     await append_many(engine, 9)
     await sql(engine, "DELETE FROM access_log WHERE seq = 7")
     await sql(engine, "UPDATE access_log SET action = 'x' WHERE seq = 3")
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)
+
+
+async def test_a_changed_actor_is_found(engine: AsyncEngine) -> None:
+    await append_many(engine, 5)
+    async with engine.begin() as conn:
+        await conn.execute(
+            access_log.update().where(access_log.c.seq == 4).values(actor_id=uuid.UUID(int=3))
+        )
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind) == (4, Break.MODIFIED)
+
+
+async def test_a_record_moved_to_another_chain_is_missed_in_its_own(engine: AsyncEngine) -> None:
+    await append_many(engine, 5)
+    await sql(engine, "UPDATE access_log SET chain = :other WHERE seq = 5", other="installation")
+    report = await verify_chain(engine, chain=CHAIN)
+    assert report.intact  # the last record gone: only a checkpoint of the head could tell
+    await sql(engine, "UPDATE access_log SET chain = :other WHERE seq = 2", other="installation")
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.chain, report.broken.seq, report.broken.kind) == (
+        CHAIN,
+        3,
+        Break.DELETED,
+    )
+
+
+async def test_a_time_stored_in_another_spelling_of_the_same_moment_verifies(
+    engine: AsyncEngine,
+) -> None:
+    # SQLite keeps times as text; the worker reads the text itself, and must
+    # see the same moment SQLAlchemy reads back (no false alarm), and a
+    # different moment as a change.
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL keeps a time as a time, not as text")
+    await append_many(engine, 4)
+    await sql(engine, "UPDATE access_log SET at = '2026-11-23T09:00:02+00:00' WHERE seq = 3")
+    assert (await verify(engine)).intact
+    await sql(engine, "UPDATE access_log SET at = '2026-11-23 09:00:02.000001' WHERE seq = 3")
     report = await verify(engine)
     assert report.broken is not None
     assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)

@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import Field
 from redis.exceptions import RedisError
 
-from audit.access_log import Actor, record_access
+from audit.access_log import Actor
 from audit.consults import (
     Consult,
     Invite,
@@ -36,7 +36,7 @@ from server.api.access_records import record_api_access
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, NotFoundError, Unprocessable
 from server.api.representations import consult_json, invite_json, iso
-from server.app_keys import CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
 from server.web_security import link_origin
 from signaling.ports import StateUnavailable
@@ -167,15 +167,14 @@ async def consults_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.list")
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_consults(conn, principal.account.id)
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
-            action="consult.list",
-            object_type="therapist",
-            object_id=principal.account.id,
-            now=request.app[CLOCK].now(),
-        )
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=principal.account.organisation_id,
+        action="consult.list",
+        object_type="therapist",
+        object_id=principal.account.id,
+        now=request.app[CLOCK].now(),
+    )
     names = await _display_names(request.app, [consult.id for consult in found])
     return web.json_response(
         {"consults": [consult_json(consult, display_name=names[consult.id]) for consult in found]}
@@ -186,16 +185,14 @@ async def consults_list(request: web.Request) -> web.Response:
 async def consult_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.read")
     consult = await _own_consult(request, principal)
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
-            action="consult.read",
-            object_type="consult",
-            object_id=consult.id,
-            now=request.app[CLOCK].now(),
-        )
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=principal.account.organisation_id,
+        action="consult.read",
+        object_type="consult",
+        object_id=consult.id,
+        now=request.app[CLOCK].now(),
+    )
     names = await _display_names(request.app, [consult.id])
     return web.json_response({"consult": consult_json(consult, display_name=names[consult.id])})
 

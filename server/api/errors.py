@@ -13,7 +13,8 @@
 Domain errors from :mod:`audit` are translated here too (NotFound → 404,
 Conflict → 409, InvalidValue → 422), so views raise whichever is natural,
 and so is Redis being away (several nodes): 503 ``unavailable`` with
-Retry-After, never a 500.
+Retry-After, never a 500. A read whose access record could not be written
+(AccessLogNotWritten) is not answered: 503 ``access_log_unavailable``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(409, "conflict", str(err))
     except audit_errors.InvalidValue as err:
         return error_response(422, "invalid_field", str(err))
+    except audit_errors.AccessLogNotWritten as err:
+        # By type only: the cause may be anything the database said.
+        _log.warning(
+            "access record not written",
+            route=route_template(request),
+            cause=type(err.__cause__).__name__,
+        )
+        return error_response(
+            503,
+            "access_log_unavailable",
+            "This could not be recorded in the access log, so it is not shown. "
+            "Try again in a moment.",
+            {"Retry-After": str(UNAVAILABLE_RETRY_S)},
+        )
     except (StateUnavailable, RedisError) as err:
         # By type only: the shared state of several nodes is away for now.
         _log.warning(

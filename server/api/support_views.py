@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from audit import support
-from audit.access_log import Actor, Outcome, record_access
+from audit.access_log import Actor, Outcome
 from audit.consults import ConsultStatus
 from audit.errors import NotFound
 from audit.roles import Role
@@ -33,7 +33,7 @@ from audit.technical_log import RETENTION
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.representations import iso, support_consult_json
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
-from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
@@ -203,15 +203,14 @@ async def support_consults(request: web.Request) -> web.Response:
             per_page=per_page,
         )
         therapists = await support.therapists(conn, pseudonyms, organisation_id)
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
-            action=ACTION_LIST,
-            object_type="organisation",
-            object_id=organisation_id,
-            now=request.app[CLOCK].now(),
-        )
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=organisation_id,
+        action=ACTION_LIST,
+        object_type="organisation",
+        object_id=organisation_id,
+        now=request.app[CLOCK].now(),
+    )
     return web.json_response(
         {
             "consults": [support_consult_json(consult) for consult in found.consults],
@@ -253,15 +252,14 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
             last_day=selection.last_day,
             zone=selection.zone,
         )
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
-            action=ACTION_PER_DAY,
-            object_type="organisation",
-            object_id=organisation_id,
-            now=request.app[CLOCK].now(),
-        )
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=organisation_id,
+        action=ACTION_PER_DAY,
+        object_type="organisation",
+        object_id=organisation_id,
+        now=request.app[CLOCK].now(),
+    )
     return _svg(consults_per_day_svg(days, lang=lang))
 
 
@@ -277,15 +275,14 @@ async def support_chart_durations(request: web.Request) -> web.Response:
         found = await support.durations(
             conn, _pseudonyms(request), selection.consult_filter(organisation_id)
         )
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
-            action=ACTION_DURATIONS,
-            object_type="organisation",
-            object_id=organisation_id,
-            now=request.app[CLOCK].now(),
-        )
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=organisation_id,
+        action=ACTION_DURATIONS,
+        object_type="organisation",
+        object_id=organisation_id,
+        now=request.app[CLOCK].now(),
+    )
     return _svg(
         durations_svg(
             support.duration_histogram(found),
@@ -328,16 +325,15 @@ async def support_technical_log(request: web.Request) -> web.Response:
                 conn, consult.id, now=now, limit=TECHNICAL_LOG_LIMIT
             )
         # The refusal is recorded in the same transaction, so it survives the 404.
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
-            action=ACTION_TECHNICAL_LOG,
-            object_type="consult",
-            object_id=consult_id,
-            now=now,
-            outcome=Outcome.ALLOWED if consult is not None else Outcome.REFUSED,
-        )
+    await app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=organisation_id,
+        action=ACTION_TECHNICAL_LOG,
+        object_type="consult",
+        object_id=consult_id,
+        now=now,
+        outcome=Outcome.ALLOWED if consult is not None else Outcome.REFUSED,
+    )
     if consult is None:
         raise NotFoundError("no such consult")
     return web.json_response(

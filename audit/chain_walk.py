@@ -1,0 +1,347 @@
+"""Walking an access-log chain fast, in a worker process, from raw driver rows.
+
+The pure part of :func:`audit.access_log.verify_chain`: it imports neither
+SQLAlchemy nor aiohttp, so that a worker process starts quickly, and reads
+the rows with the database's own driver (``sqlite3``; ``asyncpg`` on a loop
+of the worker's own), because SQLAlchemy's conversion of each value (time
+text to ``datetime``, UUID hex to ``UUID``) cost a third of a walk.
+
+The worker is this file run as a script (``python -P chain_walk.py``): the
+chains to walk as JSON on its standard input, the results as JSON on its
+standard output. Not multiprocessing: that would run the parent's main
+module again in the worker, and pickle the database password into it;
+this file imports only the standard library and asyncpg, so it starts in a
+few tens of milliseconds.
+
+Each batch of a chain is read in a short read transaction of its own: a walk
+never holds SQLite's lock for long, and appends go on meanwhile.
+
+The canonical encoding here must give the very text of
+:func:`audit.access_log.record_hash` (JSON, sorted keys, no whitespace,
+ASCII only) for every stored record; ``tests/test_chain_walk.py`` checks
+that it does, odd characters included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import uuid
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
+from typing import Any
+
+# The record's fields and ``prev_hash`` in sorted key order, as json.dumps
+# with sort_keys=True writes them.
+_CANONICAL = (
+    '{"action":%s,"actor_id":%s,"actor_role":%s,"at":%s,"client_type":%s,'
+    '"object_id":%s,"object_type":%s,"organisation_id":%s,"outcome":%s,"prev_hash":%s}'
+)
+
+# A row as the walk reads it: seq, at (canonical text), organisation_id,
+# actor_id (canonical UUID text or None), actor_role, action, object_type,
+# object_id, outcome, client_type, prev_hash, hash.
+Row = tuple[Any, ...]
+
+
+def canonical_text(row: Row) -> str:
+    """The canonical encoding of a row's fields and its ``prev_hash`` (see module docstring)."""
+    _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = row[:11]
+    q = encode_basestring_ascii
+    return _CANONICAL % (
+        q(action),
+        "null" if actor is None else q(actor),
+        q(role),
+        q(at),
+        q(client),
+        "null" if object_id is None else q(object_id),
+        q(object_type),
+        "null" if org is None else q(org),
+        q(outcome),
+        q(prev),
+    )
+
+
+def _hash_matches(row: Row) -> bool:
+    try:
+        text = canonical_text(row)
+    except TypeError:  # a value of the wrong type (written by hand): not the record's
+        return False
+    return bool(hashlib.sha256(text.encode("ascii")).hexdigest() == row[11])
+
+
+@dataclass(frozen=True)
+class WalkSpec:
+    """What one walk reads: a chain from ``start_seq`` on, the predecessor's hash given."""
+
+    backend: str  # "sqlite" or "postgresql"
+    # The SQLite file, or a libpq-style URL for asyncpg.
+    location: str
+    chain: str
+    start_seq: int
+    # None: a later part of a long chain, walked beside the part before it;
+    # its first link is checked when the parts are joined (:func:`join`).
+    start_hash: str | None
+    batch: int
+    # The first seq not to walk (None: to the end of the chain).
+    end_seq: int | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class WalkResult:
+    """How far a walk got, and the first problem it met (``problem`` None: intact)."""
+
+    records: int
+    # Where the walk would go on: the next seq expected, and its predecessor's hash.
+    next_seq: int
+    last_hash: str
+    # "modified", "deleted" (a gap in seq) or "link" (prev_hash is not the
+    # hash of the record before: the caller finds out which record it names).
+    problem: str | None = None
+    seq: int = 0
+    points_to: str = ""
+    # The first row walked, for joining parts (None: there was none).
+    first_seq: int | None = None
+    first_prev_hash: str | None = None
+
+
+def walk_rows(
+    rows: Iterable[Row],
+    expected_seq: int,
+    prev_hash: str | None,
+    recheck: Callable[[Row], Row | None] | None = None,
+) -> WalkResult:
+    """Check each row's own hash and its link to the one before; stop at the first break.
+
+    ``recheck`` gives a row read again the slow way (values spelt unusually)
+    when its hash does not match; ``prev_hash`` None takes the first row's
+    link on trust (see :attr:`WalkSpec.start_hash`).
+    """
+    count = 0
+    first_seq: int | None = None
+    first_prev: str | None = None
+    for row in rows:
+        seq = row[0]
+        if first_seq is None:
+            first_seq, first_prev = seq, row[10]
+            prev_hash = row[10] if prev_hash is None else prev_hash
+        if not _hash_matches(row):
+            again = recheck(row) if recheck is not None else None
+            if again is None or not _hash_matches(again):
+                return WalkResult(
+                    count, expected_seq, str(prev_hash), "modified", seq, "", first_seq, first_prev
+                )
+        if row[10] != prev_hash:
+            return WalkResult(
+                count, expected_seq, str(prev_hash), "link", seq, row[10], first_seq, first_prev
+            )
+        if seq != expected_seq:
+            return WalkResult(
+                count, expected_seq, str(prev_hash), "deleted", seq, "", first_seq, first_prev
+            )
+        prev_hash, expected_seq, count = row[11], seq + 1, count + 1
+    return WalkResult(count, expected_seq, str(prev_hash), None, 0, "", first_seq, first_prev)
+
+
+def join(parts: list[WalkResult]) -> WalkResult:
+    """One chain's result from the results of its consecutive parts."""
+    joined = parts[0]
+    for later in parts[1:]:
+        if joined.problem is not None:
+            break
+        if later.first_seq is None:
+            continue  # nothing in this part's range: the next one joins on
+        # A break at the later part's first row: counted up to the joint.
+        at_joint = replace(
+            later, records=joined.records, next_seq=joined.next_seq, last_hash=joined.last_hash
+        )
+        if later.problem == "modified" and later.seq == later.first_seq:
+            return at_joint
+        if later.first_prev_hash != joined.last_hash:
+            return replace(
+                at_joint, problem="link", seq=later.first_seq, points_to=str(later.first_prev_hash)
+            )
+        if later.first_seq != joined.next_seq:
+            return replace(at_joint, problem="deleted", seq=later.first_seq)
+        joined = replace(later, records=joined.records + later.records)
+    return joined
+
+
+def walk(specs: list[WalkSpec]) -> list[WalkResult]:
+    """Read and check chains (or parts) one after another, up to the first break."""
+    results = []
+    for spec in specs:
+        reader = _SqliteReader(spec) if spec.backend == "sqlite" else None
+        rows = reader.rows() if reader is not None else _postgres_rows(spec)
+        try:
+            recheck = reader.recheck if reader is not None else None
+            result = walk_rows(rows, spec.start_seq, spec.start_hash, recheck)
+        finally:
+            rows.close()  # its connection, now, also when the walk stopped early
+        results.append(result)
+        if result.problem is not None:
+            break
+    return results
+
+
+# --------------------------------------------------------------------------
+# SQLite: the values as stored by SQLAlchemy (times as UTC text without an
+# offset, UUIDs as 32 hex digits), made canonical here.
+# --------------------------------------------------------------------------
+
+# SQLite spells the usual values canonically itself (in C, in the reading
+# thread); an unusual spelling fails the hash and is read again the slow way.
+_SQLITE_QUERY = (
+    "SELECT seq,"
+    " CASE WHEN length(at) = 26 AND substr(at, 11, 1) = ' '"
+    " THEN substr(at, 1, 10) || 'T' || substr(at, 12) || '+00:00' ELSE at END,"
+    " CASE WHEN length(organisation_id) = 32 THEN substr(organisation_id, 1, 8)"
+    " || '-' || substr(organisation_id, 9, 4) || '-' || substr(organisation_id, 13, 4)"
+    " || '-' || substr(organisation_id, 17, 4) || '-' || substr(organisation_id, 21, 12)"
+    " ELSE organisation_id END,"
+    " CASE WHEN length(actor_id) = 32 THEN substr(actor_id, 1, 8)"
+    " || '-' || substr(actor_id, 9, 4) || '-' || substr(actor_id, 13, 4)"
+    " || '-' || substr(actor_id, 17, 4) || '-' || substr(actor_id, 21, 12)"
+    " ELSE actor_id END,"
+    " actor_role, action, object_type, object_id, outcome, client_type, prev_hash, hash"
+    " FROM access_log WHERE chain = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"
+)
+_SQLITE_ONE_RAW = (
+    "SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,"
+    " object_id, outcome, client_type, prev_hash, hash"
+    " FROM access_log WHERE chain = ? AND seq = ?"
+)
+# An end beyond any seq (SQLite integers are 64-bit).
+_NO_END = 2**63 - 1
+
+
+class _SqliteReader:
+    def __init__(self, spec: WalkSpec) -> None:
+        self._spec = spec
+        self._conn = sqlite3.connect(
+            f"file:{spec.location}?mode=ro", uri=True, timeout=spec.timeout_s, isolation_level=None
+        )
+
+    def rows(self) -> Generator[Row]:
+        spec = self._spec
+        end = spec.end_seq if spec.end_seq is not None else _NO_END
+        try:
+            after = spec.start_seq - 1
+            while True:
+                # One SELECT, one short implicit read transaction.
+                query = (spec.chain, after, end, spec.batch)
+                batch = self._conn.execute(_SQLITE_QUERY, query).fetchall()
+                yield from batch
+                if len(batch) < spec.batch:
+                    return
+                after = batch[-1][0]
+        finally:
+            self._conn.close()
+
+    def recheck(self, row: Row) -> Row | None:
+        raw = self._conn.execute(_SQLITE_ONE_RAW, (self._spec.chain, row[0])).fetchone()
+        return None if raw is None else _sqlite_canonical(raw)
+
+
+def _sqlite_canonical(raw: Row) -> Row:
+    return (
+        raw[0],
+        _sqlite_time(raw[1]),
+        _sqlite_uuid(raw[2]),
+        _sqlite_uuid(raw[3]),
+        *raw[4:],
+    )
+
+
+def _sqlite_time(stored: object) -> object:
+    # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff" (UTC); anything else is
+    # parsed as SQLAlchemy would read it back.
+    if isinstance(stored, str) and len(stored) == 26 and stored[10] == " ":
+        return f"{stored[:10]}T{stored[11:]}+00:00"
+    if isinstance(stored, str):
+        try:
+            moment = datetime.fromisoformat(stored)
+        except ValueError:
+            return stored  # unreadable: the record's hash will not match
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        return moment.astimezone(UTC).isoformat(timespec="microseconds")
+    return stored
+
+
+def _sqlite_uuid(stored: object) -> object:
+    if stored is None or not isinstance(stored, str):
+        return stored
+    if len(stored) == 32 and stored == stored.lower():
+        return f"{stored[:8]}-{stored[8:12]}-{stored[12:16]}-{stored[16:20]}-{stored[20:]}"
+    try:
+        return str(uuid.UUID(stored))
+    except ValueError:
+        return stored
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: the server makes the values canonical text (it runs on another
+# core), in one REPEATABLE READ snapshot read through a cursor.
+# --------------------------------------------------------------------------
+
+_POSTGRES_QUERY = (
+    "SELECT seq,"
+    " to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"
+    " organisation_id::text, actor_id::text, actor_role, action, object_type,"
+    " object_id, outcome, client_type, prev_hash, hash FROM access_log"
+    " WHERE chain = $1 AND seq >= $2 AND seq < $3 ORDER BY seq"
+)
+
+
+def _postgres_rows(spec: WalkSpec) -> Generator[Row]:
+    # A loop of this worker's own: the rows come in batches, and the hashing
+    # of one batch runs while the next is on its way would need threads; a
+    # batch of 10,000 takes a few ms to fetch, so plain alternation it is.
+    loop = asyncio.new_event_loop()
+    try:
+        # Imported here: only the worker needs it.
+        import asyncpg
+
+        conn = loop.run_until_complete(asyncpg.connect(spec.location, timeout=spec.timeout_s))
+        try:
+            transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+            loop.run_until_complete(transaction.start())
+            cursor = loop.run_until_complete(
+                conn.cursor(
+                    _POSTGRES_QUERY,
+                    spec.chain,
+                    spec.start_seq,
+                    spec.end_seq if spec.end_seq is not None else _NO_END,
+                )
+            )
+            while True:
+                batch = loop.run_until_complete(cursor.fetch(spec.batch))
+                yield from (tuple(record) for record in batch)
+                if len(batch) < spec.batch:
+                    break
+            loop.run_until_complete(transaction.rollback())
+        finally:
+            loop.run_until_complete(conn.close())
+    finally:
+        loop.close()
+
+
+def main() -> None:
+    """The worker: chains to walk (a JSON list of :class:`WalkSpec`) on stdin,
+    their results (a JSON list of :class:`WalkResult`) on stdout."""
+    # Bulk work gives way: on a busy host the server's event loop (signaling)
+    # gets a core before a verify does.
+    os.nice(10)
+    specs = [WalkSpec(**spec) for spec in json.load(sys.stdin)]
+    json.dump([asdict(result) for result in walk(specs)], sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

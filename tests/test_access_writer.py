@@ -1,0 +1,140 @@
+"""Group commit of access records: many callers' records chained per
+transaction, on SQLite and PostgreSQL; one correct chain with other writers
+(in-transaction appends, another node's writer); a failed batch fails each
+of its callers, and the read it was to record is not answered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit import create_engine, prepare_data_dir, upgrade
+from audit.access_log import AccessRecord, ClientType, Outcome, append_access, verify_chain
+from audit.access_writer import AccessLogWriter
+from audit.db import database_url as configured_url
+from audit.errors import AccessLogNotWritten
+from audit.schema import access_log
+from server.app_keys import DB_ENGINE
+from tests.support.harness import Harness, new_consult
+from tests.support.settings import SettingsFactory
+
+T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def engines(
+    make_settings: SettingsFactory, database_url: str
+) -> AsyncIterator[tuple[AsyncEngine, AsyncEngine]]:
+    """Two engines on one database: two server nodes."""
+    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
+    url = configured_url(settings, prepare_data_dir(settings.data_dir))
+    first = create_engine(url, connect_timeout_s=30)
+    second = create_engine(url, connect_timeout_s=30)
+    await upgrade(first)
+    yield first, second
+    await first.dispose()
+    await second.dispose()
+
+
+def a_record(n: int, *, orgs: int = 3, at: datetime | None = None) -> AccessRecord:
+    return AccessRecord(
+        at=at or T0 + timedelta(milliseconds=n),
+        organisation_id=uuid.UUID(int=1 + n % orgs),
+        actor_id=uuid.UUID(int=1000),
+        actor_role="therapist",
+        action="consult.read",
+        object_type="consult",
+        object_id=str(uuid.UUID(int=n)),
+        outcome=Outcome.ALLOWED,
+        client_type=ClientType.API,
+    )
+
+
+async def count_records(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(access_log)) or 0)
+
+
+async def test_concurrent_appends_are_committed_in_few_transactions_on_whole_chains(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    engine, _ = engines
+    writer = AccessLogWriter(engine)
+    await asyncio.gather(*(writer.append(a_record(n)) for n in range(300)))
+    # Each append returned after its commit: all are there now.
+    assert await count_records(engine) == 300
+    report = await verify_chain(engine)
+    assert (report.intact, report.records, report.chains) == (True, 300, 3)
+    assert writer.records == 300
+    assert writer.batches < 30  # 300 one-record transactions before
+    await writer.close()
+
+
+async def test_writers_of_two_nodes_and_in_transaction_appends_keep_one_chain(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    first, second = engines
+    writers = [AccessLogWriter(first), AccessLogWriter(second)]
+
+    async def in_its_own_transaction(n: int) -> None:
+        async with first.begin() as conn:
+            await append_access(conn, a_record(n, orgs=1))
+
+    await asyncio.gather(
+        *(writers[n % 2].append(a_record(n, orgs=1)) for n in range(200)),
+        *(in_its_own_transaction(n) for n in range(200, 240)),
+    )
+    report = await verify_chain(first)
+    assert (report.intact, report.records, report.chains) == (True, 240, 1)
+    for writer in writers:
+        await writer.close()
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_writes_none_of_it(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    engine, _ = engines
+    writer = AccessLogWriter(engine)
+    # A naive time is refused when the batch is written: the whole batch
+    # (queued together, as from requests at the same moment) fails.
+    bad = a_record(3, at=datetime(2026, 12, 5, 9, 0))  # naive: the point
+    outcomes = await asyncio.gather(
+        *(writer.append(a_record(n)) for n in range(3)),
+        writer.append(bad),
+        *(writer.append(a_record(n)) for n in range(4, 6)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, AccessLogNotWritten) for outcome in outcomes), outcomes
+    assert "6 access records could not be written" in str(outcomes[0])
+    assert await count_records(engine) == 0
+    # The writer goes on with the next records.
+    await writer.append(a_record(7))
+    assert await count_records(engine) == 1
+    await writer.close()
+    with pytest.raises(AccessLogNotWritten, match="closed"):
+        await writer.append(a_record(8))
+
+
+async def test_a_read_whose_record_cannot_be_written_is_not_answered(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    path = f"/api/consults/{setup.consult_id}"
+    # The log's table away (as a broken database would have it): the read's
+    # record fails to commit, so the consult is not shown.
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE access_log RENAME TO access_log_away"))
+    refused = await harness.client.get(path)
+    assert refused.status == 503
+    body = await refused.json()
+    assert body["error"]["code"] == "access_log_unavailable"
+    assert setup.consult_id not in str(body)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE access_log_away RENAME TO access_log"))
+    shown = await harness.client.get(path)
+    assert shown.status == 200
+    assert (await shown.json())["consult"]["id"] == setup.consult_id
