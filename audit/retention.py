@@ -136,18 +136,24 @@ async def set_retention(
         )
 
 
+def _owned_by(organisation_id: uuid.UUID | None) -> sa.ColumnElement[bool]:
+    if organisation_id is None:
+        return consults.c.therapist_id.is_(None)
+    return consults.c.therapist_id.in_(
+        sa.select(accounts.c.id).where(accounts.c.organisation_id == organisation_id)
+    )
+
+
+def _consult_expired(cutoff: datetime) -> sa.ColumnElement[bool]:
+    over = consults.c.status.in_([ConsultStatus.ENDED.value, ConsultStatus.NOT_STARTED.value])
+    closed = sa.func.coalesce(consults.c.ended_at, consults.c.created_at)
+    return sa.and_(over, closed < cutoff)
+
+
 def _expired_consults(
     organisation_id: uuid.UUID | None, cutoff: datetime
 ) -> sa.Select[tuple[uuid.UUID]]:
-    over = consults.c.status.in_([ConsultStatus.ENDED.value, ConsultStatus.NOT_STARTED.value])
-    closed = sa.func.coalesce(consults.c.ended_at, consults.c.created_at)
-    if organisation_id is None:
-        owner = consults.c.therapist_id.is_(None)
-    else:
-        owner = consults.c.therapist_id.in_(
-            sa.select(accounts.c.id).where(accounts.c.organisation_id == organisation_id)
-        )
-    return sa.select(consults.c.id).where(owner, over, closed < cutoff)
+    return sa.select(consults.c.id).where(_owned_by(organisation_id), _consult_expired(cutoff))
 
 
 async def _purge_consults(
@@ -155,25 +161,54 @@ async def _purge_consults(
     organisation_id: uuid.UUID | None,
     cutoff: datetime,
     *,
-    dry_run: bool,
     progress: Progress | None,
     files: list[str],
-) -> int:
+) -> tuple[int, int]:
+    """Delete the expired consult records and the recordings still left of
+    them; return how many of each."""
     ids = list((await conn.execute(_expired_consults(organisation_id, cutoff))).scalars())
-    if dry_run:
-        return len(ids)
+    recordings_destroyed = 0
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
         # A consult's recordings go before it: keys first, files after commit.
-        of_these = (
-            await conn.execute(sa.select(recordings.c.id).where(recordings.c.consult_id.in_(chunk)))
-        ).scalars()
+        of_these = list(
+            (
+                await conn.execute(
+                    sa.select(recordings.c.id).where(recordings.c.consult_id.in_(chunk))
+                )
+            ).scalars()
+        )
+        recordings_destroyed += len(of_these)
         files += await shred(conn, of_these)
         # Invites go with them (ON DELETE CASCADE).
         await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
         if progress is not None:
-            progress(len(chunk))
-    return len(ids)
+            progress(len(chunk) + len(of_these))
+    return len(ids), recordings_destroyed
+
+
+async def _count_expired(
+    conn: AsyncConnection, organisation_id: uuid.UUID | None, retention: Retention, now: datetime
+) -> tuple[int, int]:
+    """How many consult records and recordings a purge now would destroy
+    (counted by the database: a dry run reads no ids). A recording goes when
+    its own period is over or when its consult's record goes, whichever is
+    first."""
+    owned = _owned_by(organisation_id)
+    consult_expired = _consult_expired(now - timedelta(days=retention.consult_days))
+    recording_cutoff = now - timedelta(days=retention.recording_days)
+    recording_expired = sa.and_(
+        consults.c.ended_at.is_not(None), consults.c.ended_at < recording_cutoff
+    )
+    consult_count = await conn.scalar(
+        sa.select(sa.func.count()).select_from(consults).where(owned, consult_expired)
+    )
+    recording_count = await conn.scalar(
+        sa.select(sa.func.count())
+        .select_from(recordings.join(consults, consults.c.id == recordings.c.consult_id))
+        .where(owned, sa.or_(recording_expired, consult_expired))
+    )
+    return int(consult_count or 0), int(recording_count or 0)
 
 
 async def _purge_chain(
@@ -258,17 +293,8 @@ async def preview_organisation(
     """What a purge now under ``retention`` would remove of one organisation;
     removes nothing (a dry run, for the admin's preview)."""
     preview = PurgedOrganisation(organisation_id)
-    expired = await expired_recordings(
-        conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
-    )
-    preview.recordings = len(expired)
-    preview.consults = await _purge_consults(
-        conn,
-        organisation_id,
-        now - timedelta(days=retention.consult_days),
-        dry_run=True,
-        progress=None,
-        files=[],
+    preview.consults, preview.recordings = await _count_expired(
+        conn, organisation_id, retention, now
     )
     preview.access_log_records, preview.checkpoint_seq = await _purge_chain(
         conn,
@@ -313,22 +339,25 @@ async def purge(
             else defaults
         )
         purged = PurgedOrganisation(organisation_id)
-        expired = await expired_recordings(
-            conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
-        )
-        purged.recordings = len(expired)
-        if not dry_run:
+        if dry_run:
+            purged.consults, purged.recordings = await _count_expired(
+                conn, organisation_id, retention, now
+            )
+        else:
+            expired = await expired_recordings(
+                conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
+            )
             report.files += await shred(conn, expired)
             if progress is not None and expired:
                 progress(len(expired))
-        purged.consults = await _purge_consults(
-            conn,
-            organisation_id,
-            now - timedelta(days=retention.consult_days),
-            dry_run=dry_run,
-            progress=progress,
-            files=report.files,
-        )
+            purged.consults, with_consults = await _purge_consults(
+                conn,
+                organisation_id,
+                now - timedelta(days=retention.consult_days),
+                progress=progress,
+                files=report.files,
+            )
+            purged.recordings = len(expired) + with_consults
         purged.access_log_records, purged.checkpoint_seq = await _purge_chain(
             conn,
             organisation_id,

@@ -17,9 +17,11 @@ import sqlalchemy as sa
 
 from audit.consults import create_consult, mark_ended, mark_started
 from audit.practice import PracticeSettings, set_practice_settings
+from audit.recordings import begin_recording
+from audit.retention import Retention, purge
 from audit.roles import Role
 from audit.schema import access_log, consults
-from server.app_keys import DB_ENGINE, SETTINGS
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, SETTINGS
 from tests.support.harness import Harness, Professional, Sockets, new_consult, receive
 
 NEW_ROUTES = [
@@ -249,6 +251,48 @@ async def test_the_retention_preview_counts_what_the_next_run_would_remove_and_r
     bad = await get(harness, "/api/admin/retention/preview", consult_days="0")
     assert bad.status == 422
     assert "'consult_days'" in (await bad.json())["error"]["message"]
+
+
+async def test_the_preview_counts_the_recordings_that_go_with_their_consult_record(
+    harness: Harness,
+) -> None:
+    """A consult's record may expire before its recording: the purge then
+    destroys the recording with it, and the preview must say so (found in
+    review: it counted recordings by their own period only)."""
+    await admin_of(harness)
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await old_consults(harness, anna, [10])
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult_id = await conn.scalar(sa.select(consults.c.id))
+        assert consult_id is not None
+        await begin_recording(
+            conn,
+            harness.app[FILE_STORE],
+            harness.app[MASTER_KEY].key,
+            consult_id,
+            now=harness.clock.now() - timedelta(days=10),
+        )
+    wanted = {"consult_days": "7", "recording_days": "30"}
+    preview = await (await get(harness, "/api/admin/retention/preview", **wanted)).json()
+    assert (preview["consults"], preview["recordings"]) == (1, 1)
+    # Both periods over: the recording is counted once.
+    both = {"consult_days": "7", "recording_days": "7"}
+    preview = await (await get(harness, "/api/admin/retention/preview", **both)).json()
+    assert (preview["consults"], preview["recordings"]) == (1, 1)
+    # The real run does what the preview said.
+    saved = await put(
+        harness,
+        "/api/admin/retention",
+        {"consult_days": 7, "recording_days": 30, "access_log_days": 1825},
+    )
+    assert saved.status == 200
+    async with harness.app[DB_ENGINE].begin() as conn:
+        report = await purge(
+            conn,
+            now=harness.clock.now(),
+            defaults=Retention(consult_days=730, recording_days=30, access_log_days=1825),
+        )
+    assert (report.consults, report.recordings) == (1, 1)
 
 
 async def test_practice_settings_start_as_the_servers_and_every_change_is_logged(
