@@ -252,7 +252,7 @@ class SmtpSettings(_Section):
     def _sender_with_host(self) -> SmtpSettings:
         if self.host and "@" not in self.from_address:
             raise ValueError(
-                "smtp.host needs smtp.from_address, an address like praktijk@example.nl"
+                "smtp.host needs smtp.from_address, an address like video@praktijk.example"
             )
         if self.username and self.security == "none" and self.host not in _LOOPBACK_HOSTS:
             raise ValueError(

@@ -21,6 +21,7 @@ from audit.clock import ManualClock
 from audit.roles import Role
 from audit.schema import metadata
 from audit.technical_log import read_technical
+from config import SettingsError
 from server import create_app
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from server.resources import ROOM_TIMER_POLL
@@ -341,3 +342,39 @@ async def test_a_malformed_address_is_refused_naming_the_field(
     error = (await response.json())["error"]
     assert error["message"].startswith("field 'email'")
     assert str(address) not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (
+            {
+                "smtp_host": "mail.example.nl",
+                "smtp_from_address": "video@praktijk.example",
+                "smtp_username": "u",
+                "smtp_security": "none",
+            },
+            "never sent in the clear",
+        ),
+        ({"smtp_host": "mail.example.nl"}, "smtp.from_address"),
+        ({"smtp_time_zone": "Europe/Atlantis"}, "is not a time zone"),
+        ({"smtp_security": "ssl"}, "smtp.security"),
+    ],
+)
+def test_bad_mail_settings_stop_the_start_naming_the_problem(
+    make_settings: SettingsFactory, overrides: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError, match=named):
+        make_settings(**overrides)
+
+
+def test_a_relay_on_this_machine_may_take_a_login_without_tls(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(
+        smtp_host="127.0.0.1",
+        smtp_username="u",
+        smtp_security="none",
+        smtp_from_address="video@praktijk.example",
+    )
+    assert settings.smtp.enabled
