@@ -78,6 +78,10 @@ class Invite:
     expires_at: datetime
     # A parent or guardian consents too (the patient is under 16).
     guardian_consent: bool = False
+    # Its consult's appointment and start, as the invite was opened: the
+    # waiting room may open later (the patient's page says when).
+    scheduled_at: datetime | None = None
+    consult_started: bool = False
 
 
 def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
@@ -278,7 +282,14 @@ async def open_invite_by_hash(
     # drop or a reload until it ends, or until the therapist revokes the link.
     if row.expires_at <= now and consult.started_at is None:
         raise InviteInvalid(InviteProblem.EXPIRED)
-    return Invite(row.token_hash, row.consult_id, row.expires_at, row.guardian_consent)
+    return Invite(
+        row.token_hash,
+        row.consult_id,
+        row.expires_at,
+        row.guardian_consent,
+        scheduled_at=consult.scheduled_at,
+        consult_started=consult.started_at is not None,
+    )
 
 
 async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid.UUID) -> bool:

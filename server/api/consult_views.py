@@ -312,11 +312,10 @@ async def _open(request: web.Request) -> tuple[Invite, datetime | None]:
     try:
         async with request.app[DB_ENGINE].begin() as conn:
             invite = await open_invite(conn, request.match_info["token"], now=now)
-            consult = await get_consult(conn, invite.consult_id)
     except InviteInvalid as err:
         raise InviteGone(err.problem) from None
-    opens_at = waiting_room_opens_at(request.app, consult)
-    if opens_at is not None and (opens_at <= now or consult.started_at is not None):
+    opens_at = waiting_room_opens_at(request.app, invite.scheduled_at)
+    if opens_at is not None and (opens_at <= now or invite.consult_started):
         opens_at = None
     return invite, opens_at
 

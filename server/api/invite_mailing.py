@@ -44,12 +44,12 @@ EmailAddress = Annotated[
 ]
 
 
-def waiting_room_opens_at(app: web.Application, consult: Consult) -> datetime | None:
+def waiting_room_opens_at(app: web.Application, scheduled_at: datetime | None) -> datetime | None:
     """When the patient may enter the waiting room; None: at once (no appointment)."""
-    if consult.scheduled_at is None:
+    if scheduled_at is None:
         return None
     before_s = app[SETTINGS].consults.waiting_room_opens_before_s
-    return consult.scheduled_at - timedelta(seconds=before_s)
+    return scheduled_at - timedelta(seconds=before_s)
 
 
 def require_mail_configured(app: web.Application) -> None:
@@ -70,7 +70,7 @@ async def mail_invite(
         link=link,
         expires_at=invite.expires_at,
         scheduled_at=consult.scheduled_at,
-        opens_at=waiting_room_opens_at(app, consult),
+        opens_at=waiting_room_opens_at(app, consult.scheduled_at),
         domain=urlsplit(link).hostname or "localhost",
     )
     message = compose_invitation(
