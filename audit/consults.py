@@ -1,7 +1,7 @@
 """Consult records and their invites, at rest.
 
-A consult record holds who ran it, created, started, ended, duration and
-status, and nothing else. Its start is set once (when the therapist first
+A consult record holds who ran it, created, scheduled, started, ended,
+duration and status, and nothing else. Its start is set once (when the therapist first
 admits the patient) and never moves; its end once. Invites keep only a hash
 of their token and go when the consult ends.
 """
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import Conflict, NotFound
+from audit.labels import destroy_label
 from audit.schema import consults, invites
 from audit.sealing import token_hash
 
@@ -62,6 +63,8 @@ class Consult:
     ended_at: datetime | None
     duration_s: int | None
     status: ConsultStatus
+    # The appointment, if the therapist gave one.
+    scheduled_at: datetime | None = None
 
     @property
     def is_over(self) -> bool:
@@ -75,6 +78,10 @@ class Invite:
     expires_at: datetime
     # A parent or guardian consents too (the patient is under 16).
     guardian_consent: bool = False
+    # Its consult's appointment and start, as the invite was opened: the
+    # waiting room may open later (the patient's page says when).
+    scheduled_at: datetime | None = None
+    consult_started: bool = False
 
 
 def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
@@ -87,11 +94,16 @@ def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
         ended_at=m["ended_at"],
         duration_s=m["duration_s"],
         status=ConsultStatus(m["status"]),
+        scheduled_at=m["scheduled_at"],
     )
 
 
 async def create_consult(
-    conn: AsyncConnection, *, therapist_id: uuid.UUID, now: datetime
+    conn: AsyncConnection,
+    *,
+    therapist_id: uuid.UUID,
+    now: datetime,
+    scheduled_at: datetime | None = None,
 ) -> Consult:
     consult_id = uuid.uuid4()
     await conn.execute(
@@ -100,6 +112,7 @@ async def create_consult(
             therapist_id=therapist_id,
             created_at=now,
             status=ConsultStatus.CREATED.value,
+            scheduled_at=scheduled_at,
         )
     )
     return await get_consult(conn, consult_id)
@@ -152,12 +165,14 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
     it (where a killed server's consults end is when it was last alive, up
     to 2 s before a consult it admitted just then) is its start.
 
-    Its invites are deleted with it, in the caller's transaction: whether a
-    guardian had to consent and when the link was first used are kept no
-    longer than the consult runs, and its link is then unknown. Ending an
-    ended consult changes nothing but to delete an invite made meanwhile.
+    Its invites and the therapist's label (key and ciphertext) are deleted
+    with it, in the caller's transaction: whether a guardian had to consent,
+    when the link was first used and who the patient is are kept no longer
+    than the consult runs, and its link is then unknown. Ending an ended
+    consult changes nothing but to delete an invite (or label) made meanwhile.
     """
     await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
+    await destroy_label(conn, consult_id)
     consult = await get_consult(conn, consult_id)
     if consult.is_over:
         return consult
@@ -267,7 +282,14 @@ async def open_invite_by_hash(
     # drop or a reload until it ends, or until the therapist revokes the link.
     if row.expires_at <= now and consult.started_at is None:
         raise InviteInvalid(InviteProblem.EXPIRED)
-    return Invite(row.token_hash, row.consult_id, row.expires_at, row.guardian_consent)
+    return Invite(
+        row.token_hash,
+        row.consult_id,
+        row.expires_at,
+        row.guardian_consent,
+        scheduled_at=consult.scheduled_at,
+        consult_started=consult.started_at is not None,
+    )
 
 
 async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid.UUID) -> bool:

@@ -59,6 +59,10 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten with zeros, not left in free pages:
+        # a destroyed key (a consult's label, a recording's data key) is
+        # then gone from the file too, not only from the table.
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @sa.event.listens_for(engine.sync_engine, "begin")

@@ -219,10 +219,11 @@ technical_log = sa.Table(
     sa.Column("detail", sa.JSON(), nullable=False),
 )
 
-# A consult: who ran it, when it started and ended, how long it lasted, and
-# nothing else (the promise "metadata only"; tests/test_consults.py fails if
-# another column appears). The therapist link is cut on erasure of the
-# account; the record stays, pseudonymous, until its retention ends.
+# A consult: who ran it, when it was scheduled, started and ended, how long
+# it lasted, and nothing else (the promise "metadata only"; a time is not
+# personal data; tests/test_signaling.py fails if another column appears).
+# The therapist link is cut on erasure of the account; the record stays,
+# pseudonymous, until its retention ends.
 consults = sa.Table(
     "consults",
     metadata,
@@ -239,6 +240,27 @@ consults = sa.Table(
     sa.Column("ended_at", UtcDateTime(), nullable=True),
     sa.Column("duration_s", sa.Integer(), nullable=True),
     sa.Column("status", sa.String(16), nullable=False),
+    # The appointment, when the therapist gave one: the waiting room opens
+    # a while before it (consults.waiting_room_opens_before_s).
+    sa.Column("scheduled_at", UtcDateTime(), nullable=True),
+)
+
+# The therapist's label for the patient in the waiting room ("Mrs de Vries,
+# 10:30"), apart from the consult's record: sealed (AES-GCM) under a random
+# key of its own, which is kept here wrapped by the master key (see
+# audit/labels.py). The row, key and ciphertext together, is deleted when the
+# consult ends or its link runs out unused.
+consult_labels = sa.Table(
+    "consult_labels",
+    metadata,
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
+    sa.Column("sealed_label", sa.LargeBinary(), nullable=False),
 )
 
 # The patient's way in. Only the token's hash is kept; the row goes when the

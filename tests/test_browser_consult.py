@@ -87,7 +87,8 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     assert row.started_at == started.started_at
     assert row.duration_s == 25 * 60
     assert (row.ended_at - row.started_at).total_seconds() == 25 * 60
-    # Nothing else about the consult, and the waiting-room name nowhere on disk.
+    # Nothing else about the consult, and the waiting-room name nowhere in the
+    # database (its sealed copy was destroyed with the end).
     assert set(row._mapping) == {
         "id",
         "therapist_id",
@@ -96,9 +97,17 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
         "ended_at",
         "duration_s",
         "status",
+        "scheduled_at",
     }
     async with harness.app[DB_ENGINE].connect() as conn:
-        for table in ("consults", "invites", "access_log", "technical_log", "sessions"):
+        for table in (
+            "consults",
+            "consult_labels",
+            "invites",
+            "access_log",
+            "technical_log",
+            "sessions",
+        ):
             rows = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).all()  # noqa: S608
             assert "Jansen" not in repr(rows), table
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

@@ -37,6 +37,7 @@ async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(
         "started_at",
         "ended_at",
         "duration_s",
+        "scheduled_at",
         "display_name",
     }
 
@@ -242,14 +243,14 @@ async def test_an_open_consult_socket_keeps_the_session_alive(
     assert (await harness.client.get("/api/session")).status == 200
 
 
-async def test_the_display_name_is_listed_from_memory_and_never_stored(harness: Harness) -> None:
+async def test_the_display_name_is_listed_and_stored_only_sealed(harness: Harness) -> None:
     setup = await new_consult(harness, display_name="Mevr. de Vries")
     listing = await (await harness.client.get("/api/consults")).json()
     assert [c["display_name"] for c in listing["consults"]] == ["Mevr. de Vries"]
     shown = await (await harness.client.get(f"/api/consults/{setup.consult_id}")).json()
     assert shown["consult"]["display_name"] == "Mevr. de Vries"
     async with harness.app[DB_ENGINE].connect() as conn:
-        for table in ("consults", "invites", "access_log", "technical_log"):
+        for table in ("consults", "consult_labels", "invites", "access_log", "technical_log"):
             rows = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).all()  # noqa: S608
             assert "Vries" not in repr(rows), table
 

@@ -149,14 +149,15 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
     await redis_proxy.cut()
     listing = await harness.client.get("/api/consults")
     assert listing.status == 200
-    # The note for the waiting room, as this node last saw its room.
+    # The label for the waiting room, from the database (sealed there).
     assert [c["display_name"] for c in (await listing.json())["consults"]] == ["Mevr. de Vries"]
     shown = await harness.client.get(f"/api/consults/{consult_id}")
     assert shown.status == 200
     created = await harness.post("/api/consults", {"display_name": "Dhr. Jansen"})
     assert created.status == 201, await created.text()
     body = await created.json()
-    assert body["consult"]["display_name"] is None  # said, not pretended
+    # Kept all the same: the label is sealed in the database, not in Redis.
+    assert body["consult"]["display_name"] == "Dhr. Jansen"
     assert body["invite_url"]
     ended = await harness.post(f"/api/consults/{consult_id}/end")
     assert ended.status == 200, await ended.text()

@@ -611,6 +611,8 @@ async def test_the_consult_table_holds_only_the_promised_metadata(harness: Harne
         "ended_at",
         "duration_s",
         "status",
+        # The appointment's time (issue 21): a time, not personal data.
+        "scheduled_at",
     }
     assert {column.name for column in consults.columns} == promised
 

@@ -29,14 +29,21 @@ from audit.consults import (
     revoke_invites,
 )
 from audit.errors import NotFound
+from audit.labels import read_labels, store_label
 from audit.practice import practice_settings_of
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
 from server.api.access_records import record_api_access
 from server.api.body import RequestBody, read_json
-from server.api.errors import ApiError, NotFoundError, Unprocessable
+from server.api.errors import ApiError, ConflictError, NotFoundError, Unprocessable
+from server.api.invite_mailing import (
+    EmailAddress,
+    mail_invite,
+    require_mail_configured,
+    waiting_room_opens_at,
+)
 from server.api.representations import consult_json, invite_json, iso
-from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, ROOMS, SETTINGS, TICKETS
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
 from server.web_security import link_origin
 from signaling.ports import StateUnavailable
@@ -62,9 +69,16 @@ INVITE_ANSWERS = {
 
 class NewConsultBody(RequestBody):
     scheduled_at: str | None = None
+    # The therapist's label for the patient, kept sealed until the consult ends.
     display_name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
     # The patient is under 16: a parent or guardian consents too.
     guardian_consent: bool = False
+    # Where to mail the link: used for this one send, never stored.
+    email: EmailAddress | None = None
+
+
+class ReissueBody(RequestBody):
+    email: EmailAddress | None = None
 
 
 class TicketBody(RequestBody):
@@ -79,6 +93,16 @@ class InviteGone(ApiError):
         status, message = INVITE_ANSWERS[problem]
         super().__init__(message, code=f"invite_{problem.value}")
         self.status = status
+
+
+class TooEarly(ConflictError):
+    """The appointment is later: the waiting room opens at ``opens_at``."""
+
+    def __init__(self, opens_at: datetime) -> None:
+        super().__init__(
+            f"the waiting room opens at {iso(opens_at)}; come back then",
+            code="waiting_room_not_open",
+        )
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -125,6 +149,8 @@ async def consults_create(request: web.Request) -> web.Response:
     body = await read_json(request, NewConsultBody)
     scheduled_at = _parse_time(body.scheduled_at)
     app = request.app
+    if body.email is not None:
+        require_mail_configured(app)
     now = app[CLOCK].now()
     validity_s = await invite_validity_s(app, principal)
     try:
@@ -133,8 +159,14 @@ async def consults_create(request: web.Request) -> web.Response:
         raise Unprocessable(
             "field 'scheduled_at' is too far in the future: the invite would end after 9999"
         ) from None
+    origin = link_origin(request)
+    display_name = body.display_name
     async with app[DB_ENGINE].begin() as conn:
-        consult = await create_consult(conn, therapist_id=principal.account.id, now=now)
+        consult = await create_consult(
+            conn, therapist_id=principal.account.id, now=now, scheduled_at=scheduled_at
+        )
+        if display_name is not None:
+            await store_label(conn, app[MASTER_KEY].key, consult.id, display_name)
         token, invite = await issue_invite(
             conn,
             consult,
@@ -142,23 +174,22 @@ async def consults_create(request: web.Request) -> web.Response:
             expires_at=expires_at,
             guardian_consent=body.guardian_consent,
         )
-    display_name = body.display_name
     try:
         await app[ROOMS].prepare(consult.id, display_name=display_name, until=expires_at)
     except (StateUnavailable, RedisError) as err:
         # Redis (several nodes) is away: the consult and its link stand, its
-        # room is opened when someone joins; the note for the waiting room,
-        # held only there, is not kept (the answer says so: null).
+        # room is opened when someone joins (the label is in the database).
         _log_unavailable("consult.create", err)
-        display_name = None
     await _log(request, principal, "consult.create", consult.id)
-    return web.json_response(
-        {
-            "consult": consult_json(consult, display_name=display_name),
-            **invite_json(token, invite, origin=link_origin(request)),
-        },
-        status=201,
-    )
+    answer = {
+        "consult": consult_json(consult, display_name=display_name),
+        **invite_json(token, invite, origin=origin),
+    }
+    if body.email is not None:
+        answer["invite_email"] = await mail_invite(
+            request, consult, invite, answer["invite_url"], body.email
+        )
+    return web.json_response(answer, status=201)
 
 
 @routes.get("/api/consults")
@@ -175,7 +206,7 @@ async def consults_list(request: web.Request) -> web.Response:
         object_id=principal.account.id,
         now=request.app[CLOCK].now(),
     )
-    names = await _display_names(request.app, [consult.id for consult in found])
+    names = await _labels(request.app, [consult.id for consult in found])
     return web.json_response(
         {"consults": [consult_json(consult, display_name=names[consult.id]) for consult in found]}
     )
@@ -193,7 +224,7 @@ async def consult_show(request: web.Request) -> web.Response:
         object_id=consult.id,
         now=request.app[CLOCK].now(),
     )
-    names = await _display_names(request.app, [consult.id])
+    names = await _labels(request.app, [consult.id])
     return web.json_response({"consult": consult_json(consult, display_name=names[consult.id])})
 
 
@@ -221,14 +252,19 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.invite")
     consult = await _own_consult(request, principal)
     app = request.app
+    # The body is optional: {"email": ...} mails the new link too.
+    body = await read_json(request, ReissueBody) if request.can_read_body else ReissueBody()
+    if body.email is not None:
+        require_mail_configured(app)
+    origin = link_origin(request)
     now = app[CLOCK].now()
     validity_s = await invite_validity_s(app, principal)
     async with app[DB_ENGINE].begin() as conn:
-        # A consult scheduled days ahead keeps its late expiry; the schedule
-        # itself is not stored, the live invite's expiry carries it.
+        # A consult scheduled days ahead keeps its late expiry.
         current = await live_invite_expiry(conn, consult.id, now=now)
         expires_at = max(
-            invite_expiry(now=now, scheduled_at=None, validity_s=validity_s), current or now
+            invite_expiry(now=now, scheduled_at=consult.scheduled_at, validity_s=validity_s),
+            current or now,
         )
         # The new link asks for a guardian's consent when the previous one did.
         guardian_consent = await latest_invite_guardian_consent(conn, consult.id)
@@ -236,7 +272,12 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
     await _log(request, principal, "consult.invite", consult.id)
-    return web.json_response(invite_json(token, invite, origin=link_origin(request)))
+    answer: dict[str, Any] = invite_json(token, invite, origin=origin)
+    if body.email is not None:
+        answer["invite_email"] = await mail_invite(
+            request, consult, invite, answer["invite_url"], body.email
+        )
+    return web.json_response(answer)
 
 
 @routes.delete(CONSULT_PATH + "/invite")
@@ -256,19 +297,12 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _display_names(
+async def _labels(
     app: web.Application, consult_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, str | None]:
-    """The waiting-room notes, held in memory (or Redis) only; all None while
-    Redis is away (asked once, not once per consult)."""
-    names: dict[uuid.UUID, str | None] = dict.fromkeys(consult_ids)
-    try:
-        for consult_id in consult_ids:
-            names[consult_id] = await app[ROOMS].display_name(consult_id)
-    except (StateUnavailable, RedisError) as err:
-        _log_unavailable("consult.display_name", err)
-        return dict.fromkeys(consult_ids)
-    return names
+    """The therapist's labels, unsealed (those of consults that are over are gone)."""
+    async with app[DB_ENGINE].connect() as conn:
+        return await read_labels(conn, app[MASTER_KEY].key, consult_ids)
 
 
 def _log_unavailable(action: str, err: BaseException) -> None:
@@ -277,25 +311,36 @@ def _log_unavailable(action: str, err: BaseException) -> None:
     )
 
 
-async def _open(request: web.Request) -> Any:
+async def _open(request: web.Request) -> tuple[Invite, datetime | None]:
+    """The invite, and when its waiting room opens (None: it is open)."""
+    now = request.app[CLOCK].now()
     try:
         async with request.app[DB_ENGINE].begin() as conn:
-            return await open_invite(
-                conn, request.match_info["token"], now=request.app[CLOCK].now()
-            )
+            invite = await open_invite(conn, request.match_info["token"], now=now)
     except InviteInvalid as err:
         raise InviteGone(err.problem) from None
+    return invite, _opens_at(request.app, invite, now)
+
+
+def _opens_at(app: web.Application, invite: Invite, now: datetime) -> datetime | None:
+    """When the invite's waiting room opens; None once it is open."""
+    opens_at = waiting_room_opens_at(app, invite.scheduled_at)
+    if opens_at is not None and (opens_at <= now or invite.consult_started):
+        return None
+    return opens_at
 
 
 @routes.get("/api/invites/" + INVITE_TOKEN)
 async def invite_status(request: web.Request) -> web.Response:
     """Whether the link works, in words a patient understands; nothing about anyone."""
-    invite = await _open(request)
+    invite, opens_at = await _open(request)
     return web.json_response(
         {
             "valid": True,
             "expires_at": iso(invite.expires_at),
             "guardian_consent": invite.guardian_consent,
+            # Set while it is too early: the waiting room opens then.
+            "opens_at": iso(opens_at),
         }
     )
 
@@ -314,6 +359,9 @@ async def invite_ticket(request: web.Request) -> web.Response:
             invite = await open_invite(conn, request.match_info["token"], now=now)
         except InviteInvalid as err:
             raise InviteGone(err.problem) from None
+        opens_at = _opens_at(app, invite, now)
+        if opens_at is not None:
+            raise TooEarly(opens_at)
         _consents_given(body, invite)
         await note_invite_used(conn, invite, now=now)
     ttl_s = app[SETTINGS].consults.ticket_ttl_s

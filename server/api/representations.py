@@ -121,7 +121,8 @@ def consult_json(consult: Consult, *, display_name: str | None = None) -> dict[s
     """A consult as its therapist sees it."""
     return {
         **_consult_metadata(consult),
-        # From the room's memory only, while the consult has one; never stored.
+        "scheduled_at": iso(consult.scheduled_at),
+        # The therapist's label, unsealed; gone once the consult is over.
         "display_name": display_name,
     }
 

@@ -1,7 +1,7 @@
 """Practice settings per organisation (recording allowed, invite validity)
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-05
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 revision = "0011"
 # Another branch of this wave adds 0010; the lead re-chains at merge.
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -1,5 +1,14 @@
 // The therapist's app at /app: consults list, new consult with its invite
 // link, the call view, logout and the idle timeout.
+import {
+  appointmentFields,
+  askForEmail,
+  clearAppointmentFields,
+  consultTime,
+  groupByTime,
+  labelOf,
+  showMailOutcome,
+} from "./appointments.js";
 import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
@@ -112,18 +121,14 @@ function renderList(consults) {
   groups.replaceChildren();
   $("list-empty").hidden = consults.length > 0;
   const today = new Date().toDateString();
-  const parts = [
-    ["app.list.today", consults.filter((c) => new Date(c.created_at).toDateString() === today)],
-    ["app.list.earlier", consults.filter((c) => new Date(c.created_at).toDateString() !== today)],
-  ];
-  for (const [titleKey, items] of parts) {
+  for (const [titleKey, items] of groupByTime(consults)) {
     if (!items.length) continue;
     const heading = document.createElement("h3");
     heading.textContent = t(titleKey);
     const table = document.createElement("table");
     table.className = "consults";
     const head = table.createTHead().insertRow();
-    for (const key of ["app.list.created", "app.list.name", "app.list.status", "app.list.duration", "app.list.actions"]) {
+    for (const key of ["app.list.time", "app.list.name", "app.list.status", "app.list.duration", "app.list.actions"]) {
       const cell = document.createElement("th");
       cell.scope = "col";
       cell.textContent = t(key);
@@ -133,7 +138,8 @@ function renderList(consults) {
     for (const consult of items) {
       const row = body.insertRow();
       row.dataset.consult = consult.id;
-      row.insertCell().textContent = formatTime(consult.created_at, titleKey === "app.list.earlier");
+      const when = consultTime(consult);
+      row.insertCell().textContent = formatTime(when.toISOString(), when.toDateString() !== today);
       row.insertCell().textContent = consult.display_name || "—";
       const status = row.insertCell();
       status.textContent = statusLabel(consult.status);
@@ -145,6 +151,7 @@ function renderList(consults) {
         actions.append(
           button("app.list.open", () => openCall(consult.id)),
           button("app.list.newLink", () => reissue(consult), "secondary"),
+          button("app.list.mailLink", () => reissue(consult, askForEmail()), "secondary"),
           button("app.list.revoke", () => revoke(consult.id), "secondary"),
           button("app.list.end", () => endFromList(consult.id), "danger"),
         );
@@ -184,16 +191,18 @@ function showInvite(data, consult) {
   createdConsultId = consult;
   $("invite-url").value = data.invite_url;
   $("copy-status").textContent = "";
+  showMailOutcome($("mail-status"), data);
   $("invite-box").hidden = false;
   $("invite-url").focus();
   $("invite-url").select();
 }
 
-async function reissue(consult) {
+async function reissue(consult, body = undefined) {
   const id = consult.id;
+  if (body === null) return; // the address was asked for and not given
   if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
   try {
-    showInvite(await api("POST", `/api/consults/${id}/invite`), id);
+    showInvite(await api("POST", `/api/consults/${id}/invite`, body), id);
     window.scrollTo({ top: 0, behavior: "smooth" });
   } catch (error) {
     alert(error.message);
@@ -226,12 +235,14 @@ async function createConsult(event) {
   const body = { guardian_consent: $("minor").checked };
   const name = $("display-name").value.trim();
   if (name) body.display_name = name;
+  Object.assign(body, appointmentFields($("new-form")));
   $("new-button").disabled = true;
   try {
     const data = await api("POST", "/api/consults", body);
     showInvite(data, data.consult.id);
     $("display-name").value = "";
     $("minor").checked = false;
+    clearAppointmentFields($("new-form"));
     await loadList();
   } catch (error) {
     $("new-error").textContent = error.message;
@@ -375,7 +386,9 @@ function onCallEvent(type, detail) {
       }
       break;
     case "patient-waiting":
-      patientWaiting(detail.display_name);
+      // The room's copy of the label is lost with a restart (one node); the
+      // list's, from the database, is not.
+      patientWaiting(detail.display_name || labelOf(lastConsults, consultId));
       break;
     case "peer-joined":
       patientNotWaiting();

@@ -34,6 +34,11 @@ function show(id) {
 }
 
 function linkProblem(code) {
+  if (code === "waiting_room_not_open") {
+    // The page was opened before the waiting room: check again, which says when.
+    checkLink();
+    return;
+  }
   // The server deletes an invite when its consult ends, and then knows the
   // link no more; a link that worked in this tab belongs to a consult that
   // is over.
@@ -68,6 +73,10 @@ async function checkLink() {
     return;
   }
   invite = data;
+  if (invite.opens_at) {
+    tooEarly(invite.opens_at);
+    return;
+  }
   $("guardian-row").hidden = !invite.guardian_consent;
   $("guardian-box").required = Boolean(invite.guardian_consent);
   const saved = sessionStorage.getItem(joinedKey);
@@ -78,6 +87,22 @@ async function checkLink() {
     return;
   }
   show("intro");
+}
+
+// The appointment is later: say when to come back, and look again then
+// (a page left open moves on by itself).
+function tooEarly(opensAt) {
+  const opens = new Date(opensAt);
+  const lang = document.documentElement.lang;
+  $("too-early-text").textContent = t("join.early.text", {
+    date: opens.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
+    time: opens.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
+  });
+  show("too-early");
+  // At most every 10 minutes (a sleeping laptop's timers run late), at the
+  // earliest a second after the opening.
+  const wait = Math.min(Math.max(opens.getTime() - Date.now() + 1000, 1000), 10 * 60 * 1000);
+  setTimeout(checkLink, wait);
 }
 
 // --- devices ---------------------------------------------------------------
@@ -117,7 +142,7 @@ async function ticketUrl(consent) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const code = (data.error && data.error.code) || "invite_unknown";
-    if (response.status === 404 || response.status === 410 || response.status === 422) {
+    if ([404, 409, 410, 422].includes(response.status)) {
       throw new LinkProblem(code, (data.error && data.error.message) || "");
     }
     throw new Error(`ticket: ${response.status}`);
