@@ -67,6 +67,7 @@ from signaling.receiver_tap import (
     request_keyframe,
     tap_receiver,
 )
+from signaling.remux import RemuxError, make_seekable, remux_budget_s
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -252,6 +253,8 @@ class ConsultRecorder:
         self._muxer: PacketMuxer | None = None
         self._sink: _GuardedSink | None = None
         self._writer: EncryptingWriter | None = None
+        self._file: RecordingFile | None = None
+        self._plaintext_bytes: int | None = None
         self._timeline: Timeline | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._failure_reported = False
@@ -390,6 +393,7 @@ class ConsultRecorder:
         if self._muxer is not None or self._stopped:
             raise RecorderError("the recorder has already started or stopped")
         writer = self._writer = file.open_writer()
+        self._file = file
         self._sink = _GuardedSink(
             writer, lambda err: self._report(Failure.STORAGE_FULL, err.strerror or str(err))
         )
@@ -507,12 +511,34 @@ class ConsultRecorder:
         await asyncio.gather(*(peer.close() for peer in self._peers.values()))
         for task in list(self._requests):
             task.cancel()
+        if complete:
+            await self._make_seekable()
         return self._result(complete=complete)
+
+    async def _make_seekable(self) -> None:
+        """Give the whole file its duration and cues (a remux, off the loop);
+        a remux that fails leaves the streamed file, which plays but seeks slowly."""
+        assert self._file is not None
+        assert self._writer is not None
+        assert self.container is not None
+        try:
+            self._plaintext_bytes = await asyncio.to_thread(
+                make_seekable,
+                self._file,
+                self.container.muxer,
+                deadline_s=remux_budget_s(self._writer.plaintext_bytes),
+            )
+        except RemuxError as err:
+            _log.warning("recorder: the file stays without cues", error=str(err))
 
     def _result(self, *, complete: bool) -> StopResult:
         return StopResult(
             complete=complete,
-            plaintext_bytes=self._writer.plaintext_bytes if self._writer else 0,
+            plaintext_bytes=self._plaintext_bytes
+            if self._plaintext_bytes is not None
+            else self._writer.plaintext_bytes
+            if self._writer
+            else 0,
             frames={track.label: track.frames for track in self._recorded},
             media_type=self.container.media_type if self.container else None,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import io
 import os
 import tempfile
@@ -346,3 +347,20 @@ def tolerant_counts(media: bytes) -> Counter[str]:
                 with contextlib.suppress(av.error.FFmpegError):
                     frames[packet.stream.type] += len(packet.decode())
     return frames
+
+
+def encoded(codec_name: str, size: tuple[int, int], frames: int = 3) -> list[bytes]:
+    """Frames encoded by PyAV (in the test: the recorder encodes nothing)."""
+    encoder: Any = av.CodecContext.create(codec_name, "w")
+    encoder.width, encoder.height = size
+    encoder.pix_fmt = "yuv420p"
+    encoder.time_base = fractions.Fraction(1, 30)
+    if codec_name == "libx264":
+        encoder.options = {"tune": "zerolatency", "bframes": "0"}
+    out: list[bytes] = []
+    for index in range(frames):
+        picture = av.VideoFrame(*size, "yuv420p")
+        picture.pts = index
+        out += [bytes(packet) for packet in encoder.encode(picture)]
+    out += [bytes(packet) for packet in encoder.encode(None)]
+    return out
