@@ -28,9 +28,11 @@ from audit.filestore import HeadPatchingWriter, decrypt_chunks
 from audit.recordings import COPY_SUFFIX, RecordingFile
 from signaling.muxer import CONTAINER_OPTIONS
 
-# What a remux gets per byte of the file, at least (measured at about
-# 60 MB/s on a busy 2-core host, docs/recording.md), and its fixed part.
-REMUX_MIN_BYTES_PER_S = 10_000_000
+# What a remux gets per byte of the file, at least, and its fixed part: it
+# needs about 0.06 CPU-s per minute of two 1.5 Mbit/s cameras, but ran at
+# only 17-37 MB/s of wall time on a 2-core host with a load of 16
+# (docs/recording.md); a third of that is the floor.
+REMUX_MIN_BYTES_PER_S = 5_000_000
 REMUX_BASE_S = 5.0
 
 
