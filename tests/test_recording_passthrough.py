@@ -25,7 +25,8 @@ from audit.media_types import MATROSKA, WEBM, media_format
 from signaling.media_codecs import MediaCodec, is_keyframe, picture_size, sps_picture_size
 from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import TapUnavailable, tap_receiver
-from signaling.recorder import ConsultRecorder, ReceivedTrack, StreamKind
+from signaling.recorded_track import ReceivedTrack, StreamKind
+from signaling.recorder import ConsultRecorder
 from tests.support.recording import (
     RecorderLink,
     count_streams,

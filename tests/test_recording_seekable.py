@@ -37,6 +37,7 @@ from signaling.remux import RemuxError, make_seekable
 from tests.support.ebml import CUES, read_top_level
 from tests.support.recording import (
     RecorderLink,
+    count_streams,
     encoded,
     new_recording_file,
     read_recording_file,
@@ -140,14 +141,18 @@ async def test_a_finished_recording_has_its_duration_and_cues_in_the_file() -> N
     top = read_top_level(recording.media)
     assert top.segment_size_known
     assert top.duration_s is not None
-    assert abs(top.duration_s - recording.truth_s) < 0.5, (top.duration_s, recording.truth_s)
+    # The header says what a scan of every frame finds, and that is about the
+    # time recorded (later by as much as lip sync moved a stream forward).
+    scanned_s = max(stream.duration_s for stream in count_streams(recording.media))
+    assert abs(top.duration_s - scanned_s) < 0.05, (top.duration_s, scanned_s)
+    assert abs(top.duration_s - recording.truth_s) < 1.0, (top.duration_s, recording.truth_s)
     # The SeekHead at the start points at the Cues, at the end, which index the clusters.
     assert top.seek_entries.get(CUES) == top.children[CUES][0]
     assert top.cue_points >= 1
     # PyAV, unable to scan, takes the duration from the header.
     with av.open(_ForwardOnly(recording.media), mode="r") as container:
         assert container.duration is not None
-        assert abs(container.duration / 1e6 - recording.truth_s) < 0.5
+        assert abs(container.duration / 1e6 - scanned_s) < 0.05
     # And seeks with the index: to the middle, then reads on from there.
     with av.open(io.BytesIO(recording.media), mode="r") as container:
         video = container.streams.video[0]

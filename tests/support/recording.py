@@ -11,6 +11,7 @@ import os
 import tempfile
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,14 @@ class RecorderLink:
         video: tuple[int, int] | None = (320, 240),
         noisy: bool = False,
         video_codecs: list[str] | None = None,
+        tracks: list[MediaStreamTrack] | None = None,
     ) -> None:
+        """``tracks``: the microphone and camera to send instead of silence and ``video``."""
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[MediaStreamTrack] = [AudioStreamTrack()]
-        if video is not None:
+        if tracks is not None:
+            self.tracks = list(tracks)
+        elif video is not None:
             self.tracks.append(SizedVideo(*video, noisy=noisy))
         for track in self.tracks:
             self.pc.addTrack(track)
@@ -276,10 +281,12 @@ async def record_links(
     seconds: float,
     *,
     during: Any = None,
+    prepare: Callable[[ConsultRecorder], None] | None = None,
 ) -> DirectRecording:
     """Connect ``links`` to a new ConsultRecorder, record ``seconds`` into an
     encrypting writer in memory, stop; ``during`` (async, optional) runs
-    while it records."""
+    while it records; ``prepare`` is given the recorder once it answered
+    the offers (before any media comes)."""
     failures: list[str] = []
 
     async def failed(failure: Failure, detail: str) -> None:
@@ -291,14 +298,18 @@ async def record_links(
     try:
         for role, link in links.items():
             await link.accept(await recorder.accept_offer(role, await link.offer()))
+        if prepare is not None:
+            prepare(recorder)
         await recorder.wait_connected(frozenset(links))
         await recorder.start(file)
         began = loop_time()
         if during is not None:
             await during()
         await asyncio.sleep(max(0.0, seconds - (loop_time() - began)))
-        result = await recorder.stop()
+        # The frames stop coming when the stop begins; the stop itself then
+        # closes the file and remuxes it (its cues).
         truth_s = loop_time() - began
+        result = await recorder.stop()
     finally:
         await recorder.stop()
         for link in links.values():
