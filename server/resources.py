@@ -20,6 +20,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
+from audit.chunk_maps import ChunkMapCache
 from audit.consults import running_consults
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
@@ -28,6 +29,7 @@ from audit.technical_log import TechnicalLog
 from config import Settings
 from server.alive import last_alive, touch_alive
 from server.app_keys import (
+    CHUNK_MAPS,
     CLOCK,
     CLUSTER,
     DATA_DIR,
@@ -66,6 +68,7 @@ async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
     data_dir = prepare_data_dir(settings.data_dir)
     app[DATA_DIR] = data_dir
     app[FILE_STORE] = FileStore.in_data_dir(data_dir)
+    app[CHUNK_MAPS] = ChunkMapCache()
     master_key = load_master_key(settings, data_dir)
     app[MASTER_KEY] = master_key
     if master_key.dev_key_file is not None:
