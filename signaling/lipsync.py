@@ -20,12 +20,13 @@ the two stay together. Pure code: no aiortc, no sockets.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # How far apart a participant's streams may drift before one is moved:
 # below what anyone notices (lip sync is felt from about 45 ms of sound
 # ahead of picture, ITU-R BT.1359), above the jitter of the reports.
-SYNC_TOLERANCE_S = 0.015
+SYNC_TOLERANCE_S = 0.025
 # A correction larger than this is not a late stream but a sender whose
 # reports are wrong (a clock that jumped): it is not followed.
 MAX_CORRECTION_S = 2.0
@@ -45,6 +46,21 @@ class SenderReport:
         # RTP timestamps wrap at 2**32: the frame is within half of that of the report.
         ticks = (rtp_timestamp - self.rtp_timestamp + 2**31) % 2**32 - 2**31
         return self.ntp_timestamp / _NTP_FRACTION + ticks / clock_rate
+
+
+def earliest_sender_time_s(
+    reports: Iterable[SenderReport], rtp_timestamp: int, clock_rate: int
+) -> float:
+    """The frame's time by the report that puts it earliest.
+
+    A sender's report pairs an RTP timestamp with the wall-clock time it
+    wrote the report, or (aiortc) sent the stream's last packet: never
+    before the frame was taken, later by however long the sender was held
+    up. The earliest mapping of the last few is the least held up, so it
+    changes seldom, where the latest would swing with every busy moment of
+    the sender and move its streams back and forth.
+    """
+    return min(report.sender_time_s(rtp_timestamp, clock_rate) for report in reports)
 
 
 @dataclass

@@ -32,6 +32,7 @@ attributes of aiortc 1.16 (pinned below 2) and wraps its receiver's
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -49,6 +50,10 @@ _DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 # What the DTLS transport calls with each RTCP packet for the receiver.
 _HANDLE_RTCP = "_handle_rtcp_packet"
+
+# Sender reports kept per stream (a browser sends about one a second): the
+# best of the last few places frames, see signaling.lipsync.
+SENDER_REPORTS_KEPT = 8
 
 OnFrame = Callable[[RTCRtpCodecParameters, JitterFrame], None]
 
@@ -82,8 +87,10 @@ class FrameTap:
         # Set when the jitter buffer dropped packets it waited for; the
         # reader clears it.
         self.lost = False
-        # The sender's latest RTCP sender report; None until one came.
-        self.sender_report: SenderReport | None = None
+        # The sender's latest RTCP sender reports, newest last.
+        self.sender_reports: collections.deque[SenderReport] = collections.deque(
+            maxlen=SENDER_REPORTS_KEPT
+        )
         # The RTP timestamp (as sent) of the frame being handed on; None for
         # frames that did not come through the jitter buffer.
         self.rtp_timestamp: int | None = None
@@ -105,8 +112,8 @@ class FrameTap:
         self._sent_timestamps = {id(frame): frame.timestamp}
 
     def saw_sender_report(self, packet: RtcpSrPacket) -> None:
-        self.sender_report = SenderReport(
-            packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp
+        self.sender_reports.append(
+            SenderReport(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
         )
 
     def get(self) -> None:

@@ -7,7 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from signaling.lipsync import LipSync
+from signaling.lipsync import LipSync, earliest_sender_time_s
 from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import FrameTap, PictureLossFeedback
@@ -79,6 +79,6 @@ class ReceivedTrack:
     def _sender_time_s(self) -> float | None:
         """When the sender took the frame being handed on, by its wall clock."""
         tap = self.tap
-        if tap is None or tap.sender_report is None or tap.rtp_timestamp is None:
+        if tap is None or not tap.sender_reports or tap.rtp_timestamp is None:
             return None
-        return tap.sender_report.sender_time_s(tap.rtp_timestamp, self.clock_rate)
+        return earliest_sender_time_s(tap.sender_reports, tap.rtp_timestamp, self.clock_rate)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from signaling.lipsync import LipSync, SenderReport
+from signaling.lipsync import LipSync, SenderReport, earliest_sender_time_s
 from signaling.protocol import ParticipantRole
 from signaling.recorder import ConsultRecorder
 from tests.support.markers import MARK_EVERY_S, MarkedAudio, MarkedVideo, find_marks
@@ -106,7 +106,16 @@ def test_a_stream_that_runs_early_is_moved_forward_and_never_back() -> None:
     # Without a report, nothing moves.
     assert sync.correction_s(1, 5.0, None) == 0.0
     # A drift within the tolerance is left alone.
-    assert sync.correction_s(1, 11.29, 11.0) == 0.0
+    assert sync.correction_s(1, 11.28, 11.0) == 0.0
     # A report that puts a stream seconds away is wrong, not followed.
     assert sync.correction_s(1, 20.0, 25.0) == 0.0
     assert sync.refused == 1
+
+
+def test_of_a_senders_reports_the_one_that_puts_a_frame_earliest_counts() -> None:
+    """A report written while the sender was held up 200 ms says its frames
+    were taken 200 ms later than they were; the earlier report knows better."""
+    on_time = SenderReport(ntp_timestamp=100 << 32, rtp_timestamp=0)
+    held_up = SenderReport(ntp_timestamp=(101 << 32) + int(0.2 * 2**32), rtp_timestamp=48000)
+    assert held_up.sender_time_s(96000, 48000) == pytest.approx(102.2)
+    assert earliest_sender_time_s([on_time, held_up], 96000, 48000) == pytest.approx(102.0)
