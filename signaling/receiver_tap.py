@@ -51,9 +51,10 @@ _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 # What the DTLS transport calls with each RTCP packet for the receiver.
 _HANDLE_RTCP = "_handle_rtcp_packet"
 
-# Sender reports kept per stream (a browser sends about one a second): the
-# best of the last few places frames, see signaling.lipsync.
-SENDER_REPORTS_KEPT = 8
+# Sender reports kept per stream: about half a minute of them (a browser sends
+# one a second; a clock drift of 50 ppm moves 1.5 ms in that). The earliest
+# mapping of these places the frames (signaling.lipsync).
+SENDER_REPORTS_KEPT = 30
 
 OnFrame = Callable[[RTCRtpCodecParameters, JitterFrame], None]
 
