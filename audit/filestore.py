@@ -188,6 +188,95 @@ class EncryptingWriter:
         self.close()
 
 
+class HeadPatchingWriter(EncryptingWriter):
+    """An :class:`EncryptingWriter` that can go back and rewrite its first chunk.
+
+    For a muxer that writes to a seekable file and, at its end, seeks back to
+    fill in what it knows only then (a Matroska file's duration and the
+    position of its index, in its first few hundred bytes). The first chunk's
+    plaintext stays in memory until :meth:`close`, which encrypts it into the
+    place kept for it at the start of ``sink`` (a seekable file; until then the
+    place holds zeros, so a file whose writer died does not open, which is
+    why this writer is for files made from another one, never for a live
+    recording). Writes anywhere else than inside the first chunk or at the
+    end raise :class:`OSError`. The file's format is the same.
+    """
+
+    def __init__(
+        self,
+        sink: BinaryIO,
+        data_key: bytes,
+        file_id: uuid.UUID,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        owns_sink: bool = False,
+    ) -> None:
+        super().__init__(sink, data_key, file_id, chunk_size=chunk_size, owns_sink=owns_sink)
+        self._head = bytearray()
+        self._position = 0
+        self._head_placed = False
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.plaintext_bytes}
+        position = base[whence] + offset
+        if not 0 <= position <= self.plaintext_bytes:
+            raise OSError(f"cannot seek to {position}: the file has {self.plaintext_bytes} bytes")
+        self._position = position
+        return position
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._closed:
+            raise ValueError("write to a closed encrypted file")
+        data = bytes(data)
+        if self._position < self.plaintext_bytes:
+            end = self._position + len(data)
+            if end > min(len(self._head), self.plaintext_bytes):
+                raise OSError(
+                    f"only the first chunk can be rewritten: {len(data)} bytes at "
+                    f"{self._position} reach beyond it"
+                )
+            self._head[self._position : end] = data
+            self._position = end
+            return len(data)
+        room = self._chunk_size - len(self._head)
+        self._head += data[:room]
+        rest = data[room:]
+        self.plaintext_bytes += len(data) - len(rest)
+        if rest:
+            if not self._head_placed:
+                # Zeros where the first chunk goes, its frame's size exactly.
+                self._sink.write(bytes(_CHUNK_HEAD.size + self._chunk_size + _TAG))
+                self._head_placed = True
+                self._index = 1
+            super().write(rest)
+        self._position = self.plaintext_bytes
+        return len(data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if not self._head_placed:
+            self._buffer = self._head
+            super().close()
+            return
+        self._emit(bytes(self._buffer), final=True)
+        self._buffer.clear()
+        self._closed = True
+        self._sink.seek(HEADER_SIZE)
+        self._index = 0
+        self._emit(bytes(self._head), final=False)
+        self._head.clear()
+        self._sink.flush()
+        if self._owns_sink:
+            self._sink.close()
+
+
 def read_header(source: BinaryIO) -> tuple[uuid.UUID, bytes]:
     """The file id and the raw header; raises :class:`StoreError` for a foreign file."""
     header = source.read(HEADER_SIZE)

@@ -17,6 +17,7 @@ who may see it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import uuid
@@ -35,6 +36,9 @@ from audit.keyring import KeyRing, WrappingKey, key_id_of, load_ring
 from audit.schema import accounts, consults, recordings
 
 FILE_SUFFIX = ".vcenc"
+# A file's seekable copy while it is made (signaling/remux.py); one left by a
+# worker killed meanwhile is ciphertext no key opens whole, removed with the file.
+COPY_SUFFIX = ".seekable"
 
 
 class RecordingStatus(enum.Enum):
@@ -116,6 +120,8 @@ class FileStore:
         """Remove files whose keys are already destroyed; return how many were there."""
         removed = 0
         for name in file_names:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(name + COPY_SUFFIX).unlink()
             try:
                 self.path(name).unlink()
                 removed += 1

@@ -100,7 +100,8 @@ from audit.recordings import FileStore, RecordingFile
 from signaling.media_codecs import WEBM
 from signaling.muxer import CONTAINER_OPTIONS
 from signaling.protocol import ParticipantRole
-from signaling.recorder import ConsultRecorder, Failure, ReceivedTrack, StreamKind
+from signaling.recorded_track import ReceivedTrack, StreamKind
+from signaling.recorder import ConsultRecorder, Failure
 
 # --------------------------------------------------------------------------
 # The measurements (each runs in a child process).

@@ -16,6 +16,16 @@ resident memory idle and while recording, and the file's bytes per minute.
 The senders' encoding runs in this process and is not counted. A rough
 figure, not bench/recording.py's controlled one: the bitrate follows the
 encoder.
+
+With ``--pre-encoded`` the senders replay media encoded once beforehand
+(bench/_recording_sources.py: 640x480 VP8 at about 1.5 Mbit/s, as a browser
+sends on a good link, and 20 ms Opus frames): aiortc packs the encoded
+frames into RTP without encoding them, so the senders hardly load the
+machine, and the bitrate is a browser's. With ``--workers N``, N recordings
+run at once, each in its own worker with two senders; each worker's CPU is
+reported, and the recordings one core carries (60 / CPU-s per minute).
+
+    .venv/bin/python bench/recording_worker.py --pre-encoded --workers 4 --seconds 30
 """
 
 from __future__ import annotations
@@ -23,14 +33,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
+import av
 from _common import ROOT
 
 sys.path.insert(0, str(ROOT))
+
+from _recording_sources import AUDIO_RATE, AUDIO_SAMPLES, FPS, camera_frames, voice_frames
+from aiortc.mediastreams import MediaStreamTrack
 
 from signaling.protocol import ParticipantRole
 from signaling.recorder import Failure
@@ -38,6 +56,33 @@ from signaling.recorder_proxy import WorkerRecorder
 from tests.support.recording import RecorderLink, new_recording_file
 
 WARM_UP_S = 3.0
+
+
+class ReplayTrack(MediaStreamTrack):
+    """Encoded frames replayed at real-time pace as ``av.Packet``s (aiortc's
+    sender packs them into RTP without an encoder), from the first frame (a
+    keyframe) once ``go`` is set."""
+
+    def __init__(self, kind: str, frames: list[bytes], go: asyncio.Event) -> None:
+        super().__init__()
+        self.kind = kind
+        self._frames = frames
+        self._go = go
+        self._clock = 90000 if kind == "video" else AUDIO_RATE
+        self._step = 90000 // FPS if kind == "video" else AUDIO_SAMPLES
+        self._start: float | None = None
+        self._index = 0
+
+    async def recv(self) -> Any:  # an av.Packet, which aiortc packs unencoded
+        if self._start is None:
+            await self._go.wait()
+            self._start = time.monotonic()
+        await asyncio.sleep(self._start + self._index * self._step / self._clock - time.monotonic())
+        packet = av.Packet(self._frames[self._index % len(self._frames)])
+        packet.pts = self._index * self._step
+        packet.time_base = Fraction(1, self._clock)
+        self._index += 1
+        return packet
 
 
 def cpu_s(pid: int) -> float:
@@ -53,7 +98,41 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+@dataclass(frozen=True)
+class Media:
+    """What the senders send: noisy cameras of a size, or pre-encoded media."""
+
+    width: int
+    height: int
+    video: list[bytes] | None = None
+    audio: list[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    cpu_per_minute_s: float
+    mbit_s: float
+    idle_mib: float
+    recording_mib: float
+    complete: bool
+    frames: dict[str, int]
+    failures: list[str]
+
+
 async def measure(seconds: float, width: int, height: int) -> str:
+    one = await measure_one(seconds, Media(width, height))
+    mbit_s = one.mbit_s
+    return (
+        f"{width}x{height} noisy cameras, {seconds:g} s: {one.cpu_per_minute_s:.2f} CPU-s per "
+        f"recorded minute in the worker; {mbit_s:.1f} Mbit/s into the file "
+        f"({mbit_s * 60 / 8:.0f} MB per minute); RSS {one.idle_mib:.0f} MiB idle, "
+        f"{one.recording_mib:.0f} MiB recording; complete={one.complete}; frames {one.frames}; "
+        f"failures {one.failures or 'none'}"
+    )
+
+
+async def measure_one(seconds: float, media: Media) -> Measured:
+    width, height = media.width, media.height
     failures: list[str] = []
 
     async def failed(failure: Failure, detail: str) -> None:
@@ -64,10 +143,23 @@ async def measure(seconds: float, width: int, height: int) -> str:
     pid = recorder.pid
     assert pid is not None
     idle = rss_mib(pid)
-    links = {
-        role: RecorderLink(video=(width, height), noisy=True)
-        for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
-    }
+    go = asyncio.Event()
+    if media.video is not None and media.audio is not None:
+        links = {
+            role: RecorderLink(
+                tracks=[
+                    ReplayTrack("audio", media.audio, go),
+                    ReplayTrack("video", media.video, go),
+                ]
+            )
+            for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
+        }
+    else:
+        go.set()
+        links = {
+            role: RecorderLink(video=(width, height), noisy=True)
+            for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
+        }
     with tempfile.TemporaryDirectory(prefix="vc-bench-worker-") as directory:
         try:
             for role, link in links.items():
@@ -75,6 +167,7 @@ async def measure(seconds: float, width: int, height: int) -> str:
             await recorder.wait_connected(frozenset(links))
             file = new_recording_file(Path(directory))
             await recorder.start(file)
+            go.set()
             await asyncio.sleep(WARM_UP_S)
             cpu_before, began = cpu_s(pid), time.monotonic()
             await asyncio.sleep(seconds)
@@ -86,22 +179,51 @@ async def measure(seconds: float, width: int, height: int) -> str:
             for link in links.values():
                 await link.close()
         size = await asyncio.to_thread(os.path.getsize, file.path)
-    per_minute = (cpu_after - cpu_before) / (ended - began) * 60
-    mbit_s = size * 8 / (seconds + WARM_UP_S) / 1e6
-    return (
-        f"{width}x{height} noisy cameras, {seconds:g} s: {per_minute:.2f} CPU-s per recorded "
-        f"minute in the worker; {mbit_s:.1f} Mbit/s into the file "
-        f"({mbit_s * 60 / 8:.0f} MB per minute); RSS {idle:.0f} MiB idle, "
-        f"{recording:.0f} MiB recording; complete={result.complete}; frames {result.frames}; "
-        f"failures {failures or 'none'}"
+    return Measured(
+        cpu_per_minute_s=(cpu_after - cpu_before) / (ended - began) * 60,
+        mbit_s=size * 8 / (seconds + WARM_UP_S) / 1e6,
+        idle_mib=idle,
+        recording_mib=recording,
+        complete=result.complete,
+        frames=result.frames,
+        failures=failures,
     )
+
+
+async def measure_workers(seconds: float, workers: int) -> str:
+    """``workers`` recordings at once, senders replaying pre-encoded media."""
+    media = Media(640, 480, video=camera_frames(), audio=voice_frames())
+    runs = await asyncio.gather(*(measure_one(seconds, media) for _ in range(workers)))
+    per_minute = [run.cpu_per_minute_s for run in runs]
+    mean = statistics.mean(per_minute)
+    lines = [
+        f"{workers} recording(s) at once, pre-encoded 640x480 VP8 + Opus, {seconds:g} s; "
+        f"load average before the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        *(
+            f"  worker {index}: {run.cpu_per_minute_s:.2f} CPU-s per recorded minute, "
+            f"{run.mbit_s:.2f} Mbit/s into the file ({run.mbit_s * 60 / 8:.1f} MB per minute), "
+            f"RSS {run.recording_mib:.0f} MiB, complete={run.complete}, frames {run.frames}, "
+            f"failures {run.failures or 'none'}"
+            for index, run in enumerate(runs)
+        ),
+        f"  mean {mean:.2f} CPU-s per recorded minute (max {max(per_minute):.2f}): "
+        f"{60 / mean:.0f} recordings per core at this rate",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--size", default="320x240", help="camera WIDTHxHEIGHT")
+    parser.add_argument(
+        "--pre-encoded", action="store_true", help="replay 640x480 VP8 at about 1.5 Mbit/s"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="recordings at once (pre-encoded)")
     args = parser.parse_args()
+    if args.pre_encoded:
+        print(asyncio.run(measure_workers(args.seconds, args.workers)))
+        return 0
     width, height = (int(part) for part in args.size.split("x"))
     print(asyncio.run(measure(args.seconds, width, height)))
     return 0

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.access_writer import AccessLogWriter
+from audit.chunk_maps import ChunkMapCache
 from audit.clock import Clock
 from audit.keys import MasterKey
 from audit.recordings import FileStore
@@ -59,3 +60,5 @@ TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 # The recordings' encrypted file store, in the data directory.
 FILE_STORE = web.AppKey("file_store", FileStore)
+# The chunk maps of the recordings played last (bounded), for the player's range requests.
+CHUNK_MAPS = web.AppKey("chunk_maps", ChunkMapCache)

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from audit import load_master_key, open_database, prepare_data_dir
 from audit.access_writer import AccessLogWriter
+from audit.chunk_maps import ChunkMapCache
 from audit.consults import running_consults
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
@@ -30,6 +31,7 @@ from config import Settings
 from server.alive import last_alive, touch_alive
 from server.app_keys import (
     ACCESS_LOG,
+    CHUNK_MAPS,
     CLOCK,
     CLUSTER,
     DATA_DIR,
@@ -68,6 +70,7 @@ async def data_dir_context(app: web.Application) -> AsyncIterator[None]:
     data_dir = prepare_data_dir(settings.data_dir)
     app[DATA_DIR] = data_dir
     app[FILE_STORE] = FileStore.in_data_dir(data_dir)
+    app[CHUNK_MAPS] = ChunkMapCache()
     master_key = load_master_key(settings, data_dir)
     app[MASTER_KEY] = master_key
     if master_key.dev_key_file is not None:

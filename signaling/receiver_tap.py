@@ -15,9 +15,16 @@ or ``AudioFrame`` exists for a recording. Its jitter buffer is wrapped too,
 to learn the sender's SSRC (for keyframe requests) and when the buffer gave
 up on lost packets (the next frames then lean on a picture that never came).
 
+The receiver's handling of RTCP is wrapped as well, to keep the sender's
+latest report (:class:`~signaling.lipsync.SenderReport`), and the jitter
+buffer tells the tap each frame's RTP timestamp as the sender wrote it
+(aiortc rebases it before the decoder queue): together they place the
+frame on the sender's wall clock (lip sync, :mod:`signaling.lipsync`).
+
 Nothing else in the process changes: the participants' own aiortc peers
 (and the tests' ones) decode as before. This reaches into three private
-attributes of aiortc 1.16 (pinned below 2); :func:`tap_receiver` raises
+attributes of aiortc 1.16 (pinned below 2) and wraps its receiver's
+``_handle_rtcp_packet``; :func:`tap_receiver` raises
 :class:`TapUnavailable`, naming the attribute, if one of them moves, and
 ``tests/test_recording_passthrough.py`` checks them.
 """
@@ -25,6 +32,7 @@ attributes of aiortc 1.16 (pinned below 2); :func:`tap_receiver` raises
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -32,11 +40,21 @@ from typing import Any, Protocol
 from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RtcpSrPacket
+
+from signaling.lipsync import SenderReport
 
 # aiortc 1.16's names (RTCRtpReceiver.__init__, receive and _handle_rtp_packet).
 _DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
 _DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+# What the DTLS transport calls with each RTCP packet for the receiver.
+_HANDLE_RTCP = "_handle_rtcp_packet"
+
+# Sender reports kept per stream: about half a minute of them (a browser sends
+# one a second; a clock drift of 50 ppm moves 1.5 ms in that). The earliest
+# mapping of these places the frames (signaling.lipsync).
+SENDER_REPORTS_KEPT = 30
 
 OnFrame = Callable[[RTCRtpCodecParameters, JitterFrame], None]
 
@@ -70,6 +88,14 @@ class FrameTap:
         # Set when the jitter buffer dropped packets it waited for; the
         # reader clears it.
         self.lost = False
+        # The sender's latest RTCP sender reports, newest last.
+        self.sender_reports: collections.deque[SenderReport] = collections.deque(
+            maxlen=SENDER_REPORTS_KEPT
+        )
+        # The RTP timestamp (as sent) of the frame being handed on; None for
+        # frames that did not come through the jitter buffer.
+        self.rtp_timestamp: int | None = None
+        self._sent_timestamps: dict[int, int] = {}
 
     def put(self, item: tuple[RTCRtpCodecParameters, JitterFrame] | None) -> None:
         if item is None:
@@ -77,7 +103,19 @@ class FrameTap:
             return
         self.frames += 1
         codec, frame = item
+        self.rtp_timestamp = self._sent_timestamps.pop(id(frame), None)
         self._on_frame(codec, frame)
+
+    def saw_frame(self, frame: JitterFrame) -> None:
+        """The jitter buffer put ``frame`` together (its timestamp still as sent)."""
+        # Only the frame just completed is waiting: aiortc hands it on (or drops
+        # it) before it handles the receiver's next packet.
+        self._sent_timestamps = {id(frame): frame.timestamp}
+
+    def saw_sender_report(self, packet: RtcpSrPacket) -> None:
+        self.sender_reports.append(
+            SenderReport(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+        )
 
     def get(self) -> None:
         return self._end.get()
@@ -95,6 +133,8 @@ class _WatchedJitterBuffer:
         picture_lost, frame = self._inner.add(packet)
         if picture_lost:
             self._tap.lost = True
+        if frame is not None:
+            self._tap.saw_frame(frame)
         return picture_lost, frame
 
     def __getattr__(self, name: str) -> Any:
@@ -108,7 +148,7 @@ def tap_receiver(receiver: RTCRtpReceiver, on_frame: OnFrame) -> FrameTap:
     comes up). Raises :class:`TapUnavailable` if aiortc moved what this
     relies on, or if the receiver has already started.
     """
-    for name in (_DECODER_QUEUE, _DECODER_THREAD, _JITTER_BUFFER):
+    for name in (_DECODER_QUEUE, _DECODER_THREAD, _JITTER_BUFFER, _HANDLE_RTCP):
         if not hasattr(receiver, name):
             raise TapUnavailable(
                 f"aiortc's RTCRtpReceiver has no {name} any more: the recorder's "
@@ -121,6 +161,15 @@ def tap_receiver(receiver: RTCRtpReceiver, on_frame: OnFrame) -> FrameTap:
     tap = FrameTap(on_frame)
     setattr(receiver, _DECODER_QUEUE, tap)
     setattr(receiver, _JITTER_BUFFER, _WatchedJitterBuffer(getattr(receiver, _JITTER_BUFFER), tap))
+    handle_rtcp = getattr(receiver, _HANDLE_RTCP)
+
+    async def watched_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            tap.saw_sender_report(packet)
+        await handle_rtcp(packet)
+
+    # The DTLS transport calls it by name on the receiver: the instance's own wins.
+    setattr(receiver, _HANDLE_RTCP, watched_rtcp)
     return tap
 
 

@@ -36,7 +36,7 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -52,6 +52,7 @@ from aiortc.sdp import SessionDescription
 
 from audit.filestore import EncryptingWriter
 from audit.recordings import RecordingFile
+from signaling.lipsync import LipSync
 from signaling.media_codecs import (
     Container,
     MediaCodec,
@@ -61,12 +62,9 @@ from signaling.media_codecs import (
 )
 from signaling.muxer import PacketMuxer, StreamSpec
 from signaling.protocol import ParticipantRole, PeerConnectionState
-from signaling.receiver_tap import (
-    FrameTap,
-    PictureLossFeedback,
-    request_keyframe,
-    tap_receiver,
-)
+from signaling.receiver_tap import FrameTap, request_keyframe, tap_receiver
+from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
+from signaling.remux import RemuxError, make_seekable, remux_budget_s
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -94,13 +92,6 @@ class InvalidOffer(RecorderError):
     """A recorder offer that does not parse or does not send what a recording needs."""
 
 
-class StreamKind(enum.StrEnum):
-    """A track's ``kind`` as aiortc gives it; the file holds them in this order."""
-
-    AUDIO = "audio"
-    VIDEO = "video"
-
-
 class Failure(enum.Enum):
     STORAGE_FULL = "storage_full"
     RECORDER_FAILED = "recorder_failed"
@@ -118,54 +109,6 @@ class StopResult:
 
 
 OnFailure = Callable[[Failure, str], Coroutine[Any, Any, None]]
-
-
-class Timeline:
-    """The recording's start, shared by its streams."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.started
-
-
-@dataclass
-class ReceivedTrack:
-    """One participant's track: its receiver's frames, and its stream in the file."""
-
-    role: ParticipantRole
-    kind: StreamKind
-    codec: MediaCodec
-    # Where keyframe requests go: the track's aiortc receiver.
-    receiver: PictureLossFeedback
-    tap: FrameTap | None = None
-    # The stream's index in the file, from the start on.
-    index: int | None = None
-    clock_rate: int = 90000
-    offset: int | None = None
-    last_pts: int | None = None
-    awaiting_keyframe: bool = True
-    keyframe_asked_at: float = float("-inf")
-    keyframe_requests: int = 0
-    last_frame_at: float = field(default_factory=time.monotonic)
-    frames: int = 0
-    dropped: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.role.value} {self.kind}"
-
-    def rebased(self, timestamp: int, timeline: Timeline) -> int:
-        """``timestamp`` (RTP clock, from the stream's first frame) counted from
-        the recording's start; never back in time."""
-        if self.offset is None:
-            self.offset = round(timeline.elapsed_s() * self.clock_rate) - timestamp
-        pts = timestamp + self.offset
-        if self.last_pts is not None and pts <= self.last_pts:
-            pts = self.last_pts + 1
-        self.last_pts = pts
-        return pts
 
 
 class _GuardedSink:
@@ -252,7 +195,10 @@ class ConsultRecorder:
         self._muxer: PacketMuxer | None = None
         self._sink: _GuardedSink | None = None
         self._writer: EncryptingWriter | None = None
+        self._file: RecordingFile | None = None
+        self._plaintext_bytes: int | None = None
         self._timeline: Timeline | None = None
+        self._lip_sync: dict[ParticipantRole, LipSync] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self._failure_reported = False
         self._stopped = False
@@ -390,6 +336,7 @@ class ConsultRecorder:
         if self._muxer is not None or self._stopped:
             raise RecorderError("the recorder has already started or stopped")
         writer = self._writer = file.open_writer()
+        self._file = file
         self._sink = _GuardedSink(
             writer, lambda err: self._report(Failure.STORAGE_FULL, err.strerror or str(err))
         )
@@ -401,6 +348,7 @@ class ConsultRecorder:
             track.last_frame_at = time.monotonic()
         self.container = container_for({track.codec for track in self._recorded})
         self._timeline = Timeline()
+        self._lip_sync = {role: LipSync() for role in self._tracks}
         self._muxer = PacketMuxer(
             self._sink,
             [StreamSpec(track.codec, track.clock_rate) for track in self._recorded],
@@ -453,7 +401,7 @@ class ConsultRecorder:
                     return
                 track.awaiting_keyframe = False
                 self._muxer.set_size(track.index, picture_size(track.codec, frame.data))
-        pts = track.rebased(frame.timestamp, self._timeline)
+        pts = track.rebased(frame.timestamp, self._timeline, sync=self._lip_sync[track.role])
         self._muxer.add(track.index, frame.data, pts, keyframe=keyframe)
         track.frames += 1
 
@@ -507,12 +455,41 @@ class ConsultRecorder:
         await asyncio.gather(*(peer.close() for peer in self._peers.values()))
         for task in list(self._requests):
             task.cancel()
+        for role, sync in self._lip_sync.items():
+            _log.info(
+                "recorder: lip sync",
+                role=role.value,
+                corrections=sync.corrections,
+                refused=sync.refused,
+            )
+        if complete:
+            await self._make_seekable()
         return self._result(complete=complete)
+
+    async def _make_seekable(self) -> None:
+        """Give the whole file its duration and cues (a remux, off the loop);
+        a remux that fails leaves the streamed file, which plays but seeks slowly."""
+        assert self._file is not None
+        assert self._writer is not None
+        assert self.container is not None
+        try:
+            self._plaintext_bytes = await asyncio.to_thread(
+                make_seekable,
+                self._file,
+                self.container.muxer,
+                deadline_s=remux_budget_s(self._writer.plaintext_bytes),
+            )
+        except RemuxError as err:
+            _log.warning("recorder: the file stays without cues", error=str(err))
 
     def _result(self, *, complete: bool) -> StopResult:
         return StopResult(
             complete=complete,
-            plaintext_bytes=self._writer.plaintext_bytes if self._writer else 0,
+            plaintext_bytes=self._plaintext_bytes
+            if self._plaintext_bytes is not None
+            else self._writer.plaintext_bytes
+            if self._writer
+            else 0,
             frames={track.label: track.frames for track in self._recorded},
             media_type=self.container.media_type if self.container else None,
         )

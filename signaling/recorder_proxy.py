@@ -46,6 +46,7 @@ from signaling.recorder_channel import (
     roles_from_wire,
     roles_to_wire,
 )
+from signaling.remux import remux_budget_s
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -198,7 +199,8 @@ class WorkerRecorder:
             return incomplete
         result = incomplete
         try:
-            async with asyncio.timeout(STOP_TIMEOUT_S):
+            # The worker remuxes a whole file before it answers (its cues).
+            async with asyncio.timeout(STOP_TIMEOUT_S + remux_budget_s(self._plaintext_bytes)):
                 reply = await self._call(Op.STOP)
             result = StopResult(
                 complete=bool(reply["complete"]),

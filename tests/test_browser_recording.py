@@ -188,8 +188,20 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         " && [v.videoWidth, v.duration]; }",
         timeout=15_000,
     )
-    width, _duration = await played.json_value()
+    width, duration = await played.json_value()
     assert width > 0
+    # The length is known from the header (no playing to the end first), and
+    # the player seeks with the file's index: near the end, then back.
+    assert abs(duration - truth_s) < 2.0, (duration, truth_s)
+    for target_s in (duration - 1.0, 0.5):
+        sought = await dashboard.evaluate(
+            "(target) => new Promise((done) => { const v = document.querySelector('#player-video');"
+            " v.addEventListener('seeked', () => done([v.currentTime, v.seekable.length"
+            " && v.seekable.end(0)]), {once: true}); v.currentTime = target; })",
+            target_s,
+        )
+        assert abs(sought[0] - target_s) < 0.5, (sought, target_s)
+        assert abs(sought[1] - duration) < 0.5, (sought, duration)
     await screenshot(dashboard, "therapist-plays-recording")
     plays = [r for r in await access_records(harness) if r.action == "recording.play"]
     assert plays

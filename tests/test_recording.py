@@ -29,7 +29,8 @@ from server.app import create_app
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
 from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
-from signaling.recorder import ConsultRecorder, ReceivedTrack, StreamKind, Timeline
+from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
+from signaling.recorder import ConsultRecorder
 from signaling.state import RecordingPhase
 from tests.support.harness import Harness, Sockets, receive
 from tests.support.recording import (

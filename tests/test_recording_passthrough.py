@@ -10,7 +10,6 @@ the length of a recording whose only receivers are the recorder's.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import io
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,12 @@ from audit.media_types import MATROSKA, WEBM, media_format
 from signaling.media_codecs import MediaCodec, is_keyframe, picture_size, sps_picture_size
 from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import TapUnavailable, tap_receiver
-from signaling.recorder import ConsultRecorder, ReceivedTrack, StreamKind
+from signaling.recorded_track import ReceivedTrack, StreamKind
+from signaling.recorder import ConsultRecorder
 from tests.support.recording import (
     RecorderLink,
     count_streams,
+    encoded,
     new_recording_file,
     read_recording_file,
     record_links,
@@ -293,23 +294,6 @@ async def test_a_frame_that_cannot_be_written_fails_the_recording_at_once(
 
 
 # -- what the recorder reads of encoded frames ----------------------------------------
-
-
-def encoded(codec_name: str, size: tuple[int, int], frames: int = 3) -> list[bytes]:
-    """Frames encoded by PyAV (in the test: the recorder encodes nothing)."""
-    encoder: Any = av.CodecContext.create(codec_name, "w")
-    encoder.width, encoder.height = size
-    encoder.pix_fmt = "yuv420p"
-    encoder.time_base = fractions.Fraction(1, 30)
-    if codec_name == "libx264":
-        encoder.options = {"tune": "zerolatency", "bframes": "0"}
-    out: list[bytes] = []
-    for index in range(frames):
-        picture = av.VideoFrame(*size, "yuv420p")
-        picture.pts = index
-        out += [bytes(packet) for packet in encoder.encode(picture)]
-    out += [bytes(packet) for packet in encoder.encode(None)]
-    return out
 
 
 def test_vp8_keyframes_and_their_size_are_read_from_the_frame() -> None:

@@ -4,13 +4,19 @@ owner only, each request in the access log, nothing cached."""
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from audit.filestore import DEFAULT_CHUNK_SIZE
+from audit.chunk_maps import ChunkMapCache
+from audit.filestore import DEFAULT_CHUNK_SIZE, EncryptingWriter, new_data_key
+from audit.recordings import FileStore
 from audit.roles import Role
+from server.app_keys import CHUNK_MAPS
 from tests.support.harness import Harness
+from tests.support.recording import data_key
 from tests.test_recording_download import (
     chunk_offset,
     file_of,
@@ -127,3 +133,65 @@ async def test_an_incomplete_recording_plays_up_to_its_last_whole_chunk(harness:
     body = await response.read()
     assert body == media[: len(body)]
     assert len(body) >= 3 * CHUNK
+
+
+async def test_a_played_recordings_chunk_map_is_read_once_and_again_when_its_file_changes(
+    harness: Harness,
+) -> None:
+    cache = harness.app[CHUNK_MAPS]
+    media = os.urandom(3 * CHUNK + 100)
+    rec = await recorded(harness, media)
+    for asked in ("bytes=0-", f"bytes={2 * CHUNK}-", "bytes=-50"):
+        part = await harness.client.get(media_of(rec.id), headers={"Range": asked})
+        assert part.status == 206
+        await part.read()
+    assert (cache.misses, cache.hits) == (1, 2)
+    # The file is put in its place anew (as the remux's seekable copy is), longer:
+    # the map of the old one is not used for it.
+    path = file_of(harness, rec.id)
+    write_encrypted(Path(f"{path}.new"), await data_key(harness, rec.id), rec.id, media + b"more")
+    os.replace(f"{path}.new", path)
+    whole = await harness.client.get(media_of(rec.id))
+    assert await whole.read() == media + b"more"
+    assert (cache.misses, cache.hits) == (2, 2)
+
+
+async def test_a_deleted_recording_leaves_no_chunk_map_behind(harness: Harness) -> None:
+    cache = harness.app[CHUNK_MAPS]
+    rec = await recorded(harness, os.urandom(1000))
+    assert (await harness.client.get(media_of(rec.id))).status == 200
+    assert len(cache) == 1
+    deleted = await harness.client.delete(f"/api/recordings/{rec.id}", headers=harness.headers)
+    assert deleted.status == 204
+    assert len(cache) == 0
+
+
+def write_encrypted(path: Path, key: bytes, file_id: uuid.UUID, media: bytes) -> None:
+    with open(path, "wb") as sink, EncryptingWriter(sink, key, file_id) as writer:
+        writer.write(media)
+
+
+def test_the_chunk_map_cache_holds_at_most_its_chunks_least_recently_used_out_first(
+    tmp_path: Path,
+) -> None:
+    store = FileStore(tmp_path)
+    ids = [uuid.uuid4() for _ in range(3)]
+    for file_id in ids:
+        with (
+            store.create(f"{file_id}.vcenc") as sink,
+            EncryptingWriter(sink, new_data_key(), file_id) as writer,
+        ):
+            writer.write(os.urandom(2 * CHUNK))  # three chunks: two full, the final empty
+    cache = ChunkMapCache(max_chunks=4)
+    first, second, third = ((f"{file_id}.vcenc", file_id) for file_id in ids)
+    cache.get(store, *first)
+    cache.get(store, *second)
+    cache.get(store, *first)  # now the second is the least recently used
+    cache.get(store, *third)
+    assert len(cache) == 2
+    assert (cache.misses, cache.hits) == (3, 1)
+    cache.get(store, *first)
+    cache.get(store, *third)
+    assert (cache.misses, cache.hits) == (3, 3)
+    cache.get(store, *second)
+    assert cache.misses == 4

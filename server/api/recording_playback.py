@@ -9,22 +9,22 @@ the length is known up front and the player can seek. The same rules as the
 download: the therapist's own finished recordings only, refusals logged;
 every answered request is a read of personal data and is in the access log
 (``recording.play``; a player asks a few times per viewing: at the start,
-for the file's end, and at each seek). Nothing is cached by the browser or a
-proxy (``Cache-Control: no-store``).
+for the file's end, and at each seek). The chunk maps of the recordings
+played last are kept in memory between requests (:mod:`audit.chunk_maps`);
+nothing is cached by the browser or a proxy (``Cache-Control: no-store``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Generator, Mapping
 
 import structlog
 from aiohttp import web
 
 from audit.access_log import Outcome
-from audit.filestore import ChunkMap, StoreError, decrypt_range, map_chunks
+from audit.filestore import ChunkMap, StoreError, decrypt_range
 from audit.media_types import MATROSKA, media_format
 from audit.recordings import FileStore, RecordingEntry, RecordingStatus
 from audit.roles import Role
@@ -40,7 +40,7 @@ from server.api.recording_views import (
     own_recording,
     recording_key,
 )
-from server.app_keys import FILE_STORE
+from server.app_keys import CHUNK_MAPS, FILE_STORE
 from server.auth.sessions import Principal, require_role
 
 routes = web.RouteTableDef()
@@ -71,7 +71,7 @@ async def recording_media(request: web.Request) -> web.StreamResponse:
     file_name, data_key = await recording_key(request, principal, entry, ACTION_PLAY_FAILED)
     store = request.app[FILE_STORE]
     try:
-        chunk_map = await asyncio.to_thread(_map, store, file_name, entry.id)
+        chunk_map = await asyncio.to_thread(request.app[CHUNK_MAPS].get, store, file_name, entry.id)
         if not chunk_map.complete and entry.status is not RecordingStatus.INCOMPLETE:
             raise StoreError("the file ends without its final chunk")
         size = chunk_map.plaintext_size
@@ -147,11 +147,6 @@ def _wanted(request: web.Request, size: int) -> tuple[int, int] | None:
             f"the recording has {size} bytes; that range is outside it", size=size
         )
     return start, stop - 1
-
-
-def _map(store: FileStore, file_name: str, recording_id: uuid.UUID) -> ChunkMap:
-    with store.open(file_name) as source:
-        return map_chunks(source, file_id=recording_id)
 
 
 def _head(store: FileStore, file_name: str, key: bytes, chunk_map: ChunkMap) -> bytes:

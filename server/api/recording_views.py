@@ -47,7 +47,7 @@ from audit.sealing import SealError
 from server.api.access_records import record_api_access
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
-from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
+from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
 
 routes = web.RouteTableDef()
@@ -288,6 +288,7 @@ async def recording_delete(request: web.Request) -> web.Response:
         )
     # The key is gone (committed): the file can never be decrypted again,
     # whether or not it can be removed right now.
+    app[CHUNK_MAPS].discard(file_names)
     try:
         app[FILE_STORE].delete_files(file_names)
     except OSError as err:

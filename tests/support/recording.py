@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import io
 import os
 import tempfile
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +66,14 @@ class RecorderLink:
         video: tuple[int, int] | None = (320, 240),
         noisy: bool = False,
         video_codecs: list[str] | None = None,
+        tracks: list[MediaStreamTrack] | None = None,
     ) -> None:
+        """``tracks``: the microphone and camera to send instead of silence and ``video``."""
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tracks: list[MediaStreamTrack] = [AudioStreamTrack()]
-        if video is not None:
+        if tracks is not None:
+            self.tracks = list(tracks)
+        elif video is not None:
             self.tracks.append(SizedVideo(*video, noisy=noisy))
         for track in self.tracks:
             self.pc.addTrack(track)
@@ -275,10 +281,12 @@ async def record_links(
     seconds: float,
     *,
     during: Any = None,
+    prepare: Callable[[ConsultRecorder], None] | None = None,
 ) -> DirectRecording:
     """Connect ``links`` to a new ConsultRecorder, record ``seconds`` into an
     encrypting writer in memory, stop; ``during`` (async, optional) runs
-    while it records."""
+    while it records; ``prepare`` is given the recorder once it answered
+    the offers (before any media comes)."""
     failures: list[str] = []
 
     async def failed(failure: Failure, detail: str) -> None:
@@ -290,14 +298,18 @@ async def record_links(
     try:
         for role, link in links.items():
             await link.accept(await recorder.accept_offer(role, await link.offer()))
+        if prepare is not None:
+            prepare(recorder)
         await recorder.wait_connected(frozenset(links))
         await recorder.start(file)
         began = loop_time()
         if during is not None:
             await during()
         await asyncio.sleep(max(0.0, seconds - (loop_time() - began)))
-        result = await recorder.stop()
+        # The frames stop coming when the stop begins; the stop itself then
+        # closes the file and remuxes it (its cues).
         truth_s = loop_time() - began
+        result = await recorder.stop()
     finally:
         await recorder.stop()
         for link in links.values():
@@ -346,3 +358,20 @@ def tolerant_counts(media: bytes) -> Counter[str]:
                 with contextlib.suppress(av.error.FFmpegError):
                     frames[packet.stream.type] += len(packet.decode())
     return frames
+
+
+def encoded(codec_name: str, size: tuple[int, int], frames: int = 3) -> list[bytes]:
+    """Frames encoded by PyAV (in the test: the recorder encodes nothing)."""
+    encoder: Any = av.CodecContext.create(codec_name, "w")
+    encoder.width, encoder.height = size
+    encoder.pix_fmt = "yuv420p"
+    encoder.time_base = fractions.Fraction(1, 30)
+    if codec_name == "libx264":
+        encoder.options = {"tune": "zerolatency", "bframes": "0"}
+    out: list[bytes] = []
+    for index in range(frames):
+        picture = av.VideoFrame(*size, "yuv420p")
+        picture.pts = index
+        out += [bytes(packet) for packet in encoder.encode(picture)]
+    out += [bytes(packet) for packet in encoder.encode(None)]
+    return out
