@@ -304,3 +304,69 @@ async def test_a_patient_can_join_with_the_keyboard_alone(
     await expect(patient.locator("#waiting")).to_be_visible()
     await expect(therapist.locator("#waiting-notice")).to_be_visible()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+# The patient's browser refuses camera and microphone (as after "Block" in
+# its prompt): getUserMedia rejects with NotAllowedError, the way Chromium
+# does for a page without the permission. Chromium's fake devices cannot be
+# withheld per page otherwise while the prompt is answered automatically.
+REFUSE_MEDIA = """
+if (navigator.mediaDevices) {
+  navigator.mediaDevices.getUserMedia = () =>
+    Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
+}
+"""
+
+QUALITY_LEVELS = """async () => {
+  const levels = [];
+  for (let i = 0; i < 4; i += 1) {
+    await new Promise((done) => setTimeout(done, 2100));
+    levels.push(document.getElementById("quality").dataset.level);
+  }
+  return levels;
+}"""
+
+
+async def test_a_patient_without_camera_and_microphone_is_shown_as_such_and_not_as_poor(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context = await new_context(chromium, harness.origin, locale="en-GB")
+    await patient_context.add_init_script(REFUSE_MEDIA)
+    patient = await patient_context.new_page()
+    await patient.goto(invite_url)
+    await patient.click("#intro-next")
+    await expect(patient.locator("#device-problem")).to_contain_text("camera is blocked")
+    await patient.click("#devices-next")
+    await patient.check("#consent-box")
+    await patient.click("#join-button")
+    await expect(patient.locator("#waiting")).to_be_visible()
+    await therapist.click("#admit")
+    await wait_for_remote_video(patient)
+
+    # The therapist is told what the patient has, in place of a dark stage.
+    peer = therapist.locator("#peer-media")
+    await expect(peer).to_be_visible()
+    await expect(peer).to_contain_text("The patient's camera is blocked in their browser.")
+    await expect(peer).to_contain_text("The patient's microphone is blocked in their browser.")
+    # A healthy connection with no media from the patient is not "poor".
+    await expect(therapist.locator("#quality")).to_have_attribute("data-level", "good")
+    assert "poor" not in await therapist.evaluate(QUALITY_LEVELS)
+    await screenshot(therapist, "therapist-patient-without-devices")
+
+    # The patient sees the therapist's state too: muted, then camera off.
+    await expect(patient.locator("#peer-media")).to_be_hidden()
+    await therapist.click("#mute")
+    await expect(patient.locator("#peer-media")).to_have_text("Your therapist is muted.")
+    await therapist.click("#camera")
+    await expect(patient.locator("#peer-media")).to_contain_text(
+        "Your therapist turned their camera off."
+    )
+    await screenshot(patient, "patient-therapist-muted-camera-off")
+    await therapist.click("#mute")
+    await therapist.click("#camera")
+    await expect(patient.locator("#peer-media")).to_be_hidden()
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

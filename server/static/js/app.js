@@ -9,6 +9,7 @@ import {
   bindCallControls,
   showAccountNotices,
   showDeviceProblems,
+  showPeerMedia,
   showQuality,
   showSection,
   toLogin,
@@ -36,6 +37,12 @@ let titleFlash = null;
 let lastConsults = [];
 let callOver = null;
 let recording = null;
+let peerMedia = null;
+
+function peerMediaShown(state) {
+  peerMedia = state;
+  showPeerMedia($("peer-media"), state, "patient");
+}
 
 // --- talking to the API ------------------------------------------------------
 
@@ -342,6 +349,7 @@ async function openCall(id) {
   resetCallControls();
   recording.reset();
   patientNotWaiting();
+  peerMediaShown(null);
   $("remote-waiting").hidden = false;
   $("remote-waiting").textContent = t("app.call.noPatient");
   media = await getMedia();
@@ -384,6 +392,7 @@ function onCallEvent(type, detail) {
       patientNotWaiting();
       recording.setConnected(false);
       banner("call.peerLeft.patient");
+      peerMediaShown(null);
       $("remote-waiting").hidden = false;
       $("remote-waiting").textContent = t("app.call.noPatient");
       break;
@@ -416,6 +425,9 @@ function onCallEvent(type, detail) {
       break;
     case "quality":
       showQuality($("quality"), detail);
+      break;
+    case "peer-media":
+      peerMediaShown(detail);
       break;
     case "ended":
       closeCall("ended", t(`ended.${detail.reason}`, {}, ""));
@@ -589,7 +601,12 @@ function wire() {
   });
   $("camera-select").addEventListener("change", () => switchDevice("video"));
   $("mic-select").addEventListener("change", () => switchDevice("audio"));
-  bindCallControls({ getStream: () => media.stream, muteButton: $("mute"), cameraButton: $("camera") });
+  bindCallControls({
+    getStream: () => media.stream,
+    muteButton: $("mute"),
+    cameraButton: $("camera"),
+    onChange: () => call && call.sendMediaState(),
+  });
   for (const kind of ["pointerdown", "keydown", "touchstart", "wheel"]) {
     window.addEventListener(kind, activity, { passive: true });
   }
@@ -639,6 +656,7 @@ setupLanguage($("language"), () => {
   if (!$("dashboard").hidden) renderList(lastConsults);
   if (recordings && !$("dashboard").hidden) recordings.render();
   if (callOver) $("call-over-text").textContent = callOver.text;
+  peerMediaShown(peerMedia);
 });
 translatePage();
 wire();
