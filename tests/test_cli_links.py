@@ -1,4 +1,5 @@
-"""Links printed by the command line point where the server really is."""
+"""The command line on a new clinic's first day: links point where the server
+really is, and the data directory does not follow the working directory."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import EXECUTABLE, cli_env, run_cli, wait_for_line
+from tests.support.cli import EXECUTABLE, assert_one_clear_error, cli_env, run_cli, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -42,3 +43,17 @@ def test_an_enrolment_link_follows_the_port_serve_listens_on(
     again = run_cli("user", "reset-totp", "ad@noord.example", env=env)
     assert "http://127.0.0.1:8080/enrol/" in again.stdout
     assert "VIDEOCONSULT_SERVER_PUBLIC_URL" in again.stdout
+
+
+def test_a_command_finding_no_database_names_the_directory_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "not-here"
+    env = cli_env(missing)
+    result = subprocess.run(
+        [str(EXECUTABLE), "user", "list", "--org", "Praktijk Noord"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert_one_clear_error(result, f"no database in {missing}", "VIDEOCONSULT_DATA_DIR")
+    assert not missing.exists()
+    assert [path.name for path in tmp_path.iterdir()] == []

@@ -34,7 +34,18 @@ class CommandModule(Protocol):
 
 @asynccontextmanager
 async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The database, if its schema is current (else SchemaOutOfDate); disposed after."""
+    """The database, if its schema is current (else SchemaOutOfDate); disposed after.
+
+    Without a SQLite database in the data directory, raises :class:`CliError`
+    naming the directory, and creates nothing there: a command run with
+    another data directory must not start a second, empty database.
+    """
+    if missing_sqlite_file(database_url(settings, settings.data_dir)) is not None:
+        raise CliError(
+            f"no database in {settings.data_dir} (the data directory): run "
+            "`videoconsult db upgrade` to create it there, or point "
+            "VIDEOCONSULT_DATA_DIR at your server's"
+        )
     data_dir = prepare_data_dir(settings.data_dir)
     new_file = missing_sqlite_file(database_url(settings, data_dir))
     engine = await open_database(settings, data_dir, migrate=False)

@@ -73,7 +73,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             # this long after it opened or after its last answer: the bound on
             # the time for headers (slowloris), and on idle keep-alive.
             keepalive_timeout=server.request_timeout_s,
-            print=lambda _banner: _announce(url, serving),
+            print=lambda _banner: _announce(url, serving, settings.data_dir),
         )
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
@@ -89,7 +89,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             ) from None
         raise CliError(f"cannot listen on {server.host}:{server.port}: {err.strerror}") from None
     finally:
-        serving.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            serving.unlink(missing_ok=True)
     return 0
 
 
@@ -110,12 +111,13 @@ async def _settle_garbage_collector(_app: web.Application) -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def _announce(url: str, serving: Path) -> None:
+def _announce(url: str, serving: Path, data_dir: Path) -> None:
     # For the links other commands print (server/cli/base.py, public_origin).
     # Unwritable: links then name the configured port, and say so.
     with contextlib.suppress(OSError):
         serving.write_text(json.dumps({"origin": url.rstrip("/"), "pid": os.getpid()}))
     # Plain stdout, not the log: this line is for the person at the terminal.
+    print(f"data directory: {data_dir}", file=sys.stdout)
     print(f"videoconsult is running: open {url} (Ctrl+C stops it)", flush=True, file=sys.stdout)
 
 
