@@ -147,13 +147,21 @@ function renderList(consults) {
       row.insertCell().textContent = consult.duration_s === null ? "" : formatDuration(consult.duration_s);
       const actions = row.insertCell();
       actions.className = "row-actions";
+      if (revokedHere.has(consult.id)) {
+        const note = document.createElement("span");
+        note.className = "revoked";
+        note.textContent = ` · ${t("app.list.revoked")}`;
+        status.append(note);
+      }
       if (consult.status === "created" || consult.status === "active") {
         actions.append(
           button("app.list.open", () => openCall(consult.id)),
           button("app.list.newLink", () => reissue(consult), "secondary"),
-          button("app.list.revoke", () => revoke(consult.id), "secondary"),
-          button("app.list.end", () => endFromList(consult.id), "danger"),
         );
+        if (!revokedHere.has(consult.id)) {
+          actions.append(button("app.list.revoke", () => revoke(consult.id), "secondary"));
+        }
+        actions.append(button("app.list.end", () => endFromList(consult.id), "danger"));
       }
     }
     groups.append(heading, table);
@@ -170,6 +178,9 @@ function button(key, action, kind = "") {
 }
 
 let recordings = null;
+// Consults whose link was revoked from this page (and not issued anew since):
+// the list from the server does not say whether a consult's link is live.
+const revokedHere = new Set();
 
 async function loadList() {
   recordings ??= new RecordingsList({
@@ -200,6 +211,8 @@ async function reissue(consult) {
   if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
   try {
     showInvite(await api("POST", `/api/consults/${id}/invite`), id);
+    revokedHere.delete(id);
+    renderList(lastConsults);
     window.scrollTo({ top: 0, behavior: "smooth" });
   } catch (error) {
     alert(error.message);
@@ -211,6 +224,8 @@ async function revoke(id) {
   try {
     await api("DELETE", `/api/consults/${id}/invite`);
     if (createdConsultId === id) $("invite-box").hidden = true;
+    revokedHere.add(id);
+    renderList(lastConsults);
   } catch (error) {
     alert(error.message);
   }
@@ -430,7 +445,8 @@ function onCallEvent(type, detail) {
       peerMediaShown(detail);
       break;
     case "ended":
-      closeCall("ended", t(`ended.${detail.reason}`, {}, ""));
+      // The therapist's own words for the end they made; the neutral ones else.
+      closeCall("ended", t(`app.over.${detail.reason}`, {}, t(`ended.${detail.reason}`, {}, "")));
       break;
     case "replaced":
       closeCall("replaced", t("app.over.replaced"));
@@ -585,7 +601,7 @@ function wire() {
     if (!(call && call.end())) {
       // No socket right now: end it through the API.
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
-      closeCall("ended", t("ended.ended_by_therapist"));
+      closeCall("ended", t("app.over.ended_by_therapist"));
     }
   });
   $("back").addEventListener("click", () => {
@@ -594,6 +610,9 @@ function wire() {
   });
   $("over-back").addEventListener("click", backToList);
   $("share").addEventListener("click", toggleShare);
+  // New permissions or a freed device: open the consult afresh (a reload
+  // asks for camera and microphone again and rejoins the same consult).
+  $("devices-retry").addEventListener("click", () => location.reload());
   $("devices-toggle").addEventListener("click", () => {
     const open = $("devices").hidden;
     $("devices").hidden = !open;

@@ -29,6 +29,8 @@ const MESSAGES = {
     "login.codeDigits": "The code has 6 digits.",
     "login.failed": "The e-mail address, password or code is not right.",
     "login.locked": "Too many failed attempts. Wait a while before trying again.",
+    "login.lockedMinutes": "Too many failed attempts. Try again in {minutes} minutes.",
+    "login.lockedSeconds": "Too many failed attempts. Try again in {seconds} seconds.",
     "login.reason.idle": "You were logged out because you were inactive for a while.",
     "login.reason.session": "Your session has ended. Please log in again.",
     "login.reason.logout": "You are logged out.",
@@ -120,6 +122,9 @@ const MESSAGES = {
     "app.call.endConfirm": "End the consult for both of you?",
     "app.call.back": "Back to the list",
     "app.over.title": "The consult has ended",
+    "app.over.ended_by_therapist": "You ended the consultation.",
+    "app.call.heading": "Consultation",
+    "app.list.revoked": "Link revoked",
     "app.over.replacedTitle": "Opened elsewhere",
     "app.over.replaced": "You opened this consult in another window or on another device.",
     "app.over.notFound": "This consult was not found. It may belong to another account.",
@@ -340,6 +345,8 @@ const MESSAGES = {
     "login.codeDigits": "De code heeft 6 cijfers.",
     "login.failed": "Het e-mailadres, het wachtwoord of de code klopt niet.",
     "login.locked": "Te veel mislukte pogingen. Wacht even voor u het opnieuw probeert.",
+    "login.lockedMinutes": "Te veel mislukte pogingen. Probeer het over {minutes} minuten opnieuw.",
+    "login.lockedSeconds": "Te veel mislukte pogingen. Probeer het over {seconds} seconden opnieuw.",
     "login.reason.idle": "U bent uitgelogd omdat u een tijd niet actief was.",
     "login.reason.session": "Uw sessie is beëindigd. Log opnieuw in.",
     "login.reason.logout": "U bent uitgelogd.",
@@ -431,6 +438,9 @@ const MESSAGES = {
     "app.call.endConfirm": "Het consult voor u beiden beëindigen?",
     "app.call.back": "Terug naar de lijst",
     "app.over.title": "Het consult is beëindigd",
+    "app.over.ended_by_therapist": "U hebt het consult beëindigd.",
+    "app.call.heading": "Consult",
+    "app.list.revoked": "Link ingetrokken",
     "app.over.replacedTitle": "Elders geopend",
     "app.over.replaced": "U hebt dit consult in een ander venster of op een ander apparaat geopend.",
     "app.over.notFound": "Dit consult is niet gevonden. Misschien hoort het bij een ander account.",
@@ -692,11 +702,20 @@ export function setupLanguage(select, onChange) {
   });
 }
 
+// The browser's own locale where it speaks the page's language (en-GB: a
+// 24-hour clock), else the page's language.
+export function locale() {
+  for (const tag of navigator.languages || [navigator.language || current]) {
+    if (tag.toLowerCase().split("-")[0] === current) return tag;
+  }
+  return current;
+}
+
 export function formatTime(iso, withDate = false) {
   const options = withDate
     ? { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" }
     : { hour: "2-digit", minute: "2-digit" };
-  return new Intl.DateTimeFormat(current, options).format(new Date(iso));
+  return new Intl.DateTimeFormat(locale(), options).format(new Date(iso));
 }
 
 export function formatDuration(seconds) {

@@ -41,6 +41,14 @@ function notice() {
   }
 }
 
+// How long to wait, from the server's Retry-After (seconds).
+function lockedText(retryAfter) {
+  const seconds = Number.parseInt(retryAfter || "", 10);
+  if (!Number.isFinite(seconds) || seconds <= 0) return t("login.locked");
+  if (seconds < 60) return t("login.lockedSeconds", { seconds });
+  return t("login.lockedMinutes", { minutes: Math.ceil(seconds / 60) });
+}
+
 $("login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const error = $("login-error");
@@ -72,7 +80,7 @@ $("login-form").addEventListener("submit", async (event) => {
       return;
     }
     const code = data.error && data.error.code;
-    if (code === "login_locked") error.textContent = t("login.locked");
+    if (code === "login_locked") error.textContent = lockedText(response.headers.get("Retry-After"));
     else if (code === "login_failed") error.textContent = t("login.failed");
     else error.textContent = (data.error && data.error.message) || t("common.failed");
   } catch {

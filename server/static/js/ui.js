@@ -1,5 +1,5 @@
 // Small pieces both pages use: the mute and camera buttons, the quality badge.
-import { t } from "./i18n.js";
+import { locale, t } from "./i18n.js";
 
 function setToggle(button, pressed, onKey, offKey) {
   button.setAttribute("aria-pressed", String(pressed));
@@ -95,7 +95,7 @@ export function showAccountNotices(container, notices) {
     box.setAttribute("role", "alert");
     const text = document.createElement("p");
     const by = notice.by_email || t(`notice.by.${notice.by_role}`, {}, notice.by_role);
-    const at = new Date(notice.at).toLocaleString(document.documentElement.lang);
+    const at = new Date(notice.at).toLocaleString(locale());
     text.textContent = t(`notice.${notice.kind}`, { at, by }, notice.kind);
     const button = document.createElement("button");
     button.type = "button";
