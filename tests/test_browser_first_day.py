@@ -125,9 +125,7 @@ async def test_a_locked_login_says_how_long_to_wait(
         await page.fill("#code", "000000")
         await page.click("#login-button")
         await expect(page.locator("#login-button")).to_be_enabled()
-    await expect(error).to_have_text(
-        "Too many failed attempts. Try again in 15 minutes."
-    )
+    await expect(error).to_have_text("Too many failed attempts. Try again in 15 minutes.")
     await assert_accessible(page, "login locked")
     await assert_no_browser_errors(
         context, allow=[*EXPECTED_HTTP_ERRORS, r"status of 401 .*/api/login", r"429"]
