@@ -48,6 +48,28 @@ async def enrol(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "enrol.html")
 
 
+# Paths that are never a page: their errors stay JSON whatever the client accepts.
+_NOT_PAGES = ("/api/", "/ws", "/static/", "/healthz", "/readyz", "/metrics")
+
+
+def wants_page(request: web.Request) -> bool:
+    """Whether an error for ``request`` should be an HTML page: a browser
+    (its Accept names text/html) asking for something that could be a page."""
+    if request.method not in ("GET", "HEAD") or request.path.startswith(_NOT_PAGES):
+        return False
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def not_found_page() -> web.Response:
+    """The page a browser gets for an unknown address (404)."""
+    return web.Response(
+        status=404,
+        body=(STATIC_DIR / "not-found.html").read_bytes(),
+        content_type="text/html",
+        charset="utf-8",
+    )
+
+
 def setup_static(app: web.Application) -> None:
     """Serve the pages' scripts and styles from /static/ (no outside CDN)."""
     app.router.add_static("/static/", STATIC_DIR, append_version=False)

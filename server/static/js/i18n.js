@@ -14,6 +14,10 @@ const MESSAGES = {
     "common.microphone": "Microphone",
 
     "index.title": "videoconsult",
+    "notFound.title": "Page not found – videoconsult",
+    "notFound.heading": "This page does not exist",
+    "notFound.text": "Check the address. A link from your therapist looks like /join/ followed by a long code: copy all of it.",
+    "notFound.home": "To the start page",
     "index.heading": "Video consultations",
     "index.text": "This server brokers video consultations between therapists and patients. It keeps only the start, end and duration of each consultation.",
     "index.patients": "Patients: open the link your therapist sent you.",
@@ -330,6 +334,10 @@ const MESSAGES = {
     "common.microphone": "Microfoon",
 
     "index.title": "videoconsult",
+    "notFound.title": "Pagina niet gevonden – videoconsult",
+    "notFound.heading": "Deze pagina bestaat niet",
+    "notFound.text": "Controleer het adres. Een link van uw therapeut ziet eruit als /join/ gevolgd door een lange code: kopieer die helemaal.",
+    "notFound.home": "Naar de startpagina",
     "index.heading": "Videoconsulten",
     "index.text": "Deze server verbindt therapeuten en patiënten voor videoconsulten. Van elk consult bewaart hij alleen het begin, het einde en de duur.",
     "index.patients": "Patiënten: open de link die uw therapeut u stuurde.",
