@@ -130,3 +130,31 @@ async def test_a_locked_login_says_how_long_to_wait(
     await assert_no_browser_errors(
         context, allow=[*EXPECTED_HTTP_ERRORS, r"status of 401 .*/api/login", r"429"]
     )
+
+
+async def test_on_a_1366x768_laptop_the_waiting_notice_leaves_the_controls_in_view(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    harness = live_harness
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    context = await new_context(
+        chromium, harness.origin, locale="en-GB", viewport={"width": 1366, "height": 768}
+    )
+    therapist = await context.new_page()
+    await therapist.goto("/login")
+    await therapist.fill("#email", anna.email)
+    await therapist.fill("#password", anna.password)
+    await therapist.fill("#code", harness.code(anna.secret))
+    await therapist.click("#login-button")
+    await expect(therapist.locator("#dashboard")).to_be_visible()
+    consult_id, url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context, patient = await patient_opens(chromium, harness, url)
+    await patient_joins(patient)
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    await assert_accessible(therapist, "patient waiting, 1366x768")
+    for control in ("#admit", "#mute", "#end"):
+        box = await therapist.locator(control).bounding_box()
+        assert box is not None
+        assert box["y"] + box["height"] <= 768, f"{control} is below the fold: {box}"
+    await assert_no_browser_errors(context, patient_context, allow=EXPECTED_HTTP_ERRORS)
