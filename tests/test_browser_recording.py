@@ -34,7 +34,7 @@ from tests.support.browser import (
     wait_for_remote_video,
 )
 from tests.support.harness import Harness
-from tests.support.recording import count_streams, data_key, decrypted, recording_row
+from tests.support.recording import count_streams, data_key, decrypted, finished_recording_row
 
 pytestmark = [pytest.mark.browser, pytest.mark.recorder]
 
@@ -152,7 +152,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     await inbound_media_grows(therapist)
     await inbound_media_grows(patient)
 
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason, row.consent_by) == (
         "complete",
         "stopped_by_patient",
@@ -280,7 +280,7 @@ async def test_a_reload_stops_the_recording_and_does_not_start_it_again(
         assert await recorder_state(page) is None
     await expect(patient.locator("#record-question")).to_be_hidden()
     assert harness.app[ROOMS].recording.live_count == 0
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason) == ("complete", "participant_left")
     await expect(therapist.locator("#record")).to_be_enabled()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
@@ -312,7 +312,7 @@ async def test_for_a_patient_under_16_the_guardian_is_asked_and_answers(
     await expect(patient.locator("#recording-text")).to_have_text(
         "Your therapist stopped the recording. The consultation goes on."
     )
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason, row.consent_by) == (
         "complete",
         "stopped_by_therapist",
