@@ -158,3 +158,28 @@ async def test_on_a_1366x768_laptop_the_waiting_notice_leaves_the_controls_in_vi
         assert box is not None
         assert box["y"] + box["height"] <= 768, f"{control} is below the fold: {box}"
     await assert_no_browser_errors(context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_the_login_page_logs_no_401_and_a_logged_in_visit_goes_on(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    harness = live_harness
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    context = await new_context(chromium, harness.origin, locale="en-GB")
+    page = await context.new_page()
+    await page.goto("/login")
+    await expect(page.locator("#login-form")).to_be_visible()
+    # The page's script has run (it sets the language), and had time to ask.
+    await page.wait_for_function("() => document.documentElement.lang === 'en'")
+    await page.wait_for_timeout(1000)
+    await assert_no_browser_errors(context)  # no allowance: a 401 fails it
+    await page.fill("#email", anna.email)
+    await page.fill("#password", anna.password)
+    await page.fill("#code", harness.code(anna.secret))
+    await page.click("#login-button")
+    await expect(page.locator("#dashboard")).to_be_visible()
+    # Logged in already (a bookmark of the login page): straight on.
+    await page.goto("/login?next=%2Fsupport")
+    await page.wait_for_url("**/app")
+    await expect(page.locator("#dashboard")).to_be_visible()
+    await assert_no_browser_errors(context)

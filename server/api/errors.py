@@ -30,8 +30,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit import errors as audit_errors
 from audit.db import is_outage
+from server.not_found import not_found_page, wants_page
 from server.outage import DB_OUTAGE
-from server.pages import not_found_page, wants_page
 from server.request_log import route_template
 from signaling.ports import StateUnavailable
 

@@ -27,12 +27,6 @@ function goTo(session, replace = false) {
   else location.assign(target);
 }
 
-// Already logged in (a bookmark of this page, the back button): go on at once.
-async function goOnIfLoggedIn() {
-  const response = await fetch("/api/session", { credentials: "same-origin" });
-  if (response.ok) goTo(await response.json(), true);
-}
-
 function notice() {
   const reason = params.get("reason");
   if (reason) {
@@ -96,4 +90,3 @@ setupLanguage($("language"), () => {
 });
 translatePage();
 notice();
-goOnIfLoggedIn().catch(() => {});
