@@ -474,10 +474,31 @@ def load_settings(
     for key, item in values.items():
         if not item.source.startswith("environment variable"):
             _check_toml_type(key, item)
+    values["data_dir"] = _resolved_data_dir(values["data_dir"], defaults_file, site_file)
     try:
         return Settings.model_validate(_nest({k: v.value for k, v in values.items()}))
     except ValidationError as err:
         raise SettingsError(_describe(err, values)) from None
+
+
+def _resolved_data_dir(item: _Value, defaults_file: Path, site_file: str) -> _Value:
+    """``data_dir`` made absolute once, so that no command finds another
+    directory (and makes a second database) because it ran elsewhere: a
+    relative path in the defaults is the project's (the directory that holds
+    ``config/``), in a site file that file's directory's, in the environment
+    the working directory's at start."""
+    if not isinstance(item.value, str) or not item.value.strip():
+        return item  # the validator names the problem
+    path = Path(item.value).expanduser()
+    if path.is_absolute():
+        return item
+    if item.source == str(defaults_file):
+        base = defaults_file.absolute().parent.parent
+    elif site_file and item.source == site_file:
+        base = Path(site_file).absolute().parent
+    else:
+        base = Path.cwd()
+    return _Value(str(base / path), item.source)
 
 
 def env_var_names(keys: set[str] | None = None) -> dict[str, str]:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from audit.accounts import Role
+from server.auth.sessions import authenticate
+
 STATIC_DIR = Path(__file__).with_name("static")
 
 routes = web.RouteTableDef()
@@ -17,10 +20,24 @@ async def index(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+# Each role's own page (as js/roles.js has it); a role without one gets the
+# therapist's, which says so.
+HOME_PAGES = {Role.SUPPORT: "/support", Role.ADMIN: "/admin", Role.THERAPIST: "/app"}
+
+
 @routes.get("/login")
-async def login_page(_request: web.Request) -> web.FileResponse:
-    """The professionals' login page."""
-    return web.FileResponse(STATIC_DIR / "login.html")
+async def login_page(request: web.Request) -> web.StreamResponse:
+    """The professionals' login page; someone logged in already (a bookmark,
+    the back button) goes on to their own page, its ``next`` kept when it is
+    that page. Checked here, so that the page need not ask /api/session and
+    have a 401 logged in the browser's console on every visit."""
+    principal = await authenticate(request)
+    if principal is None:
+        return web.FileResponse(STATIC_DIR / "login.html")
+    home = HOME_PAGES.get(principal.account.role, "/app")
+    wanted = request.query.get("next", "")
+    target = wanted if wanted.split("?", 1)[0] == home else home
+    raise web.HTTPFound(target)
 
 
 @routes.get("/app")

@@ -262,6 +262,21 @@ class RecorderOffer(_Inbound):
     sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
 
 
+# What a participant's camera or microphone is doing, as the page knows it:
+# sending ("on"), switched off by the participant ("off": muted, camera off),
+# or not to be had ("missing", "blocked" by the browser, "busy" elsewhere).
+DeviceState = Literal["on", "off", "missing", "blocked", "busy"]
+
+
+class MediaState(_Inbound):
+    """What the sender's camera and microphone are doing, for the other
+    participant's page (a dark stage says why); relayed like an offer."""
+
+    type: Literal["media-state"]
+    camera: DeviceState
+    microphone: DeviceState
+
+
 # What a client may report for the technical log (kept 24 hours).
 REPORT_EVENTS = (
     "ice-state",
@@ -298,7 +313,8 @@ InboundMessage = Annotated[
     | RecordRequest
     | RecordConsent
     | RecordStop
-    | RecorderOffer,
+    | RecorderOffer
+    | MediaState,
     Field(discriminator="type"),
 ]
 INBOUND_TYPES = (
@@ -315,13 +331,14 @@ INBOUND_TYPES = (
     "record-consent",
     "record-stop",
     "recorder-offer",
+    "media-state",
 )
 # What only the therapist may send.
 THERAPIST_ONLY = frozenset({"admit", "deny", "end", "record-request"})
 # What only the patient may send.
 PATIENT_ONLY = frozenset({"record-consent"})
 # What is relayed to the other participant as it is.
-RELAYED = frozenset({"offer", "answer", "candidate"})
+RELAYED = frozenset({"offer", "answer", "candidate", "media-state"})
 
 _adapter: TypeAdapter[InboundMessage] = TypeAdapter(InboundMessage)
 

@@ -399,13 +399,12 @@ class ConsultRooms:
             await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
         await self._timers.cancel(TimerKind.MAX_DURATION.key(consult_id))
         await self.deadlines.forget_later(consult_id)
+        # How it ended, for support (24 hours): the record keeps only times.
+        how = {"reason": reason.value}
+        self._technical.log.info("signaling.consult-ended", subject=str(consult_id), **how)
+        ended = outbound("consult-ended", reason=reason)
         for role in ParticipantRole:
-            await self.send(
-                consult_id,
-                role,
-                outbound("consult-ended", reason=reason),
-                close_code=CloseCode.ENDED,
-            )
+            await self.send(consult_id, role, ended, close_code=CloseCode.ENDED)
         _log.info("consult ended", consult_id=str(consult_id), reason=reason)
 
     async def _admit(self, participant: Participant) -> list[dict[str, Any]]:

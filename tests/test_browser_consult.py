@@ -17,6 +17,7 @@ from playwright.async_api import Browser, expect
 from audit.consults import mark_ended
 from audit.technical_log import read_technical
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
+from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     PHONE,
@@ -43,21 +44,25 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     harness = live_harness
     _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
     await screenshot(therapist, "therapist-dashboard-empty")
+    await assert_accessible(therapist, "therapist-dashboard-empty")
     await assert_controls_labelled(therapist)
     consult_id, invite_url = await create_consult(therapist, name="Mevr. Jansen")
     assert invite_url.startswith(f"{harness.origin}/join/")
     await screenshot(therapist, "therapist-new-consult")
+    await assert_accessible(therapist, "therapist-new-consult")
     await open_consult(therapist, consult_id)
     await expect(therapist.locator("#remote-waiting")).to_have_text("Waiting for the patient…")
 
     patient_context, patient = await patient_opens(chromium, harness, invite_url)
     await patient_joins(patient, screenshot)
     await screenshot(patient, "patient-waiting-room")
+    await assert_accessible(patient, "patient-waiting-room")
 
     notice = therapist.locator("#waiting-notice")
     await expect(notice).to_be_visible()
     await expect(notice).to_contain_text("Mevr. Jansen is in the waiting room.")
     await screenshot(therapist, "therapist-patient-waiting")
+    await assert_accessible(therapist, "therapist-patient-waiting")
     await therapist.click("#admit")
 
     await expect(patient.locator("#call")).to_be_visible()
@@ -67,7 +72,9 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     await inbound_media_grows(patient)
     await expect(therapist.locator("#quality")).not_to_have_attribute("data-level", "unknown")
     await screenshot(therapist, "therapist-in-call")
+    await assert_accessible(therapist, "therapist-in-call")
     await screenshot(patient, "patient-in-call")
+    await assert_accessible(patient, "patient-in-call")
     await assert_controls_labelled(therapist)
     await assert_controls_labelled(patient)
     started = await consult_row(harness, consult_id)
@@ -79,8 +86,10 @@ async def test_a_whole_consult_from_login_to_the_end_screen(
     await expect(patient.locator("#ended")).to_be_visible()
     await expect(patient.locator("#ended-text")).to_contain_text("ended the consultation")
     await screenshot(patient, "patient-end-screen")
+    await assert_accessible(patient, "patient-end-screen")
     await expect(therapist.locator("#call-over")).to_be_visible()
     await screenshot(therapist, "therapist-consult-ended")
+    await assert_accessible(therapist, "therapist-consult-ended")
 
     row = await consult_row(harness, consult_id)
     assert row.status == "ended"
@@ -123,10 +132,12 @@ async def test_a_patient_on_a_phone_reloads_mid_call_and_is_back_in_the_same_con
     patient_context, patient = await patient_opens(chromium, harness, invite_url, viewport=PHONE)
     await patient_joins(patient)
     await screenshot(patient, "phone-waiting-room")
+    await assert_accessible(patient, "phone-waiting-room")
     await therapist.click("#admit")
     await wait_for_remote_video(patient)
     await wait_for_remote_video(therapist)
     await screenshot(patient, "phone-in-call")
+    await assert_accessible(patient, "phone-in-call")
     # The page fits the phone: nothing wider than the screen.
     width = await patient.evaluate("() => document.documentElement.scrollWidth")
     assert width <= PHONE["width"]
@@ -169,6 +180,7 @@ async def test_a_denied_patient_sees_a_clear_page(
     await therapist.click("#deny")
     await expect(patient.locator("#denied")).to_be_visible()
     await screenshot(patient, "patient-denied")
+    await assert_accessible(patient, "patient-denied")
     await expect(therapist.locator("#waiting-notice")).to_be_hidden()
     assert (await consult_row(harness, consult_id)).status == "created"
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
@@ -187,6 +199,7 @@ async def test_expired_and_unknown_links_say_so_plainly(
         "This link has expired. Ask your therapist for a new one."
     )
     await screenshot(patient, "patient-link-expired")
+    await assert_accessible(patient, "patient-link-expired")
     await patient.goto(f"/join/{'x' * 43}")
     await expect(patient.locator("#link-problem-text")).to_have_text(
         "This link is not known. Check that you copied all of it."
@@ -199,6 +212,7 @@ async def test_expired_and_unknown_links_say_so_plainly(
         "Deze link is verlopen. Vraag uw therapeut om een nieuwe."
     )
     await screenshot(dutch_page, "patient-link-expired-nl")
+    await assert_accessible(dutch_page, "patient-link-expired-nl")
     await assert_no_browser_errors(
         therapist_context, patient_context, dutch, allow=EXPECTED_HTTP_ERRORS
     )
@@ -252,6 +266,7 @@ async def test_without_a_camera_the_patient_joins_with_sound_only(
     await expect(problem).to_contain_text("sound only")
     await expect(patient.locator("#preview-off")).to_be_visible()
     await screenshot(patient, "patient-no-camera")
+    await assert_accessible(patient, "patient-no-camera")
     await patient.click("#devices-next")
     # The invite is for a minor: the guardian's consent is asked, and needed.
     await expect(patient.locator("#guardian-row")).to_be_visible()
@@ -259,6 +274,7 @@ async def test_without_a_camera_the_patient_joins_with_sound_only(
     await patient.click("#join-button")
     await expect(patient.locator("#consent-error")).to_contain_text("parent or guardian")
     await screenshot(patient, "patient-guardian-consent")
+    await assert_accessible(patient, "patient-guardian-consent")
     await patient.check("#guardian-box")
     await patient.click("#join-button")
     await expect(patient.locator("#waiting")).to_be_visible()
@@ -312,4 +328,72 @@ async def test_a_patient_can_join_with_the_keyboard_alone(
     await patient.keyboard.press("Enter")
     await expect(patient.locator("#waiting")).to_be_visible()
     await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+# The patient's browser refuses camera and microphone (as after "Block" in
+# its prompt): getUserMedia rejects with NotAllowedError, the way Chromium
+# does for a page without the permission. Chromium's fake devices cannot be
+# withheld per page otherwise while the prompt is answered automatically.
+REFUSE_MEDIA = """
+if (navigator.mediaDevices) {
+  navigator.mediaDevices.getUserMedia = () =>
+    Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
+}
+"""
+
+QUALITY_LEVELS = """async () => {
+  const levels = [];
+  for (let i = 0; i < 4; i += 1) {
+    await new Promise((done) => setTimeout(done, 2100));
+    levels.push(document.getElementById("quality").dataset.level);
+  }
+  return levels;
+}"""
+
+
+async def test_a_patient_without_camera_and_microphone_is_shown_as_such_and_not_as_poor(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context = await new_context(chromium, harness.origin, locale="en-GB")
+    await patient_context.add_init_script(REFUSE_MEDIA)
+    patient = await patient_context.new_page()
+    await patient.goto(invite_url)
+    await patient.click("#intro-next")
+    await expect(patient.locator("#device-problem")).to_contain_text("camera is blocked")
+    await patient.click("#devices-next")
+    await patient.check("#consent-box")
+    await patient.click("#join-button")
+    await expect(patient.locator("#waiting")).to_be_visible()
+    await therapist.click("#admit")
+    await wait_for_remote_video(patient)
+
+    # The therapist is told what the patient has, in place of a dark stage.
+    peer = therapist.locator("#peer-media")
+    await expect(peer).to_be_visible()
+    await expect(peer).to_contain_text("The patient's camera is blocked in their browser.")
+    await expect(peer).to_contain_text("The patient's microphone is blocked in their browser.")
+    # A healthy connection with no media from the patient is not "poor".
+    await expect(therapist.locator("#quality")).to_have_attribute("data-level", "good")
+    assert "poor" not in await therapist.evaluate(QUALITY_LEVELS)
+    await screenshot(therapist, "therapist-patient-without-devices")
+    await assert_accessible(therapist, "therapist-patient-without-devices")
+
+    # The patient sees the therapist's state too: muted, then camera off.
+    await expect(patient.locator("#peer-media")).to_be_hidden()
+    await therapist.click("#mute")
+    await expect(patient.locator("#peer-media")).to_have_text("Your therapist is muted.")
+    await therapist.click("#camera")
+    await expect(patient.locator("#peer-media")).to_contain_text(
+        "Your therapist turned their camera off."
+    )
+    await screenshot(patient, "patient-therapist-muted-camera-off")
+    await assert_accessible(patient, "patient-therapist-muted-camera-off")
+    await therapist.click("#mute")
+    await therapist.click("#camera")
+    await expect(patient.locator("#peer-media")).to_be_hidden()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)

@@ -19,6 +19,7 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 from audit.media_types import WEBM, media_format
 from audit.schema import access_log, recordings
 from server.app_keys import DB_ENGINE, ROOMS
+from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     PHONE,
@@ -33,7 +34,7 @@ from tests.support.browser import (
     wait_for_remote_video,
 )
 from tests.support.harness import Harness
-from tests.support.recording import count_streams, data_key, decrypted, recording_row
+from tests.support.recording import count_streams, data_key, decrypted, finished_recording_row
 
 pytestmark = [pytest.mark.browser, pytest.mark.recorder]
 
@@ -104,7 +105,9 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     await expect(text).to_contain_text("stop it at any time")
     await expect(patient.locator("#record-no")).to_be_focused()
     await screenshot(therapist, "therapist-waiting-for-answer")
+    await assert_accessible(therapist, "therapist-waiting-for-answer")
     await screenshot(patient, "phone-recording-question")
+    await assert_accessible(patient, "phone-recording-question")
     # Nothing starts before the patient said yes.
     assert await recorder_state(therapist) is None
     assert await recorder_state(patient) is None
@@ -122,7 +125,9 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     await asyncio.sleep(RECORD_FOR_S)
     await expect(therapist.locator("#recording-elapsed")).not_to_have_text("0:00")
     await screenshot(therapist, "therapist-recording")
+    await assert_accessible(therapist, "therapist-recording")
     await screenshot(patient, "phone-recording")
+    await assert_accessible(patient, "phone-recording")
     # The page still fits the phone with the indicator on it.
     assert await patient.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
 
@@ -137,7 +142,9 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         "You stopped the recording. The consultation goes on."
     )
     await screenshot(therapist, "therapist-recording-stopped")
+    await assert_accessible(therapist, "therapist-recording-stopped")
     await screenshot(patient, "phone-recording-stopped")
+    await assert_accessible(patient, "phone-recording-stopped")
     assert await recorder_state(therapist) is None
     assert await recorder_state(patient) is None
     # The consult goes on, and the therapist may ask again.
@@ -145,7 +152,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     await inbound_media_grows(therapist)
     await inbound_media_grows(patient)
 
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason, row.consent_by) == (
         "complete",
         "stopped_by_patient",
@@ -203,6 +210,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         assert abs(sought[0] - target_s) < 0.5, (sought, target_s)
         assert abs(sought[1] - duration) < 0.5, (sought, duration)
     await screenshot(dashboard, "therapist-plays-recording")
+    await assert_accessible(dashboard, "therapist-plays-recording")
     plays = [r for r in await access_records(harness) if r.action == "recording.play"]
     assert plays
     assert {(r.object_id, r.outcome) for r in plays} == {(str(row.id), "allowed")}
@@ -224,6 +232,7 @@ async def test_a_patient_who_says_no_is_not_recorded_and_the_therapist_sees_it(
     await therapist.click("#record")
     await expect(patient.locator("#record-question")).to_be_visible()
     await screenshot(patient, "patient-recording-question")
+    await assert_accessible(patient, "patient-recording-question")
     await patient.click("#record-no")
 
     await expect(therapist.locator("#recording-text")).to_have_text(
@@ -232,6 +241,7 @@ async def test_a_patient_who_says_no_is_not_recorded_and_the_therapist_sees_it(
     await expect(patient.locator("#recording-text")).to_contain_text("You said no.")
     await expect(patient.locator("#record-question")).to_be_hidden()
     await screenshot(therapist, "therapist-recording-declined")
+    await assert_accessible(therapist, "therapist-recording-declined")
     for page in (therapist, patient):
         await expect(page.locator("#recording-indicator")).to_be_hidden()
         assert await recorder_state(page) is None
@@ -270,6 +280,7 @@ async def test_a_reload_stops_the_recording_and_does_not_start_it_again(
     )
     await expect(therapist.locator("#recording-indicator")).to_be_hidden()
     await screenshot(therapist, "therapist-recording-stopped-by-a-drop")
+    await assert_accessible(therapist, "therapist-recording-stopped-by-a-drop")
     # Back in the consult, with media again; the recording stays off.
     await expect(patient.locator("#call")).to_be_visible()
     await wait_for_remote_video(patient)
@@ -281,7 +292,7 @@ async def test_a_reload_stops_the_recording_and_does_not_start_it_again(
         assert await recorder_state(page) is None
     await expect(patient.locator("#record-question")).to_be_hidden()
     assert harness.app[ROOMS].recording.live_count == 0
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason) == ("complete", "participant_left")
     await expect(therapist.locator("#record")).to_be_enabled()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
@@ -300,6 +311,7 @@ async def test_for_a_patient_under_16_the_guardian_is_asked_and_answers(
     )
     await expect(patient.locator("#record-question-text")).to_contain_text("a parent or guardian")
     await screenshot(patient, "guardian-recording-question")
+    await assert_accessible(patient, "guardian-recording-question")
     await patient.click("#record-yes")
     for page in (therapist, patient):
         await expect(page.locator("#recording-indicator")).to_be_visible(
@@ -312,7 +324,7 @@ async def test_for_a_patient_under_16_the_guardian_is_asked_and_answers(
     await expect(patient.locator("#recording-text")).to_have_text(
         "Your therapist stopped the recording. The consultation goes on."
     )
-    row = await recording_row(harness)
+    row = await finished_recording_row(harness)
     assert (row.status, row.stop_reason, row.consent_by) == (
         "complete",
         "stopped_by_therapist",

@@ -20,6 +20,7 @@ from audit.schema import access_log
 from audit.support import TherapistPseudonyms
 from audit.technical_log import write_technical
 from server.app_keys import DB_ENGINE, MASTER_KEY
+from tests.support.axe import assert_accessible
 from tests.support.browser import ScreenshotSaver, assert_no_browser_errors, new_context
 from tests.support.harness import Harness, Professional
 
@@ -126,6 +127,7 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     await expect(page.locator("#rows tr").first).to_have_attribute("data-consult", str(failed))
     await page.wait_for_function(CHARTS_DRAWN, arg="tz=")
     await screenshot(page, "support-overview")
+    await assert_accessible(page, "support-overview")
 
     await page.click("#next")
     await expect(page.locator("#page-info")).to_have_text("Page 2 of 2")
@@ -144,6 +146,7 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     assert set(await page.locator("#rows td.pseudonym").all_text_contents()) == {pseudonym}
     await page.wait_for_function(CHARTS_DRAWN, arg=f"therapist={pseudonym}")
     await screenshot(page, "support-filtered")
+    await assert_accessible(page, "support-filtered")
     # Only pseudonyms: no address, no account id anywhere on the page.
     content = await page.content()
     for secret in (anna.email, bram.email, str(anna.account_id), str(bram.account_id)):
@@ -161,12 +164,14 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     await expect(page.locator("#log-consult")).to_contain_text(str(failed))
     await expect(page.locator(f'tr[data-consult="{failed}"]')).to_have_class("selected")
     await screenshot(page, "support-technical-log")
+    await assert_accessible(page, "support-technical-log")
 
     await page.select_option("#language", "nl")
     await expect(page.locator("#view h1")).to_have_text("Consulten van uw organisatie")
     await expect(page.locator("#log-heading")).to_have_text("Technisch logboek")
     await page.wait_for_function(CHARTS_DRAWN, arg="lang=nl")
     await screenshot(page, "support-dutch")
+    await assert_accessible(page, "support-dutch")
 
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
     async with harness.app[DB_ENGINE].connect() as conn:
@@ -200,6 +205,7 @@ async def test_a_therapist_goes_to_their_own_page_and_is_refused_the_support_vie
     await expect(page.locator("#refused")).to_contain_text("This page is for support staff.")
     await expect(page.locator("#view")).to_be_hidden()
     await screenshot(page, "support-refused-for-a-therapist")
+    await assert_accessible(page, "support-refused-for-a-therapist")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 

@@ -8,6 +8,7 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from audit.roles import Role
+from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     ScreenshotSaver,
@@ -51,6 +52,7 @@ async def test_enrolment_in_dutch_then_the_first_login(
     await expect(qr).to_be_visible()
     assert await qr.evaluate("(img) => img.naturalWidth") > 100
     await screenshot(page, "enrolment-qr-code")
+    await assert_accessible(page, "enrolment-qr-code")
     secret = (await page.locator("#totp-secret").inner_text()).strip()
     await page.fill("#code", pyotp.TOTP(secret).at(harness.clock.now()))
     await page.get_by_role("button", name="Afronden").click()
@@ -70,6 +72,7 @@ async def test_enrolment_in_dutch_then_the_first_login(
     await page.wait_for_url(f"{harness.origin}/app")
     await expect(page.get_by_role("heading", name="Nieuw consult")).to_be_visible()
     await screenshot(page, "therapist-dashboard-dutch")
+    await assert_accessible(page, "therapist-dashboard-dutch")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 
@@ -138,6 +141,7 @@ async def test_the_idle_timeout_warns_first_then_logs_out(
     await expect(warning).to_be_visible()
     await expect(warning).to_contain_text("You will be logged out in")
     await screenshot(page, "therapist-idle-warning")
+    await assert_accessible(page, "therapist-idle-warning")
     await page.get_by_role("button", name="Stay logged in").click()
     await expect(warning).to_be_hidden()
 
@@ -185,6 +189,7 @@ async def test_a_dropped_patient_shows_reconnecting_and_the_call_restarts_ice(
     await expect(banner).to_have_text("The patient's connection dropped. Reconnecting…")
     await expect(patient.locator("#banner")).to_have_text("Connection lost. Reconnecting…")
     await screenshot(therapist, "therapist-patient-reconnecting")
+    await assert_accessible(therapist, "therapist-patient-reconnecting")
 
     await patient.unroute("**/ticket")
     await expect(banner).to_be_hidden(timeout=20_000)
@@ -251,6 +256,7 @@ async def test_mute_camera_off_and_switching_camera_mid_call(
     assert await therapist.evaluate(f"({local})('audio').enabled") is False
     await inbound_media_grows(patient)
     await screenshot(therapist, "therapist-devices")
+    await assert_accessible(therapist, "therapist-devices")
 
     await therapist.get_by_role("button", name="Camera off").click()
     assert await therapist.evaluate(f"({local})('video').enabled") is False

@@ -135,3 +135,49 @@ async def test_the_pages_are_served_with_the_strict_policy(
     assert "script-src 'self'" in policy
     assert "unsafe-inline" not in policy
     assert '<script type="module" src="/static/js/' in await response.text()
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.parametrize("path", ["/no-such-page", "/join/", "/join", "/app/x"])
+async def test_a_browser_asking_for_an_unknown_page_gets_an_html_page(
+    sqlite_harness: Harness, path: str
+) -> None:
+    response = await sqlite_harness.client.get(path, headers={"Accept": BROWSER_ACCEPT})
+    assert response.status == 404
+    assert response.content_type == "text/html"
+    text = await response.text()
+    assert "<h1" in text
+    assert 'href="/"' in text
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("accept", ["application/json", "*/*", ""])
+async def test_an_api_client_asking_for_an_unknown_path_still_gets_json(
+    sqlite_harness: Harness, accept: str
+) -> None:
+    for path in ("/no-such-page", "/api/nothing-here"):
+        response = await sqlite_harness.client.get(path, headers={"Accept": accept})
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "not_found"
+    # An API path answers JSON even to a browser.
+    api = await sqlite_harness.client.get("/api/nothing", headers={"Accept": BROWSER_ACCEPT})
+    assert api.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("role", "home"),
+    [(Role.ADMIN, "/admin"), (Role.THERAPIST, "/app"), (Role.SUPPORT, "/support")],
+)
+async def test_a_logged_in_visit_to_the_login_page_goes_on_to_the_roles_own_page(
+    sqlite_harness: Harness, role: Role, home: str
+) -> None:
+    """As login.js sends each role after logging in (js/roles.js); found at
+    merge: the server sent an admin to the therapist's page."""
+    person = await sqlite_harness.professional(f"{role.value}@praktijk-noord.example", role)
+    await sqlite_harness.logged_in(person)
+    answer = await sqlite_harness.client.get(
+        "/login", headers=sqlite_harness.headers, allow_redirects=False
+    )
+    assert (answer.status, answer.headers["Location"]) == (302, home)

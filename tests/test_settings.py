@@ -294,3 +294,23 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
     assert "'proxy.local' is not an address" in load_error(
         {"VIDEOCONSULT_SERVER_TRUSTED_PROXIES": "10.0.0.1, proxy.local"}
     )
+
+
+def test_a_relative_data_dir_is_resolved_once_and_not_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # The defaults' "data" is the clone's own, wherever the command runs.
+    assert load_settings(environ={}).data_dir == DEFAULTS_FILE.parent.parent / "data"
+    # A site file's relative path is taken from the file's directory.
+    site = tmp_path / "site" / "videoconsult.toml"
+    site.parent.mkdir()
+    site.write_text('data_dir = "store"\n')
+    from_site = load_settings(environ={"VIDEOCONSULT_CONFIG_FILE": str(site)})
+    assert from_site.data_dir == site.parent / "store"
+    # An environment variable's, from the working directory at start (once).
+    from_env = load_settings(environ={"VIDEOCONSULT_DATA_DIR": "mine"})
+    assert from_env.data_dir == elsewhere / "mine"
+    assert from_env.data_dir.is_absolute()

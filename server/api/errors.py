@@ -14,7 +14,10 @@ Domain errors from :mod:`audit` are translated here too (NotFound → 404,
 Conflict → 409, InvalidValue → 422), so views raise whichever is natural,
 and so is Redis being away (several nodes): 503 ``unavailable`` with
 Retry-After, never a 500. A read whose access record could not be written
-(AccessLogNotWritten) is not answered: 503 ``access_log_unavailable``.
+(AccessLogNotWritten) is not answered: 503 ``access_log_unavailable``. One
+exception to JSON: a browser (Accept names text/html) asking for an unknown
+address outside /api/ gets the HTML page "not found" (server/pages.py), not
+a JSON body shown raw.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit import errors as audit_errors
 from audit.db import is_outage
+from server.not_found import not_found_page, wants_page
 from server.outage import DB_OUTAGE
 from server.request_log import route_template
 from signaling.ports import StateUnavailable
@@ -159,6 +163,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as err:
         if err.status < 400:
             raise
+        if err.status == 404 and wants_page(request):
+            return not_found_page()
         code = _HTTP_CODES.get(err.status, "http_error")
         headers = {k: v for k, v in err.headers.items() if k in {"Allow", "Retry-After"}}
         return error_response(err.status, code, err.reason, headers)

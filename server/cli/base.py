@@ -7,8 +7,11 @@ sets ``run=`` to a function ``(settings, args) -> int`` (the exit code).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,7 +34,18 @@ class CommandModule(Protocol):
 
 @asynccontextmanager
 async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The database, if its schema is current (else SchemaOutOfDate); disposed after."""
+    """The database, if its schema is current (else SchemaOutOfDate); disposed after.
+
+    Without a SQLite database in the data directory, raises :class:`CliError`
+    naming the directory, and creates nothing there: a command run with
+    another data directory must not start a second, empty database.
+    """
+    if missing_sqlite_file(database_url(settings, settings.data_dir)) is not None:
+        raise CliError(
+            f"no database in {settings.data_dir} (the data directory): run "
+            "`videoconsult db upgrade` to create it there, or point "
+            "VIDEOCONSULT_DATA_DIR at your server's"
+        )
     data_dir = prepare_data_dir(settings.data_dir)
     new_file = missing_sqlite_file(database_url(settings, data_dir))
     engine = await open_database(settings, data_dir, migrate=False)
@@ -48,10 +62,40 @@ async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-def public_origin(settings: Settings) -> str:
-    """The origin links should use: server.public_url, or where serve listens."""
+# Written by ``serve`` into the data directory while it runs: where it
+# listens (``--host``/``--port`` included), for links printed by other
+# commands when server.public_url is not set.
+SERVING_FILE = "serving.json"
+
+
+def serving_file(data_dir: Path) -> Path:
+    return data_dir.expanduser().absolute() / SERVING_FILE
+
+
+def public_origin(settings: Settings) -> tuple[str, str]:
+    """The origin links should use, and where it comes from: server.public_url;
+    else where a running ``serve`` of this data directory listens; else the
+    configured server.host and server.port."""
     if settings.server.public_origin:
-        return settings.server.public_origin
+        return settings.server.public_origin, "server.public_url"
+    running = _running_server_origin(serving_file(settings.data_dir))
+    if running is not None:
+        return running, "serve"
     host = settings.server.host
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{settings.server.port}"
+    return f"http://{host}:{settings.server.port}", "settings"
+
+
+def _running_server_origin(path: Path) -> str | None:
+    try:
+        recorded = json.loads(path.read_text())
+        pid, origin = int(recorded["pid"]), str(recorded["origin"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)  # a file left by a server that died is not believed
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return origin

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
+import json
+import os
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
 from config import Settings
-from server.cli.base import CliError
+from server.cli.base import CliError, serving_file
 from server.request_log import RequestLogger
 
 
@@ -59,6 +63,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     app.on_startup.append(_settle_garbage_collector)
+    serving = serving_file(settings.data_dir)
     try:
         web.run_app(
             app,
@@ -75,7 +80,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             # seconds (2,000 patients, issue 19) overflowed aiohttp's default
             # of 128 and had connections reset; the kernel caps it at somaxconn.
             backlog=LISTEN_BACKLOG,
-            print=lambda _banner: _announce(url),
+            print=lambda _banner: _announce(url, serving, settings.data_dir),
         )
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
@@ -90,6 +95,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 f"not allowed to listen on port {server.port}: pick one above 1023"
             ) from None
         raise CliError(f"cannot listen on {server.host}:{server.port}: {err.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            serving.unlink(missing_ok=True)
     return 0
 
 
@@ -110,8 +118,13 @@ async def _settle_garbage_collector(_app: web.Application) -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def _announce(url: str) -> None:
+def _announce(url: str, serving: Path, data_dir: Path) -> None:
+    # For the links other commands print (server/cli/base.py, public_origin).
+    # Unwritable: links then name the configured port, and say so.
+    with contextlib.suppress(OSError):
+        serving.write_text(json.dumps({"origin": url.rstrip("/"), "pid": os.getpid()}))
     # Plain stdout, not the log: this line is for the person at the terminal.
+    print(f"data directory: {data_dir}", file=sys.stdout)
     print(f"videoconsult is running: open {url} (Ctrl+C stops it)", flush=True, file=sys.stdout)
 
 

@@ -98,12 +98,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _print_invitation(settings: Settings, invitation: EnrolmentInvitation) -> None:
-    origin = public_origin(settings)
+    origin, source = public_origin(settings)
     print(f"account {invitation.account.email} ({invitation.account.role.value}) is ready to enrol")
     print(f"enrolment link (shown once, valid until {invitation.expires_at:%Y-%m-%d %H:%M} UTC):")
     print(f"  {origin}/enrol/{invitation.token}")
-    if not settings.server.public_url:
-        print("  (server.public_url is not set: the link assumes the server is reached there)")
+    if source == "serve":
+        print(
+            "  (server.public_url is not set: the link uses where `videoconsult serve` "
+            "listens now; others reach it only if that address is theirs too)"
+        )
+    elif source == "settings":
+        print(
+            "  (server.public_url is not set and no server runs on this data directory: "
+            f"the link assumes {origin}; set VIDEOCONSULT_SERVER_PUBLIC_URL to the "
+            "address people open)"
+        )
 
 
 def _email(raw: str) -> str:

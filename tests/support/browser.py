@@ -34,6 +34,7 @@ from playwright.async_api import Error as PlaywrightError
 
 from audit.roles import Role
 from tests.support import ROOT
+from tests.support.axe import assert_accessible
 from tests.support.harness import Harness, Professional
 
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
@@ -294,6 +295,7 @@ async def therapist_logs_in(
     page.on("dialog", lambda dialog: dialog.accept())
     await page.goto("/app")
     await page.wait_for_url("**/login?**")
+    await assert_accessible(page, "login page")
     await logs_in(harness, page, anna)
     return anna, context, page
 
@@ -306,6 +308,7 @@ async def logs_in(harness: Harness, page: Page, who: Professional) -> None:
     await page.click("#login-button")
     await page.wait_for_url("**/app*")
     await expect(page.locator("#dashboard")).to_be_visible()
+    await assert_accessible(page, "dashboard")
 
 
 async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> tuple[str, str]:
@@ -316,6 +319,7 @@ async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> 
         await page.check("#minor")
     await page.click("#new-button")
     await expect(page.locator("#invite-box")).to_be_visible()
+    await assert_accessible(page, "dashboard with a new invite link")
     url = await page.input_value("#invite-url")
     consult_id = await page.locator("table.consults tbody tr").first.get_attribute("data-consult")
     assert consult_id is not None
@@ -335,6 +339,7 @@ async def patient_joins(
     page: Page, screenshot: ScreenshotSaver | None = None, *, guardian: bool = False
 ) -> None:
     await expect(page.locator("#intro")).to_be_visible()
+    await assert_accessible(page, "patient intro")
     if screenshot:
         await screenshot(page, "patient-intro")
     await page.click("#intro-next")
@@ -342,6 +347,7 @@ async def patient_joins(
     await page.wait_for_function(
         "() => document.getElementById('preview').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
     )
+    await assert_accessible(page, "patient device check")
     if screenshot:
         await screenshot(page, "patient-device-check")
     await page.click("#devices-next")
@@ -349,15 +355,18 @@ async def patient_joins(
     await page.check("#consent-box")
     if guardian:
         await page.check("#guardian-box")
+    await assert_accessible(page, "patient consent")
     if screenshot:
         await screenshot(page, "patient-consent")
     await page.click("#join-button")
     await expect(page.locator("#waiting")).to_be_visible()
+    await assert_accessible(page, "patient waiting room")
 
 
 async def open_consult(page: Page, consult_id: str) -> None:
     await page.locator(f'tr[data-consult="{consult_id}"] button', has_text="Open").click()
     await expect(page.locator("#call-view")).to_be_visible()
+    await assert_accessible(page, "call view")
 
 
 async def wait_for_remote_video(page: Page) -> None:

@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 EXECUTABLE = shutil.which("videoconsult", path=str(Path(sys.executable).parent))
 
@@ -35,3 +38,18 @@ def assert_one_clear_error(result: subprocess.CompletedProcess[str], *expected: 
     assert len(errors) == 1, result.stderr
     for text in expected:
         assert text in errors[0], errors[0]
+
+
+def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    process.kill()
+    pytest.fail(f"{needle!r} not printed within {timeout_s} s; output: {''.join(seen)}")

@@ -35,11 +35,13 @@ INBOUND_TYPES = (
     "record-consent",
     "record-stop",
     "recorder-offer",
+    "media-state",
 )
-RELAYED = frozenset({"offer", "answer", "candidate"})
+RELAYED = frozenset({"offer", "answer", "candidate", "media-state"})
 THERAPIST_ONLY = frozenset({"admit", "deny", "end", "record-request"})
 PATIENT_ONLY = frozenset({"record-consent"})
 RECORDING = frozenset({"record-request", "record-consent", "record-stop", "recorder-offer"})
+DEVICE_STATES = ("on", "off", "missing", "blocked", "busy")
 REPORT_EVENTS = ("ice-state", "connection-state", "call-failed", "media-error", "stats")
 # Refusals of what a client should never send: signaling.max_refused of them
 # in a row close the socket with 1008 ("Limits").
@@ -82,6 +84,8 @@ ALMOST = st.fixed_dictionaries(
         "request": st.none() | st.text(max_size=33) | JSON_VALUES,
         "event": st.sampled_from([*REPORT_EVENTS, "nope"]) | JSON_VALUES,
         "detail": st.dictionaries(st.text(max_size=41), JSON_VALUES, max_size=21) | JSON_VALUES,
+        "camera": st.sampled_from(DEVICE_STATES) | JSON_VALUES,
+        "microphone": st.sampled_from([*DEVICE_STATES, "loud"]) | JSON_VALUES,
         "consult": st.sampled_from([OWN, OTHER]) | JSON_VALUES,
     },
 ).map(json.dumps)
@@ -188,6 +192,10 @@ _FIELDS: dict[str, dict[str, tuple[bool, Any]]] = {
         "agree": (True, lambda value: isinstance(value, bool)),
         "by": (False, lambda value: value in ("patient", "guardian")),
         "request": (False, lambda value: value is None or _is_text(value, low=1, high=32)),
+    },
+    "media-state": {
+        "camera": (True, lambda value: isinstance(value, str) and value in DEVICE_STATES),
+        "microphone": (True, lambda value: isinstance(value, str) and value in DEVICE_STATES),
     },
     "report": {
         "event": (True, lambda value: value in REPORT_EVENTS),

@@ -195,6 +195,17 @@ async def recording_row(harness: Harness) -> Any:
     return rows[0]
 
 
+async def finished_recording_row(harness: Harness, *, timeout_s: float = 20) -> Any:
+    """The one recording's row once it is no longer "recording": the file is
+    closed off the event loop after the stop, later on a busy machine."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    row = await recording_row(harness)
+    while row.status == "recording" and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+        row = await recording_row(harness)
+    return row
+
+
 def decrypted(harness: Harness, recording_id: uuid.UUID, key: bytes) -> tuple[bytes, str | None]:
     """The file's plaintext, and the truncation message if it has one."""
     store = harness.app[FILE_STORE]

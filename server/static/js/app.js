@@ -19,6 +19,7 @@ import {
   bindCallControls,
   showAccountNotices,
   showDeviceProblems,
+  showPeerMedia,
   showQuality,
   showSection,
   toLogin,
@@ -46,6 +47,12 @@ let titleFlash = null;
 let lastConsults = [];
 let callOver = null;
 let recording = null;
+let peerMedia = null;
+
+function peerMediaShown(state) {
+  peerMedia = state;
+  showPeerMedia($("peer-media"), state, "patient");
+}
 
 // --- talking to the API ------------------------------------------------------
 
@@ -147,14 +154,22 @@ function renderList(consults) {
       row.insertCell().textContent = consult.duration_s === null ? "" : formatDuration(consult.duration_s);
       const actions = row.insertCell();
       actions.className = "row-actions";
+      if (revokedHere.has(consult.id)) {
+        const note = document.createElement("span");
+        note.className = "revoked";
+        note.textContent = ` · ${t("app.list.revoked")}`;
+        status.append(note);
+      }
       if (consult.status === "created" || consult.status === "active") {
         actions.append(
           button("app.list.open", () => openCall(consult.id)),
           button("app.list.newLink", () => reissue(consult), "secondary"),
           button("app.list.mailLink", () => reissue(consult, askForEmail()), "secondary"),
-          button("app.list.revoke", () => revoke(consult.id), "secondary"),
-          button("app.list.end", () => endFromList(consult.id), "danger"),
         );
+        if (!revokedHere.has(consult.id)) {
+          actions.append(button("app.list.revoke", () => revoke(consult.id), "secondary"));
+        }
+        actions.append(button("app.list.end", () => endFromList(consult.id), "danger"));
       }
     }
     groups.append(heading, table);
@@ -171,6 +186,9 @@ function button(key, action, kind = "") {
 }
 
 let recordings = null;
+// Consults whose link was revoked from this page (and not issued anew since):
+// the list from the server does not say whether a consult's link is live.
+const revokedHere = new Set();
 
 async function loadList() {
   recordings ??= new RecordingsList({
@@ -203,6 +221,8 @@ async function reissue(consult, body = undefined) {
   if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
   try {
     showInvite(await api("POST", `/api/consults/${id}/invite`, body), id);
+    revokedHere.delete(id);
+    renderList(lastConsults);
     window.scrollTo({ top: 0, behavior: "smooth" });
   } catch (error) {
     alert(error.message);
@@ -214,6 +234,8 @@ async function revoke(id) {
   try {
     await api("DELETE", `/api/consults/${id}/invite`);
     if (createdConsultId === id) $("invite-box").hidden = true;
+    revokedHere.add(id);
+    renderList(lastConsults);
   } catch (error) {
     alert(error.message);
   }
@@ -354,6 +376,7 @@ async function openCall(id) {
   resetCallControls();
   recording.reset();
   patientNotWaiting();
+  peerMediaShown(null);
   $("remote-waiting").hidden = false;
   $("remote-waiting").textContent = t("app.call.noPatient");
   media = await getMedia();
@@ -398,6 +421,7 @@ function onCallEvent(type, detail) {
       patientNotWaiting();
       recording.setConnected(false);
       banner("call.peerLeft.patient");
+      peerMediaShown(null);
       $("remote-waiting").hidden = false;
       $("remote-waiting").textContent = t("app.call.noPatient");
       break;
@@ -431,8 +455,12 @@ function onCallEvent(type, detail) {
     case "quality":
       showQuality($("quality"), detail);
       break;
+    case "peer-media":
+      peerMediaShown(detail);
+      break;
     case "ended":
-      closeCall("ended", t(`ended.${detail.reason}`, {}, ""));
+      // The therapist's own words for the end they made; the neutral ones else.
+      closeCall("ended", t(`app.over.${detail.reason}`, {}, t(`ended.${detail.reason}`, {}, "")));
       break;
     case "replaced":
       closeCall("replaced", t("app.over.replaced"));
@@ -587,7 +615,7 @@ function wire() {
     if (!(call && call.end())) {
       // No socket right now: end it through the API.
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
-      closeCall("ended", t("ended.ended_by_therapist"));
+      closeCall("ended", t("app.over.ended_by_therapist"));
     }
   });
   $("back").addEventListener("click", () => {
@@ -596,6 +624,9 @@ function wire() {
   });
   $("over-back").addEventListener("click", backToList);
   $("share").addEventListener("click", toggleShare);
+  // New permissions or a freed device: open the consult afresh (a reload
+  // asks for camera and microphone again and rejoins the same consult).
+  $("devices-retry").addEventListener("click", () => location.reload());
   $("devices-toggle").addEventListener("click", () => {
     const open = $("devices").hidden;
     $("devices").hidden = !open;
@@ -603,7 +634,12 @@ function wire() {
   });
   $("camera-select").addEventListener("change", () => switchDevice("video"));
   $("mic-select").addEventListener("change", () => switchDevice("audio"));
-  bindCallControls({ getStream: () => media.stream, muteButton: $("mute"), cameraButton: $("camera") });
+  bindCallControls({
+    getStream: () => media.stream,
+    muteButton: $("mute"),
+    cameraButton: $("camera"),
+    onChange: () => call && call.sendMediaState(),
+  });
   for (const kind of ["pointerdown", "keydown", "touchstart", "wheel"]) {
     window.addEventListener(kind, activity, { passive: true });
   }
@@ -654,6 +690,7 @@ setupLanguage($("language"), () => {
   if (!$("dashboard").hidden) renderList(lastConsults);
   if (recordings && !$("dashboard").hidden) recordings.render();
   if (callOver) $("call-over-text").textContent = callOver.text;
+  peerMediaShown(peerMedia);
 });
 translatePage();
 wire();

@@ -7,6 +7,11 @@
 // from a peer that reloaded its page carries a new DTLS fingerprint; the
 // side that sees one starts over with a new RTCPeerConnection.
 //
+// Media state: each side tells the other what its camera and microphone do
+// ("media-state": on, off, missing, blocked, busy) before each offer or
+// answer and at each change, so that a dark stage is explained, and the
+// quality badge does not call a connection poor because nothing is sent.
+//
 // Recording: the server's "recording" messages are passed on to the page;
 // at "starting" (sent only after the patient's consent) the engine opens a
 // second connection to the recorder (recorder.js), and closes it at "off".
@@ -62,6 +67,7 @@ export class ConsultCall {
     this.queue = Promise.resolve();
     this.recorder = null;
     this.recording = "off";
+    this.peerMedia = null;
   }
 
   emit(type, detail = {}) {
@@ -202,6 +208,10 @@ export class ConsultCall {
       case "candidate":
         await this.addCandidate(message);
         break;
+      case "media-state":
+        this.peerMedia = { camera: message.camera, microphone: message.microphone };
+        this.emit("peer-media", this.peerMedia);
+        break;
       case "consult-ended":
         this.finish("ended", { reason: message.reason });
         break;
@@ -297,6 +307,7 @@ export class ConsultCall {
     const offer = await pc.createOffer({ iceRestart: restart });
     if (pc !== this.pc) return;
     await pc.setLocalDescription(offer);
+    this.sendMediaState();
     this.send({ type: "offer", sdp: pc.localDescription.sdp });
   }
 
@@ -324,6 +335,7 @@ export class ConsultCall {
     const answer = await pc.createAnswer();
     if (pc !== this.pc) return;
     await pc.setLocalDescription(answer);
+    this.sendMediaState();
     this.send({ type: "answer", sdp: pc.localDescription.sdp });
   }
 
@@ -380,6 +392,24 @@ export class ConsultCall {
   setLocalStream(stream, problems = {}) {
     this.localStream = stream;
     this.mediaProblems = problems;
+    this.deviceProblems = { ...problems };
+  }
+
+  // What this side's camera and microphone do, as "media-state" says it.
+  mediaState() {
+    const state = {};
+    for (const [kind, name] of [["video", "camera"], ["audio", "microphone"]]) {
+      const track = this.localTrack(kind);
+      const problem = (this.deviceProblems || {})[name];
+      state[name] = track ? (track.enabled ? "on" : "off") : problem || "missing";
+    }
+    return state;
+  }
+
+  // Tell the other side (after a mute, a camera switched off or on); only
+  // while a call is set up: every offer and answer is preceded by it anyway.
+  sendMediaState() {
+    if (this.pc) this.send({ type: "media-state", ...this.mediaState() });
   }
 
   // A diagnostic for the technical log (docs/protocol.md, "report"); never
@@ -446,8 +476,10 @@ export class ConsultCall {
     let packetsReceived = 0;
     let packetsLost = 0;
     let rtt = null;
+    let inboundStreams = 0;
     report.forEach((entry) => {
       if (entry.type === "inbound-rtp") {
+        inboundStreams += 1;
         bytesReceived += entry.bytesReceived || 0;
         packetsReceived += entry.packetsReceived || 0;
         packetsLost += Math.max(0, entry.packetsLost || 0);
@@ -462,9 +494,13 @@ export class ConsultCall {
     const received = packetsReceived - before.packetsReceived;
     const lost = packetsLost - before.packetsLost;
     const loss = received + lost > 0 ? lost / (received + lost) : 0;
+    // Nothing to receive when the other side sends nothing (no camera and no
+    // microphone): then the round trip alone says how the connection is.
+    const peer = this.peerMedia;
+    const peerSends = inboundStreams > 0 || !peer || [peer.camera, peer.microphone].some((s) => s === "on" || s === "off");
     let level = "unknown";
     if (pc.connectionState === "connected") {
-      if (bytesReceived === before.bytesReceived) level = "poor";
+      if (bytesReceived === before.bytesReceived && peerSends) level = "poor";
       else if (loss < 0.02 && (rtt === null || rtt < 0.3)) level = "good";
       else if (loss < 0.08 && (rtt === null || rtt < 0.6)) level = "fair";
       else level = "poor";

@@ -14,6 +14,10 @@ const MESSAGES = {
     "common.microphone": "Microphone",
 
     "index.title": "videoconsult",
+    "notFound.title": "Page not found – videoconsult",
+    "notFound.heading": "This page does not exist",
+    "notFound.text": "Check the address. A link from your therapist looks like /join/ followed by a long code: copy all of it.",
+    "notFound.home": "To the start page",
     "index.heading": "Video consultations",
     "index.text": "This server brokers video consultations between therapists and patients. It keeps only the start, end and duration of each consultation.",
     "index.patients": "Patients: open the link your therapist sent you.",
@@ -29,6 +33,8 @@ const MESSAGES = {
     "login.codeDigits": "The code has 6 digits.",
     "login.failed": "The e-mail address, password or code is not right.",
     "login.locked": "Too many failed attempts. Wait a while before trying again.",
+    "login.lockedMinutes": "Too many failed attempts. Try again in {minutes} minutes.",
+    "login.lockedSeconds": "Too many failed attempts. Try again in {seconds} seconds.",
     "login.reason.idle": "You were logged out because you were inactive for a while.",
     "login.reason.session": "Your session has ended. Please log in again.",
     "login.reason.logout": "You are logged out.",
@@ -127,6 +133,9 @@ const MESSAGES = {
     "app.call.endConfirm": "End the consult for both of you?",
     "app.call.back": "Back to the list",
     "app.over.title": "The consult has ended",
+    "app.over.ended_by_therapist": "You ended the consultation.",
+    "app.call.heading": "Consultation",
+    "app.list.revoked": "Link revoked",
     "app.over.replacedTitle": "Opened elsewhere",
     "app.over.replaced": "You opened this consult in another window or on another device.",
     "app.over.notFound": "This consult was not found. It may belong to another account.",
@@ -255,6 +264,16 @@ const MESSAGES = {
     "ended.not_joined": "The consultation was closed because nobody joined in time.",
     "ended.consult_over": "This consultation has ended.",
 
+    "peer.who.patient": "the patient",
+    "peer.who.therapist": "your therapist",
+    "peer.camera.off": "{who} turned their camera off.",
+    "peer.camera.missing": "{who} has no camera.",
+    "peer.camera.blocked": "{who}'s camera is blocked in their browser.",
+    "peer.camera.busy": "{who}'s camera is in use by another program.",
+    "peer.microphone.off": "{who} is muted.",
+    "peer.microphone.missing": "{who} has no microphone.",
+    "peer.microphone.blocked": "{who}'s microphone is blocked in their browser.",
+    "peer.microphone.busy": "{who}'s microphone is in use by another program.",
     "quality.unknown": "Connection: –",
     "quality.good": "Connection: good",
     "quality.fair": "Connection: fair",
@@ -325,6 +344,10 @@ const MESSAGES = {
     "common.microphone": "Microfoon",
 
     "index.title": "videoconsult",
+    "notFound.title": "Pagina niet gevonden – videoconsult",
+    "notFound.heading": "Deze pagina bestaat niet",
+    "notFound.text": "Controleer het adres. Een link van uw therapeut ziet eruit als /join/ gevolgd door een lange code: kopieer die helemaal.",
+    "notFound.home": "Naar de startpagina",
     "index.heading": "Videoconsulten",
     "index.text": "Deze server verbindt therapeuten en patiënten voor videoconsulten. Van elk consult bewaart hij alleen het begin, het einde en de duur.",
     "index.patients": "Patiënten: open de link die uw therapeut u stuurde.",
@@ -340,6 +363,8 @@ const MESSAGES = {
     "login.codeDigits": "De code heeft 6 cijfers.",
     "login.failed": "Het e-mailadres, het wachtwoord of de code klopt niet.",
     "login.locked": "Te veel mislukte pogingen. Wacht even voor u het opnieuw probeert.",
+    "login.lockedMinutes": "Te veel mislukte pogingen. Probeer het over {minutes} minuten opnieuw.",
+    "login.lockedSeconds": "Te veel mislukte pogingen. Probeer het over {seconds} seconden opnieuw.",
     "login.reason.idle": "U bent uitgelogd omdat u een tijd niet actief was.",
     "login.reason.session": "Uw sessie is beëindigd. Log opnieuw in.",
     "login.reason.logout": "U bent uitgelogd.",
@@ -438,6 +463,9 @@ const MESSAGES = {
     "app.call.endConfirm": "Het consult voor u beiden beëindigen?",
     "app.call.back": "Terug naar de lijst",
     "app.over.title": "Het consult is beëindigd",
+    "app.over.ended_by_therapist": "U hebt het consult beëindigd.",
+    "app.call.heading": "Consult",
+    "app.list.revoked": "Link ingetrokken",
     "app.over.replacedTitle": "Elders geopend",
     "app.over.replaced": "U hebt dit consult in een ander venster of op een ander apparaat geopend.",
     "app.over.notFound": "Dit consult is niet gevonden. Misschien hoort het bij een ander account.",
@@ -566,6 +594,16 @@ const MESSAGES = {
     "ended.not_joined": "Het consult is gesloten omdat niemand op tijd deelnam.",
     "ended.consult_over": "Dit consult is beëindigd.",
 
+    "peer.who.patient": "de patiënt",
+    "peer.who.therapist": "uw therapeut",
+    "peer.camera.off": "{who} heeft de camera uitgezet.",
+    "peer.camera.missing": "{who} heeft geen camera.",
+    "peer.camera.blocked": "de camera van {who} is geblokkeerd in de browser.",
+    "peer.camera.busy": "de camera van {who} wordt door een ander programma gebruikt.",
+    "peer.microphone.off": "{who} heeft de microfoon gedempt.",
+    "peer.microphone.missing": "{who} heeft geen microfoon.",
+    "peer.microphone.blocked": "de microfoon van {who} is geblokkeerd in de browser.",
+    "peer.microphone.busy": "de microfoon van {who} wordt door een ander programma gebruikt.",
     "quality.unknown": "Verbinding: –",
     "quality.good": "Verbinding: goed",
     "quality.fair": "Verbinding: redelijk",
@@ -692,11 +730,20 @@ export function setupLanguage(select, onChange) {
   });
 }
 
+// The browser's own locale where it speaks the page's language (en-GB: a
+// 24-hour clock), else the page's language.
+export function locale() {
+  for (const tag of navigator.languages || [navigator.language || current]) {
+    if (tag.toLowerCase().split("-")[0] === current) return tag;
+  }
+  return current;
+}
+
 export function formatTime(iso, withDate = false) {
   const options = withDate
     ? { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" }
     : { hour: "2-digit", minute: "2-digit" };
-  return new Intl.DateTimeFormat(current, options).format(new Date(iso));
+  return new Intl.DateTimeFormat(locale(), options).format(new Date(iso));
 }
 
 export function formatDuration(seconds) {

@@ -4,7 +4,7 @@ import { ConsultCall, LinkProblem } from "./call.js";
 import { setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
-import { bindCallControls, showDeviceProblems, showQuality } from "./ui.js";
+import { bindCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const inviteApi = `/api/invites/${encodeURIComponent(token)}`;
@@ -21,6 +21,12 @@ let lastLinkProblem = null;
 let recording = null;
 // This tab joined the consult with the link (now, or before a reload).
 let joinedHere = false;
+let peerMedia = null;
+
+function peerMediaShown(state) {
+  peerMedia = state;
+  showPeerMedia($("peer-media"), state, "therapist");
+}
 
 function show(id) {
   for (const section of document.querySelectorAll("main > section")) {
@@ -212,6 +218,7 @@ function onCallEvent(type, detail) {
       break;
     case "peer-left":
       banner("call.peerLeft.therapist");
+      peerMediaShown(null);
       break;
     case "remote-stream":
       $("remote-video").srcObject = detail.stream;
@@ -222,6 +229,9 @@ function onCallEvent(type, detail) {
       break;
     case "quality":
       showQuality($("quality"), detail);
+      break;
+    case "peer-media":
+      peerMediaShown(detail);
       break;
     case "recording":
       recording.update(detail);
@@ -267,6 +277,7 @@ function finish(section) {
   media = { stream: null, camera: null, microphone: null };
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
   banner("");
+  peerMediaShown(null);
   if (section) show(section);
 }
 
@@ -314,6 +325,7 @@ function wire() {
     getStream: () => media.stream,
     muteButton: $("mute"),
     cameraButton: $("camera"),
+    onChange: () => call && call.sendMediaState(),
   });
   window.addEventListener("pagehide", () => stopMeter());
 }
@@ -325,6 +337,7 @@ setupLanguage($("language"), () => {
   if (presenceKey) $("waiting-therapist").textContent = t(presenceKey);
   if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
   showProblems();
+  peerMediaShown(peerMedia);
 });
 translatePage();
 wire();

@@ -26,18 +26,20 @@ function goTo(session, replace = false) {
   else location.assign(target);
 }
 
-// Already logged in (a bookmark of this page, the back button): go on at once.
-async function goOnIfLoggedIn() {
-  const response = await fetch("/api/session", { credentials: "same-origin" });
-  if (response.ok) goTo(await response.json(), true);
-}
-
 function notice() {
   const reason = params.get("reason");
   if (reason) {
     $("login-notice").textContent = t(`login.reason.${reason}`, {}, "");
     $("login-notice").hidden = !$("login-notice").textContent;
   }
+}
+
+// How long to wait, from the server's Retry-After (seconds).
+function lockedText(retryAfter) {
+  const seconds = Number.parseInt(retryAfter || "", 10);
+  if (!Number.isFinite(seconds) || seconds <= 0) return t("login.locked");
+  if (seconds < 60) return t("login.lockedSeconds", { seconds });
+  return t("login.lockedMinutes", { minutes: Math.ceil(seconds / 60) });
 }
 
 $("login-form").addEventListener("submit", async (event) => {
@@ -71,7 +73,7 @@ $("login-form").addEventListener("submit", async (event) => {
       return;
     }
     const code = data.error && data.error.code;
-    if (code === "login_locked") error.textContent = t("login.locked");
+    if (code === "login_locked") error.textContent = lockedText(response.headers.get("Retry-After"));
     else if (code === "login_failed") error.textContent = t("login.failed");
     else error.textContent = (data.error && data.error.message) || t("common.failed");
   } catch {
@@ -87,4 +89,3 @@ setupLanguage($("language"), () => {
 });
 translatePage();
 notice();
-goOnIfLoggedIn().catch(() => {});

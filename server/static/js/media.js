@@ -109,8 +109,11 @@ export function showLevel(stream, meter) {
   };
   tick();
   return () => {
+    // Called again after a Leave and a new device check: close once only
+    // (a second close() rejects: "Cannot close a closed AudioContext").
+    if (!running) return;
     running = false;
-    context.close();
+    context.close().catch(() => {});
   };
 }
 

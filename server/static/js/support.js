@@ -2,7 +2,7 @@
 // a pseudonym for the therapist), filters and pages, two charts drawn by the
 // server as SVG, and the technical log of one consult for the last 24 hours.
 // The filters live in the address, so a reload or a shared link shows the same.
-import { language, setupLanguage, t, translatePage } from "./i18n.js";
+import { language, locale, setupLanguage, t, translatePage } from "./i18n.js";
 import { showWayHome } from "./roles.js";
 import { showAccountNotices, showSection, toLogin } from "./ui.js";
 
@@ -59,13 +59,6 @@ function sessionTouched() {
 const show = showSection;
 
 // --- formatting ----------------------------------------------------------------
-
-// The browser's own variant of the page's language (en-GB writes 23 Nov, 14:05).
-function locale() {
-  const chosen = language();
-  const preferred = navigator.languages || [navigator.language || chosen];
-  return preferred.find((tag) => tag.toLowerCase().split("-")[0] === chosen) || chosen;
-}
 
 function localDate(iso) {
   return new Intl.DateTimeFormat(locale(), { day: "numeric", month: "short", year: "numeric" }).format(new Date(iso));

@@ -1,5 +1,5 @@
 // Small pieces both pages use: the mute and camera buttons, the quality badge.
-import { t } from "./i18n.js";
+import { locale, t } from "./i18n.js";
 
 function setToggle(button, pressed, onKey, offKey) {
   button.setAttribute("aria-pressed", String(pressed));
@@ -7,13 +7,15 @@ function setToggle(button, pressed, onKey, offKey) {
   button.textContent = t(button.dataset.i18n);
 }
 
-export function bindCallControls({ getStream, muteButton, cameraButton }) {
+// onChange: after each toggle (the page tells the other side).
+export function bindCallControls({ getStream, muteButton, cameraButton, onChange = () => {} }) {
   muteButton.addEventListener("click", () => {
     const stream = getStream();
     const tracks = stream ? stream.getAudioTracks() : [];
     const muted = muteButton.getAttribute("aria-pressed") !== "true";
     for (const track of tracks) track.enabled = !muted;
     setToggle(muteButton, muted, "call.mute", "call.unmute");
+    onChange();
   });
   cameraButton.addEventListener("click", () => {
     const stream = getStream();
@@ -21,7 +23,24 @@ export function bindCallControls({ getStream, muteButton, cameraButton }) {
     const off = cameraButton.getAttribute("aria-pressed") !== "true";
     for (const track of tracks) track.enabled = !off;
     setToggle(cameraButton, off, "call.cameraOff", "call.cameraOn");
+    onChange();
   });
+}
+
+// What the other participant's camera and microphone do ("media-state"),
+// in words over the stage; hidden while both are on (or nothing is known).
+// who: "patient" or "therapist", the other participant's role.
+export function showPeerMedia(element, state, who) {
+  const sentences = [];
+  for (const kind of ["camera", "microphone"]) {
+    const value = state && state[kind];
+    if (!value || value === "on") continue;
+    const text = t(`peer.${kind}.${value}`, { who: t(`peer.who.${who}`) }, "");
+    if (text) sentences.push(text.charAt(0).toUpperCase() + text.slice(1));
+  }
+  element.textContent = sentences.join(" ");
+  element.hidden = sentences.length === 0;
+  element.classList.toggle("peer-dark", Boolean(state && state.camera && state.camera !== "on"));
 }
 
 export function showQuality(element, stats) {
@@ -76,7 +95,7 @@ export function showAccountNotices(container, notices) {
     box.setAttribute("role", "alert");
     const text = document.createElement("p");
     const by = notice.by_email || t(`notice.by.${notice.by_role}`, {}, notice.by_role);
-    const at = new Date(notice.at).toLocaleString(document.documentElement.lang);
+    const at = new Date(notice.at).toLocaleString(locale());
     text.textContent = t(`notice.${notice.kind}`, { at, by }, notice.kind);
     const button = document.createElement("button");
     button.type = "button";
