@@ -72,16 +72,7 @@ async def purge_all(engine: AsyncEngine) -> int:
     return report.access_log_records
 
 
-async def test_a_retention_purge_of_20000_records_never_holds_the_loop(
-    engine: AsyncEngine, request: pytest.FixtureRequest
-) -> None:
-    if engine.dialect.name == "sqlite":
-        # Seen at load 22: 390 ms held against 9 ms at rest; the purge's
-        # statements run in aiosqlite's thread, and where the loop is held
-        # is not found yet. Not strict: on a quiet host it may pass.
-        request.applymarker(
-            pytest.mark.xfail(reason="SQLite purge held the loop 0.39 s (cause open)", strict=False)
-        )
+async def test_a_retention_purge_of_20000_records_never_holds_the_loop(engine: AsyncEngine) -> None:
     await fill_old_records(engine, 20_000)
     purged, held_s, at_rest_s = await longest_hold(purge_all(engine))
     assert purged == 20_000
