@@ -23,11 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -36,6 +33,9 @@ from pydantic import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from config.section import Section as _Section
+from config.smtp import SmtpSettings
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 ENV_PREFIX = "VIDEOCONSULT_"
@@ -58,10 +58,6 @@ class Mode(enum.Enum):
     DEVELOPMENT = "development"
     # JSON logs, a configured master key required.
     PRODUCTION = "production"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -224,49 +220,6 @@ class ConsultSettings(_Section):
     grace_s: int = Field(ge=1, le=600)
     ticket_ttl_s: int = Field(ge=5, le=600)
     waiting_room_opens_before_s: int = Field(ge=0, le=7 * 86400)
-
-
-class SmtpSettings(_Section):
-    host: str
-    port: int = Field(ge=1, le=65535)
-    security: Literal["starttls", "tls", "none"]
-    username: str
-    password: SecretStr
-    from_address: str
-    language: Literal["en", "nl"]
-    time_zone: str
-    timeout_s: float = Field(gt=0, le=120)
-    # A CA bundle to check the server's certificate against; empty: the system's.
-    ca_file: str
-
-    @field_validator("time_zone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not a time zone (e.g. Europe/Amsterdam)") from None
-        return value
-
-    @model_validator(mode="after")
-    def _sender_with_host(self) -> SmtpSettings:
-        if self.host and "@" not in self.from_address:
-            raise ValueError(
-                "smtp.host needs smtp.from_address, an address like video@praktijk.example"
-            )
-        if self.username and self.security == "none" and self.host not in _LOOPBACK_HOSTS:
-            raise ValueError(
-                "smtp.username needs smtp.security 'starttls' or 'tls': "
-                "a password is never sent in the clear"
-            )
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.host)
-
-
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class RetentionSettings(_Section):

@@ -15,7 +15,7 @@ from email.message import EmailMessage
 
 import aiosmtplib
 
-from config.settings import SmtpSettings
+from config.smtp import SmtpSettings
 
 __all__ = ["MailFailed", "MailProblem", "send_mail"]
 
@@ -60,8 +60,9 @@ async def send_mail(settings: SmtpSettings, message: EmailMessage) -> None:
     if not settings.enabled:
         raise MailFailed(MailProblem.NOT_CONFIGURED)
     tls = settings.security != "none"
-    context = ssl.create_default_context(cafile=settings.ca_file or None) if tls else None
     try:
+        # In the try: a CA file that went bad since the start is a TLS failure.
+        context = ssl.create_default_context(cafile=settings.ca_file or None) if tls else None
         await aiosmtplib.send(
             message,
             hostname=settings.host,

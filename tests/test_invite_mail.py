@@ -330,7 +330,21 @@ async def test_an_address_without_a_mail_server_is_refused_before_anything_is_ma
 
 
 @pytest.mark.parametrize(
-    "address", ["no-at-sign.example", "two@@example.nl", "a b@example.nl", "x@localhost", 5]
+    "address",
+    [
+        "no-at-sign.example",
+        "two@@example.nl",
+        "a b@example.nl",
+        "x@localhost",
+        5,
+        # Found in review: each passed the check, then the mail went elsewhere
+        # (a group, a comment) or composing it failed after the consult was
+        # made (500, the link lost).
+        "(@b.cd)",
+        "=?utf-8?b??=@b.cd",
+        "a:b@c.de",
+        "a(b@c.de",
+    ],
 )
 async def test_a_malformed_address_is_refused_naming_the_field(
     harness: Harness, address: Any
@@ -378,3 +392,12 @@ def test_a_relay_on_this_machine_may_take_a_login_without_tls(
         smtp_from_address="video@praktijk.example",
     )
     assert settings.smtp.enabled
+
+
+def test_a_ca_file_that_is_not_there_stops_the_start(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """Found in review: a wrong smtp.ca_file failed each send with a 500,
+    after the consult was made."""
+    with pytest.raises(SettingsError, match="is not a file"):
+        make_settings(smtp_ca_file=str(tmp_path / "missing.pem"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from email.errors import HeaderParseError
+from email.message import EmailMessage
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -34,9 +36,21 @@ _ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\".]+")
 
 
 def _looks_like_address(value: str) -> str:
-    if _ADDRESS.fullmatch(value) is None:
+    if _ADDRESS.fullmatch(value) is None or not _one_plain_recipient(value):
         raise ValueError("must be an e-mail address like name@example.nl")
     return value
+
+
+def _one_plain_recipient(value: str) -> bool:
+    """Whether the mail's To header, parsed as the send will parse it, names
+    exactly this one address (not a group, a comment or an encoded word)."""
+    header = EmailMessage()
+    try:
+        header["To"] = value
+        found = header["To"].addresses
+    except (ValueError, IndexError, HeaderParseError):
+        return False
+    return len(found) == 1 and found[0].addr_spec == value and "=?" not in value
 
 
 EmailAddress = Annotated[

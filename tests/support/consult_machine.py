@@ -107,7 +107,17 @@ START = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 # end and the duration; the API's id, therapist, creation and status), and
 # nothing more: no address, no name, nothing of the signaling.
 COLUMNS = frozenset(
-    {"id", "therapist_id", "created_at", "started_at", "ended_at", "duration_s", "status"}
+    {
+        "id",
+        "therapist_id",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "status",
+        # the appointment, when one was given (a time is not personal data; issue 21)
+        "scheduled_at",
+    }
 )
 # Server messages the model does not predict, allowed on these sockets only,
 # with these fields: the therapist's socket opening or closing, told to a
@@ -405,6 +415,8 @@ class ConsultModel:
             "ended_at": self.ended_at,
             "duration_s": duration,
             "status": status,
+            # The machine's consults are made without an appointment.
+            "scheduled_at": None,
         }
 
 
