@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import Conflict, NotFound
 from audit.labels import destroy_label
-from audit.schema import consults, invites
+from audit.schema import consult_labels, consults, invites
 from audit.sealing import token_hash
 
 
@@ -395,3 +395,23 @@ async def live_invite_expiry(
     if expiry is not None and expiry.tzinfo is None:
         expiry = expiry.replace(tzinfo=UTC)  # SQLite's aggregate loses the column type
     return expiry
+
+
+async def destroy_labels_of_unusable_links(conn: AsyncConnection, *, now: datetime) -> int:
+    """Delete the labels of consults not started whose link no longer works
+    (run out unused or revoked, by whichever validity made it: the server's
+    or the practice's); how many. A link reissued later gets no label back."""
+    live_invite = (
+        sa.select(invites.c.token_hash)
+        .where(
+            invites.c.consult_id == consult_labels.c.consult_id,
+            invites.c.expires_at > now,
+            invites.c.revoked_at.is_(None),
+        )
+        .exists()
+    )
+    not_started = sa.select(consults.c.id).where(consults.c.status == ConsultStatus.CREATED.value)
+    result = await conn.execute(
+        consult_labels.delete().where(consult_labels.c.consult_id.in_(not_started), ~live_invite)
+    )
+    return int(result.rowcount or 0)

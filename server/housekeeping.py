@@ -16,7 +16,11 @@ from aiohttp import web
 from redis.exceptions import LockNotOwnedError, RedisError
 
 from audit.accounts import purge_enrolment_links
-from audit.consults import abandoned_consults, purge_expired_invites
+from audit.consults import (
+    abandoned_consults,
+    destroy_labels_of_unusable_links,
+    purge_expired_invites,
+)
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
@@ -106,6 +110,7 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
         counts = {
             "technical_log": await purge_technical_log(conn, now=now),
             "enrolment_links": await purge_enrolment_links(conn, now=now),
+            "labels": await destroy_labels_of_unusable_links(conn, now=now),
             "invites": await purge_expired_invites(conn, now=now),
             "sessions": await purge_sessions(
                 conn,

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from audit.clock import ManualClock
+from audit.practice import PracticeSettings, set_practice_settings
 from audit.schema import consult_labels, consults, metadata
 from server import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, SETTINGS
@@ -125,6 +126,28 @@ async def test_the_label_is_destroyed_when_its_link_runs_out_unused(harness: Har
     assert counts["abandoned_consults"] == 1
     assert await sealed_row(harness, setup.consult_id) is None
     assert await traces(harness, needles) == []
+
+
+async def test_the_label_goes_when_a_practices_shorter_link_runs_out_unused(
+    harness: Harness,
+) -> None:
+    """Found in review: housekeeping ended unused consults by the server's
+    validity (24 h), so a practice's 1-hour link left its label 23 hours too long."""
+    organisation = await harness.organisation()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await set_practice_settings(
+            conn,
+            organisation.id,
+            PracticeSettings(recording_allowed=True, invite_validity_s=3600),
+            now=harness.clock.now(),
+        )
+    setup = await new_consult(harness, display_name=LABEL)
+    harness.clock.advance(1800)
+    await purge_expired(harness.app)
+    assert await sealed_row(harness, setup.consult_id) is not None  # the link still works
+    harness.clock.advance(1801)
+    await purge_expired(harness.app)
+    assert await sealed_row(harness, setup.consult_id) is None
 
 
 async def test_a_patient_who_comes_early_is_told_when_the_waiting_room_opens(
