@@ -35,6 +35,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
+from pathlib import Path
 from typing import Any
 
 # The record's fields and ``prev_hash`` in sorted key order, as json.dumps
@@ -225,9 +226,10 @@ _NO_END = 2**63 - 1
 class _SqliteReader:
     def __init__(self, spec: WalkSpec) -> None:
         self._spec = spec
-        self._conn = sqlite3.connect(
-            f"file:{spec.location}?mode=ro", uri=True, timeout=spec.timeout_s, isolation_level=None
-        )
+        # A file URI, quoted: a '#', '?' or '%' in the data directory's path
+        # would otherwise cut it short (and SQLite make an empty database).
+        uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
 
     def rows(self) -> Generator[Row]:
         spec = self._spec

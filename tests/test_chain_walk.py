@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -116,3 +117,22 @@ async def test_a_verify_from_the_engine_leaves_the_event_loop_free(engine: Async
         assert (report.intact, report.records) == (True, 20_000)
     assert in_a_worker * 3 < on_the_loop
     assert in_a_worker < max(0.1, 3 * at_rest)
+
+
+async def test_a_verify_from_the_engine_reads_a_data_directory_with_odd_characters(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """Found in review: the worker opened SQLite by a URI built from the bare
+    path, so '#' cut it there and an empty database was made instead."""
+    settings = make_settings(database_url="", data_dir=str(tmp_path / "praktijk #2 50%"))
+    engine = create_engine(
+        configured_url(settings, prepare_data_dir(settings.data_dir)), connect_timeout_s=30
+    )
+    try:
+        await upgrade(engine)
+        await fill(engine, 10)
+        report = await verify_chain(engine)
+        assert (report.intact, report.records) == (True, 10)
+    finally:
+        await engine.dispose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["praktijk #2 50%"]
