@@ -57,3 +57,31 @@ def test_a_command_finding_no_database_names_the_directory_and_creates_nothing(
     assert_one_clear_error(result, f"no database in {missing}", "VIDEOCONSULT_DATA_DIR")
     assert not missing.exists()
     assert [path.name for path in tmp_path.iterdir()] == []
+
+
+def test_a_second_serve_refused_its_port_leaves_the_running_ones_address(
+    data_dir: Path, free_port: int
+) -> None:
+    """Found in review: the refused second serve removed serving.json, and
+    links then named the configured port instead of the running server's."""
+    env = cli_env(data_dir)
+    assert EXECUTABLE
+    with subprocess.Popen(
+        [EXECUTABLE, "serve", "--port", str(free_port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            wait_for_line(process, "videoconsult is running", timeout_s=30)
+            serving = data_dir / "serving.json"
+            written = serving.read_text()
+            second = run_cli("serve", "--port", str(free_port), env=env)
+            assert second.returncode != 0
+            assert "already in use" in second.stderr
+            assert serving.read_text() == written
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=15)
+    assert not (data_dir / "serving.json").exists()  # the first one's own, gone with it

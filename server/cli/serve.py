@@ -96,9 +96,16 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             ) from None
         raise CliError(f"cannot listen on {server.host}:{server.port}: {err.strerror}") from None
     finally:
-        with contextlib.suppress(OSError):
-            serving.unlink(missing_ok=True)
+        _forget(serving)
     return 0
+
+
+def _forget(serving: Path) -> None:
+    """Remove ``serving`` if this process wrote it: a second serve on the same
+    data directory, refused its port, must not remove the running one's."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(serving.read_text()).get("pid") == os.getpid():
+            serving.unlink()
 
 
 # Allocations between young-generation collections (CPython's default: 700).
