@@ -391,3 +391,9 @@ async def test_a_practice_that_does_not_allow_recording_has_requests_refused(
     refused = await receive(socket, "error")
     assert refused["code"] == "recording_unavailable"
     assert "practice does not allow recording" in refused["message"]
+    # A patient asking is refused for being the patient (counted as
+    # misbehaviour), not told about the practice (found in review).
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    await patient.send_json({"v": 1, "type": "record-request"})
+    assert (await receive(patient, "error"))["code"] == "not_allowed"

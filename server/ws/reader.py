@@ -15,6 +15,7 @@ from signaling.protocol import (
     Bye,
     CloseCode,
     ErrorCode,
+    ParticipantRole,
     ProtocolError,
     RecordRequest,
     error_message,
@@ -58,7 +59,8 @@ async def read_frames(
                     ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
             message = parse_inbound(frame.data)
-            if isinstance(message, RecordRequest):
+            # The therapist's only: the room refuses a patient's as not_allowed.
+            if isinstance(message, RecordRequest) and participant.role is ParticipantRole.THERAPIST:
                 await check_practice_records(request.app, participant)
             replies = await rooms.handle(participant, message, frame=frame.data)
         except ProtocolError as err:
