@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from audit.clock import ManualClock
 from audit.practice import PracticeSettings, set_practice_settings
+from audit.roles import Role
 from audit.schema import consult_labels, consults, metadata
 from server import create_app
 from server.app_keys import DATA_DIR, DB_ENGINE, SETTINGS
@@ -191,3 +192,15 @@ async def test_sqlite_overwrites_what_it_deletes(sqlite_harness: Harness) -> Non
     # SQLite builds do not overwrite deleted rows unless told to.
     async with sqlite_harness.app[DB_ENGINE].connect() as conn:
         assert await conn.scalar(sa.text("PRAGMA secure_delete")) == 1
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+async def test_an_appointment_that_does_not_exist_in_utc_is_refused_naming_the_field(
+    harness: Harness, moment: str
+) -> None:
+    """Found by the API fuzzing: a 500 from storing a time before the year 1 in UTC."""
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(therapist)
+    answer = await harness.post("/api/consults", {"scheduled_at": moment})
+    assert answer.status == 422
+    assert (await answer.json())["error"]["message"].startswith("field 'scheduled_at'")

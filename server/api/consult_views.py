@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import structlog
@@ -114,6 +114,13 @@ def _parse_time(text: str | None) -> datetime | None:
         raise Unprocessable("field 'scheduled_at' must be an ISO 8601 date and time") from None
     if moment.tzinfo is None:
         raise Unprocessable("field 'scheduled_at' needs a time zone offset (e.g. +01:00 or Z)")
+    try:
+        moment.astimezone(UTC)  # stored in UTC: it must exist there
+    except OverflowError:
+        raise Unprocessable(
+            "field 'scheduled_at' is out of range: in UTC it would fall before the year 1"
+            " or after 9999"
+        ) from None
     return moment
 
 
