@@ -30,8 +30,8 @@ from audit.access_log import (
 )
 from audit.accounts import Role
 from server.api.errors import Unprocessable
+from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
-from server.api.support_views import _date, _day_start, _params, _zone
 from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import Principal, require_role
 
@@ -79,8 +79,8 @@ class LogFilter:
 
 
 def _filter(params: dict[str, str]) -> LogFilter:
-    zone, _name = _zone(params)
-    first, last = _date(params, "from"), _date(params, "to")
+    zone, _name = query_zone(params)
+    first, last = query_date(params, "from"), query_date(params, "to")
     if first is not None and last is not None and first > last:
         raise Unprocessable("parameter 'from' must not lie after 'to'")
     actor_id = None
@@ -99,8 +99,8 @@ def _filter(params: dict[str, str]) -> LogFilter:
     if object_id is not None and not _OBJECT.fullmatch(object_id):
         raise Unprocessable("parameter 'object' must be an object id of at most 64 characters")
     return LogFilter(
-        since=None if first is None else _day_start(first, zone),
-        until=None if last is None else _day_start(last + timedelta(days=1), zone),
+        since=None if first is None else day_start(first, zone),
+        until=None if last is None else day_start(last + timedelta(days=1), zone),
         actor_id=actor_id,
         action=action,
         object_id=object_id,
@@ -125,7 +125,7 @@ async def _log(request: web.Request, principal: Principal, action: str, object_t
 async def access_log_read(request: web.Request) -> web.Response:
     """The organisation's access records, newest first, a page at a time."""
     principal = await require_role(request, Role.ADMIN, action="access_log.read")
-    params = _params(request, FILTER_PARAMS | {"before"})
+    params = query_params(request, FILTER_PARAMS | {"before"})
     before = params.get("before")
     before_seq: int | None = None
     if before is not None:
@@ -176,7 +176,7 @@ def _json_items(batch: list[AccessRecord], *, first: bool) -> bytes:
 async def access_log_export(request: web.Request) -> web.StreamResponse:
     """Every record the filters select, newest first, as a CSV or JSON download."""
     principal = await require_role(request, Role.ADMIN, action="access_log.export")
-    params = _params(request, FILTER_PARAMS | {"format"})
+    params = query_params(request, FILTER_PARAMS | {"format"})
     export_format = params.get("format", "csv")
     if export_format not in EXPORT_FORMATS:
         raise Unprocessable("parameter 'format' must be csv or json")

@@ -21,8 +21,8 @@ from audit.retention import Retention, preview_organisation, retention_of
 from server.api.admin_views import default_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import Unprocessable
+from server.api.query import query_params
 from server.api.representations import iso, retention_json
-from server.api.support_views import _params
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.sessions import Principal, require_role
 
@@ -119,7 +119,7 @@ async def retention_preview(request: web.Request) -> web.Response:
     """What a purge now would remove of the organisation (removing nothing), under
     its retention or under the periods given in the query (to try before setting)."""
     principal = await require_role(request, Role.ADMIN, action="retention.preview")
-    params = _params(request, frozenset(RETENTION_FIELDS))
+    params = query_params(request, frozenset(RETENTION_FIELDS))
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
     async with request.app[DB_ENGINE].begin() as conn:

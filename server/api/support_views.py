@@ -15,12 +15,10 @@ days up to it.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import date, timedelta, tzinfo
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -31,6 +29,14 @@ from audit.errors import NotFound
 from audit.roles import Role
 from audit.technical_log import RETENTION
 from server.api.errors import NotFoundError, Unprocessable
+from server.api.query import (
+    EARLIEST_DAY,
+    day_start,
+    query_date,
+    query_number,
+    query_params,
+    query_zone,
+)
 from server.api.representations import iso, support_consult_json
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
 from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY
@@ -51,17 +57,11 @@ MAX_PER_PAGE = 100
 MAX_PAGE = 100_000
 # A consult writes a few dozen entries a day; this is far beyond a normal one.
 TECHNICAL_LOG_LIMIT = 500
-# Dates outside this range are typing errors, and their day boundaries overflow.
-EARLIEST_DAY, LATEST_DAY = date(2000, 1, 1), date(2999, 12, 31)
 
 FILTER_PARAMS = frozenset({"from", "to", "status", "therapist", "tz"})
 LIST_PARAMS = FILTER_PARAMS | {"page", "per_page"}
 CHART_PARAMS = FILTER_PARAMS | {"lang"}
 
-_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_NUMBER = re.compile(r"[0-9]{1,6}")
-# IANA names ("Europe/Amsterdam", "Etc/GMT+1"): no dots, so never a path upwards.
-_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
 _STATUSES = ", ".join(status.value for status in ConsultStatus)
 
 
@@ -79,8 +79,8 @@ class Selection:
     def consult_filter(self, organisation_id: uuid.UUID) -> support.ConsultFilter:
         return support.ConsultFilter(
             organisation_id=organisation_id,
-            since=_day_start(self.first_day, self.zone),
-            until=_day_start(self.last_day + timedelta(days=1), self.zone),
+            since=day_start(self.first_day, self.zone),
+            until=day_start(self.last_day + timedelta(days=1), self.zone),
             status=self.status,
             therapist=self.therapist,
         )
@@ -95,68 +95,9 @@ class Selection:
         }
 
 
-def _day_start(day: date, zone: tzinfo) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def _params(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
-    """The query's parameters, each at most once and each one we know."""
-    query = request.rel_url.query
-    unknown = sorted(set(query) - allowed)
-    if unknown:
-        expected = ", ".join(sorted(allowed)) or "none"
-        raise Unprocessable(f"unknown parameter '{unknown[0][:40]}' (expected: {expected})")
-    for name in query:
-        if len(query.getall(name)) > 1:
-            raise Unprocessable(f"parameter '{name}' is given more than once")
-    return {name: query[name] for name in query}
-
-
-def _date(params: dict[str, str], name: str) -> date | None:
-    text = params.get(name)
-    if text is None:
-        return None
-    try:
-        if not _DATE.fullmatch(text):
-            raise ValueError(text)
-        day = date.fromisoformat(text)
-    except ValueError:
-        raise Unprocessable(
-            f"parameter '{name}' must be a date as YYYY-MM-DD, e.g. 2026-11-23"
-        ) from None
-    if not EARLIEST_DAY <= day <= LATEST_DAY:
-        raise Unprocessable(f"parameter '{name}' must lie between {EARLIEST_DAY} and {LATEST_DAY}")
-    return day
-
-
-def _zone(params: dict[str, str]) -> tuple[tzinfo, str]:
-    name = params.get("tz", "UTC")
-    if name == "UTC":
-        return UTC, name
-    problem = (
-        "parameter 'tz' must be an IANA time zone such as Europe/Amsterdam "
-        "that this server knows, or UTC"
-    )
-    if len(name) > 64 or not _ZONE.fullmatch(name):
-        raise Unprocessable(problem)
-    try:
-        return ZoneInfo(name), name
-    except (KeyError, ValueError, OSError):
-        raise Unprocessable(problem) from None
-
-
-def _number(params: dict[str, str], name: str, *, default: int, low: int, high: int) -> int:
-    text = params.get(name)
-    if text is None:
-        return default
-    if not _NUMBER.fullmatch(text) or not low <= int(text) <= high:
-        raise Unprocessable(f"parameter '{name}' must be a whole number from {low} to {high}")
-    return int(text)
-
-
 def _selection(request: web.Request, params: dict[str, str], *, max_days: int | None) -> Selection:
-    zone, zone_name = _zone(params)
-    first, last = _date(params, "from"), _date(params, "to")
+    zone, zone_name = query_zone(params)
+    first, last = query_date(params, "from"), query_date(params, "to")
     today = request.app[CLOCK].now().astimezone(zone).date()
     if last is None:
         last = today
@@ -188,10 +129,10 @@ def _pseudonyms(request: web.Request) -> support.TherapistPseudonyms:
 async def support_consults(request: web.Request) -> web.Response:
     """One page of the organisation's consults, newest first, with the filters applied."""
     principal = await require_role(request, Role.SUPPORT, action=ACTION_LIST)
-    params = _params(request, LIST_PARAMS)
+    params = query_params(request, LIST_PARAMS)
     selection = _selection(request, params, max_days=None)
-    page = _number(params, "page", default=1, low=1, high=MAX_PAGE)
-    per_page = _number(params, "per_page", default=DEFAULT_PER_PAGE, low=1, high=MAX_PER_PAGE)
+    page = query_number(params, "page", default=1, low=1, high=MAX_PAGE)
+    per_page = query_number(params, "per_page", default=DEFAULT_PER_PAGE, low=1, high=MAX_PER_PAGE)
     organisation_id = principal.account.organisation_id
     pseudonyms = _pseudonyms(request)
     async with request.app[DB_ENGINE].begin() as conn:
@@ -239,7 +180,7 @@ def _lang(params: dict[str, str]) -> str:
 async def support_chart_per_day(request: web.Request) -> web.Response:
     """A bar per day of the range: how many consults had their moment then."""
     principal = await require_role(request, Role.SUPPORT, action=ACTION_PER_DAY)
-    params = _params(request, CHART_PARAMS)
+    params = query_params(request, CHART_PARAMS)
     selection = _selection(request, params, max_days=MAX_CHART_DAYS)
     lang = _lang(params)
     organisation_id = principal.account.organisation_id
@@ -267,7 +208,7 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
 async def support_chart_durations(request: web.Request) -> web.Response:
     """A bar per duration bucket, over the consults of the range that ended."""
     principal = await require_role(request, Role.SUPPORT, action=ACTION_DURATIONS)
-    params = _params(request, CHART_PARAMS)
+    params = query_params(request, CHART_PARAMS)
     selection = _selection(request, params, max_days=MAX_CHART_DAYS)
     lang = _lang(params)
     organisation_id = principal.account.organisation_id
@@ -302,7 +243,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
     and the attempt is access-logged as refused.
     """
     principal = await require_role(request, Role.SUPPORT, action=ACTION_TECHNICAL_LOG)
-    _params(request, frozenset())
+    query_params(request, frozenset())
     try:
         consult_id: uuid.UUID | None = uuid.UUID(request.match_info["consult_id"])
     except ValueError:
