@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from audit.errors import DatabaseUnavailable
 from config import Settings
@@ -160,3 +162,23 @@ def first_line(err: BaseException) -> str:
     innermost = _chain(err)[-1]
     lines = str(innermost).strip().splitlines()
     return (lines[0] if lines else type(innermost).__name__)[:300]
+
+
+async def save_organisation_row(
+    conn: AsyncConnection,
+    table: sa.Table,
+    organisation_id: uuid.UUID,
+    values: Mapping[str, object],
+) -> None:
+    """Set an organisation's one row of ``table`` (keyed by ``organisation_id``)
+    to ``values``, making it when the organisation has none yet. Two first
+    saves at once: the second's insert fails on the key, and it updates."""
+    where = table.c.organisation_id == organisation_id
+    updated = await conn.execute(table.update().where(where).values(**values))
+    if updated.rowcount:
+        return
+    try:
+        async with conn.begin_nested():
+            await conn.execute(table.insert().values(organisation_id=organisation_id, **values))
+    except sa.exc.IntegrityError:
+        await conn.execute(table.update().where(where).values(**values))

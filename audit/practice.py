@@ -17,6 +17,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.db import save_organisation_row
 from audit.schema import accounts, consults, practice_settings
 
 # The shortest invite validity a practice may choose: an hour.
@@ -63,15 +64,7 @@ async def set_practice_settings(
         "invite_validity_s": chosen.invite_validity_s,
         "updated_at": now,
     }
-    updated = await conn.execute(
-        practice_settings.update()
-        .where(practice_settings.c.organisation_id == organisation_id)
-        .values(**values)
-    )
-    if updated.rowcount == 0:
-        await conn.execute(
-            practice_settings.insert().values(organisation_id=organisation_id, **values)
-        )
+    await save_organisation_row(conn, practice_settings, organisation_id, values)
 
 
 async def recording_allowed_for_consult(conn: AsyncConnection, consult_id: uuid.UUID) -> bool:

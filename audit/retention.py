@@ -41,6 +41,7 @@ from audit.access_log import (
     chain_of,
 )
 from audit.consults import ConsultStatus
+from audit.db import save_organisation_row
 from audit.recordings import expired_recordings, shred
 from audit.schema import (
     access_log,
@@ -125,15 +126,7 @@ async def set_retention(
         "access_log_days": retention.access_log_days,
         "updated_at": now,
     }
-    updated = await conn.execute(
-        retention_settings.update()
-        .where(retention_settings.c.organisation_id == organisation_id)
-        .values(**values)
-    )
-    if updated.rowcount == 0:
-        await conn.execute(
-            retention_settings.insert().values(organisation_id=organisation_id, **values)
-        )
+    await save_organisation_row(conn, retention_settings, organisation_id, values)
 
 
 def _owned_by(organisation_id: uuid.UUID | None) -> sa.ColumnElement[bool]:

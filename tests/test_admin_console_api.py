@@ -5,6 +5,7 @@ SQLite and PostgreSQL (``harness``) where something is stored."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ from audit.practice import PracticeSettings, set_practice_settings
 from audit.recordings import begin_recording
 from audit.retention import Retention, purge
 from audit.roles import Role
-from audit.schema import access_log, consults
+from audit.schema import access_log, consults, practice_settings
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, SETTINGS
 from tests.support.harness import Harness, Professional, Sockets, new_consult, receive
 
@@ -397,3 +398,27 @@ async def test_a_practice_that_does_not_allow_recording_has_requests_refused(
     await receive(patient, "welcome")
     await patient.send_json({"v": 1, "type": "record-request"})
     assert (await receive(patient, "error"))["code"] == "not_allowed"
+
+
+async def test_two_first_saves_of_practice_settings_at_once_both_succeed(
+    harness: Harness,
+) -> None:
+    """Found in review: both updated no row, and the second insert failed on
+    the organisation's key (a 500 for a double-click)."""
+    organisation = await harness.organisation()
+    engine = harness.app[DB_ENGINE]
+
+    async def save(validity_s: int) -> None:
+        async with engine.begin() as conn:
+            await set_practice_settings(
+                conn,
+                organisation.id,
+                PracticeSettings(recording_allowed=True, invite_validity_s=validity_s),
+                now=harness.clock.now(),
+            )
+
+    await asyncio.gather(save(3600), save(7200))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(practice_settings))).all()
+    assert len(rows) == 1
+    assert rows[0].invite_validity_s in {3600, 7200}
