@@ -422,3 +422,26 @@ async def test_two_first_saves_of_practice_settings_at_once_both_succeed(
         rows = (await conn.execute(sa.select(practice_settings))).all()
     assert len(rows) == 1
     assert rows[0].invite_validity_s in {3600, 7200}
+
+
+async def test_a_database_blip_refuses_the_record_request_and_the_call_goes_on(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the database error left the read loop and ended the
+    therapist's socket. The outage is simulated (the practice lookup raises
+    as SQLAlchemy does when the database is away): stopping the real database
+    under one socket would stop every other test's too."""
+    setup = await new_consult(harness)
+    socket = await sockets.therapist(setup.consult_id)
+    await receive(socket, "welcome")
+
+    async def away(*_args: object) -> bool:
+        raise sa.exc.OperationalError("SELECT", {}, ConnectionRefusedError())
+
+    monkeypatch.setattr("server.ws.reader.recording_allowed_for_consult", away)
+    await socket.send_json({"v": 1, "type": "record-request"})
+    refused = await receive(socket, "error")
+    assert refused["code"] == "unavailable"
+    await socket.send_json({"v": 1, "type": "ping"})
+    assert (await receive(socket, "pong"))["type"] == "pong"
+    assert not socket.closed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from aiohttp import WSMsgType, web
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit.practice import recording_allowed_for_consult
 from server.app_keys import DB_ENGINE, METRICS, ROOMS, SETTINGS
@@ -88,8 +89,16 @@ async def read_frames(
 async def check_practice_records(app: web.Application, participant: Participant) -> None:
     """Refuse a recording request when the consult's practice does not allow
     recording (its admin's setting; the server's recording.enabled aside)."""
-    async with app[DB_ENGINE].connect() as conn:
-        allowed = await recording_allowed_for_consult(conn, participant.consult_id)
+    try:
+        async with app[DB_ENGINE].connect() as conn:
+            allowed = await recording_allowed_for_consult(conn, participant.consult_id)
+    except (SQLAlchemyError, OSError, TimeoutError):
+        # The database away for a moment: the request is refused, the call goes on.
+        raise ProtocolError(
+            ErrorCode.UNAVAILABLE,
+            "the practice's settings cannot be read right now; ask again in a moment",
+            ref="record-request",
+        ) from None
     if not allowed:
         raise ProtocolError(
             ErrorCode.RECORDING_UNAVAILABLE,
