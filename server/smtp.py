@@ -9,6 +9,7 @@ never passed on.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ssl
 from email.message import EmailMessage
@@ -62,7 +63,12 @@ async def send_mail(settings: SmtpSettings, message: EmailMessage) -> None:
     tls = settings.security != "none"
     try:
         # In the try: a CA file that went bad since the start is a TLS failure.
-        context = ssl.create_default_context(cafile=settings.ca_file or None) if tls else None
+        # Loading the CA store takes tens of ms: in a thread, not on the loop.
+        context = (
+            await asyncio.to_thread(ssl.create_default_context, cafile=settings.ca_file or None)
+            if tls
+            else None
+        )
         await aiosmtplib.send(
             message,
             hostname=settings.host,
