@@ -13,9 +13,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 import sqlalchemy as sa
 
+from audit.access_log import read_access_log
 from audit.consults import create_consult, mark_ended, mark_started
 from audit.practice import PracticeSettings, set_practice_settings
 from audit.recordings import begin_recording
@@ -210,6 +212,35 @@ async def test_an_export_larger_than_a_batch_holds_every_record_once(
     lines = (await (await get(sqlite_harness, "/api/admin/access-log/export")).text()).splitlines()
     assert lines[0].startswith("seq,at,actor_id")
     assert len(lines) == len(seqs) + 2  # the header, and the export's own record since
+
+
+async def test_an_export_that_breaks_off_does_not_end_like_a_whole_one(
+    sqlite_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a batch's read failing after the first bytes went out
+    must not leave a download a browser takes for whole (a NEN 7513 answer
+    missing records). The failure is simulated on the second batch's read."""
+    from server.api import admin_access_log
+
+    monkeypatch.setattr(admin_access_log, "EXPORT_BATCH", 3)
+    await admin_of(sqlite_harness)
+    for _ in range(4):
+        await get(sqlite_harness, "/api/admin/retention")
+    reads = 0
+    real_read = read_access_log
+
+    async def failing_second(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise sa.exc.OperationalError("SELECT", {}, ConnectionRefusedError())
+        return await real_read(*args, **kwargs)
+
+    monkeypatch.setattr("server.api.admin_access_log.read_access_log", failing_second)
+    answer = await get(sqlite_harness, "/api/admin/access-log/export")
+    assert answer.status == 200  # the headers went out before the failure
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await answer.read()
 
 
 async def old_consults(

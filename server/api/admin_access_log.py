@@ -203,25 +203,15 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
             "filters": {key: value for key, value in params.items() if key != "format"},
         }
         await response.write(json.dumps(head)[:-1].encode() + b', "records": [\n')
-    before_seq: int | None = None
-    first = True
-    while True:
-        # Each batch in a short read of its own: appends go on meanwhile.
-        async with request.app[DB_ENGINE].connect() as conn:
-            batch = await read_access_log(
-                conn, organisation_id, limit=EXPORT_BATCH, before_seq=before_seq, **chosen.query()
-            )
-        if export_format == "csv":
-            chunk = await asyncio.to_thread(_csv_lines, batch, header=first)
-        else:
-            chunk = await asyncio.to_thread(_json_items, batch, first=first)
-        await response.write(chunk)
-        first = first and not batch
-        if len(batch) < EXPORT_BATCH:
-            break
-        before_seq = batch[-1].seq
-    if export_format == "json":
-        await response.write(b"\n]}\n")
+    try:
+        await _write_records(request, response, organisation_id, chosen, export_format)
+    except BaseException:
+        # The headers said 200: a download that breaks off must not end like a
+        # whole one (a NEN 7513 answer missing records). Closing the
+        # connection without the last chunk tells the browser it failed.
+        if request.transport is not None:
+            request.transport.close()
+        raise
     await response.write_eof()
     return response
 
@@ -250,3 +240,32 @@ async def access_log_verify(request: web.Request) -> web.Response:
             },
         }
     )
+
+
+async def _write_records(
+    request: web.Request,
+    response: web.StreamResponse,
+    organisation_id: uuid.UUID,
+    chosen: LogFilter,
+    export_format: str,
+) -> None:
+    """The export's records, batch by batch, newest first; the JSON's end."""
+    before_seq: int | None = None
+    first = True
+    while True:
+        # Each batch in a short read of its own: appends go on meanwhile.
+        async with request.app[DB_ENGINE].connect() as conn:
+            batch = await read_access_log(
+                conn, organisation_id, limit=EXPORT_BATCH, before_seq=before_seq, **chosen.query()
+            )
+        if export_format == "csv":
+            chunk = await asyncio.to_thread(_csv_lines, batch, header=first)
+        else:
+            chunk = await asyncio.to_thread(_json_items, batch, first=first)
+        await response.write(chunk)
+        first = first and not batch
+        if len(batch) < EXPORT_BATCH:
+            break
+        before_seq = batch[-1].seq
+    if export_format == "json":
+        await response.write(b"\n]}\n")
