@@ -249,7 +249,7 @@ consults = sa.Table(
 # 10:30"), apart from the consult's record: sealed (AES-GCM) under a random
 # key of its own, which is kept here wrapped by the master key (see
 # audit/labels.py). The row, key and ciphertext together, is deleted when the
-# consult ends or its link runs out unused.
+# consult ends or, before it starts, no link to it works any more.
 consult_labels = sa.Table(
     "consult_labels",
     metadata,
