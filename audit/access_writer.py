@@ -12,6 +12,14 @@ record is committed; when the batch's transaction fails, every caller of
 that batch gets :class:`audit.errors.AccessLogNotWritten` and must not
 answer the read it meant to record. Nothing is lost silently.
 
+On PostgreSQL each chain has a queue and a writing task of its own: a chain
+whose lock another transaction holds (the retention purge keeps each chain
+it touched locked until it commits) stalls the reads of its own
+organisation only, never another's. At most ``max_concurrent`` chains'
+transactions are open at once, so that the writer never takes more of the
+pool than that. On SQLite, whose one writer every transaction waits for
+anyway, one queue takes every chain's records, as one transaction.
+
 Records that must commit with a change (no change without its record) are
 still appended with :func:`audit.access_log.record_access` in the change's
 own transaction; the writer is for reads, whose record must be committed
@@ -26,7 +34,14 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.access_log import AccessRecord, Actor, Outcome, access_record, append_records
+from audit.access_log import (
+    AccessRecord,
+    Actor,
+    Outcome,
+    access_record,
+    append_records,
+    chain_of,
+)
 from audit.db import first_line
 from audit.errors import AccessLogNotWritten
 
@@ -34,17 +49,30 @@ from audit.errors import AccessLogNotWritten
 # times over; small enough that hashing a batch on the loop takes about a
 # millisecond.
 MAX_BATCH = 256
+# Chains written at once: each holds a pooled connection while it writes.
+MAX_CONCURRENT = 4
+
+_Queued = list[tuple[AccessRecord, "asyncio.Future[None]"]]
 
 
 class AccessLogWriter:
     """Appends access records in batches; create it with the engine, close it before disposing."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_concurrent: int = MAX_CONCURRENT,
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
-        self._queue: list[tuple[AccessRecord, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
+        # Per chain: the records waiting, and the task that writes them.
+        self._queues: dict[str, _Queued] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
+        self._per_chain = engine.dialect.name != "sqlite"
         # Figures for /metrics and the benchmark.
         self.batches = 0
         self.records = 0
@@ -58,9 +86,12 @@ class AccessLogWriter:
         if self._closed:
             raise AccessLogNotWritten("the access log writer is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((record, future))
-        if self._task is None:
-            self._task = asyncio.create_task(self._write_queued(), name="access-log-writer")
+        chain = chain_of(record.organisation_id) if self._per_chain else ""
+        self._queues.setdefault(chain, []).append((record, future))
+        if chain not in self._tasks:
+            self._tasks[chain] = asyncio.create_task(
+                self._write_queued(chain), name="access-log-writer"
+            )
         await asyncio.shield(future)
 
     async def record(
@@ -93,21 +124,25 @@ class AccessLogWriter:
         """Write what is queued, then refuse new records. Should be called before the
         engine is disposed."""
         self._closed = True
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        while self._tasks:
+            await asyncio.shield(asyncio.gather(*self._tasks.values(), return_exceptions=True))
 
-    async def _write_queued(self) -> None:
+    async def _write_queued(self, chain: str) -> None:  # "": every chain (SQLite)
         # While one batch commits, the next queues up: the batch size follows
         # the load by itself, with no timer to wait for.
+        queue = self._queues[chain]
         try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._write(batch)
+            while queue:
+                async with self._slots:
+                    batch = queue[: self._max_batch]
+                    del queue[: self._max_batch]
+                    await self._write(batch)
         finally:
-            self._task = None
+            # Stopped (cancelled) with records still queued: their callers hear of it.
+            self._fail(queue, AccessLogNotWritten("the access log writer was stopped"))
+            del self._queues[chain], self._tasks[chain]
 
-    async def _write(self, batch: list[tuple[AccessRecord, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: _Queued) -> None:
         try:
             async with self._engine.begin() as conn:
                 await append_records(conn, [record for record, _ in batch])
@@ -128,7 +163,7 @@ class AccessLogWriter:
                 future.set_result(None)
 
     @staticmethod
-    def _fail(batch: list[tuple[AccessRecord, asyncio.Future[None]]], failure: Exception) -> None:
+    def _fail(batch: _Queued, failure: Exception) -> None:
         for _, future in batch:
             if not future.done():
                 future.set_exception(failure)
