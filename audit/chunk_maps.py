@@ -9,7 +9,8 @@ first, bounded by the chunks it holds (a map holds offsets and the file's
 header, no key and no plaintext). An entry is used only while the file is
 the one it was made from (same inode, size and modification time: a file
 replaced by its seekable copy, or grown, is mapped again) and is dropped
-when its recording is deleted (:meth:`ChunkMapCache.discard`).
+when its recording is deleted, by its owner or by the retention purge
+(:meth:`ChunkMapCache.discard`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ and a node that finds it taken skips that round.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -24,7 +25,16 @@ from audit.consults import (
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
-from server.app_keys import CLOCK, DB_ENGINE, FILE_STORE, REDIS, ROOMS, SETTINGS, TECHNICAL_LOG
+from server.app_keys import (
+    CHUNK_MAPS,
+    CLOCK,
+    DB_ENGINE,
+    FILE_STORE,
+    REDIS,
+    ROOMS,
+    SETTINGS,
+    TECHNICAL_LOG,
+)
 from server.auth.lockout import lookback
 from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
@@ -194,8 +204,10 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
             return None
         async with app[DB_ENGINE].begin() as conn:
             report = await purge(conn, now=app[CLOCK].now(), defaults=defaults)
-        # The keys are gone (committed); now the files.
-        app[FILE_STORE].delete_files(report.files)
+        # The keys are gone (committed); now the files and their cached
+        # chunk maps (in a thread: a day's purge may unlink hundreds).
+        app[CHUNK_MAPS].discard(report.files)
+        await asyncio.to_thread(app[FILE_STORE].delete_files, report.files)
         return report
 
 

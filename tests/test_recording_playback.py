@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 
 from audit.chunk_maps import ChunkMapCache
+from audit.consults import mark_ended
 from audit.filestore import DEFAULT_CHUNK_SIZE, EncryptingWriter, new_data_key
 from audit.recordings import FileStore
 from audit.roles import Role
-from server.app_keys import CHUNK_MAPS
+from server.app_keys import CHUNK_MAPS, DB_ENGINE
+from server.housekeeping import retention_round
 from tests.support.harness import Harness
 from tests.support.recording import data_key
 from tests.test_recording_download import (
@@ -163,6 +165,23 @@ async def test_a_deleted_recording_leaves_no_chunk_map_behind(harness: Harness) 
     assert len(cache) == 1
     deleted = await harness.client.delete(f"/api/recordings/{rec.id}", headers=harness.headers)
     assert deleted.status == 204
+    assert len(cache) == 0
+
+
+async def test_a_recording_the_retention_purge_destroys_leaves_no_chunk_map_behind(
+    harness: Harness,
+) -> None:
+    cache = harness.app[CHUNK_MAPS]
+    rec = await recorded(harness, os.urandom(1000))
+    assert (await harness.client.get(media_of(rec.id))).status == 200
+    assert len(cache) == 1
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, uuid.UUID(rec.consult_id), now=harness.clock.now())
+    harness.clock.advance(31 * 86400)  # recordings are kept 30 days by default
+    report = await retention_round(harness.app)
+    assert report is not None
+    assert report.recordings == 1
+    assert not file_of(harness, rec.id).exists()
     assert len(cache) == 0
 
 
