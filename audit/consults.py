@@ -146,16 +146,20 @@ async def list_consults(
 
 async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
     """Set the start once; a later admission (after a reconnect) keeps the first."""
-    await conn.execute(
-        consults.update()
-        .where(
-            consults.c.id == consult_id,
-            consults.c.started_at.is_(None),
-            consults.c.status == ConsultStatus.CREATED.value,
+    started = (
+        await conn.execute(
+            consults.update()
+            .where(
+                consults.c.id == consult_id,
+                consults.c.started_at.is_(None),
+                consults.c.status == ConsultStatus.CREATED.value,
+            )
+            .values(started_at=now, status=ConsultStatus.ACTIVE.value)
+            .returning(*consults.c)
         )
-        .values(started_at=now, status=ConsultStatus.ACTIVE.value)
-    )
-    return await get_consult(conn, consult_id)
+    ).first()
+    # Started just now (one round trip), or earlier, or over: read as it is.
+    return _consult(started) if started is not None else await get_consult(conn, consult_id)
 
 
 async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
@@ -262,8 +266,21 @@ async def open_invite_by_hash(
     it (a ticket made from it): the invite of a consult that is over is
     deleted, and then it still answers that the consult is over.
     """
+    # The invite and its consult in one query (one round trip: it is on
+    # every patient's way in).
     row = (
-        await conn.execute(sa.select(invites).where(invites.c.token_hash == invite_hash))
+        await conn.execute(
+            sa.select(
+                invites.c.token_hash,
+                invites.c.expires_at,
+                invites.c.revoked_at,
+                invites.c.guardian_consent,
+                consults,
+            )
+            .select_from(invites)
+            .join(consults, consults.c.id == invites.c.consult_id)
+            .where(invites.c.token_hash == invite_hash)
+        )
     ).first()
     if row is None:
         over = (
@@ -274,7 +291,7 @@ async def open_invite_by_hash(
         raise InviteInvalid(InviteProblem.CONSULT_OVER if over else InviteProblem.UNKNOWN)
     if row.revoked_at is not None:
         raise InviteInvalid(InviteProblem.REVOKED)
-    consult = await get_consult(conn, row.consult_id)
+    consult = _consult(row)
     if consult.is_over:
         raise InviteInvalid(InviteProblem.CONSULT_OVER)
     # The link's validity bounds the wait for the consult, not the consult:
@@ -284,7 +301,7 @@ async def open_invite_by_hash(
         raise InviteInvalid(InviteProblem.EXPIRED)
     return Invite(
         row.token_hash,
-        row.consult_id,
+        consult.id,
         row.expires_at,
         row.guardian_consent,
         scheduled_at=consult.scheduled_at,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from audit.errors import DatabaseUnavailable
 from config import Settings
 
 SQLITE_FILE_NAME = "videoconsult.db"
+# A connection's execution option: its transactions only read (see reading()).
+_READ_ONLY = "videoconsult_read_only"
 
 
 def database_url(settings: Settings, data_dir: Path) -> URL:
@@ -42,12 +45,25 @@ def create_engine(url: URL, *, connect_timeout_s: float) -> AsyncEngine:
     connect_args: dict[str, Any] = {"timeout": connect_timeout_s}
     # hide_parameters: a failing statement's error never carries the values
     # (addresses, names) into a log or a message.
-    engine = create_async_engine(
-        url, connect_args=connect_args, pool_pre_ping=True, hide_parameters=True
-    )
+    engine = create_async_engine(url, connect_args=connect_args, hide_parameters=True)
     if url.get_backend_name() == "sqlite":
         _make_sqlite_transactional(engine)
+    else:
+        _drop_closed_connections(engine)
     return engine
+
+
+def _drop_closed_connections(engine: AsyncEngine) -> None:
+    # Instead of SQLAlchemy's pre-ping, which costs three round trips per
+    # checkout with asyncpg (BEGIN, an empty query, ROLLBACK): a pooled
+    # connection that the server closed (a restart, an idle timeout) is
+    # found closed by asyncpg itself, with no round trip, and replaced. One
+    # that breaks unnoticed (a network gone quiet) fails its statement; the
+    # pool then drops every connection made before the failure.
+    @sa.event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa.exc.DisconnectionError("the database closed this connection")
 
 
 def _make_sqlite_transactional(engine: AsyncEngine) -> None:
@@ -69,7 +85,29 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only one takes no write lock (readers then go side by side).
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+@asynccontextmanager
+async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for reads that need not see one snapshot (one statement,
+    typically), for the hot paths (a patient's admission, a join).
+
+    On PostgreSQL it runs in autocommit: no BEGIN and no ROLLBACK, two round
+    trips fewer than ``engine.connect()``. On SQLite its transaction is a
+    deferred one, which takes no write lock: reads go side by side, and
+    beside a writer until it commits, instead of one at a time. Writing
+    through it is a mistake (on SQLite it fails when another writer holds
+    the lock).
+    """
+    async with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            await conn.execution_options(**{_READ_ONLY: True})
+        yield conn
 
 
 async def check_connection(engine: AsyncEngine, *, timeout_s: float) -> None:

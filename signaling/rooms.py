@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import get_consult, mark_ended, mark_started
+from audit.db import reading
 from audit.recordings import StopReason
 from audit.technical_log import DropReason, TechnicalLog
 from signaling.changes import Changes, ChangeThenTell
@@ -197,7 +198,7 @@ class ConsultRooms:
             if state.phase is RoomPhase.WAITING:
                 # Before admission, or a room that lost its state (a Redis
                 # that lost its data): the record says which.
-                async with self._engine.connect() as conn:
+                async with reading(self._engine) as conn:
                     consult = await get_consult(conn, consult_id)
                 if consult.is_over:
                     # A room made again for an ended consult: kept as over,

@@ -18,6 +18,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
+from audit.db import reading
 from audit.errors import NotFound
 from audit.roles import Role
 from audit.sealing import looks_like_token
@@ -57,7 +58,7 @@ async def admit_connection(request: web.Request) -> tuple[Participant, Session |
         raise Refused(403, "forbidden", "only the consult's therapist may join it")
     try:
         consult_id = uuid.UUID(request.query.get("consult", ""))
-        async with request.app[DB_ENGINE].connect() as conn:
+        async with reading(request.app[DB_ENGINE]) as conn:
             consult = await get_consult(conn, consult_id, therapist_id=principal.account.id)
     except (ValueError, NotFound):
         raise Refused(404, "not_found", "no such consult") from None
@@ -81,7 +82,7 @@ async def _patient(app: web.Application, ticket: str, connection_id: str) -> Par
     if grant is None:
         raise Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
     try:
-        async with app[DB_ENGINE].connect() as conn:
+        async with reading(app[DB_ENGINE]) as conn:
             await open_invite_by_hash(
                 conn, grant.invite_hash, now=app[CLOCK].now(), consult_id=grant.consult_id
             )

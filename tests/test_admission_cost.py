@@ -1,0 +1,70 @@
+"""What a patient's admission costs the database (issue 19, goal 5: an
+admission storm waited on the pool, about 20 round trips an admission).
+
+Counted from the ticket request to ``admitted``, on SQLite and PostgreSQL:
+the SQL statements (SQLAlchemy's cursor executes), and on PostgreSQL also
+the driver's other round trips (BEGIN, COMMIT, ROLLBACK, pings), which
+asyncpg's query logger sees. Before this was measured: 8 statements, and on
+PostgreSQL 12 more round trips (a pre-ping of three per checkout, four
+transactions' BEGIN and end). A change that adds one fails here and says
+which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+
+from server.app_keys import DB_ENGINE
+from tests.support.harness import Harness, Sockets, new_consult, receive
+
+
+async def test_an_admission_takes_five_statements_and_no_pings(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    sockets = Sockets(harness)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    engine = harness.app[DB_ENGINE]
+    # Connections made from here on: each gets the query logger.
+    await engine.dispose()
+    statements: list[str] = []
+    other_round_trips: list[str] = []
+
+    def on_execute(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(" ".join(statement.split())[:80])
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if engine.dialect.name == "postgresql":
+            dbapi_connection.driver_connection.add_query_logger(
+                lambda record: other_round_trips.append(record.query)
+            )
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
+    event.listen(engine.sync_engine, "connect", on_connect)
+    try:
+        patient = await sockets.patient(setup.invite_token)
+        assert (await receive(patient, "welcome"))["state"] == "waiting"
+        await receive(therapist, "patient-waiting")
+        await therapist.send_json({"v": 1, "type": "admit"})
+        await receive(patient, "admitted")
+        await receive(therapist, "peer-joined")
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+        event.remove(engine.sync_engine, "connect", on_connect)
+        await sockets.close()
+    # The ticket: the invite with its consult, and its first use noted; the
+    # door: the invite with its consult again; the room: the consult; the
+    # start: one UPDATE ... RETURNING. (SQLite's BEGINs are statements too.)
+    sql = [s for s in statements if not s.startswith("BEGIN")]
+    assert len(sql) == 5, sql
+    assert [s.split()[0] for s in sql] == ["SELECT", "UPDATE", "SELECT", "SELECT", "UPDATE"]
+    if engine.dialect.name == "postgresql":
+        # Two transactions (the ticket's, the start's): BEGIN and COMMIT each;
+        # the reads run in autocommit, and no checkout pings.
+        kinds = [q.split()[0].rstrip(";") for q in other_round_trips]
+        assert kinds == ["BEGIN", "COMMIT", "BEGIN", "COMMIT"], other_round_trips
+    else:
+        # Only the two writes take SQLite's write lock; the reads go beside them.
+        begins = [s for s in statements if s.startswith("BEGIN")]
+        assert begins == ["BEGIN IMMEDIATE", "BEGIN", "BEGIN", "BEGIN IMMEDIATE"], statements
