@@ -9,6 +9,7 @@ from config import Settings
 from server import health, pages
 from server.api import (
     admin_access_log,
+    admin_billing,
     admin_settings,
     admin_views,
     auth_views,
@@ -104,6 +105,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(auth_views.routes)
     app.router.add_routes(admin_views.routes)
     app.router.add_routes(admin_access_log.routes)
+    app.router.add_routes(admin_billing.routes)
     app.router.add_routes(admin_settings.routes)
     app.router.add_routes(consult_views.routes)
     app.router.add_routes(recording_views.routes)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from audit import AuditError
 from config import SettingsError, load_settings
-from server.cli import audit_log, db, keys, org, recording, retention, serve, user
+from server.cli import audit_log, billing, db, keys, org, recording, retention, serve, user
 from server.cli.base import CliError, CommandModule
 from server.process_log import configure_process_logging
 
@@ -30,6 +30,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     retention,
     keys,
     recording,
+    billing,
 )
 
 EXIT_FAILED = 1

@@ -1,0 +1,185 @@
+"""A month of consults per therapist, for the practice's billing.
+
+A practice's record system bills video consults by their duration; its
+admin exports a month (``GET /api/admin/billing``, ``videoconsult billing
+export``). Each row is what the consult's record holds (times, duration,
+status) and the therapist whose consult it was: nothing about the patient,
+who is not in the record. A consult counts in the month of its start, or,
+never started, of its appointment, or else of when it was made. A consult
+whose therapist was erased belongs to no organisation any more and is in no
+export.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, tzinfo
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit.consults import ConsultStatus
+from audit.schema import accounts, consults
+
+COLUMNS = (
+    "therapist_id",
+    "therapist",
+    "consult_id",
+    "date",
+    "scheduled_at",
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "status",
+)
+
+
+@dataclass(frozen=True)
+class BilledConsult:
+    therapist_id: uuid.UUID
+    therapist: str  # the account's e-mail address, which the admin sees anyway
+    consult_id: uuid.UUID
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration_s: int | None
+    status: ConsultStatus
+
+    @property
+    def counted_at(self) -> datetime:
+        """The moment that puts the consult in a month."""
+        return self.started_at or self.scheduled_at or self.created_at
+
+
+_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+FIRST_YEAR, LAST_YEAR = 2000, 2999
+
+
+def parse_month(text: str) -> date:
+    """``YYYY-MM`` as the month's first day; ValueError saying what is expected."""
+    found = _MONTH.fullmatch(text)
+    if found is None:
+        raise ValueError("a month as YYYY-MM, e.g. 2026-11")
+    if not FIRST_YEAR <= int(found[1]) <= LAST_YEAR:
+        raise ValueError(f"a month from {FIRST_YEAR}-01 to {LAST_YEAR}-12")
+    return date(int(found[1]), int(found[2]), 1)
+
+
+def month_bounds(first_day: date, zone: tzinfo) -> tuple[datetime, datetime]:
+    """The month that ``first_day`` starts, in ``zone``, as [since, until) in UTC."""
+    after = date(first_day.year + first_day.month // 12, first_day.month % 12 + 1, 1)
+    return (
+        datetime(first_day.year, first_day.month, 1, tzinfo=zone).astimezone(UTC),
+        datetime(after.year, after.month, 1, tzinfo=zone).astimezone(UTC),
+    )
+
+
+async def month_of_consults(
+    conn: AsyncConnection,
+    organisation_id: uuid.UUID,
+    *,
+    since: datetime,
+    until: datetime,
+    therapist_id: uuid.UUID | None = None,
+) -> list[BilledConsult]:
+    """The organisation's consults counted in [since, until), by therapist, then in time."""
+    counted_at = sa.func.coalesce(
+        consults.c.started_at, consults.c.scheduled_at, consults.c.created_at
+    )
+    query = (
+        sa.select(
+            accounts.c.id.label("therapist_id"),
+            accounts.c.email,
+            consults.c.id,
+            consults.c.created_at,
+            consults.c.scheduled_at,
+            consults.c.started_at,
+            consults.c.ended_at,
+            consults.c.duration_s,
+            consults.c.status,
+        )
+        .join(accounts, accounts.c.id == consults.c.therapist_id)
+        .where(accounts.c.organisation_id == organisation_id, counted_at >= since)
+        .where(counted_at < until)
+        .order_by(accounts.c.email, counted_at, consults.c.id)
+    )
+    if therapist_id is not None:
+        query = query.where(accounts.c.id == therapist_id)
+    return [
+        BilledConsult(
+            therapist_id=row.therapist_id,
+            therapist=row.email,
+            consult_id=row.id,
+            created_at=row.created_at,
+            scheduled_at=row.scheduled_at,
+            started_at=row.started_at,
+            ended_at=row.ended_at,
+            duration_s=row.duration_s,
+            status=ConsultStatus(row.status),
+        )
+        for row in await conn.execute(query)
+    ]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
+    """One consult as a row of the export (``date`` in the export's time zone)."""
+    return {
+        "therapist_id": str(entry.therapist_id),
+        "therapist": entry.therapist,
+        "consult_id": str(entry.consult_id),
+        "date": entry.counted_at.astimezone(zone).date().isoformat(),
+        "scheduled_at": _iso(entry.scheduled_at),
+        "started_at": _iso(entry.started_at),
+        "ended_at": _iso(entry.ended_at),
+        "duration_s": entry.duration_s,
+        "status": entry.status.value,
+    }
+
+
+def totals(entries: list[BilledConsult]) -> list[dict[str, Any]]:
+    """Per therapist: how many consults, how many were held, and their seconds."""
+    by_therapist: dict[uuid.UUID, dict[str, Any]] = {}
+    for entry in entries:
+        total = by_therapist.setdefault(
+            entry.therapist_id,
+            {
+                "therapist_id": str(entry.therapist_id),
+                "therapist": entry.therapist,
+                "consults": 0,
+                "held": 0,
+                "duration_s": 0,
+            },
+        )
+        total["consults"] += 1
+        if entry.started_at is not None:
+            total["held"] += 1
+            total["duration_s"] += entry.duration_s or 0
+    return list(by_therapist.values())
+
+
+def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:
+    """The export as CSV (a header, then a row a consult); blocking for a big month."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(COLUMNS)
+    for entry in entries:
+        row = row_of(entry, zone)
+        writer.writerow(["" if row[name] is None else _cell(row[name]) for name in COLUMNS])
+    return out.getvalue().encode()
+
+
+def _cell(value: object) -> object:
+    # A spreadsheet runs a cell that starts with = + - @ as a formula: an
+    # e-mail address is the only text here, and it is kept text.
+    text = str(value)
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else value

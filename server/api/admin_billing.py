@@ -1,0 +1,100 @@
+"""A month of consults per therapist, for the practice's billing: the admin's export.
+
+``GET /api/admin/billing?month=2026-11`` answers JSON (the consults and each
+therapist's totals), ``&format=csv`` a CSV download. The read is in the
+access log (``billing.export``) in the same transaction; the CSV is made in
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import date
+
+from aiohttp import web
+
+from audit.access_log import Actor, record_access
+from audit.accounts import Role
+from audit.billing import (
+    as_csv,
+    month_bounds,
+    month_of_consults,
+    parse_month,
+    row_of,
+    totals,
+)
+from server.api.errors import Unprocessable
+from server.api.query import query_params, query_zone
+from server.api.representations import iso
+from server.app_keys import CLOCK, DB_ENGINE
+from server.auth.sessions import require_role
+
+routes = web.RouteTableDef()
+
+PARAMS = frozenset({"month", "tz", "therapist", "format"})
+
+
+def query_month(text: str | None) -> date:
+    """``YYYY-MM`` as the month's first day; 422 naming the parameter otherwise."""
+    try:
+        if text is None:
+            raise ValueError("a month as YYYY-MM, e.g. 2026-11")
+        return parse_month(text)
+    except ValueError as err:
+        raise Unprocessable(f"parameter 'month' must be {err}") from None
+
+
+@routes.get("/api/admin/billing")
+async def billing_export(request: web.Request) -> web.Response:
+    """The organisation's consults of one month, by therapist, as JSON or CSV."""
+    principal = await require_role(request, Role.ADMIN, action="billing.export")
+    params = query_params(request, PARAMS)
+    first_day = query_month(params.get("month"))
+    zone, zone_name = query_zone(params)
+    export_format = params.get("format", "json")
+    if export_format not in ("json", "csv"):
+        raise Unprocessable("parameter 'format' must be json or csv")
+    therapist_id: uuid.UUID | None = None
+    if "therapist" in params:
+        try:
+            therapist_id = uuid.UUID(params["therapist"])
+        except ValueError:
+            raise Unprocessable("parameter 'therapist' must be an account id (a UUID)") from None
+    since, until = month_bounds(first_day, zone)
+    organisation_id = principal.account.organisation_id
+    now = request.app[CLOCK].now()
+    async with request.app[DB_ENGINE].begin() as conn:
+        entries = await month_of_consults(
+            conn, organisation_id, since=since, until=until, therapist_id=therapist_id
+        )
+        await record_access(
+            conn,
+            Actor.api(principal.account),
+            organisation_id=organisation_id,
+            action="billing.export",
+            object_type="organisation",
+            object_id=organisation_id,
+            now=now,
+        )
+    month = f"{first_day:%Y-%m}"
+    if export_format == "csv":
+        return web.Response(
+            body=await asyncio.to_thread(as_csv, entries, zone),
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="consults-{month}.csv"',
+                "Cache-Control": "no-store",
+            },
+        )
+    return web.json_response(
+        {
+            "organisation_id": str(organisation_id),
+            "month": month,
+            "time_zone": zone_name,
+            "exported_at": iso(now),
+            "therapists": totals(entries),
+            "consults": [row_of(entry, zone) for entry in entries],
+        },
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,98 @@
+"""``videoconsult billing``: a month of an organisation's consults per therapist."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from audit.access_log import Actor, record_access
+from audit.accounts import get_organisation_by_name
+from audit.billing import (
+    BilledConsult,
+    as_csv,
+    month_bounds,
+    month_of_consults,
+    parse_month,
+    row_of,
+    totals,
+)
+from audit.clock import SystemClock
+from audit.errors import NotFound
+from config import Settings
+from server.cli.base import CliError, current_database
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "billing",
+        help="export a month of consults for billing",
+        description="A month of an organisation's consults per therapist, for its billing.",
+    )
+    commands = parser.add_subparsers(
+        title="billing commands", metavar="BILLING_COMMAND", required=True
+    )
+    export = commands.add_parser(
+        "export",
+        help="print a month of consults as CSV or JSON",
+        description=(
+            "Print the organisation's consults of MONTH (by their start; never started: "
+            "their appointment, else when they were made), a row per consult with its "
+            "therapist, times, duration and status; nothing about patients. The read is "
+            "in the access log."
+        ),
+    )
+    export.add_argument("--org", required=True, help="the organisation's name")
+    export.add_argument("--month", required=True, help="the month, as YYYY-MM")
+    export.add_argument(
+        "--tz", default="UTC", help="the time zone of the month's days (default UTC)"
+    )
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.set_defaults(run=run_export)
+
+
+def run_export(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        first_day = parse_month(args.month)
+    except ValueError as err:
+        raise CliError(f"--month must be {err}") from None
+    try:
+        zone = ZoneInfo(args.tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CliError(f"--tz {args.tz!r} is not a time zone this machine knows") from None
+    since, until = month_bounds(first_day, zone)
+
+    async def _export() -> tuple[uuid.UUID, list[BilledConsult]]:
+        async with current_database(settings) as engine, engine.begin() as conn:
+            try:
+                organisation = await get_organisation_by_name(conn, args.org)
+            except NotFound as err:
+                raise CliError(str(err)) from None
+            entries = await month_of_consults(conn, organisation.id, since=since, until=until)
+            await record_access(
+                conn,
+                Actor.operator(),
+                organisation_id=organisation.id,
+                action="billing.export",
+                object_type="organisation",
+                object_id=organisation.id,
+                now=SystemClock().now(),
+            )
+            return organisation.id, entries
+
+    organisation_id, entries = asyncio.run(_export())
+    if args.format == "csv":
+        sys.stdout.buffer.write(as_csv(entries, zone))
+    else:
+        document = {
+            "organisation_id": str(organisation_id),
+            "month": f"{first_day:%Y-%m}",
+            "time_zone": args.tz,
+            "therapists": totals(entries),
+            "consults": [row_of(entry, zone) for entry in entries],
+        }
+        print(json.dumps(document, indent=2))
+    return 0
