@@ -54,6 +54,13 @@ CHROMIUM_ARGS = (
     "--no-first-run",
 )
 LAUNCH_TIMEOUT_MS = 20_000
+# How long an expect() waits for the page to get there (Playwright's default
+# is 5 s). The browser tests run two at a time next to each other's Chromium
+# and servers; on a busy machine a page took longer than 5 s to load, and
+# the test failed though the page came right. How fast a page is, where that
+# is the point, is measured with a timer of its own, not by this.
+EXPECT_TIMEOUT_MS = 15_000
+expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 DEFAULT_VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 
 # Called by the init script below for every securitypolicyviolation event.
