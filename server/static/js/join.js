@@ -3,6 +3,7 @@
 import { ConsultCall, LinkProblem } from "./call.js";
 import { setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
+import { ReceiptOffer } from "./receipt_offer.js";
 import { RecordingView } from "./recording.js";
 import { bindCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
 
@@ -22,6 +23,7 @@ let recording = null;
 // This tab joined the consult with the link (now, or before a reload).
 let joinedHere = false;
 let peerMedia = null;
+let receipt = null;
 
 function peerMediaShown(state) {
   peerMedia = state;
@@ -161,6 +163,7 @@ function join(consent) {
   stopMeter();
   joinedHere = true;
   sessionStorage.setItem(joinedKey, JSON.stringify(consent));
+  receipt.ask(inviteApi);
   $("local-video").srcObject = media.stream;
   show("waiting");
   call = new ConsultCall({
@@ -244,6 +247,7 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       finish("ended");
+      receipt.show();
       endedKey = `ended.${detail.reason}`;
       $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
       break;
@@ -284,6 +288,7 @@ function finish(section) {
 // --- wiring ------------------------------------------------------------------
 
 function wire() {
+  receipt = new ReceiptOffer($("receipt-offer"), $("receipt-link"));
   recording = new RecordingView({
     role: "patient",
     getCall: () => call,

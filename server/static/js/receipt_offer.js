@@ -1,0 +1,29 @@
+// The receipt link on the patient's end page. Asked for while the invite
+// link still works (it stops at the end), kept in this page's memory only,
+// and offered once the consultation is over.
+import "./i18n_receipt.js";
+
+export class ReceiptOffer {
+  constructor(box, link) {
+    this.box = box;
+    this.link = link;
+    this.url = null;
+  }
+
+  // Ask the server for a receipt of the invite's consultation; a failure
+  // only means there is none to offer.
+  async ask(inviteApi) {
+    try {
+      const response = await fetch(`${inviteApi}/receipt`, { method: "POST", credentials: "same-origin" });
+      if (response.ok) this.url = (await response.json()).receipt_url;
+    } catch {
+      // No connection now: the page goes on without a receipt.
+    }
+  }
+
+  show() {
+    if (!this.url) return;
+    this.link.href = this.url;
+    this.box.hidden = false;
+  }
+}
