@@ -15,9 +15,19 @@ function show(id) {
   }
 }
 
+// The browser's own locale where it speaks the page's language (en-GB: a
+// 24-hour clock), else the page's language.
+function locale() {
+  const current = document.documentElement.lang;
+  for (const tag of navigator.languages || [navigator.language || current]) {
+    if (tag.toLowerCase().split("-")[0] === current) return tag;
+  }
+  return current;
+}
+
 function when(iso, options) {
   if (!iso) return t("receipt.consult.none");
-  return new Intl.DateTimeFormat(document.documentElement.lang, options).format(new Date(iso));
+  return new Intl.DateTimeFormat(locale(), options).format(new Date(iso));
 }
 
 const DATE = { weekday: "long", day: "numeric", month: "long", year: "numeric" };
@@ -45,8 +55,12 @@ function render() {
     row.insertCell().textContent = when(access.at, MOMENT);
     row.insertCell().textContent = t(`receipt.role.${access.role}`, {}, access.role);
     const who = row.insertCell();
-    who.textContent = access.pseudonym || (access.role === "patient" ? t("receipt.access.you") : t("receipt.access.nobody"));
-    who.classList.add("pseudonym");
+    if (access.pseudonym) {
+      who.textContent = access.pseudonym;
+      who.classList.add("pseudonym");
+    } else {
+      who.textContent = t(access.role === "patient" ? "receipt.access.you" : "receipt.access.nobody");
+    }
     row.insertCell().textContent = t(`receipt.action.${access.action}`, {}, access.action);
     row.insertCell().textContent = t(`receipt.outcome.${access.outcome}`, {}, access.outcome);
   }
