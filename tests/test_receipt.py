@@ -181,7 +181,9 @@ async def test_after_the_retention_purge_of_the_consult_the_receipt_is_unknown(
     token = await receipt_for(harness, setup)
     await run_consult(harness, setup.consult_id, minutes=20)
     await read(harness, token)
-    assert (await harness.client.get(f"/receipt/{token}", headers=BROWSER)).status == 200
+    page = await harness.client.get(f"/receipt/{token}", headers=BROWSER)
+    assert (page.status, page.content_type) == (200, "text/html")
+    assert "unsafe-inline" not in page.headers["Content-Security-Policy"]
     harness.clock.advance(89 * 86400)
     async with harness.app[DB_ENGINE].begin() as conn:
         assert (await purge(conn, now=harness.clock.now(), defaults=RETENTION)).consults == 0

@@ -11,7 +11,8 @@ import uuid
 from zoneinfo import ZoneInfo
 
 import pytest
-from playwright.async_api import Browser, expect
+from aiohttp import ClientWebSocketResponse
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.support.axe import assert_accessible
 from tests.support.browser import (
@@ -21,7 +22,7 @@ from tests.support.browser import (
     patient_joins,
     patient_opens,
 )
-from tests.support.harness import Harness, consult_row, new_consult, receive
+from tests.support.harness import ConsultSetup, Harness, consult_row, new_consult, receive
 
 pytestmark = pytest.mark.browser
 
@@ -29,10 +30,10 @@ pytestmark = pytest.mark.browser
 ZONE = ZoneInfo("Europe/Amsterdam")
 
 
-async def test_the_patient_opens_the_receipt_from_the_end_page(
-    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
-) -> None:
-    harness = live_harness
+async def patient_in_a_consult(
+    chromium: Browser, harness: Harness
+) -> tuple[ConsultSetup, ClientWebSocketResponse, BrowserContext, Page]:
+    """A consult, its therapist's socket, and the patient's page admitted to it."""
     setup = await new_consult(harness)
     therapist = await harness.client.ws_connect(
         f"/ws?consult={setup.consult_id}", headers=harness.headers
@@ -45,6 +46,14 @@ async def test_the_patient_opens_the_receipt_from_the_end_page(
     await receive(therapist, "patient-waiting", timeout_s=15)
     await therapist.send_json({"v": 1, "type": "admit"})
     await expect(patient.locator("#call")).to_be_visible()
+    return setup, therapist, context, patient
+
+
+async def test_the_patient_opens_the_receipt_from_the_end_page(
+    chromium: Browser, live_harness: Harness, screenshot: ScreenshotSaver
+) -> None:
+    harness = live_harness
+    setup, therapist, context, patient = await patient_in_a_consult(chromium, harness)
     harness.clock.advance(12 * 60)
     assert (await harness.client.get(f"/api/consults/{setup.consult_id}")).status == 200
     ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
@@ -123,3 +132,26 @@ async def test_the_patient_opens_the_receipt_from_the_end_page(
             r"status of 404 .*/api/receipts/",
         ],
     )
+
+
+async def test_a_patient_whose_connection_dropped_until_the_end_is_offered_the_receipt(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    harness = live_harness
+    setup, therapist, context, patient = await patient_in_a_consult(chromium, harness)
+    # The patient's network drops, and the consult ends meanwhile.
+    await patient.route("**/ticket", lambda route: route.abort())
+    await patient.evaluate("() => window.videoconsult.call.ws.close()")
+    await expect(patient.locator("#banner")).to_have_text("Connection lost. Reconnecting…")
+    assert (await harness.post(f"/api/consults/{setup.consult_id}/end")).status == 200
+    await therapist.close()
+    await patient.unroute("**/ticket")
+
+    await expect(patient.locator("#link-problem")).to_be_visible(timeout=20_000)
+    await expect(patient.locator("#link-problem-text")).to_have_text("This consultation has ended.")
+    link = patient.locator("#link-problem #receipt-link")
+    await expect(link).to_be_visible()
+    await assert_accessible(patient, "consult over, with the receipt offer")
+    await link.click()
+    await expect(patient.locator("#consult-status")).to_have_text("Ended")
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)

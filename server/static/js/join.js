@@ -55,6 +55,7 @@ function linkProblem(code) {
     joinedHere = true;
     sessionStorage.removeItem(joinedKey);
   }
+  if (code === "invite_consult_over") receipt.show($("link-problem"));
   lastLinkProblem = code;
   $("link-problem-text").textContent = t(`invite.${code}`, {}, t("invite.invite_unknown"));
   show("link-problem");
@@ -247,7 +248,7 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       finish("ended");
-      receipt.show();
+      receipt.show($("ended"));
       endedKey = `ended.${detail.reason}`;
       $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
       break;

@@ -21,9 +21,12 @@ export class ReceiptOffer {
     }
   }
 
-  show() {
+  // Offer the receipt at the end of ``section`` (the end page, or the page
+  // that says the consultation is over).
+  show(section) {
     if (!this.url) return;
     this.link.href = this.url;
+    section.append(this.box);
     this.box.hidden = false;
   }
 }
