@@ -1,11 +1,11 @@
 """The patient's receipt of a consult: its times, and who looked at its record.
 
-A patient has no account; what they hold is a link. While the consult is
-not over, the page of their invite link asks for a receipt
-(:func:`issue_receipt`): a random token (256 bits, URL-safe) of which only
-the SHA-256 is kept, in ``receipts``, tied to the consult and to nothing
-else. No name, no address, no invite: the row says only that some link
-opens this consult's receipt. It goes with the consult's record (foreign key
+A patient has no account; what they hold is a link. Once the consult has
+started, and while it is not over, the page of their invite link asks for a
+receipt (:func:`issue_receipt`): a random token (256 bits, URL-safe) of
+which only the SHA-256 is kept, in ``receipts``, tied to the consult and to
+nothing else. No name, no address, no invite, no time: the row says only
+that some link opens this consult's receipt. It goes with the consult's record (foreign key
 cascade; the retention purge), and the receipt then no longer opens.
 
 What a receipt shows (:func:`read_receipt`): the consult's status, start,
@@ -26,14 +26,13 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import AccessRecord, stored_record
 from audit.consults import Consult, get_consult
-from audit.errors import NotFound
+from audit.errors import Conflict, NotFound
 from audit.schema import access_log, accounts, destroyed_recordings, receipts, recordings
 from audit.sealing import looks_like_token, token_hash
 
@@ -41,10 +40,12 @@ __all__ = [
     "ACCESS_LIMIT",
     "PATIENT_ROLE",
     "RECEIPTS_PER_CONSULT",
+    "ConsultNotStarted",
     "Receipt",
     "ReceiptUnknown",
     "issue_receipt",
     "open_receipt",
+    "organisation_of",
     "read_receipt",
 ]
 
@@ -68,6 +69,13 @@ class ReceiptUnknown(NotFound):
         )
 
 
+class ConsultNotStarted(Conflict):
+    """A receipt is given once the consult has started (the patient admitted)."""
+
+    def __init__(self) -> None:
+        super().__init__("the consult has not started; its receipt is given once it has")
+
+
 @dataclass(frozen=True)
 class Receipt:
     consult: Consult
@@ -82,25 +90,29 @@ class Receipt:
     truncated: bool
 
 
-async def issue_receipt(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> str:
+async def issue_receipt(conn: AsyncConnection, consult: Consult) -> str:
     """A new receipt token for the consult (returned once, only its hash kept);
-    beyond :data:`RECEIPTS_PER_CONSULT`, the consult's oldest stop working."""
+    beyond :data:`RECEIPTS_PER_CONSULT`, the consult's oldest stop working.
+
+    Only for a consult that has started (:class:`ConsultNotStarted`
+    otherwise): a receipt then tells nothing the consult's record does not
+    (that the patient came); one made while the patient waited would.
+    """
+    if consult.started_at is None:
+        raise ConsultNotStarted()
     token = secrets.token_urlsafe(32)
     await conn.execute(
-        receipts.insert().values(
-            token_hash=token_hash(token), consult_id=consult_id, created_at=now
-        )
+        receipts.insert().values(token_hash=token_hash(token), consult_id=consult.id)
     )
     kept = (
-        sa.select(receipts.c.token_hash)
-        .where(receipts.c.consult_id == consult_id)
-        .order_by(receipts.c.created_at.desc(), receipts.c.token_hash)
+        sa.select(receipts.c.id)
+        .where(receipts.c.consult_id == consult.id)
+        .order_by(receipts.c.id.desc())
         .limit(RECEIPTS_PER_CONSULT)
     )
     await conn.execute(
         receipts.delete().where(
-            receipts.c.consult_id == consult_id,
-            receipts.c.token_hash.not_in(kept.scalar_subquery()),
+            receipts.c.consult_id == consult.id, receipts.c.id.not_in(kept.scalar_subquery())
         )
     )
     return token

@@ -289,12 +289,15 @@ invites = sa.Table(
 
 # The patient's receipt of a consult (audit/receipts.py): a link that shows
 # the consult's times and who looked at its record. Only the token's hash is
-# kept, tied to the consult and nothing else; the row goes with the consult's
+# kept, tied to the consult and nothing else: no time (when the patient's
+# page asked for it is the patient's, not the consult's), only an order, so
+# that a consult keeps its newest few. The row goes with the consult's
 # record (retention), and the receipt then no longer opens.
 receipts = sa.Table(
     "receipts",
     metadata,
-    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
     sa.Column(
         "consult_id",
         sa.Uuid(),
@@ -302,7 +305,7 @@ receipts = sa.Table(
         nullable=False,
         index=True,
     ),
-    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("token_hash"),
 )
 
 # A recording destroyed while its consult's record stays (deleted by its

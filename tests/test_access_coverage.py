@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from audit.consults import mark_started
 from audit.roles import Role
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
@@ -271,6 +272,8 @@ async def practice_update(h: Harness) -> Any:
 
 async def receipt_read(h: Harness) -> Any:
     setup = await _therapist(h)
+    async with h.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, uuid.UUID(setup.consult_id), now=h.clock.now())
     issued = await h.post(f"/api/invites/{setup.invite_token}/receipt")
     h.client.session.cookie_jar.clear()  # the patient has no session
     return await h.client.get(f"/api/receipts/{(await issued.json())['receipt_token']}")

@@ -26,8 +26,19 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;
 RETENTION = Retention(consult_days=90, recording_days=30, access_log_days=1825)
 
 
+async def start(harness: Harness, consult_id: str) -> None:
+    """The patient admitted, as the rooms record it."""
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, uuid.UUID(consult_id), now=harness.clock.now())
+
+
+async def end(harness: Harness, consult_id: str) -> None:
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, uuid.UUID(consult_id), now=harness.clock.now())
+
+
 async def receipt_for(harness: Harness, setup: ConsultSetup) -> str:
-    """The receipt the patient's page asks for with its invite link."""
+    """The receipt the patient's page asks for with its invite link once admitted."""
     response = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
     assert response.status == 201, await response.text()
     body = await response.json()
@@ -36,13 +47,9 @@ async def receipt_for(harness: Harness, setup: ConsultSetup) -> str:
     return token
 
 
-async def run_consult(harness: Harness, consult_id: str, *, minutes: int) -> None:
-    """Started (the patient admitted) and ended ``minutes`` later, as the rooms record it."""
-    async with harness.app[DB_ENGINE].begin() as conn:
-        await mark_started(conn, uuid.UUID(consult_id), now=harness.clock.now())
-    harness.clock.advance(minutes * 60)
-    async with harness.app[DB_ENGINE].begin() as conn:
-        await mark_ended(conn, uuid.UUID(consult_id), now=harness.clock.now())
+async def started_with_receipt(harness: Harness, setup: ConsultSetup) -> str:
+    await start(harness, setup.consult_id)
+    return await receipt_for(harness, setup)
 
 
 async def read(harness: Harness, token: str) -> Any:
@@ -55,9 +62,10 @@ async def test_the_receipt_shows_the_times_and_who_looked_at_the_record(
     harness: Harness,
 ) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
     started = harness.clock.now()
-    await run_consult(harness, setup.consult_id, minutes=25)
+    token = await started_with_receipt(harness, setup)
+    harness.clock.advance(25 * 60)
+    await end(harness, setup.consult_id)
     await harness.logged_in(setup.therapist)  # the session went idle meanwhile
     assert (await harness.client.get(f"/api/consults/{setup.consult_id}")).status == 200
     support = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)
@@ -92,7 +100,7 @@ async def test_the_receipt_shows_the_times_and_who_looked_at_the_record(
 
 async def test_the_read_is_access_logged_as_the_patients(harness: Harness) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
+    token = await started_with_receipt(harness, setup)
     harness.client.session.cookie_jar.clear()
     await read(harness, token)
     async with harness.app[DB_ENGINE].connect() as conn:
@@ -111,13 +119,15 @@ async def test_the_read_is_access_logged_as_the_patients(harness: Harness) -> No
 
 async def test_only_the_tokens_hash_is_stored(harness: Harness) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
+    token = await started_with_receipt(harness, setup)
     await read(harness, token)
     async with harness.app[DB_ENGINE].connect() as conn:
         stored = (await conn.execute(sa.select(receipts))).all()
         assert [(row.token_hash, str(row.consult_id)) for row in stored] == [
             (token_hash(token), setup.consult_id)
         ]
+        # No time: when the patient's page asked would say when the patient was there.
+        assert set(stored[0]._mapping) == {"id", "token_hash", "consult_id"}
         for table in metadata.sorted_tables:
             for row in (await conn.execute(sa.select(table))).all():
                 assert token not in str(tuple(row)), table.name
@@ -125,7 +135,7 @@ async def test_only_the_tokens_hash_is_stored(harness: Harness) -> None:
 
 async def test_another_consults_records_never_appear(harness: Harness) -> None:
     mine = await new_consult(harness)
-    token = await receipt_for(harness, mine)
+    token = await started_with_receipt(harness, mine)
     other = await harness.post("/api/consults", {})
     other_id = (await other.json())["consult"]["id"]
     assert (await harness.client.get(f"/api/consults/{other_id}")).status == 200
@@ -133,7 +143,7 @@ async def test_another_consults_records_never_appear(harness: Harness) -> None:
     download = await harness.client.get(f"/api/recordings/{recording_id}/download")
     assert download.status == 200
     await download.read()
-    other_token = await receipt_for(
+    other_token = await started_with_receipt(
         harness, ConsultSetup(mine.therapist, other_id, (await other.json())["invite_token"])
     )
     receipt = await read(harness, token)
@@ -153,7 +163,7 @@ async def test_the_recording_and_who_played_it_stay_on_the_receipt_after_it_is_d
     harness: Harness,
 ) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
+    token = await started_with_receipt(harness, setup)
     recording_id = await stored_recording(harness, setup.consult_id, b"media")
     download = await harness.client.get(f"/api/recordings/{recording_id}/download")
     assert download.status == 200
@@ -178,8 +188,9 @@ async def test_after_the_retention_purge_of_the_consult_the_receipt_is_unknown(
     harness: Harness,
 ) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
-    await run_consult(harness, setup.consult_id, minutes=20)
+    token = await started_with_receipt(harness, setup)
+    harness.clock.advance(20 * 60)
+    await end(harness, setup.consult_id)
     await read(harness, token)
     page = await harness.client.get(f"/receipt/{token}", headers=BROWSER)
     assert (page.status, page.content_type) == (200, "text/html")
@@ -217,12 +228,18 @@ async def test_an_unknown_receipt_is_a_clear_404_page_for_browsers_json_for_othe
         assert (await plain.json())["error"]["code"] == "receipt_unknown"
 
 
-async def test_a_receipt_is_issued_only_while_the_invite_works(harness: Harness) -> None:
+async def test_a_receipt_is_issued_only_once_the_consult_started_and_while_the_invite_works(
+    harness: Harness,
+) -> None:
     setup = await new_consult(harness)
     unknown = await harness.post("/api/invites/" + "B" * 43 + "/receipt")
     assert (unknown.status, (await unknown.json())["error"]["code"]) == (404, "invite_unknown")
-    token = await receipt_for(harness, setup)
-    await run_consult(harness, setup.consult_id, minutes=5)
+    # Not while the patient waits: a receipt would tell that they came.
+    early = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    assert (early.status, (await early.json())["error"]["code"]) == (409, "consult_not_started")
+    token = await started_with_receipt(harness, setup)
+    harness.clock.advance(5 * 60)
+    await end(harness, setup.consult_id)
     over = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
     assert over.status in (404, 410)
     # The invite is gone with the consult's end; the receipt stays.
@@ -233,10 +250,8 @@ async def test_a_receipt_is_issued_only_while_the_invite_works(harness: Harness)
 
 async def test_a_consult_keeps_only_its_newest_receipts(harness: Harness) -> None:
     setup = await new_consult(harness)
-    tokens = []
-    for _ in range(RECEIPTS_PER_CONSULT + 1):
-        tokens.append(await receipt_for(harness, setup))
-        harness.clock.advance(1)
+    await start(harness, setup.consult_id)
+    tokens = [await receipt_for(harness, setup) for _ in range(RECEIPTS_PER_CONSULT + 1)]
     assert (await harness.client.get(f"/api/receipts/{tokens[0]}")).status == 404
     for token in tokens[1:]:
         await read(harness, token)
@@ -244,8 +259,9 @@ async def test_a_consult_keeps_only_its_newest_receipts(harness: Harness) -> Non
 
 async def test_the_receipt_outlives_the_therapists_erasure(harness: Harness) -> None:
     setup = await new_consult(harness)
-    token = await receipt_for(harness, setup)
-    await run_consult(harness, setup.consult_id, minutes=30)
+    token = await started_with_receipt(harness, setup)
+    harness.clock.advance(30 * 60)
+    await end(harness, setup.consult_id)
     harness.client.session.cookie_jar.clear()
     admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
     await harness.logged_in(admin)

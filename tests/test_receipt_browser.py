@@ -42,9 +42,17 @@ async def patient_in_a_consult(
     context, patient = await patient_opens(
         chromium, harness, f"{harness.origin}/join/{setup.invite_token}"
     )
+    receipt_requests: list[str] = []
+    patient.on(
+        "request", lambda r: receipt_requests.append(r.url) if r.url.endswith("/receipt") else None
+    )
     await patient_joins(patient)
     await receive(therapist, "patient-waiting", timeout_s=15)
-    await therapist.send_json({"v": 1, "type": "admit"})
+    # Not in the waiting room (the server would refuse): once admitted.
+    assert receipt_requests == []
+    async with patient.expect_response("**/receipt") as asked:
+        await therapist.send_json({"v": 1, "type": "admit"})
+    assert (await asked.value).status == 201
     await expect(patient.locator("#call")).to_be_visible()
     return setup, therapist, context, patient
 

@@ -1,8 +1,8 @@
 """The patient's receipt: issued to the page of an invite link, read by its holder.
 
-- ``POST /api/invites/{token}/receipt``: while the consult is not over, the
-  invite link's page asks for a receipt link, which it offers at the end
-  (the invite itself stops working then);
+- ``POST /api/invites/{token}/receipt``: once the consult has started and
+  while it is not over, the invite link's page asks for a receipt link,
+  which it offers at the end (the invite itself stops working then);
 - ``GET /api/receipts/{token}``: the receipt (see :mod:`audit.receipts`),
   access-logged as the patient's read before it is answered;
 - ``GET /receipt/{token}``: its page; 404 (still the page, which explains)
@@ -25,6 +25,7 @@ from audit.consults import get_consult
 from audit.errors import NotFound
 from audit.receipts import (
     PATIENT_ROLE,
+    ConsultNotStarted,
     Receipt,
     ReceiptUnknown,
     issue_receipt,
@@ -33,7 +34,7 @@ from audit.receipts import (
     read_receipt,
 )
 from server.api.consult_views import INVITE_TOKEN, usable_invite
-from server.api.errors import NotFoundError
+from server.api.errors import ConflictError, NotFoundError
 from server.api.representations import iso
 from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE
 from server.not_found import STATIC_DIR, wants_page
@@ -53,13 +54,17 @@ class ReceiptNotFound(NotFoundError):
 
 @routes.post("/api/invites/" + INVITE_TOKEN + "/receipt")
 async def receipt_issue(request: web.Request) -> web.Response:
-    """A receipt link for the invite's consult, shown once; the invite must still work."""
+    """A receipt link for the invite's consult, shown once: the invite must
+    still work and the consult have started."""
     app = request.app
     origin = link_origin(request)
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
         invite = await usable_invite(conn, request, now)
-        token = await issue_receipt(conn, invite.consult_id, now=now)
+        try:
+            token = await issue_receipt(conn, await get_consult(conn, invite.consult_id))
+        except ConsultNotStarted as err:
+            raise ConflictError(str(err), code="consult_not_started") from None
     return web.json_response(
         {"receipt_token": token, "receipt_url": f"{origin}/receipt/{token}"}, status=201
     )

@@ -21,16 +21,22 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "receipts",
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("token_hash", sa.String(64), nullable=False),
         sa.Column("consult_id", sa.Uuid(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["consult_id"],
             ["consults.id"],
             name=op.f("fk_receipts_consult_id_consults"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("token_hash", name=op.f("pk_receipts")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_receipts")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_receipts_token_hash")),
     )
     op.create_index(op.f("ix_receipts_consult_id"), "receipts", ["consult_id"])
     op.create_table(

@@ -164,7 +164,6 @@ function join(consent) {
   stopMeter();
   joinedHere = true;
   sessionStorage.setItem(joinedKey, JSON.stringify(consent));
-  receipt.ask(inviteApi);
   $("local-video").srcObject = media.stream;
   show("waiting");
   call = new ConsultCall({
@@ -201,14 +200,19 @@ function onCallEvent(type, detail) {
       recording.welcome(detail.recording);
       $("waiting-status").textContent = "";
       therapistPresent(detail.peer_present);
-      if (detail.state === "active") show("call");
-      else show("waiting");
+      if (detail.state === "active") {
+        show("call");
+        receipt.ask(inviteApi);
+      } else {
+        show("waiting");
+      }
       break;
     case "peer-presence":
       therapistPresent(detail.present);
       break;
     case "admitted":
       show("call");
+      receipt.ask(inviteApi);
       break;
     case "reconnecting":
       if (!$("call").hidden) banner("call.selfReconnecting");

@@ -1,6 +1,7 @@
-// The receipt link on the patient's end page. Asked for while the invite
-// link still works (it stops at the end), kept in this page's memory only,
-// and offered once the consultation is over.
+// The receipt link on the patient's end page. Asked for once the patient is
+// admitted (the server gives none before the consultation starts), while the
+// invite link still works (it stops at the end); kept in this page's memory
+// only, and offered once the consultation is over.
 import "./i18n_receipt.js";
 
 export class ReceiptOffer {
@@ -13,6 +14,7 @@ export class ReceiptOffer {
   // Ask the server for a receipt of the invite's consultation; a failure
   // only means there is none to offer.
   async ask(inviteApi) {
+    if (this.url) return; // one per page: a reconnect needs no new one
     try {
       const response = await fetch(`${inviteApi}/receipt`, { method: "POST", credentials: "same-origin" });
       if (response.ok) this.url = (await response.json()).receipt_url;
