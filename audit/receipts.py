@@ -79,9 +79,6 @@ class ConsultNotStarted(Conflict):
 @dataclass(frozen=True)
 class Receipt:
     consult: Consult
-    # The consult's organisation (its therapist's); None once the therapist's
-    # account was erased.
-    organisation_id: uuid.UUID | None
     recorded: bool
     recording_exists: bool
     # The access records about the consult and its recordings, oldest first.
@@ -162,7 +159,6 @@ async def read_receipt(conn: AsyncConnection, consult_id: uuid.UUID) -> Receipt:
     accesses, truncated = await _accesses(conn, consult_id, live | destroyed)
     return Receipt(
         consult=consult,
-        organisation_id=await organisation_of(conn, consult),
         recorded=bool(live or destroyed),
         recording_exists=bool(live),
         accesses=accesses,
