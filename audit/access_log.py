@@ -541,19 +541,21 @@ async def read_access_log(
     if object_id is not None:
         query = query.where(access_log.c.object_id == object_id)
     rows = await conn.execute(query.order_by(access_log.c.seq.desc()).limit(limit))
-    return [
-        AccessRecord(
-            at=row.at,
-            organisation_id=row.organisation_id,
-            actor_id=row.actor_id,
-            actor_role=row.actor_role,
-            action=row.action,
-            object_type=row.object_type,
-            object_id=row.object_id,
-            outcome=Outcome(row.outcome),
-            client_type=ClientType(row.client_type),
-            seq=row.seq,
-            hash=row.hash,
-        )
-        for row in rows
-    ]
+    return [stored_record(row) for row in rows]
+
+
+def stored_record(row: sa.Row[Any]) -> AccessRecord:
+    """An access record as read back from a row of ``access_log``."""
+    return AccessRecord(
+        at=row.at,
+        organisation_id=row.organisation_id,
+        actor_id=row.actor_id,
+        actor_role=row.actor_role,
+        action=row.action,
+        object_type=row.object_type,
+        object_id=row.object_id,
+        outcome=Outcome(row.outcome),
+        client_type=ClientType(row.client_type),
+        seq=row.seq,
+        hash=row.hash,
+    )

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.errors import NotFound
 from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
 from audit.keyring import KeyRing, WrappingKey, key_id_of, load_ring
-from audit.schema import accounts, consults, recordings
+from audit.schema import accounts, consults, destroyed_recordings, recordings
 
 FILE_SUFFIX = ".vcenc"
 # A file's seekable copy while it is made (signaling/remux.py); one left by a
@@ -312,7 +312,11 @@ def plaintext(
 
 async def shred(conn: AsyncConnection, recording_ids: Iterable[uuid.UUID]) -> list[str]:
     """Destroy the recordings' keys (delete their rows); return their file names,
-    to be removed with :meth:`FileStore.delete_files` once this commits."""
+    to be removed with :meth:`FileStore.delete_files` once this commits.
+
+    Each leaves its id and consult in ``destroyed_recordings`` (for the
+    patient's receipt, :mod:`audit.receipts`), which goes with the consult.
+    """
     ids = list(recording_ids)
     if not ids:
         return []
@@ -320,6 +324,12 @@ async def shred(conn: AsyncConnection, recording_ids: Iterable[uuid.UUID]) -> li
         (
             await conn.execute(sa.select(recordings.c.file_name).where(recordings.c.id.in_(ids)))
         ).scalars()
+    )
+    await conn.execute(
+        destroyed_recordings.insert().from_select(
+            ["recording_id", "consult_id"],
+            sa.select(recordings.c.id, recordings.c.consult_id).where(recordings.c.id.in_(ids)),
+        )
     )
     await conn.execute(recordings.delete().where(recordings.c.id.in_(ids)))
     return names

@@ -2,10 +2,11 @@
 
 What has passed its organisation's retention is deleted, irreversibly:
 
-- consult records (and their invites), counted from when the consult ended
-  (or was closed without starting); a consult whose therapist was erased
-  belongs to no organisation any more and follows the installation's
-  defaults;
+- consult records (and their invites, the patient's receipts and the ids
+  of their destroyed recordings: the receipt no longer opens), counted
+  from when the consult ended (or was closed without starting); a consult
+  whose therapist was erased belongs to no organisation any more and
+  follows the installation's defaults;
 - access records, counted from when they were written: the oldest part
   of each organisation's chain goes, a checkpoint keeps the position and
   hash of the last record purged (so the chain still verifies), and a
@@ -173,7 +174,7 @@ async def _purge_consults(
         )
         recordings_destroyed += len(of_these)
         files += await shred(conn, of_these)
-        # Invites go with them (ON DELETE CASCADE).
+        # Invites and receipts go with them (ON DELETE CASCADE).
         await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
         if progress is not None:
             progress(len(chunk) + len(of_these))

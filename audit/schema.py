@@ -179,7 +179,8 @@ access_log = sa.Table(
     sa.Column("actor_role", sa.String(16), nullable=False),
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("object_type", sa.String(32), nullable=False),
-    sa.Column("object_id", sa.String(64), nullable=True),
+    # Indexed: a patient's receipt lists the records about one consult.
+    sa.Column("object_id", sa.String(64), nullable=True, index=True),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("client_type", sa.String(16), nullable=False),
     # The hash chains (audit/access_log.py): one per organisation (its id) and
@@ -285,6 +286,45 @@ invites = sa.Table(
     sa.Column("guardian_consent", sa.Boolean(), nullable=False, server_default=sa.false()),
 )
 
+
+# The patient's receipt of a consult (audit/receipts.py): a link that shows
+# the consult's times and who looked at its record. Only the token's hash is
+# kept, tied to the consult and nothing else: no time (when the patient's
+# page asked for it is the patient's, not the consult's), only an order, so
+# that a consult keeps its newest few. The row goes with the consult's
+# record (retention), and the receipt then no longer opens.
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.UniqueConstraint("token_hash"),
+)
+
+# A recording destroyed while its consult's record stays (deleted by its
+# therapist, or its shorter retention ran out): its id and consult only, so
+# that the receipt can still say the consult was recorded and list the
+# access records about the recording (they name it by id). Goes with the
+# consult's record.
+destroyed_recordings = sa.Table(
+    "destroyed_recordings",
+    metadata,
+    sa.Column("recording_id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+)
 
 # An organisation's retention (the "central setting"), in days; without a
 # row the installation's defaults (settings [retention]) apply.

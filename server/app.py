@@ -15,6 +15,7 @@ from server.api import (
     auth_views,
     consult_views,
     privacy_views,
+    receipt_views,
     recording_playback,
     recording_views,
     support_views,
@@ -111,5 +112,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(recording_views.routes)
     app.router.add_routes(recording_playback.routes)
     app.router.add_routes(privacy_views.routes)
+    app.router.add_routes(receipt_views.routes)
     app.router.add_routes(support_views.routes)
     app.router.add_routes(ws_endpoint.routes)

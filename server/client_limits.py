@@ -1,9 +1,10 @@
 """Requests a minute per client address on the endpoints that need no login.
 
-Login, enrolment links, invite links, patients' tickets and the signaling
-socket are what an outsider can reach; each client address may make
-``security.client_requests_per_min`` requests a minute to them together
-(fixed one-minute windows), and gets 429 with ``Retry-After`` beyond that.
+Login, enrolment links, invite links, patients' tickets, receipts (the
+page and the API) and the signaling socket are what an outsider can reach;
+each client address may make ``security.client_requests_per_min`` requests
+a minute to them together (fixed one-minute windows), and gets 429 with
+``Retry-After`` beyond that.
 The lockouts after failed logins (PostgreSQL) stay as they are: this bounds
 how fast anyone can try at all, those how often one may fail.
 
@@ -50,7 +51,7 @@ WINDOW_S = 60
 # Client addresses counted in memory at most (the oldest windows go first).
 _REMEMBERED = 100_000
 # The endpoints an outsider can reach without a login.
-_LIMITED_PREFIXES = ("/api/enrolment/", "/api/invites/")
+_LIMITED_PREFIXES = ("/api/enrolment/", "/api/invites/", "/api/receipts/", "/receipt/")
 _LIMITED_PATHS = ("/api/login", "/ws")
 # After Redis failed to count, how long each node counts on its own before
 # it asks Redis again: a Redis that does not answer would otherwise hold

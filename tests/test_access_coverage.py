@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from audit.consults import mark_started
 from audit.roles import Role
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
@@ -39,6 +40,11 @@ NOT_PERSONAL = {
     ("POST", "/api/session/touch"): "answers nothing (204)",
     ("GET", "/api/invites/{token}"): "whether the link works; nothing about anyone",
     ("POST", "/api/invites/{token}/ticket"): "a ticket; nothing about anyone",
+    ("POST", "/api/invites/{token}/receipt"): "a receipt link for the invite's own consult",
+    (
+        "GET",
+        "/receipt/{token}",
+    ): "a static page (404 for an unknown receipt); its script asks the API",
     ("GET", "/ws"): "the signaling socket of the consult's own participants; "
     "each connection is noted in the 24-hour technical log",
 }
@@ -264,6 +270,15 @@ async def practice_update(h: Harness) -> Any:
     return await h.client.put("/api/admin/practice-settings", json=body, headers=h.headers)
 
 
+async def receipt_read(h: Harness) -> Any:
+    setup = await _therapist(h)
+    async with h.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, uuid.UUID(setup.consult_id), now=h.clock.now())
+    issued = await h.post(f"/api/invites/{setup.invite_token}/receipt")
+    h.client.session.cookie_jar.clear()  # the patient has no session
+    return await h.client.get(f"/api/receipts/{(await issued.json())['receipt_token']}")
+
+
 # Routes that return (or change) personal data: the request, and the action logged.
 PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/login"): (login, "session.login"),
@@ -315,6 +330,7 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("GET", "/api/recordings/{recording_id}/download"): (recording_download, "recording.download"),
     ("GET", "/api/recordings/{recording_id}/media"): (recording_play, "recording.play"),
     ("DELETE", "/api/recordings/{recording_id}"): (recording_delete, "recording.delete"),
+    ("GET", "/api/receipts/{token}"): (receipt_read, "receipt.read"),
 }
 
 
@@ -366,10 +382,13 @@ OPEN_TO_EVERY_PROFESSIONAL = {
     ("POST", "/api/enrolment/{token}/password"),
     ("POST", "/api/enrolment/{token}/confirm"),
 }
+# What the holder of a link reads without an account (the patient's receipt).
+OPEN_TO_THE_LINK_HOLDER = {("GET", "/api/receipts/{token}")}
 ROLE_ROUTES = sorted(
     route
     for route in PERSONAL
-    if route not in OPEN_TO_EVERY_PROFESSIONAL and not route[1].startswith("/api/support/")
+    if route not in OPEN_TO_EVERY_PROFESSIONAL | OPEN_TO_THE_LINK_HOLDER
+    and not route[1].startswith("/api/support/")
 )
 
 

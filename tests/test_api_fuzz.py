@@ -22,9 +22,10 @@ operation with a path parameter use a real id instead (schemathesis's
 ``as_strategy(path_parameters=...)``): fresh targets for each operation (an
 active, an enrolling and a disabled account; a new and a started consult
 with their invite links; a complete and an incomplete recording; enrolment
-links before and after the password), so that what one operation does to
-them (disabled, erased, ended, deleted) cannot hide another's answers. The
-role accounts are never targets, so their sessions last, and the operations
+links before and after the password; two receipts of the started consult),
+so that what one operation does to them (disabled, erased, ended, deleted)
+cannot hide another's answers. The role accounts are never targets, so
+their sessions last, and the operations
 that can end the calling session (login, logout) come last in their group.
 Stateful links would only reach the same ids by a longer way.
 
@@ -189,10 +190,12 @@ class World:
                 str(await stored_recording(self.harness, started, b"cut", complete=False)),
             ]
             # Invite links for /api/invites and /join, enrolment links for
-            # /api/enrolment and /enrol: each operation gets all four.
+            # /api/enrolment and /enrol, receipts for /api/receipts and
+            # /receipt: each operation gets all six.
             values["token"] = [invite for _, invite in consults] + [
                 await self._enrolment_link(),
                 await self._enrolment_link(password_chosen=True),
+                *[await self._receipt(consults[1][1]) for _ in range(2)],
             ]
         return values
 
@@ -238,6 +241,13 @@ class World:
                 detail={"role": "patient", "display_name": "Mw. Jansen", "note": "a@b.example"},
             )
         return consult_id, created["invite_token"]
+
+    async def _receipt(self, invite: str) -> str:
+        """A receipt of the invite's (started) consult, as the patient's page asks for one."""
+        response = await self.harness.post(f"/api/invites/{invite}/receipt")
+        assert response.status == 201, await response.text()
+        token: str = (await response.json())["receipt_token"]
+        return token
 
     async def _enrolment_link(self, *, password_chosen: bool = False) -> str:
         token = await self.harness.invite(self._email("enrolling"), Role.THERAPIST)

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 from pydantic import Field
 from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import Actor
 from audit.consults import (
@@ -318,14 +319,19 @@ def _log_unavailable(action: str, err: BaseException) -> None:
     )
 
 
+async def usable_invite(conn: AsyncConnection, request: web.Request, now: datetime) -> Invite:
+    """The invite of the request's link if it can be used now; :class:`InviteGone` if not."""
+    try:
+        return await open_invite(conn, request.match_info["token"], now=now)
+    except InviteInvalid as err:
+        raise InviteGone(err.problem) from None
+
+
 async def _open(request: web.Request) -> tuple[Invite, datetime | None]:
     """The invite, and when its waiting room opens (None: it is open)."""
     now = request.app[CLOCK].now()
-    try:
-        async with request.app[DB_ENGINE].begin() as conn:
-            invite = await open_invite(conn, request.match_info["token"], now=now)
-    except InviteInvalid as err:
-        raise InviteGone(err.problem) from None
+    async with request.app[DB_ENGINE].begin() as conn:
+        invite = await usable_invite(conn, request, now)
     return invite, _opens_at(request.app, invite, now)
 
 
@@ -362,10 +368,7 @@ async def invite_ticket(request: web.Request) -> web.Response:
     # One transaction for the check and the note of first use: a storm of
     # patients arriving at once (issue 19) waits for the pool once each.
     async with app[DB_ENGINE].begin() as conn:
-        try:
-            invite = await open_invite(conn, request.match_info["token"], now=now)
-        except InviteInvalid as err:
-            raise InviteGone(err.problem) from None
+        invite = await usable_invite(conn, request, now)
         opens_at = _opens_at(app, invite, now)
         if opens_at is not None:
             raise TooEarly(opens_at)

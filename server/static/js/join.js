@@ -3,6 +3,7 @@
 import { ConsultCall, LinkProblem } from "./call.js";
 import { setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
+import { ReceiptOffer } from "./receipt_offer.js";
 import { RecordingView } from "./recording.js";
 import { bindCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
 
@@ -22,6 +23,7 @@ let recording = null;
 // This tab joined the consult with the link (now, or before a reload).
 let joinedHere = false;
 let peerMedia = null;
+let receipt = null;
 
 function peerMediaShown(state) {
   peerMedia = state;
@@ -53,6 +55,7 @@ function linkProblem(code) {
     joinedHere = true;
     sessionStorage.removeItem(joinedKey);
   }
+  if (code === "invite_consult_over") receipt.show($("link-problem"));
   lastLinkProblem = code;
   $("link-problem-text").textContent = t(`invite.${code}`, {}, t("invite.invite_unknown"));
   show("link-problem");
@@ -197,14 +200,19 @@ function onCallEvent(type, detail) {
       recording.welcome(detail.recording);
       $("waiting-status").textContent = "";
       therapistPresent(detail.peer_present);
-      if (detail.state === "active") show("call");
-      else show("waiting");
+      if (detail.state === "active") {
+        show("call");
+        receipt.ask(inviteApi);
+      } else {
+        show("waiting");
+      }
       break;
     case "peer-presence":
       therapistPresent(detail.present);
       break;
     case "admitted":
       show("call");
+      receipt.ask(inviteApi);
       break;
     case "reconnecting":
       if (!$("call").hidden) banner("call.selfReconnecting");
@@ -244,6 +252,7 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       finish("ended");
+      receipt.show($("ended"));
       endedKey = `ended.${detail.reason}`;
       $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
       break;
@@ -284,6 +293,7 @@ function finish(section) {
 // --- wiring ------------------------------------------------------------------
 
 function wire() {
+  receipt = new ReceiptOffer($("receipt-offer"), $("receipt-link"));
   recording = new RecordingView({
     role: "patient",
     getCall: () => call,

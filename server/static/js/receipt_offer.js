@@ -1,0 +1,34 @@
+// The receipt link on the patient's end page. Asked for once the patient is
+// admitted (the server gives none before the consultation starts), while the
+// invite link still works (it stops at the end); kept in this page's memory
+// only, and offered once the consultation is over.
+import "./i18n_receipt.js";
+
+export class ReceiptOffer {
+  constructor(box, link) {
+    this.box = box;
+    this.link = link;
+    this.url = null;
+  }
+
+  // Ask the server for a receipt of the invite's consultation; a failure
+  // only means there is none to offer.
+  async ask(inviteApi) {
+    if (this.url) return; // one per page: a reconnect needs no new one
+    try {
+      const response = await fetch(`${inviteApi}/receipt`, { method: "POST", credentials: "same-origin" });
+      if (response.ok) this.url = (await response.json()).receipt_url;
+    } catch {
+      // No connection now: the page goes on without a receipt.
+    }
+  }
+
+  // Offer the receipt at the end of ``section`` (the end page, or the page
+  // that says the consultation is over).
+  show(section) {
+    if (!this.url) return;
+    this.link.href = this.url;
+    section.append(this.box);
+    this.box.hidden = false;
+  }
+}
