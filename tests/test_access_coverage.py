@@ -254,6 +254,11 @@ async def access_log_export(h: Harness) -> Any:
     return await h.client.get("/api/admin/access-log/export", params={"format": "json"})
 
 
+async def billing_export(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/billing", params={"month": "2026-11"})
+
+
 async def retention_preview(h: Harness) -> Any:
     await _admin(h)
     return await h.client.get("/api/admin/retention/preview")
@@ -318,6 +323,7 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("GET", "/api/admin/access-log/verify"): (access_log_verify, "access_log.verify"),
     ("GET", "/api/admin/access-log/export"): (access_log_export, "access_log.export"),
     ("GET", "/api/admin/retention/preview"): (retention_preview, "retention.preview"),
+    ("GET", "/api/admin/billing"): (billing_export, "billing.export"),
     ("GET", "/api/admin/practice-settings"): (practice_read, "practice_settings.read"),
     ("PUT", "/api/admin/practice-settings"): (practice_update, "practice_settings.update"),
     ("POST", "/api/consults"): (consult_create, "consult.create"),
