@@ -1,14 +1,41 @@
-"""The access record of a professional's own API request, in a transaction of its own."""
+"""The access record of a professional's own API request: in the request's
+transaction (:func:`record_in`) or in one of its own (:func:`record_api_access`)."""
 
 from __future__ import annotations
 
 import uuid
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import Actor, Outcome, record_access
 from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import Principal
+
+
+async def record_in(
+    conn: AsyncConnection,
+    request: web.Request,
+    principal: Principal,
+    *,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | str | None,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    """Append who (the logged-in professional) did ``action`` on which object to
+    their organisation's access log, in ``conn``'s transaction: the record
+    commits with the read or change it records, or neither does."""
+    await record_access(
+        conn,
+        Actor.api(principal.account),
+        organisation_id=principal.account.organisation_id,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        now=request.app[CLOCK].now(),
+        outcome=outcome,
+    )
 
 
 async def record_api_access(
@@ -23,13 +50,12 @@ async def record_api_access(
     """Append who (the logged-in professional) did ``action`` on which object, and
     how it ended, to their organisation's access log; committed at once."""
     async with request.app[DB_ENGINE].begin() as conn:
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
+            request,
+            principal,
             action=action,
             object_type=object_type,
             object_id=object_id,
-            now=request.app[CLOCK].now(),
             outcome=outcome,
         )

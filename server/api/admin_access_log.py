@@ -22,13 +22,12 @@ from aiohttp import web
 
 from audit.access_log import (
     AccessRecord,
-    Actor,
     chain_of,
     read_access_log,
-    record_access,
     verify_chain,
 )
 from audit.accounts import Role
+from server.api.access_records import record_in
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
@@ -110,14 +109,13 @@ def _filter(params: dict[str, str]) -> LogFilter:
 async def _log(request: web.Request, principal: Principal, action: str, object_type: str) -> None:
     organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action=action,
             object_id=organisation_id if object_type == "organisation" else None,
             object_type=object_type,
-            now=request.app[CLOCK].now(),
         )
 
 
@@ -138,14 +136,13 @@ async def access_log_read(request: web.Request) -> web.Response:
         found = await read_access_log(
             conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq, **chosen.query()
         )
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action="access_log.read",
             object_id=organisation_id,
             object_type="organisation",
-            now=request.app[CLOCK].now(),
         )
     more = len(found) == ACCESS_LOG_PAGE
     return web.json_response(

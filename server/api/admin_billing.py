@@ -14,7 +14,6 @@ from datetime import date
 
 from aiohttp import web
 
-from audit.access_log import Actor, record_access
 from audit.accounts import Role
 from audit.billing import (
     as_csv,
@@ -24,6 +23,7 @@ from audit.billing import (
     row_of,
     totals,
 )
+from server.api.access_records import record_in
 from server.api.errors import Unprocessable
 from server.api.query import query_params, query_zone
 from server.api.representations import iso
@@ -68,14 +68,13 @@ async def billing_export(request: web.Request) -> web.Response:
         entries = await month_of_consults(
             conn, organisation_id, since=since, until=until, therapist_id=therapist_id
         )
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action="billing.export",
             object_type="organisation",
             object_id=organisation_id,
-            now=now,
         )
     month = f"{first_day:%Y-%m}"
     if export_format == "csv":

@@ -9,7 +9,6 @@ from aiohttp import web
 from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import Actor, record_access
 from audit.accounts import Role
 from audit.practice import (
     MIN_INVITE_VALIDITY_S,
@@ -18,6 +17,7 @@ from audit.practice import (
     set_practice_settings,
 )
 from audit.retention import Retention, preview_organisation, retention_of
+from server.api.access_records import record_in
 from server.api.admin_views import default_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import Unprocessable
@@ -60,14 +60,13 @@ async def _record(
     conn: AsyncConnection, request: web.Request, principal: Principal, action: str
 ) -> None:
     organisation_id = principal.account.organisation_id
-    await record_access(
+    await record_in(
         conn,
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+        request,
+        principal,
         action=action,
         object_id=organisation_id,
         object_type="organisation",
-        now=request.app[CLOCK].now(),
     )
 
 

@@ -8,11 +8,12 @@ import uuid
 from aiohttp import web
 from pydantic import Field
 
-from audit.access_log import Actor, Outcome, record_access
+from audit.access_log import Actor, Outcome
 from audit.accounts import Account, Role, get_account, last_logins, list_accounts, parse_role
 from audit.errors import Conflict, NotFound
 from audit.notices import NoticeKind, pending_notices
 from audit.retention import Retention, retention_of, set_retention
+from server.api.access_records import record_api_access, record_in
 from server.api.body import RequestBody, read_json
 from server.api.errors import ConflictError, NotFoundError
 from server.api.representations import (
@@ -67,14 +68,13 @@ async def own_account(request: web.Request, principal: Principal, action: str) -
             return await get_account(conn, account_id, organisation_id=organisation_id)
     except NotFound:
         async with app[DB_ENGINE].begin() as conn:
-            await record_access(
+            await record_in(
                 conn,
-                Actor.api(principal.account),
-                organisation_id=organisation_id,
+                request,
+                principal,
                 action=action,
                 object_type="account",
                 object_id=account_id,
-                now=app[CLOCK].now(),
                 outcome=Outcome.REFUSED,
             )
         raise
@@ -88,14 +88,13 @@ async def accounts_list(request: web.Request) -> web.Response:
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_accounts(conn, organisation_id)
         logins = await last_logins(conn, organisation_id)
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action="account.list",
             object_id=None,
             object_type="organisation",
-            now=request.app[CLOCK].now(),
         )
     # The day only: when exactly is in the access log, for whoever must know.
     return web.json_response(
@@ -136,14 +135,13 @@ async def accounts_create(request: web.Request) -> web.Response:
         # Login names are unique in the whole installation, so this answer can
         # tell an admin that an address is in use elsewhere: keep a record.
         async with app[DB_ENGINE].begin() as conn:
-            await record_access(
+            await record_in(
                 conn,
-                Actor.api(principal.account),
-                organisation_id=organisation_id,
+                request,
+                principal,
                 action="account.create",
                 object_type="account",
                 object_id=None,
-                now=app[CLOCK].now(),
                 outcome=Outcome.REFUSED,
             )
         raise
@@ -156,16 +154,9 @@ async def accounts_create(request: web.Request) -> web.Response:
 async def account_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.read")
     account = await own_account(request, principal, "account.read")
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record_access(
-            conn,
-            Actor.api(principal.account),
-            organisation_id=account.organisation_id,
-            action="account.read",
-            object_type="account",
-            object_id=account.id,
-            now=request.app[CLOCK].now(),
-        )
+    await record_api_access(
+        request, principal, action="account.read", object_type="account", object_id=account.id
+    )
     return web.json_response({"account": account_json(account)})
 
 
@@ -219,17 +210,14 @@ async def account_reset_totp(request: web.Request) -> web.Response:
     if await _reset_by_operator(app, account):
         # No password since the console's full reset: a link of the admin's
         # own would set one, and make the admin the account.
-        async with app[DB_ENGINE].begin() as conn:
-            await record_access(
-                conn,
-                Actor.api(principal.account),
-                organisation_id=account.organisation_id,
-                action="account.reset-totp",
-                object_type="account",
-                object_id=account.id,
-                now=app[CLOCK].now(),
-                outcome=Outcome.REFUSED,
-            )
+        await record_api_access(
+            request,
+            principal,
+            action="account.reset-totp",
+            object_type="account",
+            object_id=account.id,
+            outcome=Outcome.REFUSED,
+        )
         raise ResetByOperator(
             "this account was reset from the console (password and app); only the "
             "console issues its enrolment link again (videoconsult user reset)"
@@ -277,14 +265,13 @@ async def retention_read(request: web.Request) -> web.Response:
     organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
         retention = await retention_of(conn, organisation_id, defaults=default_retention(request))
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action="retention.read",
             object_id=organisation_id,
             object_type="organisation",
-            now=request.app[CLOCK].now(),
         )
     return web.json_response(retention_json(retention))
 
@@ -299,13 +286,12 @@ async def retention_update(request: web.Request) -> web.Response:
     now = request.app[CLOCK].now()
     async with request.app[DB_ENGINE].begin() as conn:
         await set_retention(conn, organisation_id, retention, now=now)
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=organisation_id,
+            request,
+            principal,
             action="retention.update",
             object_id=organisation_id,
             object_type="organisation",
-            now=now,
         )
     return web.json_response(retention_json(retention))

@@ -10,6 +10,7 @@ from audit.access_log import Actor, record_access
 from audit.accounts import Role
 from audit.sealing import keyed_hash
 from audit.subject_rights import erase_account, export_account
+from server.api.access_records import record_in
 from server.api.admin_views import ACCOUNT_PATH, own_account
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_login, require_role
@@ -53,14 +54,13 @@ async def account_erase(request: web.Request) -> web.Response:
     subject_hash = keyed_hash(app[MASTER_KEY].key, "login-subject", account.email)
     async with app[DB_ENGINE].begin() as conn:
         erasure = await erase_account(conn, account, login_subject_hash=subject_hash)
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
+            request,
+            principal,
             action="account.erase",
             object_type="account",
             object_id=account.id,
-            now=app[CLOCK].now(),
         )
     return web.json_response(
         {

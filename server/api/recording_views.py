@@ -29,7 +29,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from audit.access_log import Actor, Outcome, record_access
+from audit.access_log import Outcome
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.media_types import MATROSKA, MediaFormat, media_format
@@ -44,10 +44,10 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
-from server.api.access_records import record_api_access
+from server.api.access_records import record_api_access, record_in
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
-from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
+from server.app_keys import CHUNK_MAPS, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
 
 routes = web.RouteTableDef()
@@ -129,14 +129,13 @@ async def recordings_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_recordings(conn, principal.account.id)
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
+            request,
+            principal,
             action=ACTION_LIST,
             object_type="therapist",
             object_id=principal.account.id,
-            now=request.app[CLOCK].now(),
         )
     return web.json_response({"recordings": [recording_json(entry) for entry in found]})
 
@@ -277,14 +276,13 @@ async def recording_delete(request: web.Request) -> web.Response:
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
         file_names = await shred(conn, [entry.id])
-        await record_access(
+        await record_in(
             conn,
-            Actor.api(principal.account),
-            organisation_id=principal.account.organisation_id,
+            request,
+            principal,
             action=ACTION_DELETE,
             object_type="recording",
             object_id=entry.id,
-            now=app[CLOCK].now(),
         )
     # The key is gone (committed): the file can never be decrypted again,
     # whether or not it can be removed right now.
