@@ -1,7 +1,7 @@
 // The patient's page at /join/<token>: link check, explanation, device
 // check, consent, waiting room, call, and the end. No inline script (CSP).
 import { ConsultCall, LinkProblem } from "./call.js";
-import { setupLanguage, t, translatePage } from "./i18n.js";
+import { say, setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
 import { bindCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
@@ -195,7 +195,7 @@ function onCallEvent(type, detail) {
     case "welcome":
       banner("");
       recording.welcome(detail.recording);
-      $("waiting-status").textContent = "";
+      say($("waiting-status"), "");
       therapistPresent(detail.peer_present);
       if (detail.state === "active") show("call");
       else show("waiting");
@@ -302,14 +302,14 @@ function wire() {
   $("consent-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if (!$("consent-box").checked) {
-      $("consent-error").textContent = t("consent.consent_required");
+      say($("consent-error"), "consent.consent_required");
       return;
     }
     if (invite.guardian_consent && !$("guardian-box").checked) {
-      $("consent-error").textContent = t("consent.guardian_consent_required");
+      say($("consent-error"), "consent.guardian_consent_required");
       return;
     }
-    $("consent-error").textContent = "";
+    say($("consent-error"), "");
     join({ consent: true, guardian_consent: Boolean(invite.guardian_consent) });
   });
   const leave = () => call && call.leave();

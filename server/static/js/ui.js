@@ -1,10 +1,9 @@
 // Small pieces both pages use: the mute and camera buttons, the quality badge.
-import { locale, t } from "./i18n.js";
+import { locale, say, t } from "./i18n.js";
 
 function setToggle(button, pressed, onKey, offKey) {
   button.setAttribute("aria-pressed", String(pressed));
-  button.dataset.i18n = pressed ? offKey : onKey;
-  button.textContent = t(button.dataset.i18n);
+  say(button, pressed ? offKey : onKey);
 }
 
 // onChange: after each toggle (the page tells the other side).
@@ -47,8 +46,7 @@ export function showQuality(element, stats) {
   // The badge is a live region: change its text only when the level changes.
   if (element.dataset.level !== stats.level) {
     element.dataset.level = stats.level;
-    element.dataset.i18n = `quality.${stats.level}`;
-    element.textContent = t(element.dataset.i18n);
+    say(element, `quality.${stats.level}`);
   }
   const details = [];
   if (stats.rttMs !== null) details.push(t("quality.rtt", { ms: Math.round(stats.rttMs) }));
