@@ -46,6 +46,9 @@ async def test_the_therapist_ends_a_consult_and_reads_their_own_end_text(
     await therapist.click("#end")
     await expect(therapist.locator("#call-over")).to_be_visible()
     await expect(therapist.locator("#call-over-text")).to_have_text("You ended the consultation.")
+    # The end page's text follows the language (it stayed English before).
+    await therapist.select_option("#language", "nl")
+    await expect(therapist.locator("#call-over-text")).to_have_text("U hebt het consult beëindigd.")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 

@@ -221,6 +221,12 @@ async def test_a_therapist_goes_to_their_own_page_and_is_refused_the_support_vie
     await expect(page.locator("#view")).to_be_hidden()
     await screenshot(page, "support-refused-for-a-therapist")
     await assert_accessible(page, "support-refused-for-a-therapist")
+    # The way to the own page follows the language, as the rest of the page does.
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#refused-home")).to_have_text(
+        "Uw account heeft een eigen pagina: uw consulten"
+    )
+    await expect(page.locator("#refused-home a")).to_have_attribute("href", "/app")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 

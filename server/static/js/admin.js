@@ -469,7 +469,6 @@ setupLanguage($("language"), () => {
   renderRetention();
   renderPractice();
   renderAccessLog();
-  if (me && me.role !== "admin") showWayHome($("refused-home"), me.role);
 });
 translatePage();
 wire();

@@ -36,7 +36,6 @@ let media = { stream: null, camera: null, microphone: null };
 let createdConsultId = null;
 let titleFlash = null;
 let lastConsults = [];
-let callOver = null;
 let recording = null;
 let peerMedia = null;
 const tracks = new TrackSwitcher({ getCall: () => call, getMedia: () => media });
@@ -335,7 +334,6 @@ async function openCall(id) {
     return;
   }
   consultId = id;
-  callOver = null;
   const url = new URL(location.href);
   url.searchParams.set("consult", id);
   history.replaceState(null, "", url);
@@ -428,25 +426,25 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       // The therapist's own words for the end they made; the neutral ones else.
-      closeCall("ended", t(`app.over.${detail.reason}`, {}, t(`ended.${detail.reason}`, {}, "")));
+      closeCall("ended", t(`app.over.${detail.reason}`, {}, null) === null ? `ended.${detail.reason}` : `app.over.${detail.reason}`);
       break;
     case "replaced":
-      closeCall("replaced", t("app.over.replaced"));
+      closeCall("replaced", "app.over.replaced");
       break;
     case "session-ended":
-      closeCall(null, "");
+      closeCall(null);
       toLogin("session");
       break;
     case "left":
-      closeCall(null, "");
+      closeCall(null);
       backToList();
       break;
     case "link-problem":
       if (detail.code === "not_logged_in") {
-        closeCall(null, "");
+        closeCall(null);
         toLogin("session");
       } else {
-        closeCall("ended", t(detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over"));
+        closeCall("ended", detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over");
       }
       break;
     default:
@@ -454,7 +452,9 @@ function onCallEvent(type, detail) {
   }
 }
 
-function closeCall(kind, text) {
+// kind: "ended" or "replaced" shows the end page with the text of ``key``;
+// null just closes.
+function closeCall(kind, key) {
   patientNotWaiting();
   recording.reset();
   if (call && !call.finished) call.finish("closed", {});
@@ -468,9 +468,8 @@ function closeCall(kind, text) {
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
   banner("");
   if (kind) {
-    callOver = { kind, text };
-    $("call-over-title").textContent = t(kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
-    $("call-over-text").textContent = text;
+    say($("call-over-title"), kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
+    say($("call-over-text"), key, {}, "");
     show("call-over");
   }
 }
@@ -481,7 +480,6 @@ function backToList() {
   history.replaceState(null, "", url);
   consultId = null;
   call = null;
-  callOver = null;
   show("dashboard");
   loadList().catch(() => {});
 }
@@ -510,7 +508,7 @@ function wire() {
     if (!(call && call.end())) {
       // No socket right now: end it through the API.
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
-      closeCall("ended", t("app.over.ended_by_therapist"));
+      closeCall("ended", "app.over.ended_by_therapist");
     }
   });
   $("back").addEventListener("click", () => {
@@ -568,7 +566,7 @@ setupLanguage($("language"), () => {
   banner(bannerKey);
   if (!$("dashboard").hidden) renderList(lastConsults);
   if (recordings && !$("dashboard").hidden) recordings.render();
-  if (callOver) $("call-over-text").textContent = callOver.text;
+  if (!$("device-problem").dataset.i18n) showDeviceProblems($("device-problem"), media);
   peerMediaShown(peerMedia);
 });
 translatePage();

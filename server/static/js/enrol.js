@@ -42,7 +42,7 @@ async function start() {
   try {
     status = await call(api);
   } catch {
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(start, 3000);
     return;
   }

@@ -21,6 +21,8 @@ const MESSAGES = merged([COMMON, APP, CALL, SUPPORT]);
 
 export const LANGUAGES = { en: "English", nl: "Nederlands" };
 const STORAGE_KEY = "videoconsult.language";
+// The event on ``document`` after the page has changed its language.
+export const LANGUAGE_CHANGED = "videoconsult-language";
 
 function pick() {
   const saved = localStorage.getItem(STORAGE_KEY);
@@ -102,6 +104,8 @@ export function setupLanguage(select, onChange) {
     current = MESSAGES[select.value] ? select.value : "en";
     localStorage.setItem(STORAGE_KEY, current);
     onChange();
+    // For what a shared module put on the page (session.js: the notices).
+    document.dispatchEvent(new Event(LANGUAGE_CHANGED));
   });
 }
 

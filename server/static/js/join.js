@@ -63,7 +63,7 @@ async function checkLink() {
   try {
     response = await fetch(inviteApi, { credentials: "same-origin" });
   } catch {
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(checkLink, 3000);
     return;
   }
@@ -74,7 +74,7 @@ async function checkLink() {
   }
   if (!response.ok) {
     // The server is busy or restarting: not the link's fault. Try again.
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(checkLink, 3000);
     return;
   }
@@ -95,15 +95,23 @@ async function checkLink() {
   show("intro");
 }
 
+// When the waiting room opens, in the page's language (again after a change).
+let opensShown = null;
+
+function showOpening() {
+  const lang = document.documentElement.lang;
+  $("too-early-text").textContent = t("join.early.text", {
+    date: opensShown.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
+    time: opensShown.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
+  });
+}
+
 // The appointment is later: say when to come back, and look again then
 // (a page left open moves on by itself).
 function tooEarly(opensAt) {
   const opens = new Date(opensAt);
-  const lang = document.documentElement.lang;
-  $("too-early-text").textContent = t("join.early.text", {
-    date: opens.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
-    time: opens.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
-  });
+  opensShown = opens;
+  showOpening();
   show("too-early");
   // At most every 10 minutes (a sleeping laptop's timers run late), at the
   // earliest a second after the opening.
@@ -208,7 +216,7 @@ function onCallEvent(type, detail) {
       break;
     case "reconnecting":
       if (!$("call").hidden) banner("call.selfReconnecting");
-      else $("waiting-status").textContent = t("call.selfReconnecting");
+      else say($("waiting-status"), "call.selfReconnecting");
       break;
     case "peer-reconnecting":
       banner("call.peerReconnecting.therapist");
@@ -260,7 +268,7 @@ function onCallEvent(type, detail) {
       finish(null);
       if (detail.code === "consent_required" || detail.code === "guardian_consent_required") {
         show("consent");
-        $("consent-error").textContent = t(`consent.${detail.code}`);
+        say($("consent-error"), `consent.${detail.code}`);
       } else {
         linkProblem(detail.code);
       }
@@ -336,6 +344,7 @@ setupLanguage($("language"), () => {
   banner(bannerKey);
   if (presenceKey) $("waiting-therapist").textContent = t(presenceKey);
   if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
+  if (opensShown) showOpening();
   showProblems();
   peerMediaShown(peerMedia);
 });

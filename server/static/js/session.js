@@ -1,7 +1,7 @@
 // What the professionals' pages (/app, /support, /admin) share: finding out
 // who is logged in, logging out, and (/support, /admin) the API call with
 // the idle logout of a page that makes requests only when asked.
-import { say } from "./i18n.js";
+import { LANGUAGE_CHANGED, say } from "./i18n.js";
 import { showAccountNotices, toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
@@ -81,7 +81,9 @@ export async function openSession() {
     }
     if (session) {
       $("who").textContent = session.account.email;
-      showAccountNotices($("account-notices"), session.notices);
+      const notices = session.notices || [];
+      showAccountNotices($("account-notices"), notices);
+      document.addEventListener(LANGUAGE_CHANGED, () => showAccountNotices($("account-notices"), notices));
       return session;
     }
     say($("loading").querySelector("p"), "common.offline");

@@ -32,7 +32,7 @@ export class TrackSwitcher {
     try {
       stream = await navigator.mediaDevices.getUserMedia(kind === "video" ? { video: wanted } : { audio: wanted });
     } catch {
-      $("device-problem").textContent = t(`devices.${kind === "video" ? "camera" : "microphone"}.busy`);
+      say($("device-problem"), `devices.${kind === "video" ? "camera" : "microphone"}.busy`);
       $("device-problem").hidden = false;
       return;
     }

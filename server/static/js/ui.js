@@ -78,13 +78,15 @@ export function showDeviceProblems(element, media, { audioOnlyNote = false } = {
   if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
   if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
   if (audioOnlyNote && media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
+  say(element, ""); // several sentences: the page shows them again itself
   element.textContent = problems.join(" ");
   element.hidden = problems.length === 0;
   return problems.length > 0;
 }
 
 // What the account holder must be told (a reset of their credentials), each
-// with a button that dismisses it on the server.
+// with a button that dismisses it on the server (and takes it out of
+// ``notices``, so that showing them again, in another language, leaves it out).
 export function showAccountNotices(container, notices) {
   container.replaceChildren();
   for (const notice of notices || []) {
@@ -104,7 +106,10 @@ export function showAccountNotices(container, notices) {
         method: "POST",
         credentials: "same-origin",
       }).catch(() => null);
-      if (response && (response.ok || response.status === 404)) box.remove();
+      if (response && (response.ok || response.status === 404)) {
+        box.remove();
+        notices.splice(notices.indexOf(notice), 1);
+      }
     });
     box.append(text, button);
     container.append(box);
