@@ -46,6 +46,19 @@ class InviteProblem(enum.Enum):
     CONSULT_OVER = "consult_over"
 
 
+class LinkState(enum.Enum):
+    # Whether a consult's invite link works, for its therapist's list.
+    # It opens the consult now (see open_invite).
+    LIVE = "live"
+    # Revoked, and no new link made since.
+    REVOKED = "revoked"
+    # Ran out before the patient was admitted.
+    EXPIRED = "expired"
+    # None at all: the consult is over, or the housekeeping cleared its
+    # revoked or expired link away.
+    NONE = "none"
+
+
 class InviteInvalid(NotFound):
     """The invite cannot be used; ``problem`` says why (about this token only)."""
 
@@ -412,6 +425,35 @@ async def live_invite_expiry(
     if expiry is not None and expiry.tzinfo is None:
         expiry = expiry.replace(tzinfo=UTC)  # SQLite's aggregate loses the column type
     return expiry
+
+
+async def link_states(
+    conn: AsyncConnection, of: list[Consult], *, now: datetime
+) -> dict[uuid.UUID, LinkState]:
+    """Whether each consult's link works, judged as :func:`open_invite` judges it.
+
+    At most one of a consult's invites is unrevoked (:func:`issue_invite`);
+    without one, a revoked invite still stored means the link was revoked.
+    """
+    states = {consult.id: LinkState.NONE for consult in of}
+    open_ones = {consult.id: consult for consult in of if not consult.is_over}
+    if not open_ones:
+        return states
+    rows = await conn.execute(
+        sa.select(invites.c.consult_id, invites.c.expires_at, invites.c.revoked_at).where(
+            invites.c.consult_id.in_(list(open_ones))
+        )
+    )
+    for row in rows:
+        consult = open_ones[row.consult_id]
+        if row.revoked_at is not None:
+            if states[consult.id] is LinkState.NONE:
+                states[consult.id] = LinkState.REVOKED
+        elif row.expires_at <= now and consult.started_at is None:
+            states[consult.id] = LinkState.EXPIRED
+        else:
+            states[consult.id] = LinkState.LIVE
+    return states
 
 
 async def destroy_labels_of_unusable_links(conn: AsyncConnection, *, now: datetime) -> int:

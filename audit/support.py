@@ -32,15 +32,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.consults import ConsultStatus
 from audit.errors import NotFound
-from audit.schema import accounts, consults
+from audit.schema import accounts, consults, technical_log
 from audit.sealing import derive_key
-from audit.technical_log import TechnicalEntry, read_technical
+from audit.technical_log import RETENTION, TechnicalEntry, read_technical
 
 PSEUDONYM_PURPOSE = "support-therapist-pseudonym"
 # 48 bits: no collision in any realistic organisation, short enough to read
 # out on the phone ("T-4F2A91C03B7E").
 PSEUDONYM_HEX_DIGITS = 12
 PSEUDONYM_PATTERN = re.compile(rf"T-[0-9A-F]{{{PSEUDONYM_HEX_DIGITS}}}")
+
+# The technical-log entry a server node writes as it ends a consult
+# (signaling.rooms.Rooms.end), with the detail {"reason": <EndReason>}.
+CONSULT_ENDED_KIND = "signaling.consult-ended"
 
 # Upper bounds (exclusive) of the duration chart's buckets, in minutes; the
 # last bucket is open-ended. Short consults are told apart finely, long ones
@@ -307,6 +311,32 @@ async def technical_log_of(
         TechnicalEntry(entry.at, entry.kind, entry.subject, _hide_personal(entry.detail))
         for entry in entries
     ]
+
+
+async def end_reasons(
+    conn: AsyncConnection, consult_ids: Sequence[uuid.UUID], *, now: datetime
+) -> dict[uuid.UUID, str]:
+    """How these consults ended, where the technical log still says: the
+    ``reason`` of each one's end entry of the last 24 hours (the cut-off of
+    :func:`audit.technical_log.read_technical`). The consult record keeps only
+    its times, so an end older than that has none here."""
+    if not consult_ids:
+        return {}
+    rows = await conn.execute(
+        sa.select(technical_log.c.subject, technical_log.c.detail)
+        .where(
+            technical_log.c.kind == CONSULT_ENDED_KIND,
+            technical_log.c.subject.in_([str(consult_id) for consult_id in consult_ids]),
+            technical_log.c.at > now - RETENTION,
+        )
+        .order_by(technical_log.c.id)
+    )
+    reasons: dict[uuid.UUID, str] = {}
+    for row in rows:
+        reason = row.detail.get("reason") if isinstance(row.detail, Mapping) else None
+        if isinstance(reason, str):
+            reasons[uuid.UUID(row.subject)] = reason
+    return reasons
 
 
 def _hide_personal(detail: Mapping[str, Any]) -> dict[str, Any]:

@@ -177,6 +177,10 @@ async def test_an_admin_manages_accounts_from_the_console(
     await page.select_option("#language", "nl")
     await expect(page.locator("#view h1")).to_have_text("Uw praktijk")
     await expect(row(page, carla.email)).to_contain_text("Wacht op inrichting")
+    # The refusal still on screen follows the language (it stayed English before).
+    await expect(page.locator("#create-error")).to_have_text(
+        "Er bestaat al een account met dit e-mailadres."
+    )
     await screenshot(page, "admin-dutch")
     await assert_accessible(page, "Dutch")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)

@@ -14,11 +14,13 @@ from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     assert_no_browser_errors,
     create_consult,
+    login_page,
     new_context,
     open_consult,
     patient_joins,
     patient_opens,
     therapist_logs_in,
+    wrong_login,
 )
 from tests.support.harness import Harness
 
@@ -44,6 +46,9 @@ async def test_the_therapist_ends_a_consult_and_reads_their_own_end_text(
     await therapist.click("#end")
     await expect(therapist.locator("#call-over")).to_be_visible()
     await expect(therapist.locator("#call-over-text")).to_have_text("You ended the consultation.")
+    # The end page's text follows the language (it stayed English before).
+    await therapist.select_option("#language", "nl")
+    await expect(therapist.locator("#call-over-text")).to_have_text("U hebt het consult beëindigd.")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 
@@ -61,7 +66,39 @@ async def test_times_follow_the_browsers_locale_and_a_revoked_link_shows_in_its_
     await row.get_by_role("button", name="Revoke link").click()
     await expect(row).to_contain_text("Link revoked")
     await expect(row.get_by_role("button", name="Revoke link")).to_have_count(0)
+    # The mark is the server's: a reload keeps it (before, the row looked live again).
+    await therapist.reload()
+    await expect(therapist.locator("#dashboard")).to_be_visible()
+    await expect(row).to_contain_text("Link revoked")
+    await expect(row.get_by_role("button", name="Revoke link")).to_have_count(0)
+    await expect(row.get_by_role("button", name="New link", exact=True)).to_be_visible()
+    await assert_accessible(therapist, "dashboard, a revoked link after a reload")
+    await therapist.select_option("#language", "nl")
+    await expect(row).to_contain_text("Link ingetrokken")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_a_message_on_screen_follows_a_change_of_language(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    anna = await live_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    context, page = await login_page(live_harness, chromium)
+    error = page.locator("#login-error")
+    await page.click("#login-button")
+    await expect(error).to_have_text("Fill in your e-mail address and password.")
+    await page.select_option("#language", "nl")
+    await expect(page.locator("h1")).to_have_text("Inloggen")
+    await expect(error).to_have_text("Vul uw e-mailadres en wachtwoord in.")
+    await assert_accessible(page, "login error, in Dutch")
+    # The server's refusal, said in Dutch, goes back to English with the page.
+    await wrong_login(page, anna)
+    await expect(error).to_have_text("Het e-mailadres, het wachtwoord of de code klopt niet.")
+    await page.select_option("#language", "en")
+    await expect(error).to_have_text("The e-mail address, password or code is not right.")
+    await assert_accessible(page, "login refused, in English")
+    await assert_no_browser_errors(
+        context, allow=[*EXPECTED_HTTP_ERRORS, r"status of 401 .*/api/login"]
+    )
 
 
 async def test_a_therapist_whose_camera_is_blocked_finds_the_try_again_button(
@@ -113,18 +150,11 @@ async def test_leave_join_again_and_check_the_camera_throws_nothing(
 async def test_a_locked_login_says_how_long_to_wait(
     chromium: Browser, live_harness: Harness
 ) -> None:
-    harness = live_harness
-    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
-    context = await new_context(chromium, harness.origin, locale="en-GB")
-    page = await context.new_page()
-    await page.goto("/login")
+    anna = await live_harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    context, page = await login_page(live_harness, chromium)
     error = page.locator("#login-error")
     for _ in range(6):
-        await page.fill("#email", anna.email)
-        await page.fill("#password", "not the password")
-        await page.fill("#code", "000000")
-        await page.click("#login-button")
-        await expect(page.locator("#login-button")).to_be_enabled()
+        await wrong_login(page, anna)
     await expect(error).to_have_text("Too many failed attempts. Try again in 15 minutes.")
     await assert_accessible(page, "login locked")
     await assert_no_browser_errors(

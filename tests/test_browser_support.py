@@ -88,6 +88,7 @@ async def a_failed_call_this_morning(harness: Harness, therapist: Professional) 
                 {**patient, "detail": {"ice": "failed", "localCandidates": 1, "bytesSent": 0}},
             ),
             (230, "signaling.disconnected", {**patient, "detail": {"grace": False}}),
+            (240, "signaling.consult-ended", {"reason": "both_left"}),
         ]
         for offset_s, kind, detail in events:
             await write_technical(
@@ -125,6 +126,9 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     await expect(page.locator("#summary")).to_contain_text("41 consults from")
     await expect(page.locator("#rows tr")).to_have_count(25)
     await expect(page.locator("#rows tr").first).to_have_attribute("data-consult", str(failed))
+    # How it ended, from the technical log of the last 24 hours; older ends say only "Ended".
+    failed_status = page.locator(f'tr[data-consult="{failed}"] td.status')
+    await expect(failed_status).to_have_text("Ended · both left")
     await page.wait_for_function(CHARTS_DRAWN, arg="tz=")
     await screenshot(page, "support-overview")
     await assert_accessible(page, "support-overview")
@@ -157,8 +161,8 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     await page.locator(f'tr[data-consult="{failed}"] button').click()
     log = page.locator("#technical-log")
     await expect(log).to_be_visible()
-    await expect(page.locator("#log-rows tr")).to_have_count(6)
-    await expect(page.locator("#log-rows tr").first).to_contain_text("signaling.disconnected")
+    await expect(page.locator("#log-rows tr")).to_have_count(7)
+    await expect(page.locator("#log-rows tr").first).to_contain_text("signaling.consult-ended")
     await expect(log).to_contain_text("camera: busy")
     await expect(log).to_contain_text("192.0.2.41")
     await expect(page.locator("#log-consult")).to_contain_text(str(failed))
@@ -166,9 +170,20 @@ async def test_support_filters_consults_sees_the_charts_and_a_technical_log(
     await screenshot(page, "support-technical-log")
     await assert_accessible(page, "support-technical-log")
 
+    # A problem with the filters, on screen as the language changes.
+    await page.fill("#from", "2026-12-05")
+    await page.fill("#to", "2026-12-01")
+    await page.click("#apply")
+    await expect(page.locator("#filter-error")).to_have_text(
+        "The start date must not be after the end date."
+    )
     await page.select_option("#language", "nl")
     await expect(page.locator("#view h1")).to_have_text("Consulten van uw organisatie")
     await expect(page.locator("#log-heading")).to_have_text("Technisch logboek")
+    await expect(failed_status).to_have_text("Beëindigd · beiden vertrokken")
+    await expect(page.locator("#filter-error")).to_have_text(
+        "De begindatum mag niet na de einddatum liggen."
+    )
     await page.wait_for_function(CHARTS_DRAWN, arg="lang=nl")
     await screenshot(page, "support-dutch")
     await assert_accessible(page, "support-dutch")
@@ -206,6 +221,12 @@ async def test_a_therapist_goes_to_their_own_page_and_is_refused_the_support_vie
     await expect(page.locator("#view")).to_be_hidden()
     await screenshot(page, "support-refused-for-a-therapist")
     await assert_accessible(page, "support-refused-for-a-therapist")
+    # The way to the own page follows the language, as the rest of the page does.
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#refused-home")).to_have_text(
+        "Uw account heeft een eigen pagina: uw consulten"
+    )
+    await expect(page.locator("#refused-home a")).to_have_attribute("href", "/app")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 

@@ -39,6 +39,7 @@ async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(
         "duration_s",
         "scheduled_at",
         "display_name",
+        "link",
     }
 
 
@@ -93,6 +94,41 @@ async def test_reissuing_the_invite_voids_the_old_link(harness: Harness) -> None
     old = await harness.client.get(f"/api/invites/{setup.invite_token}")
     assert (await old.json())["error"]["code"] == "invite_revoked"
     assert (await harness.client.get(f"/api/invites/{new_token}")).status == 200
+
+
+async def test_the_consults_say_whether_their_link_works_after_a_reload(
+    harness: Harness,
+) -> None:
+    setup = await new_consult(harness)
+    created = await (await harness.post("/api/consults", {})).json()
+    assert created["consult"]["link"] == "live"
+    other = created["consult"]["id"]
+    ended = (await (await harness.post("/api/consults", {})).json())["consult"]["id"]
+    answer = await harness.post(f"/api/consults/{ended}/end")
+    assert (await answer.json())["consult"]["link"] == "none"
+
+    async def links() -> dict[str, str]:
+        listing = await (await harness.client.get("/api/consults")).json()
+        return {consult["id"]: consult["link"] for consult in listing["consults"]}
+
+    assert await links() == {setup.consult_id: "live", other: "live", ended: "none"}
+    revoked = await harness.client.delete(
+        f"/api/consults/{setup.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    assert (await links())[setup.consult_id] == "revoked"
+    shown = await (await harness.client.get(f"/api/consults/{setup.consult_id}")).json()
+    assert shown["consult"]["link"] == "revoked"
+    # The housekeeping deletes the revoked link's row: still no working link.
+    await purge_expired(harness.app)
+    assert (await links())[setup.consult_id] == "none"
+    reissued = await harness.post(f"/api/consults/{setup.consult_id}/invite")
+    assert reissued.status == 200
+    assert (await links())[setup.consult_id] == "live"
+    # A day later the unused link of the other ran out (before the housekeeping).
+    harness.clock.advance(24 * 3600 + 1)
+    await harness.logged_in(setup.therapist)
+    assert (await links())[other] == "expired"
 
 
 async def test_unknown_links_say_so_plainly_and_leak_nothing(sqlite_harness: Harness) -> None:

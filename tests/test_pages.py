@@ -12,6 +12,7 @@ from audit.access_log import Break
 from audit.consults import ConsultStatus, InviteProblem
 from audit.roles import Role
 from server.pages import STATIC_DIR
+from signaling.protocol import EndReason
 from tests.support.harness import Harness
 
 I18N = STATIC_DIR / "js" / "i18n.js"
@@ -38,6 +39,7 @@ DYNAMIC_KEYS = (
         for problem in ("blocked", "missing", "busy")
     ]
     + [f"quality.{level}" for level in ("unknown", "good", "fair", "poor")]
+    + [f"support.ended.{reason.value}" for reason in EndReason]
     + [f"login.reason.{reason}" for reason in ("idle", "session", "logout", "login")]
     + [f"consent.{code}" for code in ("consent_required", "guardian_consent_required")]
     + [f"role.{role.value}" for role in Role]
@@ -92,6 +94,19 @@ def used_keys() -> set[str]:
             if not literal.startswith("videoconsult."):
                 keys.add(literal)
     return keys
+
+
+# The bound tests/test_layout.py sets for a Python module holds for a script too.
+MOST_SCRIPT_LINES = 600
+
+
+def test_no_script_is_longer_than_its_concept_needs() -> None:
+    too_long = {
+        script.name: lines
+        for script in SCRIPTS
+        if (lines := len(script.read_text().splitlines())) > MOST_SCRIPT_LINES
+    }
+    assert not too_long, f"over {MOST_SCRIPT_LINES} lines: {too_long}"
 
 
 def test_both_languages_have_the_same_keys() -> None:

@@ -19,7 +19,7 @@ from audit.schema import access_log, technical_log
 from audit.support import DurationBucket, duration_histogram
 from audit.technical_log import write_technical
 from server.api.support_charts import Bar, bar_chart
-from server.app_keys import DB_ENGINE
+from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from tests.support.harness import Harness, Professional, new_consult
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -108,6 +108,7 @@ async def test_support_sees_consults_with_times_status_and_a_pseudonym_only(
         "ended_at",
         "duration_s",
         "therapist",
+        "end_reason",
     }
     assert shown["status"] == "ended"
     assert shown["duration_s"] == 25 * 60
@@ -126,6 +127,55 @@ async def test_support_sees_consults_with_times_status_and_a_pseudonym_only(
         setup.invite_token,
     ):
         assert secret not in text
+
+
+async def test_the_list_says_how_a_consult_ended_while_the_technical_log_holds_it(
+    harness: Harness, now: datetime
+) -> None:
+    # Ended by its therapist through the API: the end goes into the technical log.
+    setup = await new_consult(harness)
+    anna = setup.therapist
+    harness.clock.advance(60)
+    response = await harness.post(f"/api/consults/{setup.consult_id}/end", {})
+    assert response.status == 200, await response.text()
+    await harness.app[TECHNICAL_LOG].flush(harness.app[DB_ENGINE])
+    both_left = await consult(harness, anna, at=now - timedelta(hours=3), minutes=40)
+    maximum = await consult(harness, anna, at=now - timedelta(hours=5), minutes=60)
+    unused = await consult(harness, anna, at=now - timedelta(hours=6), start=False)
+    # Ended two days ago: its technical-log entry is past 24 hours (not purged yet).
+    old = await consult(harness, anna, at=now - timedelta(days=2), minutes=25)
+    running = await consult(harness, anna, at=now - timedelta(minutes=10))
+    odd = await consult(harness, anna, at=now - timedelta(hours=7), minutes=5)
+    entries = [
+        (both_left, now - timedelta(hours=2), {"reason": "both_left"}),
+        (maximum, now - timedelta(hours=4), {"reason": "max_duration"}),
+        (unused, now - timedelta(hours=5), {"reason": "not_joined"}),
+        (old, now - timedelta(days=2), {"reason": "both_left"}),
+        (odd, now - timedelta(hours=6), {"reason": "no such reason"}),
+    ]
+    async with harness.app[DB_ENGINE].begin() as conn:
+        for subject, at, detail in entries:
+            await write_technical(
+                conn, "signaling.consult-ended", now=at, subject=subject, detail=detail
+            )
+        # Another kind of entry says nothing about the end.
+        await write_technical(
+            conn, "signaling.connected", now=now, subject=running, detail={"reason": "both_left"}
+        )
+    sam = await support_user(harness)
+    await harness.logged_in(sam)
+
+    listed = await get_json(harness, CONSULTS)
+    reasons = {c["id"]: (c["status"], c["end_reason"]) for c in listed["consults"]}
+    assert reasons == {
+        setup.consult_id: ("not_started", "ended_by_therapist"),
+        both_left: ("ended", "both_left"),
+        maximum: ("ended", "max_duration"),
+        unused: ("not_started", "not_joined"),
+        old: ("ended", None),
+        running: ("active", None),
+        odd: ("ended", None),
+    }
 
 
 async def test_filters_by_status_therapist_and_date_range(harness: Harness, now: datetime) -> None:

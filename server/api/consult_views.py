@@ -18,11 +18,13 @@ from audit.consults import (
     Invite,
     InviteInvalid,
     InviteProblem,
+    LinkState,
     create_consult,
     get_consult,
     invite_expiry,
     issue_invite,
     latest_invite_guardian_consent,
+    link_states,
     list_consults,
     live_invite_expiry,
     note_invite_used,
@@ -190,7 +192,7 @@ async def consults_create(request: web.Request) -> web.Response:
         _log_unavailable("consult.create", err)
     await _log(request, principal, "consult.create", consult.id)
     answer = {
-        "consult": consult_json(consult, display_name=display_name),
+        "consult": consult_json(consult, link=LinkState.LIVE, display_name=display_name),
         **invite_json(token, invite, origin=origin),
     }
     if body.email is not None:
@@ -206,6 +208,7 @@ async def consults_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.list")
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_consults(conn, principal.account.id)
+        links = await link_states(conn, found, now=request.app[CLOCK].now())
     await request.app[ACCESS_LOG].record(
         Actor.api(principal.account),
         organisation_id=principal.account.organisation_id,
@@ -216,7 +219,12 @@ async def consults_list(request: web.Request) -> web.Response:
     )
     names = await _labels(request.app, [consult.id for consult in found])
     return web.json_response(
-        {"consults": [consult_json(consult, display_name=names[consult.id]) for consult in found]}
+        {
+            "consults": [
+                consult_json(consult, link=links[consult.id], display_name=names[consult.id])
+                for consult in found
+            ]
+        }
     )
 
 
@@ -233,7 +241,10 @@ async def consult_show(request: web.Request) -> web.Response:
         now=request.app[CLOCK].now(),
     )
     names = await _labels(request.app, [consult.id])
-    return web.json_response({"consult": consult_json(consult, display_name=names[consult.id])})
+    async with request.app[DB_ENGINE].connect() as conn:
+        links = await link_states(conn, [consult], now=request.app[CLOCK].now())
+    shown = consult_json(consult, link=links[consult.id], display_name=names[consult.id])
+    return web.json_response({"consult": shown})
 
 
 @routes.post(CONSULT_PATH + "/end")
@@ -250,8 +261,9 @@ async def consult_end(request: web.Request) -> web.Response:
         _log_unavailable("consult.end", err)
     async with request.app[DB_ENGINE].connect() as conn:
         ended = await get_consult(conn, consult.id)
+        links = await link_states(conn, [ended], now=request.app[CLOCK].now())
     await _log(request, principal, "consult.end", consult.id)
-    return web.json_response({"consult": consult_json(ended)})
+    return web.json_response({"consult": consult_json(ended, link=links[ended.id])})
 
 
 @routes.post(CONSULT_PATH + "/invite")

@@ -13,7 +13,7 @@ import segno
 
 from audit.access_log import AccessRecord
 from audit.accounts import Account
-from audit.consults import Consult, Invite
+from audit.consults import Consult, Invite, LinkState
 from audit.notices import Notice
 from audit.recordings import RecordingEntry
 from audit.retention import Retention
@@ -117,13 +117,16 @@ def _consult_metadata(consult: Consult | SupportConsult) -> dict[str, Any]:
     }
 
 
-def consult_json(consult: Consult, *, display_name: str | None = None) -> dict[str, Any]:
-    """A consult as its therapist sees it."""
+def consult_json(
+    consult: Consult, *, link: LinkState, display_name: str | None = None
+) -> dict[str, Any]:
+    """A consult as its therapist sees it, with whether its invite link works."""
     return {
         **_consult_metadata(consult),
         "scheduled_at": iso(consult.scheduled_at),
         # The therapist's label, unsealed; gone once the consult is over.
         "display_name": display_name,
+        "link": link.value,
     }
 
 
@@ -137,9 +140,10 @@ def invite_json(token: str, invite: Invite, *, origin: str) -> dict[str, Any]:
     }
 
 
-def support_consult_json(consult: SupportConsult) -> dict[str, Any]:
-    """A consult as support sees it: no name, no account id, no invite."""
-    return {**_consult_metadata(consult), "therapist": consult.therapist}
+def support_consult_json(consult: SupportConsult, *, end_reason: str | None) -> dict[str, Any]:
+    """A consult as support sees it: no name, no account id, no invite; how it
+    ended where the technical log still says (from the technical log)."""
+    return {**_consult_metadata(consult), "therapist": consult.therapist, "end_reason": end_reason}
 
 
 def recording_json(entry: RecordingEntry) -> dict[str, Any]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import date, timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit import support
 from audit.access_log import Actor, Outcome
@@ -41,6 +42,7 @@ from server.api.representations import iso, support_consult_json
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
 from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_role
+from signaling.protocol import EndReason
 
 routes = web.RouteTableDef()
 
@@ -125,6 +127,25 @@ def _pseudonyms(request: web.Request) -> support.TherapistPseudonyms:
     return support.TherapistPseudonyms(request.app[MASTER_KEY].key)
 
 
+async def _consults_json(
+    conn: AsyncConnection, found: list[support.SupportConsult], *, now: datetime
+) -> list[dict[str, Any]]:
+    """The consults as support sees them, each with how it ended (24 hours)."""
+    reasons = await support.end_reasons(conn, [consult.id for consult in found], now=now)
+    return [
+        support_consult_json(consult, end_reason=_end_reason(reasons.get(consult.id)))
+        for consult in found
+    ]
+
+
+def _end_reason(logged: str | None) -> str | None:
+    # Only the protocol's reasons are shown: the log's detail is free JSON.
+    try:
+        return EndReason(logged).value if logged is not None else None
+    except ValueError:
+        return None
+
+
 @routes.get("/api/support/consults")
 async def support_consults(request: web.Request) -> web.Response:
     """One page of the organisation's consults, newest first, with the filters applied."""
@@ -144,6 +165,7 @@ async def support_consults(request: web.Request) -> web.Response:
             per_page=per_page,
         )
         therapists = await support.therapists(conn, pseudonyms, organisation_id)
+        shown = await _consults_json(conn, found.consults, now=request.app[CLOCK].now())
     await request.app[ACCESS_LOG].record(
         Actor.api(principal.account),
         organisation_id=organisation_id,
@@ -154,7 +176,7 @@ async def support_consults(request: web.Request) -> web.Response:
     )
     return web.json_response(
         {
-            "consults": [support_consult_json(consult) for consult in found.consults],
+            "consults": shown,
             "page": found.page,
             "per_page": found.per_page,
             "total": found.total,
@@ -265,6 +287,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
             entries = await support.technical_log_of(
                 conn, consult.id, now=now, limit=TECHNICAL_LOG_LIMIT
             )
+            [shown] = await _consults_json(conn, [consult], now=now)
         # The refusal is recorded in the same transaction, so it survives the 404.
     await app[ACCESS_LOG].record(
         Actor.api(principal.account),
@@ -279,7 +302,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
         raise NotFoundError("no such consult")
     return web.json_response(
         {
-            "consult": support_consult_json(consult),
+            "consult": shown,
             "since": iso(now - RETENTION),
             "entries": [
                 {"at": iso(entry.at), "kind": entry.kind, "detail": dict(entry.detail)}

@@ -318,6 +318,23 @@ async def logs_in(harness: Harness, page: Page, who: Professional) -> None:
     await assert_accessible(page, "dashboard")
 
 
+async def login_page(harness: Harness, browser: Browser) -> tuple[BrowserContext, Page]:
+    """A new browser (en-GB) on the login page."""
+    context = await new_context(browser, harness.origin, locale="en-GB")
+    page = await context.new_page()
+    await page.goto("/login")
+    return context, page
+
+
+async def wrong_login(page: Page, who: Professional) -> None:
+    """Try to log in as ``who`` with a wrong password; wait for the answer."""
+    await page.fill("#email", who.email)
+    await page.fill("#password", "not the password")
+    await page.fill("#code", "000000")
+    await page.click("#login-button")
+    await expect(page.locator("#login-button")).to_be_enabled()
+
+
 async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> tuple[str, str]:
     """Create a consult in the dashboard; return its id and invite link."""
     if name:

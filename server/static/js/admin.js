@@ -4,7 +4,7 @@
 // its own settings, and the access log (filters, pages, export, verification).
 // Every rule (the last admin, the four eyes on resets) is the API's; this page
 // only says plainly what the API answered.
-import { setupLanguage, t, translatePage } from "./i18n.js";
+import { say, setupLanguage, t, translatePage } from "./i18n.js";
 import "./i18n_admin.js";
 import {
   $,
@@ -12,13 +12,14 @@ import {
   dayText,
   momentText,
   option,
-  problem,
+  showProblem,
   sessionTouched,
   stopIdleTimer,
 } from "./admin_api.js";
 import { renderAccessLog, startAccessLog, useAccounts, wireAccessLog } from "./admin_log.js";
 import { showWayHome } from "./roles.js";
-import { showAccountNotices, showSection, toLogin } from "./ui.js";
+import { openSession, wireLogout } from "./session.js";
+import { showSection } from "./ui.js";
 
 const ROLES = ["therapist", "support", "admin"];
 const HOUR_S = 3600;
@@ -82,11 +83,11 @@ function confirmAction({ title, text, items = [], yes }) {
 // --- accounts ----------------------------------------------------------------------------
 
 async function loadAccounts() {
-  $("accounts-error").textContent = "";
+  say($("accounts-error"), "");
   try {
     accounts = (await api("/api/admin/accounts")).accounts;
   } catch (error) {
-    if (error.status !== 401) $("accounts-error").textContent = problem(error);
+    showProblem($("accounts-error"), error);
     return;
   }
   renderAccounts();
@@ -157,9 +158,9 @@ function replaceAccount(changed) {
 async function createAccount(event) {
   event.preventDefault();
   const email = $("new-email").value.trim();
-  $("create-error").textContent = "";
+  say($("create-error"), "");
   if (!email) {
-    $("create-error").textContent = t("admin.create.missing");
+    say($("create-error"), "admin.create.missing");
     return;
   }
   $("create-button").disabled = true;
@@ -169,7 +170,7 @@ async function createAccount(event) {
     showLink(created, "admin.link.created");
     await loadAccounts();
   } catch (error) {
-    if (error.status !== 401) $("create-error").textContent = problem(error);
+    showProblem($("create-error"), error);
   } finally {
     $("create-button").disabled = false;
   }
@@ -178,7 +179,7 @@ async function createAccount(event) {
 function showLink(invitation, headingKey) {
   shownLink = { invitation, headingKey };
   renderLink();
-  $("copy-status").textContent = "";
+  say($("copy-status"), "");
   $("link-box").hidden = false;
   $("link-box").scrollIntoView({ block: "nearest" });
   $("link-heading").focus();
@@ -187,9 +188,9 @@ function showLink(invitation, headingKey) {
 function renderLink() {
   if (!shownLink) return;
   const { invitation, headingKey } = shownLink;
-  $("link-heading").textContent = t(headingKey, { email: invitation.account.email });
+  say($("link-heading"), headingKey, { email: invitation.account.email });
   $("link-url").value = invitation.enrolment_url;
-  $("link-expires").textContent = t("admin.link.expires", { at: momentText(invitation.enrolment_expires_at) });
+  say($("link-expires"), "admin.link.expires", { at: momentText(invitation.enrolment_expires_at) });
   $("link-qr").src = invitation.enrolment_qr;
   $("link-qr").alt = t("admin.link.qrAlt", { email: invitation.account.email });
 }
@@ -208,18 +209,18 @@ async function copyLink() {
     await navigator.clipboard.writeText(url);
   } catch {
     $("link-url").select(); // the clipboard refused: leave it selected for Ctrl+C
-    $("copy-status").textContent = t("admin.link.copyByHand");
+    say($("copy-status"), "admin.link.copyByHand");
     return;
   }
-  $("copy-status").textContent = t("admin.link.copied");
+  say($("copy-status"), "admin.link.copied");
 }
 
 async function change(account, what) {
-  $("accounts-error").textContent = "";
+  say($("accounts-error"), "");
   try {
     replaceAccount((await api(`/api/admin/accounts/${account.id}/${what}`, { method: "POST" })).account);
   } catch (error) {
-    if (error.status !== 401) $("accounts-error").textContent = problem(error);
+    showProblem($("accounts-error"), error);
   }
 }
 
@@ -239,13 +240,13 @@ async function resetTotp(account) {
     yes: t("admin.action.resetTotp"),
   });
   if (!sure) return;
-  $("accounts-error").textContent = "";
+  say($("accounts-error"), "");
   try {
     const invitation = await api(`/api/admin/accounts/${account.id}/reset-totp`, { method: "POST" });
     showLink(invitation, "admin.link.reset");
     replaceAccount(invitation.account);
   } catch (error) {
-    if (error.status !== 401) $("accounts-error").textContent = problem(error);
+    showProblem($("accounts-error"), error);
   }
 }
 
@@ -260,12 +261,12 @@ async function changeRole(account, select) {
     select.value = account.role;
     return;
   }
-  $("accounts-error").textContent = "";
+  say($("accounts-error"), "");
   try {
     replaceAccount((await api(`/api/admin/accounts/${account.id}`, { method: "PATCH", body: { role } })).account);
   } catch (error) {
     select.value = account.role;
-    if (error.status !== 401) $("accounts-error").textContent = problem(error);
+    showProblem($("accounts-error"), error);
   }
 }
 
@@ -283,12 +284,12 @@ async function erase(account) {
     yes: t("admin.action.eraseForGood"),
   });
   if (!sure) return;
-  $("accounts-error").textContent = "";
+  say($("accounts-error"), "");
   try {
     await api(`/api/admin/accounts/${account.id}/erase`, { method: "POST" });
     await loadAccounts();
   } catch (error) {
-    if (error.status !== 401) $("accounts-error").textContent = problem(error);
+    showProblem($("accounts-error"), error);
   }
 }
 
@@ -304,12 +305,12 @@ function retentionForm() {
 
 function retentionProblem(days) {
   const ok = Object.values(days).every((value) => Number.isInteger(value) && value >= 1 && value <= 36500);
-  return ok ? "" : t("admin.retention.bad");
+  return ok ? "" : "admin.retention.bad";
 }
 
 function renderRetention() {
   if (!retention) return;
-  $("retention-sentence").textContent = t("admin.retention.sentence", retention);
+  say($("retention-sentence"), "admin.retention.sentence", retention);
   renderPreview();
 }
 
@@ -317,7 +318,7 @@ async function loadRetention() {
   try {
     retention = await api("/api/admin/retention");
   } catch (error) {
-    if (error.status !== 401) $("retention-error").textContent = problem(error);
+    showProblem($("retention-error"), error);
     return;
   }
   $("consult-days").value = retention.consult_days;
@@ -328,12 +329,13 @@ async function loadRetention() {
 
 async function previewRetention() {
   const days = retentionForm();
-  $("retention-error").textContent = retentionProblem(days);
-  if ($("retention-error").textContent) return;
+  const bad = retentionProblem(days);
+  say($("retention-error"), bad);
+  if (bad) return;
   try {
     lastPreview = await api(`/api/admin/retention/preview?${new URLSearchParams(days)}`);
   } catch (error) {
-    if (error.status !== 401) $("retention-error").textContent = problem(error);
+    showProblem($("retention-error"), error);
     return;
   }
   renderPreview();
@@ -344,7 +346,7 @@ function renderPreview() {
   if (!lastPreview) return;
   const { consults, recordings, access_log_records: records } = lastPreview;
   const saved = retention && Object.entries(lastPreview.retention).every(([key, value]) => retention[key] === value);
-  $("preview-text").textContent = t(saved ? "admin.preview.saved" : "admin.preview.proposed", lastPreview.retention);
+  say($("preview-text"), saved ? "admin.preview.saved" : "admin.preview.proposed", lastPreview.retention);
   $("preview-list").replaceChildren(
     ...[
       t("admin.preview.consults", { count: consults }),
@@ -361,17 +363,18 @@ function renderPreview() {
 async function saveRetention(event) {
   event.preventDefault();
   const days = retentionForm();
-  $("retention-status").textContent = "";
-  $("retention-error").textContent = retentionProblem(days);
-  if ($("retention-error").textContent) return;
+  say($("retention-status"), "");
+  const bad = retentionProblem(days);
+  say($("retention-error"), bad);
+  if (bad) return;
   try {
     retention = await api("/api/admin/retention", { method: "PUT", body: days });
   } catch (error) {
-    if (error.status !== 401) $("retention-error").textContent = problem(error);
+    showProblem($("retention-error"), error);
     return;
   }
   renderRetention();
-  $("retention-status").textContent = t("admin.retention.saved");
+  say($("retention-status"), "admin.retention.saved");
 }
 
 // --- practice settings --------------------------------------------------------------------------
@@ -380,7 +383,7 @@ async function loadPractice() {
   try {
     practice = await api("/api/admin/practice-settings");
   } catch (error) {
-    if (error.status !== 401) $("practice-error").textContent = problem(error);
+    showProblem($("practice-error"), error);
     return;
   }
   renderPractice();
@@ -405,8 +408,8 @@ function renderPractice() {
 
 async function savePractice(event) {
   event.preventDefault();
-  $("practice-error").textContent = "";
-  $("practice-status").textContent = "";
+  say($("practice-error"), "");
+  say($("practice-status"), "");
   const validity = $("invite-validity").value;
   const body = {
     recording_allowed: $("recording-allowed").checked,
@@ -415,11 +418,11 @@ async function savePractice(event) {
   try {
     practice = await api("/api/admin/practice-settings", { method: "PUT", body });
   } catch (error) {
-    if (error.status !== 401) $("practice-error").textContent = problem(error);
+    showProblem($("practice-error"), error);
     return;
   }
   renderPractice();
-  $("practice-status").textContent = t("admin.practice.saved");
+  say($("practice-status"), "admin.practice.saved");
 }
 
 // --- start --------------------------------------------------------------------------------------
@@ -439,31 +442,14 @@ function wire() {
   $("retention-preview").addEventListener("click", previewRetention);
   $("practice-form").addEventListener("submit", savePractice);
   wireAccessLog();
-  $("logout").addEventListener("click", async () => {
-    stopIdleTimer();
-    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
-    location.assign("/login?reason=logout");
-  });
+  wireLogout(stopIdleTimer);
 }
 
 async function start() {
-  let session;
-  try {
-    const response = await fetch("/api/session", { credentials: "same-origin" });
-    if (response.status === 401) {
-      toLogin("login");
-      return;
-    }
-    session = await response.json();
-  } catch {
-    $("loading").querySelector("p").textContent = t("common.offline");
-    setTimeout(start, 3000);
-    return;
-  }
+  const session = await openSession();
+  if (!session) return;
   me = session.account;
   sessionTouched(session.session.idle_timeout_s);
-  $("who").textContent = me.email;
-  showAccountNotices($("account-notices"), session.notices);
   if (me.role !== "admin") {
     showWayHome($("refused-home"), me.role);
     showSection("refused");
@@ -483,7 +469,6 @@ setupLanguage($("language"), () => {
   renderRetention();
   renderPractice();
   renderAccessLog();
-  if (me && me.role !== "admin") showWayHome($("refused-home"), me.role);
 });
 translatePage();
 wire();

@@ -1,8 +1,8 @@
 // The access log in the admin console: filters (kept for the export links),
 // pages newest first, CSV and JSON export, and the chain's verification said
 // plainly.
-import { t } from "./i18n.js";
-import { $, api, momentText, option, problem } from "./admin_api.js";
+import { say, t } from "./i18n.js";
+import { $, api, momentText, option, showProblem } from "./admin_api.js";
 
 const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 // Actions an admin most often looks for; the filter takes any action, or its first part.
@@ -48,13 +48,13 @@ function updateExportLinks() {
 }
 
 async function loadLog(before = null) {
-  $("log-error").textContent = "";
+  say($("log-error"), "");
   const query = new URLSearchParams(logFilters);
   if (before !== null) query.set("before", String(before));
   try {
     logPage = await api(`/api/admin/access-log?${query}`);
   } catch (error) {
-    if (error.status !== 401) $("log-error").textContent = problem(error);
+    showProblem($("log-error"), error);
     return false;
   }
   renderLog();
@@ -92,7 +92,7 @@ function renderLog() {
   $("log-empty").hidden = logPage.records.length > 0;
   $("log-older").disabled = logPage.next_before === null;
   $("log-newest").disabled = logPages.length <= 1;
-  $("log-page-info").textContent = t("admin.log.page", { page: logPages.length });
+  say($("log-page-info"), "admin.log.page", { page: logPages.length });
 }
 
 async function showLog(event) {
@@ -100,7 +100,7 @@ async function showLog(event) {
   const from = $("log-from").value;
   const to = $("log-to").value;
   if (from && to && from > to) {
-    $("log-error").textContent = t("admin.log.badRange");
+    say($("log-error"), "admin.log.badRange");
     return;
   }
   logFilters = filtersFromForm();
@@ -120,12 +120,12 @@ async function verifyChain() {
   $("verify").disabled = true;
   $("verify-result").hidden = false;
   $("verify-result").className = "verify-result";
-  $("verify-result").textContent = t("admin.verify.running");
+  say($("verify-result"), "admin.verify.running");
   try {
     lastVerify = await api("/api/admin/access-log/verify");
   } catch (error) {
     lastVerify = null;
-    if (error.status !== 401) $("verify-result").textContent = problem(error);
+    showProblem($("verify-result"), error);
     return;
   } finally {
     $("verify").disabled = false;
@@ -148,6 +148,7 @@ function renderVerify() {
     lines.push(t("admin.verify.detail", { detail: broken.detail }));
     lines.push(t("admin.verify.after"));
   }
+  say(box, ""); // no longer the "running" message: renderVerify() renders these
   box.replaceChildren(
     ...lines.map((line) => {
       const p = document.createElement("p");

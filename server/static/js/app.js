@@ -10,14 +10,16 @@ import {
   showMailOutcome,
 } from "./appointments.js";
 import { ConsultCall, LinkProblem } from "./call.js";
-import { formatDuration, formatTime, setupLanguage, t, translatePage } from "./i18n.js";
+import { formatDuration, formatTime, say, setupLanguage, t, translatePage } from "./i18n.js";
+import { IdleWatch } from "./idle.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
 import { RecordingsList } from "./recordings.js";
 import { showWayHome } from "./roles.js";
+import { openSession, wireLogout } from "./session.js";
+import { TrackSwitcher } from "./share.js";
 import {
   bindCallControls,
-  showAccountNotices,
   showDeviceProblems,
   showPeerMedia,
   showQuality,
@@ -26,28 +28,21 @@ import {
 } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
-const IDLE_WARNING_S = 90;
-// The server's idle clock restarts with every request; touching it this often
-// keeps it at most this far behind the page's own.
-const TOUCH_EVERY_MS = 30_000;
-// Shared by the therapist's tabs: activity in one keeps the others awake.
-const ACTIVITY_KEY = "videoconsult.activity";
 
 let account = null;
-let idleTimeoutS = 900;
-let lastActivity = Date.now();
-let lastTouch = Date.now();
 let call = null;
 let consultId = null;
 let media = { stream: null, camera: null, microphone: null };
-let cameraTrack = null;
-let screenTrack = null;
 let createdConsultId = null;
 let titleFlash = null;
 let lastConsults = [];
-let callOver = null;
 let recording = null;
 let peerMedia = null;
+const tracks = new TrackSwitcher({ getCall: () => call, getMedia: () => media });
+const idle = new IdleWatch({
+  inCall: () => Boolean(call && !call.finished),
+  touch: () => api("POST", "/api/session/touch").catch(() => {}),
+});
 
 function peerMediaShown(state) {
   peerMedia = state;
@@ -63,7 +58,7 @@ async function api(method, path, body) {
     headers: body === undefined ? {} : { "Content-Type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  lastTouch = Date.now();
+  idle.touched();
   if (response.status === 401) {
     toLogin("session");
     throw new Error("not logged in");
@@ -72,49 +67,16 @@ async function api(method, path, body) {
   if (!response.ok) {
     const code = data.error && data.error.code;
     // In the page's language where we know the code; the server's words otherwise.
-    const error = new Error(t(`apiError.${code}`, {}, (data.error && data.error.message) || t("common.failed")));
+    const fallback = (data.error && data.error.message) || t("common.failed");
+    const error = new Error(t(`apiError.${code}`, {}, fallback));
     error.code = code;
+    error.fallback = fallback;
     throw error;
   }
   return data;
 }
 
 const show = showSection;
-
-// --- the idle timeout ---------------------------------------------------------
-
-function activity() {
-  lastActivity = Date.now();
-  localStorage.setItem(ACTIVITY_KEY, String(lastActivity));
-  $("idle-warning").hidden = true;
-  if (Date.now() - lastTouch > TOUCH_EVERY_MS) {
-    // Keep the server's idle timer in step with a therapist who is at work.
-    api("POST", "/api/session/touch").catch(() => {});
-  }
-}
-
-function checkIdle() {
-  // An open consult socket keeps the session alive on the server, and counts
-  // as activity for every tab.
-  if (call && !call.finished) {
-    activity();
-    return;
-  }
-  const shared = Number(localStorage.getItem(ACTIVITY_KEY)) || 0;
-  if (shared > lastActivity) {
-    lastActivity = shared;
-    $("idle-warning").hidden = true;
-  }
-  const idleS = (Date.now() - lastActivity) / 1000;
-  if (idleS >= idleTimeoutS) {
-    lastActivity = Date.now();
-    toLogin("idle");
-  } else if (idleS >= idleTimeoutS - IDLE_WARNING_S) {
-    const left = Math.max(0, Math.round(idleTimeoutS - idleS));
-    $("idle-text").textContent = t("app.idle.warning", { seconds: left });
-    $("idle-warning").hidden = false;
-  }
-}
 
 // --- the list -----------------------------------------------------------------
 
@@ -127,6 +89,7 @@ function renderList(consults) {
   const groups = $("list-groups");
   groups.replaceChildren();
   $("list-empty").hidden = consults.length > 0;
+  if (!consults.length) say($("list-empty"), "app.list.empty");
   const today = new Date().toDateString();
   for (const [titleKey, items] of groupByTime(consults)) {
     if (!items.length) continue;
@@ -154,19 +117,20 @@ function renderList(consults) {
       row.insertCell().textContent = consult.duration_s === null ? "" : formatDuration(consult.duration_s);
       const actions = row.insertCell();
       actions.className = "row-actions";
-      if (revokedHere.has(consult.id)) {
+      const open = consult.status === "created" || consult.status === "active";
+      if (open && LINK_NOTES[consult.link]) {
         const note = document.createElement("span");
-        note.className = "revoked";
-        note.textContent = ` · ${t("app.list.revoked")}`;
+        note.className = `link-${consult.link}`;
+        note.textContent = ` · ${t(LINK_NOTES[consult.link])}`;
         status.append(note);
       }
-      if (consult.status === "created" || consult.status === "active") {
+      if (open) {
         actions.append(
           button("app.list.open", () => openCall(consult.id)),
           button("app.list.newLink", () => reissue(consult), "secondary"),
           button("app.list.mailLink", () => reissue(consult, askForEmail()), "secondary"),
         );
-        if (!revokedHere.has(consult.id)) {
+        if (consult.link === "live") {
           actions.append(button("app.list.revoke", () => revoke(consult.id), "secondary"));
         }
         actions.append(button("app.list.end", () => endFromList(consult.id), "danger"));
@@ -186,9 +150,13 @@ function button(key, action, kind = "") {
 }
 
 let recordings = null;
-// Consults whose link was revoked from this page (and not issued anew since):
-// the list from the server does not say whether a consult's link is live.
-const revokedHere = new Set();
+// What a consult's row says when its link does not work (the list's "link").
+const LINK_NOTES = { revoked: "app.list.revoked", expired: "app.list.linkExpired", none: "app.list.noLink" };
+
+// The row as the server would now list it, until the list is loaded again.
+function linkNow(id, link) {
+  renderList(lastConsults.map((consult) => (consult.id === id ? { ...consult, link } : consult)));
+}
 
 async function loadList() {
   recordings ??= new RecordingsList({
@@ -208,7 +176,7 @@ async function loadList() {
 function showInvite(data, consult) {
   createdConsultId = consult;
   $("invite-url").value = data.invite_url;
-  $("copy-status").textContent = "";
+  say($("copy-status"), "");
   showMailOutcome($("mail-status"), data);
   $("invite-box").hidden = false;
   $("invite-url").focus();
@@ -221,8 +189,7 @@ async function reissue(consult, body = undefined) {
   if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
   try {
     showInvite(await api("POST", `/api/consults/${id}/invite`, body), id);
-    revokedHere.delete(id);
-    renderList(lastConsults);
+    linkNow(id, "live");
     window.scrollTo({ top: 0, behavior: "smooth" });
   } catch (error) {
     alert(error.message);
@@ -234,8 +201,7 @@ async function revoke(id) {
   try {
     await api("DELETE", `/api/consults/${id}/invite`);
     if (createdConsultId === id) $("invite-box").hidden = true;
-    revokedHere.add(id);
-    renderList(lastConsults);
+    linkNow(id, "revoked");
   } catch (error) {
     alert(error.message);
   }
@@ -253,7 +219,7 @@ async function endFromList(id) {
 
 async function createConsult(event) {
   event.preventDefault();
-  $("new-error").textContent = "";
+  say($("new-error"), "");
   const body = { guardian_consent: $("minor").checked };
   const name = $("display-name").value.trim();
   if (name) body.display_name = name;
@@ -267,7 +233,9 @@ async function createConsult(event) {
     clearAppointmentFields($("new-form"));
     await loadList();
   } catch (error) {
-    $("new-error").textContent = error.message;
+    // A known refusal in the page's language (again in another when it changes).
+    if (error.code) say($("new-error"), `apiError.${error.code}`, {}, error.fallback);
+    else say($("new-error"), "common.offline");
   } finally {
     $("new-button").disabled = false;
   }
@@ -281,7 +249,7 @@ async function copyInvite() {
     $("invite-url").select();
     document.execCommand("copy");
   }
-  $("copy-status").textContent = t("app.invite.copied");
+  say($("copy-status"), "app.invite.copied");
 }
 
 // --- the call -------------------------------------------------------------------
@@ -338,7 +306,7 @@ function showProblems() {
 // A refused upgrade shows the page only a closed socket (1006), so ask first.
 async function therapistSocketUrl(id, scheme) {
   const response = await fetch(`/api/consults/${encodeURIComponent(id)}`, { credentials: "same-origin" });
-  lastTouch = Date.now();
+  idle.touched();
   if (response.status === 401) throw new LinkProblem("not_logged_in", "");
   if (response.status === 404) throw new LinkProblem("not_found", "");
   if (!response.ok) throw new Error(`consult: ${response.status}`);
@@ -352,13 +320,12 @@ async function therapistSocketUrl(id, scheme) {
 function resetCallControls() {
   for (const [id, key] of [["mute", "call.mute"], ["camera", "call.cameraOff"]]) {
     $(id).setAttribute("aria-pressed", "false");
-    $(id).dataset.i18n = key;
-    $(id).textContent = t(key);
+    say($(id), key);
   }
   $("share").setAttribute("aria-pressed", "false");
-  $("share").textContent = t("app.call.share");
+  say($("share"), "app.call.share");
   $("quality").dataset.level = "unknown";
-  $("quality").textContent = t("quality.unknown");
+  say($("quality"), "quality.unknown");
 }
 
 async function openCall(id) {
@@ -367,7 +334,6 @@ async function openCall(id) {
     return;
   }
   consultId = id;
-  callOver = null;
   const url = new URL(location.href);
   url.searchParams.set("consult", id);
   history.replaceState(null, "", url);
@@ -378,9 +344,9 @@ async function openCall(id) {
   patientNotWaiting();
   peerMediaShown(null);
   $("remote-waiting").hidden = false;
-  $("remote-waiting").textContent = t("app.call.noPatient");
+  say($("remote-waiting"), "app.call.noPatient");
   media = await getMedia();
-  cameraTrack = media.stream ? media.stream.getVideoTracks()[0] || null : null;
+  tracks.start(media.stream);
   $("local-video").srcObject = media.stream;
   showProblems();
   refreshDevices();
@@ -405,7 +371,7 @@ function onCallEvent(type, detail) {
       banner("");
       recording.welcome(detail.recording);
       if (detail.state === "waiting" && !detail.peer_present) {
-        $("remote-waiting").textContent = t("app.call.noPatient");
+        say($("remote-waiting"), "app.call.noPatient");
       }
       break;
     case "patient-waiting":
@@ -415,7 +381,7 @@ function onCallEvent(type, detail) {
       break;
     case "peer-joined":
       patientNotWaiting();
-      $("remote-waiting").textContent = t("call.connecting");
+      say($("remote-waiting"), "call.connecting");
       break;
     case "peer-left":
       patientNotWaiting();
@@ -423,7 +389,7 @@ function onCallEvent(type, detail) {
       banner("call.peerLeft.patient");
       peerMediaShown(null);
       $("remote-waiting").hidden = false;
-      $("remote-waiting").textContent = t("app.call.noPatient");
+      say($("remote-waiting"), "app.call.noPatient");
       break;
     case "peer-reconnecting":
       banner("call.peerReconnecting.patient");
@@ -460,25 +426,25 @@ function onCallEvent(type, detail) {
       break;
     case "ended":
       // The therapist's own words for the end they made; the neutral ones else.
-      closeCall("ended", t(`app.over.${detail.reason}`, {}, t(`ended.${detail.reason}`, {}, "")));
+      closeCall("ended", t(`app.over.${detail.reason}`, {}, null) === null ? `ended.${detail.reason}` : `app.over.${detail.reason}`);
       break;
     case "replaced":
-      closeCall("replaced", t("app.over.replaced"));
+      closeCall("replaced", "app.over.replaced");
       break;
     case "session-ended":
-      closeCall(null, "");
+      closeCall(null);
       toLogin("session");
       break;
     case "left":
-      closeCall(null, "");
+      closeCall(null);
       backToList();
       break;
     case "link-problem":
       if (detail.code === "not_logged_in") {
-        closeCall(null, "");
+        closeCall(null);
         toLogin("session");
       } else {
-        closeCall("ended", t(detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over"));
+        closeCall("ended", detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over");
       }
       break;
     default:
@@ -486,13 +452,14 @@ function onCallEvent(type, detail) {
   }
 }
 
-function closeCall(kind, text) {
+// kind: "ended" or "replaced" shows the end page with the text of ``key``;
+// null just closes.
+function closeCall(kind, key) {
   patientNotWaiting();
   recording.reset();
   if (call && !call.finished) call.finish("closed", {});
   stopStream(media.stream);
-  if (screenTrack) screenTrack.stop();
-  screenTrack = null;
+  tracks.stop();
   // A reload of the end page must not open the consult again.
   const url = new URL(location.href);
   url.searchParams.delete("consult");
@@ -501,9 +468,8 @@ function closeCall(kind, text) {
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
   banner("");
   if (kind) {
-    callOver = { kind, text };
-    $("call-over-title").textContent = t(kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
-    $("call-over-text").textContent = text;
+    say($("call-over-title"), kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
+    say($("call-over-text"), key, {}, "");
     show("call-over");
   }
 }
@@ -514,76 +480,8 @@ function backToList() {
   history.replaceState(null, "", url);
   consultId = null;
   call = null;
-  callOver = null;
   show("dashboard");
   loadList().catch(() => {});
-}
-
-async function switchDevice(kind) {
-  const select = kind === "video" ? $("camera-select") : $("mic-select");
-  const constraints = kind === "video" ? { video: { deviceId: { exact: select.value } } } : { audio: { deviceId: { exact: select.value } } };
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia(constraints);
-  } catch (error) {
-    $("device-problem").textContent = t(`devices.${kind === "video" ? "camera" : "microphone"}.busy`);
-    $("device-problem").hidden = false;
-    return;
-  }
-  const track = stream.getTracks()[0];
-  // Muted or camera off stays so with the new device.
-  const toggle = kind === "video" ? $("camera") : $("mute");
-  track.enabled = toggle.getAttribute("aria-pressed") !== "true";
-  const old = media.stream && media.stream.getTracks().find((t2) => t2.kind === kind);
-  if (call) {
-    await call.replaceTrack(kind, kind === "video" && screenTrack ? screenTrack : track);
-    // The recording keeps the camera, even while the screen is shared.
-    await call.replaceRecorderTrack(kind, track);
-  }
-  if (old) {
-    media.stream.removeTrack(old);
-    old.stop();
-  }
-  if (!media.stream) media.stream = new MediaStream();
-  media.stream.addTrack(track);
-  if (kind === "video") cameraTrack = track;
-  $("local-video").srcObject = media.stream;
-}
-
-async function stopShare() {
-  if (!screenTrack) return;
-  const track = screenTrack;
-  screenTrack = null;
-  track.stop();
-  $("share").setAttribute("aria-pressed", "false");
-  $("share").textContent = t("app.call.share");
-  if (call && cameraTrack) await call.replaceTrack("video", cameraTrack);
-}
-
-async function toggleShare() {
-  if (screenTrack) {
-    await stopShare();
-    return;
-  }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getDisplayMedia({ video: true });
-  } catch {
-    return; // the therapist cancelled the picker
-  }
-  const track = stream.getVideoTracks()[0];
-  if (!call || !(await call.replaceTrack("video", track))) {
-    track.stop();
-    alert(t("app.call.shareNeedsCamera"));
-    return;
-  }
-  screenTrack = track;
-  $("share").setAttribute("aria-pressed", "true");
-  $("share").textContent = t("app.call.stopShare");
-  // The browser's own "Stop sharing" button ends the track.
-  track.addEventListener("ended", () => {
-    if (screenTrack === track) stopShare();
-  });
 }
 
 // --- start ----------------------------------------------------------------------
@@ -593,15 +491,10 @@ function wire() {
   $("new-form").addEventListener("submit", createConsult);
   $("copy-invite").addEventListener("click", copyInvite);
   $("open-new").addEventListener("click", () => createdConsultId && openCall(createdConsultId));
-  $("logout").addEventListener("click", async () => {
+  wireLogout(() => {
     if (call && !call.finished) call.leave();
-    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
-    location.assign("/login?reason=logout");
   });
-  $("idle-stay").addEventListener("click", () => {
-    lastTouch = 0;
-    activity();
-  });
+  $("idle-stay").addEventListener("click", () => idle.stay());
   $("admit").addEventListener("click", () => {
     call && call.admit();
     patientNotWaiting();
@@ -615,7 +508,7 @@ function wire() {
     if (!(call && call.end())) {
       // No socket right now: end it through the API.
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
-      closeCall("ended", t("app.over.ended_by_therapist"));
+      closeCall("ended", "app.over.ended_by_therapist");
     }
   });
   $("back").addEventListener("click", () => {
@@ -623,7 +516,7 @@ function wire() {
     else backToList();
   });
   $("over-back").addEventListener("click", backToList);
-  $("share").addEventListener("click", toggleShare);
+  $("share").addEventListener("click", () => tracks.toggleShare());
   // New permissions or a freed device: open the consult afresh (a reload
   // asks for camera and microphone again and rejoins the same consult).
   $("devices-retry").addEventListener("click", () => location.reload());
@@ -632,41 +525,25 @@ function wire() {
     $("devices").hidden = !open;
     $("devices-toggle").setAttribute("aria-expanded", String(open));
   });
-  $("camera-select").addEventListener("change", () => switchDevice("video"));
-  $("mic-select").addEventListener("change", () => switchDevice("audio"));
+  $("camera-select").addEventListener("change", () => tracks.switchDevice("video"));
+  $("mic-select").addEventListener("change", () => tracks.switchDevice("audio"));
   bindCallControls({
     getStream: () => media.stream,
     muteButton: $("mute"),
     cameraButton: $("camera"),
     onChange: () => call && call.sendMediaState(),
   });
-  for (const kind of ["pointerdown", "keydown", "touchstart", "wheel"]) {
-    window.addEventListener(kind, activity, { passive: true });
-  }
-  setInterval(checkIdle, 1000);
+  idle.watch();
   if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) $("share").hidden = true;
 }
 
 async function start() {
-  let session;
-  try {
-    const response = await fetch("/api/session", { credentials: "same-origin" });
-    if (response.status === 401) {
-      toLogin("login");
-      return;
-    }
-    session = await response.json();
-  } catch {
-    $("loading").querySelector("p").textContent = t("common.offline");
-    setTimeout(start, 3000);
-    return;
-  }
+  const session = await openSession();
+  if (!session) return;
   account = session.account;
-  idleTimeoutS = session.session.idle_timeout_s;
-  $("who").textContent = account.email;
-  showAccountNotices($("account-notices"), session.notices);
+  idle.timeoutS = session.session.idle_timeout_s;
   if (account.role !== "therapist") {
-    $("loading").querySelector("p").textContent = t("app.notTherapist");
+    say($("loading").querySelector("p"), "app.notTherapist");
     showWayHome($("loading-home"), account.role);
     return;
   }
@@ -680,7 +557,7 @@ async function start() {
     await loadList();
   } catch {
     $("list-empty").hidden = false;
-    $("list-empty").textContent = t("common.failed");
+    say($("list-empty"), "common.failed");
   }
 }
 
@@ -689,7 +566,7 @@ setupLanguage($("language"), () => {
   banner(bannerKey);
   if (!$("dashboard").hidden) renderList(lastConsults);
   if (recordings && !$("dashboard").hidden) recordings.render();
-  if (callOver) $("call-over-text").textContent = callOver.text;
+  if (!$("device-problem").dataset.i18n) showDeviceProblems($("device-problem"), media);
   peerMediaShown(peerMedia);
 });
 translatePage();

@@ -18,6 +18,7 @@
 // It never opens one on its own: a page that reconnects or reloads follows
 // the state the server tells it, and a stopped recording stays stopped.
 
+import { failureDetail, qualityOf } from "./call_stats.js";
 import { RecorderLink } from "./recorder.js";
 
 const FINAL_CLOSE_CODES = new Map([
@@ -419,31 +420,7 @@ export class ConsultCall {
   }
 
   async reportFailure(pc) {
-    const detail = { ice: pc.iceConnectionState, gathering: pc.iceGatheringState };
-    try {
-      const report = await pc.getStats();
-      let pair = null;
-      report.forEach((entry) => {
-        if (entry.type === "candidate-pair" && (entry.nominated || entry.selected)) pair = entry;
-      });
-      if (pair) {
-        const local = report.get(pair.localCandidateId);
-        const remote = report.get(pair.remoteCandidateId);
-        detail.pairState = pair.state;
-        detail.local = local ? `${local.candidateType}/${local.protocol}` : null;
-        detail.remote = remote ? `${remote.candidateType}/${remote.protocol}` : null;
-        detail.bytesReceived = pair.bytesReceived || 0;
-        detail.bytesSent = pair.bytesSent || 0;
-      }
-      let candidates = 0;
-      report.forEach((entry) => {
-        if (entry.type === "local-candidate") candidates += 1;
-      });
-      detail.localCandidates = candidates;
-    } catch (error) {
-      detail.statsError = String(error.name || "error");
-    }
-    this.report("call-failed", detail);
+    this.report("call-failed", await failureDetail(pc));
   }
 
   // Put another track (another camera or microphone, a shared screen) on
@@ -471,41 +448,10 @@ export class ConsultCall {
     } catch {
       return;
     }
-    let bytesReceived = 0;
-    let bytesSent = 0;
-    let packetsReceived = 0;
-    let packetsLost = 0;
-    let rtt = null;
-    let inboundStreams = 0;
-    report.forEach((entry) => {
-      if (entry.type === "inbound-rtp") {
-        inboundStreams += 1;
-        bytesReceived += entry.bytesReceived || 0;
-        packetsReceived += entry.packetsReceived || 0;
-        packetsLost += Math.max(0, entry.packetsLost || 0);
-      } else if (entry.type === "outbound-rtp") {
-        bytesSent += entry.bytesSent || 0;
-      } else if (entry.type === "candidate-pair" && entry.nominated && entry.state === "succeeded") {
-        if (typeof entry.currentRoundTripTime === "number") rtt = entry.currentRoundTripTime;
-      }
-    });
-    const before = this.previousCounts || { packetsReceived: 0, packetsLost: 0, bytesReceived: 0 };
-    this.previousCounts = { packetsReceived, packetsLost, bytesReceived };
-    const received = packetsReceived - before.packetsReceived;
-    const lost = packetsLost - before.packetsLost;
-    const loss = received + lost > 0 ? lost / (received + lost) : 0;
-    // Nothing to receive when the other side sends nothing (no camera and no
-    // microphone): then the round trip alone says how the connection is.
-    const peer = this.peerMedia;
-    const peerSends = inboundStreams > 0 || !peer || [peer.camera, peer.microphone].some((s) => s === "on" || s === "off");
-    let level = "unknown";
-    if (pc.connectionState === "connected") {
-      if (bytesReceived === before.bytesReceived && peerSends) level = "poor";
-      else if (loss < 0.02 && (rtt === null || rtt < 0.3)) level = "good";
-      else if (loss < 0.08 && (rtt === null || rtt < 0.6)) level = "fair";
-      else level = "poor";
-    }
-    this.stats = { level, bytesReceived, bytesSent, rttMs: rtt === null ? null : rtt * 1000, loss };
+    const connected = pc.connectionState === "connected";
+    const { stats, counts } = qualityOf(report, this.previousCounts, { connected, peerMedia: this.peerMedia });
+    this.previousCounts = counts;
+    this.stats = stats;
     this.emit("quality", this.stats);
   }
 

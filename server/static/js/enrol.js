@@ -1,6 +1,6 @@
 // Enrolment page: set a password, connect an authenticator app, confirm a code.
 // Talks to /api/enrolment/{token}; no inline script (the CSP forbids it).
-import { setupLanguage, t, translatePage } from "./i18n.js";
+import { say, setupLanguage, t, translatePage } from "./i18n.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const api = `/api/enrolment/${encodeURIComponent(token)}`;
@@ -25,8 +25,12 @@ async function call(path, body) {
   return { ok: response.ok, status: response.status, data };
 }
 
-function message(result) {
-  return (result.data && result.data.error && result.data.error.message) || t("common.failed");
+// The server's words (they name what to fix), else ours: shown by key, so a
+// change of language renders it again.
+function sayProblem(element, result) {
+  const words = result.data && result.data.error && result.data.error.message;
+  if (words) say(element, "common.serverSaid", { words });
+  else say(element, "common.failed");
 }
 
 function showRole() {
@@ -38,7 +42,7 @@ async function start() {
   try {
     status = await call(api);
   } catch {
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(start, 3000);
     return;
   }
@@ -53,8 +57,7 @@ async function start() {
   if (keepsPassword) {
     // After a reset of the app alone: the password stays, and proves it is them.
     $("keeps-password").hidden = false;
-    $("password-label").dataset.i18n = "enrol.currentPassword";
-    $("password-label").textContent = t("enrol.currentPassword");
+    say($("password-label"), "enrol.currentPassword");
     $("password").autocomplete = "current-password";
     $("password").removeAttribute("minlength");
     $("password-again").required = false;
@@ -70,11 +73,11 @@ $("password-form").addEventListener("submit", async (event) => {
   if (keepsPassword) {
     if (!password) return;
   } else if (password.length < 12) {
-    error.textContent = t("enrol.passwordShort");
+    say(error, "enrol.passwordShort");
     return;
   }
   if (!keepsPassword && password !== $("password-again").value) {
-    error.textContent = t("enrol.passwordDiffers");
+    say(error, "enrol.passwordDiffers");
     return;
   }
   const result = await call(`${api}/password`, { password });
@@ -83,7 +86,7 @@ $("password-form").addEventListener("submit", async (event) => {
     return;
   }
   if (!result.ok) {
-    error.textContent = message(result);
+    sayProblem(error, result);
     return;
   }
   $("qr-code").src = result.data.qr_code;
@@ -97,7 +100,7 @@ $("code-form").addEventListener("submit", async (event) => {
   const error = $("code-error");
   const code = $("code").value.trim();
   if (!/^[0-9]{6}$/.test(code)) {
-    error.textContent = t("login.codeDigits");
+    say(error, "login.codeDigits");
     return;
   }
   const result = await call(`${api}/confirm`, { code });
@@ -106,7 +109,7 @@ $("code-form").addEventListener("submit", async (event) => {
     return;
   }
   if (!result.ok) {
-    error.textContent = message(result);
+    sayProblem(error, result);
     return;
   }
   show("done");

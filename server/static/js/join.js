@@ -1,7 +1,7 @@
 // The patient's page at /join/<token>: link check, explanation, device
 // check, consent, waiting room, call, and the end. No inline script (CSP).
 import { ConsultCall, LinkProblem } from "./call.js";
-import { setupLanguage, t, translatePage } from "./i18n.js";
+import { say, setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
 import { ReceiptOffer } from "./receipt_offer.js";
 import { RecordingView } from "./recording.js";
@@ -66,7 +66,7 @@ async function checkLink() {
   try {
     response = await fetch(inviteApi, { credentials: "same-origin" });
   } catch {
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(checkLink, 3000);
     return;
   }
@@ -77,7 +77,7 @@ async function checkLink() {
   }
   if (!response.ok) {
     // The server is busy or restarting: not the link's fault. Try again.
-    $("checking").querySelector("p").textContent = t("common.offline");
+    say($("checking").querySelector("p"), "common.offline");
     setTimeout(checkLink, 3000);
     return;
   }
@@ -98,15 +98,23 @@ async function checkLink() {
   show("intro");
 }
 
+// When the waiting room opens, in the page's language (again after a change).
+let opensShown = null;
+
+function showOpening() {
+  const lang = document.documentElement.lang;
+  $("too-early-text").textContent = t("join.early.text", {
+    date: opensShown.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
+    time: opensShown.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
+  });
+}
+
 // The appointment is later: say when to come back, and look again then
 // (a page left open moves on by itself).
 function tooEarly(opensAt) {
   const opens = new Date(opensAt);
-  const lang = document.documentElement.lang;
-  $("too-early-text").textContent = t("join.early.text", {
-    date: opens.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
-    time: opens.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
-  });
+  opensShown = opens;
+  showOpening();
   show("too-early");
   // At most every 10 minutes (a sleeping laptop's timers run late), at the
   // earliest a second after the opening.
@@ -198,7 +206,7 @@ function onCallEvent(type, detail) {
     case "welcome":
       banner("");
       recording.welcome(detail.recording);
-      $("waiting-status").textContent = "";
+      say($("waiting-status"), "");
       therapistPresent(detail.peer_present);
       if (detail.state === "active") {
         show("call");
@@ -216,7 +224,7 @@ function onCallEvent(type, detail) {
       break;
     case "reconnecting":
       if (!$("call").hidden) banner("call.selfReconnecting");
-      else $("waiting-status").textContent = t("call.selfReconnecting");
+      else say($("waiting-status"), "call.selfReconnecting");
       break;
     case "peer-reconnecting":
       banner("call.peerReconnecting.therapist");
@@ -269,7 +277,7 @@ function onCallEvent(type, detail) {
       finish(null);
       if (detail.code === "consent_required" || detail.code === "guardian_consent_required") {
         show("consent");
-        $("consent-error").textContent = t(`consent.${detail.code}`);
+        say($("consent-error"), `consent.${detail.code}`);
       } else {
         linkProblem(detail.code);
       }
@@ -312,14 +320,14 @@ function wire() {
   $("consent-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if (!$("consent-box").checked) {
-      $("consent-error").textContent = t("consent.consent_required");
+      say($("consent-error"), "consent.consent_required");
       return;
     }
     if (invite.guardian_consent && !$("guardian-box").checked) {
-      $("consent-error").textContent = t("consent.guardian_consent_required");
+      say($("consent-error"), "consent.guardian_consent_required");
       return;
     }
-    $("consent-error").textContent = "";
+    say($("consent-error"), "");
     join({ consent: true, guardian_consent: Boolean(invite.guardian_consent) });
   });
   const leave = () => call && call.leave();
@@ -346,6 +354,7 @@ setupLanguage($("language"), () => {
   banner(bannerKey);
   if (presenceKey) $("waiting-therapist").textContent = t(presenceKey);
   if (endedKey) $("ended-text").textContent = t(endedKey, {}, t("join.ended.text"));
+  if (opensShown) showOpening();
   showProblems();
   peerMediaShown(peerMedia);
 });

@@ -1,5 +1,5 @@
 // The professional's login: e-mail address, password and a TOTP code.
-import { setupLanguage, t, translatePage } from "./i18n.js";
+import { say, setupLanguage, translatePage } from "./i18n.js";
 import { HOME } from "./roles.js";
 
 const $ = (id) => document.getElementById(id);
@@ -29,17 +29,17 @@ function goTo(session, replace = false) {
 function notice() {
   const reason = params.get("reason");
   if (reason) {
-    $("login-notice").textContent = t(`login.reason.${reason}`, {}, "");
+    say($("login-notice"), `login.reason.${reason}`, {}, "");
     $("login-notice").hidden = !$("login-notice").textContent;
   }
 }
 
-// How long to wait, from the server's Retry-After (seconds).
+// How long to wait, from the server's Retry-After (seconds): [key, values].
 function lockedText(retryAfter) {
   const seconds = Number.parseInt(retryAfter || "", 10);
-  if (!Number.isFinite(seconds) || seconds <= 0) return t("login.locked");
-  if (seconds < 60) return t("login.lockedSeconds", { seconds });
-  return t("login.lockedMinutes", { minutes: Math.ceil(seconds / 60) });
+  if (!Number.isFinite(seconds) || seconds <= 0) return ["login.locked", {}];
+  if (seconds < 60) return ["login.lockedSeconds", { seconds }];
+  return ["login.lockedMinutes", { minutes: Math.ceil(seconds / 60) }];
 }
 
 $("login-form").addEventListener("submit", async (event) => {
@@ -51,11 +51,11 @@ $("login-form").addEventListener("submit", async (event) => {
     code: $("code").value.trim(),
   };
   if (!body.email || !body.password) {
-    error.textContent = t("login.missing");
+    say(error, "login.missing");
     return;
   }
   if (!/^[0-9]{6}$/.test(body.code)) {
-    error.textContent = t("login.codeDigits");
+    say(error, "login.codeDigits");
     return;
   }
   $("login-button").disabled = true;
@@ -73,11 +73,12 @@ $("login-form").addEventListener("submit", async (event) => {
       return;
     }
     const code = data.error && data.error.code;
-    if (code === "login_locked") error.textContent = lockedText(response.headers.get("Retry-After"));
-    else if (code === "login_failed") error.textContent = t("login.failed");
-    else error.textContent = (data.error && data.error.message) || t("common.failed");
+    if (code === "login_locked") say(error, ...lockedText(response.headers.get("Retry-After")));
+    else if (code === "login_failed") say(error, "login.failed");
+    else if (data.error && data.error.message) say(error, "common.serverSaid", { words: data.error.message });
+    else say(error, "common.failed");
   } catch {
-    error.textContent = t("common.offline");
+    say(error, "common.offline");
   } finally {
     $("login-button").disabled = false;
   }

@@ -2,7 +2,7 @@
 // the therapist's Record button, the patient's question, the indicator with
 // its elapsed time and Stop button, and a sentence for every outcome. The
 // server decides the state; this only shows it and sends the clicks.
-import { formatDuration, t } from "./i18n.js";
+import { formatDuration, say } from "./i18n.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -33,11 +33,6 @@ const ERROR_TEXT = {
   not_admitted: "recording.error.not_admitted",
 };
 const RECORDING_REFS = new Set(["record-request", "record-consent", "record-stop", "recorder-offer"]);
-
-function say(element, key) {
-  element.dataset.i18n = key;
-  element.textContent = t(key);
-}
 
 export class RecordingView {
   // role: "therapist" | "patient"; getCall: () => the current ConsultCall;

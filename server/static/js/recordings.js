@@ -1,7 +1,7 @@
 // The therapist's recordings on the dashboard: play one in the page (the
 // server decrypts the byte ranges the player asks for, nothing is cached),
 // download it, or delete it for good.
-import { formatDuration, formatTime, t } from "./i18n.js";
+import { formatDuration, formatTime, say, t } from "./i18n.js";
 
 export class RecordingsList {
   constructor({ api, table, empty, player, video, caption, close, problem }) {
@@ -10,7 +10,7 @@ export class RecordingsList {
     this.playing = null;
     close.addEventListener("click", () => this.close());
     video.addEventListener("error", () => {
-      if (this.playing) this.problem.textContent = t("app.recordings.playError");
+      if (this.playing) say(this.problem, "app.recordings.playError");
     });
   }
 
@@ -60,7 +60,7 @@ export class RecordingsList {
 
   play(recording) {
     this.playing = recording;
-    this.problem.textContent = "";
+    say(this.problem, "");
     this.caption.textContent = t("app.recordings.playing", {
       time: formatTime(recording.created_at, true),
     });
@@ -84,7 +84,7 @@ export class RecordingsList {
     try {
       await this.api("DELETE", `/api/recordings/${recording.id}`);
     } catch (error) {
-      this.problem.textContent = error.message;
+      say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
     }
     await this.load();
   }

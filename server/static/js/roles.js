@@ -1,5 +1,5 @@
 // Each role's own page, and the way there from a page of another role.
-import { t } from "./i18n.js";
+import { LANGUAGE_CHANGED, t } from "./i18n.js";
 import "./i18n_admin.js";
 
 export const HOME = { therapist: "/app", support: "/support", admin: "/admin" };
@@ -9,8 +9,10 @@ const PAGE_NAMES = {
   admin: "home.admin",
 };
 
-// Fill ``element`` with where this account's own page is, as a link.
+// Fill ``element`` with where this account's own page is, as a link (again
+// in another language when the page changes it).
 export function showWayHome(element, role) {
+  element.dataset.wayHome = role;
   element.replaceChildren();
   if (!HOME[role]) return;
   element.append(t("home.yours"), " ");
@@ -19,3 +21,7 @@ export function showWayHome(element, role) {
   link.textContent = t(PAGE_NAMES[role]);
   element.append(link);
 }
+
+document.addEventListener(LANGUAGE_CHANGED, () => {
+  for (const element of document.querySelectorAll("[data-way-home]")) showWayHome(element, element.dataset.wayHome);
+});

@@ -2,9 +2,10 @@
 // a pseudonym for the therapist), filters and pages, two charts drawn by the
 // server as SVG, and the technical log of one consult for the last 24 hours.
 // The filters live in the address, so a reload or a shared link shows the same.
-import { language, locale, setupLanguage, t, translatePage } from "./i18n.js";
+import { language, locale, say, setupLanguage, t, translatePage } from "./i18n.js";
 import { showWayHome } from "./roles.js";
-import { showAccountNotices, showSection, toLogin } from "./ui.js";
+import { api, openSession, sessionTouched, stopIdleTimer, wireLogout } from "./session.js";
+import { showSection } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const STATUSES = [
@@ -18,43 +19,9 @@ const DAY_MS = 86_400_000;
 // The browser's time zone: days in the filters and the per-day chart are its days.
 const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 
-let idleTimeoutS = 900;
-let idleTimer = null;
 let last = null; // the latest listing answer
 let openLog = null; // the latest technical-log answer
 let therapists = [];
-
-// --- talking to the API ------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, code, message) {
-    super(message);
-    this.status = status;
-    this.code = code;
-  }
-}
-
-async function api(path) {
-  const response = await fetch(path, { credentials: "same-origin" });
-  sessionTouched();
-  if (response.status === 401) {
-    toLogin("session");
-    throw new ApiError(401, "not_logged_in", "not logged in");
-  }
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    const error = data.error || {};
-    throw new ApiError(response.status, error.code, error.message || "");
-  }
-  return data;
-}
-
-// The server ends a session after idle_timeout_s without a request; this page
-// makes requests only when asked, so it leaves when the server would.
-function sessionTouched() {
-  clearTimeout(idleTimer);
-  idleTimer = setTimeout(() => toLogin("idle"), idleTimeoutS * 1000);
-}
 
 const show = showSection;
 
@@ -144,8 +111,8 @@ function option(value, text) {
 function checkForm() {
   const from = $("from").value;
   const to = $("to").value;
-  if (!from || !to) return t("support.filters.missing");
-  if (from > to) return t("support.filters.badRange");
+  if (!from || !to) return "support.filters.missing";
+  if (from > to) return "support.filters.badRange";
   return "";
 }
 
@@ -153,15 +120,15 @@ function checkForm() {
 
 async function load(wanted) {
   const query = new URLSearchParams({ ...wanted, tz: TIME_ZONE });
-  $("filter-error").textContent = "";
+  say($("filter-error"), "");
   $("apply").disabled = true;
   let data;
   try {
     data = await api(`/api/support/consults?${query}`);
   } catch (error) {
     if (error.status === 403) show("refused");
-    else if (error.status === 422) $("filter-error").textContent = t("support.filters.refused");
-    else if (error.status !== 401) $("filter-error").textContent = error.status ? t("common.failed") : t("common.offline");
+    else if (error.status === 422) say($("filter-error"), "support.filters.refused");
+    else if (error.status !== 401) say($("filter-error"), error.status ? "common.failed" : "common.offline");
     return;
   } finally {
     $("apply").disabled = false;
@@ -206,6 +173,13 @@ function renderList() {
     const status = row.insertCell();
     status.textContent = t(`status.${consult.status}`);
     status.className = `status status-${consult.status}`;
+    if (consult.end_reason) {
+      // Known for 24 hours after the end (the technical log's), then not.
+      const how = document.createElement("span");
+      how.className = "end-reason";
+      how.textContent = ` · ${t(`support.ended.${consult.end_reason}`, {}, consult.end_reason)}`;
+      status.append(how);
+    }
     const therapist = row.insertCell();
     therapist.textContent = consult.therapist || "—";
     therapist.className = "pseudonym";
@@ -226,7 +200,7 @@ function renderList() {
   $("consults").hidden = consults.length === 0;
   const span = { total, from: dayText(filters.from), to: dayText(filters.to) };
   $("summary").textContent = t(total === 1 ? "support.list.summaryOne" : "support.list.summary", span);
-  $("page-info").textContent = t("support.pages.info", { page, pages });
+  say($("page-info"), "support.pages.info", { page, pages });
   $("previous").disabled = page <= 1;
   $("next").disabled = page >= pages;
 }
@@ -259,7 +233,7 @@ function loadCharts() {
   ];
   if (days > MAX_CHART_DAYS) {
     for (const [id] of charts) $(id).hidden = true;
-    problem.textContent = t("support.charts.tooLong", { days: MAX_CHART_DAYS });
+    say(problem, "support.charts.tooLong", { days: MAX_CHART_DAYS });
     problem.hidden = false;
     return;
   }
@@ -275,14 +249,14 @@ function loadCharts() {
 }
 
 function chartFailed() {
-  $("chart-problem").textContent = t("support.charts.failed");
+  say($("chart-problem"), "support.charts.failed");
   $("chart-problem").hidden = false;
 }
 
 // --- the technical log -------------------------------------------------------------
 
 async function loadLog(consultId) {
-  $("log-error").textContent = "";
+  say($("log-error"), "");
   let data;
   try {
     data = await api(`/api/support/consults/${encodeURIComponent(consultId)}/technical-log`);
@@ -293,8 +267,8 @@ async function loadLog(consultId) {
     $("log-rows").replaceChildren();
     $("log-table").hidden = true;
     $("log-empty").hidden = true;
-    $("log-consult").textContent = "";
-    $("log-error").textContent = error.status === 404 ? t("support.log.notFound") : t("common.failed");
+    say($("log-consult"), "");
+    say($("log-error"), error.status === 404 ? "support.log.notFound" : "common.failed");
     return;
   }
   openLog = data;
@@ -339,7 +313,7 @@ function renderLog() {
   $("log-table").hidden = entries.length === 0;
   $("log-empty").hidden = entries.length > 0;
   $("log-truncated").hidden = !truncated;
-  $("log-truncated").textContent = t("support.log.truncated", { count: entries.length });
+  say($("log-truncated"), "support.log.truncated", { count: entries.length });
 }
 
 // [key, value] pairs of an entry's detail; what a browser reported (under
@@ -369,7 +343,7 @@ function wire() {
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
     const problem = checkForm();
-    $("filter-error").textContent = problem;
+    say($("filter-error"), problem);
     if (!problem) load(filtersFromForm());
   });
   $("reset").addEventListener("click", () => {
@@ -385,31 +359,13 @@ function wire() {
   $("log-close").addEventListener("click", closeLog);
   $("chart-per-day").addEventListener("error", chartFailed);
   $("chart-durations").addEventListener("error", chartFailed);
-  $("logout").addEventListener("click", async () => {
-    clearTimeout(idleTimer);
-    await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
-    location.assign("/login?reason=logout");
-  });
+  wireLogout(stopIdleTimer);
 }
 
 async function start() {
-  let session;
-  try {
-    const response = await fetch("/api/session", { credentials: "same-origin" });
-    if (response.status === 401) {
-      toLogin("login");
-      return;
-    }
-    session = await response.json();
-  } catch {
-    $("loading").querySelector("p").textContent = t("common.offline");
-    setTimeout(start, 3000);
-    return;
-  }
-  idleTimeoutS = session.session.idle_timeout_s;
-  sessionTouched();
-  $("who").textContent = session.account.email;
-  showAccountNotices($("account-notices"), session.notices);
+  const session = await openSession();
+  if (!session) return;
+  sessionTouched(session.session.idle_timeout_s);
   if (session.account.role !== "support") {
     showWayHome($("refused-home"), session.account.role);
     show("refused");

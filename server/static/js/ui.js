@@ -1,10 +1,9 @@
 // Small pieces both pages use: the mute and camera buttons, the quality badge.
-import { locale, t } from "./i18n.js";
+import { locale, say, t } from "./i18n.js";
 
 function setToggle(button, pressed, onKey, offKey) {
   button.setAttribute("aria-pressed", String(pressed));
-  button.dataset.i18n = pressed ? offKey : onKey;
-  button.textContent = t(button.dataset.i18n);
+  say(button, pressed ? offKey : onKey);
 }
 
 // onChange: after each toggle (the page tells the other side).
@@ -47,8 +46,7 @@ export function showQuality(element, stats) {
   // The badge is a live region: change its text only when the level changes.
   if (element.dataset.level !== stats.level) {
     element.dataset.level = stats.level;
-    element.dataset.i18n = `quality.${stats.level}`;
-    element.textContent = t(element.dataset.i18n);
+    say(element, `quality.${stats.level}`);
   }
   const details = [];
   if (stats.rttMs !== null) details.push(t("quality.rtt", { ms: Math.round(stats.rttMs) }));
@@ -80,13 +78,15 @@ export function showDeviceProblems(element, media, { audioOnlyNote = false } = {
   if (media.camera) problems.push(t(`devices.camera.${media.camera}`));
   if (media.microphone) problems.push(t(`devices.microphone.${media.microphone}`));
   if (audioOnlyNote && media.camera && !media.microphone) problems.push(t("devices.audioOnly"));
+  say(element, ""); // several sentences: the page shows them again itself
   element.textContent = problems.join(" ");
   element.hidden = problems.length === 0;
   return problems.length > 0;
 }
 
 // What the account holder must be told (a reset of their credentials), each
-// with a button that dismisses it on the server.
+// with a button that dismisses it on the server (and takes it out of
+// ``notices``, so that showing them again, in another language, leaves it out).
 export function showAccountNotices(container, notices) {
   container.replaceChildren();
   for (const notice of notices || []) {
@@ -106,7 +106,10 @@ export function showAccountNotices(container, notices) {
         method: "POST",
         credentials: "same-origin",
       }).catch(() => null);
-      if (response && (response.ok || response.status === 404)) box.remove();
+      if (response && (response.ok || response.status === 404)) {
+        box.remove();
+        notices.splice(notices.indexOf(notice), 1);
+      }
     });
     box.append(text, button);
     container.append(box);
