@@ -276,7 +276,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     entry = await own_recording(request, principal, ACTION_DELETE)
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
-        file_names = await shred(conn, [entry.id])
+        file_names = await shred(conn, [entry.id], now=app[CLOCK].now())
         await record_access(
             conn,
             Actor.api(principal.account),
