@@ -60,6 +60,11 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+def webhook_id_of(event_id: uuid.UUID) -> str:
+    """A message's ``webhook-id``: its event's id, the same on every attempt."""
+    return f"msg_{event_id.hex}"
+
+
 def iso(moment: datetime | None) -> str | None:
     """A moment as the messages give it: ISO 8601 in UTC, with ``Z``."""
     if moment is None:
@@ -221,7 +226,7 @@ class DueDelivery:
     @property
     def webhook_id(self) -> str:
         """The message's ``webhook-id``: the event's, the same on every attempt."""
-        return f"msg_{self.event_id.hex}"
+        return webhook_id_of(self.event_id)
 
     def message(self, therapist: str | None) -> dict[str, Any]:
         """The message's body (Standard Webhooks' ``type``, ``timestamp``, ``data``);
@@ -393,7 +398,7 @@ async def recent_deliveries(
     return [
         DeliveryEntry(
             id=row.id,
-            webhook_id=f"msg_{row.event_id.hex}",
+            webhook_id=webhook_id_of(row.event_id),
             event_type=EventType(row.type),
             subject_id=row.subject_id,
             event_at=row.event_at,

@@ -41,7 +41,7 @@ BATCH = 20
 MAX_BATCHES_PER_ROUND = 10
 # A claim outlasts the send's timeout by this much (the result's write, a
 # slow loop): only then may another node take the delivery over.
-CLAIM_MARGIN_S = 30.0
+CLAIM_MARGIN_S = 10.0
 # How often delivered and failed deliveries past webhooks.history_days go.
 HISTORY_PURGE_INTERVAL_S = 3600.0
 USER_AGENT = "videoconsult-webhooks/1"
