@@ -20,7 +20,7 @@ the same on every attempt).
 A failed attempt is tried again after ``retry_base_s``, doubling with each
 failure (at most :data:`MAX_RETRY_WAIT_S` apart), until ``retry_for_s``
 after the event; then the delivery is failed. Once no delivery of an event
-is pending, its data (times, statuses) is cleared: the admin's history of
+is pending, its data (times, statuses) and its therapist are cleared: the admin's history of
 deliveries keeps only what was sent when, and how it went, until
 :func:`purge_history`.
 """
@@ -354,7 +354,9 @@ async def _clear_finished_event(conn: AsyncConnection, event_id: uuid.UUID) -> N
         .exists()
     )
     await conn.execute(
-        webhook_events.update().where(webhook_events.c.id == event_id, ~pending).values(data={})
+        webhook_events.update()
+        .where(webhook_events.c.id == event_id, ~pending)
+        .values(data={}, therapist_id=None)
     )
 
 

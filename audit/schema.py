@@ -399,7 +399,8 @@ webhook_endpoints = sa.Table(
 # transaction as the change it tells of, for an organisation that has an
 # endpoint taking it. Its id is the message's webhook-id. ``data`` holds
 # times, statuses and ids only; the therapist appears in the message as a
-# pseudonym made when it is sent (from therapist_id, cut on erasure).
+# pseudonym made when it is sent (from therapist_id, cut on erasure). Both
+# are cleared once no delivery of the event is pending.
 webhook_events = sa.Table(
     "webhook_events",
     metadata,

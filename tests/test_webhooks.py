@@ -32,7 +32,7 @@ from audit.support import TherapistPseudonyms
 from config import Settings
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY
-from server.webhooks import deliver_due
+from server.webhooks import deliver_due, purge_webhook_history
 from tests.support.harness import (
     Harness,
     Professional,
@@ -269,8 +269,10 @@ async def test_each_event_is_delivered_once_signed_with_what_the_record_system_n
     assert {entry["last_status_code"] for entry in seen} == {204}
     # Delivered: the event keeps no data any more, only that it was sent.
     async with harness.app[DB_ENGINE].connect() as conn:
-        kept = (await conn.execute(sa.select(webhook_events.c.data))).scalars().all()
-    assert kept == [{}, {}, {}, {}]
+        kept = (
+            await conn.execute(sa.select(webhook_events.c.data, webhook_events.c.therapist_id))
+        ).all()
+    assert [tuple(row) for row in kept] == [({}, None)] * 4
 
 
 async def test_an_endpoint_hears_only_the_events_it_took(
@@ -473,3 +475,25 @@ async def test_two_nodes_on_one_database_do_not_both_deliver_an_event(
     async with harness.app[DB_ENGINE].connect() as conn:
         attempts = (await conn.execute(sa.select(webhook_deliveries.c.attempts))).scalars().all()
     assert set(attempts) == {1}
+
+
+async def test_finished_deliveries_leave_the_history_after_its_days(
+    harness: Harness, receiver: Receiver
+) -> None:
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = created["secret"]
+    await started_consult(harness)
+    await deliver_due(harness.app)
+    await started_consult(harness)  # pending: it stays whatever its age
+    harness.clock.advance(30 * 86400)  # webhooks.history_days
+    await purge_webhook_history(harness.app)
+    await harness.logged_in(admin)
+    assert len(await deliveries(harness, created["endpoint"]["id"])) == 2
+    harness.clock.advance(1)
+    await purge_webhook_history(harness.app)
+    await harness.logged_in(admin)
+    (left,) = await deliveries(harness, created["endpoint"]["id"])
+    assert left["status"] == "pending"
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert (await conn.scalar(sa.select(sa.func.count()).select_from(webhook_events))) == 1
