@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -41,6 +42,7 @@ from tests.support.harness import (
     receive,
     stored_recording,
 )
+from tests.support.settings import SettingsFactory
 from tests.support.webhooks import Receiver
 
 pytestmark = pytest.mark.settings(
@@ -497,3 +499,53 @@ async def test_finished_deliveries_leave_the_history_after_its_days(
     assert left["status"] == "pending"
     async with harness.app[DB_ENGINE].connect() as conn:
         assert (await conn.scalar(sa.select(sa.func.count()).select_from(webhook_events))) == 1
+
+
+async def test_the_job_sends_by_itself_and_backs_off_on_the_real_clock(
+    harness: Harness,
+    make_settings: SettingsFactory,
+    database_url: str,
+    aiohttp_client: Any,
+    receiver: Receiver,
+) -> None:
+    # A second node on the same database, on the real clock, whose job looks
+    # every 0.1 s and waits 0.5 s after a first failure (then 1 s, 2 s, ...).
+    node = create_app(
+        make_settings(
+            database_url=database_url,
+            webhooks_allow_http_loopback="true",
+            webhooks_poll_interval_s="0.1",
+            webhooks_retry_base_s="0.5",
+        )
+    )
+    await aiohttp_client(node)
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = created["secret"]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await receiver.stop()
+    made = time.monotonic()
+    async with node[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=datetime.now(UTC)
+        )
+        await mark_started(conn, consult.id, now=datetime.now(UTC))
+    # Down: tried at once, and again 0.5 s later.
+    for _ in range(100):
+        async with node[DB_ENGINE].connect() as conn:
+            (waiting,) = (await conn.execute(sa.select(webhook_deliveries))).all()
+        if waiting.attempts >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert waiting.attempts == 2
+    assert waiting.status == "pending"
+    assert waiting.last_error == "could not connect"
+    assert time.monotonic() - made >= 0.5
+
+    await receiver.start()
+    await receiver.wait_for(lambda r: bool(r.received), timeout_s=10)
+    assert time.monotonic() - made >= 1.5  # the third attempt, 1 s after the second
+    (started,) = receiver.of_type("consult.started")
+    assert started["data"]["consult_id"] == str(consult.id)
+    await asyncio.sleep(0.3)  # a few more rounds: nothing is sent again
+    assert receiver.repeats() == {}
