@@ -77,13 +77,36 @@ def parse_event_types(names: Iterable[str]) -> tuple[EventType, ...]:
     return tuple(kind for kind in EventType if kind in chosen)
 
 
-def check_url(url: str, *, allow_http_loopback: bool) -> str:
+def may_receive(address: str, *, allow_private_networks: bool) -> bool:
+    """Whether a webhook may go to ``address`` (an IP address): a public one;
+    with ``allow_private_networks`` also one of a private network (10/8,
+    192.168/16, fc00::/7, ...). Never this machine, a link-local address (a
+    cloud's metadata service) or an unspecified, multicast or reserved one."""
+    try:
+        found = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+        found = found.ipv4_mapped
+    if found.is_global:
+        return True
+    never = (
+        found.is_loopback
+        or found.is_link_local
+        or found.is_unspecified
+        or found.is_multicast
+        or found.is_reserved
+    )
+    return allow_private_networks and found.is_private and not never
+
+
+def check_url(url: str, *, allow_http_loopback: bool, allow_private_networks: bool = False) -> str:
     """Return ``url`` if an endpoint may have it; InvalidValue says why not.
 
-    https to a host name or a public address; http only to 127.0.0.1, and
-    only where the server allows it. No user name or password in it (they
-    would be stored in the clear), no fragment, and not to this machine or
-    a link-local address over https either (the metadata service of a cloud).
+    https to a host name or a public address (:func:`may_receive`); http
+    only to 127.0.0.1, and only where the server allows it. No user name or
+    password in it (they would be stored in the clear), no fragment. A host
+    name is checked again when it is resolved for each send.
     """
     if len(url) > MAX_URL_CHARS:
         raise InvalidValue(f"the URL is longer than {MAX_URL_CHARS} characters")
@@ -112,9 +135,14 @@ def check_url(url: str, *, allow_http_loopback: bool) -> str:
             raise InvalidValue("http is allowed to 127.0.0.1 only; use https")
         return url
     if host == "localhost" or (
-        address is not None and (address.is_loopback or address.is_link_local)
+        address is not None
+        and not may_receive(str(address), allow_private_networks=allow_private_networks)
     ):
-        raise InvalidValue("the URL must not point at this machine or a link-local address")
+        private = "" if allow_private_networks else ", a private network"
+        raise InvalidValue(
+            f"the URL must not point at this machine{private} or a link-local, "
+            "unspecified or reserved address"
+        )
     return url
 
 

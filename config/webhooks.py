@@ -24,6 +24,10 @@ class WebhookSettings(Section):
     # Endpoints must be https; this also allows http to 127.0.0.1 (tests, or a
     # relay on this machine). Never in production without a reason.
     allow_http_loopback: bool
+    # Endpoints in private networks (10/8, 192.168/16, fc00::/7, ...): for a
+    # server in the practice's own network. Off, only public addresses are
+    # reached (an admin cannot make the server probe its neighbours).
+    allow_private_networks: bool
 
     @model_validator(mode="after")
     def _retries_outlast_the_timeout(self) -> WebhookSettings:

@@ -19,18 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, web
+from aiohttp import (
+    ClientError,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    web,
+)
 from aiohttp import client_exceptions as http_errors
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
 from audit.clock import SystemClock
 from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
 from audit.support import TherapistPseudonyms
-from audit.webhooks import Endpoint, endpoints_by_id
+from audit.webhooks import Endpoint, endpoints_by_id, may_receive
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, SETTINGS, WEBHOOK_HTTP
 
 _log = structlog.get_logger("videoconsult.webhooks")
@@ -47,9 +57,44 @@ HISTORY_PURGE_INTERVAL_S = 3600.0
 USER_AGENT = "videoconsult-webhooks/1"
 
 
+class ReceiverResolver(AbstractResolver):
+    """The system's resolver, keeping only addresses a webhook may go to
+    (:func:`audit.webhooks.may_receive`): an endpoint's host name is checked
+    at each connection, so a name that comes to resolve to this machine or
+    a private network (DNS rebinding) is not followed there."""
+
+    def __init__(self, *, allow_private_networks: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private_networks
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        allowed = [
+            entry
+            for entry in found
+            if may_receive(entry["host"], allow_private_networks=self._allow_private)
+        ]
+        if not allowed:
+            raise NotAReceiver(f"{host} resolves to no address a webhook may go to")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class NotAReceiver(OSError):
+    """A host name resolved only to addresses a webhook may not go to."""
+
+
 async def webhook_client_context(app: web.Application) -> AsyncIterator[None]:
     """The HTTP client the deliveries go out with (no cookies kept between them)."""
-    async with ClientSession(cookie_jar=DummyCookieJar()) as session:
+    resolver = ReceiverResolver(
+        allow_private_networks=app[SETTINGS].webhooks.allow_private_networks
+    )
+    connector = TCPConnector(resolver=resolver)
+    async with ClientSession(connector=connector, cookie_jar=DummyCookieJar()) as session:
         app[WEBHOOK_HTTP] = session
         yield
 
@@ -156,6 +201,8 @@ def describe_failure(err: ClientError) -> str:
     if isinstance(err, http_errors.ClientConnectorCertificateError | http_errors.ClientSSLError):
         return "TLS failed (the endpoint's certificate was not accepted)"
     if isinstance(err, http_errors.ClientConnectorDNSError):
+        if isinstance(err.os_error, NotAReceiver):
+            return "the host name resolves to no address a webhook may go to"
         return "the host name was not found"
     if isinstance(err, http_errors.ClientConnectorError):
         return "could not connect"

@@ -156,6 +156,10 @@ async def test_an_admin_registers_lists_rotates_and_deletes_an_endpoint(
         ({"url": "ftp://example.org/hooks", "events": ALL_EVENTS}, "https://"),
         ({"url": "https://127.0.0.1/hooks", "events": ALL_EVENTS}, "this machine"),
         ({"url": "https://169.254.169.254/latest", "events": ALL_EVENTS}, "link-local"),
+        ({"url": "https://10.1.2.3/hooks", "events": ALL_EVENTS}, "a private network"),
+        ({"url": "https://0.0.0.0/hooks", "events": ALL_EVENTS}, "unspecified"),
+        ({"url": "https://[::ffff:127.0.0.1]/hooks", "events": ALL_EVENTS}, "this machine"),
+        ({"url": "https://localhost/hooks", "events": ALL_EVENTS}, "this machine"),
         ({"url": "https://user:pw@example.org/", "events": ALL_EVENTS}, "user name or password"),
         ({"url": "https://example.org:99999/", "events": ALL_EVENTS}, "cannot be read"),
         ({"url": "https://example.org/#x", "events": ALL_EVENTS}, "fragment"),
@@ -549,3 +553,41 @@ async def test_the_job_sends_by_itself_and_backs_off_on_the_real_clock(
     assert started["data"]["consult_id"] == str(consult.id)
     await asyncio.sleep(0.3)  # a few more rounds: nothing is sent again
     assert receiver.repeats() == {}
+
+
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_allow_private_networks="true",
+)
+async def test_a_practice_network_is_allowed_by_the_setting_but_never_this_machine(
+    harness: Harness,
+) -> None:
+    await admin_of(harness)
+    inside = await harness.post(
+        "/api/admin/webhooks", {"url": "https://192.168.10.5/hooks", "events": ALL_EVENTS}
+    )
+    assert inside.status == 201, await inside.text()
+    local = await harness.post(
+        "/api/admin/webhooks", {"url": "https://127.0.0.2/hooks", "events": ALL_EVENTS}
+    )
+    assert local.status == 422
+
+
+async def test_a_host_name_that_resolves_to_this_machine_is_not_sent_to(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, "https://records.praktijk-noord.example/hooks")
+    # The name now resolves to this machine (DNS rebinding, or a name made
+    # for it): the check at registration cannot see that; the send's can.
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update().values(url=f"https://localhost:{receiver.port}/hooks")
+        )
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 1
+    (refused,) = await deliveries(harness, created["endpoint"]["id"])
+    assert refused["last_error"] == "the host name resolves to no address a webhook may go to"
+    assert receiver.received == []
+    assert receiver.refused == []

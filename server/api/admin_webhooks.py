@@ -136,8 +136,12 @@ async def endpoint_create(request: web.Request) -> web.Response:
     """Register an endpoint; the answer holds its secret, shown this once."""
     principal = await require_role(request, Role.ADMIN, action="webhook.create")
     body = await read_json(request, NewEndpointBody)
-    allow_http = request.app[SETTINGS].webhooks.allow_http_loopback
-    url = check_url(body.url, allow_http_loopback=allow_http)
+    settings = request.app[SETTINGS].webhooks
+    url = check_url(
+        body.url,
+        allow_http_loopback=settings.allow_http_loopback,
+        allow_private_networks=settings.allow_private_networks,
+    )
     events = parse_event_types(body.events)
     async with request.app[DB_ENGINE].begin() as conn:
         endpoint, secret = await add_endpoint(
