@@ -41,7 +41,7 @@ from audit.clock import SystemClock
 from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
 from audit.support import TherapistPseudonyms
 from audit.webhooks import Endpoint, endpoints_by_id, may_receive
-from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, SETTINGS, WEBHOOK_HTTP
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEBHOOK_HTTP
 
 _log = structlog.get_logger("videoconsult.webhooks")
 
@@ -181,6 +181,7 @@ async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -
             retry_base_s=settings.retry_base_s,
             retry_for_s=settings.retry_for_s,
         )
+    app[METRICS].record_webhook_attempt(status)
     # No URL in the process log: an endpoint's query string may hold a token.
     details = {
         "endpoint_id": str(endpoint.id),

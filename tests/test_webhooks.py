@@ -367,6 +367,9 @@ async def test_a_receiver_down_for_a_while_gets_the_event_after_the_backoff(
     await receiver.start()
     harness.clock.advance(60)
     assert await deliver_due(harness.app) == 1
+    metrics = (await (await harness.client.get("/metrics")).text()).splitlines()
+    assert 'videoconsult_webhook_attempts_total{status="pending"} 2.0' in metrics
+    assert 'videoconsult_webhook_attempts_total{status="delivered"} 1.0' in metrics
     (done,) = await deliveries(harness, created["endpoint"]["id"])
     assert done["status"] == "delivered"
     assert done["attempts"] == 3
