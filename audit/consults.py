@@ -19,8 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import Conflict, NotFound
 from audit.labels import destroy_label
+from audit.outbox import consult_event
 from audit.schema import consult_labels, consults, invites
 from audit.sealing import token_hash
+from audit.webhooks import EventType
 
 
 class ConsultStatus(enum.Enum):
@@ -158,7 +160,11 @@ async def list_consults(
 
 
 async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
-    """Set the start once; a later admission (after a reconnect) keeps the first."""
+    """Set the start once; a later admission (after a reconnect) keeps the first.
+
+    The first also writes ``consult.started`` to the webhooks' outbox, in the
+    caller's transaction.
+    """
     started = (
         await conn.execute(
             consults.update()
@@ -171,11 +177,15 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
             .returning(*consults.c)
         )
     ).first()
-    # Started just now (one round trip), or earlier, or over: read as it is.
-    return _consult(started) if started is not None else await get_consult(conn, consult_id)
+    if started is None:  # started earlier, or over: read as it is
+        return await get_consult(conn, consult_id)
+    await consult_event(conn, consult_id, EventType.CONSULT_STARTED, now=now)
+    return _consult(started)
 
 
-async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
+async def mark_ended(
+    conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime, end_reason: str | None = None
+) -> Consult:
     """Close the consult once: ended with its duration, or never started.
 
     A started consult never ends before its start: an end time from before
@@ -187,6 +197,8 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
     when the link was first used and who the patient is are kept no longer
     than the consult runs, and its link is then unknown. Ending an ended
     consult changes nothing but to delete an invite (or label) made meanwhile.
+    The first end writes ``consult.ended`` (with ``end_reason``, the signaling
+    protocol's) to the webhooks' outbox, in the caller's transaction.
     """
     await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
     await destroy_label(conn, consult_id)
@@ -206,11 +218,15 @@ async def mark_ended(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datet
             "duration_s": duration,
             "status": ConsultStatus.ENDED.value,
         }
-    await conn.execute(
+    ended = await conn.execute(
         consults.update()
         .where(consults.c.id == consult_id, consults.c.ended_at.is_(None))
         .values(**values)
     )
+    if ended.rowcount:
+        await consult_event(
+            conn, consult_id, EventType.CONSULT_ENDED, now=now, end_reason=end_reason
+        )
     return await get_consult(conn, consult_id)
 
 

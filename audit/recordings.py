@@ -33,7 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.errors import NotFound
 from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
 from audit.keyring import KeyRing, WrappingKey, key_id_of, load_ring
+from audit.outbox import recording_events
 from audit.schema import accounts, consults, destroyed_recordings, recordings
+from audit.webhooks import EventType
 
 FILE_SUFFIX = ".vcenc"
 # A file's seekable copy while it is made (signaling/remux.py); one left by a
@@ -235,7 +237,8 @@ async def finish_recording(
 
     ``complete=False`` when the file could not be closed properly (the disk
     filled up, the writer failed): it is then marked incomplete, readable up
-    to its last full chunk.
+    to its last full chunk. Either way ``recording.available`` goes to the
+    webhooks' outbox, in the caller's transaction.
     """
     if writer is not None and complete:
         writer.close()
@@ -250,6 +253,7 @@ async def finish_recording(
             stop_reason=reason.value if reason else None,
         )
     )
+    await recording_events(conn, [recording_id], EventType.RECORDING_AVAILABLE, now=now)
 
 
 async def mark_interrupted(
@@ -277,6 +281,8 @@ async def mark_interrupted(
                 stop_reason=StopReason.SERVER_RESTART.value,
             )
         )
+        # Readable up to the last full chunk: available, as incomplete.
+        await recording_events(conn, ids, EventType.RECORDING_AVAILABLE, now=now)
     return ids
 
 
@@ -310,16 +316,21 @@ def plaintext(
         yield from decrypt_chunks(source, data_key, file_id=recording_id)
 
 
-async def shred(conn: AsyncConnection, recording_ids: Iterable[uuid.UUID]) -> list[str]:
+async def shred(
+    conn: AsyncConnection, recording_ids: Iterable[uuid.UUID], *, now: datetime
+) -> list[str]:
     """Destroy the recordings' keys (delete their rows); return their file names,
     to be removed with :meth:`FileStore.delete_files` once this commits.
 
     Each leaves its id and consult in ``destroyed_recordings`` (for the
-    patient's receipt, :mod:`audit.receipts`), which goes with the consult.
+    patient's receipt, :mod:`audit.receipts`), which goes with the consult;
+    ``recording.deleted`` goes to the webhooks' outbox, in the caller's
+    transaction.
     """
     ids = list(recording_ids)
     if not ids:
         return []
+    await recording_events(conn, ids, EventType.RECORDING_DELETED, now=now)
     names = list(
         (
             await conn.execute(sa.select(recordings.c.file_name).where(recordings.c.id.in_(ids)))

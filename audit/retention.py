@@ -157,6 +157,7 @@ async def _purge_consults(
     *,
     progress: Progress | None,
     files: list[str],
+    now: datetime,
 ) -> tuple[int, int]:
     """Delete the expired consult records and the recordings still left of
     them; return how many of each."""
@@ -173,7 +174,7 @@ async def _purge_consults(
             ).scalars()
         )
         recordings_destroyed += len(of_these)
-        files += await shred(conn, of_these)
+        files += await shred(conn, of_these, now=now)
         # Invites and receipts go with them (ON DELETE CASCADE).
         await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
         if progress is not None:
@@ -341,7 +342,7 @@ async def purge(
             expired = await expired_recordings(
                 conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
             )
-            report.files += await shred(conn, expired)
+            report.files += await shred(conn, expired, now=now)
             if progress is not None and expired:
                 progress(len(expired))
             purged.consults, with_consults = await _purge_consults(
@@ -350,6 +351,7 @@ async def purge(
                 now - timedelta(days=retention.consult_days),
                 progress=progress,
                 files=report.files,
+                now=now,
             )
             purged.recordings = len(expired) + with_consults
         purged.access_log_records, purged.checkpoint_seq = await _purge_chain(

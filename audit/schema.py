@@ -408,3 +408,94 @@ master_keys = sa.Table(
     sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),
 )
+
+
+# Where an organisation's record system wants to hear of its consults and
+# recordings (audit/webhooks.py): an https URL, the events it takes (a JSON
+# list), and its signing secret (Standard Webhooks), sealed under a key
+# derived from the master key and bound to the endpoint's id. After a
+# rotation the previous secret signs too, until previous_expires_at.
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "organisation_id",
+        sa.Uuid(),
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("url", sa.String(2000), nullable=False),
+    sa.Column("events", sa.JSON(), nullable=False),
+    sa.Column("secret_sealed", sa.LargeBinary(), nullable=False),
+    sa.Column("previous_secret_sealed", sa.LargeBinary(), nullable=True),
+    sa.Column("previous_expires_at", UtcDateTime(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("secret_rotated_at", UtcDateTime(), nullable=True),
+)
+
+# The transactional outbox (audit/outbox.py): an event, written in the same
+# transaction as the change it tells of, for an organisation that has an
+# endpoint taking it. Its id is the message's webhook-id. ``data`` holds
+# times, statuses and ids only; the therapist appears in the message as a
+# pseudonym made when it is sent (from therapist_id, cut on erasure). Both
+# are cleared once no delivery of the event is pending.
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column(
+        "organisation_id",
+        sa.Uuid(),
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("type", sa.String(32), nullable=False),
+    # The consult or recording the event is about.
+    sa.Column("subject_id", sa.Uuid(), nullable=False),
+    sa.Column(
+        "therapist_id",
+        sa.Uuid(),
+        sa.ForeignKey("accounts.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    sa.Column("data", sa.JSON(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+)
+
+# One event to one endpoint: pending until a 2xx answer (delivered) or until
+# the retries run out (failed). A node claims a due delivery by moving
+# next_attempt_at past the time its send may take (PostgreSQL: FOR UPDATE
+# SKIP LOCKED), so no two nodes send it at once; one that dies leaves it due
+# again when that runs out.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "event_id",
+        sa.Uuid(),
+        sa.ForeignKey("webhook_events.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column(
+        "endpoint_id",
+        sa.Uuid(),
+        sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # pending, delivered or failed.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("next_attempt_at", UtcDateTime(), nullable=True, index=True),
+    sa.Column("last_attempt_at", UtcDateTime(), nullable=True),
+    # The last attempt's HTTP status, or what went wrong before one came.
+    sa.Column("last_status_code", sa.Integer(), nullable=True),
+    sa.Column("last_error", sa.String(200), nullable=True),
+    sa.Column("finished_at", UtcDateTime(), nullable=True),
+    sa.UniqueConstraint("event_id", "endpoint_id"),
+)

@@ -36,6 +36,7 @@ from sqlalchemy.exc import ArgumentError
 
 from config.section import Section as _Section
 from config.smtp import SmtpSettings
+from config.webhooks import WebhookSettings
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 ENV_PREFIX = "VIDEOCONSULT_"
@@ -328,6 +329,7 @@ class Settings(_Section):
     sessions: SessionSettings
     consults: ConsultSettings
     smtp: SmtpSettings
+    webhooks: WebhookSettings
     retention: RetentionSettings
     signaling: SignalingSettings
     turn: TurnSettings

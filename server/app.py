@@ -12,6 +12,7 @@ from server.api import (
     admin_billing,
     admin_settings,
     admin_views,
+    admin_webhooks,
     auth_views,
     consult_views,
     privacy_views,
@@ -45,6 +46,7 @@ from server.resources import (
     technical_log_context,
 )
 from server.web_security import add_security_headers, origin_check_middleware
+from server.webhooks import webhook_client_context
 from server.ws import endpoint as ws_endpoint
 from server.ws.registry import close_websockets
 
@@ -86,6 +88,7 @@ def setup_resources(app: web.Application) -> None:
             redis_context,
             client_limits_context,
             signaling_context,
+            webhook_client_context,
             # After everything they use, so that they stop first.
             *(periodic(job) for job in JOBS),
         ]
@@ -108,6 +111,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_routes(admin_access_log.routes)
     app.router.add_routes(admin_billing.routes)
     app.router.add_routes(admin_settings.routes)
+    app.router.add_routes(admin_webhooks.routes)
     app.router.add_routes(consult_views.routes)
     app.router.add_routes(recording_views.routes)
     app.router.add_routes(recording_playback.routes)

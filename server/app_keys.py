@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -62,3 +62,5 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 FILE_STORE = web.AppKey("file_store", FileStore)
 # The chunk maps of the recordings played last (bounded), for the player's range requests.
 CHUNK_MAPS = web.AppKey("chunk_maps", ChunkMapCache)
+# The HTTP client webhooks go out with (server/webhooks.py).
+WEBHOOK_HTTP = web.AppKey("webhook_http", ClientSession)

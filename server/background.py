@@ -50,6 +50,8 @@ class JobName(enum.StrEnum):
     SESSION_CHECKS = "session-checks"
     NODE_HEARTBEAT = "node-heartbeat"
     ALIVE = "alive"
+    WEBHOOKS = "webhooks"
+    WEBHOOK_HISTORY = "webhook-history"
 
 
 @dataclass(frozen=True)

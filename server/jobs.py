@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from server import alive, housekeeping
+from server import alive, housekeeping, webhooks
 from server.app_keys import CLOCK, CLUSTER, DB_ENGINE, ROOMS, SETTINGS, TECHNICAL_LOG
 from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
@@ -120,4 +120,13 @@ JOBS = (
         expected=REDIS_AWAY,
         runs_if=lambda app: app[CLUSTER] is not None,
     ),
+    # The webhooks' outbox: what is due is sent, on every node (the claim
+    # keeps two from sending one delivery).
+    Job(
+        JobName.WEBHOOKS,
+        webhooks.deliver_due,
+        lambda app: app[SETTINGS].webhooks.poll_interval_s,
+        backoff_max_s=60.0,
+    ),
+    Job(JobName.WEBHOOK_HISTORY, webhooks.purge_webhook_history, webhooks.HISTORY_PURGE_INTERVAL_S),
 )

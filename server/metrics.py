@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from audit.consults import InviteProblem
+from audit.outbox import DeliveryStatus
 from audit.technical_log import DropReason, TechnicalLog
 from server.background import JobName
 from server.loop_lag import LoopLag, empty_families
@@ -141,6 +142,7 @@ class Metrics:
         self._opened = dict.fromkeys(ParticipantRole, 0)
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._background_failures = dict.fromkeys(JobName, 0)
+        self._webhook_attempts = dict.fromkeys(DeliveryStatus, 0)
         self._technical_dropped: dict[DropReason, int] = {}
         self._node = NodeState()
         # The event loop's watcher, while the application runs (server/loop_lag.py).
@@ -170,6 +172,10 @@ class Metrics:
     def record_background_failure(self, job: JobName) -> None:
         """A round of the background job ``job`` failed."""
         self._background_failures[job] += 1
+
+    def record_webhook_attempt(self, status: DeliveryStatus) -> None:
+        """A webhook was sent; ``status`` is its delivery's after the attempt."""
+        self._webhook_attempts[status] += 1
 
     async def render(
         self, rooms: ConsultRooms, redis: Redis | None, technical: TechnicalLog
@@ -241,6 +247,13 @@ class Metrics:
             "Rounds of a background job that failed (and were tried again later), by job.",
             "job",
             ((job.value, count) for job, count in self._background_failures.items()),
+        )
+        yield _counter(
+            "videoconsult_webhook_attempts",
+            "Webhook messages sent by this node, by their delivery's status after the "
+            "attempt: delivered, pending (failed, tried again later), failed (for good).",
+            "status",
+            ((status.value, count) for status, count in self._webhook_attempts.items()),
         )
 
 

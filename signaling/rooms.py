@@ -382,7 +382,7 @@ class ConsultRooms:
         """
         ended_at = at or self._clock.now()
         async with self._engine.begin() as conn:
-            await mark_ended(conn, consult_id, now=ended_at)
+            await mark_ended(conn, consult_id, now=ended_at, end_reason=reason.value)
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
             already_over = state.phase is RoomPhase.OVER

@@ -73,8 +73,11 @@ from schemathesis.specs.openapi.checks import (
 
 from audit.accounts import Role, disable_account, find_account_by_email
 from audit.consults import mark_started
+from audit.schema import webhook_endpoints
+from audit.sealing import seal
 from audit.technical_log import write_technical
-from server.app_keys import DB_ENGINE
+from audit.webhooks import SECRET_PURPOSE
+from server.app_keys import DB_ENGINE, MASTER_KEY
 from tests.support.harness import Harness, stored_recording
 
 pytestmark = pytest.mark.slow
@@ -197,7 +200,30 @@ class World:
                 await self._enrolment_link(password_chosen=True),
                 *[await self._receipt(consults[1][1]) for _ in range(2)],
             ]
+        if "endpoint_id" in names:
+            values["endpoint_id"] = [await self._webhook_endpoint()]
         return values
+
+    async def _webhook_endpoint(self) -> str:
+        """A webhook endpoint of the organisation's (past the API's limit of ten)."""
+        harness = self.harness
+        endpoint_id = uuid.uuid4()
+        organisation = await harness.organisation()
+        sealed = seal(
+            harness.app[MASTER_KEY].key, SECRET_PURPOSE, b"whsec_x", bound_to=str(endpoint_id)
+        )
+        async with harness.app[DB_ENGINE].begin() as conn:
+            await conn.execute(
+                webhook_endpoints.insert().values(
+                    id=endpoint_id,
+                    organisation_id=organisation.id,
+                    url="https://records.praktijk-noord.example/hooks",
+                    events=["consult.ended"],
+                    secret_sealed=sealed,
+                    created_at=harness.clock.now(),
+                )
+            )
+        return str(endpoint_id)
 
     def _email(self, what: str) -> str:
         self._made += 1

@@ -47,7 +47,7 @@ from audit.sealing import SealError
 from server.api.access_records import record_api_access, record_in
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
-from server.app_keys import CHUNK_MAPS, DB_ENGINE, FILE_STORE, MASTER_KEY
+from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
 
 routes = web.RouteTableDef()
@@ -275,7 +275,7 @@ async def recording_delete(request: web.Request) -> web.Response:
     entry = await own_recording(request, principal, ACTION_DELETE)
     app = request.app
     async with app[DB_ENGINE].begin() as conn:
-        file_names = await shred(conn, [entry.id])
+        file_names = await shred(conn, [entry.id], now=app[CLOCK].now())
         await record_in(
             conn,
             request,

@@ -238,7 +238,7 @@ def run_delete(settings: Settings, args: argparse.Namespace) -> int:
     async def _delete() -> list[str]:
         async with current_database(settings) as engine, engine.begin() as conn:
             entry = _finished(await get_recording(conn, recording_id))
-            names = await shred(conn, [recording_id])
+            names = await shred(conn, [recording_id], now=SystemClock().now())
             await record_access(
                 conn,
                 Actor.operator(),

@@ -11,6 +11,7 @@
 - ``browser``: Chromium through Playwright, and the pages' common steps.
 - ``deploy``: reading the nginx config of deploy/.
 - ``deliveries``: a receiver that keeps what a broker delivered, for broker tests.
+- ``webhooks``: a record system's webhook receiver that verifies every signature.
 - ``tcp_proxy``: a TCP proxy to a real server that a test can cut (a database or Redis outage).
 - ``own_postgres``: a PostgreSQL server of a test's own, to stop and restart (the fault drill).
 - ``frames``: random and malformed signaling frames, and what protocol.md says of each.

@@ -1,0 +1,221 @@
+"""Sending the webhooks' outbox: signed messages to the practices' endpoints.
+
+A periodic job (:func:`deliver_due`, ``webhooks`` in server/jobs.py) claims
+the due deliveries (:func:`audit.outbox.claim_due`), sends each with the
+application's HTTP client, and records how it went; the database work is in
+short transactions of its own, and none is open while a message is on its
+way. Each message is signed per the Standard Webhooks specification with the
+``standardwebhooks`` package: ``webhook-id`` (the event's, the same on
+every attempt), ``webhook-timestamp`` (the attempt's, in seconds) and
+``webhook-signature`` (``v1,<base64 HMAC-SHA256>``, one per secret in force:
+two for a day after a rotation). Redirects are not followed, and the answer's
+body is not read: a 2xx status is all that counts.
+
+The therapist appears in a message as the pseudonym support staff see
+(:class:`audit.support.TherapistPseudonyms`), made as it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from aiohttp import (
+    ClientError,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    web,
+)
+from aiohttp import client_exceptions as http_errors
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from standardwebhooks import Webhook
+
+from audit.clock import SystemClock
+from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
+from audit.support import TherapistPseudonyms
+from audit.webhooks import Endpoint, endpoints_by_id, may_receive
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEBHOOK_HTTP
+
+_log = structlog.get_logger("videoconsult.webhooks")
+
+# Deliveries claimed and sent at once, and the batches one round sends at most
+# (the rest wait for the next round, a poll interval later).
+BATCH = 20
+MAX_BATCHES_PER_ROUND = 10
+# A claim outlasts the send's timeout by this much (the result's write, a
+# slow loop): only then may another node take the delivery over.
+CLAIM_MARGIN_S = 10.0
+# How often delivered and failed deliveries past webhooks.history_days go.
+HISTORY_PURGE_INTERVAL_S = 3600.0
+USER_AGENT = "videoconsult-webhooks/1"
+
+
+class ReceiverResolver(AbstractResolver):
+    """The system's resolver, keeping only addresses a webhook may go to
+    (:func:`audit.webhooks.may_receive`): an endpoint's host name is checked
+    at each connection, so a name that comes to resolve to this machine or
+    a private network (DNS rebinding) is not followed there."""
+
+    def __init__(self, *, allow_private_networks: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private_networks
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        allowed = [
+            entry
+            for entry in found
+            if may_receive(entry["host"], allow_private_networks=self._allow_private)
+        ]
+        if not allowed:
+            raise NotAReceiver(f"{host} resolves to no address a webhook may go to")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class NotAReceiver(OSError):
+    """A host name resolved only to addresses a webhook may not go to."""
+
+
+async def webhook_client_context(app: web.Application) -> AsyncIterator[None]:
+    """The HTTP client the deliveries go out with (no cookies kept between them)."""
+    resolver = ReceiverResolver(
+        allow_private_networks=app[SETTINGS].webhooks.allow_private_networks
+    )
+    connector = TCPConnector(resolver=resolver)
+    async with ClientSession(connector=connector, cookie_jar=DummyCookieJar()) as session:
+        app[WEBHOOK_HTTP] = session
+        yield
+
+
+async def deliver_due(app: web.Application) -> int:
+    """Send the deliveries that are due now; return how many were tried."""
+    settings = app[SETTINGS].webhooks
+    lease_s = settings.timeout_s + CLAIM_MARGIN_S
+    tried = 0
+    for _ in range(MAX_BATCHES_PER_ROUND):
+        async with app[DB_ENGINE].begin() as conn:
+            claimed = await claim_due(conn, now=app[CLOCK].now(), lease_s=lease_s, limit=BATCH)
+            endpoints = await endpoints_by_id(conn, {due.endpoint_id for due in claimed})
+        if not claimed:
+            break
+        results = await asyncio.gather(
+            *(_deliver(app, due, endpoints[due.endpoint_id]) for due in claimed),
+            return_exceptions=True,
+        )
+        tried += len(claimed)
+        # Each send finished (or failed) before the first error is raised: a
+        # database error while recording one leaves the others recorded.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if len(claimed) < BATCH:
+            break
+    return tried
+
+
+def signed_headers(
+    due: DueDelivery, secrets: list[str], body: bytes, *, at: float
+) -> dict[str, str]:
+    """The Standard Webhooks headers of ``body`` sent at ``at`` (POSIX seconds)."""
+    moment = datetime.fromtimestamp(int(at), tz=UTC)
+    signatures = " ".join(
+        Webhook(secret).sign(msg_id=due.webhook_id, timestamp=moment, data=body)
+        for secret in secrets
+    )
+    return {
+        "webhook-id": due.webhook_id,
+        "webhook-timestamp": str(int(at)),
+        "webhook-signature": signatures,
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+
+
+async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -> None:
+    settings = app[SETTINGS].webhooks
+    now = app[CLOCK].now()
+    master_key = app[MASTER_KEY].key
+    therapist = TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
+    body = json.dumps(due.message(therapist), separators=(",", ":")).encode()
+    # The signature's timestamp is the wall clock's: the receiver compares it
+    # with its own to refuse replays (5 minutes apart at most), whatever
+    # clock schedules the attempts.
+    sent_at = SystemClock().now().timestamp()
+    headers = signed_headers(due, endpoint.secrets(master_key, now=now), body, at=sent_at)
+    status_code: int | None = None
+    error: str | None = None
+    try:
+        async with app[WEBHOOK_HTTP].post(
+            endpoint.url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=ClientTimeout(total=settings.timeout_s),
+        ) as response:
+            status_code = response.status
+    except TimeoutError:
+        error = f"no answer within {settings.timeout_s:g} s"
+    except ClientError as err:
+        error = describe_failure(err)
+    if status_code is not None and not 200 <= status_code < 300:
+        error = f"answered HTTP {status_code}"
+    async with app[DB_ENGINE].begin() as conn:
+        status = await record_attempt(
+            conn,
+            due,
+            status_code=status_code,
+            error=error,
+            now=app[CLOCK].now(),
+            retry_base_s=settings.retry_base_s,
+            retry_for_s=settings.retry_for_s,
+        )
+    app[METRICS].record_webhook_attempt(status)
+    # No URL in the process log: an endpoint's query string may hold a token.
+    details = {
+        "endpoint_id": str(endpoint.id),
+        "event_type": due.event_type.value,
+        "webhook_id": due.webhook_id,
+        "attempt": due.attempt,
+    }
+    if status is DeliveryStatus.DELIVERED:
+        _log.info("webhook delivered", **details)
+    elif status is DeliveryStatus.FAILED:
+        _log.warning("webhook failed for good; no more attempts", error=error, **details)
+    else:
+        _log.info("webhook not delivered; trying again later", error=error, **details)
+
+
+def describe_failure(err: ClientError) -> str:
+    """What went wrong before an answer came, in a few words for the admin."""
+    if isinstance(err, http_errors.ClientConnectorCertificateError | http_errors.ClientSSLError):
+        return "TLS failed (the endpoint's certificate was not accepted)"
+    if isinstance(err, http_errors.ClientConnectorDNSError):
+        if isinstance(err.os_error, NotAReceiver):
+            return "the host name resolves to no address a webhook may go to"
+        return "the host name was not found"
+    if isinstance(err, http_errors.ClientConnectorError):
+        return "could not connect"
+    if isinstance(err, http_errors.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    if isinstance(err, http_errors.InvalidURL):
+        return "the URL is not usable"
+    return f"HTTP client error ({type(err).__name__})"[:200]
+
+
+async def purge_webhook_history(app: web.Application) -> None:
+    """Delete deliveries finished longer than ``webhooks.history_days`` ago."""
+    days = app[SETTINGS].webhooks.history_days
+    async with app[DB_ENGINE].begin() as conn:
+        await purge_history(conn, before=app[CLOCK].now() - timedelta(days=days))

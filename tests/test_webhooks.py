@@ -1,0 +1,596 @@
+"""Signed webhooks (issue 21, item 4): an admin's endpoints, events written to
+the outbox with the change they tell of, and their delivery to a real
+receiver (an aiohttp server verifying every signature with the
+``standardwebhooks`` library), on SQLite and PostgreSQL.
+
+The harness's own webhook job waits an hour between rounds: each test sends
+what is due itself (:func:`server.webhooks.deliver_due`), when it means to,
+on a manual clock (the signature's timestamp is the wall clock's: the
+receiver refuses one more than five minutes off its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from audit.accounts import Role, find_account_by_email
+from audit.clock import ManualClock
+from audit.consults import create_consult, mark_ended, mark_started
+from audit.schema import access_log, webhook_deliveries, webhook_endpoints, webhook_events
+from audit.support import TherapistPseudonyms
+from config import Settings
+from server import create_app
+from server.app_keys import DB_ENGINE, MASTER_KEY
+from server.webhooks import deliver_due, purge_webhook_history
+from tests.support.harness import (
+    Harness,
+    Professional,
+    Sockets,
+    admitted_pair,
+    receive,
+    stored_recording,
+)
+from tests.support.settings import SettingsFactory
+from tests.support.webhooks import Receiver
+
+pytestmark = pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_retry_base_s="30",
+)
+
+ALL_EVENTS = ["consult.started", "consult.ended", "recording.available", "recording.deleted"]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(datetime.now(UTC).replace(microsecond=0))  # for the tokens' checks
+
+
+@pytest.fixture
+async def receiver(free_port: int) -> AsyncIterator[Receiver]:
+    found = Receiver(free_port)
+    await found.start()
+    yield found
+    await found.stop()
+
+
+async def admin_of(harness: Harness) -> Professional:
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    return admin
+
+
+async def register(harness: Harness, url: str, events: list[str] | None = None) -> dict[str, Any]:
+    answer = await harness.post("/api/admin/webhooks", {"url": url, "events": events or ALL_EVENTS})
+    assert answer.status == 201, await answer.text()
+    created: dict[str, Any] = await answer.json()
+    return created
+
+
+async def deliveries(harness: Harness, endpoint_id: str, query: str = "") -> list[dict[str, Any]]:
+    answer = await harness.client.get(f"/api/admin/webhooks/{endpoint_id}/deliveries{query}")
+    assert answer.status == 200, await answer.text()
+    found: list[dict[str, Any]] = (await answer.json())["deliveries"]
+    return found
+
+
+async def actions_of(harness: Harness, actor: uuid.UUID) -> list[tuple[str, str]]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        rows = await conn.execute(
+            sa.select(access_log.c.action, access_log.c.outcome)
+            .where(access_log.c.actor_id == actor, access_log.c.action.startswith("webhook."))
+            .order_by(access_log.c.id)
+        )
+        return [(row.action, row.outcome) for row in rows]
+
+
+async def test_an_admin_registers_lists_rotates_and_deletes_an_endpoint(
+    harness: Harness, receiver: Receiver
+) -> None:
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.ended", "consult.started"])
+    secret = created["secret"]
+    endpoint = created["endpoint"]
+    # The Standard Webhooks format: whsec_ and the base64 of 32 random bytes.
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
+    assert endpoint["url"] == receiver.url
+    assert endpoint["events"] == ["consult.started", "consult.ended"]  # in their own order
+
+    listed = await (await harness.client.get("/api/admin/webhooks")).json()
+    assert [found["id"] for found in listed["endpoints"]] == [endpoint["id"]]
+    assert listed["endpoints"][0]["deliveries"] == {"pending": 0, "delivered": 0, "failed": 0}
+    assert secret not in str(listed)  # shown once, never again
+    # Kept sealed: not in the database in the clear, nor its raw bytes.
+    async with harness.app[DB_ENGINE].connect() as conn:
+        sealed = (await conn.execute(sa.select(webhook_endpoints.c.secret_sealed))).scalar_one()
+    raw = base64.b64decode(secret.removeprefix("whsec_"))
+    assert secret.encode() not in sealed
+    assert raw not in sealed
+
+    rotated = await harness.post(f"/api/admin/webhooks/{endpoint['id']}/rotate-secret")
+    assert rotated.status == 200, await rotated.text()
+    new = await rotated.json()
+    assert new["secret"] != secret
+    assert new["secret"].startswith("whsec_")
+    assert new["endpoint"]["secret_rotated_at"] is not None
+    expires = datetime.fromisoformat(new["endpoint"]["previous_secret_expires_at"])
+    assert expires == harness.clock.now() + timedelta(days=1)
+
+    gone = await harness.client.delete(
+        f"/api/admin/webhooks/{endpoint['id']}", headers=harness.headers
+    )
+    assert gone.status == 204
+    again = await harness.client.delete(
+        f"/api/admin/webhooks/{endpoint['id']}", headers=harness.headers
+    )
+    assert again.status == 404
+    assert (await (await harness.client.get("/api/admin/webhooks")).json())["endpoints"] == []
+    assert await actions_of(harness, admin.account_id) == [
+        ("webhook.create", "allowed"),
+        ("webhook.list", "allowed"),
+        ("webhook.rotate-secret", "allowed"),
+        ("webhook.delete", "allowed"),
+        ("webhook.delete", "refused"),
+        ("webhook.list", "allowed"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"url": "http://example.org/hooks", "events": ALL_EVENTS}, "http is allowed to 127.0.0.1"),
+        ({"url": "ftp://example.org/hooks", "events": ALL_EVENTS}, "https://"),
+        ({"url": "https://127.0.0.1/hooks", "events": ALL_EVENTS}, "this machine"),
+        ({"url": "https://169.254.169.254/latest", "events": ALL_EVENTS}, "link-local"),
+        ({"url": "https://10.1.2.3/hooks", "events": ALL_EVENTS}, "a private network"),
+        ({"url": "https://0.0.0.0/hooks", "events": ALL_EVENTS}, "unspecified"),
+        ({"url": "https://[::ffff:127.0.0.1]/hooks", "events": ALL_EVENTS}, "this machine"),
+        ({"url": "https://localhost/hooks", "events": ALL_EVENTS}, "this machine"),
+        ({"url": "https://user:pw@example.org/", "events": ALL_EVENTS}, "user name or password"),
+        ({"url": "https://example.org:99999/", "events": ALL_EVENTS}, "cannot be read"),
+        ({"url": "https://example.org/#x", "events": ALL_EVENTS}, "fragment"),
+        ({"url": "https://example.org/", "events": ["consult.paused"]}, "unknown event"),
+        ({"url": "https://example.org/", "events": ["consult.ended"] * 2}, "named twice"),
+        ({"url": "https://example.org/", "events": []}, "'events'"),
+        ({"url": "https://example.org/"}, "'events' is required"),
+        ({"url": "https://example.org/", "events": ALL_EVENTS, "x": 1}, "'x' is not expected"),
+    ],
+)
+async def test_a_bad_endpoint_is_refused_naming_the_problem(
+    harness: Harness, body: dict[str, Any], named: str
+) -> None:
+    await admin_of(harness)
+    answer = await harness.post("/api/admin/webhooks", body)
+    assert answer.status == 422, await answer.text()
+    assert named in (await answer.json())["error"]["message"]
+
+
+@pytest.mark.settings(webhooks_allow_http_loopback="false")
+async def test_http_to_this_machine_needs_the_servers_setting(harness: Harness) -> None:
+    await admin_of(harness)
+    answer = await harness.post(
+        "/api/admin/webhooks", {"url": "http://127.0.0.1:9/hooks", "events": ALL_EVENTS}
+    )
+    assert answer.status == 422
+    assert "must use https" in (await answer.json())["error"]["message"]
+
+
+async def test_only_the_organisations_admin_reaches_its_endpoints(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    endpoint = (await register(harness, receiver.url))["endpoint"]
+    other = await harness.professional("admin@praktijk-zuid.example", Role.ADMIN, "Praktijk Zuid")
+    await harness.logged_in(other)
+    assert (await (await harness.client.get("/api/admin/webhooks")).json())["endpoints"] == []
+    path = f"/api/admin/webhooks/{endpoint['id']}"
+    assert (await harness.client.get(path + "/deliveries")).status == 404
+    assert (await harness.post(path + "/rotate-secret")).status == 404
+    assert await actions_of(harness, other.account_id) == [
+        ("webhook.list", "allowed"),
+        ("webhook.deliveries.read", "refused"),
+        ("webhook.rotate-secret", "refused"),
+    ]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(therapist)
+    assert (await harness.client.get("/api/admin/webhooks")).status == 403
+    assert (await harness.post("/api/admin/webhooks", {"url": receiver.url})).status == 403
+
+
+async def test_each_event_is_delivered_once_signed_with_what_the_record_system_needs(
+    harness: Harness, sockets: Sockets, receiver: Receiver
+) -> None:
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url)
+    receiver.secret = created["secret"]
+    setup, therapist, _patient = await admitted_pair(
+        harness, sockets, scheduled_at=harness.clock.now().isoformat()
+    )
+    harness.clock.advance(25 * 60)
+    await therapist.send_json({"v": 1, "type": "end"})
+    await receive(therapist, "consult-ended")
+    recording_id = await stored_recording(harness, setup.consult_id, b"\x1a\x45\xdf\xa3 media")
+    await harness.logged_in(setup.therapist)  # the session idled out meanwhile
+    deleted = await harness.client.delete(
+        f"/api/recordings/{recording_id}", headers=harness.headers
+    )
+    assert deleted.status == 204, await deleted.text()
+
+    assert await deliver_due(harness.app) == 4
+    assert await deliver_due(harness.app) == 0  # nothing left: each once
+    assert receiver.refused == []
+    assert receiver.repeats() == {}
+    pseudonym = TherapistPseudonyms(harness.app[MASTER_KEY].key).of(setup.therapist.account_id)
+    (started,) = receiver.of_type("consult.started")
+    (ended,) = receiver.of_type("consult.ended")
+    assert started["data"]["consult_id"] == ended["data"]["consult_id"] == setup.consult_id
+    assert started["data"]["therapist"] == ended["data"]["therapist"] == pseudonym
+    assert started["data"]["status"] == "active"
+    assert started["data"]["ended_at"] is None
+    data = ended["data"]
+    assert data["status"] == "ended"
+    assert data["end_reason"] == "ended_by_therapist"
+    assert data["duration_s"] == 25 * 60
+    assert data["scheduled_at"] is not None
+    moments = [datetime.fromisoformat(data[key]) for key in ("started_at", "ended_at")]
+    assert (moments[1] - moments[0]).total_seconds() == data["duration_s"]
+    # Nothing that names anyone: ids, times, statuses and a pseudonym.
+    assert set(data) == {
+        "consult_id",
+        "therapist",
+        "scheduled_at",
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "status",
+        "end_reason",
+    }
+    (available,) = receiver.of_type("recording.available")
+    assert available["data"]["recording_id"] == str(recording_id)
+    assert available["data"]["status"] == "complete"
+    (gone,) = receiver.of_type("recording.deleted")
+    assert gone["data"]["recording_id"] == str(recording_id)
+    for entry in receiver.received:
+        assert entry.webhook_id.startswith("msg_")
+        assert entry.headers["webhook-signature"].startswith("v1,")
+
+    await harness.logged_in(admin)
+    seen = await deliveries(harness, created["endpoint"]["id"])
+    assert sorted(entry["webhook_id"] for entry in seen) == sorted(receiver.unique())
+    assert {entry["status"] for entry in seen} == {"delivered"}
+    assert {entry["last_status_code"] for entry in seen} == {204}
+    # Delivered: the event keeps no data any more, only that it was sent.
+    async with harness.app[DB_ENGINE].connect() as conn:
+        kept = (
+            await conn.execute(sa.select(webhook_events.c.data, webhook_events.c.therapist_id))
+        ).all()
+    assert [tuple(row) for row in kept] == [({}, None)] * 4
+
+
+async def test_an_endpoint_hears_only_the_events_it_took(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    receiver.secret = (await register(harness, receiver.url, ["consult.ended"]))["secret"]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=harness.clock.now()
+        )
+        await mark_started(conn, consult.id, now=harness.clock.now())
+        await mark_ended(conn, consult.id, now=harness.clock.now(), end_reason="both_left")
+    assert await deliver_due(harness.app) == 1
+    (ended,) = receiver.of_type("consult.ended")
+    assert ended["data"]["end_reason"] == "both_left"
+    assert receiver.of_type("consult.started") == []
+
+
+async def test_an_event_is_written_only_with_the_change_it_tells_of(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    await register(harness, receiver.url)
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=harness.clock.now()
+        )
+    async with harness.app[DB_ENGINE].connect() as conn:
+        await conn.begin()
+        await mark_started(conn, consult.id, now=harness.clock.now())
+        await conn.rollback()  # the transaction fails after the change
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert (await conn.scalar(sa.select(sa.func.count()).select_from(webhook_events))) == 0
+    # A second start changes nothing and tells nothing.
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, consult.id, now=harness.clock.now())
+        await mark_started(conn, consult.id, now=harness.clock.now())
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert (await conn.scalar(sa.select(sa.func.count()).select_from(webhook_events))) == 1
+
+
+async def started_consult(harness: Harness) -> None:
+    """A consult started (``consult.started``), by the organisation's therapist."""
+    async with harness.app[DB_ENGINE].connect() as conn:
+        found = await find_account_by_email(conn, "t@praktijk-noord.example")
+    therapist_id = (
+        found.id
+        if found is not None
+        else (await harness.professional("t@praktijk-noord.example", Role.THERAPIST)).account_id
+    )
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(conn, therapist_id=therapist_id, now=harness.clock.now())
+        await mark_started(conn, consult.id, now=harness.clock.now())
+
+
+async def test_a_receiver_down_for_a_while_gets_the_event_after_the_backoff(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = created["secret"]
+    await started_consult(harness)
+    await receiver.stop()
+
+    assert await deliver_due(harness.app) == 1  # refused: nobody listens
+    (first,) = await deliveries(harness, created["endpoint"]["id"])
+    assert first["status"] == "pending"
+    assert first["attempts"] == 1
+    assert first["last_error"] == "could not connect"
+    assert first["last_status_code"] is None
+    retry_at = datetime.fromisoformat(first["next_attempt_at"])
+    assert retry_at == harness.clock.now() + timedelta(seconds=30)  # webhooks.retry_base_s
+    harness.clock.advance(29)
+    assert await deliver_due(harness.app) == 0  # not before the backoff
+    harness.clock.advance(1)
+    assert await deliver_due(harness.app) == 1  # still down: the wait doubles
+    (second,) = await deliveries(harness, created["endpoint"]["id"], "?status=pending")
+    assert second["attempts"] == 2
+    assert datetime.fromisoformat(second["next_attempt_at"]) == harness.clock.now() + timedelta(
+        seconds=60
+    )
+
+    await receiver.start()
+    harness.clock.advance(60)
+    assert await deliver_due(harness.app) == 1
+    metrics = (await (await harness.client.get("/metrics")).text()).splitlines()
+    assert 'videoconsult_webhook_attempts_total{status="pending"} 2.0' in metrics
+    assert 'videoconsult_webhook_attempts_total{status="delivered"} 1.0' in metrics
+    (done,) = await deliveries(harness, created["endpoint"]["id"])
+    assert done["status"] == "delivered"
+    assert done["attempts"] == 3
+    assert list(receiver.unique()) == [first["webhook_id"]]  # the same id on every attempt
+    assert receiver.repeats() == {}
+
+
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_retry_base_s="600",
+    webhooks_retry_for_s="3600",
+)
+async def test_a_delivery_that_never_succeeds_is_failed_when_the_retries_run_out(
+    harness: Harness, receiver: Receiver
+) -> None:
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    # A wrong secret at the receiver: every attempt is answered 401.
+    receiver.secret = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
+    await started_consult(harness)
+    attempts = 0
+    while await deliver_due(harness.app):
+        attempts += 1
+        harness.clock.advance(3600)  # past every wait; never past the hour's deadline twice
+    await harness.logged_in(admin)  # the session idled out meanwhile
+    (failed,) = await deliveries(harness, created["endpoint"]["id"], "?status=failed")
+    # At 0 s, then at the deadline (the wait of 600 s is cut to it): 1 hour in all.
+    assert attempts == failed["attempts"] == 2
+    assert failed["last_status_code"] == 401
+    assert failed["last_error"] == "answered HTTP 401"
+    assert failed["finished_at"] is not None
+    assert failed["next_attempt_at"] is None
+    listed = await (await harness.client.get("/api/admin/webhooks")).json()
+    assert listed["endpoints"][0]["deliveries"] == {"pending": 0, "delivered": 0, "failed": 1}
+    assert len(receiver.refused) == 2
+    assert receiver.received == []
+
+
+async def test_a_wrong_secret_fails_verification_and_the_right_one_passes(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = "whsec_" + base64.b64encode(b"\x02" * 32).decode()
+    await started_consult(harness)
+    await deliver_due(harness.app)
+    (refused,) = receiver.refused
+    with pytest.raises(WebhookVerificationError):
+        Webhook(receiver.secret).verify(refused.body, refused.headers)
+    message = Webhook(created["secret"]).verify(refused.body, refused.headers)
+    assert message["type"] == "consult.started"
+    # Altered on the way: no longer verifies, even with the right secret.
+    with pytest.raises(WebhookVerificationError):
+        Webhook(created["secret"]).verify(
+            refused.body.replace(b"active", b"ended"), refused.headers
+        )
+
+
+async def test_after_a_rotation_both_secrets_sign_for_a_day(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    rotated = await harness.post(f"/api/admin/webhooks/{created['endpoint']['id']}/rotate-secret")
+    new_secret = (await rotated.json())["secret"]
+    receiver.secret = created["secret"]  # the record system has not switched yet
+    await started_consult(harness)
+    await deliver_due(harness.app)
+    (entry,) = receiver.received
+    assert len(entry.headers["webhook-signature"].split(" ")) == 2
+    Webhook(new_secret).verify(entry.body, entry.headers)
+
+    harness.clock.advance(86400)
+    receiver.secret = new_secret
+    await started_consult(harness)
+    await deliver_due(harness.app)
+    latest = receiver.received[-1]
+    assert len(latest.headers["webhook-signature"].split(" ")) == 1  # the old one is done
+    with pytest.raises(WebhookVerificationError):
+        Webhook(created["secret"]).verify(latest.body, latest.headers)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_nodes_on_one_database_do_not_both_deliver_an_event(
+    harness: Harness,
+    harness_settings: Settings,
+    clock: ManualClock,
+    aiohttp_client: Any,
+    receiver: Receiver,
+) -> None:
+    second: TestClient[Any, Any] = await aiohttp_client(create_app(harness_settings, clock=clock))
+    await admin_of(harness)
+    receiver.secret = (await register(harness, receiver.url, ["consult.started"]))["secret"]
+    # Slow answers: while one node waits for them the other claims.
+    receiver.delay_s = 0.02
+    for _ in range(60):
+        await started_consult(harness)
+
+    async def node(app: Any) -> int:
+        total = 0
+        while tried := await deliver_due(app):
+            total += tried
+        return total
+
+    first_node, second_node = await asyncio.gather(node(harness.app), node(second.app))
+    assert first_node + second_node == 60
+    assert first_node > 0
+    assert second_node > 0
+    assert len(receiver.unique()) == 60
+    assert receiver.repeats() == {}
+    async with harness.app[DB_ENGINE].connect() as conn:
+        attempts = (await conn.execute(sa.select(webhook_deliveries.c.attempts))).scalars().all()
+    assert set(attempts) == {1}
+
+
+async def test_finished_deliveries_leave_the_history_after_its_days(
+    harness: Harness, receiver: Receiver
+) -> None:
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = created["secret"]
+    await started_consult(harness)
+    await deliver_due(harness.app)
+    await started_consult(harness)  # pending: it stays whatever its age
+    harness.clock.advance(30 * 86400)  # webhooks.history_days
+    await purge_webhook_history(harness.app)
+    await harness.logged_in(admin)
+    assert len(await deliveries(harness, created["endpoint"]["id"])) == 2
+    harness.clock.advance(1)
+    await purge_webhook_history(harness.app)
+    await harness.logged_in(admin)
+    (left,) = await deliveries(harness, created["endpoint"]["id"])
+    assert left["status"] == "pending"
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert (await conn.scalar(sa.select(sa.func.count()).select_from(webhook_events))) == 1
+
+
+async def test_the_job_sends_by_itself_and_backs_off_on_the_real_clock(
+    harness: Harness,
+    make_settings: SettingsFactory,
+    database_url: str,
+    aiohttp_client: Any,
+    receiver: Receiver,
+) -> None:
+    # A second node on the same database, on the real clock, whose job looks
+    # every 0.1 s and waits 0.5 s after a first failure (then 1 s, 2 s, ...).
+    node = create_app(
+        make_settings(
+            database_url=database_url,
+            webhooks_allow_http_loopback="true",
+            webhooks_poll_interval_s="0.1",
+            webhooks_retry_base_s="0.5",
+        )
+    )
+    await aiohttp_client(node)
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = created["secret"]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    await receiver.stop()
+    made = time.monotonic()
+    async with node[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=datetime.now(UTC)
+        )
+        await mark_started(conn, consult.id, now=datetime.now(UTC))
+    # Down: tried at once, and again 0.5 s later.
+    for _ in range(100):
+        async with node[DB_ENGINE].connect() as conn:
+            (waiting,) = (await conn.execute(sa.select(webhook_deliveries))).all()
+        if waiting.attempts >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert waiting.attempts == 2
+    assert waiting.status == "pending"
+    assert waiting.last_error == "could not connect"
+    assert time.monotonic() - made >= 0.5
+
+    await receiver.start()
+    await receiver.wait_for(lambda r: bool(r.received), timeout_s=10)
+    assert time.monotonic() - made >= 1.5  # the third attempt, 1 s after the second
+    (started,) = receiver.of_type("consult.started")
+    assert started["data"]["consult_id"] == str(consult.id)
+    await asyncio.sleep(0.3)  # a few more rounds: nothing is sent again
+    assert receiver.repeats() == {}
+
+
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_allow_private_networks="true",
+)
+async def test_a_practice_network_is_allowed_by_the_setting_but_never_this_machine(
+    harness: Harness,
+) -> None:
+    await admin_of(harness)
+    inside = await harness.post(
+        "/api/admin/webhooks", {"url": "https://192.168.10.5/hooks", "events": ALL_EVENTS}
+    )
+    assert inside.status == 201, await inside.text()
+    local = await harness.post(
+        "/api/admin/webhooks", {"url": "https://127.0.0.2/hooks", "events": ALL_EVENTS}
+    )
+    assert local.status == 422
+
+
+async def test_a_host_name_that_resolves_to_this_machine_is_not_sent_to(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, "https://records.praktijk-noord.example/hooks")
+    # The name now resolves to this machine (DNS rebinding, or a name made
+    # for it): the check at registration cannot see that; the send's can.
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update().values(url=f"https://localhost:{receiver.port}/hooks")
+        )
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 1
+    (refused,) = await deliveries(harness, created["endpoint"]["id"])
+    assert refused["last_error"] == "the host name resolves to no address a webhook may go to"
+    assert receiver.received == []
+    assert receiver.refused == []
