@@ -90,6 +90,29 @@ async def enqueue(
         )
     )
     targets = [row.id for row in rows if event_type.value in row.events]
+    return await _write_event(
+        conn,
+        targets,
+        organisation_id=organisation_id,
+        event_type=event_type,
+        subject_id=subject_id,
+        therapist_id=therapist_id,
+        data=data,
+        now=now,
+    )
+
+
+async def _write_event(
+    conn: AsyncConnection,
+    targets: list[uuid.UUID],
+    *,
+    organisation_id: uuid.UUID,
+    event_type: EventType,
+    subject_id: uuid.UUID,
+    therapist_id: uuid.UUID | None,
+    data: Mapping[str, Any],
+    now: datetime,
+) -> uuid.UUID | None:
     if not targets:
         return None
     event_id = uuid.uuid4()
@@ -131,15 +154,32 @@ async def consult_event(
     """Write ``consult.started`` or ``consult.ended`` for the consult as it now
     stands (nothing for a consult whose therapist was erased: it has no
     organisation any more)."""
-    row = (
+    # The consult, its organisation and that organisation's endpoints in one
+    # query (a row per endpoint): it runs in every admission's transaction.
+    rows = (
         await conn.execute(
-            sa.select(consults, accounts.c.organisation_id)
+            sa.select(
+                consults,
+                accounts.c.organisation_id,
+                webhook_endpoints.c.id.label("endpoint_id"),
+                webhook_endpoints.c.events,
+            )
             .join(accounts, accounts.c.id == consults.c.therapist_id)
+            .outerjoin(
+                webhook_endpoints,
+                webhook_endpoints.c.organisation_id == accounts.c.organisation_id,
+            )
             .where(consults.c.id == consult_id)
         )
-    ).first()
-    if row is None:
+    ).all()
+    targets = [
+        row.endpoint_id
+        for row in rows
+        if row.endpoint_id is not None and event_type.value in row.events
+    ]
+    if not targets:
         return None
+    row = rows[0]
     data = {
         "consult_id": str(consult_id),
         "scheduled_at": iso(row.scheduled_at),
@@ -150,8 +190,9 @@ async def consult_event(
     }
     if event_type is EventType.CONSULT_ENDED:
         data["end_reason"] = end_reason
-    return await enqueue(
+    return await _write_event(
         conn,
+        targets,
         organisation_id=row.organisation_id,
         event_type=event_type,
         subject_id=consult_id,

@@ -254,6 +254,43 @@ async def access_log_export(h: Harness) -> Any:
     return await h.client.get("/api/admin/access-log/export", params={"format": "json"})
 
 
+# A public address (webhooks reach no private network): the test sends nothing.
+WEBHOOK_URL = "https://93.184.216.34/videoconsult-hooks"
+
+
+async def webhook_create(h: Harness) -> Any:
+    await _admin(h)
+    return await h.post("/api/admin/webhooks", {"url": WEBHOOK_URL, "events": ["consult.ended"]})
+
+
+async def webhook_list(h: Harness) -> Any:
+    await _admin(h)
+    return await h.client.get("/api/admin/webhooks")
+
+
+async def _webhook(h: Harness) -> str:
+    await _admin(h)
+    made = await h.post("/api/admin/webhooks", {"url": WEBHOOK_URL, "events": ["consult.ended"]})
+    assert made.status == 201, await made.text()
+    endpoint_id: str = (await made.json())["endpoint"]["id"]
+    return endpoint_id
+
+
+async def webhook_deliveries(h: Harness) -> Any:
+    endpoint_id = await _webhook(h)
+    return await h.client.get(f"/api/admin/webhooks/{endpoint_id}/deliveries")
+
+
+async def webhook_rotate(h: Harness) -> Any:
+    endpoint_id = await _webhook(h)
+    return await h.post(f"/api/admin/webhooks/{endpoint_id}/rotate-secret")
+
+
+async def webhook_delete(h: Harness) -> Any:
+    endpoint_id = await _webhook(h)
+    return await h.client.delete(f"/api/admin/webhooks/{endpoint_id}", headers=h.headers)
+
+
 async def billing_export(h: Harness) -> Any:
     await _admin(h)
     return await h.client.get("/api/admin/billing", params={"month": "2026-11"})
@@ -324,6 +361,17 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("GET", "/api/admin/access-log/export"): (access_log_export, "access_log.export"),
     ("GET", "/api/admin/retention/preview"): (retention_preview, "retention.preview"),
     ("GET", "/api/admin/billing"): (billing_export, "billing.export"),
+    ("POST", "/api/admin/webhooks"): (webhook_create, "webhook.create"),
+    ("GET", "/api/admin/webhooks"): (webhook_list, "webhook.list"),
+    ("GET", "/api/admin/webhooks/{endpoint_id}/deliveries"): (
+        webhook_deliveries,
+        "webhook.deliveries.read",
+    ),
+    ("POST", "/api/admin/webhooks/{endpoint_id}/rotate-secret"): (
+        webhook_rotate,
+        "webhook.rotate-secret",
+    ),
+    ("DELETE", "/api/admin/webhooks/{endpoint_id}"): (webhook_delete, "webhook.delete"),
     ("GET", "/api/admin/practice-settings"): (practice_read, "practice_settings.read"),
     ("PUT", "/api/admin/practice-settings"): (practice_update, "practice_settings.update"),
     ("POST", "/api/consults"): (consult_create, "consult.create"),
@@ -399,7 +447,7 @@ ROLE_ROUTES = sorted(
 
 
 def concrete(path: str) -> str:
-    for name in ("{account_id}", "{consult_id}", "{recording_id}"):
+    for name in ("{account_id}", "{consult_id}", "{recording_id}", "{endpoint_id}"):
         path = path.replace(name, str(uuid.uuid4()))
     return path
 

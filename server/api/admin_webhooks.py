@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import Actor, Outcome, record_access
+from audit.access_log import Outcome
 from audit.accounts import Role
 from audit.errors import NotFound
 from audit.outbox import DeliveryEntry, DeliveryStatus, delivery_counts, recent_deliveries
@@ -27,6 +27,7 @@ from audit.webhooks import (
     parse_event_types,
     rotate_secret,
 )
+from server.api.access_records import record_in
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.query import query_params
@@ -83,15 +84,13 @@ async def _record(
     endpoint_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    organisation_id = principal.account.organisation_id
-    await record_access(
+    await record_in(
         conn,
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+        request,
+        principal,
         action=action,
         object_type=OBJECT_TYPE if endpoint_id is not None else "organisation",
-        object_id=endpoint_id if endpoint_id is not None else organisation_id,
-        now=request.app[CLOCK].now(),
+        object_id=endpoint_id if endpoint_id is not None else principal.account.organisation_id,
         outcome=outcome,
     )
 
