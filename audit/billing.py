@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -165,6 +166,17 @@ def totals(entries: list[BilledConsult]) -> list[dict[str, Any]]:
             total["held"] += 1
             total["duration_s"] += entry.duration_s or 0
     return list(by_therapist.values())
+
+
+def as_json(document: dict[str, Any], entries: list[BilledConsult], zone: tzinfo) -> bytes:
+    """``document`` with the therapists' totals and the rows, as JSON bytes;
+    blocking for a big month."""
+    whole = {
+        **document,
+        "therapists": totals(entries),
+        "consults": [row_of(entry, zone) for entry in entries],
+    }
+    return json.dumps(whole).encode()
 
 
 def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:

@@ -489,3 +489,20 @@ async def purge_history(conn: AsyncConnection, *, before: datetime) -> int:
     )
     await conn.execute(webhook_events.delete().where(orphaned))
     return int(result.rowcount or 0)
+
+
+async def forget_subjects(
+    conn: AsyncConnection, subject_ids: list[uuid.UUID], types: tuple[EventType, ...]
+) -> int:
+    """Delete the events of ``types`` about these consults or recordings, with
+    their deliveries (pending ones too): for the retention purge, so that the
+    webhooks' history names nothing whose record is destroyed. Returns how many."""
+    if not subject_ids:
+        return 0
+    result = await conn.execute(
+        webhook_events.delete().where(
+            webhook_events.c.subject_id.in_(subject_ids),
+            webhook_events.c.type.in_([kind.value for kind in types]),
+        )
+    )
+    return int(result.rowcount or 0)

@@ -43,6 +43,7 @@ from audit.access_log import (
 )
 from audit.consults import ConsultStatus
 from audit.db import save_organisation_row
+from audit.outbox import forget_subjects
 from audit.recordings import expired_recordings, shred
 from audit.schema import (
     access_log,
@@ -53,6 +54,7 @@ from audit.schema import (
     recordings,
     retention_settings,
 )
+from audit.webhooks import EventType
 
 # pg_try_advisory_xact_lock key: one purge at a time across nodes.
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
@@ -144,9 +146,7 @@ def _consult_expired(cutoff: datetime) -> sa.ColumnElement[bool]:
     return sa.and_(over, closed < cutoff)
 
 
-def _expired_consults(
-    organisation_id: uuid.UUID | None, cutoff: datetime
-) -> sa.Select[tuple[uuid.UUID]]:
+def _expired_consults(organisation_id: uuid.UUID | None, cutoff: datetime) -> sa.Select[uuid.UUID]:
     return sa.select(consults.c.id).where(_owned_by(organisation_id), _consult_expired(cutoff))
 
 
@@ -175,6 +175,8 @@ async def _purge_consults(
         )
         recordings_destroyed += len(of_these)
         files += await shred(conn, of_these, now=now)
+        await forget_subjects(conn, of_these, (EventType.RECORDING_AVAILABLE,))
+        await forget_subjects(conn, chunk, (EventType.CONSULT_STARTED, EventType.CONSULT_ENDED))
         # Invites and receipts go with them (ON DELETE CASCADE).
         await conn.execute(consults.delete().where(consults.c.id.in_(chunk)))
         if progress is not None:
@@ -343,6 +345,9 @@ async def purge(
                 conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
             )
             report.files += await shred(conn, expired, now=now)
+            # The webhooks' history of them goes too; the news of their
+            # destruction (recording.deleted, just written) is still to be sent.
+            await forget_subjects(conn, expired, (EventType.RECORDING_AVAILABLE,))
             if progress is not None and expired:
                 progress(len(expired))
             purged.consults, with_consults = await _purge_consults(

@@ -77,6 +77,10 @@ def parse_event_types(names: Iterable[str]) -> tuple[EventType, ...]:
     return tuple(kind for kind in EventType if kind in chosen)
 
 
+# The well-known NAT64 prefix (RFC 6052): its last 32 bits are an IPv4 address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def may_receive(address: str, *, allow_private_networks: bool) -> bool:
     """Whether a webhook may go to ``address`` (an IP address): a public one;
     with ``allow_private_networks`` also one of a private network (10/8,
@@ -86,8 +90,16 @@ def may_receive(address: str, *, allow_private_networks: bool) -> bool:
         found = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
-        found = found.ipv4_mapped
+    if isinstance(found, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one (found in review: NAT64 and 6to4
+        # addresses count as global, and lead to the IPv4 address they hold).
+        inner = found.ipv4_mapped or found.sixtofour
+        if inner is None and found in _NAT64:
+            inner = ipaddress.IPv4Address(int(found) & 0xFFFFFFFF)
+        if inner is None and found.teredo is not None:
+            inner = found.teredo[1]
+        if inner is not None:
+            found = inner
     if found.is_global:
         return True
     never = (
@@ -128,6 +140,12 @@ def check_url(url: str, *, allow_http_loopback: bool, allow_private_networks: bo
         address = ipaddress.ip_address(host)
     except ValueError:
         address = None
+        try:
+            host.encode("idna")  # what the resolver and the TLS check will need
+        except UnicodeError:
+            raise InvalidValue(
+                "the URL's host name is not one (an empty part, or a part over 63 characters)"
+            ) from None
     if parts.scheme == "http":
         if not allow_http_loopback:
             raise InvalidValue("the URL must use https")

@@ -162,17 +162,19 @@ async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -
     settings = app[SETTINGS].webhooks
     now = app[CLOCK].now()
     master_key = app[MASTER_KEY].key
-    therapist = TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
-    body, content_type = message_body(due, therapist, endpoint.payload)
-    # The signature's timestamp is the wall clock's: the receiver compares it
-    # with its own to refuse replays (5 minutes apart at most), whatever
-    # clock schedules the attempts.
-    sent_at = SystemClock().now().timestamp()
-    headers = signed_headers(due, endpoint.secrets(master_key, now=now), body, at=sent_at)
-    headers["Content-Type"] = content_type
     status_code: int | None = None
     error: str | None = None
     try:
+        therapist = (
+            TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
+        )
+        body, content_type = message_body(due, therapist, endpoint.payload)
+        # The signature's timestamp is the wall clock's: the receiver compares
+        # it with its own to refuse replays (5 minutes apart at most), whatever
+        # clock schedules the attempts.
+        sent_at = SystemClock().now().timestamp()
+        headers = signed_headers(due, endpoint.secrets(master_key, now=now), body, at=sent_at)
+        headers["Content-Type"] = content_type
         async with app[WEBHOOK_HTTP].post(
             endpoint.url,
             data=body,
@@ -185,6 +187,14 @@ async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -
         error = f"no answer within {settings.timeout_s:g} s"
     except ClientError as err:
         error = describe_failure(err)
+    except Exception as err:  # any failure of one send is that delivery's
+        # Found in review: an endpoint's host name aiohttp could not encode
+        # (UnicodeError) escaped, left the delivery pending for good and ended
+        # the round for every organisation. It is an attempt that failed.
+        error = f"the message could not be sent ({type(err).__name__})"
+        _log.warning(
+            "webhook send broke", endpoint_id=str(endpoint.id), error_type=type(err).__name__
+        )
     if status_code is not None and not 200 <= status_code < 300:
         error = f"answered HTTP {status_code}"
     async with app[DB_ENGINE].begin() as conn:

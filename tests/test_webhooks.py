@@ -29,6 +29,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from audit.accounts import Role, find_account_by_email
 from audit.clock import ManualClock
 from audit.consults import create_consult, mark_ended, mark_started
+from audit.retention import Retention, purge
 from audit.schema import access_log, webhook_deliveries, webhook_endpoints, webhook_events
 from audit.support import TherapistPseudonyms
 from config import Settings
@@ -161,6 +162,12 @@ async def test_an_admin_registers_lists_rotates_and_deletes_an_endpoint(
         ({"url": "https://0.0.0.0/hooks", "events": ALL_EVENTS}, "unspecified"),
         ({"url": "https://[::ffff:127.0.0.1]/hooks", "events": ALL_EVENTS}, "this machine"),
         ({"url": "https://localhost/hooks", "events": ALL_EVENTS}, "this machine"),
+        # This machine behind a NAT64 or 6to4 prefix (found in review).
+        ({"url": "https://[64:ff9b::7f00:1]/hooks", "events": ALL_EVENTS}, "this machine"),
+        ({"url": "https://[2002:7f00:1::]/hooks", "events": ALL_EVENTS}, "this machine"),
+        # Host names no resolver takes (found in review: aiohttp raised at the send).
+        ({"url": "https://a..b/hooks", "events": ALL_EVENTS}, "host name"),
+        ({"url": f"https://{'x' * 64}.example.org/", "events": ALL_EVENTS}, "host name"),
         ({"url": "https://user:pw@example.org/", "events": ALL_EVENTS}, "user name or password"),
         ({"url": "https://example.org:99999/", "events": ALL_EVENTS}, "cannot be read"),
         ({"url": "https://example.org/#x", "events": ALL_EVENTS}, "fragment"),
@@ -651,3 +658,75 @@ async def test_an_unknown_payload_is_refused_naming_it(harness: Harness) -> None
     )
     assert answer.status == 422
     assert "payload" in (await answer.json())["error"]["message"]
+
+
+async def test_a_send_that_breaks_unexpectedly_is_an_attempt_and_stops_no_other_delivery(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # Found in review: an exception other than a client error (an endpoint's
+    # host name that aiohttp cannot encode) escaped the send, left the
+    # delivery pending for good and ended the round for every organisation.
+    admin = await admin_of(harness)
+    broken = await register(harness, receiver.url, ["consult.started"])
+    working = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = working["secret"]
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update()
+            .where(webhook_endpoints.c.id == uuid.UUID(broken["endpoint"]["id"]))
+            .values(url="https://a..b/hooks")  # as if registered before the check
+        )
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 2
+    assert len(receiver.received) == 1  # the working endpoint got its message
+    await harness.logged_in(admin)
+    (attempt,) = await deliveries(harness, broken["endpoint"]["id"])
+    assert attempt["status"] == "pending"
+    assert attempt["attempts"] == 1
+    assert attempt["last_error"] == "the message could not be sent (UnicodeError)"
+    # Past the retries' deadline it fails for good, as any delivery does.
+    harness.clock.advance(25 * 3600)
+    assert await deliver_due(harness.app) == 1
+    await harness.logged_in(admin)
+    (failed,) = await deliveries(harness, broken["endpoint"]["id"])
+    assert failed["status"] == "failed"
+
+
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_retry_base_s="30",
+)
+async def test_the_retention_purge_takes_the_webhook_history_of_what_it_purges(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # Found in review: the deliveries' history named a purged consult with
+    # its start and end times for webhooks.history_days (30) after the
+    # organisation's retention (here 1 day) had destroyed its record.
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url)
+    receiver.secret = created["secret"]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=harness.clock.now()
+        )
+        await mark_started(conn, consult.id, now=harness.clock.now())
+        await mark_ended(conn, consult.id, now=harness.clock.now(), end_reason="both_left")
+    recording_id = await stored_recording(harness, str(consult.id), b"\x1a\x45\xdf\xa3 media")
+    assert await deliver_due(harness.app) == 3
+    harness.clock.advance(2 * 86400)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        report = await purge(conn, now=harness.clock.now(), defaults=Retention(1, 1, 365))
+    assert (report.consults, report.recordings) == (1, 1)
+    async with harness.app[DB_ENGINE].connect() as conn:
+        left = (
+            await conn.execute(sa.select(webhook_events.c.type, webhook_events.c.subject_id))
+        ).all()
+    # Only the news that the recording is gone is left, to be sent.
+    assert [(row.type, row.subject_id) for row in left] == [("recording.deleted", recording_id)]
+    await harness.logged_in(admin)
+    subjects = {
+        entry["subject_id"] for entry in await deliveries(harness, created["endpoint"]["id"])
+    }
+    assert subjects == {str(recording_id)}

@@ -17,11 +17,10 @@ from aiohttp import web
 from audit.accounts import Role
 from audit.billing import (
     as_csv,
+    as_json,
     month_bounds,
     month_of_consults,
     parse_month,
-    row_of,
-    totals,
 )
 from server.api.access_records import record_in
 from server.api.errors import Unprocessable
@@ -86,14 +85,16 @@ async def billing_export(request: web.Request) -> web.Response:
                 "Cache-Control": "no-store",
             },
         )
-    return web.json_response(
-        {
-            "organisation_id": str(organisation_id),
-            "month": month,
-            "time_zone": zone_name,
-            "exported_at": iso(now),
-            "therapists": totals(entries),
-            "consults": [row_of(entry, zone) for entry in entries],
-        },
+    document = {
+        "organisation_id": str(organisation_id),
+        "month": month,
+        "time_zone": zone_name,
+        "exported_at": iso(now),
+    }
+    # Found in review: a month of a big practice took 33 ms (2,000 consults)
+    # to 333 ms (20,000) to put into JSON: in a thread, as the CSV is.
+    return web.Response(
+        body=await asyncio.to_thread(as_json, document, entries, zone),
+        content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
