@@ -433,6 +433,9 @@ webhook_endpoints = sa.Table(
     sa.Column("previous_expires_at", UtcDateTime(), nullable=True),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("secret_rotated_at", UtcDateTime(), nullable=True),
+    # What consult events are sent as: "standard" (Standard Webhooks' JSON) or
+    # "fhir" (a FHIR R4 Encounter, audit/fhir.py).
+    sa.Column("payload", sa.String(16), nullable=False, server_default="standard"),
 )
 
 # The transactional outbox (audit/outbox.py): an event, written in the same

@@ -151,6 +151,15 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
+class Payload(enum.StrEnum):
+    """What an endpoint is sent for consult events (recording events are always STANDARD)."""
+
+    # Standard Webhooks' body: {"type", "timestamp", "data"}.
+    STANDARD = "standard"
+    # consult.started and consult.ended as a FHIR R4 Encounter (audit/fhir.py).
+    FHIR = "fhir"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     id: uuid.UUID
@@ -163,6 +172,7 @@ class Endpoint:
     previous_expires_at: datetime | None
     secret_sealed: bytes = field(repr=False)
     previous_secret_sealed: bytes | None = field(repr=False)
+    payload: Payload = Payload.STANDARD
 
     def secrets(self, master_key: bytes, *, now: datetime) -> list[str]:
         """The secrets that sign a message sent now: the current one first."""
@@ -191,6 +201,7 @@ def _endpoint(row: sa.Row[tuple[object, ...]]) -> Endpoint:
         previous_expires_at=m["previous_expires_at"],
         secret_sealed=m["secret_sealed"],
         previous_secret_sealed=m["previous_secret_sealed"],
+        payload=Payload(m["payload"]),
     )
 
 
@@ -202,6 +213,7 @@ async def add_endpoint(
     url: str,
     events: tuple[EventType, ...],
     now: datetime,
+    payload: Payload = Payload.STANDARD,
 ) -> tuple[Endpoint, str]:
     """Register an endpoint; return it and its secret (shown once, kept sealed).
 
@@ -223,6 +235,7 @@ async def add_endpoint(
             organisation_id=organisation_id,
             url=url,
             events=[kind.value for kind in events],
+            payload=payload.value,
             secret_sealed=seal(
                 master_key, SECRET_PURPOSE, secret.encode(), bound_to=str(endpoint_id)
             ),

@@ -38,9 +38,10 @@ from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
 from audit.clock import SystemClock
+from audit.fhir import encounter_of
 from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
 from audit.support import TherapistPseudonyms
-from audit.webhooks import Endpoint, endpoints_by_id, may_receive
+from audit.webhooks import Endpoint, EventType, Payload, endpoints_by_id, may_receive
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEBHOOK_HTTP
 
 _log = structlog.get_logger("videoconsult.webhooks")
@@ -125,6 +126,20 @@ async def deliver_due(app: web.Application) -> int:
     return tried
 
 
+# The events a FHIR endpoint is sent as an Encounter; the others go as Standard Webhooks' JSON.
+FHIR_EVENTS = frozenset({EventType.CONSULT_STARTED, EventType.CONSULT_ENDED})
+
+
+def message_body(due: DueDelivery, therapist: str | None, payload: Payload) -> tuple[bytes, str]:
+    """What is sent for ``due``, and its content type: Standard Webhooks' JSON,
+    or for an endpoint that takes FHIR a consult event as an Encounter (signed
+    the same way: the signature covers whatever body is sent)."""
+    if payload is Payload.FHIR and due.event_type in FHIR_EVENTS:
+        encounter = encounter_of({**due.data, "therapist": therapist})
+        return json.dumps(encounter, separators=(",", ":")).encode(), "application/fhir+json"
+    return json.dumps(due.message(therapist), separators=(",", ":")).encode(), "application/json"
+
+
 def signed_headers(
     due: DueDelivery, secrets: list[str], body: bytes, *, at: float
 ) -> dict[str, str]:
@@ -148,12 +163,13 @@ async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -
     now = app[CLOCK].now()
     master_key = app[MASTER_KEY].key
     therapist = TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
-    body = json.dumps(due.message(therapist), separators=(",", ":")).encode()
+    body, content_type = message_body(due, therapist, endpoint.payload)
     # The signature's timestamp is the wall clock's: the receiver compares it
     # with its own to refuse replays (5 minutes apart at most), whatever
     # clock schedules the attempts.
     sent_at = SystemClock().now().timestamp()
     headers = signed_headers(due, endpoint.secrets(master_key, now=now), body, at=sent_at)
+    headers["Content-Type"] = content_type
     status_code: int | None = None
     error: str | None = None
     try:

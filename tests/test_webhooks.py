@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
+from fhir.resources.R4B.encounter import Encounter
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -594,3 +595,59 @@ async def test_a_host_name_that_resolves_to_this_machine_is_not_sent_to(
     assert refused["last_error"] == "the host name resolves to no address a webhook may go to"
     assert receiver.received == []
     assert receiver.refused == []
+
+
+async def test_an_endpoint_that_takes_fhir_gets_consult_events_as_an_encounter(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    answer = await harness.post(
+        "/api/admin/webhooks", {"url": receiver.url, "events": ALL_EVENTS, "payload": "fhir"}
+    )
+    assert answer.status == 201, await answer.text()
+    created = await answer.json()
+    assert created["endpoint"]["payload"] == "fhir"
+    receiver.secret = created["secret"]
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=harness.clock.now()
+        )
+        await mark_started(conn, consult.id, now=harness.clock.now())
+    harness.clock.advance(20 * 60)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_ended(conn, consult.id, now=harness.clock.now(), end_reason="both_left")
+    recording_id = await stored_recording(harness, str(consult.id), b"\x1a\x45\xdf\xa3 media")
+
+    assert await deliver_due(harness.app) == 3
+    assert receiver.refused == []  # signed as every message is
+    by_type = {entry.headers["Content-Type"]: entry for entry in receiver.received}
+    encounters = [
+        Encounter.model_validate(entry.message)
+        for entry in receiver.received
+        if entry.headers["Content-Type"] == "application/fhir+json"
+    ]
+    assert [encounter.status for encounter in encounters] == ["in-progress", "finished"]
+    finished = encounters[1].model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert finished["id"] == str(consult.id)
+    assert finished["class"]["code"] == "VR"
+    assert finished["length"]["value"] == 20 * 60
+    assert "subject" not in finished  # nothing about the patient
+    pseudonym = TherapistPseudonyms(harness.app[MASTER_KEY].key).of(therapist.account_id)
+    assert finished["participant"][0]["individual"]["identifier"]["value"] == pseudonym
+    # A recording's event has no Encounter: it goes as Standard Webhooks' JSON.
+    standard = by_type["application/json"].message
+    assert (standard["type"], standard["data"]["recording_id"]) == (
+        "recording.available",
+        str(recording_id),
+    )
+
+
+async def test_an_unknown_payload_is_refused_naming_it(harness: Harness) -> None:
+    await admin_of(harness)
+    answer = await harness.post(
+        "/api/admin/webhooks",
+        {"url": "https://93.184.216.34/hooks", "events": ["consult.ended"], "payload": "hl7v2"},
+    )
+    assert answer.status == 422
+    assert "payload" in (await answer.json())["error"]["message"]

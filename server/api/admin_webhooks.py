@@ -5,7 +5,7 @@ failures, rotate a secret, delete one. Every call is in the access log."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import Field
@@ -19,6 +19,7 @@ from audit.webhooks import (
     MAX_URL_CHARS,
     Endpoint,
     EventType,
+    Payload,
     add_endpoint,
     check_url,
     delete_endpoint,
@@ -45,6 +46,8 @@ OBJECT_TYPE = "webhook_endpoint"
 class NewEndpointBody(RequestBody):
     url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
     events: list[str] = Field(min_length=1, max_length=len(EventType))
+    # consult.started and consult.ended as a FHIR R4 Encounter ("fhir"), or not.
+    payload: Literal["standard", "fhir"] = "standard"
 
 
 def endpoint_json(endpoint: Endpoint, counts: dict[str, int] | None = None) -> dict[str, Any]:
@@ -53,6 +56,7 @@ def endpoint_json(endpoint: Endpoint, counts: dict[str, int] | None = None) -> d
         "id": str(endpoint.id),
         "url": endpoint.url,
         "events": [kind.value for kind in endpoint.events],
+        "payload": endpoint.payload.value,
         "created_at": iso(endpoint.created_at),
         "secret_rotated_at": iso(endpoint.secret_rotated_at),
         "previous_secret_expires_at": iso(endpoint.previous_expires_at),
@@ -150,6 +154,7 @@ async def endpoint_create(request: web.Request) -> web.Response:
             url=url,
             events=events,
             now=request.app[CLOCK].now(),
+            payload=Payload(body.payload),
         )
         await _record(conn, request, principal, "webhook.create", endpoint.id)
     return web.json_response({"endpoint": endpoint_json(endpoint), "secret": secret}, status=201)
