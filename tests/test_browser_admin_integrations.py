@@ -125,9 +125,12 @@ async def a_consult(
     return str(consult.id)
 
 
-async def register(page: Page, url: str, *, only: list[str] | None = None) -> str:
+async def register(
+    page: Page, url: str, *, only: list[str] | None = None, payload: str = "standard"
+) -> str:
     """Register ``url`` in the form; return the secret shown."""
     await page.fill("#webhook-url", url)
+    await page.select_option("#webhook-payload", payload)
     if only is not None:
         for box in await page.locator("#webhook-events input").all():
             await box.set_checked(await box.get_attribute("value") in only)
@@ -178,10 +181,19 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     await expect(listed).not_to_contain_text("Recording destroyed")
     await expect(listed).to_contain_text("0 waiting, 0 delivered, 0 failed")
 
-    # A second endpoint where nobody listens: its failures show.
+    await expect(listed).to_contain_text("Form: Standard (JSON, every event)")
+
+    # A second endpoint, taking FHIR, where nobody listens: its failures show.
     dead_url = f"http://127.0.0.1:{receiver.port}/nobody-here"
-    await register(page, dead_url, only=["consult.ended"])
+    await register(page, dead_url, only=["consult.ended"], payload="fhir")
     await page.click("#close-secret")
+    await expect(endpoint(page, dead_url)).to_contain_text("Form: FHIR R4 Encounter")
+    await expect(page.locator("#webhook-payload")).to_have_value("standard")
+    async with harness.app[DB_ENGINE].connect() as conn:
+        stored = await conn.execute(
+            sa.select(webhook_endpoints.c.payload).where(webhook_endpoints.c.url == dead_url)
+        )
+        assert stored.scalar_one() == "fhir"
 
     # A consult ends; the job sends; the deliveries show how it went.
     consult_id = await a_consult(harness, carla, ago(harness, 25), minutes=25)
@@ -245,6 +257,7 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     await expect(page.locator("#webhooks-heading")).to_have_text("Webhooks")
     await expect(page.locator("#webhook-error")).to_contain_text("Laat gebruikersnaam")
     await expect(listed).to_contain_text("Consult begonnen")
+    await expect(endpoint(page, dead_url)).to_contain_text("Vorm: FHIR R4 Encounter")
     await expect(rows.first).to_contain_text("Wachtend; volgende poging")
     await screenshot(page, "webhooks-dutch")
     await assert_accessible(page, "Dutch")
@@ -257,7 +270,9 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     await expect(page.locator("#deliveries-box")).to_be_hidden()
     await expect(page.locator("#endpoint-list li")).to_have_count(1)
     async with harness.app[DB_ENGINE].connect() as conn:
-        urls = (await conn.execute(sa.select(webhook_endpoints.c.url))).scalars().all()
+        kept = (
+            await conn.execute(sa.select(webhook_endpoints.c.url, webhook_endpoints.c.payload))
+        ).all()
         logged = set(
             (
                 await conn.execute(
@@ -265,7 +280,7 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
                 )
             ).scalars()
         )
-    assert urls == [receiver.url]
+    assert [tuple(row) for row in kept] == [(receiver.url, "standard")]
     assert {
         "webhook.list",
         "webhook.create",

@@ -15,6 +15,11 @@ const STATUS_KEYS = {
   delivered: "admin.webhooks.status.delivered",
   failed: "admin.webhooks.status.failed",
 };
+// The forms of a message an endpoint may take, and their words.
+const PAYLOAD_KEYS = {
+  standard: "admin.webhooks.payload.standard",
+  fhir: "admin.webhooks.payload.fhir",
+};
 // The API names a bad URL in English; these are the refusals an admin can fix.
 const URL_PROBLEMS = [
   [/must use https|must start with https|allowed to 127\.0\.0\.1 only/, "admin.webhooks.error.https"],
@@ -77,6 +82,8 @@ function renderEndpoints() {
     url.textContent = endpoint.url;
     item.append(url);
     item.append(paragraph(t("admin.webhooks.events", { events: endpoint.events.map(eventText).join("; ") }), "note"));
+    const payload = t(PAYLOAD_KEYS[endpoint.payload] || "", {}, endpoint.payload);
+    item.append(paragraph(t("admin.webhooks.format", { payload }), "note"));
     const counts = paragraph(t("admin.webhooks.counts", endpoint.deliveries), "endpoint-counts");
     counts.classList.toggle("has-failures", endpoint.deliveries.failed > 0);
     item.append(counts);
@@ -139,8 +146,10 @@ async function register(event) {
   if (events.length === 0) return say($("webhook-error"), "admin.webhooks.missingEvents");
   $("webhook-register").disabled = true;
   try {
-    const created = await api(PATH, { method: "POST", body: { url, events } });
+    const body = { url, events, payload: $("webhook-payload").value };
+    const created = await api(PATH, { method: "POST", body });
     $("webhook-url").value = "";
+    $("webhook-payload").value = "standard";
     for (const input of $("webhook-events").querySelectorAll("input")) input.checked = true;
     showSecret(created, false);
     await loadEndpoints();
@@ -297,6 +306,13 @@ function closeDeliveries() {
   $("delivery-rows").replaceChildren();
 }
 
+function fillPayloadSelect() {
+  const select = $("webhook-payload");
+  const chosen = select.value || "standard";
+  select.replaceChildren(...Object.entries(PAYLOAD_KEYS).map(([payload, key]) => option(payload, t(key))));
+  select.value = chosen;
+}
+
 function fillStatusSelect() {
   const select = $("delivery-status");
   const chosen = select.value;
@@ -310,6 +326,7 @@ function fillStatusSelect() {
 // Shown again in the page's (new) language.
 export function renderWebhooks() {
   fillStatusSelect();
+  fillPayloadSelect();
   renderEndpoints();
   renderEventChoices();
   renderSecret();
@@ -318,6 +335,7 @@ export function renderWebhooks() {
 
 export function wireWebhooks() {
   fillStatusSelect();
+  fillPayloadSelect();
   $("webhook-form").addEventListener("submit", register);
   $("copy-secret").addEventListener("click", copySecret);
   $("close-secret").addEventListener("click", closeSecret);
