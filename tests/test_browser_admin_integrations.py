@@ -50,15 +50,23 @@ pytestmark = pytest.mark.browser
 # of an http address to another host.
 EXPECTED_HTTP_ERRORS = [r"status of 401 .*/api/session", r"status of 422 .*/api/admin/webhooks"]
 ZONE = "Europe/Amsterdam"  # new_context's time zone
+RETRY_FOR_S = 60  # how long a delivery is tried: the shortest the settings allow
 
 
 @pytest.fixture
 def sqlite_settings(
     make_settings: SettingsFactory, sqlite_template: Path, data_dir: Path
 ) -> Settings:
-    """The live harness's settings, allowing http to 127.0.0.1 for the receiver."""
+    """The live harness's settings: http to 127.0.0.1 for the receiver, retries
+    that run out in a minute. (conftest's ``sqlite_settings`` does not read the
+    ``settings`` marker.)"""
     copy_sqlite_template(sqlite_template, data_dir)
-    return make_settings(webhooks_allow_http_loopback="true", webhooks_poll_interval_s="3600")
+    return make_settings(
+        webhooks_allow_http_loopback="true",
+        webhooks_poll_interval_s="3600",
+        webhooks_retry_base_s="30",
+        webhooks_retry_for_s=str(RETRY_FOR_S),
+    )
 
 
 @pytest.fixture
@@ -177,6 +185,8 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     assert secret not in await page.content()
     receiver.secret = secret
     listed = endpoint(page, receiver.url)
+    # The keyboard goes on from the endpoint the secret was for.
+    await expect(listed.get_by_role("button", name="Deliveries to")).to_be_focused()
     await expect(listed).to_contain_text("Consult started")
     await expect(listed).not_to_contain_text("Recording destroyed")
     await expect(listed).to_contain_text("0 waiting, 0 delivered, 0 failed")
@@ -228,6 +238,18 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     await page.select_option("#delivery-status", "pending")
     await expect(rows).to_have_count(1)
     await assert_accessible(page, "a failing endpoint")
+    # Its retries run out (a minute here): failed, and the counts say so.
+    harness.clock.advance(RETRY_FOR_S + 1)
+    assert await deliver_due(harness.app) == 1
+    await page.click("#refresh-deliveries")
+    await expect(rows).to_have_count(0)
+    await page.select_option("#delivery-status", "failed")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first.locator("td").nth(3)).to_have_text("2")
+    await expect(rows.first.locator("td").nth(5)).to_have_text("Failed")
+    await expect(dead.locator(".endpoint-counts")).to_have_text("0 waiting, 0 delivered, 1 failed")
+    await expect(dead.locator(".endpoint-counts")).to_have_class("endpoint-counts has-failures")
+    await assert_accessible(page, "a failed delivery")
 
     # Rotate: the new secret once, the old one signing for a day; the
     # receiver, switched to the new secret, verifies the next message.
@@ -258,7 +280,7 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
     await expect(page.locator("#webhook-error")).to_contain_text("Laat gebruikersnaam")
     await expect(listed).to_contain_text("Consult begonnen")
     await expect(endpoint(page, dead_url)).to_contain_text("Vorm: FHIR R4 Encounter")
-    await expect(rows.first).to_contain_text("Wachtend; volgende poging")
+    await expect(rows.first).to_contain_text("Mislukt")
     await screenshot(page, "webhooks-dutch")
     await assert_accessible(page, "Dutch")
     await page.select_option("#language", "en")

@@ -184,11 +184,19 @@ function renderSecret() {
   }
 }
 
+// Keyboard focus back on the endpoint's first button, once a box about it closes.
+function focusEndpoint(endpointId) {
+  const first = $("endpoint-list").querySelector(`li[data-endpoint="${endpointId}"] button`);
+  if (first) first.focus();
+}
+
 function closeSecret() {
   // Gone from the page too: the secret is shown once.
+  const endpointId = shownSecret && shownSecret.endpoint.id;
   shownSecret = null;
   $("secret-value").value = "";
   $("secret-box").hidden = true;
+  focusEndpoint(endpointId);
 }
 
 function copySecret() {
@@ -301,9 +309,11 @@ function renderDeliveries() {
 }
 
 function closeDeliveries() {
+  const endpointId = opened && opened.endpoint.id;
   opened = null;
   $("deliveries-box").hidden = true;
   $("delivery-rows").replaceChildren();
+  focusEndpoint(endpointId);
 }
 
 function fillPayloadSelect() {
