@@ -1,7 +1,8 @@
 // The admin console at /admin: the practice's accounts (create with a one-time
 // enrolment link and its QR code, disable and enable, reset the authenticator
 // app, change the role, erase), its retention with a dry run of the next purge,
-// its own settings, and the access log (filters, pages, export, verification).
+// its own settings, its webhooks (admin_webhooks.js), the billing export
+// (admin_billing.js) and the access log (filters, pages, export, verification).
 // Every rule (the last admin, the four eyes on resets) is the API's; this page
 // only says plainly what the API answered.
 import { say, setupLanguage, t, translatePage } from "./i18n.js";
@@ -9,6 +10,9 @@ import "./i18n_admin.js";
 import {
   $,
   api,
+  button,
+  confirmAction,
+  copyShown,
   dayText,
   momentText,
   option,
@@ -16,7 +20,9 @@ import {
   sessionTouched,
   stopIdleTimer,
 } from "./admin_api.js";
+import { renderBilling, useBillingAccounts, wireBilling } from "./admin_billing.js";
 import { renderAccessLog, startAccessLog, useAccounts, wireAccessLog } from "./admin_log.js";
+import { renderWebhooks, startWebhooks, wireWebhooks } from "./admin_webhooks.js";
 import { showWayHome } from "./roles.js";
 import { openSession, wireLogout } from "./session.js";
 import { showSection } from "./ui.js";
@@ -40,46 +46,6 @@ function hoursText(seconds) {
   return t(hours === 1 ? "admin.practice.hour" : "admin.practice.hours", { hours });
 }
 
-function button(key, onClick, { danger = false, label = "" } = {}) {
-  const element = document.createElement("button");
-  element.type = "button";
-  element.className = danger ? "small danger" : "small secondary";
-  element.textContent = t(key);
-  if (label) element.setAttribute("aria-label", label);
-  element.addEventListener("click", onClick);
-  return element;
-}
-// --- a confirmation that says what happens ------------------------------------------
-
-function confirmAction({ title, text, items = [], yes }) {
-  const dialog = $("confirm");
-  $("confirm-title").textContent = title;
-  $("confirm-text").textContent = text;
-  $("confirm-list").replaceChildren(
-    ...items.map((item) => {
-      const li = document.createElement("li");
-      li.textContent = item;
-      return li;
-    }),
-  );
-  $("confirm-list").hidden = items.length === 0;
-  $("confirm-yes").textContent = yes;
-  return new Promise((resolve) => {
-    const done = (answer) => {
-      $("confirm-yes").onclick = null;
-      $("confirm-no").onclick = null;
-      dialog.onclose = null;
-      if (dialog.open) dialog.close();
-      resolve(answer);
-    };
-    $("confirm-yes").onclick = () => done(true);
-    $("confirm-no").onclick = () => done(false);
-    dialog.onclose = () => done(false);
-    dialog.showModal();
-    $("confirm-no").focus();
-  });
-}
-
 // --- accounts ----------------------------------------------------------------------------
 
 async function loadAccounts() {
@@ -92,6 +58,7 @@ async function loadAccounts() {
   }
   renderAccounts();
   useAccounts(accounts);
+  useBillingAccounts(accounts);
 }
 
 function cell(row, label, text = "") {
@@ -203,16 +170,11 @@ function closeLink() {
   $("link-box").hidden = true;
 }
 
-async function copyLink() {
-  const url = $("link-url").value;
-  try {
-    await navigator.clipboard.writeText(url);
-  } catch {
-    $("link-url").select(); // the clipboard refused: leave it selected for Ctrl+C
-    say($("copy-status"), "admin.link.copyByHand");
-    return;
-  }
-  say($("copy-status"), "admin.link.copied");
+function copyLink() {
+  return copyShown($("link-url"), $("copy-status"), {
+    copied: "admin.link.copied",
+    byHand: "admin.link.copyByHand",
+  });
 }
 
 async function change(account, what) {
@@ -441,6 +403,8 @@ function wire() {
   $("retention-form").addEventListener("submit", saveRetention);
   $("retention-preview").addEventListener("click", previewRetention);
   $("practice-form").addEventListener("submit", savePractice);
+  wireWebhooks();
+  wireBilling();
   wireAccessLog();
   wireLogout(stopIdleTimer);
 }
@@ -458,7 +422,7 @@ async function start() {
   fillRoleSelect();
   showSection("view");
   await loadAccounts();
-  await Promise.all([loadRetention(), loadPractice(), startAccessLog()]);
+  await Promise.all([loadRetention(), loadPractice(), startWebhooks(), startAccessLog()]);
 }
 
 setupLanguage($("language"), () => {
@@ -468,6 +432,8 @@ setupLanguage($("language"), () => {
   renderLink();
   renderRetention();
   renderPractice();
+  renderWebhooks();
+  renderBilling();
   renderAccessLog();
 });
 translatePage();

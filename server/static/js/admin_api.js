@@ -1,6 +1,7 @@
 // What the admin console's modules share: the API call (session.js) with its
-// errors said in the page's language, and dates in the browser's locale.
-import { locale, say } from "./i18n.js";
+// errors said in the page's language, dates in the browser's locale, small
+// buttons, the confirmation dialog and copying a shown-once value.
+import { locale, say, t } from "./i18n.js";
 
 export { api, sessionTouched, stopIdleTimer } from "./session.js";
 
@@ -39,4 +40,68 @@ export function option(value, text) {
   element.value = value;
   element.textContent = text;
   return element;
+}
+
+// A <select> of accounts (by address) after a first choice "anyone"; what was
+// chosen stays chosen while that account is still there.
+export function fillAccountSelect(select, accounts, anyoneText) {
+  const chosen = select.value;
+  select.replaceChildren(option("", anyoneText));
+  for (const account of accounts) select.append(option(account.id, account.email));
+  select.value = accounts.some((account) => account.id === chosen) ? chosen : "";
+}
+
+export function button(key, onClick, { danger = false, label = "" } = {}) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = danger ? "small danger" : "small secondary";
+  element.textContent = t(key);
+  if (label) element.setAttribute("aria-label", label);
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+// --- a confirmation that says what happens ------------------------------------------
+
+export function confirmAction({ title, text, items = [], yes }) {
+  const dialog = $("confirm");
+  $("confirm-title").textContent = title;
+  $("confirm-text").textContent = text;
+  $("confirm-list").replaceChildren(
+    ...items.map((item) => {
+      const li = document.createElement("li");
+      li.textContent = item;
+      return li;
+    }),
+  );
+  $("confirm-list").hidden = items.length === 0;
+  $("confirm-yes").textContent = yes;
+  return new Promise((resolve) => {
+    const done = (answer) => {
+      $("confirm-yes").onclick = null;
+      $("confirm-no").onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(answer);
+    };
+    $("confirm-yes").onclick = () => done(true);
+    $("confirm-no").onclick = () => done(false);
+    dialog.onclose = () => done(false);
+    dialog.showModal();
+    $("confirm-no").focus();
+  });
+}
+
+// Copy what ``input`` shows (a link or a secret shown once) to the clipboard
+// and say so in ``status``; when the browser refuses, leave it selected for
+// Ctrl+C and say that instead.
+export async function copyShown(input, status, { copied, byHand }) {
+  try {
+    await navigator.clipboard.writeText(input.value);
+  } catch {
+    input.select();
+    say(status, byHand);
+    return;
+  }
+  say(status, copied);
 }

@@ -2,7 +2,7 @@
 // pages newest first, CSV and JSON export, and the chain's verification said
 // plainly.
 import { say, t } from "./i18n.js";
-import { $, api, momentText, option, showProblem } from "./admin_api.js";
+import { $, api, fillAccountSelect, momentText, option, showProblem } from "./admin_api.js";
 
 const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 // Actions an admin most often looks for; the filter takes any action, or its first part.
@@ -24,11 +24,7 @@ export function useAccounts(list) {
 }
 
 function fillActorSelect() {
-  const select = $("log-actor");
-  const chosen = select.value;
-  select.replaceChildren(option("", t("admin.log.anyone")));
-  for (const account of accounts) select.append(option(account.id, account.email));
-  select.value = accounts.some((account) => account.id === chosen) ? chosen : "";
+  fillAccountSelect($("log-actor"), accounts, t("admin.log.anyone"));
 }
 
 function filtersFromForm() {
