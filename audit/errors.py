@@ -8,8 +8,10 @@
      │    ├── MigrationFailed       a schema migration failed; nothing was applied
      │    └── SchemaOutOfDate       the schema is older than the code and may not be migrated
      ├── NotFound              no such record (or not in the asker's organisation)
-     │    └── InviteInvalid         an invite link cannot be used; says why (audit.consults)
+     │    ├── InviteInvalid         an invite link cannot be used; says why (audit.consults)
+     │    └── ReceiptUnknown        a receipt link is unknown, or its consult gone (audit.receipts)
      ├── Conflict              the change breaks a storage rule (e-mail taken, last admin)
+     │    └── ConsultNotStarted     a receipt asked for before the consult started (audit.receipts)
      ├── InvalidValue          a value is not acceptable (e.g. a malformed e-mail address)
      ├── SealError             a sealed secret does not open (audit.sealing)
      └── StoreError            an encrypted file does not open (audit.filestore)

@@ -97,11 +97,13 @@ def collect_leaked_asyncpg_connections() -> int:
         if "unclosed connection <asyncpg.connection.Connection" in text:
             leaked += 1
             return
-        # The leaked connection's own socket and transport, reported with it.
-        if leaked and (
-            text.startswith("unclosed transport <_SelectorSocketTransport")
-            or (text.startswith("unclosed <socket.socket") and "5432)>" in text)
-        ):
+        # The leaked connection's own socket (to PostgreSQL's port) and its
+        # transport, reported with it or (the connection object collected
+        # earlier) alone.
+        if text.startswith("unclosed <socket.socket") and "5432)>" in text:
+            leaked += 1
+            return
+        if leaked and text.startswith("unclosed transport <_SelectorSocketTransport"):
             return
         original(unraisable)
 
@@ -136,6 +138,7 @@ async def migrated_postgres_url(postgres_copies: PostgresCopies) -> AsyncIterato
     the session's template); dropped afterwards."""
     url = await postgres_copies.take()
     yield url
+    collect_leaked_asyncpg_connections()
     postgres_copies.drop(url)
 
 

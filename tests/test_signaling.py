@@ -630,10 +630,10 @@ async def test_a_socket_that_fails_still_leaves_the_room(
     rooms = harness.app[ROOMS]
     real_handle = rooms.handle
 
-    async def broken(participant: Any, message: Any) -> Any:
+    async def broken(participant: Any, message: Any, **options: Any) -> Any:
         if participant.role.value == "patient":
             raise ConnectionResetError("the write failed")
-        return await real_handle(participant, message)
+        return await real_handle(participant, message, **options)
 
     monkeypatch.setattr(rooms, "handle", broken)
     await patient.send_json({"v": 1, "type": "ping"})
