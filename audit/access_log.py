@@ -221,17 +221,26 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
     await append_records(conn, [record])
 
 
-async def append_records(conn: AsyncConnection, records: Sequence[AccessRecord]) -> None:
+class ChainBusy(Exception):
+    """A chain's lock is held by another transaction (``append_records(wait=False)``)."""
+
+
+async def append_records(
+    conn: AsyncConnection, records: Sequence[AccessRecord], *, wait: bool = True
+) -> None:
     """Append records in their order, each to its chain, in the caller's transaction.
 
     The chains' locks are taken in one order (sorted by name) on every node,
-    so that two batches of several chains never deadlock.
+    so that two batches of several chains never deadlock. With ``wait``
+    false, a chain whose lock another transaction holds raises
+    :class:`ChainBusy` at once (PostgreSQL; on SQLite there is one writer,
+    and its lock is waited for as always).
     """
     by_chain: dict[str, list[AccessRecord]] = {}
     for record in records:
         by_chain.setdefault(chain_of(record.organisation_id), []).append(record)
     rows: list[dict[str, object]] = []
-    heads = await _chain_heads(conn, sorted(by_chain))
+    heads = await _chain_heads(conn, sorted(by_chain), wait=wait)
     for chain in sorted(by_chain):
         seq, prev_hash = heads[chain]
         for record in by_chain[chain]:
@@ -258,12 +267,22 @@ async def append_records(conn: AsyncConnection, records: Sequence[AccessRecord])
         await conn.execute(access_log.insert(), rows)
 
 
-async def _chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[int, str]]:
+async def _chain_heads(
+    conn: AsyncConnection, names: list[str], *, wait: bool = True
+) -> dict[str, tuple[int, str]]:
     """Lock the chains (in this order) and return where each continues: its
     next seq and the hash it chains to. Two statements for any number of
     chains: a batch of records of many organisations costs no more round
     trips than one."""
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql" and not wait:
+        got = (
+            await conn.execute(
+                sa.select(*(sa.func.pg_try_advisory_xact_lock(_lock_key(name)) for name in names))
+            )
+        ).one()
+        if not all(got):
+            raise ChainBusy("an access-log chain is locked by another transaction")
+    elif conn.dialect.name == "postgresql":
         # The select list is evaluated left to right: the locks in this order.
         await conn.execute(
             sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))

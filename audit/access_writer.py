@@ -17,7 +17,9 @@ whose lock another transaction holds (the retention purge keeps each chain
 it touched locked until it commits) stalls the reads of its own
 organisation only, never another's. At most ``max_concurrent`` chains'
 transactions are open at once, so that the writer never takes more of the
-pool than that. On SQLite, whose one writer every transaction waits for
+pool than that; a batch tries its chain's lock and, held, gives its slot
+back and tries again a moment later (5 ms, doubling to 200 ms), so that held
+chains never hold the slots other chains need. On SQLite, whose one writer every transaction waits for
 anyway, one queue takes every chain's records, as one transaction.
 
 Records that must commit with a change (no change without its record) are
@@ -37,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.access_log import (
     AccessRecord,
     Actor,
+    ChainBusy,
     Outcome,
     access_record,
     append_records,
@@ -51,6 +54,10 @@ from audit.errors import AccessLogNotWritten
 MAX_BATCH = 256
 # Chains written at once: each holds a pooled connection while it writes.
 MAX_CONCURRENT = 4
+# How long a batch whose chain is held waits before it tries again, doubling
+# up to the most.
+BUSY_PAUSE_S = 0.005
+MAX_BUSY_PAUSE_S = 0.2
 
 _Queued = list[tuple[AccessRecord, "asyncio.Future[None]"]]
 
@@ -131,21 +138,38 @@ class AccessLogWriter:
         # While one batch commits, the next queues up: the batch size follows
         # the load by itself, with no timer to wait for.
         queue = self._queues[chain]
+        pause_s = BUSY_PAUSE_S
         try:
             while queue:
                 async with self._slots:
                     batch = queue[: self._max_batch]
                     del queue[: self._max_batch]
-                    await self._write(batch)
+                    busy = await self._write(batch)
+                    if busy:  # back to the front, in order, for the next try
+                        queue[0:0] = batch
+                if busy:
+                    # The chain is held (the retention purge, till it commits):
+                    # wait without a slot, so other chains go on meanwhile.
+                    await asyncio.sleep(pause_s)
+                    pause_s = min(2 * pause_s, MAX_BUSY_PAUSE_S)
+                else:
+                    pause_s = BUSY_PAUSE_S
         finally:
             # Stopped (cancelled) with records still queued: their callers hear of it.
             self._fail(queue, AccessLogNotWritten("the access log writer was stopped"))
             del self._queues[chain], self._tasks[chain]
 
-    async def _write(self, batch: _Queued) -> None:
+    async def _write(self, batch: _Queued) -> bool:
+        """Write ``batch``; True when its chain was held by another transaction
+        (nothing written, the callers still waiting)."""
         try:
             async with self._engine.begin() as conn:
-                await append_records(conn, [record for record, _ in batch])
+                # Per chain (PostgreSQL): try its lock, do not wait for it.
+                await append_records(
+                    conn, [record for record, _ in batch], wait=not self._per_chain
+                )
+        except ChainBusy:
+            return True
         except asyncio.CancelledError:
             self._fail(batch, AccessLogNotWritten("the access log writer was stopped"))
             raise
@@ -155,12 +179,13 @@ class AccessLogWriter:
             )
             failure.__cause__ = err
             self._fail(batch, failure)
-            return
+            return False
         self.batches += 1
         self.records += len(batch)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
+        return False
 
     @staticmethod
     def _fail(batch: _Queued, failure: Exception) -> None:

@@ -171,3 +171,32 @@ async def test_a_chain_held_by_another_transaction_stalls_no_other_chains_reads(
     assert (report.intact, report.records, report.chains) == (True, 3, 2)
     await writer.close()
     await engine.dispose()
+
+
+async def test_reads_waiting_on_held_chains_take_no_slot_from_other_chains(
+    make_settings: SettingsFactory, migrated_postgres_url: str
+) -> None:
+    # Found in review: the purge holds every chain it purged until it commits;
+    # a read queued on each of four of them took all four of the writer's
+    # slots while it waited, and a fifth organisation's read waited too.
+    settings = make_settings(database_url=migrated_postgres_url, database_connect_timeout_s=30)
+    url = configured_url(settings, prepare_data_dir(settings.data_dir))
+    engine = create_engine(url, connect_timeout_s=30)
+    writer = AccessLogWriter(engine)
+    held_orgs = 6  # more than the writer's slots
+    async with engine.begin() as purge:
+        for n in range(held_orgs):
+            await append_access(purge, a_record(n, orgs=held_orgs + 1))
+        stalled = [
+            asyncio.create_task(writer.append(a_record(n, orgs=held_orgs + 1)))
+            for n in range(held_orgs)
+        ]
+        await asyncio.sleep(0.3)  # each is now waiting for its chain
+        other = a_record(held_orgs, orgs=held_orgs + 1)  # the seventh organisation
+        await asyncio.wait_for(writer.append(other), timeout=2)
+        assert not any(task.done() for task in stalled)
+    await asyncio.wait_for(asyncio.gather(*stalled), timeout=5)
+    report = await verify_chain(engine)
+    assert (report.intact, report.records, report.chains) == (True, 2 * held_orgs + 1, 7)
+    await writer.close()
+    await engine.dispose()
