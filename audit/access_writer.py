@@ -19,8 +19,9 @@ organisation only, never another's. At most ``max_concurrent`` chains'
 transactions are open at once, so that the writer never takes more of the
 pool than that; a batch tries its chain's lock and, held, gives its slot
 back and tries again a moment later (5 ms, doubling to 200 ms), so that held
-chains never hold the slots other chains need. On SQLite, whose one writer every transaction waits for
-anyway, one queue takes every chain's records, as one transaction.
+chains never hold the slots other chains need. On SQLite, whose one writer
+every transaction waits for anyway, one queue takes every chain's records,
+as one transaction.
 
 Records that must commit with a change (no change without its record) are
 still appended with :func:`audit.access_log.record_access` in the change's
