@@ -27,12 +27,12 @@ from audit.access_log import (
     verify_chain,
 )
 from audit.accounts import Role
-from server.api.access_records import record_in
+from server.api.access_records import record_api_access, record_in
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
 from server.app_keys import CLOCK, DB_ENGINE
-from server.auth.sessions import Principal, require_role
+from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
 
@@ -106,19 +106,6 @@ def _filter(params: dict[str, str]) -> LogFilter:
     )
 
 
-async def _log(request: web.Request, principal: Principal, action: str, object_type: str) -> None:
-    organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
-        await record_in(
-            conn,
-            request,
-            principal,
-            action=action,
-            object_id=organisation_id if object_type == "organisation" else None,
-            object_type=object_type,
-        )
-
-
 @routes.get("/api/admin/access-log")
 async def access_log_read(request: web.Request) -> web.Response:
     """The organisation's access records, newest first, a page at a time."""
@@ -181,7 +168,13 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
     # The record comes first: an export that breaks off was still a read.
-    await _log(request, principal, "access_log.export", "organisation")
+    await record_api_access(
+        request,
+        principal,
+        action="access_log.export",
+        object_type="organisation",
+        object_id=organisation_id,
+    )
     name = f"access-log-{now:%Y-%m-%d}.{export_format}"
     response = web.StreamResponse(
         headers={
@@ -221,7 +214,9 @@ async def access_log_verify(request: web.Request) -> web.Response:
     report = await verify_chain(
         request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
     )
-    await _log(request, principal, "access_log.verify", "access_log")
+    await record_api_access(
+        request, principal, action="access_log.verify", object_type="access_log", object_id=None
+    )
     broken = report.broken
     return web.json_response(
         {
