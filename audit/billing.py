@@ -4,7 +4,10 @@ A practice's record system bills video consults by their duration; its
 admin exports a month (``GET /api/admin/billing``, ``videoconsult billing
 export``). Each row is what the consult's record holds (times, duration,
 status) and the therapist whose consult it was: nothing about the patient,
-who is not in the record. A consult counts in the month of its start, or,
+who is not in the record. The practice's appointment reference is added
+where it still exists (:mod:`audit.references`: it is kept only until the
+consult's messages are delivered), unsealed for the export, whose access
+record covers that read. A consult counts in the month of its start, or,
 never started, of its appointment, or else of when it was made. A consult
 whose therapist was erased belongs to no organisation any more and is in no
 export.
@@ -24,7 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.consults import ConsultStatus
-from audit.schema import accounts, consults
+from audit.references import unseal_reference
+from audit.schema import accounts, appointment_references, consults
 
 COLUMNS = (
     "therapist_id",
@@ -36,6 +40,7 @@ COLUMNS = (
     "ended_at",
     "duration_s",
     "status",
+    "appointment_reference",
 )
 
 
@@ -50,6 +55,8 @@ class BilledConsult:
     ended_at: datetime | None
     duration_s: int | None
     status: ConsultStatus
+    # The practice's own reference, while it is kept.
+    appointment_reference: str | None = None
 
     @property
     def counted_at(self) -> datetime:
@@ -83,6 +90,7 @@ def month_bounds(first_day: date, zone: tzinfo) -> tuple[datetime, datetime]:
 async def month_of_consults(
     conn: AsyncConnection,
     organisation_id: uuid.UUID,
+    master_key: bytes,
     *,
     since: datetime,
     until: datetime,
@@ -103,8 +111,11 @@ async def month_of_consults(
             consults.c.ended_at,
             consults.c.duration_s,
             consults.c.status,
+            appointment_references.c.wrapped_key,
+            appointment_references.c.sealed_reference,
         )
         .join(accounts, accounts.c.id == consults.c.therapist_id)
+        .outerjoin(appointment_references, appointment_references.c.consult_id == consults.c.id)
         .where(accounts.c.organisation_id == organisation_id, counted_at >= since)
         .where(counted_at < until)
         .order_by(accounts.c.email, counted_at, consults.c.id)
@@ -122,6 +133,11 @@ async def month_of_consults(
             ended_at=row.ended_at,
             duration_s=row.duration_s,
             status=ConsultStatus(row.status),
+            appointment_reference=(
+                None
+                if row.sealed_reference is None
+                else unseal_reference(master_key, row.id, row.wrapped_key, row.sealed_reference)
+            ),
         )
         for row in await conn.execute(query)
     ]
@@ -143,6 +159,7 @@ def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
         "ended_at": _iso(entry.ended_at),
         "duration_s": entry.duration_s,
         "status": entry.status.value,
+        "appointment_reference": entry.appointment_reference,
     }
 
 
@@ -180,6 +197,7 @@ def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:
 
 def _cell(value: object) -> object:
     # A spreadsheet runs a cell that starts with = + - @ as a formula: an
-    # e-mail address is the only text here, and it is kept text.
+    # e-mail address and an appointment reference are the only text here,
+    # and they are kept text.
     text = str(value)
     return f"'{text}" if text[:1] in ("=", "+", "-", "@") else value

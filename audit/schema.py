@@ -264,6 +264,25 @@ consult_labels = sa.Table(
     sa.Column("sealed_label", sa.LargeBinary(), nullable=False),
 )
 
+# The practice's own reference for the consult's appointment (an opaque
+# string from its record system, issue 21 item 4), apart from the consult's
+# record and sealed like the label: AES-GCM under a random key of its own,
+# kept here wrapped by the master key (audit/references.py). The row, key
+# and ciphertext together, is deleted once the consult is over and no
+# message about it is still to be sent; with the record at the latest.
+appointment_references = sa.Table(
+    "appointment_references",
+    metadata,
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
+    sa.Column("sealed_reference", sa.LargeBinary(), nullable=False),
+)
+
 # The patient's way in. Only the token's hash is kept; the row goes when the
 # consult ends.
 invites = sa.Table(
@@ -360,6 +379,11 @@ practice_settings = sa.Table(
     sa.Column("recording_allowed", sa.Boolean(), nullable=False),
     sa.Column("invite_validity_s", sa.Integer(), nullable=True),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
+    # Its therapists may attach the practice's appointment reference to a
+    # consult (off unless the practice turns it on).
+    sa.Column(
+        "appointment_reference_allowed", sa.Boolean(), nullable=False, server_default=sa.false()
+    ),
 )
 
 # A recording of a consult in the encrypted file store (audit/filestore.py):

@@ -135,6 +135,7 @@ async def test_an_admin_exports_a_month_of_the_practices_consults_per_therapist(
         "ended_at": "2026-11-02T09:50:00Z",
         "duration_s": 3000,
         "status": "ended",
+        "appointment_reference": None,
     }
     assert (rows[1]["status"], rows[1]["date"], rows[1]["duration_s"]) == (
         "created",
@@ -199,6 +200,7 @@ async def test_the_csv_has_a_row_a_consult_and_one_therapist_can_be_chosen(
         "ended_at",
         "duration_s",
         "status",
+        "appointment_reference",
     }
 
 
