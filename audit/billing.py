@@ -33,6 +33,7 @@ from audit.schema import accounts, appointment_references, consults
 COLUMNS = (
     "therapist_id",
     "therapist",
+    "therapist_external_id",
     "consult_id",
     "date",
     "scheduled_at",
@@ -57,6 +58,8 @@ class BilledConsult:
     status: ConsultStatus
     # The practice's own reference, while it is kept.
     appointment_reference: str | None = None
+    # The record system's id for the therapist, where an admin set one.
+    therapist_external_id: str | None = None
 
     @property
     def counted_at(self) -> datetime:
@@ -104,6 +107,7 @@ async def month_of_consults(
         sa.select(
             accounts.c.id.label("therapist_id"),
             accounts.c.email,
+            accounts.c.external_id,
             consults.c.id,
             consults.c.created_at,
             consults.c.scheduled_at,
@@ -138,6 +142,7 @@ async def month_of_consults(
                 if row.sealed_reference is None
                 else unseal_reference(master_key, row.id, row.wrapped_key, row.sealed_reference)
             ),
+            therapist_external_id=row.external_id,
         )
         for row in await conn.execute(query)
     ]
@@ -152,6 +157,7 @@ def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
     return {
         "therapist_id": str(entry.therapist_id),
         "therapist": entry.therapist,
+        "therapist_external_id": entry.therapist_external_id,
         "consult_id": str(entry.consult_id),
         "date": entry.counted_at.astimezone(zone).date().isoformat(),
         "scheduled_at": _iso(entry.scheduled_at),
@@ -172,6 +178,7 @@ def totals(entries: list[BilledConsult]) -> list[dict[str, Any]]:
             {
                 "therapist_id": str(entry.therapist_id),
                 "therapist": entry.therapist,
+                "therapist_external_id": entry.therapist_external_id,
                 "consults": 0,
                 "held": 0,
                 "duration_s": 0,
@@ -197,7 +204,7 @@ def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:
 
 def _cell(value: object) -> object:
     # A spreadsheet runs a cell that starts with = + - @ as a formula: an
-    # e-mail address and an appointment reference are the only text here,
-    # and they are kept text.
+    # e-mail address, an external id and an appointment reference are the
+    # only text here, and they are kept text.
     text = str(value)
     return f"'{text}" if text[:1] in ("=", "+", "-", "@") else value

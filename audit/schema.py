@@ -87,8 +87,13 @@ accounts = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("enrolled_at", UtcDateTime(), nullable=True),
     sa.Column("disabled_at", UtcDateTime(), nullable=True),
+    # The practice's record system's id for the person (set by an admin):
+    # webhooks name the therapist by it instead of the pseudonym.
+    sa.Column("external_id", sa.String(64), nullable=True),
     sa.UniqueConstraint("email"),
     sa.CheckConstraint(f"role IN {ROLE_NAMES!r}", name="role"),
+    # One account per external id within a practice (NULLs do not clash).
+    sa.Index("ix_accounts_external_id", "organisation_id", "external_id", unique=True),
 )
 
 # A one-time link to set a password and enrol a TOTP app. Only the token's

@@ -11,8 +11,10 @@ every attempt), ``webhook-timestamp`` (the attempt's, in seconds) and
 two for a day after a rotation). Redirects are not followed, and the answer's
 body is not read: a 2xx status is all that counts.
 
-The therapist appears in a message as the pseudonym support staff see
-(:class:`audit.support.TherapistPseudonyms`), made as it is sent. So is the
+The therapist appears in a message as the external id an admin set for the
+account, or else as the pseudonym support staff see
+(:class:`audit.support.TherapistPseudonyms`), made as it is sent
+(``therapist_id_kind`` says which). So is the
 practice's appointment reference of a consult event's consult
 (:mod:`audit.references`), unsealed as the message is made, never stored
 with the event; once the last consult event of an ended consult is
@@ -23,8 +25,10 @@ records that.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import socket
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,6 +47,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
+from audit.accounts import external_ids
 from audit.clock import SystemClock
 from audit.fhir import encounter_of
 from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
@@ -121,11 +126,22 @@ async def deliver_due(app: web.Application) -> int:
                 app[MASTER_KEY].key,
                 (due.subject_id for due in claimed if due.event_type in CONSULT_EVENTS),
             )
+            named = await external_ids(conn, (d.therapist_id for d in claimed if d.therapist_id))
         if not claimed:
             break
+        pseudonyms = TherapistPseudonyms(app[MASTER_KEY].key)
         results = await asyncio.gather(
             *(
-                _deliver(app, due, endpoints[due.endpoint_id], references.get(due.subject_id))
+                _deliver(
+                    app,
+                    due,
+                    endpoints[due.endpoint_id],
+                    filled_in_data(
+                        due,
+                        therapist_of(due.therapist_id, named, pseudonyms),
+                        references.get(due.subject_id),
+                    ),
+                )
                 for due in claimed
             ),
             return_exceptions=True,
@@ -159,12 +175,38 @@ def message_body(
     return json.dumps(due.message(filled_in), separators=(",", ":")).encode(), "application/json"
 
 
+class TherapistIdKind(enum.StrEnum):
+    """How a message names its therapist (``therapist_id_kind``)."""
+
+    # The pseudonym support staff see (no external id set).
+    PSEUDONYM = "pseudonym"
+    # The external id an admin set for the account.
+    EXTERNAL = "external"
+
+
+def therapist_of(
+    account_id: uuid.UUID | None,
+    named: Mapping[uuid.UUID, str],
+    pseudonyms: TherapistPseudonyms,
+) -> tuple[str, TherapistIdKind] | None:
+    """The therapist as a message names them; None after an erasure."""
+    if account_id is None:
+        return None
+    if account_id in named:
+        return named[account_id], TherapistIdKind.EXTERNAL
+    return pseudonyms.of(account_id), TherapistIdKind.PSEUDONYM
+
+
 def filled_in_data(
-    due: DueDelivery, therapist: str | None, appointment_reference: str | None
+    due: DueDelivery,
+    therapist: tuple[str, TherapistIdKind] | None,
+    appointment_reference: str | None,
 ) -> dict[str, Any]:
-    """What the sender adds to the stored data: the therapist (None after an
-    erasure) and, in a consult event whose consult has one, its reference."""
-    filled_in: dict[str, Any] = {"therapist": therapist}
+    """What the sender adds to the stored data: the therapist and how they are
+    named (both None after an erasure) and, in a consult event whose consult
+    has one, its appointment reference."""
+    name, kind = therapist if therapist is not None else (None, None)
+    filled_in: dict[str, Any] = {"therapist": name, "therapist_id_kind": kind}
     if due.event_type in CONSULT_EVENTS and appointment_reference is not None:
         filled_in["appointment_reference"] = appointment_reference
     return filled_in
@@ -189,13 +231,11 @@ def signed_headers(
 
 
 async def _deliver(
-    app: web.Application, due: DueDelivery, endpoint: Endpoint, reference: str | None
+    app: web.Application, due: DueDelivery, endpoint: Endpoint, filled_in: Mapping[str, Any]
 ) -> None:
     settings = app[SETTINGS].webhooks
     now = app[CLOCK].now()
     master_key = app[MASTER_KEY].key
-    therapist = TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
-    filled_in = filled_in_data(due, therapist, reference)
     body, content_type = message_body(due, filled_in, endpoint.payload)
     # The signature's timestamp is the wall clock's: the receiver compares it
     # with its own to refuse replays (5 minutes apart at most), whatever

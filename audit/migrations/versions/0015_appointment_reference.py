@@ -1,4 +1,5 @@
-"""The practice's appointment reference, sealed apart from the consult's record
+"""The practice's appointment reference, sealed apart from the consult's record;
+an account's external id
 
 Revision ID: 0015
 Revises: 0014
@@ -17,6 +18,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # A plain ADD COLUMN and CREATE INDEX: SQLite's batch mode would copy the
+    # accounts table, which every other table refers to.
+    op.add_column("accounts", sa.Column("external_id", sa.String(64), nullable=True))
+    op.create_index(
+        "ix_accounts_external_id", "accounts", ["organisation_id", "external_id"], unique=True
+    )
     with op.batch_alter_table("practice_settings") as batch:
         batch.add_column(
             sa.Column(
@@ -45,3 +52,6 @@ def downgrade() -> None:
     op.drop_table("appointment_references")
     with op.batch_alter_table("practice_settings") as batch:
         batch.drop_column("appointment_reference_allowed")
+    op.drop_index("ix_accounts_external_id", table_name="accounts")
+    with op.batch_alter_table("accounts") as batch:
+        batch.drop_column("external_id")
