@@ -8,14 +8,17 @@ export while it exists; on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -29,6 +32,7 @@ from audit.schema import access_log, appointment_references, consults, webhook_e
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
 from server.webhooks import deliver_due
+from tests.support.cli import cli_env, run_cli
 from tests.support.harness import (
     Harness,
     Professional,
@@ -223,6 +227,7 @@ async def test_a_bad_reference_is_refused_naming_the_field(
     message = (await answer.json())["error"]["message"]
     assert "'appointment_reference'" in message
     assert problem in message
+    assert reference.strip() == "" or reference not in message  # never echoed
     assert await kept(harness) == 0
 
 
@@ -371,14 +376,13 @@ async def test_the_billing_export_has_the_reference_while_it_is_kept(
     ended = await ended_with_message_pending(harness, receiver)
     consult_id = ended.consult_id
     async with harness.app[DB_ENGINE].begin() as conn:
-        therapist_id = await conn.scalar(
-            sa.select(consults.c.therapist_id).where(consults.c.id == uuid.UUID(consult_id))
-        )
-        assert therapist_id is not None
+        held = (
+            await conn.execute(sa.select(consults).where(consults.c.id == uuid.UUID(consult_id)))
+        ).one()
         # And one without a reference, of the same therapist and month.
-        await create_consult(conn, therapist_id=therapist_id, now=harness.clock.now())
+        await create_consult(conn, therapist_id=held.therapist_id, now=held.started_at)
     await harness.logged_in(ended.admin)
-    month = f"{harness.clock.now():%Y-%m}"
+    month = f"{held.started_at:%Y-%m}"
     body = await (await harness.client.get(f"/api/admin/billing?month={month}")).json()
     references = {row["consult_id"]: row["appointment_reference"] for row in body["consults"]}
     assert references.pop(consult_id) == REFERENCE
@@ -392,3 +396,21 @@ async def test_the_billing_export_has_the_reference_while_it_is_kept(
     assert await deliver_due(harness.app) == 1
     later = await (await harness.client.get(f"/api/admin/billing?month={month}")).json()
     assert {row["appointment_reference"] for row in later["consults"]} == {None}
+
+
+@pytest.mark.slow  # runs the command line in a process of its own
+async def test_the_command_line_export_has_the_reference_too(
+    harness: Harness, receiver: Receiver, data_dir: Path, database_url: str
+) -> None:
+    ended = await ended_with_message_pending(harness, receiver)
+    async with harness.app[DB_ENGINE].connect() as conn:
+        started_at = await conn.scalar(
+            sa.select(consults.c.started_at).where(consults.c.id == uuid.UUID(ended.consult_id))
+        )
+    month = f"{started_at:%Y-%m}"  # the month the consult counts in
+    env = cli_env(data_dir, **({"database_url": database_url} if database_url else {}))
+    args = ("billing", "export", "--org", "Praktijk Noord", "--month", month, "--format", "json")
+    exported = await asyncio.to_thread(run_cli, *args, env=env)
+    assert exported.returncode == 0, exported.stderr
+    (row,) = json.loads(exported.stdout)["consults"]
+    assert (row["consult_id"], row["appointment_reference"]) == (ended.consult_id, REFERENCE)
