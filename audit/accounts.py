@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -55,6 +56,9 @@ class Account:
     password_hash: str | None = field(repr=False)
     totp_secret_sealed: bytes | None = field(repr=False)
     totp_last_step: int | None = field(repr=False)
+    # The practice's record system's id for the person (webhooks name the
+    # therapist by it), set by an admin.
+    external_id: str | None = None
 
     @property
     def status(self) -> AccountStatus:
@@ -152,7 +156,44 @@ def _account(row: sa.Row[tuple[object, ...]]) -> Account:
         password_hash=mapping["password_hash"],
         totp_secret_sealed=mapping["totp_secret_sealed"],
         totp_last_step=mapping["totp_last_step"],
+        external_id=mapping["external_id"],
     )
+
+
+async def set_external_id(
+    conn: AsyncConnection, account: Account, external_id: str | None
+) -> Account:
+    """Set (or with None clear) the account's external id; :class:`Conflict`
+    when another account of its organisation has it."""
+    if external_id is not None:
+        taken = await conn.scalar(
+            sa.select(accounts.c.id).where(
+                accounts.c.organisation_id == account.organisation_id,
+                accounts.c.external_id == external_id,
+                accounts.c.id != account.id,
+            )
+        )
+        if taken is not None:
+            raise Conflict("field 'external_id': another account of the practice has it")
+    await conn.execute(
+        accounts.update().where(accounts.c.id == account.id).values(external_id=external_id)
+    )
+    return replace(account, external_id=external_id)
+
+
+async def external_ids(
+    conn: AsyncConnection, account_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    """The external ids of those of these accounts that have one."""
+    wanted = list(set(account_ids))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        sa.select(accounts.c.id, accounts.c.external_id).where(
+            accounts.c.id.in_(wanted), accounts.c.external_id.is_not(None)
+        )
+    )
+    return {row.id: row.external_id for row in rows}
 
 
 async def create_account(

@@ -4,7 +4,10 @@ A practice's record system bills video consults by their duration; its
 admin exports a month (``GET /api/admin/billing``, ``videoconsult billing
 export``). Each row is what the consult's record holds (times, duration,
 status) and the therapist whose consult it was: nothing about the patient,
-who is not in the record. A consult counts in the month of its start, or,
+who is not in the record. The practice's appointment reference is added
+where it still exists (:mod:`audit.references`: it is kept only until the
+consult's messages are delivered), unsealed for the export, whose access
+record covers that read. A consult counts in the month of its start, or,
 never started, of its appointment, or else of when it was made. A consult
 whose therapist was erased belongs to no organisation any more and is in no
 export.
@@ -25,11 +28,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.consults import ConsultStatus
-from audit.schema import accounts, consults
+from audit.references import unseal_reference
+from audit.schema import accounts, appointment_references, consults
 
 COLUMNS = (
     "therapist_id",
     "therapist",
+    "therapist_external_id",
     "consult_id",
     "date",
     "scheduled_at",
@@ -37,6 +42,7 @@ COLUMNS = (
     "ended_at",
     "duration_s",
     "status",
+    "appointment_reference",
 )
 
 
@@ -51,6 +57,10 @@ class BilledConsult:
     ended_at: datetime | None
     duration_s: int | None
     status: ConsultStatus
+    # The practice's own reference, while it is kept.
+    appointment_reference: str | None = None
+    # The record system's id for the therapist, where an admin set one.
+    therapist_external_id: str | None = None
 
     @property
     def counted_at(self) -> datetime:
@@ -84,6 +94,7 @@ def month_bounds(first_day: date, zone: tzinfo) -> tuple[datetime, datetime]:
 async def month_of_consults(
     conn: AsyncConnection,
     organisation_id: uuid.UUID,
+    master_key: bytes,
     *,
     since: datetime,
     until: datetime,
@@ -97,6 +108,7 @@ async def month_of_consults(
         sa.select(
             accounts.c.id.label("therapist_id"),
             accounts.c.email,
+            accounts.c.external_id,
             consults.c.id,
             consults.c.created_at,
             consults.c.scheduled_at,
@@ -104,8 +116,11 @@ async def month_of_consults(
             consults.c.ended_at,
             consults.c.duration_s,
             consults.c.status,
+            appointment_references.c.wrapped_key,
+            appointment_references.c.sealed_reference,
         )
         .join(accounts, accounts.c.id == consults.c.therapist_id)
+        .outerjoin(appointment_references, appointment_references.c.consult_id == consults.c.id)
         .where(accounts.c.organisation_id == organisation_id, counted_at >= since)
         .where(counted_at < until)
         .order_by(accounts.c.email, counted_at, consults.c.id)
@@ -123,6 +138,12 @@ async def month_of_consults(
             ended_at=row.ended_at,
             duration_s=row.duration_s,
             status=ConsultStatus(row.status),
+            appointment_reference=(
+                None
+                if row.sealed_reference is None
+                else unseal_reference(master_key, row.id, row.wrapped_key, row.sealed_reference)
+            ),
+            therapist_external_id=row.external_id,
         )
         for row in await conn.execute(query)
     ]
@@ -137,6 +158,7 @@ def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
     return {
         "therapist_id": str(entry.therapist_id),
         "therapist": entry.therapist,
+        "therapist_external_id": entry.therapist_external_id,
         "consult_id": str(entry.consult_id),
         "date": entry.counted_at.astimezone(zone).date().isoformat(),
         "scheduled_at": _iso(entry.scheduled_at),
@@ -144,6 +166,7 @@ def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
         "ended_at": _iso(entry.ended_at),
         "duration_s": entry.duration_s,
         "status": entry.status.value,
+        "appointment_reference": entry.appointment_reference,
     }
 
 
@@ -156,6 +179,7 @@ def totals(entries: list[BilledConsult]) -> list[dict[str, Any]]:
             {
                 "therapist_id": str(entry.therapist_id),
                 "therapist": entry.therapist,
+                "therapist_external_id": entry.therapist_external_id,
                 "consults": 0,
                 "held": 0,
                 "duration_s": 0,
@@ -192,6 +216,7 @@ def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:
 
 def _cell(value: object) -> object:
     # A spreadsheet runs a cell that starts with = + - @ as a formula: an
-    # e-mail address is the only text here, and it is kept text.
+    # e-mail address, an external id and an appointment reference are the
+    # only text here, and they are kept text.
     text = str(value)
     return f"'{text}" if text[:1] in ("=", "+", "-", "@") else value

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.errors import Conflict, NotFound
 from audit.labels import destroy_label
 from audit.outbox import consult_event
+from audit.references import destroy_spent_references
 from audit.schema import consult_labels, consults, invites
 from audit.sealing import token_hash
 from audit.webhooks import EventType
@@ -198,7 +199,9 @@ async def mark_ended(
     than the consult runs, and its link is then unknown. Ending an ended
     consult changes nothing but to delete an invite (or label) made meanwhile.
     The first end writes ``consult.ended`` (with ``end_reason``, the signaling
-    protocol's) to the webhooks' outbox, in the caller's transaction.
+    protocol's) to the webhooks' outbox, in the caller's transaction; the
+    practice's appointment reference is destroyed then, or once the last
+    message about the consult is delivered (:mod:`audit.references`).
     """
     await conn.execute(invites.delete().where(invites.c.consult_id == consult_id))
     await destroy_label(conn, consult_id)
@@ -227,6 +230,8 @@ async def mark_ended(
         await consult_event(
             conn, consult_id, EventType.CONSULT_ENDED, now=now, end_reason=end_reason
         )
+    # The appointment reference goes now, unless a message still to be sent needs it.
+    await destroy_spent_references(conn, [consult_id])
     return await get_consult(conn, consult_id)
 
 

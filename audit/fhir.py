@@ -4,7 +4,8 @@ A practice's record system that speaks FHIR can take ``consult.started``
 and ``consult.ended`` as an ``Encounter`` instead of the Standard Webhooks
 body (a webhook endpoint's ``payload`` is then ``fhir``). Built from the
 event's data alone, so it holds what that holds: the consult's id, status,
-period and length, the therapist's pseudonym; no patient (``subject`` is
+period and length, the therapist's pseudonym (or the external id an admin
+set for the account); no patient (``subject`` is
 optional in FHIR and left out: videoconsult does not know the patient), and
 the practice's appointment reference as an identifier where there is one.
 The appointment's time and the end reason have no place in a plain
@@ -39,6 +40,10 @@ URI_SYSTEM = "urn:ietf:rfc:3986"
 # Where the identifiers of this installation's own terms live (end reasons,
 # therapists' pseudonyms): a URN of the project's, not a web address.
 VIDEOCONSULT_SYSTEM = "urn:videoconsult"
+# The therapist's identifier's system under it, by how the event names them:
+# the installation's pseudonym, or the external id an admin set (the
+# practice's own id for the person).
+_THERAPIST_SYSTEMS = {"pseudonym": "therapist", "external": "external-id"}
 
 
 def encounter_of(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,6 +84,7 @@ def encounter_of(data: Mapping[str, Any]) -> dict[str, Any]:
             "code": "s",
         }
     if data.get("therapist"):
+        kind = data.get("therapist_id_kind") or "pseudonym"
         encounter["participant"] = [
             {
                 "type": [
@@ -94,7 +100,7 @@ def encounter_of(data: Mapping[str, Any]) -> dict[str, Any]:
                 ],
                 "individual": {
                     "identifier": {
-                        "system": f"{VIDEOCONSULT_SYSTEM}:therapist",
+                        "system": f"{VIDEOCONSULT_SYSTEM}:{_THERAPIST_SYSTEMS[kind]}",
                         "value": data["therapist"],
                     }
                 },

@@ -14,34 +14,33 @@ after the end, so nothing would have been destroyed.
 
 from __future__ import annotations
 
-import secrets
 import uuid
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.schema import consult_labels
-from audit.sealing import SealError, seal, unseal
+from audit.sealing import SealError, seal_under_own_key, unseal_under_own_key
 
 __all__ = ["LABEL_KEY_PURPOSE", "destroy_label", "read_labels", "store_label"]
 
 LABEL_KEY_PURPOSE = "label-key"
 _LABEL_PURPOSE = "consult-label"
-_DATA_KEY_BYTES = 32
 
 
 async def store_label(
     conn: AsyncConnection, master_key: bytes, consult_id: uuid.UUID, label: str
 ) -> None:
     """Seal ``label`` under a new key of the consult's own; replaces an earlier one."""
-    data_key = secrets.token_bytes(_DATA_KEY_BYTES)
-    bound_to = str(consult_id)
-    row = {
-        "wrapped_key": seal(master_key, LABEL_KEY_PURPOSE, data_key, bound_to=bound_to),
-        "sealed_label": seal(data_key, _LABEL_PURPOSE, label.encode(), bound_to=bound_to),
-    }
+    wrapped_key, sealed_label = seal_under_own_key(
+        master_key, LABEL_KEY_PURPOSE, _LABEL_PURPOSE, label.encode(), bound_to=str(consult_id)
+    )
     await destroy_label(conn, consult_id)
-    await conn.execute(consult_labels.insert().values(consult_id=consult_id, **row))
+    await conn.execute(
+        consult_labels.insert().values(
+            consult_id=consult_id, wrapped_key=wrapped_key, sealed_label=sealed_label
+        )
+    )
 
 
 async def read_labels(
@@ -55,10 +54,15 @@ async def read_labels(
         sa.select(consult_labels).where(consult_labels.c.consult_id.in_(consult_ids))
     )
     for row in rows:
-        bound_to = str(row.consult_id)
         try:
-            data_key = unseal(master_key, LABEL_KEY_PURPOSE, row.wrapped_key, bound_to=bound_to)
-            label = unseal(data_key, _LABEL_PURPOSE, row.sealed_label, bound_to=bound_to)
+            label = unseal_under_own_key(
+                master_key,
+                LABEL_KEY_PURPOSE,
+                _LABEL_PURPOSE,
+                row.wrapped_key,
+                row.sealed_label,
+                bound_to=str(row.consult_id),
+            )
         except SealError:
             # Sealed under another master key (restored from elsewhere): the
             # consult stands, its label is unreadable, as if destroyed.

@@ -260,6 +260,8 @@ class DueDelivery:
     endpoint_id: uuid.UUID
     event_id: uuid.UUID
     event_type: EventType
+    # The consult or recording the event is about.
+    subject_id: uuid.UUID
     therapist_id: uuid.UUID | None
     data: Mapping[str, Any]
     event_created_at: datetime
@@ -269,13 +271,14 @@ class DueDelivery:
         """The message's ``webhook-id``: the event's, the same on every attempt."""
         return webhook_id_of(self.event_id)
 
-    def message(self, therapist: str | None) -> dict[str, Any]:
-        """The message's body (Standard Webhooks' ``type``, ``timestamp``, ``data``);
-        ``therapist`` is the therapist's pseudonym, or None after an erasure."""
+    def message(self, filled_in: Mapping[str, Any]) -> dict[str, Any]:
+        """The message's body (Standard Webhooks' ``type``, ``timestamp``, ``data``):
+        the stored data and what the sender fills in as it sends (the
+        therapist, the appointment reference), which is never stored here."""
         return {
             "type": self.event_type.value,
             "timestamp": iso(self.event_created_at),
-            "data": {**self.data, "therapist": therapist},
+            "data": {**self.data, **filled_in},
         }
 
 
@@ -316,6 +319,7 @@ async def claim_due(
             webhook_deliveries.c.endpoint_id,
             webhook_events.c.id.label("event_id"),
             webhook_events.c.type,
+            webhook_events.c.subject_id,
             webhook_events.c.therapist_id,
             webhook_events.c.data,
             webhook_events.c.created_at,
@@ -331,6 +335,7 @@ async def claim_due(
             endpoint_id=row.endpoint_id,
             event_id=row.event_id,
             event_type=EventType(row.type),
+            subject_id=row.subject_id,
             therapist_id=row.therapist_id,
             data=row.data,
             event_created_at=row.created_at,

@@ -30,6 +30,9 @@ class PracticeSettings:
     recording_allowed: bool
     # How long an invite link works; None: the server's validity.
     invite_validity_s: int | None
+    # Its therapists may attach the practice's appointment reference to a
+    # consult (sealed, sent in its webhooks; audit/references.py).
+    appointment_reference_allowed: bool = False
 
     def invite_validity(self, server_validity_s: int) -> int:
         """The validity in force: the practice's own, never past the server's."""
@@ -38,7 +41,9 @@ class PracticeSettings:
         return min(self.invite_validity_s, server_validity_s)
 
 
-SERVER_DEFAULTS = PracticeSettings(recording_allowed=True, invite_validity_s=None)
+SERVER_DEFAULTS = PracticeSettings(
+    recording_allowed=True, invite_validity_s=None, appointment_reference_allowed=False
+)
 
 
 async def practice_settings_of(
@@ -53,7 +58,9 @@ async def practice_settings_of(
     ).first()
     if row is None:
         return SERVER_DEFAULTS
-    return PracticeSettings(row.recording_allowed, row.invite_validity_s)
+    return PracticeSettings(
+        row.recording_allowed, row.invite_validity_s, row.appointment_reference_allowed
+    )
 
 
 async def set_practice_settings(
@@ -62,6 +69,7 @@ async def set_practice_settings(
     values = {
         "recording_allowed": chosen.recording_allowed,
         "invite_validity_s": chosen.invite_validity_s,
+        "appointment_reference_allowed": chosen.appointment_reference_allowed,
         "updated_at": now,
     }
     await save_organisation_row(conn, practice_settings, organisation_id, values)

@@ -87,8 +87,13 @@ accounts = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("enrolled_at", UtcDateTime(), nullable=True),
     sa.Column("disabled_at", UtcDateTime(), nullable=True),
+    # The practice's record system's id for the person (set by an admin):
+    # webhooks name the therapist by it instead of the pseudonym.
+    sa.Column("external_id", sa.String(64), nullable=True),
     sa.UniqueConstraint("email"),
     sa.CheckConstraint(f"role IN {ROLE_NAMES!r}", name="role"),
+    # One account per external id within a practice (NULLs do not clash).
+    sa.Index("ix_accounts_external_id", "organisation_id", "external_id", unique=True),
 )
 
 # A one-time link to set a password and enrol a TOTP app. Only the token's
@@ -264,6 +269,25 @@ consult_labels = sa.Table(
     sa.Column("sealed_label", sa.LargeBinary(), nullable=False),
 )
 
+# The practice's own reference for the consult's appointment (an opaque
+# string from its record system, issue 21 item 4), apart from the consult's
+# record and sealed like the label: AES-GCM under a random key of its own,
+# kept here wrapped by the master key (audit/references.py). The row, key
+# and ciphertext together, is deleted once the consult is over and no
+# message about it is still to be sent; with the record at the latest.
+appointment_references = sa.Table(
+    "appointment_references",
+    metadata,
+    sa.Column(
+        "consult_id",
+        sa.Uuid(),
+        sa.ForeignKey("consults.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
+    sa.Column("sealed_reference", sa.LargeBinary(), nullable=False),
+)
+
 # The patient's way in. Only the token's hash is kept; the row goes when the
 # consult ends.
 invites = sa.Table(
@@ -360,6 +384,11 @@ practice_settings = sa.Table(
     sa.Column("recording_allowed", sa.Boolean(), nullable=False),
     sa.Column("invite_validity_s", sa.Integer(), nullable=True),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
+    # Its therapists may attach the practice's appointment reference to a
+    # consult (off unless the practice turns it on).
+    sa.Column(
+        "appointment_reference_allowed", sa.Boolean(), nullable=False, server_default=sa.false()
+    ),
 )
 
 # A recording of a consult in the encrypted file store (audit/filestore.py):

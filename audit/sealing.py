@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import re
+import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -54,6 +55,37 @@ def unseal(master_key: bytes, purpose: str, sealed: bytes, *, bound_to: str) -> 
         return AESGCM(derive_key(master_key, purpose)).decrypt(nonce, body, bound_to.encode())
     except InvalidTag:
         raise SealError(f"sealed {purpose} does not open with this master key") from None
+
+
+# A key of a record's own (sealed_under_own_key): AES-256.
+_OWN_KEY_BYTES = 32
+
+
+def seal_under_own_key(
+    master_key: bytes, key_purpose: str, purpose: str, plaintext: bytes, *, bound_to: str
+) -> tuple[bytes, bytes]:
+    """Seal ``plaintext`` under a new random key, and that key under the master
+    key: ``(wrapped_key, sealed)``, both bound to ``bound_to``. Deleting the
+    two destroys the value for good (a derived key could be derived again)."""
+    data_key = secrets.token_bytes(_OWN_KEY_BYTES)
+    return (
+        seal(master_key, key_purpose, data_key, bound_to=bound_to),
+        seal(data_key, purpose, plaintext, bound_to=bound_to),
+    )
+
+
+def unseal_under_own_key(
+    master_key: bytes,
+    key_purpose: str,
+    purpose: str,
+    wrapped_key: bytes,
+    sealed: bytes,
+    *,
+    bound_to: str,
+) -> bytes:
+    """Open what :func:`seal_under_own_key` made; :class:`SealError` if it does not open."""
+    data_key = unseal(master_key, key_purpose, wrapped_key, bound_to=bound_to)
+    return unseal(data_key, purpose, sealed, bound_to=bound_to)
 
 
 def keyed_hash(master_key: bytes, purpose: str, value: str) -> str:

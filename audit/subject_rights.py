@@ -93,6 +93,7 @@ async def export_account(
             "created_at": _iso(account.created_at),
             "enrolled_at": _iso(account.enrolled_at),
             "disabled_at": _iso(account.disabled_at),
+            "external_id": account.external_id,
             "credentials": {
                 "password_hash_stored": account.password_hash is not None,
                 "totp_secret_stored_encrypted": account.totp_secret_sealed is not None,

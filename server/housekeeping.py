@@ -22,6 +22,7 @@ from audit.consults import (
     destroy_labels_of_unusable_links,
     purge_expired_invites,
 )
+from audit.references import destroy_spent_references
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
@@ -121,6 +122,8 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
             "technical_log": await purge_technical_log(conn, now=now),
             "enrolment_links": await purge_enrolment_links(conn, now=now),
             "labels": await destroy_labels_of_unusable_links(conn, now=now),
+            # Those whose last message went another way (its endpoint deleted).
+            "appointment_references": await destroy_spent_references(conn),
             "invites": await purge_expired_invites(conn, now=now),
             "sessions": await purge_sessions(
                 conn,

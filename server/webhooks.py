@@ -11,17 +11,27 @@ every attempt), ``webhook-timestamp`` (the attempt's, in seconds) and
 two for a day after a rotation). Redirects are not followed, and the answer's
 body is not read: a 2xx status is all that counts.
 
-The therapist appears in a message as the pseudonym support staff see
-(:class:`audit.support.TherapistPseudonyms`), made as it is sent.
+The therapist appears in a message as the external id an admin set for the
+account, or else as the pseudonym support staff see
+(:class:`audit.support.TherapistPseudonyms`), made as it is sent
+(``therapist_id_kind`` says which). So is the
+practice's appointment reference of a consult event's consult
+(:mod:`audit.references`), unsealed as the message is made, never stored
+with the event; once the last consult event of an ended consult is
+delivered (or failed for good) it is destroyed, in the transaction that
+records that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import socket
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from aiohttp import (
@@ -37,9 +47,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
+from audit.accounts import external_ids
 from audit.clock import SystemClock
 from audit.fhir import encounter_of
 from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
+from audit.references import destroy_spent_references, read_references
 from audit.support import TherapistPseudonyms
 from audit.webhooks import Endpoint, EventType, Payload, endpoints_by_id, may_receive
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEBHOOK_HTTP
@@ -109,10 +121,29 @@ async def deliver_due(app: web.Application) -> int:
         async with app[DB_ENGINE].begin() as conn:
             claimed = await claim_due(conn, now=app[CLOCK].now(), lease_s=lease_s, limit=BATCH)
             endpoints = await endpoints_by_id(conn, {due.endpoint_id for due in claimed})
+            references = await read_references(
+                conn,
+                app[MASTER_KEY].key,
+                (due.subject_id for due in claimed if due.event_type in CONSULT_EVENTS),
+            )
+            named = await external_ids(conn, (d.therapist_id for d in claimed if d.therapist_id))
         if not claimed:
             break
+        pseudonyms = TherapistPseudonyms(app[MASTER_KEY].key)
         results = await asyncio.gather(
-            *(_deliver(app, due, endpoints[due.endpoint_id]) for due in claimed),
+            *(
+                _deliver(
+                    app,
+                    due,
+                    endpoints[due.endpoint_id],
+                    filled_in_data(
+                        due,
+                        therapist_of(due.therapist_id, named, pseudonyms),
+                        references.get(due.subject_id),
+                    ),
+                )
+                for due in claimed
+            ),
             return_exceptions=True,
         )
         tried += len(claimed)
@@ -126,18 +157,59 @@ async def deliver_due(app: web.Application) -> int:
     return tried
 
 
-# The events a FHIR endpoint is sent as an Encounter; the others go as Standard Webhooks' JSON.
-FHIR_EVENTS = frozenset({EventType.CONSULT_STARTED, EventType.CONSULT_ENDED})
+# The consult's events: a FHIR endpoint is sent them as an Encounter (the
+# others go as Standard Webhooks' JSON), and they carry the appointment reference.
+CONSULT_EVENTS = frozenset({EventType.CONSULT_STARTED, EventType.CONSULT_ENDED})
 
 
-def message_body(due: DueDelivery, therapist: str | None, payload: Payload) -> tuple[bytes, str]:
-    """What is sent for ``due``, and its content type: Standard Webhooks' JSON,
+def message_body(
+    due: DueDelivery, filled_in: Mapping[str, Any], payload: Payload
+) -> tuple[bytes, str]:
+    """What is sent for ``due`` with what the sender fills in (the therapist,
+    the appointment reference), and its content type: Standard Webhooks' JSON,
     or for an endpoint that takes FHIR a consult event as an Encounter (signed
     the same way: the signature covers whatever body is sent)."""
-    if payload is Payload.FHIR and due.event_type in FHIR_EVENTS:
-        encounter = encounter_of({**due.data, "therapist": therapist})
+    if payload is Payload.FHIR and due.event_type in CONSULT_EVENTS:
+        encounter = encounter_of({**due.data, **filled_in})
         return json.dumps(encounter, separators=(",", ":")).encode(), "application/fhir+json"
-    return json.dumps(due.message(therapist), separators=(",", ":")).encode(), "application/json"
+    return json.dumps(due.message(filled_in), separators=(",", ":")).encode(), "application/json"
+
+
+class TherapistIdKind(enum.StrEnum):
+    """How a message names its therapist (``therapist_id_kind``)."""
+
+    # The pseudonym support staff see (no external id set).
+    PSEUDONYM = "pseudonym"
+    # The external id an admin set for the account.
+    EXTERNAL = "external"
+
+
+def therapist_of(
+    account_id: uuid.UUID | None,
+    named: Mapping[uuid.UUID, str],
+    pseudonyms: TherapistPseudonyms,
+) -> tuple[str, TherapistIdKind] | None:
+    """The therapist as a message names them; None after an erasure."""
+    if account_id is None:
+        return None
+    if account_id in named:
+        return named[account_id], TherapistIdKind.EXTERNAL
+    return pseudonyms.of(account_id), TherapistIdKind.PSEUDONYM
+
+
+def filled_in_data(
+    due: DueDelivery,
+    therapist: tuple[str, TherapistIdKind] | None,
+    appointment_reference: str | None,
+) -> dict[str, Any]:
+    """What the sender adds to the stored data: the therapist and how they are
+    named (both None after an erasure) and, in a consult event whose consult
+    has one, its appointment reference."""
+    name, kind = therapist if therapist is not None else (None, None)
+    filled_in: dict[str, Any] = {"therapist": name, "therapist_id_kind": kind}
+    if due.event_type in CONSULT_EVENTS and appointment_reference is not None:
+        filled_in["appointment_reference"] = appointment_reference
+    return filled_in
 
 
 def signed_headers(
@@ -158,17 +230,16 @@ def signed_headers(
     }
 
 
-async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -> None:
+async def _deliver(
+    app: web.Application, due: DueDelivery, endpoint: Endpoint, filled_in: Mapping[str, Any]
+) -> None:
     settings = app[SETTINGS].webhooks
     now = app[CLOCK].now()
     master_key = app[MASTER_KEY].key
     status_code: int | None = None
     error: str | None = None
     try:
-        therapist = (
-            TherapistPseudonyms(master_key).of(due.therapist_id) if due.therapist_id else None
-        )
-        body, content_type = message_body(due, therapist, endpoint.payload)
+        body, content_type = message_body(due, filled_in, endpoint.payload)
         # The signature's timestamp is the wall clock's: the receiver compares
         # it with its own to refuse replays (5 minutes apart at most), whatever
         # clock schedules the attempts.
@@ -207,6 +278,8 @@ async def _deliver(app: web.Application, due: DueDelivery, endpoint: Endpoint) -
             retry_base_s=settings.retry_base_s,
             retry_for_s=settings.retry_for_s,
         )
+        if status is not DeliveryStatus.PENDING and due.event_type in CONSULT_EVENTS:
+            await destroy_spent_references(conn, [due.subject_id])
     app[METRICS].record_webhook_attempt(status)
     # No URL in the process log: an endpoint's query string may hold a token.
     details = {

@@ -109,6 +109,12 @@ async def account_patch(h: Harness) -> Any:
     return await h.patch(f"/api/admin/accounts/{target.account_id}", {"role": "support"})
 
 
+async def account_external_id(h: Harness) -> Any:
+    target = await _admin(h)
+    path = f"/api/admin/accounts/{target.account_id}/external-id"
+    return await h.client.put(path, json={"external_id": "BIG-1234"}, headers=h.headers)
+
+
 async def account_disable(h: Harness) -> Any:
     target = await _admin(h)
     return await h.post(f"/api/admin/accounts/{target.account_id}/disable")
@@ -332,6 +338,10 @@ PERSONAL: dict[tuple[str, str], tuple[Scenario, str]] = {
     ("POST", "/api/admin/accounts"): (accounts_create, "account.create"),
     ("GET", "/api/admin/accounts/{account_id}"): (account_read, "account.read"),
     ("PATCH", "/api/admin/accounts/{account_id}"): (account_patch, "account.set-role"),
+    ("PUT", "/api/admin/accounts/{account_id}/external-id"): (
+        account_external_id,
+        "account.set-external-id",
+    ),
     ("POST", "/api/admin/accounts/{account_id}/disable"): (account_disable, "account.disable"),
     ("POST", "/api/admin/accounts/{account_id}/enable"): (account_enable, "account.enable"),
     ("POST", "/api/admin/accounts/{account_id}/reset-totp"): (

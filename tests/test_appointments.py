@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,12 +13,13 @@ import sqlalchemy as sa
 from audit.clock import ManualClock
 from audit.practice import PracticeSettings, set_practice_settings
 from audit.roles import Role
-from audit.schema import consult_labels, consults, metadata
+from audit.schema import consult_labels, consults
 from server import create_app
-from server.app_keys import DATA_DIR, DB_ENGINE, SETTINGS
+from server.app_keys import DB_ENGINE, SETTINGS
 from server.housekeeping import purge_expired
 from server.resources import ROOM_TIMER_POLL
 from tests.support.harness import Harness, new_consult
+from tests.support.traces import traces
 
 LABEL = "Mevr. Zwaluwstaart, knie"
 
@@ -37,26 +37,6 @@ async def sealed_row(harness: Harness, consult_id: str) -> Any:
                 )
             )
         ).one_or_none()
-
-
-async def traces(harness: Harness, needles: dict[str, bytes]) -> list[str]:
-    """Where any of ``needles`` is still found: every table of the database
-    (every row, as the driver returns it), and for SQLite every file of the
-    data directory byte by byte (the database file, free pages included)."""
-    found: list[str] = []
-    async with harness.app[DB_ENGINE].connect() as conn:
-        for table in metadata.sorted_tables:
-            for row in (await conn.execute(sa.select(table))).all():
-                for value in row:
-                    raw = value if isinstance(value, bytes) else str(value).encode()
-                    found += [f"{name} in {table.name}" for name, n in needles.items() if n in raw]
-    if harness.app[SETTINGS].database.url == "":
-        await harness.app[DB_ENGINE].dispose()  # nothing held back in a connection
-        for path in sorted(Path(harness.app[DATA_DIR]).rglob("*")):
-            if path.is_file():
-                content = path.read_bytes()
-                found += [f"{name} in {path.name}" for name, n in needles.items() if n in content]
-    return found
 
 
 async def test_the_appointment_is_stored_on_the_consult_and_shown(harness: Harness) -> None:

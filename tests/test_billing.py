@@ -128,6 +128,7 @@ async def test_an_admin_exports_a_month_of_the_practices_consults_per_therapist(
     assert held == {
         "therapist_id": str(month.people["anna"].account_id),
         "therapist": "anna@praktijk-noord.example",
+        "therapist_external_id": None,
         "consult_id": str(month["anna_held"]),
         "date": "2026-11-02",
         "scheduled_at": None,
@@ -135,6 +136,7 @@ async def test_an_admin_exports_a_month_of_the_practices_consults_per_therapist(
         "ended_at": "2026-11-02T09:50:00Z",
         "duration_s": 3000,
         "status": "ended",
+        "appointment_reference": None,
     }
     assert (rows[1]["status"], rows[1]["date"], rows[1]["duration_s"]) == (
         "created",
@@ -145,6 +147,7 @@ async def test_an_admin_exports_a_month_of_the_practices_consults_per_therapist(
         {
             "therapist_id": str(month.people["anna"].account_id),
             "therapist": "anna@praktijk-noord.example",
+            "therapist_external_id": None,
             "consults": 2,
             "held": 1,
             "duration_s": 3000,
@@ -152,6 +155,7 @@ async def test_an_admin_exports_a_month_of_the_practices_consults_per_therapist(
         {
             "therapist_id": str(month.people["bert"].account_id),
             "therapist": "bert@praktijk-noord.example",
+            "therapist_external_id": None,
             "consults": 2,
             "held": 2,
             "duration_s": 25 * 60 + 10 * 60,
@@ -192,6 +196,7 @@ async def test_the_csv_has_a_row_a_consult_and_one_therapist_can_be_chosen(
     assert set(rows[0]) == {
         "therapist_id",
         "therapist",
+        "therapist_external_id",
         "consult_id",
         "date",
         "scheduled_at",
@@ -199,6 +204,7 @@ async def test_the_csv_has_a_row_a_consult_and_one_therapist_can_be_chosen(
         "ended_at",
         "duration_s",
         "status",
+        "appointment_reference",
     }
 
 

@@ -260,6 +260,7 @@ async def test_each_event_is_delivered_once_signed_with_what_the_record_system_n
     assert set(data) == {
         "consult_id",
         "therapist",
+        "therapist_id_kind",
         "scheduled_at",
         "started_at",
         "ended_at",

@@ -2,8 +2,9 @@
 
 ``GET /api/admin/billing?month=2026-11`` answers JSON (the consults and each
 therapist's totals), ``&format=csv`` a CSV download. The read is in the
-access log (``billing.export``) in the same transaction; the CSV is made in
-a worker thread.
+access log (``billing.export``) in the same transaction (it covers the
+appointment references unsealed for the export); the CSV is made in a
+worker thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from server.api.access_records import record_in
 from server.api.errors import Unprocessable
 from server.api.query import query_params, query_zone
 from server.api.representations import iso
-from server.app_keys import CLOCK, DB_ENGINE
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
@@ -65,7 +66,12 @@ async def billing_export(request: web.Request) -> web.Response:
     now = request.app[CLOCK].now()
     async with request.app[DB_ENGINE].begin() as conn:
         entries = await month_of_consults(
-            conn, organisation_id, since=since, until=until, therapist_id=therapist_id
+            conn,
+            organisation_id,
+            request.app[MASTER_KEY].key,
+            since=since,
+            until=until,
+            therapist_id=therapist_id,
         )
         await record_in(
             conn,

@@ -36,6 +36,8 @@ class PracticeSettingsBody(RequestBody):
     recording_allowed: bool
     # None: the server's validity.
     invite_validity_s: int | None = Field(ge=MIN_INVITE_VALIDITY_S)
+    # Left out: as it is (a client that does not know it changes nothing).
+    appointment_reference_allowed: bool | None = None
 
 
 def _settings_json(request: web.Request, chosen: PracticeSettings) -> dict[str, object]:
@@ -44,6 +46,7 @@ def _settings_json(request: web.Request, chosen: PracticeSettings) -> dict[str, 
     return {
         "recording_allowed": chosen.recording_allowed,
         "invite_validity_s": chosen.invite_validity_s,
+        "appointment_reference_allowed": chosen.appointment_reference_allowed,
         "server": {
             "recording_enabled": server.recording.enabled,
             "invite_validity_s": server_validity_s,
@@ -91,11 +94,20 @@ async def practice_settings_update(request: web.Request) -> web.Response:
             f"field 'invite_validity_s' must be at most {server_validity_s} "
             "(this server's consults.invite_validity_s), or null for that"
         )
-    chosen = PracticeSettings(body.recording_allowed, body.invite_validity_s)
+    if "appointment_reference_allowed" in body.model_fields_set and (
+        body.appointment_reference_allowed is None
+    ):
+        raise Unprocessable("field 'appointment_reference_allowed' must be true or false")
+    organisation_id = principal.account.organisation_id
     async with request.app[DB_ENGINE].begin() as conn:
-        await set_practice_settings(
-            conn, principal.account.organisation_id, chosen, now=request.app[CLOCK].now()
+        references_allowed = body.appointment_reference_allowed
+        if references_allowed is None:
+            saved = await practice_settings_of(conn, organisation_id)
+            references_allowed = saved.appointment_reference_allowed
+        chosen = PracticeSettings(
+            body.recording_allowed, body.invite_validity_s, references_allowed
         )
+        await set_practice_settings(conn, organisation_id, chosen, now=request.app[CLOCK].now())
         await _record(conn, request, principal, "practice_settings.update")
     return web.json_response(_settings_json(request, chosen))
 

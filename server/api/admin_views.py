@@ -9,9 +9,18 @@ from aiohttp import web
 from pydantic import Field
 
 from audit.access_log import Actor, Outcome
-from audit.accounts import Account, Role, get_account, last_logins, list_accounts, parse_role
+from audit.accounts import (
+    Account,
+    Role,
+    get_account,
+    last_logins,
+    list_accounts,
+    parse_role,
+    set_external_id,
+)
 from audit.errors import Conflict, NotFound
 from audit.notices import NoticeKind, pending_notices
+from audit.references import check_reference
 from audit.retention import Retention, retention_of, set_retention
 from server.api.access_records import record_api_access, record_in
 from server.api.body import RequestBody, read_json
@@ -45,6 +54,11 @@ class NewAccountBody(RequestBody):
 
 class RoleBody(RequestBody):
     role: str
+
+
+class ExternalIdBody(RequestBody):
+    # The record system's id for the person; null clears it.
+    external_id: str | None
 
 
 def _account_id(request: web.Request) -> uuid.UUID:
@@ -174,6 +188,25 @@ async def account_set_role(request: web.Request) -> web.Response:
     # Its sessions ended with the change: its consult sockets close now, not
     # at the next periodic check.
     await check_therapist_sessions(request.app)
+    return web.json_response({"account": account_json(changed)})
+
+
+@routes.put(ACCOUNT_PATH + "/external-id")
+async def account_set_external_id(request: web.Request) -> web.Response:
+    """Set or clear the account's external id: its webhooks then name the
+    therapist by it instead of the pseudonym."""
+    action = "account.set-external-id"
+    principal = await require_role(request, Role.ADMIN, action=action)
+    body = await read_json(request, ExternalIdBody)
+    external_id = body.external_id
+    if external_id is not None:
+        external_id = check_reference(external_id, field="external_id")
+    account = await own_account(request, principal, action)
+    async with request.app[DB_ENGINE].begin() as conn:
+        changed = await set_external_id(conn, account, external_id)
+        await record_in(
+            conn, request, principal, action=action, object_type="account", object_id=account.id
+        )
     return web.json_response({"account": account_json(changed)})
 
 

@@ -33,7 +33,8 @@ from audit.consults import (
 )
 from audit.errors import NotFound
 from audit.labels import read_labels, store_label
-from audit.practice import practice_settings_of
+from audit.practice import PracticeSettings, practice_settings_of
+from audit.references import check_reference, store_reference
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
 from server.api.access_records import record_api_access
@@ -78,6 +79,9 @@ class NewConsultBody(RequestBody):
     guardian_consent: bool = False
     # Where to mail the link: used for this one send, never stored.
     email: EmailAddress | None = None
+    # The practice's own reference for the appointment (where its settings
+    # allow it): sealed, sent in the consult's webhooks, then destroyed.
+    appointment_reference: str | None = None
 
 
 class ReissueBody(RequestBody):
@@ -144,12 +148,29 @@ async def _own_consult(request: web.Request, principal: Principal) -> Consult:
         raise NotFoundError("no such consult") from None
 
 
+async def practice_of(app: web.Application, principal: Principal) -> PracticeSettings:
+    async with app[DB_ENGINE].connect() as conn:
+        return await practice_settings_of(conn, principal.account.organisation_id)
+
+
 async def invite_validity_s(app: web.Application, principal: Principal) -> int:
     """How long the therapist's invite links work: the practice's setting,
     within the server's."""
-    async with app[DB_ENGINE].connect() as conn:
-        practice = await practice_settings_of(conn, principal.account.organisation_id)
+    practice = await practice_of(app, principal)
     return practice.invite_validity(app[SETTINGS].consults.invite_validity_s)
+
+
+def _appointment_reference(body: NewConsultBody, practice: PracticeSettings) -> str | None:
+    """The body's appointment reference, if valid and the practice allows one."""
+    if body.appointment_reference is None:
+        return None
+    if not practice.appointment_reference_allowed:
+        raise Unprocessable(
+            "field 'appointment_reference' is not accepted: this practice does not attach "
+            "appointment references (an admin can allow it in the practice settings)",
+            code="appointment_reference_not_allowed",
+        )
+    return check_reference(body.appointment_reference)
 
 
 @routes.post("/api/consults")
@@ -162,7 +183,9 @@ async def consults_create(request: web.Request) -> web.Response:
     if body.email is not None:
         require_mail_configured(app)
     now = app[CLOCK].now()
-    validity_s = await invite_validity_s(app, principal)
+    practice = await practice_of(app, principal)
+    reference = _appointment_reference(body, practice)
+    validity_s = practice.invite_validity(app[SETTINGS].consults.invite_validity_s)
     try:
         expires_at = invite_expiry(now=now, scheduled_at=scheduled_at, validity_s=validity_s)
     except OverflowError:  # the invite's end would lie past 9999-12-31
@@ -177,6 +200,8 @@ async def consults_create(request: web.Request) -> web.Response:
         )
         if display_name is not None:
             await store_label(conn, app[MASTER_KEY].key, consult.id, display_name)
+        if reference is not None:
+            await store_reference(conn, app[MASTER_KEY].key, consult.id, reference)
         token, invite = await issue_invite(
             conn,
             consult,

@@ -38,6 +38,7 @@ def account_json(account: Account) -> dict[str, Any]:
         "created_at": iso(account.created_at),
         "enrolled_at": iso(account.enrolled_at),
         "disabled_at": iso(account.disabled_at),
+        "external_id": account.external_id,
     }
 
 

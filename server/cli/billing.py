@@ -9,6 +9,7 @@ import sys
 import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from audit import load_master_key, prepare_data_dir
 from audit.access_log import Actor, record_access
 from audit.accounts import get_organisation_by_name
 from audit.billing import (
@@ -41,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Print the organisation's consults of MONTH (by their start; never started: "
             "their appointment, else when they were made), a row per consult with its "
-            "therapist, times, duration and status; nothing about patients. The read is "
-            "in the access log."
+            "therapist, times, duration, status and the practice's appointment reference "
+            "where it is still kept; nothing about patients. The read is in the access log."
         ),
     )
     export.add_argument("--org", required=True, help="the organisation's name")
@@ -64,6 +65,8 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
     except (ZoneInfoNotFoundError, ValueError):
         raise CliError(f"--tz {args.tz!r} is not a time zone this machine knows") from None
     since, until = month_bounds(first_day, zone)
+    # The appointment references still kept are unsealed for the export.
+    master_key = load_master_key(settings, prepare_data_dir(settings.data_dir)).key
 
     async def _export() -> tuple[uuid.UUID, list[BilledConsult]]:
         async with current_database(settings) as engine, engine.begin() as conn:
@@ -71,7 +74,9 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
                 organisation = await get_organisation_by_name(conn, args.org)
             except NotFound as err:
                 raise CliError(str(err)) from None
-            entries = await month_of_consults(conn, organisation.id, since=since, until=until)
+            entries = await month_of_consults(
+                conn, organisation.id, master_key, since=since, until=until
+            )
             await record_access(
                 conn,
                 Actor.operator(),

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,3 +102,14 @@ class Receiver:
             while not predicate(self):
                 self._arrived.clear()
                 await self._arrived.wait()
+
+
+@asynccontextmanager
+async def running_receiver(port: int) -> AsyncIterator[Receiver]:
+    """A :class:`Receiver` listening on ``port`` until the block ends."""
+    found = Receiver(port)
+    await found.start()
+    try:
+        yield found
+    finally:
+        await found.stop()
