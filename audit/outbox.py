@@ -365,10 +365,11 @@ async def record_attempt(
     now: datetime,
     retry_base_s: float,
     retry_for_s: float,
-) -> DeliveryStatus:
+) -> DeliveryStatus | None:
     """Record how the attempt went (a 2xx ``status_code`` is success); return
-    the delivery's status now. A failure is recorded only if no other node
-    took the delivery over meanwhile (its claim ran out)."""
+    the delivery's status now, or None when nothing was recorded: a failure
+    is recorded only if no other node took the delivery over meanwhile (its
+    claim ran out), a success only if it is not finished already."""
     delivered = status_code is not None and 200 <= status_code < 300
     values: dict[str, Any] = {"last_status_code": status_code, "last_error": error}
     where = [
@@ -384,7 +385,9 @@ async def record_attempt(
         values["next_attempt_at"] = again
     if status is not DeliveryStatus.PENDING:
         values.update(status=status.value, finished_at=now, next_attempt_at=None)
-    await conn.execute(webhook_deliveries.update().where(*where).values(**values))
+    updated = await conn.execute(webhook_deliveries.update().where(*where).values(**values))
+    if not updated.rowcount:
+        return None
     if status is not DeliveryStatus.PENDING:
         await _clear_finished_event(conn, delivery.event_id)
     return status

@@ -278,9 +278,10 @@ async def _deliver(
             retry_base_s=settings.retry_base_s,
             retry_for_s=settings.retry_for_s,
         )
-        if status is not DeliveryStatus.PENDING and due.event_type in CONSULT_EVENTS:
+        if status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED) and (
+            due.event_type in CONSULT_EVENTS
+        ):
             await destroy_spent_references(conn, [due.subject_id])
-    app[METRICS].record_webhook_attempt(status)
     # No URL in the process log: an endpoint's query string may hold a token.
     details = {
         "endpoint_id": str(endpoint.id),
@@ -288,6 +289,12 @@ async def _deliver(
         "webhook_id": due.webhook_id,
         "attempt": due.attempt,
     }
+    if status is None:
+        # Another node took the delivery over (this node's claim ran out):
+        # its result counts, not this late one.
+        _log.info("webhook attempt superseded by another node's", **details)
+        return
+    app[METRICS].record_webhook_attempt(status)
     if status is DeliveryStatus.DELIVERED:
         _log.info("webhook delivered", **details)
     elif status is DeliveryStatus.FAILED:

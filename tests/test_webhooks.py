@@ -29,6 +29,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from audit.accounts import Role, find_account_by_email
 from audit.clock import ManualClock
 from audit.consults import create_consult, mark_ended, mark_started
+from audit.outbox import DeliveryStatus, claim_due, record_attempt
 from audit.retention import Retention, purge
 from audit.schema import access_log, webhook_deliveries, webhook_endpoints, webhook_events
 from audit.support import TherapistPseudonyms
@@ -731,3 +732,36 @@ async def test_the_retention_purge_takes_the_webhook_history_of_what_it_purges(
         entry["subject_id"] for entry in await deliveries(harness, created["endpoint"]["id"])
     }
     assert subjects == {str(recording_id)}
+
+
+async def test_an_attempt_another_node_took_over_is_reported_as_superseded(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # Found in review: the node whose claim ran out still reported its late
+    # result as the delivery's status (logged "failed for good", counted in
+    # /metrics) although its update matched no row.
+    await admin_of(harness)
+    await register(harness, receiver.url, ["consult.started"])
+    await started_consult(harness)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        (first,) = await claim_due(conn, now=harness.clock.now(), lease_s=20, limit=5)
+    harness.clock.advance(21)  # the first node's claim ran out
+    async with harness.app[DB_ENGINE].begin() as conn:
+        (second,) = await claim_due(conn, now=harness.clock.now(), lease_s=20, limit=5)
+    assert (first.id, first.attempt, second.attempt) == (second.id, 1, 2)
+    now = harness.clock.now()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        late = await record_attempt(
+            conn,
+            first,
+            status_code=500,
+            error="answered HTTP 500",
+            now=now,
+            retry_base_s=30.0,
+            retry_for_s=0.0,
+        )
+        assert late is None  # superseded: nothing recorded
+        current = await record_attempt(
+            conn, second, status_code=None, error="x", now=now, retry_base_s=30.0, retry_for_s=0.0
+        )
+        assert current is DeliveryStatus.FAILED
