@@ -297,8 +297,9 @@ async def open_invite_by_hash(
     """Like :func:`open_invite`, by the stored hash (checked again on every reconnect).
 
     ``consult_id`` is the consult the invite was for, when the caller knows
-    it (a ticket made from it): the invite of a consult that is over is
-    deleted, and then it still answers that the consult is over.
+    it (a ticket made from it): the invite of a consult that is over is gone
+    (:func:`mark_ended` deletes it), and then it still answers that the
+    consult is over. It only reads.
     """
     # The invite and its consult in one query (one round trip: it is on
     # every patient's way in).

@@ -31,6 +31,7 @@ from audit.consults import (
     open_invite,
     revoke_invites,
 )
+from audit.db import reading
 from audit.errors import NotFound
 from audit.labels import read_labels, store_label
 from audit.practice import PracticeSettings, practice_settings_of
@@ -367,7 +368,8 @@ async def usable_invite(conn: AsyncConnection, request: web.Request, now: dateti
 async def _open(request: web.Request) -> tuple[Invite, datetime | None]:
     """The invite, and when its waiting room opens (None: it is open)."""
     now = request.app[CLOCK].now()
-    async with request.app[DB_ENGINE].begin() as conn:
+    # A read only (the patient's page asks on every load): no write lock on SQLite.
+    async with reading(request.app[DB_ENGINE]) as conn:
         invite = await usable_invite(conn, request, now)
     return invite, _opens_at(request.app, invite, now)
 
