@@ -206,6 +206,17 @@ async def test_a_reference_is_refused_when_the_practice_does_not_allow_it(
     assert await kept(harness) == 0
 
 
+async def test_the_session_tells_the_page_whether_the_practice_allows_references(
+    harness: Harness,
+) -> None:
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    login = await harness.login(therapist)
+    assert (await login.json())["practice"] == {"appointment_reference_allowed": False}
+    await allow_references(harness)
+    session = await (await harness.client.get("/api/session")).json()
+    assert session["practice"] == {"appointment_reference_allowed": True}
+
+
 @pytest.mark.parametrize(
     ("reference", "problem"),
     [

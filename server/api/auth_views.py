@@ -10,6 +10,7 @@ from pydantic import Field, StringConstraints
 from audit import accounts as stored_accounts
 from audit.access_log import Actor, ClientType, record_access
 from audit.notices import dismiss_notice, pending_notices
+from audit.practice import practice_settings_of
 from audit.sealing import TOKEN_PATTERN
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
@@ -158,13 +159,17 @@ async def _session_answer(
     request: web.Request, account: stored_accounts.Account, session: Session
 ) -> dict[str, object]:
     """The session's answer, at the app's time and with its session settings,
-    and what the account holder must be told (a reset of their credentials)."""
+    what the account holder must be told (a reset of their credentials), and
+    what the practice lets the pages offer."""
     async with request.app[DB_ENGINE].connect() as conn:
         notices = await pending_notices(conn, account.id)
+        practice = await practice_settings_of(conn, account.organisation_id)
     answer = session_json(
         account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
     )
     answer["notices"] = [notice_json(notice) for notice in notices]
+    # The new-consult form shows its reference field only where it is accepted.
+    answer["practice"] = {"appointment_reference_allowed": practice.appointment_reference_allowed}
     return answer
 
 

@@ -307,12 +307,17 @@ async def therapist_logs_in(
     return anna, context, page
 
 
-async def logs_in(harness: Harness, page: Page, who: Professional) -> None:
-    """Fill in the login page open in ``page``; wait for the dashboard."""
+async def submit_login(harness: Harness, page: Page, who: Professional) -> None:
+    """Fill in the login page open in ``page`` as ``who`` and send it."""
     await page.fill("#email", who.email)
     await page.fill("#password", who.password)
     await page.fill("#code", harness.code(who.secret))
     await page.click("#login-button")
+
+
+async def logs_in(harness: Harness, page: Page, who: Professional) -> None:
+    """Fill in the login page open in ``page``; wait for the dashboard."""
+    await submit_login(harness, page, who)
     await page.wait_for_url("**/app*")
     await expect(page.locator("#dashboard")).to_be_visible()
     await assert_accessible(page, "dashboard")

@@ -21,6 +21,7 @@ import {
   stopIdleTimer,
 } from "./admin_api.js";
 import { renderBilling, useBillingAccounts, wireBilling } from "./admin_billing.js";
+import { fillExternalIdCell, wireExternalId } from "./admin_external_id.js";
 import { renderAccessLog, startAccessLog, useAccounts, wireAccessLog } from "./admin_log.js";
 import { renderWebhooks, startWebhooks, wireWebhooks } from "./admin_webhooks.js";
 import { showWayHome } from "./roles.js";
@@ -99,6 +100,7 @@ function renderAccounts() {
     status.className = `status-${account.status}`;
     cell(row, t("admin.accounts.enrolled"), account.enrolled_at ? t("admin.accounts.yes") : t("admin.accounts.no"));
     cell(row, t("admin.accounts.lastLogin"), account.last_login_on ? dayText(account.last_login_on) : t("admin.accounts.never"));
+    fillExternalIdCell(cell(row, t("admin.accounts.externalId")), account, { editable: !self });
     const actionsCell = row.insertCell();
     if (self) continue;
     const actions = document.createElement("div");
@@ -354,6 +356,7 @@ async function loadPractice() {
 function renderPractice() {
   if (!practice) return;
   $("recording-allowed").checked = practice.recording_allowed;
+  $("references-allowed").checked = practice.appointment_reference_allowed;
   $("recording-off").hidden = practice.server.recording_enabled;
   const select = $("invite-validity");
   const serverS = practice.server.invite_validity_s;
@@ -375,6 +378,7 @@ async function savePractice(event) {
   const validity = $("invite-validity").value;
   const body = {
     recording_allowed: $("recording-allowed").checked,
+    appointment_reference_allowed: $("references-allowed").checked,
     invite_validity_s: validity ? Number(validity) : null,
   };
   try {
@@ -403,6 +407,7 @@ function wire() {
   $("retention-form").addEventListener("submit", saveRetention);
   $("retention-preview").addEventListener("click", previewRetention);
   $("practice-form").addEventListener("submit", savePractice);
+  wireExternalId(replaceAccount);
   wireWebhooks();
   wireBilling();
   wireAccessLog();

@@ -7,6 +7,7 @@ import {
   consultTime,
   groupByTime,
   labelOf,
+  offerReference,
   showMailOutcome,
 } from "./appointments.js";
 import { ConsultCall, LinkProblem } from "./call.js";
@@ -542,6 +543,7 @@ async function start() {
   if (!session) return;
   account = session.account;
   idle.timeoutS = session.session.idle_timeout_s;
+  offerReference($("new-form"), session.practice);
   if (account.role !== "therapist") {
     say($("loading").querySelector("p"), "app.notTherapist");
     showWayHome($("loading-home"), account.role);

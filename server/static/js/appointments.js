@@ -1,6 +1,7 @@
 // Appointments in the therapist's dashboard: the list by time (today's and
 // upcoming first, then earlier ones), the new consult's appointment and the
-// patient's e-mail address, and what became of an e-mailed invitation.
+// patient's e-mail address, the practice's appointment reference (where it
+// allows one), and what became of an e-mailed invitation.
 import { t } from "./i18n.js";
 
 // When a consult happens, as far as the list is concerned: its appointment,
@@ -37,12 +38,20 @@ export function appointmentFields(form) {
   if (when) fields.scheduled_at = new Date(when).toISOString();
   const email = form.querySelector("#patient-email").value.trim();
   if (email) fields.email = email;
+  const reference = form.querySelector("#appointment-reference");
+  if (!reference.closest("[hidden]") && reference.value.trim()) fields.appointment_reference = reference.value.trim();
   return fields;
 }
 
 export function clearAppointmentFields(form) {
   form.querySelector("#scheduled-at").value = "";
   form.querySelector("#patient-email").value = "";
+  form.querySelector("#appointment-reference").value = "";
+}
+
+// The reference field only where the practice takes one (the session says).
+export function offerReference(form, practice) {
+  form.querySelector("#reference-field").hidden = !(practice && practice.appointment_reference_allowed);
 }
 
 // Asks for the patient's address; the body for a reissued link (null: cancelled).
