@@ -14,7 +14,8 @@ Domain errors from :mod:`audit` are translated here too (NotFound → 404,
 Conflict → 409, InvalidValue → 422), so views raise whichever is natural,
 and so is Redis being away (several nodes): 503 ``unavailable`` with
 Retry-After, never a 500. A read whose access record could not be written
-(AccessLogNotWritten) is not answered: 503 ``access_log_unavailable``. One
+(AccessLogNotWritten) is not answered: 503 ``access_log_unavailable``, or
+``unavailable`` when the cause is the database being away. One
 exception to JSON: a browser (Accept names text/html) asking for an unknown
 address outside /api/ gets the HTML page "not found" (server/pages.py), not
 a JSON body shown raw.
@@ -135,6 +136,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except audit_errors.InvalidValue as err:
         return error_response(422, "invalid_field", str(err))
     except audit_errors.AccessLogNotWritten as err:
+        if err.__cause__ is not None and is_outage(err.__cause__):
+            # The database is away (a restart, a network drop): answered as
+            # every request is meanwhile, not as a fault of the log (seen in
+            # the PostgreSQL restart drill: a read's record failed with it).
+            request.app[DB_OUTAGE].noticed(request.app, err.__cause__)
+            return _unavailable()
         # By type only: the cause may be anything the database said.
         _log.warning(
             "access record not written",
