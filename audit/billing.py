@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.clock import iso_utc
 from audit.consults import ConsultStatus
 from audit.references import unseal_reference
 from audit.schema import accounts, appointment_references, consults
@@ -149,10 +150,6 @@ async def month_of_consults(
     ]
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
-
-
 def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
     """One consult as a row of the export (``date`` in the export's time zone)."""
     return {
@@ -161,9 +158,9 @@ def row_of(entry: BilledConsult, zone: tzinfo) -> dict[str, Any]:
         "therapist_external_id": entry.therapist_external_id,
         "consult_id": str(entry.consult_id),
         "date": entry.counted_at.astimezone(zone).date().isoformat(),
-        "scheduled_at": _iso(entry.scheduled_at),
-        "started_at": _iso(entry.started_at),
-        "ended_at": _iso(entry.ended_at),
+        "scheduled_at": iso_utc(entry.scheduled_at),
+        "started_at": iso_utc(entry.started_at),
+        "ended_at": iso_utc(entry.ended_at),
         "duration_s": entry.duration_s,
         "status": entry.status.value,
         "appointment_reference": entry.appointment_reference,

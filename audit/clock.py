@@ -11,6 +11,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
+def iso_utc(moment: datetime | None) -> str | None:
+    """A moment as ISO 8601 in UTC with ``Z`` (the form of exports and
+    webhook messages, read by other systems); None stays None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Clock(Protocol):
     def now(self) -> datetime:
         """Return the current time, timezone-aware, in UTC."""

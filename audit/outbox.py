@@ -31,12 +31,13 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.clock import iso_utc
 from audit.schema import (
     accounts,
     consults,
@@ -65,11 +66,8 @@ def webhook_id_of(event_id: uuid.UUID) -> str:
     return f"msg_{event_id.hex}"
 
 
-def iso(moment: datetime | None) -> str | None:
-    """A moment as the messages give it: ISO 8601 in UTC, with ``Z``."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+# A moment as the messages give it: ISO 8601 in UTC, with ``Z``.
+iso = iso_utc
 
 
 async def enqueue(
