@@ -1,5 +1,6 @@
 """The access record of a professional's own API request: in the request's
-transaction (:func:`record_in`) or in one of its own (:func:`record_api_access`)."""
+transaction (:func:`record_in`), in one of its own (:func:`record_api_access`),
+or, for a read, through the group-commit writer (:func:`record_read`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import Actor, Outcome, record_access
-from server.app_keys import CLOCK, DB_ENGINE
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE
 from server.auth.sessions import Principal
 
 
@@ -59,3 +60,26 @@ async def record_api_access(
             object_id=object_id,
             outcome=outcome,
         )
+
+
+async def record_read(
+    request: web.Request,
+    principal: Principal,
+    *,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID | str | None,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    """Record the professional's read through the access-log writer (group
+    commit); return once it is committed. Call it before answering the read:
+    :class:`audit.errors.AccessLogNotWritten` means the read is not answered."""
+    await request.app[ACCESS_LOG].record(
+        Actor.api(principal.account),
+        organisation_id=principal.account.organisation_id,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        now=request.app[CLOCK].now(),
+        outcome=outcome,
+    )

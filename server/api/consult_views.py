@@ -12,7 +12,6 @@ from pydantic import Field
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import Actor
 from audit.consults import (
     Consult,
     Invite,
@@ -38,7 +37,7 @@ from audit.practice import PracticeSettings, practice_settings_of
 from audit.references import check_reference, store_reference
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
-from server.api.access_records import record_api_access
+from server.api.access_records import record_api_access, record_read
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, ConflictError, NotFoundError, Unprocessable
 from server.api.invite_mailing import (
@@ -48,7 +47,7 @@ from server.api.invite_mailing import (
     waiting_room_opens_at,
 )
 from server.api.representations import consult_json, invite_json, iso
-from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY, ROOMS, SETTINGS, TICKETS
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
 from server.web_security import link_origin
 from signaling.ports import StateUnavailable
@@ -235,13 +234,12 @@ async def consults_list(request: web.Request) -> web.Response:
     async with request.app[DB_ENGINE].begin() as conn:
         found = await list_consults(conn, principal.account.id)
         links = await link_states(conn, found, now=request.app[CLOCK].now())
-    await request.app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=principal.account.organisation_id,
+    await record_read(
+        request,
+        principal,
         action="consult.list",
         object_type="therapist",
         object_id=principal.account.id,
-        now=request.app[CLOCK].now(),
     )
     names = await _labels(request.app, [consult.id for consult in found])
     return web.json_response(
@@ -258,13 +256,12 @@ async def consults_list(request: web.Request) -> web.Response:
 async def consult_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.read")
     consult = await _own_consult(request, principal)
-    await request.app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=principal.account.organisation_id,
+    await record_read(
+        request,
+        principal,
         action="consult.read",
         object_type="consult",
         object_id=consult.id,
-        now=request.app[CLOCK].now(),
     )
     names = await _labels(request.app, [consult.id])
     async with request.app[DB_ENGINE].connect() as conn:

@@ -24,11 +24,12 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit import support
-from audit.access_log import Actor, Outcome
+from audit.access_log import Outcome
 from audit.consults import ConsultStatus
 from audit.errors import NotFound
 from audit.roles import Role
 from audit.technical_log import RETENTION
+from server.api.access_records import record_read
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.query import (
     EARLIEST_DAY,
@@ -40,7 +41,7 @@ from server.api.query import (
 )
 from server.api.representations import iso, support_consult_json
 from server.api.support_charts import LANGUAGES, consults_per_day_svg, durations_svg
-from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY
+from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_role
 from signaling.protocol import EndReason
 
@@ -166,13 +167,12 @@ async def support_consults(request: web.Request) -> web.Response:
         )
         therapists = await support.therapists(conn, pseudonyms, organisation_id)
         shown = await _consults_json(conn, found.consults, now=request.app[CLOCK].now())
-    await request.app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+    await record_read(
+        request,
+        principal,
         action=ACTION_LIST,
         object_type="organisation",
         object_id=organisation_id,
-        now=request.app[CLOCK].now(),
     )
     return web.json_response(
         {
@@ -215,13 +215,12 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
             last_day=selection.last_day,
             zone=selection.zone,
         )
-    await request.app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+    await record_read(
+        request,
+        principal,
         action=ACTION_PER_DAY,
         object_type="organisation",
         object_id=organisation_id,
-        now=request.app[CLOCK].now(),
     )
     return _svg(consults_per_day_svg(days, lang=lang))
 
@@ -238,13 +237,12 @@ async def support_chart_durations(request: web.Request) -> web.Response:
         found = await support.durations(
             conn, _pseudonyms(request), selection.consult_filter(organisation_id)
         )
-    await request.app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+    await record_read(
+        request,
+        principal,
         action=ACTION_DURATIONS,
         object_type="organisation",
         object_id=organisation_id,
-        now=request.app[CLOCK].now(),
     )
     return _svg(
         durations_svg(
@@ -289,13 +287,12 @@ async def support_technical_log(request: web.Request) -> web.Response:
             )
             [shown] = await _consults_json(conn, [consult], now=now)
         # The refusal is recorded in the same transaction, so it survives the 404.
-    await app[ACCESS_LOG].record(
-        Actor.api(principal.account),
-        organisation_id=organisation_id,
+    await record_read(
+        request,
+        principal,
         action=ACTION_TECHNICAL_LOG,
         object_type="consult",
         object_id=consult_id,
-        now=now,
         outcome=Outcome.ALLOWED if consult is not None else Outcome.REFUSED,
     )
     if consult is None:
