@@ -175,9 +175,15 @@ async def set_external_id(
         )
         if taken is not None:
             raise Conflict("field 'external_id': another account of the practice has it")
-    await conn.execute(
-        accounts.update().where(accounts.c.id == account.id).values(external_id=external_id)
-    )
+    try:
+        # In a savepoint: another admin giving another account the same id at
+        # the same moment passes the check too, and meets the unique index.
+        async with conn.begin_nested():
+            await conn.execute(
+                accounts.update().where(accounts.c.id == account.id).values(external_id=external_id)
+            )
+    except sa.exc.IntegrityError:
+        raise Conflict("field 'external_id': another account of the practice has it") from None
     return replace(account, external_id=external_id)
 
 

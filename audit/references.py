@@ -54,8 +54,10 @@ _OVER = ("ended", "not_started")
 
 
 def check_reference(text: str, *, field: str = "appointment_reference") -> str:
-    """``text`` if it is a usable reference: 1 to 64 printable characters, not
-    only spaces; :class:`InvalidValue` naming ``field`` (never the value) if not."""
+    """``text`` without spaces around it, if it is a usable reference: 1 to 64
+    printable characters, not only spaces; :class:`InvalidValue` naming
+    ``field`` (never the value) if not. (Spaces around are dropped, so that
+    " X " and "X" are one reference, one external id.)"""
     if not 1 <= len(text) <= MAX_REFERENCE_CHARS:
         raise InvalidValue(f"field {field!r} must be 1 to {MAX_REFERENCE_CHARS} characters long")
     if not text.isprintable():
@@ -65,7 +67,7 @@ def check_reference(text: str, *, field: str = "appointment_reference") -> str:
         )
     if not text.strip():
         raise InvalidValue(f"field {field!r} must not be only spaces")
-    return text
+    return text.strip()
 
 
 async def store_reference(

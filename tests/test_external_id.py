@@ -6,6 +6,7 @@ export name the therapist by it; on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import uuid
@@ -200,3 +201,33 @@ async def test_the_billing_export_has_the_external_id(harness: Harness) -> None:
     answer = await harness.client.get(f"/api/admin/billing?month={month}&format=csv")
     (line,) = csv.DictReader(io.StringIO(await answer.text()))
     assert line["therapist_external_id"] == EXTERNAL_ID
+
+
+async def test_spaces_around_an_external_id_do_not_make_it_another(harness: Harness) -> None:
+    # Found in review: the API kept " X " as given, so " X " and "X" were two
+    # ids and the practice's uniqueness rule could be gone round.
+    admin, therapist = await practice(harness)
+    other = await harness.professional("ben@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    first = await set_external_id(harness, therapist.account_id, "  BIG-19012345 ")
+    assert first.status == 200, await first.text()
+    assert (await first.json())["account"]["external_id"] == "BIG-19012345"
+    taken = await set_external_id(harness, other.account_id, "BIG-19012345")
+    assert taken.status == 409
+
+
+async def test_two_admins_giving_two_accounts_one_id_at_once_get_one_409(
+    harness: Harness,
+) -> None:
+    # Found in review: both checks passed on PostgreSQL, the second update hit
+    # the unique index and answered 500 (its log line held the id).
+    admin, therapist = await practice(harness)
+    other = await harness.professional("ben@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(admin)
+    answers = await asyncio.gather(
+        *(
+            set_external_id(harness, who, "AGB-777")
+            for who in (therapist.account_id, other.account_id)
+        )
+    )
+    assert sorted(answer.status for answer in answers) == [200, 409]
