@@ -17,7 +17,6 @@ who may see it.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import uuid
@@ -119,16 +118,31 @@ class FileStore:
         return open(self.path(file_name), "rb")
 
     def delete_files(self, file_names: Iterable[str]) -> int:
-        """Remove files whose keys are already destroyed; return how many were there."""
+        """Remove files whose keys are already destroyed; return how many were there.
+
+        Every file is tried: one that cannot be removed (a permission, a
+        disk error) stops no other. Then an :class:`OSError` says how many
+        are left (their names are recordings' ids, not shown).
+        """
         removed = 0
+        failed: list[OSError] = []
         for name in file_names:
-            with contextlib.suppress(FileNotFoundError):
-                self.path(name + COPY_SUFFIX).unlink()
-            try:
-                self.path(name).unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
+            for path in (self.path(name + COPY_SUFFIX), self.path(name)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    failed.append(err)
+                    continue
+                if path.name == name:
+                    removed += 1
+        if failed:
+            raise OSError(
+                failed[0].errno,
+                f"{len(failed)} recording files could not be removed "
+                f"({type(failed[0]).__name__}); their keys are destroyed already",
+            )
         return removed
 
 

@@ -289,3 +289,29 @@ def test_any_byte_range_decrypts_from_the_chunks_that_hold_it() -> None:
     assert cut.plaintext_size == len(data) - (len(data) - 100) % CHUNK
     with pytest.raises(Tampered, match="belongs to"):
         map_chunks(io.BytesIO(sink.getvalue()), file_id=uuid.uuid4())
+
+
+def test_a_file_that_cannot_be_removed_stops_no_other_from_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: the first unlink that failed with anything but "not
+    # found" ended the loop, and the rest of a purge's files stayed for good.
+    # The refusal is simulated (a permission error for one file: root ignores
+    # file modes here).
+    store = FileStore(tmp_path)
+    names = [f"{uuid.uuid4()}.vcenc" for _ in range(3)]
+    for name in names:
+        with store.create(name) as sink:
+            sink.write(b"ciphertext")
+    stuck = store.path(names[0])
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(OSError, match="1 recording files could not be removed"):
+        store.delete_files(names)
+    assert [store.path(name).exists() for name in names] == [True, False, False]

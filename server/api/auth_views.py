@@ -9,6 +9,7 @@ from pydantic import Field, StringConstraints
 
 from audit import accounts as stored_accounts
 from audit.access_log import Actor, ClientType, record_access
+from audit.db import reading
 from audit.notices import dismiss_notice, pending_notices
 from audit.practice import practice_settings_of
 from audit.sealing import TOKEN_PATTERN
@@ -161,7 +162,9 @@ async def _session_answer(
     """The session's answer, at the app's time and with its session settings,
     what the account holder must be told (a reset of their credentials), and
     what the practice lets the pages offer."""
-    async with request.app[DB_ENGINE].connect() as conn:
+    # Two reads on every page load: no write lock on SQLite, no BEGIN and
+    # ROLLBACK on PostgreSQL.
+    async with reading(request.app[DB_ENGINE]) as conn:
         notices = await pending_notices(conn, account.id)
         practice = await practice_settings_of(conn, account.organisation_id)
     answer = session_json(
