@@ -3,6 +3,7 @@ docs/integrations.md)."""
 
 from __future__ import annotations
 
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -50,10 +51,23 @@ class SmtpSettings(Section):
             raise ValueError(
                 "smtp.host needs smtp.from_address, an address like video@praktijk.example"
             )
-        if self.username and self.security == "none" and self.host not in _LOOPBACK_HOSTS:
+        if self.host and self.security == "none" and self.host not in _LOOPBACK_HOSTS:
+            if self.username:
+                raise ValueError(
+                    "smtp.username needs smtp.security 'starttls' or 'tls': "
+                    "a password is never sent in the clear"
+                )
+            # Found in review: without a login, plain text to another host was
+            # let through; the patient's address and the link would cross the
+            # network in the clear.
             raise ValueError(
-                "smtp.username needs smtp.security 'starttls' or 'tls': "
-                "a password is never sent in the clear"
+                "smtp.security 'none' is for a relay on this machine only (localhost, "
+                "127.0.0.1, ::1): an invitation is never sent over a network in the clear"
+            )
+        if self.host and not _one_address(self.from_address):
+            raise ValueError(
+                "smtp.from_address must be one address, like "
+                "'Praktijk Noord <video@praktijk-noord.nl>'"
             )
         return self
 
@@ -63,3 +77,12 @@ class SmtpSettings(Section):
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _one_address(text: str) -> bool:
+    """Whether ``text`` is one mail address (with or without a name): no line
+    breaks (a header of its own), no second address."""
+    if "\r" in text or "\n" in text:
+        return False
+    found = getaddresses([text])
+    return len(found) == 1 and "@" in found[0][1]

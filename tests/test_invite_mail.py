@@ -371,6 +371,24 @@ async def test_a_malformed_address_is_refused_naming_the_field(
             "never sent in the clear",
         ),
         ({"smtp_host": "mail.example.nl"}, "smtp.from_address"),
+        # Found in review: plain text to another host without a login, and a
+        # sender that is a header of its own, were let through.
+        (
+            {
+                "smtp_host": "mail.example.nl",
+                "smtp_from_address": "video@praktijk.example",
+                "smtp_security": "none",
+            },
+            "a relay on this machine only",
+        ),
+        (
+            {"smtp_host": "mail.example.nl", "smtp_from_address": "a@b.nl\r\nBcc: x@y.nl"},
+            "must be one address",
+        ),
+        (
+            {"smtp_host": "mail.example.nl", "smtp_from_address": "a@b.nl, c@d.nl"},
+            "must be one address",
+        ),
         ({"smtp_time_zone": "Europe/Atlantis"}, "is not a time zone"),
         ({"smtp_security": "ssl"}, "smtp.security"),
     ],
