@@ -9,8 +9,10 @@ first, bounded by the chunks it holds (a map holds offsets and the file's
 header, no key and no plaintext). An entry is used only while the file is
 the one it was made from (same inode, size and modification time: a file
 replaced by its seekable copy, or grown, is mapped again) and is dropped
-when its recording is deleted, by its owner or by the retention purge
-(:meth:`ChunkMapCache.discard`).
+when this node deletes its recording, for its owner or in the retention
+purge (:meth:`ChunkMapCache.discard`); on other nodes, and after a delete
+from the command line, it ages out of the bounded cache (its file is gone,
+so it is never used again).
 """
 
 from __future__ import annotations

@@ -95,13 +95,18 @@ class EncryptingWriter:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         owns_sink: bool = False,
+        avoid_prefix: bytes | None = None,
     ) -> None:
-        """``owns_sink``: close ``sink`` too on :meth:`close`."""
+        """``owns_sink``: close ``sink`` too on :meth:`close`. ``avoid_prefix``:
+        the nonce prefix of another file under the same key (a copy of it):
+        this one draws another, so no nonce is used twice under the key."""
         if not 16 <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk size must be 16 to {MAX_CHUNK_SIZE} bytes")
         self._sink = sink
         self._aead = AESGCM(data_key)
         self._prefix = os.urandom(4)
+        while self._prefix == avoid_prefix:
+            self._prefix = os.urandom(4)
         self._chunk_size = chunk_size
         self._header = _HEADER.pack(MAGIC, VERSION, file_id.bytes, self._prefix, chunk_size)
         self._buffer = bytearray()
@@ -210,8 +215,16 @@ class HeadPatchingWriter(EncryptingWriter):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         owns_sink: bool = False,
+        avoid_prefix: bytes | None = None,
     ) -> None:
-        super().__init__(sink, data_key, file_id, chunk_size=chunk_size, owns_sink=owns_sink)
+        super().__init__(
+            sink,
+            data_key,
+            file_id,
+            chunk_size=chunk_size,
+            owns_sink=owns_sink,
+            avoid_prefix=avoid_prefix,
+        )
         self._head = bytearray()
         self._position = 0
         self._head_placed = False
@@ -275,6 +288,12 @@ class HeadPatchingWriter(EncryptingWriter):
         self._sink.flush()
         if self._owns_sink:
             self._sink.close()
+
+
+def nonce_prefix(header: bytes) -> bytes:
+    """The nonce prefix a file's raw header (:func:`read_header`) names."""
+    prefix: bytes = _HEADER.unpack(header)[3]
+    return prefix
 
 
 def read_header(source: BinaryIO) -> tuple[uuid.UUID, bytes]:

@@ -38,7 +38,8 @@ from audit.webhooks import EventType
 
 FILE_SUFFIX = ".vcenc"
 # A file's seekable copy while it is made (signaling/remux.py); one left by a
-# worker killed meanwhile is ciphertext no key opens whole, removed with the file.
+# worker killed meanwhile is encrypted under the recording's key (its first
+# chunk zeros, so it never opens as a whole file) and removed with the file.
 COPY_SUFFIX = ".seekable"
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import av
 
-from audit.filestore import HeadPatchingWriter, decrypt_chunks
+from audit.filestore import HeadPatchingWriter, decrypt_chunks, nonce_prefix, read_header
 from audit.recordings import COPY_SUFFIX, RecordingFile
 from signaling.muxer import CONTAINER_OPTIONS
 
@@ -88,7 +88,12 @@ def make_seekable(
             open(file.path, "rb") as source,
             os.fdopen(descriptor, "w+b") as sink,
         ):
-            writer = HeadPatchingWriter(sink, file.data_key, file.file_id)
+            # The copy is under the same key: never with the original's nonces.
+            _file_id, header = read_header(source)
+            source.seek(0)
+            writer = HeadPatchingWriter(
+                sink, file.data_key, file.file_id, avoid_prefix=nonce_prefix(header)
+            )
             reader = _DecryptingReader(decrypt_chunks(source, file.data_key, file_id=file.file_id))
             _copy_packets(reader, writer, container_format, started, deadline_s)
             writer.close()

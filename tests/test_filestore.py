@@ -27,6 +27,8 @@ from audit.filestore import (
     decrypt_range,
     map_chunks,
     new_data_key,
+    nonce_prefix,
+    read_header,
 )
 from audit.recordings import (
     FileStore,
@@ -315,3 +317,25 @@ def test_a_file_that_cannot_be_removed_stops_no_other_from_going(
     with pytest.raises(OSError, match="1 recording files could not be removed"):
         store.delete_files(names)
     assert [store.path(name).exists() for name in names] == [True, False, False]
+
+
+def test_a_writer_told_another_files_prefix_never_takes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found in review: the seekable copy of a recording is written under the
+    # recording's key with a fresh random prefix; drawn equal to the
+    # original's (1 in 2**32), every chunk's nonce would be used twice. The
+    # draw is forced to the original's first.
+    key, file_id = new_data_key(), uuid.uuid4()
+    draws = iter([b"\x01\x02\x03\x04", b"\x01\x02\x03\x04", b"\x09\x09\x09\x09"])
+    monkeypatch.setattr("audit.filestore.os.urandom", lambda n: next(draws))
+    first = io.BytesIO()
+    with EncryptingWriter(first, key, file_id) as writer:
+        writer.write(b"media")
+    _id, header = read_header(io.BytesIO(first.getvalue()))
+    copy = io.BytesIO()
+    with EncryptingWriter(copy, key, file_id, avoid_prefix=nonce_prefix(header)) as writer:
+        writer.write(b"media")
+    _id, copy_header = read_header(io.BytesIO(copy.getvalue()))
+    assert nonce_prefix(header) == b"\x01\x02\x03\x04"
+    assert nonce_prefix(copy_header) == b"\x09\x09\x09\x09"
