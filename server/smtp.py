@@ -92,8 +92,11 @@ async def send_mail(settings: SmtpSettings, message: EmailMessage) -> None:
     except aiosmtplib.SMTPResponseException as err:
         raise MailFailed(MailProblem.REFUSED, smtp_code=err.code) from None
     except (aiosmtplib.SMTPException, ssl.SSLError) as err:
-        problem = MailProblem.TLS_FAILED if _is_tls(err) else MailProblem.UNREACHABLE
-        raise MailFailed(problem) from None
+        # A server that does not offer the STARTTLS asked for is a TLS failure
+        # (aiosmtplib says so only in its message), never a plain-text send.
+        no_starttls = "STARTTLS" in str(err) and settings.security == "starttls"
+        tls = no_starttls or _is_tls(err)
+        raise MailFailed(MailProblem.TLS_FAILED if tls else MailProblem.UNREACHABLE) from None
     except TimeoutError:
         raise MailFailed(MailProblem.TIMEOUT) from None
     except OSError:

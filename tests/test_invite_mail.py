@@ -233,6 +233,33 @@ async def test_a_refused_login_is_told_to_the_therapist_and_the_link_still_stand
     assert failed in await technical_kinds(harness, setup.consult_id, failed)
 
 
+async def test_a_mail_server_that_offers_no_starttls_is_a_tls_failure_and_gets_no_mail(
+    make_settings: SettingsFactory,
+    database_url: str,
+    clock: ManualClock,
+    aiohttp_client: Any,
+    tmp_path: Path,
+    free_port: int,
+) -> None:
+    # Found in review: told to the therapist as "could not be reached".
+    with running_smtp_server(tmp_path, free_port, security="plain") as server:
+        harness = await mail_harness(
+            make_settings,
+            database_url,
+            clock,
+            aiohttp_client,
+            **server.settings(smtp_security="starttls"),
+        )
+        setup = await new_consult(harness)
+        response = await harness.post(
+            f"/api/consults/{setup.consult_id}/invite", {"email": PATIENT}
+        )
+        answer = await response.json()
+        assert answer["invite_email"]["sent"] is False
+        assert answer["invite_email"]["error"]["code"] == "email_tls_failed"
+        assert server.mailbox.messages == []  # never sent in the clear instead
+
+
 async def test_an_unreachable_mail_server_is_told_to_the_therapist(
     make_settings: SettingsFactory,
     database_url: str,

@@ -116,8 +116,9 @@ class SmtpServer:
 
 @contextmanager
 def running_smtp_server(directory: Path, port: int, *, security: str) -> Iterator[SmtpServer]:
-    """An SMTP server on 127.0.0.1:``port`` that wants STARTTLS (``starttls``)
-    or speaks TLS from the start (``tls``), and AUTH before any mail."""
+    """An SMTP server on 127.0.0.1:``port`` that wants STARTTLS (``starttls``),
+    speaks TLS from the start (``tls``) or offers no TLS (``plain``), and
+    AUTH before any mail."""
     cert_file, key_file = self_signed_certificate(directory)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
@@ -125,6 +126,9 @@ def running_smtp_server(directory: Path, port: int, *, security: str) -> Iterato
     tls_options: dict[str, Any] = (
         {"tls_context": context, "require_starttls": True}
         if security == "starttls"
+        # A server that offers no STARTTLS at all (``plain``).
+        else {"auth_require_tls": False}
+        if security == "plain"
         # aiosmtpd counts only STARTTLS as TLS when it decides to offer AUTH;
         # with implicit TLS the whole connection is encrypted from the start.
         else {"ssl_context": context, "auth_require_tls": False}
