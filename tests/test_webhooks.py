@@ -587,6 +587,79 @@ async def test_a_practice_network_is_allowed_by_the_setting_but_never_this_machi
     assert local.status == 422
 
 
+async def test_an_endpoint_on_a_port_other_than_443_is_refused_naming_port_and_setting(
+    harness: Harness,
+) -> None:
+    # A port is another service (a mail server's 25, a database's 5432): only
+    # https's own port, unless the operator lists another.
+    await admin_of(harness)
+    for url in ("https://mail.example.org:25/", "https://records.example.org:8443/hooks"):
+        answer = await harness.post("/api/admin/webhooks", {"url": url, "events": ALL_EVENTS})
+        assert answer.status == 422, await answer.text()
+        message = (await answer.json())["error"]["message"]
+        port = url.split(":")[2].split("/")[0]
+        assert f"port {port}" in message
+        assert "webhooks.allowed_ports" in message
+    for url in ("https://records.example.org/hooks", "https://records.example.org:443/hooks"):
+        answer = await harness.post("/api/admin/webhooks", {"url": url, "events": ALL_EVENTS})
+        assert answer.status == 201, await answer.text()
+
+
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="3600",
+    webhooks_allowed_ports="8443, 9443",
+)
+async def test_the_ports_the_operator_lists_are_allowed_and_no_other(harness: Harness) -> None:
+    await admin_of(harness)
+    for port in (8443, 9443, 443):
+        url = f"https://records.example.org:{port}/hooks"
+        answer = await harness.post("/api/admin/webhooks", {"url": url, "events": ALL_EVENTS})
+        assert answer.status == 201, await answer.text()
+    refused = await harness.post(
+        "/api/admin/webhooks", {"url": "https://records.example.org:8080/", "events": ALL_EVENTS}
+    )
+    assert refused.status == 422
+    assert "port 8080" in (await refused.json())["error"]["message"]
+
+
+async def test_an_endpoint_whose_port_is_no_longer_allowed_fails_at_the_send(
+    harness: Harness,
+) -> None:
+    # Registered while webhooks.allowed_ports listed 8443; the operator has
+    # since taken it out. The send checks the port again, as it does the host.
+    await admin_of(harness)
+    created = await register(harness, "https://records.praktijk-noord.example/hooks")
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(
+            webhook_endpoints.update().values(url="https://93.184.215.14:8443/hooks")
+        )
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 1
+    (refused,) = await deliveries(harness, created["endpoint"]["id"])
+    assert refused["status"] == "pending"
+    assert refused["last_status_code"] is None
+    assert "port 8443" in refused["last_error"]
+    assert "webhooks.allowed_ports" in refused["last_error"]
+
+
+async def test_an_address_no_longer_allowed_is_not_sent_to(harness: Harness) -> None:
+    # Found while adding the port check: an address in the URL (no name to
+    # resolve) was checked only at registration; aiohttp skips the resolver
+    # for it, so a private address registered while
+    # webhooks.allow_private_networks was on was still sent to after the
+    # operator turned it off.
+    await admin_of(harness)
+    created = await register(harness, "https://records.praktijk-noord.example/hooks")
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await conn.execute(webhook_endpoints.update().values(url="https://10.1.2.3/hooks"))
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 1
+    (refused,) = await deliveries(harness, created["endpoint"]["id"])
+    assert refused["last_status_code"] is None
+    assert "a private network" in refused["last_error"]
+
+
 async def test_a_host_name_that_resolves_to_this_machine_is_not_sent_to(
     harness: Harness, receiver: Receiver
 ) -> None:
@@ -595,9 +668,7 @@ async def test_a_host_name_that_resolves_to_this_machine_is_not_sent_to(
     # The name now resolves to this machine (DNS rebinding, or a name made
     # for it): the check at registration cannot see that; the send's can.
     async with harness.app[DB_ENGINE].begin() as conn:
-        await conn.execute(
-            webhook_endpoints.update().values(url=f"https://localhost:{receiver.port}/hooks")
-        )
+        await conn.execute(webhook_endpoints.update().values(url="https://localhost/hooks"))
     await started_consult(harness)
     assert await deliver_due(harness.app) == 1
     (refused,) = await deliveries(harness, created["endpoint"]["id"])
