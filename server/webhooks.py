@@ -51,7 +51,14 @@ from audit.accounts import external_ids
 from audit.clock import SystemClock
 from audit.errors import InvalidValue
 from audit.fhir import encounter_of
-from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
+from audit.outbox import (
+    DeliveryStatus,
+    DueDelivery,
+    claim_due,
+    purge_history,
+    record_attempt,
+    record_disclosure,
+)
 from audit.references import destroy_spent_references, read_references
 from audit.support import TherapistPseudonyms
 from audit.webhooks import (
@@ -287,16 +294,30 @@ async def _deliver(
         )
     if status_code is not None and not 200 <= status_code < 300:
         error = f"answered HTTP {status_code}"
+    taken = error is None and status_code is not None
+    finished_at = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
         status = await record_attempt(
             conn,
             due,
             status_code=status_code,
             error=error,
-            now=app[CLOCK].now(),
+            now=finished_at,
             retry_base_s=settings.retry_base_s,
             retry_for_s=settings.retry_for_s,
         )
+        if taken:
+            # After the delivery's row, as the retention purge takes them (the
+            # rows, then the chain's lock): the two never wait for each other
+            # in a circle. Written even when another node had finished the
+            # delivery meanwhile: this answer too says the message was taken.
+            await record_disclosure(
+                conn,
+                due,
+                endpoint_id=endpoint.id,
+                organisation_id=endpoint.organisation_id,
+                now=finished_at,
+            )
         if status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED) and (
             due.event_type in CONSULT_EVENTS
         ):

@@ -26,6 +26,7 @@ from fhir.resources.R4B.encounter import Encounter
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from audit.access_log import verify_chain
 from audit.accounts import Role, find_account_by_email
 from audit.clock import ManualClock
 from audit.consults import create_consult, mark_ended, mark_started
@@ -289,6 +290,82 @@ async def test_each_event_is_delivered_once_signed_with_what_the_record_system_n
             await conn.execute(sa.select(webhook_events.c.data, webhook_events.c.therapist_id))
         ).all()
     assert [tuple(row) for row in kept] == [({}, None)] * 4
+
+
+async def disclosures(harness: Harness) -> list[dict[str, Any]]:
+    """The access records of delivered webhooks, oldest first."""
+    async with harness.app[DB_ENGINE].connect() as conn:
+        rows = await conn.execute(
+            sa.select(access_log)
+            .where(access_log.c.action == "webhook.delivered")
+            .order_by(access_log.c.id)
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+async def test_each_delivered_message_is_access_logged_once_as_a_disclosure_to_its_endpoint(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # A message tells the record system the consult's times and the
+    # therapist's pseudonym: a disclosure of personal data, in the log.
+    admin = await admin_of(harness)
+    created = await register(harness, receiver.url)
+    receiver.secret = created["secret"]
+    endpoint_id = uuid.UUID(created["endpoint"]["id"])
+    therapist = await harness.professional("t@praktijk-noord.example", Role.THERAPIST)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        consult = await create_consult(
+            conn, therapist_id=therapist.account_id, now=harness.clock.now()
+        )
+        await mark_started(conn, consult.id, now=harness.clock.now())
+        await mark_ended(conn, consult.id, now=harness.clock.now(), end_reason="both_left")
+    recording_id = await stored_recording(harness, str(consult.id), b"\x1a\x45\xdf\xa3 media")
+    assert await disclosures(harness) == []  # written as it is delivered, not before
+    assert await deliver_due(harness.app) == 3
+    assert await deliver_due(harness.app) == 0
+    found = await disclosures(harness)
+    assert sorted((r["object_type"], r["object_id"]) for r in found) == sorted(
+        [
+            ("consult", str(consult.id)),
+            ("consult", str(consult.id)),
+            ("recording", str(recording_id)),
+        ]
+    )
+    for record in found:
+        # The system sent it; the record names the endpoint by its id only.
+        assert record["actor_role"] == "system"
+        assert record["actor_id"] == endpoint_id
+        assert record["client_type"] == "webhook"
+        assert record["outcome"] == "allowed"
+        assert record["organisation_id"] == admin.organisation.id
+        assert record["at"] == harness.clock.now()
+        assert receiver.url not in str(record)
+        assert created["secret"] not in str(record)
+    # One record per message the endpoint took, on the organisation's intact chain.
+    assert len(found) == len(receiver.unique()) == 3
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert (await verify_chain(conn)).intact
+
+
+async def test_an_attempt_without_a_2xx_answer_is_not_access_logged(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await admin_of(harness)
+    created = await register(harness, receiver.url, ["consult.started"])
+    receiver.secret = "whsec_" + base64.b64encode(b"\x01" * 32).decode()  # answered 401
+    await started_consult(harness)
+    assert await deliver_due(harness.app) == 1
+    await receiver.stop()
+    harness.clock.advance(30)
+    assert await deliver_due(harness.app) == 1  # nobody listens
+    assert await disclosures(harness) == []
+    receiver.secret = created["secret"]
+    await receiver.start()
+    harness.clock.advance(60)
+    assert await deliver_due(harness.app) == 1
+    (record,) = await disclosures(harness)
+    assert record["actor_id"] == uuid.UUID(created["endpoint"]["id"])
+    assert record["object_type"] == "consult"
 
 
 async def test_an_endpoint_hears_only_the_events_it_took(
