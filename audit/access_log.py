@@ -54,10 +54,14 @@ class ClientType(enum.Enum):
     CLI = "cli"
     # The signaling WebSocket.
     WEBSOCKET = "websocket"
+    # A webhook's message to a practice's record system (the server sent it).
+    WEBHOOK = "webhook"
 
 
 # The actor role of changes made at the command line.
 OPERATOR = "operator"
+# The actor role of what the server does by itself (the retention purge, webhooks).
+SYSTEM = "system"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.access_log import SYSTEM, Actor, ClientType, access_record, append_access
 from audit.clock import iso_utc
 from audit.schema import (
     accounts,
@@ -389,6 +390,48 @@ async def record_attempt(
     if status is not DeliveryStatus.PENDING:
         await _clear_finished_event(conn, delivery.event_id)
     return status
+
+
+# The access record of a message an endpoint took (a 2xx answer): it told the
+# practice's record system the consult's times and the therapist's pseudonym
+# or external id (and the appointment reference), a disclosure of personal
+# data, which the access log holds as every read of it (DESIGN, promise 6).
+DELIVERED_ACTION = "webhook.delivered"
+# What a message is about, as the access log and the patient's receipt name it.
+_OBJECT_TYPES = {
+    EventType.CONSULT_STARTED: "consult",
+    EventType.CONSULT_ENDED: "consult",
+    EventType.RECORDING_AVAILABLE: "recording",
+    EventType.RECORDING_DELETED: "recording",
+}
+
+
+async def record_disclosure(
+    conn: AsyncConnection,
+    delivery: DueDelivery,
+    *,
+    endpoint_id: uuid.UUID,
+    organisation_id: uuid.UUID,
+    now: datetime,
+) -> None:
+    """Append the access record of ``delivery``'s message, taken by the
+    endpoint, in the caller's transaction (the one that records the
+    attempt): the system sent it (role ``system``, client ``webhook``), and
+    the actor's id is the endpoint's, never its URL; the object is the
+    consult or recording the message is about, so that the patient's
+    receipt lists it. One per 2xx answer: a message sent twice (at least
+    once: a node's claim ran out) and taken twice is two disclosures."""
+    await append_access(
+        conn,
+        access_record(
+            Actor(endpoint_id, SYSTEM, ClientType.WEBHOOK),
+            organisation_id=organisation_id,
+            action=DELIVERED_ACTION,
+            object_type=_OBJECT_TYPES[delivery.event_type],
+            object_id=delivery.subject_id,
+            now=now,
+        ),
+    )
 
 
 async def _clear_finished_event(conn: AsyncConnection, event_id: uuid.UUID) -> None:

@@ -12,8 +12,9 @@ What a receipt shows (:func:`read_receipt`): the consult's status, start,
 end and duration; whether it was recorded and whether a recording of it
 still exists; and every access record whose object is the consult or one of
 its recordings (when, the actor's role and pseudonym: their account's id,
-which the practice can look up in its access log; what was done and the
-outcome). Nothing of any other consult, and no way to one.
+which the practice can look up in its access log, or for a webhook message
+the practice's record system took, ``webhook.delivered`` by the system, the
+endpoint's id; what was done and the outcome). Nothing of any other consult, and no way to one.
 
 A recording destroyed before its consult's record leaves its id in
 ``destroyed_recordings`` (written by :func:`audit.recordings.shred`), so

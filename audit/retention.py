@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import (
+    SYSTEM,
     AccessRecord,
     ClientType,
     Outcome,
@@ -60,8 +61,6 @@ from audit.webhooks import EventType
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
 # Rows deleted per statement (and per progress step).
 BATCH = 1000
-# The actor role of what the purge writes to the access log.
-SYSTEM = "system"
 
 Progress = Callable[[int], None]
 

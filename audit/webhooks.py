@@ -9,9 +9,10 @@ secret signs too, for :data:`ROTATION_OVERLAP_S`, so that the receiver can
 switch without losing a message. What is sent, and when, is in
 :mod:`audit.outbox`.
 
-The URL's rules (https, or http to 127.0.0.1 when the server allows it) are
-checked by :func:`check_url`, which raises :class:`InvalidValue` naming the
-problem.
+The URL's rules (https on port 443 or one the operator lists, or http to
+127.0.0.1 when the server allows it) are checked by :func:`check_url`, which
+raises :class:`InvalidValue` naming the problem; the ones that depend on the
+server's settings again before each send (:func:`check_destination`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import enum
 import ipaddress
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -112,22 +113,31 @@ def may_receive(address: str, *, allow_private_networks: bool) -> bool:
     return allow_private_networks and found.is_private and not never
 
 
-def check_url(url: str, *, allow_http_loopback: bool, allow_private_networks: bool = False) -> str:
+# The port of https, the one an endpoint may name without the operator's say.
+HTTPS_PORT = 443
+
+
+def check_url(
+    url: str,
+    *,
+    allow_http_loopback: bool,
+    allow_private_networks: bool = False,
+    allowed_ports: Collection[int] = (),
+) -> str:
     """Return ``url`` if an endpoint may have it; InvalidValue says why not.
 
-    https to a host name or a public address (:func:`may_receive`); http
-    only to 127.0.0.1, and only where the server allows it. No user name or
-    password in it (they would be stored in the clear), no fragment. A host
-    name is checked again when it is resolved for each send.
+    https to a host name or a public address (:func:`may_receive`), on port
+    443 or one of ``allowed_ports`` (``webhooks.allowed_ports``); http only
+    to 127.0.0.1 (any port: a test's receiver, or a relay on this machine),
+    and only where the server allows it. No user name or password in it
+    (they would be stored in the clear), no fragment. A host name is checked
+    again when it is resolved for each send, the rest by
+    :func:`check_destination`.
     """
     if len(url) > MAX_URL_CHARS:
         raise InvalidValue(f"the URL is longer than {MAX_URL_CHARS} characters")
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a port that is not one
-    except ValueError:
-        raise InvalidValue("the URL cannot be read (a port or address that is not one)") from None
+    parts = _split(url)
+    host = parts.hostname
     if parts.scheme not in ("https", "http") or not host:
         raise InvalidValue("the URL must start with https:// and name a host")
     if parts.username is not None or parts.password is not None:
@@ -136,32 +146,81 @@ def check_url(url: str, *, allow_http_loopback: bool, allow_private_networks: bo
         raise InvalidValue("the URL must not have a fragment (#...)")
     if any(char.isspace() for char in url):
         raise InvalidValue("the URL must not contain spaces")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
+    if _address(host) is None:
         try:
             host.encode("idna")  # what the resolver and the TLS check will need
         except UnicodeError:
             raise InvalidValue(
                 "the URL's host name is not one (an empty part, or a part over 63 characters)"
             ) from None
+    if parts.scheme == "https" and host == "localhost":
+        raise InvalidValue(_not_there(allow_private_networks))
+    check_destination(
+        url,
+        allow_http_loopback=allow_http_loopback,
+        allow_private_networks=allow_private_networks,
+        allowed_ports=allowed_ports,
+    )
+    return url
+
+
+def check_destination(
+    url: str,
+    *,
+    allow_http_loopback: bool,
+    allow_private_networks: bool,
+    allowed_ports: Collection[int],
+) -> None:
+    """InvalidValue if the server's settings, as they are now, do not let a
+    message go where ``url`` points: its scheme, its port, an address in it.
+    Checked at registration and again before each send (the settings may
+    have changed since; a host name is checked as it resolves)."""
+    parts = _split(url)
+    host = parts.hostname or ""
+    address = _address(host)
     if parts.scheme == "http":
         if not allow_http_loopback:
             raise InvalidValue("the URL must use https")
         if address is None or str(address) != "127.0.0.1":
             raise InvalidValue("http is allowed to 127.0.0.1 only; use https")
-        return url
-    if host == "localhost" or (
-        address is not None
-        and not may_receive(str(address), allow_private_networks=allow_private_networks)
-    ):
-        private = "" if allow_private_networks else ", a private network"
+        return
+    if parts.scheme != "https":
+        raise InvalidValue("the URL must start with https:// and name a host")
+    port = parts.port
+    if port is not None and port != HTTPS_PORT and port not in allowed_ports:
+        listed = ", ".join(str(each) for each in sorted(allowed_ports)) or "none"
         raise InvalidValue(
-            f"the URL must not point at this machine{private} or a link-local, "
-            "unspecified or reserved address"
+            f"port {port} is not allowed: an endpoint uses https's port {HTTPS_PORT} or one "
+            f"the server lists in webhooks.allowed_ports (now: {listed})"
         )
-    return url
+    if address is not None and not may_receive(
+        str(address), allow_private_networks=allow_private_networks
+    ):
+        raise InvalidValue(_not_there(allow_private_networks))
+
+
+def _split(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        raise InvalidValue("the URL cannot be read (a port or address that is not one)") from None
+    return parts
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _not_there(allow_private_networks: bool) -> str:
+    private = "" if allow_private_networks else ", a private network"
+    return (
+        f"the URL must not point at this machine{private} or a link-local, "
+        "unspecified or reserved address"
+    )
 
 
 def new_secret() -> str:

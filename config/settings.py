@@ -497,6 +497,11 @@ def _check_toml_type(key: str, item: _Value) -> None:
     elif expected is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         wanted = "a number"
+    elif expected == tuple[int, ...]:
+        ok = isinstance(value, list) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value
+        )
+        wanted = "a list of whole numbers, e.g. [8443]"
     else:
         ok = isinstance(value, str)
         wanted = "a text in quotes"

@@ -3,7 +3,9 @@ docs/integrations.md)."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from config.section import Section
 
@@ -28,6 +30,34 @@ class WebhookSettings(Section):
     # server in the practice's own network. Off, only public addresses are
     # reached (an admin cannot make the server probe its neighbours).
     allow_private_networks: bool
+    # Ports an endpoint may name besides https's 443 (a port is a service: a
+    # mail server's 25, a database's 5432); none by default.
+    allowed_ports: tuple[int, ...]
+
+    @field_validator("allowed_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> tuple[int, ...]:
+        # A TOML list of whole numbers, or (an environment variable) a text
+        # of them separated by commas.
+        if isinstance(value, str):
+            items: list[Any] = [] if not value.strip() else [p.strip() for p in value.split(",")]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ValueError("must be a list of whole numbers, e.g. [8443]")
+        ports: list[int] = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int | str):
+                raise ValueError(f"{item!r} is not a port")
+            if isinstance(item, str) and not (item.isascii() and item.isdigit()):
+                raise ValueError(f"{item!r} is not a port (a whole number 1 to 65535)")
+            port = int(item)
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a port (a whole number 1 to 65535)")
+            if port in ports:
+                raise ValueError(f"{port} is listed twice")
+            ports.append(port)
+        return tuple(ports)
 
     @model_validator(mode="after")
     def _retries_outlast_the_timeout(self) -> WebhookSettings:

@@ -49,11 +49,26 @@ from standardwebhooks import Webhook
 
 from audit.accounts import external_ids
 from audit.clock import SystemClock
+from audit.errors import InvalidValue
 from audit.fhir import encounter_of
-from audit.outbox import DeliveryStatus, DueDelivery, claim_due, purge_history, record_attempt
+from audit.outbox import (
+    DeliveryStatus,
+    DueDelivery,
+    claim_due,
+    purge_history,
+    record_attempt,
+    record_disclosure,
+)
 from audit.references import destroy_spent_references, read_references
 from audit.support import TherapistPseudonyms
-from audit.webhooks import Endpoint, EventType, Payload, endpoints_by_id, may_receive
+from audit.webhooks import (
+    Endpoint,
+    EventType,
+    Payload,
+    check_destination,
+    endpoints_by_id,
+    may_receive,
+)
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEBHOOK_HTTP
 
 _log = structlog.get_logger("videoconsult.webhooks")
@@ -239,6 +254,15 @@ async def _deliver(
     status_code: int | None = None
     error: str | None = None
     try:
+        # The settings may have changed since the endpoint was registered (a
+        # port taken out of webhooks.allowed_ports, private networks turned
+        # off): an address in the URL meets no resolver that would check it.
+        check_destination(
+            endpoint.url,
+            allow_http_loopback=settings.allow_http_loopback,
+            allow_private_networks=settings.allow_private_networks,
+            allowed_ports=settings.allowed_ports,
+        )
         body, content_type = message_body(due, filled_in, endpoint.payload)
         # The signature's timestamp is the wall clock's: the receiver compares
         # it with its own to refuse replays (5 minutes apart at most), whatever
@@ -254,6 +278,8 @@ async def _deliver(
             timeout=ClientTimeout(total=settings.timeout_s),
         ) as response:
             status_code = response.status
+    except InvalidValue as err:
+        error = f"not sent: {err}"
     except TimeoutError:
         error = f"no answer within {settings.timeout_s:g} s"
     except ClientError as err:
@@ -268,16 +294,30 @@ async def _deliver(
         )
     if status_code is not None and not 200 <= status_code < 300:
         error = f"answered HTTP {status_code}"
+    taken = error is None and status_code is not None
+    finished_at = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
         status = await record_attempt(
             conn,
             due,
             status_code=status_code,
             error=error,
-            now=app[CLOCK].now(),
+            now=finished_at,
             retry_base_s=settings.retry_base_s,
             retry_for_s=settings.retry_for_s,
         )
+        if taken:
+            # After the delivery's row, as the retention purge takes them (the
+            # rows, then the chain's lock): the two never wait for each other
+            # in a circle. Written even when another node had finished the
+            # delivery meanwhile: this answer too says the message was taken.
+            await record_disclosure(
+                conn,
+                due,
+                endpoint_id=endpoint.id,
+                organisation_id=endpoint.organisation_id,
+                now=finished_at,
+            )
         if status in (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED) and (
             due.event_type in CONSULT_EVENTS
         ):

@@ -272,6 +272,9 @@ async def test_an_admin_connects_the_record_system_and_follows_its_deliveries(
 
     # Dutch, with the refusal still on screen following the language.
     await page.click("#close-secret")
+    await page.fill("#webhook-url", "https://records.example.org:8443/hooks")
+    await page.click("#webhook-register")
+    await expect(page.locator("#webhook-error")).to_contain_text("This port is not allowed")
     await page.fill("#webhook-url", "https://user:pw@records.example.org/hooks")
     await page.click("#webhook-register")
     await expect(page.locator("#webhook-error")).to_contain_text("Leave the user name")

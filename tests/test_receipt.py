@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from audit.clock import ManualClock
@@ -19,8 +20,10 @@ from audit.schema import access_log, accounts, metadata, receipts
 from audit.sealing import token_hash
 from server import create_app
 from server.app_keys import DB_ENGINE
+from server.webhooks import deliver_due
 from tests.support.harness import ConsultSetup, Harness, new_consult, stored_recording
 from tests.support.settings import SettingsFactory
+from tests.support.webhooks import Receiver
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 RETENTION = Retention(consult_days=90, recording_days=30, access_log_days=1825)
@@ -182,6 +185,46 @@ async def test_the_recording_and_who_played_it_stay_on_the_receipt_after_it_is_d
         "recording.delete",
         "receipt.read",
     ]
+
+
+@pytest.mark.settings(webhooks_allow_http_loopback="true", webhooks_poll_interval_s="3600")
+async def test_the_receipt_lists_each_message_sent_to_the_practices_record_system(
+    harness: Harness, free_port: int
+) -> None:
+    # The record system hears of the consult's start and end (its times, the
+    # therapist's pseudonym): two disclosures, on the patient's receipt as
+    # the system's, named by the endpoint's id.
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    receiver = Receiver(free_port)
+    await receiver.start()
+    try:
+        answer = await harness.post(
+            "/api/admin/webhooks",
+            {"url": receiver.url, "events": ["consult.started", "consult.ended"]},
+        )
+        assert answer.status == 201, await answer.text()
+        created = await answer.json()
+        receiver.secret = created["secret"]
+        setup = await new_consult(harness)
+        token = await started_with_receipt(harness, setup)
+        harness.clock.advance(20 * 60)
+        await end(harness, setup.consult_id)
+        assert await deliver_due(harness.app) == 2
+        assert len(receiver.unique()) == 2
+    finally:
+        await receiver.stop()
+    harness.client.session.cookie_jar.clear()
+    receipt = await read(harness, token)
+    seen = [(a["role"], a["pseudonym"], a["action"], a["outcome"]) for a in receipt["accesses"]]
+    endpoint = created["endpoint"]["id"]
+    assert seen == [
+        ("therapist", str(setup.therapist.account_id), "consult.create", "allowed"),
+        ("system", endpoint, "webhook.delivered", "allowed"),
+        ("system", endpoint, "webhook.delivered", "allowed"),
+        ("patient", None, "receipt.read", "allowed"),
+    ]
+    assert receiver.url not in str(receipt)
 
 
 async def test_after_the_retention_purge_of_the_consult_the_receipt_is_unknown(

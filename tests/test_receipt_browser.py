@@ -14,6 +14,10 @@ import pytest
 from aiohttp import ClientWebSocketResponse
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
+from audit.consults import mark_started
+from audit.outbox import claim_due, record_disclosure
+from audit.webhooks import EventType, add_endpoint
+from server.app_keys import DB_ENGINE, MASTER_KEY
 from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
@@ -162,4 +166,57 @@ async def test_a_patient_whose_connection_dropped_until_the_end_is_offered_the_r
     await assert_accessible(patient, "consult over, with the receipt offer")
     await link.click()
     await expect(patient.locator("#consult-status")).to_have_text("Ended")
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_the_receipt_says_when_the_details_went_to_the_practices_record_system(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    # Simulated here: only the HTTP send. The endpoint, its event, the claim
+    # and the access record are the real ones (the sender does the same
+    # after a 2xx answer); tests/test_receipt.py sends to a real receiver.
+    harness = live_harness
+    setup = await new_consult(harness)
+    consult_id = uuid.UUID(setup.consult_id)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        endpoint, _secret = await add_endpoint(
+            conn,
+            harness.app[MASTER_KEY].key,
+            setup.therapist.organisation.id,
+            url="https://records.praktijk-noord.example/hooks",
+            events=(EventType.CONSULT_STARTED,),
+            now=harness.clock.now(),
+        )
+        await mark_started(conn, consult_id, now=harness.clock.now())
+    receipt = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    assert receipt.status == 201
+    async with harness.app[DB_ENGINE].begin() as conn:
+        (due,) = await claim_due(conn, now=harness.clock.now(), lease_s=20, limit=5)
+        await record_disclosure(
+            conn,
+            due,
+            endpoint_id=endpoint.id,
+            organisation_id=endpoint.organisation_id,
+            now=harness.clock.now(),
+        )
+    context, page = await patient_opens(chromium, harness, (await receipt.json())["receipt_url"])
+    rows = page.locator("#access-rows tr")
+    await expect(rows.locator("td:nth-child(4)")).to_have_text(
+        [
+            "created the consultation",
+            "sent the details (times, the therapist's code) to the practice's own record system",
+            "viewed this receipt",
+        ]
+    )
+    await expect(rows.locator("td:nth-child(2)")).to_have_text(
+        ["therapist", "the system", "patient"]
+    )
+    await expect(rows.nth(1).locator("td:nth-child(3)")).to_have_text(str(endpoint.id))
+    await page.select_option("#language", "nl")
+    await expect(rows.nth(1).locator("td:nth-child(4)")).to_have_text(
+        "heeft de gegevens (tijden, de code van de therapeut) naar het eigen dossiersysteem"
+        " van de praktijk gestuurd"
+    )
+    await expect(rows.nth(1).locator("td:nth-child(2)")).to_have_text("het systeem")
+    await assert_accessible(page, "receipt with a message to the record system, in Dutch")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)

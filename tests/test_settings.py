@@ -314,3 +314,50 @@ def test_a_relative_data_dir_is_resolved_once_and_not_from_the_working_directory
     from_env = load_settings(environ={"VIDEOCONSULT_DATA_DIR": "mine"})
     assert from_env.data_dir == elsewhere / "mine"
     assert from_env.data_dir.is_absolute()
+
+
+def test_webhook_ports_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
+    assert load_settings({}).webhooks.allowed_ports == ()
+    site = tmp_path / "site.toml"
+    site.write_text("[webhooks]\nallowed_ports = [8443, 9443]\n")
+    from_file = load_settings({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+    assert from_file.webhooks.allowed_ports == (8443, 9443)
+    from_env = load_settings({"VIDEOCONSULT_WEBHOOKS_ALLOWED_PORTS": " 8443,9443 "})
+    assert from_env.webhooks.allowed_ports == (8443, 9443)
+    none = load_settings({"VIDEOCONSULT_WEBHOOKS_ALLOWED_PORTS": ""})
+    assert none.webhooks.allowed_ports == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", "0 is not a port"),
+        ("65536", "65536 is not a port"),
+        ("8443,https", "'https' is not a port"),
+        ("8443,,9443", "'' is not a port"),
+        ("8443,8443", "8443 is listed twice"),
+    ],
+)
+def test_a_webhook_port_that_is_not_one_is_refused_naming_it(value: str, expected: str) -> None:
+    message = load_error({"VIDEOCONSULT_WEBHOOKS_ALLOWED_PORTS": value})
+    assert message.startswith("invalid setting webhooks.allowed_ports = ")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[webhooks]\nallowed_ports = 8443\n", "must be a list of whole numbers"),
+        ('[webhooks]\nallowed_ports = ["8443"]\n', "must be a list of whole numbers"),
+        ("[webhooks]\nallowed_ports = [true]\n", "must be a list of whole numbers"),
+        ("[webhooks]\nallowed_ports = [70000]\n", "70000 is not a port"),
+    ],
+)
+def test_webhook_ports_in_a_site_file_must_be_whole_numbers(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(toml)
+    message = load_error({"VIDEOCONSULT_CONFIG_FILE": str(site)})
+    assert "webhooks.allowed_ports" in message
+    assert expected in message

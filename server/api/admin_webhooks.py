@@ -144,6 +144,7 @@ async def endpoint_create(request: web.Request) -> web.Response:
         body.url,
         allow_http_loopback=settings.allow_http_loopback,
         allow_private_networks=settings.allow_private_networks,
+        allowed_ports=settings.allowed_ports,
     )
     events = parse_event_types(body.events)
     async with request.app[DB_ENGINE].begin() as conn:

@@ -139,8 +139,9 @@ def _access_json(record: AccessRecord) -> dict[str, Any]:
     return {
         "at": iso(record.at),
         "role": record.actor_role,
-        # The account's id, as the practice's access log names it; none for
-        # the patient, the operator or the system.
+        # The account's id, as the practice's access log names it (for a
+        # message sent to the practice's record system, the webhook
+        # endpoint's id); none for the patient, the operator or the purge.
         "pseudonym": str(record.actor_id) if record.actor_id is not None else None,
         "action": record.action,
         "outcome": record.outcome.value,

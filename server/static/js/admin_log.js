@@ -9,7 +9,7 @@ const TIME_ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 // (One string: these are action names, not message keys.)
 const KNOWN_ACTIONS = (
   "session.login account account.create account.disable account.reset-totp account.erase " +
-  "consult recording support retention practice_settings access_log"
+  "consult recording support retention practice_settings access_log webhook.delivered"
 ).split(" ");
 
 let accounts = []; // the practice's, to name actors

@@ -2,7 +2,7 @@
 // system hears of its consults and recordings (register with the events it
 // takes; the secret shown once, again after a rotation), each endpoint's
 // counts and its recent deliveries and failures, deletion after a
-// confirmation. The rules (https, public addresses, at most 10) are the API's;
+// confirmation. The rules (https, public addresses, ports, at most 10) are the API's;
 // its refusals are said here by key, so that they follow the language.
 import { say, t } from "./i18n.js";
 import "./i18n_admin_integrations.js";
@@ -24,6 +24,7 @@ const PAYLOAD_KEYS = {
 const URL_PROBLEMS = [
   [/must use https|must start with https|allowed to 127\.0\.0\.1 only/, "admin.webhooks.error.https"],
   [/must not point at this machine/, "admin.webhooks.error.address"],
+  [/^port \d+ is not allowed/, "admin.webhooks.error.port"],
   [/user name or password/, "admin.webhooks.error.credentials"],
 ];
 

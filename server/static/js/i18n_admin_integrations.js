@@ -69,6 +69,7 @@ const MESSAGES = {
     "admin.webhooks.error.https": "Use an https:// address (such as https://records.example.org/videoconsult).",
     "admin.webhooks.error.address": "This address is not allowed: it points at this server, a private network or a reserved address. Use the public https address of your record system.",
     "admin.webhooks.error.credentials": "Leave the user name and password out of the address: they would be stored in the clear.",
+    "admin.webhooks.error.port": "This port is not allowed: use the https address without a port (443). The server's operator can allow another port (webhooks.allowed_ports).",
     "admin.webhooks.error.tooMany": "Your practice has the most endpoints it may have (10). Delete one first.",
     "admin.webhooks.error.gone": "This endpoint no longer exists.",
 
@@ -161,6 +162,7 @@ const MESSAGES = {
     "admin.webhooks.error.https": "Gebruik een https://-adres (zoals https://dossier.example.org/videoconsult).",
     "admin.webhooks.error.address": "Dit adres mag niet: het wijst naar deze server, een privénetwerk of een gereserveerd adres. Gebruik het openbare https-adres van uw dossiersysteem.",
     "admin.webhooks.error.credentials": "Laat gebruikersnaam en wachtwoord weg uit het adres: die zouden leesbaar worden opgeslagen.",
+    "admin.webhooks.error.port": "Deze poort mag niet: gebruik het https-adres zonder poort (443). De beheerder van de server kan een andere poort toestaan (webhooks.allowed_ports).",
     "admin.webhooks.error.tooMany": "Uw praktijk heeft het hoogste aantal adressen dat mag (10). Verwijder er eerst een.",
     "admin.webhooks.error.gone": "Dit adres bestaat niet meer.",
 
