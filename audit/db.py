@@ -92,15 +92,17 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
 
 @asynccontextmanager
 async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection for reads that need not see one snapshot (one statement,
-    typically), for the hot paths (a patient's admission, a join).
+    """A connection for reads that write nothing: every read-only path (a
+    patient's admission, a join, the API's lists and details, /readyz).
 
     On PostgreSQL it runs in autocommit: no BEGIN and no ROLLBACK, two round
-    trips fewer than ``engine.connect()``. On SQLite its transaction is a
-    deferred one, which takes no write lock: reads go side by side, and
-    beside a writer until it commits, instead of one at a time. Writing
-    through it is a mistake (on SQLite it fails when another writer holds
-    the lock).
+    trips fewer than ``engine.connect()``; each statement sees its own
+    snapshot, as it does in a read-committed transaction (this engine's
+    level), so several reads agree no less than they did in one. On SQLite
+    its transaction is a deferred one, which takes no write lock: reads go
+    side by side, and beside a writer until it commits, instead of one at a
+    time; its statements see one snapshot. Writing through it is a mistake
+    (on SQLite it fails when another writer holds the lock).
     """
     async with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
@@ -118,7 +120,9 @@ async def check_connection(engine: AsyncEngine, *, timeout_s: float) -> None:
     """
     try:
         async with asyncio.timeout(timeout_s):
-            async with engine.connect() as connection:
+            # A read: on SQLite it waits for no writer (a long purge would
+            # make the database look unreachable to /readyz).
+            async with reading(engine) as connection:
                 await connection.execute(sa.text("SELECT 1"))
     except TimeoutError:
         reason = detail = f"no answer within {timeout_s:g} s"

@@ -22,6 +22,7 @@ from audit.consults import (
     destroy_labels_of_unusable_links,
     purge_expired_invites,
 )
+from audit.db import reading
 from audit.references import destroy_spent_references
 from audit.retention import PurgeReport, Retention, purge
 from audit.sessions import purge_login_failures, purge_sessions
@@ -142,7 +143,7 @@ async def purge_expired(app: web.Application) -> dict[str, int]:
         }
     # The table's bound counts from what is left (and what other nodes wrote).
     app[TECHNICAL_LOG].recount()
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         abandoned = await abandoned_consults(
             conn, now=now, validity_s=settings.consults.invite_validity_s
         )

@@ -23,6 +23,7 @@ from audit import load_master_key, open_database, prepare_data_dir
 from audit.access_writer import AccessLogWriter
 from audit.chunk_maps import ChunkMapCache
 from audit.consults import running_consults
+from audit.db import reading
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
@@ -212,7 +213,7 @@ async def resume_running_consults(app: web.Application) -> None:
     now = app[CLOCK].now()
     last_seen = min(last_alive(app[DATA_DIR]) or now, now)
     touch_alive(app[DATA_DIR])
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         running = await running_consults(conn)
     if not running:
         return

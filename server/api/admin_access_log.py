@@ -27,7 +27,8 @@ from audit.access_log import (
     verify_chain,
 )
 from audit.accounts import Role
-from server.api.access_records import record_api_access, record_in
+from audit.db import reading
+from server.api.access_records import record_api_access, record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
@@ -119,18 +120,17 @@ async def access_log_read(request: web.Request) -> web.Response:
         before_seq = int(before)
     chosen = _filter(params)
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await read_access_log(
             conn, organisation_id, limit=ACCESS_LOG_PAGE, before_seq=before_seq, **chosen.query()
         )
-        await record_in(
-            conn,
-            request,
-            principal,
-            action="access_log.read",
-            object_id=organisation_id,
-            object_type="organisation",
-        )
+    await record_read(
+        request,
+        principal,
+        action="access_log.read",
+        object_id=organisation_id,
+        object_type="organisation",
+    )
     more = len(found) == ACCESS_LOG_PAGE
     return web.json_response(
         {
@@ -246,7 +246,7 @@ async def _write_records(
     first = True
     while True:
         # Each batch in a short read of its own: appends go on meanwhile.
-        async with request.app[DB_ENGINE].connect() as conn:
+        async with reading(request.app[DB_ENGINE]) as conn:
             batch = await read_access_log(
                 conn, organisation_id, limit=EXPORT_BATCH, before_seq=before_seq, **chosen.query()
             )

@@ -23,7 +23,8 @@ from audit.billing import (
     month_of_consults,
     parse_month,
 )
-from server.api.access_records import record_in
+from audit.db import reading
+from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import query_params, query_zone
 from server.api.representations import iso
@@ -64,7 +65,7 @@ async def billing_export(request: web.Request) -> web.Response:
     since, until = month_bounds(first_day, zone)
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         entries = await month_of_consults(
             conn,
             organisation_id,
@@ -73,14 +74,13 @@ async def billing_export(request: web.Request) -> web.Response:
             until=until,
             therapist_id=therapist_id,
         )
-        await record_in(
-            conn,
-            request,
-            principal,
-            action="billing.export",
-            object_type="organisation",
-            object_id=organisation_id,
-        )
+    await record_read(
+        request,
+        principal,
+        action="billing.export",
+        object_type="organisation",
+        object_id=organisation_id,
+    )
     month = f"{first_day:%Y-%m}"
     if export_format == "csv":
         return web.Response(

@@ -10,6 +10,7 @@ from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.accounts import Role
+from audit.db import reading
 from audit.practice import (
     MIN_INVITE_VALIDITY_S,
     PracticeSettings,
@@ -17,7 +18,7 @@ from audit.practice import (
     set_practice_settings,
 )
 from audit.retention import Retention, preview_organisation, retention_of
-from server.api.access_records import record_in
+from server.api.access_records import record_in, record_read
 from server.api.admin_views import default_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import Unprocessable
@@ -73,13 +74,24 @@ async def _record(
     )
 
 
+async def _record_read(request: web.Request, principal: Principal, action: str) -> None:
+    """The read's record, through the access-log writer: committed before the answer."""
+    await record_read(
+        request,
+        principal,
+        action=action,
+        object_id=principal.account.organisation_id,
+        object_type="organisation",
+    )
+
+
 @routes.get("/api/admin/practice-settings")
 async def practice_settings_read(request: web.Request) -> web.Response:
     """The practice's own settings, the server's bounds, and what is in force."""
     principal = await require_role(request, Role.ADMIN, action="practice_settings.read")
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         chosen = await practice_settings_of(conn, principal.account.organisation_id)
-        await _record(conn, request, principal, "practice_settings.read")
+    await _record_read(request, principal, "practice_settings.read")
     return web.json_response(_settings_json(request, chosen))
 
 
@@ -133,11 +145,13 @@ async def retention_preview(request: web.Request) -> web.Response:
     params = query_params(request, frozenset(RETENTION_FIELDS))
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
-    async with request.app[DB_ENGINE].begin() as conn:
+    # A dry run reads only. Its counts are one snapshot on SQLite; on
+    # PostgreSQL (read committed) each has its own, as in a transaction.
+    async with reading(request.app[DB_ENGINE]) as conn:
         saved = await retention_of(conn, organisation_id, defaults=default_retention(request))
         retention = _proposed(params, saved)
         preview = await preview_organisation(conn, organisation_id, retention, now=now)
-        await _record(conn, request, principal, "retention.preview")
+    await _record_read(request, principal, "retention.preview")
     return web.json_response(
         {
             "as_of": iso(now),

@@ -18,11 +18,12 @@ from audit.accounts import (
     parse_role,
     set_external_id,
 )
+from audit.db import reading
 from audit.errors import Conflict, NotFound
 from audit.notices import NoticeKind, pending_notices
 from audit.references import check_reference
 from audit.retention import Retention, retention_of, set_retention
-from server.api.access_records import record_api_access, record_in
+from server.api.access_records import record_api_access, record_in, record_read
 from server.api.body import RequestBody, read_json
 from server.api.errors import ConflictError, NotFoundError
 from server.api.representations import (
@@ -78,7 +79,7 @@ async def own_account(request: web.Request, principal: Principal, action: str) -
     account_id = _account_id(request)
     organisation_id = principal.account.organisation_id
     try:
-        async with app[DB_ENGINE].connect() as conn:
+        async with reading(app[DB_ENGINE]) as conn:
             return await get_account(conn, account_id, organisation_id=organisation_id)
     except NotFound:
         async with app[DB_ENGINE].begin() as conn:
@@ -99,17 +100,12 @@ async def accounts_list(request: web.Request) -> web.Response:
     """List the organisation's accounts."""
     principal = await require_role(request, Role.ADMIN, action="account.list")
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_accounts(conn, organisation_id)
         logins = await last_logins(conn, organisation_id)
-        await record_in(
-            conn,
-            request,
-            principal,
-            action="account.list",
-            object_id=None,
-            object_type="organisation",
-        )
+    await record_read(
+        request, principal, action="account.list", object_type="organisation", object_id=None
+    )
     # The day only: when exactly is in the access log, for whoever must know.
     return web.json_response(
         {
@@ -275,7 +271,7 @@ async def _reset_by_operator(app: web.Application, account: Account) -> bool:
     """Whether the account waits for the holder to use the console's full-reset link."""
     if account.password_hash is not None:
         return False
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         notices = await pending_notices(conn, account.id)
     return any(notice.kind is NoticeKind.RESET for notice in notices)
 
@@ -296,16 +292,15 @@ async def retention_read(request: web.Request) -> web.Response:
     """The organisation's retention, in days (the installation's defaults until set)."""
     principal = await require_role(request, Role.ADMIN, action="retention.read")
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         retention = await retention_of(conn, organisation_id, defaults=default_retention(request))
-        await record_in(
-            conn,
-            request,
-            principal,
-            action="retention.read",
-            object_id=organisation_id,
-            object_type="organisation",
-        )
+    await record_read(
+        request,
+        principal,
+        action="retention.read",
+        object_id=organisation_id,
+        object_type="organisation",
+    )
     return web.json_response(retention_json(retention))
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import Outcome
 from audit.accounts import Role
+from audit.db import reading
 from audit.errors import NotFound
 from audit.outbox import DeliveryEntry, DeliveryStatus, delivery_counts, recent_deliveries
 from audit.webhooks import (
@@ -28,7 +29,7 @@ from audit.webhooks import (
     parse_event_types,
     rotate_secret,
 )
-from server.api.access_records import record_in
+from server.api.access_records import record_in, record_read
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.query import query_params
@@ -99,6 +100,19 @@ async def _record(
     )
 
 
+async def _record_read(
+    request: web.Request, principal: Principal, action: str, endpoint_id: uuid.UUID | None
+) -> None:
+    """A read's record, through the access-log writer: committed before the answer."""
+    await record_read(
+        request,
+        principal,
+        action=action,
+        object_type=OBJECT_TYPE if endpoint_id is not None else "organisation",
+        object_id=endpoint_id if endpoint_id is not None else principal.account.organisation_id,
+    )
+
+
 async def _own_endpoint(request: web.Request, principal: Principal, action: str) -> uuid.UUID:
     """The endpoint named in the path, if it is the admin's organisation's (else 404,
     recorded as a refused access in a transaction of its own)."""
@@ -108,7 +122,7 @@ async def _own_endpoint(request: web.Request, principal: Principal, action: str)
         raise NotFoundError("no such webhook endpoint") from None
     organisation_id = principal.account.organisation_id
     try:
-        async with request.app[DB_ENGINE].connect() as conn:
+        async with reading(request.app[DB_ENGINE]) as conn:
             await get_endpoint(conn, endpoint_id, organisation_id=organisation_id)
     except NotFound:
         async with request.app[DB_ENGINE].begin() as conn:
@@ -122,10 +136,10 @@ async def endpoints_list(request: web.Request) -> web.Response:
     """The organisation's endpoints, with how many deliveries are in each status."""
     principal = await require_role(request, Role.ADMIN, action="webhook.list")
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_endpoints(conn, organisation_id)
         counts = await delivery_counts(conn, organisation_id)
-        await _record(conn, request, principal, "webhook.list", None)
+    await _record_read(request, principal, "webhook.list", None)
     return web.json_response(
         {
             "endpoints": [endpoint_json(endpoint, counts.get(endpoint.id)) for endpoint in found],
@@ -177,9 +191,9 @@ async def endpoint_deliveries(request: web.Request) -> web.Response:
                 + ", ".join(kind.value for kind in DeliveryStatus)
             ) from None
     endpoint_id = await _own_endpoint(request, principal, action)
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         entries = await recent_deliveries(conn, endpoint_id, status=status)
-        await _record(conn, request, principal, action, endpoint_id)
+    await _record_read(request, principal, action, endpoint_id)
     return web.json_response({"deliveries": [delivery_json(entry) for entry in entries]})
 
 

@@ -142,14 +142,14 @@ async def _log(
 async def _own_consult(request: web.Request, principal: Principal) -> Consult:
     try:
         consult_id = uuid.UUID(request.match_info["consult_id"])
-        async with request.app[DB_ENGINE].connect() as conn:
+        async with reading(request.app[DB_ENGINE]) as conn:
             return await get_consult(conn, consult_id, therapist_id=principal.account.id)
     except (ValueError, NotFound):
         raise NotFoundError("no such consult") from None
 
 
 async def practice_of(app: web.Application, principal: Principal) -> PracticeSettings:
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         return await practice_settings_of(conn, principal.account.organisation_id)
 
 
@@ -231,7 +231,11 @@ async def consults_create(request: web.Request) -> web.Response:
 async def consults_list(request: web.Request) -> web.Response:
     """The therapist's own consults, newest first."""
     principal = await require_role(request, Role.THERAPIST, action="consult.list")
-    async with request.app[DB_ENGINE].begin() as conn:
+    # Reads only (the record goes through the access-log writer). One
+    # snapshot on SQLite; on PostgreSQL (read committed) each statement
+    # sees its own, in a transaction or not: a link state may be a moment
+    # newer than its consult's row, as it could be before.
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_consults(conn, principal.account.id)
         links = await link_states(conn, found, now=request.app[CLOCK].now())
     await record_read(
@@ -264,7 +268,7 @@ async def consult_show(request: web.Request) -> web.Response:
         object_id=consult.id,
     )
     names = await _labels(request.app, [consult.id])
-    async with request.app[DB_ENGINE].connect() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         links = await link_states(conn, [consult], now=request.app[CLOCK].now())
     shown = consult_json(consult, link=links[consult.id], display_name=names[consult.id])
     return web.json_response({"consult": shown})
@@ -282,7 +286,7 @@ async def consult_end(request: web.Request) -> web.Response:
         # back, the nodes' repair round finds the consult over and closes its
         # participants' sockets (Recovery.reconcile).
         _log_unavailable("consult.end", err)
-    async with request.app[DB_ENGINE].connect() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         ended = await get_consult(conn, consult.id)
         links = await link_states(conn, [ended], now=request.app[CLOCK].now())
     await _log(request, principal, "consult.end", consult.id)
@@ -344,7 +348,7 @@ async def _labels(
     app: web.Application, consult_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, str | None]:
     """The therapist's labels, unsealed (those of consults that are over are gone)."""
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         return await read_labels(conn, app[MASTER_KEY].key, consult_ids)
 
 

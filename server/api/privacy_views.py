@@ -6,11 +6,11 @@ import json
 
 from aiohttp import web
 
-from audit.access_log import Actor, record_access
 from audit.accounts import Role
+from audit.db import reading
 from audit.sealing import keyed_hash
 from audit.subject_rights import erase_account, export_account
-from server.api.access_records import record_in
+from server.api.access_records import record_in, record_read
 from server.api.admin_views import ACCOUNT_PATH, own_account
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_login, require_role
@@ -21,19 +21,16 @@ routes = web.RouteTableDef()
 @routes.get("/api/account/export")
 async def account_export(request: web.Request) -> web.Response:
     """Everything held about the logged-in professional, as a JSON download."""
-    account = (await require_login(request)).account
+    principal = await require_login(request)
+    account = principal.account
     app = request.app
     now = app[CLOCK].now()
-    async with app[DB_ENGINE].begin() as conn:
-        await record_access(
-            conn,
-            Actor.api(account),
-            organisation_id=account.organisation_id,
-            action="account.export",
-            object_type="account",
-            object_id=account.id,
-            now=now,
-        )
+    # Recorded first (committed, through the access-log writer), so that the
+    # export holds its own record; then read without SQLite's write lock.
+    await record_read(
+        request, principal, action="account.export", object_type="account", object_id=account.id
+    )
+    async with reading(app[DB_ENGINE]) as conn:
         exported = await export_account(conn, account, now=now)
     return web.Response(
         text=json.dumps(exported, indent=2, ensure_ascii=False),

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import AccessRecord, Actor, ClientType
 from audit.consults import get_consult
+from audit.db import reading
 from audit.errors import NotFound
 from audit.receipts import (
     PATIENT_ROLE,
@@ -81,7 +82,7 @@ async def _consult_of(conn: AsyncConnection, token: str) -> uuid.UUID:
 async def receipt_read(request: web.Request) -> web.Response:
     """The receipt: the consult's times, its recording, who looked at its record."""
     app = request.app
-    async with app[DB_ENGINE].connect() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         consult_id = await _consult_of(conn, request.match_info["token"])
         organisation_id = await organisation_of(conn, await get_consult(conn, consult_id))
     # Recorded before it is read, so that the answer shows this read too.
@@ -94,7 +95,7 @@ async def receipt_read(request: web.Request) -> web.Response:
         now=app[CLOCK].now(),
     )
     try:
-        async with app[DB_ENGINE].connect() as conn:
+        async with reading(app[DB_ENGINE]) as conn:
             receipt = await read_receipt(conn, consult_id)
     except NotFound:  # purged in between
         raise ReceiptNotFound(str(ReceiptUnknown())) from None
@@ -104,7 +105,7 @@ async def receipt_read(request: web.Request) -> web.Response:
 @routes.get("/receipt/{token}")
 async def receipt_page(request: web.Request) -> web.StreamResponse:
     """The receipt's page; its script reads the receipt through the API."""
-    async with request.app[DB_ENGINE].connect() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         try:
             await open_receipt(conn, request.match_info["token"])
         except ReceiptUnknown as err:

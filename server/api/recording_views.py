@@ -30,6 +30,7 @@ import structlog
 from aiohttp import web
 
 from audit.access_log import Outcome
+from audit.db import reading
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.media_types import MATROSKA, MediaFormat, media_format
@@ -44,7 +45,7 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
-from server.api.access_records import record_api_access, record_in
+from server.api.access_records import record_api_access, record_in, record_read
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
 from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
@@ -105,7 +106,7 @@ async def own_recording(request: web.Request, principal: Principal, action: str)
     entry: RecordingEntry | None = None
     if recording_id is not None:
         try:
-            async with request.app[DB_ENGINE].connect() as conn:
+            async with reading(request.app[DB_ENGINE]) as conn:
                 entry = await get_recording(conn, recording_id)
         except NotFound:
             entry = None
@@ -127,16 +128,15 @@ async def own_recording(request: web.Request, principal: Principal, action: str)
 async def recordings_list(request: web.Request) -> web.Response:
     """The recordings of the therapist's own consults, newest first."""
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_recordings(conn, principal.account.id)
-        await record_in(
-            conn,
-            request,
-            principal,
-            action=ACTION_LIST,
-            object_type="therapist",
-            object_id=principal.account.id,
-        )
+    await record_read(
+        request,
+        principal,
+        action=ACTION_LIST,
+        object_type="therapist",
+        object_id=principal.account.id,
+    )
     return web.json_response({"recordings": [recording_json(entry) for entry in found]})
 
 
@@ -208,7 +208,7 @@ async def recording_key(
     log too) and answered 500 ``recording_unreadable``."""
     app = request.app
     try:
-        async with app[DB_ENGINE].connect() as conn:
+        async with reading(app[DB_ENGINE]) as conn:
             return await data_key_of(conn, app[MASTER_KEY].key, entry.id)
     except SealError as err:
         _log.error(

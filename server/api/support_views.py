@@ -3,9 +3,10 @@ charts, and the technical log of one consult for the last 24 hours.
 
 Every route needs role ``support`` (therapists and admins are refused with
 403, and the refusal is access-logged) and sees only the support user's own
-organisation. Every read writes one access record in the transaction
-that reads. Query parameters are checked strictly: an unknown, repeated or
-malformed one answers 422 ``invalid_field`` naming it.
+organisation. Every read writes one access record, through the access-log
+writer, before it is answered; the reads themselves take no write lock
+(:func:`audit.db.reading`). Query parameters are checked strictly: an
+unknown, repeated or malformed one answers 422 ``invalid_field`` naming it.
 
 A date range is given in days (``from``, ``to``, both included) of the time
 zone ``tz`` (default UTC). Without ``from`` and ``to`` it is the last 30
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit import support
 from audit.access_log import Outcome
 from audit.consults import ConsultStatus
+from audit.db import reading
 from audit.errors import NotFound
 from audit.roles import Role
 from audit.technical_log import RETENTION
@@ -157,7 +159,10 @@ async def support_consults(request: web.Request) -> web.Response:
     per_page = query_number(params, "per_page", default=DEFAULT_PER_PAGE, low=1, high=MAX_PER_PAGE)
     organisation_id = principal.account.organisation_id
     pseudonyms = _pseudonyms(request)
-    async with request.app[DB_ENGINE].begin() as conn:
+    # The page and its total: one snapshot on SQLite (the deferred
+    # transaction); on PostgreSQL, read committed, each statement sees its
+    # own whether in a transaction or not, as it did before.
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await support.list_consults(
             conn,
             pseudonyms,
@@ -206,7 +211,7 @@ async def support_chart_per_day(request: web.Request) -> web.Response:
     selection = _selection(request, params, max_days=MAX_CHART_DAYS)
     lang = _lang(params)
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         days = await support.consults_per_day(
             conn,
             _pseudonyms(request),
@@ -233,7 +238,7 @@ async def support_chart_durations(request: web.Request) -> web.Response:
     selection = _selection(request, params, max_days=MAX_CHART_DAYS)
     lang = _lang(params)
     organisation_id = principal.account.organisation_id
-    async with request.app[DB_ENGINE].begin() as conn:
+    async with reading(request.app[DB_ENGINE]) as conn:
         found = await support.durations(
             conn, _pseudonyms(request), selection.consult_filter(organisation_id)
         )
@@ -273,7 +278,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
     organisation_id = principal.account.organisation_id
     consult: support.SupportConsult | None = None
     entries = []
-    async with app[DB_ENGINE].begin() as conn:
+    async with reading(app[DB_ENGINE]) as conn:
         if consult_id is not None:
             try:
                 consult = await support.get_consult(
@@ -286,7 +291,6 @@ async def support_technical_log(request: web.Request) -> web.Response:
                 conn, consult.id, now=now, limit=TECHNICAL_LOG_LIMIT
             )
             [shown] = await _consults_json(conn, [consult], now=now)
-        # The refusal is recorded in the same transaction, so it survives the 404.
     await record_read(
         request,
         principal,

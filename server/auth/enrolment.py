@@ -20,6 +20,7 @@ from audit.accounts import (
     set_enrolment_pending,
 )
 from audit.clock import Clock
+from audit.db import reading
 from audit.errors import Conflict, InvalidValue
 from audit.keys import MasterKey
 from audit.sealing import seal, unseal
@@ -48,7 +49,7 @@ class Enroller:
     settings: AccountSettings
 
     async def open(self, token: str) -> EnrolmentLink:
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:
             return await open_enrolment_link(conn, token, now=self.clock.now())
 
     async def choose_password(self, token: str, password: str, *, client_address: str) -> TotpSetup:

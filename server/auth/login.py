@@ -23,6 +23,7 @@ from audit.accounts import (
     update_password_hash,
 )
 from audit.clock import Clock
+from audit.db import reading
 from audit.errors import InvalidValue
 from audit.keys import MasterKey
 from audit.sealing import keyed_hash, unseal
@@ -63,7 +64,7 @@ class Authenticator:
         except InvalidValue:
             email = attempt.email.strip().lower()
         attempt_id = await self._attempt(email, attempt.client_address, now)
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:
             account = await find_account_by_email(conn, email)
 
         password_ok = await self.hasher.verify(

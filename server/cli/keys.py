@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit import load_master_key, prepare_data_dir
 from audit.access_log import Actor, record_access
 from audit.clock import SystemClock
+from audit.db import reading
 from audit.keyring import (
     KeyRing,
     Rotation,
@@ -109,7 +110,7 @@ def run_list(settings: Settings, _args: argparse.Namespace) -> int:
     root_key = _root_key(settings)
 
     async def _list() -> list[str]:
-        async with current_database(settings) as engine, engine.connect() as conn:
+        async with current_database(settings) as engine, reading(engine) as conn:
             ring = await load_ring(conn, root_key)
             return describe_ring(ring, await key_usage(conn))
 

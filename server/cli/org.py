@@ -8,6 +8,7 @@ import asyncio
 from audit.access_log import Actor, record_access
 from audit.accounts import create_organisation, list_organisations
 from audit.clock import SystemClock
+from audit.db import reading
 from config import Settings
 from server.cli.base import current_database
 
@@ -50,7 +51,7 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_list(settings: Settings, _args: argparse.Namespace) -> int:
     async def _list() -> None:
-        async with current_database(settings) as engine, engine.connect() as conn:
+        async with current_database(settings) as engine, reading(engine) as conn:
             organisations = await list_organisations(conn)
         for organisation in organisations:
             print(f"{organisation.id}  {organisation.name}")

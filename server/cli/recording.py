@@ -29,6 +29,7 @@ from audit import load_master_key, prepare_data_dir
 from audit.access_log import Actor, record_access
 from audit.accounts import get_organisation_by_name
 from audit.clock import SystemClock
+from audit.db import reading
 from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.recordings import (
@@ -186,7 +187,7 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
     async def _export() -> Export:
         async with current_database(settings) as engine:
-            async with engine.connect() as conn:
+            async with reading(engine) as conn:
                 entry = _finished(await get_recording(conn, recording_id))
                 file_name, data_key = await data_key_of(conn, root_key, recording_id)
             descriptor = _create_private(out)

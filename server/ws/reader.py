@@ -7,6 +7,7 @@ import time
 from aiohttp import WSMsgType, web
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit.db import reading
 from audit.practice import recording_allowed_for_consult
 from server.app_keys import DB_ENGINE, METRICS, ROOMS, SETTINGS
 from server.ws.outbox import Outbox
@@ -90,7 +91,7 @@ async def check_practice_records(app: web.Application, participant: Participant)
     """Refuse a recording request when the consult's practice does not allow
     recording (its admin's setting; the server's recording.enabled aside)."""
     try:
-        async with app[DB_ENGINE].connect() as conn:
+        async with reading(app[DB_ENGINE]) as conn:
             allowed = await recording_allowed_for_consult(conn, participant.consult_id)
     except (SQLAlchemyError, OSError, TimeoutError):
         # The database away for a moment: the request is refused, the call goes on.

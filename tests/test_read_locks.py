@@ -1,0 +1,233 @@
+"""Reads take no write lock on SQLite (issue 19): a read endpoint's own reads
+go through ``audit.db.reading()`` (a deferred transaction on SQLite), so they
+neither wait behind a writer nor hold one up.
+
+The engine begins every other transaction with BEGIN IMMEDIATE, which takes
+SQLite's one write lock at once. Two writes remain in a logged-in read: the
+session's touch (its idle timeout) and the access record of the read (through
+the group-commit writer); those, and nothing else, may take the lock. So a
+logged-in read still waits while another connection holds the lock (for its
+touch and its record, not for its reads); the reads that write nothing
+answer meanwhile.
+
+On SQLite only: on PostgreSQL ``reading()`` is autocommit, and no read
+takes a lock there either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from audit.consults import mark_started
+from audit.db import SQLITE_FILE_NAME
+from audit.roles import Role
+from server.app_keys import DB_ENGINE
+from tests.support.harness import Harness, Professional, new_consult, stored_recording
+
+THERAPIST, SUPPORT, ADMIN, NOBODY = "therapist", "support", "admin", "nobody"
+
+
+@dataclass
+class World:
+    """An organisation with one of each: a consult with a receipt and a
+    recording, a webhook endpoint, and a logged-in account per role."""
+
+    therapist: Professional
+    support: Professional
+    admin: Professional
+    consult_id: str
+    invite_token: str
+    receipt_token: str
+    recording_id: uuid.UUID
+    endpoint_id: str
+
+    def path(self, template: str) -> str:
+        return template.format(
+            consult=self.consult_id,
+            invite=self.invite_token,
+            receipt=self.receipt_token,
+            recording=self.recording_id,
+            endpoint=self.endpoint_id,
+            account=self.therapist.account_id,
+        )
+
+
+async def world_of(harness: Harness) -> World:
+    setup = await new_consult(harness)
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await mark_started(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
+    receipt = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    assert receipt.status == 201, await receipt.text()
+    recording_id = await stored_recording(harness, setup.consult_id, b"\x1a\x45\xdf\xa3" * 64)
+    support = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)
+    admin = await harness.professional("ada@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    endpoint = await harness.post(
+        "/api/admin/webhooks",
+        {"url": "https://records.example/hook", "events": ["consult.started"]},
+    )
+    assert endpoint.status == 201, await endpoint.text()
+    return World(
+        setup.therapist,
+        support,
+        admin,
+        setup.consult_id,
+        setup.invite_token,
+        (await receipt.json())["receipt_token"],
+        recording_id,
+        (await endpoint.json())["endpoint"]["id"],
+    )
+
+
+async def as_role(harness: Harness, world: World, role: str) -> None:
+    harness.client.session.cookie_jar.clear()
+    who = {THERAPIST: world.therapist, SUPPORT: world.support, ADMIN: world.admin}.get(role)
+    if who is not None:
+        await harness.logged_in(who)
+
+
+# Every read-only endpoint that reads the database, with the role it needs.
+READS = [
+    (THERAPIST, "/api/consults"),
+    (THERAPIST, "/api/consults/{consult}"),
+    (THERAPIST, "/api/recordings"),
+    (THERAPIST, "/api/recordings/{recording}/download"),
+    (THERAPIST, "/api/account/export"),
+    (SUPPORT, "/api/support/consults"),
+    (SUPPORT, "/api/support/charts/consults-per-day.svg"),
+    (SUPPORT, "/api/support/charts/durations.svg"),
+    (SUPPORT, "/api/support/consults/{consult}/technical-log"),
+    (ADMIN, "/api/admin/accounts"),
+    (ADMIN, "/api/admin/accounts/{account}"),
+    (ADMIN, "/api/admin/retention"),
+    (ADMIN, "/api/admin/retention/preview"),
+    (ADMIN, "/api/admin/practice-settings"),
+    (ADMIN, "/api/admin/access-log"),
+    (ADMIN, "/api/admin/access-log/export"),
+    (ADMIN, "/api/admin/billing?month=2026-11"),
+    (ADMIN, "/api/admin/webhooks"),
+    (ADMIN, "/api/admin/webhooks/{endpoint}/deliveries"),
+    (ADMIN, "/api/session"),
+    (NOBODY, "/api/invites/{invite}"),
+    (NOBODY, "/api/receipts/{receipt}"),
+    (NOBODY, "/receipt/{receipt}"),
+    (NOBODY, "/readyz"),
+]
+
+_TABLE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
+_ACCESS_LOG_COLUMN = re.compile(r"\baccess_log\.(\w+)")
+# What a read request may write, and read while it holds the lock to write it:
+# the session's touch (the session and its account checked first), and the
+# access record (the chain's head read first: its last seq and hash, or its
+# checkpoint).
+_SESSION_CHECK = {"sessions", "accounts"}
+_ACCESS_RECORD = {"access_log", "access_log_checkpoints"}
+_CHAIN_HEAD = {"chain", "seq", "hash"}
+
+
+@dataclass
+class Transaction:
+    begin: str
+    statements: list[str]
+
+    @property
+    def tables(self) -> set[str]:
+        return {name for sql in self.statements for name in _TABLE.findall(sql)}
+
+    @property
+    def access_log_columns_read(self) -> set[str]:
+        return {
+            name
+            for sql in self.statements
+            if sql.startswith("SELECT")
+            for name in _ACCESS_LOG_COLUMN.findall(sql)
+        }
+
+    @property
+    def writes(self) -> bool:
+        return any(sql.split()[0] in {"INSERT", "UPDATE", "DELETE"} for sql in self.statements)
+
+
+@pytest.mark.parametrize(("role", "template"), READS)
+async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_record(
+    sqlite_harness: Harness, role: str, template: str
+) -> None:
+    harness = sqlite_harness
+    world = await world_of(harness)
+    await as_role(harness, world, role)
+    engine = harness.app[DB_ENGINE]
+    # Per connection, its transactions in order (SQLite's BEGINs are statements).
+    seen: dict[int, list[Transaction]] = {}
+
+    def on_execute(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sql = " ".join(statement.split())
+        if sql.startswith("BEGIN"):
+            seen.setdefault(id(conn), []).append(Transaction(sql, []))
+        elif seen.get(id(conn)):
+            seen[id(conn)][-1].statements.append(sql)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
+    try:
+        response = await harness.client.get(world.path(template), headers=harness.headers)
+        body = await response.read()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+    assert response.status == 200, body[:300]
+    transactions = [t for each in seen.values() for t in each]
+    assert transactions, "the request read nothing from the database"
+    locked = [t for t in transactions if t.begin == "BEGIN IMMEDIATE"]
+    for transaction in locked:
+        assert transaction.writes, f"a write lock for reading only: {transaction.statements}"
+        session_check = transaction.tables <= _SESSION_CHECK
+        access_record = transaction.tables <= _ACCESS_RECORD and (
+            transaction.access_log_columns_read <= _CHAIN_HEAD
+        )
+        assert session_check or access_record, (
+            f"read under the write lock: {transaction.statements}"
+        )
+    # The session's touch and the access record, at most (one of each).
+    assert len(locked) <= (2 if role != NOBODY else 1), [t.statements for t in locked]
+
+
+# Reads that need no session (whose touch writes) and no access record (which
+# waits for the lock as every write does): they answer while a writer holds it.
+UNLOGGED_READS = ["/api/invites/{invite}", "/receipt/{receipt}", "/readyz"]
+
+
+async def test_reads_without_a_write_answer_while_another_connection_holds_the_write_lock(
+    sqlite_harness: Harness, data_dir: Path
+) -> None:
+    harness = sqlite_harness
+    world = await world_of(harness)
+    harness.client.session.cookie_jar.clear()
+    # A writer of another process or connection: a purge, the CLI.
+    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        # A write queued behind it: the patient's ticket notes the invite's use.
+        ticket = asyncio.create_task(
+            harness.client.post(
+                f"/api/invites/{world.invite_token}/ticket",
+                json={"consent": True},
+                headers=harness.headers,
+            )
+        )
+        for template in UNLOGGED_READS:
+            async with asyncio.timeout(2):  # the lock waits up to 5 s (connect_timeout_s)
+                response = await harness.client.get(world.path(template))
+            assert response.status == 200, (template, await response.text())
+        assert not ticket.done(), "the write did not wait for the lock"
+    finally:
+        holder.rollback()
+        holder.close()
+    answer = await ticket
+    assert answer.status == 200, await answer.text()
