@@ -15,6 +15,8 @@ after the end, so nothing would have been destroyed.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,7 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.schema import consult_labels
 from audit.sealing import SealError, seal_under_own_key, unseal_under_own_key
 
-__all__ = ["LABEL_KEY_PURPOSE", "destroy_label", "read_labels", "store_label"]
+__all__ = [
+    "LABEL_KEY_PURPOSE",
+    "SealedLabel",
+    "destroy_label",
+    "read_labels",
+    "sealed_label_of",
+    "store_label",
+    "with_sealed_label",
+]
 
 LABEL_KEY_PURPOSE = "label-key"
 _LABEL_PURPOSE = "consult-label"
@@ -43,6 +53,50 @@ async def store_label(
     )
 
 
+@dataclass(frozen=True, repr=False)
+class SealedLabel:
+    """A label as stored, read along with its consult; opened only where it is
+    shown (``repr`` shows nothing of it)."""
+
+    consult_id: uuid.UUID
+    wrapped_key: bytes
+    sealed_label: bytes
+
+    def open(self, master_key: bytes) -> str | None:
+        """The label; None if it does not open (as in :func:`read_labels`)."""
+        try:
+            label = unseal_under_own_key(
+                master_key,
+                LABEL_KEY_PURPOSE,
+                _LABEL_PURPOSE,
+                self.wrapped_key,
+                self.sealed_label,
+                bound_to=str(self.consult_id),
+            )
+        except SealError:
+            return None
+        return label.decode()
+
+
+def with_sealed_label(query: sa.Select[Any], consult_id: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """``query`` with the sealed label of the consult ``consult_id`` names, if
+    it has one (an outer join: the label costs no query of its own); read the
+    rows with :func:`sealed_label_of`."""
+    return query.outerjoin(consult_labels, consult_labels.c.consult_id == consult_id).add_columns(
+        consult_labels.c.consult_id.label("label_consult_id"),
+        consult_labels.c.wrapped_key.label("label_wrapped_key"),
+        consult_labels.c.sealed_label.label("label_sealed"),
+    )
+
+
+def sealed_label_of(row: sa.Row[Any]) -> SealedLabel | None:
+    """The label of a row of a :func:`with_sealed_label` query; None without one."""
+    m = row._mapping
+    if m["label_consult_id"] is None:
+        return None
+    return SealedLabel(m["label_consult_id"], m["label_wrapped_key"], m["label_sealed"])
+
+
 async def read_labels(
     conn: AsyncConnection, master_key: bytes, consult_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, str | None]:
@@ -54,20 +108,11 @@ async def read_labels(
         sa.select(consult_labels).where(consult_labels.c.consult_id.in_(consult_ids))
     )
     for row in rows:
-        try:
-            label = unseal_under_own_key(
-                master_key,
-                LABEL_KEY_PURPOSE,
-                _LABEL_PURPOSE,
-                row.wrapped_key,
-                row.sealed_label,
-                bound_to=str(row.consult_id),
-            )
-        except SealError:
-            # Sealed under another master key (restored from elsewhere): the
-            # consult stands, its label is unreadable, as if destroyed.
-            continue
-        labels[row.consult_id] = label.decode()
+        # One sealed under another master key (restored from elsewhere) does
+        # not open: the consult stands, its label is unreadable, as if destroyed.
+        labels[row.consult_id] = SealedLabel(
+            row.consult_id, row.wrapped_key, row.sealed_label
+        ).open(master_key)
     return labels
 
 

@@ -210,10 +210,10 @@ async def consults_create(request: web.Request) -> web.Response:
             guardian_consent=body.guardian_consent,
         )
     try:
-        await app[ROOMS].prepare(consult.id, display_name=display_name, until=expires_at)
+        await app[ROOMS].prepare(consult.id, until=expires_at)
     except (StateUnavailable, RedisError) as err:
         # Redis (several nodes) is away: the consult and its link stand, its
-        # room is opened when someone joins (the label is in the database).
+        # room is opened when someone joins.
         _log_unavailable("consult.create", err)
     await _log(request, principal, "consult.create", consult.id)
     answer = {
