@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.clock import iso_utc
 from audit.consults import ConsultStatus
-from audit.references import unseal_reference
+from audit.references import unseal_reference, with_reference_ring_key
 from audit.schema import accounts, appointment_references, consults
 
 COLUMNS = (
@@ -105,7 +105,7 @@ async def month_of_consults(
     counted_at = sa.func.coalesce(
         consults.c.started_at, consults.c.scheduled_at, consults.c.created_at
     )
-    query = (
+    query: sa.Select[Any] = (
         sa.select(
             accounts.c.id.label("therapist_id"),
             accounts.c.email,
@@ -119,9 +119,13 @@ async def month_of_consults(
             consults.c.status,
             appointment_references.c.wrapped_key,
             appointment_references.c.sealed_reference,
+            appointment_references.c.key_id,
         )
         .join(accounts, accounts.c.id == consults.c.therapist_id)
         .outerjoin(appointment_references, appointment_references.c.consult_id == consults.c.id)
+    )
+    query = (
+        with_reference_ring_key(query)
         .where(accounts.c.organisation_id == organisation_id, counted_at >= since)
         .where(counted_at < until)
         .order_by(accounts.c.email, counted_at, consults.c.id)
@@ -142,7 +146,14 @@ async def month_of_consults(
             appointment_reference=(
                 None
                 if row.sealed_reference is None
-                else unseal_reference(master_key, row.id, row.wrapped_key, row.sealed_reference)
+                else unseal_reference(
+                    master_key,
+                    row.id,
+                    row.wrapped_key,
+                    row.sealed_reference,
+                    key_id=row.key_id,
+                    ring_wrapped_key=row.ring_wrapped_key,
+                )
             ),
             therapist_external_id=row.external_id,
         )

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import Conflict, NotFound
-from audit.labels import destroy_label
+from audit.labels import SealedLabel, destroy_label, sealed_label_of, with_sealed_label
 from audit.outbox import consult_event
 from audit.references import destroy_spent_references
 from audit.schema import consult_labels, consults, invites
@@ -145,6 +145,17 @@ async def get_consult(
     if row is None:
         raise NotFound("no such consult")
     return _consult(row)
+
+
+async def get_consult_and_label(
+    conn: AsyncConnection, consult_id: uuid.UUID
+) -> tuple[Consult, SealedLabel | None]:
+    """The consult and its therapist's label as stored (None without one), in one query."""
+    query = with_sealed_label(sa.select(consults), consults.c.id)
+    row = (await conn.execute(query.where(consults.c.id == consult_id))).first()
+    if row is None:
+        raise NotFound("no such consult")
+    return _consult(row), sealed_label_of(row)
 
 
 async def list_consults(

@@ -1,16 +1,22 @@
-"""The master key ring: the keys that wrap recordings' data keys.
+"""The master key ring: the keys that wrap data keys.
+
+A data key is a random key of one record's own: a recording's (its file),
+a therapist's label's (:mod:`audit.labels`) or an appointment reference's
+(:mod:`audit.references`). Each row names the ring key that wraps its data
+key (``key_id``; for labels and references NULL means the root, as rows
+older than their ``key_id`` column are).
 
 The configured master key (``security.master_key``) is the ring's root. It
 wraps data keys itself until the first rotation, and it seals every key of
 the ring (``seal`` with purpose ``master-key``, bound to the key's id), which
 is kept in the ``master_keys`` table. The newest ring key is the current one:
-new recordings' data keys are wrapped by it.
+new data keys are wrapped by it.
 
 ``rotate`` adds a new ring key and re-wraps every data key under it, without
-touching the files (a data key is 32 bytes; a file may be gigabytes).
-``retire`` then deletes an old ring key, refused while any data key still
-needs it. A retired key is gone: a copy of it (in a memory dump, say) opens
-nothing that is still kept.
+touching the files or the sealed values (a data key is 32 bytes; a file may
+be gigabytes). ``retire`` then deletes an old ring key, refused while any
+data key still needs it. A retired key is gone: a copy of it (in a memory
+dump, say) opens nothing that is still kept.
 
 Key ids are public: a short hash of a key derived from the key, never the
 key itself.
@@ -24,16 +30,26 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.errors import Conflict, NotFound
-from audit.schema import master_keys, recordings
+from audit.schema import appointment_references, consult_labels, master_keys, recordings
 from audit.sealing import SealError, derive_key, seal, unseal
 
 RING_KEY_PURPOSE = "master-key"
 DATA_KEY_PURPOSE = "recording-key"
+# The purposes of labels' and appointment references' data keys as wrapped.
+LABEL_KEY_PURPOSE = "label-key"
+REFERENCE_KEY_PURPOSE = "appointment-reference-key"
+# Tables of records sealed under a key of their own (seal_under_own_key), by
+# the purpose of their wrapped data key; each keyed by consult_id.
+_OWN_KEY_TABLES = (
+    (consult_labels, LABEL_KEY_PURPOSE),
+    (appointment_references, REFERENCE_KEY_PURPOSE),
+)
 RING_KEY_BYTES = 32
 # Data keys re-wrapped per transaction: a rotation of many recordings never
 # holds one long transaction, and an interrupted one simply runs again.
@@ -108,6 +124,30 @@ async def load_ring(conn: AsyncConnection, root_key: bytes) -> KeyRing:
     return KeyRing(root.id, current, keys)
 
 
+def with_ring_key(query: sa.Select[Any], key_id: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """``query`` with the sealed ring key named by ``key_id`` (column
+    ``ring_wrapped_key``, NULL for the root or a key not in the ring), by an
+    outer join: the ring costs no query of its own. Open with :func:`wrapping_key`."""
+    ring_key = master_keys.alias("ring_key")
+    return query.outerjoin(ring_key, ring_key.c.id == key_id).add_columns(
+        ring_key.c.wrapped_key.label("ring_wrapped_key")
+    )
+
+
+def wrapping_key(root_key: bytes, key_id: str | None, ring_wrapped_key: bytes | None) -> bytes:
+    """The key that wraps a row's data key, from its ``key_id`` and the ring
+    key :func:`with_ring_key` joined: the root for NULL or the root's id.
+    Raises :class:`SealError` when the ring does not have it (retired, or
+    another root key is configured)."""
+    if key_id is None:
+        return root_key
+    if ring_wrapped_key is not None:
+        return unseal(root_key, RING_KEY_PURPOSE, ring_wrapped_key, bound_to=key_id)
+    if key_id == key_id_of(root_key):
+        return root_key
+    raise SealError(f"master key {key_id} is not in the ring (retired, or another root key)")
+
+
 @dataclass(frozen=True)
 class Rotation:
     new_key_id: str
@@ -131,9 +171,11 @@ async def add_ring_key(conn: AsyncConnection, root_key: bytes, *, now: datetime)
 
 async def rewrap_all(conn: AsyncConnection, ring: KeyRing) -> Counter[str]:
     """Re-wrap every data key that the current key does not wrap yet (one batch
-    per call of the caller's transaction; see :func:`rotate`). Returns the
-    counts by previous key id."""
+    of each kind per call of the caller's transaction; see :func:`rotate`).
+    Returns the counts by previous key id (the root's for NULL)."""
     moved: Counter[str] = Counter()
+    for table, purpose in _OWN_KEY_TABLES:
+        moved.update(await _rewrap_own_keys(conn, ring, table, purpose))
     rows = (
         await conn.execute(
             sa.select(recordings.c.id, recordings.c.key_id, recordings.c.wrapped_key)
@@ -193,12 +235,58 @@ async def rewrap_remaining(engine: AsyncEngine, root_key: bytes) -> Counter[str]
         total.update(moved)
 
 
-async def key_usage(conn: AsyncConnection) -> dict[str, int]:
-    """How many data keys each master key wraps now."""
+async def _rewrap_own_keys(
+    conn: AsyncConnection, ring: KeyRing, table: sa.Table, purpose: str
+) -> Counter[str]:
+    """A batch of :func:`rewrap_all` for labels or references; the sealed
+    values stay as they are."""
+    moved: Counter[str] = Counter()
+    rows = (
+        await conn.execute(
+            sa.select(table.c.consult_id, table.c.key_id, table.c.wrapped_key)
+            .where(sa.or_(table.c.key_id.is_(None), table.c.key_id != ring.current.id))
+            .order_by(table.c.consult_id)
+            .limit(REWRAP_BATCH)
+        )
+    ).all()
+    for row in rows:
+        previous = row.key_id or ring.root_id
+        bound = str(row.consult_id)
+        try:
+            data_key = unseal(ring.get(previous).key, purpose, row.wrapped_key, bound_to=bound)
+        except SealError as err:
+            raise SealError(
+                f"a {purpose} in {table.name} does not open with master key {previous}: {err}"
+            ) from None
+        same = table.c.key_id.is_(None) if row.key_id is None else table.c.key_id == row.key_id
+        await conn.execute(
+            table.update()
+            .where(table.c.consult_id == row.consult_id, same)
+            .where(table.c.wrapped_key == row.wrapped_key)
+            .values(
+                key_id=ring.current.id,
+                wrapped_key=seal(ring.current.key, purpose, data_key, bound_to=bound),
+            )
+        )
+        moved[previous] += 1
+    return moved
+
+
+async def key_usage(conn: AsyncConnection, root_id: str) -> dict[str, int]:
+    """How many data keys each master key wraps now: recordings', labels' and
+    appointment references' (those with no key id under ``root_id``)."""
+    usage: Counter[str] = Counter()
     rows = await conn.execute(
         sa.select(recordings.c.key_id, sa.func.count()).group_by(recordings.c.key_id)
     )
-    return {key_id: count for key_id, count in rows}
+    usage.update({key_id: count for key_id, count in rows})
+    for table, _purpose in _OWN_KEY_TABLES:
+        rows = await conn.execute(
+            sa.select(table.c.key_id, sa.func.count()).group_by(table.c.key_id)
+        )
+        for key_id, count in rows:
+            usage[key_id or root_id] += count
+    return dict(usage)
 
 
 async def retire(conn: AsyncConnection, root_key: bytes, key_id: str) -> None:
@@ -213,7 +301,7 @@ async def retire(conn: AsyncConnection, root_key: bytes, key_id: str) -> None:
         raise NotFound(f"no master key {key_id} in the ring")
     if key_id == ring.current.id:
         raise Conflict(f"{key_id} is the current master key; rotate first")
-    still = (await key_usage(conn)).get(key_id, 0)
+    still = (await key_usage(conn, ring.root_id)).get(key_id, 0)
     if still:
         raise Conflict(
             f"master key {key_id} still wraps {still} data keys; "

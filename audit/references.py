@@ -6,10 +6,12 @@ appointment by (an opaque string, issue 21 item 4), so that the consult's
 webhooks can name it. It is given for one consult (DESIGN.md, promise 11)
 and kept apart from the consult's record, in ``appointment_references``:
 AES-256-GCM under a random data key of its own, that key wrapped by the
-master key (purpose ``appointment-reference-key``, bound to the consult's
-id), both in one row. It is never in the consult's row, in the outbox's
-stored data or in a log: the webhook sender unseals it as it sends a
-``consult.started`` or ``consult.ended`` message.
+master key ring's current key (purpose ``appointment-reference-key``, bound
+to the consult's id; ``key_id`` names the ring key, NULL the root), both in
+one row; a rotation of the ring re-wraps it (:mod:`audit.keyring`). It is
+never in the consult's row, in the outbox's stored data or in a log: the
+webhook sender unseals it as it sends a ``consult.started`` or
+``consult.ended`` message.
 
 It is kept only while a message may still need it: once the consult is over
 and no delivery of its ``consult.started`` or ``consult.ended`` is pending
@@ -23,11 +25,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.errors import InvalidValue
+from audit.keyring import (
+    REFERENCE_KEY_PURPOSE,
+    WrappingKey,
+    load_ring,
+    with_ring_key,
+    wrapping_key,
+)
 from audit.outbox import DeliveryStatus
 from audit.schema import appointment_references, consults, webhook_deliveries, webhook_events
 from audit.sealing import SealError, seal_under_own_key, unseal_under_own_key
@@ -41,9 +51,9 @@ __all__ = [
     "read_references",
     "store_reference",
     "unseal_reference",
+    "with_reference_ring_key",
 ]
 
-REFERENCE_KEY_PURPOSE = "appointment-reference-key"
 _REFERENCE_PURPOSE = "appointment-reference"
 # Record systems' appointment numbers and UUIDs fit with room to spare.
 MAX_REFERENCE_CHARS = 64
@@ -71,11 +81,20 @@ def check_reference(text: str, *, field: str = "appointment_reference") -> str:
 
 
 async def store_reference(
-    conn: AsyncConnection, master_key: bytes, consult_id: uuid.UUID, reference: str
+    conn: AsyncConnection, master_key: bytes | WrappingKey, consult_id: uuid.UUID, reference: str
 ) -> None:
-    """Seal ``reference`` for the consult under a new key of its own."""
+    """Seal ``reference`` for the consult under a new key of its own.
+
+    ``master_key`` is the ring's current key (:func:`audit.keyring.load_ring`),
+    or the root key itself (then the ring is loaded here).
+    """
+    wrapping = (
+        master_key
+        if isinstance(master_key, WrappingKey)
+        else (await load_ring(conn, master_key)).current
+    )
     wrapped_key, sealed = seal_under_own_key(
-        master_key,
+        wrapping.key,
         REFERENCE_KEY_PURPOSE,
         _REFERENCE_PURPOSE,
         check_reference(reference).encode(),
@@ -83,19 +102,36 @@ async def store_reference(
     )
     await conn.execute(
         appointment_references.insert().values(
-            consult_id=consult_id, wrapped_key=wrapped_key, sealed_reference=sealed
+            consult_id=consult_id,
+            wrapped_key=wrapped_key,
+            sealed_reference=sealed,
+            key_id=wrapping.id,
         )
     )
 
 
+def with_reference_ring_key(query: sa.Select[Any]) -> sa.Select[Any]:
+    """``query``, which reads ``appointment_references``, with the ring key
+    its row names (column ``ring_wrapped_key``) for :func:`unseal_reference`."""
+    return with_ring_key(query, appointment_references.c.key_id)
+
+
 def unseal_reference(
-    master_key: bytes, consult_id: uuid.UUID, wrapped_key: bytes, sealed: bytes
+    root_key: bytes,
+    consult_id: uuid.UUID,
+    wrapped_key: bytes,
+    sealed: bytes,
+    *,
+    key_id: str | None,
+    ring_wrapped_key: bytes | None,
 ) -> str | None:
-    """The reference of a stored row; None if it does not open (sealed under
-    another master key: unreadable, as if destroyed)."""
+    """The reference of a stored row, with its ``key_id`` and the ring key
+    :func:`with_reference_ring_key` joined; None if it does not open (its
+    ring key retired, or sealed under another root key: unreadable, as if
+    destroyed)."""
     try:
         opened = unseal_under_own_key(
-            master_key,
+            wrapping_key(root_key, key_id, ring_wrapped_key),
             REFERENCE_KEY_PURPOSE,
             _REFERENCE_PURPOSE,
             wrapped_key,
@@ -115,11 +151,18 @@ async def read_references(
     if not wanted:
         return {}
     rows = await conn.execute(
-        sa.select(appointment_references).where(appointment_references.c.consult_id.in_(wanted))
+        with_reference_ring_key(sa.select(appointment_references)).where(
+            appointment_references.c.consult_id.in_(wanted)
+        )
     )
     found = {
         row.consult_id: unseal_reference(
-            master_key, row.consult_id, row.wrapped_key, row.sealed_reference
+            master_key,
+            row.consult_id,
+            row.wrapped_key,
+            row.sealed_reference,
+            key_id=row.key_id,
+            ring_wrapped_key=row.ring_wrapped_key,
         )
         for row in rows
     }

@@ -253,8 +253,8 @@ consults = sa.Table(
 
 # The therapist's label for the patient in the waiting room ("Mrs de Vries,
 # 10:30"), apart from the consult's record: sealed (AES-GCM) under a random
-# key of its own, which is kept here wrapped by the master key (see
-# audit/labels.py). The row, key and ciphertext together, is deleted when the
+# key of its own, which is kept here wrapped by a key of the master key ring
+# (see audit/labels.py, audit/keyring.py). The row, key and ciphertext together, is deleted when the
 # consult ends or, before it starts, no link to it works any more.
 consult_labels = sa.Table(
     "consult_labels",
@@ -267,12 +267,15 @@ consult_labels = sa.Table(
     ),
     sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
     sa.Column("sealed_label", sa.LargeBinary(), nullable=False),
+    # The ring key that wraps wrapped_key (master_keys.id, or the root's id);
+    # NULL: the root key, for rows older than the ring's cover of labels.
+    sa.Column("key_id", sa.String(16), nullable=True),
 )
 
 # The practice's own reference for the consult's appointment (an opaque
 # string from its record system, issue 21 item 4), apart from the consult's
 # record and sealed like the label: AES-GCM under a random key of its own,
-# kept here wrapped by the master key (audit/references.py). The row, key
+# kept here wrapped by a key of the ring (audit/references.py). The row, key
 # and ciphertext together, is deleted once the consult is over and no
 # message about it is still to be sent; with the record at the latest.
 appointment_references = sa.Table(
@@ -286,6 +289,8 @@ appointment_references = sa.Table(
     ),
     sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
     sa.Column("sealed_reference", sa.LargeBinary(), nullable=False),
+    # As consult_labels.key_id.
+    sa.Column("key_id", sa.String(16), nullable=True),
 )
 
 # The patient's way in. Only the token's hash is kept; the row goes when the
@@ -426,9 +431,10 @@ recordings = sa.Table(
 )
 
 
-# The master key ring (audit/keyring.py): keys that wrap recordings' data
-# keys, each sealed by the configured root key. The newest is current;
-# ``videoconsult keys rotate`` adds one and re-wraps every data key under it;
+# The master key ring (audit/keyring.py): keys that wrap recordings', labels'
+# and appointment references' data keys, each sealed by the configured root
+# key. The newest is current; ``videoconsult keys rotate`` adds one and
+# re-wraps every data key under it;
 # an old one is retired (its row deleted) once no data key needs it.
 master_keys = sa.Table(
     "master_keys",

@@ -254,6 +254,7 @@ def _rooms(
             heartbeat_s=settings.signaling.heartbeat_s,
         ),
         technical=app[TECHNICAL_LOG],
+        root_key=app[MASTER_KEY].key,
         recording=recording_services(app),
         node_id=node_id,
     )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import get_consult
+from audit.consults import get_consult_and_label
 from audit.errors import NotFound
 from signaling.changes import ChangeThenTell
 from signaling.ports import RoomStore, Timers
@@ -153,7 +153,7 @@ class Recovery:
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         try:
             async with self._engine.connect() as conn:
-                consult = await get_consult(conn, consult_id)
+                consult, label = await get_consult_and_label(conn, consult_id)
         except NotFound:
             return False
         if consult.is_over:
@@ -185,5 +185,5 @@ class Recovery:
                 # for dead); an offer more is harmless either way.
                 tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                tell(other, outbound("patient-waiting", display_name=state.display_name))
+                tell(other, self._rooms.patient_waiting(label))
         return True

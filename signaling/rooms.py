@@ -27,8 +27,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import get_consult, mark_ended, mark_started
+from audit.consults import get_consult_and_label, mark_ended, mark_started
 from audit.db import reading
+from audit.labels import SealedLabel
 from audit.recordings import StopReason
 from audit.technical_log import DropReason, TechnicalLog
 from signaling.changes import Changes, ChangeThenTell
@@ -98,10 +99,12 @@ class ConsultRooms:
         timers: Timers,
         settings: RoomSettings,
         technical: TechnicalLog,
+        root_key: bytes,
         recording: RecordingServices | None = None,
         node_id: str = "",
     ) -> None:
         self._engine = engine
+        self._root_key = root_key  # opens the therapist's label, read when it is shown
         # This server node, in each presence it records ("" for one node).
         self.node_id = node_id
         # The connections open on this node, by connection id.
@@ -137,25 +140,21 @@ class ConsultRooms:
             grace_s=settings.grace_s,
         )
 
-    async def prepare(
-        self, consult_id: uuid.UUID, *, display_name: str | None, until: datetime
-    ) -> None:
-        """Open the room of a new consult with the therapist's note for the waiting room.
-
-        The room is forgotten after ``until`` (the invite's expiry) unless it is in use.
-        """
+    async def prepare(self, consult_id: uuid.UUID, *, until: datetime) -> None:
+        """Open the room of a new consult, forgotten after ``until`` (the invite's
+        expiry) unless in use. The therapist's label never enters a room
+        (nor Redis): :meth:`patient_waiting` unseals it from its row."""
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
-            state.display_name = display_name
             state.keep_until = until
         await self._timers.schedule(
             TimerKind.FORGET.key(consult_id), until, {"consult": str(consult_id)}
         )
 
-    async def display_name(self, consult_id: uuid.UUID) -> str | None:
-        """The therapist's note for the waiting room, while the room remembers it."""
-        state = await self._store.peek(consult_id)
-        return state.display_name if state is not None else None
+    def patient_waiting(self, label: SealedLabel | None) -> dict[str, Any]:
+        """``patient-waiting`` for the therapist, with the label unsealed (None without one)."""
+        shown = label.open(self._root_key) if label is not None else None
+        return outbound("patient-waiting", display_name=shown)
 
     async def connect(
         self, participant: Participant, *, ice_servers: list[dict[str, Any]], deliver: Deliver
@@ -193,13 +192,15 @@ class ConsultRooms:
         """The first messages for the new connection, and whether it replaced
         a live connection of the same participant."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
+        label: SealedLabel | None = None
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.WAITING:
                 # Before admission, or a room that lost its state (a Redis
-                # that lost its data): the record says which.
+                # that lost its data): the record says which. The label
+                # comes with it, for the therapist's patient-waiting.
                 async with reading(self._engine) as conn:
-                    consult = await get_consult(conn, consult_id)
+                    consult, label = await get_consult_and_label(conn, consult_id)
                 if consult.is_over:
                     # A room made again for an ended consult: kept as over,
                     # and forgotten as every ended room is.
@@ -223,7 +224,7 @@ class ConsultRooms:
                 state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
                 await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
                 if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                    tell(other, outbound("patient-waiting", display_name=state.display_name))
+                    tell(other, self.patient_waiting(label))
                 elif state.phase is RoomPhase.ACTIVE and state.present(other):
                     # Back after a drop, a reload, the grace period or a bye: the
                     # therapist makes a new offer either way.
@@ -247,7 +248,7 @@ class ConsultRooms:
                     )
                 ]
                 if role is ParticipantRole.THERAPIST and state.patient_waiting:
-                    to_self.append(outbound("patient-waiting", display_name=state.display_name))
+                    to_self.append(self.patient_waiting(label))
         if not to_self:
             raise RoomClosed
         return to_self, replaced
@@ -388,7 +389,6 @@ class ConsultRooms:
             already_over = state.phase is RoomPhase.OVER
             state.phase = RoomPhase.OVER
             state.therapist = state.patient = None
-            state.display_name = None
         if already_over:
             return
         self.reports.forget_consult(consult_id)

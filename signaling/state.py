@@ -70,8 +70,6 @@ class RoomState:
     phase: RoomPhase = RoomPhase.WAITING
     therapist: Presence | None = None
     patient: Presence | None = None
-    # Shown to the therapist in the waiting room; never stored on disk.
-    display_name: str | None = None
     recording: RecordingPhase = RecordingPhase.OFF
     # Keep the room at least until then (a consult booked days ahead); a
     # store whose entries expire keeps it that long past this.

@@ -96,7 +96,7 @@ async def test_rotation_moves_every_data_key_a_batch_at_a_time(
     rotation = await rotate(harness.app[DB_ENGINE], root_of(harness), now=harness.clock.now())
     assert rotation.rewrapped == {key_id_of(root_of(harness)): 5}
     async with harness.app[DB_ENGINE].connect() as conn:
-        assert await key_usage(conn) == {rotation.new_key_id: 5}
+        assert await key_usage(conn, key_id_of(root_of(harness))) == {rotation.new_key_id: 5}
     for recording_id, data in media.items():
         assert await read_back(harness, recording_id) == data
 
@@ -158,7 +158,7 @@ async def test_after_rotate_and_retire_the_old_key_is_gone(harness: Harness) -> 
         rows = (await conn.execute(sa.select(master_keys))).all()
         assert [row.id for row in rows] == [second.new_key_id]
         assert sealed_first not in [row.wrapped_key for row in rows]
-        assert await key_usage(conn) == {second.new_key_id: 2}
+        assert await key_usage(conn, key_id_of(root)) == {second.new_key_id: 2}
         with pytest.raises(SealError, match=f"master key {first.new_key_id}"):
             ring.get(first.new_key_id)
     for recording_id, data in media.items():

@@ -28,8 +28,9 @@ from signaling.redis.codec import (
     decode_delivery,
     encode_room_state,
 )
-from signaling.state import Presence, RoomPhase, RoomState
+from signaling.state import Presence, RoomPhase
 from tests.support.deliveries import WAIT_S, Recorder
+from tests.support.room_marks import mark, mark_of, marked
 
 pytestmark = pytest.mark.redis
 
@@ -195,17 +196,17 @@ async def test_a_holder_that_outlived_its_lock_saves_nothing(
     async def stall() -> None:
         async with slow.locked(consult, create=True) as state:
             assert state is not None
-            state.display_name = "stale"
+            mark(state, "stale")
             await asyncio.sleep(0.3)  # the lock expires; another node moves in
             async with fast.locked(consult, create=True) as newer:
                 assert newer is not None
-                newer.display_name = "newer"
+                mark(newer, "newer")
 
     with pytest.raises(StateUnavailable, match="lock ran out"):
         await stall()
     state = await fast.peek(consult)
     assert state is not None
-    assert state.display_name == "newer"
+    assert mark_of(state) == "newer"
 
 
 async def test_a_room_locked_too_long_is_reported_not_waited_for_forever(
@@ -350,21 +351,21 @@ async def test_a_change_is_known_before_a_delivery_sent_after_it(
     consult = uuid.uuid4()
     async with here.locked(consult, create=True) as state:
         assert state is not None
-        state.display_name = "-1"
+        mark(state, "-1")
     assert await there.peek(consult) is not None  # remembered from here on
     names: list[str | None] = []
     arrived = Recorder()
 
     async def deliver(delivery: Delivery) -> None:
         state = await there.peek(consult)
-        names.append(state.display_name if state else None)
+        names.append(mark_of(state))
         await arrived.deliver(delivery)
 
     await receiver.subscribe(consult, ParticipantRole.PATIENT, deliver)
     for n in range(30):
         async with here.locked(consult) as state:
             assert state is not None
-            state.display_name = str(n)
+            mark(state, str(n))
         await sender.publish(consult, ParticipantRole.PATIENT, Delivery({"n": n}))
     await arrived.wait_for(30)
     # Each delivery found the change made just before it was sent.
@@ -380,7 +381,7 @@ async def test_versions_grow_even_across_lost_keys_and_an_older_change_loses(
     async def saved_version(name: str) -> int:
         async with store.locked(consult, create=True) as state:
             assert state is not None
-            state.display_name = name
+            mark(state, name)
         raw = await client.get(store.state_key(consult))
         assert isinstance(raw, bytes)  # this client does not decode
         return int(raw.split(b" ", 1)[0])
@@ -393,11 +394,11 @@ async def test_versions_grow_even_across_lost_keys_and_an_older_change_loses(
     assert first < second < third
     # Heard out of order: the older change never replaces the newer.
     store.feed_restarted()
-    store.changed(consult, f"{third + 10} " + encode_room_state(RoomState(display_name="new")))
-    store.changed(consult, f"{third + 5} " + encode_room_state(RoomState(display_name="old")))
+    store.changed(consult, f"{third + 10} " + encode_room_state(marked("new")))
+    store.changed(consult, f"{third + 5} " + encode_room_state(marked("old")))
     seen = await store.peek(consult)
     assert seen is not None
-    assert seen.display_name == "new"
+    assert mark_of(seen) == "new"
     with pytest.raises(ValueError, match="no version"):
         store.changed(consult, "garbage")
 
@@ -475,11 +476,11 @@ async def test_a_feed_that_lost_its_connection_reads_again_and_hears_again(
     await until(answered_from_memory_again)  # subscribed again
     async with here.locked(consult) as state:
         assert state is not None
-        state.display_name = "after the reconnect"
+        mark(state, "after the reconnect")
 
     async def heard() -> bool:
         seen = await there.peek(consult)
-        return seen is not None and seen.display_name == "after the reconnect"
+        return seen is not None and mark_of(seen) == "after the reconnect"
 
     count = reads.count
     await until(heard)

@@ -32,6 +32,7 @@ from audit.consults import (
 )
 from audit.db import reading
 from audit.errors import NotFound
+from audit.keyring import load_ring
 from audit.labels import read_labels, store_label
 from audit.practice import PracticeSettings, practice_settings_of
 from audit.references import check_reference, store_reference
@@ -198,10 +199,13 @@ async def consults_create(request: web.Request) -> web.Response:
         consult = await create_consult(
             conn, therapist_id=principal.account.id, now=now, scheduled_at=scheduled_at
         )
-        if display_name is not None:
-            await store_label(conn, app[MASTER_KEY].key, consult.id, display_name)
-        if reference is not None:
-            await store_reference(conn, app[MASTER_KEY].key, consult.id, reference)
+        if display_name is not None or reference is not None:
+            # Sealed under keys of their own, wrapped by the ring's current key.
+            wrapping = (await load_ring(conn, app[MASTER_KEY].key)).current
+            if display_name is not None:
+                await store_label(conn, wrapping, consult.id, display_name)
+            if reference is not None:
+                await store_reference(conn, wrapping, consult.id, reference)
         token, invite = await issue_invite(
             conn,
             consult,
@@ -210,10 +214,10 @@ async def consults_create(request: web.Request) -> web.Response:
             guardian_consent=body.guardian_consent,
         )
     try:
-        await app[ROOMS].prepare(consult.id, display_name=display_name, until=expires_at)
+        await app[ROOMS].prepare(consult.id, until=expires_at)
     except (StateUnavailable, RedisError) as err:
         # Redis (several nodes) is away: the consult and its link stand, its
-        # room is opened when someone joins (the label is in the database).
+        # room is opened when someone joins.
         _log_unavailable("consult.create", err)
     await _log(request, principal, "consult.create", consult.id)
     answer = {

@@ -1,4 +1,5 @@
-"""``videoconsult keys``: the master key ring that wraps recordings' data keys.
+"""``videoconsult keys``: the master key ring that wraps data keys (recordings',
+therapists' labels', appointment references').
 
 Rotation and retirement are recorded in the installation's access-log chain
 with the actor "operator" and client type "cli" (object: the master key's
@@ -35,10 +36,10 @@ from server.cli.base import current_database
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "keys",
-        help="manage the master keys that wrap recordings' keys",
+        help="manage the master keys that wrap recordings', labels' and references' keys",
         description=(
             "The master key ring: the configured master key (security.master_key) is its "
-            "root; the newest ring key wraps new recordings' data keys."
+            "root; the newest ring key wraps new data keys (recordings, labels, references)."
         ),
     )
     commands = parser.add_subparsers(title="keys commands", metavar="KEYS_COMMAND", required=True)
@@ -53,8 +54,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="add a new master key and re-wrap every data key under it",
         description=(
             "Add a new master key, sealed by the root, make it current, and re-wrap every "
-            "recording's data key under it (a batch per transaction). The files are not "
-            "touched. Interrupted, it can simply run again."
+            "data key (recordings', labels', appointment references') under it (a batch per "
+            "transaction). The files and sealed values are not touched. Interrupted, it can "
+            "simply run again."
         ),
     )
     rotation.set_defaults(run=run_rotate)
@@ -112,7 +114,7 @@ def run_list(settings: Settings, _args: argparse.Namespace) -> int:
     async def _list() -> list[str]:
         async with current_database(settings) as engine, reading(engine) as conn:
             ring = await load_ring(conn, root_key)
-            return describe_ring(ring, await key_usage(conn))
+            return describe_ring(ring, await key_usage(conn, ring.root_id))
 
     for line in asyncio.run(_list()):
         print(line)

@@ -101,13 +101,13 @@ def decode_delivery(data: str) -> Delivery:
 
 
 def encode_room_state(state: RoomState) -> str:
-    """A room's state as JSON (the display name included: Redis keeps nothing on disk)."""
+    """A room's state as JSON. It holds no personal data: the therapist's label
+    for the waiting room is read from its sealed row when it is shown."""
     return json.dumps(
         {
             "phase": state.phase.value,
             "therapist": _presence_dict(state.therapist),
             "patient": _presence_dict(state.patient),
-            "display_name": state.display_name,
             "recording": state.recording.value,
             "keep_until": state.keep_until.isoformat() if state.keep_until else None,
         },
@@ -116,18 +116,17 @@ def encode_room_state(state: RoomState) -> str:
 
 
 def decode_room_state(data: str | bytes) -> RoomState:
-    """Rebuild :func:`encode_room_state`'s output; ValueError when it is not one."""
+    """Rebuild :func:`encode_room_state`'s output; ValueError when it is not one.
+
+    A ``display_name`` (the label, which older versions kept here) is ignored.
+    """
     value = json.loads(data)
     if not isinstance(value, dict):
         raise ValueError(f"a room state is a {type(value).__name__}")
-    display_name = value.get("display_name")
-    if display_name is not None and not isinstance(display_name, str):
-        raise ValueError("a room's display name is a string")
     return RoomState(
         phase=RoomPhase(value.get("phase")),
         therapist=_presence(value.get("therapist")),
         patient=_presence(value.get("patient")),
-        display_name=display_name,
         recording=RecordingPhase(value.get("recording", RecordingPhase.OFF.value)),
         keep_until=_moment(value.get("keep_until")),
     )

@@ -1,0 +1,112 @@
+"""The therapist's label in the waiting room: unsealed from its row in the
+database when the therapist is told that a patient waits, never kept in a
+room's state (in memory, or in Redis until the invite runs out), and gone with
+the consult (DESIGN.md, promise 11)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import pytest
+
+from server.app_keys import ROOMS
+from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.traces import redis_traces, traces
+
+# Each test runs on the in-process rooms (SQLite, PostgreSQL) and on Redis.
+pytestmark = pytest.mark.signaling_backends
+
+
+def a_label() -> str:
+    """A label no other test's Redis keys can hold (they share the server)."""
+    return f"Mevr. Kwikstaart {secrets.token_hex(4)}, enkel"
+
+
+async def room_traces(harness: Harness, consult_id: str, label: str) -> list[str]:
+    """Where the label is in the rooms' keeping: the room's state, and any Redis key."""
+    found = await redis_traces(harness, {"label": label.encode()})
+    state = await harness.app[ROOMS].room_state(uuid.UUID(consult_id))
+    if label in repr(state):
+        found.append("label in the room's state")
+    return found
+
+
+async def test_the_label_never_enters_the_room_or_redis_and_the_therapist_still_gets_it(
+    harness: Harness, sockets: Sockets
+) -> None:
+    label = a_label()
+    setup = await new_consult(harness, display_name=label)
+    assert await room_traces(harness, setup.consult_id, label) == []
+
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+    assert await room_traces(harness, setup.consult_id, label) == []
+
+    # A revoke sends the waiting patient away; the label is still nowhere.
+    revoked = await harness.client.delete(
+        f"/api/consults/{setup.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    await receive(therapist, "peer-left")
+    assert await room_traces(harness, setup.consult_id, label) == []
+
+    ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+    assert ended.status == 200
+    assert await room_traces(harness, setup.consult_id, label) == []
+    assert await traces(harness, {"label": label.encode()}) == []
+
+
+async def test_a_revoked_link_leaves_no_label_in_the_room_or_redis(harness: Harness) -> None:
+    label = a_label()
+    setup = await new_consult(harness, display_name=label)
+    revoked = await harness.client.delete(
+        f"/api/consults/{setup.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    assert await room_traces(harness, setup.consult_id, label) == []
+
+
+async def test_a_therapist_who_comes_after_the_patient_is_told_the_label(
+    harness: Harness, sockets: Sockets
+) -> None:
+    label = a_label()
+    setup = await new_consult(harness, display_name=label)
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    therapist = await sockets.therapist(setup.consult_id)
+    assert (await receive(therapist, "welcome"))["peer_present"] is True
+    assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+
+
+async def test_a_room_that_lost_its_state_still_tells_the_label(
+    harness: Harness, sockets: Sockets
+) -> None:
+    """The room's state gone (Redis lost its data): the repair round puts the
+    two back, and the therapist hears of the waiting patient with the label,
+    which was never in the state that was lost."""
+    label = a_label()
+    setup = await new_consult(harness, display_name=label)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    await receive(therapist, "patient-waiting")
+
+    rooms = harness.app[ROOMS]
+    await rooms._store.forget(uuid.UUID(setup.consult_id))
+    assert await rooms.reconcile() == 2
+    assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+    assert await room_traces(harness, setup.consult_id, label) == []
+
+
+async def test_a_consult_without_a_label_tells_none(harness: Harness, sockets: Sockets) -> None:
+    setup = await new_consult(harness)
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    assert (await receive(therapist, "patient-waiting"))["display_name"] is None
