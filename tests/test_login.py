@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import UTC, datetime, timedelta
 
 import pyotp
 import pytest
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 import structlog
 
 from audit.accounts import Role
-from audit.schema import accounts, login_failures, technical_log
+from audit.schema import accounts, login_failures, sessions, technical_log
 from server.app_keys import DB_ENGINE
 from server.process_log import configure_process_logging
 from tests.support.harness import PASSWORD, Harness
@@ -210,6 +211,56 @@ async def test_session_ends_after_idle_timeout(harness: Harness) -> None:
     harness.clock.advance(14 * 60)
     assert (await harness.client.get("/api/session")).status == 200
     harness.clock.advance(15 * 60 + 1)
+    assert (await harness.client.get("/api/session")).status == 401
+
+
+async def test_a_session_in_use_is_marked_seen_once_a_minute_and_ends_by_that_mark(
+    harness: Harness,
+) -> None:
+    # Issue 19: the session check of every request wrote the session's
+    # last-seen time, so a read took SQLite's write lock (and a PostgreSQL
+    # commit) for it. Now a request writes it only a minute after the last
+    # mark; the idle timeout counts from the mark, so it ends early, never late.
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(anna)
+
+    async def last_seen() -> datetime:
+        async with harness.app[DB_ENGINE].connect() as conn:
+            seen = await conn.scalar(
+                sa.select(sessions.c.last_seen_at).where(sessions.c.account_id == anna.account_id)
+            )
+        assert seen is not None
+        return seen.replace(tzinfo=UTC) if seen.tzinfo is None else seen
+
+    async def ends_at() -> datetime:
+        answer = await harness.client.get("/api/session")
+        assert answer.status == 200, await answer.text()
+        return datetime.fromisoformat((await answer.json())["session"]["ends_at"])
+
+    # The pages' keep-alive marks it every time.
+    touched = await harness.client.post("/api/session/touch", headers=harness.headers)
+    assert touched.status == 204
+    marked = await last_seen()
+    assert marked == harness.clock.now()
+    harness.clock.advance(59)
+    assert await ends_at() == marked + timedelta(minutes=15)
+    assert await last_seen() == marked  # not written again within the minute
+    harness.clock.advance(1)
+    now = harness.clock.now()
+    assert await ends_at() == now + timedelta(minutes=15)
+    assert await last_seen() == now
+    harness.clock.advance(10)
+    touched = await harness.client.post("/api/session/touch", headers=harness.headers)
+    assert touched.status == 204
+    assert await last_seen() == harness.clock.now()
+    # Idle from that mark: 14:59 later the session holds (and is marked again)...
+    harness.clock.advance(14 * 60 + 59)
+    assert (await harness.client.get("/api/session")).status == 200
+    # ...a request 30 s on leaves no mark (under a minute since the last)...
+    harness.clock.advance(30)
+    assert (await harness.client.get("/api/session")).status == 200
+    # ...so 15 minutes after the mark, 14:30 after that request, it has ended.
+    harness.clock.advance(15 * 60 - 30)
     assert (await harness.client.get("/api/session")).status == 401
 
 

@@ -25,6 +25,7 @@ from server.auth.passwords import MAX_PASSWORD_LENGTH
 from server.auth.sessions import (
     authenticate,
     clear_session_cookie,
+    keep_alive,
     require_login,
     set_session_cookie,
 )
@@ -152,7 +153,7 @@ async def dismiss(request: web.Request) -> web.Response:
 @routes.post("/api/session/touch")
 async def touch(request: web.Request) -> web.Response:
     """Keep the session alive (the page saw the professional at work); answers nothing else."""
-    await require_login(request)
+    await keep_alive(request)
     return web.Response(status=204)
 
 
@@ -167,9 +168,7 @@ async def _session_answer(
     async with reading(request.app[DB_ENGINE]) as conn:
         notices = await pending_notices(conn, account.id)
         practice = await practice_settings_of(conn, account.organisation_id)
-    answer = session_json(
-        account, session, now=request.app[CLOCK].now(), settings=request.app[SETTINGS].sessions
-    )
+    answer = session_json(account, session, settings=request.app[SETTINGS].sessions)
     answer["notices"] = [notice_json(notice) for notice in notices]
     # The new-consult form shows its reference field only where it is accepted.
     answer["practice"] = {"appointment_reference_allowed": practice.appointment_reference_allowed}

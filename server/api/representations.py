@@ -43,13 +43,13 @@ def account_json(account: Account) -> dict[str, Any]:
 
 
 def session_json(
-    account: Account, session: Session, *, now: datetime, settings: SessionSettings
+    account: Account, session: Session, *, settings: SessionSettings
 ) -> dict[str, object]:
     """The logged-in professional and when their session ends."""
     return {
         "account": account_json(account),
         "session": {
-            "ends_at": iso(session_ends_at(session, now=now, settings=settings)),
+            "ends_at": iso(session_ends_at(session, settings=settings)),
             "absolute_end_at": iso(
                 session.created_at + timedelta(seconds=settings.absolute_timeout_s)
             ),

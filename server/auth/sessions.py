@@ -3,17 +3,25 @@
 Sessions live on the server (:mod:`audit.sessions`); the cookie holds only a
 random id. Every authenticated request checks the idle and absolute
 timeouts and the account's status, so a disabled account is out at once.
+
+The check is a read (:func:`audit.db.reading`); a session in use is marked
+seen at most once every :data:`TOUCH_EVERY_S` (a tenth of the idle timeout if
+that is shorter), so most requests write nothing for their session: no
+SQLite write lock, no PostgreSQL commit. The idle timeout counts from the
+last mark, so an idle session ends up to that step early, never late. The
+pages' own keep-alive (``POST /api/session/touch``) marks it every time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from aiohttp import web
 
 from audit.access_log import Actor, Outcome, record_access
 from audit.accounts import Account, AccountStatus, Role, get_account
+from audit.db import reading
 from audit.errors import NotFound
 from audit.sealing import looks_like_token
 from audit.sessions import (
@@ -30,6 +38,8 @@ from server.web_security import served_over_tls
 # The __Host- prefix (over TLS) pins the cookie to this exact host and path.
 COOKIE_NAME = "vc_session"
 TLS_COOKIE_NAME = "__Host-vc_session"
+# A session in use is marked seen at most this often (see the module's text).
+TOUCH_EVERY_S = 60
 
 
 @dataclass(frozen=True)
@@ -78,11 +88,17 @@ def session_expired(session: Session, *, now: datetime, settings: SessionSetting
     return now >= idle_end or now >= absolute_end
 
 
-def session_ends_at(session: Session, *, now: datetime, settings: SessionSettings) -> datetime:
+def session_ends_at(session: Session, *, settings: SessionSettings) -> datetime:
     """When the session ends if nothing else happens (idle or absolute, earlier)."""
-    idle_end = now + timedelta(seconds=settings.idle_timeout_s)
+    idle_end = session.last_seen_at + timedelta(seconds=settings.idle_timeout_s)
     absolute_end = session.created_at + timedelta(seconds=settings.absolute_timeout_s)
     return min(idle_end, absolute_end)
+
+
+def touch_due(session: Session, *, now: datetime, settings: SessionSettings) -> bool:
+    """Whether a request now marks the session seen (see the module's text)."""
+    step_s = min(TOUCH_EVERY_S, settings.idle_timeout_s / 10)
+    return now - session.last_seen_at >= timedelta(seconds=step_s)
 
 
 async def authenticate(request: web.Request) -> Principal | None:
@@ -95,21 +111,25 @@ async def authenticate(request: web.Request) -> Principal | None:
         return None  # not one of ours, whatever its bytes
     app = request.app
     now = app[CLOCK].now()
-    async with app[DB_ENGINE].begin() as conn:
+    settings = app[SETTINGS].sessions
+    account: Account | None = None
+    async with reading(app[DB_ENGINE]) as conn:
         session = await find_session(conn, session_id)
         if session is None:
             return None
-        if session_expired(session, now=now, settings=app[SETTINGS].sessions):
+        if not session_expired(session, now=now, settings=settings):
+            try:
+                account = await get_account(conn, session.account_id)
+            except NotFound:
+                return None
+    if account is None or account.status is not AccountStatus.ACTIVE:
+        async with app[DB_ENGINE].begin() as conn:
             await end_session(conn, session.id_hash)
-            return None
-        try:
-            account = await get_account(conn, session.account_id)
-        except NotFound:
-            return None
-        if account.status is not AccountStatus.ACTIVE:
-            await end_session(conn, session.id_hash)
-            return None
-        await touch_session(conn, session, now=now)
+        return None
+    if touch_due(session, now=now, settings=settings):
+        async with app[DB_ENGINE].begin() as conn:
+            await touch_session(conn, session, now=now)
+        session = replace(session, last_seen_at=now)
     principal = Principal(account, session)
     request[PRINCIPAL] = principal
     return principal
@@ -121,6 +141,18 @@ async def require_login(request: web.Request) -> Principal:
     if principal is None:
         raise Unauthorized("not logged in (or the session timed out)")
     return principal
+
+
+async def keep_alive(request: web.Request) -> None:
+    """Mark the session seen now, whenever it was last (the page's explicit
+    keep-alive, ``POST /api/session/touch``); 401 if there is none."""
+    principal = await require_login(request)
+    now = request.app[CLOCK].now()
+    if principal.session.last_seen_at < now:
+        async with request.app[DB_ENGINE].begin() as conn:
+            await touch_session(conn, principal.session, now=now)
+        seen = replace(principal.session, last_seen_at=now)
+        request[PRINCIPAL] = replace(principal, session=seen)
 
 
 async def require_role(request: web.Request, *roles: Role, action: str) -> Principal:

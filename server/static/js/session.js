@@ -47,11 +47,14 @@ export async function api(path, { method = "GET", body } = {}) {
 }
 
 // The server ends a session after idle_timeout_s without a request; a page
-// that makes requests only when asked leaves when the server would.
+// that makes requests only when asked leaves when the server would. The
+// server counts from its last mark of the session as seen, made at most once
+// a minute (a tenth of the timeout if shorter): leave that much early.
 export function sessionTouched(timeoutS = idleTimeoutS) {
   idleTimeoutS = timeoutS;
   clearTimeout(idleTimer);
-  idleTimer = setTimeout(() => toLogin("idle"), idleTimeoutS * 1000);
+  const markLagS = Math.min(60, idleTimeoutS / 10);
+  idleTimer = setTimeout(() => toLogin("idle"), (idleTimeoutS - markLagS) * 1000);
 }
 
 export function stopIdleTimer() {
