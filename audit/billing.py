@@ -15,11 +15,13 @@ export.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
@@ -132,6 +134,13 @@ async def month_of_consults(
     )
     if therapist_id is not None:
         query = query.where(accounts.c.id == therapist_id)
+    rows = (await conn.execute(query)).all()
+    # Unsealing is some 13 µs a reference: a month of a large practice's
+    # consults would hold the loop for tens of milliseconds.
+    return await asyncio.to_thread(_billed, rows, master_key)
+
+
+def _billed(rows: Sequence[sa.Row[Any]], master_key: bytes) -> list[BilledConsult]:
     return [
         BilledConsult(
             therapist_id=row.therapist_id,
@@ -157,7 +166,7 @@ async def month_of_consults(
             ),
             therapist_external_id=row.external_id,
         )
-        for row in await conn.execute(query)
+        for row in rows
     ]
 
 

@@ -7,6 +7,7 @@ errors.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from aiohttp import web
@@ -25,11 +26,17 @@ def wants_page(request: web.Request) -> bool:
     return "text/html" in request.headers.get("Accept", "")
 
 
+@cache
+def _page() -> bytes:
+    # Read once, at the first 404: it is part of the install, like the code.
+    return (STATIC_DIR / "not-found.html").read_bytes()
+
+
 def not_found_page() -> web.Response:
     """The page a browser gets for an unknown address (404)."""
     return web.Response(
         status=404,
-        body=(STATIC_DIR / "not-found.html").read_bytes(),
+        body=_page(),
         content_type="text/html",
         charset="utf-8",
     )
