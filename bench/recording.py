@@ -101,7 +101,8 @@ from signaling.media_codecs import WEBM
 from signaling.muxer import CONTAINER_OPTIONS
 from signaling.protocol import ParticipantRole
 from signaling.recorded_track import ReceivedTrack, StreamKind
-from signaling.recorder import ConsultRecorder, Failure
+from signaling.recorder import ConsultRecorder
+from signaling.recording_types import Failure
 
 # --------------------------------------------------------------------------
 # The measurements (each runs in a child process).

@@ -51,8 +51,8 @@ from _recording_sources import AUDIO_RATE, AUDIO_SAMPLES, FPS, camera_frames, vo
 from aiortc.mediastreams import MediaStreamTrack
 
 from signaling.protocol import ParticipantRole
-from signaling.recorder import Failure
 from signaling.recorder_proxy import WorkerRecorder
+from signaling.recording_types import Failure
 from tests.support.recording import RecorderLink, new_recording_file
 
 WARM_UP_S = 3.0

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -64,7 +62,15 @@ from signaling.muxer import PacketMuxer, StreamSpec
 from signaling.protocol import ParticipantRole, PeerConnectionState
 from signaling.receiver_tap import FrameTap, request_keyframe, tap_receiver
 from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
-from signaling.remux import RemuxError, make_seekable, remux_budget_s
+from signaling.recording_types import (
+    Failure,
+    InvalidOffer,
+    OnFailure,
+    RecorderError,
+    StopResult,
+    remux_budget_s,
+)
+from signaling.remux import RemuxError, make_seekable
 
 _log = structlog.get_logger("videoconsult.recorder")
 
@@ -82,33 +88,6 @@ PENDING_FLUSH_S = 1.0
 KEYFRAME_REQUEST_INTERVAL_S = 1.0
 # The video codecs the recorder copies, in order of preference: VP8 fits WebM.
 VIDEO_CODECS = (MediaCodec.VP8, MediaCodec.H264)
-
-
-class RecorderError(Exception):
-    """The recorder cannot do what was asked now; the message names the state."""
-
-
-class InvalidOffer(RecorderError):
-    """A recorder offer that does not parse or does not send what a recording needs."""
-
-
-class Failure(enum.Enum):
-    STORAGE_FULL = "storage_full"
-    RECORDER_FAILED = "recorder_failed"
-
-
-@dataclass(frozen=True)
-class StopResult:
-    # Whether the file was closed with its final chunk.
-    complete: bool
-    plaintext_bytes: int
-    # Frames that went into the file, per stream ("therapist video": 150).
-    frames: dict[str, int]
-    # The container's media type ("video/webm"); None when nothing was started.
-    media_type: str | None = None
-
-
-OnFailure = Callable[[Failure, str], Coroutine[Any, Any, None]]
 
 
 class _GuardedSink:

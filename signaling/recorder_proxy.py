@@ -33,7 +33,6 @@ import structlog
 
 from audit.recordings import RecordingFile
 from signaling.protocol import ParticipantRole
-from signaling.recorder import Failure, InvalidOffer, OnFailure, RecorderError, StopResult
 from signaling.recorder_channel import (
     MAX_LINE_BYTES,
     ChannelError,
@@ -46,7 +45,14 @@ from signaling.recorder_channel import (
     roles_from_wire,
     roles_to_wire,
 )
-from signaling.remux import remux_budget_s
+from signaling.recording_types import (
+    Failure,
+    InvalidOffer,
+    OnFailure,
+    RecorderError,
+    StopResult,
+    remux_budget_s,
+)
 
 _log = structlog.get_logger("videoconsult.recorder")
 

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from signaling.protocol import ParticipantRole
-from signaling.recorder import ConsultRecorder, Failure, InvalidOffer, RecorderError
+from signaling.recorder import ConsultRecorder
 from signaling.recorder_channel import (
     MAX_LINE_BYTES,
     ChannelError,
@@ -40,6 +40,7 @@ from signaling.recorder_channel import (
     roles_from_wire,
     roles_to_wire,
 )
+from signaling.recording_types import Failure, InvalidOffer, RecorderError
 
 _log = structlog.get_logger("videoconsult.recorder_worker")
 

@@ -62,8 +62,8 @@ from signaling.protocol import (
     RecordStop,
     outbound,
 )
-from signaling.recorder import Failure, InvalidOffer, RecorderError
 from signaling.recorder_proxy import WorkerRecorder
+from signaling.recording_types import Failure, InvalidOffer, RecorderError
 from signaling.state import RecordingPhase, RoomPhase
 
 _log = structlog.get_logger("videoconsult.recording")

@@ -28,21 +28,9 @@ from audit.filestore import HeadPatchingWriter, decrypt_chunks, nonce_prefix, re
 from audit.recordings import COPY_SUFFIX, RecordingFile
 from signaling.muxer import CONTAINER_OPTIONS
 
-# What a remux gets per byte of the file, at least, and its fixed part: it
-# needs about 0.06 CPU-s per minute of two 1.5 Mbit/s cameras, but ran at
-# only 17-37 MB/s of wall time on a 2-core host with a load of 16
-# (docs/recording.md); a third of that is the floor.
-REMUX_MIN_BYTES_PER_S = 5_000_000
-REMUX_BASE_S = 5.0
-
 
 class RemuxError(Exception):
     """The file could not be made seekable; the streamed file is unchanged."""
-
-
-def remux_budget_s(plaintext_bytes: int) -> float:
-    """How long a remux of a file of ``plaintext_bytes`` may take."""
-    return REMUX_BASE_S + plaintext_bytes / REMUX_MIN_BYTES_PER_S
 
 
 class _DecryptingReader(io.RawIOBase):

@@ -20,7 +20,7 @@ from typing import Any
 import av
 import pytest
 
-import signaling.remux
+import signaling.recording_types
 from audit.filestore import (
     HEADER_SIZE,
     HeadPatchingWriter,
@@ -170,8 +170,8 @@ async def test_a_finished_recording_has_its_duration_and_cues_in_the_file() -> N
 async def test_a_remux_that_runs_out_of_time_leaves_the_streamed_file_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(signaling.remux, "REMUX_BASE_S", 0.0)
-    monkeypatch.setattr(signaling.remux, "REMUX_MIN_BYTES_PER_S", 10**15)
+    monkeypatch.setattr(signaling.recording_types, "REMUX_BASE_S", 0.0)
+    monkeypatch.setattr(signaling.recording_types, "REMUX_MIN_BYTES_PER_S", 10**15)
     recording = await record_links({THERAPIST: RecorderLink(video=(160, 120))}, 2.0)
     assert recording.failures == []
     assert recording.result.complete

@@ -27,7 +27,8 @@ from audit.recordings import RecordingFile, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
 from signaling.protocol import ParticipantRole
-from signaling.recorder import ConsultRecorder, Failure, StopResult
+from signaling.recorder import ConsultRecorder
+from signaling.recording_types import Failure, StopResult
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.webrtc import Peer, Signaller, SyntheticVideo, all_receive_media, opened
 
