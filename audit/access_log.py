@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.chain_walk import WalkResult, canonical_text, walk_rows
 from audit.chain_workers import SPLIT_OVER, walk_in_workers, walk_location
+from audit.db import reading
 from audit.schema import access_log, access_log_checkpoints
 
 if TYPE_CHECKING:
@@ -385,7 +386,9 @@ Source = AsyncConnection | AsyncEngine
 @asynccontextmanager
 async def _reading(source: Source) -> AsyncIterator[AsyncConnection]:
     if isinstance(source, AsyncEngine):
-        async with source.connect() as conn:
+        # A read (audit.db.reading): on SQLite no BEGIN IMMEDIATE, whose
+        # write lock would stop every append while the chains' starts are read.
+        async with reading(source) as conn:
             yield conn
     else:
         yield source

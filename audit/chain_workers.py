@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit import chain_walk
 from audit.chain_walk import WalkResult, WalkSpec, join
+from audit.db import reading
 from audit.errors import DatabaseError
 from audit.schema import access_log
 
@@ -55,7 +56,7 @@ async def walk_in_workers(
     one worker, each long one in parts."""
     backend, where = location
     parts = max(1, min(WALKERS, os.cpu_count() or 1))
-    async with engine.connect() as conn:
+    async with reading(engine) as conn:  # on SQLite: no write lock for a read
         ends = [await _last_seq(conn, name) for name, _, _ in starts]
     results: list[WalkResult] = []
     short: list[WalkSpec] = []

@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.db import check_connection, create_engine, database_url, first_line
+from audit.db import check_connection, create_engine, database_url, first_line, reading
 from audit.errors import MigrationFailed, SchemaOutOfDate
 from config import Settings
 
@@ -50,7 +50,9 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     def _current(connection: sa.Connection) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
-    async with engine.connect() as connection:
+    # A read: on SQLite no write lock, so that a command that only reads
+    # does not wait for a writer at its schema check.
+    async with reading(engine) as connection:
         return await connection.run_sync(_current)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from audit import head_revision
+from audit.db import SQLITE_FILE_NAME
 from tests.support.cli import (
     EXECUTABLE,
     assert_one_clear_error,
@@ -293,3 +295,50 @@ def test_user_commands_need_an_up_to_date_schema(data_dir: Path) -> None:
     result = run_cli("org", "list", env=cli_env(data_dir))
     assert_one_clear_error(result, "run `videoconsult db upgrade`")
     assert not data_dir.exists()  # looking creates no data directory
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["billing", "export", "--org", "Praktijk Noord", "--month", "2026-11"], "consult_id"),
+        (["user", "list", "--org", "Praktijk Noord"], "ad@noord.example"),
+        (["recording", "list", "--org", "Praktijk Noord"], ""),
+    ],
+)
+def test_a_read_prints_nothing_unless_its_access_record_is_written(
+    data_dir: Path, args: list[str], shown: str
+) -> None:
+    """The command reads without SQLite's write lock, then writes its record
+    in a short transaction of its own, and prints only once that committed:
+    while another connection holds the lock past the command's wait, it
+    fails and shows nothing."""
+    env = cli_env(data_dir, database_connect_timeout_s="1")
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
+    added = run_cli(
+        "user",
+        "add",
+        "--org",
+        "Praktijk Noord",
+        "--role",
+        "admin",
+        "--email",
+        "ad@noord.example",
+        env=env,
+    )
+    assert added.returncode == 0, added.stderr
+    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        refused = run_cli(*args, env=env)
+        recorded = holder.execute("SELECT count(*) FROM access_log").fetchone()[0]
+    finally:
+        holder.rollback()
+        holder.close()
+    assert refused.returncode != 0
+    assert refused.stdout == ""
+    answered = run_cli(*args, env=env)
+    assert answered.returncode == 0, answered.stderr
+    assert shown in answered.stdout
+    with sqlite3.connect(data_dir / SQLITE_FILE_NAME) as reader:
+        assert reader.execute("SELECT count(*) FROM access_log").fetchone()[0] == recorded + 1

@@ -10,6 +10,13 @@ group-commit writer); those, and nothing else, may take the lock. So a
 logged-in read still waits while another connection holds the lock (for its
 record, not for its reads); the reads that write nothing answer meanwhile.
 
+A read's access record goes through the writer (``server.api.access_records.
+record_read``), never in a write transaction of the request's own: batched
+with every other request's records, one commit for many. The writer's
+transactions run in its own task (``access-log-writer``), which is how the
+test tells them apart. Refusals answered by a read endpoint (an unknown id:
+404) are read records too, through the writer as well.
+
 On SQLite only: on PostgreSQL ``reading()`` is autocommit, and no read
 takes a lock there either way.
 """
@@ -49,6 +56,7 @@ class World:
     receipt_token: str
     recording_id: uuid.UUID
     endpoint_id: str
+    enrolment_token: str
 
     def path(self, template: str) -> str:
         return template.format(
@@ -58,6 +66,8 @@ class World:
             recording=self.recording_id,
             endpoint=self.endpoint_id,
             account=self.therapist.account_id,
+            enrolment=self.enrolment_token,
+            unknown=uuid.UUID(int=1),
         )
 
 
@@ -76,6 +86,10 @@ async def world_of(harness: Harness) -> World:
         {"url": "https://records.example/hook", "events": ["consult.started"]},
     )
     assert endpoint.status == 201, await endpoint.text()
+    invited = await harness.post(
+        "/api/admin/accounts", {"email": "tess@praktijk-noord.example", "role": "therapist"}
+    )
+    assert invited.status == 201, await invited.text()
     return World(
         setup.therapist,
         support,
@@ -85,6 +99,7 @@ async def world_of(harness: Harness) -> World:
         (await receipt.json())["receipt_token"],
         recording_id,
         (await endpoint.json())["endpoint"]["id"],
+        (await invited.json())["enrolment_token"],
     )
 
 
@@ -95,12 +110,16 @@ async def as_role(harness: Harness, world: World, role: str) -> None:
         await harness.logged_in(who)
 
 
-# Every read-only endpoint that reads the database, with the role it needs.
-READS = [
+# Every read-only endpoint that reads the database, with the role it needs
+# (and the answer expected: a refusal of an unknown id is a read, recorded).
+_READS: list[tuple[str, str] | tuple[str, str, int]] = [
     (THERAPIST, "/api/consults"),
     (THERAPIST, "/api/consults/{consult}"),
     (THERAPIST, "/api/recordings"),
     (THERAPIST, "/api/recordings/{recording}/download"),
+    (THERAPIST, "/api/recordings/{recording}/media"),
+    (THERAPIST, "/api/recordings/{unknown}/download", 404),
+    (THERAPIST, "/api/recordings/{unknown}/media", 404),
     (THERAPIST, "/api/account/export"),
     (SUPPORT, "/api/support/consults"),
     (SUPPORT, "/api/support/charts/consults-per-day.svg"),
@@ -108,20 +127,30 @@ READS = [
     (SUPPORT, "/api/support/consults/{consult}/technical-log"),
     (ADMIN, "/api/admin/accounts"),
     (ADMIN, "/api/admin/accounts/{account}"),
+    (ADMIN, "/api/admin/accounts/{unknown}", 404),
     (ADMIN, "/api/admin/retention"),
     (ADMIN, "/api/admin/retention/preview"),
     (ADMIN, "/api/admin/practice-settings"),
     (ADMIN, "/api/admin/access-log"),
     (ADMIN, "/api/admin/access-log/export"),
+    (ADMIN, "/api/admin/access-log/verify"),
     (ADMIN, "/api/admin/billing?month=2026-11"),
     (ADMIN, "/api/admin/webhooks"),
     (ADMIN, "/api/admin/webhooks/{endpoint}/deliveries"),
+    (ADMIN, "/api/admin/webhooks/{unknown}/deliveries", 404),
     (ADMIN, "/api/session"),
+    (NOBODY, "/api/enrolment/{enrolment}"),
     (NOBODY, "/api/invites/{invite}"),
     (NOBODY, "/api/receipts/{receipt}"),
     (NOBODY, "/receipt/{receipt}"),
     (NOBODY, "/readyz"),
 ]
+READS = [(*entry, 200)[:3] for entry in _READS]  # 200 unless said
+# Those not recorded in the access log: the patient's invite (what the link
+# opens), the receipt's page (its data comes from /api/receipts, recorded),
+# and the health check.
+UNRECORDED = {"/api/invites/{invite}", "/receipt/{receipt}", "/readyz"}
+RECORDED = {template for _, template, _ in READS} - UNRECORDED
 
 _TABLE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+\"?(\w+)", re.IGNORECASE)
 _ACCESS_LOG_COLUMN = re.compile(r"\baccess_log\.(\w+)")
@@ -134,9 +163,14 @@ _ACCESS_RECORD = {"access_log", "access_log_checkpoints"}
 _CHAIN_HEAD = {"chain", "seq", "hash"}
 
 
+# The name of the access-log writer's task (audit/access_writer.py).
+WRITER_TASK = "access-log-writer"
+
+
 @dataclass
 class Transaction:
     begin: str
+    task: str  # the name of the asyncio task that ran it
     statements: list[str]
 
     @property
@@ -156,10 +190,27 @@ class Transaction:
     def writes(self) -> bool:
         return any(sql.split()[0] in {"INSERT", "UPDATE", "DELETE"} for sql in self.statements)
 
+    @property
+    def by_writer(self) -> bool:
+        return self.task == WRITER_TASK
 
-@pytest.mark.parametrize(("role", "template"), READS)
+    @property
+    def is_session_touch(self) -> bool:
+        return self.tables <= _SESSION_CHECK
+
+    @property
+    def is_access_record(self) -> bool:
+        return self.tables <= _ACCESS_RECORD and self.access_log_columns_read <= _CHAIN_HEAD
+
+
+def _task_name() -> str:
+    task = asyncio.current_task()
+    return "" if task is None else task.get_name()
+
+
+@pytest.mark.parametrize(("role", "template", "status"), READS)
 async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_record(
-    sqlite_harness: Harness, role: str, template: str
+    sqlite_harness: Harness, role: str, template: str, status: int
 ) -> None:
     harness = sqlite_harness
     world = await world_of(harness)
@@ -171,7 +222,7 @@ async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_recor
     def on_execute(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         sql = " ".join(statement.split())
         if sql.startswith("BEGIN"):
-            seen.setdefault(id(conn), []).append(Transaction(sql, []))
+            seen.setdefault(id(conn), []).append(Transaction(sql, _task_name(), []))
         elif seen.get(id(conn)):
             seen[id(conn)][-1].statements.append(sql)
 
@@ -181,22 +232,25 @@ async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_recor
         body = await response.read()
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
-    assert response.status == 200, body[:300]
+    assert response.status == status, body[:300]
     transactions = [t for each in seen.values() for t in each]
     assert transactions, "the request read nothing from the database"
     locked = [t for t in transactions if t.begin == "BEGIN IMMEDIATE"]
     for transaction in locked:
         assert transaction.writes, f"a write lock for reading only: {transaction.statements}"
-        session_check = transaction.tables <= _SESSION_CHECK
-        access_record = transaction.tables <= _ACCESS_RECORD and (
-            transaction.access_log_columns_read <= _CHAIN_HEAD
-        )
-        assert session_check or access_record, (
+        assert transaction.is_session_touch or transaction.is_access_record, (
             f"read under the write lock: {transaction.statements}"
         )
-    # The access record, at most: the session was marked seen at its login,
-    # under a minute ago, so its check writes nothing.
-    assert len(locked) <= 1, [t.statements for t in locked]
+    # The request's own write transactions: none. The session was marked seen
+    # at its login, under a minute ago, so its check writes nothing; the
+    # access record is the writer's (one batch: nothing else ran meanwhile).
+    own = [t for t in locked if not t.by_writer]
+    assert not [t for t in own if "access_log" in t.tables], (
+        f"an access record written outside the access-log writer: {[t.statements for t in own]}"
+    )
+    assert not own, [t.statements for t in own]
+    by_writer = [t for t in locked if t.by_writer]
+    assert len(by_writer) == (1 if template in RECORDED else 0), [t.statements for t in by_writer]
 
 
 # Reads that need no session (whose touch writes) and no access record (which

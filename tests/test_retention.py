@@ -4,6 +4,7 @@ what has expired, keeps the access log verifiable, and runs on one node."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.access_log import verify_chain
 from audit.consults import mark_ended
-from audit.db import create_engine
+from audit.db import SQLITE_FILE_NAME, create_engine
 from audit.db import database_url as db_url
 from audit.retention import PurgeReport, Retention, purge
 from audit.roles import Role
@@ -200,6 +201,27 @@ def test_the_command_line_runs_the_purge(data_dir: Path) -> None:
     assert real.returncode == 0, real.stderr
     assert "deleted 0 recordings, 0 consult records and 0 access-log records in all" in real.stdout
     assert run_cli("audit", "verify", env=env).returncode == 0
+
+
+@pytest.mark.slow  # runs the command line in processes of its own
+def test_a_dry_run_answers_while_another_connection_holds_the_write_lock(
+    data_dir: Path,
+) -> None:
+    """A dry run only reads (audit.db.reading(): no write lock on SQLite), so
+    it neither waits for a writer (a purge, the server) nor holds one up."""
+    env = cli_env(data_dir, database_connect_timeout_s="2")
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
+    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        dry = run_cli("retention", "run", "--dry-run", env=env)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 0 technical-log entries older than 24 hours" in dry.stdout
+    assert "dry run: would delete 0 recordings" in dry.stdout
 
 
 async def technical_kinds(engine: AsyncEngine) -> list[str]:

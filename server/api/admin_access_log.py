@@ -28,7 +28,7 @@ from audit.access_log import (
 )
 from audit.accounts import Role
 from audit.db import reading
-from server.api.access_records import record_api_access, record_read
+from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
@@ -167,8 +167,9 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
     chosen = _filter(params)
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
-    # The record comes first: an export that breaks off was still a read.
-    await record_api_access(
+    # The record comes first (committed, through the access-log writer): an
+    # export that breaks off was still a read.
+    await record_read(
         request,
         principal,
         action="access_log.export",
@@ -214,7 +215,7 @@ async def access_log_verify(request: web.Request) -> web.Response:
     report = await verify_chain(
         request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
     )
-    await record_api_access(
+    await record_read(
         request, principal, action="access_log.verify", object_type="access_log", object_id=None
     )
     broken = report.broken

@@ -72,26 +72,24 @@ def _account_id(request: web.Request) -> uuid.UUID:
 async def own_account(request: web.Request, principal: Principal, action: str) -> Account:
     """The account named in the path, if it is in the admin's organisation (else 404).
 
-    A miss is recorded as a refused access in its own transaction, so the
-    record survives the error that follows.
+    A miss is recorded as a refused access through the access-log writer
+    (nothing was changed, so nothing else is to commit with it), before the
+    error that follows is answered.
     """
-    app = request.app
     account_id = _account_id(request)
     organisation_id = principal.account.organisation_id
     try:
-        async with reading(app[DB_ENGINE]) as conn:
+        async with reading(request.app[DB_ENGINE]) as conn:
             return await get_account(conn, account_id, organisation_id=organisation_id)
     except NotFound:
-        async with app[DB_ENGINE].begin() as conn:
-            await record_in(
-                conn,
-                request,
-                principal,
-                action=action,
-                object_type="account",
-                object_id=account_id,
-                outcome=Outcome.REFUSED,
-            )
+        await record_read(
+            request,
+            principal,
+            action=action,
+            object_type="account",
+            object_id=account_id,
+            outcome=Outcome.REFUSED,
+        )
         raise
 
 
@@ -164,7 +162,7 @@ async def accounts_create(request: web.Request) -> web.Response:
 async def account_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.read")
     account = await own_account(request, principal, "account.read")
-    await record_api_access(
+    await record_read(
         request, principal, action="account.read", object_type="account", object_id=account.id
     )
     return web.json_response({"account": account_json(account)})

@@ -87,10 +87,28 @@ async def _record(
     principal: Principal,
     action: str,
     endpoint_id: uuid.UUID | None,
-    outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
+    """A change's record, in the change's transaction."""
     await record_in(
         conn,
+        request,
+        principal,
+        action=action,
+        object_type=OBJECT_TYPE if endpoint_id is not None else "organisation",
+        object_id=endpoint_id if endpoint_id is not None else principal.account.organisation_id,
+    )
+
+
+async def _record_read(
+    request: web.Request,
+    principal: Principal,
+    action: str,
+    endpoint_id: uuid.UUID | None,
+    outcome: Outcome = Outcome.ALLOWED,
+) -> None:
+    """A read's record (or a refusal's: nothing changed), through the
+    access-log writer: committed before the answer."""
+    await record_read(
         request,
         principal,
         action=action,
@@ -100,22 +118,9 @@ async def _record(
     )
 
 
-async def _record_read(
-    request: web.Request, principal: Principal, action: str, endpoint_id: uuid.UUID | None
-) -> None:
-    """A read's record, through the access-log writer: committed before the answer."""
-    await record_read(
-        request,
-        principal,
-        action=action,
-        object_type=OBJECT_TYPE if endpoint_id is not None else "organisation",
-        object_id=endpoint_id if endpoint_id is not None else principal.account.organisation_id,
-    )
-
-
 async def _own_endpoint(request: web.Request, principal: Principal, action: str) -> uuid.UUID:
     """The endpoint named in the path, if it is the admin's organisation's (else 404,
-    recorded as a refused access in a transaction of its own)."""
+    recorded as a refused access through the access-log writer)."""
     try:
         endpoint_id = uuid.UUID(request.match_info["endpoint_id"])
     except ValueError:
@@ -125,8 +130,7 @@ async def _own_endpoint(request: web.Request, principal: Principal, action: str)
         async with reading(request.app[DB_ENGINE]) as conn:
             await get_endpoint(conn, endpoint_id, organisation_id=organisation_id)
     except NotFound:
-        async with request.app[DB_ENGINE].begin() as conn:
-            await _record(conn, request, principal, action, endpoint_id, Outcome.REFUSED)
+        await _record_read(request, principal, action, endpoint_id, Outcome.REFUSED)
         raise
     return endpoint_id
 

@@ -17,7 +17,7 @@ from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, TooManyRequests, Unauthorized
 from server.api.representations import account_json, iso, notice_json, session_json
-from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, SETTINGS
 from server.auth.enrolment import Enroller
 from server.auth.errors import LoginLocked, LoginRefused
 from server.auth.login import Authenticator, LoginAttempt
@@ -36,6 +36,15 @@ from server.web_security import client_address
 LINK_HOLDER = "link_holder"
 
 
+def _reader(account: stored_accounts.Account, actor_role: str | None) -> Actor:
+    """The account holder, or whoever holds its enrolment link (no id yet)."""
+    return Actor(
+        None if actor_role == LINK_HOLDER else account.id,
+        actor_role or account.role.value,
+        ClientType.API,
+    )
+
+
 async def _log_read(
     request: web.Request,
     account: stored_accounts.Account,
@@ -43,21 +52,37 @@ async def _log_read(
     *,
     actor_role: str | None = None,
 ) -> None:
-    """One access record for a read of ``account``'s own data."""
+    """One access record for a read of ``account``'s own data that follows a
+    change (login, enrolment steps), in a transaction of its own."""
     async with request.app[DB_ENGINE].begin() as conn:
         await record_access(
             conn,
-            Actor(
-                None if actor_role == LINK_HOLDER else account.id,
-                actor_role or account.role.value,
-                ClientType.API,
-            ),
+            _reader(account, actor_role),
             organisation_id=account.organisation_id,
             action=action,
             object_type="account",
             object_id=account.id,
             now=request.app[CLOCK].now(),
         )
+
+
+async def _record_read(
+    request: web.Request,
+    account: stored_accounts.Account,
+    action: str,
+    *,
+    actor_role: str | None = None,
+) -> None:
+    """One access record for a read only of ``account``'s own data, through the
+    access-log writer (group commit); returns once it is committed."""
+    await request.app[ACCESS_LOG].record(
+        _reader(account, actor_role),
+        organisation_id=account.organisation_id,
+        action=action,
+        object_type="account",
+        object_id=account.id,
+        now=request.app[CLOCK].now(),
+    )
 
 
 routes = web.RouteTableDef()
@@ -127,7 +152,7 @@ async def logout(request: web.Request) -> web.Response:
 async def current_session(request: web.Request) -> web.Response:
     """Who is logged in, and when the session ends if left alone."""
     principal = await require_login(request)
-    await _log_read(request, principal.account, "session.read")
+    await _record_read(request, principal.account, "session.read")
     return web.json_response(await _session_answer(request, principal.account, principal.session))
 
 
@@ -191,7 +216,7 @@ def _token(request: web.Request) -> str:
 async def enrolment_status(request: web.Request) -> web.Response:
     """What the link is for: the address and role being enrolled, and until when."""
     link = await enroller(request.app).open(_token(request))
-    await _log_read(request, link.account, "enrolment.read", actor_role=LINK_HOLDER)
+    await _record_read(request, link.account, "enrolment.read", actor_role=LINK_HOLDER)
     return web.json_response(
         {
             "email": link.account.email,

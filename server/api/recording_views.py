@@ -45,7 +45,7 @@ from audit.recordings import (
 )
 from audit.roles import Role
 from audit.sealing import SealError
-from server.api.access_records import record_api_access, record_in, record_read
+from server.api.access_records import record_in, record_read
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
 from server.api.representations import recording_json
 from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
@@ -83,7 +83,9 @@ async def log_access(
     recording_id: uuid.UUID | None,
     outcome: Outcome = Outcome.ALLOWED,
 ) -> None:
-    await record_api_access(
+    """Record a read of the recording, or a refusal (nothing changed), through
+    the access-log writer; return once it is committed."""
+    await record_read(
         request,
         principal,
         action=action,

@@ -22,6 +22,7 @@ from audit.billing import (
     totals,
 )
 from audit.clock import SystemClock
+from audit.db import reading
 from audit.errors import NotFound
 from config import Settings
 from server.cli.base import CliError, current_database
@@ -69,23 +70,27 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
     master_key = load_master_key(settings, prepare_data_dir(settings.data_dir)).key
 
     async def _export() -> tuple[uuid.UUID, list[BilledConsult]]:
-        async with current_database(settings) as engine, engine.begin() as conn:
-            try:
-                organisation = await get_organisation_by_name(conn, args.org)
-            except NotFound as err:
-                raise CliError(str(err)) from None
-            entries = await month_of_consults(
-                conn, organisation.id, master_key, since=since, until=until
-            )
-            await record_access(
-                conn,
-                Actor.operator(),
-                organisation_id=organisation.id,
-                action="billing.export",
-                object_type="organisation",
-                object_id=organisation.id,
-                now=SystemClock().now(),
-            )
+        async with current_database(settings) as engine:
+            # Reads (no write lock on SQLite); then the record, in a short
+            # write of its own, committed before anything is printed.
+            async with reading(engine) as conn:
+                try:
+                    organisation = await get_organisation_by_name(conn, args.org)
+                except NotFound as err:
+                    raise CliError(str(err)) from None
+                entries = await month_of_consults(
+                    conn, organisation.id, master_key, since=since, until=until
+                )
+            async with engine.begin() as conn:
+                await record_access(
+                    conn,
+                    Actor.operator(),
+                    organisation_id=organisation.id,
+                    action="billing.export",
+                    object_type="organisation",
+                    object_id=organisation.id,
+                    now=SystemClock().now(),
+                )
             return organisation.id, entries
 
     organisation_id, entries = asyncio.run(_export())

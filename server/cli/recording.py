@@ -109,21 +109,25 @@ def _finished(entry: RecordingEntry) -> RecordingEntry:
 
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
     async def _list() -> list[RecordingEntry]:
-        async with current_database(settings) as engine, engine.begin() as conn:
-            try:
-                organisation = await get_organisation_by_name(conn, args.org)
-            except NotFound as err:
-                raise CliError(str(err)) from None
-            found = await organisation_recordings(conn, organisation.id)
-            await record_access(
-                conn,
-                Actor.operator(),
-                organisation_id=organisation.id,
-                action="recording.list",
-                object_type="organisation",
-                object_id=organisation.id,
-                now=SystemClock().now(),
-            )
+        async with current_database(settings) as engine:
+            # Reads (no write lock on SQLite); then the record, in a short
+            # write of its own, committed before anything is printed.
+            async with reading(engine) as conn:
+                try:
+                    organisation = await get_organisation_by_name(conn, args.org)
+                except NotFound as err:
+                    raise CliError(str(err)) from None
+                found = await organisation_recordings(conn, organisation.id)
+            async with engine.begin() as conn:
+                await record_access(
+                    conn,
+                    Actor.operator(),
+                    organisation_id=organisation.id,
+                    action="recording.list",
+                    object_type="organisation",
+                    object_id=organisation.id,
+                    now=SystemClock().now(),
+                )
             return found
 
     found = asyncio.run(_list())

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tqdm import tqdm
 
 from audit import prepare_data_dir
 from audit.clock import SystemClock
+from audit.db import reading
 from audit.recordings import FileStore
 from audit.retention import PurgeReport, Retention, count_expired, purge
 from audit.technical_log import count_expired_technical, purge_technical_log
@@ -73,19 +75,24 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
             )
 
+    def transaction(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
+        # A dry run only counts: reads, which on SQLite take no write lock,
+        # so it neither waits for a writer nor holds one up.
+        return reading(engine) if args.dry_run else engine.begin()
+
     async def _run() -> int:
         now = SystemClock().now()
         async with current_database(settings) as engine:
             # In a transaction of its own, as the server's housekeeping does:
             # the 24 hours wait neither for another node's retention purge
             # nor for the outcome of this one.
-            async with engine.begin() as conn:
+            async with transaction(engine) as conn:
                 if args.dry_run:
                     technical = await count_expired_technical(conn, now=now)
                 else:
                     technical = await purge_technical_log(conn, now=now)
             print(f"{verb} {technical} technical-log entries older than 24 hours")
-            async with engine.begin() as conn:
+            async with transaction(engine) as conn:
                 report = await _retention_purge(conn, now)
         # The keys are gone (committed); now the files.
         FileStore.in_data_dir(prepare_data_dir(settings.data_dir)).delete_files(report.files)

@@ -21,6 +21,7 @@ from audit.accounts import (
     parse_role,
 )
 from audit.clock import SystemClock
+from audit.db import reading
 from audit.errors import InvalidValue, NotFound
 from audit.roles import ROLE_NAMES
 from config import Settings
@@ -152,21 +153,25 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
     async def _list() -> list[Account]:
-        async with current_database(settings) as engine, engine.begin() as conn:
-            try:
-                organisation = await get_organisation_by_name(conn, args.org)
-            except NotFound as err:
-                raise CliError(str(err)) from None
-            accounts = await list_accounts(conn, organisation.id)
-            await record_access(
-                conn,
-                Actor.operator(),
-                organisation_id=organisation.id,
-                action="account.list",
-                object_type="organisation",
-                object_id=organisation.id,
-                now=SystemClock().now(),
-            )
+        async with current_database(settings) as engine:
+            # Reads (no write lock on SQLite); then the record, in a short
+            # write of its own, committed before anything is printed.
+            async with reading(engine) as conn:
+                try:
+                    organisation = await get_organisation_by_name(conn, args.org)
+                except NotFound as err:
+                    raise CliError(str(err)) from None
+                accounts = await list_accounts(conn, organisation.id)
+            async with engine.begin() as conn:
+                await record_access(
+                    conn,
+                    Actor.operator(),
+                    organisation_id=organisation.id,
+                    action="account.list",
+                    object_type="organisation",
+                    object_id=organisation.id,
+                    now=SystemClock().now(),
+                )
             return accounts
 
     for account in asyncio.run(_list()):
