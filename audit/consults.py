@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.db import autocommit
 from audit.errors import Conflict, NotFound
 from audit.labels import SealedLabel, destroy_label, sealed_label_of, with_sealed_label
 from audit.outbox import consult_event
 from audit.references import destroy_spent_references
-from audit.schema import consult_labels, consults, invites
+from audit.schema import accounts, consult_labels, consults, invites, webhook_endpoints
 from audit.sealing import token_hash
 from audit.webhooks import EventType
 
@@ -171,13 +172,72 @@ async def list_consults(
     return [_consult(row) for row in rows]
 
 
+# Starts a consult whose organisation has no webhook endpoint (most): then
+# nothing goes to the outbox, and the start is this one statement. An endpoint
+# made meanwhile is as one made just after the start, as in a transaction.
+_START_WITHOUT_ENDPOINTS = (
+    consults.update()
+    .where(
+        consults.c.id == sa.bindparam("consult_id"),
+        consults.c.started_at.is_(None),
+        consults.c.status == ConsultStatus.CREATED.value,
+        ~sa.select(webhook_endpoints.c.id)
+        .join(accounts, accounts.c.organisation_id == webhook_endpoints.c.organisation_id)
+        .where(accounts.c.id == consults.c.therapist_id)
+        .exists(),
+    )
+    .values(
+        started_at=sa.bindparam("started_at_now", type_=consults.c.started_at.type),
+        status=ConsultStatus.ACTIVE.value,
+    )
+    .returning(*consults.c)
+)
+
+
+async def start_consult(engine: AsyncEngine, consult_id: uuid.UUID, *, now: datetime) -> Consult:
+    """:func:`mark_started` in a transaction of its own: on PostgreSQL, for a
+    consult whose organisation has no webhook endpoint, one statement and no
+    BEGIN or COMMIT (each admission of issue 19's storm)."""
+    if engine.dialect.name == "postgresql":
+        async with autocommit(engine) as conn:
+            started = await _start_without_endpoints(conn, consult_id, now)
+        if started is not None:
+            return started
+    async with engine.begin() as conn:
+        # On PostgreSQL the statement above found it started, over, or with endpoints.
+        plain_first = engine.dialect.name != "postgresql"
+        return await _mark_started(conn, consult_id, now=now, plain_first=plain_first)
+
+
 async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:
     """Set the start once; a later admission (after a reconnect) keeps the first.
 
     The first also writes ``consult.started`` to the webhooks' outbox, in the
     caller's transaction.
     """
-    started = (
+    return await _mark_started(conn, consult_id, now=now, plain_first=True)
+
+
+async def _start_without_endpoints(
+    conn: AsyncConnection, consult_id: uuid.UUID, now: datetime
+) -> Consult | None:
+    row = (
+        await conn.execute(
+            _START_WITHOUT_ENDPOINTS, {"consult_id": consult_id, "started_at_now": now}
+        )
+    ).first()
+    return None if row is None else _consult(row)
+
+
+async def _mark_started(
+    conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime, plain_first: bool
+) -> Consult:
+    if plain_first:
+        started = await _start_without_endpoints(conn, consult_id, now)
+        if started is not None:
+            return started
+    # Started earlier or over, or its organisation has endpoints.
+    row = (
         await conn.execute(
             consults.update()
             .where(
@@ -189,10 +249,10 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
             .returning(*consults.c)
         )
     ).first()
-    if started is None:  # started earlier, or over: read as it is
+    if row is None:  # started earlier, or over: read as it is
         return await get_consult(conn, consult_id)
     await consult_event(conn, consult_id, EventType.CONSULT_STARTED, now=now)
-    return _consult(started)
+    return _consult(row)
 
 
 async def mark_ended(

@@ -123,6 +123,28 @@ async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
+@asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for statements that are each whole on their own (a read,
+    a write in one statement): a patient's ticket, a consult's start.
+
+    On PostgreSQL every statement commits by itself: no BEGIN and no COMMIT,
+    two round trips fewer than ``engine.begin()``, with the same guarantees
+    as a read-committed transaction's statements one after the other (each
+    sees its own snapshot; nothing ties them together). On SQLite, where a
+    BEGIN costs no round trip, one transaction as ``engine.begin()``: its
+    write lock from the start. Statements that must stand or fall together
+    belong in ``engine.begin()``.
+    """
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+    else:
+        async with engine.begin() as conn:
+            yield conn
+
+
 async def check_connection(engine: AsyncEngine, *, timeout_s: float) -> None:
     """Run ``SELECT 1``; raise :class:`DatabaseUnavailable` naming the cause.
 
