@@ -148,12 +148,18 @@ async def get_consult(
     return _consult(row)
 
 
+# Read as every patient joins (issue 19's storm): built once, as the invite's
+# statements below are.
+_CONSULT_AND_LABEL = with_sealed_label(sa.select(consults), consults.c.id).where(
+    consults.c.id == sa.bindparam("consult_id")
+)
+
+
 async def get_consult_and_label(
     conn: AsyncConnection, consult_id: uuid.UUID
 ) -> tuple[Consult, SealedLabel | None]:
     """The consult and its therapist's label as stored (None without one), in one query."""
-    query = with_sealed_label(sa.select(consults), consults.c.id)
-    row = (await conn.execute(query.where(consults.c.id == consult_id))).first()
+    row = (await conn.execute(_CONSULT_AND_LABEL, {"consult_id": consult_id})).first()
     if row is None:
         raise NotFound("no such consult")
     return _consult(row), sealed_label_of(row)
