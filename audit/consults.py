@@ -357,7 +357,7 @@ async def revoke_invites(conn: AsyncConnection, consult_id: uuid.UUID, *, now: d
 
 # The statements on every patient's way in (issue 19's admission storm),
 # built once: per call, SQLAlchemy neither builds them again nor works out
-# their cache key (a fifth of the ticket request's CPU went to that). The
+# their cache key (py-spy: about a tenth of the ticket request's CPU). The
 # values go in as parameters.
 
 # The invite and its consult in one query (one round trip).
