@@ -27,7 +27,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import get_consult_and_label, mark_ended, mark_started
+from audit.consults import get_consult_and_label, mark_ended, start_consult
 from audit.db import reading
 from audit.labels import SealedLabel
 from audit.recordings import StopReason
@@ -418,8 +418,7 @@ class ConsultRooms:
                     "no patient is waiting to be admitted",
                     ref="admit",
                 )
-            async with self._engine.begin() as conn:
-                consult = await mark_started(conn, consult_id, now=self._clock.now())
+            consult = await start_consult(self._engine, consult_id, now=self._clock.now())
             if consult.is_over or consult.started_at is None:
                 record_closed = True
             else:

@@ -30,7 +30,7 @@ from audit.consults import (
     open_invite,
     revoke_invites,
 )
-from audit.db import reading
+from audit.db import autocommit, reading
 from audit.errors import NotFound
 from audit.keyring import load_ring
 from audit.labels import read_labels, store_label
@@ -409,9 +409,11 @@ async def invite_ticket(request: web.Request) -> web.Response:
     body = await read_json(request, TicketBody)
     app = request.app
     now = app[CLOCK].now()
-    # One transaction for the check and the note of first use: a storm of
-    # patients arriving at once (issue 19) waits for the pool once each.
-    async with app[DB_ENGINE].begin() as conn:
+    # One connection for the check and the note of first use: a storm of
+    # patients arriving at once (issue 19) waits for the pool once each. The
+    # note is one statement of its own (on PostgreSQL no BEGIN or COMMIT);
+    # the check before it only reads.
+    async with autocommit(app[DB_ENGINE]) as conn:
         invite = await usable_invite(conn, request, now)
         opens_at = _opens_at(app, invite, now)
         if opens_at is not None:
