@@ -105,12 +105,17 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
             await websocket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"try again")
             return websocket
         metrics.record_opened(participant.role)
+        # This frame lives as long as the socket: what the opening needed goes
+        # now (the client's address and browser, the TURN credentials, the
+        # welcome), not at the end of the consult.
+        del address, user_agent, servers
         # In the heartbeat rounds while open (server/ws/heartbeat.py).
         heartbeats = request.app[SOCKET_HEARTBEATS]
         try:
             heartbeats.add(outbox)
             async with registered(request, websocket, session):
                 await outbox.open(first)
+                del first
                 await read_frames(request, websocket, outbox, participant)
         finally:
             heartbeats.discard(outbox)
