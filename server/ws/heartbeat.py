@@ -8,8 +8,9 @@ and a callback per message. Here every open socket's outbox is in one set
 half ``signaling.heartbeat_s`` one round (:func:`beat_sockets`, a periodic
 job) walks it: a socket silent for a round is pinged, one silent a round
 after its ping is dropped (:meth:`~server.ws.outbox.Outbox.beat`). A silent
-peer is pinged after one to one and a half heartbeats and dropped half a
-heartbeat after that, as aiohttp's heartbeat would do.
+peer is pinged after half a heartbeat to one heartbeat of silence and
+dropped half a heartbeat after the ping; an idle peer that answers is
+pinged once a heartbeat, as with aiohttp's heartbeat.
 
 The sockets are opened with aiohttp's heartbeat and automatic ping answers
 off; the read loop answers a client's ping and tells the outbox of every
