@@ -27,6 +27,7 @@ from server.app_keys import (
     METRICS,
     PASSWORD_HASHER,
     SETTINGS,
+    SOCKET_HEARTBEATS,
     THERAPIST_SOCKETS,
     WEBSOCKETS,
 )
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app[DB_OUTAGE] = DatabaseOutage()
     app.on_cleanup.append(app[DB_OUTAGE].close)
     app[THERAPIST_SOCKETS] = {}
+    app[SOCKET_HEARTBEATS] = set()
     # Counted whether or not /metrics is served: the edge never asks.
     app[METRICS] = Metrics()
     app.on_response_prepare.append(add_security_headers)

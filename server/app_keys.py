@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # they need these keys themselves (through the background job
     from server.client_limits import ClientLimiter
     from server.cluster import Cluster
     from server.metrics import Metrics
+    from server.ws.outbox import Outbox
 
 SETTINGS = web.AppKey("settings", Settings)
 # The absolute data directory, checked and created at start-up.
@@ -54,6 +55,8 @@ CLIENT_LIMITER: web.AppKey[ClientLimiter] = web.AppKey("client_limiter")
 THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKey(
     "therapist_sockets"
 )
+# Every open signaling socket's outbox, for the heartbeat rounds (server/ws/heartbeat.py).
+SOCKET_HEARTBEATS: web.AppKey[set[Outbox]] = web.AppKey("socket_heartbeats")
 # The technical log's sink: connection diagnostics, kept 24 hours.
 TECHNICAL_LOG = web.AppKey("technical_log", TechnicalLog)
 # This node's Prometheus metrics, in a registry of the app's own.

@@ -48,6 +48,7 @@ class JobName(enum.StrEnum):
     RETENTION = "retention"
     ROOM_TIMERS = "room-timers"
     SESSION_CHECKS = "session-checks"
+    SOCKET_HEARTBEATS = "socket-heartbeats"
     NODE_HEARTBEAT = "node-heartbeat"
     ALIVE = "alive"
     WEBHOOKS = "webhooks"

@@ -19,6 +19,7 @@ from server.app_keys import CLOCK, CLUSTER, DB_ENGINE, ROOMS, SETTINGS, TECHNICA
 from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
 from server.resources import ROOM_TIMER_POLL
+from server.ws.heartbeat import beat_sockets, round_interval_s
 from server.ws.session_check import SESSION_CHECK_S, check_therapist_sessions
 from signaling.ports import StateUnavailable
 
@@ -109,6 +110,8 @@ JOBS = (
         expected=REDIS_AWAY,
     ),
     Job(JobName.SESSION_CHECKS, check_therapist_sessions, SESSION_CHECK_S),
+    # The signaling sockets' WebSocket pings, all in one round.
+    Job(JobName.SOCKET_HEARTBEATS, beat_sockets, round_interval_s),
     # When this server was last alive: where a killed server's consults end.
     Job(JobName.ALIVE, alive.beat, alive.ALIVE_BEAT_S, first_after_s=alive.ALIVE_BEAT_S),
     Job(

@@ -9,6 +9,8 @@ class TokenBucket:
     Time is passed in (monotonic seconds), so it is tested without sleeping.
     """
 
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
     def __init__(self, *, rate: float, burst: int, now: float) -> None:
         self._rate = rate
         self._burst = float(burst)

@@ -24,6 +24,8 @@ Channel = TypeVar("Channel", bound=Hashable)
 
 
 class _LocalSubscription(Generic[Channel]):
+    __slots__ = ("_owner", "channel", "closed", "deliver")
+
     def __init__(
         self, owner: LocalSubscribers[Channel], channel: Channel, deliver: Deliver
     ) -> None:

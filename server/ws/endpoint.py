@@ -13,7 +13,7 @@ import asyncio
 
 from aiohttp import web
 
-from server.app_keys import CLOCK, METRICS, ROOMS, SETTINGS, TECHNICAL_LOG
+from server.app_keys import CLOCK, METRICS, ROOMS, SETTINGS, SOCKET_HEARTBEATS, TECHNICAL_LOG
 from server.web_security import client_address
 from server.ws.admission import Refused, admit_connection
 from server.ws.outbox import Outbox
@@ -75,8 +75,10 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     )
     # aiohttp refuses a frame of max_msg_size bytes itself (its limit is
     # exclusive); the protocol's is inclusive: a frame of MAX_FRAME_BYTES passes.
+    # The heartbeat and the answers to pings are ours, not aiohttp's
+    # (server/ws/heartbeat.py): no timer per socket.
     async with tracked_websocket(
-        request, max_msg_size=MAX_FRAME_BYTES + 1, heartbeat_s=settings.signaling.heartbeat_s
+        request, max_msg_size=MAX_FRAME_BYTES + 1, heartbeat_s=None, autoping=False
     ) as websocket:
         outbox = Outbox(request, websocket, participant.connection_id)
         try:
@@ -103,11 +105,20 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
             await websocket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"try again")
             return websocket
         metrics.record_opened(participant.role)
+        # This frame lives as long as the socket: what the opening needed goes
+        # now (the client's address and browser, the TURN credentials, the
+        # welcome), not at the end of the consult.
+        del address, user_agent, servers
+        # In the heartbeat rounds while open (server/ws/heartbeat.py).
+        heartbeats = request.app[SOCKET_HEARTBEATS]
         try:
+            heartbeats.add(outbox)
             async with registered(request, websocket, session):
                 await outbox.open(first)
+                del first
                 await read_frames(request, websocket, outbox, participant)
         finally:
+            heartbeats.discard(outbox)
             await subscription.close()
             # Whatever ended the socket (a reset, a failing write, shutdown),
             # the room must hear of it, or the peer waits for a ghost.

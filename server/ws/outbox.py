@@ -14,6 +14,9 @@ from signaling.protocol import CloseCode
 
 # How long a closing handshake the server started may take.
 CLOSE_HANDSHAKE_S = 2.0
+# Heartbeat rounds (half a heartbeat each) of silence before a socket is pinged;
+# one round more without a frame and it is dropped.
+PING_AFTER_ROUNDS = 2
 
 
 class Outbox:
@@ -38,7 +41,27 @@ class Outbox:
     high-water mark) is closed with 1008 rather than waited for; closes run
     in the background, so that the publisher never waits for a closing
     handshake.
+
+    The outbox also keeps the socket's WebSocket heartbeat, without a timer of
+    its own: the read loop calls :meth:`heard` on every frame, and one
+    periodic round over all sockets (:mod:`server.ws.heartbeat`) calls
+    :meth:`beat`, which pings a socket that has been silent and drops one
+    that did not answer. An idle socket is a few attributes, no timer.
     """
+
+    __slots__ = (
+        "_closing",
+        "_connection_id",
+        "_framed_bytes",
+        "_frames",
+        "_high_water",
+        "_loop",
+        "_pending",
+        "_ready",
+        "_transport",
+        "_websocket",
+        "quiet",
+    )
 
     def __init__(
         self, request: web.Request, websocket: web.WebSocketResponse, connection_id: str
@@ -62,6 +85,8 @@ class Outbox:
         self._transport = transport
         self._high_water = transport.get_write_buffer_limits()[1]
         self._loop = asyncio.get_running_loop()
+        # Heartbeat rounds since the last frame from the client.
+        self.quiet = 0
 
     async def deliver(self, delivery: Delivery) -> None:
         if delivery.connection_id not in (None, self._connection_id):
@@ -99,6 +124,33 @@ class Outbox:
             if not done:
                 self._closing.cancel()
 
+    def heard(self) -> None:
+        """A frame came from the client: it is alive."""
+        self.quiet = 0
+
+    def beat(self) -> None:
+        """One heartbeat round (every half ``signaling.heartbeat_s``): a socket
+        silent for a round is pinged at the next; one still silent a round
+        after its ping is dropped, as a peer that is gone (the read loop then
+        ends, and the room hears of it)."""
+        self.quiet += 1
+        if self.quiet == PING_AFTER_ROUNDS:
+            if not self._transport.is_closing() and not self._websocket.closed:
+                self._queue(PING_FRAME)
+        elif self.quiet > PING_AFTER_ROUNDS:
+            self._transport.close()
+
+    def pong(self, payload: bytes) -> None:
+        """Answer a client's ping (RFC 6455, 5.5.3: with its payload, at most 125 bytes)."""
+        if self._closing is None and not self._websocket.closed:
+            self._queue(control_frame(0x8A, payload))
+
+    def _queue(self, frame: bytes) -> None:
+        if not self._frames:
+            self._loop.call_soon(self.flush)
+        self._frames.append(frame)
+        self._framed_bytes += len(frame)
+
     def _write(self, text: str, *, close_code: int | None = None) -> None:
         transport = self._transport
         if transport.is_closing():
@@ -112,10 +164,7 @@ class Outbox:
         if queued > 0 and queued + len(frame) > self._high_water:
             self._close_later(CloseCode.POLICY_VIOLATION)
             return
-        if not self._frames:
-            self._loop.call_soon(self.flush)
-        self._frames.append(frame)
-        self._framed_bytes += len(frame)
+        self._queue(frame)
         if close_code is not None:
             self._close_later(close_code)
 
@@ -133,6 +182,16 @@ class Outbox:
         if self._closing is None:
             self.flush()
             self._closing = asyncio.create_task(self._websocket.close(code=code))
+
+
+def control_frame(opcode: int, payload: bytes) -> bytes:
+    """An unmasked control frame (RFC 6455, 5.5): FIN set, at most 125 bytes."""
+    payload = payload[:125]
+    return struct.pack("!BB", opcode, len(payload)) + payload
+
+
+# A ping without a payload.
+PING_FRAME = control_frame(0x89, b"")
 
 
 def text_frame(payload: bytes) -> bytes:

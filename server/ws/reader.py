@@ -42,7 +42,8 @@ async def read_frames(
     (:data:`~signaling.protocol.MISBEHAVIOUR`) close it with 1008; a refusal
     of what the room's state does not allow now (the peer away) never does.
     After a ``bye`` the socket is closed (1000). (aiohttp closes with 1009 a
-    frame above the socket's size limit.)
+    frame above the socket's size limit.) Every frame, pings and pongs too,
+    tells the outbox the client is alive (the heartbeat); a ping is answered.
     """
     rooms = request.app[ROOMS]
     metrics = request.app[METRICS]
@@ -50,6 +51,12 @@ async def read_frames(
     bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
     refused_in_a_row = 0
     async for frame in websocket:
+        outbox.heard()
+        if frame.type is WSMsgType.PING:
+            outbox.pong(frame.data)
+            continue
+        if frame.type is WSMsgType.PONG:
+            continue
         received = time.monotonic()
         try:
             if not bucket.allow(received):

@@ -13,15 +13,22 @@ from server.app_keys import WEBSOCKETS
 
 @asynccontextmanager
 async def tracked_websocket(
-    request: web.Request, *, max_msg_size: int = 64 * 1024, heartbeat_s: float | None = 20.0
+    request: web.Request,
+    *,
+    max_msg_size: int = 64 * 1024,
+    heartbeat_s: float | None = 20.0,
+    autoping: bool = True,
 ) -> AsyncIterator[web.WebSocketResponse]:
     """Accept a WebSocket and keep it in the app's set until the block ends."""
     # No per-message deflate: signaling frames are small, and a zlib context per
     # connection would cost CPU on every message and memory on every socket.
     websocket = web.WebSocketResponse(
-        max_msg_size=max_msg_size, heartbeat=heartbeat_s, compress=False
+        max_msg_size=max_msg_size, heartbeat=heartbeat_s, autoping=autoping, compress=False
     )
     await websocket.prepare(request)
+    # The 101's headers (the security headers among them) are sent: they
+    # would otherwise be kept, with their parsed forms, for the socket's life.
+    websocket.headers.clear()
     sockets = request.app[WEBSOCKETS]
     sockets.add(websocket)
     try:

@@ -1,0 +1,111 @@
+"""The signaling sockets' WebSocket heartbeat: a peer that answers no ping is
+closed, one that answers stays, and an idle socket costs no timer of its own
+(one periodic round pings them all, docs/benchmarks.md "Lean connections")."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import pytest
+from aiohttp import ClientWebSocketResponse, WSMsgType
+
+from tests.support.harness import Harness, Sockets, new_consult, receive
+
+HEARTBEAT_S = 1
+
+
+def timers() -> int:
+    """The event loop's timers alive now (a socket with a timer of its own adds one)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle))
+
+
+async def closed_within(socket: ClientWebSocketResponse, seconds: float) -> tuple[float, int]:
+    """Read (without answering pings) until the server closes the socket; return
+    how long it took and how many pings came first. Fails after ``seconds``."""
+    started = time.monotonic()
+    pings = 0
+    while True:
+        left = seconds - (time.monotonic() - started)
+        assert left > 0, f"still open after {seconds} s ({pings} pings)"
+        message = await socket.receive(timeout=left)
+        if message.type is WSMsgType.PING:
+            pings += 1
+        elif message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return time.monotonic() - started, pings
+
+
+@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
+async def test_a_peer_that_answers_no_ping_is_closed(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    socket = await harness.client.ws_connect(
+        f"/ws?consult={setup.consult_id}", headers=harness.headers, autoping=False
+    )
+    try:
+        await receive(socket, "welcome")
+        took_s, pings = await closed_within(socket, 6 * HEARTBEAT_S)
+    finally:
+        await socket.close()
+    assert pings >= 1
+    # Rounds every half heartbeat: pinged at the second round after it
+    # opened, dropped at the third, so not before a heartbeat has passed
+    # (counted here from the welcome, which left a moment after it opened).
+    assert took_s >= 0.8 * HEARTBEAT_S
+
+
+@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
+async def test_a_silent_peer_that_answers_pings_stays(harness: Harness) -> None:
+    sockets = Sockets(harness)
+    setup = await new_consult(harness)
+    try:
+        therapist = await sockets.therapist(setup.consult_id)
+        await receive(therapist, "welcome")
+        # Four heartbeats of silence; aiohttp's client answers the pings while
+        # it waits for a message.
+        reading = asyncio.create_task(therapist.receive_json())
+        await asyncio.sleep(4 * HEARTBEAT_S)
+        assert not reading.done()
+        await therapist.send_json({"v": 1, "type": "ping"})
+        assert (await asyncio.wait_for(reading, 5))["type"] == "pong"
+        assert not therapist.closed
+    finally:
+        await sockets.close()
+
+
+@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
+async def test_a_client_ping_is_answered(harness: Harness) -> None:
+    setup = await new_consult(harness)
+    socket = await harness.client.ws_connect(
+        f"/ws?consult={setup.consult_id}", headers=harness.headers, autoping=False
+    )
+    try:
+        await receive(socket, "welcome")
+        await socket.ping(b"are you there")
+        while True:
+            message = await socket.receive(timeout=5)
+            if message.type is WSMsgType.PONG:
+                break
+            assert message.type is WSMsgType.PING, message  # the server's own, unanswered
+        assert message.data == b"are you there"
+    finally:
+        await socket.close()
+
+
+async def test_idle_sockets_hold_no_timer_each(harness: Harness) -> None:
+    sockets = Sockets(harness)
+    consults = [(await new_consult(harness)).consult_id]
+    for _ in range(19):  # the same therapist's
+        response = await harness.post("/api/consults", {})
+        assert response.status == 201, await response.text()
+        consults.append((await response.json())["consult"]["id"])
+    before = timers()
+    try:
+        for consult_id in consults:
+            await receive(await sockets.therapist(consult_id), "welcome")
+        await asyncio.sleep(0.1)
+        # 20 open sockets; a timer each (aiohttp's own heartbeat) would add 20.
+        assert timers() - before < 10
+    finally:
+        await sockets.close()
