@@ -182,9 +182,10 @@ class OursServer(Server):
                 VIDEOCONSULT_REDIS_URL=self.redis_url,
                 VIDEOCONSULT_REDIS_KEY_PREFIX=self.redis_prefix,
             )
-        if source is not None:
-            # A snapshot of one commit: its packages come before the editable install.
-            env["PYTHONPATH"] = str(source)
+        # A snapshot of one commit, or this checkout: its packages come before
+        # the editable install, which may point at another checkout (a git
+        # worktree sharing the virtual environment).
+        env["PYTHONPATH"] = str(source or ROOT)
         defaults = ((source or ROOT) / "config" / "defaults.toml").read_text()
         if "client_requests_per_min" in defaults:
             # Every socket of the load comes from 127.0.0.1: no per-client limit
