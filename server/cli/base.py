@@ -9,16 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit import SchemaOutOfDate, database_url, open_database, prepare_data_dir
+from audit.access_log import Actor, record_access
+from audit.accounts import Organisation, get_organisation_by_name
+from audit.clock import SystemClock
+from audit.db import reading
+from audit.errors import NotFound
 from audit.migrate import ensure_current, missing_sqlite_file
 from config import Settings
+
+T = TypeVar("T")
 
 Run = Callable[[Settings, argparse.Namespace], int]
 
@@ -99,3 +106,36 @@ def _running_server_origin(path: Path) -> str | None:
     except PermissionError:
         pass  # alive, another user's
     return origin
+
+
+async def operator_read(
+    engine: AsyncEngine,
+    organisation_name: str,
+    read: Callable[[AsyncConnection, Organisation], Awaitable[T]],
+    *,
+    action: str,
+) -> tuple[Organisation, T]:
+    """The operator's read of one organisation's data, and its access record.
+
+    ``read`` runs with the organisation through :func:`audit.db.reading` (no
+    write lock on SQLite); then the record (``action``, the organisation as
+    its object) is committed in a short write of its own, before the command
+    prints anything. An unknown organisation is a :class:`CliError` naming it.
+    """
+    async with reading(engine) as conn:
+        try:
+            organisation = await get_organisation_by_name(conn, organisation_name)
+        except NotFound as err:
+            raise CliError(str(err)) from None
+        found = await read(conn, organisation)
+    async with engine.begin() as conn:
+        await record_access(
+            conn,
+            Actor.operator(),
+            organisation_id=organisation.id,
+            action=action,
+            object_type="organisation",
+            object_id=organisation.id,
+            now=SystemClock().now(),
+        )
+    return organisation, found

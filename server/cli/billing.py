@@ -10,8 +10,6 @@ import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from audit import load_master_key, prepare_data_dir
-from audit.access_log import Actor, record_access
-from audit.accounts import get_organisation_by_name
 from audit.billing import (
     BilledConsult,
     as_csv,
@@ -21,11 +19,8 @@ from audit.billing import (
     row_of,
     totals,
 )
-from audit.clock import SystemClock
-from audit.db import reading
-from audit.errors import NotFound
 from config import Settings
-from server.cli.base import CliError, current_database
+from server.cli.base import CliError, current_database, operator_read
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,26 +66,14 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
     async def _export() -> tuple[uuid.UUID, list[BilledConsult]]:
         async with current_database(settings) as engine:
-            # Reads (no write lock on SQLite); then the record, in a short
-            # write of its own, committed before anything is printed.
-            async with reading(engine) as conn:
-                try:
-                    organisation = await get_organisation_by_name(conn, args.org)
-                except NotFound as err:
-                    raise CliError(str(err)) from None
-                entries = await month_of_consults(
+            organisation, entries = await operator_read(
+                engine,
+                args.org,
+                lambda conn, organisation: month_of_consults(
                     conn, organisation.id, master_key, since=since, until=until
-                )
-            async with engine.begin() as conn:
-                await record_access(
-                    conn,
-                    Actor.operator(),
-                    organisation_id=organisation.id,
-                    action="billing.export",
-                    object_type="organisation",
-                    object_id=organisation.id,
-                    now=SystemClock().now(),
-                )
+                ),
+                action="billing.export",
+            )
             return organisation.id, entries
 
     organisation_id, entries = asyncio.run(_export())

@@ -27,10 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import load_master_key, prepare_data_dir
 from audit.access_log import Actor, record_access
-from audit.accounts import get_organisation_by_name
 from audit.clock import SystemClock
 from audit.db import reading
-from audit.errors import NotFound
 from audit.filestore import StoreError, Truncated
 from audit.recordings import (
     FileStore,
@@ -43,7 +41,7 @@ from audit.recordings import (
     shred,
 )
 from config import Settings
-from server.cli.base import CliError, current_database
+from server.cli.base import CliError, current_database, operator_read
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,24 +108,12 @@ def _finished(entry: RecordingEntry) -> RecordingEntry:
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
     async def _list() -> list[RecordingEntry]:
         async with current_database(settings) as engine:
-            # Reads (no write lock on SQLite); then the record, in a short
-            # write of its own, committed before anything is printed.
-            async with reading(engine) as conn:
-                try:
-                    organisation = await get_organisation_by_name(conn, args.org)
-                except NotFound as err:
-                    raise CliError(str(err)) from None
-                found = await organisation_recordings(conn, organisation.id)
-            async with engine.begin() as conn:
-                await record_access(
-                    conn,
-                    Actor.operator(),
-                    organisation_id=organisation.id,
-                    action="recording.list",
-                    object_type="organisation",
-                    object_id=organisation.id,
-                    now=SystemClock().now(),
-                )
+            _, found = await operator_read(
+                engine,
+                args.org,
+                lambda conn, organisation: organisation_recordings(conn, organisation.id),
+                action="recording.list",
+            )
             return found
 
     found = asyncio.run(_list())

@@ -11,7 +11,7 @@ import asyncio
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.access_log import Actor, record_access
+from audit.access_log import Actor
 from audit.accounts import (
     Account,
     find_account_by_email,
@@ -21,7 +21,6 @@ from audit.accounts import (
     parse_role,
 )
 from audit.clock import SystemClock
-from audit.db import reading
 from audit.errors import InvalidValue, NotFound
 from audit.roles import ROLE_NAMES
 from config import Settings
@@ -33,7 +32,7 @@ from server.auth.admin import (
     change_role,
     reset_account_totp,
 )
-from server.cli.base import CliError, current_database, public_origin
+from server.cli.base import CliError, current_database, operator_read, public_origin
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -154,24 +153,12 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
     async def _list() -> list[Account]:
         async with current_database(settings) as engine:
-            # Reads (no write lock on SQLite); then the record, in a short
-            # write of its own, committed before anything is printed.
-            async with reading(engine) as conn:
-                try:
-                    organisation = await get_organisation_by_name(conn, args.org)
-                except NotFound as err:
-                    raise CliError(str(err)) from None
-                accounts = await list_accounts(conn, organisation.id)
-            async with engine.begin() as conn:
-                await record_access(
-                    conn,
-                    Actor.operator(),
-                    organisation_id=organisation.id,
-                    action="account.list",
-                    object_type="organisation",
-                    object_id=organisation.id,
-                    now=SystemClock().now(),
-                )
+            _, accounts = await operator_read(
+                engine,
+                args.org,
+                lambda conn, organisation: list_accounts(conn, organisation.id),
+                action="account.list",
+            )
             return accounts
 
     for account in asyncio.run(_list()):
