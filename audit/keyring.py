@@ -148,6 +148,12 @@ def wrapping_key(root_key: bytes, key_id: str | None, ring_wrapped_key: bytes | 
     raise SealError(f"master key {key_id} is not in the ring (retired, or another root key)")
 
 
+async def current_wrapping_key(conn: AsyncConnection, key: bytes | WrappingKey) -> WrappingKey:
+    """``key`` if it is a ring key already (the caller loaded the ring), else
+    the current key of the ring ``key`` (the root key) seals."""
+    return key if isinstance(key, WrappingKey) else (await load_ring(conn, key)).current
+
+
 @dataclass(frozen=True)
 class Rotation:
     new_key_id: str

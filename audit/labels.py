@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.keyring import (
     LABEL_KEY_PURPOSE,
     WrappingKey,
-    load_ring,
+    current_wrapping_key,
     with_ring_key,
     wrapping_key,
 )
@@ -56,11 +56,7 @@ async def store_label(
     ``master_key`` is the ring's current key (:func:`audit.keyring.load_ring`),
     or the root key itself (then the ring is loaded here).
     """
-    wrapping = (
-        master_key
-        if isinstance(master_key, WrappingKey)
-        else (await load_ring(conn, master_key)).current
-    )
+    wrapping = await current_wrapping_key(conn, master_key)
     wrapped_key, sealed_label = seal_under_own_key(
         wrapping.key, LABEL_KEY_PURPOSE, _LABEL_PURPOSE, label.encode(), bound_to=str(consult_id)
     )

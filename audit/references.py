@@ -34,7 +34,7 @@ from audit.errors import InvalidValue
 from audit.keyring import (
     REFERENCE_KEY_PURPOSE,
     WrappingKey,
-    load_ring,
+    current_wrapping_key,
     with_ring_key,
     wrapping_key,
 )
@@ -88,11 +88,7 @@ async def store_reference(
     ``master_key`` is the ring's current key (:func:`audit.keyring.load_ring`),
     or the root key itself (then the ring is loaded here).
     """
-    wrapping = (
-        master_key
-        if isinstance(master_key, WrappingKey)
-        else (await load_ring(conn, master_key)).current
-    )
+    wrapping = await current_wrapping_key(conn, master_key)
     wrapped_key, sealed = seal_under_own_key(
         wrapping.key,
         REFERENCE_KEY_PURPOSE,
