@@ -342,3 +342,32 @@ def test_a_read_prints_nothing_unless_its_access_record_is_written(
     assert shown in answered.stdout
     with sqlite3.connect(data_dir / SQLITE_FILE_NAME) as reader:
         assert reader.execute("SELECT count(*) FROM access_log").fetchone()[0] == recorded + 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["org", "add", "Praktijk Zuid"],
+        ["user", "list", "--org", "Praktijk Noord"],
+        ["retention", "run"],
+    ],
+)
+def test_a_database_locked_by_another_process_is_one_line_not_a_traceback(
+    data_dir: Path, args: list[str]
+) -> None:
+    """While another process holds SQLite's write lock past the command's
+    wait, the command fails with one line that says so, names the setting
+    that sets the wait, and shows no SQL."""
+    env = cli_env(data_dir, database_connect_timeout_s="1")
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
+    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        refused = run_cli(*args, env=env)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert_one_clear_error(refused, "database is busy", "database.connect_timeout_s")
+    assert "SQL" not in refused.stderr
+    assert run_cli(*args, env=env).returncode == 0
