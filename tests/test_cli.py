@@ -21,6 +21,7 @@ from tests.support.cli import (
     assert_one_clear_error,
     cli_env,
     run_cli,
+    sqlite_write_lock_held,
     wait_for_line,
 )
 
@@ -327,14 +328,9 @@ def test_a_read_prints_nothing_unless_its_access_record_is_written(
         env=env,
     )
     assert added.returncode == 0, added.stderr
-    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir) as holder:
         refused = run_cli(*args, env=env)
         recorded = holder.execute("SELECT count(*) FROM access_log").fetchone()[0]
-    finally:
-        holder.rollback()
-        holder.close()
     assert refused.returncode != 0
     assert refused.stdout == ""
     answered = run_cli(*args, env=env)
@@ -361,13 +357,8 @@ def test_a_database_locked_by_another_process_is_one_line_not_a_traceback(
     env = cli_env(data_dir, database_connect_timeout_s="1")
     assert run_cli("db", "upgrade", env=env).returncode == 0
     assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
-    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir):
         refused = run_cli(*args, env=env)
-    finally:
-        holder.rollback()
-        holder.close()
     assert_one_clear_error(refused, "database is busy", "database.connect_timeout_s")
     assert "SQL" not in refused.stderr
     assert run_cli(*args, env=env).returncode == 0

@@ -64,6 +64,16 @@ async def label_reads(harness: Harness, consult_id: str) -> list[sa.Row[Any]]:
     return rows
 
 
+async def patient_comes(sockets: Sockets, setup: Any) -> dict[str, Any]:
+    """The therapist is there, the patient comes: the therapist's patient-waiting."""
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    message: dict[str, Any] = await receive(therapist, "patient-waiting")
+    return message
+
+
 async def test_the_label_never_enters_the_room_or_redis_and_the_therapist_still_gets_it(
     harness: Harness, sockets: Sockets
 ) -> None:
@@ -141,11 +151,7 @@ async def test_a_room_that_lost_its_state_still_tells_the_label(
 
 async def test_a_consult_without_a_label_tells_none(harness: Harness, sockets: Sockets) -> None:
     setup = await new_consult(harness)
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    assert (await receive(therapist, "patient-waiting"))["display_name"] is None
+    assert (await patient_comes(sockets, setup))["display_name"] is None
     assert await label_reads(harness, setup.consult_id) == []
 
 
@@ -162,9 +168,5 @@ async def test_a_label_whose_read_cannot_be_recorded_is_not_shown(
 
     monkeypatch.setattr(harness.app[ACCESS_LOG], "record", fails)
     setup = await new_consult(harness, display_name=a_label())
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    assert (await receive(therapist, "patient-waiting"))["display_name"] is None
+    assert (await patient_comes(sockets, setup))["display_name"] is None
     assert await label_reads(harness, setup.consult_id) == []
