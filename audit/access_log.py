@@ -226,27 +226,29 @@ async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
     await append_records(conn, [record])
 
 
-class ChainBusy(Exception):
-    """A chain's lock is held by another transaction (``append_records(wait=False)``)."""
-
-
 async def append_records(
     conn: AsyncConnection, records: Sequence[AccessRecord], *, wait: bool = True
-) -> None:
-    """Append records in their order, each to its chain, in the caller's transaction.
+) -> set[str]:
+    """Append records in their order, each to its chain, in the caller's
+    transaction; return the chains left out (none when waiting).
 
     The chains' locks are taken in one order (sorted by name) on every node,
     so that two batches of several chains never deadlock. With ``wait``
-    false, a chain whose lock another transaction holds raises
-    :class:`ChainBusy` at once (PostgreSQL; on SQLite there is one writer,
-    and its lock is waited for as always).
+    false (PostgreSQL), a chain whose lock another transaction holds is left
+    out at once, its records not written, and the others are; on SQLite
+    there is one writer, and its lock is waited for as always.
     """
     by_chain: dict[str, list[AccessRecord]] = {}
     for record in records:
         by_chain.setdefault(chain_of(record.organisation_id), []).append(record)
+    names = sorted(by_chain)
+    held = await _lock_chains(conn, names, wait=wait)
+    names = [name for name in names if name not in held]
+    if not names:
+        return held
     rows: list[dict[str, object]] = []
-    heads = await _chain_heads(conn, sorted(by_chain), wait=wait)
-    for chain in sorted(by_chain):
+    heads = await _chain_heads(conn, names)
+    for chain in names:
         seq, prev_hash = heads[chain]
         for record in by_chain[chain]:
             own_hash = _record_hash_fast(record, prev_hash)
@@ -268,30 +270,34 @@ async def append_records(
                 }
             )
             seq, prev_hash = seq + 1, own_hash
-    if rows:
-        await conn.execute(access_log.insert(), rows)
+    await conn.execute(access_log.insert(), rows)
+    return held
 
 
-async def _chain_heads(
-    conn: AsyncConnection, names: list[str], *, wait: bool = True
-) -> dict[str, tuple[int, str]]:
-    """Lock the chains (in this order) and return where each continues: its
-    next seq and the hash it chains to. Two statements for any number of
-    chains: a batch of records of many organisations costs no more round
-    trips than one."""
-    if conn.dialect.name == "postgresql" and not wait:
+async def _lock_chains(conn: AsyncConnection, names: list[str], *, wait: bool) -> set[str]:
+    """Lock the chains, in this order, for the transaction; return those held
+    by another transaction (only without ``wait``; on SQLite, none: its one
+    writer is the lock)."""
+    if conn.dialect.name != "postgresql":
+        return set()
+    if not wait:
         got = (
             await conn.execute(
                 sa.select(*(sa.func.pg_try_advisory_xact_lock(_lock_key(name)) for name in names))
             )
         ).one()
-        if not all(got):
-            raise ChainBusy("an access-log chain is locked by another transaction")
-    elif conn.dialect.name == "postgresql":
-        # The select list is evaluated left to right: the locks in this order.
-        await conn.execute(
-            sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))
-        )
+        return {name for name, locked in zip(names, got, strict=True) if not locked}
+    # The select list is evaluated left to right: the locks in this order.
+    await conn.execute(
+        sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))
+    )
+    return set()
+
+
+async def _chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Where each (locked) chain continues: its next seq and the hash it
+    chains to. One statement for any number of chains: a batch of records of
+    many organisations costs no more round trips than one."""
     last_of_each = [
         sa.select(access_log.c.chain, access_log.c.seq, access_log.c.hash)
         .where(access_log.c.chain == name)

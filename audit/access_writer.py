@@ -12,16 +12,18 @@ record is committed; when the batch's transaction fails, every caller of
 that batch gets :class:`audit.errors.AccessLogNotWritten` and must not
 answer the read it meant to record. Nothing is lost silently.
 
-On PostgreSQL each chain has a queue and a writing task of its own: a chain
-whose lock another transaction holds (the retention purge keeps each chain
-it touched locked until it commits) stalls the reads of its own
-organisation only, never another's. At most ``max_concurrent`` chains'
-transactions are open at once, so that the writer never takes more of the
-pool than that; a batch tries its chain's lock and, held, gives its slot
-back and tries again a moment later (5 ms, doubling to 200 ms), so that held
-chains never hold the slots other chains need. On SQLite, whose one writer
-every transaction waits for anyway, one queue takes every chain's records,
-as one transaction.
+On PostgreSQL each chain has a queue of its own, and up to
+``max_concurrent`` transactions write at once, each taking the queued records
+of every chain that no other is writing (up to ``max_batch``): with many
+organisations a transaction still carries many records, not one chain's
+one or two. A chain whose lock another transaction holds (the retention
+purge keeps each chain it touched locked until it commits) is tried without
+waiting and left out of that transaction, its records back at the front of
+its queue, and rests a moment (5 ms, doubling to 200 ms) while the others
+go on: it stalls the reads of its own organisation only, never another's,
+and holds no connection while it rests. On SQLite, whose one writer every
+transaction waits for anyway, one queue takes every chain's records, and
+one transaction writes at a time.
 
 Records that must commit with a change (no change without its record) are
 still appended with :func:`audit.access_log.record_access` in the change's
@@ -40,7 +42,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.access_log import (
     AccessRecord,
     Actor,
-    ChainBusy,
     Outcome,
     access_record,
     append_records,
@@ -75,10 +76,14 @@ class AccessLogWriter:
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch
-        self._slots = asyncio.Semaphore(max_concurrent)
-        # Per chain: the records waiting, and the task that writes them.
+        self._max_concurrent = max_concurrent
+        # Per chain ("" for every chain on SQLite): the records waiting, oldest first.
         self._queues: dict[str, _Queued] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Chains in a transaction now, and chains resting after they were found
+        # held: (when they may be tried again, on the loop's clock; the pause).
+        self._writing: set[str] = set()
+        self._resting: dict[str, tuple[float, float]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
         self._closed = False
         self._per_chain = engine.dialect.name != "sqlite"
         # Figures for /metrics and the benchmark.
@@ -96,10 +101,7 @@ class AccessLogWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         chain = chain_of(record.organisation_id) if self._per_chain else ""
         self._queues.setdefault(chain, []).append((record, future))
-        if chain not in self._tasks:
-            self._tasks[chain] = asyncio.create_task(
-                self._write_queued(chain), name="access-log-writer"
-            )
+        self._kick()
         await asyncio.shield(future)
 
     async def record(
@@ -132,61 +134,116 @@ class AccessLogWriter:
         """Write what is queued, then refuse new records. Should be called before the
         engine is disposed."""
         self._closed = True
-        while self._tasks:
-            await asyncio.shield(asyncio.gather(*self._tasks.values(), return_exceptions=True))
+        loop = asyncio.get_running_loop()
+        while any(self._queues.values()):
+            self._kick()
+            if self._workers:
+                await asyncio.shield(asyncio.gather(*self._workers, return_exceptions=True))
+            else:  # only resting chains are left: their rest ends and they are written
+                await asyncio.sleep(max(0.0, self._next_rest_end() - loop.time()))
 
-    async def _write_queued(self, chain: str) -> None:  # "": every chain (SQLite)
+    def _kick(self) -> None:
+        """Start a writing task if one may start and a chain is ready for it."""
+        if len(self._workers) < self._max_concurrent and self._ready():
+            worker = asyncio.create_task(self._write_queued(), name="access-log-writer")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+
+    def _ready(self) -> list[str]:
+        """Chains with records that no transaction is writing and that do not rest."""
+        now = asyncio.get_running_loop().time()
+        return [
+            chain
+            for chain, queue in self._queues.items()
+            if queue
+            and chain not in self._writing
+            and self._resting.get(chain, (now, 0.0))[0] <= now
+        ]
+
+    def _next_rest_end(self) -> float:
+        return min((until for until, _pause in self._resting.values()), default=0.0)
+
+    async def _write_queued(self) -> None:
         # While one batch commits, the next queues up: the batch size follows
         # the load by itself, with no timer to wait for.
-        queue = self._queues[chain]
-        pause_s = BUSY_PAUSE_S
-        try:
-            while queue:
-                async with self._slots:
-                    batch = queue[: self._max_batch]
-                    del queue[: self._max_batch]
-                    busy = await self._write(batch)
-                    if busy:  # back to the front, in order, for the next try
-                        queue[0:0] = batch
-                if busy:
-                    # The chain is held (the retention purge, till it commits):
-                    # wait without a slot, so other chains go on meanwhile.
-                    await asyncio.sleep(pause_s)
-                    pause_s = min(2 * pause_s, MAX_BUSY_PAUSE_S)
+        while ready := self._ready():
+            batch: _Queued = []
+            taken: list[str] = []
+            for chain in ready:
+                queue = self._queues[chain]
+                count = min(len(queue), self._max_batch - len(batch))
+                if count <= 0:
+                    break
+                batch += queue[:count]
+                del queue[:count]
+                taken.append(chain)
+            self._writing.update(taken)
+            try:
+                held = await self._write(batch)
+            finally:
+                self._writing.difference_update(taken)
+            for chain in taken:
+                queue = self._queues[chain]
+                if chain in held:  # back to the front, in order, for the next try
+                    queue[0:0] = [item for item in batch if self._chain(item) == chain]
+                    self._rest(chain)
                 else:
-                    pause_s = BUSY_PAUSE_S
-        finally:
-            # Stopped (cancelled) with records still queued: their callers hear of it.
-            self._fail(queue, AccessLogNotWritten("the access log writer was stopped"))
-            del self._queues[chain], self._tasks[chain]
+                    self._resting.pop(chain, None)
+                    if not queue:
+                        del self._queues[chain]
 
-    async def _write(self, batch: _Queued) -> bool:
-        """Write ``batch``; True when its chain was held by another transaction
-        (nothing written, the callers still waiting)."""
+    def _chain(self, item: tuple[AccessRecord, asyncio.Future[None]]) -> str:
+        return chain_of(item[0].organisation_id) if self._per_chain else ""
+
+    def _rest(self, chain: str) -> None:
+        """The chain was held (the retention purge, till it commits): try it
+        again after a pause, doubling, without a connection meanwhile."""
+        loop = asyncio.get_running_loop()
+        pause = (
+            min(2 * self._resting[chain][1], MAX_BUSY_PAUSE_S)
+            if chain in self._resting
+            else (BUSY_PAUSE_S)
+        )
+        self._resting[chain] = (loop.time() + pause, pause)
+        loop.call_later(pause, self._kick)
+
+    async def _write(self, batch: _Queued) -> set[str]:
+        """Write ``batch``; return the chains held by another transaction
+        (their records not written, their callers still waiting)."""
         try:
             async with self._engine.begin() as conn:
-                # Per chain (PostgreSQL): try its lock, do not wait for it.
-                await append_records(
+                # Per chain (PostgreSQL): try the locks, do not wait for them.
+                held = await append_records(
                     conn, [record for record, _ in batch], wait=not self._per_chain
                 )
-        except ChainBusy:
-            return True
         except asyncio.CancelledError:
             self._fail(batch, AccessLogNotWritten("the access log writer was stopped"))
             raise
         except Exception as err:  # every caller hears of it, whatever it was
+            chains = sorted({self._chain(item) for item in batch})
+            if len(chains) > 1:
+                # One chain's fault fails no other organisation's reads: each
+                # chain is tried again in a transaction of its own.
+                held = set()
+                for chain in chains:
+                    held |= await self._write(
+                        [item for item in batch if self._chain(item) == chain]
+                    )
+                return held
             failure = AccessLogNotWritten(
                 f"{len(batch)} access records could not be written: {first_line(err)}"
             )
             failure.__cause__ = err
             self._fail(batch, failure)
-            return False
-        self.batches += 1
-        self.records += len(batch)
-        for _, future in batch:
+            return set()
+        written = [item for item in batch if self._chain(item) not in held]
+        if written:
+            self.batches += 1
+            self.records += len(written)
+        for _, future in written:
             if not future.done():
                 future.set_result(None)
-        return False
+        return held
 
     @staticmethod
     def _fail(batch: _Queued, failure: Exception) -> None:

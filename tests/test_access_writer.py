@@ -76,6 +76,22 @@ async def test_concurrent_appends_are_committed_in_few_transactions_on_whole_cha
     await writer.close()
 
 
+async def test_records_of_many_organisations_share_their_transactions(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """A transaction takes the queued records of every chain no other one is
+    writing (on PostgreSQL it used to take one chain's: one or two records a
+    transaction with 32 readers spread over 20 organisations)."""
+    engine, _ = engines
+    writer = AccessLogWriter(engine)
+    await asyncio.gather(*(writer.append(a_record(n, orgs=20)) for n in range(400)))
+    report = await verify_chain(engine)
+    assert (report.intact, report.records, report.chains) == (True, 400, 20)
+    assert writer.records == 400
+    assert writer.batches < 20  # one a chain at the least, before
+    await writer.close()
+
+
 async def test_writers_of_two_nodes_and_in_transaction_appends_keep_one_chain(
     engines: tuple[AsyncEngine, AsyncEngine],
 ) -> None:
@@ -103,7 +119,8 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_writes_none_of_it(
     writer = AccessLogWriter(engine)
     # A naive time is refused when the batch is written: the whole batch
     # (queued together, as from requests at the same moment) fails; on
-    # PostgreSQL the other organisations' chains are batches of their own.
+    # PostgreSQL each of its chains is then tried again on its own, so the
+    # other organisations' records are written.
     bad = a_record(3, at=datetime(2026, 12, 5, 9, 0))  # naive: the point
     outcomes = await asyncio.gather(
         *(writer.append(a_record(n)) for n in range(3)),
