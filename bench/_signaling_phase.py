@@ -29,6 +29,13 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[k])
 
 
+async def stop_run(server: Server, readers: list[asyncio.Task[None]]) -> None:
+    """After a run, however it ended: its readers cancelled, its server stopped and cleaned up."""
+    for task in readers:
+        task.cancel()
+    await server.cleanup()
+
+
 async def close_sockets(pairs: list[Pair], readers: list[asyncio.Task[None]]) -> None:
     for task in readers:
         task.cancel()

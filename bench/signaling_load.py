@@ -43,7 +43,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from _common import (
     HOST,
@@ -55,7 +55,14 @@ from _common import (
     raise_fd_limit,
     run_main,
 )
-from _signaling_phase import close_sockets, measure_phase, profile_paths, start_profiler
+from _signaling_background import add_background_arguments, background_runs
+from _signaling_phase import (
+    close_sockets,
+    measure_phase,
+    profile_paths,
+    start_profiler,
+    stop_run,
+)
 from _signaling_processes import (
     PROCESSES,
     REDIS_SERVER,
@@ -66,7 +73,7 @@ from _signaling_processes import (
     proc_rss,
     redis_connected_clients,
 )
-from _signaling_report import analyse_profile, summary_table
+from _signaling_report import analyse_profile, background_table, summary_table
 from _signaling_servers import TOPOLOGIES, OursServer, PeerJSServer, Server
 from _signaling_storm import storms
 from _signaling_wire import Workload
@@ -135,9 +142,7 @@ async def measured_run(
             await close_sockets(pairs, readers)
             server.stop()  # before the client closes 2P sockets one by one
     finally:
-        for task in readers:
-            task.cancel()
-        await server.cleanup()
+        await stop_run(server, readers)
     result["total_s"] = round(time.monotonic() - t0, 1)
     return result
 
@@ -194,9 +199,7 @@ async def idle_run(
             await close_sockets(pairs, readers)
             server.stop()
     finally:
-        for task in readers:
-            task.cancel()
-        await server.cleanup()
+        await stop_run(server, readers)
     return result
 
 
@@ -277,6 +280,11 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     invocation = Invocation(results, kind="", max_minutes=args.max_minutes)
     over_budget, save, out_dir = invocation.over_budget, invocation.save, invocation.out_dir
+    if args.background:
+        make = cast("Callable[[], OursServer]", lambda: make_server("ours", args, out_dir))
+        await background_runs(args, make, results, invocation)
+        invocation.finish(background_table)
+        return 1 if results["skipped"] or any(r["with"]["lost"] for r in results["runs"]) else 0
     configs = configurations(args)
     if any(TOPOLOGIES[topology].redis for _, topology in configs):
         await find_redis(args.redis)
@@ -525,7 +533,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes", type=float, default=19.0, help="no new run starts after this many minutes"
     )
+    add_background_arguments(parser)
     args = parser.parse_args(argv)
+    if args.background and (args.db != "postgres" or args.topology != ["single"]):
+        parser.error("--background runs ours on one node with PostgreSQL")
     try:
         loopback_redis(args.redis)
     except ValueError as err:
