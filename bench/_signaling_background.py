@@ -64,24 +64,35 @@ FINISH_TIMEOUT_S = 600.0
 class Background:
     kind: str  # "recordings" or "bulk"
     recordings: int = 0
+    jobs: tuple[str, ...] = ()  # bulk's
 
     def __str__(self) -> str:
-        return f"recordings:{self.recordings}" if self.kind == "recordings" else self.kind
+        if self.kind == "recordings":
+            return f"recordings:{self.recordings}"
+        return "bulk" if self.jobs == BULK_JOBS else "bulk:" + "+".join(self.jobs)
+
+
+BULK_JOBS = ("verify", "export", "retention")
 
 
 def background(text: str) -> Background:
-    """``--background``'s value: ``recordings:N`` (1 to 20) or ``bulk``."""
-    if text == "bulk":
-        return Background("bulk")
+    """``--background``'s value: ``recordings:N`` (1 to 20), ``bulk`` (all three
+    jobs) or ``bulk:`` some of them joined by ``+`` (to tell which one costs)."""
+    if found := re.fullmatch(r"bulk(?::([a-z+]+))?", text):
+        jobs = tuple(found.group(1).split("+")) if found.group(1) else BULK_JOBS
+        if set(jobs) <= set(BULK_JOBS):
+            return Background("bulk", jobs=tuple(j for j in BULK_JOBS if j in jobs))
     found = re.fullmatch(r"recordings:(\d+)", text)
     if found is None or not 1 <= int(found.group(1)) <= 20:
-        raise argparse.ArgumentTypeError("recordings:N (N from 1 to 20) or bulk")
+        raise argparse.ArgumentTypeError(
+            "recordings:N (N from 1 to 20), bulk, or bulk:JOB[+JOB] of verify, export, retention"
+        )
     return Background("recordings", int(found.group(1)))
 
 
 def add_background_arguments(parser: argparse.ArgumentParser) -> None:
     """signaling_load.py's options of the background runs."""
-    what = "recordings:N or bulk: the paced phase of ours alone and with that load"
+    what = "recordings:N, bulk or bulk:JOB[+JOB]: the paced phase of ours alone and with that load"
     parser.add_argument("--background", type=background, default=None, help=what)
     pin = "with --background: the server on CPU 0, recorder workers and senders on CPU 1"
     parser.add_argument("--pin", action="store_true", help=pin)
@@ -303,25 +314,22 @@ class Bulk:
         }
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        self.jobs = [
-            asyncio.create_task(self._get(session, "/api/admin/access-log/verify")),
-            asyncio.create_task(self._get(session, "/api/admin/access-log/export?format=csv")),
-            asyncio.create_task(self._retention()),
-        ]
+        jobs = {
+            "verify": lambda: self._get(session, "/api/admin/access-log/verify"),
+            "export": lambda: self._get(session, "/api/admin/access-log/export?format=csv"),
+            "retention": self._retention,
+        }
+        self.jobs = [asyncio.create_task(jobs[name]()) for name in self.args.background.jobs]
         await asyncio.sleep(1)
 
     async def stop(self) -> dict[str, Any]:
-        verify, export, retention = await asyncio.wait_for(
-            asyncio.gather(*self.jobs), FINISH_TIMEOUT_S
-        )
-        return {"fill_s": self.fill_s, "verify": verify, "export": export, "retention": retention}
+        done = await asyncio.wait_for(asyncio.gather(*self.jobs), FINISH_TIMEOUT_S)
+        return {"fill_s": self.fill_s, **dict(zip(self.args.background.jobs, done, strict=True))}
 
 
 # --------------------------------------------------------------------------
 # Runs.
 # --------------------------------------------------------------------------
-
-CPU_KEYS = ("workers_cpu_pct", "worker_cpu_pct_mean", "senders_cpu_pct")
 
 
 async def phase(
