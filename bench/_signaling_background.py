@@ -192,6 +192,10 @@ class Recordings:
             pin(self.server.pid, [self.proc.pid, *self.workers()])
         await asyncio.sleep(2)  # the workers past their start
 
+    def close(self) -> None:
+        if self.proc is not None:
+            PROCESSES.stop(self.proc)
+
     def workers(self) -> list[int]:
         return [child.pid for child in psutil.Process(self.server.pid).children(recursive=True)]
 
@@ -326,6 +330,10 @@ class Bulk:
         done = await asyncio.wait_for(asyncio.gather(*self.jobs), FINISH_TIMEOUT_S)
         return {"fill_s": self.fill_s, **dict(zip(self.args.background.jobs, done, strict=True))}
 
+    def close(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
 
 # --------------------------------------------------------------------------
 # Runs.
@@ -408,6 +416,7 @@ async def background_run(
             await close_sockets(pairs, readers)
             server.stop()
     finally:
+        load.close()  # on an error: the recorders' process, the jobs
         await stop_run(server, readers)
     alone, with_ = result["alone"], result["with"]
     result["p99_ratio"] = round(with_["p99_ms"] / alone["p99_ms"], 2) if alone["p99_ms"] else None

@@ -283,6 +283,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.background:
         make = cast("Callable[[], OursServer]", lambda: make_server("ours", args, out_dir))
         await background_runs(args, make, results, invocation)
+        results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         invocation.finish(background_table)
         return 1 if results["skipped"] or any(r["with"]["lost"] for r in results["runs"]) else 0
     configs = configurations(args)
