@@ -150,15 +150,20 @@ async def get_consult(
 
 # Read as every patient joins (issue 19's storm): built once, as the invite's
 # statements below are.
-_CONSULT_AND_LABEL = with_sealed_label(sa.select(consults), consults.c.id).where(
-    consults.c.id == sa.bindparam("consult_id")
+_CONSULT_AND_LABEL = (
+    with_sealed_label(sa.select(consults), consults.c.id)
+    # The therapist's organisation: its access log records the label's showing.
+    .outerjoin(accounts, accounts.c.id == consults.c.therapist_id)
+    .add_columns(accounts.c.organisation_id.label("therapist_organisation_id"))
+    .where(consults.c.id == sa.bindparam("consult_id"))
 )
 
 
 async def get_consult_and_label(
     conn: AsyncConnection, consult_id: uuid.UUID
 ) -> tuple[Consult, SealedLabel | None]:
-    """The consult and its therapist's label as stored (None without one), in one query."""
+    """The consult and its therapist's label as stored (None without one), in
+    one query; the label knows its therapist and their organisation."""
     row = (await conn.execute(_CONSULT_AND_LABEL, {"consult_id": consult_id})).first()
     if row is None:
         raise NotFound("no such consult")

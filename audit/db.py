@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -220,6 +221,15 @@ def is_outage(err: BaseException) -> bool:
         ):
             return True
     return False
+
+
+def is_busy(err: BaseException) -> bool:
+    """Whether ``err`` is SQLite's "database is locked": another connection
+    held the write lock for longer than this one was willing to wait."""
+    return any(
+        isinstance(cause, sqlite3.OperationalError) and "is locked" in str(cause)
+        for cause in _chain(err)
+    )
 
 
 def _chain(err: BaseException) -> list[BaseException]:

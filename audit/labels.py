@@ -82,6 +82,10 @@ class SealedLabel:
     sealed_label: bytes
     key_id: str | None
     ring_wrapped_key: bytes | None
+    # Whom it is shown to, the consult's therapist, and the organisation whose
+    # access log records each showing (read where the query has them).
+    therapist_id: uuid.UUID | None = None
+    organisation_id: uuid.UUID | None = None
 
     def open(self, root_key: bytes) -> str | None:
         """The label; None if it does not open (its ring key retired, or
@@ -127,6 +131,8 @@ def sealed_label_of(row: sa.Row[Any]) -> SealedLabel | None:
         m["label_sealed"],
         m["label_key_id"],
         m["ring_wrapped_key"],
+        m.get("therapist_id"),
+        m.get("therapist_organisation_id"),
     )
 
 

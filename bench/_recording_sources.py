@@ -169,6 +169,11 @@ class ReplayTrack(MediaStreamTrack):
         self._start: float | None = None
         self._index = 0
 
+    @property
+    def sent(self) -> int:
+        """Frames handed to the sender so far."""
+        return self._index
+
     async def recv(self) -> Any:  # an av.Packet, which aiortc packs unencoded
         if self._start is None:
             await self._go.wait()

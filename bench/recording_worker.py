@@ -86,6 +86,9 @@ class Measured:
     complete: bool
     frames: dict[str, int]
     failures: list[str]
+    # The lowest share, over the file's streams, of the frames the senders
+    # sent while it recorded (1.0: nothing lost).
+    lowest_share: float = 1.0
 
 
 async def measure(seconds: float, width: int, height: int) -> str:
@@ -100,7 +103,13 @@ async def measure(seconds: float, width: int, height: int) -> str:
     )
 
 
-async def measure_one(seconds: float, media: Media) -> Measured:
+def lowest_share(frames: dict[str, int], sent: dict[str, int]) -> float:
+    """Frames in the file against those sent until the stop, the lowest over
+    the streams (1.0 when nothing was sent: noisy cameras are not counted)."""
+    return min((frames.get(label, 0) / count for label, count in sent.items()), default=1.0)
+
+
+async def measure_one(seconds: float, media: Media, pin: int | None = None) -> Measured:
     width, height = media.width, media.height
     failures: list[str] = []
 
@@ -111,15 +120,18 @@ async def measure_one(seconds: float, media: Media) -> Measured:
     await recorder.ready()
     pid = recorder.pid
     assert pid is not None
+    if pin is not None:
+        os.sched_setaffinity(pid, {pin})
     idle = rss_mib(pid)
     go = asyncio.Event()
+    replays: dict[str, ReplayTrack] = {}
     if media.video is not None and media.audio is not None:
+        for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT):
+            replays[f"{role.value} audio"] = ReplayTrack("audio", media.audio, go)
+            replays[f"{role.value} video"] = ReplayTrack("video", media.video, go)
         links = {
             role: RecorderLink(
-                tracks=[
-                    ReplayTrack("audio", media.audio, go),
-                    ReplayTrack("video", media.video, go),
-                ]
+                tracks=[replays[f"{role.value} audio"], replays[f"{role.value} video"]]
             )
             for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
         }
@@ -142,6 +154,7 @@ async def measure_one(seconds: float, media: Media) -> Measured:
             await asyncio.sleep(seconds)
             cpu_after, ended = cpu_s(pid), time.monotonic()
             recording = rss_mib(pid)
+            sent = {label: replay.sent for label, replay in replays.items()}
             result = await recorder.stop()
         finally:
             await recorder.stop()
@@ -156,27 +169,34 @@ async def measure_one(seconds: float, media: Media) -> Measured:
         complete=result.complete,
         frames=result.frames,
         failures=failures,
+        lowest_share=lowest_share(result.frames, sent),
     )
 
 
-async def measure_workers(seconds: float, workers: int) -> str:
-    """``workers`` recordings at once, senders replaying pre-encoded media."""
+async def measure_workers(seconds: float, workers: int, pin: int | None) -> str:
+    """``workers`` recordings at once, senders replaying pre-encoded media;
+    with ``pin``, every worker on that one CPU and the senders on the others."""
     media = Media(640, 480, video=camera_frames(), audio=voice_frames())
-    runs = await asyncio.gather(*(measure_one(seconds, media) for _ in range(workers)))
+    if pin is not None:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {pin} or {pin})
+    runs = await asyncio.gather(*(measure_one(seconds, media, pin) for _ in range(workers)))
     per_minute = [run.cpu_per_minute_s for run in runs]
     mean = statistics.mean(per_minute)
     lines = [
-        f"{workers} recording(s) at once, pre-encoded 640x480 VP8 + Opus, {seconds:g} s; "
+        f"{workers} recording(s) at once, pre-encoded 640x480 VP8 + Opus, {seconds:g} s"
+        f"{f', every worker on CPU {pin}' if pin is not None else ''}; "
         f"load average before the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         *(
             f"  worker {index}: {run.cpu_per_minute_s:.2f} CPU-s per recorded minute, "
             f"{run.mbit_s:.2f} Mbit/s into the file ({run.mbit_s * 60 / 8:.1f} MB per minute), "
-            f"RSS {run.recording_mib:.0f} MiB, complete={run.complete}, frames {run.frames}, "
+            f"RSS {run.recording_mib:.0f} MiB, complete={run.complete}, frames {run.frames} "
+            f"(lowest share of those sent {run.lowest_share:.3f}), "
             f"failures {run.failures or 'none'}"
             for index, run in enumerate(runs)
         ),
         f"  mean {mean:.2f} CPU-s per recorded minute (max {max(per_minute):.2f}): "
-        f"{60 / mean:.0f} recordings per core at this rate",
+        f"{60 / mean:.0f} recordings per core at this rate; lowest share of the frames sent "
+        f"in any stream {min(run.lowest_share for run in runs):.3f}",
     ]
     return "\n".join(lines)
 
@@ -189,9 +209,12 @@ def main() -> int:
         "--pre-encoded", action="store_true", help="replay 640x480 VP8 at about 1.5 Mbit/s"
     )
     parser.add_argument("--workers", type=int, default=1, help="recordings at once (pre-encoded)")
+    parser.add_argument(
+        "--pin", type=int, default=None, help="every worker on this CPU, the senders on the others"
+    )
     args = parser.parse_args()
     if args.pre_encoded:
-        print(asyncio.run(measure_workers(args.seconds, args.workers)))
+        print(asyncio.run(measure_workers(args.seconds, args.workers, args.pin)))
         return 0
     width, height = (int(part) for part in args.size.split("x"))
     print(asyncio.run(measure(args.seconds, width, height)))

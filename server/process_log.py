@@ -22,8 +22,6 @@ from types import TracebackType
 from typing import Any, Literal, TextIO
 
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
@@ -246,6 +244,13 @@ class ClientFaultFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        # Here, not at the top: the command line logs without aiohttp loaded
+        # (in the server it is, and these cost a lookup).
+        from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.web_protocol import RequestPayloadError
+
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
             status = error.code
         elif isinstance(error, RequestPayloadError):

@@ -53,6 +53,7 @@ from signaling.ports import Broker, RoomStore, StateUnavailable, Timers
 from signaling.recording import RecordingServices
 from signaling.rooms import ConsultRooms, RoomSettings
 from signaling.tickets import InProcessTicketStore
+from signaling.waiting_label import WaitingLabels
 
 _log = structlog.get_logger("videoconsult.server")
 
@@ -254,7 +255,7 @@ def _rooms(
             heartbeat_s=settings.signaling.heartbeat_s,
         ),
         technical=app[TECHNICAL_LOG],
-        root_key=app[MASTER_KEY].key,
+        labels=WaitingLabels(app[MASTER_KEY].key, app[ACCESS_LOG], app[CLOCK]),
         recording=recording_services(app),
         node_id=node_id,
     )

@@ -48,10 +48,10 @@ class SenderReport:
         return self.ntp_timestamp / _NTP_FRACTION + ticks / clock_rate
 
 
-def earliest_sender_time_s(
+def earliest_report(
     reports: Iterable[SenderReport], rtp_timestamp: int, clock_rate: int
-) -> float:
-    """The frame's time by the report that puts it earliest.
+) -> SenderReport:
+    """The report that puts the frame with ``rtp_timestamp`` earliest.
 
     A sender's report pairs an RTP timestamp with the wall-clock time it
     wrote the report, or (aiortc) sent the stream's last packet: never
@@ -59,8 +59,22 @@ def earliest_sender_time_s(
     up. The earliest mapping of the last few is the least held up, so it
     changes seldom, where the latest would swing with every busy moment of
     the sender and move its streams back and forth.
+
+    Which report that is does not depend on the frame: a stream's reports
+    and frames lie within minutes of one another, far inside the half of
+    the RTP clock's range (hours) within which the mappings only shift
+    together. A caller may keep it until the next report comes.
     """
-    return min(report.sender_time_s(rtp_timestamp, clock_rate) for report in reports)
+    return min(reports, key=lambda report: report.sender_time_s(rtp_timestamp, clock_rate))
+
+
+def earliest_sender_time_s(
+    reports: Iterable[SenderReport], rtp_timestamp: int, clock_rate: int
+) -> float:
+    """The frame's time by the report that puts it earliest (:func:`earliest_report`)."""
+    return earliest_report(reports, rtp_timestamp, clock_rate).sender_time_s(
+        rtp_timestamp, clock_rate
+    )
 
 
 @dataclass

@@ -92,6 +92,8 @@ class FrameTap:
         self.sender_reports: collections.deque[SenderReport] = collections.deque(
             maxlen=SENDER_REPORTS_KEPT
         )
+        # How many sender reports came so far (the deque's length stops growing).
+        self.sender_reports_seen = 0
         # The RTP timestamp (as sent) of the frame being handed on; None for
         # frames that did not come through the jitter buffer.
         self.rtp_timestamp: int | None = None
@@ -116,6 +118,7 @@ class FrameTap:
         self.sender_reports.append(
             SenderReport(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
         )
+        self.sender_reports_seen += 1
 
     def get(self) -> None:
         return self._end.get()

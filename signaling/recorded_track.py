@@ -7,7 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from signaling.lipsync import LipSync, earliest_sender_time_s
+from signaling.lipsync import LipSync, SenderReport, earliest_report
 from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import FrameTap, PictureLossFeedback
@@ -51,6 +51,10 @@ class ReceivedTrack:
     last_frame_at: float = field(default_factory=time.monotonic)
     frames: int = 0
     dropped: int = 0
+    # The tap's report that places frames earliest, chosen when the tap had
+    # seen this many reports (it changes only with a new report).
+    _placing_report: SenderReport | None = field(default=None, repr=False)
+    _placing_chosen_at: int = field(default=0, repr=False)
 
     @property
     def label(self) -> str:
@@ -81,4 +85,9 @@ class ReceivedTrack:
         tap = self.tap
         if tap is None or not tap.sender_reports or tap.rtp_timestamp is None:
             return None
-        return earliest_sender_time_s(tap.sender_reports, tap.rtp_timestamp, self.clock_rate)
+        if self._placing_report is None or self._placing_chosen_at != tap.sender_reports_seen:
+            self._placing_report = earliest_report(
+                tap.sender_reports, tap.rtp_timestamp, self.clock_rate
+            )
+            self._placing_chosen_at = tap.sender_reports_seen
+        return self._placing_report.sender_time_s(tap.rtp_timestamp, self.clock_rate)

@@ -185,5 +185,6 @@ class Recovery:
                 # for dead); an offer more is harmless either way.
                 tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                tell(other, self._rooms.patient_waiting(label))
+                waiting = self._rooms.labels.patient_waiting(label, shown=state.present(other))
+                tell(other, await waiting)
         return True

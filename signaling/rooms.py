@@ -71,6 +71,7 @@ from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
 from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
+from signaling.waiting_label import WaitingLabels
 
 __all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]
 
@@ -99,12 +100,13 @@ class ConsultRooms:
         timers: Timers,
         settings: RoomSettings,
         technical: TechnicalLog,
-        root_key: bytes,
+        labels: WaitingLabels,
         recording: RecordingServices | None = None,
         node_id: str = "",
     ) -> None:
         self._engine = engine
-        self._root_key = root_key  # opens the therapist's label, read when it is shown
+        # patient-waiting, with the therapist's label read (and recorded) when shown.
+        self.labels = labels
         # This server node, in each presence it records ("" for one node).
         self.node_id = node_id
         # The connections open on this node, by connection id.
@@ -143,18 +145,13 @@ class ConsultRooms:
     async def prepare(self, consult_id: uuid.UUID, *, until: datetime) -> None:
         """Open the room of a new consult, forgotten after ``until`` (the invite's
         expiry) unless in use. The therapist's label never enters a room
-        (nor Redis): :meth:`patient_waiting` unseals it from its row."""
+        (nor Redis): :attr:`labels` unseals it from its row when it is shown."""
         async with self._store.locked(consult_id, create=True) as state:
             assert state is not None
             state.keep_until = until
         await self._timers.schedule(
             TimerKind.FORGET.key(consult_id), until, {"consult": str(consult_id)}
         )
-
-    def patient_waiting(self, label: SealedLabel | None) -> dict[str, Any]:
-        """``patient-waiting`` for the therapist, with the label unsealed (None without one)."""
-        shown = label.open(self._root_key) if label is not None else None
-        return outbound("patient-waiting", display_name=shown)
 
     async def connect(
         self, participant: Participant, *, ice_servers: list[dict[str, Any]], deliver: Deliver
@@ -224,7 +221,8 @@ class ConsultRooms:
                 state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
                 await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
                 if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                    tell(other, self.patient_waiting(label))
+                    waiting = self.labels.patient_waiting(label, shown=state.present(other))
+                    tell(other, await waiting)
                 elif state.phase is RoomPhase.ACTIVE and state.present(other):
                     # Back after a drop, a reload, the grace period or a bye: the
                     # therapist makes a new offer either way.
@@ -248,7 +246,7 @@ class ConsultRooms:
                     )
                 ]
                 if role is ParticipantRole.THERAPIST and state.patient_waiting:
-                    to_self.append(self.patient_waiting(label))
+                    to_self.append(await self.labels.patient_waiting(label))
         if not to_self:
             raise RoomClosed
         return to_self, replaced

@@ -78,14 +78,7 @@ class InProcessTicketStore:
         if entry is None:
             return None
         grant, until = entry
-        mine = self._by_invite.get(grant.invite_hash)
-        if mine is not None:
-            if ticket in mine:
-                mine.remove(ticket)
-            if not mine:
-                # Its last live ticket: the invite is forgotten too, or every
-                # invite ever used would leave its empty entry behind.
-                del self._by_invite[grant.invite_hash]
+        self._unlist(ticket, grant)
         return grant if until > now else None
 
     def _forget_expired(self, now: datetime) -> None:
@@ -94,12 +87,18 @@ class InProcessTicketStore:
             if until > now:
                 break
             self._tickets.popitem(last=False)
-            mine = self._by_invite.get(grant.invite_hash)
-            if mine is not None:
-                if ticket in mine:
-                    mine.remove(ticket)
-                if not mine:
-                    del self._by_invite[grant.invite_hash]
+            self._unlist(ticket, grant)
+
+    def _unlist(self, ticket: str, grant: TicketGrant) -> None:
+        """Take a ticket that is gone off its invite's list."""
+        mine = self._by_invite.get(grant.invite_hash)
+        if mine is not None:
+            if ticket in mine:
+                mine.remove(ticket)
+            if not mine:
+                # Its last live ticket: the invite is forgotten too, or every
+                # invite ever used would leave its empty entry behind.
+                del self._by_invite[grant.invite_hash]
 
     def __len__(self) -> int:
         return len(self._tickets)

@@ -46,7 +46,8 @@ NOT_PERSONAL = {
         "/receipt/{token}",
     ): "a static page (404 for an unknown receipt); its script asks the API",
     ("GET", "/ws"): "the signaling socket of the consult's own participants; "
-    "each connection is noted in the 24-hour technical log",
+    "each connection is noted in the 24-hour technical log; the therapist's label it "
+    "shows is access-logged (consult.label.read, tests/test_waiting_label.py)",
 }
 
 

@@ -21,6 +21,7 @@ from tests.support.cli import (
     assert_one_clear_error,
     cli_env,
     run_cli,
+    sqlite_write_lock_held,
     wait_for_line,
 )
 
@@ -327,14 +328,9 @@ def test_a_read_prints_nothing_unless_its_access_record_is_written(
         env=env,
     )
     assert added.returncode == 0, added.stderr
-    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir) as holder:
         refused = run_cli(*args, env=env)
         recorded = holder.execute("SELECT count(*) FROM access_log").fetchone()[0]
-    finally:
-        holder.rollback()
-        holder.close()
     assert refused.returncode != 0
     assert refused.stdout == ""
     answered = run_cli(*args, env=env)
@@ -342,3 +338,27 @@ def test_a_read_prints_nothing_unless_its_access_record_is_written(
     assert shown in answered.stdout
     with sqlite3.connect(data_dir / SQLITE_FILE_NAME) as reader:
         assert reader.execute("SELECT count(*) FROM access_log").fetchone()[0] == recorded + 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["org", "add", "Praktijk Zuid"],
+        ["user", "list", "--org", "Praktijk Noord"],
+        ["retention", "run"],
+    ],
+)
+def test_a_database_locked_by_another_process_is_one_line_not_a_traceback(
+    data_dir: Path, args: list[str]
+) -> None:
+    """While another process holds SQLite's write lock past the command's
+    wait, the command fails with one line that says so, names the setting
+    that sets the wait, and shows no SQL."""
+    env = cli_env(data_dir, database_connect_timeout_s="1")
+    assert run_cli("db", "upgrade", env=env).returncode == 0
+    assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
+    with sqlite_write_lock_held(data_dir):
+        refused = run_cli(*args, env=env)
+    assert_one_clear_error(refused, "database is busy", "database.connect_timeout_s")
+    assert "SQL" not in refused.stderr
+    assert run_cli(*args, env=env).returncode == 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ import pytest
 from sqlalchemy import event
 
 from audit.consults import mark_started
-from audit.db import SQLITE_FILE_NAME
 from audit.roles import Role
 from server.app_keys import DB_ENGINE
+from tests.support.cli import sqlite_write_lock_held
 from tests.support.harness import Harness, Professional, new_consult, stored_recording
 
 THERAPIST, SUPPORT, ADMIN, NOBODY = "therapist", "support", "admin", "nobody"
@@ -265,9 +264,7 @@ async def test_reads_without_a_write_answer_while_another_connection_holds_the_w
     world = await world_of(harness)
     harness.client.session.cookie_jar.clear()
     # A writer of another process or connection: a purge, the CLI.
-    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir):
         # A write queued behind it: the patient's ticket notes the invite's use.
         ticket = asyncio.create_task(
             harness.client.post(
@@ -281,8 +278,5 @@ async def test_reads_without_a_write_answer_while_another_connection_holds_the_w
                 response = await harness.client.get(world.path(template))
             assert response.status == 200, (template, await response.text())
         assert not ticket.done(), "the write did not wait for the lock"
-    finally:
-        holder.rollback()
-        holder.close()
     answer = await ticket
     assert answer.status == 200, await answer.text()

@@ -17,9 +17,13 @@ import statistics
 from typing import Any
 
 import pytest
+from aiortc.rtp import RtcpSenderInfo, RtcpSrPacket
 
 from signaling.lipsync import LipSync, SenderReport, earliest_sender_time_s
+from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
+from signaling.receiver_tap import SENDER_REPORTS_KEPT, FrameTap
+from signaling.recorded_track import ReceivedTrack, StreamKind
 from signaling.recorder import ConsultRecorder
 from tests.support.markers import MARK_EVERY_S, MarkedAudio, MarkedVideo, find_marks
 from tests.support.recording import RecorderLink, record_links
@@ -119,3 +123,42 @@ def test_of_a_senders_reports_the_one_that_puts_a_frame_earliest_counts() -> Non
     held_up = SenderReport(ntp_timestamp=(101 << 32) + int(0.2 * 2**32), rtp_timestamp=48000)
     assert held_up.sender_time_s(96000, 48000) == pytest.approx(102.2)
     assert earliest_sender_time_s([on_time, held_up], 96000, 48000) == pytest.approx(102.0)
+
+
+def sender_report(seconds: float, rtp_timestamp: int) -> RtcpSrPacket:
+    info = RtcpSenderInfo(
+        ntp_timestamp=int(seconds * 2**32),
+        rtp_timestamp=rtp_timestamp,
+        packet_count=0,
+        octet_count=0,
+    )
+    return RtcpSrPacket(ssrc=1, sender_info=info)
+
+
+def test_a_track_places_its_frames_by_the_earliest_report_it_has_seen() -> None:
+    """The track keeps the report it places frames by until the next report
+    comes (choosing among 30 for every frame cost the recorder a tenth of
+    its time); each new report may take over, and one that falls out of the
+    tap's window no longer counts."""
+    tap = FrameTap(lambda _codec, _frame: None)
+    track = ReceivedTrack(
+        role=THERAPIST,
+        kind=StreamKind.AUDIO,
+        codec=MediaCodec.OPUS,
+        receiver=None,  # type: ignore[arg-type]  # placing frames sends no feedback
+        tap=tap,
+        clock_rate=48000,
+    )
+    tap.rtp_timestamp = 96000
+    assert track._sender_time_s() is None  # no report yet
+    tap.saw_sender_report(sender_report(101.2, 48000))  # held up 200 ms
+    assert track._sender_time_s() == pytest.approx(102.2)
+    tap.saw_sender_report(sender_report(100.0, 0))  # on time: takes over
+    assert track._sender_time_s() == pytest.approx(102.0)
+    tap.saw_sender_report(sender_report(102.5, 96000))  # held up 500 ms: ignored
+    tap.rtp_timestamp = 144000
+    assert track._sender_time_s() == pytest.approx(103.0)
+    # The on-time report leaves the window; the best of the rest counts.
+    for _ in range(SENDER_REPORTS_KEPT):
+        tap.saw_sender_report(sender_report(103.1, 144000))  # held up 100 ms
+    assert track._sender_time_s() == pytest.approx(103.1)

@@ -4,7 +4,6 @@ what has expired, keeps the access log verifiable, and runs on one node."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,14 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.access_log import verify_chain
 from audit.consults import mark_ended
-from audit.db import SQLITE_FILE_NAME, create_engine
+from audit.db import create_engine
 from audit.db import database_url as db_url
 from audit.retention import PurgeReport, Retention, purge
 from audit.roles import Role
 from audit.schema import access_log, access_log_checkpoints, consults, technical_log
 from audit.technical_log import write_technical
 from server.app_keys import DB_ENGINE
-from tests.support.cli import cli_env, run_cli
+from tests.support.cli import cli_env, run_cli, sqlite_write_lock_held
 from tests.support.harness import Harness, new_consult
 from tests.support.settings import SettingsFactory
 
@@ -212,13 +211,8 @@ def test_a_dry_run_answers_while_another_connection_holds_the_write_lock(
     env = cli_env(data_dir, database_connect_timeout_s="2")
     assert run_cli("db", "upgrade", env=env).returncode == 0
     assert run_cli("org", "add", "Praktijk Noord", env=env).returncode == 0
-    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir):
         dry = run_cli("retention", "run", "--dry-run", env=env)
-    finally:
-        holder.rollback()
-        holder.close()
     assert dry.returncode == 0, dry.stderr
     assert "would delete 0 technical-log entries older than 24 hours" in dry.stdout
     assert "dry run: would delete 0 recordings" in dry.stdout

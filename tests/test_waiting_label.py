@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from server.app_keys import ROOMS
+from audit.access_log import ClientType
+from audit.errors import AccessLogNotWritten
+from audit.schema import access_log, consults
+from server.app_keys import ACCESS_LOG, DB_ENGINE, ROOMS
 from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.traces import redis_traces, traces
+
+LABEL_READ = "consult.label.read"
 
 # Each test runs on the in-process rooms (SQLite, PostgreSQL) and on Redis.
 pytestmark = pytest.mark.signaling_backends
@@ -32,6 +39,41 @@ async def room_traces(harness: Harness, consult_id: str, label: str) -> list[str
     return found
 
 
+async def label_reads(harness: Harness, consult_id: str) -> list[sa.Row[Any]]:
+    """The access records of the label shown for this consult (DESIGN.md,
+    promise 6: every read of a consult's data is logged)."""
+    async with harness.app[DB_ENGINE].connect() as conn:
+        therapist = await conn.scalar(
+            sa.select(consults.c.therapist_id).where(consults.c.id == uuid.UUID(consult_id))
+        )
+        rows = list(
+            await conn.execute(
+                sa.select(access_log).where(
+                    access_log.c.object_id == consult_id,
+                    access_log.c.action == LABEL_READ,
+                )
+            )
+        )
+    for row in rows:
+        assert (row.actor_id, row.actor_role) == (therapist, "therapist")
+        assert (row.client_type, row.object_type, row.outcome) == (
+            ClientType.WEBSOCKET.value,
+            "consult",
+            "allowed",
+        )
+    return rows
+
+
+async def patient_comes(sockets: Sockets, setup: Any) -> dict[str, Any]:
+    """The therapist is there, the patient comes: the therapist's patient-waiting."""
+    therapist = await sockets.therapist(setup.consult_id)
+    await receive(therapist, "welcome")
+    patient = await sockets.patient(setup.invite_token)
+    await receive(patient, "welcome")
+    message: dict[str, Any] = await receive(therapist, "patient-waiting")
+    return message
+
+
 async def test_the_label_never_enters_the_room_or_redis_and_the_therapist_still_gets_it(
     harness: Harness, sockets: Sockets
 ) -> None:
@@ -44,6 +86,7 @@ async def test_the_label_never_enters_the_room_or_redis_and_the_therapist_still_
     patient = await sockets.patient(setup.invite_token)
     await receive(patient, "welcome")
     assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+    assert len(await label_reads(harness, setup.consult_id)) == 1
     assert await room_traces(harness, setup.consult_id, label) == []
 
     # A revoke sends the waiting patient away; the label is still nowhere.
@@ -80,6 +123,7 @@ async def test_a_therapist_who_comes_after_the_patient_is_told_the_label(
     therapist = await sockets.therapist(setup.consult_id)
     assert (await receive(therapist, "welcome"))["peer_present"] is True
     assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+    assert len(await label_reads(harness, setup.consult_id)) == 1
 
 
 async def test_a_room_that_lost_its_state_still_tells_the_label(
@@ -100,13 +144,29 @@ async def test_a_room_that_lost_its_state_still_tells_the_label(
     await rooms._store.forget(uuid.UUID(setup.consult_id))
     assert await rooms.reconcile() == 2
     assert (await receive(therapist, "patient-waiting"))["display_name"] == label
+    # Shown twice, recorded twice.
+    assert len(await label_reads(harness, setup.consult_id)) == 2
     assert await room_traces(harness, setup.consult_id, label) == []
 
 
 async def test_a_consult_without_a_label_tells_none(harness: Harness, sockets: Sockets) -> None:
     setup = await new_consult(harness)
-    therapist = await sockets.therapist(setup.consult_id)
-    await receive(therapist, "welcome")
-    patient = await sockets.patient(setup.invite_token)
-    await receive(patient, "welcome")
-    assert (await receive(therapist, "patient-waiting"))["display_name"] is None
+    assert (await patient_comes(sockets, setup))["display_name"] is None
+    assert await label_reads(harness, setup.consult_id) == []
+
+
+async def test_a_label_whose_read_cannot_be_recorded_is_not_shown(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No read without its record: when the access log cannot be written the
+    therapist still hears that the patient waits, without the label. (The
+    writer's failure is simulated: a database that fails just that commit
+    cannot be arranged from outside.)"""
+
+    async def fails(*_args: Any, **_kwargs: Any) -> None:
+        raise AccessLogNotWritten("the batch did not commit")
+
+    monkeypatch.setattr(harness.app[ACCESS_LOG], "record", fails)
+    setup = await new_consult(harness, display_name=a_label())
+    assert (await patient_comes(sockets, setup))["display_name"] is None
+    assert await label_reads(harness, setup.consult_id) == []

@@ -5,7 +5,7 @@ Each command lives in its own module in this package and is listed in
 code, never a traceback:
 
 - 2: bad usage or bad settings (argparse's own messages, SettingsError);
-- 1: the command could not do its work (database unreachable, port in use).
+- 1: the command could not do its work (database unreachable or busy, port in use).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import DBAPIError
+
 from audit import AuditError
-from config import SettingsError, load_settings
+from audit.db import first_line, is_busy, is_outage
+from config import Settings, SettingsError, load_settings
 from server.cli import audit_log, billing, db, keys, org, recording, retention, serve, user
 from server.cli.base import CliError, CommandModule
 from server.process_log import configure_process_logging
@@ -67,9 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(settings, args)
     except (CliError, AuditError) as err:
         return _fail(str(err), EXIT_FAILED)
+    except DBAPIError as err:
+        return _fail(_database_error(err, settings), EXIT_FAILED)
     except KeyboardInterrupt:
         return EXIT_FAILED
     return code
+
+
+def _database_error(err: DBAPIError, settings: Settings) -> str:
+    """One line for a database error a command did not expect: what happened,
+    without the statement (SQLAlchemy's own message carries it)."""
+    if is_busy(err):
+        wait_s = settings.database.connect_timeout_s
+        return (
+            "the database is busy: another process held its write lock for longer than "
+            f"database.connect_timeout_s ({wait_s:g} s); try again"
+        )
+    if is_outage(err):
+        return f"the database cannot be reached: {first_line(err)}"
+    return f"database error: {first_line(err)}"
 
 
 def _fail(message: str, code: int) -> int:

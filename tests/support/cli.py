@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from audit.db import SQLITE_FILE_NAME
 
 EXECUTABLE = shutil.which("videoconsult", path=str(Path(sys.executable).parent))
 
@@ -53,3 +58,17 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float)
             return "".join(seen)
     process.kill()
     pytest.fail(f"{needle!r} not printed within {timeout_s} s; output: {''.join(seen)}")
+
+
+@contextmanager
+def sqlite_write_lock_held(data_dir: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's long write: SQLite's write lock on the data
+    directory's database, held by a connection of the test's own until the
+    block ends (rolled back)."""
+    holder = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield holder
+    finally:
+        holder.rollback()
+        holder.close()
