@@ -455,6 +455,12 @@ async def background_runs(
             print(f"bench:   {one_line(run)}", flush=True)
 
 
+def clean_run(run: dict[str, Any]) -> bool:
+    """Nothing lost in either phase, and every recording (if any) complete."""
+    lost = run["alone"]["lost"] or run["with"]["lost"]
+    return not lost and run["with"]["background"].get("all_complete", True) is True
+
+
 def one_line(run: dict[str, Any]) -> str:
     alone, with_ = run["alone"], run["with"]
     text = (

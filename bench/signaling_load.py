@@ -55,7 +55,7 @@ from _common import (
     raise_fd_limit,
     run_main,
 )
-from _signaling_background import add_background_arguments, background_runs
+from _signaling_background import add_background_arguments, background_runs, clean_run
 from _signaling_phase import (
     close_sockets,
     measure_phase,
@@ -285,7 +285,7 @@ async def main_async(args: argparse.Namespace) -> int:
         await background_runs(args, make, results, invocation)
         results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         invocation.finish(background_table)
-        return 1 if results["skipped"] or any(r["with"]["lost"] for r in results["runs"]) else 0
+        return 1 if results["skipped"] or not all(map(clean_run, results["runs"])) else 0
     configs = configurations(args)
     if any(TOPOLOGIES[topology].redis for _, topology in configs):
         await find_redis(args.redis)
