@@ -79,14 +79,35 @@ ACTIONS = [
 CLIENTS = [ClientType.API, ClientType.API, ClientType.WEBSOCKET, ClientType.CLI]
 
 
-def bench_record(n: int, orgs: int, at: dt.datetime | None = None) -> AccessRecord:
-    """Record ``n``: of one of ``orgs`` organisations (1: all in one chain)."""
+@dataclass(frozen=True)
+class Into:
+    """One existing chain that every record goes into, after its head: an
+    organisation's (or the installation's, ``None``), the records ``step``
+    apart from ``first_at`` on."""
+
+    organisation_id: uuid.UUID | None
+    first_at: dt.datetime
+    step: dt.timedelta = dt.timedelta(microseconds=1)
+    seq: int = 0
+    prev_hash: str = GENESIS_HASH
+
+
+def bench_record(
+    n: int, orgs: int, at: dt.datetime | None = None, into: Into | None = None
+) -> AccessRecord:
+    """Record ``n``: of one of ``orgs`` organisations (1: all in one chain), or of ``into``'s."""
     action, object_type = ACTIONS[n % len(ACTIONS)]
-    by_operator = orgs > 1 and n % 97 == 0
+    if into is None:
+        by_operator = orgs > 1 and n % 97 == 0
+        organisation_id = None if by_operator else uuid.UUID(int=ORG_BASE + n % orgs)
+    else:
+        by_operator = into.organisation_id is None
+        organisation_id = into.organisation_id
+        at = into.first_at + n * into.step
     return AccessRecord(
         # Distinct times with microseconds, as real ones have.
         at=at or T0 + dt.timedelta(microseconds=n * 1_000 + n % 997),
-        organisation_id=None if by_operator else uuid.UUID(int=ORG_BASE + n % orgs),
+        organisation_id=organisation_id,
         actor_id=None if by_operator else ACTORS[n % len(ACTORS)],
         actor_role=OPERATOR if by_operator else ("therapist" if n % 5 else "admin"),
         action=action,
@@ -97,13 +118,17 @@ def bench_record(n: int, orgs: int, at: dt.datetime | None = None) -> AccessReco
     )
 
 
-def chain_batches(total: int, batch: int, orgs: int) -> Iterator[list[tuple[Any, ...]]]:
+def chain_batches(
+    total: int, batch: int, orgs: int, into: Into | None = None
+) -> Iterator[list[tuple[Any, ...]]]:
     """The rows (in COLUMNS order) of ``total`` records in their chains, ``batch`` at a time."""
     heads: dict[str, tuple[int, str]] = {}
+    if into is not None:
+        heads[chain_of(into.organisation_id)] = (into.seq, into.prev_hash)
     for start in range(1, total + 1, batch):
         rows = []
         for n in range(start, min(start + batch, total + 1)):
-            r = bench_record(n, orgs)
+            r = bench_record(n, orgs, into=into)
             chain = chain_of(r.organisation_id)
             seq, prev = heads.get(chain, (0, GENESIS_HASH))
             seq += 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import av
 from aiortc.jitterbuffer import JitterFrame
+from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from signaling.media_codecs import MediaCodec
@@ -151,3 +152,35 @@ def consult_sources(
         role: [EncodedSource("audio", audio), EncodedSource("video", video)]
         for role in (ParticipantRole.THERAPIST, ParticipantRole.PATIENT)
     }
+
+
+class ReplayTrack(MediaStreamTrack):
+    """Encoded frames replayed at real-time pace as ``av.Packet``s (aiortc's
+    sender packs them into RTP without an encoder), from the first frame (a
+    keyframe) once ``go`` is set."""
+
+    def __init__(self, kind: str, frames: list[bytes], go: asyncio.Event) -> None:
+        super().__init__()
+        self.kind = kind
+        self._frames = frames
+        self._go = go
+        self._clock = 90000 if kind == "video" else AUDIO_RATE
+        self._step = 90000 // FPS if kind == "video" else AUDIO_SAMPLES
+        self._start: float | None = None
+        self._index = 0
+
+    @property
+    def sent(self) -> int:
+        """Frames handed to the sender so far."""
+        return self._index
+
+    async def recv(self) -> Any:  # an av.Packet, which aiortc packs unencoded
+        if self._start is None:
+            await self._go.wait()
+            self._start = time.monotonic()
+        await asyncio.sleep(self._start + self._index * self._step / self._clock - time.monotonic())
+        packet = av.Packet(self._frames[self._index % len(self._frames)])
+        packet.pts = self._index * self._step
+        packet.time_base = Fraction(1, self._clock)
+        self._index += 1
+        return packet

@@ -34,15 +34,19 @@ class Processes:
     def __init__(self) -> None:
         self._running: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], *, env: dict[str, str], log: Path, pipes: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """``argv`` in its own process group, its output into ``log``; with
+        ``pipes``, its stdin and stdout are pipes (only stderr goes to ``log``)."""
         with log.open("ab") as out:
             proc = subprocess.Popen(  # noqa: S603 - our own commands
                 argv,
                 env=env,
                 cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else out,
+                stderr=out if pipes else subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 start_new_session=True,  # its own process group, killed as one
             )
         self._running.append(proc)

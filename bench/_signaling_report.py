@@ -228,3 +228,43 @@ def against_single(
                     row.append(number(value - base))
         out.append("| " + " | ".join(row) + " |")
     return out
+
+
+BACKGROUND_METRICS = [
+    ("p50_ms", "paced latency p50 (ms)"),
+    ("p99_ms", "paced latency p99 (ms)"),
+    ("max_ms", "paced latency max (ms)"),
+    ("lost", "lost messages"),
+    ("msgs_per_s", "relayed msg/s"),
+    ("server_cpu_pct", "server CPU (% of a core)"),
+    ("host_busy_pct", "host CPU busy (% of 2 cores)"),
+    ("lag_p99_le_ms", "loop lag p99 in the phase, at most (ms, /metrics histogram)"),
+    ("lag_max_le_ms", "loop lag max in the phase, at most (ms, /metrics histogram)"),
+    ("lag_gauge_p99_ms", "loop lag p99 gauge at the phase's end (ms, last minute)"),
+    ("lag_gauge_max_ms", "loop lag max gauge at the phase's end (ms, last minute)"),
+    ("workers_cpu_pct", "recorder workers' CPU, all (% of a core)"),
+    ("worker_cpu_pct_mean", "recorder worker's CPU, each (% of a core)"),
+    ("senders_cpu_pct", "senders' process CPU (% of a core)"),
+]
+
+
+def background_table(results: dict[str, Any]) -> str:
+    """``--background``: the paced phase alone and with the load, medians and each run."""
+    runs = results["runs"]
+    load = results.get("background", {}).get("load", "?")
+    head = ["metric", "alone: median [min, max]", f"with {load}", "each run: alone → with"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|---|---|"]
+    for key, label in BACKGROUND_METRICS:
+        alone = [r["alone"][key] for r in runs if key in r["alone"]]
+        with_ = [r["with"][key] for r in runs if key in r["with"]]
+        if not alone and not with_:
+            continue
+        each = "; ".join(f"{r['alone'].get(key, '-')} → {r['with'].get(key, '-')}" for r in runs)
+        out.append(f"| {label} | {cell(alone)} | {cell(with_)} | {each} |")
+    ratios = [r["p99_ratio"] for r in runs if r.get("p99_ratio") is not None]
+    out.append(f"| p99 with ÷ p99 alone | {cell(ratios)} | | {'; '.join(map(str, ratios))} |")
+    out.append(f"| runs (pairs) | {len(runs)} ({', '.join(str(r['pairs']) for r in runs)}) | | |")
+    out.append("")
+    for r in runs:
+        out.append(f"- run {r['run']} ({' then '.join(r['order'])}): {r['with']['background']}")
+    return "\n".join(out) + "\n"

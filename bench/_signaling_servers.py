@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,8 @@ class OursServer(Server):
         self.origin = self.nodes[0].origin
         self.cookie = ""
         self.enrol_token = ""
+        # Runs after the CLI's setup, before the nodes start (the background runs' data).
+        self.before_serve: Callable[[OursServer], Awaitable[None]] | None = None
 
     @property
     def pid(self) -> int:
@@ -231,6 +233,16 @@ class OursServer(Server):
             raise RuntimeError(f"videoconsult {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
+    async def add_user(self, role: str, email: str) -> str:
+        """A new account of the organisation (``videoconsult user add``): its enrolment token."""
+        out = await asyncio.to_thread(
+            self._cli, "user", "add", "--org", ORG, "--role", role, "--email", email
+        )
+        found = re.search(r"/enrol/([A-Za-z0-9_-]{20,100})", out)
+        if found is None:
+            raise RuntimeError(f"no enrolment link in: {out!r}")
+        return found.group(1)
+
     async def start(self) -> None:
         # A fresh data dir per run, on tmpfs: only the setup writes to the
         # database (sessions, consults, connect notes), never the relay. The
@@ -246,13 +258,9 @@ class OursServer(Server):
             node.env.update(extra)
         await asyncio.to_thread(self._cli, "db", "upgrade")
         await asyncio.to_thread(self._cli, "org", "add", ORG)
-        out = await asyncio.to_thread(
-            self._cli, "user", "add", "--org", ORG, "--role", "therapist", "--email", EMAIL
-        )
-        found = re.search(r"/enrol/([A-Za-z0-9_-]{20,100})", out)
-        if found is None:
-            raise RuntimeError(f"no enrolment link in: {out!r}")
-        self.enrol_token = found.group(1)
+        self.enrol_token = await self.add_user("therapist", EMAIL)
+        if self.before_serve is not None:
+            await self.before_serve(self)
         for k, node in enumerate(self.nodes):
             log = "ours-server.log" if len(self.nodes) == 1 else f"ours-server-{'ab'[k]}.log"
             node.proc = PROCESSES.start(
@@ -329,9 +337,12 @@ class OursServer(Server):
             return resp.status, await resp.json(content_type=None), resp
 
     async def login(self, session: aiohttp.ClientSession) -> None:
-        """Enrol the therapist through the API (as tests/support/harness.py does),
-        then log in once: ``self.cookie`` is the session's cookie."""
-        token = self.enrol_token
+        """Enrol the therapist and log in: ``self.cookie`` is the session's cookie."""
+        self.cookie = await self.enrol(session, self.enrol_token, EMAIL)
+
+    async def enrol(self, session: aiohttp.ClientSession, token: str, email: str) -> str:
+        """Enrol an account through the API (as tests/support/harness.py does),
+        then log in once: the session's cookie."""
         status, body, _ = await self._post(
             session, f"/api/enrolment/{token}/password", {"password": PASSWORD}
         )
@@ -344,12 +355,12 @@ class OursServer(Server):
         if status != 200:
             raise RuntimeError(f"enrolment confirm: {status} {body}")
         # The confirming code is used up: log in with the next step's (drift allows it).
-        login = {"email": EMAIL, "password": PASSWORD, "code": totp.at(time.time() + 30)}
+        login = {"email": email, "password": PASSWORD, "code": totp.at(time.time() + 30)}
         status, body, resp = await self._post(session, "/api/login", login)
         if status != 200:
             raise RuntimeError(f"login: {status} {body}")
         morsel = next(iter(resp.cookies.values()))
-        self.cookie = f"{morsel.key}={morsel.value}"
+        return f"{morsel.key}={morsel.value}"
 
     async def create_consult(self, session: aiohttp.ClientSession) -> tuple[str, str]:
         """A new consult of the logged-in therapist: (its id, its invite token)."""

@@ -38,17 +38,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
-import av
 from _common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from _recording_sources import AUDIO_RATE, AUDIO_SAMPLES, FPS, camera_frames, voice_frames
-from aiortc.mediastreams import MediaStreamTrack
+from _recording_sources import ReplayTrack, camera_frames, voice_frames
 
 from signaling.protocol import ParticipantRole
 from signaling.recorder_proxy import WorkerRecorder
@@ -56,38 +52,6 @@ from signaling.recording_types import Failure
 from tests.support.recording import RecorderLink, new_recording_file
 
 WARM_UP_S = 3.0
-
-
-class ReplayTrack(MediaStreamTrack):
-    """Encoded frames replayed at real-time pace as ``av.Packet``s (aiortc's
-    sender packs them into RTP without an encoder), from the first frame (a
-    keyframe) once ``go`` is set."""
-
-    def __init__(self, kind: str, frames: list[bytes], go: asyncio.Event) -> None:
-        super().__init__()
-        self.kind = kind
-        self._frames = frames
-        self._go = go
-        self._clock = 90000 if kind == "video" else AUDIO_RATE
-        self._step = 90000 // FPS if kind == "video" else AUDIO_SAMPLES
-        self._start: float | None = None
-        self._index = 0
-
-    @property
-    def sent(self) -> int:
-        """Frames handed to the sender so far."""
-        return self._index
-
-    async def recv(self) -> Any:  # an av.Packet, which aiortc packs unencoded
-        if self._start is None:
-            await self._go.wait()
-            self._start = time.monotonic()
-        await asyncio.sleep(self._start + self._index * self._step / self._clock - time.monotonic())
-        packet = av.Packet(self._frames[self._index % len(self._frames)])
-        packet.pts = self._index * self._step
-        packet.time_base = Fraction(1, self._clock)
-        self._index += 1
-        return packet
 
 
 def cpu_s(pid: int) -> float:

@@ -171,11 +171,19 @@ async def consent_and_connect(
     therapist_video: tuple[int, int] | None = (320, 240),
     patient_video: tuple[int, int] | None = (160, 120),
     noisy: bool = False,
+    tracks: Callable[[], list[MediaStreamTrack]] | None = None,
 ) -> dict[str, Any]:
-    """Ask, agree, connect both recorder links; return the ``on`` message."""
+    """Ask, agree, connect both recorder links; return the ``on`` message.
+
+    ``tracks``: makes each side's microphone and camera instead of silence
+    and synthetic video (bench/_signaling_recorders.py replays encoded media).
+    """
     await ask_and_agree(call)
     links = {
-        side: linked(call.stack, RecorderLink(video=video, noisy=noisy))
+        side: linked(
+            call.stack,
+            RecorderLink(video=video, noisy=noisy, tracks=None if tracks is None else tracks()),
+        )
         for side, video in ((call.therapist, therapist_video), (call.patient, patient_video))
     }
     offers = {side: await link.offer() for side, link in links.items()}
