@@ -227,7 +227,7 @@ def is_busy(err: BaseException) -> bool:
     """Whether ``err`` is SQLite's "database is locked": another connection
     held the write lock for longer than this one was willing to wait."""
     return any(
-        isinstance(cause, sqlite3.OperationalError) and "is locked" in str(cause)
+        isinstance(cause, sqlite3.OperationalError) and str(cause) == "database is locked"
         for cause in _chain(err)
     )
 

@@ -106,7 +106,8 @@ async def measure(seconds: float, width: int, height: int) -> str:
 def lowest_share(frames: dict[str, int], sent: dict[str, int]) -> float:
     """Frames in the file against those sent until the stop, the lowest over
     the streams (1.0 when nothing was sent: noisy cameras are not counted)."""
-    return min((frames.get(label, 0) / count for label, count in sent.items()), default=1.0)
+    shares = [frames.get(label, 0) / count for label, count in sent.items() if count]
+    return min(shares, default=1.0)
 
 
 async def measure_one(seconds: float, media: Media, pin: int | None = None) -> Measured:
@@ -210,9 +211,14 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="recordings at once (pre-encoded)")
     parser.add_argument(
-        "--pin", type=int, default=None, help="every worker on this CPU, the senders on the others"
+        "--pin",
+        type=int,
+        default=None,
+        help="with --pre-encoded: every worker on this CPU, the senders on the others",
     )
     args = parser.parse_args()
+    if args.pin is not None and not args.pre_encoded:
+        parser.error("--pin goes with --pre-encoded")
     if args.pre_encoded:
         print(asyncio.run(measure_workers(args.seconds, args.workers, args.pin)))
         return 0

@@ -395,6 +395,11 @@ def outbound(kind: str, **fields: Any) -> dict[str, Any]:
     return {"v": VERSION, "type": kind, **fields}
 
 
+def presence_message(role: ParticipantRole, *, present: bool) -> dict[str, Any]:
+    """``peer-presence``, to a waiting patient: the therapist came or went."""
+    return outbound("peer-presence", role=role.value, present=present)
+
+
 def error_message(err: ProtocolError) -> dict[str, Any]:
     fields: dict[str, Any] = {"code": err.code.value, "message": err.message}
     if err.ref is not None:

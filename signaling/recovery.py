@@ -27,6 +27,7 @@ from signaling.changes import ChangeThenTell
 from signaling.ports import RoomStore, Timers
 from signaling.protocol import EndReason, ParticipantRole, TimerKind, outbound
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
+from signaling.waiting_label import without_label
 
 if TYPE_CHECKING:
     from signaling.rooms import ConsultRooms
@@ -159,6 +160,7 @@ class Recovery:
         if consult.is_over:
             await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER)
             return True
+        shown = False  # the label, to the therapist
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.OVER or not self._rooms.is_here(participant):
@@ -185,6 +187,9 @@ class Recovery:
                 # for dead); an offer more is harmless either way.
                 tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                waiting = self._rooms.labels.patient_waiting(label, shown=state.present(other))
-                tell(other, await waiting)
+                shown = label is not None and state.present(other)
+                if not shown:
+                    tell(other, without_label())
+        if shown:  # once the change is saved (see signaling.waiting_label)
+            await self._rooms.labels.show(self._rooms.send, consult_id, other, label)
         return True

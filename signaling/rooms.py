@@ -66,12 +66,13 @@ from signaling.protocol import (
     Report,
     TimerKind,
     outbound,
+    presence_message,
 )
 from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
 from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
-from signaling.waiting_label import WaitingLabels
+from signaling.waiting_label import WaitingLabels, without_label
 
 __all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]
 
@@ -190,12 +191,12 @@ class ConsultRooms:
         a live connection of the same participant."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         label: SealedLabel | None = None
+        shown_to: ParticipantRole | None = None  # sees the label once the change is saved
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.WAITING:
-                # Before admission, or a room that lost its state (a Redis
-                # that lost its data): the record says which. The label
-                # comes with it, for the therapist's patient-waiting.
+                # Before admission, or a room that lost its state (Redis lost
+                # its data): the record says which, and brings the label.
                 async with reading(self._engine) as conn:
                     consult, label = await get_consult_and_label(conn, consult_id)
                 if consult.is_over:
@@ -221,15 +222,16 @@ class ConsultRooms:
                 state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
                 await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
                 if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                    waiting = self.labels.patient_waiting(label, shown=state.present(other))
-                    tell(other, await waiting)
+                    shown_to = other if label is not None and state.present(other) else None
+                    if shown_to is None:
+                        tell(other, without_label())
                 elif state.phase is RoomPhase.ACTIVE and state.present(other):
                     # Back after a drop, a reload, the grace period or a bye: the
                     # therapist makes a new offer either way.
                     tell(other, outbound("peer-rejoined", role=role.value))
                 elif state.phase is RoomPhase.WAITING and not replaced and state.present(other):
                     # The waiting patient learns that the therapist is there now.
-                    tell(other, _presence(role, present=True))
+                    tell(other, presence_message(role, present=True))
                 to_self = [
                     outbound(
                         "welcome",
@@ -246,9 +248,15 @@ class ConsultRooms:
                     )
                 ]
                 if role is ParticipantRole.THERAPIST and state.patient_waiting:
-                    to_self.append(await self.labels.patient_waiting(label))
+                    shown_to = role if label is not None else None
+                    if shown_to is None:
+                        to_self.append(without_label())
         if not to_self:
             raise RoomClosed
+        if shown_to is role:
+            to_self.append(await self.labels.patient_waiting(label))
+        elif shown_to is not None:  # the patient's welcome does not wait for it
+            self._changes.start(self.labels.show(self.send, consult_id, shown_to, label))
         return to_self, replaced
 
     async def handle(
@@ -515,7 +523,7 @@ class ConsultRooms:
                 if role is ParticipantRole.PATIENT:
                     tell(other, outbound("peer-left", role=role.value))
                 elif state.present(other):
-                    tell(other, _presence(role, present=False))
+                    tell(other, presence_message(role, present=False))
             elif grace:
                 state.set_presence(role, replace(presence, link=Link.RECONNECTING, left_at=left))
                 await self._timers.schedule(
@@ -590,7 +598,3 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
-
-
-def _presence(role: ParticipantRole, *, present: bool) -> dict[str, Any]:
-    return outbound("peer-presence", role=role.value, present=present)  # to a waiting patient

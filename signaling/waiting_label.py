@@ -6,11 +6,16 @@ message, and each showing written to the access log first (DESIGN.md,
 promise 6: every read of a consult's data is logged), as the therapist who
 is shown it, over the signaling socket. A showing whose record does not
 commit does not happen: the therapist still hears that the patient waits,
-without the label.
+without the label. The rooms make this message after their change is
+saved, outside the room's lock, so that the commit it waits for never holds
+up the consult's other changes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -26,6 +31,15 @@ _log = structlog.get_logger("videoconsult.signaling")
 
 # The access record's action (the receipt names it for the patient).
 LABEL_READ_ACTION = "consult.label.read"
+# What sends a message to a participant of a consult (the rooms' ``send``).
+Send = Callable[[uuid.UUID, ParticipantRole, dict[str, Any]], Awaitable[None]]
+# How long the notice waits for that record (a group commit takes milliseconds).
+RECORD_WAIT_S = 1.0
+
+
+def without_label() -> dict[str, Any]:
+    """``patient-waiting`` with no label: none was given, or nobody is there to see it."""
+    return outbound("patient-waiting", display_name=None)
 
 
 class WaitingLabels:
@@ -36,29 +50,41 @@ class WaitingLabels:
         self._access_log = access_log
         self._clock = clock
 
-    async def patient_waiting(
-        self, label: SealedLabel | None, *, shown: bool = True
-    ) -> dict[str, Any]:
+    async def patient_waiting(self, label: SealedLabel | None) -> dict[str, Any]:
         """The message, with the label unsealed (None without one, or when its
-        read could not be recorded); ``shown=False`` when no therapist is
-        there to be shown it (the message waits for nobody): no label, no record."""
-        return outbound("patient-waiting", display_name=await self._shown(label) if shown else None)
+        read could not be recorded within :data:`RECORD_WAIT_S`). Call it
+        outside the room's lock: the record waits for a commit."""
+        return outbound("patient-waiting", display_name=await self._shown(label))
+
+    async def show(
+        self, send: Send, consult_id: uuid.UUID, to: ParticipantRole, label: SealedLabel | None
+    ) -> None:
+        """Send ``to`` (the therapist) the message, once its record is written."""
+        await send(consult_id, to, await self.patient_waiting(label))
 
     async def _shown(self, label: SealedLabel | None) -> str | None:
-        opened = label.open(self._root_key) if label is not None else None
-        if label is None or opened is None:
+        if label is None or label.therapist_id is None or label.organisation_id is None:
+            # No label, or no therapist to read it as (an erased account's
+            # consult): nothing is shown, so nothing is recorded.
+            return None
+        opened = label.open(self._root_key)
+        if opened is None:
             return None
         reader = Actor(label.therapist_id, ParticipantRole.THERAPIST.value, ClientType.WEBSOCKET)
         try:
-            await self._access_log.record(
-                reader,
-                organisation_id=label.organisation_id,
-                action=LABEL_READ_ACTION,
-                object_type="consult",
-                object_id=label.consult_id,
-                now=self._clock.now(),
-            )
-        except AccessLogNotWritten:
-            _log.warning("label not shown: its access record was not written")
+            async with asyncio.timeout(RECORD_WAIT_S):
+                await self._access_log.record(
+                    reader,
+                    organisation_id=label.organisation_id,
+                    action=LABEL_READ_ACTION,
+                    object_type="consult",
+                    object_id=label.consult_id,
+                    now=self._clock.now(),
+                )
+        except (AccessLogNotWritten, TimeoutError):
+            # Not written, or not yet (the chain held by a purge): the notice
+            # goes out now, without the label. A record still queued is
+            # written later: one record too many, never one too few.
+            _log.warning("label not shown: its access record was not written in time")
             return None
         return opened

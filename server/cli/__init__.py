@@ -88,7 +88,12 @@ def _database_error(err: DBAPIError, settings: Settings) -> str:
         )
     if is_outage(err):
         return f"the database cannot be reached: {first_line(err)}"
-    return f"database error: {first_line(err)}"
+    # The driver's own text can quote the value it refused: its kind only.
+    cause = err.orig if err.orig is not None else err
+    sqlstate = getattr(cause, "sqlstate", None)
+    return f"database error: {type(cause).__name__}" + (
+        f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    )
 
 
 def _fail(message: str, code: int) -> int:
