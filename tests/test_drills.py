@@ -44,7 +44,6 @@ from server import create_app
 from server.alive import last_alive
 from server.app_keys import DATA_DIR
 from server.auth.totp import STEP_S
-from server.ws.session_check import SESSION_CHECK_S
 from tests.support.cli import cli_env, run_cli
 from tests.support.harness import Harness, Professional, new_consult, receive
 from tests.support.own_postgres import OwnPostgres
@@ -380,10 +379,13 @@ DRILL_ACCOUNTS = 40
 PROBE_ACCOUNTS = 6
 # How long the load runs before, between and after the restarts.
 CALM_S = 2.5
+# The round of the therapists' session check, the one part of a consult
+# socket that needs the database (sessions.socket_check_s, 10 s by default:
+# the drill's server checks more often, so the outage can be shorter).
+SESSION_CHECK_S = 2
 # How long PostgreSQL stays away in the restart with a pause: longer than the
-# round of the therapists' session check, the one part of a consult socket
-# that needs the database, so it surely meets the database away (and must
-# not close the sockets for it).
+# session check's round, so it surely meets the database away (and must not
+# close the sockets for it).
 DOWN_S = SESSION_CHECK_S + 2
 # How soon after PostgreSQL is back a login must work again.
 BACK_WITHIN_S = 5.0
@@ -604,7 +606,11 @@ async def test_postgresql_restarted_under_logins_and_consults_loses_nothing(
         data_dir,
         free_port,
         log,
-        settings={"database_url": own_postgres.url, "security_client_requests_per_min": "0"},
+        settings={
+            "database_url": own_postgres.url,
+            "security_client_requests_per_min": "0",
+            "sessions_socket_check_s": str(SESSION_CHECK_S),
+        },
     )
     try:
         await asyncio.to_thread(server.wait_healthy)
