@@ -67,9 +67,10 @@ def clock() -> ManualClock:
 
 KILLS = 20
 # Long enough for both participants of two consults to come back after a
-# start on two busy cores (they take well under a second), short enough
-# that an abandoned consult ends soon.
-KILL_GRACE_S = 5
+# start on two busy cores (they are back 0.02-0.15 s after /healthz
+# answers), short enough that an abandoned consult ends soon: the drill
+# waits for one in four cycles.
+KILL_GRACE_S = 3
 # The cycles in which one more consult runs when the server is killed, and
 # nobody comes back to it.
 ABANDONED_IN = frozenset(range(0, KILLS, 5))
