@@ -51,8 +51,9 @@ from tests.support.processes import ServerProcess, session_cookie
 from tests.support.settings import SettingsFactory
 
 # Process drills: server processes started, killed and waited for, on the
-# real clock with grace periods of seconds. In the serial step of
-# ./scripts/test, alone on the machine, as the other multi-node tests.
+# real clock with grace periods of seconds. In the second step of
+# ./scripts/test, as the other multi-node tests: beside one other test of
+# that step, never beside the quick tests of the first.
 pytestmark = pytest.mark.multinode
 
 
