@@ -140,6 +140,10 @@ class AccountSettings(_Section):
 class SessionSettings(_Section):
     idle_timeout_s: int = Field(ge=60, le=86400)
     absolute_timeout_s: int = Field(ge=60, le=7 * 86400)
+    # How often therapists' consult sockets are checked against their login
+    # sessions (closed when it ended, kept alive otherwise): well inside the
+    # shortest idle timeout.
+    socket_check_s: float = Field(ge=1, le=30)
 
     @model_validator(mode="after")
     def _idle_within_absolute(self) -> SessionSettings:

@@ -17,6 +17,11 @@ class WebhookSettings(Section):
     poll_interval_s: float = Field(gt=0, le=3600)
     # How long one delivery may take, connecting included.
     timeout_s: float = Field(gt=0, le=60)
+    # How long a claimed delivery's claim outlasts the send's timeout (the
+    # result's write, a slow loop): only then may another node (or this one,
+    # restarted) send it again. Shorter resends sooner after a node died;
+    # too short, and a slow node's delivery is sent twice (same webhook-id).
+    claim_margin_s: float = Field(ge=1, le=600)
     # The wait after the first failed attempt; it doubles with each failure
     # (at most an hour) until retry_for_s after the event, then it is failed.
     retry_base_s: float = Field(gt=0, le=3600)

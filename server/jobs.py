@@ -20,7 +20,7 @@ from server.background import Job, JobName
 from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
 from server.resources import ROOM_TIMER_POLL
 from server.ws.heartbeat import beat_sockets, round_interval_s
-from server.ws.session_check import SESSION_CHECK_S, check_therapist_sessions
+from server.ws.session_check import check_therapist_sessions
 from signaling.ports import StateUnavailable
 
 _log = structlog.get_logger("videoconsult.server")
@@ -109,7 +109,11 @@ JOBS = (
         backoff_max_s=TIMER_BACKOFF_MAX_S,
         expected=REDIS_AWAY,
     ),
-    Job(JobName.SESSION_CHECKS, check_therapist_sessions, SESSION_CHECK_S),
+    Job(
+        JobName.SESSION_CHECKS,
+        check_therapist_sessions,
+        lambda app: app[SETTINGS].sessions.socket_check_s,
+    ),
     # The signaling sockets' WebSocket pings, all in one round.
     Job(JobName.SOCKET_HEARTBEATS, beat_sockets, round_interval_s),
     # When this server was last alive: where a killed server's consults end.

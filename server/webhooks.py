@@ -77,9 +77,6 @@ _log = structlog.get_logger("videoconsult.webhooks")
 # (the rest wait for the next round, a poll interval later).
 BATCH = 20
 MAX_BATCHES_PER_ROUND = 10
-# A claim outlasts the send's timeout by this much (the result's write, a
-# slow loop): only then may another node take the delivery over.
-CLAIM_MARGIN_S = 10.0
 # How often delivered and failed deliveries past webhooks.history_days go.
 HISTORY_PURGE_INTERVAL_S = 3600.0
 USER_AGENT = "videoconsult-webhooks/1"
@@ -130,7 +127,7 @@ async def webhook_client_context(app: web.Application) -> AsyncIterator[None]:
 async def deliver_due(app: web.Application) -> int:
     """Send the deliveries that are due now; return how many were tried."""
     settings = app[SETTINGS].webhooks
-    lease_s = settings.timeout_s + CLAIM_MARGIN_S
+    lease_s = settings.timeout_s + settings.claim_margin_s
     tried = 0
     for _ in range(MAX_BATCHES_PER_ROUND):
         async with app[DB_ENGINE].begin() as conn:

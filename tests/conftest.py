@@ -207,11 +207,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(name) for name in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
-            # With pytest-xdist (./scripts/test) these run one after another
-            # in one worker, as they would alone: two of them encoding video,
-            # starting browsers or server processes at once on two cores
-            # would race their own timeouts. The other workers take the rest.
-            item.add_marker(pytest.mark.xdist_group("media"))
+            # No xdist_group here: pytest-xdist's worker reads the groups in
+            # its own pytest_collection_modifyitems, which runs before this
+            # one, so a group added here never grouped anything (these tests
+            # have always run two at a time under -n 2, in ./scripts/test's
+            # second step and beside the other tests with arguments).
 
 
 @pytest.hookimpl(hookwrapper=True)

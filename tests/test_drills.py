@@ -44,7 +44,6 @@ from server import create_app
 from server.alive import last_alive
 from server.app_keys import DATA_DIR
 from server.auth.totp import STEP_S
-from server.ws.session_check import SESSION_CHECK_S
 from tests.support.cli import cli_env, run_cli
 from tests.support.harness import Harness, Professional, new_consult, receive
 from tests.support.own_postgres import OwnPostgres
@@ -52,8 +51,9 @@ from tests.support.processes import ServerProcess, session_cookie
 from tests.support.settings import SettingsFactory
 
 # Process drills: server processes started, killed and waited for, on the
-# real clock with grace periods of seconds. In the serial step of
-# ./scripts/test, alone on the machine, as the other multi-node tests.
+# real clock with grace periods of seconds. In the second step of
+# ./scripts/test, as the other multi-node tests: beside one other test of
+# that step, never beside the quick tests of the first.
 pytestmark = pytest.mark.multinode
 
 
@@ -68,9 +68,10 @@ def clock() -> ManualClock:
 
 KILLS = 20
 # Long enough for both participants of two consults to come back after a
-# start on two busy cores (they take well under a second), short enough
-# that an abandoned consult ends soon.
-KILL_GRACE_S = 5
+# start on two busy cores (they are back 0.02-0.15 s after /healthz
+# answers), short enough that an abandoned consult ends soon: the drill
+# waits for one in four cycles.
+KILL_GRACE_S = 3
 # The cycles in which one more consult runs when the server is killed, and
 # nobody comes back to it.
 ABANDONED_IN = frozenset(range(0, KILLS, 5))
@@ -380,10 +381,13 @@ DRILL_ACCOUNTS = 40
 PROBE_ACCOUNTS = 6
 # How long the load runs before, between and after the restarts.
 CALM_S = 2.5
+# The round of the therapists' session check, the one part of a consult
+# socket that needs the database (sessions.socket_check_s, 10 s by default:
+# the drill's server checks more often, so the outage can be shorter).
+SESSION_CHECK_S = 2
 # How long PostgreSQL stays away in the restart with a pause: longer than the
-# round of the therapists' session check, the one part of a consult socket
-# that needs the database, so it surely meets the database away (and must
-# not close the sockets for it).
+# session check's round, so it surely meets the database away (and must not
+# close the sockets for it).
 DOWN_S = SESSION_CHECK_S + 2
 # How soon after PostgreSQL is back a login must work again.
 BACK_WITHIN_S = 5.0
@@ -604,7 +608,11 @@ async def test_postgresql_restarted_under_logins_and_consults_loses_nothing(
         data_dir,
         free_port,
         log,
-        settings={"database_url": own_postgres.url, "security_client_requests_per_min": "0"},
+        settings={
+            "database_url": own_postgres.url,
+            "security_client_requests_per_min": "0",
+            "sessions_socket_check_s": str(SESSION_CHECK_S),
+        },
     )
     try:
         await asyncio.to_thread(server.wait_healthy)

@@ -168,7 +168,13 @@ async def test_a_send_cut_off_by_a_kill_is_sent_again_with_the_same_webhook_id(
 ) -> None:
     setup, cookie = await prepared(harness, receiver)
     log = tmp_path / "server.log"
-    quick = {"webhooks_poll_interval_s": "0.2", "webhooks_timeout_s": "1"}
+    # The claim of the send the kill cuts off runs out 1 + 1 s after it was
+    # made (by default 10 + 10 s): the restarted server may send it again.
+    quick = {
+        "webhooks_poll_interval_s": "0.2",
+        "webhooks_timeout_s": "1",
+        "webhooks_claim_margin_s": "1",
+    }
     server = serve(harness, harness_settings, free_port, log, **quick)
 
     def kill_the_sender(_message: object) -> None:
@@ -190,7 +196,7 @@ async def test_a_send_cut_off_by_a_kill_is_sent_again_with_the_same_webhook_id(
 
         server = serve(harness, harness_settings, free_port, log, **quick)
         await asyncio.to_thread(server.wait_healthy)
-        # Sent again once the dead node's claim runs out (timeout + 10 s).
+        # Sent again once the dead node's claim runs out (timeout + margin).
         await receiver.wait_for(lambda r: bool(r.repeats()), timeout_s=60)
     finally:
         server.stop()

@@ -16,9 +16,7 @@ from audit.sessions import Session, live_sessions
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS, THERAPIST_SOCKETS
 from signaling.protocol import CloseCode
 
-# How often the therapists' sockets are checked against their login sessions.
-SESSION_CHECK_S = 10.0
-# Sessions looked up per query.
+# Sessions looked up per query (the check runs every sessions.socket_check_s).
 SESSION_CHECK_BATCH = 500
 
 
