@@ -27,7 +27,6 @@ from signaling.changes import ChangeThenTell
 from signaling.ports import RoomStore, Timers
 from signaling.protocol import EndReason, ParticipantRole, TimerKind, outbound
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
-from signaling.waiting_label import without_label
 
 if TYPE_CHECKING:
     from signaling.rooms import ConsultRooms
@@ -160,7 +159,6 @@ class Recovery:
         if consult.is_over:
             await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER)
             return True
-        shown = False  # the label, to the therapist
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.OVER or not self._rooms.is_here(participant):
@@ -187,9 +185,6 @@ class Recovery:
                 # for dead); an offer more is harmless either way.
                 tell(other, outbound("peer-rejoined", role=role.value))
             elif state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                shown = label is not None and state.present(other)
-                if not shown:
-                    tell(other, without_label())
-        if shown:  # once the change is saved (see signaling.waiting_label)
-            await self._rooms.labels.show(self._rooms.send, consult_id, other, label)
+                shown = label if state.present(other) else None
+                tell(other, await self._rooms.labels.patient_waiting(shown))
         return True

@@ -72,7 +72,7 @@ from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
 from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
-from signaling.waiting_label import WaitingLabels, without_label
+from signaling.waiting_label import WaitingLabels
 
 __all__ = ["ConsultRooms", "Participant", "RoomClosed", "RoomSettings"]
 
@@ -191,7 +191,6 @@ class ConsultRooms:
         a live connection of the same participant."""
         consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         label: SealedLabel | None = None
-        shown_to: ParticipantRole | None = None  # sees the label once the change is saved
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.WAITING:
@@ -222,9 +221,9 @@ class ConsultRooms:
                 state.set_presence(role, Presence(participant.connection_id, node=self.node_id))
                 await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
                 if state.phase is RoomPhase.WAITING and role is ParticipantRole.PATIENT:
-                    shown_to = other if label is not None and state.present(other) else None
-                    if shown_to is None:
-                        tell(other, without_label())
+                    # The label only for a therapist there to be shown it.
+                    shown = label if state.present(other) else None
+                    tell(other, await self.labels.patient_waiting(shown))
                 elif state.phase is RoomPhase.ACTIVE and state.present(other):
                     # Back after a drop, a reload, the grace period or a bye: the
                     # therapist makes a new offer either way.
@@ -248,15 +247,9 @@ class ConsultRooms:
                     )
                 ]
                 if role is ParticipantRole.THERAPIST and state.patient_waiting:
-                    shown_to = role if label is not None else None
-                    if shown_to is None:
-                        to_self.append(without_label())
+                    to_self.append(await self.labels.patient_waiting(label))
         if not to_self:
             raise RoomClosed
-        if shown_to is role:
-            to_self.append(await self.labels.patient_waiting(label))
-        elif shown_to is not None:  # the patient's welcome does not wait for it
-            self._changes.start(self.labels.show(self.send, consult_id, shown_to, label))
         return to_self, replaced
 
     async def handle(

@@ -6,16 +6,16 @@ message, and each showing written to the access log first (DESIGN.md,
 promise 6: every read of a consult's data is logged), as the therapist who
 is shown it, over the signaling socket. A showing whose record does not
 commit does not happen: the therapist still hears that the patient waits,
-without the label. The rooms make this message after their change is
-saved, outside the room's lock, so that the commit it waits for never holds
-up the consult's other changes.
+without the label. The message is made inside the room's change, so that
+the therapist's messages keep their order (patient-waiting before a
+peer-left that follows it); the record's wait is bounded by
+:data:`RECORD_WAIT_S`, which is all it can hold up the consult's other
+changes when the access log is slow (a chain held by a purge).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -31,15 +31,8 @@ _log = structlog.get_logger("videoconsult.signaling")
 
 # The access record's action (the receipt names it for the patient).
 LABEL_READ_ACTION = "consult.label.read"
-# What sends a message to a participant of a consult (the rooms' ``send``).
-Send = Callable[[uuid.UUID, ParticipantRole, dict[str, Any]], Awaitable[None]]
 # How long the notice waits for that record (a group commit takes milliseconds).
 RECORD_WAIT_S = 1.0
-
-
-def without_label() -> dict[str, Any]:
-    """``patient-waiting`` with no label: none was given, or nobody is there to see it."""
-    return outbound("patient-waiting", display_name=None)
 
 
 class WaitingLabels:
@@ -52,15 +45,8 @@ class WaitingLabels:
 
     async def patient_waiting(self, label: SealedLabel | None) -> dict[str, Any]:
         """The message, with the label unsealed (None without one, or when its
-        read could not be recorded within :data:`RECORD_WAIT_S`). Call it
-        outside the room's lock: the record waits for a commit."""
+        read could not be recorded within :data:`RECORD_WAIT_S`)."""
         return outbound("patient-waiting", display_name=await self._shown(label))
-
-    async def show(
-        self, send: Send, consult_id: uuid.UUID, to: ParticipantRole, label: SealedLabel | None
-    ) -> None:
-        """Send ``to`` (the therapist) the message, once its record is written."""
-        await send(consult_id, to, await self.patient_waiting(label))
 
     async def _shown(self, label: SealedLabel | None) -> str | None:
         if label is None or label.therapist_id is None or label.organisation_id is None:
