@@ -48,8 +48,6 @@ _log = structlog.get_logger("videoconsult.recorder_worker")
 
 # How often the parent hears how much reached the file.
 PROGRESS_INTERVAL_S = 1.0
-# The worker's niceness (as the access-log verify's workers, audit/chain_walk.py).
-RECORDER_NICENESS = 10
 
 
 def _configure_logging() -> None:
@@ -197,10 +195,6 @@ def main() -> None:
     # killed by the server when it hangs).
     for ignored in (signal.SIGTERM, signal.SIGINT):
         signal.signal(ignored, signal.SIG_IGN)
-    # Signaling first: on a busy host the server's event loop gets a core
-    # before a recorder does (a recorder's jitter buffer and socket buffer
-    # absorb a wait of milliseconds; a relayed message should not wait).
-    os.nice(RECORDER_NICENESS)
     # What the imports made lives as long as the worker: out of the garbage
     # collector's sight, so that its full passes walk only the recording's objects.
     gc.freeze()

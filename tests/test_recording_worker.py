@@ -23,7 +23,6 @@ import structlog.testing
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, ROOMS
 from signaling.recorder_proxy import WorkerRecorder
-from signaling.recorder_worker import RECORDER_NICENESS
 from tests.support.harness import Harness, Sockets
 from tests.support.recording import (
     ask_and_agree,
@@ -230,23 +229,6 @@ async def test_the_workers_log_lines_reach_the_servers_log() -> None:
     }, logs
     assert pid is not None
     assert has_exited(pid)
-
-
-async def test_a_worker_gives_way_to_the_signaling_process() -> None:
-    """The worker runs at a lower priority (niceness RECORDER_NICENESS more
-    than the server's): on a busy host the server's loop gets a core first."""
-
-    async def failed(failure: object, detail: str) -> None:
-        raise AssertionError(f"no failure expected: {failure} {detail}")
-
-    recorder = WorkerRecorder(on_failure=failed)
-    try:
-        await recorder.ready()
-        assert recorder.pid is not None
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, recorder.pid) == min(19, ours + RECORDER_NICENESS)
-    finally:
-        await recorder.stop()
 
 
 async def test_a_worker_that_does_not_start_fails_the_recording_and_the_consult_goes_on(
