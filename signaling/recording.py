@@ -127,6 +127,8 @@ class RecordingControl:
         self._change = ChangeThenTell(store, send)
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
+        # Recordings being stopped: their files finishing, their workers exiting.
+        self._finishing: set[asyncio.Future[None]] = set()
         # The open question of each consult: when it was asked, and its id,
         # which a consent may name.
         self._questions: dict[uuid.UUID, _Question] = {}
@@ -396,7 +398,12 @@ class RecordingControl:
             )
         self._note(consult_id, "recording.stopped", {"reason": reason.value})
         if live is not None:
-            await self._finish(consult_id, live, reason)
+            # A task of its own, kept until done: the file is finished even if
+            # the caller is cancelled, and a shutdown waits for it (stop_all).
+            finishing = asyncio.ensure_future(self._finish(consult_id, live, reason))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+            await asyncio.shield(finishing)
         return True
 
     async def _finish(self, consult_id: uuid.UUID, live: _Live, reason: StopReason) -> None:
@@ -455,12 +462,14 @@ class RecordingControl:
         )
 
     async def stop_all(self, reason: StopReason) -> None:
-        """Stop every recording of this node (shutdown)."""
+        """Stop every recording of this node, and wait for those already
+        stopping (a consult's end) to finish their files and workers (shutdown)."""
         for consult_id in list(self._live):
             try:
                 await self.stop(consult_id, reason)
             except Exception:
                 _log.exception("recording: stopping failed", consult_id=str(consult_id))
+        await asyncio.gather(*self._finishing, return_exceptions=True)
 
     def worker_pid(self, consult_id: uuid.UUID) -> int | None:
         """The process id of the consult's recorder worker, while it has one."""

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 import structlog.testing
 
+from audit.recordings import StopReason
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, ROOMS
 from signaling.recorder_proxy import WorkerRecorder
@@ -152,6 +153,30 @@ async def test_the_recording_is_made_outside_the_server_process(
     media, report = decrypted(sqlite_harness, row.id, await data_key(sqlite_harness, row.id))
     assert report is None
     assert tolerant_counts(media)["video"] > 10
+
+
+async def test_a_shutdown_waits_for_recordings_already_stopping(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    """A recording a consult's end is stopping has left the node's live
+    recordings, but its file and worker are not done yet: stopping all (the
+    server's shutdown) waits for them, so no worker outlives the server's
+    stop (one did, and was found by the garbage collector in a later test)."""
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await consent_and_connect(call)
+        control = sqlite_harness.app[ROOMS].recording
+        pid = worker_pid(sqlite_harness, call.setup.consult_id)
+        stopping = asyncio.create_task(
+            control.stop(uuid.UUID(call.setup.consult_id), StopReason.CONSULT_ENDED)
+        )
+        # Told "off" once it has left the live ones; its file and worker are next.
+        await both_see(call, "off")
+        await control.stop_all(StopReason.SERVER_RESTART)
+        assert has_exited(pid)
+        assert stopping.done()
+    (row,) = await rows(sqlite_harness)
+    assert row.stop_reason == "consult_ended"
 
 
 async def test_a_worker_that_hangs_on_stop_is_killed(
