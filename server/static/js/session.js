@@ -2,7 +2,7 @@
 // who is logged in, logging out, and (/support, /admin) the API call with
 // the idle logout of a page that makes requests only when asked.
 import { LANGUAGE_CHANGED, say } from "./i18n.js";
-import { showAccountNotices, toLogin } from "./ui.js";
+import { loggingOut, showAccountNotices, toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 // While the server cannot be reached, ask again this often.
@@ -99,6 +99,7 @@ export async function openSession() {
 export function wireLogout(beforeLeave = () => {}) {
   $("logout").addEventListener("click", async () => {
     beforeLeave();
+    loggingOut(); // a request answered 401 meanwhile says "session", not "logout": ignored
     await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
     location.assign("/login?reason=logout");
   });

@@ -61,9 +61,20 @@ export function showSection(id) {
   }
 }
 
+// Once the page is on its way to the login page, the first reason stands: a
+// request that finds the session gone meanwhile (the logout just ended it)
+// does not send the page there again with another reason.
+let leaving = false;
+
+export function loggingOut() {
+  leaving = true;
+}
+
 // Back to the login page, saying why; an idle professional is logged out on
 // the server first. The page to come back to goes along as "next".
 export async function toLogin(reason) {
+  if (leaving) return;
+  leaving = true;
   if (reason === "idle") {
     await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
   }
