@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -128,14 +129,33 @@ async def operator_read(
         except NotFound as err:
             raise CliError(str(err)) from None
         found = await read(conn, organisation)
+    await record_operator_access(
+        engine,
+        organisation_id=organisation.id,
+        action=action,
+        object_type="organisation",
+        object_id=organisation.id,
+    )
+    return organisation, found
+
+
+async def record_operator_access(
+    engine: AsyncEngine,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_type: str,
+    object_id: uuid.UUID,
+) -> None:
+    """The operator's access record, committed in a short write of its own
+    (a read's record, written before the command prints what it read)."""
     async with engine.begin() as conn:
         await record_access(
             conn,
             Actor.operator(),
-            organisation_id=organisation.id,
+            organisation_id=organisation_id,
             action=action,
-            object_type="organisation",
-            object_id=organisation.id,
+            object_type=object_type,
+            object_id=object_id,
             now=SystemClock().now(),
         )
-    return organisation, found

@@ -41,7 +41,7 @@ from audit.recordings import (
     shred,
 )
 from config import Settings
-from server.cli.base import CliError, current_database, operator_read
+from server.cli.base import CliError, current_database, operator_read, record_operator_access
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -211,16 +211,13 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _note(engine: AsyncEngine, entry: RecordingEntry, action: str) -> None:
-    async with engine.begin() as conn:
-        await record_access(
-            conn,
-            Actor.operator(),
-            organisation_id=entry.organisation_id,
-            action=action,
-            object_type="recording",
-            object_id=entry.id,
-            now=SystemClock().now(),
-        )
+    await record_operator_access(
+        engine,
+        organisation_id=entry.organisation_id,
+        action=action,
+        object_type="recording",
+        object_id=entry.id,
+    )
 
 
 def run_delete(settings: Settings, args: argparse.Namespace) -> int:
