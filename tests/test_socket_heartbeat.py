@@ -37,14 +37,20 @@ async def closed_within(socket: ClientWebSocketResponse, seconds: float) -> tupl
             return time.monotonic() - started, pings
 
 
-@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
-async def test_a_peer_that_answers_no_ping_is_closed(harness: Harness) -> None:
+async def deaf_therapist(harness: Harness) -> ClientWebSocketResponse:
+    """A therapist's socket past its welcome whose client answers no ping by itself."""
     setup = await new_consult(harness)
     socket = await harness.client.ws_connect(
         f"/ws?consult={setup.consult_id}", headers=harness.headers, autoping=False
     )
+    await receive(socket, "welcome")
+    return socket
+
+
+@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
+async def test_a_peer_that_answers_no_ping_is_closed(harness: Harness) -> None:
+    socket = await deaf_therapist(harness)
     try:
-        await receive(socket, "welcome")
         took_s, pings = await closed_within(socket, 6 * HEARTBEAT_S)
     finally:
         await socket.close()
@@ -76,12 +82,8 @@ async def test_a_silent_peer_that_answers_pings_stays(harness: Harness) -> None:
 
 @pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
 async def test_a_client_ping_is_answered(harness: Harness) -> None:
-    setup = await new_consult(harness)
-    socket = await harness.client.ws_connect(
-        f"/ws?consult={setup.consult_id}", headers=harness.headers, autoping=False
-    )
+    socket = await deaf_therapist(harness)
     try:
-        await receive(socket, "welcome")
         await socket.ping(b"are you there")
         while True:
             message = await socket.receive(timeout=5)
