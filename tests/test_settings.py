@@ -126,6 +126,14 @@ def test_missing_site_file_is_named(tmp_path: Path) -> None:
         ("VIDEOCONSULT_REDIS_KEY_PREFIX", "vc:prod", "should match pattern"),
         ("VIDEOCONSULT_REDIS_KEY_PREFIX", "vc*", "should match pattern"),
         ("VIDEOCONSULT_REDIS_KEY_PREFIX", "", "at least 1 character"),
+        # A claim that ends before the send's answer is recorded: sent twice.
+        ("VIDEOCONSULT_WEBHOOKS_CLAIM_MARGIN_S", "0.5", "greater than or equal to 1"),
+        ("VIDEOCONSULT_WEBHOOKS_CLAIM_MARGIN_S", "601", "less than or equal to 600"),
+        # A check more often than a second is a query storm; rarer than 30 s
+        # leaves a logged-out therapist's socket open too long.
+        ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "0", "greater than or equal to 1"),
+        ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "31", "less than or equal to 30"),
+        ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "often", "valid number"),
     ],
 )
 def test_bad_value_names_the_setting_its_source_and_what_is_allowed(
