@@ -25,7 +25,15 @@ from signaling.protocol import ParticipantRole
 from signaling.receiver_tap import SENDER_REPORTS_KEPT, FrameTap
 from signaling.recorded_track import ReceivedTrack, StreamKind
 from signaling.recorder import ConsultRecorder
-from tests.support.markers import MARK_EVERY_S, MarkedAudio, MarkedVideo, find_marks
+from tests.support.markers import (
+    MARK_EVERY_S,
+    SAMPLE_RATE,
+    TONE_S,
+    MarkedAudio,
+    MarkedVideo,
+    find_marks,
+    marked_pcm,
+)
 from tests.support.recording import RecorderLink, record_links
 
 THERAPIST = ParticipantRole.THERAPIST
@@ -63,6 +71,7 @@ async def recorded_skews() -> list[float]:
     recording = await record_links({THERAPIST: link}, RECORD_S, prepare=sound_arrives_late)
     assert recording.failures == []
     marks = find_marks(recording.media, audio_index=0, video_index=1)
+    assert marks.audio_s and marks.video_s, marks
     # The sound's last 300 ms never reached the recorder before the stop.
     settled = [
         skew
@@ -162,3 +171,25 @@ def test_a_track_places_its_frames_by_the_earliest_report_it_has_seen() -> None:
     for _ in range(SENDER_REPORTS_KEPT):
         tap.saw_sender_report(sender_report(103.1, 144000))  # held up 100 ms
     assert track._sender_time_s() == pytest.approx(103.1)
+
+
+@pytest.mark.parametrize("late_in_frame_s", [0.0, 0.01, 0.0199, 0.019999])
+def test_each_mark_sounds_for_its_whole_tone_whatever_the_frames_phase(
+    late_in_frame_s: float,
+) -> None:
+    """The microphone's frames start at whatever phase its first frame had;
+    a mark that falls at a frame's last sample still sounds for ``TONE_S``
+    (it once sounded for the rest of that frame only, so a stream whose
+    phase put every mark there had no mark Opus kept: CI saw no sound
+    marks at all)."""
+    samples = SAMPLE_RATE // 50
+    # Frames of 20 ms from a start that puts the whole second
+    # ``late_in_frame_s`` into a frame.
+    began_s = 1000.0 - late_in_frame_s - samples / SAMPLE_RATE * 3
+    pcm: list[int] = []
+    for index in range(8):
+        pcm.extend(marked_pcm(began_s + index * samples / SAMPLE_RATE, samples))
+    loud = [i for i, value in enumerate(pcm) if value]
+    first_s = began_s + loud[0] / SAMPLE_RATE
+    assert first_s == pytest.approx(1000.0, abs=1.5 / SAMPLE_RATE)
+    assert (loud[-1] - loud[0] + 1) / SAMPLE_RATE == pytest.approx(TONE_S, abs=2 / SAMPLE_RATE)

@@ -28,6 +28,23 @@ from tests.support.webrtc import SyntheticVideo
 MARK_EVERY_S = 1.0
 SAMPLE_RATE = 48000
 TONE_HZ = 1000
+TONE_S = 0.020
+
+
+def marked_pcm(began_s: float, samples: int) -> array.array[int]:
+    """The samples from ``began_s`` on (at 48 kHz): a tone for ``TONE_S``
+    from each whole second, silence the rest. A tone goes on into the next
+    frame when the second falls late in one."""
+    pcm = array.array("h", bytes(2 * samples))
+    # In samples, to round once: the whole second at or before the frame.
+    began = round(began_s * SAMPLE_RATE)
+    every = round(MARK_EVERY_S * SAMPLE_RATE)
+    tone = round(TONE_S * SAMPLE_RATE)
+    for index in range(samples):
+        since_mark = (began + index) % every
+        if since_mark < tone:
+            pcm[index] = int(20000 * math.sin(2 * math.pi * TONE_HZ * since_mark / SAMPLE_RATE))
+    return pcm
 
 
 def _marked(previous_s: float | None, now_s: float) -> bool:
@@ -74,15 +91,8 @@ class MarkedAudio(MediaStreamTrack):
             self._timestamp += samples
             await asyncio.sleep(self._start + self._timestamp / SAMPLE_RATE - time.time())
         began_s = self._start + self._timestamp / SAMPLE_RATE
-        pcm = array.array("h", bytes(2 * samples))
-        # The sample at which the next whole second falls, if within this frame.
-        mark_s = math.ceil(began_s / MARK_EVERY_S) * MARK_EVERY_S
-        first = round((mark_s - began_s) * SAMPLE_RATE)
-        if self._timestamp and 0 <= first < samples:
-            for index in range(first, samples):
-                pcm[index] = int(20000 * math.sin(2 * math.pi * TONE_HZ * index / SAMPLE_RATE))
         frame = AudioFrame(format="s16", layout="mono", samples=samples)
-        frame.planes[0].update(pcm.tobytes())
+        frame.planes[0].update(marked_pcm(began_s, samples).tobytes())
         frame.pts = self._timestamp
         frame.sample_rate = SAMPLE_RATE
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
