@@ -71,7 +71,8 @@ async def recorded_skews() -> list[float]:
     recording = await record_links({THERAPIST: link}, RECORD_S, prepare=sound_arrives_late)
     assert recording.failures == []
     marks = find_marks(recording.media, audio_index=0, video_index=1)
-    assert marks.audio_s and marks.video_s, marks
+    assert marks.audio_s, marks
+    assert marks.video_s, marks
     # The sound's last 300 ms never reached the recorder before the stop.
     settled = [
         skew
