@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from audit.errors import DatabaseUnavailable
 from config import Settings
@@ -100,6 +101,29 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
         # A read-only one takes no write lock (readers then go side by side).
         read_only = connection.get_execution_options().get(_READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+# How long a shutdown waits for connections still in use (a room change the
+# shutdown outlasted) before it closes the pool.
+RETURN_WAIT_S = 5.0
+
+
+async def close_engine(engine: AsyncEngine, *, wait_s: float = RETURN_WAIT_S) -> int:
+    """Close ``engine``'s connections once those still in use come back.
+
+    ``dispose()`` alone closes the idle ones only: a connection that a task
+    still used went back afterwards into the pool that was let go, and nobody
+    closed it (the garbage collector later found it open). Returns how many
+    were still in use after ``wait_s``: those are left to their tasks.
+    """
+    pool = engine.pool
+    in_use = pool.checkedout() if isinstance(pool, QueuePool) else 0
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while in_use > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        in_use = pool.checkedout() if isinstance(pool, QueuePool) else 0
+    await engine.dispose()
+    return in_use
 
 
 @asynccontextmanager

@@ -23,7 +23,7 @@ from audit import load_master_key, open_database, prepare_data_dir
 from audit.access_writer import AccessLogWriter
 from audit.chunk_maps import ChunkMapCache
 from audit.consults import running_consults
-from audit.db import reading
+from audit.db import RETURN_WAIT_S, close_engine, reading
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
@@ -102,7 +102,13 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await writer.close()
-        await engine.dispose()
+        still_in_use = await close_engine(engine)
+        if still_in_use:
+            _log.warning(
+                "database connections still in use at shutdown",
+                connections=still_in_use,
+                waited_s=RETURN_WAIT_S,
+            )
 
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import re
 import secrets
 import uuid
@@ -16,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestServer
+from sqlalchemy.pool import QueuePool
 
 from audit import DEV_MASTER_KEY_FILE, current_revision, head_revision
+from audit.db import close_engine, reading
 from audit.schema import organisations
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY, WEBSOCKETS
@@ -273,3 +276,68 @@ async def test_existing_data_directory_open_to_others_is_made_private(
     data_dir.chmod(0o755)
     await aiohttp_client(create_app(make_settings()))
     assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_database_read_still_running_at_shutdown_closes_its_connection(
+    make_settings: SettingsFactory,
+) -> None:
+    """A change the shutdown outlasted (``Changes.drain`` waits 5 s at most;
+    CI's busy host saw one) still holds a pooled connection when the engine
+    is disposed. It used to give the connection back to the disposed pool,
+    where nobody closed it: aiosqlite's "deleted before being closed"
+    warning at some later garbage collection, in whatever test ran then."""
+    app = create_app(make_settings())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    engine = app[DB_ENGINE]
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_read() -> None:
+        async with reading(engine) as conn:
+            await conn.execute(sa.text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    task = asyncio.create_task(slow_read())
+    await holding.wait()
+    # The read ends while the shutdown waits for its connection.
+    asyncio.get_running_loop().call_later(0.2, release.set)
+    await runner.cleanup()
+    await task
+    # Had the connection been left to the garbage collector, the unraisable
+    # warning would fail this test here (filterwarnings = error).
+    del task, pool
+    gc.collect()
+
+
+async def test_a_shutdown_waits_for_a_connection_in_use_no_longer_than_its_bound(
+    make_settings: SettingsFactory,
+) -> None:
+    app = create_app(make_settings())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    engine = app[DB_ENGINE]
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stuck_read() -> None:
+        async with reading(engine) as conn:
+            await conn.execute(sa.text("SELECT 1"))
+            holding.set()
+            await release.wait()
+            # Its pool is gone: the test closes the connection itself.
+            await conn.invalidate()
+
+    task = asyncio.create_task(stuck_read())
+    await holding.wait()
+    started = asyncio.get_running_loop().time()
+    assert await close_engine(engine, wait_s=0.3) == 1
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 2.0
+    release.set()
+    await task
+    await runner.cleanup()
+    del task
+    gc.collect()
