@@ -124,6 +124,10 @@ async def webhook_client_context(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+# The name of each send's task (the job's own is named after the job).
+DELIVERY_TASK = "webhook-delivery"
+
+
 async def deliver_due(app: web.Application) -> int:
     """Send the deliveries that are due now; return how many were tried."""
     settings = app[SETTINGS].webhooks
@@ -142,8 +146,8 @@ async def deliver_due(app: web.Application) -> int:
         if not claimed:
             break
         pseudonyms = TherapistPseudonyms(app[MASTER_KEY].key)
-        results = await asyncio.gather(
-            *(
+        sends = [
+            asyncio.create_task(
                 _deliver(
                     app,
                     due,
@@ -153,11 +157,12 @@ async def deliver_due(app: web.Application) -> int:
                         therapist_of(due.therapist_id, named, pseudonyms),
                         references.get(due.subject_id),
                     ),
-                )
-                for due in claimed
-            ),
-            return_exceptions=True,
-        )
+                ),
+                name=DELIVERY_TASK,
+            )
+            for due in claimed
+        ]
+        results = await asyncio.gather(*sends, return_exceptions=True)
         tried += len(claimed)
         # Each send finished (or failed) before the first error is raised: a
         # database error while recording one leaves the others recorded.

@@ -37,6 +37,7 @@ from audit.consults import mark_started
 from audit.roles import Role
 from server.app_keys import DB_ENGINE
 from server.background import JobName
+from server.webhooks import DELIVERY_TASK
 from tests.support.cli import sqlite_write_lock_held
 from tests.support.harness import Harness, Professional, new_consult, stored_recording
 
@@ -165,8 +166,9 @@ _CHAIN_HEAD = {"chain", "seq", "hash"}
 
 # The name of the access-log writer's task (audit/access_writer.py).
 WRITER_TASK = "access-log-writer"
-# The periodic jobs' tasks are named after their jobs (server/background.py).
-PERIODIC_JOBS = {job.value for job in JobName}
+# The periodic jobs' tasks are named after their jobs (server/background.py),
+# the webhooks job's sends apart.
+PERIODIC_JOBS = {job.value for job in JobName} | {DELIVERY_TASK}
 
 
 @dataclass
