@@ -955,6 +955,26 @@ async def test_refusals_of_what_the_room_does_not_allow_now_never_close_the_sock
     await receive(therapist, "pong")
 
 
+async def test_a_new_link_sends_away_a_patient_waiting_with_the_old_one(
+    harness: Harness, sockets: Sockets
+) -> None:
+    """A therapist makes a new link when the first went to the wrong person:
+    whoever waits with the old one is sent away, as by a revoke, and the
+    next ``admit`` lets nobody in (found by a review: the old link's holder
+    was admitted)."""
+    waiting, therapist, patient = await waiting_pair(harness, sockets)
+    reissued = await harness.client.post(
+        f"/api/consults/{waiting.consult_id}/invite", headers=harness.headers
+    )
+    assert reissued.status == 200, await reissued.text()
+    await receive(patient, "denied")
+    closing = await patient.receive(timeout=5)
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4003)
+    assert (await receive(therapist, "peer-left"))["role"] == "patient"
+    await therapist.send_json({"v": 1, "type": "admit"})
+    assert (await receive(therapist, "error"))["code"] == "no_patient_waiting"
+
+
 async def test_revoking_the_link_sends_a_waiting_patient_away_and_keeps_an_admitted_one(
     harness: Harness, sockets: Sockets
 ) -> None:

@@ -322,6 +322,9 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
         token, invite = await issue_invite(
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
+    # The old link is revoked: whoever waits with it is sent away, as by a
+    # revoke (the new link is in nobody's hands before this answer).
+    await _send_away_waiting(app, consult.id, "consult.invite")
     await _log(request, principal, "consult.invite", consult.id)
     answer: dict[str, Any] = invite_json(token, invite, origin=origin)
     if body.email is not None:
@@ -338,14 +341,19 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal)
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
-    try:
-        # A patient waiting with the link is sent away; an admitted one stays.
-        await request.app[ROOMS].link_revoked(consult.id)
-    except (StateUnavailable, RedisError) as err:
-        # The link is revoked all the same: nobody gets in or back with it.
-        _log_unavailable("consult.invite.revoke", err)
+    await _send_away_waiting(request.app, consult.id, "consult.invite.revoke")
     await _log(request, principal, "consult.invite.revoke", consult.id)
     return web.Response(status=204)
+
+
+async def _send_away_waiting(app: web.Application, consult_id: uuid.UUID, action: str) -> None:
+    """The consult's link was revoked: a patient waiting with it is sent
+    away; an admitted one stays."""
+    try:
+        await app[ROOMS].link_revoked(consult_id)
+    except (StateUnavailable, RedisError) as err:
+        # The link is revoked all the same: nobody gets in or back with it.
+        _log_unavailable(action, err)
 
 
 async def _labels(
