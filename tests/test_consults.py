@@ -237,8 +237,15 @@ async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out
 
 @pytest.mark.parametrize(
     ("method", "suffix", "body"),
-    [("patch", "", {"role": "support"}), ("post", "/disable", None)],
-    ids=["demoted", "disabled"],
+    [
+        ("patch", "", {"role": "support"}),
+        ("post", "/disable", None),
+        # Found by a review: these two ended the sessions, and the sockets
+        # closed only at the next periodic check (10 s by default).
+        ("post", "/erase", None),
+        ("post", "/reset-totp", None),
+    ],
+    ids=["demoted", "disabled", "erased", "totp-reset"],
 )
 async def test_an_admins_change_closes_the_therapists_socket_at_once(
     harness: Harness, sockets: Sockets, method: str, suffix: str, body: Any

@@ -257,6 +257,7 @@ async def account_reset_totp(request: web.Request) -> web.Response:
             now=app[CLOCK].now(),
             link_ttl_s=app[SETTINGS].accounts.enrolment_link_ttl_s,
         )
+    await check_therapist_sessions(app)  # its sockets close now
     answer = await asyncio.to_thread(invitation_json, invitation, origin=link_origin(request))
     return web.json_response(answer)
 

@@ -14,6 +14,7 @@ from server.api.access_records import record_in, record_read
 from server.api.admin_views import ACCOUNT_PATH, own_account
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_login, require_role
+from server.ws.session_check import check_therapist_sessions
 
 routes = web.RouteTableDef()
 
@@ -59,6 +60,7 @@ async def account_erase(request: web.Request) -> web.Response:
             object_type="account",
             object_id=account.id,
         )
+    await check_therapist_sessions(app)  # its sockets close now
     return web.json_response(
         {
             "erased": {
