@@ -218,6 +218,48 @@ async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None
         assert (await sqlite_harness.client.get(path)).status == 404
 
 
+@pytest.mark.parametrize(
+    ("method", "suffix", "action"),
+    [
+        ("get", "", "consult.read"),
+        ("post", "/end", "consult.end"),
+        ("post", "/invite", "consult.invite"),
+        ("delete", "/invite", "consult.invite.revoke"),
+    ],
+)
+async def test_an_attempt_on_another_therapists_consult_is_refused_and_recorded(
+    sqlite_harness: Harness, method: str, suffix: str, action: str
+) -> None:
+    """As an attempt on a recording or an account is (found by a review:
+    these answered 404 and left no trace)."""
+    harness = sqlite_harness
+    annas = await new_consult(harness, "anna@praktijk-noord.example")
+    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(bram)
+    made_up = str(uuid.uuid4())
+    for consult_id in (annas.consult_id, made_up, "not-an-id"):
+        response = await harness.client.request(
+            method, f"/api/consults/{consult_id}{suffix}", headers=harness.headers
+        )
+        assert response.status == 404, await response.text()
+    async with harness.app[DB_ENGINE].connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(access_log).where(access_log.c.actor_id == bram.account_id)
+            )
+        ).all()
+    refused = [(row.action, row.object_id, row.outcome) for row in rows if row.action == action]
+    assert refused == [
+        (action, annas.consult_id, "refused"),
+        (action, made_up, "refused"),
+        (action, None, "refused"),
+    ]
+    # Anna's consult is untouched.
+    await harness.logged_in(annas.therapist)
+    shown = await harness.client.get(f"/api/consults/{annas.consult_id}")
+    assert (await shown.json())["consult"]["status"] == "created"
+
+
 async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
     harness: Harness, sockets: Sockets
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -12,6 +13,7 @@ from pydantic import Field
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.access_log import Outcome
 from audit.consults import (
     Consult,
     Invite,
@@ -140,13 +142,27 @@ async def _log(
     )
 
 
-async def _own_consult(request: web.Request, principal: Principal) -> Consult:
+async def _own_consult(request: web.Request, principal: Principal, action: str) -> Consult:
+    """The therapist's own consult; any other id (another therapist's
+    consult, none, not an id) is refused with 404 and recorded as ``action``
+    refused, as an attempt on a recording or an account is."""
     try:
-        consult_id = uuid.UUID(request.match_info["consult_id"])
-        async with reading(request.app[DB_ENGINE]) as conn:
-            return await get_consult(conn, consult_id, therapist_id=principal.account.id)
-    except (ValueError, NotFound):
-        raise NotFoundError("no such consult") from None
+        consult_id: uuid.UUID | None = uuid.UUID(request.match_info["consult_id"])
+    except ValueError:
+        consult_id = None
+    if consult_id is not None:
+        with contextlib.suppress(NotFound):
+            async with reading(request.app[DB_ENGINE]) as conn:
+                return await get_consult(conn, consult_id, therapist_id=principal.account.id)
+    await record_read(
+        request,
+        principal,
+        action=action,
+        object_type="consult",
+        object_id=consult_id,
+        outcome=Outcome.REFUSED,
+    )
+    raise NotFoundError("no such consult")
 
 
 async def practice_of(app: web.Application, principal: Principal) -> PracticeSettings:
@@ -263,7 +279,7 @@ async def consults_list(request: web.Request) -> web.Response:
 @routes.get(CONSULT_PATH)
 async def consult_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.read")
-    consult = await _own_consult(request, principal)
+    consult = await _own_consult(request, principal, "consult.read")
     await record_read(
         request,
         principal,
@@ -282,7 +298,7 @@ async def consult_show(request: web.Request) -> web.Response:
 async def consult_end(request: web.Request) -> web.Response:
     """End the consult for everyone connected; its invites stop working."""
     principal = await require_role(request, Role.THERAPIST, action="consult.end")
-    consult = await _own_consult(request, principal)
+    consult = await _own_consult(request, principal, "consult.end")
     try:
         await request.app[ROOMS].end(consult.id, reason=EndReason.ENDED_BY_THERAPIST)
     except (StateUnavailable, RedisError) as err:
@@ -301,7 +317,7 @@ async def consult_end(request: web.Request) -> web.Response:
 async def consult_reissue_invite(request: web.Request) -> web.Response:
     """Make a new invite link; the old one stops working."""
     principal = await require_role(request, Role.THERAPIST, action="consult.invite")
-    consult = await _own_consult(request, principal)
+    consult = await _own_consult(request, principal, "consult.invite")
     app = request.app
     # The body is optional: {"email": ...} mails the new link too.
     body = await read_json(request, ReissueBody) if request.can_read_body else ReissueBody()
@@ -338,7 +354,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
 async def consult_revoke_invite(request: web.Request) -> web.Response:
     """Revoke the invite link: it no longer opens the consult, nor lets anyone back in."""
     principal = await require_role(request, Role.THERAPIST, action="consult.invite")
-    consult = await _own_consult(request, principal)
+    consult = await _own_consult(request, principal, "consult.invite.revoke")
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
     await _send_away_waiting(request.app, consult.id, "consult.invite.revoke")
