@@ -260,6 +260,32 @@ async def test_an_attempt_on_another_therapists_consult_is_refused_and_recorded(
     assert (await shown.json())["consult"]["status"] == "created"
 
 
+async def test_a_socket_for_another_therapists_consult_is_refused_and_recorded(
+    sqlite_harness: Harness,
+) -> None:
+    harness = sqlite_harness
+    annas = await new_consult(harness, "anna@praktijk-noord.example")
+    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(bram)
+    for consult_id in (annas.consult_id, "not-an-id"):
+        response = await harness.client.get(f"/ws?consult={consult_id}", headers=harness.headers)
+        assert response.status == 404, await response.text()
+    async with harness.app[DB_ENGINE].connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(access_log).where(access_log.c.actor_id == bram.account_id)
+            )
+        ).all()
+    assert [
+        (row.action, row.object_id, row.outcome, row.client_type)
+        for row in rows
+        if row.action == "consult.join"
+    ] == [
+        ("consult.join", annas.consult_id, "refused", "websocket"),
+        ("consult.join", None, "refused", "websocket"),
+    ]
+
+
 async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
     harness: Harness, sockets: Sockets
 ) -> None:

@@ -11,19 +11,22 @@ must not let another site's page act as the therapist.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from audit.access_log import Actor, ClientType, Outcome
+from audit.accounts import Account
 from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
 from audit.db import reading
-from audit.errors import NotFound
+from audit.errors import AccessLogNotWritten, NotFound
 from audit.roles import Role
 from audit.sealing import looks_like_token
 from audit.sessions import Session
-from server.app_keys import CLOCK, DB_ENGINE, TICKETS
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, TICKETS
 from server.auth.sessions import authenticate
 from server.web_security import HOST_UNKNOWN, expected_origin
 from signaling.ports import StateUnavailable
@@ -57,11 +60,17 @@ async def admit_connection(request: web.Request) -> tuple[Participant, Session |
     if principal.account.role is not Role.THERAPIST:
         raise Refused(403, "forbidden", "only the consult's therapist may join it")
     try:
-        consult_id = uuid.UUID(request.query.get("consult", ""))
-        async with reading(request.app[DB_ENGINE]) as conn:
-            consult = await get_consult(conn, consult_id, therapist_id=principal.account.id)
-    except (ValueError, NotFound):
-        raise Refused(404, "not_found", "no such consult") from None
+        consult_id: uuid.UUID | None = uuid.UUID(request.query.get("consult", ""))
+    except ValueError:
+        consult_id = None
+    consult = None
+    if consult_id is not None:
+        with contextlib.suppress(NotFound):
+            async with reading(request.app[DB_ENGINE]) as conn:
+                consult = await get_consult(conn, consult_id, therapist_id=principal.account.id)
+    if consult is None:
+        await _record_refusal(request, principal.account, consult_id)
+        raise Refused(404, "not_found", "no such consult")
     if consult.is_over:
         raise Refused(409, "consult_over", "the consult has ended")
     return (
@@ -89,3 +98,28 @@ async def _patient(app: web.Application, ticket: str, connection_id: str) -> Par
     except InviteInvalid as err:
         raise Refused(403, f"invite_{err.problem.value}", str(err)) from None
     return Participant(grant.consult_id, ParticipantRole.PATIENT, connection_id)
+
+
+# The access record of an attempt on a consult that is not the therapist's
+# (or none), as the API writes one for its consult routes.
+JOIN_ACTION = "consult.join"
+
+
+async def _record_refusal(
+    request: web.Request, account: Account, consult_id: uuid.UUID | None
+) -> None:
+    app = request.app
+    try:
+        await app[ACCESS_LOG].record(
+            Actor(account.id, account.role.value, ClientType.WEBSOCKET),
+            organisation_id=account.organisation_id,
+            action=JOIN_ACTION,
+            object_type="consult",
+            object_id=consult_id,
+            now=app[CLOCK].now(),
+            outcome=Outcome.REFUSED,
+        )
+    except AccessLogNotWritten:
+        raise Refused(
+            503, "unavailable", "the server cannot record this right now; try again"
+        ) from None
