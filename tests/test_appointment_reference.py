@@ -425,3 +425,13 @@ async def test_the_command_line_export_has_the_reference_too(
     assert exported.returncode == 0, exported.stderr
     (row,) = json.loads(exported.stdout)["consults"]
     assert (row["consult_id"], row["appointment_reference"]) == (ended.consult_id, REFERENCE)
+    # The reference shown is a read of the consult: the operator's record of it.
+    async with harness.app[DB_ENGINE].connect() as conn:
+        records = (
+            await conn.execute(
+                sa.select(access_log.c.actor_role, access_log.c.action).where(
+                    access_log.c.object_id == ended.consult_id
+                )
+            )
+        ).all()
+    assert ("operator", "billing.export") in [tuple(record) for record in records]

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from audit.clock import ManualClock
 from audit.consults import mark_ended, mark_started
+from audit.practice import PracticeSettings, set_practice_settings
 from audit.receipts import RECEIPTS_PER_CONSULT
 from audit.retention import Retention, purge
 from audit.roles import Role
@@ -327,3 +328,45 @@ async def test_receipts_count_against_the_clients_limit(
     refused = await client.get("/receipt/" + "C" * 43)
     assert refused.status == 429
     assert "Retry-After" in refused.headers
+
+
+async def test_the_receipt_lists_the_lists_and_exports_that_showed_the_patients_details(
+    harness: Harness,
+) -> None:
+    """The therapist's list showed the patient's label, the admin's billing
+    export the appointment reference: reads of this consult's personal data,
+    so the receipt lists them (found by a review: they were recorded against
+    the therapist and the organisation only). A consult in the same list
+    without a label gets no such record."""
+    organisation = await harness.organisation()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        chosen = PracticeSettings(True, None, appointment_reference_allowed=True)
+        await set_practice_settings(conn, organisation.id, chosen, now=harness.clock.now())
+    setup = await new_consult(
+        harness, display_name="Jan Jansen", appointment_reference="APPT-12345"
+    )
+    other = await harness.post("/api/consults", {})
+    assert other.status == 201, await other.text()
+    unlabelled = (await other.json())["consult"]["id"]
+    token = await started_with_receipt(harness, setup)
+    listed = await harness.client.get("/api/consults")
+    assert "Jan Jansen" in await listed.text()
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    month = harness.clock.now().strftime("%Y-%m")
+    billing = await harness.client.get("/api/admin/billing", params={"month": month})
+    assert "APPT-12345" in await billing.text()
+    harness.client.session.cookie_jar.clear()
+
+    receipt = await read(harness, token)
+    seen = [(a["role"], a["pseudonym"], a["action"]) for a in receipt["accesses"]]
+    therapist = str(setup.therapist.account_id)
+    assert ("therapist", therapist, "consult.list") in seen
+    assert ("admin", str(admin.account_id), "billing.export") in seen
+    async with harness.app[DB_ENGINE].connect() as conn:
+        about_unlabelled = (
+            await conn.execute(
+                sa.select(access_log.c.action).where(access_log.c.object_id == unlabelled)
+            )
+        ).all()
+    assert [row.action for row in about_unlabelled] == ["consult.create"]

@@ -24,7 +24,7 @@ from audit.billing import (
     parse_month,
 )
 from audit.db import reading
-from server.api.access_records import record_read
+from server.api.access_records import record_read, record_reads_of
 from server.api.errors import Unprocessable
 from server.api.query import query_params, query_zone
 from server.api.representations import iso
@@ -80,6 +80,14 @@ async def billing_export(request: web.Request) -> web.Response:
         action="billing.export",
         object_type="organisation",
         object_id=organisation_id,
+    )
+    # Each appointment reference shown is a read of that consult's personal data.
+    await record_reads_of(
+        request,
+        principal,
+        action="billing.export",
+        object_type="consult",
+        object_ids=[entry.consult_id for entry in entries if entry.appointment_reference],
     )
     month = f"{first_day:%Y-%m}"
     if export_format == "csv":

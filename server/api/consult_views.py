@@ -40,7 +40,7 @@ from audit.practice import PracticeSettings, practice_settings_of
 from audit.references import check_reference, store_reference
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
-from server.api.access_records import record_api_access, record_read
+from server.api.access_records import record_api_access, record_read, record_reads_of
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, ConflictError, NotFoundError, Unprocessable
 from server.api.invite_mailing import (
@@ -266,6 +266,14 @@ async def consults_list(request: web.Request) -> web.Response:
         object_id=principal.account.id,
     )
     names = await _labels(request.app, [consult.id for consult in found])
+    # Each label shown is a read of that consult's personal data.
+    await record_reads_of(
+        request,
+        principal,
+        action="consult.list",
+        object_type="consult",
+        object_ids=[consult_id for consult_id, name in names.items() if name is not None],
+    )
     return web.json_response(
         {
             "consults": [

@@ -10,6 +10,7 @@ import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from audit import load_master_key, prepare_data_dir
+from audit.access_log import Actor, record_access
 from audit.billing import (
     BilledConsult,
     as_csv,
@@ -19,6 +20,7 @@ from audit.billing import (
     row_of,
     totals,
 )
+from audit.clock import SystemClock
 from config import Settings
 from server.cli.base import CliError, current_database, operator_read
 
@@ -74,6 +76,21 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
                 ),
                 action="billing.export",
             )
+            # Each appointment reference shown is a read of that consult's
+            # personal data: its own record, which the patient's receipt lists.
+            shown = [entry.consult_id for entry in entries if entry.appointment_reference]
+            if shown:
+                async with engine.begin() as conn:
+                    for consult_id in shown:
+                        await record_access(
+                            conn,
+                            Actor.operator(),
+                            organisation_id=organisation.id,
+                            action="billing.export",
+                            object_type="consult",
+                            object_id=consult_id,
+                            now=SystemClock().now(),
+                        )
             return organisation.id, entries
 
     organisation_id, entries = asyncio.run(_export())
