@@ -56,7 +56,7 @@ DURATION_BOUNDS_MIN = (5, 10, 15, 20, 30, 45, 60)
 # "name" stays: it is how browsers name an error, e.g. NotReadableError.)
 _HIDDEN_DETAIL_KEYS = re.compile(
     r"(^|_)(display_name|patient_name|full_name|first_name|last_name|user_name|username"
-    r"|email|e_mail|token|ticket|password|secret|sdp)($|_)"
+    r"|email|e_mail|token|ticket|password|secret|sdp|label|reference|external_id)($|_)"
 )
 _CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _EMAIL = re.compile(r"[^\s@<>\"']+@[^\s@<>\"']+\.[A-Za-z]{2,}")

@@ -445,6 +445,11 @@ async def test_the_technical_log_hides_anything_that_could_name_a_person(
                 "invite_token": "abc",
                 "error": "mail anna@praktijk-noord.example failed",
                 "detail": {"name": "NotReadableError", "patientName": "J.", "email": "x@y.nl"},
+                # What names a patient in this project's own words (a review
+                # found them let through).
+                "label": "Jan Jansen",
+                "appointmentReference": "APPT-1",
+                "external_id": "EXT-1",
             },
         )
     sam = await support_user(harness)
@@ -458,6 +463,9 @@ async def test_the_technical_log_hides_anything_that_could_name_a_person(
         "invite_token": "[hidden]",
         "error": "mail [hidden] failed",
         "detail": {"name": "NotReadableError", "patientName": "[hidden]", "email": "[hidden]"},
+        "label": "[hidden]",
+        "appointmentReference": "[hidden]",
+        "external_id": "[hidden]",
     }
 
 
