@@ -40,7 +40,12 @@ from audit.practice import PracticeSettings, practice_settings_of
 from audit.references import check_reference, store_reference
 from audit.roles import Role
 from audit.sealing import TOKEN_PATTERN
-from server.api.access_records import record_api_access, record_read, record_reads_of
+from server.api.access_records import (
+    record_api_access,
+    record_in,
+    record_read,
+    record_reads_of,
+)
 from server.api.body import RequestBody, read_json
 from server.api.errors import ApiError, ConflictError, NotFoundError, Unprocessable
 from server.api.invite_mailing import (
@@ -142,6 +147,19 @@ async def _log(
     )
 
 
+async def _log_in(
+    conn: AsyncConnection,
+    request: web.Request,
+    principal: Principal,
+    action: str,
+    consult_id: uuid.UUID,
+) -> None:
+    """The change's record, in the change's own transaction."""
+    await record_in(
+        conn, request, principal, action=action, object_type="consult", object_id=consult_id
+    )
+
+
 async def _own_consult(request: web.Request, principal: Principal, action: str) -> Consult:
     """The therapist's own consult; any other id (another therapist's
     consult, none, not an id) is refused with 404 and recorded as ``action``
@@ -229,13 +247,14 @@ async def consults_create(request: web.Request) -> web.Response:
             expires_at=expires_at,
             guardian_consent=body.guardian_consent,
         )
+        # In the change's transaction: no consult without its record.
+        await _log_in(conn, request, principal, "consult.create", consult.id)
     try:
         await app[ROOMS].prepare(consult.id, until=expires_at)
     except (StateUnavailable, RedisError) as err:
         # Redis (several nodes) is away: the consult and its link stand, its
         # room is opened when someone joins.
         _log_unavailable("consult.create", err)
-    await _log(request, principal, "consult.create", consult.id)
     answer = {
         "consult": consult_json(consult, link=LinkState.LIVE, display_name=display_name),
         **invite_json(token, invite, origin=origin),
@@ -346,10 +365,10 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
         token, invite = await issue_invite(
             conn, consult, now=now, expires_at=expires_at, guardian_consent=guardian_consent
         )
+        await _log_in(conn, request, principal, "consult.invite", consult.id)
     # The old link is revoked: whoever waits with it is sent away, as by a
     # revoke (the new link is in nobody's hands before this answer).
     await _send_away_waiting(app, consult.id, "consult.invite")
-    await _log(request, principal, "consult.invite", consult.id)
     answer: dict[str, Any] = invite_json(token, invite, origin=origin)
     if body.email is not None:
         answer["invite_email"] = await mail_invite(
@@ -365,8 +384,8 @@ async def consult_revoke_invite(request: web.Request) -> web.Response:
     consult = await _own_consult(request, principal, "consult.invite.revoke")
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())
+        await _log_in(conn, request, principal, "consult.invite.revoke", consult.id)
     await _send_away_waiting(request.app, consult.id, "consult.invite.revoke")
-    await _log(request, principal, "consult.invite.revoke", consult.id)
     return web.Response(status=204)
 
 
