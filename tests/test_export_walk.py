@@ -11,13 +11,13 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,8 +37,9 @@ from audit.export_workers import exported_chunks
 from audit.roles import Role
 from audit.schema import access_log
 from server.api.representations import access_record_json
-from server.app_keys import DB_ENGINE
-from tests.support.harness import Harness
+from server.app_keys import DATA_DIR, DB_ENGINE
+from tests.support.harness import Harness, Professional
+from tests.support.processes import ServerProcess, session_cookie
 
 T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 ORG = uuid.UUID(int=7)
@@ -186,8 +187,8 @@ async def test_a_worker_that_fails_raises_after_the_chunks_it_wrote(
     assert b"".join(chunks).count(b"\r\n") >= 1 + 8  # the header and two whole batches
 
 
-def export_workers() -> list[int]:
-    """The export workers this process started that still exist (zombies too)."""
+def export_workers(parent: int) -> list[int]:
+    """The export workers of process ``parent`` that still exist (zombies too)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -197,8 +198,7 @@ def export_workers() -> list[int]:
             command = (entry / "cmdline").read_bytes()
         except OSError:
             continue  # gone meanwhile
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"export_walk.py" in command:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"export_walk.py" in command:
             found.append(int(entry.name))
     return found
 
@@ -212,20 +212,15 @@ async def until(condition: Any, timeout_s: float = 10.0) -> bool:
     return True
 
 
-@pytest.mark.slow
-async def test_a_client_that_goes_away_leaves_no_worker_behind(sqlite_harness: Harness) -> None:
-    admin = await sqlite_harness.professional("admin@praktijk-noord.example", Role.ADMIN)
-    await sqlite_harness.logged_in(admin)
-    org = await sqlite_harness.organisation()
-    # 100,000 records (about 25 MB of CSV), more than the socket's and the
-    # pipe's buffers hold: the worker is still writing when the client leaves.
-    async with sqlite_harness.app[DB_ENGINE].begin() as conn:
+async def fill_fast(harness: Harness, admin: Professional, count: int) -> None:
+    """``count`` records of the admin's organisation, older than any, unchained (by hand)."""
+    async with harness.app[DB_ENGINE].begin() as conn:
         await conn.execute(
             access_log.insert(),
             [
                 {
                     "at": T0,
-                    "organisation_id": org.id,
+                    "organisation_id": admin.organisation.id,
                     "actor_id": admin.account_id,
                     "actor_role": "admin",
                     "action": "account.read",
@@ -233,21 +228,54 @@ async def test_a_client_that_goes_away_leaves_no_worker_behind(sqlite_harness: H
                     "object_id": str(uuid.UUID(int=n)),
                     "outcome": "allowed",
                     "client_type": "api",
-                    "chain": chain_of(org.id),
+                    "chain": chain_of(admin.organisation.id),
                     "seq": -n,
                     "prev_hash": "0" * 64,
                     "hash": f"{n:064x}",
                 }
-                for n in range(1, 100_001)
+                for n in range(1, count + 1)
             ],
         )
-    answer = await sqlite_harness.client.get("/api/admin/access-log/export")
-    assert answer.status == 200
-    assert await answer.content.read(1024)
-    assert await until(lambda: export_workers() != [])
-    # The database's location goes through the pipe, never the command line.
-    [worker] = export_workers()
-    command = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[:-1]
-    assert command == [os.fsencode(sys.executable), b"-P", os.fsencode(export_walk.__file__)]
-    answer.close()  # the connection, with most of the export unread
-    assert await until(lambda: export_workers() == []), export_workers()
+
+
+@pytest.mark.slow
+async def test_a_client_that_goes_away_leaves_no_worker_behind(
+    sqlite_harness: Harness, free_port: int, tmp_path: Path
+) -> None:
+    """On a ``videoconsult serve`` of its own: aiohttp's test server cancels a
+    handler whose client left, the real one lets its next write fail."""
+    # The server process runs on the real clock: the session must be fresh by it.
+    sqlite_harness.clock.advance((datetime.now(UTC) - sqlite_harness.clock.now()).total_seconds())
+    admin = await sqlite_harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await sqlite_harness.logged_in(admin)
+    # 100,000 records (about 25 MB of CSV), more than the socket's and the
+    # pipe's buffers hold: the worker is still writing when the client leaves.
+    await fill_fast(sqlite_harness, admin, 100_000)
+    cookie = session_cookie(sqlite_harness)
+    await sqlite_harness.client.close()
+    log = tmp_path / "server.log"
+    server = ServerProcess(sqlite_harness.app[DATA_DIR], free_port, log)
+    try:
+        await asyncio.to_thread(server.wait_healthy)
+        async with aiohttp.ClientSession(headers={"Cookie": f"vc_session={cookie}"}) as client:
+            answer = await client.get(f"{server.origin}/api/admin/access-log/export")
+            assert answer.status == 200
+            assert await answer.content.read(1024)
+            assert await until(lambda: export_workers(server.process.pid) != [])
+            # The database's location goes through the pipe, never the command line.
+            [worker] = export_workers(server.process.pid)
+            command = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[:-1]
+            assert command[1:] == [b"-P", os.fsencode(export_walk.__file__)]
+            answer.close()  # the connection, with most of the export unread
+            gone = await until(lambda: export_workers(server.process.pid) == [])
+            assert gone, export_workers(server.process.pid)
+            # The server goes on answering.
+            again = await client.get(f"{server.origin}/api/admin/access-log?object=none")
+            assert again.status == 200
+    finally:
+        server.stop()
+    # Found here: the failed write (a ConnectionResetError) reached the error
+    # middleware, which took it for the database being away.
+    logged = log.read_text()
+    assert "database unavailable" not in logged
+    assert "unhandled error" not in logged

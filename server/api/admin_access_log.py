@@ -188,7 +188,13 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
         # Closed on the way out, also when the client went away: that kills the worker.
         async with aclosing(exported_chunks(spec)) as chunks:
             async for chunk in chunks:
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The client went away: nothing failed here. (Raised on,
+                    # the error middleware would take it for the database
+                    # being away.) aiohttp drops the response quietly.
+                    return response
     except BaseException:
         # The headers said 200: a download that breaks off must not end like a
         # whole one (a NEN 7513 answer missing records). Closing the
