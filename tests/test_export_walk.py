@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,12 @@ from audit.access_log import (
     chain_of,
     read_access_log,
 )
-from audit.chain_workers import walk_location
 from audit.errors import DatabaseError
-from audit.export_walk import CLIENT_TYPES, OUTCOMES, ExportSpec
+from audit.export_walk import CLIENT_TYPES, OUTCOMES
 from audit.export_workers import exported_chunks
 from audit.roles import Role
 from audit.schema import access_log
+from server.api.admin_access_log import LogFilter, export_spec
 from server.api.representations import access_record_json
 from server.app_keys import DATA_DIR, DB_ENGINE
 from tests.support.harness import Harness, Professional
@@ -48,6 +49,7 @@ OTHER_ORG = uuid.UUID(int=8)
 # holds no NUL, so none here.
 ODD_TEXTS = ['a "quoted" one', "back\\slash", "comma, semi;", "tab\tnew\nline\r\n", "é ü ß", "😀"]
 ACTIONS = ["account.read", "ab_c.read", "abxc.read", "ab_c", "consult.end", 'odd "verb"\n.x']
+EVERY_RECORD = LogFilter(since=None, until=None, actor_id=None, action=None, object_id=None)
 FILTERS: list[dict[str, Any]] = [
     {},
     {"since": T0 + timedelta(seconds=5), "until": T0 + timedelta(seconds=11)},
@@ -120,22 +122,7 @@ async def server_export(
 async def worker_export(
     engine: AsyncEngine, export_format: str, batch: int, head: str, **filters: Any
 ) -> bytes:
-    location = walk_location(engine)
-    assert location is not None
-    since, until, actor = filters.get("since"), filters.get("until"), filters.get("actor_id")
-    spec = ExportSpec(
-        backend=location[0],
-        location=location[1],
-        chain=chain_of(ORG),
-        export_format=export_format,
-        batch=batch,
-        since=None if since is None else since.isoformat(),
-        until=None if until is None else until.isoformat(),
-        actor_id=None if actor is None else str(actor),
-        action=filters.get("action"),
-        object_id=filters.get("object_id"),
-        json_head=head,
-    )
+    spec = export_spec(engine, ORG, replace(EVERY_RECORD, **filters), export_format, head, batch)
     return b"".join([chunk async for chunk in exported_chunks(spec)])
 
 
@@ -173,9 +160,7 @@ async def test_a_worker_that_fails_raises_after_the_chunks_it_wrote(
         await conn.execute(
             access_log.update().where(access_log.c.seq == 1).values(client_type="fax")
         )
-    location = walk_location(engine)
-    assert location is not None
-    spec = ExportSpec(location[0], location[1], chain_of(ORG), "csv", batch=4)
+    spec = export_spec(engine, ORG, EVERY_RECORD, "csv", "", batch=4)
     chunks: list[bytes] = []
 
     async def read_all() -> None:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.access_log import chain_of, read_access_log, verify_chain
 from audit.accounts import Role
@@ -129,6 +130,34 @@ async def access_log_read(request: web.Request) -> web.Response:
     )
 
 
+def export_spec(
+    engine: AsyncEngine,
+    organisation_id: uuid.UUID,
+    chosen: LogFilter,
+    export_format: str,
+    json_head: str,
+    batch: int | None = None,
+) -> ExportSpec:
+    """What the export's worker reads (``batch`` records at a time, by default
+    :data:`EXPORT_BATCH`) and how it writes it."""
+    location = walk_location(engine)
+    if location is None:
+        raise DatabaseError("an in-memory database cannot be exported by a worker process")
+    return ExportSpec(
+        backend=location[0],
+        location=location[1],
+        chain=chain_of(organisation_id),
+        export_format=export_format,
+        batch=EXPORT_BATCH if batch is None else batch,
+        since=iso(chosen.since),
+        until=iso(chosen.until),
+        actor_id=None if chosen.actor_id is None else str(chosen.actor_id),
+        action=chosen.action,
+        object_id=chosen.object_id,
+        json_head=json_head,
+    )
+
+
 @routes.get("/api/admin/access-log/export")
 async def access_log_export(request: web.Request) -> web.StreamResponse:
     """Every record the filters select, newest first, as a CSV or JSON download."""
@@ -140,9 +169,6 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
     chosen = _filter(params)
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
-    location = walk_location(request.app[DB_ENGINE])
-    if location is None:
-        raise DatabaseError("an in-memory database cannot be exported by a worker process")
     head = ""
     if export_format == "json":
         described = {
@@ -151,19 +177,7 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
             "filters": {key: value for key, value in params.items() if key != "format"},
         }
         head = json.dumps(described)[:-1] + ', "records": [\n'
-    spec = ExportSpec(
-        backend=location[0],
-        location=location[1],
-        chain=chain_of(organisation_id),
-        export_format=export_format,
-        batch=EXPORT_BATCH,
-        since=iso(chosen.since),
-        until=iso(chosen.until),
-        actor_id=None if chosen.actor_id is None else str(chosen.actor_id),
-        action=chosen.action,
-        object_id=chosen.object_id,
-        json_head=head,
-    )
+    spec = export_spec(request.app[DB_ENGINE], organisation_id, chosen, export_format, head)
     # The record comes first (committed, through the access-log writer): an
     # export that breaks off was still a read.
     await record_read(
