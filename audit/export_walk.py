@@ -99,7 +99,8 @@ class ExportSpec:
 
 def _like_prefix(action: str) -> str:
     """``action.`` as a LIKE pattern's start, escaped as SQLAlchemy's autoescape does."""
-    escaped = action.replace(_ESCAPE, _ESCAPE * 2).replace("%", "/%").replace("_", "/_")
+    escaped = action.replace(_ESCAPE, _ESCAPE * 2)
+    escaped = escaped.replace("%", f"{_ESCAPE}%").replace("_", f"{_ESCAPE}_")
     return f"{escaped}.%"
 
 
