@@ -26,8 +26,11 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 from playwright.async_api import Browser, Page, async_playwright
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit import create_engine, prepare_data_dir, upgrade
 from audit.clock import ManualClock
+from audit.db import database_url as configured_url
 from config import Settings, load_settings
 from server import create_app
 from server.resources import ROOM_TIMER_POLL
@@ -396,6 +399,25 @@ def harness_settings(
         overrides["redis_url"] = request.getfixturevalue("redis_url")
         overrides["redis_key_prefix"] = request.getfixturevalue("redis_prefix")
     return make_settings(**overrides)
+
+
+@pytest.fixture
+async def migrated_engine(
+    make_settings: SettingsFactory, database_url: str
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``database_url``'s database, migrated, without an app.
+
+    The connect timeout is also how long a writer waits for SQLite's lock: a
+    busy host once took longer than the default 5 s for 300 appends at once.
+    """
+    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
+    engine = create_engine(
+        configured_url(settings, prepare_data_dir(settings.data_dir)),
+        connect_timeout_s=settings.database.connect_timeout_s,
+    )
+    await upgrade(engine)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,17 +38,8 @@ CHAIN = str(uuid.UUID(int=1))
 
 
 @pytest.fixture
-async def engine(make_settings: SettingsFactory, database_url: str) -> AsyncIterator[AsyncEngine]:
-    # On SQLite this is also how long a writer waits for the lock: 300
-    # appends at once on a busy host once took longer than the default 5 s.
-    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
-    engine = create_engine(
-        configured_url(settings, prepare_data_dir(settings.data_dir)),
-        connect_timeout_s=settings.database.connect_timeout_s,
-    )
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
+def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
+    return migrated_engine
 
 
 def a_record(n: int) -> AccessRecord:

@@ -6,20 +6,16 @@ and PostgreSQL. Sizes are kept small for a quick suite; the benchmark
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit import create_engine, prepare_data_dir, upgrade
 from audit.access_log import AccessRecord, ClientType, Outcome, append_records, verify_chain
-from audit.db import database_url as configured_url
 from audit.retention import Retention, purge
 from audit.schema import access_log
 from tests.support.loop_probe import longest_hold
-from tests.support.settings import SettingsFactory
 
 NOW = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 DEFAULTS = Retention(consult_days=730, recording_days=30, access_log_days=365)
@@ -31,15 +27,8 @@ MOST_HOLD_S = 0.1
 
 
 @pytest.fixture
-async def engine(make_settings: SettingsFactory, database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
-    engine = create_engine(
-        configured_url(settings, prepare_data_dir(settings.data_dir)),
-        connect_timeout_s=settings.database.connect_timeout_s,
-    )
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
+def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
+    return migrated_engine
 
 
 async def fill_old_records(engine: AsyncEngine, count: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -69,15 +68,8 @@ def test_the_walks_encoding_is_the_chains_canonical_json(text: str) -> None:
 
 
 @pytest.fixture
-async def engine(make_settings: SettingsFactory, database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = make_settings(database_url=database_url, database_connect_timeout_s=30)
-    engine = create_engine(
-        configured_url(settings, prepare_data_dir(settings.data_dir)),
-        connect_timeout_s=settings.database.connect_timeout_s,
-    )
-    await upgrade(engine)
-    yield engine
-    await engine.dispose()
+def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
+    return migrated_engine
 
 
 async def fill(engine: AsyncEngine, count: int, per_transaction: int = 2_000) -> None:

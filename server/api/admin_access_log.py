@@ -2,32 +2,31 @@
 
 An export is what a NEN 7513 request asks for (who looked at what, when,
 with what outcome): every record the filters select, as CSV or JSON,
-streamed a batch at a time so that a long log needs no more memory than
-one batch, and formatted in a worker thread, off the event loop.
+read and formatted by a worker process (audit/export_walk.py) a batch at a
+time, and streamed on as it comes: a long log needs no more memory than a
+batch, and the event loop, which relays consults, only copies bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import csv
-import io
 import json
 import re
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.access_log import (
-    AccessRecord,
-    chain_of,
-    read_access_log,
-    verify_chain,
-)
+from audit.access_log import chain_of, read_access_log, verify_chain
 from audit.accounts import Role
+from audit.chain_workers import walk_location
 from audit.db import reading
+from audit.errors import DatabaseError
+from audit.export_walk import ExportSpec
+from audit.export_workers import exported_chunks
 from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
@@ -38,27 +37,12 @@ from server.auth.sessions import require_role
 routes = web.RouteTableDef()
 
 ACCESS_LOG_PAGE = 100
-# Records an export reads at a time. Their rows are made into records on the
-# event loop (SQLAlchemy's conversion, ~12 µs a row): 250 hold it about 3 ms
-# on a busy 2-core host, 1,000 held it 13 ms of CPU, 140-190 ms under the
-# signaling benchmark's load (docs/benchmarks.md, "Signaling with recordings
-# and bulk jobs"). The export is no slower for it: the smaller reads are
-# quicker per record.
-EXPORT_BATCH = 250
+# Records the export's worker reads at a time, each batch in a short read
+# of its own (appends go on meanwhile). In the worker's process, a batch
+# holds no event loop; a larger one is fewer round trips.
+EXPORT_BATCH = 2_000
 FILTER_PARAMS = frozenset({"from", "to", "tz", "actor", "action", "object"})
 EXPORT_FORMATS = ("csv", "json")
-CSV_COLUMNS = (
-    "seq",
-    "at",
-    "actor_id",
-    "actor_role",
-    "action",
-    "object_type",
-    "object_id",
-    "outcome",
-    "client_type",
-    "hash",
-)
 _SEQ = re.compile(r"[0-9]{1,18}")
 _ACTION = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _OBJECT = re.compile(r"[\x21-\x7e ]{1,64}")
@@ -146,20 +130,32 @@ async def access_log_read(request: web.Request) -> web.Response:
     )
 
 
-def _csv_lines(batch: list[AccessRecord], *, header: bool) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    if header:
-        writer.writerow(CSV_COLUMNS)
-    for entry in batch:
-        row = access_record_json(entry)
-        writer.writerow(["" if row[name] is None else row[name] for name in CSV_COLUMNS])
-    return out.getvalue().encode()
-
-
-def _json_items(batch: list[AccessRecord], *, first: bool) -> bytes:
-    items = ",\n".join(json.dumps(access_record_json(entry)) for entry in batch)
-    return (items if first else ",\n" + items).encode() if items else b""
+def export_spec(
+    engine: AsyncEngine,
+    organisation_id: uuid.UUID,
+    chosen: LogFilter,
+    export_format: str,
+    json_head: str,
+    batch: int | None = None,
+) -> ExportSpec:
+    """What the export's worker reads (``batch`` records at a time, by default
+    :data:`EXPORT_BATCH`) and how it writes it."""
+    location = walk_location(engine)
+    if location is None:
+        raise DatabaseError("an in-memory database cannot be exported by a worker process")
+    return ExportSpec(
+        backend=location[0],
+        location=location[1],
+        chain=chain_of(organisation_id),
+        export_format=export_format,
+        batch=EXPORT_BATCH if batch is None else batch,
+        since=iso(chosen.since),
+        until=iso(chosen.until),
+        actor_id=None if chosen.actor_id is None else str(chosen.actor_id),
+        action=chosen.action,
+        object_id=chosen.object_id,
+        json_head=json_head,
+    )
 
 
 @routes.get("/api/admin/access-log/export")
@@ -173,6 +169,15 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
     chosen = _filter(params)
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
+    head = ""
+    if export_format == "json":
+        described = {
+            "organisation_id": str(organisation_id),
+            "exported_at": iso(now),
+            "filters": {key: value for key, value in params.items() if key != "format"},
+        }
+        head = json.dumps(described)[:-1] + ', "records": [\n'
+    spec = export_spec(request.app[DB_ENGINE], organisation_id, chosen, export_format, head)
     # The record comes first (committed, through the access-log writer): an
     # export that breaks off was still a read.
     await record_read(
@@ -193,15 +198,17 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    if export_format == "json":
-        head = {
-            "organisation_id": str(organisation_id),
-            "exported_at": iso(now),
-            "filters": {key: value for key, value in params.items() if key != "format"},
-        }
-        await response.write(json.dumps(head)[:-1].encode() + b', "records": [\n')
     try:
-        await _write_records(request, response, organisation_id, chosen, export_format)
+        # Closed on the way out, also when the client went away: that kills the worker.
+        async with aclosing(exported_chunks(spec)) as chunks:
+            async for chunk in chunks:
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The client went away: nothing failed here. (Raised on,
+                    # the error middleware would take it for the database
+                    # being away.) aiohttp drops the response quietly.
+                    return response
     except BaseException:
         # The headers said 200: a download that breaks off must not end like a
         # whole one (a NEN 7513 answer missing records). Closing the
@@ -239,32 +246,3 @@ async def access_log_verify(request: web.Request) -> web.Response:
             },
         }
     )
-
-
-async def _write_records(
-    request: web.Request,
-    response: web.StreamResponse,
-    organisation_id: uuid.UUID,
-    chosen: LogFilter,
-    export_format: str,
-) -> None:
-    """The export's records, batch by batch, newest first; the JSON's end."""
-    before_seq: int | None = None
-    first = True
-    while True:
-        # Each batch in a short read of its own: appends go on meanwhile.
-        async with reading(request.app[DB_ENGINE]) as conn:
-            batch = await read_access_log(
-                conn, organisation_id, limit=EXPORT_BATCH, before_seq=before_seq, **chosen.query()
-            )
-        if export_format == "csv":
-            chunk = await asyncio.to_thread(_csv_lines, batch, header=first)
-        else:
-            chunk = await asyncio.to_thread(_json_items, batch, first=first)
-        await response.write(chunk)
-        first = first and not batch
-        if len(batch) < EXPORT_BATCH:
-            break
-        before_seq = batch[-1].seq
-    if export_format == "json":
-        await response.write(b"\n]}\n")
