@@ -15,7 +15,14 @@ from audit.schema import access_log, invites
 from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
 from server.ws.session_check import check_therapist_sessions
-from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.harness import (
+    ConsultSetup,
+    Harness,
+    Professional,
+    Sockets,
+    new_consult,
+    receive,
+)
 
 
 async def test_created_consult_has_an_invite_shown_once_and_stored_as_a_hash(
@@ -218,6 +225,20 @@ async def test_malformed_consult_ids_answer_404(sqlite_harness: Harness) -> None
         assert (await sqlite_harness.client.get(path)).status == 404
 
 
+async def annas_consult_and_bram(harness: Harness) -> tuple[ConsultSetup, Professional]:
+    """Anna's consult, and Bram, another therapist of hers, logged in."""
+    annas = await new_consult(harness, "anna@praktijk-noord.example")
+    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    await harness.logged_in(bram)
+    return annas, bram
+
+
+async def records_by(harness: Harness, professional: Professional) -> list[sa.Row[Any]]:
+    async with harness.app[DB_ENGINE].connect() as conn:
+        query = sa.select(access_log).where(access_log.c.actor_id == professional.account_id)
+        return list((await conn.execute(query)).all())
+
+
 @pytest.mark.parametrize(
     ("method", "suffix", "action"),
     [
@@ -233,21 +254,14 @@ async def test_an_attempt_on_another_therapists_consult_is_refused_and_recorded(
     """As an attempt on a recording or an account is (found by a review:
     these answered 404 and left no trace)."""
     harness = sqlite_harness
-    annas = await new_consult(harness, "anna@praktijk-noord.example")
-    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
-    await harness.logged_in(bram)
+    annas, bram = await annas_consult_and_bram(harness)
     made_up = str(uuid.uuid4())
     for consult_id in (annas.consult_id, made_up, "not-an-id"):
         response = await harness.client.request(
             method, f"/api/consults/{consult_id}{suffix}", headers=harness.headers
         )
         assert response.status == 404, await response.text()
-    async with harness.app[DB_ENGINE].connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(access_log).where(access_log.c.actor_id == bram.account_id)
-            )
-        ).all()
+    rows = await records_by(harness, bram)
     refused = [(row.action, row.object_id, row.outcome) for row in rows if row.action == action]
     assert refused == [
         (action, annas.consult_id, "refused"),
@@ -264,18 +278,11 @@ async def test_a_socket_for_another_therapists_consult_is_refused_and_recorded(
     sqlite_harness: Harness,
 ) -> None:
     harness = sqlite_harness
-    annas = await new_consult(harness, "anna@praktijk-noord.example")
-    bram = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
-    await harness.logged_in(bram)
+    annas, bram = await annas_consult_and_bram(harness)
     for consult_id in (annas.consult_id, "not-an-id"):
         response = await harness.client.get(f"/ws?consult={consult_id}", headers=harness.headers)
         assert response.status == 404, await response.text()
-    async with harness.app[DB_ENGINE].connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(access_log).where(access_log.c.actor_id == bram.account_id)
-            )
-        ).all()
+    rows = await records_by(harness, bram)
     assert [
         (row.action, row.object_id, row.outcome, row.client_type)
         for row in rows
