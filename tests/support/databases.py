@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import make_url
 
 from audit.db import SQLITE_FILE_NAME
@@ -28,6 +29,13 @@ from config import load_settings
 from tests.support.services import asyncpg_dsn
 
 T = TypeVar("T")
+
+QUICK_ON_SQLITE = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)], indirect=True
+)
+"""For a test of a request refused before anything is stored: the quick check
+(``-m "not slow"``) runs it on SQLite only, the whole suite on both databases,
+as ``database_url`` always does."""
 
 
 def run_outside_the_test_loop(make: Callable[[], Awaitable[T]]) -> T:
