@@ -176,9 +176,12 @@ async def redis_url() -> str:
 
 # What the tests of a module marked ``signaling_backends`` run on: the two
 # databases with the in-process broker, and PostgreSQL with the Redis broker,
-# room store and timers (as several nodes would).
+# room store and timers (as several nodes would). The quick check
+# (``-m "not slow"``) leaves out PostgreSQL with the in-process broker: each of
+# its two parts is still tested there, the broker on SQLite and the database
+# with Redis, and its set-up (a database copy) is the most costly of the three.
 WITH_REDIS = "postgresql+redis"
-SIGNALING_BACKENDS = ("sqlite", "postgresql", WITH_REDIS)
+SIGNALING_BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.slow), WITH_REDIS)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,9 +8,11 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-from audit.accounts import Role
+from audit.access_log import Actor
+from audit.accounts import Role, find_account_by_email
 from audit.schema import access_log, sessions
 from server.app_keys import DATA_DIR, DB_ENGINE, SETTINGS
+from server.auth.admin import reset_account_totp
 from tests.support.cli import cli_env, run_cli
 from tests.support.harness import Harness
 
@@ -364,9 +366,20 @@ async def test_after_the_consoles_full_reset_no_admin_can_issue_a_link_of_their_
     harness = sqlite_harness
     admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
-    result = run_cli("user", "reset", anna.email, env=cli_env(harness.app[DATA_DIR]))
-    assert result.returncode == 0, result.stderr
-    operators_token = result.stdout.split("/enrol/")[1].split()[0]
+    # What ``videoconsult user reset`` does, in this process (the command
+    # itself: test_the_console_resets_the_app_alone_or_the_password_too).
+    async with harness.app[DB_ENGINE].begin() as conn:
+        account = await find_account_by_email(conn, anna.email)
+        assert account is not None
+        invitation = await reset_account_totp(
+            conn,
+            Actor.operator(),
+            account,
+            now=harness.clock.now(),
+            link_ttl_s=harness.app[SETTINGS].accounts.enrolment_link_ttl_s,
+            password_too=True,
+        )
+    operators_token = invitation.token
 
     await harness.logged_in(admin)
     refused = await harness.post(f"/api/admin/accounts/{anna.account_id}/reset-totp")

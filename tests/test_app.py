@@ -85,14 +85,14 @@ async def test_readyz_is_503_with_the_reason_when_redis_is_unreachable(
 
 
 async def test_readyz_is_503_when_the_database_goes_away(
-    make_settings: SettingsFactory, postgres_url: str, aiohttp_client
+    make_settings: SettingsFactory, migrated_postgres_url: str, aiohttp_client
 ) -> None:
-    settings = make_settings(database_url=postgres_url, database_connect_timeout_s=2)
+    settings = make_settings(database_url=migrated_postgres_url, database_connect_timeout_s=2)
     client = await aiohttp_client(create_app(settings))
     assert (await client.get("/readyz")).status == 200
 
-    name = postgres_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_url.rsplit("/", 1)[0] + "/test"))
+    name = migrated_postgres_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(asyncpg_dsn(migrated_postgres_url.rsplit("/", 1)[0] + "/test"))
     try:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:

@@ -33,6 +33,7 @@ from server.app_keys import DB_ENGINE
 from server.housekeeping import purge_expired
 from server.webhooks import deliver_due
 from tests.support.cli import cli_env, run_cli
+from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import (
     Harness,
     Professional,
@@ -227,6 +228,7 @@ async def test_the_session_tells_the_page_whether_the_practice_allows_references
         ("   ", "only spaces"),
     ],
 )
+@QUICK_ON_SQLITE
 async def test_a_bad_reference_is_refused_naming_the_field(
     harness: Harness, reference: str, problem: str
 ) -> None:

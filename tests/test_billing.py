@@ -21,6 +21,7 @@ from audit.consults import create_consult, mark_ended, mark_started
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
 from tests.support.cli import cli_env, run_cli
+from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import Harness, Professional
 
 NOV = datetime(2026, 11, 1, tzinfo=UTC)
@@ -237,6 +238,7 @@ async def test_each_export_is_in_the_access_log(harness: Harness) -> None:
         ("month=2026-11&month=2026-10", "parameter 'month' is given more than once"),
     ],
 )
+@QUICK_ON_SQLITE
 async def test_a_bad_query_is_named(harness: Harness, query: str, problem: str) -> None:
     admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
     await harness.logged_in(admin)

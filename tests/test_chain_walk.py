@@ -94,6 +94,11 @@ async def fill(engine: AsyncEngine, count: int, per_transaction: int = 2_000) ->
             )
 
 
+# Slow: two 20,000-record walks and the rests after them, some 10 s a
+# database. The quick check keeps the promise itself in
+# test_bulk_jobs_loop.py::test_a_verify_of_20000_records_never_holds_the_loop;
+# this one also shows that a walk on the loop would have been caught.
+@pytest.mark.slow
 async def test_a_verify_from_the_engine_leaves_the_event_loop_free(engine: AsyncEngine) -> None:
     # 20,000 records: the walk on the loop holds it for a batch of 10,000 at
     # a time (tens to hundreds of ms); the worker's walk only for moments.

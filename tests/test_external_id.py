@@ -22,6 +22,7 @@ from audit.schema import access_log
 from audit.support import TherapistPseudonyms
 from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.webhooks import deliver_due
+from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import Harness, Professional
 from tests.support.webhooks import Receiver, running_receiver
 
@@ -91,6 +92,7 @@ async def test_an_admin_sets_and_clears_a_therapists_external_id(harness: Harnes
         ({"external_id": 1234}, "string"),
     ],
 )
+@QUICK_ON_SQLITE
 async def test_a_bad_external_id_is_refused_naming_the_field(
     harness: Harness, body: dict[str, object], problem: str
 ) -> None:

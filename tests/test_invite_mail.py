@@ -25,6 +25,7 @@ from config import SettingsError
 from server import create_app
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from server.resources import ROOM_TIMER_POLL
+from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import ConsultSetup, Harness, new_consult
 from tests.support.settings import SettingsFactory
 from tests.support.smtp import SmtpServer, running_smtp_server
@@ -373,6 +374,7 @@ async def test_an_address_without_a_mail_server_is_refused_before_anything_is_ma
         "a(b@c.de",
     ],
 )
+@QUICK_ON_SQLITE
 async def test_a_malformed_address_is_refused_naming_the_field(
     harness: Harness, address: Any
 ) -> None:

@@ -38,6 +38,7 @@ from config import Settings
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY
 from server.webhooks import deliver_due, purge_webhook_history
+from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import (
     Harness,
     Professional,
@@ -180,6 +181,7 @@ async def test_an_admin_registers_lists_rotates_and_deletes_an_endpoint(
         ({"url": "https://example.org/", "events": ALL_EVENTS, "x": 1}, "'x' is not expected"),
     ],
 )
+@QUICK_ON_SQLITE
 async def test_a_bad_endpoint_is_refused_naming_the_problem(
     harness: Harness, body: dict[str, Any], named: str
 ) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import make_url
 
 from audit.db import SQLITE_FILE_NAME
@@ -28,6 +29,13 @@ from config import load_settings
 from tests.support.services import asyncpg_dsn
 
 T = TypeVar("T")
+
+QUICK_ON_SQLITE = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)], indirect=True
+)
+"""For a test of a request refused before anything is stored: the quick check
+(``-m "not slow"``) runs it on SQLite only, the whole suite on both databases,
+as ``database_url`` always does."""
 
 
 def run_outside_the_test_loop(make: Callable[[], Awaitable[T]]) -> T:
@@ -76,6 +84,12 @@ async def create_database(admin_url: str, *, template: str | None = None) -> str
         else:
             source = make_url(template).database
             await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+        # A commit then returns before its WAL reaches the disk (a few ms
+        # each on a busy machine, dozens of commits a test). What others see
+        # is the same; only a crash of the server could lose the last
+        # commits, and no test crashes the shared server (the drills start
+        # their own, tests/support/own_postgres.py).
+        await admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     finally:
         await admin.close()
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
