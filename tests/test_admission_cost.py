@@ -12,13 +12,26 @@ change that adds one fails here and says which.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
 from sqlalchemy import event
 
 from server.app_keys import DB_ENGINE
+from server.background import JobName
 from tests.support.harness import Harness, Sockets, new_consult, receive
+
+# The periodic jobs' tasks are named after their jobs (server/background.py).
+PERIODIC_JOBS = {job.value for job in JobName}
+
+
+def _from_a_periodic_job() -> bool:
+    """Whether the statement is a periodic job's, due meanwhile, not the
+    admission's (the technical log's flush failed this test once on a busy
+    host)."""
+    task = asyncio.current_task()
+    return task is not None and task.get_name() in PERIODIC_JOBS
 
 
 async def test_an_admission_takes_five_statements_and_no_other_round_trip(harness: Harness) -> None:
@@ -33,12 +46,13 @@ async def test_an_admission_takes_five_statements_and_no_other_round_trip(harnes
     other_round_trips: list[str] = []
 
     def on_execute(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(" ".join(statement.split())[:80])
+        if not _from_a_periodic_job():
+            statements.append(" ".join(statement.split())[:80])
 
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         if engine.dialect.name == "postgresql":
             dbapi_connection.driver_connection.add_query_logger(
-                lambda record: other_round_trips.append(record.query)
+                lambda record: _from_a_periodic_job() or other_round_trips.append(record.query)
             )
 
     event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
