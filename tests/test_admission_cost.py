@@ -100,10 +100,6 @@ async def test_a_storm_keeps_the_pools_connections(harness: Harness) -> None:
     engine = harness.app[DB_ENGINE]
     made: list[object] = []
 
-    def on_round_trip(record: Any) -> None:
-        if not _from_a_periodic_job():
-            other_round_trips.append(record.query)
-
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         made.append(dbapi_connection)
 
