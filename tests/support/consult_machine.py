@@ -1439,6 +1439,13 @@ class ConsultLifeCycle(RuleBasedStateMachine):
         self.clock.advance((until - self.clock.now()).total_seconds())
         await self.rooms.fire_due_timers()
 
+    def link_revoked(self, consult: ConsultModel) -> None:
+        """The link was revoked (or replaced): a waiting patient is sent away."""
+        if consult.phase == "waiting" and consult.present(PATIENT):
+            consult.presence[PATIENT] = None
+            self.deliver(consult, PATIENT, message("denied"), close=4003)
+            self.deliver(consult, THERAPIST, message("peer-left", role=PATIENT))
+
     @precondition(lambda self: self.in_the_app < IN_THE_APP)
     @rule(index=CONSULT, action=st.sampled_from(["new link", "new link", "revoke", "end"]))
     def therapist_in_the_app(self, index: int, action: str) -> None:
@@ -1458,10 +1465,7 @@ class ConsultLifeCycle(RuleBasedStateMachine):
             status, answer = self.run(self.http("DELETE", f"{path}/invite", cookie=cookie))
             assert status == 204, answer
             consult.live_token = None
-            if consult.phase == "waiting" and consult.present(PATIENT):
-                consult.presence[PATIENT] = None
-                self.deliver(consult, PATIENT, message("denied"), close=4003)
-                self.deliver(consult, THERAPIST, message("peer-left", role=PATIENT))
+            self.link_revoked(consult)
         else:
             status, answer = self.run(self.http("POST", f"{path}/invite", cookie=cookie))
             if consult.phase == "over":
@@ -1469,5 +1473,7 @@ class ConsultLifeCycle(RuleBasedStateMachine):
                 return
             assert status == 200, answer
             assert answer["guardian_consent"] is consult.guardian
+            # The old link is revoked: a patient waiting with it is sent away.
+            self.link_revoked(consult)
             consult.tokens.append(answer["invite_token"])
             consult.live_token = answer["invite_token"]
