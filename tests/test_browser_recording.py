@@ -113,15 +113,20 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     assert await recorder_state(patient) is None
     assert harness.app[ROOMS].recording.live_count == 0
 
+    consented = time.monotonic()
     await patient.click("#record-yes")
+    shown: float | None = None
     for page in (therapist, patient):
         indicator = page.locator("#recording-indicator")
         await expect(indicator).to_be_visible(timeout=RECORDING_ON_TIMEOUT_MS)
+        # The first page's indicator: "on" was told. (Taken after both
+        # pages' checks, it lagged by 8 s once in a busy clean-clone run.)
+        shown = shown or time.monotonic()
         await expect(indicator).to_contain_text("Recording")
         await expect(page.locator("#recording-stop")).to_be_visible()
         assert await recorder_state(page) == "connected"
     await expect(question).to_be_hidden()
-    began = time.monotonic()
+    assert shown is not None
     await asyncio.sleep(RECORD_FOR_S)
     await expect(therapist.locator("#recording-elapsed")).not_to_have_text("0:00")
     await screenshot(therapist, "therapist-recording")
@@ -132,7 +137,10 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     assert await patient.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
 
     await patient.click("#recording-stop")
-    truth_s = time.monotonic() - began
+    stopped = time.monotonic()
+    # The file's length lies between these (each give or take a busy
+    # machine's lag): nothing before the consent, everything once "on" shows.
+    since_consent_s, since_shown_s = stopped - consented, stopped - shown
     for page in (therapist, patient):
         await expect(page.locator("#recording-indicator")).to_be_hidden()
     await expect(therapist.locator("#recording-text")).to_have_text(
@@ -158,6 +166,10 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         "stopped_by_patient",
         "patient",
     )
+
+    def within(length_s: float) -> bool:
+        return since_shown_s - 2.0 < length_s < since_consent_s + 2.0
+
     media, truncated = decrypted(harness, row.id, await data_key(harness, row.id))
     assert truncated is None
     # What Chromium sent, copied unchanged: VP8 and Opus, in WebM.
@@ -178,7 +190,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
         # here is 2 s. The harness's clock is manual, so the row's times
         # cannot tell the true length; tests/test_recording_passthrough.py
         # holds the recorder itself to 0.5 s with aiortc peers.
-        assert abs(stream.duration_s - truth_s) < 2.0, (streams, truth_s)
+        assert within(stream.duration_s), (streams, since_shown_s, since_consent_s)
     assert harness.app[ROOMS].recording.live_count == 0
 
     # The therapist plays it back in the app (another tab of the same login):
@@ -199,7 +211,7 @@ async def test_a_consented_recording_shows_on_both_pages_and_holds_both_parties(
     assert width > 0
     # The length is known from the header (no playing to the end first), and
     # the player seeks with the file's index: near the end, then back.
-    assert abs(duration - truth_s) < 2.0, (duration, truth_s)
+    assert within(duration), (duration, since_shown_s, since_consent_s)
     for target_s in (duration - 1.0, 0.5):
         sought = await dashboard.evaluate(
             "(target) => new Promise((done) => { const v = document.querySelector('#player-video');"
