@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestServer
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from audit import DEV_MASTER_KEY_FILE, current_revision, head_revision
@@ -278,6 +279,26 @@ async def test_existing_data_directory_open_to_others_is_made_private(
     assert data_dir.stat().st_mode & 0o777 == 0o700
 
 
+async def read_holding_its_connection(
+    engine: AsyncEngine, release: asyncio.Event, *, close_it: bool = False
+) -> asyncio.Task[None]:
+    """A read that holds its pooled connection until ``release`` is set
+    (then closes it, with ``close_it``); returned once it holds it."""
+    holding = asyncio.Event()
+
+    async def read() -> None:
+        async with reading(engine) as conn:
+            await conn.execute(sa.text("SELECT 1"))
+            holding.set()
+            await release.wait()
+            if close_it:
+                await conn.invalidate()
+
+    task = asyncio.create_task(read())
+    await holding.wait()
+    return task
+
+
 async def test_a_database_read_still_running_at_shutdown_closes_its_connection(
     make_settings: SettingsFactory,
 ) -> None:
@@ -292,17 +313,8 @@ async def test_a_database_read_still_running_at_shutdown_closes_its_connection(
     engine = app[DB_ENGINE]
     pool = engine.pool
     assert isinstance(pool, QueuePool)
-    holding = asyncio.Event()
     release = asyncio.Event()
-
-    async def slow_read() -> None:
-        async with reading(engine) as conn:
-            await conn.execute(sa.text("SELECT 1"))
-            holding.set()
-            await release.wait()
-
-    task = asyncio.create_task(slow_read())
-    await holding.wait()
+    task = await read_holding_its_connection(engine, release)
     # The read ends while the shutdown waits for its connection.
     asyncio.get_running_loop().call_later(0.2, release.set)
     await runner.cleanup()
@@ -320,19 +332,9 @@ async def test_a_shutdown_waits_for_a_connection_in_use_no_longer_than_its_bound
     runner = web.AppRunner(app)
     await runner.setup()
     engine = app[DB_ENGINE]
-    holding = asyncio.Event()
     release = asyncio.Event()
-
-    async def stuck_read() -> None:
-        async with reading(engine) as conn:
-            await conn.execute(sa.text("SELECT 1"))
-            holding.set()
-            await release.wait()
-            # Its pool is gone: the test closes the connection itself.
-            await conn.invalidate()
-
-    task = asyncio.create_task(stuck_read())
-    await holding.wait()
+    # Its pool is gone when it ends: the read closes its connection itself.
+    task = await read_holding_its_connection(engine, release, close_it=True)
     started = asyncio.get_running_loop().time()
     assert await close_engine(engine, wait_s=0.3) == 1
     assert 0.3 <= asyncio.get_running_loop().time() - started < 2.0
