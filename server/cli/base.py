@@ -149,13 +149,34 @@ async def record_operator_access(
 ) -> None:
     """The operator's access record, committed in a short write of its own
     (a read's record, written before the command prints what it read)."""
+    await record_operator_reads(
+        engine,
+        organisation_id=organisation_id,
+        action=action,
+        object_type=object_type,
+        object_ids=[object_id],
+    )
+
+
+async def record_operator_reads(
+    engine: AsyncEngine,
+    *,
+    organisation_id: uuid.UUID | None,
+    action: str,
+    object_type: str,
+    object_ids: list[uuid.UUID],
+) -> None:
+    """A record of the operator's for each object read (each consult whose
+    data an export showed), all committed in one short write."""
+    now = SystemClock().now()
     async with engine.begin() as conn:
-        await record_access(
-            conn,
-            Actor.operator(),
-            organisation_id=organisation_id,
-            action=action,
-            object_type=object_type,
-            object_id=object_id,
-            now=SystemClock().now(),
-        )
+        for object_id in object_ids:
+            await record_access(
+                conn,
+                Actor.operator(),
+                organisation_id=organisation_id,
+                action=action,
+                object_type=object_type,
+                object_id=object_id,
+                now=now,
+            )

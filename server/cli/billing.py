@@ -10,7 +10,6 @@ import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from audit import load_master_key, prepare_data_dir
-from audit.access_log import Actor, record_access
 from audit.billing import (
     BilledConsult,
     as_csv,
@@ -20,9 +19,8 @@ from audit.billing import (
     row_of,
     totals,
 )
-from audit.clock import SystemClock
 from config import Settings
-from server.cli.base import CliError, current_database, operator_read
+from server.cli.base import CliError, current_database, operator_read, record_operator_reads
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,19 +76,13 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
             )
             # Each appointment reference shown is a read of that consult's
             # personal data: its own record, which the patient's receipt lists.
-            shown = [entry.consult_id for entry in entries if entry.appointment_reference]
-            if shown:
-                async with engine.begin() as conn:
-                    for consult_id in shown:
-                        await record_access(
-                            conn,
-                            Actor.operator(),
-                            organisation_id=organisation.id,
-                            action="billing.export",
-                            object_type="consult",
-                            object_id=consult_id,
-                            now=SystemClock().now(),
-                        )
+            await record_operator_reads(
+                engine,
+                organisation_id=organisation.id,
+                action="billing.export",
+                object_type="consult",
+                object_ids=[entry.consult_id for entry in entries if entry.appointment_reference],
+            )
             return organisation.id, entries
 
     organisation_id, entries = asyncio.run(_export())
