@@ -9,6 +9,7 @@ small ones are here.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
 from aiohttp import web
@@ -21,7 +22,9 @@ from server.cluster import NODE_BEAT_S, NODE_DEAD_AFTER_S
 from server.resources import ROOM_TIMER_POLL
 from server.ws.heartbeat import beat_sockets, round_interval_s
 from server.ws.session_check import check_therapist_sessions
+from signaling.concurrency import each_at_most
 from signaling.ports import StateUnavailable
+from signaling.recovery import REPAIR_CONCURRENCY
 
 _log = structlog.get_logger("videoconsult.server")
 
@@ -71,9 +74,9 @@ async def node_round(app: web.Application) -> None:
             if repaired:
                 _log.info("rooms told Redis again who is connected here", rooms=repaired)
         for node, last_seen in await cluster.nodes.claim_dead(clock.now()):
-            lost = 0
-            for consult_id in await cluster.rooms.consult_ids():
-                lost += await rooms.node_lost(consult_id, node, last_seen=last_seen)
+            drop = functools.partial(rooms.node_lost, node=node, last_seen=last_seen)
+            consult_ids = await cluster.rooms.consult_ids()
+            lost = sum(await each_at_most(REPAIR_CONCURRENCY, consult_ids, drop))
             _log.warning("a node stopped answering; its participants may reconnect", lost=lost)
     except StateUnavailable:
         cluster.out_of_touch = True

@@ -21,15 +21,22 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
-from audit.consults import get_consult_and_label
+from audit.consults import Consult, get_consult_and_label
 from audit.errors import NotFound
+from audit.labels import SealedLabel
 from signaling.changes import ChangeThenTell
+from signaling.concurrency import each_at_most
 from signaling.ports import RoomStore, Timers
 from signaling.protocol import EndReason, ParticipantRole, TimerKind, outbound
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 
 if TYPE_CHECKING:
     from signaling.rooms import ConsultRooms
+
+# Rooms repaired at once after a loss (``reconcile``, ``resume``, a dead
+# node's rooms): thousands are back within seconds, and the database pool and
+# Redis keep room for the consults going on meanwhile.
+REPAIR_CONCURRENCY = 8
 
 # The connection id of a participant whose socket was lost with a server
 # that died: any real connection of theirs replaces it.
@@ -90,7 +97,11 @@ class Recovery:
         """Tell the shared state again what this node knows: the disconnects
         it could not record, and every connection open here (after Redis
         lost its data, or this node was taken for dead). Returns how many
-        rooms were repaired.
+        connections were put back into their rooms.
+
+        The rooms are repaired ``REPAIR_CONCURRENCY`` at a time, each
+        consult's record read once for both its participants, so that a node
+        with thousands of sockets has them all back within seconds.
 
         Raises :class:`~signaling.ports.StateUnavailable` while Redis is
         still away; what is left is tried again next time.
@@ -98,11 +109,11 @@ class Recovery:
         for connection_id, (participant, at) in list(self._missed_leaves.items()):
             await self._rooms.leave(participant, grace=True, left_at=at)
             del self._missed_leaves[connection_id]
-        repaired = 0
+        by_consult: dict[uuid.UUID, list[Participant]] = {}
         for participant in self._rooms.connected_here:
-            if await self._reassert(participant):
-                repaired += 1
-        return repaired
+            by_consult.setdefault(participant.consult_id, []).append(participant)
+        repaired = await each_at_most(REPAIR_CONCURRENCY, by_consult.values(), self._reassert_room)
+        return sum(repaired)
 
     async def resume(
         self, running: list[tuple[uuid.UUID, datetime]], *, last_seen: datetime
@@ -112,12 +123,13 @@ class Recovery:
         with both participants in their grace periods, as if their sockets had
         closed at ``last_seen``. Whoever comes back finds it running; when
         nobody does, it ends at ``last_seen``. Returns how many resumed."""
-        resumed = 0
-        for consult_id, started_at in running:
+
+        async def resume_one(consult: tuple[uuid.UUID, datetime]) -> bool:
+            consult_id, started_at = consult
             async with self._store.locked(consult_id, create=True) as state:
                 assert state is not None
                 if state.phase is not RoomPhase.WAITING or state.therapist or state.patient:
-                    continue  # the room is known (kept by Redis): nothing lost
+                    return False  # the room is known (kept by Redis): nothing lost
                 await self.running_again(consult_id, state, started_at)
                 for role in ParticipantRole:
                     state.set_presence(
@@ -133,8 +145,9 @@ class Recovery:
                             "connection": LOST_CONNECTION,
                         },
                     )
-            resumed += 1
-        return resumed
+            return True
+
+        return sum(await each_at_most(REPAIR_CONCURRENCY, running, resume_one))
 
     async def running_again(
         self, consult_id: uuid.UUID, state: RoomState, started_at: datetime
@@ -148,17 +161,30 @@ class Recovery:
             {"consult": str(consult_id)},
         )
 
-    async def _reassert(self, participant: Participant) -> bool:
-        """Put this node's connection back into its room if the room lost it."""
-        consult_id, role, other = participant.consult_id, participant.role, participant.role.other
+    async def _reassert_room(self, participants: list[Participant]) -> int:
+        """Put this node's connections to one consult back into its room if
+        the room lost them; return how many were put back. The therapist
+        goes first, so that a waiting patient's return tells them the label."""
+        consult_id = participants[0].consult_id
         try:
             async with self._engine.connect() as conn:
                 consult, label = await get_consult_and_label(conn, consult_id)
         except NotFound:
-            return False
+            return 0
         if consult.is_over:
             await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER)
-            return True
+            return len(participants)
+        repaired = 0
+        for participant in sorted(participants, key=lambda p: p.role is ParticipantRole.PATIENT):
+            if await self._reassert(participant, consult, label):
+                repaired += 1
+        return repaired
+
+    async def _reassert(
+        self, participant: Participant, consult: Consult, label: SealedLabel | None
+    ) -> bool:
+        """Put this node's connection back into its room if the room lost it."""
+        consult_id, role, other = participant.consult_id, participant.role, participant.role.other
         async with self._change(consult_id, create=True) as (state, tell):
             assert state is not None
             if state.phase is RoomPhase.OVER or not self._rooms.is_here(participant):
