@@ -96,6 +96,12 @@ def add_background_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background", type=background, default=None, help=what)
     pin = "with --background: the server on CPU 0, recorder workers and senders on CPU 1"
     parser.add_argument("--pin", action="store_true", help=pin)
+    nice = (
+        "with --background recordings:N: the senders' process at this niceness (they stand"
+        " for the patients' and therapists' browsers, on other machines: 19 keeps them from"
+        " taking a core from the node they would not share)"
+    )
+    parser.add_argument("--senders-nice", type=int, default=0, choices=range(20), help=nice)
     parser.add_argument("--bulk-records", type=int, default=1_000_000, help="the verified chain")
     parser.add_argument("--bulk-old-records", type=int, default=200_000, help="to be purged")
 
@@ -179,6 +185,7 @@ class Recordings:
             "cookie": self.server.cookie,
             "consults": self.consults,
             "deadline_s": START_TIMEOUT_S + FINISH_TIMEOUT_S,
+            "nice": self.args.senders_nice,
         }
         self.proc = PROCESSES.start(
             [sys.executable, str(BENCH / "_signaling_recorders.py")],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -110,7 +111,10 @@ async def record(spec: dict[str, Any]) -> int:
 
 
 def main() -> int:
-    return asyncio.run(asyncio.wait_for(record(json.loads(sys.stdin.readline())), 900))
+    spec = json.loads(sys.stdin.readline())
+    # Before any thread starts: the threads aiortc starts later inherit it.
+    os.nice(int(spec.get("nice", 0)))
+    return asyncio.run(asyncio.wait_for(record(spec), 900))
 
 
 if __name__ == "__main__":
