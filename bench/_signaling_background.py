@@ -101,7 +101,9 @@ def add_background_arguments(parser: argparse.ArgumentParser) -> None:
         " for the patients' and therapists' browsers, on other machines: 19 keeps them from"
         " taking a core from the node they would not share)"
     )
-    parser.add_argument("--senders-nice", type=int, default=0, choices=range(20), help=nice)
+    parser.add_argument(
+        "--senders-nice", type=int, default=0, choices=range(20), metavar="N", help=nice
+    )
     parser.add_argument("--bulk-records", type=int, default=1_000_000, help="the verified chain")
     parser.add_argument("--bulk-old-records", type=int, default=200_000, help="to be purged")
 
