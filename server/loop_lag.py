@@ -108,8 +108,14 @@ class LoopLag:
         frame = sys._current_frames().get(self._loop_thread_id)
         if frame is None:
             return []
-        stack = traceback.extract_stack(frame)[-STACK_FRAMES:]
-        return [f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in stack]
+        # The innermost frames only, without their source lines: reading
+        # files here would take the interpreter's lock from the held loop.
+        stack = traceback.StackSummary.extract(
+            traceback.walk_stack(frame), limit=STACK_FRAMES, lookup_lines=False
+        )
+        return [
+            f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in reversed(stack)
+        ]
 
     def _record(self, lag: float) -> None:
         now = time.monotonic()

@@ -4,12 +4,14 @@ a held loop named in a warning (code locations only), the figures in /metrics.""
 from __future__ import annotations
 
 import asyncio
+import linecache
 import re
 import time
 
+import pytest
 from structlog.testing import capture_logs
 
-from server.loop_lag import LoopLag
+from server.loop_lag import STACK_FRAMES, LoopLag
 from tests.support.harness import Harness
 from tests.test_metrics import scrape
 
@@ -50,6 +52,34 @@ async def test_a_callback_that_holds_the_loop_is_named_with_how_long_it_held_it(
     most, p99 = watcher.window()
     assert most >= 0.25
     assert p99 <= most
+
+
+async def test_naming_where_the_loop_is_held_reads_no_source_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watcher names a held loop by file, line and function only: it
+    neither reads source lines (file system calls, and Python work that takes
+    the interpreter's lock from the held loop) nor walks more than the
+    frames it names."""
+    looked_up: list[str] = []
+
+    def getline(filename: str, lineno: int, *_args: object) -> str:
+        looked_up.append(f"{filename}:{lineno}")
+        return ""
+
+    monkeypatch.setattr(linecache, "getline", getline)
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
+    watcher.start()
+    try:
+        with capture_logs() as logs:
+            hold_the_loop(0.3)
+            await stalls_reported(watcher, 1)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    [held] = [entry for entry in logs if entry["event"] == "event loop held"]
+    assert held["where"][-1].endswith(" hold_the_loop")
+    assert len(held["where"]) == STACK_FRAMES
+    assert looked_up == []
 
 
 async def test_a_loop_that_is_never_held_long_gives_no_warning() -> None:
