@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from signaling.rooms import ConsultRooms
 
 # Rooms repaired at once after a loss (``reconcile``, ``resume``, a dead
-# node's rooms): thousands are back within seconds, and the database pool and
-# Redis keep room for the consults going on meanwhile.
+# node's rooms): their database reads and Redis round trips overlap instead of
+# following one another, and the database pool and Redis keep
+# room for the consults going on meanwhile.
 REPAIR_CONCURRENCY = 8
 
 # The connection id of a participant whose socket was lost with a server
@@ -100,8 +101,8 @@ class Recovery:
         connections were put back into their rooms.
 
         The rooms are repaired ``REPAIR_CONCURRENCY`` at a time, each
-        consult's record read once for both its participants, so that a node
-        with thousands of sockets has them all back within seconds.
+        consult's record read once for both its participants: the rooms'
+        reads and Redis round trips overlap instead of following one another.
 
         Raises :class:`~signaling.ports.StateUnavailable` while Redis is
         still away; what is left is tried again next time.
