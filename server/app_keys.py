@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # they need these keys themselves (through the background job
     from server.client_limits import ClientLimiter
     from server.cluster import Cluster
     from server.metrics import Metrics
+    from server.ws.connection import Connection
     from server.ws.outbox import Outbox
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -40,8 +41,8 @@ ACCESS_LOG = web.AppKey("access_log", AccessLogWriter)
 REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
 # This node's parts of the shared state on Redis; None without Redis.
 CLUSTER: web.AppKey[Cluster | None] = web.AppKey("cluster")
-# Every open WebSocket, so that shutdown can close them with 1001.
-WEBSOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("websockets")
+# Every open signaling socket, so that shutdown can close them with 1001.
+WEBSOCKETS: web.AppKey[set[Connection]] = web.AppKey("websockets")
 # The time, for every rule that depends on it; tests put a ManualClock here.
 CLOCK = web.AppKey("clock", Clock)
 PASSWORD_HASHER = web.AppKey("password_hasher", PasswordHasher)
@@ -52,9 +53,7 @@ TICKETS = web.AppKey("tickets", TicketStore)
 # Requests a minute per client address where no login is needed.
 CLIENT_LIMITER: web.AppKey[ClientLimiter] = web.AppKey("client_limiter")
 # Open therapist sockets by the hash of their login session, for the session check.
-THERAPIST_SOCKETS: web.AppKey[dict[str, set[web.WebSocketResponse]]] = web.AppKey(
-    "therapist_sockets"
-)
+THERAPIST_SOCKETS: web.AppKey[dict[str, set[Connection]]] = web.AppKey("therapist_sockets")
 # Every open signaling socket's outbox, for the heartbeat rounds (server/ws/heartbeat.py).
 SOCKET_HEARTBEATS: web.AppKey[set[Outbox]] = web.AppKey("socket_heartbeats")
 # The technical log's sink: connection diagnostics, kept 24 hours.

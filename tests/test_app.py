@@ -26,7 +26,7 @@ from audit.schema import organisations
 from server import create_app
 from server.app_keys import DB_ENGINE, MASTER_KEY, WEBSOCKETS
 from server.background import Job, JobName, periodic
-from server.ws.registry import tracked_websocket
+from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.services import asyncpg_dsn
 from tests.support.settings import SettingsFactory
 
@@ -143,32 +143,26 @@ async def test_data_directory_is_private_to_the_service(
     assert data_dir.stat().st_mode & 0o777 == 0o700
 
 
-async def test_shutdown_closes_open_websockets_with_going_away(
-    make_settings: SettingsFactory, aiohttp_client
+async def test_shutdown_closes_open_signaling_sockets_with_going_away(
+    harness: Harness, sockets: Sockets
 ) -> None:
-    # The signaling endpoint comes with a later issue; this route uses the
-    # same registration helper it will use.
-    async def echo(request: web.Request) -> web.WebSocketResponse:
-        async with tracked_websocket(request) as websocket:
-            async for message in websocket:
-                await websocket.send_str(message.data)
-        return websocket
-
-    app = create_app(make_settings())
-    app.router.add_get("/test-ws", echo)
-    server = TestServer(app)
-    client = await aiohttp_client(server)
-    sockets = [await client.ws_connect("/test-ws") for _ in range(3)]
-    await sockets[0].send_str("ping")
-    assert (await sockets[0].receive()).data == "ping"
+    app = harness.app
+    opened = []
+    await new_consult(harness)
+    for _ in range(3):
+        response = await harness.post("/api/consults", {})
+        socket = await sockets.therapist((await response.json())["consult"]["id"])
+        await receive(socket, "welcome")
+        opened.append(socket)
     assert len(app[WEBSOCKETS]) == 3
 
-    await server.close()
+    await harness.client.server.close()
 
-    for websocket in sockets:
+    for websocket in opened:
         message = await websocket.receive(timeout=5)
         assert message.type is WSMsgType.CLOSE
         assert message.data == WSCloseCode.GOING_AWAY
+    # Shutdown waited until each socket's room had heard that it went.
     assert app[WEBSOCKETS] == set()
 
 

@@ -1,25 +1,33 @@
 """The signaling WebSocket at ``/ws``: one participant's socket from the door to its close.
 
 Who may open it is decided in :mod:`server.ws.admission`; the room is joined
-here, the frames are read in :mod:`server.ws.reader`, everything sent goes
-through the :class:`~server.ws.outbox.Outbox`, and a therapist's socket is
-held to its login session (:mod:`server.ws.session_check`). Whatever ends the
-socket, the room hears of it.
+here. After the handshake the socket leaves aiohttp's request handler for a
+:class:`~server.ws.connection.Connection` of its own; its frames are handled
+by a :class:`~server.ws.reader.Conversation`, everything sent goes through
+the :class:`~server.ws.outbox.Outbox`, and a therapist's socket is held to
+its login session (:mod:`server.ws.session_check`). Whatever ends the
+socket, the room hears of it (:meth:`~server.ws.reader.Conversation.ended`).
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
-from server.app_keys import CLOCK, METRICS, ROOMS, SETTINGS, SOCKET_HEARTBEATS, TECHNICAL_LOG
+from server.app_keys import (
+    CLOCK,
+    METRICS,
+    ROOMS,
+    SETTINGS,
+    SOCKET_HEARTBEATS,
+    TECHNICAL_LOG,
+    WEBSOCKETS,
+)
 from server.web_security import client_address
 from server.ws.admission import Refused, admit_connection
+from server.ws.connection import Connection
 from server.ws.outbox import Outbox
-from server.ws.reader import read_frames
-from server.ws.registry import tracked_websocket
-from server.ws.session_check import registered
+from server.ws.reader import Conversation
+from server.ws.session_check import register
 from signaling.ports import StateUnavailable
 from signaling.protocol import (
     MAX_FRAME_BYTES,
@@ -76,52 +84,56 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     # aiohttp refuses a frame of max_msg_size bytes itself (its limit is
     # exclusive); the protocol's is inclusive: a frame of MAX_FRAME_BYTES passes.
     # The heartbeat and the answers to pings are ours, not aiohttp's
-    # (server/ws/heartbeat.py): no timer per socket.
-    async with tracked_websocket(
-        request, max_msg_size=MAX_FRAME_BYTES + 1, heartbeat_s=None, autoping=False
-    ) as websocket:
-        outbox = Outbox(request, websocket, participant.connection_id)
-        try:
-            first, subscription = await rooms.connect(
-                participant, ice_servers=servers, deliver=outbox.deliver
-            )
-        except RoomClosed:
-            metrics.record_refused("consult_over")
-            await websocket.send_json(outbound("consult-ended", reason=EndReason.CONSULT_OVER))
-            await websocket.close(code=CloseCode.ENDED)
-            return websocket
-        except StateUnavailable:
-            metrics.record_refused("unavailable")
-            metrics.record_error(ErrorCode.UNAVAILABLE)
-            # Redis is away: the client's usual reconnect tries again shortly.
-            await websocket.send_json(
-                error_message(
-                    ProtocolError(
-                        ErrorCode.UNAVAILABLE,
-                        "the server cannot open the consult right now; trying again",
-                    )
+    # (server/ws/heartbeat.py, server/ws/connection.py): no timer per socket.
+    # No per-message deflate: signaling frames are small, and a zlib context
+    # per connection would cost CPU on every message and memory on every socket.
+    websocket = web.WebSocketResponse(
+        max_msg_size=MAX_FRAME_BYTES + 1, heartbeat=None, autoping=False, compress=False
+    )
+    await websocket.prepare(request)
+    # From here the frames come to the connection; none is handled before it starts.
+    connection = Connection.take_over(request, websocket)
+    outbox = Outbox(connection, participant.connection_id)
+    try:
+        first, subscription = await rooms.connect(
+            participant, ice_servers=servers, deliver=outbox.deliver
+        )
+    except RoomClosed:
+        metrics.record_refused("consult_over")
+        outbox.send(outbound("consult-ended", reason=EndReason.CONSULT_OVER))
+        await outbox.close(CloseCode.ENDED)
+        return _released(request, websocket)
+    except StateUnavailable:
+        metrics.record_refused("unavailable")
+        metrics.record_error(ErrorCode.UNAVAILABLE)
+        # Redis is away: the client's usual reconnect tries again shortly.
+        outbox.send(
+            error_message(
+                ProtocolError(
+                    ErrorCode.UNAVAILABLE,
+                    "the server cannot open the consult right now; trying again",
                 )
             )
-            await websocket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"try again")
-            return websocket
-        metrics.record_opened(participant.role)
-        # This frame lives as long as the socket: what the opening needed goes
-        # now (the client's address and browser, the TURN credentials, the
-        # welcome), not at the end of the consult.
-        del address, user_agent, servers
-        # In the heartbeat rounds while open (server/ws/heartbeat.py).
-        heartbeats = request.app[SOCKET_HEARTBEATS]
-        try:
-            heartbeats.add(outbox)
-            async with registered(request, websocket, session):
-                await outbox.open(first)
-                del first
-                await read_frames(request, websocket, outbox, participant)
-        finally:
-            heartbeats.discard(outbox)
-            await subscription.close()
-            # Whatever ended the socket (a reset, a failing write, shutdown),
-            # the room must hear of it, or the peer waits for a ghost.
-            await asyncio.shield(rooms.disconnect(participant))
-            await outbox.finish()
+        )
+        await outbox.close(CloseCode.TRY_AGAIN_LATER, b"try again")
+        return _released(request, websocket)
+    except BaseException:
+        connection.transport.abort()
+        raise
+    metrics.record_opened(participant.role)
+    # In the shutdown's, the heartbeat's and the session check's rounds while
+    # open; the conversation takes them out again when the socket is gone.
+    request.app[WEBSOCKETS].add(connection)
+    request.app[SOCKET_HEARTBEATS].add(outbox)
+    register(request.app, connection, session)
+    conversation = Conversation(request.app, connection, outbox, participant, subscription, session)
+    await outbox.open(first)
+    connection.start(conversation)
+    # The handler's task, the request and aiohttp's protocol object go now;
+    # the socket lives on in its connection (server/ws/connection.py).
+    return _released(request, websocket)
+
+
+def _released(request: web.Request, websocket: web.WebSocketResponse) -> web.StreamResponse:
+    Connection.release(request, websocket)
     return websocket

@@ -7,13 +7,10 @@ import json
 import struct
 from typing import Any
 
-from aiohttp import web
-
+from server.ws.connection import CLOSE_HANDSHAKE_S, Connection, control_frame
 from signaling.ports import Delivery
 from signaling.protocol import CloseCode
 
-# How long a closing handshake the server started may take.
-CLOSE_HANDSHAKE_S = 2.0
 # Heartbeat rounds (half a heartbeat each) of silence before a socket is pinged;
 # one round more without a frame and it is dropped.
 PING_AFTER_ROUNDS = 2
@@ -32,10 +29,10 @@ class Outbox:
     behind it usually arrive in one read, and are passed on in one write.
     Nothing waits longer than the current turn.
 
-    The frames are made here (:func:`text_frame`), not by aiohttp's writer,
-    and go to the transport beside it. That is sound only while the
-    connection has no per-message compression, whose frames carry a flag and
-    a state shared by all of them: the outbox refuses a socket that has it.
+    The frames are made here (:func:`text_frame`) and go to the
+    connection's transport; its pings' answers and its close frame go beside
+    them (:class:`~server.ws.connection.Connection`), the close frame after
+    what is queued here.
 
     A client that does not read (its send buffer would pass the transport's
     high-water mark) is closed with 1008 rather than waited for; closes run
@@ -51,6 +48,7 @@ class Outbox:
 
     __slots__ = (
         "_closing",
+        "_connection",
         "_connection_id",
         "_framed_bytes",
         "_frames",
@@ -59,39 +57,31 @@ class Outbox:
         "_pending",
         "_ready",
         "_transport",
-        "_websocket",
         "quiet",
     )
 
-    def __init__(
-        self, request: web.Request, websocket: web.WebSocketResponse, connection_id: str
-    ) -> None:
-        if websocket.compress:
-            raise ValueError(
-                "the outbox writes its own frames: open the socket with compress=False"
-            )
-        self._websocket = websocket
+    def __init__(self, connection: Connection, connection_id: str) -> None:
+        self._connection = connection
         self._connection_id = connection_id
         self._ready = False
         self._pending: list[Delivery] = []
         self._closing: asyncio.Task[bool] | None = None
         self._frames: list[bytes] = []
         self._framed_bytes = 0
-        # The connection's transport outlives the socket object's use of it;
-        # once the connection is lost it reports is_closing().
-        transport = request.transport
-        if transport is None:
-            raise ValueError("the outbox needs a prepared socket: it has no transport yet")
+        # Once the connection is lost its transport reports is_closing().
+        transport = connection.transport
         self._transport = transport
         self._high_water = transport.get_write_buffer_limits()[1]
         self._loop = asyncio.get_running_loop()
         # Heartbeat rounds since the last frame from the client.
         self.quiet = 0
+        connection.heard = self.heard
+        connection.before_close = self.flush
 
     async def deliver(self, delivery: Delivery) -> None:
         if delivery.connection_id not in (None, self._connection_id):
             return
-        if self._closing is not None or self._websocket.closed:
+        if self._closing is not None or self._connection.closed:
             return
         if not self._ready:
             self._pending.append(delivery)
@@ -100,7 +90,7 @@ class Outbox:
 
     def send(self, message: dict[str, Any]) -> None:
         """Send one of our own messages (a reply, an error) behind what is queued."""
-        if self._closing is None and not self._websocket.closed:
+        if self._closing is None and not self._connection.closed:
             self._write(json.dumps(message))
 
     async def open(self, first: list[dict[str, Any]]) -> None:
@@ -115,7 +105,7 @@ class Outbox:
     async def close(self, code: CloseCode, message: bytes = b"") -> None:
         """Close after what is queued has gone out."""
         self.flush()
-        await self._websocket.close(code=code, message=message)
+        await self._connection.close(code=code, message=message)
 
     async def finish(self) -> None:
         """Let a close this outbox started finish its handshake (the peer would see 1006)."""
@@ -135,15 +125,10 @@ class Outbox:
         ends, and the room hears of it)."""
         self.quiet += 1
         if self.quiet == PING_AFTER_ROUNDS:
-            if not self._transport.is_closing() and not self._websocket.closed:
+            if not self._transport.is_closing() and not self._connection.closed:
                 self._queue(PING_FRAME)
         elif self.quiet > PING_AFTER_ROUNDS:
             self._transport.close()
-
-    def pong(self, payload: bytes) -> None:
-        """Answer a client's ping (RFC 6455, 5.5.3: with its payload, at most 125 bytes)."""
-        if self._closing is None and not self._websocket.closed:
-            self._queue(control_frame(0x8A, payload))
 
     def _queue(self, frame: bytes) -> None:
         if not self._frames:
@@ -173,21 +158,15 @@ class Outbox:
         if not self._frames:
             return
         frames, self._frames, self._framed_bytes = self._frames, [], 0
-        # After aiohttp sent a close frame, nothing else may follow it.
-        if self._transport.is_closing() or self._websocket.closed:
+        # After a close frame, nothing else may follow it.
+        if self._transport.is_closing() or self._connection.closed:
             return
         self._transport.writelines(frames)
 
     def _close_later(self, code: int) -> None:
         if self._closing is None:
             self.flush()
-            self._closing = asyncio.create_task(self._websocket.close(code=code))
-
-
-def control_frame(opcode: int, payload: bytes) -> bytes:
-    """An unmasked control frame (RFC 6455, 5.5): FIN set, at most 125 bytes."""
-    payload = payload[:125]
-    return struct.pack("!BB", opcode, len(payload)) + payload
+            self._closing = asyncio.create_task(self._connection.close(code=code))
 
 
 # A ping without a payload.

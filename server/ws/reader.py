@@ -1,16 +1,28 @@
-"""The read loop of one signaling socket: every frame limited, validated, handled."""
+"""What one signaling socket says: every frame limited, validated, handled."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit.db import reading
 from audit.practice import recording_allowed_for_consult
-from server.app_keys import DB_ENGINE, METRICS, ROOMS, SETTINGS
+from audit.sessions import Session
+from server.app_keys import (
+    DB_ENGINE,
+    METRICS,
+    ROOMS,
+    SETTINGS,
+    SOCKET_HEARTBEATS,
+    WEBSOCKETS,
+)
+from server.ws.connection import Connection
 from server.ws.outbox import Outbox
+from server.ws.session_check import unregister
+from signaling.ports import Subscription
 from signaling.protocol import (
     MISBEHAVIOUR,
     RELAYED,
@@ -27,13 +39,10 @@ from signaling.ratelimit import TokenBucket
 from signaling.state import Participant
 
 
-async def read_frames(
-    request: web.Request,
-    websocket: web.WebSocketResponse,
-    outbox: Outbox,
-    participant: Participant,
-) -> None:
-    """Handle the socket's frames until it closes.
+class Conversation:
+    """One participant's frames on one signaling socket: each limited,
+    validated and handled, in order (the socket's
+    :class:`~server.ws.connection.Connection` calls :meth:`received`).
 
     Frames are rate-limited per connection (an ``error`` for each one over);
     a frame that is binary, not valid, or not acceptable now gets an
@@ -41,49 +50,82 @@ async def read_frames(
     refusals in a row of frames the client should never have sent
     (:data:`~signaling.protocol.MISBEHAVIOUR`) close it with 1008; a refusal
     of what the room's state does not allow now (the peer away) never does.
-    After a ``bye`` the socket is closed (1000). (aiohttp closes with 1009 a
-    frame above the socket's size limit.) Every frame, pings and pongs too,
-    tells the outbox the client is alive (the heartbeat); a ping is answered.
+    After a ``bye`` the socket is closed (1000). (The connection closes with
+    1009 a frame above the protocol's size limit.)
+
+    When the socket is gone, :meth:`ended` lets go of it: out of the
+    heartbeat rounds and the session registry, unsubscribed, and the room
+    hears of it, whatever ended the socket (a reset, a failing write,
+    shutdown), or the peer would wait for a ghost.
     """
-    rooms = request.app[ROOMS]
-    metrics = request.app[METRICS]
-    limits = request.app[SETTINGS].signaling
-    bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
-    refused_in_a_row = 0
-    async for frame in websocket:
-        outbox.heard()
-        if frame.type is WSMsgType.PING:
-            outbox.pong(frame.data)
-            continue
-        if frame.type is WSMsgType.PONG:
-            continue
+
+    __slots__ = (
+        "_app",
+        "_bucket",
+        "_max_refused",
+        "_metrics",
+        "_refused_in_a_row",
+        "_rooms",
+        "_session_hash",
+        "_subscription",
+        "connection",
+        "outbox",
+        "participant",
+    )
+
+    def __init__(
+        self,
+        app: web.Application,
+        connection: Connection,
+        outbox: Outbox,
+        participant: Participant,
+        subscription: Subscription,
+        session: Session | None,
+    ) -> None:
+        limits = app[SETTINGS].signaling
+        self._app = app
+        self._rooms = app[ROOMS]
+        self._metrics = app[METRICS]
+        self._max_refused = limits.max_refused
+        self.connection = connection
+        self.participant = participant
+        self.outbox = outbox
+        self._subscription = subscription
+        self._session_hash = None if session is None else session.id_hash
+        self._bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
+        self._refused_in_a_row = 0
+
+    async def received(self, data: str | bytes) -> None:
+        app = self._app
+        participant = self.participant
+        outbox = self.outbox
         received = time.monotonic()
         try:
-            if not bucket.allow(received):
+            if not self._bucket.allow(received):
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, "too many messages; this one was dropped"
                 )
-            if frame.type is not WSMsgType.TEXT:
+            if not isinstance(data, str):
                 raise ProtocolError(
                     ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
-            message = parse_inbound(frame.data)
+            message = parse_inbound(data)
             # The therapist's only: the room refuses a patient's as not_allowed.
             if isinstance(message, RecordRequest) and participant.role is ParticipantRole.THERAPIST:
-                await check_practice_records(request.app, participant)
-            replies = await rooms.handle(participant, message, frame=frame.data)
+                await check_practice_records(app, participant)
+            replies = await self._rooms.handle(participant, message, frame=data)
         except ProtocolError as err:
             if err.code in MISBEHAVIOUR:
-                refused_in_a_row += 1
-            if refused_in_a_row >= limits.max_refused:
+                self._refused_in_a_row += 1
+            if self._refused_in_a_row >= self._max_refused:
                 await outbox.close(CloseCode.POLICY_VIOLATION, b"too many refused messages")
                 return
             outbox.send(error_message(err))
-            metrics.record_error(err.code)
-            continue
+            self._metrics.record_error(err.code)
+            return
         if message.type in RELAYED:
-            metrics.record_relayed(message.type, time.monotonic() - received)
-        refused_in_a_row = 0
+            self._metrics.record_relayed(message.type, time.monotonic() - received)
+        self._refused_in_a_row = 0
         for reply in replies:
             outbox.send(reply)
         if isinstance(message, Bye):
@@ -91,7 +133,18 @@ async def read_frames(
             # speaks for the participant any more (a later connection would
             # not replace it).
             await outbox.close(CloseCode.NORMAL, b"bye")
-            return
+
+    async def ended(self) -> None:
+        app = self._app
+        outbox = self.outbox
+        app[SOCKET_HEARTBEATS].discard(outbox)
+        unregister(app, self.connection, self._session_hash)
+        try:
+            await self._subscription.close()
+        finally:
+            await asyncio.shield(self._rooms.disconnect(self.participant))
+            await outbox.finish()
+            app[WEBSOCKETS].discard(self.connection)
 
 
 async def check_practice_records(app: web.Application, participant: Participant) -> None:

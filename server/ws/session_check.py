@@ -1,14 +1,13 @@
 """Therapists' signaling sockets held to their login sessions.
 
 Every therapist socket is kept in a registry under its session
-(:func:`registered`); a periodic job (:func:`check_therapist_sessions`) closes
+(:func:`register`); a periodic job (:func:`check_therapist_sessions`) closes
 the sockets whose session ended and keeps the others' sessions alive.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -16,28 +15,29 @@ from audit.sessions import Session, live_sessions
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS, THERAPIST_SOCKETS
 from signaling.protocol import CloseCode
 
+if TYPE_CHECKING:
+    from server.ws.connection import Connection
+
 # Sessions looked up per query (the check runs every sessions.socket_check_s).
 SESSION_CHECK_BATCH = 500
 
 
-@asynccontextmanager
-async def registered(
-    request: web.Request, websocket: web.WebSocketResponse, session: Session | None
-) -> AsyncIterator[None]:
+def register(app: web.Application, connection: Connection, session: Session | None) -> None:
     """Keep a therapist's socket in the registry the session check walks."""
-    if session is None:
-        yield
+    if session is not None:
+        app[THERAPIST_SOCKETS].setdefault(session.id_hash, set()).add(connection)
+
+
+def unregister(app: web.Application, connection: Connection, session_hash: str | None) -> None:
+    """Take a closed socket out of the registry (``session_hash``: its session's)."""
+    if session_hash is None:
         return
-    registry = request.app[THERAPIST_SOCKETS]
-    registry.setdefault(session.id_hash, set()).add(websocket)
-    try:
-        yield
-    finally:
-        sockets = registry.get(session.id_hash)
-        if sockets is not None:
-            sockets.discard(websocket)
-            if not sockets:
-                del registry[session.id_hash]
+    registry = app[THERAPIST_SOCKETS]
+    connections = registry.get(session_hash)
+    if connections is not None:
+        connections.discard(connection)
+        if not connections:
+            del registry[session_hash]
 
 
 async def check_therapist_sessions(app: web.Application) -> int:
@@ -65,7 +65,7 @@ async def check_therapist_sessions(app: web.Application) -> int:
     for id_hash in hashes:
         if id_hash in live:
             continue
-        for websocket in list(registry.get(id_hash, ())):
-            await websocket.close(code=CloseCode.SESSION_ENDED, message=b"session ended")
+        for connection in list(registry.get(id_hash, ())):
+            await connection.close(code=CloseCode.SESSION_ENDED, message=b"session ended")
             closed += 1
     return closed

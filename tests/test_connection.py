@@ -1,0 +1,254 @@
+"""The signaling socket after its handshake leaves aiohttp's request handler
+(server/ws/connection.py): an open, idle socket keeps no task, no request and
+no aiohttp protocol object alive, and still speaks the WebSocket protocol in
+full (pings, close handshakes, limits) with the real aiohttp client.
+
+Before this change every open socket kept two tasks (aiohttp's connection task
+and the handler's), the parsed request and aiohttp's protocol object until it
+closed: the first tests below failed then."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestHandler
+
+from server.app_keys import WEBSOCKETS
+from server.ws.connection import CLOSE_HANDSHAKE_S, Connection
+from signaling.protocol import MAX_FRAME_BYTES
+from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
+
+pytestmark = pytest.mark.signaling_backends
+
+
+def alive(kind: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+
+
+async def another_consult(harness: Harness) -> str:
+    """A further consult of the therapist logged in (by new_consult)."""
+    response = await harness.post("/api/consults", {})
+    assert response.status == 201, await response.text()
+    return str((await response.json())["consult"]["id"])
+
+
+async def test_open_idle_sockets_keep_no_task_request_or_aiohttp_protocol(
+    harness: Harness, sockets: Sockets
+) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    requests_before = alive(web.Request)
+    handlers_before = alive(RequestHandler)
+    await new_consult(harness)
+    opened = []
+    for _ in range(5):
+        socket = await sockets.therapist(await another_consult(harness))
+        await receive(socket, "welcome")
+        opened.append(socket)
+    await asyncio.sleep(0.1)  # the handlers' last steps
+    assert len(harness.app[WEBSOCKETS]) == 5
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert alive(web.Request) == requests_before
+    assert alive(RequestHandler) == handlers_before
+    # And they still work.
+    for socket in opened:
+        await socket.send_json({"v": 1, "type": "ping"})
+        await receive(socket, "pong")
+
+
+async def test_a_relay_and_its_answer_cross_sockets_that_left_aiohttp(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    await therapist.send_json({"v": 1, "type": "offer", "sdp": "v=0\r\n"})
+    offer = await receive(patient, "offer")
+    assert (offer["sdp"], offer["sender"]) == ("v=0\r\n", "therapist")
+    await patient.send_json({"v": 1, "type": "answer", "sdp": "v=0\r\n"})
+    assert (await receive(therapist, "answer"))["sender"] == "patient"
+
+
+async def test_a_clients_ping_is_answered_with_its_payload(
+    harness: Harness, sockets: Sockets
+) -> None:
+    setup = await new_consult(harness)
+    socket = await harness.client.ws_connect(
+        f"/ws?consult={setup.consult_id}", headers=harness.headers, autoping=False
+    )
+    await receive(socket, "welcome")
+    await socket.ping(b"are you there")
+    message = await socket.receive(timeout=5)
+    assert (message.type, message.data) == (WSMsgType.PONG, b"are you there")
+    await socket.close()
+
+
+async def test_a_client_that_closes_gets_the_closing_handshake_and_leaves_the_room(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    assert await patient.close(code=4000)
+    # The server answered the close frame (aiohttp's client waits for it).
+    assert patient.close_code == 1000
+    assert (await receive(therapist, "peer-reconnecting"))["role"] == "patient"
+    async with asyncio.timeout(5):
+        while len(harness.app[WEBSOCKETS]) != 1:  # noqa: ASYNC110 (its end comes right after)
+            await asyncio.sleep(0.01)
+
+
+async def test_a_bye_sent_just_before_the_close_is_still_handled(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    await patient.send_json({"v": 1, "type": "bye"})
+    await patient.close()
+    # A bye is leaving for good: peer-left, not the grace of a dropped socket.
+    assert (await receive(therapist, "peer-left"))["role"] == "patient"
+
+
+async def test_a_frame_over_the_limit_closes_with_1009_and_the_room_hears(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    await patient.send_str("x" * (MAX_FRAME_BYTES + 1))
+    message = await patient.receive(timeout=5)
+    assert message.type is WSMsgType.CLOSE
+    assert message.data == 1009
+    assert (await receive(therapist, "peer-reconnecting"))["role"] == "patient"
+
+
+class Echo:
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.gone = asyncio.Event()
+
+    async def received(self, data: str | bytes) -> None:
+        assert isinstance(data, str)
+        self.connection.transport.write(b"\x81" + bytes([len(data)]) + data.encode())
+
+    async def ended(self) -> None:
+        self.gone.set()
+
+
+ECHOES = web.AppKey("echoes", list[Echo])
+
+
+def echo_app() -> web.Application:
+    echoes: list[Echo] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        websocket = web.WebSocketResponse(compress=False)
+        await websocket.prepare(request)
+        connection = Connection.take_over(request, websocket)
+        echo = Echo(connection)
+        echoes.append(echo)
+        connection.start(echo)
+        Connection.release(request, websocket)
+        return websocket
+
+    app = web.Application()
+    app[ECHOES] = echoes
+    app.router.add_get("/echo", handler)
+    return app
+
+
+async def test_many_frames_in_one_read_are_handled_in_order(aiohttp_client: Any) -> None:
+    app = echo_app()
+    client = await aiohttp_client(app)
+    socket = await client.ws_connect("/echo")
+    words = [f"w{n}" for n in range(200)]
+    for word in words:
+        await socket.send_str(word)
+    got = [(await socket.receive(timeout=5)).data for _ in words]
+    assert got == words
+    await socket.close()
+    await asyncio.wait_for(app[ECHOES][0].gone.wait(), 5)
+
+
+async def test_a_compressed_socket_is_refused(aiohttp_client: Any) -> None:
+    refusals: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        websocket = web.WebSocketResponse(compress=True)
+        await websocket.prepare(request)
+        try:
+            Connection.take_over(request, websocket)
+        except ValueError as err:
+            refusals.append(str(err))
+        await websocket.close()
+        return websocket
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    client = await aiohttp_client(app)
+    socket = await client.ws_connect("/ws", compress=15)
+    assert socket.compress == 15  # negotiated: our frames would be wrong here
+    await socket.receive(timeout=5)
+    assert refusals == ["the connection writes its own frames: open the socket with compress=False"]
+
+
+async def test_frames_sent_with_the_upgrade_request_are_handled_in_order(
+    aiohttp_client: Any,
+) -> None:
+    # A client should wait for the 101 (RFC 6455, 4.1); one that sends its
+    # first frames with the upgrade request has them parsed by aiohttp during
+    # the handshake, and the connection takes them over, first and in order.
+    app = echo_app()
+    client = await aiohttp_client(app)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    mask = b"\x01\x02\x03\x04"
+
+    def masked(text: str) -> bytes:
+        data = text.encode()
+        body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        return bytes([0x81, 0x80 | len(data)]) + mask + body
+
+    writer.write(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + masked("first")
+        + masked("second")
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    frames = await asyncio.wait_for(reader.readexactly(2 * (2 + 5) + 1), 5)
+    assert frames == b"\x81\x05first\x81\x06second"
+    writer.close()
+    await asyncio.wait_for(app[ECHOES][0].gone.wait(), 5)
+
+
+async def raw_client(client: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client of the echo app on a bare TCP connection, past its 101."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_a_client_that_never_answers_the_close_is_cut_after_the_handshake_time(
+    aiohttp_client: Any,
+) -> None:
+    app = echo_app()
+    client = await aiohttp_client(app)
+    reader, writer = await raw_client(client)
+    async with asyncio.timeout(5):
+        while not app[ECHOES]:  # noqa: ASYNC110 (the handler's last step)
+            await asyncio.sleep(0.01)
+    (echo,) = app[ECHOES]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closing = asyncio.create_task(echo.connection.close(code=4001, message=b"test"))
+    # The close frame: 4001 and its reason.
+    assert await asyncio.wait_for(reader.readexactly(8), 5) == b"\x88\x06\x0f\xa1test"
+    # The client does not answer: the server cuts the connection.
+    assert await asyncio.wait_for(reader.read(), CLOSE_HANDSHAKE_S + 3) == b""
+    assert loop.time() - started >= CLOSE_HANDSHAKE_S - 0.1
+    assert await asyncio.wait_for(closing, 1) is True
+    await asyncio.wait_for(echo.gone.wait(), 5)
+    writer.close()
