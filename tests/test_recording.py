@@ -42,6 +42,7 @@ from tests.support.recording import (
     data_key,
     decrypted,
     expect_recording,
+    finished_recording_row,
     linked,
     recording_row,
     start_call,
@@ -71,7 +72,7 @@ async def test_a_consented_recording_holds_audio_and_video_of_both_parties(
         await call.patient.send("ping")
         await call.patient.expect("pong")
 
-    row = await recording_row(sqlite_harness)
+    row = await finished_recording_row(sqlite_harness)
     assert str(row.id) == on["recording"]
     assert (row.status, row.stop_reason, row.consent_by) == (
         "complete",
@@ -178,7 +179,7 @@ async def test_a_second_device_of_the_patient_stops_the_recording(
         seen = [await call.therapist.expect("peer-rejoined")]
         seen.append(await expect_recording(call.therapist, "off"))
         assert seen[-1]["reason"] == "participant_left"
-    row = await recording_row(sqlite_harness)
+    row = await finished_recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("complete", "participant_left")
 
 
@@ -214,7 +215,7 @@ async def test_a_bad_recorder_offer_gets_a_clear_error_and_the_recording_still_s
         await call.patient.send("record-stop")
         for side in (call.therapist, call.patient):
             assert (await expect_recording(side, "off"))["reason"] == "stopped_by_patient"
-    assert (await recording_row(sqlite_harness)).status == "complete"
+    assert (await finished_recording_row(sqlite_harness)).status == "complete"
 
 
 @pytest.fixture
@@ -345,7 +346,7 @@ async def test_a_participant_who_drops_stops_the_recording_and_coming_back_does_
         call.therapist.assert_nothing_unexpected()
         assert sqlite_harness.app[ROOMS].recording.live_count == 0
 
-    row = await recording_row(sqlite_harness)
+    row = await finished_recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("complete", "participant_left")
     media, truncated = decrypted(sqlite_harness, row.id, await data_key(sqlite_harness, row.id))
     assert truncated is None
@@ -365,7 +366,7 @@ async def test_ending_the_consult_finishes_the_recording(
         for side in (call.therapist, call.patient):
             assert (await expect_recording(side, "off"))["reason"] == "consult_ended"
             await side.expect("consult-ended")
-    row = await recording_row(sqlite_harness)
+    row = await finished_recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("complete", "consult_ended")
 
 
@@ -403,7 +404,7 @@ async def test_a_stop_while_the_file_is_being_made_records_nothing(
             assert off["reason"] == "stopped_by_patient"
         assert await stops[0]
         await asyncio.sleep(1.0)  # media keeps coming: none of it may be written
-    row = await recording_row(sqlite_harness)
+    row = await finished_recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("incomplete", "stopped_by_patient")
     assert not row.plaintext_bytes
 
