@@ -127,8 +127,15 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     request.app[SOCKET_HEARTBEATS].add(outbox)
     register(request.app, connection, session)
     conversation = Conversation(request.app, connection, outbox, participant, subscription, session)
-    await outbox.open(first)
-    connection.start(conversation)
+    try:
+        await outbox.open(first)
+    except BaseException:
+        connection.transport.abort()
+        raise
+    finally:
+        # Frames are handled from here, and whatever happens the room hears
+        # when the socket goes (Conversation.ended).
+        connection.start(conversation)
     # The handler's task, the request and aiohttp's protocol object go now;
     # the socket lives on in its connection (server/ws/connection.py).
     return _released(request, websocket)
