@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from signaling.ports import Deliver, Delivery, Subscription
+from signaling.ports import Deliver, DeliverNow, Delivery, Subscription
 from signaling.protocol import ParticipantRole
 from signaling.state import RoomState
 from signaling.subscribers import LocalSubscribers
@@ -43,10 +43,20 @@ class InProcessBroker:
     ) -> None:
         await self._subscribers.deliver((consult_id, role), delivery)
 
+    def publish_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
+    ) -> bool:
+        return self._subscribers.deliver_now((consult_id, role), delivery) is not None
+
     async def subscribe(
-        self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        deliver: Deliver,
+        *,
+        deliver_now: DeliverNow | None = None,
     ) -> Subscription:
-        return self._subscribers.add((consult_id, role), deliver)
+        return self._subscribers.add((consult_id, role), deliver, deliver_now)
 
 
 @dataclass
@@ -79,6 +89,9 @@ class InProcessRoomStore:
                 room.state = working
 
     async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        return self.peek_now(consult_id)
+
+    def peek_now(self, consult_id: uuid.UUID) -> RoomState | None:
         # No copy: ``locked`` works on a copy and swaps it in, so a saved state
         # is never changed afterwards, and this is the hot path of every relay.
         room = self._rooms.get(consult_id)

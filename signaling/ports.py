@@ -35,6 +35,7 @@ from signaling.state import RoomState
 __all__ = [
     "Broker",
     "Deliver",
+    "DeliverNow",
     "Delivery",
     "RoomStore",
     "StateUnavailable",
@@ -76,6 +77,9 @@ class Delivery(NamedTuple):
 # not raise for a connection that went away, and must not wait on a client
 # that does not read (the edge closes such a connection instead).
 Deliver = Callable[[Delivery], Awaitable[None]]
+# The same, for a receiver that never waits at all (a signaling socket's
+# outbox): it lets a relay be delivered within the sender's own callback.
+DeliverNow = Callable[[Delivery], None]
 
 
 class Subscription(Protocol):
@@ -98,10 +102,23 @@ class Broker(Protocol):
         hint: a broker may then skip the other nodes). A receiver that
         raises stops neither the others nor the sender."""
 
+    def publish_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
+    ) -> bool:
+        """Deliver at once, without waiting, if that can be done here: every
+        receiver on this node and each with a ``deliver_now``. False when it
+        cannot (nothing was delivered then): :meth:`publish` it instead."""
+
     async def subscribe(
-        self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        deliver: Deliver,
+        *,
+        deliver_now: DeliverNow | None = None,
     ) -> Subscription:
-        """Call ``deliver`` for each delivery to ``role`` in ``consult_id`` from now on."""
+        """Call ``deliver`` for each delivery to ``role`` in ``consult_id`` from
+        now on (or ``deliver_now``, where given, by :meth:`publish_now`)."""
 
 
 class RoomStore(Protocol):
@@ -116,6 +133,10 @@ class RoomStore(Protocol):
 
         Read it, never change it: it may be the saved state itself (changes
         go through :meth:`locked`)."""
+
+    def peek_now(self, consult_id: uuid.UUID) -> RoomState | None:
+        """The room's state, if this node knows it here and now (as :meth:`peek`
+        would return it, without waiting); None when it does not."""
 
     async def forget(self, consult_id: uuid.UUID) -> None:
         """Drop the room altogether."""

@@ -25,3 +25,7 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+    def give_back(self) -> None:
+        """Return the token just taken: the message it was for will be counted again."""
+        self._tokens = min(self._burst, self._tokens + 1.0)

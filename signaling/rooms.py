@@ -37,6 +37,7 @@ from signaling.deadlines import RoomDeadlines
 from signaling.ports import (
     Broker,
     Deliver,
+    DeliverNow,
     Delivery,
     RoomStore,
     StateUnavailable,
@@ -47,7 +48,6 @@ from signaling.protocol import (
     PATIENT_ONLY,
     RELAYED,
     THERAPIST_ONLY,
-    VERSION,
     Admit,
     Bye,
     CloseCode,
@@ -70,6 +70,7 @@ from signaling.protocol import (
 )
 from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
+from signaling.relay import Relay
 from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 from signaling.waiting_label import WaitingLabels
@@ -117,6 +118,8 @@ class ConsultRooms:
         self._clock = clock
         self._broker = broker
         self._store = store
+        # Offers, answers and candidates to the other participant.
+        self._relay = Relay(store, broker)
         # A change's messages go out once it is saved (see signaling.changes).
         self._change = ChangeThenTell(store, self.send)
         self._timers = timers
@@ -155,16 +158,22 @@ class ConsultRooms:
         )
 
     async def connect(
-        self, participant: Participant, *, ice_servers: list[dict[str, Any]], deliver: Deliver
+        self,
+        participant: Participant,
+        *,
+        ice_servers: list[dict[str, Any]],
+        deliver: Deliver,
+        deliver_now: DeliverNow | None = None,
     ) -> tuple[list[dict[str, Any]], Subscription]:
         """Join the room; return the first messages for this connection and its subscription,
-        through which ``deliver`` receives what is sent to this participant.
+        through which ``deliver`` receives what is sent to this participant
+        (``deliver_now``, where given, receives relays handled by :meth:`relay_now`).
 
         Raises :class:`RoomClosed` when the consult is already over.
         """
         # Subscribe before anything is announced, so no reply can be missed.
         subscription = await self._broker.subscribe(
-            participant.consult_id, participant.role, deliver
+            participant.consult_id, participant.role, deliver, deliver_now=deliver_now
         )
         joining = self._changes.start(self._join(participant, ice_servers))
         try:
@@ -460,40 +469,10 @@ class ConsultRooms:
             )
         return True
 
-    async def _relay(
-        self, participant: Participant, message: InboundMessage, frame: str | None
-    ) -> None:
-        state = await self._store.peek(participant.consult_id)
-        if state is None or state.phase is RoomPhase.OVER:
-            raise ProtocolError(ErrorCode.CONSULT_OVER, "the consult is over", ref=message.type)
-        if state.phase is not RoomPhase.ACTIVE:
-            raise ProtocolError(
-                ErrorCode.NOT_ADMITTED,
-                "the consult has not started: the therapist admits the patient first",
-                ref=message.type,
-            )
-        receiver = state.presence(participant.other)
-        if receiver is None or not receiver.connected:
-            raise ProtocolError(
-                ErrorCode.PEER_ABSENT,
-                "the other participant is not connected right now",
-                ref=message.type,
-            )
-        if frame is None:
-            fields = message.model_dump(exclude={"v", "type", "consult"})
-            delivery = Delivery(outbound(message.type, sender=participant.role.value, **fields))
-        else:
-            # The frame is a validated JSON object with no "sender" field (unknown
-            # fields are refused), so adding one before its closing brace keeps
-            # it valid: a 3 KB SDP is not decoded and encoded again. ``message``
-            # then holds only the envelope, for logs and tests.
-            delivery = Delivery(
-                {"v": VERSION, "type": message.type, "sender": participant.role.value},
-                text=frame.rstrip()[:-1] + participant.sender_field,
-            )
-        await self._broker.publish(
-            participant.consult_id, participant.other, delivery, where=receiver.node
-        )
+    def relay_now(self, participant: Participant, message: InboundMessage, frame: str) -> bool:
+        """Relay at once, without waiting, where that can be done (see
+        :meth:`signaling.relay.Relay.now`); False: :meth:`handle` it."""
+        return self._relay.now(participant, message, frame)
 
     async def leave(
         self, participant: Participant, *, grace: bool, left_at: datetime | None = None

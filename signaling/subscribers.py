@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from signaling.ports import Deliver, Delivery, Subscription
+from signaling.ports import Deliver, DeliverNow, Delivery, Subscription
 
 __all__ = ["LocalSubscribers"]
 
@@ -24,14 +24,19 @@ Channel = TypeVar("Channel", bound=Hashable)
 
 
 class _LocalSubscription(Generic[Channel]):
-    __slots__ = ("_owner", "channel", "closed", "deliver")
+    __slots__ = ("_owner", "channel", "closed", "deliver", "deliver_now")
 
     def __init__(
-        self, owner: LocalSubscribers[Channel], channel: Channel, deliver: Deliver
+        self,
+        owner: LocalSubscribers[Channel],
+        channel: Channel,
+        deliver: Deliver,
+        deliver_now: DeliverNow | None,
     ) -> None:
         self._owner = owner
         self.channel = channel
         self.deliver = deliver
+        self.deliver_now = deliver_now
         self.closed = False
 
     async def close(self) -> None:
@@ -46,10 +51,13 @@ class LocalSubscribers(Generic[Channel]):
     def __init__(self) -> None:
         self._by_channel: dict[Channel, set[_LocalSubscription[Channel]]] = {}
 
-    def add(self, channel: Channel, deliver: Deliver) -> Subscription:
+    def add(
+        self, channel: Channel, deliver: Deliver, deliver_now: DeliverNow | None = None
+    ) -> Subscription:
         """Call ``deliver`` for each delivery on ``channel`` from now on,
-        until the returned subscription is closed."""
-        subscription = _LocalSubscription(self, channel, deliver)
+        until the returned subscription is closed (``deliver_now``, where
+        given, for :meth:`deliver_now`)."""
+        subscription = _LocalSubscription(self, channel, deliver, deliver_now)
         self._by_channel.setdefault(channel, set()).add(subscription)
         return subscription
 
@@ -72,6 +80,23 @@ class LocalSubscribers(Generic[Channel]):
                 continue
             try:
                 await subscription.deliver(delivery)
+            except Exception as err:
+                _log.warning("delivery failed", error=type(err).__name__)
+        return True
+
+    def deliver_now(self, channel: Channel, delivery: Delivery) -> bool | None:
+        """As :meth:`deliver`, without waiting: True when delivered, False
+        when ``channel`` has no subscription, None (nothing delivered) when
+        one of them can only be delivered to by :meth:`deliver`."""
+        subscriptions = self._by_channel.get(channel)
+        if not subscriptions:
+            return False
+        receivers = [s.deliver_now for s in subscriptions if not s.closed]
+        if None in receivers:
+            return None
+        for deliver_now in receivers:
+            try:
+                deliver_now(delivery)  # type: ignore[misc]
             except Exception as err:
                 _log.warning("delivery failed", error=type(err).__name__)
         return True

@@ -71,6 +71,62 @@ async def test_a_relay_and_its_answer_cross_sockets_that_left_aiohttp(
     assert (await receive(therapist, "answer"))["sender"] == "patient"
 
 
+async def test_a_relay_within_this_node_is_handed_on_in_the_reads_own_callback(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The negotiation's hot path: no task started for a relay whose receiver
+    # is on this node (before, every frame was handled in a task).
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    tasks_for_frames = 0
+    work = Connection._work
+
+    def counted(connection: Connection) -> Any:
+        nonlocal tasks_for_frames
+        tasks_for_frames += 1
+        return work(connection)
+
+    monkeypatch.setattr(Connection, "_work", counted)
+    await therapist.send_json({"v": 1, "type": "offer", "sdp": "v=0\r\n"})
+    assert (await receive(patient, "offer"))["sender"] == "therapist"
+    await patient.send_json({"v": 1, "type": "answer", "sdp": "v=0\r\n"})
+    assert (await receive(therapist, "answer"))["sender"] == "patient"
+    for n in range(8):
+        await therapist.send_json(candidate(n))
+        assert (await receive(patient, "candidate"))["candidate"] == candidate(n)["candidate"]
+    assert tasks_for_frames == 0
+    # Anything else still goes through a task: a ping, and a relay refused.
+    await therapist.send_json({"v": 1, "type": "ping"})
+    await receive(therapist, "pong")
+    await patient.close()
+    await receive(therapist, "peer-reconnecting")
+    await therapist.send_json(candidate(9))
+    assert (await receive(therapist, "error"))["code"] == "peer_absent"
+    assert tasks_for_frames == 2
+
+
+async def test_relays_and_other_frames_sent_at_once_keep_their_order(
+    harness: Harness, sockets: Sockets
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    for n in range(30):
+        await therapist.send_json(candidate(n))
+        if n % 7 == 0:
+            # Handled in a task: the candidates behind it wait for it.
+            await therapist.send_json({"v": 1, "type": "ping"})
+    got = [(await receive(patient, "candidate"))["candidate"] for _ in range(30)]
+    assert got == [candidate(n)["candidate"] for n in range(30)]
+    for _ in range(5):
+        await receive(therapist, "pong")
+
+
+def candidate(n: int) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "type": "candidate",
+        "candidate": f"candidate:{n} 1 udp 1 127.0.0.1 {n} typ host",
+    }
+
+
 async def test_a_clients_ping_is_answered_with_its_payload(
     harness: Harness, sockets: Sockets
 ) -> None:
@@ -123,6 +179,9 @@ class Echo:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.gone = asyncio.Event()
+
+    def received_now(self, data: str | bytes) -> bool:
+        return False
 
     async def received(self, data: str | bytes) -> None:
         assert isinstance(data, str)

@@ -16,8 +16,11 @@ The connection parses frames with aiohttp's own (compiled) frame parser
 (:class:`_Frames` takes each one as it is parsed),
 answers pings, runs the closing handshake, and hands each text or binary
 frame, in order, to its :class:`Conversation`. Nothing runs per socket
-while it is idle: a task is started only while received frames wait to be
-handled, and ends when they are done (:meth:`Connection._work`).
+while it is idle: a frame the conversation can handle without waiting (a
+relay within this node) is handled in the read's own callback
+(:meth:`Conversation.received_now`); for the others a task is started
+while they wait to be handled, and ends when they are done
+(:meth:`Connection._work`).
 
 Taking the transport over and letting aiohttp go use aiohttp's private
 parts (its protocol's parser, task and transport, the response's queue and
@@ -55,6 +58,11 @@ _CLOSE = WSMsgType.CLOSE
 
 class Conversation(Protocol):
     """What a connection's frames are for."""
+
+    def received_now(self, data: str | bytes) -> bool:
+        """One frame, handled at once if it can be without waiting (True);
+        False leaves it to :meth:`received`. Called only when no frame
+        before it is still waiting, so the order holds either way."""
 
     async def received(self, data: str | bytes) -> None:
         """One text (``str``) or binary (``bytes``) frame; called in order, one at a time."""
@@ -135,6 +143,9 @@ class Connection(asyncio.Protocol):
             )
         connection = cls(transport, websocket._max_msg_size)
         transport.set_protocol(connection)
+        # Reading is ours to pause from now on (the inbox's limit), not aiohttp's.
+        if not transport.is_reading():
+            transport.resume_reading()
         # A client may send frames as soon as it has read the 101; if aiohttp
         # parsed any meanwhile, they are the first.
         while parsed:
@@ -255,6 +266,14 @@ class Connection(asyncio.Protocol):
         kind, data, _extra = message
         if kind is _TEXT or kind is _BINARY:
             if self._refusing:
+                return
+            conversation = self._conversation
+            if (
+                conversation is not None
+                and self._worker is None
+                and not self._inbox
+                and conversation.received_now(data)
+            ):
                 return
             self._inbox.append(data)
             self._inbox_size += len(data)

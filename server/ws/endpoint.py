@@ -96,7 +96,10 @@ async def signaling_socket(request: web.Request) -> web.StreamResponse:
     outbox = Outbox(connection, participant.connection_id)
     try:
         first, subscription = await rooms.connect(
-            participant, ice_servers=servers, deliver=outbox.deliver
+            participant,
+            ice_servers=servers,
+            deliver=outbox.deliver,
+            deliver_now=outbox.deliver_now,
         )
     except RoomClosed:
         metrics.record_refused("consult_over")

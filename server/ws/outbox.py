@@ -79,6 +79,10 @@ class Outbox:
         connection.before_close = self.flush
 
     async def deliver(self, delivery: Delivery) -> None:
+        self.deliver_now(delivery)
+
+    def deliver_now(self, delivery: Delivery) -> None:
+        """Write ``delivery`` (it never waits: see the class's docstring)."""
         if delivery.connection_id not in (None, self._connection_id):
             return
         if self._closing is not None or self._connection.closed:

@@ -95,6 +95,29 @@ class Conversation:
         self._bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
         self._refused_in_a_row = 0
 
+    def received_now(self, data: str | bytes) -> bool:
+        """Relay a relayed message (offer, answer, candidate) at once, where
+        the room can (:meth:`~signaling.rooms.ConsultRooms.relay_now`): no
+        task, no await. False for anything else, and for a relay it cannot
+        do or refuse here: :meth:`received` then handles the frame."""
+        if type(data) is not str:
+            return False
+        try:
+            message = parse_inbound(data)
+        except ProtocolError:
+            return False
+        if message.type not in RELAYED:
+            return False
+        received = time.monotonic()
+        if not self._bucket.allow(received):
+            return False
+        if not self._rooms.relay_now(self.participant, message, data):
+            self._bucket.give_back()
+            return False
+        self._metrics.record_relayed(message.type, time.monotonic() - received)
+        self._refused_in_a_row = 0
+        return True
+
     async def received(self, data: str | bytes) -> None:
         app = self._app
         participant = self.participant

@@ -39,7 +39,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from signaling.ports import Deliver, Delivery, StateUnavailable, Subscription
+from signaling.ports import Deliver, DeliverNow, Delivery, StateUnavailable, Subscription
 from signaling.protocol import ParticipantRole
 from signaling.redis.codec import (
     as_str,
@@ -274,12 +274,26 @@ class RedisBroker:
                 raise StateUnavailable(f"the delivery went nowhere: {err}") from err
             _log.debug("delivery kept to this node: Redis unreachable")
 
+    def publish_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
+    ) -> bool:
+        """At once only where :meth:`publish` would skip Redis: the receiver
+        on this node, and a subscriber of it here."""
+        if where != self._node_id:
+            return False
+        return self._subscribers.deliver_now(self.channel(consult_id, role), delivery) is True
+
     async def subscribe(
-        self, consult_id: uuid.UUID, role: ParticipantRole, deliver: Deliver
+        self,
+        consult_id: uuid.UUID,
+        role: ParticipantRole,
+        deliver: Deliver,
+        *,
+        deliver_now: DeliverNow | None = None,
     ) -> Subscription:
         if self._listener is None:
             raise StateUnavailable("the Redis broker is not started (Redis unreachable so far?)")
-        return self._subscribers.add(self.channel(consult_id, role), deliver)
+        return self._subscribers.add(self.channel(consult_id, role), deliver, deliver_now)
 
     async def _listen(self, pubsub: PubSub) -> None:
         retry_in_s = _RETRY_MIN_S

@@ -259,7 +259,8 @@ class RedisRoomStore:
                 with contextlib.suppress(*UNREACHABLE):
                     await self._release(keys=[lock_key], args=[token])
 
-    async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+    def _fresh(self, consult_id: uuid.UUID) -> _Remembered | None:
+        """What this node saw of the room, while the feed of changes keeps it fresh."""
         seen = self._seen.get(consult_id)
         if (
             seen is not None
@@ -267,6 +268,16 @@ class RedisRoomStore:
             and seen.generation == self._generation
             and asyncio.get_running_loop().time() - seen.at < self._fresh_s
         ):
+            return seen
+        return None
+
+    def peek_now(self, consult_id: uuid.UUID) -> RoomState | None:
+        seen = self._fresh(consult_id)
+        return None if seen is None else seen.state
+
+    async def peek(self, consult_id: uuid.UUID) -> RoomState | None:
+        seen = self._fresh(consult_id)
+        if seen is not None:
             return seen.state
         generation, started = self._generation, asyncio.get_running_loop().time()
         try:
