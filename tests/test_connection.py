@@ -60,17 +60,6 @@ async def test_open_idle_sockets_keep_no_task_request_or_aiohttp_protocol(
         await receive(socket, "pong")
 
 
-async def test_a_relay_and_its_answer_cross_sockets_that_left_aiohttp(
-    harness: Harness, sockets: Sockets
-) -> None:
-    _setup, therapist, patient = await admitted_pair(harness, sockets)
-    await therapist.send_json({"v": 1, "type": "offer", "sdp": "v=0\r\n"})
-    offer = await receive(patient, "offer")
-    assert (offer["sdp"], offer["sender"]) == ("v=0\r\n", "therapist")
-    await patient.send_json({"v": 1, "type": "answer", "sdp": "v=0\r\n"})
-    assert (await receive(therapist, "answer"))["sender"] == "patient"
-
-
 async def test_a_relay_within_this_node_is_handed_on_in_the_reads_own_callback(
     harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
