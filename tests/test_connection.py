@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
+from structlog.testing import capture_logs
 
-from server.app_keys import WEBSOCKETS
+from server.app_keys import ROOMS, WEBSOCKETS
 from server.ws.connection import CLOSE_HANDSHAKE_S, Connection
 from signaling.protocol import MAX_FRAME_BYTES
 from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
@@ -91,6 +92,26 @@ async def test_a_relay_within_this_node_is_handed_on_in_the_reads_own_callback(
     await therapist.send_json(candidate(9))
     assert (await receive(therapist, "error"))["code"] == "peer_absent"
     assert tasks_for_frames == 2
+
+
+async def test_a_relay_that_fails_in_the_reads_callback_cuts_the_socket_and_the_room_hears(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+
+    def broken(*_args: Any) -> bool:
+        raise RuntimeError("the relay failed")
+
+    monkeypatch.setattr(harness.app[ROOMS], "relay_now", broken)
+    with capture_logs() as logs:
+        await patient.send_json(candidate(1))
+        message = await patient.receive(timeout=5)
+        # Cut, not closed with 1011 by the frame parser that called it.
+        assert message.type in (WSMsgType.CLOSED, WSMsgType.ERROR)
+        assert (await receive(therapist, "peer-reconnecting"))["role"] == "patient"
+    failed = [e for e in logs if e["event"].startswith("a signaling frame could not be handled")]
+    assert len(failed) == 1
+    assert failed[0]["log_level"] == "error"
 
 
 async def test_relays_and_other_frames_sent_at_once_keep_their_order(

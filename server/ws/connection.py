@@ -268,13 +268,14 @@ class Connection(asyncio.Protocol):
             if self._refusing:
                 return
             conversation = self._conversation
-            if (
-                conversation is not None
-                and self._worker is None
-                and not self._inbox
-                and conversation.received_now(data)
-            ):
-                return
+            if conversation is not None and self._worker is None and not self._inbox:
+                try:
+                    if conversation.received_now(data):
+                        return
+                except Exception:
+                    # Inside the parser's call: it would only close with 1011, unlogged.
+                    self._handling_failed()
+                    return
             self._inbox.append(data)
             self._inbox_size += len(data)
             if self._conversation is not None and self._worker is None:
@@ -305,14 +306,17 @@ class Connection(asyncio.Protocol):
                 try:
                     await conversation.received(data)
                 except Exception:
-                    # As aiohttp did with a handler that failed: logged, and the
-                    # connection cut (the client sees 1006 and reconnects).
-                    _log.exception("a signaling frame could not be handled; the socket is cut")
-                    self._refusing = True
-                    self.transport.abort()
+                    self._handling_failed()
                     return
         finally:
             self._worker = None
+
+    def _handling_failed(self) -> None:
+        """As aiohttp did with a handler that failed: logged, and the
+        connection cut (the client sees 1006 and reconnects; the room hears)."""
+        _log.exception("a signaling frame could not be handled; the socket is cut")
+        self._refusing = True
+        self.transport.abort()
 
     def _finish(self) -> None:
         if self._finished is None:
