@@ -321,3 +321,14 @@ async def test_a_client_that_never_answers_the_close_is_cut_after_the_handshake_
     assert await asyncio.wait_for(closing, 1) is True
     await asyncio.wait_for(echo.gone.wait(), 5)
     writer.close()
+
+
+async def test_text_that_is_not_utf8_closes_with_1007(aiohttp_client: Any) -> None:
+    app = echo_app()
+    client = await aiohttp_client(app)
+    reader, writer = await raw_client(client)
+    mask = b"\x00\x00\x00\x00"
+    writer.write(bytes([0x81, 0x80 | 2]) + mask + b"\xff\xfe")
+    # The close frame: 1007, as docs/protocol.md says.
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xef"
+    writer.close()
