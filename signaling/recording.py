@@ -69,6 +69,9 @@ from signaling.state import RecordingPhase, RoomPhase
 _log = structlog.get_logger("videoconsult.recording")
 
 BOTH = frozenset(ParticipantRole)
+# How long a recorder's failure waits for a socket's close that would name
+# the stop better (see RecordingControl._failed).
+FAILURE_SETTLE_S = 1.0
 
 RecordingMessage = RecordRequest | RecordConsent | RecordStop | RecorderOffer
 
@@ -487,6 +490,17 @@ class RecordingControl:
             else StopReason.RECORDER_FAILED
         )
         self._note(consult_id, "recording.failed", {"failure": failure.value, "detail": detail})
+        live = self._live.get(consult_id)
+        if reason is StopReason.RECORDER_FAILED and live is not None:
+            # A page that goes (a reload, a closed tab) closes its recorder
+            # connection and its socket together, and the recorder's process
+            # may be heard first. A moment's wait lets the socket's close stop
+            # the recording as what it is (participant_left: "a connection
+            # dropped"); only this recording is stopped after it, never one
+            # asked for and agreed to meanwhile.
+            await asyncio.sleep(FAILURE_SETTLE_S)
+            if self._live.get(consult_id) is not live:
+                return
         await self.stop(consult_id, reason)
 
     async def node_lost(self, consult_id: uuid.UUID, *, now: datetime) -> bool:

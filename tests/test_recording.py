@@ -508,3 +508,32 @@ async def test_a_recording_on_a_node_that_died_is_marked_incomplete_and_the_othe
     row = await recording_row(sqlite_harness)
     assert row.id == recording.id
     assert (row.status, row.stop_reason) == ("incomplete", "server_restart")
+
+
+async def test_a_page_that_goes_stops_the_recording_as_a_dropped_connection(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    # A reload closes the page's recorder connection and its socket together;
+    # the recorder's process may be heard first (seen in CI: "the connection
+    # to the recorder failed" on a reload). Here the recorder connection goes
+    # a clear 0.3 s before the socket: the stop still says what happened.
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        await ask_and_agree(call)
+        links = {side: linked(stack, RecorderLink()) for side in (call.therapist, call.patient)}
+        for side, link in links.items():
+            await side.send("recorder-offer", sdp=await link.offer())
+        for side, link in links.items():
+            await link.accept((await side.expect("recorder-answer"))["sdp"])
+        await expect_recording(call.therapist, "on")
+        await expect_recording(call.patient, "on")
+        await asyncio.sleep(0.5)
+        await links[call.patient].close()
+        await asyncio.sleep(0.3)
+        await call.patient.socket.close()
+        # The room hears of the socket first, then the recording stops for it.
+        await call.therapist.expect("peer-reconnecting")
+        off = await expect_recording(call.therapist, "off")
+        assert off["reason"] == "participant_left"
+    row = await finished_recording_row(sqlite_harness)
+    assert (row.status, row.stop_reason) == ("complete", "participant_left")
