@@ -332,3 +332,13 @@ async def test_text_that_is_not_utf8_closes_with_1007(aiohttp_client: Any) -> No
     # The close frame: 1007, as docs/protocol.md says.
     assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xef"
     writer.close()
+
+
+async def test_a_fragmented_control_frame_closes_with_1002(aiohttp_client: Any) -> None:
+    app = echo_app()
+    client = await aiohttp_client(app)
+    reader, writer = await raw_client(client)
+    # A ping without FIN: control frames may not be fragmented (RFC 6455, 5.5).
+    writer.write(bytes([0x09, 0x80]) + b"\x00\x00\x00\x00")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xea"
+    writer.close()

@@ -519,16 +519,9 @@ async def test_a_page_that_goes_stops_the_recording_as_a_dropped_connection(
     # a clear 0.3 s before the socket: the stop still says what happened.
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(sqlite_harness, sqlite_sockets, stack)
-        await ask_and_agree(call)
-        links = {side: linked(stack, RecorderLink()) for side in (call.therapist, call.patient)}
-        for side, link in links.items():
-            await side.send("recorder-offer", sdp=await link.offer())
-        for side, link in links.items():
-            await link.accept((await side.expect("recorder-answer"))["sdp"])
-        await expect_recording(call.therapist, "on")
-        await expect_recording(call.patient, "on")
+        await consent_and_connect(call)
         await asyncio.sleep(0.5)
-        await links[call.patient].close()
+        await call.links[call.patient].close()
         await asyncio.sleep(0.3)
         await call.patient.socket.close()
         # The room hears of the socket first, then the recording stops for it.

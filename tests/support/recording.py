@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,8 @@ class Call:
     therapist: Signaller
     patient: Signaller
     stack: contextlib.AsyncExitStack
+    # Each side's recorder link, once consent_and_connect made them.
+    links: dict[Signaller, RecorderLink] = field(default_factory=dict)
 
 
 async def start_call(
@@ -192,6 +194,7 @@ async def consent_and_connect(
         await side.send("recorder-offer", sdp=sdp)
     for side, link in links.items():
         await link.accept((await side.expect("recorder-answer"))["sdp"])
+    call.links.update(links)
     on = await expect_recording(call.therapist, "on")
     assert (await expect_recording(call.patient, "on"))["recording"] == on["recording"]
     return on
