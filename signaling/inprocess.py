@@ -18,7 +18,7 @@ from typing import Any
 from signaling.ports import Deliver, DeliverNow, Delivery, Subscription
 from signaling.protocol import ParticipantRole
 from signaling.state import RoomState
-from signaling.subscribers import LocalSubscribers
+from signaling.subscribers import LocalSubscribers, Receivers
 
 __all__ = ["InProcessBroker", "InProcessRoomStore", "InProcessTimers"]
 
@@ -43,10 +43,11 @@ class InProcessBroker:
     ) -> None:
         await self._subscribers.deliver((consult_id, role), delivery)
 
-    def publish_now(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
-    ) -> bool:
-        return self._subscribers.deliver_now((consult_id, role), delivery) is not None
+    def receivers_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, *, where: str | None
+    ) -> Receivers | None:
+        # None connected: as publish, the delivery reaches nobody.
+        return self._subscribers.receivers_now((consult_id, role))
 
     async def subscribe(
         self,

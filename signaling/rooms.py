@@ -70,7 +70,7 @@ from signaling.protocol import (
 )
 from signaling.recording import RecordingControl, RecordingServices
 from signaling.recovery import Recovery
-from signaling.relay import Relay
+from signaling.relay import Relay, Route
 from signaling.report_quota import ReportQuota, Verdict
 from signaling.state import Link, Participant, Presence, RoomPhase, RoomState
 from signaling.waiting_label import WaitingLabels
@@ -167,7 +167,7 @@ class ConsultRooms:
     ) -> tuple[list[dict[str, Any]], Subscription]:
         """Join the room; return the first messages for this connection and its subscription,
         through which ``deliver`` receives what is sent to this participant
-        (``deliver_now``, where given, receives relays handled by :meth:`relay_now`).
+        (``deliver_now``, where given, receives relays sent by :meth:`relay_route`'s route).
 
         Raises :class:`RoomClosed` when the consult is already over.
         """
@@ -469,10 +469,11 @@ class ConsultRooms:
             )
         return True
 
-    def relay_now(self, participant: Participant, message: InboundMessage, frame: str) -> bool:
-        """Relay at once, without waiting, where that can be done (see
-        :meth:`signaling.relay.Relay.now`); False: :meth:`handle` it."""
-        return self._relay.now(participant, message, frame)
+    def relay_route(self, participant: Participant) -> Route:
+        """Where ``participant``'s relays go at once, without waiting, where
+        that can be done (:class:`signaling.relay.Route`; when it cannot,
+        :meth:`handle` the message)."""
+        return self._relay.route(participant)
 
     async def leave(
         self, participant: Participant, *, grace: bool, left_at: datetime | None = None

@@ -10,13 +10,13 @@ on many.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from signaling.ports import Deliver, DeliverNow, Delivery, Subscription
 
-__all__ = ["LocalSubscribers"]
+__all__ = ["LocalSubscribers", "Receivers"]
 
 _log = structlog.get_logger("videoconsult.signaling")
 
@@ -50,6 +50,9 @@ class LocalSubscribers(Generic[Channel]):
 
     def __init__(self) -> None:
         self._by_channel: dict[Channel, set[_LocalSubscription[Channel]]] = {}
+        # Counts every subscription made or closed: what a Receivers found is
+        # still so while this has not moved.
+        self.version = 0
 
     def add(
         self, channel: Channel, deliver: Deliver, deliver_now: DeliverNow | None = None
@@ -59,6 +62,7 @@ class LocalSubscribers(Generic[Channel]):
         given, for :meth:`deliver_now`)."""
         subscription = _LocalSubscription(self, channel, deliver, deliver_now)
         self._by_channel.setdefault(channel, set()).add(subscription)
+        self.version += 1
         return subscription
 
     def __contains__(self, channel: object) -> bool:
@@ -84,27 +88,54 @@ class LocalSubscribers(Generic[Channel]):
                 _log.warning("delivery failed", error=type(err).__name__)
         return True
 
-    def deliver_now(self, channel: Channel, delivery: Delivery) -> bool | None:
-        """As :meth:`deliver`, without waiting: True when delivered, False
-        when ``channel`` has no subscription, None (nothing delivered) when
-        one of them can only be delivered to by :meth:`deliver`."""
-        subscriptions = self._by_channel.get(channel)
-        if not subscriptions:
-            return False
-        receivers = [s.deliver_now for s in subscriptions if not s.closed]
+    def receivers_now(self, channel: Channel) -> Receivers | None:
+        """The receivers of ``channel`` that take a delivery at once, without
+        waiting (each subscription's ``deliver_now``), as they are until a
+        subscription comes or goes (:attr:`Receivers.current`). None when
+        one of them can only be delivered to by :meth:`deliver`; no
+        receivers when ``channel`` has no subscription."""
+        subscriptions = self._by_channel.get(channel, ())
+        receivers = tuple(s.deliver_now for s in subscriptions if not s.closed)
         if None in receivers:
             return None
-        for deliver_now in receivers:
-            try:
-                deliver_now(delivery)  # type: ignore[misc]
-            except Exception as err:
-                _log.warning("delivery failed", error=type(err).__name__)
-        return True
+        return Receivers(self, receivers)  # type: ignore[arg-type]
 
     def _remove(self, subscription: _LocalSubscription[Channel]) -> None:
         subscriptions = self._by_channel.get(subscription.channel)
         if subscriptions is None:
             return
         subscriptions.discard(subscription)
+        self.version += 1
         if not subscriptions:
             del self._by_channel[subscription.channel]
+
+
+class Receivers:
+    """Who one channel's deliveries reach at once (see
+    :meth:`LocalSubscribers.receivers_now`): kept by a relay that sends many
+    messages the same way, and found again once it is no longer
+    :attr:`current`."""
+
+    __slots__ = ("callables", "owner", "version")
+
+    def __init__(self, owner: LocalSubscribers[Any], callables: tuple[DeliverNow, ...]) -> None:
+        self.owner = owner
+        # Current while ``owner.version`` is this: no subscription came or
+        # went since these were found (compared by the relay's hot path
+        # itself: a property would cost a call per message).
+        self.version = owner.version
+        self.callables = callables
+
+    @property
+    def current(self) -> bool:
+        """No subscription came or went since these were found."""
+        return self.owner.version == self.version
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` to each, as :meth:`LocalSubscribers.deliver` does:
+        a receiver that raises stops neither the others nor the caller."""
+        for deliver_now in self.callables:
+            try:
+                deliver_now(delivery)
+            except Exception as err:
+                _log.warning("delivery failed", error=type(err).__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 import pytest
@@ -18,9 +19,11 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
 from structlog.testing import capture_logs
 
-from server.app_keys import ROOMS, WEBSOCKETS
+from server.app_keys import WEBSOCKETS
 from server.ws.connection import CLOSE_HANDSHAKE_S, Connection
+from server.ws.outbox import Outbox
 from signaling.protocol import MAX_FRAME_BYTES
+from signaling.relay import Route
 from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 
 pytestmark = pytest.mark.signaling_backends
@@ -102,7 +105,8 @@ async def test_a_relay_that_fails_in_the_reads_callback_cuts_the_socket_and_the_
     def broken(*_args: Any) -> bool:
         raise RuntimeError("the relay failed")
 
-    monkeypatch.setattr(harness.app[ROOMS], "relay_now", broken)
+    # Every socket's route, the patient's among them.
+    monkeypatch.setattr(Route, "__call__", broken)
     with capture_logs() as logs:
         await patient.send_json(candidate(1))
         message = await patient.receive(timeout=5)
@@ -127,6 +131,67 @@ async def test_relays_and_other_frames_sent_at_once_keep_their_order(
     assert got == [candidate(n)["candidate"] for n in range(30)]
     for _ in range(5):
         await receive(therapist, "pong")
+
+
+async def test_a_relays_route_is_found_again_when_the_receiver_is_replaced_leaves_or_returns(
+    harness: Harness, sockets: Sockets
+) -> None:
+    # A sender's route (signaling.relay.Route) is kept between relays while
+    # the room and the subscriptions stay as they were: each change below
+    # must send the next relay to the socket that holds the patient now.
+    setup, therapist, laptop = await admitted_pair(harness, sockets)
+    await therapist.send_json(candidate(1))
+    assert (await receive(laptop, "candidate"))["candidate"] == candidate(1)["candidate"]
+    # Replaced by a second device: the next relay goes to the phone.
+    phone = await sockets.patient(setup.invite_token)
+    await receive(phone, "welcome")
+    await receive(laptop, "replaced")
+    await receive(therapist, "peer-rejoined")
+    await therapist.send_json(candidate(2))
+    assert (await receive(phone, "candidate"))["candidate"] == candidate(2)["candidate"]
+    # Gone: refused as such, not written to a socket that closed.
+    await phone.close()
+    await receive(therapist, "peer-reconnecting")
+    await therapist.send_json(candidate(3))
+    assert (await receive(therapist, "error"))["code"] == "peer_absent"
+    # Back: the relay reaches the new socket, and it alone.
+    back = await sockets.patient(setup.invite_token)
+    await receive(back, "welcome")
+    await receive(therapist, "peer-rejoined")
+    await therapist.send_json(candidate(4))
+    assert (await receive(back, "candidate"))["candidate"] == candidate(4)["candidate"]
+    # And the patient's own route, kept from before, the other way.
+    await back.send_json(candidate(5))
+    assert (await receive(therapist, "candidate"))["candidate"] == candidate(5)["candidate"]
+
+
+async def test_frames_relayed_from_one_read_leave_in_one_write_when_the_read_is_handled(
+    harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    flush = Outbox.flush
+
+    def counted(outbox: Outbox) -> None:
+        writes.append(len(outbox._frames))
+        flush(outbox)
+
+    monkeypatch.setattr(Outbox, "flush", counted)
+    _setup, therapist, patient = await admitted_pair(harness, sockets)
+    writes.clear()
+    # Ten candidates in one write of the client: one read of the server.
+    frames = b"".join(masked(json.dumps(candidate(n))) for n in range(10))
+    therapist._writer.transport.write(frames)
+    got = [(await receive(patient, "candidate"))["candidate"] for _ in range(10)]
+    assert got == [candidate(n)["candidate"] for n in range(10)]
+    assert writes == [10]
+
+
+def masked(text: str) -> bytes:
+    """A client's text frame (masked, as RFC 6455 requires), under 126 bytes."""
+    mask = b"\x01\x02\x03\x04"
+    data = text.encode()
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return bytes([0x81, 0x80 | len(data)]) + mask + body
 
 
 def candidate(n: int) -> dict[str, Any]:
@@ -267,13 +332,6 @@ async def test_frames_sent_with_the_upgrade_request_are_handled_in_order(
     app = echo_app()
     client = await aiohttp_client(app)
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    mask = b"\x01\x02\x03\x04"
-
-    def masked(text: str) -> bytes:
-        data = text.encode()
-        body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        return bytes([0x81, 0x80 | len(data)]) + mask + body
-
     writer.write(
         b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

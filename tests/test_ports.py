@@ -179,6 +179,77 @@ async def test_a_failing_receiver_stops_neither_the_others_nor_the_sender(
     assert "symptom" not in repr(logged)
 
 
+async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_or_goes(
+    cluster: Cluster,
+) -> None:
+    # What a relay's route keeps (signaling.relay.Route): the receivers on
+    # this node that take a delivery at once, for as long as they are current.
+    broker = cluster.one.broker
+    here = getattr(broker, "node_id", "")
+    consult = uuid.uuid4()
+    laptop: list[Delivery] = []
+    phone: list[Delivery] = []
+
+    async def never(delivery: Delivery) -> None:
+        raise AssertionError("deliveries at once never wait")
+
+    first = await broker.subscribe(
+        consult, ParticipantRole.PATIENT, never, deliver_now=laptop.append
+    )
+    receivers = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    assert receivers is not None
+    assert receivers.current
+    receivers.deliver(Delivery({"n": 1}))
+    assert [d.message for d in laptop] == [{"n": 1}]
+    # A second connection of the participant: the receivers found before are not current.
+    second = await broker.subscribe(
+        consult, ParticipantRole.PATIENT, never, deliver_now=phone.append
+    )
+    assert not receivers.current
+    both = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    assert both is not None
+    assert both.current
+    both.deliver(Delivery({"n": 2}))
+    assert [d.message for d in laptop] == [{"n": 1}, {"n": 2}]
+    assert [d.message for d in phone] == [{"n": 2}]
+    # One goes: not current either; found again, the other one alone.
+    await first.close()
+    assert not both.current
+    alone = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    assert alone is not None
+    alone.deliver(Delivery({"n": 3}))
+    assert [d.message for d in laptop] == [{"n": 1}, {"n": 2}]
+    assert [d.message for d in phone] == [{"n": 2}, {"n": 3}]
+    await second.close()
+    # A receiver that can only be awaited: nothing at once (publish instead).
+    await broker.subscribe(consult, ParticipantRole.THERAPIST, never)
+    assert broker.receivers_now(consult, ParticipantRole.THERAPIST, where=here) is None
+
+
+async def test_a_receiver_that_fails_at_once_stops_neither_the_others_nor_the_sender(
+    cluster: Cluster,
+) -> None:
+    broker = cluster.one.broker
+    here = getattr(broker, "node_id", "")
+    consult = uuid.uuid4()
+    healthy: list[Delivery] = []
+
+    def broken(delivery: Delivery) -> None:
+        raise RuntimeError(f"socket exploded on {delivery.message}")
+
+    await broker.subscribe(consult, ParticipantRole.PATIENT, Recorder().deliver, deliver_now=broken)
+    await broker.subscribe(
+        consult, ParticipantRole.PATIENT, Recorder().deliver, deliver_now=healthy.append
+    )
+    receivers = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    assert receivers is not None
+    with capture_logs() as logged:
+        receivers.deliver(Delivery({"secret": "symptom"}))
+    assert [d.message for d in healthy] == [{"secret": "symptom"}]
+    assert [entry["event"] for entry in logged] == ["delivery failed"]
+    assert "symptom" not in repr(logged)
+
+
 async def test_deliveries_published_at_once_all_arrive_each_sender_in_order(
     cluster: Cluster,
 ) -> None:

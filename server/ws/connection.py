@@ -77,7 +77,7 @@ class Connection(asyncio.Protocol):
     Writing is the owner's: frames go to :attr:`transport` (the signaling
     socket's :class:`~server.ws.outbox.Outbox` batches them). ``before_close``
     is called before a close frame is written, so that what was queued goes
-    out first; ``heard`` on every chunk of data from the client.
+    out first. Every chunk of data from the client sets :attr:`quiet` to 0.
     """
 
     __slots__ = (
@@ -96,7 +96,7 @@ class Connection(asyncio.Protocol):
         "_timer",
         "_worker",
         "before_close",
-        "heard",
+        "quiet",
         "transport",
     )
 
@@ -120,7 +120,9 @@ class Connection(asyncio.Protocol):
         self._lost_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.before_close: Callable[[], None] | None = None
-        self.heard: Callable[[], None] | None = None
+        # Heartbeat rounds since the last data from the client (its owner's
+        # heartbeat counts them up; every read sets it back).
+        self.quiet = 0
 
     # -- taking over from aiohttp ------------------------------------------
 
@@ -185,9 +187,15 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.heard is not None:
-            self.heard()
-        failed, _ = self._parser.feed_data(data)
+        self.quiet = 0
+        after = AFTER_READ
+        after.reading = True
+        try:
+            failed, _ = self._parser.feed_data(data)
+        finally:
+            after.reading = False
+            if after.due:
+                after.run()
         if failed:
             assert self._queue is not None
             self._fail(self._queue.exception())
@@ -288,7 +296,7 @@ class Connection(asyncio.Protocol):
                 self.transport.write(control_frame(0x8A, bytes(data)))
         elif kind is _CLOSE:
             self._close_received()
-        # A pong only says the client is alive (heard, in data_received).
+        # A pong only says the client is alive (quiet = 0, in data_received).
 
     async def _work(self) -> None:
         """Handle the frames waiting, in order; end when none is left."""
@@ -335,7 +343,32 @@ class Connection(asyncio.Protocol):
             _log.exception("a signaling socket's end could not be handled")
         # The conversation refers to this connection: nothing holds it now.
         self._conversation = None
-        self.before_close = self.heard = None
+        self.before_close = None
+
+
+class _AfterRead:
+    """What is to be done when a read's callback ends: the outboxes written
+    to while its frames were handled flush then, each in one system call,
+    rather than in a callback of their own later in the loop's turn."""
+
+    __slots__ = ("due", "reading")
+
+    def __init__(self) -> None:
+        # A read's callback is running: writes wait for its end.
+        self.reading = False
+        self.due: list[Callable[[], None]] = []
+
+    def run(self) -> None:
+        due, self.due = self.due, []
+        for job in due:
+            try:
+                job()
+            except Exception:
+                _log.exception("a write after a read failed")
+
+
+# One per process: one read's callback runs at a time.
+AFTER_READ = _AfterRead()
 
 
 class _Frames(WebSocketDataQueue):

@@ -7,7 +7,7 @@ import json
 import struct
 from typing import Any
 
-from server.ws.connection import CLOSE_HANDSHAKE_S, Connection, control_frame
+from server.ws.connection import AFTER_READ, CLOSE_HANDSHAKE_S, Connection, control_frame
 from signaling.ports import Delivery
 from signaling.protocol import CloseCode
 
@@ -24,12 +24,14 @@ class Outbox:
     ``welcome`` is out, so it is always the first message. Replies to the
     socket's own messages take the same way, so nothing overtakes.
 
-    Frames written in one turn of the event loop go out together, in one
-    system call, when that turn ends: an offer and the trickle candidates
-    behind it usually arrive in one read, and are passed on in one write.
-    Nothing waits longer than the current turn.
+    Frames written while one read is handled go out together, in one system
+    call, when the read's callback ends (:data:`~server.ws.connection.AFTER_READ`):
+    an offer and the trickle candidates behind it usually arrive in one
+    read, and are passed on in one write. Frames written elsewhere (a task,
+    a timer) go out when the current turn of the event loop ends. Nothing
+    waits longer than that.
 
-    The frames are made here (:func:`text_frame`) and go to the
+    The frames are made here (:meth:`_write`) and go to the
     connection's transport; its pings' answers and its close frame go beside
     them (:class:`~server.ws.connection.Connection`), the close frame after
     what is queued here.
@@ -40,7 +42,7 @@ class Outbox:
     handshake.
 
     The outbox also keeps the socket's WebSocket heartbeat, without a timer of
-    its own: the read loop calls :meth:`heard` on every frame, and one
+    its own: every read of the connection sets its ``quiet`` back to 0, and one
     periodic round over all sockets (:mod:`server.ws.heartbeat`) calls
     :meth:`beat`, which pings a socket that has been silent and drops one
     that did not answer. An idle socket is a few attributes, no timer.
@@ -57,7 +59,6 @@ class Outbox:
         "_pending",
         "_ready",
         "_transport",
-        "quiet",
     )
 
     def __init__(self, connection: Connection, connection_id: str) -> None:
@@ -73,9 +74,6 @@ class Outbox:
         self._transport = transport
         self._high_water = transport.get_write_buffer_limits()[1]
         self._loop = asyncio.get_running_loop()
-        # Heartbeat rounds since the last frame from the client.
-        self.quiet = 0
-        connection.heard = self.heard
         connection.before_close = self.flush
 
     async def deliver(self, delivery: Delivery) -> None:
@@ -83,14 +81,19 @@ class Outbox:
 
     def deliver_now(self, delivery: Delivery) -> None:
         """Write ``delivery`` (it never waits: see the class's docstring)."""
-        if delivery.connection_id not in (None, self._connection_id):
+        connection_id = delivery.connection_id
+        if connection_id is not None and connection_id != self._connection_id:
             return
         if self._closing is not None or self._connection.closed:
             return
         if not self._ready:
             self._pending.append(delivery)
             return
-        self._write(delivery.encoded(), close_code=delivery.close_code)
+        text = delivery.text
+        self._write(
+            json.dumps(delivery.message) if text is None else text,
+            close_code=delivery.close_code,
+        )
 
     def send(self, message: dict[str, Any]) -> None:
         """Send one of our own messages (a reply, an error) behind what is queued."""
@@ -118,42 +121,55 @@ class Outbox:
             if not done:
                 self._closing.cancel()
 
-    def heard(self) -> None:
-        """A frame came from the client: it is alive."""
-        self.quiet = 0
-
     def beat(self) -> None:
         """One heartbeat round (every half ``signaling.heartbeat_s``): a socket
         silent for a round is pinged at the next; one still silent a round
         after its ping is dropped, as a peer that is gone (the read loop then
         ends, and the room hears of it)."""
-        self.quiet += 1
-        if self.quiet == PING_AFTER_ROUNDS:
+        connection = self._connection
+        connection.quiet += 1
+        if connection.quiet == PING_AFTER_ROUNDS:
             if not self._transport.is_closing() and not self._connection.closed:
-                self._queue(PING_FRAME)
-        elif self.quiet > PING_AFTER_ROUNDS:
+                # A heartbeat round runs in a timer, never within a read.
+                if not self._frames:
+                    self._loop.call_soon(self.flush)
+                self._frames.append(PING_FRAME)
+                self._framed_bytes += len(PING_FRAME)
+        elif connection.quiet > PING_AFTER_ROUNDS:
             self._transport.close()
 
-    def _queue(self, frame: bytes) -> None:
-        if not self._frames:
-            self._loop.call_soon(self.flush)
-        self._frames.append(frame)
-        self._framed_bytes += len(frame)
-
     def _write(self, text: str, *, close_code: int | None = None) -> None:
+        # The hot path of every relayed message: one unmasked, unfragmented
+        # text frame (RFC 6455, 5.2), as a server sends it: FIN set, RSV1 to
+        # RSV3 clear (no compression), opcode 1.
         transport = self._transport
         if transport.is_closing():
             return  # gone; the reader notices and the room hears of it
-        frame = text_frame(text.encode())
+        payload = text.encode()
+        size = len(payload)
+        if size < 126:
+            frame = _SHORT_HEADERS[size] + payload
+        elif size < 1 << 16:
+            frame = _MEDIUM_HEADER(0x81, 126, size) + payload
+        else:
+            frame = _LONG_HEADER(0x81, 127, size) + payload
+        size = len(frame)
         # Bytes wait in user space only once the kernel's buffer is full,
         # i.e. when the client has stopped reading. A write past the
         # transport's high-water mark would make the publisher (the other
         # participant's task) wait for this client: close it instead.
         queued = transport.get_write_buffer_size() + self._framed_bytes
-        if queued > 0 and queued + len(frame) > self._high_water:
+        if queued > 0 and queued + size > self._high_water:
             self._close_later(CloseCode.POLICY_VIOLATION)
             return
-        self._queue(frame)
+        frames = self._frames
+        if not frames:
+            if AFTER_READ.reading:
+                AFTER_READ.due.append(self.flush)
+            else:
+                self._loop.call_soon(self.flush)
+        frames.append(frame)
+        self._framed_bytes += size
         if close_code is not None:
             self._close_later(close_code)
 
@@ -165,7 +181,10 @@ class Outbox:
         # After a close frame, nothing else may follow it.
         if self._transport.is_closing() or self._connection.closed:
             return
-        self._transport.writelines(frames)
+        if len(frames) == 1:
+            self._transport.write(frames[0])
+        else:
+            self._transport.writelines(frames)
 
     def _close_later(self, code: int) -> None:
         if self._closing is None:
@@ -175,14 +194,8 @@ class Outbox:
 
 # A ping without a payload.
 PING_FRAME = control_frame(0x89, b"")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented text frame (RFC 6455, 5.2), as a server sends it:
-    FIN set, RSV1 to RSV3 clear (no compression), opcode 1."""
-    size = len(payload)
-    if size < 126:
-        return struct.pack("!BB", 0x81, size) + payload
-    if size < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
+# The header of a text frame of each size below 126 bytes, and the two
+# longer forms (a 16-bit size, a 64-bit one).
+_SHORT_HEADERS = tuple(struct.pack("!BB", 0x81, size) for size in range(126))
+_MEDIUM_HEADER = struct.Struct("!BBH").pack
+_LONG_HEADER = struct.Struct("!BBQ").pack

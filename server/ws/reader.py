@@ -29,6 +29,7 @@ from signaling.protocol import (
     Bye,
     CloseCode,
     ErrorCode,
+    InboundMessage,
     ParticipantRole,
     ProtocolError,
     RecordRequest,
@@ -64,8 +65,10 @@ class Conversation:
         "_bucket",
         "_max_refused",
         "_metrics",
+        "_parsed",
         "_refused_in_a_row",
         "_rooms",
+        "_route",
         "_session_hash",
         "_subscription",
         "connection",
@@ -94,10 +97,13 @@ class Conversation:
         self._session_hash = None if session is None else session.id_hash
         self._bucket = TokenBucket(rate=limits.rate_per_s, burst=limits.burst, now=time.monotonic())
         self._refused_in_a_row = 0
+        self._route = self._rooms.relay_route(participant)
+        # The frame received_now parsed and left to received: not parsed twice.
+        self._parsed: tuple[str, InboundMessage] | None = None
 
     def received_now(self, data: str | bytes) -> bool:
         """Relay a relayed message (offer, answer, candidate) at once, where
-        the room can (:meth:`~signaling.rooms.ConsultRooms.relay_now`): no
+        the room can (:meth:`~signaling.rooms.ConsultRooms.relay_route`): no
         task, no await. False for anything else, and for a relay it cannot
         do or refuse here: :meth:`received` then handles the frame."""
         if type(data) is not str:
@@ -107,12 +113,15 @@ class Conversation:
         except ProtocolError:
             return False
         if message.type not in RELAYED:
+            self._parsed = (data, message)
             return False
         received = time.monotonic()
         if not self._bucket.allow(received):
+            self._parsed = (data, message)
             return False
-        if not self._rooms.relay_now(self.participant, message, data):
+        if not self._route(message, data):
             self._bucket.give_back()
+            self._parsed = (data, message)
             return False
         self._metrics.record_relayed(message.type, time.monotonic() - received)
         self._refused_in_a_row = 0
@@ -123,6 +132,7 @@ class Conversation:
         participant = self.participant
         outbox = self.outbox
         received = time.monotonic()
+        parsed, self._parsed = self._parsed, None
         try:
             if not self._bucket.allow(received):
                 raise ProtocolError(
@@ -132,7 +142,7 @@ class Conversation:
                 raise ProtocolError(
                     ErrorCode.INVALID_JSON, "send text frames with JSON, not binary"
                 )
-            message = parse_inbound(data)
+            message = parsed[1] if parsed is not None and parsed[0] is data else parse_inbound(data)
             # The therapist's only: the room refuses a patient's as not_allowed.
             if isinstance(message, RecordRequest) and participant.role is ParticipantRole.THERAPIST:
                 await check_practice_records(app, participant)

@@ -50,7 +50,7 @@ from signaling.redis.codec import (
 )
 from signaling.redis.errors import UNREACHABLE
 from signaling.redis.rooms import STATE_SUFFIX, RedisRoomStore
-from signaling.subscribers import LocalSubscribers
+from signaling.subscribers import LocalSubscribers, Receivers
 
 __all__ = ["RedisBroker"]
 
@@ -274,14 +274,15 @@ class RedisBroker:
                 raise StateUnavailable(f"the delivery went nowhere: {err}") from err
             _log.debug("delivery kept to this node: Redis unreachable")
 
-    def publish_now(
-        self, consult_id: uuid.UUID, role: ParticipantRole, delivery: Delivery, *, where: str | None
-    ) -> bool:
+    def receivers_now(
+        self, consult_id: uuid.UUID, role: ParticipantRole, *, where: str | None
+    ) -> Receivers | None:
         """At once only where :meth:`publish` would skip Redis: the receiver
         on this node, and a subscriber of it here."""
         if where != self._node_id:
-            return False
-        return self._subscribers.deliver_now(self.channel(consult_id, role), delivery) is True
+            return None
+        receivers = self._subscribers.receivers_now(self.channel(consult_id, role))
+        return receivers if receivers is not None and receivers.callables else None
 
     async def subscribe(
         self,
