@@ -25,6 +25,7 @@ from signaling.ports import Broker, Delivery, RoomStore, Timers
 from signaling.protocol import ParticipantRole
 from signaling.redis import RedisBroker, RedisRoomStore, RedisTimers
 from signaling.state import Presence, RoomPhase, RoomState
+from signaling.subscribers import Receivers
 from tests.support.deliveries import Recorder
 from tests.support.room_marks import mark, mark_of
 
@@ -179,24 +180,27 @@ async def test_a_failing_receiver_stops_neither_the_others_nor_the_sender(
     assert "symptom" not in repr(logged)
 
 
+def here(broker: Broker, consult: uuid.UUID, role: ParticipantRole) -> Receivers | None:
+    """``broker.receivers_now`` for a receiver on the broker's own node."""
+    return broker.receivers_now(consult, role, where=getattr(broker, "node_id", ""))
+
+
+async def never(delivery: Delivery) -> None:
+    raise AssertionError("a delivery at once never waits")
+
+
 async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_or_goes(
     cluster: Cluster,
 ) -> None:
     # What a relay's route keeps (signaling.relay.Route): the receivers on
     # this node that take a delivery at once, for as long as they are current.
-    broker = cluster.one.broker
-    here = getattr(broker, "node_id", "")
-    consult = uuid.uuid4()
+    broker, consult = cluster.one.broker, uuid.uuid4()
     laptop: list[Delivery] = []
     phone: list[Delivery] = []
-
-    async def never(delivery: Delivery) -> None:
-        raise AssertionError("deliveries at once never wait")
-
     first = await broker.subscribe(
         consult, ParticipantRole.PATIENT, never, deliver_now=laptop.append
     )
-    receivers = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    receivers = here(broker, consult, ParticipantRole.PATIENT)
     assert receivers is not None
     assert receivers.current
     receivers.deliver(Delivery({"n": 1}))
@@ -206,7 +210,7 @@ async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_o
         consult, ParticipantRole.PATIENT, never, deliver_now=phone.append
     )
     assert not receivers.current
-    both = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    both = here(broker, consult, ParticipantRole.PATIENT)
     assert both is not None
     assert both.current
     both.deliver(Delivery({"n": 2}))
@@ -215,7 +219,7 @@ async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_o
     # One goes: not current either; found again, the other one alone.
     await first.close()
     assert not both.current
-    alone = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    alone = here(broker, consult, ParticipantRole.PATIENT)
     assert alone is not None
     alone.deliver(Delivery({"n": 3}))
     assert [d.message for d in laptop] == [{"n": 1}, {"n": 2}]
@@ -223,25 +227,21 @@ async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_o
     await second.close()
     # A receiver that can only be awaited: nothing at once (publish instead).
     await broker.subscribe(consult, ParticipantRole.THERAPIST, never)
-    assert broker.receivers_now(consult, ParticipantRole.THERAPIST, where=here) is None
+    assert here(broker, consult, ParticipantRole.THERAPIST) is None
 
 
 async def test_a_receiver_that_fails_at_once_stops_neither_the_others_nor_the_sender(
     cluster: Cluster,
 ) -> None:
-    broker = cluster.one.broker
-    here = getattr(broker, "node_id", "")
-    consult = uuid.uuid4()
+    broker, consult = cluster.one.broker, uuid.uuid4()
     healthy: list[Delivery] = []
 
     def broken(delivery: Delivery) -> None:
         raise RuntimeError(f"socket exploded on {delivery.message}")
 
-    await broker.subscribe(consult, ParticipantRole.PATIENT, Recorder().deliver, deliver_now=broken)
-    await broker.subscribe(
-        consult, ParticipantRole.PATIENT, Recorder().deliver, deliver_now=healthy.append
-    )
-    receivers = broker.receivers_now(consult, ParticipantRole.PATIENT, where=here)
+    await broker.subscribe(consult, ParticipantRole.PATIENT, never, deliver_now=broken)
+    await broker.subscribe(consult, ParticipantRole.PATIENT, never, deliver_now=healthy.append)
+    receivers = here(broker, consult, ParticipantRole.PATIENT)
     assert receivers is not None
     with capture_logs() as logged:
         receivers.deliver(Delivery({"secret": "symptom"}))
