@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.db import autocommit
+from audit.direct import OnConnection, Prepared, SingleStatements, Statements
 from audit.errors import Conflict, NotFound
 from audit.labels import SealedLabel, destroy_label, sealed_label_of, with_sealed_label
 from audit.outbox import consult_event
@@ -101,8 +103,9 @@ class Invite:
     consult_started: bool = False
 
 
-def _consult(row: sa.Row[tuple[object, ...]]) -> Consult:
-    m = row._mapping
+def _consult(row: sa.Row[tuple[object, ...]] | Mapping[str, object]) -> Consult:
+    """The consult of a row (or its mapping by column name) with the consult's columns."""
+    m: Mapping[Any, Any] = row._mapping if isinstance(row, sa.Row) else row
     return Consult(
         id=m["id"],
         therapist_id=m["therapist_id"],
@@ -148,9 +151,9 @@ async def get_consult(
     return _consult(row)
 
 
-# Read as every patient joins (issue 19's storm): built once, as the invite's
-# statements below are.
-_CONSULT_AND_LABEL = (
+# Read as every patient joins (issue 19's storm): compiled once, as the
+# invite's statements below are (audit.direct).
+_CONSULT_AND_LABEL = Prepared(
     with_sealed_label(sa.select(consults), consults.c.id)
     # The therapist's organisation: its access log records the label's showing.
     .outerjoin(accounts, accounts.c.id == consults.c.therapist_id)
@@ -160,11 +163,11 @@ _CONSULT_AND_LABEL = (
 
 
 async def get_consult_and_label(
-    conn: AsyncConnection, consult_id: uuid.UUID
+    db: Statements, consult_id: uuid.UUID
 ) -> tuple[Consult, SealedLabel | None]:
     """The consult and its therapist's label as stored (None without one), in
     one query; the label knows its therapist and their organisation."""
-    row = (await conn.execute(_CONSULT_AND_LABEL, {"consult_id": consult_id})).first()
+    row = await db.first(_CONSULT_AND_LABEL, {"consult_id": consult_id})
     if row is None:
         raise NotFound("no such consult")
     return _consult(row), sealed_label_of(row)
@@ -186,7 +189,7 @@ async def list_consults(
 # Starts a consult whose organisation has no webhook endpoint (most): then
 # nothing goes to the outbox, and the start is this one statement. An endpoint
 # made meanwhile is as one made just after the start, as in a transaction.
-_START_WITHOUT_ENDPOINTS = (
+_START_WITHOUT_ENDPOINTS = Prepared(
     consults.update()
     .where(
         consults.c.id == sa.bindparam("consult_id"),
@@ -205,13 +208,16 @@ _START_WITHOUT_ENDPOINTS = (
 )
 
 
-async def start_consult(engine: AsyncEngine, consult_id: uuid.UUID, *, now: datetime) -> Consult:
+async def start_consult(
+    single: SingleStatements, consult_id: uuid.UUID, *, now: datetime
+) -> Consult:
     """:func:`mark_started` in a transaction of its own: on PostgreSQL, for a
     consult whose organisation has no webhook endpoint, one statement and no
     BEGIN or COMMIT (each admission of issue 19's storm)."""
+    engine = single.engine
     if engine.dialect.name == "postgresql":
-        async with autocommit(engine) as conn:
-            started = await _start_without_endpoints(conn, consult_id, now)
+        async with single.autocommit() as db:
+            started = await _start_without_endpoints(db, consult_id, now)
         if started is not None:
             return started
     async with engine.begin() as conn:
@@ -230,13 +236,11 @@ async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: dat
 
 
 async def _start_without_endpoints(
-    conn: AsyncConnection, consult_id: uuid.UUID, now: datetime
+    db: Statements, consult_id: uuid.UUID, now: datetime
 ) -> Consult | None:
-    row = (
-        await conn.execute(
-            _START_WITHOUT_ENDPOINTS, {"consult_id": consult_id, "started_at_now": now}
-        )
-    ).first()
+    row = await db.first(
+        _START_WITHOUT_ENDPOINTS, {"consult_id": consult_id, "started_at_now": now}
+    )
     return None if row is None else _consult(row)
 
 
@@ -244,7 +248,7 @@ async def _mark_started(
     conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime, plain_first: bool
 ) -> Consult:
     if plain_first:
-        started = await _start_without_endpoints(conn, consult_id, now)
+        started = await _start_without_endpoints(OnConnection(conn), consult_id, now)
         if started is not None:
             return started
     # Started earlier or over, or its organisation has endpoints.
@@ -361,12 +365,11 @@ async def revoke_invites(conn: AsyncConnection, consult_id: uuid.UUID, *, now: d
 
 
 # The statements on every patient's way in (issue 19's admission storm),
-# built once: per call, SQLAlchemy neither builds them again nor works out
-# their cache key (py-spy: about a tenth of the ticket request's CPU). The
-# values go in as parameters.
+# compiled once and run on asyncpg's own prepared statements on PostgreSQL
+# (audit.direct). The values go in as parameters.
 
 # The invite and its consult in one query (one round trip).
-_INVITE_WITH_CONSULT = (
+_INVITE_WITH_CONSULT = Prepared(
     sa.select(
         invites.c.token_hash,
         invites.c.expires_at,
@@ -378,8 +381,10 @@ _INVITE_WITH_CONSULT = (
     .join(consults, consults.c.id == invites.c.consult_id)
     .where(invites.c.token_hash == sa.bindparam("invite_hash"))
 )
-_CONSULT_STATUS = sa.select(consults.c.status).where(consults.c.id == sa.bindparam("consult_id"))
-_NOTE_INVITE_USED = (
+_CONSULT_STATUS = Prepared(
+    sa.select(consults.c.status).where(consults.c.id == sa.bindparam("consult_id"))
+)
+_NOTE_INVITE_USED = Prepared(
     invites.update()
     .where(
         invites.c.token_hash == sa.bindparam("invite_hash"),
@@ -389,17 +394,17 @@ _NOTE_INVITE_USED = (
 )
 
 
-async def open_invite(conn: AsyncConnection, token: str, *, now: datetime) -> Invite:
+async def open_invite(db: Statements, token: str, *, now: datetime) -> Invite:
     """Return the invite if it can be used now; :class:`InviteInvalid` says why not.
 
     Usable: not revoked, its consult not over, and either within its validity
     or its consult running (the patient was admitted).
     """
-    return await open_invite_by_hash(conn, token_hash(token), now=now)
+    return await open_invite_by_hash(db, token_hash(token), now=now)
 
 
 async def open_invite_by_hash(
-    conn: AsyncConnection,
+    db: Statements,
     invite_hash: str,
     *,
     now: datetime,
@@ -412,14 +417,15 @@ async def open_invite_by_hash(
     (:func:`mark_ended` deletes it), and then it still answers that the
     consult is over. It only reads.
     """
-    row = (await conn.execute(_INVITE_WITH_CONSULT, {"invite_hash": invite_hash})).first()
+    row = await db.first(_INVITE_WITH_CONSULT, {"invite_hash": invite_hash})
     if row is None:
-        over = (
-            consult_id is not None
-            and await conn.scalar(_CONSULT_STATUS, {"consult_id": consult_id}) in OVER_STATUSES
-        )
+        status = None
+        if consult_id is not None:
+            found = await db.first(_CONSULT_STATUS, {"consult_id": consult_id})
+            status = None if found is None else found["status"]
+        over = status in OVER_STATUSES
         raise InviteInvalid(InviteProblem.CONSULT_OVER if over else InviteProblem.UNKNOWN)
-    if row.revoked_at is not None:
+    if row["revoked_at"] is not None:
         raise InviteInvalid(InviteProblem.REVOKED)
     consult = _consult(row)
     if consult.is_over:
@@ -427,13 +433,13 @@ async def open_invite_by_hash(
     # The link's validity bounds the wait for the consult, not the consult:
     # once admitted (the consult runs), the patient may come back after a
     # drop or a reload until it ends, or until the therapist revokes the link.
-    if row.expires_at <= now and consult.started_at is None:
+    if row["expires_at"] <= now and consult.started_at is None:
         raise InviteInvalid(InviteProblem.EXPIRED)
     return Invite(
-        row.token_hash,
+        row["token_hash"],
         consult.id,
-        row.expires_at,
-        row.guardian_consent,
+        row["expires_at"],
+        row["guardian_consent"],
         scheduled_at=consult.scheduled_at,
         consult_started=consult.started_at is not None,
     )
@@ -450,8 +456,8 @@ async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid
     return bool(found)
 
 
-async def note_invite_used(conn: AsyncConnection, invite: Invite, *, now: datetime) -> None:
-    await conn.execute(_NOTE_INVITE_USED, {"invite_hash": invite.token_hash, "used_at": now})
+async def note_invite_used(db: Statements, invite: Invite, *, now: datetime) -> None:
+    await db.execute(_NOTE_INVITE_USED, {"invite_hash": invite.token_hash, "used_at": now})
 
 
 def invite_expiry(*, now: datetime, scheduled_at: datetime | None, validity_s: int) -> datetime:

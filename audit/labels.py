@@ -19,6 +19,7 @@ after the end, so nothing would have been destroyed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +121,10 @@ def with_sealed_label(query: sa.Select[Any], consult_id: sa.ColumnElement[Any]) 
     )
 
 
-def sealed_label_of(row: sa.Row[Any]) -> SealedLabel | None:
-    """The label of a row of a :func:`with_sealed_label` query; None without one."""
-    m = row._mapping
+def sealed_label_of(row: sa.Row[Any] | Mapping[str, Any]) -> SealedLabel | None:
+    """The label of a row of a :func:`with_sealed_label` query (a row, or its
+    mapping by column name); None without one."""
+    m = row._mapping if isinstance(row, sa.Row) else row
     if m["label_consult_id"] is None:
         return None
     return SealedLabel(

@@ -19,6 +19,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -72,6 +73,30 @@ STEPS = ("ticket", "upgrade", "welcome", "patient_waiting", "peer_joined")
 steps: list[list[float]] = []
 
 
+@dataclass
+class _Arrivals:
+    """The CPU the server and this generator used while the patients arrived,
+    and how long that took: a generator near a whole core of CPU per second
+    of it is itself the limit, and the latencies measure it too."""
+
+    pid: int
+    server_cpu_s: float
+    generator_cpu_s: float
+    wall_s: float
+
+    @classmethod
+    def begin(cls, pid: int) -> _Arrivals:
+        return cls(pid, proc_cpu_s(pid), time.process_time(), time.monotonic())
+
+    def end(self) -> _Arrivals:
+        return _Arrivals(
+            self.pid,
+            proc_cpu_s(self.pid) - self.server_cpu_s,
+            time.process_time() - self.generator_cpu_s,
+            time.monotonic() - self.wall_s,
+        )
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -86,7 +111,7 @@ async def _ours(
     spread_s: float,
     timeout_s: float,
     before_arrivals: Callable[[int], None] | None,
-) -> tuple[list[float], list[str], int, list[Inbox], float]:
+) -> tuple[list[float], list[str], int, list[Inbox], _Arrivals]:
     consults = await server.prepare(session, n, 32)
     inboxes: list[Inbox] = []
     therapists: list[Inbox] = []
@@ -156,16 +181,16 @@ async def _ours(
         except Exception:
             lost += 1
 
-    cpu = proc_cpu_s(server.pid)
+    arrivals = _Arrivals.begin(server.pid)
     if before_arrivals is not None:
         before_arrivals(server.pid)
     await asyncio.gather(*(patient(i, inv) for i, (_c, inv) in enumerate(consults)))
-    return waits, failures, lost, inboxes, proc_cpu_s(server.pid) - cpu
+    return waits, failures, lost, inboxes, arrivals.end()
 
 
 async def _peerjs(
     server: PeerJSServer, session: aiohttp.ClientSession, n: int, spread_s: float, timeout_s: float
-) -> tuple[list[float], list[str], int, list[Inbox], float]:
+) -> tuple[list[float], list[str], int, list[Inbox], _Arrivals]:
     inboxes: list[Inbox] = []
     ids = [(f"t{i}", f"p{i}") for i in range(n)]
     url = f"ws://{HOST}:{server.port}/peerjs?key=peerjs"
@@ -210,9 +235,9 @@ async def _peerjs(
         except Exception:
             lost += 1
 
-    cpu = proc_cpu_s(server.pid)
+    arrivals = _Arrivals.begin(server.pid)
     await asyncio.gather(*(second(i) for i in range(n)))
-    return waits, failures, lost, inboxes, proc_cpu_s(server.pid) - cpu
+    return waits, failures, lost, inboxes, arrivals.end()
 
 
 async def storm_run(
@@ -237,7 +262,7 @@ async def storm_run(
             else:
                 assert isinstance(server, PeerJSServer)
                 run = _peerjs(server, session, n, spread_s, timeout_s)
-            waits, failures, lost, inboxes, server_cpu = await run
+            waits, failures, lost, inboxes, arrivals = await run
             elapsed = time.monotonic() - started
             peak = proc_peak_rss(server.pid)
             server.stop()
@@ -266,7 +291,11 @@ async def storm_run(
         "p99_ms": round(_percentile(waits, 0.99) * 1000, 1),
         "max_ms": round(max(waits, default=float("nan")) * 1000, 1),
         # The server's CPU during the arrivals only (not the setup before them).
-        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_s": round(arrivals.server_cpu_s, 2),
+        # The generator's CPU meanwhile, and the arrivals' wall time (from the
+        # first patient's start to the last one's answer or failure).
+        "generator_cpu_s": round(arrivals.generator_cpu_s, 2),
+        "arrivals_wall_s": round(arrivals.wall_s, 2),
         "elapsed_s": round(elapsed, 1),
         "server_peak_rss_mb": round(peak / 2**20, 1),
     }
@@ -324,6 +353,7 @@ async def storms(
             print(
                 "bench:   admitted {admitted}, p50 {p50_ms} ms, p99 {p99_ms} ms, max {max_ms} ms, "
                 "failures {failures}, lost {lost}, server CPU {server_cpu_s} s, "
+                "generator CPU {generator_cpu_s} s in {arrivals_wall_s} s, "
                 "peak RSS {server_peak_rss_mb} MB {failure_samples} {steps_p50_ms}".format(**run),
                 flush=True,
             )

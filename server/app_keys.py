@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.access_writer import AccessLogWriter
 from audit.chunk_maps import ChunkMapCache
 from audit.clock import Clock
+from audit.direct import SingleStatements
 from audit.keys import MasterKey
 from audit.recordings import FileStore
 from audit.technical_log import TechnicalLog
@@ -35,6 +36,9 @@ SETTINGS = web.AppKey("settings", Settings)
 DATA_DIR = web.AppKey("data_dir", Path)
 MASTER_KEY = web.AppKey("master_key", MasterKey)
 DB_ENGINE = web.AppKey("db_engine", AsyncEngine)
+# A patient's way in, each statement on its own: on PostgreSQL asyncpg's own
+# pool and prepared statements (audit/direct.py).
+DB_STATEMENTS = web.AppKey("db_statements", SingleStatements)
 # Group commit of the access records of reads (audit/access_writer.py).
 ACCESS_LOG = web.AppKey("access_log", AccessLogWriter)
 # None when no Redis is configured (one node, everything in-process).

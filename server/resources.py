@@ -24,6 +24,7 @@ from audit.access_writer import AccessLogWriter
 from audit.chunk_maps import ChunkMapCache
 from audit.consults import running_consults
 from audit.db import RETURN_WAIT_S, close_engine, reading
+from audit.direct import SingleStatements
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
 from audit.recordings import FileStore, StopReason, mark_interrupted
@@ -37,6 +38,7 @@ from server.app_keys import (
     CLUSTER,
     DATA_DIR,
     DB_ENGINE,
+    DB_STATEMENTS,
     FILE_STORE,
     MASTER_KEY,
     REDIS,
@@ -97,12 +99,16 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
             await engine.dispose()
             raise
     app[DB_ENGINE] = engine
+    app[DB_STATEMENTS] = statements = await SingleStatements.open(
+        engine, connect_timeout_s=settings.database.connect_timeout_s
+    )
     app[ACCESS_LOG] = writer = AccessLogWriter(engine)
     try:
         yield
     finally:
         await writer.close()
-        still_in_use = await close_engine(engine)
+        still_in_use = await statements.close()
+        still_in_use += await close_engine(engine)
         if still_in_use:
             _log.warning(
                 "database connections still in use at shutdown",
@@ -250,7 +256,7 @@ def _rooms(
 ) -> ConsultRooms:
     settings = app[SETTINGS]
     return ConsultRooms(
-        engine=app[DB_ENGINE],
+        statements=app[DB_STATEMENTS],
         clock=app[CLOCK],
         broker=broker,
         store=store,

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import Consult, get_consult_and_label
+from audit.direct import OnConnection
 from audit.errors import NotFound
 from audit.labels import SealedLabel
 from signaling.changes import ChangeThenTell
@@ -169,7 +170,7 @@ class Recovery:
         consult_id = participants[0].consult_id
         try:
             async with self._engine.connect() as conn:
-                consult, label = await get_consult_and_label(conn, consult_id)
+                consult, label = await get_consult_and_label(OnConnection(conn), consult_id)
         except NotFound:
             return 0
         if consult.is_over:

@@ -24,11 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import get_consult_and_label, mark_ended, start_consult
-from audit.db import reading
+from audit.direct import SingleStatements
 from audit.labels import SealedLabel
 from audit.recordings import StopReason
 from audit.technical_log import DropReason, TechnicalLog
@@ -95,7 +94,7 @@ class ConsultRooms:
     def __init__(
         self,
         *,
-        engine: AsyncEngine,
+        statements: SingleStatements,
         clock: Clock,
         broker: Broker,
         store: RoomStore,
@@ -106,7 +105,9 @@ class ConsultRooms:
         recording: RecordingServices | None = None,
         node_id: str = "",
     ) -> None:
-        self._engine = engine
+        # A patient's way in: its statements each on their own (audit.direct).
+        self._statements = statements
+        self._engine = engine = statements.engine
         # patient-waiting, with the therapist's label read (and recorded) when shown.
         self.labels = labels
         # This server node, in each presence it records ("" for one node).
@@ -205,8 +206,8 @@ class ConsultRooms:
             if state.phase is RoomPhase.WAITING:
                 # Before admission, or a room that lost its state (Redis lost
                 # its data): the record says which, and brings the label.
-                async with reading(self._engine) as conn:
-                    consult, label = await get_consult_and_label(conn, consult_id)
+                async with self._statements.reading() as db:
+                    consult, label = await get_consult_and_label(db, consult_id)
                 if consult.is_over:
                     # A room made again for an ended consult: kept as over,
                     # and forgotten as every ended room is.
@@ -426,7 +427,7 @@ class ConsultRooms:
                     "no patient is waiting to be admitted",
                     ref="admit",
                 )
-            consult = await start_consult(self._engine, consult_id, now=self._clock.now())
+            consult = await start_consult(self._statements, consult_id, now=self._clock.now())
             if consult.is_over or consult.started_at is None:
                 record_closed = True
             else:

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from audit.consults import get_consult_and_label
+from audit.direct import OnConnection
 from audit.errors import Conflict
 from audit.keyring import (
     LABEL_KEY_PURPOSE,
@@ -57,7 +58,7 @@ async def both_open(harness: Harness, consult_id: uuid.UUID) -> None:
     root = root_of(harness)
     async with harness.app[DB_ENGINE].connect() as conn:
         assert await read_labels(conn, root, [consult_id]) == {consult_id: LABEL}
-        _consult, sealed = await get_consult_and_label(conn, consult_id)
+        _consult, sealed = await get_consult_and_label(OnConnection(conn), consult_id)
         assert sealed is not None
         assert sealed.open(root) == LABEL
         assert await read_references(conn, root, [consult_id]) == {consult_id: REFERENCE}

@@ -32,7 +32,8 @@ from audit.consults import (
     open_invite,
     revoke_invites,
 )
-from audit.db import autocommit, reading
+from audit.db import reading
+from audit.direct import Statements
 from audit.errors import NotFound
 from audit.keyring import load_ring
 from audit.labels import read_labels, store_label
@@ -55,7 +56,7 @@ from server.api.invite_mailing import (
     waiting_room_opens_at,
 )
 from server.api.representations import consult_json, invite_json, iso
-from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, ROOMS, SETTINGS, TICKETS
+from server.app_keys import CLOCK, DB_ENGINE, DB_STATEMENTS, MASTER_KEY, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
 from server.web_security import link_origin
 from signaling.ports import StateUnavailable
@@ -413,10 +414,10 @@ def _log_unavailable(action: str, err: BaseException) -> None:
     )
 
 
-async def usable_invite(conn: AsyncConnection, request: web.Request, now: datetime) -> Invite:
+async def usable_invite(db: Statements, request: web.Request, now: datetime) -> Invite:
     """The invite of the request's link if it can be used now; :class:`InviteGone` if not."""
     try:
-        return await open_invite(conn, request.match_info["token"], now=now)
+        return await open_invite(db, request.match_info["token"], now=now)
     except InviteInvalid as err:
         raise InviteGone(err.problem) from None
 
@@ -425,8 +426,8 @@ async def _open(request: web.Request) -> tuple[Invite, datetime | None]:
     """The invite, and when its waiting room opens (None: it is open)."""
     now = request.app[CLOCK].now()
     # A read only (the patient's page asks on every load): no write lock on SQLite.
-    async with reading(request.app[DB_ENGINE]) as conn:
-        invite = await usable_invite(conn, request, now)
+    async with request.app[DB_STATEMENTS].reading() as db:
+        invite = await usable_invite(db, request, now)
     return invite, _opens_at(request.app, invite, now)
 
 
@@ -464,13 +465,13 @@ async def invite_ticket(request: web.Request) -> web.Response:
     # patients arriving at once (issue 19) waits for the pool once each. The
     # note is one statement of its own (on PostgreSQL no BEGIN or COMMIT);
     # the check before it only reads.
-    async with autocommit(app[DB_ENGINE]) as conn:
-        invite = await usable_invite(conn, request, now)
+    async with app[DB_STATEMENTS].autocommit() as db:
+        invite = await usable_invite(db, request, now)
         opens_at = _opens_at(app, invite, now)
         if opens_at is not None:
             raise TooEarly(opens_at)
         _consents_given(body, invite)
-        await note_invite_used(conn, invite, now=now)
+        await note_invite_used(db, invite, now=now)
     ttl_s = app[SETTINGS].consults.ticket_ttl_s
     ticket = await app[TICKETS].issue(
         TicketGrant(invite.consult_id, invite.token_hash), now=now, ttl_s=ttl_s

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.access_log import AccessRecord, Actor, ClientType
 from audit.consults import get_consult
 from audit.db import reading
+from audit.direct import OnConnection
 from audit.errors import NotFound
 from audit.receipts import (
     PATIENT_ROLE,
@@ -61,7 +62,7 @@ async def receipt_issue(request: web.Request) -> web.Response:
     origin = link_origin(request)
     now = app[CLOCK].now()
     async with app[DB_ENGINE].begin() as conn:
-        invite = await usable_invite(conn, request, now)
+        invite = await usable_invite(OnConnection(conn), request, now)
         try:
             token = await issue_receipt(conn, await get_consult(conn, invite.consult_id))
         except ConsultNotStarted as err:

@@ -26,7 +26,7 @@ from audit.errors import AccessLogNotWritten, NotFound
 from audit.roles import Role
 from audit.sealing import looks_like_token
 from audit.sessions import Session
-from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, TICKETS
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, DB_STATEMENTS, TICKETS
 from server.auth.sessions import authenticate
 from server.web_security import HOST_UNKNOWN, expected_origin
 from signaling.ports import StateUnavailable
@@ -91,9 +91,9 @@ async def _patient(app: web.Application, ticket: str, connection_id: str) -> Par
     if grant is None:
         raise Refused(401, "ticket_invalid", "the ticket is unknown, used or expired")
     try:
-        async with reading(app[DB_ENGINE]) as conn:
+        async with app[DB_STATEMENTS].reading() as db:
             await open_invite_by_hash(
-                conn, grant.invite_hash, now=app[CLOCK].now(), consult_id=grant.consult_id
+                db, grant.invite_hash, now=app[CLOCK].now(), consult_id=grant.consult_id
             )
     except InviteInvalid as err:
         raise Refused(403, f"invite_{err.problem.value}", str(err)) from None
