@@ -337,7 +337,14 @@ def configure_process_logging(
         logging.getLogger(media).setLevel(logging.WARNING)
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # A line below the level is dropped first, before its processors run
+        # (the time stamp, the context): otherwise the stdlib logger drops it
+        # only after all of them.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

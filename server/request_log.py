@@ -6,12 +6,15 @@ log (:mod:`audit.access_log`), the hash-chained record of who read personal data
 
 from __future__ import annotations
 
+import logging
+
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 # The logger keeps its first name: log pipelines select these lines by it.
-_log = structlog.get_logger("videoconsult.access")
+_LOGGER_NAME = "videoconsult.access"
+_log = structlog.get_logger(_LOGGER_NAME)
 
 
 class RequestLogger(AbstractAccessLogger):
@@ -21,6 +24,13 @@ class RequestLogger(AbstractAccessLogger):
     paths carry invite tokens, so only the matched route's template
     (``/invite/{token}``) is logged, and no address at all.
     """
+
+    @property
+    def enabled(self) -> bool:
+        # Asked by aiohttp once per connection: below the level (a deployment
+        # at "warning") no request's line is built at all, nor its time taken
+        # (structlog runs its processors before the level drops a line).
+        return logging.getLogger(_LOGGER_NAME).isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         _log.info(
