@@ -17,9 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit.direct import OnConnection, Prepared, SingleStatements, Statements
+from audit.direct import ByKey, OnConnection, Prepared, SingleStatements, Statements
 from audit.errors import Conflict, NotFound
 from audit.labels import SealedLabel, destroy_label, sealed_label_of, with_sealed_label
 from audit.outbox import consult_event
@@ -54,7 +55,7 @@ class InviteProblem(enum.Enum):
 
 class LinkState(enum.Enum):
     # Whether a consult's invite link works, for its therapist's list.
-    # It opens the consult now (see open_invite).
+    # It opens the consult now (see audit.invite_use.open_invite).
     LIVE = "live"
     # Revoked, and no new link made since.
     REVOKED = "revoked"
@@ -103,7 +104,7 @@ class Invite:
     consult_started: bool = False
 
 
-def _consult(row: sa.Row[tuple[object, ...]] | Mapping[str, object]) -> Consult:
+def consult_of(row: sa.Row[tuple[object, ...]] | Mapping[str, object]) -> Consult:
     """The consult of a row (or its mapping by column name) with the consult's columns."""
     m: Mapping[Any, Any] = row._mapping if isinstance(row, sa.Row) else row
     return Consult(
@@ -148,17 +149,32 @@ async def get_consult(
     row = (await conn.execute(query)).first()
     if row is None:
         raise NotFound("no such consult")
-    return _consult(row)
+    return consult_of(row)
 
 
 # Read as every patient joins (issue 19's storm): compiled once, as the
 # invite's statements below are (audit.direct).
+def _consult_and_label(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    return (
+        with_sealed_label(sa.select(consults), consults.c.id)
+        # The therapist's organisation: its access log records the label's showing.
+        .outerjoin(accounts, accounts.c.id == consults.c.therapist_id)
+        .add_columns(accounts.c.organisation_id.label("therapist_organisation_id"))
+        .where(where)
+    )
+
+
 _CONSULT_AND_LABEL = Prepared(
-    with_sealed_label(sa.select(consults), consults.c.id)
-    # The therapist's organisation: its access log records the label's showing.
-    .outerjoin(accounts, accounts.c.id == consults.c.therapist_id)
-    .add_columns(accounts.c.organisation_id.label("therapist_organisation_id"))
-    .where(consults.c.id == sa.bindparam("consult_id"))
+    _consult_and_label(consults.c.id == sa.bindparam("consult_id")),
+    # Many patients joining at once: their consults in one statement.
+    batch=ByKey(
+        _consult_and_label(
+            consults.c.id == sa.any_(sa.bindparam("consult_ids", type_=ARRAY(sa.Uuid())))
+        ),
+        key_param="consult_id",
+        keys_param="consult_ids",
+        key_column="id",
+    ),
 )
 
 
@@ -170,7 +186,7 @@ async def get_consult_and_label(
     row = await db.first(_CONSULT_AND_LABEL, {"consult_id": consult_id})
     if row is None:
         raise NotFound("no such consult")
-    return _consult(row), sealed_label_of(row)
+    return consult_of(row), sealed_label_of(row)
 
 
 async def list_consults(
@@ -183,7 +199,7 @@ async def list_consults(
         .order_by(consults.c.created_at.desc())
         .limit(limit)
     )
-    return [_consult(row) for row in rows]
+    return [consult_of(row) for row in rows]
 
 
 # Starts a consult whose organisation has no webhook endpoint (most): then
@@ -241,7 +257,7 @@ async def _start_without_endpoints(
     row = await db.first(
         _START_WITHOUT_ENDPOINTS, {"consult_id": consult_id, "started_at_now": now}
     )
-    return None if row is None else _consult(row)
+    return None if row is None else consult_of(row)
 
 
 async def _mark_started(
@@ -267,7 +283,7 @@ async def _mark_started(
     if row is None:  # started earlier, or over: read as it is
         return await get_consult(conn, consult_id)
     await consult_event(conn, consult_id, EventType.CONSULT_STARTED, now=now)
-    return _consult(row)
+    return consult_of(row)
 
 
 async def mark_ended(
@@ -364,87 +380,6 @@ async def revoke_invites(conn: AsyncConnection, consult_id: uuid.UUID, *, now: d
     return result.rowcount
 
 
-# The statements on every patient's way in (issue 19's admission storm),
-# compiled once and run on asyncpg's own prepared statements on PostgreSQL
-# (audit.direct). The values go in as parameters.
-
-# The invite and its consult in one query (one round trip).
-_INVITE_WITH_CONSULT = Prepared(
-    sa.select(
-        invites.c.token_hash,
-        invites.c.expires_at,
-        invites.c.revoked_at,
-        invites.c.guardian_consent,
-        consults,
-    )
-    .select_from(invites)
-    .join(consults, consults.c.id == invites.c.consult_id)
-    .where(invites.c.token_hash == sa.bindparam("invite_hash"))
-)
-_CONSULT_STATUS = Prepared(
-    sa.select(consults.c.status).where(consults.c.id == sa.bindparam("consult_id"))
-)
-_NOTE_INVITE_USED = Prepared(
-    invites.update()
-    .where(
-        invites.c.token_hash == sa.bindparam("invite_hash"),
-        invites.c.first_used_at.is_(None),
-    )
-    .values(first_used_at=sa.bindparam("used_at", type_=invites.c.first_used_at.type))
-)
-
-
-async def open_invite(db: Statements, token: str, *, now: datetime) -> Invite:
-    """Return the invite if it can be used now; :class:`InviteInvalid` says why not.
-
-    Usable: not revoked, its consult not over, and either within its validity
-    or its consult running (the patient was admitted).
-    """
-    return await open_invite_by_hash(db, token_hash(token), now=now)
-
-
-async def open_invite_by_hash(
-    db: Statements,
-    invite_hash: str,
-    *,
-    now: datetime,
-    consult_id: uuid.UUID | None = None,
-) -> Invite:
-    """Like :func:`open_invite`, by the stored hash (checked again on every reconnect).
-
-    ``consult_id`` is the consult the invite was for, when the caller knows
-    it (a ticket made from it): the invite of a consult that is over is gone
-    (:func:`mark_ended` deletes it), and then it still answers that the
-    consult is over. It only reads.
-    """
-    row = await db.first(_INVITE_WITH_CONSULT, {"invite_hash": invite_hash})
-    if row is None:
-        status = None
-        if consult_id is not None:
-            found = await db.first(_CONSULT_STATUS, {"consult_id": consult_id})
-            status = None if found is None else found["status"]
-        over = status in OVER_STATUSES
-        raise InviteInvalid(InviteProblem.CONSULT_OVER if over else InviteProblem.UNKNOWN)
-    if row["revoked_at"] is not None:
-        raise InviteInvalid(InviteProblem.REVOKED)
-    consult = _consult(row)
-    if consult.is_over:
-        raise InviteInvalid(InviteProblem.CONSULT_OVER)
-    # The link's validity bounds the wait for the consult, not the consult:
-    # once admitted (the consult runs), the patient may come back after a
-    # drop or a reload until it ends, or until the therapist revokes the link.
-    if row["expires_at"] <= now and consult.started_at is None:
-        raise InviteInvalid(InviteProblem.EXPIRED)
-    return Invite(
-        row["token_hash"],
-        consult.id,
-        row["expires_at"],
-        row["guardian_consent"],
-        scheduled_at=consult.scheduled_at,
-        consult_started=consult.started_at is not None,
-    )
-
-
 async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid.UUID) -> bool:
     """Whether the consult's most recent invite (live or not) asked for a guardian's consent."""
     found = await conn.scalar(
@@ -454,10 +389,6 @@ async def latest_invite_guardian_consent(conn: AsyncConnection, consult_id: uuid
         .limit(1)
     )
     return bool(found)
-
-
-async def note_invite_used(db: Statements, invite: Invite, *, now: datetime) -> None:
-    await db.execute(_NOTE_INVITE_USED, {"invite_hash": invite.token_hash, "used_at": now})
 
 
 def invite_expiry(*, now: datetime, scheduled_at: datetime | None, validity_s: int) -> datetime:
@@ -472,7 +403,7 @@ async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
     record.
 
     An expired invite of a running consult stays until the consult ends: its
-    admitted patient may still come back with it (see :func:`open_invite`).
+    admitted patient may still come back with it (see :func:`audit.invite_use.open_invite`).
     """
     running = sa.select(consults.c.id).where(consults.c.status == ConsultStatus.ACTIVE.value)
     consult_over = (
@@ -549,7 +480,7 @@ async def live_invite_expiry(
 async def link_states(
     conn: AsyncConnection, of: list[Consult], *, now: datetime
 ) -> dict[uuid.UUID, LinkState]:
-    """Whether each consult's link works, judged as :func:`open_invite` judges it.
+    """Whether each consult's link works, judged as :func:`audit.invite_use.open_invite` judges it.
 
     At most one of a consult's invites is unrevoked (:func:`issue_invite`);
     without one, a revoked invite still stored means the link was revoked.

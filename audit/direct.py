@@ -25,6 +25,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import asyncpg
@@ -53,11 +54,13 @@ class Prepared:
     fixes itself (``status == 'created'``) are kept; the caller gives the
     others by name, as asyncpg takes them (``uuid.UUID``, aware ``datetime``)."""
 
-    __slots__ = ("_fixed", "_names", "clause", "sql")
+    __slots__ = ("_fixed", "_names", "batch", "clause", "sql")
 
-    def __init__(self, clause: sa.Select[Any] | sa.Update) -> None:
+    def __init__(self, clause: sa.Select[Any] | sa.Update, *, batch: Batch | None = None) -> None:
         compiled = clause.compile(dialect=_ASYNCPG)
         self.clause = clause
+        # How its calls within one turn of the event loop go as one (asyncpg only).
+        self.batch = batch
         self.sql = compiled.string
         # A name used twice is one $n, listed once.
         self._names = list(compiled.positiontup or ())
@@ -67,6 +70,32 @@ class Prepared:
         """The values in the SQL's order; ``KeyError`` names one not given."""
         fixed = self._fixed
         return [fixed[name] if name in fixed else params[name] for name in self._names]
+
+
+class ByKey:
+    """A read by one key, batched: the calls within one turn of the event loop
+    go as one statement, ``many``, which takes their keys as one array
+    (``keys_param``) and returns each row with its key (``key_column``); each
+    call gets the row of its key (``key_param``), or None."""
+
+    __slots__ = ("key_column", "key_param", "keys_param", "many")
+
+    def __init__(
+        self, many: sa.Select[Any], *, key_param: str, keys_param: str, key_column: str
+    ) -> None:
+        self.many = Prepared(many)
+        self.key_param, self.keys_param, self.key_column = key_param, keys_param, key_column
+
+
+class AllAtOnce:
+    """A write that returns nothing, batched: the calls within one turn of the
+    event loop go in one round trip (asyncpg's ``executemany``, pipelined and
+    all or nothing)."""
+
+    __slots__ = ()
+
+
+Batch = ByKey | AllAtOnce
 
 
 class Statements(Protocol):
@@ -100,31 +129,6 @@ class OnConnection:
 
     async def execute(self, statement: Prepared, params: Mapping[str, object]) -> None:
         await self.connection.execute(statement.clause, dict(params))
-
-
-class _OnAsyncpg:
-    __slots__ = ("_connection",)
-
-    def __init__(self, connection: asyncpg.Connection) -> None:
-        self._connection = connection
-
-    async def first(
-        self, statement: Prepared, params: Mapping[str, object]
-    ) -> Mapping[str, Any] | None:
-        arguments = statement.arguments(params)
-        try:
-            row: asyncpg.Record | None = await self._connection.fetchrow(statement.sql, *arguments)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-            raise _as_sqlalchemy_error(err, statement.sql, self._connection) from err
-        # A Record is read by column name as SQLAlchemy's row mapping is.
-        return row
-
-    async def execute(self, statement: Prepared, params: Mapping[str, object]) -> None:
-        arguments = statement.arguments(params)
-        try:
-            await self._connection.execute(statement.sql, *arguments)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-            raise _as_sqlalchemy_error(err, statement.sql, self._connection) from err
 
 
 def _as_sqlalchemy_error(
@@ -258,6 +262,10 @@ class SingleStatements:
         self.engine = engine
         self._connections: _Connections | None = None
         self._query_loggers: list[Callable[[Any], None]] = []
+        self._loop = asyncio.get_running_loop()
+        # The calls of each batched statement waiting for this turn's batch.
+        self._pending: dict[Prepared, _Pending] = {}
+        self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -308,6 +316,8 @@ class SingleStatements:
         returns how many were still in use then."""
         if self._connections is None:
             return 0
+        if self._batches:
+            await asyncio.wait(self._batches, timeout=wait_s)
         return await self._connections.close(wait_s)
 
     def reading(self) -> AbstractAsyncContextManager[Statements]:
@@ -322,21 +332,142 @@ class SingleStatements:
 
     @asynccontextmanager
     async def _session(self, *, writes: bool) -> AsyncIterator[Statements]:
-        connections = self._connections
-        if connections is None:
+        if self._connections is None:
             opened = autocommit(self.engine) if writes else reading(self.engine)
             async with opened as connection:
                 yield OnConnection(connection)
             return
-        direct = await connections.acquire(ACQUIRE_TIMEOUT_S)
+        # No connection is held between statements: each takes one for its
+        # round trip, or joins its turn's batch.
+        yield _Direct(self)
+
+    async def one(
+        self, statement: Prepared, params: Mapping[str, object], *, rows: bool
+    ) -> Mapping[str, Any] | None:
+        """Run ``statement`` on a connection of its own: its first row (if
+        ``rows``), or None."""
+        arguments = statement.arguments(params)
+        if rows:
+            row: Mapping[str, Any] | None = await self._round_trip(
+                statement.sql, lambda connection: connection.fetchrow(statement.sql, *arguments)
+            )
+            return row
+        await self._round_trip(
+            statement.sql, lambda connection: connection.execute(statement.sql, *arguments)
+        )
+        return None
+
+    async def _round_trip(
+        self, sql: str, call: Callable[[asyncpg.Connection], Awaitable[Any]]
+    ) -> Any:
+        connections = self._connections
+        assert connections is not None
+        connection = await connections.acquire(ACQUIRE_TIMEOUT_S)
         try:
-            yield _OnAsyncpg(direct)
+            result = await call(connection)
         except asyncio.CancelledError:
-            # Perhaps midway through a statement (a socket gone while its door
-            # was checked): asyncpg's state for it is unknown, so no reuse.
-            connections.release(direct, broken=True)
+            # Midway through the round trip (a socket gone while its door was
+            # checked): asyncpg's state for it is unknown, so no reuse.
+            connections.release(connection, broken=True)
             raise
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            connections.release(connection)
+            raise _as_sqlalchemy_error(err, sql, connection) from err
         except BaseException:
-            connections.release(direct)
+            connections.release(connection)
             raise
-        connections.release(direct)
+        connections.release(connection)
+        return result
+
+    async def batched(
+        self, statement: Prepared, params: Mapping[str, object]
+    ) -> Mapping[str, Any] | None:
+        """Join ``statement``'s batch of this turn of the loop; its row, if any."""
+        pending = self._pending.get(statement)
+        if pending is None:
+            pending = self._pending[statement] = _Pending()
+            self._loop.call_soon(self._flush, statement)
+        answer: asyncio.Future[Mapping[str, Any] | None] = self._loop.create_future()
+        batch = statement.batch
+        if isinstance(batch, ByKey):
+            pending.by_key.setdefault(params[batch.key_param], []).append(answer)
+        else:
+            pending.calls.append((statement.arguments(params), answer))
+        return await answer
+
+    def _flush(self, statement: Prepared) -> None:
+        pending = self._pending.pop(statement)
+        task = self._loop.create_task(self._run(statement, pending))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run(self, statement: Prepared, pending: _Pending) -> None:
+        batch = statement.batch
+        try:
+            if isinstance(batch, ByKey):
+                many = batch.many
+                arguments = many.arguments({batch.keys_param: list(pending.by_key)})
+                rows = await self._round_trip(
+                    many.sql, lambda connection: connection.fetch(many.sql, *arguments)
+                )
+                found = {row[batch.key_column]: row for row in rows}
+                for key, answers in pending.by_key.items():
+                    _answer(answers, found.get(key))
+            else:
+                calls = [arguments for arguments, _answer_to in pending.calls]
+                await self._round_trip(
+                    statement.sql, lambda connection: connection.executemany(statement.sql, calls)
+                )
+                _answer([answer for _arguments, answer in pending.calls], None)
+        except BaseException as err:
+            for answer in pending.answers():
+                if not answer.done():
+                    answer.set_exception(err)
+            if isinstance(err, asyncio.CancelledError):
+                raise
+
+
+@dataclass
+class _Pending:
+    """The calls of one batched statement waiting for their batch."""
+
+    by_key: dict[object, list[asyncio.Future[Mapping[str, Any] | None]]] = field(
+        default_factory=dict
+    )
+    calls: list[tuple[list[object], asyncio.Future[Mapping[str, Any] | None]]] = field(
+        default_factory=list
+    )
+
+    def answers(self) -> list[asyncio.Future[Mapping[str, Any] | None]]:
+        keyed = [answer for answers in self.by_key.values() for answer in answers]
+        return [*keyed, *(answer for _arguments, answer in self.calls)]
+
+
+def _answer(
+    answers: list[asyncio.Future[Mapping[str, Any] | None]], row: Mapping[str, Any] | None
+) -> None:
+    for answer in answers:
+        if not answer.done():  # not cancelled meanwhile (its request gone)
+            answer.set_result(row)
+
+
+class _Direct:
+    """:class:`Statements` on asyncpg connections (see :class:`SingleStatements`)."""
+
+    __slots__ = ("_single",)
+
+    def __init__(self, single: SingleStatements) -> None:
+        self._single = single
+
+    async def first(
+        self, statement: Prepared, params: Mapping[str, object]
+    ) -> Mapping[str, Any] | None:
+        if statement.batch is not None:
+            return await self._single.batched(statement, params)
+        return await self._single.one(statement, params, rows=True)
+
+    async def execute(self, statement: Prepared, params: Mapping[str, object]) -> None:
+        if statement.batch is not None:
+            await self._single.batched(statement, params)
+        else:
+            await self._single.one(statement, params, rows=False)

@@ -7,21 +7,33 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import create_engine
-from audit.consults import get_consult_and_label, open_invite, start_consult
+from audit.consults import (
+    InviteInvalid,
+    InviteProblem,
+    get_consult_and_label,
+    start_consult,
+)
 from audit.db import is_outage
-from audit.direct import OnConnection, Prepared, SingleStatements
+from audit.direct import ByKey, OnConnection, Prepared, SingleStatements
+from audit.invite_use import note_invite_used, open_invite, open_invite_by_hash
 from audit.schema import consults, invites
+from audit.sealing import token_hash
 from server.app_keys import DB_ENGINE, DB_STATEMENTS
+from tests.support.databases import ASYNCPG_INTROSPECTION
 from tests.support.harness import Harness, new_consult
 
+# Batches are asyncpg's: on SQLite each statement runs alone.
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 # A statement that shows which server process answered it.
 BACKEND_PID = Prepared(sa.select(sa.func.pg_backend_pid().label("pid")))
 
@@ -134,48 +146,46 @@ async def test_a_connection_the_server_closed_is_made_again(
     assert again["pid"] != first["pid"]
 
 
-async def test_at_most_size_connections_and_a_wait_for_one_is_bounded(
-    single: SingleStatements, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("audit.direct.ACQUIRE_TIMEOUT_S", 0.2)
-    pids: list[int] = []
-    both_held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with single.reading() as db:
-            row = await db.first(BACKEND_PID, {})
-            assert row is not None
-            pids.append(row["pid"])
-            if len(pids) == 2:
-                both_held.set()
-            await release.wait()
-
-    holders = [asyncio.create_task(hold()) for _ in range(2)]
-    async with asyncio.timeout(5):
-        await both_held.wait()
-    # Both of its two connections are in use: a third statement waits, and
-    # gives up after the bound (answered 503, as the engine's pool does).
-    with pytest.raises(TimeoutError) as waited:
-        async with single.reading() as db:
-            await db.first(BACKEND_PID, {})
-    assert is_outage(waited.value)
-    # One waiting while they are given back gets one of the same two.
-    waiting = asyncio.create_task(_pid_of(single))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    release.set()
-    await asyncio.gather(*holders)
-    assert await waiting in pids
-    assert len(set(pids)) == 2
-
-
 async def _pid_of(single: SingleStatements) -> int:
     async with single.reading() as db:
         row = await db.first(BACKEND_PID, {})
     assert row is not None
     pid: int = row["pid"]
     return pid
+
+
+def _sleeping(seconds: float) -> Prepared:
+    """A statement that holds its connection for ``seconds`` and names it."""
+    return Prepared(
+        sa.select(sa.func.pg_backend_pid().label("pid"), sa.func.pg_sleep(seconds).label("slept"))
+    )
+
+
+async def test_at_most_size_connections_and_a_wait_for_one_is_bounded(
+    single: SingleStatements, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("audit.direct.ACQUIRE_TIMEOUT_S", 0.2)
+
+    async def pid_after(seconds: float) -> int:
+        async with single.reading() as db:
+            row = await db.first(_sleeping(seconds), {})
+        assert row is not None
+        pid: int = row["pid"]
+        return pid
+
+    holders = [asyncio.create_task(pid_after(1.0)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    # Both of its two connections are in use: a third statement waits, and
+    # gives up after the bound (answered 503, as the engine's pool does).
+    with pytest.raises(TimeoutError) as waited:
+        await _pid_of(single)
+    assert is_outage(waited.value)
+    # One waiting while they are given back gets one of the same two.
+    waiting = asyncio.create_task(pid_after(0))
+    monkeypatch.setattr("audit.direct.ACQUIRE_TIMEOUT_S", 5.0)
+    pids = await asyncio.gather(*holders)
+    assert len(set(pids)) == 2
+    assert await waiting in pids
 
 
 async def test_a_statement_cancelled_midway_leaves_its_connection_unused(
@@ -198,41 +208,142 @@ async def test_a_statement_cancelled_midway_leaves_its_connection_unused(
         assert await _pid_of(single) != first
 
 
-async def test_closing_waits_for_connections_in_use_and_then_refuses(
+async def test_closing_waits_for_statements_in_flight_and_then_refuses(
     postgres_engine: AsyncEngine,
 ) -> None:
     statements = await SingleStatements.open(postgres_engine, connect_timeout_s=5)
-    entered = asyncio.Event()
 
-    async def in_use() -> None:
+    async def in_flight() -> Mapping[str, Any] | None:
         async with statements.reading() as db:
-            entered.set()
-            await asyncio.sleep(0.2)
-            await db.first(BACKEND_PID, {})
+            return await db.first(_sleeping(0.3), {})
 
-    task = asyncio.create_task(in_use())
-    await entered.wait()
+    task = asyncio.create_task(in_flight())
+    await asyncio.sleep(0.1)
     assert await statements.close(wait_s=5) == 0
-    await task
+    assert (await task) is not None
     with pytest.raises(sa.exc.DBAPIError, match="closed"):
-        async with statements.reading() as db:
-            await db.first(BACKEND_PID, {})
+        await _pid_of(statements)
 
 
-async def test_closing_ends_a_connection_kept_past_the_wait(postgres_engine: AsyncEngine) -> None:
+async def test_closing_ends_a_statement_that_outlasts_the_wait(
+    postgres_engine: AsyncEngine,
+) -> None:
     statements = await SingleStatements.open(postgres_engine, connect_timeout_s=5)
-    stop = asyncio.Event()
 
-    async def kept() -> None:
+    async def in_flight() -> None:
         async with statements.reading() as db:
-            await db.first(BACKEND_PID, {})
-            await stop.wait()
+            await db.first(_sleeping(5), {})
 
-    task = asyncio.create_task(kept())
+    task = asyncio.create_task(in_flight())
     await asyncio.sleep(0.1)
     assert await statements.close(wait_s=0.1) == 1
-    stop.set()
-    await task
+    with pytest.raises(sa.exc.DBAPIError) as ended:
+        await task
+    assert is_outage(ended.value)
+
+
+async def _invite(harness: Harness, n: int) -> tuple[str, str]:
+    """A consult of a therapist of its own (``n``): its id, its invite's hash."""
+    setup = await new_consult(harness, f"therapist-{n}@praktijk-noord.example")
+    return setup.consult_id, token_hash(setup.invite_token)
+
+
+@ON_POSTGRESQL
+async def test_reads_asked_for_in_one_turn_go_as_one_statement(harness: Harness) -> None:
+    single = harness.app[DB_STATEMENTS]
+    made = [await _invite(harness, n) for n in range(3)]
+    hashes = [h for _c, h in made] + ["0" * 43]
+    seen: list[str] = []
+
+    def logger(record: Any) -> None:
+        seen.append(record.query)
+
+    single.add_query_logger(logger)
+    try:
+        async with single.reading() as db:
+            answers = await asyncio.gather(
+                *(
+                    open_invite_by_hash(db, h, now=harness.clock.now())
+                    for h in [*hashes, hashes[0]]
+                ),
+                return_exceptions=True,
+            )
+    finally:
+        single.remove_query_logger(logger)
+    queries = [" ".join(query.split()) for query in seen]
+    statements = [q for q in queries if not q.startswith(ASYNCPG_INTROSPECTION)]
+    assert len(statements) == 1, statements
+    assert "ANY" in statements[0]
+    # Each caller gets its own invite's answer, the unknown one its refusal.
+    for (consult_id, _h), answer in zip(made, answers, strict=False):
+        assert not isinstance(answer, BaseException)
+        assert str(answer.consult_id) == consult_id
+    assert isinstance(answers[3], InviteInvalid)
+    assert answers[3].problem is InviteProblem.UNKNOWN
+    assert answers[4] == answers[0]
+
+
+@ON_POSTGRESQL
+async def test_writes_asked_for_in_one_turn_go_in_one_round_trip(harness: Harness) -> None:
+    single = harness.app[DB_STATEMENTS]
+    made = [await _invite(harness, n) for n in range(4)]
+    now = harness.clock.now()
+    async with single.reading() as db:
+        invites_now = [await open_invite_by_hash(db, h, now=now) for _c, h in made]
+    seen: list[str] = []
+
+    def logger(record: Any) -> None:
+        seen.append(" ".join(record.query.split()))
+
+    single.add_query_logger(logger)
+    try:
+        async with single.autocommit() as db:
+            await asyncio.gather(*(note_invite_used(db, invite, now=now) for invite in invites_now))
+    finally:
+        single.remove_query_logger(logger)
+    # One pipelined round trip for the four (asyncpg's executemany).
+    assert [q.split()[0] for q in seen] == ["UPDATE"], seen
+    async with harness.app[DB_ENGINE].connect() as conn:
+        used = await conn.scalars(
+            sa.select(invites.c.first_used_at).where(
+                invites.c.token_hash.in_([h for _c, h in made])
+            )
+        )
+        assert list(used) == [now] * 4
+
+
+@ON_POSTGRESQL
+async def test_a_failed_batch_fails_each_caller_and_a_cancelled_one_spares_the_others(
+    harness: Harness,
+) -> None:
+    single = harness.app[DB_STATEMENTS]
+    no_table = sa.table("no_such_table", sa.column("k"))
+    broken = Prepared(
+        sa.select(no_table.c.k).where(no_table.c.k == sa.bindparam("k")),
+        batch=ByKey(
+            sa.select(no_table.c.k).where(
+                no_table.c.k == sa.any_(sa.bindparam("ks", type_=ARRAY(sa.String())))
+            ),
+            key_param="k",
+            keys_param="ks",
+            key_column="k",
+        ),
+    )
+    async with single.reading() as db:
+        failed = await asyncio.gather(
+            *(db.first(broken, {"k": str(n)}) for n in range(3)), return_exceptions=True
+        )
+    assert all(isinstance(f, sa.exc.DBAPIError) for f in failed), failed
+    assert not any(is_outage(f) for f in failed if isinstance(f, BaseException))
+
+    _consult_id, invite_hash = await _invite(harness, 0)
+    async with single.reading() as db:
+        gone = asyncio.create_task(open_invite_by_hash(db, invite_hash, now=harness.clock.now()))
+        kept = asyncio.create_task(open_invite_by_hash(db, invite_hash, now=harness.clock.now()))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert (await kept).token_hash == invite_hash
+    assert gone.cancelled()
 
 
 def test_a_statement_names_the_parameter_it_was_not_given() -> None:

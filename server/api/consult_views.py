@@ -28,13 +28,12 @@ from audit.consults import (
     link_states,
     list_consults,
     live_invite_expiry,
-    note_invite_used,
-    open_invite,
     revoke_invites,
 )
 from audit.db import reading
 from audit.direct import Statements
 from audit.errors import NotFound
+from audit.invite_use import note_invite_used, open_invite
 from audit.keyring import load_ring
 from audit.labels import read_labels, store_label
 from audit.practice import PracticeSettings, practice_settings_of

@@ -20,9 +20,10 @@ from redis.exceptions import RedisError
 
 from audit.access_log import Actor, ClientType, Outcome
 from audit.accounts import Account
-from audit.consults import InviteInvalid, get_consult, open_invite_by_hash
+from audit.consults import InviteInvalid, get_consult
 from audit.db import reading
 from audit.errors import AccessLogNotWritten, NotFound
+from audit.invite_use import open_invite_by_hash
 from audit.roles import Role
 from audit.sealing import looks_like_token
 from audit.sessions import Session

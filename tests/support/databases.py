@@ -156,3 +156,12 @@ class PostgresCopies:
         self._pool.shutdown(wait=True)
         for dropped in self._drops:
             dropped.result()
+
+
+# What asyncpg runs on a connection to learn a type it has no codec for yet
+# (arrays): its JIT switched off for it, the type tree, the JIT back.
+ASYNCPG_INTROSPECTION = (
+    "SELECT current_setting('jit')",
+    "WITH RECURSIVE typeinfo_tree",
+    "SELECT set_config('jit'",
+)
