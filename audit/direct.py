@@ -16,6 +16,14 @@ SQLAlchemy Core statement compiled once (:class:`Prepared`), so the SQL is
 the same on both paths. Its errors are raised as SQLAlchemy's
 (:class:`sqlalchemy.exc.DBAPIError` around asyncpg's), so that every handler
 that tells a database outage from a fault knows them.
+
+Under load many patients ask at once, and each round trip costs the loop a
+write and a read system call besides asyncpg's work. A statement marked
+with a :data:`Batch` gathers the calls made within one turn of the event
+loop and runs them as one: the reads of many keys as one ``= ANY(...)``
+query (:class:`ByKey`), the writes as one pipelined ``executemany``
+(:class:`AllAtOnce`). Each call still gets its own answer, checked by its
+caller as before; a call alone in its turn waits one turn more.
 """
 
 from __future__ import annotations
@@ -419,12 +427,15 @@ class SingleStatements:
                     statement.sql, lambda connection: connection.executemany(statement.sql, calls)
                 )
                 _answer([answer for _arguments, answer in pending.calls], None)
+        except asyncio.CancelledError:
+            # The batch itself was cancelled (the loop shutting down): so are its calls.
+            for answer in pending.answers():
+                answer.cancel()
+            raise
         except BaseException as err:
             for answer in pending.answers():
                 if not answer.done():
                     answer.set_exception(err)
-            if isinstance(err, asyncio.CancelledError):
-                raise
 
 
 @dataclass
