@@ -287,6 +287,19 @@ def test_a_line_below_the_level_runs_none_of_its_processors() -> None:
     assert [entry["event"] for entry in lines(stream)] == ["loud"]
 
 
+async def _one_route(aiohttp_client: Any, route: str) -> Any:
+    """A client of an app with one route answering "hi", logged by our request logger."""
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get(route, hello)
+    server = TestServer(app)
+    await server.start_server(access_log_class=RequestLogger)
+    return await aiohttp_client(server)
+
+
 @pytest.mark.parametrize(("level", "logged"), [("info", True), ("warning", False)])
 async def test_below_info_aiohttp_asks_for_no_request_line(
     level: str, logged: bool, aiohttp_client: Any
@@ -294,14 +307,7 @@ async def test_below_info_aiohttp_asks_for_no_request_line(
     stream = io.StringIO()
     configure_process_logging(level=level, log_format="json", stream=stream)
 
-    async def hello(_request: web.Request) -> web.Response:
-        return web.Response(text="hi")
-
-    app = web.Application()
-    app.router.add_get("/hello", hello)
-    server = TestServer(app)
-    await server.start_server(access_log_class=RequestLogger)
-    client = await aiohttp_client(server)
+    client = await _one_route(aiohttp_client, "/hello")
     assert (await client.get("/hello")).status == 200
     assert RequestLogger(logging.getLogger(), "").enabled is logged
     routes = [e["route"] for e in lines(stream) if e["logger"] == "videoconsult.access"]
@@ -311,14 +317,7 @@ async def test_below_info_aiohttp_asks_for_no_request_line(
 async def test_request_log_names_the_route_template_never_the_path_or_address(
     json_log: io.StringIO, aiohttp_client
 ) -> None:
-    async def join(_request: web.Request) -> web.Response:
-        return web.Response(text="hi")
-
-    app = web.Application()
-    app.router.add_get("/invite/{token}", join)
-    server = TestServer(app)
-    await server.start_server(access_log_class=RequestLogger)
-    client = await aiohttp_client(server)
+    client = await _one_route(aiohttp_client, "/invite/{token}")
     token = "q3Zt8Vb1pR-Y7mK2xN0wLs9eUa"
     response = await client.get(f"/invite/{token}?lang=nl", headers={"User-Agent": "Phone/1.0"})
     assert response.status == 200
