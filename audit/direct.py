@@ -54,6 +54,8 @@ ACQUIRE_TIMEOUT_S = 30.0
 _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
 
 _ASYNCPG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+# asyncpg's own errors, raised as SQLAlchemy's (as its dialect does).
+_ASYNCPG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 class Prepared:
@@ -139,16 +141,11 @@ class OnConnection:
         await self.connection.execute(statement.clause, dict(params))
 
 
-def _as_sqlalchemy_error(
-    err: Exception, sql: str, connection: asyncpg.Connection | None
-) -> sa.exc.DBAPIError:
+def _as_sqlalchemy_error(err: Exception, sql: str, *, invalidated: bool) -> sa.exc.DBAPIError:
+    """``invalidated``: the connection was found closed by the failure."""
     # hide_parameters: no value (an invite's hash, an id) in a message or a log.
     return sa.exc.DBAPIError(
-        sql,
-        None,
-        err,
-        hide_parameters=True,
-        connection_invalidated=connection is not None and connection.is_closed(),
+        sql, None, err, hide_parameters=True, connection_invalidated=invalidated
     )
 
 
@@ -170,7 +167,9 @@ class _Connections:
         self._in_use: set[asyncpg.Connection] = set()
         # Open or being opened, in use or not: never more than size.
         self._count = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # In the order they came: each is handed a connection given back (or
+        # None: a place freed, connect or look again).
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._closed = False
         # Set once closed and every connection in use has come back.
         self._all_back = asyncio.Event()
@@ -179,71 +178,99 @@ class _Connections:
         return [*self._idle, *self._in_use]
 
     async def acquire(self, timeout_s: float) -> asyncpg.Connection:
-        if self._closed:
-            closed = asyncpg.InterfaceError("the connections for single statements are closed")
-            raise _as_sqlalchemy_error(closed, "(connect)", None)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        woken = False
         while True:
-            while self._idle:
-                connection = self._idle.pop()
-                if not connection.is_closed():
+            if self._closed:
+                closed = asyncpg.InterfaceError("the connections for single statements are closed")
+                raise _as_sqlalchemy_error(closed, "(connect)", invalidated=False)
+            # Those already waiting go first (a connection given back is
+            # handed to them); one woken for a freed place takes it.
+            if woken or not self._someone_waiting():
+                while self._idle:
+                    connection = self._idle.pop()
+                    if not connection.is_closed():
+                        self._in_use.add(connection)
+                        return connection
+                    self._count -= 1
+                if self._count < self._size:
+                    self._count += 1
+                    try:
+                        connection = await self._connect()
+                    except BaseException:
+                        self._count -= 1
+                        self._hand_on(None)
+                        raise
                     self._in_use.add(connection)
                     return connection
-                self._count -= 1
-            if self._count < self._size:
-                self._count += 1
-                try:
-                    connection = await self._connect()
-                except BaseException:
-                    self._count -= 1
-                    self._wake_one()
-                    raise
-                self._in_use.add(connection)
-                return connection
-            await self._wait(timeout_s)
+            # One bound for the whole wait, however often it is woken.
+            deadline = loop.time() + timeout_s if deadline is None else deadline
+            handed = await self._wait(deadline)
+            if handed is not None:
+                return handed
+            woken = True
 
-    async def _wait(self, timeout_s: float) -> None:
+    def _someone_waiting(self) -> bool:
+        while self._waiters and self._waiters[0].done():  # timed out or cancelled
+            self._waiters.popleft()
+        return bool(self._waiters)
+
+    async def _wait(self, deadline: float) -> asyncpg.Connection | None:
+        waiter: asyncio.Future[asyncpg.Connection | None]
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout_s):
-                await waiter
+            async with asyncio.timeout_at(deadline):
+                return await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._wake_one()  # woken, but leaving: the next one goes instead
-            else:
+                # Handed something, but leaving: it goes to the next one.
+                handed = waiter.result()
+                if handed is None:
+                    self._hand_on(None)
+                else:
+                    self.release(handed)
+            elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
 
     def release(self, connection: asyncpg.Connection, *, broken: bool = False) -> None:
         """Give ``connection`` back; ``broken``: its state is unknown (a
         statement was cancelled midway), so it goes."""
-        self._in_use.discard(connection)
         # Statements here never leave a transaction open; one that did (a bug)
         # must not reach the next user either.
         if broken or self._closed or connection.is_closed() or connection.is_in_transaction():
+            self._in_use.discard(connection)
             self._count -= 1
             connection.terminate()
-        else:
+            self._hand_on(None)
+        elif not self._hand_on(connection):
+            self._in_use.discard(connection)
             self._idle.append(connection)
-        self._wake_one()
         if self._closed and not self._in_use:
             self._all_back.set()
 
-    def _wake_one(self) -> None:
+    def _hand_on(self, connection: asyncpg.Connection | None) -> bool:
+        """Hand ``connection`` (or a freed place) to the first one waiting;
+        whether anyone was."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+            if not waiter.done():  # not timed out or cancelled meanwhile
+                waiter.set_result(connection)
+                return True
+        return False
 
     async def close(self, wait_s: float) -> int:
         """Close the idle connections, and those in use once they come back
-        (up to ``wait_s``); returns how many were still in use then (ended)."""
+        (up to ``wait_s``); returns how many were still in use then (ended).
+        Those waiting for one are refused."""
         self._closed = True
+        while self._hand_on(None):
+            pass  # each wakes, finds it closed and fails
         idle, self._idle = self._idle, []
         self._count -= len(idle)
-        for connection in idle:
-            await _close(connection)
+        await asyncio.gather(*(_close(connection) for connection in idle))
         if self._in_use:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
@@ -286,14 +313,18 @@ class SingleStatements:
         if engine.dialect.name != "postgresql":
             return single
         _args, options = engine.dialect.create_connect_args(engine.url)
+        # The URL's cache size (0 behind pgbouncer's transaction mode) holds here too.
+        cache_size = options.get("prepared_statement_cache_size")
         for name in _DIALECT_ONLY:
             options.pop(name, None)
+        if cache_size is not None:
+            options["statement_cache_size"] = cache_size
 
         async def connect() -> asyncpg.Connection:
             try:
                 connection = await asyncpg.connect(**options, timeout=connect_timeout_s)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-                raise _as_sqlalchemy_error(err, "(connect)", None) from err
+            except _ASYNCPG_ERRORS as err:
+                raise _as_sqlalchemy_error(err, "(connect)", invalidated=False) from err
             for logger in single._query_loggers:
                 connection.add_query_logger(logger)
             return connection
@@ -378,9 +409,11 @@ class SingleStatements:
             # checked): asyncpg's state for it is unknown, so no reuse.
             connections.release(connection, broken=True)
             raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        except _ASYNCPG_ERRORS as err:
+            # Whether the failure closed it, before release ends it anyway.
+            invalidated = connection.is_closed()
             connections.release(connection)
-            raise _as_sqlalchemy_error(err, sql, connection) from err
+            raise _as_sqlalchemy_error(err, sql, invalidated=invalidated) from err
         except BaseException:
             connections.release(connection)
             raise
@@ -422,7 +455,10 @@ class SingleStatements:
                 for key, answers in pending.by_key.items():
                     _answer(answers, found.get(key))
             else:
-                calls = [arguments for arguments, _answer_to in pending.calls]
+                # In one order, whatever the order of asking: two batches at once
+                # (the next turn's, another node's) then lock the same rows in the
+                # same order and cannot deadlock.
+                calls = sorted((arguments for arguments, _answer_to in pending.calls), key=repr)
                 await self._round_trip(
                     statement.sql, lambda connection: connection.executemany(statement.sql, calls)
                 )

@@ -107,8 +107,12 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await writer.close()
-        still_in_use = await statements.close()
-        still_in_use += await close_engine(engine)
+        direct_in_use = 0
+        try:
+            direct_in_use = await statements.close()
+        finally:
+            # The engine is closed even when the direct connections' close failed.
+            still_in_use = direct_in_use + await close_engine(engine)
         if still_in_use:
             _log.warning(
                 "database connections still in use at shutdown",
