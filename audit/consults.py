@@ -205,22 +205,47 @@ async def list_consults(
 # Starts a consult whose organisation has no webhook endpoint (most): then
 # nothing goes to the outbox, and the start is this one statement. An endpoint
 # made meanwhile is as one made just after the start, as in a transaction.
+def _start_without_endpoints_where(
+    consult_id: sa.ColumnElement[Any], started_at: sa.ColumnElement[Any]
+) -> sa.Update:
+    return (
+        consults.update()
+        .where(
+            consults.c.id == consult_id,
+            consults.c.started_at.is_(None),
+            consults.c.status == ConsultStatus.CREATED.value,
+            ~sa.select(webhook_endpoints.c.id)
+            .join(accounts, accounts.c.organisation_id == webhook_endpoints.c.organisation_id)
+            .where(accounts.c.id == consults.c.therapist_id)
+            .exists(),
+        )
+        .values(started_at=started_at, status=ConsultStatus.ACTIVE.value)
+        .returning(*consults.c)
+    )
+
+
+# Many admissions at once: their starts in one statement, each consult with
+# its own time (unnest of the two arrays, side by side).
+_STARTS = (
+    sa.func.unnest(
+        sa.bindparam("consult_ids", type_=ARRAY(sa.Uuid())),
+        sa.bindparam("started_ats", type_=ARRAY(sa.DateTime(timezone=True))),
+    )
+    .table_valued("id", "at", name="starts")
+    .render_derived()
+)
 _START_WITHOUT_ENDPOINTS = Prepared(
-    consults.update()
-    .where(
-        consults.c.id == sa.bindparam("consult_id"),
-        consults.c.started_at.is_(None),
-        consults.c.status == ConsultStatus.CREATED.value,
-        ~sa.select(webhook_endpoints.c.id)
-        .join(accounts, accounts.c.organisation_id == webhook_endpoints.c.organisation_id)
-        .where(accounts.c.id == consults.c.therapist_id)
-        .exists(),
-    )
-    .values(
-        started_at=sa.bindparam("started_at_now", type_=consults.c.started_at.type),
-        status=ConsultStatus.ACTIVE.value,
-    )
-    .returning(*consults.c)
+    _start_without_endpoints_where(
+        sa.bindparam("consult_id"),
+        sa.bindparam("started_at_now", type_=consults.c.started_at.type),
+    ),
+    batch=ByKey(
+        _start_without_endpoints_where(_STARTS.c.id, _STARTS.c.at),
+        key_param="consult_id",
+        keys_param="consult_ids",
+        key_column="id",
+        per_key={"started_ats": "started_at_now"},
+    ),
 )
 
 

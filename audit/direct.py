@@ -83,18 +83,27 @@ class Prepared:
 
 
 class ByKey:
-    """A read by one key, batched: the calls within one turn of the event loop
-    go as one statement, ``many``, which takes their keys as one array
+    """A statement by one key, batched: the calls within one turn of the event
+    loop go as one statement, ``many``, which takes their keys as one array
     (``keys_param``) and returns each row with its key (``key_column``); each
-    call gets the row of its key (``key_param``), or None."""
+    call gets the row of its key (``key_param``), or None. ``per_key`` names
+    more arrays, each of one value per key (its first call's): array
+    parameter → the call's parameter."""
 
-    __slots__ = ("key_column", "key_param", "keys_param", "many")
+    __slots__ = ("key_column", "key_param", "keys_param", "many", "per_key")
 
     def __init__(
-        self, many: sa.Select[Any], *, key_param: str, keys_param: str, key_column: str
+        self,
+        many: sa.Select[Any] | sa.Update,
+        *,
+        key_param: str,
+        keys_param: str,
+        key_column: str,
+        per_key: Mapping[str, str] | None = None,
     ) -> None:
         self.many = Prepared(many)
         self.key_param, self.keys_param, self.key_column = key_param, keys_param, key_column
+        self.per_key = dict(per_key or {})
 
 
 class AllAtOnce:
@@ -431,7 +440,11 @@ class SingleStatements:
         answer: asyncio.Future[Mapping[str, Any] | None] = self._loop.create_future()
         batch = statement.batch
         if isinstance(batch, ByKey):
-            pending.by_key.setdefault(params[batch.key_param], []).append(answer)
+            key = params[batch.key_param]
+            if key not in pending.by_key:
+                pending.by_key[key] = []
+                pending.first_params[key] = params
+            pending.by_key[key].append(answer)
         else:
             pending.calls.append((statement.arguments(params), answer))
         return await answer
@@ -447,7 +460,12 @@ class SingleStatements:
         try:
             if isinstance(batch, ByKey):
                 many = batch.many
-                arguments = many.arguments({batch.keys_param: list(pending.by_key)})
+                # In one order (see below): a batch that writes locks its rows so.
+                keys = sorted(pending.by_key, key=repr)
+                values: dict[str, object] = {batch.keys_param: keys}
+                for array, param in batch.per_key.items():
+                    values[array] = [pending.first_params[key][param] for key in keys]
+                arguments = many.arguments(values)
                 rows = await self._round_trip(
                     many.sql, lambda connection: connection.fetch(many.sql, *arguments)
                 )
@@ -484,6 +502,8 @@ class _Pending:
     calls: list[tuple[list[object], asyncio.Future[Mapping[str, Any] | None]]] = field(
         default_factory=list
     )
+    # ByKey: the parameters of each key's first call.
+    first_params: dict[object, Mapping[str, object]] = field(default_factory=dict)
 
     def answers(self) -> list[asyncio.Future[Mapping[str, Any] | None]]:
         keyed = [answer for answers in self.by_key.values() for answer in answers]

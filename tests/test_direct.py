@@ -313,6 +313,45 @@ async def test_writes_asked_for_in_one_turn_go_in_one_round_trip(harness: Harnes
 
 
 @ON_POSTGRESQL
+async def test_starts_asked_for_in_one_turn_go_as_one_statement_each_at_its_time(
+    harness: Harness,
+) -> None:
+    single = harness.app[DB_STATEMENTS]
+    consult_ids = [uuid.UUID((await _invite(harness, n))[0]) for n in range(3)]
+    now = harness.clock.now()
+    seen: list[str] = []
+
+    def logger(record: Any) -> None:
+        seen.append(" ".join(record.query.split()))
+
+    single.add_query_logger(logger)
+    try:
+        started = await asyncio.gather(
+            *(
+                start_consult(single, consult_id, now=now + timedelta(seconds=n))
+                for n, consult_id in enumerate(consult_ids)
+            )
+        )
+    finally:
+        single.remove_query_logger(logger)
+    statements = [q for q in seen if not q.startswith(ASYNCPG_INTROSPECTION)]
+    assert [q.split()[0] for q in statements] == ["UPDATE"], statements
+    assert [c.id for c in started] == consult_ids
+    assert [c.started_at for c in started] == [now + timedelta(seconds=n) for n in range(3)]
+    async with harness.app[DB_ENGINE].connect() as conn:
+        stored = dict(
+            (
+                await conn.execute(
+                    sa.select(consults.c.id, consults.c.started_at).where(
+                        consults.c.id.in_(consult_ids)
+                    )
+                )
+            ).all()
+        )
+    assert [stored[c] for c in consult_ids] == [c.started_at for c in started]
+
+
+@ON_POSTGRESQL
 async def test_a_failed_batch_fails_each_caller_and_a_cancelled_one_spares_the_others(
     harness: Harness,
 ) -> None:
