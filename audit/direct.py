@@ -29,8 +29,6 @@ caller as before; a call alone in its turn waits one turn more.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.connection_pool import ASYNCPG_ERRORS, ConnectionPool, as_sqlalchemy_error
 from audit.db import RETURN_WAIT_S, autocommit, reading
 
 # Connections of its own that a node holds at most (besides the engine's
@@ -54,8 +53,6 @@ ACQUIRE_TIMEOUT_S = 30.0
 _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
 
 _ASYNCPG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
-# asyncpg's own errors, raised as SQLAlchemy's (as its dialect does).
-_ASYNCPG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 class Prepared:
@@ -150,153 +147,6 @@ class OnConnection:
         await self.connection.execute(statement.clause, dict(params))
 
 
-def _as_sqlalchemy_error(err: Exception, sql: str, *, invalidated: bool) -> sa.exc.DBAPIError:
-    """``invalidated``: the connection was found closed by the failure."""
-    # hide_parameters: no value (an invite's hash, an id) in a message or a log.
-    return sa.exc.DBAPIError(
-        sql, None, err, hide_parameters=True, connection_invalidated=invalidated
-    )
-
-
-class _Connections:
-    """asyncpg connections kept open for single statements, at most ``size``.
-
-    Not asyncpg's ``Pool``: its acquire with a timeout runs in a task of its
-    own (``wait_for``) and its release in another (``shield``), which cost
-    more than the statement (py-spy on the storm: 8 % of the loop); here a
-    free connection is taken and given back without a task, and only a wait
-    for one is bounded. A connection the server closed (a restart, an idle
-    timeout) is found closed without a round trip and made again.
-    """
-
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], size: int) -> None:
-        self._connect = connect
-        self._size = size
-        self._idle: list[asyncpg.Connection] = []
-        self._in_use: set[asyncpg.Connection] = set()
-        # Open or being opened, in use or not: never more than size.
-        self._count = 0
-        # In the order they came: each is handed a connection given back (or
-        # None: a place freed, connect or look again).
-        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
-        self._closed = False
-        # Set once closed and every connection in use has come back.
-        self._all_back = asyncio.Event()
-
-    def all(self) -> list[asyncpg.Connection]:
-        return [*self._idle, *self._in_use]
-
-    async def acquire(self, timeout_s: float) -> asyncpg.Connection:
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        woken = False
-        while True:
-            if self._closed:
-                closed = asyncpg.InterfaceError("the connections for single statements are closed")
-                raise _as_sqlalchemy_error(closed, "(connect)", invalidated=False)
-            # Those already waiting go first (a connection given back is
-            # handed to them); one woken for a freed place takes it.
-            if woken or not self._someone_waiting():
-                while self._idle:
-                    connection = self._idle.pop()
-                    if not connection.is_closed():
-                        self._in_use.add(connection)
-                        return connection
-                    self._count -= 1
-                if self._count < self._size:
-                    self._count += 1
-                    try:
-                        connection = await self._connect()
-                    except BaseException:
-                        self._count -= 1
-                        self._hand_on(None)
-                        raise
-                    self._in_use.add(connection)
-                    return connection
-            # One bound for the whole wait, however often it is woken.
-            deadline = loop.time() + timeout_s if deadline is None else deadline
-            handed = await self._wait(deadline)
-            if handed is not None:
-                return handed
-            woken = True
-
-    def _someone_waiting(self) -> bool:
-        while self._waiters and self._waiters[0].done():  # timed out or cancelled
-            self._waiters.popleft()
-        return bool(self._waiters)
-
-    async def _wait(self, deadline: float) -> asyncpg.Connection | None:
-        waiter: asyncio.Future[asyncpg.Connection | None]
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                # Handed something, but leaving: it goes to the next one.
-                handed = waiter.result()
-                if handed is None:
-                    self._hand_on(None)
-                else:
-                    self.release(handed)
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self, connection: asyncpg.Connection, *, broken: bool = False) -> None:
-        """Give ``connection`` back; ``broken``: its state is unknown (a
-        statement was cancelled midway), so it goes."""
-        # Statements here never leave a transaction open; one that did (a bug)
-        # must not reach the next user either.
-        if broken or self._closed or connection.is_closed() or connection.is_in_transaction():
-            self._in_use.discard(connection)
-            self._count -= 1
-            connection.terminate()
-            self._hand_on(None)
-        elif not self._hand_on(connection):
-            self._in_use.discard(connection)
-            self._idle.append(connection)
-        if self._closed and not self._in_use:
-            self._all_back.set()
-
-    def _hand_on(self, connection: asyncpg.Connection | None) -> bool:
-        """Hand ``connection`` (or a freed place) to the first one waiting;
-        whether anyone was."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # not timed out or cancelled meanwhile
-                waiter.set_result(connection)
-                return True
-        return False
-
-    async def close(self, wait_s: float) -> int:
-        """Close the idle connections, and those in use once they come back
-        (up to ``wait_s``); returns how many were still in use then (ended).
-        Those waiting for one are refused."""
-        self._closed = True
-        while self._hand_on(None):
-            pass  # each wakes, finds it closed and fails
-        idle, self._idle = self._idle, []
-        self._count -= len(idle)
-        await asyncio.gather(*(_close(connection) for connection in idle))
-        if self._in_use:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._all_back.wait()
-        left = list(self._in_use)
-        for connection in left:
-            connection.terminate()
-        return len(left)
-
-
-async def _close(connection: asyncpg.Connection) -> None:
-    try:
-        await connection.close(timeout=1.0)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        connection.terminate()
-
-
 class SingleStatements:
     """Where a patient's way in runs its statements: asyncpg connections of
     its own on PostgreSQL, ``engine`` on SQLite. Made by :meth:`open`, closed
@@ -304,7 +154,7 @@ class SingleStatements:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._connections: _Connections | None = None
+        self._connections: ConnectionPool | None = None
         self._query_loggers: list[Callable[[Any], None]] = []
         self._loop = asyncio.get_running_loop()
         # The calls of each batched statement waiting for this turn's batch.
@@ -332,13 +182,13 @@ class SingleStatements:
         async def connect() -> asyncpg.Connection:
             try:
                 connection = await asyncpg.connect(**options, timeout=connect_timeout_s)
-            except _ASYNCPG_ERRORS as err:
-                raise _as_sqlalchemy_error(err, "(connect)", invalidated=False) from err
+            except ASYNCPG_ERRORS as err:
+                raise as_sqlalchemy_error(err, "(connect)", invalidated=False) from err
             for logger in single._query_loggers:
                 connection.add_query_logger(logger)
             return connection
 
-        single._connections = _Connections(connect, size)
+        single._connections = ConnectionPool(connect, size)
         return single
 
     def add_query_logger(self, logger: Callable[[Any], None]) -> None:
@@ -418,11 +268,11 @@ class SingleStatements:
             # checked): asyncpg's state for it is unknown, so no reuse.
             connections.release(connection, broken=True)
             raise
-        except _ASYNCPG_ERRORS as err:
+        except ASYNCPG_ERRORS as err:
             # Whether the failure closed it, before release ends it anyway.
             invalidated = connection.is_closed()
             connections.release(connection)
-            raise _as_sqlalchemy_error(err, sql, invalidated=invalidated) from err
+            raise as_sqlalchemy_error(err, sql, invalidated=invalidated) from err
         except BaseException:
             connections.release(connection)
             raise
