@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -69,12 +70,15 @@ def canonical_text(row: Row) -> str:
     )
 
 
-def _hash_matches(row: Row) -> bool:
+def _hash_matches(row: Row, text_of: Callable[[Row], str] = canonical_text) -> bool:
     try:
-        text = canonical_text(row)
+        text = text_of(row)
     except TypeError:  # a value of the wrong type (written by hand): not the record's
         return False
-    return bool(hashlib.sha256(text.encode("ascii")).hexdigest() == row[11])
+    return bool(_sha256(text.encode("ascii")).hexdigest() == row[11])
+
+
+_sha256 = hashlib.sha256
 
 
 @dataclass(frozen=True)
@@ -117,28 +121,35 @@ def walk_rows(
     rows: Iterable[Row],
     expected_seq: int,
     prev_hash: str | None,
-    recheck: Callable[[Row], Row | None] | None = None,
+    text_of: Callable[[Row], str] = canonical_text,
+    slow_text_of: Callable[[Row], str] | None = None,
 ) -> WalkResult:
     """Check each row's own hash and its link to the one before; stop at the first break.
 
-    ``recheck`` gives a row read again the slow way (values spelt unusually)
-    when its hash does not match; ``prev_hash`` None takes the first row's
-    link on trust (see :attr:`WalkSpec.start_hash`).
+    ``text_of`` makes a row's canonical text the fast way (the usual
+    spellings); when its hash does not match, ``slow_text_of`` makes it again
+    the slow way (values spelt unusually, read as SQLAlchemy would), and only
+    if that does not match either is the record modified. ``prev_hash`` None
+    takes the first row's link on trust (see :attr:`WalkSpec.start_hash`).
     """
     count = 0
     first_seq: int | None = None
     first_prev: str | None = None
+    sha256 = _sha256
     for row in rows:
         seq = row[0]
         if first_seq is None:
             first_seq, first_prev = seq, row[10]
             prev_hash = row[10] if prev_hash is None else prev_hash
-        if not _hash_matches(row):
-            again = recheck(row) if recheck is not None else None
-            if again is None or not _hash_matches(again):
-                return WalkResult(
-                    count, expected_seq, str(prev_hash), "modified", seq, "", first_seq, first_prev
-                )
+        # _hash_matches(row, text_of), inline: a million times a walk.
+        try:
+            intact = sha256(text_of(row).encode("ascii")).hexdigest() == row[11]
+        except TypeError:  # a value of the wrong type (written by hand): not the record's
+            intact = False
+        if not intact and (slow_text_of is None or not _hash_matches(row, slow_text_of)):
+            return WalkResult(
+                count, expected_seq, str(prev_hash), "modified", seq, "", first_seq, first_prev
+            )
         if row[10] != prev_hash:
             return WalkResult(
                 count, expected_seq, str(prev_hash), "link", seq, row[10], first_seq, first_prev
@@ -179,13 +190,20 @@ def walk(specs: list[WalkSpec]) -> list[WalkResult]:
     """Read and check chains (or parts) one after another, up to the first break."""
     results = []
     for spec in specs:
-        reader = _SqliteReader(spec) if spec.backend == "sqlite" else None
-        rows = reader.rows() if reader is not None else _postgres_rows(spec)
+        text_of: Callable[[Row], str]
+        slow_text_of: Callable[[Row], str] | None
+        if spec.backend == "sqlite":
+            batches = _sqlite_batches(spec)
+            text_of, slow_text_of = _sqlite_text, _sqlite_slow_text
+        else:
+            batches = _postgres_batches(spec)
+            text_of, slow_text_of = canonical_text, None
         try:
-            recheck = reader.recheck if reader is not None else None
-            result = walk_rows(rows, spec.start_seq, spec.start_hash, recheck)
+            # Row by row in C: no generator resumed per row.
+            rows = itertools.chain.from_iterable(batches)
+            result = walk_rows(rows, spec.start_seq, spec.start_hash, text_of, slow_text_of)
         finally:
-            rows.close()  # its connection, now, also when the walk stopped early
+            batches.close()  # its connection, now, also when the walk stopped early
         results.append(result)
         if result.problem is not None:
             break
@@ -197,59 +215,98 @@ def walk(specs: list[WalkSpec]) -> list[WalkResult]:
 # offset, UUIDs as 32 hex digits), made canonical here.
 # --------------------------------------------------------------------------
 
-# SQLite spells the usual values canonically itself (in C, in the reading
-# thread); an unusual spelling fails the hash and is read again the slow way.
+# The rows as stored, made canonical in Python (:func:`_sqlite_text`): SQLite's
+# own string functions did it in C, but a row's concatenations there cost
+# more than the few slices here (docs/benchmarks.md, "Access log").
 _SQLITE_QUERY = (
-    "SELECT seq,"
-    " CASE WHEN length(at) = 26 AND substr(at, 11, 1) = ' '"
-    " THEN substr(at, 1, 10) || 'T' || substr(at, 12) || '+00:00' ELSE at END,"
-    " CASE WHEN length(organisation_id) = 32 THEN substr(organisation_id, 1, 8)"
-    " || '-' || substr(organisation_id, 9, 4) || '-' || substr(organisation_id, 13, 4)"
-    " || '-' || substr(organisation_id, 17, 4) || '-' || substr(organisation_id, 21, 12)"
-    " ELSE organisation_id END,"
-    " CASE WHEN length(actor_id) = 32 THEN substr(actor_id, 1, 8)"
-    " || '-' || substr(actor_id, 9, 4) || '-' || substr(actor_id, 13, 4)"
-    " || '-' || substr(actor_id, 17, 4) || '-' || substr(actor_id, 21, 12)"
-    " ELSE actor_id END,"
-    " actor_role, action, object_type, object_id, outcome, client_type, prev_hash, hash"
-    " FROM access_log WHERE chain = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"
-)
-_SQLITE_ONE_RAW = (
     "SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,"
     " object_id, outcome, client_type, prev_hash, hash"
-    " FROM access_log WHERE chain = ? AND seq = ?"
+    " FROM access_log WHERE chain = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"
 )
 # An end beyond any seq (SQLite integers are 64-bit).
 _NO_END = 2**63 - 1
 
 
-class _SqliteReader:
-    def __init__(self, spec: WalkSpec) -> None:
-        self._spec = spec
-        # A file URI, quoted: a '#', '?' or '%' in the data directory's path
-        # would otherwise cut it short (and SQLite make an empty database).
-        uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
-        self._conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
+def _sqlite_batches(spec: WalkSpec) -> Generator[list[Row]]:
+    # A file URI, quoted: a '#', '?' or '%' in the data directory's path
+    # would otherwise cut it short (and SQLite make an empty database).
+    uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
+    end = spec.end_seq if spec.end_seq is not None else _NO_END
+    try:
+        after = spec.start_seq - 1
+        while True:
+            # One SELECT, one short implicit read transaction.
+            batch = conn.execute(_SQLITE_QUERY, (spec.chain, after, end, spec.batch)).fetchall()
+            yield batch
+            if len(batch) < spec.batch:
+                return
+            after = batch[-1][0]
+    finally:
+        conn.close()
 
-    def rows(self) -> Generator[Row]:
-        spec = self._spec
-        end = spec.end_seq if spec.end_seq is not None else _NO_END
-        try:
-            after = spec.start_seq - 1
-            while True:
-                # One SELECT, one short implicit read transaction.
-                query = (spec.chain, after, end, spec.batch)
-                batch = self._conn.execute(_SQLITE_QUERY, query).fetchall()
-                yield from batch
-                if len(batch) < spec.batch:
-                    return
-                after = batch[-1][0]
-        finally:
-            self._conn.close()
 
-    def recheck(self, row: Row) -> Row | None:
-        raw = self._conn.execute(_SQLITE_ONE_RAW, (self._spec.chain, row[0])).fetchone()
-        return None if raw is None else _sqlite_canonical(raw)
+def _sqlite_text(raw: Row) -> str:
+    """A stored row's canonical text, for the spellings SQLAlchemy writes:
+    times as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC), UUIDs as 32 hex digits.
+
+    Anything else comes out spelt as stored, so its hash does not match and
+    :func:`_sqlite_slow_text` reads it as SQLAlchemy would. Every value is
+    JSON-quoted, so a text that matches the hash decodes to the record's
+    very values, whatever was stored. The values a chain repeats (its
+    organisation, the staff, the actions) are quoted once and looked up.
+    """
+    _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = raw[:11]
+    q = encode_basestring_ascii
+    if type(at) is str and len(at) == 26 and at[10] == " ":
+        at = f"{at[:10]}T{at[11:]}+00:00"
+    repeated = _REPEATED
+    return _CANONICAL % (
+        repeated[action],
+        _UUIDS[actor],
+        repeated[role],
+        q(at),
+        repeated[client],
+        "null" if object_id is None else q(object_id),
+        repeated[object_type],
+        _UUIDS[org],
+        repeated[outcome],
+        q(prev),
+    )
+
+
+class _Quoted(dict[Any, str]):
+    """Values and their canonical JSON, made on first use; at most
+    :data:`_QUOTED_AT_MOST` kept (a chain of odd values forgets them)."""
+
+    def __init__(self, canonical: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._canonical = canonical
+
+    def __missing__(self, value: Any) -> str:
+        canonical = self._canonical(value)
+        quoted = "null" if canonical is None else encode_basestring_ascii(canonical)
+        if len(self) >= _QUOTED_AT_MOST:
+            self.clear()
+        self[value] = quoted
+        return quoted
+
+
+def _hyphens(stored: Any) -> Any:
+    if type(stored) is str and len(stored) == 32:
+        return f"{stored[:8]}-{stored[8:12]}-{stored[12:16]}-{stored[16:20]}-{stored[20:]}"
+    return stored
+
+
+_QUOTED_AT_MOST = 10_000
+# Texts (an action, a role: anything but None, which no such column holds).
+_REPEATED = _Quoted(lambda value: value)
+# The UUID columns (None: JSON's null).
+_UUIDS = _Quoted(_hyphens)
+
+
+def _sqlite_slow_text(raw: Row) -> str:
+    return canonical_text(_sqlite_canonical(raw))
 
 
 def _sqlite_canonical(raw: Row) -> Row:
@@ -302,7 +359,7 @@ _POSTGRES_QUERY = (
 )
 
 
-def _postgres_rows(spec: WalkSpec) -> Generator[Row]:
+def _postgres_batches(spec: WalkSpec) -> Generator[list[Row]]:
     # A loop of this worker's own: the rows come in batches, and the hashing
     # of one batch runs while the next is on its way would need threads; a
     # batch of 10,000 takes a few ms to fetch, so plain alternation it is.
@@ -325,7 +382,7 @@ def _postgres_rows(spec: WalkSpec) -> Generator[Row]:
             )
             while True:
                 batch = loop.run_until_complete(cursor.fetch(spec.batch))
-                yield from (tuple(record) for record in batch)
+                yield list(map(tuple, batch))
                 if len(batch) < spec.batch:
                     break
             loop.run_until_complete(transaction.rollback())

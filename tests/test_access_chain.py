@@ -274,6 +274,36 @@ async def test_a_time_stored_in_another_spelling_of_the_same_moment_verifies(
     assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)
 
 
+# SQLite only, as above: PostgreSQL keeps a UUID as a UUID.
+@pytest.mark.parametrize("database_url", [""])
+async def test_a_uuid_stored_in_another_spelling_verifies_and_a_changed_one_does_not(
+    engine: AsyncEngine,
+) -> None:
+    # The walk hyphenates the 32 hex digits SQLAlchemy writes without asking
+    # whether they are hex; the same UUID in capitals is read as SQLAlchemy
+    # would (no false alarm), and text that is no UUID, quotes and
+    # backslashes included, is a change.
+    assert engine.dialect.name == "sqlite"
+    await append_many(engine, 5)
+    stored = uuid.UUID(int=2).hex
+    await sql(engine, "UPDATE access_log SET actor_id = :v WHERE seq = 2", v=stored.upper())
+    assert (await verify(engine)).intact
+    for changed in [
+        '0000000000000000000000000000000"',
+        "000000000000000000000000000000\\2",
+        "z" * 32,
+    ]:
+        await sql(engine, "UPDATE access_log SET actor_id = :v WHERE seq = 4", v=changed)
+        # The workers' walks only: SQLAlchemy cannot read such a value as a
+        # UUID at all (the walk on the loop fails with a ValueError).
+        for report in (
+            await verify_chain(engine, batch=3),
+            await verify_chain(engine, batch=3, split_over=1),
+        ):
+            assert report.broken is not None, changed
+            assert (report.broken.seq, report.broken.kind) == (4, Break.MODIFIED)
+
+
 async def test_hundreds_of_concurrent_appends_leave_a_whole_chain(engine: AsyncEngine) -> None:
     async def one(n: int) -> None:
         async with engine.begin() as conn:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit import create_engine, prepare_data_dir, upgrade
+from audit import chain_walk, create_engine, prepare_data_dir, upgrade
 from audit.access_log import (
     AccessRecord,
     ClientType,
@@ -65,6 +65,55 @@ def test_the_walks_encoding_is_the_chains_canonical_json(text: str) -> None:
         text,
     )
     assert canonical_text(row) == reference
+
+
+@pytest.mark.parametrize("text", ODD_TEXTS)
+def test_the_sqlite_walks_text_of_a_stored_row_is_the_chains_canonical_json(text: str) -> None:
+    """The SQLite walk makes the text from the row as stored (a time as
+    SQLAlchemy writes it, UUIDs as 32 hex digits), the repeated values looked
+    up once quoted: the same text, odd characters and nulls included."""
+    organisation, actor = uuid.UUID(int=1), uuid.UUID(int=0xABC)
+    for actor_id, object_id in ((actor, text), (None, None)):
+        fields = canonical_fields(
+            at=T0 + timedelta(microseconds=5),
+            organisation_id=organisation,
+            actor_id=actor_id,
+            actor_role=text,
+            action=text,
+            object_type=text,
+            object_id=object_id,
+            outcome=text,
+            client_type=text,
+        )
+        reference = json.dumps({**fields, "prev_hash": text}, sort_keys=True, separators=(",", ":"))
+        stored = (
+            1,
+            "2026-12-05 09:00:00.000005",
+            organisation.hex,
+            None if actor_id is None else actor_id.hex,
+            text,
+            text,
+            text,
+            object_id,
+            text,
+            text,
+            text,
+            "hash",
+        )
+        # Twice: made, then looked up.
+        assert chain_walk._sqlite_text(stored) == reference
+        assert chain_walk._sqlite_text(stored) == reference
+
+
+def test_the_quoted_values_kept_for_the_walk_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of all-different values (written by hand) does not grow the
+    worker without end: the looked-up values are forgotten past a bound."""
+    monkeypatch.setattr(chain_walk, "_QUOTED_AT_MOST", 50)
+    quoted = chain_walk._Quoted(lambda value: value)
+    for n in range(500):
+        assert quoted[f"action {n}"] == f'"action {n}"'
+        assert len(quoted) <= 50
+    assert quoted[None] == "null"
 
 
 @pytest.fixture
