@@ -197,7 +197,7 @@ def walk(specs: list[WalkSpec]) -> list[WalkResult]:
             text_of, slow_text_of = _sqlite_text, _sqlite_slow_text
         else:
             batches = _postgres_batches(spec)
-            text_of, slow_text_of = canonical_text, None
+            text_of, slow_text_of = _postgres_text, None
         try:
             # Row by row in C: no generator resumed per row.
             rows = itertools.chain.from_iterable(batches)
@@ -299,7 +299,7 @@ def _hyphens(stored: Any) -> Any:
 
 
 _QUOTED_AT_MOST = 10_000
-# Texts (an action, a role: anything but None, which no such column holds).
+# Texts as they are (an action, a role; PostgreSQL's UUIDs as text; None: null).
 _REPEATED = _Quoted(lambda value: value)
 # The UUID columns (None: JSON's null).
 _UUIDS = _Quoted(_hyphens)
@@ -390,6 +390,26 @@ def _postgres_batches(spec: WalkSpec) -> Generator[list[Row]]:
             loop.run_until_complete(conn.close())
     finally:
         loop.close()
+
+
+def _postgres_text(row: Row) -> str:
+    """:func:`canonical_text` of a row the server spelt canonically, the
+    values a chain repeats looked up once quoted (see :func:`_sqlite_text`)."""
+    _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = row[:11]
+    q = encode_basestring_ascii
+    repeated = _REPEATED
+    return _CANONICAL % (
+        repeated[action],
+        repeated[actor],
+        repeated[role],
+        q(at),
+        repeated[client],
+        "null" if object_id is None else q(object_id),
+        repeated[object_type],
+        repeated[org],
+        repeated[outcome],
+        q(prev),
+    )
 
 
 def main() -> None:

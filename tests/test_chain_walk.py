@@ -65,6 +65,9 @@ def test_the_walks_encoding_is_the_chains_canonical_json(text: str) -> None:
         text,
     )
     assert canonical_text(row) == reference
+    # PostgreSQL's walk: the same, the repeated values looked up (twice: made, then found).
+    assert chain_walk._postgres_text(row) == reference
+    assert chain_walk._postgres_text(row) == reference
 
 
 @pytest.mark.parametrize("text", ODD_TEXTS)
