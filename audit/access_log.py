@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from audit.chain_heads import GENESIS_HASH as GENESIS_HASH  # where chains start, for callers
+from audit.chain_heads import chain_heads, chain_start, lock_chains
 from audit.chain_walk import WalkResult, canonical_text, walk_rows
 from audit.chain_workers import SPLIT_OVER, walk_in_workers, walk_location
 from audit.db import reading
@@ -158,8 +160,6 @@ def access_record(
     )
 
 
-# The predecessor of the first record of a chain.
-GENESIS_HASH = "0" * 64
 # The chain of records that belong to no organisation (the operator's).
 INSTALLATION_CHAIN = "installation"
 
@@ -211,12 +211,6 @@ def chain_of(organisation_id: uuid.UUID | None) -> str:
     return str(organisation_id) if organisation_id is not None else INSTALLATION_CHAIN
 
 
-def _lock_key(chain: str) -> int:
-    """A signed 64-bit advisory-lock key per chain."""
-    digest = hashlib.sha256(f"videoconsult-access-log:{chain}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 async def append_access(conn: AsyncConnection, record: AccessRecord) -> None:
     """Append one record to its chain. There is no update or delete counterpart, on purpose.
 
@@ -242,12 +236,12 @@ async def append_records(
     for record in records:
         by_chain.setdefault(chain_of(record.organisation_id), []).append(record)
     names = sorted(by_chain)
-    held = await _lock_chains(conn, names, wait=wait)
+    held = await lock_chains(conn, names, wait=wait)
     names = [name for name in names if name not in held]
     if not names:
         return held
     rows: list[dict[str, object]] = []
-    heads = await _chain_heads(conn, names)
+    heads = await chain_heads(conn, names)
     for chain in names:
         seq, prev_hash = heads[chain]
         for record in by_chain[chain]:
@@ -274,46 +268,6 @@ async def append_records(
     return held
 
 
-async def _lock_chains(conn: AsyncConnection, names: list[str], *, wait: bool) -> set[str]:
-    """Lock the chains, in this order, for the transaction; return those held
-    by another transaction (only without ``wait``; on SQLite, none: its one
-    writer is the lock)."""
-    if conn.dialect.name != "postgresql":
-        return set()
-    if not wait:
-        got = (
-            await conn.execute(
-                sa.select(*(sa.func.pg_try_advisory_xact_lock(_lock_key(name)) for name in names))
-            )
-        ).one()
-        return {name for name, locked in zip(names, got, strict=True) if not locked}
-    # The select list is evaluated left to right: the locks in this order.
-    await conn.execute(
-        sa.select(*(sa.func.pg_advisory_xact_lock(_lock_key(name)) for name in names))
-    )
-    return set()
-
-
-async def _chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[int, str]]:
-    """Where each (locked) chain continues: its next seq and the hash it
-    chains to. One statement for any number of chains: a batch of records of
-    many organisations costs no more round trips than one."""
-    last_of_each = [
-        sa.select(access_log.c.chain, access_log.c.seq, access_log.c.hash)
-        .where(access_log.c.chain == name)
-        .order_by(access_log.c.seq.desc())
-        .limit(1)
-        .subquery()
-        for name in names
-    ]
-    found = await conn.execute(sa.union_all(*(sa.select(last) for last in last_of_each)))
-    heads = {row.chain: (row.seq + 1, row.hash) for row in found}
-    for name in names:
-        if name not in heads:
-            heads[name] = await _chain_start(conn, name)
-    return heads
-
-
 def _record_hash_fast(record: AccessRecord, prev_hash: str) -> str:
     """:func:`record_hash` of a new record, through the walk's faster encoding."""
     text = canonical_text(
@@ -332,22 +286,6 @@ def _record_hash_fast(record: AccessRecord, prev_hash: str) -> str:
         )
     )
     return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-async def _chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
-    """Where a chain (re)starts: after its newest checkpoint (records purged by
-    retention), or at the beginning."""
-    checkpoint = (
-        await conn.execute(
-            sa.select(access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash)
-            .where(access_log_checkpoints.c.chain == chain)
-            .order_by(access_log_checkpoints.c.through_seq.desc())
-            .limit(1)
-        )
-    ).first()
-    if checkpoint is None:
-        return 1, GENESIS_HASH
-    return checkpoint.through_seq + 1, checkpoint.through_hash
 
 
 class Break(enum.Enum):
@@ -424,7 +362,7 @@ async def verify_chain(
     starts = []
     async with _reading(source) as conn:
         for name in names:
-            starts.append((name, *await _chain_start(conn, name)))
+            starts.append((name, *await chain_start(conn, name)))
     location = walk_location(source)
     if location is None:
         results = [
