@@ -193,15 +193,19 @@ def pool_description(engine: AsyncEngine) -> str:
 # The append phases: (key prefix, tasks, organisations, label, group commit)
 # given the arguments. The first three append one record per transaction, as
 # the server did before group commit (and still does for a change's record).
+PHASES = ("seq", "conc", "one", "gc", "gcone")
+
+
 def phases(args: argparse.Namespace) -> list[tuple[str, int, int, str, bool]]:
     c = args.concurrency
-    return [
+    every = [
         ("seq", 1, args.orgs, "sequential appends", False),
         ("conc", c, args.orgs, f"appends from {c} tasks", False),
         ("one", c, 1, f"appends from {c} tasks, one chain", False),
         ("gc", c, args.orgs, f"group-commit appends from {c} tasks", True),
         ("gcone", c, 1, f"group-commit appends from {c} tasks, one chain", True),
     ]
+    return [phase for phase in every if phase[0] in args.phases]
 
 
 async def append_run(target: Target, args: argparse.Namespace, rep: int) -> dict[str, Any]:
@@ -579,6 +583,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--db", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"]
     )
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every measurement")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=PHASES,
+        default=list(PHASES),
+        help="the append phases to run: seq (one after another), conc and one (32 tasks, one "
+        "transaction each, 20 organisations or one), gc and gcone (the same through the "
+        "group-commit writer)",
+    )
     parser.add_argument(
         "--appends", type=int, default=5000, help="appends per phase (sequential; concurrent)"
     )
