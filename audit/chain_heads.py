@@ -40,9 +40,12 @@ async def lock_chains(conn: AsyncConnection, names: list[str], *, wait: bool) ->
         # One statement of one shape for any number of chains (an array of
         # keys): nothing built per batch. Trying never waits, so the order
         # does not matter here.
-        by_key = {lock_key(name): name for name in names}
+        # Two chains whose keys collide share the lock, and its answer.
+        by_key: dict[int, list[str]] = {}
+        for name in names:
+            by_key.setdefault(lock_key(name), []).append(name)
         got = await conn.execute(_TRY_LOCKS, {"keys": list(by_key)})
-        return {by_key[key] for key, locked in got if not locked}
+        return {name for key, locked in got if not locked for name in by_key[key]}
     # The select list is evaluated left to right: the locks in this order.
     await conn.execute(
         sa.select(*(sa.func.pg_advisory_xact_lock(lock_key(name)) for name in names))

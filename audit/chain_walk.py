@@ -327,10 +327,12 @@ def _sqlite_time(stored: object) -> object:
     if isinstance(stored, str):
         try:
             moment = datetime.fromisoformat(stored)
-        except ValueError:
-            return stored  # unreadable: the record's hash will not match
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-        return moment.astimezone(UTC).isoformat(timespec="microseconds")
+            moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+            return moment.astimezone(UTC).isoformat(timespec="microseconds")
+        except (ValueError, OverflowError):
+            # Unreadable, or no instant in UTC (the year 1 east of UTC): the
+            # record's hash will not match.
+            return stored
     return stored
 
 

@@ -274,6 +274,25 @@ async def test_a_time_stored_in_another_spelling_of_the_same_moment_verifies(
     assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)
 
 
+# SQLite only, as above.
+@pytest.mark.parametrize("database_url", [""])
+async def test_a_time_that_cannot_be_an_instant_in_utc_is_a_change_not_a_failed_walk(
+    engine: AsyncEngine,
+) -> None:
+    """Found in review: a time of the year 1 with an offset east of UTC has no
+    UTC instant in Python (OverflowError); the walk's worker failed on it
+    instead of naming the record."""
+    await append_many(engine, 4)
+    await sql(engine, "UPDATE access_log SET at = '0001-01-01T00:00:00+01:00' WHERE seq = 3")
+    # The workers' walks only: SQLAlchemy cannot read such a time back at all.
+    for report in (
+        await verify_chain(engine, batch=3),
+        await verify_chain(engine, batch=3, split_over=1),
+    ):
+        assert report.broken is not None
+        assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)
+
+
 # SQLite only, as above: PostgreSQL keeps a UUID as a UUID.
 @pytest.mark.parametrize("database_url", [""])
 async def test_a_uuid_stored_in_another_spelling_verifies_and_a_changed_one_does_not(

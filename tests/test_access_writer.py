@@ -235,6 +235,29 @@ async def test_a_chain_held_by_another_transaction_stalls_no_other_chains_reads(
     await engine.dispose()
 
 
+async def test_chains_whose_lock_keys_collide_are_both_left_out_while_the_key_is_held(
+    make_settings: SettingsFactory, migrated_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the tried locks were mapped back to chains by key, so
+    of two chains of one batch whose 64-bit keys collide, only one was
+    reported held and the other written without its lock. (A collision is
+    forced here: with SHA-256 keys it is astronomically unlikely.)"""
+    from audit import chain_heads
+
+    monkeypatch.setattr(chain_heads, "lock_key", lambda chain: 42)
+    settings = make_settings(database_url=migrated_postgres_url, database_connect_timeout_s=30)
+    url = configured_url(settings, prepare_data_dir(settings.data_dir))
+    engine = create_engine(url, connect_timeout_s=30)
+    try:
+        async with engine.begin() as other:
+            await other.execute(sa.text("SELECT pg_advisory_xact_lock(42)"))
+            async with engine.begin() as conn:
+                held = await chain_heads.lock_chains(conn, ["a", "b"], wait=False)
+            assert held == {"a", "b"}
+    finally:
+        await engine.dispose()
+
+
 async def test_reads_waiting_on_held_chains_take_no_slot_from_other_chains(
     make_settings: SettingsFactory, migrated_postgres_url: str
 ) -> None:

@@ -18,6 +18,7 @@ from audit.access_log import (
     Outcome,
     append_records,
     canonical_fields,
+    record_hash,
     verify_chain,
 )
 from audit.chain_walk import canonical_text
@@ -106,6 +107,68 @@ def test_the_sqlite_walks_text_of_a_stored_row_is_the_chains_canonical_json(text
         # Twice: made, then looked up.
         assert chain_walk._sqlite_text(stored) == reference
         assert chain_walk._sqlite_text(stored) == reference
+
+
+# (column of the stored row, a value of another type or spelling): what a
+# hand-written change could put there. None in a NOT NULL column included.
+ODD_VALUES = [
+    (5, 1),
+    (5, True),
+    (5, 1.0),
+    (5, b"consult.read"),
+    (5, None),
+    (4, None),
+    (2, None),
+    (2, uuid.UUID(int=1).bytes),
+    (2, uuid.UUID(int=1).hex.encode()),
+    (1, 0),
+    (10, b"0" * 64),
+]
+
+
+@pytest.mark.parametrize(("column", "value"), ODD_VALUES)
+def test_a_value_of_another_type_in_a_looked_up_column_is_a_change(
+    column: int, value: object
+) -> None:
+    """Found worth a test in review: the walk looks the repeated values up in
+    a dict, whose keys 1, 1.0 and True are one; none of these may match the
+    record's hash, whatever was looked up before."""
+    organisation, actor = uuid.UUID(int=1), uuid.UUID(int=0xABC)
+    fields = canonical_fields(
+        at=T0,
+        organisation_id=organisation,
+        actor_id=actor,
+        actor_role="therapist",
+        action="consult.read",
+        object_type="consult",
+        object_id="1",
+        outcome="allowed",
+        client_type="web",
+    )
+    stored = (
+        1,
+        "2026-12-05 09:00:00.000000",
+        organisation.hex,
+        actor.hex,
+        "therapist",
+        "consult.read",
+        "consult",
+        "1",
+        "allowed",
+        "web",
+        "0" * 64,
+        record_hash(fields, "0" * 64),
+    )
+
+    def walk(row: tuple[object, ...]) -> chain_walk.WalkResult:
+        return chain_walk.walk_rows(
+            [row], 1, "0" * 64, chain_walk._sqlite_text, chain_walk._sqlite_slow_text
+        )
+
+    assert walk(stored).problem is None  # and its values are looked up from now on
+    changed = list(stored)
+    changed[column] = value
+    assert walk(tuple(changed)).problem == "modified"
 
 
 def test_the_quoted_values_kept_for_the_walk_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
