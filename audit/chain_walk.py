@@ -253,23 +253,30 @@ def _sqlite_text(raw: Row) -> str:
     Anything else comes out spelt as stored, so its hash does not match and
     :func:`_sqlite_slow_text` reads it as SQLAlchemy would. Every value is
     JSON-quoted, so a text that matches the hash decodes to the record's
-    very values, whatever was stored. The values a chain repeats (its
-    organisation, the staff, the actions) are quoted once and looked up.
+    very values, whatever was stored.
     """
-    _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = raw[:11]
-    q = encode_basestring_ascii
+    at = raw[1]
     if type(at) is str and len(at) == 26 and at[10] == " ":
         at = f"{at[:10]}T{at[11:]}+00:00"
+    return _looked_up_text(raw, at, _UUIDS)
+
+
+def _looked_up_text(row: Row, at: Any, uuids: _Quoted) -> str:
+    """:func:`canonical_text` of ``row`` with the time ``at``, the values a
+    chain repeats (its organisation, the staff, the actions) quoted once and
+    looked up (the UUID columns in ``uuids``)."""
+    _seq, _at, org, actor, role, action, object_type, object_id, outcome, client, prev = row[:11]
+    q = encode_basestring_ascii
     repeated = _REPEATED
     return _CANONICAL % (
         repeated[action],
-        _UUIDS[actor],
+        uuids[actor],
         repeated[role],
         q(at),
         repeated[client],
         "null" if object_id is None else q(object_id),
         repeated[object_type],
-        _UUIDS[org],
+        uuids[org],
         repeated[outcome],
         q(prev),
     )
@@ -396,22 +403,8 @@ def _postgres_batches(spec: WalkSpec) -> Generator[list[Row]]:
 
 def _postgres_text(row: Row) -> str:
     """:func:`canonical_text` of a row the server spelt canonically, the
-    values a chain repeats looked up once quoted (see :func:`_sqlite_text`)."""
-    _seq, at, org, actor, role, action, object_type, object_id, outcome, client, prev = row[:11]
-    q = encode_basestring_ascii
-    repeated = _REPEATED
-    return _CANONICAL % (
-        repeated[action],
-        repeated[actor],
-        repeated[role],
-        q(at),
-        repeated[client],
-        "null" if object_id is None else q(object_id),
-        repeated[object_type],
-        repeated[org],
-        repeated[outcome],
-        q(prev),
-    )
+    values a chain repeats looked up once quoted (see :func:`_looked_up_text`)."""
+    return _looked_up_text(row, row[1], _REPEATED)
 
 
 def main() -> None:
