@@ -284,7 +284,10 @@ def _looked_up_text(row: Row, at: Any, uuids: _Quoted) -> str:
 
 class _Quoted(dict[Any, str]):
     """Values and their canonical JSON, made on first use; at most
-    :data:`_QUOTED_AT_MOST` kept (a chain of odd values forgets them)."""
+    :data:`_QUOTED_AT_MOST` kept (a chain of odd values forgets them), none
+    longer than :data:`_QUOTED_LONGEST` (SQLite does not hold a column to
+    its declared length: a million-character action written by hand is
+    quoted, not kept)."""
 
     def __init__(self, canonical: Callable[[Any], Any]) -> None:
         super().__init__()
@@ -293,6 +296,8 @@ class _Quoted(dict[Any, str]):
     def __missing__(self, value: Any) -> str:
         canonical = self._canonical(value)
         quoted = "null" if canonical is None else encode_basestring_ascii(canonical)
+        if len(quoted) > _QUOTED_LONGEST:
+            return quoted
         if len(self) >= _QUOTED_AT_MOST:
             self.clear()
         self[value] = quoted
@@ -306,6 +311,8 @@ def _hyphens(stored: Any) -> Any:
 
 
 _QUOTED_AT_MOST = 10_000
+# The longest text kept (quoted; the looked-up columns are declared 64 at most).
+_QUOTED_LONGEST = 200
 # Texts as they are (an action, a role; PostgreSQL's UUIDs as text; None: null).
 _REPEATED = _Quoted(lambda value: value)
 # The UUID columns (None: JSON's null).

@@ -180,6 +180,11 @@ def test_the_quoted_values_kept_for_the_walk_are_bounded(monkeypatch: pytest.Mon
         assert quoted[f"action {n}"] == f'"action {n}"'
         assert len(quoted) <= 50
     assert quoted[None] == "null"
+    # A long value (SQLite keeps any length) is quoted and not kept.
+    quoted.clear()
+    long = "x" * 1_000_000
+    assert quoted[long] == f'"{long}"'
+    assert long not in quoted
 
 
 @pytest.fixture
