@@ -4,7 +4,9 @@ SQLite and on PostgreSQL, and concurrent appends keep it whole."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -321,6 +323,97 @@ async def test_a_uuid_stored_in_another_spelling_verifies_and_a_changed_one_does
         ):
             assert report.broken is not None, changed
             assert (report.broken.seq, report.broken.kind) == (4, Break.MODIFIED)
+
+
+# Values whose canonical JSON escapes something (a quote, a backslash, a
+# control character, DEL, beyond ASCII): PostgreSQL's own check of a hash
+# (audit/chain_walk.py, _POSTGRES_FLAGGED) quotes values as they are, so it
+# must leave every such record to the walk. (NUL: SQLite only, below.)
+ESCAPED = ['say "hi"', "back\\slash", "tab\there", "del\x7f", "é", "😀"]
+
+
+async def append_odd(engine: AsyncEngine, count: int, odd: dict[int, str]) -> None:
+    """``count`` records, the action of record n (from 1) ``odd[n]`` where given."""
+    for n in range(count):
+        async with engine.begin() as conn:
+            record = a_record(n)
+            if n + 1 in odd:
+                record = replace(record, action=odd[n + 1])
+            await append_access(conn, record)
+
+
+async def test_records_with_values_to_escape_verify_and_a_change_among_them_is_found(
+    engine: AsyncEngine,
+) -> None:
+    odd = dict(enumerate(ESCAPED + (["nul\x00"] if engine.dialect.name == "sqlite" else []), 2))
+    await append_odd(engine, 12, odd)
+    report = await verify(engine)
+    assert (report.intact, report.records) == (True, 12)
+    await sql(engine, "UPDATE access_log SET outcome = 'refused' WHERE seq = 5")
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (5, Break.MODIFIED, 4)
+
+
+def unescaped_text(stored: sa.Row[tuple[object, ...]]) -> str:
+    """A record's text with its values between quotes as they are: what a
+    check that skipped the escaping would hash."""
+    values = {**canonical_text_fields(stored), "prev_hash": stored.prev_hash}
+    return (
+        "{"
+        + ",".join(
+            f'"{key}":' + ("null" if value is None else f'"{value}"')
+            for key, value in sorted(values.items())
+        )
+        + "}"
+    )
+
+
+def canonical_text_fields(stored: sa.Row[tuple[object, ...]]) -> dict[str, object]:
+    return canonical_fields(
+        at=stored.at if stored.at.tzinfo else stored.at.replace(tzinfo=UTC),
+        organisation_id=stored.organisation_id,
+        actor_id=stored.actor_id,
+        actor_role=stored.actor_role,
+        action=stored.action,
+        object_type=stored.object_type,
+        object_id=stored.object_id,
+        outcome=stored.outcome,
+        client_type=stored.client_type,
+    )
+
+
+@pytest.mark.parametrize("value", ESCAPED)
+async def test_a_hash_over_the_values_unescaped_is_a_change(
+    engine: AsyncEngine, value: str
+) -> None:
+    """A record whose hash is over its values between quotes unescaped, not
+    over its canonical JSON, is not the record written: the database's own
+    check (PostgreSQL) must not take it for whole."""
+    await append_odd(engine, 4, {4: value})
+    stored = await row(engine, 4)
+    forged = hashlib.sha256(unescaped_text(stored).encode()).hexdigest()
+    assert forged != stored.hash
+    await sql(engine, "UPDATE access_log SET hash = :h WHERE seq = 4", h=forged)
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (4, Break.MODIFIED, 3)
+
+
+async def test_a_link_to_no_hash_with_a_hash_over_it_unescaped_is_a_change(
+    engine: AsyncEngine,
+) -> None:
+    """PostgreSQL's check leaves ``prev_hash`` out of its test for values to
+    escape, because a row it passes links to a hash in hex: a ``prev_hash``
+    that is no hash breaks that link and must be named."""
+    await append_many(engine, 4)
+    await sql(engine, "UPDATE access_log SET prev_hash = :p WHERE seq = 4", p='say "hi"')
+    stored = await row(engine, 4)
+    forged = hashlib.sha256(unescaped_text(stored).encode()).hexdigest()
+    await sql(engine, "UPDATE access_log SET hash = :h WHERE seq = 4", h=forged)
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (4, Break.MODIFIED, 3)
 
 
 async def test_hundreds_of_concurrent_appends_leave_a_whole_chain(engine: AsyncEngine) -> None:

@@ -3,16 +3,19 @@ a long verify that leaves the event loop free (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import chain_walk, create_engine, prepare_data_dir, upgrade
 from audit.access_log import (
+    GENESIS_HASH,
     AccessRecord,
     ClientType,
     Outcome,
@@ -23,6 +26,7 @@ from audit.access_log import (
 )
 from audit.chain_walk import canonical_text
 from audit.db import database_url as configured_url
+from audit.schema import access_log
 from tests.support.loop_probe import longest_hold
 from tests.support.settings import SettingsFactory
 
@@ -255,3 +259,73 @@ async def test_a_verify_from_the_engine_reads_a_data_directory_with_odd_characte
     finally:
         await engine.dispose()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["praktijk #2 50%"]
+
+
+async def test_postgresql_checks_the_hashes_itself_and_sends_the_walk_only_the_odd_rows(
+    make_settings: SettingsFactory, migrated_postgres_url: str
+) -> None:
+    """The server makes and hashes each record's text (audit/chain_walk.py,
+    _POSTGRES_FLAGGED): the walk reads only the range's first row, the
+    records with values to escape, and the breaks; the rest it counts."""
+    import asyncpg
+
+    settings = make_settings(database_url=migrated_postgres_url, database_connect_timeout_s=30)
+    engine = create_engine(
+        configured_url(settings, prepare_data_dir(settings.data_dir)), connect_timeout_s=30
+    )
+    chain = str(uuid.UUID(int=1))
+    location = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def flagged() -> list[int]:
+        conn = await asyncpg.connect(location)
+        try:
+            rows = await conn.fetch(chain_walk._POSTGRES_FLAGGED, chain, 1, 2**63 - 1)
+        finally:
+            await conn.close()
+        return [row["seq"] for row in rows]
+
+    async def walked() -> chain_walk.WalkResult:
+        # As the worker walks (its own event loop): in a thread of its own here.
+        spec = chain_walk.WalkSpec("postgresql", location, chain, 1, GENESIS_HASH, 2)
+        [result] = await asyncio.to_thread(chain_walk.walk, [spec])
+        return result
+
+    try:
+        await fill(engine, 40)
+        async with engine.begin() as conn:
+            await append_records(conn, [odd_record("é"), odd_record('say "hi"')])
+        await fill(engine, 3)
+        assert await flagged() == [1, 41, 42]
+        async with engine.connect() as conn:
+            last_hash = str(
+                await conn.scalar(sa.select(access_log.c.hash).where(access_log.c.seq == 45))
+            )
+        assert await walked() == chain_walk.WalkResult(
+            45, 46, last_hash, first_seq=1, first_prev_hash=GENESIS_HASH
+        )
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("UPDATE access_log SET outcome = 'denied' WHERE seq = 25"))
+        assert await flagged() == [1, 25, 41, 42]
+        broken = await walked()
+        assert (broken.problem, broken.seq, broken.records, broken.next_seq) == (
+            "modified",
+            25,
+            24,
+            25,
+        )
+    finally:
+        await engine.dispose()
+
+
+def odd_record(action: str) -> AccessRecord:
+    return AccessRecord(
+        at=T0,
+        organisation_id=uuid.UUID(int=1),
+        actor_id=None,
+        actor_role="admin",
+        action=action,
+        object_type="account",
+        object_id=None,
+        outcome=Outcome.ALLOWED,
+        client_type=ClientType.API,
+    )
