@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sqlite3
 import sys
 import uuid
@@ -333,10 +334,14 @@ def _sqlite_canonical(raw: Row) -> Row:
     )
 
 
+_SQLALCHEMY_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", re.ASCII)
+
+
 def _sqlite_time(stored: object) -> object:
     # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff" (UTC); anything else is
-    # parsed as SQLAlchemy would read it back.
-    if isinstance(stored, str) and len(stored) == 26 and stored[10] == " ":
+    # parsed as SQLAlchemy would read it back (26 characters may also be
+    # five digits of a second and a "Z").
+    if isinstance(stored, str) and _SQLALCHEMY_TIME.fullmatch(stored):
         return f"{stored[:10]}T{stored[11:]}+00:00"
     if isinstance(stored, str):
         try:
