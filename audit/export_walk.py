@@ -14,6 +14,8 @@ loop's cost, nor anything of this project's packages, whose ``__init__``
 would pull SQLAlchemy in), and reads with the database's own driver. Each
 batch is one short read transaction of its own, newest first by ``seq``,
 so appends go on meanwhile, as they did when the server read the batches.
+On PostgreSQL the server writes the lines of the records with nothing to
+quote or escape itself (:data:`_PG_LINE`); this worker writes the others.
 
 The bytes must be those the server wrote itself before: the records as
 ``server.api.representations.access_record_json`` gives them (times by
@@ -199,9 +201,79 @@ def _sqlite_uuid(stored: str | None) -> str | None:
     return None if stored is None else str(uuid.UUID(stored))
 
 
-def postgres_batches(spec: ExportSpec) -> Generator[list[Row]]:
-    """As :func:`sqlite_batches`: each batch one statement outside a transaction block."""
-    sql, values = _query(spec, _postgres_marks())
+# On PostgreSQL the server writes each record's CSV line or JSON item itself
+# (``concat``, in C), for a record whose values need no quoting in CSV, or
+# are printable ASCII without a quote or a backslash for JSON (no escaping),
+# and whose outcome and client type are ones the server writes; any other
+# record comes as its values, and this worker writes it as before. The time
+# as ``datetime.isoformat`` writes it: no fraction on a whole second.
+_PG_TIME = (
+    "replace(to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"
+    " '.000000+', '+')"
+)
+_PG_TEXTS = "concat(actor_role, action, object_type, object_id, outcome, client_type, hash)"
+_PG_LINE = {
+    "csv": (
+        f"CASE WHEN {_PG_TEXTS} !~ '[\",\\r\\n]' THEN concat(seq, ',', {_PG_TIME}, ',', actor_id,"
+        " ',', actor_role, ',', action, ',', object_type, ',', object_id, ',', outcome, ',',"
+        " client_type, ',', hash, E'\\r\\n') END"
+    ),
+    "json": (
+        f"CASE WHEN {_PG_TEXTS} !~ '[^ !#-\\[\\]-~]' THEN concat('{{\"seq\": ', seq,"
+        f' \', "at": "\', {_PG_TIME}, \'", "actor_id": \','
+        " coalesce('\"' || actor_id || '\"', 'null'),"
+        ' \', "actor_role": "\', actor_role, \'", "action": "\', action,'
+        ' \'", "object_type": "\', object_type, \'", "object_id": \','
+        " coalesce('\"' || object_id || '\"', 'null'), ', \"outcome\": \"', outcome,"
+        ' \'", "client_type": "\', client_type, \'", "hash": "\', hash, \'"}\') END'
+    ),
+}
+_PG_RAW = (
+    "at",
+    "actor_id",
+    "actor_role",
+    "action",
+    "object_type",
+    "object_id",
+    "outcome",
+    "client_type",
+    "hash",
+)
+
+
+def _pg_query(spec: ExportSpec) -> tuple[str, list[Any]]:
+    """A batch's statement on PostgreSQL: each record's seq and its line, or
+    (no line) its values."""
+    inner, values = _query(spec, _postgres_marks())
+    known = len(values) + 1
+    line = _PG_LINE[spec.export_format]
+    checked = (
+        f"CASE WHEN outcome = ANY(${known}::text[]) AND client_type = ANY(${known + 1}::text[])"
+        f" THEN {line} END"
+    )
+    raw = ", ".join(f"CASE WHEN line IS NULL THEN {column} END" for column in _PG_RAW)
+    # Only placeholders and this module's own text go into it; every value is bound.
+    sql = " ".join(
+        (
+            "SELECT seq, line,",
+            raw,
+            "FROM (SELECT *,",
+            checked,
+            "AS line FROM (",
+            inner,
+            # OFFSET 0: not folded into the outer query, which would make
+            # each line again for every CASE that asks whether it was made.
+            ") AS chosen OFFSET 0) AS written ORDER BY seq DESC",
+        )
+    )
+    return sql, [*values, sorted(OUTCOMES), sorted(CLIENT_TYPES)]
+
+
+def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
+    """The selected records' CSV lines or JSON items, a batch at a time, each
+    batch one statement outside a transaction block."""
+    sql, values = _pg_query(spec)
+    one = csv_line if spec.export_format == "csv" else json_item
     loop = asyncio.new_event_loop()
     try:
         # Imported here: only an export from PostgreSQL needs it.
@@ -212,7 +284,11 @@ def postgres_batches(spec: ExportSpec) -> Generator[list[Row]]:
             while True:
                 batch = loop.run_until_complete(conn.fetch(sql, *values))
                 yield [
-                    (row[0], row[1].astimezone(UTC).isoformat(), _pg_uuid(row[2]), *row[3:])
+                    row[1]
+                    if row[1] is not None
+                    else one(
+                        (row[0], row[2].astimezone(UTC).isoformat(), _pg_uuid(row[3]), *row[4:])
+                    )
                     for row in batch
                 ]
                 if len(batch) < spec.batch:
@@ -235,37 +311,47 @@ def record_values(row: Row) -> list[Any]:
     return list(row)
 
 
-def csv_lines(batch: list[Row], *, header: bool) -> bytes:
+def csv_lines(batch: list[Row], *, header: bool) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     if header:
         writer.writerow(COLUMNS)
     for row in batch:
         writer.writerow(["" if value is None else value for value in record_values(row)])
-    return out.getvalue().encode()
+    return out.getvalue()
 
 
-def json_items(batch: list[Row], *, first: bool) -> bytes:
-    items = ",\n".join(
-        json.dumps(dict(zip(COLUMNS, record_values(row), strict=True))) for row in batch
-    )
-    return (items if first else ",\n" + items).encode() if items else b""
+def csv_line(row: Row) -> str:
+    return csv_lines([row], header=False)
+
+
+def json_item(row: Row) -> str:
+    return json.dumps(dict(zip(COLUMNS, record_values(row), strict=True)))
 
 
 def export(spec: ExportSpec, out: BinaryIO) -> None:
     """Write the whole body of the export to ``out``, flushed after each batch."""
-    batches = sqlite_batches(spec) if spec.backend == "sqlite" else postgres_batches(spec)
+    batches: Generator[list[str]]
+    if spec.backend == "sqlite":
+        one_by_one = spec.export_format == "json"
+        batches = (
+            [json_item(row) for row in rows] if one_by_one else [csv_lines(rows, header=False)]
+            for rows in sqlite_batches(spec)
+        )
+    else:
+        batches = postgres_lines(spec)
     if spec.export_format == "json":
         out.write(spec.json_head.encode())
     first = True
     try:
-        for batch in batches:
+        for lines in batches:
             if spec.export_format == "csv":
-                out.write(csv_lines(batch, header=first))
-            else:
-                out.write(json_items(batch, first=first))
+                out.write(((csv_lines([], header=True) if first else "") + "".join(lines)).encode())
+            elif lines:
+                items = ",\n".join(lines)
+                out.write((items if first else ",\n" + items).encode())
             out.flush()
-            first = first and not batch
+            first = first and not any(lines)
     finally:
         batches.close()  # its connection, now, also after a failure
     if spec.export_format == "json":

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit import export_walk
+from audit import create_engine, export_walk, prepare_data_dir
 from audit.access_log import (
     AccessRecord,
     ClientType,
@@ -31,6 +31,7 @@ from audit.access_log import (
     chain_of,
     read_access_log,
 )
+from audit.db import database_url as configured_url
 from audit.errors import DatabaseError
 from audit.export_walk import CLIENT_TYPES, OUTCOMES
 from audit.export_workers import exported_chunks
@@ -41,13 +42,23 @@ from server.api.representations import access_record_json
 from server.app_keys import DATA_DIR, DB_ENGINE
 from tests.support.harness import Harness, Professional
 from tests.support.processes import ServerProcess, session_cookie
+from tests.support.settings import SettingsFactory
 
 T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 ORG = uuid.UUID(int=7)
 OTHER_ORG = uuid.UUID(int=8)
 # Short enough for every column (actor_role holds 16); PostgreSQL's text
 # holds no NUL, so none here.
-ODD_TEXTS = ['a "quoted" one', "back\\slash", "comma, semi;", "tab\tnew\nline\r\n", "é ü ß", "😀"]
+ODD_TEXTS = [
+    "admin",
+    "account",
+    'a "quoted" one',
+    "back\\slash",
+    "comma, semi;",
+    "tab\tnew\nline\r\n",
+    "é ü ß",
+    "😀",
+]
 ACTIONS = ["account.read", "ab_c.read", "abxc.read", "ab_c", "consult.end", 'odd "verb"\n.x']
 EVERY_RECORD = LogFilter(since=None, until=None, actor_id=None, action=None, object_id=None)
 FILTERS: list[dict[str, Any]] = [
@@ -264,3 +275,45 @@ async def test_a_client_that_goes_away_leaves_no_worker_behind(
     logged = log.read_text()
     assert "database unavailable" not in logged
     assert "unhandled error" not in logged
+
+
+async def test_postgresql_writes_the_lines_of_plain_records_itself(
+    make_settings: SettingsFactory, migrated_postgres_url: str
+) -> None:
+    """The server makes the CSV line or JSON item of a record with nothing to
+    quote or escape; the worker writes only the others (byte for byte the
+    same: the test above)."""
+    import asyncpg
+
+    settings = make_settings(database_url=migrated_postgres_url, database_connect_timeout_s=30)
+    engine = create_engine(
+        configured_url(settings, prepare_data_dir(settings.data_dir)), connect_timeout_s=30
+    )
+    plain = [
+        replace(
+            odd_record(n, ORG),
+            actor_role="admin",
+            object_type="account",
+            action="a.read",
+            object_id=f"x-{n}",
+        )
+        for n in range(6)
+    ]
+    try:
+        async with engine.begin() as conn:
+            await append_records(conn, [*plain, odd_record(2, ORG), odd_record(5, ORG)])
+        location = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        conn = await asyncpg.connect(location)
+        try:
+            for export_format in ("csv", "json"):
+                spec = export_walk.ExportSpec(
+                    "postgresql", location, chain_of(ORG), export_format, 100
+                )
+                sql, values = export_walk._pg_query(spec)
+                rows = await conn.fetch(sql, *values)
+                # Newest first: the two odd records, then the six plain ones.
+                assert [row["line"] is None for row in rows] == [True] * 2 + [False] * 6
+        finally:
+            await conn.close()
+    finally:
+        await engine.dispose()
