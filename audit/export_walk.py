@@ -228,17 +228,8 @@ _PG_LINE = {
         ' \'", "client_type": "\', client_type, \'", "hash": "\', hash, \'"}\') END'
     ),
 }
-_PG_RAW = (
-    "at",
-    "actor_id",
-    "actor_role",
-    "action",
-    "object_type",
-    "object_id",
-    "outcome",
-    "client_type",
-    "hash",
-)
+# A record's values but its seq (which comes first anyway), when the server wrote no line.
+_PG_RAW = COLUMNS[1:]
 
 
 def _pg_query(spec: ExportSpec) -> tuple[str, list[Any]]:
