@@ -212,10 +212,16 @@ def walk(specs: list[WalkSpec]) -> list[WalkResult]:
 _SQLITE_QUERY = (
     "SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,"
     " object_id, outcome, client_type, prev_hash, hash"
-    " FROM access_log WHERE chain = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?"
+    " FROM access_log WHERE chain = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 )
-# An end beyond any seq (SQLite integers are 64-bit).
-_NO_END = 2**63 - 1
+# The highest seq there can be (SQLite's and PostgreSQL's integers are
+# 64-bit): the last one a walk to the end of its chain reads.
+_LAST_SEQ = 2**63 - 1
+
+
+def _last_seq(spec: WalkSpec) -> int:
+    """The last seq of ``spec``'s range (inclusive, so that no seq is beyond it)."""
+    return _LAST_SEQ if spec.end_seq is None else spec.end_seq - 1
 
 
 def _sqlite_walk(spec: WalkSpec) -> WalkResult:
@@ -233,7 +239,7 @@ def _sqlite_batches(spec: WalkSpec) -> Generator[list[Row]]:
     # would otherwise cut it short (and SQLite make an empty database).
     uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
-    end = spec.end_seq if spec.end_seq is not None else _NO_END
+    end = _last_seq(spec)
     try:
         after = spec.start_seq - 1
         while True:
@@ -383,17 +389,24 @@ def _sqlite_uuid(stored: object) -> object:
 # expression (a tenth of the query's time): a row not flagged has the link
 # to its predecessor, whose hash is hex, either as the server made it (not
 # flagged) or as this walk checked it (flagged); the range's first row is
-# always flagged.
+# always flagged. A time Python cannot hold (before the year 1, 'infinity',
+# after 9999) has no canonical text: such a record is flagged, and its time
+# reaches this walk as NULL (``to_char`` would drop a year's era), so it is
+# a change. The regular expression is an E'' literal: its backslashes are
+# the pattern's, whatever ``standard_conforming_strings`` says.
 _POSTGRES_FLAGGED = """
-SELECT seq, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+SELECT seq,
+    CASE WHEN at >= '0001-01-01 00:00:00+00' AND at < '10000-01-01 00:00:00+00'
+        THEN to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') END,
     organisation_id::text, actor_id::text, actor_role, action, object_type,
     object_id, outcome, client_type, prev_hash, hash, ok, lag_seq, lag_hash
 FROM (
     SELECT seq, at, organisation_id, actor_id, actor_role, action, object_type,
         object_id, outcome, client_type, prev_hash, hash,
         lag(seq) OVER in_order AS lag_seq, lag(hash) OVER in_order AS lag_hash,
-        concat(action, actor_role, client_type, object_id, object_type, outcome)
-            !~ '[^ !#-\\[\\]-~]'
+        at >= '0001-01-01 00:00:00+00' AND at < '10000-01-01 00:00:00+00'
+        AND concat(action, actor_role, client_type, object_id, object_type, outcome)
+            !~ E'[^ !#-\\\\[\\\\]-~]'
         AND encode(sha256(convert_to(concat(
             '{"action":"', action,
             '","actor_id":', coalesce('"' || actor_id || '"', 'null'),
@@ -406,14 +419,14 @@ FROM (
             ',"outcome":"', outcome,
             '","prev_hash":"', prev_hash, '"}'
         ), 'UTF8')), 'hex') = hash AS ok
-    FROM access_log WHERE chain = $1 AND seq >= $2 AND seq < $3
+    FROM access_log WHERE chain = $1 AND seq >= $2 AND seq <= $3
     WINDOW in_order AS (ORDER BY seq)
 ) AS walked
 WHERE ok IS NOT TRUE OR lag_seq IS NULL OR prev_hash <> lag_hash OR seq <> lag_seq + 1
 ORDER BY seq
 """
 _POSTGRES_LAST = (
-    "SELECT seq, hash FROM access_log WHERE chain = $1 AND seq >= $2 AND seq < $3"
+    "SELECT seq, hash FROM access_log WHERE chain = $1 AND seq >= $2 AND seq <= $3"
     " ORDER BY seq DESC LIMIT 1"
 )
 
@@ -433,7 +446,7 @@ def _postgres_walk(spec: WalkSpec) -> WalkResult:
         try:
             transaction = conn.transaction(isolation="repeatable_read", readonly=True)
             loop.run_until_complete(transaction.start())
-            bounds = (spec.chain, spec.start_seq, _NO_END if spec.end_seq is None else spec.end_seq)
+            bounds = (spec.chain, spec.start_seq, _last_seq(spec))
             cursor = loop.run_until_complete(conn.cursor(_POSTGRES_FLAGGED, *bounds))
 
             def flagged() -> Generator[Row]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -418,6 +419,83 @@ async def test_a_link_to_no_hash_with_a_hash_over_it_unescaped_is_a_change(
     report = await verify(engine)
     assert report.broken is not None
     assert (report.broken.seq, report.broken.kind, report.records) == (4, Break.MODIFIED, 3)
+
+
+def forged_over(stored: sa.Row[tuple[object, ...]], at: str) -> str:
+    """The hash of a record's canonical text with its time spelt ``at``."""
+    fields = {**canonical_text_fields(stored), "at": at, "prev_hash": stored.prev_hash}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def the_workers_walks(engine: AsyncEngine) -> list[ChainReport]:
+    return [
+        await verify_chain(engine, batch=3),
+        await verify_chain(engine, batch=3, split_over=1),
+    ]
+
+
+# PostgreSQL only: SQLite keeps a time as text (its odd spellings above).
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_time_python_cannot_hold_is_a_change_not_a_text_to_hash(
+    engine: AsyncEngine,
+) -> None:
+    """Found in review: ``to_char`` gives no text for 'infinity' (``concat``
+    made it "") and drops the era of a year BC, so the server's own check took
+    a record with such a time for whole: 'infinity' with a hash over
+    ``"at":""``, and a record moved back 4,051 years with its hash as it was."""
+    await append_many(engine, 5)
+    stored = await row(engine, 3)
+    infinite = forged_over(stored, "")
+    await sql(engine, "UPDATE access_log SET at = 'infinity', hash = :h WHERE seq = 3", h=infinite)
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (3, Break.MODIFIED, 2)
+    await sql(
+        engine,
+        "UPDATE access_log SET at = :at, hash = :h WHERE seq = 3",
+        at=stored.at,
+        h=stored.hash,
+    )
+    assert (await verify(engine)).intact
+    for moved in ("at - interval '4051 years'", "at + interval '8000 years'"):
+        await sql(engine, f"UPDATE access_log SET at = {moved} WHERE seq = 3")  # noqa: S608 - constants
+        # The workers' walks only: SQLAlchemy cannot read such a time at all.
+        for report in await the_workers_walks(engine):
+            assert report.broken is not None, moved
+            assert (report.broken.seq, report.broken.kind) == (3, Break.MODIFIED)
+        await sql(engine, "UPDATE access_log SET at = :at WHERE seq = 3", at=stored.at)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_the_servers_check_does_not_depend_on_how_it_reads_backslashes(
+    engine: AsyncEngine,
+) -> None:
+    """Found in review: with ``standard_conforming_strings`` off, the test for
+    values to escape read its backslashes as escapes and let a quote through."""
+    await sql(
+        engine,
+        "DO $$ BEGIN EXECUTE format("
+        "'ALTER DATABASE %I SET standard_conforming_strings = off', current_database()); END $$",
+    )
+    await engine.dispose()  # new connections, with the database's new setting
+    await append_odd(engine, 4, {4: 'say "hi"'})
+    stored = await row(engine, 4)
+    forged = hashlib.sha256(unescaped_text(stored).encode()).hexdigest()
+    await sql(engine, "UPDATE access_log SET hash = :h WHERE seq = 4", h=forged)
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (4, Break.MODIFIED, 3)
+
+
+async def test_a_record_at_the_last_possible_seq_is_walked(engine: AsyncEngine) -> None:
+    """Found in review: the walks' open end was the highest seq itself,
+    excluded, so a record moved there was never read."""
+    await append_many(engine, 5)
+    await sql(engine, "UPDATE access_log SET seq = 9223372036854775807 WHERE seq = 5")
+    report = await verify(engine)
+    assert report.broken is not None
+    assert (report.broken.seq, report.broken.kind, report.records) == (2**63 - 1, Break.DELETED, 4)
 
 
 async def test_hundreds_of_concurrent_appends_leave_a_whole_chain(engine: AsyncEngine) -> None:
