@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import os
+import re
 import sqlite3
 import sys
 import uuid
@@ -64,8 +65,8 @@ COLUMNS = (
 OUTCOMES = frozenset({"allowed", "refused"})
 CLIENT_TYPES = frozenset({"api", "cli", "websocket", "webhook"})
 JSON_TRAILER = "\n]}\n"
-# A seq beyond any (SQLite integers are 64-bit): the first batch's bound.
-_NO_END = 2**63 - 1
+# The highest seq there can be (64-bit integers): the first batch's bound, inclusive.
+_LAST_SEQ = 2**63 - 1
 _SELECT = (
     "SELECT seq, at, actor_id, actor_role, action, object_type, object_id, outcome,"
     " client_type, hash FROM access_log"
@@ -138,9 +139,9 @@ def _bound_time(text: str, sqlite: bool) -> Any:
 
 
 def _query(spec: ExportSpec, mark: Generator[str]) -> tuple[str, list[Any]]:
-    """One batch's SELECT: the chain's records before a seq (the 2nd value), newest first."""
+    """One batch's SELECT: the chain's records up to a seq (the 2nd value), newest first."""
     # Only placeholders go into the text; every value is bound.
-    conditions = [f"chain = {next(mark)}", f"seq < {next(mark)}"]
+    conditions = [f"chain = {next(mark)}", f"seq <= {next(mark)}"]
     filters, values = _where(spec, mark)
     sql = " ".join(
         (
@@ -151,7 +152,7 @@ def _query(spec: ExportSpec, mark: Generator[str]) -> tuple[str, list[Any]]:
             next(mark),
         )
     )
-    return sql, [spec.chain, _NO_END, *values, spec.batch]
+    return sql, [spec.chain, _LAST_SEQ, *values, spec.batch]
 
 
 def _sqlite_marks() -> Generator[str]:
@@ -178,7 +179,7 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
             yield [_sqlite_row(row) for row in batch]
             if len(batch) < spec.batch:
                 return
-            values[1] = batch[-1][0]
+            values[1] = batch[-1][0] - 1
     finally:
         conn.close()
 
@@ -187,9 +188,13 @@ def _sqlite_row(row: Row) -> Row:
     return (row[0], _sqlite_time(row[1]), _sqlite_uuid(row[2]), *row[3:])
 
 
+_SQLALCHEMY_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", re.ASCII)
+
+
 def _sqlite_time(stored: str) -> str:
-    # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff" (UTC, no offset).
-    if len(stored) == 26 and stored[10] == " ":
+    # SQLAlchemy writes "YYYY-MM-DD HH:MM:SS.ffffff" (UTC, no offset); 26
+    # characters may also be five digits of a second and a "Z".
+    if _SQLALCHEMY_TIME.fullmatch(stored):
         fraction = "" if stored[20:] == "000000" else stored[19:]
         return f"{stored[:10]}T{stored[11:19]}{fraction}+00:00"
     moment = datetime.fromisoformat(stored)
@@ -206,7 +211,11 @@ def _sqlite_uuid(stored: str | None) -> str | None:
 # are printable ASCII without a quote or a backslash for JSON (no escaping),
 # and whose outcome and client type are ones the server writes; any other
 # record comes as its values, and this worker writes it as before. The time
-# as ``datetime.isoformat`` writes it: no fraction on a whole second.
+# as ``datetime.isoformat`` writes it: no fraction on a whole second; a time
+# Python cannot hold (before the year 1, 'infinity', after 9999) is left to
+# the worker too (``to_char`` has no text for 'infinity' and drops a year's
+# era). The patterns are E'' literals: their backslashes are the pattern's,
+# whatever ``standard_conforming_strings`` says.
 _PG_TIME = (
     "replace(to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"
     " '.000000+', '+')"
@@ -214,12 +223,13 @@ _PG_TIME = (
 _PG_TEXTS = "concat(actor_role, action, object_type, object_id, outcome, client_type, hash)"
 _PG_LINE = {
     "csv": (
-        f"CASE WHEN {_PG_TEXTS} !~ '[\",\\r\\n]' THEN concat(seq, ',', {_PG_TIME}, ',', actor_id,"
-        " ',', actor_role, ',', action, ',', object_type, ',', object_id, ',', outcome, ',',"
+        f"CASE WHEN {_PG_TEXTS} !~ E'[\",\\\\r\\\\n]'"
+        f" THEN concat(seq, ',', {_PG_TIME}, ',', actor_id, ',', actor_role,"
+        "  ',', action, ',', object_type, ',', object_id, ',', outcome, ',',"
         " client_type, ',', hash, E'\\r\\n') END"
     ),
     "json": (
-        f"CASE WHEN {_PG_TEXTS} !~ '[^ !#-\\[\\]-~]' THEN concat('{{\"seq\": ', seq,"
+        f"CASE WHEN {_PG_TEXTS} !~ E'[^ !#-\\\\[\\\\]-~]' THEN concat('{{\"seq\": ', seq,"
         f' \', "at": "\', {_PG_TIME}, \'", "actor_id": \','
         " coalesce('\"' || actor_id || '\"', 'null'),"
         ' \', "actor_role": "\', actor_role, \'", "action": "\', action,'
@@ -240,6 +250,7 @@ def _pg_query(spec: ExportSpec) -> tuple[str, list[Any]]:
     line = _PG_LINE[spec.export_format]
     checked = (
         f"CASE WHEN outcome = ANY(${known}::text[]) AND client_type = ANY(${known + 1}::text[])"
+        " AND at >= '0001-01-01 00:00:00+00' AND at < '10000-01-01 00:00:00+00'"
         f" THEN {line} END"
     )
     raw = ", ".join(f"CASE WHEN line IS NULL THEN {column} END" for column in _PG_RAW)
@@ -284,7 +295,7 @@ def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
                 ]
                 if len(batch) < spec.batch:
                     return
-                values[1] = batch[-1][0]
+                values[1] = batch[-1][0] - 1
         finally:
             loop.run_until_complete(conn.close())
     finally:
