@@ -184,6 +184,20 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
         conn.close()
 
 
+def sqlite_lines(spec: ExportSpec) -> Generator[list[str]]:
+    """As :func:`postgres_lines`, every line written here: a batch's CSV lines
+    as one text, or its JSON items."""
+    batches = sqlite_batches(spec)
+    try:
+        for rows in batches:
+            if spec.export_format == "json":
+                yield [json_item(row) for row in rows]
+            else:
+                yield [csv_lines(rows, header=False)]
+    finally:
+        batches.close()  # its connection, now, also after a failure
+
+
 def _sqlite_row(row: Row) -> Row:
     return (row[0], _sqlite_time(row[1]), _sqlite_uuid(row[2]), *row[3:])
 
@@ -225,7 +239,7 @@ _PG_LINE = {
     "csv": (
         f"CASE WHEN {_PG_TEXTS} !~ E'[\",\\\\r\\\\n]'"
         f" THEN concat(seq, ',', {_PG_TIME}, ',', actor_id, ',', actor_role,"
-        "  ',', action, ',', object_type, ',', object_id, ',', outcome, ',',"
+        " ',', action, ',', object_type, ',', object_id, ',', outcome, ',',"
         " client_type, ',', hash, E'\\r\\n') END"
     ),
     "json": (
@@ -333,15 +347,7 @@ def json_item(row: Row) -> str:
 
 def export(spec: ExportSpec, out: BinaryIO) -> None:
     """Write the whole body of the export to ``out``, flushed after each batch."""
-    batches: Generator[list[str]]
-    if spec.backend == "sqlite":
-        one_by_one = spec.export_format == "json"
-        batches = (
-            [json_item(row) for row in rows] if one_by_one else [csv_lines(rows, header=False)]
-            for rows in sqlite_batches(spec)
-        )
-    else:
-        batches = postgres_lines(spec)
+    batches = sqlite_lines(spec) if spec.backend == "sqlite" else postgres_lines(spec)
     if spec.export_format == "json":
         out.write(spec.json_head.encode())
     first = True
