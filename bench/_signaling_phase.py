@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_jiffies
+from _common import collector_paused, cpu_jiffies
 from _signaling_processes import PROCESSES, proc_cpu_s, redis_cpu_s
 from _signaling_servers import VIDEOCONSULT, Server
 from _signaling_wire import Pair, Workload
@@ -63,26 +63,27 @@ async def measure_phase(
     """One measured phase on open, warmed-up pairs: closed loop (interval 0) or paced."""
     work.reset()
     pids = server.pids
-    cpu_before = [proc_cpu_s(pid) for pid in pids]
-    client_before = proc_cpu_s(os.getpid())
-    redis_before = redis_cpu_s()
-    host_before = cpu_jiffies()
-    profilers = []
-    if profile_to is not None:
-        for pid, out in zip(pids, profile_paths(profile_to, len(pids)), strict=True):
-            profilers.append(start_profiler(pid, args.duration, out))
-    elapsed = await work.drive(
-        pairs,
-        duration_s=args.duration,
-        rounds=args.max_rounds,
-        jitter_s=interval_s or 0.2,
-        interval_s=interval_s,
-        round_timeout_s=args.round_timeout,
-    )
-    host_after = cpu_jiffies()
-    cpu_after = [proc_cpu_s(pid) for pid in pids]
-    client_after = proc_cpu_s(os.getpid())
-    redis_after = redis_cpu_s()
+    with collector_paused():
+        cpu_before = [proc_cpu_s(pid) for pid in pids]
+        client_before = proc_cpu_s(os.getpid())
+        redis_before = redis_cpu_s()
+        host_before = cpu_jiffies()
+        profilers = []
+        if profile_to is not None:
+            for pid, out in zip(pids, profile_paths(profile_to, len(pids)), strict=True):
+                profilers.append(start_profiler(pid, args.duration, out))
+        elapsed = await work.drive(
+            pairs,
+            duration_s=args.duration,
+            rounds=args.max_rounds,
+            jitter_s=interval_s or 0.2,
+            interval_s=interval_s,
+            round_timeout_s=args.round_timeout,
+        )
+        host_after = cpu_jiffies()
+        cpu_after = [proc_cpu_s(pid) for pid in pids]
+        client_after = proc_cpu_s(os.getpid())
+        redis_after = redis_cpu_s()
     for profiler in profilers:
         try:
             await asyncio.to_thread(profiler.wait, 60)

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _common import HOST
+from _common import HOST, collector_paused
 from _signaling_processes import proc_cpu_s, proc_peak_rss
 from _signaling_servers import OursServer, PeerJSServer, Server
 from _signaling_wire import Pair
@@ -181,11 +181,12 @@ async def _ours(
         except Exception:
             lost += 1
 
-    arrivals = _Arrivals.begin(server.pid)
-    if before_arrivals is not None:
-        before_arrivals(server.pid)
-    await asyncio.gather(*(patient(i, inv) for i, (_c, inv) in enumerate(consults)))
-    return waits, failures, lost, inboxes, arrivals.end()
+    with collector_paused():
+        arrivals = _Arrivals.begin(server.pid)
+        if before_arrivals is not None:
+            before_arrivals(server.pid)
+        await asyncio.gather(*(patient(i, inv) for i, (_c, inv) in enumerate(consults)))
+        return waits, failures, lost, inboxes, arrivals.end()
 
 
 async def _peerjs(
@@ -235,9 +236,10 @@ async def _peerjs(
         except Exception:
             lost += 1
 
-    arrivals = _Arrivals.begin(server.pid)
-    await asyncio.gather(*(second(i) for i in range(n)))
-    return waits, failures, lost, inboxes, arrivals.end()
+    with collector_paused():
+        arrivals = _Arrivals.begin(server.pid)
+        await asyncio.gather(*(second(i) for i in range(n)))
+        return waits, failures, lost, inboxes, arrivals.end()
 
 
 async def storm_run(
