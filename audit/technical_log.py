@@ -136,12 +136,12 @@ class TechnicalLog:
         # write and after each purge (recount), then counted along.
         self._stored: int | None = None
         self._full = False
-        self.log: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
-            None,
-            processors=[self._keep],
-            wrapper_class=structlog.make_filtering_bound_logger(0),
-            cache_logger_on_first_use=False,
-        )
+        # The bound logger itself, not structlog.wrap_logger's lazy proxy: the
+        # proxy builds a new bound logger for every entry (an entry took 17.3
+        # µs with it, 10.6 without; a patient's way in writes several).
+        # (structlog types the class as a protocol, without its constructor.)
+        bound_logger: Any = structlog.make_filtering_bound_logger(0)
+        self.log: structlog.typing.FilteringBoundLogger = bound_logger(None, [self._keep], {})
 
     def _keep(
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
