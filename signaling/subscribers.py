@@ -43,6 +43,15 @@ class _LocalSubscription(Generic[Channel]):
         # Marked first: a delivery already under way skips it from here on.
         self.closed = True
         self._owner._remove(self)
+        # Receivers found before may outlive this (a silent sender's route
+        # keeps them until its next relay): they must not keep the receiver
+        # (a socket's outbox, its connection, its buffers) alive.
+        self.deliver = _closed
+        self.deliver_now = None
+
+
+async def _closed(_delivery: Delivery) -> None:
+    """What a closed subscription's ``deliver`` became: nothing."""
 
 
 class LocalSubscribers(Generic[Channel]):
@@ -94,11 +103,10 @@ class LocalSubscribers(Generic[Channel]):
         subscription comes or goes (:attr:`Receivers.current`). None when
         one of them can only be delivered to by :meth:`deliver`; no
         receivers when ``channel`` has no subscription."""
-        subscriptions = self._by_channel.get(channel, ())
-        receivers = tuple(s.deliver_now for s in subscriptions if not s.closed)
-        if None in receivers:
+        subscriptions = tuple(s for s in self._by_channel.get(channel, ()) if not s.closed)
+        if any(s.deliver_now is None for s in subscriptions):
             return None
-        return Receivers(self, receivers)  # type: ignore[arg-type]
+        return Receivers(self, subscriptions)
 
     def _remove(self, subscription: _LocalSubscription[Channel]) -> None:
         subscriptions = self._by_channel.get(subscription.channel)
@@ -116,15 +124,19 @@ class Receivers:
     messages the same way, and found again once it is no longer
     :attr:`current`."""
 
-    __slots__ = ("callables", "owner", "version")
+    __slots__ = ("owner", "subscriptions", "version")
 
-    def __init__(self, owner: LocalSubscribers[Any], callables: tuple[DeliverNow, ...]) -> None:
+    def __init__(
+        self, owner: LocalSubscribers[Any], subscriptions: tuple[_LocalSubscription[Any], ...]
+    ) -> None:
         self.owner = owner
         # Current while ``owner.version`` is this: no subscription came or
         # went since these were found (compared by the relay's hot path
         # itself: a property would cost a call per message).
         self.version = owner.version
-        self.callables = callables
+        # The subscriptions, not their callables: one closed since lets go
+        # of its receiver (_LocalSubscription.close).
+        self.subscriptions = subscriptions
 
     @property
     def current(self) -> bool:
@@ -134,7 +146,10 @@ class Receivers:
     def deliver(self, delivery: Delivery) -> None:
         """Hand ``delivery`` to each, as :meth:`LocalSubscribers.deliver` does:
         a receiver that raises stops neither the others nor the caller."""
-        for deliver_now in self.callables:
+        for subscription in self.subscriptions:
+            deliver_now = subscription.deliver_now
+            if deliver_now is None:
+                continue  # closed since these were found
             try:
                 deliver_now(delivery)
             except Exception as err:

@@ -11,7 +11,9 @@ implementation does is in ``tests/test_inprocess.py`` and
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -228,6 +230,42 @@ async def test_receivers_found_at_once_stay_current_until_a_subscription_comes_o
     # A receiver that can only be awaited: nothing at once (publish instead).
     await broker.subscribe(consult, ParticipantRole.THERAPIST, never)
     assert here(broker, consult, ParticipantRole.THERAPIST) is None
+
+
+async def test_receivers_found_before_a_subscription_closed_do_not_keep_its_receiver(
+    cluster: Cluster,
+) -> None:
+    # A sender's route keeps the receivers it found until its next relay; a
+    # sender that stays silent after the other side's socket closed must not
+    # keep that socket's outbox (and its connection and buffers) alive.
+    broker, consult = cluster.one.broker, uuid.uuid4()
+
+    class Outbox:
+        def __init__(self) -> None:
+            self.got: list[Delivery] = []
+
+        def deliver_now(self, delivery: Delivery) -> None:
+            self.got.append(delivery)
+
+        async def deliver(self, delivery: Delivery) -> None:
+            self.got.append(delivery)
+
+    outbox = Outbox()
+    subscription = await broker.subscribe(
+        consult, ParticipantRole.PATIENT, outbox.deliver, deliver_now=outbox.deliver_now
+    )
+    receivers = here(broker, consult, ParticipantRole.PATIENT)
+    assert receivers is not None
+    receivers.deliver(Delivery({"n": 1}))
+    assert [d.message for d in outbox.got] == [{"n": 1}]
+    gone = weakref.ref(outbox)
+    await subscription.close()
+    del outbox
+    gc.collect()
+    assert not receivers.current
+    assert gone() is None, "the receivers found before still hold the closed receiver"
+    # What is still held delivers nothing (and raises nothing).
+    receivers.deliver(Delivery({"n": 2}))
 
 
 async def test_a_receiver_that_fails_at_once_stops_neither_the_others_nor_the_sender(

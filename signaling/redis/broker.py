@@ -282,7 +282,7 @@ class RedisBroker:
         if where != self._node_id:
             return None
         receivers = self._subscribers.receivers_now(self.channel(consult_id, role))
-        return receivers if receivers is not None and receivers.callables else None
+        return receivers if receivers is not None and receivers.subscriptions else None
 
     async def subscribe(
         self,
