@@ -56,9 +56,10 @@ def collector_paused() -> Iterator[None]:
     """This process's cycle collector held off while it measures.
 
     A load generator holding thousands of sockets has a large heap: measured
-    on 2026-12-06, its full collections during an admission storm took 160 to
-    550 ms each (13 in two runs), every socket it reads and every timer it
-    keeps waiting meanwhile, so the servers' latencies measured the generator.
+    on 2026-12-06, its full collections in two admission storm runs took up to
+    550 ms each (13, setup included, about 5 during the arrivals), every
+    socket it reads and every timer it keeps waiting meanwhile, so the
+    servers' latencies measured the generator.
     The garbage is collected before the phase (outside it) and the collector
     runs again after it; reference counting frees almost everything a phase
     allocates meanwhile. Both servers are measured the same way.
