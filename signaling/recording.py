@@ -276,7 +276,9 @@ class RecordingControl:
             state.recording = RecordingPhase.STARTING
             live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
             tell.both(_announcement(RecordingState.STARTING))
-        self._note(consult_id, "recording.consented", {"by": message.by})
+        # Not who agreed: support staff read this log, and "a guardian" says the
+        # patient is under 16. The recording's row keeps it (consent_by).
+        self._note(consult_id, "recording.consented")
 
     def _question_id(self, consult_id: uuid.UUID) -> str | None:
         question = self._questions.get(consult_id)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import time
 import uuid
 from typing import Any
@@ -24,9 +25,9 @@ import sqlalchemy as sa
 from audit.clock import ManualClock
 from audit.media_types import WEBM, media_format
 from audit.recordings import StopReason, start_recording
-from audit.schema import recordings
+from audit.schema import recordings, technical_log
 from server.app import create_app
-from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
+from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS, TECHNICAL_LOG
 from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
 from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
@@ -324,6 +325,21 @@ async def test_a_patient_under_16_needs_the_guardians_consent(
             assert (await expect_recording(side, "off"))["reason"] == "stopped_by_patient"
     async with sqlite_harness.app[DB_ENGINE].connect() as conn:
         assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
+    # Found in review: the technical log, which support staff read, said who
+    # agreed, and "guardian" tells that the patient is under 16. The consent
+    # is noted there without it (the recording's row keeps it, for the
+    # therapist).
+    await sqlite_harness.app[TECHNICAL_LOG].flush(sqlite_harness.app[DB_ENGINE])
+    async with sqlite_harness.app[DB_ENGINE].connect() as conn:
+        notes = (
+            await conn.execute(
+                sa.select(technical_log.c.kind, technical_log.c.detail).where(
+                    technical_log.c.subject == str(call.setup.consult_id)
+                )
+            )
+        ).all()
+    assert "recording.consented" in [kind for kind, _ in notes]
+    assert not [detail for _, detail in notes if "guardian" in json.dumps(detail)], notes
 
 
 async def test_a_participant_who_drops_stops_the_recording_and_coming_back_does_not_restart_it(
