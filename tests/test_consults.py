@@ -293,6 +293,33 @@ async def test_a_socket_for_another_therapists_consult_is_refused_and_recorded(
     ]
 
 
+@pytest.mark.parametrize("role", [Role.SUPPORT, Role.ADMIN])
+async def test_a_socket_asked_for_by_another_role_is_refused_and_recorded(
+    sqlite_harness: Harness, role: Role
+) -> None:
+    """Found in review: support and admin were refused at the socket's door
+    (403) without an access record, where the API records every refusal for
+    the wrong role, and the door records a therapist's attempt on another's
+    consult."""
+    harness = sqlite_harness
+    annas = await new_consult(harness, "anna@praktijk-noord.example")
+    other = await harness.professional(f"{role.value}@praktijk-noord.example", role)
+    await harness.logged_in(other)
+    for consult_id in (annas.consult_id, "not-an-id"):
+        response = await harness.client.get(f"/ws?consult={consult_id}", headers=harness.headers)
+        assert response.status == 403, await response.text()
+        assert (await response.json())["error"]["code"] == "forbidden"
+    rows = await records_by(harness, other)
+    assert [
+        (row.action, row.object_id, row.outcome, row.client_type, row.actor_role)
+        for row in rows
+        if row.action == "consult.join"
+    ] == [
+        ("consult.join", annas.consult_id, "refused", "websocket", role.value),
+        ("consult.join", None, "refused", "websocket", role.value),
+    ]
+
+
 async def test_disabling_a_therapist_closes_their_open_socket_and_keeps_them_out(
     harness: Harness, sockets: Sockets
 ) -> None:

@@ -58,12 +58,14 @@ async def admit_connection(request: web.Request) -> tuple[Participant, Session |
     principal = await authenticate(request)
     if principal is None:
         raise Refused(401, "not_logged_in", "log in, or use the ticket of an invite")
-    if principal.account.role is not Role.THERAPIST:
-        raise Refused(403, "forbidden", "only the consult's therapist may join it")
     try:
         consult_id: uuid.UUID | None = uuid.UUID(request.query.get("consult", ""))
     except ValueError:
         consult_id = None
+    if principal.account.role is not Role.THERAPIST:
+        # Recorded as the API records a refusal for the wrong role.
+        await _record_refusal(request, principal.account, consult_id)
+        raise Refused(403, "forbidden", "only the consult's therapist may join it")
     consult = None
     if consult_id is not None:
         with contextlib.suppress(NotFound):
@@ -102,7 +104,8 @@ async def _patient(app: web.Application, ticket: str, connection_id: str) -> Par
 
 
 # The access record of an attempt on a consult that is not the therapist's
-# (or none), as the API writes one for its consult routes.
+# (or none), or by an account of another role, as the API writes one for its
+# routes.
 JOIN_ACTION = "consult.join"
 
 
