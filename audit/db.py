@@ -247,6 +247,24 @@ def is_outage(err: BaseException) -> bool:
     return False
 
 
+def is_refused_value(err: BaseException) -> bool:
+    """Whether ``err`` is the database refusing the values themselves (a data
+    exception or a broken constraint: SQLSTATE classes 22 and 23), or the
+    driver failing to convert one: the same statement fails again with the
+    same values, whether or not the database is there."""
+    if isinstance(err, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    for cause in _chain(err):
+        if isinstance(cause, sqlite3.DataError | sqlite3.IntegrityError):
+            return True
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(("22", "23")):
+            return True
+    # A bind value that could not be converted (SQLAlchemy's StatementError
+    # around the conversion's own error, before anything was sent).
+    return type(err) is sa.exc.StatementError and isinstance(err.orig, ValueError | TypeError)
+
+
 def is_busy(err: BaseException) -> bool:
     """Whether ``err`` is SQLite's "database is locked": another connection
     held the write lock for longer than this one was willing to wait."""

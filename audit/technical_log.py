@@ -12,6 +12,7 @@ never to the process log on stdout, which carries no personal data.
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, MutableMapping
@@ -24,6 +25,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.clock import Clock
+from audit.db import is_refused_value
 from audit.schema import technical_log
 
 RETENTION = timedelta(hours=24)
@@ -96,6 +98,9 @@ class DropReason(enum.StrEnum):
     STORE_FULL = "store_full"
     # A client's reports past its connection's or consult's quota.
     REPORT_QUOTA = "report_quota"
+    # The database refused the entry itself, not for being away (a bug): it
+    # is dropped so that it does not hold back the entries written with it.
+    UNWRITABLE = "unwritable"
 
 
 # Longest text kept of one value.
@@ -103,17 +108,46 @@ MAX_VALUE_CHARS = 500
 
 
 def _json_value(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float):
+    """``value`` as JSON both databases store: NaN and the infinities (no JSON;
+    PostgreSQL refuses them) become null, text that is not UTF-8 (a header
+    aiohttp read with surrogate escapes) gets replacement characters."""
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _utf8(value[:MAX_VALUE_CHARS])
     if isinstance(value, enum.Enum):
         return _json_value(value.value)
     if isinstance(value, uuid.UUID | datetime):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(key)[:64]: _json_value(item) for key, item in list(value.items())[:50]}
+        return {_utf8(str(key)[:64]): _json_value(item) for key, item in list(value.items())[:50]}
     if isinstance(value, list | tuple):
         return [_json_value(item) for item in value[:50]]
-    return str(value)[:MAX_VALUE_CHARS]
+    return _utf8(str(value)[:MAX_VALUE_CHARS])
+
+
+# Integers kept as they are; larger ones as floats (what a JSON reader makes
+# of them), and beyond a float's range as null.
+_MAX_EXACT_INT = 2**63
+
+
+def _utf8(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="replace").decode()
+    return text
 
 
 class TechnicalLog:
@@ -146,7 +180,7 @@ class TechnicalLog:
     def _keep(
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
     ) -> Mapping[str, Any]:
-        kind = str(event.pop("event", "event"))[:64]
+        kind = _utf8(str(event.pop("event", "event"))[:64])
         subject = event.pop("subject", None)
         if len(self._pending) == self._pending.maxlen:
             self.dropped[DropReason.PENDING_FULL] += 1
@@ -154,8 +188,10 @@ class TechnicalLog:
             {
                 "at": self._clock.now(),
                 "kind": kind,
-                "subject": None if subject is None else str(subject)[:64],
-                "detail": {str(key)[:64]: _json_value(value) for key, value in event.items()},
+                "subject": None if subject is None else _utf8(str(subject)[:64]),
+                "detail": {
+                    _utf8(str(key)[:64]): _json_value(value) for key, value in event.items()
+                },
             }
         )
         raise structlog.DropEvent
@@ -170,7 +206,9 @@ class TechnicalLog:
 
     async def flush(self, engine: AsyncEngine) -> int:
         """Write the pending entries, as far as the table has room; return how
-        many were written. On failure they stay pending."""
+        many were written. While the database is away they stay pending; an
+        entry it refuses for itself is dropped (:attr:`DropReason.UNWRITABLE`)
+        and the others are written."""
         if not self._pending:
             return 0
         rows = list(self._pending)
@@ -184,15 +222,55 @@ class TechnicalLog:
                 rows = self._within_bound(rows)
                 if rows:
                     await conn.execute(technical_log.insert(), rows)
+        except Exception as err:
+            if not is_refused_value(err):
+                self._put_back(rows)
+                raise
+            # Not the database away: one of the entries is one it will not
+            # take. Each is tried on its own, so that it holds back no other.
+            return await self._one_by_one(engine, rows, err)
         except BaseException:
-            # Back in front of what arrived meanwhile, as far as there is room.
-            room = max(0, (self._pending.maxlen or 0) - len(self._pending))
-            keep = rows[max(0, len(rows) - room) :] if room else []
-            self.dropped[DropReason.PENDING_FULL] += len(rows) - len(keep)
-            self._pending.extendleft(reversed(keep))
+            self._put_back(rows)
             raise
         self._stored = (self._stored or 0) + len(rows)
         return len(rows)
+
+    async def _one_by_one(
+        self, engine: AsyncEngine, rows: list[dict[str, Any]], first: Exception
+    ) -> int:
+        written = refused = 0
+        for at, row in enumerate(rows):
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(technical_log.insert(), [row])
+            except Exception as err:
+                if not is_refused_value(err):
+                    self._put_back(rows[at:])
+                    raise
+                refused += 1
+                continue
+            except BaseException:
+                self._put_back(rows[at:])
+                raise
+            written += 1
+        self._stored = (self._stored or 0) + written
+        self.dropped[DropReason.UNWRITABLE] += refused
+        if refused:
+            # The error's kind only: its text may quote the entry's values.
+            _log.error(
+                "technical log: entries the database refused were dropped",
+                dropped=refused,
+                written=written,
+                error=type(first).__name__,
+            )
+        return written
+
+    def _put_back(self, rows: list[dict[str, Any]]) -> None:
+        """``rows`` back in front of what arrived meanwhile, as far as there is room."""
+        room = max(0, (self._pending.maxlen or 0) - len(self._pending))
+        keep = rows[max(0, len(rows) - room) :] if room else []
+        self.dropped[DropReason.PENDING_FULL] += len(rows) - len(keep)
+        self._pending.extendleft(reversed(keep))
 
     def _within_bound(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         room = max(0, self._max_rows - (self._stored or 0))

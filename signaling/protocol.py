@@ -8,13 +8,16 @@ wire format is documented in ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import math
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 VERSION = 1
 # A whole frame; larger ones are closed with 1009 by the transport.
@@ -287,7 +290,34 @@ REPORT_EVENTS = (
     "stats",
 )
 MAX_REPORT_FIELDS = 20
-ReportValue = Annotated[str, Field(max_length=200)] | int | float | bool | None
+MAX_REPORT_TEXT = 200
+# Integers beyond JavaScript's safe range are kept as floats, as a browser has them.
+MAX_REPORT_INTEGER = 2**53
+
+
+def _report_value(value: Any) -> str | int | float | bool | None:
+    """One value of a report's detail: a string of at most 200 characters, a
+    finite number, true, false or null. NaN and Infinity are no JSON (``1e999``
+    reads as infinity), and the technical log's JSON column refuses them."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_REPORT_TEXT:
+        return value
+    if isinstance(value, int):
+        if -MAX_REPORT_INTEGER <= value <= MAX_REPORT_INTEGER:
+            return value
+        # Beyond it a browser's number is a float already.
+        with contextlib.suppress(OverflowError):
+            return float(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise PydanticCustomError(
+        "report_value",
+        "must be a string of at most 200 characters, a finite number, true, false or null",
+    )
+
+
+ReportValue = Annotated[str | int | float | bool | None, PlainValidator(_report_value)]
 
 
 class Report(_Inbound):
@@ -358,9 +388,19 @@ def parse_inbound(frame: str) -> InboundMessage:
     return _explain(frame)
 
 
+def _json_int(text: str) -> int | float:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else float(text)
+
+
+# Python's limit for converting a text to an int (sys.get_int_max_str_digits()).
+_MAX_INT_DIGITS = 4300
+
+
 def _explain(frame: str) -> InboundMessage:
     try:
-        data: Any = json.loads(frame)
+        # An integer too long for Python's text conversion reads as infinity,
+        # which the message's fields then refuse by name.
+        data: Any = json.loads(frame, parse_int=_json_int)
     except (json.JSONDecodeError, ValueError, RecursionError):
         raise ProtocolError(ErrorCode.INVALID_JSON, "the message is not valid JSON") from None
     if not isinstance(data, dict):

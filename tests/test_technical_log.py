@@ -3,13 +3,17 @@ stdout; clients report ICE and media trouble over the socket."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from audit.accounts import Role
 from audit.clock import ManualClock
 from audit.schema import technical_log
 from audit.technical_log import DropReason, TechnicalLog, purge_technical_log, read_technical
@@ -225,3 +229,86 @@ async def test_a_full_table_keeps_what_it_holds_and_takes_more_after_the_purge(
     technical.recount()
     technical.log.info("after the purge")
     assert await technical.flush(engine) == 1
+
+
+async def _raw_request(harness: Harness, head: bytes) -> bytes:
+    """One HTTP request written byte for byte (a client may send any bytes)."""
+    url = harness.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+async def test_no_entry_a_client_can_cause_holds_back_anyone_elses(
+    harness: Harness, sockets: Sockets
+) -> None:
+    """Found in review: a report holding NaN or Infinity (``1e999`` is valid
+    JSON and reads as infinity) was taken, and PostgreSQL's ``json`` refused
+    the batch it was in at every try, so no node's diagnostics were written
+    any more; SQLite stored it, and support's answer was not JSON. A browser
+    name that is not UTF-8 (read by aiohttp with surrogate escapes) did the
+    same through the socket's refusal note, without any login."""
+    setup, _therapist, patient = await admitted_pair(harness, sockets)
+    for number in ("NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 5000):
+        await patient.send_str(
+            '{"v": 1, "type": "report", "event": "stats", "detail": {"rtt": ' + number + "}}"
+        )
+        error = await receive(patient, "error")
+        assert error["code"] in ("invalid_message", "invalid_json"), error
+        assert "rtt" in error["message"] or "not valid JSON" in error["message"], error
+    host = harness.client.make_url("/").authority
+    answer = await _raw_request(
+        harness,
+        b"GET /ws?ticket=x HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+        b"Origin: " + harness.origin.encode() + b"\r\n"
+        b"User-Agent: Mozilla/5.0 \xff\xfe\xed\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    # Another consult's diagnostics are written, at once.
+    other = await new_consult(harness, "bram@praktijk-noord.example")
+    bram = await sockets.therapist(other.consult_id)
+    await receive(bram, "welcome")
+    await bram.send_json({"v": 1, "type": "report", "event": "ice-state", "detail": {"ice": "ok"}})
+    await bram.send_json({"v": 1, "type": "ping"})
+    await receive(bram, "pong")
+    technical = harness.app[TECHNICAL_LOG]
+    await flushed(harness)
+    assert technical.pending == 0
+    assert [kind for kind, _ in await entries(harness, other.consult_id)][-1] == "client.ice-state"
+    refusals = [detail for kind, detail in await entries(harness) if kind == "signaling.refused"]
+    assert str(refusals[-1]["user_agent"]).startswith("Mozilla/5.0 "), refusals
+    # What support reads of the patient's consult is JSON.
+    sam = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)
+    await harness.logged_in(sam)
+    response = await harness.client.get(f"/api/support/consults/{setup.consult_id}/technical-log")
+    text = await response.text()
+    assert response.status == 200, text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in support's answer"))
+
+
+async def test_a_row_the_database_refuses_is_dropped_and_the_rest_written(
+    harness: Harness,
+) -> None:
+    """However a row came to be one the database will not take, it must not
+    hold back the rows beside it at every later try."""
+    technical = TechnicalLog(harness.clock)
+    technical.log.info("before", subject="x", n=1)
+    # No writer makes such a row (kind is always set); it stands for any value
+    # the database refuses that is not an outage.
+    refused: dict[str, Any] = {
+        "at": harness.clock.now(),
+        "kind": None,
+        "subject": None,
+        "detail": {},
+    }
+    technical._pending.append(refused)
+    technical.log.info("after", subject="x", n=2)
+    assert await technical.flush(harness.app[DB_ENGINE]) == 2
+    assert (technical.pending, technical.dropped[DropReason.UNWRITABLE]) == (0, 1)
+    async with harness.app[DB_ENGINE].connect() as conn:
+        found = await read_technical(conn, now=harness.clock.now(), subject="x")
+    assert sorted(entry.kind for entry in found) == ["after", "before"]
