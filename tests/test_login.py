@@ -382,6 +382,9 @@ async def test_malformed_login_bodies_get_a_clear_error_and_change_nothing(
         b'{"email": "a@b.nl", "password": "xxxxxxxxxxxx", "code": ' + b"1" * 5000 + b"}",
         b"[" * 20000,
         b'{"email": ' + b"[" * 20000 + b"}",
+        # Found in review: Python reads these, but they are no JSON.
+        b'{"email": "a@b.nl", "password": "xxxxxxxxxxxx", "code": NaN}',
+        b'{"email": "a@b.nl", "password": "xxxxxxxxxxxx", "code": -Infinity}',
     ],
 )
 async def test_pathological_json_is_refused_with_400(sqlite_harness: Harness, raw: bytes) -> None:

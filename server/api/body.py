@@ -59,8 +59,10 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
         # answer, but the request log says what became of the request.
         raise BadRequest("the connection closed before the body was complete") from None
     try:
-        data: Any = json.loads(raw)
+        data: Any = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
+    except _NotJson as err:
         raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
     except (ValueError, RecursionError):
         # Numbers with thousands of digits, or nesting thousands deep.
@@ -74,6 +76,15 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
         return model.model_validate(data)
     except ValidationError as err:
         raise Unprocessable(describe_validation_error(err)) from None
+
+
+class _NotJson(Exception):
+    pass
+
+
+def _not_json(name: str) -> Any:
+    """Python's reader takes NaN, Infinity and -Infinity; JSON has no such numbers."""
+    raise _NotJson(f"{name} is not a JSON number")
 
 
 def describe_validation_error(err: ValidationError) -> str:
