@@ -292,7 +292,7 @@ class ConsultRooms:
     async def _handle(
         self, participant: Participant, message: InboundMessage, frame: str | None
     ) -> list[dict[str, Any]]:
-        if message.consult is not None and message.consult != str(participant.consult_id):
+        if message.consult is not None and not _names(message.consult, participant.consult_id):
             raise ProtocolError(
                 ErrorCode.NOT_IN_CONSULT,
                 "this connection belongs to another consult",
@@ -572,3 +572,14 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
+
+
+def _names(text: str, consult_id: uuid.UUID) -> bool:
+    """Whether ``text`` is ``consult_id``, in any spelling the API takes too
+    (capitals, as some platforms print a UUID)."""
+    if text == str(consult_id):
+        return True
+    try:
+        return uuid.UUID(text) == consult_id
+    except ValueError:
+        return False

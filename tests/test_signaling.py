@@ -417,6 +417,12 @@ async def test_a_message_for_another_consult_is_refused(
     await receive(therapist, "welcome")
     await therapist.send_json({"v": 1, "type": "ping", "consult": str(uuid.uuid4())})
     assert (await receive(therapist, "error"))["code"] == "not_in_consult"
+    # Found in review: its own id in capitals (as Swift's and .NET's UUIDs
+    # print) was another consult too, where the API takes it as the same.
+    own = str(setup.consult_id).upper()
+    assert (await sqlite_harness.client.get(f"/api/consults/{own}")).status == 200
+    await therapist.send_json({"v": 1, "type": "ping", "consult": own})
+    await receive(therapist, "pong")
 
 
 async def test_a_frame_of_64_kib_is_read_and_one_byte_more_closes_with_1009(
