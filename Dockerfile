@@ -2,11 +2,12 @@
 #
 #   docker build -t videoconsult .
 #   docker run --rm -p 127.0.0.1:8080:8080 \
-#       -e VIDEOCONSULT_SECURITY_MASTER_KEY=... -v videoconsult-data:/var/lib/videoconsult \
-#       videoconsult
+#       -e VIDEOCONSULT_SECURITY_MASTER_KEY=... \
+#       -e VIDEOCONSULT_SERVER_PUBLIC_URL=https://video.example.org \
+#       -v videoconsult-data:/var/lib/videoconsult videoconsult
 #
 # The image runs in production mode, so it needs a master key (32 random bytes,
-# URL-safe base64). Without a database URL it keeps a SQLite file in the data
+# URL-safe base64) and the public address browsers use (https). Without a database URL it keeps a SQLite file in the data
 # volume; docker-compose.yml wires it to PostgreSQL and Redis instead.
 
 # Every package comes from requirements/runtime.txt (exact versions, checked

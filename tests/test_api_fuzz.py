@@ -39,8 +39,8 @@ NAUGHTY_VALUES): each found a 500 once.
 
 Every request carries the server's own Origin, as the browser app's do:
 without it the Origin check answers 403 before anything else, and that
-would be all a fuzzer saw. VIDEOCONSULT_FUZZ_EXAMPLES multiplies the number
-of examples for a longer run by hand (``VIDEOCONSULT_FUZZ_EXAMPLES=10
+would be all a fuzzer saw. VIDEOCONSULT_TEST_FUZZ_EXAMPLES multiplies the number
+of examples for a longer run by hand (``VIDEOCONSULT_TEST_FUZZ_EXAMPLES=10
 ./scripts/test tests/test_api_fuzz.py``). A failure names the operation and
 the role, and gives a curl command (the session cookie filtered out) and
 Hypothesis's seed.
@@ -104,7 +104,7 @@ OWNER = {"admin": "admin", "consults": "therapist", "recordings": "therapist", "
 # Operations that can end the session they are called with: after the rest.
 LAST = ("login", "logout")
 
-SCALE = float(os.environ.get("VIDEOCONSULT_FUZZ_EXAMPLES", "1"))
+SCALE = float(os.environ.get("VIDEOCONSULT_TEST_FUZZ_EXAMPLES", "1"))
 OWN_EXAMPLES = 25  # the role the operation is for; anyone, for everyone's
 LOGGED_IN_EXAMPLES = 5  # a role, for everyone's operations
 ANONYMOUS_EXAMPLES = 5  # without a session, where one is needed
