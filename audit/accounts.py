@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -119,6 +120,12 @@ async def create_organisation(conn: AsyncConnection, name: str, *, now: datetime
     name = name.strip()
     if not 1 <= len(name) <= 200:
         raise InvalidValue("an organisation name needs 1 to 200 characters")
+    for char in name:
+        # As the API refuses them in any text: they garble every list that shows it.
+        if unicodedata.category(char) == "Cc":
+            raise InvalidValue(
+                f"an organisation name must not contain control characters (U+{ord(char):04X})"
+            )
     if await conn.scalar(sa.select(organisations.c.id).where(organisations.c.name == name)):
         raise Conflict(f"an organisation named {name!r} exists already")
     organisation = Organisation(uuid.uuid4(), name, now)

@@ -188,7 +188,7 @@ def test_db_current_on_a_fresh_data_directory_creates_no_database(data_dir: Path
     result = run_cli("db", "current", env=cli_env(data_dir))
     assert result.returncode == 0
     assert "none yet" in result.stdout
-    assert list(data_dir.iterdir()) == []
+    assert not data_dir.exists()  # nor the directory (found in review)
 
 
 def test_files_the_server_creates_are_private(data_dir: Path) -> None:
@@ -249,6 +249,9 @@ def test_operator_adds_an_organisation_and_an_account_with_an_enrolment_link(
     assert added.returncode == 0, added.stderr
     again = run_cli("org", "add", "Praktijk Noord", env=env)
     assert_one_clear_error(again, "exists already")
+    # Found in review: a control character was taken, and printed by org list.
+    control = run_cli("org", "add", "Praktijk\x01Zuid", env=env)
+    assert_one_clear_error(control, "control characters (U+0001)")
 
     user = run_cli(
         "user",

@@ -43,15 +43,31 @@ def test_an_enrolment_link_follows_the_port_serve_listens_on(
     again = run_cli("user", "reset-totp", "ad@noord.example", env=env)
     assert "http://127.0.0.1:8080/enrol/" in again.stdout
     assert "VIDEOCONSULT_SERVER_PUBLIC_URL" in again.stdout
+    # Found in review: never enrolled, the account has no password, so this
+    # link sets one; the console said the account kept its password.
+    assert "keeps its password" not in again.stdout
+    assert "give it to the account holder only" in again.stdout
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["user", "list", "--org", "Praktijk Noord"],
+        # Found in review: these made a development master key (and db
+        # current the directory) before finding no database.
+        ["keys", "list"],
+        ["keys", "rotate"],
+        ["recording", "export", "0b6f3c4e-2d1a-4f5b-8e7c-9a1b2c3d4e5f", "out.webm"],
+        ["billing", "export", "--org", "Praktijk Noord", "--month", "2026-11"],
+    ],
+)
 def test_a_command_finding_no_database_names_the_directory_and_creates_nothing(
-    tmp_path: Path,
+    tmp_path: Path, command: list[str]
 ) -> None:
     missing = tmp_path / "not-here"
     env = cli_env(missing)
     result = subprocess.run(
-        [str(EXECUTABLE), "user", "list", "--org", "Praktijk Noord"],
+        [str(EXECUTABLE), *command],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert_one_clear_error(result, f"no database in {missing}", "VIDEOCONSULT_DATA_DIR")

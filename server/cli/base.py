@@ -17,7 +17,13 @@ from typing import Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit import SchemaOutOfDate, database_url, open_database, prepare_data_dir
+from audit import (
+    SchemaOutOfDate,
+    database_url,
+    load_master_key,
+    open_database,
+    prepare_data_dir,
+)
 from audit.access_log import Actor, record_access
 from audit.accounts import Organisation, get_organisation_by_name
 from audit.clock import SystemClock
@@ -40,6 +46,25 @@ class CommandModule(Protocol):
         """Add this module's command (and its subcommands) to ``subparsers``."""
 
 
+def require_database(settings: Settings) -> None:
+    """Raise :class:`CliError` naming the data directory when its SQLite
+    database is not there; create nothing."""
+    if missing_sqlite_file(database_url(settings, settings.data_dir)) is not None:
+        raise CliError(
+            f"no database in {settings.data_dir} (the data directory): run "
+            "`videoconsult db upgrade` to create it there, or point "
+            "VIDEOCONSULT_DATA_DIR at your server's"
+        )
+
+
+def root_key(settings: Settings) -> bytes:
+    """The installation's master key, for a command on its database: looked
+    for only once the database is there (in development the key would be
+    made in a data directory that holds no installation)."""
+    require_database(settings)
+    return load_master_key(settings, prepare_data_dir(settings.data_dir)).key
+
+
 @asynccontextmanager
 async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
     """The database, if its schema is current (else SchemaOutOfDate); disposed after.
@@ -48,12 +73,7 @@ async def current_database(settings: Settings) -> AsyncIterator[AsyncEngine]:
     naming the directory, and creates nothing there: a command run with
     another data directory must not start a second, empty database.
     """
-    if missing_sqlite_file(database_url(settings, settings.data_dir)) is not None:
-        raise CliError(
-            f"no database in {settings.data_dir} (the data directory): run "
-            "`videoconsult db upgrade` to create it there, or point "
-            "VIDEOCONSULT_DATA_DIR at your server's"
-        )
+    require_database(settings)
     data_dir = prepare_data_dir(settings.data_dir)
     new_file = missing_sqlite_file(database_url(settings, data_dir))
     engine = await open_database(settings, data_dir, migrate=False)

@@ -9,7 +9,6 @@ import sys
 import uuid
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from audit import load_master_key, prepare_data_dir
 from audit.billing import (
     BilledConsult,
     as_csv,
@@ -20,7 +19,13 @@ from audit.billing import (
     totals,
 )
 from config import Settings
-from server.cli.base import CliError, current_database, operator_read, record_operator_reads
+from server.cli.base import (
+    CliError,
+    current_database,
+    operator_read,
+    record_operator_reads,
+    root_key,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,7 +67,7 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
         raise CliError(f"--tz {args.tz!r} is not a time zone this machine knows") from None
     since, until = month_bounds(first_day, zone)
     # The appointment references still kept are unsealed for the export.
-    master_key = load_master_key(settings, prepare_data_dir(settings.data_dir)).key
+    master_key = root_key(settings)
 
     async def _export() -> tuple[uuid.UUID, list[BilledConsult]]:
         async with current_database(settings) as engine:

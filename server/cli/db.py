@@ -69,9 +69,9 @@ def _stop_at_once_on_signals() -> None:
 
 
 def run_current(settings: Settings, _args: argparse.Namespace) -> int:
-    url = database_url(settings, prepare_data_dir(settings.data_dir))
+    url = database_url(settings, settings.data_dir)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
-        # Looking must not create: no empty database file from `db current`.
+        # Looking must not create: no empty database file, nor its directory.
         print(f"database {describe_url(url)}: none yet (run `videoconsult db upgrade`)")
         return 0
     return asyncio.run(_report(settings, migrate=False))

@@ -15,7 +15,6 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit import load_master_key, prepare_data_dir
 from audit.access_log import Actor, record_access
 from audit.clock import SystemClock
 from audit.db import reading
@@ -30,7 +29,7 @@ from audit.keyring import (
     rotate,
 )
 from config import Settings
-from server.cli.base import current_database
+from server.cli.base import current_database, root_key
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,10 +71,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     retirement.set_defaults(run=run_retire)
 
 
-def _root_key(settings: Settings) -> bytes:
-    return load_master_key(settings, prepare_data_dir(settings.data_dir)).key
-
-
 async def _note(conn: AsyncConnection, action: str, key_id: str, *, now: datetime) -> None:
     """The key operation in the installation's access log, by the operator."""
     await record_access(
@@ -109,11 +104,11 @@ def describe_ring(ring: KeyRing, usage: dict[str, int]) -> list[str]:
 
 
 def run_list(settings: Settings, _args: argparse.Namespace) -> int:
-    root_key = _root_key(settings)
+    master_key = root_key(settings)
 
     async def _list() -> list[str]:
         async with current_database(settings) as engine, reading(engine) as conn:
-            ring = await load_ring(conn, root_key)
+            ring = await load_ring(conn, master_key)
             return describe_ring(ring, await key_usage(conn, ring.root_id))
 
     for line in asyncio.run(_list()):
@@ -122,7 +117,7 @@ def run_list(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def run_rotate(settings: Settings, _args: argparse.Namespace) -> int:
-    root_key = _root_key(settings)
+    master_key = root_key(settings)
 
     async def _rotate() -> Rotation:
         now = SystemClock().now()
@@ -131,13 +126,13 @@ def run_rotate(settings: Settings, _args: argparse.Namespace) -> int:
             await _note(conn, "keys.rotate", added.id, now=now)
 
         async with current_database(settings) as engine:
-            return await rotate(engine, root_key, now=now, note=note)
+            return await rotate(engine, master_key, now=now, note=note)
 
     rotation = asyncio.run(_rotate())
     moved = sum(rotation.rewrapped.values())
     print(f"master key {rotation.new_key_id} added; it is the current key now")
     print(f"re-wrapped {moved} data keys; no file was touched")
-    root_id = key_id_of(root_key)
+    root_id = key_id_of(master_key)
     for key_id, count in sorted(rotation.rewrapped.items()):
         if key_id == root_id:
             print(f"  {count} from the root key {key_id} (which stays: it seals the ring)")
@@ -147,11 +142,11 @@ def run_rotate(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def run_retire(settings: Settings, args: argparse.Namespace) -> int:
-    root_key = _root_key(settings)
+    master_key = root_key(settings)
 
     async def _retire() -> None:
         async with current_database(settings) as engine, engine.begin() as conn:
-            await retire(conn, root_key, args.key_id)
+            await retire(conn, master_key, args.key_id)
             await _note(conn, "keys.retire", args.key_id, now=SystemClock().now())
 
     asyncio.run(_retire())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit import load_master_key, prepare_data_dir
+from audit import prepare_data_dir
 from audit.access_log import Actor, record_access
 from audit.clock import SystemClock
 from audit.db import reading
@@ -41,7 +41,13 @@ from audit.recordings import (
     shred,
 )
 from config import Settings
-from server.cli.base import CliError, current_database, operator_read, record_operator_access
+from server.cli.base import (
+    CliError,
+    current_database,
+    operator_read,
+    record_operator_access,
+    root_key,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -172,14 +178,14 @@ def _decrypt_into(
 def run_export(settings: Settings, args: argparse.Namespace) -> int:
     recording_id = _recording_id(args.recording_id)
     out: Path = args.out
-    root_key = load_master_key(settings, prepare_data_dir(settings.data_dir)).key
+    master_key = root_key(settings)
     store = _store(settings)
 
     async def _export() -> Export:
         async with current_database(settings) as engine:
             async with reading(engine) as conn:
                 entry = _finished(await get_recording(conn, recording_id))
-                file_name, data_key = await data_key_of(conn, root_key, recording_id)
+                file_name, data_key = await data_key_of(conn, master_key, recording_id)
             descriptor = _create_private(out)
             try:
                 await _note(engine, entry, "recording.export")

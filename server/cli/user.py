@@ -192,8 +192,10 @@ def run_reset_totp(settings: Settings, args: argparse.Namespace) -> int:
                 password_too=args.password_too,
             )
 
-    _print_invitation(settings, asyncio.run(_reset()))
-    if args.password_too:
+    invitation = asyncio.run(_reset())
+    _print_invitation(settings, invitation)
+    if invitation.account.password_hash is None:
+        # --password-too, or an account that never chose one (not enrolled yet).
         print("  this link sets a new password: give it to the account holder only")
     else:
         print("  the account keeps its password: the link asks for it")
