@@ -450,7 +450,9 @@ def _resolved_data_dir(item: _Value, defaults_file: Path, site_file: str) -> _Va
         return item  # the validator names the problem
     path = Path(item.value).expanduser()
     if path.is_absolute():
-        return item
+        # "~/videoconsult" as the user's home holds it: a check for the
+        # database that took "~" as a directory name found none.
+        return _Value(str(path), item.source)
     if item.source == str(defaults_file):
         base = defaults_file.absolute().parent.parent
     elif site_file and item.source == site_file:

@@ -322,6 +322,10 @@ def test_a_relative_data_dir_is_resolved_once_and_not_from_the_working_directory
     from_env = load_settings(environ={"VIDEOCONSULT_DATA_DIR": "mine"})
     assert from_env.data_dir == elsewhere / "mine"
     assert from_env.data_dir.is_absolute()
+    # Found in review: "~" was expanded to test the path but kept as it was,
+    # so `db current` looked for a directory named "~" and found no database.
+    home = load_settings(environ={"VIDEOCONSULT_DATA_DIR": "~/videoconsult"})
+    assert home.data_dir == Path.home() / "videoconsult"
 
 
 def test_webhook_ports_come_as_a_toml_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
