@@ -10,8 +10,12 @@ closed: the first tests below failed then."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
+import os
+import socket
+import struct
 from typing import Any
 
 import pytest
@@ -400,3 +404,56 @@ async def test_a_fragmented_control_frame_closes_with_1002(aiohttp_client: Any) 
     writer.write(bytes([0x09, 0x80]) + b"\x00\x00\x00\x00")
     assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xea"
     writer.close()
+
+
+def _masked_ping(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return struct.pack("!BB", 0x89, 0x80 | len(payload)) + mask + body
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads_is_cut_off(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    """Found in review: pongs were written past the outbox's high-water mark,
+    and a client sending pings and reading nothing made the node hold its
+    pongs without bound (each ping also counted as a sign of life)."""
+    harness = sqlite_harness
+    setup = await new_consult(harness)
+    ticket = await sqlite_sockets.ticket(setup.invite_token)
+    server = harness.client.server
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, (server.host, server.port))
+    reader, writer = await asyncio.open_connection(sock=raw)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws?ticket={ticket} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            f"Origin: {harness.headers['Origin']}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert b" 101 " in await asyncio.wait_for(reader.readline(), 5)
+        ping = _masked_ping(b"x" * 125)
+        for _ in range(100):  # the handler goes on after the 101: its room, its welcome
+            if harness.app[WEBSOCKETS]:
+                break
+            await asyncio.sleep(0.02)
+        [connection] = harness.app[WEBSOCKETS]
+        most = 0
+        for _ in range(64):  # 8 MB of pings, nothing read
+            if writer.transport.is_closing():
+                break
+            writer.write(ping * 1000)
+            await asyncio.sleep(0.01)
+            if not connection.transport.is_closing():
+                most = max(most, connection.transport.get_write_buffer_size())
+        assert most <= 1024 * 1024, f"{most} bytes of pongs held for a client that reads nothing"
+        assert connection.closed  # closed with 1008, and cut after the close handshake's wait
+        await asyncio.sleep(CLOSE_HANDSHAKE_S + 0.5)
+        assert connection not in harness.app[WEBSOCKETS]
+    finally:
+        writer.close()

@@ -292,7 +292,15 @@ class Connection(asyncio.Protocol):
                 self._paused = True
                 self.transport.pause_reading()
         elif kind is _PING:
-            if not self._close_sent:
+            if self._close_sent:
+                pass
+            elif (
+                self.transport.get_write_buffer_size() > self.transport.get_write_buffer_limits()[1]
+            ):
+                # Pings from a client that reads nothing: its pongs would
+                # pile up without bound (the outbox closes at the same mark).
+                self._send_close(WSCloseCode.POLICY_VIOLATION, b"")
+            else:
                 self.transport.write(control_frame(0x8A, bytes(data)))
         elif kind is _CLOSE:
             self._close_received()
