@@ -78,8 +78,13 @@ _IPV6 = re.compile(
 )
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 # Invite tokens, session ids, tickets: long runs of URL-safe characters that
-# mix letters and digits. Pseudonymous UUIDs are allowed and kept.
-_TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}(?![\w-])")
+# mix letters and digits, or (32 and more) small and capital letters: one
+# secrets.token_urlsafe(32) in 1,500 has no digit. Pseudonymous UUIDs are
+# allowed and kept.
+_TOKEN = re.compile(
+    r"(?<![\w-])(?:(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{20,}"
+    r"|(?=[\w-]*[a-z])(?=[\w-]*[A-Z])[\w-]{32,})(?![\w-])"
+)
 # One-time codes are 6 to 8 digits standing alone (a trailing full stop is
 # punctuation; a decimal point followed by digits is not), and not the first
 # group of a UUID (kept, as above).
@@ -317,6 +322,12 @@ def configure_process_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python's warnings as log records of the logger "py.warnings", through
+    # the same masking, not to stderr as they are. (Off first: turning it on
+    # again is a no-op for logging even when something has put warnings'
+    # own display back meanwhile, as pytest does after each test.)
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     # aiohttp's own request log (its "access log") prints client addresses and
     # full paths (with invite tokens); server.request_log replaces it.
     logging.getLogger("aiohttp.access").disabled = True
