@@ -9,14 +9,16 @@ talk; WebRTC media flows between the two browser contexts.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, Page, expect
 
 from audit.consults import mark_ended
 from audit.technical_log import read_technical
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
+from server.ws.session_check import check_therapist_sessions
 from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
@@ -405,3 +407,46 @@ async def test_a_patient_without_camera_and_microphone_is_shown_as_such_and_not_
     await therapist.click("#camera")
     await expect(patient.locator("#peer-media")).to_be_hidden()
     await assert_no_browser_errors(therapist_context, patient_context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def _in_a_call(harness: Harness, chromium: Browser) -> tuple[Any, Page, str]:
+    """A therapist in a running consult with a patient; their context, page and the consult."""
+    _anna, therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    _patient_context, patient = await patient_opens(chromium, harness, invite_url)
+    await patient_joins(patient)
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    await therapist.click("#admit")
+    await wait_for_remote_video(patient)
+    return therapist_context, therapist, consult_id
+
+
+async def test_a_session_ended_mid_call_leads_back_into_the_call_after_login(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """Found in review: the call was closed (and its address with it) before
+    the page went to the login, so logging in again led to the list, not
+    back into the running consult."""
+    therapist_context, therapist, consult_id = await _in_a_call(live_harness, chromium)
+    other = await therapist_context.new_page()
+    await other.goto("/app")
+    await expect(other.locator("#dashboard")).to_be_visible()
+    await other.click("#logout")
+    await other.wait_for_url("**/login**")
+    await check_therapist_sessions(live_harness.app)  # the periodic round, now
+    await therapist.wait_for_url("**/login?**")
+    assert f"next=%2Fapp%3Fconsult%3D{consult_id}" in therapist.url, therapist.url
+
+
+async def test_ending_the_consult_by_keyboard_keeps_the_focus_on_the_end_page(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """Found in review: focus fell to the page's body when the consult ended,
+    so a keyboard or screen-reader user heard nothing and started again at
+    the top (the patient's page moves focus to each new section's heading)."""
+    _context, therapist, _consult_id = await _in_a_call(live_harness, chromium)
+    await therapist.focus("#end")
+    await therapist.keyboard.press("Enter")  # the confirmation is accepted
+    await expect(therapist.locator("#call-over")).to_be_visible()
+    assert await therapist.evaluate("() => document.activeElement.id") == "call-over-title"

@@ -433,8 +433,10 @@ function onCallEvent(type, detail) {
       closeCall("replaced", "app.over.replaced");
       break;
     case "session-ended":
-      closeCall(null);
+      // To the login first, while the address still names the consult: after
+      // logging in again the therapist is back in it ("next").
       toLogin("session");
+      closeCall(null);
       break;
     case "left":
       closeCall(null);
@@ -442,8 +444,8 @@ function onCallEvent(type, detail) {
       break;
     case "link-problem":
       if (detail.code === "not_logged_in") {
-        closeCall(null);
         toLogin("session");
+        closeCall(null);
       } else {
         closeCall("ended", detail.code === "not_found" ? "app.over.notFound" : "ended.consult_over");
       }
@@ -472,6 +474,10 @@ function closeCall(kind, key) {
     say($("call-over-title"), kind === "replaced" ? "app.over.replacedTitle" : "app.over.title");
     say($("call-over-text"), key, {}, "");
     show("call-over");
+    // Where a keyboard or screen-reader user goes on from, as on the patient's page.
+    const title = $("call-over-title");
+    title.tabIndex = -1;
+    title.focus({ preventScroll: true });
   }
 }
 
