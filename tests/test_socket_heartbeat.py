@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 
 import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType
 
+from server.app_keys import WEBSOCKETS
 from tests.support.harness import Harness, Sockets, new_consult, receive
 
 HEARTBEAT_S = 1
@@ -110,4 +112,56 @@ async def test_idle_sockets_hold_no_timer_each(harness: Harness) -> None:
         # 20 open sockets; a timer each (aiohttp's own heartbeat) would add 20.
         assert timers() - before < 10
     finally:
+        await sockets.close()
+
+
+@pytest.mark.settings(signaling_heartbeat_s=HEARTBEAT_S)
+async def test_a_peer_gone_silent_with_bytes_waiting_for_it_is_dropped_all_the_same(
+    harness: Harness,
+) -> None:
+    """Found in review: the heartbeat dropped a silent peer with the
+    transport's close(), which waits until what is queued for the peer has
+    left. A client that stopped reading (a frozen tab) while bytes still
+    waited for it was never dropped, and the room never heard it had gone."""
+    sockets = Sockets(harness)
+    setup = await new_consult(harness)
+    server = harness.client.server
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    try:
+        therapist = await sockets.therapist(setup.consult_id)
+        await receive(therapist, "welcome")
+        ticket = await sockets.ticket(setup.invite_token)
+        await asyncio.get_running_loop().sock_connect(raw, (server.host, server.port))
+        raw.sendall(
+            f"GET /ws?ticket={ticket} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            f"Origin: {harness.headers['Origin']}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await receive(therapist, "patient-waiting")
+        port = raw.getsockname()[1]
+        [patient] = [
+            c for c in harness.app[WEBSOCKETS] if c.transport.get_extra_info("peername")[1] == port
+        ]
+        # A real network's send buffer, not loopback's megabytes, and a frame
+        # of 40 KB (under the outbox's 64 KiB mark) that the kernel cannot
+        # take all of: the rest waits in the server, as for a tab that froze.
+        patient.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        patient.transport.write(b"\x82\x7e\xa0\x00" + b"\x00" * 40960)
+        await asyncio.sleep(0.2)
+        assert patient.transport.get_write_buffer_size() > 0
+        # Silent from here: pinged at a round, dropped at the next.
+        left = await therapist.receive_json(timeout=6 * HEARTBEAT_S)
+        assert (left["type"], left["role"]) == ("peer-left", "patient"), left
+        for _ in range(100):  # the connection's end is handled just after
+            if patient not in harness.app[WEBSOCKETS]:
+                break
+            await asyncio.sleep(0.02)
+        assert patient not in harness.app[WEBSOCKETS]
+    finally:
+        raw.close()
         await sockets.close()

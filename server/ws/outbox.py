@@ -136,7 +136,10 @@ class Outbox:
                 self._frames.append(PING_FRAME)
                 self._framed_bytes += len(PING_FRAME)
         elif connection.quiet > PING_AFTER_ROUNDS:
-            self._transport.close()
+            # Gone: abort, not close. A close waits until what is queued for
+            # the peer has left, which a client that stopped reading (a frozen
+            # tab) never lets happen; the room would never hear it went.
+            self._transport.abort()
 
     def _write(self, text: str, *, close_code: int | None = None) -> None:
         # The hot path of every relayed message: one unmasked, unfragmented
