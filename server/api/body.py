@@ -60,9 +60,7 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
         raise BadRequest("the connection closed before the body was complete") from None
     try:
         data: Any = json.loads(raw, parse_constant=_not_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
-    except _NotJson as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, _NotJson) as err:
         raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
     except (ValueError, RecursionError):
         # Numbers with thousands of digits, or nesting thousands deep.
