@@ -12,7 +12,6 @@ import asyncio
 import gc
 import secrets
 import signal
-import socket
 import sys
 import threading
 import traceback
@@ -56,6 +55,7 @@ from tests.support.databases import (
 )
 from tests.support.harness import Harness, Sockets
 from tests.support.own_postgres import OwnPostgres, own_postgres_server
+from tests.support.ports import unused_port
 from tests.support.services import (
     POSTGRES_ADMIN_URL,
     REDIS_URL,
@@ -359,11 +359,8 @@ def make_settings(data_dir: Path) -> SettingsFactory:
 
 @pytest.fixture
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    """A port on 127.0.0.1 that nothing uses (:mod:`tests.support.ports`)."""
+    return unused_port()
 
 
 @pytest.fixture(autouse=True)

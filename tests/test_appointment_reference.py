@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from tests.support.harness import (
     new_consult,
     receive,
 )
+from tests.support.ports import unused_port
 from tests.support.traces import traces
 from tests.support.webhooks import Receiver, running_receiver
 
@@ -71,9 +71,7 @@ async def receiver(free_port: int) -> AsyncIterator[Receiver]:
 @pytest.fixture
 async def fhir_receiver() -> AsyncIterator[Receiver]:
     """A second record system, which takes FHIR (a port of its own)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     async with running_receiver(port) as found:
         yield found
 

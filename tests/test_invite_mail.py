@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -27,6 +26,7 @@ from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from server.resources import ROOM_TIMER_POLL
 from tests.support.databases import QUICK_ON_SQLITE
 from tests.support.harness import ConsultSetup, Harness, new_consult
+from tests.support.ports import unused_port
 from tests.support.settings import SettingsFactory
 from tests.support.smtp import SmtpServer, running_smtp_server
 
@@ -269,9 +269,7 @@ async def test_an_unreachable_mail_server_is_told_to_the_therapist(
     smtp_server: SmtpServer,
 ) -> None:
     # A port on which nothing listens (the fixture's server is on another).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = unused_port()
     harness = await mail_harness(
         make_settings,
         database_url,

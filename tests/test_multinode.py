@@ -15,7 +15,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -38,6 +37,7 @@ from audit.schema import consults
 from server import create_app
 from server.app_keys import DB_ENGINE
 from tests.support.harness import ConsultSetup, Harness, new_consult, receive, wait_until_listening
+from tests.support.ports import unused_port
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.services import service_unavailable
 from tests.support.settings import SettingsFactory
@@ -51,13 +51,6 @@ DEATH_NOTICED_S = 8.0
 # The grace period of the test whose dead node's therapist never returns:
 # short, since the test waits all of it.
 NEVER_RETURNS_GRACE_S = 2
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclass

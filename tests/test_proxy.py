@@ -23,7 +23,6 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import subprocess
 import time
 import uuid
@@ -44,6 +43,7 @@ from config import load_settings
 from server import create_app
 from tests.support.deploy import NGINX_CONF, nginx_config, nginx_directives, nginx_upstream_servers
 from tests.support.harness import Harness, new_consult, receive, wait_until_listening
+from tests.support.ports import unused_port
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.services import service_unavailable
 from tests.support.settings import SettingsFactory
@@ -57,13 +57,6 @@ BROWSER = "203.0.113.7"
 OTHER_BROWSER = "203.0.113.8"
 
 Launch = Callable[..., Awaitable["Deployment"]]
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def seconds(value: str) -> float:

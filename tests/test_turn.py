@@ -25,6 +25,7 @@ from aiortc import (
 from server import create_app
 from signaling.turn import ice_servers, turn_credentials
 from tests.support.harness import Harness, Sockets, new_consult, receive
+from tests.support.ports import unused_port
 from tests.support.services import service_unavailable
 from tests.support.settings import SettingsFactory
 
@@ -42,20 +43,13 @@ class Coturn:
         return f"turn:127.0.0.1:{self.port}?transport=udp"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def coturn(tmp_path: Path) -> Iterator[Coturn]:
     """A real coturn on 127.0.0.1 with use-auth-secret, started for this test."""
     binary = shutil.which("turnserver")
     if binary is None:
         service_unavailable("coturn", "the turnserver binary is not installed (Debian: coturn)")
-    port = _free_port()
+    port = unused_port()
     config = tmp_path / "turnserver.conf"
     config.write_text(
         "\n".join(

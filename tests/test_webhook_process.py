@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from audit.schema import webhook_deliveries
 from config import Settings
 from server.app_keys import DATA_DIR
 from tests.support.harness import ConsultSetup, Harness, new_consult, receive
+from tests.support.ports import unused_port
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.webhooks import Receiver
 
@@ -48,9 +48,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     found = Receiver(port)
     await found.start()
     yield found

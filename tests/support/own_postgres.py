@@ -16,12 +16,12 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.ports import unused_port
 from tests.support.services import service_unavailable
 
 # The user PostgreSQL runs as when the tests run as root (Debian's).
@@ -49,13 +49,6 @@ def postgres_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 class OwnPostgres:
     """One PostgreSQL cluster in a temporary directory; ``url`` reaches its
     ``postgres`` database as the ``postgres`` superuser (no password)."""
@@ -65,7 +58,7 @@ class OwnPostgres:
         self.directory = directory
         self.data = directory / "data"
         self.log = directory / "postgres.log"
-        self.port = _free_port()
+        self.port = unused_port()
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
         self._prefix = ["runuser", "-u", as_user, "--"] if as_user else []
 
