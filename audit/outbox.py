@@ -282,24 +282,39 @@ class DueDelivery:
 
 
 async def claim_due(
-    conn: AsyncConnection, *, now: datetime, lease_s: float, limit: int
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    lease_s: float,
+    limit: int,
+    per_endpoint: int | None = None,
+    in_flight: Mapping[uuid.UUID, int] | None = None,
 ) -> list[DueDelivery]:
-    """Claim up to ``limit`` due deliveries for this node for ``lease_s``.
+    """Claim up to ``limit`` due deliveries for this node for ``lease_s``,
+    the longest due first.
 
-    Commit at once: the claim is what keeps other nodes from sending them.
+    With ``per_endpoint``, no endpoint gets more than that many on their way
+    at once, counting the node's ``in_flight`` sends (by endpoint id): a
+    backlog for one endpoint leaves the others their turn. Commit at once:
+    the claim is what keeps other nodes from sending them.
     """
-    due = (
-        sa.select(webhook_deliveries.c.id)
-        .where(
-            webhook_deliveries.c.status == DeliveryStatus.PENDING.value,
-            webhook_deliveries.c.next_attempt_at <= now,
-        )
-        .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
-        .limit(limit)
-        # SQLite has no row locks (and needs none: one writer at a time).
-        .with_for_update(skip_locked=True)
+    is_due = sa.and_(
+        webhook_deliveries.c.status == DeliveryStatus.PENDING.value,
+        webhook_deliveries.c.next_attempt_at <= now,
     )
-    ids = list(await conn.scalars(due))
+    longest_due_first = (webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
+    due = sa.select(webhook_deliveries.c.id).where(is_due).order_by(*longest_due_first)
+    if per_endpoint is None:
+        due = due.limit(limit)
+    else:
+        room = {endpoint: per_endpoint - sending for endpoint, sending in (in_flight or {}).items()}
+        due = due.where(
+            webhook_deliveries.c.id.in_(_within_room(is_due, per_endpoint, room, limit))
+        )
+    # SQLite has no row locks (and needs none: one writer at a time). On
+    # PostgreSQL, what another node is claiming at this moment is skipped: a
+    # claim may then find less than there is, and the next finds the rest.
+    ids = list(await conn.scalars(due.with_for_update(skip_locked=True)))
     if not ids:
         return []
     await conn.execute(
@@ -341,6 +356,42 @@ async def claim_due(
         )
         for row in rows
     ]
+
+
+def _within_room(
+    is_due: sa.ColumnElement[bool], per_endpoint: int, room: Mapping[uuid.UUID, int], limit: int
+) -> sa.Select[tuple[uuid.UUID]]:
+    """The ids of the ``limit`` longest-due deliveries that fit each
+    endpoint's ``room`` (``per_endpoint`` where it names none).
+
+    The window function ranks each endpoint's due deliveries in a subquery
+    of its own: PostgreSQL locks rows only where no window function is."""
+    columns = webhook_deliveries.c
+    ranked = (
+        sa.select(
+            columns.id,
+            columns.next_attempt_at,
+            sa.func.row_number()
+            .over(partition_by=columns.endpoint_id, order_by=(columns.next_attempt_at, columns.id))
+            .label("rank"),
+            columns.endpoint_id,
+        )
+        .where(is_due)
+        .subquery()
+    )
+    allowed: sa.ColumnElement[int] | int = per_endpoint
+    if room:
+        allowed = sa.case(
+            {endpoint: max(0, left) for endpoint, left in room.items()},
+            value=ranked.c.endpoint_id,
+            else_=per_endpoint,
+        )
+    return (
+        sa.select(ranked.c.id)
+        .where(ranked.c.rank <= allowed)
+        .order_by(ranked.c.next_attempt_at, ranked.c.id)
+        .limit(limit)
+    )
 
 
 def next_attempt(

@@ -29,6 +29,7 @@ import enum
 import json
 import socket
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,11 +74,13 @@ from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, METRICS, SETTINGS, WEB
 
 _log = structlog.get_logger("videoconsult.webhooks")
 
-# Deliveries claimed and sent at once, and the batches one round sends at most
-# (the rest wait for the next round, a poll interval later).
-BATCH = 20
-MAX_BATCHES_PER_ROUND = 10
-# How often delivered and failed deliveries past webhooks.history_days go.
+# Sends on their way at once from one node, and to one endpoint: an endpoint
+# that hangs, however long its backlog, takes PER_ENDPOINT of them and leaves
+# the rest to the other endpoints. One round tries MAX_PER_ROUND at most (the
+# rest wait for the next round, a poll interval later).
+IN_FLIGHT = 20
+PER_ENDPOINT = 4
+MAX_PER_ROUND = 200
 HISTORY_PURGE_INTERVAL_S = 3600.0
 USER_AGENT = "videoconsult-webhooks/1"
 
@@ -129,49 +132,90 @@ DELIVERY_TASK = "webhook-delivery"
 
 
 async def deliver_due(app: web.Application) -> int:
-    """Send the deliveries that are due now; return how many were tried."""
+    """Send the deliveries that are due now, and those that fall due while
+    sends are on their way; return how many were tried.
+
+    The round claims again whenever a send finishes and every
+    ``webhooks.poll_interval_s`` while sends are on their way (at most
+    :data:`IN_FLIGHT` at once, :data:`PER_ENDPOINT` to one endpoint), so a
+    send waiting out its timeout holds back no other endpoint's; it ends
+    when nothing is on its way and nothing more is due, or after
+    :data:`MAX_PER_ROUND`. A send's own failure is its delivery's; the first
+    error recording one (the database) ends the claiming and is raised once
+    the sends on their way finished.
+    """
     settings = app[SETTINGS].webhooks
-    lease_s = settings.timeout_s + settings.claim_margin_s
+    sending: dict[asyncio.Task[None], uuid.UUID] = {}
     tried = 0
-    for _ in range(MAX_BATCHES_PER_ROUND):
-        async with app[DB_ENGINE].begin() as conn:
-            claimed = await claim_due(conn, now=app[CLOCK].now(), lease_s=lease_s, limit=BATCH)
-            endpoints = await endpoints_by_id(conn, {due.endpoint_id for due in claimed})
-            references = await read_references(
-                conn,
-                app[MASTER_KEY].key,
-                (due.subject_id for due in claimed if due.event_type in CONSULT_EVENTS),
+    failure: BaseException | None = None
+    try:
+        while True:
+            room = min(IN_FLIGHT - len(sending), MAX_PER_ROUND - tried)
+            if failure is None and room > 0:
+                for due, endpoint, filled_in in await _claim(app, room, Counter(sending.values())):
+                    task = asyncio.create_task(
+                        _deliver(app, due, endpoint, filled_in), name=DELIVERY_TASK
+                    )
+                    sending[task] = due.endpoint_id
+                    tried += 1
+            if not sending:
+                break
+            done, _ = await asyncio.wait(
+                sending, timeout=settings.poll_interval_s, return_when=asyncio.FIRST_COMPLETED
             )
-            named = await external_ids(conn, (d.therapist_id for d in claimed if d.therapist_id))
-        if not claimed:
-            break
-        pseudonyms = TherapistPseudonyms(app[MASTER_KEY].key)
-        sends = [
-            asyncio.create_task(
-                _deliver(
-                    app,
-                    due,
-                    endpoints[due.endpoint_id],
-                    filled_in_data(
-                        due,
-                        therapist_of(due.therapist_id, named, pseudonyms),
-                        references.get(due.subject_id),
-                    ),
-                ),
-                name=DELIVERY_TASK,
-            )
-            for due in claimed
-        ]
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        tried += len(claimed)
-        # Each send finished (or failed) before the first error is raised: a
-        # database error while recording one leaves the others recorded.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        if len(claimed) < BATCH:
-            break
+            for task in done:
+                del sending[task]
+                if failure is None and (error := task.exception()) is not None:
+                    failure = error
+    finally:
+        # Cancelled (the node stops): the sends on their way go with it; a
+        # delivery cut off is sent again once its claim runs out.
+        for task in sending:
+            task.cancel()
+        if sending:
+            await asyncio.wait(sending)
+    if failure is not None:
+        raise failure
     return tried
+
+
+async def _claim(
+    app: web.Application, room: int, in_flight: Mapping[uuid.UUID, int]
+) -> list[tuple[DueDelivery, Endpoint, dict[str, Any]]]:
+    """Claim up to ``room`` due deliveries, each with its endpoint and what
+    its message fills in."""
+    settings = app[SETTINGS].webhooks
+    async with app[DB_ENGINE].begin() as conn:
+        claimed = await claim_due(
+            conn,
+            now=app[CLOCK].now(),
+            lease_s=settings.timeout_s + settings.claim_margin_s,
+            limit=room,
+            per_endpoint=PER_ENDPOINT,
+            in_flight=in_flight,
+        )
+        if not claimed:
+            return []
+        endpoints = await endpoints_by_id(conn, {due.endpoint_id for due in claimed})
+        references = await read_references(
+            conn,
+            app[MASTER_KEY].key,
+            (due.subject_id for due in claimed if due.event_type in CONSULT_EVENTS),
+        )
+        named = await external_ids(conn, (d.therapist_id for d in claimed if d.therapist_id))
+    pseudonyms = TherapistPseudonyms(app[MASTER_KEY].key)
+    return [
+        (
+            due,
+            endpoints[due.endpoint_id],
+            filled_in_data(
+                due,
+                therapist_of(due.therapist_id, named, pseudonyms),
+                references.get(due.subject_id),
+            ),
+        )
+        for due in claimed
+    ]
 
 
 # The consult's events: a FHIR endpoint is sent them as an Encounter (the
