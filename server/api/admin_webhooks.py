@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from audit.access_log import Outcome
 from audit.accounts import Role
 from audit.db import reading
+from audit.delivery_history import DeliveryEntry, delivery_counts, recent_deliveries
 from audit.errors import NotFound
-from audit.outbox import DeliveryEntry, DeliveryStatus, delivery_counts, recent_deliveries
+from audit.outbox import DeliveryStatus
 from audit.webhooks import (
     MAX_URL_CHARS,
     Endpoint,
