@@ -429,6 +429,9 @@ async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
 
     An expired invite of a running consult stays until the consult ends: its
     admitted patient may still come back with it (see :func:`audit.invite_use.open_invite`).
+    So does the latest invite of a consult not over, dead or alive: it says
+    whether the patient is under 16 (:func:`latest_invite_guardian_consent`),
+    for the recording's consent and for a link reissued later.
     """
     running = sa.select(consults.c.id).where(consults.c.status == ConsultStatus.ACTIVE.value)
     consult_over = (
@@ -439,14 +442,20 @@ async def purge_expired_invites(conn: AsyncConnection, *, now: datetime) -> int:
         )
         .exists()
     )
-    result = await conn.execute(
-        invites.delete().where(
-            sa.or_(
-                sa.and_(invites.c.expires_at <= now, invites.c.consult_id.not_in(running)),
-                invites.c.revoked_at.is_not(None),
-                consult_over,
-            )
+    newer = invites.alias("newer")
+    superseded = (
+        sa.select(newer.c.token_hash)
+        .where(
+            newer.c.consult_id == invites.c.consult_id, newer.c.created_at > invites.c.created_at
         )
+        .exists()
+    )
+    dead = sa.or_(
+        sa.and_(invites.c.expires_at <= now, invites.c.consult_id.not_in(running)),
+        invites.c.revoked_at.is_not(None),
+    )
+    result = await conn.execute(
+        invites.delete().where(sa.or_(consult_over, sa.and_(dead, superseded)))
     )
     return result.rowcount
 

@@ -30,7 +30,7 @@ from server.housekeeping import (
     single_runner,
 )
 from server.resources import ROOM_TIMER_POLL
-from tests.support.harness import Harness
+from tests.support.harness import Harness, new_consult
 from tests.support.settings import SettingsFactory
 
 
@@ -129,6 +129,33 @@ async def test_an_invite_left_behind_by_an_ended_consult_is_purged(harness: Harn
     purged = await purge_expired(harness.app)
     assert purged["invites"] == 1
     assert await count(harness, invites) == 0
+
+
+async def test_a_link_reissued_after_a_revoke_and_a_purge_still_asks_for_the_guardian(
+    harness: Harness,
+) -> None:
+    # Found in review: the purge deleted a revoked invite at once, and with
+    # it the only record that the patient is under 16; the link reissued
+    # afterwards no longer asked for a guardian. The latest invite of a
+    # consult that is not over stays (dead or alive); older dead ones go.
+    from audit.schema import invites
+
+    setup = await new_consult(harness, guardian_consent=True)
+    path = f"/api/consults/{setup.consult_id}/invite"
+    assert (await harness.client.delete(path, headers=harness.headers)).status == 204
+    await purge_expired(harness.app)
+    assert await count(harness, invites) == 1
+
+    reissued = await harness.post(path, {})
+    assert reissued.status == 200, await reissued.text()
+    link = (await reissued.json())["invite_token"]
+    answer = await harness.client.get(f"/api/invites/{link}")
+    assert (await answer.json())["guardian_consent"] is True
+    harness.clock.advance(1)
+    assert (await harness.post(path, {})).status == 200  # the second link revoked
+    purged = await purge_expired(harness.app)
+    assert purged["invites"] == 2  # the first two; the live one stays
+    assert await count(harness, invites) == 1
 
 
 # Several nodes: each job on one node at a time, under a Redis lock.

@@ -28,12 +28,13 @@ from audit.recordings import StopReason, start_recording
 from audit.schema import recordings, technical_log
 from server.app import create_app
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS, TECHNICAL_LOG
+from server.housekeeping import purge_expired
 from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
 from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
 from signaling.recorder import ConsultRecorder
 from signaling.state import RecordingPhase
-from tests.support.harness import Harness, Sockets, receive
+from tests.support.harness import Harness, Sockets, admitted_pair, receive
 from tests.support.recording import (
     RecorderLink,
     ask_and_agree,
@@ -340,6 +341,32 @@ async def test_a_patient_under_16_needs_the_guardians_consent(
         ).all()
     assert "recording.consented" in [kind for kind, _ in notes]
     assert not [detail for _, detail in notes if "guardian" in json.dumps(detail)], notes
+
+
+async def test_a_revoked_link_does_not_let_a_patient_under_16_consent_alone(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    # Found in review: only the invite's row said that the patient is under
+    # 16. Once the therapist revoked the link of an admitted patient (who
+    # stays), the housekeeping deleted that row, and the next record-request
+    # took a "yes" from the child alone.
+    harness = sqlite_harness
+    setup, therapist, patient = await admitted_pair(harness, sqlite_sockets, guardian_consent=True)
+    revoked = await harness.client.delete(
+        f"/api/consults/{setup.consult_id}/invite", headers=harness.headers
+    )
+    assert revoked.status == 204
+    await purge_expired(harness.app)
+
+    await therapist.send_json({"v": 1, "type": "record-request"})
+    for side in (therapist, patient):
+        requested = await receive(side, "recording")
+        assert requested["state"] == "requested"
+        assert requested["guardian_required"] is True
+    await patient.send_json({"v": 1, "type": "record-consent", "agree": True, "by": "patient"})
+    assert (await receive(patient, "error"))["code"] == "guardian_consent_required"
+    async with harness.app[DB_ENGINE].connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(recordings)) == 0
 
 
 async def test_a_participant_who_drops_stops_the_recording_and_coming_back_does_not_restart_it(
