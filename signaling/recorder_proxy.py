@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -67,11 +69,29 @@ EXIT_TIMEOUT_S = 5.0
 # -P: the server's working directory (its data directory, in the image) is
 # not put on the worker's import path; the package is installed.
 WORKER_COMMAND = (sys.executable, "-P", "-m", "signaling.recorder_worker")
+# What the worker's environment keeps of the server's: what Python, the C
+# libraries and the locale read, and nothing else. The server's holds the
+# root master key, the database's password and the TURN secret (where the
+# deployment puts them); the worker parses media from the network and needs
+# none of them (its data key comes over its stdin).
+WORKER_ENVIRONMENT = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV", "LD_LIBRARY_PATH"}
+)
+WORKER_ENVIRONMENT_PREFIXES = ("LC_", "PYTHON")
 # The worker's log lines are redacted on the signaling loop: each is cut to
 # this, and no more than this many a second are passed on.
 MAX_LOG_LINE_BYTES = 4096
 MAX_LOG_LINES_PER_S = 50
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environ`` a recorder worker is started with."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in WORKER_ENVIRONMENT or name.startswith(WORKER_ENVIRONMENT_PREFIXES)
+    }
 
 
 class WorkerGone(RecorderError):
@@ -123,6 +143,7 @@ class WorkerRecorder:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=MAX_LINE_BYTES,
+            env=worker_environment(os.environ),
             # Its own session: a Ctrl-C at the server's terminal reaches the
             # server, which stops the recording cleanly, not the worker.
             start_new_session=True,

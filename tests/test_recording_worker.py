@@ -9,6 +9,7 @@ on stop is killed; a worker whose parent dies exits by itself
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -153,6 +154,41 @@ async def test_the_recording_is_made_outside_the_server_process(
     media, report = decrypted(sqlite_harness, row.id, await data_key(sqlite_harness, row.id))
     assert report is None
     assert tolerant_counts(media)["video"] > 10
+
+
+async def test_the_worker_is_not_handed_the_servers_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found in review: the worker, the one process that parses media from
+    # the network, was started with the server's whole environment, where
+    # the deployment puts the root master key (which unwraps every
+    # recording's data key), the database's password and the TURN secret.
+    # It is given what Python and the system need, and nothing else.
+    secrets = {
+        "VIDEOCONSULT_SECURITY_MASTER_KEY": base64.b64encode(b"R" * 32).decode(),
+        "VIDEOCONSULT_DATABASE_URL": "postgresql+asyncpg://vc:s3cret-pw@db/videoconsult",
+        "VIDEOCONSULT_TURN_SECRET": "turn-shared-s3cret",
+        "CLOUD_STORAGE_TOKEN": "another-s3cret-of-the-host",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TZ", "Europe/Amsterdam")
+
+    async def failed(failure: object, detail: str) -> None:
+        raise AssertionError(f"the worker failed: {failure} {detail}")
+
+    recorder = WorkerRecorder(on_failure=failed)
+    recorder.launch()
+    try:
+        await recorder.ready()
+        assert recorder.pid is not None
+        environ = Path(f"/proc/{recorder.pid}/environ").read_bytes().split(b"\0")
+        handed = {entry.partition(b"=")[0].decode() for entry in environ if entry}
+        assert not handed & set(secrets), handed
+        assert "PATH" in handed
+        assert b"TZ=Europe/Amsterdam" in environ
+    finally:
+        await recorder.stop()
 
 
 async def test_a_shutdown_waits_for_recordings_already_stopping(
