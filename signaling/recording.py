@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from audit.recordings import (
     Consent,
     ConsentBy,
     FileStore,
+    RecordingFile,
     StopReason,
     begin_recording,
     finish_recording,
@@ -107,6 +109,9 @@ class _Live:
     recording_id: uuid.UUID | None = None
     # Past the wait for the pages: the file and its row are being made.
     creating: bool = False
+    # The new file, once the recorder is told to write it.
+    file: RecordingFile | None = None
+    # When both were told "on"; None until then.
     started_at: datetime | None = None
 
 
@@ -357,6 +362,7 @@ class RecordingControl:
             # Stopped while the file was made: both were told off, so nothing
             # may be recorded; the stop leaves the row incomplete, its file empty.
             return
+        live.file = file
         try:
             await live.recorder.start(file)
         except OSError as err:
@@ -440,6 +446,15 @@ class RecordingControl:
             _log.exception("recording: stopping the recorder failed", consult_id=str(consult_id))
         if live.recording_id is None:
             return  # never started: no file, no row
+        if live.started_at is None and live.file is not None:
+            # Stopped while the recorder was told to start: both were told
+            # off, never on, so what it wrote meanwhile goes, and the file is
+            # left empty, as a stop before the start leaves it.
+            complete, plaintext_bytes, frames = False, 0, {}
+            try:
+                await asyncio.to_thread(os.truncate, live.file.path, 0)
+            except OSError as err:
+                _log.error("recording: emptying the file failed", error=err.strerror)
         try:
             async with self._engine.begin() as conn:
                 await finish_recording(

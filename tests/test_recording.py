@@ -33,6 +33,7 @@ from signaling.media_codecs import MediaCodec
 from signaling.protocol import ParticipantRole
 from signaling.recorded_track import ReceivedTrack, StreamKind, Timeline
 from signaling.recorder import ConsultRecorder
+from signaling.recorder_proxy import WorkerRecorder
 from signaling.state import RecordingPhase
 from tests.support.harness import Harness, Sockets, admitted_pair, receive
 from tests.support.recording import (
@@ -450,6 +451,51 @@ async def test_a_stop_while_the_file_is_being_made_records_nothing(
     row = await finished_recording_row(sqlite_harness)
     assert (row.status, row.stop_reason) == ("incomplete", "stopped_by_patient")
     assert not row.plaintext_bytes
+
+
+async def test_a_stop_while_the_recorder_starts_records_nothing(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consent withdrawn while the worker is told to start (after the file was
+    made, before "on"): found in review, the stop waited for the start, the
+    worker wrote what came until it was told to stop, and the file was kept
+    as a complete recording of what followed the patient's "no"."""
+    harness = sqlite_harness
+    real_start = WorkerRecorder.start
+    stops: list[asyncio.Future[bool]] = []
+
+    async def withdrawn_meanwhile(self: WorkerRecorder, file: Any) -> None:
+        consult_id = uuid.UUID(call.setup.consult_id)
+        stop = harness.app[ROOMS].recording.stop(consult_id, StopReason.STOPPED_BY_PATIENT)
+        stops.append(asyncio.ensure_future(stop))
+        for _ in range(20):  # the stop goes as far as it can: told off, waiting for this
+            await asyncio.sleep(0)
+        await real_start(self, file)
+        # A busy signaling loop: the worker records while this one catches up.
+        await asyncio.sleep(0.5)
+
+    monkeypatch.setattr(WorkerRecorder, "start", withdrawn_meanwhile)
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(harness, sqlite_sockets, stack)
+        await ask_and_agree(call)
+        links = {
+            side: linked(call.stack, RecorderLink()) for side in (call.therapist, call.patient)
+        }
+        offers = {side: await link.offer() for side, link in links.items()}
+        for side, sdp in offers.items():
+            await side.send("recorder-offer", sdp=sdp)
+        for side, link in links.items():
+            await link.accept((await side.expect("recorder-answer"))["sdp"])
+        for side in (call.therapist, call.patient):
+            off = await expect_recording(side, "off")
+            assert off["reason"] == "stopped_by_patient"
+        assert await stops[0]
+        await asyncio.sleep(1.0)
+    row = await finished_recording_row(harness)
+    media, _cut = decrypted(harness, row.id, await data_key(harness, row.id))
+    assert (row.status, row.stop_reason) == ("incomplete", "stopped_by_patient")
+    assert not row.plaintext_bytes
+    assert media == b""
 
 
 # -- the recorder alone --------------------------------------------------------------
