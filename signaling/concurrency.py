@@ -30,10 +30,18 @@ async def each_at_most(
         for index, item in queue:
             results[index] = await work(item)
 
+    workers = [asyncio.ensure_future(worker()) for _ in range(limit)]
+    # Not an asyncio.TaskGroup: on Python 3.11 one whose child fails while
+    # the body waits leaves the caller's Task.cancelling() raised for good
+    # (found in review: the background jobs took that for a stop).
     try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(limit):
-                group.create_task(worker())
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+        done, _running = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # Cancelled, or one failed: the work still running is cancelled too.
+        for worker_task in workers:
+            worker_task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for finished in done:
+        if not finished.cancelled() and (error := finished.exception()) is not None:
+            raise error from None
     return [results[index] for index in sorted(results)]

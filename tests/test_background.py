@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from server.background import Job, JobName, JobRunner, run_all
 from server.jobs import JOBS
+from signaling.concurrency import each_at_most
 from signaling.ports import StateUnavailable
 
 
@@ -172,3 +173,36 @@ async def test_a_job_stops_when_cancelled_even_if_its_step_swallows_the_cancella
         assert task.cancelled(), "the job went back to sleep"
     finally:
         task.cancel()  # before the fix, again: it swallows one cancellation per step
+
+
+async def test_a_job_whose_round_of_room_work_failed_runs_again() -> None:
+    # Found in review: a failure inside each_at_most (the rooms' repair, the
+    # database away) left the job's task marked as being cancelled (Python
+    # 3.11's TaskGroup), and the job took that for a stop: the node never
+    # beat, repaired or claimed a dead node again.
+    calls = 0
+
+    async def repair(_app: web.Application) -> None:
+        nonlocal calls
+        calls += 1
+
+        async def fails(_item: int) -> None:
+            await asyncio.sleep(0.001)
+            raise ConnectionResetError("the database went away")
+
+        await each_at_most(4, [1, 2], fails)
+
+    job = JobRunner(
+        Job(JobName.NODE_HEARTBEAT, repair, 0.01), web.Application(), failed=lambda _name: None
+    )
+    task = asyncio.create_task(job.run())
+    try:
+        for _ in range(200):
+            if calls >= 3 or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done(), "the job stopped after a failed round"
+        assert calls >= 3
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=2)

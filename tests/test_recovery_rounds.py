@@ -57,6 +57,45 @@ async def test_each_at_most_raises_the_first_failure_itself_and_stops_the_rest()
         await each_at_most(0, range(3), work)
 
 
+async def test_a_failure_leaves_the_caller_not_marked_as_cancelled() -> None:
+    # Found in review: on Python 3.11 an asyncio.TaskGroup whose child fails
+    # while the body waits cancels the caller and never takes that back; the
+    # caller's Task.cancelling() stayed 1, which the background jobs read as
+    # "stop as asked": one failed repair round ended the node's job for good.
+    async def fails(_item: int) -> int:
+        await asyncio.sleep(0.01)
+        raise ConnectionResetError("the database went away")
+
+    with pytest.raises(ConnectionResetError):
+        await each_at_most(REPAIR_CONCURRENCY, [1, 2], fails)
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+
+
+async def test_a_cancelled_caller_cancels_the_work_running() -> None:
+    running: list[int] = []
+    cancelled: list[int] = []
+    both_running = asyncio.Event()
+
+    async def work(item: int) -> None:
+        running.append(item)
+        if len(running) == 2:
+            both_running.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(item)
+            raise
+
+    caller = asyncio.create_task(each_at_most(2, range(5), work))
+    await asyncio.wait_for(both_running.wait(), 5)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert sorted(cancelled) == [0, 1]
+
+
 @pytest.mark.signaling_backends
 async def test_a_repair_round_reads_each_consult_once_and_repairs_rooms_side_by_side(
     harness: Harness, sockets: Sockets, monkeypatch: pytest.MonkeyPatch
