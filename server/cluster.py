@@ -42,8 +42,9 @@ class Cluster:
     timers: RedisTimers
     # Single-use WebSocket tickets for patients.
     tickets: RedisTicketStore
-    # Set while Redis cannot be reached: once it answers again, this node
-    # tells it again who is connected here (it may have lost its data).
+    # Set while Redis cannot be reached, or did not know this node: once it
+    # answers again, this node tells it again who is connected here (it may
+    # have lost its data); cleared when that repair succeeds.
     out_of_touch: bool = False
 
     @classmethod

@@ -69,8 +69,14 @@ async def node_round(app: web.Application) -> None:
     try:
         if not cluster.broker.started:
             await cluster.broker.start()
-        if await cluster.nodes.beat(clock.now()) or cluster.out_of_touch:
+        if await cluster.nodes.beat(clock.now()):
+            # Redis did not know this node: a repair is due, and stays due
+            # until one succeeds (the beat has put the node back, so the next
+            # beat would not say so again if the repair fails on the database).
+            cluster.out_of_touch = True
+        if cluster.out_of_touch:
             repaired = await rooms.reconcile()
+            cluster.out_of_touch = False
             if repaired:
                 _log.info("rooms told Redis again who is connected here", rooms=repaired)
         for node, last_seen in await cluster.nodes.claim_dead(clock.now()):
@@ -81,7 +87,6 @@ async def node_round(app: web.Application) -> None:
     except StateUnavailable:
         cluster.out_of_touch = True
         raise
-    cluster.out_of_touch = False
 
 
 JOBS = (

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import WSMsgType
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -203,4 +204,57 @@ async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis
         row = await consult_row(harness, setup.consult_id)
         assert (row.status, row.ended_at) == ("ended", ended_at)
     finally:
+        await sockets.close()
+
+
+async def test_rooms_redis_lost_are_put_back_even_if_the_database_was_away_at_first(
+    proxy: CuttableProxy,
+    redis_proxy: CuttableProxy,
+    redis_url: str,
+    redis_prefix: str,
+    migrated_postgres_url: str,
+    make_settings: SettingsFactory,
+    clock: Any,
+    aiohttp_client: Any,
+) -> None:
+    """Found in review: Redis restarted (losing its data) while PostgreSQL
+    was away for a moment. The node's heartbeat put it back in the list of
+    nodes, the repair that followed failed on the database, and since that
+    was not Redis's failure the repair was not kept due: no later round made
+    it, and the running consult, both participants connected, had no room
+    (every offer refused as "the consult is over")."""
+    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
+    app = create_app(
+        make_settings(
+            database_url=proxied.render_as_string(hide_password=False),
+            redis_url=str(URL(redis_url).with_port(redis_proxy.port)),
+            redis_key_prefix=redis_prefix,
+        ),
+        clock=clock,
+    )
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        setup, therapist, patient = await admitted_pair(harness, sockets)
+        await proxy.cut()
+        # Redis restarts: every connection to it cut, and its data gone.
+        await redis_proxy.cut()
+        async for key in redis.scan_iter(match=f"{redis_prefix}:*"):
+            await redis.delete(key)
+        redis_proxy.restore()
+        with pytest.raises(Exception) as failed:  # noqa: PT011 (what the driver raises)
+            await node_round(app)  # the repair meets the database away
+        assert is_outage(failed.value)
+        proxy.restore()
+        await node_round(app)  # the next round, as the node job runs it
+
+        await therapist.send_json({"v": 1, "type": "offer", "sdp": "v=0"})
+        assert (await receive(patient, "offer"))["sdp"] == "v=0"
+        row = await consult_row(harness, setup.consult_id)
+        assert (row.status, row.ended_at) == ("active", None)
+    finally:
+        proxy.restore()
+        redis_proxy.restore()
+        await redis.aclose()
         await sockets.close()
