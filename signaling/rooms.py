@@ -27,6 +27,7 @@ import structlog
 
 from audit.clock import Clock
 from audit.consults import get_consult_and_label, mark_ended, start_consult
+from audit.db import is_outage
 from audit.direct import SingleStatements
 from audit.labels import SealedLabel
 from audit.recordings import StopReason
@@ -272,7 +273,7 @@ class ConsultRooms:
 
         Raises :class:`ProtocolError` for messages that are valid but not
         acceptable now (wrong consult, wrong role, not admitted), and with
-        ``unavailable`` when the shared state cannot be reached (Redis away).
+        ``unavailable`` when Redis or the database cannot be reached.
         """
         try:
             if message.type in RELAYED:
@@ -283,11 +284,19 @@ class ConsultRooms:
             _log.warning(
                 "message not handled: shared state unavailable", type=message.type, error=str(err)
             )
-            raise ProtocolError(
-                ErrorCode.UNAVAILABLE,
-                "the server cannot do this right now; try again in a moment",
-                ref=message.type,
-            ) from err
+            raise _unavailable(message.type) from err
+        except Exception as err:
+            if not is_outage(err):
+                raise
+            # The database away (a restart, a network drop): the change wrote
+            # nothing (each writes the record before the room), and the
+            # sender may try again, as when Redis is away.
+            _log.warning(
+                "message not handled: database unavailable",
+                type=message.type,
+                error=type(err).__name__,
+            )
+            raise _unavailable(message.type) from err
 
     async def _handle(
         self, participant: Participant, message: InboundMessage, frame: str | None
@@ -583,3 +592,9 @@ def _names(text: str, consult_id: uuid.UUID) -> bool:
         return uuid.UUID(text) == consult_id
     except ValueError:
         return False
+
+
+def _unavailable(ref: str) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.UNAVAILABLE, "the server cannot do this right now; try again in a moment", ref=ref
+    )

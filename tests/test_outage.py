@@ -26,7 +26,14 @@ from audit.db import is_outage
 from server import create_app
 from server.jobs import node_round
 from signaling.ports import StateUnavailable
-from tests.support.harness import Harness, Sockets, admitted_pair, consult_row, receive
+from tests.support.harness import (
+    Harness,
+    Sockets,
+    admitted_pair,
+    consult_row,
+    receive,
+    waiting_pair,
+)
 from tests.support.settings import SettingsFactory
 from tests.support.tcp_proxy import CuttableProxy
 
@@ -257,4 +264,52 @@ async def test_rooms_redis_lost_are_put_back_even_if_the_database_was_away_at_fi
         proxy.restore()
         redis_proxy.restore()
         await redis.aclose()
+        await sockets.close()
+
+
+@pytest.mark.parametrize("action", ["end", "admit"])
+async def test_a_therapists_action_while_the_database_is_away_is_refused_not_cut(
+    proxy: CuttableProxy,
+    migrated_postgres_url: str,
+    make_settings: SettingsFactory,
+    clock: Any,
+    aiohttp_client: Any,
+    action: str,
+) -> None:
+    """Found in review: with Redis away, ``admit`` and ``end`` are refused
+    with ``unavailable`` and the socket stays; with the database away the
+    same click cut the therapist's socket (1006), told the patient that the
+    therapist had gone, and logged a traceback."""
+    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
+    app = create_app(
+        make_settings(database_url=proxied.render_as_string(hide_password=False)), clock=clock
+    )
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    try:
+        pair = admitted_pair if action == "end" else waiting_pair
+        setup, therapist, patient = await pair(harness, sockets)
+        with capture_logs() as logs:
+            await proxy.cut()
+            await therapist.send_json({"v": 1, "type": action})
+            frame = await therapist.receive(timeout=10)
+            proxy.restore()
+        assert frame.type is WSMsgType.TEXT, (frame.type, frame.data)
+        refused = frame.json()
+        assert (refused["type"], refused["code"], refused["ref"]) == (
+            "error",
+            "unavailable",
+            action,
+        )
+        assert not [entry for entry in logs if entry["log_level"] in ("error", "critical")]
+        with pytest.raises(TimeoutError):  # the patient heard nothing of it
+            await patient.receive_json(timeout=0.5)
+        row = await consult_row(harness, setup.consult_id)
+        assert row.ended_at is None
+        # Back: the same click works.
+        await therapist.send_json({"v": 1, "type": action})
+        expected = "consult-ended" if action == "end" else "admitted"
+        await receive(patient, expected)
+    finally:
+        proxy.restore()
         await sockets.close()
