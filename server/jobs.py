@@ -74,7 +74,7 @@ async def node_round(app: web.Application) -> None:
             # until one succeeds (the beat has put the node back, so the next
             # beat would not say so again if the repair fails on the database).
             cluster.out_of_touch = True
-        if cluster.out_of_touch:
+        if cluster.out_of_touch or rooms.recovery.due:
             repaired = await rooms.reconcile()
             cluster.out_of_touch = False
             if repaired:

@@ -449,3 +449,14 @@ def error_message(err: ProtocolError) -> dict[str, Any]:
     if err.ref is not None:
         fields["ref"] = err.ref
     return outbound("error", **fields)
+
+
+def names_consult(text: str, consult_id: uuid.UUID) -> bool:
+    """Whether ``text`` is ``consult_id``, in any spelling the API takes too
+    (capitals, as some platforms print a UUID)."""
+    if text == str(consult_id):
+        return True
+    try:
+        return uuid.UUID(text) == consult_id
+    except ValueError:
+        return False

@@ -68,10 +68,24 @@ class Recovery:
         # Disconnects the shared state could not take (Redis away), with
         # when they happened: told again by ``reconcile``.
         self._missed_leaves: dict[str, tuple[Participant, datetime]] = {}
+        # Ends recorded in the database that the shared state could not take
+        # (their rooms still run): told again by ``reconcile``.
+        self._missed_ends: dict[uuid.UUID, tuple[EndReason, datetime]] = {}
+
+    @property
+    def due(self) -> bool:
+        """Whether something the shared state could not take waits for
+        ``reconcile`` (Redis was away for a moment that no heartbeat met)."""
+        return bool(self._missed_leaves or self._missed_ends)
 
     def missed_leave(self, participant: Participant) -> None:
         """The shared state could not take this participant's disconnect: told later."""
         self._missed_leaves[participant.connection_id] = (participant, self._clock.now())
+
+    def missed_end(self, consult_id: uuid.UUID, reason: EndReason, at: datetime) -> None:
+        """The consult's end is recorded, but its room could not be told: told
+        later, with the first reason and time."""
+        self._missed_ends.setdefault(consult_id, (reason, at))
 
     async def node_lost(self, consult_id: uuid.UUID, node: str, *, last_seen: datetime) -> int:
         """Another node died: its participants in this room drop out as if
@@ -111,6 +125,10 @@ class Recovery:
         for connection_id, (participant, at) in list(self._missed_leaves.items()):
             await self._rooms.leave(participant, grace=True, left_at=at)
             del self._missed_leaves[connection_id]
+        for consult_id, (reason, ended_at) in list(self._missed_ends.items()):
+            # The record keeps the end it was given (mark_ended changes no end).
+            await self._rooms.end(consult_id, reason=reason, at=ended_at)
+            del self._missed_ends[consult_id]
         by_consult: dict[uuid.UUID, list[Participant]] = {}
         for participant in self._rooms.connected_here:
             by_consult.setdefault(participant.consult_id, []).append(participant)

@@ -65,6 +65,7 @@ from signaling.protocol import (
     RecordStop,
     Report,
     TimerKind,
+    names_consult,
     outbound,
     presence_message,
 )
@@ -301,7 +302,9 @@ class ConsultRooms:
     async def _handle(
         self, participant: Participant, message: InboundMessage, frame: str | None
     ) -> list[dict[str, Any]]:
-        if message.consult is not None and not _names(message.consult, participant.consult_id):
+        if message.consult is not None and not names_consult(
+            message.consult, participant.consult_id
+        ):
             raise ProtocolError(
                 ErrorCode.NOT_IN_CONSULT,
                 "this connection belongs to another consult",
@@ -402,11 +405,16 @@ class ConsultRooms:
         ended_at = at or self._clock.now()
         async with self._engine.begin() as conn:
             await mark_ended(conn, consult_id, now=ended_at, end_reason=reason.value)
-        async with self._store.locked(consult_id, create=True) as state:
-            assert state is not None
-            already_over = state.phase is RoomPhase.OVER
-            state.phase = RoomPhase.OVER
-            state.therapist = state.patient = None
+        try:
+            async with self._store.locked(consult_id, create=True) as state:
+                assert state is not None
+                already_over = state.phase is RoomPhase.OVER
+                state.phase = RoomPhase.OVER
+                state.therapist = state.patient = None
+        except StateUnavailable:
+            # Recorded, and told to the room once Redis answers (reconcile).
+            self.recovery.missed_end(consult_id, reason, ended_at)
+            raise
         if already_over:
             return
         self.reports.forget_consult(consult_id)
@@ -581,17 +589,6 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
-
-
-def _names(text: str, consult_id: uuid.UUID) -> bool:
-    """Whether ``text`` is ``consult_id``, in any spelling the API takes too
-    (capitals, as some platforms print a UUID)."""
-    if text == str(consult_id):
-        return True
-    try:
-        return uuid.UUID(text) == consult_id
-    except ValueError:
-        return False
 
 
 def _unavailable(ref: str) -> ProtocolError:

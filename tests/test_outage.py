@@ -24,8 +24,10 @@ from yarl import URL
 from audit.accounts import Role
 from audit.db import is_outage
 from server import create_app
+from server.app_keys import CLUSTER
 from server.jobs import node_round
 from signaling.ports import StateUnavailable
+from signaling.redis.codec import score_us
 from tests.support.harness import (
     Harness,
     Sockets,
@@ -204,7 +206,8 @@ async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis
         clock.advance(30)
         await node_round(app)  # the repair round, as the node job runs it
         for socket in (therapist, patient):
-            assert (await receive(socket, "consult-ended"))["reason"] == "consult_over"
+            # Told the end the therapist made (kept for the repair).
+            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
             closing = await socket.receive(timeout=5)
             assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
         # The record keeps the end it was given, not the repair's.
@@ -312,4 +315,55 @@ async def test_a_therapists_action_while_the_database_is_away_is_refused_not_cut
         await receive(patient, expected)
     finally:
         proxy.restore()
+        await sockets.close()
+
+
+async def just_after_a_heartbeat(harness: Harness, redis_url: str, prefix: str) -> None:
+    """Until the node job has just beaten (its heartbeat took the clock's new
+    time): its next round is NODE_BEAT_S away."""
+    harness.clock.advance(0.001)
+    wanted = score_us(harness.clock.now())
+    cluster = harness.app[CLUSTER]
+    assert cluster is not None
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        for _ in range(1000):
+            if await redis.zscore(f"{prefix}:nodes", cluster.node_id) == wanted:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the node job did not beat within 10 s")
+    finally:
+        await redis.aclose()
+
+
+async def test_a_consult_ended_during_a_redis_blip_no_heartbeat_saw_is_ended_for_its_sockets(
+    redis_proxy: CuttableProxy,
+    behind_redis_proxy: Harness,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """Found in review: the end was recorded and answered 200, and the
+    node's repair round was to tell the room once Redis was back; but that
+    round ran only when the node's own heartbeat had met the outage. A blip
+    shorter than a heartbeat left both participants in the call."""
+    harness = behind_redis_proxy
+    sockets = Sockets(harness)
+    try:
+        setup, therapist, patient = await admitted_pair(harness, sockets)
+        await just_after_a_heartbeat(harness, redis_url, redis_prefix)
+        await redis_proxy.cut()
+        ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+        redis_proxy.restore()
+        assert ended.status == 200, await ended.text()
+        cluster = harness.app[CLUSTER]
+        assert cluster is not None
+        assert not cluster.out_of_touch  # no heartbeat met the blip
+
+        await node_round(harness.app)  # the next round, as the node job runs it
+        for socket in (therapist, patient):
+            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
+            closing = await socket.receive(timeout=5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+    finally:
         await sockets.close()
