@@ -78,6 +78,12 @@ FAILURE_SETTLE_S = 1.0
 RecordingMessage = RecordRequest | RecordConsent | RecordStop | RecorderOffer
 
 
+# The waits before each new try to mark a stopped recording's row finished
+# (about two minutes in all): until then its file can be neither downloaded
+# nor deleted.
+FINISH_RETRIES_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+
+
 @dataclass(frozen=True)
 class RecordingServices:
     """What recording needs; without it (``recording.enabled = false``) requests are refused."""
@@ -137,6 +143,9 @@ class RecordingControl:
         self._live: dict[uuid.UUID, _Live] = {}
         # Recordings being stopped: their files finishing, their workers exiting.
         self._finishing: set[asyncio.Future[None]] = set()
+        # Set by stop_all (shutdown): a row's finish is tried once more, not
+        # waited for.
+        self._closing = asyncio.Event()
         # The open question of each consult: when it was asked, and its id,
         # which a consent may name.
         self._questions: dict[uuid.UUID, _Question] = {}
@@ -455,23 +464,38 @@ class RecordingControl:
                 await asyncio.to_thread(os.truncate, live.file.path, 0)
             except OSError as err:
                 _log.error("recording: emptying the file failed", error=err.strerror)
-        try:
-            async with self._engine.begin() as conn:
-                await finish_recording(
-                    conn,
-                    live.recording_id,
-                    None,
-                    now=self._clock.now(),
-                    reason=reason,
-                    complete=complete,
-                    plaintext_bytes=plaintext_bytes,
+        finished_at = self._clock.now()
+        for retry_in_s in (*FINISH_RETRIES_S, None):
+            try:
+                async with self._engine.begin() as conn:
+                    await finish_recording(
+                        conn,
+                        live.recording_id,
+                        None,
+                        now=finished_at,
+                        reason=reason,
+                        complete=complete,
+                        plaintext_bytes=plaintext_bytes,
+                    )
+                break
+            except Exception as err:
+                if retry_in_s is None or self._closing.is_set():
+                    # The row stays "recording"; the next start marks it incomplete.
+                    _log.exception(
+                        "recording: marking it finished failed; no more tries",
+                        recording_id=str(live.recording_id),
+                    )
+                    return
+                # Another writer holding the database (a long purge), or the
+                # database away for a moment: the file is whole, so try again.
+                _log.warning(
+                    "recording: marking it finished failed; trying again",
+                    recording_id=str(live.recording_id),
+                    error=type(err).__name__,
+                    retry_in_s=retry_in_s,
                 )
-        except Exception:
-            # The row stays "recording"; the next start marks it incomplete.
-            _log.exception(
-                "recording: marking it finished failed", recording_id=str(live.recording_id)
-            )
-            return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), retry_in_s)
         _log.info(
             "recording stopped",
             consult_id=str(consult_id),
@@ -484,6 +508,7 @@ class RecordingControl:
     async def stop_all(self, reason: StopReason) -> None:
         """Stop every recording of this node, and wait for those already
         stopping (a consult's end) to finish their files and workers (shutdown)."""
+        self._closing.set()
         for consult_id in list(self._live):
             try:
                 await self.stop(consult_id, reason)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 import av
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 from aiohttp import ClientSession
 
 from audit.clock import ManualClock
@@ -31,6 +33,7 @@ from tests.support.harness import Harness, Sockets, new_consult, receive
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.recording import (
     Call,
+    both_see,
     consent_and_connect,
     expect_recording,
     grown_to,
@@ -206,3 +209,45 @@ def stream_kinds(media: bytes) -> list[str]:
     """The stream layout of a (cut) file: its header is whole."""
     with av.open(io.BytesIO(media), mode="r") as container:
         return [stream.type for stream in container.streams]
+
+
+async def test_a_recording_whose_row_could_not_be_finished_at_once_is_finished_later(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    """Found in review: another writer held the database past its busy
+    timeout (a long purge, ``keys rotate``) as a recording stopped; marking
+    its row finished failed once and was not tried again. The row said
+    "recording" until the next start (with several nodes, for good), and the
+    whole, readable file could be neither downloaded nor deleted (409 "still
+    running; stop it first")."""
+    harness = sqlite_harness
+    database = Path(harness.app[DATA_DIR]) / "videoconsult.db"
+    assert database.exists()
+    with structlog.testing.capture_logs() as logs:
+        async with contextlib.AsyncExitStack() as stack:
+            call = await start_call(harness, sqlite_sockets, stack)
+            await consent_and_connect(call)
+            await asyncio.sleep(1.5)
+            blocker = sqlite3.connect(database, timeout=30, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")  # another writer, for a while
+                await call.therapist.send("record-stop")
+                await both_see(call, "off")
+                for _ in range(300):
+                    if any("marking it finished failed" in entry["event"] for entry in logs):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("the finish did not run into the busy database")
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            for _ in range(100):  # the next try, within a few seconds
+                if (await recording_row(harness)).status != "recording":
+                    break
+                await asyncio.sleep(0.1)
+    row = await recording_row(harness)
+    assert (row.status, row.stop_reason) == ("complete", "stopped_by_therapist")
+    download = await harness.client.get(f"/api/recordings/{row.id}/download")
+    assert download.status == 200
+    assert len(await download.read()) == row.plaintext_bytes > 0
