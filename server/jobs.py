@@ -69,7 +69,7 @@ async def node_round(app: web.Application) -> None:
     try:
         if not cluster.broker.started:
             await cluster.broker.start()
-        if await cluster.nodes.beat(clock.now()):
+        if await cluster.nodes.beat():
             # Redis did not know this node: a repair is due, and stays due
             # until one succeeds (the beat has put the node back, so the next
             # beat would not say so again if the repair fails on the database).

@@ -532,22 +532,40 @@ async def test_a_delivery_to_a_receiver_on_this_node_skips_redis(
 async def test_a_silent_node_is_claimed_dead_by_exactly_one_other(
     nodes: tuple[aioredis.Redis, ...], prefix: str
 ) -> None:
-    after = timedelta(seconds=5)
+    after = timedelta(seconds=0.3)
     a, b, c = (
         RedisNodes(client, prefix=prefix, node_id=name, dead_after=after)
         for client, name in ((nodes[0], "a"), (nodes[1], "b"), (nodes[0], "c"))
     )
-    assert await a.beat(NOW) is True  # new to Redis
-    assert await a.beat(NOW) is False
-    await b.beat(NOW)
-    await c.beat(NOW)
-    later = NOW + timedelta(seconds=6)
-    await b.beat(later)
-    await c.beat(later)
-    claims = await asyncio.gather(b.claim_dead(later), c.claim_dead(later))
-    assert sorted(claim for found in claims for claim in found) == [("a", NOW)]
+    assert await a.beat() is True  # new to Redis
+    assert await a.beat() is False
+    await b.beat()
+    await c.beat()
+    await asyncio.sleep(0.4)
+    await b.beat()
+    await c.beat()
+    claims = await asyncio.gather(b.claim_dead(NOW), c.claim_dead(NOW))
+    ((node, last_seen),) = [claim for found in claims for claim in found]
+    # When it last beat, on the claimer's clock: how long ago by Redis's.
+    assert node == "a"
+    assert NOW - timedelta(seconds=2) < last_seen <= NOW - timedelta(seconds=0.4)
     # The node itself, silent too long, is never its own claim; its next beat
     # puts it back and says so.
-    much_later = later + timedelta(seconds=60)
-    assert await b.claim_dead(much_later) == [("c", later)]
-    assert await a.beat(much_later) is True
+    await asyncio.sleep(0.4)
+    assert [node for node, _ in await b.claim_dead(NOW)] == ["c"]
+    assert await a.beat() is True
+
+
+async def test_whether_a_node_is_dead_goes_by_redis_clock_not_the_claimers(
+    nodes: tuple[aioredis.Redis, ...], prefix: str
+) -> None:
+    # Found in review: a node whose clock ran ahead took live nodes for dead.
+    after = timedelta(seconds=5)
+    a, b = (
+        RedisNodes(client, prefix=prefix, node_id=name, dead_after=after)
+        for client, name in ((nodes[0], "a"), (nodes[1], "b"))
+    )
+    await a.beat()
+    await b.beat()
+    assert await b.claim_dead(datetime.now(UTC) + timedelta(hours=1)) == []
+    assert await a.claim_dead(datetime.now(UTC) - timedelta(hours=1)) == []
