@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from audit.access_log import Outcome
-from audit.filestore import ChunkMap, StoreError, decrypt_range
+from audit.filestore import ChunkMap, StoreError, Truncated, decrypt_range
 from audit.media_types import MATROSKA, media_format
 from audit.recordings import FileStore, RecordingEntry, RecordingStatus
 from audit.roles import Role
@@ -71,7 +71,16 @@ async def recording_media(request: web.Request) -> web.StreamResponse:
     file_name, data_key = await recording_key(request, principal, entry, ACTION_PLAY_FAILED)
     store = request.app[FILE_STORE]
     try:
-        chunk_map = await asyncio.to_thread(request.app[CHUNK_MAPS].get, store, file_name, entry.id)
+        try:
+            chunk_map = await asyncio.to_thread(
+                request.app[CHUNK_MAPS].get, store, file_name, entry.id
+            )
+        except Truncated:
+            if entry.status is not RecordingStatus.INCOMPLETE:
+                raise
+            # Stopped before anything was written: the file is empty, as its
+            # download is (not damaged).
+            chunk_map = ChunkMap(b"", (), complete=False)
         if not chunk_map.complete and entry.status is not RecordingStatus.INCOMPLETE:
             raise StoreError("the file ends without its final chunk")
         size = chunk_map.plaintext_size
@@ -81,7 +90,9 @@ async def recording_media(request: web.Request) -> web.StreamResponse:
             # Answered, and it tells the length: a read like any other.
             await log_access(request, principal, ACTION_PLAY, entry.id, Outcome.REFUSED)
             raise
-        head = await asyncio.to_thread(_head, store, file_name, data_key, chunk_map)
+        head = (
+            await asyncio.to_thread(_head, store, file_name, data_key, chunk_map) if size else b""
+        )
     except (StoreError, OSError) as err:
         await _unreadable(request, entry, principal, err)
         raise RecordingUnreadable(
@@ -124,8 +135,8 @@ async def recording_media(request: web.Request) -> web.StreamResponse:
 def _wanted(request: web.Request, size: int) -> tuple[int, int] | None:
     """The first and last byte the ``Range`` header asks for, or None for all;
     416 for a range outside the file or one that is not a single byte range."""
-    if "Range" not in request.headers:
-        return None
+    if not request.headers.get("Range", "").lstrip().lower().startswith("bytes="):
+        return None  # none, or in a unit other than bytes: ignored (RFC 9110, 14.2)
     try:
         asked = request.http_range
     except ValueError:
