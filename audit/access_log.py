@@ -359,27 +359,74 @@ async def verify_chain(
     :data:`audit.chain_workers.SPLIT_OVER`) is then walked in parts, side by side.
     """
     names = [chain] if chain is not None else await chains(source)
-    starts = []
+    starts: list[tuple[str, int, str]] = []
     async with _reading(source) as conn:
-        for name in names:
-            starts.append((name, *await chain_start(conn, name)))
-    location = walk_location(source)
-    if location is None:
-        results = [
-            await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts
-        ]
-    else:
-        assert isinstance(source, AsyncEngine)
-        split = SPLIT_OVER if split_over is None else split_over
-        results = await walk_in_workers(source, location, starts, batch, split)
+        for walked, name in enumerate(names, start=1):
+            seq, prev_hash = await chain_start(conn, name)
+            if seq > 1 and not await _purge_recorded(conn, name, seq - 1):
+                detail = (
+                    f"records up to {seq - 1} are missing: a checkpoint says retention purged "
+                    "them, but no purge record in the chain says so"
+                )
+                return ChainReport(0, walked, ChainBreak(name, seq, Break.DELETED, detail))
+            starts.append((name, seq, prev_hash))
+    results = await _walk(source, starts, batch, split_over)
     total = 0
-    for walked, ((name, *_), result) in enumerate(zip(starts, results, strict=False), start=1):
+    for walked, (start, result) in enumerate(zip(starts, results, strict=True), start=1):
+        for _ in range(MOVED_STARTS):
+            if result.problem is None:
+                break
+            # A retention purge that committed after the walk read where the
+            # chain starts (a new checkpoint, the records before it deleted)
+            # is no tampering: the chain is walked again from its new start.
+            async with _reading(source) as conn:
+                moved = (start[0], *await chain_start(conn, start[0]))
+            if moved == start:
+                break
+            start = moved
+            (result,) = await _walk(source, [start], batch, split_over)
         total += result.records
         if result.problem is not None:
             async with _reading(source) as conn:
-                broken = await _explain(conn, name, result)
+                broken = await _explain(conn, start[0], result)
             return ChainReport(total, walked, broken)
     return ChainReport(total, len(starts), None)
+
+
+# How often a walk starts again when a purge moved its chain's start meanwhile.
+MOVED_STARTS = 3
+# The chained record a retention purge writes after the records it removed
+# (its object: "through <seq>").
+PURGE_ACTION = "access_log.purge"
+
+
+async def _walk(
+    source: Source, starts: list[tuple[str, int, str]], batch: int, split_over: int | None
+) -> list[WalkResult]:
+    """Each chain walked from its start: in worker processes for an engine
+    (:func:`walk_location`), else on the connection."""
+    location = walk_location(source)
+    if location is None:
+        return [await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts]
+    assert isinstance(source, AsyncEngine)
+    split = SPLIT_OVER if split_over is None else split_over
+    return await walk_in_workers(source, location, starts, batch, split)
+
+
+async def _purge_recorded(conn: AsyncConnection, chain: str, through_seq: int) -> bool:
+    """Whether the chain holds the purge record of its records up to
+    ``through_seq`` (:func:`audit.retention.purge` writes it after them)."""
+    found = await conn.scalar(
+        sa.select(access_log.c.seq)
+        .where(
+            access_log.c.object_id == f"through {through_seq}",
+            access_log.c.chain == chain,
+            access_log.c.action == PURGE_ACTION,
+            access_log.c.seq > through_seq,
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 async def _walk_on_connection(

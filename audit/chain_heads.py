@@ -106,15 +106,23 @@ _TRY_LOCKS = sa.select(_LOCK_KEYS.c.key, sa.func.pg_try_advisory_xact_lock(_LOCK
 
 async def chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
     """Where a chain (re)starts: after its newest checkpoint (records purged by
-    retention), or at the beginning."""
-    checkpoint = (
-        await conn.execute(
-            sa.select(access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash)
-            .where(access_log_checkpoints.c.chain == chain)
-            .order_by(access_log_checkpoints.c.through_seq.desc())
+    retention) whose records are gone, or at the beginning.
+
+    A purge deletes every record up to its checkpoint in the checkpoint's
+    transaction; a checkpoint with records of its range still in the log is
+    not a purge's (a row put in by hand), and the walk goes over those
+    records instead of starting after them."""
+    checkpoints = await conn.execute(
+        sa.select(access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash)
+        .where(access_log_checkpoints.c.chain == chain)
+        .order_by(access_log_checkpoints.c.through_seq.desc())
+    )
+    for through_seq, through_hash in checkpoints.all():
+        left = await conn.scalar(
+            sa.select(access_log.c.seq)
+            .where(access_log.c.chain == chain, access_log.c.seq <= through_seq)
             .limit(1)
         )
-    ).first()
-    if checkpoint is None:
-        return 1, GENESIS_HASH
-    return checkpoint.through_seq + 1, checkpoint.through_hash
+        if left is None:
+            return through_seq + 1, through_hash
+    return 1, GENESIS_HASH

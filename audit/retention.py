@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import (
+    PURGE_ACTION,
     SYSTEM,
     AccessRecord,
     ClientType,
@@ -273,7 +274,7 @@ async def _purge_chain(
             organisation_id=organisation_id,
             actor_id=None,
             actor_role=SYSTEM,
-            action="access_log.purge",
+            action=PURGE_ACTION,
             object_type="access_log",
             object_id=f"through {last.seq}",
             outcome=Outcome.ALLOWED,

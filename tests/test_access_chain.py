@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit import create_engine, prepare_data_dir, upgrade
 from audit.access_log import (
     GENESIS_HASH,
+    PURGE_ACTION,
     AccessRecord,
     Break,
     ChainReport,
@@ -619,8 +620,9 @@ async def test_each_organisation_has_its_own_chain(engine: AsyncEngine) -> None:
 async def test_a_chain_continues_from_a_checkpoint_after_its_oldest_records_go(
     engine: AsyncEngine,
 ) -> None:
-    # What the retention purge will do: delete a chain's oldest records and
-    # leave a checkpoint with the last purged record's position and hash.
+    # What the retention purge does: delete a chain's oldest records, leave
+    # a checkpoint with the last purged record's position and hash, and
+    # chain a record saying so.
     await append_many(engine, 6)
     three = await row(engine, 3)
     async with engine.begin() as conn:
@@ -636,8 +638,14 @@ async def test_a_chain_continues_from_a_checkpoint_after_its_oldest_records_go(
         await conn.execute(
             access_log.delete().where(access_log.c.chain == CHAIN, access_log.c.seq <= 3)
         )
+        await append_access(
+            conn,
+            replace(
+                a_record(6), action=PURGE_ACTION, object_type="access_log", object_id="through 3"
+            ),
+        )
     report = await verify(engine)
-    assert (report.intact, report.records) == (True, 3)
+    assert (report.intact, report.records) == (True, 4)
     # Appends go on after it, and deleting past the checkpoint is still found.
     await append_many(engine, 1)
     await sql(engine, "DELETE FROM access_log WHERE seq = 4")
