@@ -6,11 +6,11 @@ from __future__ import annotations
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from config.section import Section
+from config.zones import known_zone
 
 __all__ = ["SmtpSettings"]
 
@@ -32,8 +32,8 @@ class SmtpSettings(Section):
     @classmethod
     def _known_zone(cls, value: str) -> str:
         try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+            known_zone(value)
+        except ValueError:
             raise ValueError(f"{value!r} is not a time zone (e.g. Europe/Amsterdam)") from None
         return value
 

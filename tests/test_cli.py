@@ -284,6 +284,15 @@ def test_operator_adds_an_organisation_and_an_account_with_an_enrolment_link(
         (["user", "add", "--org", "X", "--role", "king", "--email", "a@b.nl"], "invalid choice"),
         (["user", "disable", "nobody@example.nl"], "no account with the e-mail address"),
         (["user", "disable", "\u0430nna@example.nl"], "U+0430"),
+        (
+            ["billing", "export", "--org", "X", "--month", "2026-11", "--tz", "Europe/Amsterdamm"],
+            "--tz 'Europe/Amsterdamm' is not a time zone",
+        ),
+        # A folder of the time zone database (found in review: a traceback).
+        (
+            ["billing", "export", "--org", "X", "--month", "2026-11", "--tz", "Europe"],
+            "--tz 'Europe' is not a time zone",
+        ),
     ],
 )
 def test_user_commands_refuse_bad_input_with_one_line(

@@ -417,6 +417,8 @@ async def test_a_malformed_address_is_refused_naming_the_field(
             "must be one address",
         ),
         ({"smtp_time_zone": "Europe/Atlantis"}, "is not a time zone"),
+        # A folder of the time zone database: ZoneInfo raises IsADirectoryError.
+        ({"smtp_time_zone": "Europe"}, "is not a time zone"),
         ({"smtp_security": "ssl"}, "smtp.security"),
     ],
 )

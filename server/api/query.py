@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, time, tzinfo
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from config.zones import known_zone
 from server.api.errors import Unprocessable
 
 __all__ = [
@@ -79,8 +79,8 @@ def query_zone(params: dict[str, str]) -> tuple[tzinfo, str]:
     if len(name) > 64 or not _ZONE.fullmatch(name):
         raise Unprocessable(problem)
     try:
-        return ZoneInfo(name), name
-    except (KeyError, ValueError, OSError):
+        return known_zone(name), name
+    except ValueError:
         raise Unprocessable(problem) from None
 
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import sys
 import uuid
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from audit.billing import (
     BilledConsult,
@@ -19,6 +18,7 @@ from audit.billing import (
     totals,
 )
 from config import Settings
+from config.zones import known_zone
 from server.cli.base import (
     CliError,
     current_database,
@@ -62,8 +62,8 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(f"--month must be {err}") from None
     try:
-        zone = ZoneInfo(args.tz)
-    except (ZoneInfoNotFoundError, ValueError):
+        zone = known_zone(args.tz)
+    except ValueError:
         raise CliError(f"--tz {args.tz!r} is not a time zone this machine knows") from None
     since, until = month_bounds(first_day, zone)
     # The appointment references still kept are unsealed for the export.
