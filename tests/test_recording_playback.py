@@ -74,9 +74,7 @@ async def test_the_player_gets_the_whole_file_or_any_range_of_it(harness: Harnes
     ] * 7
 
 
-@pytest.mark.parametrize(
-    "asked", ["bytes=99999999-", "bytes=5-2", "bytes=0-1,5-6", "bytes=-0"]
-)
+@pytest.mark.parametrize("asked", ["bytes=99999999-", "bytes=5-2", "bytes=0-1,5-6", "bytes=-0"])
 async def test_a_range_outside_the_file_or_of_several_parts_is_416(
     harness: Harness, asked: str
 ) -> None:
