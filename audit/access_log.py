@@ -362,25 +362,30 @@ async def verify_chain(
     starts: list[tuple[str, int, str]] = []
     async with _reading(source) as conn:
         for walked, name in enumerate(names, start=1):
-            seq, prev_hash = await chain_start(conn, name)
-            if seq > 1 and not await _purge_recorded(conn, name, seq - 1):
-                detail = (
-                    f"records up to {seq - 1} are missing: a checkpoint says retention purged "
-                    "them, but no purge record in the chain says so"
-                )
-                return ChainReport(0, walked, ChainBreak(name, seq, Break.DELETED, detail))
-            starts.append((name, seq, prev_hash))
+            start = await _start_of(conn, name)
+            if isinstance(start, ChainBreak):
+                return ChainReport(0, walked, start)
+            starts.append(start)
+    # The walks stop at the first break: a prefix of the chains' results.
     results = await _walk(source, starts, batch, split_over)
     total = 0
-    for walked, (start, result) in enumerate(zip(starts, results, strict=True), start=1):
+    for walked, start in enumerate(starts, start=1):
+        if len(results) < walked:
+            # The break that stopped the walks was a purge's (walked again
+            # below, clean): the chains after it are walked now.
+            results += await _walk(source, starts[walked - 1 :], batch, split_over)
+        result = results[walked - 1]
         for _ in range(MOVED_STARTS):
             if result.problem is None:
                 break
             # A retention purge that committed after the walk read where the
             # chain starts (a new checkpoint, the records before it deleted)
-            # is no tampering: the chain is walked again from its new start.
+            # is no tampering: the chain is walked again from its new start,
+            # which must hold as the first did.
             async with _reading(source) as conn:
-                moved = (start[0], *await chain_start(conn, start[0]))
+                moved = await _start_of(conn, start[0])
+            if isinstance(moved, ChainBreak):
+                return ChainReport(total, walked, moved)
             if moved == start:
                 break
             start = moved
@@ -391,6 +396,20 @@ async def verify_chain(
                 broken = await _explain(conn, start[0], result)
             return ChainReport(total, walked, broken)
     return ChainReport(total, len(starts), None)
+
+
+async def _start_of(conn: AsyncConnection, chain: str) -> tuple[str, int, str] | ChainBreak:
+    """Where the walk of ``chain`` starts (:func:`chain_start`), or the break
+    when its checkpoint is not accounted for by the purge record that a
+    retention purge chains after the records it removed."""
+    seq, prev_hash = await chain_start(conn, chain)
+    if seq > 1 and not await _purge_recorded(conn, chain, seq - 1):
+        detail = (
+            f"records up to {seq - 1} are missing: a checkpoint says retention purged "
+            "them, but no purge record in the chain says so"
+        )
+        return ChainBreak(chain, seq, Break.DELETED, detail)
+    return chain, seq, prev_hash
 
 
 # How often a walk starts again when a purge moved its chain's start meanwhile.

@@ -10,13 +10,17 @@ still in the log, a changed one among them (tampering that went unseen).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import audit.access_log as access_log_module
 from audit.access_log import (
     INSTALLATION_CHAIN,
     AccessRecord,
@@ -27,7 +31,7 @@ from audit.access_log import (
     append_records,
     verify_chain,
 )
-from audit.retention import Retention, purge
+from audit.retention import Retention, _purge_chain, purge
 from audit.schema import access_log, access_log_checkpoints
 
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -188,3 +192,102 @@ async def test_a_real_purge_leaves_a_chain_that_verifies_from_its_checkpoint(
     report = await verify_chain(engine)
     assert report.broken is None
     assert report.records == 1  # the purge's own record, after the checkpoint
+
+
+@pytest.mark.parametrize("database_url", [""])
+async def test_a_start_moved_during_a_walk_is_checked_like_the_first(
+    migrated_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the fix: it refused a checkpoint that no chained purge record accounts for
+    (records deleted by hand behind a checkpoint put in by hand) -- but only
+    for the start read before the walk. When the walk finds a problem and
+    the start has moved, the chain is walked again from the new start
+    without that check: the same forged checkpoint, put in while a verify
+    runs, makes that verify report the chain intact."""
+    engine = migrated_engine
+    async with engine.begin() as conn:
+        await append_records(conn, [installation_record(n) for n in range(10)])
+    real_walk = access_log_module._walk
+    walks = 0
+
+    async def forged_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        nonlocal walks
+        walks += 1
+        if walks == 1:
+            async with engine.begin() as conn:
+                five = (
+                    await conn.execute(
+                        sa.select(access_log.c.hash).where(
+                            access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq == 5
+                        )
+                    )
+                ).scalar_one()
+                await conn.execute(
+                    access_log.delete().where(
+                        access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq <= 5
+                    )
+                )
+                await conn.execute(
+                    access_log_checkpoints.insert().values(
+                        chain=INSTALLATION_CHAIN,
+                        through_seq=5,
+                        through_hash=five,
+                        created_at=datetime.now(UTC) - timedelta(days=1),
+                        records_purged=5,
+                    )
+                )
+        return await real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(access_log_module, "_walk", forged_meanwhile)
+    raced = await verify_chain(engine, chain=INSTALLATION_CHAIN)
+    monkeypatch.setattr(access_log_module, "_walk", real_walk)
+    afterwards = await verify_chain(engine, chain=INSTALLATION_CHAIN)
+    assert afterwards.broken is not None  # a verify after the forgery sees it
+    assert raced.broken is not None, (
+        "the verify that overlapped the forgery reported the chain intact "
+        f"({raced.records} records walked)"
+    )
+
+
+@pytest.mark.parametrize("database_url", [""])
+async def test_a_purge_during_a_walk_of_several_chains_is_walked_again_not_a_crash(
+    migrated_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the fix: it walked a chain again when a purge moved its start meanwhile.
+    With an engine the chains are walked in worker processes
+    (walk_in_workers), which stop at the first break and return fewer
+    results than chains. When the re-walk of that chain is clean, the loop
+    goes on to ``zip(starts, results, strict=True)``, which has no result
+    for the next chain: ValueError, instead of verifying the rest (without
+    strict it would report chains never walked as intact)."""
+    engine = migrated_engine
+    organisation = uuid.UUID(int=1)  # its chain sorts before "installation"
+    async with engine.begin() as conn:
+        records = [installation_record(n) for n in range(10)]
+        records += [
+            dataclasses.replace(installation_record(n), organisation_id=organisation)
+            for n in range(10)
+        ]
+        await append_records(conn, records)
+    real_walk = access_log_module._walk
+    walks = 0
+
+    async def purged_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        nonlocal walks
+        walks += 1
+        if walks == 1:  # the hourly retention purge commits during the walk
+            async with engine.begin() as conn:
+                await _purge_chain(
+                    conn,
+                    organisation,
+                    datetime(2100, 1, 1, tzinfo=UTC),
+                    now=datetime.now(UTC),
+                    dry_run=False,
+                    progress=None,
+                )
+        return await real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(access_log_module, "_walk", purged_meanwhile)
+    report = await verify_chain(engine)
+    assert report.broken is None
+    assert report.chains == 2
