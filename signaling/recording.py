@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -464,46 +466,55 @@ class RecordingControl:
                 await asyncio.to_thread(os.truncate, live.file.path, 0)
             except OSError as err:
                 _log.error("recording: emptying the file failed", error=err.strerror)
-        finished_at = self._clock.now()
-        for retry_in_s in (*FINISH_RETRIES_S, None):
-            try:
-                async with self._engine.begin() as conn:
-                    await finish_recording(
-                        conn,
-                        live.recording_id,
-                        None,
-                        now=finished_at,
-                        reason=reason,
-                        complete=complete,
-                        plaintext_bytes=plaintext_bytes,
-                    )
-                break
-            except Exception as err:
-                if retry_in_s is None or self._closing.is_set():
-                    # The row stays "recording"; the next start marks it incomplete.
-                    _log.exception(
-                        "recording: marking it finished failed; no more tries",
-                        recording_id=str(live.recording_id),
-                    )
-                    return
-                # Another writer holding the database (a long purge), or the
-                # database away for a moment: the file is whole, so try again.
-                _log.warning(
-                    "recording: marking it finished failed; trying again",
-                    recording_id=str(live.recording_id),
-                    error=type(err).__name__,
-                    retry_in_s=retry_in_s,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), retry_in_s)
-        _log.info(
-            "recording stopped",
-            consult_id=str(consult_id),
-            recording_id=str(live.recording_id),
-            reason=reason.value,
+        stopped = functools.partial(
+            finish_recording,
+            recording_id=live.recording_id,
+            writer=None,
+            now=self._clock.now(),
+            reason=reason,
             complete=complete,
-            frames=frames,
+            plaintext_bytes=plaintext_bytes,
         )
+        said = {"consult_id": str(consult_id), "recording_id": str(live.recording_id)}
+        if not await self._mark_finished(stopped, said):
+            # Tried again in the background (a shutdown waits for it, as for
+            # this): whoever stopped the recording (a consult's end, a leave)
+            # goes on meanwhile.
+            later = asyncio.ensure_future(self._mark_finished_later(stopped, said))
+            self._finishing.add(later)
+            later.add_done_callback(self._finishing.discard)
+            return
+        _log.info(
+            "recording stopped", reason=reason.value, complete=complete, frames=frames, **said
+        )
+
+    async def _mark_finished(
+        self, stopped: Callable[..., Awaitable[object]], said: dict[str, str]
+    ) -> bool:
+        """One try to mark the row finished; whether it was."""
+        try:
+            async with self._engine.begin() as conn:
+                await stopped(conn)
+        except Exception as err:
+            # Another writer holding the database (a long purge), or the
+            # database away for a moment: the file is whole.
+            _log.warning("recording: marking it finished failed", error=type(err).__name__, **said)
+            return False
+        return True
+
+    async def _mark_finished_later(
+        self, stopped: Callable[..., Awaitable[object]], said: dict[str, str]
+    ) -> None:
+        for retry_in_s in FINISH_RETRIES_S:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), retry_in_s)
+            if await self._mark_finished(stopped, said):
+                _log.info("recording stopped; its row marked finished late", **said)
+                return
+            if self._closing.is_set():
+                break
+        # The row stays "recording"; the next start marks it incomplete.
+        _log.error("recording: marking it finished failed; no more tries", **said)
 
     async def stop_all(self, reason: StopReason) -> None:
         """Stop every recording of this node, and wait for those already

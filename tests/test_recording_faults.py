@@ -15,8 +15,10 @@ import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import av
 import pytest
@@ -24,12 +26,14 @@ import sqlalchemy as sa
 import structlog.testing
 from aiohttp import ClientSession
 
+import signaling.recording as recording_module
 from audit.clock import ManualClock
 from audit.filestore import Truncated
 from audit.recordings import FileStore, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
-from tests.support.harness import Harness, Sockets, new_consult, receive
+from signaling.recording import _Live
+from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.recording import (
     Call,
@@ -251,3 +255,62 @@ async def test_a_recording_whose_row_could_not_be_finished_at_once_is_finished_l
     download = await harness.client.get(f"/api/recordings/{row.id}/download")
     assert download.status == 200
     assert len(await download.read()) == row.plaintext_bytes > 0
+
+
+@dataclass
+class Stopped:
+    complete: bool = True
+    plaintext_bytes: int = 1000
+    frames: dict[str, int] = field(default_factory=dict)
+
+
+class StandInRecorder:
+    """What ``_finish`` asks of a worker recorder: its stop."""
+
+    async def stop(self) -> Stopped:
+        return Stopped()
+
+
+async def test_a_row_that_cannot_be_finished_does_not_hold_up_the_consults_end(
+    sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the retries: they ran inside _finish, which
+    RecordingControl.stop awaits, so every caller of stop waited them out:
+    the consult's end (here: the patient heard 'consult-ended' only after
+    about 2 minutes), a leave, a reconnecting participant's join, and the
+    therapist's own record-stop. The recorder is a stand-in (what _finish
+    asks of a worker: its stop); the database refuses the row's finish."""
+    harness = sqlite_harness
+    setup, therapist, patient = await admitted_pair(harness, sqlite_sockets)
+    consult_id = uuid.UUID(setup.consult_id)
+    control = harness.app[ROOMS].recording
+    now = harness.clock.now()
+    control._live[consult_id] = _Live(
+        recorder=StandInRecorder(),  # type: ignore[arg-type]
+        requested_at=now,
+        recording_id=uuid.uuid4(),
+        started_at=now,
+    )
+
+    async def database_away(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionRefusedError("the database went away")
+
+    monkeypatch.setattr(recording_module, "finish_recording", database_away)
+    try:
+        await therapist.send_json({"v": 1, "type": "end"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        heard: list[str] = []
+        while "consult-ended" not in heard:
+            left = deadline - loop.time()
+            assert left > 0, f"no consult-ended within 5 s; heard {heard}"
+            try:
+                heard.append((await patient.receive_json(timeout=left))["type"])
+            except TimeoutError:
+                raise AssertionError(
+                    f"the patient was not told the consult ended within 5 s (heard {heard}): "
+                    "the end waits for finish_recording's retries"
+                ) from None
+    finally:
+        control._closing.set()
+        await asyncio.gather(*control._finishing, return_exceptions=True)
