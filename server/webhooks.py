@@ -141,8 +141,8 @@ async def deliver_due(app: web.Application) -> int:
     send waiting out its timeout holds back no other endpoint's; it ends
     when nothing is on its way and nothing more is due, or after
     :data:`MAX_PER_ROUND`. A send's own failure is its delivery's; the first
-    error recording one (the database) ends the claiming and is raised once
-    the sends on their way finished.
+    error claiming or recording one (the database) ends the claiming and is
+    raised once the sends on their way finished.
     """
     settings = app[SETTINGS].webhooks
     sending: dict[asyncio.Task[None], uuid.UUID] = {}
@@ -152,7 +152,13 @@ async def deliver_due(app: web.Application) -> int:
         while True:
             room = min(IN_FLIGHT - len(sending), MAX_PER_ROUND - tried)
             if failure is None and room > 0:
-                for due, endpoint, filled_in in await _claim(app, room, Counter(sending.values())):
+                try:
+                    claimed = await _claim(app, room, Counter(sending.values()))
+                except Exception as err:
+                    # The database away for a moment: the sends on their way
+                    # finish and are recorded (or they would be sent again).
+                    failure, claimed = err, []
+                for due, endpoint, filled_in in claimed:
                     task = asyncio.create_task(
                         _deliver(app, due, endpoint, filled_in), name=DELIVERY_TASK
                     )

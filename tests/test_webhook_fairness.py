@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import server.webhooks as webhooks_module
 from audit.accounts import Role
 from audit.clock import ManualClock
 from audit.consults import create_consult, mark_started
@@ -27,11 +28,12 @@ from audit.outbox import claim_due
 from audit.schema import webhook_deliveries
 from server import create_app
 from server.app_keys import DB_ENGINE
-from server.webhooks import PER_ENDPOINT
+from server.webhooks import PER_ENDPOINT, deliver_due
 from tests.support.harness import Harness
 from tests.support.ports import unused_port
 from tests.support.settings import SettingsFactory
 from tests.support.webhooks import Receiver
+from tests.test_webhooks import admin_of, register, started_consult
 
 pytestmark = pytest.mark.settings(
     webhooks_allow_http_loopback="true", webhooks_poll_interval_s="3600"
@@ -147,3 +149,47 @@ async def test_a_claim_takes_no_more_for_one_endpoint_than_it_has_room_for(
             )
         ).scalars()
         assert sorted(attempts) == [0] * 9 + [1]
+
+
+@pytest.mark.parametrize("database_url", [""])
+@pytest.mark.settings(
+    webhooks_allow_http_loopback="true",
+    webhooks_poll_interval_s="0.1",
+    webhooks_timeout_s="5",
+)
+async def test_a_failed_claim_lets_the_sends_on_their_way_finish(
+    harness: Harness, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the fix above: a claim made while sends are on
+    their way that failed (the database away for a moment) cancelled every
+    send on its way: a message the receiver already had was cut off before
+    its answer was recorded, and sent again once its claim ran out."""
+    receiver = Receiver(free_port, delay_s=1.0)
+    await receiver.start()
+    try:
+        await admin_of(harness)
+        created = await register(harness, receiver.url, ["consult.started"])
+        receiver.secret = created["secret"]
+        await started_consult(harness)
+        real_claim = webhooks_module._claim
+        claims = 0
+
+        async def claim_then_fail(*args: Any, **kwargs: Any) -> Any:
+            nonlocal claims
+            claims += 1
+            if claims > 1:
+                raise ConnectionResetError("the database went away")
+            return await real_claim(*args, **kwargs)
+
+        monkeypatch.setattr(webhooks_module, "_claim", claim_then_fail)
+        with pytest.raises(ConnectionResetError):
+            await deliver_due(harness.app)
+        assert len(receiver.received) == 1  # the receiver has the message
+        async with harness.app[DB_ENGINE].connect() as conn:
+            status = await conn.scalar(sa.select(webhook_deliveries.c.status))
+        assert status == "delivered", (
+            f"the send on its way was cancelled by the failed claim: status {status!r}, "
+            "to be sent again once its claim runs out"
+        )
+    finally:
+        await receiver.stop()
