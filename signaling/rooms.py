@@ -27,7 +27,7 @@ import structlog
 
 from audit.clock import Clock
 from audit.consults import get_consult_and_label, mark_ended, start_consult
-from audit.db import is_outage
+from audit.db import is_busy, is_outage
 from audit.direct import SingleStatements
 from audit.labels import SealedLabel
 from audit.recordings import StopReason
@@ -287,13 +287,13 @@ class ConsultRooms:
             )
             raise _unavailable(message.type) from err
         except Exception as err:
-            if not is_outage(err):
+            if not (is_outage(err) or is_busy(err)):
                 raise
-            # The database away (a restart, a network drop): the change wrote
-            # nothing (each writes the record before the room), and the
-            # sender may try again, as when Redis is away.
+            # The database away (a restart, a network drop) or SQLite held by
+            # another writer: the change wrote nothing (each writes the record
+            # before the room), and the sender may try again, as with Redis away.
             _log.warning(
-                "message not handled: database unavailable",
+                "message not handled: database unavailable or busy",
                 type=message.type,
                 error=type(err).__name__,
             )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +24,9 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from audit.accounts import Role
-from audit.db import is_outage
+from audit.db import SQLITE_FILE_NAME, is_outage
 from server import create_app
-from server.app_keys import CLUSTER
+from server.app_keys import CLUSTER, DATA_DIR
 from server.jobs import node_round
 from signaling.ports import StateUnavailable
 from tests.support.harness import (
@@ -364,4 +366,30 @@ async def test_a_consult_ended_during_a_redis_blip_no_heartbeat_saw_is_ended_for
             closing = await socket.receive(timeout=5)
             assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
     finally:
+        await sockets.close()
+
+
+async def test_an_admit_while_another_writer_holds_sqlite_is_refused_not_cut(
+    make_settings: SettingsFactory, clock: Any, aiohttp_client: Any
+) -> None:
+    """SQLite's "database is locked" (another writer past the busy timeout: a
+    long purge, ``keys rotate``) is answered as the database away is, with
+    ``unavailable``, not by cutting the therapist's socket."""
+    app = create_app(make_settings(database_connect_timeout_s=0.5), clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    sockets = Sockets(harness)
+    blocker = sqlite3.connect(Path(app[DATA_DIR]) / SQLITE_FILE_NAME, isolation_level=None)
+    try:
+        _setup, therapist, patient = await waiting_pair(harness, sockets)
+        blocker.execute("BEGIN IMMEDIATE")
+        await therapist.send_json({"v": 1, "type": "admit"})
+        frame = await therapist.receive(timeout=10)
+        blocker.execute("ROLLBACK")
+        assert frame.type is WSMsgType.TEXT, (frame.type, frame.data)
+        refused = frame.json()
+        assert (refused["code"], refused["ref"]) == ("unavailable", "admit")
+        await therapist.send_json({"v": 1, "type": "admit"})
+        await receive(patient, "admitted")
+    finally:
+        blocker.close()
         await sockets.close()
