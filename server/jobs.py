@@ -74,16 +74,28 @@ async def node_round(app: web.Application) -> None:
             # until one succeeds (the beat has put the node back, so the next
             # beat would not say so again if the repair fails on the database).
             cluster.out_of_touch = True
+        repair_failed: Exception | None = None
         if cluster.out_of_touch or rooms.recovery.due:
-            repaired = await rooms.reconcile()
-            cluster.out_of_touch = False
-            if repaired:
-                _log.info("rooms told Redis again who is connected here", rooms=repaired)
+            try:
+                repaired = await rooms.reconcile()
+            except StateUnavailable:
+                raise
+            except Exception as err:
+                # Raised after the claims below: a repair that keeps failing
+                # (the database refusing a missed end) must not keep the dead
+                # nodes' participants from their grace periods.
+                repair_failed = err
+            else:
+                cluster.out_of_touch = False
+                if repaired:
+                    _log.info("rooms told Redis again who is connected here", rooms=repaired)
         for node, last_seen in await cluster.nodes.claim_dead(clock.now()):
             drop = functools.partial(rooms.node_lost, node=node, last_seen=last_seen)
             consult_ids = await cluster.rooms.consult_ids()
             lost = sum(await each_at_most(REPAIR_CONCURRENCY, consult_ids, drop))
             _log.warning("a node stopped answering; its participants may reconnect", lost=lost)
+        if repair_failed is not None:
+            raise repair_failed
     except StateUnavailable:
         cluster.out_of_touch = True
         raise

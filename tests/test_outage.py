@@ -26,7 +26,7 @@ from yarl import URL
 from audit.accounts import Role
 from audit.db import SQLITE_FILE_NAME, is_outage
 from server import create_app
-from server.app_keys import CLUSTER, DATA_DIR
+from server.app_keys import CLUSTER, DATA_DIR, ROOMS
 from server.jobs import node_round
 from signaling.ports import StateUnavailable
 from tests.support.harness import (
@@ -393,3 +393,29 @@ async def test_an_admit_while_another_writer_holds_sqlite_is_refused_not_cut(
     finally:
         blocker.close()
         await sockets.close()
+
+
+async def test_a_repair_that_fails_does_not_keep_the_node_from_claiming_dead_nodes(
+    behind_redis_proxy: Harness, redis_url: str, redis_prefix: str, monkeypatch: Any
+) -> None:
+    """A repair that keeps failing (a missed end the database refuses) fails
+    the round, but the round still claims the nodes that died, so their
+    participants get their grace periods (found in review)."""
+    app = behind_redis_proxy.app
+    cluster = app[CLUSTER]
+    assert cluster is not None
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await redis.zadd(f"{redis_prefix}:nodes", {"a-node-gone-long-ago": 0})
+
+        async def failing() -> int:
+            raise RuntimeError("the repair failed")
+
+        monkeypatch.setattr(app[ROOMS], "reconcile", failing)
+        cluster.out_of_touch = True
+        with pytest.raises(RuntimeError):
+            await node_round(app)
+        assert await redis.zscore(f"{redis_prefix}:nodes", "a-node-gone-long-ago") is None
+        assert cluster.out_of_touch  # the repair is still due
+    finally:
+        await redis.aclose()
