@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 import audit.access_log as access_log_module
 from audit.access_log import (
@@ -49,6 +49,36 @@ def installation_record(n: int) -> AccessRecord:
         object_id=f"object-{n}",
         outcome=Outcome.ALLOWED,
         client_type=ClientType.CLI,
+    )
+
+
+async def hand_made_checkpoint(
+    conn: AsyncConnection, *, through: int, deleting: bool, at: datetime = T0
+) -> None:
+    """A checkpoint row through record ``through`` of the installation's chain,
+    put in by hand (no purge made it, so no purge record says so), with the
+    records up to it deleted (``deleting``) or left in the log."""
+    last = (
+        await conn.execute(
+            sa.select(access_log.c.hash).where(
+                access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq == through
+            )
+        )
+    ).scalar_one()
+    if deleting:
+        await conn.execute(
+            access_log.delete().where(
+                access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq <= through
+            )
+        )
+    await conn.execute(
+        access_log_checkpoints.insert().values(
+            chain=INSTALLATION_CHAIN,
+            through_seq=through,
+            through_hash=last,
+            created_at=at,
+            records_purged=through,
+        )
     )
 
 
@@ -112,22 +142,7 @@ async def test_a_checkpoint_row_does_not_hide_changed_records_that_are_still_in_
     assert found.broken is not None  # as it should
     assert found.broken.kind is Break.MODIFIED
     async with engine.begin() as conn:
-        five = (
-            await conn.execute(
-                sa.select(access_log.c.hash).where(
-                    access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq == 5
-                )
-            )
-        ).scalar_one()
-        await conn.execute(
-            access_log_checkpoints.insert().values(
-                chain=INSTALLATION_CHAIN,
-                through_seq=5,
-                through_hash=five,
-                created_at=T0,
-                records_purged=5,
-            )
-        )
+        await hand_made_checkpoint(conn, through=5, deleting=False)
     async with engine.connect() as conn:
         still_there = await conn.scalar(
             sa.select(sa.func.count()).where(
@@ -150,27 +165,7 @@ async def test_a_checkpoint_no_purge_record_accounts_for_is_a_deletion(
     engine = migrated_engine
     async with engine.begin() as conn:
         await append_records(conn, [installation_record(n) for n in range(10)])
-        five = (
-            await conn.execute(
-                sa.select(access_log.c.hash).where(
-                    access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq == 5
-                )
-            )
-        ).scalar_one()
-        await conn.execute(
-            access_log.delete().where(
-                access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq <= 5
-            )
-        )
-        await conn.execute(
-            access_log_checkpoints.insert().values(
-                chain=INSTALLATION_CHAIN,
-                through_seq=5,
-                through_hash=five,
-                created_at=T0,
-                records_purged=5,
-            )
-        )
+        await hand_made_checkpoint(conn, through=5, deleting=True)
     report = await verify_chain(engine)
     assert report.broken is not None
     assert (report.broken.seq, report.broken.kind) == (6, Break.DELETED)
@@ -215,27 +210,7 @@ async def test_a_start_moved_during_a_walk_is_checked_like_the_first(
         walks += 1
         if walks == 1:
             async with engine.begin() as conn:
-                five = (
-                    await conn.execute(
-                        sa.select(access_log.c.hash).where(
-                            access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq == 5
-                        )
-                    )
-                ).scalar_one()
-                await conn.execute(
-                    access_log.delete().where(
-                        access_log.c.chain == INSTALLATION_CHAIN, access_log.c.seq <= 5
-                    )
-                )
-                await conn.execute(
-                    access_log_checkpoints.insert().values(
-                        chain=INSTALLATION_CHAIN,
-                        through_seq=5,
-                        through_hash=five,
-                        created_at=datetime.now(UTC) - timedelta(days=1),
-                        records_purged=5,
-                    )
-                )
+                await hand_made_checkpoint(conn, through=5, deleting=True)
         return await real_walk(*args, **kwargs)
 
     monkeypatch.setattr(access_log_module, "_walk", forged_meanwhile)

@@ -48,6 +48,12 @@ async def proxy(migrated_postgres_url: str) -> AsyncIterator[CuttableProxy]:
         yield proxy
 
 
+def through_proxy(postgres_url: str, proxy: CuttableProxy) -> str:
+    """``postgres_url`` reached through ``proxy``, as a setting."""
+    proxied = make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
+    return proxied.render_as_string(hide_password=False)
+
+
 async def test_a_database_outage_answers_503_says_so_once_and_heals(
     proxy: CuttableProxy,
     migrated_postgres_url: str,
@@ -55,10 +61,8 @@ async def test_a_database_outage_answers_503_says_so_once_and_heals(
     clock: Any,
     aiohttp_client: Any,
 ) -> None:
-    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
-    app = create_app(
-        make_settings(database_url=proxied.render_as_string(hide_password=False)), clock=clock
-    )
+    database_url = through_proxy(migrated_postgres_url, proxy)
+    app = create_app(make_settings(database_url=database_url), clock=clock)
     harness = Harness(app, await aiohttp_client(app), clock)
     anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
     await harness.logged_in(anna)
@@ -234,10 +238,9 @@ async def test_rooms_redis_lost_are_put_back_even_if_the_database_was_away_at_fi
     was not Redis's failure the repair was not kept due: no later round made
     it, and the running consult, both participants connected, had no room
     (every offer refused as "the consult is over")."""
-    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
     app = create_app(
         make_settings(
-            database_url=proxied.render_as_string(hide_password=False),
+            database_url=through_proxy(migrated_postgres_url, proxy),
             redis_url=str(URL(redis_url).with_port(redis_proxy.port)),
             redis_key_prefix=redis_prefix,
         ),
@@ -284,10 +287,8 @@ async def test_a_therapists_action_while_the_database_is_away_is_refused_not_cut
     with ``unavailable`` and the socket stays; with the database away the
     same click cut the therapist's socket (1006), told the patient that the
     therapist had gone, and logged a traceback."""
-    proxied = make_url(migrated_postgres_url).set(host="127.0.0.1", port=proxy.port)
-    app = create_app(
-        make_settings(database_url=proxied.render_as_string(hide_password=False)), clock=clock
-    )
+    database_url = through_proxy(migrated_postgres_url, proxy)
+    app = create_app(make_settings(database_url=database_url), clock=clock)
     harness = Harness(app, await aiohttp_client(app), clock)
     sockets = Sockets(harness)
     try:

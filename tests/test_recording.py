@@ -37,6 +37,7 @@ from signaling.recorder_proxy import WorkerRecorder
 from signaling.state import RecordingPhase
 from tests.support.harness import Harness, Sockets, admitted_pair, receive
 from tests.support.recording import (
+    Call,
     RecorderLink,
     ask_and_agree,
     both_see,
@@ -414,6 +415,21 @@ async def test_ending_the_consult_finishes_the_recording(
     assert (row.status, row.stop_reason) == ("complete", "consult_ended")
 
 
+async def agree_connect_and_see_it_withdrawn(call: Call) -> None:
+    """The patient agrees, both pages connect their media to the recorder,
+    and both are told the patient stopped it (the test stops it meanwhile)."""
+    await ask_and_agree(call)
+    links = {side: linked(call.stack, RecorderLink()) for side in (call.therapist, call.patient)}
+    offers = {side: await link.offer() for side, link in links.items()}
+    for side, sdp in offers.items():
+        await side.send("recorder-offer", sdp=sdp)
+    for side, link in links.items():
+        await link.accept((await side.expect("recorder-answer"))["sdp"])
+    for side in (call.therapist, call.patient):
+        off = await expect_recording(side, "off")
+        assert off["reason"] == "stopped_by_patient"
+
+
 async def test_a_stop_while_the_file_is_being_made_records_nothing(
     sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -434,18 +450,7 @@ async def test_a_stop_while_the_file_is_being_made_records_nothing(
     monkeypatch.setattr("signaling.recording.begin_recording", stopped_meanwhile)
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(sqlite_harness, sqlite_sockets, stack)
-        await ask_and_agree(call)
-        links = {
-            side: linked(call.stack, RecorderLink()) for side in (call.therapist, call.patient)
-        }
-        offers = {side: await link.offer() for side, link in links.items()}
-        for side, sdp in offers.items():
-            await side.send("recorder-offer", sdp=sdp)
-        for side, link in links.items():
-            await link.accept((await side.expect("recorder-answer"))["sdp"])
-        for side in (call.therapist, call.patient):
-            off = await expect_recording(side, "off")
-            assert off["reason"] == "stopped_by_patient"
+        await agree_connect_and_see_it_withdrawn(call)
         assert await stops[0]
         await asyncio.sleep(1.0)  # media keeps coming: none of it may be written
     row = await finished_recording_row(sqlite_harness)
@@ -477,18 +482,7 @@ async def test_a_stop_while_the_recorder_starts_records_nothing(
     monkeypatch.setattr(WorkerRecorder, "start", withdrawn_meanwhile)
     async with contextlib.AsyncExitStack() as stack:
         call = await start_call(harness, sqlite_sockets, stack)
-        await ask_and_agree(call)
-        links = {
-            side: linked(call.stack, RecorderLink()) for side in (call.therapist, call.patient)
-        }
-        offers = {side: await link.offer() for side, link in links.items()}
-        for side, sdp in offers.items():
-            await side.send("recorder-offer", sdp=sdp)
-        for side, link in links.items():
-            await link.accept((await side.expect("recorder-answer"))["sdp"])
-        for side in (call.therapist, call.patient):
-            off = await expect_recording(side, "off")
-            assert off["reason"] == "stopped_by_patient"
+        await agree_connect_and_see_it_withdrawn(call)
         assert await stops[0]
         await asyncio.sleep(1.0)
     row = await finished_recording_row(harness)
