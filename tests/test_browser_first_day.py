@@ -43,6 +43,13 @@ async def test_the_therapist_ends_a_consult_and_reads_their_own_end_text(
     # The call view has its heading (axe: page-has-heading-one).
     await expect(therapist.locator("#call-view h1")).to_have_count(1)
     await assert_accessible(therapist, "call view, no patient yet")
+    # Ended through the call's socket, once it is open (a click before that
+    # ends the consult through the API). Seen once in CI under load: a
+    # socket handshake after the end, refused with 409, logged by Chromium;
+    # its cause is not known (not reproduced by a click before the open).
+    await therapist.wait_for_function(
+        "() => window.videoconsult.call.ws && window.videoconsult.call.ws.readyState === 1"
+    )
     await therapist.click("#end")
     await expect(therapist.locator("#call-over")).to_be_visible()
     await expect(therapist.locator("#call-over-text")).to_have_text("You ended the consultation.")
