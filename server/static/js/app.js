@@ -513,7 +513,10 @@ function wire() {
   $("end").addEventListener("click", async () => {
     if (!confirm(t("app.call.endConfirm"))) return;
     if (!(call && call.end())) {
-      // No socket right now: end it through the API.
+      // No socket right now: end it through the API. The call stops first,
+      // so that a connect on its way (its consult checked before the end)
+      // opens no socket to a consult that is over.
+      if (call && !call.finished) call.finish("closed", {});
       await api("POST", `/api/consults/${consultId}/end`).catch(() => {});
       closeCall("ended", "app.over.ended_by_therapist");
     }
