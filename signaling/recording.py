@@ -525,7 +525,9 @@ class RecordingControl:
                 await self.stop(consult_id, reason)
             except Exception:
                 _log.exception("recording: stopping failed", consult_id=str(consult_id))
-        await asyncio.gather(*self._finishing, return_exceptions=True)
+        # Until none is left: a stop may start its row's last try meanwhile.
+        while self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     def worker_pid(self, consult_id: uuid.UUID) -> int | None:
         """The process id of the consult's recorder worker, while it has one."""

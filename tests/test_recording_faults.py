@@ -29,7 +29,7 @@ from aiohttp import ClientSession
 import signaling.recording as recording_module
 from audit.clock import ManualClock
 from audit.filestore import Truncated
-from audit.recordings import FileStore, data_key_of, plaintext
+from audit.recordings import FileStore, StopReason, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
 from signaling.recording import _Live
@@ -271,6 +271,14 @@ class StandInRecorder:
         return Stopped()
 
 
+class SlowToStopRecorder:
+    """A stand-in whose stop takes a moment, as a worker's remux does."""
+
+    async def stop(self) -> Stopped:
+        await asyncio.sleep(0.3)
+        return Stopped()
+
+
 async def test_a_row_that_cannot_be_finished_does_not_hold_up_the_consults_end(
     sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,3 +322,36 @@ async def test_a_row_that_cannot_be_finished_does_not_hold_up_the_consults_end(
     finally:
         control._closing.set()
         await asyncio.gather(*control._finishing, return_exceptions=True)
+
+
+async def test_a_shutdown_waits_for_the_last_try_of_a_row_it_could_not_finish(
+    sqlite_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown waits for the recordings already stopping (a consult's
+    end); a row that then cannot be marked finished gets its one more try
+    before the shutdown goes on, not a try left pending in a loop that is
+    about to close (found in review: the try made after the shutdown had
+    taken its list of what to wait for was not waited for)."""
+    control = sqlite_harness.app[ROOMS].recording
+    now = sqlite_harness.clock.now()
+    consult_id = uuid.uuid4()
+    control._live[consult_id] = _Live(
+        recorder=SlowToStopRecorder(),  # type: ignore[arg-type]
+        requested_at=now,
+        recording_id=uuid.uuid4(),
+        started_at=now,
+    )
+
+    async def database_away(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionRefusedError("the database went away")
+
+    monkeypatch.setattr(recording_module, "finish_recording", database_away)
+    with structlog.testing.capture_logs() as logs:
+        # The consult ends (its recording stopping), and the server stops.
+        ending = asyncio.ensure_future(control.stop(consult_id, StopReason.CONSULT_ENDED))
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(control.stop_all(StopReason.SERVER_RESTART), 10)
+        events = [entry["event"] for entry in logs]
+    assert events.count("recording: marking it finished failed") == 2, events
+    assert "recording: marking it finished failed; no more tries" in events
+    await ending
