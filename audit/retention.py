@@ -27,12 +27,12 @@ opening a transaction: :func:`server.housekeeping.retention_round`.)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.access_log import (
     PURGE_ACTION,
@@ -62,6 +62,12 @@ from audit.webhooks import EventType
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
 # Rows deleted per statement (and per progress step).
 BATCH = 1000
+# Access records of one chain that one transaction of :func:`purge_in_steps`
+# deletes at most. On SQLite a transaction holds the write lock until its
+# commit, and every append (so every read of personal data) waits for it:
+# 20,000 records take about 0.2 s here, far inside the 5 s busy timeout that
+# a purge of half a million in one transaction would outlast.
+STEP = 20_000
 
 Progress = Callable[[int], None]
 
@@ -91,6 +97,25 @@ class PurgeReport:
     organisations: list[PurgedOrganisation] = field(default_factory=list)
     # Encrypted files whose keys this purge destroyed: delete them after commit.
     files: list[str] = field(default_factory=list)
+    # A chain had more expired records than the purge's ``at_most``.
+    unfinished: bool = False
+
+    def absorb(self, step: PurgeReport) -> None:
+        """Add what one more transaction of the same purge removed."""
+        self.files += step.files
+        for purged in step.organisations:
+            mine = next(
+                (o for o in self.organisations if o.organisation_id == purged.organisation_id),
+                None,
+            )
+            if mine is None:
+                self.organisations.append(purged)
+                continue
+            mine.recordings += purged.recordings
+            mine.consults += purged.consults
+            mine.access_log_records += purged.access_log_records
+            if purged.checkpoint_seq is not None:
+                mine.checkpoint_seq = purged.checkpoint_seq
 
     @property
     def recordings(self) -> int:
@@ -216,9 +241,11 @@ async def _purge_chain(
     now: datetime,
     dry_run: bool,
     progress: Progress | None,
-) -> tuple[int, int | None]:
-    """Delete the oldest part of a chain written before ``cutoff``; return how
-    many records and the last purged seq."""
+    at_most: int | None = None,
+) -> tuple[int, int | None, bool]:
+    """Delete the oldest part of a chain written before ``cutoff``, at most
+    ``at_most`` records of it; return how many records, the last purged seq
+    and whether expired records are left after it."""
     chain = chain_of(organisation_id)
     # The chain is in time order: purge up to the first record still inside
     # its retention (never past it, so what remains is one unbroken piece).
@@ -227,7 +254,16 @@ async def _purge_chain(
             access_log.c.chain == chain, access_log.c.at >= cutoff
         )
     )
-    bound = access_log.c.seq < first_kept if first_kept is not None else sa.true()
+    expired = access_log.c.seq < first_kept if first_kept is not None else sa.true()
+    lowest = await conn.scalar(
+        sa.select(sa.func.min(access_log.c.seq)).where(access_log.c.chain == chain)
+    )
+    if lowest is None:
+        return 0, None, False
+    bound = expired
+    if at_most is not None and not dry_run:
+        # A chain's seqs have no gaps after its start: the next at_most of them.
+        bound = sa.and_(expired, access_log.c.seq < int(lowest) + at_most)
     last = (
         await conn.execute(
             sa.select(access_log.c.seq, access_log.c.hash)
@@ -237,12 +273,17 @@ async def _purge_chain(
         )
     ).first()
     if last is None:
-        return 0, None
+        return 0, None, False
     count = int(
         await conn.scalar(sa.select(sa.func.count()).where(access_log.c.chain == chain, bound)) or 0
     )
     if dry_run:
-        return count, last.seq
+        return count, last.seq, False
+    more = await conn.scalar(
+        sa.select(access_log.c.seq)
+        .where(access_log.c.chain == chain, expired, access_log.c.seq > last.seq)
+        .limit(1)
+    )
     await conn.execute(
         access_log_checkpoints.insert().values(
             chain=chain,
@@ -252,12 +293,7 @@ async def _purge_chain(
             records_purged=count,
         )
     )
-    lowest = int(
-        await conn.scalar(
-            sa.select(sa.func.min(access_log.c.seq)).where(access_log.c.chain == chain)
-        )
-    )
-    for start in range(lowest, last.seq + 1, BATCH):
+    for start in range(int(lowest), last.seq + 1, BATCH):
         deleted = await conn.execute(
             access_log.delete().where(
                 access_log.c.chain == chain,
@@ -281,7 +317,7 @@ async def _purge_chain(
             client_type=ClientType.CLI,
         ),
     )
-    return count, last.seq
+    return count, last.seq, more is not None
 
 
 async def preview_organisation(
@@ -293,7 +329,7 @@ async def preview_organisation(
     preview.consults, preview.recordings = await _count_expired(
         conn, organisation_id, retention, now
     )
-    preview.access_log_records, preview.checkpoint_seq = await _purge_chain(
+    preview.access_log_records, preview.checkpoint_seq, _ = await _purge_chain(
         conn,
         organisation_id,
         now - timedelta(days=retention.access_log_days),
@@ -317,8 +353,11 @@ async def purge(
     defaults: Retention,
     dry_run: bool = False,
     progress: Progress | None = None,
+    at_most: int | None = None,
 ) -> PurgeReport:
-    """Delete what has passed its retention, in the caller's transaction."""
+    """Delete what has passed its retention, in the caller's transaction: all
+    of it, or of each access-log chain at most ``at_most`` records (the
+    report is then ``unfinished`` if more are left: :func:`purge_in_steps`)."""
     report = PurgeReport(dry_run=dry_run)
     if conn.dialect.name == "postgresql" and not dry_run:
         got = await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(PURGE_LOCK_KEY)))
@@ -359,14 +398,49 @@ async def purge(
                 now=now,
             )
             purged.recordings = len(expired) + with_consults
-        purged.access_log_records, purged.checkpoint_seq = await _purge_chain(
+        purged.access_log_records, purged.checkpoint_seq, more = await _purge_chain(
             conn,
             organisation_id,
             now - timedelta(days=retention.access_log_days),
             now=now,
             dry_run=dry_run,
             progress=progress,
+            at_most=at_most,
         )
+        report.unfinished = report.unfinished or more
         if purged.recordings or purged.consults or purged.access_log_records:
             report.organisations.append(purged)
     return report
+
+
+async def purge_in_steps(
+    engine: AsyncEngine,
+    *,
+    now: datetime,
+    defaults: Retention,
+    progress: Progress | None = None,
+    after_step: Callable[[PurgeReport], Awaitable[None]] | None = None,
+) -> PurgeReport:
+    """The purge as the server and the command line run it, in transactions
+    of their own: the first destroys the expired recordings and consult
+    records and up to :data:`STEP` access records of each chain, each
+    further one the next :data:`STEP`, until nothing expired is left (the
+    same ``now`` throughout). Each leaves a checkpoint and a purge record,
+    so the chains verify between any two. ``after_step`` is awaited after
+    each commit; the report is the sum of the steps', not ``ran`` only if
+    another node held the purge from the start."""
+    total = PurgeReport(dry_run=False)
+    first = True
+    while True:
+        async with engine.begin() as conn:
+            step = await purge(conn, now=now, defaults=defaults, progress=progress, at_most=STEP)
+        if after_step is not None:
+            await after_step(step)
+        if not step.ran:
+            # Another node purges now (it goes on where this one stopped).
+            total.ran = not first
+            return total
+        first = False
+        total.absorb(step)
+        if not step.unfinished:
+            return total

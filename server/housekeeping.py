@@ -24,7 +24,7 @@ from audit.consults import (
 )
 from audit.db import reading
 from audit.references import destroy_spent_references
-from audit.retention import PurgeReport, Retention, purge
+from audit.retention import PurgeReport, Retention, purge_in_steps
 from audit.sessions import purge_login_failures, purge_sessions
 from audit.technical_log import purge_technical_log
 from server.app_keys import (
@@ -206,8 +206,9 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
     ) as mine:
         if not mine:
             return None
-        async with app[DB_ENGINE].begin() as conn:
-            report = await purge(conn, now=app[CLOCK].now(), defaults=defaults)
+        # In steps (audit.retention.STEP): a long purge never holds SQLite's
+        # write lock, which every access record waits for, for long.
+        report = await purge_in_steps(app[DB_ENGINE], now=app[CLOCK].now(), defaults=defaults)
         # The keys are gone (committed); now the files and their cached
         # chunk maps (in a thread: a day's purge may unlink hundreds).
         app[CHUNK_MAPS].discard(report.files)

@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit import retention
 from audit.access_log import AccessRecord, ClientType, Outcome, append_records, verify_chain
-from audit.retention import Retention, purge
-from audit.schema import access_log
+from audit.retention import PurgeReport, Retention, purge
+from audit.schema import access_log, access_log_checkpoints
 from tests.support.loop_probe import longest_hold
 
 NOW = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
@@ -77,3 +78,54 @@ async def test_a_verify_of_20000_records_never_holds_the_loop(engine: AsyncEngin
     report, held_s, at_rest_s = await longest_hold(verify_chain(engine))
     assert (report.intact, report.records) == (True, 20_000)
     assert held_s < max(MOST_HOLD_S, 3 * at_rest_s)
+
+
+async def test_a_large_access_log_purge_commits_in_steps_each_verifiable(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite one transaction holds the write lock until it ends: a purge of
+    hundreds of thousands of records in one would hold every append (and so
+    every read of personal data) past the busy timeout. The purge deletes at
+    most ``STEP`` records of a chain per transaction, each with its checkpoint
+    and purge record, so the chain verifies between any two of them."""
+    monkeypatch.setattr(retention, "STEP", 1_000)
+    await fill_old_records(engine, 2_500)
+    after_each: list[tuple[int, bool]] = []
+
+    async def observe(step: PurgeReport) -> None:
+        async with engine.connect() as conn:
+            left = await conn.scalar(
+                sa.select(sa.func.count()).where(access_log.c.action == "account.create")
+            )
+        after_each.append((int(left or 0), (await verify_chain(engine)).intact))
+
+    report = await retention.purge_in_steps(engine, now=NOW, defaults=DEFAULTS, after_step=observe)
+    assert report.access_log_records == 2_500
+    assert after_each == [(1_500, True), (500, True), (0, True)]
+    async with engine.connect() as conn:
+        purged = (
+            await conn.execute(
+                sa.select(access_log_checkpoints.c.records_purged).order_by(
+                    access_log_checkpoints.c.through_seq
+                )
+            )
+        ).scalars()
+        assert list(purged) == [1_000, 1_000, 500]
+        purge_records = await conn.scalar(
+            sa.select(sa.func.count()).where(access_log.c.action == "access_log.purge")
+        )
+    assert purge_records == 3
+    assert (await verify_chain(engine)).intact
+
+
+async def test_a_purge_in_steps_with_nothing_more_to_do_takes_one_step(
+    engine: AsyncEngine,
+) -> None:
+    await fill_old_records(engine, 10)
+    steps: list[int] = []
+
+    async def observe(step: PurgeReport) -> None:
+        steps.append(step.access_log_records)
+
+    report = await retention.purge_in_steps(engine, now=NOW, defaults=DEFAULTS, after_step=observe)
+    assert (report.access_log_records, steps) == (10, [10])

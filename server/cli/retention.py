@@ -15,7 +15,7 @@ from audit import prepare_data_dir
 from audit.clock import SystemClock
 from audit.db import reading
 from audit.recordings import FileStore
-from audit.retention import PurgeReport, Retention, count_expired, purge
+from audit.retention import PurgeReport, Retention, count_expired, purge, purge_in_steps
 from audit.technical_log import count_expired_technical, purge_technical_log
 from config import Settings
 from server.cli.base import current_database
@@ -58,8 +58,12 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
     )
     verb = "would delete" if args.dry_run else "deleted"
 
-    async def _retention_purge(conn: AsyncConnection, now: datetime) -> PurgeReport:
-        total = 0 if args.dry_run else await count_expired(conn, now=now, defaults=defaults)
+    async def _retention_purge(engine: AsyncEngine, now: datetime) -> PurgeReport:
+        if args.dry_run:
+            async with reading(engine) as conn:
+                return await purge(conn, now=now, defaults=defaults, dry_run=True)
+        async with reading(engine) as conn:
+            total = await count_expired(conn, now=now, defaults=defaults)
         with tqdm(
             total=total,
             unit="rows",
@@ -71,9 +75,8 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
             def advance(rows: int) -> None:
                 bar.update(rows)
 
-            return await purge(
-                conn, now=now, defaults=defaults, dry_run=args.dry_run, progress=advance
-            )
+            # In steps, as the server's purge: see audit.retention.STEP.
+            return await purge_in_steps(engine, now=now, defaults=defaults, progress=advance)
 
     def transaction(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
         # A dry run only counts: reads, which on SQLite take no write lock,
@@ -92,8 +95,7 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 else:
                     technical = await purge_technical_log(conn, now=now)
             print(f"{verb} {technical} technical-log entries older than 24 hours")
-            async with transaction(engine) as conn:
-                report = await _retention_purge(conn, now)
+            report = await _retention_purge(engine, now)
         # The keys are gone (committed); now the files.
         FileStore.in_data_dir(prepare_data_dir(settings.data_dir)).delete_files(report.files)
         if not report.ran:
