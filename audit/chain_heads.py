@@ -75,7 +75,8 @@ async def chain_heads(conn: AsyncConnection, names: list[str]) -> dict[str, tupl
     heads = {chain: (seq + 1, last_hash) for chain, seq, last_hash in found}
     for name in names:
         if name not in heads:
-            heads[name] = await chain_start(conn, name)
+            # No record: where it starts, a checkpoint's query alone.
+            heads[name] = await chain_start(conn, name, empty=True)
     return heads
 
 
@@ -104,7 +105,7 @@ _LOCK_KEYS = (
 _TRY_LOCKS = sa.select(_LOCK_KEYS.c.key, sa.func.pg_try_advisory_xact_lock(_LOCK_KEYS.c.key))
 
 
-async def chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
+async def chain_start(conn: AsyncConnection, chain: str, *, empty: bool = False) -> tuple[int, str]:
     """Where a chain (re)starts: after its newest checkpoint (records purged by
     retention) whose records are gone, or at the beginning.
 
@@ -112,17 +113,24 @@ async def chain_start(conn: AsyncConnection, chain: str) -> tuple[int, str]:
     transaction; a checkpoint with records of its range still in the log is
     not a purge's (a row put in by hand), and the walk goes over those
     records instead of starting after them."""
-    checkpoints = await conn.execute(
-        sa.select(access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash)
-        .where(access_log_checkpoints.c.chain == chain)
-        .order_by(access_log_checkpoints.c.through_seq.desc())
-    )
-    for through_seq, through_hash in checkpoints.all():
-        left = await conn.scalar(
-            sa.select(access_log.c.seq)
-            .where(access_log.c.chain == chain, access_log.c.seq <= through_seq)
-            .limit(1)
+    # "Its records are gone": the chain's lowest record is past it. So the
+    # newest checkpoint below that record, in two statements however many
+    # checkpoints a chain has gathered (one per purge and step).
+    lowest = (
+        None
+        if empty  # the caller found no record of the chain, in this transaction
+        else await conn.scalar(
+            sa.select(sa.func.min(access_log.c.seq)).where(access_log.c.chain == chain)
         )
-        if left is None:
-            return through_seq + 1, through_hash
+    )
+    newest = sa.select(
+        access_log_checkpoints.c.through_seq, access_log_checkpoints.c.through_hash
+    ).where(access_log_checkpoints.c.chain == chain)
+    if lowest is not None:
+        newest = newest.where(access_log_checkpoints.c.through_seq < lowest)
+    found = (
+        await conn.execute(newest.order_by(access_log_checkpoints.c.through_seq.desc()).limit(1))
+    ).first()
+    if found is not None:
+        return int(found.through_seq) + 1, str(found.through_hash)
     return 1, GENESIS_HASH

@@ -31,6 +31,7 @@ from audit.access_log import (
     append_records,
     verify_chain,
 )
+from audit.chain_heads import chain_start
 from audit.retention import Retention, _purge_chain, purge
 from audit.schema import access_log, access_log_checkpoints
 
@@ -266,3 +267,35 @@ async def test_a_purge_during_a_walk_of_several_chains_is_walked_again_not_a_cra
     report = await verify_chain(engine)
     assert report.broken is None
     assert report.chains == 2
+
+
+async def test_where_a_chain_starts_is_read_in_two_statements_however_many_checkpoints(
+    migrated_engine: AsyncEngine,
+) -> None:
+    """Every hourly purge (and every step of a long one) leaves a checkpoint;
+    finding where a chain starts read every one of them and looked for
+    records behind each. It reads the chain's lowest record and the newest
+    checkpoint before it, whatever the number of checkpoints."""
+    engine = migrated_engine
+    async with engine.begin() as conn:
+        await append_records(conn, [installation_record(n) for n in range(30)])
+    for through in range(5, 30, 5):
+        async with engine.begin() as conn:
+            await hand_made_checkpoint(conn, through=through, deleting=True)
+    # One more, beyond the records still there (a hand-made one: not a start).
+    async with engine.begin() as conn:
+        await append_records(conn, [installation_record(n) for n in range(30, 40)])
+        await hand_made_checkpoint(conn, through=35, deleting=False)
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with engine.connect() as conn:
+            seq, _ = await chain_start(conn, INSTALLATION_CHAIN)
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", count)
+    assert seq == 26  # after the newest checkpoint whose records are gone
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) <= 2
