@@ -415,6 +415,13 @@ def map_chunks(source: BinaryIO, *, file_id: uuid.UUID | None = None) -> ChunkMa
     return ChunkMap(header, tuple(chunks), complete=False)
 
 
+def readable_bytes(path: str | os.PathLike[str]) -> int:
+    """How many plaintext bytes a reader gets of the file at ``path``: its whole
+    chunks (a truncated file's end is cut off). Reads chunk heads only."""
+    with open(path, "rb") as source:
+        return map_chunks(source).plaintext_size
+
+
 def decrypt_range(
     source: BinaryIO, data_key: bytes, chunk_map: ChunkMap, first: int, last: int
 ) -> Iterator[bytes]:

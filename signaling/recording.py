@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.clock import Clock
 from audit.consults import latest_invite_guardian_consent
+from audit.filestore import StoreError, readable_bytes
 from audit.recordings import (
     Consent,
     ConsentBy,
@@ -466,6 +467,11 @@ class RecordingControl:
                 await asyncio.to_thread(os.truncate, live.file.path, 0)
             except OSError as err:
                 _log.error("recording: emptying the file failed", error=err.strerror)
+        elif not complete and live.file is not None:
+            # Its size is what a download gets, the whole chunks on disk: the
+            # recorder's count held bytes a full disk or a killed worker lost.
+            with contextlib.suppress(OSError, StoreError):
+                plaintext_bytes = await asyncio.to_thread(readable_bytes, live.file.path)
         stopped = functools.partial(
             finish_recording,
             recording_id=live.recording_id,

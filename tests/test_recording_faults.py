@@ -109,6 +109,9 @@ async def test_a_full_disk_stops_the_recording_cleanly_and_the_consult_goes_on(
     media, report = read_cut(FileStore(full_disk_store), row.id, key)
     assert "without its final chunk" in report or "inside chunk" in report
     assert len(media) >= 64 * 1024  # at least the first whole chunk
+    # The size listed is what a download gets, not what the recorder was
+    # handed (the bytes buffered when the disk filled never reached it).
+    assert row.plaintext_bytes == len(media)
     # What made it to the disk plays: the streams' header and whole clusters.
     counts = tolerant_counts(media)
     assert counts["video"] > 0, counts

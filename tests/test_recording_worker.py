@@ -116,6 +116,9 @@ async def test_a_killed_worker_ends_the_recording_as_failed_and_the_next_gets_a_
     # What reached the disk reads, up to the last whole chunk, and plays.
     assert report is not None
     assert "decrypted before the cut" in report
+    # The size listed is what a download gets: the whole chunks on disk, not
+    # the worker's last count (which held bytes it never wrote).
+    assert cut.plaintext_bytes == len(media)
     counts = tolerant_counts(media)
     assert counts["video"] > 10, counts
     assert counts["audio"] > 10, counts
