@@ -187,6 +187,15 @@ class ProtocolError(Exception):
         # The type of the message that caused it, when known.
         self.ref = ref
 
+    @classmethod
+    def unavailable(cls, ref: str) -> ProtocolError:
+        """The shared state or the database is away or busy: try again."""
+        return cls(
+            ErrorCode.UNAVAILABLE,
+            "the server cannot do this right now; try again in a moment",
+            ref=ref,
+        )
+
 
 class _Inbound(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -126,8 +126,9 @@ class Recovery:
             await self._rooms.leave(participant, grace=True, left_at=at)
             del self._missed_leaves[connection_id]
         for consult_id, (reason, ended_at) in list(self._missed_ends.items()):
-            # The record keeps the end it was given (mark_ended changes no end).
-            await self._rooms.end(consult_id, reason=reason, at=ended_at)
+            # The record keeps the end it was given (mark_ended changes no end);
+            # a room saved as over before Redis went is told all the same.
+            await self._rooms.end(consult_id, reason=reason, at=ended_at, again=True)
             del self._missed_ends[consult_id]
         by_consult: dict[uuid.UUID, list[Participant]] = {}
         for participant in self._rooms.connected_here:

@@ -285,7 +285,7 @@ class ConsultRooms:
             _log.warning(
                 "message not handled: shared state unavailable", type=message.type, error=str(err)
             )
-            raise _unavailable(message.type) from err
+            raise ProtocolError.unavailable(message.type) from err
         except Exception as err:
             if not (is_outage(err) or is_busy(err)):
                 raise
@@ -297,7 +297,7 @@ class ConsultRooms:
                 type=message.type,
                 error=type(err).__name__,
             )
-            raise _unavailable(message.type) from err
+            raise ProtocolError.unavailable(message.type) from err
 
     async def _handle(
         self, participant: Participant, message: InboundMessage, frame: str | None
@@ -395,12 +395,18 @@ class ConsultRooms:
         return await self.recovery.node_lost(consult_id, node, last_seen=last_seen)
 
     async def end(
-        self, consult_id: uuid.UUID, *, reason: EndReason, at: datetime | None = None
+        self,
+        consult_id: uuid.UUID,
+        *,
+        reason: EndReason,
+        at: datetime | None = None,
+        again: bool = False,
     ) -> None:
         """End the consult for both: record the end, tell them, close their sockets.
 
         ``at`` is the end time to record (default now): when both left, the
-        moment the last one went, not the end of the grace period.
+        moment the last one went, not the end of the grace period. ``again``
+        (the repair): a room already over is told all the same.
         """
         ended_at = at or self._clock.now()
         async with self._engine.begin() as conn:
@@ -411,27 +417,28 @@ class ConsultRooms:
                 already_over = state.phase is RoomPhase.OVER
                 state.phase = RoomPhase.OVER
                 state.therapist = state.patient = None
+            if already_over and not again:
+                return
+            self.reports.forget_consult(consult_id)
+            if self.recording.is_active(consult_id):
+                await self._stop_recording(consult_id, StopReason.CONSULT_ENDED)
+            # The timers first: once told, a participant may act at once (connect
+            # again, or, in a test, move the clock), and must find them set.
+            for role in ParticipantRole:
+                await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
+            await self._timers.cancel(TimerKind.MAX_DURATION.key(consult_id))
+            await self.deadlines.forget_later(consult_id)
+            # How it ended, for support (24 hours): the record keeps only times.
+            how = {"reason": reason.value}
+            self._technical.log.info("signaling.consult-ended", subject=str(consult_id), **how)
+            ended = outbound("consult-ended", reason=reason)
+            for role in ParticipantRole:
+                await self.send(consult_id, role, ended, close_code=CloseCode.ENDED)
         except StateUnavailable:
-            # Recorded, and told to the room once Redis answers (reconcile).
+            # Recorded; the room is told once Redis answers (reconcile ends it
+            # again, all of it, also when the room was saved as over already).
             self.recovery.missed_end(consult_id, reason, ended_at)
             raise
-        if already_over:
-            return
-        self.reports.forget_consult(consult_id)
-        if self.recording.is_active(consult_id):
-            await self._stop_recording(consult_id, StopReason.CONSULT_ENDED)
-        # The timers first: once told, a participant may act at once (connect
-        # again, or, in a test, move the clock), and must find them set.
-        for role in ParticipantRole:
-            await self._timers.cancel(TimerKind.GRACE.key(consult_id, role))
-        await self._timers.cancel(TimerKind.MAX_DURATION.key(consult_id))
-        await self.deadlines.forget_later(consult_id)
-        # How it ended, for support (24 hours): the record keeps only times.
-        how = {"reason": reason.value}
-        self._technical.log.info("signaling.consult-ended", subject=str(consult_id), **how)
-        ended = outbound("consult-ended", reason=reason)
-        for role in ParticipantRole:
-            await self.send(consult_id, role, ended, close_code=CloseCode.ENDED)
         _log.info("consult ended", consult_id=str(consult_id), reason=reason)
 
     async def _admit(self, participant: Participant) -> list[dict[str, Any]]:
@@ -589,9 +596,3 @@ class ConsultRooms:
             connection=participant.connection_id,
             detail=detail or {},
         )
-
-
-def _unavailable(ref: str) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.UNAVAILABLE, "the server cannot do this right now; try again in a moment", ref=ref
-    )

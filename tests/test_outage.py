@@ -412,3 +412,43 @@ async def test_a_repair_that_fails_does_not_keep_the_node_from_claiming_dead_nod
         assert cluster.out_of_touch  # the repair is still due
     finally:
         await redis.aclose()
+
+
+async def test_an_end_cut_short_after_its_room_was_saved_over_is_finished_by_the_repair(
+    redis_proxy: CuttableProxy, behind_redis_proxy: Harness, monkeypatch: Any
+) -> None:
+    """Found in review: the end saved the room as over, then Redis went away
+    before the timers were cancelled and the participants told. The repair
+    round ended it again, found the room over already, and stopped there:
+    both participants stayed in a call whose consult was over."""
+    harness = behind_redis_proxy
+    rooms = harness.app[ROOMS]
+    sockets = Sockets(harness)
+    try:
+        setup, therapist, patient = await admitted_pair(harness, sockets)
+        await without_the_node_job()
+        cancel = rooms._timers.cancel
+        cut = False
+
+        async def cut_first(key: str) -> None:
+            # Redis goes away right after the room was saved as over.
+            nonlocal cut
+            if not cut:
+                cut = True
+                await redis_proxy.cut()
+            await cancel(key)
+
+        monkeypatch.setattr(rooms._timers, "cancel", cut_first)
+        ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+        assert ended.status == 200, await ended.text()
+        assert cut
+        monkeypatch.setattr(rooms._timers, "cancel", cancel)
+        redis_proxy.restore()
+
+        await node_round(harness.app)  # the repair round, as the node job runs it
+        for socket in (therapist, patient):
+            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
+            closing = await socket.receive(timeout=5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+    finally:
+        await sockets.close()
