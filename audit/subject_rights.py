@@ -27,6 +27,8 @@ from audit.schema import (
     recordings,
     sessions,
     technical_log,
+    webhook_deliveries,
+    webhook_events,
 )
 from audit.technical_log import RETENTION
 
@@ -36,12 +38,14 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 async def export_account(
-    conn: AsyncConnection, account: Account, *, now: datetime
+    conn: AsyncConnection, account: Account, *, login_subject_hash: str, now: datetime
 ) -> dict[str, Any]:
     """Everything held about ``account``, as JSON-ready data.
 
-    Credentials are named, not handed out: the password hash and the sealed
-    TOTP secret are said to exist, not copied.
+    ``login_subject_hash`` is the keyed hash its failed logins are counted
+    under (as :func:`erase_account` takes it). Credentials are named, not
+    handed out: the password hash and the sealed TOTP secret are said to
+    exist, not copied.
     """
     organisation = await conn.scalar(
         sa.select(organisations.c.name).where(organisations.c.id == account.organisation_id)
@@ -81,6 +85,11 @@ async def export_account(
         sa.select(technical_log)
         .where(technical_log.c.subject == str(account.id), technical_log.c.at > now - RETENTION)
         .order_by(technical_log.c.id)
+    )
+    failures = await conn.scalars(
+        sa.select(login_failures.c.failed_at)
+        .where(login_failures.c.subject_hash == login_subject_hash)
+        .order_by(login_failures.c.id)
     )
     return {
         "exported_at": now.isoformat(),
@@ -153,7 +162,59 @@ async def export_account(
         "technical_log_last_24_hours": [
             {"at": _iso(row.at), "kind": row.kind, "detail": row.detail} for row in diagnostics
         ],
+        # The lockout's count of failed logins at the account's address (kept
+        # until they can lock no more). The address and the client's address
+        # are held only as keyed hashes, of no use to read, so not copied out.
+        "login_failures": [{"failed_at": _iso(failed_at)} for failed_at in failures],
+        "webhook_events": await _webhook_events(conn, account),
     }
+
+
+async def _webhook_events(conn: AsyncConnection, account: Account) -> list[dict[str, Any]]:
+    """The outbox's events linked to ``account``: messages to the practice's
+    systems that will name its therapist (by external id or pseudonym, filled
+    in as they are sent). The link is cleared once none of an event's
+    deliveries is pending, so these are the ones still to go (or whose
+    endpoint was deleted, until the history's purge)."""
+    events = (
+        await conn.execute(
+            sa.select(webhook_events)
+            .where(webhook_events.c.therapist_id == account.id)
+            .order_by(webhook_events.c.created_at, webhook_events.c.id)
+        )
+    ).all()
+    if not events:
+        return []
+    deliveries = await conn.execute(
+        sa.select(webhook_deliveries)
+        .join(webhook_events, webhook_events.c.id == webhook_deliveries.c.event_id)
+        .where(webhook_events.c.therapist_id == account.id)
+        .order_by(webhook_deliveries.c.id)
+    )
+    # Where and how it goes; the endpoint's URL and secret are the practice's.
+    by_event: dict[uuid.UUID, list[dict[str, Any]]] = {event.id: [] for event in events}
+    for row in deliveries:
+        by_event.setdefault(row.event_id, []).append(
+            {
+                "endpoint_id": str(row.endpoint_id),
+                "status": row.status,
+                "attempts": row.attempts,
+                "last_attempt_at": _iso(row.last_attempt_at),
+                "next_attempt_at": _iso(row.next_attempt_at),
+            }
+        )
+    return [
+        {
+            "id": str(event.id),
+            "type": event.type,
+            # The consult or recording the message is about.
+            "about": str(event.subject_id),
+            "created_at": _iso(event.created_at),
+            "data": event.data,
+            "deliveries": by_event[event.id],
+        }
+        for event in events
+    ]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
+import pytest
 import sqlalchemy as sa
 
 from audit.access_log import verify_chain
+from audit.consults import create_consult, mark_started
 from audit.recordings import Consent, ConsentBy, finish_recording, start_recording
 from audit.roles import Role
-from audit.schema import access_log, consults, metadata
+from audit.schema import access_log, consults, metadata, webhook_events
 from audit.sealing import keyed_hash
+from audit.webhooks import EventType, add_endpoint
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY, TECHNICAL_LOG
 from tests.support.harness import Harness, new_consult
 
@@ -76,6 +80,100 @@ async def test_a_professional_downloads_everything_held_about_them(harness: Harn
     assert len(exported["sessions"]) == 1
     # The waiting-room name is not stored, so it is not in the export either.
     assert "Mevr. J." not in str(exported)
+
+
+async def test_the_export_holds_the_failed_logins_at_ones_address_and_no_one_elses(
+    harness: Harness,
+) -> None:
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    wrong = {"email": anna.email, "password": "wrong password!!", "code": "000000"}
+    first_at = harness.clock.now()
+    assert (await harness.post("/api/login", wrong)).status == 401
+    harness.clock.advance(60)
+    second_at = harness.clock.now()
+    # Typed differently, the same address: counted, and so held, as one.
+    retyped = {**wrong, "email": "  Anna@Praktijk-Noord.example"}
+    assert (await harness.post("/api/login", retyped)).status == 401
+    elses = {**wrong, "email": "bram@praktijk-noord.example"}
+    assert (await harness.post("/api/login", elses)).status == 401
+    harness.clock.advance(60)
+    await harness.logged_in(anna)  # a login that succeeds is no failure
+
+    exported = await (await harness.client.get("/api/account/export")).json()
+    failures = exported["login_failures"]
+    assert [datetime.fromisoformat(f["failed_at"]) for f in failures] == [first_at, second_at]
+    # Held under keyed hashes of the address and of the client's address:
+    # said, not copied out.
+    assert all(set(failure) == {"failed_at"} for failure in failures)
+    subject_hash = keyed_hash(harness.app[MASTER_KEY].key, "login-subject", anna.email)
+    assert subject_hash not in str(exported)
+
+
+@pytest.mark.settings(webhooks_poll_interval_s="3600")  # nothing sent meanwhile
+async def test_the_export_holds_the_webhook_messages_that_will_name_one(
+    harness: Harness,
+) -> None:
+    setup = await new_consult(harness)
+    colleague = await harness.professional("bram@praktijk-noord.example", Role.THERAPIST)
+    organisation = await harness.organisation()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        endpoint, secret = await add_endpoint(
+            conn,
+            harness.app[MASTER_KEY].key,
+            organisation.id,
+            url="https://records.praktijk-noord.example/hooks",
+            events=(EventType.CONSULT_STARTED,),
+            now=harness.clock.now(),
+        )
+        colleagues = await create_consult(
+            conn, therapist_id=colleague.account_id, now=harness.clock.now()
+        )
+        await mark_started(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
+        await mark_started(conn, colleagues.id, now=harness.clock.now())
+
+    exported = await (await harness.client.get("/api/account/export")).json()
+    (event,) = exported["webhook_events"]
+    assert event["type"] == "consult.started"
+    assert event["about"] == setup.consult_id
+    assert datetime.fromisoformat(event["created_at"]) == harness.clock.now()
+    assert event["data"]["consult_id"] == setup.consult_id
+    assert event["data"]["status"] == "active"
+    assert [
+        (delivery["endpoint_id"], delivery["status"], delivery["attempts"])
+        for delivery in event["deliveries"]
+    ] == [(str(endpoint.id), "pending", 0)]
+    # Not the colleague's message, and not the endpoint's signing secret.
+    assert str(colleagues.id) not in str(exported)
+    assert secret not in str(exported)
+
+
+@pytest.mark.settings(webhooks_poll_interval_s="3600")
+async def test_erasure_unlinks_the_pending_webhook_messages_from_the_account(
+    harness: Harness,
+) -> None:
+    setup = await new_consult(harness)
+    organisation = await harness.organisation()
+    async with harness.app[DB_ENGINE].begin() as conn:
+        await add_endpoint(
+            conn,
+            harness.app[MASTER_KEY].key,
+            organisation.id,
+            url="https://records.praktijk-noord.example/hooks",
+            events=(EventType.CONSULT_STARTED,),
+            now=harness.clock.now(),
+        )
+        await mark_started(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
+    admin = await harness.professional("admin@praktijk-noord.example", Role.ADMIN)
+    await harness.logged_in(admin)
+    response = await harness.post(f"/api/admin/accounts/{setup.therapist.account_id}/erase")
+    assert response.status == 200, await response.text()
+    async with harness.app[DB_ENGINE].connect() as conn:
+        events = (await conn.execute(sa.select(webhook_events))).all()
+    # The message about the consult still goes (the record stays, pseudonymous),
+    # naming no therapist.
+    assert [(event.subject_id, event.therapist_id) for event in events] == [
+        (uuid.UUID(setup.consult_id), None)
+    ]
 
 
 async def test_erasure_leaves_no_trace_and_keeps_the_consults_pseudonymous(

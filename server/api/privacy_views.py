@@ -8,11 +8,11 @@ from aiohttp import web
 
 from audit.accounts import Role
 from audit.db import reading
-from audit.sealing import keyed_hash
 from audit.subject_rights import erase_account, export_account
 from server.api.access_records import record_in, record_read
 from server.api.admin_views import ACCOUNT_PATH, own_account
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
+from server.auth.login import login_subject_hash
 from server.auth.sessions import require_login, require_role
 from server.ws.session_check import check_therapist_sessions
 
@@ -31,8 +31,9 @@ async def account_export(request: web.Request) -> web.Response:
     await record_read(
         request, principal, action="account.export", object_type="account", object_id=account.id
     )
+    subject_hash = login_subject_hash(app[MASTER_KEY].key, account.email)
     async with reading(app[DB_ENGINE]) as conn:
-        exported = await export_account(conn, account, now=now)
+        exported = await export_account(conn, account, login_subject_hash=subject_hash, now=now)
     return web.Response(
         text=json.dumps(exported, indent=2, ensure_ascii=False),
         content_type="application/json",
@@ -49,7 +50,7 @@ async def account_erase(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.erase")
     account = await own_account(request, principal, "account.erase")
     app = request.app
-    subject_hash = keyed_hash(app[MASTER_KEY].key, "login-subject", account.email)
+    subject_hash = login_subject_hash(app[MASTER_KEY].key, account.email)
     async with app[DB_ENGINE].begin() as conn:
         erasure = await erase_account(conn, account, login_subject_hash=subject_hash)
         await record_in(

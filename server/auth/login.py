@@ -38,6 +38,12 @@ from server.auth.passwords import PasswordHasher
 TOTP_PURPOSE = "totp-secret"
 
 
+def login_subject_hash(master_key: bytes, email: str) -> str:
+    """The keyed hash failed logins at ``email`` (the stored form) are counted
+    under: the lockout counts by it, the export and the erasure find them by it."""
+    return keyed_hash(master_key, "login-subject", email)
+
+
 @dataclass(frozen=True)
 class LoginAttempt:
     email: str
@@ -123,7 +129,7 @@ class Authenticator:
     async def _attempt(self, email: str, client_address: str, now: datetime) -> int:
         """Record an attempt at ``email``'s password; raise :class:`LoginLocked`
         (the attempt forgotten) while failures lock the address or the client."""
-        subject_hash = keyed_hash(self.master_key.key, "login-subject", email)
+        subject_hash = login_subject_hash(self.master_key.key, email)
         client_hash = keyed_hash(self.master_key.key, "login-client", client_address)
         # The attempt counts as a failure from the start, committed before any
         # check, so that parallel attempts see each other; success forgives it.
