@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.access_log import (
@@ -57,6 +58,8 @@ from audit.schema import (
     retention_settings,
 )
 from audit.webhooks import EventType
+
+_log = structlog.get_logger(__name__)
 
 # pg_try_advisory_xact_lock key: one purge at a time across nodes.
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
@@ -428,12 +431,26 @@ async def purge_in_steps(
     same ``now`` throughout). Each leaves a checkpoint and a purge record,
     so the chains verify between any two. ``after_step`` is awaited after
     each commit; the report is the sum of the steps', not ``ran`` only if
-    another node held the purge from the start."""
+    another node held the purge from the start. A step after the first that
+    fails ends the purge there (``unfinished``; logged), keeping what the
+    steps before did: their destroyed keys' files are in the report."""
     total = PurgeReport(dry_run=False)
     first = True
     while True:
-        async with engine.begin() as conn:
-            step = await purge(conn, now=now, defaults=defaults, progress=progress, at_most=STEP)
+        try:
+            async with engine.begin() as conn:
+                step = await purge(
+                    conn, now=now, defaults=defaults, progress=progress, at_most=STEP
+                )
+        except Exception as err:
+            if first:
+                raise  # nothing done
+            # What the steps before committed stays done, and the caller still
+            # deletes the files whose keys they destroyed; the next purge goes
+            # on from here.
+            _log.warning("retention purge stopped after a step", error=type(err).__name__)
+            total.unfinished = True
+            return total
         if after_step is not None:
             await after_step(step)
         if not step.ran:

@@ -193,7 +193,9 @@ class Recovery:
         except NotFound:
             return 0
         if consult.is_over:
-            await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER)
+            # Its sockets here are told, also when the room was saved as over
+            # by an end that Redis cut short on a node that is gone since.
+            await self._rooms.end(consult_id, reason=EndReason.CONSULT_OVER, again=True)
             return len(participants)
         repaired = 0
         for participant in sorted(participants, key=lambda p: p.role is ParticipantRole.PATIENT):

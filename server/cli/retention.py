@@ -117,6 +117,13 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
             f"{report.consults} consult records and "
             f"{report.access_log_records} access-log records in all"
         )
+        if report.unfinished:
+            print(
+                "the purge stopped after a step that failed (see the log); what it deleted "
+                "stays deleted: run it again to go on",
+                file=sys.stderr,
+            )
+            return 1
         return 0
 
     return asyncio.run(_run())
