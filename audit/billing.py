@@ -11,12 +11,20 @@ record covers that read. A consult counts in the month of its start, or,
 never started, of its appointment, or else of when it was made. A consult
 whose therapist was erased belongs to no organisation any more and is in no
 export.
+
+Three forms (:class:`ExportFormat`): JSON for programs, with each
+therapist's totals; a plain CSV (RFC 4180: commas, UTF-8 without a
+byte-order mark), as a program or a careful import reads it; and a CSV made
+for a bookkeeper who double-clicks it into Excel in a European locale. No
+CSV cell starts a spreadsheet formula.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
+import enum
 import io
 import json
 import re
@@ -33,6 +41,26 @@ from audit.clock import iso_utc
 from audit.consults import ConsultStatus
 from audit.references import unseal_reference, with_reference_ring_key
 from audit.schema import accounts, appointment_references, consults
+
+
+class ExportFormat(enum.Enum):
+    # The rows and each therapist's totals, exact values: for programs.
+    JSON = "json"
+    # RFC 4180, commas, UTF-8 without a byte-order mark.
+    CSV = "csv"
+    # A CSV as Excel opens it in NL, DE, FR, BE: with a byte-order mark,
+    # semicolons, and the practice's ids as text.
+    EXCEL = "excel"
+
+
+def parse_format(text: str) -> ExportFormat:
+    """The export's form by its name; ValueError saying which names there are."""
+    try:
+        return ExportFormat(text)
+    except ValueError:
+        names = [member.value for member in ExportFormat]
+        raise ValueError(f"{', '.join(names[:-1])} or {names[-1]}") from None
+
 
 COLUMNS = (
     "therapist_id",
@@ -220,20 +248,49 @@ def as_json(document: dict[str, Any], entries: list[BilledConsult], zone: tzinfo
     return json.dumps(whole).encode()
 
 
-def as_csv(entries: list[BilledConsult], zone: tzinfo) -> bytes:
-    """The export as CSV (a header, then a row a consult); blocking for a big month."""
+def as_csv(
+    entries: list[BilledConsult], zone: tzinfo, export_format: ExportFormat = ExportFormat.CSV
+) -> bytes:
+    """The export as CSV (a header, then a row a consult), plain or for Excel;
+    blocking for a big month."""
+    if export_format is ExportFormat.JSON:
+        raise ValueError("as_csv makes CSV; the JSON is as_json's")
+    excel = export_format is ExportFormat.EXCEL
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    # Excel splits a file it opens at the list separator of the machine's
+    # locale: a semicolon wherever the decimal separator is a comma (NL, DE,
+    # FR, BE). No column holds a fraction, so no decimal separator is needed.
+    writer = csv.writer(out, delimiter=";" if excel else ",", lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for entry in entries:
         row = row_of(entry, zone)
-        writer.writerow(["" if row[name] is None else _cell(row[name]) for name in COLUMNS])
+        writer.writerow([_cell(row[name], as_text=excel and name in _IDS) for name in COLUMNS])
+    if excel:
+        # Without a byte-order mark Excel reads UTF-8 as Windows-1252 ("MÃ¼ller").
+        # (A "sep=;" line would name the separator for any locale, but then
+        # Excel ignores the mark.)
+        return codecs.BOM_UTF8 + out.getvalue().encode()
     return out.getvalue().encode()
 
 
-def _cell(value: object) -> object:
-    # A spreadsheet runs a cell that starts with = + - @ as a formula: an
-    # e-mail address, an external id and an appointment reference are the
-    # only text here, and they are kept text.
+# The practice's own ids: Excel would make 123 of "00123", 1,23457E+19 of a long
+# number and a date of "1-2". ="…" is a text constant to it, shown as written
+# (64 characters at most, well within its 255 for a constant).
+_IDS = frozenset({"therapist_external_id", "appointment_reference"})
+# OWASP, CSV injection: a spreadsheet runs a cell that starts with one of
+# these as a formula. The e-mail address, the external id and the appointment
+# reference are the only text here.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object, *, as_text: bool) -> str:
+    if value is None:
+        return ""
     text = str(value)
-    return f"'{text}" if text[:1] in ("=", "+", "-", "@") else value
+    if text.startswith(_FORMULA_STARTS):
+        # A quote before it makes it text. Kept inside ="…" too, so that the
+        # cell is still text once a bookkeeper saves the sheet as CSV again.
+        text = f"'{text}"
+    if as_text:
+        return '="' + text.replace('"', '""') + '"'
+    return text

@@ -1,6 +1,7 @@
 """The billing export (issue 21, item 6): a month of an organisation's
-consults per therapist, as JSON and CSV, for its admin (API) and the
-operator (command line); on SQLite and PostgreSQL; access-logged."""
+consults per therapist, as JSON, CSV and a CSV for Excel, for its admin
+(API) and the operator (command line); on SQLite and PostgreSQL;
+access-logged. The CSVs' cells: tests/test_billing_csv.py."""
 
 from __future__ import annotations
 
@@ -209,9 +210,30 @@ async def test_the_csv_has_a_row_a_consult_and_one_therapist_can_be_chosen(
     }
 
 
+async def test_the_excel_csv_is_the_same_month_for_a_bookkeeper(harness: Harness) -> None:
+    month = await a_month(harness)
+    response = await harness.client.get("/api/admin/billing?month=2026-11&format=excel")
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/csv"
+    assert response.charset == "utf-8"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert (
+        response.headers["Content-Disposition"]
+        == 'attachment; filename="consults-2026-11-excel.csv"'
+    )
+    body = await response.read()
+    assert body.startswith(b"\xef\xbb\xbftherapist_id;therapist;")
+    rows = list(csv.DictReader(io.StringIO(body.decode("utf-8-sig")), delimiter=";"))
+    assert [row["consult_id"] for row in rows] == [
+        str(month[name]) for name in ("anna_held", "anna_unstarted", "bert_held", "bert_late")
+    ]
+    assert (rows[0]["date"], rows[0]["duration_s"]) == ("2026-11-02", "3000")
+
+
 async def test_each_export_is_in_the_access_log(harness: Harness) -> None:
     month = await a_month(harness)
-    for query in ("month=2026-11", "month=2026-11&format=csv"):
+    queries = ("month=2026-11", "month=2026-11&format=csv", "month=2026-11&format=excel")
+    for query in queries:
         assert (await harness.client.get(f"/api/admin/billing?{query}")).status == 200
     async with harness.app[DB_ENGINE].connect() as conn:
         rows = (
@@ -220,7 +242,7 @@ async def test_each_export_is_in_the_access_log(harness: Harness) -> None:
     admin = month.people["admin"]
     assert [(row.actor_id, row.actor_role, row.object_type) for row in rows] == [
         (admin.account_id, "admin", "organisation"),
-    ] * 2
+    ] * 3
     assert rows[0].object_id == str(admin.organisation.id)
 
 
@@ -232,7 +254,8 @@ async def test_each_export_is_in_the_access_log(harness: Harness) -> None:
         ("month=11-2026", "parameter 'month' must be a month as YYYY-MM"),
         ("month=0000-01", "parameter 'month' must be a month from 2000-01 to 2999-12"),
         ("month=2026-11&tz=Mars/Olympus", "parameter 'tz' must be an IANA time zone"),
-        ("month=2026-11&format=xlsx", "parameter 'format' must be json or csv"),
+        ("month=2026-11&format=xlsx", "parameter 'format' must be json, csv or excel"),
+        ("month=2026-11&format=CSV", "parameter 'format' must be json, csv or excel"),
         ("month=2026-11&therapist=anna", "parameter 'therapist' must be an account id"),
         ("month=2026-11&patient=x", "unknown parameter 'patient'"),
         ("month=2026-11&month=2026-10", "parameter 'month' is given more than once"),
@@ -270,6 +293,22 @@ async def test_the_command_line_exports_the_same_month(
     assert [row["consult_id"] for row in rows] == [
         str(month[name]) for name in ("anna_held", "anna_unstarted", "bert_held", "bert_late")
     ]
+    for_excel = await asyncio.to_thread(
+        run_cli,
+        "billing",
+        "export",
+        "--org",
+        "Praktijk Noord",
+        "--month",
+        "2026-11",
+        "--format",
+        "excel",
+        env=env,
+    )
+    assert for_excel.returncode == 0, for_excel.stderr
+    assert for_excel.stdout.startswith("\ufefftherapist_id;therapist;")
+    excel_rows = list(csv.DictReader(io.StringIO(for_excel.stdout[1:]), delimiter=";"))
+    assert [row["consult_id"] for row in excel_rows] == [row["consult_id"] for row in rows]
     as_json = await asyncio.to_thread(
         run_cli,
         "billing",
@@ -299,4 +338,4 @@ async def test_the_command_line_exports_the_same_month(
             .select_from(access_log)
             .where(access_log.c.action == "billing.export", access_log.c.actor_role == "operator")
         )
-    assert operator_reads == 2
+    assert operator_reads == 3

@@ -3,7 +3,7 @@ an admin registers a webhook endpoint against a real receiver (an aiohttp
 server verifying every signature with ``standardwebhooks``), sees its secret
 once, sees consults' deliveries and failures appear, rotates the secret
 (the receiver verifies with the new one) and deletes the endpoint; exports a
-month of consults for billing (the table, the totals, the CSV and JSON
+month of consults for billing (the table, the totals, the Excel, CSV and JSON
 downloads); in English and Dutch, on a laptop and on a phone. axe-core
 checks every state.
 
@@ -372,6 +372,17 @@ async def test_an_admin_exports_a_month_of_consults_for_billing(
     assert sum(int(row["duration_s"] or 0) for row in exported) == (50 + 20 + 45) * 60
     assert all(row["date"].startswith("2026-10-") for row in exported)
 
+    # The same month for a bookkeeper's Excel: a byte-order mark, semicolons.
+    async with page.expect_download() as for_excel:
+        await page.click("#billing-excel")
+    download = await for_excel.value
+    assert download.suggested_filename == "consults-2026-10-excel.csv"
+    path = tmp_path / "billing-excel.csv"
+    await download.save_as(path)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbftherapist_id;therapist;")
+    in_excel = list(csv.DictReader(io.StringIO(path.read_text("utf-8-sig")), delimiter=";"))
+    assert [row["consult_id"] for row in in_excel] == [row["consult_id"] for row in exported]
+
     # One therapist, and the JSON of the same.
     await page.select_option("#billing-therapist", str(bram.account_id))
     await page.click("#billing-show")
@@ -401,6 +412,7 @@ async def test_an_admin_exports_a_month_of_consults_for_billing(
         "Beëindigd"
     )
     await expect(page.locator("#billing-csv")).to_have_text("CSV downloaden")
+    await expect(page.locator("#billing-excel")).to_have_text("Downloaden voor Excel")
     await screenshot(page, "billing-dutch")
     await assert_accessible(page, "billing in Dutch")
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)

@@ -293,6 +293,10 @@ def test_operator_adds_an_organisation_and_an_account_with_an_enrolment_link(
             ["billing", "export", "--org", "X", "--month", "2026-11", "--tz", "Europe"],
             "--tz 'Europe' is not a time zone",
         ),
+        (
+            ["billing", "export", "--org", "X", "--month", "2026-11", "--format", "xlsx"],
+            "argument --format: invalid choice: 'xlsx' (choose from 'csv', 'excel', 'json')",
+        ),
     ],
 )
 def test_user_commands_refuse_bad_input_with_one_line(

@@ -1,10 +1,11 @@
 """A month of consults per therapist, for the practice's billing: the admin's export.
 
 ``GET /api/admin/billing?month=2026-11`` answers JSON (the consults and each
-therapist's totals), ``&format=csv`` a CSV download. The read is in the
-access log (``billing.export``) in the same transaction (it covers the
-appointment references unsealed for the export); the CSV is made in a
-worker thread.
+therapist's totals), ``&format=csv`` a CSV download for programs and
+``&format=excel`` one for a bookkeeper's Excel (:mod:`audit.billing` says how
+they differ). The read is in the access log (``billing.export``) in the same
+transaction (it covers the appointment references unsealed for the export);
+the file is made in a worker thread.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from aiohttp import web
 
 from audit.accounts import Role
 from audit.billing import (
+    ExportFormat,
     as_csv,
     as_json,
     month_bounds,
     month_of_consults,
+    parse_format,
     parse_month,
 )
 from audit.db import reading
@@ -46,16 +49,27 @@ def query_month(text: str | None) -> date:
         raise Unprocessable(f"parameter 'month' must be {err}") from None
 
 
+def query_format(text: str) -> ExportFormat:
+    """The export's form by its name; 422 naming the parameter and the names."""
+    try:
+        return parse_format(text)
+    except ValueError as err:
+        raise Unprocessable(f"parameter 'format' must be {err}") from None
+
+
+# The Excel file has a name of its own: both may be downloaded side by side.
+_FILE_SUFFIXES = {ExportFormat.CSV: ".csv", ExportFormat.EXCEL: "-excel.csv"}
+
+
 @routes.get("/api/admin/billing")
 async def billing_export(request: web.Request) -> web.Response:
-    """The organisation's consults of one month, by therapist, as JSON or CSV."""
+    """The organisation's consults of one month, by therapist, as JSON, CSV or
+    a CSV for Excel."""
     principal = await require_role(request, Role.ADMIN, action="billing.export")
     params = query_params(request, PARAMS)
     first_day = query_month(params.get("month"))
     zone, zone_name = query_zone(params)
-    export_format = params.get("format", "json")
-    if export_format not in ("json", "csv"):
-        raise Unprocessable("parameter 'format' must be json or csv")
+    export_format = query_format(params.get("format", ExportFormat.JSON.value))
     therapist_id: uuid.UUID | None = None
     if "therapist" in params:
         try:
@@ -90,12 +104,13 @@ async def billing_export(request: web.Request) -> web.Response:
         object_ids=[entry.consult_id for entry in entries if entry.appointment_reference],
     )
     month = f"{first_day:%Y-%m}"
-    if export_format == "csv":
+    if export_format is not ExportFormat.JSON:
+        file_name = f"consults-{month}{_FILE_SUFFIXES[export_format]}"
         return web.Response(
-            body=await asyncio.to_thread(as_csv, entries, zone),
+            body=await asyncio.to_thread(as_csv, entries, zone, export_format),
             headers={
                 "Content-Type": "text/csv; charset=utf-8",
-                "Content-Disposition": f'attachment; filename="consults-{month}.csv"',
+                "Content-Disposition": f'attachment; filename="{file_name}"',
                 "Cache-Control": "no-store",
             },
         )

@@ -10,6 +10,7 @@ import uuid
 
 from audit.billing import (
     BilledConsult,
+    ExportFormat,
     as_csv,
     month_bounds,
     month_of_consults,
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export = commands.add_parser(
         "export",
-        help="print a month of consults as CSV or JSON",
+        help="print a month of consults as CSV (plain or for Excel) or JSON",
         description=(
             "Print the organisation's consults of MONTH (by their start; never started: "
             "their appointment, else when they were made), a row per consult with its "
@@ -52,7 +53,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument(
         "--tz", default="UTC", help="the time zone of the month's days (default UTC)"
     )
-    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument(
+        "--format",
+        choices=sorted(member.value for member in ExportFormat),
+        default=ExportFormat.CSV.value,
+        help=(
+            "csv (default): RFC 4180, commas, UTF-8, for programs; excel: for Excel in a "
+            "European locale (a byte-order mark, semicolons, the practice's ids as text); "
+            "json: the rows and each therapist's totals"
+        ),
+    )
     export.set_defaults(run=run_export)
 
 
@@ -91,8 +101,9 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
             return organisation.id, entries
 
     organisation_id, entries = asyncio.run(_export())
-    if args.format == "csv":
-        sys.stdout.buffer.write(as_csv(entries, zone))
+    export_format = ExportFormat(args.format)
+    if export_format is not ExportFormat.JSON:
+        sys.stdout.buffer.write(as_csv(entries, zone, export_format))
     else:
         document = {
             "organisation_id": str(organisation_id),

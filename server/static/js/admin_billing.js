@@ -1,8 +1,10 @@
 // The admin console's billing export: a month (last month unless chosen) in
 // the browser's time zone, all therapists or one, shown as each therapist's
-// totals and a row a consult, and the same as CSV or JSON to download. The
-// table is asked for only when the admin says "Show": each export is a read
-// of the practice's consults, and so a record in the access log.
+// totals and a row a consult, and the same to download: as a CSV for Excel
+// (semicolons, a byte-order mark, ids as text; docs/admin.md), a plain CSV
+// for programs, or JSON. The table is asked for only when the admin says
+// "Show": each export is a read of the practice's consults, and so a record
+// in the access log.
 import { locale, say, t } from "./i18n.js";
 import "./i18n_admin_integrations.js";
 import { $, api, fillAccountSelect, showProblem } from "./admin_api.js";
@@ -31,12 +33,15 @@ function wanted() {
   return query;
 }
 
+// Each format's file name ends as the server names it.
+const FILE_ENDINGS = { excel: "-excel.csv", csv: ".csv", json: ".json" };
+
 function updateDownloadLinks() {
   const query = wanted();
-  for (const format of ["csv", "json"]) {
+  for (const [format, ending] of Object.entries(FILE_ENDINGS)) {
     const link = $(`billing-${format}`);
     link.href = `${PATH}?${new URLSearchParams({ ...query, format })}`;
-    link.download = `consults-${query.month}.${format}`;
+    link.download = `consults-${query.month}${ending}`;
   }
 }
 
