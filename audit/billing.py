@@ -281,6 +281,10 @@ _IDS = frozenset({"therapist_external_id", "appointment_reference"})
 # these as a formula. The e-mail address, the external id and the appointment
 # reference are the only text here.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# ... also after a separator inside a value: Excel in a semicolon locale splits
+# the plain CSV at each ";" (a quote counts only at a field's start), and one
+# in a comma locale splits at ",", so what follows one starts a cell of its own.
+_SEPARATED_FORMULA = re.compile(r"(?<=[,;])(?=[=+\-@\t\r])")
 
 
 def _cell(value: object, *, as_text: bool) -> str:
@@ -293,4 +297,4 @@ def _cell(value: object, *, as_text: bool) -> str:
         text = f"'{text}"
     if as_text:
         return '="' + text.replace('"', '""') + '"'
-    return text
+    return _SEPARATED_FORMULA.sub("'", text)

@@ -231,7 +231,9 @@ async def test_the_repair_that_finds_the_consult_over_tells_its_sockets(
         redis_proxy.restore()
         # The node that held the missed end is gone (restarted).
         rooms.recovery._missed_ends.clear()
-        harness.app[CLUSTER].out_of_touch = True  # a heartbeat met the outage
+        cluster = harness.app[CLUSTER]
+        assert cluster is not None
+        cluster.out_of_touch = True  # a heartbeat met the outage
 
         await node_round(harness.app)
         for socket in (therapist, patient):
