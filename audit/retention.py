@@ -26,6 +26,7 @@ opening a transaction: :func:`server.housekeeping.retention_round`.)
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -67,10 +68,15 @@ PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
 BATCH = 1000
 # Access records of one chain that one transaction of :func:`purge_in_steps`
 # deletes at most. On SQLite a transaction holds the write lock until its
-# commit, and every append (so every read of personal data) waits for it:
-# 20,000 records take about 0.2 s here, far inside the 5 s busy timeout that
-# a purge of half a million in one transaction would outlast.
-STEP = 20_000
+# commit, and every append (so every read of personal data) waits for it, for
+# 5 s at most (the busy timeout): 300,000 records in one transaction took 5 s
+# here and an append failed; a step of 10,000 takes about 0.3 s
+# (bench/purge_steps.py, docs/benchmarks.md).
+STEP = 10_000
+# SQLite, between two steps: a writer waiting for the lock retries every 100 ms
+# at most (sqlite3_busy_timeout's sleeps); without a pause longer than that the
+# next step takes the lock again first, and the writer waits for the whole purge.
+STEP_PAUSE_S = 0.12
 
 Progress = Callable[[int], None]
 
@@ -250,23 +256,23 @@ async def _purge_chain(
     ``at_most`` records of it; return how many records, the last purged seq
     and whether expired records are left after it."""
     chain = chain_of(organisation_id)
-    # The chain is in time order: purge up to the first record still inside
-    # its retention (never past it, so what remains is one unbroken piece).
-    first_kept = await conn.scalar(
-        sa.select(sa.func.min(access_log.c.seq)).where(
-            access_log.c.chain == chain, access_log.c.at >= cutoff
-        )
-    )
-    expired = access_log.c.seq < first_kept if first_kept is not None else sa.true()
     lowest = await conn.scalar(
         sa.select(sa.func.min(access_log.c.seq)).where(access_log.c.chain == chain)
     )
     if lowest is None:
         return 0, None, False
-    bound = expired
-    if at_most is not None and not dry_run:
-        # A chain's seqs have no gaps after its start: the next at_most of them.
-        bound = sa.and_(expired, access_log.c.seq < int(lowest) + at_most)
+    stepping = at_most is not None and not dry_run
+    # A chain's seqs have no gaps after its start: a step takes the next at_most.
+    window = access_log.c.seq < int(lowest) + (at_most or 0) if stepping else sa.true()
+    # The chain is in time order: purge up to the first record still inside
+    # its retention (never past it, so what remains is one unbroken piece),
+    # looked for in the step's window: a step reads no more than it deletes.
+    first_kept = await conn.scalar(
+        sa.select(sa.func.min(access_log.c.seq)).where(
+            access_log.c.chain == chain, window, access_log.c.at >= cutoff
+        )
+    )
+    bound = sa.and_(window, access_log.c.seq < first_kept) if first_kept is not None else window
     last = (
         await conn.execute(
             sa.select(access_log.c.seq, access_log.c.hash)
@@ -282,11 +288,16 @@ async def _purge_chain(
     )
     if dry_run:
         return count, last.seq, False
-    more = await conn.scalar(
-        sa.select(access_log.c.seq)
-        .where(access_log.c.chain == chain, expired, access_log.c.seq > last.seq)
-        .limit(1)
-    )
+    more = False
+    if stepping and first_kept is None:
+        # The whole window expired: whether the record after it did too.
+        after = await conn.scalar(
+            sa.select(access_log.c.at)
+            .where(access_log.c.chain == chain, access_log.c.seq > last.seq)
+            .order_by(access_log.c.seq)
+            .limit(1)
+        )
+        more = after is not None and after < cutoff
     await conn.execute(
         access_log_checkpoints.insert().values(
             chain=chain,
@@ -320,7 +331,7 @@ async def _purge_chain(
             client_type=ClientType.CLI,
         ),
     )
-    return count, last.seq, more is not None
+    return count, last.seq, more
 
 
 async def preview_organisation(
@@ -461,3 +472,5 @@ async def purge_in_steps(
         total.absorb(step)
         if not step.unfinished:
             return total
+        if engine.dialect.name == "sqlite":
+            await asyncio.sleep(STEP_PAUSE_S)
