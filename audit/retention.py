@@ -434,6 +434,7 @@ async def purge_in_steps(
     defaults: Retention,
     progress: Progress | None = None,
     after_step: Callable[[PurgeReport], Awaitable[None]] | None = None,
+    delete_files: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> PurgeReport:
     """The purge as the server and the command line run it, in transactions
     of their own: the first destroys the expired recordings and consult
@@ -444,7 +445,9 @@ async def purge_in_steps(
     each commit; the report is the sum of the steps', not ``ran`` only if
     another node held the purge from the start. A step after the first that
     fails ends the purge there (``unfinished``; logged), keeping what the
-    steps before did: their destroyed keys' files are in the report."""
+    steps before did. ``delete_files`` is awaited with each step's files
+    right after its commit (their keys are gone): a later step that fails
+    or is cancelled (a shutdown) must not leave them on the disk."""
     total = PurgeReport(dry_run=False)
     first = True
     while True:
@@ -462,6 +465,8 @@ async def purge_in_steps(
             _log.warning("retention purge stopped after a step", error=type(err).__name__)
             total.unfinished = True
             return total
+        if delete_files is not None and step.files:
+            await delete_files(step.files)
         if after_step is not None:
             await after_step(step)
         if not step.ran:

@@ -206,14 +206,18 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
     ) as mine:
         if not mine:
             return None
+
         # In steps (audit.retention.STEP): a long purge never holds SQLite's
         # write lock, which every access record waits for, for long.
-        report = await purge_in_steps(app[DB_ENGINE], now=app[CLOCK].now(), defaults=defaults)
-        # The keys are gone (committed); now the files and their cached
-        # chunk maps (in a thread: a day's purge may unlink hundreds).
-        app[CHUNK_MAPS].discard(report.files)
-        await asyncio.to_thread(app[FILE_STORE].delete_files, report.files)
-        return report
+        async def delete_files(files: list[str]) -> None:
+            # Each step's keys are gone (committed): now their files and
+            # cached chunk maps (in a thread: a day's purge may unlink hundreds).
+            app[CHUNK_MAPS].discard(files)
+            await asyncio.to_thread(app[FILE_STORE].delete_files, files)
+
+        return await purge_in_steps(
+            app[DB_ENGINE], now=app[CLOCK].now(), defaults=defaults, delete_files=delete_files
+        )
 
 
 async def retention_step(app: web.Application) -> None:

@@ -118,21 +118,9 @@ def _old_record(n: int, at: Any) -> AccessRecord:
     )
 
 
-async def test_a_purge_step_that_fails_leaves_no_file_of_a_destroyed_recording_behind(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The first step destroys an expired recording's key and commits; the
-    file is deleted only after the last step (report.files). When a later
-    step failed (on SQLite "database is locked" past the busy timeout: the
-    very contention the steps are for; on PostgreSQL a dropped connection),
-    purge_in_steps raised, retention_round never reached delete_files, and no
-    later purge knew the file (its row is gone): the encrypted media stayed
-    on the disk for good. Now the purge ends at the failed step, keeping
-    what the steps before did, and the next round goes on.
-
-    Stands in for the database: the second step's transaction fails (a fake
-    at the boundary, raising what SQLite raises)."""
-    monkeypatch.setattr(retention, "STEP", 10)
+async def an_expired_recording_and_25_old_records(harness: Harness) -> tuple[uuid.UUID, str]:
+    """A recording whose retention is over, and 25 expired access records of
+    the installation's chain (three steps of 10); its id and file name."""
     setup = await new_consult(harness)
     consult_id = uuid.UUID(setup.consult_id)
     engine, master = harness.app[DB_ENGINE], harness.app[MASTER_KEY].key
@@ -157,6 +145,26 @@ async def test_a_purge_step_that_fails_leaves_no_file_of_a_destroyed_recording_b
         )
     harness.clock.advance(timedelta(days=31).total_seconds())
     assert store.path(file_name).exists()
+    return recording.id, file_name
+
+
+async def test_a_purge_step_that_fails_leaves_no_file_of_a_destroyed_recording_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first step destroys an expired recording's key and commits; the
+    file is deleted only after the last step (report.files). When a later
+    step failed (on SQLite "database is locked" past the busy timeout: the
+    very contention the steps are for; on PostgreSQL a dropped connection),
+    purge_in_steps raised, retention_round never reached delete_files, and no
+    later purge knew the file (its row is gone): the encrypted media stayed
+    on the disk for good. Now the purge ends at the failed step, keeping
+    what the steps before did, and the next round goes on.
+
+    Stands in for the database: the second step's transaction fails (a fake
+    at the boundary, raising what SQLite raises)."""
+    monkeypatch.setattr(retention, "STEP", 10)
+    recording_id, file_name = await an_expired_recording_and_25_old_records(harness)
+    engine, store = harness.app[DB_ENGINE], harness.app[FILE_STORE]
 
     real_purge = retention.purge
     calls = 0
@@ -175,7 +183,7 @@ async def test_a_purge_step_that_fails_leaves_no_file_of_a_destroyed_recording_b
     assert stopped is not None
     assert (stopped.recordings, stopped.access_log_records, stopped.unfinished) == (1, 10, True)
     async with engine.connect() as conn:
-        left = await conn.scalar(sa.select(sa.func.count()).where(recordings.c.id == recording.id))
+        left = await conn.scalar(sa.select(sa.func.count()).where(recordings.c.id == recording_id))
     assert left == 0  # its key is destroyed
     assert not store.path(file_name).exists(), "the destroyed recording's file is left on disk"
     monkeypatch.setattr(retention, "purge", real_purge)
@@ -185,6 +193,35 @@ async def test_a_purge_step_that_fails_leaves_no_file_of_a_destroyed_recording_b
     assert (report.access_log_records, report.unfinished) == (15, False)
     async with engine.connect() as conn:
         assert (await verify_chain(conn)).intact
+
+
+async def test_a_purge_cancelled_after_its_first_step_leaves_no_file_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the fix above: a shutdown that cancels the purge
+    between steps (the server stopping, Ctrl+C on the command line) skipped
+    the deletion of the files whose keys the first step destroyed, as the
+    failed step did. Each step's files are deleted right after its commit.
+
+    Stands in for the shutdown: the second step is cancelled."""
+    monkeypatch.setattr(retention, "STEP", 10)
+    _recording_id, file_name = await an_expired_recording_and_25_old_records(harness)
+    store = harness.app[FILE_STORE]
+    real_purge = retention.purge
+    calls = 0
+
+    async def cancelled_at_the_second(*args: Any, **kwargs: Any) -> PurgeReport:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise asyncio.CancelledError
+        return await real_purge(*args, **kwargs)
+
+    monkeypatch.setattr(retention, "purge", cancelled_at_the_second)
+    with pytest.raises(asyncio.CancelledError):
+        await retention_round(harness.app)
+    assert calls == 2
+    assert not store.path(file_name).exists(), "the destroyed recording's file is left on disk"
 
 
 # --- 3. The repair that finds a consult over, for the sockets on its node ---

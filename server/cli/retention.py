@@ -75,8 +75,16 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
             def advance(rows: int) -> None:
                 bar.update(rows)
 
+            store = FileStore.in_data_dir(prepare_data_dir(settings.data_dir))
+
+            async def delete_files(files: list[str]) -> None:
+                # Each step's keys are gone (committed): now their files.
+                store.delete_files(files)
+
             # In steps, as the server's purge: see audit.retention.STEP.
-            return await purge_in_steps(engine, now=now, defaults=defaults, progress=advance)
+            return await purge_in_steps(
+                engine, now=now, defaults=defaults, progress=advance, delete_files=delete_files
+            )
 
     def transaction(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
         # A dry run only counts: reads, which on SQLite take no write lock,
@@ -95,9 +103,8 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 else:
                     technical = await purge_technical_log(conn, now=now)
             print(f"{verb} {technical} technical-log entries older than 24 hours")
+            # The files of destroyed keys go after each step's commit.
             report = await _retention_purge(engine, now)
-        # The keys are gone (committed); now the files.
-        FileStore.in_data_dir(prepare_data_dir(settings.data_dir)).delete_files(report.files)
         if not report.ran:
             print("another node is running the retention purge right now; nothing else done")
             return 0
