@@ -66,7 +66,7 @@ _log = structlog.get_logger(__name__)
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
 # Rows deleted per statement (and per progress step).
 BATCH = 1000
-# Access records of one chain that one transaction of :func:`purge_in_steps`
+# Access records (of all chains) that one transaction of :func:`purge_in_steps`
 # deletes at most. On SQLite a transaction holds the write lock until its
 # commit, and every append (so every read of personal data) waits for it, for
 # 5 s at most (the busy timeout): 300,000 records in one transaction took 5 s
@@ -370,14 +370,16 @@ async def purge(
     at_most: int | None = None,
 ) -> PurgeReport:
     """Delete what has passed its retention, in the caller's transaction: all
-    of it, or of each access-log chain at most ``at_most`` records (the
-    report is then ``unfinished`` if more are left: :func:`purge_in_steps`)."""
+    of it, or at most ``at_most`` access records in all, oldest chain part
+    first, organisation after organisation (the report is then
+    ``unfinished`` if more may be left: :func:`purge_in_steps`)."""
     report = PurgeReport(dry_run=dry_run)
     if conn.dialect.name == "postgresql" and not dry_run:
         got = await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(PURGE_LOCK_KEY)))
         if not got:
             report.ran = False
             return report
+    budget = None if dry_run else at_most
     owners: list[uuid.UUID | None] = [
         *(await conn.execute(sa.select(organisations.c.id).order_by(organisations.c.id))).scalars(),
         None,
@@ -412,16 +414,22 @@ async def purge(
                 now=now,
             )
             purged.recordings = len(expired) + with_consults
-        purged.access_log_records, purged.checkpoint_seq, more = await _purge_chain(
-            conn,
-            organisation_id,
-            now - timedelta(days=retention.access_log_days),
-            now=now,
-            dry_run=dry_run,
-            progress=progress,
-            at_most=at_most,
-        )
-        report.unfinished = report.unfinished or more
+        if budget is not None and budget <= 0:
+            # This step's access records are spent: the chains left wait for the next.
+            report.unfinished = True
+        else:
+            purged.access_log_records, purged.checkpoint_seq, more = await _purge_chain(
+                conn,
+                organisation_id,
+                now - timedelta(days=retention.access_log_days),
+                now=now,
+                dry_run=dry_run,
+                progress=progress,
+                at_most=budget,
+            )
+            report.unfinished = report.unfinished or more
+            if budget is not None:
+                budget -= purged.access_log_records
         if purged.recordings or purged.consults or purged.access_log_records:
             report.organisations.append(purged)
     return report
@@ -438,8 +446,8 @@ async def purge_in_steps(
 ) -> PurgeReport:
     """The purge as the server and the command line run it, in transactions
     of their own: the first destroys the expired recordings and consult
-    records and up to :data:`STEP` access records of each chain, each
-    further one the next :data:`STEP`, until nothing expired is left (the
+    records and up to :data:`STEP` access records in all, each further one
+    the next :data:`STEP`, until nothing expired is left (the
     same ``now`` throughout). Each leaves a checkpoint and a purge record,
     so the chains verify between any two. ``after_step`` is awaited after
     each commit; the report is the sum of the steps', not ``ran`` only if
@@ -450,23 +458,37 @@ async def purge_in_steps(
     or is cancelled (a shutdown) must not leave them on the disk."""
     total = PurgeReport(dry_run=False)
     first = True
-    while True:
+
+    async def one_step() -> tuple[PurgeReport | None, Exception | None]:
         try:
             async with engine.begin() as conn:
                 step = await purge(
                     conn, now=now, defaults=defaults, progress=progress, at_most=STEP
                 )
         except Exception as err:
-            if first:
-                raise  # nothing done
-            # What the steps before committed stays done, and the caller still
-            # deletes the files whose keys they destroyed; the next purge goes
-            # on from here.
-            _log.warning("retention purge stopped after a step", error=type(err).__name__)
-            total.unfinished = True
-            return total
+            return None, err
         if delete_files is not None and step.files:
             await delete_files(step.files)
+        return step, None
+
+    while True:
+        stepping = asyncio.ensure_future(one_step())
+        try:
+            step, failed = await asyncio.shield(stepping)
+        except asyncio.CancelledError:
+            # A shutdown: a COMMIT under way commits all the same, so the step
+            # goes on to its end, its files deleted; then the purge stops.
+            await asyncio.wait([stepping])
+            raise
+        if step is None:
+            assert failed is not None
+            if first:
+                raise failed  # nothing done
+            # What the steps before committed stays done (their files are
+            # deleted); the next purge goes on from here.
+            _log.warning("retention purge stopped after a step", error=type(failed).__name__)
+            total.unfinished = True
+            return total
         if after_step is not None:
             await after_step(step)
         if not step.ran:
