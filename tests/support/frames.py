@@ -13,6 +13,7 @@ sender's consult and another consult; :func:`placed` puts the ids in.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +165,13 @@ def _report_detail(detail: Any) -> bool:
         return False
     return all(
         _is_text(key, high=40)
-        and (value is None or isinstance(value, bool | int | float) or _is_text(value, high=200))
+        and (
+            value is None
+            or isinstance(value, bool | int)
+            # A finite number: NaN, Infinity and 1e999 (JSON's infinity) are refused.
+            or (isinstance(value, float) and math.isfinite(value))
+            or _is_text(value, high=200)
+        )
         for key, value in detail.items()
     )
 
