@@ -414,6 +414,32 @@ async def test_a_repair_that_fails_does_not_keep_the_node_from_claiming_dead_nod
         await redis.aclose()
 
 
+async def end_cut_short_after_the_room_was_saved_over(
+    harness: Harness, redis_proxy: CuttableProxy, monkeypatch: Any, consult_id: str
+) -> None:
+    """The therapist ends the consult, and Redis goes away right after the
+    room was saved as over (before the timers are cancelled and the
+    participants told); then Redis is back. The repair is still to run."""
+    rooms = harness.app[ROOMS]
+    await without_the_node_job()
+    cancel = rooms._timers.cancel
+    cut = False
+
+    async def cut_first(key: str) -> None:
+        nonlocal cut
+        if not cut:
+            cut = True
+            await redis_proxy.cut()
+        await cancel(key)
+
+    monkeypatch.setattr(rooms._timers, "cancel", cut_first)
+    ended = await harness.post(f"/api/consults/{consult_id}/end")
+    assert ended.status == 200, await ended.text()
+    assert cut
+    monkeypatch.setattr(rooms._timers, "cancel", cancel)
+    redis_proxy.restore()
+
+
 async def test_an_end_cut_short_after_its_room_was_saved_over_is_finished_by_the_repair(
     redis_proxy: CuttableProxy, behind_redis_proxy: Harness, monkeypatch: Any
 ) -> None:
@@ -422,28 +448,12 @@ async def test_an_end_cut_short_after_its_room_was_saved_over_is_finished_by_the
     round ended it again, found the room over already, and stopped there:
     both participants stayed in a call whose consult was over."""
     harness = behind_redis_proxy
-    rooms = harness.app[ROOMS]
     sockets = Sockets(harness)
     try:
         setup, therapist, patient = await admitted_pair(harness, sockets)
-        await without_the_node_job()
-        cancel = rooms._timers.cancel
-        cut = False
-
-        async def cut_first(key: str) -> None:
-            # Redis goes away right after the room was saved as over.
-            nonlocal cut
-            if not cut:
-                cut = True
-                await redis_proxy.cut()
-            await cancel(key)
-
-        monkeypatch.setattr(rooms._timers, "cancel", cut_first)
-        ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
-        assert ended.status == 200, await ended.text()
-        assert cut
-        monkeypatch.setattr(rooms._timers, "cancel", cancel)
-        redis_proxy.restore()
+        await end_cut_short_after_the_room_was_saved_over(
+            harness, redis_proxy, monkeypatch, setup.consult_id
+        )
 
         await node_round(harness.app)  # the repair round, as the node job runs it
         for socket in (therapist, patient):

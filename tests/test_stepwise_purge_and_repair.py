@@ -41,8 +41,8 @@ from tests.support.tcp_proxy import CuttableProxy
 from tests.test_bulk_jobs_loop import DEFAULTS, NOW, fill_old_records
 from tests.test_outage import (  # noqa: F401  (fixtures)
     behind_redis_proxy,
+    end_cut_short_after_the_room_was_saved_over,
     redis_proxy,
-    without_the_node_job,
 )
 
 
@@ -249,23 +249,9 @@ async def test_the_repair_that_finds_the_consult_over_tells_its_sockets(
     sockets = Sockets(harness)
     try:
         setup, therapist, patient = await admitted_pair(harness, sockets)
-        await without_the_node_job()
-        cancel = rooms._timers.cancel
-        cut = False
-
-        async def cut_first(key: str) -> None:
-            nonlocal cut
-            if not cut:
-                cut = True
-                await redis_proxy.cut()
-            await cancel(key)
-
-        monkeypatch.setattr(rooms._timers, "cancel", cut_first)
-        ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
-        assert ended.status == 200, await ended.text()
-        assert cut
-        monkeypatch.setattr(rooms._timers, "cancel", cancel)
-        redis_proxy.restore()
+        await end_cut_short_after_the_room_was_saved_over(
+            harness, redis_proxy, monkeypatch, setup.consult_id
+        )
         # The node that held the missed end is gone (restarted).
         rooms.recovery._missed_ends.clear()
         cluster = harness.app[CLUSTER]
