@@ -66,12 +66,13 @@ _log = structlog.get_logger(__name__)
 PURGE_LOCK_KEY = 0x7663_7075_7267_6500  # "vcpurge"
 # Rows deleted per statement (and per progress step).
 BATCH = 1000
-# Access records (of all chains) that one transaction of :func:`purge_in_steps`
-# deletes at most. On SQLite a transaction holds the write lock until its
-# commit, and every append (so every read of personal data) waits for it, for
-# 5 s at most (the busy timeout): 300,000 records in one transaction took 5 s
-# here and an append failed; a step of 10,000 takes about 0.3 s
-# (bench/purge_steps.py, docs/benchmarks.md).
+# Rows (recordings, consult records, access records of all chains) that one
+# transaction of :func:`purge_in_steps` deletes at most. On SQLite a
+# transaction holds the write lock until its commit, and every append (so
+# every read of personal data) waits for it, for 5 s at most (the busy
+# timeout): 300,000 access records in one transaction took 5 s here and an
+# append failed; a step of 10,000 takes about 0.3 s (bench/purge_steps.py,
+# docs/benchmarks.md).
 STEP = 10_000
 # SQLite, between two steps: a writer waiting for the lock retries every 100 ms
 # at most (sqlite3_busy_timeout's sleeps); without a pause longer than that the
@@ -192,10 +193,14 @@ async def _purge_consults(
     progress: Progress | None,
     files: list[str],
     now: datetime,
+    at_most: int | None = None,
 ) -> tuple[int, int]:
-    """Delete the expired consult records and the recordings still left of
-    them; return how many of each."""
-    ids = list((await conn.execute(_expired_consults(organisation_id, cutoff))).scalars())
+    """Delete the expired consult records (at most ``at_most``) and the
+    recordings still left of them; return how many of each."""
+    expired = _expired_consults(organisation_id, cutoff)
+    if at_most is not None:
+        expired = expired.order_by(consults.c.id).limit(at_most)
+    ids = list((await conn.execute(expired)).scalars())
     recordings_destroyed = 0
     for start in range(0, len(ids), BATCH):
         chunk = ids[start : start + BATCH]
@@ -370,8 +375,8 @@ async def purge(
     at_most: int | None = None,
 ) -> PurgeReport:
     """Delete what has passed its retention, in the caller's transaction: all
-    of it, or at most ``at_most`` access records in all, oldest chain part
-    first, organisation after organisation (the report is then
+    of it, or at most ``at_most`` rows in all (recordings, consult records,
+    access records), organisation after organisation (the report is then
     ``unfinished`` if more may be left: :func:`purge_in_steps`)."""
     report = PurgeReport(dry_run=dry_run)
     if conn.dialect.name == "postgresql" and not dry_run:
@@ -395,27 +400,41 @@ async def purge(
             purged.consults, purged.recordings = await _count_expired(
                 conn, organisation_id, retention, now
             )
+        elif budget is not None and budget <= 0:
+            # This step's limit is spent: the organisations left wait for the next.
+            report.unfinished = True
         else:
             expired = await expired_recordings(
                 conn, organisation_id, cutoff=now - timedelta(days=retention.recording_days)
             )
+            if budget is not None and len(expired) > budget:
+                expired, report.unfinished = expired[:budget], True
             report.files += await shred(conn, expired, now=now)
             # The webhooks' history of them goes too; the news of their
             # destruction (recording.deleted, just written) is still to be sent.
             await forget_subjects(conn, expired, (EventType.RECORDING_AVAILABLE,))
             if progress is not None and expired:
                 progress(len(expired))
-            purged.consults, with_consults = await _purge_consults(
-                conn,
-                organisation_id,
-                now - timedelta(days=retention.consult_days),
-                progress=progress,
-                files=report.files,
-                now=now,
-            )
-            purged.recordings = len(expired) + with_consults
+            if budget is not None:
+                budget -= len(expired)
+            if budget is None or budget > 0:
+                purged.consults, with_consults = await _purge_consults(
+                    conn,
+                    organisation_id,
+                    now - timedelta(days=retention.consult_days),
+                    progress=progress,
+                    files=report.files,
+                    now=now,
+                    at_most=budget,
+                )
+                if budget is not None:
+                    report.unfinished = report.unfinished or purged.consults == budget
+                    budget -= purged.consults + with_consults
+                purged.recordings = len(expired) + with_consults
+            else:
+                purged.recordings = len(expired)
         if budget is not None and budget <= 0:
-            # This step's access records are spent: the chains left wait for the next.
+            # This step's limit is spent: the chains left wait for the next.
             report.unfinished = True
         else:
             purged.access_log_records, purged.checkpoint_seq, more = await _purge_chain(
@@ -445,11 +464,11 @@ async def purge_in_steps(
     delete_files: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> PurgeReport:
     """The purge as the server and the command line run it, in transactions
-    of their own: the first destroys the expired recordings and consult
-    records and up to :data:`STEP` access records in all, each further one
-    the next :data:`STEP`, until nothing expired is left (the
-    same ``now`` throughout). Each leaves a checkpoint and a purge record,
-    so the chains verify between any two. ``after_step`` is awaited after
+    of their own, each of at most :data:`STEP` rows (expired recordings,
+    consult records and access records, in that order), until nothing
+    expired is left (the same ``now`` throughout). Each leaves a checkpoint
+    and a purge record per chain it reached, so the chains verify between
+    any two. ``after_step`` is awaited after
     each commit; the report is the sum of the steps', not ``ran`` only if
     another node held the purge from the start. A step after the first that
     fails ends the purge there (``unfinished``; logged), keeping what the

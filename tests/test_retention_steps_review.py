@@ -19,11 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import retention
 from audit.access_log import AccessRecord, ClientType, Outcome, append_records, verify_chain
+from audit.consults import mark_ended
 from audit.retention import PurgeReport
-from audit.schema import organisations, recordings
+from audit.schema import consults, organisations, recordings
 from server.app_keys import DB_ENGINE, FILE_STORE
 from server.housekeeping import retention_round
-from tests.support.harness import Harness
+from tests.support.harness import Harness, new_consult
 from tests.test_bulk_jobs_loop import DEFAULTS, NOW
 from tests.test_stepwise_purge_and_repair import an_expired_recording_and_25_old_records
 
@@ -136,3 +137,42 @@ async def test_one_step_deletes_no_more_than_step_access_records_in_all(
         f"one transaction deleted {max(steps)} access records (steps: {steps}), STEP is "
         f"{retention.STEP}: the write lock is held for STEP x organisations"
     )
+
+
+# --- 3. A backlog of consult records ------------------------------------------
+
+
+async def test_a_backlog_of_consult_records_goes_in_steps_too(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first step destroyed every expired consult record (with its
+    invites and receipts) in its one transaction, however many: a practice
+    that shortens consult_days from two years to one lets tens of thousands
+    go at once, and on SQLite every append waits for all of them. Consult
+    records count against a step's limit as access records do."""
+    monkeypatch.setattr(retention, "STEP", 10)
+    engine = harness.app[DB_ENGINE]
+    setup = await new_consult(harness)
+    ids = [uuid.UUID(setup.consult_id)]
+    for _ in range(24):
+        created = await harness.post("/api/consults", {})
+        assert created.status == 201, await created.text()
+        ids.append(uuid.UUID((await created.json())["consult"]["id"]))
+    async with engine.begin() as conn:
+        for consult_id in ids:
+            await mark_ended(conn, consult_id, now=harness.clock.now())
+    harness.clock.advance(timedelta(days=3000).total_seconds())
+    steps: list[int] = []
+
+    async def after_step(step: PurgeReport) -> None:
+        steps.append(step.consults + step.recordings + step.access_log_records)
+
+    report = await retention.purge_in_steps(
+        engine, now=harness.clock.now(), defaults=DEFAULTS, after_step=after_step
+    )
+    assert report.consults == 25
+    assert max(steps) <= retention.STEP, steps
+    async with engine.connect() as conn:
+        left = await conn.scalar(sa.select(sa.func.count()).select_from(consults))
+        assert left == 0
+        assert (await verify_chain(conn)).intact
