@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 from signaling.ports import Delivery, StateUnavailable
 from signaling.protocol import ParticipantRole
@@ -487,6 +488,20 @@ async def test_a_feed_that_lost_its_connection_reads_again_and_hears_again(
     assert reads.count == count
 
 
+async def subscribed(wire: PubSub, channel: str) -> None:
+    """Subscribe ``wire`` and wait until Redis confirms it: ``subscribe`` only
+    sends the command, and a PUBLISH from another connection may reach Redis
+    first (seen once in CI: the message was never heard)."""
+    await wire.subscribe(channel)
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            message = await wire.get_message(timeout=WAIT_S)
+            if message is not None and message["type"] == "subscribe":
+                confirmed = message["channel"]
+                if (confirmed.decode() if isinstance(confirmed, bytes) else confirmed) == channel:
+                    return
+
+
 async def test_a_delivery_to_a_receiver_on_this_node_skips_redis(
     brokers: tuple[RedisBroker, RedisBroker], nodes: tuple[aioredis.Redis, ...], prefix: str
 ) -> None:
@@ -495,7 +510,7 @@ async def test_a_delivery_to_a_receiver_on_this_node_skips_redis(
     here = Recorder()
     await receiver.subscribe(consult, ParticipantRole.PATIENT, here.deliver)
     wire = nodes[0].pubsub()
-    await wire.subscribe(receiver.channel(consult, ParticipantRole.PATIENT))
+    await subscribed(wire, receiver.channel(consult, ParticipantRole.PATIENT))
     try:
         await receiver.publish(
             consult, ParticipantRole.PATIENT, Delivery({"n": 1}), where=receiver.node_id
@@ -512,7 +527,7 @@ async def test_a_delivery_to_a_receiver_on_this_node_skips_redis(
         assert decode_delivery(on_the_wire[0].decode()).message == {"n": 2}
         # No subscriber here after all (the receiver moved): Redis carries it.
         other = uuid.uuid4()
-        await wire.subscribe(receiver.channel(other, ParticipantRole.PATIENT))
+        await subscribed(wire, receiver.channel(other, ParticipantRole.PATIENT))
         await receiver.publish(
             other, ParticipantRole.PATIENT, Delivery({"n": 3}), where=receiver.node_id
         )
