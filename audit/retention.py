@@ -107,7 +107,8 @@ class PurgeReport:
     organisations: list[PurgedOrganisation] = field(default_factory=list)
     # Encrypted files whose keys this purge destroyed: delete them after commit.
     files: list[str] = field(default_factory=list)
-    # A chain had more expired records than the purge's ``at_most``.
+    # Of one step (purge with ``at_most``): more may be left for the next. Of
+    # purge_in_steps's sum: a step failed and the purge stopped there.
     unfinished: bool = False
 
     def absorb(self, step: PurgeReport) -> None:
@@ -468,8 +469,8 @@ async def purge_in_steps(
     consult records and access records, in that order), until nothing
     expired is left (the same ``now`` throughout). Each leaves a checkpoint
     and a purge record per chain it reached, so the chains verify between
-    any two. ``after_step`` is awaited after
-    each commit; the report is the sum of the steps', not ``ran`` only if
+    any two. ``after_step`` is awaited after each commit; the report is the
+    sum of the steps', not ``ran`` only if
     another node held the purge from the start. A step after the first that
     fails ends the purge there (``unfinished``; logged), keeping what the
     steps before did. ``delete_files`` is awaited with each step's files

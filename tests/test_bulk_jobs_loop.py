@@ -34,6 +34,21 @@ def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
     return migrated_engine
 
 
+def old_record(n: int, at: datetime) -> AccessRecord:
+    """An operator's record ``n`` of the installation's chain, written ``at``."""
+    return AccessRecord(
+        at=at,
+        organisation_id=None,
+        actor_id=None,
+        actor_role="operator",
+        action="account.create",
+        object_type="account",
+        object_id=str(uuid.UUID(int=n)),
+        outcome=Outcome.ALLOWED,
+        client_type=ClientType.CLI,
+    )
+
+
 async def fill_old_records(engine: AsyncEngine, count: int) -> None:
     """``count`` records of the installation's chain, two years old and older."""
     start = NOW - timedelta(days=800)
@@ -42,17 +57,7 @@ async def fill_old_records(engine: AsyncEngine, count: int) -> None:
             await append_records(
                 conn,
                 [
-                    AccessRecord(
-                        at=start + timedelta(seconds=n),
-                        organisation_id=None,
-                        actor_id=None,
-                        actor_role="operator",
-                        action="account.create",
-                        object_type="account",
-                        object_id=str(uuid.UUID(int=n)),
-                        outcome=Outcome.ALLOWED,
-                        client_type=ClientType.CLI,
-                    )
+                    old_record(n, start + timedelta(seconds=n))
                     for n in range(first, min(count, first + 2_000))
                 ],
             )

@@ -23,9 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit import access_log as access_log_module
 from audit import retention
 from audit.access_log import (
-    AccessRecord,
-    ClientType,
-    Outcome,
     append_records,
     verify_chain,
 )
@@ -38,7 +35,7 @@ from server.housekeeping import retention_round
 from server.jobs import node_round
 from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 from tests.support.tcp_proxy import CuttableProxy
-from tests.test_bulk_jobs_loop import DEFAULTS, NOW, fill_old_records
+from tests.test_bulk_jobs_loop import DEFAULTS, NOW, fill_old_records, old_record
 from tests.test_outage import (  # noqa: F401  (fixtures)
     behind_redis_proxy,
     end_cut_short_after_the_room_was_saved_over,
@@ -104,20 +101,6 @@ async def test_a_verify_while_a_purge_in_steps_commits_reports_no_tampering(
 # --- 2. Files of recordings destroyed by an earlier step --------------------
 
 
-def _old_record(n: int, at: Any) -> AccessRecord:
-    return AccessRecord(
-        at=at,
-        organisation_id=None,
-        actor_id=None,
-        actor_role="operator",
-        action="account.create",
-        object_type="account",
-        object_id=str(uuid.UUID(int=n)),
-        outcome=Outcome.ALLOWED,
-        client_type=ClientType.CLI,
-    )
-
-
 async def an_expired_recording_and_25_old_records(harness: Harness) -> tuple[uuid.UUID, str]:
     """A recording whose retention is over, and 25 expired access records of
     the installation's chain (three steps of 10); its id and file name."""
@@ -141,7 +124,7 @@ async def an_expired_recording_and_25_old_records(harness: Harness) -> tuple[uui
     long_ago = harness.clock.now() - timedelta(days=40 * 365)
     async with engine.begin() as conn:
         await append_records(
-            conn, [_old_record(n, long_ago + timedelta(seconds=n)) for n in range(25)]
+            conn, [old_record(n, long_ago + timedelta(seconds=n)) for n in range(25)]
         )
     harness.clock.advance(timedelta(days=31).total_seconds())
     assert store.path(file_name).exists()
