@@ -32,7 +32,7 @@ from audit.filestore import Truncated
 from audit.recordings import FileStore, StopReason, data_key_of, plaintext
 from audit.schema import recordings
 from server.app_keys import DATA_DIR, DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
-from signaling.recording import _Live
+from signaling.recording import RecordingControl, _Live
 from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
 from tests.support.processes import ServerProcess, session_cookie
 from tests.support.recording import (
@@ -282,6 +282,28 @@ class SlowToStopRecorder:
         return Stopped()
 
 
+def recording_whose_row_cannot_be_finished(
+    control: RecordingControl,
+    consult_id: uuid.UUID,
+    recorder: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recording running on ``recorder`` (a stand-in) in ``consult_id``,
+    whose row the database refuses to mark finished (it went away)."""
+    now = control._clock.now()
+    control._live[consult_id] = _Live(
+        recorder=recorder,  # type: ignore[arg-type]
+        requested_at=now,
+        recording_id=uuid.uuid4(),
+        started_at=now,
+    )
+
+    async def database_away(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionRefusedError("the database went away")
+
+    monkeypatch.setattr(recording_module, "finish_recording", database_away)
+
+
 async def test_a_row_that_cannot_be_finished_does_not_hold_up_the_consults_end(
     sqlite_harness: Harness, sqlite_sockets: Sockets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,18 +317,7 @@ async def test_a_row_that_cannot_be_finished_does_not_hold_up_the_consults_end(
     setup, therapist, patient = await admitted_pair(harness, sqlite_sockets)
     consult_id = uuid.UUID(setup.consult_id)
     control = harness.app[ROOMS].recording
-    now = harness.clock.now()
-    control._live[consult_id] = _Live(
-        recorder=StandInRecorder(),  # type: ignore[arg-type]
-        requested_at=now,
-        recording_id=uuid.uuid4(),
-        started_at=now,
-    )
-
-    async def database_away(*_args: Any, **_kwargs: Any) -> None:
-        raise ConnectionRefusedError("the database went away")
-
-    monkeypatch.setattr(recording_module, "finish_recording", database_away)
+    recording_whose_row_cannot_be_finished(control, consult_id, StandInRecorder(), monkeypatch)
     try:
         await therapist.send_json({"v": 1, "type": "end"})
         loop = asyncio.get_running_loop()
@@ -336,19 +347,8 @@ async def test_a_shutdown_waits_for_the_last_try_of_a_row_it_could_not_finish(
     about to close (found in review: the try made after the shutdown had
     taken its list of what to wait for was not waited for)."""
     control = sqlite_harness.app[ROOMS].recording
-    now = sqlite_harness.clock.now()
     consult_id = uuid.uuid4()
-    control._live[consult_id] = _Live(
-        recorder=SlowToStopRecorder(),  # type: ignore[arg-type]
-        requested_at=now,
-        recording_id=uuid.uuid4(),
-        started_at=now,
-    )
-
-    async def database_away(*_args: Any, **_kwargs: Any) -> None:
-        raise ConnectionRefusedError("the database went away")
-
-    monkeypatch.setattr(recording_module, "finish_recording", database_away)
+    recording_whose_row_cannot_be_finished(control, consult_id, SlowToStopRecorder(), monkeypatch)
     with structlog.testing.capture_logs() as logs:
         # The consult ends (its recording stopping), and the server stops.
         ending = asyncio.ensure_future(control.stop(consult_id, StopReason.CONSULT_ENDED))
