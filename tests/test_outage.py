@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import WSMsgType
+from aiohttp import ClientWebSocketResponse, WSMsgType
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
@@ -186,6 +186,19 @@ async def test_a_redis_outage_leaves_listing_creating_and_ending_consults_workin
     assert statuses[body["consult"]["id"]] == "created"
 
 
+async def told_the_end_and_closed(
+    sockets: tuple[ClientWebSocketResponse, ...], reason: str | None
+) -> None:
+    """Each socket is told the consult ended (for ``reason``, if given) and
+    closed with 4004."""
+    for socket in sockets:
+        told = await receive(socket, "consult-ended")
+        if reason is not None:
+            assert told["reason"] == reason
+        closing = await socket.receive(timeout=5)
+        assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+
+
 async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis_is_back(
     redis_proxy: CuttableProxy, behind_redis_proxy: Harness
 ) -> None:
@@ -211,11 +224,8 @@ async def test_a_consult_ended_while_redis_is_away_closes_its_sockets_once_redis
         redis_proxy.restore()
         clock.advance(30)
         await node_round(app)  # the repair round, as the node job runs it
-        for socket in (therapist, patient):
-            # Told the end the therapist made (kept for the repair).
-            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
-            closing = await socket.receive(timeout=5)
-            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+        # Told the end the therapist made (kept for the repair).
+        await told_the_end_and_closed((therapist, patient), "ended_by_therapist")
         # The record keeps the end it was given, not the repair's.
         row = await consult_row(harness, setup.consult_id)
         assert (row.status, row.ended_at) == ("ended", ended_at)
@@ -354,10 +364,7 @@ async def test_a_consult_ended_during_a_redis_blip_no_heartbeat_saw_is_ended_for
         assert not cluster.out_of_touch  # no heartbeat met the blip
 
         await node_round(harness.app)  # the next round, as the node job runs it
-        for socket in (therapist, patient):
-            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
-            closing = await socket.receive(timeout=5)
-            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+        await told_the_end_and_closed((therapist, patient), "ended_by_therapist")
     finally:
         await sockets.close()
 
@@ -456,9 +463,6 @@ async def test_an_end_cut_short_after_its_room_was_saved_over_is_finished_by_the
         )
 
         await node_round(harness.app)  # the repair round, as the node job runs it
-        for socket in (therapist, patient):
-            assert (await receive(socket, "consult-ended"))["reason"] == "ended_by_therapist"
-            closing = await socket.receive(timeout=5)
-            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+        await told_the_end_and_closed((therapist, patient), "ended_by_therapist")
     finally:
         await sockets.close()

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiohttp import WSMsgType
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import access_log as access_log_module
@@ -33,13 +32,14 @@ from audit.schema import recordings
 from server.app_keys import CLUSTER, DB_ENGINE, FILE_STORE, MASTER_KEY, ROOMS
 from server.housekeeping import retention_round
 from server.jobs import node_round
-from tests.support.harness import Harness, Sockets, admitted_pair, new_consult, receive
+from tests.support.harness import Harness, Sockets, admitted_pair, new_consult
 from tests.support.tcp_proxy import CuttableProxy
 from tests.test_bulk_jobs_loop import DEFAULTS, NOW, fill_old_records, old_record
 from tests.test_outage import (  # noqa: F401  (fixtures)
     behind_redis_proxy,
     end_cut_short_after_the_room_was_saved_over,
     redis_proxy,
+    told_the_end_and_closed,
 )
 
 
@@ -243,10 +243,7 @@ async def test_the_repair_that_finds_the_consult_over_tells_its_sockets(
         cluster.out_of_touch = True  # a heartbeat met the outage
 
         await node_round(harness.app)
-        for socket in (therapist, patient):
-            told = await receive(socket, "consult-ended")
-            assert told["type"] == "consult-ended"
-            closing = await socket.receive(timeout=5)
-            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4004)
+        # Told by the repair, which found the record over.
+        await told_the_end_and_closed((therapist, patient), None)
     finally:
         await sockets.close()
