@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import json
 import uuid
@@ -37,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from audit.chain_heads import GENESIS_HASH as GENESIS_HASH  # where chains start, for callers
 from audit.chain_heads import chain_heads, chain_start, lock_chains
 from audit.chain_walk import WalkResult, canonical_text, walk_rows
-from audit.chain_workers import SPLIT_OVER, walk_in_workers, walk_location
+from audit.chain_workers import SPLIT_OVER, Start, WalkPlan, walk_in_workers, walk_location
 from audit.db import reading
 from audit.schema import access_log, access_log_checkpoints
 
@@ -349,31 +350,39 @@ async def chains(source: Source) -> list[str]:
 
 
 async def verify_chain(
-    source: Source, *, chain: str | None = None, batch: int = 10_000, split_over: int | None = None
+    source: Source,
+    *,
+    chain: str | None = None,
+    batch: int = 10_000,
+    split_over: int | None = None,
+    share: float = 1.0,
 ) -> ChainReport:
     """Walk one chain (or every chain) from its start; report the first broken link.
 
     Pass the engine rather than a connection for a long walk: it then runs
     in a worker process and never blocks the event loop or writers (see
     :data:`Source`); a chain longer than ``split_over`` (default
-    :data:`audit.chain_workers.SPLIT_OVER`) is then walked in parts, side by side.
+    :data:`audit.chain_workers.SPLIT_OVER`) in parts side by side, unless
+    ``share`` is below 1: then busy at most that share of the time (pace.py).
     """
     names = [chain] if chain is not None else await chains(source)
-    starts: list[tuple[str, int, str]] = []
+    starts: list[Start] = []
     async with _reading(source) as conn:
         for walked, name in enumerate(names, start=1):
             start = await _start_of(conn, name)
             if isinstance(start, ChainBreak):
                 return ChainReport(0, walked, start)
             starts.append(start)
+    plan = WalkPlan(batch, SPLIT_OVER if split_over is None else split_over, share)
+    walk = functools.partial(_walk, source, plan=plan)
     # The walks stop at the first break: a prefix of the chains' results.
-    results = await _walk(source, starts, batch, split_over)
+    results = await walk(starts)
     total = 0
     for walked, start in enumerate(starts, start=1):
         if len(results) < walked:
             # The break that stopped the walks was a purge's (walked again
             # below, clean): the chains after it are walked now.
-            results += await _walk(source, starts[walked - 1 :], batch, split_over)
+            results += await walk(starts[walked - 1 :])
         result = results[walked - 1]
         while result.problem is not None:
             # A retention purge that committed after the walk read where the
@@ -388,7 +397,7 @@ async def verify_chain(
             if moved[1] <= start[1]:
                 break  # not moved on: the problem is the chain's
             start = moved
-            (result,) = await _walk(source, [start], batch, split_over)
+            (result,) = await walk([start])
         total += result.records
         if result.problem is not None:
             async with _reading(source) as conn:
@@ -416,17 +425,14 @@ async def _start_of(conn: AsyncConnection, chain: str) -> tuple[str, int, str] |
 PURGE_ACTION = "access_log.purge"
 
 
-async def _walk(
-    source: Source, starts: list[tuple[str, int, str]], batch: int, split_over: int | None
-) -> list[WalkResult]:
+async def _walk(source: Source, starts: list[Start], *, plan: WalkPlan) -> list[WalkResult]:
     """Each chain walked from its start: in worker processes for an engine
     (:func:`walk_location`), else on the connection."""
     location = walk_location(source)
     if location is None:
-        return [await _walk_on_connection(source, name, seq, h, batch) for name, seq, h in starts]
+        return [await _walk_on_connection(source, *start, plan.batch) for start in starts]
     assert isinstance(source, AsyncEngine)
-    split = SPLIT_OVER if split_over is None else split_over
-    return await walk_in_workers(source, location, starts, batch, split)
+    return await walk_in_workers(source, location, starts, plan)
 
 
 async def _purge_recorded(conn: AsyncConnection, chain: str, through_seq: int) -> bool:

@@ -43,6 +43,14 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":
+    # The worker script (``python -P``): its sibling pace.py by path, not
+    # through the package, whose __init__ imports SQLAlchemy (0.8 s to start).
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    from pace import Pace  # type: ignore[import-not-found,no-redef,unused-ignore]
+else:
+    from audit.pace import Pace
+
 # The record's fields and ``prev_hash`` in sorted key order, as json.dumps
 # with sort_keys=True writes them.
 _CANONICAL = (
@@ -101,6 +109,10 @@ class WalkSpec:
     # The first seq not to walk (None: to the end of the chain).
     end_seq: int | None = None
     timeout_s: float = 30.0
+    # The share of the time the walk may keep busy, its database's work
+    # included (audit/pace.py): below 1, it rests after each batch, and on
+    # PostgreSQL the worker checks every row itself.
+    share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,11 +204,16 @@ def join(parts: list[WalkResult]) -> WalkResult:
 
 def walk(specs: list[WalkSpec]) -> list[WalkResult]:
     """Read and check chains (or parts) one after another, up to the first break."""
-    results = []
+    results: list[WalkResult] = []
+    pace = Pace(min((spec.share for spec in specs), default=1.0))
     for spec in specs:
-        result = _sqlite_walk(spec) if spec.backend == "sqlite" else _postgres_walk(spec)
-        results.append(result)
-        if result.problem is not None:
+        if results:
+            pace.rest()  # after the chain before, not after the last
+        walked = (
+            _sqlite_walk(spec, pace) if spec.backend == "sqlite" else _postgres_walk(spec, pace)
+        )
+        results.append(walked)
+        if walked.problem is not None:
             break
     return results
 
@@ -224,8 +241,8 @@ def _last_seq(spec: WalkSpec) -> int:
     return _LAST_SEQ if spec.end_seq is None else spec.end_seq - 1
 
 
-def _sqlite_walk(spec: WalkSpec) -> WalkResult:
-    batches = _sqlite_batches(spec)
+def _sqlite_walk(spec: WalkSpec, pace: Pace) -> WalkResult:
+    batches = _sqlite_batches(spec, pace)
     try:
         # Row by row in C: no generator resumed per row.
         rows = itertools.chain.from_iterable(batches)
@@ -234,7 +251,7 @@ def _sqlite_walk(spec: WalkSpec) -> WalkResult:
         batches.close()  # its connection, now, also when the walk stopped early
 
 
-def _sqlite_batches(spec: WalkSpec) -> Generator[list[Row]]:
+def _sqlite_batches(spec: WalkSpec, pace: Pace) -> Generator[list[Row]]:
     # A file URI, quoted: a '#', '?' or '%' in the data directory's path
     # would otherwise cut it short (and SQLite make an empty database).
     uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
@@ -249,6 +266,7 @@ def _sqlite_batches(spec: WalkSpec) -> Generator[list[Row]]:
             if len(batch) < spec.batch:
                 return
             after = batch[-1][0]
+            pace.rest()
     finally:
         conn.close()
 
@@ -425,17 +443,28 @@ FROM (
 WHERE ok IS NOT TRUE OR lag_seq IS NULL OR prev_hash <> lag_hash OR seq <> lag_seq + 1
 ORDER BY seq
 """
+# A paced walk's rows, ``batch`` at a time, each checked by the worker: the
+# columns of :data:`_POSTGRES_FLAGGED` without the server's checks.
+_POSTGRES_ROWS = """
+SELECT seq,
+    CASE WHEN at >= '0001-01-01 00:00:00+00' AND at < '10000-01-01 00:00:00+00'
+        THEN to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') END,
+    organisation_id::text, actor_id::text, actor_role, action, object_type,
+    object_id, outcome, client_type, prev_hash, hash
+FROM access_log WHERE chain = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4
+"""
 _POSTGRES_LAST = (
     "SELECT seq, hash FROM access_log WHERE chain = $1 AND seq >= $2 AND seq <= $3"
     " ORDER BY seq DESC LIMIT 1"
 )
 
 
-def _postgres_walk(spec: WalkSpec) -> WalkResult:
+def _postgres_walk(spec: WalkSpec, pace: Pace) -> WalkResult:
     """The walk of one range on PostgreSQL, in one REPEATABLE READ snapshot:
     the flagged rows (:data:`_POSTGRES_FLAGGED`) checked here, one by one,
     as :func:`walk_rows` checks every row; the rows between them the server
-    found whole, linked and in sequence."""
+    found whole, linked and in sequence. Paced (``share`` below 1), every
+    row is read and checked here instead (:func:`_postgres_rows_walk`)."""
     # A loop of this worker's own, for asyncpg.
     loop = asyncio.new_event_loop()
     try:
@@ -446,26 +475,62 @@ def _postgres_walk(spec: WalkSpec) -> WalkResult:
         try:
             transaction = conn.transaction(isolation="repeatable_read", readonly=True)
             loop.run_until_complete(transaction.start())
-            bounds = (spec.chain, spec.start_seq, _last_seq(spec))
-            cursor = loop.run_until_complete(conn.cursor(_POSTGRES_FLAGGED, *bounds))
-
-            def flagged() -> Generator[Row]:
-                while True:
-                    batch = loop.run_until_complete(cursor.fetch(spec.batch))
-                    yield from batch
-                    if len(batch) < spec.batch:
-                        return
-
-            result = walk_flagged(flagged(), spec.start_seq, spec.start_hash)
-            if result.problem is None:
-                last = loop.run_until_complete(conn.fetchrow(_POSTGRES_LAST, *bounds))
-                result = walk_on_to(result, last)
+            if pace.share < 1:
+                result = _postgres_rows_walk(loop, conn, spec, pace)
+            else:
+                result = _postgres_flagged_walk(loop, conn, spec)
             loop.run_until_complete(transaction.rollback())
             return result
         finally:
             loop.run_until_complete(conn.close())
     finally:
         loop.close()
+
+
+def _postgres_flagged_walk(
+    loop: asyncio.AbstractEventLoop, conn: Any, spec: WalkSpec
+) -> WalkResult:
+    """The server checks every record; the walk looks at those it flags."""
+    bounds = (spec.chain, spec.start_seq, _last_seq(spec))
+    cursor = loop.run_until_complete(conn.cursor(_POSTGRES_FLAGGED, *bounds))
+
+    def flagged() -> Generator[Row]:
+        while True:
+            batch = loop.run_until_complete(cursor.fetch(spec.batch))
+            yield from batch
+            if len(batch) < spec.batch:
+                return
+
+    result = walk_flagged(flagged(), spec.start_seq, spec.start_hash)
+    if result.problem is None:
+        last = loop.run_until_complete(conn.fetchrow(_POSTGRES_LAST, *bounds))
+        result = walk_on_to(result, last)
+    return result
+
+
+def _postgres_rows_walk(
+    loop: asyncio.AbstractEventLoop, conn: Any, spec: WalkSpec, pace: Pace
+) -> WalkResult:
+    """Paced: every record read and checked here, ``batch`` at a time with a
+    rest after each. The hashing is the worker's (at niceness 10, it gives a
+    core to the server's loop at once), not the database's (whose process
+    would keep it for milliseconds: docs/benchmarks.md)."""
+    end = _last_seq(spec)
+
+    def batches() -> Generator[list[Row]]:
+        after = spec.start_seq - 1
+        while True:
+            batch = loop.run_until_complete(
+                conn.fetch(_POSTGRES_ROWS, spec.chain, after, end, spec.batch)
+            )
+            yield batch
+            if len(batch) < spec.batch:
+                return
+            after = batch[-1][0]
+            pace.rest()
+
+    rows = itertools.chain.from_iterable(batches())
+    return walk_rows(rows, spec.start_seq, spec.start_hash, _postgres_text)
 
 
 def walk_flagged(flagged: Iterable[Row], expected_seq: int, prev_hash: str | None) -> WalkResult:

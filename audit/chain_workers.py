@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,23 +45,36 @@ SPLIT_OVER = 200_000
 WALKERS = 4
 
 
+# Where a chain's walk starts: its name, the first seq and its predecessor's hash.
+Start = tuple[str, int, str]
+
+
+@dataclass(frozen=True)
+class WalkPlan:
+    """How the walks go: ``batch`` records read at a time (on PostgreSQL: a
+    paced walk's window), a chain longer than ``split_over`` walked in parts
+    side by side, and busy at most ``share`` of the time (audit/pace.py)."""
+
+    batch: int = 10_000
+    split_over: int = SPLIT_OVER
+    share: float = 1.0
+
+
 async def walk_in_workers(
-    engine: AsyncEngine,
-    location: tuple[str, str],
-    starts: list[tuple[str, int, str]],
-    batch: int,
-    split_over: int,
+    engine: AsyncEngine, location: tuple[str, str], starts: list[Start], plan: WalkPlan
 ) -> list[WalkResult]:
     """Walk the chains in order, up to the first break: short ones together in
-    one worker, each long one in parts."""
+    one worker, each long one in parts; paced (``share`` below 1: workers
+    side by side would take more than the share), all in one worker."""
     backend, where = location
-    parts = max(1, min(WALKERS, os.cpu_count() or 1))
+    batch, split_over, share = plan.batch, plan.split_over, plan.share
+    parts = 1 if share < 1 else max(1, min(WALKERS, os.cpu_count() or 1))
     async with reading(engine) as conn:  # on SQLite: no write lock for a read
         ends = [await _last_seq(conn, name) for name, _, _ in starts]
     results: list[WalkResult] = []
     short: list[WalkSpec] = []
     for (name, first, prev_hash), last in zip(starts, ends, strict=True):
-        spec = WalkSpec(backend, where, name, first, prev_hash, batch)
+        spec = WalkSpec(backend, where, name, first, prev_hash, batch, share=share)
         if parts == 1 or last - first < split_over:
             short.append(spec)
             continue

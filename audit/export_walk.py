@@ -46,6 +46,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+if __name__ == "__main__":
+    # The worker script (``python -P``): its sibling pace.py by path, not
+    # through the package, whose __init__ imports SQLAlchemy (0.8 s to start).
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    from pace import Pace  # type: ignore[import-not-found,no-redef,unused-ignore]
+else:
+    from audit.pace import Pace
+
 # The columns of the CSV, and the keys of each JSON record, in this order.
 COLUMNS = (
     "seq",
@@ -98,6 +106,9 @@ class ExportSpec:
     # The JSON document up to its records' opening bracket (the server's head).
     json_head: str = ""
     timeout_s: float = 30.0
+    # The share of the time the export may keep busy, its database's work
+    # included: it rests after each batch (audit/pace.py).
+    share: float = 1.0
 
 
 def _like_prefix(action: str) -> str:
@@ -173,6 +184,7 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
     # A file URI, quoted (a '#', '?' or '%' in the path would cut it short).
     uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
+    pace = Pace(spec.share)
     try:
         while True:
             batch = conn.execute(sql, values).fetchall()
@@ -180,6 +192,7 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
             if len(batch) < spec.batch:
                 return
             values[1] = batch[-1][0] - 1
+            pace.rest()  # the batch was read, made lines and written
     finally:
         conn.close()
 
@@ -290,6 +303,7 @@ def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
     batch one statement outside a transaction block."""
     sql, values = _pg_query(spec)
     one = csv_line if spec.export_format == "csv" else json_item
+    pace = Pace(spec.share)
     loop = asyncio.new_event_loop()
     try:
         # Imported here: only an export from PostgreSQL needs it.
@@ -310,6 +324,7 @@ def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
                 if len(batch) < spec.batch:
                     return
                 values[1] = batch[-1][0] - 1
+                pace.rest()  # the batch was read, made lines and written
         finally:
             loop.run_until_complete(conn.close())
     finally:

@@ -27,6 +27,7 @@ opening a transaction: :func:`server.housekeeping.retention_round`.)
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from audit.access_log import (
 from audit.consults import ConsultStatus
 from audit.db import save_organisation_row
 from audit.outbox import forget_subjects
+from audit.pace import rest_after
 from audit.recordings import expired_recordings, shred
 from audit.schema import (
     access_log,
@@ -463,6 +465,7 @@ async def purge_in_steps(
     progress: Progress | None = None,
     after_step: Callable[[PurgeReport], Awaitable[None]] | None = None,
     delete_files: Callable[[list[str]], Awaitable[None]] | None = None,
+    share: float = 1.0,
 ) -> PurgeReport:
     """The purge as the server and the command line run it, in transactions
     of their own, each of at most :data:`STEP` rows (expired recordings,
@@ -475,7 +478,9 @@ async def purge_in_steps(
     fails ends the purge there (``unfinished``; logged), keeping what the
     steps before did. ``delete_files`` is awaited with each step's files
     right after its commit (their keys are gone): a later step that fails
-    or is cancelled (a shutdown) must not leave them on the disk."""
+    or is cancelled (a shutdown) must not leave them on the disk. Between
+    steps it rests, so as to be busy at most ``share`` of the time
+    (audit/pace.py), and on SQLite at least :data:`STEP_PAUSE_S`."""
     total = PurgeReport(dry_run=False)
     first = True
 
@@ -492,6 +497,7 @@ async def purge_in_steps(
         return step, None
 
     while True:
+        began = time.monotonic()
         stepping = asyncio.ensure_future(one_step())
         try:
             step, failed = await asyncio.shield(stepping)
@@ -519,5 +525,7 @@ async def purge_in_steps(
         total.absorb(step)
         if not step.unfinished:
             return total
+        rest = rest_after(time.monotonic() - began, share)
         if engine.dialect.name == "sqlite":
-            await asyncio.sleep(STEP_PAUSE_S)
+            rest = max(rest, STEP_PAUSE_S)
+        await asyncio.sleep(rest)

@@ -106,6 +106,11 @@ def add_background_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bulk-records", type=int, default=1_000_000, help="the verified chain")
     parser.add_argument("--bulk-old-records", type=int, default=200_000, help="to be purged")
+    share = (
+        "with --background bulk: the server's database.bulk_share, the share of the time"
+        " each job may keep busy (default: the server's own; 1: full speed)"
+    )
+    parser.add_argument("--bulk-share", type=float, default=None, help=share)
 
 
 # --------------------------------------------------------------------------
@@ -263,6 +268,9 @@ class Bulk:
         self.jobs: list[asyncio.Task[dict[str, Any]]] = []
         self.fill_s = 0.0
         server.before_serve = self.fill
+        if args.bulk_share is not None:
+            for node in server.nodes:  # the retention CLI runs with the first's
+                node.env["VIDEOCONSULT_DATABASE_BULK_SHARE"] = str(args.bulk_share)
 
     async def fill(self, server: OursServer) -> None:
         """The organisation's chain grown by ``--bulk-records``; old ones in the installation's."""
@@ -300,7 +308,9 @@ class Bulk:
         began = time.monotonic()
         headers = {"Origin": self.server.origin, "Cookie": self.admin_cookie}
         size, last = 0, b""
-        async with session.get(self.server.origin + path, headers=headers) as resp:
+        # A paced verify of a million records takes minutes (database.bulk_share).
+        timeout = aiohttp.ClientTimeout(total=FINISH_TIMEOUT_S)
+        async with session.get(self.server.origin + path, headers=headers, timeout=timeout) as resp:
             async for chunk in resp.content.iter_chunked(1 << 16):
                 size, last = size + len(chunk), chunk
             figures: dict[str, Any] = {"status": resp.status, "bytes": size}

@@ -156,6 +156,8 @@ class DatabaseSettings(_Section):
     url: str
     migrate_on_start: bool
     connect_timeout_s: float = Field(gt=0, le=120)
+    # audit/pace.py: 1 is full speed.
+    bulk_share: float = Field(gt=0, le=1)
 
     @field_validator("url")
     @classmethod

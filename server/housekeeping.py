@@ -216,7 +216,11 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
             await asyncio.to_thread(app[FILE_STORE].delete_files, files)
 
         return await purge_in_steps(
-            app[DB_ENGINE], now=app[CLOCK].now(), defaults=defaults, delete_files=delete_files
+            app[DB_ENGINE],
+            now=app[CLOCK].now(),
+            defaults=defaults,
+            delete_files=delete_files,
+            share=app[SETTINGS].database.bulk_share,  # signaling keeps a core
         )
 
 

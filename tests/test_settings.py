@@ -134,6 +134,9 @@ def test_missing_site_file_is_named(tmp_path: Path) -> None:
         ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "0", "greater than or equal to 1"),
         ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "31", "less than or equal to 30"),
         ("VIDEOCONSULT_SESSIONS_SOCKET_CHECK_S", "often", "valid number"),
+        # A bulk job that may never be busy never ends; more than all the time is none.
+        ("VIDEOCONSULT_DATABASE_BULK_SHARE", "0", "greater than 0"),
+        ("VIDEOCONSULT_DATABASE_BULK_SHARE", "1.5", "less than or equal to 1"),
     ],
 )
 def test_bad_value_names_the_setting_its_source_and_what_is_allowed(

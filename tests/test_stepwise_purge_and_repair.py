@@ -80,11 +80,11 @@ async def test_a_verify_while_a_purge_in_steps_commits_reports_no_tampering(
     await committed.get()  # the first step is in
     walk = access_log_module._walk
 
-    async def walk_as_a_step_commits(source: Any, starts: Any, batch: int, split: Any) -> Any:
+    async def walk_as_a_step_commits(source: Any, starts: Any, *, plan: Any) -> Any:
         if not purging.done():
             await go_on.put(None)
             await committed.get()  # the purge's next step committed meanwhile
-        return await walk(source, starts, batch, split)
+        return await walk(source, starts, plan=plan)
 
     monkeypatch.setattr(access_log_module, "_walk", walk_as_a_step_commits)
     try:

@@ -31,7 +31,7 @@ from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
-from server.app_keys import CLOCK, DB_ENGINE
+from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.sessions import require_role
 
 routes = web.RouteTableDef()
@@ -137,9 +137,11 @@ def export_spec(
     export_format: str,
     json_head: str,
     batch: int | None = None,
+    share: float = 1.0,
 ) -> ExportSpec:
     """What the export's worker reads (``batch`` records at a time, by default
-    :data:`EXPORT_BATCH`) and how it writes it."""
+    :data:`EXPORT_BATCH`), how it writes it and how much of the time it may
+    keep busy (audit/pace.py)."""
     location = walk_location(engine)
     if location is None:
         raise DatabaseError("an in-memory database cannot be exported by a worker process")
@@ -155,6 +157,7 @@ def export_spec(
         action=chosen.action,
         object_id=chosen.object_id,
         json_head=json_head,
+        share=share,
     )
 
 
@@ -177,7 +180,15 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
             "filters": {key: value for key, value in params.items() if key != "format"},
         }
         head = json.dumps(described)[:-1] + ', "records": [\n'
-    spec = export_spec(request.app[DB_ENGINE], organisation_id, chosen, export_format, head)
+    # Paced (database.bulk_share): signaling on the same machine keeps a core.
+    spec = export_spec(
+        request.app[DB_ENGINE],
+        organisation_id,
+        chosen,
+        export_format,
+        head,
+        share=request.app[SETTINGS].database.bulk_share,
+    )
     # The record comes first (committed, through the access-log writer): an
     # export that breaks off was still a read.
     await record_read(
@@ -224,9 +235,12 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
 async def access_log_verify(request: web.Request) -> web.Response:
     """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
     principal = await require_role(request, Role.ADMIN, action="access_log.verify")
-    # From the engine: each batch in its own short transaction, so appends go on.
+    # From the engine: each batch in its own short transaction, so appends go
+    # on; paced, so that signaling on the same machine keeps a core.
     report = await verify_chain(
-        request.app[DB_ENGINE], chain=chain_of(principal.account.organisation_id)
+        request.app[DB_ENGINE],
+        chain=chain_of(principal.account.organisation_id),
+        share=request.app[SETTINGS].database.bulk_share,
     )
     await record_read(
         request, principal, action="access_log.verify", object_type="access_log", object_id=None

@@ -81,9 +81,15 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 # Each step's keys are gone (committed): now their files.
                 store.delete_files(files)
 
-            # In steps, as the server's purge: see audit.retention.STEP.
+            # In steps, as the server's purge (audit.retention.STEP), and
+            # paced as the server's: the same machine may run consults.
             return await purge_in_steps(
-                engine, now=now, defaults=defaults, progress=advance, delete_files=delete_files
+                engine,
+                now=now,
+                defaults=defaults,
+                progress=advance,
+                delete_files=delete_files,
+                share=settings.database.bulk_share,
             )
 
     def transaction(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
