@@ -38,6 +38,7 @@ from server.app_keys import (
     TECHNICAL_LOG,
 )
 from server.auth.lockout import lookback
+from server.ws.registry import bulk_share
 from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
 
@@ -220,7 +221,7 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
             now=app[CLOCK].now(),
             defaults=defaults,
             delete_files=delete_files,
-            share=app[SETTINGS].database.bulk_share,  # signaling keeps a core
+            share=bulk_share(app),  # while the node has consults, they keep a core
         )
 
 

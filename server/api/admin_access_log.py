@@ -31,8 +31,9 @@ from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
-from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
+from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import require_role
+from server.ws.registry import bulk_share
 
 routes = web.RouteTableDef()
 
@@ -180,14 +181,14 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
             "filters": {key: value for key, value in params.items() if key != "format"},
         }
         head = json.dumps(described)[:-1] + ', "records": [\n'
-    # Paced (database.bulk_share): signaling on the same machine keeps a core.
+    # Paced while the node has consults (database.bulk_share): they keep a core.
     spec = export_spec(
         request.app[DB_ENGINE],
         organisation_id,
         chosen,
         export_format,
         head,
-        share=request.app[SETTINGS].database.bulk_share,
+        share=bulk_share(request.app),
     )
     # The record comes first (committed, through the access-log writer): an
     # export that breaks off was still a read.
@@ -236,11 +237,11 @@ async def access_log_verify(request: web.Request) -> web.Response:
     """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
     principal = await require_role(request, Role.ADMIN, action="access_log.verify")
     # From the engine: each batch in its own short transaction, so appends go
-    # on; paced, so that signaling on the same machine keeps a core.
+    # on; paced while the node has consults, so that they keep a core.
     report = await verify_chain(
         request.app[DB_ENGINE],
         chain=chain_of(principal.account.organisation_id),
-        share=request.app[SETTINGS].database.bulk_share,
+        share=bulk_share(request.app),
     )
     await record_read(
         request, principal, action="access_log.verify", object_type="access_log", object_id=None

@@ -1,4 +1,5 @@
-"""Open signaling sockets the application knows about, so shutdown can close them."""
+"""Open signaling sockets the application knows about, so shutdown can close
+them and bulk jobs can give way to them."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import asyncio
 
 from aiohttp import WSCloseCode, web
 
-from server.app_keys import WEBSOCKETS
+from server.app_keys import SETTINGS, WEBSOCKETS
 from server.ws.connection import CLOSE_HANDSHAKE_S, Connection
 
 # How long shutdown waits, past the closing handshakes, for the sockets'
 # rooms to hear that they went (a last write each).
 FINISH_S = 10.0
+
+
+def bulk_share(app: web.Application) -> float:
+    """The share of the time a bulk job the node runs now may keep busy
+    (audit/pace.py): ``database.bulk_share`` while signaling sockets are
+    open on the node (consults, waiting rooms), full speed (1) while none
+    is: then nothing on the node waits for a core."""
+    return app[SETTINGS].database.bulk_share if app[WEBSOCKETS] else 1.0
 
 
 async def close_websockets(app: web.Application) -> None:
