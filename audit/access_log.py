@@ -40,6 +40,7 @@ from audit.chain_heads import chain_heads, chain_start, lock_chains
 from audit.chain_walk import WalkResult, canonical_text, walk_rows
 from audit.chain_workers import SPLIT_OVER, Start, WalkPlan, walk_in_workers, walk_location
 from audit.db import reading
+from audit.pace import rest_after
 from audit.schema import access_log, access_log_checkpoints
 
 if TYPE_CHECKING:
@@ -359,12 +360,11 @@ async def verify_chain(
 ) -> ChainReport:
     """Walk one chain (or every chain) from its start; report the first broken link.
 
-    Pass the engine rather than a connection for a long walk: it then runs
-    in a worker process and never blocks the event loop or writers (see
-    :data:`Source`); a chain longer than ``split_over`` (default
-    :data:`audit.chain_workers.SPLIT_OVER`) in parts side by side, unless
-    ``share`` is below 1: then busy at most that share of the time (pace.py).
-    """
+    Pass the engine for a long walk: it runs in worker processes, never on
+    the event loop (:data:`Source`); a chain longer than ``split_over`` in
+    parts side by side, unless ``share`` is below 1 (busy at most that share
+    of the time: pace.py)."""
+    rest_after(0.0, share)  # refused here, not in the worker
     names = [chain] if chain is not None else await chains(source)
     starts: list[Start] = []
     async with _reading(source) as conn:

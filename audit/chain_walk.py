@@ -17,7 +17,9 @@ On SQLite each batch of a chain is read in a short read transaction of its
 own and every row checked here: a walk never holds SQLite's lock for long,
 and appends go on meanwhile. On PostgreSQL the server checks each record's
 hash itself, in one snapshot, and sends only the rows this walk must look at
-(:data:`_POSTGRES_FLAGGED`); appends go on meanwhile there too.
+(:data:`_POSTGRES_FLAGGED`); appends go on meanwhile there too. A paced walk
+(``share`` below 1, audit/pace.py) rests after each batch, and on PostgreSQL
+reads every row, a batch a statement, and checks it here, as on SQLite.
 
 The canonical encoding here must give the very text of
 :func:`audit.access_log.record_hash` (JSON, sorted keys, no whitespace,
@@ -33,6 +35,7 @@ import itertools
 import json
 import os
 import re
+import runpy
 import sqlite3
 import sys
 import uuid
@@ -41,15 +44,15 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-if __name__ == "__main__":
-    # The worker script (``python -P``): its sibling pace.py by path, not
-    # through the package, whose __init__ imports SQLAlchemy (0.8 s to start).
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-    from pace import Pace  # type: ignore[import-not-found,no-redef,unused-ignore]
-else:
+if TYPE_CHECKING or __name__ != "__main__":
     from audit.pace import Pace
+else:
+    # The worker script (``python -P``): its sibling pace.py run by its path
+    # (not a module named "pace" found on sys.path), not through the package,
+    # whose __init__ imports SQLAlchemy (0.8 s to start).
+    Pace = runpy.run_path(str(Path(__file__).resolve().with_name("pace.py")))["Pace"]
 
 # The record's fields and ``prev_hash`` in sorted key order, as json.dumps
 # with sort_keys=True writes them.
@@ -473,12 +476,13 @@ def _postgres_walk(spec: WalkSpec, pace: Pace) -> WalkResult:
 
         conn = loop.run_until_complete(asyncpg.connect(spec.location, timeout=spec.timeout_s))
         try:
+            if pace.share < 1:
+                # Each batch a statement of its own, as on SQLite: no snapshot
+                # held, nor a transaction left idle, through minutes of rests.
+                return _postgres_rows_walk(loop, conn, spec, pace)
             transaction = conn.transaction(isolation="repeatable_read", readonly=True)
             loop.run_until_complete(transaction.start())
-            if pace.share < 1:
-                result = _postgres_rows_walk(loop, conn, spec, pace)
-            else:
-                result = _postgres_flagged_walk(loop, conn, spec)
+            result = _postgres_flagged_walk(loop, conn, spec)
             loop.run_until_complete(transaction.rollback())
             return result
         finally:

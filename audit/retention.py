@@ -481,6 +481,7 @@ async def purge_in_steps(
     or is cancelled (a shutdown) must not leave them on the disk. Between
     steps it rests, so as to be busy at most ``share`` of the time
     (audit/pace.py), and on SQLite at least :data:`STEP_PAUSE_S`."""
+    rest_after(0.0, share)  # a share out of range is refused before anything is deleted
     total = PurgeReport(dry_run=False)
     first = True
 

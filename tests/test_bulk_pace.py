@@ -180,9 +180,11 @@ async def test_the_purge_rests_between_its_steps_for_its_share(
     monkeypatch.setattr(retention, "rest_after", rest)
     report = await retention.purge_in_steps(engine, now=NOW, defaults=DEFAULTS, share=0.3)
     assert report.access_log_records == 35
-    # Four steps of at most ten rows each: a rest after each but the last.
-    assert [share for _, share in asked] == [0.3, 0.3, 0.3]
-    assert all(busy > 0 for busy, _ in asked)
+    # The share checked first; then four steps of at most ten rows each, a
+    # rest after each but the last.
+    assert asked[0] == (0.0, 0.3)
+    assert [share for _, share in asked[1:]] == [0.3, 0.3, 0.3]
+    assert all(busy > 0 for busy, _ in asked[1:])
 
 
 @pytest.mark.settings(database_bulk_share="0.5")

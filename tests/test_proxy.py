@@ -316,6 +316,8 @@ def test_an_admins_paced_verify_of_a_million_records_is_not_cut_off() -> None:
     (arguments,) = nginx_directives("proxy_read_timeout", body)
     assert seconds(arguments[0]) >= 600
     assert nginx_directives("proxy_pass", body) == [["http://videoconsult"]]
+    # Found in review: "error timeout" would start a second verify on another node.
+    assert nginx_directives("proxy_next_upstream", body) == [["error"]]
 
 
 def test_bodies_the_server_accepts_pass_and_none_is_written_to_disk() -> None:

@@ -27,6 +27,7 @@ from audit.db import reading
 from audit.errors import DatabaseError
 from audit.export_walk import ExportSpec
 from audit.export_workers import exported_chunks
+from audit.pace import rest_after
 from server.api.access_records import record_read
 from server.api.errors import Unprocessable
 from server.api.query import day_start, query_date, query_params, query_zone
@@ -143,6 +144,7 @@ def export_spec(
     """What the export's worker reads (``batch`` records at a time, by default
     :data:`EXPORT_BATCH`), how it writes it and how much of the time it may
     keep busy (audit/pace.py)."""
+    rest_after(0.0, share)  # refused here, not in the worker
     location = walk_location(engine)
     if location is None:
         raise DatabaseError("an in-memory database cannot be exported by a worker process")
