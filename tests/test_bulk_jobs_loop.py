@@ -34,11 +34,12 @@ def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
     return migrated_engine
 
 
-def old_record(n: int, at: datetime) -> AccessRecord:
-    """An operator's record ``n`` of the installation's chain, written ``at``."""
+def old_record(n: int, at: datetime, organisation_id: uuid.UUID | None = None) -> AccessRecord:
+    """An operator's record ``n`` of the installation's chain (or of
+    ``organisation_id``'s), written ``at``."""
     return AccessRecord(
         at=at,
-        organisation_id=None,
+        organisation_id=organisation_id,
         actor_id=None,
         actor_role="operator",
         action="account.create",

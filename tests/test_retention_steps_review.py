@@ -18,14 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import retention
-from audit.access_log import AccessRecord, ClientType, Outcome, append_records, verify_chain
+from audit.access_log import append_records, verify_chain
 from audit.consults import mark_ended
 from audit.retention import PurgeReport
 from audit.schema import consults, organisations, recordings
 from server.app_keys import DB_ENGINE, FILE_STORE
 from server.housekeeping import retention_round
 from tests.support.harness import Harness, new_consult
-from tests.test_bulk_jobs_loop import DEFAULTS, NOW
+from tests.test_bulk_jobs_loop import DEFAULTS, NOW, old_record
 from tests.test_stepwise_purge_and_repair import an_expired_recording_and_25_old_records
 
 
@@ -108,17 +108,7 @@ async def test_one_step_deletes_no_more_than_step_access_records_in_all(
         await append_records(
             conn,
             [
-                AccessRecord(
-                    at=long_ago + timedelta(seconds=i),
-                    organisation_id=org,
-                    actor_id=None,
-                    actor_role="operator",
-                    action="account.create",
-                    object_type="account",
-                    object_id=str(uuid.UUID(int=i)),
-                    outcome=Outcome.ALLOWED,
-                    client_type=ClientType.CLI,
-                )
+                old_record(i, long_ago + timedelta(seconds=i), org)
                 for org in orgs
                 for i in range(15)
             ],
