@@ -82,7 +82,8 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 store.delete_files(files)
 
             # In steps, as the server's purge (audit.retention.STEP), and
-            # paced as the server's: the same machine may run consults.
+            # always paced: this process cannot see whether the machine runs
+            # consults (the server paces its own purge only while it does).
             return await purge_in_steps(
                 engine,
                 now=now,
