@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.clock import iso_utc
 from audit.consults import ConsultStatus
+from audit.db import all_rows
 from audit.references import unseal_reference, with_reference_ring_key
 from audit.schema import accounts, appointment_references, consults
 
@@ -162,7 +163,9 @@ async def month_of_consults(
     )
     if therapist_id is not None:
         query = query.where(accounts.c.id == therapist_id)
-    rows = (await conn.execute(query)).all()
+    # A month of a large practice is tens of thousands of rows: made a few
+    # hundred at a time, the loop free in between.
+    rows = await all_rows(await conn.execute(query))
     # Unsealing is some 13 µs a reference: a month of a large practice's
     # consults would hold the loop for tens of milliseconds.
     return await asyncio.to_thread(_billed, rows, master_key)

@@ -8,6 +8,7 @@ these functions are about professional accounts.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.accounts import Account, ensure_another_active_admin
+from audit.db import in_turns
 from audit.schema import (
     access_log,
     account_notices,
@@ -35,6 +37,43 @@ from audit.technical_log import RETENTION
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
+
+
+async def _items(
+    conn: AsyncConnection, query: sa.Select[Any], item: Callable[[sa.Row[Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``query``'s rows as JSON-ready items, made a few hundred at a time:
+    five years of a therapist's access records (20,000 and more) at once
+    held the event loop for a quarter of a second and more."""
+    items: list[dict[str, Any]] = []
+    async for part in in_turns(await conn.execute(query)):
+        items.extend(map(item, part))
+    return items
+
+
+def _consult_item(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "status": row.status,
+        "created_at": _iso(row.created_at),
+        "started_at": _iso(row.started_at),
+        "ended_at": _iso(row.ended_at),
+        "duration_s": row.duration_s,
+    }
+
+
+def _access_item(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "at": _iso(row.at),
+        "actor_id": str(row.actor_id) if row.actor_id else None,
+        "actor_role": row.actor_role,
+        "action": row.action,
+        "object_type": row.object_type,
+        "object_id": row.object_id,
+        "outcome": row.outcome,
+        "client_type": row.client_type,
+    }
 
 
 async def export_account(
@@ -60,10 +99,12 @@ async def export_account(
         .where(account_notices.c.account_id == account.id)
         .order_by(account_notices.c.id)
     )
-    own_consults = await conn.execute(
+    own_consults = await _items(
+        conn,
         sa.select(consults)
         .where(consults.c.therapist_id == account.id)
-        .order_by(consults.c.created_at)
+        .order_by(consults.c.created_at),
+        _consult_item,
     )
     own_recordings = await conn.execute(
         sa.select(recordings)
@@ -71,7 +112,8 @@ async def export_account(
         .where(consults.c.therapist_id == account.id)
         .order_by(recordings.c.created_at)
     )
-    records = await conn.execute(
+    records = await _items(
+        conn,
         sa.select(access_log)
         .where(
             sa.or_(
@@ -79,7 +121,8 @@ async def export_account(
                 access_log.c.object_id == str(account.id),
             )
         )
-        .order_by(access_log.c.seq)
+        .order_by(access_log.c.seq),
+        _access_item,
     )
     diagnostics = await conn.execute(
         sa.select(technical_log)
@@ -117,17 +160,7 @@ async def export_account(
             {"kind": row.kind, "at": _iso(row.created_at), "by_role": row.by_role}
             for row in own_notices
         ],
-        "consults": [
-            {
-                "id": str(row.id),
-                "status": row.status,
-                "created_at": _iso(row.created_at),
-                "started_at": _iso(row.started_at),
-                "ended_at": _iso(row.ended_at),
-                "duration_s": row.duration_s,
-            }
-            for row in own_consults
-        ],
+        "consults": own_consults,
         # What is known of each recording of one's consults; the media itself
         # is downloaded separately (GET /api/recordings/{id}/download).
         "recordings": [
@@ -145,20 +178,7 @@ async def export_account(
             }
             for row in own_recordings
         ],
-        "access_log": [
-            {
-                "seq": row.seq,
-                "at": _iso(row.at),
-                "actor_id": str(row.actor_id) if row.actor_id else None,
-                "actor_role": row.actor_role,
-                "action": row.action,
-                "object_type": row.object_type,
-                "object_id": row.object_id,
-                "outcome": row.outcome,
-                "client_type": row.client_type,
-            }
-            for row in records
-        ],
+        "access_log": records,
         "technical_log_last_24_hours": [
             {"at": _iso(row.at), "kind": row.kind, "detail": row.detail} for row in diagnostics
         ],

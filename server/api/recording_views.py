@@ -290,7 +290,8 @@ async def recording_delete(request: web.Request) -> web.Response:
     # whether or not it can be removed right now.
     app[CHUNK_MAPS].discard(file_names)
     try:
-        app[FILE_STORE].delete_files(file_names)
+        # In a thread: unlinking an hour's file (gigabytes) can take a while.
+        await asyncio.to_thread(app[FILE_STORE].delete_files, file_names)
     except OSError as err:
         _log.warning(
             "the file of a deleted recording could not be removed; its key is destroyed",
