@@ -321,11 +321,10 @@ class ChainReport:
         return self.broken is None
 
 
-# Verification reads from a connection (inside the caller's transaction, on
-# the event loop), or from an engine: then a worker process walks the chains
-# with the driver's own rows (audit/chain_walk.py), each batch in a short
-# read transaction of its own, so that a long walk never holds the event
-# loop nor SQLite's lock, and appends go on meanwhile.
+# Verification reads from a connection (in the caller's transaction, on the
+# event loop), or from an engine: then a worker process walks the chains with
+# the driver's own rows (audit/chain_walk.py), each batch in a short read
+# transaction, so that a long walk never holds the loop nor SQLite's lock.
 Source = AsyncConnection | AsyncEngine
 
 
@@ -357,13 +356,14 @@ async def verify_chain(
     batch: int = 10_000,
     split_over: int | None = None,
     share: float = 1.0,
+    peers: str | None = None,
 ) -> ChainReport:
     """Walk one chain (or every chain) from its start; report the first broken link.
 
     Pass the engine for a long walk: it runs in worker processes, never on
     the event loop (:data:`Source`); a chain longer than ``split_over`` in
     parts side by side, unless ``share`` is below 1 (busy at most that share
-    of the time: pace.py)."""
+    of the time, with the paced jobs registered in ``peers``: pace.py)."""
     rest_after(0.0, share)  # refused here, not in the worker
     names = [chain] if chain is not None else await chains(source)
     starts: list[Start] = []
@@ -373,7 +373,7 @@ async def verify_chain(
             if isinstance(start, ChainBreak):
                 return ChainReport(0, walked, start)
             starts.append(start)
-    plan = WalkPlan(batch, SPLIT_OVER if split_over is None else split_over, share)
+    plan = WalkPlan(batch, SPLIT_OVER if split_over is None else split_over, share, peers)
     walk = functools.partial(_walk, source, plan=plan)
     # The walks stop at the first break: a prefix of the chains' results.
     results = await walk(starts)

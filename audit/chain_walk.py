@@ -116,6 +116,8 @@ class WalkSpec:
     # included (audit/pace.py): below 1, it rests after each batch, and on
     # PostgreSQL the worker checks every row itself.
     share: float = 1.0
+    # The directory where the machine's paced jobs share ``share`` (audit/pace.py).
+    peers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,16 +210,17 @@ def join(parts: list[WalkResult]) -> WalkResult:
 def walk(specs: list[WalkSpec]) -> list[WalkResult]:
     """Read and check chains (or parts) one after another, up to the first break."""
     results: list[WalkResult] = []
-    pace = Pace(min((spec.share for spec in specs), default=1.0))
-    for spec in specs:
-        if results:
-            pace.rest()  # after the chain before, not after the last
-        walked = (
-            _sqlite_walk(spec, pace) if spec.backend == "sqlite" else _postgres_walk(spec, pace)
-        )
-        results.append(walked)
-        if walked.problem is not None:
-            break
+    share = min((spec.share for spec in specs), default=1.0)
+    with Pace(share, peers=specs[0].peers if specs else None) as pace:
+        for spec in specs:
+            if results:
+                pace.rest()  # after the chain before, not after the last
+            walked = (
+                _sqlite_walk(spec, pace) if spec.backend == "sqlite" else _postgres_walk(spec, pace)
+            )
+            results.append(walked)
+            if walked.problem is not None:
+                break
     return results
 
 

@@ -58,6 +58,8 @@ class WalkPlan:
     batch: int = 10_000
     split_over: int = SPLIT_OVER
     share: float = 1.0
+    # Where the machine's paced jobs share ``share`` (audit/pace.py Peers).
+    peers: str | None = None
 
 
 async def walk_in_workers(
@@ -74,7 +76,9 @@ async def walk_in_workers(
     results: list[WalkResult] = []
     short: list[WalkSpec] = []
     for (name, first, prev_hash), last in zip(starts, ends, strict=True):
-        spec = WalkSpec(backend, where, name, first, prev_hash, batch, share=share)
+        spec = WalkSpec(
+            backend, where, name, first, prev_hash, batch, share=share, peers=plan.peers
+        )
         if parts == 1 or last - first < split_over:
             short.append(spec)
             continue

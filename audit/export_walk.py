@@ -108,8 +108,10 @@ class ExportSpec:
     json_head: str = ""
     timeout_s: float = 30.0
     # The share of the time the export may keep busy, its database's work
-    # included: it rests after each batch (audit/pace.py).
+    # included: it rests after each batch (audit/pace.py), sharing it with
+    # the machine's other paced jobs registered in ``peers``.
     share: float = 1.0
+    peers: str | None = None
 
 
 def _like_prefix(action: str) -> str:
@@ -185,7 +187,7 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
     # A file URI, quoted (a '#', '?' or '%' in the path would cut it short).
     uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
-    pace = Pace(spec.share)
+    pace = Pace(spec.share, peers=spec.peers)
     try:
         while True:
             batch = conn.execute(sql, values).fetchall()
@@ -195,6 +197,7 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
             values[1] = batch[-1][0] - 1
             pace.rest()  # the batch was read, made lines and written
     finally:
+        pace.close()
         conn.close()
 
 
@@ -304,7 +307,7 @@ def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
     batch one statement outside a transaction block."""
     sql, values = _pg_query(spec)
     one = csv_line if spec.export_format == "csv" else json_item
-    pace = Pace(spec.share)
+    pace = Pace(spec.share, peers=spec.peers)
     loop = asyncio.new_event_loop()
     try:
         # Imported here: only an export from PostgreSQL needs it.
@@ -329,6 +332,7 @@ def postgres_lines(spec: ExportSpec) -> Generator[list[str]]:
         finally:
             loop.run_until_complete(conn.close())
     finally:
+        pace.close()
         loop.close()
 
 

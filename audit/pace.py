@@ -8,14 +8,28 @@ that the piece waited for, which a worker's niceness cannot lower (the
 database's processes are not the server's). PostgreSQL's autovacuum gives
 way the same way (``autovacuum_vacuum_cost_delay``).
 
+The share is the machine's, not each job's: the jobs paced at once (an
+admin's verify and export in the server, a purge by the command line) share
+it between them, as autovacuum's workers share one cost limit
+(``autovacuum_vacuum_cost_limit``, balanced among the workers at work). Each
+registers in a directory of the data dir (:class:`Peers`) and rests for its
+part of the share, counted anew after each piece.
+
 Only the standard library: the worker scripts (``chain_walk.py``,
 ``export_walk.py``) import this file by its path, without the package.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+# The directory of the data dir where the machine's paced jobs register (Peers).
+PEERS_DIR = "bulk-jobs"
 
 # The longest rest after one piece: a piece that took long (a slow disk,
 # a lock waited for) must not make the job sleep for minutes.
@@ -29,30 +43,100 @@ def rest_after(busy_s: float, share: float) -> float:
     return min(MAX_REST_S, max(0.0, busy_s) * (1 - share) / share)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class Peers:
+    """The paced jobs at work on this machine: a file each in ``directory``
+    (``<pid>-<random>``), gone when the job ends or, if its process died
+    without removing it, when a peer next counts."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._own = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._own.touch(mode=0o600)
+
+    def count(self) -> int:
+        """How many paced jobs are at work, this one included."""
+        count = 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                pid, _, _ = entry.name.partition("-")
+                if not pid.isdigit():
+                    continue
+                if _alive(int(pid)):
+                    count += 1
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+        return max(1, count)
+
+    def close(self) -> None:
+        self._own.unlink(missing_ok=True)
+
+
 class Pace:
     """Call :meth:`rest` between the pieces of a job (in a worker process or
-    a thread): it sleeps long enough for the job to be busy at most ``share``
-    of the time since it began. ``share`` 1: it never sleeps."""
+    a thread): it sleeps long enough for the job to be busy at most its part
+    of ``share`` since the piece began. ``share`` 1: it never sleeps.
+
+    With ``peers`` (a directory), a paced job's part is ``share`` divided by
+    the paced jobs at work (:class:`Peers`); :meth:`close` (or the end of a
+    ``with`` block) leaves the directory."""
 
     def __init__(
         self,
         share: float,
         *,
+        peers: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         rest_after(0.0, share)  # validates
         self.share = share
+        self._peers = Peers(peers) if peers is not None and share < 1 else None
         self._clock = clock
         self._sleep = sleep
         self._since = clock()
         self.rested_s = 0.0
 
+    def part(self) -> float:
+        """This job's part of the share now."""
+        return self.share if self._peers is None else self.share / self._peers.count()
+
+    def due(self) -> float:
+        """The rest due after the piece that began at the last rest (or at the start)."""
+        return 0.0 if self.share >= 1 else rest_after(self._clock() - self._since, self.part())
+
+    def rested(self) -> None:
+        """The next piece begins now (after a rest taken elsewhere, e.g. ``asyncio.sleep``)."""
+        self._since = self._clock()
+
     def rest(self) -> None:
-        if self.share >= 1:
-            return
-        pause = rest_after(self._clock() - self._since, self.share)
+        pause = self.due()
         if pause > 0:
             self._sleep(pause)
             self.rested_s += pause
-        self._since = self._clock()
+        self.rested()
+
+    def close(self) -> None:
+        if self._peers is not None:
+            self._peers.close()
+
+    def __enter__(self) -> Pace:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

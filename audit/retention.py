@@ -27,7 +27,6 @@ opening a transaction: :func:`server.housekeeping.retention_round`.)
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from audit.access_log import (
 from audit.consults import ConsultStatus
 from audit.db import save_organisation_row
 from audit.outbox import forget_subjects
-from audit.pace import rest_after
+from audit.pace import Pace
 from audit.recordings import expired_recordings, shred
 from audit.schema import (
     access_log,
@@ -466,6 +465,7 @@ async def purge_in_steps(
     after_step: Callable[[PurgeReport], Awaitable[None]] | None = None,
     delete_files: Callable[[list[str]], Awaitable[None]] | None = None,
     share: float = 1.0,
+    peers: str | None = None,
 ) -> PurgeReport:
     """The purge as the server and the command line run it, in transactions
     of their own, each of at most :data:`STEP` rows (expired recordings,
@@ -479,9 +479,25 @@ async def purge_in_steps(
     steps before did. ``delete_files`` is awaited with each step's files
     right after its commit (their keys are gone): a later step that fails
     or is cancelled (a shutdown) must not leave them on the disk. Between
-    steps it rests, so as to be busy at most ``share`` of the time
-    (audit/pace.py), and on SQLite at least :data:`STEP_PAUSE_S`."""
-    rest_after(0.0, share)  # a share out of range is refused before anything is deleted
+    steps it rests, so as to be busy at most its part of ``share`` (with
+    the machine's paced jobs registered in ``peers``: audit/pace.py), and on
+    SQLite at least :data:`STEP_PAUSE_S`."""
+    # A share out of range is refused before anything is deleted.
+    with Pace(share, peers=peers) as pace:
+        return await _purge_in_steps(
+            engine, now, defaults, progress, after_step, delete_files, pace
+        )
+
+
+async def _purge_in_steps(
+    engine: AsyncEngine,
+    now: datetime,
+    defaults: Retention,
+    progress: Progress | None,
+    after_step: Callable[[PurgeReport], Awaitable[None]] | None,
+    delete_files: Callable[[list[str]], Awaitable[None]] | None,
+    pace: Pace,
+) -> PurgeReport:
     total = PurgeReport(dry_run=False)
     first = True
 
@@ -498,7 +514,7 @@ async def purge_in_steps(
         return step, None
 
     while True:
-        began = time.monotonic()
+        pace.rested()
         stepping = asyncio.ensure_future(one_step())
         try:
             step, failed = await asyncio.shield(stepping)
@@ -526,7 +542,7 @@ async def purge_in_steps(
         total.absorb(step)
         if not step.unfinished:
             return total
-        rest = rest_after(time.monotonic() - began, share)
+        rest = pace.due()
         if engine.dialect.name == "sqlite":
             rest = max(rest, STEP_PAUSE_S)
         await asyncio.sleep(rest)

@@ -38,7 +38,7 @@ from server.app_keys import (
     TECHNICAL_LOG,
 )
 from server.auth.lockout import lookback
-from server.ws.registry import bulk_share
+from server.ws.registry import bulk_peers, bulk_share
 from signaling.ports import StateUnavailable
 from signaling.protocol import EndReason
 
@@ -222,6 +222,7 @@ async def retention_round(app: web.Application) -> PurgeReport | None:
             defaults=defaults,
             delete_files=delete_files,
             share=bulk_share(app),  # while the node has consults, they keep a core
+            peers=bulk_peers(app),
         )
 
 

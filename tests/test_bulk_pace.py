@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import access_log as access_log_module
 from audit import chain_walk, export_walk, retention
+from audit import pace as pace_module
 from audit.access_log import GENESIS_HASH, append_records, verify_chain
 from audit.chain_workers import walk_location
 from audit.export_workers import exported_chunks
@@ -30,7 +31,7 @@ from audit.schema import access_log
 from server import housekeeping
 from server.api import admin_access_log
 from server.api.admin_access_log import export_spec
-from server.app_keys import WEBSOCKETS
+from server.app_keys import SETTINGS, WEBSOCKETS
 from tests.support.harness import Harness, Sockets, waiting_pair
 from tests.support.settings import SettingsFactory
 from tests.test_access_coverage import access_log_verify
@@ -177,7 +178,7 @@ async def test_the_purge_rests_between_its_steps_for_its_share(
         asked.append((busy_s, share))
         return 0.0
 
-    monkeypatch.setattr(retention, "rest_after", rest)
+    monkeypatch.setattr(pace_module, "rest_after", rest)
     report = await retention.purge_in_steps(engine, now=NOW, defaults=DEFAULTS, share=0.3)
     assert report.access_log_records == 35
     # The share checked first; then four steps of at most ten rows each, a
@@ -194,8 +195,10 @@ async def test_the_server_paces_its_bulk_jobs_while_it_has_consults(
     """``database.bulk_share`` reaches the verify's walk, the export's worker
     and the server's retention purge while a consult's socket is open on
     the node; with none open they run at full speed (nothing waits for a
-    core). Each still answers as before."""
+    core). Each still answers as before. All three share it with the
+    machine's other paced jobs in the data dir's ``bulk-jobs``."""
     shares: dict[str, float] = {}
+    peers: set[str | None] = set()
     # The names each module imported, wrapped where it calls them.
     walk = vars(access_log_module)["walk_in_workers"]
     export = vars(admin_access_log)["exported_chunks"]
@@ -203,14 +206,17 @@ async def test_the_server_paces_its_bulk_jobs_while_it_has_consults(
 
     async def walk_spied(*args: Any) -> Any:
         shares["verify"] = args[-1].share
+        peers.add(args[-1].peers)
         return await walk(*args)
 
     def export_spied(spec: Any) -> Any:
         shares["export"] = spec.share
+        peers.add(spec.peers)
         return export(spec)
 
     async def purge_spied(*args: Any, **kwargs: Any) -> Any:
         shares["retention"] = kwargs["share"]
+        peers.add(kwargs["peers"])
         return await purge(*args, **kwargs)
 
     monkeypatch.setattr(access_log_module, "walk_in_workers", walk_spied)
@@ -234,6 +240,7 @@ async def test_the_server_paces_its_bulk_jobs_while_it_has_consults(
     await access_log_verify(harness)  # the admin logs in (the sockets stay open)
     assert harness.app[WEBSOCKETS]
     assert await run_all() == {"verify": 0.5, "export": 0.5, "retention": 0.5}
+    assert peers == {str(harness.app[SETTINGS].data_dir / "bulk-jobs")}
     await sockets.close()
     for _ in range(100):
         if not harness.app[WEBSOCKETS]:

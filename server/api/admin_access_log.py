@@ -34,7 +34,7 @@ from server.api.query import day_start, query_date, query_params, query_zone
 from server.api.representations import access_record_json, iso
 from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import require_role
-from server.ws.registry import bulk_share
+from server.ws.registry import bulk_peers, bulk_share
 
 routes = web.RouteTableDef()
 
@@ -140,10 +140,11 @@ def export_spec(
     json_head: str,
     batch: int | None = None,
     share: float = 1.0,
+    peers: str | None = None,
 ) -> ExportSpec:
     """What the export's worker reads (``batch`` records at a time, by default
     :data:`EXPORT_BATCH`), how it writes it and how much of the time it may
-    keep busy (audit/pace.py)."""
+    keep busy, with the paced jobs registered in ``peers`` (audit/pace.py)."""
     rest_after(0.0, share)  # refused here, not in the worker
     location = walk_location(engine)
     if location is None:
@@ -161,6 +162,7 @@ def export_spec(
         object_id=chosen.object_id,
         json_head=json_head,
         share=share,
+        peers=peers,
     )
 
 
@@ -191,6 +193,7 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
         export_format,
         head,
         share=bulk_share(request.app),
+        peers=bulk_peers(request.app),
     )
     # The record comes first (committed, through the access-log writer): an
     # export that breaks off was still a read.
@@ -244,6 +247,7 @@ async def access_log_verify(request: web.Request) -> web.Response:
         request.app[DB_ENGINE],
         chain=chain_of(principal.account.organisation_id),
         share=bulk_share(request.app),
+        peers=bulk_peers(request.app),
     )
     await record_read(
         request, principal, action="access_log.verify", object_type="access_log", object_id=None

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from audit import prepare_data_dir
 from audit.clock import SystemClock
 from audit.db import reading
+from audit.pace import PEERS_DIR
 from audit.recordings import FileStore
 from audit.retention import PurgeReport, Retention, count_expired, purge, purge_in_steps
 from audit.technical_log import count_expired_technical, purge_technical_log
@@ -91,6 +92,8 @@ def run_purge(settings: Settings, args: argparse.Namespace) -> int:
                 progress=advance,
                 delete_files=delete_files,
                 share=settings.database.bulk_share,
+                # Shared with the paced jobs of a server on this machine.
+                peers=str(settings.data_dir / PEERS_DIR),
             )
 
     def transaction(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:

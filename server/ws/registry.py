@@ -7,6 +7,7 @@ import asyncio
 
 from aiohttp import WSCloseCode, web
 
+from audit.pace import PEERS_DIR
 from server.app_keys import SETTINGS, WEBSOCKETS
 from server.ws.connection import CLOSE_HANDSHAKE_S, Connection
 
@@ -21,6 +22,13 @@ def bulk_share(app: web.Application) -> float:
     open on the node (consults, waiting rooms), full speed (1) while none
     is: then nothing on the node waits for a core."""
     return app[SETTINGS].database.bulk_share if app[WEBSOCKETS] else 1.0
+
+
+def bulk_peers(app: web.Application) -> str:
+    """Where the node's paced bulk jobs register to share ``database.bulk_share``
+    between them (audit/pace.py ``Peers``): in the data dir, as the command
+    line's purge does on the same machine."""
+    return str(app[SETTINGS].data_dir / PEERS_DIR)
 
 
 async def close_websockets(app: web.Application) -> None:
