@@ -21,6 +21,7 @@ Only the standard library: the worker scripts (``chain_walk.py``,
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import time
@@ -43,43 +44,59 @@ def rest_after(busy_s: float, share: float) -> float:
     return min(MAX_REST_S, max(0.0, busy_s) * (1 - share) / share)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 class Peers:
     """The paced jobs at work on this machine: a file each in ``directory``
-    (``<pid>-<random>``), gone when the job ends or, if its process died
-    without removing it, when a peer next counts."""
+    (``<pid>-<random>``), which its job holds locked (``flock``) while it
+    works. A file nobody holds locked is a job whose process died (the
+    kernel let go of its lock): the next count removes it. Locks, unlike
+    process ids, mean the same in every PID namespace that shares the
+    directory (a server and the command line in containers of their own)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._own = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._own.touch(mode=0o600)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Locked under a name no count reads, then renamed: a count never
+        # sees it unlocked. (A process killed in between leaves a hidden
+        # file of no weight behind.)
+        hidden = self.directory / f".{name}"
+        self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._own = self.directory / name
+        hidden.rename(self._own)
 
     def count(self) -> int:
         """How many paced jobs are at work, this one included."""
         count = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                pid, _, _ = entry.name.partition("-")
-                if not pid.isdigit():
-                    continue
-                if _alive(int(pid)):
+                own = entry.path == str(self._own)
+                if own or (not entry.name.startswith(".") and _held(entry.path)):
                     count += 1
-                else:
-                    Path(entry.path).unlink(missing_ok=True)
         return max(1, count)
 
     def close(self) -> None:
-        self._own.unlink(missing_ok=True)
+        if self._fd >= 0:
+            self._own.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _held(path: str) -> bool:
+    """Whether a job holds ``path`` locked; if none does, remove it."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        Path(path).unlink(missing_ok=True)
+        return False
+    finally:
+        os.close(fd)
 
 
 class Pace:

@@ -59,16 +59,32 @@ def test_a_rest_is_for_the_jobs_part_of_the_share(tmp_path: Path) -> None:
     assert slept == [pytest.approx(0.4), pytest.approx(0.9)]
 
 
-def test_a_job_whose_process_died_is_forgotten(tmp_path: Path) -> None:
-    """A worker killed mid-job (its client went away: the export's worker is
-    SIGKILLed) leaves its file behind; the next count drops it."""
+def test_a_job_in_another_process_counts_until_that_process_dies(tmp_path: Path) -> None:
+    """A job's file counts while its process holds it locked. A worker killed
+    mid-job (its client went away: the export's worker is SIGKILLed) leaves
+    its file behind, unlocked: the next count drops it."""
     peers = tmp_path / "bulk-jobs"
-    code = "import sys; from audit.pace import Peers; Peers(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", code, str(peers)], check=True, cwd=Path.cwd())
-    (left,) = os.listdir(peers)
-    with Pace(0.3, peers=str(peers)) as pace:
-        assert pace.part() == pytest.approx(0.3)
-        assert left not in os.listdir(peers)
+    code = (
+        "import sys, time; from audit.pace import Peers; Peers(sys.argv[1]); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, str(peers)], stdout=subprocess.PIPE, text=True
+    ) as other:
+        try:
+            assert other.stdout is not None
+            assert other.stdout.readline() == "ready\n"
+            (theirs,) = os.listdir(peers)
+            assert theirs.startswith(f"{other.pid}-")
+            with Pace(0.3, peers=str(peers)) as pace:
+                assert pace.part() == pytest.approx(0.15)
+                other.kill()
+                other.wait()
+                assert pace.part() == pytest.approx(0.3)
+                assert theirs not in os.listdir(peers)
+        finally:
+            other.kill()
+    assert os.listdir(peers) == []
 
 
 @pytest.fixture
