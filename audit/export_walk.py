@@ -186,8 +186,8 @@ def sqlite_batches(spec: ExportSpec) -> Generator[list[Row]]:
     sql, values = _query(spec, _sqlite_marks())
     # A file URI, quoted (a '#', '?' or '%' in the path would cut it short).
     uri = Path(spec.location).resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
     pace = Pace(spec.share, peers=spec.peers)
+    conn = sqlite3.connect(uri, uri=True, timeout=spec.timeout_s, isolation_level=None)
     try:
         while True:
             batch = conn.execute(sql, values).fetchall()

@@ -21,6 +21,7 @@ Only the standard library: the worker scripts (``chain_walk.py``,
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -50,29 +51,41 @@ class Peers:
     works. A file nobody holds locked is a job whose process died (the
     kernel let go of its lock): the next count removes it. Locks, unlike
     process ids, mean the same in every PID namespace that shares the
-    directory (a server and the command line in containers of their own)."""
+    directory (a server and the command line in containers of their own).
+    Raises :class:`OSError` if the directory cannot be used (:class:`Pace`
+    then paces the job alone, as before there were peers)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_directory(self.directory)
         name = f"{os.getpid()}-{secrets.token_hex(4)}"
         # Locked under a name no count reads, then renamed: a count never
-        # sees it unlocked. (A process killed in between leaves a hidden
-        # file of no weight behind.)
+        # sees it unlocked. Readable by all: another user's count (the
+        # command line run as root beside the server) opens it to test the lock.
         hidden = self.directory / f".{name}"
-        self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._own = self.directory / name
-        hidden.rename(self._own)
+        fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._own = self.directory / name
+            hidden.rename(self._own)
+        except BaseException:
+            os.close(fd)
+            hidden.unlink(missing_ok=True)
+            raise
+        self._fd = fd
 
     def count(self) -> int:
-        """How many paced jobs are at work, this one included."""
+        """How many paced jobs are at work, this one included (1 if the
+        directory cannot be read any more)."""
         count = 0
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                own = entry.path == str(self._own)
-                if own or (not entry.name.startswith(".") and _held(entry.path)):
-                    count += 1
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    own = entry.path == str(self._own)
+                    if own or (not entry.name.startswith(".") and _held(entry.path)):
+                        count += 1
+        except OSError:
+            return 1
         return max(1, count)
 
     def close(self) -> None:
@@ -82,21 +95,37 @@ class Peers:
             self._fd = -1
 
 
-def _held(path: str) -> bool:
-    """Whether a job holds ``path`` locked; if none does, remove it."""
+def _make_directory(directory: Path) -> None:
+    """``directory``, made if need be; made by root (the command line run
+    with sudo), given to the owner of the directory it is in (the data
+    dir's: the server's user), who could not register in it otherwise."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        directory.mkdir(mode=0o755)
+    except FileExistsError:
+        return
+    parent = directory.parent.stat()
+    if os.geteuid() == 0 and parent.st_uid != 0:
+        os.chown(directory, parent.st_uid, parent.st_gid)
+
+
+def _held(path: str) -> bool:
+    """Whether a job holds ``path`` locked (or it cannot be told: then it
+    counts); if none does, remove it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: a job at work
         return True
-    else:
-        Path(path).unlink(missing_ok=True)
-        return False
     finally:
         os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return False
 
 
 class Pace:
@@ -118,7 +147,12 @@ class Pace:
     ) -> None:
         rest_after(0.0, share)  # validates
         self.share = share
-        self._peers = Peers(peers) if peers is not None and share < 1 else None
+        self._peers: Peers | None = None
+        if peers is not None and share < 1:
+            # A directory that cannot be used (another user's, a file system
+            # without locks) leaves the job paced alone.
+            with contextlib.suppress(OSError):
+                self._peers = Peers(peers)
         self._clock = clock
         self._sleep = sleep
         self._since = clock()
