@@ -108,7 +108,7 @@ def add_background_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bulk-old-records", type=int, default=200_000, help="to be purged")
     share = (
         "with --background bulk: the server's database.bulk_share, the share of the time"
-        " each job may keep busy (default: the server's own; 1: full speed)"
+        " the jobs may keep busy together (default: the server's own; 1: full speed)"
     )
     parser.add_argument("--bulk-share", type=float, default=None, help=share)
     reader = (
