@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.access_log import AccessRecord, ClientType, Outcome, append_records
+from audit.access_log import append_records
 from audit.export_workers import exported_chunks
 from audit.pace import Pace
 from server.api.admin_access_log import export_spec
 from tests.test_export_walk import EVERY_RECORD, ORG, T0
+from tests.test_large_reads_loop import consult_read
 
 
 def test_paced_jobs_on_one_machine_share_the_share(tmp_path: Path) -> None:
@@ -101,17 +102,7 @@ async def test_a_paced_exports_worker_takes_its_part_while_it_works(
         await append_records(
             conn,
             [
-                AccessRecord(
-                    at=T0 + timedelta(seconds=n),
-                    organisation_id=ORG,
-                    actor_id=uuid.UUID(int=n),
-                    actor_role="therapist",
-                    action="consult.read",
-                    object_type="consult",
-                    object_id=str(uuid.UUID(int=n)),
-                    outcome=Outcome.ALLOWED,
-                    client_type=ClientType.API,
-                )
+                consult_read(n, T0 + timedelta(seconds=n), ORG, uuid.UUID(int=n))
                 for n in range(3_000)
             ],
         )

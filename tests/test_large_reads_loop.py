@@ -35,6 +35,23 @@ CONSULTS = 2_500
 PRACTICE_MONTH = 12_000
 
 
+def consult_read(
+    n: int, at: datetime, organisation_id: uuid.UUID, therapist_id: uuid.UUID
+) -> AccessRecord:
+    """A therapist's read of consult ``n``, ``at``."""
+    return AccessRecord(
+        at=at,
+        organisation_id=organisation_id,
+        actor_id=therapist_id,
+        actor_role="therapist",
+        action="consult.read",
+        object_type="consult",
+        object_id=str(uuid.UUID(int=n)),
+        outcome=Outcome.ALLOWED,
+        client_type=ClientType.API,
+    )
+
+
 async def add_consults(
     harness: Harness,
     therapist_ids: list[uuid.UUID],
@@ -80,16 +97,8 @@ async def test_an_export_of_five_years_never_holds_the_loop(harness: Harness) ->
             await append_records(
                 conn,
                 [
-                    AccessRecord(
-                        at=start + timedelta(minutes=n),
-                        organisation_id=organisation.id,
-                        actor_id=therapist.account_id,
-                        actor_role="therapist",
-                        action="consult.read",
-                        object_type="consult",
-                        object_id=str(uuid.UUID(int=n)),
-                        outcome=Outcome.ALLOWED,
-                        client_type=ClientType.API,
+                    consult_read(
+                        n, start + timedelta(minutes=n), organisation.id, therapist.account_id
                     )
                     for n in range(first, first + 2_000)
                 ],
