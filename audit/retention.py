@@ -482,22 +482,8 @@ async def purge_in_steps(
     steps it rests, so as to be busy at most its part of ``share`` (with
     the machine's paced jobs registered in ``peers``: audit/pace.py), and on
     SQLite at least :data:`STEP_PAUSE_S`."""
-    # A share out of range is refused before anything is deleted.
-    with Pace(share, peers=peers) as pace:
-        return await _purge_in_steps(
-            engine, now, defaults, progress, after_step, delete_files, pace
-        )
-
-
-async def _purge_in_steps(
-    engine: AsyncEngine,
-    now: datetime,
-    defaults: Retention,
-    progress: Progress | None,
-    after_step: Callable[[PurgeReport], Awaitable[None]] | None,
-    delete_files: Callable[[list[str]], Awaitable[None]] | None,
-    pace: Pace,
-) -> PurgeReport:
+    # A share out of range is refused here, before anything is deleted.
+    pace = Pace(share, peers=peers)
     total = PurgeReport(dry_run=False)
     first = True
 
@@ -513,36 +499,37 @@ async def _purge_in_steps(
             await delete_files(step.files)
         return step, None
 
-    while True:
-        pace.rested()
-        stepping = asyncio.ensure_future(one_step())
-        try:
-            step, failed = await asyncio.shield(stepping)
-        except asyncio.CancelledError:
-            # A shutdown: a COMMIT under way commits all the same, so the step
-            # goes on to its end, its files deleted; then the purge stops.
-            await asyncio.wait([stepping])
-            raise
-        if step is None:
-            assert failed is not None
-            if first:
-                raise failed  # nothing done
-            # What the steps before committed stays done (their files are
-            # deleted); the next purge goes on from here.
-            _log.warning("retention purge stopped after a step", error=type(failed).__name__)
-            total.unfinished = True
-            return total
-        if after_step is not None:
-            await after_step(step)
-        if not step.ran:
-            # Another node purges now (it goes on where this one stopped).
-            total.ran = not first
-            return total
-        first = False
-        total.absorb(step)
-        if not step.unfinished:
-            return total
-        rest = pace.due()
-        if engine.dialect.name == "sqlite":
-            rest = max(rest, STEP_PAUSE_S)
-        await asyncio.sleep(rest)
+    with pace:  # leaves the machine's paced jobs however the purge ends
+        while True:
+            pace.rested()
+            stepping = asyncio.ensure_future(one_step())
+            try:
+                step, failed = await asyncio.shield(stepping)
+            except asyncio.CancelledError:
+                # A shutdown: a COMMIT under way commits all the same, so the step
+                # goes on to its end, its files deleted; then the purge stops.
+                await asyncio.wait([stepping])
+                raise
+            if step is None:
+                assert failed is not None
+                if first:
+                    raise failed  # nothing done
+                # What the steps before committed stays done (their files are
+                # deleted); the next purge goes on from here.
+                _log.warning("retention purge stopped after a step", error=type(failed).__name__)
+                total.unfinished = True
+                return total
+            if after_step is not None:
+                await after_step(step)
+            if not step.ran:
+                # Another node purges now (it goes on where this one stopped).
+                total.ran = not first
+                return total
+            first = False
+            total.absorb(step)
+            if not step.unfinished:
+                return total
+            rest = pace.due()
+            if engine.dialect.name == "sqlite":
+                rest = max(rest, STEP_PAUSE_S)
+            await asyncio.sleep(rest)
