@@ -1,0 +1,91 @@
+"""The event loop's thread asks Linux for a short time slice, so that it gets
+a core at once when a message wakes it.
+
+On a node that also records consults, runs bulk jobs or hosts the database,
+the loop often wakes while both cores are busy with that work. Since Linux
+6.6 the scheduler (EEVDF) lets a waking task take a core from a running one
+only when its deadline is earlier, and since 6.12 a task may ask for a
+slice of its own (``sched_setattr``, ``sched_runtime``): a shorter slice
+means an earlier deadline. Asked for with 0.1 ms (the shortest there is;
+the default is 0.75 to 3 ms by the number of cores), the loop preempts the
+recorder workers, the bulk jobs' workers and the database's processes when
+it wakes, and hands the core back after at most as long. Its share of the
+CPU stays what its niceness gives it; only when it runs changes
+(docs/benchmarks.md, "Signaling with recordings and bulk jobs on the node").
+
+Only the calling thread gets the slice: the request carries
+``SCHED_FLAG_RESET_ON_FORK``, so threads and processes started afterwards
+(the executor's threads, the recorder and bulk workers) keep the default.
+On an older kernel the slice is accepted and ignored; elsewhere (not Linux,
+a sandbox refusing the call) nothing changes and :func:`request_slice`
+says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+# sched_setattr(2) and sched_getattr(2); Python's os module has neither.
+_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
+SCHED_OTHER = 0
+SCHED_FLAG_RESET_ON_FORK = 0x01
+
+
+class _SchedAttr(ctypes.Structure):
+    """``struct sched_attr`` (include/uapi/linux/sched/types.h), its first size."""
+
+    _fields_ = (
+        ("size", ctypes.c_uint32),
+        ("sched_policy", ctypes.c_uint32),
+        ("sched_flags", ctypes.c_uint64),
+        ("sched_nice", ctypes.c_int32),
+        ("sched_priority", ctypes.c_uint32),
+        ("sched_runtime", ctypes.c_uint64),
+        ("sched_deadline", ctypes.c_uint64),
+        ("sched_period", ctypes.c_uint64),
+    )
+
+
+def _syscalls() -> tuple[int, int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return _SYSCALLS.get(platform.machine())
+
+
+def request_slice(slice_us: int) -> str | None:
+    """Ask for a slice of ``slice_us`` µs for the calling thread (a normal
+    thread, at its niceness); None when granted, else why not."""
+    numbers = _syscalls()
+    if numbers is None:
+        return f"not supported on {sys.platform} {platform.machine()}"
+    if os.sched_getscheduler(0) != SCHED_OTHER:
+        # Real-time or batch: its owner chose; a slice would reset the policy.
+        return "the thread does not run under the normal policy"
+    attr = _SchedAttr(
+        size=ctypes.sizeof(_SchedAttr),
+        sched_policy=SCHED_OTHER,
+        sched_flags=SCHED_FLAG_RESET_ON_FORK,
+        # sched_setattr sets the niceness too: keep the one the process has.
+        sched_nice=os.getpriority(os.PRIO_PROCESS, 0),
+        sched_runtime=slice_us * 1000,
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(numbers[0], 0, ctypes.byref(attr), 0) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def slice_ns(tid: int = 0) -> int | None:
+    """The slice of thread ``tid`` (0: the calling one) in ns, the kernel's
+    default where none was asked for; None when it cannot be read."""
+    numbers = _syscalls()
+    if numbers is None:
+        return None
+    attr = _SchedAttr()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(numbers[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+        return None
+    return int(attr.sched_runtime)
