@@ -148,7 +148,9 @@ class OursServer(Server):
         pg: str = "",
         topology: str = "single",
         redis_url: str = "",
+        settings: dict[str, str] | None = None,
     ) -> None:
+        """``settings``: more of the server's settings, by environment variable."""
         super().__init__(log_dir)
         self.topology = topology
         self.layout = TOPOLOGIES[topology]
@@ -191,6 +193,7 @@ class OursServer(Server):
             # Every socket of the load comes from 127.0.0.1: no per-client limit
             # (commits before it know no such setting, and refuse unknown ones).
             env["VIDEOCONSULT_SECURITY_CLIENT_REQUESTS_PER_MIN"] = "0"
+        env.update(settings or {})
         self.nodes: list[OursNode] = []
         for _ in range(self.layout.nodes):
             port = free_port()

@@ -260,8 +260,17 @@ def make_server(
             pg=args.pg,
             topology=topology,
             redis_url=args.redis,
+            settings=dict(args.set),
         )
     return PeerJSServer(log_dir)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    """``section.name=value`` as the environment variable that sets it."""
+    name, equals, value = text.partition("=")
+    if not equals or "." not in name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.NAME=VALUE")
+    return "VIDEOCONSULT_" + name.replace(".", "_").upper(), value
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -518,6 +527,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg",
         default=f"postgres@{HOST}:5432",
         help="user@host:port of the PostgreSQL server (loopback only)",
+    )
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="SECTION.NAME=VALUE",
+        help="a setting of our server's, e.g. server.scheduler_slice_us=0 (repeatable)",
     )
     parser.add_argument(
         "--ref",
