@@ -78,6 +78,8 @@ from _signaling_servers import TOPOLOGIES, OursServer, PeerJSServer, Server
 from _signaling_storm import storms
 from _signaling_wire import Workload
 
+from server.scheduling import request_slice
+
 # --------------------------------------------------------------------------
 # Runs.
 # --------------------------------------------------------------------------
@@ -276,6 +278,11 @@ def _setting(text: str) -> tuple[str, str]:
 async def main_async(args: argparse.Namespace) -> int:
     # Ctrl+C or SIGTERM cancel the whole run; the servers are stopped in main().
     cancel_on_signals()
+    if args.generator_slice_us:
+        # This thread runs the generator's loop; see --generator-slice-us.
+        refused = request_slice(args.generator_slice_us)
+        if refused is not None:
+            raise SystemExit(f"--generator-slice-us: {refused}")
     fds = raise_fd_limit(4 * max(args.idle, 2 * max(args.pairs)) + 1000)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -527,6 +534,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pg",
         default=f"postgres@{HOST}:5432",
         help="user@host:port of the PostgreSQL server (loopback only)",
+    )
+    parser.add_argument(
+        "--generator-slice-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="the load generator's loop asks Linux for this time slice, as the server's does"
+        " (server.scheduler_slice_us): it stands for browsers on other machines, whose"
+        " wake-ups do not wait for this node's busy cores (default 0: the kernel's)",
     )
     parser.add_argument(
         "--set",
