@@ -78,7 +78,7 @@ from _signaling_servers import TOPOLOGIES, OursServer, PeerJSServer, Server
 from _signaling_storm import storms
 from _signaling_wire import Workload
 
-from server.scheduling import request_slice
+from signaling.scheduling import request_slice
 
 # --------------------------------------------------------------------------
 # Runs.
@@ -541,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="US",
         help="the load generator's loop asks Linux for this time slice, as the server's does"
-        " (server.scheduler_slice_us): it stands for browsers on other machines, whose"
+        " (recording.loop_slice_us): it stands for browsers on other machines, whose"
         " wake-ups do not wait for this node's busy cores (default 0: the kernel's)",
     )
     parser.add_argument(
@@ -550,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.NAME=VALUE",
-        help="a setting of our server's, e.g. server.scheduler_slice_us=0 (repeatable)",
+        help="a setting of our server's, e.g. recording.loop_slice_us=0 (repeatable)",
     )
     parser.add_argument(
         "--ref",

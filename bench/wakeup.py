@@ -1,6 +1,7 @@
 """How late a sleeping thread wakes while other processes keep every core
 busy: with the kernel's default time slice, and with the short one the
-server's event loop asks for (server.scheduler_slice_us, server/scheduling.py).
+server's event loop asks for while recordings run (recording.loop_slice_us,
+signaling/scheduling.py).
 
 A probe process sleeps 2 ms, does a little work (about what a relayed
 message costs) and sleeps again, for --seconds; its lateness is how much
@@ -21,7 +22,7 @@ import sys
 import time
 from typing import cast
 
-from server.scheduling import request_slice, slice_ns
+from signaling.scheduling import request_slice, slice_ns
 
 SLEEP_S = 0.002
 

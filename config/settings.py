@@ -76,11 +76,6 @@ def parse_networks(value: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-# The time slices Linux grants (it clamps a request to 0.1 .. 100 ms).
-MIN_SLICE_US = 100
-MAX_SLICE_US = 100_000
-
-
 class ServerSettings(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
@@ -89,7 +84,6 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(ge=1024, le=16 * 1024 * 1024)
     shutdown_timeout_s: float = Field(gt=0, le=300)
     request_timeout_s: float = Field(ge=1, le=300)
-    scheduler_slice_us: int = Field(ge=0, le=MAX_SLICE_US)
 
     @field_validator("host")
     @classmethod
@@ -97,15 +91,6 @@ class ServerSettings(_Section):
         if not host.strip() or host != host.strip():
             raise ValueError("must be a host name or address without spaces")
         return host
-
-    @field_validator("scheduler_slice_us")
-    @classmethod
-    def _slice_in_range(cls, slice_us: int) -> int:
-        if 0 < slice_us < MIN_SLICE_US:
-            raise ValueError(
-                f"must be 0 (the kernel's default) or {MIN_SLICE_US} to {MAX_SLICE_US} µs"
-            )
-        return slice_us
 
     @field_validator("public_url")
     @classmethod
@@ -299,10 +284,25 @@ class TurnSettings(_Section):
         return _url_list(self.turn_urls)
 
 
+# The time slices Linux grants (it clamps a request to 0.1 .. 100 ms).
+MIN_SLICE_US = 100
+MAX_SLICE_US = 100_000
+
+
 class RecordingSettings(_Section):
     enabled: bool
     start_timeout_s: float = Field(ge=1, le=120)
     max_concurrent: int = Field(ge=1, le=1000)
+    loop_slice_us: int = Field(ge=0, le=MAX_SLICE_US)
+
+    @field_validator("loop_slice_us")
+    @classmethod
+    def _slice_in_range(cls, slice_us: int) -> int:
+        if 0 < slice_us < MIN_SLICE_US:
+            raise ValueError(
+                f"must be 0 (the kernel's default) or {MIN_SLICE_US} to {MAX_SLICE_US} µs"
+            )
+        return slice_us
 
 
 class MetricsSettings(_Section):

@@ -171,6 +171,7 @@ def recording_services(app: web.Application) -> RecordingServices | None:
         root_key=app[MASTER_KEY].key,
         start_timeout_s=settings.recording.start_timeout_s,
         max_concurrent=settings.recording.max_concurrent,
+        loop_slice_us=settings.recording.loop_slice_us,
     )
 
 

@@ -69,6 +69,7 @@ from signaling.protocol import (
 )
 from signaling.recorder_proxy import WorkerRecorder
 from signaling.recording_types import Failure, InvalidOffer, RecorderError
+from signaling.scheduling import LoopSlice
 from signaling.state import RecordingPhase, RoomPhase
 
 _log = structlog.get_logger("videoconsult.recording")
@@ -98,6 +99,8 @@ class RecordingServices:
     # Recordings at once on this node (each a worker process receiving two
     # participants' media; docs/recording.md).
     max_concurrent: int = 8
+    # The loop's time slice while recordings run here (signaling/scheduling.py); 0: none.
+    loop_slice_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class RecordingControl:
         self._change = ChangeThenTell(store, send)
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
+        # Held while _live is not empty: the loop before the recorder workers.
+        self._loop_slice = LoopSlice(services.loop_slice_us if services else 0)
         # Recordings being stopped: their files finishing, their workers exiting.
         self._finishing: set[asyncio.Future[None]] = set()
         # Set by stop_all (shutdown): a row's finish is tried once more, not
@@ -290,6 +295,7 @@ class RecordingControl:
             live.recorder.launch()
             live.consent = Consent(live.requested_at, now, ConsentBy(message.by))
             self._live[consult_id] = live
+            self._loop_slice.busy(True)
             state.recording = RecordingPhase.STARTING
             live.starter = asyncio.create_task(self._start_when_ready(consult_id, live))
             tell.both(_announcement(RecordingState.STARTING))
@@ -411,6 +417,7 @@ class RecordingControl:
                 state.recording = RecordingPhase.OFF
         self._questions.pop(consult_id, None)
         live = self._live.pop(consult_id, None)
+        self._loop_slice.busy(bool(self._live))
         if previous is RecordingPhase.OFF and live is None:
             return False
         # Told first: a new request may follow at once, and must not be

@@ -1,27 +1,31 @@
-"""The event loop's thread asks Linux for a short time slice
-(``server.scheduler_slice_us``, server/scheduling.py): the thread that runs
-the loop gets it, and nothing it starts does: not its other threads, not
-the recorder and bulk workers it forks or spawns."""
+"""While recordings run on the node, the event loop's thread asks Linux for
+a short time slice (``recording.loop_slice_us``, signaling/scheduling.py):
+the thread that runs the loop gets it, and nothing it starts does, not its
+other threads, not the recorder workers; without recordings it has the
+kernel's default again."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from config import SettingsError, load_settings
-from server.scheduling import slice_ns
-from tests.support.processes import ServerProcess
+from server.app_keys import ROOMS
+from signaling.scheduling import slice_ns
+from tests.support.harness import Harness, Sockets
+from tests.support.recording import both_see, consent_and_connect, start_call
 
 SHORT_NS = 100_000
 
 # In a process of its own, so that the test process keeps its slice.
 PROBE = """
 import os, threading
-from server.scheduling import request_slice, slice_ns
+from signaling.scheduling import request_slice, slice_ns
 os.nice(3)
 print(request_slice(100))
 print(slice_ns(), os.getpriority(os.PRIO_PROCESS, 0))
@@ -43,7 +47,7 @@ def _kernel_takes_slices() -> bool:
         [
             sys.executable,
             "-c",
-            "from server.scheduling import *; request_slice(100); print(slice_ns())",
+            "from signaling.scheduling import *; request_slice(100); print(slice_ns())",
         ],
         capture_output=True,
         text=True,
@@ -78,7 +82,7 @@ def test_the_slice_of_a_thread_that_is_not_there_cannot_be_read() -> None:
 
 def test_a_thread_under_another_policy_is_left_alone() -> None:
     code = (
-        "import os\nfrom server.scheduling import request_slice\n"
+        "import os\nfrom signaling.scheduling import request_slice\n"
         "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
         "print(request_slice(100)); print(os.sched_getscheduler(0) == os.SCHED_BATCH)"
     )
@@ -92,39 +96,54 @@ def test_a_thread_under_another_policy_is_left_alone() -> None:
 def test_a_slice_the_kernel_would_not_grant_is_refused_by_name(value: str, data_dir: Path) -> None:
     environ = {
         "VIDEOCONSULT_DATA_DIR": str(data_dir),
-        "VIDEOCONSULT_SERVER_SCHEDULER_SLICE_US": value,
+        "VIDEOCONSULT_RECORDING_LOOP_SLICE_US": value,
     }
-    with pytest.raises(SettingsError, match="scheduler_slice_us"):
+    with pytest.raises(SettingsError, match="loop_slice_us"):
         load_settings(environ)
 
 
 def test_the_default_is_the_shortest_slice(data_dir: Path) -> None:
     settings = load_settings({"VIDEOCONSULT_DATA_DIR": str(data_dir)})
-    assert settings.server.scheduler_slice_us == 100
+    assert settings.recording.loop_slice_us == 100
 
 
-def _threads(pid: int) -> dict[int, str]:
-    tasks = Path(f"/proc/{pid}/task")
-    return {int(tid.name): (tid / "comm").read_text().strip() for tid in tasks.iterdir()}
+BUSY = """
+from signaling.scheduling import LoopSlice, slice_ns
+default = slice_ns()
+held, never = LoopSlice(100), LoopSlice(0)
+never.busy(True); print(slice_ns() == default)
+held.busy(True); held.busy(True); print(slice_ns())
+held.busy(False); print(slice_ns() == default)
+held.busy(False); print(slice_ns() == default)
+"""
 
 
 @needs_slices
-@pytest.mark.multinode
-@pytest.mark.parametrize(("setting", "loop_slice"), [(None, SHORT_NS), ("0", None)])
-async def test_the_server_s_loop_thread_has_the_slice_and_its_other_threads_not(
-    setting: str | None, loop_slice: int | None, data_dir: Path, free_port: int, tmp_path: Path
+def test_the_loop_holds_the_slice_while_busy_and_gives_it_back() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", BUSY], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:4] == ["True", str(SHORT_NS), "True", "True"], out
+
+
+@needs_slices
+@pytest.mark.webrtc
+@pytest.mark.recorder
+async def test_the_loop_has_the_slice_while_a_recording_runs_and_the_worker_not(
+    sqlite_harness: Harness, sqlite_sockets: Sockets
 ) -> None:
+    # The app runs on the test's own loop, in this thread.
     default = slice_ns()
-    settings = {} if setting is None else {"server_scheduler_slice_us": setting}
-    server = ServerProcess(data_dir, free_port, tmp_path / "server.log", settings=settings)
-    try:
-        await asyncio.to_thread(server.wait_healthy)
-        pid = server.process.pid
-        threads = _threads(pid)
-        assert len(threads) > 1, threads  # the loop-lag watcher at least
-        assert slice_ns(pid) == (loop_slice or default)
-        others = {tid: slice_ns(tid) for tid in threads if tid != pid}
-        assert set(others.values()) == {default}, (threads, others)
-    finally:
-        server.stop()
-    assert "scheduler slice not set" not in (tmp_path / "server.log").read_text()
+    async with contextlib.AsyncExitStack() as stack:
+        call = await start_call(sqlite_harness, sqlite_sockets, stack)
+        assert slice_ns() == default  # a consult alone: the default
+        await consent_and_connect(call)
+        assert slice_ns() == SHORT_NS
+        worker = sqlite_harness.app[ROOMS].recording.worker_pid(
+            uuid.UUID(str(call.setup.consult_id))
+        )
+        assert worker is not None
+        assert slice_ns(worker) == default
+        await call.therapist.send("record-stop")
+        await both_see(call, "off")
+        assert slice_ns() == default

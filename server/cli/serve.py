@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from config import Settings
 from server.cli.base import CliError, serving_file
 
@@ -70,9 +68,6 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     app.on_startup.append(_settle_garbage_collector)
-    # This thread runs the event loop; the threads and workers it starts keep
-    # the kernel's default slice.
-    _ask_for_slice(server.scheduler_slice_us)
     serving = serving_file(settings.data_dir)
     try:
         web.run_app(
@@ -133,20 +128,6 @@ async def _settle_garbage_collector(_app: web.Application) -> None:
     gc.freeze()
     _gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-def _ask_for_slice(slice_us: int) -> None:
-    """The loop's thread asks for a short time slice (server/scheduling.py)."""
-    if not slice_us:
-        return
-    from server.scheduling import request_slice
-
-    refused = request_slice(slice_us)
-    if refused is not None:
-        # The server runs as well without it: only a busy node's latency is worse.
-        structlog.get_logger("videoconsult.server").info(
-            "scheduler slice not set", slice_us=slice_us, reason=refused
-        )
 
 
 def _announce(url: str, serving: Path, data_dir: Path) -> None:

@@ -1,8 +1,9 @@
-"""The event loop's thread asks Linux for a short time slice, so that it gets
-a core at once when a message wakes it.
+"""The event loop's thread asks Linux for a short time slice while
+recordings run on the node, so that it gets a core at once when a message
+wakes it (``recording.loop_slice_us``).
 
-On a node that also records consults, runs bulk jobs or hosts the database,
-the loop often wakes while both cores are busy with that work. Since Linux
+On a node that records consults, the loop often wakes while the recorder
+workers keep the cores busy. Since Linux
 6.6 the scheduler (EEVDF) lets a waking task take a core from a running one
 only when its deadline is earlier, and since 6.12 a task may ask for a
 slice of its own (``sched_setattr``, ``sched_runtime``): a shorter slice
@@ -10,12 +11,15 @@ means an earlier deadline. Asked for with 0.1 ms (the shortest there is;
 the default is 0.75 to 3 ms by the number of cores), the loop preempts the
 recorder workers, the bulk jobs' workers and the database's processes when
 it wakes, and hands the core back after at most as long. Its share of the
-CPU stays what its niceness gives it; only when it runs changes
-(docs/benchmarks.md, "Signaling with recordings and bulk jobs on the node").
+CPU stays what its niceness gives it; only when it runs changes. That has a
+price when the loop itself is busy: it is preempted more often, and a relayed
+message cost a sixth more CPU with the short slice in the ping-pong
+benchmark. So the loop holds the slice only while recordings run
+(:class:`LoopSlice`; docs/benchmarks.md, "The loop's own time slice").
 
 Only the calling thread gets the slice: the request carries
 ``SCHED_FLAG_RESET_ON_FORK``, so threads and processes started afterwards
-(the executor's threads, the recorder and bulk workers) keep the default.
+(the executor's threads, the recorder workers) keep the default.
 On an older kernel the slice is accepted and ignored; elsewhere (not Linux,
 a sandbox refusing the call) nothing changes and :func:`request_slice`
 says so.
@@ -28,10 +32,16 @@ import os
 import platform
 import sys
 
+import structlog
+
+_log = structlog.get_logger("videoconsult.server")
+
 # sched_setattr(2) and sched_getattr(2); Python's os module has neither.
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 SCHED_OTHER = 0
 SCHED_FLAG_RESET_ON_FORK = 0x01
+# sched_getscheduler's policy carries it as this bit once set.
+SCHED_RESET_ON_FORK = 0x40000000
 
 
 class _SchedAttr(ctypes.Structure):
@@ -57,11 +67,12 @@ def _syscalls() -> tuple[int, int] | None:
 
 def request_slice(slice_us: int) -> str | None:
     """Ask for a slice of ``slice_us`` µs for the calling thread (a normal
-    thread, at its niceness); None when granted, else why not."""
+    thread, at its niceness; 0: the kernel's default again); None when
+    granted, else why not."""
     numbers = _syscalls()
     if numbers is None:
         return f"not supported on {sys.platform} {platform.machine()}"
-    if os.sched_getscheduler(0) != SCHED_OTHER:
+    if os.sched_getscheduler(0) & ~SCHED_RESET_ON_FORK != SCHED_OTHER:
         # Real-time or batch: its owner chose; a slice would reset the policy.
         return "the thread does not run under the normal policy"
     attr = _SchedAttr(
@@ -89,3 +100,25 @@ def slice_ns(tid: int = 0) -> int | None:
     if libc.syscall(numbers[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
         return None
     return int(attr.sched_runtime)
+
+
+class LoopSlice:
+    """The loop's thread holds a short slice while the node is busy
+    (:meth:`busy`), the kernel's default otherwise. Called on the loop's
+    thread only: a slice is a thread's."""
+
+    __slots__ = ("_held", "_slice_us")
+
+    def __init__(self, slice_us: int) -> None:
+        self._slice_us = slice_us
+        self._held = False
+
+    def busy(self, busy: bool) -> None:
+        """Whether the node is busy now: the slice is asked for or given back on a change."""
+        if busy is self._held or not self._slice_us:
+            return
+        self._held = busy
+        refused = request_slice(self._slice_us if busy else 0)
+        if refused is not None:
+            # Signaling works as well without it: only its latency on a busy node is worse.
+            _log.info("scheduler slice not set", slice_us=self._slice_us, reason=refused)
