@@ -3,17 +3,16 @@ recordings run on the node, so that it gets a core at once when a message
 wakes it (``recording.loop_slice_us``).
 
 On a node that records consults, the loop often wakes while the recorder
-workers keep the cores busy. Since Linux
-6.6 the scheduler (EEVDF) lets a waking task take a core from a running one
-only when its deadline is earlier, and since 6.12 a task may ask for a
-slice of its own (``sched_setattr``, ``sched_runtime``): a shorter slice
-means an earlier deadline. Asked for with 0.1 ms (the shortest there is;
-the default is 0.75 to 3 ms by the number of cores), the loop preempts the
-recorder workers, the bulk jobs' workers and the database's processes when
+workers keep the cores busy. Since Linux 6.6 the scheduler (EEVDF) lets a
+waking task take a core from a running one only when its deadline is
+earlier, and since 6.12 a task may ask for a slice of its own
+(``sched_setattr``, ``sched_runtime``): a shorter slice means an earlier
+deadline. Asked for with 0.1 ms (the shortest there is; the default is 0.75
+to 3 ms by the number of cores), the loop preempts the recorder workers when
 it wakes, and hands the core back after at most as long. Its share of the
 CPU stays what its niceness gives it; only when it runs changes. That has a
-price when the loop itself is busy: it is preempted more often, and a relayed
-message cost a sixth more CPU with the short slice in the ping-pong
+price when the loop itself is busy: it is preempted more often, and a
+relayed message cost a sixth more CPU with the short slice in the ping-pong
 benchmark. So the loop holds the slice only while recordings run
 (:class:`LoopSlice`; docs/benchmarks.md, "The loop's own time slice").
 
@@ -107,11 +106,12 @@ class LoopSlice:
     (:meth:`busy`), the kernel's default otherwise. Called on the loop's
     thread only: a slice is a thread's."""
 
-    __slots__ = ("_held", "_slice_us")
+    __slots__ = ("_held", "_refused", "_slice_us")
 
     def __init__(self, slice_us: int) -> None:
         self._slice_us = slice_us
         self._held = False
+        self._refused = False
 
     def busy(self, busy: bool) -> None:
         """Whether the node is busy now: the slice is asked for or given back on a change."""
@@ -119,6 +119,7 @@ class LoopSlice:
             return
         self._held = busy
         refused = request_slice(self._slice_us if busy else 0)
-        if refused is not None:
-            # Signaling works as well without it: only its latency on a busy node is worse.
+        if refused is not None and not self._refused:
+            # Once: signaling works as well without it, only its latency on a busy node is worse.
+            self._refused = True
             _log.info("scheduler slice not set", slice_us=self._slice_us, reason=refused)

@@ -13,10 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from config import SettingsError, load_settings
 from server.app_keys import ROOMS
-from signaling.scheduling import slice_ns
+from signaling.scheduling import LoopSlice, slice_ns
 from tests.support.harness import Harness, Sockets
 from tests.support.recording import both_see, consent_and_connect, start_call
 
@@ -147,3 +148,17 @@ async def test_the_loop_has_the_slice_while_a_recording_runs_and_the_worker_not(
         await call.therapist.send("record-stop")
         await both_see(call, "off")
         assert slice_ns() == default
+
+
+def test_a_refused_slice_is_logged_once_and_signaling_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("signaling.scheduling._syscalls", lambda: None)  # as on macOS
+    loop_slice = LoopSlice(100)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            loop_slice.busy(True)
+            loop_slice.busy(False)
+    refusals = [entry for entry in logs if entry["event"] == "scheduler slice not set"]
+    assert len(refusals) == 1, logs
+    assert refusals[0]["reason"].startswith("not supported on")
