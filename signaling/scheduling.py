@@ -7,8 +7,8 @@ workers keep the cores busy. Since Linux 6.6 the scheduler (EEVDF) lets a
 waking task take a core from a running one only when its deadline is
 earlier, and since 6.12 a task may ask for a slice of its own
 (``sched_setattr``, ``sched_runtime``): a shorter slice means an earlier
-deadline. Asked for with 0.1 ms (the shortest there is; the default is 0.75
-to 3 ms by the number of cores), the loop preempts the recorder workers when
+deadline. Asked for with 0.1 ms (the shortest there is; the default is 0.7
+to 2.8 ms by the number of cores), the loop preempts the recorder workers when
 it wakes, and hands the core back after at most as long. Its share of the
 CPU stays what its niceness gives it; only when it runs changes. That has a
 price when the loop itself is busy: it is preempted more often, and a
@@ -20,8 +20,8 @@ Only the calling thread gets the slice: the request carries
 ``SCHED_FLAG_RESET_ON_FORK``, so threads and processes started afterwards
 (the executor's threads, the recorder workers) keep the default.
 On an older kernel the slice is accepted and ignored; elsewhere (not Linux,
-a sandbox refusing the call) nothing changes and :func:`request_slice`
-says so.
+a sandbox refusing the call, a thread under another policy or at a negative
+niceness) nothing changes and :func:`request_slice` says so.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class _SchedAttr(ctypes.Structure):
 
 
 def _syscalls() -> tuple[int, int] | None:
-    if not sys.platform.startswith("linux"):
+    # platform.machine() is the kernel's: a 32-bit interpreter on a 64-bit
+    # kernel has other numbers (314 is sync_file_range on i386).
+    if not sys.platform.startswith("linux") or sys.maxsize < 2**32:
         return None
     return _SYSCALLS.get(platform.machine())
 
@@ -70,16 +72,27 @@ def request_slice(slice_us: int) -> str | None:
     granted, else why not."""
     numbers = _syscalls()
     if numbers is None:
-        return f"not supported on {sys.platform} {platform.machine()}"
-    if os.sched_getscheduler(0) & ~SCHED_RESET_ON_FORK != SCHED_OTHER:
+        bits = sys.maxsize.bit_length() + 1
+        return f"not supported on {sys.platform} {platform.machine()} ({bits}-bit Python)"
+    try:
+        policy = os.sched_getscheduler(0) & ~SCHED_RESET_ON_FORK
+        nice = os.getpriority(os.PRIO_PROCESS, 0)  # the calling thread's on Linux
+    except OSError as err:
+        # musl libc answers ENOSYS to sched_getscheduler; so may a sandbox.
+        return f"the thread's scheduling cannot be read: {err.strerror}"
+    if policy != SCHED_OTHER:
         # Real-time or batch: its owner chose; a slice would reset the policy.
         return "the thread does not run under the normal policy"
+    if nice < 0:
+        # Its owner raised its priority: with reset-on-fork every thread and
+        # process started from then on would run at 0 instead.
+        return f"the thread runs at niceness {nice}, which its threads and workers would lose"
     attr = _SchedAttr(
         size=ctypes.sizeof(_SchedAttr),
         sched_policy=SCHED_OTHER,
         sched_flags=SCHED_FLAG_RESET_ON_FORK,
-        # sched_setattr sets the niceness too: keep the one the process has.
-        sched_nice=os.getpriority(os.PRIO_PROCESS, 0),
+        # sched_setattr sets the niceness too: keep the one the thread has.
+        sched_nice=nice,
         sched_runtime=slice_us * 1000,
     )
     libc = ctypes.CDLL(None, use_errno=True)
