@@ -17,8 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit import create_engine, prepare_data_dir, upgrade
 from audit.access_log import (
     AccessRecord,
-    ClientType,
-    Outcome,
     append_access,
     chain_of,
     verify_chain,
@@ -28,6 +26,7 @@ from audit.db import database_url as configured_url
 from audit.errors import AccessLogNotWritten
 from audit.schema import access_log
 from server.app_keys import DB_ENGINE
+from tests.support.access_records import consult_read
 from tests.support.harness import Harness, new_consult
 from tests.support.settings import SettingsFactory
 
@@ -50,16 +49,8 @@ async def engines(
 
 
 def a_record(n: int, *, orgs: int = 3, at: datetime | None = None) -> AccessRecord:
-    return AccessRecord(
-        at=at or T0 + timedelta(milliseconds=n),
-        organisation_id=uuid.UUID(int=1 + n % orgs),
-        actor_id=uuid.UUID(int=1000),
-        actor_role="therapist",
-        action="consult.read",
-        object_type="consult",
-        object_id=str(uuid.UUID(int=n)),
-        outcome=Outcome.ALLOWED,
-        client_type=ClientType.API,
+    return consult_read(
+        n, at or T0 + timedelta(milliseconds=n), uuid.UUID(int=1 + n % orgs), uuid.UUID(int=1000)
     )
 
 

@@ -22,8 +22,8 @@ from audit.access_log import append_records
 from audit.export_workers import exported_chunks
 from audit.pace import Pace
 from server.api.admin_access_log import export_spec
+from tests.support.access_records import consult_read
 from tests.test_export_walk import EVERY_RECORD, ORG, T0
-from tests.test_large_reads_loop import consult_read
 
 
 def test_paced_jobs_on_one_machine_share_the_share(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from audit.access_log import AccessRecord, ClientType, Outcome, append_records
+from audit.access_log import append_records
 from audit.roles import Role
 from audit.schema import access_log, consults
 from server.app_keys import DB_ENGINE
+from tests.support.access_records import consult_read
 from tests.support.harness import Harness
 from tests.support.loop_probe import longest_hold
 
@@ -33,23 +34,6 @@ RECORDS = 20_000
 CONSULTS = 2_500
 # A month of a practice of some forty therapists.
 PRACTICE_MONTH = 12_000
-
-
-def consult_read(
-    n: int, at: datetime, organisation_id: uuid.UUID, therapist_id: uuid.UUID
-) -> AccessRecord:
-    """A therapist's read of consult ``n``, ``at``."""
-    return AccessRecord(
-        at=at,
-        organisation_id=organisation_id,
-        actor_id=therapist_id,
-        actor_role="therapist",
-        action="consult.read",
-        object_type="consult",
-        object_id=str(uuid.UUID(int=n)),
-        outcome=Outcome.ALLOWED,
-        client_type=ClientType.API,
-    )
 
 
 async def add_consults(
