@@ -346,12 +346,20 @@ async def create_consult(page: Page, *, name: str = "", minor: bool = False) -> 
         await page.fill("#display-name", name)
     if minor:
         await page.check("#minor")
-    await page.click("#new-button")
-    await expect(page.locator("#invite-box")).to_be_visible()
+    # The id and link come from the server's answer: the page shows the invite
+    # box before it loads the list again, and a box from an earlier consult
+    # may already be showing (tests/test_browser_helpers.py).
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and urlsplit(r.url).path == "/api/consults"
+    ) as made:
+        await page.click("#new-button")
+    response = await made.value
+    assert response.ok, f"creating the consult: {response.status} {await response.text()}"
+    answer = await response.json()
+    consult_id, url = answer["consult"]["id"], answer["invite_url"]
+    await expect(page.locator("#invite-url")).to_have_value(url)
+    await expect(page.locator(f'table.consults tr[data-consult="{consult_id}"]')).to_have_count(1)
     await assert_accessible(page, "dashboard with a new invite link")
-    url = await page.input_value("#invite-url")
-    consult_id = await page.locator("table.consults tbody tr").first.get_attribute("data-consult")
-    assert consult_id is not None
     return consult_id, url
 
 
