@@ -283,6 +283,9 @@ async def main_async(args: argparse.Namespace) -> int:
         refused = request_slice(args.generator_slice_us)
         if refused is not None:
             raise SystemExit(f"--generator-slice-us: {refused}")
+    if args.generator_rt:
+        # This thread only, reset on fork: the servers and senders it starts run normally.
+        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
     fds = raise_fd_limit(4 * max(args.idle, 2 * max(args.pairs)) + 1000)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -543,6 +546,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the load generator's loop asks Linux for this time slice, as the server's does"
         " (recording.loop_slice_us): it stands for browsers on other machines, whose"
         " wake-ups do not wait for this node's busy cores (default 0: the kernel's)",
+    )
+    parser.add_argument(
+        "--generator-rt",
+        action="store_true",
+        help="the load generator's loop runs at real-time priority 1 (SCHED_RR; needs root"
+        " or CAP_SYS_NICE): it stands for browsers on other machines, whose wake-ups do"
+        " not wait for this node's recorders (docs/benchmarks.md, 'The loop at real-time"
+        " priority')",
     )
     parser.add_argument(
         "--set",

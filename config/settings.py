@@ -289,6 +289,7 @@ class RecordingSettings(_Section):
     start_timeout_s: float = Field(ge=1, le=120)
     max_concurrent: int = Field(ge=1, le=1000)
     loop_slice_us: int = Field(ge=0, le=100_000)
+    loop_realtime: bool
 
     @field_validator("loop_slice_us")
     @classmethod

@@ -172,6 +172,7 @@ def recording_services(app: web.Application) -> RecordingServices | None:
         start_timeout_s=settings.recording.start_timeout_s,
         max_concurrent=settings.recording.max_concurrent,
         loop_slice_us=settings.recording.loop_slice_us,
+        loop_realtime=settings.recording.loop_realtime,
     )
 
 

@@ -101,6 +101,8 @@ class RecordingServices:
     max_concurrent: int = 8
     # The loop's time slice while recordings run here (signaling/scheduling.py); 0: none.
     loop_slice_us: int = 0
+    # ... or real-time priority, where the process may (signaling/scheduling.py).
+    loop_realtime: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,10 @@ class RecordingControl:
         self._technical = technical
         self._live: dict[uuid.UUID, _Live] = {}
         # Held while _live is not empty: the loop before the recorder workers.
-        self._loop_slice = LoopSlice(services.loop_slice_us if services else 0)
+        self._loop_slice = LoopSlice(
+            services.loop_slice_us if services else 0,
+            realtime=services.loop_realtime if services else False,
+        )
         # Recordings being stopped: their files finishing, their workers exiting.
         self._finishing: set[asyncio.Future[None]] = set()
         # Set by stop_all (shutdown): a row's finish is tried once more, not

@@ -349,6 +349,11 @@ def make_settings(data_dir: Path) -> SettingsFactory:
             # Tests make hundreds of requests from 127.0.0.1 in one app;
             # tests/test_client_limits.py sets the limit it tests.
             "VIDEOCONSULT_SECURITY_CLIENT_REQUESTS_PER_MIN": "0",
+            # The app runs in the test's own thread, with its aiortc peers
+            # coding video there: at real-time priority while it records, it
+            # would starve Chromium and the other test worker on CI's two
+            # cores. tests/test_scheduling.py turns it on where it tests it.
+            "VIDEOCONSULT_RECORDING_LOOP_REALTIME": "false",
         }
         for name, value in overrides.items():
             environ[f"VIDEOCONSULT_{name.upper()}"] = str(value)
