@@ -162,8 +162,9 @@ def request_realtime(on: bool = True) -> str | None:
     except OSError as err:
         if err.errno == errno.EPERM:
             return (
-                "not permitted: the process needs CAP_SYS_NICE"
-                " or a real-time priority limit of 1 (LimitRTPRIO=1)"
+                "not permitted: the process needs CAP_SYS_NICE or a real-time priority"
+                " limit of 1 (LimitRTPRIO=1), and real-time time in its control group"
+                " where the kernel divides it (CONFIG_RT_GROUP_SCHED)"
             )
         return f"refused: {err.strerror}"
     return None
@@ -191,8 +192,12 @@ class LoopSlice:
             return
         self._held = busy
         if self._realtime_held:
-            self._realtime_held = False
-            self._once("real-time priority not given back", request_realtime(False))
+            if not busy:
+                refused = request_realtime(False)
+                if refused is None:
+                    self._realtime_held = False
+                # Else still held: tried again when the node is next idle.
+                self._once("real-time priority not given back", refused)
             return
         if busy and self._realtime:
             refused = request_realtime()

@@ -352,7 +352,7 @@ def make_settings(data_dir: Path) -> SettingsFactory:
             # The app runs in the test's own thread, with its aiortc peers
             # coding video there: at real-time priority while it records, it
             # would starve Chromium and the other test worker on CI's two
-            # cores. tests/test_scheduling.py turns it on where it tests it.
+            # cores. tests/test_scheduling_realtime.py turns it on where it tests it.
             "VIDEOCONSULT_RECORDING_LOOP_REALTIME": "false",
         }
         for name, value in overrides.items():
