@@ -19,6 +19,7 @@ from config import SettingsError, load_settings
 from server.app_keys import ROOMS
 from signaling.scheduling import LoopSlice, slice_ns
 from tests.support.harness import Harness, Sockets
+from tests.support.probe import python_lines
 from tests.support.recording import both_see, consent_and_connect, start_call
 
 SHORT_NS = 100_000
@@ -68,9 +69,7 @@ def test_only_the_calling_thread_gets_the_slice_and_keeps_its_niceness() -> None
     default = slice_ns()
     assert default is not None
     assert default != SHORT_NS
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = python_lines(PROBE)
     assert out[0] == "None", out  # granted
     assert out[1] == f"{SHORT_NS} 3", out  # the slice, the niceness kept
     assert out[2] == str(default), out  # a thread started afterwards: the default
@@ -87,9 +86,7 @@ def test_a_thread_under_another_policy_is_left_alone() -> None:
         "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
         "print(request_slice(100)); print(os.sched_getscheduler(0) == os.SCHED_BATCH)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = python_lines(code)
     assert out[:2] == ["the thread does not run under the normal policy", "True"]
 
 
@@ -121,9 +118,7 @@ held.busy(False); print(slice_ns() == default)
 
 @needs_slices
 def test_the_loop_holds_the_slice_while_busy_and_gives_it_back() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", BUSY], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = python_lines(BUSY)
     assert out[:4] == ["True", str(SHORT_NS), "True", "True"], out
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,28 +19,17 @@ from server.app_keys import ROOMS
 from signaling.scheduling import LoopSlice
 from tests.support.databases import copy_sqlite_template
 from tests.support.harness import Harness, Sockets
+from tests.support.probe import python_lines, require_realtime
 from tests.support.recording import both_see, consent_and_connect, start_call
-from tests.support.services import service_unavailable
 from tests.support.settings import SettingsFactory
 
 RR = os.SCHED_RR | os.SCHED_RESET_ON_FORK
 OTHER = os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
 
 
-def _may_run_realtime() -> bool:
-    code = "from signaling.scheduling import request_realtime as r; print(r())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip() == "None"
-
-
 @pytest.fixture
 def realtime_permitted() -> None:
-    if len(os.sched_getaffinity(0)) < 2 or not _may_run_realtime():
-        # CI runs as root on two cores; a developer's account may lack the right.
-        service_unavailable(
-            "real-time priority",
-            "this process may not use it (root, CAP_SYS_NICE or LimitRTPRIO=1, and two CPUs)",
-        )
+    require_realtime()
 
 
 # In a process of its own, so that the test process keeps its policy.
@@ -69,9 +56,7 @@ print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
 def test_only_the_loops_thread_runs_at_realtime_priority_and_gives_it_back(
     realtime_permitted: None,
 ) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", HELD], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = python_lines(HELD)
     assert out[0] == f"{RR} 1", out  # the lowest real-time priority
     assert out[1] == f"{os.SCHED_OTHER}", out  # a thread started afterwards: normal
     assert out[2] == f"{os.SCHED_OTHER} 0", out  # a forked worker: normal
@@ -100,13 +85,7 @@ def test_without_the_right_it_says_so_once_and_takes_the_short_slice() -> None:
         # Not root: this process itself lacks the right (or has it through
         # LimitRTPRIO, which the probe cannot take away without root).
         pytest.skip("needs root to become an unprivileged user")
-    out = subprocess.run(
-        [sys.executable, "-c", UNPRIVILEGED],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    ).stdout.split("\n")
+    out = python_lines(UNPRIVILEGED)
     assert out[0].split()[0] == str(os.SCHED_OTHER), out  # still normal
     assert out[0].split()[1] in {"100000", "None"}, out  # the short slice (None: kernel < 6.12)
     assert out[1] == str(
@@ -121,47 +100,35 @@ def test_without_the_right_it_says_so_once_and_takes_the_short_slice() -> None:
     ), out
 
 
-def test_a_thread_on_one_cpu_is_not_made_realtime(realtime_permitted: None) -> None:
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        pytest.param(
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})",
+            "the thread may run on one CPU only, which the recorder workers need too",
+            id="one-cpu",
+        ),
+        # A real-time thread's children start at niceness 0 (reset on fork):
+        # a server its owner ran at niceness 5 would start its workers above it.
+        pytest.param(
+            "os.nice(5)",
+            "the thread runs at niceness 5, which the workers it starts would not keep",
+            id="niceness",
+        ),
+        pytest.param(
+            "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))",
+            "the thread does not run under the normal policy",
+            id="batch",
+        ),
+    ],
+)
+def test_a_thread_set_apart_is_left_alone(setup: str, reason: str) -> None:
+    before = python_lines(f"import os\n{setup}\nprint(os.sched_getscheduler(0))")[0]
     code = (
-        "import os\nfrom signaling.scheduling import request_realtime\n"
-        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        f"import os\nfrom signaling.scheduling import request_realtime\n{setup}\n"
         "print(request_realtime()); print(os.sched_getscheduler(0))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    assert out[:2] == [
-        "the thread may run on one CPU only, which the recorder workers need too",
-        str(os.SCHED_OTHER),
-    ], out
-
-
-def test_a_thread_at_another_niceness_is_left_alone(realtime_permitted: None) -> None:
-    # A real-time thread's children start at niceness 0 (reset on fork):
-    # a server its owner ran at niceness 5 would start its workers above it.
-    code = (
-        "import os\nfrom signaling.scheduling import request_realtime\n"
-        "os.nice(5)\nprint(request_realtime()); print(os.sched_getscheduler(0))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    assert out[:2] == [
-        "the thread runs at niceness 5, which the workers it starts would not keep",
-        str(os.SCHED_OTHER),
-    ], out
-
-
-def test_a_thread_its_owner_set_apart_is_left_alone() -> None:
-    code = (
-        "import os\nfrom signaling.scheduling import request_realtime\n"
-        "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
-        "print(request_realtime()); print(os.sched_getscheduler(0) == os.SCHED_BATCH)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    assert out[:2] == ["the thread does not run under the normal policy", "True"], out
+    assert python_lines(code)[:2] == [reason, before]
 
 
 def test_off_it_is_never_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:

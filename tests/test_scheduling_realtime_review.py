@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.probe import python_lines, require_realtime
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,36 +61,20 @@ print(os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(0).s
 """
 
 
-def _may_run_realtime() -> bool:
-    code = "from signaling.scheduling import request_realtime as r; print(r())"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    return out.stdout.strip() == "None"
+@pytest.fixture
+def needs_realtime() -> None:
+    require_realtime()
 
 
-needs_realtime = pytest.mark.skipif(
-    not sys.platform.startswith("linux")
-    or len(os.sched_getaffinity(0)) < 2
-    or not _may_run_realtime(),
-    reason="needs the right to real-time priority and two CPUs",
-)
-
-
-@needs_realtime
-def test_a_give_back_that_failed_is_tried_again_with_the_next_recording() -> None:
+def test_a_give_back_that_failed_is_tried_again_with_the_next_recording(
+    needs_realtime: None,
+) -> None:
     # busy(False) clears _realtime_held before it knows the give-back
     # worked: the thread stays SCHED_RR, LoopSlice believes it is normal,
     # the next busy(True) is refused as "not under the normal policy" and
     # the next busy(False) never tries to give it back: the loop runs at
     # real-time priority with no recording, for the life of the process.
-    out = subprocess.run(
-        [sys.executable, "-c", GIVE_BACK_FAILS_ONCE],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout.splitlines()
+    out = [line for line in python_lines(GIVE_BACK_FAILS_ONCE) if line]
     logged, last = out[:-1], out[-1].split()
     assert last == [str(os.SCHED_OTHER), "0"], (
         f"policy, priority with no recording: {last}; {logged}"
@@ -98,8 +84,9 @@ def test_a_give_back_that_failed_is_tried_again_with_the_next_recording() -> Non
 # --- 3. The end-to-end test depends on running first in its worker ---------
 
 
-@needs_realtime
-def test_the_end_to_end_realtime_test_passes_after_another_recording_test() -> None:
+def test_the_end_to_end_realtime_test_passes_after_another_recording_test(
+    needs_realtime: None,
+) -> None:
     # Every recording test (make_settings: loop_slice_us 100) leaves the
     # xdist worker's thread with SCHED_RESET_ON_FORK (request_slice sets
     # it, nothing clears it); test_a_recording_puts_the_loop_at_realtime_...
