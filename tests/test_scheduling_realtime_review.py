@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.probe import python_lines, require_realtime
+from tests.test_scheduling import needs_slices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +85,9 @@ def test_a_give_back_that_failed_is_tried_again_with_the_next_recording(
 # --- 3. The end-to-end test depends on running first in its worker ---------
 
 
+@needs_slices
+@pytest.mark.webrtc
+@pytest.mark.recorder
 def test_the_end_to_end_realtime_test_passes_after_another_recording_test(
     needs_realtime: None,
 ) -> None:
@@ -94,7 +98,6 @@ def test_the_end_to_end_realtime_test_passes_after_another_recording_test(
     # alone") and fails. ./scripts/test runs the media tests in two workers,
     # so it only passes when it is a worker's first recording test. Its own
     # finally leaves the flag set too.
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
     run = subprocess.run(
         [
             sys.executable,
@@ -113,8 +116,11 @@ def test_the_end_to_end_realtime_test_passes_after_another_recording_test(
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
         timeout=600,
     )
     failed = [line for line in run.stdout.splitlines() if line.startswith(("E ", "FAILED"))]
     assert run.returncode == 0, "\n".join(failed[:3])
+    # Both ran: a skip of either would let the order go untested.
+    assert re.search(r"^2 passed\b(?!.*(skipped|failed|error))", run.stdout, re.MULTILINE), (
+        run.stdout[-500:]
+    )
