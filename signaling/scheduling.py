@@ -30,10 +30,12 @@ recordings run (``recording.loop_realtime``, :func:`request_realtime`): then
 it takes a core from any normal thread the moment it wakes, whatever their
 deadlines. The kernel still leaves normal threads 5 % of each CPU, and a
 loop that holds one core leaves the workers the others; on a single CPU it
-is not asked for. Measured end to end, the short slice alone left the
-paced p99 with ten recordings at about twice the p99 without; the loop at
-real-time priority brought it within it (docs/benchmarks.md, "The loop at
-real-time priority").
+is not asked for. Measured end to end with ten recordings, the short
+slice left the paced p99 at about three times the p99 without; the loop at
+real-time priority brought it to 0.96 times, with the benchmark's load
+generator (which stands for remote browsers) at real-time priority too;
+with the generator sharing the cores normally, 2 to 3 times either way
+(docs/benchmarks.md, "The loop at real-time priority").
 """
 
 from __future__ import annotations
