@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from signaling.ports import Broker, Delivery, RoomStore
 from signaling.protocol import (
     RELAYED,
@@ -127,7 +129,8 @@ class Route:
 def relayed(participant: Participant, message: InboundMessage, frame: str | None) -> Delivery:
     """What the other participant receives of a relayed message."""
     if frame is None:
-        fields = message.model_dump(exclude={"v", "type", "consult"})
+        fields = msgspec.structs.asdict(message)
+        del fields["v"], fields["consult"]
         return Delivery(outbound(message.type, sender=participant.role.value, **fields))
     # The frame is a validated JSON object with no "sender" field (unknown
     # fields are refused), so adding one before its closing brace keeps it
