@@ -347,7 +347,7 @@ class Report(_Inbound, tag="report", frozen=True, kw_only=True):
                 # integer becomes the float a browser has.
                 detail[name] = _report_value(value)
             except _ReportValueError as err:
-                raise ValueError(f"field 'detail.{name}': {err}") from None
+                raise ValueError(f"field {_name('detail.' + name)}: {err}") from None
 
 
 _MESSAGES: tuple[type[_Inbound], ...] = (
@@ -406,6 +406,10 @@ def parse_inbound(frame: str) -> InboundMessage:
         return _decode(frame)
     except (msgspec.ValidationError, msgspec.DecodeError):
         pass
+    except (RecursionError, UnicodeEncodeError):
+        # A report's detail value nested a thousand deep; a str holding a
+        # lone surrogate itself (not the socket's: it decodes strict UTF-8).
+        pass
     return _explain(frame)
 
 
@@ -415,13 +419,23 @@ def _json_int(text: str) -> int | float:
 
 # Python's limit for converting a text to an int (sys.get_int_max_str_digits()).
 _MAX_INT_DIGITS = 4300
+# A lone surrogate (json.loads reads "\ud800" as one): not text, so not in any
+# field or field name. A report's detail values are the exception, as before.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Of a field name quoted in an error: the start of a long one.
+_NAME_CHARS = 64
+# msgspec's words for where a problem is: a field's value, or a key in one.
+_AT = re.compile(r"^(.*) - at `\$\.([A-Za-z]+)(\[\.\.\.\])?`$", re.DOTALL)
+_AT_KEY = re.compile(r"^(.*) - at `key` in `\$\.([A-Za-z]+)`$", re.DOTALL)
 
 
-# msgspec's words for a field not known and a field missing.
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`$", re.DOTALL)
-_MISSING_FIELD = re.compile(r"Object missing required field `(.*)`$", re.DOTALL)
-_AT = re.compile(r"^(.*) - at `\$\.?(.*)`$", re.DOTALL)
-_AT_KEY = re.compile(r"^(.*) - at `key` in `\$\.?(.*)`$", re.DOTALL)
+def _fields(message: type[_Inbound]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The JSON fields of ``message`` (its tag aside), and the required ones in order."""
+    fields = msgspec.structs.fields(message)
+    return (
+        frozenset(field.encode_name for field in fields),
+        tuple(field.encode_name for field in fields if field.required),
+    )
 
 
 def _literal_choices(message: type[_Inbound]) -> dict[str, tuple[str, ...]]:
@@ -436,8 +450,14 @@ def _literal_choices(message: type[_Inbound]) -> dict[str, tuple[str, ...]]:
     return choices
 
 
-# By message type and field: for an error that says what would do.
+# By message type: its fields, and those with a short list of values.
+_FIELDS = {message.type: _fields(message) for message in _MESSAGES}
 _CHOICES = {message.type: _literal_choices(message) for message in _MESSAGES}
+
+
+def _name(name: str) -> str:
+    """A field's name as an error quotes it: the start of a long one."""
+    return repr(name if len(name) <= _NAME_CHARS else name[:_NAME_CHARS] + "…")
 
 
 def _explain(frame: str) -> InboundMessage:
@@ -465,35 +485,53 @@ def _explain(frame: str) -> InboundMessage:
             f"unknown message type; expected one of {', '.join(INBOUND_TYPES)}",
             ref=ref,
         )
-    try:
-        message: InboundMessage = msgspec.convert(data, InboundMessage, strict=True)
-    except msgspec.ValidationError as err:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, _problem(str(err), kind), ref=ref) from None
-    # What JSON the fast path refused but Python's parser took (say, a
-    # string with a lone surrogate): taken as Python read it.
-    return message
+    problem = _fields_problem(data, kind)
+    if problem is None:
+        try:
+            return msgspec.convert(data, InboundMessage, strict=True)  # type: ignore[no-any-return]
+        except msgspec.ValidationError as err:
+            problem = _problem(str(err), kind)
+        except RecursionError:
+            problem = "the message is nested too deep"
+    raise ProtocolError(ErrorCode.INVALID_MESSAGE, problem, ref=ref)
+
+
+def _fields_problem(data: dict[str, Any], kind: str) -> str | None:
+    """A field not known, missing, or holding what is not text; checked here
+    rather than read out of msgspec's words, which quote a name as it came."""
+    known, required = _FIELDS[kind]
+    a_kind = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+    for name, value in data.items():
+        if name != "type" and name not in known:
+            return f"field {_name(name)} is not part of {a_kind} message"
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return f"field {_name(name)}: not text (a lone surrogate)"
+    for name in required:
+        if name not in data:
+            return f"field {_name(name)} is required in {a_kind} message"
+    detail = data.get("detail")
+    if kind == "report" and isinstance(detail, dict):
+        for name in detail:
+            if _SURROGATE.search(name):
+                return "field 'detail': a field's name is not text (a lone surrogate)"
+    return None
 
 
 def _problem(text: str, kind: str) -> str:
-    """The client's words for msgspec's ``text`` about a ``kind`` message."""
+    """The client's words for msgspec's ``text`` about a ``kind`` message
+    (the fields are known ones here: :func:`_fields_problem` came first)."""
     if text.startswith("field '"):
         # Already named (a report's detail).
         return text
-    a_kind = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
     if (key := _AT_KEY.match(text)) is not None:
         return f"field {key.group(2)!r}: a field's name: {key.group(1)}"
     where = "message"
     if (at := _AT.match(text)) is not None:
-        text, where = at.group(1), at.group(2).replace("[...]", "") or where
-    if (unknown := _UNKNOWN_FIELD.match(text)) is not None:
-        name = unknown.group(1) if where == "message" else f"{where}.{unknown.group(1)}"
-        return f"field {name!r} is not part of {a_kind} message"
-    if (missing := _MISSING_FIELD.match(text)) is not None:
-        name = missing.group(1) if where == "message" else f"{where}.{missing.group(1)}"
-        return f"field {name!r} is required in {a_kind} message"
+        text, where = at.group(1), at.group(2)
     choices = _CHOICES[kind].get(where)
     if choices is not None and text.startswith("Invalid enum value"):
-        text = f"{text}; expected one of {', '.join(choices)}"
+        # Not msgspec's words: they quote the value, whatever its length.
+        text = f"expected one of {', '.join(choices)}"
     return f"field {where!r}: {text}"
 
 

@@ -110,12 +110,12 @@ def test_a_report_keeps_a_large_integer_as_the_float_a_browser_has() -> None:
         (
             '{"v": 1, "type": "record-consent", "agree": true, "by": "aunt"}',
             ErrorCode.INVALID_MESSAGE,
-            "field 'by': Invalid enum value 'aunt'; expected one of guardian, patient",
+            "field 'by': expected one of guardian, patient",
         ),
         (
             '{"v": 1, "type": "report", "event": "gossip"}',
             ErrorCode.INVALID_MESSAGE,
-            "field 'event': Invalid enum value 'gossip'; expected one of call-failed,",
+            "field 'event': expected one of call-failed,",
         ),
         (
             '{"v": 1, "type": "report", "event": "stats", "detail": {"' + "k" * 41 + '": 1}}',
