@@ -464,9 +464,36 @@ async def get_recording(conn: AsyncConnection, recording_id: uuid.UUID) -> Recor
     return _entry(row)
 
 
-async def list_recordings(conn: AsyncConnection, therapist_id: uuid.UUID) -> list[RecordingEntry]:
-    """The recordings of the therapist's consults, newest first."""
-    rows = await conn.execute(_entries().where(consults.c.therapist_id == therapist_id))
+async def list_recordings(
+    conn: AsyncConnection,
+    therapist_id: uuid.UUID,
+    *,
+    limit: int,
+    older_than: uuid.UUID | None = None,
+) -> list[RecordingEntry]:
+    """The recordings of the therapist's consults, newest first: at most
+    ``limit``, and with ``older_than`` (one of them) those that follow it in
+    that order. NotFound when ``older_than`` is not one of the therapist's
+    recordings (or was deleted)."""
+    query = _entries().where(consults.c.therapist_id == therapist_id)
+    if older_than is not None:
+        cursor = (
+            await conn.execute(
+                sa.select(recordings.c.created_at)
+                .join(consults, consults.c.id == recordings.c.consult_id)
+                .where(recordings.c.id == older_than, consults.c.therapist_id == therapist_id)
+            )
+        ).first()
+        if cursor is None:
+            raise NotFound("no such recording (or it was deleted)")
+        # The order of _entries(): created_at descending, then id.
+        query = query.where(
+            sa.or_(
+                recordings.c.created_at < cursor.created_at,
+                sa.and_(recordings.c.created_at == cursor.created_at, recordings.c.id > older_than),
+            )
+        )
+    rows = await conn.execute(query.limit(limit))
     return [_entry(row) for row in rows]
 
 

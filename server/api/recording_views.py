@@ -46,7 +46,8 @@ from audit.recordings import (
 from audit.roles import Role
 from audit.sealing import SealError
 from server.api.access_records import record_in, record_read
-from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError
+from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError, Unprocessable
+from server.api.query import query_number, query_params
 from server.api.representations import recording_json
 from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
@@ -62,6 +63,11 @@ ACTION_LIST = "recording.list"
 ACTION_DOWNLOAD = "recording.download"
 ACTION_DOWNLOAD_FAILED = "recording.download.failed"
 ACTION_DELETE = "recording.delete"
+
+# The recordings list, a page at a time: a clinic that records all day
+# keeps hundreds for as long as its retention says.
+RECORDINGS_PAGE: Final = 50
+MAX_RECORDINGS_PAGE: Final = 100
 
 # What next() answers once the file's final chunk is through.
 _END: Final = object()
@@ -128,10 +134,23 @@ async def own_recording(request: web.Request, principal: Principal, action: str)
 
 @routes.get("/api/recordings")
 async def recordings_list(request: web.Request) -> web.Response:
-    """The recordings of the therapist's own consults, newest first."""
+    """The recordings of the therapist's own consults, newest first, a page
+    at a time: ``before`` (the last page's ``next_before``) asks for those
+    after that recording, ``limit`` for how many."""
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
+    params = query_params(request, frozenset({"before", "limit"}))
+    limit = query_number(params, "limit", default=RECORDINGS_PAGE, low=1, high=MAX_RECORDINGS_PAGE)
+    before = _recording_cursor(params.get("before"))
     async with reading(request.app[DB_ENGINE]) as conn:
-        found = await list_recordings(conn, principal.account.id)
+        try:
+            found = await list_recordings(
+                conn, principal.account.id, limit=limit + 1, older_than=before
+            )
+        except NotFound:
+            raise Unprocessable(
+                "parameter 'before' must be the id of one of your recordings, and that one "
+                "is not (or was deleted meanwhile): load the list again from the start"
+            ) from None
     await record_read(
         request,
         principal,
@@ -139,7 +158,26 @@ async def recordings_list(request: web.Request) -> web.Response:
         object_type="therapist",
         object_id=principal.account.id,
     )
-    return web.json_response({"recordings": [recording_json(entry) for entry in found]})
+    page, more = found[:limit], len(found) > limit
+    return web.json_response(
+        {
+            "recordings": [recording_json(entry) for entry in page],
+            "next_before": str(page[-1].id) if more else None,
+        }
+    )
+
+
+def _recording_cursor(text: str | None) -> uuid.UUID | None:
+    if text is None:
+        return None
+    try:
+        if len(text) != 36:
+            raise ValueError(text)
+        return uuid.UUID(text)
+    except ValueError:
+        raise Unprocessable(
+            "parameter 'before' must be a recording's id (the last page's next_before)"
+        ) from None
 
 
 # No HEAD: it would decrypt the whole file to send nothing, and log a download.

@@ -164,6 +164,7 @@ async function loadList() {
     api,
     table: $("recordings"),
     empty: $("recordings-empty"),
+    older: $("recordings-older"),
     player: $("player"),
     video: $("player-video"),
     caption: $("player-caption"),

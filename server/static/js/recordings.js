@@ -1,14 +1,18 @@
 // The therapist's recordings on the dashboard: play one in the page (the
 // server decrypts the byte ranges the player asks for, nothing is cached),
-// download it, or delete it for good.
+// download it, or delete it for good. The server sends a page at a time
+// (newest first); "Older recordings" adds the next.
 import { formatDuration, formatTime, say, t } from "./i18n.js";
 
 export class RecordingsList {
-  constructor({ api, table, empty, player, video, caption, close, problem }) {
-    Object.assign(this, { api, table, empty, player, video, caption, problem });
+  constructor({ api, table, empty, older, player, video, caption, close, problem }) {
+    Object.assign(this, { api, table, empty, older, player, video, caption, problem });
     this.recordings = [];
+    // The next page's `before`, or null when the list is whole.
+    this.nextBefore = null;
     this.playing = null;
     close.addEventListener("click", () => this.close());
+    older.addEventListener("click", () => this.loadOlder());
     video.addEventListener("error", () => {
       if (this.playing) say(this.problem, "app.recordings.playError");
     });
@@ -16,13 +20,31 @@ export class RecordingsList {
 
   async load() {
     const data = await this.api("GET", "/api/recordings");
+    this.nextBefore = data.next_before;
     this.render(data.recordings);
+  }
+
+  async loadOlder() {
+    if (!this.nextBefore) return;
+    say(this.problem, "");
+    this.older.disabled = true;
+    try {
+      const before = encodeURIComponent(this.nextBefore);
+      const data = await this.api("GET", `/api/recordings?before=${before}`);
+      this.nextBefore = data.next_before;
+      this.render([...this.recordings, ...data.recordings]);
+    } catch (error) {
+      say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
+    } finally {
+      this.older.disabled = false;
+    }
   }
 
   render(recordings = this.recordings) {
     this.recordings = recordings;
     this.empty.hidden = recordings.length > 0;
     this.table.hidden = recordings.length === 0;
+    this.older.hidden = !this.nextBefore;
     const body = this.table.tBodies[0];
     body.replaceChildren();
     for (const recording of recordings) {
