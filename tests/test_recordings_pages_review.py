@@ -104,7 +104,12 @@ async def test_the_list_loaded_again_while_an_older_page_comes_shows_each_once(
     held: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
 
     async def hold(route: Route, request: Request) -> None:
-        held.set_result(route)
+        # The first older page is held; the page may ask again (for the next
+        # page of the list as loaded anew), and that request goes through.
+        if held.done():
+            await route.continue_()
+        else:
+            held.set_result(route)
 
     await page.route("**/api/recordings?before=*", hold)
     await older.click()

@@ -141,16 +141,21 @@ async def recordings_list(request: web.Request) -> web.Response:
     params = query_params(request, frozenset({"before", "limit"}))
     limit = query_number(params, "limit", default=RECORDINGS_PAGE, low=1, high=MAX_RECORDINGS_PAGE)
     before = _recording_cursor(params.get("before"))
+    found: list[RecordingEntry] | None
     async with reading(request.app[DB_ENGINE]) as conn:
         try:
             found = await list_recordings(
                 conn, principal.account.id, limit=limit + 1, older_than=before
             )
         except NotFound:
-            raise Unprocessable(
-                "parameter 'before' must be the id of one of your recordings, and that one "
-                "is not (or was deleted meanwhile): load the list again from the start"
-            ) from None
+            found = None
+    if found is None:
+        # Logged as a download of another's recording is: the attempt names it.
+        await log_access(request, principal, ACTION_LIST, before, Outcome.REFUSED)
+        raise Unprocessable(
+            "parameter 'before' must be the id of one of your recordings, and that one "
+            "is not (or was deleted meanwhile): load the list again from the start"
+        )
     await record_read(
         request,
         principal,

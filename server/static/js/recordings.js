@@ -10,6 +10,10 @@ export class RecordingsList {
     this.recordings = [];
     // The next page's `before`, or null when the list is whole.
     this.nextBefore = null;
+    // Each load counts one up: a page that comes after a later load began is
+    // not shown (it belongs to the list as it was).
+    this.generation = 0;
+    this.loading = Promise.resolve();
     this.playing = null;
     close.addEventListener("click", () => this.close());
     older.addEventListener("click", () => this.loadOlder());
@@ -18,26 +22,61 @@ export class RecordingsList {
     });
   }
 
-  async load() {
-    const data = await this.api("GET", "/api/recordings");
+  // The first page again, and as many more as were shown (a delete or a new
+  // consult keeps the therapist's place in the list).
+  load() {
+    const generation = ++this.generation;
+    this.loading = this.fetchPages(generation, Math.max(this.recordings.length, 1));
+    return this.loading;
+  }
+
+  async fetchPages(generation, wanted) {
+    let data = await this.api("GET", "/api/recordings");
+    let recordings = data.recordings;
+    while (data.next_before && recordings.length < wanted && generation === this.generation) {
+      data = await this.api("GET", this.pageAfter(data.next_before));
+      recordings = [...recordings, ...data.recordings];
+    }
+    if (generation !== this.generation) return; // a later load shows its own
     this.nextBefore = data.next_before;
-    this.render(data.recordings);
+    this.render(recordings);
+  }
+
+  pageAfter(before) {
+    return `/api/recordings?before=${encodeURIComponent(before)}`;
   }
 
   async loadOlder() {
+    // After the load on its way, if any: its last row is where the next page starts.
+    await this.loading.catch(() => {});
     if (!this.nextBefore) return;
     say(this.problem, "");
+    const generation = this.generation;
     this.older.disabled = true;
+    let data = null;
     try {
-      const before = encodeURIComponent(this.nextBefore);
-      const data = await this.api("GET", `/api/recordings?before=${before}`);
-      this.nextBefore = data.next_before;
-      this.render([...this.recordings, ...data.recordings]);
+      data = await this.api("GET", this.pageAfter(this.nextBefore));
     } catch (error) {
-      say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
+      if (error.code === "invalid_field") {
+        // Its last row was deleted elsewhere (another tab, the retention purge).
+        await this.load().catch(() => say(this.problem, "common.failed"));
+      } else {
+        say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
+      }
     } finally {
       this.older.disabled = false;
     }
+    if (data === null) return;
+    if (generation !== this.generation) {
+      // The list was loaded again meanwhile: the next page of what it shows now.
+      await this.loadOlder();
+      return;
+    }
+    this.nextBefore = data.next_before;
+    const focused = document.activeElement === this.older;
+    this.render([...this.recordings, ...data.recordings]);
+    // The button goes with the last page: the list keeps the keyboard's place.
+    if (focused && this.older.hidden) this.table.focus();
   }
 
   render(recordings = this.recordings) {
