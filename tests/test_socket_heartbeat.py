@@ -11,6 +11,7 @@ import time
 
 import pytest
 from aiohttp import ClientWebSocketResponse, WSMsgType
+from aiohttp.helpers import TimeoutHandle
 
 from server.app_keys import WEBSOCKETS
 from tests.support.harness import Harness, Sockets, new_consult, receive
@@ -19,9 +20,19 @@ HEARTBEAT_S = 1
 
 
 def timers() -> int:
-    """The event loop's timers alive now (a socket with a timer of its own adds one)."""
+    """The event loop's timers alive now (a socket with a timer of its own
+    adds one). Not counted: cancelled ones, which wait in the loop's heap for
+    a while, and aiohttp's ``TimeoutHandle``s, which are the test client's own
+    (one per client socket) and a loaded machine's requests in flight."""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle))
+    counted = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, asyncio.TimerHandle)
+        and not o.cancelled()
+        and not isinstance(getattr(getattr(o, "_callback", None), "__self__", None), TimeoutHandle)
+    ]
+    return len(counted)
 
 
 async def closed_within(socket: ClientWebSocketResponse, seconds: float) -> tuple[float, int]:
