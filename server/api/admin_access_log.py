@@ -30,7 +30,7 @@ from audit.export_workers import exported_chunks
 from audit.pace import rest_after
 from server.api.access_records import record_read
 from server.api.errors import Unprocessable
-from server.api.query import day_start, query_date, query_params, query_zone
+from server.api.query import day_start, query_date, query_params, query_uuid, query_zone
 from server.api.representations import access_record_json, iso
 from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import require_role
@@ -75,12 +75,7 @@ def _filter(params: dict[str, str]) -> LogFilter:
     first, last = query_date(params, "from"), query_date(params, "to")
     if first is not None and last is not None and first > last:
         raise Unprocessable("parameter 'from' must not lie after 'to'")
-    actor_id = None
-    if "actor" in params:
-        try:
-            actor_id = uuid.UUID(params["actor"])
-        except ValueError:
-            raise Unprocessable("parameter 'actor' must be an account id (a UUID)") from None
+    actor_id = query_uuid(params, "actor", what="an account id")
     action = params.get("action")
     if action is not None and (len(action) > 64 or not _ACTION.fullmatch(action)):
         raise Unprocessable(

@@ -11,7 +11,6 @@ the file is made in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import date
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from audit.billing import (
 from audit.db import reading
 from server.api.access_records import record_read, record_reads_of
 from server.api.errors import Unprocessable
-from server.api.query import query_params, query_zone
+from server.api.query import query_params, query_uuid, query_zone
 from server.api.representations import iso
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.sessions import require_role
@@ -70,12 +69,7 @@ async def billing_export(request: web.Request) -> web.Response:
     first_day = query_month(params.get("month"))
     zone, zone_name = query_zone(params)
     export_format = query_format(params.get("format", ExportFormat.JSON.value))
-    therapist_id: uuid.UUID | None = None
-    if "therapist" in params:
-        try:
-            therapist_id = uuid.UUID(params["therapist"])
-        except ValueError:
-            raise Unprocessable("parameter 'therapist' must be an account id (a UUID)") from None
+    therapist_id = query_uuid(params, "therapist", what="an account id")
     since, until = month_bounds(first_day, zone)
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()

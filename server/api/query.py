@@ -8,6 +8,7 @@ name, default UTC). Used by the support view and the admin console.
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, date, datetime, time, tzinfo
 
 from aiohttp import web
@@ -22,6 +23,7 @@ __all__ = [
     "query_date",
     "query_number",
     "query_params",
+    "query_uuid",
     "query_zone",
 ]
 
@@ -82,6 +84,21 @@ def query_zone(params: dict[str, str]) -> tuple[tzinfo, str]:
         return known_zone(name), name
     except ValueError:
         raise Unprocessable(problem) from None
+
+
+def query_uuid(params: dict[str, str], name: str, *, what: str) -> uuid.UUID | None:
+    """The id in parameter ``name`` (any spelling :class:`uuid.UUID` reads), or
+    None when it is not given; ``what`` says whose id, for the error."""
+    text = params.get(name)
+    if text is None:
+        return None
+    try:
+        # The longest spelling, "urn:uuid:" and 36 characters, is 45.
+        if len(text) > 45:
+            raise ValueError(text)
+        return uuid.UUID(text)
+    except ValueError:
+        raise Unprocessable(f"parameter '{name}' must be {what} (a UUID)") from None
 
 
 def query_number(params: dict[str, str], name: str, *, default: int, low: int, high: int) -> int:

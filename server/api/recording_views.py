@@ -47,7 +47,7 @@ from audit.roles import Role
 from audit.sealing import SealError
 from server.api.access_records import record_in, record_read
 from server.api.errors import ApiError, ConflictError, Forbidden, NotFoundError, Unprocessable
-from server.api.query import query_number, query_params
+from server.api.query import query_number, query_params, query_uuid
 from server.api.representations import recording_json
 from server.app_keys import CHUNK_MAPS, CLOCK, DB_ENGINE, FILE_STORE, MASTER_KEY
 from server.auth.sessions import Principal, require_role
@@ -140,7 +140,7 @@ async def recordings_list(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action=ACTION_LIST)
     params = query_params(request, frozenset({"before", "limit"}))
     limit = query_number(params, "limit", default=RECORDINGS_PAGE, low=1, high=MAX_RECORDINGS_PAGE)
-    before = _recording_cursor(params.get("before"))
+    before = query_uuid(params, "before", what="a recording's id, the last page's next_before")
     found: list[RecordingEntry] | None
     async with reading(request.app[DB_ENGINE]) as conn:
         try:
@@ -170,19 +170,6 @@ async def recordings_list(request: web.Request) -> web.Response:
             "next_before": str(page[-1].id) if more else None,
         }
     )
-
-
-def _recording_cursor(text: str | None) -> uuid.UUID | None:
-    if text is None:
-        return None
-    try:
-        if len(text) != 36:
-            raise ValueError(text)
-        return uuid.UUID(text)
-    except ValueError:
-        raise Unprocessable(
-            "parameter 'before' must be a recording's id (the last page's next_before)"
-        ) from None
 
 
 # No HEAD: it would decrypt the whole file to send nothing, and log a download.
