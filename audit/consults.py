@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -189,16 +189,35 @@ async def get_consult_and_label(
     return consult_of(row), sealed_label_of(row)
 
 
+# When a consult happens, as far as its therapist's list is concerned: its
+# appointment, else when it was made.
+CONSULT_TIME: Final = sa.func.coalesce(consults.c.scheduled_at, consults.c.created_at)
+
+
 async def list_consults(
-    conn: AsyncConnection, therapist_id: uuid.UUID, *, limit: int = 100
+    conn: AsyncConnection,
+    therapist_id: uuid.UUID,
+    *,
+    limit: int,
+    older_than: uuid.UUID | None = None,
 ) -> list[Consult]:
-    """The therapist's own consults, newest first."""
-    rows = await conn.execute(
-        sa.select(consults)
-        .where(consults.c.therapist_id == therapist_id)
-        .order_by(consults.c.created_at.desc())
-        .limit(limit)
-    )
+    """The therapist's own consults by :data:`CONSULT_TIME`, latest first (ties
+    by id): at most ``limit``, and with ``older_than`` (one of them) those
+    that follow it in that order. NotFound when ``older_than`` is not one of
+    the therapist's consults."""
+    mine = consults.c.therapist_id == therapist_id
+    when = CONSULT_TIME
+    query = sa.select(consults).where(mine)
+    if older_than is not None:
+        cursor = (
+            await conn.execute(sa.select(when).where(consults.c.id == older_than, mine))
+        ).scalar()
+        if cursor is None:
+            raise NotFound("no such consult")
+        query = query.where(
+            sa.or_(when < cursor, sa.and_(when == cursor, consults.c.id > older_than))
+        )
+    rows = await conn.execute(query.order_by(when.desc(), consults.c.id).limit(limit))
     return [consult_of(row) for row in rows]
 
 

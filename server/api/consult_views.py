@@ -54,6 +54,7 @@ from server.api.invite_mailing import (
     require_mail_configured,
     waiting_room_opens_at,
 )
+from server.api.query import query_number, query_params, query_uuid
 from server.api.representations import consult_json, invite_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, DB_STATEMENTS, MASTER_KEY, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
@@ -66,6 +67,8 @@ routes = web.RouteTableDef()
 
 CONSULT_PATH = "/api/consults/{consult_id}"
 INVITE_TOKEN = "{token:" + TOKEN_PATTERN + "}"
+# The consults list, a page at a time: the most a page holds, and its default.
+CONSULTS_PAGE = 100
 
 # Plain words for a patient holding a link that does not work.
 INVITE_ANSWERS = {
@@ -268,15 +271,42 @@ async def consults_create(request: web.Request) -> web.Response:
 
 @routes.get("/api/consults")
 async def consults_list(request: web.Request) -> web.Response:
-    """The therapist's own consults, newest first."""
+    """The therapist's own consults by their time (the appointment, else when
+    made), latest first, a page at a time: ``before`` (the last page's
+    ``next_before``) asks for those after that consult, ``limit`` for how many."""
     principal = await require_role(request, Role.THERAPIST, action="consult.list")
+    params = query_params(request, frozenset({"before", "limit"}))
+    limit = query_number(params, "limit", default=CONSULTS_PAGE, low=1, high=CONSULTS_PAGE)
+    before = query_uuid(params, "before", what="a consult's id, the last page's next_before")
     # Reads only (the record goes through the access-log writer). One
     # snapshot on SQLite; on PostgreSQL (read committed) each statement
     # sees its own, in a transaction or not: a link state may be a moment
     # newer than its consult's row, as it could be before.
+    found: list[Consult] | None
     async with reading(request.app[DB_ENGINE]) as conn:
-        found = await list_consults(conn, principal.account.id)
-        links = await link_states(conn, found, now=request.app[CLOCK].now())
+        try:
+            found = await list_consults(
+                conn, principal.account.id, limit=limit + 1, older_than=before
+            )
+        except NotFound:
+            found = None
+        else:
+            found, more = found[:limit], len(found) > limit
+            links = await link_states(conn, found, now=request.app[CLOCK].now())
+    if found is None:
+        # The attempt names the consult asked for, as a refused read of one does.
+        await record_read(
+            request,
+            principal,
+            action="consult.list",
+            object_type="consult",
+            object_id=before,
+            outcome=Outcome.REFUSED,
+        )
+        raise Unprocessable(
+            "parameter 'before' must be the id of one of your consults, and that one "
+            "is not: load the list again from the start"
+        )
     await record_read(
         request,
         principal,
@@ -298,7 +328,8 @@ async def consults_list(request: web.Request) -> web.Response:
             "consults": [
                 consult_json(consult, link=links[consult.id], display_name=names[consult.id])
                 for consult in found
-            ]
+            ],
+            "next_before": str(found[-1].id) if more else None,
         }
     )
 

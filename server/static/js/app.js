@@ -9,12 +9,14 @@ import {
   labelOf,
   offerReference,
   showMailOutcome,
+  startOfDay,
 } from "./appointments.js";
 import { ConsultCall, LinkProblem } from "./call.js";
 import { formatDuration, formatTime, say, setupLanguage, t, translatePage } from "./i18n.js";
 import { IdleWatch } from "./idle.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
+import { PagedList } from "./pages.js";
 import { RecordingsList } from "./recordings.js";
 import { showWayHome } from "./roles.js";
 import { openSession, wireLogout } from "./session.js";
@@ -151,12 +153,13 @@ function button(key, action, kind = "") {
 }
 
 let recordings = null;
+let consultPages = null;
 // What a consult's row says when its link does not work (the list's "link").
 const LINK_NOTES = { revoked: "app.list.revoked", expired: "app.list.linkExpired", none: "app.list.noLink" };
 
 // The row as the server would now list it, until the list is loaded again.
 function linkNow(id, link) {
-  renderList(lastConsults.map((consult) => (consult.id === id ? { ...consult, link } : consult)));
+  consultPages.show(lastConsults.map((consult) => (consult.id === id ? { ...consult, link } : consult)));
 }
 
 async function loadList() {
@@ -171,8 +174,19 @@ async function loadList() {
     close: $("player-close"),
     problem: $("recordings-problem"),
   });
-  const [data] = await Promise.all([api("GET", "/api/consults"), recordings.load()]);
-  renderList(data.consults);
+  // By time, latest first, a page at a time: read on until every consult
+  // from the start of today is there, however many were made since.
+  consultPages ??= new PagedList({
+    api,
+    path: "/api/consults",
+    field: "consults",
+    older: $("consults-older"),
+    problem: $("consults-problem"),
+    render: renderList,
+    focus: $("list-groups"),
+    more: (consults) => consults.length > 0 && consultTime(consults.at(-1)) >= startOfDay(),
+  });
+  await Promise.all([consultPages.load(), recordings.load()]);
 }
 
 function showInvite(data, consult) {

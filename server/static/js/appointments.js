@@ -10,10 +10,15 @@ export function consultTime(consult) {
   return new Date(consult.scheduled_at || consult.created_at);
 }
 
+// The start of the day of `now`, in the browser's time zone.
+export function startOfDay(now = new Date()) {
+  return new Date(now.getFullYear(), now.getMonth(), now.getDate());
+}
+
 // [[titleKey, consults], ...]: from the start of today on, soonest first;
 // before that, latest first. Empty groups are left out.
 export function groupByTime(consults, now = new Date()) {
-  const startOfToday = new Date(now.getFullYear(), now.getMonth(), now.getDate());
+  const startOfToday = startOfDay(now);
   const upcoming = consults.filter((c) => consultTime(c) >= startOfToday);
   const earlier = consults.filter((c) => consultTime(c) < startOfToday);
   upcoming.sort((a, b) => consultTime(a) - consultTime(b));

@@ -3,20 +3,22 @@
 // download it, or delete it for good. The server sends a page at a time
 // (newest first); "Older recordings" adds the next.
 import { formatDuration, formatTime, say, t } from "./i18n.js";
+import { PagedList } from "./pages.js";
 
 export class RecordingsList {
   constructor({ api, table, empty, older, player, video, caption, close, problem }) {
-    Object.assign(this, { api, table, empty, older, player, video, caption, problem });
-    this.recordings = [];
-    // The next page's `before`, or null when the list is whole.
-    this.nextBefore = null;
-    // Each load counts one up: a page that comes after a later load began is
-    // not shown (it belongs to the list as it was).
-    this.generation = 0;
-    this.loading = Promise.resolve();
+    Object.assign(this, { api, table, empty, player, video, caption, problem });
+    this.pages = new PagedList({
+      api,
+      path: "/api/recordings",
+      field: "recordings",
+      older,
+      problem,
+      render: (recordings) => this.render(recordings),
+      focus: table,
+    });
     this.playing = null;
     close.addEventListener("click", () => this.close());
-    older.addEventListener("click", () => this.loadOlder());
     video.addEventListener("error", () => {
       if (this.playing) say(this.problem, "app.recordings.playError");
     });
@@ -25,65 +27,12 @@ export class RecordingsList {
   // The first page again, and as many more as were shown (a delete or a new
   // consult keeps the therapist's place in the list).
   load() {
-    const generation = ++this.generation;
-    this.loading = this.fetchPages(generation, Math.max(this.recordings.length, 1));
-    return this.loading;
+    return this.pages.load();
   }
 
-  async fetchPages(generation, wanted) {
-    let data = await this.api("GET", "/api/recordings");
-    let recordings = data.recordings;
-    while (data.next_before && recordings.length < wanted && generation === this.generation) {
-      data = await this.api("GET", this.pageAfter(data.next_before));
-      recordings = [...recordings, ...data.recordings];
-    }
-    if (generation !== this.generation) return; // a later load shows its own
-    this.nextBefore = data.next_before;
-    this.render(recordings);
-  }
-
-  pageAfter(before) {
-    return `/api/recordings?before=${encodeURIComponent(before)}`;
-  }
-
-  async loadOlder() {
-    // After the load on its way, if any: its last row is where the next page starts.
-    await this.loading.catch(() => {});
-    if (!this.nextBefore) return;
-    say(this.problem, "");
-    const generation = this.generation;
-    this.older.disabled = true;
-    let data = null;
-    try {
-      data = await this.api("GET", this.pageAfter(this.nextBefore));
-    } catch (error) {
-      if (error.code === "invalid_field") {
-        // Its last row was deleted elsewhere (another tab, the retention purge).
-        await this.load().catch(() => say(this.problem, "common.failed"));
-      } else {
-        say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
-      }
-    } finally {
-      this.older.disabled = false;
-    }
-    if (data === null) return;
-    if (generation !== this.generation) {
-      // The list was loaded again meanwhile: the next page of what it shows now.
-      await this.loadOlder();
-      return;
-    }
-    this.nextBefore = data.next_before;
-    const focused = document.activeElement === this.older;
-    this.render([...this.recordings, ...data.recordings]);
-    // The button goes with the last page: the list keeps the keyboard's place.
-    if (focused && this.older.hidden) this.table.focus();
-  }
-
-  render(recordings = this.recordings) {
-    this.recordings = recordings;
+  render(recordings = this.pages.items) {
     this.empty.hidden = recordings.length > 0;
     this.table.hidden = recordings.length === 0;
-    this.older.hidden = !this.nextBefore;
     const body = this.table.tBodies[0];
     body.replaceChildren();
     for (const recording of recordings) {
