@@ -13,6 +13,9 @@ When the loop has not answered within the threshold
 stack at that moment, and once the loop answers it logs one warning with the
 stall's length and where the loop was held: code locations (file, line,
 function) only, never a value, so no personal data reaches the process log.
+Meanwhile it looks at which callback the loop runs every probe's pause: when
+it saw more than one, no callback held the loop but there was more work than
+time (an overload), and the warning says the loop was busy, naming no code.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from itertools import accumulate
 from pathlib import Path
+from types import CodeType, FrameType
 
 import structlog
 from aiohttp import web
@@ -46,6 +50,47 @@ LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 # Frames of the held loop's stack named in the warning, innermost last.
 STACK_FRAMES = 8
 _ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Probe:
+    """The watcher's question to the loop: answered when the loop runs it as a
+    callback, noting how deep the loop's own frames are there (a callback's
+    frames begin below them) and the code of the innermost of them."""
+
+    __slots__ = ("answered", "caller", "depth")
+
+    def __init__(self) -> None:
+        self.answered = threading.Event()
+        self.depth = 0
+        self.caller: CodeType | None = None
+
+    def __call__(self) -> None:
+        caller: FrameType | None = sys._getframe(1)
+        assert caller is not None
+        self.caller = caller.f_code
+        depth = 0
+        while caller is not None:
+            depth += 1
+            caller = caller.f_back
+        self.depth = depth
+        self.answered.set()
+
+    def callback_of(self, frame: FrameType | None) -> FrameType | None:
+        """The outermost frame of the callback the loop's thread runs in
+        ``frame`` (its innermost); None when it runs none (it waits for I/O)."""
+        frames = []
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        frames.reverse()
+        if len(frames) <= self.depth or frames[self.depth - 1].f_code is not self.caller:
+            return None
+        return frames[self.depth]
+
+
+def _note(seen: list[FrameType], callback: FrameType | None) -> None:
+    if callback is not None and all(callback is not other for other in seen):
+        seen.append(callback)
 
 
 class LoopLag:
@@ -79,33 +124,60 @@ class LoopLag:
 
     def _watch(self) -> None:
         assert self._loop is not None
+        # Where the loop's own frames end, from the last answer (None: none yet).
+        machinery: _Probe | None = None
         while not self._stopping.wait(self._probe_s):
-            answered = threading.Event()
+            probe = _Probe()
             asked = time.perf_counter()
             try:
-                self._loop.call_soon_threadsafe(answered.set)
+                self._loop.call_soon_threadsafe(probe)
             except RuntimeError:
                 return  # the loop is closed
             where: list[str] | None = None
-            if not answered.wait(self.warn_after_s):
+            # The callbacks caught running while the question waited (the
+            # frame objects themselves, held until the answer: none is reused).
+            seen: list[FrameType] = []
+            if not probe.answered.wait(self.warn_after_s):
                 where = self._held_at()
-                while not answered.wait(self._probe_s):
+                while True:
+                    if machinery is not None:
+                        _note(seen, machinery.callback_of(self._loop_frame()))
+                    if probe.answered.wait(self._probe_s):
+                        break
                     if self._stopping.is_set() or self._loop.is_closed():
                         return
             lag = time.perf_counter() - asked
+            machinery = probe
             self._record(lag)
-            if where is not None:
-                self.stalls += 1
+            if where is None:
+                continue
+            self.stalls += 1
+            threshold_ms = round(self.warn_after_s * 1000)
+            if len(seen) > 1:
+                # Callback after callback, none long: the loop has more work
+                # than its thread has time. No code is named: whichever ran
+                # at that moment is not the cause.
+                _log.warning(
+                    "event loop busy",
+                    lag_ms=round(lag * 1000, 1),
+                    threshold_ms=threshold_ms,
+                    callbacks_seen=len(seen),
+                )
+            else:
                 _log.warning(
                     "event loop held",
                     held_ms=round(lag * 1000, 1),
-                    threshold_ms=round(self.warn_after_s * 1000),
+                    threshold_ms=threshold_ms,
                     where=where,
                 )
+            seen.clear()
+
+    def _loop_frame(self) -> FrameType | None:
+        return sys._current_frames().get(self._loop_thread_id)
 
     def _held_at(self) -> list[str]:
         """Where the loop's thread is now: ``file:line function``, innermost last."""
-        frame = sys._current_frames().get(self._loop_thread_id)
+        frame = self._loop_frame()
         if frame is None:
             return []
         # The innermost frames only, without their source lines: reading

@@ -82,6 +82,38 @@ async def test_naming_where_the_loop_is_held_reads_no_source_file(
     assert looked_up == []
 
 
+def short_work(seconds: float) -> None:
+    time.sleep(seconds)  # one of many callbacks of an overloaded loop
+
+
+async def test_a_loop_busy_with_many_short_callbacks_is_not_said_held_by_one() -> None:
+    """An overloaded loop (an admission storm) runs callback after callback,
+    each short: its lag passes the threshold, but no one callback held it,
+    and naming whichever ran at that moment would send an operator after the
+    wrong code. The warning says the loop was busy, with how many different
+    callbacks the watcher saw, and names no code."""
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
+    watcher.start()
+    loop = asyncio.get_running_loop()
+    try:
+        with capture_logs() as logs:
+            await asyncio.sleep(0.05)
+            # 0.4 s of work ahead of the watcher's next question, in 5 ms pieces.
+            for _ in range(80):
+                loop.call_soon(short_work, 0.005)
+            await asyncio.sleep(0)
+            await stalls_reported(watcher, 1)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    assert [entry for entry in logs if entry["event"] == "event loop held"] == []
+    [busy] = [entry for entry in logs if entry["event"] == "event loop busy"]
+    assert busy["log_level"] == "warning"
+    assert busy["lag_ms"] >= 100
+    assert busy["threshold_ms"] == 50
+    assert busy["callbacks_seen"] >= 2
+    assert "where" not in busy
+
+
 async def test_a_loop_that_is_never_held_long_gives_no_warning() -> None:
     watcher = LoopLag(warn_after_s=0.2, probe_s=0.01)
     watcher.start()
