@@ -17,6 +17,8 @@ export class PagedList {
     // not shown (it belongs to the list as it was).
     this.generation = 0;
     this.loading = Promise.resolve();
+    this.olderOnItsWay = false;
+    this.told = false;
     older.addEventListener("click", () => this.loadOlder());
   }
 
@@ -38,6 +40,7 @@ export class PagedList {
     }
     if (generation !== this.generation) return; // a later load shows its own
     this.nextBefore = data.next_before;
+    if (this.told) this.tell(""); // the list is whole again: an older page's error is past
     this.show(items);
   }
 
@@ -53,29 +56,48 @@ export class PagedList {
   }
 
   async loadOlder() {
-    // After the load on its way, if any: its last row is where the next page starts.
-    await this.loading.catch(() => {});
+    // One page at a time: a double click, or a click while the page is on
+    // its way, asks once. The button stays enabled (a disabled button loses
+    // the keyboard's focus) and says it is busy.
+    if (this.olderOnItsWay) return;
+    this.olderOnItsWay = true;
+    this.older.setAttribute("aria-disabled", "true");
+    try {
+      await this.nextPage();
+    } finally {
+      this.olderOnItsWay = false;
+      this.older.removeAttribute("aria-disabled");
+    }
+  }
+
+  async nextPage() {
+    // After the loads on their way (another may begin while one is awaited):
+    // the last row of the list they show is where the next page starts.
+    let loading;
+    do {
+      loading = this.loading;
+      await loading.catch(() => {});
+    } while (loading !== this.loading);
     if (!this.nextBefore) return;
-    say(this.problem, "");
+    this.tell("");
     const generation = this.generation;
-    this.older.disabled = true;
-    let data = null;
+    let data;
     try {
       data = await this.api("GET", this.pageAfter(this.nextBefore));
     } catch (error) {
       if (error.code === "invalid_field") {
         // Its last row went elsewhere (another tab, the retention purge).
-        await this.load().catch(() => say(this.problem, "common.failed"));
+        await this.load().catch(() => this.tell("common.failed"));
+      } else if (!error.code) {
+        this.tell("common.failed"); // no answer at all: the connection
       } else {
-        say(this.problem, `apiError.${error.code}`, {}, error.fallback || error.message);
+        this.tell(`apiError.${error.code}`, error.fallback || error.message);
       }
-    } finally {
-      this.older.disabled = false;
+      return;
     }
-    if (data === null) return;
     if (generation !== this.generation) {
       // The list was loaded again meanwhile: the next page of what it shows now.
-      await this.loadOlder();
+      await this.nextPage();
       return;
     }
     this.nextBefore = data.next_before;
@@ -83,5 +105,12 @@ export class PagedList {
     this.show([...this.items, ...data[this.field]]);
     // The button goes with the last page: the list keeps the keyboard's place.
     if (focused && this.older.hidden) this.focus.focus();
+  }
+
+  // Say `key` under the list (its own words only: a load that works clears
+  // them, not what the list's owner said there).
+  tell(key, fallback = undefined) {
+    this.told = key !== "";
+    say(this.problem, key, {}, fallback);
   }
 }
