@@ -9,13 +9,15 @@ go to ``/metrics`` (a histogram, and the most and the 99th percentile of the
 last minute: docs/metrics.md).
 
 When the loop has not answered within the threshold
-(``logging.loop_stall_warning_ms``), the watcher takes the loop thread's
-stack at that moment, and once the loop answers it logs one warning with the
-stall's length and where the loop was held: code locations (file, line,
-function) only, never a value, so no personal data reaches the process log.
-Meanwhile it looks at which callback the loop runs every probe's pause: when
-it saw more than one, no callback held the loop but there was more work than
-time (an overload), and the warning says the loop was busy, naming no code.
+(``logging.loop_stall_warning_ms``), the watcher logs one warning once the
+loop answers, with the stall's length and where the loop was held: code
+locations (file, line, function) only, never a value, so no personal data
+reaches the process log.
+From half the threshold on it looks at which callback the loop runs every
+pause: when several ran and none for half the threshold, no callback held
+the loop but there was more work than time (an overload), and the warning
+says the loop was busy, naming no code; otherwise it names where the
+longest-running callback was. It holds no callback's frame once it returned.
 """
 
 from __future__ import annotations
@@ -88,9 +90,44 @@ class _Probe:
         return frames[self.depth]
 
 
-def _note(seen: list[FrameType], callback: FrameType | None) -> None:
-    if callback is not None and all(callback is not other for other in seen):
-        seen.append(callback)
+class _Runs:
+    """The callbacks the loop's thread was seen running, sample after sample,
+    while a question waited: how long the longest ran (from its first sample
+    to its last), where it was then, and how many there were. Only the
+    callback of the last sample is held (to know it again by its frame
+    object, which is not reused while held): none is kept once it returned."""
+
+    __slots__ = ("count", "current", "longest_s", "since", "where", "where_now")
+
+    def __init__(self) -> None:
+        self.current: FrameType | None = None
+        self.since = 0.0
+        self.where_now: list[str] = []
+        self.longest_s = -1.0
+        self.where: list[str] = []
+        self.count = 0
+
+    def sample(self, callback: FrameType | None, frame: FrameType | None, at: float) -> None:
+        if callback is None:
+            self.current = None
+            return
+        if callback is not self.current:
+            self.current, self.since, self.count = callback, at, self.count + 1
+            self.where_now = _where(frame)
+        if at - self.since > self.longest_s:
+            self.longest_s, self.where = at - self.since, self.where_now
+
+
+def _where(frame: FrameType | None) -> list[str]:
+    """Where the loop's thread is in ``frame``: ``file:line function``, innermost last."""
+    if frame is None:
+        return []
+    # The innermost frames only, without their source lines: reading
+    # files here would take the interpreter's lock from the held loop.
+    stack = traceback.StackSummary.extract(
+        traceback.walk_stack(frame), limit=STACK_FRAMES, lookup_lines=False
+    )
+    return [f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in reversed(stack)]
 
 
 class LoopLag:
@@ -109,11 +146,15 @@ class LoopLag:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id = 0
+        self._first = _Probe()
 
     def start(self) -> None:
         """Watch the running loop (call this on it)."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
+        # Answered once the loop turns: where its own frames end is known
+        # before the first question is asked.
+        self._loop.call_soon(self._first)
         self._thread = threading.Thread(target=self._watch, name="loop-lag", daemon=True)
         self._thread.start()
 
@@ -124,8 +165,9 @@ class LoopLag:
 
     def _watch(self) -> None:
         assert self._loop is not None
-        # Where the loop's own frames end, from the last answer (None: none yet).
-        machinery: _Probe | None = None
+        # Where the loop's own frames end, from the last answer (the first
+        # question is asked by start(), on the loop).
+        machinery = self._first
         while not self._stopping.wait(self._probe_s):
             probe = _Probe()
             asked = time.perf_counter()
@@ -133,61 +175,56 @@ class LoopLag:
                 self._loop.call_soon_threadsafe(probe)
             except RuntimeError:
                 return  # the loop is closed
+            warn_at = asked + self.warn_after_s
             where: list[str] | None = None
-            # The callbacks caught running while the question waited (the
-            # frame objects themselves, held until the answer: none is reused).
-            seen: list[FrameType] = []
-            if not probe.answered.wait(self.warn_after_s):
-                where = self._held_at()
+            runs = _Runs()
+            pause = min(self._probe_s, self.warn_after_s / 4)
+            if not probe.answered.wait(self.warn_after_s / 2):
+                # Slow to answer: from here on, which callback runs, and
+                # where the loop's thread is when the threshold passes.
                 while True:
-                    if machinery is not None:
-                        _note(seen, machinery.callback_of(self._loop_frame()))
-                    if probe.answered.wait(self._probe_s):
+                    frame = self._loop_frame()
+                    at = time.perf_counter()
+                    if machinery.answered.is_set():
+                        runs.sample(machinery.callback_of(frame), frame, at)
+                    if where is None and at >= warn_at:
+                        where = _where(frame)
+                    del frame
+                    if probe.answered.wait(pause):
                         break
                     if self._stopping.is_set() or self._loop.is_closed():
                         return
+            runs.current = None
             lag = time.perf_counter() - asked
             machinery = probe
             self._record(lag)
-            if where is None:
+            if lag < self.warn_after_s:
                 continue
             self.stalls += 1
             threshold_ms = round(self.warn_after_s * 1000)
-            if len(seen) > 1:
-                # Callback after callback, none long: the loop has more work
-                # than its thread has time. No code is named: whichever ran
-                # at that moment is not the cause.
+            if runs.count > 1 and runs.longest_s + pause < self.warn_after_s / 2:
+                # Callback after callback, none of them long: more work than
+                # the loop's thread has time for. No code is named: whichever
+                # ran at a sample is not the cause.
                 _log.warning(
                     "event loop busy",
                     lag_ms=round(lag * 1000, 1),
                     threshold_ms=threshold_ms,
-                    callbacks_seen=len(seen),
+                    callbacks_seen=runs.count,
                 )
-            else:
-                _log.warning(
-                    "event loop held",
-                    held_ms=round(lag * 1000, 1),
-                    threshold_ms=threshold_ms,
-                    where=where,
-                )
-            seen.clear()
+                continue
+            # One callback ran for half the threshold or more (named where it
+            # was when first seen), or none ran (the loop waited for I/O and
+            # the process got no CPU: named where the loop waits).
+            _log.warning(
+                "event loop held",
+                held_ms=round(lag * 1000, 1),
+                threshold_ms=threshold_ms,
+                where=runs.where if runs.count else (where or []),
+            )
 
     def _loop_frame(self) -> FrameType | None:
         return sys._current_frames().get(self._loop_thread_id)
-
-    def _held_at(self) -> list[str]:
-        """Where the loop's thread is now: ``file:line function``, innermost last."""
-        frame = self._loop_frame()
-        if frame is None:
-            return []
-        # The innermost frames only, without their source lines: reading
-        # files here would take the interpreter's lock from the held loop.
-        stack = traceback.StackSummary.extract(
-            traceback.walk_stack(frame), limit=STACK_FRAMES, lookup_lines=False
-        )
-        return [
-            f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in reversed(stack)
-        ]
 
     def _record(self, lag: float) -> None:
         now = time.monotonic()

@@ -18,7 +18,8 @@ export class PagedList {
     this.generation = 0;
     this.loading = Promise.resolve();
     this.olderOnItsWay = false;
-    this.told = false;
+    // The key of what this list last said under itself (null: nothing).
+    this.told = null;
     older.addEventListener("click", () => this.loadOlder());
   }
 
@@ -40,7 +41,10 @@ export class PagedList {
     }
     if (generation !== this.generation) return; // a later load shows its own
     this.nextBefore = data.next_before;
-    if (this.told) this.tell(""); // the list is whole again: an older page's error is past
+    // The list is whole again: an older page's error is past (unless the
+    // list's owner has said something else there since).
+    if (this.told && this.problem.dataset.i18n === this.told) say(this.problem, "");
+    this.told = null;
     this.show(items);
   }
 
@@ -110,7 +114,7 @@ export class PagedList {
   // Say `key` under the list (its own words only: a load that works clears
   // them, not what the list's owner said there).
   tell(key, fallback = undefined) {
-    this.told = key !== "";
+    this.told = key || null;
     say(this.problem, key, {}, fallback);
   }
 }
