@@ -23,6 +23,7 @@ longest-running callback was. It holds no callback's frame once it returned.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 import time
@@ -31,7 +32,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from itertools import accumulate
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import CodeType, FrameType
 
 import structlog
@@ -277,16 +278,18 @@ def _families(cumulative: list[int], sum_s: float, most: float, p99: float) -> I
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _short(filename: str) -> str:
-    """A path inside the project relative to it; a library's from its package on."""
-    path = Path(filename)
-    try:
-        return str(path.resolve().relative_to(_ROOT))
-    except ValueError:
-        parts = path.parts
-        if "site-packages" in parts:
-            return "/".join(parts[parts.index("site-packages") + 1 :])
-        return path.name
+    """A path inside the project relative to it; a library's from its package
+    on. From the name alone: a system call here gives the interpreter's lock
+    back to the busy loop for a switch interval (see _Runs)."""
+    path = PurePath(filename)
+    if path.is_relative_to(_ROOT):
+        return str(path.relative_to(_ROOT))
+    parts = path.parts
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1 :])
+    return path.name
 
 
 async def loop_lag_context(app: web.Application) -> AsyncIterator[None]:

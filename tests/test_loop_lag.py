@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import linecache
+import os
+import pathlib
 import re
 import time
 
@@ -84,6 +86,44 @@ async def test_naming_where_the_loop_is_held_reads_no_source_file(
 
 def short_work(seconds: float) -> None:
     time.sleep(seconds)  # one of many callbacks of an overloaded loop
+
+
+async def test_naming_code_asks_the_file_system_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each system call of the watcher's thread gives the interpreter's lock
+    back, and the busy loop's thread keeps it for a switch interval (5 ms)
+    before the watcher has it again: a path resolved on disk for every frame
+    named stretched one sample of an overloaded loop to 400 ms, so that the
+    watcher saw one callback where there were thousands."""
+    asked: list[str] = []
+
+    def resolve(self: pathlib.Path, strict: bool = False) -> pathlib.Path:
+        asked.append(str(self))
+        return self
+
+    def realpath(path: str, *args: object, **kwargs: object) -> str:
+        asked.append(path)
+        return path
+
+    monkeypatch.setattr(pathlib.Path, "resolve", resolve)
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
+    watcher.start()
+    loop = asyncio.get_running_loop()
+    try:
+        with capture_logs() as logs:
+            await asyncio.sleep(0.05)
+            for _ in range(60):
+                loop.call_soon(short_work, 0.005)
+            await asyncio.sleep(0)
+            await stalls_reported(watcher, 1)
+            hold_the_loop(0.2)
+            await stalls_reported(watcher, 2)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    assert [entry["event"] for entry in logs] == ["event loop busy", "event loop held"]
+    assert logs[1]["where"][-1].startswith("tests/test_loop_lag.py:")
+    assert logs[1]["where"][-1].endswith(" hold_the_loop")
+    assert asked == []
 
 
 async def test_a_loop_busy_with_many_short_callbacks_is_not_said_held_by_one() -> None:
