@@ -13,21 +13,22 @@ When the loop has not answered within the threshold
 loop answers, with the stall's length and where the loop was held: code
 locations (file, line, function) only, never a value, so no personal data
 reaches the process log.
-From half the threshold on it looks at which callback the loop runs every
-pause: when several ran and none for half the threshold, no callback held
-the loop but there was more work than time (an overload), and the warning
-says the loop was busy, naming no code; otherwise it names where the
-longest-running callback was. It holds no callback's frame once it returned.
+While a question waits longer than a pause it looks, every pause, at which
+callback the loop runs: when several ran and none for half the threshold, no
+callback held the loop but there was more work than time (an overload), and
+the warning says the loop was busy, naming no code; otherwise it names where
+the longest-running callback was, and that callback. It holds no callback's
+frame once it returned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import sys
 import threading
 import time
-import traceback
 from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -60,14 +61,19 @@ class _Probe:
     callback, noting how deep the loop's own frames are there (a callback's
     frames begin below them) and the code of the innermost of them."""
 
-    __slots__ = ("answered", "caller", "depth")
+    __slots__ = ("answered", "at", "caller", "depth")
 
     def __init__(self) -> None:
         self.answered = threading.Event()
+        # When the loop ran it: the watcher's own wait for the interpreter's
+        # lock afterwards (a switch interval, if the loop goes on working)
+        # is no part of the loop's lag.
+        self.at = 0.0
         self.depth = 0
         self.caller: CodeType | None = None
 
     def __call__(self) -> None:
+        self.at = time.perf_counter()
         caller: FrameType | None = sys._getframe(1)
         assert caller is not None
         self.caller = caller.f_code
@@ -114,21 +120,29 @@ class _Runs:
             return
         if callback is not self.current:
             self.current, self.since, self.count = callback, at, self.count + 1
-            self.where_now = _where(frame)
+            self.where_now = _where(frame, callback)
         if at - self.since > self.longest_s:
             self.longest_s, self.where = at - self.since, self.where_now
 
 
-def _where(frame: FrameType | None) -> list[str]:
-    """Where the loop's thread is in ``frame``: ``file:line function``, innermost last."""
-    if frame is None:
-        return []
-    # The innermost frames only, without their source lines: reading
-    # files here would take the interpreter's lock from the held loop.
-    stack = traceback.StackSummary.extract(
-        traceback.walk_stack(frame), limit=STACK_FRAMES, lookup_lines=False
-    )
-    return [f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in reversed(stack)]
+def _where(frame: FrameType | None, callback: FrameType | None = None) -> list[str]:
+    """Where the loop's thread is in ``frame``: ``file:line function``,
+    innermost last; at most :data:`STACK_FRAMES`, the first of them
+    ``callback``'s own frame where the innermost ones do not reach it.
+
+    From the frames' code alone: no source line is looked up and no file
+    is asked about (traceback's helpers stat cached source files), since a
+    system call hands the interpreter's lock to the busy loop for a switch
+    interval, and reading the loop's cache from this thread is not safe."""
+    frames: list[FrameType] = []
+    while frame is not None and len(frames) < STACK_FRAMES:
+        frames.append(frame)
+        frame = frame.f_back
+    if callback is not None and frame is not None and all(f is not callback for f in frames):
+        frames[-1] = callback  # the callback, then the innermost frames below it
+    return [
+        f"{_short(f.f_code.co_filename)}:{f.f_lineno} {f.f_code.co_name}" for f in reversed(frames)
+    ]
 
 
 class LoopLag:
@@ -180,7 +194,7 @@ class LoopLag:
             where: list[str] | None = None
             runs = _Runs()
             pause = min(self._probe_s, self.warn_after_s / 4)
-            if not probe.answered.wait(self.warn_after_s / 2):
+            if not probe.answered.wait(pause):
                 # Slow to answer: from here on, which callback runs, and
                 # where the loop's thread is when the threshold passes.
                 while True:
@@ -196,7 +210,7 @@ class LoopLag:
                     if self._stopping.is_set() or self._loop.is_closed():
                         return
             runs.current = None
-            lag = time.perf_counter() - asked
+            lag = probe.at - asked
             machinery = probe
             self._record(lag)
             if lag < self.warn_after_s:
@@ -242,7 +256,8 @@ class LoopLag:
             lags = sorted(lag for _when, lag in self._recent)
         if not lags:
             return 0.0, 0.0
-        return lags[-1], lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        # The nearest rank: of 100 lags the 99th, of 1,000 the 990th.
+        return lags[-1], lags[max(0, math.ceil(len(lags) * 0.99) - 1)]
 
     def families(self) -> Iterator[Metric]:
         with self._lock:
