@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from playwright.async_api import Browser, Page, Route, expect
+from playwright.async_api import Browser, BrowserContext, Locator, Page, Route, expect
 
 from audit.consults import create_consult
 from server.app_keys import DB_ENGINE
@@ -33,6 +34,34 @@ async def _earlier_consults(harness: Harness, therapist_id: uuid.UUID, count: in
     return ids
 
 
+@dataclass
+class _Board:
+    """A therapist's dashboard showing the first 100 of their earlier consults."""
+
+    context: BrowserContext
+    page: Page
+    earlier: list[str]
+    rows: Locator
+    older: Locator
+    problem: Locator
+
+
+async def _board(harness: Harness, chromium: Browser, count: int) -> _Board:
+    anna, context, page = await therapist_logs_in(harness, chromium)
+    earlier = await _earlier_consults(harness, anna.account_id, count)
+    await page.reload()
+    board = _Board(
+        context,
+        page,
+        earlier,
+        page.locator("#list-groups tbody tr"),
+        page.locator("#consults-older"),
+        page.locator("#consults-problem"),
+    )
+    await expect(board.rows).to_have_count(100)
+    return board
+
+
 async def _shown(page: Page) -> list[str]:
     return await page.locator("#list-groups tbody tr").evaluate_all(
         "(rows) => rows.map((row) => row.dataset.consult)"
@@ -47,13 +76,8 @@ async def test_double_click_on_older_consults_while_the_list_reloads_shows_no_ro
     meanwhile (a double click, the reload slow) must add the next page once.
     Both clicks wait for the same load, then both fetch the page after the
     same next_before, and both append it."""
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    await _earlier_consults(harness, anna.account_id, 150)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    older = page.locator("#consults-older")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 150)
+    context, page, older = board.context, board.page, board.older
     await expect(older).to_be_visible()
 
     async def slow_first_page(route: Route) -> None:
@@ -86,13 +110,8 @@ async def test_keyboard_focus_stays_on_older_consults_after_a_page_is_added(
     button keeps the focus; on the last page the focus goes to the list. The
     button is disabled while the page loads, and Chrome moves the focus off
     a disabled button, so the user is thrown back to the page's start."""
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    await _earlier_consults(harness, anna.account_id, 250)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    older = page.locator("#consults-older")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 250)
+    context, page, rows, older = board.context, board.page, board.rows, board.older
     await older.focus()
     await page.keyboard.press("Enter")
     await expect(rows).to_have_count(200)
@@ -108,13 +127,8 @@ async def test_keyboard_focus_stays_on_older_consults_after_a_page_is_added(
 async def test_keyboard_focus_goes_to_the_list_when_the_last_page_is_added(
     chromium: Browser, live_harness: Harness
 ) -> None:
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    await _earlier_consults(harness, anna.account_id, 150)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    older = page.locator("#consults-older")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 150)
+    context, page, rows, older = board.context, board.page, board.rows, board.older
     await older.focus()
     await page.keyboard.press("Enter")
     await expect(rows).to_have_count(150)
@@ -136,13 +150,8 @@ async def test_older_consults_clicked_during_a_reload_that_is_superseded_loses_n
     as it was before both, and appended to the list the second load shows:
     the consult that the new one pushed onto the next page is never shown,
     and the button is gone."""
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    earlier = await _earlier_consults(harness, anna.account_id, 150)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    older = page.locator("#consults-older")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 150)
+    context, page, earlier, older = board.context, board.page, board.earlier, board.older
     await expect(older).to_be_visible()
 
     first_pages = 0
@@ -186,14 +195,14 @@ async def test_the_older_consults_error_goes_once_the_list_is_loaded_again(
     """A failed 'Older consults' says so under the list; the list loaded again
     afterwards (a new consult) is whole and fine, but the error stays, as if
     the list were still broken: only a later click on the button clears it."""
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    await _earlier_consults(harness, anna.account_id, 150)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    older = page.locator("#consults-older")
-    problem = page.locator("#consults-problem")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 150)
+    context, page, rows, older, problem = (
+        board.context,
+        board.page,
+        board.rows,
+        board.older,
+        board.problem,
+    )
     await page.route("**/api/consults?before=*", lambda route: route.abort())
     await older.click()
     await expect(problem).not_to_be_empty()
@@ -217,13 +226,8 @@ async def test_older_consults_without_a_connection_says_so_in_the_pages_language
     browser's own English 'Failed to fetch' (the key apiError.undefined with
     the exception's text as fallback), not the app's offline message, and it
     stays English when the page is switched to Dutch."""
-    harness = live_harness
-    anna, context, page = await therapist_logs_in(harness, chromium)
-    await _earlier_consults(harness, anna.account_id, 150)
-    await page.reload()
-    rows = page.locator("#list-groups tbody tr")
-    problem = page.locator("#consults-problem")
-    await expect(rows).to_have_count(100)
+    board = await _board(live_harness, chromium, 150)
+    context, page, problem = board.context, board.page, board.problem
     await page.route("**/api/consults?before=*", lambda route: route.abort())
     await page.locator("#consults-older").click()
     await expect(problem).not_to_be_empty()

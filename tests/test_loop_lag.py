@@ -31,6 +31,16 @@ async def stalls_reported(watcher: LoopLag, count: int) -> None:
             await asyncio.sleep(0.01)
 
 
+async def overload(watcher: LoopLag, *, callbacks: int = 80, stalls: int = 1) -> None:
+    """Callbacks of 5 ms each ahead of the watcher's next question (80: 0.4 s
+    of work), as an overloaded loop runs them; then its ``stalls``-th warning."""
+    loop = asyncio.get_running_loop()
+    for _ in range(callbacks):
+        loop.call_soon(short_work, 0.005)
+    await asyncio.sleep(0)
+    await stalls_reported(watcher, stalls)
+
+
 async def test_a_callback_that_holds_the_loop_is_named_with_how_long_it_held_it() -> None:
     watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
     watcher.start()
@@ -108,14 +118,10 @@ async def test_naming_code_asks_the_file_system_nothing(monkeypatch: pytest.Monk
     monkeypatch.setattr(os.path, "realpath", realpath)
     watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
     watcher.start()
-    loop = asyncio.get_running_loop()
     try:
         with capture_logs() as logs:
             await asyncio.sleep(0.05)
-            for _ in range(60):
-                loop.call_soon(short_work, 0.005)
-            await asyncio.sleep(0)
-            await stalls_reported(watcher, 1)
+            await overload(watcher, callbacks=60)
             hold_the_loop(0.2)
             await stalls_reported(watcher, 2)
     finally:
@@ -134,15 +140,10 @@ async def test_a_loop_busy_with_many_short_callbacks_is_not_said_held_by_one() -
     callbacks the watcher saw, and names no code."""
     watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
     watcher.start()
-    loop = asyncio.get_running_loop()
     try:
         with capture_logs() as logs:
             await asyncio.sleep(0.05)
-            # 0.4 s of work ahead of the watcher's next question, in 5 ms pieces.
-            for _ in range(80):
-                loop.call_soon(short_work, 0.005)
-            await asyncio.sleep(0)
-            await stalls_reported(watcher, 1)
+            await overload(watcher)
     finally:
         await asyncio.to_thread(watcher.stop)
     assert [entry for entry in logs if entry["event"] == "event loop held"] == []

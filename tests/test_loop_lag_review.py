@@ -23,7 +23,7 @@ import uvloop
 from structlog.testing import capture_logs
 
 from server.loop_lag import STACK_FRAMES, LoopLag, _Probe
-from tests.test_loop_lag import hold_the_loop, short_work, stalls_reported
+from tests.test_loop_lag import hold_the_loop, overload, short_work, stalls_reported
 
 
 class Parser(asyncio.Protocol):
@@ -88,16 +88,11 @@ async def test_an_overload_in_the_first_stall_is_said_busy_too() -> None:
     commit set out to end. The watcher starts first among the server's
     resources, so a stall at start-up (or a storm of reconnects queued while
     the server restarted) is the first one."""
-    loop = asyncio.get_running_loop()
     watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
     try:
         with capture_logs() as logs:
             watcher.start()
-            # 0.4 s of work, in 5 ms pieces, ahead of the watcher's first question.
-            for _ in range(80):
-                loop.call_soon(short_work, 0.005)
-            await asyncio.sleep(0)
-            await stalls_reported(watcher, 1)
+            await overload(watcher)  # ahead of the watcher's first question
     finally:
         await asyncio.to_thread(watcher.stop)
     said = [entry for entry in logs if entry["event"].startswith("event loop")]
