@@ -48,6 +48,8 @@ _log = structlog.get_logger("videoconsult.loop")
 # cost next to nothing. A hold may start in the pause, so the probe asked
 # during it sees it short by up to this much.
 PROBE_S = 0.02
+# An overload that goes on is said busy at most this often (the rest counted).
+BUSY_EVERY_S = 10.0
 # The window of the "most" and "p99" gauges.
 WINDOW_S = 60.0
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -148,9 +150,17 @@ def _where(frame: FrameType | None, callback: FrameType | None = None) -> list[s
 class LoopLag:
     """The watcher of one event loop: start it on the loop, stop it before the loop closes."""
 
-    def __init__(self, *, warn_after_s: float, probe_s: float = PROBE_S) -> None:
+    def __init__(
+        self, *, warn_after_s: float, probe_s: float = PROBE_S, busy_every_s: float = BUSY_EVERY_S
+    ) -> None:
         self.warn_after_s = warn_after_s
         self._probe_s = probe_s
+        # "busy" is said at most this often: the busy stalls meanwhile are
+        # counted (how many, the most lag) and said with the next.
+        self._busy_every_s = busy_every_s
+        self._busy_said_at = -math.inf
+        self._unsaid = 0
+        self._unsaid_most_s = 0.0
         self._lock = threading.Lock()
         # One count per bucket, not cumulative; the last is +Inf.
         self._buckets = [0] * (len(LAG_BUCKETS_S) + 1)
@@ -221,12 +231,7 @@ class LoopLag:
                 # Callback after callback, none of them long: more work than
                 # the loop's thread has time for. No code is named: whichever
                 # ran at a sample is not the cause.
-                _log.warning(
-                    "event loop busy",
-                    lag_ms=round(lag * 1000, 1),
-                    threshold_ms=threshold_ms,
-                    callbacks_seen=runs.count,
-                )
+                self._busy(lag, threshold_ms, runs.count)
                 continue
             # One callback ran for half the threshold or more (named where it
             # was when first seen), or none ran (the loop waited for I/O and
@@ -237,6 +242,27 @@ class LoopLag:
                 threshold_ms=threshold_ms,
                 where=runs.where if runs.count else (where or []),
             )
+
+    def _busy(self, lag: float, threshold_ms: int, callbacks_seen: int) -> None:
+        now = time.monotonic()
+        if now - self._busy_said_at < self._busy_every_s:
+            self._unsaid += 1
+            self._unsaid_most_s = max(self._unsaid_most_s, lag)
+            return
+        unsaid: dict[str, float] = {}
+        if self._unsaid:
+            unsaid = {
+                "unsaid": self._unsaid,
+                "unsaid_most_lag_ms": round(self._unsaid_most_s * 1000, 1),
+            }
+        self._busy_said_at, self._unsaid, self._unsaid_most_s = now, 0, 0.0
+        _log.warning(
+            "event loop busy",
+            lag_ms=round(lag * 1000, 1),
+            threshold_ms=threshold_ms,
+            callbacks_seen=callbacks_seen,
+            **unsaid,
+        )
 
     def _loop_frame(self) -> FrameType | None:
         return sys._current_frames().get(self._loop_thread_id)

@@ -188,3 +188,28 @@ async def test_the_loops_lag_is_in_the_metrics(sqlite_harness: Harness) -> None:
         < scraped.value("videoconsult_event_loop_lag_p99_seconds")
         <= (scraped.value("videoconsult_event_loop_lag_max_seconds"))
     )
+
+
+async def test_an_overload_that_goes_on_is_said_once_a_while_with_what_went_unsaid() -> None:
+    """A loop saturated for minutes would log a busy warning several times a
+    second. It is said once per ``busy_every_s``; the next says how many
+    busy stalls went unsaid since, and the most lag among them."""
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01, busy_every_s=1.0)
+    watcher.start()
+    try:
+        with capture_logs() as logs:
+            await asyncio.sleep(0.05)
+            # Stalls of 0.15 s each: the second and third within the second.
+            for stalls in (1, 2, 3):
+                await asyncio.sleep(0.05)
+                await overload(watcher, callbacks=30, stalls=stalls)
+            await asyncio.sleep(1.0)
+            await overload(watcher, callbacks=30, stalls=4)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    busy = [entry for entry in logs if entry["event"] == "event loop busy"]
+    assert len(busy) == 2, logs
+    assert "unsaid" not in busy[0]
+    assert busy[1]["unsaid"] == 2
+    assert busy[1]["unsaid_most_lag_ms"] >= 100  # 150 ms each
+    assert watcher.stalls == 4
