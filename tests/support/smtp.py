@@ -8,6 +8,7 @@ import email
 import email.policy
 import ipaddress
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -114,6 +115,43 @@ class SmtpServer:
         return values
 
 
+class _Counted(SMTP):
+    """aiosmtpd's session, counted while its connection is open (over TLS,
+    until the TLS shutdown has closed the socket too)."""
+
+    def __init__(self, *args: Any, open_now: set[SMTP], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open_now = open_now
+
+    def connection_made(self, transport: Any) -> None:
+        self._open_now.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._open_now.discard(self)
+
+
+class _Controller(Controller):
+    """aiosmtpd's controller, knowing which connections are still open: its
+    stop() ends the server's loop at once, and a connection still in its TLS
+    shutdown then leaves its socket to the garbage collector (a
+    ResourceWarning that fails whichever test collects it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_now: set[SMTP] = set()
+
+    def factory(self) -> SMTP:
+        return _Counted(self.handler, open_now=self.open_now, **self.SMTP_kwargs)
+
+    def stop_when_closed(self, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.open_now and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.stop()
+
+
 @contextmanager
 def running_smtp_server(directory: Path, port: int, *, security: str) -> Iterator[SmtpServer]:
     """An SMTP server on 127.0.0.1:``port`` that wants STARTTLS (``starttls``),
@@ -133,7 +171,7 @@ def running_smtp_server(directory: Path, port: int, *, security: str) -> Iterato
         # with implicit TLS the whole connection is encrypted from the start.
         else {"ssl_context": context, "auth_require_tls": False}
     )
-    controller = Controller(
+    controller = _Controller(
         mailbox,
         hostname="127.0.0.1",
         port=port,
@@ -145,4 +183,4 @@ def running_smtp_server(directory: Path, port: int, *, security: str) -> Iterato
     try:
         yield SmtpServer(port, security, cert_file, mailbox)
     finally:
-        controller.stop()
+        controller.stop_when_closed()
