@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.db import after_cursor
 from audit.direct import ByKey, OnConnection, Prepared, SingleStatements, Statements
 from audit.errors import Conflict, NotFound
 from audit.labels import SealedLabel, destroy_label, sealed_label_of, with_sealed_label
@@ -214,9 +215,7 @@ async def list_consults(
         ).scalar()
         if cursor is None:
             raise NotFound("no such consult")
-        query = query.where(
-            sa.or_(when < cursor, sa.and_(when == cursor, consults.c.id > older_than))
-        )
+        query = query.where(after_cursor(when, consults.c.id, cursor, older_than))
     rows = await conn.execute(query.order_by(when.desc(), consults.c.id).limit(limit))
     return [consult_of(row) for row in rows]
 

@@ -148,6 +148,18 @@ async def all_rows(result: sa.Result[Any] | sa.ScalarResult[Any]) -> list[Any]:
     return [row async for part in in_turns(result) for row in part]
 
 
+def after_cursor(
+    when: sa.ColumnElement[Any],
+    ident: sa.ColumnElement[Any],
+    cursor_when: Any,
+    cursor_id: uuid.UUID,
+) -> sa.ColumnElement[bool]:
+    """The rows after the cursor's row in a list ordered by ``when``, latest
+    first, and equal times by ``ident``: a page of a list read by key (the
+    therapist's consults, their recordings), which new rows do not shift."""
+    return sa.or_(when < cursor_when, sa.and_(when == cursor_when, ident > cursor_id))
+
+
 @asynccontextmanager
 async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection for reads that write nothing: every read-only path (a

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from audit.db import after_cursor
 from audit.errors import NotFound
 from audit.filestore import EncryptingWriter, decrypt_chunks, new_data_key
 from audit.keyring import KeyRing, WrappingKey, key_id_of, load_ring
@@ -488,10 +489,7 @@ async def list_recordings(
             raise NotFound("no such recording (or it was deleted)")
         # The order of _entries(): created_at descending, then id.
         query = query.where(
-            sa.or_(
-                recordings.c.created_at < cursor.created_at,
-                sa.and_(recordings.c.created_at == cursor.created_at, recordings.c.id > older_than),
-            )
+            after_cursor(recordings.c.created_at, recordings.c.id, cursor.created_at, older_than)
         )
     rows = await conn.execute(query.limit(limit))
     return [_entry(row) for row in rows]
