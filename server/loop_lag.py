@@ -200,21 +200,23 @@ class LoopLag:
                 self._loop.call_soon_threadsafe(probe)
             except RuntimeError:
                 return  # the loop is closed
-            warn_at = asked + self.warn_after_s
-            where: list[str] | None = None
+            # Where the loop's thread was at the last sample that found it
+            # running no callback (waiting for I/O, or in C code of its own).
+            where: list[str] = []
             runs = _Runs()
             pause = min(self._probe_s, self.warn_after_s / 4)
             if not probe.answered.wait(pause):
-                # Slow to answer: from here on, which callback runs, and
-                # where the loop's thread is when the threshold passes.
+                # Slow to answer: from here on, which callback runs.
                 while True:
                     frame = self._loop_frame()
                     at = time.perf_counter()
+                    callback = None
                     if machinery.answered.is_set():
-                        runs.sample(machinery.callback_of(frame), frame, at)
-                    if where is None and at >= warn_at:
+                        callback = machinery.callback_of(frame)
+                    runs.sample(callback, frame, at)
+                    if callback is None:
                         where = _where(frame)
-                    del frame
+                    del frame, callback
                     if probe.answered.wait(pause):
                         break
                     if self._stopping.is_set() or self._loop.is_closed():
@@ -240,7 +242,7 @@ class LoopLag:
                 "event loop held",
                 held_ms=round(lag * 1000, 1),
                 threshold_ms=threshold_ms,
-                where=runs.where if runs.count else (where or []),
+                where=runs.where if runs.count else where,
             )
 
     def _busy(self, lag: float, threshold_ms: int, callbacks_seen: int) -> None:

@@ -142,6 +142,7 @@ async def test_every_page_read_is_in_the_access_log_with_the_labels_it_shows(
         ("?limit=101", "parameter 'limit' must be a whole number from 1 to 100"),
         ("?limit=ten", "parameter 'limit' must be a whole number from 1 to 100"),
         ("?before=yesterday", "parameter 'before' must be a consult's id"),
+        ("?before=" + "5f0c1c4e" * 8, "parameter 'before' must be a consult's id"),
         (
             "?before=5f0c1c4e-6a43-4d1e-9a55-0c5d9b1e2f37",
             "parameter 'before' must be the id of one of your consults",

@@ -213,3 +213,25 @@ async def test_an_overload_that_goes_on_is_said_once_a_while_with_what_went_unsa
     assert busy[1]["unsaid"] == 2
     assert busy[1]["unsaid_most_lag_ms"] >= 100  # 150 ms each
     assert watcher.stalls == 4
+
+
+async def test_a_hold_in_c_code_of_the_loops_own_names_where_the_loop_was() -> None:
+    """A callback that is C code (no Python frame of its own), or a process
+    that got no CPU while its loop waited for I/O: no callback is seen, and
+    the warning says "held", naming where the loop's thread was."""
+    loop = asyncio.get_running_loop()
+    watcher = LoopLag(warn_after_s=0.05, probe_s=0.01)
+    watcher.start()
+    try:
+        with capture_logs() as logs:
+            await asyncio.sleep(0.05)
+            loop.call_soon(time.sleep, 0.3)
+            await asyncio.sleep(0)
+            await stalls_reported(watcher, 1)
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    [held] = [entry for entry in logs if entry["event"].startswith("event loop")]
+    assert held["event"] == "event loop held"
+    assert held["held_ms"] >= 250
+    assert held["where"], held
+    assert all(LOCATION.match(entry) for entry in held["where"]), held["where"]

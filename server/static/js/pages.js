@@ -41,10 +41,7 @@ export class PagedList {
     }
     if (generation !== this.generation) return; // a later load shows its own
     this.nextBefore = data.next_before;
-    // The list is whole again: an older page's error is past (unless the
-    // list's owner has said something else there since).
-    if (this.told && this.problem.dataset.i18n === this.told) say(this.problem, "");
-    this.told = null;
+    this.forget(); // the list is whole again: an older page's error is past
     this.show(items);
   }
 
@@ -83,7 +80,7 @@ export class PagedList {
       await loading.catch(() => {});
     } while (loading !== this.loading);
     if (!this.nextBefore) return;
-    this.tell("");
+    this.forget();
     const generation = this.generation;
     let data;
     try {
@@ -114,7 +111,14 @@ export class PagedList {
   // Say `key` under the list (its own words only: a load that works clears
   // them, not what the list's owner said there).
   tell(key, fallback = undefined) {
-    this.told = key || null;
+    this.told = key;
     say(this.problem, key, {}, fallback);
+  }
+
+  // Take back what this list said, unless its owner has said something
+  // else there since (a recording's delete or play error).
+  forget() {
+    if (this.told && this.problem.dataset.i18n === this.told) say(this.problem, "");
+    this.told = null;
   }
 }
