@@ -10,6 +10,13 @@ from the moment it opens, as a browser reads (and answers pings).
 Measured per patient: ticket request to ``admitted`` (ours; PeerJS has no
 waiting room: socket opened to ``OPEN``), failures (a step that errs or
 times out), and the first offer and its answer that never arrived (lost).
+
+With ``at_once``, at most that many patients are on their way in at a time
+(issue 19's outside generator opened 200 at a time): a patient whose
+arrival time has come waits for one of them to be admitted (or to fail)
+before it asks for its ticket. Its wait for that slot is the generator's,
+not the server's: it is reported (``slot_wait_p99_ms``) and not counted in
+the latency, which starts at the ticket request as without a limit.
 """
 
 from __future__ import annotations
@@ -71,6 +78,25 @@ class Inbox:
 # socket, to welcome, to the therapist's patient-waiting, to peer-joined.
 STEPS = ("ticket", "upgrade", "welcome", "patient_waiting", "peer_joined")
 steps: list[list[float]] = []
+# Seconds each patient waited for a slot (``at_once``) after its arrival.
+slot_waits: list[float] = []
+
+
+class _Slots:
+    """At most ``at_once`` patients on their way in at a time (0: no limit)."""
+
+    def __init__(self, at_once: int) -> None:
+        self._gate = asyncio.Semaphore(at_once) if at_once > 0 else None
+
+    async def __aenter__(self) -> None:
+        if self._gate is not None:
+            asked = time.monotonic()
+            await self._gate.acquire()
+            slot_waits.append(time.monotonic() - asked)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._gate is not None:
+            self._gate.release()
 
 
 @dataclass
@@ -111,6 +137,7 @@ async def _ours(
     spread_s: float,
     timeout_s: float,
     before_arrivals: Callable[[int], None] | None,
+    slots: _Slots,
 ) -> tuple[list[float], list[str], int, list[Inbox], _Arrivals]:
     consults = await server.prepare(session, n, 32)
     inboxes: list[Inbox] = []
@@ -133,8 +160,13 @@ async def _ours(
     lost = 0
 
     async def patient(index: int, invite: str) -> None:
-        nonlocal lost
         await asyncio.sleep(random.uniform(0, spread_s))
+        async with slots:
+            me = await admitted(index, invite)
+        if me is not None:
+            await first_offer(therapists[index], me)
+
+    async def admitted(index: int, invite: str) -> Inbox | None:
         doctor = therapists[index]
         t0 = time.monotonic()
         at: list[float] = []
@@ -150,7 +182,7 @@ async def _ours(
             )
         except Exception as err:
             failures.append(f"ticket/socket: {err!r}"[:200])
-            return
+            return None
         me = Inbox(ws)
         inboxes.append(me)
         try:
@@ -169,13 +201,17 @@ async def _ours(
             steps.append([b - a for a, b in zip([t0, *at], at, strict=False)])
         except Exception as err:
             failures.append(f"admission: {err!r}"[:200])
-            return
+            return None
+        return me
+
+    async def first_offer(doctor: Inbox, me: Inbox) -> None:
+        nonlocal lost
         try:
             await me.expect("offer", timeout_s)
         except Exception:
             lost += 2  # the offer, and so its answer
             return
-        await ws.send_str(answer)
+        await me.ws.send_str(answer)
         try:
             await doctor.expect("answer", timeout_s)
         except Exception:
@@ -190,7 +226,12 @@ async def _ours(
 
 
 async def _peerjs(
-    server: PeerJSServer, session: aiohttp.ClientSession, n: int, spread_s: float, timeout_s: float
+    server: PeerJSServer,
+    session: aiohttp.ClientSession,
+    n: int,
+    spread_s: float,
+    timeout_s: float,
+    slots: _Slots,
 ) -> tuple[list[float], list[str], int, list[Inbox], _Arrivals]:
     inboxes: list[Inbox] = []
     ids = [(f"t{i}", f"p{i}") for i in range(n)]
@@ -217,13 +258,14 @@ async def _peerjs(
         nonlocal lost
         await asyncio.sleep(random.uniform(0, spread_s))
         pair = Pair(index, [], ids[index])
-        t0 = time.monotonic()
-        try:
-            me = await open_peer(ids[index][1])
-            waits.append(time.monotonic() - t0)
-        except Exception as err:
-            failures.append(f"socket: {err!r}"[:200])
-            return
+        async with slots:
+            t0 = time.monotonic()
+            try:
+                me = await open_peer(ids[index][1])
+                waits.append(time.monotonic() - t0)
+            except Exception as err:
+                failures.append(f"socket: {err!r}"[:200])
+                return
         await firsts[index].ws.send_str(codec.offer(pair, 0, time.monotonic_ns()))
         try:
             await me.expect("OFFER", timeout_s)
@@ -247,12 +289,16 @@ async def storm_run(
     n: int,
     *,
     spread_s: float,
+    at_once: int = 0,
     timeout_s: float = 30.0,
     before_arrivals: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """One storm of ``n`` arrivals on a fresh ``server``; ``before_arrivals``
-    is called with ours's process id as the arrivals begin (to profile them)."""
+    """One storm of ``n`` arrivals on a fresh ``server``, at most ``at_once``
+    on their way in at a time (0: no limit); ``before_arrivals`` is called
+    with ours's process id as the arrivals begin (to profile them)."""
     inboxes: list[Inbox] = []
+    slot_waits.clear()
+    slots = _Slots(at_once)
     try:
         await server.start()
         async with aiohttp.ClientSession(
@@ -260,10 +306,10 @@ async def storm_run(
         ) as session:
             started = time.monotonic()
             if isinstance(server, OursServer):
-                run = _ours(server, session, n, spread_s, timeout_s, before_arrivals)
+                run = _ours(server, session, n, spread_s, timeout_s, before_arrivals, slots)
             else:
                 assert isinstance(server, PeerJSServer)
-                run = _peerjs(server, session, n, spread_s, timeout_s)
+                run = _peerjs(server, session, n, spread_s, timeout_s, slots)
             waits, failures, lost, inboxes, arrivals = await run
             elapsed = time.monotonic() - started
             peak = proc_peak_rss(server.pid)
@@ -285,6 +331,7 @@ async def storm_run(
         "steps_p50_ms": step_p50,
         "arrivals": n,
         "spread_s": spread_s,
+        "at_once": at_once,
         "admitted": len(waits),
         "failures": len(failures),
         "failure_samples": failures[:5],
@@ -292,6 +339,8 @@ async def storm_run(
         "p50_ms": round(_percentile(waits, 0.50) * 1000, 1),
         "p99_ms": round(_percentile(waits, 0.99) * 1000, 1),
         "max_ms": round(max(waits, default=float("nan")) * 1000, 1),
+        # With at_once: how long arrivals waited for a slot (not in the above).
+        "slot_wait_p99_ms": round(_percentile(slot_waits, 0.99) * 1000, 1) if at_once else 0.0,
         # The server's CPU during the arrivals only (not the setup before them).
         "server_cpu_s": round(arrivals.server_cpu_s, 2),
         # The generator's CPU meanwhile, and the arrivals' wall time (from the
@@ -338,7 +387,11 @@ async def storms(
             try:
                 run = await asyncio.wait_for(
                     storm_run(
-                        make(name), args.storm, spread_s=args.storm_spread, before_arrivals=started
+                        make(name),
+                        args.storm,
+                        spread_s=args.storm_spread,
+                        at_once=args.storm_at_once,
+                        before_arrivals=started,
                     ),
                     timeout=args.run_timeout,
                 )
@@ -354,7 +407,8 @@ async def storms(
             save()
             print(
                 "bench:   admitted {admitted}, p50 {p50_ms} ms, p99 {p99_ms} ms, max {max_ms} ms, "
-                "failures {failures}, lost {lost}, server CPU {server_cpu_s} s, "
+                "slot wait p99 {slot_wait_p99_ms} ms, failures {failures}, lost {lost}, "
+                "server CPU {server_cpu_s} s, "
                 "generator CPU {generator_cpu_s} s in {arrivals_wall_s} s, "
                 "peak RSS {server_peak_rss_mb} MB {failure_samples} {steps_p50_ms}".format(**run),
                 flush=True,

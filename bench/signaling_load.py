@@ -511,6 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--storm-spread", type=float, default=2.0, help="their arrival, seconds")
     parser.add_argument(
+        "--storm-at-once",
+        type=int,
+        default=0,
+        help="at most this many patients on their way in at a time (0: no limit)",
+    )
+    parser.add_argument(
         "--settle",
         type=float,
         default=3.0,
