@@ -30,7 +30,7 @@ from audit.export_workers import exported_chunks
 from audit.pace import rest_after
 from server.api.access_records import record_read
 from server.api.errors import Unprocessable
-from server.api.query import day_start, query_date, query_params, query_uuid, query_zone
+from server.api.query import NO_PARAMS, day_start, query_date, query_params, query_uuid, query_zone
 from server.api.representations import access_record_json, iso
 from server.app_keys import CLOCK, DB_ENGINE
 from server.auth.sessions import require_role
@@ -236,6 +236,7 @@ async def access_log_export(request: web.Request) -> web.StreamResponse:
 async def access_log_verify(request: web.Request) -> web.Response:
     """Walk the organisation's access-log chain (as `videoconsult audit verify` does for all)."""
     principal = await require_role(request, Role.ADMIN, action="access_log.verify")
+    query_params(request, NO_PARAMS)
     # From the engine: each batch in its own short transaction, so appends go
     # on; paced while the node has consults, so that they keep a core.
     report = await verify_chain(

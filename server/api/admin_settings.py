@@ -22,7 +22,7 @@ from server.api.access_records import record_in, record_read
 from server.api.admin_views import default_retention
 from server.api.body import RequestBody, read_json
 from server.api.errors import Unprocessable
-from server.api.query import query_params
+from server.api.query import NO_PARAMS, query_params
 from server.api.representations import iso, retention_json
 from server.app_keys import CLOCK, DB_ENGINE, SETTINGS
 from server.auth.sessions import Principal, require_role
@@ -89,6 +89,7 @@ async def _record_read(request: web.Request, principal: Principal, action: str) 
 async def practice_settings_read(request: web.Request) -> web.Response:
     """The practice's own settings, the server's bounds, and what is in force."""
     principal = await require_role(request, Role.ADMIN, action="practice_settings.read")
+    query_params(request, NO_PARAMS)
     async with reading(request.app[DB_ENGINE]) as conn:
         chosen = await practice_settings_of(conn, principal.account.organisation_id)
     await _record_read(request, principal, "practice_settings.read")

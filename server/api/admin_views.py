@@ -26,6 +26,7 @@ from audit.retention import Retention, retention_of, set_retention
 from server.api.access_records import record_api_access, record_in, record_read
 from server.api.body import RequestBody, read_json
 from server.api.errors import ConflictError, NotFoundError
+from server.api.query import NO_PARAMS, query_params
 from server.api.representations import (
     account_json,
     invitation_json,
@@ -97,6 +98,7 @@ async def own_account(request: web.Request, principal: Principal, action: str) -
 async def accounts_list(request: web.Request) -> web.Response:
     """List the organisation's accounts."""
     principal = await require_role(request, Role.ADMIN, action="account.list")
+    query_params(request, NO_PARAMS)
     organisation_id = principal.account.organisation_id
     async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_accounts(conn, organisation_id)
@@ -161,6 +163,7 @@ async def accounts_create(request: web.Request) -> web.Response:
 @routes.get(ACCOUNT_PATH)
 async def account_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.ADMIN, action="account.read")
+    query_params(request, NO_PARAMS)
     account = await own_account(request, principal, "account.read")
     await record_read(
         request, principal, action="account.read", object_type="account", object_id=account.id
@@ -290,6 +293,7 @@ def default_retention(request: web.Request) -> Retention:
 async def retention_read(request: web.Request) -> web.Response:
     """The organisation's retention, in days (the installation's defaults until set)."""
     principal = await require_role(request, Role.ADMIN, action="retention.read")
+    query_params(request, NO_PARAMS)
     organisation_id = principal.account.organisation_id
     async with reading(request.app[DB_ENGINE]) as conn:
         retention = await retention_of(conn, organisation_id, defaults=default_retention(request))

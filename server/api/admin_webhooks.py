@@ -33,7 +33,7 @@ from audit.webhooks import (
 from server.api.access_records import record_in, record_read
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, Unprocessable
-from server.api.query import query_params
+from server.api.query import NO_PARAMS, query_params
 from server.api.representations import iso
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY, SETTINGS
 from server.auth.sessions import Principal, require_role
@@ -140,6 +140,7 @@ async def _own_endpoint(request: web.Request, principal: Principal, action: str)
 async def endpoints_list(request: web.Request) -> web.Response:
     """The organisation's endpoints, with how many deliveries are in each status."""
     principal = await require_role(request, Role.ADMIN, action="webhook.list")
+    query_params(request, NO_PARAMS)
     organisation_id = principal.account.organisation_id
     async with reading(request.app[DB_ENGINE]) as conn:
         found = await list_endpoints(conn, organisation_id)

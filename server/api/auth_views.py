@@ -16,6 +16,7 @@ from audit.sealing import TOKEN_PATTERN
 from audit.sessions import Session, create_session, end_session
 from server.api.body import RequestBody, read_json
 from server.api.errors import NotFoundError, TooManyRequests, Unauthorized
+from server.api.query import NO_PARAMS, query_params
 from server.api.representations import account_json, iso, notice_json, session_json
 from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, SETTINGS
 from server.auth.enrolment import Enroller
@@ -152,6 +153,7 @@ async def logout(request: web.Request) -> web.Response:
 async def current_session(request: web.Request) -> web.Response:
     """Who is logged in, and when the session ends if left alone."""
     principal = await require_login(request)
+    query_params(request, NO_PARAMS)
     await _record_read(request, principal.account, "session.read")
     return web.json_response(await _session_answer(request, principal.account, principal.session))
 

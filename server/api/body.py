@@ -59,7 +59,7 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
         # answer, but the request log says what became of the request.
         raise BadRequest("the connection closed before the body was complete") from None
     try:
-        data: Any = json.loads(raw, parse_constant=_not_json)
+        data: Any = json.loads(raw, parse_constant=_not_json, object_pairs_hook=_each_once)
     except (json.JSONDecodeError, UnicodeDecodeError, _NotJson) as err:
         raise BadRequest(f"the body is not valid JSON: {err}", code="malformed_json") from None
     except (ValueError, RecursionError):
@@ -78,6 +78,20 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
 
 class _NotJson(Exception):
     pass
+
+
+def _each_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object naming a field twice is refused: readers disagree on which
+    value counts (Python's the last, others the first), so what a proxy or a
+    log read would not be what the server acted on."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for name, _value in pairs:
+            if name in seen:
+                raise _NotJson(f"the field '{name[:40]}' is given more than once")
+            seen.add(name)
+    return data
 
 
 def _not_json(name: str) -> Any:

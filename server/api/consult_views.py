@@ -54,7 +54,7 @@ from server.api.invite_mailing import (
     require_mail_configured,
     waiting_room_opens_at,
 )
-from server.api.query import query_number, query_params, query_uuid
+from server.api.query import NO_PARAMS, query_number, query_params, query_uuid
 from server.api.representations import consult_json, invite_json, iso
 from server.app_keys import CLOCK, DB_ENGINE, DB_STATEMENTS, MASTER_KEY, ROOMS, SETTINGS, TICKETS
 from server.auth.sessions import Principal, require_role
@@ -337,6 +337,7 @@ async def consults_list(request: web.Request) -> web.Response:
 @routes.get(CONSULT_PATH)
 async def consult_show(request: web.Request) -> web.Response:
     principal = await require_role(request, Role.THERAPIST, action="consult.read")
+    query_params(request, NO_PARAMS)
     consult = await _own_consult(request, principal, "consult.read")
     await record_read(
         request,
@@ -411,7 +412,7 @@ async def consult_reissue_invite(request: web.Request) -> web.Response:
 @routes.delete(CONSULT_PATH + "/invite")
 async def consult_revoke_invite(request: web.Request) -> web.Response:
     """Revoke the invite link: it no longer opens the consult, nor lets anyone back in."""
-    principal = await require_role(request, Role.THERAPIST, action="consult.invite")
+    principal = await require_role(request, Role.THERAPIST, action="consult.invite.revoke")
     consult = await _own_consult(request, principal, "consult.invite.revoke")
     async with request.app[DB_ENGINE].begin() as conn:
         await revoke_invites(conn, consult.id, now=request.app[CLOCK].now())

@@ -13,6 +13,7 @@ from audit.db import reading
 from audit.subject_rights import erase_account, export_account
 from server.api.access_records import record_in, record_read
 from server.api.admin_views import ACCOUNT_PATH, own_account
+from server.api.query import NO_PARAMS, query_params
 from server.app_keys import CLOCK, DB_ENGINE, MASTER_KEY
 from server.auth.login import login_subject_hash
 from server.auth.sessions import require_login, require_role
@@ -29,6 +30,7 @@ def _as_json(exported: dict[str, Any]) -> bytes:
 async def account_export(request: web.Request) -> web.Response:
     """Everything held about the logged-in professional, as a JSON download."""
     principal = await require_login(request)
+    query_params(request, NO_PARAMS)
     account = principal.account
     app = request.app
     now = app[CLOCK].now()

@@ -19,6 +19,7 @@ from server.api.errors import Unprocessable
 __all__ = [
     "EARLIEST_DAY",
     "LATEST_DAY",
+    "NO_PARAMS",
     "day_start",
     "query_date",
     "query_number",
@@ -34,6 +35,10 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _NUMBER = re.compile(r"[0-9]{1,6}")
 # IANA names ("Europe/Amsterdam", "Etc/GMT+1"): no dots, so never a path upwards.
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
+
+
+# A read route that takes no parameter at all.
+NO_PARAMS: frozenset[str] = frozenset()
 
 
 def day_start(day: date, zone: tzinfo) -> datetime:

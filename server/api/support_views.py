@@ -35,6 +35,7 @@ from server.api.access_records import record_read
 from server.api.errors import NotFoundError, Unprocessable
 from server.api.query import (
     EARLIEST_DAY,
+    NO_PARAMS,
     day_start,
     query_date,
     query_number,
@@ -268,7 +269,7 @@ async def support_technical_log(request: web.Request) -> web.Response:
     and the attempt is access-logged as refused.
     """
     principal = await require_role(request, Role.SUPPORT, action=ACTION_TECHNICAL_LOG)
-    query_params(request, frozenset())
+    query_params(request, NO_PARAMS)
     try:
         consult_id: uuid.UUID | None = uuid.UUID(request.match_info["consult_id"])
     except ValueError:
