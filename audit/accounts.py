@@ -220,19 +220,32 @@ async def create_account(
     """Add an account that still has to enrol; raise :class:`Conflict` if the
     e-mail address is taken (in any organisation: it is the login name)."""
     normalised = normalise_email(email)
+    taken = Conflict("an account with this e-mail address exists already")
     if await conn.scalar(sa.select(accounts.c.id).where(accounts.c.email == normalised)):
-        raise Conflict("an account with this e-mail address exists already")
+        raise taken
     account_id = uuid.uuid4()
-    await conn.execute(
-        accounts.insert().values(
-            id=account_id,
-            organisation_id=organisation_id,
-            email=normalised,
-            role=role.value,
-            created_at=now,
+    try:
+        await conn.execute(
+            accounts.insert().values(
+                id=account_id,
+                organisation_id=organisation_id,
+                email=normalised,
+                role=role.value,
+                created_at=now,
+            )
         )
-    )
+    except sa.exc.IntegrityError as err:
+        # Added by another transaction since the check (PostgreSQL: two admins
+        # at once, a double click); its error text quotes the address.
+        if _EMAIL_TAKEN in str(err.orig) or _EMAIL_TAKEN_SQLITE in str(err.orig):
+            raise taken from None
+        raise
     return await get_account(conn, account_id)
+
+
+# How each database names the broken constraint of an address already taken.
+_EMAIL_TAKEN = "uq_accounts_email"
+_EMAIL_TAKEN_SQLITE = "accounts.email"
 
 
 async def get_account(

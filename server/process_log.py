@@ -70,7 +70,9 @@ SENSITIVE_KEYS = frozenset({"code", "remote", "host_ip", "x_forwarded_for", "for
 # Keys structlog and logging fill in themselves.
 FRAMEWORK_KEYS = frozenset({"event", "level", "timestamp", "logger", "exception"})
 
-_EMAIL = re.compile(r"(?:\"[^\"\n]*\"|[\w.+'%-]+)@[\w-]+(?:\.[\w-]+)+")
+# The local part with every character an address may hold unquoted (RFC 5322
+# "atext", as email_validator accepts), or quoted.
+_EMAIL = re.compile(r"(?:\"[^\"\n]*\"|[\w.!#$%&'*+/=?^`{|}~-]+)@[\w-]+(?:\.[\w-]+)+")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)")
 # Candidates only; ipaddress decides (so "15:36:44" stays a time of day).
 _IPV6 = re.compile(

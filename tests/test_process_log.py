@@ -43,6 +43,9 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
     ("text", "personal", "mask"),
     [
         ("login failed for anna.de.vries+x@example.nl", "anna.de.vries+x@example.nl", "[email]"),
+        # Every character an unquoted local part may hold (RFC 5322 atext).
+        ("Key (email)=(j.de.vries/x@example.nl)", "j.de.vries", "[email]"),
+        ("for a!b#c$d%e&f'g*h+i=j?k^l`m{n|o}p~q@example.nl", "a!b#c$d", "[email]"),
         ("peer 203.0.113.7 connected", "203.0.113.7", "[ip]"),
         ("peer 2001:db8::42 connected", "2001:db8::42", "[ip]"),
         ("via [fe80::1ff:fe23:4567:890a]:5000", "fe80::1ff:fe23:4567:890a", "[ip]"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.typing import FilteringBoundLogger
 
 from audit.accounts import (
     Account,
@@ -47,6 +48,7 @@ class Enroller:
     master_key: MasterKey
     hasher: PasswordHasher
     settings: AccountSettings
+    technical: FilteringBoundLogger  # the technical log's sink (see Authenticator)
 
     async def open(self, token: str) -> EnrolmentLink:
         async with reading(self.engine) as conn:
@@ -63,7 +65,12 @@ class Enroller:
         link = await self.open(token)
         if link.account.password_hash is not None:
             login = Authenticator(
-                self.engine, self.clock, self.master_key, self.hasher, self.settings
+                self.engine,
+                self.clock,
+                self.master_key,
+                self.hasher,
+                self.settings,
+                self.technical,
             )
             if not await login.check_password(link.account, password, client_address):
                 raise InvalidValue(
