@@ -44,7 +44,7 @@ let peerMedia = null;
 const tracks = new TrackSwitcher({ getCall: () => call, getMedia: () => media });
 const idle = new IdleWatch({
   inCall: () => Boolean(call && !call.finished),
-  touch: () => api("POST", "/api/session/touch").catch(() => {}),
+  touch: () => api("POST", "/api/session/touch"),
 });
 
 function peerMediaShown(state) {
@@ -61,7 +61,6 @@ async function api(method, path, body) {
     headers: body === undefined ? {} : { "Content-Type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  idle.touched();
   if (response.status === 401) {
     toLogin("session");
     throw new Error("not logged in");
@@ -71,8 +70,14 @@ async function api(method, path, body) {
     const code = data.error && data.error.code;
     // In the page's language where we know the code; the server's words otherwise.
     const fallback = (data.error && data.error.message) || t("common.failed");
-    const error = new Error(t(`apiError.${code}`, {}, fallback));
+    // A refused field is named in the message ("field 'email': ..."); where the
+    // page has words for that field's problem, those.
+    const field = /^field '(\w+)'/.exec(fallback)?.[1];
+    const specific = field && t(`apiError.${code}.${field}`, {}, "") ? `apiError.${code}.${field}` : "";
+    const key = specific || `apiError.${code}`;
+    const error = new Error(t(key, {}, fallback));
     error.code = code;
+    error.key = key;
     error.fallback = fallback;
     throw error;
   }
@@ -90,6 +95,8 @@ function statusLabel(status) {
 function renderList(consults) {
   lastConsults = consults;
   const groups = $("list-groups");
+  // The keyboard's place, to find again in the rows drawn anew.
+  const focused = groups.contains(document.activeElement) ? document.activeElement : null;
   groups.replaceChildren();
   $("list-empty").hidden = consults.length > 0;
   if (!consults.length) say($("list-empty"), "app.list.empty");
@@ -141,6 +148,19 @@ function renderList(consults) {
     }
     groups.append(heading, table);
   }
+  if (focused) focusAgain(groups, focused);
+}
+
+// After the list was drawn anew: the focus on the same button of the same
+// consult's row, or on that row's first button (a revoked link's button is
+// gone), or on the list itself, never back at the top of the page.
+function focusAgain(groups, focused) {
+  const row = focused.closest("tr[data-consult]");
+  const again = row && groups.querySelector(`tr[data-consult="${CSS.escape(row.dataset.consult)}"]`);
+  const target =
+    (again && (again.querySelector(`button[data-action="${focused.dataset.action}"]`) || again.querySelector("button"))) ||
+    groups;
+  target.focus();
 }
 
 function button(key, action, kind = "") {
@@ -148,6 +168,7 @@ function button(key, action, kind = "") {
   element.type = "button";
   element.className = `small ${kind}`.trim();
   element.textContent = t(key);
+  element.dataset.action = key;
   element.addEventListener("click", action);
   return element;
 }
@@ -250,7 +271,7 @@ async function createConsult(event) {
     await loadList();
   } catch (error) {
     // A known refusal in the page's language (again in another when it changes).
-    if (error.code) say($("new-error"), `apiError.${error.code}`, {}, error.fallback);
+    if (error.code) say($("new-error"), error.key, {}, error.fallback);
     else say($("new-error"), "common.offline");
   } finally {
     $("new-button").disabled = false;
@@ -278,21 +299,24 @@ function banner(key) {
   $("banner").hidden = !key;
 }
 
+// The page's own title, in the language it has now.
+function pageTitle() {
+  const title = document.querySelector("title[data-i18n]");
+  return title ? t(title.dataset.i18n) : document.title;
+}
+
 function patientWaiting(name) {
-  $("waiting-text").textContent = name
-    ? t("app.call.waitingNamed", { name })
-    : t("app.call.waiting");
+  if (name) say($("waiting-text"), "app.call.waitingNamed", { name });
+  else say($("waiting-text"), "app.call.waiting");
   $("waiting-notice").hidden = false;
   $("admit").focus();
   chime();
   if (!titleFlash) {
-    const original = document.title;
     let on = false;
     titleFlash = {
-      original,
       timer: setInterval(() => {
         on = !on;
-        document.title = on ? `● ${t("app.call.waitingShort")}` : original;
+        document.title = on ? `● ${t("app.call.waitingShort")}` : pageTitle();
       }, 1000),
     };
   }
@@ -302,7 +326,7 @@ function patientNotWaiting() {
   $("waiting-notice").hidden = true;
   if (titleFlash) {
     clearInterval(titleFlash.timer);
-    document.title = titleFlash.original;
+    document.title = pageTitle();
     titleFlash = null;
   }
 }
@@ -322,7 +346,6 @@ function showProblems() {
 // A refused upgrade shows the page only a closed socket (1006), so ask first.
 async function therapistSocketUrl(id, scheme) {
   const response = await fetch(`/api/consults/${encodeURIComponent(id)}`, { credentials: "same-origin" });
-  idle.touched();
   if (response.status === 401) throw new LinkProblem("not_logged_in", "");
   if (response.status === 404) throw new LinkProblem("not_found", "");
   if (!response.ok) throw new Error(`consult: ${response.status}`);
@@ -567,6 +590,7 @@ async function start() {
   if (!session) return;
   account = session.account;
   idle.timeoutS = session.session.idle_timeout_s;
+  idle.keepAlive(); // the server's idle clock from now: the countdown's start
   offerReference($("new-form"), session.practice);
   if (account.role !== "therapist") {
     say($("loading").querySelector("p"), "app.notTherapist");

@@ -2,7 +2,7 @@
 // upcoming first, then earlier ones), the new consult's appointment and the
 // patient's e-mail address, the practice's appointment reference (where it
 // allows one), and what became of an e-mailed invitation.
-import { t } from "./i18n.js";
+import { say, t } from "./i18n.js";
 
 // When a consult happens, as far as the list is concerned: its appointment,
 // else when it was made.
@@ -70,9 +70,17 @@ export function askForEmail() {
 export function showMailOutcome(element, data) {
   const outcome = data.invite_email;
   element.hidden = !outcome;
-  if (!outcome) return;
+  if (!outcome) {
+    say(element, "");
+    return;
+  }
   element.className = outcome.sent ? "note" : "error";
-  element.textContent = outcome.sent
-    ? t("app.invite.mailSent")
-    : t("app.invite.mailFailed", { reason: outcome.error.message });
+  if (outcome.sent) {
+    say(element, "app.invite.mailSent");
+    return;
+  }
+  // Known reasons in the page's language (again in another when it changes);
+  // the server's words for one this page does not know.
+  const { code, message } = outcome.error;
+  say(element, `app.invite.mailFailed.${code}`, {}, t("app.invite.mailFailed", { reason: message }));
 }

@@ -2,29 +2,40 @@
 // Activity in any of the therapist's tabs keeps them all awake, an open
 // consult counts as activity, and the server's idle clock is touched while
 // the therapist is at work.
+//
+// The countdown runs to the server's own end of the session: its idle clock
+// restarts only when it marks the session seen, which the keep-alive
+// (POST /api/session/touch) always does and any other request at most once a
+// minute. So the page counts from the last keep-alive that was answered (in
+// any tab), or from the last activity if that is earlier.
 import { say } from "./i18n.js";
 import { toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const IDLE_WARNING_S = 90;
-// The server's idle clock restarts with every request; touching it this often
-// keeps it at most this far behind the page's own.
+// While the therapist is at work, the keep-alive goes at most this often.
 const TOUCH_EVERY_MS = 30_000;
-// Shared by the therapist's tabs: activity in one keeps the others awake.
+// Any answered request means the server marked the session at most this
+// long before (server/auth/sessions.py, TOUCH_EVERY_S).
+const SERVER_MARKS_EVERY_MS = 60_000;
+// Shared by the therapist's tabs: activity in one keeps the others awake,
+// and a keep-alive from one restarts the server's clock for all.
 const ACTIVITY_KEY = "videoconsult.activity";
+const MARKED_KEY = "videoconsult.marked";
 
 export class IdleWatch {
-  // inCall(): whether a consult socket is open; touch(): a request to the server.
+  // inCall(): whether a consult socket is open; touch(): the keep-alive, a
+  // promise that fails when it was not answered.
   constructor({ inCall, touch }) {
     Object.assign(this, { inCall, touch });
     this.timeoutS = 900;
     this.lastActivity = Date.now();
-    this.lastTouch = Date.now();
-  }
-
-  // Any request restarts the server's clock.
-  touched() {
-    this.lastTouch = Date.now();
+    // When the keep-alive was last asked for, and when the server last marked
+    // the session as far as this page knows (the page's own load was
+    // answered, so at most a minute before now; the page asks once its
+    // session is open).
+    this.lastTouch = 0;
+    this.lastMark = Date.now() - SERVER_MARKS_EVERY_MS;
   }
 
   // Watch the therapist's input, and check once a second.
@@ -46,8 +57,23 @@ export class IdleWatch {
     localStorage.setItem(ACTIVITY_KEY, String(this.lastActivity));
     $("idle-warning").hidden = true;
     if (Date.now() - this.lastTouch > TOUCH_EVERY_MS) {
-      // Keep the server's idle timer in step with a therapist who is at work.
-      this.touch();
+      // Keep the server's idle clock in step with a therapist who is at work.
+      this.keepAlive();
+    }
+  }
+
+  async keepAlive() {
+    const asked = Date.now();
+    this.lastTouch = asked;
+    try {
+      await this.touch();
+    } catch {
+      return; // not answered: the server's clock is where it was
+    }
+    // The server marked the session when the request arrived, after ``asked``.
+    if (asked > this.lastMark) {
+      this.lastMark = asked;
+      localStorage.setItem(MARKED_KEY, String(asked));
     }
   }
 
@@ -63,7 +89,12 @@ export class IdleWatch {
       this.lastActivity = shared;
       $("idle-warning").hidden = true;
     }
-    const idleS = (Date.now() - this.lastActivity) / 1000;
+    const marked = Number(localStorage.getItem(MARKED_KEY)) || 0;
+    if (marked > this.lastMark) this.lastMark = marked;
+    // The server's session ends a timeout after its last mark; the page's
+    // idle time a timeout after the last activity: whichever comes first.
+    const since = Math.min(this.lastActivity, this.lastMark);
+    const idleS = (Date.now() - since) / 1000;
     if (idleS >= this.timeoutS) {
       this.lastActivity = Date.now();
       toLogin("idle");

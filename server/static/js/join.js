@@ -1,11 +1,11 @@
 // The patient's page at /join/<token>: link check, explanation, device
 // check, consent, waiting room, call, and the end. No inline script (CSP).
 import { ConsultCall, LinkProblem } from "./call.js";
-import { say, setupLanguage, t, translatePage } from "./i18n.js";
+import { locale, say, setupLanguage, t, translatePage } from "./i18n.js";
 import { getMedia, showDevices, showLevel, stopStream, webrtcSupported } from "./media.js";
 import { ReceiptOffer } from "./receipt_offer.js";
 import { RecordingView } from "./recording.js";
-import { bindCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
+import { bindCallControls, resetCallControls, showDeviceProblems, showPeerMedia, showQuality } from "./ui.js";
 
 const token = decodeURIComponent(location.pathname.split("/").pop() || "");
 const inviteApi = `/api/invites/${encodeURIComponent(token)}`;
@@ -15,7 +15,17 @@ let joinedKey = "videoconsult.joined";
 const $ = (id) => document.getElementById(id);
 
 let invite = null;
+// What the tab keeps under its key after a consult ended (a reload says so).
+const ENDED = "ended";
+// How long a ticket request may take before it is tried again.
+const TICKET_TIMEOUT_MS = 15_000;
+// The consult ended, or the patient left: a camera still starting is stopped.
+let mediaReleased = false;
 let media = { stream: null, camera: null, microphone: null };
+// The camera and microphone being started: one start at a time, each after
+// the one before (which it stops), and the consult joined only once the last
+// has started (a phone's camera takes a moment).
+let mediaStarted = Promise.resolve();
 let stopMeter = () => {};
 let call = null;
 let lastLinkProblem = null;
@@ -53,7 +63,8 @@ function linkProblem(code) {
   if (code === "invite_unknown" && (joinedHere || sessionStorage.getItem(joinedKey))) {
     code = "invite_consult_over";
     joinedHere = true;
-    sessionStorage.removeItem(joinedKey);
+    // Kept, as an end: the page says the same after another reload.
+    sessionStorage.setItem(joinedKey, ENDED);
   }
   if (code === "invite_consult_over") receipt.show($("link-problem"));
   lastLinkProblem = code;
@@ -89,9 +100,9 @@ async function checkLink() {
   $("guardian-row").hidden = !invite.guardian_consent;
   $("guardian-box").required = Boolean(invite.guardian_consent);
   const saved = sessionStorage.getItem(joinedKey);
-  if (saved) {
+  if (saved && saved !== ENDED) {
     // A reload in the middle of the consult: straight back in.
-    await acquireMedia();
+    acquireMedia();
     join(JSON.parse(saved));
     return;
   }
@@ -102,7 +113,9 @@ async function checkLink() {
 let opensShown = null;
 
 function showOpening() {
-  const lang = document.documentElement.lang;
+  // The browser's own locale where it speaks the page's language (en-GB: a
+  // 24-hour clock), as every other time on the pages.
+  const lang = locale();
   $("too-early-text").textContent = t("join.early.text", {
     date: opensShown.toLocaleDateString(lang, { weekday: "long", day: "numeric", month: "long" }),
     time: opensShown.toLocaleTimeString(lang, { hour: "2-digit", minute: "2-digit" }),
@@ -124,10 +137,25 @@ function tooEarly(opensAt) {
 
 // --- devices ---------------------------------------------------------------
 
-async function acquireMedia(choice = {}) {
+function acquireMedia(choice = {}) {
+  // A start that failed (it says why on the page) holds back no later one.
+  mediaStarted = mediaStarted.catch(() => {}).then(() => startMedia(choice));
+  return mediaStarted;
+}
+
+async function startMedia(choice) {
   stopMeter();
   stopStream(media.stream);
-  media = await getMedia(choice);
+  media = { stream: null, camera: null, microphone: null };
+  const started = await getMedia(choice);
+  if (mediaReleased) {
+    // The consult ended while the camera started: nothing stays open.
+    stopStream(started.stream);
+    return;
+  }
+  media = started;
+  // A new stream sends everything: the buttons say so again.
+  resetCallControls($("mute"), $("camera"));
   $("preview").srcObject = media.stream;
   $("preview-off").hidden = Boolean(media.stream && media.stream.getVideoTracks().length);
   stopMeter = showLevel(media.stream, $("mic-level"));
@@ -150,11 +178,14 @@ async function deviceCheck() {
 // --- joining -----------------------------------------------------------------
 
 async function ticketUrl(consent) {
+  // A request that hangs (a phone's bad signal) is given up and tried again,
+  // the waiting room saying so, rather than waited for without end.
   const response = await fetch(`${inviteApi}/ticket`, {
     method: "POST",
     credentials: "same-origin",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(consent),
+    signal: AbortSignal.timeout(TICKET_TIMEOUT_MS),
   });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -168,12 +199,16 @@ async function ticketUrl(consent) {
   return `${scheme}//${location.host}/ws?ticket=${encodeURIComponent(data.ticket)}`;
 }
 
-function join(consent) {
-  stopMeter();
+async function join(consent) {
   joinedHere = true;
+  mediaReleased = false;
   sessionStorage.setItem(joinedKey, JSON.stringify(consent));
-  $("local-video").srcObject = media.stream;
   show("waiting");
+  // With the camera and microphone the patient saw in the check, once started.
+  await mediaStarted.catch(() => {});
+  if (mediaReleased) return; // ended or left meanwhile
+  stopMeter();
+  $("local-video").srcObject = media.stream;
   call = new ConsultCall({
     role: "patient",
     socketUrl: () => ticketUrl(consent),
@@ -288,8 +323,13 @@ function onCallEvent(type, detail) {
 }
 
 function finish(section) {
-  sessionStorage.removeItem(joinedKey);
+  // After an end the tab remembers it joined (a reload says the consult has
+  // ended); after leaving, a denial or a replacement it starts afresh.
+  if (section === "ended") sessionStorage.setItem(joinedKey, ENDED);
+  else sessionStorage.removeItem(joinedKey);
   recording.reset();
+  mediaReleased = true;
+  stopMeter();
   stopStream(media.stream);
   media = { stream: null, camera: null, microphone: null };
   for (const video of document.querySelectorAll("video")) video.srcObject = null;
@@ -307,7 +347,10 @@ function wire() {
     getCall: () => call,
     guardianDefault: () => Boolean(invite && invite.guardian_consent),
   });
-  $("intro-next").addEventListener("click", deviceCheck);
+  $("intro-next").addEventListener("click", () => {
+    mediaReleased = false;
+    deviceCheck();
+  });
   $("devices-retry").addEventListener("click", () =>
     acquireMedia({ cameraId: $("camera-select").value || null, microphoneId: $("mic-select").value || null }),
   );
@@ -335,6 +378,11 @@ function wire() {
   $("leave").addEventListener("click", leave);
   for (const id of ["rejoin", "denied-retry"]) {
     $(id).addEventListener("click", () => {
+      // A new way in: the patient agrees anew (a box still ticked from the
+      // last time would be unticked by the tap the page asks for).
+      $("consent-box").checked = false;
+      $("guardian-box").checked = false;
+      say($("consent-error"), "");
       show("checking");
       checkLink();
     });

@@ -6,6 +6,12 @@ function setToggle(button, pressed, onKey, offKey) {
   say(button, pressed ? offKey : onKey);
 }
 
+// A new stream sends camera and microphone: the buttons back to "on".
+export function resetCallControls(muteButton, cameraButton) {
+  setToggle(muteButton, false, "call.mute", "call.unmute");
+  setToggle(cameraButton, false, "call.cameraOff", "call.cameraOn");
+}
+
 // onChange: after each toggle (the page tells the other side).
 export function bindCallControls({ getStream, muteButton, cameraButton, onChange = () => {} }) {
   muteButton.addEventListener("click", () => {

@@ -1,0 +1,281 @@
+"""A therapist's practice day in real Chromium (desktop, 1280x800), from a
+review: each test shows a defect the therapist meets, and fails on the code
+as it was when the review was made.
+
+The server's clock is the harness's manual clock; the page's is Playwright's,
+paused, and the tests move both by the same steps (never by sleeping).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from tests.support.browser import (
+    EXPECTED_HTTP_ERRORS,
+    assert_no_browser_errors,
+    create_consult,
+    open_consult,
+    therapist_logs_in,
+)
+from tests.support.databases import copy_sqlite_template
+from tests.support.harness import Harness, Sockets
+from tests.support.ports import unused_port
+from tests.support.settings import SettingsFactory
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def sqlite_settings(make_settings: SettingsFactory, sqlite_template: Path, data_dir: Path) -> Any:
+    """The browser harness's settings, with e-mail invitations set up: to a
+    mail server on this machine that is not running (nothing listens on the
+    port), so every invitation fails with "unreachable" at once."""
+    copy_sqlite_template(sqlite_template, data_dir)
+    return make_settings(
+        smtp_host="127.0.0.1",
+        smtp_port=unused_port(),
+        smtp_security="none",
+        smtp_from_address="Praktijk Noord <video@praktijk-noord.example>",
+        smtp_timeout_s=5,
+    )
+
+
+async def pause_page_clock_at_server_time(page: Page, harness: Harness, later_s: int) -> None:
+    """Both clocks ``later_s`` on (the page's was installed at the server's
+    time, and ran since), the page's standing still: both move only when told."""
+    harness.clock.advance(later_s)
+    await page.clock.pause_at(harness.clock.now())
+
+
+async def both_clocks_run_for(page: Page, harness: Harness, seconds: int) -> None:
+    harness.clock.advance(seconds)
+    await page.clock.run_for(seconds * 1000)
+
+
+# --- the idle timeout -------------------------------------------------------------
+
+
+async def test_stay_logged_in_while_the_countdown_still_runs_keeps_the_therapist_logged_in(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """The page counts any API request as a touch of the server's idle clock
+    (idle.js ``touched()``), but the server marks a session seen at most once
+    a minute (server/auth/sessions.py ``TOUCH_EVERY_S``): a therapist who
+    made a consult a little after logging in, and clicked in the page 29
+    seconds later, gets the 90-second warning; with the countdown still
+    saying 50-odd seconds, "Stay logged in" lands on the login page."""
+    harness = live_harness
+    _anna, context, page = await therapist_logs_in(harness, chromium)
+    await page.clock.install(time=harness.clock.now())
+    await page.reload()
+    await expect(page.locator("#dashboard")).to_be_visible()
+    await pause_page_clock_at_server_time(page, harness, 3)
+
+    # 25 seconds in, a consult for later today (the click is too soon after
+    # the page's own requests to touch the server; the POST marks nothing:
+    # the session was marked at login, less than a minute ago).
+    await both_clocks_run_for(page, harness, 25)
+    await page.fill("#display-name", "Mevr. de Vries")
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and urlsplit(r.url).path == "/api/consults"
+    ):
+        await page.click("#new-button")
+    await expect(page.locator("#invite-box")).to_be_visible()
+    # 29 seconds later she clicks in the page once more, then turns to her
+    # paperwork.
+    await both_clocks_run_for(page, harness, 29)
+    await page.locator("#list-groups").click()
+
+    # The warning comes 90 seconds before the page's timeout ...
+    await both_clocks_run_for(page, harness, 15 * 60 - 90 + 1)
+    warning = page.locator("#idle-warning")
+    await expect(warning).to_be_visible()
+    # ... and 50 seconds into it, with 40 seconds still to go, she clicks.
+    await both_clocks_run_for(page, harness, 50)
+    await expect(page.locator("#idle-text")).to_contain_text("logged out in 3")
+    countdown = await page.locator("#idle-text").inner_text()
+    async with page.expect_response(lambda r: r.url.endswith("/api/session/touch")) as touch:
+        await page.get_by_role("button", name="Stay logged in").click()
+    status = (await touch.value).status
+    assert status == 204, (
+        f"'Stay logged in', clicked with the countdown at {countdown!r}, was answered "
+        f"{status}: the "
+        "server's session had timed out already, and the page goes to the login page"
+    )
+    await expect(warning).to_be_hidden()
+    assert urlsplit(page.url).path == "/app"
+    # The page's clock runs again (settling the page waits for a timer).
+    await page.clock.resume()
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+# --- the invitation by e-mail -----------------------------------------------------
+
+
+async def mail_an_invitation(page: Page, address: str = "jan.jansen@example.nl") -> None:
+    """Create a consult whose link is mailed to ``address``; wait for the outcome."""
+    await page.fill("#display-name", "J. Jansen")
+    await page.fill("#patient-email", address)
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and urlsplit(r.url).path == "/api/consults"
+    ) as made:
+        await page.click("#new-button")
+    assert (await made.value).status == 201
+    await expect(page.locator("#mail-status")).to_be_visible()
+
+
+async def test_in_dutch_a_failed_invitation_mail_says_why_in_dutch(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """The page puts the server's English reason into the Dutch sentence
+    (appointments.js ``showMailOutcome``: ``outcome.error.message``), though
+    the answer names the problem by its code (``email_unreachable``)."""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#dashboard h1")).to_have_text("Nieuw consult")
+    await mail_an_invitation(page)
+    status = page.locator("#mail-status")
+    await expect(status).to_contain_text("De uitnodiging is niet verstuurd")
+    text = await status.inner_text()
+    assert "mail server" not in text, (
+        f"the Dutch page tells why the invitation was not sent in English: {text!r}"
+    )
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_the_invitation_mail_outcome_follows_a_change_of_language(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """docs/browser-app.md, Languages: "A change of language renders
+    everything on screen again, messages already shown included". The mail's
+    outcome is set as finished text (appointments.js ``showMailOutcome``,
+    ``element.textContent = t(...)``, not ``say()``) and stays English."""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    await mail_an_invitation(page)
+    status = page.locator("#mail-status")
+    await expect(status).to_contain_text("The invitation was not sent")
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#dashboard h1")).to_have_text("Nieuw consult")
+    await expect(page.locator("#copy-invite")).to_have_text("Link kopiëren")
+    text = await status.inner_text()
+    assert "De uitnodiging is niet verstuurd" in text, (
+        f"after switching to Dutch the mail's outcome still reads {text!r}"
+    )
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_an_address_the_server_refuses_is_named_in_the_forms_error(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """An address the browser's e-mail field takes (no dot in the domain) is
+    refused by the server (server/api/invite_mailing.py ``_ADDRESS``) with
+    ``invalid_field``; the page's only words for that code
+    (i18n_app.js ``apiError.invalid_field``) send the therapist to the name
+    and the appointment reference, never to the address she mistyped."""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    await page.fill("#display-name", "J. Jansen")
+    await page.fill("#patient-email", "jan.jansen@praktijknoord")
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and urlsplit(r.url).path == "/api/consults"
+    ) as made:
+        await page.click("#new-button")
+    answer = await made.value
+    assert answer.status == 422
+    error = page.locator("#new-error")
+    await expect(error).not_to_be_empty()
+    text = await error.inner_text()
+    assert "e-mail" in text.lower(), (
+        f"the server refused the patient's e-mail address; the form says: {text!r}"
+    )
+    await assert_no_browser_errors(context, allow=[*EXPECTED_HTTP_ERRORS, r"status of 422"])
+
+
+# --- the waiting room -------------------------------------------------------------
+
+
+async def patient_waits_in_the_opened_consult(
+    harness: Harness, page: Page, sockets: Sockets, name: str = "J. Jansen"
+) -> None:
+    """The therapist opens a new consult; the patient (a plain socket with
+    consent, like the patient's page) enters its waiting room."""
+    consult_id, url = await create_consult(page, name=name)
+    await open_consult(page, consult_id)
+    token = urlsplit(url).path.rsplit("/", 1)[-1]
+    await sockets.patient(token)
+    await expect(page.locator("#waiting-notice")).to_be_visible()
+
+
+async def test_the_waiting_patient_notice_follows_a_change_of_language(
+    chromium: Browser, live_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    """docs/browser-app.md, Languages: a change of language renders every
+    message already shown again. The notice that the patient waits is set as
+    finished text (app.js ``patientWaiting``: ``textContent = t(...)``), so
+    it stays English beside Dutch "Toelaten" and "Weigeren"."""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    await patient_waits_in_the_opened_consult(live_harness, page, sqlite_sockets)
+    await expect(page.locator("#waiting-text")).to_have_text("J. Jansen is in the waiting room.")
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#admit")).to_have_text("Toelaten")
+    text = await page.locator("#waiting-text").inner_text()
+    assert text == "J. Jansen zit in de wachtkamer.", (
+        f"after switching to Dutch the waiting-room notice still reads {text!r}"
+    )
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+async def test_after_admitting_the_tab_title_is_in_the_pages_language(
+    chromium: Browser, live_harness: Harness, sqlite_sockets: Sockets
+) -> None:
+    """While a patient waits, the tab title blinks; it keeps the title it
+    had when the blinking began (app.js ``patientWaiting``: ``original``)
+    and puts that back at admission, so a therapist who switched to Dutch
+    meanwhile is left with the English title for the rest of the day."""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    await patient_waits_in_the_opened_consult(live_harness, page, sqlite_sockets)
+    await page.select_option("#language", "nl")
+    await expect(page.locator("#admit")).to_have_text("Toelaten")
+    await page.get_by_role("button", name="Toelaten").click()
+    await expect(page.locator("#waiting-notice")).to_be_hidden()
+    title = await page.title()
+    dutch = "Consulten \u2013 videoconsult"
+    assert title == dutch, f"the Dutch page's tab is titled {title!r}"
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+# --- keyboard only ----------------------------------------------------------------
+
+
+async def test_revoking_a_link_with_the_keyboard_keeps_the_keyboards_place(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """A keyboard user revokes a link from the list: the page draws the whole
+    list anew (app.js ``revoke`` -> ``linkNow`` -> ``renderList``:
+    ``groups.replaceChildren()``), the focused button goes with it and the
+    focus falls back to the top of the document; the next Tab starts over at
+    the language switch. (pages.js keeps the keyboard's place for the same
+    list's "Older consults".)"""
+    _anna, context, page = await therapist_logs_in(live_harness, chromium)
+    consult_id, _url = await create_consult(page, name="J. Jansen")
+    revoke = page.locator(f'tr[data-consult="{consult_id}"] button', has_text="Revoke link")
+    await revoke.focus()
+    async with page.expect_response(
+        lambda r: r.request.method == "DELETE" and r.url.endswith(f"/{consult_id}/invite")
+    ):
+        await page.keyboard.press("Enter")  # the confirmation is accepted
+    row = page.locator(f'tr[data-consult="{consult_id}"]')
+    await expect(row).to_contain_text("Link revoked")
+    focused = await page.evaluate(
+        "() => { const e = document.activeElement; return e ?"
+        " `${e.tagName.toLowerCase()}#${e.id} ${e.textContent.trim().slice(0, 30)}` : null; }"
+    )
+    inside = await page.evaluate(
+        "() => document.getElementById('list-groups').contains(document.activeElement)"
+    )
+    assert inside, f"after revoking a link with the keyboard the focus is on {focused!r}"
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
