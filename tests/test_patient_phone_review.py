@@ -75,6 +75,21 @@ async def phone_in_a_call(
     return therapist, patient
 
 
+async def phone_at_the_link(
+    harness: Harness, chromium: Browser, init_script: str
+) -> tuple[Page, Page]:
+    """A therapist (desktop) with a consult open, and a phone (running
+    ``init_script`` first) at its invite link."""
+    _anna, _therapist_context, therapist = await therapist_logs_in(harness, chromium)
+    consult_id, invite_url = await create_consult(therapist)
+    await open_consult(therapist, consult_id)
+    patient_context = await phone_context(chromium, harness)
+    await patient_context.add_init_script(init_script)
+    patient = await patient_context.new_page()
+    await patient.goto(invite_url)
+    return therapist, patient
+
+
 MEDIA_STATE = "() => window.videoconsult.call.mediaState()"
 
 
@@ -186,14 +201,7 @@ async def test_continue_before_the_camera_has_started_still_joins_with_camera_an
     ``join()`` (line 171) hands ``media.stream`` (still null) to the call
     (``setLocalStream``, line 182); the stream that arrives later replaces
     ``media`` but never reaches the call."""
-    harness = live_harness
-    _anna, _therapist_context, therapist = await therapist_logs_in(harness, chromium)
-    consult_id, invite_url = await create_consult(therapist)
-    await open_consult(therapist, consult_id)
-    patient_context = await phone_context(chromium, harness)
-    await patient_context.add_init_script(SLOW_CAMERA)
-    patient = await patient_context.new_page()
-    await patient.goto(invite_url)
+    therapist, patient = await phone_at_the_link(live_harness, chromium, SLOW_CAMERA)
     await patient.tap("#intro-next")
     await expect(patient.locator("#device-check")).to_be_visible()
     await patient.tap("#devices-next")
@@ -315,14 +323,7 @@ async def test_try_again_while_the_camera_starts_leaves_no_camera_open_after_the
     waits for; two calls at once both assign ``media`` (line 130), and the
     first stream (and its level meter's AudioContext, line 133) is lost
     without being stopped. ``finish()`` (line 293) stops only the last."""
-    harness = live_harness
-    _anna, _therapist_context, therapist = await therapist_logs_in(harness, chromium)
-    consult_id, invite_url = await create_consult(therapist)
-    await open_consult(therapist, consult_id)
-    patient_context = await phone_context(chromium, harness)
-    await patient_context.add_init_script(TRACKED_SLOW_CAMERA)
-    patient = await patient_context.new_page()
-    await patient.goto(invite_url)
+    therapist, patient = await phone_at_the_link(live_harness, chromium, TRACKED_SLOW_CAMERA)
     await patient.tap("#intro-next")
     await expect(patient.locator("#device-check")).to_be_visible()
     await patient.tap("#devices-retry")
