@@ -279,3 +279,31 @@ async def test_revoking_a_link_with_the_keyboard_keeps_the_keyboards_place(
     )
     assert inside, f"after revoking a link with the keyboard the focus is on {focused!r}"
     await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
+
+
+# --- a new link -------------------------------------------------------------------
+
+
+async def test_a_new_link_for_a_consult_not_started_warns_that_a_waiting_patient_goes(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """From the same review's judgment calls: "New link" (and "E-mail new
+    link") on a consult that has not started asked nothing, though a new
+    link sends away a patient waiting with the old one (the server revokes
+    it and closes the waiting room's sockets), and a therapist re-sends a
+    link just when "the patient did not get it": perhaps already waiting.
+    Only a running consult's new link was confirmed (app.js ``reissue``)."""
+    harness = live_harness
+    _anna, context, page = await therapist_logs_in(harness, chromium)
+    consult_id, _url = await create_consult(page, name="J. Jansen")
+    asked: list[str] = []
+    # therapist_logs_in's page accepts every dialog; this one only listens.
+    page.on("dialog", lambda dialog: asked.append(dialog.message))
+    row = page.locator(f'tr[data-consult="{consult_id}"]')
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith(f"/{consult_id}/invite")
+    ):
+        await row.get_by_role("button", name="New link", exact=True).click()
+    assert asked, "a new link for a consult that has not started was made without a word"
+    assert "waiting room" in asked[0], asked[0]
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)

@@ -5,14 +5,14 @@ import {
   askForEmail,
   clearAppointmentFields,
   consultTime,
-  groupByTime,
   labelOf,
   offerReference,
   showMailOutcome,
   startOfDay,
 } from "./appointments.js";
 import { ConsultCall, LinkProblem } from "./call.js";
-import { formatDuration, formatTime, say, setupLanguage, t, translatePage } from "./i18n.js";
+import { renderConsults } from "./consult_list.js";
+import { say, setupLanguage, t, translatePage } from "./i18n.js";
 import { IdleWatch } from "./idle.js";
 import { chime, getMedia, showDevices, stopStream, webrtcSupported } from "./media.js";
 import { RecordingView } from "./recording.js";
@@ -88,95 +88,19 @@ const show = showSection;
 
 // --- the list -----------------------------------------------------------------
 
-function statusLabel(status) {
-  return t(`status.${status}`);
-}
-
 function renderList(consults) {
   lastConsults = consults;
-  const groups = $("list-groups");
-  // The keyboard's place, to find again in the rows drawn anew.
-  const focused = groups.contains(document.activeElement) ? document.activeElement : null;
-  groups.replaceChildren();
-  $("list-empty").hidden = consults.length > 0;
-  if (!consults.length) say($("list-empty"), "app.list.empty");
-  const today = new Date().toDateString();
-  for (const [titleKey, items] of groupByTime(consults)) {
-    if (!items.length) continue;
-    const heading = document.createElement("h3");
-    heading.textContent = t(titleKey);
-    const table = document.createElement("table");
-    table.className = "consults";
-    const head = table.createTHead().insertRow();
-    for (const key of ["app.list.time", "app.list.name", "app.list.status", "app.list.duration", "app.list.actions"]) {
-      const cell = document.createElement("th");
-      cell.scope = "col";
-      cell.textContent = t(key);
-      head.append(cell);
-    }
-    const body = table.createTBody();
-    for (const consult of items) {
-      const row = body.insertRow();
-      row.dataset.consult = consult.id;
-      const when = consultTime(consult);
-      row.insertCell().textContent = formatTime(when.toISOString(), when.toDateString() !== today);
-      row.insertCell().textContent = consult.display_name || "—";
-      const status = row.insertCell();
-      status.textContent = statusLabel(consult.status);
-      status.className = `status status-${consult.status}`;
-      row.insertCell().textContent = consult.duration_s === null ? "" : formatDuration(consult.duration_s);
-      const actions = row.insertCell();
-      actions.className = "row-actions";
-      const open = consult.status === "created" || consult.status === "active";
-      if (open && LINK_NOTES[consult.link]) {
-        const note = document.createElement("span");
-        note.className = `link-${consult.link}`;
-        note.textContent = ` · ${t(LINK_NOTES[consult.link])}`;
-        status.append(note);
-      }
-      if (open) {
-        actions.append(
-          button("app.list.open", () => openCall(consult.id)),
-          button("app.list.newLink", () => reissue(consult), "secondary"),
-          button("app.list.mailLink", () => reissue(consult, askForEmail()), "secondary"),
-        );
-        if (consult.link === "live") {
-          actions.append(button("app.list.revoke", () => revoke(consult.id), "secondary"));
-        }
-        actions.append(button("app.list.end", () => endFromList(consult.id), "danger"));
-      }
-    }
-    groups.append(heading, table);
-  }
-  if (focused) focusAgain(groups, focused);
-}
-
-// After the list was drawn anew: the focus on the same button of the same
-// consult's row, or on that row's first button (a revoked link's button is
-// gone), or on the list itself, never back at the top of the page.
-function focusAgain(groups, focused) {
-  const row = focused.closest("tr[data-consult]");
-  const again = row && groups.querySelector(`tr[data-consult="${CSS.escape(row.dataset.consult)}"]`);
-  const target =
-    (again && (again.querySelector(`button[data-action="${focused.dataset.action}"]`) || again.querySelector("button"))) ||
-    groups;
-  target.focus();
-}
-
-function button(key, action, kind = "") {
-  const element = document.createElement("button");
-  element.type = "button";
-  element.className = `small ${kind}`.trim();
-  element.textContent = t(key);
-  element.dataset.action = key;
-  element.addEventListener("click", action);
-  return element;
+  renderConsults($("list-groups"), $("list-empty"), consults, {
+    open: (consult) => openCall(consult.id),
+    newLink: (consult) => reissue(consult),
+    mailLink: (consult) => reissue(consult, askForEmail()),
+    revoke: (consult) => revoke(consult.id),
+    end: (consult) => endFromList(consult.id),
+  });
 }
 
 let recordings = null;
 let consultPages = null;
-// What a consult's row says when its link does not work (the list's "link").
-const LINK_NOTES = { revoked: "app.list.revoked", expired: "app.list.linkExpired", none: "app.list.noLink" };
 
 // The row as the server would now list it, until the list is loaded again.
 function linkNow(id, link) {
@@ -223,7 +147,10 @@ function showInvite(data, consult) {
 async function reissue(consult, body = undefined) {
   const id = consult.id;
   if (body === null) return; // the address was asked for and not given
-  if (consult.status === "active" && !confirm(t("app.list.newLinkConfirm"))) return;
+  // Either way the old link stops working: a running consult's patient needs
+  // the new one to come back, a waiting patient is sent away.
+  const question = consult.status === "active" ? "app.list.newLinkConfirm" : "app.list.newLinkConfirmWaiting";
+  if (!confirm(t(question))) return;
   try {
     showInvite(await api("POST", `/api/consults/${id}/invite`, body), id);
     linkNow(id, "live");
