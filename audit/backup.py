@@ -37,6 +37,8 @@ LEFT_OUT = (technical_log.name,)
 PG_DUMP_OPTIONS = ("--format=custom", "--no-owner", "--no-privileges")
 # asyncpg's URL query options that libpq (pg_dump) reads from the environment.
 _PG_QUERY_ENV = {"ssl": "PGSSLMODE", "sslmode": "PGSSLMODE", "host": "PGHOST", "port": "PGPORT"}
+# asyncpg also takes ssl=true and ssl=false; libpq knows only the modes.
+_SSL_WORDS = {"true": "require", "false": "disable"}
 
 
 class BackupFailed(Exception):
@@ -70,7 +72,8 @@ def backup(url: URL, out: Path) -> Backup:
     previous = os.umask(0o077)
     try:
         if url.get_backend_name() == "sqlite":
-            _sqlite(Path(url.database or ""), out)
+            # A relative path in database.url counts from where the command runs.
+            _sqlite(Path(url.database or "").absolute(), out)
             kind = "SQLite"
         else:
             _postgres(url, out)
@@ -134,8 +137,9 @@ def _postgres(url: URL, out: Path) -> None:
 
 
 def pg_environment(url: URL) -> dict[str, str]:
-    """libpq's environment for ``url``: the password never on a command line."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    """libpq's environment for ``url``, over the operator's own (a CA file in
+    PGSSLROOTCERT, a PGPASSFILE stay): the password never on a command line."""
+    environ = dict(os.environ)
     given: dict[str, str | None] = {
         "PGHOST": url.host,
         "PGPORT": None if url.port is None else str(url.port),
@@ -149,5 +153,6 @@ def pg_environment(url: URL) -> dict[str, str]:
     for option, values in url.query.items():
         variable = _PG_QUERY_ENV.get(option)
         if variable is not None:
-            environ[variable] = values if isinstance(values, str) else values[-1]
+            value = values if isinstance(values, str) else values[-1]
+            environ[variable] = _SSL_WORDS.get(value.lower(), value) if option == "ssl" else value
     return environ

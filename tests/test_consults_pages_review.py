@@ -103,40 +103,33 @@ async def test_double_click_on_older_consults_while_the_list_reloads_shows_no_ro
 
 
 @pytest.mark.browser
-async def test_keyboard_focus_stays_on_older_consults_after_a_page_is_added(
-    chromium: Browser, live_harness: Harness
+@pytest.mark.parametrize(
+    ("consults", "shown", "more", "focus"),
+    [
+        pytest.param(250, 200, True, "consults-older", id="more-pages-left"),
+        pytest.param(150, 150, False, "list-groups", id="the-last-page"),
+    ],
+)
+async def test_keyboard_focus_after_a_page_is_added(
+    chromium: Browser, live_harness: Harness, consults: int, shown: int, more: bool, focus: str
 ) -> None:
     """A keyboard user presses 'Older consults': while more pages remain the
     button keeps the focus; on the last page the focus goes to the list. The
     button is disabled while the page loads, and Chrome moves the focus off
     a disabled button, so the user is thrown back to the page's start."""
-    board = await _board(live_harness, chromium, 250)
+    board = await _board(live_harness, chromium, consults)
     context, page, rows, older = board.context, board.page, board.rows, board.older
     await older.focus()
     await page.keyboard.press("Enter")
-    await expect(rows).to_have_count(200)
-    await expect(older).to_be_visible()
+    await expect(rows).to_have_count(shown)
+    if more:
+        await expect(older).to_be_visible()
+    else:
+        await expect(older).to_be_hidden()
     focused = await page.evaluate(
         "document.activeElement && (document.activeElement.id || document.activeElement.tagName)"
     )
-    assert focused == "consults-older", f"after a page was added the focus is on {focused!r}"
-    await context.close()
-
-
-@pytest.mark.browser
-async def test_keyboard_focus_goes_to_the_list_when_the_last_page_is_added(
-    chromium: Browser, live_harness: Harness
-) -> None:
-    board = await _board(live_harness, chromium, 150)
-    context, page, rows, older = board.context, board.page, board.rows, board.older
-    await older.focus()
-    await page.keyboard.press("Enter")
-    await expect(rows).to_have_count(150)
-    await expect(older).to_be_hidden()
-    focused = await page.evaluate(
-        "document.activeElement && (document.activeElement.id || document.activeElement.tagName)"
-    )
-    assert focused == "list-groups", f"after the last page was added the focus is on {focused!r}"
+    assert focused == focus, f"after a page was added the focus is on {focused!r}"
     await context.close()
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
+from audit.backup import pg_environment
 from audit.db import SQLITE_FILE_NAME
 from tests.support.cli import assert_one_clear_error, cli_env, run_cli
 from tests.support.databases import create_database, drop_database
@@ -219,3 +221,25 @@ async def test_a_postgresql_backup_without_pg_dump_says_what_to_install(
     assert done.returncode == 1
     assert_one_clear_error(done, "pg_dump is not installed", "postgresql-client")
     assert not out.exists()
+
+
+def test_pg_dump_gets_the_url_in_its_environment_over_the_operators_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The URL's parts go to pg_dump in libpq's variables (the password in
+    PGPASSWORD: its command line takes only the options and the file, see
+    audit/backup.py), over an old PGPASSWORD; the operator's own libpq
+    settings (a CA file) stay; asyncpg's ``ssl=true`` becomes a mode libpq
+    knows."""
+    monkeypatch.setenv("PGSSLROOTCERT", "/etc/ssl/praktijk-ca.pem")
+    monkeypatch.setenv("PGPASSWORD", "an old one")
+    environ = pg_environment(
+        make_url("postgresql+asyncpg://vc:s3cret@db.praktijk.example:6543/videoconsult?ssl=true")
+    )
+    assert environ["PGHOST"] == "db.praktijk.example"
+    assert environ["PGPORT"] == "6543"
+    assert environ["PGUSER"] == "vc"
+    assert environ["PGPASSWORD"] == "s3cret"
+    assert environ["PGDATABASE"] == "videoconsult"
+    assert environ["PGSSLMODE"] == "require"
+    assert environ["PGSSLROOTCERT"] == "/etc/ssl/praktijk-ca.pem"

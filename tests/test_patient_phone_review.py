@@ -90,6 +90,13 @@ async def phone_at_the_link(
     return therapist, patient
 
 
+async def agrees_and_joins(patient: Page) -> None:
+    """From the device check on: on, the consent box ticked, joined."""
+    await patient.tap("#devices-next")
+    await patient.tap("#consent-box")
+    await patient.tap("#join-button")
+
+
 MEDIA_STATE = "() => window.videoconsult.call.mediaState()"
 
 
@@ -121,9 +128,7 @@ async def test_after_leave_and_join_again_the_camera_and_mute_buttons_say_what_i
     await patient.wait_for_function(
         "() => document.getElementById('preview').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
     )
-    await patient.tap("#devices-next")
-    await patient.tap("#consent-box")
-    await patient.tap("#join-button")
+    await agrees_and_joins(patient)
     # The consult is running: straight back into the call.
     await expect(patient.locator("#call")).to_be_visible()
     await wait_for_remote_video(therapist)
@@ -204,9 +209,7 @@ async def test_continue_before_the_camera_has_started_still_joins_with_camera_an
     therapist, patient = await phone_at_the_link(live_harness, chromium, SLOW_CAMERA)
     await patient.tap("#intro-next")
     await expect(patient.locator("#device-check")).to_be_visible()
-    await patient.tap("#devices-next")
-    await patient.tap("#consent-box")
-    await patient.tap("#join-button")
+    await agrees_and_joins(patient)
     await expect(patient.locator("#waiting")).to_be_visible()
     await therapist.click("#admit")
     await expect(patient.locator("#call")).to_be_visible()
@@ -329,9 +332,7 @@ async def test_try_again_while_the_camera_starts_leaves_no_camera_open_after_the
     await patient.tap("#devices-retry")
     await patient.wait_for_function("() => window.reviewTracks.length >= 4")
     await patient.wait_for_function("() => document.getElementById('preview').videoWidth > 0")
-    await patient.tap("#devices-next")
-    await patient.tap("#consent-box")
-    await patient.tap("#join-button")
+    await agrees_and_joins(patient)
     await expect(therapist.locator("#waiting-notice")).to_be_visible()
     await therapist.click("#admit")
     await wait_for_remote_video(patient)
@@ -378,9 +379,7 @@ async def test_a_ticket_request_that_hangs_does_not_leave_the_patient_in_a_silen
     await patient.route("**/ticket", hold)
     await patient.tap("#intro-next")
     await patient.wait_for_function("() => document.getElementById('preview').videoWidth > 0")
-    await patient.tap("#devices-next")
-    await patient.tap("#consent-box")
-    await patient.tap("#join-button")
+    await agrees_and_joins(patient)
     await expect(patient.locator("#waiting")).to_be_visible()
     dead_after_s = 2.5 * harness.app[SETTINGS].signaling.heartbeat_s
     await patient.wait_for_timeout((dead_after_s + 5) * 1000)

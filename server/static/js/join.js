@@ -206,6 +206,11 @@ async function join(consent) {
   show("waiting");
   // With the camera and microphone the patient saw in the check, once started.
   await mediaStarted.catch(() => {});
+  if (!media.stream && !media.camera && !media.microphone) {
+    // Nothing started since an end let the last go (the server asked for
+    // consent again): start them again rather than join without them.
+    await acquireMedia().catch(() => {});
+  }
   if (mediaReleased) return; // ended or left meanwhile
   stopMeter();
   $("local-video").srcObject = media.stream;
