@@ -229,6 +229,47 @@ async def test_continue_before_the_camera_has_started_still_joins_with_camera_an
     )
 
 
+async def test_consent_asked_again_by_the_server_joins_with_camera_and_microphone(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """From the last read of the change, not the review: when the server
+    answers the ticket request with ``consent_required`` (the page's own
+    check passed), the page ends that attempt, which lets the camera and
+    microphone go, and asks for consent again; joining then went on with
+    no camera and no microphone at all."""
+    therapist, patient = await phone_at_the_link(live_harness, chromium, "")
+    refused: list[str] = []
+
+    async def refuse_once(route: Route) -> None:
+        if refused:
+            await route.continue_()
+            return
+        refused.append(route.request.url)
+        await route.fulfill(
+            status=422,
+            content_type="application/json",
+            body='{"error": {"code": "consent_required", "message": "agree first"}}',
+        )
+
+    await patient.route("**/ticket", refuse_once)
+    await patient.tap("#intro-next")
+    await patient.wait_for_function(
+        "() => document.getElementById('preview').videoWidth > 0", timeout=MEDIA_TIMEOUT_MS
+    )
+    await agrees_and_joins(patient)
+    await expect(patient.locator("#consent-error")).not_to_be_empty()
+    assert refused, "the ticket request was not refused"
+    # The box is still ticked: the patient joins again at once.
+    await patient.tap("#join-button")
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    await therapist.click("#admit")
+    await wait_for_remote_video(therapist)
+    sent: dict[str, Any] = await patient.evaluate(MEDIA_STATE)
+    assert sent == {"camera": "on", "microphone": "on"}, (
+        f"after consent was asked again the patient joined with {sent}"
+    )
+
+
 @pytest.mark.parametrize(
     "screen",
     [SIDEWAYS_PHONE, SHORT_PHONE],
