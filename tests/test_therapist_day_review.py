@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, Response, expect
 
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
@@ -45,6 +45,10 @@ def sqlite_settings(make_settings: SettingsFactory, sqlite_template: Path, data_
     )
 
 
+def keep_alive(response: Response) -> bool:
+    return urlsplit(response.url).path == "/api/session/touch"
+
+
 async def pause_page_clock_at_server_time(page: Page, harness: Harness, later_s: int) -> None:
     """Both clocks ``later_s`` on (the page's was installed at the server's
     time, and ran since), the page's standing still: both move only when told."""
@@ -72,7 +76,10 @@ async def test_stay_logged_in_while_the_countdown_still_runs_keeps_the_therapist
     harness = live_harness
     _anna, context, page = await therapist_logs_in(harness, chromium)
     await page.clock.install(time=harness.clock.now())
-    await page.reload()
+    # The page's first keep-alive answered before its clock stands still and
+    # jumps (a jump runs the page's timers, not its network).
+    async with page.expect_response(keep_alive):
+        await page.reload()
     await expect(page.locator("#dashboard")).to_be_visible()
     await pause_page_clock_at_server_time(page, harness, 3)
 
@@ -89,7 +96,8 @@ async def test_stay_logged_in_while_the_countdown_still_runs_keeps_the_therapist
     # 29 seconds later she clicks in the page once more, then turns to her
     # paperwork.
     await both_clocks_run_for(page, harness, 29)
-    await page.locator("#list-groups").click()
+    async with page.expect_response(keep_alive):  # 54 s since the last one
+        await page.locator("#list-groups").click()
 
     # The warning comes 90 seconds before the page's timeout ...
     await both_clocks_run_for(page, harness, 15 * 60 - 90 + 1)
