@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
+from audit import sqlite_writers
 from audit.errors import DatabaseUnavailable
 from config import Settings
 
@@ -41,6 +42,13 @@ def database_url(settings: Settings, data_dir: Path) -> URL:
     return make_url(f"sqlite+aiosqlite:///{data_dir / SQLITE_FILE_NAME}")
 
 
+def _queued_writers(url: URL) -> URL:
+    # aiosqlite with this process's writers queued (audit/sqlite_writers.py).
+    if url.drivername == "sqlite+aiosqlite":
+        return url.set(drivername=f"sqlite+{sqlite_writers.DRIVER}")
+    return url
+
+
 def describe_url(url: URL) -> str:
     """Render ``url`` for a message: no password, no driver noise."""
     return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
@@ -53,7 +61,7 @@ def create_engine(url: URL, *, connect_timeout_s: float) -> AsyncEngine:
     # hide_parameters: a failing statement's error never carries the values
     # (addresses, names) into a log or a message.
     engine = create_async_engine(
-        url,
+        _queued_writers(url),
         connect_args=connect_args,
         hide_parameters=True,
         pool_size=POOL_SIZE,
@@ -100,7 +108,19 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
     def _on_begin(connection: sa.Connection) -> None:
         # A read-only one takes no write lock (readers then go side by side).
         read_only = connection.get_execution_options().get(_READ_ONLY, False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if read_only:
+            connection.exec_driver_sql("BEGIN")
+            return
+        # Writers take their turn in this process first (audit/sqlite_writers.py).
+        writers = getattr(connection.dialect, "writers", None)
+        if writers is not None:
+            writers.enter(connection.connection)
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if writers is not None:
+                writers.leave(connection.connection)
+            raise
 
 
 # How long a shutdown waits for connections still in use (a room change the

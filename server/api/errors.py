@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit import errors as audit_errors
-from audit.db import is_outage
+from audit.db import is_busy, is_outage
 from server.not_found import not_found_page, wants_page
 from server.outage import DB_OUTAGE
 from server.request_log import route_template
@@ -162,6 +162,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
         return _unavailable()
     except (SQLAlchemyError, OSError, TimeoutError) as err:
+        if is_busy(err):
+            # SQLite's write lock held elsewhere (a command's long write) past
+            # database.connect_timeout_s: a moment's load, not a fault.
+            _log.warning("database busy", route=route_template(request))
+            return error_response(
+                503,
+                "database_busy",
+                "The database is busy with other writes. Try again in a moment.",
+                {"Retry-After": str(UNAVAILABLE_RETRY_S)},
+            )
         if not is_outage(err):
             _log.exception("unhandled error", route=route_template(request))
             return error_response(500, "internal_error", "Something went wrong on the server.")

@@ -1,0 +1,155 @@
+"""Writers on the embedded SQLite take turns in arrival order (audit/sqlite_writers.py).
+
+Found by the admission storm on SQLite (issue 19, 2026-12-07): the benchmark's
+setup makes its consults 32 at once, and some of them failed with a 500,
+"database is locked": SQLite's busy timeout is a retry loop in each
+connection's thread, with no queue, so one writer can lose every race for
+the timeout's whole length. A failure under load is also no reason for a
+500 with a traceback in the process log: the database is busy, not broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from audit import create_engine
+from audit.clock import ManualClock
+from audit.db import SQLITE_FILE_NAME, reading
+from server import create_app
+from server.process_log import configure_process_logging
+from tests.support.databases import copy_sqlite_template
+from tests.support.harness import Harness, new_consult
+from tests.support.settings import SettingsFactory
+
+# Each writer holds the write lock this long: an event loop busy with other
+# requests between a transaction's statements, as under a burst.
+HOLD_S = 0.05
+WRITERS = 12
+# What each writer is willing to wait in SQLite's own busy timeout: far less
+# than the WRITERS * HOLD_S the last of them waits for its turn.
+BUSY_TIMEOUT_S = 0.2
+
+
+async def test_a_burst_of_writers_all_commit_each_in_its_turn(tmp_path: Path) -> None:
+    engine = create_engine(
+        make_url(f"sqlite+aiosqlite:///{tmp_path / 'burst.db'}"), connect_timeout_s=BUSY_TIMEOUT_S
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE t (writer INTEGER, step INTEGER)")
+
+        async def writer(n: int) -> None:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (?, 1)", (n,))
+                await asyncio.sleep(HOLD_S)
+                await conn.exec_driver_sql("INSERT INTO t VALUES (?, 2)", (n,))
+
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(writer(n) for n in range(WRITERS)), return_exceptions=True
+        )
+        took = time.monotonic() - started
+        failed = [repr(outcome) for outcome in outcomes if outcome is not None]
+        assert failed == [], f"{len(failed)} of {WRITERS} writers failed: {failed[:2]}"
+        async with engine.connect() as conn:
+            rows = (await conn.exec_driver_sql("SELECT writer, step FROM t ORDER BY rowid")).all()
+        # One transaction after the other: each writer's two rows side by side.
+        assert [tuple(row) for row in rows[0::2]] == [(row[0], 1) for row in rows[0::2]]
+        assert [tuple(row) for row in rows[1::2]] == [(row[0], 2) for row in rows[0::2]]
+        assert sorted(row[0] for row in rows) == sorted(list(range(WRITERS)) * 2)
+        assert took >= WRITERS * HOLD_S
+    finally:
+        await engine.dispose()
+
+
+async def test_a_cancelled_writer_lets_the_next_one_in(tmp_path: Path) -> None:
+    engine = create_engine(
+        make_url(f"sqlite+aiosqlite:///{tmp_path / 'cancel.db'}"), connect_timeout_s=5
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+        inside = asyncio.Event()
+
+        async def stuck() -> None:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+                inside.set()
+                await asyncio.Event().wait()  # a request whose client went away
+
+        task = asyncio.create_task(stuck())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(2):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+        async with engine.connect() as conn:
+            assert (await conn.exec_driver_sql("SELECT n FROM t")).scalars().all() == [2]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
+    make_settings: SettingsFactory,
+    sqlite_template: Path,
+    data_dir: Path,
+    clock: ManualClock,
+    aiohttp_client: Any,
+) -> None:
+    """Another process (a command line's job) holds the write lock past the
+    busy timeout: the request is refused as a busy database, to be tried
+    again, and no traceback goes to the process log."""
+    copy_sqlite_template(sqlite_template, data_dir)
+    settings = make_settings(database_connect_timeout_s=0.3)
+    app = create_app(settings, clock=clock)
+    harness = Harness(app, await aiohttp_client(app), clock)
+    await new_consult(harness)
+    log = io.StringIO()
+    configure_process_logging(level="info", log_format="json", stream=log)
+    other = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        response = await harness.post("/api/consults", {})
+        body = await response.json()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert response.status == 503, body
+    assert body["error"]["code"] == "database_busy"
+    assert response.headers["Retry-After"] == "2"
+    lines = [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
+    assert [line for line in lines if line.get("level") == "error"] == []
+    busy = [line for line in lines if line.get("event") == "database busy"]
+    assert len(busy) == 1, lines
+    assert "exception" not in busy[0]
+    # Once the lock is free, the same request goes through.
+    assert (await harness.post("/api/consults", {})).status == 201
+
+
+async def test_the_queue_is_only_for_writers(tmp_path: Path) -> None:
+    """A reading transaction takes no turn: it goes on beside a writer."""
+    engine = create_engine(
+        make_url(f"sqlite+aiosqlite:///{tmp_path / 'read.db'}"), connect_timeout_s=5
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+            await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        async with engine.begin() as writer:
+            await writer.exec_driver_sql("UPDATE t SET n = 2")
+            async with asyncio.timeout(2), reading(engine) as reader:
+                assert (await reader.execute(sa.text("SELECT n FROM t"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
