@@ -270,19 +270,20 @@ _START_WITHOUT_ENDPOINTS = Prepared(
 async def start_consult(
     single: SingleStatements, consult_id: uuid.UUID, *, now: datetime
 ) -> Consult:
-    """:func:`mark_started` in a transaction of its own: on PostgreSQL, for a
-    consult whose organisation has no webhook endpoint, one statement and no
-    BEGIN or COMMIT (each admission of issue 19's storm)."""
+    """:func:`mark_started` in a transaction of its own: for a consult whose
+    organisation has no webhook endpoint, one statement on the way in's own
+    path (:class:`SingleStatements`: asyncpg on PostgreSQL with no BEGIN or
+    COMMIT, SQLite's thread; each admission of issue 19's storm)."""
     engine = single.engine
-    if engine.dialect.name == "postgresql":
+    on_its_own = single.direct or single.threaded
+    if on_its_own:
         async with single.autocommit() as db:
             started = await _start_without_endpoints(db, consult_id, now)
         if started is not None:
             return started
     async with engine.begin() as conn:
-        # On PostgreSQL the statement above found it started, over, or with endpoints.
-        plain_first = engine.dialect.name != "postgresql"
-        return await _mark_started(conn, consult_id, now=now, plain_first=plain_first)
+        # The statement above found it started, over, or with endpoints.
+        return await _mark_started(conn, consult_id, now=now, plain_first=not on_its_own)
 
 
 async def mark_started(conn: AsyncConnection, consult_id: uuid.UUID, *, now: datetime) -> Consult:

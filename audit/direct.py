@@ -11,9 +11,10 @@ connection at hand takes about 130, its round trip included.
 
 So :class:`SingleStatements` runs them on asyncpg connections of its own, in
 autocommit (as :func:`audit.db.autocommit` does), and on SQLite (no server,
-no round trip, the default) on the engine as before. Each statement is a
-SQLAlchemy Core statement compiled once (:class:`Prepared`), so the SQL is
-the same on both paths. Its errors are raised as SQLAlchemy's
+no round trip, the default) on a plain connection in a thread of their own
+(:mod:`audit.sqlite_direct`: through the engine a statement cost five times
+as much there). Each statement is a SQLAlchemy Core statement compiled once
+(:class:`Prepared`), so the SQL is the same on every path. Its errors are raised as SQLAlchemy's
 (:class:`sqlalchemy.exc.DBAPIError` around asyncpg's), so that every handler
 that tells a database outage from a fault knows them.
 
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit.connection_pool import ASYNCPG_ERRORS, ConnectionPool, as_sqlalchemy_error
 from audit.db import RETURN_WAIT_S, autocommit, reading
+from audit.sqlite_direct import SqliteThread
 
 # Connections of its own that a node holds at most (besides the engine's
 # POOL_SIZE). A statement holds one for a round trip: ten carry thousands a
@@ -149,12 +151,15 @@ class OnConnection:
 
 class SingleStatements:
     """Where a patient's way in runs its statements: asyncpg connections of
-    its own on PostgreSQL, ``engine`` on SQLite. Made by :meth:`open`, closed
-    by :meth:`close`."""
+    its own on PostgreSQL, a thread of its own on a SQLite file, ``engine``
+    otherwise (an in-memory SQLite). Made by :meth:`open`, closed by
+    :meth:`close`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._connections: ConnectionPool | None = None
+        # SQLite's file, when statements go to a thread of their own there.
+        self._sqlite: SqliteThread | None = None
         self._query_loggers: list[Callable[[Any], None]] = []
         self._loop = asyncio.get_running_loop()
         # The calls of each batched statement waiting for this turn's batch.
@@ -169,6 +174,10 @@ class SingleStatements:
         first statement, as with the engine (an unreachable database stops no
         start)."""
         single = cls(engine)
+        writers = getattr(engine.dialect, "writers", None)
+        if engine.dialect.name == "sqlite" and writers is not None and _is_file(engine):
+            single._sqlite = SqliteThread(engine.url, writers, busy_timeout_s=connect_timeout_s)
+            return single
         if engine.dialect.name != "postgresql":
             return single
         _args, options = engine.dialect.create_connect_args(engine.url)
@@ -193,14 +202,19 @@ class SingleStatements:
 
     def add_query_logger(self, logger: Callable[[Any], None]) -> None:
         """Have ``logger`` called with each statement run here from now on
-        (asyncpg's ``LoggedQuery``; tests count an admission's statements)."""
+        (asyncpg's ``LoggedQuery``, or its like on SQLite's thread; tests count
+        an admission's statements)."""
         self._query_loggers.append(logger)
+        if self._sqlite is not None:
+            self._sqlite.add_query_logger(logger)
         for connection in self._connections.all() if self._connections else ():
             connection.add_query_logger(logger)
 
     def remove_query_logger(self, logger: Callable[[Any], None]) -> None:
         """Stop calling ``logger``."""
         self._query_loggers.remove(logger)
+        if self._sqlite is not None:
+            self._sqlite.remove_query_logger(logger)
         for connection in self._connections.all() if self._connections else ():
             connection.remove_query_logger(logger)
 
@@ -209,9 +223,22 @@ class SingleStatements:
         """Whether statements go to asyncpg connections of their own (PostgreSQL)."""
         return self._connections is not None
 
+    @property
+    def threaded(self) -> bool:
+        """Whether statements go to a SQLite connection in a thread of their own."""
+        return self._sqlite is not None
+
+    @property
+    def thread_engine(self) -> sa.Engine | None:
+        """On SQLite, the synchronous engine of that thread's connection."""
+        return None if self._sqlite is None else self._sqlite.engine
+
     async def close(self, *, wait_s: float = RETURN_WAIT_S) -> int:
         """Close the connections, waiting up to ``wait_s`` for those in use;
         returns how many were still in use then."""
+        if self._sqlite is not None:
+            await self._sqlite.close()
+            return 0
         if self._connections is None:
             return 0
         if self._batches:
@@ -230,6 +257,9 @@ class SingleStatements:
 
     @asynccontextmanager
     async def _session(self, *, writes: bool) -> AsyncIterator[Statements]:
+        if self._sqlite is not None:
+            yield _Threaded(self._sqlite, writes=writes)
+            return
         if self._connections is None:
             opened = autocommit(self.engine) if writes else reading(self.engine)
             async with opened as connection:
@@ -388,3 +418,31 @@ class _Direct:
             await self._single.batched(statement, params)
         else:
             await self._single.one(statement, params, rows=False)
+
+
+class _Threaded:
+    """:class:`Statements` on SQLite's thread (see :class:`SqliteThread`):
+    each statement on its own, a write in a transaction of its own."""
+
+    __slots__ = ("_sqlite", "_writes")
+
+    def __init__(self, sqlite: SqliteThread, *, writes: bool) -> None:
+        self._sqlite, self._writes = sqlite, writes
+
+    async def first(
+        self, statement: Prepared, params: Mapping[str, object]
+    ) -> Mapping[str, Any] | None:
+        # A read takes no write lock, in a session that writes too.
+        writes = self._writes and not statement.clause.is_select
+        return await self._sqlite.first(statement.clause, params, writes=writes)
+
+    async def execute(self, statement: Prepared, params: Mapping[str, object]) -> None:
+        await self.first(statement, params)
+
+
+def _is_file(engine: AsyncEngine) -> bool:
+    # An in-memory database is one per connection: only the engine's own.
+    database = engine.url.database
+    return (
+        bool(database) and database != ":memory:" and not str(database).startswith("file::memory")
+    )

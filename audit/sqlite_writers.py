@@ -49,11 +49,17 @@ class WriterQueue:
         dbapi_connection = _unwrapped(connection)
         if self._holder is dbapi_connection:  # its own transaction never ended
             return
-        await_(self._acquire())
-        self._holder = dbapi_connection
+        await_(self.take(dbapi_connection))
+
+    async def take(self, owner: object) -> None:
+        """Wait for the turn, for ``owner`` (a transaction's own token, given
+        to :meth:`leave`); ``database is locked`` after ``wait_s``."""
+        await self._acquire()
+        self._holder = owner
 
     def leave(self, connection: Any) -> None:
-        """Let the next writer in, if ``connection`` holds the turn."""
+        """Let the next writer in, if ``connection`` (or the owner given to
+        :meth:`take`) holds the turn."""
         if self._holder is not _unwrapped(connection):
             return
         self._holder = None

@@ -1,6 +1,7 @@
 """A patient's way in runs its statements on asyncpg connections of its own
-on PostgreSQL (audit/direct.py; issue 19's admission storm), on the engine on
-SQLite: the same answers either way, the engine's errors, a bounded number
+on PostgreSQL (audit/direct.py; issue 19's admission storm), on a SQLite
+connection in a thread of their own on SQLite (audit/sqlite_direct.py): the
+same answers either way, the engine's errors, a bounded number
 of connections, and none left open."""
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ async def test_the_way_in_reads_and_writes_the_same_through_the_engine_and_direc
     single = harness.app[DB_STATEMENTS]
     engine = harness.app[DB_ENGINE]
     assert single.direct is (engine.dialect.name == "postgresql")
+    assert single.threaded is (engine.dialect.name == "sqlite")
     consult_id = uuid.UUID(setup.consult_id)
     now = harness.clock.now()
     async with single.reading() as db:
@@ -301,8 +303,13 @@ async def test_writes_asked_for_in_one_turn_go_in_one_round_trip(harness: Harnes
             await asyncio.gather(*(note_invite_used(db, invite, now=now) for invite in invites_now))
     finally:
         single.remove_query_logger(logger)
-    # One pipelined round trip for the four (asyncpg's executemany).
-    assert [q.split()[0] for q in seen] == ["UPDATE"], seen
+    if single.direct:
+        # One pipelined round trip for the four (asyncpg's executemany).
+        assert [q.split()[0] for q in seen] == ["UPDATE"], seen
+    else:
+        # SQLite's thread: the four in one transaction, one COMMIT for all.
+        assert single.threaded
+        assert [q.split()[0] for q in seen] == ["BEGIN", *["UPDATE"] * 4], seen
     async with harness.app[DB_ENGINE].connect() as conn:
         used = await conn.scalars(
             sa.select(invites.c.first_used_at).where(
