@@ -12,8 +12,9 @@ jobs), which the queue does not see.
 
 The dialect is SQLAlchemy's aiosqlite one with the queue's exits added where
 a transaction ends: after the commit or the rollback, and when a connection
-is closed (a cancelled request's connection is rolled back or closed by the
-pool, so the queue never stays held by a writer that went away).
+is closed or terminated (a cancelled request's connection is rolled back,
+closed or terminated by the pool, so the queue never stays held by a writer
+that went away).
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ class QueuedWritersDialect(SQLiteDialect_aiosqlite):
     def do_close(self, dbapi_connection: Any) -> None:
         try:
             super().do_close(dbapi_connection)  # type: ignore[no-untyped-call]
+        finally:
+            self.writers.leave(dbapi_connection)
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        # A connection cancelled in the middle of a statement is terminated,
+        # neither rolled back nor closed (SQLAlchemy's asyncio pool).
+        try:
+            super().do_terminate(dbapi_connection)
         finally:
             self.writers.leave(dbapi_connection)
 

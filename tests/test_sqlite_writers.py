@@ -101,6 +101,47 @@ async def test_a_cancelled_writer_lets_the_next_one_in(tmp_path: Path) -> None:
         await engine.dispose()
 
 
+async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one_in(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while its statement runs (a request gone, the server shutting
+    down), a transaction's connection is not rolled back but terminated: its
+    turn must end with it, or every later write waits for the turn (seen: a
+    server's shutdown that hung, its last writes waiting)."""
+    engine = create_engine(
+        make_url(f"sqlite+aiosqlite:///{tmp_path / 'terminate.db'}"), connect_timeout_s=5
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+        started = asyncio.Event()
+
+        async def slow_writer() -> None:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+                started.set()
+                # A write that runs for about a second in aiosqlite's thread.
+                await conn.exec_driver_sql(
+                    "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
+                    " SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c"
+                )
+
+        task = asyncio.create_task(slow_writer())
+        await started.wait()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(10):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (-1)")
+        async with engine.connect() as conn:
+            # The cancelled transaction left nothing.
+            assert (await conn.exec_driver_sql("SELECT n FROM t")).scalars().all() == [-1]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
     make_settings: SettingsFactory,
     sqlite_template: Path,
