@@ -422,7 +422,8 @@ class _Direct:
 
 class _Threaded:
     """:class:`Statements` on SQLite's thread (see :class:`SqliteThread`):
-    each statement on its own, a write in a transaction of its own."""
+    each read on its own; the writes of one turn in one transaction, each in
+    a savepoint of its own."""
 
     __slots__ = ("_sqlite", "_writes")
 

@@ -12,15 +12,22 @@ statements.
 So :class:`SqliteThread` runs the way in's statements (:mod:`audit.direct`)
 in one thread of its own, on a synchronous connection to the same file with
 the same settings as the engine's (the same dialect, so the same types in
-and out): one hop per statement. Each statement is its own transaction, as
-on PostgreSQL's direct path; a write takes this process's turn to write
-(:mod:`audit.sqlite_writers`) first, as every write of the engine does, and
-gives it back once its ``COMMIT`` is done.
+and out). The calls made within one turn of the event loop go to the
+thread together: the reads in one hop, each a transaction of its own; the
+writes in one transaction (a group commit), each in a savepoint of its own
+so that one the database refuses fails alone, as on PostgreSQL's direct
+path each statement stands alone. A batch of writes takes this process's
+turn to write (:mod:`audit.sqlite_writers`) first, as every write of the
+engine does, and gives it back once its ``COMMIT`` is done. When SQLite
+rolls back the whole transaction itself (a full disk), every write of the
+batch fails with that error: none of them is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,7 +110,8 @@ class SqliteThread:
                 await self._writers.take(turn)
             except BaseException as err:
                 _fail(self._taken(writes), err)
-                raise
+                _reraise_if_cancelled(err)
+                return
         calls = self._taken(writes)
         if self._query_loggers:
             # As the thread sends them.
@@ -116,7 +124,8 @@ class SqliteThread:
         except BaseException as err:  # the thread closed
             self._end_turn(turn, writes)
             _fail(calls, err)
-            raise
+            _reraise_if_cancelled(err)
+            return
         try:
             # Not cancelled with this task (the loop closing): the COMMIT may
             # be under way, and the turn goes back when the thread is done.
@@ -126,9 +135,11 @@ class SqliteThread:
             _fail(calls, err)
             raise
         except BaseException as err:
+            # Each caller has the error; this task ends quietly.
             self._end_turn(turn, writes)
             _fail(calls, err)
-            raise
+            _reraise_if_cancelled(err)
+            return
         self._end_turn(turn, writes)
         for (_clause, _params, answer), (row, error) in zip(calls, outcomes, strict=True):
             if answer.done():  # its caller gone
@@ -174,10 +185,10 @@ class SqliteThread:
             if writes:
                 connection.exec_driver_sql("COMMIT")
         except BaseException as err:
-            if writes and _in_transaction(connection):
-                connection.exec_driver_sql("ROLLBACK")
             if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
-                self._close()
+                self._close()  # the next batch connects again
+            elif writes and _in_transaction(connection):
+                connection.exec_driver_sql("ROLLBACK")
             raise
         return outcomes
 
@@ -191,7 +202,8 @@ class SqliteThread:
     def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            with contextlib.suppress(sa.exc.SQLAlchemyError, sqlite3.Error):
+                connection.close()
 
 
 _Row = Mapping[str, Any] | None
@@ -208,10 +220,14 @@ def _one(
     try:
         result = connection.execute(clause, dict(params))
         row = result.first() if result.returns_rows else None
-    except sa.exc.DBAPIError as err:
-        if err.connection_invalidated:
+    except sa.exc.StatementError as err:  # the database's refusal, or a value's
+        if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
             raise
-        if writes and _in_transaction(connection):
+        if writes:
+            if not _in_transaction(connection):
+                # SQLite rolled back the whole transaction (a full disk, an I/O
+                # error): the batch's writes before it are gone too.
+                raise
             connection.exec_driver_sql("ROLLBACK TO one_call")
             connection.exec_driver_sql("RELEASE one_call")
         return None, err
@@ -230,8 +246,16 @@ def _fail(calls: list[_Call], err: BaseException) -> None:
 
 
 def _in_transaction(connection: sa.Connection) -> bool:
-    dbapi_connection = connection.connection.dbapi_connection
+    try:
+        dbapi_connection = connection.connection.dbapi_connection
+    except sa.exc.SQLAlchemyError:  # invalidated: nothing of it is open
+        return False
     return bool(getattr(dbapi_connection, "in_transaction", False))
+
+
+def _reraise_if_cancelled(err: BaseException) -> None:
+    if isinstance(err, asyncio.CancelledError):
+        raise err
 
 
 @dataclass(frozen=True, slots=True)

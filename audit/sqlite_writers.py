@@ -23,6 +23,7 @@ import asyncio
 import sqlite3
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.util import await_
@@ -54,7 +55,8 @@ class WriterQueue:
 
     async def take(self, owner: object) -> None:
         """Wait for the turn, for ``owner`` (a transaction's own token, given
-        to :meth:`leave`); ``database is locked`` after ``wait_s``."""
+        to :meth:`leave`); SQLAlchemy's ``OperationalError`` around SQLite's
+        ``database is locked`` after ``wait_s``."""
         await self._acquire()
         self._holder = owner
 
@@ -88,7 +90,13 @@ class WriterQueue:
             async with asyncio.timeout(self._wait_s):
                 await self._lock.acquire()
         except TimeoutError:
-            raise sqlite3.OperationalError("database is locked") from None
+            # As SQLAlchemy would raise SQLite's own: every handler of a busy
+            # database knows it (a 503 database_busy, not a fault).
+            raise sa.exc.OperationalError(
+                "(waiting for this process's turn to write)",
+                None,
+                sqlite3.OperationalError("database is locked"),
+            ) from None
 
 
 def _unwrapped(connection: Any) -> Any:
