@@ -87,6 +87,19 @@ def _drop_closed_connections(engine: AsyncEngine) -> None:
             raise sa.exc.DisconnectionError("the database closed this connection")
 
 
+def set_up_sqlite_connection(dbapi_connection: Any) -> None:
+    """Every SQLite connection of the application's: the driver leaves
+    transactions to the caller, and foreign keys are checked."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # Deleted rows are overwritten with zeros, not left in free pages: a
+    # destroyed key (a consult's label, a recording's data key) is then gone
+    # from the file too, not only from the table.
+    cursor.execute("PRAGMA secure_delete=ON")
+    cursor.close()
+
+
 def _make_sqlite_transactional(engine: AsyncEngine) -> None:
     # The recipe from SQLAlchemy's SQLite dialect notes: pysqlite's own
     # transaction handling skips DDL, so it is switched off and SQLAlchemy
@@ -95,14 +108,7 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
     # locked" at once when another writer is busy, instead of waiting its turn.
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # Deleted rows are overwritten with zeros, not left in free pages:
-        # a destroyed key (a consult's label, a recording's data key) is
-        # then gone from the file too, not only from the table.
-        cursor.execute("PRAGMA secure_delete=ON")
-        cursor.close()
+        set_up_sqlite_connection(dbapi_connection)
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:

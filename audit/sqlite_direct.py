@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from audit.db import set_up_sqlite_connection
 from audit.sqlite_writers import WriterQueue
 
 # How long a closing waits for the batches on their way (as audit/db.py's).
@@ -266,10 +267,5 @@ class LoggedStatement:
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # As the engine's connections (audit/db.py): the driver leaves
-    # transactions alone, foreign keys are checked, deleted rows are zeroed.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA secure_delete=ON")
-    cursor.close()
+    # As the engine's connections.
+    set_up_sqlite_connection(dbapi_connection)
