@@ -102,6 +102,10 @@ export class IdleWatch {
       const left = Math.max(0, Math.round(this.timeoutS - idleS));
       say($("idle-text"), "app.idle.warning", { seconds: left });
       $("idle-warning").hidden = false;
+    } else {
+      // Out of the warning's range again: a keep-alive answered after the
+      // check showed it ("Stay logged in" on a slow line), or another tab's.
+      $("idle-warning").hidden = true;
     }
   }
 }
