@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audit.db import SQLITE_FILE_NAME
 from audit.direct import Prepared
 from audit.invite_use import open_invite_by_hash
 from audit.schema import invites
 from audit.sealing import token_hash
 from server.app_keys import DB_ENGINE, DB_STATEMENTS
+from tests.support.cli import sqlite_write_lock_held
 from tests.support.harness import Harness, new_consult
 
 ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -99,14 +98,9 @@ async def test_a_failed_write_batch_leaves_no_task_exception_unretrieved(
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: seen.append(context))
     try:
-        other = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
+        with sqlite_write_lock_held(data_dir):
             response = await harness.post(f"/api/invites/{setup.invite_token}/ticket", _CONSENT)
             body = await response.json()
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         assert response.status == 503, body
         assert body["error"]["code"] == "database_busy"
         for _ in range(3):

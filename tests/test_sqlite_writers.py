@@ -13,20 +13,23 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit import create_engine
 from audit.clock import ManualClock
-from audit.db import SQLITE_FILE_NAME, reading
+from audit.db import reading
 from server import create_app
 from server.process_log import configure_process_logging
+from tests.support.cli import sqlite_write_lock_held
 from tests.support.databases import copy_sqlite_template
 from tests.support.harness import Harness, new_consult
 from tests.support.settings import SettingsFactory
@@ -40,13 +43,26 @@ WRITERS = 12
 BUSY_TIMEOUT_S = 0.2
 
 
-async def test_a_burst_of_writers_all_commit_each_in_its_turn(tmp_path: Path) -> None:
+@asynccontextmanager
+async def table_t(
+    tmp_path: Path, columns: str, *, busy_timeout_s: float
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on a SQLite file of its own with one table, ``t``."""
     engine = create_engine(
-        make_url(f"sqlite+aiosqlite:///{tmp_path / 'burst.db'}"), connect_timeout_s=BUSY_TIMEOUT_S
+        make_url(f"sqlite+aiosqlite:///{tmp_path / 'writers.db'}"), connect_timeout_s=busy_timeout_s
     )
     try:
         async with engine.begin() as conn:
-            await conn.exec_driver_sql("CREATE TABLE t (writer INTEGER, step INTEGER)")
+            await conn.exec_driver_sql(f"CREATE TABLE t ({columns})")
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def test_a_burst_of_writers_all_commit_each_in_its_turn(tmp_path: Path) -> None:
+    async with table_t(
+        tmp_path, "writer INTEGER, step INTEGER", busy_timeout_s=BUSY_TIMEOUT_S
+    ) as engine:
 
         async def writer(n: int) -> None:
             async with engine.begin() as conn:
@@ -68,17 +84,10 @@ async def test_a_burst_of_writers_all_commit_each_in_its_turn(tmp_path: Path) ->
         assert [tuple(row) for row in rows[1::2]] == [(row[0], 2) for row in rows[0::2]]
         assert sorted(row[0] for row in rows) == sorted(list(range(WRITERS)) * 2)
         assert took >= WRITERS * HOLD_S
-    finally:
-        await engine.dispose()
 
 
 async def test_a_cancelled_writer_lets_the_next_one_in(tmp_path: Path) -> None:
-    engine = create_engine(
-        make_url(f"sqlite+aiosqlite:///{tmp_path / 'cancel.db'}"), connect_timeout_s=5
-    )
-    try:
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+    async with table_t(tmp_path, "n INTEGER", busy_timeout_s=5) as engine:
         inside = asyncio.Event()
 
         async def stuck() -> None:
@@ -97,8 +106,6 @@ async def test_a_cancelled_writer_lets_the_next_one_in(tmp_path: Path) -> None:
                 await conn.exec_driver_sql("INSERT INTO t VALUES (2)")
         async with engine.connect() as conn:
             assert (await conn.exec_driver_sql("SELECT n FROM t")).scalars().all() == [2]
-    finally:
-        await engine.dispose()
 
 
 async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one_in(
@@ -108,12 +115,7 @@ async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one
     down), a transaction's connection is not rolled back but terminated: its
     turn must end with it, or every later write waits for the turn (seen: a
     server's shutdown that hung, its last writes waiting)."""
-    engine = create_engine(
-        make_url(f"sqlite+aiosqlite:///{tmp_path / 'terminate.db'}"), connect_timeout_s=5
-    )
-    try:
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+    async with table_t(tmp_path, "n INTEGER", busy_timeout_s=5) as engine:
         started = asyncio.Event()
 
         async def slow_writer() -> None:
@@ -138,8 +140,6 @@ async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one
         async with engine.connect() as conn:
             # The cancelled transaction left nothing.
             assert (await conn.exec_driver_sql("SELECT n FROM t")).scalars().all() == [-1]
-    finally:
-        await engine.dispose()
 
 
 async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
@@ -159,14 +159,9 @@ async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
     await new_consult(harness)
     log = io.StringIO()
     configure_process_logging(level="info", log_format="json", stream=log)
-    other = sqlite3.connect(data_dir / SQLITE_FILE_NAME, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
+    with sqlite_write_lock_held(data_dir):
         response = await harness.post("/api/consults", {})
         body = await response.json()
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     assert response.status == 503, body
     assert body["error"]["code"] == "database_busy"
     assert response.headers["Retry-After"] == "2"
@@ -181,16 +176,10 @@ async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
 
 async def test_the_queue_is_only_for_writers(tmp_path: Path) -> None:
     """A reading transaction takes no turn: it goes on beside a writer."""
-    engine = create_engine(
-        make_url(f"sqlite+aiosqlite:///{tmp_path / 'read.db'}"), connect_timeout_s=5
-    )
-    try:
+    async with table_t(tmp_path, "n INTEGER", busy_timeout_s=5) as engine:
         async with engine.begin() as conn:
-            await conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
             await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
         async with engine.begin() as writer:
             await writer.exec_driver_sql("UPDATE t SET n = 2")
             async with asyncio.timeout(2), reading(engine) as reader:
                 assert (await reader.execute(sa.text("SELECT n FROM t"))).scalar_one() == 1
-    finally:
-        await engine.dispose()
