@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Browser, Page, Response, Route, expect
+from playwright.async_api import Browser, BrowserContext, Page, Response, Route, expect
 
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
@@ -62,6 +62,22 @@ async def both_clocks_run_for(page: Page, harness: Harness, seconds: int) -> Non
     await page.clock.run_for(seconds * 1000)
 
 
+async def dashboard_on_the_servers_time(
+    harness: Harness, chromium: Browser
+) -> tuple[BrowserContext, Page]:
+    """A therapist at the dashboard, the page's clock standing still at the
+    server's time, 3 seconds after the page's first keep-alive was answered
+    (before its clock stands still and jumps: a jump runs the page's timers,
+    not its network)."""
+    _anna, context, page = await therapist_logs_in(harness, chromium)
+    await page.clock.install(time=harness.clock.now())
+    async with page.expect_response(keep_alive):
+        await page.reload()
+    await expect(page.locator("#dashboard")).to_be_visible()
+    await pause_page_clock_at_server_time(page, harness, 3)
+    return context, page
+
+
 # --- the idle timeout -------------------------------------------------------------
 
 
@@ -75,14 +91,7 @@ async def test_stay_logged_in_while_the_countdown_still_runs_keeps_the_therapist
     seconds later, gets the 90-second warning; with the countdown still
     saying 50-odd seconds, "Stay logged in" lands on the login page."""
     harness = live_harness
-    _anna, context, page = await therapist_logs_in(harness, chromium)
-    await page.clock.install(time=harness.clock.now())
-    # The page's first keep-alive answered before its clock stands still and
-    # jumps (a jump runs the page's timers, not its network).
-    async with page.expect_response(keep_alive):
-        await page.reload()
-    await expect(page.locator("#dashboard")).to_be_visible()
-    await pause_page_clock_at_server_time(page, harness, 3)
+    context, page = await dashboard_on_the_servers_time(harness, chromium)
 
     # 25 seconds in, a consult for later today (the click is too soon after
     # the page's own requests to touch the server; the POST marks nothing:
@@ -132,12 +141,7 @@ async def test_stay_logged_in_on_a_slow_line_does_not_bring_the_warning_back(
     and nothing hid it after the answer came. On a line slower than a second
     the therapist saw the warning come back and stay, its countdown frozen."""
     harness = live_harness
-    _anna, context, page = await therapist_logs_in(harness, chromium)
-    await page.clock.install(time=harness.clock.now())
-    async with page.expect_response(keep_alive):
-        await page.reload()
-    await expect(page.locator("#dashboard")).to_be_visible()
-    await pause_page_clock_at_server_time(page, harness, 3)
+    context, page = await dashboard_on_the_servers_time(harness, chromium)
     await both_clocks_run_for(page, harness, 15 * 60 - 90 + 1)
     warning = page.locator("#idle-warning")
     await expect(warning).to_be_visible()
