@@ -85,8 +85,9 @@ class SqliteThread:
         """The statement's first row (by column name), or None; ``writes``:
         in a write transaction, in this process's turn to write.
 
-        The calls made while the thread is busy go together: the reads in one
-        hop, the writes in one transaction (one ``COMMIT`` for all: a group
+        The calls made within one turn of the event loop go together (for
+        writes, also those that come while the batch waits for its turn): the
+        reads in one hop, the writes in one transaction (one ``COMMIT`` for all: a group
         commit), each write in a savepoint of its own, so that one that fails
         fails alone."""
         loop = asyncio.get_running_loop()

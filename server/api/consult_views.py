@@ -492,10 +492,10 @@ async def invite_ticket(request: web.Request) -> web.Response:
     body = await read_json(request, TicketBody)
     app = request.app
     now = app[CLOCK].now()
-    # One connection for the check and the note of first use: a storm of
-    # patients arriving at once (issue 19) waits for the pool once each. The
-    # note is one statement of its own (on PostgreSQL no BEGIN or COMMIT);
-    # the check before it only reads.
+    # The check and the note of first use on the way in's own path
+    # (audit/direct.py): a storm of patients arriving at once (issue 19). The
+    # note is one statement of its own (on PostgreSQL no BEGIN or COMMIT; on
+    # SQLite in its turn's batch of writes); the check before it only reads.
     async with app[DB_STATEMENTS].autocommit() as db:
         invite = await usable_invite(db, request, now)
         opens_at = _opens_at(app, invite, now)

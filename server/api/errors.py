@@ -164,7 +164,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (SQLAlchemyError, OSError, TimeoutError) as err:
         if is_busy(err):
             # SQLite's write lock held elsewhere (a command's long write) past
-            # database.connect_timeout_s: a moment's load, not a fault.
+            # database.connect_timeout_s, or this process's writers queued past
+            # their turn's limit (audit/sqlite_writers.py): load, not a fault.
             _log.warning("database busy", route=route_template(request))
             return error_response(
                 503,
