@@ -112,10 +112,13 @@ def _make_sqlite_transactional(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        # A read-only one takes no write lock (readers then go side by side).
-        read_only = connection.get_execution_options().get(_READ_ONLY, False)
-        if read_only:
-            connection.exec_driver_sql("BEGIN")
+        # A read-only one sends no BEGIN: each of its statements is a
+        # transaction of its own, holding SQLite's read lock only while it
+        # runs, as PostgreSQL's autocommit reads do. A deferred BEGIN would
+        # hold the lock to the end of the block, and a COMMIT waits for every
+        # reader's lock: a read path waiting between its statements held up
+        # every writer's COMMIT (tests/test_sqlite_writers.py).
+        if connection.get_execution_options().get(_READ_ONLY, False):
             return
         # Writers take their turn in this process first (audit/sqlite_writers.py).
         writers = getattr(connection.dialect, "writers", None)
@@ -195,10 +198,11 @@ async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     trips fewer than ``engine.connect()``; each statement sees its own
     snapshot, as it does in a read-committed transaction (this engine's
     level), so several reads agree no less than they did in one. On SQLite
-    its transaction is a deferred one, which takes no write lock: reads go
-    side by side, and beside a writer until it commits, instead of one at a
-    time; its statements see one snapshot. Writing through it is a mistake
-    (on SQLite it fails when another writer holds the lock).
+    it sends no BEGIN either: each statement is a transaction of its own,
+    which takes no write lock and holds the read lock only while it runs.
+    Reads go side by side, and beside a writer, and a writer's COMMIT (which
+    waits for every reader) never waits for a read path between its
+    statements. Writing through it is a mistake.
     """
     async with engine.connect() as conn:
         if conn.dialect.name == "postgresql":

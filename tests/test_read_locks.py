@@ -1,6 +1,6 @@
 """Reads take no write lock on SQLite (issue 19): a read endpoint's own reads
-go through ``audit.db.reading()`` (a deferred transaction on SQLite), so they
-neither wait behind a writer nor hold one up.
+go through ``audit.db.reading()`` (no BEGIN on SQLite: each statement a
+transaction of its own), so they neither wait behind a writer nor hold one up.
 
 The engine begins every other transaction with BEGIN IMMEDIATE, which takes
 SQLite's one write lock at once. Two writes remain in a logged-in read: the
@@ -226,10 +226,14 @@ async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_recor
     # Per connection, its transactions in order (SQLite's BEGINs are statements).
     seen: dict[int, list[Transaction]] = {}
 
-    # SQLite's thread of the way in (audit/sqlite_direct.py) sends its own
-    # COMMIT, and reads without any BEGIN: each such read is a transaction of
-    # its own, which takes no write lock.
+    # Reads without any BEGIN (``reading()``, and SQLite's thread of the way
+    # in, audit/sqlite_direct.py): each such read is a transaction of its
+    # own, which takes no write lock. The engine's COMMIT and ROLLBACK are
+    # the driver's calls, not statements: their events end a transaction.
     ended: set[int] = set()
+
+    def on_end(conn: Any) -> None:
+        ended.add(id(conn))
 
     def on_execute(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         sql = " ".join(statement.split())
@@ -240,19 +244,24 @@ async def test_a_read_takes_the_write_lock_only_for_its_session_and_access_recor
             ended.add(id(conn))
         elif seen.get(id(conn)) and id(conn) not in ended:
             seen[id(conn)][-1].statements.append(sql)
-        elif conn.engine is thread_engine:
+        else:
             seen.setdefault(id(conn), []).append(Transaction("(none)", _task_name(), [sql]))
+            ended.add(id(conn))
 
     thread_engine = harness.app[DB_STATEMENTS].thread_engine
     engines = [engine.sync_engine, *([thread_engine] if thread_engine is not None else [])]
     for listened in engines:
         event.listen(listened, "before_cursor_execute", on_execute)
+    event.listen(engine.sync_engine, "commit", on_end)
+    event.listen(engine.sync_engine, "rollback", on_end)
     try:
         response = await harness.client.get(world.path(template), headers=harness.headers)
         body = await response.read()
     finally:
         for listened in engines:
             event.remove(listened, "before_cursor_execute", on_execute)
+        event.remove(engine.sync_engine, "commit", on_end)
+        event.remove(engine.sync_engine, "rollback", on_end)
     assert response.status == status, body[:300]
     # The request's and the access-log writer's; not the periodic jobs', which
     # run when they are due (the webhooks job claims its deliveries under

@@ -183,3 +183,21 @@ async def test_the_queue_is_only_for_writers(tmp_path: Path) -> None:
             await writer.exec_driver_sql("UPDATE t SET n = 2")
             async with asyncio.timeout(2), reading(engine) as reader:
                 assert (await reader.execute(sa.text("SELECT n FROM t"))).scalar_one() == 1
+
+
+async def test_a_reader_between_its_statements_holds_up_no_commit(tmp_path: Path) -> None:
+    """A read path that waits between its statements (an ``await`` for
+    something else, its event loop busy) keeps no lock meanwhile, as on
+    PostgreSQL: a writer's COMMIT, which on SQLite waits for every reader's
+    lock, goes through at once. CI saw a COMMIT fail with "database is
+    locked" after a reader held its lock for over 10 s (2026-12-07); while
+    ``reading()`` was a deferred transaction, any such wait held it."""
+    async with table_t(tmp_path, "n INTEGER", busy_timeout_s=0.3) as engine:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        async with reading(engine) as reader:
+            assert (await reader.execute(sa.text("SELECT n FROM t"))).scalar_one() == 1
+            async with asyncio.timeout(2), engine.begin() as writer:
+                await writer.exec_driver_sql("UPDATE t SET n = 2")
+            # Each statement sees what was committed before it, as on PostgreSQL.
+            assert (await reader.execute(sa.text("SELECT n FROM t"))).scalar_one() == 2

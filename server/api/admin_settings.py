@@ -146,8 +146,8 @@ async def retention_preview(request: web.Request) -> web.Response:
     params = query_params(request, frozenset(RETENTION_FIELDS))
     organisation_id = principal.account.organisation_id
     now = request.app[CLOCK].now()
-    # A dry run reads only. Its counts are one snapshot on SQLite; on
-    # PostgreSQL (read committed) each has its own, as in a transaction.
+    # A dry run reads only. Each count sees its own snapshot, on either
+    # database, as statements of a read-committed transaction do.
     async with reading(request.app[DB_ENGINE]) as conn:
         saved = await retention_of(conn, organisation_id, defaults=default_retention(request))
         retention = _proposed(params, saved)

@@ -278,10 +278,10 @@ async def consults_list(request: web.Request) -> web.Response:
     params = query_params(request, frozenset({"before", "limit"}))
     limit = query_number(params, "limit", default=CONSULTS_PAGE, low=1, high=CONSULTS_PAGE)
     before = query_uuid(params, "before", what="a consult's id, the last page's next_before")
-    # Reads only (the record goes through the access-log writer). One
-    # snapshot on SQLite; on PostgreSQL (read committed) each statement
-    # sees its own, in a transaction or not: a link state may be a moment
-    # newer than its consult's row, as it could be before.
+    # Reads only (the record goes through the access-log writer). Each
+    # statement sees its own snapshot, on either database, as in a
+    # read-committed transaction: a link state may be a moment newer than
+    # its consult's row.
     found: list[Consult] | None
     async with reading(request.app[DB_ENGINE]) as conn:
         try:

@@ -160,9 +160,8 @@ async def support_consults(request: web.Request) -> web.Response:
     per_page = query_number(params, "per_page", default=DEFAULT_PER_PAGE, low=1, high=MAX_PER_PAGE)
     organisation_id = principal.account.organisation_id
     pseudonyms = _pseudonyms(request)
-    # The page and its total: one snapshot on SQLite (the deferred
-    # transaction); on PostgreSQL, read committed, each statement sees its
-    # own whether in a transaction or not, as it did before.
+    # The page and its total: each statement sees its own snapshot, on
+    # either database, as in a read-committed transaction.
     async with reading(request.app[DB_ENGINE]) as conn:
         found = await support.list_consults(
             conn,
