@@ -284,6 +284,28 @@ class ClientFaultFilter(logging.Filter):
         return True
 
 
+class SubprotocolFilter(logging.Filter):
+    """Turn aiohttp's warning of a client's WebSocket subprotocols into one
+    line without them.
+
+    The server speaks no subprotocol. aiohttp warns of every socket whose
+    client offers some (``Sec-WebSocket-Protocol``) with the client's address
+    and its offer as sent: text a client chooses, which the masking cannot
+    tell from a name. The socket goes on without one, as RFC 6455 has it;
+    one line at INFO says so, without the client's values.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overlap server-known" not in str(record.msg):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.msg = "a client offered WebSocket subprotocols; none is spoken here, none was chosen"
+        record.args = None
+        return True
+
+
 def configure_process_logging(
     *,
     level: str,
@@ -337,6 +359,10 @@ def configure_process_logging(
     for old_filter in [f for f in server_log.filters if isinstance(f, ClientFaultFilter)]:
         server_log.removeFilter(old_filter)
     server_log.addFilter(ClientFaultFilter())
+    websocket_log = logging.getLogger("aiohttp.websocket")
+    for old_filter in [f for f in websocket_log.filters if isinstance(f, SubprotocolFilter)]:
+        websocket_log.removeFilter(old_filter)
+    websocket_log.addFilter(SubprotocolFilter())
     # These log every SQL statement with its parameters at debug level:
     # addresses, hashes, names. Never, whatever the level.
     for chatty in ("aiosqlite", "sqlalchemy.engine", "sqlalchemy.pool", "asyncpg"):

@@ -20,7 +20,7 @@ from audit.schema import accounts, technical_log
 from audit.technical_log import DropReason
 from server.app_keys import DB_ENGINE, TECHNICAL_LOG
 from server.process_log import configure_process_logging
-from tests.support.harness import Harness
+from tests.support.harness import Harness, Sockets, new_consult, receive
 
 
 def _process_log() -> io.StringIO:
@@ -137,3 +137,33 @@ async def test_failed_logins_do_not_grow_the_technical_log_past_its_most_rows(
     assert rows <= 1000, (
         f"the technical log holds {rows} entries; logging.technical_log_max_rows is 1000"
     )
+
+
+async def test_a_sockets_offered_subprotocols_stay_out_of_the_process_log(
+    harness: Harness,
+) -> None:
+    """A client may offer WebSocket subprotocols (``Sec-WebSocket-Protocol``),
+    whatever text it likes. The server speaks none, and aiohttp warned of
+    every offer with the client's address and the offer as sent
+    (aiohttp/web_ws.py, "don't overlap"): text only the masking's patterns
+    stood between and the process log, where a name passes them."""
+    stream = _process_log()
+    setup = await new_consult(harness)
+    sockets = Sockets(harness)
+    try:
+        ticket = await sockets.ticket(setup.invite_token)
+        session = await sockets.session()
+        offered = "jan.de.vries"
+        socket = await session.ws_connect(
+            f"/ws?ticket={ticket}", headers=harness.headers, protocols=(offered,)
+        )
+        # The socket works as without the offer; no subprotocol is chosen.
+        assert (await receive(socket, "welcome"))["type"] == "welcome"
+        assert socket.protocol is None
+        await socket.close()
+    finally:
+        await sockets.close()
+    logged = stream.getvalue()
+    assert offered not in logged
+    # Still said, without the client's values.
+    assert "subprotocol" in logged
