@@ -360,8 +360,8 @@ def configure_process_logging(
         server_log.removeFilter(old_filter)
     server_log.addFilter(ClientFaultFilter())
     websocket_log = logging.getLogger("aiohttp.websocket")
-    for old_filter in [f for f in websocket_log.filters if isinstance(f, SubprotocolFilter)]:
-        websocket_log.removeFilter(old_filter)
+    for old_subprotocols in [f for f in websocket_log.filters if isinstance(f, SubprotocolFilter)]:
+        websocket_log.removeFilter(old_subprotocols)
     websocket_log.addFilter(SubprotocolFilter())
     # These log every SQL statement with its parameters at debug level:
     # addresses, hashes, names. Never, whatever the level.
