@@ -14,12 +14,14 @@ The dialect is SQLAlchemy's aiosqlite one with the queue's exits added where
 a transaction ends: after the commit or the rollback, and when a connection
 is closed or terminated (a cancelled request's connection is rolled back,
 closed or terminated by the pool, so the queue never stays held by a writer
-that went away).
+that went away). A terminated connection's statement is stopped and its
+transaction rolled back first, so that SQLite's lock goes with it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from typing import Any
 
@@ -27,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.util import await_
+from sqlalchemy.util.concurrency import in_greenlet
 
 # The URL's driver name for the dialect below (``sqlite+<this>``).
 DRIVER = "aiosqlite_queued"
@@ -137,9 +140,34 @@ class QueuedWritersDialect(SQLiteDialect_aiosqlite):
         # A connection cancelled in the middle of a statement is terminated,
         # neither rolled back nor closed (SQLAlchemy's asyncio pool).
         try:
-            super().do_terminate(dbapi_connection)
+            _stop_and_roll_back(dbapi_connection)
         finally:
-            self.writers.leave(dbapi_connection)
+            try:
+                super().do_terminate(dbapi_connection)
+            finally:
+                self.writers.leave(dbapi_connection)
+
+
+def _stop_and_roll_back(dbapi_connection: Any) -> None:
+    """Stop what the connection's thread runs and roll its transaction back,
+    before the connection is closed.
+
+    Closing leaves a connection whose statement has not finished alive, with
+    its transaction and SQLite's locks, until the garbage collector frees
+    the statement's cursor: a cancelled read inside a write transaction
+    kept every other writer out meanwhile (a cancelled write does not:
+    SQLite rolls back a stopped write's transaction itself).
+    """
+    aio: Any = getattr(_unwrapped(dbapi_connection), "_connection", None)  # aiosqlite's
+    raw = getattr(aio, "_connection", None)  # sqlite3's; None once closed
+    if not isinstance(raw, sqlite3.Connection):
+        return
+    # Thread-safe: the statement running in aiosqlite's thread stops at once.
+    raw.interrupt()
+    if in_greenlet():
+        # Queued behind the stopped statement, in the same thread.
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await_(asyncio.shield(aio.rollback()))
 
 
 registry.register(f"sqlite.{DRIVER}", __name__, QueuedWritersDialect.__name__)

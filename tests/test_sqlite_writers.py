@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -140,6 +141,51 @@ async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one
         async with engine.connect() as conn:
             # The cancelled transaction left nothing.
             assert (await conn.exec_driver_sql("SELECT n FROM t")).scalars().all() == [-1]
+
+
+async def test_a_read_cancelled_inside_a_write_transaction_leaves_no_lock(
+    tmp_path: Path,
+) -> None:
+    """A *read* cancelled while it runs inside a write transaction: its
+    connection is terminated, and the unfinished statement kept the closed
+    connection (and its transaction, SQLite's write lock) alive until the
+    garbage collector freed the cursor. Every later write, of any process,
+    got "database is locked" meanwhile. A write in its place did not (SQLite
+    rolls back a write statement's transaction when it is stopped)."""
+    async with table_t(tmp_path, "n INTEGER", busy_timeout_s=1) as engine:
+        started = asyncio.Event()
+
+        async def slow_reader() -> None:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+                started.set()
+                # A read that runs for seconds in aiosqlite's thread.
+                await conn.exec_driver_sql(
+                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
+                    " SELECT x + 1 FROM c WHERE x < 20000000) SELECT count(*) FROM c"
+                )
+
+        task = asyncio.create_task(slow_reader())
+        await started.wait()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Another process's write, as the webhooks job's or a command's.
+        other = sqlite3.connect(tmp_path / "writers.db", isolation_level=None, timeout=2)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO t VALUES (-2)")
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        async with asyncio.timeout(10):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (-1)")
+        async with engine.connect() as conn:
+            # The cancelled transaction left nothing.
+            rows = (await conn.exec_driver_sql("SELECT n FROM t ORDER BY n")).scalars().all()
+            assert rows == [-2, -1]
 
 
 async def test_a_write_lock_held_elsewhere_answers_503_database_busy(
