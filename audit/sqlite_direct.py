@@ -64,6 +64,7 @@ class SqliteThread:
         self._reads: list[_Call] = []
         self._writes: list[_Call] = []
         self._batches: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def engine(self) -> sa.Engine:
@@ -123,9 +124,10 @@ class SqliteThread:
                 self._log(clause)
         try:
             done = loop.run_in_executor(self._thread, self._run, calls, writes)
-        except BaseException as err:  # the thread closed
+        except BaseException as err:  # the thread closed: the server is going away
             self._end_turn(turn, writes)
-            _fail(calls, err)
+            # Answered as every statement of a server going away: 503 unavailable.
+            _fail(calls, _closed() if isinstance(err, RuntimeError) else err)
             _reraise_if_cancelled(err)
             return
         try:
@@ -164,7 +166,10 @@ class SqliteThread:
         return calls
 
     async def close(self) -> None:
-        """Close the connection (in its thread) and the thread."""
+        """Close the connection (in its thread) and the thread; once."""
+        if self._closing:
+            return
+        self._closing = True
         if self._batches:
             await asyncio.wait(self._batches, timeout=RETURN_WAIT_S)
         loop = asyncio.get_running_loop()
@@ -236,6 +241,17 @@ def _one(
     if writes:
         connection.exec_driver_sql("RELEASE one_call")
     return (None if row is None else cast(Mapping[str, Any], row._mapping)), None
+
+
+def _closed() -> sa.exc.OperationalError:
+    """What a statement sent after the thread closed fails with: the
+    connection gone, as a database going away (``audit.db.is_outage``)."""
+    return sa.exc.OperationalError(
+        "(the way in's SQLite thread)",
+        None,
+        sqlite3.OperationalError("the database connection is closed: the server is shutting down"),
+        connection_invalidated=True,
+    )
 
 
 def _fail(calls: list[_Call], err: BaseException) -> None:

@@ -208,3 +208,22 @@ async def test_the_thread_connects_again_after_its_connection_breaks_in_a_write(
         assert (await open_invite_by_hash(db, invite_hash, now=harness.clock.now())).token_hash
     async with single.autocommit() as db:
         await db.execute(_MOVE_INVITE, params)
+
+
+@ON_SQLITE
+async def test_a_ticket_asked_for_once_the_thread_has_closed_answers_503_unavailable(
+    harness: Harness,
+) -> None:
+    """At shutdown the way in's thread closes while requests may still come:
+    a batch scheduled then failed with the executor's RuntimeError ("cannot
+    schedule new futures after shutdown"), a 500 internal_error with an
+    "unhandled error" traceback, where every other statement of a server
+    going away answers 503 unavailable."""
+    setup = await new_consult(harness)
+    thread = harness.app[DB_STATEMENTS]._sqlite
+    assert thread is not None
+    await thread.close()
+    response = await harness.post(f"/api/invites/{setup.invite_token}/ticket", _CONSENT)
+    body = await response.json()
+    assert response.status == 503, body
+    assert body["error"]["code"] == "unavailable"
