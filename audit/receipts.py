@@ -2,7 +2,8 @@
 
 A patient has no account; what they hold is a link. Once the consult has
 started, and while it is not over, the page of their invite link asks for a
-receipt (:func:`issue_receipt`): a random token (256 bits, URL-safe) of
+receipt (:func:`issue_receipt`), with the key only the admitted patient's
+socket is given (:func:`receipt_key`): a random token (256 bits, URL-safe) of
 which only the SHA-256 is kept, in ``receipts``, tied to the consult and to
 nothing else. No name, no address, no invite, no time: the row says only
 that some link opens this consult's receipt. It goes with the consult's record (foreign key
@@ -24,6 +25,7 @@ records about that recording.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from audit.access_log import AccessRecord, stored_record
 from audit.consults import Consult, get_consult
 from audit.errors import Conflict, NotFound
 from audit.schema import access_log, accounts, destroyed_recordings, receipts, recordings
-from audit.sealing import looks_like_token, token_hash
+from audit.sealing import keyed_hash, looks_like_token, token_hash
 
 __all__ = [
     "ACCESS_LIMIT",
@@ -48,6 +50,8 @@ __all__ = [
     "open_receipt",
     "organisation_of",
     "read_receipt",
+    "receipt_key",
+    "receipt_key_matches",
 ]
 
 # Live receipts per consult: a patient reloading the page gets a new one
@@ -86,6 +90,20 @@ class Receipt:
     accesses: list[AccessRecord]
     # More records exist than :data:`ACCESS_LIMIT`; the oldest were left out.
     truncated: bool
+
+
+def receipt_key(master_key: bytes, consult_id: uuid.UUID) -> str:
+    """The key a receipt of the consult is asked for with: the server gives
+    it to the admitted patient's socket only (``admitted``; ``welcome`` when
+    the patient comes back to the running consult), never the therapist's,
+    who holds the invite link too. Derived, not stored: every node makes the
+    same one from the master key."""
+    return keyed_hash(master_key, "receipt-key", str(consult_id))
+
+
+def receipt_key_matches(master_key: bytes, consult_id: uuid.UUID, key: str) -> bool:
+    """Whether ``key`` is the consult's receipt key (compared in constant time)."""
+    return hmac.compare_digest(receipt_key(master_key, consult_id), key)
 
 
 async def issue_receipt(conn: AsyncConnection, consult: Consult) -> str:

@@ -10,6 +10,7 @@ cleanup does across the entries (:func:`~server.background.run_all`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -27,6 +28,7 @@ from audit.db import RETURN_WAIT_S, close_engine, reading
 from audit.direct import SingleStatements
 from audit.errors import SchemaOutOfDate
 from audit.migrate import ensure_current
+from audit.receipts import receipt_key
 from audit.recordings import FileStore, StopReason, mark_interrupted
 from audit.technical_log import TechnicalLog
 from config import Settings
@@ -276,6 +278,7 @@ def _rooms(
         labels=WaitingLabels(app[MASTER_KEY].key, app[ACCESS_LOG], app[CLOCK]),
         recording=recording_services(app),
         node_id=node_id,
+        receipt_key=functools.partial(receipt_key, app[MASTER_KEY].key),
     )
 
 

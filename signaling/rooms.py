@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -106,7 +107,10 @@ class ConsultRooms:
         labels: WaitingLabels,
         recording: RecordingServices | None = None,
         node_id: str = "",
+        receipt_key: Callable[[uuid.UUID], str],
     ) -> None:
+        # What the admitted patient's page asks for its receipt with: theirs only.
+        self._receipt_key = receipt_key
         # A patient's way in: its statements each on their own (audit.direct).
         self._statements = statements
         self._engine = engine = statements.engine
@@ -171,9 +175,7 @@ class ConsultRooms:
         """Join the room; return the first messages for this connection and its subscription,
         through which ``deliver`` receives what is sent to this participant
         (``deliver_now``, where given, receives relays sent by :meth:`relay_route`'s route).
-
-        Raises :class:`RoomClosed` when the consult is already over.
-        """
+        Raises :class:`RoomClosed` when the consult is already over."""
         # Subscribe before anything is announced, so no reply can be missed.
         subscription = await self._broker.subscribe(
             participant.consult_id, participant.role, deliver, deliver_now=deliver_now
@@ -258,7 +260,9 @@ class ConsultRooms:
                         recording=state.recording.value,
                     )
                 ]
-                if role is ParticipantRole.THERAPIST and state.patient_waiting:
+                if role is ParticipantRole.PATIENT and state.phase is RoomPhase.ACTIVE:
+                    to_self[0]["receipt_key"] = self._receipt_key(consult_id)
+                elif role is ParticipantRole.THERAPIST and state.patient_waiting:
                     to_self.append(await self.labels.patient_waiting(label))
         if not to_self:
             raise RoomClosed
@@ -271,11 +275,9 @@ class ConsultRooms:
 
         ``frame`` is the message's text as received; a relayed message is
         passed on as that text plus its sender, without encoding it again.
-
         Raises :class:`ProtocolError` for messages that are valid but not
         acceptable now (wrong consult, wrong role, not admitted), and with
-        ``unavailable`` when Redis or the database cannot be reached.
-        """
+        ``unavailable`` when Redis or the database cannot be reached."""
         try:
             if message.type in RELAYED:
                 # The hot path, and a relay is one step: nothing to cut in half.
@@ -352,11 +354,8 @@ class ConsultRooms:
             await self.leave(participant, grace=True)
 
     async def disconnect(self, participant: Participant) -> None:
-        """The connection went away: start the grace period, or leave the waiting room.
-
-        When the shared state cannot take it (Redis away), the leave is kept
-        and told again by :meth:`reconcile`, with the time it happened.
-        """
+        """The connection went away: start the grace period, or leave the waiting
+        room (with Redis away, kept and told again by :meth:`reconcile`)."""
         self._here.pop(participant.connection_id, None)
         self.reports.forget_connection(participant.connection_id)
         try:
@@ -403,11 +402,9 @@ class ConsultRooms:
         again: bool = False,
     ) -> None:
         """End the consult for both: record the end, tell them, close their sockets.
-
         ``at`` is the end time to record (default now): when both left, the
         moment the last one went, not the end of the grace period. ``again``
-        (the repair): a room already over is told all the same.
-        """
+        (the repair): a room already over is told all the same."""
         ended_at = at or self._clock.now()
         async with self._engine.begin() as conn:
             await mark_ended(conn, consult_id, now=ended_at, end_reason=reason.value)
@@ -461,7 +458,8 @@ class ConsultRooms:
                     consult.started_at + timedelta(seconds=self._settings.max_duration_s),
                     {"consult": str(consult_id)},
                 )
-                tell(ParticipantRole.PATIENT, outbound("admitted"))
+                key = self._receipt_key(consult_id)
+                tell(ParticipantRole.PATIENT, outbound("admitted", receipt_key=key))
         if record_closed:
             # Closed meanwhile (by the housekeeping or another node): no call on a closed record.
             await self.end(consult_id, reason=EndReason.CONSULT_OVER)

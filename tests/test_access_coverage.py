@@ -323,7 +323,7 @@ async def receipt_read(h: Harness) -> Any:
     setup = await _therapist(h)
     async with h.app[DB_ENGINE].begin() as conn:
         await mark_started(conn, uuid.UUID(setup.consult_id), now=h.clock.now())
-    issued = await h.post(f"/api/invites/{setup.invite_token}/receipt")
+    issued = await h.issue_receipt(setup.invite_token, setup.consult_id)
     h.client.session.cookie_jar.clear()  # the patient has no session
     return await h.client.get(f"/api/receipts/{(await issued.json())['receipt_token']}")
 

@@ -198,7 +198,7 @@ class World:
             values["token"] = [invite for _, invite in consults] + [
                 await self._enrolment_link(),
                 await self._enrolment_link(password_chosen=True),
-                *[await self._receipt(consults[1][1]) for _ in range(2)],
+                *[await self._receipt(*consults[1]) for _ in range(2)],
             ]
         if "endpoint_id" in names:
             values["endpoint_id"] = [await self._webhook_endpoint()]
@@ -268,9 +268,9 @@ class World:
             )
         return consult_id, created["invite_token"]
 
-    async def _receipt(self, invite: str) -> str:
+    async def _receipt(self, consult_id: str, invite: str) -> str:
         """A receipt of the invite's (started) consult, as the patient's page asks for one."""
-        response = await self.harness.post(f"/api/invites/{invite}/receipt")
+        response = await self.harness.issue_receipt(invite, consult_id)
         assert response.status == 201, await response.text()
         token: str = (await response.json())["receipt_token"]
         return token

@@ -76,7 +76,7 @@ async def world_of(harness: Harness) -> World:
     setup = await new_consult(harness)
     async with harness.app[DB_ENGINE].begin() as conn:
         await mark_started(conn, uuid.UUID(setup.consult_id), now=harness.clock.now())
-    receipt = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    receipt = await harness.issue_receipt(setup.invite_token, setup.consult_id)
     assert receipt.status == 201, await receipt.text()
     recording_id = await stored_recording(harness, setup.consult_id, b"\x1a\x45\xdf\xa3" * 64)
     support = await harness.professional("sam@praktijk-noord.example", Role.SUPPORT)

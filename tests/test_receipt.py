@@ -43,7 +43,7 @@ async def end(harness: Harness, consult_id: str) -> None:
 
 async def receipt_for(harness: Harness, setup: ConsultSetup) -> str:
     """The receipt the patient's page asks for with its invite link once admitted."""
-    response = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    response = await harness.issue_receipt(setup.invite_token, setup.consult_id)
     assert response.status == 201, await response.text()
     body = await response.json()
     assert body["receipt_url"] == f"{harness.origin}/receipt/{body['receipt_token']}"
@@ -276,15 +276,15 @@ async def test_a_receipt_is_issued_only_once_the_consult_started_and_while_the_i
     harness: Harness,
 ) -> None:
     setup = await new_consult(harness)
-    unknown = await harness.post("/api/invites/" + "B" * 43 + "/receipt")
+    unknown = await harness.issue_receipt("B" * 43, setup.consult_id)
     assert (unknown.status, (await unknown.json())["error"]["code"]) == (404, "invite_unknown")
     # Not while the patient waits: a receipt would tell that they came.
-    early = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    early = await harness.issue_receipt(setup.invite_token, setup.consult_id)
     assert (early.status, (await early.json())["error"]["code"]) == (409, "consult_not_started")
     token = await started_with_receipt(harness, setup)
     harness.clock.advance(5 * 60)
     await end(harness, setup.consult_id)
-    over = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    over = await harness.issue_receipt(setup.invite_token, setup.consult_id)
     assert over.status in (404, 410)
     # The invite is gone with the consult's end; the receipt stays.
     assert (await read(harness, token))["consult"]["status"] == "ended"

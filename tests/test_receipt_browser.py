@@ -188,7 +188,7 @@ async def test_the_receipt_says_when_the_details_went_to_the_practices_record_sy
             now=harness.clock.now(),
         )
         await mark_started(conn, consult_id, now=harness.clock.now())
-    receipt = await harness.post(f"/api/invites/{setup.invite_token}/receipt")
+    receipt = await harness.issue_receipt(setup.invite_token, setup.consult_id)
     assert receipt.status == 201
     async with harness.app[DB_ENGINE].begin() as conn:
         (due,) = await claim_due(conn, now=harness.clock.now(), lease_s=20, limit=5)

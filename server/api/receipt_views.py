@@ -2,7 +2,9 @@
 
 - ``POST /api/invites/{token}/receipt``: once the consult has started and
   while it is not over, the invite link's page asks for a receipt link,
-  which it offers at the end (the invite itself stops working then);
+  which it offers at the end (the invite itself stops working then), with
+  the key its socket was given once admitted
+  (:func:`audit.receipts.receipt_key`; the therapist's never is);
 - ``GET /api/receipts/{token}``: the receipt (see :mod:`audit.receipts`),
   access-logged as the patient's read before it is answered;
 - ``GET /receipt/{token}``: its page; 404 (still the page, which explains)
@@ -15,9 +17,10 @@ against the client's limit (:mod:`server.client_limits`).
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit.access_log import AccessRecord, Actor, ClientType
@@ -34,11 +37,13 @@ from audit.receipts import (
     open_receipt,
     organisation_of,
     read_receipt,
+    receipt_key_matches,
 )
+from server.api.body import RequestBody, read_json
 from server.api.consult_views import INVITE_TOKEN, usable_invite
-from server.api.errors import ConflictError, NotFoundError
+from server.api.errors import ConflictError, Forbidden, NotFoundError, Unprocessable
 from server.api.representations import iso
-from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE
+from server.app_keys import ACCESS_LOG, CLOCK, DB_ENGINE, MASTER_KEY
 from server.not_found import STATIC_DIR, wants_page
 from server.web_security import link_origin
 
@@ -54,15 +59,36 @@ class ReceiptNotFound(NotFoundError):
     code = "receipt_unknown"
 
 
+class ReceiptBody(RequestBody):
+    # What the admitted patient's socket was given (``admitted``, or
+    # ``welcome`` back in the running consult): audit.receipts.receipt_key.
+    receipt_key: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class ReceiptKeyWrong(Forbidden):
+    code = "receipt_key_wrong"
+
+
 @routes.post("/api/invites/" + INVITE_TOKEN + "/receipt")
 async def receipt_issue(request: web.Request) -> web.Response:
     """A receipt link for the invite's consult, shown once: the invite must
-    still work and the consult have started."""
+    still work, the consult have started, and the request carry the key only
+    the admitted patient's socket is given (the therapist holds the invite
+    link too, and a receipt lists who looked at the consult)."""
     app = request.app
     origin = link_origin(request)
     now = app[CLOCK].now()
+    if not request.can_read_body:
+        raise Unprocessable(
+            "receipt_key: required: the key the patient's socket is given once admitted"
+        )
+    body = await read_json(request, ReceiptBody)
     async with app[DB_ENGINE].begin() as conn:
         invite = await usable_invite(OnConnection(conn), request, now)
+        if not receipt_key_matches(app[MASTER_KEY].key, invite.consult_id, body.receipt_key):
+            raise ReceiptKeyWrong(
+                "receipt_key is not this consult's: a receipt is for the admitted patient's page"
+            )
         try:
             token = await issue_receipt(conn, await get_consult(conn, invite.consult_id))
         except ConsultNotStarted as err:

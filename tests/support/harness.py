@@ -20,6 +20,7 @@ from audit.access_log import Actor
 from audit.accounts import Organisation, Role, create_organisation, find_account_by_email
 from audit.clock import ManualClock
 from audit.keyring import WrappingKey
+from audit.receipts import receipt_key
 from audit.recordings import StopReason, finish_recording, start_recording
 from audit.schema import consults
 from server.app_keys import DB_ENGINE, FILE_STORE, MASTER_KEY
@@ -57,6 +58,12 @@ class Harness:
         if body is None:
             return await self.client.post(path, headers=headers, **kwargs)
         return await self.client.post(path, json=body, headers=headers, **kwargs)
+
+    async def issue_receipt(self, invite_token: str, consult_id: str | uuid.UUID) -> Any:
+        """Ask for a receipt as the admitted patient's page does: with the key
+        its socket was given (audit.receipts.receipt_key)."""
+        key = receipt_key(self.app[MASTER_KEY].key, uuid.UUID(str(consult_id)))
+        return await self.post(f"/api/invites/{invite_token}/receipt", {"receipt_key": key})
 
     async def patch(self, path: str, body: Any) -> Any:
         return await self.client.patch(path, json=body, headers=self.headers)

@@ -250,7 +250,7 @@ function onCallEvent(type, detail) {
       therapistPresent(detail.peer_present);
       if (detail.state === "active") {
         show("call");
-        receipt.ask(inviteApi);
+        receipt.ask(inviteApi, detail.receipt_key);
       } else {
         show("waiting");
       }
@@ -260,7 +260,7 @@ function onCallEvent(type, detail) {
       break;
     case "admitted":
       show("call");
-      receipt.ask(inviteApi);
+      receipt.ask(inviteApi, detail.receipt_key);
       break;
     case "reconnecting":
       if (!$("call").hidden) banner("call.selfReconnecting");

@@ -1,7 +1,9 @@
 // The receipt link on the patient's end page. Asked for once the patient is
-// admitted (the server gives none before the consultation starts), while the
-// invite link still works (it stops at the end); kept in this page's memory
-// only, and offered once the consultation is over.
+// admitted (the server gives none before the consultation starts), with the
+// key the patient's socket was given then (the therapist, who holds the
+// invite link too, gets none), while the invite link still works (it stops
+// at the end); kept in this page's memory only, and offered once the
+// consultation is over.
 import "./i18n_receipt.js";
 
 export class ReceiptOffer {
@@ -13,10 +15,15 @@ export class ReceiptOffer {
 
   // Ask the server for a receipt of the invite's consultation; a failure
   // only means there is none to offer.
-  async ask(inviteApi) {
-    if (this.url) return; // one per page: a reconnect needs no new one
+  async ask(inviteApi, key) {
+    if (this.url || !key) return; // one per page: a reconnect needs no new one
     try {
-      const response = await fetch(`${inviteApi}/receipt`, { method: "POST", credentials: "same-origin" });
+      const response = await fetch(`${inviteApi}/receipt`, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ receipt_key: key }),
+      });
       if (response.ok) this.url = (await response.json()).receipt_url;
     } catch {
       // No connection now: the page goes on without a receipt.
