@@ -104,7 +104,7 @@ async def test_after_leave_and_join_again_the_camera_and_mute_buttons_say_what_i
     chromium: Browser, live_harness: Harness
 ) -> None:
     """A patient switches the camera off and mutes, taps Leave (a big red
-    button right under them, with no confirmation), then "Join again". The
+    button right under them) and confirms, then "Join again". The
     new call starts with camera and microphone on, and the therapist sees and
     hears the patient; but the buttons still say "Camera on" and "Unmute"
     (aria-pressed="true"), so the patient believes they are hidden and muted.
@@ -120,6 +120,7 @@ async def test_after_leave_and_join_again_the_camera_and_mute_buttons_say_what_i
     await expect(therapist.locator("#peer-media")).to_contain_text("muted")
 
     await patient.tap("#leave")
+    await patient.tap("#leave-confirm-leave")
     await expect(patient.locator("#left")).to_be_visible()
     await patient.tap("#rejoin")
     # The way in again (not patient_joins: the consult is running, so the
@@ -149,6 +150,34 @@ async def test_after_leave_and_join_again_the_camera_and_mute_buttons_say_what_i
         f"after Join again the mute button says {mute_says[0]!r} "
         f"(aria-pressed={mute_says[1]}) while the page sends microphone {sent['microphone']!r}"
     )
+
+
+async def test_a_tap_on_leave_in_the_call_asks_first_and_stay_keeps_the_call(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """Leave is a big red button under the patient's thumb, and one tap ended
+    the call at once (a bye: the therapist was told the patient left). Now it
+    asks first; Stay keeps the call as it was, and Leave leaves."""
+    therapist, patient = await phone_in_a_call(live_harness, chromium)
+    dialog = patient.locator("#leave-confirm")
+    await patient.tap("#leave")
+    await expect(dialog).to_be_visible()
+    await expect(patient.locator("#leave-confirm-stay")).to_be_focused()
+    await expect(patient.get_by_role("dialog", name="Leave the consultation?")).to_be_visible()
+    await patient.tap("#leave-confirm-stay")
+    await expect(dialog).to_be_hidden()
+    await expect(patient.locator("#call")).to_be_visible()
+    # The call went on meanwhile: no bye (the therapist's page would say the
+    # patient left, its video place waiting), the media still flowing.
+    await patient.wait_for_timeout(500)
+    await expect(therapist.locator("#remote-waiting")).to_be_hidden()
+    await wait_for_remote_video(therapist)
+    await wait_for_remote_video(patient)
+
+    await patient.tap("#leave")
+    await patient.tap("#leave-confirm-leave")
+    await expect(patient.locator("#left")).to_be_visible()
+    await expect(dialog).to_be_hidden()
 
 
 async def test_the_end_page_reloaded_says_the_consult_ended_not_that_the_link_is_unknown(

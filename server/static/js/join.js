@@ -41,6 +41,8 @@ function peerMediaShown(state) {
 }
 
 function show(id) {
+  // A question about the call goes with it (the consult ended meanwhile).
+  if ($("leave-confirm").open) $("leave-confirm").close();
   for (const section of document.querySelectorAll("main > section")) {
     section.hidden = section.id !== id;
   }
@@ -380,7 +382,18 @@ function wire() {
   });
   const leave = () => call && call.leave();
   $("waiting-leave").addEventListener("click", leave);
-  $("leave").addEventListener("click", leave);
+  // In the call, a tap on Leave asks first (a thumb on a phone finds it by
+  // mistake); Stay, Escape or the call ending meanwhile keeps the patient in.
+  const confirmLeave = $("leave-confirm");
+  $("leave").addEventListener("click", () => {
+    confirmLeave.showModal();
+    $("leave-confirm-stay").focus();
+  });
+  $("leave-confirm-stay").addEventListener("click", () => confirmLeave.close());
+  $("leave-confirm-leave").addEventListener("click", () => {
+    confirmLeave.close();
+    leave();
+  });
   for (const id of ["rejoin", "denied-retry"]) {
     $(id).addEventListener("click", () => {
       // A new way in: the patient agrees anew (a box still ticked from the
