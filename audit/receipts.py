@@ -94,16 +94,18 @@ class Receipt:
 
 def receipt_key(master_key: bytes, consult_id: uuid.UUID) -> str:
     """The key a receipt of the consult is asked for with: the server gives
-    it to the admitted patient's socket only (``admitted``; ``welcome`` when
-    the patient comes back to the running consult), never the therapist's,
-    who holds the invite link too. Derived, not stored: every node makes the
-    same one from the master key."""
+    it once, to the socket it admits (``admitted``), never to the therapist's,
+    who holds the invite link too, nor to a socket that joins the running
+    consult later (anyone with the link could open one). Derived, not
+    stored: every node makes the same one from the master key."""
     return keyed_hash(master_key, "receipt-key", str(consult_id))
 
 
 def receipt_key_matches(master_key: bytes, consult_id: uuid.UUID, key: str) -> bool:
-    """Whether ``key`` is the consult's receipt key (compared in constant time)."""
-    return hmac.compare_digest(receipt_key(master_key, consult_id), key)
+    """Whether ``key`` is the consult's receipt key (compared in constant
+    time, as bytes: any text a client sends is compared, none raises)."""
+    expected = receipt_key(master_key, consult_id).encode()
+    return hmac.compare_digest(expected, key.encode("utf-8", "surrogatepass"))
 
 
 async def issue_receipt(conn: AsyncConnection, consult: Consult) -> str:

@@ -91,6 +91,8 @@ class SqliteThread:
         reads in one hop, the writes in one transaction (one ``COMMIT`` for all: a group
         commit), each write in a savepoint of its own, so that one that fails
         fails alone."""
+        if self._closing:
+            raise _closed()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Mapping[str, Any] | None] = loop.create_future()
         pending = self._writes if writes else self._reads
@@ -180,6 +182,8 @@ class SqliteThread:
     def _run(self, calls: list[_Call], writes: bool) -> list[_Outcome]:
         connection = self._connection
         if connection is None:
+            if self._closing:  # sent before the close, run after it
+                raise _closed()
             connection = self._connection = self._engine.connect().execution_options(
                 isolation_level="AUTOCOMMIT"
             )

@@ -260,9 +260,7 @@ class ConsultRooms:
                         recording=state.recording.value,
                     )
                 ]
-                if role is ParticipantRole.PATIENT and state.phase is RoomPhase.ACTIVE:
-                    to_self[0]["receipt_key"] = self._receipt_key(consult_id)
-                elif role is ParticipantRole.THERAPIST and state.patient_waiting:
+                if role is ParticipantRole.THERAPIST and state.patient_waiting:
                     to_self.append(await self.labels.patient_waiting(label))
         if not to_self:
             raise RoomClosed

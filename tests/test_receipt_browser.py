@@ -146,6 +146,27 @@ async def test_the_patient_opens_the_receipt_from_the_end_page(
     )
 
 
+async def test_a_patient_who_reloads_in_the_call_is_still_offered_the_receipt(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """The key a receipt needs comes once, with ``admitted``: a socket that
+    joins the running consult later gets none (anyone with the invite link
+    could open one, the therapist too). The page keeps it for the tab's
+    life, so the patient's reload in the call still gets the receipt."""
+    harness = live_harness
+    setup, therapist, _context, patient = await patient_in_a_consult(chromium, harness)
+    # A reload in the call goes straight back in (join.js, checkLink).
+    async with patient.expect_response("**/receipt") as asked:
+        await patient.reload()
+    assert (await asked.value).status == 201
+    await expect(patient.locator("#call")).to_be_visible()
+    ended = await harness.post(f"/api/consults/{setup.consult_id}/end")
+    assert ended.status == 200
+    await therapist.close()
+    await expect(patient.locator("#ended")).to_be_visible()
+    await expect(patient.locator("#receipt-offer")).to_be_visible()
+
+
 async def test_a_patient_whose_connection_dropped_until_the_end_is_offered_the_receipt(
     chromium: Browser, live_harness: Harness
 ) -> None:

@@ -6,9 +6,16 @@ looked at it, which only an admin reads otherwise (DESIGN.md, roles). It was
 issued to whoever held the invite link, and the therapist holds it (they
 send it): a therapist could ask for their patient's receipt and read it, and
 the access log then said the patient read it. Now the request needs a key
-the server gives the patient's socket only, once admitted (``admitted``, and
-``welcome`` when the patient comes back to the running consult): never the
-therapist's. Found in a role review; each test here failed before.
+the server gives once, to the socket it admits (``admitted``): never the
+therapist's, nor a socket that joins the running consult later (anyone with
+the link can open one; the patient's page keeps its key for the tab's life).
+Found in a role review, and its gaps in the review of the change; each test
+here failed before.
+
+Left as it is: a therapist who opens a patient socket with the link before
+the patient comes, and admits it, is given the key. That starts the consult
+without the patient (its recorded start says so), and a patient's page that
+is already in the waiting room is replaced, which it shows.
 """
 
 from __future__ import annotations
@@ -52,10 +59,13 @@ async def test_only_the_admitted_patients_socket_gets_the_key_a_receipt_needs(
         assert issued.status == 201, await issued.text()
         assert await _receipts(harness) == 1
 
-        # The patient back (a reload) in the running consult: the key again.
+        # A patient socket anew in the running consult (the patient's page
+        # reloaded, or anyone else with the link): no key; the patient's page
+        # keeps the one it was given for the tab's life.
         again = await sockets.patient(setup.invite_token)
         welcome = await receive(again, "welcome")
-        assert (welcome["state"], welcome["receipt_key"]) == ("active", key)
+        assert welcome["state"] == "active"
+        assert "receipt_key" not in welcome
         # The therapist's socket anew: never a key.
         therapist_again = await sockets.therapist(setup.consult_id)
         assert "receipt_key" not in await receive(therapist_again, "welcome")
@@ -73,5 +83,69 @@ async def test_a_waiting_patient_is_given_no_key(harness: Harness) -> None:
         welcome = await receive(patient_again, "welcome")
         assert welcome["state"] == "waiting"
         assert "receipt_key" not in welcome
+    finally:
+        await sockets.close()
+
+
+# Found by the review of this change (a helper's, in a worktree of its own).
+
+
+async def test_a_receipt_key_that_is_not_ascii_answers_403_not_500(harness: Harness) -> None:
+    """server/api/receipt_views.py:88 hands the body's ``receipt_key`` (any
+    text of 1 to 128 characters, ReceiptBody at :65) to
+    audit/receipts.py:106 ``hmac.compare_digest(str, str)``, which raises
+    TypeError for a str with any non-ASCII character ("comparing strings with
+    non-ASCII characters is not supported"): the request answers 500
+    internal_error with a traceback instead of 403 receipt_key_wrong (or the
+    422 that docs/openapi.yaml promises for a key it does not accept)."""
+    sockets = Sockets(harness)
+    try:
+        setup, therapist, patient = await waiting_pair(harness, sockets)
+        await therapist.send_json({"v": 1, "type": "admit"})
+        await receive(patient, "admitted")
+        response = await harness.post(
+            f"/api/invites/{setup.invite_token}/receipt", {"receipt_key": "sleutel-é"}
+        )
+        assert response.status in (403, 422), (response.status, await response.text())
+        assert await _receipts(harness) == 0
+    finally:
+        await sockets.close()
+
+
+async def test_the_therapist_with_the_invite_link_is_given_the_receipt_key(
+    harness: Harness,
+) -> None:
+    """The change's promise (audit/receipts.py:95, docs/protocol.md) is that
+    the therapist, who holds the invite link, is never given the receipt key.
+    But signaling/rooms.py:263-264 gives it to *any* patient socket in a
+    running consult, and server/api/consult_views.py:488 (invite_ticket)
+    gives a patient ticket to anyone holding the link, here the therapist's
+    own logged-in client (its session cookie is sent along and ignored).
+    While the patient is in their grace period (a dropped connection), the
+    therapist opens a patient socket with the link, reads ``receipt_key``
+    from its ``welcome``, with which the receipt is issued to them."""
+    sockets = Sockets(harness)
+    try:
+        setup, therapist, patient = await waiting_pair(harness, sockets)
+        await therapist.send_json({"v": 1, "type": "admit"})
+        await receive(patient, "admitted")
+        await receive(therapist, "peer-joined")
+        await patient.close()  # the patient's connection drops: grace period
+        # The therapist's own client (logged in: harness.client has the cookie).
+        async with harness.client.post(
+            f"/api/invites/{setup.invite_token}/ticket",
+            json={"consent": True, "guardian_consent": True},
+            headers=harness.headers,
+        ) as response:
+            assert response.status == 200, await response.text()
+            ticket = (await response.json())["ticket"]
+        fake = await harness.client.ws_connect(f"/ws?ticket={ticket}", headers=harness.headers)
+        try:
+            welcome = await receive(fake, "welcome")
+        finally:
+            await fake.close()
+        assert "receipt_key" not in welcome, (
+            f"the therapist's client got the patient's receipt key: {welcome.get('receipt_key')!r}"
+        )
     finally:
         await sockets.close()

@@ -6,7 +6,9 @@ since the fixes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -227,3 +229,31 @@ async def test_a_ticket_asked_for_once_the_thread_has_closed_answers_503_unavail
     body = await response.json()
     assert response.status == 503, body
     assert body["error"]["code"] == "unavailable"
+
+
+@ON_SQLITE
+async def test_a_read_sent_while_the_thread_closes_leaves_no_connection_open(
+    harness: Harness,
+) -> None:
+    """audit/sqlite_direct.py:168-178: ``close()`` sets ``_closing`` but
+    nothing refuses a batch on its strength; one sent while ``_close`` runs
+    in the thread (a request in the shutdown) is queued behind it, and
+    ``_run`` (:180-184) finds no connection and opens a new one, which
+    nobody closes: after ``close()`` has returned, the thread still holds an
+    open SQLite connection, and the statement was answered instead of
+    failing as the outage the change promises for a closed thread."""
+    thread = harness.app[DB_STATEMENTS]._sqlite
+    assert thread is not None
+    # The thread busy a moment (another batch's statement, as in a storm).
+    busy = threading.Event()
+    held = asyncio.get_running_loop().run_in_executor(thread._thread, busy.wait, 5)
+    closing = asyncio.create_task(thread.close())
+    await asyncio.sleep(0)  # close() has sent _close to the thread
+    late = asyncio.create_task(thread.first(sa.select(sa.literal(1)), {}, writes=False))
+    await asyncio.sleep(0.05)  # its batch is sent, behind _close
+    busy.set()
+    await held
+    await closing
+    with contextlib.suppress(Exception):
+        await late  # answered {'anon_1': 1}, though close() had begun
+    assert thread._connection is None, "close() returned with a connection still open"

@@ -60,8 +60,8 @@ class ReceiptNotFound(NotFoundError):
 
 
 class ReceiptBody(RequestBody):
-    # What the admitted patient's socket was given (``admitted``, or
-    # ``welcome`` back in the running consult): audit.receipts.receipt_key.
+    # What the admitted patient's socket was given, once (``admitted``):
+    # audit.receipts.receipt_key.
     receipt_key: Annotated[str, Field(min_length=1, max_length=128)]
 
 

@@ -252,7 +252,8 @@ function onCallEvent(type, detail) {
       therapistPresent(detail.peer_present);
       if (detail.state === "active") {
         show("call");
-        receipt.ask(inviteApi, detail.receipt_key);
+        // Back in the running consult (a reload): the key this tab was given.
+        receipt.ask(inviteApi, receipt.keptKey(inviteApi));
       } else {
         show("waiting");
       }
@@ -262,6 +263,7 @@ function onCallEvent(type, detail) {
       break;
     case "admitted":
       show("call");
+      receipt.keepKey(inviteApi, detail.receipt_key);
       receipt.ask(inviteApi, detail.receipt_key);
       break;
     case "reconnecting":
