@@ -36,6 +36,13 @@ _MOVE_INVITE = Prepared(
 _CONSENT = {"consent": True, "guardian_consent": True}
 
 
+async def _ticket_answer(harness: Harness, invite_token: str) -> tuple[int, str | None]:
+    """A patient's ticket request: its status and its error's code, if any."""
+    response = await harness.post(f"/api/invites/{invite_token}/ticket", _CONSENT)
+    body = await response.json()
+    return response.status, body.get("error", {}).get("code")
+
+
 async def _owners(harness: Harness) -> dict[str, uuid.UUID]:
     async with harness.app[DB_ENGINE].connect() as conn:
         rows = (await conn.execute(sa.select(invites.c.token_hash, invites.c.consult_id))).all()
@@ -58,10 +65,8 @@ async def test_a_write_that_waits_past_the_turns_limit_answers_503_database_busy
     engine.dialect.writers._wait_s = 0.3  # type: ignore[attr-defined]  # TURN_WAIT_S, shortened for the test
     async with engine.begin() as conn:  # another writer of this process, holding the turn
         await conn.exec_driver_sql("SELECT 1")
-        response = await harness.post(f"/api/invites/{setup.invite_token}/ticket", _CONSENT)
-        body = await response.json()
-    assert response.status == 503, body
-    assert body["error"]["code"] == "database_busy"
+        answer = await _ticket_answer(harness, setup.invite_token)
+    assert answer == (503, "database_busy")
 
 
 @ON_SQLITE
@@ -101,10 +106,8 @@ async def test_a_failed_write_batch_leaves_no_task_exception_unretrieved(
     loop.set_exception_handler(lambda _loop, context: seen.append(context))
     try:
         with sqlite_write_lock_held(data_dir):
-            response = await harness.post(f"/api/invites/{setup.invite_token}/ticket", _CONSENT)
-            body = await response.json()
-        assert response.status == 503, body
-        assert body["error"]["code"] == "database_busy"
+            answer = await _ticket_answer(harness, setup.invite_token)
+        assert answer == (503, "database_busy")
         for _ in range(3):
             await asyncio.sleep(0.01)
             gc.collect()
@@ -225,10 +228,7 @@ async def test_a_ticket_asked_for_once_the_thread_has_closed_answers_503_unavail
     thread = harness.app[DB_STATEMENTS]._sqlite
     assert thread is not None
     await thread.close()
-    response = await harness.post(f"/api/invites/{setup.invite_token}/ticket", _CONSENT)
-    body = await response.json()
-    assert response.status == 503, body
-    assert body["error"]["code"] == "unavailable"
+    assert await _ticket_answer(harness, setup.invite_token) == (503, "unavailable")
 
 
 @ON_SQLITE

@@ -60,6 +60,25 @@ async def table_t(
         await engine.dispose()
 
 
+async def cancelled_while_it_runs(engine: AsyncEngine, statement: str) -> None:
+    """A write transaction (one row written) cancelled while ``statement``, a
+    slow one, runs in aiosqlite's thread."""
+    started = asyncio.Event()
+
+    async def transaction() -> None:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            started.set()
+            await conn.exec_driver_sql(statement)
+
+    task = asyncio.create_task(transaction())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_a_burst_of_writers_all_commit_each_in_its_turn(tmp_path: Path) -> None:
     async with table_t(
         tmp_path, "writer INTEGER, step INTEGER", busy_timeout_s=BUSY_TIMEOUT_S
@@ -117,24 +136,12 @@ async def test_a_writer_cancelled_in_the_middle_of_a_statement_lets_the_next_one
     turn must end with it, or every later write waits for the turn (seen: a
     server's shutdown that hung, its last writes waiting)."""
     async with table_t(tmp_path, "n INTEGER", busy_timeout_s=5) as engine:
-        started = asyncio.Event()
-
-        async def slow_writer() -> None:
-            async with engine.begin() as conn:
-                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
-                started.set()
-                # A write that runs for about a second in aiosqlite's thread.
-                await conn.exec_driver_sql(
-                    "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
-                    " SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c"
-                )
-
-        task = asyncio.create_task(slow_writer())
-        await started.wait()
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        # A write that runs for about a second in aiosqlite's thread.
+        await cancelled_while_it_runs(
+            engine,
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
+            " SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c",
+        )
         async with asyncio.timeout(10):
             async with engine.begin() as conn:
                 await conn.exec_driver_sql("INSERT INTO t VALUES (-1)")
@@ -153,24 +160,12 @@ async def test_a_read_cancelled_inside_a_write_transaction_leaves_no_lock(
     got "database is locked" meanwhile. A write in its place did not (SQLite
     rolls back a write statement's transaction when it is stopped)."""
     async with table_t(tmp_path, "n INTEGER", busy_timeout_s=1) as engine:
-        started = asyncio.Event()
-
-        async def slow_reader() -> None:
-            async with engine.begin() as conn:
-                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
-                started.set()
-                # A read that runs for seconds in aiosqlite's thread.
-                await conn.exec_driver_sql(
-                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
-                    " SELECT x + 1 FROM c WHERE x < 20000000) SELECT count(*) FROM c"
-                )
-
-        task = asyncio.create_task(slow_reader())
-        await started.wait()
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        # A read that runs for seconds in aiosqlite's thread.
+        await cancelled_while_it_runs(
+            engine,
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL"
+            " SELECT x + 1 FROM c WHERE x < 20000000) SELECT count(*) FROM c",
+        )
         # Another process's write, as the webhooks job's or a command's.
         other = sqlite3.connect(tmp_path / "writers.db", isolation_level=None, timeout=2)
         try:
