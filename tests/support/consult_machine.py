@@ -68,6 +68,7 @@ from hypothesis.stateful import (
 from audit.accounts import Role
 from audit.clock import ManualClock
 from audit.db import SQLITE_FILE_NAME
+from audit.receipts import receipt_key
 from audit.schema import consults
 from config import load_settings
 from server import create_app
@@ -808,7 +809,10 @@ class ConsultLifeCycle(RuleBasedStateMachine):
         consult.phase = "active"
         if consult.started_at is None:
             consult.started_at = self.clock.now()
-        self.deliver(consult, PATIENT, message("admitted"))
+        # The key the page asks for the patient's receipt with (protocol.md):
+        # made from the server's master key and the consult, as the server does.
+        key = receipt_key(base64.urlsafe_b64decode(self.world.master_key), uuid.UUID(consult.id))
+        self.deliver(consult, PATIENT, message("admitted", receipt_key=key))
         self.done(client, message("peer-joined", role=PATIENT))
 
     def on_deny(self, client: Client, sent: dict[str, Any]) -> None:
