@@ -453,14 +453,15 @@ def sqlite_settings(
     data_dir: Path,
     request: pytest.FixtureRequest,
 ) -> Settings:
-    """Settings on a SQLite database at the current schema (a copy of the template)."""
+    """Settings on a SQLite database at the current schema (a copy of the
+    template), with a ``settings`` marker's, as ``harness_settings``."""
     copy_sqlite_template(sqlite_template, data_dir)
-    if sqlite_backend != "redis":
-        return make_settings()
-    return make_settings(
-        redis_url=request.getfixturevalue("redis_url"),
-        redis_key_prefix=request.getfixturevalue("redis_prefix"),
-    )
+    marker = request.node.get_closest_marker("settings")
+    overrides: dict[str, Any] = {} if marker is None else dict(marker.kwargs)
+    if sqlite_backend == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+        overrides["redis_key_prefix"] = request.getfixturevalue("redis_prefix")
+    return make_settings(**overrides)
 
 
 @pytest.fixture

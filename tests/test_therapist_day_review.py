@@ -9,13 +9,16 @@ paused, and the tests move both by the same steps (never by sleeping).
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Response, Route, expect
 
+from tests.support.axe import assert_accessible
 from tests.support.browser import (
     EXPECTED_HTTP_ERRORS,
     assert_no_browser_errors,
@@ -32,22 +35,34 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
-def sqlite_settings(make_settings: SettingsFactory, sqlite_template: Path, data_dir: Path) -> Any:
+def sqlite_settings(
+    make_settings: SettingsFactory,
+    sqlite_template: Path,
+    data_dir: Path,
+    request: pytest.FixtureRequest,
+) -> Any:
     """The browser harness's settings, with e-mail invitations set up: to a
     mail server on this machine that is not running (nothing listens on the
-    port), so every invitation fails with "unreachable" at once."""
+    port), so every invitation fails with "unreachable" at once; and a
+    ``settings`` marker's."""
     copy_sqlite_template(sqlite_template, data_dir)
+    marker = request.node.get_closest_marker("settings")
     return make_settings(
         smtp_host="127.0.0.1",
         smtp_port=unused_port(),
         smtp_security="none",
         smtp_from_address="Praktijk Noord <video@praktijk-noord.example>",
         smtp_timeout_s=5,
+        **({} if marker is None else marker.kwargs),
     )
 
 
 def keep_alive(response: Response) -> bool:
     return urlsplit(response.url).path == "/api/session/touch"
+
+
+# The browser contexts' time zone (tests/support/browser.py, new_context).
+ZONE = ZoneInfo("Europe/Amsterdam")
 
 
 async def pause_page_clock_at_server_time(page: Page, harness: Harness, later_s: int) -> None:
@@ -178,6 +193,45 @@ async def mail_an_invitation(page: Page, address: str = "jan.jansen@example.nl")
         await page.click("#new-button")
     assert (await made.value).status == 201
     await expect(page.locator("#mail-status")).to_be_visible()
+
+
+@pytest.mark.settings(sessions_absolute_timeout_s=1200)
+async def test_the_end_of_the_login_itself_is_told_ten_minutes_before(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """A session ends ``sessions.absolute_timeout_s`` (12 hours) after its
+    login whatever happens, and a call still open then is cut: the page
+    counted only the idle timeout (``absolute_end_at`` went unread), so a
+    therapist at the end of a long day lost their call without a word. Here
+    the login lasts 20 minutes: ten before its end the page says when."""
+    harness = live_harness
+    context, page = await dashboard_on_the_servers_time(harness, chromium)
+    warning = page.locator("#session-end-warning")
+    await both_clocks_run_for(page, harness, 60)
+    await expect(warning).to_be_hidden()
+    # 11 minutes on (the idle warning not yet due: 13.5 minutes).
+    await both_clocks_run_for(page, harness, 10 * 60)
+    await expect(warning).to_be_visible()
+    await expect(page.locator("#idle-warning")).to_be_hidden()
+    ends = (harness.clock.now() + timedelta(minutes=9)).astimezone(ZONE)
+    text = page.locator("#session-end-text")
+    await expect(text).to_contain_text("Your login runs out at")
+    # The time it says is the server's end of the session, give or take the
+    # seconds the login took (on a 12- or 24-hour clock, as the page's locale has it).
+    shown = (await text.inner_text()).split(" at ")[1][:5]
+    end_minutes = {
+        (ends + timedelta(seconds=delta)).strftime(form)
+        for delta in range(-90, 91, 30)
+        for form in ("%H:%M", "%I:%M")
+    }
+    assert shown in end_minutes, (shown, sorted(end_minutes))
+    # The page's clock runs again (axe's checks wait for timers).
+    await page.clock.resume()
+    await assert_accessible(page, "the end of the login announced")
+    # "Log in again now": the logout, then the login page.
+    await page.get_by_role("button", name="Log in again now").click()
+    await page.wait_for_url("**/login*")
+    await assert_no_browser_errors(context, allow=EXPECTED_HTTP_ERRORS)
 
 
 async def test_in_dutch_a_failed_invitation_mail_says_why_in_dutch(

@@ -195,7 +195,9 @@ async def _session_answer(
     async with reading(request.app[DB_ENGINE]) as conn:
         notices = await pending_notices(conn, account.id)
         practice = await practice_settings_of(conn, account.organisation_id)
-    answer = session_json(account, session, settings=request.app[SETTINGS].sessions)
+    answer = session_json(
+        account, session, settings=request.app[SETTINGS].sessions, now=request.app[CLOCK].now()
+    )
     answer["notices"] = [notice_json(notice) for notice in notices]
     # The new-consult form shows its reference field only where it is accepted.
     answer["practice"] = {"appointment_reference_allowed": practice.appointment_reference_allowed}

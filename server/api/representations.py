@@ -43,16 +43,17 @@ def account_json(account: Account) -> dict[str, Any]:
 
 
 def session_json(
-    account: Account, session: Session, *, settings: SessionSettings
+    account: Account, session: Session, *, settings: SessionSettings, now: datetime
 ) -> dict[str, object]:
     """The logged-in professional and when their session ends."""
+    absolute_end = session.created_at + timedelta(seconds=settings.absolute_timeout_s)
     return {
         "account": account_json(account),
         "session": {
             "ends_at": iso(session_ends_at(session, settings=settings)),
-            "absolute_end_at": iso(
-                session.created_at + timedelta(seconds=settings.absolute_timeout_s)
-            ),
+            "absolute_end_at": iso(absolute_end),
+            # The same, counted from now: a page whose clock is off counts right.
+            "absolute_end_in_s": max(0, int((absolute_end - now).total_seconds())),
             "idle_timeout_s": settings.idle_timeout_s,
         },
     }

@@ -467,6 +467,8 @@ function wire() {
     if (call && !call.finished) call.leave();
   });
   $("idle-stay").addEventListener("click", () => idle.stay());
+  // A new login, between calls, before this one runs out (a call open now ends).
+  $("session-end-login").addEventListener("click", () => $("logout").click());
   $("admit").addEventListener("click", () => {
     call && call.admit();
     patientNotWaiting();
@@ -517,6 +519,7 @@ async function start() {
   if (!session) return;
   account = session.account;
   idle.timeoutS = session.session.idle_timeout_s;
+  idle.loginEndsIn(session.session.absolute_end_in_s);
   idle.keepAlive(); // the server's idle clock from now: the countdown's start
   offerReference($("new-form"), session.practice);
   if (account.role !== "therapist") {

@@ -8,11 +8,16 @@
 // (POST /api/session/touch) always does and any other request at most once a
 // minute. So the page counts from the last keep-alive that was answered (in
 // any tab), or from the last activity if that is earlier.
-import { say } from "./i18n.js";
+//
+// The login itself runs out a fixed time after it (sessions.absolute_timeout_s,
+// 12 hours), whatever happens, and a call still open then is cut: ten minutes
+// before, the page says when.
+import { formatTime, say } from "./i18n.js";
 import { toLogin } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const IDLE_WARNING_S = 90;
+const LOGIN_END_WARNING_S = 600;
 // While the therapist is at work, the keep-alive goes at most this often.
 const TOUCH_EVERY_MS = 30_000;
 // Any answered request means the server marked the session at most this
@@ -36,6 +41,13 @@ export class IdleWatch {
     // session is open).
     this.lastTouch = 0;
     this.lastMark = Date.now() - SERVER_MARKS_EVERY_MS;
+    // When the login runs out, by this page's clock (loginEndsIn).
+    this.loginEnd = null;
+  }
+
+  // The server's answer: the login runs out ``seconds`` from now.
+  loginEndsIn(seconds) {
+    this.loginEnd = Date.now() + seconds * 1000;
   }
 
   // Watch the therapist's input, and check once a second.
@@ -77,7 +89,21 @@ export class IdleWatch {
     }
   }
 
+  checkLoginEnd() {
+    if (this.loginEnd === null) return;
+    const box = $("session-end-warning");
+    const due = this.loginEnd - Date.now() <= LOGIN_END_WARNING_S * 1000;
+    if (due && box.hidden) {
+      say($("session-end-text"), "app.sessionEnd.warning", {
+        time: formatTime(new Date(this.loginEnd).toISOString()),
+      });
+    }
+    box.hidden = !due;
+  }
+
   check() {
+    // In a call too: the call is what the end of the login would cut.
+    this.checkLoginEnd();
     // An open consult socket keeps the session alive on the server, and
     // counts as activity for every tab.
     if (this.inCall()) {
