@@ -167,3 +167,26 @@ async def test_a_sockets_offered_subprotocols_stay_out_of_the_process_log(
     assert offered not in logged
     # Still said, without the client's values.
     assert "subprotocol" in logged
+
+
+async def test_a_locked_login_names_the_account_it_was_for(harness: Harness) -> None:
+    """``login.locked`` is written with the client's address, for the
+    technical log's 24 hours, but it had no subject, where ``login.failed``
+    names the account. An account holder's data export did not hold it, and
+    an erasure, which finds the technical log's entries by the account's id
+    (audit/subject_rights.py), left it behind until its 24 hours ran out."""
+    anna = await harness.professional("anna@praktijk-noord.example", Role.THERAPIST)
+    wrong = {"email": anna.email, "password": "wrong password!!", "code": "123456"}
+    for _ in range(5):
+        assert (await harness.post("/api/login", wrong)).status == 401
+        harness.clock.advance(10)
+    assert (await harness.login(anna)).status == 429
+    engine = harness.app[DB_ENGINE]
+    await harness.app[TECHNICAL_LOG].flush(engine)
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(technical_log.c.subject).where(technical_log.c.kind == "login.locked")
+            )
+        ).all()
+    assert [row.subject for row in rows] == [str(anna.account_id)]

@@ -140,7 +140,16 @@ class Authenticator:
                 return attempt_id
             # Refused unchecked: it must not stretch the lock.
             await forget_login_attempt(conn, attempt_id)
-        self.technical.info("login.locked", client_address=client_address, until=until.isoformat())
+        # Named by the account it was for, where there is one (as login.failed
+        # is): an account holder's export holds it, and an erasure takes it.
+        async with reading(self.engine) as conn:
+            account = await find_account_by_email(conn, email)
+        self.technical.info(
+            "login.locked",
+            subject=None if account is None else str(account.id),
+            client_address=client_address,
+            until=until.isoformat(),
+        )
         raise LoginLocked((until - now).total_seconds())
 
     @staticmethod
