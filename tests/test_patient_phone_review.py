@@ -180,6 +180,24 @@ async def test_a_tap_on_leave_in_the_call_asks_first_and_stay_keeps_the_call(
     await expect(dialog).to_be_hidden()
 
 
+async def test_the_link_opened_in_a_second_tab_says_so_in_the_first(
+    chromium: Browser, live_harness: Harness
+) -> None:
+    """A patient in the waiting room opens the link again in a second tab of
+    the same phone: the newer tab takes over, and the first said "You joined
+    on another device", which sends a patient looking for another device."""
+    therapist, patient = await phone_at_the_link(live_harness, chromium, "")
+    await patient_joins(patient)
+    await expect(therapist.locator("#waiting-notice")).to_be_visible()
+    second = await patient.context.new_page()
+    await second.goto(patient.url)
+    await patient_joins(second)
+    await expect(patient.locator("#replaced")).to_be_visible()
+    await expect(patient.get_by_role("heading", level=1)).to_have_text(
+        "You joined in another window or on another device"
+    )
+
+
 async def test_the_end_page_reloaded_says_the_consult_ended_not_that_the_link_is_unknown(
     chromium: Browser, live_harness: Harness
 ) -> None:

@@ -47,7 +47,7 @@ export const MESSAGES = {
     "join.ended.text": "Thank you. You can close this page now.",
     "join.early.title": "You are early",
     "join.early.text": "The waiting room opens on {date} at {time}. Please come back then with the same link.",
-    "join.replaced.title": "You joined on another device",
+    "join.replaced.title": "You joined in another window or on another device",
     "join.replaced.text": "The consultation continues there. You can close this page.",
 
     "invite.invite_unknown": "This link is not known. Check that you copied all of it.",
@@ -181,7 +181,7 @@ export const MESSAGES = {
     "join.ended.text": "Dank u wel. U kunt deze pagina nu sluiten.",
     "join.early.title": "U bent te vroeg",
     "join.early.text": "De wachtkamer gaat open op {date} om {time}. Kom dan terug met dezelfde link.",
-    "join.replaced.title": "U neemt deel op een ander apparaat",
+    "join.replaced.title": "U neemt deel in een ander venster of op een ander apparaat",
     "join.replaced.text": "Het consult gaat daar verder. U kunt deze pagina sluiten.",
 
     "invite.invite_unknown": "Deze link is onbekend. Controleer of u de hele link hebt gekopieerd.",
