@@ -10,7 +10,7 @@ the server gives once, to the socket it admits (``admitted``): never the
 therapist's, nor a socket that joins the running consult later (anyone with
 the link can open one; the patient's page keeps its key for the tab's life).
 Found in a role review, and its gaps in the review of the change; each test
-here failed before.
+here failed before, but the waiting room's, which guards what was already so.
 
 Left as it is: a therapist who opens a patient socket with the link before
 the patient comes, and admits it, is given the key. That starts the consult
@@ -91,13 +91,12 @@ async def test_a_waiting_patient_is_given_no_key(harness: Harness) -> None:
 
 
 async def test_a_receipt_key_that_is_not_ascii_answers_403_not_500(harness: Harness) -> None:
-    """server/api/receipt_views.py:88 hands the body's ``receipt_key`` (any
-    text of 1 to 128 characters, ReceiptBody at :65) to
-    audit/receipts.py:106 ``hmac.compare_digest(str, str)``, which raises
-    TypeError for a str with any non-ASCII character ("comparing strings with
-    non-ASCII characters is not supported"): the request answers 500
-    internal_error with a traceback instead of 403 receipt_key_wrong (or the
-    422 that docs/openapi.yaml promises for a key it does not accept)."""
+    """The body's ``receipt_key`` (any text of 1 to 128 characters) went to
+    ``hmac.compare_digest(str, str)`` (audit/receipts.py,
+    ``receipt_key_matches``), which raises TypeError for a str with any
+    non-ASCII character: the request answered 500 internal_error with a
+    traceback instead of 403 receipt_key_wrong. The key is compared as bytes
+    now."""
     sockets = Sockets(harness)
     try:
         setup, therapist, patient = await waiting_pair(harness, sockets)
@@ -112,18 +111,15 @@ async def test_a_receipt_key_that_is_not_ascii_answers_403_not_500(harness: Harn
         await sockets.close()
 
 
-async def test_the_therapist_with_the_invite_link_is_given_the_receipt_key(
+async def test_a_therapist_joining_as_the_patient_in_the_grace_period_gets_no_key(
     harness: Harness,
 ) -> None:
-    """The change's promise (audit/receipts.py:95, docs/protocol.md) is that
-    the therapist, who holds the invite link, is never given the receipt key.
-    But signaling/rooms.py:263-264 gives it to *any* patient socket in a
-    running consult, and server/api/consult_views.py:488 (invite_ticket)
-    gives a patient ticket to anyone holding the link, here the therapist's
-    own logged-in client (its session cookie is sent along and ignored).
-    While the patient is in their grace period (a dropped connection), the
-    therapist opens a patient socket with the link, reads ``receipt_key``
-    from its ``welcome``, with which the receipt is issued to them."""
+    """The therapist holds the invite link, and the ticket endpoint gives a
+    patient ticket to anyone who holds it (here the therapist's own logged-in
+    client). While the patient is in their grace period (a dropped
+    connection), the therapist opened a patient socket with the link and read
+    ``receipt_key`` from its ``welcome``, which carried it for every patient
+    socket joining a running consult. Only ``admitted`` carries it now."""
     sockets = Sockets(harness)
     try:
         setup, therapist, patient = await waiting_pair(harness, sockets)

@@ -235,13 +235,12 @@ async def test_a_ticket_asked_for_once_the_thread_has_closed_answers_503_unavail
 async def test_a_read_sent_while_the_thread_closes_leaves_no_connection_open(
     harness: Harness,
 ) -> None:
-    """audit/sqlite_direct.py:168-178: ``close()`` sets ``_closing`` but
-    nothing refuses a batch on its strength; one sent while ``_close`` runs
-    in the thread (a request in the shutdown) is queued behind it, and
-    ``_run`` (:180-184) finds no connection and opens a new one, which
-    nobody closes: after ``close()`` has returned, the thread still holds an
-    open SQLite connection, and the statement was answered instead of
-    failing as the outage the change promises for a closed thread."""
+    """A batch sent while ``SqliteThread.close`` runs (a request in the
+    shutdown) was queued behind the close in the thread, and ``_run`` found
+    no connection and opened a new one, which nobody closed: after
+    ``close()`` returned, the thread still held an open SQLite connection,
+    and the statement was answered instead of failing as a closed thread's
+    statements do (503 unavailable). A closing thread refuses it now."""
     thread = harness.app[DB_STATEMENTS]._sqlite
     assert thread is not None
     # The thread busy a moment (another batch's statement, as in a storm).
